@@ -1,0 +1,33 @@
+"""advisor: find, and prove by measurement, the fastest way to run a diffusers pipeline in your memory.
+
+Importing this package is cheap: torch, diffusers and optuna are imported only by the functions
+that measure or apply.
+"""
+
+from advisor.errors import (
+    AdvisorError,
+    ConfigError,
+    EstimateError,
+    HardwareError,
+    ModelError,
+    TuneError,
+    UsageError,
+)
+from advisor.hardware import MachineProfile, probe_machine
+from advisor.units import format_size, parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdvisorError",
+    "ConfigError",
+    "EstimateError",
+    "HardwareError",
+    "MachineProfile",
+    "ModelError",
+    "TuneError",
+    "UsageError",
+    "format_size",
+    "parse_size",
+    "probe_machine",
+]

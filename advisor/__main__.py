@@ -1,0 +1,7 @@
+"""``python -m advisor``: the same as the ``advisor`` console script."""
+
+import sys
+
+from advisor.cli import main
+
+sys.exit(main())

@@ -1,0 +1,403 @@
+"""Probe the machine: GPUs, host memory and disk, and the installed inference libraries.
+
+Fast by design: GPUs are read through NVML (``nvidia-ml-py``), host facts through ``psutil`` and
+package versions from installed metadata, so the default path imports neither torch nor diffusers.
+``torch.cuda`` is the fallback only when NVML is missing or fails *and* the machine shows signs of an
+NVIDIA GPU (device nodes or a loaded driver); a machine without one answers "no GPU" at once.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import shutil
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# Per-lane, per-direction payload bandwidth of each PCIe generation in bytes/s, after line coding
+# (8b/10b for gen 1-2, 128b/130b for gen 3-5, FLIT for gen 6).
+PCIE_LANE_BYTES_PER_S = {
+    1: 250_000_000,
+    2: 500_000_000,
+    3: 984_615_384,
+    4: 1_969_230_769,
+    5: 3_938_461_538,
+    6: 7_563_000_000,
+}
+
+# The libraries whose versions decide which optimizations can run; read from metadata only.
+TRACKED_PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "bitsandbytes",
+    "torchao",
+    "optimum-quanto",
+    "gguf",
+    "optuna",
+    "nvidia-ml-py",
+    "psutil",
+)
+
+
+@dataclass
+class GpuInfo:
+    """One GPU as the probe saw it. Sizes in bytes; bandwidth per direction in bytes/s."""
+
+    index: int
+    name: str
+    memory_total_bytes: int
+    memory_free_bytes: int
+    memory_used_bytes: int
+    compute_capability: str | None = None
+    pcie_generation: int | None = None
+    pcie_width: int | None = None
+    pcie_generation_current: int | None = None
+    pcie_width_current: int | None = None
+    pcie_bandwidth_bytes_per_s: int | None = None
+    uuid: str | None = None
+
+
+@dataclass
+class HostInfo:
+    """The host side: RAM and swap, CPU, and free disk where the Hugging Face cache lives."""
+
+    ram_total_bytes: int
+    ram_available_bytes: int
+    swap_total_bytes: int
+    swap_free_bytes: int
+    cpu_model: str
+    cpu_cores_physical: int | None
+    cpu_cores_logical: int | None
+    os: str
+    python: str
+    hf_cache_dir: str
+    hf_cache_free_bytes: int | None
+
+
+@dataclass
+class BackendStatus:
+    """Whether one quantization backend can be used on this machine, and why (not)."""
+
+    usable: bool
+    reason: str
+
+
+@dataclass
+class SoftwareInfo:
+    """Installed package versions (None when absent) and the usable quantization backends."""
+
+    packages: dict[str, str | None]
+    quantization_backends: dict[str, BackendStatus]
+
+
+@dataclass
+class MachineProfile:
+    """Everything `advisor probe` reports. ``gpu_source`` is ``nvml``, ``torch`` or ``none``."""
+
+    gpus: list[GpuInfo]
+    gpu_source: str
+    gpu_note: str
+    host: HostInfo
+    software: SoftwareInfo
+    driver_version: str | None = None
+    cuda_driver_version: str | None = None
+    schema_version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (the documented ``advisor probe --json`` schema)."""
+        data = asdict(self)
+        if not data["extra"]:
+            del data["extra"]
+        return data
+
+
+def pcie_bandwidth(generation: int | None, width: int | None) -> int | None:
+    """Theoretical host<->device bandwidth per direction in bytes/s for a PCIe link."""
+    if not generation or not width or generation not in PCIE_LANE_BYTES_PER_S:
+        return None
+    return PCIE_LANE_BYTES_PER_S[generation] * width
+
+
+# --- GPUs ------------------------------------------------------------------------------------
+
+
+def gpu_from_nvml_readings(index: int, readings: dict[str, Any]) -> GpuInfo:
+    """Turn raw NVML readings of one device into a `GpuInfo`.
+
+    `readings` holds what the NVML calls returned (see `_read_nvml_device`); any entry may be
+    missing or None when the call is not supported by the device or driver.
+    """
+    name = readings.get("name") or "unknown NVIDIA GPU"
+    if isinstance(name, bytes):  # older nvidia-ml-py returns bytes
+        name = name.decode()
+    capability = readings.get("cuda_compute_capability")
+    generation = readings.get("max_pcie_link_generation")
+    width = readings.get("max_pcie_link_width")
+    return GpuInfo(
+        index=index,
+        name=name,
+        memory_total_bytes=int(readings["memory_total"]),
+        memory_free_bytes=int(readings["memory_free"]),
+        memory_used_bytes=int(readings["memory_used"]),
+        compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
+        pcie_generation=generation,
+        pcie_width=width,
+        pcie_generation_current=readings.get("curr_pcie_link_generation"),
+        pcie_width_current=readings.get("curr_pcie_link_width"),
+        pcie_bandwidth_bytes_per_s=pcie_bandwidth(generation, width),
+        uuid=readings.get("uuid"),
+    )
+
+
+def format_cuda_driver_version(version: int | None) -> str | None:
+    """NVML reports the CUDA driver version as 1000*major + 10*minor (12040 -> '12.4')."""
+    if not version:
+        return None
+    return f"{version // 1000}.{(version % 1000) // 10}"
+
+
+def _optional_call(func, *args):
+    """Call an NVML getter; None where the device or driver does not support it."""
+    try:
+        return func(*args)
+    except Exception:  # pynvml raises NVMLError subclasses per code; all mean "not available"
+        return None
+
+
+def _read_nvml_device(pynvml, handle) -> dict[str, Any]:
+    memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    return {
+        "name": pynvml.nvmlDeviceGetName(handle),
+        "uuid": _optional_call(pynvml.nvmlDeviceGetUUID, handle),
+        "memory_total": memory.total,
+        "memory_free": memory.free,
+        "memory_used": memory.used,
+        "cuda_compute_capability": _optional_call(pynvml.nvmlDeviceGetCudaComputeCapability, handle),
+        "max_pcie_link_generation": _optional_call(pynvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
+        "max_pcie_link_width": _optional_call(pynvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
+        "curr_pcie_link_generation": _optional_call(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
+        "curr_pcie_link_width": _optional_call(pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
+    }
+
+
+def _probe_nvml() -> tuple[list[GpuInfo], str | None, str | None]:
+    """GPUs, driver version and CUDA driver version through NVML; raises when NVML is unusable."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        if isinstance(driver, bytes):
+            driver = driver.decode()
+        cuda = format_cuda_driver_version(_optional_call(pynvml.nvmlSystemGetCudaDriverVersion_v2))
+        gpus = [
+            gpu_from_nvml_readings(i, _read_nvml_device(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i)))
+            for i in range(pynvml.nvmlDeviceGetCount())
+        ]
+        return _visible_only(gpus), driver, cuda
+    finally:
+        _optional_call(pynvml.nvmlShutdown)
+
+
+def _visible_only(gpus: list[GpuInfo]) -> list[GpuInfo]:
+    """NVML sees every GPU; honour CUDA_VISIBLE_DEVICES (indices or UUIDs) like CUDA does."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return gpus
+    chosen = []
+    for item in (part.strip() for part in visible.split(",")):
+        if not item:
+            break
+        match = [g for g in gpus if str(g.index) == item or (g.uuid and g.uuid.startswith(item))]
+        if not match:
+            break  # CUDA stops at the first invalid entry
+        chosen.extend(match)
+    return chosen
+
+
+def nvidia_gpu_signs() -> bool:
+    """True when the machine shows an NVIDIA GPU without asking NVML (device nodes or driver)."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/proc/driver/nvidia/version")
+
+
+def _probe_torch() -> list[GpuInfo]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        gpus.append(
+            GpuInfo(
+                index=i,
+                name=props.name,
+                memory_total_bytes=int(total),
+                memory_free_bytes=int(free),
+                memory_used_bytes=int(total - free),
+                compute_capability=f"{props.major}.{props.minor}",
+            )
+        )
+    return gpus
+
+
+def probe_gpus() -> tuple[list[GpuInfo], str, str, str | None, str | None]:
+    """(gpus, source, note, driver version, CUDA driver version); source is nvml, torch or none."""
+    try:
+        gpus, driver, cuda = _probe_nvml()
+        note = f"{len(gpus)} GPU(s) read through NVML" if gpus else "NVML found no visible GPU"
+        return gpus, "nvml", note, driver, cuda
+    except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver mismatch, ...
+        nvml_problem = f"NVML unavailable ({str(exc) or type(exc).__name__})"
+    if nvidia_gpu_signs() and _package_version("torch"):
+        try:
+            gpus = _probe_torch()
+        except Exception as exc:
+            return [], "none", f"{nvml_problem}; torch.cuda failed too ({exc})", None, None
+        if gpus:
+            return gpus, "torch", f"{nvml_problem}; read {len(gpus)} GPU(s) through torch.cuda", None, None
+    return [], "none", f"no CUDA GPU found: {nvml_problem}, and no NVIDIA device nodes", None, None
+
+
+# --- host ------------------------------------------------------------------------------------
+
+
+def hf_cache_dir() -> Path:
+    """Where the Hugging Face hub cache lives, honouring HF_HUB_CACHE and HF_HOME."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def _free_disk(path: Path) -> int | None:
+    """Free bytes on the filesystem that holds `path` (or would, once created)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def probe_host() -> HostInfo:
+    """RAM, swap, CPU and free disk at the Hugging Face cache."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    swap = psutil.swap_memory()
+    cache = hf_cache_dir()
+    return HostInfo(
+        ram_total_bytes=int(memory.total),
+        ram_available_bytes=int(memory.available),
+        swap_total_bytes=int(swap.total),
+        swap_free_bytes=int(swap.free),
+        cpu_model=_cpu_model(),
+        cpu_cores_physical=psutil.cpu_count(logical=False),
+        cpu_cores_logical=psutil.cpu_count(logical=True),
+        os=f"{platform.system()} {platform.release()}",
+        python=platform.python_version(),
+        hf_cache_dir=str(cache),
+        hf_cache_free_bytes=_free_disk(cache),
+    )
+
+
+# --- software --------------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) -> dict[str, BackendStatus]:
+    """Which quantization backends diffusers can use here, from versions and GPUs alone."""
+
+    def needs(package: str) -> str | None:
+        return None if packages.get(package) else f"{package} is not installed"
+
+    capabilities = [float(g.compute_capability) for g in gpus if g.compute_capability]
+    backends: dict[str, BackendStatus] = {}
+
+    # diffusers' bitsandbytes quantizer refuses to load without a GPU (validate_environment).
+    missing = needs("bitsandbytes")
+    if missing:
+        backends["bitsandbytes"] = BackendStatus(False, missing)
+    elif not gpus:
+        backends["bitsandbytes"] = BackendStatus(False, "needs a CUDA GPU (diffusers refuses it on CPU)")
+    else:
+        backends["bitsandbytes"] = BackendStatus(True, f"bitsandbytes {packages['bitsandbytes']} with a CUDA GPU")
+
+    missing = needs("torchao")
+    backends["torchao"] = BackendStatus(
+        not missing, missing or f"torchao {packages['torchao']}: int8 weight-only runs on CPU and GPU"
+    )
+
+    # Layerwise casting stores weights in float8 and computes in bf16: any device, torch only.
+    backends["layerwise_fp8"] = BackendStatus(
+        bool(packages.get("torch")), "storage-only fp8 casting, any device" if packages.get("torch") else "torch is not installed"
+    )
+
+    if not gpus:
+        backends["fp8_compute"] = BackendStatus(False, "needs a CUDA GPU with compute capability >= 8.9")
+    elif max(capabilities, default=0.0) < 8.9:
+        backends["fp8_compute"] = BackendStatus(False, f"compute capability {max(capabilities, default=0)} < 8.9")
+    else:
+        backends["fp8_compute"] = BackendStatus(
+            bool(packages.get("torchao")), "fp8 matmuls via torchao" if packages.get("torchao") else "torchao is not installed"
+        )
+
+    missing = needs("optimum-quanto")
+    backends["quanto"] = BackendStatus(not missing, missing or "optimum-quanto installed")
+    missing = needs("gguf")
+    backends["gguf"] = BackendStatus(not missing, missing or "gguf installed (loads through from_single_file)")
+    return backends
+
+
+def probe_software(gpus: list[GpuInfo]) -> SoftwareInfo:
+    """Installed versions (metadata only, nothing imported) and usable quantization backends."""
+    packages = {name: _package_version(name) for name in TRACKED_PACKAGES}
+    return SoftwareInfo(packages=packages, quantization_backends=quantization_backends(packages, gpus))
+
+
+def probe_machine() -> MachineProfile:
+    """Probe GPUs, host and software in one go (milliseconds; no torch import without a GPU).
+
+    >>> profile = probe_machine()
+    >>> profile.gpu_source in {"nvml", "torch", "none"}
+    True
+    """
+    gpus, source, note, driver, cuda = probe_gpus()
+    return MachineProfile(
+        gpus=gpus,
+        gpu_source=source,
+        gpu_note=note,
+        host=probe_host(),
+        software=probe_software(gpus),
+        driver_version=driver,
+        cuda_driver_version=cuda,
+    )
