@@ -59,6 +59,51 @@ def probe(
     _render_probe(profile)
 
 
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="Hub id, catalog alias, or a local pipeline folder."),
+    workload: str = typer.Option(None, "--workload", help="Override the workload kind: image, video or audio."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in docs/models.md)."),
+    include_config: bool = typer.Option(False, "--config", help="With --json: include each component's config."),
+) -> None:
+    """Show what a pipeline weighs, per component, without loading its weights."""
+    from advisor.models import load_profile
+
+    profile = load_profile(model, workload=workload)
+    if as_json:
+        print_json(profile.to_dict(include_config=include_config))
+        return
+    console = _stdout()
+    console.print(f"{profile.model_id}  ({profile.pipeline_class}, from the {profile.source})")
+    console.print(f"workload: {profile.workload} ({profile.workload_reason})")
+    console.print(f"model CPU offload order: {' -> '.join(profile.offload_sequence)}")
+    table = Table(show_footer=True)
+    table.add_column("component", footer="total")
+    table.add_column("class")
+    table.add_column("role")
+    table.add_column("params", justify="right", footer=format_count(profile.parameters))
+    table.add_column("dtype")
+    table.add_column("size", justify="right", footer=format_size(profile.bytes))
+    for component in profile.components:
+        table.add_row(
+            component.name,
+            component.class_name,
+            component.role,
+            format_count(component.parameters),
+            component.dtype,
+            format_size(component.bytes),
+        )
+    console.print(table)
+
+
+def format_count(count: int) -> str:
+    """Parameter counts the way model cards print them (11.90B, 123.1M)."""
+    for divisor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= divisor:
+            return f"{count / divisor:.2f}{suffix}" if suffix == "B" else f"{count / divisor:.1f}{suffix}"
+    return str(count)
+
+
 def _render_probe(profile) -> None:
     console = _stdout()
     if profile.gpus:

@@ -1,0 +1,89 @@
+"""Generate advisor/data/diffusers.json: facts about every diffusers pipeline and model class.
+
+The advisor must classify pipelines and plan offloading without importing diffusers (that import
+takes seconds), so the facts it needs are read here, once, from the installed diffusers:
+- per pipeline class: the workload (``video`` when ``__call__`` takes ``num_frames``, ``audio``
+  when it takes ``audio_length_in_s``, else ``image``), ``model_cpu_offload_seq``, and the default
+  ``max_sequence_length`` of its text encoders;
+- per model class: ``_skip_layerwise_casting_patterns``, ``_keep_in_fp32_modules``,
+  ``_repeated_blocks``, and whether it has ``enable_tiling`` / ``enable_slicing``.
+
+    python scripts/build_diffusers_tables.py          # rewrite the file
+    python scripts/build_diffusers_tables.py --check  # exit 1 if it is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+OUTPUT = Path(__file__).resolve().parent.parent / "advisor" / "data" / "diffusers.json"
+
+
+def _workload(call_parameters) -> str:
+    if "num_frames" in call_parameters:
+        return "video"
+    if "audio_length_in_s" in call_parameters:
+        return "audio"
+    return "image"
+
+
+def build_tables() -> dict:
+    import diffusers
+    from diffusers import DiffusionPipeline, ModelMixin
+
+    pipelines, models = {}, {}
+    for name in sorted(dir(diffusers)):
+        try:
+            obj = getattr(diffusers, name)
+        except Exception:  # optional backends missing: that class can't be used here anyway
+            continue
+        if not inspect.isclass(obj):
+            continue
+        if issubclass(obj, DiffusionPipeline) and obj is not DiffusionPipeline:
+            parameters = inspect.signature(obj.__call__).parameters
+            max_len = parameters.get("max_sequence_length")
+            sequence = obj.model_cpu_offload_seq
+            pipelines[name] = {
+                "workload": _workload(parameters),
+                "offload_sequence": sequence.split("->") if sequence else [],
+                "max_sequence_length": max_len.default if max_len and isinstance(max_len.default, int) else None,
+            }
+        elif issubclass(obj, ModelMixin) and obj is not ModelMixin:
+            models[name] = {
+                "skip_layerwise_casting_patterns": list(obj._skip_layerwise_casting_patterns or []),
+                "keep_in_fp32_modules": list(obj._keep_in_fp32_modules or []),
+                "repeated_blocks": list(getattr(obj, "_repeated_blocks", None) or []),
+                "tiling": hasattr(obj, "enable_tiling"),
+                "slicing": hasattr(obj, "enable_slicing"),
+            }
+    return {"diffusers_version": diffusers.__version__, "pipelines": pipelines, "models": models}
+
+
+def render(tables: dict) -> str:
+    return json.dumps(tables, indent=1, sort_keys=True) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check that the file is up to date")
+    args = parser.parse_args()
+    text = render(build_tables())
+    if args.check:
+        current = OUTPUT.read_text() if OUTPUT.exists() else ""
+        if current != text:
+            print(f"{OUTPUT} is out of date: run python scripts/build_diffusers_tables.py", file=sys.stderr)
+            return 1
+        print(f"{OUTPUT} is up to date")
+        return 0
+    OUTPUT.write_text(text)
+    tables = json.loads(text)
+    print(f"wrote {OUTPUT}: {len(tables['pipelines'])} pipelines, {len(tables['models'])} models")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
