@@ -1,0 +1,280 @@
+"""OptimizationConfig: the one schema that `recommend` and `tune` emit and code applies.
+
+A config is plain data (pydantic, strict: unknown keys and wrong types are refused with the key's
+path) plus provenance. Impossible combinations are refused at load time, not when a pipeline is
+half set up. Applying it to a pipeline lives in `advisor.apply`; this module imports no torch.
+
+>>> config = OptimizationConfig(quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"]))
+>>> config.summary()
+'bf16, nf4(transformer), no offload'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from advisor.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+QuantBackend = Literal["bitsandbytes_4bit", "bitsandbytes_8bit", "torchao"]
+TorchaoScheme = Literal["int8_weight_only", "int8_dynamic", "float8_weight_only", "float8_dynamic", "int4_weight_only"]
+OffloadStrategy = Literal["none", "model", "group", "sequential"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+_DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Quantization(_Strict):
+    """Weight quantization at load time (diffusers' ``PipelineQuantizationConfig``).
+
+    ``bitsandbytes_4bit`` uses nf4 (or fp4) with ``compute_dtype``; ``torchao`` uses ``scheme``.
+    """
+
+    backend: QuantBackend
+    components: list[str] = Field(min_length=1)
+    quant_type: Literal["nf4", "fp4"] | None = None  # bitsandbytes_4bit only; default nf4
+    double_quant: bool = False  # bitsandbytes_4bit only: quantize the block scales too
+    scheme: TorchaoScheme | None = None  # torchao only; default int8_weight_only
+
+    @model_validator(mode="after")
+    def _check(self) -> Quantization:
+        if self.quant_type is not None and self.backend != "bitsandbytes_4bit":
+            raise ValueError(f"`quantization.quant_type` is for bitsandbytes_4bit, not {self.backend}")
+        if self.double_quant and self.backend != "bitsandbytes_4bit":
+            raise ValueError(f"`quantization.double_quant` is for bitsandbytes_4bit, not {self.backend}")
+        if self.scheme is not None and self.backend != "torchao":
+            raise ValueError(f"`quantization.scheme` is for torchao, not {self.backend}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """What the weights become: nf4, fp4, int8, or the torchao scheme."""
+        if self.backend == "bitsandbytes_4bit":
+            return self.quant_type or "nf4"
+        if self.backend == "bitsandbytes_8bit":
+            return "int8"
+        return self.scheme or "int8_weight_only"
+
+    def label(self) -> str:
+        return f"{self.kind}({', '.join(self.components)})"
+
+
+class LayerwiseCasting(_Strict):
+    """Store weights in fp8 and upcast per layer at compute time (``enable_layerwise_casting``)."""
+
+    components: list[str] = Field(min_length=1)
+    storage_dtype: Literal["float8_e4m3fn", "float8_e5m2"] = "float8_e4m3fn"
+
+
+class Offload(_Strict):
+    """Where weights live between uses.
+
+    - ``model``: whole components move to the GPU one at a time (``enable_model_cpu_offload``).
+    - ``group``: groups of blocks (``block_level``) or single layers (``leaf_level``) move just in
+      time (``enable_group_offload``); ``use_stream`` prefetches the next group on a CUDA stream.
+    - ``sequential``: every layer moves at every use (``enable_sequential_cpu_offload``).
+    """
+
+    strategy: OffloadStrategy = "none"
+    offload_type: Literal["block_level", "leaf_level"] = "block_level"
+    num_blocks_per_group: int = Field(default=1, ge=1)
+    use_stream: bool = False
+    record_stream: bool = False
+    non_blocking: bool = False
+    low_cpu_mem_usage: bool = False
+    offload_to_disk_path: str | None = None
+    components: list[str] | None = None  # group offload: which components (None = every one)
+
+    @model_validator(mode="after")
+    def _check(self) -> Offload:
+        if self.record_stream and not self.use_stream:
+            raise ValueError("`offload.record_stream` needs `offload.use_stream: true`")
+        group_only = {
+            "use_stream": self.use_stream,
+            "low_cpu_mem_usage": self.low_cpu_mem_usage,
+            "offload_to_disk_path": self.offload_to_disk_path,
+        }
+        if self.strategy != "group":
+            for key, value in group_only.items():
+                if value:
+                    raise ValueError(f"`offload.{key}` applies to `strategy: group` only, not {self.strategy!r}")
+        return self
+
+    def label(self) -> str:
+        if self.strategy == "none":
+            return "no offload"
+        if self.strategy != "group":
+            return f"{self.strategy} offload"
+        level = f"block x{self.num_blocks_per_group}" if self.offload_type == "block_level" else "leaf"
+        extras = [name for name, on in (("stream", self.use_stream), ("low-RAM", self.low_cpu_mem_usage)) if on]
+        extras += ["disk"] if self.offload_to_disk_path else []
+        return f"group offload ({', '.join([level, *extras])})"
+
+
+class Compile(_Strict):
+    """``torch.compile`` on components, with the dynamo flags the combination needs."""
+
+    components: list[str] = Field(default_factory=lambda: ["transformer"], min_length=1)
+    regional: bool = True  # compile_repeated_blocks: much shorter compile, similar speed-up
+    mode: CompileMode | None = None
+    fullgraph: bool = True
+    dynamic: bool | None = None
+    backend: str = "inductor"
+    # torch._dynamo.config values; e.g. capture_dynamic_output_shape_ops for bitsandbytes,
+    # cache_size_limit=1000 with offloading.
+    dynamo_config: dict[str, int | bool] = Field(default_factory=dict)
+
+
+class Vae(_Strict):
+    tiling: bool = False
+    slicing: bool = False
+
+
+class Provenance(_Strict):
+    """Where a config came from: what it was made for, by what, and (from tune) what it measured."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+    made_by: Literal["recommend", "tune", "user"] = "user"
+    model: str | None = None
+    pipeline_class: str | None = None
+    components: list[str] | None = None
+    workload: dict[str, Any] | None = None
+    gpu_name: str | None = None
+    vram_bytes: int | None = None
+    budget_bytes: int | None = None
+    packages: dict[str, str | None] | None = None
+    created: str | None = None
+    estimate: dict[str, Any] | None = None
+    measured: dict[str, Any] | None = None  # latency_s, peak_vram_bytes, ... from tune
+
+
+class OptimizationConfig(_Strict):
+    """Everything that decides how a pipeline is loaded and run. See docs/config.md."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    dtype: Dtype = "bfloat16"
+    device: str = "cuda"
+    quantization: Quantization | None = None
+    layerwise_casting: LayerwiseCasting | None = None
+    offload: Offload = Field(default_factory=Offload)
+    compile: Compile | None = None
+    vae: Vae = Field(default_factory=Vae)
+    attention_backend: str | None = None
+    channels_last: bool = False
+    provenance: Provenance = Field(default_factory=Provenance)
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimizationConfig:
+        if self.quantization and self.layerwise_casting:
+            both = set(self.quantization.components) & set(self.layerwise_casting.components)
+            if both:
+                raise ValueError(
+                    f"components {sorted(both)} are both quantized and layerwise-cast; "
+                    "`layerwise_casting.components` must not overlap `quantization.components`"
+                )
+        if self.device == "cpu" and self.offload.strategy in {"model", "sequential"}:
+            raise ValueError(f"`offload.strategy: {self.offload.strategy}` moves weights to a GPU; it needs `device: cuda`")
+        return self
+
+    def summary(self) -> str:
+        """One line for tables: 'bf16, nf4(transformer, text_encoder_2), compiled, model offload'."""
+        parts = [_DTYPE_SHORT[self.dtype]]
+        if self.quantization:
+            parts.append(self.quantization.label())
+        if self.layerwise_casting:
+            parts.append(f"fp8 storage({', '.join(self.layerwise_casting.components)})")
+        if self.compile:
+            parts.append("compiled (regional)" if self.compile.regional else "compiled")
+        parts.append(self.offload.label())
+        parts += [name for name, on in (("VAE tiling", self.vae.tiling), ("VAE slicing", self.vae.slicing)) if on]
+        return ", ".join(parts)
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """What ``DiffusionPipeline.from_pretrained`` needs: ``torch_dtype`` and ``quantization_config``."""
+        from advisor.apply import pipeline_kwargs
+
+        return pipeline_kwargs(self)
+
+    def apply(self, pipe: Any) -> Any:
+        """Run the post-load steps on `pipe` in the right order; returns `pipe`."""
+        from advisor.apply import apply_config
+
+        return apply_config(pipe, self)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config atomically (a crash never leaves half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as out:
+                out.write(self.to_json())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def config_from_dict(data: Any, *, source: str = "config") -> OptimizationConfig:
+    """Validate plain data as a config; errors name the key path and what is valid."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version is None:
+        raise ConfigError(f"{source}: missing 'schema_version' (this advisor writes {SCHEMA_VERSION})")
+    if version != SCHEMA_VERSION:
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        raise ConfigError(
+            f"{source}: schema_version {version!r} is "
+            + ("newer than this advisor understands; upgrade advisor" if newer else f"not supported (expected {SCHEMA_VERSION})")
+        )
+    try:
+        return OptimizationConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_first_problem(exc)}") from None
+
+
+def _first_problem(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if "`" in message:  # our own validators already name the keys
+        return message
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {where!r}"
+    if error["type"] == "literal_error":
+        return f"{where}: {message}"
+    return f"{where}: {message}" if where else message
+
+
+def load_config(path: str | Path) -> OptimizationConfig:
+    """Read a config file written by `advisor recommend -o` or `advisor tune -o`.
+
+    >>> config = load_config("advisor.json")  # doctest: +SKIP
+    >>> pipe = DiffusionPipeline.from_pretrained(model, **config.pipeline_kwargs())  # doctest: +SKIP
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return config_from_dict(data, source=str(path))
