@@ -48,15 +48,28 @@ def _main(
 @app.command()
 def probe(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in docs/probe.md)."),
+    calibrate: bool = typer.Option(
+        False, "--calibrate", help="Also measure matmul throughput and host->GPU bandwidth (a few seconds; imports torch)."
+    ),
 ) -> None:
     """Show this machine's GPUs, host memory, disk and inference libraries (no weights loaded)."""
     from advisor.hardware import probe_machine
 
     profile = probe_machine()
+    if calibrate:
+        from advisor.calibrate import calibrate as run_calibration
+
+        profile.extra["calibration"] = run_calibration()
     if as_json:
         print_json(profile.to_dict())
         return
     _render_probe(profile)
+    if calibrate:
+        result = profile.extra["calibration"]
+        line = f"calibrated {result['name']}: {result['matmul_flops'] / 1e12:.2f} TFLOP/s {result['matmul_dtype']} matmul"
+        if "h2d_bytes_per_s" in result:
+            line += f", {result['h2d_bytes_per_s'] / 1e9:.1f} GB/s host->GPU (pinned)"
+        _stdout().print(f"{line}; saved to {result['path']}")
 
 
 @app.command()
@@ -94,6 +107,96 @@ def inspect(
             format_size(component.bytes),
         )
     console.print(table)
+
+
+def resolve_target(machine, *, vram: str | None, ram: str | None, gpu: str | None):
+    """This machine, or the one described by --vram/--ram/--gpu (sizes parsed, errors name the flag)."""
+    from advisor.target import planned_target, target_from_probe
+    from advisor.units import parse_size
+
+    vram_bytes = parse_size(vram, name="--vram") if vram is not None else None
+    ram_bytes = parse_size(ram, name="--ram") if ram is not None else None
+    if vram_bytes is None and gpu is None:
+        target = target_from_probe(machine)
+        if ram_bytes is not None:
+            from dataclasses import replace
+
+            target = replace(target, ram_total_bytes=ram_bytes, ram_available_bytes=ram_bytes, source=target.source + ", --ram")
+        return target
+    return planned_target(machine=machine, vram=vram_bytes, ram=ram_bytes, gpu=gpu)
+
+
+@app.command()
+def estimate(
+    model: str = typer.Argument(..., help="Hub id, catalog alias, or a local pipeline folder."),
+    config_file: str = typer.Option(None, "--config", help="An advisor config file (default: plain bf16, no offload)."),
+    workload: str = typer.Option(None, "--workload", help="Override the workload kind: image or video."),
+    height: int = typer.Option(None, "--height", help="Image/video height in pixels (default: the pipeline's)."),
+    width: int = typer.Option(None, "--width", help="Image/video width in pixels (default: the pipeline's)."),
+    frames: int = typer.Option(None, "--frames", help="Video frames (default: the pipeline's)."),
+    steps: int = typer.Option(None, "--steps", help="Denoising steps (default: the pipeline's)."),
+    batch: int = typer.Option(None, "--batch", help="Images or videos per prompt (default 1)."),
+    vram: str = typer.Option(None, "--vram", help="Plan for a GPU with this much memory, e.g. 24GB."),
+    ram: str = typer.Option(None, "--ram", help="Plan for this much host RAM, e.g. 64GB."),
+    gpu: str = typer.Option(None, "--gpu", help="Plan for this GPU model, e.g. 'RTX 4090' (see docs/estimate.md)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Predict peak GPU memory, peak RAM and latency of one configuration, per phase and component."""
+    from advisor.config import OptimizationConfig, load_config
+    from advisor.estimate import estimate as run_estimate
+    from advisor.hardware import probe_machine
+    from advisor.models import load_profile
+    from advisor.workload import make_workload
+
+    profile = load_profile(model, workload=workload)
+    job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
+    target = resolve_target(probe_machine(), vram=vram, ram=ram, gpu=gpu)
+    config = load_config(config_file) if config_file else OptimizationConfig(device=target.device)
+    result = run_estimate(profile, job, config, target)
+    if as_json:
+        print_json(
+            {
+                "model": profile.model_id,
+                "workload": job.to_dict(),
+                "hardware": target.to_dict(),
+                "config": config.model_dump(mode="json"),
+                "estimate": result.to_dict(),
+            }
+        )
+        return
+    console = _stdout()
+    console.print(f"{profile.model_id}: {job.label()} on {target.name} ({target.source})")
+    console.print(f"config: {config.summary()}")
+    title = "Memory per phase (CPU inference: all of it is RAM)" if target.device == "cpu" else "GPU memory per phase"
+    table = Table(title=title, title_justify="left")
+    table.add_column("phase")
+    table.add_column("resident weights", justify="right")
+    table.add_column("activations", justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("components on the device")
+    for phase in result.phases:
+        parts = ", ".join(f"{name} {format_size(size)}" for name, size in phase.weights_bytes.items())
+        marker = " (peak)" if phase.name == result.peak_phase else ""
+        table.add_row(
+            phase.name + marker,
+            format_size(sum(phase.weights_bytes.values())),
+            format_size(phase.activation_bytes),
+            format_size(phase.device_bytes),
+            parts or "-",
+        )
+    console.print(table)
+    ram_parts = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in result.ram_breakdown.items())
+    if target.device != "cpu":
+        console.print(f"peak VRAM: {format_size(result.peak_vram_bytes)} (torch max_memory_allocated, without the CUDA context)")
+    console.print(f"peak host RAM: {format_size(result.peak_ram_bytes)} ({ram_parts})")
+    if result.disk_bytes:
+        console.print(f"disk: {format_size(result.disk_bytes)} of offloaded weights")
+    parts = ", ".join(
+        f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}s" for k, v in result.latency_breakdown.items() if v and not k.startswith("step")
+    )
+    console.print(f"predicted latency: {result.latency_s:.1f}s ({parts}; {result.step_latency_s:.3f}s per step)")
+    for note in result.notes:
+        console.print(f"note: {note}")
 
 
 def format_count(count: int) -> str:

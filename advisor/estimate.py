@@ -1,0 +1,384 @@
+"""Peak accelerator memory, peak host RAM and latency of one configuration, before running it.
+
+``estimate(profile, workload, config, target)`` is pure arithmetic over the model profile (no torch)
+and costs well under a millisecond, so the rule engine can score hundreds of candidates.
+
+The model, per phase of a generation (text encoding, denoising, VAE decode):
+
+    device bytes = weights resident in that phase (by offload strategy) + activations of the phase
+    host bytes   = process baseline + weights kept in RAM (pinned copies count twice) + load peak
+    latency      = text encoding + steps x max/sum(step compute, step transfers) + VAE decode
+                   + model-offload transfers
+
+Weights are exact from the profile (parameter counts per layer type) and the storage format of the
+config. Activations and throughput use the constants in ``advisor/data/estimate_constants.json``,
+each recorded with its source (physical, fitted to published measurements, or assumed). The
+estimate only has to rank candidates; `advisor tune` measures the truth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from advisor.config import OptimizationConfig
+from advisor.errors import EstimateError
+from advisor.models import DATA_DIR, ComponentProfile, ModelProfile
+from advisor.safetensors_header import dtype_size
+from advisor.target import TargetHardware
+from advisor.workload import Workload, pipeline_behaviour
+
+PHASES = ("text_encoding", "denoising", "vae_decode")
+_ROLE_OF_PHASE = {"text_encoding": "text_encoder", "denoising": "denoiser", "vae_decode": "vae"}
+
+
+@lru_cache(maxsize=1)
+def constants() -> dict[str, Any]:
+    """The estimate's constants (value only; sources stay in the data file)."""
+    raw = json.loads((DATA_DIR / "estimate_constants.json").read_text())
+    return {key: entry["value"] for key, entry in raw.items() if not key.startswith("_")}
+
+
+@dataclass
+class PhaseEstimate:
+    """Device memory of one phase: resident weights per component plus activations."""
+
+    name: str
+    weights_bytes: dict[str, int]
+    activation_bytes: int
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(self.weights_bytes.values()) + self.activation_bytes
+
+
+@dataclass
+class Estimate:
+    """Predicted peaks (bytes) and latency (seconds) of one configuration on one target."""
+
+    peak_vram_bytes: int
+    peak_ram_bytes: int
+    peak_phase: str
+    phases: list[PhaseEstimate]
+    weight_bytes: dict[str, int]  # each component's weights in the config's storage format
+    ram_breakdown: dict[str, int]
+    disk_bytes: int
+    latency_s: float
+    step_latency_s: float
+    latency_breakdown: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for phase, obj in zip(data["phases"], self.phases):
+            phase["device_bytes"] = obj.device_bytes
+        return data
+
+
+# --- weights ------------------------------------------------------------------------------------
+
+
+def weight_bytes(component: ComponentProfile, config: OptimizationConfig) -> int:
+    """Bytes of a component's weights once loaded with `config` (quantized, cast or plain)."""
+    k = constants()
+    compute = dtype_size(config.dtype)
+    quantization = config.quantization
+    if quantization and component.name in quantization.components:
+        if quantization.backend == "bitsandbytes_4bit":
+            per_weight = k["bnb_4bit_double_quant_bytes_per_weight" if quantization.double_quant else "bnb_4bit_bytes_per_weight"]
+        elif quantization.backend == "bitsandbytes_8bit":
+            per_weight = k["bnb_8bit_bytes_per_weight"]
+        else:
+            per_weight = k["torchao_bytes_per_weight"][quantization.kind]
+        rest = component.parameters - component.linear_parameters
+        return math.ceil(component.linear_parameters * per_weight + rest * compute)
+    casting = config.layerwise_casting
+    if casting and component.name in casting.components:
+        cast = component.parameters - component.casting_skipped_parameters
+        return math.ceil(cast * k["fp8_storage_bytes_per_weight"] + component.casting_skipped_parameters * compute)
+    return component.parameters * compute
+
+
+def _bytes_per_parameter(component: ComponentProfile, weights: int) -> float:
+    return weights / component.parameters if component.parameters else 0.0
+
+
+def _largest_leaf_parameters(component: ComponentProfile) -> int:
+    # Leaf-level and sequential offload move one layer at a time; a block holds ~6-10 large
+    # layers, so an eighth of the largest block stands in for the largest layer.
+    largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
+    return max(largest_block // 8, 1)
+
+
+def _group_offloaded(component: ComponentProfile, config: OptimizationConfig) -> bool:
+    offload = config.offload
+    return offload.strategy == "group" and (offload.components is None or component.name in offload.components)
+
+
+def resident_bytes(component: ComponentProfile, weights: int, config: OptimizationConfig, active: bool) -> int:
+    """Device bytes of a component's weights during a phase where it is `active` (or not)."""
+    offload = config.offload
+    if offload.strategy == "none" or (offload.strategy == "group" and not _group_offloaded(component, config)):
+        return weights
+    if not active:
+        return 0
+    if offload.strategy == "model":
+        return weights
+    per_param = _bytes_per_parameter(component, weights)
+    in_flight = 2 if offload.use_stream else 1  # the stream prefetches the next group
+    if offload.strategy == "sequential" or offload.offload_type == "leaf_level":
+        return math.ceil(in_flight * _largest_leaf_parameters(component) * per_param)
+    # block_level: groups of k blocks, plus the modules outside any block list (embedders,
+    # final norms), which diffusers onloads as one group of their own.
+    largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
+    outside = max(component.parameters - component.block_parameters, 0)
+    group = offload.num_blocks_per_group * largest_block
+    return math.ceil((in_flight * group + outside) * per_param)
+
+
+# --- activations --------------------------------------------------------------------------------
+
+
+def denoiser_tokens(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload) -> tuple[int, int]:
+    """(sequence length of one denoiser call, hidden size) for this workload."""
+    facts = denoiser.facts
+    vae = next(iter(profile.by_role("vae")), None)
+    spatial = vae.facts.get("spatial_compression", 8) if vae else 8
+    temporal = vae.facts.get("temporal_compression", 1) if vae else 1
+    latent_channels = vae.facts.get("latent_channels", 4) if vae else 4
+    patch = facts.get("patch_size") or 1
+    patch_t, patch_h, patch_w = (patch if isinstance(patch, list) and len(patch) == 3 else (facts.get("patch_size_t") or 1, patch, patch))
+    if isinstance(patch_h, list):
+        patch_h, patch_w = patch_h[-2], patch_h[-1]
+    # Flux and Qwen-Image pack 2x2 latents into channels instead of using patch_size.
+    packed = math.isqrt(max(facts.get("in_channels", latent_channels) // max(latent_channels, 1), 1))
+    patch_h, patch_w = max(patch_h, packed), max(patch_w, packed)
+    latent_frames = (workload.frames - 1) // temporal + 1 if workload.kind == "video" else 1
+    tokens = (
+        max(latent_frames // patch_t, 1)
+        * max(workload.height // spatial // patch_h, 1)
+        * max(workload.width // spatial // patch_w, 1)
+    )
+    hidden = facts.get("hidden_size")
+    if not hidden and facts.get("block_out_channels"):  # UNet: attention runs at 1/2 and 1/4 resolution
+        tokens //= 4
+        hidden = facts["block_out_channels"][-1]
+    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
+    if behaviour.get("joint_text_tokens"):
+        # Joint attention appends the text tokens (T5/LLM, and CLIP-G for SD3; not CLIP-L's pooled one).
+        tokens += sum(t.facts.get("max_sequence_length", 0) for t in profile.by_role("text_encoder") if t.facts.get("hidden_size", 0) > 1024)
+    return tokens, int(hidden or 1024)
+
+
+def _activation_bytes(profile: ModelProfile, workload: Workload, config: OptimizationConfig, phase: str) -> int:
+    k = constants()
+    act = dtype_size(config.dtype)
+    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
+    if phase == "text_encoding":
+        sizes = [
+            k["text_encoder_live_tensors"] * t.facts.get("max_sequence_length", 77) * t.facts.get("hidden_size", 768) * act * workload.batch
+            for t in profile.by_role("text_encoder")
+        ]
+        return int(max(sizes, default=0))
+    if phase == "denoising":
+        batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
+        sizes = []
+        for denoiser in profile.by_role("denoiser"):
+            tokens, hidden = denoiser_tokens(profile, denoiser, workload)
+            live = k["denoiser_live_tensors"] * tokens * hidden * act * batch
+            sizes.append(live + k["denoiser_runtime_reserve_per_parameter"] * denoiser.parameters)
+        return int(max(sizes, default=0))
+    vae = next(iter(profile.by_role("vae")), None)
+    if vae is None:
+        return 0
+    height, width = workload.height, workload.width
+    if config.vae.tiling and vae.facts.get("supports_tiling"):
+        tile = vae.config.get("sample_size") if workload.kind == "image" else 256
+        tile = tile if isinstance(tile, int) and tile > 0 else k["vae_tile_default"]
+        height, width = min(height, tile), min(width, tile)
+    frames = 1
+    if workload.kind == "video":
+        chunk = behaviour.get("vae_latent_frames_per_chunk")
+        frames = workload.frames if chunk is None else chunk * vae.facts.get("temporal_compression", 1)
+        if config.vae.tiling and chunk is None:
+            frames = min(frames, 16)  # temporal tiling (HunyuanVideo/LTX tile 16 frames)
+    channels = (vae.facts.get("block_out_channels") or [vae.config.get("base_dim", 128)])[0]
+    batch = 1 if config.vae.slicing else workload.batch
+    return int(k["vae_decode_live_tensors"] * height * width * frames * channels * act * batch)
+
+
+# --- the estimate -------------------------------------------------------------------------------
+
+
+def estimate(
+    profile: ModelProfile, workload: Workload, config: OptimizationConfig, target: TargetHardware
+) -> Estimate:
+    """Predict peak device memory, peak host RAM and latency of running `workload` with `config`.
+
+    >>> from advisor.models import load_profile
+    >>> from advisor.workload import make_workload
+    >>> from advisor.target import planned_target
+    >>> profile = load_profile("black-forest-labs/FLUX.1-dev")
+    >>> e = estimate(profile, make_workload(profile), OptimizationConfig(), planned_target(machine=None, vram=80 * 2**30))
+    >>> round(e.weight_bytes["transformer"] / 2**30, 1)
+    22.2
+    """
+    if workload.kind != profile.workload:
+        raise EstimateError(f"workload is {workload.kind!r} but {profile.model_id} is an {profile.workload} pipeline")
+    unknown = sorted(_named_components(config) - {c.name for c in profile.components})
+    if unknown:
+        raise EstimateError(
+            f"config names {unknown} which {profile.model_id} does not have; it has {[c.name for c in profile.components]}"
+        )
+    weights = {c.name: weight_bytes(c, config) for c in profile.components}
+    on_cpu = target.device == "cpu" or config.device == "cpu"
+
+    phases = []
+    for phase in PHASES:
+        role = _ROLE_OF_PHASE[phase]
+        active = [c for c in profile.components if c.role == role]
+        if phase == "denoising" and config.offload.strategy == "model" and len(active) > 1:
+            active = [max(active, key=lambda c: weights[c.name])]  # Wan2.2's experts take turns
+        resident = {
+            c.name: resident_bytes(c, weights[c.name], config, c in active)
+            for c in profile.components
+            if c.role != "other" or config.offload.strategy == "none"
+        }
+        phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, _activation_bytes(profile, workload, config, phase)))
+    peak = max(phases, key=lambda p: p.device_bytes)
+
+    ram, disk = _host_memory(profile, config, weights, on_cpu, peak)
+    latency, step, breakdown = _latency(profile, workload, config, target, weights, on_cpu)
+    notes = []
+    if config.quantization and config.quantization.backend == "torchao" and config.quantization.kind == "int8_dynamic" and not config.compile:
+        notes.append("int8 dynamic quantization without torch.compile is ~40x slower (diffusers-torchao)")
+    return Estimate(
+        peak_vram_bytes=0 if on_cpu else peak.device_bytes,
+        peak_ram_bytes=sum(ram.values()),
+        peak_phase=peak.name,
+        phases=phases,
+        weight_bytes=weights,
+        ram_breakdown=ram,
+        disk_bytes=disk,
+        latency_s=latency,
+        step_latency_s=step,
+        latency_breakdown=breakdown,
+        notes=notes,
+    )
+
+
+def _named_components(config: OptimizationConfig) -> set[str]:
+    names: set[str] = set()
+    if config.quantization:
+        names |= set(config.quantization.components)
+    if config.layerwise_casting:
+        names |= set(config.layerwise_casting.components)
+    if config.offload.components:
+        names |= set(config.offload.components)
+    return names
+
+
+def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int], int]:
+    """Host RAM peak as named parts, and bytes spilled to disk."""
+    k = constants()
+    ram = {"process": k["host_baseline_bytes"]}
+    if on_cpu:
+        ram["weights"] = sum(weights.values())
+        ram["activations"] = peak.activation_bytes
+        return ram, 0
+    ram["cuda_runtime"] = k["host_cuda_context_bytes"]
+    offload = config.offload
+    # from_pretrained builds every component in RAM before it is moved; bitsandbytes components are
+    # quantized straight onto the GPU instead.
+    bnb = set(config.quantization.components) if config.quantization and config.quantization.backend.startswith("bitsandbytes") else set()
+    loading = sum(w for name, w in weights.items() if name not in bnb)
+    disk = 0
+    if offload.strategy in {"model", "sequential"}:
+        kept = sum(weights.values())
+    elif offload.strategy == "group":
+        offloaded = sum(w for c in profile.components if _group_offloaded(c, config) for w in [weights[c.name]])
+        if offload.offload_to_disk_path:
+            disk, kept = offloaded, 0
+        elif offload.use_stream and not offload.low_cpu_mem_usage:
+            kept = int(offloaded * k["pinned_copy_factor"])
+        else:
+            kept = offloaded
+    else:
+        kept = 0
+    ram["weights"] = max(kept, loading)
+    return ram, disk
+
+
+def _speed_factor(config: OptimizationConfig, component: str) -> float:
+    """How much faster (>1) or slower (<1) than eager bf16 this component's matmuls run."""
+    k = constants()
+    compiled = bool(config.compile and component in config.compile.components)
+    factor = k["compile_speedup"] if compiled else 1.0
+    quantization = config.quantization
+    if quantization and component in quantization.components:
+        if quantization.backend.startswith("bitsandbytes"):
+            factor /= k["bnb_4bit_slowdown"]
+        else:
+            factor *= k["torchao_speed"][quantization.kind]["compiled" if compiled else "eager"]
+            if compiled:
+                factor /= k["compile_speedup"]  # the torchao figures already include compile
+    if config.layerwise_casting and component in config.layerwise_casting.components:
+        factor /= k["layerwise_casting_slowdown"]
+    return factor
+
+
+def _latency(profile, workload, config, target, weights, on_cpu) -> tuple[float, float, dict[str, float]]:
+    k = constants()
+    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
+    efficiency = k["matmul_efficiency"]["cpu" if on_cpu else "cuda"]
+    flops_per_s = target.matmul_flops * efficiency
+    calls_per_step = 2 if behaviour["cfg"] == "sequential" else 1
+    passes = 1 if behaviour["cfg"] == "none" else 2  # guidance runs the denoiser on cond and uncond
+
+    denoisers = profile.by_role("denoiser")
+    step_compute = step_transfer = 0.0
+    offload = config.offload
+    for denoiser in denoisers[:1]:  # Wan2.2's experts run one at a time: one per step
+        tokens, hidden = denoiser_tokens(profile, denoiser, workload)
+        layers = sum(b.count for b in denoiser.blocks) or 1
+        flops = passes * workload.batch * (2 * denoiser.linear_parameters * tokens + 4 * tokens * tokens * hidden * layers)
+        step_compute += flops / (flops_per_s * _speed_factor(config, denoiser.name))
+        if not on_cpu and (offload.strategy == "sequential" or _group_offloaded(denoiser, config)):
+            bandwidth = target.h2d_bytes_per_s
+            if offload.strategy == "sequential" or not offload.use_stream:
+                bandwidth *= k["unpinned_bandwidth_factor"] if offload.strategy == "sequential" else 1.0
+            if offload.low_cpu_mem_usage:
+                bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"]
+            moved = weights[denoiser.name] * calls_per_step
+            step_transfer += moved / bandwidth
+            if offload.offload_to_disk_path:
+                step_transfer += moved / k["disk_bytes_per_s"]
+            level = "sequential" if offload.strategy == "sequential" else offload.offload_type
+            units = layers * 8 if level != "block_level" else layers / offload.num_blocks_per_group
+            step_transfer += units * calls_per_step * k["offload_hook_overhead_s"][level]
+    overlapped = offload.strategy == "group" and offload.use_stream
+    step = max(step_compute, step_transfer) if overlapped else step_compute + step_transfer
+
+    text = sum(
+        2 * t.parameters * t.facts.get("max_sequence_length", 77) * workload.batch / (flops_per_s * _speed_factor(config, t.name))
+        for t in profile.by_role("text_encoder")
+    )
+    vae = next(iter(profile.by_role("vae")), None)
+    pixels = workload.height * workload.width * workload.frames * workload.batch
+    # A conv decoder applies its weights at roughly 1/16 of the output pixels on average.
+    decode = 2 * (vae.parameters if vae else 0) * pixels / 16 / flops_per_s
+    swaps = 0.0
+    if offload.strategy == "model" and not on_cpu:
+        swaps = sum(weights[c.name] for c in profile.components if c.role != "other") / target.h2d_bytes_per_s
+    breakdown = {
+        "text_encoding_s": text,
+        "denoising_s": step * workload.steps,
+        "vae_decode_s": decode,
+        "model_offload_transfers_s": swaps,
+        "step_compute_s": step_compute,
+        "step_transfer_s": step_transfer,
+    }
+    return text + step * workload.steps + decode + swaps, step, breakdown

@@ -1,0 +1,170 @@
+"""The machine a plan is for: this one (from the probe) or one described by flags (--vram/--gpu).
+
+`TargetHardware` is what the estimate and the rules read: memory sizes, matmul throughput and the
+host->device bandwidth, each with where it came from (probe, calibration, datasheet, default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from advisor.errors import UsageError
+from advisor.hardware import MachineProfile, pcie_bandwidth
+from advisor.models import DATA_DIR
+
+GIB = 2**30
+# Planning defaults when neither the card nor a calibration is known: an RTX 4090-class GPU.
+DEFAULT_GPU = "RTX 4090"
+# Pinned host->device copies reach about 80% of the PCIe link's theoretical rate in practice.
+PCIE_EFFICIENCY = 0.8
+# The 2-core development VM measured 0.21 TFLOP/s fp32; used for CPU plans until calibrated.
+DEFAULT_CPU_TFLOPS = 0.2
+
+
+@lru_cache(maxsize=1)
+def gpu_table() -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in json.loads((DATA_DIR / "gpus.json").read_text()).items() if not k.startswith("_")}
+
+
+def lookup_gpu(name: str) -> tuple[str, dict[str, Any]] | None:
+    """Datasheet entry whose key is a substring of `name` (longest key wins)."""
+    lowered = name.lower()
+    for key in sorted(gpu_table(), key=len, reverse=True):
+        if key.lower() in lowered:
+            return key, gpu_table()[key]
+    return None
+
+
+def calibration_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "advisor" / "calibration.json"
+
+
+def load_calibration(device_name: str) -> dict[str, Any] | None:
+    """The last `advisor probe --calibrate` result for this device name, if any."""
+    try:
+        data = json.loads(calibration_path().read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    entry = data.get(device_name)
+    return entry if isinstance(entry, dict) else None
+
+
+@dataclass(frozen=True)
+class TargetHardware:
+    """The machine to plan for. Throughput in FLOP/s, bandwidth in bytes/s, sizes in bytes."""
+
+    device: str  # "cuda" or "cpu"
+    name: str
+    vram_total_bytes: int  # 0 for cpu
+    vram_free_bytes: int
+    ram_total_bytes: int
+    ram_available_bytes: int
+    compute_capability: str | None
+    matmul_flops: float
+    h2d_bytes_per_s: float
+    source: str  # how the figures were obtained
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetHardware:
+    """Plan for this machine: its first (or chosen) GPU, or its CPU when it has none."""
+    host = machine.host
+    if not machine.gpus:
+        calibration = load_calibration("cpu")
+        return TargetHardware(
+            device="cpu",
+            name=host.cpu_model,
+            vram_total_bytes=0,
+            vram_free_bytes=0,
+            ram_total_bytes=host.ram_total_bytes,
+            ram_available_bytes=host.ram_available_bytes,
+            compute_capability=None,
+            matmul_flops=(calibration or {}).get("matmul_flops", DEFAULT_CPU_TFLOPS * 1e12),
+            h2d_bytes_per_s=float("inf"),
+            source="probe; CPU " + ("calibrated" if calibration else f"throughput default {DEFAULT_CPU_TFLOPS} TFLOP/s"),
+        )
+    if gpu_index >= len(machine.gpus):
+        raise UsageError(f"--gpu-index: {gpu_index} is out of range; this machine has {len(machine.gpus)} GPU(s)")
+    gpu = machine.gpus[gpu_index]
+    calibration = load_calibration(gpu.name)
+    datasheet = lookup_gpu(gpu.name)
+    flops, bandwidth, sources = _throughput(gpu.name, calibration, datasheet)
+    if gpu.pcie_bandwidth_bytes_per_s and not (calibration and "h2d_bytes_per_s" in calibration):
+        bandwidth = gpu.pcie_bandwidth_bytes_per_s * PCIE_EFFICIENCY
+        sources.append("PCIe link from NVML")
+    return TargetHardware(
+        device="cuda",
+        name=gpu.name,
+        vram_total_bytes=gpu.memory_total_bytes,
+        vram_free_bytes=gpu.memory_free_bytes,
+        ram_total_bytes=host.ram_total_bytes,
+        ram_available_bytes=host.ram_available_bytes,
+        compute_capability=gpu.compute_capability,
+        matmul_flops=flops,
+        h2d_bytes_per_s=bandwidth,
+        source="probe; " + ", ".join(sources),
+    )
+
+
+def _throughput(name, calibration, datasheet) -> tuple[float, float, list[str]]:
+    key, sheet = datasheet if datasheet else (DEFAULT_GPU, gpu_table()[DEFAULT_GPU])
+    flops = sheet["bf16_tflops"] * 1e12
+    bandwidth = pcie_bandwidth(sheet["pcie_generation"], sheet["pcie_width"]) * PCIE_EFFICIENCY
+    sources = [f"datasheet {key}" if datasheet else f"no datasheet for {name!r}; {DEFAULT_GPU} figures"]
+    if calibration:
+        flops = calibration.get("matmul_flops", flops)
+        bandwidth = calibration.get("h2d_bytes_per_s", bandwidth)
+        sources = ["calibrated"]
+    return flops, bandwidth, sources
+
+
+def planned_target(
+    *,
+    machine: MachineProfile | None,
+    vram: int | None = None,
+    ram: int | None = None,
+    gpu: str | None = None,
+) -> TargetHardware:
+    """A target described by flags (`--vram`, `--ram`, `--gpu`), filled in from this machine.
+
+    `--gpu NAME` picks the datasheet entry (memory, throughput, PCIe) unless `--vram` overrides the
+    memory; `--vram` alone plans for an RTX 4090-class card of that size.
+    """
+    if gpu is not None:
+        found = lookup_gpu(gpu)
+        if found is None:
+            raise UsageError(f"--gpu: {gpu!r} is not a known GPU; known: {', '.join(gpu_table())}")
+        key, sheet = found
+        source = f"--gpu {key} (datasheet)"
+    else:
+        key, sheet = DEFAULT_GPU, gpu_table()[DEFAULT_GPU]
+        source = f"--vram (throughput of an {DEFAULT_GPU})"
+    vram_bytes = vram if vram is not None else int(sheet["memory_gib"] * GIB)
+    if vram_bytes <= 0:
+        raise UsageError("--vram: must be larger than 0")
+    host_total = machine.host.ram_total_bytes if machine else 64 * GIB
+    host_available = machine.host.ram_available_bytes if machine else host_total
+    if ram is not None:
+        if ram <= 0:
+            raise UsageError("--ram: must be larger than 0")
+        host_total = host_available = ram
+    return TargetHardware(
+        device="cuda",
+        name=gpu or f"GPU with {vram_bytes / GIB:.0f} GB",
+        vram_total_bytes=vram_bytes,
+        vram_free_bytes=vram_bytes,
+        ram_total_bytes=host_total,
+        ram_available_bytes=host_available,
+        compute_capability=sheet["compute_capability"],
+        matmul_flops=sheet["bf16_tflops"] * 1e12,
+        h2d_bytes_per_s=pcie_bandwidth(sheet["pcie_generation"], sheet["pcie_width"]) * PCIE_EFFICIENCY,
+        source=source + ("" if ram is None else ", --ram"),
+    )

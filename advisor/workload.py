@@ -1,0 +1,89 @@
+"""What the user wants to generate: image or video, resolution, frames, steps, batch.
+
+Defaults come from the pipeline's own ``__call__`` defaults (``advisor/data/pipelines.json``), so
+``advisor recommend --model Wan-AI/Wan2.1-T2V-14B-Diffusers`` plans for 480x832, 81 frames, 50 steps
+unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+from advisor.errors import UsageError
+from advisor.models import DATA_DIR, ModelProfile
+
+
+@lru_cache(maxsize=1)
+def pipeline_behaviour_table() -> dict[str, Any]:
+    return json.loads((DATA_DIR / "pipelines.json").read_text())
+
+
+def pipeline_behaviour(pipeline_class: str, kind: str) -> dict[str, Any]:
+    """CFG mode, call defaults and VAE chunking of a pipeline class (family fallback if unknown)."""
+    table = pipeline_behaviour_table()
+    fallback = table["_video" if kind == "video" else "_image"]
+    return {**fallback, **table.get(pipeline_class, {})}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One generation job. ``frames`` is 1 for images; ``batch`` is images/videos per prompt."""
+
+    kind: str
+    height: int
+    width: int
+    frames: int = 1
+    steps: int = 28
+    batch: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def label(self) -> str:
+        size = f"{self.width}x{self.height}"
+        frames = f", {self.frames} frames" if self.kind == "video" else ""
+        batch = f", batch {self.batch}" if self.batch > 1 else ""
+        return f"{self.kind} {size}{frames}, {self.steps} steps{batch}"
+
+
+def make_workload(
+    profile: ModelProfile,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+) -> Workload:
+    """The workload for `profile`, with the pipeline's defaults for anything not given.
+
+    Values are checked here so the CLI can show one line naming the flag.
+    """
+    defaults = pipeline_behaviour(profile.pipeline_class, profile.workload)
+    values = {
+        "height": height if height is not None else defaults["height"],
+        "width": width if width is not None else defaults["width"],
+        "frames": frames if frames is not None else (defaults["frames"] if profile.workload == "video" else 1),
+        "steps": steps if steps is not None else defaults["steps"],
+        "batch": batch if batch is not None else 1,
+    }
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"--{name}: {value!r} must be a whole number >= 1")
+    for name in ("height", "width"):
+        if values[name] % 8:
+            raise UsageError(f"--{name}: {values[name]} is not a multiple of 8 (the VAE downsamples by 8 or more)")
+    if profile.workload != "video" and values["frames"] != 1:
+        raise UsageError(f"--frames: {values['frames']} given for an {profile.workload} pipeline; frames are for video")
+    vae = next(iter(profile.by_role("vae")), None)
+    temporal = vae.facts.get("temporal_compression", 1) if vae else 1
+    if profile.workload == "video" and (values["frames"] - 1) % temporal:
+        valid = ", ".join(str(temporal * n + 1) for n in (4, 8, 12, 20))
+        raise UsageError(
+            f"--frames: {values['frames']} does not fit the VAE's {temporal}x time compression; "
+            f"use {temporal}k+1 frames, e.g. {valid}"
+        )
+    return Workload(kind=profile.workload, **values)
