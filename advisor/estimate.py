@@ -65,6 +65,7 @@ class Estimate:
     phases: list[PhaseEstimate]
     weight_bytes: dict[str, int]  # each component's weights in the config's storage format
     ram_breakdown: dict[str, int]
+    steady_ram_weight_bytes: int  # weights that stay in RAM once loaded (offloaded or pinned copies)
     disk_bytes: int
     latency_s: float
     step_latency_s: float
@@ -81,25 +82,38 @@ class Estimate:
 # --- weights ------------------------------------------------------------------------------------
 
 
+def _kept_in_fp32(component: ComponentProfile, config: OptimizationConfig) -> int:
+    """Parameters loaded as float32 despite a half-precision dtype (`_keep_in_fp32_modules`).
+
+    diffusers applies the list for float16 and bfloat16; transformers 5 only for float16.
+    """
+    if config.dtype == "float32" or (component.library != "diffusers" and config.dtype != "float16"):
+        return 0
+    return component.keep_in_fp32_parameters
+
+
 def weight_bytes(component: ComponentProfile, config: OptimizationConfig) -> int:
     """Bytes of a component's weights once loaded with `config` (quantized, cast or plain)."""
     k = constants()
     compute = dtype_size(config.dtype)
+    upcast = _kept_in_fp32(component, config) * (4 - compute)
     quantization = config.quantization
     if quantization and component.name in quantization.components:
+        per_row = 0
         if quantization.backend == "bitsandbytes_4bit":
             per_weight = k["bnb_4bit_double_quant_bytes_per_weight" if quantization.double_quant else "bnb_4bit_bytes_per_weight"]
         elif quantization.backend == "bitsandbytes_8bit":
-            per_weight = k["bnb_8bit_bytes_per_weight"]
+            per_weight, per_row = k["bnb_8bit_bytes_per_weight"], k["bnb_8bit_bytes_per_row"]
         else:
             per_weight = k["torchao_bytes_per_weight"][quantization.kind]
+            per_row = k["torchao_bytes_per_row"][quantization.kind]
         rest = component.parameters - component.linear_parameters
-        return math.ceil(component.linear_parameters * per_weight + rest * compute)
+        return math.ceil(component.linear_parameters * per_weight + component.linear_rows * per_row + rest * compute + upcast)
     casting = config.layerwise_casting
     if casting and component.name in casting.components:
         cast = component.parameters - component.casting_skipped_parameters
-        return math.ceil(cast * k["fp8_storage_bytes_per_weight"] + component.casting_skipped_parameters * compute)
-    return component.parameters * compute
+        return math.ceil(cast * k["fp8_storage_bytes_per_weight"] + component.casting_skipped_parameters * compute + upcast)
+    return component.parameters * compute + upcast
 
 
 def _bytes_per_parameter(component: ComponentProfile, weights: int) -> float:
@@ -250,7 +264,7 @@ def estimate(
         phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, _activation_bytes(profile, workload, config, phase)))
     peak = max(phases, key=lambda p: p.device_bytes)
 
-    ram, disk = _host_memory(profile, config, weights, on_cpu, peak)
+    ram, disk, kept = _host_memory(profile, config, weights, on_cpu, peak)
     latency, step, breakdown = _latency(profile, workload, config, target, weights, on_cpu)
     notes = []
     if config.quantization and config.quantization.backend == "torchao" and config.quantization.kind == "int8_dynamic" and not config.compile:
@@ -262,6 +276,7 @@ def estimate(
         phases=phases,
         weight_bytes=weights,
         ram_breakdown=ram,
+        steady_ram_weight_bytes=kept,
         disk_bytes=disk,
         latency_s=latency,
         step_latency_s=step,
@@ -281,14 +296,14 @@ def _named_components(config: OptimizationConfig) -> set[str]:
     return names
 
 
-def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int], int]:
-    """Host RAM peak as named parts, and bytes spilled to disk."""
+def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int], int, int]:
+    """Host RAM peak as named parts, bytes spilled to disk, and weight bytes kept in RAM after loading."""
     k = constants()
     ram = {"process": k["host_baseline_bytes"]}
     if on_cpu:
         ram["weights"] = sum(weights.values())
         ram["activations"] = peak.activation_bytes
-        return ram, 0
+        return ram, 0, ram["weights"]
     ram["cuda_runtime"] = k["host_cuda_context_bytes"]
     offload = config.offload
     # from_pretrained builds every component in RAM before it is moved; bitsandbytes components are
@@ -308,8 +323,9 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
             kept = offloaded
     else:
         kept = 0
+    # Peak is the larger of loading (everything passes through RAM) and steady state (what stays).
     ram["weights"] = max(kept, loading)
-    return ram, disk
+    return ram, disk, kept
 
 
 def _speed_factor(config: OptimizationConfig, component: str) -> float:

@@ -68,9 +68,11 @@ class ComponentProfile:
     parameters: int
     dtype: str  # the dtype most of the stored bytes are in
     bytes: int  # bytes of the stored tensors (what loading at `dtype` costs)
-    linear_parameters: int  # weights of nn.Linear layers: what bitsandbytes / torchao quantize
+    linear_parameters: int  # weights of the nn.Linear layers quantizers convert (bitsandbytes, torchao)
     linear_layers: int
+    linear_rows: int  # their output features: per-row scales of int8/fp8 quantization
     casting_skipped_parameters: int  # kept at compute dtype by layerwise casting
+    keep_in_fp32_parameters: int = 0  # in `_keep_in_fp32_modules`: loaded as float32 in half precision
     blocks: list[BlockGroup] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -247,6 +249,23 @@ def _casting_skipped(module: str, patterns: tuple[str, ...]) -> bool:
     return any(re.search(p, ".".join(parts[:i])) for i in range(1, len(parts) + 1) for p in patterns)
 
 
+def _quantization_skips(module: str, class_name: str, library: str) -> bool:
+    """Whether quantizers leave this Linear alone (kept in full precision), as each library decides."""
+    if library == "diffusers":
+        keep = diffusers_tables()["models"].get(class_name, {}).get("keep_in_fp32_modules", [])
+        return any(module.rsplit(".", 1)[-1] == k or f"{k}." in module or module == k for k in keep)
+    skips = diffusers_tables()["transformers_models"].get(class_name, {}).get("quantization_skip_modules", [])
+    # transformers' should_convert_module: a prefix up to a module boundary, or a suffix.
+    return any(module == k or module.startswith(k + ".") or module.endswith(k) for k in skips)
+
+
+def _keep_in_fp32(module: str, class_name: str, library: str) -> bool:
+    """Whether loading in half precision keeps this module in float32 (`_keep_in_fp32_modules`)."""
+    table = diffusers_tables()["models" if library == "diffusers" else "transformers_models"]
+    keep = table.get(class_name, {}).get("keep_in_fp32_modules", [])
+    return any(k in module.split(".") for k in keep)  # diffusers' rule: a dotted segment equals a key
+
+
 def summarize_tensors(
     tensors: list[TensorInfo], *, class_name: str, library: str
 ) -> dict[str, Any]:
@@ -259,7 +278,13 @@ def summarize_tensors(
     params = [t for t in tensors if t.is_float]
     weights = {_module_of(t.name): t for t in params if t.name.endswith(".weight")}
     castable = {m for m, t in weights.items() if len(t.shape) >= 2}
-    linear = {m for m in castable if len(weights[m].shape) == 2 and m.rsplit(".", 1)[-1] not in _EMBEDDING_NAMES}
+    linear = {
+        m
+        for m in castable
+        if len(weights[m].shape) == 2
+        and m.rsplit(".", 1)[-1] not in _EMBEDDING_NAMES
+        and not _quantization_skips(m, class_name, library)
+    }
 
     model_facts = diffusers_tables()["models"].get(class_name, {}) if library == "diffusers" else {}
     patterns = DEFAULT_CASTING_SKIP_PATTERNS + tuple(model_facts.get("skip_layerwise_casting_patterns", [])) + tuple(
@@ -288,7 +313,9 @@ def summarize_tensors(
         "bytes": sum(bytes_by_dtype.values()),
         "linear_parameters": sum(weights[m].numel for m in linear),
         "linear_layers": len(linear),
+        "linear_rows": sum(weights[m].shape[0] for m in linear),
         "casting_skipped_parameters": skipped,
+        "keep_in_fp32_parameters": sum(t.numel for t in params if _keep_in_fp32(t.name, class_name, library)),
         "blocks": blocks,
     }
 
@@ -430,7 +457,9 @@ def profile_from_catalog(name: str, *, workload: str | None = None) -> ModelProf
                 bytes=item["bytes"],
                 linear_parameters=item["linear_parameters"],
                 linear_layers=item["linear_layers"],
+                linear_rows=item["linear_rows"],
                 casting_skipped_parameters=item["casting_skipped_parameters"],
+                keep_in_fp32_parameters=item.get("keep_in_fp32_parameters", 0),
                 blocks=[
                     BlockGroup(
                         name=b["name"],

@@ -237,7 +237,7 @@ def _stored_bytes(model, dtype: str, fp32_patterns: list[str]) -> tuple[int, int
     return total, buffer_elements
 
 
-def _linear_stats(model, library: str) -> tuple[int, int, list[str]]:
+def _linear_stats(model, library: str) -> tuple[int, int, int, list[str]]:
     import torch
 
     keep_fp32 = sorted(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -257,12 +257,13 @@ def _linear_stats(model, library: str) -> tuple[int, int, list[str]]:
             # diffusers.quantizers.bitsandbytes.utils._replace_with_bnb_linear
             return local in skip or any((k + "." in full) or (k == full) for k in skip)
 
-    params = layers = 0
+    params = layers = rows = 0
     for full, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not excluded(full, full.rsplit(".", 1)[-1]):
             params += module.weight.numel()
             layers += 1
-    return params, layers, skip
+            rows += module.out_features
+    return params, layers, rows, skip
 
 
 def _casting_patterns(model, library: str) -> list[str]:
@@ -362,7 +363,7 @@ def describe_component(name: str, component: dict[str, Any]) -> dict[str, Any]:
     dtype = component["dtype"]
     fp32_patterns = list(component.get("stored_fp32_patterns", []))
     n_bytes, buffer_elements = _stored_bytes(model, dtype, fp32_patterns)
-    lin_params, lin_layers, quant_skip = _linear_stats(model, library)
+    lin_params, lin_layers, lin_rows, quant_skip = _linear_stats(model, library)
     cast_patterns = _casting_patterns(model, library)
     keep_fp32, keep_fp32_n = _keep_fp32_params(model, library)
     blocks = _blocks_diffusers(model) if library == "diffusers" else _blocks_transformers(model)
@@ -376,6 +377,7 @@ def describe_component(name: str, component: dict[str, Any]) -> dict[str, Any]:
         "persistent_buffer_elements": buffer_elements,
         "linear_parameters": lin_params,
         "linear_layers": lin_layers,
+        "linear_rows": lin_rows,
         "quantization_skip_modules": quant_skip,
         "casting_skipped_parameters": _casting_skipped(model, cast_patterns),
         "layerwise_casting_skip_patterns": cast_patterns,

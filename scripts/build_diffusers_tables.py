@@ -6,7 +6,9 @@ takes seconds), so the facts it needs are read here, once, from the installed di
   when it takes ``audio_length_in_s``, else ``image``), ``model_cpu_offload_seq``, and the default
   ``max_sequence_length`` of its text encoders;
 - per model class: ``_skip_layerwise_casting_patterns``, ``_keep_in_fp32_modules``,
-  ``_repeated_blocks``, and whether it has ``enable_tiling`` / ``enable_slicing``.
+  ``_repeated_blocks``, and whether it has ``enable_tiling`` / ``enable_slicing``;
+- per transformers text-encoder class: the modules its quantizers leave unconverted
+  (``_keep_in_fp32_modules`` plus ``get_keys_to_not_convert`` of a meta-device instance).
 
     python scripts/build_diffusers_tables.py          # rewrite the file
     python scripts/build_diffusers_tables.py --check  # exit 1 if it is out of date
@@ -60,7 +62,46 @@ def build_tables() -> dict:
                 "tiling": hasattr(obj, "enable_tiling"),
                 "slicing": hasattr(obj, "enable_slicing"),
             }
-    return {"diffusers_version": diffusers.__version__, "pipelines": pipelines, "models": models}
+    return {
+        "diffusers_version": diffusers.__version__,
+        "pipelines": pipelines,
+        "models": models,
+        "transformers_models": transformers_tables(),
+    }
+
+
+# Text and image encoders diffusers pipelines load from transformers.
+TRANSFORMERS_ENCODERS = (
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "CLIPVisionModelWithProjection",
+    "T5EncoderModel",
+    "UMT5EncoderModel",
+    "LlamaModel",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Gemma2Model",
+    "Qwen3Model",
+)
+
+
+def transformers_tables() -> dict:
+    import torch
+    import transformers
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    tables = {}
+    for name in TRANSFORMERS_ENCODERS:
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            continue
+        with torch.device("meta"):
+            model = cls(cls.config_class())
+        keep = sorted(set(getattr(model, "_keep_in_fp32_modules", None) or []))
+        tables[name] = {
+            "keep_in_fp32_modules": keep,  # upcast only when loading in float16 (transformers 5)
+            "quantization_skip_modules": sorted(set(get_keys_to_not_convert(model)) | set(keep)),
+        }
+    return tables
 
 
 def render(tables: dict) -> str:

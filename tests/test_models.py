@@ -42,15 +42,30 @@ def test_parameter_counts_equal_the_real_tensors(fixture_and_profile):
         assert component.bytes == pytest.approx(stored, rel=0.01), component.name
 
 
-def test_linear_parameters_are_the_real_linear_weights(fixture_and_profile):
+def _quantizable_linears(model, library):
+    """The nn.Linear layers the library's quantizers convert, decided by the libraries' own code."""
     import torch
 
+    if library == "transformers":
+        from transformers.quantizers.base import get_keys_to_not_convert
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        skip = list(set(get_keys_to_not_convert(model)) | set(model._keep_in_fp32_modules or []))
+        keep = lambda name: should_convert_module(name, skip)  # noqa: E731
+    else:
+        skip = model._keep_in_fp32_modules or []
+        keep = lambda name: not any(k in name.split(".") for k in skip)  # noqa: E731
+    return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and keep(name)]
+
+
+def test_linear_parameters_are_the_real_quantizable_linear_weights(fixture_and_profile):
     folder, profile = fixture_and_profile
     for component in profile.components:
         model = _load_component(folder, component.name)
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        linears = _quantizable_linears(model, component.library)
         assert component.linear_layers == len(linears), component.name
         assert component.linear_parameters == sum(m.weight.numel() for m in linears), component.name
+        assert component.linear_rows == sum(m.out_features for m in linears), component.name
 
 
 def test_casting_skips_match_what_diffusers_leaves_uncast(fixture_and_profile):

@@ -1,0 +1,237 @@
+"""The estimate: weights against real loaded footprints, the published Flux anchor, and its behaviour."""
+
+import subprocess
+import sys
+
+import pytest
+
+from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization, Vae
+from advisor.errors import EstimateError, UsageError
+from advisor.estimate import estimate, weight_bytes
+from advisor.models import load_profile, profile_from_folder
+from advisor.target import planned_target
+from advisor.workload import make_workload
+
+GIB = 2**30
+RTX_4090 = planned_target(machine=None, gpu="RTX 4090")
+
+
+def _tensor_bytes(tensor) -> int:
+    """Real storage of a tensor, including torchao's subclasses (qdata + scales + zero points)."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def _load_with(folder, config: OptimizationConfig):
+    """Load a tiny pipeline with `config`'s dtype, torchao quantization and layerwise casting."""
+    import torch
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig, TorchAoConfig
+
+    dtype = getattr(torch, config.dtype)
+    kwargs = {"torch_dtype": dtype}
+    if config.quantization:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+        scheme = {"int8_weight_only": Int8WeightOnlyConfig, "float8_weight_only": Float8WeightOnlyConfig}[config.quantization.kind]
+        kwargs["quantization_config"] = PipelineQuantizationConfig(
+            quant_mapping={name: TorchAoConfig(scheme()) for name in config.quantization.components}
+        )
+    pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
+    if config.layerwise_casting:
+        for name in config.layerwise_casting.components:
+            getattr(pipe, name).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    return pipe
+
+
+CPU_CONFIGS = {
+    "fp32": OptimizationConfig(device="cpu", dtype="float32"),
+    "bf16": OptimizationConfig(device="cpu", dtype="bfloat16"),
+    "torchao int8": OptimizationConfig(
+        device="cpu", quantization=Quantization(backend="torchao", components=["transformer"], scheme="int8_weight_only")
+    ),
+    "torchao fp8": OptimizationConfig(
+        device="cpu", quantization=Quantization(backend="torchao", components=["transformer"], scheme="float8_weight_only")
+    ),
+    "layerwise fp8": OptimizationConfig(device="cpu", layerwise_casting=LayerwiseCasting(components=["transformer"])),
+    "group offload (cpu)": OptimizationConfig(device="cpu", offload=Offload(strategy="group", num_blocks_per_group=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(CPU_CONFIGS))
+@pytest.mark.parametrize("fixture", ["tiny_flux_dir", "tiny_wan_dir"])
+def test_predicted_weight_bytes_match_the_loaded_footprint(name, fixture, request):
+    folder = request.getfixturevalue(fixture)
+    config = CPU_CONFIGS[name]
+    profile = profile_from_folder(folder)
+    pipe = _load_with(folder, config)
+    for component in profile.components:
+        measured = sum(_tensor_bytes(p) for p in getattr(pipe, component.name).parameters())
+        predicted = weight_bytes(component, config)
+        assert predicted == pytest.approx(measured, rel=0.01), f"{name}: {component.name}"
+
+
+@pytest.fixture(scope="module")
+def flux_dev():
+    return load_profile("black-forest-labs/FLUX.1-dev")
+
+
+def _seed_config(**changes) -> OptimizationConfig:
+    nf4 = Quantization(backend="bitsandbytes_4bit", components=["transformer", "text_encoder_2"])
+    return OptimizationConfig(quantization=nf4, **changes)
+
+
+def test_seed_page_anchor_without_offload(flux_dev):
+    # RTX 4090, transformer + T5 in nf4, 1024x1024: 14.9453 GB (diffusers prints GiB)
+    result = estimate(flux_dev, make_workload(flux_dev, height=1024, width=1024), _seed_config(), RTX_4090)
+    assert result.peak_vram_bytes / GIB == pytest.approx(14.9453, rel=0.10)
+
+
+def test_seed_page_anchor_with_model_offload(flux_dev):
+    config = _seed_config(compile=Compile(), offload=Offload(strategy="model"))
+    result = estimate(flux_dev, make_workload(flux_dev, height=1024, width=1024), config, RTX_4090)
+    assert result.peak_vram_bytes / GIB == pytest.approx(12.2369, rel=0.10)
+
+
+def test_seed_page_latency_ranking(flux_dev):
+    job = make_workload(flux_dev, height=1024, width=1024)
+    plain = estimate(flux_dev, job, _seed_config(), RTX_4090).latency_s
+    compiled = estimate(flux_dev, job, _seed_config(compile=Compile()), RTX_4090).latency_s
+    offloaded = estimate(flux_dev, job, _seed_config(compile=Compile(), offload=Offload(strategy="model")), RTX_4090).latency_s
+    assert compiled < offloaded < plain * 1.05  # the page: 25.8 s < 32.3 s ~ 32.6 s
+    assert plain == pytest.approx(32.602, rel=0.25)
+
+
+def test_weights_by_storage_format(flux_dev):
+    transformer = flux_dev.component("transformer")
+    bf16 = weight_bytes(transformer, OptimizationConfig())
+    assert bf16 == transformer.parameters * 2
+    assert weight_bytes(transformer, OptimizationConfig(dtype="float32")) == 2 * bf16
+    nf4 = weight_bytes(transformer, _seed_config())
+    assert nf4 / bf16 == pytest.approx(0.5625 / 2, rel=0.01)  # almost every Flux weight is in a Linear
+    double = weight_bytes(transformer, OptimizationConfig(quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"], double_quant=True)))
+    int8 = weight_bytes(transformer, OptimizationConfig(quantization=Quantization(backend="bitsandbytes_8bit", components=["transformer"])))
+    fp8 = weight_bytes(transformer, OptimizationConfig(layerwise_casting=LayerwiseCasting(components=["transformer"])))
+    assert double < nf4 < int8 < fp8 < bf16
+    # Layerwise casting keeps the adaptive norms (3.2 B parameters of Flux) at bf16.
+    assert fp8 == transformer.casting_skipped_parameters * 2 + (transformer.parameters - transformer.casting_skipped_parameters)
+
+
+def test_t5_output_layers_stay_unquantized(flux_dev):
+    t5 = flux_dev.component("text_encoder_2")
+    quantized = weight_bytes(t5, _seed_config())
+    # transformers keeps T5's `wo` layers (~1 B parameters) out of bitsandbytes: they stay bf16.
+    assert t5.parameters - t5.linear_parameters > 1.0e9
+    assert quantized > t5.linear_parameters * 0.5625 + (t5.parameters - t5.linear_parameters) * 2 - 1
+
+
+def test_offload_strategies_order_peak_vram_and_ram(flux_dev):
+    job = make_workload(flux_dev)
+    peaks = {}
+    for name, offload in {
+        "none": Offload(),
+        "model": Offload(strategy="model"),
+        "group": Offload(strategy="group", num_blocks_per_group=2),
+        "group+stream": Offload(strategy="group", use_stream=True),
+        "leaf": Offload(strategy="group", offload_type="leaf_level"),
+        "sequential": Offload(strategy="sequential"),
+    }.items():
+        peaks[name] = estimate(flux_dev, job, OptimizationConfig(offload=offload), RTX_4090)
+    vram = {name: e.peak_vram_bytes for name, e in peaks.items()}
+    assert vram["none"] > vram["model"] > vram["group"] > vram["leaf"] >= vram["sequential"]
+    ram = {name: e.peak_ram_bytes for name, e in peaks.items()}
+    assert ram["group+stream"] > ram["group"]  # pinned copies: about 2x the offloaded weights
+    latency = {name: e.latency_s for name, e in peaks.items()}
+    assert latency["sequential"] > latency["group"] and latency["sequential"] > latency["none"]
+
+
+def test_disk_offload_moves_weights_from_ram_to_disk(flux_dev):
+    job = make_workload(flux_dev)
+    in_ram = estimate(flux_dev, job, OptimizationConfig(offload=Offload(strategy="group")), RTX_4090)
+    on_disk = estimate(flux_dev, job, OptimizationConfig(offload=Offload(strategy="group", offload_to_disk_path="/tmp/x")), RTX_4090)
+    assert on_disk.disk_bytes == sum(in_ram.weight_bytes.values())
+    assert on_disk.steady_ram_weight_bytes == 0 < in_ram.steady_ram_weight_bytes
+    # Loading still passes every weight through RAM, so the peak is the load, not the steady state.
+    assert on_disk.peak_ram_bytes == in_ram.peak_ram_bytes
+    assert on_disk.latency_s > in_ram.latency_s
+
+
+def test_activations_grow_with_resolution_frames_and_batch():
+    wan = load_profile("Wan-AI/Wan2.1-T2V-14B-Diffusers")
+    config = OptimizationConfig()
+
+    def denoise_activations(**job):
+        result = estimate(wan, make_workload(wan, **job), config, RTX_4090)
+        return next(p for p in result.phases if p.name == "denoising").activation_bytes
+
+    small = denoise_activations(height=480, width=832, frames=33)
+    assert denoise_activations(height=480, width=832, frames=81) > small
+    assert denoise_activations(height=720, width=1280, frames=33) > small
+    assert denoise_activations(height=480, width=832, frames=33, batch=2) > small
+
+
+def test_vae_tiling_cuts_the_video_decode_peak():
+    hunyuan = load_profile("hunyuanvideo-community/HunyuanVideo")
+    job = make_workload(hunyuan, height=720, width=1280, frames=61)
+    plain = estimate(hunyuan, job, OptimizationConfig(), RTX_4090)
+    tiled = estimate(hunyuan, job, OptimizationConfig(vae=Vae(tiling=True)), RTX_4090)
+    decode = {p.name: p.activation_bytes for p in plain.phases}["vae_decode"]
+    decode_tiled = {p.name: p.activation_bytes for p in tiled.phases}["vae_decode"]
+    assert decode_tiled < decode / 10
+
+
+def test_quantization_and_compile_change_latency_as_published(flux_dev):
+    job = make_workload(flux_dev)
+    h100 = planned_target(machine=None, gpu="H100")
+    base = estimate(flux_dev, job, OptimizationConfig(), h100).latency_s
+    compiled = estimate(flux_dev, job, OptimizationConfig(compile=Compile()), h100).latency_s
+    int8_eager = OptimizationConfig(quantization=Quantization(backend="torchao", components=["transformer"], scheme="int8_dynamic"))
+    slow = estimate(flux_dev, job, int8_eager, h100)
+    assert compiled < base < slow.latency_s / 10  # diffusers-torchao: 130 s uncompiled vs 3.4 s
+    assert any("without torch.compile" in note for note in slow.notes)
+
+
+def test_cpu_target_puts_everything_in_ram(tiny_flux_dir):
+    from advisor.hardware import probe_machine
+    from advisor.target import target_from_probe
+
+    machine = probe_machine()
+    if machine.gpus:
+        pytest.skip("this machine has a GPU")
+    profile = profile_from_folder(tiny_flux_dir)
+    result = estimate(profile, make_workload(profile, height=64, width=64), OptimizationConfig(device="cpu"), target_from_probe(machine))
+    assert result.peak_vram_bytes == 0
+    assert result.ram_breakdown["weights"] == sum(result.weight_bytes.values())
+
+
+def test_config_naming_a_missing_component_is_refused(flux_dev):
+    config = OptimizationConfig(quantization=Quantization(backend="torchao", components=["unet"]))
+    with pytest.raises(EstimateError, match=r"config names \['unet'\]"):
+        estimate(flux_dev, make_workload(flux_dev), config, RTX_4090)
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [({"height": 1020}, "--height: 1020 is not a multiple of 8"), ({"steps": 0}, "--steps: 0 must be"), ({"frames": 9}, "--frames: 9 given for an image")],
+)
+def test_bad_workloads_name_the_flag(flux_dev, job, message):
+    with pytest.raises(UsageError, match=message):
+        make_workload(flux_dev, **job)
+
+
+def test_video_frames_must_fit_the_time_compression():
+    wan = load_profile("wan2.1-t2v-1.3b")
+    with pytest.raises(UsageError, match="--frames: 80 does not fit the VAE's 4x time compression; use 4k\\+1"):
+        make_workload(wan, frames=80)
+
+
+def test_estimate_imports_no_torch():
+    code = (
+        "import sys; from advisor.models import load_profile; from advisor.workload import make_workload; "
+        "from advisor.target import planned_target; from advisor.config import OptimizationConfig; "
+        "from advisor.estimate import estimate; p = load_profile('flux-dev'); "
+        "estimate(p, make_workload(p), OptimizationConfig(), planned_target(machine=None, vram=24 * 2**30)); "
+        "print('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
