@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from advisor.errors import AdvisorError
+from advisor.errors import AdvisorError, UsageError
 from advisor.units import format_size
 
 app = typer.Typer(
@@ -197,6 +197,101 @@ def estimate(
     console.print(f"predicted latency: {result.latency_s:.1f}s ({parts}; {result.step_latency_s:.3f}s per step)")
     for note in result.notes:
         console.print(f"note: {note}")
+
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+NOTHING_FITS_EXIT = 3
+
+
+@app.command()
+def recommend(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub id, catalog alias, or a local pipeline folder."),
+    workload: str = typer.Option(None, "--workload", help="Override the workload kind: image or video."),
+    height: int = typer.Option(None, "--height", help="Height in pixels (default: the pipeline's)."),
+    width: int = typer.Option(None, "--width", help="Width in pixels (default: the pipeline's)."),
+    frames: int = typer.Option(None, "--frames", help="Video frames (default: the pipeline's)."),
+    steps: int = typer.Option(None, "--steps", help="Denoising steps (default: the pipeline's)."),
+    batch: int = typer.Option(None, "--batch", help="Images or videos per prompt (default 1)."),
+    budget: str = typer.Option(None, "--budget", help="GPU memory the run may use, e.g. 16GB (default: free VRAM minus a reserve)."),
+    vram: str = typer.Option(None, "--vram", help="Plan for a GPU with this much memory, e.g. 24GB."),
+    ram: str = typer.Option(None, "--ram", help="Plan for this much host RAM, e.g. 64GB."),
+    gpu: str = typer.Option(None, "--gpu", help="Plan for this GPU model, e.g. 'RTX 4090'."),
+    output: str = typer.Option(None, "--output", "-o", help="Write the chosen config to this file (for advisor.load_config)."),
+    emit: str = typer.Option(None, "--emit", help="Print code instead of the summary: 'python'."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Recommend the fastest configuration predicted to fit, and explain why (instant, no weights loaded)."""
+    from advisor.hardware import probe_machine
+    from advisor.models import load_profile
+    from advisor.recommend import make_recommendation
+    from advisor.units import parse_size
+    from advisor.workload import make_workload
+
+    if emit not in (None, "python"):
+        raise UsageError(f"--emit: {emit!r} is not supported; use --emit python")
+    budget_bytes = parse_size(budget, name="--budget") if budget is not None else None
+    machine = probe_machine()
+    target = resolve_target(machine, vram=vram, ram=ram, gpu=gpu)
+    profile = load_profile(model, workload=workload)
+    job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
+    planning_here = vram is None and gpu is None
+    result = make_recommendation(profile, job, target, machine=machine if planning_here else None, budget_bytes=budget_bytes)
+    if result.config is not None and output:
+        result.config.save(output)
+    if as_json:
+        print_json(result.to_dict())
+    elif emit == "python" and result.config is not None:
+        from advisor.apply import emit_python
+
+        sys.stdout.write(emit_python(profile.path if profile.source == "folder" else profile.model_id, result.config))
+    else:
+        _render_recommendation(result, output)
+    if result.config is None:
+        raise typer.Exit(NOTHING_FITS_EXIT)
+
+
+def _render_recommendation(result, output: str | None) -> None:
+    console = _stdout()
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"{result.model} | {result.workload.label()} | {result.target.name}")
+    if result.config is None:
+        console.print(f"Nothing fits the {format_size(result.budget_bytes)} budget.")
+        for line in result.advice:
+            console.print(f"  - {line}")
+        return
+    from advisor.rules import peak_bytes
+
+    best = result.recommendation.best
+    cpu = result.target.device == "cpu"
+    console.print(f"Recommended: {result.config.summary()}")
+    peak_label = "peak RAM" if cpu else "peak VRAM"
+    host = "" if cpu else f", host RAM {format_size(best.estimate.peak_ram_bytes)}"
+    console.print(
+        f"  {peak_label} {format_size(peak_bytes(best.estimate, result.target))} of "
+        f"{format_size(result.budget_bytes)} budget{host}, predicted {best.estimate.latency_s:.1f}s"
+    )
+    console.print("Why:")
+    for reason in result.recommendation.reasons:
+        console.print(f"  - {reason}")
+    if result.recommendation.alternatives:
+        table = Table(title="Alternatives", title_justify="left")
+        table.add_column("configuration")
+        table.add_column(peak_label, justify="right")
+        table.add_column("host RAM", justify="right")
+        table.add_column("latency", justify="right")
+        for alternative in result.recommendation.alternatives:
+            table.add_row(
+                alternative.config.summary(),
+                format_size(peak_bytes(alternative.estimate, result.target)),
+                format_size(alternative.estimate.peak_ram_bytes),
+                f"{alternative.estimate.latency_s:.1f}s",
+            )
+        console.print(table)
+    if output:
+        console.print(f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))")
+    else:
+        console.print("Save it with -o advisor.json, or print the code with --emit python.")
 
 
 def format_count(count: int) -> str:

@@ -187,7 +187,7 @@ def denoiser_tokens(profile: ModelProfile, denoiser: ComponentProfile, workload:
     return tokens, int(hidden or 1024)
 
 
-def _activation_bytes(profile: ModelProfile, workload: Workload, config: OptimizationConfig, phase: str) -> int:
+def _activation_bytes(profile: ModelProfile, workload: Workload, config: OptimizationConfig, phase: str, on_cpu: bool) -> int:
     k = constants()
     act = dtype_size(config.dtype)
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
@@ -203,7 +203,9 @@ def _activation_bytes(profile: ModelProfile, workload: Workload, config: Optimiz
         for denoiser in profile.by_role("denoiser"):
             tokens, hidden = denoiser_tokens(profile, denoiser, workload)
             live = k["denoiser_live_tensors"] * tokens * hidden * act * batch
-            sizes.append(live + k["denoiser_runtime_reserve_per_parameter"] * denoiser.parameters)
+            # The reserve was fitted on CUDA (allocator blocks, cuBLAS and dequantisation workspaces).
+            reserve = 0 if on_cpu else k["denoiser_runtime_reserve_per_parameter"] * denoiser.parameters
+            sizes.append(live + reserve)
         return int(max(sizes, default=0))
     vae = next(iter(profile.by_role("vae")), None)
     if vae is None:
@@ -261,7 +263,7 @@ def estimate(
             for c in profile.components
             if c.role != "other" or config.offload.strategy == "none"
         }
-        phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, _activation_bytes(profile, workload, config, phase)))
+        phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, _activation_bytes(profile, workload, config, phase, on_cpu)))
     peak = max(phases, key=lambda p: p.device_bytes)
 
     ram, disk, kept = _host_memory(profile, config, weights, on_cpu, peak)
@@ -363,9 +365,9 @@ def _latency(profile, workload, config, target, weights, on_cpu) -> tuple[float,
         flops = passes * workload.batch * (2 * denoiser.linear_parameters * tokens + 4 * tokens * tokens * hidden * layers)
         step_compute += flops / (flops_per_s * _speed_factor(config, denoiser.name))
         if not on_cpu and (offload.strategy == "sequential" or _group_offloaded(denoiser, config)):
-            bandwidth = target.h2d_bytes_per_s
-            if offload.strategy == "sequential" or not offload.use_stream:
-                bandwidth *= k["unpinned_bandwidth_factor"] if offload.strategy == "sequential" else 1.0
+            bandwidth = target.h2d_bytes_per_s * k["group_offload_bandwidth_factor"]
+            if offload.strategy == "sequential":
+                bandwidth = target.h2d_bytes_per_s * k["unpinned_bandwidth_factor"]
             if offload.low_cpu_mem_usage:
                 bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"]
             moved = weights[denoiser.name] * calls_per_step
@@ -375,8 +377,10 @@ def _latency(profile, workload, config, target, weights, on_cpu) -> tuple[float,
             level = "sequential" if offload.strategy == "sequential" else offload.offload_type
             units = layers * 8 if level != "block_level" else layers / offload.num_blocks_per_group
             step_transfer += units * calls_per_step * k["offload_hook_overhead_s"][level]
-    overlapped = offload.strategy == "group" and offload.use_stream
-    step = max(step_compute, step_transfer) if overlapped else step_compute + step_transfer
+    if offload.strategy == "group" and offload.use_stream:  # the stream hides most, not all, of the shorter one
+        step = max(step_compute, step_transfer) + (1 - k["stream_overlap"]) * min(step_compute, step_transfer)
+    else:
+        step = step_compute + step_transfer
 
     text = sum(
         2 * t.parameters * t.facts.get("max_sequence_length", 77) * workload.batch / (flops_per_s * _speed_factor(config, t.name))

@@ -1,0 +1,212 @@
+"""Measure one candidate for real: load, warm up, time, record peak memory, in its own process.
+
+Every trial runs in a fresh ``python -m advisor.measure`` child so compile caches, offload hooks and
+allocator fragmentation never leak from one candidate into the next, and an out-of-memory error,
+a crash or a hang costs one trial, not the study. The parent reads the child's result file; a
+child that dies without one is classified from its exit status and stderr.
+
+Latency is not measured at the full step count: the child times a few short runs (``step_points``,
+2 and 4 steps by default), fits ``fixed + per_step x steps`` and reports the extrapolation to the
+workload's steps. ``benchmarks/step_extrapolation.py`` shows the error against full runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from advisor.config import OptimizationConfig
+from advisor.workload import Workload
+
+OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "memoryerror", "std::bad_alloc")
+
+
+@dataclass
+class Measurement:
+    """What one trial measured. Sizes in bytes, times in seconds; ``status`` is ok/oom/crash/timeout."""
+
+    status: str
+    reason: str | None = None
+    latency_s: float | None = None  # extrapolated to the workload's steps
+    fixed_s: float | None = None  # per call, independent of steps (text encoding, VAE decode, ...)
+    per_step_s: float | None = None
+    load_s: float | None = None
+    warmup_s: float | None = None  # the first call: compilation happens here
+    peak_vram_bytes: int | None = None  # torch.cuda.max_memory_allocated over the whole trial
+    peak_vram_reserved_bytes: int | None = None
+    peak_rss_bytes: int | None = None  # the trial process's peak resident set
+    step_times: dict[str, float] = field(default_factory=dict)  # steps -> median seconds
+    device: str | None = None
+    wall_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fit_steps(step_times: dict[int, float]) -> tuple[float, float]:
+    """Least-squares ``(fixed, per_step)`` through (steps, seconds) points."""
+    xs, ys = list(step_times), list(step_times.values())
+    if len(xs) < 2:
+        raise ValueError("need at least two step counts to separate fixed and per-step cost")
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return max(mean_y - slope * mean_x, 0.0), max(slope, 0.0)
+
+
+def measure(
+    model: str | Path,
+    config: OptimizationConfig,
+    workload: Workload,
+    *,
+    timeout_s: float = 600.0,
+    step_points: tuple[int, ...] = (2, 4),
+    repeats: int = 2,
+    memory_limit_bytes: int | None = None,
+    seed: int = 0,
+) -> Measurement:
+    """Run one candidate in a fresh process and return what it measured (never raises for OOM/crash).
+
+    `memory_limit_bytes` caps the child's address space (RLIMIT_AS): a way to provoke, and test, a
+    real out-of-memory on a CPU machine.
+    """
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="advisor-trial-") as scratch:
+        result_path = Path(scratch) / "result.json"
+        spec = {
+            "model": str(model),
+            "config": config.model_dump(mode="json"),
+            "workload": workload.to_dict(),
+            "step_points": list(step_points),
+            "repeats": repeats,
+            "memory_limit_bytes": memory_limit_bytes,
+            "seed": seed,
+            "result_path": str(result_path),
+        }
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+        try:
+            child = subprocess.run(
+                [sys.executable, "-m", "advisor.measure"],
+                input=json.dumps(spec),
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                env=env,
+            )
+        except subprocess.TimeoutExpired:
+            return Measurement(status="timeout", reason=f"no result within {timeout_s:.0f}s", wall_s=time.perf_counter() - started)
+        if result_path.exists():
+            measurement = Measurement(**json.loads(result_path.read_text()))
+        else:
+            measurement = _classify_death(child.returncode, child.stderr)
+    measurement.wall_s = time.perf_counter() - started
+    return measurement
+
+
+def _classify_death(returncode: int, stderr: str) -> Measurement:
+    tail = " ".join(stderr.strip().splitlines()[-3:])[-300:]
+    if returncode in (-9, 137) or any(marker in stderr.lower() for marker in OOM_MARKERS):
+        return Measurement(status="oom", reason=f"the trial process died out of memory (exit {returncode}): {tail}")
+    return Measurement(status="crash", reason=f"the trial process exited with {returncode}: {tail}")
+
+
+def is_oom(error: BaseException) -> bool:
+    """torch's CUDA/CPU out-of-memory errors and Python's MemoryError."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return any(marker in str(error).lower() for marker in OOM_MARKERS)
+
+
+# --- the child ----------------------------------------------------------------------------------
+
+
+def _call_kwargs(workload: Workload, steps: int, seed: int) -> dict[str, Any]:
+    import torch
+
+    kwargs: dict[str, Any] = {
+        "prompt": "a photo of a cat sitting on a mat",
+        "height": workload.height,
+        "width": workload.width,
+        "num_inference_steps": steps,
+        "num_images_per_prompt" if workload.kind == "image" else "num_videos_per_prompt": workload.batch,
+        "output_type": "np",
+        "generator": torch.Generator().manual_seed(seed),
+    }
+    if workload.kind == "video":
+        kwargs["num_frames"] = workload.frames
+    return kwargs
+
+
+def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec.get("memory_limit_bytes"):
+        limit = int(spec["memory_limit_bytes"])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import torch
+
+    from advisor.apply import load_pipeline
+    from advisor.config import config_from_dict
+
+    config = config_from_dict(spec["config"], source="trial config")
+    workload = Workload(**spec["workload"])
+    cuda = config.device.startswith("cuda") and torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def timed_call(pipe, steps: int) -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            pipe(**_call_kwargs(workload, steps, spec["seed"]))
+        sync()
+        return time.perf_counter() - start
+
+    result: dict[str, Any] = {"status": "ok", "device": "cuda" if cuda else "cpu"}
+    start = time.perf_counter()
+    pipe = load_pipeline(spec["model"], config)
+    result["load_s"] = time.perf_counter() - start
+    points = sorted(spec["step_points"])
+    result["warmup_s"] = timed_call(pipe, points[0])
+    step_times = {}
+    for steps in points:
+        step_times[steps] = statistics.median(timed_call(pipe, steps) for _ in range(spec["repeats"]))
+    fixed, per_step = fit_steps(step_times)
+    result.update(
+        step_times={str(k): v for k, v in step_times.items()},
+        fixed_s=fixed,
+        per_step_s=per_step,
+        latency_s=fixed + per_step * workload.steps,
+    )
+    if cuda:
+        result["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+        result["peak_vram_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    return result
+
+
+def _child_main() -> int:
+    spec = json.loads(sys.stdin.read())
+    try:
+        result = _run_trial(spec)
+    except BaseException as error:  # the trial's failure is the result, whatever it is
+        status = "oom" if is_oom(error) else "crash"
+        result = {"status": status, "reason": f"{type(error).__name__}: {str(error)[:300]}"}
+    # ru_maxrss is in KiB on Linux: the whole process's peak, loading included.
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(spec["result_path"]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
