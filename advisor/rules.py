@@ -530,10 +530,13 @@ def explain(best: Scored, feasible: list[Scored], ctx: Context) -> list[str]:
             + "; expect a one-off compile on the first call"
         )
     reasons += [f"{r.reason} ({r.source})" for r in rules_of("adjust") if r.name in best.adjusted_by]
-    for prefer in rules_of("prefer"):
-        rivals = [s for s in feasible[1:] if prefer.apply(s.config, ctx) > 1.0 and s.estimate.latency_s <= result.latency_s * (1 + TIE)]
-        if rivals:
-            reasons.append(f"{prefer.reason} ({prefer.source})")
+    if config.offload.strategy in {"model", "group"}:
+        # The guidance on which offloading suits this workload, when the pick follows it.
+        other = "group" if config.offload.strategy == "model" else "model"
+        rival = config.model_copy(update={"offload": Offload(strategy=other)})
+        for prefer in rules_of("prefer"):
+            if prefer.apply(config, ctx) == 1.0 and prefer.apply(rival, ctx) > 1.0:
+                reasons.append(f"{prefer.reason} ({prefer.source})")
     return reasons
 
 

@@ -1,7 +1,7 @@
 """Cold start-up latency of the fast CLI paths, against `python -c pass` as the floor.
 
 Each command runs in a fresh process (nothing warm but the OS file cache); the table shows the
-median and the slowest of N runs. Goals: `advisor probe` < 1 s.
+median and the slowest of N runs. Goals: `advisor probe` < 1 s; `advisor recommend` < 0.5 s.
 
     python benchmarks/cli_latency.py [--runs 9]
 """
@@ -25,6 +25,12 @@ COMMANDS = [
     ("advisor --help", [ADVISOR, "--help"], None),
     ("advisor probe", [ADVISOR, "probe"], 1.0),
     ("advisor probe --json", [ADVISOR, "probe", "--json"], 1.0),
+    (
+        "advisor recommend --model FLUX.1-dev --vram 24GB",
+        [ADVISOR, "recommend", "--model", "black-forest-labs/FLUX.1-dev", "--vram", "24GB"],
+        0.5,
+    ),
+    ("advisor inspect FLUX.1-dev --json", [ADVISOR, "inspect", "black-forest-labs/FLUX.1-dev", "--json"], None),
 ]
 
 

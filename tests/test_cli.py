@@ -76,3 +76,102 @@ def test_advisor_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch, 
     assert capsys.readouterr().err == "advisor: error: --calibrate: no CUDA device to calibrate; run it on the GPU machine\n"
     with pytest.raises(HardwareError):
         main(["--debug", "probe"])
+
+
+# --- inspect, estimate, recommend ---------------------------------------------------------------
+
+
+def test_inspect_catalog_model_offline_as_json():
+    result = run("inspect", "black-forest-labs/FLUX.1-dev", "--json", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["source"] == "catalog" and data["workload"] == "image"
+    transformer = next(c for c in data["components"] if c["name"] == "transformer")
+    assert transformer["parameters"] == pytest.approx(11.9e9, rel=0.01)
+
+
+def test_inspect_unknown_model_is_one_line():
+    result = run("inspect", "nobody/nothing", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "not in the catalog" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_estimate_shows_phases(capsys):
+    assert main(["estimate", "flux-dev", "--gpu", "RTX 4090"]) == 0
+    out = capsys.readouterr().out
+    assert "denoising" in out and "vae_decode" in out and "predicted latency" in out
+
+
+def test_recommend_json_has_the_documented_keys(capsys):
+    assert main(["recommend", "--model", "black-forest-labs/FLUX.1-dev", "--vram", "24GB", "--budget", "16GB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"model", "workload", "hardware", "budget_bytes", "config", "estimate", "reasons", "alternatives"} <= set(data)
+    assert data["budget_bytes"] == 16 * 2**30
+    assert data["estimate"]["peak_vram_bytes"] <= data["budget_bytes"]
+    assert data["estimate"]["peak_ram_bytes"] > 0
+    assert data["config"]["quantization"]["backend"] == "bitsandbytes_4bit"
+    assert 2 <= len(data["alternatives"]) <= 3
+
+
+def test_recommend_writes_a_config_that_loads(tmp_path, capsys):
+    from advisor.config import load_config
+
+    path = tmp_path / "advisor.json"
+    assert main(["recommend", "-m", "flux-dev", "--vram", "24GB", "--budget", "13GB", "-o", str(path)]) == 0
+    config = load_config(path)
+    assert config.offload.strategy == "model"
+    assert config.provenance.made_by == "recommend" and config.provenance.budget_bytes == 13 * 2**30
+    assert str(path) in capsys.readouterr().out
+
+
+def test_recommend_nothing_fits_exits_3_with_advice(capsys):
+    assert main(["recommend", "-m", "flux-dev", "--vram", "4GB", "--budget", "2GB", "--ram", "8GB"]) == 3
+    out = capsys.readouterr().out
+    assert "Nothing fits" in out and "smallest predicted peak" in out
+
+
+def _has_gpu() -> bool:
+    from advisor.hardware import probe_machine
+
+    return bool(probe_machine().gpus)
+
+
+@pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU")
+def test_recommend_without_gpu_says_so_and_plans_cpu(tiny_flux_dir, capsys):
+    assert main(["recommend", "-m", str(tiny_flux_dir), "--height", "64", "--width", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA GPU found" in out and "--vram" in out
+    assert "Recommended:" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget", "twelve"], "--budget: 'twelve' is not a size"),
+        (["--vram", "-3GB"], "--vram: '-3GB' is negative"),
+        (["--ram", "12XB"], "--ram: '12XB' is not a size"),
+        (["--gpu", "Voodoo 5"], "--gpu: 'Voodoo 5' is not a known GPU"),
+        (["--emit", "rust"], "--emit: 'rust' is not supported"),
+        (["--height", "1001"], "--height: 1001 is not a multiple of 8"),
+        (["--workload", "movie"], "--workload: 'movie' is not a workload"),
+        (["--model", "./missing-folder"], "no such folder"),
+        (["--vram", "24GB", "--budget", "0"], "--budget: must be larger than 0"),
+    ],
+)
+def test_recommend_bad_input_is_one_line_naming_the_flag(args, message):
+    result = run("recommend", *args, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode in (1, 2)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def test_recommend_imports_neither_torch_nor_diffusers():
+    code = (
+        "import sys; from advisor.cli import main; "
+        "main(['recommend', '--model', 'black-forest-labs/FLUX.1-dev', '--vram', '24GB', '--json']); "
+        "sys.stderr.write(str(sorted(m for m in ('torch', 'diffusers', 'optuna') if m in sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.stderr.strip().endswith("[]"), result.stderr[-300:]

@@ -1,0 +1,237 @@
+"""The rule engine: each rule on its own, then whole scenarios pinned to the diffusers guidance."""
+
+import pytest
+
+from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
+from advisor.errors import UsageError
+from advisor.models import load_profile
+from advisor.rules import (
+    RULES,
+    Context,
+    bitsandbytes_needs_cuda,
+    channels_last_for_unets,
+    default_budget,
+    dynamic_quantization_needs_compile,
+    dynamo_cache_limit_with_offload,
+    dynamo_capture_for_bitsandbytes,
+    fp8_compute_needs_sm89,
+    images_prefer_model_offload,
+    installed_diffusers_supports_it,
+    offload_needs_an_accelerator,
+    quantization_choices,
+    recommend,
+    torchao_installed,
+    vae_slicing_for_batches,
+    vae_tiling_when_decode_dominates,
+    video_prefers_group_offload,
+)
+from advisor.target import TargetHardware, planned_target
+from advisor.workload import make_workload
+
+GIB = 2**30
+NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])
+
+
+def cpu_target(ram_gib: float = 24) -> TargetHardware:
+    return TargetHardware("cpu", "test CPU", 0, 0, int(ram_gib * GIB), int(ram_gib * GIB), None, 2e11, float("inf"), "test")
+
+
+def context(model="flux-dev", target=None, packages=None, budget=16 * GIB, **job) -> Context:
+    profile = load_profile(model)
+    return Context(profile, make_workload(profile, **job), target or planned_target(machine=None, gpu="RTX 4090"), packages, budget)
+
+
+# --- every rule on its own ------------------------------------------------------------------------
+
+
+def test_every_rule_has_a_reason_and_a_source():
+    assert len({r.name for r in RULES}) == len(RULES)
+    for r in RULES:
+        assert r.kind in {"filter", "adjust", "prefer"}
+        assert len(r.reason) > 20 and r.source.startswith("https://")
+
+
+def test_bitsandbytes_needs_cuda():
+    config = OptimizationConfig(quantization=NF4)
+    assert bitsandbytes_needs_cuda(config, context()) is None
+    assert "CUDA" in bitsandbytes_needs_cuda(config, context(target=cpu_target()))
+    assert "not installed" in bitsandbytes_needs_cuda(config, context(packages={"torch": "2.13"}))
+    assert bitsandbytes_needs_cuda(OptimizationConfig(), context(target=cpu_target())) is None
+
+
+def test_torchao_must_be_installed_only_when_planning_here():
+    config = OptimizationConfig(quantization=Quantization(backend="torchao", components=["transformer"]))
+    assert "torchao" in torchao_installed(config, context(packages={"torch": "2.13"}))
+    assert torchao_installed(config, context(packages=None)) is None  # another machine: can't tell
+
+
+def test_fp8_compute_needs_sm89():
+    fp8 = OptimizationConfig(quantization=Quantization(backend="torchao", components=["transformer"], scheme="float8_dynamic"), compile=Compile())
+    assert fp8_compute_needs_sm89(fp8, context(target=planned_target(machine=None, gpu="RTX 4090"))) is None
+    assert "8.9" in fp8_compute_needs_sm89(fp8, context(target=planned_target(machine=None, gpu="A100")))
+
+
+def test_dynamic_quantization_is_never_offered_uncompiled():
+    int8 = Quantization(backend="torchao", components=["transformer"], scheme="int8_dynamic")
+    assert "never worth it" in dynamic_quantization_needs_compile(OptimizationConfig(quantization=int8), context())
+    assert dynamic_quantization_needs_compile(OptimizationConfig(quantization=int8, compile=Compile()), context()) is None
+    weight_only = Quantization(backend="torchao", components=["transformer"], scheme="int8_weight_only")
+    assert dynamic_quantization_needs_compile(OptimizationConfig(quantization=weight_only), context()) is None
+
+
+def test_offload_needs_an_accelerator():
+    assert offload_needs_an_accelerator(OptimizationConfig(offload=Offload(strategy="model")), context(target=cpu_target()))
+    assert offload_needs_an_accelerator(OptimizationConfig(offload=Offload(strategy="model")), context()) is None
+
+
+def test_installed_diffusers_version_is_checked():
+    grouped = OptimizationConfig(offload=Offload(strategy="group"))
+    assert "upgrade" in installed_diffusers_supports_it(grouped, context(packages={"diffusers": "0.31.0"}))
+    assert installed_diffusers_supports_it(grouped, context(packages={"diffusers": "0.42.1"})) is None
+    assert installed_diffusers_supports_it(grouped, context(packages=None)) is None
+
+
+def test_dynamo_flags_for_bitsandbytes_and_offload():
+    compiled = OptimizationConfig(quantization=NF4, compile=Compile(), offload=Offload(strategy="model"))
+    adjusted = dynamo_cache_limit_with_offload(dynamo_capture_for_bitsandbytes(compiled, context()), context())
+    assert adjusted.compile.dynamo_config == {"capture_dynamic_output_shape_ops": True, "cache_size_limit": 1000}
+    plain = OptimizationConfig(compile=Compile())
+    assert dynamo_cache_limit_with_offload(dynamo_capture_for_bitsandbytes(plain, context()), context()) == plain
+    uncompiled = OptimizationConfig(quantization=NF4, offload=Offload(strategy="model"))
+    assert dynamo_capture_for_bitsandbytes(uncompiled, context()) == uncompiled
+
+
+def test_vae_tiling_only_where_the_decode_dominates_and_it_helps():
+    hunyuan = context("hunyuanvideo", height=720, width=1280, frames=61)
+    assert vae_tiling_when_decode_dominates(OptimizationConfig(), hunyuan).vae.tiling
+    # Flux at 1024 px: its VAE tiles at 1024 px, so tiling would change nothing.
+    assert not vae_tiling_when_decode_dominates(OptimizationConfig(), context(height=1024, width=1024)).vae.tiling
+
+
+def test_vae_slicing_for_batches():
+    assert vae_slicing_for_batches(OptimizationConfig(), context(batch=4)).vae.slicing
+    assert not vae_slicing_for_batches(OptimizationConfig(), context(batch=1)).vae.slicing
+
+
+def test_channels_last_only_for_compiled_unets():
+    assert channels_last_for_unets(OptimizationConfig(compile=Compile(components=["unet"])), context("sdxl")).channels_last
+    assert not channels_last_for_unets(OptimizationConfig(compile=Compile()), context()).channels_last
+    assert not channels_last_for_unets(OptimizationConfig(), context("sdxl")).channels_last
+
+
+def test_offload_preferences_follow_the_workload():
+    group, model = OptimizationConfig(offload=Offload(strategy="group")), OptimizationConfig(offload=Offload(strategy="model"))
+    image, video = context(), context("wan2.1-t2v-14b")
+    assert images_prefer_model_offload(group, image) > 1.0 == images_prefer_model_offload(model, image)
+    assert video_prefers_group_offload(model, video) > 1.0 == video_prefers_group_offload(group, video)
+    assert images_prefer_model_offload(group, video) == 1.0
+
+
+def test_quantization_choices_never_touch_the_vae_and_skip_small_encoders():
+    choices = quantization_choices(load_profile("flux-dev"))
+    named = {name for q, c in choices for name in ((q.components if q else []) + (c.components if c else []))}
+    assert named == {"transformer", "text_encoder_2"}  # CLIP-L (0.12 B) and the VAE are left alone
+
+
+def test_default_budget_keeps_a_reserve():
+    target = planned_target(machine=None, vram=24 * GIB)
+    assert default_budget(target) == int(24 * GIB - GIB - 0.05 * 24 * GIB)
+    assert default_budget(cpu_target(24)) == int(0.9 * 24 * GIB)
+
+
+# --- scenarios --------------------------------------------------------------------------------------
+
+
+def pick(model, *, budget=None, packages=None, target=None, **job):
+    profile = load_profile(model)
+    target = target or planned_target(machine=None, gpu="RTX 4090")
+    return recommend(profile, make_workload(profile, **job), target, packages=packages, budget_bytes=budget)
+
+
+def test_seed_page_flux_16gb_budget_quantizes_compiles_and_does_not_offload():
+    best = pick("flux-dev", budget=16 * GIB, height=1024, width=1024).best.config
+    assert best.quantization.backend == "bitsandbytes_4bit"
+    assert set(best.quantization.components) == {"transformer", "text_encoder_2"}
+    assert best.compile is not None and best.compile.dynamo_config["capture_dynamic_output_shape_ops"] is True
+    assert best.offload.strategy == "none"
+
+
+def test_seed_page_flux_13gb_budget_adds_model_cpu_offload():
+    best = pick("flux-dev", budget=13 * GIB, height=1024, width=1024).best.config
+    assert best.quantization.backend == "bitsandbytes_4bit"
+    assert set(best.quantization.components) == {"transformer", "text_encoder_2"}
+    assert best.compile is not None and best.compile.dynamo_config["cache_size_limit"] == 1000
+    assert best.offload.strategy == "model"
+
+
+def test_wan_14b_on_a_24gb_card_quantizes_and_group_offloads():
+    result = pick("wan2.1-t2v-14b", target=planned_target(machine=None, vram=24 * GIB))
+    best = result.best.config
+    assert best.quantization is not None or best.layerwise_casting is not None
+    assert best.offload.strategy == "group" and best.offload.use_stream
+    assert any("video" in reason and "group offloading" in reason for reason in result.reasons)
+
+
+def test_wan_14b_on_a_3090_cannot_use_fp8_compute():
+    result = pick("wan2.1-t2v-14b", target=planned_target(machine=None, gpu="RTX 3090"))
+    assert result.rejected.get("fp8-compute-needs-sm89", 0) > 0
+    assert result.best.config.offload.strategy == "group"
+
+
+def test_flux_on_an_80gb_h100_needs_no_offload_and_uses_fp8():
+    best = pick("flux-dev", target=planned_target(machine=None, gpu="H100")).best.config
+    assert best.offload.strategy == "none" and best.compile is not None
+    assert best.quantization is not None and best.quantization.kind == "float8_dynamic"
+
+
+def test_small_model_on_a_big_card_stays_plain():
+    best = pick("wan2.1-t2v-1.3b", target=planned_target(machine=None, gpu="H100")).best.config
+    assert best.offload.strategy == "none"
+
+
+def test_sdxl_on_an_8gb_card_offloads_and_uses_channels_last():
+    best = pick("sdxl", target=planned_target(machine=None, vram=8 * GIB)).best.config
+    assert best.offload.strategy != "none"
+    assert best.channels_last is True
+
+
+def test_hunyuan_video_gets_vae_tiling():
+    best = pick("hunyuanvideo", target=planned_target(machine=None, gpu="H100"), height=720, width=1280, frames=61).best.config
+    assert best.vae.tiling is True
+
+
+def test_batches_get_vae_slicing():
+    best = pick("sdxl", target=planned_target(machine=None, gpu="RTX 4090"), batch=4).best.config
+    assert best.vae.slicing is True
+
+
+def test_short_ram_rules_out_pinned_streams():
+    plenty = pick("wan2.1-t2v-14b", target=planned_target(machine=None, vram=24 * GIB, ram=256 * GIB))
+    short = pick("wan2.1-t2v-14b", target=planned_target(machine=None, vram=24 * GIB, ram=24 * GIB))
+    assert plenty.best.estimate.peak_ram_bytes > 24 * GIB or plenty.best.config.offload.strategy == "group"
+    assert short.best is None or short.best.estimate.peak_ram_bytes <= 24 * GIB
+
+
+def test_impossible_budget_says_what_would_fit():
+    result = pick("flux-dev", budget=2 * GIB, target=planned_target(machine=None, vram=4 * GIB, ram=8 * GIB))
+    assert result.best is None and result.smallest is not None
+    assert any("smallest predicted peak" in line for line in result.advice)
+    assert any("GPU with at least" in line or "RAM" in line for line in result.advice)
+
+
+def test_cpu_machine_plans_cpu_inference_without_bitsandbytes_or_offload(tiny_flux_dir):
+    result = pick(str(tiny_flux_dir), target=cpu_target(), packages={"torch": "2.13", "torchao": "0.18", "diffusers": "0.42.1"}, height=64, width=64)
+    best = result.best.config
+    assert best.device == "cpu" and best.offload.strategy == "none"
+    assert best.quantization is None or best.quantization.backend == "torchao"
+    assert result.rejected["bitsandbytes-needs-cuda"] > 0
+
+
+def test_zero_budget_is_a_usage_error():
+    with pytest.raises(UsageError, match="--budget: must be larger than 0"):
+        pick("flux-dev", budget=0)
+
+
+def test_recommend_is_fast_enough_to_score_every_candidate():
+    result = pick("wan2.2-t2v-a14b", target=planned_target(machine=None, vram=24 * GIB))
+    assert result.candidates > 100  # each scored by the estimate; timing lives in benchmarks/
