@@ -116,7 +116,7 @@ def _capability(target: TargetHardware) -> float:
     "bitsandbytes-needs-cuda",
     "filter",
     "bitsandbytes quantization needs a CUDA GPU; diffusers refuses to load it on CPU",
-    f"{DOCS}/../quantization/bitsandbytes",
+    "https://huggingface.co/docs/diffusers/main/en/quantization/bitsandbytes",
 )
 def bitsandbytes_needs_cuda(config: OptimizationConfig, ctx: Context) -> str | None:
     if config.quantization and config.quantization.backend.startswith("bitsandbytes"):

@@ -235,3 +235,11 @@ def test_zero_budget_is_a_usage_error():
 def test_recommend_is_fast_enough_to_score_every_candidate():
     result = pick("wan2.2-t2v-a14b", target=planned_target(machine=None, vram=24 * GIB))
     assert result.candidates > 100  # each scored by the estimate; timing lives in benchmarks/
+
+
+def test_docs_list_every_rule():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "rules.md").read_text()
+    for r in RULES:
+        assert f"`{r.name}`" in page and r.source in page
