@@ -250,6 +250,123 @@ def recommend(
         raise typer.Exit(NOTHING_FITS_EXIT)
 
 
+@app.command()
+def tune(
+    budget: str = typer.Option(..., "--budget", help="Memory the run may use, e.g. 12GB (GPU memory; RAM on a CPU-only machine)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub id, catalog alias, or a local pipeline folder."),
+    workload: str = typer.Option(None, "--workload", help="Override the workload kind: image or video."),
+    height: int = typer.Option(None, "--height", help="Height in pixels (default: the pipeline's)."),
+    width: int = typer.Option(None, "--width", help="Width in pixels (default: the pipeline's)."),
+    frames: int = typer.Option(None, "--frames", help="Video frames (default: the pipeline's)."),
+    steps: int = typer.Option(None, "--steps", help="Denoising steps the latency is reported for (default: the pipeline's)."),
+    batch: int = typer.Option(None, "--batch", help="Images or videos per prompt (default 1)."),
+    trials: int = typer.Option(8, "--trials", help="Finished trials the study should hold (a rerun resumes up to this)."),
+    trial_timeout: float = typer.Option(900.0, "--trial-timeout", help="Seconds one trial may take before it counts as a timeout."),
+    no_prune: bool = typer.Option(False, "--no-prune", help="Measure candidates the estimate predicts far over budget too."),
+    no_compile: bool = typer.Option(False, "--no-compile", help="Leave torch.compile out of the search (faster trials)."),
+    storage: str = typer.Option(None, "--storage", help="Optuna storage: sqlite:///PATH (default ~/.cache/advisor/studies.db), journal:PATH, postgresql://..."),
+    study: str = typer.Option(None, "--study", help="Study name (default: derived from model, workload, machine and budget)."),
+    workers: int = typer.Option(1, "--workers", help="Worker processes sharing the study (needs a journal or PostgreSQL storage)."),
+    output: str = typer.Option(None, "--output", "-o", help="Write the fastest feasible config to this file."),
+    report: str = typer.Option(None, "--report", help="Write tune.png (latency vs peak memory) and summary.md to this folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every trial."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or table (used by worker processes)."),
+) -> None:
+    """Measure real candidates with optuna and emit the fastest configuration that truly fits the budget."""
+    from advisor.hardware import probe_machine
+    from advisor.models import load_profile
+    from advisor.target import target_from_probe
+    from advisor.tune import TuneSettings, run_study, run_workers
+    from advisor.units import parse_size
+    from advisor.workload import make_workload
+
+    budget_bytes = parse_size(budget, name="--budget")
+    if workers < 1:
+        raise UsageError(f"--workers: {workers} must be at least 1")
+    if workers > 1 and (storage is None or storage.startswith("sqlite")):
+        raise UsageError("--workers: several workers need a shared storage: --storage journal:PATH or postgresql://...")
+    machine = probe_machine()
+    target = target_from_probe(machine)
+    profile = load_profile(model, workload=workload)
+    job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
+    settings = TuneSettings(
+        trials=trials, timeout_s=trial_timeout, prune=not no_prune, compile_choices=(False,) if no_compile else (True, False)
+    )
+    model_ref = profile.path if profile.source in {"folder", "cache"} else profile.model_id
+    if workers > 1:
+        result = run_workers(sys.argv[1:], workers, model_ref, profile, job, target, budget_bytes=budget_bytes,
+                             packages=machine.software.packages, storage=storage, study=study, settings=settings)
+    else:
+        result = _run_with_progress(
+            lambda on_trial: run_study(model_ref, profile, job, target, budget_bytes=budget_bytes, packages=machine.software.packages,
+                                       storage=storage, study=study, settings=settings, on_trial=on_trial),
+            trials, quiet or as_json,
+        )
+    if result.config is not None and output:
+        result.config.save(output)
+    if report:
+        from advisor.report import write_report
+
+        summary = write_report(result, report)
+        if not (quiet or as_json):
+            _stdout().print(f"report: {summary} and {summary.with_name('tune.png')}")
+    if as_json:
+        print_json(result.to_dict())
+    elif not quiet:
+        _render_tune(result, output)
+    if result.best is None:
+        raise typer.Exit(NOTHING_FITS_EXIT)
+
+
+def _run_with_progress(run, total: int, quiet: bool):
+    """Run the study with a progress bar: trials done, elapsed time, current best."""
+    if quiet:
+        return run(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+        console=Console(stderr=True),
+    ) as progress:
+        task = progress.add_task("starting the first trial...", total=total)
+
+        def on_trial(partial) -> None:
+            best = partial.best
+            text = f"best {best.latency_s:.2f}s: {best.summary}" if best else "no feasible trial yet"
+            progress.update(task, completed=min(len(partial.trials), total), description=text)
+
+        return run(on_trial)
+
+
+def _render_tune(result, output: str | None) -> None:
+    console = _stdout()
+    table = Table(title=f"Trials of study {result.study}", title_justify="left")
+    for column in ("#", "configuration", "status", "latency", "peak", "predicted", "reason"):
+        table.add_column(column, justify="right" if column in {"#", "latency", "peak", "predicted"} else "left")
+    for t in result.trials:
+        marker = " *" if result.best is not None and t.number == result.best.number else ""
+        table.add_row(
+            f"{t.number}{marker}",
+            t.summary,
+            t.status if t.source == "measured" else f"{t.status} ({t.source})",
+            f"{t.latency_s:.3f}s" if t.latency_s is not None else "-",
+            format_size(t.peak_bytes),
+            format_size(t.predicted_peak_bytes),
+            t.reason or "",
+        )
+    console.print(table)
+    if result.best is None:
+        console.print(f"Nothing feasible within {format_size(result.budget_bytes)}.")
+        for line in result.advice:
+            console.print(f"  - {line}")
+        return
+    best = result.best
+    console.print(f"Fastest that fits: {best.summary}: {best.latency_s:.3f}s, peak {format_size(best.peak_bytes)} "
+                  f"of {format_size(result.budget_bytes)} (trial {best.number})")
+    if output:
+        console.print(f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))")
+
+
 def _render_recommendation(result, output: str | None) -> None:
     console = _stdout()
     for note in result.notes:

@@ -73,6 +73,7 @@ class HostInfo:
     cpu_model: str
     cpu_cores_physical: int | None
     cpu_cores_logical: int | None
+    cpu_bf16: bool  # native bf16 matmuls (AVX512-BF16 or AMX): else bf16 on CPU is emulated and slow
     os: str
     python: str
     hf_cache_dir: str
@@ -291,6 +292,17 @@ def _free_disk(path: Path) -> int | None:
     return None
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
@@ -317,6 +329,7 @@ def probe_host() -> HostInfo:
         cpu_model=_cpu_model(),
         cpu_cores_physical=psutil.cpu_count(logical=False),
         cpu_cores_logical=psutil.cpu_count(logical=True),
+        cpu_bf16=bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"}) or platform.machine() in {"arm64", "aarch64"},
         os=f"{platform.system()} {platform.release()}",
         python=platform.python_version(),
         hf_cache_dir=str(cache),

@@ -102,6 +102,13 @@ def peak_bytes(result: Estimate, target: TargetHardware) -> int:
     return result.peak_ram_bytes if target.device == "cpu" else result.peak_vram_bytes
 
 
+def preferred_dtype(target: TargetHardware) -> str:
+    """bf16 where the hardware computes it natively; else fp16 on older GPUs and fp32 on CPUs."""
+    if target.supports_bf16:
+        return "bfloat16"
+    return "float16" if target.device == "cuda" else "float32"
+
+
 def _capability(target: TargetHardware) -> float:
     try:
         return float(target.compute_capability or 0)
@@ -332,7 +339,7 @@ def offload_choices(target: TargetHardware) -> list[Offload]:
 
 def candidate_configs(profile: ModelProfile, target: TargetHardware) -> list[OptimizationConfig]:
     """Every combination of quantization, offload and compile worth scoring on this target."""
-    dtype = "bfloat16" if target.device == "cpu" or _capability(target) >= 8.0 else "float16"
+    dtype = preferred_dtype(target)
     denoisers = [c.name for c in profile.by_role("denoiser")]
     configs = []
     for (quantization, casting), offload, compiled in itertools.product(
@@ -398,7 +405,7 @@ def _estimate_summary(result: Estimate) -> dict[str, Any]:
     }
 
 
-def _finish(config: OptimizationConfig, ctx: Context) -> tuple[OptimizationConfig, list[str]]:
+def finish_candidate(config: OptimizationConfig, ctx: Context) -> tuple[OptimizationConfig, list[str]]:
     """Apply every adjust rule; return the finished config and the rules that changed it."""
     fired = []
     for adjust in rules_of("adjust"):
@@ -455,7 +462,7 @@ def recommend(
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
-        finished, fired = _finish(candidate, ctx)
+        finished, fired = finish_candidate(candidate, ctx)
         key = finished.model_dump_json()
         if key not in seen:
             seen.add(key)

@@ -66,6 +66,7 @@ class TargetHardware:
     ram_total_bytes: int
     ram_available_bytes: int
     compute_capability: str | None
+    supports_bf16: bool
     matmul_flops: float
     h2d_bytes_per_s: float
     source: str  # how the figures were obtained
@@ -87,6 +88,7 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
             ram_total_bytes=host.ram_total_bytes,
             ram_available_bytes=host.ram_available_bytes,
             compute_capability=None,
+            supports_bf16=host.cpu_bf16,
             matmul_flops=(calibration or {}).get("matmul_flops", DEFAULT_CPU_TFLOPS * 1e12),
             h2d_bytes_per_s=float("inf"),
             source="probe; CPU " + ("calibrated" if calibration else f"throughput default {DEFAULT_CPU_TFLOPS} TFLOP/s"),
@@ -108,10 +110,19 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
         ram_total_bytes=host.ram_total_bytes,
         ram_available_bytes=host.ram_available_bytes,
         compute_capability=gpu.compute_capability,
+        supports_bf16=_bf16_capable(gpu.compute_capability),
         matmul_flops=flops,
         h2d_bytes_per_s=bandwidth,
         source="probe; " + ", ".join(sources),
     )
+
+
+def _bf16_capable(compute_capability: str | None) -> bool:
+    """bf16 tensor cores arrived with Ampere (compute capability 8.0)."""
+    try:
+        return float(compute_capability or 0) >= 8.0
+    except ValueError:
+        return False
 
 
 def _throughput(name, calibration, datasheet) -> tuple[float, float, list[str]]:
@@ -164,6 +175,7 @@ def planned_target(
         ram_total_bytes=host_total,
         ram_available_bytes=host_available,
         compute_capability=sheet["compute_capability"],
+        supports_bf16=_bf16_capable(sheet["compute_capability"]),
         matmul_flops=sheet["bf16_tflops"] * 1e12,
         h2d_bytes_per_s=pcie_bandwidth(sheet["pcie_generation"], sheet["pcie_width"]) * PCIE_EFFICIENCY,
         source=source + ("" if ram is None else ", --ram"),

@@ -33,7 +33,7 @@ NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])
 
 
 def cpu_target(ram_gib: float = 24) -> TargetHardware:
-    return TargetHardware("cpu", "test CPU", 0, 0, int(ram_gib * GIB), int(ram_gib * GIB), None, 2e11, float("inf"), "test")
+    return TargetHardware("cpu", "test CPU", 0, 0, int(ram_gib * GIB), int(ram_gib * GIB), None, True, 2e11, float("inf"), "test")
 
 
 def context(model="flux-dev", target=None, packages=None, budget=16 * GIB, **job) -> Context:
