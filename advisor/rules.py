@@ -202,6 +202,40 @@ def installed_diffusers_supports_it(config: OptimizationConfig, ctx: Context) ->
     return None
 
 
+@rule(
+    "torchao-cannot-offload-to-disk",
+    "filter",
+    "group offloading to disk stores groups as safetensors files, which cannot hold torchao-quantized tensors",
+    f"{DOCS}/memory#group-offloading",
+)
+def torchao_cannot_offload_to_disk(config: OptimizationConfig, ctx: Context) -> str | None:
+    quantization, offload = config.quantization, config.offload
+    if quantization and quantization.backend == "torchao" and offload.strategy == "group" and offload.offload_to_disk_path:
+        return "torchao weights cannot be offloaded to disk"
+    return None
+
+
+@rule(
+    "compiled-torchao-needs-leaf-or-stream-offload",
+    "filter",
+    "a compiled torchao model cannot be group-offloaded block by block without streams: diffusers then "
+    "moves blocks with Module.to, which cannot swap torchao weights that the compiled graph references",
+    f"{DOCS}/memory#group-offloading",
+)
+def compiled_torchao_needs_leaf_or_stream_offload(config: OptimizationConfig, ctx: Context) -> str | None:
+    quantization, offload = config.quantization, config.offload
+    if (
+        quantization
+        and quantization.backend == "torchao"
+        and config.compile
+        and offload.strategy == "group"
+        and offload.offload_type == "block_level"
+        and not offload.use_stream
+    ):
+        return "compiled torchao + block-level group offload without streams"
+    return None
+
+
 # --- adjust rules -------------------------------------------------------------------------------
 
 
@@ -229,6 +263,24 @@ def dynamo_cache_limit_with_offload(config: OptimizationConfig, ctx: Context) ->
     if config.compile and config.offload.strategy != "none":
         flags = {**config.compile.dynamo_config, "cache_size_limit": 1000}
         return config.model_copy(update={"compile": config.compile.model_copy(update={"dynamo_config": flags})})
+    return config
+
+
+@rule(
+    "no-fullgraph-with-offload-hooks",
+    "adjust",
+    "group offloading and layerwise casting run diffusers hooks around every layer, which break a full "
+    "graph: such components compile with fullgraph=False (as the seed page's offloading example does)",
+    SEED_PAGE,
+)
+def no_fullgraph_with_offload_hooks(config: OptimizationConfig, ctx: Context) -> OptimizationConfig:
+    if not (config.compile and config.compile.fullgraph):
+        return config
+    hooked = config.offload.strategy == "group" or (
+        config.layerwise_casting and set(config.layerwise_casting.components) & set(config.compile.components)
+    )
+    if hooked:
+        return config.model_copy(update={"compile": config.compile.model_copy(update={"fullgraph": False})})
     return config
 
 

@@ -16,10 +16,13 @@ from advisor.rules import (
     dynamo_capture_for_bitsandbytes,
     fp8_compute_needs_sm89,
     images_prefer_model_offload,
+    compiled_torchao_needs_leaf_or_stream_offload,
     installed_diffusers_supports_it,
+    no_fullgraph_with_offload_hooks,
     offload_needs_an_accelerator,
     quantization_choices,
     recommend,
+    torchao_cannot_offload_to_disk,
     torchao_installed,
     vae_slicing_for_batches,
     vae_tiling_when_decode_dominates,
@@ -99,6 +102,27 @@ def test_dynamo_flags_for_bitsandbytes_and_offload():
     assert dynamo_cache_limit_with_offload(dynamo_capture_for_bitsandbytes(plain, context()), context()) == plain
     uncompiled = OptimizationConfig(quantization=NF4, offload=Offload(strategy="model"))
     assert dynamo_capture_for_bitsandbytes(uncompiled, context()) == uncompiled
+
+
+def test_torchao_and_group_offload_restrictions():
+    int8 = Quantization(backend="torchao", components=["transformer"])
+    to_disk = OptimizationConfig(quantization=int8, offload=Offload(strategy="group", offload_to_disk_path="/tmp/o"))
+    assert "disk" in torchao_cannot_offload_to_disk(to_disk, context())
+    assert torchao_cannot_offload_to_disk(OptimizationConfig(quantization=NF4, offload=to_disk.offload), context()) is None
+    blocks = OptimizationConfig(quantization=int8, compile=Compile(), offload=Offload(strategy="group"))
+    assert compiled_torchao_needs_leaf_or_stream_offload(blocks, context())
+    streamed = blocks.model_copy(update={"offload": Offload(strategy="group", use_stream=True)})
+    assert compiled_torchao_needs_leaf_or_stream_offload(streamed, context()) is None
+    assert compiled_torchao_needs_leaf_or_stream_offload(blocks.model_copy(update={"compile": None}), context()) is None
+
+
+def test_no_fullgraph_where_hooks_wrap_the_compiled_layers():
+    grouped = OptimizationConfig(compile=Compile(), offload=Offload(strategy="group"))
+    assert no_fullgraph_with_offload_hooks(grouped, context()).compile.fullgraph is False
+    cast = OptimizationConfig(compile=Compile(), layerwise_casting=LayerwiseCasting(components=["transformer"]))
+    assert no_fullgraph_with_offload_hooks(cast, context()).compile.fullgraph is False
+    model_offload = OptimizationConfig(compile=Compile(), offload=Offload(strategy="model"))
+    assert no_fullgraph_with_offload_hooks(model_offload, context()).compile.fullgraph is True
 
 
 def test_vae_tiling_only_where_the_decode_dominates_and_it_helps():
