@@ -4,6 +4,8 @@ Importing this package is cheap: torch, diffusers and optuna are imported only b
 that measure or apply.
 """
 
+from advisor.apply import load_pipeline
+from advisor.config import OptimizationConfig, load_config
 from advisor.errors import (
     AdvisorError,
     ConfigError,
@@ -25,9 +27,12 @@ __all__ = [
     "HardwareError",
     "MachineProfile",
     "ModelError",
+    "OptimizationConfig",
     "TuneError",
     "UsageError",
     "format_size",
+    "load_config",
+    "load_pipeline",
     "parse_size",
     "probe_machine",
 ]

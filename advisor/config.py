@@ -106,6 +106,8 @@ class Offload(_Strict):
             "low_cpu_mem_usage": self.low_cpu_mem_usage,
             "offload_to_disk_path": self.offload_to_disk_path,
         }
+        if self.components is not None and self.strategy != "group":
+            raise ValueError(f"`offload.components` applies to `strategy: group` only, not {self.strategy!r}")
         if self.strategy != "group":
             for key, value in group_only.items():
                 if value:
@@ -203,7 +205,8 @@ class OptimizationConfig(_Strict):
         return ", ".join(parts)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        """What ``DiffusionPipeline.from_pretrained`` needs: ``torch_dtype`` and ``quantization_config``."""
+        """What ``DiffusionPipeline.from_pretrained`` needs: ``dtype`` (``torch_dtype`` on older diffusers)
+        and ``quantization_config``."""
         from advisor.apply import pipeline_kwargs
 
         return pipeline_kwargs(self)

@@ -100,6 +100,10 @@ def weight_bytes(component: ComponentProfile, config: OptimizationConfig) -> int
     quantization = config.quantization
     if quantization and component.name in quantization.components:
         per_row = 0
+        linear, rows = component.linear_parameters, component.linear_rows
+        if quantization.backend == "torchao":  # torchao also converts a transformers model's fp32 modules
+            linear += component.fp32_linear_parameters
+            rows += component.fp32_linear_rows
         if quantization.backend == "bitsandbytes_4bit":
             per_weight = k["bnb_4bit_double_quant_bytes_per_weight" if quantization.double_quant else "bnb_4bit_bytes_per_weight"]
         elif quantization.backend == "bitsandbytes_8bit":
@@ -107,8 +111,8 @@ def weight_bytes(component: ComponentProfile, config: OptimizationConfig) -> int
         else:
             per_weight = k["torchao_bytes_per_weight"][quantization.kind]
             per_row = k["torchao_bytes_per_row"][quantization.kind]
-        rest = component.parameters - component.linear_parameters
-        return math.ceil(component.linear_parameters * per_weight + component.linear_rows * per_row + rest * compute + upcast)
+        rest = component.parameters - linear
+        return math.ceil(linear * per_weight + rows * per_row + rest * compute + upcast)
     casting = config.layerwise_casting
     if casting and component.name in casting.components:
         cast = component.parameters - component.casting_skipped_parameters

@@ -33,6 +33,10 @@ CATALOG_DIR = Path(__file__).resolve().parent / "catalog"
 
 # diffusers' layerwise casting skips modules whose name matches these (hooks/layerwise_casting.py).
 DEFAULT_CASTING_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
+# Text encoders (transformers models) also keep their embeddings at the compute dtype: transformers
+# reports a model's dtype from its first weight (the token embedding), and pipelines cast the prompt
+# embeddings to it, so an fp8 embedding would feed fp8 inputs to the denoiser.
+ENCODER_CASTING_SKIP_PATTERNS = ("embed", "shared")
 
 # 2-D ``weight`` tensors that belong to nn.Embedding, not nn.Linear (quantizers leave them alone).
 _EMBEDDING_NAMES = {
@@ -73,6 +77,10 @@ class ComponentProfile:
     linear_rows: int  # their output features: per-row scales of int8/fp8 quantization
     casting_skipped_parameters: int  # kept at compute dtype by layerwise casting
     keep_in_fp32_parameters: int = 0  # in `_keep_in_fp32_modules`: loaded as float32 in half precision
+    # Linear weights in a transformers model's `_keep_in_fp32_modules` (T5's `wo`): bitsandbytes
+    # leaves them alone, torchao converts them too.
+    fp32_linear_parameters: int = 0
+    fp32_linear_rows: int = 0
     blocks: list[BlockGroup] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -249,12 +257,18 @@ def _casting_skipped(module: str, patterns: tuple[str, ...]) -> bool:
     return any(re.search(p, ".".join(parts[:i])) for i in range(1, len(parts) + 1) for p in patterns)
 
 
-def _quantization_skips(module: str, class_name: str, library: str) -> bool:
-    """Whether quantizers leave this Linear alone (kept in full precision), as each library decides."""
+def _quantization_skips(module: str, class_name: str, library: str, *, keep_in_fp32: bool = True) -> bool:
+    """Whether quantizers leave this Linear alone (kept in full precision), as each library decides.
+
+    `keep_in_fp32=False` leaves the `_keep_in_fp32_modules` out of the skips (torchao on transformers).
+    """
     if library == "diffusers":
         keep = diffusers_tables()["models"].get(class_name, {}).get("keep_in_fp32_modules", [])
         return any(module.rsplit(".", 1)[-1] == k or f"{k}." in module or module == k for k in keep)
-    skips = diffusers_tables()["transformers_models"].get(class_name, {}).get("quantization_skip_modules", [])
+    facts = diffusers_tables()["transformers_models"].get(class_name, {})
+    skips = set(facts.get("quantization_skip_modules", []))
+    if not keep_in_fp32:
+        skips -= set(facts.get("keep_in_fp32_modules", []))
     # transformers' should_convert_module: a prefix up to a module boundary, or a suffix.
     return any(module == k or module.startswith(k + ".") or module.endswith(k) for k in skips)
 
@@ -278,18 +292,20 @@ def summarize_tensors(
     params = [t for t in tensors if t.is_float]
     weights = {_module_of(t.name): t for t in params if t.name.endswith(".weight")}
     castable = {m for m, t in weights.items() if len(t.shape) >= 2}
-    linear = {
-        m
-        for m in castable
-        if len(weights[m].shape) == 2
-        and m.rsplit(".", 1)[-1] not in _EMBEDDING_NAMES
-        and not _quantization_skips(m, class_name, library)
+    matrices = {m for m in castable if len(weights[m].shape) == 2 and m.rsplit(".", 1)[-1] not in _EMBEDDING_NAMES}
+    linear = {m for m in matrices if not _quantization_skips(m, class_name, library)}
+    fp32_linear = {
+        m for m in matrices - linear if library != "diffusers" and not _quantization_skips(m, class_name, library, keep_in_fp32=False)
     }
 
-    model_facts = diffusers_tables()["models"].get(class_name, {}) if library == "diffusers" else {}
-    patterns = DEFAULT_CASTING_SKIP_PATTERNS + tuple(model_facts.get("skip_layerwise_casting_patterns", [])) + tuple(
-        model_facts.get("keep_in_fp32_modules", [])
-    )
+    if library == "diffusers":
+        model_facts = diffusers_tables()["models"].get(class_name, {})
+        own = tuple(model_facts.get("skip_layerwise_casting_patterns", [])) + tuple(model_facts.get("keep_in_fp32_modules", []))
+    else:
+        own = ENCODER_CASTING_SKIP_PATTERNS + tuple(
+            diffusers_tables()["transformers_models"].get(class_name, {}).get("keep_in_fp32_modules", [])
+        )
+    patterns = DEFAULT_CASTING_SKIP_PATTERNS + own
     skipped = sum(
         t.numel for t in params if _module_of(t.name) not in castable or _casting_skipped(_module_of(t.name), patterns)
     )
@@ -314,6 +330,8 @@ def summarize_tensors(
         "linear_parameters": sum(weights[m].numel for m in linear),
         "linear_layers": len(linear),
         "linear_rows": sum(weights[m].shape[0] for m in linear),
+        "fp32_linear_parameters": sum(weights[m].numel for m in fp32_linear),
+        "fp32_linear_rows": sum(weights[m].shape[0] for m in fp32_linear),
         "casting_skipped_parameters": skipped,
         "keep_in_fp32_parameters": sum(t.numel for t in params if _keep_in_fp32(t.name, class_name, library)),
         "blocks": blocks,
@@ -458,6 +476,8 @@ def profile_from_catalog(name: str, *, workload: str | None = None) -> ModelProf
                 linear_parameters=item["linear_parameters"],
                 linear_layers=item["linear_layers"],
                 linear_rows=item["linear_rows"],
+                fp32_linear_parameters=item.get("fp32_linear_parameters", 0),
+                fp32_linear_rows=item.get("fp32_linear_rows", 0),
                 casting_skipped_parameters=item["casting_skipped_parameters"],
                 keep_in_fp32_parameters=item.get("keep_in_fp32_parameters", 0),
                 blocks=[

@@ -237,7 +237,7 @@ def _stored_bytes(model, dtype: str, fp32_patterns: list[str]) -> tuple[int, int
     return total, buffer_elements
 
 
-def _linear_stats(model, library: str) -> tuple[int, int, int, list[str]]:
+def _linear_stats(model, library: str) -> tuple[int, int, int, int, int, list[str]]:
     import torch
 
     keep_fp32 = sorted(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -257,23 +257,34 @@ def _linear_stats(model, library: str) -> tuple[int, int, int, list[str]]:
             # diffusers.quantizers.bitsandbytes.utils._replace_with_bnb_linear
             return local in skip or any((k + "." in full) or (k == full) for k in skip)
 
-    params = layers = rows = 0
+    params = layers = rows = fp32_params = fp32_rows = 0
     for full, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not excluded(full, full.rsplit(".", 1)[-1]):
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if not excluded(full, full.rsplit(".", 1)[-1]):
             params += module.weight.numel()
             layers += 1
             rows += module.out_features
-    return params, layers, rows, skip
+        elif library == "transformers" and should_convert_module(full, sorted(set(skip) - set(keep_fp32))):
+            # Kept out by `_keep_in_fp32_modules` alone: bitsandbytes leaves these, torchao converts them.
+            fp32_params += module.weight.numel()
+            fp32_rows += module.out_features
+    return params, layers, rows, fp32_params, fp32_rows, skip
 
 
 def _casting_patterns(model, library: str) -> list[str]:
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
+    from advisor.models import ENCODER_CASTING_SKIP_PATTERNS
+
     patterns = list(DEFAULT_SKIP_MODULES_PATTERN)
+    # ModelMixin.enable_layerwise_casting adds the fp32 modules and the class's own patterns;
+    # advisor.apply casts text encoders with their embeddings and fp32 modules skipped.
+    patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
     if library == "diffusers":
-        # ModelMixin.enable_layerwise_casting adds these two lists.
-        patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
         patterns += list(getattr(model, "_skip_layerwise_casting_patterns", None) or [])
+    else:
+        patterns += list(ENCODER_CASTING_SKIP_PATTERNS)
     return sorted(set(patterns))
 
 
@@ -363,7 +374,7 @@ def describe_component(name: str, component: dict[str, Any]) -> dict[str, Any]:
     dtype = component["dtype"]
     fp32_patterns = list(component.get("stored_fp32_patterns", []))
     n_bytes, buffer_elements = _stored_bytes(model, dtype, fp32_patterns)
-    lin_params, lin_layers, lin_rows, quant_skip = _linear_stats(model, library)
+    lin_params, lin_layers, lin_rows, fp32_lin_params, fp32_lin_rows, quant_skip = _linear_stats(model, library)
     cast_patterns = _casting_patterns(model, library)
     keep_fp32, keep_fp32_n = _keep_fp32_params(model, library)
     blocks = _blocks_diffusers(model) if library == "diffusers" else _blocks_transformers(model)
@@ -378,6 +389,8 @@ def describe_component(name: str, component: dict[str, Any]) -> dict[str, Any]:
         "linear_parameters": lin_params,
         "linear_layers": lin_layers,
         "linear_rows": lin_rows,
+        "fp32_linear_parameters": fp32_lin_params,
+        "fp32_linear_rows": fp32_lin_rows,
         "quantization_skip_modules": quant_skip,
         "casting_skipped_parameters": _casting_skipped(model, cast_patterns),
         "layerwise_casting_skip_patterns": cast_patterns,

@@ -24,27 +24,6 @@ def _tensor_bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _load_with(folder, config: OptimizationConfig):
-    """Load a tiny pipeline with `config`'s dtype, torchao quantization and layerwise casting."""
-    import torch
-    from diffusers import DiffusionPipeline, PipelineQuantizationConfig, TorchAoConfig
-
-    dtype = getattr(torch, config.dtype)
-    kwargs = {"torch_dtype": dtype}
-    if config.quantization:
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
-
-        scheme = {"int8_weight_only": Int8WeightOnlyConfig, "float8_weight_only": Float8WeightOnlyConfig}[config.quantization.kind]
-        kwargs["quantization_config"] = PipelineQuantizationConfig(
-            quant_mapping={name: TorchAoConfig(scheme()) for name in config.quantization.components}
-        )
-    pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
-    if config.layerwise_casting:
-        for name in config.layerwise_casting.components:
-            getattr(pipe, name).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
-    return pipe
-
-
 CPU_CONFIGS = {
     "fp32": OptimizationConfig(device="cpu", dtype="float32"),
     "bf16": OptimizationConfig(device="cpu", dtype="bfloat16"),
@@ -52,9 +31,9 @@ CPU_CONFIGS = {
         device="cpu", quantization=Quantization(backend="torchao", components=["transformer"], scheme="int8_weight_only")
     ),
     "torchao fp8": OptimizationConfig(
-        device="cpu", quantization=Quantization(backend="torchao", components=["transformer"], scheme="float8_weight_only")
+        device="cpu", quantization=Quantization(backend="torchao", components=["transformer", "text_encoder"], scheme="float8_weight_only")
     ),
-    "layerwise fp8": OptimizationConfig(device="cpu", layerwise_casting=LayerwiseCasting(components=["transformer"])),
+    "layerwise fp8": OptimizationConfig(device="cpu", layerwise_casting=LayerwiseCasting(components=["transformer", "text_encoder"])),
     "group offload (cpu)": OptimizationConfig(device="cpu", offload=Offload(strategy="group", num_blocks_per_group=1)),
 }
 
@@ -62,10 +41,12 @@ CPU_CONFIGS = {
 @pytest.mark.parametrize("name", list(CPU_CONFIGS))
 @pytest.mark.parametrize("fixture", ["tiny_flux_dir", "tiny_wan_dir"])
 def test_predicted_weight_bytes_match_the_loaded_footprint(name, fixture, request):
+    from advisor.apply import load_pipeline
+
     folder = request.getfixturevalue(fixture)
     config = CPU_CONFIGS[name]
     profile = profile_from_folder(folder)
-    pipe = _load_with(folder, config)
+    pipe = load_pipeline(folder, config)  # the real path: from_pretrained kwargs, then the post-load steps
     for component in profile.components:
         measured = sum(_tensor_bytes(p) for p in getattr(pipe, component.name).parameters())
         predicted = weight_bytes(component, config)

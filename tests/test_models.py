@@ -77,8 +77,13 @@ def test_casting_skips_match_what_diffusers_leaves_uncast(fixture_and_profile):
         model = _load_component(folder, component.name)
         if component.library == "diffusers":
             model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
-        else:
-            apply_layerwise_casting(model, torch.float8_e4m3fn, torch.float32, skip_modules_pattern="auto")
+        else:  # how advisor.apply casts text encoders: embeddings and fp32 modules stay
+            from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+            from advisor.models import ENCODER_CASTING_SKIP_PATTERNS
+
+            patterns = DEFAULT_SKIP_MODULES_PATTERN + ENCODER_CASTING_SKIP_PATTERNS + tuple(model._keep_in_fp32_modules or ())
+            apply_layerwise_casting(model, torch.float8_e4m3fn, torch.float32, skip_modules_pattern=patterns)
         uncast = sum(p.numel() for p in model.parameters() if p.dtype != torch.float8_e4m3fn)
         assert component.casting_skipped_parameters == uncast, component.name
 

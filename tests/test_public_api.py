@@ -13,9 +13,12 @@ def test_public_names_are_pinned_and_sorted():
         "HardwareError",
         "MachineProfile",
         "ModelError",
+        "OptimizationConfig",
         "TuneError",
         "UsageError",
         "format_size",
+        "load_config",
+        "load_pipeline",
         "parse_size",
         "probe_machine",
     ]
