@@ -216,6 +216,7 @@ def recommend(
     vram: str = typer.Option(None, "--vram", help="Plan for a GPU with this much memory, e.g. 24GB."),
     ram: str = typer.Option(None, "--ram", help="Plan for this much host RAM, e.g. 64GB."),
     gpu: str = typer.Option(None, "--gpu", help="Plan for this GPU model, e.g. 'RTX 4090'."),
+    no_compile: bool = typer.Option(False, "--no-compile", help="Leave torch.compile out (no warm-up compile on the first call)."),
     output: str = typer.Option(None, "--output", "-o", help="Write the chosen config to this file (for advisor.load_config)."),
     emit: str = typer.Option(None, "--emit", help="Print code instead of the summary: 'python'."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -235,7 +236,10 @@ def recommend(
     profile = load_profile(model, workload=workload)
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
     planning_here = vram is None and gpu is None
-    result = make_recommendation(profile, job, target, machine=machine if planning_here else None, budget_bytes=budget_bytes)
+    result = make_recommendation(
+        profile, job, target, machine=machine if planning_here else None, budget_bytes=budget_bytes,
+        compile_choices=(False,) if no_compile else (True, False),
+    )
     if result.config is not None and output:
         result.config.save(output)
     if as_json:

@@ -64,6 +64,7 @@ def make_recommendation(
     *,
     machine: MachineProfile | None,
     budget_bytes: int | None = None,
+    compile_choices: tuple[bool, ...] = (True, False),
 ) -> RecommendResult:
     """Run the rule engine; `machine` is this machine's probe when planning for it (else None)."""
     notes = []
@@ -73,7 +74,9 @@ def make_recommendation(
             "--vram 24GB or --gpu 'RTX 4090'"
         )
     packages = machine.software.packages if machine is not None else None
-    recommendation = recommend(profile, workload, target, packages=packages, budget_bytes=budget_bytes)
+    recommendation = recommend(
+        profile, workload, target, packages=packages, budget_bytes=budget_bytes, compile_choices=compile_choices
+    )
     config = None
     if recommendation.best is not None:
         best = recommendation.best

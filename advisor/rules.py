@@ -389,13 +389,15 @@ def offload_choices(target: TargetHardware) -> list[Offload]:
     ]
 
 
-def candidate_configs(profile: ModelProfile, target: TargetHardware) -> list[OptimizationConfig]:
+def candidate_configs(
+    profile: ModelProfile, target: TargetHardware, compile_choices: tuple[bool, ...] = (True, False)
+) -> list[OptimizationConfig]:
     """Every combination of quantization, offload and compile worth scoring on this target."""
     dtype = preferred_dtype(target)
     denoisers = [c.name for c in profile.by_role("denoiser")]
     configs = []
     for (quantization, casting), offload, compiled in itertools.product(
-        quantization_choices(profile), offload_choices(target), (True, False)
+        quantization_choices(profile), offload_choices(target), compile_choices
     ):
         configs.append(
             OptimizationConfig(
@@ -496,11 +498,12 @@ def recommend(
     packages: dict[str, str | None] | None = None,
     budget_bytes: int | None = None,
     alternatives: int = 3,
+    compile_choices: tuple[bool, ...] = (True, False),
 ) -> Recommendation:
     """Pick the fastest configuration predicted to fit, with reasons and runners-up.
 
     `packages` are the installed versions (from the probe) when planning for this machine; pass
-    None when planning for another one.
+    None when planning for another one. ``compile_choices=(False,)`` leaves torch.compile out.
     """
     budget = default_budget(target) if budget_bytes is None else budget_bytes
     if budget <= 0:
@@ -509,7 +512,7 @@ def recommend(
     rejected: dict[str, int] = {}
     scored: list[Scored] = []
     seen: set[str] = set()
-    for candidate in candidate_configs(profile, target):
+    for candidate in candidate_configs(profile, target, compile_choices):
         reason = next((f.name for f in rules_of("filter") if f.apply(candidate, ctx)), None)
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1

@@ -267,3 +267,33 @@ def test_docs_list_every_rule():
     page = (Path(__file__).resolve().parent.parent / "docs" / "rules.md").read_text()
     for r in RULES:
         assert f"`{r.name}`" in page and r.source in page
+
+
+SCENARIOS = [
+    ("flux-dev", {"gpu": "RTX 4090"}, 16 * GIB, {}),
+    ("flux-dev", {"gpu": "RTX 4090"}, 13 * GIB, {}),
+    ("flux-dev", {"vram": 8 * GIB}, None, {}),
+    ("flux-dev", {"gpu": "H100"}, None, {}),
+    ("sdxl", {"vram": 8 * GIB}, None, {"batch": 4}),
+    ("sd3.5-large", {"gpu": "RTX 4080"}, None, {}),
+    ("qwen-image", {"gpu": "RTX 4090"}, None, {}),
+    ("wan2.1-t2v-14b", {"vram": 24 * GIB}, None, {}),
+    ("wan2.1-t2v-14b", {"gpu": "RTX 3090"}, None, {}),
+    ("wan2.2-t2v-a14b", {"gpu": "L40S"}, None, {}),
+    ("hunyuanvideo", {"gpu": "H100"}, None, {"height": 544, "width": 960, "frames": 61}),
+    ("ltx-video", {"gpu": "RTX 4060 Ti"}, None, {}),
+    ("cogvideox-5b", {"gpu": "T4"}, None, {}),
+]
+
+
+@pytest.mark.parametrize(("model", "gpu", "budget", "job"), SCENARIOS)
+def test_every_recommended_config_is_accepted_by_apply(model, gpu, budget, job):
+    """The rule engine never proposes what advisor.apply would refuse (checked without a GPU)."""
+    from advisor.apply import check_config
+
+    result = pick(model, budget=budget, target=planned_target(machine=None, **gpu), **job)
+    configs = ([result.best] if result.best else []) + result.alternatives
+    assert configs, f"nothing fits for {model} on {gpu}"
+    for scored in configs:
+        check_config(scored.config)
+        assert scored.estimate.peak_vram_bytes <= result.budget_bytes
