@@ -303,34 +303,50 @@ def _named_components(config: OptimizationConfig) -> set[str]:
 
 
 def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int], int, int]:
-    """Host RAM peak as named parts, bytes spilled to disk, and weight bytes kept in RAM after loading."""
+    """Host RAM peak as named parts that add up to it, bytes spilled to disk, and weight bytes kept
+    in RAM once loaded. The peak is the larger of loading and running."""
     k = constants()
     ram = {"process": k["host_baseline_bytes"]}
-    if on_cpu:
-        ram["weights"] = sum(weights.values())
-        ram["activations"] = peak.activation_bytes
-        return ram, 0, ram["weights"]
-    ram["cuda_runtime"] = k["host_cuda_context_bytes"]
-    offload = config.offload
-    # from_pretrained builds every component in RAM before it is moved; bitsandbytes components are
-    # quantized straight onto the GPU instead.
-    bnb = set(config.quantization.components) if config.quantization and config.quantization.backend.startswith("bitsandbytes") else set()
-    loading = sum(w for name, w in weights.items() if name not in bnb)
+    # from_pretrained builds every component in RAM (bitsandbytes ones are quantized straight onto
+    # the GPU). A component stored in the dtype it runs in is used from its mmapped file; one that is
+    # converted keeps its file pages next to the new tensors while it loads, and torchao first
+    # materialises it at the compute dtype before quantizing.
+    quantization = config.quantization
+    bnb = set(quantization.components) if quantization and quantization.backend.startswith("bitsandbytes") else set()
+    torchao = set(quantization.components) if quantization and quantization.backend == "torchao" else set()
+
+    def transient(c) -> int:
+        if c.dtype == config.dtype and weights[c.name] == c.bytes:
+            return 0
+        return c.bytes + (c.parameters * dtype_size(config.dtype) if c.name in torchao else 0)
+
+    in_ram = [c for c in profile.components if c.name not in bnb]
+    loading = sum(weights[c.name] for c in in_ram) + max((transient(c) for c in in_ram), default=0)
     disk = 0
-    if offload.strategy in {"model", "sequential"}:
+    if on_cpu:
         kept = sum(weights.values())
-    elif offload.strategy == "group":
-        offloaded = sum(w for c in profile.components if _group_offloaded(c, config) for w in [weights[c.name]])
-        if offload.offload_to_disk_path:
-            disk, kept = offloaded, 0
-        elif offload.use_stream and not offload.low_cpu_mem_usage:
-            kept = int(offloaded * k["pinned_copy_factor"])
-        else:
-            kept = offloaded
+        running = kept + peak.activation_bytes
+        ram["weights"] = kept
+        ram["activations"] = peak.activation_bytes
     else:
-        kept = 0
-    # Peak is the larger of loading (everything passes through RAM) and steady state (what stays).
-    ram["weights"] = max(kept, loading)
+        ram["cuda_runtime"] = k["host_cuda_context_bytes"]
+        offload = config.offload
+        if offload.strategy in {"model", "sequential"}:
+            kept = sum(weights.values())
+        elif offload.strategy == "group":
+            offloaded = sum(weights[c.name] for c in profile.components if _group_offloaded(c, config))
+            if offload.offload_to_disk_path:
+                disk, kept = offloaded, 0
+            elif offload.use_stream and not offload.low_cpu_mem_usage:
+                kept = int(offloaded * k["pinned_copy_factor"])
+            else:
+                kept = offloaded
+        else:
+            kept = 0
+        running = kept
+        ram["weights"] = kept
+    if loading > running:
+        ram["loading"] = loading - running
     return ram, disk, kept
 
 

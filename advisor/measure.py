@@ -44,6 +44,7 @@ class Measurement:
     peak_vram_bytes: int | None = None  # torch.cuda.max_memory_allocated over the whole trial
     peak_vram_reserved_bytes: int | None = None
     peak_rss_bytes: int | None = None  # the trial process's peak resident set
+    baseline_rss_bytes: int | None = None  # its resident set after imports, before loading
     step_times: dict[str, float] = field(default_factory=dict)  # steps -> median seconds
     device: str | None = None
     wall_s: float | None = None
@@ -153,10 +154,15 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("memory_limit_bytes"):
         limit = int(spec["memory_limit_bytes"])
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import diffusers  # noqa: F401 - imported before the baseline reading, as any user process does
+    import psutil
     import torch
+    import transformers  # noqa: F401
 
     from advisor.apply import load_pipeline
     from advisor.config import config_from_dict
+
+    baseline_rss = psutil.Process().memory_info().rss
 
     config = config_from_dict(spec["config"], source="trial config")
     workload = Workload(**spec["workload"])
@@ -173,7 +179,7 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
         sync()
         return time.perf_counter() - start
 
-    result: dict[str, Any] = {"status": "ok", "device": "cuda" if cuda else "cpu"}
+    result: dict[str, Any] = {"status": "ok", "device": "cuda" if cuda else "cpu", "baseline_rss_bytes": baseline_rss}
     start = time.perf_counter()
     pipe = load_pipeline(spec["model"], config)
     result["load_s"] = time.perf_counter() - start
@@ -195,6 +201,22 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set, loading included.
+
+    Linux's VmHWM belongs to this program's own address space; ``ru_maxrss`` would also carry the
+    parent's size at fork time across exec, inflating every trial by the tuner's own footprint.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
+
+
 def _child_main() -> int:
     spec = json.loads(sys.stdin.read())
     try:
@@ -202,8 +224,7 @@ def _child_main() -> int:
     except BaseException as error:  # the trial's failure is the result, whatever it is
         status = "oom" if is_oom(error) else "crash"
         result = {"status": status, "reason": f"{type(error).__name__}: {str(error)[:300]}"}
-    # ru_maxrss is in KiB on Linux: the whole process's peak, loading included.
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     Path(spec["result_path"]).write_text(json.dumps(result))
     return 0
 

@@ -183,7 +183,8 @@ def test_cpu_target_puts_everything_in_ram(tiny_flux_dir):
     profile = profile_from_folder(tiny_flux_dir)
     result = estimate(profile, make_workload(profile, height=64, width=64), OptimizationConfig(device="cpu"), target_from_probe(machine))
     assert result.peak_vram_bytes == 0
-    assert result.ram_breakdown["weights"] == sum(result.weight_bytes.values())
+    assert result.ram_breakdown["weights"] == result.steady_ram_weight_bytes == sum(result.weight_bytes.values())
+    assert result.peak_ram_bytes == sum(result.ram_breakdown.values())
 
 
 def test_config_naming_a_missing_component_is_refused(flux_dev):
