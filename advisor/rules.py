@@ -247,9 +247,13 @@ def compiled_torchao_needs_leaf_or_stream_offload(config: OptimizationConfig, ct
 )
 def dynamo_capture_for_bitsandbytes(config: OptimizationConfig, ctx: Context) -> OptimizationConfig:
     if config.compile and config.quantization and config.quantization.backend.startswith("bitsandbytes"):
-        flags = {**config.compile.dynamo_config, "capture_dynamic_output_shape_ops": True}
-        return config.model_copy(update={"compile": config.compile.model_copy(update={"dynamo_config": flags})})
+        return _with_compile(config, dynamo_config={**config.compile.dynamo_config, "capture_dynamic_output_shape_ops": True})
     return config
+
+
+def _with_compile(config: OptimizationConfig, **changes: Any) -> OptimizationConfig:
+    """`config` with some of its compile settings changed."""
+    return config.model_copy(update={"compile": config.compile.model_copy(update=changes)})
 
 
 @rule(
@@ -261,8 +265,7 @@ def dynamo_capture_for_bitsandbytes(config: OptimizationConfig, ctx: Context) ->
 )
 def dynamo_cache_limit_with_offload(config: OptimizationConfig, ctx: Context) -> OptimizationConfig:
     if config.compile and config.offload.strategy != "none":
-        flags = {**config.compile.dynamo_config, "cache_size_limit": 1000}
-        return config.model_copy(update={"compile": config.compile.model_copy(update={"dynamo_config": flags})})
+        return _with_compile(config, dynamo_config={**config.compile.dynamo_config, "cache_size_limit": 1000})
     return config
 
 
@@ -279,9 +282,7 @@ def no_fullgraph_with_offload_hooks(config: OptimizationConfig, ctx: Context) ->
     hooked = config.offload.strategy == "group" or (
         config.layerwise_casting and set(config.layerwise_casting.components) & set(config.compile.components)
     )
-    if hooked:
-        return config.model_copy(update={"compile": config.compile.model_copy(update={"fullgraph": False})})
-    return config
+    return _with_compile(config, fullgraph=False) if hooked else config
 
 
 @rule(
