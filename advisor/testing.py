@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from typing import Any
 
-__all__ = ["build_tiny_flux", "build_tiny_wan", "tiny_call_kwargs"]
+__all__ = ["build_tiny_flux", "build_tiny_wan", "offline_tokenizer", "tiny_call_kwargs"]
 
 # Words the default prompts use, so that they tokenize to real ids rather
 # than to the unknown token; everything else maps to "<unk>".
@@ -51,7 +51,7 @@ def _prepare_folder(path: str | os.PathLike[str], overwrite: bool) -> tuple[path
     return folder, True
 
 
-def _tokenizer(model_max_length: int) -> Any:
+def offline_tokenizer(model_max_length: int) -> Any:
     """A word-level fast tokenizer that needs no download and round-trips through save/load."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -169,8 +169,8 @@ def build_tiny_flux(
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     text_dim = 32 * scale
-    tokenizer = _tokenizer(model_max_length=77)
-    tokenizer_2 = _tokenizer(model_max_length=512)
+    tokenizer = offline_tokenizer(model_max_length=77)
+    tokenizer_2 = offline_tokenizer(model_max_length=512)
 
     _seeded(seed)
     transformer = FluxTransformer2DModel(
@@ -281,7 +281,7 @@ def build_tiny_wan(
     )
     from transformers import UMT5Config, UMT5EncoderModel
 
-    tokenizer = _tokenizer(model_max_length=512)
+    tokenizer = offline_tokenizer(model_max_length=512)
 
     _seeded(seed)
     vae = AutoencoderKLWan(
