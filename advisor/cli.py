@@ -298,7 +298,7 @@ def tune(
     )
     model_ref = profile.path if profile.source in {"folder", "cache"} else profile.model_id
     if workers > 1:
-        result = run_workers(sys.argv[1:], workers, model_ref, profile, job, target, budget_bytes=budget_bytes,
+        result = run_workers(_state.get("argv", sys.argv[1:]), workers, model_ref, profile, job, target, budget_bytes=budget_bytes,
                              packages=machine.software.packages, storage=storage, study=study, settings=settings)
     else:
         result = _run_with_progress(
@@ -478,6 +478,7 @@ def _render_probe(profile) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
+    _state["argv"] = args  # what `tune --workers` hands on to its worker processes
     command = typer.main.get_command(app)
     try:
         result = command.main(args=args or ["--help"], prog_name="advisor", standalone_mode=False)

@@ -27,7 +27,14 @@ from typing import Any
 from advisor.config import OptimizationConfig
 from advisor.workload import Workload
 
-OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "memoryerror", "std::bad_alloc")
+OOM_MARKERS = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "memory allocation",
+    "memoryerror",
+    "std::bad_alloc",
+)
 
 
 @dataclass
@@ -60,11 +67,16 @@ class Measurement:
 def fit_steps(step_times: dict[int, float]) -> tuple[float, float]:
     """Least-squares ``(fixed, per_step)`` through (steps, seconds) points."""
     xs, ys = list(step_times), list(step_times.values())
-    if len(xs) < 2:
+    if len(set(xs)) < 2:
         raise ValueError("need at least two step counts to separate fixed and per-step cost")
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    return max(mean_y - slope * mean_x, 0.0), max(slope, 0.0)
+    if slope <= 0:  # noise swamped the steps: everything is fixed cost
+        return mean_y, 0.0
+    fixed = mean_y - slope * mean_x
+    if fixed < 0:  # a line through the origin instead: all cost is per step
+        return 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    return fixed, slope
 
 
 def measure(
@@ -124,10 +136,26 @@ def _classify_death(returncode: int, stderr: str) -> Measurement:
 
 
 def is_oom(error: BaseException) -> bool:
-    """torch's CUDA/CPU out-of-memory errors and Python's MemoryError."""
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        return True
-    return any(marker in str(error).lower() for marker in OOM_MARKERS)
+    """torch's CUDA/CPU out-of-memory errors and Python's MemoryError, also as the cause of another."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError) or type(current).__name__ == "OutOfMemoryError":
+            return True
+        if any(marker in str(current).lower() for marker in OOM_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def describe(error: BaseException) -> str:
+    """`Type: message`, with the cause's message when the error itself has none (bare MemoryError)."""
+    text = str(error)
+    cause = error.__cause__ or error.__context__
+    if not text and cause is not None:
+        text = f"{type(cause).__name__}: {cause}"
+    return f"{type(error).__name__}: {text[:300]}"
 
 
 # --- the child ----------------------------------------------------------------------------------
@@ -223,7 +251,7 @@ def _child_main() -> int:
         result = _run_trial(spec)
     except BaseException as error:  # the trial's failure is the result, whatever it is
         status = "oom" if is_oom(error) else "crash"
-        result = {"status": status, "reason": f"{type(error).__name__}: {str(error)[:300]}"}
+        result = {"status": status, "reason": describe(error)}
     result["peak_rss_bytes"] = peak_rss_bytes()
     Path(spec["result_path"]).write_text(json.dumps(result))
     return 0

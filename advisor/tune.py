@@ -59,18 +59,38 @@ def default_storage() -> str:
 def open_storage(url: str):
     """An optuna storage from a URL: ``sqlite:///...``, ``postgresql://...``, ``mysql://...``, or
     ``journal:PATH`` for a journal file that several processes may share."""
+    import warnings
+
     import optuna
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
     if not re.match(r"^[a-z0-9+]+://", url):
         raise UsageError(f"--storage: {url!r} is not a storage URL; use sqlite:///PATH, journal:PATH or postgresql://...")
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        except Exception as exc:  # driver missing, server unreachable, bad URL
+            # Workers opening an empty database together race on CREATE TABLE; the loser retries.
+            if type(exc).__name__ in {"IntegrityError", "ProgrammingError"} and attempt < 4:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise TuneError(f"--storage: cannot open {shown_storage(url)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def shown_storage(url: str) -> str:
+    """The storage URL as it may be printed: a database password replaced by ***."""
+    if "://" not in url or "@" not in url:
+        return url
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-    except Exception as exc:  # driver missing, server unreachable, bad URL
-        raise TuneError(f"--storage: cannot open {url!r} ({type(exc).__name__}: {exc})") from None
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def study_name(profile: ModelProfile, workload: Workload, target: TargetHardware, budget_bytes: int) -> str:
@@ -300,8 +320,7 @@ def _record(trial) -> TrialRecord | None:
     peak = None
     if measurement:
         peak = measurement.get("peak_vram_bytes") or measurement.get("peak_rss_bytes")
-    constraints = trial.system_attrs.get("constraints")
-    feasible = attrs["status"] == "ok" and (constraints is None or all(c <= 0 for c in constraints))
+    feasible = attrs["status"] == "ok" and all(c <= 0 for c in trial.constraints.values())
     return TrialRecord(
         number=trial.number,
         summary=attrs["summary"],
@@ -363,7 +382,9 @@ def run_study(
         return sum(1 for t in the_study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE)
 
     def seen() -> set[str]:
-        return {json.dumps(t.params, sort_keys=True) for t in the_study.get_trials(deepcopy=False) if t.params}
+        # Finished trials only: a trial killed mid-run stays RUNNING in storage and answered nothing.
+        done = the_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        return {json.dumps(t.params, sort_keys=True) for t in done if t.params}
 
     def exhausted() -> bool:
         # Every point of the space has an answer: more trials could only repeat them.
@@ -371,7 +392,7 @@ def run_study(
 
     def callback(study_, trial) -> None:
         if on_trial is not None:
-            on_trial(collect(the_study, name, storage_url, budget, space, ctx))
+            on_trial(collect(the_study, name, shown_storage(storage_url), budget, space, ctx))
         if finished() >= settings.trials or exhausted():
             study_.stop()
         elif trial.user_attrs.get("source") == "repeat":
@@ -385,7 +406,7 @@ def run_study(
         the_study.optimize(
             _objective(space, ctx, model, settings), n_trials=remaining, callbacks=[callback], gc_after_trial=True
         )
-    return collect(the_study, name, storage_url, budget, space, ctx)
+    return collect(the_study, name, shown_storage(storage_url), budget, space, ctx)
 
 
 def _predicted_latency(space: SearchSpace, params: dict[str, Any], ctx: Context) -> float:
@@ -478,6 +499,8 @@ def run_workers(
     import optuna
 
     name = study or study_name(profile, workload, target, budget_bytes)
+    # Create the study (and the database tables) once, before the workers race to do it.
+    optuna.create_study(study_name=name, storage=open_storage(storage), direction="minimize", load_if_exists=True)
     base = [a for a in argv if a not in {"--json", "--quiet"}]
     base = _drop_option(_drop_option(_drop_option(_drop_option(base, "--workers"), "--study"), "--output"), "--report")
     base = _drop_option(base, "-o")
@@ -493,10 +516,13 @@ def run_workers(
     codes = [p.wait() for p in processes]
     if all(code not in (0, 3) for code in codes):
         raise TuneError(f"--workers: every worker failed (exit codes {codes})")
+    for index, code in enumerate(codes, start=1):
+        if code not in (0, 3):
+            print(f"advisor: warning: worker {index} of {workers} exited with code {code}", file=sys.stderr)
     ctx = Context(profile, workload, target, packages, budget_bytes)
     space = search_space(ctx, compile_choices=settings.compile_choices)
     the_study = optuna.load_study(study_name=name, storage=open_storage(storage))
-    return collect(the_study, name, storage, budget_bytes, space, ctx)
+    return collect(the_study, name, shown_storage(storage), budget_bytes, space, ctx)
 
 
 def _drop_option(argv: list[str], option: str) -> list[str]:

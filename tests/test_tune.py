@@ -1,0 +1,545 @@
+"""advisor tune: the optuna study, through the real command and through `run_study`.
+
+End to end on the tiny Flux pipeline (the config it writes loads, applies and runs); resumed (same
+command: no new trials; more --trials: more trials); killed with SIGKILL mid-trial and resumed;
+over budget (exit 3, infeasible, not an error); out-of-memory and timeout trials recorded as
+infeasible results; several workers on one study through a journal file and PostgreSQL.
+
+On a CPU the search space is small: quantization none / int8 weight-only / fp8 storage, no offload,
+and no compile here (--no-compile). A study stops when it holds --trials finished trials *or* when
+every point of the space has an answer (more trials could only repeat them), so with --trials 8 a
+study ends after 3 to 6 trials; the assertions use that rule (`ran_to_its_end`).
+
+Every advisor process gets its caches and temp files under pytest's tmp (XDG_CACHE_HOME, TMPDIR)
+and an explicit --storage, so nothing touches ~/.cache. The PostgreSQL tests run where
+ADVISOR_TEST_POSTGRES_URL is set (CI: scripts/ci_postgres.sh) and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from advisor.tune import TuneSettings, open_storage, run_study
+
+ADVISOR = shutil.which("advisor") or str(Path(sys.executable).with_name("advisor"))
+POSTGRES_URL = os.environ.get("ADVISOR_TEST_POSTGRES_URL")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES_URL, reason="ADVISOR_TEST_POSTGRES_URL is not set (scripts/ci_postgres.sh starts a server and sets it)"
+)
+SMALL = ["--no-compile", "--height", "32", "--width", "32", "--steps", "4"]
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory):
+    """In-process studies, like the advisor processes, read no calibration from and write nothing to ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The environment of every advisor process these tests start."""
+    base = tmp_path_factory.mktemp("tune-env")
+    (base / "tmp").mkdir()
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(base / "cache"),
+        # A killed `advisor tune` leaves its trial's scratch folder behind: keep it in tmp.
+        "TMPDIR": str(base / "tmp"),
+    }
+
+
+def tune_args(model, storage: str, *extra: str, budget: str = "2GB", trials: int = 8) -> list[str]:
+    return ["tune", "--model", str(model), "--budget", budget, "--trials", str(trials), *SMALL, "--storage", storage, *extra]
+
+
+def advisor(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The console script, as a user runs it."""
+    return subprocess.run([ADVISOR, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def load_study(storage: str, name: str | None = None):
+    """The study in `storage` (the only one there when `name` is None), read fresh from the storage."""
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
+
+
+def complete(study) -> list:
+    import optuna
+
+    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def snapshot(trials) -> dict[int, tuple]:
+    """What must never change about a finished trial."""
+    return {t.number: (t.state.name, t.values, t.params, t.user_attrs.get("status"), t.user_attrs.get("measurement")) for t in trials}
+
+
+def point(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+@functools.lru_cache
+def _space(model: str, budget_bytes: int) -> frozenset[str]:
+    from advisor.hardware import probe_machine
+    from advisor.models import load_profile
+    from advisor.rules import Context
+    from advisor.target import target_from_probe
+    from advisor.tune import search_space
+    from advisor.workload import make_workload
+
+    machine = probe_machine()
+    profile = load_profile(model)
+    job = make_workload(profile, height=32, width=32, steps=4)
+    ctx = Context(profile, job, target_from_probe(machine), machine.software.packages, budget_bytes)
+    return frozenset(point(p) for p in search_space(ctx, compile_choices=(False,)).points())
+
+
+def space(model, budget_bytes: int = 2 * 2**30) -> frozenset[str]:
+    """Every point of the search space `advisor tune ... --no-compile` explores for `model` here."""
+    return _space(str(model), budget_bytes)
+
+
+def answered(study) -> set[str]:
+    """The points of the space that have a finished trial."""
+    return {point(t.params) for t in complete(study)}
+
+
+def ran_to_its_end(study, trials: int, points: frozenset[str]) -> bool:
+    """The study's stopping rule: `trials` finished trials, or every point of the space answered."""
+    return len(complete(study)) >= trials or answered(study) >= points
+
+
+def context(model):
+    """(profile, workload, target, packages) for `run_study` on `model`, 32x32, 4 steps."""
+    from advisor.hardware import probe_machine
+    from advisor.models import load_profile
+    from advisor.target import target_from_probe
+    from advisor.workload import make_workload
+
+    machine = probe_machine()
+    profile = load_profile(str(model))
+    return profile, make_workload(profile, height=32, width=32, steps=4), target_from_probe(machine), machine.software.packages
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_target() -> bool:
+    from advisor.hardware import probe_machine
+    from advisor.target import target_from_probe
+
+    return target_from_probe(probe_machine()).device == "cpu"
+
+
+def skip_unless_cpu_target() -> None:
+    if not cpu_target():
+        pytest.skip("the budget is peak RSS only where the target is the CPU; this machine tunes for its GPU")
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_flux_dir, env, tmp_path_factory):
+    """A study of the tiny Flux started with --trials 2, then `advisor tune --trials 8 -o FILE` (the
+    end-to-end command) on the same storage, which resumes it and runs it to its end."""
+    base = tmp_path_factory.mktemp("tuned")
+    storage = f"sqlite:///{base / 'studies.db'}"
+    output = base / "advisor.json"
+    short = advisor(tune_args(tiny_flux_dir, storage, "--quiet", trials=2), env)
+    assert short.returncode == 0, short.stderr[-3000:]
+    after_short = load_study(storage).get_trials()
+    args = tune_args(tiny_flux_dir, storage, "-o", str(output))
+    started = time.perf_counter()
+    result = advisor(args, env)
+    return SimpleNamespace(
+        args=args, storage=storage, output=output, result=result, elapsed=time.perf_counter() - started, after_short=after_short
+    )
+
+
+@pytest.mark.slow
+def test_tune_runs_to_the_end_and_its_config_loads_applies_and_runs(tuned, tiny_flux_dir):
+    import numpy as np
+
+    from advisor.apply import load_pipeline
+    from advisor.config import OptimizationConfig, load_config
+    from advisor.testing import tiny_call_kwargs
+
+    assert tuned.result.returncode == 0, tuned.result.stderr[-3000:]
+    assert "Fastest that fits" in tuned.result.stdout
+    assert str(tuned.output) in tuned.result.stdout
+
+    study = load_study(tuned.storage)
+    finished = complete(study)
+    assert finished and all("status" in t.user_attrs for t in finished)
+    assert ran_to_its_end(study, 8, space(tiny_flux_dir))
+
+    config = load_config(tuned.output)
+    assert config.device == "cpu"
+    assert config.provenance.made_by == "tune"
+    assert config.provenance.budget_bytes == 2 * 2**30
+    # The file is the fastest feasible measured trial's config, with its measurement.
+    measured = config.provenance.measured
+    best = next(t for t in finished if t.number == measured["trial"])
+    assert best.user_attrs["status"] == "ok" and best.user_attrs["source"] == "measured"
+    assert measured["latency_s"] == min(t.values[0] for t in finished if t.user_attrs["status"] == "ok")
+    trial_config = OptimizationConfig.model_validate(best.user_attrs["config"])
+    assert config.model_dump(exclude={"provenance"}) == trial_config.model_dump(exclude={"provenance"})
+
+    pipe = load_pipeline(tiny_flux_dir, config)
+    images = pipe(**tiny_call_kwargs("image", seed=0)).images
+    assert np.asarray(images).shape == (1, 32, 32, 3)
+    assert np.isfinite(np.asarray(images)).all()
+
+
+@pytest.mark.slow
+def test_running_the_same_command_again_resumes_with_no_new_trial(tuned, tiny_flux_dir, env):
+    assert tuned.result.returncode == 0, tuned.result.stderr[-3000:]
+    before = snapshot(load_study(tuned.storage).get_trials())
+
+    started = time.perf_counter()
+    again = advisor(tuned.args, env)
+    elapsed = time.perf_counter() - started
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert snapshot(load_study(tuned.storage).get_trials()) == before
+    assert elapsed < 20, f"a study with nothing left to do took {elapsed:.1f}s (the first run: {tuned.elapsed:.1f}s)"
+    assert "Fastest that fits" in again.stdout
+
+    # The first run stopped because every point of the space had an answer: more --trials can only
+    # repeat them, so they add nothing either.
+    assert answered(load_study(tuned.storage)) == space(tiny_flux_dir)
+    more = advisor([*tuned.args, "--trials", "10"], env)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert snapshot(load_study(tuned.storage).get_trials()) == before
+
+
+@pytest.mark.slow
+def test_more_trials_resume_the_study_where_it_stopped(tuned):
+    # --trials 2 left two finished trials; --trials 8 kept them as they were and added more.
+    assert [t.number for t in tuned.after_short if t.state.name == "COMPLETE"] == [0, 1]
+    assert tuned.result.returncode == 0, tuned.result.stderr[-3000:]
+    after = load_study(tuned.storage).get_trials()
+    assert snapshot(after[:2]) == snapshot(tuned.after_short[:2])
+    assert len(complete(load_study(tuned.storage))) > 2
+
+
+# --- killed and resumed ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tiny_flux_dir, env, tmp_path_factory):
+    """`advisor tune --trials 8` killed (SIGKILL, trial process included) during its second trial,
+    then the same command run again."""
+    import optuna
+
+    base = tmp_path_factory.mktemp("killed")
+    storage = f"sqlite:///{base / 'studies.db'}"
+    args = tune_args(tiny_flux_dir, storage, "--study", "killed", "--quiet")
+    with open(base / "stderr.txt", "w") as stderr:
+        # Its own process group, so that the kill takes its trial process with it, as when a machine dies.
+        process = subprocess.Popen([ADVISOR, *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert process.poll() is None, f"the tune ended (exit {process.returncode}) before it could be killed"
+            assert time.monotonic() < deadline, "no finished trial after 300s"
+            time.sleep(0.25)
+            try:
+                trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
+            except Exception:  # no study yet, or the database is busy
+                continue
+            states = {t.state.name for t in trials if t.params}
+            if "COMPLETE" in states and "RUNNING" in states:  # a trial done, the next one measuring
+                break
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    before = optuna.load_study(study_name="killed", storage=storage).get_trials()
+    rerun = advisor([*args, "--json"], env)
+    after = optuna.load_study(study_name="killed", storage=storage).get_trials()
+    return SimpleNamespace(storage=storage, before=before, after=after, rerun=rerun)
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_and_keeps_its_finished_trials(killed_and_resumed):
+    k = killed_and_resumed
+    killed = [t for t in k.before if t.state.name == "RUNNING"]
+    finished_before = [t for t in k.before if t.state.name == "COMPLETE"]
+    assert len(killed) == 1 and finished_before
+
+    assert k.rerun.returncode == 0, k.rerun.stderr[-3000:]
+    after = {t.number: t for t in k.after}
+    # Finished trials are untouched: same numbers, values, parameters and measurements.
+    assert snapshot(after[t.number] for t in finished_before) == snapshot(finished_before)
+    # The rerun went on: more finished trials, each with its status.
+    finished_after = [t for t in k.after if t.state.name == "COMPLETE"]
+    assert len(finished_after) > len(finished_before)
+    assert all("status" in t.user_attrs for t in finished_after)
+    assert len({t.number for t in k.after}) == len(k.after)
+    # The killed trial stays RUNNING (its heartbeat is not stale yet) or is failed; it is in no result.
+    (dead,) = killed
+    assert after[dead.number].state.name in {"RUNNING", "FAIL"}
+    result = json.loads(k.rerun.stdout)
+    assert [t["number"] for t in result["trials"]] == sorted(t.number for t in finished_after)
+    assert result["fits"] is True
+
+
+@pytest.mark.slow
+def test_the_point_of_a_killed_trial_is_measured_when_the_study_resumes(killed_and_resumed, tiny_flux_dir):
+    study = SimpleNamespace(get_trials=lambda deepcopy=False: killed_and_resumed.after)
+    assert ran_to_its_end(study, 8, space(tiny_flux_dir))
+
+
+# --- infeasible is a result, not an error ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_over_budget_is_infeasible_with_exit_3_not_an_error(tiny_flux_dir, env, tmp_path):
+    skip_unless_cpu_target()
+    from advisor.units import format_size
+
+    output = tmp_path / "advisor.json"
+    # --no-prune: measure them although the estimate already says they can't fit in 100 MB.
+    args = tune_args(tiny_flux_dir, f"sqlite:///{tmp_path / 's.db'}", "--no-prune", "--json", "-o", str(output), budget="100MB", trials=1)
+    result = advisor(args, env)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "advisor: error" not in result.stderr
+    assert not output.exists()
+    data = json.loads(result.stdout)
+    assert data["fits"] is False and data["best"] is None and data["config"] is None
+    assert data["budget_bytes"] == 100 * 2**20
+    assert data["trials"]
+    for trial in data["trials"]:
+        assert trial["status"] == "over-budget" and trial["feasible"] is False
+        assert trial["peak_bytes"] > 100 * 2**20
+        assert "> budget" in trial["reason"]
+    measured = [t for t in data["trials"] if t["source"] == "measured"]
+    assert measured
+    smallest = min(t["peak_bytes"] for t in measured)
+    assert data["advice"][0].startswith(f"the smallest measured peak was {format_size(smallest)}")
+
+
+def test_over_budget_by_the_estimate_is_skipped_without_measuring(tiny_flux_dir, env, tmp_path):
+    skip_unless_cpu_target()
+    started = time.perf_counter()
+    result = advisor(tune_args(tiny_flux_dir, f"sqlite:///{tmp_path / 's.db'}", "--json", budget="100MB", trials=2), env)
+    assert result.returncode == 3, result.stderr[-3000:]
+    data = json.loads(result.stdout)
+    assert data["fits"] is False and data["trials"]
+    for trial in data["trials"]:
+        assert trial["status"] == "skipped" and trial["source"] == "estimate"
+        assert "far over the 100.00 MB budget" in trial["reason"]
+        assert trial["peak_bytes"] is None
+    assert time.perf_counter() - started < 30  # no trial process was started
+
+
+# The RLIMIT_AS that lets a trial import torch and diffusers but not load the 270 MB pipeline: see
+# tests/test_measure.py, where the out-of-memory itself is tested.
+_IMPORTS = """
+import torch, diffusers, transformers
+from diffusers import DiffusionPipeline, FluxPipeline
+from transformers import CLIPTextModel, T5EncoderModel
+import advisor.apply, advisor.measure
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(int(status["VmPeak"].split()[0]) * 1024)
+"""
+OOM_HEADROOM = 256 * 2**20
+
+
+@functools.lru_cache
+def address_space_after_imports(omp_threads: str = "1") -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": omp_threads}
+    out = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True, check=True, timeout=120, env=env)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.fixture(scope="session")
+def flux_270mb(tmp_path_factory):
+    """The tiny Flux at scale=8 (~270 MB); the same folder as test_measure's."""
+    from advisor.testing import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.getbasetemp() / "tiny-flux-scale8", scale=8)
+
+
+@pytest.mark.slow
+def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, tmp_path, monkeypatch):
+    skip_unless_cpu_target()
+    import optuna
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see test_measure.oom_limit
+    limit = address_space_after_imports("1") + OOM_HEADROOM
+    profile, job, target, packages = context(flux_270mb)
+    progress = []
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    result = run_study(
+        str(flux_270mb), profile, job, target, budget_bytes=8 * 2**30, packages=packages, storage=storage, study="oom",
+        settings=TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300),
+        on_trial=progress.append,
+    )
+    assert len(result.trials) == 2 and len(progress) == 2
+    assert result.best is None and result.config is None
+    for trial in result.trials:
+        assert trial.status == "oom", trial.reason
+        assert trial.feasible is False and trial.latency_s is None
+        assert "memory" in trial.reason.lower()
+    assert any(t.source == "measured" for t in result.trials)
+    assert any("oom" in line for line in result.advice)
+    # In the storage they are finished trials that violate the budget constraint, not failed ones.
+    for trial in optuna.load_study(study_name="oom", storage=storage).get_trials():
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.constraints == {"peak_over_budget": 1.0}
+
+
+@pytest.mark.slow
+def test_timed_out_trials_are_infeasible_and_the_study_goes_on(tiny_flux_dir, tmp_path):
+    import optuna
+
+    profile, job, target, packages = context(tiny_flux_dir)
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    result = run_study(
+        str(tiny_flux_dir), profile, job, target, budget_bytes=2 * 2**30, packages=packages, storage=storage, study="slow",
+        settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=1),
+    )
+    assert len(result.trials) == 2
+    assert result.best is None and result.config is None
+    for trial in result.trials:
+        assert trial.status == "timeout" and trial.feasible is False
+        assert "no result within 1s" in trial.reason
+    assert any("timeout" in line for line in result.advice)
+    states = {t.state for t in optuna.load_study(study_name="slow", storage=storage).get_trials()}
+    assert states == {optuna.trial.TrialState.COMPLETE}
+
+
+# --- several workers on one study -------------------------------------------------------------------------
+
+
+def check_shared_study(study, trials: int, points: frozenset[str]) -> None:
+    """What several workers must leave behind: every trial once, none lost, the study finished."""
+    everything = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in everything]
+    assert sorted(numbers) == list(range(len(numbers))), f"trial numbers {numbers}"
+    assert not [t.number for t in everything if t.state.name == "RUNNING"]  # every worker finished its trial
+    finished = complete(study)
+    assert all("status" in t.user_attrs and "source" in t.user_attrs for t in finished), "a finished trial lost its result"
+    assert ran_to_its_end(study, trials, points)
+    # A configuration is measured twice only by trials that ran at the same time (a worker reuses
+    # the measurement of a finished one): nothing was run twice in sequence.
+    measured = [t for t in finished if t.user_attrs["source"] == "measured"]
+    for a in measured:
+        for b in measured:
+            if a.number < b.number and a.params == b.params:
+                assert b.datetime_start < a.datetime_complete, f"trials {a.number} and {b.number} measured the same config in turn"
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_journal_file(tiny_flux_dir, env, tmp_path):
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    # --workers 2: two `advisor tune` processes started at once on the shared study.
+    result = advisor(tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2", "--json", trials=3), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "advisor: error" not in result.stderr  # no worker failed
+    study = load_study(storage, "shared")
+    check_shared_study(study, 3, space(tiny_flux_dir))
+    data = json.loads(result.stdout)
+    assert data["study"] == "shared" and data["fits"] is True
+    assert [t["number"] for t in data["trials"]] == [t.number for t in complete(study)]
+
+
+@pytest.fixture
+def postgres_url():
+    """ADVISOR_TEST_POSTGRES_URL with a fresh schema of its own (dropped afterwards), so runs never
+    see each other's studies."""
+    import sqlalchemy
+
+    schema = f"advisor_test_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(POSTGRES_URL)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    url = sqlalchemy.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
+@needs_postgres
+@pytest.mark.slow
+def test_two_processes_share_a_postgres_study(tiny_flux_dir, env, postgres_url):
+    # Create optuna's tables first: two processes that both find an empty database race to create
+    # them; open_storage retries (see the test below).
+    open_storage(postgres_url).engine.dispose()
+    args = tune_args(tiny_flux_dir, postgres_url, "--study", "shared", "--quiet", trials=3)
+    processes = [
+        subprocess.Popen([ADVISOR, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+    check_shared_study(load_study(postgres_url, "shared"), 3, space(tiny_flux_dir))
+
+
+_OPEN_AT_ONCE = """
+import os, sys, time
+from advisor.tune import open_storage
+import optuna, sqlalchemy
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+try:
+    open_storage(sys.argv[1])
+    print("ok")
+except Exception as error:
+    print(f"failed: {error}"[-300:])
+"""
+
+
+@needs_postgres
+def test_processes_opening_an_empty_postgres_database_at_once_all_succeed(postgres_url, tmp_path):
+    go = tmp_path / "go"
+    processes = [
+        subprocess.Popen([sys.executable, "-W", "ignore", "-c", _OPEN_AT_ONCE, postgres_url, str(go)], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    for process in processes:  # every one imported and waiting
+        assert process.stdout.readline().strip() == "ready"
+    go.touch()
+    outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
+    assert outputs == ["ok"] * 4
+
+
+def test_several_workers_need_a_shared_storage(tiny_flux_dir, env, tmp_path):
+    for storage in ([], ["--storage", f"sqlite:///{tmp_path / 's.db'}"]):
+        result = advisor(["tune", "--model", str(tiny_flux_dir), "--budget", "2GB", "--workers", "2", *storage], env, timeout=120)
+        assert result.returncode == 2
+        assert result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("advisor: error: --workers:"), result.stderr
+    assert not (Path(env["XDG_CACHE_HOME"]) / "advisor" / "studies.db").exists()
+
+
+@pytest.mark.slow
+def test_workers_from_main_in_process_get_mains_arguments(tiny_flux_dir, tmp_path, capsys):
+    from advisor.cli import main
+
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    code = main(tune_args(tiny_flux_dir, storage, "--workers", "2", "--quiet", trials=1))
+    assert code == 0, capsys.readouterr().err[-3000:]
