@@ -119,11 +119,17 @@ def read_wheel(path: Path) -> tuple[str, str, list[str]]:
     return canonical(value("Name")), value("Version"), requires
 
 
+# matplotlib serves only `advisor tune --report`, which the kit does not use; carrying it and its
+# dependencies would cost about 15 MiB of the 64 that may travel.
+NOT_NEEDED_BY_THE_KIT = {"matplotlib"}
+
+
 def project_requirements(pyproject: Path = REPO / "pyproject.toml") -> list[str]:
-    """The project's runtime dependencies (``[project] dependencies``)."""
+    """The project's runtime dependencies (``[project] dependencies``) that the kit needs."""
     import tomllib
 
-    return list(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+    requirements = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    return [r for r in requirements if re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() not in NOT_NEEDED_BY_THE_KIT]
 
 
 def installed_version(name: str) -> str | None:
