@@ -1,11 +1,15 @@
 """advisor: find, and prove by measurement, the fastest way to run a diffusers pipeline in your memory.
 
-Importing this package is cheap: torch, diffusers and optuna are imported only by the functions
-that measure or apply.
+>>> import advisor
+>>> pipe = advisor.load_pipeline(model, advisor.load_config("advisor.json"))  # doctest: +SKIP
+
+Importing this package is cheap: the public names below are imported on first use, and torch,
+diffusers and optuna only by the functions that measure or apply.
 """
 
-from advisor.apply import load_pipeline
-from advisor.config import OptimizationConfig, load_config
+from importlib import import_module
+from typing import Any
+
 from advisor.errors import (
     AdvisorError,
     ConfigError,
@@ -15,10 +19,18 @@ from advisor.errors import (
     TuneError,
     UsageError,
 )
-from advisor.hardware import MachineProfile, probe_machine
 from advisor.units import format_size, parse_size
 
 __version__ = "0.1.0"
+
+# name -> module it lives in, imported when the name is first used
+_LAZY = {
+    "MachineProfile": "advisor.hardware",
+    "OptimizationConfig": "advisor.config",
+    "load_config": "advisor.config",
+    "load_pipeline": "advisor.apply",
+    "probe_machine": "advisor.hardware",
+}
 
 __all__ = [
     "AdvisorError",
@@ -36,3 +48,15 @@ __all__ = [
     "parse_size",
     "probe_machine",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'advisor' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
