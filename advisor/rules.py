@@ -20,7 +20,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization, Vae
+from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.errors import UsageError
 from advisor.estimate import Estimate, estimate
 from advisor.models import ModelProfile

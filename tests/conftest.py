@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -44,3 +47,49 @@ def tiny_wan_dir(tmp_path_factory):
     from advisor.testing import build_tiny_wan
 
     return build_tiny_wan(tmp_path_factory.mktemp("tiny-wan"))
+
+
+# The imports every trial process makes before it loads anything: its address space after these is
+# the floor of any RLIMIT_AS that still gets a trial as far as loading the pipeline.
+_IMPORTS = """
+import torch, diffusers, transformers
+from diffusers import DiffusionPipeline, FluxPipeline
+from transformers import CLIPTextModel, T5EncoderModel
+import advisor.apply, advisor.measure
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(int(status["VmPeak"].split()[0]) * 1024)
+"""
+# Above that floor. Measured on the 2-core dev machine with one OpenMP thread (floor ~810 MiB):
+# every headroom from 0 to 512 MiB ends in MemoryError while the weights load (safetensors maps
+# the 270 MB file, then the weights are copied out of it), and the pipeline loads and runs at
+# 640 MiB. 256 MiB sits in the middle of that range.
+OOM_HEADROOM = 256 * 2**20
+
+
+@functools.lru_cache
+def address_space_after_imports(omp_threads: str = "1") -> int:
+    """Bytes of address space (VmPeak) a fresh interpreter needs for the trial process's imports."""
+    env = {**os.environ, "OMP_NUM_THREADS": omp_threads}
+    out = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True, check=True, timeout=120, env=env)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.fixture(scope="session")
+def flux_270mb(tmp_path_factory):
+    """The tiny Flux at scale=8 (68 M parameters, ~270 MB float32); shared with test_tune."""
+    from advisor.testing import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.getbasetemp() / "tiny-flux-scale8", scale=8)
+
+
+@pytest.fixture
+def oom_limit(monkeypatch) -> int:
+    """An RLIMIT_AS at which torch and diffusers import but the 270 MB pipeline cannot load.
+
+    One OpenMP thread, so that the address space the trial needs does not grow with the machine's
+    core count (each thread reserves a stack and a malloc arena): on a many-core machine, thread
+    creation would otherwise fail first, as a crash. The imports need less than the limit by
+    construction, so what runs out is loading the weights.
+    """
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # measure() passes the environment to the trial
+    return address_space_after_imports("1") + OOM_HEADROOM

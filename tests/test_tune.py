@@ -350,41 +350,12 @@ def test_over_budget_by_the_estimate_is_skipped_without_measuring(tiny_flux_dir,
     assert time.perf_counter() - started < 30  # no trial process was started
 
 
-# The RLIMIT_AS that lets a trial import torch and diffusers but not load the 270 MB pipeline: see
-# tests/test_measure.py, where the out-of-memory itself is tested.
-_IMPORTS = """
-import torch, diffusers, transformers
-from diffusers import DiffusionPipeline, FluxPipeline
-from transformers import CLIPTextModel, T5EncoderModel
-import advisor.apply, advisor.measure
-status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-print(int(status["VmPeak"].split()[0]) * 1024)
-"""
-OOM_HEADROOM = 256 * 2**20
-
-
-@functools.lru_cache
-def address_space_after_imports(omp_threads: str = "1") -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": omp_threads}
-    out = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True, check=True, timeout=120, env=env)
-    return int(out.stdout.split()[-1])
-
-
-@pytest.fixture(scope="session")
-def flux_270mb(tmp_path_factory):
-    """The tiny Flux at scale=8 (~270 MB); the same folder as test_measure's."""
-    from advisor.testing import build_tiny_flux
-
-    return build_tiny_flux(tmp_path_factory.getbasetemp() / "tiny-flux-scale8", scale=8)
-
-
 @pytest.mark.slow
-def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, tmp_path, monkeypatch):
+def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, oom_limit, tmp_path):
     skip_unless_cpu_target()
     import optuna
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see test_measure.oom_limit
-    limit = address_space_after_imports("1") + OOM_HEADROOM
+    limit = oom_limit
     profile, job, target, packages = context(flux_270mb)
     progress = []
     storage = f"sqlite:///{tmp_path / 's.db'}"
