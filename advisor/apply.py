@@ -574,24 +574,11 @@ def check_machine(config: OptimizationConfig) -> None:
             raise ConfigError(f"`attention_backend: {config.attention_backend}`: {exc}") from None
 
 
-def _named_components(config: OptimizationConfig) -> list[tuple[str, str]]:
-    named = []
-    if config.quantization:
-        named += [("quantization.components", c) for c in config.quantization.components]
-    if config.layerwise_casting:
-        named += [("layerwise_casting.components", c) for c in config.layerwise_casting.components]
-    if config.compile:
-        named += [("compile.components", c) for c in config.compile.components]
-    if config.offload.components:
-        named += [("offload.components", c) for c in config.offload.components]
-    return named
-
-
 def _check_components(config: OptimizationConfig, layout: _Layout, what: str) -> None:
     if not layout.known:
         return
     models = layout.modules()
-    for key, name in _named_components(config):
+    for key, name in config.named_components():
         if name not in layout.names():
             raise ConfigError(
                 f"`{key}` names {name!r}, which {what} does not have; its components are {', '.join(sorted(models))}"

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from advisor.errors import AdvisorError, UsageError
+from advisor.errors import AdvisorError, ModelError, UsageError
 from advisor.units import format_size
 
 app = typer.Typer(
@@ -119,8 +120,6 @@ def resolve_target(machine, *, vram: str | None, ram: str | None, gpu: str | Non
     if vram_bytes is None and gpu is None:
         target = target_from_probe(machine)
         if ram_bytes is not None:
-            from dataclasses import replace
-
             target = replace(target, ram_total_bytes=ram_bytes, ram_available_bytes=ram_bytes, source=target.source + ", --ram")
         return target
     return planned_target(machine=machine, vram=vram_bytes, ram=ram_bytes, gpu=gpu)
@@ -278,7 +277,7 @@ def tune(
 ) -> None:
     """Measure real candidates with optuna and emit the fastest configuration that truly fits the budget."""
     from advisor.hardware import probe_machine
-    from advisor.models import load_profile
+    from advisor.models import hub_offline, hub_reachable, load_profile
     from advisor.target import target_from_probe
     from advisor.tune import TuneSettings, run_study, run_workers
     from advisor.units import parse_size
@@ -292,6 +291,11 @@ def tune(
     machine = probe_machine()
     target = target_from_probe(machine)
     profile = load_profile(model, workload=workload)
+    if profile.source == "catalog" and (hub_offline() or not hub_reachable()):
+        raise ModelError(
+            f"--model: {profile.model_id} is not downloaded and the hub can't be reached; tune measures real "
+            "runs, so download it first (huggingface-cli download) or pass a local pipeline folder"
+        )
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
     settings = TuneSettings(
         trials=trials, timeout_s=trial_timeout, prune=not no_prune, compile_choices=(False,) if no_compile else (True, False)

@@ -204,6 +204,18 @@ class OptimizationConfig(_Strict):
         parts += [name for name, on in (("VAE tiling", self.vae.tiling), ("VAE slicing", self.vae.slicing)) if on]
         return ", ".join(parts)
 
+    def named_components(self) -> list[tuple[str, str]]:
+        """(key, component) for every component the config names, e.g. ("quantization.components", "transformer")."""
+        named = []
+        for key, section in (
+            ("quantization.components", self.quantization),
+            ("layerwise_casting.components", self.layerwise_casting),
+            ("compile.components", self.compile),
+            ("offload.components", self.offload),
+        ):
+            named += [(key, name) for name in (getattr(section, "components", None) or [])]
+        return named
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         """What ``DiffusionPipeline.from_pretrained`` needs: ``dtype`` (``torch_dtype`` on older diffusers)
         and ``quantization_config``."""

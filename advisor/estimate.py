@@ -248,7 +248,7 @@ def estimate(
     """
     if workload.kind != profile.workload:
         raise EstimateError(f"workload is {workload.kind!r} but {profile.model_id} is an {profile.workload} pipeline")
-    unknown = sorted(_named_components(config) - {c.name for c in profile.components})
+    unknown = sorted({name for _key, name in config.named_components()} - {c.name for c in profile.components})
     if unknown:
         raise EstimateError(
             f"config names {unknown} which {profile.model_id} does not have; it has {[c.name for c in profile.components]}"
@@ -291,17 +291,6 @@ def estimate(
     )
 
 
-def _named_components(config: OptimizationConfig) -> set[str]:
-    names: set[str] = set()
-    if config.quantization:
-        names |= set(config.quantization.components)
-    if config.layerwise_casting:
-        names |= set(config.layerwise_casting.components)
-    if config.offload.components:
-        names |= set(config.offload.components)
-    return names
-
-
 def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int], int, int]:
     """Host RAM peak as named parts that add up to it, bytes spilled to disk, and weight bytes kept
     in RAM once loaded. The peak is the larger of loading and running."""
@@ -318,7 +307,11 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
     def transient(c) -> int:
         if c.dtype == config.dtype and weights[c.name] == c.bytes:
             return 0
-        return c.bytes + (c.parameters * dtype_size(config.dtype) if c.name in torchao else 0)
+        # Loading converts one shard at a time; catalog entries don't record their shards, and
+        # diffusers and transformers write shards of at most 10 GB.
+        shard = c.largest_file_bytes or min(c.bytes, k["default_shard_bytes"])
+        materialised = shard / c.bytes * c.parameters * dtype_size(config.dtype) if c.name in torchao and c.bytes else 0
+        return int(shard + materialised)
 
     in_ram = [c for c in profile.components if c.name not in bnb]
     loading = sum(weights[c.name] for c in in_ram) + max((transient(c) for c in in_ram), default=0)

@@ -22,10 +22,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from advisor.errors import ModelError
-from advisor.safetensors_header import TensorInfo, dtype_size, read_header
+from advisor.safetensors_header import DTYPES, TensorInfo, read_header
 
 WORKLOADS = ("image", "video", "audio")
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -77,6 +77,7 @@ class ComponentProfile:
     linear_rows: int  # their output features: per-row scales of int8/fp8 quantization
     casting_skipped_parameters: int  # kept at compute dtype by layerwise casting
     keep_in_fp32_parameters: int = 0  # in `_keep_in_fp32_modules`: loaded as float32 in half precision
+    largest_file_bytes: int = 0  # the biggest safetensors shard (0: unknown): what loading converts at once
     # Linear weights in a transformers model's `_keep_in_fp32_modules` (T5's `wo`): bitsandbytes
     # leaves them alone, torchao converts them too.
     fp32_linear_parameters: int = 0
@@ -338,20 +339,38 @@ def summarize_tensors(
     }
 
 
-def weight_files(component_dir: Path) -> tuple[list[Path], str | None]:
-    """The safetensors files `from_pretrained` would read (all shards), and their variant.
-
-    The plain files win over variants (``.fp16.safetensors``), as in diffusers without ``variant=``.
-    """
-    by_variant: dict[str | None, list[Path]] = defaultdict(list)
-    for path in sorted(component_dir.glob("*.safetensors")):
-        match = _SHARD.match(path.name)
+def choose_weight_files(names: list[str]) -> tuple[list[str], str | None]:
+    """Of a component's file names, the safetensors files `from_pretrained` would read (all shards),
+    and their variant. The plain files win over variants (``.fp16.safetensors``), as in diffusers
+    without ``variant=``."""
+    by_variant: dict[str | None, list[str]] = defaultdict(list)
+    for name in sorted(names):
+        match = _SHARD.match(name)
         if match:
-            by_variant[match.group("variant")].append(path)
+            by_variant[match.group("variant")].append(name)
     if not by_variant:
         return [], None
     variant = None if None in by_variant else sorted(by_variant, key=str)[0]
     return by_variant[variant], variant
+
+
+def weight_files(component_dir: Path) -> tuple[list[Path], str | None]:
+    """`choose_weight_files` for a component folder on disk."""
+    names, variant = choose_weight_files([path.name for path in component_dir.glob("*.safetensors")])
+    return [component_dir / name for name in names], variant
+
+
+def _header_tensors(component_dir: Path) -> list[list[TensorInfo]] | None:
+    """The tensors of a component folder, per shard, from the safetensors headers; None without weights."""
+    files, _variant = weight_files(component_dir)
+    if files:
+        return [read_header(path) for path in files]
+    if list(component_dir.glob("*.bin")) or list(component_dir.glob("*.pt")):
+        raise ModelError(
+            f"{component_dir}: only pickled (.bin) weights, which can't be inspected without loading; "
+            "convert them to safetensors"
+        )
+    return None  # tokenizer, scheduler, feature extractor
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -367,10 +386,20 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def profile_from_folder(
-    folder: str | Path, *, model_id: str | None = None, source: str = "folder", workload: str | None = None
+    folder: str | Path,
+    *,
+    model_id: str | None = None,
+    source: str = "folder",
+    workload: str | None = None,
+    tensors_of: Callable[[str], list[list[TensorInfo]] | None] | None = None,
 ) -> ModelProfile:
-    """Profile a pipeline saved in diffusers layout, reading configs and safetensors headers only."""
+    """Profile a pipeline saved in diffusers layout, reading configs and safetensors headers only.
+
+    `tensors_of(component)` supplies a component's tensors per shard (None: no weights) when they
+    are not in the folder, as for a hub snapshot holding only the config files.
+    """
     folder = Path(folder)
+    tensors_of = tensors_of or (lambda name: _header_tensors(folder / name))
     index_path = folder / "model_index.json"
     if not index_path.exists():
         raise ModelError(
@@ -388,18 +417,12 @@ def profile_from_folder(
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
             continue
         library, class_name = spec
-        component_dir = folder / name
-        files, _variant = weight_files(component_dir)
-        if not files:
-            if list(component_dir.glob("*.bin")) or list(component_dir.glob("*.pt")):
-                raise ModelError(
-                    f"{component_dir}: only pickled (.bin) weights, which can't be inspected without loading; "
-                    "convert them to safetensors"
-                )
-            others[name] = class_name  # tokenizer, scheduler, feature extractor: no weights
+        shards = tensors_of(name)
+        if shards is None:
+            others[name] = class_name
             continue
-        config = _read_json(component_dir / "config.json", f"the {name} config")
-        tensors = [tensor for path in files for tensor in read_header(path)]
+        tensors = [tensor for shard in shards for tensor in shard]
+        config = _read_json(folder / name / "config.json", f"the {name} config")
         role = _role(name, class_name)
         components.append(
             ComponentProfile(
@@ -409,6 +432,7 @@ def profile_from_folder(
                 role=role,
                 facts=component_facts(role, class_name, config, pipeline_class),
                 config=config,
+                largest_file_bytes=max(sum(t.nbytes for t in shard) for shard in shards),
                 **summarize_tensors(tensors, class_name=class_name, library=library),
             )
         )
@@ -522,7 +546,8 @@ def cached_snapshot(repo_id: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: nothing may be fetched from the hub."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -544,68 +569,35 @@ def profile_from_hub(repo_id: str, *, workload: str | None = None) -> ModelProfi
     """Profile a hub repo from its config files and safetensors headers (never weights).
 
     Downloads the small JSON files into the HF cache and reads each shard's header with HTTP range
-    requests (``huggingface_hub.get_safetensors_metadata``).
+    requests (``HfApi.parse_safetensors_file_metadata``).
     """
-    import tempfile
-
     from huggingface_hub import HfApi, hf_hub_download
 
     api = HfApi()
     files = api.list_repo_files(repo_id)
-    json_files = [f for f in files if f == "model_index.json" or f.endswith("/config.json")]
-    for filename in json_files:
-        hf_hub_download(repo_id, filename)
+    for filename in files:
+        if filename == "model_index.json" or filename.endswith("/config.json"):
+            hf_hub_download(repo_id, filename)
     snapshot = cached_snapshot(repo_id)
     if snapshot is None:
         raise ModelError(f"{repo_id}: the hub repo has no model_index.json; is it a diffusers pipeline?")
-    # Mirror each component's headers as tiny header-only safetensors files so the folder reader applies.
-    with tempfile.TemporaryDirectory(prefix="advisor-headers-") as scratch:
-        for filename in json_files:
-            target = Path(scratch) / filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes((snapshot / filename).read_bytes())
-        folders = {f.split("/")[0] for f in files if f.endswith(".safetensors") and "/" in f}
-        for folder in folders:
-            metadata = api.get_safetensors_metadata(repo_id, filename=_weights_index_or_file(files, folder))
-            for shard, shard_meta in metadata.files_metadata.items():
-                _write_header_only(Path(scratch) / shard, shard_meta.tensors)
-        return profile_from_folder(scratch, model_id=repo_id, source="hub", workload=workload)
+
+    def tensors_of(component: str) -> list[TensorInfo] | None:
+        names, _variant = choose_weight_files([f.split("/", 1)[1] for f in files if f.startswith(component + "/")])
+        if not names:
+            return None
+        shards = [api.parse_safetensors_file_metadata(repo_id, f"{component}/{name}") for name in names]
+        return tensors_from_hub_metadata(shards)
+
+    return profile_from_folder(snapshot, model_id=repo_id, source="hub", workload=workload, tensors_of=tensors_of)
 
 
-def _weights_index_or_file(files: list[str], folder: str) -> str:
-    candidates = sorted(f for f in files if f.startswith(folder + "/") and f.endswith((".safetensors", ".index.json")))
-    plain = [f for f in candidates if _SHARD.match(f.split("/")[-1]) and not _SHARD.match(f.split("/")[-1]).group("variant")]
-    for name in plain or candidates:
-        if name.endswith(".index.json") or "-of-" not in name:
-            return name
-    return candidates[0]
-
-
-def _write_header_only(path: Path, tensors: dict[str, Any]) -> None:
-    """A safetensors file whose header is real and whose data section is empty (offsets kept)."""
-    import struct
-
-    header, offset = {}, 0
-    for name, info in tensors.items():
-        size = dtype_size(_dtype_from_code(info.dtype)) * _numel(info.shape)
-        header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [0, 0]}
-        offset += size
-    raw = json.dumps(header).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
-
-
-def _dtype_from_code(code: str) -> str:
-    from advisor.safetensors_header import DTYPES
-
-    return DTYPES[code][0]
-
-
-def _numel(shape) -> int:
-    total = 1
-    for dim in shape:
-        total *= int(dim)
-    return total
+def tensors_from_hub_metadata(shards) -> list[list[TensorInfo]]:
+    """`TensorInfo`s per shard from huggingface_hub's ``SafetensorsFileMetadata`` of each shard."""
+    return [
+        [TensorInfo(name, DTYPES[info.dtype][0], tuple(int(d) for d in info.shape)) for name, info in shard.tensors.items()]
+        for shard in shards
+    ]
 
 
 def load_profile(model: str, *, workload: str | None = None) -> ModelProfile:
@@ -631,7 +623,7 @@ def load_profile(model: str, *, workload: str | None = None) -> ModelProfile:
                     raise  # configs cached without weights, and nothing to fall back on
         # The catalog answers instantly and needs no token for gated repos (FLUX.1-dev), so for the
         # models it knows it is preferred to the hub; a cached download still wins (it is the truth).
-        if not _offline() and model.lower() not in catalog_index() and hub_reachable():
+        if not hub_offline() and model.lower() not in catalog_index() and hub_reachable():
             try:
                 return profile_from_hub(model, workload=workload)
             except ModelError:

@@ -390,27 +390,35 @@ def offload_choices(target: TargetHardware) -> list[Offload]:
     ]
 
 
+def candidate(
+    profile: ModelProfile,
+    target: TargetHardware,
+    quantization: Quantization | None,
+    casting: LayerwiseCasting | None,
+    offload: Offload,
+    compiled: bool,
+) -> OptimizationConfig:
+    """One point of the search space, before the adjust rules complete it."""
+    return OptimizationConfig(
+        dtype=preferred_dtype(target),
+        device=target.device,
+        quantization=quantization,
+        layerwise_casting=casting,
+        offload=offload,
+        compile=Compile(components=[c.name for c in profile.by_role("denoiser")]) if compiled else None,
+    )
+
+
 def candidate_configs(
     profile: ModelProfile, target: TargetHardware, compile_choices: tuple[bool, ...] = (True, False)
 ) -> list[OptimizationConfig]:
     """Every combination of quantization, offload and compile worth scoring on this target."""
-    dtype = preferred_dtype(target)
-    denoisers = [c.name for c in profile.by_role("denoiser")]
-    configs = []
-    for (quantization, casting), offload, compiled in itertools.product(
-        quantization_choices(profile), offload_choices(target), compile_choices
-    ):
-        configs.append(
-            OptimizationConfig(
-                dtype=dtype,
-                device=target.device,
-                quantization=quantization,
-                layerwise_casting=casting,
-                offload=offload,
-                compile=Compile(components=denoisers) if compiled else None,
-            )
+    return [
+        candidate(profile, target, quantization, casting, offload, compiled)
+        for (quantization, casting), offload, compiled in itertools.product(
+            quantization_choices(profile), offload_choices(target), compile_choices
         )
-    return configs
+    ]
 
 
 # --- the engine ---------------------------------------------------------------------------------

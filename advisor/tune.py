@@ -32,11 +32,11 @@ from advisor.measure import Measurement, measure
 from advisor.models import ModelProfile
 from advisor.rules import (
     Context,
+    candidate,
     default_budget,
     finish_candidate,
     offload_choices,
     peak_bytes,
-    preferred_dtype,
     quantization_choices,
     recommend,
     rules_of,
@@ -114,16 +114,7 @@ class SearchSpace:
     def config(self, params: dict[str, Any], ctx: Context) -> tuple[OptimizationConfig, str | None]:
         """The finished config for a trial's params, and the filter rule that rejects it (if any)."""
         quantization, casting = self.quantization[params["quantization"]]
-        denoisers = [c.name for c in ctx.profile.by_role("denoiser")]
-        dtype = preferred_dtype(ctx.target)
-        config = OptimizationConfig(
-            dtype=dtype,
-            device=ctx.target.device,
-            quantization=quantization,
-            layerwise_casting=casting,
-            offload=self.offload[params["offload"]],
-            compile=Compile(components=denoisers) if params["compile"] else None,
-        )
+        config = candidate(ctx.profile, ctx.target, quantization, casting, self.offload[params["offload"]], params["compile"])
         rejected = next((f.name for f in rules_of("filter") if f.apply(config, ctx)), None)
         return finish_candidate(config, ctx)[0], rejected
 

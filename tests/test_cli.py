@@ -175,3 +175,11 @@ def test_recommend_imports_neither_torch_nor_diffusers():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.stderr.strip().endswith("[]"), result.stderr[-300:]
+
+
+def test_tune_refuses_a_model_it_cannot_run_with_one_line(tmp_path):
+    # The default model, FLUX.1-dev, known to the catalog but not downloaded (an empty HF cache).
+    result = run("tune", "--budget", "12GB", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not downloaded and the hub can't be reached" in lines[0] and "--model" in lines[0]

@@ -40,6 +40,7 @@ def test_parameter_counts_equal_the_real_tensors(fixture_and_profile):
         unique = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
         stored = sum(unique.values())
         assert component.bytes == pytest.approx(stored, rel=0.01), component.name
+        assert component.largest_file_bytes == component.bytes  # one safetensors file each
 
 
 def _quantizable_linears(model, library):
@@ -232,3 +233,47 @@ def test_diffusers_tables_are_up_to_date():
         [sys.executable, str(ROOT / "scripts" / "build_diffusers_tables.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-500:]
+
+
+def test_hub_path_profiles_from_header_metadata_like_the_folder_path(tiny_flux_dir, tmp_path):
+    """Everything of the hub path but the network: a snapshot holding only the JSON files, plus the
+    headers as huggingface_hub's own metadata objects, gives the same profile as the full folder."""
+    from huggingface_hub.utils import SafetensorsFileMetadata, TensorInfo
+
+    from advisor.models import choose_weight_files, tensors_from_hub_metadata
+
+    snapshot = tmp_path / "snapshot"
+    for path in tiny_flux_dir.rglob("*.json"):
+        target = snapshot / path.relative_to(tiny_flux_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+
+    def tensors_of(component):
+        names, _ = choose_weight_files([p.name for p in (tiny_flux_dir / component).iterdir()])
+        if not names:
+            return None
+        shards = []
+        for name in names:
+            raw = (tiny_flux_dir / component / name).read_bytes()
+            header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+            header.pop("__metadata__", None)
+            shards.append(SafetensorsFileMetadata(metadata={}, tensors={
+                k: TensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"])) for k, v in header.items()
+            }))
+        return tensors_from_hub_metadata(shards)
+
+    hub = profile_from_folder(snapshot, model_id="acme/tiny", source="hub", tensors_of=tensors_of)
+    folder = profile_from_folder(tiny_flux_dir)
+    assert hub.source == "hub" and hub.model_id == "acme/tiny"
+    assert [c.name for c in hub.components] == [c.name for c in folder.components]
+    for mine, theirs in zip(hub.components, folder.components):
+        assert (mine.parameters, mine.bytes, mine.largest_file_bytes, mine.linear_parameters, mine.blocks) == (
+            theirs.parameters, theirs.bytes, theirs.largest_file_bytes, theirs.linear_parameters, theirs.blocks
+        )
+
+
+def test_weight_file_choice_on_hub_style_names():
+    from advisor.models import choose_weight_files
+
+    names = ["config.json", "model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors", "model.fp16.safetensors", "model.safetensors.index.json"]
+    assert choose_weight_files(names) == (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"], None)
