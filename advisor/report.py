@@ -27,12 +27,6 @@ def pareto_front(trials: list[TrialRecord]) -> list[TrialRecord]:
     return front
 
 
-def _latency(trial: TrialRecord) -> float | None:
-    if trial.latency_s is not None:
-        return trial.latency_s
-    return (trial.measurement or {}).get("latency_s")
-
-
 def plot(result: TuneResult, path: Path) -> Path:
     """Latency against peak memory: every measured trial, the budget line, the Pareto front, the pick."""
     import matplotlib
@@ -46,7 +40,7 @@ def plot(result: TuneResult, path: Path) -> Path:
         "over-budget": dict(marker="o", color="tab:orange", label="over budget"),
     }
     for status, style in styles.items():
-        points = [(t.peak_bytes / GIB, _latency(t)) for t in result.trials if t.status == status and t.peak_bytes and _latency(t)]
+        points = [(t.peak_bytes / GIB, t.latency_s) for t in result.trials if t.status == status and t.peak_bytes and t.latency_s]
         if points:
             ax.scatter(*zip(*points), s=40, alpha=0.8, **style)
     failed = [t for t in result.trials if t.status in {"oom", "crash", "timeout"} and t.predicted_peak_bytes]

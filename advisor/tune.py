@@ -318,7 +318,7 @@ def _record(trial) -> TrialRecord | None:
         status=attrs["status"],
         source=attrs["source"],
         feasible=feasible and attrs["source"] != "estimate",
-        latency_s=trial.values[0] if trial.values and attrs["source"] != "estimate" and attrs["status"] == "ok" else None,
+        latency_s=(measurement or {}).get("latency_s"),  # measured, whether or not it fits
         peak_bytes=peak,
         predicted_peak_bytes=attrs.get("predicted_peak_bytes"),
         reason=attrs.get("reason"),
