@@ -168,9 +168,10 @@ def denoiser_tokens(profile: ModelProfile, denoiser: ComponentProfile, workload:
     temporal = vae.facts.get("temporal_compression", 1) if vae else 1
     latent_channels = vae.facts.get("latent_channels", 4) if vae else 4
     patch = facts.get("patch_size") or 1
-    patch_t, patch_h, patch_w = (patch if isinstance(patch, list) and len(patch) == 3 else (facts.get("patch_size_t") or 1, patch, patch))
-    if isinstance(patch_h, list):
-        patch_h, patch_w = patch_h[-2], patch_h[-1]
+    if isinstance(patch, list):  # Wan: (t, h, w)
+        patch_t, patch_h, patch_w = ([1, 1, 1] + patch)[-3:]
+    else:
+        patch_t, patch_h, patch_w = facts.get("patch_size_t") or 1, patch, patch
     # Flux and Qwen-Image pack 2x2 latents into channels instead of using patch_size.
     packed = math.isqrt(max(facts.get("in_channels", latent_channels) // max(latent_channels, 1), 1))
     patch_h, patch_w = max(patch_h, packed), max(patch_w, packed)
