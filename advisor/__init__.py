@@ -25,11 +25,11 @@ __version__ = "0.1.0"
 
 # name -> module it lives in, imported when the name is first used
 _LAZY = {
-    "MachineProfile": "advisor.hardware",
+    "MachineProfile": "advisor.probe.hardware",
     "OptimizationConfig": "advisor.config",
     "load_config": "advisor.config",
-    "load_pipeline": "advisor.apply",
-    "probe_machine": "advisor.hardware",
+    "load_pipeline": "advisor.run.apply",
+    "probe_machine": "advisor.probe.hardware",
 }
 
 __all__ = [

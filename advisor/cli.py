@@ -54,11 +54,11 @@ def probe(
     ),
 ) -> None:
     """Show this machine's GPUs, host memory, disk and inference libraries (no weights loaded)."""
-    from advisor.hardware import probe_machine
+    from advisor.probe.hardware import probe_machine
 
     profile = probe_machine()
     if calibrate:
-        from advisor.calibrate import calibrate as run_calibration
+        from advisor.probe.calibrate import calibrate as run_calibration
 
         profile.extra["calibration"] = run_calibration()
     if as_json:
@@ -81,7 +81,7 @@ def inspect(
     include_config: bool = typer.Option(False, "--config", help="With --json: include each component's config."),
 ) -> None:
     """Show what a pipeline weighs, per component, without loading its weights."""
-    from advisor.models import load_profile
+    from advisor.probe.models import load_profile
 
     profile = load_profile(model, workload=workload)
     if as_json:
@@ -112,7 +112,7 @@ def inspect(
 
 def resolve_target(machine, *, vram: str | None, ram: str | None, gpu: str | None):
     """This machine, or the one described by --vram/--ram/--gpu (sizes parsed, errors name the flag)."""
-    from advisor.target import planned_target, target_from_probe
+    from advisor.probe.target import planned_target, target_from_probe
     from advisor.units import parse_size
 
     vram_bytes = parse_size(vram, name="--vram") if vram is not None else None
@@ -142,10 +142,10 @@ def estimate(
 ) -> None:
     """Predict peak GPU memory, peak RAM and latency of one configuration, per phase and component."""
     from advisor.config import OptimizationConfig, load_config
-    from advisor.estimate import estimate as run_estimate
-    from advisor.hardware import probe_machine
-    from advisor.models import load_profile
-    from advisor.workload import make_workload
+    from advisor.plan.estimate import estimate as run_estimate
+    from advisor.probe.hardware import probe_machine
+    from advisor.probe.models import load_profile
+    from advisor.probe.workload import make_workload
 
     profile = load_profile(model, workload=workload)
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
@@ -221,11 +221,11 @@ def recommend(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Recommend the fastest configuration predicted to fit, and explain why (instant, no weights loaded)."""
-    from advisor.hardware import probe_machine
-    from advisor.models import load_profile
-    from advisor.recommend import make_recommendation
+    from advisor.plan.recommend import make_recommendation
+    from advisor.probe.hardware import probe_machine
+    from advisor.probe.models import load_profile
+    from advisor.probe.workload import make_workload
     from advisor.units import parse_size
-    from advisor.workload import make_workload
 
     if emit not in (None, "python"):
         raise UsageError(f"--emit: {emit!r} is not supported; use --emit python")
@@ -244,7 +244,7 @@ def recommend(
     if as_json:
         print_json(result.to_dict())
     elif emit == "python" and result.config is not None:
-        from advisor.apply import emit_python
+        from advisor.run.apply import emit_python
 
         sys.stdout.write(emit_python(profile.path if profile.source == "folder" else profile.model_id, result.config))
     else:
@@ -276,12 +276,12 @@ def tune(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or table (used by worker processes)."),
 ) -> None:
     """Measure real candidates with optuna and emit the fastest configuration that truly fits the budget."""
-    from advisor.hardware import probe_machine
-    from advisor.models import hub_offline, hub_reachable, load_profile
-    from advisor.target import target_from_probe
-    from advisor.tune import TuneSettings, run_study, run_workers
+    from advisor.probe.hardware import probe_machine
+    from advisor.probe.models import hub_offline, hub_reachable, load_profile
+    from advisor.probe.target import target_from_probe
+    from advisor.probe.workload import make_workload
+    from advisor.run.tune import TuneSettings, run_study, run_workers
     from advisor.units import parse_size
-    from advisor.workload import make_workload
 
     budget_bytes = parse_size(budget, name="--budget")
     if workers < 1:
@@ -313,7 +313,7 @@ def tune(
     if result.config is not None and output:
         result.config.save(output)
     if report:
-        from advisor.report import write_report
+        from advisor.run.report import write_report
 
         summary = write_report(result, report)
         if not (quiet or as_json):
@@ -385,7 +385,7 @@ def _render_recommendation(result, output: str | None) -> None:
         for line in result.advice:
             console.print(f"  - {line}")
         return
-    from advisor.rules import peak_bytes
+    from advisor.plan.rules import peak_bytes
 
     best = result.recommendation.best
     cpu = result.target.device == "cpu"

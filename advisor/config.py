@@ -2,7 +2,7 @@
 
 A config is plain data (pydantic, strict: unknown keys and wrong types are refused with the key's
 path) plus provenance. Impossible combinations are refused at load time, not when a pipeline is
-half set up. Applying it to a pipeline lives in `advisor.apply`; this module imports no torch.
+half set up. Applying it to a pipeline lives in `advisor.run.apply`; this module imports no torch.
 
 >>> config = OptimizationConfig(quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"]))
 >>> config.summary()
@@ -219,13 +219,13 @@ class OptimizationConfig(_Strict):
     def pipeline_kwargs(self) -> dict[str, Any]:
         """What ``DiffusionPipeline.from_pretrained`` needs: ``dtype`` (``torch_dtype`` on older diffusers)
         and ``quantization_config``."""
-        from advisor.apply import pipeline_kwargs
+        from advisor.run.apply import pipeline_kwargs
 
         return pipeline_kwargs(self)
 
     def apply(self, pipe: Any) -> Any:
         """Run the post-load steps on `pipe` in the right order; returns `pipe`."""
-        from advisor.apply import apply_config
+        from advisor.run.apply import apply_config
 
         return apply_config(pipe, self)
 

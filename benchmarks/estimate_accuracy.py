@@ -2,7 +2,7 @@
 
 On CPU: the peak RSS of a fresh trial process (load + warm-up + timed runs) against the estimate's
 peak host RAM. With CUDA: torch.cuda.max_memory_allocated against the estimate's peak VRAM.
-Each configuration runs in its own process through `advisor.measure` (the same path `tune` uses).
+Each configuration runs in its own process through `advisor.run.measure` (the same path `tune` uses).
 
     python benchmarks/estimate_accuracy.py [--scale 8] [--size 64] [--steps 4]
 """
@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 
 from advisor.config import LayerwiseCasting, Offload, OptimizationConfig, Quantization
-from advisor.estimate import estimate
-from advisor.hardware import probe_machine
-from advisor.measure import measure
-from advisor.models import profile_from_folder
-from advisor.target import target_from_probe
+from advisor.plan.estimate import estimate
+from advisor.probe.hardware import probe_machine
+from advisor.probe.models import profile_from_folder
+from advisor.probe.target import target_from_probe
+from advisor.probe.workload import make_workload
+from advisor.run.measure import measure
 from advisor.testing import build_tiny_flux, build_tiny_wan
 from advisor.units import format_size
-from advisor.workload import make_workload
 
 
 def configurations(device: str, encoders: list[str]) -> dict[str, OptimizationConfig]:

@@ -2,7 +2,7 @@
 
 Writes pipeline folders whose transformer checkpoint holds 0.25, 1 and 4 GiB of real tensor data in
 the same number of tensors (64; only their shapes grow), sharded like the hub does above 2 GiB, then
-times `advisor.models.profile_from_folder` on each (median of several runs) next to the time of
+times `advisor.probe.models.profile_from_folder` on each (median of several runs) next to the time of
 reading every byte of the same files. Header parsing grows with the number of tensors, never with
 their size.
 
@@ -19,7 +19,7 @@ import struct
 import time
 from pathlib import Path
 
-from advisor.models import profile_from_folder
+from advisor.probe.models import profile_from_folder
 
 TENSORS = 64  # bf16 matrices of COLS columns, like the Linear weights of a transformer
 COLS = 4096

@@ -1,7 +1,7 @@
 """How well a few measured steps predict a full run: the tuner's latency extrapolation, checked.
 
 For each configuration, one trial times 2 and 4 steps and extrapolates (fixed + per_step x N); a
-second trial times the full N-step run. Both run through `advisor.measure` in fresh processes.
+second trial times the full N-step run. Both run through `advisor.run.measure` in fresh processes.
 Goal: within 10 %.
 
     python benchmarks/step_extrapolation.py [--scale 8] [--size 64] [--steps 20]
@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 from advisor.config import LayerwiseCasting, OptimizationConfig, Quantization
-from advisor.measure import measure
-from advisor.models import profile_from_folder
+from advisor.probe.models import profile_from_folder
+from advisor.probe.workload import make_workload
+from advisor.run.measure import measure
 from advisor.testing import build_tiny_flux
-from advisor.workload import make_workload
 
 
 def main() -> None:

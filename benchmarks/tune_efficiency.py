@@ -1,7 +1,7 @@
 """`advisor tune` against an exhaustive grid over the same CPU search space, in one run.
 
 Both measure real candidates of a Flux-like pipeline with tens of millions of parameters through
-the same trial code (`advisor.measure`, one process per candidate). The grid measures every
+the same trial code (`advisor.run.measure`, one process per candidate). The grid measures every
 configuration of the space; tune gets a third of the grid's trial count. Reported: whether tune
 found the grid's best feasible configuration, and the trials and wall time each took.
 Goal: the same best configuration in at most a third of the grid's time.
@@ -18,15 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from advisor.hardware import probe_machine
-from advisor.measure import measure
-from advisor.models import profile_from_folder
-from advisor.rules import Context
-from advisor.target import target_from_probe
+from advisor.plan.rules import Context
+from advisor.probe.hardware import probe_machine
+from advisor.probe.models import profile_from_folder
+from advisor.probe.target import target_from_probe
+from advisor.probe.workload import make_workload
+from advisor.run.measure import measure
+from advisor.run.tune import TuneSettings, measured_peak, run_study, search_space
 from advisor.testing import build_tiny_flux
-from advisor.tune import TuneSettings, measured_peak, run_study, search_space
 from advisor.units import format_size, parse_size
-from advisor.workload import make_workload
 
 
 def main() -> None:

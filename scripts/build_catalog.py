@@ -274,11 +274,11 @@ def _linear_stats(model, library: str) -> tuple[int, int, int, int, int, list[st
 def _casting_patterns(model, library: str) -> list[str]:
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-    from advisor.models import ENCODER_CASTING_SKIP_PATTERNS
+    from advisor.probe.models import ENCODER_CASTING_SKIP_PATTERNS
 
     patterns = list(DEFAULT_SKIP_MODULES_PATTERN)
     # ModelMixin.enable_layerwise_casting adds the fp32 modules and the class's own patterns;
-    # advisor.apply casts text encoders with their embeddings and fp32 modules skipped.
+    # advisor.run.apply casts text encoders with their embeddings and fp32 modules skipped.
     patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
     if library == "diffusers":
         patterns += list(getattr(model, "_skip_layerwise_casting_patterns", None) or [])

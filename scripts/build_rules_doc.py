@@ -1,11 +1,11 @@
-"""Regenerate the rules table of docs/rules.md from advisor.rules.RULES (the text above it stays).
+"""Regenerate the rules table of docs/rules.md from advisor.plan.rules.RULES (the text above it stays).
 
     python scripts/build_rules_doc.py
 """
 
 from pathlib import Path
 
-from advisor.rules import RULES
+from advisor.plan.rules import RULES
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "rules.md"
 HEADER = "| rule | kind | what it does and why | source |"

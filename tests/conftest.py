@@ -55,7 +55,7 @@ _IMPORTS = """
 import torch, diffusers, transformers
 from diffusers import DiffusionPipeline, FluxPipeline
 from transformers import CLIPTextModel, T5EncoderModel
-import advisor.apply, advisor.measure
+import advisor.run.apply, advisor.run.measure
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(int(status["VmPeak"].split()[0]) * 1024)
 """

@@ -1,4 +1,4 @@
-"""advisor.apply: configs applied to real (tiny) diffusers pipelines on CPU, the generated script, and the checks.
+"""advisor.run.apply: configs applied to real (tiny) diffusers pipelines on CPU, the generated script, and the checks.
 
 Every option that can run on a CPU is applied to the tiny Flux (image) and Wan (video) pipelines and
 the pipeline is run; GPU-only options are checked up to the diffusers objects and code they build
@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from advisor.config import (
     Compile,
@@ -26,9 +27,7 @@ from advisor.config import (
     Vae,
 )
 from advisor.errors import ConfigError, UsageError
-import torch
-
-from advisor import apply
+from advisor.run import apply
 
 CUDA = torch.cuda.is_available()
 KINDS = ["image", "video"]

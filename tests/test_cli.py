@@ -65,8 +65,8 @@ def test_no_arguments_prints_help(capsys):
 
 
 def test_advisor_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
-    from advisor import hardware
     from advisor.errors import HardwareError
+    from advisor.probe import hardware
 
     def broken():
         raise HardwareError("--calibrate: no CUDA device to calibrate; run it on the GPU machine")
@@ -132,7 +132,7 @@ def test_recommend_nothing_fits_exits_3_with_advice(capsys):
 
 
 def _has_gpu() -> bool:
-    from advisor.hardware import probe_machine
+    from advisor.probe.hardware import probe_machine
 
     return bool(probe_machine().gpus)
 

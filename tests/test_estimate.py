@@ -7,10 +7,10 @@ import pytest
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization, Vae
 from advisor.errors import EstimateError, UsageError
-from advisor.estimate import estimate, weight_bytes
-from advisor.models import load_profile, profile_from_folder
-from advisor.target import planned_target
-from advisor.workload import make_workload
+from advisor.plan.estimate import estimate, weight_bytes
+from advisor.probe.models import load_profile, profile_from_folder
+from advisor.probe.target import planned_target
+from advisor.probe.workload import make_workload
 
 GIB = 2**30
 RTX_4090 = planned_target(machine=None, gpu="RTX 4090")
@@ -41,7 +41,7 @@ CPU_CONFIGS = {
 @pytest.mark.parametrize("name", list(CPU_CONFIGS))
 @pytest.mark.parametrize("fixture", ["tiny_flux_dir", "tiny_wan_dir"])
 def test_predicted_weight_bytes_match_the_loaded_footprint(name, fixture, request):
-    from advisor.apply import load_pipeline
+    from advisor.run.apply import load_pipeline
 
     folder = request.getfixturevalue(fixture)
     config = CPU_CONFIGS[name]
@@ -174,8 +174,8 @@ def test_quantization_and_compile_change_latency_as_published(flux_dev):
 
 
 def test_cpu_target_puts_everything_in_ram(tiny_flux_dir):
-    from advisor.hardware import probe_machine
-    from advisor.target import target_from_probe
+    from advisor.probe.hardware import probe_machine
+    from advisor.probe.target import target_from_probe
 
     machine = probe_machine()
     if machine.gpus:
@@ -210,9 +210,9 @@ def test_video_frames_must_fit_the_time_compression():
 
 def test_estimate_imports_no_torch():
     code = (
-        "import sys; from advisor.models import load_profile; from advisor.workload import make_workload; "
-        "from advisor.target import planned_target; from advisor.config import OptimizationConfig; "
-        "from advisor.estimate import estimate; p = load_profile('flux-dev'); "
+        "import sys; from advisor.probe.models import load_profile; from advisor.probe.workload import make_workload; "
+        "from advisor.probe.target import planned_target; from advisor.config import OptimizationConfig; "
+        "from advisor.plan.estimate import estimate; p = load_profile('flux-dev'); "
         "estimate(p, make_workload(p), OptimizationConfig(), planned_target(machine=None, vram=24 * 2**30)); "
         "print('torch' in sys.modules)"
     )

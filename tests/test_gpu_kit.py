@@ -53,7 +53,7 @@ def test_the_pinned_list_is_deliberate():
     assert len(names) == len(set(names)), "one version per distribution"
     assert all(p.role in ("required", "fallback") and p.why for p in fetch_wheels.PINNED)
     required = {fetch_wheels.normalize(p.name) for p in fetch_wheels.PINNED if p.role == "required"}
-    # What the GPU image lacks and `import advisor.cli, advisor.apply, advisor.tune, diffusers` needs.
+    # What the GPU image lacks and `import advisor.cli, advisor.run.apply, advisor.run.tune, diffusers` needs.
     assert required == {
         "diffusers", "bitsandbytes", "optuna", "alembic", "sqlalchemy", "mako", "colorlog", "pydantic",
         "pydantic-core", "annotated-types", "typing-inspection", "importlib-metadata", "lazy-importer",

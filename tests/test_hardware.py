@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from advisor import hardware
-from advisor.hardware import (
+from advisor.probe import hardware
+from advisor.probe.hardware import (
     GpuInfo,
     format_cuda_driver_version,
     gpu_from_nvml_readings,
@@ -166,7 +166,7 @@ def test_backends_follow_gpu_and_packages():
 
 def test_probe_imports_neither_torch_nor_diffusers():
     code = (
-        "import sys, json; from advisor.hardware import probe_machine; "
+        "import sys, json; from advisor.probe.hardware import probe_machine; "
         "json.dumps(probe_machine().to_dict()); "
         "print(json.dumps(sorted(m for m in ('torch', 'diffusers', 'transformers', 'optuna') if m in sys.modules)))"
     )

@@ -1,4 +1,4 @@
-"""advisor.measure: one candidate measured for real in its own process, and every way a trial can end.
+"""advisor.run.measure: one candidate measured for real in its own process, and every way a trial can end.
 
 A real measurement of the tiny Flux pipeline on CPU; the step fit; and out-of-memory, crash and
 timeout as results (a `Measurement` with a status and a reason), never as exceptions. The
@@ -13,8 +13,8 @@ import time
 import pytest
 
 from advisor.config import Compile, OptimizationConfig
-from advisor.measure import Measurement, fit_steps, is_oom, measure
-from advisor.workload import Workload
+from advisor.probe.workload import Workload
+from advisor.run.measure import Measurement, fit_steps, is_oom, measure
 
 WORKLOAD = Workload(kind="image", height=32, width=32, steps=4)
 
@@ -119,7 +119,7 @@ def test_a_timeout_is_a_result(tiny_flux_dir):
 
 
 def test_a_child_that_dies_without_a_result_is_classified(tmp_path):
-    from advisor.measure import _classify_death
+    from advisor.run.measure import _classify_death
 
     assert _classify_death(-9, "").status == "oom"  # the kernel's OOM killer
     crash = _classify_death(1, "Traceback ...\nSegmentation fault")

@@ -1,7 +1,7 @@
 """The tuning report: Pareto front, plot and Markdown summary from trial records."""
 
-from advisor.report import markdown, pareto_front, write_report
-from advisor.tune import TrialRecord, TuneResult
+from advisor.run.report import markdown, pareto_front, write_report
+from advisor.run.tune import TrialRecord, TuneResult
 
 MB = 2**20
 

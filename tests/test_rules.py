@@ -4,19 +4,18 @@ import pytest
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.errors import UsageError
-from advisor.models import load_profile
-from advisor.rules import (
+from advisor.plan.rules import (
     RULES,
     Context,
     bitsandbytes_needs_cuda,
     channels_last_for_unets,
+    compiled_torchao_needs_leaf_or_stream_offload,
     default_budget,
     dynamic_quantization_needs_compile,
     dynamo_cache_limit_with_offload,
     dynamo_capture_for_bitsandbytes,
     fp8_compute_needs_sm89,
     images_prefer_model_offload,
-    compiled_torchao_needs_leaf_or_stream_offload,
     installed_diffusers_supports_it,
     no_fullgraph_with_offload_hooks,
     offload_needs_an_accelerator,
@@ -28,8 +27,9 @@ from advisor.rules import (
     vae_tiling_when_decode_dominates,
     video_prefers_group_offload,
 )
-from advisor.target import TargetHardware, planned_target
-from advisor.workload import make_workload
+from advisor.probe.models import load_profile
+from advisor.probe.target import TargetHardware, planned_target
+from advisor.probe.workload import make_workload
 
 GIB = 2**30
 NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])
@@ -294,8 +294,8 @@ SCENARIOS = [
 
 @pytest.mark.parametrize(("model", "gpu", "budget", "job"), SCENARIOS)
 def test_every_recommended_config_is_accepted_by_apply(model, gpu, budget, job):
-    """The rule engine never proposes what advisor.apply would refuse (checked without a GPU)."""
-    from advisor.apply import check_config
+    """The rule engine never proposes what advisor.run.apply would refuse (checked without a GPU)."""
+    from advisor.run.apply import check_config
 
     result = pick(model, budget=budget, target=planned_target(machine=None, **gpu), **job)
     configs = ([result.best] if result.best else []) + result.alternatives

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from advisor.tune import TuneSettings, open_storage, run_study
+from advisor.run.tune import TuneSettings, open_storage, run_study
 
 ADVISOR = shutil.which("advisor") or str(Path(sys.executable).with_name("advisor"))
 POSTGRES_URL = os.environ.get("ADVISOR_TEST_POSTGRES_URL")
@@ -99,12 +99,12 @@ def point(params: dict) -> str:
 
 @functools.lru_cache
 def _space(model: str, budget_bytes: int) -> frozenset[str]:
-    from advisor.hardware import probe_machine
-    from advisor.models import load_profile
-    from advisor.rules import Context
-    from advisor.target import target_from_probe
-    from advisor.tune import search_space
-    from advisor.workload import make_workload
+    from advisor.plan.rules import Context
+    from advisor.probe.hardware import probe_machine
+    from advisor.probe.models import load_profile
+    from advisor.probe.target import target_from_probe
+    from advisor.probe.workload import make_workload
+    from advisor.run.tune import search_space
 
     machine = probe_machine()
     profile = load_profile(model)
@@ -130,10 +130,10 @@ def ran_to_its_end(study, trials: int, points: frozenset[str]) -> bool:
 
 def context(model):
     """(profile, workload, target, packages) for `run_study` on `model`, 32x32, 4 steps."""
-    from advisor.hardware import probe_machine
-    from advisor.models import load_profile
-    from advisor.target import target_from_probe
-    from advisor.workload import make_workload
+    from advisor.probe.hardware import probe_machine
+    from advisor.probe.models import load_profile
+    from advisor.probe.target import target_from_probe
+    from advisor.probe.workload import make_workload
 
     machine = probe_machine()
     profile = load_profile(str(model))
@@ -142,8 +142,8 @@ def context(model):
 
 @functools.lru_cache(maxsize=1)
 def cpu_target() -> bool:
-    from advisor.hardware import probe_machine
-    from advisor.target import target_from_probe
+    from advisor.probe.hardware import probe_machine
+    from advisor.probe.target import target_from_probe
 
     return target_from_probe(probe_machine()).device == "cpu"
 
@@ -178,8 +178,8 @@ def tuned(tiny_flux_dir, env, tmp_path_factory):
 def test_tune_runs_to_the_end_and_its_config_loads_applies_and_runs(tuned, tiny_flux_dir):
     import numpy as np
 
-    from advisor.apply import load_pipeline
     from advisor.config import OptimizationConfig, load_config
+    from advisor.run.apply import load_pipeline
     from advisor.testing import tiny_call_kwargs
 
     assert tuned.result.returncode == 0, tuned.result.stderr[-3000:]
@@ -470,7 +470,7 @@ def test_two_processes_share_a_postgres_study(tiny_flux_dir, env, postgres_url):
 
 _OPEN_AT_ONCE = """
 import os, sys, time
-from advisor.tune import open_storage
+from advisor.run.tune import open_storage
 import optuna, sqlalchemy
 print("ready", flush=True)
 while not os.path.exists(sys.argv[2]):

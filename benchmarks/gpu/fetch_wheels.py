@@ -14,7 +14,7 @@ It lacks diffusers, bitsandbytes, optuna and optuna's and pydantic's dependencie
 The list is resolved by hand, deliberately, and pinned to the versions this project is tested with
 on the development machines (`.venv`):
 
-- ``required``: what the image lacks and ``import advisor.cli, advisor.apply, advisor.tune,
+- ``required``: what the image lacks and ``import advisor.cli, advisor.run.apply, advisor.run.tune,
   diffusers, bitsandbytes, optuna`` needs;
 - ``fallback``: small packages the image has, carried in case its copy is missing or too old for a
   requirement; the kit (``run_kit.py``) installs a fallback only when the image's copy does not
@@ -123,8 +123,8 @@ PINNED: tuple[Pin, ...] = (
     Pin("MarkupSafe", "3.0.4", "fallback", "Mako"),
     Pin("pillow", "13.0.0", "fallback", "diffusers imports PIL"),
     Pin("accelerate", "1.15.0", "fallback", "model/sequential CPU offload (pyproject: accelerate>=1.0)"),
-    Pin("psutil", "7.2.2", "fallback", "advisor.hardware"),
-    Pin("nvidia-ml-py", "13.615.71", "fallback", "advisor.hardware (NVML)"),
+    Pin("psutil", "7.2.2", "fallback", "advisor.probe.hardware"),
+    Pin("nvidia-ml-py", "13.615.71", "fallback", "advisor.probe.hardware (NVML)"),
 )
 
 

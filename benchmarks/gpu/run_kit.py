@@ -13,7 +13,7 @@ One command does everything (docs/gpu-kit.md has the exact `run` call)::
    (``advisor/catalog/flux.1-dev.json``), on the GPU, in bf16, saved once under ``--work`` and reused.
    ``--depth`` scales the transformer's double- and single-stream block counts and T5's layers (full
    width, full CLIP and VAE); ``--depth 1`` is the real 12B + 4.7B size (31 GiB on disk).
-3. **Measure**, each candidate in its own process (`advisor.measure.measure`: latency extrapolated
+3. **Measure**, each candidate in its own process (`advisor.run.measure.measure`: latency extrapolated
    from 2- and 4-step runs, ``max_memory_allocated`` and ``max_memory_reserved``), most valuable first:
    ``seed`` (the seed page's three nf4 combinations), ``recommend`` (the rule engine's pick for 16 GB
    and 13 GB, with the estimate's predicted peak next to the measured one), ``tune`` (``advisor tune
@@ -450,7 +450,7 @@ def _environment_child(spec: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:
             info["bitsandbytes_smoke"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
     try:
-        from advisor.calibrate import calibrate
+        from advisor.probe.calibrate import calibrate
 
         info["calibration"] = calibrate(seconds=spec.get("calibrate_s", 0.5))
     except Exception as exc:
@@ -568,7 +568,7 @@ def cpu_equivalent(config: Any, *, torchao: bool) -> tuple[Any, list[str]]:
 
 def finish(config: Any, ctx: Any) -> tuple[Any, str | None]:
     """Run the rule engine's adjust rules on `config`; return it and the filter rule rejecting it, if any."""
-    from advisor.rules import finish_candidate, rules_of
+    from advisor.plan.rules import finish_candidate, rules_of
 
     rejected = next((f.name for f in rules_of("filter") if f.apply(config, ctx)), None)
     return finish_candidate(config, ctx)[0], rejected
@@ -654,7 +654,7 @@ class Kit:
 
     def expected_s(self, config: Any) -> float:
         """Seconds one `measure` of `config` should take: start-up, load, warm-up and timed calls."""
-        from advisor.estimate import estimate
+        from advisor.plan.estimate import estimate
 
         est = estimate(self.profile, self.workload, config, self.target)
         points, repeats = self.step_points, self.repeats
@@ -691,10 +691,10 @@ class Kit:
 
     # measuring ----------------------------------------------------------------------------------
     def measure_item(self, item: Item) -> None:
-        from advisor.estimate import estimate
-        from advisor.measure import measure
-        from advisor.rules import peak_bytes
-        from advisor.tune import measured_peak
+        from advisor.plan.estimate import estimate
+        from advisor.plan.rules import peak_bytes
+        from advisor.run.measure import measure
+        from advisor.run.tune import measured_peak
 
         config = item.config
         est = estimate(self.profile, self.workload, config, self.target)
@@ -830,7 +830,7 @@ def _measure_mapped(kit: Kit, item: Item, config: Any, *, needs_bnb: bool = Fals
 
 
 def part_recommend(kit: Kit) -> None:
-    from advisor.recommend import make_recommendation
+    from advisor.plan.recommend import make_recommendation
 
     for gb in RECOMMEND_BUDGETS_GB:
         budget = kit.scaled_budget(gb)
@@ -865,7 +865,7 @@ def part_recommend(kit: Kit) -> None:
 
 def part_tune(kit: Kit) -> None:
     from advisor.config import OptimizationConfig
-    from advisor.tune import TuneSettings, run_study
+    from advisor.run.tune import TuneSettings, run_study
 
     budget = kit.scaled_budget(TUNE_BUDGET_GB)
     item = Item(id=f"tune/{TUNE_BUDGET_GB}GB", part="tune", label=f"advisor tune --budget {TUNE_BUDGET_GB}GB", budget_bytes=budget)
@@ -1082,12 +1082,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(kit: Kit) -> int:
     args, log = kit.args, kit.log
-    from advisor.estimate import estimate
-    from advisor.hardware import probe_machine
-    from advisor.models import load_profile, profile_from_folder
-    from advisor.rules import Context, peak_bytes
-    from advisor.target import target_from_probe
-    from advisor.workload import make_workload
+    from advisor.plan.estimate import estimate
+    from advisor.plan.rules import Context, peak_bytes
+    from advisor.probe.hardware import probe_machine
+    from advisor.probe.models import load_profile, profile_from_folder
+    from advisor.probe.target import target_from_probe
+    from advisor.probe.workload import make_workload
 
     kit.machine = probe_machine()
     gpu = not args.dry_run
@@ -1158,7 +1158,7 @@ def run(kit: Kit) -> int:
         kit.budget_scaling_note = "full size: budgets as given"
         kit.scaled_budget = lambda gb: gb * GIB
     else:
-        from advisor.rules import default_budget
+        from advisor.plan.rules import default_budget
 
         kit.budget_scaling_note = "dry run: the CPU's default budget (available RAM - 10%) replaces the GPU budgets"
         kit.scaled_budget = lambda gb: default_budget(kit.target)

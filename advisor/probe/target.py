@@ -7,15 +7,14 @@ host->device bandwidth, each with where it came from (probe, calibration, datash
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from advisor.errors import UsageError
-from advisor.hardware import MachineProfile, pcie_bandwidth
-from advisor.models import DATA_DIR
+from advisor.paths import DATA_DIR, advisor_cache_dir
+from advisor.probe.hardware import MachineProfile, pcie_bandwidth
 
 GIB = 2**30
 # Planning defaults when neither the card nor a calibration is known: an RTX 4090-class GPU.
@@ -41,8 +40,7 @@ def lookup_gpu(name: str) -> tuple[str, dict[str, Any]] | None:
 
 
 def calibration_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "advisor" / "calibration.json"
+    return advisor_cache_dir() / "calibration.json"
 
 
 def load_calibration(device_name: str) -> dict[str, Any] | None:

@@ -2,7 +2,7 @@
 
 Measures this machine's matmul throughput (bf16 on CUDA, fp32 on CPU) and, on CUDA, the pinned
 host->device copy bandwidth, and stores them per device name in ``~/.cache/advisor/calibration.json``
-where `advisor.target` finds them. Imports torch, so it is never on the fast path.
+where `advisor.probe.target` finds them. Imports torch, so it is never on the fast path.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any
 
-from advisor.target import calibration_path
+from advisor.probe.target import calibration_path
 
 
 def _time(fn, *, min_seconds: float, sync) -> float:

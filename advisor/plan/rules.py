@@ -22,11 +22,11 @@ from typing import Any, Callable
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.errors import UsageError
-from advisor.estimate import Estimate, estimate
-from advisor.models import ModelProfile
-from advisor.target import TargetHardware
+from advisor.plan.estimate import Estimate, estimate
+from advisor.probe.models import ModelProfile
+from advisor.probe.target import TargetHardware
+from advisor.probe.workload import Workload
 from advisor.units import format_size
-from advisor.workload import Workload
 
 GIB = 2**30
 DOCS = "https://huggingface.co/docs/diffusers/main/en/optimization"

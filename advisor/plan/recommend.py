@@ -11,11 +11,11 @@ from typing import Any
 
 from advisor import __version__
 from advisor.config import OptimizationConfig, Provenance
-from advisor.hardware import MachineProfile
-from advisor.models import ModelProfile
-from advisor.rules import Recommendation, recommend
-from advisor.target import TargetHardware
-from advisor.workload import Workload
+from advisor.plan.rules import Recommendation, recommend
+from advisor.probe.hardware import MachineProfile
+from advisor.probe.models import ModelProfile
+from advisor.probe.target import TargetHardware
+from advisor.probe.workload import Workload
 
 
 @dataclass

@@ -287,7 +287,7 @@ def _model_index(model: str | Path) -> tuple[dict[str, Any], str] | None:
 
 def _catalog_entry(model: str) -> dict[str, Any] | None:
     try:
-        from advisor.models import catalog_index
+        from advisor.probe.models import catalog_index
 
         path = catalog_index().get(str(model).lower())
         return json.loads(Path(path).read_text()) if path else None
@@ -659,10 +659,10 @@ def check_pipeline(pipe: Any, config: OptimizationConfig) -> None:
 
 def _casting_skips(cls: type | None) -> tuple[str, ...]:
     """Modules a text encoder keeps at the compute dtype under layerwise casting: diffusers' defaults,
-    the embeddings (see `advisor.models.ENCODER_CASTING_SKIP_PATTERNS`) and its own fp32 modules."""
+    the embeddings (see `advisor.probe.models.ENCODER_CASTING_SKIP_PATTERNS`) and its own fp32 modules."""
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-    from advisor.models import ENCODER_CASTING_SKIP_PATTERNS
+    from advisor.probe.models import ENCODER_CASTING_SKIP_PATTERNS
 
     own = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ()) if cls is not None else ()
     return tuple(dict.fromkeys((*DEFAULT_SKIP_MODULES_PATTERN, *ENCODER_CASTING_SKIP_PATTERNS, *own)))
@@ -882,7 +882,7 @@ def _workload(config: OptimizationConfig, layout: _Layout) -> str:
     pipeline_class = layout.pipeline_class or config.provenance.pipeline_class
     if pipeline_class:
         try:
-            from advisor.models import classify_workload
+            from advisor.probe.models import classify_workload
 
             return classify_workload(pipeline_class)[0]
         except Exception:

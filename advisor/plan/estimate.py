@@ -26,10 +26,11 @@ from typing import Any
 
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
-from advisor.models import DATA_DIR, ComponentProfile, ModelProfile
-from advisor.safetensors_header import dtype_size
-from advisor.target import TargetHardware
-from advisor.workload import Workload, pipeline_behaviour
+from advisor.paths import DATA_DIR
+from advisor.probe.models import ComponentProfile, ModelProfile
+from advisor.probe.safetensors_header import dtype_size
+from advisor.probe.target import TargetHardware
+from advisor.probe.workload import Workload, pipeline_behaviour
 
 PHASES = ("text_encoding", "denoising", "vae_decode")
 _ROLE_OF_PHASE = {"text_encoding": "text_encoder", "denoising": "denoiser", "vae_decode": "vae"}
@@ -239,9 +240,9 @@ def estimate(
 ) -> Estimate:
     """Predict peak device memory, peak host RAM and latency of running `workload` with `config`.
 
-    >>> from advisor.models import load_profile
-    >>> from advisor.workload import make_workload
-    >>> from advisor.target import planned_target
+    >>> from advisor.probe.models import load_profile
+    >>> from advisor.probe.workload import make_workload
+    >>> from advisor.probe.target import planned_target
     >>> profile = load_profile("black-forest-labs/FLUX.1-dev")
     >>> e = estimate(profile, make_workload(profile), OptimizationConfig(), planned_target(machine=None, vram=80 * 2**30))
     >>> round(e.weight_bytes["transformer"] / 2**30, 1)

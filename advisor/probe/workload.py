@@ -13,7 +13,8 @@ from functools import lru_cache
 from typing import Any
 
 from advisor.errors import UsageError
-from advisor.models import DATA_DIR, ModelProfile
+from advisor.paths import DATA_DIR
+from advisor.probe.models import ModelProfile
 
 
 @lru_cache(maxsize=1)

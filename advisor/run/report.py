@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from advisor.tune import TrialRecord, TuneResult
+from advisor.run.tune import TrialRecord, TuneResult
 from advisor.units import format_size
 
 GIB = 2**30

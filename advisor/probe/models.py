@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from advisor.errors import ModelError
-from advisor.safetensors_header import DTYPES, TensorInfo, read_header
+from advisor.paths import CATALOG_DIR, DATA_DIR
+from advisor.probe.safetensors_header import DTYPES, TensorInfo, read_header
 
 WORKLOADS = ("image", "video", "audio")
-DATA_DIR = Path(__file__).resolve().parent / "data"
-CATALOG_DIR = Path(__file__).resolve().parent / "catalog"
 
 # diffusers' layerwise casting skips modules whose name matches these (hooks/layerwise_casting.py).
 DEFAULT_CASTING_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")

@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from advisor.paths import user_cache_dir
+
 # Per-lane, per-direction payload bandwidth of each PCIe generation in bytes/s, after line coding
 # (8b/10b for gen 1-2, 128b/130b for gen 3-5, FLIT for gen 6).
 PCIE_LANE_BYTES_PER_S = {
@@ -276,9 +278,7 @@ def hf_cache_dir() -> Path:
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "huggingface" / "hub"
+    return user_cache_dir() / "huggingface" / "hub"
 
 
 def _free_disk(path: Path) -> int | None:

@@ -1,6 +1,6 @@
 """Measure one candidate for real: load, warm up, time, record peak memory, in its own process.
 
-Every trial runs in a fresh ``python -m advisor.measure`` child so compile caches, offload hooks and
+Every trial runs in a fresh ``python -m advisor.run.measure`` child so compile caches, offload hooks and
 allocator fragmentation never leak from one candidate into the next, and an out-of-memory error,
 a crash or a hang costs one trial, not the study. The parent reads the child's result file; a
 child that dies without one is classified from its exit status and stderr.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from advisor.config import OptimizationConfig
-from advisor.workload import Workload
+from advisor.probe.workload import Workload
 
 OOM_MARKERS = (
     "out of memory",
@@ -111,7 +111,7 @@ def measure(
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
         try:
             child = subprocess.run(
-                [sys.executable, "-m", "advisor.measure"],
+                [sys.executable, "-m", "advisor.run.measure"],
                 input=json.dumps(spec),
                 capture_output=True,
                 text=True,
@@ -187,8 +187,8 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers  # noqa: F401
 
-    from advisor.apply import load_pipeline
     from advisor.config import config_from_dict
+    from advisor.run.apply import load_pipeline
 
     baseline_rss = psutil.Process().memory_info().rss
 

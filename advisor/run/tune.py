@@ -3,7 +3,7 @@
 The search space is the rule engine's: quantization choice x offload strategy x compile, restricted
 to what is valid on the target. The rule engine's pick and alternatives are enqueued first; the
 estimate skips candidates predicted far over budget (``prune=False`` measures them anyway); every
-other trial runs in a fresh subprocess (`advisor.measure`). A trial's peak memory against the budget
+other trial runs in a fresh subprocess (`advisor.run.measure`). A trial's peak memory against the budget
 is its constraint (``trial.set_constraint``): over budget, out of memory, crash and timeout are
 infeasible trials with their reason, and the study goes on.
 
@@ -27,10 +27,9 @@ from typing import Any, Callable
 from advisor import __version__
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Provenance, Quantization
 from advisor.errors import TuneError, UsageError
-from advisor.estimate import estimate
-from advisor.measure import Measurement, measure
-from advisor.models import ModelProfile
-from advisor.rules import (
+from advisor.paths import advisor_cache_dir
+from advisor.plan.estimate import estimate
+from advisor.plan.rules import (
     Context,
     candidate,
     default_budget,
@@ -41,9 +40,11 @@ from advisor.rules import (
     recommend,
     rules_of,
 )
-from advisor.target import TargetHardware
+from advisor.probe.models import ModelProfile
+from advisor.probe.target import TargetHardware
+from advisor.probe.workload import Workload
+from advisor.run.measure import Measurement, measure
 from advisor.units import format_size
-from advisor.workload import Workload
 
 # Candidates predicted beyond budget x this are skipped without measuring (unless prune=False).
 PRUNE_MARGIN = 1.25
@@ -51,7 +52,7 @@ PRUNE_MARGIN = 1.25
 
 def default_storage() -> str:
     """SQLite file under the user cache: ``~/.cache/advisor/studies.db`` (honours XDG_CACHE_HOME)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "advisor"
+    base = advisor_cache_dir()
     base.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{base / 'studies.db'}"
 
@@ -533,6 +534,6 @@ def _drop_option(argv: list[str], option: str) -> list[str]:
 
 
 def _gpu_count() -> int:
-    from advisor.hardware import probe_gpus
+    from advisor.probe.hardware import probe_gpus
 
     return len(probe_gpus()[0])
