@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from typing import Any
 
 import typer
@@ -110,19 +109,10 @@ def inspect(
     console.print(table)
 
 
-def resolve_target(machine, *, vram: str | None, ram: str | None, gpu: str | None):
-    """This machine, or the one described by --vram/--ram/--gpu (sizes parsed, errors name the flag)."""
-    from advisor.probe.target import planned_target, target_from_probe
+def _size(text: str | None, flag: str) -> int | None:
     from advisor.units import parse_size
 
-    vram_bytes = parse_size(vram, name="--vram") if vram is not None else None
-    ram_bytes = parse_size(ram, name="--ram") if ram is not None else None
-    if vram_bytes is None and gpu is None:
-        target = target_from_probe(machine)
-        if ram_bytes is not None:
-            target = replace(target, ram_total_bytes=ram_bytes, ram_available_bytes=ram_bytes, source=target.source + ", --ram")
-        return target
-    return planned_target(machine=machine, vram=vram_bytes, ram=ram_bytes, gpu=gpu)
+    return parse_size(text, name=flag) if text is not None else None
 
 
 @app.command()
@@ -145,11 +135,12 @@ def estimate(
     from advisor.plan.estimate import estimate as run_estimate
     from advisor.probe.hardware import probe_machine
     from advisor.probe.models import load_profile
+    from advisor.probe.target import resolve_target
     from advisor.probe.workload import make_workload
 
     profile = load_profile(model, workload=workload)
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
-    target = resolve_target(probe_machine(), vram=vram, ram=ram, gpu=gpu)
+    target = resolve_target(probe_machine(), vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu)
     config = load_config(config_file) if config_file else OptimizationConfig(device=target.device)
     result = run_estimate(profile, job, config, target)
     if as_json:
@@ -202,8 +193,8 @@ DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 NOTHING_FITS_EXIT = 3
 
 
-@app.command()
-def recommend(
+@app.command("recommend")
+def recommend_command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub id, catalog alias, or a local pipeline folder."),
     workload: str = typer.Option(None, "--workload", help="Override the workload kind: image or video."),
     height: int = typer.Option(None, "--height", help="Height in pixels (default: the pipeline's)."),
@@ -221,35 +212,31 @@ def recommend(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Recommend the fastest configuration predicted to fit, and explain why (instant, no weights loaded)."""
-    from advisor.plan.recommend import make_recommendation
+    from advisor.plan.recommend import recommend
+    from advisor.plan.scenario import scenario_for
     from advisor.probe.hardware import probe_machine
-    from advisor.probe.models import load_profile
-    from advisor.probe.workload import make_workload
-    from advisor.units import parse_size
 
     if emit not in (None, "python"):
         raise UsageError(f"--emit: {emit!r} is not supported; use --emit python")
-    budget_bytes = parse_size(budget, name="--budget") if budget is not None else None
-    machine = probe_machine()
-    target = resolve_target(machine, vram=vram, ram=ram, gpu=gpu)
-    profile = load_profile(model, workload=workload)
-    job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
-    planning_here = vram is None and gpu is None
-    result = make_recommendation(
-        profile, job, target, machine=machine if planning_here else None, budget_bytes=budget_bytes,
-        compile_choices=(False,) if no_compile else (True, False),
+    budget_bytes = _size(budget, "--budget")
+    scenario = scenario_for(
+        probe_machine(), model, workload=workload, height=height, width=width, frames=frames, steps=steps, batch=batch,
+        vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu, budget_bytes=budget_bytes,
     )
-    if result.config is not None and output:
-        result.config.save(output)
+    result = recommend(scenario, compile_choices=(False,) if no_compile else (True, False))
+    config = result.config
+    if config is not None and output:
+        config.save(output)
     if as_json:
         print_json(result.to_dict())
-    elif emit == "python" and result.config is not None:
-        from advisor.run.apply import emit_python
+    elif emit == "python" and config is not None:
+        from advisor.run.emit import emit_python
 
-        sys.stdout.write(emit_python(profile.path if profile.source == "folder" else profile.model_id, result.config))
+        profile = scenario.profile
+        sys.stdout.write(emit_python(profile.path if profile.source == "folder" else profile.model_id, config))
     else:
-        _render_recommendation(result, output)
-    if result.config is None:
+        _render_recommendation(result, config, output)
+    if config is None:
         raise typer.Exit(NOTHING_FITS_EXIT)
 
 
@@ -276,38 +263,37 @@ def tune(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or table (used by worker processes)."),
 ) -> None:
     """Measure real candidates with optuna and emit the fastest configuration that truly fits the budget."""
+    from advisor.plan.scenario import scenario_for
     from advisor.probe.hardware import probe_machine
-    from advisor.probe.models import hub_offline, hub_reachable, load_profile
-    from advisor.probe.target import target_from_probe
-    from advisor.probe.workload import make_workload
-    from advisor.run.tune import TuneSettings, run_study, run_workers
-    from advisor.units import parse_size
+    from advisor.probe.models import hub_offline, hub_reachable
+    from advisor.run.tune import TuneSettings, run_study
+    from advisor.run.workers import run_workers
 
-    budget_bytes = parse_size(budget, name="--budget")
+    budget_bytes = _size(budget, "--budget")
     if workers < 1:
         raise UsageError(f"--workers: {workers} must be at least 1")
     if workers > 1 and (storage is None or storage.startswith("sqlite")):
         raise UsageError("--workers: several workers need a shared storage: --storage journal:PATH or postgresql://...")
     machine = probe_machine()
-    target = target_from_probe(machine)
-    profile = load_profile(model, workload=workload)
+    scenario = scenario_for(
+        machine, model, workload=workload, height=height, width=width, frames=frames, steps=steps, batch=batch,
+        budget_bytes=budget_bytes,
+    )
+    profile = scenario.profile
     if profile.source == "catalog" and (hub_offline() or not hub_reachable()):
         raise ModelError(
             f"--model: {profile.model_id} is not downloaded and the hub can't be reached; tune measures real "
             "runs, so download it first (huggingface-cli download) or pass a local pipeline folder"
         )
-    job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
     settings = TuneSettings(
         trials=trials, timeout_s=trial_timeout, prune=not no_prune, compile_choices=(False,) if no_compile else (True, False)
     )
     model_ref = profile.path if profile.source in {"folder", "cache"} else profile.model_id
     if workers > 1:
-        result = run_workers(_state.get("argv", sys.argv[1:]), workers, model_ref, profile, job, target, budget_bytes=budget_bytes,
-                             packages=machine.software.packages, storage=storage, study=study, settings=settings)
+        result = run_workers(_state.get("argv", sys.argv[1:]), workers, model_ref, scenario, storage=storage, study=study, settings=settings)
     else:
         result = _run_with_progress(
-            lambda on_trial: run_study(model_ref, profile, job, target, budget_bytes=budget_bytes, packages=machine.software.packages,
-                                       storage=storage, study=study, settings=settings, on_trial=on_trial),
+            lambda on_trial: run_study(model_ref, scenario, storage=storage, study=study, settings=settings, on_trial=on_trial),
             trials, quiet or as_json,
         )
     if result.config is not None and output:
@@ -375,40 +361,40 @@ def _render_tune(result, output: str | None) -> None:
         console.print(f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))")
 
 
-def _render_recommendation(result, output: str | None) -> None:
+def _render_recommendation(result, config, output: str | None) -> None:
     console = _stdout()
-    for note in result.notes:
+    scenario = result.scenario
+    target = scenario.target
+    for note in scenario.notes:
         console.print(f"note: {note}")
-    console.print(f"{result.model} | {result.workload.label()} | {result.target.name}")
-    if result.config is None:
-        console.print(f"Nothing fits the {format_size(result.budget_bytes)} budget.")
+    console.print(f"{scenario.profile.model_id} | {scenario.workload.label()} | {target.name}")
+    if config is None:
+        console.print(f"Nothing fits the {format_size(scenario.budget_bytes)} budget.")
         for line in result.advice:
             console.print(f"  - {line}")
         return
-    from advisor.plan.rules import peak_bytes
-
-    best = result.recommendation.best
-    cpu = result.target.device == "cpu"
-    console.print(f"Recommended: {result.config.summary()}")
+    best = result.best
+    cpu = target.device == "cpu"
+    console.print(f"Recommended: {config.summary()}")
     peak_label = "peak RAM" if cpu else "peak VRAM"
     host = "" if cpu else f", host RAM {format_size(best.estimate.peak_ram_bytes)}"
     console.print(
-        f"  {peak_label} {format_size(peak_bytes(best.estimate, result.target))} of "
-        f"{format_size(result.budget_bytes)} budget{host}, predicted {best.estimate.latency_s:.1f}s"
+        f"  {peak_label} {format_size(best.estimate.limited_peak(target.device))} of "
+        f"{format_size(scenario.budget_bytes)} budget{host}, predicted {best.estimate.latency_s:.1f}s"
     )
     console.print("Why:")
-    for reason in result.recommendation.reasons:
+    for reason in result.reasons:
         console.print(f"  - {reason}")
-    if result.recommendation.alternatives:
+    if result.alternatives:
         table = Table(title="Alternatives", title_justify="left")
         table.add_column("configuration")
         table.add_column(peak_label, justify="right")
         table.add_column("host RAM", justify="right")
         table.add_column("latency", justify="right")
-        for alternative in result.recommendation.alternatives:
+        for alternative in result.alternatives:
             table.add_row(
                 alternative.config.summary(),
-                format_size(peak_bytes(alternative.estimate, result.target)),
+                format_size(alternative.estimate.limited_peak(target.device)),
                 format_size(alternative.estimate.peak_ram_bytes),
                 f"{alternative.estimate.latency_s:.1f}s",
             )

@@ -14,6 +14,8 @@ import re
 
 from advisor.errors import UsageError
 
+GIB = 2**30  # the "GB" of this project (see above)
+
 _UNIT_EXPONENTS = {"": 0, "b": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 _SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
 _VALID_FORMS = "a number of bytes or a number with a unit, e.g. 12GB, 12 GiB, 12000MB, 1.5T"
@@ -67,3 +69,11 @@ def format_size(num_bytes: int | float | None, *, precision: int = 2) -> str:
     if unit == "B":
         return f"{sign}{int(value)} B"
     return f"{sign}{value:.{precision}f} {unit}"
+
+
+def parse_capability(text: str | None) -> float:
+    """A CUDA compute capability as a number ("8.9" -> 8.9); 0.0 for none or an unreadable one."""
+    try:
+        return float(text or 0)
+    except (TypeError, ValueError):
+        return 0.0

@@ -27,6 +27,7 @@ from typing import Any
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
 from advisor.paths import DATA_DIR
+from advisor.plan.scenario import limited_peak
 from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
@@ -78,6 +79,21 @@ class Estimate:
         for phase, obj in zip(data["phases"], self.phases):
             phase["device_bytes"] = obj.device_bytes
         return data
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers, as `recommend --json` and a config's provenance carry them."""
+        return {
+            "peak_vram_bytes": self.peak_vram_bytes,
+            "peak_ram_bytes": self.peak_ram_bytes,
+            "peak_phase": self.peak_phase,
+            "disk_bytes": self.disk_bytes,
+            "latency_s": round(self.latency_s, 3),
+            "step_latency_s": round(self.step_latency_s, 4),
+        }
+
+    def limited_peak(self, device: str) -> int:
+        """The predicted peak the budget limits on `device` (see `advisor.plan.scenario.limited_peak`)."""
+        return limited_peak(device, vram_bytes=self.peak_vram_bytes, ram_bytes=self.peak_ram_bytes)
 
 
 # --- weights ------------------------------------------------------------------------------------
@@ -164,7 +180,7 @@ def resident_bytes(component: ComponentProfile, weights: int, config: Optimizati
 def denoiser_tokens(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload) -> tuple[int, int]:
     """(sequence length of one denoiser call, hidden size) for this workload."""
     facts = denoiser.facts
-    vae = next(iter(profile.by_role("vae")), None)
+    vae = profile.vae
     spatial = vae.facts.get("spatial_compression", 8) if vae else 8
     temporal = vae.facts.get("temporal_compression", 1) if vae else 1
     latent_channels = vae.facts.get("latent_channels", 4) if vae else 4
@@ -213,7 +229,7 @@ def _activation_bytes(profile: ModelProfile, workload: Workload, config: Optimiz
             reserve = 0 if on_cpu else k["denoiser_runtime_reserve_per_parameter"] * denoiser.parameters
             sizes.append(live + reserve)
         return int(max(sizes, default=0))
-    vae = next(iter(profile.by_role("vae")), None)
+    vae = profile.vae
     if vae is None:
         return 0
     height, width = workload.height, workload.width
@@ -401,7 +417,7 @@ def _latency(profile, workload, config, target, weights, on_cpu) -> tuple[float,
         2 * t.parameters * t.facts.get("max_sequence_length", 77) * workload.batch / (flops_per_s * _speed_factor(config, t.name))
         for t in profile.by_role("text_encoder")
     )
-    vae = next(iter(profile.by_role("vae")), None)
+    vae = profile.vae
     pixels = workload.height * workload.width * workload.frames * workload.batch
     # A conv decoder applies its weights at roughly 1/16 of the output pixels on average.
     decode = 2 * (vae.parameters if vae else 0) * pixels / 16 / flops_per_s

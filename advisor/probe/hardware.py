@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from advisor.paths import user_cache_dir
+from advisor.units import parse_capability
 
 # Per-lane, per-direction payload bandwidth of each PCIe generation in bytes/s, after line coding
 # (8b/10b for gen 1-2, 128b/130b for gen 3-5, FLIT for gen 6).
@@ -348,47 +349,43 @@ def _package_version(name: str) -> str | None:
 
 
 def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) -> dict[str, BackendStatus]:
-    """Which quantization backends diffusers can use here, from versions and GPUs alone."""
+    """Which quantization backends diffusers can use here, from versions and GPUs alone.
 
-    def needs(package: str) -> str | None:
-        return None if packages.get(package) else f"{package} is not installed"
+    The quantizers the config schema knows are judged by `advisor.constraints` (one example config
+    each, on this machine's most capable GPU), so the table and the planner never disagree.
+    """
+    from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation
 
-    capabilities = [float(g.compute_capability) for g in gpus if g.compute_capability]
-    backends: dict[str, BackendStatus] = {}
-
-    # diffusers' bitsandbytes quantizer refuses to load without a GPU (validate_environment).
-    missing = needs("bitsandbytes")
-    if missing:
-        backends["bitsandbytes"] = BackendStatus(False, missing)
-    elif not gpus:
-        backends["bitsandbytes"] = BackendStatus(False, "needs a CUDA GPU (diffusers refuses it on CPU)")
-    else:
-        backends["bitsandbytes"] = BackendStatus(True, f"bitsandbytes {packages['bitsandbytes']} with a CUDA GPU")
-
-    missing = needs("torchao")
-    backends["torchao"] = BackendStatus(
-        not missing, missing or f"torchao {packages['torchao']}: int8 weight-only runs on CPU and GPU"
+    best = max(gpus, key=lambda g: parse_capability(g.compute_capability), default=None)
+    platform = Platform(
+        accelerator="cuda" if gpus else None,
+        compute_capability=best.compute_capability if best else None,
+        packages=packages,
+        cuda_devices=len(gpus),
+        no_cuda="this machine has no CUDA GPU",
     )
-
+    usable_because = {
+        "bitsandbytes": f"bitsandbytes {packages.get('bitsandbytes')} with a CUDA GPU",
+        "torchao": f"torchao {packages.get('torchao')}: int8 weight-only runs on CPU and GPU",
+        "fp8_compute": "fp8 matmuls via torchao",
+    }
+    backends: dict[str, BackendStatus] = {}
+    for name, example in BACKEND_EXAMPLES.items():
+        violation = first_violation(example("cuda" if gpus else "cpu"), platform)
+        backends[name] = BackendStatus(False, violation.message) if violation else BackendStatus(True, usable_because.get(name, "usable"))
     # Layerwise casting stores weights in float8 and computes in bf16: any device, torch only.
     backends["layerwise_fp8"] = BackendStatus(
         bool(packages.get("torch")), "storage-only fp8 casting, any device" if packages.get("torch") else "torch is not installed"
     )
-
-    if not gpus:
-        backends["fp8_compute"] = BackendStatus(False, "needs a CUDA GPU with compute capability >= 8.9")
-    elif max(capabilities, default=0.0) < 8.9:
-        backends["fp8_compute"] = BackendStatus(False, f"compute capability {max(capabilities, default=0)} < 8.9")
-    else:
-        backends["fp8_compute"] = BackendStatus(
-            bool(packages.get("torchao")), "fp8 matmuls via torchao" if packages.get("torchao") else "torchao is not installed"
-        )
-
-    missing = needs("optimum-quanto")
-    backends["quanto"] = BackendStatus(not missing, missing or "optimum-quanto installed")
-    missing = needs("gguf")
-    backends["gguf"] = BackendStatus(not missing, missing or "gguf installed (loads through from_single_file)")
-    return backends
+    # Not config levers (yet): reported by whether their package is installed.
+    for name, package, usable in (
+        ("quanto", "optimum-quanto", "optimum-quanto installed"),
+        ("gguf", "gguf", "gguf installed (loads through from_single_file)"),
+    ):
+        installed = bool(packages.get(package))
+        backends[name] = BackendStatus(installed, usable if installed else f"{package} is not installed")
+    order = ("bitsandbytes", "torchao", "layerwise_fp8", "fp8_compute")
+    return {name: backends[name] for name in sorted(backends, key=lambda n: order.index(n) if n in order else len(order))}
 
 
 def probe_software(gpus: list[GpuInfo]) -> SoftwareInfo:

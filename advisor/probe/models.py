@@ -122,6 +122,11 @@ class ModelProfile:
     def by_role(self, role: str) -> list[ComponentProfile]:
         return [c for c in self.components if c.role == role]
 
+    @property
+    def vae(self) -> ComponentProfile | None:
+        """The (first) VAE, which decodes the latents; None for a pipeline without one."""
+        return next(iter(self.by_role("vae")), None)
+
     def to_dict(self, *, include_config: bool = False) -> dict[str, Any]:
         """JSON-ready data (schema in docs/models.md); component configs only when asked."""
         data = asdict(self)

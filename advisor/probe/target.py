@@ -7,7 +7,7 @@ host->device bandwidth, each with where it came from (probe, calibration, datash
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,8 @@ from typing import Any
 from advisor.errors import UsageError
 from advisor.paths import DATA_DIR, advisor_cache_dir
 from advisor.probe.hardware import MachineProfile, pcie_bandwidth
+from advisor.units import GIB, parse_capability
 
-GIB = 2**30
 # Planning defaults when neither the card nor a calibration is known: an RTX 4090-class GPU.
 DEFAULT_GPU = "RTX 4090"
 # Pinned host->device copies reach about 80% of the PCIe link's theoretical rate in practice.
@@ -117,10 +117,7 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
 
 def _bf16_capable(compute_capability: str | None) -> bool:
     """bf16 tensor cores arrived with Ampere (compute capability 8.0)."""
-    try:
-        return float(compute_capability or 0) >= 8.0
-    except ValueError:
-        return False
+    return parse_capability(compute_capability) >= 8.0
 
 
 def _throughput(name, calibration, datasheet) -> tuple[float, float, list[str]]:
@@ -178,3 +175,19 @@ def planned_target(
         h2d_bytes_per_s=pcie_bandwidth(sheet["pcie_generation"], sheet["pcie_width"]) * PCIE_EFFICIENCY,
         source=source + ("" if ram is None else ", --ram"),
     )
+
+
+def resolve_target(
+    machine: MachineProfile, *, vram: int | None = None, ram: int | None = None, gpu: str | None = None
+) -> TargetHardware:
+    """This machine, or the one that --vram/--ram/--gpu describe (sizes in bytes).
+
+    Only --vram and --gpu make the plan one for another machine; --ram alone overrides this
+    machine's RAM.
+    """
+    if vram is None and gpu is None:
+        target = target_from_probe(machine)
+        if ram is not None:
+            target = replace(target, ram_total_bytes=ram, ram_available_bytes=ram, source=target.source + ", --ram")
+        return target
+    return planned_target(machine=machine, vram=vram, ram=ram, gpu=gpu)

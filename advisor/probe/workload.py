@@ -43,6 +43,19 @@ class Workload:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def call_kwargs(self, steps: int | None = None) -> dict[str, Any]:
+        """The pipeline call arguments for this workload (`steps` overrides the step count).
+
+        The batch is left out at 1, the pipelines' default, so generated scripts stay minimal.
+        """
+        kwargs: dict[str, Any] = {"height": self.height, "width": self.width}
+        if self.kind == "video":
+            kwargs["num_frames"] = self.frames
+        kwargs["num_inference_steps"] = self.steps if steps is None else steps
+        if self.batch != 1:
+            kwargs["num_videos_per_prompt" if self.kind == "video" else "num_images_per_prompt"] = self.batch
+        return kwargs
+
     def label(self) -> str:
         size = f"{self.width}x{self.height}"
         frames = f", {self.frames} frames" if self.kind == "video" else ""
@@ -79,7 +92,7 @@ def make_workload(
             raise UsageError(f"--{name}: {values[name]} is not a multiple of 8 (the VAE downsamples by 8 or more)")
     if profile.workload != "video" and values["frames"] != 1:
         raise UsageError(f"--frames: {values['frames']} given for an {profile.workload} pipeline; frames are for video")
-    vae = next(iter(profile.by_role("vae")), None)
+    vae = profile.vae
     temporal = vae.facts.get("temporal_compression", 1) if vae else 1
     if profile.workload == "video" and (values["frames"] - 1) % temporal:
         valid = ", ".join(str(temporal * n + 1) for n in (4, 8, 12, 20))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from advisor.config import OptimizationConfig
+from advisor.plan.scenario import limited_peak
 from advisor.probe.workload import Workload
 
 OOM_MARKERS = (
@@ -62,6 +63,10 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def limited_peak(self, device: str) -> int | None:
+        """The measured peak the budget limits on `device` (see `advisor.plan.scenario.limited_peak`)."""
+        return limited_peak(device, vram_bytes=self.peak_vram_bytes, ram_bytes=self.peak_rss_bytes)
 
 
 def fit_steps(step_times: dict[int, float]) -> tuple[float, float]:
@@ -164,18 +169,12 @@ def describe(error: BaseException) -> str:
 def _call_kwargs(workload: Workload, steps: int, seed: int) -> dict[str, Any]:
     import torch
 
-    kwargs: dict[str, Any] = {
+    return {
         "prompt": "a photo of a cat sitting on a mat",
-        "height": workload.height,
-        "width": workload.width,
-        "num_inference_steps": steps,
-        "num_images_per_prompt" if workload.kind == "image" else "num_videos_per_prompt": workload.batch,
+        **workload.call_kwargs(steps),
         "output_type": "np",
         "generator": torch.Generator().manual_seed(seed),
     }
-    if workload.kind == "video":
-        kwargs["num_frames"] = workload.frames
-    return kwargs
 
 
 def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:

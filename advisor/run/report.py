@@ -8,9 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from advisor.run.tune import TrialRecord, TuneResult
-from advisor.units import format_size
-
-GIB = 2**30
+from advisor.units import GIB, format_size
 
 
 def pareto_front(trials: list[TrialRecord]) -> list[TrialRecord]:

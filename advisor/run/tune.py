@@ -15,39 +15,28 @@ file or PostgreSQL.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from advisor import __version__
-from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Provenance, Quantization
+from advisor.config import OptimizationConfig
 from advisor.errors import TuneError, UsageError
 from advisor.paths import advisor_cache_dir
 from advisor.plan.estimate import estimate
-from advisor.plan.rules import (
-    Context,
-    candidate,
-    default_budget,
-    finish_candidate,
-    offload_choices,
-    peak_bytes,
-    quantization_choices,
-    recommend,
-    rules_of,
-)
-from advisor.probe.models import ModelProfile
-from advisor.probe.target import TargetHardware
-from advisor.probe.workload import Workload
+from advisor.plan.recommend import recommend
+from advisor.plan.scenario import Scenario
+from advisor.plan.space import SearchSpace
 from advisor.run.measure import Measurement, measure
+from advisor.run.trials import TrialRecord
 from advisor.units import format_size
 
 # Candidates predicted beyond budget x this are skipped without measuring (unless prune=False).
 PRUNE_MARGIN = 1.25
+# What `provenance.measured` of a tuned config carries from the best trial's measurement.
+MEASURED_IN_PROVENANCE = ("peak_vram_bytes", "peak_vram_reserved_bytes", "peak_rss_bytes", "per_step_s", "fixed_s", "warmup_s", "load_s")
 
 
 def default_storage() -> str:
@@ -94,103 +83,15 @@ def shown_storage(url: str) -> str:
         return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
-def study_name(profile: ModelProfile, workload: Workload, target: TargetHardware, budget_bytes: int) -> str:
+def study_name(scenario: Scenario) -> str:
     """Same model, workload, machine and budget -> same study, so re-running resumes it."""
-    key = json.dumps([profile.model_id, workload.to_dict(), target.name, target.device, budget_bytes], sort_keys=True)
+    profile, workload, target, budget = scenario.profile, scenario.workload, scenario.target, scenario.budget_bytes
+    key = json.dumps([profile.model_id, workload.to_dict(), target.name, target.device, budget], sort_keys=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(profile.model_id).name).strip("-").lower()
-    return f"{slug}-{workload.kind}-{format_size(budget_bytes).replace(' ', '')}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-
-
-# --- the search space ---------------------------------------------------------------------------
-
-
-@dataclass
-class SearchSpace:
-    """Named choices per dimension; a trial picks one name per dimension."""
-
-    quantization: dict[str, tuple[Quantization | None, LayerwiseCasting | None]]
-    offload: dict[str, Offload]
-    compile: list[bool]
-
-    def config(self, params: dict[str, Any], ctx: Context) -> tuple[OptimizationConfig, str | None]:
-        """The finished config for a trial's params, and the filter rule that rejects it (if any)."""
-        quantization, casting = self.quantization[params["quantization"]]
-        config = candidate(ctx.profile, ctx.target, quantization, casting, self.offload[params["offload"]], params["compile"])
-        rejected = next((f.name for f in rules_of("filter") if f.apply(config, ctx)), None)
-        return finish_candidate(config, ctx)[0], rejected
-
-    def params_of(self, config: OptimizationConfig) -> dict[str, Any] | None:
-        """The params that produce `config` (to enqueue the rule engine's picks)."""
-        quantization = next(
-            (n for n, (q, c) in self.quantization.items() if q == config.quantization and c == config.layerwise_casting), None
-        )
-        offload = next((n for n, o in self.offload.items() if o == config.offload), None)
-        compiled = config.compile is not None
-        if quantization is None or offload is None or compiled not in self.compile:
-            return None
-        return {"quantization": quantization, "offload": offload, "compile": compiled}
-
-    def size(self) -> int:
-        return len(self.quantization) * len(self.offload) * len(self.compile)
-
-    def points(self) -> list[dict[str, Any]]:
-        return [
-            {"quantization": q, "offload": o, "compile": c}
-            for q, o, c in itertools.product(self.quantization, self.offload, self.compile)
-        ]
-
-
-def _quantization_name(quantization: Quantization | None, casting: LayerwiseCasting | None) -> str:
-    if quantization:
-        return f"{quantization.kind}[{'+'.join(quantization.components)}]"
-    if casting:
-        return f"fp8-storage[{'+'.join(casting.components)}]"
-    return "none"
-
-
-def _offload_name(offload: Offload) -> str:
-    if offload.strategy != "group":
-        return offload.strategy
-    parts = ["group", "leaf" if offload.offload_type == "leaf_level" else f"block{offload.num_blocks_per_group}"]
-    parts += [name for name, on in (("stream", offload.use_stream), ("lowram", offload.low_cpu_mem_usage), ("disk", bool(offload.offload_to_disk_path))) if on]
-    return "-".join(parts)
-
-
-def search_space(ctx: Context, *, compile_choices: tuple[bool, ...] = (True, False)) -> SearchSpace:
-    """The rule engine's candidate dimensions, without the choices no candidate can use here."""
-    quantization = {}
-    for q, c in quantization_choices(ctx.profile):
-        probe = OptimizationConfig(device=ctx.target.device, quantization=q, layerwise_casting=c, compile=Compile())
-        if not any(f.apply(probe, ctx) for f in rules_of("filter")):
-            quantization[_quantization_name(q, c)] = (q, c)
-    offload = {}
-    for o in offload_choices(ctx.target):
-        if not any(f.apply(OptimizationConfig(device=ctx.target.device, offload=o), ctx) for f in rules_of("filter")):
-            offload[_offload_name(o)] = o
-    return SearchSpace(quantization, offload, list(compile_choices))
+    return f"{slug}-{workload.kind}-{format_size(budget).replace(' ', '')}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
 # --- trials -------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrialRecord:
-    """One trial as the results table shows it."""
-
-    number: int
-    summary: str
-    status: str  # ok | over-budget | oom | crash | timeout | skipped | invalid
-    source: str  # measured | estimate | repeat
-    feasible: bool
-    latency_s: float | None
-    peak_bytes: int | None
-    predicted_peak_bytes: int | None
-    reason: str | None
-    config: dict[str, Any]
-    measurement: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -230,70 +131,67 @@ class TuneSettings:
     compile_choices: tuple[bool, ...] = (True, False)
 
 
-def _objective(space: SearchSpace, ctx: Context, model: str, settings: TuneSettings) -> Callable:
+def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: TuneSettings) -> Callable:
+    device, budget = scenario.target.device, scenario.budget_bytes
+
     def objective(trial) -> float:
         params = {
             "quantization": trial.suggest_categorical("quantization", list(space.quantization)),
             "offload": trial.suggest_categorical("offload", list(space.offload)),
             "compile": trial.suggest_categorical("compile", space.compile),
         }
-        config, rejected = space.config(params, ctx)
-        predicted = estimate(ctx.profile, ctx.workload, config, ctx.target)
-        predicted_peak = peak_bytes(predicted, ctx.target)
+        candidate = space.candidate(params, scenario)
+        config = candidate.config
+        predicted = estimate(scenario.profile, scenario.workload, config, scenario.target)
+        predicted_peak = predicted.limited_peak(device)
         key = config.model_dump_json()
-        trial.set_user_attr("config", json.loads(key))
-        trial.set_user_attr("summary", config.summary())
-        trial.set_user_attr("predicted_peak_bytes", predicted_peak)
-        trial.set_user_attr("predicted_latency_s", predicted.latency_s)
 
         def finish(status: str, source: str, violation: float, latency: float, reason: str | None, m: Measurement | None = None) -> float:
-            trial.set_user_attr("status", status)
-            trial.set_user_attr("source", source)
-            trial.set_user_attr("reason", reason)
-            if m is not None:
-                trial.set_user_attr("measurement", m.to_dict())
+            record = TrialRecord(
+                number=trial.number, summary=config.summary(), status=status, source=source, feasible=False,
+                latency_s=None, peak_bytes=None, predicted_peak_bytes=predicted_peak, reason=reason,
+                config=json.loads(key), measurement=m.to_dict() if m is not None else None,
+                predicted_latency_s=predicted.latency_s,
+            )  # fmt: skip
+            for name, value in record.to_attrs().items():
+                trial.set_user_attr(name, value)
             trial.set_constraint("peak_over_budget", violation)
             return latency
 
-        if rejected:
-            return finish("invalid", "estimate", 1.0, predicted.latency_s, f"rejected by rule {rejected}")
-        if settings.prune and predicted_peak > ctx.budget_bytes * PRUNE_MARGIN:
-            reason = f"predicted peak {format_size(predicted_peak)} is far over the {format_size(ctx.budget_bytes)} budget"
-            return finish("skipped", "estimate", float(predicted_peak - ctx.budget_bytes), predicted.latency_s, reason)
+        if candidate.rejected_by:
+            return finish("invalid", "estimate", 1.0, predicted.latency_s, f"rejected by rule {candidate.rejected_by}")
+        if settings.prune and predicted_peak > budget * PRUNE_MARGIN:
+            reason = f"predicted peak {format_size(predicted_peak)} is far over the {format_size(budget)} budget"
+            return finish("skipped", "estimate", float(predicted_peak - budget), predicted.latency_s, reason)
         earlier = _measured_before(trial.study, key, trial.number)
         if earlier is not None:  # the sampler proposed a configuration already measured: reuse it
             m = Measurement(**earlier.user_attrs["measurement"])
-            status, violation, reason = _judge(m, ctx)
+            status, violation, reason = _judge(m, scenario)
             return finish(status, "repeat", violation, m.latency_s or predicted.latency_s, f"same as trial {earlier.number}" + (f"; {reason}" if reason else ""), m)
         m = measure(
             model,
             config,
-            ctx.workload,
+            scenario.workload,
             timeout_s=settings.timeout_s,
             step_points=settings.step_points,
             repeats=settings.repeats,
             memory_limit_bytes=settings.memory_limit_bytes,
             seed=settings.seed,
         )
-        status, violation, reason = _judge(m, ctx)
+        status, violation, reason = _judge(m, scenario)
         return finish(status, "measured", violation, m.latency_s if m.latency_s is not None else predicted.latency_s * 10, reason, m)
 
     return objective
 
 
-def _judge(m: Measurement, ctx: Context) -> tuple[str, float, str | None]:
+def _judge(m: Measurement, scenario: Scenario) -> tuple[str, float, str | None]:
     """(status, constraint value, reason) for a measurement against the budget."""
     if not m.ok:
         return m.status, 1.0, m.reason
-    peak = measured_peak(m, ctx.target)
-    if peak is not None and peak > ctx.budget_bytes:
-        return "over-budget", float(peak - ctx.budget_bytes), f"measured peak {format_size(peak)} > budget {format_size(ctx.budget_bytes)}"
-    return "ok", float((peak or 0) - ctx.budget_bytes), None
-
-
-def measured_peak(m: Measurement, target: TargetHardware) -> int | None:
-    """The peak the budget limits: max_memory_allocated on CUDA, the trial's peak RSS on CPU."""
-    return m.peak_vram_bytes if target.device == "cuda" else m.peak_rss_bytes
+    peak, budget = m.limited_peak(scenario.target.device), scenario.budget_bytes
+    if peak is not None and peak > budget:
+        return "over-budget", float(peak - budget), f"measured peak {format_size(peak)} > budget {format_size(budget)}"
+    return "ok", float((peak or 0) - budget), None
 
 
 def _measured_before(study, key: str, number: int):
@@ -304,41 +202,13 @@ def _measured_before(study, key: str, number: int):
     return None
 
 
-def _record(trial) -> TrialRecord | None:
-    attrs = trial.user_attrs
-    if "status" not in attrs:
-        return None  # running, or interrupted before it finished
-    measurement = attrs.get("measurement")
-    peak = None
-    if measurement:
-        peak = measurement.get("peak_vram_bytes") or measurement.get("peak_rss_bytes")
-    feasible = attrs["status"] == "ok" and all(c <= 0 for c in trial.constraints.values())
-    return TrialRecord(
-        number=trial.number,
-        summary=attrs["summary"],
-        status=attrs["status"],
-        source=attrs["source"],
-        feasible=feasible and attrs["source"] != "estimate",
-        latency_s=(measurement or {}).get("latency_s"),  # measured, whether or not it fits
-        peak_bytes=peak,
-        predicted_peak_bytes=attrs.get("predicted_peak_bytes"),
-        reason=attrs.get("reason"),
-        config=attrs["config"],
-        measurement=measurement,
-    )
-
-
 # --- the study ----------------------------------------------------------------------------------
 
 
 def run_study(
     model: str,
-    profile: ModelProfile,
-    workload: Workload,
-    target: TargetHardware,
+    scenario: Scenario,
     *,
-    budget_bytes: int | None = None,
-    packages: dict[str, str | None] | None = None,
     storage: str | None = None,
     study: str | None = None,
     settings: TuneSettings | None = None,
@@ -351,15 +221,11 @@ def run_study(
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     settings = settings or TuneSettings()
-    budget = default_budget(target) if budget_bytes is None else budget_bytes
-    if budget <= 0:
-        raise UsageError("--budget: must be larger than 0")
     if settings.trials < 1:
         raise UsageError(f"--trials: {settings.trials} must be at least 1")
-    ctx = Context(profile, workload, target, packages, budget)
-    space = search_space(ctx, compile_choices=settings.compile_choices)
+    space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
     storage_url = storage or default_storage()
-    name = study or study_name(profile, workload, target, budget)
+    name = study or study_name(scenario)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     the_study = optuna.create_study(
         study_name=name,
@@ -368,7 +234,7 @@ def run_study(
         sampler=optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=4),
         load_if_exists=True,
     )
-    _seed_with_rules(the_study, space, ctx)
+    _seed_with_rules(the_study, space, scenario)
 
     def finished() -> int:
         return sum(1 for t in the_study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE)
@@ -384,36 +250,38 @@ def run_study(
 
     def callback(study_, trial) -> None:
         if on_trial is not None:
-            on_trial(collect(the_study, name, shown_storage(storage_url), budget, space, ctx))
+            on_trial(collect(the_study, name, shown_storage(storage_url), space, scenario))
         if finished() >= settings.trials or exhausted():
             study_.stop()
         elif trial.user_attrs.get("source") == "repeat":
             # The sampler went back to a known point: queue the untried point predicted fastest instead.
             untried = [p for p in space.points() if json.dumps(p, sort_keys=True) not in seen()]
             if untried:
-                study_.enqueue_trial(min(untried, key=lambda p: _predicted_latency(space, p, ctx)), user_attrs={"seeded_by": "untried"})
+                fastest = min(untried, key=lambda p: _predicted_latency(space, p, scenario))
+                study_.enqueue_trial(fastest, user_attrs={"seeded_by": "untried"})
 
     remaining = settings.trials - finished()
     if remaining > 0 and not exhausted():
         the_study.optimize(
-            _objective(space, ctx, model, settings), n_trials=remaining, callbacks=[callback], gc_after_trial=True
+            _objective(space, scenario, model, settings), n_trials=remaining, callbacks=[callback], gc_after_trial=True
         )
-    return collect(the_study, name, shown_storage(storage_url), budget, space, ctx)
+    return collect(the_study, name, shown_storage(storage_url), space, scenario)
 
 
-def _predicted_latency(space: SearchSpace, params: dict[str, Any], ctx: Context) -> float:
-    config, rejected = space.config(params, ctx)
-    if rejected:
+def _predicted_latency(space: SearchSpace, params: dict[str, Any], scenario: Scenario) -> float:
+    candidate = space.candidate(params, scenario)
+    if candidate.rejected_by:
         return float("inf")
-    result = estimate(ctx.profile, ctx.workload, config, ctx.target)
-    return result.latency_s if peak_bytes(result, ctx.target) <= ctx.budget_bytes * PRUNE_MARGIN else float("inf")
+    result = estimate(scenario.profile, scenario.workload, candidate.config, scenario.target)
+    fits = result.limited_peak(scenario.target.device) <= scenario.budget_bytes * PRUNE_MARGIN
+    return result.latency_s if fits else float("inf")
 
 
-def _seed_with_rules(study, space: SearchSpace, ctx: Context) -> None:
+def _seed_with_rules(study, space: SearchSpace, scenario: Scenario) -> None:
     """Enqueue the rule engine's pick and alternatives (once per study)."""
     if study.user_attrs.get("seeded"):
         return
-    picks = recommend(ctx.profile, ctx.workload, ctx.target, packages=ctx.packages, budget_bytes=ctx.budget_bytes)
+    picks = recommend(scenario)
     candidates = ([picks.best] if picks.best else []) + picks.alternatives
     if not candidates and picks.smallest:
         candidates = [picks.smallest]
@@ -424,116 +292,27 @@ def _seed_with_rules(study, space: SearchSpace, ctx: Context) -> None:
     study.set_user_attr("seeded", True)
 
 
-def collect(study, name: str, storage: str, budget: int, space: SearchSpace, ctx: Context) -> TuneResult:
+def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenario) -> TuneResult:
     """The results so far: every finished trial, and the fastest measured one that fits."""
-    records = [r for r in (_record(t) for t in study.get_trials(deepcopy=False)) if r is not None]
+    device, budget = scenario.target.device, scenario.budget_bytes
+    records = [r for r in (TrialRecord.from_trial(t, device) for t in study.get_trials(deepcopy=False)) if r is not None]
     feasible = [r for r in records if r.feasible and r.latency_s is not None]
     best = min(feasible, key=lambda r: (r.latency_s, r.peak_bytes or 0)) if feasible else None
     config = None
     advice: list[str] = []
     if best is not None:
+        measured = {"latency_s": best.latency_s, "peak_bytes": best.peak_bytes, "trial": best.number, "study": name}
+        measured.update({key: (best.measurement or {}).get(key) for key in MEASURED_IN_PROVENANCE})
         config = OptimizationConfig.model_validate(best.config).model_copy(
-            update={
-                "provenance": Provenance(
-                    made_by="tune",
-                    model=ctx.profile.model_id,
-                    pipeline_class=ctx.profile.pipeline_class,
-                    components=[c.name for c in ctx.profile.components],
-                    workload=ctx.workload.to_dict(),
-                    gpu_name=ctx.target.name if ctx.target.device == "cuda" else None,
-                    vram_bytes=ctx.target.vram_total_bytes or None,
-                    budget_bytes=budget,
-                    packages={"advisor": __version__, **(ctx.packages or {})},
-                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    measured={
-                        "latency_s": best.latency_s,
-                        "peak_bytes": best.peak_bytes,
-                        "trial": best.number,
-                        "study": name,
-                        **{k: (best.measurement or {}).get(k) for k in ("peak_vram_bytes", "peak_vram_reserved_bytes", "peak_rss_bytes", "per_step_s", "fixed_s", "warmup_s", "load_s")},
-                    },
-                )
-            }
+            update={"provenance": scenario.provenance("tune", measured=measured)}
         )
     elif records:
-        measured = [r for r in records if r.peak_bytes]
-        if measured:
-            smallest = min(measured, key=lambda r: r.peak_bytes)
+        measured_peaks = [r for r in records if r.peak_bytes]
+        if measured_peaks:
+            smallest = min(measured_peaks, key=lambda r: r.peak_bytes)
             advice.append(f"the smallest measured peak was {format_size(smallest.peak_bytes)} ({smallest.summary}), over the {format_size(budget)} budget")
         failed = {r.status for r in records if r.status in {"oom", "crash", "timeout"}}
         if failed:
             advice.append(f"some trials ended as {', '.join(sorted(failed))}: see the reasons in the table")
         advice.append("try a larger --budget, a lower --height/--width/--frames, more --trials, or --no-prune")
     return TuneResult(name, storage, budget, records, best, config, space.size(), advice)
-
-
-def run_workers(
-    argv: list[str],
-    workers: int,
-    model: str,
-    profile: ModelProfile,
-    workload: Workload,
-    target: TargetHardware,
-    *,
-    budget_bytes: int,
-    packages: dict[str, str | None] | None,
-    storage: str,
-    study: str | None,
-    settings: TuneSettings,
-) -> TuneResult:
-    """Run `workers` copies of this `advisor tune` command on one shared study and collect the result.
-
-    With several GPUs each worker gets its own (CUDA_VISIBLE_DEVICES); on one GPU or a CPU they share it.
-    """
-    import subprocess
-    import sys
-
-    import optuna
-
-    name = study or study_name(profile, workload, target, budget_bytes)
-    # Create the study (and the database tables) once, before the workers race to do it.
-    optuna.create_study(study_name=name, storage=open_storage(storage), direction="minimize", load_if_exists=True)
-    base = [a for a in argv if a not in {"--json", "--quiet"}]
-    base = _drop_option(_drop_option(_drop_option(_drop_option(base, "--workers"), "--study"), "--output"), "--report")
-    base = _drop_option(base, "-o")
-    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
-    processes = []
-    for index in range(workers):
-        env = dict(os.environ)
-        if target.device == "cuda" and gpus is None and _gpu_count() > 1:
-            env["CUDA_VISIBLE_DEVICES"] = str(index % _gpu_count())
-        processes.append(
-            subprocess.Popen([sys.executable, "-m", "advisor", *base, "--study", name, "--quiet"], env=env)
-        )
-    codes = [p.wait() for p in processes]
-    if all(code not in (0, 3) for code in codes):
-        raise TuneError(f"--workers: every worker failed (exit codes {codes})")
-    for index, code in enumerate(codes, start=1):
-        if code not in (0, 3):
-            print(f"advisor: warning: worker {index} of {workers} exited with code {code}", file=sys.stderr)
-    ctx = Context(profile, workload, target, packages, budget_bytes)
-    space = search_space(ctx, compile_choices=settings.compile_choices)
-    the_study = optuna.load_study(study_name=name, storage=open_storage(storage))
-    return collect(the_study, name, shown_storage(storage), budget_bytes, space, ctx)
-
-
-def _drop_option(argv: list[str], option: str) -> list[str]:
-    """`argv` without `option` and its value (``--x v`` or ``--x=v``)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == option:
-            skip = True
-            continue
-        if arg.startswith(option + "="):
-            continue
-        out.append(arg)
-    return out
-
-
-def _gpu_count() -> int:
-    from advisor.probe.hardware import probe_gpus
-
-    return len(probe_gpus()[0])

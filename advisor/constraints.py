@@ -1,0 +1,387 @@
+"""What can run where: every hardware and library limit of a configuration, written once.
+
+A constraint is a small function ``(config, platform) -> message | None`` registered with the config
+key it is about. The message is the one line a user reads: it names the key, what is wrong here and
+the way out. Everyone who needs to know asks this module:
+
+- the rule engine drops candidates that violate one (`advisor.plan.space`);
+- `advisor.run.checks.check_machine` refuses a config before any weight loads;
+- the probe's backend table (`advisor.probe.hardware.quantization_backends`) says what is usable;
+- the GPU kit decides which of its items this GPU can run.
+
+A new lever adds its limits here, once. It sits beside `advisor.config`, below the three tiers, so
+that the probe, the planner and the runner can all import it. Pure Python: no torch;
+`Platform.here()` reads this machine through torch only when a config is about to be applied.
+
+>>> platform = Platform(accelerator=None, compute_capability=None, packages=None)
+>>> config = OptimizationConfig(quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"]))
+>>> first_violation(config, platform).constraint.name
+'bitsandbytes-needs-cuda'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from advisor.config import OptimizationConfig, Quantization
+from advisor.units import parse_capability
+
+DOCS = "https://huggingface.co/docs/diffusers/main/en/optimization"
+
+
+@dataclass(frozen=True)
+class Platform:
+    """The machine a config would run on, as far as the constraints care.
+
+    ``packages`` are installed versions (distribution name -> version or None); ``None`` as a whole
+    means unknown, as when planning for another machine: package checks then pass.
+    """
+
+    accelerator: str | None  # "cuda", or None for a CPU-only machine
+    compute_capability: str | None  # of the GPU the config targets, e.g. "8.9"
+    packages: Mapping[str, str | None] | None
+    cuda_devices: int = 1
+    no_cuda: str = "the target has no CUDA GPU"  # how messages say there is none
+
+    @property
+    def capability(self) -> float:
+        return parse_capability(self.compute_capability)
+
+    def missing(self, package: str) -> bool:
+        """True only when the installed packages are known and `package` is not among them."""
+        return self.packages is not None and not self.packages.get(package)
+
+    @classmethod
+    def of_target(cls, device: str, compute_capability: str | None, packages: Mapping[str, str | None] | None) -> Platform:
+        """The platform of a planning target (`advisor.probe.target.TargetHardware`)."""
+        return cls("cuda" if device == "cuda" else None, compute_capability, packages)
+
+    @classmethod
+    def here(cls, device: str = "cuda") -> Platform:
+        """This machine as torch sees it, for the GPU `device` names (imports torch)."""
+        import torch
+
+        packages = {name: installed_version(name) for name in ("bitsandbytes", "torchao", "diffusers")}
+        if not torch.cuda.is_available():
+            return cls(None, None, packages, 0, f"this machine has no CUDA GPU (torch {torch.__version__})")
+        index = _device_index(device)
+        count = torch.cuda.device_count()
+        major, minor = torch.cuda.get_device_capability(index if index < count else 0)
+        return cls("cuda", f"{major}.{minor}", packages, count)
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution, from its metadata (nothing is imported)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _device_index(device: str) -> int:
+    _, _, index = device.partition(":")
+    return int(index) if index.isdigit() else 0
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A limit of the hardware or the libraries: its name, the config key it is about, why, and the source."""
+
+    name: str
+    key: str
+    reason: str
+    source: str
+    check: Callable[[OptimizationConfig, Platform], str | None]
+
+
+@dataclass(frozen=True)
+class Violation:
+    constraint: Constraint
+    message: str  # one line naming the key and the way out
+
+
+CONSTRAINTS: list[Constraint] = []
+
+
+def constraint(name: str, key: str, reason: str, source: str) -> Callable:
+    """Register a constraint; the decorated function keeps working on its own (for tests)."""
+
+    def register(fn: Callable[[OptimizationConfig, Platform], str | None]) -> Callable:
+        CONSTRAINTS.append(Constraint(name, key, reason, source, fn))
+        return fn
+
+    return register
+
+
+def named(name: str) -> Constraint:
+    """The registered constraint called `name`."""
+    return next(item for item in CONSTRAINTS if item.name == name)
+
+
+def violations(config: OptimizationConfig, platform: Platform) -> list[Violation]:
+    """Every constraint `config` breaks on `platform`, in registration order."""
+    found = []
+    for item in CONSTRAINTS:
+        message = item.check(config, platform)
+        if message:
+            found.append(Violation(item, message))
+    return found
+
+
+def first_violation(config: OptimizationConfig, platform: Platform) -> Violation | None:
+    for item in CONSTRAINTS:
+        message = item.check(config, platform)
+        if message:
+            return Violation(item, message)
+    return None
+
+
+def _on_cuda(config: OptimizationConfig, platform: Platform) -> bool:
+    return platform.accelerator == "cuda" and config.device.startswith("cuda")
+
+
+def _group_offloaded(config: OptimizationConfig, name: str) -> bool:
+    offload = config.offload
+    return offload.strategy == "group" and (offload.components is None or name in offload.components)
+
+
+def _version(text: str | None) -> tuple[int, ...]:
+    parts = []
+    for piece in (text or "0").split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+# --- quantization -------------------------------------------------------------------------------
+
+
+@constraint(
+    "bitsandbytes-needs-cuda",
+    "quantization.backend",
+    "bitsandbytes quantization needs a CUDA GPU; diffusers refuses to load it on CPU",
+    "https://huggingface.co/docs/diffusers/main/en/quantization/bitsandbytes",
+)
+def bitsandbytes_needs_cuda(config: OptimizationConfig, platform: Platform) -> str | None:
+    q = config.quantization
+    if q is None or not q.backend.startswith("bitsandbytes"):
+        return None
+    if platform.accelerator != "cuda":
+        return (
+            f"`quantization.backend: {q.backend}` needs CUDA and {platform.no_cuda}; "
+            "on CPU use `quantization.backend: torchao` or `layerwise_casting`"
+        )
+    if not config.device.startswith("cuda"):
+        return f"`quantization.backend: {q.backend}` needs `device: cuda`, not `device: {config.device}`"
+    return None
+
+
+@constraint(
+    "quantization-backend-installed",
+    "quantization.backend",
+    "a quantization backend needs its package: bitsandbytes, or torchao (pip install 'diffusers-advisor[torchao]')",
+    "https://huggingface.co/docs/diffusers/main/en/quantization/overview",
+)
+def quantization_backend_installed(config: OptimizationConfig, platform: Platform) -> str | None:
+    q = config.quantization
+    if q is None:
+        return None
+    package = "torchao" if q.backend == "torchao" else "bitsandbytes"
+    if platform.missing(package):
+        return f"`quantization.backend: {q.backend}` needs `pip install {package}`, which is not installed here"
+    return None
+
+
+@constraint(
+    "fp8-compute-needs-sm89",
+    "quantization.scheme",
+    "fp8 matmuls (torchao float8 dynamic) need compute capability 8.9 or newer (Ada, Hopper, Blackwell)",
+    "https://github.com/pytorch/ao/tree/main/torchao/float8",
+)
+def fp8_compute_needs_sm89(config: OptimizationConfig, platform: Platform) -> str | None:
+    q = config.quantization
+    if q is None or q.kind != "float8_dynamic":
+        return None
+    if not _on_cuda(config, platform):
+        return (
+            "`quantization.scheme: float8_dynamic` needs a CUDA GPU with compute capability >= 8.9; "
+            "on CPU use int8_weight_only, int8_dynamic or float8_weight_only"
+        )
+    if platform.capability < 8.9:
+        return (
+            f"`quantization.scheme: float8_dynamic` needs compute capability >= 8.9, this GPU has "
+            f"{platform.compute_capability or 'none'}; use int8_weight_only or int8_dynamic"
+        )
+    return None
+
+
+@constraint(
+    "int4-weight-only-needs-cuda",
+    "quantization.scheme",
+    "torchao int4 weight-only runs on CUDA int4 kernels only (the CPU path needs the CUDA-only mslk package)",
+    "https://github.com/pytorch/ao/tree/main/torchao/quantization",
+)
+def int4_weight_only_needs_cuda(config: OptimizationConfig, platform: Platform) -> str | None:
+    q = config.quantization
+    if q is not None and q.kind == "int4_weight_only" and not _on_cuda(config, platform):
+        return "`quantization.scheme: int4_weight_only` needs CUDA int4 kernels; on CPU use int8_weight_only, int8_dynamic or float8_weight_only"
+    return None
+
+
+# --- placement ----------------------------------------------------------------------------------
+
+
+@constraint(
+    "device-is-available",
+    "device",
+    "the device a config names must exist on the machine that applies it",
+    "https://pytorch.org/docs/stable/tensor_attributes.html#torch-device",
+)
+def device_is_available(config: OptimizationConfig, platform: Platform) -> str | None:
+    if not config.device.startswith("cuda"):
+        return None
+    if platform.accelerator != "cuda":
+        return f"`device: {config.device}` but {platform.no_cuda}; use `device: cpu`"
+    if _device_index(config.device) >= platform.cuda_devices:
+        return f"`device: {config.device}` but this machine has {platform.cuda_devices} CUDA device(s)"
+    return None
+
+
+@constraint(
+    "cpu-offload-needs-cuda",
+    "offload.strategy",
+    "model and sequential CPU offload move weights to a CUDA GPU when they are used",
+    f"{DOCS}/memory#model-offloading",
+)
+def cpu_offload_needs_cuda(config: OptimizationConfig, platform: Platform) -> str | None:
+    strategy = config.offload.strategy
+    if strategy in ("model", "sequential") and platform.accelerator != "cuda":
+        return (
+            f"`offload.strategy: {strategy}` moves weights to a CUDA GPU and {platform.no_cuda}; "
+            "use `offload.strategy: group` or `none` with `device: cpu`"
+        )
+    return None
+
+
+@constraint(
+    "streams-need-cuda",
+    "offload.use_stream",
+    "group offloading prefetches the next group on a CUDA stream; there are none without a CUDA device",
+    f"{DOCS}/memory#cuda-stream",
+)
+def streams_need_cuda(config: OptimizationConfig, platform: Platform) -> str | None:
+    if config.offload.use_stream and not _on_cuda(config, platform):
+        reason = platform.no_cuda if platform.accelerator != "cuda" else f"`device` is {config.device}"
+        return f"`offload.use_stream: true` needs CUDA streams and {reason}; set `offload.use_stream: false`"
+    return None
+
+
+@constraint(
+    "installed-diffusers-supports-it",
+    "compile.regional",
+    "the installed diffusers must have the API a config uses (regional compile and group offload "
+    "with streams need diffusers >= 0.33; the advisor is tested with 0.42)",
+    "https://github.com/huggingface/diffusers/releases",
+)
+def installed_diffusers_supports_it(config: OptimizationConfig, platform: Platform) -> str | None:
+    installed = (platform.packages or {}).get("diffusers")
+    if installed is None or _version(installed) >= (0, 33):
+        return None  # unknown (another machine) or new enough
+    if config.compile and config.compile.regional:
+        return f"`compile.regional: true` needs diffusers >= 0.33 (compile_repeated_blocks), {installed} is installed; upgrade diffusers"
+    if config.offload.strategy == "group":
+        return f"`offload.strategy: group` needs diffusers >= 0.33 (enable_group_offload), {installed} is installed; upgrade diffusers"
+    return None
+
+
+# --- combinations that diffusers or torch reject ------------------------------------------------------
+
+
+def _torchao_group_offloaded(config: OptimizationConfig) -> list[str]:
+    q = config.quantization
+    if q is None or q.backend != "torchao":
+        return []
+    return [name for name in q.components if _group_offloaded(config, name)]
+
+
+@constraint(
+    "torchao-cannot-offload-to-disk",
+    "offload.offload_to_disk_path",
+    "group offloading to disk stores groups as safetensors files, which cannot hold torchao-quantized tensors",
+    f"{DOCS}/memory#group-offloading",
+)
+def torchao_cannot_offload_to_disk(config: OptimizationConfig, platform: Platform) -> str | None:
+    if not config.offload.offload_to_disk_path:
+        return None
+    for name in _torchao_group_offloaded(config):
+        return (
+            f"`offload.offload_to_disk_path` cannot hold `{name}`: safetensors cannot store torchao-quantized "
+            f"tensors; remove `offload_to_disk_path` or leave `{name}` out of `offload.components`"
+        )
+    return None
+
+
+@constraint(
+    "compiled-torchao-needs-leaf-or-stream-offload",
+    "offload.offload_type",
+    "a compiled torchao model cannot be group-offloaded block by block without streams: diffusers then "
+    "moves blocks with Module.to, which cannot swap torchao weights that the compiled graph references",
+    f"{DOCS}/memory#group-offloading",
+)
+def compiled_torchao_needs_leaf_or_stream_offload(config: OptimizationConfig, platform: Platform) -> str | None:
+    offload = config.offload
+    if config.compile is None or offload.offload_type != "block_level" or offload.use_stream:
+        return None
+    for name in _torchao_group_offloaded(config):
+        if name in config.compile.components:
+            return (
+                f"torchao-quantized, compiled `{name}` cannot be group-offloaded with `offload.offload_type: block_level` "
+                "(without streams diffusers moves the block with Module.to, which cannot swap torchao weights that "
+                "torch.compile references); use `offload.offload_type: leaf_level`"
+            )
+    return None
+
+
+@constraint(
+    "fullgraph-breaks-on-offload-hooks",
+    "compile.fullgraph",
+    "group offloading and layerwise casting run diffusers hooks around every layer, which break a full "
+    "graph: such components compile with fullgraph=False (as the seed page's offloading example does)",
+    f"{DOCS}/speed-memory-optims",
+)
+def fullgraph_breaks_on_offload_hooks(config: OptimizationConfig, platform: Platform) -> str | None:
+    compile_ = config.compile
+    if compile_ is None or not compile_.fullgraph:
+        return None
+    for name in compile_.components:
+        if _group_offloaded(config, name):
+            why = "is group-offloaded"
+        elif config.layerwise_casting and name in config.layerwise_casting.components:
+            why = "is layerwise-cast"
+        else:
+            continue
+        return (
+            f"`compile.fullgraph: true` fails on `{name}`, which {why}: diffusers' hooks run outside "
+            "torch.compile and break the graph; set `compile.fullgraph: false`"
+        )
+    return None
+
+
+# --- what the probe reports ---------------------------------------------------------------------------
+
+# One representative config per quantization backend the probe's table lists: the backend is
+# usable where its example violates no constraint.
+BACKEND_EXAMPLES: dict[str, Callable[[str], OptimizationConfig]] = {
+    "bitsandbytes": lambda device: OptimizationConfig(
+        device="cuda", quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"])
+    ),
+    "torchao": lambda device: OptimizationConfig(
+        device=device, quantization=Quantization(backend="torchao", components=["transformer"])
+    ),
+    "fp8_compute": lambda device: OptimizationConfig(
+        device="cuda", quantization=Quantization(backend="torchao", scheme="float8_dynamic", components=["transformer"])
+    ),
+}

@@ -1,0 +1,145 @@
+"""One planning question, built once at the edge (the CLI or code) and passed down unchanged.
+
+A `Scenario` holds what every planner and tuner needs: the model's profile, the workload, the
+target hardware, the installed packages (when planning for this machine), the budget in bytes and
+where it came from, and notes on what was assumed. The engine, the tuner and the GPU kit read it;
+none of them fills in defaults or re-decides whether the plan is for this machine.
+
+>>> from advisor.probe.models import load_profile
+>>> from advisor.probe.target import planned_target
+>>> from advisor.probe.workload import make_workload
+>>> profile = load_profile("flux-dev")
+>>> s = make_scenario(profile, make_workload(profile), planned_target(machine=None, vram=24 * 2**30), budget_bytes=16 * 2**30)
+>>> s.budget_bytes == 16 * 2**30
+True
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from advisor.config import Provenance
+from advisor.constraints import Platform
+from advisor.errors import UsageError
+from advisor.probe.hardware import MachineProfile
+from advisor.probe.models import ModelProfile, load_profile
+from advisor.probe.target import TargetHardware, resolve_target
+from advisor.probe.workload import Workload, make_workload
+from advisor.units import GIB
+
+
+def default_budget(target: TargetHardware) -> int:
+    """Free accelerator memory minus a safety reserve: 1 GiB + 5% of the card.
+
+    The reserve covers what `max_memory_allocated` does not count (the CUDA context, ~0.5 GiB) and
+    the caching allocator's fragmentation; on CPU the budget is the available RAM minus 10%.
+    """
+    if target.device == "cpu":
+        return int(target.ram_available_bytes * 0.9)
+    return max(int(target.vram_free_bytes - GIB - 0.05 * target.vram_total_bytes), 0)
+
+
+def limited_peak(device: str, *, vram_bytes: int | None, ram_bytes: int | None) -> int | None:
+    """The peak that the budget limits: GPU memory, or RAM for CPU inference.
+
+    One definition for predicted peaks (the estimate) and measured ones (a trial).
+    """
+    return ram_bytes if device == "cpu" else vram_bytes
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Profile, workload, target, installed packages and budget: what a plan is for."""
+
+    profile: ModelProfile
+    workload: Workload
+    target: TargetHardware
+    packages: dict[str, str | None] | None  # installed versions; None when planning for another machine
+    budget_bytes: int
+    budget_source: str = "--budget"
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def planning_here(self) -> bool:
+        return self.packages is not None
+
+    @property
+    def platform(self) -> Platform:
+        """What the constraints check candidates against."""
+        return Platform.of_target(self.target.device, self.target.compute_capability, self.packages)
+
+    def limited_peak(self, *, vram_bytes: int | None, ram_bytes: int | None) -> int | None:
+        return limited_peak(self.target.device, vram_bytes=vram_bytes, ram_bytes=ram_bytes)
+
+    def provenance(self, made_by: str, **extra: Any) -> Provenance:
+        """What a config made for this scenario records about it (`estimate=` or `measured=` in `extra`)."""
+        from advisor import __version__
+
+        target = self.target
+        return Provenance(
+            made_by=made_by,
+            model=self.profile.model_id,
+            pipeline_class=self.profile.pipeline_class,
+            components=[c.name for c in self.profile.components],
+            workload=self.workload.to_dict(),
+            gpu_name=target.name if target.device == "cuda" else None,
+            vram_bytes=target.vram_total_bytes or None,
+            budget_bytes=self.budget_bytes,
+            packages={"advisor": __version__, **(self.packages or {})},
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
+        )
+
+
+def make_scenario(
+    profile: ModelProfile,
+    workload: Workload,
+    target: TargetHardware,
+    *,
+    packages: dict[str, str | None] | None = None,
+    budget_bytes: int | None = None,
+    notes: tuple[str, ...] = (),
+) -> Scenario:
+    """The scenario, with the default budget when none is given; a budget of nothing is an error here."""
+    if budget_bytes is None:
+        budget, source = default_budget(target), "default: free memory minus a reserve"
+    else:
+        budget, source = budget_bytes, "--budget"
+    if budget <= 0:
+        raise UsageError("--budget: must be larger than 0 (nothing fits in no memory)")
+    return Scenario(profile, workload, target, packages, budget, source, tuple(notes))
+
+
+def scenario_for(
+    machine: MachineProfile,
+    model: str,
+    *,
+    workload: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    vram: int | None = None,
+    ram: int | None = None,
+    gpu: str | None = None,
+    budget_bytes: int | None = None,
+) -> Scenario:
+    """The scenario the command-line flags describe (sizes already in bytes).
+
+    The plan is for this machine (its packages count) unless --vram or --gpu describe another.
+    """
+    planning_here = vram is None and gpu is None
+    target = resolve_target(machine, vram=vram, ram=ram, gpu=gpu)
+    profile = load_profile(model, workload=workload)
+    job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
+    notes = []
+    if planning_here and not machine.gpus:
+        notes.append(
+            "no CUDA GPU found on this machine: planning CPU inference. To plan for a GPU, pass "
+            "--vram 24GB or --gpu 'RTX 4090'"
+        )
+    packages = machine.software.packages if planning_here else None
+    return make_scenario(profile, job, target, packages=packages, budget_bytes=budget_bytes, notes=tuple(notes))

@@ -1,0 +1,188 @@
+"""The candidate configurations: quantization x offload x compile, one object for recommend, tune and the GPU kit.
+
+A point of the space is three names, one per dimension (``{"quantization": "nf4[transformer]",
+"offload": "model", "compile": True}``): optuna suggests them, the rule engine walks them all.
+`SearchSpace.finish` turns a point into the finished config (the adjust rules complete it) and
+says which constraint or filter rule rejects it, if any: "the first rule that fires" lives here.
+
+>>> from advisor.probe.models import load_profile
+>>> space = SearchSpace.for_profile(load_profile("flux-dev"), device="cuda")
+>>> space.size()
+176
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
+from advisor.constraints import first_violation
+from advisor.probe.models import ModelProfile
+
+if TYPE_CHECKING:
+    from advisor.plan.scenario import Scenario
+
+# Text encoders smaller than this are not worth quantizing (CLIP-L is 0.12 B parameters).
+LARGE_TEXT_ENCODER = 1_000_000_000
+
+StorageChoice = tuple[Quantization | None, LayerwiseCasting | None]
+
+
+def quantization_choices(profile: ModelProfile) -> list[StorageChoice]:
+    """Which components to quantize, and how: the denoisers and large text encoders, never the VAE."""
+    denoisers = [c.name for c in profile.by_role("denoiser")]
+    encoders = [c.name for c in profile.by_role("text_encoder") if c.parameters >= LARGE_TEXT_ENCODER]
+    both = denoisers + encoders
+    choices: list[StorageChoice] = [(None, None)]
+    for components in ([denoisers, both] if encoders else [denoisers]):
+        choices += [
+            (Quantization(backend="bitsandbytes_4bit", components=components), None),
+            (Quantization(backend="bitsandbytes_8bit", components=components), None),
+            (Quantization(backend="torchao", components=components, scheme="int8_weight_only"), None),
+            (Quantization(backend="torchao", components=components, scheme="float8_dynamic"), None),
+            (None, LayerwiseCasting(components=components)),
+        ]
+    return choices
+
+
+def offload_choices(device: str) -> list[Offload]:
+    if device != "cuda":
+        return [Offload()]
+    return [
+        Offload(),
+        Offload(strategy="model"),
+        Offload(strategy="group", use_stream=True, record_stream=True),
+        Offload(strategy="group", offload_type="leaf_level", use_stream=True, record_stream=True),
+        Offload(strategy="group", num_blocks_per_group=2),
+        Offload(strategy="group", use_stream=True, low_cpu_mem_usage=True),
+        Offload(strategy="group", offload_to_disk_path="advisor-offload"),
+        Offload(strategy="sequential"),
+    ]
+
+
+def preferred_dtype(device: str, supports_bf16: bool) -> str:
+    """bf16 where the hardware computes it natively; else fp16 on older GPUs and fp32 on CPUs."""
+    if supports_bf16:
+        return "bfloat16"
+    return "float16" if device == "cuda" else "float32"
+
+
+def storage_name(quantization: Quantization | None, casting: LayerwiseCasting | None) -> str:
+    if quantization:
+        return f"{quantization.kind}[{'+'.join(quantization.components)}]"
+    if casting:
+        return f"fp8-storage[{'+'.join(casting.components)}]"
+    return "none"
+
+
+def offload_name(offload: Offload) -> str:
+    if offload.strategy != "group":
+        return offload.strategy
+    parts = ["group", "leaf" if offload.offload_type == "leaf_level" else f"block{offload.num_blocks_per_group}"]
+    flags = (("stream", offload.use_stream), ("lowram", offload.low_cpu_mem_usage), ("disk", bool(offload.offload_to_disk_path)))
+    return "-".join(parts + [name for name, on in flags if on])
+
+
+def rejection(config: OptimizationConfig, scenario: Scenario) -> str | None:
+    """The name of the first constraint or filter rule that rejects a finished `config`, or None."""
+    from advisor.plan.rules import rules_of
+
+    violation = first_violation(config, scenario.platform)
+    if violation is not None:
+        return violation.constraint.name
+    return next((f.name for f in rules_of("filter") if f.evaluate(config, scenario)), None)
+
+
+def finish(config: OptimizationConfig, scenario: Scenario) -> tuple[OptimizationConfig, list[str]]:
+    """Apply every adjust rule; return the finished config and the rules that changed it."""
+    from advisor.plan.rules import rules_of
+
+    fired = []
+    for adjust in rules_of("adjust"):
+        adjusted = adjust.evaluate(config, scenario)
+        if adjusted != config:
+            fired.append(adjust.name)
+        config = adjusted
+    return config, fired
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A finished point of the space: its config, the adjust rules that completed it, and its rejection."""
+
+    params: dict[str, Any]
+    config: OptimizationConfig
+    adjusted_by: list[str]
+    rejected_by: str | None
+
+
+@dataclass
+class SearchSpace:
+    """Named choices per dimension for one model on one kind of device."""
+
+    profile: ModelProfile
+    device: str
+    dtype: str
+    quantization: dict[str, StorageChoice]
+    offload: dict[str, Offload]
+    compile: list[bool]
+
+    @classmethod
+    def for_profile(
+        cls, profile: ModelProfile, *, device: str, supports_bf16: bool = True, compile_choices: tuple[bool, ...] = (True, False)
+    ) -> SearchSpace:
+        quantization = {storage_name(q, c): (q, c) for q, c in quantization_choices(profile)}
+        offload = {offload_name(o): o for o in offload_choices(device)}
+        return cls(profile, device, preferred_dtype(device, supports_bf16), quantization, offload, list(compile_choices))
+
+    @classmethod
+    def for_scenario(cls, scenario: Scenario, *, compile_choices: tuple[bool, ...] = (True, False)) -> SearchSpace:
+        target = scenario.target
+        return cls.for_profile(scenario.profile, device=target.device, supports_bf16=target.supports_bf16, compile_choices=compile_choices)
+
+    def usable(self, scenario: Scenario) -> SearchSpace:
+        """The space without choices that no candidate can use on this target (what tune searches)."""
+        quantization = {}
+        for name, (q, c) in self.quantization.items():
+            probe = OptimizationConfig(device=self.device, quantization=q, layerwise_casting=c, compile=Compile())
+            if rejection(probe, scenario) is None:
+                quantization[name] = (q, c)
+        offload = {name: o for name, o in self.offload.items() if rejection(OptimizationConfig(device=self.device, offload=o), scenario) is None}
+        return SearchSpace(self.profile, self.device, self.dtype, quantization, offload, list(self.compile))
+
+    def config(self, params: dict[str, Any]) -> OptimizationConfig:
+        """The point's config before the adjust rules complete it."""
+        quantization, casting = self.quantization[params["quantization"]]
+        compiled = Compile(components=[c.name for c in self.profile.by_role("denoiser")]) if params["compile"] else None
+        return OptimizationConfig(
+            dtype=self.dtype,
+            device=self.device,
+            quantization=quantization,
+            layerwise_casting=casting,
+            offload=self.offload[params["offload"]],
+            compile=compiled,
+        )
+
+    def candidate(self, params: dict[str, Any], scenario: Scenario) -> Candidate:
+        config, fired = finish(self.config(params), scenario)
+        return Candidate(params, config, fired, rejection(config, scenario))
+
+    def params_of(self, config: OptimizationConfig) -> dict[str, Any] | None:
+        """The point that produces `config` (to enqueue the rule engine's picks in a study)."""
+        quantization = next(
+            (n for n, (q, c) in self.quantization.items() if q == config.quantization and c == config.layerwise_casting), None
+        )
+        offload = next((n for n, o in self.offload.items() if o == config.offload), None)
+        compiled = config.compile is not None
+        if quantization is None or offload is None or compiled not in self.compile:
+            return None
+        return {"quantization": quantization, "offload": offload, "compile": compiled}
+
+    def size(self) -> int:
+        return len(self.quantization) * len(self.offload) * len(self.compile)
+
+    def points(self) -> Iterator[dict[str, Any]]:
+        for q, o, c in itertools.product(self.quantization, self.offload, self.compile):
+            yield {"quantization": q, "offload": o, "compile": c}

@@ -1,0 +1,61 @@
+"""One tuning trial as a typed record, and its round trip through optuna's storage.
+
+A trial stores what it decided and measured as optuna user attributes (plain JSON, so that any
+storage and `optuna-dashboard` can read it); `TrialRecord.to_attrs()` writes them and
+`TrialRecord.from_trial()` reads them back, so no other module touches attribute names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from advisor.plan.scenario import limited_peak
+
+TrialStatus = Literal["ok", "over-budget", "oom", "crash", "timeout", "skipped", "invalid"]
+TrialSource = Literal["measured", "estimate", "repeat"]  # how the answer was obtained
+
+
+@dataclass
+class TrialRecord:
+    """One finished trial: the configuration, how it ended, and what was predicted and measured."""
+
+    number: int
+    summary: str
+    status: TrialStatus
+    source: TrialSource
+    feasible: bool  # measured, ok, and within the budget
+    latency_s: float | None  # measured, whether or not it fits
+    peak_bytes: int | None  # measured peak the budget limits
+    predicted_peak_bytes: int | None
+    reason: str | None
+    config: dict[str, Any]
+    measurement: dict[str, Any] | None = None
+    predicted_latency_s: float | None = None
+
+    # Derived from the others (or from optuna) rather than stored.
+    _DERIVED = ("number", "feasible", "latency_s", "peak_bytes")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The user attributes a trial stores (`trial.set_user_attr` for each)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._DERIVED}
+
+    @classmethod
+    def from_trial(cls, trial: Any, device: str) -> TrialRecord | None:
+        """The record of a finished optuna trial; None for one still running or killed mid-run."""
+        attrs = trial.user_attrs
+        if "status" not in attrs:
+            return None
+        stored = {name: attrs.get(name) for name in (f.name for f in fields(cls)) if name not in cls._DERIVED}
+        measurement = stored["measurement"] or {}
+        within = all(value <= 0 for value in trial.constraints.values())
+        return cls(
+            number=trial.number,
+            feasible=stored["status"] == "ok" and stored["source"] != "estimate" and within,
+            latency_s=measurement.get("latency_s"),
+            peak_bytes=limited_peak(device, vram_bytes=measurement.get("peak_vram_bytes"), ram_bytes=measurement.get("peak_rss_bytes")),
+            **stored,
+        )
