@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 # name -> module it lives in, imported when the name is first used
 _LAZY = {
     "MachineProfile": "advisor.probe.hardware",
+    "apply_config": "advisor.run.apply",
+    "pipeline_kwargs": "advisor.run.quantize",
     "OptimizationConfig": "advisor.config",
     "load_config": "advisor.config",
     "load_pipeline": "advisor.run.apply",
@@ -42,10 +44,12 @@ __all__ = [
     "OptimizationConfig",
     "TuneError",
     "UsageError",
+    "apply_config",
     "format_size",
     "load_config",
     "load_pipeline",
     "parse_size",
+    "pipeline_kwargs",
     "probe_machine",
 ]
 

@@ -2,7 +2,8 @@
 
 A config is plain data (pydantic, strict: unknown keys and wrong types are refused with the key's
 path) plus provenance. Impossible combinations are refused at load time, not when a pipeline is
-half set up. Applying it to a pipeline lives in `advisor.run.apply`; this module imports no torch.
+half set up. This module is pure data: no torch, nothing of the run tier. Applying a config is
+`advisor.apply_config(pipe, config)` or `advisor.load_pipeline(model, config)` (`advisor.run.apply`).
 
 >>> config = OptimizationConfig(quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"]))
 >>> config.summary()
@@ -215,19 +216,6 @@ class OptimizationConfig(_Strict):
         ):
             named += [(key, name) for name in (getattr(section, "components", None) or [])]
         return named
-
-    def pipeline_kwargs(self) -> dict[str, Any]:
-        """What ``DiffusionPipeline.from_pretrained`` needs: ``dtype`` (``torch_dtype`` on older diffusers)
-        and ``quantization_config``."""
-        from advisor.run.apply import pipeline_kwargs
-
-        return pipeline_kwargs(self)
-
-    def apply(self, pipe: Any) -> Any:
-        """Run the post-load steps on `pipe` in the right order; returns `pipe`."""
-        from advisor.run.apply import apply_config
-
-        return apply_config(pipe, self)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_none=True) + "\n"

@@ -58,6 +58,11 @@ class Platform:
         return cls("cuda" if device == "cuda" else None, compute_capability, packages)
 
     @classmethod
+    def anywhere(cls) -> Platform:
+        """A machine that has everything: only what no machine can run violates a constraint here."""
+        return cls("cuda", "99.0", None, cuda_devices=2**31)
+
+    @classmethod
     def here(cls, device: str = "cuda") -> Platform:
         """This machine as torch sees it, for the GPU `device` names (imports torch)."""
         import torch
@@ -235,22 +240,6 @@ def int4_weight_only_needs_cuda(config: OptimizationConfig, platform: Platform) 
 
 
 @constraint(
-    "device-is-available",
-    "device",
-    "the device a config names must exist on the machine that applies it",
-    "https://pytorch.org/docs/stable/tensor_attributes.html#torch-device",
-)
-def device_is_available(config: OptimizationConfig, platform: Platform) -> str | None:
-    if not config.device.startswith("cuda"):
-        return None
-    if platform.accelerator != "cuda":
-        return f"`device: {config.device}` but {platform.no_cuda}; use `device: cpu`"
-    if _device_index(config.device) >= platform.cuda_devices:
-        return f"`device: {config.device}` but this machine has {platform.cuda_devices} CUDA device(s)"
-    return None
-
-
-@constraint(
     "cpu-offload-needs-cuda",
     "offload.strategy",
     "model and sequential CPU offload move weights to a CUDA GPU when they are used",
@@ -276,6 +265,22 @@ def streams_need_cuda(config: OptimizationConfig, platform: Platform) -> str | N
     if config.offload.use_stream and not _on_cuda(config, platform):
         reason = platform.no_cuda if platform.accelerator != "cuda" else f"`device` is {config.device}"
         return f"`offload.use_stream: true` needs CUDA streams and {reason}; set `offload.use_stream: false`"
+    return None
+
+
+@constraint(
+    "device-is-available",
+    "device",
+    "the device a config names must exist on the machine that applies it",
+    "https://pytorch.org/docs/stable/tensor_attributes.html#torch-device",
+)
+def device_is_available(config: OptimizationConfig, platform: Platform) -> str | None:
+    if not config.device.startswith("cuda"):
+        return None
+    if platform.accelerator != "cuda":
+        return f"`device: {config.device}` but {platform.no_cuda}; use `device: cpu`"
+    if _device_index(config.device) >= platform.cuda_devices:
+        return f"`device: {config.device}` but this machine has {platform.cuda_devices} CUDA device(s)"
     return None
 
 

@@ -18,13 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from advisor.plan.rules import Context
+from advisor.plan.scenario import make_scenario
+from advisor.plan.space import SearchSpace
 from advisor.probe.hardware import probe_machine
 from advisor.probe.models import profile_from_folder
 from advisor.probe.target import target_from_probe
 from advisor.probe.workload import make_workload
 from advisor.run.measure import measure
-from advisor.run.tune import TuneSettings, measured_peak, run_study, search_space
+from advisor.run.tune import TuneSettings, run_study
 from advisor.testing import build_tiny_flux
 from advisor.units import format_size, parse_size
 
@@ -44,8 +45,8 @@ def main() -> None:
     machine = probe_machine()
     target = target_from_probe(machine)
     budget = parse_size(args.budget, name="--budget")
-    ctx = Context(profile, workload, target, machine.software.packages, budget)
-    space = search_space(ctx)
+    scenario = make_scenario(profile, workload, target, packages=machine.software.packages, budget_bytes=budget)
+    space = SearchSpace.for_scenario(scenario).usable(scenario)
     print(f"machine: {target.name} ({target.device}), Python {platform.python_version()}")
     print(f"pipeline: {profile.parameters / 1e6:.0f} M parameters, {workload.label()}, budget {format_size(budget)}")
     print(f"space: {space.size()} configurations ({len(space.quantization)} quantization x {len(space.offload)} offload x {len(space.compile)} compile)")
@@ -53,11 +54,12 @@ def main() -> None:
     started = time.perf_counter()
     grid = []
     for params in space.points():
-        config, rejected = space.config(params, ctx)
-        if rejected:
+        candidate = space.candidate(params, scenario)
+        if candidate.rejected_by:
             continue
+        config = candidate.config
         result = measure(folder, config, workload)
-        peak = measured_peak(result, target)
+        peak = result.limited_peak(target.device)
         feasible = result.ok and peak is not None and peak <= budget
         grid.append((config.summary(), result.latency_s if feasible else None, result.wall_s))
         print(f"  grid: {config.summary():<55} {result.status:<8} {result.latency_s or 0:8.3f}s  (trial {result.wall_s:.0f}s)")
@@ -68,10 +70,7 @@ def main() -> None:
     trials = max(1, math.ceil(len(grid) / 3))
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        tuned = run_study(
-            str(folder), profile, workload, target, budget_bytes=budget, packages=machine.software.packages,
-            storage=f"sqlite:///{scratch}/bench.db", settings=TuneSettings(trials=trials),
-        )
+        tuned = run_study(str(folder), scenario, storage=f"sqlite:///{scratch}/bench.db", settings=TuneSettings(trials=trials))
         tune_time = time.perf_counter() - started
     tune_best = tuned.best.summary if tuned.best else None
     print()

@@ -1,4 +1,4 @@
-"""advisor.run.apply: configs applied to real (tiny) diffusers pipelines on CPU, the generated script, and the checks.
+"""advisor.run (apply, steps, checks, emit, quantize): configs applied to real (tiny) diffusers pipelines on CPU, the generated script, and the checks.
 
 Every option that can run on a CPU is applied to the tiny Flux (image) and Wan (video) pipelines and
 the pipeline is run; GPU-only options are checked up to the diffusers objects and code they build
@@ -27,7 +27,8 @@ from advisor.config import (
     Vae,
 )
 from advisor.errors import ConfigError, UsageError
-from advisor.run import apply
+from advisor.run import apply, checks, emit, quantize
+from advisor.run import steps as run_steps
 
 CUDA = torch.cuda.is_available()
 KINDS = ["image", "video"]
@@ -126,7 +127,7 @@ def test_torchao_int8_weight_only_quantizes_diffusers_and_transformers_component
     assert np.abs(out - baseline(kind)).mean() < 0.05
 
 
-@pytest.mark.parametrize("scheme, cls", list(apply.TORCHAO_SCHEMES.items()))
+@pytest.mark.parametrize("scheme, cls", list(quantize.TORCHAO_SCHEMES.items()))
 def test_torchao_config_per_component_library(tiny_flux_dir, scheme, cls):
     import diffusers
     import torchao.quantization
@@ -134,13 +135,13 @@ def test_torchao_config_per_component_library(tiny_flux_dir, scheme, cls):
 
     config = cpu(quantization=Quantization(backend="torchao", scheme=scheme, components=["transformer", "text_encoder_2"]))
     for model in (tiny_flux_dir, None):  # from model_index.json, and by component name
-        q = apply.pipeline_kwargs(config, model)["quantization_config"]
+        q = quantize.pipeline_kwargs(config, model)["quantization_config"]
         assert q.quant_backend is None and q.is_granular
         assert type(q.quant_mapping["transformer"]) is diffusers.TorchAoConfig
         assert type(q.quant_mapping["text_encoder_2"]) is transformers.TorchAoConfig
         for component in q.quant_mapping.values():
             assert type(component.quant_type) is getattr(torchao.quantization, cls)
-    code = apply.quantization_code(config, tiny_flux_dir)
+    code = quantize.quantization_code(config, tiny_flux_dir)
     assert f'"transformer": TorchAoConfig({cls}())' in code
     assert f'"text_encoder_2": TransformersTorchAoConfig({cls}())' in code
 
@@ -160,7 +161,7 @@ def test_torchao_schemes_without_cpu_kernels_are_refused_before_loading(tiny_flu
 @pytest.mark.parametrize("kind", KINDS)
 def test_layerwise_fp8_casting_stores_float8_and_runs(tiny, baseline, kind):
     config = cpu(layerwise_casting=LayerwiseCasting(components=["transformer", "text_encoder"]))
-    steps = apply.plan(config, model=tiny[kind])
+    steps = run_steps.plan(config, model=tiny[kind])
     assert [s.code for s in steps if s.key == "layerwise_casting"] == [
         "pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)",
         "apply_layerwise_casting(\n"
@@ -196,7 +197,7 @@ def test_layerwise_casting_of_an_encoder_whose_dtype_would_read_fp8_is_refused()
 
     config = cpu(layerwise_casting=LayerwiseCasting(components=["text_encoder"]))
     with pytest.raises(ConfigError, match=r"`layerwise_casting.components` cannot include 'text_encoder' \(Sequential\): its first weight '0.weight'"):
-        apply.check_pipeline(FakePipeline(), config)
+        checks.check_pipeline(FakePipeline(), config)
 
 
 # --- group offloading (CPU as both devices) -------------------------------------------------------
@@ -224,7 +225,7 @@ def test_group_offload_installs_hooks_and_keeps_outputs(tiny, baseline, kind, of
 @pytest.mark.parametrize("kind, components", [("image", ["transformer"]), ("video", ["transformer", "text_encoder"])])
 def test_group_offload_of_chosen_components_moves_the_others(tiny, baseline, kind, components):
     config = cpu(offload=Offload(strategy="group", components=components, num_blocks_per_group=2))
-    codes = [s.code for s in apply.plan(config, model=tiny[kind]) if s.key == "offload"]
+    codes = [s.code for s in run_steps.plan(config, model=tiny[kind]) if s.key == "offload"]
     assert codes[0].startswith("pipe.transformer.enable_group_offload(")
     if "text_encoder" in components:  # a transformers model: diffusers' function, not a method
         assert codes[1].startswith("apply_group_offloading(\n    pipe.text_encoder,\n")
@@ -243,7 +244,7 @@ def test_group_offload_low_ram_and_disk_on_cpu(tiny_wan_dir, baseline, tmp_path)
             offload_to_disk_path=str(tmp_path / "spill"), components=["transformer"],
         )
     )  # fmt: skip
-    (step,) = [s for s in apply.plan(config, model=tiny_wan_dir) if "enable_group_offload" in s.code]
+    (step,) = [s for s in run_steps.plan(config, model=tiny_wan_dir) if "enable_group_offload" in s.code]
     for text in ('offload_type="leaf_level"', "non_blocking=True", "low_cpu_mem_usage=True", "offload_to_disk_path="):
         assert text in step.code
     assert "num_blocks_per_group" not in step.code  # block_level only
@@ -266,8 +267,8 @@ def test_vae_without_tiling_is_skipped_with_a_warning():
     class FakePipeline:
         components = {"transformer": torch.nn.Linear(2, 2), "vae": torch.nn.Conv2d(1, 1, 1)}
 
-    with pytest.warns(apply.ConfigWarning, match=r"`vae.tiling: true` but Conv2d has no enable_tiling\(\)"):
-        steps = apply.plan(cpu(vae=Vae(tiling=True)), FakePipeline())
+    with pytest.warns(run_steps.ConfigWarning, match=r"`vae.tiling: true` but Conv2d has no enable_tiling\(\)"):
+        steps = run_steps.plan(cpu(vae=Vae(tiling=True)), FakePipeline())
     assert not [s for s in steps if s.key == "vae"]
 
 
@@ -276,7 +277,7 @@ def test_attention_backend_and_channels_last(tiny, baseline, kind):
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     config = cpu(attention_backend="native", channels_last=kind == "image")  # Wan has Conv3d weights: see below
-    codes = [s.code for s in apply.plan(config, model=tiny[kind])]
+    codes = [s.code for s in run_steps.plan(config, model=tiny[kind])]
     assert codes == ["pipe.transformer.to(memory_format=torch.channels_last)"] * (kind == "image") + [
         'pipe.to("cpu")',
         'pipe.transformer.set_attention_backend("native")',
@@ -301,7 +302,7 @@ def test_channels_last_refused_for_a_3d_denoiser(tiny_wan_dir):
 )
 def test_regional_compile_compiles_only_the_repeated_blocks(tiny, baseline, kind, blocks):
     config = cpu(compile=Compile(backend="eager", dynamo_config={"cache_size_limit": 64}))
-    steps = apply.plan(config, model=tiny[kind])
+    steps = run_steps.plan(config, model=tiny[kind])
     assert [s.code for s in steps] == [
         "torch._dynamo.config.cache_size_limit = 64",
         'pipe.to("cpu")',
@@ -318,7 +319,7 @@ def test_regional_compile_compiles_only_the_repeated_blocks(tiny, baseline, kind
 @pytest.mark.parametrize("kind", KINDS)
 def test_full_compile_of_the_transformer(tiny, baseline, kind):
     config = cpu(compile=Compile(regional=False, backend="aot_eager", dynamic=False))
-    (step,) = [s for s in apply.plan(config, model=tiny[kind]) if s.key == "compile"]
+    (step,) = [s for s in run_steps.plan(config, model=tiny[kind]) if s.key == "compile"]
     assert step.code == 'pipe.transformer.compile(fullgraph=True, dynamic=False, backend="aot_eager")'
     pipe = load(tiny[kind], config)
     assert pipe.transformer._compiled_call_impl is not None
@@ -362,8 +363,8 @@ def test_torchao_with_compile_and_group_offload(tiny_flux_dir, monkeypatch):
 
 def test_regional_compile_of_a_model_without_repeated_blocks_warns_and_compiles_it_whole(tiny_flux_dir):
     config = cpu(compile=Compile(components=["text_encoder"], backend="eager"))
-    with pytest.warns(apply.ConfigWarning, match="text_encoder \\(CLIPTextModel\\) has no `_repeated_blocks`"):
-        steps = apply.plan(config, model=tiny_flux_dir)
+    with pytest.warns(run_steps.ConfigWarning, match="text_encoder \\(CLIPTextModel\\) has no `_repeated_blocks`"):
+        steps = run_steps.plan(config, model=tiny_flux_dir)
     assert steps[-1].code == 'pipe.text_encoder.compile(fullgraph=True, backend="eager")'
 
 
@@ -389,13 +390,13 @@ SEED_PAGE_QUANT = '''pipeline_quant_config = PipelineQuantizationConfig(
 
 def test_bitsandbytes_4bit_builds_the_seed_page_config():
     config = OptimizationConfig(quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer", "text_encoder_2"]))
-    kwargs = apply.pipeline_kwargs(config)
+    kwargs = quantize.pipeline_kwargs(config)
     q = kwargs["quantization_config"]
     assert q.quant_backend == "bitsandbytes_4bit"
     assert q.quant_kwargs == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
     assert q.components_to_quantize == ["transformer", "text_encoder_2"]
-    assert kwargs[apply._dtype_keyword()] is torch.bfloat16
-    assert apply.quantization_code(config) == SEED_PAGE_QUANT
+    assert kwargs[quantize.dtype_keyword()] is torch.bfloat16
+    assert quantize.quantization_code(config) == SEED_PAGE_QUANT
     # what diffusers builds from it for each library at load time
     import diffusers
     import transformers
@@ -410,7 +411,7 @@ def test_bitsandbytes_variants():
         dtype="float16",
         quantization=Quantization(backend="bitsandbytes_4bit", quant_type="fp4", double_quant=True, components=["transformer"]),
     )
-    q = apply.pipeline_kwargs(fp4)["quantization_config"]
+    q = quantize.pipeline_kwargs(fp4)["quantization_config"]
     assert q.quant_kwargs == {
         "load_in_4bit": True,
         "bnb_4bit_quant_type": "fp4",
@@ -418,7 +419,7 @@ def test_bitsandbytes_variants():
         "bnb_4bit_use_double_quant": True,
     }
     int8 = OptimizationConfig(quantization=Quantization(backend="bitsandbytes_8bit", components=["transformer"]))
-    q = apply.pipeline_kwargs(int8)["quantization_config"]
+    q = quantize.pipeline_kwargs(int8)["quantization_config"]
     assert (q.quant_backend, q.quant_kwargs, q.components_to_quantize) == ("bitsandbytes_8bit", {"load_in_8bit": True}, ["transformer"])
 
 
@@ -443,7 +444,7 @@ def test_bitsandbytes_variants():
 )
 def test_gpu_offload_steps_code(tiny_flux_dir, offload, device, code):
     config = OptimizationConfig(device=device, offload=offload)
-    assert [s.code for s in apply.plan(config, model=tiny_flux_dir)] == [code]
+    assert [s.code for s in run_steps.plan(config, model=tiny_flux_dir)] == [code]
 
 
 def _forbid_loading(monkeypatch):
@@ -488,7 +489,7 @@ def test_gpu_only_options_are_refused_on_cpu(tiny_flux_dir, monkeypatch, name):
     with pytest.raises(ConfigError, match=message):
         load(tiny_flux_dir, config)
     # the script can still be written for a GPU machine
-    assert "pipe = DiffusionPipeline.from_pretrained(" in apply.emit_python(str(tiny_flux_dir), config)
+    assert "pipe = DiffusionPipeline.from_pretrained(" in emit.emit_python(str(tiny_flux_dir), config)
 
 
 @pytest.mark.cuda
@@ -533,9 +534,9 @@ def test_emitted_script_runs_and_gives_the_same_image(tiny_flux_dir, tmp_path):
         vae=Vae(tiling=True),
         attention_backend="native",
     )
-    script = apply.emit_python(str(tiny_flux_dir), config)
+    script = emit.emit_python(str(tiny_flux_dir), config)
     assert script.startswith(f"# {config.summary()}\n")
-    for step in apply.plan(config, model=tiny_flux_dir):  # the script is made of the steps' code
+    for step in run_steps.plan(config, model=tiny_flux_dir):  # the script is made of the steps' code
         assert step.code in script
     assert script.index("torch._dynamo.config.cache_size_limit = 1000") < script.index("from_pretrained(")
     call = 'image = pipe("a prompt").images[0]\n'
@@ -560,19 +561,19 @@ def test_emitted_script_runs_and_gives_the_same_image(tiny_flux_dir, tmp_path):
 def test_emitted_script_for_video_and_for_unknown_models(tiny_wan_dir):
     workload = {"kind": "video", "height": 480, "width": 832, "frames": 81, "steps": 50, "batch": 1}  # Workload.to_dict()
     config = cpu(offload=Offload(strategy="group", components=["transformer"]), provenance=Provenance(workload=workload))
-    script = apply.emit_python(str(tiny_wan_dir), config)
+    script = emit.emit_python(str(tiny_wan_dir), config)
     assert script.endswith(
         'video = pipe("a prompt", height=480, width=832, num_inference_steps=50, num_frames=81).frames[0]\n'
     )
     assert 'pipe.text_encoder.to("cpu")' in script and 'pipe.vae.to("cpu")' in script
     compile(script, "generated.py", "exec")
     # a model the advisor cannot read: the other components are moved by a loop over pipe.components
-    script = apply.emit_python("someone/not-a-cached-model", config.model_copy(update={"provenance": Provenance(workload={"kind": "video"})}))
+    script = emit.emit_python("someone/not-a-cached-model", config.model_copy(update={"provenance": Provenance(workload={"kind": "video"})}))
     assert script.endswith('video = pipe("a prompt").frames[0]\n')
     assert 'if name not in ["transformer"] and isinstance(component, torch.nn.Module):' in script
     compile(script, "generated.py", "exec")
     # the catalog knows FLUX.1-dev offline: its text encoders are transformers models
-    script = apply.emit_python(
+    script = emit.emit_python(
         "black-forest-labs/FLUX.1-dev", OptimizationConfig(quantization=Quantization(backend="torchao", components=["transformer", "text_encoder_2"]))
     )
     assert '"text_encoder_2": TransformersTorchAoConfig(Int8WeightOnlyConfig()),' in script
@@ -591,7 +592,7 @@ def test_quantizing_a_missing_component_names_it_and_lists_the_real_ones(tiny_fl
     with pytest.raises(ConfigError, match=message):
         apply.apply_config(loaded, config)
     with pytest.raises(ConfigError, match=message):
-        apply.emit_python(str(tiny_flux_dir), config)
+        emit.emit_python(str(tiny_flux_dir), config)
     _forbid_loading(monkeypatch)  # refused from model_index.json, before any weight is read
     with pytest.raises(ConfigError, match=message):
         load(tiny_flux_dir, config)
@@ -616,7 +617,7 @@ def test_other_missing_or_non_model_components(tiny_flux_dir, fields, key):
 
 def test_config_made_for_another_pipeline_warns(tiny_flux_dir):
     config = cpu(provenance=Provenance(pipeline_class="WanPipeline"))
-    with pytest.warns(apply.ConfigWarning, match="`provenance.pipeline_class` is WanPipeline but the pipeline is a FluxPipeline"):
+    with pytest.warns(run_steps.ConfigWarning, match="`provenance.pipeline_class` is WanPipeline but the pipeline is a FluxPipeline"):
         pipe = load(tiny_flux_dir, config)
     assert np.isfinite(run(pipe, "image")).all()
 
@@ -625,20 +626,20 @@ def test_quantization_missing_from_an_already_loaded_pipeline_warns(tiny_flux_di
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(tiny_flux_dir)
-    with pytest.warns(apply.ConfigWarning, match=r"\['transformer'\] are not quantized"):
-        cpu(quantization=Quantization(backend="torchao", components=["transformer"])).apply(pipe)
+    with pytest.warns(run_steps.ConfigWarning, match=r"\['transformer'\] are not quantized"):
+        apply.apply_config(pipe, cpu(quantization=Quantization(backend="torchao", components=["transformer"])))
 
 
 def test_gpu_provenance_warnings():
     config = OptimizationConfig(provenance=Provenance(gpu_name="NVIDIA H100 80GB HBM3", budget_bytes=80 * 2**30))
-    with pytest.warns(apply.ConfigWarning) as caught:
-        apply._gpu_warnings(config, "NVIDIA GeForce RTX 4090", 24 * 2**30)
+    with pytest.warns(run_steps.ConfigWarning) as caught:
+        checks.gpu_warnings(config, "NVIDIA GeForce RTX 4090", 24 * 2**30)
     messages = [str(w.message) for w in caught]
     assert any("`provenance.budget_bytes`" in m and "RTX 4090" in m for m in messages)
     assert any("`provenance.gpu_name` is 'NVIDIA H100 80GB HBM3'" in m for m in messages)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        apply._gpu_warnings(config, "NVIDIA H100 80GB HBM3", 80 * 2**30)
+        checks.gpu_warnings(config, "NVIDIA H100 80GB HBM3", 80 * 2**30)
 
 
 @pytest.mark.parametrize(
@@ -652,9 +653,9 @@ def test_gpu_provenance_warnings():
 def test_config_problems_are_refused_with_the_key(fields, message):
     config = cpu(**fields)
     with pytest.raises(ConfigError, match=message):
-        apply.check_machine(config)
+        checks.check_machine(config)
     with pytest.raises(ConfigError, match=message):
-        apply.emit_python("black-forest-labs/FLUX.1-dev", config)
+        emit.emit_python("black-forest-labs/FLUX.1-dev", config)
 
 
 def test_load_pipeline_takes_a_config_file_and_keeps_the_dtype_to_the_config(tiny_flux_dir, tmp_path):
@@ -665,10 +666,12 @@ def test_load_pipeline_takes_a_config_file_and_keeps_the_dtype_to_the_config(tin
         apply.load_pipeline(tiny_flux_dir, path, torch_dtype=torch.float16)
 
 
-def test_config_methods_delegate_here(tiny_flux_dir):
+def test_the_public_api_loads_and_applies_a_pipeline_you_load_yourself(tiny_flux_dir):
+    import advisor
+
     config = cpu(dtype="float32")
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(tiny_flux_dir, **config.pipeline_kwargs())
-    assert config.apply(pipe) is pipe
+    pipe = DiffusionPipeline.from_pretrained(tiny_flux_dir, **advisor.pipeline_kwargs(config))
+    assert advisor.apply_config(pipe, config) is pipe
     assert pipe.transformer.dtype == torch.float32

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from advisor.errors import ModelError
-from advisor.probe.models import classify_workload, load_profile, profile_from_folder, vae_compression, weight_files
+from advisor.probe.models import classify_workload, load_profile, profile_from_folder, vae_compression
+from advisor.probe.weights import weight_files
 from advisor.probe.safetensors_header import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ def test_casting_skips_match_what_diffusers_leaves_uncast(fixture_and_profile):
         else:  # how advisor.run.apply casts text encoders: embeddings and fp32 modules stay
             from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-            from advisor.probe.models import ENCODER_CASTING_SKIP_PATTERNS
+            from advisor.probe.weights import ENCODER_CASTING_SKIP_PATTERNS
 
             patterns = DEFAULT_SKIP_MODULES_PATTERN + ENCODER_CASTING_SKIP_PATTERNS + tuple(model._keep_in_fp32_modules or ())
             apply_layerwise_casting(model, torch.float8_e4m3fn, torch.float32, skip_modules_pattern=patterns)
@@ -240,7 +241,8 @@ def test_hub_path_profiles_from_header_metadata_like_the_folder_path(tiny_flux_d
     headers as huggingface_hub's own metadata objects, gives the same profile as the full folder."""
     from huggingface_hub.utils import SafetensorsFileMetadata, TensorInfo
 
-    from advisor.probe.models import choose_weight_files, tensors_from_hub_metadata
+    from advisor.probe.models import tensors_from_hub_metadata
+    from advisor.probe.weights import choose_weight_files
 
     snapshot = tmp_path / "snapshot"
     for path in tiny_flux_dir.rglob("*.json"):
@@ -273,7 +275,7 @@ def test_hub_path_profiles_from_header_metadata_like_the_folder_path(tiny_flux_d
 
 
 def test_weight_file_choice_on_hub_style_names():
-    from advisor.probe.models import choose_weight_files
+    from advisor.probe.weights import choose_weight_files
 
     names = ["config.json", "model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors", "model.fp16.safetensors", "model.safetensors.index.json"]
     assert choose_weight_files(names) == (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"], None)

@@ -16,10 +16,12 @@ def test_public_names_are_pinned_and_sorted():
         "OptimizationConfig",
         "TuneError",
         "UsageError",
+        "apply_config",
         "format_size",
         "load_config",
         "load_pipeline",
         "parse_size",
+        "pipeline_kwargs",
         "probe_machine",
     ]
     for name in advisor.__all__:

@@ -1,7 +1,8 @@
 """The tuning report: Pareto front, plot and Markdown summary from trial records."""
 
 from advisor.run.report import markdown, pareto_front, write_report
-from advisor.run.tune import TrialRecord, TuneResult
+from advisor.run.trials import TrialRecord
+from advisor.run.tune import TuneResult
 
 MB = 2**20
 

@@ -4,29 +4,22 @@ import pytest
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.errors import UsageError
+from advisor.plan.recommend import recommend
 from advisor.plan.rules import (
     RULES,
-    Context,
-    bitsandbytes_needs_cuda,
     channels_last_for_unets,
-    compiled_torchao_needs_leaf_or_stream_offload,
-    default_budget,
     dynamic_quantization_needs_compile,
     dynamo_cache_limit_with_offload,
     dynamo_capture_for_bitsandbytes,
-    fp8_compute_needs_sm89,
     images_prefer_model_offload,
-    installed_diffusers_supports_it,
     no_fullgraph_with_offload_hooks,
     offload_needs_an_accelerator,
-    quantization_choices,
-    recommend,
-    torchao_cannot_offload_to_disk,
-    torchao_installed,
     vae_slicing_for_batches,
     vae_tiling_when_decode_dominates,
     video_prefers_group_offload,
 )
+from advisor.plan.scenario import Scenario, default_budget, make_scenario
+from advisor.plan.space import quantization_choices
 from advisor.probe.models import load_profile
 from advisor.probe.target import TargetHardware, planned_target
 from advisor.probe.workload import make_workload
@@ -39,9 +32,10 @@ def cpu_target(ram_gib: float = 24) -> TargetHardware:
     return TargetHardware("cpu", "test CPU", 0, 0, int(ram_gib * GIB), int(ram_gib * GIB), None, True, 2e11, float("inf"), "test")
 
 
-def context(model="flux-dev", target=None, packages=None, budget=16 * GIB, **job) -> Context:
+def context(model="flux-dev", target=None, packages=None, budget=16 * GIB, **job) -> Scenario:
     profile = load_profile(model)
-    return Context(profile, make_workload(profile, **job), target or planned_target(machine=None, gpu="RTX 4090"), packages, budget)
+    target = target or planned_target(machine=None, gpu="RTX 4090")
+    return make_scenario(profile, make_workload(profile, **job), target, packages=packages, budget_bytes=budget)
 
 
 # --- every rule on its own ------------------------------------------------------------------------
@@ -52,26 +46,6 @@ def test_every_rule_has_a_reason_and_a_source():
     for r in RULES:
         assert r.kind in {"filter", "adjust", "prefer"}
         assert len(r.reason) > 20 and r.source.startswith("https://")
-
-
-def test_bitsandbytes_needs_cuda():
-    config = OptimizationConfig(quantization=NF4)
-    assert bitsandbytes_needs_cuda(config, context()) is None
-    assert "CUDA" in bitsandbytes_needs_cuda(config, context(target=cpu_target()))
-    assert "not installed" in bitsandbytes_needs_cuda(config, context(packages={"torch": "2.13"}))
-    assert bitsandbytes_needs_cuda(OptimizationConfig(), context(target=cpu_target())) is None
-
-
-def test_torchao_must_be_installed_only_when_planning_here():
-    config = OptimizationConfig(quantization=Quantization(backend="torchao", components=["transformer"]))
-    assert "torchao" in torchao_installed(config, context(packages={"torch": "2.13"}))
-    assert torchao_installed(config, context(packages=None)) is None  # another machine: can't tell
-
-
-def test_fp8_compute_needs_sm89():
-    fp8 = OptimizationConfig(quantization=Quantization(backend="torchao", components=["transformer"], scheme="float8_dynamic"), compile=Compile())
-    assert fp8_compute_needs_sm89(fp8, context(target=planned_target(machine=None, gpu="RTX 4090"))) is None
-    assert "8.9" in fp8_compute_needs_sm89(fp8, context(target=planned_target(machine=None, gpu="A100")))
 
 
 def test_dynamic_quantization_is_never_offered_uncompiled():
@@ -87,13 +61,6 @@ def test_offload_needs_an_accelerator():
     assert offload_needs_an_accelerator(OptimizationConfig(offload=Offload(strategy="model")), context()) is None
 
 
-def test_installed_diffusers_version_is_checked():
-    grouped = OptimizationConfig(offload=Offload(strategy="group"))
-    assert "upgrade" in installed_diffusers_supports_it(grouped, context(packages={"diffusers": "0.31.0"}))
-    assert installed_diffusers_supports_it(grouped, context(packages={"diffusers": "0.42.1"})) is None
-    assert installed_diffusers_supports_it(grouped, context(packages=None)) is None
-
-
 def test_dynamo_flags_for_bitsandbytes_and_offload():
     compiled = OptimizationConfig(quantization=NF4, compile=Compile(), offload=Offload(strategy="model"))
     adjusted = dynamo_cache_limit_with_offload(dynamo_capture_for_bitsandbytes(compiled, context()), context())
@@ -102,18 +69,6 @@ def test_dynamo_flags_for_bitsandbytes_and_offload():
     assert dynamo_cache_limit_with_offload(dynamo_capture_for_bitsandbytes(plain, context()), context()) == plain
     uncompiled = OptimizationConfig(quantization=NF4, offload=Offload(strategy="model"))
     assert dynamo_capture_for_bitsandbytes(uncompiled, context()) == uncompiled
-
-
-def test_torchao_and_group_offload_restrictions():
-    int8 = Quantization(backend="torchao", components=["transformer"])
-    to_disk = OptimizationConfig(quantization=int8, offload=Offload(strategy="group", offload_to_disk_path="/tmp/o"))
-    assert "disk" in torchao_cannot_offload_to_disk(to_disk, context())
-    assert torchao_cannot_offload_to_disk(OptimizationConfig(quantization=NF4, offload=to_disk.offload), context()) is None
-    blocks = OptimizationConfig(quantization=int8, compile=Compile(), offload=Offload(strategy="group"))
-    assert compiled_torchao_needs_leaf_or_stream_offload(blocks, context())
-    streamed = blocks.model_copy(update={"offload": Offload(strategy="group", use_stream=True)})
-    assert compiled_torchao_needs_leaf_or_stream_offload(streamed, context()) is None
-    assert compiled_torchao_needs_leaf_or_stream_offload(blocks.model_copy(update={"compile": None}), context()) is None
 
 
 def test_no_fullgraph_where_hooks_wrap_the_compiled_layers():
@@ -169,7 +124,7 @@ def test_default_budget_keeps_a_reserve():
 def pick(model, *, budget=None, packages=None, target=None, **job):
     profile = load_profile(model)
     target = target or planned_target(machine=None, gpu="RTX 4090")
-    return recommend(profile, make_workload(profile, **job), target, packages=packages, budget_bytes=budget)
+    return recommend(make_scenario(profile, make_workload(profile, **job), target, packages=packages, budget_bytes=budget))
 
 
 def test_seed_page_flux_16gb_budget_quantizes_compiles_and_does_not_offload():
@@ -295,11 +250,11 @@ SCENARIOS = [
 @pytest.mark.parametrize(("model", "gpu", "budget", "job"), SCENARIOS)
 def test_every_recommended_config_is_accepted_by_apply(model, gpu, budget, job):
     """The rule engine never proposes what advisor.run.apply would refuse (checked without a GPU)."""
-    from advisor.run.apply import check_config
+    from advisor.run.checks import check_config
 
     result = pick(model, budget=budget, target=planned_target(machine=None, **gpu), **job)
     configs = ([result.best] if result.best else []) + result.alternatives
     assert configs, f"nothing fits for {model} on {gpu}"
     for scored in configs:
         check_config(scored.config)
-        assert scored.estimate.peak_vram_bytes <= result.budget_bytes
+        assert scored.estimate.peak_vram_bytes <= result.scenario.budget_bytes

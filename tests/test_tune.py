@@ -99,18 +99,10 @@ def point(params: dict) -> str:
 
 @functools.lru_cache
 def _space(model: str, budget_bytes: int) -> frozenset[str]:
-    from advisor.plan.rules import Context
-    from advisor.probe.hardware import probe_machine
-    from advisor.probe.models import load_profile
-    from advisor.probe.target import target_from_probe
-    from advisor.probe.workload import make_workload
-    from advisor.run.tune import search_space
+    from advisor.plan.space import SearchSpace
 
-    machine = probe_machine()
-    profile = load_profile(model)
-    job = make_workload(profile, height=32, width=32, steps=4)
-    ctx = Context(profile, job, target_from_probe(machine), machine.software.packages, budget_bytes)
-    return frozenset(point(p) for p in search_space(ctx, compile_choices=(False,)).points())
+    scenario = context(model, budget_bytes)
+    return frozenset(point(p) for p in SearchSpace.for_scenario(scenario, compile_choices=(False,)).usable(scenario).points())
 
 
 def space(model, budget_bytes: int = 2 * 2**30) -> frozenset[str]:
@@ -128,16 +120,12 @@ def ran_to_its_end(study, trials: int, points: frozenset[str]) -> bool:
     return len(complete(study)) >= trials or answered(study) >= points
 
 
-def context(model):
-    """(profile, workload, target, packages) for `run_study` on `model`, 32x32, 4 steps."""
+def context(model, budget_bytes: int):
+    """The scenario `run_study` gets for `model` on this machine, 32x32, 4 steps."""
+    from advisor.plan.scenario import scenario_for
     from advisor.probe.hardware import probe_machine
-    from advisor.probe.models import load_profile
-    from advisor.probe.target import target_from_probe
-    from advisor.probe.workload import make_workload
 
-    machine = probe_machine()
-    profile = load_profile(str(model))
-    return profile, make_workload(profile, height=32, width=32, steps=4), target_from_probe(machine), machine.software.packages
+    return scenario_for(probe_machine(), str(model), height=32, width=32, steps=4, budget_bytes=budget_bytes)
 
 
 @functools.lru_cache(maxsize=1)
@@ -356,11 +344,11 @@ def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, o
     import optuna
 
     limit = oom_limit
-    profile, job, target, packages = context(flux_270mb)
+    scenario = context(flux_270mb, 8 * 2**30)
     progress = []
     storage = f"sqlite:///{tmp_path / 's.db'}"
     result = run_study(
-        str(flux_270mb), profile, job, target, budget_bytes=8 * 2**30, packages=packages, storage=storage, study="oom",
+        str(flux_270mb), scenario, storage=storage, study="oom",
         settings=TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300),
         on_trial=progress.append,
     )
@@ -382,10 +370,10 @@ def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, o
 def test_timed_out_trials_are_infeasible_and_the_study_goes_on(tiny_flux_dir, tmp_path):
     import optuna
 
-    profile, job, target, packages = context(tiny_flux_dir)
+    scenario = context(tiny_flux_dir, 2 * 2**30)
     storage = f"sqlite:///{tmp_path / 's.db'}"
     result = run_study(
-        str(tiny_flux_dir), profile, job, target, budget_bytes=2 * 2**30, packages=packages, storage=storage, study="slow",
+        str(tiny_flux_dir), scenario, storage=storage, study="slow",
         settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=1),
     )
     assert len(result.trials) == 2

@@ -1,0 +1,178 @@
+"""Refuse, before anything loads, what a config can't do: on any machine, on this one, or with this pipeline.
+
+What can run where is `advisor.constraints`; this module asks it (for any machine, then for this
+one as torch sees it) and adds what only the installed torch and diffusers can answer (dynamo
+options, compile backends, attention backends) and what only a pipeline can (its components).
+Every problem is a `ConfigError` naming the key; mismatches that still run are `ConfigWarning`s.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from advisor.constraints import Platform, first_violation
+from advisor.errors import ConfigError
+from advisor.probe.weights import casting_skipped
+from advisor.run.classes import Components
+from advisor.run.steps import ConfigWarning, casting_skips
+
+if TYPE_CHECKING:
+    from advisor.config import OptimizationConfig
+
+
+def check_config(config: OptimizationConfig) -> None:
+    """Checks that need the installed libraries but neither a pipeline nor a GPU; raises ConfigError."""
+    import torch
+    import torch._dynamo
+
+    # On a machine that has everything, with the GPU the script may yet run on: only combinations
+    # that no machine can run are refused here.
+    violation = first_violation(config.model_copy(update={"device": "cuda"}), Platform.anywhere())
+    if violation is not None:
+        raise ConfigError(violation.message)
+    if config.compile is not None:
+        for option in config.compile.dynamo_config:
+            if not hasattr(torch._dynamo.config, option):
+                raise ConfigError(f"`compile.dynamo_config.{option}`: torch._dynamo.config has no option {option!r}")
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if config.compile.backend not in backends:
+            raise ConfigError(
+                f"`compile.backend: {config.compile.backend}` is not a torch.compile backend here; "
+                f"use one of {', '.join(sorted(backends))}"
+            )
+    if config.attention_backend is not None:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        names = sorted(member.value for member in AttentionBackendName)
+        if config.attention_backend.lower() not in names:
+            raise ConfigError(f"`attention_backend: {config.attention_backend}` is unknown; use one of {', '.join(names)}")
+
+
+def _device(config: OptimizationConfig) -> Any:
+    import torch
+
+    try:
+        return torch.device(config.device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"`device: {config.device}` is not a torch device; use e.g. `cuda`, `cuda:1` or `cpu`") from None
+
+
+def check_machine(config: OptimizationConfig) -> None:
+    """Refuse, before anything loads, what this machine cannot run; each message names the key and the way out."""
+    import torch
+
+    check_config(config)
+    device = _device(config)
+    violation = first_violation(config, Platform.here(config.device))
+    if violation is not None:
+        raise ConfigError(violation.message)
+    if device.type not in ("cuda", "cpu"):
+        backend = getattr(torch, device.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise ConfigError(f"`device: {config.device}` is not available on this machine; use `device: cpu`")
+    if config.attention_backend is not None:
+        try:
+            from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+            _check_attention_backend_requirements(AttentionBackendName(config.attention_backend.lower()))
+        except ImportError:
+            pass
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"`attention_backend: {config.attention_backend}`: {exc}") from None
+
+
+def check_components(config: OptimizationConfig, components: Components, what: str) -> None:
+    """Every component the config names exists in the pipeline and is a model."""
+    if not components.known:
+        return
+    models = components.modules()
+    for key, name in config.named_components():
+        if name not in components.names():
+            raise ConfigError(
+                f"`{key}` names {name!r}, which {what} does not have; its components are {', '.join(sorted(models))}"
+            )
+        if name not in models:
+            raise ConfigError(
+                f"`{key}` names {name!r}, a {components.class_name(name)} rather than a model; "
+                f"the models of {what} are {', '.join(sorted(models))}"
+            )
+
+
+def gpu_warnings(config: OptimizationConfig, gpu_name: str, total_memory: int) -> None:
+    p = config.provenance
+    if p.budget_bytes is not None and p.budget_bytes > total_memory:
+        warnings.warn(
+            f"`provenance.budget_bytes` ({p.budget_bytes}) is more than this GPU's {total_memory} bytes ({gpu_name}); "
+            "the config was made for a bigger GPU and may run out of memory here",
+            ConfigWarning,
+            stacklevel=3,
+        )
+    if p.gpu_name is not None and p.gpu_name != gpu_name:
+        warnings.warn(
+            f"`provenance.gpu_name` is {p.gpu_name!r} but this GPU is {gpu_name!r}; re-run `advisor tune` for this GPU",
+            ConfigWarning,
+            stacklevel=3,
+        )
+
+
+def _first_weight_cast(module: Any, patterns: tuple[str, ...]) -> str | None:
+    """The name of `module`'s first floating-point weight if layerwise casting with `patterns` would cast it."""
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+
+    modules = dict(module.named_modules())
+    for name, param in module.named_parameters():
+        if not param.is_floating_point():
+            continue
+        owner = name.rpartition(".")[0]
+        if (owner and casting_skipped(owner, patterns)) or not isinstance(modules[owner], _GO_LC_SUPPORTED_PYTORCH_LAYERS):
+            return None
+        return name
+    return None
+
+
+def check_pipeline(pipe: Any, config: OptimizationConfig) -> None:
+    """Checks against a loaded pipeline: ConfigError for missing components, warnings for mismatches."""
+    import torch
+
+    components = Components.of_pipe(pipe)
+    what = type(pipe).__name__
+    check_components(config, components, f"this {what}")
+    expected = config.provenance.pipeline_class
+    if expected is not None and expected != what:
+        warnings.warn(
+            f"`provenance.pipeline_class` is {expected} but the pipeline is a {what}; the config was made for another model",
+            ConfigWarning,
+            stacklevel=3,
+        )
+    if config.channels_last:
+        for name in components.denoisers():
+            if any(p.dim() == 5 for p in pipe.components[name].parameters()):
+                raise ConfigError(
+                    f"`channels_last: true` cannot apply to {name} ({components.class_name(name)}): it has 5-D (Conv3d) "
+                    "weights and channels_last is for 4-D ones; set `channels_last: false`"
+                )
+    if config.layerwise_casting is not None:
+        for name in config.layerwise_casting.components:
+            if components.is_diffusers_model(name):
+                continue
+            first = _first_weight_cast(pipe.components[name], casting_skips(components.cls(name)))
+            if first is not None:
+                raise ConfigError(
+                    f"`layerwise_casting.components` cannot include {name!r} ({components.class_name(name)}): its first "
+                    f"weight {first!r} would be stored in fp8, so {name}.dtype would read fp8 and the pipeline would "
+                    f"cast prompt embeddings to it; remove {name!r}"
+                )
+    if config.quantization is not None:
+        plain = [name for name in config.quantization.components if getattr(pipe.components[name], "hf_quantizer", None) is None]
+        if plain:
+            warnings.warn(
+                f"`quantization.components` {plain} are not quantized in this pipeline: load it with "
+                "`**advisor.pipeline_kwargs(config)` or `advisor.load_pipeline`",
+                ConfigWarning,
+                stacklevel=3,
+            )
+    device = _device(config)
+    if device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        gpu_warnings(config, props.name, props.total_memory)

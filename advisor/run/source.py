@@ -1,0 +1,60 @@
+"""Values that know the Python source producing them, so one object both runs a step and prints it.
+
+``Expr("torch.bfloat16", torch.bfloat16)`` is run as the dtype and printed as ``torch.bfloat16``;
+plain values print as Python literals (strings with double quotes, like the diffusers docs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+
+@dataclass(frozen=True)
+class Expr:
+    """A value together with the source that produces it, e.g. ``torch.bfloat16``."""
+
+    code: str
+    value: Any
+
+
+def dtype_expr(name: str) -> Expr:
+    import torch
+
+    return Expr(f"torch.{name}", getattr(torch, name))
+
+
+def source(value: Any) -> str:
+    """The Python source of `value`."""
+    if isinstance(value, Expr):
+        return value.code
+    if isinstance(value, str):
+        return json.dumps(value)  # double quotes, like the diffusers docs
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{source(k)}: {source(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(source(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(source(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)  # bool, int, float, None
+
+
+def runtime_value(value: Any) -> Any:
+    """`value` with every `Expr` replaced by what it evaluates to."""
+    if isinstance(value, Expr):
+        return value.value
+    if isinstance(value, dict):
+        return {k: runtime_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(runtime_value(v) for v in value)
+    return value
+
+
+def call_source(callee: str, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None) -> str:
+    """``callee(arg, key=value)``, on one line when it fits 120 columns, else one argument per line."""
+    parts = [source(a) for a in args] + [f"{k}={source(v)}" for k, v in (kwargs or {}).items()]
+    one_line = f"{callee}({', '.join(parts)})"
+    if len(one_line) <= 120:
+        return one_line
+    return f"{callee}(\n" + "".join(f"    {part},\n" for part in parts) + ")"

@@ -1,0 +1,257 @@
+"""A config's post-load steps, in the order they must run: each knows what it does, its code, and how to run it.
+
+Everything a config asks for after loading is a list of `Step` objects (`plan`): each has a one-line
+``description``, the exact Python ``code`` a user would write (it refers to ``pipe``) and a ``run``
+function that performs it. `advisor.run.apply` runs the steps; `advisor.run.emit` prints their
+code. Both come from the same objects, so a generated script and ``advisor.load_pipeline`` cannot
+drift apart.
+
+Order of the steps (and why):
+
+1. ``torch._dynamo.config`` flags: dynamo reads them when it first traces, so they go before
+   anything is compiled (``capture_dynamic_output_shape_ops`` for bitsandbytes, a larger
+   ``cache_size_limit`` with offloading: the seed page sets them first);
+2. layerwise casting (fp8 storage), then ``channels_last``: both rewrite the weights in place,
+   before offloading hooks capture them;
+3. device placement: ``pipe.to(device)``, model / sequential CPU offload or group offload;
+4. VAE tiling / slicing (after group offload: diffusers warns about tiling set before streams);
+5. the attention backend;
+6. ``torch.compile`` last: compiling captures the module as it is then, hooks included.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from advisor.run.classes import Components
+from advisor.run.source import Expr, call_source, dtype_expr, runtime_value, source
+
+if TYPE_CHECKING:
+    from advisor.config import OptimizationConfig
+
+
+class ConfigWarning(UserWarning):
+    """A config applies, but not quite as written (made for another pipeline or GPU, a skipped option)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One post-load action: what it does, the code a user would write, and the function doing it."""
+
+    key: str  # the config key it comes from: compile, layerwise_casting, offload, vae, ...
+    description: str
+    code: str
+    run: Callable[[Any], None] = field(repr=False, compare=False)
+    imports: tuple[str, ...] = ()
+
+    def __call__(self, pipe: Any) -> None:
+        self.run(pipe)
+
+
+def _method_step(
+    key: str,
+    description: str,
+    component: str | None,
+    method: str,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    imports: tuple[str, ...] = (),
+) -> Step:
+    kwargs = dict(kwargs or {})
+    obj = "pipe" if component is None else f"pipe.{component}"
+
+    def run(pipe: Any) -> None:
+        target = pipe if component is None else getattr(pipe, component)
+        getattr(target, method)(*[runtime_value(a) for a in args], **runtime_value(kwargs))
+
+    return Step(key, description, call_source(f"{obj}.{method}", args, kwargs), run, imports)
+
+
+def _function_step(key: str, description: str, module: str, name: str, component: str, kwargs: dict[str, Any]) -> Step:
+    kwargs = dict(kwargs)
+
+    def run(pipe: Any) -> None:
+        getattr(importlib.import_module(module), name)(getattr(pipe, component), **runtime_value(kwargs))
+
+    code = call_source(name, [Expr(f"pipe.{component}", None)], kwargs)
+    return Step(key, description, code, run, (f"from {module} import {name}",))
+
+
+def _dynamo_step(option: str, value: int | bool) -> Step:
+    def run(pipe: Any) -> None:
+        import torch._dynamo
+
+        setattr(torch._dynamo.config, option, value)
+
+    return Step("compile.dynamo_config", f"dynamo flag {option}", f"torch._dynamo.config.{option} = {value!r}", run)
+
+
+def casting_skips(cls: type | None) -> tuple[str, ...]:
+    """Modules a text encoder keeps at the compute dtype under layerwise casting: diffusers' defaults,
+    the embeddings (see `advisor.probe.weights.ENCODER_CASTING_SKIP_PATTERNS`) and its own fp32 modules."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    from advisor.probe.weights import ENCODER_CASTING_SKIP_PATTERNS
+
+    own = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ()) if cls is not None else ()
+    return tuple(dict.fromkeys((*DEFAULT_SKIP_MODULES_PATTERN, *ENCODER_CASTING_SKIP_PATTERNS, *own)))
+
+
+def _placement_steps(config: OptimizationConfig, components: Components) -> list[Step]:
+    device = config.device
+    offload = config.offload
+    if offload.strategy == "none":
+        return [_method_step("offload", f"move the pipeline to {device}", None, "to", (device,))]
+    if offload.strategy in ("model", "sequential"):
+        method = "enable_model_cpu_offload" if offload.strategy == "model" else "enable_sequential_cpu_offload"
+        kwargs = {} if device == "cuda" else {"device": device}
+        what = "whole models" if offload.strategy == "model" else "every layer"
+        return [_method_step("offload", f"{offload.strategy} CPU offload: {what} move to {device} when used", None, method, (), kwargs)]
+
+    kwargs: dict[str, Any] = {"onload_device": device, "offload_device": "cpu", "offload_type": offload.offload_type}
+    if offload.offload_type == "block_level":
+        kwargs["num_blocks_per_group"] = offload.num_blocks_per_group
+    for flag in ("use_stream", "record_stream", "non_blocking", "low_cpu_mem_usage"):
+        if getattr(offload, flag):
+            kwargs[flag] = True
+    if offload.offload_to_disk_path:
+        kwargs["offload_to_disk_path"] = offload.offload_to_disk_path
+    what = offload.label()
+    if offload.components is None:
+        return [_method_step("offload", f"{what} of every model", None, "enable_group_offload", (), kwargs)]
+
+    steps = []
+    for name in offload.components:
+        description = f"{what} of {name}"
+        if components.is_diffusers_model(name):
+            steps.append(_method_step("offload", description, name, "enable_group_offload", (), kwargs))
+        else:
+            steps.append(_function_step("offload", description, "diffusers.hooks", "apply_group_offloading", name, kwargs))
+    if components.known:
+        for name in components.modules():
+            if name not in offload.components:
+                steps.append(_method_step("offload", f"keep {name} on {device}", name, "to", (device,)))
+    else:
+        keep = list(offload.components)
+
+        def run(pipe: Any) -> None:
+            import torch
+
+            for name, component in pipe.components.items():
+                if name not in keep and isinstance(component, torch.nn.Module):
+                    component.to(device)
+
+        code = (
+            "for name, component in pipe.components.items():\n"
+            f"    if name not in {source(keep)} and isinstance(component, torch.nn.Module):\n"
+            f"        component.to({source(device)})"
+        )
+        steps.append(Step("offload", f"keep the other models on {device}", code, run))
+    return steps
+
+
+def _compile_steps(config: OptimizationConfig, components: Components) -> list[Step]:
+    c = config.compile
+    if c is None:
+        return []
+    kwargs: dict[str, Any] = {}
+    if c.mode is not None:
+        kwargs["mode"] = c.mode
+    kwargs["fullgraph"] = c.fullgraph
+    if c.dynamic is not None:
+        kwargs["dynamic"] = c.dynamic
+    if c.backend != "inductor":
+        kwargs["backend"] = c.backend
+    steps = []
+    for name in c.components:
+        regional = c.regional and components.is_diffusers_model(name) and components.has_attr(name, "_repeated_blocks")
+        if c.regional and not regional:
+            warnings.warn(
+                f"`compile.regional: true` but {name} ({components.class_name(name)}) has no `_repeated_blocks`; "
+                "compiling the whole model instead",
+                ConfigWarning,
+                stacklevel=4,
+            )
+        if regional:
+            steps.append(
+                _method_step("compile", f"compile the repeated blocks of {name} (regional)", name, "compile_repeated_blocks", (), kwargs)
+            )
+        else:
+            steps.append(_method_step("compile", f"compile {name}", name, "compile", (), kwargs))
+    return steps
+
+
+def _channels_last() -> Any:
+    import torch
+
+    return torch.channels_last
+
+
+def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
+    """The post-load steps of `config` for a pipeline holding `components`, in order."""
+    steps: list[Step] = []
+    if config.compile is not None:
+        steps += [_dynamo_step(option, value) for option, value in config.compile.dynamo_config.items()]
+
+    if config.layerwise_casting is not None:
+        storage = config.layerwise_casting.storage_dtype
+        kwargs = {"storage_dtype": dtype_expr(storage), "compute_dtype": dtype_expr(config.dtype)}
+        for name in config.layerwise_casting.components:
+            description = f"store {name} weights in {storage}, compute in {config.dtype}"
+            if components.is_diffusers_model(name):
+                steps.append(_method_step("layerwise_casting", description, name, "enable_layerwise_casting", (), kwargs))
+            else:
+                skip = {**kwargs, "skip_modules_pattern": casting_skips(components.cls(name))}
+                steps.append(
+                    _function_step("layerwise_casting", description, "diffusers.hooks", "apply_layerwise_casting", name, skip)
+                )
+
+    if config.channels_last:
+        for name in components.denoisers():
+            steps.append(
+                _method_step(
+                    "channels_last", f"channels_last memory format for {name}", name, "to", (),
+                    {"memory_format": Expr("torch.channels_last", _channels_last())},
+                )
+            )  # fmt: skip
+
+    steps += _placement_steps(config, components)
+
+    for flag, method in (("tiling", "enable_tiling"), ("slicing", "enable_slicing")):
+        if not getattr(config.vae, flag):
+            continue
+        if components.known and "vae" not in components.names():
+            warnings.warn(f"`vae.{flag}: true` but the pipeline has no `vae`; skipped", ConfigWarning, stacklevel=3)
+        elif not components.has_attr("vae", method):
+            warnings.warn(
+                f"`vae.{flag}: true` but {components.class_name('vae')} has no {method}(); skipped", ConfigWarning, stacklevel=3
+            )
+        else:
+            steps.append(_method_step("vae", f"VAE {flag}", "vae", method))
+
+    if config.attention_backend is not None:
+        for name in components.denoisers():
+            steps.append(
+                _method_step(
+                    "attention_backend", f"{config.attention_backend} attention in {name}", name, "set_attention_backend",
+                    (config.attention_backend,),
+                )
+            )  # fmt: skip
+
+    steps += _compile_steps(config, components)
+    return steps
+
+
+def plan(config: OptimizationConfig, pipe: Any = None, *, model: str | Path | None = None) -> list[Step]:
+    """The post-load steps for `config`, in the order they must run.
+
+    Component classes come from `pipe` when given (what `apply_config` does), else from `model`'s
+    layout (local folder, HF cache or the built-in catalog); with neither, names are taken as
+    written and ``transformer`` is the denoiser.
+    """
+    components = Components.of_pipe(pipe) if pipe is not None else Components.of_model(model)
+    return steps_for(config, components)
