@@ -351,30 +351,17 @@ def tiny_call_kwargs(kind: str, *, seed: int | None = None) -> dict[str, Any]:
         >>> pipe(**tiny_call_kwargs("video", seed=0)).frames.shape
         (1, 5, 16, 16, 3)
     """
+    from advisor.probe.workload import Workload
+
     if kind == "image":
-        kwargs: dict[str, Any] = {
-            "prompt": _IMAGE_PROMPT,
-            "height": 32,
-            "width": 32,
-            "num_inference_steps": 2,
-            "guidance_scale": 3.5,
-            "max_sequence_length": 16,
-            "output_type": "np",
-        }
+        job = Workload("image", height=32, width=32, steps=2).call_kwargs()
+        kwargs: dict[str, Any] = {"prompt": _IMAGE_PROMPT, **job, "guidance_scale": 3.5}
     elif kind == "video":
-        kwargs = {
-            "prompt": _VIDEO_PROMPT,
-            "negative_prompt": "",
-            "height": 16,
-            "width": 16,
-            "num_frames": 5,
-            "num_inference_steps": 2,
-            "guidance_scale": 5.0,
-            "max_sequence_length": 16,
-            "output_type": "np",
-        }
+        job = Workload("video", height=16, width=16, frames=5, steps=2).call_kwargs()
+        kwargs = {"prompt": _VIDEO_PROMPT, "negative_prompt": "", **job, "guidance_scale": 5.0}
     else:
         raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
+    kwargs.update(max_sequence_length=16, output_type="np")
     if seed is not None:
         import torch
 

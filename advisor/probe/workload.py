@@ -49,9 +49,9 @@ class Workload:
         The batch is left out at 1, the pipelines' default, so generated scripts stay minimal.
         """
         kwargs: dict[str, Any] = {"height": self.height, "width": self.width}
+        kwargs["num_inference_steps"] = self.steps if steps is None else steps
         if self.kind == "video":
             kwargs["num_frames"] = self.frames
-        kwargs["num_inference_steps"] = self.steps if steps is None else steps
         if self.batch != 1:
             kwargs["num_videos_per_prompt" if self.kind == "video" else "num_images_per_prompt"] = self.batch
         return kwargs

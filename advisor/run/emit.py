@@ -34,12 +34,13 @@ def _workload_kind(config: OptimizationConfig, components: Components) -> str:
 
 
 def _call_kwargs(config: OptimizationConfig, kind: str) -> dict[str, int]:
-    """The size the config was made for (``provenance.workload``), as pipeline call arguments."""
-    workload = config.provenance.workload or {}
-    names = {"height": "height", "width": "width", "steps": "num_inference_steps"}
-    if kind == "video":
-        names["frames"] = "num_frames"
-    return {arg: workload[key] for key, arg in names.items() if isinstance(workload.get(key), int)}
+    """The job the config was made for (``provenance.workload``), as pipeline call arguments."""
+    from advisor.probe.workload import Workload
+
+    try:
+        return Workload(**{**(config.provenance.workload or {}), "kind": kind}).call_kwargs()
+    except TypeError:  # a hand-written provenance without the whole workload: the pipeline's defaults
+        return {}
 
 
 def emit_python(model: str, config: OptimizationConfig) -> str:
