@@ -162,6 +162,8 @@ class Provenance(_Strict):
     created: str | None = None
     estimate: dict[str, Any] | None = None
     measured: dict[str, Any] | None = None  # latency_s, peak_vram_bytes, ... from tune
+    assumptions: list[str] | None = None  # values assumed about a machine the advisor could not see
+    quality: Literal["exact", "balanced", "fast"] | None = None  # the quality policy it was chosen under
 
 
 class OptimizationConfig(_Strict):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from advisor.config import Provenance
 from advisor.constraints import Platform
@@ -27,7 +27,12 @@ from advisor.probe.hardware import MachineProfile
 from advisor.probe.models import ModelProfile, load_profile
 from advisor.probe.target import TargetHardware, resolve_target
 from advisor.probe.workload import Workload, make_workload
-from advisor.units import GIB
+from advisor.units import GIB, format_size
+
+# How much lossy storage or compute a plan may use (see `advisor.plan.recommend`):
+# exact: none; balanced: only when nothing lossless fits or it is clearly faster; fast: whatever is fastest.
+Quality = Literal["exact", "balanced", "fast"]
+QUALITIES = ("exact", "balanced", "fast")
 
 
 def default_budget(target: TargetHardware) -> int:
@@ -60,6 +65,12 @@ class Scenario:
     budget_bytes: int
     budget_source: str = "--budget"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    quality: Quality = "balanced"
+
+    @property
+    def assumptions(self) -> tuple[str, ...]:
+        """Every value assumed about the machine or the job rather than read or given."""
+        return self.target.assumptions + self.workload.assumptions
 
     @property
     def planning_here(self) -> bool:
@@ -89,6 +100,8 @@ class Scenario:
             budget_bytes=self.budget_bytes,
             packages={"advisor": __version__, **(self.packages or {})},
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            assumptions=list(self.assumptions) or None,
+            quality=self.quality,
             **extra,
         )
 
@@ -101,6 +114,7 @@ def make_scenario(
     packages: dict[str, str | None] | None = None,
     budget_bytes: int | None = None,
     notes: tuple[str, ...] = (),
+    quality: Quality = "balanced",
 ) -> Scenario:
     """The scenario, with the default budget when none is given; a budget of nothing is an error here."""
     if budget_bytes is None:
@@ -109,7 +123,12 @@ def make_scenario(
         budget, source = budget_bytes, "--budget"
     if budget <= 0:
         raise UsageError("--budget: must be larger than 0 (nothing fits in no memory)")
-    return Scenario(profile, workload, target, packages, budget, source, tuple(notes))
+    if quality not in QUALITIES:
+        raise UsageError(f"--quality: {quality!r} is not a quality policy; use one of {', '.join(QUALITIES)}")
+    if target.device == "cuda" and budget > target.vram_total_bytes:
+        notes = (*notes, f"--budget {format_size(budget)} is more than the card's {format_size(target.vram_total_bytes)}; planning within the card")
+        budget = target.vram_total_bytes
+    return Scenario(profile, workload, target, packages, budget, source, tuple(notes), quality)
 
 
 def scenario_for(
@@ -126,6 +145,7 @@ def scenario_for(
     ram: int | None = None,
     gpu: str | None = None,
     budget_bytes: int | None = None,
+    quality: Quality = "balanced",
 ) -> Scenario:
     """The scenario the command-line flags describe (sizes already in bytes).
 
@@ -142,4 +162,4 @@ def scenario_for(
             "--vram 24GB or --gpu 'RTX 4090'"
         )
     packages = machine.software.packages if planning_here else None
-    return make_scenario(profile, job, target, packages=packages, budget_bytes=budget_bytes, notes=tuple(notes))
+    return make_scenario(profile, job, target, packages=packages, budget_bytes=budget_bytes, notes=tuple(notes), quality=quality)

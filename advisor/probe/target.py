@@ -6,7 +6,9 @@ host->device bandwidth, each with where it came from (probe, calibration, datash
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -15,10 +17,18 @@ from typing import Any
 from advisor.errors import UsageError
 from advisor.paths import DATA_DIR, advisor_cache_dir
 from advisor.probe.hardware import MachineProfile, pcie_bandwidth
-from advisor.units import GIB, parse_capability
+from advisor.units import GIB, format_size, parse_capability
 
 # Planning defaults when neither the card nor a calibration is known: an RTX 4090-class GPU.
 DEFAULT_GPU = "RTX 4090"
+# `--vram SIZE` alone: a card of that size whose model we don't know. Its capabilities are the
+# conservative common ground of the cards people own (Ampere, compute capability 8.6: bf16 yes,
+# fp8 matmuls no) and its throughput an RTX 3090's (datasheet: 71 TFLOP/s dense bf16, PCIe 4 x16).
+GENERIC_GPU = {"bf16_tflops": 71, "pcie_generation": 4, "pcie_width": 16, "compute_capability": "8.6"}
+# Host RAM assumed for a machine the advisor can't see, when --ram is not given: twice the card's
+# memory (what loading and pinned offload copies need for the models that fill it), at least 32 GB.
+ASSUMED_RAM_PER_VRAM = 2
+ASSUMED_RAM_MIN = 32 * 2**30
 # Pinned host->device copies reach about 80% of the PCIe link's theoretical rate in practice.
 PCIE_EFFICIENCY = 0.8
 # The 2-core development VM measured 0.21 TFLOP/s fp32; used for CPU plans until calibrated.
@@ -30,13 +40,37 @@ def gpu_table() -> dict[str, dict[str, Any]]:
     return {k: v for k, v in json.loads((DATA_DIR / "gpus.json").read_text()).items() if not k.startswith("_")}
 
 
+def _normal(name: str) -> str:
+    """A GPU name without case, spaces, punctuation and brand words: 'NVIDIA GeForce RTX 4090' -> 'rtx4090'."""
+    text = re.sub(r"[^a-z0-9]", "", name.lower())
+    for brand in ("nvidia", "geforce", "tesla"):
+        text = text.replace(brand, "")
+    return text
+
+
 def lookup_gpu(name: str) -> tuple[str, dict[str, Any]] | None:
-    """Datasheet entry whose key is a substring of `name` (longest key wins)."""
-    lowered = name.lower()
-    for key in sorted(gpu_table(), key=len, reverse=True):
-        if key.lower() in lowered:
+    """The datasheet entry for `name`, matched loosely ('rtx3060', 'NVIDIA GeForce RTX 3060', '3060').
+
+    A key contained in the name wins (longest first, so 'H100 PCIe' beats 'H100'); else the one key
+    that ends with the name ('3060' is the RTX 3060, but '4060' is not the RTX 4060 Ti).
+    """
+    wanted = _normal(name)
+    if not wanted:
+        return None
+    keys = sorted(gpu_table(), key=len, reverse=True)
+    for key in keys:
+        if _normal(key) in wanted:
             return key, gpu_table()[key]
-    return None
+    containing = [key for key in keys if _normal(key).endswith(wanted)] if re.search(r"\d", wanted) else []
+    return (containing[0], gpu_table()[containing[0]]) if len(containing) == 1 else None
+
+
+def near_gpu_names(name: str) -> list[str]:
+    """Known GPU names that look like `name`, for an error message."""
+    normal = {_normal(key): key for key in gpu_table()}
+    close = difflib.get_close_matches(_normal(name), list(normal), n=4, cutoff=0.5)
+    contained = [key for norm, key in normal.items() if _normal(name) and (_normal(name) in norm or norm in _normal(name))]
+    return list(dict.fromkeys([*contained, *(normal[c] for c in close)]))
 
 
 def calibration_path() -> Path:
@@ -49,7 +83,7 @@ def load_calibration(device_name: str) -> dict[str, Any] | None:
         data = json.loads(calibration_path().read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    entry = data.get(device_name)
+    entry = data.get(device_name) if isinstance(data, dict) else None
     return entry if isinstance(entry, dict) else None
 
 
@@ -68,6 +102,7 @@ class TargetHardware:
     matmul_flops: float
     h2d_bytes_per_s: float
     source: str  # how the figures were obtained
+    assumptions: tuple[str, ...] = ()  # every value assumed rather than read or given (printed, recorded)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +167,11 @@ def _throughput(name, calibration, datasheet) -> tuple[float, float, list[str]]:
     return flops, bandwidth, sources
 
 
+def assumed_ram(vram_bytes: int) -> int:
+    """Host RAM assumed for a machine with a card of `vram_bytes` (see ASSUMED_RAM_PER_VRAM)."""
+    return max(ASSUMED_RAM_MIN, ASSUMED_RAM_PER_VRAM * vram_bytes)
+
+
 def planned_target(
     *,
     machine: MachineProfile | None,
@@ -139,41 +179,54 @@ def planned_target(
     ram: int | None = None,
     gpu: str | None = None,
 ) -> TargetHardware:
-    """A target described by flags (`--vram`, `--ram`, `--gpu`), filled in from this machine.
+    """A machine described by flags (`--vram`, `--ram`, `--gpu`), not this one.
 
-    `--gpu NAME` picks the datasheet entry (memory, throughput, PCIe) unless `--vram` overrides the
-    memory; `--vram` alone plans for an RTX 4090-class card of that size.
+    `--gpu NAME` picks the datasheet entry (memory, throughput, PCIe, capability) unless `--vram`
+    overrides the memory; `--vram` alone plans for a generic card of that size (`GENERIC_GPU`).
+    Host RAM is `--ram`, else assumed (`assumed_ram`): never this machine's, which plans for another
+    machine have no reason to share. Every assumed value is listed in ``assumptions``.
     """
+    assumptions = []
     if gpu is not None:
         found = lookup_gpu(gpu)
         if found is None:
-            raise UsageError(f"--gpu: {gpu!r} is not a known GPU; known: {', '.join(gpu_table())}")
+            near = near_gpu_names(gpu)
+            hint = f"did you mean {', '.join(repr(n) for n in near)}?" if near else f"known: {', '.join(gpu_table())}"
+            raise UsageError(f"--gpu: {gpu!r} is not a known GPU; {hint} (or give --vram for a card of that size)")
         key, sheet = found
         source = f"--gpu {key} (datasheet)"
+        name = gpu if vram is None else f"{key} with {vram / GIB:.0f} GB"
     else:
-        key, sheet = DEFAULT_GPU, gpu_table()[DEFAULT_GPU]
-        source = f"--vram (throughput of an {DEFAULT_GPU})"
+        key, sheet = "generic", GENERIC_GPU
+        source = "--vram (a generic card of that size)"
+        name = f"GPU with {(vram or 0) / GIB:.0f} GB"
+        assumptions.append(
+            f"card: a generic GPU (compute capability {sheet['compute_capability']}: bf16 but no fp8 matmuls; "
+            f"{sheet['bf16_tflops']} TFLOP/s; PCIe {sheet['pcie_generation']} x{sheet['pcie_width']}); pass --gpu NAME for yours"
+        )
     vram_bytes = vram if vram is not None else int(sheet["memory_gib"] * GIB)
     if vram_bytes <= 0:
         raise UsageError("--vram: must be larger than 0")
-    host_total = machine.host.ram_total_bytes if machine else 64 * GIB
-    host_available = machine.host.ram_available_bytes if machine else host_total
     if ram is not None:
         if ram <= 0:
             raise UsageError("--ram: must be larger than 0")
-        host_total = host_available = ram
+        host = ram
+    else:
+        host = assumed_ram(vram_bytes)
+        assumptions.append(f"host RAM: {format_size(host)} (2x the card's memory, at least 32 GB); pass --ram for yours")
     return TargetHardware(
         device="cuda",
-        name=gpu or f"GPU with {vram_bytes / GIB:.0f} GB",
+        name=name,
         vram_total_bytes=vram_bytes,
         vram_free_bytes=vram_bytes,
-        ram_total_bytes=host_total,
-        ram_available_bytes=host_available,
+        ram_total_bytes=host,
+        ram_available_bytes=host,
         compute_capability=sheet["compute_capability"],
         supports_bf16=_bf16_capable(sheet["compute_capability"]),
         matmul_flops=sheet["bf16_tflops"] * 1e12,
         h2d_bytes_per_s=pcie_bandwidth(sheet["pcie_generation"], sheet["pcie_width"]) * PCIE_EFFICIENCY,
         source=source + ("" if ram is None else ", --ram"),
+        assumptions=tuple(assumptions),
     )
 
 

@@ -8,7 +8,7 @@ unless told otherwise.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -39,9 +39,12 @@ class Workload:
     frames: int = 1
     steps: int = 28
     batch: int = 1
+    assumptions: tuple[str, ...] = field(default=(), compare=False)  # defaults taken from the model, said aloud
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["assumptions"]
+        return data
 
     def call_kwargs(self, steps: int | None = None) -> dict[str, Any]:
         """The pipeline call arguments for this workload (`steps` overrides the step count).
@@ -63,6 +66,21 @@ class Workload:
         return f"{self.kind} {size}{frames}, {self.steps} steps{batch}"
 
 
+def model_defaults(profile: ModelProfile) -> dict[str, Any]:
+    """Call defaults of this model where they differ from its pipeline class's.
+
+    FLUX.1-schnell is timestep-distilled: its transformer has no guidance embedding
+    (``guidance_embeds: false``) and its model card runs 4 steps (FLUX.1-dev, same class: 28).
+    Catalog entries may also carry ``call_defaults``.
+    """
+    defaults: dict[str, Any] = {}
+    if profile.pipeline_class == "FluxPipeline":
+        denoiser = next(iter(profile.by_role("denoiser")), None)
+        if denoiser is not None and denoiser.config.get("guidance_embeds") is False:
+            defaults["steps"] = 4
+    return defaults
+
+
 def make_workload(
     profile: ModelProfile,
     *,
@@ -76,7 +94,7 @@ def make_workload(
 
     Values are checked here so the CLI can show one line naming the flag.
     """
-    defaults = pipeline_behaviour(profile.pipeline_class, profile.workload)
+    defaults = {**pipeline_behaviour(profile.pipeline_class, profile.workload), **model_defaults(profile)}
     values = {
         "height": height if height is not None else defaults["height"],
         "width": width if width is not None else defaults["width"],
@@ -87,9 +105,16 @@ def make_workload(
     for name, value in values.items():
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"--{name}: {value!r} must be a whole number >= 1")
+    multiple = defaults.get("pixel_multiple", 8)
     for name in ("height", "width"):
-        if values[name] % 8:
-            raise UsageError(f"--{name}: {values[name]} is not a multiple of 8 (the VAE downsamples by 8 or more)")
+        if values[name] > 32768:
+            raise UsageError(f"--{name}: {values[name]} is larger than any pipeline generates; use at most 32768")
+        if values[name] % multiple:
+            lower, upper = values[name] // multiple * multiple, (values[name] // multiple + 1) * multiple
+            raise UsageError(
+                f"--{name}: {values[name]} is not a multiple of {multiple} ({profile.pipeline_class} needs it); "
+                f"use {lower or multiple} or {upper}"
+            )
     if profile.workload != "video" and values["frames"] != 1:
         raise UsageError(f"--frames: {values['frames']} given for an {profile.workload} pipeline; frames are for video")
     vae = profile.vae
@@ -100,4 +125,12 @@ def make_workload(
             f"--frames: {values['frames']} does not fit the VAE's {temporal}x time compression; "
             f"use {temporal}k+1 frames, e.g. {valid}"
         )
-    return Workload(kind=profile.workload, **values)
+    if values["batch"] > 256:
+        raise UsageError(f"--batch: {values['batch']} is more than any GPU holds; use at most 256")
+    name = profile.model_id.rsplit("/", 1)[-1]
+    assumed = []
+    if steps is None:
+        assumed.append(f"steps: {values['steps']} ({name}'s default; pass --steps)")
+    if height is None and width is None:
+        assumed.append(f"size: {values['width']}x{values['height']} ({name}'s default; pass --width/--height)")
+    return Workload(kind=profile.workload, **values, assumptions=tuple(assumed))
