@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from kit import REPO
 
@@ -206,7 +206,7 @@ def in_environment() -> Path | None:
     return None
 
 
-def rerun_in(venv: Path, record: InstallRecord, script: Path, argv: list[str], t0: float) -> None:
+def rerun_in(venv: Path, record: InstallRecord, script: Path, argv: list[str], t0: float) -> NoReturn:
     """Replace this process with `script` run by the environment's Python (never returns)."""
     (venv / RECORD_NAME).write_text(json.dumps(record.to_dict(), indent=2))
     env = {**os.environ, VENV_VARIABLE: str(venv), T0_VARIABLE: repr(t0)}
