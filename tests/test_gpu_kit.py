@@ -1,10 +1,14 @@
-"""The GPU kit (benchmarks/gpu): its wheel list, installer, model shapes and a full dry run on the CPU."""
+"""The GPU kit (benchmarks/gpu): its wheel list, the pip install step, model shapes and a full dry run on the CPU."""
 
 from __future__ import annotations
 
-import importlib.util
+import base64
+import hashlib
+import importlib
 import json
 import os
+import re
+import site
 import subprocess
 import sys
 import zipfile
@@ -14,18 +18,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 KIT = REPO / "benchmarks" / "gpu"
+sys.path.insert(0, str(KIT))  # the kit's modules are imported as run_kit.py imports them
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"gpu_kit_{name}", KIT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-fetch_wheels = _load("fetch_wheels")
-run_kit = _load("run_kit")
+import fetch_wheels  # noqa: E402
+from kit import advisor_api, bootstrap, flux_shaped, machine  # noqa: E402
 
 
 # --- the wheel list ---------------------------------------------------------------------------------
@@ -58,11 +54,15 @@ def test_the_pinned_list_is_deliberate():
         "diffusers", "bitsandbytes", "optuna", "alembic", "sqlalchemy", "mako", "colorlog", "pydantic",
         "pydantic-core", "annotated-types", "typing-inspection", "importlib-metadata", "lazy-importer",
     }
-    # Every runtime dependency of the project is carried, except what the image provides by design.
+    # Every runtime dependency of the project is carried, except what the image provides by design:
+    # pip --no-index must find each of them installed there or among the wheels.
+    import tomllib
+
     from packaging.requirements import Requirement
 
-    project = {fetch_wheels.normalize(Requirement(r).name) for r in run_kit.project_requirements()}
-    assert project - set(names) == {"torch", "transformers"}
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = {fetch_wheels.normalize(Requirement(r).name) for r in dependencies}
+    assert project - set(names) == {"torch", "transformers", "matplotlib"}
     # huggingface_hub 2.x would break the image's transformers 5.17 (it requires huggingface-hub<2.0).
     hub = next(p for p in fetch_wheels.PINNED if fetch_wheels.normalize(p.name) == "huggingface-hub")
     assert hub.version.split(".")[0] == "1"
@@ -100,37 +100,137 @@ def test_slimming_bitsandbytes_keeps_only_the_chosen_cuda_libraries(tmp_path):
     assert "cuda118" not in record_after and "rocm72" not in record_after and "cuda130" in record_after
 
 
-# --- installing on the GPU machine ------------------------------------------------------------------
+# --- installing: a virtual environment and pip ------------------------------------------------------
 
 
-def _wheels(**entries):
-    return {name: (version, Path(f"{name}-{version}-py3-none-any.whl"), requires) for name, (version, requires) in entries.items()}
+def test_the_environment_is_made_over_the_machines_packages(tmp_path):
+    venv = tmp_path / "venv"
+    assert bootstrap.venv_command(venv, python="python3") == [
+        "python3", "-m", "venv", "--system-site-packages", "--clear", "--without-pip", str(venv)]
+    # Only where the running Python has no pip does the environment get its own (ensurepip).
+    assert "--without-pip" not in bootstrap.venv_command(venv, python="python3", with_pip=True)
 
 
-def test_the_installer_adds_only_what_the_image_lacks_or_has_too_old():
-    wheels = _wheels(
-        **{
-            "diffusers": ("0.42.1", ["huggingface-hub<3.0,>=1.32.0", "importlib_metadata", "numpy"]),
-            "importlib-metadata": ("10.2.0", ["zipp>=3.20", 'lazy-importer>=0.1; python_version < "3.15"']),
-            "lazy-importer": ("0.1.0", []),
-            "pydantic": ("2.14.4", ["typing-extensions>=4.16.0"]),
-            "typing-extensions": ("4.16.0", []),
-            "huggingface-hub": ("1.33.0", []),
-        }
-    )
-    image = {"numpy": "2.5.2", "zipp": "3.23.0", "huggingface-hub": "1.33.0", "typing-extensions": "4.15.0", "torch": "2.11.0+cu130"}
-    plan = run_kit.plan_install(wheels, ["diffusers>=0.42", "pydantic>=2.7", "torch>=2.5"], installed=image.get)
-    assert set(plan.install) == {"diffusers", "importlib-metadata", "lazy-importer", "pydantic", "typing-extensions"}
-    assert "4.15.0 does not satisfy" in plan.install["typing-extensions"]["why"]
-    assert plan.satisfied == {"numpy": "2.5.2", "zipp": "3.23.0", "huggingface-hub": "1.33.0", "torch": "2.11.0+cu130"}
-    assert plan.problems == []
+def test_the_pip_command_installs_the_project_from_the_carried_wheels_only(tmp_path):
+    venv, wheels = tmp_path / "venv", tmp_path / "wheels"
+    command = bootstrap.pip_install_command(venv, wheels, constraints=tmp_path / "c.txt", report=tmp_path / "r.json")
+    assert command == [
+        str(venv / "bin" / "python"), "-m", "pip", "--isolated", "install", "--no-index", "--find-links", str(wheels),
+        "--no-build-isolation", "--check-build-dependencies", "--constraint", str(tmp_path / "c.txt"),
+        "--report", str(tmp_path / "r.json"), "--progress-bar", "off", "-e", ".",
+    ]
+    # pip checks every dependency (no --no-deps), upgrades nothing it need not, and is never asked for torch.
+    assert not {"--no-deps", "--upgrade", "-U", "--force-reinstall", "--target"} & set(command)
+    assert not any("torch" in part for part in command)
+    without = bootstrap.pip_install_command(venv, None, constraints=tmp_path / "c.txt", report=tmp_path / "r.json")
+    assert "--find-links" not in without and without[-2:] == ["-e", "."]
 
-    older = {**image, "huggingface-hub": "1.20.0"}
-    plan = run_kit.plan_install(wheels, ["diffusers>=0.42"], installed=older.get)
-    assert plan.install["huggingface-hub"]["version"] == "1.33.0"
 
-    plan = run_kit.plan_install(wheels, ["diffusers>=0.42", "torch>=2.5"], installed={}.get)
-    assert any(p.startswith("torch>=2.5") and "not carried" in p for p in plan.problems)  # torch is never carried
+def test_pip_runs_without_the_machines_pip_configuration():
+    env = bootstrap.pip_environment({"PIP_FIND_LINKS": "/opt/wheels", "PIP_INDEX_URL": "x", "PATH": "/bin"})
+    assert env == {"PATH": "/bin", "PIP_CONFIG_FILE": os.devnull}
+
+
+def test_torch_is_pinned_to_the_installed_version():
+    import torch
+
+    assert bootstrap.never_reinstalled_constraints(bootstrap.installed_version) == [f"torch=={torch.__version__}"]
+    assert bootstrap.never_reinstalled_constraints(lambda name: None) == []
+
+
+def test_the_running_environments_packages_are_linked_when_it_is_a_venv():
+    import torch
+
+    folders = bootstrap.parent_site_packages()
+    if sys.prefix == sys.base_prefix:
+        assert folders == []  # --system-site-packages shows this Python's packages by itself
+    else:
+        assert folders == [p for p in site.getsitepackages() if Path(p).is_dir()]
+        assert any(Path(torch.__file__).is_relative_to(folder) for folder in folders)
+
+
+def _wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A minimal pure-Python wheel, written the way the wheel format says (RECORD with hashes)."""
+    module = name.replace("-", "_")
+    info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}/__init__.py": f"VERSION = {version!r}\n".encode(),
+        f"{info}/METADATA": ("Metadata-Version: 2.1\n" f"Name: {name}\n" f"Version: {version}\n"
+                             + "".join(f"Requires-Dist: {r}\n" for r in requires)).encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test_gpu_kit\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    digest = lambda data: base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()  # noqa: E731
+    record = "".join(f"{path},sha256={digest(data)},{len(data)}\n" for path, data in files.items()) + f"{info}/RECORD,,\n"
+    path = folder / f"{module}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name_in_zip, data in files.items():
+            wheel.writestr(name_in_zip, data)
+        wheel.writestr(f"{info}/RECORD", record)
+    return path
+
+
+def _project(folder: Path, dependencies: list[str]) -> Path:
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        f'[project]\nname = "kit-probe-project"\nversion = "0.1"\ndependencies = {json.dumps(dependencies)}\n\n'
+        '[tool.setuptools]\npy-modules = ["kit_probe_project"]\n')
+    (folder / "kit_probe_project.py").write_text("")
+    return folder
+
+
+@pytest.mark.slow
+def test_pip_installs_what_is_missing_from_the_wheels_and_never_replaces_torch(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "kit-probe-dependency", "1.0", requires=("torch>=2.5",))
+    _wheel(wheels, "torch", "99.0")  # a newer torch among the wheels must not replace the installed one
+    project = _project(tmp_path / "project", ["kit-probe-dependency>=1", "torch>=2.5", "pydantic>=2.7"])
+    venv = tmp_path / "venv"
+    record = bootstrap.make_environment(venv, wheels, project=project, log=lambda line: None)
+    assert {(r["name"], r["source"]) for r in record.installed} == {
+        ("kit-probe-dependency", "kit_probe_dependency-1.0-py3-none-any.whl"), ("kit-probe-project", "project (editable)")}
+    assert record.commands[0][-2:] == ["--without-pip", str(venv)] and "--find-links" in record.commands[1]
+    # The environment's Python sees the installed dependency, the project, and this Python's torch.
+    import torch
+
+    probe = "import kit_probe_dependency, kit_probe_project, torch; print(kit_probe_dependency.VERSION, torch.__version__)"
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1.0", torch.__version__]
+
+    # A project that needs another torch fails, saying why: the carried torch 99 is not taken.
+    needs_new_torch = _project(tmp_path / "new-torch", ["torch>=99"])
+    with pytest.raises(bootstrap.BootstrapError) as caught:
+        bootstrap.make_environment(tmp_path / "venv2", wheels, project=needs_new_torch, log=lambda line: None)
+    message = str(caught.value)
+    assert "kit-probe-project 0.1 depends on torch>=99" in message
+    assert f"The user requested (constraint) torch=={torch.__version__}" in message
+
+
+@pytest.mark.slow
+def test_a_requirement_nothing_provides_is_a_clear_error(tmp_path):
+    project = _project(tmp_path / "project", ["kit-probe-not-carried>=1.2"])
+    with pytest.raises(bootstrap.BootstrapError) as caught:
+        bootstrap.make_environment(tmp_path / "venv", tmp_path / "absent-wheels", project=project, log=lambda line: None)
+    message = str(caught.value)
+    assert "needs kit-probe-not-carried>=1.2" in message
+    assert "a wheels folder" in message  # the folder is absent: pip ran without --find-links
+
+
+# --- the kit's layout -------------------------------------------------------------------------------
+
+
+def test_only_advisor_api_imports_the_advisor_package():
+    """The package's internal API is being renamed: one module of the kit adapts to it."""
+    sources = [KIT / "run_kit.py", *sorted((KIT / "kit").glob("*.py"))]
+    importers = [p.name for p in sources if re.search(r"^\s*(from|import) advisor\b", p.read_text(), re.M)]
+    assert importers == ["advisor_api.py"]
+
+
+def test_every_kit_module_stays_small():
+    for path in [KIT / "run_kit.py", KIT / "fetch_wheels.py", *sorted((KIT / "kit").glob("*.py"))]:
+        assert len(path.read_text().splitlines()) < 500, path.name
 
 
 def test_bitsandbytes_library_choice(monkeypatch, tmp_path):
@@ -142,10 +242,10 @@ def test_bitsandbytes_library_choice(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)  # find_spec would answer from it
     importlib.invalidate_caches()
-    assert run_kit.bitsandbytes_library("13.0") == (None, "libbitsandbytes_cuda130.so matches torch's CUDA 13.0")
-    assert run_kit.bitsandbytes_library("12.9")[0] == "128"
-    assert run_kit.bitsandbytes_library("12.4")[0] == "126"
-    chosen, note = run_kit.bitsandbytes_library("11.8")
+    assert machine.bitsandbytes_library("13.0") == (None, "libbitsandbytes_cuda130.so matches torch's CUDA 13.0")
+    assert machine.bitsandbytes_library("12.9")[0] == "128"
+    assert machine.bitsandbytes_library("12.4")[0] == "126"
+    chosen, note = machine.bitsandbytes_library("11.8")
     assert chosen is None and "parts will fail" in note
 
 
@@ -153,8 +253,8 @@ def test_bitsandbytes_library_choice(monkeypatch, tmp_path):
 
 
 def test_depth_scales_the_transformer_and_t5_only():
-    entry = run_kit.catalog_entry()
-    configs, scaling = run_kit.scaled_flux_configs(entry, 0.25)
+    entry = advisor_api.catalog_entry()
+    configs, scaling = flux_shaped.scaled_flux_configs(entry, 0.25)
     assert configs["transformer"]["config"]["num_layers"] == 5
     assert configs["transformer"]["config"]["num_single_layers"] == 10
     assert configs["text_encoder_2"]["config"]["num_layers"] == 6
@@ -164,33 +264,33 @@ def test_depth_scales_the_transformer_and_t5_only():
     assert configs["vae"]["config"]["block_out_channels"] == full["vae"]["block_out_channels"]
     assert configs["transformer"]["config"]["num_attention_heads"] == 24  # full width
     assert not any(k.startswith("_") or k in ("architectures", "torch_dtype") for c in configs.values() for k in c["config"])
-    configs, _ = run_kit.scaled_flux_configs(entry, 1)
+    configs, _ = flux_shaped.scaled_flux_configs(entry, 1)
     assert configs["transformer"]["config"]["num_layers"] == 19 and configs["text_encoder_2"]["config"]["num_layers"] == 24
-    assert run_kit.scaled_flux_configs(entry, 0.01)[0]["transformer"]["config"]["num_layers"] == 1
+    assert flux_shaped.scaled_flux_configs(entry, 0.01)[0]["transformer"]["config"]["num_layers"] == 1
     for bad in (0, 1.5):
         with pytest.raises(ValueError):
-            run_kit.scaled_flux_configs(entry, bad)
+            flux_shaped.scaled_flux_configs(entry, bad)
 
 
 def test_the_dry_run_maps_gpu_only_options_to_cpu_ones():
     from advisor.config import Compile, Offload, OptimizationConfig
 
-    seed = {name: config for name, _, config in run_kit.seed_configs("cuda", "bfloat16")}
-    mapped, notes = run_kit.cpu_equivalent(seed["quantization+compile+model-offload"], torchao=True)
+    seed = {name: config for name, _, config in advisor_api.seed_configs("cuda", "bfloat16")}
+    mapped, notes = advisor_api.cpu_equivalent(seed["quantization+compile+model-offload"], torchao=True)
     assert mapped.device == "cpu" and mapped.dtype == "float32"
     assert mapped.quantization.backend == "torchao" and mapped.quantization.components == ["transformer", "text_encoder_2"]
     assert mapped.offload.strategy == "group" and mapped.offload.offload_type == "leaf_level"
     assert mapped.compile.backend == "eager"
     assert len(notes) == 4
-    mapped, _ = run_kit.cpu_equivalent(seed["quantization"], torchao=False)
+    mapped, _ = advisor_api.cpu_equivalent(seed["quantization"], torchao=False)
     assert mapped.quantization is None
     streamed = OptimizationConfig(offload=Offload(strategy="group", use_stream=True, record_stream=True), compile=Compile(backend="eager"))
-    mapped, notes = run_kit.cpu_equivalent(streamed, torchao=True)
+    mapped, notes = advisor_api.cpu_equivalent(streamed, torchao=True)
     assert not mapped.offload.use_stream and not mapped.offload.record_stream and mapped.compile.backend == "eager"
-    sequential, _ = run_kit.cpu_equivalent(OptimizationConfig(offload=Offload(strategy="sequential")), torchao=True)
+    sequential, _ = advisor_api.cpu_equivalent(OptimizationConfig(offload=Offload(strategy="sequential")), torchao=True)
     assert sequential.offload.strategy == "group" and sequential.offload.offload_type == "block_level"
     leaf = OptimizationConfig(device="cpu", dtype="float32", offload=Offload(strategy="group", offload_type="leaf_level", components=["transformer"]))
-    mapped, notes = run_kit.cpu_equivalent(leaf, torchao=True)
+    mapped, notes = advisor_api.cpu_equivalent(leaf, torchao=True)
     assert mapped.offload.offload_type == "block_level" and notes
 
 
@@ -245,7 +345,12 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
     assert by_id["recommend/13GB"]["status"] == "reused"  # same pick as 16GB on a CPU: measured once
     tune = by_id["tune/15GB"]["tune"]
     assert tune["trials"] and tune["trials"][0]["source"] == "measured"
-    assert results["install"]["result"].startswith(("not installed", "no wheels"))
+    # Installed through pip into the kit's environment, which ran everything after: with every
+    # requirement already there (system site-packages), pip installs the project alone.
+    install = results["install"]
+    assert [row["name"] for row in install["installed"]] == ["advisor"], install
+    assert install["venv"] == str(tmp_path / "work" / "venv")
+    assert results["environment"]["executable"] == str(tmp_path / "work" / "venv" / "bin" / "python")
     assert results["environment"]["torch"] and results["model"]["parameters"]["transformer"] > 0
     assert set(results["offload_calibration"]) >= {"baseline_per_step_s", "offload/group-block"}
     assert (out / "gpu_kit.md").read_text().count("| seed/") == 3

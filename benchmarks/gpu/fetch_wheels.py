@@ -17,9 +17,16 @@ on the development machines (`.venv`):
 - ``required``: what the image lacks and ``import advisor.cli, advisor.run.apply, advisor.run.tune,
   diffusers, bitsandbytes, optuna`` needs;
 - ``fallback``: small packages the image has, carried in case its copy is missing or too old for a
-  requirement; the kit (``run_kit.py``) installs a fallback only when the image's copy does not
-  satisfy what the installed packages ask for, so the image's own torch/transformers stack is never
-  shadowed without need.
+  requirement. The kit installs with pip into a virtual environment over the image's packages
+  (``kit/bootstrap.py``: ``pip install --no-index --find-links wheels -e .``); pip keeps every
+  installed package that satisfies the requirements, so a fallback is installed only where the
+  image's copy falls short and the image's own torch/transformers stack is never shadowed without need.
+
+pip checks every requirement, so each dependency of the project and of each wheel it installs must
+be installed in the image or carried here; ``tests/test_gpu_kit.py`` checks the project's side.
+From the image, on purpose: matplotlib (pyproject; only ``advisor tune --report`` uses it, and it
+would cost about 15 MiB with its dependencies), and setuptools and wheel, which build the editable
+project (``--no-build-isolation``: an isolated build would download setuptools).
 
 Not carried, on purpose: torch (never reinstalled: the image's CUDA build is the point), numpy
 (16 MB; torch and transformers in the image need it anyway), transformers and tokenizers (the
@@ -112,7 +119,7 @@ PINNED: tuple[Pin, ...] = (
     Pin("fsspec", "2026.9.0", "fallback", "huggingface_hub"),
     Pin("PyYAML", "6.0.4", "fallback", "optuna, huggingface_hub"),
     Pin("tqdm", "4.70.1", "fallback", "optuna, huggingface_hub"),
-    Pin("packaging", "26.4", "fallback", "optuna, bitsandbytes; the kit's installer"),
+    Pin("packaging", "26.4", "fallback", "optuna, bitsandbytes"),
     Pin("regex", "2026.11.19", "fallback", "diffusers"),
     Pin("requests", "2.34.2", "fallback", "diffusers"),
     Pin("urllib3", "2.8.0", "fallback", "requests"),

@@ -1,0 +1,301 @@
+"""Every call from the GPU kit into the `advisor` package, and every rule the kit decides itself.
+
+The package's internal API is being renamed (`advisor.plan.rules.Context` becomes a scenario, the
+filter rules move to a search space, `peak_bytes` and `measured_peak` merge, and what can run where
+moves to `advisor.plan.constraints`). Whoever renames adapts this module only: the rest of the kit
+imports nothing from `advisor` and gets plain dicts back, or config objects it passes through.
+
+Imports stay inside the functions: the kit loads this module before its packages are installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+# --- what the kit decides itself (to be replaced by advisor.plan.constraints) ------------------------
+# The dry run turns each GPU-only option into a CPU-valid one; these say which options are GPU-only.
+
+
+def bitsandbytes_needs_cuda(quantization: Any) -> bool:
+    """bitsandbytes quantization runs on CUDA only (diffusers refuses to load it on a CPU)."""
+    return quantization is not None and quantization.backend.startswith("bitsandbytes")
+
+
+def offload_needs_cuda(offload: Any) -> bool:
+    """Model and sequential offload move components to CUDA when they run: nothing to do on a CPU."""
+    return offload.strategy in ("model", "sequential")
+
+
+def streams_need_cuda(offload: Any) -> bool:
+    """Group offload with streams overlaps CUDA copies with compute: no streams on a CPU."""
+    return offload.use_stream or offload.record_stream
+
+
+# The rule the dry run overrides: it measures offloading on a CPU to exercise the plumbing.
+CPU_OFFLOAD_RULE = "offload-needs-an-accelerator"
+
+
+# --- configs -----------------------------------------------------------------------------------------
+
+
+def seed_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
+    """The seed page's three combinations: nf4 transformer + T5; + compile; + compile + model offload."""
+    from advisor.config import Compile, Offload, OptimizationConfig, Quantization
+
+    nf4 = Quantization(backend="bitsandbytes_4bit", components=["transformer", "text_encoder_2"])
+    base = OptimizationConfig(dtype=dtype, device=device, quantization=nf4)
+    compiled = base.model_copy(update={"compile": Compile(components=["transformer"])})
+    offloaded = compiled.model_copy(update={"offload": Offload(strategy="model")})
+    return [
+        ("quantization", "nf4 (transformer, T5)", base),
+        ("quantization+compile", "nf4 + torch.compile (regional)", compiled),
+        ("quantization+compile+model-offload", "nf4 + compile + model CPU offload", offloaded),
+    ]
+
+
+def offload_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
+    """bf16 without offload (the compute baseline), group offload of the transformer in four forms, sequential."""
+    from advisor.config import Offload, OptimizationConfig
+
+    base = OptimizationConfig(dtype=dtype, device=device)
+    group = dict(strategy="group", components=["transformer"])
+    stream = dict(use_stream=True, record_stream=True)
+    return [
+        ("none", "bf16, no offload (baseline)", base),
+        ("group-block", "group offload, block level", base.model_copy(update={"offload": Offload(**group)})),
+        ("group-block-stream", "group offload, block level, stream", base.model_copy(update={"offload": Offload(**group, **stream)})),
+        ("group-leaf", "group offload, leaf level", base.model_copy(update={"offload": Offload(**group, offload_type="leaf_level")})),
+        ("group-leaf-stream", "group offload, leaf level, stream",
+         base.model_copy(update={"offload": Offload(**group, offload_type="leaf_level", **stream)})),
+        ("sequential", "sequential CPU offload (every component)", base.model_copy(update={"offload": Offload(strategy="sequential")})),
+    ]
+
+
+def cpu_equivalent(config: Any, *, torchao: bool) -> tuple[Any, list[str]]:
+    """A CPU-valid stand-in for a GPU config, and a note per change (for --dry-run)."""
+    from advisor.config import Offload, Quantization
+
+    notes, update = [], {}
+    if config.device != "cpu":
+        update["device"] = "cpu"
+    if config.dtype != "float32":
+        update["dtype"] = "float32"
+        notes.append(f"dtype {config.dtype} -> float32 (CPU)")
+    q = config.quantization
+    if bitsandbytes_needs_cuda(q):
+        if torchao:
+            update["quantization"] = Quantization(backend="torchao", components=q.components, scheme="int8_weight_only")
+            notes.append(f"{q.label()} -> torchao int8 weight-only (bitsandbytes needs CUDA)")
+        else:
+            update["quantization"] = None
+            notes.append(f"{q.label()} dropped (bitsandbytes needs CUDA; torchao is not installed)")
+    offload = config.offload
+    if offload.strategy != "none":
+        # On a CPU nothing moves whatever the offload form, so one form stands for all: block level,
+        # or leaf level where a compiled torchao model rules block level out (no streams on a CPU).
+        quantization = update.get("quantization", config.quantization)
+        torchao_compiled = quantization is not None and quantization.backend == "torchao" and config.compile is not None
+        level = "leaf_level" if torchao_compiled else "block_level"
+        cpu_form = Offload(strategy="group", offload_type=level, components=offload.components or ["transformer"])
+        if offload_needs_cuda(offload):
+            notes.append(f"{offload.strategy} offload -> {level.replace('_', '-')} group offload of the transformer "
+                         f"({offload.strategy} offload needs CUDA)")
+        elif streams_need_cuda(offload) or offload.offload_type != level:
+            notes.append(f"{offload.label()} -> {cpu_form.label()} (a CPU moves nothing; no CUDA streams)")
+        if cpu_form != offload:
+            update["offload"] = cpu_form
+    if config.compile is not None and config.compile.backend == "inductor":
+        update["compile"] = config.compile.model_copy(update={"backend": "eager"})
+        notes.append("compile backend inductor -> eager (inductor needs ~45 s per model on 2 CPU cores)")
+    return config.model_copy(update=update), notes
+
+
+def config_from_dict(data: dict[str, Any]) -> Any:
+    from advisor.config import OptimizationConfig
+
+    return OptimizationConfig.model_validate(data)
+
+
+def config_key(config: Any) -> str:
+    """Identity of a config for reuse: everything but provenance."""
+    return config.model_dump_json(exclude={"provenance"})
+
+
+def config_record(config: Any) -> tuple[str, dict[str, Any]]:
+    """The one-line summary of `config` and its JSON form (without provenance), for the results."""
+    return config.summary(), config.model_dump(mode="json", exclude_none=True, exclude={"provenance"})
+
+
+# --- the machine, the model, the workload -----------------------------------------------------------
+
+
+def catalog_entry(name: str = "black-forest-labs/FLUX.1-dev") -> dict[str, Any]:
+    """The catalog's JSON entry for `name` (component classes, configs, parameter counts)."""
+    from advisor.probe.models import catalog_index
+
+    return json.loads(catalog_index()[name.lower()].read_text())
+
+
+def offline_tokenizer(model_max_length: int) -> Any:
+    from advisor.testing import offline_tokenizer as tokenizer
+
+    return tokenizer(model_max_length=model_max_length)
+
+
+def build_tiny_flux(folder: Path) -> Path:
+    from advisor.testing import build_tiny_flux as build
+
+    return Path(build(folder))
+
+
+def calibrate(seconds: float) -> dict[str, Any]:
+    from advisor.probe.calibrate import calibrate as run
+
+    return run(seconds=seconds)
+
+
+def probe_machine() -> Any:
+    from advisor.probe.hardware import probe_machine as probe
+
+    return probe()
+
+
+def has_gpu(machine: Any) -> bool:
+    return bool(machine.gpus)
+
+
+def installed_packages(machine: Any) -> dict[str, str | None]:
+    """The probe's package versions; planning leaves out a package set to None here."""
+    return machine.software.packages
+
+
+def target_from_probe(machine: Any) -> Any:
+    from advisor.probe.target import target_from_probe as target
+
+    return target(machine)
+
+
+def target_record(target: Any) -> dict[str, Any]:
+    """The planning target as plain data (``name``, ``source``, ``device``, ``h2d_bytes_per_s``, ...)."""
+    return target.to_dict()
+
+
+def profile_from_folder(folder: Path, model_id: str) -> Any:
+    from advisor.probe.models import profile_from_folder as profile
+
+    return profile(folder, model_id=model_id)
+
+
+def full_size_profile() -> Any:
+    """The catalog profile of the real FLUX.1-dev, which the budgets are meant for."""
+    from advisor.probe.models import load_profile
+
+    return load_profile("black-forest-labs/FLUX.1-dev")
+
+
+def make_workload(profile: Any, **overrides: Any) -> Any:
+    from advisor.probe.workload import make_workload as workload
+
+    return workload(profile, **overrides)
+
+
+def describe(profile: Any, workload: Any) -> dict[str, Any]:
+    """The model and workload as the results record them."""
+    return {"model_id": profile.model_id, "parameters": {c.name: c.parameters for c in profile.components},
+            "workload": workload.to_dict(), "workload_label": workload.label()}
+
+
+# --- planning ----------------------------------------------------------------------------------------
+
+
+def planning_context(profile: Any, workload: Any, target: Any, packages: dict[str, str | None]) -> Any:
+    """What the rules look at; the budget is left open (the kit's items choose their own)."""
+    from advisor.plan.rules import Context
+
+    return Context(profile, workload, target, packages, 1 << 62)
+
+
+def finish(config: Any, ctx: Any, *, measure_cpu_offload: bool = False) -> tuple[Any, str | None]:
+    """`config` completed by the adjust rules, and the first filter rule rejecting it (None if none).
+
+    ``measure_cpu_offload`` lets offloading through on a CPU, for the dry run's plumbing check.
+    """
+    from advisor.plan.rules import finish_candidate, rules_of
+
+    rejected = next((f.name for f in rules_of("filter") if f.apply(config, ctx)), None)
+    if rejected == CPU_OFFLOAD_RULE and measure_cpu_offload:
+        rejected = None
+    return finish_candidate(config, ctx)[0], rejected
+
+
+def default_budget(target: Any) -> int:
+    from advisor.plan.rules import default_budget as budget
+
+    return budget(target)
+
+
+def estimate_record(profile: Any, workload: Any, config: Any, target: Any) -> dict[str, Any]:
+    """The estimate for `config` as plain data; ``peak_bytes`` is the peak that a budget limits."""
+    from advisor.plan.estimate import estimate
+    from advisor.plan.rules import peak_bytes
+
+    est = estimate(profile, workload, config, target)
+    return {
+        "peak_bytes": peak_bytes(est, target),
+        "peak_vram_bytes": est.peak_vram_bytes,
+        "peak_ram_bytes": est.peak_ram_bytes,
+        "peak_phase": est.peak_phase,
+        "latency_s": est.latency_s,
+        "step_latency_s": est.step_latency_s,
+        # per call, whatever the steps: text encoding, VAE decode
+        "fixed_s": max(est.latency_s - est.step_latency_s * workload.steps, 0.0),
+        "latency_breakdown": est.latency_breakdown,
+        "weight_bytes": est.weight_bytes,
+    }
+
+
+def measure(folder: Path, config: Any, workload: Any, target: Any, *, timeout_s: float,
+            step_points: tuple[int, ...], repeats: int) -> tuple[dict[str, Any], int | None]:
+    """Measure `config` in its own process: the measurement as a dict, and the peak a budget limits."""
+    from advisor.run.measure import measure as run
+    from advisor.run.tune import measured_peak
+
+    m = run(folder, config, workload, timeout_s=timeout_s, step_points=step_points, repeats=repeats)
+    return m.to_dict(), measured_peak(m, target)
+
+
+def recommend(profile: Any, workload: Any, target: Any, *, machine: Any, budget_bytes: int) -> dict[str, Any]:
+    """`advisor recommend` for this machine: the pick (a config, or None), and why."""
+    from advisor.plan.recommend import make_recommendation
+
+    result = make_recommendation(profile, workload, target, machine=machine, budget_bytes=budget_bytes)
+    smallest = result.recommendation.smallest
+    return {
+        "config": result.config,
+        "reasons": result.recommendation.reasons,
+        "alternatives": [a.config.summary() for a in result.recommendation.alternatives],
+        "candidates": result.recommendation.candidates,
+        "smallest": smallest.config.summary() if smallest else None,
+    }
+
+
+TRIAL_FIELDS = ("number", "summary", "status", "source", "feasible", "latency_s", "peak_bytes", "predicted_peak_bytes", "reason", "config")
+
+
+def tune(folder: Path, profile: Any, workload: Any, target: Any, *, budget_bytes: int, packages: dict[str, str | None],
+         storage: str, study: str, trials: int, timeout_s: float, step_points: tuple[int, ...], repeats: int,
+         compile_choices: tuple[bool, ...], on_trial: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """`advisor tune`: run the study; its trials as dicts (each with ``config``) and the best one."""
+    from advisor.run.tune import TuneSettings, run_study
+
+    settings = TuneSettings(trials=trials, timeout_s=timeout_s, step_points=step_points, repeats=repeats, compile_choices=compile_choices)
+    record = lambda trial: {k: getattr(trial, k) for k in TRIAL_FIELDS}  # noqa: E731
+    result = run_study(str(folder), profile, workload, target, budget_bytes=budget_bytes, packages=packages, storage=storage,
+                       study=study, settings=settings, on_trial=lambda r: on_trial(record(r.trials[-1])) if r.trials else None)
+    best = None
+    if result.best is not None:
+        best = {**record(result.best), "config": config_from_dict(result.best.config), "measurement": result.best.measurement}
+    return {"study": result.study, "space_size": result.space_size, "trials": [record(t) for t in result.trials],
+            "advice": result.advice, "best": best}

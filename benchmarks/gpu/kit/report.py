@@ -1,0 +1,118 @@
+"""What the kit leaves: the log lines, strict JSON, and the notes, findings and table (stdout and .md)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kit import GIB
+
+if TYPE_CHECKING:
+    from kit.plan import Kit
+
+
+class Log:
+    """Timestamped lines on stdout, copied to a log file when one is set."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.path: Path | None = None
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.time() - self.t0:6.1f}s] {message}"
+        print(line, flush=True)
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(line + "\n")
+
+
+def finite(value: Any) -> Any:
+    """`value` with every infinite or NaN float replaced by None, so the results are strict JSON."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write `data` as strict JSON, replacing `path` at once so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(finite(data), indent=2, default=str, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def fmt_gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f} GiB"
+
+
+def table(kit: Kit) -> str:
+    """One row per item: config, status, latency and peak next to the estimate's, reserved memory, wall time."""
+    gpu = not kit.args.dry_run
+    peak_name = "alloc GiB" if gpu else "RSS GiB"
+    header = ["item", "config", "status", "latency s (est)", f"{peak_name} (est, err)", "reserved GiB", "wall s"]
+    rows = []
+    for item in kit.items:
+        m = item.result.get("measurement") or {}
+        est = item.result.get("estimate") or {}
+        err = (item.result.get("errors") or {}).get("peak")
+        latency = m.get("latency_s")
+        lat = (f"{latency:.2f}" if latency is not None else "-") + (f" ({est['latency_s']:.2f})" if est.get("latency_s") is not None else "")
+        peak = item.result.get("measured_peak_bytes")
+        peak_text = f"{peak / GIB:.2f}" if peak else "-"
+        if est.get("peak_bytes"):
+            peak_text += f" ({est['peak_bytes'] / GIB:.2f}" + (f", {err:+.0%})" if err is not None else ")")
+        reserved = m.get("peak_vram_reserved_bytes")
+        wall = m.get("wall_s")
+        rows.append([item.id, item.summary, item.status, lat, peak_text, f"{reserved / GIB:.2f}" if reserved else "-", f"{wall:.0f}" if wall else "-"])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    return "\n".join(out)
+
+
+def findings_block(kit: Kit) -> str:
+    """A few lines on what the seed, tune and offload parts found, against the seed page."""
+    lines = ["Findings:"]
+    ratios = kit.data.get("seed_ratios") or {}
+    if ratios.get("compile_speedup"):
+        lines.append(f"- compile speed-up (nf4): {ratios['compile_speedup']:.2f}x (seed page, RTX 4090: {ratios['seed_page_compile_speedup']:.2f}x)")
+    if ratios.get("model_offload_peak_ratio"):
+        lines.append(f"- model offload peak / no offload (nf4 + compile): {ratios['model_offload_peak_ratio']:.2f} "
+                     f"(seed page: {ratios['seed_page_model_offload_peak_ratio']:.2f}); "
+                     f"latency {ratios.get('model_offload_latency_ratio') or float('nan'):.2f} "
+                     f"(seed page: {ratios['seed_page_model_offload_latency_ratio']:.2f})")
+    tune = next((i for i in kit.items if i.part == "tune"), None)
+    if tune is not None and tune.result.get("latency_vs_seed_quantization_compile"):
+        lines.append(f"- tune's pick ({tune.summary}) runs at {tune.result['latency_vs_seed_quantization_compile']:.2f}x "
+                     "the latency of the seed's nf4 + compile")
+    for item_id, row in (kit.data.get("offload_calibration") or {}).items():
+        if isinstance(row, dict) and row.get("implied_bytes_per_s"):
+            lines.append(f"- {item_id}: +{row['measured_extra_per_step_s']:.3f} s/step over no offload "
+                         f"(estimate {row['estimated_step_transfer_s'] or 0:.3f} s), {row['implied_bytes_per_s'] / 1e9:.1f} GB/s moved")
+    peak_errors = [i.result["errors"]["peak"] for i in kit.items if (i.result.get("errors") or {}).get("peak") is not None and i.status == "ok"]
+    if peak_errors:
+        lines.append(f"- estimate peak error over {len(peak_errors)} measured configs: median {statistics.median(peak_errors):+.0%}, "
+                     f"worst {max(peak_errors, key=abs):+.0%}")
+    return "\n".join(lines)
+
+
+def notes_block(kit: Kit) -> str:
+    lines = [f"- {item.id}: {note}" for item in kit.items for note in item.notes]
+    return "\n".join(lines + [f"- {note}" for note in kit.data["notes"]])
+
+
+def final_report(kit: Kit, environment: dict[str, Any]) -> str:
+    """Notes, findings, a header line and the table: written to the .md file and printed last."""
+    gpu = not kit.args.dry_run
+    header = (f"GPU kit ({kit.data['mode']}), {environment.get('gpu') or 'CPU'}, torch {environment.get('torch')}, "
+              f"model {kit.data['model']['model_id']}, workload {kit.data['workload_label']}, {time.time() - kit.t0:.0f} s of {kit.args.budget_s:.0f} s")
+    legend = ("latency: extrapolated to the workload's steps (estimate in brackets); peak: "
+              + ("torch.cuda.max_memory_allocated" if gpu else "the trial process's peak RSS") + " (estimate, its error)")
+    return f"Notes:\n{notes_block(kit)}\n\n{findings_block(kit)}\n\n{header}\n{legend}\n\n{table(kit)}\n"
