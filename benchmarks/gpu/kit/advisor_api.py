@@ -1,9 +1,8 @@
 """Every call from the GPU kit into the `advisor` package, and every rule the kit decides itself.
 
-The package's internal API is being renamed (`advisor.plan.rules.Context` becomes a scenario, the
-filter rules move to a search space, `peak_bytes` and `measured_peak` merge, and what can run where
-moves to `advisor.plan.constraints`). Whoever renames adapts this module only: the rest of the kit
-imports nothing from `advisor` and gets plain dicts back, or config objects it passes through.
+When the package's internal API changes, this module is the only one of the kit to adapt: the rest
+imports nothing from `advisor` and gets plain dicts back, or config objects it passes through. What
+is GPU-only is not decided here: `advisor.constraints` says it, as it does for the planner.
 
 Imports stay inside the functions: the kit loads this module before its packages are installed.
 """
@@ -14,23 +13,26 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-# --- what the kit decides itself (to be replaced by advisor.plan.constraints) ------------------------
-# The dry run turns each GPU-only option into a CPU-valid one; these say which options are GPU-only.
+# --- what a CPU can't run (for the dry run's CPU equivalents): asked of advisor.constraints --------
 
 
-def bitsandbytes_needs_cuda(quantization: Any) -> bool:
-    """bitsandbytes quantization runs on CUDA only (diffusers refuses to load it on a CPU)."""
-    return quantization is not None and quantization.backend.startswith("bitsandbytes")
+def _refused_on_a_cpu(config: Any, constraint: str) -> bool:
+    from advisor.constraints import Platform, named
+
+    cpu_only = Platform(accelerator=None, compute_capability=None, packages=None, cuda_devices=0, no_cuda="a CPU")
+    return named(constraint).check(config.model_copy(update={"device": "cpu"}), cpu_only) is not None
 
 
-def offload_needs_cuda(offload: Any) -> bool:
-    """Model and sequential offload move components to CUDA when they run: nothing to do on a CPU."""
-    return offload.strategy in ("model", "sequential")
+def bitsandbytes_needs_cuda(config: Any) -> bool:
+    return _refused_on_a_cpu(config, "bitsandbytes-needs-cuda")
 
 
-def streams_need_cuda(offload: Any) -> bool:
-    """Group offload with streams overlaps CUDA copies with compute: no streams on a CPU."""
-    return offload.use_stream or offload.record_stream
+def offload_needs_cuda(config: Any) -> bool:
+    return _refused_on_a_cpu(config, "cpu-offload-needs-cuda")
+
+
+def streams_need_cuda(config: Any) -> bool:
+    return _refused_on_a_cpu(config, "streams-need-cuda")
 
 
 # The rule the dry run overrides: it measures offloading on a CPU to exercise the plumbing.
@@ -84,7 +86,7 @@ def cpu_equivalent(config: Any, *, torchao: bool) -> tuple[Any, list[str]]:
         update["dtype"] = "float32"
         notes.append(f"dtype {config.dtype} -> float32 (CPU)")
     q = config.quantization
-    if bitsandbytes_needs_cuda(q):
+    if bitsandbytes_needs_cuda(config):
         if torchao:
             update["quantization"] = Quantization(backend="torchao", components=q.components, scheme="int8_weight_only")
             notes.append(f"{q.label()} -> torchao int8 weight-only (bitsandbytes needs CUDA)")
@@ -99,10 +101,10 @@ def cpu_equivalent(config: Any, *, torchao: bool) -> tuple[Any, list[str]]:
         torchao_compiled = quantization is not None and quantization.backend == "torchao" and config.compile is not None
         level = "leaf_level" if torchao_compiled else "block_level"
         cpu_form = Offload(strategy="group", offload_type=level, components=offload.components or ["transformer"])
-        if offload_needs_cuda(offload):
+        if offload_needs_cuda(config):
             notes.append(f"{offload.strategy} offload -> {level.replace('_', '-')} group offload of the transformer "
                          f"({offload.strategy} offload needs CUDA)")
-        elif streams_need_cuda(offload) or offload.offload_type != level:
+        elif streams_need_cuda(config) or offload.offload_type != level:
             notes.append(f"{offload.label()} -> {cpu_form.label()} (a CPU moves nothing; no CUDA streams)")
         if cpu_form != offload:
             update["offload"] = cpu_form
@@ -133,7 +135,7 @@ def config_record(config: Any) -> tuple[str, dict[str, Any]]:
 
 def catalog_entry(name: str = "black-forest-labs/FLUX.1-dev") -> dict[str, Any]:
     """The catalog's JSON entry for `name` (component classes, configs, parameter counts)."""
-    from advisor.probe.models import catalog_index
+    from advisor.probe.layout import catalog_index
 
     return json.loads(catalog_index()[name.lower()].read_text())
 
@@ -211,27 +213,29 @@ def describe(profile: Any, workload: Any) -> dict[str, Any]:
 
 
 def planning_context(profile: Any, workload: Any, target: Any, packages: dict[str, str | None]) -> Any:
-    """What the rules look at; the budget is left open (the kit's items choose their own)."""
-    from advisor.plan.rules import Context
+    """What the rules look at (a scenario); the budget is left open (the kit's items choose their own)."""
+    from advisor.plan.scenario import make_scenario
 
-    return Context(profile, workload, target, packages, 1 << 62)
+    return make_scenario(profile, workload, target, packages=packages, budget_bytes=1 << 62)
 
 
-def finish(config: Any, ctx: Any, *, measure_cpu_offload: bool = False) -> tuple[Any, str | None]:
-    """`config` completed by the adjust rules, and the first filter rule rejecting it (None if none).
+def finish(config: Any, scenario: Any, *, measure_cpu_offload: bool = False) -> tuple[Any, str | None]:
+    """`config` completed by the adjust rules, and the first constraint or filter rejecting it (None if none).
 
     ``measure_cpu_offload`` lets offloading through on a CPU, for the dry run's plumbing check.
     """
-    from advisor.plan.rules import finish_candidate, rules_of
+    from advisor.plan.space import finish as complete
+    from advisor.plan.space import rejection
 
-    rejected = next((f.name for f in rules_of("filter") if f.apply(config, ctx)), None)
+    finished = complete(config, scenario)[0]
+    rejected = rejection(finished, scenario)
     if rejected == CPU_OFFLOAD_RULE and measure_cpu_offload:
         rejected = None
-    return finish_candidate(config, ctx)[0], rejected
+    return finished, rejected
 
 
 def default_budget(target: Any) -> int:
-    from advisor.plan.rules import default_budget as budget
+    from advisor.plan.scenario import default_budget as budget
 
     return budget(target)
 
@@ -239,11 +243,10 @@ def default_budget(target: Any) -> int:
 def estimate_record(profile: Any, workload: Any, config: Any, target: Any) -> dict[str, Any]:
     """The estimate for `config` as plain data; ``peak_bytes`` is the peak that a budget limits."""
     from advisor.plan.estimate import estimate
-    from advisor.plan.rules import peak_bytes
 
     est = estimate(profile, workload, config, target)
     return {
-        "peak_bytes": peak_bytes(est, target),
+        "peak_bytes": est.limited_peak(target.device),
         "peak_vram_bytes": est.peak_vram_bytes,
         "peak_ram_bytes": est.peak_ram_bytes,
         "peak_phase": est.peak_phase,
@@ -260,23 +263,24 @@ def measure(folder: Path, config: Any, workload: Any, target: Any, *, timeout_s:
             step_points: tuple[int, ...], repeats: int) -> tuple[dict[str, Any], int | None]:
     """Measure `config` in its own process: the measurement as a dict, and the peak a budget limits."""
     from advisor.run.measure import measure as run
-    from advisor.run.tune import measured_peak
 
     m = run(folder, config, workload, timeout_s=timeout_s, step_points=step_points, repeats=repeats)
-    return m.to_dict(), measured_peak(m, target)
+    return m.to_dict(), m.limited_peak(target.device)
 
 
 def recommend(profile: Any, workload: Any, target: Any, *, machine: Any, budget_bytes: int) -> dict[str, Any]:
     """`advisor recommend` for this machine: the pick (a config, or None), and why."""
-    from advisor.plan.recommend import make_recommendation
+    from advisor.plan.recommend import recommend as run
+    from advisor.plan.scenario import make_scenario
 
-    result = make_recommendation(profile, workload, target, machine=machine, budget_bytes=budget_bytes)
-    smallest = result.recommendation.smallest
+    scenario = make_scenario(profile, workload, target, packages=machine.software.packages, budget_bytes=budget_bytes)
+    result = run(scenario)
+    smallest = result.smallest
     return {
         "config": result.config,
-        "reasons": result.recommendation.reasons,
-        "alternatives": [a.config.summary() for a in result.recommendation.alternatives],
-        "candidates": result.recommendation.candidates,
+        "reasons": result.reasons,
+        "alternatives": [a.config.summary() for a in result.alternatives],
+        "candidates": result.candidates,
         "smallest": smallest.config.summary() if smallest else None,
     }
 
@@ -288,12 +292,13 @@ def tune(folder: Path, profile: Any, workload: Any, target: Any, *, budget_bytes
          storage: str, study: str, trials: int, timeout_s: float, step_points: tuple[int, ...], repeats: int,
          compile_choices: tuple[bool, ...], on_trial: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """`advisor tune`: run the study; its trials as dicts (each with ``config``) and the best one."""
+    from advisor.plan.scenario import make_scenario
     from advisor.run.tune import TuneSettings, run_study
 
     settings = TuneSettings(trials=trials, timeout_s=timeout_s, step_points=step_points, repeats=repeats, compile_choices=compile_choices)
     record = lambda trial: {k: getattr(trial, k) for k in TRIAL_FIELDS}  # noqa: E731
-    result = run_study(str(folder), profile, workload, target, budget_bytes=budget_bytes, packages=packages, storage=storage,
-                       study=study, settings=settings, on_trial=lambda r: on_trial(record(r.trials[-1])) if r.trials else None)
+    scenario = make_scenario(profile, workload, target, packages=packages, budget_bytes=budget_bytes)
+    result = run_study(str(folder), scenario, storage=storage, study=study, settings=settings, on_trial=lambda r: on_trial(record(r.trials[-1])) if r.trials else None)
     best = None
     if result.best is not None:
         best = {**record(result.best), "config": config_from_dict(result.best.config), "measurement": result.best.measurement}

@@ -35,7 +35,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def measure_finished(kit: Kit, item: Item, config: Any) -> None:
     """Finish `config` with the rules (after the CPU mapping in a dry run) and measure it."""
-    if not kit.args.dry_run and advisor_api.bitsandbytes_needs_cuda(config.quantization) and not kit.bnb_ok:
+    if not kit.args.dry_run and advisor_api.bitsandbytes_needs_cuda(config) and not kit.bnb_ok:
         item.status = "skipped"
         item.notes.append(f"skipped: bitsandbytes is unusable here ({kit.bnb_note})")
         item.config = config
