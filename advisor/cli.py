@@ -7,6 +7,7 @@ non-zero exit status; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -33,9 +34,20 @@ def _stdout() -> Console:
     return Console(width=None if sys.stdout.isatty() else 120, highlight=False)
 
 
+def _strict(data: Any) -> Any:
+    """`data` with non-finite numbers (a CPU's infinite host->device bandwidth) as null: JSON has no Infinity."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: _strict(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_strict(value) for value in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    """Machine output: exactly one JSON object on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """Machine output: exactly one strict JSON object on stdout."""
+    sys.stdout.write(json.dumps(_strict(data), indent=2, allow_nan=False) + "\n")
 
 
 @app.callback()
@@ -207,6 +219,7 @@ def recommend_command(
     ram: str = typer.Option(None, "--ram", help="Plan for this much host RAM, e.g. 64GB."),
     gpu: str = typer.Option(None, "--gpu", help="Plan for this GPU model, e.g. 'RTX 4090'."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Leave torch.compile out (no warm-up compile on the first call)."),
+    quality: str = typer.Option("balanced", "--quality", help="exact: nothing lossy; balanced: lossy only when nothing lossless fits or it is >=20% faster; fast: the fastest."),
     output: str = typer.Option(None, "--output", "-o", help="Write the chosen config to this file (for advisor.load_config)."),
     emit: str = typer.Option(None, "--emit", help="Print code instead of the summary: 'python'."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -221,8 +234,10 @@ def recommend_command(
     budget_bytes = _size(budget, "--budget")
     scenario = scenario_for(
         probe_machine(), model, workload=workload, height=height, width=width, frames=frames, steps=steps, batch=batch,
-        vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu, budget_bytes=budget_bytes,
+        vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu, budget_bytes=budget_bytes, quality=quality,
     )
+    if as_json and emit:
+        raise UsageError("--emit: prints a script, --json an object; choose one")
     result = recommend(scenario, compile_choices=(False,) if no_compile else (True, False))
     config = result.config
     if config is not None and output:
@@ -254,6 +269,7 @@ def tune(
     trial_timeout: float = typer.Option(900.0, "--trial-timeout", help="Seconds one trial may take before it counts as a timeout."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Measure candidates the estimate predicts far over budget too."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Leave torch.compile out of the search (faster trials)."),
+    quality: str = typer.Option("balanced", "--quality", help="exact: search lossless configurations only; balanced or fast: all."),
     storage: str = typer.Option(None, "--storage", help="Optuna storage: sqlite:///PATH (default ~/.cache/advisor/studies.db), journal:PATH, postgresql://..."),
     study: str = typer.Option(None, "--study", help="Study name (default: derived from model, workload, machine and budget)."),
     workers: int = typer.Option(1, "--workers", help="Worker processes sharing the study (needs a journal or PostgreSQL storage)."),
@@ -277,7 +293,7 @@ def tune(
     machine = probe_machine()
     scenario = scenario_for(
         machine, model, workload=workload, height=height, width=width, frames=frames, steps=steps, batch=batch,
-        budget_bytes=budget_bytes,
+        budget_bytes=budget_bytes, quality=quality,
     )
     profile = scenario.profile
     if profile.source == "catalog" and (hub_offline() or not hub_reachable()):
@@ -367,7 +383,9 @@ def _render_recommendation(result, config, output: str | None) -> None:
     target = scenario.target
     for note in scenario.notes:
         console.print(f"note: {note}")
-    console.print(f"{scenario.profile.model_id} | {scenario.workload.label()} | {target.name}")
+    console.print(f"{scenario.profile.model_id} | {scenario.workload.label()} | {target.name} | quality: {scenario.quality}")
+    for assumption in scenario.assumptions:
+        console.print(f"assumed {assumption}")
     if config is None:
         console.print(f"Nothing fits the {format_size(scenario.budget_bytes)} budget.")
         for line in result.advice:

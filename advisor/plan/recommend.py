@@ -14,10 +14,16 @@ from typing import Any
 
 from advisor.config import Offload, OptimizationConfig
 from advisor.plan.estimate import Estimate, estimate
-from advisor.plan.rules import rules_of
+from advisor.plan.quality import CLEAR_WIN, is_lossy, quality_cost
+from advisor.plan.rules import TIE, rules_of
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
 from advisor.units import GIB, format_size
+
+# A plan may take this share of the available host RAM; the rest is the OS's and other programs'.
+RAM_USABLE = 0.9
+# Above this share of the machine's RAM the reasons carry a warning.
+RAM_WARN = 0.85
 
 
 @dataclass
@@ -26,7 +32,7 @@ class Scored:
     estimate: Estimate
     fits: bool
     why_not: str | None
-    score_s: float  # predicted latency x the prefer rules' factors
+    score_s: float  # predicted latency (what ties are judged on)
     adjusted_by: list[str] = field(default_factory=list)  # adjust rules that changed this candidate
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,7 +86,14 @@ class Recommendation:
             "candidates": self.candidates,
             "rejected": self.rejected,
             "notes": list(s.notes),
+            "assumptions": list(s.assumptions),
+            "quality": s.quality,
         }
+
+
+def usable_ram(scenario: Scenario) -> int:
+    """Host RAM a plan may take: the available RAM less headroom for the OS and other programs."""
+    return int(scenario.target.ram_available_bytes * RAM_USABLE)
 
 
 def _fit(result: Estimate, scenario: Scenario) -> str | None:
@@ -89,8 +102,11 @@ def _fit(result: Estimate, scenario: Scenario) -> str | None:
     peak = result.limited_peak(target.device)
     if peak > scenario.budget_bytes:
         return f"peak {format_size(peak)} > budget {format_size(scenario.budget_bytes)}"
-    if target.device == "cuda" and result.peak_ram_bytes > target.ram_available_bytes:
-        return f"host RAM {format_size(result.peak_ram_bytes)} > available {format_size(target.ram_available_bytes)}"
+    if target.device == "cuda" and result.peak_ram_bytes > usable_ram(scenario):
+        return (
+            f"host RAM {format_size(result.peak_ram_bytes)} > {RAM_USABLE:.0%} of the available "
+            f"{format_size(target.ram_available_bytes)}"
+        )
     return None
 
 
@@ -98,10 +114,43 @@ def score(config: OptimizationConfig, scenario: Scenario, adjusted_by: list[str]
     """Estimate one finished candidate and check it against the budget."""
     result = estimate(scenario.profile, scenario.workload, config, scenario.target)
     why_not = _fit(result, scenario)
-    factor = 1.0
-    for prefer in rules_of("prefer"):
-        factor *= prefer.evaluate(config, scenario)
-    return Scored(config, result, why_not is None, why_not, result.latency_s * factor, adjusted_by or [])
+    return Scored(config, result, why_not is None, why_not, result.latency_s, adjusted_by or [])
+
+
+def _preference(scored: Scored, scenario: Scenario) -> tuple:
+    """How the guidance orders near-equal candidates: the prefer rules, lossless first, then less RAM and VRAM."""
+    ranks = tuple(prefer.evaluate(scored.config, scenario) for prefer in rules_of("prefer"))
+    e = scored.estimate
+    return (*ranks, is_lossy(scored.config), e.peak_ram_bytes, e.peak_vram_bytes, scored.score_s)
+
+
+def _pick(candidates: list[Scored], scenario: Scenario) -> Scored:
+    """The fastest candidate, or among those within TIE of it, the one the guidance prefers."""
+    fastest = min(s.score_s for s in candidates)
+    tied = [s for s in candidates if s.score_s <= fastest * (1 + TIE)]
+    return min(tied, key=lambda s: _preference(s, scenario))
+
+
+def _choose(feasible: list[Scored], scenario: Scenario) -> tuple[Scored, str | None]:
+    """The pick under the quality policy, and the sentence that explains a lossy or lossless choice."""
+    best = _pick(feasible, scenario)
+    lossless = [s for s in feasible if not is_lossy(s.config)]
+    if not is_lossy(best.config) or scenario.quality == "fast":
+        return best, None
+    if not lossless:
+        return best, "nothing lossless fits, so the pick is lossy"
+    plain = _pick(lossless, scenario)
+    gain = 1 - best.score_s / plain.score_s
+    if gain >= CLEAR_WIN:
+        return best, (
+            f"lossy, because it is predicted {gain:.0%} faster than the best lossless candidate "
+            f"({plain.config.summary()}, {plain.score_s:.1f}s); --quality balanced takes a lossy option "
+            f"from {CLEAR_WIN:.0%} up, --quality exact never"
+        )
+    return plain, (
+        f"lossless: the fastest lossy candidate ({best.config.summary()}) is predicted only {gain:.0%} faster, "
+        f"under the {CLEAR_WIN:.0%} that --quality balanced asks for (--quality fast would take it)"
+    )
 
 
 def recommend(scenario: Scenario, *, alternatives: int = 3, compile_choices: tuple[bool, ...] = (True, False)) -> Recommendation:
@@ -123,23 +172,36 @@ def recommend(scenario: Scenario, *, alternatives: int = 3, compile_choices: tup
             seen.add(key)
             scored.append(score(candidate.config, scenario, candidate.adjusted_by))
     device = scenario.target.device
-    # Near-equal latencies: the smaller peak wins, then the smaller RAM need.
-    feasible = sorted(
-        (s for s in scored if s.fits),
-        key=lambda s: (round(s.score_s, 1), s.estimate.peak_vram_bytes, s.estimate.peak_ram_bytes),
-    )
+    feasible = sorted((s for s in scored if s.fits), key=lambda s: (s.score_s, _preference(s, scenario)))
     if not feasible:
         smallest = min(scored, key=lambda s: s.estimate.limited_peak(device))
         return Recommendation(scenario, None, [], [], rejected, len(scored), smallest, _advice(smallest, scenario))
-    best = feasible[0]
+    best, quality_note = _choose(feasible, scenario)
+    reasons = explain(best, feasible, scenario) + ([quality_note] if quality_note else [])
     return Recommendation(
         scenario,
         best,
-        _distinct_alternatives(feasible[1:], best, alternatives),
-        explain(best, feasible, scenario),
+        _distinct_alternatives([s for s in feasible if s is not best], best, alternatives),
+        reasons + _more_ram(best, scored, scenario),
         rejected,
         len(scored),
     )
+
+
+def _more_ram(best: Scored, scored: list[Scored], scenario: Scenario) -> list[str]:
+    """What a larger host RAM would allow: the fastest candidate held back by RAM alone, if faster."""
+    held = [
+        s for s in scored
+        if not s.fits and s.why_not.startswith("host RAM") and s.score_s < best.score_s * (1 - TIE)
+    ]  # fmt: skip
+    if not held:
+        return []
+    faster = min(held, key=lambda s: s.score_s)
+    need = faster.estimate.peak_ram_bytes / RAM_USABLE
+    return [
+        f"with at least {format_size(need)} of host RAM (--ram), {faster.config.summary()} would be predicted "
+        f"{faster.score_s:.1f}s instead of {best.score_s:.1f}s"
+    ]
 
 
 def _distinct_alternatives(ranked: list[Scored], best: Scored, count: int) -> list[Scored]:
@@ -168,16 +230,23 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
     reasons = [
         f"fits: predicted peak {where} {format_size(peak)} (during {result.peak_phase.replace('_', ' ')}) "
         f"within the {format_size(scenario.budget_bytes)} budget; host RAM {format_size(result.peak_ram_bytes)}",
-        f"fastest of {len(feasible)} candidates predicted to fit: {result.latency_s:.1f}s per "
-        f"{scenario.workload.kind} ({result.step_latency_s:.3f}s per step)",
+        f"fastest of {len(feasible)} candidates predicted to fit (or within {TIE:.0%} of it and preferred by the "
+        f"guidance): {result.latency_s:.1f}s per {_unit(scenario)} ({result.step_latency_s:.3f}s per step)",
     ]
+    if target.device == "cuda" and result.peak_ram_bytes > target.ram_total_bytes * RAM_WARN:
+        reasons.append(
+            f"warning: host RAM {format_size(result.peak_ram_bytes)} is over {RAM_WARN:.0%} of the machine's "
+            f"{format_size(target.ram_total_bytes)}; close other programs or pass a larger --ram if you have it"
+        )
     if config.quantization or config.layerwise_casting:
         unquantized = config.model_copy(update={"quantization": None, "layerwise_casting": None})
         plain = estimate(scenario.profile, scenario.workload, unquantized, target)
         what = config.quantization.label() if config.quantization else f"fp8 storage({', '.join(config.layerwise_casting.components)})"
+        cost, source = quality_cost(config)
         reasons.append(
             f"quantized {what}: weights {format_size(sum(result.weight_bytes.values()))} instead of "
-            f"{format_size(sum(plain.weight_bytes.values()))}; the VAE is never quantized (quality)"
+            f"{format_size(sum(plain.weight_bytes.values()))}; expected quality cost: {cost} ({source}); "
+            "the VAE is never quantized"
         )
     if config.offload.strategy != "none":
         no_offload = estimate(scenario.profile, scenario.workload, config.model_copy(update={"offload": Offload()}), target)
@@ -187,20 +256,59 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
     elif target.device == "cuda":
         reasons.append("no offloading: everything stays on the GPU, so no time goes to transfers")
     if config.compile:
-        reasons.append(
-            "torch.compile on the denoiser"
-            + (" (regional: compile_repeated_blocks compiles one block, much faster to warm up)" if config.compile.regional else "")
-            + "; expect a one-off compile on the first call"
+        classes = ", ".join(c.class_name for c in scenario.profile.by_role("denoiser"))
+        how = (
+            " (regional: compile_repeated_blocks compiles one block, much faster to warm up)"
+            if config.compile.regional
+            else f" (whole model: {classes} lists no repeated blocks, so compile_repeated_blocks can't be used)"
         )
+        reasons.append(f"torch.compile on the denoiser{how}; expect a one-off compile on the first call")
     reasons += [f"{r.reason} ({r.source})" for r in rules_of("adjust") if r.name in best.adjusted_by]
     if config.offload.strategy in {"model", "group"}:
-        # The guidance on which offloading suits this workload, when the pick follows it.
-        other = "group" if config.offload.strategy == "model" else "model"
-        rival = config.model_copy(update={"offload": Offload(strategy=other)})
-        for prefer in rules_of("prefer"):
-            if prefer.evaluate(config, scenario) == 1.0 and prefer.evaluate(rival, scenario) > 1.0:
-                reasons.append(f"{prefer.reason} ({prefer.source})")
+        reasons += _offload_guidance(best, feasible, scenario)
     return reasons
+
+
+def _unit(scenario: Scenario) -> str:
+    kind, batch = scenario.workload.kind, scenario.workload.batch
+    return f"batch of {batch} {kind}s" if batch > 1 else kind
+
+
+def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[str]:
+    """The guidance on which offloading suits this workload: followed, or overruled by a clear win."""
+    strategy = best.config.offload.strategy
+    other = "group" if strategy == "model" else "model"
+    rival = best.config.model_copy(update={"offload": Offload(strategy=other)})
+    lines = []
+    for prefer in rules_of("prefer"):
+        mine, theirs = prefer.evaluate(best.config, scenario), prefer.evaluate(rival, scenario)
+        if mine < theirs:
+            lines.append(f"{prefer.reason} ({prefer.source})")
+        elif mine > theirs:
+            others = [s for s in feasible if s.config.offload.strategy == other]
+            if others:
+                runner = min(others, key=lambda s: s.score_s)
+                gain = 1 - best.score_s / runner.score_s
+                lines.append(
+                    f"{strategy} offloading is predicted {gain:.0%} faster than the best {other}-offload candidate "
+                    f"({runner.score_s:.1f}s), more than the {TIE:.0%} within which the guidance decides: {prefer.reason} "
+                    f"({prefer.source})"
+                )
+    return lines
+
+
+def _smaller_job(smallest: Scored, scenario: Scenario) -> str:
+    """What halving the pixels (or the batch) would do to the smallest peak: advice with its effect."""
+    from dataclasses import replace
+
+    job = scenario.workload
+    if job.batch > 1:
+        smaller, what = replace(job, batch=max(job.batch // 2, 1)), f"--batch {max(job.batch // 2, 1)}"
+    else:
+        side = lambda v: max(v * 7 // 10 // 16 * 16, 16)  # noqa: E731 - about half the pixels, a multiple of 16
+        smaller, what = replace(job, height=side(job.height), width=side(job.width)), f"{side(job.width)}x{side(job.height)}"
+    peak = estimate(scenario.profile, smaller, smallest.config, scenario.target).limited_peak(scenario.target.device)
+    return f"activations dominate the peak: at {what} it would be {format_size(peak)}"
 
 
 def _advice(smallest: Scored, scenario: Scenario) -> list[str]:
@@ -213,9 +321,12 @@ def _advice(smallest: Scored, scenario: Scenario) -> list[str]:
         advice.append(f"the smallest predicted peak is {format_size(peak)} ({smallest.config.summary()}), {format_size(short)} over the budget")
         heavy = max(result.phases, key=lambda p: p.device_bytes)
         if heavy.activation_bytes > sum(heavy.weights_bytes.values()):
-            advice.append("activations dominate: lower --height/--width/--frames or --batch")
+            advice.append(_smaller_job(smallest, scenario))
+        card = target.vram_total_bytes
         if target.device == "cpu":
             advice.append(f"a machine with at least {format_size(peak / 0.9)} of RAM would fit it, or plan for a GPU with --vram")
+        elif scenario.budget_source == "--budget" and peak + GIB + 0.05 * card <= card:
+            advice.append(f"the card ({format_size(card)}) can hold it: raise --budget to at least {format_size(peak)}")
         else:
             advice.append(f"a GPU with at least {format_size(peak + GIB + 0.05 * peak)} would fit it")
     if result.peak_ram_bytes > target.ram_available_bytes:

@@ -9,7 +9,7 @@ and its source:
 - **adjust** rules complete a candidate the way the guidance says (dynamo flags for compile with
   bitsandbytes or offloading, VAE tiling when the decode dominates, ...); they return a new config;
 - **prefer** rules break near-ties the way the guidance says (images: model offload over group
-  offload; video: the reverse); they return a factor on the predicted latency.
+  offload; video: the reverse); they return a rank, 0 first.
 
 The engine that uses them is `advisor.plan.recommend`; docs/rules.md lists them all
 (``python scripts/build_rules_doc.py``).
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from advisor.config import OptimizationConfig
 from advisor.constraints import fullgraph_breaks_on_offload_hooks, named
 from advisor.plan.estimate import estimate
+from advisor.plan.quality import is_lossy
 
 if TYPE_CHECKING:
     from advisor.plan.scenario import Scenario
@@ -41,7 +42,7 @@ class Rule:
     kind: RuleKind
     reason: str
     source: str
-    evaluate: Callable[..., Any]  # (config, scenario) -> reason | None, a config, or a factor
+    evaluate: Callable[..., Any]  # (config, scenario) -> reason | None, a config, or a rank (0 best)
 
 
 RULES: list[Rule] = []
@@ -68,12 +69,29 @@ def rules_of(kind: RuleKind) -> list[Rule]:
     "dynamic-quantization-needs-compile",
     "filter",
     "int8/fp8 dynamic quantization without torch.compile is slower than not quantizing at all "
-    "(Flux on H100: 130 s uncompiled vs 3.4 s compiled), so it is only offered compiled",
+    "(Flux on H100: 130 s uncompiled vs 3.4 s compiled), so it is only offered on compiled components",
     "https://github.com/huggingface/diffusers/blob/main/docs/source/en/quantization/torchao.md",
 )
 def dynamic_quantization_needs_compile(config: OptimizationConfig, scenario: Scenario) -> str | None:
-    if config.quantization and config.quantization.kind in {"int8_dynamic", "float8_dynamic"} and not config.compile:
-        return f"{config.quantization.kind} is never worth it without torch.compile"
+    q = config.quantization
+    if q is None or q.kind not in {"int8_dynamic", "float8_dynamic"}:
+        return None
+    compiled = set(config.compile.components) if config.compile else set()
+    uncompiled = [name for name in q.components if name not in compiled]  # per component: a text encoder too
+    if uncompiled:
+        return f"{q.kind} is never worth it without torch.compile, and {', '.join(uncompiled)} is not compiled"
+    return None
+
+
+@rule(
+    "exact-quality-is-lossless",
+    "filter",
+    "--quality exact never proposes lossy storage or compute (nf4, int8, fp8 weights or activations)",
+    "https://huggingface.co/docs/diffusers/main/en/quantization/overview",
+)
+def exact_quality_is_lossless(config: OptimizationConfig, scenario: Scenario) -> str | None:
+    if scenario.quality == "exact" and is_lossy(config):
+        return "lossy, and --quality exact asks for none"
     return None
 
 
@@ -181,6 +199,12 @@ def channels_last_for_unets(config: OptimizationConfig, scenario: Scenario) -> O
 
 
 # --- prefer rules -------------------------------------------------------------------------------
+# Among candidates within TIE of the fastest, the engine takes the one the prefer rules rank first
+# (0 best). Like is compared with like: every offload strategy has a place in the order, so a
+# tie-break can never lift sequential offload above group offload.
+
+IMAGE_OFFLOAD_ORDER = ("none", "model", "group", "sequential")
+VIDEO_OFFLOAD_ORDER = ("none", "group", "model", "sequential")
 
 
 @rule(
@@ -190,8 +214,8 @@ def channels_last_for_unets(config: OptimizationConfig, scenario: Scenario) -> O
     "fully overlap transfers when each step's compute finishes quickly",
     SEED_PAGE,
 )
-def images_prefer_model_offload(config: OptimizationConfig, scenario: Scenario) -> float:
-    return 1.0 + TIE if scenario.workload.kind == "image" and config.offload.strategy == "group" else 1.0
+def images_prefer_model_offload(config: OptimizationConfig, scenario: Scenario) -> int:
+    return IMAGE_OFFLOAD_ORDER.index(config.offload.strategy) if scenario.workload.kind == "image" else 0
 
 
 @rule(
@@ -201,5 +225,5 @@ def images_prefer_model_offload(config: OptimizationConfig, scenario: Scenario) 
     "transfers hide behind compute, and the activations get the memory model offload would keep for weights",
     SEED_PAGE,
 )
-def video_prefers_group_offload(config: OptimizationConfig, scenario: Scenario) -> float:
-    return 1.0 + TIE if scenario.workload.kind == "video" and config.offload.strategy == "model" else 1.0
+def video_prefers_group_offload(config: OptimizationConfig, scenario: Scenario) -> int:
+    return VIDEO_OFFLOAD_ORDER.index(config.offload.strategy) if scenario.workload.kind == "video" else 0

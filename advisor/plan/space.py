@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.constraints import first_violation
+from advisor.probe.layout import has_repeated_blocks
 from advisor.probe.models import ModelProfile
 
 if TYPE_CHECKING:
@@ -153,9 +154,17 @@ class SearchSpace:
         return SearchSpace(self.profile, self.device, self.dtype, quantization, offload, list(self.compile))
 
     def config(self, params: dict[str, Any]) -> OptimizationConfig:
-        """The point's config before the adjust rules complete it."""
+        """The point's config before the adjust rules complete it.
+
+        Compile is regional (``compile_repeated_blocks``) where every denoiser's class lists its
+        repeated blocks, else whole-model (SD3 and CogVideoX list none in diffusers 0.42).
+        """
         quantization, casting = self.quantization[params["quantization"]]
-        compiled = Compile(components=[c.name for c in self.profile.by_role("denoiser")]) if params["compile"] else None
+        compiled = None
+        if params["compile"]:
+            denoisers = self.profile.by_role("denoiser")
+            regional = all(has_repeated_blocks(c.class_name) for c in denoisers)
+            compiled = Compile(components=[c.name for c in denoisers], regional=regional)
         return OptimizationConfig(
             dtype=self.dtype,
             device=self.device,

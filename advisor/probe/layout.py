@@ -95,6 +95,11 @@ def pipeline_facts(pipeline_class: str) -> dict[str, Any] | None:
     return diffusers_tables()["pipelines"].get(pipeline_class)
 
 
+def has_repeated_blocks(class_name: str) -> bool:
+    """Whether a diffusers model class lists ``_repeated_blocks`` (what ``compile_repeated_blocks`` compiles)."""
+    return bool(diffusers_tables()["models"].get(class_name, {}).get("repeated_blocks"))
+
+
 # --- catalog ------------------------------------------------------------------------------------
 
 

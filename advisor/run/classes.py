@@ -93,5 +93,10 @@ class Components:
         ]  # fmt: skip
 
     def has_attr(self, name: str, attr: str) -> bool:
+        """Whether the component's class has `attr` set to something (an empty list is nothing:
+        SD3's ``_repeated_blocks = []`` makes ``compile_repeated_blocks`` raise); unknown classes pass."""
         cls = self.cls(name)
-        return True if cls is None else getattr(cls, attr, None) is not None
+        if cls is None:
+            return True
+        value = getattr(cls, attr, None)
+        return value is not None and value != [] and value != ()

@@ -1,0 +1,41 @@
+"""The quality policy: which choices are lossy, what each costs in quality, and where that is shown.
+
+`--quality exact` never proposes a lossy choice; `balanced` (the default) only when nothing lossless
+fits or when it is predicted at least `CLEAR_WIN` faster than the best lossless candidate; `fast`
+takes the fastest whatever it costs.
+"""
+
+from __future__ import annotations
+
+from advisor.config import OptimizationConfig
+
+# A lossy pick must be predicted at least this much faster than the best lossless one (balanced).
+CLEAR_WIN = 0.20
+
+# What each lossy storage or compute choice costs in quality, and where that is shown.
+_QUANT_BLOG = "https://huggingface.co/blog/diffusers-quantization"
+QUALITY_COSTS = {
+    "nf4": ("4-bit NormalFloat weights: small changes in fine detail, the composition stays", _QUANT_BLOG),
+    "fp4": ("4-bit float weights: small changes in fine detail", _QUANT_BLOG),
+    "int8": ("8-bit weights (LLM.int8): near-identical images", _QUANT_BLOG),
+    "int8_weight_only": ("int8 weights: near-identical images", _QUANT_BLOG),
+    "float8_weight_only": ("fp8 weights: near-identical images", _QUANT_BLOG),
+    "int8_dynamic": ("int8 weights and activations: close, slightly more drift than weight-only", _QUANT_BLOG),
+    "float8_dynamic": ("fp8 weights and activations: close to bf16, small detail changes", "https://github.com/pytorch/ao/tree/main/torchao/float8"),
+    "int4_weight_only": ("int4 weights: visible detail changes on some prompts", _QUANT_BLOG),
+    "fp8-storage": ("weights stored in fp8, computed in bf16: near-identical images", "https://huggingface.co/docs/diffusers/main/en/optimization/memory#layerwise-casting"),
+}
+
+
+def is_lossy(config: OptimizationConfig) -> bool:
+    """Whether the config changes the model's numbers (quantized or fp8-stored weights)."""
+    return config.quantization is not None or config.layerwise_casting is not None
+
+
+def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
+    """(expected quality cost, source) of the config's lossy choice, or None for a lossless one."""
+    if config.quantization is not None:
+        return QUALITY_COSTS[config.quantization.kind]
+    if config.layerwise_casting is not None:
+        return QUALITY_COSTS["fp8-storage"]
+    return None
