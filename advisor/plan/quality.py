@@ -39,3 +39,23 @@ def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
     if config.layerwise_casting is not None:
         return QUALITY_COSTS["fp8-storage"]
     return None
+
+
+# Classes known to overflow in float16, for GPUs without bf16 (compute capability < 8.0).
+FP16_OVERFLOW = {
+    "FluxTransformer2DModel": "Flux's activations exceed the fp16 range (black or NaN images are reported); run it in bf16",
+    "T5EncoderModel": "T5 overflows in fp16, which is why transformers keeps its `wo` layers in fp32 (`_keep_in_fp32_modules`)",
+    "UMT5EncoderModel": "UMT5 (T5 family) overflows in fp16; transformers keeps its `wo` layers in fp32",
+}
+FP16_SOURCE = "https://github.com/huggingface/transformers/blob/main/src/transformers/models/t5/modeling_t5.py"
+
+
+def fp16_warnings(config: OptimizationConfig, class_names: dict[str, str]) -> list[str]:
+    """Warnings for components known to overflow when the config computes in float16."""
+    if config.dtype != "float16":
+        return []
+    return [
+        f"warning: fp16 (this GPU has no bf16) on {name} ({cls}): {FP16_OVERFLOW[cls]} ({FP16_SOURCE})"
+        for name, cls in class_names.items()
+        if cls in FP16_OVERFLOW
+    ]

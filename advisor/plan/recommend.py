@@ -14,7 +14,7 @@ from typing import Any
 
 from advisor.config import Offload, OptimizationConfig
 from advisor.plan.estimate import Estimate, estimate
-from advisor.plan.quality import CLEAR_WIN, is_lossy, quality_cost
+from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy, quality_cost
 from advisor.plan.rules import TIE, rules_of
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
@@ -266,6 +266,7 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
     reasons += [f"{r.reason} ({r.source})" for r in rules_of("adjust") if r.name in best.adjusted_by]
     if config.offload.strategy in {"model", "group"}:
         reasons += _offload_guidance(best, feasible, scenario)
+    reasons += fp16_warnings(config, {c.name: c.class_name for c in scenario.profile.components})
     return reasons
 
 
