@@ -23,7 +23,6 @@ sys.path.insert(0, str(KIT))  # the kit's modules are imported as run_kit.py imp
 import fetch_wheels  # noqa: E402
 from kit import advisor_api, bootstrap, flux_shaped, machine  # noqa: E402
 
-
 # --- the wheel list ---------------------------------------------------------------------------------
 
 
@@ -57,7 +56,6 @@ def test_the_pinned_list_is_deliberate():
     # Every runtime dependency of the project is carried, except what the image provides by design:
     # pip --no-index must find each of them installed there or among the wheels.
     import tomllib
-
     from packaging.requirements import Requirement
 
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]

@@ -11,8 +11,8 @@ import pytest
 
 from advisor.errors import ModelError
 from advisor.probe.models import classify_workload, load_profile, profile_from_folder, vae_compression
-from advisor.probe.weights import weight_files
 from advisor.probe.safetensors_header import read_header
+from advisor.probe.weights import weight_files
 
 ROOT = Path(__file__).resolve().parent.parent
 

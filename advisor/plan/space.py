@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 # Text encoders smaller than this are not worth quantizing (CLIP-L is 0.12 B parameters).
 LARGE_TEXT_ENCODER = 1_000_000_000
 
+# Constraints that an adjust rule repairs (no-fullgraph-with-offload-hooks sets fullgraph=False).
+REPAIRED_BY_ADJUST = {"fullgraph-breaks-on-offload-hooks"}
+
 StorageChoice = tuple[Quantization | None, LayerwiseCasting | None]
 
 
@@ -175,7 +178,13 @@ class SearchSpace:
         )
 
     def candidate(self, params: dict[str, Any], scenario: Scenario) -> Candidate:
-        config, fired = finish(self.config(params), scenario)
+        raw = self.config(params)
+        # Most rejections are known before the adjust rules run (they cost estimates); only what
+        # an adjust rule repairs is judged on the finished config.
+        early = rejection(raw, scenario)
+        if early is not None and early not in REPAIRED_BY_ADJUST:
+            return Candidate(params, raw, [], early)
+        config, fired = finish(raw, scenario)
         return Candidate(params, config, fired, rejection(config, scenario))
 
     def params_of(self, config: OptimizationConfig) -> dict[str, Any] | None:
