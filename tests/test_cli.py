@@ -153,10 +153,14 @@ def test_recommend_without_gpu_says_so_and_plans_cpu(tiny_flux_dir, capsys):
         (["--ram", "12XB"], "--ram: '12XB' is not a size"),
         (["--gpu", "Voodoo 5"], "--gpu: 'Voodoo 5' is not a known GPU"),
         (["--emit", "rust"], "--emit: 'rust' is not supported"),
-        (["--height", "1001"], "--height: 1001 is not a multiple of 8"),
+        (["--height", "1001"], "--height: 1001 is not a multiple of 16 (FluxPipeline needs it)"),  # pipeline_flux.py check_inputs
         (["--workload", "movie"], "--workload: 'movie' is not a workload"),
         (["--model", "./missing-folder"], "no such folder"),
         (["--vram", "24GB", "--budget", "0"], "--budget: must be larger than 0"),
+        (["--gpu", "4060 laptop"], "did you mean 'RTX 4060 Ti'"),
+        (["--gpu", "H100", "--quality", "perfect"], "--quality: 'perfect' is not a quality policy; use one of exact, balanced, fast"),
+        (["--gpu", "H100", "--json", "--emit", "python"], "--emit: prints a script, --json an object; choose one"),
+        (["--gpu", "H100", "--height", "99999999"], "--height: 99999999 is larger than any pipeline generates"),
     ],
 )
 def test_recommend_bad_input_is_one_line_naming_the_flag(args, message):
@@ -183,3 +187,24 @@ def test_tune_refuses_a_model_it_cannot_run_with_one_line(tmp_path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not downloaded and the hub can't be reached" in lines[0] and "--model" in lines[0]
+
+
+def test_recommend_json_is_strict_json_even_for_a_cpu_plan():
+    """A CPU target's host->device bandwidth is infinite; JSON has no Infinity, so it is null."""
+    result = run("recommend", "--json", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode in (0, 3), result.stderr
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    data = json.loads(result.stdout, parse_constant=refuse)
+    assert "assumptions" in data and data["quality"] == "balanced"
+
+
+def test_planning_for_another_gpu_says_what_it_assumed_and_records_it(tmp_path):
+    result = run("recommend", "--gpu", "H100", "-o", str(tmp_path / "a.json"), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "assumed host RAM" in result.stdout and "pass --ram" in result.stdout
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert any("host RAM" in line for line in saved["provenance"]["assumptions"])
+    assert saved["provenance"]["quality"] == "balanced"

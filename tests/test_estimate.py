@@ -195,7 +195,7 @@ def test_config_naming_a_missing_component_is_refused(flux_dev):
 
 @pytest.mark.parametrize(
     ("job", "message"),
-    [({"height": 1020}, "--height: 1020 is not a multiple of 8"), ({"steps": 0}, "--steps: 0 must be"), ({"frames": 9}, "--frames: 9 given for an image")],
+    [({"height": 1020}, "--height: 1020 is not a multiple of 16"), ({"steps": 0}, "--steps: 0 must be"), ({"frames": 9}, "--frames: 9 given for an image")],
 )
 def test_bad_workloads_name_the_flag(flux_dev, job, message):
     with pytest.raises(UsageError, match=message):
