@@ -99,11 +99,16 @@ def test_channels_last_only_for_compiled_unets():
 
 
 def test_offload_preferences_follow_the_workload():
-    group, model = OptimizationConfig(offload=Offload(strategy="group")), OptimizationConfig(offload=Offload(strategy="model"))
+    """Ranks, 0 first: images model over group offload, video the reverse (seed page); sequential always last."""
+    def offload(strategy):
+        return OptimizationConfig(offload=Offload(strategy=strategy))
+
     image, video = context(), context("wan2.1-t2v-14b")
-    assert images_prefer_model_offload(group, image) > 1.0 == images_prefer_model_offload(model, image)
-    assert video_prefers_group_offload(model, video) > 1.0 == video_prefers_group_offload(group, video)
-    assert images_prefer_model_offload(group, video) == 1.0
+    image_order = [images_prefer_model_offload(offload(s), image) for s in ("none", "model", "group", "sequential")]
+    video_order = [video_prefers_group_offload(offload(s), video) for s in ("none", "group", "model", "sequential")]
+    assert image_order == sorted(image_order) and len(set(image_order)) == 4
+    assert video_order == sorted(video_order) and len(set(video_order)) == 4
+    assert images_prefer_model_offload(offload("group"), video) == 0 == video_prefers_group_offload(offload("model"), image)
 
 
 def test_quantization_choices_never_touch_the_vae_and_skip_small_encoders():
@@ -157,10 +162,12 @@ def test_wan_14b_on_a_3090_cannot_use_fp8_compute():
     assert result.best.config.offload.strategy == "group"
 
 
-def test_flux_on_an_80gb_h100_needs_no_offload_and_uses_fp8():
-    best = pick("flux-dev", target=planned_target(machine=None, gpu="H100")).best.config
+def test_flux_on_an_80gb_h100_needs_no_offload_and_no_quantization():
+    """bf16 fits whole: the default quality policy takes nothing lossy unless clearly faster (tests/test_decisions.py has --quality fast)."""
+    result = pick("flux-dev", target=planned_target(machine=None, gpu="H100"))
+    best = result.best.config
     assert best.offload.strategy == "none" and best.compile is not None
-    assert best.quantization is not None and best.quantization.kind == "float8_dynamic"
+    assert best.quantization is None or any("faster than the best lossless" in r for r in result.reasons)
 
 
 def test_small_model_on_a_big_card_stays_plain():
@@ -191,7 +198,7 @@ def test_short_ram_moves_from_pinned_streams_to_low_ram_pinning_to_disk():
         return best.config.offload
 
     plenty, short, scarce = offload(256), offload(24), offload(12)
-    assert plenty.use_stream and not plenty.low_cpu_mem_usage  # pinned copies: ~2x the weights in RAM
+    assert plenty.use_stream  # transfers hide behind compute; with equal speed the smaller RAM need wins the tie
     assert short.low_cpu_mem_usage or short.offload_to_disk_path
     assert scarce.offload_to_disk_path
 

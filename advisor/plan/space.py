@@ -148,12 +148,15 @@ class SearchSpace:
 
     def usable(self, scenario: Scenario) -> SearchSpace:
         """The space without choices that no candidate can use on this target (what tune searches)."""
-        quantization = {}
-        for name, (q, c) in self.quantization.items():
-            probe = OptimizationConfig(device=self.device, quantization=q, layerwise_casting=c, compile=Compile())
-            if rejection(probe, scenario) is None:
-                quantization[name] = (q, c)
-        offload = {name: o for name, o in self.offload.items() if rejection(OptimizationConfig(device=self.device, offload=o), scenario) is None}
+        def usable_alone(probe: OptimizationConfig) -> bool:
+            return rejection(probe, scenario) in (None, *REPAIRED_BY_ADJUST)
+
+        quantization = {
+            name: (q, c)
+            for name, (q, c) in self.quantization.items()
+            if usable_alone(OptimizationConfig(device=self.device, quantization=q, layerwise_casting=c, compile=Compile()))
+        }
+        offload = {name: o for name, o in self.offload.items() if usable_alone(OptimizationConfig(device=self.device, offload=o))}
         return SearchSpace(self.profile, self.device, self.dtype, quantization, offload, list(self.compile))
 
     def config(self, params: dict[str, Any]) -> OptimizationConfig:
