@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -344,6 +345,17 @@ def _run_with_progress(run, total: int, quiet: bool):
         return run(on_trial)
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout's reader went away: rich has pointed it at /dev/null, or click wrapped it."""
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    try:
+        here, null = os.fstat(sys.__stdout__.fileno()), os.stat(os.devnull)
+    except (OSError, ValueError):
+        return False
+    return (here.st_dev, here.st_ino) == (null.st_dev, null.st_ino)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -356,6 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("advisor: interrupted", file=sys.stderr)
         return 130
+    except (BrokenPipeError, SystemExit) as exc:
+        # `advisor ... | head` closed the pipe: what was read was what was wanted. rich and click turn
+        # the EPIPE into exit 1 after pointing stdout at /dev/null (or wrapping it); anything else re-raises.
+        if isinstance(exc, SystemExit) and not _stdout_gone():
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # the final flush must not fail again
+        return 0
     except typer.TyperException as exc:  # click's usage errors: unknown option, missing value, ...
         if "--debug" in args:
             raise

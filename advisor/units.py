@@ -44,10 +44,13 @@ def parse_size(text: str | int, *, name: str = "size") -> int:
             raise UsageError(f"{name}: {text!r} is negative; give {_VALID_FORMS}")
         what = "the value is empty" if not shown else f"{text!r} is not a size"
         raise UsageError(f"{name}: {what}; give {_VALID_FORMS}")
-    number, prefix, _suffix = match.groups()
+    number, prefix, suffix = match.groups()
     value = float(number) * 1024 ** _UNIT_EXPONENTS[prefix.lower()]
-    if not math.isfinite(value):
+    if not math.isfinite(value) or value > 2**60:
         raise UsageError(f"{name}: {text!r} is too large; give {_VALID_FORMS}")
+    if not prefix and not suffix and 0 < value < 2**20:
+        # A bare "12" is 12 bytes, which no GPU or budget means: the unit was forgotten.
+        raise UsageError(f"{name}: {text!r} has no unit and is read as bytes; did you mean {number.strip()}GB?")
     return int(value)
 
 

@@ -208,3 +208,18 @@ def test_planning_for_another_gpu_says_what_it_assumed_and_records_it(tmp_path):
     saved = json.loads((tmp_path / "a.json").read_text())
     assert any("host RAM" in line for line in saved["provenance"]["assumptions"])
     assert saved["provenance"]["quality"] == "balanced"
+
+
+@pytest.mark.parametrize("command", ["recommend --gpu H100", "recommend --gpu H100 --json", "probe"])
+def test_a_closed_pipe_ends_quietly(command):
+    advisor_cli = Path(sys.executable).with_name("advisor")
+    result = subprocess.run(
+        f"'{advisor_cli}' {command} | head -1 > /dev/null; exit ${{PIPESTATUS[0]}}",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_recommend_refuses_workloads_it_does_not_plan():
+    result = run("recommend", "--gpu", "H100", "--workload", "audio", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "--workload: audio pipelines are not planned" in result.stderr

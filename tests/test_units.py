@@ -17,7 +17,7 @@ GIB = 2**30
         ("1.5T", int(1.5 * 2**40)),
         ("1.5TB", int(1.5 * 2**40)),
         ("512K", 512 * 1024),
-        ("123456", 123456),
+        ("1048576", 2**20),  # a bare number is bytes from 1 MiB up
         ("123456B", 123456),
         (" 24 GB ", 24 * GIB),
         ("0", 0),
@@ -74,3 +74,9 @@ def test_format_size(num_bytes, text):
 def test_format_then_parse_round_trips_within_rounding():
     for value in (5 * 2**20, 14 * GIB + 123456789, 2**41):
         assert abs(parse_size(format_size(value)) - value) / value < 0.005
+
+
+@pytest.mark.parametrize("text", ["12", "24", "512", "0.5"])
+def test_a_bare_small_number_is_a_forgotten_unit(text):
+    with pytest.raises(UsageError, match=f"--vram: '{text}' has no unit and is read as bytes; did you mean {text}GB\\?"):
+        parse_size(text, name="--vram")

@@ -154,6 +154,8 @@ def scenario_for(
     planning_here = vram is None and gpu is None
     target = resolve_target(machine, vram=vram, ram=ram, gpu=gpu)
     profile = load_profile(model, workload=workload)
+    if profile.workload not in ("image", "video"):
+        raise UsageError(f"--workload: {profile.workload} pipelines are not planned (yet); the advisor plans image and video")
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
     notes = []
     if planning_here and not machine.gpus:
