@@ -9,7 +9,23 @@ word-level vocabulary.
 There is one builder per pipeline class of the catalog, with the catalog
 model's component names and component classes; `build_tiny_for` picks it from
 a catalog model id or alias, and `tiny_call_kwargs` gives the smallest call
-that runs it.
+that runs it. Measured (all components, float32; one 2-step call on 2 idle cores):
+
+=========================  ==========  =======  ==================  ========
+builder                    parameters  on disk  call output         one call
+=========================  ==========  =======  ==================  ========
+build_tiny_flux            0.19 M      0.8 MB   32x32               ~0.07 s
+build_tiny_sd3             0.23 M      1.0 MB   16x16               ~0.06 s
+build_tiny_sdxl            0.22 M      0.9 MB   16x16               ~0.08 s
+build_tiny_qwen_image      0.23 M      0.9 MB   16x16               ~0.05 s
+build_tiny_wan             0.09 M      0.4 MB   5 frames of 16x16   ~0.08 s
+build_tiny_wan22           0.12 M      0.5 MB   5 frames of 16x16   ~0.08 s
+build_tiny_cogvideox       0.13 M      0.5 MB   9 frames of 16x16   ~0.06 s
+build_tiny_hunyuan_video   0.15 M      0.7 MB   5 frames of 16x16   ~0.05 s
+build_tiny_ltx             0.15 M      0.6 MB   5 frames of 32x32   ~0.05 s
+=========================  ==========  =======  ==================  ========
+
+Building takes 0.1-0.7 s and loading 0.1-0.3 s.
 
 Example::
 

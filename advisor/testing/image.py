@@ -2,7 +2,7 @@
 
 Each builder writes the catalog model's component names with the catalog's component classes (so
 ``DiffusionPipeline.from_pretrained`` gives the real pipeline class), with random weights from the
-smallest config that runs. Sizes are measured totals of all components (float32).
+smallest config that runs (sizes and times: the table in `advisor.testing`).
 """
 
 from __future__ import annotations
