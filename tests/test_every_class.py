@@ -31,7 +31,6 @@ BUDGETS = [None, 6 * GIB]
 # diffusers 0.42 gives SD3Transformer2DModel and CogVideoXTransformer3DModel `_repeated_blocks = []`,
 # and compile_repeated_blocks raises this for them; `Components.has_attr` (advisor/run/classes.py)
 # takes the empty list for present, so `compile.regional: true` plans compile_repeated_blocks.
-EMPTY_REPEATED_BLOCKS = "`_repeated_blocks` attribute is empty"
 EMPTY_REPEATED_BLOCKS_CLASSES = {"SD3Transformer2DModel", "CogVideoXTransformer3DModel"}
 
 
@@ -56,6 +55,24 @@ for _model in MODELS:
 
 
 @functools.lru_cache(maxsize=None)
+def decision_suite_configs(model_id: str) -> list[OptimizationConfig]:
+    """The picks and alternatives of tests/test_decisions.py's scenarios for this model."""
+    import test_decisions
+
+    found = []
+    for decision in test_decisions.DECISIONS:
+        if load_catalog_id(decision.model) == model_id:
+            result = test_decisions.decide(decision)
+            found += [s.config for s in (result.best, *result.alternatives) if s is not None]
+    return found
+
+
+def load_catalog_id(name: str) -> str:
+    from advisor.probe.models import profile_from_catalog
+
+    return profile_from_catalog(name).model_id
+
+
 def emitted_configs(model: str) -> tuple[OptimizationConfig, ...]:
     """Every distinct config (best and alternatives, provenance aside) recommend gives for `model` over TARGETS x BUDGETS."""
     from advisor.plan.recommend import recommend
@@ -76,6 +93,8 @@ def emitted_configs(model: str) -> tuple[OptimizationConfig, ...]:
             for scored in (result.best, *result.alternatives):
                 if scored is not None:
                     found.setdefault(scored.config.model_dump_json(exclude={"provenance"}), scored.config)
+    for config in decision_suite_configs(profile.model_id):
+        found.setdefault(config.model_dump_json(exclude={"provenance"}), config)
     assert found, f"recommend emitted no config for {model} on any target"
     return tuple(found.values())
 
@@ -101,14 +120,13 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
         quantized = update.get("quantization", q)
         compiled = config.compile.components if config.compile else []
         if (
-            offload.use_stream
-            and offload.offload_type == "block_level"
+            offload.offload_type == "block_level"
             and quantized is not None
             and quantized.backend == "torchao"
             and any(name in compiled and (offload.components is None or name in offload.components) for name in quantized.components)
         ):
-            # Without streams a compiled torchao model must be offloaded leaf by leaf (constraint
-            # compiled-torchao-needs-leaf-or-stream-offload).
+            # Without streams (none on a CPU) a compiled torchao model must be offloaded leaf by leaf
+            # (constraint compiled-torchao-needs-leaf-or-stream-offload); bitsandbytes had no such limit.
             changes["offload_type"] = "leaf_level"
             notes.append("group offload block_level -> leaf_level (compiled torchao without streams)")
         update["offload"] = offload.model_copy(update=changes)
@@ -315,19 +333,6 @@ def _apply(folder, config: OptimizationConfig):
     return pipe
 
 
-def _apply_past_the_known_bug(folder, config: OptimizationConfig):
-    """`_apply`; where only the `_repeated_blocks = []` bug stops it, again with `compile.regional: false`
-    (what a fix falls back to: compile the whole model), so that the rest of the config is still tested.
-    Returns (pipe, the config applied)."""
-    try:
-        return _apply(folder, config), config
-    except ValueError as exc:
-        if EMPTY_REPEATED_BLOCKS not in str(exc):
-            raise
-    whole = config.model_copy(update={"compile": config.compile.model_copy(update={"regional": False})})
-    return _apply(folder, whole), whole
-
-
 def distinct_on_cpu(group: str, disk: str) -> list[tuple[OptimizationConfig, list[str], list[str]]]:
     """(CPU config, what was changed, the emitted configs it stands for) for every model of `group`."""
     found: dict[str, tuple[OptimizationConfig, list[str], list[str]]] = {}
@@ -353,10 +358,6 @@ def test_every_emitted_config_applies_to_the_tiny_pipeline_and_it_runs(tiny_fold
     pipeline then runs (compiled code eagerly: tracing takes up to ~15 s a config on 2 cores, with
     offload or casting hooks breaking the graph at every layer; `test_compiled_config_traces_and_runs`
     traces one per class).
-
-    Configs that meet the known `_repeated_blocks = []` bug (shown by
-    `test_regional_compile_applies_to_a_denoiser_with_empty_repeated_blocks`) go through
-    `_apply_past_the_known_bug`.
     """
     import torch
 
@@ -365,7 +366,7 @@ def test_every_emitted_config_applies_to_the_tiny_pipeline_and_it_runs(tiny_fold
     for cpu, notes, sources in distinct_on_cpu(group, str(tmp_path / "offload")):
         what = f"{sources[0]} (+{len(sources) - 1} more) as {cpu.summary()} on CPU; changed: {notes or 'nothing'}"
         try:
-            pipe, cpu = _apply_past_the_known_bug(folder, cpu)
+            pipe = _apply(folder, cpu)
             if _run_key(cpu) not in ran:
                 ran.add(_run_key(cpu))
                 with torch.compiler.set_stance("force_eager"):
@@ -385,38 +386,39 @@ def test_compiled_config_traces_and_runs(tiny_folder, group, tmp_path):
     config = next((c for c in configs if c.compile.fullgraph), configs[0])
     import torch._dynamo.utils
 
-    pipe, _ = _apply_past_the_known_bug(tiny_folder(GROUPS[group][0]), config)
+    pipe = _apply(tiny_folder(GROUPS[group][0]), config)
     torch._dynamo.utils.counters.clear()
     _call(pipe)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo did trace the blocks
 
 
-def _regional_compile_config(model: str) -> OptimizationConfig:
-    return next(c for c in emitted_configs(model) if c.compile is not None and c.compile.regional)
+EMPTY_REPEATED_MODELS = ["stabilityai/stable-diffusion-3.5-large", "THUDM/CogVideoX-5b"]
 
 
-# When this XPASSes (strict: it then fails), the bug is fixed: remove the xfail, and
-# `_apply_past_the_known_bug` with its two constants.
+@pytest.mark.parametrize("model", EMPTY_REPEATED_MODELS, ids=_model_id)
+def test_the_engine_compiles_whole_models_whose_class_lists_no_repeated_blocks(model):
+    """diffusers 0.42 refuses compile_repeated_blocks where `_repeated_blocks = []` (SD3, CogVideoX)."""
+    compiled = [c for c in emitted_configs(model) if c.compile is not None]
+    assert compiled and all(c.compile.regional is False for c in compiled)
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="advisor/run/classes.py Components.has_attr treats `_repeated_blocks = []` as present, so the steps call "
-    "compile_repeated_blocks, which diffusers 0.42 refuses with ValueError for SD3Transformer2DModel and "
-    "CogVideoXTransformer3DModel",
-)
-@pytest.mark.parametrize("model", ["stabilityai/stable-diffusion-3.5-large", "THUDM/CogVideoX-5b"], ids=_model_id)
-def test_regional_compile_applies_to_a_denoiser_with_empty_repeated_blocks(tiny_folder, model, tmp_path):
-    config, _ = cpu_equivalent(_regional_compile_config(model), str(tmp_path))
-    try:
-        _call(_apply(tiny_folder(model), config))
-    except ValueError as exc:
-        assert EMPTY_REPEATED_BLOCKS in str(exc)  # this bug and no other makes it xfail
-        raise
+@pytest.mark.parametrize("model", EMPTY_REPEATED_MODELS, ids=_model_id)
+def test_a_hand_written_regional_compile_falls_back_to_the_whole_model(tiny_folder, model, tmp_path):
+    """`compile.regional: true` written by hand for such a class: a ConfigWarning, whole-model compile, and it runs."""
+    import advisor
+    from advisor.run.steps import ConfigWarning
+
+    config, _ = cpu_equivalent(next(c for c in emitted_configs(model) if c.compile is not None), str(tmp_path))
+    config = config.model_copy(update={"compile": config.compile.model_copy(update={"regional": True})})
+    pipe = _load(tiny_folder(model), **advisor.pipeline_kwargs(config, tiny_folder(model)))
+    with pytest.warns(ConfigWarning, match="has no `_repeated_blocks`; compiling the whole model instead"):
+        advisor.apply_config(pipe, config)
+    _call(pipe)
 
 
-def test_the_classes_with_empty_repeated_blocks_are_the_ones_the_xfail_names():
-    """The xfail above and the fallback in the sweep name these classes; this keeps that list true."""
+def test_the_classes_with_empty_repeated_blocks_are_the_ones_named_here():
+    """The tests above name these classes; this keeps that list true to the installed diffusers."""
     import importlib
 
     denoisers = {
@@ -426,6 +428,3 @@ def test_the_classes_with_empty_repeated_blocks_are_the_ones_the_xfail_names():
         if item["name"].startswith(("transformer", "unet"))
     }
     assert {cls.__name__ for cls in denoisers if cls._repeated_blocks == []} == EMPTY_REPEATED_BLOCKS_CLASSES
-    # and the rule engine does emit regional compile for them
-    for model in ("stabilityai/stable-diffusion-3.5-large", "THUDM/CogVideoX-5b"):
-        assert _regional_compile_config(model).compile.components == ["transformer"]
