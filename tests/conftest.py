@@ -93,3 +93,16 @@ def oom_limit(monkeypatch) -> int:
     """
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # measure() passes the environment to the trial
     return address_space_after_imports("1") + OOM_HEADROOM
+
+
+@pytest.fixture
+def dynamo_isolated():
+    """Fresh dynamo caches for a test, and the dynamo flags that configs set put back after it."""
+    import torch._dynamo
+
+    saved = {k: getattr(torch._dynamo.config, k) for k in ("cache_size_limit", "capture_dynamic_output_shape_ops")}
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    for key, value in saved.items():
+        setattr(torch._dynamo.config, key, value)

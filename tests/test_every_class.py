@@ -157,17 +157,8 @@ def tiny_folder(tmp_path_factory):
     return folder_for
 
 
-@pytest.fixture(autouse=True)
-def _dynamo_isolated():
-    """Fresh dynamo caches per test, and the dynamo flags that configs set are put back."""
-    import torch._dynamo
-
-    saved = {k: getattr(torch._dynamo.config, k) for k in ("cache_size_limit", "capture_dynamic_output_shape_ops")}
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    for key, value in saved.items():
-        setattr(torch._dynamo.config, key, value)
+# Fresh dynamo caches per test, dynamo flags put back (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("dynamo_isolated")
 
 
 def _load(folder, **kwargs):
