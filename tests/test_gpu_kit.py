@@ -11,6 +11,7 @@ import re
 import site
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -346,7 +347,8 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
     # Installed through pip into the kit's environment, which ran everything after: with every
     # requirement already there (system site-packages), pip installs the project alone.
     install = results["install"]
-    assert [row["name"] for row in install["installed"]] == ["advisor"], install
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["name"]
+    assert [row["name"] for row in install["installed"]] == [project], install
     assert install["venv"] == str(tmp_path / "work" / "venv")
     assert results["environment"]["executable"] == str(tmp_path / "work" / "venv" / "bin" / "python")
     assert results["environment"]["torch"] and results["model"]["parameters"]["transformer"] > 0
