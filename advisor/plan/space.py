@@ -2,8 +2,9 @@
 
 A point of the space is three names, one per dimension (``{"quantization": "nf4[transformer]",
 "offload": "model", "compile": True}``): optuna suggests them, the rule engine walks them all.
-`SearchSpace.finish` turns a point into the finished config (the adjust rules complete it) and
-says which constraint or filter rule rejects it, if any: "the first rule that fires" lives here.
+`SearchSpace.candidate` turns a point into the finished config (`finish`: the adjust rules complete
+it) and says which constraint or filter rule rejects it (`rejection`: "the first rule that fires"
+lives here, and only here).
 
 >>> from advisor.probe.models import load_profile
 >>> space = SearchSpace.for_profile(load_profile("flux-dev"), device="cuda")
