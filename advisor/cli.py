@@ -18,7 +18,7 @@ from rich.table import Table
 
 from advisor.errors import AdvisorError, ModelError, UsageError
 from advisor.render import format_count, render_probe, render_recommendation, render_tune, stdout_console
-from advisor.units import format_size
+from advisor.units import format_size, parse_size
 
 app = typer.Typer(
     name="advisor",
@@ -119,8 +119,6 @@ def inspect(
 
 
 def _size(text: str | None, flag: str) -> int | None:
-    from advisor.units import parse_size
-
     return parse_size(text, name=flag) if text is not None else None
 
 

@@ -22,7 +22,7 @@ that the probe, the planner and the runner can all import it. Pure Python: no to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 from advisor.config import OptimizationConfig, Quantization
 from advisor.units import parse_capability
@@ -126,22 +126,21 @@ def named(name: str) -> Constraint:
     return next(item for item in CONSTRAINTS if item.name == name)
 
 
-def violations(config: OptimizationConfig, platform: Platform) -> list[Violation]:
-    """Every constraint `config` breaks on `platform`, in registration order."""
-    found = []
+def _violations(config: OptimizationConfig, platform: Platform) -> Iterator[Violation]:
     for item in CONSTRAINTS:
         message = item.check(config, platform)
         if message:
-            found.append(Violation(item, message))
-    return found
+            yield Violation(item, message)
+
+
+def violations(config: OptimizationConfig, platform: Platform) -> list[Violation]:
+    """Every constraint `config` breaks on `platform`, in registration order."""
+    return list(_violations(config, platform))
 
 
 def first_violation(config: OptimizationConfig, platform: Platform) -> Violation | None:
-    for item in CONSTRAINTS:
-        message = item.check(config, platform)
-        if message:
-            return Violation(item, message)
-    return None
+    """The first constraint `config` breaks on `platform` (the rest are not evaluated)."""
+    return next(_violations(config, platform), None)
 
 
 def _on_cuda(config: OptimizationConfig, platform: Platform) -> bool:

@@ -9,7 +9,7 @@ is data (`Recommendation`); the CLI only renders it. Pure Python: no torch, a fe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from advisor.config import Offload, OptimizationConfig
@@ -298,16 +298,19 @@ def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) 
     return lines
 
 
+def _about_half_the_pixels(side: int) -> int:
+    """A side 0.7x as long (half the pixels), kept a multiple of 16 (what every catalog pipeline accepts)."""
+    return max(side * 7 // 10 // 16 * 16, 16)
+
+
 def _smaller_job(smallest: Scored, scenario: Scenario) -> str:
     """What halving the pixels (or the batch) would do to the smallest peak: advice with its effect."""
-    from dataclasses import replace
-
     job = scenario.workload
     if job.batch > 1:
-        smaller, what = replace(job, batch=max(job.batch // 2, 1)), f"--batch {max(job.batch // 2, 1)}"
+        smaller, what = replace(job, batch=job.batch // 2), f"--batch {job.batch // 2}"
     else:
-        side = lambda v: max(v * 7 // 10 // 16 * 16, 16)  # noqa: E731 - about half the pixels, a multiple of 16
-        smaller, what = replace(job, height=side(job.height), width=side(job.width)), f"{side(job.width)}x{side(job.height)}"
+        height, width = _about_half_the_pixels(job.height), _about_half_the_pixels(job.width)
+        smaller, what = replace(job, height=height, width=width), f"{width}x{height}"
     peak = estimate(scenario.profile, smaller, smallest.config, scenario.target).limited_peak(scenario.target.device)
     return f"activations dominate the peak: at {what} it would be {format_size(peak)}"
 

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from advisor.config import OptimizationConfig
-from advisor.constraints import fullgraph_breaks_on_offload_hooks, named
+from advisor.constraints import DOCS, fullgraph_breaks_on_offload_hooks, named
 from advisor.plan.estimate import estimate
 from advisor.plan.quality import is_lossy
 
 if TYPE_CHECKING:
     from advisor.plan.scenario import Scenario
 
-DOCS = "https://huggingface.co/docs/diffusers/main/en/optimization"
 SEED_PAGE = f"{DOCS}/speed-memory-optims"
 # Candidates within this share of the fastest count as a tie for the prefer rules.
 TIE = 0.05

@@ -17,7 +17,7 @@ True
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from advisor.config import Provenance
@@ -64,7 +64,7 @@ class Scenario:
     packages: dict[str, str | None] | None  # installed versions; None when planning for another machine
     budget_bytes: int
     budget_source: str = "--budget"
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = ()
     quality: Quality = "balanced"
 
     @property
@@ -73,16 +73,9 @@ class Scenario:
         return self.target.assumptions + self.workload.assumptions
 
     @property
-    def planning_here(self) -> bool:
-        return self.packages is not None
-
-    @property
     def platform(self) -> Platform:
         """What the constraints check candidates against."""
         return Platform.of_target(self.target.device, self.target.compute_capability, self.packages)
-
-    def limited_peak(self, *, vram_bytes: int | None, ram_bytes: int | None) -> int | None:
-        return limited_peak(self.target.device, vram_bytes=vram_bytes, ram_bytes=ram_bytes)
 
     def provenance(self, made_by: str, **extra: Any) -> Provenance:
         """What a config made for this scenario records about it (`estimate=` or `measured=` in `extra`)."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.constraints import first_violation
+from advisor.plan.rules import rules_of
 from advisor.probe.layout import has_repeated_blocks
 from advisor.probe.models import ModelProfile
 
@@ -92,8 +93,6 @@ def offload_name(offload: Offload) -> str:
 
 def rejection(config: OptimizationConfig, scenario: Scenario) -> str | None:
     """The name of the first constraint or filter rule that rejects a finished `config`, or None."""
-    from advisor.plan.rules import rules_of
-
     violation = first_violation(config, scenario.platform)
     if violation is not None:
         return violation.constraint.name
@@ -102,8 +101,6 @@ def rejection(config: OptimizationConfig, scenario: Scenario) -> str | None:
 
 def finish(config: OptimizationConfig, scenario: Scenario) -> tuple[OptimizationConfig, list[str]]:
     """Apply every adjust rule; return the finished config and the rules that changed it."""
-    from advisor.plan.rules import rules_of
-
     fired = []
     for adjust in rules_of("adjust"):
         adjusted = adjust.evaluate(config, scenario)

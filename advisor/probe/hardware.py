@@ -13,10 +13,10 @@ import os
 import platform
 import shutil
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation, installed_version
 from advisor.paths import user_cache_dir
 from advisor.units import parse_capability
 
@@ -260,7 +260,7 @@ def probe_gpus() -> tuple[list[GpuInfo], str, str, str | None, str | None]:
         return gpus, "nvml", note, driver, cuda
     except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver mismatch, ...
         nvml_problem = f"NVML unavailable ({str(exc) or type(exc).__name__})"
-    if nvidia_gpu_signs() and _package_version("torch"):
+    if nvidia_gpu_signs() and installed_version("torch"):
         try:
             gpus = _probe_torch()
         except Exception as exc:
@@ -341,21 +341,12 @@ def probe_host() -> HostInfo:
 # --- software --------------------------------------------------------------------------------
 
 
-def _package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) -> dict[str, BackendStatus]:
     """Which quantization backends diffusers can use here, from versions and GPUs alone.
 
     The quantizers the config schema knows are judged by `advisor.constraints` (one example config
     each, on this machine's most capable GPU), so the table and the planner never disagree.
     """
-    from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation
-
     best = max(gpus, key=lambda g: parse_capability(g.compute_capability), default=None)
     platform = Platform(
         accelerator="cuda" if gpus else None,
@@ -369,28 +360,30 @@ def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) 
         "torchao": f"torchao {packages.get('torchao')}: int8 weight-only runs on CPU and GPU",
         "fp8_compute": "fp8 matmuls via torchao",
     }
-    backends: dict[str, BackendStatus] = {}
-    for name, example in BACKEND_EXAMPLES.items():
-        violation = first_violation(example("cuda" if gpus else "cpu"), platform)
-        backends[name] = BackendStatus(False, violation.message) if violation else BackendStatus(True, usable_because.get(name, "usable"))
-    # Layerwise casting stores weights in float8 and computes in bf16: any device, torch only.
-    backends["layerwise_fp8"] = BackendStatus(
-        bool(packages.get("torch")), "storage-only fp8 casting, any device" if packages.get("torch") else "torch is not installed"
-    )
-    # Not config levers (yet): reported by whether their package is installed.
-    for name, package, usable in (
-        ("quanto", "optimum-quanto", "optimum-quanto installed"),
-        ("gguf", "gguf", "gguf installed (loads through from_single_file)"),
-    ):
-        installed = bool(packages.get(package))
-        backends[name] = BackendStatus(installed, usable if installed else f"{package} is not installed")
-    order = ("bitsandbytes", "torchao", "layerwise_fp8", "fp8_compute")
-    return {name: backends[name] for name in sorted(backends, key=lambda n: order.index(n) if n in order else len(order))}
+    device = "cuda" if gpus else "cpu"
+
+    def judged(name: str) -> BackendStatus:
+        violation = first_violation(BACKEND_EXAMPLES[name](device), platform)
+        return BackendStatus(False, violation.message) if violation else BackendStatus(True, usable_because[name])
+
+    def installed(package: str, usable: str) -> BackendStatus:
+        return BackendStatus(True, usable) if packages.get(package) else BackendStatus(False, f"{package} is not installed")
+
+    return {
+        "bitsandbytes": judged("bitsandbytes"),
+        "torchao": judged("torchao"),
+        # Layerwise casting stores weights in float8 and computes in bf16: any device, torch only.
+        "layerwise_fp8": installed("torch", "storage-only fp8 casting, any device"),
+        "fp8_compute": judged("fp8_compute"),
+        # Not config levers (yet): reported by whether their package is installed.
+        "quanto": installed("optimum-quanto", "optimum-quanto installed"),
+        "gguf": installed("gguf", "gguf installed (loads through from_single_file)"),
+    }
 
 
 def probe_software(gpus: list[GpuInfo]) -> SoftwareInfo:
     """Installed versions (metadata only, nothing imported) and usable quantization backends."""
-    packages = {name: _package_version(name) for name in TRACKED_PACKAGES}
+    packages = {name: installed_version(name) for name in TRACKED_PACKAGES}
     return SoftwareInfo(packages=packages, quantization_backends=quantization_backends(packages, gpus))
 
 

@@ -1,7 +1,7 @@
 """One tuning trial as a typed record, and its round trip through optuna's storage.
 
 A trial stores what it decided and measured as optuna user attributes (plain JSON, so that any
-storage and `optuna-dashboard` can read it); `TrialRecord.to_attrs()` writes them and
+storage and `optuna-dashboard` can read it); `TrialRecord.attrs()` names what is written and
 `TrialRecord.from_trial()` reads them back, so no other module touches attribute names.
 """
 
@@ -39,9 +39,17 @@ class TrialRecord:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_attrs(self) -> dict[str, Any]:
-        """The user attributes a trial stores (`trial.set_user_attr` for each)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._DERIVED}
+    @classmethod
+    def stored_fields(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in cls._DERIVED]
+
+    @classmethod
+    def attrs(cls, **stored: Any) -> dict[str, Any]:
+        """The user attributes a finishing trial stores (`trial.set_user_attr` for each): every stored
+        field, named; the derived ones come from optuna and the measurement when it is read back."""
+        if sorted(stored) != sorted(cls.stored_fields()):
+            raise TypeError(f"a trial stores exactly {cls.stored_fields()}, got {sorted(stored)}")
+        return stored
 
     @classmethod
     def from_trial(cls, trial: Any, device: str) -> TrialRecord | None:
@@ -49,7 +57,7 @@ class TrialRecord:
         attrs = trial.user_attrs
         if "status" not in attrs:
             return None
-        stored = {name: attrs.get(name) for name in (f.name for f in fields(cls)) if name not in cls._DERIVED}
+        stored = {name: attrs.get(name) for name in cls.stored_fields()}
         measurement = stored["measurement"] or {}
         within = all(value <= 0 for value in trial.constraints.values())
         return cls(

@@ -147,13 +147,12 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
         key = config.model_dump_json()
 
         def finish(status: str, source: str, violation: float, latency: float, reason: str | None, m: Measurement | None = None) -> float:
-            record = TrialRecord(
-                number=trial.number, summary=config.summary(), status=status, source=source, feasible=False,
-                latency_s=None, peak_bytes=None, predicted_peak_bytes=predicted_peak, reason=reason,
-                config=json.loads(key), measurement=m.to_dict() if m is not None else None,
+            attrs = TrialRecord.attrs(
+                summary=config.summary(), status=status, source=source, predicted_peak_bytes=predicted_peak,
+                reason=reason, config=json.loads(key), measurement=m.to_dict() if m is not None else None,
                 predicted_latency_s=predicted.latency_s,
-            )  # fmt: skip
-            for name, value in record.to_attrs().items():
+            )
+            for name, value in attrs.items():
                 trial.set_user_attr(name, value)
             trial.set_constraint("peak_over_budget", violation)
             return latency
