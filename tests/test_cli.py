@@ -157,7 +157,7 @@ def test_recommend_without_gpu_says_so_and_plans_cpu(tiny_flux_dir, capsys):
         (["--workload", "movie"], "--workload: 'movie' is not a workload"),
         (["--model", "./missing-folder"], "no such folder"),
         (["--vram", "24GB", "--budget", "0"], "--budget: must be larger than 0"),
-        (["--gpu", "4060 laptop"], "did you mean 'RTX 4060 Ti'"),
+        (["--gpu", "4060 super"], "'RTX 4060'"),
         (["--gpu", "H100", "--quality", "perfect"], "--quality: 'perfect' is not a quality policy; use one of exact, balanced, fast"),
         (["--gpu", "H100", "--json", "--emit", "python"], "--emit: prints a script, --json an object; choose one"),
         (["--gpu", "H100", "--height", "99999999"], "--height: 99999999 is larger than any pipeline generates"),
