@@ -11,11 +11,11 @@ import re
 import site
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 KIT = REPO / "benchmarks" / "gpu"
@@ -293,6 +293,37 @@ def test_the_dry_run_maps_gpu_only_options_to_cpu_ones():
     assert mapped.offload.offload_type == "block_level" and notes
 
 
+def test_per_phase_peaks_sit_next_to_the_estimates_device_bytes_of_each_phase():
+    from types import SimpleNamespace
+
+    from kit import GIB
+    from kit.plan import Item, phase_peaks
+    from kit.report import PHASES_ON_CPU, findings_block, phase_table
+
+    est = {"phase_device_bytes": {"text_encoding": 2 * GIB, "denoising": 6 * GIB, "vae_decode": 3 * GIB}}
+    measured = {"phase_peak_vram_bytes": {"text_encoding": 2 * GIB, "denoising": 8 * GIB, "vae_decode": 4 * GIB}}
+    rows = phase_peaks(est, measured)
+    assert list(rows) == ["text_encoding", "denoising", "vae_decode"]
+    assert rows["denoising"] == {"predicted_bytes": 6 * GIB, "measured_bytes": 8 * GIB, "error": -0.25}
+    assert rows["text_encoding"]["error"] == 0.0
+    on_cpu = phase_peaks(est, {"phase_peak_vram_bytes": None})
+    assert all(r["measured_bytes"] is None and r["error"] is None and r["predicted_bytes"] for r in on_cpu.values())
+
+    kit = SimpleNamespace(items=[Item("seed/x", "seed", "x", status="ok", result={"phase_peaks": rows}),
+                                 Item("seed/y", "seed", "y", status="reused", result={"phase_peaks": rows}),
+                                 Item("seed/z", "seed", "z", status="oom", result={})],
+                          args=SimpleNamespace(dry_run=False), data={})
+    text = phase_table(kit)
+    assert "| item   | phase         | predicted GiB | measured GiB | error |" in text
+    assert "| seed/x | denoising     | 6.00          | 8.00         | -25%  |" in text
+    assert "seed/y" not in text and "seed/z" not in text  # reused rows repeat seed/x's; no measurement
+    assert "denoising -25% (-25%)" in findings_block(kit)
+
+    kit.items = [Item("seed/x", "seed", "x", status="ok", result={"phase_peaks": on_cpu})]
+    kit.args.dry_run = True
+    assert PHASES_ON_CPU in phase_table(kit) and "| seed/x" not in phase_table(kit)
+
+
 # --- the dry run ------------------------------------------------------------------------------------
 
 PLANNED = [
@@ -337,8 +368,11 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
         assert item["status"] in ("ok", "reused"), (item["id"], item["status"], item["notes"])
         assert item["measurement"]["status"] == "ok" and item["measurement"]["latency_s"] is not None
         assert item["measured_peak_bytes"] > 0
-        if item["part"] != "tune":
-            assert item["estimate"]["peak_bytes"] > 0 and "peak" in item["errors"]
+        assert item["estimate"]["peak_bytes"] > 0 and "peak" in item["errors"]
+        assert item["measurement"]["phase_peak_vram_bytes"] is None  # no allocator peak on a CPU
+        phases = item["phase_peaks"]
+        assert list(phases) == ["text_encoding", "denoising", "vae_decode"], item["id"]
+        assert all(row["predicted_bytes"] > 0 and row["measured_bytes"] is None and row["error"] is None for row in phases.values())
     by_id = {item["id"]: item for item in results["items"]}
     assert any("bitsandbytes needs CUDA" in note for note in by_id["seed/quantization"]["notes"])
     assert by_id["recommend/13GB"]["status"] == "reused"  # same pick as 16GB on a CPU: measured once
@@ -353,5 +387,7 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
     assert results["environment"]["executable"] == str(tmp_path / "work" / "venv" / "bin" / "python")
     assert results["environment"]["torch"] and results["model"]["parameters"]["transformer"] > 0
     assert set(results["offload_calibration"]) >= {"baseline_per_step_s", "offload/group-block"}
-    assert (out / "gpu_kit.md").read_text().count("| seed/") == 3
+    report = (out / "gpu_kit.md").read_text()
+    assert report.count("| seed/") == 3
+    assert "Per-phase peaks" in report and "no allocator peak on CPU" in report
     assert "results:" in (out / "gpu_kit.log").read_text()

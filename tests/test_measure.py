@@ -1,9 +1,10 @@
 """advisor.run.measure: one candidate measured for real in its own process, and every way a trial can end.
 
-A real measurement of the tiny Flux pipeline on CPU; the step fit; and out-of-memory, crash and
-timeout as results (a `Measurement` with a status and a reason), never as exceptions. The
-out-of-memory is real: the trial process runs under an address-space limit (RLIMIT_AS) that lets
-torch and diffusers import but not a 270 MB pipeline load.
+A real measurement of the tiny Flux pipeline on CPU; the step fit; the peak of each phase (its
+bookkeeping and the hooks on a real pipeline with a fake peak counter on CPU, the real counter on
+CUDA); and out-of-memory, crash and timeout as results (a `Measurement` with a status and a reason),
+never as exceptions. The out-of-memory is real: the trial process runs under an address-space limit
+(RLIMIT_AS) that lets torch and diffusers import but not a 270 MB pipeline load.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from advisor.config import Compile, OptimizationConfig
 from advisor.probe.workload import Workload
-from advisor.run.measure import Measurement, fit_steps, is_oom, measure
+from advisor.run.measure import Measurement, PhasePeaks, fit_steps, is_oom, measure, watching_phases
 
 WORKLOAD = Workload(kind="image", height=32, width=32, steps=4)
 
@@ -38,9 +39,186 @@ def test_measures_the_tiny_flux_pipeline_for_real(tiny_flux_dir):
     # The whole trial process (torch, diffusers, the pipeline): far more than 100 MB on any machine.
     assert m.peak_rss_bytes > 100 * 2**20
     assert m.peak_vram_bytes is None  # CPU: no CUDA numbers
+    assert m.phase_peak_vram_bytes is None  # no allocator peak on a CPU
     assert m.wall_s >= m.load_s
     # A result round-trips through the dict the study stores.
     assert Measurement(**m.to_dict()) == m
+
+
+@pytest.mark.cuda
+def test_a_cuda_measurement_records_the_peak_of_each_phase(tiny_flux_dir):
+    m = measure(tiny_flux_dir, OptimizationConfig(device="cuda"), WORKLOAD, timeout_s=300)
+    assert m.status == "ok", m.reason
+    phases = m.phase_peak_vram_bytes
+    assert set(phases) == {"text_encoding", "denoising", "vae_decode"}, phases
+    assert all(peak > 0 for peak in phases.values()), phases
+    # The overall peak is the running maximum across the resets, so it is never below a phase's. It
+    # is the highest phase's: loading holds less than a generation, and the warm-up and the other
+    # timed calls repeat the same allocations (up to the caching allocator reusing a block somewhat
+    # larger than asked for, hence the tolerance).
+    assert m.peak_vram_bytes >= max(phases.values())
+    assert max(phases.values()) == pytest.approx(m.peak_vram_bytes, rel=0.05, abs=2 * 2**20)
+    assert Measurement(**m.to_dict()) == m
+
+
+# --- the peak of each phase -------------------------------------------------------------------------
+
+
+class FakeAllocator:
+    """A stand-in for the CUDA caching allocator's counters (allocated bytes and their peak since the
+    last reset). `PhasePeaks` takes the read/reset pair as callables so that its bookkeeping can be
+    tested here: the real counter exists on CUDA only (the CUDA test above uses it)."""
+
+    def __init__(self) -> None:
+        self.allocated = self.peak = 0
+        self.reads = 0
+
+    def alloc(self, n: int) -> None:
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+
+    def free(self, n: int) -> None:
+        self.allocated -= n
+
+    def read_peak(self) -> int:
+        self.reads += 1
+        return self.peak
+
+    def reset(self) -> None:
+        self.peak = self.allocated  # what torch.cuda.reset_peak_memory_stats does
+
+
+def test_phase_peaks_attribute_each_interval_to_the_phase_that_started_it():
+    a = FakeAllocator()
+    phases = PhasePeaks(a.read_peak, a.reset)
+    a.alloc(100)  # the weights, loaded before the generation: nobody's phase
+    a.alloc(1000)
+    a.free(1000)
+    phases.enter("text_encoding")
+    a.alloc(50)
+    a.free(50)
+    phases.exit()
+    a.alloc(7)  # between the text encoders and the denoiser (latents): still text encoding's interval
+    phases.enter("denoising")
+    a.alloc(300)
+    a.free(300)
+    phases.exit()
+    phases.enter("denoising")  # the next step, or Wan2.2's other expert: the same phase goes on
+    a.alloc(400)
+    a.free(400)
+    phases.exit()
+    phases.enter("vae_decode")
+    a.alloc(200)
+    a.free(200)
+    phases.exit()
+    a.alloc(20)  # after the decode (post-processing): the last phase runs to the end of the generation
+    a.free(20)
+    assert phases.finish() == {"text_encoding": 150, "denoising": 507, "vae_decode": 307}
+    assert phases.order == ["text_encoding", "denoising", "vae_decode"]
+    assert a.reads == 4  # one reading per phase change and one at the end, not one per call
+    assert a.peak == a.allocated  # reset at the end too
+
+
+def test_a_phase_that_comes_back_keeps_its_highest_interval_and_nested_calls_never_switch():
+    a = FakeAllocator()
+    phases = PhasePeaks(a.read_peak, a.reset)
+    phases.enter("text_encoding")
+    a.alloc(10)
+    phases.enter("denoising")  # called inside a text encoder's call: not a phase change
+    a.alloc(30)
+    a.free(30)
+    phases.exit()
+    phases.exit()
+    phases.enter("denoising")
+    a.alloc(5)
+    a.free(5)
+    phases.exit()
+    phases.enter("text_encoding")  # a second prompt encoding after the denoiser started
+    a.alloc(20)
+    a.free(20)
+    phases.exit()
+    # text encoding: its first interval (40, the nested call's 30 included) beats its second (30)
+    assert phases.finish() == {"text_encoding": 40, "denoising": 15}
+    assert phases.order == ["text_encoding", "denoising", "text_encoding"]
+
+
+def test_a_phase_reads_nothing_before_the_first_phase():
+    a = FakeAllocator()
+    phases = PhasePeaks(a.read_peak, a.reset)
+    assert phases.finish() == {}
+    a.alloc(10)
+    phases.enter("denoising")
+    phases.exit()
+    assert phases.finish() == {"denoising": 10}
+
+
+def _load(folder, config):
+    from advisor.run.apply import load_pipeline
+
+    return load_pipeline(folder, config)
+
+
+def _watched_run(pipe, kind):
+    """Run `pipe` once in this process while watching its phases with a counter that says which
+    reading it is (the interval's number)."""
+    from advisor.testing import tiny_call_kwargs
+
+    readings = iter(range(1, 100))
+    phases = PhasePeaks(lambda: next(readings), lambda: None)
+    with watching_phases(pipe, phases) as watched:
+        pipe(**tiny_call_kwargs(kind, seed=0))
+    return watched, phases, phases.finish()
+
+
+def _hooks_gone(pipe):
+    for module in pipe.components.values():
+        if hasattr(module, "_forward_pre_hooks"):
+            assert not module._forward_pre_hooks and not module._forward_hooks
+            assert "decode" not in vars(module)
+
+
+@pytest.mark.usefixtures("dynamo_isolated")
+def test_the_phases_of_a_real_pipeline_come_from_its_components_roles(tiny_flux_dir):
+    pipe = _load(tiny_flux_dir, OptimizationConfig(device="cpu", dtype="float32"))
+    watched, phases, peaks = _watched_run(pipe, "image")
+    assert watched == {"text_encoder": "text_encoding", "text_encoder_2": "text_encoding", "transformer": "denoising", "vae": "vae_decode"}
+    assert phases.order == ["text_encoding", "denoising", "vae_decode"]  # CLIP then T5: one phase
+    # readings: 1 before the text encoders (nobody's), 2 at the denoiser's start, 3 at the decode's, 4 at the end
+    assert peaks == {"text_encoding": 2, "denoising": 3, "vae_decode": 4}
+    _hooks_gone(pipe)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("dynamo_isolated")
+def test_a_module_compiled_whole_is_watched_outside_its_compiled_frame(tiny_flux_dir):
+    # Hooks inside a fullgraph compiled frame would make dynamo fail on the allocator call; the
+    # compiled call itself is wrapped instead, and put back afterwards.
+    from advisor.config import Vae
+
+    config = OptimizationConfig(device="cpu", dtype="float32", vae=Vae(tiling=True),
+                                compile=Compile(regional=False, backend="eager", fullgraph=True))  # fmt: skip
+    pipe = _load(tiny_flux_dir, config)
+    compiled = pipe.transformer._compiled_call_impl
+    assert compiled is not None
+    watched, phases, peaks = _watched_run(pipe, "image")
+    assert watched["transformer"] == "denoising"
+    assert phases.order == ["text_encoding", "denoising", "vae_decode"]
+    assert set(peaks) == {"text_encoding", "denoising", "vae_decode"}
+    assert pipe.transformer._compiled_call_impl is compiled  # the original is back
+    _hooks_gone(pipe)
+
+
+@pytest.mark.usefixtures("dynamo_isolated")
+def test_both_wan22_experts_are_denoising(tmp_path):
+    from advisor.testing import build_tiny_wan22
+
+    folder = build_tiny_wan22(tmp_path / "wan22")
+    pipe = _load(folder, OptimizationConfig(device="cpu", dtype="float32"))
+    watched, phases, _ = _watched_run(pipe, "WanPipeline")
+    assert watched["transformer"] == watched["transformer_2"] == "denoising"
+    assert watched["text_encoder"] == "text_encoding" and watched["vae"] == "vae_decode"
+    assert phases.order == ["text_encoding", "denoising", "vae_decode"]  # the switch of experts is no phase change
+    _hooks_gone(pipe)
 
 
 # --- the step fit -----------------------------------------------------------------------------------

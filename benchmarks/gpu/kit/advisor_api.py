@@ -241,7 +241,8 @@ def default_budget(target: Any) -> int:
 
 
 def estimate_record(profile: Any, workload: Any, config: Any, target: Any) -> dict[str, Any]:
-    """The estimate for `config` as plain data; ``peak_bytes`` is the peak that a budget limits."""
+    """The estimate for `config` as plain data; ``peak_bytes`` is the peak that a budget limits,
+    ``phase_device_bytes`` the device bytes of each phase (text_encoding, denoising, vae_decode)."""
     from advisor.plan.estimate import estimate
 
     est = estimate(profile, workload, config, target)
@@ -250,6 +251,7 @@ def estimate_record(profile: Any, workload: Any, config: Any, target: Any) -> di
         "peak_vram_bytes": est.peak_vram_bytes,
         "peak_ram_bytes": est.peak_ram_bytes,
         "peak_phase": est.peak_phase,
+        "phase_device_bytes": {phase.name: phase.device_bytes for phase in est.phases},
         "latency_s": est.latency_s,
         "step_latency_s": est.step_latency_s,
         # per call, whatever the steps: text encoding, VAE decode

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from kit import GIB, advisor_api
-from kit.plan import Item, Kit
+from kit.plan import Item, Kit, errors, phase_peaks
 
 PARTS = ("seed", "recommend", "tune", "offload")
 RECOMMEND_BUDGETS_GB = (16, 13)
@@ -158,6 +158,11 @@ def part_tune(kit: Kit) -> None:
         item.config = best["config"]
         item.result["measurement"] = best["measurement"]
         item.result["measured_peak_bytes"] = best["peak_bytes"]
+        # The pick's estimate, as for the other items: its errors and per-phase peaks.
+        est = advisor_api.estimate_record(kit.profile, kit.workload, item.config, kit.target)
+        item.result["estimate"] = est
+        item.result["errors"] = errors(est, best["measurement"] or {}, best["peak_bytes"])
+        item.result["phase_peaks"] = phase_peaks(est, best["measurement"] or {})
         item.result["latency_vs_seed_quantization_compile"] = _ratio(best["latency_s"], ref_latency)
         if ref_latency is None:
             item.notes.append("seed/quantization+compile was not measured in this run: no relative latency")

@@ -145,7 +145,7 @@ class Kit:
         if earlier is not None:
             item.status = "reused" if earlier.status == "ok" else earlier.status
             item.notes.append(f"same config as {earlier.id}: its measurement is reused")
-            for key in ("measurement", "errors", "measured_peak_bytes"):
+            for key in ("measurement", "errors", "measured_peak_bytes", "phase_peaks"):
                 item.result[key] = earlier.result.get(key)
             return
         expected = self.expected_s(config)
@@ -168,6 +168,7 @@ class Kit:
             self.ratios.append(m["wall_s"] / (expected / self.correction()))
         item.result["measured_peak_bytes"] = measured
         item.result["errors"] = errors(est, m, measured)
+        item.result["phase_peaks"] = phase_peaks(est, m)
         self.measured[advisor_api.config_key(config)] = item
         lat = f"{m['latency_s']:.2f} s" if m["latency_s"] is not None else "-"
         self.log(f"{item.id}: {m['status']} in {m['wall_s'] or 0:.0f} s: latency {lat}, peak {fmt_gib(measured)} "
@@ -185,16 +186,29 @@ class Kit:
         self.save()
 
 
+def rel(p: float | None, actual: float | None) -> float | None:
+    """The relative error (predicted - measured) / measured; None without both."""
+    return None if p is None or not actual else round((p - actual) / actual, 4)
+
+
 def errors(est: dict[str, Any], m: dict[str, Any], measured: int | None) -> dict[str, float | None]:
     """Relative errors of the estimate, (predicted - measured) / measured."""
-
-    def rel(p: float | None, actual: float | None) -> float | None:
-        return None if p is None or not actual else round((p - actual) / actual, 4)
-
     reserved = m.get("peak_vram_reserved_bytes")
     return {
         "peak": rel(est["peak_bytes"], measured),
         "peak_vs_reserved": rel(est["peak_vram_bytes"], reserved) if reserved else None,
         "latency": rel(est["latency_s"], m.get("latency_s")),
         "per_step": rel(est["step_latency_s"], m.get("per_step_s")),
+    }
+
+
+def phase_peaks(est: dict[str, Any], m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per phase: the estimate's device bytes, the measured peak (``max_memory_allocated`` from the
+    phase's start to the next one's; None on a CPU, which has no allocator peak) and the error."""
+    measured = m.get("phase_peak_vram_bytes") or {}
+    predicted = est.get("phase_device_bytes") or {}
+    return {
+        phase: {"predicted_bytes": predicted.get(phase), "measured_bytes": measured.get(phase),
+                "error": rel(predicted.get(phase), measured.get(phase))}
+        for phase in [*predicted, *(p for p in measured if p not in predicted)]
     }

@@ -1,4 +1,4 @@
-"""What the kit leaves: the log lines, strict JSON, and the notes, findings and table (stdout and .md)."""
+"""What the kit leaves: the log lines, strict JSON, and the notes, findings and tables (stdout and .md)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,15 @@ def fmt_gib(value: float | None) -> str:
     return "-" if value is None else f"{value / GIB:.2f} GiB"
 
 
+PHASES_ON_CPU = "no allocator peak on CPU"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
 def table(kit: Kit) -> str:
     """One row per item: config, status, latency and peak next to the estimate's, reserved memory, wall time."""
     gpu = not kit.args.dry_run
@@ -71,10 +80,28 @@ def table(kit: Kit) -> str:
         reserved = m.get("peak_vram_reserved_bytes")
         wall = m.get("wall_s")
         rows.append([item.id, item.summary, item.status, lat, peak_text, f"{reserved / GIB:.2f}" if reserved else "-", f"{wall:.0f}" if wall else "-"])
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
-    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-    return "\n".join(out)
+    return _markdown(header, rows)
+
+
+def phase_table(kit: Kit) -> str:
+    """Per measured item and phase: the estimate's device bytes next to the measured peak, and the error.
+
+    The measured peak of a phase is ``torch.cuda.max_memory_allocated`` from its start to the next
+    phase's start in one timed generation (`advisor.run.measure.PhasePeaks`); a CPU has no allocator
+    peak, so the dry run says so instead of a table. Items that reuse another's measurement are left out.
+    """
+    items = [i for i in kit.items if i.status == "ok" and i.result.get("phase_peaks")]
+    title = "Per-phase peaks (predicted: the estimate's device bytes of the phase; measured: max_memory_allocated from the phase's start to the next's):"
+    if not any(row.get("measured_bytes") is not None for i in items for row in i.result["phase_peaks"].values()):
+        why = PHASES_ON_CPU if kit.args.dry_run else "no item measured per-phase peaks"
+        return f"{title}\n{why}" + ("; the predicted ones are in the JSON's phase_peaks" if items else "")
+    rows = []
+    for item in items:
+        for phase, row in item.result["phase_peaks"].items():
+            predicted, measured, err = row.get("predicted_bytes"), row.get("measured_bytes"), row.get("error")
+            rows.append([item.id, phase, f"{predicted / GIB:.2f}" if predicted is not None else "-",
+                         f"{measured / GIB:.2f}" if measured is not None else "-", f"{err:+.0%}" if err is not None else "-"])
+    return f"{title}\n\n" + _markdown(["item", "phase", "predicted GiB", "measured GiB", "error"], rows)
 
 
 def findings_block(kit: Kit) -> str:
@@ -100,6 +127,14 @@ def findings_block(kit: Kit) -> str:
     if peak_errors:
         lines.append(f"- estimate peak error over {len(peak_errors)} measured configs: median {statistics.median(peak_errors):+.0%}, "
                      f"worst {max(peak_errors, key=abs):+.0%}")
+    by_phase: dict[str, list[float]] = {}
+    for item in kit.items:
+        for phase, row in (item.result.get("phase_peaks") or {}).items() if item.status == "ok" else ():
+            if row.get("error") is not None:
+                by_phase.setdefault(phase, []).append(row["error"])
+    if by_phase:
+        lines.append("- estimate per-phase peak error, median (worst): "
+                     + ", ".join(f"{phase} {statistics.median(e):+.0%} ({max(e, key=abs):+.0%})" for phase, e in by_phase.items()))
     return "\n".join(lines)
 
 
@@ -109,10 +144,10 @@ def notes_block(kit: Kit) -> str:
 
 
 def final_report(kit: Kit, environment: dict[str, Any]) -> str:
-    """Notes, findings, a header line and the table: written to the .md file and printed last."""
+    """Notes, findings, the per-phase peaks, a header line and the table: written to the .md file and printed last."""
     gpu = not kit.args.dry_run
     header = (f"GPU kit ({kit.data['mode']}), {environment.get('gpu') or 'CPU'}, torch {environment.get('torch')}, "
               f"model {kit.data['model']['model_id']}, workload {kit.data['workload_label']}, {time.time() - kit.t0:.0f} s of {kit.args.budget_s:.0f} s")
     legend = ("latency: extrapolated to the workload's steps (estimate in brackets); peak: "
               + ("torch.cuda.max_memory_allocated" if gpu else "the trial process's peak RSS") + " (estimate, its error)")
-    return f"Notes:\n{notes_block(kit)}\n\n{findings_block(kit)}\n\n{header}\n{legend}\n\n{table(kit)}\n"
+    return f"Notes:\n{notes_block(kit)}\n\n{findings_block(kit)}\n\n{phase_table(kit)}\n\n{header}\n{legend}\n\n{table(kit)}\n"
