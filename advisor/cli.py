@@ -54,6 +54,19 @@ def _main(
     _state["debug"] = debug
 
 
+def planning_profile(model: str, workload: str | None):
+    """The model's profile with its traced FLOP and activation curves: the catalog carries them; a
+    local folder or hub model is traced on first use (this imports torch) and cached."""
+    from advisor.probe.models import load_profile
+
+    profile = load_profile(model, workload=workload)
+    if profile.source == "catalog":
+        return profile
+    from advisor.trace.cache import with_traces
+
+    return with_traces(profile, log=lambda line: print(f"advisor: {line}", file=sys.stderr, flush=True))
+
+
 @app.command()
 def probe(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in docs/probe.md)."),
@@ -141,11 +154,10 @@ def estimate(
     from advisor.config import OptimizationConfig, load_config
     from advisor.plan.estimate import estimate as run_estimate
     from advisor.probe.hardware import probe_machine
-    from advisor.probe.models import load_profile
     from advisor.probe.target import resolve_target
     from advisor.probe.workload import make_workload
 
-    profile = load_profile(model, workload=workload)
+    profile = planning_profile(model, workload)
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
     target = resolve_target(probe_machine(), vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu)
     config = load_config(config_file) if config_file else OptimizationConfig(device=target.device)
@@ -230,6 +242,7 @@ def recommend_command(
     scenario = scenario_for(
         probe_machine(), model, workload=workload, height=height, width=width, frames=frames, steps=steps, batch=batch,
         vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu, budget_bytes=budget_bytes, quality=quality,
+        profile=planning_profile(model, workload),
     )
     if as_json and emit:
         raise UsageError("--emit: prints a script, --json an object; choose one")
@@ -288,7 +301,7 @@ def tune(
     machine = probe_machine()
     scenario = scenario_for(
         machine, model, workload=workload, height=height, width=width, frames=frames, steps=steps, batch=batch,
-        budget_bytes=budget_bytes, quality=quality,
+        budget_bytes=budget_bytes, quality=quality, profile=planning_profile(model, workload),
     )
     profile = scenario.profile
     if profile.source == "catalog" and (hub_offline() or not hub_reachable()):

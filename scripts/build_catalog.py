@@ -69,7 +69,6 @@ as torch / diffusers / transformers versions are unchanged (they are recorded in
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -175,42 +174,9 @@ def _numel(module) -> int:
 # --------------------------------------------------------------------------- building
 def build_model(component: dict[str, Any]):
     """Instantiate one component on the meta device from its published config."""
-    import torch
+    from advisor.trace.meta import build_on_meta
 
-    library = component["library"]
-    class_name = component["class_name"]
-    # Deep copy: transformers configs mutate nested dicts (rope_scaling, text_config) in place.
-    config = copy.deepcopy(component["config"])
-    if library == "diffusers":
-        import diffusers
-
-        cls = getattr(diffusers, class_name)
-        with torch.device("meta"):
-            model = cls.from_config(config)
-    elif library == "transformers":
-        import transformers
-
-        cls = getattr(transformers, class_name)
-        model_type = config.pop("model_type", None) or cls.config_class.model_type
-        # Drop serialisation-only keys; they do not shape the model.
-        for key in ("transformers_version", "_name_or_path", "architectures"):
-            config.pop(key, None)
-        cfg = transformers.AutoConfig.for_model(model_type, **config)
-        if not isinstance(cfg, cls.config_class):
-            cfg = cls.config_class(**config)
-        # Plain eager attention: shapes are identical for every attention backend, and this
-        # avoids any backend availability check.
-        cfg._attn_implementation = "eager"
-        for sub in ("text_config", "vision_config"):
-            sub_cfg = getattr(cfg, sub, None)
-            if sub_cfg is not None and hasattr(sub_cfg, "_attn_implementation"):
-                sub_cfg._attn_implementation = "eager"
-        with torch.device("meta"):
-            model = cls(cfg)
-    else:
-        raise ValueError(f"unsupported library {library!r} for {class_name}")
-    model.eval()
-    return model
+    return build_on_meta(component["library"], component["class_name"], component["config"], attention="eager")
 
 
 def _stored_bytes(model, dtype: str, fp32_patterns: list[str]) -> tuple[int, int]:
@@ -419,8 +385,8 @@ def offload_sequence(pipeline_class: str, present: list[str]) -> list[str]:
     return [c for c in seq.split("->") if c and c in present]
 
 
-def build_entry(source: dict[str, Any], only_component: str | None = None) -> dict[str, Any]:
-    """The catalog entry for one source file (optionally just one component, for tests)."""
+def build_entry(source: dict[str, Any], only_component: str | None = None, *, trace: bool = True) -> dict[str, Any]:
+    """The catalog entry for one source file (optionally just one component, and without traces, for tests)."""
     weighted = {n: c for n, c in source["components"].items() if "config" in c}
     others = {n: c["class_name"] for n, c in source["components"].items() if "config" not in c}
     seq = offload_sequence(source["pipeline_class"], list(weighted))
@@ -435,7 +401,20 @@ def build_entry(source: dict[str, Any], only_component: str | None = None) -> di
     entry["generated_with"] = versions()
     entry["components"] = [describe_component(n, weighted[n]) for n in order]
     entry["other_components"] = dict(sorted(others.items()))
+    if trace:
+        add_traces(entry)
     return entry
+
+
+def add_traces(entry: dict[str, Any]) -> None:
+    """Trace every component on the meta device (FLOP and activation curves; advisor.trace)."""
+    from advisor.probe.models import profile_from_entry
+    from advisor.trace.tracer import trace_component, traceable
+
+    profile = profile_from_entry(entry)
+    for record, component in zip(entry["components"], profile.components):
+        if traceable(component) is None:
+            record["trace"] = trace_component(profile, component)
 
 
 def render(entry: dict[str, Any]) -> str:

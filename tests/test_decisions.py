@@ -71,12 +71,13 @@ def nothing_fits(*phrases: str) -> Callable[[Recommendation], None]:
 
 DECISIONS = [
     Decision("flux-4090-16gb", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             f"nf4 transformer + T5, compiled, no offload ({SEED}: 14.95 GB, 25.8 s)",
-             _check(lambda r: q(r).kind == "nf4" and set(q(r).components) == {"transformer", "text_encoder_2"},
-                    lambda r: r.config.compile is not None, lambda r: r.config.offload.strategy == "none"), budget=16 * GIB),
+             f"a quantized, compiled transformer at least as fast as {SEED}'s nf4 + compile (25.8 s): Ada has fp8 "
+             "matmuls, and torchao's fp8 dynamic + compile runs 1.42x compiled bf16 (diffusers-torchao)",
+             _check(lambda r: q(r) is not None and "transformer" in q(r).components, lambda r: r.config.compile is not None,
+                    lambda r: r.best.estimate.latency_s <= 25.847), budget=16 * GIB),
     Decision("flux-4090-13gb", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             f"nf4 + compile + model CPU offload ({SEED}: 12.24 GB)",
-             _check(lambda r: q(r).kind == "nf4", lambda r: r.config.offload.strategy == "model",
+             f"quantization + compile + model CPU offload ({SEED}: 12.24 GB), dynamo's cache limit raised",
+             _check(lambda r: q(r) is not None, lambda r: r.config.offload.strategy == "model",
                     lambda r: r.config.compile.dynamo_config.get("cache_size_limit") == 1000), budget=13 * GIB),
     Decision("flux-h100-balanced", "flux-dev", {"gpu": "H100", "ram": 256 * GIB},
              "bf16 fits an 80 GB card whole: no quantization unless clearly faster, no offload (quality policy)",

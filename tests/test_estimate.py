@@ -72,7 +72,10 @@ def test_seed_page_anchor_without_offload(flux_dev):
 def test_seed_page_anchor_with_model_offload(flux_dev):
     config = _seed_config(compile=Compile(), offload=Offload(strategy="model"))
     result = estimate(flux_dev, make_workload(flux_dev, height=1024, width=1024), config, RTX_4090)
-    assert result.peak_vram_bytes / GIB == pytest.approx(12.2369, rel=0.10)
+    # The page measured with transformers 4.x, which kept T5's `_keep_in_fp32_modules` in float32
+    # under bitsandbytes (2 more bytes per parameter); transformers 5 keeps them at bf16.
+    then = flux_dev.component("text_encoder_2").keep_in_fp32_parameters * 2
+    assert (result.peak_vram_allocated_bytes + then) / GIB == pytest.approx(12.2369, rel=0.10)
 
 
 def test_seed_page_latency_ranking(flux_dev):

@@ -132,8 +132,14 @@ def pick(model, *, budget=None, packages=None, target=None, **job):
     return recommend(make_scenario(profile, make_workload(profile, **job), target, packages=packages, budget_bytes=budget))
 
 
+# The seed page's combinations come from bitsandbytes alone: with torchao installed, its fp8/int8
+# dynamic quantization + compile is faster still (tests/test_decisions.py), so these plan for a
+# machine with bitsandbytes and diffusers but no torchao.
+SEED_PACKAGES = {"bitsandbytes": "0.45.0", "diffusers": "0.42.1", "torchao": None}
+
+
 def test_seed_page_flux_16gb_budget_quantizes_compiles_and_does_not_offload():
-    best = pick("flux-dev", budget=16 * GIB, height=1024, width=1024).best.config
+    best = pick("flux-dev", budget=16 * GIB, packages=SEED_PACKAGES, height=1024, width=1024).best.config
     assert best.quantization.backend == "bitsandbytes_4bit"
     assert set(best.quantization.components) == {"transformer", "text_encoder_2"}
     assert best.compile is not None and best.compile.dynamo_config["capture_dynamic_output_shape_ops"] is True
@@ -141,7 +147,7 @@ def test_seed_page_flux_16gb_budget_quantizes_compiles_and_does_not_offload():
 
 
 def test_seed_page_flux_13gb_budget_adds_model_cpu_offload():
-    best = pick("flux-dev", budget=13 * GIB, height=1024, width=1024).best.config
+    best = pick("flux-dev", budget=13 * GIB, packages=SEED_PACKAGES, height=1024, width=1024).best.config
     assert best.quantization.backend == "bitsandbytes_4bit"
     assert set(best.quantization.components) == {"transformer", "text_encoder_2"}
     assert best.compile is not None and best.compile.dynamo_config["cache_size_limit"] == 1000

@@ -27,6 +27,8 @@ from typing import Any
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
 from advisor.paths import DATA_DIR
+from advisor.plan.compute import NO_WORK, Work, denoiser_work, largest_layer_parameters, text_encoder_work, vae_decode_work
+from advisor.plan.compute import trace_of as _traced
 from advisor.plan.scenario import limited_peak
 from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
@@ -34,7 +36,7 @@ from advisor.probe.target import TargetHardware
 from advisor.probe.workload import Workload, pipeline_behaviour
 
 PHASES = ("text_encoding", "denoising", "vae_decode")
-_ROLE_OF_PHASE = {"text_encoding": "text_encoder", "denoising": "denoiser", "vae_decode": "vae"}
+ROLE_OF_PHASE = {"text_encoding": "text_encoder", "denoising": "denoiser", "vae_decode": "vae"}
 
 
 @lru_cache(maxsize=1)
@@ -50,18 +52,26 @@ class PhaseEstimate:
 
     name: str
     weights_bytes: dict[str, int]
-    activation_bytes: int
+    activation_bytes: int  # traced activations plus kernel workspaces (what max_memory_allocated sees)
+    reserve_bytes: int = 0  # what the caching allocator holds beyond that (max_memory_reserved - allocated)
 
     @property
     def device_bytes(self) -> int:
+        """Allocated bytes at the phase's peak (comparable with torch.cuda.max_memory_allocated)."""
         return sum(self.weights_bytes.values()) + self.activation_bytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What the phase needs from the card (comparable with torch.cuda.max_memory_reserved)."""
+        return self.device_bytes + self.reserve_bytes
 
 
 @dataclass
 class Estimate:
     """Predicted peaks (bytes) and latency (seconds) of one configuration on one target."""
 
-    peak_vram_bytes: int
+    peak_vram_bytes: int  # what must fit on the card: the allocator's reserved peak
+    peak_vram_allocated_bytes: int  # the allocated peak (torch.cuda.max_memory_allocated)
     peak_ram_bytes: int
     peak_phase: str
     phases: list[PhaseEstimate]
@@ -84,6 +94,7 @@ class Estimate:
         """The headline numbers, as `recommend --json` and a config's provenance carry them."""
         return {
             "peak_vram_bytes": self.peak_vram_bytes,
+            "peak_vram_allocated_bytes": self.peak_vram_allocated_bytes,
             "peak_ram_bytes": self.peak_ram_bytes,
             "peak_phase": self.peak_phase,
             "disk_bytes": self.disk_bytes,
@@ -141,11 +152,9 @@ def _bytes_per_parameter(component: ComponentProfile, weights: int) -> float:
     return weights / component.parameters if component.parameters else 0.0
 
 
-def _largest_leaf_parameters(component: ComponentProfile) -> int:
-    # Leaf-level and sequential offload move one layer at a time; a block holds ~6-10 large
-    # layers, so an eighth of the largest block stands in for the largest layer.
-    largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
-    return max(largest_block // 8, 1)
+def _bnb_quantized(config: OptimizationConfig) -> set[str]:
+    quantization = config.quantization
+    return set(quantization.components) if quantization and quantization.backend.startswith("bitsandbytes") else set()
 
 
 def _group_offloaded(component: ComponentProfile, config: OptimizationConfig) -> bool:
@@ -165,7 +174,7 @@ def resident_bytes(component: ComponentProfile, weights: int, config: Optimizati
     per_param = _bytes_per_parameter(component, weights)
     in_flight = 2 if offload.use_stream else 1  # the stream prefetches the next group
     if offload.strategy == "sequential" or offload.offload_type == "leaf_level":
-        return math.ceil(in_flight * _largest_leaf_parameters(component) * per_param)
+        return math.ceil(in_flight * largest_layer_parameters(component) * per_param)
     # block_level: groups of k blocks, plus the modules outside any block list (embedders,
     # final norms), which diffusers onloads as one group of their own.
     largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
@@ -174,78 +183,47 @@ def resident_bytes(component: ComponentProfile, weights: int, config: Optimizati
     return math.ceil((in_flight * group + outside) * per_param)
 
 
-# --- activations --------------------------------------------------------------------------------
+# --- work and activations -----------------------------------------------------------------------
 
 
-def denoiser_tokens(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload) -> tuple[int, int]:
-    """(sequence length of one denoiser call, hidden size) for this workload."""
-    facts = denoiser.facts
-    vae = profile.vae
-    spatial = vae.facts.get("spatial_compression", 8) if vae else 8
-    temporal = vae.facts.get("temporal_compression", 1) if vae else 1
-    latent_channels = vae.facts.get("latent_channels", 4) if vae else 4
-    patch = facts.get("patch_size") or 1
-    if isinstance(patch, list):  # Wan: (t, h, w)
-        patch_t, patch_h, patch_w = ([1, 1, 1] + patch)[-3:]
-    else:
-        patch_t, patch_h, patch_w = facts.get("patch_size_t") or 1, patch, patch
-    # Flux and Qwen-Image pack 2x2 latents into channels instead of using patch_size.
-    packed = math.isqrt(max(facts.get("in_channels", latent_channels) // max(latent_channels, 1), 1))
-    patch_h, patch_w = max(patch_h, packed), max(patch_w, packed)
-    latent_frames = (workload.frames - 1) // temporal + 1 if workload.kind == "video" else 1
-    tokens = (
-        max(latent_frames // patch_t, 1)
-        * max(workload.height // spatial // patch_h, 1)
-        * max(workload.width // spatial // patch_w, 1)
-    )
-    hidden = facts.get("hidden_size")
-    if not hidden and facts.get("block_out_channels"):  # UNet: attention runs at 1/2 and 1/4 resolution
-        tokens //= 4
-        hidden = facts["block_out_channels"][-1]
-    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
-    if behaviour.get("joint_text_tokens"):
-        # Joint attention appends the text tokens (T5/LLM, and CLIP-G for SD3; not CLIP-L's pooled one).
-        tokens += sum(t.facts.get("max_sequence_length", 0) for t in profile.by_role("text_encoder") if t.facts.get("hidden_size", 0) > 1024)
-    return tokens, int(hidden or 1024)
+def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationConfig) -> dict[str, Work]:
+    """What each phase computes and holds (`advisor.plan.compute`), summed over its components.
 
-
-def _activation_bytes(profile: ModelProfile, workload: Workload, config: OptimizationConfig, phase: str, on_cpu: bool) -> int:
+    Denoising is one step: every denoiser call of it (guidance run as a second call or batched).
+    """
     k = constants()
-    act = dtype_size(config.dtype)
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
-    if phase == "text_encoding":
-        sizes = [
-            k["text_encoder_live_tensors"] * t.facts.get("max_sequence_length", 77) * t.facts.get("hidden_size", 768) * act * workload.batch
-            for t in profile.by_role("text_encoder")
-        ]
-        return int(max(sizes, default=0))
-    if phase == "denoising":
+    text = NO_WORK
+    for encoder in profile.by_role("text_encoder"):
+        text = text + text_encoder_work(encoder, workload, config.dtype, k)
+    denoise = NO_WORK
+    for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
         batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
-        sizes = []
-        for denoiser in profile.by_role("denoiser"):
-            tokens, hidden = denoiser_tokens(profile, denoiser, workload)
-            live = k["denoiser_live_tensors"] * tokens * hidden * act * batch
-            # The reserve was fitted on CUDA (allocator blocks, cuBLAS and dequantisation workspaces).
-            reserve = 0 if on_cpu else k["denoiser_runtime_reserve_per_parameter"] * denoiser.parameters
-            sizes.append(live + reserve)
-        return int(max(sizes, default=0))
+        call = denoiser_work(profile, denoiser, workload, config.dtype, batch, k)
+        calls = 2 if behaviour["cfg"] == "sequential" else 1
+        denoise = Work(call.matmul_flops * calls, call.attention_flops * calls, call.written_bytes * calls, call.activation_bytes, call.traced, call.largest_bytes)
     vae = profile.vae
-    if vae is None:
-        return 0
-    height, width = workload.height, workload.width
-    if config.vae.tiling and vae.facts.get("supports_tiling"):
-        tile = vae.config.get("sample_size") if workload.kind == "image" else 256
-        tile = tile if isinstance(tile, int) and tile > 0 else k["vae_tile_default"]
-        height, width = min(height, tile), min(width, tile)
-    frames = 1
-    if workload.kind == "video":
-        chunk = behaviour.get("vae_latent_frames_per_chunk")
-        frames = workload.frames if chunk is None else chunk * vae.facts.get("temporal_compression", 1)
-        if config.vae.tiling and chunk is None:
-            frames = min(frames, 16)  # temporal tiling (HunyuanVideo/LTX tile 16 frames)
-    channels = (vae.facts.get("block_out_channels") or [vae.config.get("base_dim", 128)])[0]
-    batch = 1 if config.vae.slicing else workload.batch
-    return int(k["vae_decode_live_tensors"] * height * width * frames * channels * act * batch)
+    decode = vae_decode_work(vae, workload, config.dtype, tiling=config.vae.tiling, slicing=config.vae.slicing, k=k) if vae else NO_WORK
+    return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
+
+
+def _device_activation(profile: ModelProfile, config: OptimizationConfig, phase: str, work: Work, on_cpu: bool) -> tuple[int, int]:
+    """(allocated activation bytes incl. kernel workspaces, allocator reserve) of one phase."""
+    if on_cpu:
+        return int(work.activation_bytes), 0
+    k = constants()
+    allocated = work.activation_bytes + k["cublas_workspace_bytes"]
+    quantization = config.quantization
+    if phase == "denoising" and quantization and not config.compile:
+        # bitsandbytes and torchao weight-only kernels expand a layer's weight to the compute dtype
+        # before the matmul: one layer at a time.
+        denoisers = [d for d in profile.by_role("denoiser") if d.name in quantization.components]
+        allocated += max((largest_layer_parameters(d) * dtype_size(config.dtype) for d in denoisers), default=0)
+    # A formula without a trace knows no largest tensor: a tenth of the peak stands in for it.
+    largest = work.largest_bytes if work.traced else work.activation_bytes / 10
+    if phase == "vae_decode":
+        allocated += largest * k["vae_decode_workspace_factor"]
+    return int(allocated), int(largest * k["allocator_reserve_factor"])
 
 
 # --- the estimate -------------------------------------------------------------------------------
@@ -274,9 +252,10 @@ def estimate(
     weights = {c.name: weight_bytes(c, config) for c in profile.components}
     on_cpu = target.device == "cpu" or config.device == "cpu"
 
+    works = phase_work(profile, workload, config)
     phases = []
     for phase in PHASES:
-        role = _ROLE_OF_PHASE[phase]
+        role = ROLE_OF_PHASE[phase]
         active = [c for c in profile.components if c.role == role]
         if phase == "denoising" and config.offload.strategy == "model" and len(active) > 1:
             active = [max(active, key=lambda c: weights[c.name])]  # Wan2.2's experts take turns
@@ -285,16 +264,27 @@ def estimate(
             for c in profile.components
             if c.role != "other" or config.offload.strategy == "none"
         }
-        phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, _activation_bytes(profile, workload, config, phase, on_cpu)))
-    peak = max(phases, key=lambda p: p.device_bytes)
+        if phase == "text_encoding" and config.offload.strategy == "model":
+            # bitsandbytes loads its components straight onto the GPU, and model offload moves a
+            # module only when the next one's hook fires: until the denoiser's first call, every
+            # bitsandbytes-quantized component is resident (diffusers 0.42 enable_model_cpu_offload).
+            resident |= {c.name: weights[c.name] for c in profile.components if c.name in _bnb_quantized(config)}
+        activation, reserve = _device_activation(profile, config, phase, works[phase], on_cpu)
+        phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, activation, reserve))
+    peak = max(phases, key=lambda p: p.reserved_bytes)
 
     ram, disk, kept = _host_memory(profile, config, weights, on_cpu, peak)
-    latency, step, breakdown = _latency(profile, workload, config, target, weights, on_cpu)
-    notes = []
+    latency, step, breakdown = _latency(profile, workload, config, target, weights, works, on_cpu)
+    notes = [
+        f"{c.name}: no traced FLOP and activation curves; estimated with the parameter formula"
+        for c in profile.components
+        if c.role in ("denoiser", "text_encoder", "vae") and not _traced(c)
+    ]
     if config.quantization and config.quantization.backend == "torchao" and config.quantization.kind == "int8_dynamic" and not config.compile:
         notes.append("int8 dynamic quantization without torch.compile is ~40x slower (diffusers-torchao)")
     return Estimate(
-        peak_vram_bytes=0 if on_cpu else peak.device_bytes,
+        peak_vram_bytes=0 if on_cpu else peak.reserved_bytes,
+        peak_vram_allocated_bytes=0 if on_cpu else max(p.device_bytes for p in phases),
         peak_ram_bytes=sum(ram.values()),
         peak_phase=peak.name,
         phases=phases,
@@ -319,7 +309,7 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
     # converted keeps its file pages next to the new tensors while it loads, and torchao first
     # materialises it at the compute dtype before quantizing.
     quantization = config.quantization
-    bnb = set(quantization.components) if quantization and quantization.backend.startswith("bitsandbytes") else set()
+    bnb = _bnb_quantized(config)
     torchao = set(quantization.components) if quantization and quantization.backend == "torchao" else set()
 
     def transient(c) -> int:
@@ -361,50 +351,55 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
     return ram, disk, kept
 
 
-def _speed_factor(config: OptimizationConfig, component: str) -> float:
-    """How much faster (>1) or slower (<1) than eager bf16 this component's matmuls run."""
+def _speed_factor(config: OptimizationConfig, component: str, generation: str) -> float:
+    """How much faster (>1) or slower (<1) than eager bf16 this component runs.
+
+    Compile's speed-up is per GPU generation; a quantization's factor is against bf16 in the same
+    mode (eager against eager bf16, compiled against compiled bf16), so the two multiply.
+    """
     k = constants()
     compiled = bool(config.compile and component in config.compile.components)
-    factor = k["compile_speedup"] if compiled else 1.0
+    factor = k["compile_speedup"].get(generation, k["compile_speedup"]["default"]) if compiled else 1.0
     quantization = config.quantization
     if quantization and component in quantization.components:
-        if quantization.backend.startswith("bitsandbytes"):
-            factor /= k["bnb_4bit_slowdown"]
-        else:
-            factor *= k["torchao_speed"][quantization.kind]["compiled" if compiled else "eager"]
-            if compiled:
-                factor /= k["compile_speedup"]  # the torchao figures already include compile
+        key = quantization.backend if quantization.backend.startswith("bitsandbytes") else f"torchao:{quantization.kind}"
+        factor *= k["quantization_speed"][key]["compiled" if compiled else "eager"]
     if config.layerwise_casting and component in config.layerwise_casting.components:
-        factor /= k["layerwise_casting_slowdown"]
+        factor *= k["layerwise_casting_speed"]
     return factor
 
 
-def _latency(profile, workload, config, target, weights, on_cpu) -> tuple[float, float, dict[str, float]]:
+def _seconds(work: Work, target: TargetHardware, factor: float) -> float:
+    """Roofline time of `work`: tensor-core FLOPs at the generation's efficiency, plus the bytes
+    memory-bound ops write (and read) at the memory's streaming rate; `factor` speeds up both."""
+    k = constants()
+    efficiency = k["tensor_efficiency"].get(target.generation, k["tensor_efficiency"]["default"])
+    tensor = (work.matmul_flops + work.attention_flops) / (target.matmul_flops * efficiency)
+    memory = work.written_bytes * k["memory_traffic_per_written_byte"] / (target.memory_bytes_per_s * k["memory_bandwidth_efficiency"])
+    return (tensor + memory) / factor
+
+
+def _latency(profile, workload, config, target, weights, works, on_cpu) -> tuple[float, float, dict[str, float]]:
     k = constants()
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
-    efficiency = k["matmul_efficiency"]["cpu" if on_cpu else "cuda"]
-    flops_per_s = target.matmul_flops * efficiency
+    generation = target.generation
     calls_per_step = 2 if behaviour["cfg"] == "sequential" else 1
-    passes = 1 if behaviour["cfg"] == "none" else 2  # guidance runs the denoiser on cond and uncond
-
     denoisers = profile.by_role("denoiser")
     step_compute = step_transfer = 0.0
     offload = config.offload
     for denoiser in denoisers[:1]:  # Wan2.2's experts run one at a time: one per step
-        tokens, hidden = denoiser_tokens(profile, denoiser, workload)
-        layers = sum(b.count for b in denoiser.blocks) or 1
-        flops = passes * workload.batch * (2 * denoiser.linear_parameters * tokens + 4 * tokens * tokens * hidden * layers)
-        step_compute += flops / (flops_per_s * _speed_factor(config, denoiser.name))
+        step_compute += _seconds(works["denoising"], target, _speed_factor(config, denoiser.name, generation))
         if not on_cpu and (offload.strategy == "sequential" or _group_offloaded(denoiser, config)):
             bandwidth = target.h2d_bytes_per_s * k["group_offload_bandwidth_factor"]
             if offload.strategy == "sequential":
                 bandwidth = target.h2d_bytes_per_s * k["unpinned_bandwidth_factor"]
             if offload.low_cpu_mem_usage:
-                bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"]
+                bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"][offload.offload_type]
             moved = weights[denoiser.name] * calls_per_step
             step_transfer += moved / bandwidth
             if offload.offload_to_disk_path:
                 step_transfer += moved / k["disk_bytes_per_s"]
+            layers = sum(b.count for b in denoiser.blocks) or 1
             level = "sequential" if offload.strategy == "sequential" else offload.offload_type
             units = layers * 8 if level != "block_level" else layers / offload.num_blocks_per_group
             step_transfer += units * calls_per_step * k["offload_hook_overhead_s"][level]
@@ -414,13 +409,10 @@ def _latency(profile, workload, config, target, weights, on_cpu) -> tuple[float,
         step = step_compute + step_transfer
 
     text = sum(
-        2 * t.parameters * t.facts.get("max_sequence_length", 77) * workload.batch / (flops_per_s * _speed_factor(config, t.name))
+        _seconds(text_encoder_work(t, workload, config.dtype, k), target, _speed_factor(config, t.name, generation))
         for t in profile.by_role("text_encoder")
     )
-    vae = profile.vae
-    pixels = workload.height * workload.width * workload.frames * workload.batch
-    # A conv decoder applies its weights at roughly 1/16 of the output pixels on average.
-    decode = 2 * (vae.parameters if vae else 0) * pixels / 16 / flops_per_s
+    decode = _seconds(works["vae_decode"], target, 1.0)
     swaps = 0.0
     if offload.strategy == "model" and not on_cpu:
         swaps = sum(weights[c.name] for c in profile.components if c.role != "other") / target.h2d_bytes_per_s

@@ -139,14 +139,16 @@ def scenario_for(
     gpu: str | None = None,
     budget_bytes: int | None = None,
     quality: Quality = "balanced",
+    profile: ModelProfile | None = None,
 ) -> Scenario:
-    """The scenario the command-line flags describe (sizes already in bytes).
+    """The scenario the command-line flags describe (sizes already in bytes); `profile` when the
+    caller has loaded the model already (with its traces).
 
     The plan is for this machine (its packages count) unless --vram or --gpu describe another.
     """
     planning_here = vram is None and gpu is None
     target = resolve_target(machine, vram=vram, ram=ram, gpu=gpu)
-    profile = load_profile(model, workload=workload)
+    profile = profile or load_profile(model, workload=workload)
     if profile.workload not in ("image", "video"):
         raise UsageError(f"--workload: {profile.workload} pipelines are not planned (yet); the advisor plans image and video")
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)

@@ -67,6 +67,9 @@ class ComponentProfile:
     blocks: list[BlockGroup] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict, repr=False)
+    # FLOP and activation curves traced on the meta device (advisor.trace); None: not traced, the
+    # estimate falls back to its formula and says so.
+    trace: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def block_parameters(self) -> int:
@@ -116,6 +119,7 @@ class ModelProfile:
         data["parameters"] = self.parameters
         data["bytes"] = self.bytes
         for component in data["components"]:
+            del component["trace"]  # curves for the estimate (docs/estimate.md), not a fact people read
             if not include_config:
                 del component["config"]
         return data
@@ -307,6 +311,11 @@ def profile_from_catalog(name: str, *, workload: str | None = None) -> ModelProf
     entry = catalog_entry(name)
     if entry is None:
         raise ModelError(f"{name!r} is not in the catalog; it has {', '.join(catalog_names())}")
+    return profile_from_entry(entry, workload=workload)
+
+
+def profile_from_entry(entry: dict[str, Any], *, workload: str | None = None) -> ModelProfile:
+    """The profile of a catalog entry (a dict as in advisor/catalog/*.json)."""
     pipeline_class = entry["pipeline_class"]
     components = []
     for item in entry["components"]:
@@ -338,6 +347,7 @@ def profile_from_catalog(name: str, *, workload: str | None = None) -> ModelProf
                 ],
                 facts=component_facts(role, item["class_name"], item.get("config", {}), pipeline_class),
                 config=item.get("config", {}),
+                trace=item.get("trace"),
             )
         )
     kind, reason = classify_workload(pipeline_class, workload)
@@ -350,7 +360,7 @@ def profile_from_catalog(name: str, *, workload: str | None = None) -> ModelProf
         offload_sequence=entry.get("offload_sequence") or _fallback_offload_sequence(components),
         components=components,
         other_components=entry.get("other_components", {}),
-        path=entry["_path"],
+        path=entry.get("_path"),
     )
 
 

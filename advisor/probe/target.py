@@ -24,7 +24,7 @@ DEFAULT_GPU = "RTX 4090"
 # `--vram SIZE` alone: a card of that size whose model we don't know. Its capabilities are the
 # conservative common ground of the cards people own (Ampere, compute capability 8.6: bf16 yes,
 # fp8 matmuls no) and its throughput an RTX 3090's (datasheet: 71 TFLOP/s dense bf16, PCIe 4 x16).
-GENERIC_GPU = {"bf16_tflops": 71, "pcie_generation": 4, "pcie_width": 16, "compute_capability": "8.6"}
+GENERIC_GPU = {"bf16_tflops": 71, "memory_bandwidth_gbs": 936, "pcie_generation": 4, "pcie_width": 16, "compute_capability": "8.6"}
 # Host RAM assumed for a machine the advisor can't see, when --ram is not given: twice the card's
 # memory (what loading and pinned offload copies need for the models that fill it), at least 32 GB.
 ASSUMED_RAM_PER_VRAM = 2
@@ -33,6 +33,11 @@ ASSUMED_RAM_MIN = 32 * 2**30
 PCIE_EFFICIENCY = 0.8
 # The 2-core development VM measured 0.21 TFLOP/s fp32; used for CPU plans until calibrated.
 DEFAULT_CPU_TFLOPS = 0.2
+# Memory bandwidth of a CPU plan (two DDR4 channels, ~20 GB/s sustained), and of a GPU whose
+# datasheet is unknown (an RTX 4090's, like DEFAULT_GPU).
+DEFAULT_CPU_MEMORY_GBS = 20
+# Architecture generation by compute capability (major, minor) -> name; used for efficiency tables.
+GENERATIONS = ((10.0, "Blackwell"), (9.0, "Hopper"), (8.9, "Ada"), (8.0, "Ampere"), (7.5, "Turing"), (7.0, "Volta"))
 
 
 @lru_cache(maxsize=1)
@@ -41,8 +46,9 @@ def gpu_table() -> dict[str, dict[str, Any]]:
 
 
 def _normal(name: str) -> str:
-    """A GPU name without case, spaces, punctuation and brand words: 'NVIDIA GeForce RTX 4090' -> 'rtx4090'."""
-    text = re.sub(r"[^a-z0-9]", "", name.lower())
+    """A GPU name without case, spaces, punctuation, brand and socket words: 'NVIDIA GeForce RTX 4090' ->
+    'rtx4090', 'NVIDIA A100-SXM4-80GB' -> 'a10080gb' (the socket sits between model and memory)."""
+    text = re.sub(r"[^a-z0-9]", "", re.sub(r"\bsxm\d*\b", "", name.lower()))
     for brand in ("nvidia", "geforce", "tesla"):
         text = text.replace(brand, "")
     return text
@@ -103,9 +109,18 @@ class TargetHardware:
     h2d_bytes_per_s: float
     source: str  # how the figures were obtained
     assumptions: tuple[str, ...] = ()  # every value assumed rather than read or given (printed, recorded)
+    memory_bytes_per_s: float = DEFAULT_CPU_MEMORY_GBS * 1e9  # device memory bandwidth (datasheet)
+
+    @property
+    def generation(self) -> str:
+        """'Ada', 'Hopper', ... from the compute capability; 'cpu' for a CPU plan."""
+        if self.device == "cpu":
+            return "cpu"
+        capability = parse_capability(self.compute_capability)
+        return next((name for floor, name in GENERATIONS if capability >= floor), "Volta")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "generation": self.generation}
 
 
 def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetHardware:
@@ -132,6 +147,7 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
     calibration = load_calibration(gpu.name)
     datasheet = lookup_gpu(gpu.name)
     flops, bandwidth, sources = _throughput(gpu.name, calibration, datasheet)
+    sheet = datasheet[1] if datasheet else gpu_table()[DEFAULT_GPU]
     if gpu.pcie_bandwidth_bytes_per_s and not (calibration and "h2d_bytes_per_s" in calibration):
         bandwidth = gpu.pcie_bandwidth_bytes_per_s * PCIE_EFFICIENCY
         sources.append("PCIe link from NVML")
@@ -147,6 +163,7 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
         matmul_flops=flops,
         h2d_bytes_per_s=bandwidth,
         source="probe; " + ", ".join(sources),
+        memory_bytes_per_s=sheet["memory_bandwidth_gbs"] * 1e9,
     )
 
 
@@ -227,6 +244,7 @@ def planned_target(
         h2d_bytes_per_s=pcie_bandwidth(sheet["pcie_generation"], sheet["pcie_width"]) * PCIE_EFFICIENCY,
         source=source + ("" if ram is None else ", --ram"),
         assumptions=tuple(assumptions),
+        memory_bytes_per_s=sheet["memory_bandwidth_gbs"] * 1e9,
     )
 
 

@@ -1,0 +1,200 @@
+"""What each phase of a generation computes and holds, per component: FLOPs, bytes written by
+memory-bound ops, and the activation peak.
+
+The numbers come from the component's trace (curves fitted on the meta device by `advisor.trace`,
+stored in the catalog entry or the user's cache) evaluated at the workload's size: pure arithmetic,
+no torch. A component without a trace falls back to the formula below, and the estimate says so.
+Traces are in bfloat16; other dtypes scale the bytes by their element size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from advisor.probe.models import ComponentProfile, ModelProfile
+from advisor.probe.safetensors_header import dtype_size
+from advisor.probe.workload import Workload, pipeline_behaviour
+
+TRACE_VERSION = 1  # the record layout advisor.trace writes; an older record counts as no trace
+TRACE_DTYPE_BYTES = 2
+
+
+def evaluate(basis: list[str], coefficients: list[float], variables: dict[str, float]) -> float:
+    """Sum of coefficient x term, a term being '1' or a product like 'p^2*f' of `variables`."""
+    total = 0.0
+    for term, coefficient in zip(basis, coefficients):
+        value = 1.0
+        for factor in term.split("*"):
+            if factor != "1":
+                name, _, power = factor.partition("^")
+                value *= variables[name] ** int(power or 1)
+        total += coefficient * value
+    return total
+
+
+def latent_geometry(profile: ModelProfile, workload: Workload) -> tuple[int, int, int]:
+    """(latent frames, latent height, latent width) of one sample: what the VAE encodes it to."""
+    vae = profile.vae
+    spatial = vae.facts.get("spatial_compression", 8) if vae else 8
+    temporal = vae.facts.get("temporal_compression", 1) if vae else 1
+    frames = (workload.frames - 1) // temporal + 1 if workload.kind == "video" else 1
+    return frames, max(workload.height // spatial, 1), max(workload.width // spatial, 1)
+
+
+def text_tokens(profile: ModelProfile) -> int:
+    """Text tokens the denoiser attends to: the sequence of the wide encoders (T5/LLM, and CLIP-G
+    for SD3 and SDXL; not CLIP-L, whose pooled output only conditions), at the pipeline's length."""
+    return sum(t.facts.get("max_sequence_length", 0) for t in profile.by_role("text_encoder") if t.facts.get("hidden_size", 0) > 1024)
+
+
+def denoiser_tokens(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload) -> tuple[int, int]:
+    """(sequence length of one denoiser call, hidden size) for this workload."""
+    facts = denoiser.facts
+    vae = profile.vae
+    latent_channels = vae.facts.get("latent_channels", 4) if vae else 4
+    patch = facts.get("patch_size") or 1
+    if isinstance(patch, list):  # Wan: (t, h, w)
+        patch_t, patch_h, patch_w = ([1, 1, 1] + patch)[-3:]
+    else:
+        patch_t, patch_h, patch_w = facts.get("patch_size_t") or 1, patch, patch
+    # Flux and Qwen-Image pack 2x2 latents into channels instead of using patch_size.
+    packed = math.isqrt(max(facts.get("in_channels", latent_channels) // max(latent_channels, 1), 1))
+    patch_h, patch_w = max(patch_h, packed), max(patch_w, packed)
+    frames, height, width = latent_geometry(profile, workload)
+    tokens = max(frames // patch_t, 1) * max(height // patch_h, 1) * max(width // patch_w, 1)
+    hidden = facts.get("hidden_size")
+    if not hidden and facts.get("block_out_channels"):  # UNet: attention runs at 1/2 and 1/4 resolution
+        tokens //= 4
+        hidden = facts["block_out_channels"][-1]
+    if pipeline_behaviour(profile.pipeline_class, profile.workload).get("joint_text_tokens"):
+        tokens += text_tokens(profile)  # joint attention appends the text tokens
+    return tokens, int(hidden or 1024)
+
+
+@dataclass(frozen=True)
+class Work:
+    """One phase's work for one component: FLOPs on tensor cores, bytes written by the rest, and
+    the activation peak (bytes, at the run's dtype). ``traced`` is False for the formula."""
+
+    matmul_flops: float
+    attention_flops: float
+    written_bytes: float
+    activation_bytes: float
+    traced: bool
+    largest_bytes: float = 0.0  # the largest single activation tensor
+
+    def __add__(self, other: Work) -> Work:
+        return Work(
+            self.matmul_flops + other.matmul_flops,
+            self.attention_flops + other.attention_flops,
+            self.written_bytes + other.written_bytes,
+            max(self.activation_bytes, other.activation_bytes),  # components run one after another
+            self.traced and other.traced,
+            max(self.largest_bytes, other.largest_bytes),
+        )
+
+
+NO_WORK = Work(0.0, 0.0, 0.0, 0.0, True)
+
+
+def trace_of(component: ComponentProfile) -> dict | None:
+    trace = component.trace
+    return trace if isinstance(trace, dict) and trace.get("version") == TRACE_VERSION else None
+
+
+def _bytes_ratio(trace: dict, dtype: str) -> dict[str, float]:
+    """Bytes at `dtype` over the traced bfloat16 bytes: float32's is traced (norms and softmax run in
+    float32 under bf16 too, so it is less than 2); float16 is bf16's size."""
+    if dtype == "float32":
+        return {"activation_peak_bytes": 2.0, "written_bytes": 2.0, "largest_tensor_bytes": 2.0, **trace.get("float32_ratio", {})}
+    ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
+    return dict.fromkeys(("activation_peak_bytes", "written_bytes", "largest_tensor_bytes"), ratio)
+
+
+def _scaled(values: dict[str, float], scale: float, ratio: dict[str, float]) -> Work:
+    return Work(
+        matmul_flops=scale * (values["matmul_flops"] + values.get("conv_flops", 0.0)),
+        attention_flops=scale * values["attention_flops"],
+        written_bytes=scale * ratio["written_bytes"] * values["written_bytes"],
+        activation_bytes=max(scale * ratio["activation_peak_bytes"] * values["activation_peak_bytes"], 0.0),
+        traced=True,
+        largest_bytes=max(scale * ratio["largest_tensor_bytes"] * values.get("largest_tensor_bytes", 0.0), 0.0),
+    )
+
+
+def latent_positions(profile: ModelProfile, workload: Workload) -> int:
+    frames, height, width = latent_geometry(profile, workload)
+    return frames * height * width
+
+
+def denoiser_work(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int, k: dict) -> Work:
+    """One denoiser call on `batch` samples."""
+    ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
+    trace = trace_of(denoiser)
+    if trace:
+        x = latent_positions(profile, workload)
+        values = {q: evaluate(trace["basis"], c, {"x": x}) for q, c in trace["fit"].items()}
+        return _scaled(values, batch, _bytes_ratio(trace, dtype))
+    tokens, hidden = denoiser_tokens(profile, denoiser, workload)
+    layers = sum(b.count for b in denoiser.blocks) or 1
+    live = k["denoiser_live_tensors"] * tokens * hidden * TRACE_DTYPE_BYTES
+    return Work(
+        matmul_flops=batch * 2 * denoiser.linear_parameters * tokens,
+        attention_flops=batch * 4 * tokens * tokens * hidden * layers,
+        written_bytes=batch * ratio * live * layers,
+        activation_bytes=batch * ratio * live,
+        traced=False,
+    )
+
+
+def text_encoder_work(encoder: ComponentProfile, workload: Workload, dtype: str, k: dict) -> Work:
+    ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
+    trace = trace_of(encoder)
+    if trace:
+        return _scaled(trace, workload.batch, _bytes_ratio(trace, dtype))
+    tokens = encoder.facts.get("max_sequence_length", 77)
+    live = k["text_encoder_live_tensors"] * tokens * encoder.facts.get("hidden_size", 768) * TRACE_DTYPE_BYTES
+    layers = encoder.facts.get("num_layers", 12)
+    return Work(workload.batch * 2 * encoder.parameters * tokens, 0.0, workload.batch * ratio * live * layers, workload.batch * ratio * live, False)
+
+
+def vae_decode_work(vae: ComponentProfile, workload: Workload, dtype: str, *, tiling: bool, slicing: bool, k: dict) -> Work:
+    """Decoding the batch: sliced, one sample at a time (the peak of one); else all at once."""
+    ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
+    frames = decoded_frames(vae, workload)
+    trace = trace_of(vae)
+    at_once = 1 if slicing else workload.batch
+    if trace:
+        tile = trace.get("tile_pixels")
+        mode = "tiled" if tiling and tile and max(workload.height, workload.width) > tile and "tiled" in trace else "untiled"
+        values = {q: evaluate(trace["basis"], c, {"p": workload.height * workload.width, "f": frames}) for q, c in trace[mode]["fit"].items()}
+        work = _scaled(values, workload.batch, _bytes_ratio(trace, dtype))
+        per_sample = at_once / workload.batch
+        return Work(work.matmul_flops, work.attention_flops, work.written_bytes, work.activation_bytes * per_sample, True, work.largest_bytes * per_sample)
+    height, width = workload.height, workload.width
+    if tiling and vae.facts.get("supports_tiling"):
+        tile = vae.config.get("sample_size") if workload.kind == "image" else 256
+        tile = tile if isinstance(tile, int) and tile > 0 else k["vae_tile_default"]
+        height, width = min(height, tile), min(width, tile)
+    live_frames = min(frames, 16) if tiling else frames  # temporal tiling (HunyuanVideo/LTX tile 16 frames)
+    channels = (vae.facts.get("block_out_channels") or [vae.config.get("base_dim", 128)])[0]
+    live = k["vae_decode_live_tensors"] * height * width * live_frames * channels * TRACE_DTYPE_BYTES * ratio
+    # A conv decoder applies its weights at roughly 1/16 of the output pixels on average.
+    flops = 2 * vae.parameters * workload.height * workload.width * frames * workload.batch / 16
+    return Work(flops, 0.0, live * workload.batch, live * at_once, False)
+
+
+def decoded_frames(vae: ComponentProfile, workload: Workload) -> int:
+    """Frames the VAE decodes: the pipeline rounds the requested count to what its latents hold."""
+    if workload.kind != "video":
+        return 1
+    temporal = vae.facts.get("temporal_compression", 1)
+    return (workload.frames - 1) // temporal * temporal + 1
+
+
+def largest_layer_parameters(component: ComponentProfile) -> int:
+    """Parameters of the largest single layer, as an eighth of the largest block (a transformer block
+    holds ~6-10 large linear layers): what leaf-level offload moves and a dequantising matmul expands."""
+    largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
+    return max(math.ceil(largest_block / 8), 1)
