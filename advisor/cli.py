@@ -196,7 +196,10 @@ def estimate(
     console.print(table)
     ram_parts = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in result.ram_breakdown.items())
     if target.device != "cpu":
-        console.print(f"peak VRAM: {format_size(result.peak_vram_bytes)} (torch max_memory_allocated, without the CUDA context)")
+        console.print(
+            f"peak VRAM: {format_size(result.peak_vram_bytes)} reserved by the caching allocator "
+            f"({format_size(result.peak_vram_allocated_bytes)} allocated, the table's totals; without the CUDA context)"
+        )
     console.print(f"peak host RAM: {format_size(result.peak_ram_bytes)} ({ram_parts})")
     if result.disk_bytes:
         console.print(f"disk: {format_size(result.disk_bytes)} of offloaded weights")
@@ -273,8 +276,9 @@ def tune(
     frames: int = typer.Option(None, "--frames", help="Video frames (default: the pipeline's)."),
     steps: int = typer.Option(None, "--steps", help="Denoising steps the latency is reported for (default: the pipeline's)."),
     batch: int = typer.Option(None, "--batch", help="Images or videos per prompt (default 1)."),
-    trials: int = typer.Option(8, "--trials", help="Finished trials the study should hold (a rerun resumes up to this)."),
+    trials: int = typer.Option(8, "--trials", help="Distinct configurations the study should measure (a rerun resumes up to this)."),
     trial_timeout: float = typer.Option(900.0, "--trial-timeout", help="Seconds one trial may take before it counts as a timeout."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Measure again the trials that failed in earlier runs, out-of-memory ones too."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Measure candidates the estimate predicts far over budget too."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Leave torch.compile out of the search (faster trials)."),
     quality: str = typer.Option("balanced", "--quality", help="exact: search lossless configurations only; balanced or fast: all."),
@@ -290,12 +294,20 @@ def tune(
     from advisor.plan.scenario import scenario_for
     from advisor.probe.hardware import probe_machine
     from advisor.probe.models import hub_offline, hub_reachable
-    from advisor.run.tune import TuneSettings, run_study
+    from advisor.run.tune import TuneInterrupted, TuneSettings, check_settings, run_study
     from advisor.run.workers import run_workers
 
     budget_bytes = _size(budget, "--budget")
     if workers < 1:
-        raise UsageError(f"--workers: {workers} must be at least 1")
+        raise UsageError(f"--workers: {workers} is not valid; give a whole number of at least 1")
+    settings = TuneSettings(
+        trials=trials, timeout_s=trial_timeout, prune=not no_prune, compile_choices=(False,) if no_compile else (True, False),
+        retry_failed=retry_failed,
+    )
+    check_settings(settings)  # --trials, --trial-timeout
+    for flag, value in (("--height", height), ("--width", width), ("--frames", frames), ("--steps", steps), ("--batch", batch)):
+        if value is not None and value < 1:  # before any model is read (the workload checks the rest)
+            raise UsageError(f"{flag}: {value!r} must be a whole number >= 1")
     if workers > 1 and (storage is None or storage.startswith("sqlite")):
         raise UsageError("--workers: several workers need a shared storage: --storage journal:PATH or postgresql://...")
     machine = probe_machine()
@@ -309,17 +321,21 @@ def tune(
             f"--model: {profile.model_id} is not downloaded and the hub can't be reached; tune measures real "
             "runs, so download it first (huggingface-cli download) or pass a local pipeline folder"
         )
-    settings = TuneSettings(
-        trials=trials, timeout_s=trial_timeout, prune=not no_prune, compile_choices=(False,) if no_compile else (True, False)
-    )
     model_ref = profile.path if profile.source in {"folder", "cache"} else profile.model_id
-    if workers > 1:
-        result = run_workers(_state.get("argv", sys.argv[1:]), workers, model_ref, scenario, storage=storage, study=study, settings=settings)
-    else:
-        result = _run_with_progress(
-            lambda on_trial: run_study(model_ref, scenario, storage=storage, study=study, settings=settings, on_trial=on_trial),
-            trials, quiet or as_json,
-        )
+    argv = _state.get("argv", sys.argv[1:])
+    try:
+        if workers > 1:
+            result = run_workers(argv, workers, model_ref, scenario, storage=storage, study=study, settings=settings)
+        else:
+            result = _run_with_progress(
+                lambda on_trial: run_study(model_ref, scenario, storage=storage, study=study, settings=settings, on_trial=on_trial),
+                trials, quiet or as_json,
+            )
+    except TuneInterrupted as stop:
+        _tune_interrupted(stop.result, argv, as_json, quiet, report)
+    if not (quiet or as_json):
+        for note in result.notes:
+            stdout_console().print(note)
     if result.config is not None and output:
         result.config.save(output)
     if report:
@@ -334,6 +350,28 @@ def tune(
         render_tune(result, output)
     if result.best is None:
         raise typer.Exit(NOTHING_FITS_EXIT)
+
+
+def _tune_interrupted(result, argv: list[str], as_json: bool, quiet: bool, report: str | None) -> None:
+    """Ctrl-C during `advisor tune`: say so, show the finished trials and how to resume; exit 130."""
+    import shlex
+
+    if not quiet:  # a worker's (--quiet) interruption is told by the command that started it
+        print("advisor: interrupted", file=sys.stderr)
+    result.interrupted = True
+    if report:  # what was finished, marked as interrupted
+        from advisor.run.report import write_report
+
+        write_report(result, report)
+    if as_json:
+        print_json(result.to_dict())
+    elif not quiet:
+        render_tune(result, None)
+    if not quiet:
+        finished = len(result.trials)
+        print(f"advisor: {finished} finished trial{'s' if finished != 1 else ''} kept in study {result.study}; "
+              f"to resume, run the same command again: advisor {shlex.join(argv)}", file=sys.stderr)
+    raise typer.Exit(130)
 
 
 def _run_with_progress(run, total: int, quiet: bool):
@@ -351,7 +389,8 @@ def _run_with_progress(run, total: int, quiet: bool):
         def on_trial(partial) -> None:
             best = partial.best
             text = f"best {best.latency_s:.2f}s: {best.summary}" if best else "no feasible trial yet"
-            progress.update(task, completed=min(len(partial.trials), total), description=text)
+            measured = {json.dumps(t.config, sort_keys=True) for t in partial.trials if t.source == "measured"}
+            progress.update(task, completed=min(len(measured), total), description=text)
 
         return run(on_trial)
 

@@ -154,16 +154,19 @@ def test_seed_page_flux_13gb_budget_adds_model_cpu_offload():
     assert best.offload.strategy == "model"
 
 
-def test_wan_14b_on_a_24gb_card_quantizes_and_group_offloads():
+def test_wan_14b_on_a_24gb_card_quantizes_and_never_model_offloads():
+    """bf16 (37 GB of weights) can't fit 24 GB: quantized; for video, offloading (if any) is group
+    offloading with streams, not model offload (diffusers' guidance); none at all when it fits."""
     result = pick("wan2.1-t2v-14b", target=planned_target(machine=None, vram=24 * GIB))
     best = result.best.config
     assert best.quantization is not None or best.layerwise_casting is not None
-    assert best.offload.strategy == "group" and best.offload.use_stream
-    assert any("video" in reason and "group offloading" in reason for reason in result.reasons)
+    assert best.offload.strategy in ("none", "group")
+    if best.offload.strategy == "group":
+        assert best.offload.use_stream and any("video" in reason and "group offloading" in reason for reason in result.reasons)
 
 
-def test_wan_14b_on_a_3090_cannot_use_fp8_compute():
-    result = pick("wan2.1-t2v-14b", target=planned_target(machine=None, gpu="RTX 3090"))
+def test_wan_14b_on_a_3060_cannot_use_fp8_compute():
+    result = pick("wan2.1-t2v-14b", target=planned_target(machine=None, gpu="RTX 3060"))  # Ampere, 12 GB
     assert result.rejected.get("fp8-compute-needs-sm89", 0) > 0
     assert result.best.config.offload.strategy == "group"
 
@@ -199,7 +202,8 @@ def test_batches_get_vae_slicing():
 
 def test_short_ram_moves_from_pinned_streams_to_low_ram_pinning_to_disk():
     def offload(ram_gib):
-        best = pick("wan2.1-t2v-14b", target=planned_target(machine=None, vram=24 * GIB, ram=ram_gib * GIB)).best
+        # 16 GB: even quantized, Wan 14B's weights and activations need offloading there.
+        best = pick("wan2.1-t2v-14b", target=planned_target(machine=None, vram=16 * GIB, ram=ram_gib * GIB)).best
         assert best.estimate.peak_ram_bytes <= ram_gib * GIB
         return best.config.offload
 
