@@ -7,6 +7,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from advisor.run.steps import summary
 from advisor.units import format_size
 
 
@@ -60,7 +61,8 @@ def render_recommendation(result, config, output: str | None) -> None:
         return
     best = result.best
     cpu = target.device == "cpu"
-    console.print(f"Recommended: {config.summary()}")
+    console.print(f"Recommended: {summary(config)}")
+    # On a CPU the budget limits RAM: the peak is the host RAM, shown once.
     peak_label = "peak RAM" if cpu else "peak VRAM"
     host = "" if cpu else f", host RAM {format_size(best.estimate.peak_ram_bytes)}"
     console.print(
@@ -74,14 +76,17 @@ def render_recommendation(result, config, output: str | None) -> None:
         table = Table(title="Alternatives", title_justify="left")
         table.add_column("configuration")
         table.add_column(peak_label, justify="right")
-        table.add_column("host RAM", justify="right")
+        if not cpu:
+            table.add_column("host RAM", justify="right")
         table.add_column("latency", justify="right")
         for alternative in result.alternatives:
+            estimate = alternative.estimate
+            host_column = [] if cpu else [format_size(estimate.peak_ram_bytes)]
             table.add_row(
-                alternative.config.summary(),
-                format_size(alternative.estimate.limited_peak(target.device)),
-                format_size(alternative.estimate.peak_ram_bytes),
-                f"{alternative.estimate.latency_s:.1f}s",
+                summary(alternative.config),
+                format_size(estimate.limited_peak(target.device)),
+                *host_column,
+                f"{estimate.latency_s:.1f}s",
             )
         console.print(table)
     if output:

@@ -526,24 +526,30 @@ def test_emitted_script_runs_and_gives_the_same_image(tiny_flux_dir, tmp_path):
         attention_backend="native",
     )
     script = emit.emit_python(str(tiny_flux_dir), config)
-    assert script.startswith(f"# {config.summary()}\n")
+    assert script.startswith(f"# {run_steps.summary(config)}\n")
     for step in run_steps.plan(config, model=tiny_flux_dir):  # the script is made of the steps' code
         assert step.code in script
     assert script.index("torch._dynamo.config.cache_size_limit = 1000") < script.index("from_pretrained(")
-    call = 'image = pipe("a prompt").images[0]\n'
-    assert script.endswith(call)
+    prompt, call = 'prompt = "a photo of a cat"\n', 'image = pipe(prompt=prompt).images[0]\n'
+    assert prompt in script and script.endswith(call + 'image.save("image.png")\n')
+    # the tiny pipeline's prompt and call arguments; the script's own line saves the image
+    script = script.replace(prompt, 'from advisor.testing import tiny_call_kwargs\nprompt = tiny_call_kwargs("image")["prompt"]\n')
     script = script.replace(
         call,
         textwrap.dedent(f"""\
             import numpy as np
-            from advisor.testing import tiny_call_kwargs
-            np.save({str(tmp_path / "script.npy")!r}, pipe(**tiny_call_kwargs("image", seed=0)).images)
+            job = {{k: v for k, v in tiny_call_kwargs("image", seed=0).items() if k != "prompt"}}
+            np.save({str(tmp_path / "script.npy")!r}, pipe(prompt=prompt, **job).images)
+            image = pipe(prompt=prompt, **{{**job, "output_type": "pil"}}).images[0]
         """),
     )
     (tmp_path / "generated.py").write_text(script)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(tmp_path / "generated.py")], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "generated.py")], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "image.png").stat().st_size > 0
 
     pipe = load(tiny_flux_dir, config)
     np.testing.assert_array_equal(np.load(tmp_path / "script.npy"), run(pipe, "image"))
@@ -554,13 +560,14 @@ def test_emitted_script_for_video_and_for_unknown_models(tiny_wan_dir):
     config = cpu(offload=Offload(strategy="group", components=["transformer"]), provenance=Provenance(workload=workload))
     script = emit.emit_python(str(tiny_wan_dir), config)
     assert script.endswith(
-        'video = pipe("a prompt", height=480, width=832, num_inference_steps=50, num_frames=81).frames[0]\n'
+        'video = pipe(prompt=prompt, height=480, width=832, num_inference_steps=50, num_frames=81).frames[0]\n'
+        'export_to_video(video, "video.mp4", fps=16)\n'
     )
     assert 'pipe.text_encoder.to("cpu")' in script and 'pipe.vae.to("cpu")' in script
     compile(script, "generated.py", "exec")
     # a model the advisor cannot read: the other components are moved by a loop over pipe.components
     script = emit.emit_python("someone/not-a-cached-model", config.model_copy(update={"provenance": Provenance(workload={"kind": "video"})}))
-    assert script.endswith('video = pipe("a prompt").frames[0]\n')
+    assert script.endswith('video = pipe(prompt=prompt).frames[0]\nexport_to_video(video, "video.mp4")\n')
     assert 'if name not in ["transformer"] and isinstance(component, torch.nn.Module):' in script
     compile(script, "generated.py", "exec")
     # the catalog knows FLUX.1-dev offline: its text encoders are transformers models
@@ -568,7 +575,7 @@ def test_emitted_script_for_video_and_for_unknown_models(tiny_wan_dir):
         "black-forest-labs/FLUX.1-dev", OptimizationConfig(quantization=Quantization(backend="torchao", components=["transformer", "text_encoder_2"]))
     )
     assert '"text_encoder_2": TransformersTorchAoConfig(Int8WeightOnlyConfig()),' in script
-    assert script.endswith('image = pipe("a prompt").images[0]\n')
+    assert script.endswith('image = pipe(prompt=prompt).images[0]\nimage.save("image.png")\n')
 
 
 # --- config against pipeline ----------------------------------------------------------------------

@@ -1,16 +1,24 @@
-"""A pipeline layout (`advisor.probe.layout`) with its class names resolved to classes, for the run tier.
+"""A pipeline layout (`advisor.probe.layout`) with what the run tier asks of its component classes.
 
-Resolving imports diffusers and transformers, so it happens here and not in the probe.
+The questions (is it a torch module, a diffusers model; does its class have ``_repeated_blocks``,
+``enable_tiling``; which modules does it keep in float32) are answered from the real classes when a
+pipeline is loaded (`Components.of_pipe`). For a model that is not loaded (`Components.of_model`:
+``--emit python``, the checks before loading) they come from the generated class table
+(``advisor/data/diffusers.json``, when it was made from the installed diffusers) and from the names
+that are never models (tokenizers, schedulers): importing diffusers and transformers takes seconds,
+torch included. A class is imported only when neither knows it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from advisor.probe.layout import NOT_MODELS, PipelineLayout, layout_of_components, read_layout
+from advisor.probe.layout import NOT_MODELS, ComponentEntry, PipelineLayout, diffusers_tables, layout_of_components, read_layout
 
 
 def _resolve_class(library: str | None, class_name: str | None) -> type | None:
@@ -26,12 +34,51 @@ def _resolve_class(library: str | None, class_name: str | None) -> type | None:
     return None
 
 
+@dataclass(frozen=True)
+class ClassFacts:
+    """What the run tier asks of a component class, as the class table records it."""
+
+    module: bool  # a torch.nn.Module
+    diffusers_model: bool  # a diffusers ModelMixin
+    attrs: dict[str, bool]  # has_attr answers the table holds: _repeated_blocks, enable_tiling, enable_slicing
+    keep_in_fp32: tuple[str, ...]  # the class's _keep_in_fp32_modules
+
+
+@lru_cache(maxsize=1)
+def tables_describe_installed_diffusers() -> bool:
+    """Whether the class table was generated from the installed diffusers (or none is installed)."""
+    try:
+        installed = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    return installed == diffusers_tables()["diffusers_version"]
+
+
+def table_facts(entry: ComponentEntry | None) -> ClassFacts | None:
+    """The class table's facts about a component's class, or None when it doesn't know the class."""
+    if entry is None or not tables_describe_installed_diffusers():
+        return None
+    tables = diffusers_tables()
+    if entry.library in ("diffusers", None) and entry.class_name in tables["models"]:
+        model = tables["models"][entry.class_name]
+        attrs = {"_repeated_blocks": bool(model["repeated_blocks"]), "enable_tiling": model["tiling"], "enable_slicing": model["slicing"]}
+        return ClassFacts(True, True, attrs, tuple(model["keep_in_fp32_modules"]))
+    if entry.library in ("transformers", None) and entry.class_name in tables["transformers_models"]:
+        return ClassFacts(True, False, {}, tuple(tables["transformers_models"][entry.class_name]["keep_in_fp32_modules"]))
+    return None
+
+
 @dataclass
 class Components:
-    """What a pipeline holds, with classes: from a loaded pipe, a model's layout, or nothing known."""
+    """What a pipeline holds, with facts about its classes: from a loaded pipe, a model's layout, or nothing known.
+
+    ``classes`` holds the real classes (all of them for a loaded pipe; for a layout, those that had
+    to be imported because the table and the names did not tell).
+    """
 
     layout: PipelineLayout
     classes: dict[str, type | None] = field(default_factory=dict)
+    from_tables: bool = False  # a layout (not a loaded pipe): ask the class table before importing a class
 
     @classmethod
     def of_pipe(cls, pipe: Any) -> Components:
@@ -40,9 +87,7 @@ class Components:
 
     @classmethod
     def of_model(cls, model: str | Path | None) -> Components:
-        layout = read_layout(model)
-        classes = {name: _resolve_class(e.library, e.class_name) for name, e in (layout.entries or {}).items()}
-        return cls(layout, classes)
+        return cls(read_layout(model), from_tables=True)
 
     @property
     def known(self) -> bool:
@@ -56,21 +101,44 @@ class Components:
         return self.layout.names()
 
     def cls(self, name: str) -> type | None:
-        return self.classes.get(name)
+        """The component's class, imported if need be (None when it can't be: unknown, or its library is missing)."""
+        if name not in self.classes:
+            entry = self.layout.entry(name)
+            self.classes[name] = _resolve_class(entry.library, entry.class_name) if entry is not None else None
+        return self.classes[name]
+
+    def _facts(self, name: str) -> ClassFacts | None:
+        if not self.from_tables or self.classes.get(name) is not None:
+            return None
+        return table_facts(self.layout.entry(name))
+
+    def _never_a_model(self, name: str) -> bool:
+        """A tokenizer, scheduler or processor by its name, when its class is not imported (it need not be)."""
+        return self.from_tables and self.classes.get(name) is None and name.startswith(NOT_MODELS)
 
     def class_name(self, name: str) -> str:
-        cls = self.cls(name)
+        cls = self.classes.get(name)
         return cls.__name__ if cls is not None else self.layout.class_name(name)
 
     def is_module(self, name: str) -> bool:
-        import torch
-
+        facts = self._facts(name)
+        if facts is not None:
+            return facts.module
+        if self._never_a_model(name):
+            return False
         cls = self.cls(name)
         if cls is not None:
+            import torch
+
             return issubclass(cls, torch.nn.Module)
         return not name.startswith(NOT_MODELS)
 
     def is_diffusers_model(self, name: str) -> bool:
+        facts = self._facts(name)
+        if facts is not None:
+            return facts.diffusers_model
+        if self._never_a_model(name):
+            return False
         cls = self.cls(name)
         if cls is not None:
             from diffusers import ModelMixin
@@ -95,8 +163,19 @@ class Components:
     def has_attr(self, name: str, attr: str) -> bool:
         """Whether the component's class has `attr` set to something (an empty list is nothing:
         SD3's ``_repeated_blocks = []`` makes ``compile_repeated_blocks`` raise); unknown classes pass."""
+        facts = self._facts(name)
+        if facts is not None and attr in facts.attrs:
+            return facts.attrs[attr]
         cls = self.cls(name)
         if cls is None:
             return True
         value = getattr(cls, attr, None)
         return value is not None and value != [] and value != ()
+
+    def keep_in_fp32(self, name: str) -> tuple[str, ...]:
+        """The class's ``_keep_in_fp32_modules`` (empty when unknown)."""
+        facts = self._facts(name)
+        if facts is not None:
+            return facts.keep_in_fp32
+        cls = self.cls(name)
+        return tuple(getattr(cls, "_keep_in_fp32_modules", None) or ()) if cls is not None else ()

@@ -1,20 +1,49 @@
 """`advisor recommend --emit python`: a runnable diffusers script that does what ``load_pipeline`` does.
 
 Generated from the same `Step` objects that `advisor.run.apply` runs, so the two cannot drift apart.
+Writing it imports neither torch nor diffusers (each takes seconds): the components and their class
+facts come from the model's layout and the class table (`advisor.run.classes`), and the checks
+that need the libraries run only for values the advisor does not write itself (`_check`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from advisor.constraints import Platform, first_violation
+from advisor.errors import ConfigError
 from advisor.run.checks import check_components, check_config
 from advisor.run.classes import Components
 from advisor.run.quantize import dtype_keyword, load_quantization
 from advisor.run.source import Expr, call_source, dtype_expr, source
-from advisor.run.steps import steps_for
+from advisor.run.steps import steps_for, summary
 
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
+
+# What `check_config` would ask torch about, for the values the planner writes (advisor.plan.rules):
+# these dynamo options and compile backends exist in every torch the advisor supports
+# (tests/test_emit.py checks them against the installed one).
+KNOWN_DYNAMO_OPTIONS = frozenset({"cache_size_limit", "capture_dynamic_output_shape_ops"})
+KNOWN_COMPILE_BACKENDS = frozenset({"inductor", "eager", "aot_eager"})
+
+PROMPTS = {"image": "a photo of a cat", "video": "a cat walks on the grass, realistic", "audio": "techno music with a strong beat"}
+# Frame rates of the examples in each pipeline's diffusers docstring; others get export_to_video's default (10).
+VIDEO_FPS = {"WanPipeline": 16, "CogVideoXPipeline": 8, "HunyuanVideoPipeline": 15, "LTXPipeline": 24}
+
+
+def _check(config: OptimizationConfig) -> None:
+    """`check_config`, without importing torch or diffusers when the config holds only values known to pass."""
+    c = config.compile
+    needs_libraries = config.attention_backend is not None or (
+        c is not None and (not set(c.dynamo_config) <= KNOWN_DYNAMO_OPTIONS or c.backend not in KNOWN_COMPILE_BACKENDS)
+    )
+    if needs_libraries:
+        check_config(config)
+        return
+    violation = first_violation(config.model_copy(update={"device": "cuda"}), Platform.anywhere())
+    if violation is not None:
+        raise ConfigError(violation.message)
 
 
 def _workload_kind(config: OptimizationConfig, components: Components) -> str:
@@ -43,21 +72,39 @@ def _call_kwargs(config: OptimizationConfig, kind: str) -> dict[str, int]:
         return {}
 
 
+def _generate_and_save(kind: str, call: str, batch: bool, fps: int | None) -> list[str]:
+    """The pipeline call and the lines saving what it made (every image or video of a batch)."""
+    if kind == "video":
+        export = "export_to_video({}, {}" + (f", fps={fps})" if fps else ")")
+        if batch:
+            return [f"videos = {call}.frames", "for i, video in enumerate(videos):", "    " + export.format("video", 'f"video_{i}.mp4"')]
+        return [f"video = {call}.frames[0]", export.format("video", '"video.mp4"')]
+    if kind == "audio":  # the sampling rate and array layout vary by pipeline: left to the user
+        return [f"audio = {call}.audios[0]"]
+    if batch:
+        return [f"images = {call}.images", "for i, image in enumerate(images):", '    image.save(f"image_{i}.png")']
+    return [f"image = {call}.images[0]", 'image.save("image.png")']
+
+
 def emit_python(model: str, config: OptimizationConfig) -> str:
-    """A runnable script, in the style of the diffusers docs, that does what ``load_pipeline(model, config)`` does.
+    """A runnable script, in the style of the diffusers docs, that does what ``load_pipeline(model, config)`` does,
+    then generates from ``prompt`` and saves the result (``image.png``, ``video.mp4``).
 
     Machine checks are left to the machine that runs it; config problems (unknown components,
     impossible combinations) raise here.
     """
     from advisor import __version__
 
-    check_config(config)
+    _check(config)
     components = Components.of_model(model)
     check_components(config, components, str(model))
     quant = load_quantization(config, components)
     steps = steps_for(config, components)
+    kind = _workload_kind(config, components)
 
     imports = ["import torch", "from diffusers import DiffusionPipeline"]
+    if kind == "video":
+        imports.append("from diffusers.utils import export_to_video")
     for line in (quant.imports if quant else ()) + tuple(i for s in steps for i in s.imports):
         if line not in imports:
             imports.append(line)
@@ -70,9 +117,11 @@ def emit_python(model: str, config: OptimizationConfig) -> str:
 
     flags = [step for step in steps if step.key == "compile.dynamo_config"]  # first, as on the seed page
     lines = [
-        f"# {config.summary()}",
+        f"# {summary(config)}",
         f"# Generated by advisor {__version__}: the same steps as advisor.load_pipeline({source(str(model))}, config).",
         *imports,
+        "",
+        f"prompt = {source(PROMPTS[kind])}",
         "",
     ]
     lines += [step.code for step in flags] + ([""] if flags else [])
@@ -82,8 +131,12 @@ def emit_python(model: str, config: OptimizationConfig) -> str:
     for step in steps:
         if step.key != "compile.dynamo_config":
             lines += [f"# {step.description}", step.code]
-    kind = _workload_kind(config, components)
-    call = call_source("pipe", ("a prompt",), _call_kwargs(config, kind))
-    output = {"video": "video = {}.frames[0]", "audio": "audio = {}.audios[0]"}.get(kind, "image = {}.images[0]")
-    lines += ["", output.format(call)]
+    call_kwargs = _call_kwargs(config, kind)
+    call = call_source("pipe", (), {"prompt": Expr("prompt", None), **call_kwargs})
+    batch = any(key.startswith("num_") and key.endswith("_per_prompt") for key in call_kwargs)
+    fps = VIDEO_FPS.get(components.pipeline_class or config.provenance.pipeline_class or "")
+    lines += [""]
+    if kind == "video":
+        lines += ["# export_to_video writes mp4 with imageio: pip install imageio imageio-ffmpeg"]
+    lines += _generate_and_save(kind, call, batch, fps)
     return "\n".join(lines) + "\n"

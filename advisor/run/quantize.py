@@ -7,6 +7,9 @@ prints the code that builds them (the same data, so they cannot drift apart).
 
 from __future__ import annotations
 
+import importlib.util
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -93,13 +96,40 @@ def load_quantization(config: OptimizationConfig, components: Components) -> Loa
 
 
 def dtype_keyword() -> str:
-    """diffusers deprecated `torch_dtype` for `dtype` (and warns on every load); older ones only know the former."""
-    try:
-        from diffusers.utils import deprecation_utils
+    """diffusers deprecated `torch_dtype` for `dtype` (and warns on every load); older ones only know the former.
 
-        return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-    except ImportError:
-        return "torch_dtype"
+    The installed diffusers knows `dtype` when its ``deprecation_utils`` defines ``_resolve_dtype``.
+    Unless diffusers is imported already, that is read from the module's source: importing diffusers
+    takes seconds (torch with it), and ``--emit python`` needs nothing else from it.
+    """
+    module = sys.modules.get("diffusers.utils.deprecation_utils")
+    if module is None:
+        found = _source_defines("diffusers", ("utils", "deprecation_utils.py"), "_resolve_dtype")
+        if found is not None:
+            return "dtype" if found else "torch_dtype"
+        try:
+            from diffusers.utils import deprecation_utils as module
+        except ImportError:
+            return "torch_dtype"
+    return "dtype" if hasattr(module, "_resolve_dtype") else "torch_dtype"
+
+
+def _source_defines(package: str, path: tuple[str, ...], name: str) -> bool | None:
+    """Whether a module of an installed package defines `name` at its top level, read without
+    importing it; None when the source can't be read (not installed, a zip, no source)."""
+    try:
+        spec = importlib.util.find_spec(package)  # a top-level package: found, not imported
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        try:
+            text = Path(folder, *path).read_text(encoding="utf-8")
+        except OSError:
+            continue
+        return re.search(rf"^(?:def|class) {re.escape(name)}\b|^{re.escape(name)}\s*=", text, re.MULTILINE) is not None
+    return None
 
 
 def pipeline_kwargs(config: OptimizationConfig, model: str | Path | None = None) -> dict[str, Any]:
@@ -112,7 +142,7 @@ def pipeline_kwargs(config: OptimizationConfig, model: str | Path | None = None)
 
     >>> pipe = DiffusionPipeline.from_pretrained(model, **pipeline_kwargs(config, model))  # doctest: +SKIP
     """
-    kwargs: dict[str, Any] = {dtype_keyword(): dtype_expr(config.dtype).value}
+    kwargs: dict[str, Any] = {dtype_keyword(): dtype_expr(config.dtype).evaluate()}
     quant = load_quantization(config, _components_for_loading(config, model))
     if quant is not None:
         kwargs["quantization_config"] = quant.build()

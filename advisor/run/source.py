@@ -1,7 +1,9 @@
 """Values that know the Python source producing them, so one object both runs a step and prints it.
 
-``Expr("torch.bfloat16", torch.bfloat16)`` is run as the dtype and printed as ``torch.bfloat16``;
-plain values print as Python literals (strings with double quotes, like the diffusers docs).
+``torch_expr("bfloat16")`` is run as ``torch.bfloat16`` and printed as ``torch.bfloat16``; plain
+values print as Python literals (strings with double quotes, like the diffusers docs). Values that
+need torch are looked up only when a step runs, so printing the steps (``--emit python``) never
+imports it.
 """
 
 from __future__ import annotations
@@ -13,16 +15,32 @@ from typing import Any, Iterable
 
 @dataclass(frozen=True)
 class Expr:
-    """A value together with the source that produces it, e.g. ``torch.bfloat16``."""
+    """A value together with the source that produces it, e.g. ``torch.bfloat16``.
+
+    ``value`` is the value itself or, with ``lazy``, a function returning it, called by `evaluate`.
+    """
 
     code: str
     value: Any
+    lazy: bool = False
+
+    def evaluate(self) -> Any:
+        return self.value() if self.lazy else self.value
+
+
+def torch_expr(name: str) -> Expr:
+    """``torch.<name>`` (a dtype, ``channels_last``), imported when the value is first needed."""
+
+    def value() -> Any:
+        import torch
+
+        return getattr(torch, name)
+
+    return Expr(f"torch.{name}", value, lazy=True)
 
 
 def dtype_expr(name: str) -> Expr:
-    import torch
-
-    return Expr(f"torch.{name}", getattr(torch, name))
+    return torch_expr(name)
 
 
 def source(value: Any) -> str:
@@ -43,7 +61,7 @@ def source(value: Any) -> str:
 def runtime_value(value: Any) -> Any:
     """`value` with every `Expr` replaced by what it evaluates to."""
     if isinstance(value, Expr):
-        return value.value
+        return value.evaluate()
     if isinstance(value, dict):
         return {k: runtime_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

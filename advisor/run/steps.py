@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from advisor.probe.weights import DEFAULT_CASTING_SKIP_PATTERNS, ENCODER_CASTING_SKIP_PATTERNS
 from advisor.run.classes import Components
-from advisor.run.source import Expr, call_source, dtype_expr, runtime_value, source
+from advisor.run.source import Expr, call_source, dtype_expr, runtime_value, source, torch_expr
 
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
@@ -90,15 +91,16 @@ def _dynamo_step(option: str, value: int | bool) -> Step:
     return Step("compile.dynamo_config", f"dynamo flag {option}", f"torch._dynamo.config.{option} = {value!r}", run)
 
 
+def encoder_casting_skips(keep_in_fp32: tuple[str, ...]) -> tuple[str, ...]:
+    """Modules a text encoder keeps at the compute dtype under layerwise casting: diffusers' defaults
+    (``DEFAULT_SKIP_MODULES_PATTERN``, mirrored by `advisor.probe.weights.DEFAULT_CASTING_SKIP_PATTERNS`),
+    the embeddings (`advisor.probe.weights.ENCODER_CASTING_SKIP_PATTERNS`) and its own fp32 modules."""
+    return tuple(dict.fromkeys((*DEFAULT_CASTING_SKIP_PATTERNS, *ENCODER_CASTING_SKIP_PATTERNS, *keep_in_fp32)))
+
+
 def casting_skips(cls: type | None) -> tuple[str, ...]:
-    """Modules a text encoder keeps at the compute dtype under layerwise casting: diffusers' defaults,
-    the embeddings (see `advisor.probe.weights.ENCODER_CASTING_SKIP_PATTERNS`) and its own fp32 modules."""
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
-
-    from advisor.probe.weights import ENCODER_CASTING_SKIP_PATTERNS
-
-    own = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ()) if cls is not None else ()
-    return tuple(dict.fromkeys((*DEFAULT_SKIP_MODULES_PATTERN, *ENCODER_CASTING_SKIP_PATTERNS, *own)))
+    """`encoder_casting_skips` of a text encoder class (its ``_keep_in_fp32_modules``)."""
+    return encoder_casting_skips(tuple(getattr(cls, "_keep_in_fp32_modules", None) or ()) if cls is not None else ())
 
 
 def _placement_steps(config: OptimizationConfig, components: Components) -> list[Step]:
@@ -132,7 +134,7 @@ def _placement_steps(config: OptimizationConfig, components: Components) -> list
         else:
             steps.append(_function_step("offload", description, "diffusers.hooks", "apply_group_offloading", name, kwargs))
     if components.known:
-        for name in components.modules():
+        for name in sorted(components.modules()):  # by name: a loaded pipe and its model_index.json list them in other orders
             if name not in offload.components:
                 steps.append(_method_step("offload", f"keep {name} on {device}", name, "to", (device,)))
     else:
@@ -185,10 +187,21 @@ def _compile_steps(config: OptimizationConfig, components: Components) -> list[S
     return steps
 
 
-def _channels_last() -> Any:
-    import torch
+def summary(config: OptimizationConfig) -> str:
+    """One line naming everything the config does: ``config.summary()`` plus the steps it leaves out
+    (``channels_last``, the attention backend, the dynamo flags set before compiling).
 
-    return torch.channels_last
+    >>> summary(config)  # doctest: +SKIP
+    'bf16, float8_dynamic(unet), compiled (regional), no offload, channels_last'
+    """
+    parts = [config.summary()]
+    if config.channels_last:
+        parts.append("channels_last")
+    if config.attention_backend is not None:
+        parts.append(f"{config.attention_backend} attention")
+    if config.compile is not None and config.compile.dynamo_config:
+        parts.append("dynamo(" + ", ".join(f"{k}={v!r}" for k, v in config.compile.dynamo_config.items()) + ")")
+    return ", ".join(parts)
 
 
 def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
@@ -205,7 +218,7 @@ def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
             if components.is_diffusers_model(name):
                 steps.append(_method_step("layerwise_casting", description, name, "enable_layerwise_casting", (), kwargs))
             else:
-                skip = {**kwargs, "skip_modules_pattern": casting_skips(components.cls(name))}
+                skip = {**kwargs, "skip_modules_pattern": encoder_casting_skips(components.keep_in_fp32(name))}
                 steps.append(
                     _function_step("layerwise_casting", description, "diffusers.hooks", "apply_layerwise_casting", name, skip)
                 )
@@ -215,7 +228,7 @@ def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
             steps.append(
                 _method_step(
                     "channels_last", f"channels_last memory format for {name}", name, "to", (),
-                    {"memory_format": Expr("torch.channels_last", _channels_last())},
+                    {"memory_format": torch_expr("channels_last")},
                 )
             )  # fmt: skip
 

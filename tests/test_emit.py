@@ -1,0 +1,298 @@
+"""`advisor recommend --emit python` and the summary line of `recommend`.
+
+The script saves what it generates (``image.save`` / diffusers' ``export_to_video``), takes the
+prompt as a variable, compiles, and is written without importing torch, diffusers, transformers,
+torchao or bitsandbytes: the class facts it needs come from the class table, and they must be the
+answers the real classes give (so the script does what ``advisor.apply_config`` does). The summary
+line names every step the config makes the script apply; a CPU plan shows its one peak once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Provenance, Quantization, Vae
+from advisor.probe.layout import catalog_names, read_layout
+from advisor.run import emit, quantize
+from advisor.run import steps as run_steps
+from advisor.run.classes import Components, _resolve_class
+
+HEAVY = ("torch", "diffusers", "transformers", "torchao", "bitsandbytes", "accelerate")
+IMAGE_WORKLOAD = {"kind": "image", "height": 1024, "width": 1024, "frames": 1, "steps": 28, "batch": 1}
+VIDEO_WORKLOAD = {"kind": "video", "height": 480, "width": 832, "frames": 81, "steps": 50, "batch": 1}
+
+
+def _everything(components: Components, backend: str = "torchao") -> OptimizationConfig:
+    """A config with every post-load step, naming this pipeline's components."""
+    denoisers = components.denoisers()
+    encoders = [n for n in components.modules() if components.layout.role(n) == "text_encoder"]
+    return OptimizationConfig(
+        quantization=Quantization(backend=backend, components=denoisers[:1] + encoders[1:]),
+        layerwise_casting=LayerwiseCasting(components=denoisers[1:] + encoders[:1]) if len(denoisers) > 1 or encoders else None,
+        channels_last=True,
+        offload=Offload(strategy="group", offload_type="leaf_level", components=denoisers),
+        vae=Vae(tiling=True, slicing=True),
+        compile=Compile(components=denoisers, fullgraph=False, dynamo_config={"cache_size_limit": 1000, "capture_dynamic_output_shape_ops": True}),
+    )
+
+
+# --- the script: a prompt variable, the save call, valid Python ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model, workload, output",
+    [
+        ("black-forest-labs/FLUX.1-dev", IMAGE_WORKLOAD, ["image = pipe(prompt=prompt, ", ").images[0]", 'image.save("image.png")']),
+        ("stabilityai/stable-diffusion-xl-base-1.0", IMAGE_WORKLOAD, ['image.save("image.png")']),
+        (
+            "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+            VIDEO_WORKLOAD,
+            ["video = pipe(prompt=prompt, ", ").frames[0]", 'export_to_video(video, "video.mp4", fps=16)'],
+        ),
+        ("THUDM/CogVideoX-5b", {**VIDEO_WORKLOAD, "frames": 49}, ['export_to_video(video, "video.mp4", fps=8)']),
+    ],
+)
+def test_the_script_takes_the_prompt_as_a_variable_and_saves_the_result(model, workload, output):
+    config = OptimizationConfig(
+        quantization=Quantization(backend="bitsandbytes_4bit", components=Components.of_model(model).denoisers()),
+        offload=Offload(strategy="model"),
+        provenance=Provenance(workload=workload),
+    )
+    script = emit.emit_python(model, config)
+    compile(script, "generated.py", "exec")
+    lines = script.splitlines()
+    prompt_line = next(i for i, line in enumerate(lines) if line.startswith("prompt = "))
+    assert isinstance(json.loads(lines[prompt_line].removeprefix("prompt = ")), str)
+    assert prompt_line < next(i for i, line in enumerate(lines) if line.startswith("pipe = "))
+    assert "prompt=prompt" in lines[-2]  # the call uses it
+    for part in output:
+        assert part in script
+    assert script.endswith(output[-1] + "\n")
+    if workload["kind"] == "video":
+        assert "from diffusers.utils import export_to_video" in lines
+        assert "imageio" in script  # what export_to_video needs, said in the script
+
+
+def test_a_batch_saves_every_image_and_every_video():
+    image = emit.emit_python("black-forest-labs/FLUX.1-dev", OptimizationConfig(provenance=Provenance(workload={**IMAGE_WORKLOAD, "batch": 2})))
+    assert "num_images_per_prompt=2).images\n" in image
+    assert image.endswith('for i, image in enumerate(images):\n    image.save(f"image_{i}.png")\n')
+    video = emit.emit_python("Wan-AI/Wan2.1-T2V-14B-Diffusers", OptimizationConfig(provenance=Provenance(workload={**VIDEO_WORKLOAD, "batch": 3})))
+    assert "num_videos_per_prompt=3).frames\n" in video
+    assert video.endswith('for i, video in enumerate(videos):\n    export_to_video(video, f"video_{i}.mp4", fps=16)\n')
+    for script in (image, video):
+        compile(script, "generated.py", "exec")
+
+
+def test_the_video_script_runs_and_hands_its_frames_to_export_to_video(tiny_wan_dir, tmp_path):
+    """The tiny Wan script end to end; export_to_video is replaced by a stand-in that binds its
+    arguments to the real signature (imageio may not be installed) and keeps the frames."""
+    config = OptimizationConfig(device="cpu", provenance=Provenance(workload=VIDEO_WORKLOAD))
+    script = emit.emit_python(str(tiny_wan_dir), config)
+    call = 'video = pipe(prompt=prompt, height=480, width=832, num_inference_steps=50, num_frames=81).frames[0]\n'
+    assert call in script and script.endswith('export_to_video(video, "video.mp4", fps=16)\n')
+    stand_in = textwrap.dedent("""\
+        import inspect, numpy as np, diffusers.utils
+        _real = diffusers.utils.export_to_video
+        def _export(*args, **kwargs):
+            bound = inspect.signature(_real).bind(*args, **kwargs)
+            frames = np.asarray(bound.arguments["video_frames"])
+            assert frames.ndim == 4 and frames.shape[-1] == 3, frames.shape
+            np.save(bound.arguments["output_video_path"] + ".npy", frames)
+        diffusers.utils.export_to_video = _export
+    """)
+    script = stand_in + script.replace(
+        call,
+        "from advisor.testing import tiny_call_kwargs\n"
+        'video = pipe(prompt=prompt, **{k: v for k, v in tiny_call_kwargs("video", seed=0).items() if k != "prompt"}).frames[0]\n',
+    )
+    (tmp_path / "generated.py").write_text(script)
+    result = subprocess.run(
+        [sys.executable, "generated.py"], capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import numpy as np
+
+    assert np.load(tmp_path / "video.mp4.npy").shape[0] == 5  # the tiny call's frames
+
+
+def test_export_to_video_takes_the_frames_a_path_and_fps():
+    from diffusers.utils import export_to_video
+
+    inspect.signature(export_to_video).bind([], "video.mp4", fps=16)
+
+
+# --- no heavy import ---------------------------------------------------------------------------------
+
+
+def test_the_emit_path_imports_neither_torch_nor_diffusers_nor_torchao():
+    """`recommend --emit python` (bitsandbytes and torchao plans, image and video) and scripts with
+    every step import none of the heavy libraries, and print nothing on stderr."""
+    code = textwrap.dedent("""\
+        import sys, warnings
+        from advisor.cli import main
+        from advisor.config import OptimizationConfig, Quantization
+        from advisor.run import emit
+        from test_emit import _everything, Components
+        for args in (["-m", "flux-dev", "--gpu", "RTX 4090", "--budget", "16GB"], ["-m", "sdxl", "--gpu", "RTX 4090"],
+                     ["-m", "wan2.1-t2v-14b", "--gpu", "RTX 4090"], ["-m", "flux-dev", "--gpu", "RTX 3060", "--budget", "6GB"]):
+            assert main(["recommend", *args, "--emit", "python"]) == 0, args
+        for model in ("black-forest-labs/FLUX.1-dev", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "stabilityai/stable-diffusion-3.5-large"):
+            for backend in ("torchao", "bitsandbytes_4bit"):
+                config = _everything(Components.of_model(model), backend)
+                if backend != "torchao":
+                    config = config.model_copy(update={"layerwise_casting": None})
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # SD3's regional compile falls back to the whole model, and says so
+                    print(emit.emit_python(model, config))
+        heavy = sorted({m.split(".")[0] for m in sys.modules} & set(%r))
+        print("HEAVY", heavy)
+    """ % (HEAVY,))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
+    assert result.stdout.count("pipe = DiffusionPipeline.from_pretrained(") == 10
+    assert "from torchao.quantization import" in result.stdout  # the torchao scripts name it; writing them doesn't import it
+    assert result.stderr == ""
+
+
+# --- the class table answers what the classes answer ---------------------------------------------------
+
+
+def _resolved(model: str) -> Components:
+    """The model's components with every class imported: what `Components` answered before the table."""
+    layout = read_layout(model)
+    return Components(layout, {name: _resolve_class(e.library, e.class_name) for name, e in layout.entries.items()})
+
+
+@pytest.mark.filterwarnings("ignore::advisor.run.steps.ConfigWarning")  # SD3, CogVideoX: regional compile falls back
+@pytest.mark.parametrize("model", catalog_names())
+def test_the_table_answers_like_the_classes_for_every_catalog_model(model):
+    static = Components.of_model(model)
+    attrs = ("_repeated_blocks", "enable_tiling", "enable_slicing")  # asked of diffusers models only
+    answers = {
+        name: (
+            static.is_module(name), static.is_diffusers_model(name), static.keep_in_fp32(name) if static.is_module(name) else None,
+            tuple(static.has_attr(name, a) for a in attrs) if static.is_diffusers_model(name) else None,
+        )
+        for name in static.names()
+    }  # fmt: skip
+    assert static.classes == {}  # nothing was imported to answer
+    resolved = _resolved(model)
+    for name, answer in answers.items():
+        diffusers_model = resolved.is_diffusers_model(name)
+        expected = (
+            resolved.is_module(name), diffusers_model, resolved.keep_in_fp32(name) if resolved.is_module(name) else None,
+            tuple(resolved.has_attr(name, a) for a in attrs) if diffusers_model else None,
+        )  # fmt: skip
+        assert answer == expected, name
+    assert static.modules() == resolved.modules() and static.denoisers() == resolved.denoisers()
+    for backend in ("torchao", "bitsandbytes_4bit"):
+        config = _everything(static, backend)
+        assert [s.code for s in run_steps.steps_for(config, static)] == [s.code for s in run_steps.steps_for(config, resolved)]
+        assert quantize.load_quantization(config, static).code == quantize.load_quantization(config, resolved).code
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_the_script_has_the_steps_apply_config_runs_on_the_loaded_pipeline(tiny_flux_dir, tiny_wan_dir, kind):
+    from diffusers import DiffusionPipeline
+
+    folder = {"image": tiny_flux_dir, "video": tiny_wan_dir}[kind]
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    static, loaded = Components.of_model(folder), Components.of_pipe(pipe)
+    config = _everything(static).model_copy(update={"device": "cpu"})
+    steps = run_steps.steps_for(config, static)
+    assert [s.code for s in steps] == [s.code for s in run_steps.steps_for(config, loaded)]
+    assert quantize.load_quantization(config, static).code == quantize.load_quantization(config, loaded).code
+    assert {s.key for s in steps} >= {"layerwise_casting", "channels_last", "offload", "vae", "compile", "compile.dynamo_config"}
+
+
+def test_the_facts_taken_for_known_are_true_of_the_installed_libraries():
+    import torch._dynamo
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+    from diffusers.utils import deprecation_utils
+
+    from advisor.probe.weights import DEFAULT_CASTING_SKIP_PATTERNS
+
+    assert all(hasattr(torch._dynamo.config, option) for option in emit.KNOWN_DYNAMO_OPTIONS)
+    assert emit.KNOWN_COMPILE_BACKENDS <= set(torch._dynamo.list_backends(exclude_tags=()))
+    assert DEFAULT_CASTING_SKIP_PATTERNS == tuple(DEFAULT_SKIP_MODULES_PATTERN)
+    read = quantize._source_defines("diffusers", ("utils", "deprecation_utils.py"), "_resolve_dtype")
+    assert read is hasattr(deprecation_utils, "_resolve_dtype")
+    assert quantize.dtype_keyword() == ("dtype" if read else "torch_dtype")
+
+
+def test_values_only_the_libraries_can_check_are_still_checked():
+    from advisor.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="`compile.backend: nope`"):
+        emit.emit_python("black-forest-labs/FLUX.1-dev", OptimizationConfig(compile=Compile(backend="nope")))
+    with pytest.raises(ConfigError, match="`attention_backend: warp` is unknown"):
+        emit.emit_python("black-forest-labs/FLUX.1-dev", OptimizationConfig(attention_backend="warp"))
+
+
+# --- the summary line --------------------------------------------------------------------------------
+
+
+def _named(step: run_steps.Step, config: OptimizationConfig) -> str:
+    """What the summary must say for a step of the script."""
+    if step.key == "compile.dynamo_config":
+        return step.code.removeprefix("torch._dynamo.config.").replace(" = ", "=")
+    return {
+        "layerwise_casting": "fp8 storage(",
+        "channels_last": "channels_last",
+        "offload": config.offload.label(),
+        "vae": step.description,  # "VAE tiling"
+        "attention_backend": f"{config.attention_backend} attention",
+        "compile": "compiled",
+    }[step.key]
+
+
+def test_the_summary_names_every_step_the_script_applies():
+    model = "stabilityai/stable-diffusion-xl-base-1.0"
+    components = Components.of_model(model)
+    config = _everything(components).model_copy(update={"attention_backend": "native"})
+    line = run_steps.summary(config)
+    assert line.startswith(config.summary())
+    for step in run_steps.steps_for(config, components):
+        assert _named(step, config) in line, (step.key, line)
+    assert config.quantization.label() in line
+    assert emit.emit_python(model, config).startswith(f"# {line}\n")
+
+
+def test_recommend_for_sdxl_says_channels_last(capsys):
+    from advisor.cli import main
+
+    main(["recommend", "-m", "sdxl", "--gpu", "RTX 4090", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"]["channels_last"]  # the engine's pick for a compiled UNet
+    main(["recommend", "-m", "sdxl", "--gpu", "RTX 4090"])
+    out = capsys.readouterr().out
+    recommended = next(line for line in out.splitlines() if line.startswith("Recommended: "))
+    assert "channels_last" in recommended
+    assert "peak VRAM" in out and "host RAM" in out  # a GPU plan: both memories
+
+
+def test_a_cpu_plan_shows_its_peak_ram_once(tiny_flux_dir, capsys, monkeypatch):
+    import advisor.probe.hardware as hardware
+
+    real = hardware.probe_machine
+    monkeypatch.setattr(hardware, "probe_machine", lambda *a, **k: dataclasses.replace(real(*a, **k), gpus=[], gpu_source="none", gpu_note="test"))
+    from advisor.cli import main
+
+    assert main(["recommend", "-m", str(tiny_flux_dir), "--height", "64", "--width", "64"]) == 0
+    out = capsys.readouterr().out
+    detail = next(line for line in out.splitlines() if line.strip().startswith("peak RAM"))
+    assert detail.count("RAM") == 1
+    header = next((line for line in out.splitlines() if "configuration" in line), None)
+    if header is not None:  # the alternatives table: one memory column
+        assert header.count("RAM") == 1 and "latency" in header
