@@ -17,5 +17,5 @@ def user_cache_dir() -> Path:
 
 
 def advisor_cache_dir() -> Path:
-    """``~/.cache/advisor``: calibration results and the default study database."""
+    """``~/.cache/advisor``: calibration results, the default study database, traces of local models."""
     return user_cache_dir() / "advisor"

@@ -115,9 +115,13 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
         notes.append(f"offload {offload.strategy} -> none (it moves weights to a CUDA GPU)")
     elif offload.strategy == "group":
         changes: dict = {"use_stream": False, "record_stream": False}
+        quantized = update.get("quantization", q)
         if offload.offload_to_disk_path:
             changes["offload_to_disk_path"] = disk
-        quantized = update.get("quantization", q)
+            if quantized is not q and any(offload.components is None or name in offload.components for name in quantized.components):
+                # bitsandbytes went to disk; its torchao stand-in can't (constraint torchao-cannot-offload-to-disk).
+                changes["offload_to_disk_path"] = None
+                notes.append("group offload to disk -> in RAM (the torchao stand-in can't be stored as safetensors)")
         compiled = config.compile.components if config.compile else []
         if (
             offload.offload_type == "block_level"

@@ -210,3 +210,45 @@ def test_traced_text_encoder_matches_the_real_module(tiny):
 
     assert predicted.matmul_flops + predicted.attention_flops == pytest.approx(_flops(encode), rel=1e-6)
     assert predicted.activation_bytes == pytest.approx(_allocator_peak(encode), rel=0.10)
+
+
+# --- local models: traced on first use, cached ------------------------------------------------------
+
+
+def test_a_local_folder_is_traced_once_then_read_from_the_cache(tiny, tmp_path, monkeypatch):
+    import advisor.trace.tracer as tracer
+    from advisor.trace.cache import cache_path, with_traces
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder, _ = tiny("FluxPipeline")
+    lines = []
+    first = with_traces(profile_from_folder(folder), log=lines.append)
+    traced = {c.name for c in first.components if c.trace}
+    assert traced == {c.name for c in first.components if c.role in ("denoiser", "text_encoder", "vae")}
+    assert cache_path(first).exists() and any("first use" in line for line in lines)
+
+    def must_not_trace(*args, **kwargs):
+        raise AssertionError("traced again although the cache holds it")
+
+    monkeypatch.setattr(tracer, "trace_component", must_not_trace)
+    again = with_traces(profile_from_folder(folder))
+    assert {c.name: c.trace for c in again.components} == {c.name: c.trace for c in first.components}
+
+
+def test_a_component_the_tracer_cannot_run_falls_back_to_the_formula_and_says_so(tiny, tmp_path, monkeypatch):
+    from advisor.config import OptimizationConfig
+    from advisor.plan.estimate import estimate
+    from advisor.probe.target import planned_target
+    from advisor.probe.workload import make_workload
+    from advisor.trace.cache import with_traces
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder, _ = tiny("FluxPipeline")
+    profile = profile_from_folder(folder)
+    denoiser = profile.by_role("denoiser")[0]
+    denoiser.class_name = "SomeNewTransformer"  # no input builder for it
+    lines = []
+    with_traces(profile, log=lines.append)
+    assert denoiser.trace is None and any("not traced" in line and "parameter formula" in line for line in lines)
+    result = estimate(profile, make_workload(profile), OptimizationConfig(), planned_target(machine=None, gpu="RTX 4090"))
+    assert any(denoiser.name in note and "formula" in note for note in result.notes)

@@ -214,9 +214,9 @@ def _device_activation(profile: ModelProfile, config: OptimizationConfig, phase:
     k = constants()
     allocated = work.activation_bytes + k["cublas_workspace_bytes"]
     quantization = config.quantization
-    if phase == "denoising" and quantization and not config.compile:
-        # bitsandbytes and torchao weight-only kernels expand a layer's weight to the compute dtype
-        # before the matmul: one layer at a time.
+    if phase == "denoising" and quantization and (quantization.backend.startswith("bitsandbytes") or not config.compile):
+        # bitsandbytes (compiled or not) and eager torchao kernels expand a layer's weight to the
+        # compute dtype before the matmul, one layer at a time; compiled torchao fuses it.
         denoisers = [d for d in profile.by_role("denoiser") if d.name in quantization.components]
         allocated += max((largest_layer_parameters(d) * dtype_size(config.dtype) for d in denoisers), default=0)
     # A formula without a trace knows no largest tensor: a tenth of the peak stands in for it.

@@ -22,7 +22,7 @@ from advisor.testing._common import (
 )
 
 
-def _tiny_vae(seed: int, latent_channels: int, **config: Any) -> Any:
+def _tiny_vae(seed: int, latent_channels: int, *, use_post_quant_conv: bool = False, **config: Any) -> Any:
     """An AutoencoderKL with one block: no downsampling, so the latent has the image's height and width."""
     from diffusers import AutoencoderKL
 
@@ -36,7 +36,7 @@ def _tiny_vae(seed: int, latent_channels: int, **config: Any) -> Any:
         latent_channels=latent_channels,
         norm_num_groups=1,
         use_quant_conv=False,
-        use_post_quant_conv=False,
+        use_post_quant_conv=use_post_quant_conv,
         **config,
     )
 
@@ -194,7 +194,8 @@ def build_tiny_sdxl(path: str | os.PathLike[str], *, seed: int = 0, overwrite: b
         projection_class_embeddings_input_dim=80,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_tiny_vae(seed, 4),
+        # SDXL's VAE has a post_quant_conv: the pipeline reads its dtype when it upcasts an fp16 VAE.
+        vae=_tiny_vae(seed, 4, use_post_quant_conv=True),
         text_encoder=clip_text_encoder(seed, tokenizer),
         text_encoder_2=clip_text_encoder(seed + 1, tokenizer_2, projection=True),
         tokenizer=tokenizer,
