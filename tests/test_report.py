@@ -36,3 +36,14 @@ def test_summary_without_a_feasible_trial_gives_the_advice():
     empty = result([trial(0, 1.0, 900 * MB, "over-budget")])
     empty.advice = ["try a larger --budget"]
     assert "**Nothing feasible.**" in markdown(empty) and "- try a larger --budget" in markdown(empty)
+
+
+def test_summary_says_why_the_study_stopped_and_whether_it_was_interrupted():
+    done = result([trial(0, 1.0, 500 * MB)], best=None)
+    assert "Interrupted" not in markdown(done) and "Note:" not in markdown(done)
+    done.notes = ["the search space has only 1 configurations; all measured"]
+    done.interrupted = True
+    text = markdown(done)
+    assert "Note: the search space has only 1 configurations; all measured." in text
+    assert "*Interrupted: the trials finished so far; running the same command resumes the study.*" in text
+    assert text.count("\n| ") == 2  # the table is unchanged: header row + one trial

@@ -6,9 +6,11 @@ over budget (exit 3, infeasible, not an error); out-of-memory and timeout trials
 infeasible results; several workers on one study through a journal file and PostgreSQL.
 
 On a CPU the search space is small: quantization none / int8 weight-only / fp8 storage, no offload,
-and no compile here (--no-compile). A study stops when it holds --trials finished trials *or* when
-every point of the space has an answer (more trials could only repeat them), so with --trials 8 a
-study ends after 3 to 6 trials; the assertions use that rule (`ran_to_its_end`).
+and no compile here (--no-compile). A study stops when it has measured --trials distinct
+configurations *or* when every point of the space has an answer (more trials could only repeat
+them), so with --trials 8 a study ends after 3 to 6 trials; the assertions use that rule
+(`ran_to_its_end`). Misuse: bad numbers refused in one line, a study name that changes with the
+trial timeout, a rerun after a crash that measures again, Ctrl-C that exits 130 with the table.
 
 Every advisor process gets its caches and temp files under pytest's tmp (XDG_CACHE_HOME, TMPDIR)
 and an explicit --storage, so nothing touches ~/.cache. The PostgreSQL tests run where
@@ -97,6 +99,11 @@ def point(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def configs(records) -> set[str]:
+    """The distinct configurations of some trial records."""
+    return {json.dumps(t.config, sort_keys=True) for t in records}
+
+
 @functools.lru_cache
 def _space(model: str, budget_bytes: int) -> frozenset[str]:
     from advisor.plan.space import SearchSpace
@@ -116,8 +123,9 @@ def answered(study) -> set[str]:
 
 
 def ran_to_its_end(study, trials: int, points: frozenset[str]) -> bool:
-    """The study's stopping rule: `trials` finished trials, or every point of the space answered."""
-    return len(complete(study)) >= trials or answered(study) >= points
+    """The study's stopping rule: `trials` distinct configurations measured, or every point of the space answered."""
+    measured = {point(t.params) for t in complete(study) if t.user_attrs.get("source") == "measured"}
+    return len(measured) >= trials or answered(study) >= points
 
 
 def context(model, budget_bytes: int):
@@ -216,6 +224,21 @@ def test_running_the_same_command_again_resumes_with_no_new_trial(tuned, tiny_fl
     more = advisor([*tuned.args, "--trials", "10"], env)
     assert more.returncode == 0, more.stderr[-3000:]
     assert snapshot(load_study(tuned.storage).get_trials()) == before
+    # ... and it says so, in one line.
+    note = f"the search space has only {len(space(tiny_flux_dir))} configurations; all measured"
+    assert [line for line in more.stdout.splitlines() if line.startswith("the search space has only")] == [note]
+
+
+@pytest.mark.slow
+def test_trials_count_distinct_configurations_and_none_is_measured_twice(tuned, tiny_flux_dir):
+    assert tuned.result.returncode == 0, tuned.result.stderr[-3000:]
+    finished = complete(load_study(tuned.storage))
+    measured = [point(t.params) for t in finished if t.user_attrs["source"] == "measured"]
+    # One run at a time: every configuration measured once; repeats reuse a measurement.
+    assert len(measured) == len(set(measured)) == len(space(tiny_flux_dir))
+    for t in finished:
+        if t.user_attrs["source"] == "repeat":
+            assert t.user_attrs["reason"].startswith("same as trial ")
 
 
 @pytest.mark.slow
@@ -332,10 +355,19 @@ def test_over_budget_by_the_estimate_is_skipped_without_measuring(tiny_flux_dir,
     data = json.loads(result.stdout)
     assert data["fits"] is False and data["trials"]
     for trial in data["trials"]:
-        assert trial["status"] == "skipped" and trial["source"] == "estimate"
+        # When the sampler proposes a configuration already skipped, the trial says so (a repeat).
+        assert trial["status"] == "skipped" and trial["source"] in {"estimate", "repeat"}
         assert "far over the 100.00 MB budget" in trial["reason"]
         assert trial["peak_bytes"] is None
     assert time.perf_counter() - started < 30  # no trial process was started
+    # --trials counts measured configurations: none was, so every configuration was considered,
+    # each once (none skipped twice while another was never looked at), and the study says why it stopped.
+    configs = [json.dumps(t["config"], sort_keys=True) for t in data["trials"] if t["source"] == "estimate"]
+    for trial in data["trials"]:
+        if trial["source"] == "repeat":
+            assert trial["reason"].startswith("same as trial ")
+    assert len(configs) == len(set(configs)) == len(space(tiny_flux_dir, 100 * 2**20))
+    assert data["notes"] == [f"the search space has only {len(configs)} configurations; all measured or ruled out by the estimate (0 measured)"]
 
 
 @pytest.mark.slow
@@ -365,6 +397,17 @@ def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, o
         assert trial.state == optuna.trial.TrialState.COMPLETE
         assert trial.constraints == {"peak_over_budget": 1.0}
 
+    # Out of memory at the same budget is an answer: a later run of the study does not retry it...
+    settings = TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300)
+    again = run_study(str(flux_270mb), scenario, storage=storage, study="oom", settings=settings)
+    assert [t.number for t in again.trials] == [t.number for t in result.trials]
+    # ... unless --retry-failed asks for it: then each one is measured again.
+    settings.retry_failed = True
+    retried = run_study(str(flux_270mb), scenario, storage=storage, study="oom", settings=settings)
+    new = [t for t in retried.trials if t.number not in {r.number for r in result.trials}]
+    assert configs(new) == configs(result.trials) and len(new) == len(configs(new))
+    assert all(t.source == "measured" and t.status == "oom" for t in new)
+
 
 @pytest.mark.slow
 def test_timed_out_trials_are_infeasible_and_the_study_goes_on(tiny_flux_dir, tmp_path):
@@ -384,6 +427,16 @@ def test_timed_out_trials_are_infeasible_and_the_study_goes_on(tiny_flux_dir, tm
     assert any("timeout" in line for line in result.advice)
     states = {t.state for t in optuna.load_study(study_name="slow", storage=storage).get_trials()}
     assert states == {optuna.trial.TrialState.COMPLETE}
+
+    # A later run of the same study (with a timeout that suffices) measures the timed-out ones again.
+    again = run_study(
+        str(tiny_flux_dir), scenario, storage=storage, study="slow",
+        settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=300),
+    )
+    new = [t for t in again.trials if t.number not in {r.number for r in result.trials}]
+    assert configs(new) == configs(result.trials) and len(new) == len(configs(new))
+    assert all(t.source == "measured" and t.status == "ok" for t in new)
+    assert again.best is not None and again.best.number in {t.number for t in new}
 
 
 # --- several workers on one study -------------------------------------------------------------------------
@@ -502,3 +555,157 @@ def test_workers_from_main_in_process_get_mains_arguments(tiny_flux_dir, tmp_pat
     storage = f"journal:{tmp_path / 'journal.log'}"
     code = main(tune_args(tiny_flux_dir, storage, "--workers", "2", "--quiet", trials=1))
     assert code == 0, capsys.readouterr().err[-3000:]
+
+
+# --- misuse: bad numbers, a stale study, a crash, Ctrl-C ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "valid"),
+    [
+        ("--trial-timeout", "0", "a finite number of seconds greater than 0"),
+        ("--trial-timeout", "-1", "a finite number of seconds greater than 0"),
+        ("--trial-timeout", "-inf", "a finite number of seconds greater than 0"),
+        ("--trial-timeout", "nan", "a finite number of seconds greater than 0"),
+        ("--trial-timeout", "inf", "a finite number of seconds greater than 0"),
+        ("--trials", "0", "a whole number of at least 1"),
+        ("--trials", "-2", "a whole number of at least 1"),
+        ("--workers", "0", "a whole number of at least 1"),
+        ("--height", "0", "a whole number >= 1"),
+        ("--steps", "-1", "a whole number >= 1"),
+    ],
+)
+def test_bad_numbers_are_refused_in_one_line_naming_the_flag(tiny_flux_dir, env, tmp_path, flag, value, valid):
+    storage = tmp_path / "s.db"
+    args = ["tune", "--model", str(tiny_flux_dir), "--budget", "2GB", "--storage", f"sqlite:///{storage}", f"{flag}={value}"]
+    result = advisor(args, env, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"advisor: error: {flag}: ") and valid in lines[0], result.stderr
+    assert not storage.exists()  # refused before any study was opened
+
+
+def test_run_study_refuses_bad_settings_too(tiny_flux_dir, tmp_path):
+    from advisor.errors import UsageError
+
+    scenario = context(tiny_flux_dir, 2 * 2**30)
+    for settings, flag in ((TuneSettings(timeout_s=float("nan")), "--trial-timeout"), (TuneSettings(trials=0), "--trials")):
+        with pytest.raises(UsageError, match=f"^{flag}: "):
+            run_study(str(tiny_flux_dir), scenario, storage=f"sqlite:///{tmp_path / 's.db'}", settings=settings)
+
+
+def test_the_default_study_name_includes_the_trial_timeout(tiny_flux_dir):
+    from advisor.run.tune import study_name
+
+    scenario = context(tiny_flux_dir, 2 * 2**30)
+    short, default = study_name(scenario, 1), study_name(scenario, 900)
+    assert short != default
+    assert "-t1s-" in short and "-t900s-" in default
+    assert study_name(scenario, 900.0) == default  # the same command gets the same study
+    assert study_name(scenario, 0.5) not in {short, default}
+
+
+@pytest.mark.slow
+def test_a_rerun_after_a_crash_measures_instead_of_reporting_nothing_feasible(tiny_flux_dir, env, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_flux_dir, model)
+    tokenizer = model / "tokenizer" / "tokenizer.json"
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    args = tune_args(model, storage, "--json", trials=1)
+    # The first run crashes: the pipeline can't be loaded without its tokenizer file.
+    tokenizer.rename(tokenizer.with_suffix(".away"))
+    crashed = advisor(args, env)
+    assert crashed.returncode == 3, crashed.stderr[-3000:]
+    (first,) = json.loads(crashed.stdout)["trials"]
+    assert first["status"] == "crash" and first["source"] == "measured"
+    # Fixed, the same command measures the crashed configuration again instead of reusing the crash.
+    tokenizer.with_suffix(".away").rename(tokenizer)
+    rerun = advisor(args, env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    data = json.loads(rerun.stdout)
+    assert data["fits"] is True
+    later = [t for t in data["trials"] if t["number"] != first["number"]]
+    assert [t["source"] for t in later] == ["measured"] and later[0]["config"] == first["config"]
+    assert data["best"]["number"] == later[0]["number"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_the_finished_trials_and_how_to_resume_and_exits_130(tiny_flux_dir, env, tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    args = tune_args(tiny_flux_dir, storage, "--study", "stopped", "--report", str(tmp_path / "report"))
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([ADVISOR, *args], env=env, stdout=stdout, stderr=stderr)
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert process.poll() is None, f"the tune ended (exit {process.returncode}) before it could be interrupted"
+            assert time.monotonic() < deadline, "no finished trial after 300s"
+            time.sleep(0.25)
+            try:
+                trials = optuna.load_study(study_name="stopped", storage=storage).get_trials()
+            except Exception:  # no study yet, or the database is busy
+                continue
+            states = {t.state.name for t in trials if t.params}
+            if "COMPLETE" in states and "RUNNING" in states:  # a trial done, the next one measuring
+                break
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    out, err = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "failed with value" not in err, err[-3000:]
+    assert "advisor: interrupted" in err.splitlines()
+    finished = complete(load_study(storage, "stopped"))
+    assert finished
+    assert out.startswith("Trials of study stopped")
+    for t in finished:  # the table holds every finished trial
+        assert any(line.startswith(f"│ {t.number} ") or line.startswith(f"│ {t.number} *") for line in out.splitlines()), out
+    hint = [line for line in err.splitlines() if "to resume, run the same command again" in line]
+    assert len(hint) == 1 and hint[0].endswith(" ".join(args)), err[-3000:]
+    assert "*Interrupted:" in (tmp_path / "report" / "summary.md").read_text()  # the report of what finished
+    # The interrupted trial is failed, not left running; the same command resumes the study.
+    assert "RUNNING" not in {t.state.name for t in load_study(storage, "stopped").get_trials()}
+    resumed = advisor([*args, "--json"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {t["number"] for t in json.loads(resumed.stdout)["trials"]} > {t.number for t in finished}
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_and_exits_130(tiny_flux_dir, env, tmp_path):
+    import optuna
+
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    args = tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2")
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
+        # Its own process group, which Ctrl-C in a terminal signals as a whole: the command and its workers.
+        process = subprocess.Popen([ADVISOR, *args], env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert process.poll() is None, f"the tune ended (exit {process.returncode}) before it could be interrupted"
+            assert time.monotonic() < deadline, "no finished trial after 300s"
+            time.sleep(0.25)
+            try:
+                trials = optuna.load_study(study_name="shared", storage=open_storage(storage)).get_trials()
+            except Exception:  # no study yet
+                continue
+            if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" for t in trials):
+                break
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    out, err = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "failed with value" not in err, err[-3000:]
+    assert err.splitlines().count("advisor: interrupted") == 1, err[-3000:]
+    assert out.startswith("Trials of study shared")
+    assert len([line for line in err.splitlines() if "to resume, run the same command again" in line]) == 1

@@ -72,6 +72,9 @@ def markdown(result: TuneResult, image: str | None = None) -> str:
         ]
     else:
         lines += ["**Nothing feasible.**", ""] + [f"- {line}" for line in result.advice] + [""]
+    if result.interrupted:
+        lines += ["*Interrupted: the trials finished so far; running the same command resumes the study.*", ""]
+    lines += [f"Note: {note}." for note in result.notes] + ([""] if result.notes else [])
     if image:
         lines += [f"![latency against peak memory]({image})", ""]
     lines += ["| trial | configuration | status | latency (s) | peak | predicted peak | source | reason |", "|---|---|---|---|---|---|---|---|"]

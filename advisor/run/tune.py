@@ -9,13 +9,16 @@ infeasible trials with their reason, and the study goes on.
 
 The study lives in optuna storage (SQLite by default, see `default_storage`), so running the same
 command again resumes it, and several processes or machines can work one study through a journal
-file or PostgreSQL.
+file or PostgreSQL. ``trials`` counts distinct configurations measured (repeats reuse an answer);
+a later run measures again what crashed or timed out (out of memory too with ``retry_failed``);
+Ctrl-C raises `TuneInterrupted` carrying the finished trials.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -83,12 +86,25 @@ def shown_storage(url: str) -> str:
         return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
-def study_name(scenario: Scenario) -> str:
-    """Same model, workload, machine and budget -> same study, so re-running resumes it."""
+def study_name(scenario: Scenario, timeout_s: float = 900.0) -> str:
+    """Same model, workload, machine, budget and trial timeout -> same study, so re-running resumes it.
+
+    The timeout is part of the name: a study whose trials timed out under a too-short
+    ``--trial-timeout`` is not the one a corrected command resumes."""
     profile, workload, target, budget = scenario.profile, scenario.workload, scenario.target, scenario.budget_bytes
-    key = json.dumps([profile.model_id, workload.to_dict(), target.name, target.device, budget], sort_keys=True)
+    key = json.dumps([profile.model_id, workload.to_dict(), target.name, target.device, budget, float(timeout_s)], sort_keys=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(profile.model_id).name).strip("-").lower()
-    return f"{slug}-{workload.kind}-{format_size(budget).replace(' ', '')}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    timeout = f"{timeout_s:g}".replace(".", "p")
+    return f"{slug}-{workload.kind}-{format_size(budget).replace(' ', '')}-t{timeout}s-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def check_settings(settings: TuneSettings) -> None:
+    """A UsageError naming the flag for a setting no study can run with."""
+    if isinstance(settings.trials, bool) or not isinstance(settings.trials, int) or settings.trials < 1:
+        raise UsageError(f"--trials: {settings.trials} is not valid; give a whole number of at least 1")
+    timeout = settings.timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise UsageError(f"--trial-timeout: {timeout:g} is not valid; give a finite number of seconds greater than 0")
 
 
 # --- trials -------------------------------------------------------------------------------------
@@ -104,6 +120,8 @@ class TuneResult:
     config: OptimizationConfig | None
     space_size: int
     advice: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one line each: why the study stopped early
+    interrupted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,12 +134,22 @@ class TuneResult:
             "config": self.config.model_dump(mode="json", exclude_none=True) if self.config else None,
             "trials": [t.to_dict() for t in self.trials],
             "advice": self.advice,
+            "notes": self.notes,
+            "interrupted": self.interrupted,
         }
+
+
+class TuneInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a study: the trial running was dropped (marked failed); `result` holds the finished ones."""
+
+    def __init__(self, result: TuneResult):
+        super().__init__("interrupted")
+        self.result = result
 
 
 @dataclass
 class TuneSettings:
-    trials: int = 8
+    trials: int = 8  # distinct configurations measured (repeats and estimates don't count)
     timeout_s: float = 900.0  # per trial
     prune: bool = True
     step_points: tuple[int, ...] = (2, 4)
@@ -129,9 +157,68 @@ class TuneSettings:
     memory_limit_bytes: int | None = None  # RLIMIT_AS for each trial process (tests provoke OOM)
     seed: int = 0
     compile_choices: tuple[bool, ...] = (True, False)
+    retry_failed: bool = False  # re-measure earlier runs' out-of-memory trials too (crash and timeout always are)
 
 
-def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: TuneSettings) -> Callable:
+# Failed trials of an earlier run that a new run measures again (a crash or timeout may have been
+# transient, or the timeout too short); out of memory at the same budget only with retry_failed.
+RETRIED = frozenset({"crash", "timeout"})
+RETRIED_ON_REQUEST = frozenset({"oom"})
+
+
+def stale_trials(study, settings: TuneSettings) -> set[int]:
+    """The trials, at the start of a run, whose answer that run does not trust: failed ones it retries,
+    and estimates when the run measures everything (``prune=False``)."""
+    retried = RETRIED | (RETRIED_ON_REQUEST if settings.retry_failed else frozenset())
+    stale = set()
+    for t in study.get_trials(deepcopy=False):
+        status = t.user_attrs.get("status")
+        if status in retried or (not settings.prune and status == "skipped"):
+            stale.add(t.number)
+    return stale
+
+
+@dataclass
+class Progress:
+    """What the study's trials answer, leaving out the stale ones."""
+
+    points: set[str]  # points of the space with an answer (measured, decided by the estimate, or a repeat)
+    measured: set[str]  # configurations measured (what --trials counts)
+
+    @classmethod
+    def of(cls, study, stale: set[int] = frozenset()) -> Progress:
+        import optuna
+
+        points, measured = set(), set()
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            attrs = t.user_attrs
+            if t.number in stale or "status" not in attrs or not t.params:
+                continue
+            points.add(_point(t.params))
+            if attrs.get("source") == "measured":
+                measured.add(_config_key(attrs.get("config")))
+        return cls(points, measured)
+
+
+def _point(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def _config_key(config: Any) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+def exhausted_note(space: SearchSpace, progress: Progress, wanted: int) -> str | None:
+    """The line saying the space ran out before `wanted` distinct configurations were measured."""
+    if len(progress.measured) >= wanted or not all(_point(p) in progress.points for p in space.points()):
+        return None
+    if len(progress.measured) >= space.size():
+        return f"the search space has only {space.size()} configurations; all measured"
+    return (f"the search space has only {space.size()} configurations; all measured or ruled out by the estimate "
+            f"({len(progress.measured)} measured)")
+
+
+def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: TuneSettings, stale: set[int]) -> Callable:
     device, budget = scenario.target.device, scenario.budget_bytes
 
     def objective(trial) -> float:
@@ -159,14 +246,19 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
 
         if candidate.rejected_by:
             return finish("invalid", "estimate", 1.0, predicted.latency_s, f"rejected by rule {candidate.rejected_by}")
+        earlier = _answered_before(trial.study, key, trial.number, stale)
+        if earlier is not None:  # the sampler proposed a configuration already answered: reuse the answer
+            attrs = earlier.user_attrs
+            same = f"same as trial {earlier.number}"
+            if attrs.get("source") == "estimate":
+                violation = earlier.constraints.get("peak_over_budget", 1.0)
+                return finish(attrs["status"], "repeat", violation, predicted.latency_s, f"{same}; {attrs.get('reason')}")
+            m = Measurement(**attrs["measurement"])
+            status, violation, reason = _judge(m, scenario)
+            return finish(status, "repeat", violation, m.latency_s or predicted.latency_s * 10, same + (f"; {reason}" if reason else ""), m)
         if settings.prune and predicted_peak > budget * PRUNE_MARGIN:
             reason = f"predicted peak {format_size(predicted_peak)} is far over the {format_size(budget)} budget"
             return finish("skipped", "estimate", float(predicted_peak - budget), predicted.latency_s, reason)
-        earlier = _measured_before(trial.study, key, trial.number)
-        if earlier is not None:  # the sampler proposed a configuration already measured: reuse it
-            m = Measurement(**earlier.user_attrs["measurement"])
-            status, violation, reason = _judge(m, scenario)
-            return finish(status, "repeat", violation, m.latency_s or predicted.latency_s, f"same as trial {earlier.number}" + (f"; {reason}" if reason else ""), m)
         m = measure(
             model,
             config,
@@ -193,15 +285,37 @@ def _judge(m: Measurement, scenario: Scenario) -> tuple[str, float, str | None]:
     return "ok", float((peak or 0) - budget), None
 
 
-def _measured_before(study, key: str, number: int):
+def _answered_before(study, key: str, number: int, stale: set[int]):
+    """A finished trial, not stale, that measured `key` (or else decided it by the estimate)."""
+    wanted, by_estimate = _config_key(json.loads(key)), None
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        if trial.number != number and attrs.get("source") == "measured" and json.dumps(attrs.get("config"), sort_keys=True) == json.dumps(json.loads(key), sort_keys=True):
+        if trial.number == number or trial.number in stale or _config_key(attrs.get("config")) != wanted:
+            continue
+        if attrs.get("source") == "measured" and attrs.get("measurement"):
             return trial
-    return None
+        if attrs.get("source") == "estimate" and by_estimate is None:
+            by_estimate = trial
+    return by_estimate
 
 
 # --- the study ----------------------------------------------------------------------------------
+
+
+def _quiet_interrupts() -> None:
+    """optuna logs a trial that raised, traceback included, then "Trial N failed with value None.";
+    Ctrl-C is worth neither (a real error keeps its traceback)."""
+    import logging
+
+    class DropInterrupts(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
+                return False
+            return not re.fullmatch(r"Trial \d+ failed with value None\.", record.getMessage())
+
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(type(f).__name__ == "DropInterrupts" for f in handler.filters):
+            handler.addFilter(DropInterrupts())
 
 
 def run_study(
@@ -213,19 +327,23 @@ def run_study(
     settings: TuneSettings | None = None,
     on_trial: Callable[[TuneResult], None] | None = None,
 ) -> TuneResult:
-    """Run (or resume) the study until it holds ``settings.trials`` finished trials; return the results."""
+    """Run (or resume) the study until ``settings.trials`` distinct configurations are measured or
+    every point of the space has an answer; return the results.
+
+    Crashed and timed-out trials of earlier runs are measured again (out-of-memory ones too with
+    ``retry_failed``). Ctrl-C raises `TuneInterrupted` with the finished trials."""
     import warnings
 
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     settings = settings or TuneSettings()
-    if settings.trials < 1:
-        raise UsageError(f"--trials: {settings.trials} must be at least 1")
+    check_settings(settings)
     space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
     storage_url = storage or default_storage()
-    name = study or study_name(scenario)
+    name = study or study_name(scenario, settings.timeout_s)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_interrupts()
     the_study = optuna.create_study(
         study_name=name,
         storage=open_storage(storage_url),
@@ -234,37 +352,62 @@ def run_study(
         load_if_exists=True,
     )
     _seed_with_rules(the_study, space, scenario)
+    stale = stale_trials(the_study, settings)
+    _enqueue_retries(the_study, stale)
 
-    def finished() -> int:
-        return sum(1 for t in the_study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE)
+    def result() -> TuneResult:
+        done = collect(the_study, name, shown_storage(storage_url), space, scenario)
+        note = exhausted_note(space, Progress.of(the_study, stale), settings.trials)
+        done.notes = [note] if note else []
+        return done
 
-    def seen() -> set[str]:
-        # Finished trials only: a trial killed mid-run stays RUNNING in storage and answered nothing.
-        done = the_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        return {json.dumps(t.params, sort_keys=True) for t in done if t.params}
+    def finished(progress: Progress) -> bool:
+        return len(progress.measured) >= settings.trials or all(_point(p) in progress.points for p in space.points())
 
-    def exhausted() -> bool:
-        # Every point of the space has an answer: more trials could only repeat them.
-        return len(seen()) >= space.size()
+    objective = _objective(space, scenario, model, settings, stale)
+    # Each trial answers a new point or repeats one (then the untried point predicted fastest is
+    # queued): this bound is never reached unless other workers keep taking the queued points.
+    try:
+        for _ in range(2 * (space.size() + settings.trials) + 2):
+            if finished(Progress.of(the_study, stale)):
+                break
+            ran: list = []
+            the_study.optimize(objective, n_trials=1, gc_after_trial=True, callbacks=[lambda _, trial: ran.append(trial)])
+            if on_trial is not None:
+                on_trial(result())
+            progress = Progress.of(the_study, stale)
+            if ran and ran[-1].user_attrs.get("source") == "repeat" and not finished(progress):
+                untried = [p for p in space.points() if _point(p) not in progress.points]
+                if untried and not _waiting(the_study):
+                    fastest = min(untried, key=lambda p: _predicted_latency(space, p, scenario))
+                    the_study.enqueue_trial(fastest, user_attrs={"seeded_by": "untried"})
+    except KeyboardInterrupt:  # optuna has marked the running trial failed; the finished ones stand
+        raise TuneInterrupted(result()) from None
+    return result()
 
-    def callback(study_, trial) -> None:
-        if on_trial is not None:
-            on_trial(collect(the_study, name, shown_storage(storage_url), space, scenario))
-        if finished() >= settings.trials or exhausted():
-            study_.stop()
-        elif trial.user_attrs.get("source") == "repeat":
-            # The sampler went back to a known point: queue the untried point predicted fastest instead.
-            untried = [p for p in space.points() if json.dumps(p, sort_keys=True) not in seen()]
-            if untried:
-                fastest = min(untried, key=lambda p: _predicted_latency(space, p, scenario))
-                study_.enqueue_trial(fastest, user_attrs={"seeded_by": "untried"})
 
-    remaining = settings.trials - finished()
-    if remaining > 0 and not exhausted():
-        the_study.optimize(
-            _objective(space, scenario, model, settings), n_trials=remaining, callbacks=[callback], gc_after_trial=True
-        )
-    return collect(the_study, name, shown_storage(storage_url), space, scenario)
+def _waiting(study) -> list:
+    import optuna
+
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+
+
+def _queued_params(trial) -> dict[str, Any]:
+    return trial.system_attrs.get("fixed_params") or trial.params
+
+
+def _enqueue_retries(study, stale: set[int]) -> None:
+    """Queue each point whose only answers are stale (failed in an earlier run), unless it is queued."""
+    progress = Progress.of(study, stale)
+    queued = {_point(_queued_params(t)) for t in _waiting(study)}
+    retry = []
+    for t in study.get_trials(deepcopy=False):
+        point = _point(t.params) if t.params else None
+        if t.number in stale and point and point not in progress.points and point not in queued:
+            queued.add(point)
+            retry.append(t.params)
+    for params in retry:
+        study.enqueue_trial(params, user_attrs={"seeded_by": "retry"})
 
 
 def _predicted_latency(space: SearchSpace, params: dict[str, Any], scenario: Scenario) -> float:
@@ -306,7 +449,7 @@ def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenar
             update={"provenance": scenario.provenance("tune", measured=measured)}
         )
     elif records:
-        measured_peaks = [r for r in records if r.peak_bytes]
+        measured_peaks = [r for r in records if r.peak_bytes and r.status == "over-budget"]  # not a crash's partial peak
         if measured_peaks:
             smallest = min(measured_peaks, key=lambda r: r.peak_bytes)
             advice.append(f"the smallest measured peak was {format_size(smallest.peak_bytes)} ({smallest.summary}), over the {format_size(budget)} budget")

@@ -8,11 +8,23 @@ worker gets its own (``CUDA_VISIBLE_DEVICES``).
 from __future__ import annotations
 
 import os
+import signal
 
 from advisor.errors import TuneError
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
-from advisor.run.tune import TuneResult, TuneSettings, collect, open_storage, shown_storage, study_name
+from advisor.run.tune import (
+    Progress,
+    TuneInterrupted,
+    TuneResult,
+    TuneSettings,
+    collect,
+    exhausted_note,
+    open_storage,
+    shown_storage,
+    stale_trials,
+    study_name,
+)
 
 
 def run_workers(
@@ -34,9 +46,10 @@ def run_workers(
 
     import optuna
 
-    name = study or study_name(scenario)
+    name = study or study_name(scenario, settings.timeout_s)
     # Create the study (and the database tables) once, before the workers race to do it.
-    optuna.create_study(study_name=name, storage=open_storage(storage), direction="minimize", load_if_exists=True)
+    created = optuna.create_study(study_name=name, storage=open_storage(storage), direction="minimize", load_if_exists=True)
+    stale = stale_trials(created, settings)  # what the workers retry: the result judges without them
     base = [a for a in argv if a not in {"--json", "--quiet"}]
     for option in ("--workers", "--study", "--output", "--report", "-o"):
         base = _drop_option(base, option)
@@ -47,15 +60,31 @@ def run_workers(
         if scenario.target.device == "cuda" and gpus is None and _gpu_count() > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(index % _gpu_count())
         processes.append(subprocess.Popen([sys.executable, "-m", "advisor", *base, "--study", name, "--quiet"], env=env))
-    codes = [p.wait() for p in processes]
+    space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
+
+    def result() -> TuneResult:
+        the_study = optuna.load_study(study_name=name, storage=open_storage(storage))
+        done = collect(the_study, name, shown_storage(storage), space, scenario)
+        note = exhausted_note(space, Progress.of(the_study, stale), settings.trials)
+        done.notes = [note] if note else []
+        return done
+
+    try:
+        codes = [p.wait() for p in processes]
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too (one process group): let them finish quietly
+        for process in processes:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # only this process was interrupted: pass it on
+                process.send_signal(signal.SIGINT)
+                process.wait()
+        raise TuneInterrupted(result()) from None
     if all(code not in (0, 3) for code in codes):
         raise TuneError(f"--workers: every worker failed (exit codes {codes})")
     for index, code in enumerate(codes, start=1):
         if code not in (0, 3):
             print(f"advisor: warning: worker {index} of {workers} exited with code {code}", file=sys.stderr)
-    space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
-    the_study = optuna.load_study(study_name=name, storage=open_storage(storage))
-    return collect(the_study, name, shown_storage(storage), space, scenario)
+    return result()
 
 
 def _drop_option(argv: list[str], option: str) -> list[str]:
