@@ -9,7 +9,7 @@ Per component role:
 * VAE decode: untiled and tiled, over pixels per frame ``p`` (and frames ``f`` for video),
   least squares on a small grid.
 
-A record is plain JSON (`advisor.plan.estimate` evaluates it with no torch). Everything runs on
+A record is plain JSON (`advisor.plan.compute` evaluates it with no torch). Everything runs on
 the meta device, so a 14B model traces in seconds and allocates nothing.
 """
 
