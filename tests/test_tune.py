@@ -254,6 +254,25 @@ def test_more_trials_resume_the_study_where_it_stopped(tuned):
 # --- killed and resumed ------------------------------------------------------------------------------
 
 
+def wait_for_the_second_trial(process, study: str, storage: str, timeout_s: float = 300) -> None:
+    """Return once the running `advisor tune` has finished one trial and is measuring the next
+    (`storage` as the CLI takes it: sqlite:///..., journal:...)."""
+    import optuna
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, f"the tune ended (exit {process.returncode}) before the second trial"
+        assert time.monotonic() < deadline, f"no finished trial after {timeout_s:.0f}s"
+        time.sleep(0.25)
+        try:
+            trials = optuna.load_study(study_name=study, storage=open_storage(storage)).get_trials()
+        except Exception:  # no study yet, or the database is busy
+            continue
+        states = {t.state.name for t in trials if t.params}
+        if "COMPLETE" in states and "RUNNING" in states:  # a trial done, the next one measuring
+            return
+
+
 @pytest.fixture(scope="module")
 def killed_and_resumed(tiny_flux_dir, env, tmp_path_factory):
     """`advisor tune --trials 8` killed (SIGKILL, trial process included) during its second trial,
@@ -266,19 +285,8 @@ def killed_and_resumed(tiny_flux_dir, env, tmp_path_factory):
     with open(base / "stderr.txt", "w") as stderr:
         # Its own process group, so that the kill takes its trial process with it, as when a machine dies.
         process = subprocess.Popen([ADVISOR, *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
-    deadline = time.monotonic() + 300
     try:
-        while True:
-            assert process.poll() is None, f"the tune ended (exit {process.returncode}) before it could be killed"
-            assert time.monotonic() < deadline, "no finished trial after 300s"
-            time.sleep(0.25)
-            try:
-                trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
-            except Exception:  # no study yet, or the database is busy
-                continue
-            states = {t.state.name for t in trials if t.params}
-            if "COMPLETE" in states and "RUNNING" in states:  # a trial done, the next one measuring
-                break
+        wait_for_the_second_trial(process, "killed", storage)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -632,25 +640,13 @@ def test_a_rerun_after_a_crash_measures_instead_of_reporting_nothing_feasible(ti
 
 @pytest.mark.slow
 def test_ctrl_c_prints_the_finished_trials_and_how_to_resume_and_exits_130(tiny_flux_dir, env, tmp_path):
-    import optuna
 
     storage = f"sqlite:///{tmp_path / 's.db'}"
     args = tune_args(tiny_flux_dir, storage, "--study", "stopped", "--report", str(tmp_path / "report"))
     with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
         process = subprocess.Popen([ADVISOR, *args], env=env, stdout=stdout, stderr=stderr)
-    deadline = time.monotonic() + 300
     try:
-        while True:
-            assert process.poll() is None, f"the tune ended (exit {process.returncode}) before it could be interrupted"
-            assert time.monotonic() < deadline, "no finished trial after 300s"
-            time.sleep(0.25)
-            try:
-                trials = optuna.load_study(study_name="stopped", storage=storage).get_trials()
-            except Exception:  # no study yet, or the database is busy
-                continue
-            states = {t.state.name for t in trials if t.params}
-            if "COMPLETE" in states and "RUNNING" in states:  # a trial done, the next one measuring
-                break
+        wait_for_the_second_trial(process, "stopped", storage)
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=60)
     finally:
@@ -678,25 +674,14 @@ def test_ctrl_c_prints_the_finished_trials_and_how_to_resume_and_exits_130(tiny_
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_worker_and_exits_130(tiny_flux_dir, env, tmp_path):
-    import optuna
 
     storage = f"journal:{tmp_path / 'journal.log'}"
     args = tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2")
     with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
         # Its own process group, which Ctrl-C in a terminal signals as a whole: the command and its workers.
         process = subprocess.Popen([ADVISOR, *args], env=env, stdout=stdout, stderr=stderr, start_new_session=True)
-    deadline = time.monotonic() + 300
     try:
-        while True:
-            assert process.poll() is None, f"the tune ended (exit {process.returncode}) before it could be interrupted"
-            assert time.monotonic() < deadline, "no finished trial after 300s"
-            time.sleep(0.25)
-            try:
-                trials = optuna.load_study(study_name="shared", storage=open_storage(storage)).get_trials()
-            except Exception:  # no study yet
-                continue
-            if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" for t in trials):
-                break
+        wait_for_the_second_trial(process, "shared", storage)
         os.killpg(process.pid, signal.SIGINT)
         code = process.wait(timeout=60)
     finally:
