@@ -23,14 +23,15 @@ def render_tune(result, output: str | None) -> None:
         table.add_column(column, justify="right" if column in {"#", "latency", "peak", "predicted"} else "left")
     for t in result.trials:
         marker = " *" if result.best is not None and t.number == result.best.number else ""
+        status = t.status if t.source == "measured" else f"{t.status} ({t.source})"
         table.add_row(
             f"{t.number}{marker}",
             t.summary,
-            t.status if t.source == "measured" else f"{t.status} ({t.source})",
-            f"{t.latency_s:.3f}s" if t.latency_s is not None else "-",
+            f"{status}, noisy" if t.noisy else status,
+            format_latency(t),
             format_size(t.peak_bytes),
             format_size(t.predicted_peak_bytes),
-            t.reason or "",
+            "; ".join(part for part in (t.reason, t.noisy) if part),
         )
     console.print(table)
     if result.best is None:
@@ -39,7 +40,7 @@ def render_tune(result, output: str | None) -> None:
             console.print(f"  - {line}")
         return
     best = result.best
-    console.print(f"Fastest that fits: {best.summary}: {best.latency_s:.3f}s, peak {format_size(best.peak_bytes)} "
+    console.print(f"Fastest that fits: {best.summary}: {format_latency(best)}, peak {format_size(best.peak_bytes)} "
                   f"of {format_size(result.budget_bytes)} (trial {best.number})")
     if output:
         console.print(f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))")
@@ -93,6 +94,15 @@ def render_recommendation(result, config, output: str | None) -> None:
         console.print(f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))")
     else:
         console.print("Save it with -o advisor.json, or print the code with --emit python.")
+
+
+def format_latency(trial) -> str:
+    """A measured latency with its spread: ``1.234s ±3%``; ``-`` when nothing was measured."""
+    if trial.latency_s is None:
+        return "-"
+    if trial.latency_spread_s is None or not trial.latency_s:
+        return f"{trial.latency_s:.3f}s"
+    return f"{trial.latency_s:.3f}s ±{trial.latency_spread_s / trial.latency_s:.0%}"
 
 
 def format_count(count: int) -> str:

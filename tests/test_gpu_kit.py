@@ -357,7 +357,7 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table_start = done.stdout.rindex("GPU kit (dry-run)")
     table = done.stdout[table_start:]
-    assert "| item" in table and "latency s (est)" in table
+    assert "| item" in table and "latency s ±spread (est)" in table
     for item_id in PLANNED:
         assert f"| {item_id} " in table
 

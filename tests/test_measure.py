@@ -24,17 +24,25 @@ WORKLOAD = Workload(kind="image", height=32, width=32, steps=4)
 
 @pytest.mark.slow
 def test_measures_the_tiny_flux_pipeline_for_real(tiny_flux_dir):
-    # Steps 2 and 8 (median of 3 each): a step costs a few ms here, so a wide gap keeps the slope clear
-    # of the noise of a shared 2-core machine.
-    m = measure(tiny_flux_dir, OptimizationConfig(device="cpu"), WORKLOAD, timeout_s=300, step_points=(2, 8), repeats=3)
+    # Steps 2 and 8, extrapolated to 12: a step costs a few ms here, so a wide gap keeps the slope
+    # clear of the noise of a shared 2-core machine.
+    workload = Workload(kind="image", height=32, width=32, steps=12)
+    m = measure(tiny_flux_dir, OptimizationConfig(device="cpu"), workload, timeout_s=300, step_points=(2, 8), repeats=3)
     assert m.status == "ok", m.reason
     assert m.reason is None
     assert m.device == "cpu"
-    assert set(m.step_times) == {"2", "8"}
+    assert 3 <= m.rounds <= 12 and m.discarded_rounds <= 12
+    if m.per_step_s is not None:  # extrapolated to 12 steps from rounds whose times grew with the steps
+        assert set(m.step_times) == {"2", "8"}
+        assert m.per_step_s > 0 and m.fixed_s >= 0
+        assert m.latency_s == pytest.approx(m.fixed_s + m.per_step_s * workload.steps)
+    else:  # no round could separate the steps (a loaded machine): timed at the full 12 steps
+        assert set(m.step_times) == {"12"} and m.discarded_rounds > 0
     assert all(t > 0 for t in m.step_times.values())
-    assert m.per_step_s > 0 and m.fixed_s >= 0
     assert m.latency_s > 0
-    assert m.latency_s == pytest.approx(m.fixed_s + m.per_step_s * WORKLOAD.steps)
+    # Either it settled within the ±5% tolerance, or it says it is noisy.
+    assert m.latency_spread_s is not None
+    assert (m.noisy is None and m.spread_ratio <= 0.05) or m.noisy
     assert m.load_s > 0 and m.warmup_s > 0
     # The whole trial process (torch, diffusers, the pipeline): far more than 100 MB on any machine.
     assert m.peak_rss_bytes > 100 * 2**20
@@ -238,9 +246,102 @@ def test_fit_steps_refuses_a_single_point():
         fit_steps({})
 
 
-def test_fit_steps_with_a_negative_slope_falls_back_to_the_mean_time():
-    # 2 steps measured slower than 4 (a noisy machine): the constant that fits best is the mean.
-    assert fit_steps({2: 2.0, 4: 1.0}) == pytest.approx((1.5, 0.0))
+def test_fit_steps_refuses_times_that_do_not_grow_with_the_steps():
+    # 2 steps measured slower than 4 (a noisy machine): no per-step cost can be read, and none is made up.
+    with pytest.raises(ValueError, match="do not grow with the steps"):
+        fit_steps({2: 2.0, 4: 1.0})
+    with pytest.raises(ValueError, match="do not grow with the steps"):
+        fit_steps({2: 1.0, 4: 1.0})
+
+
+# --- timed rounds: the latency with its spread ------------------------------------------------------
+
+FIXED, PER_STEP = 0.5, 0.1  # a pipeline whose 28-step latency is 0.5 + 2.8 = 3.3 s
+
+
+class Scripted:
+    """A generation timer that answers ``FIXED + PER_STEP * steps`` times a scripted noise factor per
+    call, and a clock that advances by what each call took: `time_rounds` without a pipeline, to
+    drive the cases a real machine produces only by chance (an inverted round, a spread that never
+    settles). Real trials run `time_rounds` in every measure test above."""
+
+    def __init__(self, factors):
+        self.factors, self.calls, self.now = list(factors), [], 0.0
+
+    def call(self, steps: int) -> float:
+        factor = self.factors.pop(0) if self.factors else 1.0
+        seconds = (FIXED + PER_STEP * steps) * factor
+        self.calls.append(steps)
+        self.now += seconds
+        return seconds
+
+    def clock(self) -> float:
+        return self.now
+
+
+def test_steady_timings_settle_after_the_minimum_rounds_with_their_spread():
+    from advisor.run.measure import time_rounds
+
+    timer = Scripted([1.0, 1.0, 1.01, 1.01, 0.99, 0.99])
+    t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, tolerance=0.05, clock=timer.clock)
+    assert t.rounds == 3 and t.discarded == 0 and t.noisy is None
+    assert t.latency_s == pytest.approx(FIXED + PER_STEP * 28, rel=0.01)
+    # Rounds at x1.01 and x0.99: latencies 3.3 +- 1%, so the half range is 1% of 3.3 s.
+    assert t.spread_s == pytest.approx(0.033, rel=0.01)
+    assert t.fixed_s == pytest.approx(FIXED, rel=0.05) and t.per_step_s == pytest.approx(PER_STEP, rel=0.05)
+    # The step points alternate order between rounds, so a drifting machine biases neither.
+    assert timer.calls == [2, 4, 4, 2, 2, 4]
+
+
+def test_a_round_that_times_more_steps_as_faster_is_timed_again_never_clamped():
+    from advisor.run.measure import time_rounds
+
+    # Round 1: 4 steps "faster" than 2 (a burst of load during the 2-step call): discarded.
+    timer = Scripted([3.0, 1.0] + [1.0] * 6)
+    t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, tolerance=0.05, clock=timer.clock)
+    assert t.discarded == 1 and t.rounds == 3
+    assert t.per_step_s == pytest.approx(PER_STEP) and t.latency_s == pytest.approx(3.3)
+    assert t.noisy is None  # it settled once re-measured
+    assert len(timer.calls) == 8
+
+
+def test_a_spread_that_never_settles_is_marked_noisy_with_why():
+    from advisor.run.measure import time_rounds
+
+    factors = [1.0, 1.0, 1.3, 1.3] * 10  # rounds alternate between two speeds 30% apart
+    timer = Scripted(factors)
+    t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, max_rounds=6, tolerance=0.05, clock=timer.clock)
+    assert t.rounds == 6
+    assert t.noisy is not None and "did not settle within ±5%" in t.noisy and "6 rounds" in t.noisy
+    assert t.spread_s == pytest.approx(3.3 * 0.15, rel=0.01)  # half of the 30% range
+
+
+def test_the_time_cap_stops_timing_and_says_so():
+    from advisor.run.measure import time_rounds
+
+    timer = Scripted([1.0, 1.0, 1.3, 1.3] * 10)
+    t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, max_rounds=12, tolerance=0.05, cap_s=3.0, clock=timer.clock)
+    assert t.rounds < 12 and "the time cap" in t.noisy
+
+
+def test_timings_that_never_grow_with_the_steps_are_timed_at_the_full_step_count():
+    from advisor.run.measure import time_rounds
+
+    timer = Scripted([2.0, 1.0, 1.0, 2.0] * 3)  # every round inverted, in either order
+    t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, max_rounds=6, tolerance=0.05, clock=timer.clock)
+    assert t.discarded == 6 and t.fixed_s is None and t.per_step_s is None
+    assert timer.calls[-3:] == [28, 28, 28]
+    assert t.latency_s == pytest.approx(3.3) and t.spread_s == 0 and t.noisy is None  # the full-length calls agree
+
+
+def test_a_workload_with_few_steps_is_timed_at_its_steps_not_extrapolated():
+    from advisor.run.measure import time_rounds
+
+    timer = Scripted([1.0, 1.02, 0.98])
+    t = time_rounds(timer.call, (2, 8), 4, min_rounds=3, tolerance=0.05, clock=timer.clock)
+    assert timer.calls == [4, 4, 4]  # only 2 lies below 4 steps: nothing to fit a line through
+    assert t.fixed_s is None and t.per_step_s is None and t.step_times == {4: pytest.approx(FIXED + PER_STEP * 4)}
+    assert t.latency_s == pytest.approx(0.9) and t.spread_s == pytest.approx(0.018) and t.noisy is None
 
 
 # --- out of memory, crash and timeout are results -----------------------------------------------------

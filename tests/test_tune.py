@@ -273,51 +273,121 @@ def wait_for_the_second_trial(process, study: str, storage: str, timeout_s: floa
             return
 
 
-@pytest.fixture(scope="module")
-def killed_and_resumed(tiny_flux_dir, env, tmp_path_factory):
-    """`advisor tune --trials 8` killed (SIGKILL, trial process included) during its second trial,
-    then the same command run again."""
+def trial_processes(tuner_pid: int) -> list:
+    """The trial processes (`python -m advisor.run.measure`) started by the tuner `tuner_pid`."""
+    import psutil
+
+    try:
+        children = psutil.Process(tuner_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in children if "advisor.run.measure" in " ".join(p.cmdline())]
+
+
+def gone(processes, timeout_s: float = 20) -> bool:
+    """Whether every process in `processes` has exited (within `timeout_s`)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    return not alive
+
+
+def scratch_folders(env: dict) -> list[Path]:
+    from advisor.run.measure import SCRATCH_PREFIX
+
+    return sorted(Path(env["TMPDIR"]).glob(f"{SCRATCH_PREFIX}*"))
+
+
+def stopped_mid_trial(how: signal.Signals, model, env: dict, base: Path) -> SimpleNamespace:
+    """`advisor tune --trials 8` sent `how` (the tuner process alone, not its trial) during its
+    second trial, then the same command run again."""
     import optuna
 
-    base = tmp_path_factory.mktemp("killed")
     storage = f"sqlite:///{base / 'studies.db'}"
-    args = tune_args(tiny_flux_dir, storage, "--study", "killed", "--quiet")
-    with open(base / "stderr.txt", "w") as stderr:
-        # Its own process group, so that the kill takes its trial process with it, as when a machine dies.
-        process = subprocess.Popen([ADVISOR, *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    args = tune_args(model, storage, "--study", "stopped")
+    with open(base / "stdout.txt", "w") as stdout, open(base / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([ADVISOR, *args], env=env, stdout=stdout, stderr=stderr)
     try:
-        wait_for_the_second_trial(process, "killed", storage)
+        wait_for_the_second_trial(process, "stopped", storage)
+        deadline = time.monotonic() + 30
+        while not (trials := trial_processes(process.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the trial is RUNNING in the study a moment before its process starts
+        scratch = [p for p in scratch_folders(env) if p.name.split("-")[2] == str(process.pid)]
+        process.send_signal(how)
+        code = process.wait(timeout=60)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    before = optuna.load_study(study_name="killed", storage=storage).get_trials()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    trials_gone = gone(trials)
+    left_scratch = [p for p in scratch if p.exists()]
+    before = optuna.load_study(study_name="stopped", storage=storage).get_trials()
     rerun = advisor([*args, "--json"], env)
-    after = optuna.load_study(study_name="killed", storage=storage).get_trials()
-    return SimpleNamespace(storage=storage, before=before, after=after, rerun=rerun)
+    after = optuna.load_study(study_name="stopped", storage=storage).get_trials()
+    return SimpleNamespace(
+        storage=storage, code=code, before=before, after=after, rerun=rerun, trials=trials, trials_gone=trials_gone,
+        scratch=scratch, left_scratch=left_scratch, stdout=(base / "stdout.txt").read_text(), stderr=(base / "stderr.txt").read_text(),
+    )
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tiny_flux_dir, env, tmp_path_factory):
+    """SIGKILL of the tuner alone mid-trial, as `kill -9 PID` does: nothing of the tuner runs after it."""
+    return stopped_mid_trial(signal.SIGKILL, tiny_flux_dir, env, tmp_path_factory.mktemp("killed"))
+
+
+@pytest.fixture(scope="module")
+def terminated_and_resumed(tiny_flux_dir, env, tmp_path_factory):
+    return stopped_mid_trial(signal.SIGTERM, tiny_flux_dir, env, tmp_path_factory.mktemp("terminated"))
 
 
 @pytest.mark.slow
-def test_a_killed_study_resumes_and_keeps_its_finished_trials(killed_and_resumed):
-    k = killed_and_resumed
-    killed = [t for t in k.before if t.state.name == "RUNNING"]
+@pytest.mark.parametrize("stopped", ["killed_and_resumed", "terminated_and_resumed"])
+def test_a_stopped_tuner_leaves_no_trial_running_and_resumes_with_its_finished_trials(stopped, request):
+    k = request.getfixturevalue(stopped)
+    assert k.trials, "the tuner was stopped while no trial process ran"
+    # The trial process died with its tuner: no orphan keeps computing (or holding GPU memory).
+    assert k.trials_gone, [p.pid for p in k.trials]
     finished_before = [t for t in k.before if t.state.name == "COMPLETE"]
-    assert len(killed) == 1 and finished_before
-
+    assert finished_before
     assert k.rerun.returncode == 0, k.rerun.stderr[-3000:]
     after = {t.number: t for t in k.after}
     # Finished trials are untouched: same numbers, values, parameters and measurements.
     assert snapshot(after[t.number] for t in finished_before) == snapshot(finished_before)
-    # The rerun went on: more finished trials, each with its status.
+    # The rerun went on: more finished trials, each with its status, and none left RUNNING.
     finished_after = [t for t in k.after if t.state.name == "COMPLETE"]
     assert len(finished_after) > len(finished_before)
     assert all("status" in t.user_attrs for t in finished_after)
     assert len({t.number for t in k.after}) == len(k.after)
-    # The killed trial stays RUNNING (its heartbeat is not stale yet) or is failed; it is in no result.
-    (dead,) = killed
-    assert after[dead.number].state.name in {"RUNNING", "FAIL"}
+    assert "RUNNING" not in {t.state.name for t in k.after}
+    # The stopped trial is failed and in no result; its point was measured again.
+    (dead,) = [t for t in k.before if t.state.name in {"RUNNING", "FAIL"}]
+    assert after[dead.number].state.name == "FAIL"
     result = json.loads(k.rerun.stdout)
     assert [t["number"] for t in result["trials"]] == sorted(t.number for t in finished_after)
     assert result["fits"] is True
+    assert point(dead.params) in {point(t.params) for t in finished_after if t.number > dead.number}
+    # Its scratch folder is gone: removed by the tuner on SIGTERM, by the rerun after SIGKILL.
+    assert k.scratch and not any(p.exists() for p in k.scratch)
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_the_trial_running_until_the_rerun_fails_it(killed_and_resumed):
+    (dead,) = [t for t in killed_and_resumed.before if t.state.name != "COMPLETE"]
+    assert dead.state.name == "RUNNING"  # nobody could mark it: the rerun did (above)
+    assert killed_and_resumed.left_scratch  # nor remove its folder
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_with_the_table_and_exit_143(terminated_and_resumed):
+    k = terminated_and_resumed
+    assert k.code == 143, k.stderr[-3000:]
+    assert "Traceback" not in k.stderr and "failed with value" not in k.stderr, k.stderr[-3000:]
+    assert "advisor: interrupted" in k.stderr.splitlines()
+    assert k.stdout.startswith("Trials of study stopped")
+    assert not k.left_scratch  # cleaned by the tuner itself
+    (dead,) = [t for t in k.before if t.state.name != "COMPLETE"]
+    assert dead.state.name == "FAIL"  # failed by the tuner as it stopped
 
 
 @pytest.mark.slow
@@ -469,10 +539,10 @@ def check_shared_study(study, trials: int, points: frozenset[str]) -> None:
 
 
 @pytest.mark.slow
-def test_two_workers_share_a_journal_file(tiny_flux_dir, env, tmp_path):
+def test_two_workers_share_a_journal_file(tiny_flux_dir, shared_device_env, tmp_path):
     storage = f"journal:{tmp_path / 'journal.log'}"
     # --workers 2: two `advisor tune` processes started at once on the shared study.
-    result = advisor(tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2", "--json", trials=3), env)
+    result = advisor(tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2", "--json", trials=3), shared_device_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "advisor: error" not in result.stderr  # no worker failed
     study = load_study(storage, "shared")
@@ -480,6 +550,69 @@ def test_two_workers_share_a_journal_file(tiny_flux_dir, env, tmp_path):
     data = json.loads(result.stdout)
     assert data["study"] == "shared" and data["fits"] is True
     assert [t["number"] for t in data["trials"]] == [t.number for t in complete(study)]
+    assert any("shared one device" in note and "not comparable" in note for note in data["notes"])
+
+
+@pytest.fixture(scope="module")
+def shared_device_env(env):
+    """Workers may share this machine's one device: only to test the worker machinery."""
+    from advisor.run.workers import SHARED_DEVICE_ENV
+
+    return {**env, SHARED_DEVICE_ENV: "1"}
+
+
+def test_workers_that_would_share_one_device_are_refused(tiny_flux_dir, env, tmp_path):
+    if not cpu_target():
+        pytest.skip("with GPUs, workers get one each")
+    storage = tmp_path / "journal.log"
+    result = advisor(tune_args(tiny_flux_dir, f"journal:{storage}", "--workers", "2"), env, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("advisor: tracing")]  # first use of the model
+    assert len(lines) == 1 and lines[0].startswith("advisor: error: --workers: 2 workers would share this machine's CPU"), result.stderr
+    assert "--workers 1" in lines[0]
+    assert not storage.exists()  # refused before any study was opened
+
+
+def test_a_second_tuner_of_one_sqlite_study_is_refused_while_the_first_runs(tiny_flux_dir, env, tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    args = tune_args(tiny_flux_dir, storage, "--study", "one", "--quiet")
+    first = subprocess.Popen([ADVISOR, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(t.state.name == "RUNNING" for t in _trials_or_none(storage, "one")):
+            assert first.poll() is None and time.monotonic() < deadline, "the first tuner never started a trial"
+            time.sleep(0.2)
+        second = advisor(args, env, timeout=120)
+        assert second.returncode == 1, second.stderr[-3000:]
+        lines = second.stderr.strip().splitlines()
+        assert lines == [f"advisor: error: --study: another advisor tune (pid {first.pid}) is working study one in "
+                         f"{tmp_path / 's.db'}; wait for it to finish, or give this one another --study or --storage"], second.stderr
+        assert first.poll() is None  # the first one goes on
+    finally:
+        first.kill()
+        first.wait()
+    # The lock died with its holder: the same command now runs.
+    assert advisor([*args[:-1], "--trials", "1"], env).returncode == 0
+
+
+def _trials_or_none(storage: str, name: str) -> list:
+    try:
+        return load_study(storage, name).get_trials()
+    except Exception:  # no study yet
+        return []
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path):
+    go, url = tmp_path / "go", f"sqlite:///{tmp_path / 'new.db'}"
+    processes = [
+        subprocess.Popen([sys.executable, "-W", "ignore", "-c", _OPEN_AT_ONCE, url, str(go)], stdout=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    for process in processes:  # every one imported and waiting
+        assert process.stdout.readline().strip() == "ready"
+    go.touch()
+    outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
+    assert outputs == ["ok"] * 6
 
 
 @pytest.fixture
@@ -557,8 +690,11 @@ def test_several_workers_need_a_shared_storage(tiny_flux_dir, env, tmp_path):
 
 
 @pytest.mark.slow
-def test_workers_from_main_in_process_get_mains_arguments(tiny_flux_dir, tmp_path, capsys):
+def test_workers_from_main_in_process_get_mains_arguments(tiny_flux_dir, tmp_path, capsys, monkeypatch):
     from advisor.cli import main
+    from advisor.run.workers import SHARED_DEVICE_ENV
+
+    monkeypatch.setenv(SHARED_DEVICE_ENV, "1")
 
     storage = f"journal:{tmp_path / 'journal.log'}"
     code = main(tune_args(tiny_flux_dir, storage, "--workers", "2", "--quiet", trials=1))
@@ -673,13 +809,13 @@ def test_ctrl_c_prints_the_finished_trials_and_how_to_resume_and_exits_130(tiny_
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_worker_and_exits_130(tiny_flux_dir, env, tmp_path):
+def test_ctrl_c_stops_every_worker_and_exits_130(tiny_flux_dir, shared_device_env, tmp_path):
 
     storage = f"journal:{tmp_path / 'journal.log'}"
     args = tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2")
     with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
         # Its own process group, which Ctrl-C in a terminal signals as a whole: the command and its workers.
-        process = subprocess.Popen([ADVISOR, *args], env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+        process = subprocess.Popen([ADVISOR, *args], env=shared_device_env, stdout=stdout, stderr=stderr, start_new_session=True)
     try:
         wait_for_the_second_trial(process, "shared", storage)
         os.killpg(process.pid, signal.SIGINT)
@@ -694,3 +830,39 @@ def test_ctrl_c_stops_every_worker_and_exits_130(tiny_flux_dir, env, tmp_path):
     assert err.splitlines().count("advisor: interrupted") == 1, err[-3000:]
     assert out.startswith("Trials of study shared")
     assert len([line for line in err.splitlines() if "to resume, run the same command again" in line]) == 1
+
+
+# --- the pick among trials as fast as each other within their spread ----------------------------------
+
+
+INT8 = {"backend": "torchao", "scheme": "int8_weight_only", "components": ["transformer"]}
+
+
+def _record(number: int, latency: float, spread: float | None, peak_mb: int, config: dict):
+    from advisor.run.trials import TrialRecord
+
+    return TrialRecord(
+        number=number, summary=str(config), status="ok", source="measured", feasible=True, latency_s=latency,
+        peak_bytes=peak_mb * 2**20, predicted_peak_bytes=None, reason=None, config={"device": "cpu", **config},
+        latency_spread_s=spread,
+    )
+
+
+def test_trials_as_fast_within_their_spread_go_to_the_lossless_then_the_smaller_one():
+    from advisor.run.tune import choose_best
+
+    lossless = _record(0, 1.00, 0.05, 500, {})
+    int8 = _record(1, 0.97, 0.04, 480, {"quantization": INT8})
+    # 0.97 + 0.04 overlaps 1.00 - 0.05: the measurements can't tell them apart; the lossless one is chosen.
+    best, notes = choose_best([lossless, int8])
+    assert best is lossless
+    assert notes and "as fast as 1" in notes[0] and "lossless" in notes[0]
+    # Clearly faster (ranges apart): the fastest wins, whatever it costs.
+    clear = _record(2, 0.80, 0.02, 480, {"quantization": INT8})
+    assert choose_best([lossless, clear]) == (clear, [])
+    # Two lossless ones within the spread: the smaller peak.
+    small = _record(3, 1.02, 0.05, 300, {"vae": {"tiling": True}})
+    best, notes = choose_best([lossless, small])
+    assert best is small and "smaller in peak memory" in notes[0]
+    # No spread measured (older trials): the plain minimum.
+    assert choose_best([_record(4, 1.0, None, 500, {}), _record(5, 0.99, None, 900, {"vae": {"tiling": True}})])[0].number == 5

@@ -5,9 +5,13 @@ allocator fragmentation never leak from one candidate into the next, and an out-
 a crash or a hang costs one trial, not the study. The parent reads the child's result file; a
 child that dies without one is classified from its exit status and stderr.
 
-Latency is not measured at the full step count: the child times a few short runs (``step_points``,
-2 and 4 steps by default), fits ``fixed + per_step x steps`` and reports the extrapolation to the
-workload's steps. ``benchmarks/step_extrapolation.py`` shows the error against full runs.
+Latency is not measured at the full step count: the child times rounds of short runs (one at each
+of ``step_points``, 2 and 8 steps by default), fits ``fixed + per_step x steps`` and reports the
+extrapolation to the workload's steps (a workload of 8 steps or fewer is timed as it is), with the
+spread between rounds; it times more rounds until that spread is within a tolerance, and says
+"noisy" when it can't (`time_rounds`).
+``benchmarks/step_extrapolation.py`` shows the error against full runs, ``benchmarks/tune_noise.py``
+the spread across studies against the spread each trial reports.
 
 On CUDA one timed generation also records the peak of each phase (text encoding, denoising, VAE
 decode; `PhasePeaks`, `watching_phases`), to set against the estimate's per-phase device bytes.
@@ -20,6 +24,8 @@ import functools
 import json
 import os
 import resource
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,6 +69,10 @@ class Measurement:
     peak_rss_bytes: int | None = None  # the trial process's peak resident set
     baseline_rss_bytes: int | None = None  # its resident set after imports, before loading
     step_times: dict[str, float] = field(default_factory=dict)  # steps -> median seconds
+    latency_spread_s: float | None = None  # half the range of the timed rounds' latencies (see `Timing`)
+    rounds: int | None = None  # timed rounds kept
+    discarded_rounds: int = 0  # rounds whose times did not grow with the steps, timed again
+    noisy: str | None = None  # why the latency did not settle within the tolerance; None when it did
     device: str | None = None
     wall_s: float | None = None
 
@@ -73,24 +83,151 @@ class Measurement:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def spread_ratio(self) -> float | None:
+        """The spread against the latency (0.03 is ±3%)."""
+        if self.latency_spread_s is None or not self.latency_s:
+            return None
+        return self.latency_spread_s / self.latency_s
+
     def limited_peak(self, device: str) -> int | None:
         """The measured peak the budget limits on `device` (see `advisor.plan.scenario.limited_peak`)."""
         return limited_peak(device, vram_bytes=self.peak_vram_bytes, ram_bytes=self.peak_rss_bytes)
 
 
 def fit_steps(step_times: dict[int, float]) -> tuple[float, float]:
-    """Least-squares ``(fixed, per_step)`` through (steps, seconds) points."""
+    """Least-squares ``(fixed, per_step)`` through (steps, seconds) points.
+
+    Times that do not grow with the steps are refused (ValueError), never clamped: they mean the
+    noise was larger than the steps' cost (`time_rounds` discards such rounds and times again).
+    A negative fixed cost is noise too: a line through the origin fits then (all cost per step)."""
     xs, ys = list(step_times), list(step_times.values())
     if len(set(xs)) < 2:
         raise ValueError("need at least two step counts to separate fixed and per-step cost")
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    if slope <= 0:  # noise swamped the steps: everything is fixed cost
-        return mean_y, 0.0
+    if slope <= 0:
+        raise ValueError(f"the times {step_times} do not grow with the steps")
     fixed = mean_y - slope * mean_x
-    if fixed < 0:  # a line through the origin instead: all cost is per step
+    if fixed < 0:
         return 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
     return fixed, slope
+
+
+# --- timing that knows its own error ------------------------------------------------------------------
+
+# A trial times rounds of generations, one at every step point per round, until the latency it
+# extrapolates from each round agrees with the others within TOLERANCE (half the range against the
+# median), or MAX_ROUNDS / the time cap is reached: then it is marked noisy, with why.
+TOLERANCE = 0.05
+MIN_ROUNDS = 3
+# Step counts a round times. Extrapolating from a < b steps to N multiplies the timing noise by about
+# sqrt((1 - k)^2 + k^2) with k = (N - a) / (b - a): for 28 steps, 17.7x from (2, 4) but 5.5x from
+# (2, 8), for 4 more steps a round. A workload of 8 steps or fewer is timed at its own steps.
+STEP_POINTS = (2, 8)
+MAX_ROUNDS = 12
+TIMING_CAP_S = 120.0
+
+
+@dataclass
+class Timing:
+    """What the timed rounds of one trial gave. ``spread_s`` is half the range of the rounds'
+    latencies: the reported latency is ``latency_s ± spread_s`` over ``rounds`` rounds."""
+
+    latency_s: float
+    spread_s: float | None  # None from a single round: nothing to compare it with
+    fixed_s: float | None  # None when the latency was timed at the full step count
+    per_step_s: float | None
+    step_times: dict[int, float]  # steps -> median seconds over the kept rounds
+    rounds: int  # rounds kept
+    discarded: int  # rounds whose times did not grow with the steps (re-measured, never clamped)
+    noisy: str | None  # why the latency did not settle; None when it did
+
+    def fields(self) -> dict[str, Any]:
+        """Its values under the names a `Measurement` stores them."""
+        return {
+            "latency_s": self.latency_s, "latency_spread_s": self.spread_s, "fixed_s": self.fixed_s,
+            "per_step_s": self.per_step_s, "step_times": {str(k): v for k, v in self.step_times.items()},
+            "rounds": self.rounds, "discarded_rounds": self.discarded, "noisy": self.noisy,
+        }
+
+
+def round_latency(times: dict[int, float], steps: int) -> float | None:
+    """One round's latency extrapolated to `steps`, or None when its times don't grow with the steps
+    (noise larger than the steps' cost: such a round says nothing about either)."""
+    counts = sorted(times)
+    if any(times[more] <= times[fewer] for fewer, more in zip(counts, counts[1:])):
+        return None
+    fixed, per_step = fit_steps(times)
+    return fixed + per_step * steps
+
+
+def _half_range(values: list[float]) -> float | None:
+    return (max(values) - min(values)) / 2 if len(values) > 1 else None
+
+
+def time_rounds(
+    call: Callable[[int], float],
+    step_points: tuple[int, ...],
+    steps: int,
+    *,
+    min_rounds: int = MIN_ROUNDS,
+    max_rounds: int = MAX_ROUNDS,
+    tolerance: float = TOLERANCE,
+    cap_s: float = TIMING_CAP_S,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Timing:
+    """Time rounds of ``call(steps) -> seconds`` until the latency settles, and say how well it did.
+
+    A round calls every step point below the workload's `steps` once; its latency is the line
+    through them extrapolated to `steps`. The order alternates between rounds, so a machine that
+    slows down or speeds up during the trial biases neither end. A round whose times do not grow
+    with the steps is discarded and another is timed. Where fewer than two step points lie below
+    `steps` (a 4-step workload), or no round ever grows with the steps, each round is one call at
+    the full `steps` instead: then the latency is timed, not extrapolated.
+    """
+    points = sorted({count for count in step_points if count < steps})
+    kept: list[dict[int, float]] = []
+    latencies: list[float] = []
+    discarded = 0
+    started = clock()
+
+    def settled() -> bool:
+        spread = _half_range(latencies)
+        return len(latencies) >= min_rounds and spread is not None and spread <= tolerance * statistics.median(latencies)
+
+    def more(rounds: int) -> bool:
+        return not settled() and rounds < max_rounds and clock() - started < cap_s
+
+    while len(points) > 1 and (not (kept or discarded) or more(len(kept) + discarded)):
+        order = points if (len(kept) + discarded) % 2 == 0 else points[::-1]
+        times = {count: call(count) for count in order}
+        latency = round_latency(times, steps)
+        if latency is None:
+            discarded += 1
+        else:
+            kept.append(times)
+            latencies.append(latency)
+    inverted = f"{discarded} of {len(kept) + discarded} rounds timed more steps as faster (re-measured)" if discarded else None
+    if kept:
+        step_times = {count: statistics.median(t[count] for t in kept) for count in points}
+        fixed, per_step = fit_steps(step_times)
+        latency = fixed + per_step * steps
+    else:  # timed at the full step count
+        if discarded:
+            inverted = (f"in {discarded} rounds, {'/'.join(map(str, points))} steps never took longer with more steps; "
+                        f"timed at the full {steps} steps instead")
+        while not latencies or more(len(latencies)):
+            latencies.append(call(steps))
+        step_times, fixed, per_step = {steps: statistics.median(latencies)}, None, None
+        latency = step_times[steps]
+    spread = _half_range(latencies)
+    noisy = None
+    if not settled():
+        why = f"the spread ±{spread / latency:.0%}" if spread is not None else "a single round"
+        limit = "the time cap" if clock() - started >= cap_s else f"{len(latencies) + discarded} rounds"
+        noisy = f"{why} did not settle within ±{tolerance:.0%} after {limit}" + (f"; {inverted}" if inverted else "")
+    return Timing(latency, spread, fixed, per_step, step_times, len(latencies), discarded, noisy)
 
 
 def measure(
@@ -99,47 +236,113 @@ def measure(
     workload: Workload,
     *,
     timeout_s: float = 600.0,
-    step_points: tuple[int, ...] = (2, 4),
-    repeats: int = 2,
+    step_points: tuple[int, ...] = STEP_POINTS,
+    repeats: int = MIN_ROUNDS,
+    max_rounds: int = MAX_ROUNDS,
+    tolerance: float = TOLERANCE,
+    timing_cap_s: float = TIMING_CAP_S,
     memory_limit_bytes: int | None = None,
     seed: int = 0,
 ) -> Measurement:
     """Run one candidate in a fresh process and return what it measured (never raises for OOM/crash).
 
-    `memory_limit_bytes` caps the child's address space (RLIMIT_AS): a way to provoke, and test, a
-    real out-of-memory on a CPU machine.
+    The latency is timed in at least `repeats` rounds, more (up to `max_rounds` or `timing_cap_s`)
+    until it settles within `tolerance` (see `time_rounds`). `memory_limit_bytes` caps the child's
+    address space (RLIMIT_AS): a way to provoke, and test, a real out-of-memory on a CPU machine.
+
+    The child runs in its own process group, killed as a whole on a timeout or when this call is
+    interrupted (Ctrl-C, SIGTERM), and on Linux it dies with this process even on SIGKILL
+    (``PR_SET_PDEATHSIG``): a trial never outlives its tuner. Its scratch folder is named after this
+    process, so that `remove_orphaned_scratch` can clean what a killed tuner left.
     """
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="advisor-trial-") as scratch:
-        result_path = Path(scratch) / "result.json"
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+    try:
+        result_path = scratch / "result.json"
         spec = {
             "model": str(model),
             "config": config.model_dump(mode="json"),
             "workload": workload.to_dict(),
             "step_points": list(step_points),
-            "repeats": repeats,
+            "timing": {"min_rounds": repeats, "max_rounds": max_rounds, "tolerance": tolerance, "cap_s": timing_cap_s},
+            "timeout_s": timeout_s,
             "memory_limit_bytes": memory_limit_bytes,
             "seed": seed,
             "result_path": str(result_path),
         }
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+        child = subprocess.Popen(
+            [sys.executable, "-m", "advisor.run.measure"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, preexec_fn=die_with_parent(),
+        )
         try:
-            child = subprocess.run(
-                [sys.executable, "-m", "advisor.run.measure"],
-                input=json.dumps(spec),
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                env=env,
-            )
+            _, stderr = child.communicate(json.dumps(spec), timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            kill_group(child)
             return Measurement(status="timeout", reason=f"no result within {timeout_s:.0f}s", wall_s=time.perf_counter() - started)
+        except BaseException:  # interrupted: the trial goes with this call
+            kill_group(child)
+            raise
         if result_path.exists():
             measurement = Measurement(**json.loads(result_path.read_text()))
         else:
-            measurement = _classify_death(child.returncode, child.stderr)
+            measurement = _classify_death(child.returncode, stderr)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     measurement.wall_s = time.perf_counter() - started
     return measurement
+
+
+# --- trials never outlive their tuner ---------------------------------------------------------------
+
+SCRATCH_PREFIX = "advisor-trial-"  # + the tuner's pid + "-": the scratch folder of each trial
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies, however it dies
+    (Linux ``prctl(PR_SET_PDEATHSIG)``); None elsewhere, where the process group is what's left."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+def kill_group(child: subprocess.Popen) -> None:
+    """SIGKILL the child's process group (its compile workers too) and reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        child.wait(timeout=10)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_orphaned_scratch(folder: str | Path | None = None) -> list[Path]:
+    """Remove the trial scratch folders of tuners that are no longer running (killed with -9);
+    returns what was removed."""
+    removed = []
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        owner = path.name.removeprefix(SCRATCH_PREFIX).split("-")[0]
+        if path.is_dir() and owner.isdigit() and not pid_alive(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _classify_death(returncode: int, stderr: str) -> Measurement:
@@ -302,6 +505,7 @@ def _call_kwargs(workload: Workload, steps: int, seed: int) -> dict[str, Any]:
 
 
 def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
+    child_started = time.perf_counter()
     if spec.get("memory_limit_bytes"):
         limit = int(spec["memory_limit_bytes"])
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -348,21 +552,16 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     points = sorted(spec["step_points"])
     result["warmup_s"] = timed_call(pipe, points[0])
     # The first timed generation after the warm-up (compiled by then) records the peak of each phase.
-    phases = PhasePeaks(torch.cuda.max_memory_allocated, reset_peaks) if cuda else None
-    step_times = {}
-    for steps in points:
-        times = []
-        for _ in range(spec["repeats"]):
-            times.append(timed_call(pipe, steps, phases))
-            phases = None
-        step_times[steps] = statistics.median(times)
-    fixed, per_step = fit_steps(step_times)
-    result.update(
-        step_times={str(k): v for k, v in step_times.items()},
-        fixed_s=fixed,
-        per_step_s=per_step,
-        latency_s=fixed + per_step * workload.steps,
-    )
+    phases = [PhasePeaks(torch.cuda.max_memory_allocated, reset_peaks)] if cuda else []
+
+    def call(steps: int) -> float:
+        return timed_call(pipe, steps, phases.pop() if phases else None)
+
+    timing = spec["timing"]
+    # Time until the cap, or until 80% of the trial's timeout has gone (loading and warm-up included).
+    cap_s = max(0.0, min(timing["cap_s"], 0.8 * spec["timeout_s"] - (time.perf_counter() - child_started)))
+    result.update(time_rounds(call, tuple(points), workload.steps, min_rounds=timing["min_rounds"],
+                              max_rounds=timing["max_rounds"], tolerance=timing["tolerance"], cap_s=cap_s).fields())
     if cuda:
         result["peak_vram_bytes"] = max(held["allocated"], torch.cuda.max_memory_allocated())
         result["peak_vram_reserved_bytes"] = max(held["reserved"], torch.cuda.max_memory_reserved())

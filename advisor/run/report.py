@@ -79,7 +79,9 @@ def markdown(result: TuneResult, image: str | None = None) -> str:
         lines += [f"![latency against peak memory]({image})", ""]
     lines += ["| trial | configuration | status | latency (s) | peak | predicted peak | source | reason |", "|---|---|---|---|---|---|---|---|"]
     for t in result.trials:
-        latency = f"{t.latency_s:.3f}" if t.latency_s is not None else "-"
+        latency = "-" if t.latency_s is None else f"{t.latency_s:.3f}" + (f" ± {t.latency_spread_s:.3f}" if t.latency_spread_s is not None else "")
+        if t.noisy:
+            latency += " (noisy)"
         lines.append(
             f"| {t.number} | {t.summary} | {t.status} | {latency} | {format_size(t.peak_bytes)} | "
             f"{format_size(t.predicted_peak_bytes)} | {t.source} | {t.reason or ''} |"

@@ -12,6 +12,10 @@ from typing import Any, Literal
 
 from advisor.plan.scenario import limited_peak
 
+# The user attribute a trial sets when it starts: "host:pid" of the tuner running it, so that a later
+# run can tell a trial whose tuner was killed (`advisor.run.tune.fail_orphaned_trials`) from a live one.
+RUNNER_ATTR = "runner"
+
 TrialStatus = Literal["ok", "over-budget", "oom", "crash", "timeout", "skipped", "invalid"]
 TrialSource = Literal["measured", "estimate", "repeat"]  # how the answer was obtained
 
@@ -32,12 +36,22 @@ class TrialRecord:
     config: dict[str, Any]
     measurement: dict[str, Any] | None = None
     predicted_latency_s: float | None = None
+    latency_spread_s: float | None = None  # measured: the latency is latency_s ± this (see `advisor.run.measure.Timing`)
+    noisy: str | None = None  # measured: why the latency did not settle within the tolerance
 
     # Derived from the others (or from optuna) rather than stored.
-    _DERIVED = ("number", "feasible", "latency_s", "peak_bytes")
+    _DERIVED = ("number", "feasible", "latency_s", "peak_bytes", "latency_spread_s", "noisy")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def latency_range(self) -> tuple[float, float] | None:
+        """(low, high) of the measured latency; the point itself where no spread was measured."""
+        if self.latency_s is None:
+            return None
+        spread = self.latency_spread_s or 0.0
+        return self.latency_s - spread, self.latency_s + spread
 
     @classmethod
     def stored_fields(cls) -> list[str]:
@@ -64,6 +78,8 @@ class TrialRecord:
             number=trial.number,
             feasible=stored["status"] == "ok" and stored["source"] != "estimate" and within,
             latency_s=measurement.get("latency_s"),
+            latency_spread_s=measurement.get("latency_spread_s"),
+            noisy=measurement.get("noisy"),
             peak_bytes=limited_peak(device, vram_bytes=measurement.get("peak_vram_bytes"), ram_bytes=measurement.get("peak_rss_bytes")),
             **stored,
         )

@@ -16,36 +16,59 @@ Ctrl-C raises `TuneInterrupted` carrying the finished trials.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
+import signal
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from advisor.config import OptimizationConfig
 from advisor.errors import TuneError, UsageError
 from advisor.paths import advisor_cache_dir
 from advisor.plan.estimate import estimate
+from advisor.plan.quality import is_lossy
 from advisor.plan.recommend import recommend
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
-from advisor.run.measure import Measurement, measure
-from advisor.run.trials import TrialRecord
+from advisor.run.measure import (
+    MAX_ROUNDS,
+    MIN_ROUNDS,
+    STEP_POINTS,
+    TIMING_CAP_S,
+    TOLERANCE,
+    Measurement,
+    measure,
+    pid_alive,
+    remove_orphaned_scratch,
+)
+from advisor.run.trials import RUNNER_ATTR, TrialRecord
 from advisor.units import format_size
 
 # Candidates predicted beyond budget x this are skipped without measuring (unless prune=False).
 PRUNE_MARGIN = 1.25
 # What `provenance.measured` of a tuned config carries from the best trial's measurement.
-MEASURED_IN_PROVENANCE = ("peak_vram_bytes", "peak_vram_reserved_bytes", "peak_rss_bytes", "per_step_s", "fixed_s", "warmup_s", "load_s")
+MEASURED_IN_PROVENANCE = (
+    "latency_spread_s", "rounds", "noisy", "peak_vram_bytes", "peak_vram_reserved_bytes", "peak_rss_bytes",
+    "per_step_s", "fixed_s", "warmup_s", "load_s",
+)
 
 
 def default_storage() -> str:
     """SQLite file under the user cache: ``~/.cache/advisor/studies.db`` (honours XDG_CACHE_HOME)."""
     base = advisor_cache_dir()
-    base.mkdir(parents=True, exist_ok=True)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TuneError(f"--storage: the default study storage folder {base} can't be created ({error.strerror}); "
+                        "pass --storage sqlite:///A/WRITABLE/studies.db or set XDG_CACHE_HOME") from None
     return f"sqlite:///{base / 'studies.db'}"
 
 
@@ -60,15 +83,22 @@ def open_storage(url: str):
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        path = url.removeprefix("journal:")
+        try:
+            return JournalStorage(JournalFileBackend(path))
+        except OSError as error:
+            raise TuneError(f"--storage: cannot open the journal file {path!r} ({error.strerror}); "
+                            "give a file in an existing, writable folder") from None
     if not re.match(r"^[a-z0-9+]+://", url):
         raise UsageError(f"--storage: {url!r} is not a storage URL; use sqlite:///PATH, journal:PATH or postgresql://...")
     for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
         except Exception as exc:  # driver missing, server unreachable, bad URL
-            # Workers opening an empty database together race on CREATE TABLE; the loser retries.
-            if type(exc).__name__ in {"IntegrityError", "ProgrammingError"} and attempt < 4:
+            # Tuners opening an empty database together race on CREATE TABLE; the loser retries
+            # (PostgreSQL: IntegrityError/ProgrammingError; SQLite: "table studies already exists").
+            racing = type(exc).__name__ in {"IntegrityError", "ProgrammingError"} or "already exists" in str(exc)
+            if racing and attempt < 4:
                 time.sleep(0.5 * (attempt + 1))
                 continue
             raise TuneError(f"--storage: cannot open {shown_storage(url)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
@@ -103,8 +133,14 @@ def check_settings(settings: TuneSettings) -> None:
     if isinstance(settings.trials, bool) or not isinstance(settings.trials, int) or settings.trials < 1:
         raise UsageError(f"--trials: {settings.trials} is not valid; give a whole number of at least 1")
     timeout = settings.timeout_s
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+    if not _positive_number(timeout):
         raise UsageError(f"--trial-timeout: {timeout:g} is not valid; give a finite number of seconds greater than 0")
+    if not _positive_number(settings.tolerance) or settings.tolerance >= 1:
+        raise UsageError(f"--tolerance: {settings.tolerance:g} is not valid; give a fraction of the latency between 0 and 1, e.g. 0.05")
+
+
+def _positive_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 # --- trials -------------------------------------------------------------------------------------
@@ -140,11 +176,34 @@ class TuneResult:
 
 
 class TuneInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a study: the trial running was dropped (marked failed); `result` holds the finished ones."""
+    """Ctrl-C or SIGTERM during a study: the trial running was dropped (marked failed, its process
+    killed); `result` holds the finished ones; `exit_code` is 128 + the signal (130 or 143)."""
 
-    def __init__(self, result: TuneResult):
+    def __init__(self, result: TuneResult, exit_code: int = 130):
         super().__init__("interrupted")
-        self.result = result
+        self.result, self.exit_code = result, exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where it arrives (`terminate_as_interrupt`)."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM stops the work as Ctrl-C does (so the trial is failed and its process killed,
+    the finished trials reported) instead of killing this process where it stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(_signum, _frame) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -152,8 +211,11 @@ class TuneSettings:
     trials: int = 8  # distinct configurations measured (repeats and estimates don't count)
     timeout_s: float = 900.0  # per trial
     prune: bool = True
-    step_points: tuple[int, ...] = (2, 4)
-    repeats: int = 2
+    step_points: tuple[int, ...] = STEP_POINTS
+    repeats: int = MIN_ROUNDS  # timed rounds at least; more until the spread is within `tolerance`
+    tolerance: float = TOLERANCE  # the latency's spread (half range / median) a trial settles at
+    max_rounds: int = MAX_ROUNDS
+    timing_cap_s: float = TIMING_CAP_S  # per trial, after loading and warm-up
     memory_limit_bytes: int | None = None  # RLIMIT_AS for each trial process (tests provoke OOM)
     seed: int = 0
     compile_choices: tuple[bool, ...] = (True, False)
@@ -222,6 +284,7 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
     device, budget = scenario.target.device, scenario.budget_bytes
 
     def objective(trial) -> float:
+        trial.set_user_attr(RUNNER_ATTR, this_runner())
         params = {
             "quantization": trial.suggest_categorical("quantization", list(space.quantization)),
             "offload": trial.suggest_categorical("offload", list(space.offload)),
@@ -266,6 +329,9 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
             timeout_s=settings.timeout_s,
             step_points=settings.step_points,
             repeats=settings.repeats,
+            max_rounds=settings.max_rounds,
+            tolerance=settings.tolerance,
+            timing_cap_s=settings.timing_cap_s,
             memory_limit_bytes=settings.memory_limit_bytes,
             seed=settings.seed,
         )
@@ -344,46 +410,111 @@ def run_study(
     name = study or study_name(scenario, settings.timeout_s)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet_interrupts()
-    the_study = optuna.create_study(
-        study_name=name,
-        storage=open_storage(storage_url),
-        direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=4),
-        load_if_exists=True,
-    )
-    _seed_with_rules(the_study, space, scenario)
-    stale = stale_trials(the_study, settings)
-    _enqueue_retries(the_study, stale)
+    remove_orphaned_scratch()  # what tuners killed with -9 left in the temp folder
+    with sole_tuner(storage_url, name), terminate_as_interrupt():
+        backend = open_storage(storage_url)
+        the_study = optuna.create_study(
+            study_name=name,
+            storage=backend,
+            direction="minimize",
+            sampler=optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=4),
+            load_if_exists=True,
+        )
+        fail_orphaned_trials(backend, name)
+        _seed_with_rules(the_study, space, scenario)
+        stale = stale_trials(the_study, settings)
+        _enqueue_retries(the_study, stale)
 
-    def result() -> TuneResult:
-        done = collect(the_study, name, shown_storage(storage_url), space, scenario)
-        note = exhausted_note(space, Progress.of(the_study, stale), settings.trials)
-        done.notes = [note] if note else []
-        return done
+        def result() -> TuneResult:
+            done = collect(the_study, name, shown_storage(storage_url), space, scenario)
+            note = exhausted_note(space, Progress.of(the_study, stale), settings.trials)
+            done.notes = done.notes + ([note] if note else [])
+            return done
 
-    def finished(progress: Progress) -> bool:
-        return len(progress.measured) >= settings.trials or all(_point(p) in progress.points for p in space.points())
+        def finished(progress: Progress) -> bool:
+            return len(progress.measured) >= settings.trials or all(_point(p) in progress.points for p in space.points())
 
-    objective = _objective(space, scenario, model, settings, stale)
-    # Each trial answers a new point or repeats one (then the untried point predicted fastest is
-    # queued): this bound is never reached unless other workers keep taking the queued points.
+        objective = _objective(space, scenario, model, settings, stale)
+        # Each trial answers a new point or repeats one (then the untried point predicted fastest is
+        # queued): this bound is never reached unless other workers keep taking the queued points.
+        try:
+            for _ in range(2 * (space.size() + settings.trials) + 2):
+                if finished(Progress.of(the_study, stale)):
+                    break
+                ran: list = []
+                the_study.optimize(objective, n_trials=1, gc_after_trial=True, callbacks=[lambda _, trial: ran.append(trial)])
+                if on_trial is not None:
+                    on_trial(result())
+                progress = Progress.of(the_study, stale)
+                if ran and ran[-1].user_attrs.get("source") == "repeat" and not finished(progress):
+                    untried = [p for p in space.points() if _point(p) not in progress.points]
+                    if untried and not _waiting(the_study):
+                        fastest = min(untried, key=lambda p: _predicted_latency(space, p, scenario))
+                        the_study.enqueue_trial(fastest, user_attrs={"seeded_by": "untried"})
+        except KeyboardInterrupt as stop:  # optuna has marked the running trial failed; the finished ones stand
+            raise TuneInterrupted(result(), 143 if isinstance(stop, Terminated) else 130) from None
+        return result()
+
+
+# --- one live tuner per SQLite study; trials whose tuner died --------------------------------------
+
+
+def this_runner() -> str:
+    """``host:pid`` of this tuner, as a trial records it (`RUNNER_ATTR`)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_orphaned_trials(storage, study: str) -> list[int]:
+    """Mark failed the RUNNING trials whose tuner ran on this machine and is gone (killed with -9,
+    or the machine rebooted); returns their numbers. A later step re-measures their points.
+
+    A trial of a tuner on another machine is left to the storage's heartbeat (RDB storages fail it
+    once its heartbeat is stale), since no process table here can say whether it lives."""
+    import optuna
+
+    host, failed = socket.gethostname(), []
+    study_id = storage.get_study_id_from_name(study)
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        runner_host, _, pid = str(trial.user_attrs.get(RUNNER_ATTR, "")).rpartition(":")
+        if runner_host == host and pid.isdigit() and not pid_alive(int(pid)):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            if storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
+                failed.append(trial.number)
+    return failed
+
+
+@contextlib.contextmanager
+def sole_tuner(storage_url: str, study: str) -> Iterator[None]:
+    """Hold the study's lock file next to an SQLite storage for as long as inside; a second tuner of
+    the same study is refused in one line (two tuners on one SQLite study measure the same
+    configurations twice, on one machine, and slow each other's timings). The lock is an ``flock``:
+    the kernel releases it when the holder dies, however it dies. Journal and PostgreSQL storages
+    are meant to be shared, across machines: no lock."""
+    path = storage_url.removeprefix("sqlite:///") if storage_url.startswith("sqlite:///") else None
+    if not path or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    lock = Path(f"{path}.{re.sub(r'[^A-Za-z0-9._-]+', '_', study)[:100]}.lock")
     try:
-        for _ in range(2 * (space.size() + settings.trials) + 2):
-            if finished(Progress.of(the_study, stale)):
-                break
-            ran: list = []
-            the_study.optimize(objective, n_trials=1, gc_after_trial=True, callbacks=[lambda _, trial: ran.append(trial)])
-            if on_trial is not None:
-                on_trial(result())
-            progress = Progress.of(the_study, stale)
-            if ran and ran[-1].user_attrs.get("source") == "repeat" and not finished(progress):
-                untried = [p for p in space.points() if _point(p) not in progress.points]
-                if untried and not _waiting(the_study):
-                    fastest = min(untried, key=lambda p: _predicted_latency(space, p, scenario))
-                    the_study.enqueue_trial(fastest, user_attrs={"seeded_by": "untried"})
-    except KeyboardInterrupt:  # optuna has marked the running trial failed; the finished ones stand
-        raise TuneInterrupted(result()) from None
-    return result()
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise TuneError(f"--storage: cannot create the study's lock file {lock} ({error.strerror})") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise TuneError(
+                f"--study: another advisor tune (pid {holder}) is working study {study} in {path}; wait for it to finish, "
+                "or give this one another --study or --storage"
+            ) from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def _waiting(study) -> list:
@@ -397,13 +528,17 @@ def _queued_params(trial) -> dict[str, Any]:
 
 
 def _enqueue_retries(study, stale: set[int]) -> None:
-    """Queue each point whose only answers are stale (failed in an earlier run), unless it is queued."""
+    """Queue each point whose only answers are stale (failed in an earlier run) or whose trial never
+    finished (killed or interrupted: optuna's FAIL), unless it is queued."""
+    import optuna
+
     progress = Progress.of(study, stale)
     queued = {_point(_queued_params(t)) for t in _waiting(study)}
     retry = []
     for t in study.get_trials(deepcopy=False):
         point = _point(t.params) if t.params else None
-        if t.number in stale and point and point not in progress.points and point not in queued:
+        unanswered = t.number in stale or t.state == optuna.trial.TrialState.FAIL
+        if unanswered and point and point not in progress.points and point not in queued:
             queued.add(point)
             retry.append(t.params)
     for params in retry:
@@ -439,7 +574,7 @@ def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenar
     device, budget = scenario.target.device, scenario.budget_bytes
     records = [r for r in (TrialRecord.from_trial(t, device) for t in study.get_trials(deepcopy=False)) if r is not None]
     feasible = [r for r in records if r.feasible and r.latency_s is not None]
-    best = min(feasible, key=lambda r: (r.latency_s, r.peak_bytes or 0)) if feasible else None
+    best, notes = choose_best(feasible)
     config = None
     advice: list[str] = []
     if best is not None:
@@ -457,4 +592,40 @@ def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenar
         if failed:
             advice.append(f"some trials ended as {', '.join(sorted(failed))}: see the reasons in the table")
         advice.append("try a larger --budget, a lower --height/--width/--frames, more --trials, or --no-prune")
-    return TuneResult(name, storage, budget, records, best, config, space.size(), advice)
+    noisy = [r.number for r in records if r.source == "measured" and r.noisy]
+    if noisy:
+        notes.append(f"trial{'s' if len(noisy) > 1 else ''} {', '.join(map(str, noisy))} did not settle within the timing "
+                     "tolerance (marked noisy): compare them by their spread, or re-run on a quieter machine")
+    return TuneResult(name, storage, budget, records, best, config, space.size(), advice, notes)
+
+
+def choose_best(feasible: list[TrialRecord]) -> tuple[TrialRecord | None, list[str]]:
+    """The fastest feasible trial, and a note when others are as fast within the measured spread.
+
+    Trials whose latency ranges overlap the fastest one's are equally fast as far as the
+    measurements can tell; among them the lossless configuration wins, then the smaller peak, so
+    that the pick does not flip with the noise between runs."""
+    if not feasible:
+        return None, []
+    fastest = min(feasible, key=lambda r: (r.latency_s, r.peak_bytes or 0, r.number))
+    ceiling = fastest.latency_range[1]
+    tied: dict[str, TrialRecord] = {}  # configuration -> its first trial (a repeat shares the measurement)
+    for r in sorted(feasible, key=lambda r: r.number):
+        if r.latency_range[0] <= ceiling:
+            tied.setdefault(_config_key(r.config), r)
+    if len(tied) < 2:
+        return fastest, []
+
+    def lossy(r: TrialRecord) -> bool:
+        return is_lossy(OptimizationConfig.model_validate(r.config))
+
+    best = min(tied.values(), key=lambda r: (lossy(r), r.peak_bytes or 0, r.latency_s, r.number))
+    others = ", ".join(f"{r.number} ({_with_spread(r)})" for r in tied.values() if r is not best)
+    note = f"trial {best.number} ({_with_spread(best)}) is as fast as {others} within the measured spread"
+    if best is not fastest:
+        note += f"; chose it for being {'lossless' if lossy(fastest) and not lossy(best) else 'smaller in peak memory'}"
+    return best, [note]
+
+
+def _with_spread(record: TrialRecord) -> str:
+    return f"{record.latency_s:.3f}s ± {record.latency_spread_s or 0:.3f}"

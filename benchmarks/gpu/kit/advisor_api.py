@@ -266,7 +266,8 @@ def measure(folder: Path, config: Any, workload: Any, target: Any, *, timeout_s:
     """Measure `config` in its own process: the measurement as a dict, and the peak a budget limits."""
     from advisor.run.measure import measure as run
 
-    m = run(folder, config, workload, timeout_s=timeout_s, step_points=step_points, repeats=repeats)
+    # At most two rounds beyond `repeats` while the spread settles: the kit has minutes, not hours.
+    m = run(folder, config, workload, timeout_s=timeout_s, step_points=step_points, repeats=repeats, max_rounds=repeats + 2)
     return m.to_dict(), m.limited_peak(target.device)
 
 
@@ -287,7 +288,8 @@ def recommend(profile: Any, workload: Any, target: Any, *, machine: Any, budget_
     }
 
 
-TRIAL_FIELDS = ("number", "summary", "status", "source", "feasible", "latency_s", "peak_bytes", "predicted_peak_bytes", "reason", "config")
+TRIAL_FIELDS = ("number", "summary", "status", "source", "feasible", "latency_s", "latency_spread_s", "noisy", "peak_bytes",
+                "predicted_peak_bytes", "reason", "config")
 
 
 def tune(folder: Path, profile: Any, workload: Any, target: Any, *, budget_bytes: int, packages: dict[str, str | None],
@@ -297,7 +299,8 @@ def tune(folder: Path, profile: Any, workload: Any, target: Any, *, budget_bytes
     from advisor.plan.scenario import make_scenario
     from advisor.run.tune import TuneSettings, run_study
 
-    settings = TuneSettings(trials=trials, timeout_s=timeout_s, step_points=step_points, repeats=repeats, compile_choices=compile_choices)
+    settings = TuneSettings(trials=trials, timeout_s=timeout_s, step_points=step_points, repeats=repeats, max_rounds=repeats + 2,
+                            compile_choices=compile_choices)
     record = lambda trial: {k: getattr(trial, k) for k in TRIAL_FIELDS}  # noqa: E731
     scenario = make_scenario(profile, workload, target, packages=packages, budget_bytes=budget_bytes)
     result = run_study(str(folder), scenario, storage=storage, study=study, settings=settings, on_trial=lambda r: on_trial(record(r.trials[-1])) if r.trials else None)

@@ -65,14 +65,16 @@ def table(kit: Kit) -> str:
     """One row per item: config, status, latency and peak next to the estimate's, reserved memory, wall time."""
     gpu = not kit.args.dry_run
     peak_name = "alloc GiB" if gpu else "RSS GiB"
-    header = ["item", "config", "status", "latency s (est)", f"{peak_name} (est, err)", "reserved GiB", "wall s"]
+    header = ["item", "config", "status", "latency s ±spread (est)", f"{peak_name} (est, err)", "reserved GiB", "wall s"]
     rows = []
     for item in kit.items:
         m = item.result.get("measurement") or {}
         est = item.result.get("estimate") or {}
         err = (item.result.get("errors") or {}).get("peak")
         latency = m.get("latency_s")
-        lat = (f"{latency:.2f}" if latency is not None else "-") + (f" ({est['latency_s']:.2f})" if est.get("latency_s") is not None else "")
+        spread = m.get("latency_spread_s")
+        lat = (f"{latency:.2f}" if latency is not None else "-") + (f" ±{spread / latency:.0%}" if latency and spread is not None else "")
+        lat += (" noisy" if m.get("noisy") else "") + (f" ({est['latency_s']:.2f})" if est.get("latency_s") is not None else "")
         peak = item.result.get("measured_peak_bytes")
         peak_text = f"{peak / GIB:.2f}" if peak else "-"
         if est.get("peak_bytes"):
