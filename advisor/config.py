@@ -13,14 +13,14 @@ half set up. This module is pure data: no torch, nothing of the run tier. Applyi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from advisor.errors import ConfigError
+from advisor.files import json_type, read_json, write_text_atomic
 
 SCHEMA_VERSION = 1
 
@@ -31,6 +31,9 @@ OffloadStrategy = Literal["none", "model", "group", "sequential"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# The devices a config can name: what the planner and `apply` know how to place a pipeline on.
+_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
+VALID_DEVICES = "cpu, cuda or cuda:N (N the CUDA device index, e.g. cuda:1)"
 
 
 class _Strict(BaseModel):
@@ -181,6 +184,13 @@ class OptimizationConfig(_Strict):
     channels_last: bool = False
     provenance: Provenance = Field(default_factory=Provenance)
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not _DEVICE.match(device):
+            raise ValueError(f"`device: {device!r}` is not a device the advisor places pipelines on; use {VALID_DEVICES}")
+        return device
+
     @model_validator(mode="after")
     def _check(self) -> OptimizationConfig:
         if self.quantization and self.layerwise_casting:
@@ -223,27 +233,24 @@ class OptimizationConfig(_Strict):
         return self.model_dump_json(indent=2, exclude_none=True) + "\n"
 
     def save(self, path: str | Path) -> Path:
-        """Write the config atomically (a crash never leaves half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as out:
-                out.write(self.to_json())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        """Write the config atomically (a crash never leaves half a file), as a plain file write
+        would otherwise: the umask's mode, an existing file's mode kept, a symlink followed.
+
+        Raises `OSError` when it can't be written (`advisor.files.write_text_atomic`).
+        """
+        return write_text_atomic(path, self.to_json())
 
 
 def config_from_dict(data: Any, *, source: str = "config") -> OptimizationConfig:
     """Validate plain data as a config; errors name the key path and what is valid."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        raise ConfigError(f"{source}: expected a JSON object, got a JSON {json_type(data)}")
     version = data.get("schema_version")
     if version is None:
         raise ConfigError(f"{source}: missing 'schema_version' (this advisor writes {SCHEMA_VERSION})")
+    if isinstance(version, bool) or not isinstance(version, int):  # True == 1 in Python, not in a schema
+        shown = json.dumps(version)[:40]
+        raise ConfigError(f"{source}: schema_version {shown} is not a version number; this advisor writes {SCHEMA_VERSION}")
     if version != SCHEMA_VERSION:
         newer = isinstance(version, int) and version > SCHEMA_VERSION
         raise ConfigError(
@@ -269,17 +276,15 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{where}: {message}" if where else message
 
 
-def load_config(path: str | Path) -> OptimizationConfig:
+def load_config(path: str | Path, *, flag: str | None = None) -> OptimizationConfig:
     """Read a config file written by `advisor recommend -o` or `advisor tune -o`.
+
+    Every problem is one `ConfigError` line naming the file (and `flag`, e.g. ``--config``, when
+    given): missing, a folder, unreadable, not JSON, nested absurdly deep, or not a valid config.
 
     >>> config = load_config("advisor.json")  # doctest: +SKIP
     >>> pipe = DiffusionPipeline.from_pretrained(model, **config.pipeline_kwargs())  # doctest: +SKIP
     """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    return config_from_dict(data, source=str(path))
+    source = f"{flag} {path}" if flag else str(path)
+    data = read_json(path, error=ConfigError, label=source, missing="no such config file")
+    return config_from_dict(data, source=source)

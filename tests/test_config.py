@@ -1,6 +1,7 @@
 """The config schema: strict loading, versions, atomic writes, and the documented example."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -85,3 +86,117 @@ def test_documented_example_is_a_valid_config():
     example = re.search(r"```json\n(.*?)```", page, re.S).group(1)
     config = config_from_dict(json.loads(example), source="docs/config.md")
     assert config.offload.strategy == "model" and config.quantization.backend == "bitsandbytes_4bit"
+
+
+def test_device_and_schema_version_are_checked_for_what_they_are():
+    with pytest.raises(ConfigError) as excinfo:
+        config_from_dict({"schema_version": 1, "device": "banana"}, source="advisor.json")
+    text = str(excinfo.value)
+    assert text.startswith("advisor.json: ") and "'banana'" in text
+    assert all(valid in text for valid in ("cpu", "cuda", "cuda:N"))  # what would be valid
+    for device in ("cpu", "cuda", "cuda:0", "cuda:3"):
+        assert config_from_dict({"schema_version": 1, "device": device}).device == device
+    # JSON true is not the version number 1, though Python's True == 1
+    with pytest.raises(ConfigError, match=r"advisor.json: schema_version true is not a version number; this advisor writes 1"):
+        config_from_dict({"schema_version": True}, source="advisor.json")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested more than 64 levels deep"),  # RecursionError in json before
+        ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested more than 64 levels deep"),
+        ('{"schema_version": 1, "offload": {"num_blocks_per_group": ' + "9" * 5000 + "}}", "an integer of more than 4300 digits"),
+        ("[" * 100 + "]" * 100, "nested more than 64 levels deep"),  # parses, but nothing would survive printing it
+        (b"\xff\xfe{}".decode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_absurd_config_files_are_one_config_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "advisor.json"
+    path.write_text(text, encoding="latin-1" if "\xff" in text else "utf-8")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, flag="--config")
+    assert str(excinfo.value).startswith(f"--config {path}: ") and message in str(excinfo.value)
+
+
+def test_config_paths_that_are_not_files(tmp_path):
+    (tmp_path / "plain").write_text("{}")
+    cases = {
+        tmp_path: "is a folder, not a file",
+        tmp_path / "plain" / "advisor.json": f"{tmp_path / 'plain'} is a file, not a folder",
+        tmp_path / ("a" * 300 + ".json"): "file name too long",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ConfigError) as excinfo:
+            load_config(path, flag="--config")
+        assert str(excinfo.value).startswith(f"--config {path}: {message}"), excinfo.value
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_configs_get_the_mode_a_plain_write_would(tmp_path, umask, expected):
+    old = os.umask(umask)
+    try:
+        path = OptimizationConfig().save(tmp_path / "advisor.json")
+    finally:
+        os.umask(old)
+    assert _mode(path) == expected  # 0o666 & ~umask, not mkstemp's 0600
+
+
+def test_saving_over_a_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "advisor.json"
+    path.write_text("old")
+    path.chmod(0o640)
+    OptimizationConfig().save(path)
+    assert _mode(path) == 0o640 and load_config(path) == OptimizationConfig()
+
+
+def test_saving_through_a_symlink_keeps_the_link(tmp_path):
+    (tmp_path / "configs").mkdir()
+    target = tmp_path / "configs" / "real.json"
+    target.write_text("old")
+    link = tmp_path / "advisor.json"
+    link.symlink_to(target)
+    OptimizationConfig(dtype="float16").save(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert load_config(target).dtype == "float16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["advisor.json", "configs"]  # nothing else left
+    dangling = tmp_path / "new.json"
+    dangling.symlink_to(tmp_path / "configs" / "made.json")
+    OptimizationConfig().save(dangling)
+    assert dangling.is_symlink() and load_config(tmp_path / "configs" / "made.json") == OptimizationConfig()
+
+
+def test_saving_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import advisor.files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", Path(target).name))
+        real_replace(source, target)
+
+    monkeypatch.setattr(advisor.files.os, "fsync", fsync)
+    monkeypatch.setattr(advisor.files.os, "replace", replace)
+    OptimizationConfig().save(tmp_path / "advisor.json")
+    assert events == [("fsync", "file"), ("replace", "advisor.json"), ("fsync", "folder")]
+
+
+def test_a_failed_save_leaves_no_temporary_file_and_raises_the_os_error(tmp_path, monkeypatch):
+    import advisor.files
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(advisor.files.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        OptimizationConfig().save(tmp_path / "advisor.json")
+    assert list(tmp_path.iterdir()) == []
