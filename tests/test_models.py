@@ -279,3 +279,173 @@ def test_weight_file_choice_on_hub_style_names():
 
     names = ["config.json", "model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors", "model.fp16.safetensors", "model.safetensors.index.json"]
     assert choose_weight_files(names) == (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"], None)
+
+
+# --- corrupt but readable inputs: one ModelError naming the file and the field -------------------
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data)))
+
+
+def _set(key, value):
+    def change(data):
+        data[key] = value
+        return data
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("component", "key", "value", "expected"),
+    [
+        ("transformer", "num_layers", "nineteen", "a whole number >= 0"),
+        ("transformer", "num_layers", [19], "a whole number >= 0"),
+        ("transformer", "num_attention_heads", "2", "a whole number >= 1"),
+        ("transformer", "patch_size", 0, "a whole number >= 1"),
+        ("transformer", "guidance_embeds", "no", "true or false"),
+        ("vae", "block_out_channels", 5, "a non-empty list of whole numbers >= 1"),
+        ("vae", "latent_channels", -1, "a whole number >= 1"),
+        ("text_encoder_2", "d_model", 32.5, "a whole number >= 1"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_name_the_file_and_field(tiny_flux_dir, tmp_path, component, key, value, expected):
+    folder = _copy(tiny_flux_dir, tmp_path)
+    config = folder / component / "config.json"
+    _edit_json(config, _set(key, value))
+    with pytest.raises(ModelError) as excinfo:
+        load_profile(str(folder))
+    message = str(excinfo.value)
+    assert message.startswith(f"{config}: '{key}' is {json.dumps(value)}") and expected in message
+
+
+def test_every_catalog_config_passes_the_field_check():
+    """The published configs the catalog was built from are what a real folder holds."""
+    from advisor.probe.layout import catalog_index, role_of
+    from advisor.probe.models import check_component_config
+
+    for path in sorted(set(catalog_index().values())):
+        for item in json.loads(path.read_text())["components"]:
+            check_component_config(path, role_of(item["name"], item["class_name"]), item.get("config", {}))
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda index: [], "expected a JSON object (the pipeline's index), got a JSON array"),
+        (_set("vae", "AutoencoderKL"), "'vae' is \"AutoencoderKL\"; a component entry is a [library, class] pair"),
+        (_set("vae", ["diffusers", "AutoencoderKL", "extra"]), "'vae' is [\"diffusers\", \"AutoencoderKL\", \"extra\"]; a component entry is a [library, class] pair"),
+        (_set("transformer", [None, "FluxTransformer2DModel"]), "'transformer' is [null, \"FluxTransformer2DModel\"]; a component with weights names its library"),
+        (_set("_class_name", 5), "'_class_name' is 5; it must name the pipeline class"),
+        (lambda index: {k: v for k, v in index.items() if k != "vae"}, "has no 'vae' entry, but FluxPipeline decodes its latents with a VAE"),
+        (_set("vae", [None, None]), "'vae' is [null, null] (saved without a VAE), but FluxPipeline decodes its latents with a VAE"),
+    ],
+)
+def test_corrupt_model_index_entries_name_the_file_and_entry(tiny_flux_dir, tmp_path, change, expected):
+    folder = _copy(tiny_flux_dir, tmp_path)
+    _edit_json(folder / "model_index.json", change)
+    with pytest.raises(ModelError) as excinfo:
+        load_profile(str(folder))
+    assert str(excinfo.value).startswith(f"{folder / 'model_index.json'}: ") and expected in str(excinfo.value)
+
+
+def test_pipeline_settings_in_model_index_are_not_components(tiny_flux_dir, tmp_path):
+    # SDXL's model_index.json carries "force_zeros_for_empty_prompt": true, Wan 2.2's "boundary_ratio".
+    folder = _copy(tiny_flux_dir, tmp_path)
+    _edit_json(folder / "model_index.json", lambda index: {**index, "force_zeros_for_empty_prompt": True, "boundary_ratio": 0.875})
+    assert load_profile(str(folder)).pipeline_class == "FluxPipeline"
+
+
+def test_a_vae_without_weights_is_refused_for_a_pipeline_that_decodes_with_one(tiny_flux_dir, tmp_path):
+    folder = _copy(tiny_flux_dir, tmp_path)
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(ModelError, match=r"/vae: no safetensors weights, but FluxPipeline decodes its latents with a VAE"):
+        load_profile(str(folder))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000 + "]" * 100_000, '{"a":' * 100_000 + "1" + "}" * 100_000, '{"num_layers": ' + "9" * 5000 + "}"],
+    ids=["deep-array", "deep-object", "5000-digits"],
+)
+def test_absurd_model_json_is_one_error_naming_the_file(tiny_flux_dir, tmp_path, text):
+    folder = _copy(tiny_flux_dir, tmp_path)
+    for path in (folder / "transformer" / "config.json", folder / "model_index.json"):
+        original = path.read_text()
+        path.write_text(text)
+        with pytest.raises(ModelError) as excinfo:
+            load_profile(str(folder))
+        assert str(excinfo.value).startswith(f"{path}: ") and ("nested more than" in str(excinfo.value) or "digits" in str(excinfo.value))
+        path.write_text(original)
+
+
+def test_a_corrupt_model_index_does_not_break_the_lenient_layout_reader(tiny_flux_dir, tmp_path):
+    from advisor.probe.layout import read_layout
+
+    folder = _copy(tiny_flux_dir, tmp_path)
+    for text in ("[]", "[" * 100_000):
+        (folder / "model_index.json").write_text(text)
+        assert read_layout(str(folder)).known is False  # the loader reports it; planning falls back
+
+
+def _write_safetensors(path: Path, header: dict, data_bytes: int) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data_bytes)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "data_bytes", "expected"),
+    [
+        ({"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, 16, "tensor 'w' has shape [-4]; a shape is a list of whole numbers >= 0"),
+        ({"w": {"dtype": "F32", "shape": [4.5], "data_offsets": [0, 16]}}, 16, "tensor 'w' has shape [4.5]"),
+        ({"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, 4, "tensor 'w' has shape [true]"),
+        ({"w": {"dtype": "F32", "shape": [400], "data_offsets": [0, 16]}}, 16, "tensor 'w' is [400] float32 (1600 bytes) but its data_offsets [0, 16] hold 16 bytes"),
+        ({"w": {"dtype": "F32", "shape": [10**30], "data_offsets": [0, 16]}}, 16, "but its data_offsets [0, 16] hold 16 bytes"),
+        ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, 16, "tensor 'w' has data_offsets [16, 0]"),
+        (
+            {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+            16,
+            "overlaps the tensor before it; safetensors refuses such a file",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}},
+            12,
+            "tensor 'b' leaves bytes 4-8 unused",
+        ),
+        ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 20, "4 bytes after the last tensor"),
+    ],
+)
+def test_safetensors_headers_that_contradict_themselves_name_the_file_and_tensor(tmp_path, header, data_bytes, expected):
+    # What safetensors itself refuses to load (its Metadata::validate), found from the header alone.
+    path = _write_safetensors(tmp_path / "model.safetensors", header, data_bytes)
+    with pytest.raises(ModelError) as excinfo:
+        read_header(path)
+    assert str(excinfo.value).startswith(f"{path}: ") and expected in str(excinfo.value)
+
+
+def test_a_valid_header_with_scalars_and_empty_tensors_still_reads(tmp_path):
+    header = {
+        "__metadata__": {"format": "pt"},
+        "scalar": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+        "empty": {"dtype": "BF16", "shape": [0, 8], "data_offsets": [4, 4]},
+        "w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [4, 16]},
+    }
+    tensors = read_header(_write_safetensors(tmp_path / "model.safetensors", header, 16))
+    assert [(t.name, t.shape, t.nbytes) for t in tensors] == [("scalar", (), 4), ("empty", (0, 8), 0), ("w", (2, 3), 12)]
+
+
+def test_hub_metadata_with_a_negative_shape_is_refused():
+    from types import SimpleNamespace
+
+    from advisor.probe.models import tensors_from_hub_metadata
+
+    shard = SimpleNamespace(tensors={"w": SimpleNamespace(dtype="F32", shape=[-1, 4])})
+    with pytest.raises(ModelError, match=r"tensor 'w' has shape \[-1, 4\]"):
+        tensors_from_hub_metadata([shard])
+
+
+def test_a_model_path_too_long_for_the_file_system_is_one_error():
+    with pytest.raises(ModelError, match="file name too long"):
+        load_profile("./" + "a" * 300)

@@ -15,6 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from advisor.errors import ModelError
+from advisor.files import json_type, read_json
 from advisor.paths import CATALOG_DIR, DATA_DIR
 
 Role = str  # denoiser | text_encoder | vae | other
@@ -78,6 +80,26 @@ def index_entries(index: dict[str, Any]) -> dict[str, ComponentEntry]:
     return entries
 
 
+def check_model_index(index: dict[str, Any], path: Path) -> None:
+    """A `ModelError` naming `path` and the entry when a component entry is not a ``[library, class]``
+    pair of names (``[null, null]``: saved without that component). Other keys are the pipeline's
+    own settings (SDXL's ``force_zeros_for_empty_prompt``) and are left alone."""
+    for name, spec in index.items():
+        if name.startswith("_"):
+            continue
+        if isinstance(spec, list):
+            if len(spec) != 2 or not all(part is None or isinstance(part, str) for part in spec):
+                raise ModelError(
+                    f"{path}: {name!r} is {json.dumps(spec)[:80]}; a component entry is a [library, class] pair "
+                    "of names, e.g. [\"diffusers\", \"AutoencoderKL\"], or [null, null] for none"
+                )
+        elif role_of(name, "") != "other" or name.startswith(NOT_MODELS):
+            raise ModelError(
+                f"{path}: {name!r} is {json.dumps(spec)[:80]}; a component entry is a [library, class] pair, "
+                "e.g. [\"diffusers\", \"AutoencoderKL\"], or [null, null] for none"
+            )
+
+
 def layout_from_index(index: dict[str, Any], source: str) -> PipelineLayout:
     return PipelineLayout(index_entries(index), index.get("_class_name"), source)
 
@@ -139,7 +161,7 @@ def read_model_index(model: str | Path) -> tuple[dict[str, Any], str] | None:
     """``model_index.json`` of a local folder or a cached hub repo, and where it was; never the network."""
     folder = Path(model)
     if (folder / "model_index.json").is_file():
-        return json.loads((folder / "model_index.json").read_text()), "folder"
+        return _index_object(folder / "model_index.json"), "folder"
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -147,8 +169,15 @@ def read_model_index(model: str | Path) -> tuple[dict[str, Any], str] | None:
     except Exception:  # not a repo id, or no cache
         found = None
     if isinstance(found, str):
-        return json.loads(Path(found).read_text()), "cache"
+        return _index_object(Path(found)), "cache"
     return None
+
+
+def _index_object(path: Path) -> dict[str, Any]:
+    index = read_json(path, error=ModelError)
+    if not isinstance(index, dict):
+        raise ModelError(f"{path}: expected a JSON object (the pipeline's index), got a JSON {json_type(index)}")
+    return index
 
 
 def read_layout(model: str | Path | None) -> PipelineLayout:
@@ -157,7 +186,7 @@ def read_layout(model: str | Path | None) -> PipelineLayout:
         return PipelineLayout(None)
     try:
         found = read_model_index(model)
-    except (OSError, ValueError):  # unreadable or not JSON: the loader reports it properly
+    except (OSError, ModelError):  # unreadable, not JSON or not an object: the loader reports it properly
         found = None
     if found is not None:
         return layout_from_index(*found)

@@ -91,21 +91,62 @@ def read_header(path: str | Path) -> list[TensorInfo]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    except (RecursionError, ValueError):  # nested absurdly deep, or an integer of thousands of digits
+        raise ModelError(f"{path}: safetensors header is not a header safetensors writes (nested too deep or a giant number)") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: safetensors header is not a JSON object")
 
     data_bytes = size - 8 - length
-    tensors = []
+    tensors, ranges = [], []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype = DTYPES[entry["dtype"]][0]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            shape, offsets = entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError):
             raise ModelError(f"{path}: safetensors header entry {name!r} is malformed") from None
+        shape = checked_shape(shape, where=f"{path}: tensor {name!r}")
+        if not _is_byte_range(offsets):
+            raise ModelError(
+                f"{path}: tensor {name!r} has data_offsets {json.dumps(offsets, default=str)[:60]}; they must be [start, end] with 0 <= start <= end"
+            )
+        start, end = offsets
         if end > data_bytes:
             raise ModelError(f"{path}: truncated safetensors file (tensor {name!r} ends past the end of the file)")
-        tensors.append(TensorInfo(name, dtype, shape))
+        info = TensorInfo(name, dtype, shape)
+        if info.nbytes != end - start:
+            raise ModelError(
+                f"{path}: tensor {name!r} is {list(shape)} {dtype} ({info.nbytes} bytes) but its data_offsets "
+                f"[{start}, {end}] hold {end - start} bytes; the header is corrupt"
+            )
+        tensors.append(info)
+        ranges.append((start, end, name))
+    # As safetensors checks before it loads: the tensors tile the data exactly, in offset order.
+    covered = 0
+    for start, end, name in sorted(ranges):
+        if start != covered:
+            what = "overlaps the tensor before it" if start < covered else f"leaves bytes {covered}-{start} unused"
+            raise ModelError(f"{path}: tensor {name!r} {what}; safetensors refuses such a file")
+        covered = end
+    if covered != data_bytes:
+        raise ModelError(
+            f"{path}: {data_bytes - covered} bytes after the last tensor that no header entry describes; safetensors refuses such a file"
+        )
     return tensors
+
+
+def _is_byte_range(offsets: object) -> bool:
+    return (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        and offsets[0] <= offsets[1]
+    )
+
+
+def checked_shape(shape: object, *, where: str) -> tuple[int, ...]:
+    """`shape` as a tuple of whole numbers >= 0, or a `ModelError` starting with `where`."""
+    if not isinstance(shape, (list, tuple)) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        raise ModelError(f"{where} has shape {json.dumps(shape, default=str)[:60]}; a shape is a list of whole numbers >= 0")
+    return tuple(shape)
