@@ -40,3 +40,10 @@ class ConfigError(AdvisorError):
 
 class TuneError(AdvisorError):
     """The tuner could not run or found nothing feasible."""
+
+
+class AdvisorWarning(UserWarning):
+    """Something was ignored and the advisor carried on, e.g. an unreadable calibration cache.
+
+    The CLI prints each as one ``advisor: warning: ...`` line on stderr.
+    """

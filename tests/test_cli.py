@@ -225,3 +225,71 @@ def test_a_closed_pipe_ends_quietly(command):
 def test_recommend_refuses_workloads_it_does_not_plan():
     result = run("recommend", "--gpu", "H100", "--workload", "audio", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "--workload: audio pipelines are not planned" in result.stderr
+
+
+# --- bad input of every kind: one line naming the flag or file, a documented exit status ------------
+
+
+BAD_CALIBRATIONS = {
+    "array": "[]",
+    "object of arrays": '{"cpu": []}',
+    "string rate": '{"cpu": {"matmul_flops": "fast"}}',
+    "zero rate": '{"cpu": {"matmul_flops": 0}}',
+    "null rate": '{"cpu": {"matmul_flops": null}}',
+    "infinite rate": '{"cpu": {"matmul_flops": 1e400}}',
+    "boolean bandwidth": '{"cpu": {"matmul_flops": 1e12, "h2d_bytes_per_s": true}}',
+    "garbage": "garbage",
+    "truncated": '{"cpu": {"matmul_fl',
+    "deep": "[" * 100_000 + "]" * 100_000,
+}
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    """An empty XDG cache for the advisor (where calibration.json lives)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "advisor").mkdir(parents=True)
+    return tmp_path / "cache" / "advisor"
+
+
+@pytest.mark.parametrize("name", list(BAD_CALIBRATIONS))
+def test_a_bad_calibration_cache_is_ignored_with_a_warning(cache_home, name):
+    import warnings
+
+    from advisor.errors import AdvisorWarning
+    from advisor.probe.target import load_calibration
+
+    path = cache_home / "calibration.json"
+    path.write_text(BAD_CALIBRATIONS[name])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_calibration("cpu") is None
+    assert [w.category for w in caught] == [AdvisorWarning]
+    message = str(caught[0].message)
+    assert message.startswith(f"{path}: ") and "advisor probe --calibrate" in message and "\n" not in message
+
+
+def test_a_good_calibration_entry_survives_a_bad_neighbour(cache_home):
+    import warnings
+
+    from advisor.probe.target import load_calibration
+
+    (cache_home / "calibration.json").write_text('{"cpu": {"matmul_flops": 3e11}, "other": {"matmul_flops": "x"}}')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_calibration("cpu") == {"matmul_flops": 3e11}
+    assert len(caught) == 1 and "'other'" in str(caught[0].message)
+
+
+def test_calibrating_replaces_an_unusable_cache(cache_home):
+    import warnings
+
+    from advisor.probe.calibrate import calibrate
+
+    path = cache_home / "calibration.json"
+    path.write_text("[]")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        result = calibrate(seconds=0.01)
+    stored = json.loads(path.read_text())
+    assert list(stored) == [result["name"]] and stored[result["name"]]["matmul_flops"] > 0

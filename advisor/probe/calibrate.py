@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from typing import Any
 
-from advisor.probe.target import calibration_path
+from advisor.errors import AdvisorWarning
+from advisor.files import os_error_reason, write_text_atomic
+from advisor.probe.target import calibration_path, read_calibrations
 
 
 def _time(fn, *, min_seconds: float, sync) -> float:
@@ -54,11 +57,10 @@ def calibrate(*, seconds: float = 1.0) -> dict[str, Any]:
         per_copy = _time(lambda: target.copy_(host, non_blocking=True), min_seconds=seconds, sync=sync)
         result["h2d_bytes_per_s"] = host.numel() / per_copy
     path = calibration_path()
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        stored = {}
+    stored = read_calibrations()  # an unusable file or entry is warned about and replaced
     stored[name] = result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stored, indent=2) + "\n")
+    try:
+        write_text_atomic(path, json.dumps(stored, indent=2) + "\n")
+    except OSError as exc:  # the measurement stands; only the next command won't find it
+        warnings.warn(f"{path}: could not save the calibration ({os_error_reason(exc)}); estimates won't use it", AdvisorWarning, stacklevel=2)
     return {"name": name, "path": str(path), **result}

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
+import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from advisor.errors import UsageError
+from advisor.errors import AdvisorWarning, HardwareError, UsageError
+from advisor.files import json_type, read_json
 from advisor.paths import DATA_DIR, advisor_cache_dir
 from advisor.probe.hardware import MachineProfile, pcie_bandwidth
 from advisor.units import GIB, format_size, parse_capability
@@ -83,14 +87,61 @@ def calibration_path() -> Path:
     return advisor_cache_dir() / "calibration.json"
 
 
-def load_calibration(device_name: str) -> dict[str, Any] | None:
-    """The last `advisor probe --calibrate` result for this device name, if any."""
+_REMEASURE = "run `advisor probe --calibrate` to measure again"
+CALIBRATED_RATES = ("matmul_flops", "h2d_bytes_per_s")  # what the estimate reads from an entry
+
+
+def _calibration_problem(entry: Any) -> str | None:
+    """Why a calibration entry can't be used, or None: it must be an object whose rates are
+    finite numbers of operations or bytes per second above 0 (`matmul_flops` always)."""
+    if not isinstance(entry, dict):
+        return f"a JSON {json_type(entry)}, not an object"
+    for key in CALIBRATED_RATES:
+        if key not in entry and key != "matmul_flops":
+            continue
+        value = entry.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            return f"{key}: {json.dumps(value)[:40]} is not a finite number above 0"
+    return None
+
+
+def read_calibrations() -> dict[str, dict[str, Any]]:
+    """Every usable entry of ``calibration.json`` (device name -> result); {} when there is none.
+
+    The file is a cache: one that is not a JSON object of objects, or an entry with unusable
+    rates, is ignored with an `AdvisorWarning` instead of failing every command on the machine.
+    """
+    path = calibration_path()
     try:
-        data = json.loads(calibration_path().read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    entry = data.get(device_name) if isinstance(data, dict) else None
-    return entry if isinstance(entry, dict) else None
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except OSError:
+        pass  # read_json says what is wrong
+    try:
+        data = read_json(path, error=HardwareError)
+    except HardwareError as exc:
+        warnings.warn(f"{exc}; the calibration is ignored ({_REMEASURE})", AdvisorWarning, stacklevel=2)
+        return {}
+    if not isinstance(data, dict):
+        warnings.warn(
+            f"{path}: holds a JSON {json_type(data)}, not an object of device name -> calibration; ignored ({_REMEASURE})",
+            AdvisorWarning, stacklevel=2,
+        )
+        return {}
+    usable = {}
+    for name, entry in data.items():
+        problem = _calibration_problem(entry)
+        if problem:
+            warnings.warn(f"{path}: the calibration of {name!r} is unusable ({problem}); ignored ({_REMEASURE})", AdvisorWarning, stacklevel=2)
+        else:
+            usable[name] = entry
+    return usable
+
+
+def load_calibration(device_name: str) -> dict[str, Any] | None:
+    """The last `advisor probe --calibrate` result for this device name, if a usable one is stored."""
+    return read_calibrations().get(device_name)
 
 
 @dataclass(frozen=True)
@@ -256,6 +307,8 @@ def resolve_target(
     Only --vram and --gpu make the plan one for another machine; --ram alone overrides this
     machine's RAM.
     """
+    if ram is not None and ram <= 0:
+        raise UsageError(f"--ram: {ram} bytes must be larger than 0; give the host's RAM, e.g. --ram 64GB")
     if vram is None and gpu is None:
         target = target_from_probe(machine)
         if ram is not None:
