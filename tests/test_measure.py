@@ -405,3 +405,18 @@ def test_a_child_that_dies_without_a_result_is_classified(tmp_path):
     assert crash.status == "crash" and "exited with 1" in crash.reason and "Segmentation fault" in crash.reason
     oom = _classify_death(1, "terminate called after throwing an instance of 'std::bad_alloc'")
     assert oom.status == "oom" and "memory" in oom.reason
+
+
+def test_one_burst_of_load_among_steady_rounds_does_not_make_the_spread():
+    from advisor.run.measure import time_rounds
+
+    # Direct timing (4 steps): five rounds, one of them 6x slower (another process took the cores).
+    timer = Scripted([1.0, 1.01, 0.99, 6.0, 1.0])
+    t = time_rounds(timer.call, (2, 8), 4, min_rounds=3, tolerance=0.05, clock=timer.clock)
+    # Three steady rounds settle it first (±1%), before the burst even happens...
+    assert t.rounds == 3 and t.noisy is None
+    timer = Scripted([1.0, 6.0, 1.01, 0.99, 1.0])
+    t = time_rounds(timer.call, (2, 8), 4, min_rounds=3, tolerance=0.05, clock=timer.clock)
+    # ... and with the burst among the first rounds, the spread of the rest is what is reported.
+    assert t.rounds == 5 and t.noisy is None
+    assert t.latency_s == pytest.approx(0.9) and t.spread_s == pytest.approx((0.909 - 0.9) / 2)  # 6x and 0.99x left out

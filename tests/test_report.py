@@ -47,3 +47,54 @@ def test_summary_says_why_the_study_stopped_and_whether_it_was_interrupted():
     assert "Note: the search space has only 1 configurations; all measured." in text
     assert "*Interrupted: the trials finished so far; running the same command resumes the study.*" in text
     assert text.count("\n| ") == 2  # the table is unchanged: header row + one trial
+
+
+def spread_trial(number, latency, spread, peak, predicted_peak, predicted_latency, status="ok", source="measured"):
+    record = trial(number, latency, peak, status, source)
+    record.latency_spread_s, record.predicted_peak_bytes, record.predicted_latency_s = spread, predicted_peak, predicted_latency
+    return record
+
+
+def test_the_plot_fits_its_axes_to_the_data_and_labels_every_point():
+    import matplotlib.pyplot as plt
+
+    from advisor.run.report import figure
+
+    trials = [spread_trial(0, 1.0, 0.05, 480 * MB, 500 * MB, 0.9), spread_trial(1, 1.2, 0.02, 470 * MB, 490 * MB, 1.1)]
+    far = TuneResult("study", "sqlite:///x.db", 12 * 1024 * MB, trials, trials[0], None, 2)
+    fig = figure(far)
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    # A 12 GB budget beside ~0.5 GB points: the axis holds the points (in MB), not 0..12 GB.
+    assert 400 < low < 470 and 500 < high < 600 and "MB" in ax.get_xlabel()
+    texts = [t.get_text() for t in ax.texts]
+    assert "0" in texts and "1" in texts  # every trial numbered
+    assert any(t.startswith("budget 12.00 GB") and t.endswith("\u2192") for t in texts)  # beyond the right edge
+    # Error bars from the measured spread: trial 0's bar spans 0.95..1.05 s.
+    segments = [seg for coll in ax.collections for seg in getattr(coll, "get_segments", lambda: [])()]
+    assert any(abs(seg[0][1] - 0.95) < 1e-9 and abs(seg[1][1] - 1.05) < 1e-9 for seg in segments if len(seg) == 2)
+    plt.close(fig)
+
+    near = TuneResult("study", "sqlite:///x.db", 520 * MB, trials, trials[0], None, 2)
+    fig = figure(near)
+    low, high = fig.axes[0].get_xlim()
+    assert low < 470 and high > 520  # the budget line is inside the axes
+    plt.close(fig)
+
+
+def test_a_study_where_nothing_fits_still_plots_the_predicted_candidates():
+    import matplotlib.pyplot as plt
+
+    from advisor.run.report import figure
+
+    skipped = [spread_trial(n, None, None, None, (500 + n) * MB, 0.01, status="skipped", source="estimate") for n in range(3)]
+    for record in skipped:
+        record.feasible = False
+    fig = figure(TuneResult("study", "sqlite:///x.db", 300 * MB, skipped, None, None, 3))
+    ax = fig.axes[0]
+    offsets = [tuple(o) for coll in ax.collections for o in coll.get_offsets()]
+    assert len(offsets) == 3 and all(0.009 < y < 0.011 for _, y in offsets)
+    low, high = ax.get_xlim()
+    assert low < 300 < 502 < high  # the budget and the candidates, all visible
+    assert "nothing fits" in ax.get_title(loc="left")
+    plt.close(fig)

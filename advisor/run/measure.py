@@ -132,7 +132,8 @@ TIMING_CAP_S = 120.0
 @dataclass
 class Timing:
     """What the timed rounds of one trial gave. ``spread_s`` is half the range of the rounds'
-    latencies: the reported latency is ``latency_s ± spread_s`` over ``rounds`` rounds."""
+    latencies (the extremes left out from 5 rounds on, see `_half_range`): the reported latency is
+    ``latency_s ± spread_s`` over ``rounds`` rounds."""
 
     latency_s: float
     spread_s: float | None  # None from a single round: nothing to compare it with
@@ -163,7 +164,12 @@ def round_latency(times: dict[int, float], steps: int) -> float | None:
 
 
 def _half_range(values: list[float]) -> float | None:
-    return (max(values) - min(values)) / 2 if len(values) > 1 else None
+    """Half the range of `values`; from 5 values on, without the fastest and the slowest, so that one
+    burst of load on a shared machine does not make the spread of twelve steady rounds."""
+    if len(values) < 2:
+        return None
+    ordered = sorted(values)[1:-1] if len(values) >= 5 else sorted(values)
+    return (ordered[-1] - ordered[0]) / 2
 
 
 def time_rounds(

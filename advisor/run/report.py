@@ -25,41 +25,149 @@ def pareto_front(trials: list[TrialRecord]) -> list[TrialRecord]:
     return front
 
 
+MEASURED = {"ok": ("tab:blue", "measured, fits"), "over-budget": ("tab:orange", "measured, over budget")}
+FAILED = ("oom", "crash", "timeout")
+
+
+def _unit(largest_bytes: float) -> tuple[float, str]:
+    """The unit the plot's memory axis reads in: MB below 1 GB, else GB (binary, as everywhere)."""
+    return (GIB, "GB") if largest_bytes >= GIB else (2**20, "MB")
+
+
+def _label_offset(number: int) -> tuple[int, int]:
+    """Where a point's number goes, in points from it: turns around the point, so that trials with
+    nearly the same peak and latency (common: quantizing a small model changes little) stay legible."""
+    return [(6, 5), (6, -13), (-14, 5), (-14, -13)][number % 4]
+
+
 def plot(result: TuneResult, path: Path) -> Path:
-    """Latency against peak memory: every measured trial, the budget line, the Pareto front, the pick."""
+    """`figure` saved as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def figure(result: TuneResult):
+    """Latency against peak memory, the picture a user would show a colleague (a matplotlib figure).
+
+    Every measured trial is a filled dot labelled with its number, with error bars from the
+    measured spread; its predicted (peak, latency) is a hollow marker joined to it, so the
+    estimate's error can be seen. Skipped candidates and failed trials have only predictions:
+    hollow markers, so a study where nothing fits is not an empty chart. The axes fit the data;
+    the budget is a line where it lies inside them and an arrow at the edge where it lies far
+    beyond. The chosen trial is ringed. Below, a table names each trial's configuration.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    styles = {
-        "ok": dict(marker="o", color="tab:blue", label="fits"),
-        "over-budget": dict(marker="o", color="tab:orange", label="over budget"),
-    }
-    for status, style in styles.items():
-        points = [(t.peak_bytes / GIB, t.latency_s) for t in result.trials if t.status == status and t.peak_bytes and t.latency_s]
+    trials = result.trials
+    measured = [t for t in trials if t.status in MEASURED and t.peak_bytes and t.latency_s is not None]
+    predicted = [t for t in trials if t.predicted_peak_bytes and t.predicted_latency_s is not None]
+    peaks = [t.peak_bytes for t in measured] + [t.predicted_peak_bytes for t in predicted]
+    scale, unit = _unit(max(peaks + [result.budget_bytes if not peaks else 0]) or GIB)
+
+    # Laid out in inches: the chart on top, the table of trials below it, one line per trial.
+    chart_h, row_h, margin = 4.2, 0.21, 0.75
+    table_h = row_h * (len(trials) + 1)
+    height = chart_h + margin * 2 + table_h
+    fig = plt.figure(figsize=(9.5, height), dpi=110)
+    ax = fig.add_axes([0.08, (table_h + margin * 1.35) / height, 0.62, chart_h / height])
+    drawn_handles = set()
+    for t in predicted:  # the estimate: hollow, joined to what was measured
+        x, y = t.predicted_peak_bytes / scale, t.predicted_latency_s
+        ax.scatter([x], [y], s=46, facecolors="none", edgecolors="tab:gray", linewidths=1.2, zorder=2)
+        mine = next((m for m in measured if m.number == t.number), None)
+        if mine is not None:
+            ax.plot([x, mine.peak_bytes / scale], [y, mine.latency_s], color="tab:gray", linewidth=0.6, alpha=0.6, zorder=1)
+        else:
+            ax.annotate(f"{t.number}", (x, y), xytext=_label_offset(t.number), textcoords="offset points", fontsize=8, color="tab:gray")
+        drawn_handles.add("predicted")
+    for status, (color, _label) in MEASURED.items():
+        points = [t for t in measured if t.status == status]
         if points:
-            ax.scatter(*zip(*points), s=40, alpha=0.8, **style)
-    failed = [t for t in result.trials if t.status in {"oom", "crash", "timeout"} and t.predicted_peak_bytes]
-    if failed:
-        ax.scatter([t.predicted_peak_bytes / GIB for t in failed], [0] * len(failed), marker="x", color="tab:red", label="OOM / crash / timeout (at predicted peak)")
-    front = pareto_front(result.trials)
+            ax.errorbar([t.peak_bytes / scale for t in points], [t.latency_s for t in points],
+                        yerr=[t.latency_spread_s or 0.0 for t in points], fmt="o", color=color, ecolor=color,
+                        elinewidth=1, capsize=3, markersize=7, zorder=3)
+            drawn_handles.add(status)
+    for t in measured:
+        ax.annotate(f"{t.number}", (t.peak_bytes / scale, t.latency_s), xytext=_label_offset(t.number), textcoords="offset points",
+                    fontsize=9, fontweight="bold")
+    front = pareto_front(trials)
     if len(front) > 1:
-        ax.plot([t.peak_bytes / GIB for t in front], [t.latency_s for t in front], "--", color="tab:gray", label="Pareto front")
-    ax.axvline(result.budget_bytes / GIB, color="tab:red", linestyle=":", label=f"budget {format_size(result.budget_bytes)}")
-    if result.best is not None and result.best.peak_bytes:
-        ax.scatter([result.best.peak_bytes / GIB], [result.best.latency_s], marker="*", s=300, color="gold", edgecolor="black", zorder=5, label="chosen")
-    ax.set_xlabel("peak memory (GB = GiB)")
+        ax.plot([t.peak_bytes / scale for t in front], [t.latency_s for t in front], "--", color="tab:blue", alpha=0.35, zorder=1)
+        drawn_handles.add("front")
+    best = result.best
+    if best is not None and best.peak_bytes:
+        ax.scatter([best.peak_bytes / scale], [best.latency_s], s=320, facecolors="none", edgecolors="gold", linewidths=2.5, zorder=4)
+        drawn_handles.add("chosen")
+
+    # Axes fitted to the data; the budget inside them when it is within half the data's magnitude
+    # of them, else an arrow at the edge it lies beyond (a 12 GB budget would squash 0.5 GB points).
+    xs = [p / scale for p in peaks] or [result.budget_bytes / scale]
+    low, high = min(xs), max(xs)
+    budget = result.budget_bytes / scale
+    near = 0.5 * low <= budget <= 1.5 * high
+    if near:
+        low, high = min(low, budget), max(high, budget)
+    pad = max(high - low, 0.02 * high) * 0.12
+    ax.set_xlim(low - pad, high + pad)
+    budget_label = f"budget {format_size(result.budget_bytes)}"
+    if near:
+        ax.axvline(budget, color="tab:red", linestyle=":", linewidth=1.5)
+        ax.annotate(budget_label, (budget, 0), xycoords=("data", "axes fraction"), xytext=(4, 6), textcoords="offset points",
+                    ha="left", fontsize=8, color="tab:red", rotation=90)
+        drawn_handles.add("budget")
+    elif budget > high:
+        ax.annotate(f"{budget_label} \u2192", (1, 1), xycoords="axes fraction", xytext=(-4, -12), textcoords="offset points",
+                    ha="right", fontsize=8, color="tab:red")
+    else:
+        ax.annotate(f"\u2190 {budget_label}", (0, 1), xycoords="axes fraction", xytext=(4, -12), textcoords="offset points",
+                    ha="left", fontsize=8, color="tab:red")
+    ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+    ax.set_xlabel(f"peak memory ({unit}; 1 {unit} = 2^{30 if unit == 'GB' else 20} bytes)")
     ax.set_ylabel("latency per generation (s)")
-    ax.set_title(f"advisor tune: {result.study}")
+    ys = [t.latency_s + (t.latency_spread_s or 0) for t in measured] + [t.predicted_latency_s for t in predicted]
+    ax.set_ylim(0, max(ys) * 1.15 if ys else 1)
+    title = result.study if best is not None else f"{result.study}: nothing fits {format_size(result.budget_bytes)}"
+    ax.set_title(title, fontsize=10, loc="left")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+
+    from matplotlib.lines import Line2D
+
+    legend = {status: Line2D([], [], marker="o", linestyle="", color=color, label=f"{label} (bars: spread)")
+              for status, (color, label) in MEASURED.items()}
+    legend |= {
+        "predicted": Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="tab:gray",
+                            label="predicted by the estimate\n(line: to its measurement)"),
+        "chosen": Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="gold", markeredgewidth=2.5,
+                         markersize=12, label="chosen"),
+        "budget": Line2D([], [], color="tab:red", linestyle=":", label="budget"),
+        "front": Line2D([], [], color="tab:blue", linestyle="--", alpha=0.35, label="Pareto front"),
+    }
+    chart_top = (table_h + margin * 1.35 + chart_h) / height
+    fig.legend(handles=[h for key, h in legend.items() if key in drawn_handles], loc="upper left", bbox_to_anchor=(0.72, chart_top),
+               fontsize=8, frameon=False, labelspacing=0.9)
+
+    table = [["#", "configuration", "status", "latency", "peak", "predicted"]]
+    for t in trials:
+        latency = "-" if t.latency_s is None else f"{t.latency_s:.3f} s" + (f" ± {t.latency_spread_s:.3f}" if t.latency_spread_s else "")
+        table.append([str(t.number) + (" *" if best is not None and t.number == best.number else ""), t.summary,
+                      t.status + (", noisy" if t.noisy else ""), latency, format_size(t.peak_bytes), format_size(t.predicted_peak_bytes)])
+    cells = fig.add_axes([0.02, 0.15 / height, 0.96, table_h / height])
+    cells.axis("off")
+    drawn = cells.table(cellText=table[1:], colLabels=table[0], bbox=[0, 0, 1, 1], cellLoc="left", colLoc="left",
+                        colWidths=[0.05, 0.45, 0.14, 0.14, 0.11, 0.11])
+    drawn.auto_set_font_size(False)
+    drawn.set_fontsize(7.5)
+    for cell in drawn.get_celld().values():
+        cell.set_linewidth(0.3)
+    return fig
 
 
 def markdown(result: TuneResult, image: str | None = None) -> str:
