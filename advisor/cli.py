@@ -1,22 +1,27 @@
 """The `advisor` command line: parsing and rendering only; the work lives in the modules.
 
-Every error the advisor raises on purpose, and every usage error, ends as one line on stderr and a
-non-zero exit status; ``--debug`` shows the traceback instead.
+Every error ends as one line on stderr (``advisor: error: ...``) and a non-zero exit status: the
+advisor's own errors with their exit codes (usage errors 2, the rest 1), an OS error on a file
+with the file's name, and anything unexpected as one line that says it is a bug; ``--debug``
+shows the traceback instead. Warnings (`AdvisorWarning`) are one ``advisor: warning: ...`` line each.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sys
+import warnings
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from advisor.errors import AdvisorError, ModelError, UsageError
+from advisor.errors import AdvisorError, AdvisorWarning, ModelError, UsageError
+from advisor.files import check_output_file, check_output_folder, os_error_reason
 from advisor.render import format_count, render_probe, render_recommendation, render_tune, stdout_console
 from advisor.units import format_size, parse_size
 
@@ -160,7 +165,7 @@ def estimate(
     profile = planning_profile(model, workload)
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
     target = resolve_target(probe_machine(), vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu)
-    config = load_config(config_file) if config_file else OptimizationConfig(device=target.device)
+    config = load_config(config_file, flag="--config") if config_file else OptimizationConfig(device=target.device)
     result = run_estimate(profile, job, config, target)
     if as_json:
         print_json(
@@ -241,6 +246,8 @@ def recommend_command(
 
     if emit not in (None, "python"):
         raise UsageError(f"--emit: {emit!r} is not supported; use --emit python")
+    if output is not None:
+        check_output_file(output, flag="-o")
     budget_bytes = _size(budget, "--budget")
     scenario = scenario_for(
         probe_machine(), model, workload=workload, height=height, width=width, frames=frames, steps=steps, batch=batch,
@@ -252,7 +259,7 @@ def recommend_command(
     result = recommend(scenario, compile_choices=(False,) if no_compile else (True, False))
     config = result.config
     if config is not None and output:
-        config.save(output)
+        save_config(config, output)
     if as_json:
         print_json(result.to_dict())
     elif emit == "python" and config is not None:
@@ -305,9 +312,16 @@ def tune(
         retry_failed=retry_failed,
     )
     check_settings(settings)  # --trials, --trial-timeout
-    for flag, value in (("--height", height), ("--width", width), ("--frames", frames), ("--steps", steps), ("--batch", batch)):
-        if value is not None and value < 1:  # before any model is read (the workload checks the rest)
-            raise UsageError(f"{flag}: {value!r} must be a whole number >= 1")
+    from advisor.probe.workload import check_workload_value
+
+    for name, value in (("height", height), ("width", width), ("frames", frames), ("steps", steps), ("batch", batch)):
+        if value is not None:  # before any model is read (the workload checks the rest)
+            check_workload_value(name, value)
+    # Before the first trial: otherwise a bad path is found only after every trial has run.
+    if output is not None:
+        check_output_file(output, flag="-o")
+    if report is not None:
+        check_output_folder(report, flag="--report")
     if workers > 1 and (storage is None or storage.startswith("sqlite")):
         raise UsageError("--workers: several workers need a shared storage: --storage journal:PATH or postgresql://...")
     machine = probe_machine()
@@ -337,11 +351,9 @@ def tune(
         for note in result.notes:
             stdout_console().print(note)
     if result.config is not None and output:
-        result.config.save(output)
+        save_config(result.config, output)
     if report:
-        from advisor.run.report import write_report
-
-        summary = write_report(result, report)
+        summary = _write_report(result, report)
         if not (quiet or as_json):
             stdout_console().print(f"report: {summary} and {summary.with_name('tune.png')}")
     if as_json:
@@ -352,6 +364,25 @@ def tune(
         raise typer.Exit(NOTHING_FITS_EXIT)
 
 
+def save_config(config, output: str) -> None:
+    """`config.save(output)` with a failure as one line naming ``-o`` (the path was checked up front;
+    this is what can still go wrong when writing: a full disk, a folder removed meanwhile)."""
+    try:
+        config.save(output)
+    except OSError as exc:
+        raise AdvisorError(f"-o {output}: could not write the config ({os_error_reason(exc)})") from None
+
+
+def _write_report(result, report: str):
+    from advisor.run.report import write_report
+
+    try:
+        return write_report(result, report)
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        raise AdvisorError(f"--report {report}: could not write{where} ({os_error_reason(exc)})") from None
+
+
 def _tune_interrupted(result, argv: list[str], as_json: bool, quiet: bool, report: str | None) -> None:
     """Ctrl-C during `advisor tune`: say so, show the finished trials and how to resume; exit 130."""
     import shlex
@@ -360,9 +391,7 @@ def _tune_interrupted(result, argv: list[str], as_json: bool, quiet: bool, repor
         print("advisor: interrupted", file=sys.stderr)
     result.interrupted = True
     if report:  # what was finished, marked as interrupted
-        from advisor.run.report import write_report
-
-        write_report(result, report)
+        _write_report(result, report)
     if as_json:
         print_json(result.to_dict())
     elif not quiet:
@@ -406,11 +435,30 @@ def _stdout_gone() -> bool:
     return (here.st_dev, here.st_ino) == (null.st_dev, null.st_ino)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _show_warning(previous, message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, AdvisorWarning):
+        print(f"advisor: warning: {_one_line(message)}", file=sys.stderr)
+    else:
+        previous(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
     _state["argv"] = args  # what `tune --workers` hands on to its worker processes
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", AdvisorWarning)  # each distinct warning once per command
+        warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+        return _run(args)
+
+
+def _run(args: list[str]) -> int:
     command = typer.main.get_command(app)
+    debug = "--debug" in args
     try:
         result = command.main(args=args or ["--help"], prog_name="advisor", standalone_mode=False)
     except typer.Exit as exc:
@@ -426,17 +474,30 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # the final flush must not fail again
         return 0
     except typer.TyperException as exc:  # click's usage errors: unknown option, missing value, ...
-        if "--debug" in args:
+        if debug:
             raise
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx else ""
-        print(f"advisor: error: {exc.format_message()}{hint}", file=sys.stderr)
+        print(f"advisor: error: {_one_line(exc.format_message())}{hint}", file=sys.stderr)
         return exc.exit_code
     except AdvisorError as exc:
-        if _state["debug"] or "--debug" in args:
+        if _state["debug"] or debug:
             raise
-        print(f"advisor: error: {exc}", file=sys.stderr)
+        print(f"advisor: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file no check named a flag for: name the file
+        if _state["debug"] or debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"advisor: error: {where}{os_error_reason(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: still one line, and the way to see more
+        if _state["debug"] or debug:
+            raise
+        text = _one_line(exc)
+        text = text if len(text) <= 300 else text[:297] + "..."
+        print(f"advisor: error: unexpected {type(exc).__name__}: {text} (a bug in the advisor; --debug shows the traceback)", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 

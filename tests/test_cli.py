@@ -293,3 +293,205 @@ def test_calibrating_replaces_an_unusable_cache(cache_home):
         result = calibrate(seconds=0.01)
     stored = json.loads(path.read_text())
     assert list(stored) == [result["name"]] and stored[result["name"]]["matmul_flops"] > 0
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("advisor: error: "), err
+    assert "Traceback" not in err
+    return lines[0].removeprefix("advisor: error: ")
+
+
+def _no_trials(monkeypatch):
+    """Make measuring anything fail the test: output checks must come before the first trial."""
+    import advisor.run.tune
+    import advisor.run.workers
+
+    def measured(*args, **kwargs):
+        raise AssertionError("a trial was started before the bad argument was refused")
+
+    monkeypatch.setattr(advisor.run.tune, "run_study", measured)
+    monkeypatch.setattr(advisor.run.workers, "run_workers", measured)
+
+
+@pytest.fixture
+def plain_file(tmp_path):
+    path = tmp_path / "plain.txt"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize("command", ["recommend", "tune"])
+def test_output_paths_that_cannot_be_files_are_refused_before_any_work(command, tmp_path, plain_file, tiny_flux_dir, monkeypatch, capsys):
+    _no_trials(monkeypatch)
+    base = ["recommend", "-m", "flux-dev", "--gpu", "H100"] if command == "recommend" else ["tune", "--budget", "4GB", "-m", str(tiny_flux_dir)]
+    long_name = "a" * 300 + ".json"
+    cases = [
+        (str(tmp_path), f"-o {tmp_path}: is a folder; give a file name inside it"),
+        (str(plain_file / "x.json"), f"-o {plain_file / 'x.json'}: {plain_file} is a file, not a folder"),
+        (str(tmp_path / long_name), "is 305 bytes long; this file system allows at most 255"),
+        ("", "-o: the file name is empty"),
+    ]
+    for output, message in cases:
+        assert main([*base, "-o", output]) == 2, output  # a bad argument: usage error
+        out, err = capsys.readouterr()
+        line = _one_error_line(err)
+        assert line.startswith("-o") and message in line, line
+        assert out == ""
+
+
+def test_tune_report_must_be_a_folder_it_can_write_before_any_trial(tmp_path, plain_file, tiny_flux_dir, monkeypatch, capsys):
+    _no_trials(monkeypatch)
+    base = ["tune", "--budget", "4GB", "-m", str(tiny_flux_dir)]
+    for report, message in [
+        (str(plain_file), f"--report {plain_file}: is a file, not a folder"),
+        (str(plain_file / "sub"), f"--report {plain_file / 'sub'}: {plain_file} is a file, not a folder"),
+        (str(tmp_path / ("r" * 300)), "this file system allows at most 255"),
+    ]:
+        assert main([*base, "--report", report]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert line.startswith("--report") and message in line, line
+
+
+def test_an_output_folder_that_is_read_only_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    import advisor.files
+
+    # Simulated: this test may run as root, which writes into a chmod 0555 folder anyway.
+    monkeypatch.setattr(advisor.files.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(advisor.files.os, "statvfs", lambda path: type("vfs", (), {"f_flag": os.ST_RDONLY})())
+    assert main(["recommend", "-m", "flux-dev", "--gpu", "H100", "-o", str(tmp_path / "advisor.json")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == f"-o {tmp_path / 'advisor.json'}: {tmp_path} is on a read-only file system"
+    monkeypatch.setattr(advisor.files.os, "statvfs", lambda path: type("vfs", (), {"f_flag": 0})())
+    assert main(["recommend", "-m", "flux-dev", "--gpu", "H100", "-o", str(tmp_path / "advisor.json")]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"-o {tmp_path / 'advisor.json'}: permission denied: can't create files in {tmp_path}"
+
+
+def test_a_config_that_fails_to_write_is_one_line_naming_the_flag(tmp_path, monkeypatch, capsys):
+    import advisor.files
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(advisor.files.tempfile, "mkstemp", denied)
+    path = tmp_path / "advisor.json"
+    assert main(["recommend", "-m", "flux-dev", "--gpu", "H100", "-o", str(path)]) == 1
+    assert _one_error_line(capsys.readouterr().err) == f"-o {path}: could not write the config (permission denied)"
+
+
+def test_an_unreadable_config_file_names_the_flag_and_file(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "locked.json"
+    path.write_text('{"schema_version": 1}')
+    real_open = Path.open
+
+    def open_(self, *args, **kwargs):
+        if self.name == "locked.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    assert main(["estimate", "flux-dev", "--gpu", "H100", "--config", str(path)]) == 1
+    assert _one_error_line(capsys.readouterr().err) == f"--config {path}: permission denied"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested more than 64 levels deep"),
+        ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested more than 64 levels deep"),
+        ('{"schema_version": 1, "offload": {"num_blocks_per_group": ' + "9" * 5000 + "}}", "an integer of more than 4300 digits"),
+        ('{"schema_version": 1, "device": "banana"}', "'banana'"),
+        ('{"schema_version": true}', "schema_version true is not a version number"),
+        (None, "is a folder, not a file"),
+    ],
+    ids=["deep-array", "deep-object", "5000-digits", "banana", "version-true", "folder"],
+)
+def test_bad_config_files_through_the_cli(tmp_path, capsys, content, message):
+    path = tmp_path / "advisor.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    assert main(["estimate", "flux-dev", "--gpu", "H100", "--config", str(path)]) == 1  # ConfigError
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"--config {path}: ") and message in line, line
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "limit"),
+    [
+        (["estimate", "flux-dev", "--steps", str(10**30)], "--steps", 10000),
+        (["estimate", "wan2.1-t2v-1.3b", "--frames", str(10**30 + 1)], "--frames", 1025),
+        (["estimate", "flux-dev", "--height", str(10**30)], "--height", 32768),
+        (["recommend", "--gpu", "H100", "--width", str(10**30)], "--width", 32768),
+        (["recommend", "--gpu", "H100", "--batch", str(10**30)], "--batch", 256),
+        (["recommend", "-m", "wan2.1-t2v-1.3b", "--gpu", "H100", "--frames", "1029"], "--frames", 1025),
+        (["recommend", "--gpu", "H100", "--steps", "10001"], "--steps", 10000),
+    ],
+)
+def test_huge_workload_values_name_the_flag_and_the_limit(args, flag, limit, capsys):
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"{flag}: ") and line.endswith(f"use at most {limit}"), line
+
+
+@pytest.mark.parametrize("flag", ["--height", "--width", "--frames", "--steps", "--batch"])
+def test_tune_refuses_huge_workload_values_before_measuring(flag, tiny_wan_dir, monkeypatch, capsys):
+    _no_trials(monkeypatch)
+    assert main(["tune", "--budget", "4GB", "-m", str(tiny_wan_dir), flag, str(10**30)]) == 2
+    assert _one_error_line(capsys.readouterr().err).startswith(f"{flag}: ")
+
+
+def test_the_largest_allowed_workload_still_has_a_finite_estimate(capsys):
+    args = ["--height", "32768", "--width", "32768", "--frames", "1025", "--steps", "10000", "--batch", "256", "--gpu", "H100", "--json"]
+    assert main(["estimate", "hunyuanvideo", *args]) == 0
+    estimate = json.loads(capsys.readouterr().out)["estimate"]
+    assert 0 < estimate["latency_s"] < float("inf") and estimate["peak_vram_bytes"] > 0
+
+
+def test_ram_of_nothing_blames_ram_not_budget(capsys):
+    for args in (["recommend", "--ram", "0"], ["estimate", "flux-dev", "--ram", "0"], ["recommend", "--gpu", "H100", "--ram", "0"]):
+        assert main(args) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert line.startswith("--ram: ") and "--budget" not in line, line
+
+
+def test_a_default_budget_of_nothing_says_which_memory_left_nothing(capsys):
+    assert main(["recommend", "--vram", "1GB"]) == 2  # 1 GiB minus the 1 GiB + 5% reserve
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("--budget: not given") and "--vram" in line and "give --budget SIZE" in line
+
+
+@pytest.mark.parametrize("name", ["array", "string rate", "garbage", "truncated"])
+def test_commands_keep_working_with_a_bad_calibration_cache(cache_home, name, capsys):
+    (cache_home / "calibration.json").write_text(BAD_CALIBRATIONS[name])
+    assert main(["estimate", "flux-dev", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["estimate"]["latency_s"] > 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"advisor: warning: {cache_home / 'calibration.json'}: "), err
+
+
+def test_unexpected_exceptions_are_one_line_and_debug_shows_them(monkeypatch, capsys):
+    from advisor.probe import hardware
+
+    def broken():
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(hardware, "probe_machine", broken)
+    assert main(["probe"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("unexpected RuntimeError: boom second line") and "--debug" in line
+    with pytest.raises(RuntimeError):
+        main(["--debug", "probe"])
+
+
+def test_os_errors_no_check_caught_name_the_file(monkeypatch, capsys):
+    from advisor.probe import hardware
+
+    def missing():
+        raise FileNotFoundError(2, "No such file or directory", "/sys/gone")
+
+    monkeypatch.setattr(hardware, "probe_machine", missing)
+    assert main(["probe"]) == 1
+    assert _one_error_line(capsys.readouterr().err) == "/sys/gone: no such file or folder"

@@ -112,6 +112,14 @@ def make_scenario(
     """The scenario, with the default budget when none is given; a budget of nothing is an error here."""
     if budget_bytes is None:
         budget, source = default_budget(target), "default: free memory minus a reserve"
+        if budget <= 0:  # the user gave no --budget: say which memory left nothing
+            if target.device == "cpu":
+                default = f"90% of the available RAM) leaves nothing of {format_size(target.ram_available_bytes)}"
+                larger = "--ram"
+            else:
+                default = f"free GPU memory minus 1 GiB + 5% of the card) leaves nothing of {format_size(target.vram_free_bytes)}"
+                larger = "--vram"
+            raise UsageError(f"--budget: not given, and the default ({default} on {target.name}; give --budget SIZE or a larger {larger}")
     else:
         budget, source = budget_bytes, "--budget"
     if budget <= 0:

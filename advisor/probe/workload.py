@@ -16,6 +16,27 @@ from advisor.errors import UsageError
 from advisor.paths import DATA_DIR
 from advisor.probe.models import ModelProfile
 
+# Upper bounds of the workload flags, each past anything a pipeline generates (the catalog's
+# largest defaults: 1328 px, 161 frames, 50 steps; diffusers' VAEs compress time 4x or 8x, and
+# 1025 frames is a valid count for both) and small enough that every estimate is a finite number:
+# unbounded, 10**300 frames overflowed the FLOP count to a float.
+WORKLOAD_LIMITS = {"height": 32768, "width": 32768, "frames": 1025, "steps": 10000, "batch": 256}
+_TOO_LARGE = {
+    "height": "is larger than any pipeline generates",
+    "width": "is larger than any pipeline generates",
+    "frames": "is longer than any video pipeline generates",
+    "steps": "is more steps than any sampler runs",
+    "batch": "is more than any GPU holds",
+}
+
+
+def check_workload_value(name: str, value: object) -> None:
+    """A `UsageError` naming ``--<name>`` unless `value` is a whole number from 1 to its limit."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"--{name}: {value!r} must be a whole number >= 1")
+    if value > WORKLOAD_LIMITS[name]:
+        raise UsageError(f"--{name}: {value} {_TOO_LARGE[name]}; use at most {WORKLOAD_LIMITS[name]}")
+
 
 @lru_cache(maxsize=1)
 def pipeline_behaviour_table() -> dict[str, Any]:
@@ -103,12 +124,9 @@ def make_workload(
         "batch": batch if batch is not None else 1,
     }
     for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise UsageError(f"--{name}: {value!r} must be a whole number >= 1")
+        check_workload_value(name, value)
     multiple = defaults.get("pixel_multiple", 8)
     for name in ("height", "width"):
-        if values[name] > 32768:
-            raise UsageError(f"--{name}: {values[name]} is larger than any pipeline generates; use at most 32768")
         if values[name] % multiple:
             lower, upper = values[name] // multiple * multiple, (values[name] // multiple + 1) * multiple
             raise UsageError(
@@ -125,8 +143,6 @@ def make_workload(
             f"--frames: {values['frames']} does not fit the VAE's {temporal}x time compression; "
             f"use {temporal}k+1 frames, e.g. {valid}"
         )
-    if values["batch"] > 256:
-        raise UsageError(f"--batch: {values['batch']} is more than any GPU holds; use at most 256")
     name = profile.model_id.rsplit("/", 1)[-1]
     assumed = []
     if steps is None:
