@@ -420,3 +420,14 @@ def test_one_burst_of_load_among_steady_rounds_does_not_make_the_spread():
     # ... and with the burst among the first rounds, the spread of the rest is what is reported.
     assert t.rounds == 5 and t.noisy is None
     assert t.latency_s == pytest.approx(0.9) and t.spread_s == pytest.approx((0.909 - 0.9) / 2)  # 6x and 0.99x left out
+
+
+@pytest.mark.slow
+def test_a_trial_reports_what_it_is_doing_as_it_goes(tiny_flux_dir):
+    phases = []
+    m = measure(tiny_flux_dir, OptimizationConfig(device="cpu"), WORKLOAD, timeout_s=300, on_phase=phases.append)
+    assert m.status == "ok", m.reason
+    assert phases[:3] == ["starting", "loading", "warm-up"]
+    timing = phases[3:]
+    # One line per timed call, numbered, each at the workload's 4 steps (timed as they are).
+    assert timing == [f"timing, call {n} (4 steps)" for n in range(1, len(timing) + 1)] and len(timing) == m.rounds

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -249,12 +250,15 @@ def measure(
     timing_cap_s: float = TIMING_CAP_S,
     memory_limit_bytes: int | None = None,
     seed: int = 0,
+    on_phase: Callable[[str], None] | None = None,
 ) -> Measurement:
     """Run one candidate in a fresh process and return what it measured (never raises for OOM/crash).
 
     The latency is timed in at least `repeats` rounds, more (up to `max_rounds` or `timing_cap_s`)
     until it settles within `tolerance` (see `time_rounds`). `memory_limit_bytes` caps the child's
     address space (RLIMIT_AS): a way to provoke, and test, a real out-of-memory on a CPU machine.
+    `on_phase` is called (from another thread) with what the child is doing as it starts doing it:
+    "starting", "loading", "warm-up" (", compiling" with compile), "timing, call N (S steps)".
 
     The child runs in its own process group, killed as a whole on a timeout or when this call is
     interrupted (Ctrl-C, SIGTERM), and on Linux it dies with this process even on SIGKILL
@@ -277,26 +281,48 @@ def measure(
             "result_path": str(result_path),
         }
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-        child = subprocess.Popen(
-            [sys.executable, "-m", "advisor.run.measure"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, preexec_fn=die_with_parent(),
-        )
-        try:
-            _, stderr = child.communicate(json.dumps(spec), timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            kill_group(child)
-            return Measurement(status="timeout", reason=f"no result within {timeout_s:.0f}s", wall_s=time.perf_counter() - started)
-        except BaseException:  # interrupted: the trial goes with this call
-            kill_group(child)
-            raise
-        if result_path.exists():
-            measurement = Measurement(**json.loads(result_path.read_text()))
-        else:
-            measurement = _classify_death(child.returncode, stderr)
+        (scratch / "spec.json").write_text(json.dumps(spec))
+        with open(scratch / "stderr.txt", "w+") as stderr:  # a file: a chatty child never blocks on a full pipe
+            child = subprocess.Popen(
+                [sys.executable, "-m", "advisor.run.measure", str(scratch / "spec.json")], stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, start_new_session=True, preexec_fn=die_with_parent(),
+            )
+            reader = threading.Thread(target=_read_phases, args=(child.stdout, on_phase), daemon=True)
+            reader.start()
+            try:
+                child.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                kill_group(child)
+                return Measurement(status="timeout", reason=f"no result within {timeout_s:.0f}s", wall_s=time.perf_counter() - started)
+            except BaseException:  # interrupted: the trial goes with this call
+                kill_group(child)
+                raise
+            finally:
+                reader.join(timeout=5)
+            if result_path.exists():
+                measurement = Measurement(**json.loads(result_path.read_text()))
+            else:
+                stderr.seek(0)
+                measurement = _classify_death(child.returncode, stderr.read())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     measurement.wall_s = time.perf_counter() - started
     return measurement
+
+
+PHASE_MARK = "advisor-phase: "  # a line of the child's stdout that says what it is doing now
+
+
+def _report_phase(phase: str) -> None:
+    print(f"{PHASE_MARK}{phase}", flush=True)
+
+
+def _read_phases(stream, on_phase: Callable[[str], None] | None) -> None:
+    """Pass the child's phase lines to `on_phase` until its stdout closes (other output is dropped)."""
+    for line in stream:
+        if on_phase is not None and line.startswith(PHASE_MARK):
+            with contextlib.suppress(Exception):  # a broken progress display must not lose the trial
+                on_phase(line[len(PHASE_MARK):].strip())
 
 
 # --- trials never outlive their tuner ---------------------------------------------------------------
@@ -512,6 +538,7 @@ def _call_kwargs(workload: Workload, steps: int, seed: int) -> dict[str, Any]:
 
 def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     child_started = time.perf_counter()
+    _report_phase("starting")
     if spec.get("memory_limit_bytes"):
         limit = int(spec["memory_limit_bytes"])
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -552,15 +579,21 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
             result["phase_peak_vram_bytes"] = phases.finish()
         return elapsed
 
+    _report_phase("loading")
     start = time.perf_counter()
     pipe = load_pipeline(spec["model"], config)
     result["load_s"] = time.perf_counter() - start
     points = sorted(spec["step_points"])
+    _report_phase("warm-up, compiling" if config.compile is not None else "warm-up")
     result["warmup_s"] = timed_call(pipe, points[0])
     # The first timed generation after the warm-up (compiled by then) records the peak of each phase.
     phases = [PhasePeaks(torch.cuda.max_memory_allocated, reset_peaks)] if cuda else []
 
+    calls = {"done": 0}
+
     def call(steps: int) -> float:
+        calls["done"] += 1
+        _report_phase(f"timing, call {calls['done']} ({steps} steps)")
         return timed_call(pipe, steps, phases.pop() if phases else None)
 
     timing = spec["timing"]
@@ -591,7 +624,7 @@ def peak_rss_bytes() -> int:
 
 
 def _child_main() -> int:
-    spec = json.loads(sys.stdin.read())
+    spec = json.loads(Path(sys.argv[1]).read_text())
     try:
         result = _run_trial(spec)
     except BaseException as error:  # the trial's failure is the result, whatever it is

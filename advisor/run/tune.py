@@ -280,7 +280,8 @@ def exhausted_note(space: SearchSpace, progress: Progress, wanted: int) -> str |
             f"({len(progress.measured)} measured)")
 
 
-def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: TuneSettings, stale: set[int]) -> Callable:
+def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: TuneSettings, stale: set[int],
+               on_phase: Callable[[int, str, str], None] | None = None) -> Callable:
     device, budget = scenario.target.device, scenario.budget_bytes
 
     def objective(trial) -> float:
@@ -334,6 +335,7 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
             timing_cap_s=settings.timing_cap_s,
             memory_limit_bytes=settings.memory_limit_bytes,
             seed=settings.seed,
+            on_phase=(lambda phase: on_phase(trial.number, config.summary(), phase)) if on_phase else None,
         )
         status, violation, reason = _judge(m, scenario)
         return finish(status, "measured", violation, m.latency_s if m.latency_s is not None else predicted.latency_s * 10, reason, m)
@@ -392,9 +394,11 @@ def run_study(
     study: str | None = None,
     settings: TuneSettings | None = None,
     on_trial: Callable[[TuneResult], None] | None = None,
+    on_phase: Callable[[int, str, str], None] | None = None,
 ) -> TuneResult:
     """Run (or resume) the study until ``settings.trials`` distinct configurations are measured or
-    every point of the space has an answer; return the results.
+    every point of the space has an answer; return the results. `on_trial` gets the results after
+    each trial; `on_phase` gets (trial number, configuration, phase) as a measurement goes on.
 
     Crashed and timed-out trials of earlier runs are measured again (out-of-memory ones too with
     ``retry_failed``). Ctrl-C raises `TuneInterrupted` with the finished trials."""
@@ -434,7 +438,7 @@ def run_study(
         def finished(progress: Progress) -> bool:
             return len(progress.measured) >= settings.trials or all(_point(p) in progress.points for p in space.points())
 
-        objective = _objective(space, scenario, model, settings, stale)
+        objective = _objective(space, scenario, model, settings, stale, on_phase)
         # Each trial answers a new point or repeats one (then the untried point predicted fastest is
         # queued): this bound is never reached unless other workers keep taking the queued points.
         try:
