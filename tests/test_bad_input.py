@@ -13,17 +13,29 @@ import contextlib
 import io
 import json
 import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
 
-from advisor.cli import main
+# Hypothesis keeps a cache of constants (and, unless told not to, examples) in ./.hypothesis; the
+# work tree is no place for it. Read when first needed, so setting it before the tests run is enough.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "advisor-hypothesis"))
+
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from advisor.cli import main  # noqa: E402
 
 # Fixtures are built once per module; each example only rewrites a file and restores it.
-FUZZ = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    deadline=None,
+    max_examples=40,
+    database=None,  # no .hypothesis folder in the work tree; failures print their example
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
