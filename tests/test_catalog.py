@@ -45,6 +45,11 @@ EXPECTED = {
     ("stable-diffusion-3.5-large", "transformer"): (8.1e9, DEFAULT_TOLERANCE),
     ("stable-diffusion-3.5-large", "text_encoder"): (123e6, DEFAULT_TOLERANCE),
     ("stable-diffusion-3.5-large", "text_encoder_3"): (4.76e9, DEFAULT_TOLERANCE),
+    # SD3 Medium's MMDiT: "a 2 billion parameter SD3 model" (https://stability.ai/news/stable-diffusion-3-medium,
+    # https://stability.ai/sd3-faq); the exact count is 2.028B.
+    ("stable-diffusion-3-medium", "transformer"): (2e9, DEFAULT_TOLERANCE),
+    ("stable-diffusion-3-medium", "text_encoder"): (123e6, DEFAULT_TOLERANCE),
+    ("stable-diffusion-3-medium", "text_encoder_3"): (4.76e9, DEFAULT_TOLERANCE),
     ("stable-diffusion-xl-base-1.0", "unet"): (2.57e9, DEFAULT_TOLERANCE),
     ("stable-diffusion-xl-base-1.0", "text_encoder"): (123e6, DEFAULT_TOLERANCE),
     ("qwen-image", "transformer"): (20e9, DEFAULT_TOLERANCE),
@@ -145,6 +150,34 @@ def test_entry_schema(slug):
         assert comp["dtype"] in DTYPE_BYTES, comp["dtype"]
         for block in comp["blocks"]:
             assert REQUIRED_BLOCK <= block.keys(), (comp["name"], block)
+
+
+def test_no_name_is_claimed_by_two_entries():
+    """Model ids, aliases and slugs are looked up case-insensitively; each must name one entry."""
+    owner: dict[str, str] = {}
+    for slug, entry in sorted(CATALOG.items()):
+        for name in {n.lower() for n in (entry["model_id"], *entry["aliases"], slug)}:
+            assert owner.setdefault(name, slug) == slug, f"{name!r} names both {owner[name]} and {slug}"
+
+
+@pytest.mark.parametrize(
+    "name,slug",
+    [
+        # "SD3" is SD3 Medium (the only open SD3.0 release), never SD3.5 Large, a different 8B model.
+        ("sd3", "stable-diffusion-3-medium"),
+        ("SD3-Medium", "stable-diffusion-3-medium"),
+        ("stable-diffusion-3-medium", "stable-diffusion-3-medium"),
+        ("stabilityai/stable-diffusion-3-medium-diffusers", "stable-diffusion-3-medium"),
+        ("sd3.5-large", "stable-diffusion-3.5-large"),
+        ("stable-diffusion-3.5", "stable-diffusion-3.5-large"),
+        ("sd35", "stable-diffusion-3.5-large"),
+    ],
+)
+def test_names_people_type_resolve(name, slug):
+    if slug not in CATALOG:
+        pytest.skip(f"{slug}: no catalog entry yet")
+    names = {n.lower() for n in (CATALOG[slug]["model_id"], *CATALOG[slug]["aliases"], slug)}
+    assert name.lower() in names
 
 
 @pytest.mark.parametrize("slug", sorted(CATALOG))
