@@ -162,10 +162,11 @@ def estimate(
     from advisor.probe.target import resolve_target
     from advisor.probe.workload import make_workload
 
+    loaded = load_config(config_file, flag="--config") if config_file else None  # before a local model is traced
     profile = planning_profile(model, workload)
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
     target = resolve_target(probe_machine(), vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu)
-    config = load_config(config_file, flag="--config") if config_file else OptimizationConfig(device=target.device)
+    config = loaded if loaded is not None else OptimizationConfig(device=target.device)
     result = run_estimate(profile, job, config, target)
     if as_json:
         print_json(
