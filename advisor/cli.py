@@ -260,7 +260,7 @@ def recommend_command(
     result = recommend(scenario, compile_choices=(False,) if no_compile else (True, False))
     config = result.config
     if config is not None and output:
-        save_config(config, output)
+        _save_config(config, output)
     if as_json:
         print_json(result.to_dict())
     elif emit == "python" and config is not None:
@@ -302,6 +302,7 @@ def tune(
     from advisor.plan.scenario import scenario_for
     from advisor.probe.hardware import probe_machine
     from advisor.probe.models import hub_offline, hub_reachable
+    from advisor.probe.workload import check_workload_value
     from advisor.run.tune import TuneInterrupted, TuneSettings, check_settings, run_study
     from advisor.run.workers import run_workers
 
@@ -313,8 +314,6 @@ def tune(
         retry_failed=retry_failed,
     )
     check_settings(settings)  # --trials, --trial-timeout
-    from advisor.probe.workload import check_workload_value
-
     for name, value in (("height", height), ("width", width), ("frames", frames), ("steps", steps), ("batch", batch)):
         if value is not None:  # before any model is read (the workload checks the rest)
             check_workload_value(name, value)
@@ -352,7 +351,7 @@ def tune(
         for note in result.notes:
             stdout_console().print(note)
     if result.config is not None and output:
-        save_config(result.config, output)
+        _save_config(result.config, output)
     if report:
         summary = _write_report(result, report)
         if not (quiet or as_json):
@@ -365,9 +364,8 @@ def tune(
         raise typer.Exit(NOTHING_FITS_EXIT)
 
 
-def save_config(config, output: str) -> None:
-    """`config.save(output)` with a failure as one line naming ``-o`` (the path was checked up front;
-    this is what can still go wrong when writing: a full disk, a folder removed meanwhile)."""
+def _save_config(config, output: str) -> None:
+    """`config.save(output)`; a failure (the path was checked up front: a full disk, say) names ``-o``."""
     try:
         config.save(output)
     except OSError as exc:
@@ -481,24 +479,18 @@ def _run(args: list[str]) -> int:
         hint = f" (see '{ctx.command_path} --help')" if ctx else ""
         print(f"advisor: error: {_one_line(exc.format_message())}{hint}", file=sys.stderr)
         return exc.exit_code
-    except AdvisorError as exc:
+    except Exception as exc:
         if _state["debug"] or debug:
             raise
-        print(f"advisor: error: {_one_line(exc)}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:  # a file no check named a flag for: name the file
-        if _state["debug"] or debug:
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"advisor: error: {where}{os_error_reason(exc)}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # a bug: still one line, and the way to see more
-        if _state["debug"] or debug:
-            raise
-        text = _one_line(exc)
-        text = text if len(text) <= 300 else text[:297] + "..."
-        print(f"advisor: error: unexpected {type(exc).__name__}: {text} (a bug in the advisor; --debug shows the traceback)", file=sys.stderr)
-        return 1
+        if isinstance(exc, AdvisorError):
+            message, code = _one_line(exc), exc.exit_code
+        elif isinstance(exc, OSError):  # a file no check named a flag for: name the file
+            message, code = (f"{exc.filename}: " if exc.filename else "") + os_error_reason(exc), 1
+        else:  # a bug: still one line, and the way to see more
+            message = f"unexpected {type(exc).__name__}: {_one_line(exc)[:300]} (a bug in the advisor; --debug shows the traceback)"
+            code = 1
+        print(f"advisor: error: {message}", file=sys.stderr)
+        return code
     return result if isinstance(result, int) else 0
 
 

@@ -100,6 +100,20 @@ def check_model_index(index: dict[str, Any], path: Path) -> None:
             )
 
 
+def check_vae(index: dict[str, Any], index_path: Path, pipeline_class: str, weighted: list[str]) -> None:
+    """A `ModelError` when a pipeline class that decodes its latents with a VAE (diffusers'
+    ``model_cpu_offload_seq`` moves a ``vae``) is saved without one among its `weighted` components."""
+    if "vae" not in (pipeline_facts(pipeline_class) or {}).get("offload_sequence", []) or "vae" in weighted:
+        return
+    spec = index.get("vae")
+    needs = f"{pipeline_class} decodes its latents with a VAE (diffusers' pipeline takes vae=...)"
+    if spec is None:
+        raise ModelError(f"{index_path}: has no 'vae' entry, but {needs}; restore it, e.g. \"vae\": [\"diffusers\", \"AutoencoderKL\"]")
+    if isinstance(spec, list) and spec[1:2] == [None]:
+        raise ModelError(f"{index_path}: 'vae' is {json.dumps(spec)} (saved without a VAE), but {needs}")
+    raise ModelError(f"{index_path.parent / 'vae'}: no safetensors weights, but {needs} and model_index.json lists it")
+
+
 def layout_from_index(index: dict[str, Any], source: str) -> PipelineLayout:
     return PipelineLayout(index_entries(index), index.get("_class_name"), source)
 
