@@ -322,8 +322,8 @@ def test_config_fields_of_the_wrong_type_name_the_file_and_field(tiny_flux_dir, 
 
 def test_every_catalog_config_passes_the_field_check():
     """The published configs the catalog was built from are what a real folder holds."""
-    from advisor.probe.layout import catalog_index, role_of
     from advisor.probe.config_fields import check_component_config
+    from advisor.probe.layout import catalog_index, role_of
 
     for path in sorted(set(catalog_index().values())):
         for item in json.loads(path.read_text())["components"]:
