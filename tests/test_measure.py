@@ -15,7 +15,9 @@ import pytest
 
 from advisor.config import Compile, OptimizationConfig
 from advisor.probe.workload import Workload
-from advisor.run.measure import Measurement, PhasePeaks, fit_steps, is_oom, measure, watching_phases
+from advisor.run.measure import Measurement, is_oom, measure
+from advisor.run.phases import PhasePeaks, watching_phases
+from advisor.run.timing import fit_steps, time_rounds
 
 WORKLOAD = Workload(kind="image", height=32, width=32, steps=4)
 
@@ -280,8 +282,6 @@ class Scripted:
 
 
 def test_steady_timings_settle_after_the_minimum_rounds_with_their_spread():
-    from advisor.run.measure import time_rounds
-
     timer = Scripted([1.0, 1.0, 1.01, 1.01, 0.99, 0.99])
     t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, tolerance=0.05, clock=timer.clock)
     assert t.rounds == 3 and t.discarded == 0 and t.noisy is None
@@ -294,8 +294,6 @@ def test_steady_timings_settle_after_the_minimum_rounds_with_their_spread():
 
 
 def test_a_round_that_times_more_steps_as_faster_is_timed_again_never_clamped():
-    from advisor.run.measure import time_rounds
-
     # Round 1: 4 steps "faster" than 2 (a burst of load during the 2-step call): discarded.
     timer = Scripted([3.0, 1.0] + [1.0] * 6)
     t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, tolerance=0.05, clock=timer.clock)
@@ -306,8 +304,6 @@ def test_a_round_that_times_more_steps_as_faster_is_timed_again_never_clamped():
 
 
 def test_a_spread_that_never_settles_is_marked_noisy_with_why():
-    from advisor.run.measure import time_rounds
-
     factors = [1.0, 1.0, 1.3, 1.3] * 10  # rounds alternate between two speeds 30% apart
     timer = Scripted(factors)
     t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, max_rounds=6, tolerance=0.05, clock=timer.clock)
@@ -317,16 +313,12 @@ def test_a_spread_that_never_settles_is_marked_noisy_with_why():
 
 
 def test_the_time_cap_stops_timing_and_says_so():
-    from advisor.run.measure import time_rounds
-
     timer = Scripted([1.0, 1.0, 1.3, 1.3] * 10)
     t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, max_rounds=12, tolerance=0.05, cap_s=3.0, clock=timer.clock)
     assert t.rounds < 12 and "the time cap" in t.noisy
 
 
 def test_timings_that_never_grow_with_the_steps_are_timed_at_the_full_step_count():
-    from advisor.run.measure import time_rounds
-
     timer = Scripted([2.0, 1.0, 1.0, 2.0] * 3)  # every round inverted, in either order
     t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, max_rounds=6, tolerance=0.05, clock=timer.clock)
     assert t.discarded == 6 and t.fixed_s is None and t.per_step_s is None
@@ -335,8 +327,6 @@ def test_timings_that_never_grow_with_the_steps_are_timed_at_the_full_step_count
 
 
 def test_a_workload_with_few_steps_is_timed_at_its_steps_not_extrapolated():
-    from advisor.run.measure import time_rounds
-
     timer = Scripted([1.0, 1.02, 0.98])
     t = time_rounds(timer.call, (2, 8), 4, min_rounds=3, tolerance=0.05, clock=timer.clock)
     assert timer.calls == [4, 4, 4]  # only 2 lies below 4 steps: nothing to fit a line through
@@ -408,8 +398,6 @@ def test_a_child_that_dies_without_a_result_is_classified(tmp_path):
 
 
 def test_one_burst_of_load_among_steady_rounds_does_not_make_the_spread():
-    from advisor.run.measure import time_rounds
-
     # Direct timing (4 steps): five rounds, one of them 6x slower (another process took the cores).
     timer = Scripted([1.0, 1.01, 0.99, 6.0, 1.0])
     t = time_rounds(timer.call, (2, 8), 4, min_rounds=3, tolerance=0.05, clock=timer.clock)

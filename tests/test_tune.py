@@ -33,7 +33,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from advisor.run.tune import TuneSettings, open_storage, run_study
+from advisor.run.storage import open_storage
+from advisor.run.tune import TuneSettings, run_study
 
 ADVISOR = shutil.which("advisor") or str(Path(sys.executable).with_name("advisor"))
 POSTGRES_URL = os.environ.get("ADVISOR_TEST_POSTGRES_URL")
@@ -652,7 +653,7 @@ def test_two_processes_share_a_postgres_study(tiny_flux_dir, env, postgres_url):
 
 _OPEN_AT_ONCE = """
 import os, sys, time
-from advisor.run.tune import open_storage
+from advisor.run.storage import open_storage
 import optuna, sqlalchemy
 print("ready", flush=True)
 while not os.path.exists(sys.argv[2]):
@@ -849,7 +850,7 @@ def _record(number: int, latency: float, spread: float | None, peak_mb: int, con
 
 
 def test_trials_as_fast_within_their_spread_go_to_the_lossless_then_the_smaller_one():
-    from advisor.run.tune import choose_best
+    from advisor.run.trials import choose_best
 
     lossless = _record(0, 1.00, 0.05, 500, {})
     int8 = _record(1, 0.97, 0.04, 480, {"quantization": INT8})

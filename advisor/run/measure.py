@@ -5,28 +5,21 @@ allocator fragmentation never leak from one candidate into the next, and an out-
 a crash or a hang costs one trial, not the study. The parent reads the child's result file; a
 child that dies without one is classified from its exit status and stderr.
 
-Latency is not measured at the full step count: the child times rounds of short runs (one at each
-of ``step_points``, 2 and 8 steps by default), fits ``fixed + per_step x steps`` and reports the
-extrapolation to the workload's steps (a workload of 8 steps or fewer is timed as it is), with the
-spread between rounds; it times more rounds until that spread is within a tolerance, and says
-"noisy" when it can't (`time_rounds`).
+Latency is timed in rounds of short runs (2 and 8 steps by default) extrapolated to the workload's
+steps, until the rounds agree within a tolerance, with the spread reported (`advisor.run.timing`);
 ``benchmarks/step_extrapolation.py`` shows the error against full runs, ``benchmarks/tune_noise.py``
-the spread across studies against the spread each trial reports.
-
-On CUDA one timed generation also records the peak of each phase (text encoding, denoising, VAE
-decode; `PhasePeaks`, `watching_phases`), to set against the estimate's per-phase device bytes.
+the spread across studies against the spread each trial reports. On CUDA one timed generation
+also records the peak of each phase (`advisor.run.phases`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import resource
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,12 +27,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from advisor.config import OptimizationConfig
-from advisor.plan.estimate import ROLE_OF_PHASE
 from advisor.plan.scenario import limited_peak
 from advisor.probe.workload import Workload
+from advisor.run.phases import PhasePeaks, watching_phases
+from advisor.run.timing import MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE, time_rounds
 
 OOM_MARKERS = (
     "out of memory",
@@ -94,147 +88,6 @@ class Measurement:
     def limited_peak(self, device: str) -> int | None:
         """The measured peak the budget limits on `device` (see `advisor.plan.scenario.limited_peak`)."""
         return limited_peak(device, vram_bytes=self.peak_vram_bytes, ram_bytes=self.peak_rss_bytes)
-
-
-def fit_steps(step_times: dict[int, float]) -> tuple[float, float]:
-    """Least-squares ``(fixed, per_step)`` through (steps, seconds) points.
-
-    Times that do not grow with the steps are refused (ValueError), never clamped: they mean the
-    noise was larger than the steps' cost (`time_rounds` discards such rounds and times again).
-    A negative fixed cost is noise too: a line through the origin fits then (all cost per step)."""
-    xs, ys = list(step_times), list(step_times.values())
-    if len(set(xs)) < 2:
-        raise ValueError("need at least two step counts to separate fixed and per-step cost")
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    if slope <= 0:
-        raise ValueError(f"the times {step_times} do not grow with the steps")
-    fixed = mean_y - slope * mean_x
-    if fixed < 0:
-        return 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
-    return fixed, slope
-
-
-# --- timing that knows its own error ------------------------------------------------------------------
-
-# A trial times rounds of generations, one at every step point per round, until the latency it
-# extrapolates from each round agrees with the others within TOLERANCE (half the range against the
-# median), or MAX_ROUNDS / the time cap is reached: then it is marked noisy, with why.
-TOLERANCE = 0.05
-MIN_ROUNDS = 3
-# Step counts a round times. Extrapolating from a < b steps to N multiplies the timing noise by about
-# sqrt((1 - k)^2 + k^2) with k = (N - a) / (b - a): for 28 steps, 17.7x from (2, 4) but 5.5x from
-# (2, 8), for 4 more steps a round. A workload of 8 steps or fewer is timed at its own steps.
-STEP_POINTS = (2, 8)
-MAX_ROUNDS = 12
-TIMING_CAP_S = 120.0
-
-
-@dataclass
-class Timing:
-    """What the timed rounds of one trial gave. ``spread_s`` is half the range of the rounds'
-    latencies (the extremes left out from 5 rounds on, see `_half_range`): the reported latency is
-    ``latency_s ± spread_s`` over ``rounds`` rounds."""
-
-    latency_s: float
-    spread_s: float | None  # None from a single round: nothing to compare it with
-    fixed_s: float | None  # None when the latency was timed at the full step count
-    per_step_s: float | None
-    step_times: dict[int, float]  # steps -> median seconds over the kept rounds
-    rounds: int  # rounds kept
-    discarded: int  # rounds whose times did not grow with the steps (re-measured, never clamped)
-    noisy: str | None  # why the latency did not settle; None when it did
-
-    def fields(self) -> dict[str, Any]:
-        """Its values under the names a `Measurement` stores them."""
-        return {
-            "latency_s": self.latency_s, "latency_spread_s": self.spread_s, "fixed_s": self.fixed_s,
-            "per_step_s": self.per_step_s, "step_times": {str(k): v for k, v in self.step_times.items()},
-            "rounds": self.rounds, "discarded_rounds": self.discarded, "noisy": self.noisy,
-        }
-
-
-def round_latency(times: dict[int, float], steps: int) -> float | None:
-    """One round's latency extrapolated to `steps`, or None when its times don't grow with the steps
-    (noise larger than the steps' cost: such a round says nothing about either)."""
-    counts = sorted(times)
-    if any(times[more] <= times[fewer] for fewer, more in zip(counts, counts[1:])):
-        return None
-    fixed, per_step = fit_steps(times)
-    return fixed + per_step * steps
-
-
-def _half_range(values: list[float]) -> float | None:
-    """Half the range of `values`; from 5 values on, without the fastest and the slowest, so that one
-    burst of load on a shared machine does not make the spread of twelve steady rounds."""
-    if len(values) < 2:
-        return None
-    ordered = sorted(values)[1:-1] if len(values) >= 5 else sorted(values)
-    return (ordered[-1] - ordered[0]) / 2
-
-
-def time_rounds(
-    call: Callable[[int], float],
-    step_points: tuple[int, ...],
-    steps: int,
-    *,
-    min_rounds: int = MIN_ROUNDS,
-    max_rounds: int = MAX_ROUNDS,
-    tolerance: float = TOLERANCE,
-    cap_s: float = TIMING_CAP_S,
-    clock: Callable[[], float] = time.perf_counter,
-) -> Timing:
-    """Time rounds of ``call(steps) -> seconds`` until the latency settles, and say how well it did.
-
-    A round calls every step point below the workload's `steps` once; its latency is the line
-    through them extrapolated to `steps`. The order alternates between rounds, so a machine that
-    slows down or speeds up during the trial biases neither end. A round whose times do not grow
-    with the steps is discarded and another is timed. Where fewer than two step points lie below
-    `steps` (a 4-step workload), or no round ever grows with the steps, each round is one call at
-    the full `steps` instead: then the latency is timed, not extrapolated.
-    """
-    points = sorted({count for count in step_points if count < steps})
-    kept: list[dict[int, float]] = []
-    latencies: list[float] = []
-    discarded = 0
-    started = clock()
-
-    def settled() -> bool:
-        spread = _half_range(latencies)
-        return len(latencies) >= min_rounds and spread is not None and spread <= tolerance * statistics.median(latencies)
-
-    def more(rounds: int) -> bool:
-        return not settled() and rounds < max_rounds and clock() - started < cap_s
-
-    while len(points) > 1 and (not (kept or discarded) or more(len(kept) + discarded)):
-        order = points if (len(kept) + discarded) % 2 == 0 else points[::-1]
-        times = {count: call(count) for count in order}
-        latency = round_latency(times, steps)
-        if latency is None:
-            discarded += 1
-        else:
-            kept.append(times)
-            latencies.append(latency)
-    inverted = f"{discarded} of {len(kept) + discarded} rounds timed more steps as faster (re-measured)" if discarded else None
-    if kept:
-        step_times = {count: statistics.median(t[count] for t in kept) for count in points}
-        fixed, per_step = fit_steps(step_times)
-        latency = fixed + per_step * steps
-    else:  # timed at the full step count
-        if discarded:
-            inverted = (f"in {discarded} rounds, {'/'.join(map(str, points))} steps never took longer with more steps; "
-                        f"timed at the full {steps} steps instead")
-        while not latencies or more(len(latencies)):
-            latencies.append(call(steps))
-        step_times, fixed, per_step = {steps: statistics.median(latencies)}, None, None
-        latency = step_times[steps]
-    spread = _half_range(latencies)
-    noisy = None
-    if not settled():
-        why = f"the spread ±{spread / latency:.0%}" if spread is not None else "a single round"
-        limit = "the time cap" if clock() - started >= cap_s else f"{len(latencies) + discarded} rounds"
-        noisy = f"{why} did not settle within ±{tolerance:.0%} after {limit}" + (f"; {inverted}" if inverted else "")
-    return Timing(latency, spread, fixed, per_step, step_times, len(latencies), discarded, noisy)
 
 
 def measure(
@@ -405,121 +258,6 @@ def describe(error: BaseException) -> str:
     if not text and cause is not None:
         text = f"{type(cause).__name__}: {cause}"
     return f"{type(error).__name__}: {text[:300]}"
-
-
-# --- the peak of each phase (CUDA) ------------------------------------------------------------------
-
-# The estimate's phases (`advisor.plan.estimate.PHASES`) by the role (`advisor.probe.layout.role_of`)
-# of the components whose calls make them; tests/test_measure.py checks it against the estimate's table.
-PHASE_OF_ROLE = {role: phase for phase, role in ROLE_OF_PHASE.items()}  # the estimate's phases
-
-
-class PhasePeaks:
-    """The peak device memory of each phase of one generation, from phase starts and a peak counter.
-
-    In a trial `read_peak` and `reset` are ``torch.cuda.max_memory_allocated`` and
-    ``torch.cuda.reset_peak_memory_stats``. They are parameters so that this bookkeeping can be
-    tested with a fake counter on a CPU, which has no allocator peak to read.
-
-    A phase starts when an outermost call of one of its components begins (`enter`) while another
-    phase runs: the counter is read for the phase that ends, then reset. So the peak of a phase is
-    the highest allocation from its start to the next phase's start, everything resident included
-    (what the estimate's per-phase device bytes predict); a phase that comes back keeps the highest
-    of its intervals. Calls made inside a component's call (until its `exit`) never change the phase.
-    What ran before the first phase is nobody's (a trial keeps it in its overall peak); `finish`
-    closes the last phase at the end of the generation.
-    """
-
-    def __init__(self, read_peak: Callable[[], int], reset: Callable[[], None]) -> None:
-        self.read_peak, self.reset = read_peak, reset
-        self.peaks: dict[str, int] = {}
-        self.order: list[str] = []  # the phases in the order they started
-        self.current: str | None = None
-        self.depth = 0  # component calls in progress
-
-    def enter(self, phase: str) -> None:
-        if self.depth == 0 and phase != self.current:
-            self._close()
-            self.current = phase
-            self.order.append(phase)
-        self.depth += 1
-
-    def exit(self) -> None:
-        self.depth = max(self.depth - 1, 0)
-
-    def finish(self) -> dict[str, int]:
-        """Close the phase running and return phase -> peak bytes."""
-        self._close()
-        self.current, self.depth = None, 0
-        return dict(self.peaks)
-
-    def _close(self) -> None:
-        peak = int(self.read_peak())
-        if self.current is not None:
-            self.peaks[self.current] = max(self.peaks.get(self.current, 0), peak)
-        self.reset()
-
-
-def _bracket(obj: Any, attr: str, phase: str, phases: PhasePeaks) -> Callable[[], None]:
-    """Replace ``obj.attr`` (a callable) by one that marks `phase` around it; returns the undo."""
-    own = attr in vars(obj)
-    original = getattr(obj, attr)
-
-    @functools.wraps(original)
-    def marked(*args: Any, **kwargs: Any) -> Any:
-        phases.enter(phase)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            phases.exit()
-
-    setattr(obj, attr, marked)
-    return (lambda: setattr(obj, attr, original)) if own else (lambda: delattr(obj, attr))
-
-
-@contextlib.contextmanager
-def watching_phases(pipe: Any, phases: PhasePeaks) -> Iterator[dict[str, str]]:
-    """Report `pipe`'s phase starts to `phases` while inside; yields component name -> its phase.
-
-    Components are placed by role, as everywhere else (`advisor.run.classes.Components`, roles from
-    `advisor.probe.layout.role_of`): text encoders, denoisers (transformer, Wan2.2's transformer_2,
-    unet) and the VAE. A forward pre-hook enters the phase and a forward hook (``always_call``)
-    leaves it. Two exceptions:
-
-    - a module compiled whole (``module.compile()``) runs its hooks inside the compiled frame, where
-      dynamo cannot call the allocator (with fullgraph it fails): its compiled call is wrapped;
-    - the VAE's work is ``decode`` (``post_quant_conv``, every tile, the decoder), not ``forward``:
-      its bound ``decode`` is wrapped, outside diffusers' ``apply_forward_hook``, so the weights
-      model offload brings in count in the phase too.
-
-    Both run before any offload hook (accelerate's and diffusers' replace ``forward``), so moving a
-    component's weights in is part of its phase. Everything is removed on leaving.
-    """
-    from advisor.run.classes import Components
-
-    components = Components.of_pipe(pipe)
-    objects = pipe.components
-    undo: list[Callable[[], None]] = []
-    watched: dict[str, str] = {}
-    try:
-        for name in components.modules():
-            phase = PHASE_OF_ROLE.get(components.layout.role(name))
-            module = objects.get(name)
-            if phase is None or module is None:
-                continue
-            if phase == "vae_decode" and callable(getattr(module, "decode", None)):
-                undo.append(_bracket(module, "decode", phase, phases))
-            elif getattr(module, "_compiled_call_impl", None) is not None:
-                undo.append(_bracket(module, "_compiled_call_impl", phase, phases))
-            else:
-                pre = module.register_forward_pre_hook(lambda _module, _args, phase=phase: phases.enter(phase))
-                post = module.register_forward_hook(lambda _module, _args, _output: phases.exit(), always_call=True)
-                undo += [pre.remove, post.remove]
-            watched[name] = phase
-        yield watched
-    finally:
-        for step in reversed(undo):
-            step()
 
 
 # --- the child ----------------------------------------------------------------------------------

@@ -7,13 +7,16 @@ storage and `optuna-dashboard` can read it); `TrialRecord.attrs()` names what is
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from advisor.config import OptimizationConfig
+from advisor.plan.quality import is_lossy
 from advisor.plan.scenario import limited_peak
 
 # The user attribute a trial sets when it starts: "host:pid" of the tuner running it, so that a later
-# run can tell a trial whose tuner was killed (`advisor.run.tune.fail_orphaned_trials`) from a live one.
+# run can tell a trial whose tuner was killed (`advisor.run.storage.fail_orphaned_trials`) from a live one.
 RUNNER_ATTR = "runner"
 
 TrialStatus = Literal["ok", "over-budget", "oom", "crash", "timeout", "skipped", "invalid"]
@@ -83,3 +86,35 @@ class TrialRecord:
             peak_bytes=limited_peak(device, vram_bytes=measurement.get("peak_vram_bytes"), ram_bytes=measurement.get("peak_rss_bytes")),
             **stored,
         )
+
+
+def choose_best(feasible: list[TrialRecord]) -> tuple[TrialRecord | None, list[str]]:
+    """The fastest feasible trial, and a note when others are as fast within the measured spread.
+
+    Trials whose latency ranges overlap the fastest one's are equally fast as far as the
+    measurements can tell; among them the lossless configuration wins, then the smaller peak, so
+    that the pick does not flip with the noise between runs."""
+    if not feasible:
+        return None, []
+    fastest = min(feasible, key=lambda r: (r.latency_s, r.peak_bytes or 0, r.number))
+    ceiling = fastest.latency_range[1]
+    tied: dict[str, TrialRecord] = {}  # configuration -> its first trial (a repeat shares the measurement)
+    for r in sorted(feasible, key=lambda r: r.number):
+        if r.latency_range[0] <= ceiling:
+            tied.setdefault(json.dumps(r.config, sort_keys=True), r)
+    if len(tied) < 2:
+        return fastest, []
+
+    def lossy(r: TrialRecord) -> bool:
+        return is_lossy(OptimizationConfig.model_validate(r.config))
+
+    best = min(tied.values(), key=lambda r: (lossy(r), r.peak_bytes or 0, r.latency_s, r.number))
+    others = ", ".join(f"{r.number} ({_with_spread(r)})" for r in tied.values() if r is not best)
+    note = f"trial {best.number} ({_with_spread(best)}) is as fast as {others} within the measured spread"
+    if best is not fastest:
+        note += f"; chose it for being {'lossless' if lossy(fastest) and not lossy(best) else 'smaller in peak memory'}"
+    return best, [note]
+
+
+def _with_spread(record: TrialRecord) -> str:
+    return f"{record.latency_s:.3f}s ± {record.latency_spread_s or 0:.3f}"

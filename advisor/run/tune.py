@@ -7,11 +7,11 @@ other trial runs in a fresh subprocess (`advisor.run.measure`). A trial's peak m
 is its constraint (``trial.set_constraint``): over budget, out of memory, crash and timeout are
 infeasible trials with their reason, and the study goes on.
 
-The study lives in optuna storage (SQLite by default, see `default_storage`), so running the same
+The study lives in optuna storage (SQLite by default, see `advisor.run.storage`), so running the same
 command again resumes it, and several processes or machines can work one study through a journal
 file or PostgreSQL. ``trials`` counts distinct configurations measured (repeats reuse an answer);
 a later run measures again what crashed or timed out (out of memory too with ``retry_failed``);
-Ctrl-C raises `TuneInterrupted` carrying the finished trials.
+Ctrl-C or SIGTERM raises `TuneInterrupted` carrying the finished trials.
 """
 
 from __future__ import annotations
@@ -20,36 +20,23 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import signal
-import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from advisor.config import OptimizationConfig
-from advisor.errors import TuneError, UsageError
-from advisor.paths import advisor_cache_dir
+from advisor.errors import UsageError
 from advisor.plan.estimate import estimate
-from advisor.plan.quality import is_lossy
 from advisor.plan.recommend import recommend
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
-from advisor.run.measure import (
-    MAX_ROUNDS,
-    MIN_ROUNDS,
-    STEP_POINTS,
-    TIMING_CAP_S,
-    TOLERANCE,
-    Measurement,
-    measure,
-    pid_alive,
-    remove_orphaned_scratch,
-)
-from advisor.run.trials import RUNNER_ATTR, TrialRecord
+from advisor.run.measure import Measurement, measure, remove_orphaned_scratch
+from advisor.run.storage import default_storage, fail_orphaned_trials, open_storage, shown_storage, sole_tuner, this_runner
+from advisor.run.timing import MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE
+from advisor.run.trials import RUNNER_ATTR, TrialRecord, choose_best
 from advisor.units import format_size
 
 # Candidates predicted beyond budget x this are skipped without measuring (unless prune=False).
@@ -59,61 +46,6 @@ MEASURED_IN_PROVENANCE = (
     "latency_spread_s", "rounds", "noisy", "peak_vram_bytes", "peak_vram_reserved_bytes", "peak_rss_bytes",
     "per_step_s", "fixed_s", "warmup_s", "load_s",
 )
-
-
-def default_storage() -> str:
-    """SQLite file under the user cache: ``~/.cache/advisor/studies.db`` (honours XDG_CACHE_HOME)."""
-    base = advisor_cache_dir()
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise TuneError(f"--storage: the default study storage folder {base} can't be created ({error.strerror}); "
-                        "pass --storage sqlite:///A/WRITABLE/studies.db or set XDG_CACHE_HOME") from None
-    return f"sqlite:///{base / 'studies.db'}"
-
-
-def open_storage(url: str):
-    """An optuna storage from a URL: ``sqlite:///...``, ``postgresql://...``, ``mysql://...``, or
-    ``journal:PATH`` for a journal file that several processes may share."""
-    import warnings
-
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = url.removeprefix("journal:")
-        try:
-            return JournalStorage(JournalFileBackend(path))
-        except OSError as error:
-            raise TuneError(f"--storage: cannot open the journal file {path!r} ({error.strerror}); "
-                            "give a file in an existing, writable folder") from None
-    if not re.match(r"^[a-z0-9+]+://", url):
-        raise UsageError(f"--storage: {url!r} is not a storage URL; use sqlite:///PATH, journal:PATH or postgresql://...")
-    for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-        except Exception as exc:  # driver missing, server unreachable, bad URL
-            # Tuners opening an empty database together race on CREATE TABLE; the loser retries
-            # (PostgreSQL: IntegrityError/ProgrammingError; SQLite: "table studies already exists").
-            racing = type(exc).__name__ in {"IntegrityError", "ProgrammingError"} or "already exists" in str(exc)
-            if racing and attempt < 4:
-                time.sleep(0.5 * (attempt + 1))
-                continue
-            raise TuneError(f"--storage: cannot open {shown_storage(url)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-
-
-def shown_storage(url: str) -> str:
-    """The storage URL as it may be printed: a database password replaced by ***."""
-    if "://" not in url or "@" not in url:
-        return url
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def study_name(scenario: Scenario, timeout_s: float = 900.0) -> str:
@@ -460,67 +392,6 @@ def run_study(
         return result()
 
 
-# --- one live tuner per SQLite study; trials whose tuner died --------------------------------------
-
-
-def this_runner() -> str:
-    """``host:pid`` of this tuner, as a trial records it (`RUNNER_ATTR`)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def fail_orphaned_trials(storage, study: str) -> list[int]:
-    """Mark failed the RUNNING trials whose tuner ran on this machine and is gone (killed with -9,
-    or the machine rebooted); returns their numbers. A later step re-measures their points.
-
-    A trial of a tuner on another machine is left to the storage's heartbeat (RDB storages fail it
-    once its heartbeat is stale), since no process table here can say whether it lives."""
-    import optuna
-
-    host, failed = socket.gethostname(), []
-    study_id = storage.get_study_id_from_name(study)
-    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        runner_host, _, pid = str(trial.user_attrs.get(RUNNER_ATTR, "")).rpartition(":")
-        if runner_host == host and pid.isdigit() and not pid_alive(int(pid)):
-            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-            if storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
-                failed.append(trial.number)
-    return failed
-
-
-@contextlib.contextmanager
-def sole_tuner(storage_url: str, study: str) -> Iterator[None]:
-    """Hold the study's lock file next to an SQLite storage for as long as inside; a second tuner of
-    the same study is refused in one line (two tuners on one SQLite study measure the same
-    configurations twice, on one machine, and slow each other's timings). The lock is an ``flock``:
-    the kernel releases it when the holder dies, however it dies. Journal and PostgreSQL storages
-    are meant to be shared, across machines: no lock."""
-    path = storage_url.removeprefix("sqlite:///") if storage_url.startswith("sqlite:///") else None
-    if not path or path == ":memory:":
-        yield
-        return
-    import fcntl
-
-    lock = Path(f"{path}.{re.sub(r'[^A-Za-z0-9._-]+', '_', study)[:100]}.lock")
-    try:
-        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise TuneError(f"--storage: cannot create the study's lock file {lock} ({error.strerror})") from None
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(handle, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise TuneError(
-                f"--study: another advisor tune (pid {holder}) is working study {study} in {path}; wait for it to finish, "
-                "or give this one another --study or --storage"
-            ) from None
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(handle)  # releases the lock
-
-
 def _waiting(study) -> list:
     import optuna
 
@@ -601,35 +472,3 @@ def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenar
         notes.append(f"trial{'s' if len(noisy) > 1 else ''} {', '.join(map(str, noisy))} did not settle within the timing "
                      "tolerance (marked noisy): compare them by their spread, or re-run on a quieter machine")
     return TuneResult(name, storage, budget, records, best, config, space.size(), advice, notes)
-
-
-def choose_best(feasible: list[TrialRecord]) -> tuple[TrialRecord | None, list[str]]:
-    """The fastest feasible trial, and a note when others are as fast within the measured spread.
-
-    Trials whose latency ranges overlap the fastest one's are equally fast as far as the
-    measurements can tell; among them the lossless configuration wins, then the smaller peak, so
-    that the pick does not flip with the noise between runs."""
-    if not feasible:
-        return None, []
-    fastest = min(feasible, key=lambda r: (r.latency_s, r.peak_bytes or 0, r.number))
-    ceiling = fastest.latency_range[1]
-    tied: dict[str, TrialRecord] = {}  # configuration -> its first trial (a repeat shares the measurement)
-    for r in sorted(feasible, key=lambda r: r.number):
-        if r.latency_range[0] <= ceiling:
-            tied.setdefault(_config_key(r.config), r)
-    if len(tied) < 2:
-        return fastest, []
-
-    def lossy(r: TrialRecord) -> bool:
-        return is_lossy(OptimizationConfig.model_validate(r.config))
-
-    best = min(tied.values(), key=lambda r: (lossy(r), r.peak_bytes or 0, r.latency_s, r.number))
-    others = ", ".join(f"{r.number} ({_with_spread(r)})" for r in tied.values() if r is not best)
-    note = f"trial {best.number} ({_with_spread(best)}) is as fast as {others} within the measured spread"
-    if best is not fastest:
-        note += f"; chose it for being {'lossless' if lossy(fastest) and not lossy(best) else 'smaller in peak memory'}"
-    return best, [note]
-
-
-def _with_spread(record: TrialRecord) -> str:
-    return f"{record.latency_s:.3f}s ± {record.latency_spread_s or 0:.3f}"

@@ -1,7 +1,7 @@
 """`advisor tune --workers N`: several processes working one optuna study through shared storage.
 
 Each worker is this same `advisor tune` command, re-run with ``--study NAME --quiet``; they share the
-study through a journal file or PostgreSQL (`advisor.run.tune.open_storage`). Each worker gets a GPU
+study through a journal file or PostgreSQL (`advisor.run.storage.open_storage`). Each worker gets a GPU
 of its own (``CUDA_VISIBLE_DEVICES``): workers that would share a device are refused, since each
 would time the others' load as well (two workers on a 2-core CPU measured fp32 at 1.90 s against
 0.38 s alone). To test this machinery on one device anyway, set ``ADVISOR_ALLOW_SHARED_DEVICE=1``:
@@ -17,6 +17,7 @@ from advisor.errors import TuneError, UsageError
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
 from advisor.run.measure import die_with_parent
+from advisor.run.storage import open_storage, shown_storage
 from advisor.run.tune import (
     Progress,
     Terminated,
@@ -25,8 +26,6 @@ from advisor.run.tune import (
     TuneSettings,
     collect,
     exhausted_note,
-    open_storage,
-    shown_storage,
     stale_trials,
     study_name,
     terminate_as_interrupt,

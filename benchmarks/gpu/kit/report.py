@@ -89,7 +89,7 @@ def phase_table(kit: Kit) -> str:
     """Per measured item and phase: the estimate's device bytes next to the measured peak, and the error.
 
     The measured peak of a phase is ``torch.cuda.max_memory_allocated`` from its start to the next
-    phase's start in one timed generation (`advisor.run.measure.PhasePeaks`); a CPU has no allocator
+    phase's start in one timed generation (`advisor.run.phases.PhasePeaks`); a CPU has no allocator
     peak, so the dry run says so instead of a table. Items that reuse another's measurement are left out.
     """
     items = [i for i in kit.items if i.status == "ok" and i.result.get("phase_peaks")]
