@@ -16,24 +16,12 @@ import sys
 import warnings
 from typing import Any
 
-import typer
-from rich.console import Console
-from rich.table import Table
-
+from advisor.arguments import Exit, build_parser, values_may_start_with_a_dash
 from advisor.errors import AdvisorError, AdvisorWarning, ModelError, UsageError
 from advisor.files import check_output_file, check_output_folder, os_error_reason
-from advisor.render import format_count, render_probe, render_recommendation, render_tune, stdout_console
-from advisor.units import format_size, parse_size
+from advisor.units import parse_size
 
-app = typer.Typer(
-    name="advisor",
-    help="Find the fastest way to run a diffusers pipeline within your GPU memory.",
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False}
 
 
 def _strict(data: Any) -> Any:
@@ -52,13 +40,6 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(_strict(data), indent=2, allow_nan=False) + "\n")
 
 
-@app.callback()
-def _main(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
-) -> None:
-    _state["debug"] = debug
-
-
 def planning_profile(model: str, workload: str | None):
     """The model's profile with its traced FLOP and activation curves: the catalog carries them; a
     local folder or hub model is traced on first use (this imports torch) and cached."""
@@ -72,12 +53,9 @@ def planning_profile(model: str, workload: str | None):
     return with_traces(profile, log=lambda line: print(f"advisor: {line}", file=sys.stderr, flush=True))
 
 
-@app.command()
 def probe(
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in docs/probe.md)."),
-    calibrate: bool = typer.Option(
-        False, "--calibrate", help="Also measure matmul throughput and host->GPU bandwidth (a few seconds; imports torch)."
-    ),
+    as_json: bool = False,
+    calibrate: bool = False,
 ) -> None:
     """Show this machine's GPUs, host memory, disk and inference libraries (no weights loaded)."""
     from advisor.probe.hardware import probe_machine
@@ -90,6 +68,8 @@ def probe(
     if as_json:
         print_json(profile.to_dict())
         return
+    from advisor.render import render_probe, stdout_console
+
     render_probe(profile)
     if calibrate:
         result = profile.extra["calibration"]
@@ -99,12 +79,11 @@ def probe(
         stdout_console().print(f"{line}; saved to {result['path']}")
 
 
-@app.command()
 def inspect(
-    model: str = typer.Argument(..., help="Hub id, catalog alias, or a local pipeline folder."),
-    workload: str = typer.Option(None, "--workload", help="Override the workload kind: image, video or audio."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in docs/models.md)."),
-    include_config: bool = typer.Option(False, "--config", help="With --json: include each component's config."),
+    model: str | None = None,
+    workload: str | None = None,
+    as_json: bool = False,
+    include_config: bool = False,
 ) -> None:
     """Show what a pipeline weighs, per component, without loading its weights."""
     from advisor.probe.models import load_profile
@@ -113,47 +92,28 @@ def inspect(
     if as_json:
         print_json(profile.to_dict(include_config=include_config))
         return
-    console = stdout_console()
-    console.print(f"{profile.model_id}  ({profile.pipeline_class}, from the {profile.source})")
-    console.print(f"workload: {profile.workload} ({profile.workload_reason})")
-    console.print(f"model CPU offload order: {' -> '.join(profile.offload_sequence)}")
-    table = Table(show_footer=True)
-    table.add_column("component", footer="total")
-    table.add_column("class")
-    table.add_column("role")
-    table.add_column("params", justify="right", footer=format_count(profile.parameters))
-    table.add_column("dtype")
-    table.add_column("size", justify="right", footer=format_size(profile.bytes))
-    for component in profile.components:
-        table.add_row(
-            component.name,
-            component.class_name,
-            component.role,
-            format_count(component.parameters),
-            component.dtype,
-            format_size(component.bytes),
-        )
-    console.print(table)
+    from advisor.render import render_inspect
+
+    render_inspect(profile)
 
 
 def _size(text: str | None, flag: str) -> int | None:
     return parse_size(text, name=flag) if text is not None else None
 
 
-@app.command()
 def estimate(
-    model: str = typer.Argument(..., help="Hub id, catalog alias, or a local pipeline folder."),
-    config_file: str = typer.Option(None, "--config", help="An advisor config file (default: plain bf16, no offload)."),
-    workload: str = typer.Option(None, "--workload", help="Override the workload kind: image or video."),
-    height: int = typer.Option(None, "--height", help="Image/video height in pixels (default: the pipeline's)."),
-    width: int = typer.Option(None, "--width", help="Image/video width in pixels (default: the pipeline's)."),
-    frames: int = typer.Option(None, "--frames", help="Video frames (default: the pipeline's)."),
-    steps: int = typer.Option(None, "--steps", help="Denoising steps (default: the pipeline's)."),
-    batch: int = typer.Option(None, "--batch", help="Images or videos per prompt (default 1)."),
-    vram: str = typer.Option(None, "--vram", help="Plan for a GPU with this much memory, e.g. 24GB."),
-    ram: str = typer.Option(None, "--ram", help="Plan for this much host RAM, e.g. 64GB."),
-    gpu: str = typer.Option(None, "--gpu", help="Plan for this GPU model, e.g. 'RTX 4090' (see docs/estimate.md)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    model: str | None = None,
+    config_file: str | None = None,
+    workload: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    vram: str | None = None,
+    ram: str | None = None,
+    gpu: str | None = None,
+    as_json: bool = False,
 ) -> None:
     """Predict peak GPU memory, peak RAM and latency of one configuration, per phase and component."""
     from advisor.config import OptimizationConfig, load_config
@@ -179,66 +139,32 @@ def estimate(
             }
         )
         return
-    console = stdout_console()
-    console.print(f"{profile.model_id}: {job.label()} on {target.name} ({target.source})")
-    console.print(f"config: {config.summary()}")
-    title = "Memory per phase (CPU inference: all of it is RAM)" if target.device == "cpu" else "GPU memory per phase"
-    table = Table(title=title, title_justify="left")
-    table.add_column("phase")
-    table.add_column("resident weights", justify="right")
-    table.add_column("activations", justify="right")
-    table.add_column("total", justify="right")
-    table.add_column("components on the device")
-    for phase in result.phases:
-        parts = ", ".join(f"{name} {format_size(size)}" for name, size in phase.weights_bytes.items())
-        marker = " (peak)" if phase.name == result.peak_phase else ""
-        table.add_row(
-            phase.name + marker,
-            format_size(sum(phase.weights_bytes.values())),
-            format_size(phase.activation_bytes),
-            format_size(phase.device_bytes),
-            parts or "-",
-        )
-    console.print(table)
-    ram_parts = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in result.ram_breakdown.items())
-    if target.device != "cpu":
-        console.print(
-            f"peak VRAM: {format_size(result.peak_vram_bytes)} reserved by the caching allocator "
-            f"({format_size(result.peak_vram_allocated_bytes)} allocated, the table's totals; without the CUDA context)"
-        )
-    console.print(f"peak host RAM: {format_size(result.peak_ram_bytes)} ({ram_parts})")
-    if result.disk_bytes:
-        console.print(f"disk: {format_size(result.disk_bytes)} of offloaded weights")
-    parts = ", ".join(
-        f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}s" for k, v in result.latency_breakdown.items() if v and not k.startswith("step")
-    )
-    console.print(f"predicted latency: {result.latency_s:.1f}s ({parts}; {result.step_latency_s:.3f}s per step)")
-    for note in result.notes:
-        console.print(f"note: {note}")
+    from advisor.render import render_estimate
+
+    render_estimate(profile, job, target, config, result)
 
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 NOTHING_FITS_EXIT = 3
 
 
-@app.command("recommend")
 def recommend_command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub id, catalog alias, or a local pipeline folder."),
-    workload: str = typer.Option(None, "--workload", help="Override the workload kind: image or video."),
-    height: int = typer.Option(None, "--height", help="Height in pixels (default: the pipeline's)."),
-    width: int = typer.Option(None, "--width", help="Width in pixels (default: the pipeline's)."),
-    frames: int = typer.Option(None, "--frames", help="Video frames (default: the pipeline's)."),
-    steps: int = typer.Option(None, "--steps", help="Denoising steps (default: the pipeline's)."),
-    batch: int = typer.Option(None, "--batch", help="Images or videos per prompt (default 1)."),
-    budget: str = typer.Option(None, "--budget", help="GPU memory the run may use, e.g. 16GB (default: free VRAM minus a reserve)."),
-    vram: str = typer.Option(None, "--vram", help="Plan for a GPU with this much memory, e.g. 24GB."),
-    ram: str = typer.Option(None, "--ram", help="Plan for this much host RAM, e.g. 64GB."),
-    gpu: str = typer.Option(None, "--gpu", help="Plan for this GPU model, e.g. 'RTX 4090'."),
-    no_compile: bool = typer.Option(False, "--no-compile", help="Leave torch.compile out (no warm-up compile on the first call)."),
-    quality: str = typer.Option("balanced", "--quality", help="exact: nothing lossy; balanced: lossy only when nothing lossless fits or it is >=20% faster; fast: the fastest."),
-    output: str = typer.Option(None, "--output", "-o", help="Write the chosen config to this file (for advisor.load_config)."),
-    emit: str = typer.Option(None, "--emit", help="Print code instead of the summary: 'python'."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    model: str = DEFAULT_MODEL,
+    workload: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    budget: str | None = None,
+    vram: str | None = None,
+    ram: str | None = None,
+    gpu: str | None = None,
+    no_compile: bool = False,
+    quality: str = "balanced",
+    output: str | None = None,
+    emit: str | None = None,
+    as_json: bool = False,
 ) -> None:
     """Recommend the fastest configuration predicted to fit, and explain why (instant, no weights loaded)."""
     from advisor.plan.recommend import recommend
@@ -269,51 +195,54 @@ def recommend_command(
         profile = scenario.profile
         sys.stdout.write(emit_python(profile.path if profile.source == "folder" else profile.model_id, config))
     else:
+        from advisor.render import render_recommendation
+
         render_recommendation(result, config, output)
     if config is None:
-        raise typer.Exit(NOTHING_FITS_EXIT)
+        raise Exit(NOTHING_FITS_EXIT)
 
 
-@app.command()
 def tune(
-    budget: str = typer.Option(..., "--budget", help="Memory the run may use, e.g. 12GB (GPU memory; RAM on a CPU-only machine)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub id, catalog alias, or a local pipeline folder."),
-    workload: str = typer.Option(None, "--workload", help="Override the workload kind: image or video."),
-    height: int = typer.Option(None, "--height", help="Height in pixels (default: the pipeline's)."),
-    width: int = typer.Option(None, "--width", help="Width in pixels (default: the pipeline's)."),
-    frames: int = typer.Option(None, "--frames", help="Video frames (default: the pipeline's)."),
-    steps: int = typer.Option(None, "--steps", help="Denoising steps the latency is reported for (default: the pipeline's)."),
-    batch: int = typer.Option(None, "--batch", help="Images or videos per prompt (default 1)."),
-    trials: int = typer.Option(8, "--trials", help="Distinct configurations the study should measure (a rerun resumes up to this)."),
-    trial_timeout: float = typer.Option(900.0, "--trial-timeout", help="Seconds one trial may take before it counts as a timeout."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Measure again the trials that failed in earlier runs, out-of-memory ones too."),
-    no_prune: bool = typer.Option(False, "--no-prune", help="Measure candidates the estimate predicts far over budget too."),
-    no_compile: bool = typer.Option(False, "--no-compile", help="Leave torch.compile out of the search (faster trials)."),
-    quality: str = typer.Option("balanced", "--quality", help="exact: search lossless configurations only; balanced or fast: all."),
-    storage: str = typer.Option(None, "--storage", help="Optuna storage: sqlite:///PATH (default ~/.cache/advisor/studies.db), journal:PATH, postgresql://..."),
-    study: str = typer.Option(None, "--study", help="Study name (default: derived from model, workload, machine and budget)."),
-    workers: int = typer.Option(1, "--workers", help="Worker processes sharing the study (needs a journal or PostgreSQL storage)."),
-    output: str = typer.Option(None, "--output", "-o", help="Write the fastest feasible config to this file."),
-    report: str = typer.Option(None, "--report", help="Write tune.png (latency vs peak memory) and summary.md to this folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every trial."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or table (used by worker processes)."),
+    budget: str | None = None,
+    model: str = DEFAULT_MODEL,
+    workload: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    trials: int = 8,
+    trial_timeout: float = 900.0,
+    tolerance: float = 0.05,
+    retry_failed: bool = False,
+    no_prune: bool = False,
+    no_compile: bool = False,
+    quality: str = "balanced",
+    storage: str | None = None,
+    study: str | None = None,
+    workers: int = 1,
+    output: str | None = None,
+    report: str | None = None,
+    as_json: bool = False,
+    quiet: bool = False,
 ) -> None:
     """Measure real candidates with optuna and emit the fastest configuration that truly fits the budget."""
     from advisor.plan.scenario import scenario_for
     from advisor.probe.hardware import probe_machine
     from advisor.probe.models import hub_offline, hub_reachable
+    from advisor.probe.target import target_from_probe
     from advisor.probe.workload import check_workload_value
     from advisor.run.tune import TuneInterrupted, TuneSettings, check_settings, run_study
-    from advisor.run.workers import run_workers
+    from advisor.run.workers import check_devices, run_workers
 
     budget_bytes = _size(budget, "--budget")
     if workers < 1:
         raise UsageError(f"--workers: {workers} is not valid; give a whole number of at least 1")
     settings = TuneSettings(
-        trials=trials, timeout_s=trial_timeout, prune=not no_prune, compile_choices=(False,) if no_compile else (True, False),
-        retry_failed=retry_failed,
+        trials=trials, timeout_s=trial_timeout, tolerance=tolerance, prune=not no_prune,
+        compile_choices=(False,) if no_compile else (True, False), retry_failed=retry_failed,
     )
-    check_settings(settings)  # --trials, --trial-timeout
+    check_settings(settings)  # --trials, --trial-timeout, --tolerance
     for name, value in (("height", height), ("width", width), ("frames", frames), ("steps", steps), ("batch", batch)):
         if value is not None:  # before any model is read (the workload checks the rest)
             check_workload_value(name, value)
@@ -325,6 +254,8 @@ def tune(
     if workers > 1 and (storage is None or storage.startswith("sqlite")):
         raise UsageError("--workers: several workers need a shared storage: --storage journal:PATH or postgresql://...")
     machine = probe_machine()
+    if workers > 1:  # before a local model is traced
+        check_devices(workers, target_from_probe(machine).device)
     scenario = scenario_for(
         machine, model, workload=workload, height=height, width=width, frames=frames, steps=steps, batch=batch,
         budget_bytes=budget_bytes, quality=quality, profile=planning_profile(model, workload),
@@ -342,26 +273,26 @@ def tune(
             result = run_workers(argv, workers, model_ref, scenario, storage=storage, study=study, settings=settings)
         else:
             result = _run_with_progress(
-                lambda on_trial: run_study(model_ref, scenario, storage=storage, study=study, settings=settings, on_trial=on_trial),
+                lambda on_trial, on_phase: run_study(model_ref, scenario, storage=storage, study=study, settings=settings,
+                                                     on_trial=on_trial, on_phase=on_phase),
                 trials, quiet or as_json,
             )
     except TuneInterrupted as stop:
-        _tune_interrupted(stop.result, argv, as_json, quiet, report)
-    if not (quiet or as_json):
-        for note in result.notes:
-            stdout_console().print(note)
+        _tune_interrupted(stop, argv, as_json, quiet, report)
     if result.config is not None and output:
         _save_config(result.config, output)
-    if report:
-        summary = _write_report(result, report)
-        if not (quiet or as_json):
-            stdout_console().print(f"report: {summary} and {summary.with_name('tune.png')}")
+    summary = _write_report(result, report) if report else None
     if as_json:
         print_json(result.to_dict())
     elif not quiet:
-        render_tune(result, output)
+        from advisor.render import render_tune
+
+        render_tune(result, output, summary)
     if result.best is None:
-        raise typer.Exit(NOTHING_FITS_EXIT)
+        raise Exit(NOTHING_FITS_EXIT)
+
+
+COMMANDS = {"probe": probe, "inspect": inspect, "estimate": estimate, "recommend": recommend_command, "tune": tune}
 
 
 def _save_config(config, output: str) -> None:
@@ -382,45 +313,41 @@ def _write_report(result, report: str):
         raise AdvisorError(f"--report {report}: could not write{where} ({os_error_reason(exc)})") from None
 
 
-def _tune_interrupted(result, argv: list[str], as_json: bool, quiet: bool, report: str | None) -> None:
-    """Ctrl-C during `advisor tune`: say so, show the finished trials and how to resume; exit 130."""
+def _tune_interrupted(stop, argv: list[str], as_json: bool, quiet: bool, report: str | None) -> None:
+    """Ctrl-C or SIGTERM during `advisor tune`: say so, show the finished trials and how to resume;
+    exit 130 (Ctrl-C) or 143 (SIGTERM)."""
     import shlex
 
+    result = stop.result
     if not quiet:  # a worker's (--quiet) interruption is told by the command that started it
         print("advisor: interrupted", file=sys.stderr)
     result.interrupted = True
-    if report:  # what was finished, marked as interrupted
-        _write_report(result, report)
+    summary = _write_report(result, report) if report else None  # what was finished, marked as interrupted
     if as_json:
         print_json(result.to_dict())
     elif not quiet:
-        render_tune(result, None)
+        from advisor.render import render_tune
+
+        render_tune(result, None, summary)
     if not quiet:
         finished = len(result.trials)
         print(f"advisor: {finished} finished trial{'s' if finished != 1 else ''} kept in study {result.study}; "
               f"to resume, run the same command again: advisor {shlex.join(argv)}", file=sys.stderr)
-    raise typer.Exit(130)
+    raise Exit(stop.exit_code)
 
 
 def _run_with_progress(run, total: int, quiet: bool):
-    """Run the study with a progress bar: trials done, elapsed time, current best."""
+    """Run the study with a live progress display on stderr (`advisor.render.TuneProgress`)."""
     if quiet:
-        return run(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        return run(None, None)
+    from rich.console import Console
+    from rich.live import Live
 
-    with Progress(
-        TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
-        console=Console(stderr=True),
-    ) as progress:
-        task = progress.add_task("starting the first trial...", total=total)
+    from advisor.render import TuneProgress
 
-        def on_trial(partial) -> None:
-            best = partial.best
-            text = f"best {best.latency_s:.2f}s: {best.summary}" if best else "no feasible trial yet"
-            measured = {json.dumps(t.config, sort_keys=True) for t in partial.trials if t.source == "measured"}
-            progress.update(task, completed=min(len(measured), total), description=text)
-
-        return run(on_trial)
+    display = TuneProgress(total)
+    with Live(display, console=Console(stderr=True), refresh_per_second=4, transient=False):
+        return run(display.trial_done, display.phase)
 
 
 def _stdout_gone() -> bool:
@@ -449,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
     _state["argv"] = args  # what `tune --workers` hands on to its worker processes
+    # pydantic looks for plugins in every installed distribution's entry points when the config
+    # schema is built: ~80 ms of each command in a full environment, for plugins the advisor has no use for.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     with warnings.catch_warnings():
         warnings.simplefilter("default", AdvisorWarning)  # each distinct warning once per command
         warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
@@ -456,29 +386,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: list[str]) -> int:
-    command = typer.main.get_command(app)
     debug = "--debug" in args
     try:
-        result = command.main(args=args or ["--help"], prog_name="advisor", standalone_mode=False)
-    except typer.Exit as exc:
-        return exc.exit_code
-    except (typer.Abort, KeyboardInterrupt):
+        parser = build_parser(COMMANDS, DEFAULT_MODEL)
+        if not args:
+            parser.print_help()
+            return 0
+        parsed, unknown = parser.parse_known_args(values_may_start_with_a_dash(parser, args))
+        if unknown:  # said by the subcommand, whose help lists what it takes
+            where = f"advisor {parsed.command}" if parsed.command else "advisor"
+            raise UsageError(f"no such option: {unknown[0]} (see '{where} --help')")
+        namespace = vars(parsed)
+        _state["debug"] = namespace.pop("debug")
+        run = namespace.pop("run", None)
+        if run is None:  # `advisor --debug` alone
+            parser.print_help()
+            return 0
+        namespace.pop("command")
+        run(**namespace)
+    except Exit as exc:
+        return exc.code
+    except KeyboardInterrupt:
         print("advisor: interrupted", file=sys.stderr)
         return 130
     except (BrokenPipeError, SystemExit) as exc:
-        # `advisor ... | head` closed the pipe: what was read was what was wanted. rich and click turn
-        # the EPIPE into exit 1 after pointing stdout at /dev/null (or wrapping it); anything else re-raises.
-        if isinstance(exc, SystemExit) and not _stdout_gone():
-            raise
+        if isinstance(exc, SystemExit) and not isinstance(exc, BrokenPipeError) and not _stdout_gone():
+            return exc.code if isinstance(exc.code, int) else 0  # --help printed its text
+        # `advisor ... | head` closed the pipe: what was read was what was wanted. rich turns the
+        # EPIPE into exit 1 after pointing stdout at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # the final flush must not fail again
         return 0
-    except typer.TyperException as exc:  # click's usage errors: unknown option, missing value, ...
-        if debug:
-            raise
-        ctx = getattr(exc, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx else ""
-        print(f"advisor: error: {_one_line(exc.format_message())}{hint}", file=sys.stderr)
-        return exc.exit_code
     except Exception as exc:
         if _state["debug"] or debug:
             raise
@@ -491,7 +428,7 @@ def _run(args: list[str]) -> int:
             code = 1
         print(f"advisor: error: {message}", file=sys.stderr)
         return code
-    return result if isinstance(result, int) else 0
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

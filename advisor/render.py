@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import textwrap
+import time
 
 from rich.console import Console
 from rich.table import Table
@@ -16,34 +19,131 @@ def stdout_console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 120, highlight=False)
 
 
-def render_tune(result, output: str | None) -> None:
+# Below this width the tune table stacks each trial (numbers on one line, configuration and reason
+# under it) instead of seven columns that would cut the configuration into pieces.
+WIDE = 110
+
+
+def render_tune(result, output: str | None, report=None) -> None:
+    """`advisor tune`'s result: every trial, the notes, the pick, where the config and report went."""
     console = stdout_console()
-    table = Table(title=f"Trials of study {result.study}", title_justify="left")
-    for column in ("#", "configuration", "status", "latency", "peak", "predicted", "reason"):
-        table.add_column(column, justify="right" if column in {"#", "latency", "peak", "predicted"} else "left")
-    for t in result.trials:
-        marker = " *" if result.best is not None and t.number == result.best.number else ""
-        status = t.status if t.source == "measured" else f"{t.status} ({t.source})"
-        table.add_row(
-            f"{t.number}{marker}",
-            t.summary,
-            f"{status}, noisy" if t.noisy else status,
-            format_latency(t),
-            format_size(t.peak_bytes),
-            format_size(t.predicted_peak_bytes),
-            "; ".join(part for part in (t.reason, t.noisy) if part),
-        )
-    console.print(table)
+    rows = [_trial_row(t, result.best) for t in result.trials]
+    console.print(f"Trials of study {result.study}", markup=False)
+    if console.width >= WIDE:
+        table = Table()
+        for column in ("#", "configuration", "status", "latency", "peak", "predicted", "reason"):
+            table.add_column(column, justify="right" if column in {"#", "latency", "peak", "predicted"} else "left", overflow="fold")
+        for row in rows:
+            table.add_row(row["#"], row["configuration"], row["status"], row["latency"], row["peak"], row["predicted"], row["reason"])
+        console.print(table)
+    else:
+        _print_stacked(console, rows)
+    for note in result.notes:
+        _print_wrapped(console, note, "note: ", "      ")
+    if report is not None:
+        _print_wrapped(console, f"{report} and {report.with_name('tune.png')}", "report: ", "        ")
     if result.best is None:
         console.print(f"Nothing feasible within {format_size(result.budget_bytes)}.")
         for line in result.advice:
-            console.print(f"  - {line}")
+            _print_wrapped(console, line, "  - ", "    ")
         return
     best = result.best
-    console.print(f"Fastest that fits: {best.summary}: {format_latency(best)}, peak {format_size(best.peak_bytes)} "
-                  f"of {format_size(result.budget_bytes)} (trial {best.number})")
+    _print_wrapped(console, f"{best.summary}: {format_latency(best)}, peak {format_size(best.peak_bytes)} of "
+                            f"{format_size(result.budget_bytes)} (trial {best.number})", "Fastest that fits: ", "  ")
     if output:
-        console.print(f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))")
+        _print_wrapped(console, f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))",
+                       "", "  ")
+
+
+def _trial_row(t, best) -> dict[str, str]:
+    status = t.status if t.source == "measured" else f"{t.status} ({t.source})"
+    return {
+        "#": f"{t.number}{' *' if best is not None and t.number == best.number else ''}",
+        "configuration": t.summary,
+        "status": f"{status}, noisy" if t.noisy else status,
+        "latency": format_latency(t),
+        "peak": format_size(t.peak_bytes),
+        "predicted": format_size(t.predicted_peak_bytes),
+        "reason": "; ".join(part for part in (t.reason, t.noisy) if part),
+    }
+
+
+def _print_stacked(console: Console, rows: list[dict[str, str]]) -> None:
+    """Narrow terminals: a line of numbers per trial, its configuration and reason wrapped under it."""
+    columns = ("#", "status", "latency", "peak", "predicted")
+    widths = {c: max([len(c)] + [len(row[c]) for row in rows]) for c in columns}
+
+    def line(cells: dict[str, str]) -> str:
+        return "  ".join(cells[c].rjust(widths[c]) if c != "status" else cells[c].ljust(widths[c]) for c in columns)
+
+    console.print(line({c: c for c in columns}), markup=False, highlight=False)
+    indent = " " * (widths["#"] + 2)
+    for row in rows:
+        console.print(line(row), markup=False, highlight=False)
+        _print_wrapped(console, row["configuration"], indent, indent)
+        if row["reason"]:
+            _print_wrapped(console, row["reason"], indent, indent)
+
+
+def _print_wrapped(console: Console, text: str, first: str = "", rest: str = "") -> None:
+    """`text` wrapped at the console's width, `first` before its first line and `rest` before the
+    others (a hanging indent, which rich's own wrapping does not do); never read as markup."""
+    width = max(console.width, 40)
+    # A word longer than the line (a URL) stays whole: the terminal wraps it, and it stays clickable.
+    lines = textwrap.wrap(text, width=width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
+                          break_long_words=False) or [first]
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+class TuneProgress:
+    """The live display of a running study, two lines that read at any width:
+
+        tuning ━━━━━━━━━━━━━━━━        2/8  0:01:23  best 0.092s ±3%: fp32, no offload
+          trial 3: timing, call 4 (4 steps) 0:12 · fp32, int8_weight_only(transformer), no offload
+
+    The counts, clocks and phase never shorten or wrap; the best and the configuration wrap under
+    themselves when the terminal is too narrow. `trial_done` and `phase` are the study's callbacks."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.best = total, 0, None
+        self.started = time.monotonic()
+        self.current: tuple[int, str, str, float] | None = None  # trial number, configuration, phase, since
+
+    def trial_done(self, partial) -> None:
+        measured = {json.dumps(t.config, sort_keys=True) for t in partial.trials if t.source == "measured"}
+        self.done, self.best, self.current = min(len(measured), self.total), partial.best, None
+
+    def phase(self, number: int, configuration: str, phase: str) -> None:
+        self.current = (number, configuration, phase, time.monotonic())
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+
+        now = time.monotonic()
+        top = Table.grid(padding=(0, 1))
+        for _ in range(4):
+            top.add_column(no_wrap=True)
+        top.add_column(ratio=1)
+        best = f"best {format_latency(self.best)}: {self.best.summary}" if self.best else "no feasible trial yet"
+        top.add_row("tuning", ProgressBar(total=self.total, completed=self.done, width=16), f"{self.done}/{self.total}",
+                    _clock(now - self.started), best)
+        if self.current is None:
+            return top
+        number, configuration, phase, since = self.current
+        bottom = Table.grid(padding=(0, 1))
+        bottom.add_column(no_wrap=True)
+        bottom.add_column(ratio=1)
+        bottom.add_row(f"  trial {number}: {phase} {_clock(now - since)} ·", configuration)
+        return Group(top, bottom)
+
+
+def _clock(seconds: float) -> str:
+    """Elapsed time as a clock: 0:12, 3:04, 1:02:03."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def render_recommendation(result, config, output: str | None) -> None:
@@ -51,35 +151,33 @@ def render_recommendation(result, config, output: str | None) -> None:
     scenario = result.scenario
     target = scenario.target
     for note in scenario.notes:
-        console.print(f"note: {note}")
-    console.print(f"{scenario.profile.model_id} | {scenario.workload.label()} | {target.name} | quality: {scenario.quality}")
+        _print_wrapped(console, note, "note: ", "      ")
+    _print_wrapped(console, f"{scenario.profile.model_id} | {scenario.workload.label()} | {target.name} | quality: {scenario.quality}")
     for assumption in scenario.assumptions:
-        console.print(f"assumed {assumption}")
+        _print_wrapped(console, assumption, "assumed ", "  ")
     if config is None:
         console.print(f"Nothing fits the {format_size(scenario.budget_bytes)} budget.")
         for line in result.advice:
-            console.print(f"  - {line}")
+            _print_wrapped(console, line, "  - ", "    ")
         return
     best = result.best
     cpu = target.device == "cpu"
-    console.print(f"Recommended: {summary(config)}")
+    _print_wrapped(console, summary(config), "Recommended: ", "  ")
     # On a CPU the budget limits RAM: the peak is the host RAM, shown once.
     peak_label = "peak RAM" if cpu else "peak VRAM"
     host = "" if cpu else f", host RAM {format_size(best.estimate.peak_ram_bytes)}"
-    console.print(
-        f"  {peak_label} {format_size(best.estimate.limited_peak(target.device))} of "
-        f"{format_size(scenario.budget_bytes)} budget{host}, predicted {best.estimate.latency_s:.1f}s"
-    )
+    _print_wrapped(console, f"{peak_label} {format_size(best.estimate.limited_peak(target.device))} of "
+                            f"{format_size(scenario.budget_bytes)} budget{host}, predicted {best.estimate.latency_s:.1f}s", "  ", "  ")
     console.print("Why:")
     for reason in result.reasons:
-        console.print(f"  - {reason}")
+        _print_wrapped(console, reason, "  - ", "    ")
     if result.alternatives:
         table = Table(title="Alternatives", title_justify="left")
-        table.add_column("configuration")
-        table.add_column(peak_label, justify="right")
+        table.add_column("configuration", overflow="fold")
+        table.add_column(peak_label, justify="right", no_wrap=True)
         if not cpu:
-            table.add_column("host RAM", justify="right")
-        table.add_column("latency", justify="right")
+            table.add_column("host RAM", justify="right", no_wrap=True)
+        table.add_column("latency", justify="right", no_wrap=True)
         for alternative in result.alternatives:
             estimate = alternative.estimate
             host_column = [] if cpu else [format_size(estimate.peak_ram_bytes)]
@@ -91,7 +189,8 @@ def render_recommendation(result, config, output: str | None) -> None:
             )
         console.print(table)
     if output:
-        console.print(f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))")
+        _print_wrapped(console, f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))",
+                       "", "  ")
     else:
         console.print("Save it with -o advisor.json, or print the code with --emit python.")
 
@@ -163,3 +262,68 @@ def render_probe(profile) -> None:
     for name, status in profile.software.quantization_backends.items():
         table.add_row(name, "yes" if status.usable else "no", status.reason)
     console.print(table)
+
+
+def render_inspect(profile) -> None:
+    """`advisor inspect`: what a pipeline weighs, per component."""
+    console = stdout_console()
+    console.print(f"{profile.model_id}  ({profile.pipeline_class}, from the {profile.source})")
+    console.print(f"workload: {profile.workload} ({profile.workload_reason})")
+    console.print(f"model CPU offload order: {' -> '.join(profile.offload_sequence)}")
+    table = Table(show_footer=True)
+    table.add_column("component", footer="total")
+    table.add_column("class")
+    table.add_column("role")
+    table.add_column("params", justify="right", footer=format_count(profile.parameters))
+    table.add_column("dtype")
+    table.add_column("size", justify="right", footer=format_size(profile.bytes))
+    for component in profile.components:
+        table.add_row(
+            component.name,
+            component.class_name,
+            component.role,
+            format_count(component.parameters),
+            component.dtype,
+            format_size(component.bytes),
+        )
+    console.print(table)
+
+
+def render_estimate(profile, job, target, config, result) -> None:
+    """`advisor estimate`: memory per phase, peaks and latency of one configuration."""
+    console = stdout_console()
+    console.print(f"{profile.model_id}: {job.label()} on {target.name} ({target.source})")
+    console.print(f"config: {config.summary()}")
+    title = "Memory per phase (CPU inference: all of it is RAM)" if target.device == "cpu" else "GPU memory per phase"
+    table = Table(title=title, title_justify="left")
+    table.add_column("phase")
+    table.add_column("resident weights", justify="right")
+    table.add_column("activations", justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("components on the device")
+    for phase in result.phases:
+        parts = ", ".join(f"{name} {format_size(size)}" for name, size in phase.weights_bytes.items())
+        marker = " (peak)" if phase.name == result.peak_phase else ""
+        table.add_row(
+            phase.name + marker,
+            format_size(sum(phase.weights_bytes.values())),
+            format_size(phase.activation_bytes),
+            format_size(phase.device_bytes),
+            parts or "-",
+        )
+    console.print(table)
+    ram_parts = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in result.ram_breakdown.items())
+    if target.device != "cpu":
+        console.print(
+            f"peak VRAM: {format_size(result.peak_vram_bytes)} reserved by the caching allocator "
+            f"({format_size(result.peak_vram_allocated_bytes)} allocated, the table's totals; without the CUDA context)"
+        )
+    console.print(f"peak host RAM: {format_size(result.peak_ram_bytes)} ({ram_parts})")
+    if result.disk_bytes:
+        console.print(f"disk: {format_size(result.disk_bytes)} of offloaded weights")
+    parts = ", ".join(
+        f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}s" for k, v in result.latency_breakdown.items() if v and not k.startswith("step")
+    )
+    console.print(f"predicted latency: {result.latency_s:.1f}s ({parts}; {result.step_latency_s:.3f}s per step)")
+    for note in result.notes:
+        console.print(f"note: {note}")

@@ -49,7 +49,7 @@ def test_unknown_option_is_one_line_with_exit_2():
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert lines == ["advisor: error: No such option: --bogus (see 'advisor probe --help')"]
+    assert lines == ["advisor: error: no such option: --bogus (see 'advisor probe --help')"]
 
 
 def test_unknown_command_suggests_the_right_one():

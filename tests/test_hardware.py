@@ -10,7 +10,6 @@ from advisor.probe.hardware import (
     GpuInfo,
     format_cuda_driver_version,
     gpu_from_nvml_readings,
-    hf_cache_dir,
     pcie_bandwidth,
     probe_machine,
     quantization_backends,
@@ -99,7 +98,8 @@ def test_probe_on_this_machine_reports_no_gpu_with_reason():
 
 def test_probe_without_nvml_package_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
-    monkeypatch.setattr(hardware, "nvidia_gpu_signs", lambda: False)
+    monkeypatch.setattr(hardware, "nvidia_gpu_signs", lambda: True)  # a driver, but no NVML bindings
+    monkeypatch.setattr(hardware, "installed_version", lambda name: None)  # and no torch to ask instead
     gpus, source, note, driver, cuda = hardware.probe_gpus()
     assert (gpus, source, driver, cuda) == ([], "none", None, None)
     assert "NVML unavailable" in note
@@ -124,11 +124,13 @@ def test_host_ram_and_cores_match_the_kernel():
 
 
 def test_hf_cache_location_honours_environment(monkeypatch, tmp_path):
+    from advisor.probe.hub_cache import hub_cache_dir
+
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert hf_cache_dir() == tmp_path / "hf" / "hub"
+    assert hub_cache_dir() == tmp_path / "hf" / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    assert hf_cache_dir() == tmp_path / "cache"
+    assert hub_cache_dir() == tmp_path / "cache"
     host = probe_machine().host
     assert host.hf_cache_dir == str(tmp_path / "cache")
     assert host.hf_cache_free_bytes > 0  # measured on the nearest existing parent

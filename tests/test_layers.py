@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "advisor"
 # Lower number = lower layer; a module may import its own layer or lower ones at module level.
-LAYERS = {"errors": 0, "units": 0, "paths": 0, "files": 0, "config": 1, "constraints": 2, "probe": 3, "plan": 4, "run": 5, "trace": 5, "testing": 5, "render": 6, "cli": 6}
+LAYERS = {"errors": 0, "units": 0, "paths": 0, "files": 0, "config": 1, "constraints": 2, "probe": 3, "plan": 4, "run": 5, "trace": 5, "testing": 5, "render": 6, "arguments": 6, "cli": 6}
 
 
 def module_name(path: Path) -> str:

@@ -449,3 +449,48 @@ def test_hub_metadata_with_a_negative_shape_is_refused():
 def test_a_model_path_too_long_for_the_file_system_is_one_error():
     with pytest.raises(ModelError, match="file name too long"):
         load_profile("./" + "a" * 300)
+
+
+def test_the_light_hub_cache_lookup_agrees_with_huggingface_hub(tmp_path, monkeypatch):
+    from huggingface_hub import try_to_load_from_cache
+
+    from advisor.probe.hub_cache import cached_file, hub_cache_dir
+
+    cache = tmp_path / "hub"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--org--name"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    (repo / "snapshots" / sha / "model_index.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    (repo / ".no_exist" / sha).mkdir(parents=True)
+    (repo / ".no_exist" / sha / "absent.json").write_text("")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert hub_cache_dir() == cache
+    for repo_id, filename, revision in [
+        ("org/name", "model_index.json", "main"),  # through refs/main
+        ("org/name", "model_index.json", sha),  # a commit directly
+        ("org/name", "absent.json", "main"),  # known to be absent
+        ("org/name", "other.json", "main"),  # never fetched
+        ("org/name", "model_index.json", "v2"),  # a revision not cached
+        ("org/other", "model_index.json", "main"),  # a repo not cached
+    ]:
+        theirs = try_to_load_from_cache(repo_id, filename, cache_dir=cache, revision=revision)
+        assert cached_file(repo_id, filename, revision) == (theirs if isinstance(theirs, str) else None), (repo_id, filename, revision)
+
+
+def test_the_hub_cache_folder_follows_huggingface_hubs_variables(tmp_path, monkeypatch):
+    from advisor.probe.hub_cache import hub_cache_dir
+
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert hub_cache_dir() == tmp_path / ".cache" / "huggingface" / "hub"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert hub_cache_dir() == tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "legacy"))
+    assert hub_cache_dir() == tmp_path / "legacy"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "new"))
+    assert hub_cache_dir() == tmp_path / "new"

@@ -29,7 +29,7 @@ from advisor.errors import EstimateError
 from advisor.paths import DATA_DIR
 from advisor.plan.compute import NO_WORK, Work, denoiser_work, largest_layer_parameters, text_encoder_work, vae_decode_work
 from advisor.plan.compute import trace_of as _traced
-from advisor.plan.scenario import limited_peak
+from advisor.plan.scenario import Scenario, limited_peak
 from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
@@ -227,6 +227,15 @@ def _device_activation(profile: ModelProfile, config: OptimizationConfig, phase:
 
 
 # --- the estimate -------------------------------------------------------------------------------
+
+
+def estimate_for(scenario: Scenario, config: OptimizationConfig) -> Estimate:
+    """`estimate` of `config` for `scenario`, computed once per config and scenario: the rule engine
+    asks for the same candidate from several rules and from its scoring."""
+    key = config.model_dump_json()
+    if key not in scenario.estimates:
+        scenario.estimates[key] = estimate(scenario.profile, scenario.workload, config, scenario.target)
+    return scenario.estimates[key]
 
 
 def estimate(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from advisor.config import Offload, OptimizationConfig
-from advisor.plan.estimate import Estimate, estimate
+from advisor.plan.estimate import Estimate, estimate, estimate_for
 from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy, quality_cost
 from advisor.plan.rules import TIE, rules_of
 from advisor.plan.scenario import Scenario
@@ -112,7 +112,7 @@ def _fit(result: Estimate, scenario: Scenario) -> str | None:
 
 def score(config: OptimizationConfig, scenario: Scenario, adjusted_by: list[str] | None = None) -> Scored:
     """Estimate one finished candidate and check it against the budget."""
-    result = estimate(scenario.profile, scenario.workload, config, scenario.target)
+    result = estimate_for(scenario, config)
     why_not = _fit(result, scenario)
     return Scored(config, result, why_not is None, why_not, result.latency_s, adjusted_by or [])
 
@@ -240,7 +240,7 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
         )
     if config.quantization or config.layerwise_casting:
         unquantized = config.model_copy(update={"quantization": None, "layerwise_casting": None})
-        plain = estimate(scenario.profile, scenario.workload, unquantized, target)
+        plain = estimate_for(scenario, unquantized)
         what = config.quantization.label() if config.quantization else f"fp8 storage({', '.join(config.layerwise_casting.components)})"
         cost, source = quality_cost(config)
         reasons.append(
@@ -249,7 +249,7 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
             "the VAE is never quantized"
         )
     if config.offload.strategy != "none":
-        no_offload = estimate(scenario.profile, scenario.workload, config.model_copy(update={"offload": Offload()}), target)
+        no_offload = estimate_for(scenario, config.model_copy(update={"offload": Offload()}))
         reasons.append(
             f"{config.offload.label()}: without it the peak would be {format_size(no_offload.peak_vram_bytes)}"
         )

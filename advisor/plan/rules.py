@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from advisor.config import OptimizationConfig
 from advisor.constraints import DOCS, fullgraph_breaks_on_offload_hooks, named
-from advisor.plan.estimate import estimate
+from advisor.plan.estimate import estimate_for
 from advisor.plan.quality import is_lossy
 
 if TYPE_CHECKING:
@@ -162,12 +162,12 @@ def vae_tiling_when_decode_dominates(config: OptimizationConfig, scenario: Scena
     vae = scenario.profile.vae
     if vae is None or not vae.facts.get("supports_tiling") or config.vae.tiling:
         return config
-    plain = estimate(scenario.profile, scenario.workload, config, scenario.target)
+    plain = estimate_for(scenario, config)
     if plain.peak_phase != "vae_decode":
         return config
     tiled = config.model_copy(update={"vae": config.vae.model_copy(update={"tiling": True})})
     # Tiles are the VAE's sample size (1024 px for Flux/SDXL): smaller images gain nothing.
-    smaller = estimate(scenario.profile, scenario.workload, tiled, scenario.target)
+    smaller = estimate_for(scenario, tiled)
     return tiled if smaller.limited_peak(scenario.target.device) < plain.limited_peak(scenario.target.device) else config
 
 

@@ -17,7 +17,7 @@ True
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from advisor.config import Provenance
@@ -66,6 +66,9 @@ class Scenario:
     budget_source: str = "--budget"
     notes: tuple[str, ...] = ()
     quality: Quality = "balanced"
+
+    # config JSON -> its estimate for this scenario (`advisor.plan.estimate.estimate_for`)
+    estimates: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def assumptions(self) -> tuple[str, ...]:

@@ -12,12 +12,13 @@ import glob
 import os
 import platform
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation, installed_version
-from advisor.paths import user_cache_dir
+from advisor.probe.hub_cache import hub_cache_dir
 from advisor.units import parse_capability
 
 # Per-lane, per-direction payload bandwidth of each PCIe generation in bytes/s, after line coding
@@ -226,8 +227,9 @@ def _visible_only(gpus: list[GpuInfo]) -> list[GpuInfo]:
 
 
 def nvidia_gpu_signs() -> bool:
-    """True when the machine shows an NVIDIA GPU without asking NVML (device nodes or driver)."""
-    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/proc/driver/nvidia/version")
+    """True when the machine shows an NVIDIA GPU without asking NVML: device nodes, the driver, or
+    WSL2's GPU paravirtualization device (/dev/dxg, where NVML works through /usr/lib/wsl/lib)."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/dxg")
 
 
 def _probe_torch() -> list[GpuInfo]:
@@ -254,6 +256,8 @@ def _probe_torch() -> list[GpuInfo]:
 
 def probe_gpus() -> tuple[list[GpuInfo], str, str, str | None, str | None]:
     """(gpus, source, note, driver version, CUDA driver version); source is nvml, torch or none."""
+    if sys.platform.startswith("linux") and not nvidia_gpu_signs():  # NVML would find nothing (its import costs ~25 ms)
+        return [], "none", "no CUDA GPU found: no NVIDIA driver or device nodes, so NVML was not asked", None, None
     try:
         gpus, driver, cuda = _probe_nvml()
         note = f"{len(gpus)} GPU(s) read through NVML" if gpus else "NVML found no visible GPU"
@@ -271,15 +275,6 @@ def probe_gpus() -> tuple[list[GpuInfo], str, str, str | None, str | None]:
 
 
 # --- host ------------------------------------------------------------------------------------
-
-
-def hf_cache_dir() -> Path:
-    """Where the Hugging Face hub cache lives, honouring HF_HUB_CACHE and HF_HOME."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return user_cache_dir() / "huggingface" / "hub"
 
 
 def _free_disk(path: Path) -> int | None:
@@ -321,7 +316,7 @@ def probe_host() -> HostInfo:
 
     memory = psutil.virtual_memory()
     swap = psutil.swap_memory()
-    cache = hf_cache_dir()
+    cache = hub_cache_dir()
     return HostInfo(
         ram_total_bytes=int(memory.total),
         ram_available_bytes=int(memory.available),

@@ -18,6 +18,7 @@ from typing import Any
 from advisor.errors import ModelError
 from advisor.files import json_type, read_json
 from advisor.paths import CATALOG_DIR, DATA_DIR
+from advisor.probe.hub_cache import cached_file
 
 Role = str  # denoiser | text_encoder | vae | other
 # Component names that are never torch modules (tokenizers, schedulers, processors).
@@ -177,10 +178,8 @@ def read_model_index(model: str | Path) -> tuple[dict[str, Any], str] | None:
     if (folder / "model_index.json").is_file():
         return _index_object(folder / "model_index.json"), "folder"
     try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(str(model), "model_index.json")
-    except Exception:  # not a repo id, or no cache
+        found = cached_file(str(model), "model_index.json")
+    except (OSError, ValueError):  # not a repo id, or an unreadable cache
         found = None
     if isinstance(found, str):
         return _index_object(Path(found)), "cache"

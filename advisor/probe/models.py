@@ -386,10 +386,10 @@ def _looks_like_repo_id(name: str) -> bool:
 
 def cached_snapshot(repo_id: str) -> Path | None:
     """The cached snapshot folder of a hub repo, if its model_index.json is in the HF cache."""
-    from huggingface_hub import try_to_load_from_cache
+    from advisor.probe.hub_cache import cached_file
 
-    found = try_to_load_from_cache(repo_id, "model_index.json")
-    return Path(found).parent if isinstance(found, str) else None
+    found = cached_file(repo_id, "model_index.json")
+    return Path(found).parent if found else None
 
 
 def hub_offline() -> bool:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 from advisor.config import OptimizationConfig
 from advisor.errors import UsageError
-from advisor.plan.estimate import estimate
+from advisor.plan.estimate import estimate_for
 from advisor.plan.recommend import recommend
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
@@ -225,7 +225,7 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
         }
         candidate = space.candidate(params, scenario)
         config = candidate.config
-        predicted = estimate(scenario.profile, scenario.workload, config, scenario.target)
+        predicted = estimate_for(scenario, config)
         predicted_peak = predicted.limited_peak(device)
         key = config.model_dump_json()
 
@@ -424,7 +424,7 @@ def _predicted_latency(space: SearchSpace, params: dict[str, Any], scenario: Sce
     candidate = space.candidate(params, scenario)
     if candidate.rejected_by:
         return float("inf")
-    result = estimate(scenario.profile, scenario.workload, candidate.config, scenario.target)
+    result = estimate_for(scenario, candidate.config)
     fits = result.limited_peak(scenario.target.device) <= scenario.budget_bytes * PRUNE_MARGIN
     return result.latency_s if fits else float("inf")
 

@@ -53,14 +53,8 @@ def run_workers(
 
     import optuna
 
-    devices = _devices(scenario.target.device)
+    devices = check_devices(workers, scenario.target.device)
     shared = workers > len(devices)
-    if shared and os.environ.get(SHARED_DEVICE_ENV) != "1":
-        what = "this machine's CPU" if scenario.target.device == "cpu" else f"{len(devices)} GPU{'s' if len(devices) != 1 else ''}"
-        raise UsageError(
-            f"--workers: {workers} workers would share {what}, and each would time the others' load too; "
-            f"use --workers {len(devices)} here, or run one `advisor tune --storage URL --study NAME` per machine"
-        )
     name = study or study_name(scenario, settings.timeout_s)
     # Create the study (and the database tables) once, before the workers race to do it.
     created = optuna.create_study(study_name=name, storage=open_storage(storage), direction="minimize", load_if_exists=True)
@@ -126,6 +120,19 @@ def _drop_option(argv: list[str], option: str) -> list[str]:
 
 
 SHARED_DEVICE_ENV = "ADVISOR_ALLOW_SHARED_DEVICE"
+
+
+def check_devices(workers: int, device: str) -> list[str]:
+    """The devices the workers get, one each; a UsageError naming --workers when there are fewer
+    devices than workers (unless ADVISOR_ALLOW_SHARED_DEVICE=1)."""
+    devices = _devices(device)
+    if workers > len(devices) and os.environ.get(SHARED_DEVICE_ENV) != "1":
+        what = "this machine's CPU" if device == "cpu" else f"{len(devices)} GPU{'s' if len(devices) != 1 else ''}"
+        raise UsageError(
+            f"--workers: {workers} workers would share {what}, and each would time the others' load too; "
+            f"use --workers {len(devices)} here, or run one `advisor tune --storage URL --study NAME` per machine"
+        )
+    return devices
 
 
 def _devices(device: str) -> list[str]:

@@ -1,0 +1,142 @@
+"""The advisor's command line as argparse sees it: the subcommands, their options, and usage errors
+that are one `UsageError` line.
+
+argparse, not typer or click: it is in the standard library and imports in a few milliseconds,
+where typer took ~210 ms of every `advisor recommend` (issue 15's start-up goal: probe and recommend
+within 5% of the time `import diffusers` takes). The commands themselves live in `advisor.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+from typing import Callable
+
+from advisor.errors import UsageError
+
+
+class Exit(Exception):
+    """End the command with this exit status (after what it printed)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the advisor's errors: a usage error is one `UsageError` line naming the option
+    and where its help is, not argparse's usage block and exit."""
+
+    def error(self, message: str):
+        wrong = re.search(r"invalid choice: '([^']*)'", message)
+        if wrong and self._subparsers is not None:  # a mistyped command: say the near one
+            names = [name for action in self._subparsers._group_actions for name in getattr(action, "choices", None) or ()]
+            near = difflib.get_close_matches(wrong.group(1), names, n=1)
+            if near:
+                message = f"no such command: {wrong.group(1)!r}. Did you mean {near[0]!r}?"
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def values_may_start_with_a_dash(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """``--vram -3GB`` as ``--vram=-3GB``: argparse takes a value starting with "-" for an option,
+    and then says "expected one argument" instead of what is wrong with the value."""
+    options, valued = set(), set()
+    for sub in [parser, *parser._subparsers._group_actions[0].choices.values()]:
+        for action in sub._actions:
+            options.update(action.option_strings)
+            if action.nargs is None and action.option_strings and not isinstance(action, argparse._StoreTrueAction):
+                valued.update(action.option_strings)
+    out, index = [], 0
+    while index < len(args):
+        arg = args[index]
+        following = args[index + 1] if index + 1 < len(args) else None
+        if arg in valued and following is not None and following.startswith("-") and following not in options:
+            out.append(f"{arg}={following}")
+            index += 2
+        else:
+            out.append(arg)
+            index += 1
+    return out
+
+
+def build_parser(commands_by_name: dict[str, Callable[..., None]], default_model: str) -> argparse.ArgumentParser:
+    """The command line: a subcommand per entry of `commands_by_name` (its function runs it, its
+    docstring's first line is the help), each option stored under the function's parameter name."""
+    parser = _Parser(prog="advisor", description="Find the fastest way to run a diffusers pipeline within your GPU memory.",
+                     allow_abbrev=False)
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # Option groups several commands share, each defined once. --debug after the command too
+    # (SUPPRESS: where it is not given, it leaves the value before the command alone).
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show full tracebacks instead of one-line errors.")
+    model = _Parser(add_help=False)
+    model.add_argument("--model", "-m", default=default_model, help="Hub id, catalog alias, or a local pipeline folder.")
+    job = _Parser(add_help=False)
+    job.add_argument("--workload", help="Override the workload kind: image or video.")
+    for flag, what in (("--height", "Height in pixels"), ("--width", "Width in pixels"), ("--frames", "Video frames"),
+                       ("--steps", "Denoising steps the latency is for")):
+        job.add_argument(flag, type=int, metavar="N", help=f"{what} (default: the pipeline's).")
+    job.add_argument("--batch", type=int, metavar="N", help="Images or videos per prompt (default 1).")
+    machine = _Parser(add_help=False)
+    machine.add_argument("--vram", metavar="SIZE", help="Plan for a GPU with this much memory, e.g. 24GB.")
+    machine.add_argument("--ram", metavar="SIZE", help="Plan for this much host RAM, e.g. 64GB.")
+    machine.add_argument("--gpu", metavar="NAME", help="Plan for this GPU model, e.g. 'RTX 4090' (see docs/estimate.md).")
+    as_json = _Parser(add_help=False)
+    as_json.add_argument("--json", dest="as_json", action="store_true", help="Print one JSON object.")
+
+    def subcommand(name: str, *groups: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        function = commands_by_name[name]
+        summary = (function.__doc__ or "").strip().splitlines()[0]
+        sub = commands.add_parser(name, help=summary, description=summary, allow_abbrev=False, parents=[debug, *groups])
+        sub.set_defaults(run=function)
+        return sub
+
+    sub = subcommand("probe", as_json)
+    sub.add_argument("--calibrate", action="store_true",
+                     help="Also measure matmul throughput and host->GPU bandwidth (a few seconds; imports torch).")
+
+    sub = subcommand("inspect", as_json)
+    sub.add_argument("model", help="Hub id, catalog alias, or a local pipeline folder.")
+    sub.add_argument("--workload", help="Override the workload kind: image, video or audio.")
+    sub.add_argument("--config", dest="include_config", action="store_true", help="With --json: include each component's config.")
+
+    sub = subcommand("estimate", job, machine, as_json)
+    sub.add_argument("model", help="Hub id, catalog alias, or a local pipeline folder.")
+    sub.add_argument("--config", dest="config_file", metavar="FILE", help="An advisor config file (default: plain bf16, no offload).")
+
+    sub = subcommand("recommend", model, job, machine, as_json)
+    sub.add_argument("--budget", metavar="SIZE", help="GPU memory the run may use, e.g. 16GB (default: free VRAM minus a reserve).")
+    sub.add_argument("--no-compile", action="store_true", help="Leave torch.compile out (no warm-up compile on the first call).")
+    sub.add_argument("--quality", default="balanced",
+                     help="exact: nothing lossy; balanced (default): lossy only when nothing lossless fits or it is >=20%% faster; "
+                          "fast: the fastest.")
+    sub.add_argument("--output", "-o", metavar="FILE", help="Write the chosen config to this file (for advisor.load_config).")
+    sub.add_argument("--emit", help="Print code instead of the summary: 'python'.")
+
+    sub = subcommand("tune", model, job, as_json)
+    sub.add_argument("--budget", required=True, metavar="SIZE",
+                     help="Memory the run may use, e.g. 12GB (GPU memory; RAM on a CPU-only machine).")
+    sub.add_argument("--trials", type=int, default=8, metavar="N",
+                     help="Distinct configurations the study should measure (a rerun resumes up to this).")
+    sub.add_argument("--trial-timeout", type=float, default=900.0, metavar="SECONDS",
+                     help="Seconds one trial may take before it counts as a timeout (default 900).")
+    sub.add_argument("--tolerance", type=float, default=0.05, metavar="FRACTION",
+                     help="Time rounds until the latency's spread is within this fraction of it (default 0.05: ±5%%), "
+                          "else mark the trial noisy.")
+    sub.add_argument("--retry-failed", action="store_true",
+                     help="Measure again the trials that failed in earlier runs, out-of-memory ones too.")
+    sub.add_argument("--no-prune", action="store_true", help="Measure candidates the estimate predicts far over budget too.")
+    sub.add_argument("--no-compile", action="store_true", help="Leave torch.compile out of the search (faster trials).")
+    sub.add_argument("--quality", default="balanced", help="exact: search lossless configurations only; balanced or fast: all.")
+    sub.add_argument("--storage", metavar="URL",
+                     help="Optuna storage: sqlite:///PATH (default ~/.cache/advisor/studies.db), journal:PATH, postgresql://...")
+    sub.add_argument("--study", metavar="NAME", help="Study name (default: derived from model, workload, machine and budget).")
+    sub.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="Worker processes sharing the study, one per GPU (needs a journal or PostgreSQL storage).")
+    sub.add_argument("--output", "-o", metavar="FILE", help="Write the fastest feasible config to this file.")
+    sub.add_argument("--report", metavar="DIR", help="Write tune.png (latency against peak memory) and summary.md to this folder.")
+    sub.add_argument("--quiet", action="store_true", help="No progress display or table (used by worker processes).")
+    return parser

@@ -1,0 +1,97 @@
+"""What people read, at 80 columns: the recommend output, the tune table and the live progress
+display never cut a cell (no "…", every word of every configuration there), and lines keep to the
+width (a URL longer than a line excepted: it stays whole, so it stays clickable)."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from rich.console import Console
+
+from advisor import render
+from advisor.run.trials import TrialRecord
+from advisor.run.tune import TuneResult
+
+LONG = "bf16, int8_weight_only(transformer, text_encoder_2), compiled (regional), group offload (block, 2 per group, stream)"
+
+
+@pytest.fixture
+def console80(monkeypatch):
+    console = Console(width=80, file=io.StringIO(), record=True, highlight=False)
+    monkeypatch.setattr(render, "stdout_console", lambda: console)
+    return console
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def check_80(text: str) -> None:
+    assert "…" not in text and "..." not in text, text
+    for line in text.splitlines():
+        assert len(line) <= 80 or re.search(r"https?://\S{40,}", line), f"{len(line)} columns: {line!r}"
+
+
+def test_recommend_output_reads_at_80_columns(console80):
+    from advisor.plan.recommend import recommend
+    from advisor.plan.scenario import scenario_for
+    from advisor.probe.hardware import probe_machine
+    from advisor.run.steps import summary
+
+    scenario = scenario_for(probe_machine(), "black-forest-labs/FLUX.1-dev", gpu="RTX 4090", ram=64 * 2**30)
+    result = recommend(scenario)
+    render.render_recommendation(result, result.config, None)
+    text = console80.export_text()
+    check_80(text)
+    assert words(f"Recommended: {summary(result.config)}") in words(text)
+    for reason in result.reasons:  # every reason whole, its wrapped lines indented under its dash
+        assert words(reason) in words(text)
+    reason_lines = text.split("Why:\n", 1)[1].splitlines()
+    assert all(line.startswith(("  - ", "    ")) for line in reason_lines[: len(result.reasons)])
+
+
+def record(number: int, summary: str, status: str = "ok", reason: str | None = None) -> TrialRecord:
+    return TrialRecord(number, summary, status, "measured", status == "ok", 12.345, 15 * 2**30, 14 * 2**30, reason, {},
+                       latency_spread_s=0.2, noisy="the spread ±9% did not settle within ±5% after 12 rounds" if number == 1 else None)
+
+
+def test_the_tune_table_reads_at_80_columns(console80):
+    trials = [record(0, "bf16, no offload"), record(1, LONG),
+              record(2, LONG, "oom", "the trial process died out of memory (exit -9): CUDA out of memory. Tried to allocate 2.00 GiB")]
+    result = TuneResult("flux-1-dev-image-15.00GB-t900s-1a2b3c4d", "sqlite:///x.db", 16 * 2**30, trials, trials[0], None, 6,
+                        notes=["trial 0 (12.345s ± 0.200) is as fast as 1 (12.345s ± 0.200) within the measured spread"])
+    render.render_tune(result, "advisor.json")
+    text = console80.export_text()
+    check_80(text)
+    for trial in trials:  # every configuration, status, latency and reason whole
+        assert words(trial.summary) in words(text)
+        assert words(trial.reason or "") in words(text)
+    assert "12.345s ±2%" in text and "15.00 GB" in text and "14.00 GB" in text
+    assert words(result.notes[0]) in words(text)
+
+
+def test_the_tune_table_uses_the_width_when_there_is_more(monkeypatch):
+    console = Console(width=160, file=io.StringIO(), record=True, highlight=False)
+    monkeypatch.setattr(render, "stdout_console", lambda: console)
+    trials = [record(0, LONG)]
+    render.render_tune(TuneResult("study", "sqlite:///x.db", 16 * 2**30, trials, trials[0], None, 6), None)
+    text = console.export_text()
+    assert any(LONG in line for line in text.splitlines())  # one row, the configuration on one line
+
+
+def test_the_progress_display_reads_at_80_columns():
+    progress = render.TuneProgress(8)
+    progress.done, progress.best = 2, record(0, "bf16, no offload")
+    progress.started -= 83  # 1 min 23 s into the study
+    progress.phase(3, LONG, "timing, call 4 (8 steps)")
+    progress.current = (*progress.current[:3], progress.current[3] - 12)  # 12 s into the phase
+    console = Console(width=80, file=io.StringIO(), record=True, highlight=False)
+    console.print(progress)
+    text = console.export_text()
+    check_80(text)
+    first, second = text.splitlines()[0], text.splitlines()[1]
+    assert "2/8" in first and "1:23" in first  # the count and the clock whole
+    assert "trial 3: timing, call 4 (8 steps) 0:12" in second  # the phase and its clock whole
+    assert words(LONG) in words(text) and words("best 12.345s ±2%: bf16, no offload") in words(text)
