@@ -345,9 +345,13 @@ def _run_with_progress(run, total: int, quiet: bool):
 
     from advisor.render import TuneProgress
 
-    display = TuneProgress(total)
-    with Live(display, console=Console(stderr=True), refresh_per_second=4, transient=False):
-        return run(display.trial_done, display.phase)
+    display, console = TuneProgress(total), Console(stderr=True)
+    try:
+        with Live(display, console=console, refresh_per_second=4, transient=False):
+            return run(display.trial_done, display.phase)
+    finally:
+        if not console.is_terminal:  # a log file gets the last frame without its line end
+            console.print()
 
 
 def _stdout_gone() -> bool:

@@ -6,7 +6,7 @@ every study reported with the spread its trial stated, the spread across the stu
 studies' intervals (latency ± stated spread) hold the median of all of them. Goals: the
 spread across studies within the spread each trial reports, and the same pick in every study.
 
-    python benchmarks/tune_noise.py [--studies 5] [--scale 4] [--size 64] [--steps 28]
+    python benchmarks/tune_noise.py [--studies 5] [--scale 1] [--size 64] [--steps 28]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from advisor.units import format_size, parse_size
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=5)
-    parser.add_argument("--scale", type=int, default=4, help="width multiplier of the tiny Flux (advisor.testing.build_tiny_flux)")
+    parser.add_argument("--scale", type=int, default=1, help="width multiplier of the tiny Flux (advisor.testing.build_tiny_flux)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--budget", default="4GB")
