@@ -127,6 +127,10 @@ def estimate(
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
     target = resolve_target(probe_machine(), vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu)
     config = loaded if loaded is not None else OptimizationConfig(device=target.device)
+    made_for = config.provenance.pipeline_class if config.provenance else None
+    if made_for and made_for != profile.pipeline_class:
+        warnings.warn(AdvisorWarning(f"--config {config_file}: made for a {made_for} ({config.provenance.model}), estimated here "
+                                     f"for {profile.model_id}, a {profile.pipeline_class}: the numbers are for a config it was not chosen for"))
     result = run_estimate(profile, job, config, target)
     if as_json:
         print_json(

@@ -103,6 +103,16 @@ def test_estimate_shows_phases(capsys):
     assert "denoising" in out and "vae_decode" in out and "predicted latency" in out
 
 
+def test_estimate_warns_when_the_config_was_made_for_another_pipeline(capsys, tmp_path):
+    wan = tmp_path / "wan.json"
+    assert main(["recommend", "-m", "wan2.1-t2v-1.3b", "--gpu", "RTX 4090", "--no-compile", "-o", str(wan)]) == 0
+    capsys.readouterr()
+    assert main(["estimate", "flux-dev", "--gpu", "RTX 4090", "--config", str(wan)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"advisor: warning: --config {wan}: made for a WanPipeline"), err
+    assert "FluxPipeline" in err[0]
+
+
 def test_recommend_json_has_the_documented_keys(capsys):
     assert main(["recommend", "--model", "black-forest-labs/FLUX.1-dev", "--vram", "24GB", "--budget", "16GB", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
