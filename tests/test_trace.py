@@ -235,6 +235,20 @@ def test_a_local_folder_is_traced_once_then_read_from_the_cache(tiny, tmp_path, 
     assert {c.name: c.trace for c in again.components} == {c.name: c.trace for c in first.components}
 
 
+@pytest.mark.parametrize("junk", ["[" * 100_000, '{"a": ' + "9" * 5000 + "}", "[]", "{truncated"])
+def test_an_unusable_trace_cache_is_traced_again_not_an_error(tiny, tmp_path, monkeypatch, junk):
+    from advisor.trace.cache import cache_path, with_traces
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder, _ = tiny("FluxPipeline")
+    path = cache_path(profile_from_folder(folder))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(junk)
+    lines = []
+    traced = with_traces(profile_from_folder(folder), log=lines.append)
+    assert any(c.trace for c in traced.components) and any("first use" in line for line in lines)
+
+
 def test_a_component_the_tracer_cannot_run_falls_back_to_the_formula_and_says_so(tiny, tmp_path, monkeypatch):
     from advisor.config import OptimizationConfig
     from advisor.plan.estimate import estimate

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from advisor.errors import AdvisorError
+from advisor.files import read_json
 from advisor.paths import advisor_cache_dir
 from advisor.plan.compute import TRACE_VERSION
 from advisor.probe.models import ModelProfile
@@ -32,9 +34,10 @@ def cache_path(profile: ModelProfile) -> Path:
 
 
 def _read(path: Path) -> dict:
+    """The cached traces, or nothing when the file is missing or unusable (it is a cache: traced again)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = read_json(path, error=AdvisorError)
+    except AdvisorError:
         return {}
     return data if isinstance(data, dict) else {}
 

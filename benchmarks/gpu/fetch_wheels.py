@@ -8,7 +8,7 @@ Run on a development machine (PyPI reachable)::
 The GPU machine runs Python 3.12 on manylinux x86_64, with PyTorch (CUDA), transformers,
 accelerate, nvidia-ml-py, psutil and many more already there (the image's package list is in the
 workplace's device notes, read 2026-11-17: torch 2.11.0+cu130, transformers 5.17.0,
-huggingface_hub 1.33.0, tokenizers 0.23.2, safetensors 0.8.0, numpy 2.5.2, rich, pillow...).
+huggingface_hub 1.33.0, tokenizers 0.23.2, safetensors 0.8.0, numpy 2.5.2, typer, rich, pillow...).
 It lacks diffusers, bitsandbytes, optuna and optuna's and pydantic's dependencies.
 
 The list is resolved by hand, deliberately, and pinned to the versions this project is tested with
@@ -105,7 +105,10 @@ PINNED: tuple[Pin, ...] = (
     Pin("lazy-importer", "0.1.0", "required", "importlib_metadata 10 on Python < 3.15"),
     # --- fallback: the image has these; installed only where its copy falls short ----------------
     Pin("typing_extensions", "4.16.0", "fallback", "pydantic 2.14 needs >=4.16.0"),
-    Pin("click", "8.5.1", "fallback", "huggingface_hub"),
+    Pin("typer", "0.29.2", "fallback", "transformers (its CLI); the advisor itself no longer uses it"),
+    Pin("annotated-doc", "0.0.7", "fallback", "typer"),
+    Pin("shellingham", "1.5.4", "fallback", "typer"),
+    Pin("click", "8.5.1", "fallback", "typer, huggingface_hub"),
     Pin("rich", "15.0.0", "fallback", "advisor.cli tables"),
     Pin("markdown-it-py", "4.3.0", "fallback", "rich"),
     Pin("mdurl", "0.1.2", "fallback", "markdown-it-py"),
