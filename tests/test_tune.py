@@ -41,7 +41,9 @@ POSTGRES_URL = os.environ.get("ADVISOR_TEST_POSTGRES_URL")
 needs_postgres = pytest.mark.skipif(
     not POSTGRES_URL, reason="ADVISOR_TEST_POSTGRES_URL is not set (scripts/ci_postgres.sh starts a server and sets it)"
 )
-SMALL = ["--no-compile", "--height", "32", "--width", "32", "--steps", "4"]
+# A wide timing tolerance: these tests check the study, not the timings (tests/test_measure.py
+# checks those), and a 0.1 s generation on a shared CI runner would time 12 rounds to settle at ±5%.
+SMALL = ["--no-compile", "--height", "32", "--width", "32", "--steps", "4", "--tolerance", "0.5"]
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -257,6 +259,12 @@ def test_more_trials_resume_the_study_where_it_stopped(tuned):
 
 
 # --- killed and resumed ------------------------------------------------------------------------------
+
+
+def default_sigint() -> None:
+    """Ctrl-C's default in the started process: a test run from a script's background job (`cmd &`)
+    inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_the_second_trial(process, study: str, storage: str, timeout_s: float = 300) -> None:
@@ -514,7 +522,7 @@ def test_timed_out_trials_are_infeasible_and_the_study_goes_on(tiny_flux_dir, tm
     # A later run of the same study (with a timeout that suffices) measures the timed-out ones again.
     again = run_study(
         str(tiny_flux_dir), scenario, storage=storage, study="slow",
-        settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=300),
+        settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=300, tolerance=0.5),
     )
     new = [t for t in again.trials if t.number not in {r.number for r in result.trials}]
     assert configs(new) == configs(result.trials) and len(new) == len(configs(new))
@@ -547,11 +555,11 @@ def check_shared_study(study, trials: int, points: frozenset[str]) -> None:
 def test_two_workers_share_a_journal_file(tiny_flux_dir, shared_device_env, tmp_path):
     storage = f"journal:{tmp_path / 'journal.log'}"
     # --workers 2: two `advisor tune` processes started at once on the shared study.
-    result = advisor(tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2", "--json", trials=3), shared_device_env)
+    result = advisor(tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2", "--json", trials=2), shared_device_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "advisor: error" not in result.stderr  # no worker failed
     study = load_study(storage, "shared")
-    check_shared_study(study, 3, space(tiny_flux_dir))
+    check_shared_study(study, 2, space(tiny_flux_dir))
     data = json.loads(result.stdout)
     assert data["study"] == "shared" and data["fits"] is True
     assert [t["number"] for t in data["trials"]] == [t.number for t in complete(study)]
@@ -785,7 +793,7 @@ def test_ctrl_c_prints_the_finished_trials_and_how_to_resume_and_exits_130(tiny_
     storage = f"sqlite:///{tmp_path / 's.db'}"
     args = tune_args(tiny_flux_dir, storage, "--study", "stopped", "--report", str(tmp_path / "report"))
     with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
-        process = subprocess.Popen([ADVISOR, *args], env=env, stdout=stdout, stderr=stderr)
+        process = subprocess.Popen([ADVISOR, *args], env=env, stdout=stdout, stderr=stderr, preexec_fn=default_sigint)
     try:
         wait_for_the_second_trial(process, "stopped", storage)
         process.send_signal(signal.SIGINT)
@@ -820,7 +828,8 @@ def test_ctrl_c_stops_every_worker_and_exits_130(tiny_flux_dir, shared_device_en
     args = tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2")
     with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
         # Its own process group, which Ctrl-C in a terminal signals as a whole: the command and its workers.
-        process = subprocess.Popen([ADVISOR, *args], env=shared_device_env, stdout=stdout, stderr=stderr, start_new_session=True)
+        process = subprocess.Popen([ADVISOR, *args], env=shared_device_env, stdout=stdout, stderr=stderr, start_new_session=True,
+                                   preexec_fn=default_sigint)
     try:
         wait_for_the_second_trial(process, "shared", storage)
         os.killpg(process.pid, signal.SIGINT)
