@@ -14,6 +14,7 @@ import re
 from typing import Callable
 
 from advisor.errors import UsageError
+from advisor.run.timing import TOLERANCE, TRIAL_TIMEOUT_S
 
 
 class Exit(Exception):
@@ -121,9 +122,9 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]], default_model
                      help="Memory the run may use, e.g. 12GB (GPU memory; RAM on a CPU-only machine).")
     sub.add_argument("--trials", type=int, default=8, metavar="N",
                      help="Distinct configurations the study should measure (a rerun resumes up to this).")
-    sub.add_argument("--trial-timeout", type=float, default=900.0, metavar="SECONDS",
-                     help="Seconds one trial may take before it counts as a timeout (default 900).")
-    sub.add_argument("--tolerance", type=float, default=0.05, metavar="FRACTION",
+    sub.add_argument("--trial-timeout", type=float, default=TRIAL_TIMEOUT_S, metavar="SECONDS",
+                     help="Seconds one trial may take before it counts as a timeout (default %(default)g).")
+    sub.add_argument("--tolerance", type=float, default=TOLERANCE, metavar="FRACTION",
                      help="Time rounds until the latency's spread is within this fraction of it (default 0.05: ±5%%), "
                           "else mark the trial noisy.")
     sub.add_argument("--retry-failed", action="store_true",

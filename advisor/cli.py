@@ -19,6 +19,7 @@ from typing import Any
 from advisor.arguments import Exit, build_parser, values_may_start_with_a_dash
 from advisor.errors import AdvisorError, AdvisorWarning, ModelError, UsageError
 from advisor.files import check_output_file, check_output_folder, os_error_reason
+from advisor.run.timing import TOLERANCE, TRIAL_TIMEOUT_S
 from advisor.units import parse_size
 
 _state: dict[str, Any] = {"debug": False}
@@ -216,8 +217,8 @@ def tune(
     steps: int | None = None,
     batch: int | None = None,
     trials: int = 8,
-    trial_timeout: float = 900.0,
-    tolerance: float = 0.05,
+    trial_timeout: float = TRIAL_TIMEOUT_S,
+    tolerance: float = TOLERANCE,
     retry_failed: bool = False,
     no_prune: bool = False,
     no_compile: bool = False,
@@ -359,9 +360,7 @@ def _run_with_progress(run, total: int, quiet: bool):
 
 
 def _stdout_gone() -> bool:
-    """Whether stdout's reader went away: rich has pointed it at /dev/null, or click wrapped it."""
-    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
-        return True
+    """Whether stdout's reader went away: rich has pointed it at /dev/null."""
     try:
         here, null = os.fstat(sys.__stdout__.fileno()), os.stat(os.devnull)
     except (OSError, ValueError):
@@ -418,7 +417,7 @@ def _run(args: list[str]) -> int:
         print("advisor: interrupted", file=sys.stderr)
         return 130
     except (BrokenPipeError, SystemExit) as exc:
-        if isinstance(exc, SystemExit) and not isinstance(exc, BrokenPipeError) and not _stdout_gone():
+        if isinstance(exc, SystemExit) and not _stdout_gone():
             return exc.code if isinstance(exc.code, int) else 0  # --help printed its text
         # `advisor ... | head` closed the pipe: what was read was what was wanted. rich turns the
         # EPIPE into exit 1 after pointing stdout at /dev/null.

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from advisor.paths import user_cache_dir
+
 
 def hub_cache_dir() -> Path:
     """HF_HUB_CACHE, else the legacy HUGGINGFACE_HUB_CACHE, else HF_HOME/hub (HF_HOME defaults to
     $XDG_CACHE_HOME/huggingface, then ~/.cache/huggingface): huggingface_hub.constants' order."""
-    home = os.getenv("HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "huggingface"))
+    home = os.getenv("HF_HOME", str(user_cache_dir() / "huggingface"))
     legacy = os.getenv("HUGGINGFACE_HUB_CACHE", os.path.join(os.path.expandvars(os.path.expanduser(home)), "hub"))
     return Path(os.path.expandvars(os.path.expanduser(os.getenv("HF_HUB_CACHE", legacy))))
 

@@ -46,6 +46,7 @@ MIN_ROUNDS = 3
 STEP_POINTS = (2, 8)
 MAX_ROUNDS = 12
 TIMING_CAP_S = 120.0
+TRIAL_TIMEOUT_S = 900.0  # a whole trial (loading, warm-up, timing) before it counts as a timeout
 
 
 @dataclass

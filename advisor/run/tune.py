@@ -35,7 +35,7 @@ from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
 from advisor.run.measure import Measurement, measure, remove_orphaned_scratch
 from advisor.run.storage import default_storage, fail_orphaned_trials, open_storage, shown_storage, sole_tuner, this_runner
-from advisor.run.timing import MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE
+from advisor.run.timing import MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE, TRIAL_TIMEOUT_S
 from advisor.run.trials import RUNNER_ATTR, TrialRecord, choose_best
 from advisor.units import format_size
 
@@ -48,7 +48,7 @@ MEASURED_IN_PROVENANCE = (
 )
 
 
-def study_name(scenario: Scenario, timeout_s: float = 900.0) -> str:
+def study_name(scenario: Scenario, timeout_s: float = TRIAL_TIMEOUT_S) -> str:
     """Same model, workload, machine, budget and trial timeout -> same study, so re-running resumes it.
 
     The timeout is part of the name: a study whose trials timed out under a too-short
@@ -141,7 +141,7 @@ def terminate_as_interrupt() -> Iterator[None]:
 @dataclass
 class TuneSettings:
     trials: int = 8  # distinct configurations measured (repeats and estimates don't count)
-    timeout_s: float = 900.0  # per trial
+    timeout_s: float = TRIAL_TIMEOUT_S  # per trial
     prune: bool = True
     step_points: tuple[int, ...] = STEP_POINTS
     repeats: int = MIN_ROUNDS  # timed rounds at least; more until the spread is within `tolerance`
