@@ -43,7 +43,8 @@ needs_postgres = pytest.mark.skipif(
 )
 # A wide timing tolerance: these tests check the study, not the timings (tests/test_measure.py
 # checks those), and a 0.1 s generation on a shared CI runner would time 12 rounds to settle at ±5%.
-SMALL = ["--no-compile", "--height", "32", "--width", "32", "--steps", "4", "--tolerance", "0.5"]
+# No confirmation runs of the finalists (each a trial process more) but where a test is about them.
+SMALL = ["--no-compile", "--height", "32", "--width", "32", "--steps", "4", "--tolerance", "0.5", "--confirm", "0"]
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -256,6 +257,45 @@ def test_more_trials_resume_the_study_where_it_stopped(tuned):
     after = load_study(tuned.storage).get_trials()
     assert snapshot(after[:2]) == snapshot(tuned.after_short[:2])
     assert len(complete(load_study(tuned.storage))) > 2
+
+
+@pytest.mark.slow
+def test_confirming_measures_each_finalist_again_in_a_fresh_process(tuned, tiny_flux_dir, env, tmp_path):
+    """The finished study of `tuned` (copied), run again with --confirm 1: nothing is searched, each
+    finalist is measured once more in a new process, and the pick is made on both processes."""
+    import statistics
+
+    assert tuned.result.returncode == 0, tuned.result.stderr[-3000:]
+    copy = tmp_path / "studies.db"
+    shutil.copy(tuned.storage.removeprefix("sqlite:///"), copy)
+    storage = f"sqlite:///{copy}"
+    args = [*tune_args(tiny_flux_dir, storage, "--json"), "--confirm", "1"]  # the last --confirm counts
+    first = advisor(args, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads(first.stdout)
+    runs = {key: value for key, value in load_study(storage).user_attrs.items() if key.startswith("confirm:")}
+    confirmed = [t for t in result["trials"] if t["source"] == "measured" and t["processes"] > 1]
+    # The finalists (at most 3, within 25% of the fastest) got one run each, and no trial was added.
+    assert 1 <= len(runs) <= 3 and len(confirmed) == len(runs)
+    assert all(len(value) == 1 and value[0]["status"] == "ok" for value in runs.values())
+    assert snapshot(load_study(storage).get_trials()) == snapshot(load_study(tuned.storage).get_trials())
+    for t in confirmed:
+        first_process, second_process = t["process_latencies_s"]
+        assert first_process == t["measurement"]["latency_s"]  # the trial's own process, then the new one
+        assert t["latency_s"] == pytest.approx(statistics.median([first_process, second_process]))
+        assert t["latency_spread_s"] >= abs(first_process - second_process) / 2 - 1e-12
+    fastest = min(t["latency_s"] for t in confirmed)
+    assert all(t["processes"] == 1 for t in result["trials"] if t["feasible"] and t["latency_s"] < fastest)
+    assert result["best"]["processes"] == 2
+    measured = result["config"]["provenance"]["measured"]
+    assert measured["processes"] == 2 and measured["latency_s"] == result["best"]["latency_s"]
+    assert any("fresh processes" in note for note in result["notes"])
+
+    # Run once more: the runs are in the study, so nothing is measured again.
+    again = advisor(args, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {key: value for key, value in load_study(storage).user_attrs.items() if key.startswith("confirm:")} == runs
+    assert json.loads(again.stdout)["best"] == result["best"]
 
 
 # --- killed and resumed ------------------------------------------------------------------------------
@@ -472,7 +512,7 @@ def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, o
     storage = f"sqlite:///{tmp_path / 's.db'}"
     result = run_study(
         str(flux_270mb), scenario, storage=storage, study="oom",
-        settings=TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300),
+        settings=TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300, confirm_runs=0),
         on_trial=progress.append,
     )
     assert len(result.trials) == 2 and len(progress) == 2
@@ -489,7 +529,7 @@ def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, o
         assert trial.constraints == {"peak_over_budget": 1.0}
 
     # Out of memory at the same budget is an answer: a later run of the study does not retry it...
-    settings = TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300)
+    settings = TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300, confirm_runs=0)
     again = run_study(str(flux_270mb), scenario, storage=storage, study="oom", settings=settings)
     assert [t.number for t in again.trials] == [t.number for t in result.trials]
     # ... unless --retry-failed asks for it: then each one is measured again.
@@ -522,7 +562,7 @@ def test_timed_out_trials_are_infeasible_and_the_study_goes_on(tiny_flux_dir, tm
     # A later run of the same study (with a timeout that suffices) measures the timed-out ones again.
     again = run_study(
         str(tiny_flux_dir), scenario, storage=storage, study="slow",
-        settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=300, tolerance=0.5),
+        settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=300, tolerance=0.5, confirm_runs=0),
     )
     new = [t for t in again.trials if t.number not in {r.number for r in result.trials}]
     assert configs(new) == configs(result.trials) and len(new) == len(configs(new))
@@ -728,6 +768,7 @@ def test_workers_from_main_in_process_get_mains_arguments(tiny_flux_dir, tmp_pat
         ("--trials", "0", "a whole number of at least 1"),
         ("--trials", "-2", "a whole number of at least 1"),
         ("--workers", "0", "a whole number of at least 1"),
+        ("--confirm", "-1", "a whole number of runs, 0 or more"),
         ("--height", "0", "a whole number >= 1"),
         ("--steps", "-1", "a whole number >= 1"),
     ],

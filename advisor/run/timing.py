@@ -47,6 +47,8 @@ STEP_POINTS = (2, 8)
 MAX_ROUNDS = 12
 TIMING_CAP_S = 120.0
 TRIAL_TIMEOUT_S = 900.0  # a whole trial (loading, warm-up, timing) before it counts as a timeout
+# After the search, each finalist is measured this many more times in fresh processes (`advisor.run.confirm`).
+CONFIRM_RUNS = 2
 
 
 @dataclass

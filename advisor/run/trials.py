@@ -41,9 +41,13 @@ class TrialRecord:
     predicted_latency_s: float | None = None
     latency_spread_s: float | None = None  # measured: the latency is latency_s ± this (see `advisor.run.measure.Timing`)
     noisy: str | None = None  # measured: why the latency did not settle within the tolerance
+    # Fresh processes the latency was measured in: 1, or more for a finalist (`advisor.run.confirm`),
+    # whose latency is then the median of `process_latencies_s` and its spread the half range across them.
+    processes: int = 1
+    process_latencies_s: list[float] | None = None
 
-    # Derived from the others (or from optuna) rather than stored.
-    _DERIVED = ("number", "feasible", "latency_s", "peak_bytes", "latency_spread_s", "noisy")
+    # Derived from the others (or from optuna and the confirmation runs) rather than stored.
+    _DERIVED = ("number", "feasible", "latency_s", "peak_bytes", "latency_spread_s", "noisy", "processes", "process_latencies_s")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,9 +33,10 @@ from advisor.plan.estimate import estimate_for
 from advisor.plan.recommend import recommend
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
+from advisor.run.confirm import MAX_PASSES, confirm, finalists, missing_runs, with_confirmations
 from advisor.run.measure import Measurement, measure, remove_orphaned_scratch
 from advisor.run.storage import default_storage, fail_orphaned_trials, open_storage, shown_storage, sole_tuner, this_runner
-from advisor.run.timing import MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE, TRIAL_TIMEOUT_S
+from advisor.run.timing import CONFIRM_RUNS, MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE, TRIAL_TIMEOUT_S
 from advisor.run.trials import RUNNER_ATTR, TrialRecord, choose_best
 from advisor.units import format_size
 
@@ -43,7 +44,7 @@ from advisor.units import format_size
 PRUNE_MARGIN = 1.25
 # What `provenance.measured` of a tuned config carries from the best trial's measurement.
 MEASURED_IN_PROVENANCE = (
-    "latency_spread_s", "rounds", "noisy", "peak_vram_bytes", "peak_vram_reserved_bytes", "peak_rss_bytes",
+    "rounds", "peak_vram_bytes", "peak_vram_reserved_bytes", "peak_rss_bytes",
     "per_step_s", "fixed_s", "warmup_s", "load_s",
 )
 
@@ -69,6 +70,9 @@ def check_settings(settings: TuneSettings) -> None:
         raise UsageError(f"--trial-timeout: {timeout:g} is not valid; give a finite number of seconds greater than 0")
     if not _positive_number(settings.tolerance) or settings.tolerance >= 1:
         raise UsageError(f"--tolerance: {settings.tolerance:g} is not valid; give a fraction of the latency between 0 and 1, e.g. 0.05")
+    runs = settings.confirm_runs
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
+        raise UsageError(f"--confirm: {runs} is not valid; give a whole number of runs, 0 or more (0: no confirmation)")
 
 
 def _positive_number(value: Any) -> bool:
@@ -152,6 +156,7 @@ class TuneSettings:
     seed: int = 0
     compile_choices: tuple[bool, ...] = (True, False)
     retry_failed: bool = False  # re-measure earlier runs' out-of-memory trials too (crash and timeout always are)
+    confirm_runs: int = CONFIRM_RUNS  # more fresh processes per finalist after the search (`advisor.run.confirm`)
 
 
 # Failed trials of an earlier run that a new run measures again (a crash or timeout may have been
@@ -255,24 +260,31 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
         if settings.prune and predicted_peak > budget * PRUNE_MARGIN:
             reason = f"predicted peak {format_size(predicted_peak)} is far over the {format_size(budget)} budget"
             return finish("skipped", "estimate", float(predicted_peak - budget), predicted.latency_s, reason)
-        m = measure(
-            model,
-            config,
-            scenario.workload,
-            timeout_s=settings.timeout_s,
-            step_points=settings.step_points,
-            repeats=settings.repeats,
-            max_rounds=settings.max_rounds,
-            tolerance=settings.tolerance,
-            timing_cap_s=settings.timing_cap_s,
-            memory_limit_bytes=settings.memory_limit_bytes,
-            seed=settings.seed,
-            on_phase=(lambda phase: on_phase(trial.number, config.summary(), phase)) if on_phase else None,
-        )
+        m = _measure(model, config, scenario, settings,
+                     (lambda phase: on_phase(trial.number, config.summary(), phase)) if on_phase else None)
         status, violation, reason = _judge(m, scenario)
         return finish(status, "measured", violation, m.latency_s if m.latency_s is not None else predicted.latency_s * 10, reason, m)
 
     return objective
+
+
+def _measure(model: str, config: OptimizationConfig, scenario: Scenario, settings: TuneSettings,
+             on_phase: Callable[[str], None] | None) -> Measurement:
+    """One measurement of `config` in a fresh process, as the settings say to time it."""
+    return measure(
+        model,
+        config,
+        scenario.workload,
+        timeout_s=settings.timeout_s,
+        step_points=settings.step_points,
+        repeats=settings.repeats,
+        max_rounds=settings.max_rounds,
+        tolerance=settings.tolerance,
+        timing_cap_s=settings.timing_cap_s,
+        memory_limit_bytes=settings.memory_limit_bytes,
+        seed=settings.seed,
+        on_phase=on_phase,
+    )
 
 
 def _judge(m: Measurement, scenario: Scenario) -> tuple[str, float, str | None]:
@@ -387,9 +399,38 @@ def run_study(
                     if untried and not _waiting(the_study):
                         fastest = min(untried, key=lambda p: _predicted_latency(space, p, scenario))
                         the_study.enqueue_trial(fastest, user_attrs={"seeded_by": "untried"})
+            confirm_finalists(the_study, model, scenario, settings, result, on_trial, on_phase)
         except KeyboardInterrupt as stop:  # optuna has marked the running trial failed; the finished ones stand
             raise TuneInterrupted(result(), 143 if isinstance(stop, Terminated) else 130) from None
         return result()
+
+
+def confirm_finalists(
+    study,
+    model: str,
+    scenario: Scenario,
+    settings: TuneSettings,
+    result: Callable[[], TuneResult],
+    on_trial: Callable[[TuneResult], None] | None = None,
+    on_phase: Callable[[int, str, str], None] | None = None,
+) -> None:
+    """Measure the finalists again in fresh processes, in turns, until each has
+    ``settings.confirm_runs`` more runs (see `advisor.run.confirm`)."""
+    if settings.confirm_runs < 1:
+        return
+
+    def measure_one(record: TrialRecord, run: int, of: int) -> dict[str, Any]:
+        shown = (lambda phase: on_phase(record.number, record.summary, f"run {run} of {of}, {phase}")) if on_phase else None
+        measured = _measure(model, OptimizationConfig.model_validate(record.config), scenario, settings, shown)
+        if on_trial is not None:
+            on_trial(result())
+        return measured.to_dict()
+
+    for _ in range(MAX_PASSES):  # a finalist confirmed slower can let in one that was not confirmed yet
+        chosen = missing_runs(study, finalists(result().trials), settings.confirm_runs)
+        if not chosen:
+            return
+        confirm(study, chosen, settings.confirm_runs, measure_one)
 
 
 def _waiting(study) -> list:
@@ -448,12 +489,15 @@ def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenar
     """The results so far: every finished trial, and the fastest measured one that fits."""
     device, budget = scenario.target.device, scenario.budget_bytes
     records = [r for r in (TrialRecord.from_trial(t, device) for t in study.get_trials(deepcopy=False)) if r is not None]
+    records = with_confirmations(records, study.user_attrs, device, budget)
     feasible = [r for r in records if r.feasible and r.latency_s is not None]
     best, notes = choose_best(feasible)
     config = None
     advice: list[str] = []
     if best is not None:
-        measured = {"latency_s": best.latency_s, "peak_bytes": best.peak_bytes, "trial": best.number, "study": name}
+        measured = {"latency_s": best.latency_s, "latency_spread_s": best.latency_spread_s, "noisy": best.noisy,
+                    "processes": best.processes, "process_latencies_s": best.process_latencies_s,
+                    "peak_bytes": best.peak_bytes, "trial": best.number, "study": name}
         measured.update({key: (best.measurement or {}).get(key) for key in MEASURED_IN_PROVENANCE})
         config = OptimizationConfig.model_validate(best.config).model_copy(
             update={"provenance": scenario.provenance("tune", measured=measured)}
@@ -467,6 +511,11 @@ def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenar
         if failed:
             advice.append(f"some trials ended as {', '.join(sorted(failed))}: see the reasons in the table")
         advice.append("try a larger --budget, a lower --height/--width/--frames, more --trials, or --no-prune")
+    confirmed = [r for r in records if r.source == "measured" and r.processes > 1]
+    if confirmed:
+        numbers = ", ".join(str(r.number) for r in confirmed)
+        notes.append(f"trial{'s' if len(confirmed) > 1 else ''} {numbers} (×N) measured in N fresh processes, taking turns: "
+                     "the latency is the median across them, ± half their range (or one process's spread, if larger)")
     noisy = [r.number for r in records if r.source == "measured" and r.noisy]
     if noisy:
         notes.append(f"trial{'s' if len(noisy) > 1 else ''} {', '.join(map(str, noisy))} did not settle within the timing "

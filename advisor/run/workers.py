@@ -25,6 +25,7 @@ from advisor.run.tune import (
     TuneResult,
     TuneSettings,
     collect,
+    confirm_finalists,
     exhausted_note,
     stale_trials,
     study_name,
@@ -60,8 +61,9 @@ def run_workers(
     created = optuna.create_study(study_name=name, storage=open_storage(storage), direction="minimize", load_if_exists=True)
     stale = stale_trials(created, settings)  # what the workers retry: the result judges without them
     base = [a for a in argv if a not in {"--json", "--quiet"}]
-    for option in ("--workers", "--study", "--output", "--report", "-o"):
+    for option in ("--workers", "--study", "--output", "--report", "-o", "--confirm"):
         base = _drop_option(base, option)
+    base += ["--confirm", "0"]  # the finalists are confirmed here, once the workers are done
     processes = []
     for index in range(workers):
         env = dict(os.environ)
@@ -84,6 +86,9 @@ def run_workers(
     with terminate_as_interrupt():
         try:
             codes = [p.wait() for p in processes]
+            if any(code in (0, 3) for code in codes):
+                the_study = optuna.load_study(study_name=name, storage=open_storage(storage))
+                confirm_finalists(the_study, model, scenario, settings, result)
         except KeyboardInterrupt as stop:  # Ctrl-C reached the workers too (one process group): let them finish quietly
             terminated = isinstance(stop, Terminated)
             for process in processes:

@@ -1,0 +1,112 @@
+"""The finalists of a study measured again in fresh processes, taking turns: the noise between processes.
+
+One trial's timed rounds agree within a few percent, yet on a shared machine the same configuration
+measured in another process minutes later differed by up to ±17% (docs/benchmarks.md, "Tune
+noise"): noise that one process cannot see from inside (other tenants, clocks, memory layout). So
+after the search, the configurations within `FINALIST_MARGIN` of the fastest (at most `FINALISTS`)
+are measured `CONFIRM_RUNS` (`advisor.run.timing`) more times each in new processes, in turns (A B C, B C A, ...) so that a
+machine that slows down slows them all. A finalist's latency becomes the median over its processes,
+its spread the half range across them (never less than one process's own), and its peak the
+largest any process measured; the pick is made on those.
+
+The runs are stored in the study's user attributes (`confirmation_key`), so a resumed study keeps
+them and only measures what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import replace
+from typing import Any, Callable
+
+from advisor.run.trials import TrialRecord
+from advisor.units import format_size
+
+FINALISTS = 3  # configurations measured again, the fastest first
+FINALIST_MARGIN = 0.25  # within this of the fastest latency: twice the noise seen between processes
+MAX_PASSES = 3  # a confirmed finalist can fall behind one that was not: confirm the new ones, this often
+
+# What one confirmation run keeps of its measurement.
+KEPT = ("status", "reason", "latency_s", "latency_spread_s", "peak_vram_bytes", "peak_rss_bytes", "noisy")
+
+
+def confirmation_key(config: dict[str, Any]) -> str:
+    """The study user attribute holding a configuration's confirmation runs."""
+    return "confirm:" + hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finalists(records: list[TrialRecord], limit: int = FINALISTS) -> list[TrialRecord]:
+    """The first measured trial of each feasible configuration within FINALIST_MARGIN of the fastest,
+    fastest first, at most `limit`."""
+    firsts: dict[str, TrialRecord] = {}
+    for r in sorted(records, key=lambda r: r.number):
+        if r.feasible and r.source == "measured" and r.latency_s is not None:
+            firsts.setdefault(json.dumps(r.config, sort_keys=True), r)
+    ranked = sorted(firsts.values(), key=lambda r: (r.latency_s, r.number))
+    if not ranked:
+        return []
+    ceiling = ranked[0].latency_s * (1 + FINALIST_MARGIN)
+    return [r for r in ranked if r.latency_s <= ceiling][:limit]
+
+
+def with_confirmations(records: list[TrialRecord], stored: dict[str, Any], device: str, budget: int) -> list[TrialRecord]:
+    """`records` with each confirmed configuration's latency, spread and peak taken over all its
+    processes; a confirmation run that failed or went over the budget makes the configuration
+    infeasible, with that run's reason."""
+    out = []
+    for r in records:
+        runs = stored.get(confirmation_key(r.config)) if r.source != "estimate" and r.measurement else None
+        out.append(_combined(r, runs, device, budget) if runs else r)
+    return out
+
+
+def _combined(r: TrialRecord, runs: list[dict[str, Any]], device: str, budget: int) -> TrialRecord:
+    from advisor.plan.scenario import limited_peak
+
+    processes = [r.measurement] + runs
+    failed = next((i for i, run in enumerate(runs, start=2) if run.get("status") != "ok"), None)
+    if failed is not None:
+        run = runs[failed - 2]
+        return replace(r, status=run["status"], feasible=False, processes=len(processes),
+                       reason=f"run {failed} of {len(processes)} in a fresh process: {run.get('reason') or run['status']}")
+    latencies = [p["latency_s"] for p in processes]
+    within = statistics.median(p.get("latency_spread_s") or 0.0 for p in processes)
+    peaks = [limited_peak(device, vram_bytes=p.get("peak_vram_bytes"), ram_bytes=p.get("peak_rss_bytes")) for p in processes]
+    peak = max((p for p in peaks if p is not None), default=None)
+    combined = replace(
+        r, latency_s=statistics.median(latencies), latency_spread_s=max((max(latencies) - min(latencies)) / 2, within),
+        processes=len(processes), process_latencies_s=latencies, peak_bytes=peak,
+        noisy=next((p["noisy"] for p in processes if p.get("noisy")), None),
+    )
+    if r.feasible and peak is not None and peak > budget:
+        return replace(combined, status="over-budget", feasible=False,
+                       reason=f"a run in a fresh process measured peak {format_size(peak)} > budget {format_size(budget)}")
+    return combined
+
+
+def missing_runs(study, chosen: list[TrialRecord], runs: int) -> list[TrialRecord]:
+    """The finalists still short of `runs` confirmation runs in this study."""
+    attrs = study.user_attrs
+    return [r for r in chosen if len(attrs.get(confirmation_key(r.config), [])) < runs]
+
+
+def confirm(
+    study,
+    chosen: list[TrialRecord],
+    runs: int,
+    measure_one: Callable[[TrialRecord, int, int], dict[str, Any]],
+) -> None:
+    """Measure each of `chosen` until it has `runs` confirmation runs, in turns; each run is stored
+    as soon as it ends (an interrupted confirmation keeps what it measured). ``measure_one(record,
+    run, of)`` measures one in a fresh process and returns the `Measurement` as a dict."""
+    for turn in range(runs):
+        order = chosen[turn % len(chosen):] + chosen[:turn % len(chosen)] if chosen else []
+        for r in order:
+            key = confirmation_key(r.config)
+            done = list(study.user_attrs.get(key, []))
+            if len(done) >= runs or len(done) > turn:
+                continue
+            measured = measure_one(r, len(done) + 2, runs + 1)
+            study.set_user_attr(key, done + [{name: measured.get(name) for name in KEPT}])
