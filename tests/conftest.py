@@ -24,7 +24,16 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# The files that take longest (minutes each on a 2-core machine), longest first. pytest-xdist
+# (`-n auto --dist loadfile`, pyproject.toml) hands whole files to its workers in collection order:
+# starting with these lets the short files fill in around them, so the workers finish together.
+LONGEST_FIRST = ("test_tune.py", "test_gpu_kit.py", "test_tune_stop.py", "test_trace.py", "test_tune_workers.py",
+                 "test_measure.py", "test_apply.py", "test_every_class.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
@@ -106,3 +115,36 @@ def dynamo_isolated():
     torch._dynamo.reset()
     for key, value in saved.items():
         setattr(torch._dynamo.config, key, value)
+
+
+# --- the tune tests (tests/test_tune*.py, helpers in tests/tuning.py) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """In-process studies, like the advisor processes, read no calibration from and write nothing to ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The environment of every advisor process these tests start."""
+    base = tmp_path_factory.mktemp("tune-env")
+    (base / "tmp").mkdir()
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(base / "cache"),
+        # A killed `advisor tune` leaves its trial's scratch folder behind: keep it in tmp.
+        "TMPDIR": str(base / "tmp"),
+    }
+
+
+@pytest.fixture(scope="module")
+def shared_device_env(env):
+    """Workers may share this machine's one device: only to test the worker machinery."""
+    from advisor.run.workers import SHARED_DEVICE_ENV
+
+    return {**env, SHARED_DEVICE_ENV: "1"}
