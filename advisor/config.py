@@ -89,6 +89,10 @@ class Offload(_Strict):
     - ``group``: groups of blocks (``block_level``) or single layers (``leaf_level``) move just in
       time (``enable_group_offload``); ``use_stream`` prefetches the next group on a CUDA stream.
     - ``sequential``: every layer moves at every use (``enable_sequential_cpu_offload``).
+
+    Partial offload is group offload with ``resident_blocks``: of each component named there, that
+    many repeated blocks (the largest first) and every module outside the block lists (embedders,
+    norms) stay on the device; only the other blocks are group-offloaded, so only they cross PCIe.
     """
 
     strategy: OffloadStrategy = "none"
@@ -100,6 +104,7 @@ class Offload(_Strict):
     low_cpu_mem_usage: bool = False
     offload_to_disk_path: str | None = None
     components: list[str] | None = None  # group offload: which components (None = every one)
+    resident_blocks: dict[str, int] | None = None  # group offload: component -> blocks kept on the device
 
     @model_validator(mode="after")
     def _check(self) -> Offload:
@@ -113,10 +118,25 @@ class Offload(_Strict):
         if self.components is not None and self.strategy != "group":
             raise ValueError(f"`offload.components` applies to `strategy: group` only, not {self.strategy!r}")
         if self.strategy != "group":
-            for key, value in group_only.items():
+            for key, value in {**group_only, "resident_blocks": self.resident_blocks}.items():
                 if value:
                     raise ValueError(f"`offload.{key}` applies to `strategy: group` only, not {self.strategy!r}")
+        if self.resident_blocks:
+            self._check_resident_blocks(self.resident_blocks)
         return self
+
+    def _check_resident_blocks(self, resident: dict[str, int]) -> None:
+        if self.offload_type != "block_level":
+            raise ValueError("`offload.resident_blocks` keeps whole blocks resident; it needs `offload.offload_type: block_level`")
+        if self.use_stream:
+            # diffusers chains the stream's prefetches from the first forward of the module it offloads;
+            # the streamed blocks alone have no such module, so each would load synchronously anyway.
+            raise ValueError("`offload.resident_blocks` streams the other blocks synchronously; it needs `offload.use_stream: false`")
+        for name, count in resident.items():
+            if isinstance(count, bool) or count < 1:
+                raise ValueError(f"`offload.resident_blocks.{name}: {count}` must be a whole number of blocks >= 1")
+            if self.components is not None and name not in self.components:
+                raise ValueError(f"`offload.resident_blocks` names {name!r}, which `offload.components` does not offload")
 
     def label(self) -> str:
         if self.strategy == "none":
@@ -126,6 +146,9 @@ class Offload(_Strict):
         level = f"block x{self.num_blocks_per_group}" if self.offload_type == "block_level" else "leaf"
         extras = [name for name, on in (("stream", self.use_stream), ("low-RAM", self.low_cpu_mem_usage)) if on]
         extras += ["disk"] if self.offload_to_disk_path else []
+        if self.resident_blocks:
+            resident = ", ".join(f"{count} {name} blocks" for name, count in self.resident_blocks.items())
+            return f"partial offload ({resident} resident, the rest {', '.join([level, *extras])})"
         return f"group offload ({', '.join([level, *extras])})"
 
 
@@ -227,6 +250,7 @@ class OptimizationConfig(_Strict):
             ("offload.components", self.offload),
         ):
             named += [(key, name) for name in (getattr(section, "components", None) or [])]
+        named += [("offload.resident_blocks", name) for name in self.offload.resident_blocks or {}]
         return named
 
     def to_json(self) -> str:

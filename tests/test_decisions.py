@@ -93,6 +93,14 @@ DECISIONS = [
     Decision("flux-4090-exact", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
              "exact on 24 GB: bf16 (31 GB of weights) only fits with offloading", _check(lossless, lambda r: r.config.offload.strategy != "none"),
              quality="exact"),
+    Decision("flux-4090-exact-partial", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
+             "exact on 24 GB: the bf16 transformer (23.8 GB) can't be resident whole with activations, so model offload "
+             "(the whole transformer on the card at once) doesn't fit, and group-offloading every block moves 23.8 GB "
+             "per step over PCIe; keeping what fits resident and streaming the rest moves least (ComfyUI's lowvram "
+             "partial loading, llama.cpp -ngl): partial offload, its predicted time shown against both",
+             _check(lossless, lambda r: 0 < (r.config.offload.resident_blocks or {}).get("transformer", 0) < 57,
+                    lambda r: any("against every block group-offloaded" in x and "model offload" in x for x in r.reasons)),
+             quality="exact"),
     Decision("flux-a100-fast", "flux-dev", {"gpu": "A100", "ram": 256 * GIB},
              "Ampere (8.0) has no fp8 matmuls: never float8 dynamic (torchao float8 README)", _check(no_fp8_compute), quality="fast"),
     Decision("flux-generic-8gb", "flux-dev", {"vram": 8 * GIB, "ram": 32 * GIB},

@@ -162,25 +162,39 @@ def _group_offloaded(component: ComponentProfile, config: OptimizationConfig) ->
     return offload.strategy == "group" and (offload.components is None or component.name in offload.components)
 
 
+def block_split(component: ComponentProfile, config: OptimizationConfig) -> tuple[int, list[int]]:
+    """(parameters that never leave the device, parameters of each block that is streamed) of a
+    group-offloaded component. Plain group offload streams every block and keeps nothing; partial
+    offload (``offload.resident_blocks``) keeps its largest N blocks and the modules outside the
+    block lists resident, as `advisor.run.steps` applies it."""
+    sizes = sorted((b.parameters_per_block for b in component.blocks for _ in range(b.count)), reverse=True)
+    count = (config.offload.resident_blocks or {}).get(component.name, 0)
+    if not count:
+        return 0, sizes
+    outside = max(component.parameters - component.block_parameters, 0)
+    return outside + sum(sizes[:count]), sizes[count:]
+
+
 def resident_bytes(component: ComponentProfile, weights: int, config: OptimizationConfig, active: bool) -> int:
     """Device bytes of a component's weights during a phase where it is `active` (or not)."""
     offload = config.offload
     if offload.strategy == "none" or (offload.strategy == "group" and not _group_offloaded(component, config)):
         return weights
+    per_param = _bytes_per_parameter(component, weights)
+    kept, streamed = block_split(component, config) if offload.strategy == "group" else (0, [])
     if not active:
-        return 0
+        return math.ceil(kept * per_param)
     if offload.strategy == "model":
         return weights
-    per_param = _bytes_per_parameter(component, weights)
     in_flight = 2 if offload.use_stream else 1  # the stream prefetches the next group
     if offload.strategy == "sequential" or offload.offload_type == "leaf_level":
         return math.ceil(in_flight * largest_layer_parameters(component) * per_param)
     # block_level: groups of k blocks, plus the modules outside any block list (embedders,
-    # final norms), which diffusers onloads as one group of their own.
-    largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
-    outside = max(component.parameters - component.block_parameters, 0)
+    # final norms), which diffusers onloads as one group of their own (partial offload keeps them).
+    largest_block = streamed[0] if streamed else (0 if kept else component.parameters)
+    outside = 0 if kept else max(component.parameters - component.block_parameters, 0)
     group = offload.num_blocks_per_group * largest_block
-    return math.ceil((in_flight * group + outside) * per_param)
+    return math.ceil((in_flight * group + outside + kept) * per_param)
 
 
 # --- work and activations -----------------------------------------------------------------------
@@ -236,6 +250,30 @@ def estimate_for(scenario: Scenario, config: OptimizationConfig) -> Estimate:
     if key not in scenario.estimates:
         scenario.estimates[key] = estimate(scenario.profile, scenario.workload, config, scenario.target)
     return scenario.estimates[key]
+
+
+def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, name: str) -> int:
+    """The most blocks of component `name` that partial offload (``offload.resident_blocks``) can
+    keep resident with the peak of every phase within the scenario's budget; 1 when not even one
+    does (the candidate then fails the budget like any other). Kept blocks stay resident in every
+    phase, so one estimate's phases give each count's peak: the phase's bytes with this
+    component's weights replaced by what that count keeps (`resident_bytes`)."""
+    component = next(c for c in scenario.profile.components if c.name == name)
+    weights = weight_bytes(component, config)
+    phases = estimate_for(scenario, config).phases
+    budget = scenario.budget_bytes
+
+    def peak(count: int) -> int:
+        offload = config.offload.model_copy(update={"resident_blocks": {**config.offload.resident_blocks, name: count}})
+        kept = config.model_copy(update={"offload": offload})
+        return max(
+            p.reserved_bytes - p.weights_bytes.get(name, 0)
+            + resident_bytes(component, weights, kept, active=ROLE_OF_PHASE[p.name] == component.role)
+            for p in phases
+        )
+
+    total = sum(b.count for b in component.blocks)
+    return next((count for count in range(total - 1, 0, -1) if peak(count) <= budget), 1)
 
 
 def estimate(
@@ -343,8 +381,9 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
         offload = config.offload
         if offload.strategy in {"model", "sequential"}:
             kept = sum(weights.values())
-        elif offload.strategy == "group":
-            offloaded = sum(weights[c.name] for c in profile.components if _group_offloaded(c, config))
+        elif offload.strategy == "group":  # partial offload keeps some of it on the device, not in RAM
+            offloaded = sum(weights[c.name] - resident_bytes(c, weights[c.name], config, active=False)
+                            for c in profile.components if _group_offloaded(c, config))
             if offload.offload_to_disk_path:
                 disk, kept = offloaded, 0
             elif offload.use_stream and not offload.low_cpu_mem_usage:
@@ -405,10 +444,14 @@ def _latency(profile, workload, config, target, weights, works, on_cpu) -> tuple
             if offload.low_cpu_mem_usage:
                 bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"][offload.offload_type]
             moved = weights[denoiser.name] * calls_per_step
+            layers = sum(b.count for b in denoiser.blocks) or 1
+            if offload.strategy == "group" and offload.resident_blocks:  # partial offload: only the streamed blocks move
+                _, streamed = block_split(denoiser, config)
+                moved = sum(streamed) * _bytes_per_parameter(denoiser, weights[denoiser.name]) * calls_per_step
+                layers = len(streamed)
             step_transfer += moved / bandwidth
             if offload.offload_to_disk_path:
                 step_transfer += moved / k["disk_bytes_per_s"]
-            layers = sum(b.count for b in denoiser.blocks) or 1
             level = "sequential" if offload.strategy == "sequential" else offload.offload_type
             units = layers * 8 if level != "block_level" else layers / offload.num_blocks_per_group
             step_transfer += units * calls_per_step * k["offload_hook_overhead_s"][level]

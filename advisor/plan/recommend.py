@@ -253,6 +253,8 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
         reasons.append(
             f"{config.offload.label()}: without it the peak would be {format_size(no_offload.peak_vram_bytes)}"
         )
+    if config.offload.resident_blocks:
+        reasons.append(_partial_against_whole(best, scenario))
     elif target.device == "cuda":
         reasons.append("no offloading: everything stays on the GPU, so no time goes to transfers")
     if config.compile:
@@ -273,6 +275,21 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
 def _unit(scenario: Scenario) -> str:
     kind, batch = scenario.workload.kind, scenario.workload.batch
     return f"batch of {batch} {kind}s" if batch > 1 else kind
+
+
+def _partial_against_whole(best: Scored, scenario: Scenario) -> str:
+    """Partial offload against offloading the whole denoiser: every block group-offloaded (on a
+    stream, diffusers' fastest) and whole models moved (model offload), predicted side by side."""
+    kept = ", ".join(f"{count} of {name}'s blocks" for name, count in best.config.offload.resident_blocks.items())
+    rivals = []
+    for label, offload in (("every block group-offloaded on a stream", Offload(strategy="group", use_stream=True, record_stream=True)),
+                           ("model offload", Offload(strategy="model"))):
+        rival = estimate_for(scenario, best.config.model_copy(update={"offload": offload}))
+        peak = rival.limited_peak(scenario.target.device)
+        fits = "fits" if peak <= scenario.budget_bytes else "over the budget"
+        rivals.append(f"{label} {rival.latency_s:.1f}s (peak {format_size(peak)}, {fits})")
+    return (f"partial offload keeps {kept} on the GPU and streams the rest: predicted {best.estimate.latency_s:.1f}s, "
+            f"against {' and '.join(rivals)}")
 
 
 def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[str]:

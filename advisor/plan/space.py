@@ -53,6 +53,23 @@ def quantization_choices(profile: ModelProfile) -> list[StorageChoice]:
     return choices
 
 
+# Partial offload (``offload.resident_blocks``): the count of resident blocks that the estimate
+# fits to the budget (rule resident-blocks-that-fit), and a step of a tenth of the blocks either
+# side of it, which tune measures too: the estimate's error decides which one is truly fastest.
+PARTIAL_OFFSETS = {"partial": 0, "partial-fewer": -1, "partial-more": 1}
+PARTIAL_STEP = 0.10
+
+
+def partial_choices(profile: ModelProfile) -> dict[str, Offload]:
+    """Partial offload of the denoiser, where there is one denoiser with repeated blocks (Wan2.2's
+    two experts would each keep their blocks resident: not offered). The count 1 stands in until
+    rule resident-blocks-that-fit sets it."""
+    denoisers = profile.by_role("denoiser")
+    if len(denoisers) != 1 or sum(b.count for b in denoisers[0].blocks) < 2:
+        return {}
+    return {name: Offload(strategy="group", resident_blocks={denoisers[0].name: 1}) for name in PARTIAL_OFFSETS}
+
+
 def offload_choices(device: str) -> list[Offload]:
     if device != "cuda":
         return [Offload()]
@@ -137,6 +154,8 @@ class SearchSpace:
     ) -> SearchSpace:
         quantization = {storage_name(q, c): (q, c) for q, c in quantization_choices(profile)}
         offload = {offload_name(o): o for o in offload_choices(device)}
+        if device == "cuda":
+            offload |= partial_choices(profile)
         return cls(profile, device, preferred_dtype(device, supports_bf16), quantization, offload, list(compile_choices))
 
     @classmethod
@@ -186,7 +205,17 @@ class SearchSpace:
         if early is not None and early not in REPAIRED_BY_ADJUST:
             return Candidate(params, raw, [], early)
         config, fired = finish(raw, scenario)
+        if PARTIAL_OFFSETS.get(params["offload"]):
+            config = self._shifted(config, PARTIAL_OFFSETS[params["offload"]])
         return Candidate(params, config, fired, rejection(config, scenario))
+
+    def _shifted(self, config: OptimizationConfig, offset: int) -> OptimizationConfig:
+        """`config` with a tenth of the blocks more (offset 1) or fewer (-1) resident than fitted."""
+        counts = {}
+        for name, count in config.offload.resident_blocks.items():
+            total = sum(b.count for b in next(c for c in self.profile.components if c.name == name).blocks)
+            counts[name] = min(max(count + offset * max(1, round(PARTIAL_STEP * total)), 1), total - 1)
+        return config.model_copy(update={"offload": config.offload.model_copy(update={"resident_blocks": counts})})
 
     def params_of(self, config: OptimizationConfig) -> dict[str, Any] | None:
         """The point that produces `config` (to enqueue the rule engine's picks in a study)."""
@@ -194,6 +223,8 @@ class SearchSpace:
             (n for n, (q, c) in self.quantization.items() if q == config.quantization and c == config.layerwise_casting), None
         )
         offload = next((n for n, o in self.offload.items() if o == config.offload), None)
+        if offload is None and config.offload.resident_blocks:  # the count is fitted when the point is finished
+            offload = "partial"
         compiled = config.compile is not None
         if quantization is None or offload is None or compiled not in self.compile:
             return None

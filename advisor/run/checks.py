@@ -163,6 +163,13 @@ def check_pipeline(pipe: Any, config: OptimizationConfig) -> None:
                     f"weight {first!r} would be stored in fp8, so {name}.dtype would read fp8 and the pipeline would "
                     f"cast prompt embeddings to it; remove {name!r}"
                 )
+    for name, count in (config.offload.resident_blocks or {}).items():
+        lists = [child for child in pipe.components[name].children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))]
+        blocks = sum(len(child) for child in lists)
+        if count >= blocks:
+            have = f"has {blocks} repeated blocks" if lists else "has no top-level block list (ModuleList) to offload in part"
+            keep = f"give fewer than {blocks}, or `offload.strategy: none` to keep it all" if lists else "use plain group offload"
+            raise ConfigError(f"`offload.resident_blocks.{name}: {count}`: {name} ({components.class_name(name)}) {have}; {keep}")
     if config.quantization is not None:
         plain = [name for name in config.quantization.components if getattr(pipe.components[name], "hf_quantizer", None) is None]
         if plain:

@@ -123,13 +123,19 @@ def _placement_steps(config: OptimizationConfig, components: Components) -> list
     if offload.offload_to_disk_path:
         kwargs["offload_to_disk_path"] = offload.offload_to_disk_path
     what = offload.label()
+    partial = offload.resident_blocks or {}
     if offload.components is None:
-        return [_method_step("offload", f"{what} of every model", None, "enable_group_offload", (), kwargs)]
+        whole = {**kwargs, "exclude_modules": list(partial)} if partial else kwargs
+        others = " but " + ", ".join(partial) if partial else ""
+        steps = [_method_step("offload", f"{what} of every model{others}", None, "enable_group_offload", (), whole)]
+        return steps + [_partial_offload_step(name, count, device, kwargs) for name, count in partial.items()]
 
     steps = []
     for name in offload.components:
         description = f"{what} of {name}"
-        if components.is_diffusers_model(name):
+        if name in partial:
+            steps.append(_partial_offload_step(name, partial[name], device, kwargs))
+        elif components.is_diffusers_model(name):
             steps.append(_method_step("offload", description, name, "enable_group_offload", (), kwargs))
         else:
             steps.append(_function_step("offload", description, "diffusers.hooks", "apply_group_offloading", name, kwargs))
@@ -154,6 +160,43 @@ def _placement_steps(config: OptimizationConfig, components: Components) -> list
         )
         steps.append(Step("offload", f"keep the other models on {device}", code, run))
     return steps
+
+
+def _partial_offload_step(name: str, count: int, device: str, kwargs: dict[str, Any]) -> Step:
+    """Partial offload of one component: its `count` largest repeated blocks (those of its top-level
+    ModuleLists, as diffusers' block-level offloading finds them; ties in model order) and every module
+    outside them go to `device`; the other blocks are group-offloaded with diffusers'
+    ``apply_group_offloading``, through a module that holds only them. The step runs the very code
+    it shows (`exec`), so a script and `advisor.apply_config` cannot differ."""
+    component = f"pipe.{name}"
+    offload_kwargs = {key: value for key, value in kwargs.items() if key not in ("onload_device", "offload_device")}
+    code = "\n".join([
+        f"# partial offload: the {count} largest blocks of {name}, and its modules outside the blocks, stay on {device}",
+        f"blocks = [block for child in {component}.children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) for block in child]",
+        f"resident = set(sorted(blocks, key=lambda block: -sum(p.numel() for p in block.parameters()))[:{count}])",
+        "streamed = torch.nn.Module()  # holds the other blocks, for diffusers to group-offload",
+        "streamed.blocks = torch.nn.ModuleList([block for block in blocks if block not in resident])",
+        call_source("apply_group_offloading", [Expr("streamed", None)],
+                    {"onload_device": device, "offload_device": "cpu", **offload_kwargs}),
+        f"for child in {component}.children():",
+        "    if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):",
+        "        for block in child:",
+        "            if block in resident:",
+        f"                block.to({source(device)})",
+        "    else:",
+        f"        child.to({source(device)})",
+        f"for tensor in [*{component}.parameters(recurse=False), *{component}.buffers(recurse=False)]:",
+        f"    tensor.data = tensor.data.to({source(device)})",
+    ])
+    imports = ("import torch", "from diffusers.hooks import apply_group_offloading")
+
+    def run(pipe: Any) -> None:
+        import torch
+        from diffusers.hooks import apply_group_offloading
+
+        exec(code, {"pipe": pipe, "torch": torch, "apply_group_offloading": apply_group_offloading})
+
+    return Step("offload", f"partial offload of {name}: {count} blocks resident, the rest group-offloaded", code, run, imports)
 
 
 def _compile_steps(config: OptimizationConfig, components: Components) -> list[Step]:
