@@ -91,8 +91,8 @@ class Offload(_Strict):
     - ``sequential``: every layer moves at every use (``enable_sequential_cpu_offload``).
 
     Partial offload is group offload with ``resident_blocks``: of each component named there, that
-    many repeated blocks (the largest first) and every module outside the block lists (embedders,
-    norms) stay on the device; only the other blocks are group-offloaded, so only they cross PCIe.
+    many repeated blocks (the largest first) stay on the device; only the other blocks (and the
+    small modules outside the block lists) are group-offloaded, so only they cross PCIe.
     """
 
     strategy: OffloadStrategy = "none"
@@ -128,10 +128,6 @@ class Offload(_Strict):
     def _check_resident_blocks(self, resident: dict[str, int]) -> None:
         if self.offload_type != "block_level":
             raise ValueError("`offload.resident_blocks` keeps whole blocks resident; it needs `offload.offload_type: block_level`")
-        if self.use_stream:
-            # diffusers chains the stream's prefetches from the first forward of the module it offloads;
-            # the streamed blocks alone have no such module, so each would load synchronously anyway.
-            raise ValueError("`offload.resident_blocks` streams the other blocks synchronously; it needs `offload.use_stream: false`")
         for name, count in resident.items():
             if isinstance(count, bool) or count < 1:
                 raise ValueError(f"`offload.resident_blocks.{name}: {count}` must be a whole number of blocks >= 1")

@@ -338,6 +338,8 @@ PLANNED = [
     "offload/group-block-stream",
     "offload/group-leaf",
     "offload/group-leaf-stream",
+    "offload/partial-1of3",
+    "offload/partial-2of3",
     "offload/sequential",
 ]
 

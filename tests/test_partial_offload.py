@@ -1,11 +1,12 @@
 """Partial offload (``offload.resident_blocks``) applied for real to the tiny Flux, on the CPU.
 
 The tiny Flux at scale 2 has 3 double-stream and 5 single-stream blocks, the double ones larger.
-Keeping N resident must keep the N largest and the modules outside the blocks, group-offload the
-others through diffusers' hooks, give the image of the unoffloaded pipeline (on a CPU both devices
-are the CPU: a transfer is a copy in place, so bit-exact), and keep exactly the bytes the estimate
-says are resident. A CPU has one memory, so residency is counted by the hooks: a parameter is
-streamed when its module carries diffusers' group-offloading hook.
+Keeping N resident must keep the N largest, group-offload the rest (the other blocks, and the
+modules outside the block lists as one group) through diffusers' hooks, give the image of the
+unoffloaded pipeline (on a CPU both devices are the CPU: a transfer is a copy in place, so
+bit-exact), and keep exactly the bytes the estimate says stay resident. A CPU has one memory, so
+residency is counted by the hooks: a parameter is offloaded when a group of diffusers' group
+offloading holds it.
 """
 
 from __future__ import annotations
@@ -39,13 +40,19 @@ def partial(count: int) -> OptimizationConfig:
                               offload=Offload(strategy="group", components=["transformer"], resident_blocks={"transformer": count}))
 
 
-def streamed_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules diffusers group-offloads: those carrying its group-offloading hook."""
-    def hooked(m: torch.nn.Module) -> bool:
+def offload_groups(module: torch.nn.Module) -> list:
+    """The groups of diffusers' group offloading on `module` and its submodules (one per hooked module)."""
+    groups = {}
+    for m in module.modules():
         registry = getattr(m, "_diffusers_hook", None)
-        return registry is not None and registry.get_hook("group_offloading") is not None
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        if hook is not None:
+            groups[id(hook.group)] = hook.group
+    return list(groups.values())
 
-    return [m for m in module.modules() if hooked(m)]
+
+def offloaded_parameters(module: torch.nn.Module) -> set[int]:
+    return {id(p) for g in offload_groups(module) for p in [*g.parameters, *(q for m in g.modules for q in m.parameters())]}
 
 
 @pytest.mark.parametrize("count", [1, 3, 6])
@@ -57,21 +64,22 @@ def test_a_partly_offloaded_transformer_gives_the_same_image_and_keeps_what_the_
 
     transformer = pipe.transformer
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-    streamed = streamed_modules(transformer)
-    assert len(streamed) == len(blocks) - count and all(any(m is b for b in blocks) for m in streamed)
-    # The largest blocks stay: the double-stream ones first.
-    kept = [b for b in blocks if not any(b is m for m in streamed)]
+    offloaded = offloaded_parameters(transformer)
+    # The largest blocks stay whole (the double-stream ones first); every other parameter is offloaded.
+    kept = [b for b in blocks if not any(id(p) in offloaded for p in b.parameters())]
     assert sorted(type(b).__name__ for b in kept) == sorted(type(b).__name__ for b in blocks[:count])
+    assert all(all(id(p) in offloaded for p in b.parameters()) for b in blocks if b not in kept)
 
-    streamed_ids = {id(p) for m in streamed for p in m.parameters()}
-    resident = sum(p.numel() * p.element_size() for p in transformer.parameters() if id(p) not in streamed_ids)
+    resident = sum(p.numel() * p.element_size() for p in transformer.parameters() if id(p) not in offloaded)
     profile = profile_from_folder(flux_x2)
     component = next(c for c in profile.components if c.name == "transformer")
     weights = weight_bytes(component, config)
     assert resident == resident_bytes(component, weights, config, active=False)
-    # Streamed per call: the bytes of the blocks that are not kept, as the estimate's transfer counts them.
-    _, sizes = block_split(component, config)
-    assert sum(p.numel() * p.element_size() for m in streamed for p in m.parameters()) == sum(sizes) * 4
+    # Moved per call: everything but the kept blocks, as the estimate's transfer counts it.
+    kept_parameters, sizes = block_split(component, config)
+    assert len(sizes) == len(blocks) - count
+    moved = sum(p.numel() * p.element_size() for p in transformer.parameters() if id(p) in offloaded)
+    assert moved == (component.parameters - kept_parameters) * 4
 
 
 def test_each_streamed_block_is_loaded_once_per_transformer_call(flux_x2, monkeypatch):
@@ -85,7 +93,8 @@ def test_each_streamed_block_is_loaded_once_per_transformer_call(flux_x2, monkey
     pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
     pipe(**tiny_call_kwargs("image", seed=0))
     assert len(calls) >= 2  # steps (tiny_call_kwargs) x denoiser calls
-    assert len(onloads) == 5 * len(calls)  # the 5 single-stream blocks; the 3 double-stream ones never move
+    # Per call: the 5 single-stream blocks and the modules outside the blocks; the 3 double-stream ones never move.
+    assert len(onloads) == (5 + 1) * len(calls)
 
 
 def test_the_steps_are_the_code_a_script_runs(flux_x2):
@@ -103,7 +112,6 @@ def test_more_resident_blocks_than_the_transformer_has_is_one_line_naming_the_ke
 @pytest.mark.parametrize(("offload", "message"), [
     ({"strategy": "model", "resident_blocks": {"transformer": 2}}, "applies to `strategy: group` only"),
     ({"strategy": "group", "resident_blocks": {"transformer": 0}}, "must be a whole number of blocks >= 1"),
-    ({"strategy": "group", "use_stream": True, "resident_blocks": {"transformer": 2}}, "needs `offload.use_stream: false`"),
     ({"strategy": "group", "offload_type": "leaf_level", "resident_blocks": {"transformer": 2}}, "needs `offload.offload_type: block_level`"),
     ({"strategy": "group", "components": ["vae"], "resident_blocks": {"transformer": 2}}, "which `offload.components` does not offload"),
 ])

@@ -163,16 +163,14 @@ def _group_offloaded(component: ComponentProfile, config: OptimizationConfig) ->
 
 
 def block_split(component: ComponentProfile, config: OptimizationConfig) -> tuple[int, list[int]]:
-    """(parameters that never leave the device, parameters of each block that is streamed) of a
-    group-offloaded component. Plain group offload streams every block and keeps nothing; partial
-    offload (``offload.resident_blocks``) keeps its largest N blocks and the modules outside the
-    block lists resident, as `advisor.run.steps` applies it."""
+    """(parameters of the blocks that never leave the device, parameters of each block that is
+    streamed, largest first) of a group-offloaded component. Plain group offload streams every
+    block; partial offload (``offload.resident_blocks``) keeps its largest N, as `advisor.run.steps`
+    applies it. The modules outside the block lists are neither: diffusers onloads them as one
+    group of their own whenever the component runs."""
     sizes = sorted((b.parameters_per_block for b in component.blocks for _ in range(b.count)), reverse=True)
     count = (config.offload.resident_blocks or {}).get(component.name, 0)
-    if not count:
-        return 0, sizes
-    outside = max(component.parameters - component.block_parameters, 0)
-    return outside + sum(sizes[:count]), sizes[count:]
+    return sum(sizes[:count]), sizes[count:]
 
 
 def resident_bytes(component: ComponentProfile, weights: int, config: OptimizationConfig, active: bool) -> int:
@@ -190,10 +188,10 @@ def resident_bytes(component: ComponentProfile, weights: int, config: Optimizati
     if offload.strategy == "sequential" or offload.offload_type == "leaf_level":
         return math.ceil(in_flight * largest_layer_parameters(component) * per_param)
     # block_level: groups of k blocks, plus the modules outside any block list (embedders,
-    # final norms), which diffusers onloads as one group of their own (partial offload keeps them).
+    # final norms), which diffusers onloads as one group of their own; partial offload's kept blocks.
     largest_block = streamed[0] if streamed else (0 if kept else component.parameters)
-    outside = 0 if kept else max(component.parameters - component.block_parameters, 0)
-    group = offload.num_blocks_per_group * largest_block
+    outside = max(component.parameters - component.block_parameters, 0)
+    group = (1 if offload.use_stream else offload.num_blocks_per_group) * largest_block  # diffusers: streams move one block at a time
     return math.ceil((in_flight * group + outside + kept) * per_param)
 
 
@@ -445,9 +443,9 @@ def _latency(profile, workload, config, target, weights, works, on_cpu) -> tuple
                 bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"][offload.offload_type]
             moved = weights[denoiser.name] * calls_per_step
             layers = sum(b.count for b in denoiser.blocks) or 1
-            if offload.strategy == "group" and offload.resident_blocks:  # partial offload: only the streamed blocks move
-                _, streamed = block_split(denoiser, config)
-                moved = sum(streamed) * _bytes_per_parameter(denoiser, weights[denoiser.name]) * calls_per_step
+            if offload.strategy == "group" and offload.resident_blocks:  # partial offload: the kept blocks stay
+                kept, streamed = block_split(denoiser, config)
+                moved = (denoiser.parameters - kept) * _bytes_per_parameter(denoiser, weights[denoiser.name]) * calls_per_step
                 layers = len(streamed)
             step_transfer += moved / bandwidth
             if offload.offload_to_disk_path:

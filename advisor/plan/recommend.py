@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from advisor.config import Offload, OptimizationConfig
-from advisor.plan.estimate import Estimate, estimate, estimate_for
+from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
 from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy, quality_cost
 from advisor.plan.rules import TIE, rules_of
 from advisor.plan.scenario import Scenario
@@ -280,7 +280,14 @@ def _unit(scenario: Scenario) -> str:
 def _partial_against_whole(best: Scored, scenario: Scenario) -> str:
     """Partial offload against offloading the whole denoiser: every block group-offloaded (on a
     stream, diffusers' fastest) and whole models moved (model offload), predicted side by side."""
-    kept = ", ".join(f"{count} of {name}'s blocks" for name, count in best.config.offload.resident_blocks.items())
+    resident = best.config.offload.resident_blocks
+    kept = ", ".join(f"{count} of {name}'s blocks" for name, count in resident.items())
+    fits = {name: resident_blocks_that_fit(scenario, best.config, name) for name in resident}
+    if all(resident[name] == fits[name] for name in resident):
+        why = "the most that fit the budget with every phase's activations, the largest first"
+    else:
+        why = (f"the largest first; {', '.join(str(n) for n in fits.values())} would fit the budget, and these are "
+               f"within {TIE:.0%} as fast with a smaller peak")
     rivals = []
     for label, offload in (("every block group-offloaded on a stream", Offload(strategy="group", use_stream=True, record_stream=True)),
                            ("model offload", Offload(strategy="model"))):
@@ -288,7 +295,7 @@ def _partial_against_whole(best: Scored, scenario: Scenario) -> str:
         peak = rival.limited_peak(scenario.target.device)
         fits = "fits" if peak <= scenario.budget_bytes else "over the budget"
         rivals.append(f"{label} {rival.latency_s:.1f}s (peak {format_size(peak)}, {fits})")
-    return (f"partial offload keeps {kept} on the GPU and streams the rest: predicted {best.estimate.latency_s:.1f}s, "
+    return (f"partial offload keeps {kept} on the GPU ({why}) and streams the rest: predicted {best.estimate.latency_s:.1f}s, "
             f"against {' and '.join(rivals)}")
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from advisor.config import OptimizationConfig
 from advisor.constraints import DOCS, fullgraph_breaks_on_offload_hooks, named
-from advisor.plan.estimate import estimate_for, resident_blocks_that_fit
+from advisor.plan.estimate import estimate_for
 from advisor.plan.quality import is_lossy
 
 if TYPE_CHECKING:
@@ -195,21 +195,6 @@ def channels_last_for_unets(config: OptimizationConfig, scenario: Scenario) -> O
     if config.compile and unet and not config.channels_last:
         return config.model_copy(update={"channels_last": True})
     return config
-
-
-@rule(
-    "resident-blocks-that-fit",
-    "adjust",
-    "partial offload keeps as many of the denoiser's blocks on the GPU as fit the budget with every phase's "
-    "activations (the largest first, and the modules outside the blocks); only the rest cross PCIe each step",
-    f"{DOCS}/memory#group-offloading",
-)
-def fit_resident_blocks(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
-    resident = config.offload.resident_blocks
-    if not resident:
-        return config
-    counts = {name: resident_blocks_that_fit(scenario, config, name) for name in resident}
-    return config.model_copy(update={"offload": config.offload.model_copy(update={"resident_blocks": counts})})
 
 
 # --- prefer rules -------------------------------------------------------------------------------

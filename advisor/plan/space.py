@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.constraints import first_violation
+from advisor.plan.estimate import resident_blocks_that_fit
 from advisor.plan.rules import rules_of
 from advisor.probe.layout import has_repeated_blocks
 from advisor.probe.models import ModelProfile
@@ -53,9 +54,9 @@ def quantization_choices(profile: ModelProfile) -> list[StorageChoice]:
     return choices
 
 
-# Partial offload (``offload.resident_blocks``): the count of resident blocks that the estimate
-# fits to the budget (rule resident-blocks-that-fit), and a step of a tenth of the blocks either
-# side of it, which tune measures too: the estimate's error decides which one is truly fastest.
+# Partial offload (``offload.resident_blocks``): the most resident blocks that the estimate fits to
+# the budget (`advisor.plan.estimate.resident_blocks_that_fit`), and a step of a tenth of the blocks
+# either side of it, which tune measures too: the estimate's error decides which is truly fastest.
 PARTIAL_OFFSETS = {"partial": 0, "partial-fewer": -1, "partial-more": 1}
 PARTIAL_STEP = 0.10
 
@@ -63,11 +64,12 @@ PARTIAL_STEP = 0.10
 def partial_choices(profile: ModelProfile) -> dict[str, Offload]:
     """Partial offload of the denoiser, where there is one denoiser with repeated blocks (Wan2.2's
     two experts would each keep their blocks resident: not offered). The count 1 stands in until
-    rule resident-blocks-that-fit sets it."""
+    `SearchSpace.candidate` fits it to the scenario."""
     denoisers = profile.by_role("denoiser")
     if len(denoisers) != 1 or sum(b.count for b in denoisers[0].blocks) < 2:
         return {}
-    return {name: Offload(strategy="group", resident_blocks={denoisers[0].name: 1}) for name in PARTIAL_OFFSETS}
+    return {name: Offload(strategy="group", use_stream=True, record_stream=True, resident_blocks={denoisers[0].name: 1})
+            for name in PARTIAL_OFFSETS}
 
 
 def offload_choices(device: str) -> list[Offload]:
@@ -205,16 +207,18 @@ class SearchSpace:
         if early is not None and early not in REPAIRED_BY_ADJUST:
             return Candidate(params, raw, [], early)
         config, fired = finish(raw, scenario)
-        if PARTIAL_OFFSETS.get(params["offload"]):
-            config = self._shifted(config, PARTIAL_OFFSETS[params["offload"]])
+        if params["offload"] in PARTIAL_OFFSETS:
+            config = self._fitted(config, scenario, PARTIAL_OFFSETS[params["offload"]])
         return Candidate(params, config, fired, rejection(config, scenario))
 
-    def _shifted(self, config: OptimizationConfig, offset: int) -> OptimizationConfig:
-        """`config` with a tenth of the blocks more (offset 1) or fewer (-1) resident than fitted."""
+    def _fitted(self, config: OptimizationConfig, scenario: Scenario, offset: int) -> OptimizationConfig:
+        """`config` keeping resident the most blocks that fit the budget, or a tenth of the blocks
+        more (offset 1) or fewer (-1)."""
         counts = {}
-        for name, count in config.offload.resident_blocks.items():
+        for name in config.offload.resident_blocks:
             total = sum(b.count for b in next(c for c in self.profile.components if c.name == name).blocks)
-            counts[name] = min(max(count + offset * max(1, round(PARTIAL_STEP * total)), 1), total - 1)
+            fit = resident_blocks_that_fit(scenario, config, name)
+            counts[name] = min(max(fit + offset * max(1, round(PARTIAL_STEP * total)), 1), total - 1)
         return config.model_copy(update={"offload": config.offload.model_copy(update={"resident_blocks": counts})})
 
     def params_of(self, config: OptimizationConfig) -> dict[str, Any] | None:

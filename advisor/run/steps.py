@@ -164,29 +164,25 @@ def _placement_steps(config: OptimizationConfig, components: Components) -> list
 
 def _partial_offload_step(name: str, count: int, device: str, kwargs: dict[str, Any]) -> Step:
     """Partial offload of one component: its `count` largest repeated blocks (those of its top-level
-    ModuleLists, as diffusers' block-level offloading finds them; ties in model order) and every module
-    outside them go to `device`; the other blocks are group-offloaded with diffusers'
-    ``apply_group_offloading``, through a module that holds only them. The step runs the very code
-    it shows (`exec`), so a script and `advisor.apply_config` cannot differ."""
+    ModuleLists, as diffusers' block-level offloading finds them; ties in model order) go to
+    `device`, and diffusers' ``apply_group_offloading`` offloads the rest of the component while its
+    block lists hold only the other blocks (the lists are whole again right after: the hooks sit on
+    the blocks). Streams work as for plain group offload: diffusers orders the prefetches at the
+    first call, over the blocks it offloads. The step runs the very code it shows (`exec`), so a
+    script and `advisor.apply_config` cannot differ."""
     component = f"pipe.{name}"
-    offload_kwargs = {key: value for key, value in kwargs.items() if key not in ("onload_device", "offload_device")}
     code = "\n".join([
-        f"# partial offload: the {count} largest blocks of {name}, and its modules outside the blocks, stay on {device}",
-        f"blocks = [block for child in {component}.children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) for block in child]",
+        f"# partial offload: the {count} largest blocks of {name} stay on {device}; diffusers group-offloads the rest",
+        f"lists = {{key: child for key, child in {component}.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))}}",
+        "blocks = [block for child in lists.values() for block in child]",
         f"resident = set(sorted(blocks, key=lambda block: -sum(p.numel() for p in block.parameters()))[:{count}])",
-        "streamed = torch.nn.Module()  # holds the other blocks, for diffusers to group-offload",
-        "streamed.blocks = torch.nn.ModuleList([block for block in blocks if block not in resident])",
-        call_source("apply_group_offloading", [Expr("streamed", None)],
-                    {"onload_device": device, "offload_device": "cpu", **offload_kwargs}),
-        f"for child in {component}.children():",
-        "    if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):",
-        "        for block in child:",
-        "            if block in resident:",
-        f"                block.to({source(device)})",
-        "    else:",
-        f"        child.to({source(device)})",
-        f"for tensor in [*{component}.parameters(recurse=False), *{component}.buffers(recurse=False)]:",
-        f"    tensor.data = tensor.data.to({source(device)})",
+        "for key, child in lists.items():  # the offloading sees only the other blocks...",
+        f"    setattr({component}, key, torch.nn.ModuleList([block for block in child if block not in resident]))",
+        call_source("apply_group_offloading", [Expr(component, None)], kwargs),
+        "for key, child in lists.items():  # ...then every block is back in its place",
+        f"    setattr({component}, key, child)",
+        "for block in resident:",
+        f"    block.to({source(device)})",
     ])
     imports = ("import torch", "from diffusers.hooks import apply_group_offloading")
 

@@ -57,8 +57,9 @@ def seed_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
     ]
 
 
-def offload_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
-    """bf16 without offload (the compute baseline), group offload of the transformer in four forms, sequential."""
+def offload_configs(device: str, dtype: str, blocks: int = 0) -> list[tuple[str, str, Any]]:
+    """bf16 without offload (the compute baseline), group offload of the transformer in four forms,
+    partial offload keeping a third and two thirds of its `blocks` resident, sequential."""
     from advisor.config import Offload, OptimizationConfig
 
     base = OptimizationConfig(dtype=dtype, device=device)
@@ -71,6 +72,11 @@ def offload_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
         ("group-leaf", "group offload, leaf level", base.model_copy(update={"offload": Offload(**group, offload_type="leaf_level")})),
         ("group-leaf-stream", "group offload, leaf level, stream",
          base.model_copy(update={"offload": Offload(**group, offload_type="leaf_level", **stream)})),
+    ] + [
+        (f"partial-{k}of3", f"partial offload, {max(1, blocks * k // 3)} of {blocks} blocks resident",
+         base.model_copy(update={"offload": Offload(**group, resident_blocks={"transformer": max(1, blocks * k // 3)})}))
+        for k in (1, 2) if blocks >= 3
+    ] + [
         ("sequential", "sequential CPU offload (every component)", base.model_copy(update={"offload": Offload(strategy="sequential")})),
     ]
 
@@ -147,9 +153,10 @@ def offline_tokenizer(model_max_length: int) -> Any:
 
 
 def build_tiny_flux(folder: Path) -> Path:
+    """The dry run's pipeline: the tiny Flux at scale 2 (8 transformer blocks, enough for partial offload)."""
     from advisor.testing import build_tiny_flux as build
 
-    return Path(build(folder))
+    return Path(build(folder, scale=2))
 
 
 def calibrate(seconds: float) -> dict[str, Any]:
@@ -243,9 +250,12 @@ def default_budget(target: Any) -> int:
 def estimate_record(profile: Any, workload: Any, config: Any, target: Any) -> dict[str, Any]:
     """The estimate for `config` as plain data; ``peak_bytes`` is the peak that a budget limits,
     ``phase_device_bytes`` the device bytes of each phase (text_encoding, denoising, vae_decode)."""
-    from advisor.plan.estimate import estimate
+    from advisor.plan.estimate import block_split, estimate, weight_bytes
 
     est = estimate(profile, workload, config, target)
+    transformer = next(c for c in profile.components if c.name == "transformer")
+    _, streamed = block_split(transformer, config)  # every block unless partial offload keeps some
+    per_parameter = weight_bytes(transformer, config) / transformer.parameters
     return {
         "peak_bytes": est.limited_peak(target.device),
         "peak_vram_bytes": est.peak_vram_bytes,
@@ -258,6 +268,7 @@ def estimate_record(profile: Any, workload: Any, config: Any, target: Any) -> di
         "fixed_s": max(est.latency_s - est.step_latency_s * workload.steps, 0.0),
         "latency_breakdown": est.latency_breakdown,
         "weight_bytes": est.weight_bytes,
+        "streamed_block_bytes": int(sum(streamed) * per_parameter),  # what group offload moves per transformer call
     }
 
 

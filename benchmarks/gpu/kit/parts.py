@@ -171,7 +171,8 @@ def part_tune(kit: Kit) -> None:
 
 
 def part_offload(kit: Kit) -> None:
-    for name, label, config in advisor_api.offload_configs(kit.device, kit.dtype):
+    transformer = next(c for c in kit.profile.components if c.name == "transformer")
+    for name, label, config in advisor_api.offload_configs(kit.device, kit.dtype, sum(b.count for b in transformer.blocks)):
         item = Item(id=f"offload/{name}", part="offload", label=label)
         kit.run_item(item, lambda item, config=config: measure_finished(kit, item, config))
     kit.data["offload_calibration"] = offload_calibration(kit)
@@ -190,7 +191,7 @@ def offload_calibration(kit: Kit) -> dict[str, Any]:
         m = item.result.get("measurement") or {}
         est = item.result.get("estimate") or {}
         extra = m["per_step_s"] - base_step if m.get("per_step_s") is not None and base_step is not None else None
-        moved = (est.get("weight_bytes") or {}).get("transformer")
+        moved = est.get("streamed_block_bytes") if item.id.startswith("offload/partial") else (est.get("weight_bytes") or {}).get("transformer")
         row = {
             "measured_extra_per_step_s": extra,
             "estimated_step_transfer_s": (est.get("latency_breakdown") or {}).get("step_transfer_s"),
