@@ -122,8 +122,8 @@ def _placement_steps(config: OptimizationConfig, components: Components) -> list
             kwargs[flag] = True
     if offload.offload_to_disk_path:
         kwargs["offload_to_disk_path"] = offload.offload_to_disk_path
-    what = offload.label()
     partial = offload.resident_blocks or {}
+    what = offload.model_copy(update={"resident_blocks": None}).label()  # of the components offloaded whole
     if offload.components is None:
         whole = {**kwargs, "exclude_modules": list(partial)} if partial else kwargs
         others = " but " + ", ".join(partial) if partial else ""
@@ -172,7 +172,6 @@ def _partial_offload_step(name: str, count: int, device: str, kwargs: dict[str, 
     script and `advisor.apply_config` cannot differ."""
     component = f"pipe.{name}"
     code = "\n".join([
-        f"# partial offload: the {count} largest blocks of {name} stay on {device}; diffusers group-offloads the rest",
         f"lists = {{key: child for key, child in {component}.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))}}",
         "blocks = [block for child in lists.values() for block in child]",
         f"resident = set(sorted(blocks, key=lambda block: -sum(p.numel() for p in block.parameters()))[:{count}])",
@@ -192,7 +191,8 @@ def _partial_offload_step(name: str, count: int, device: str, kwargs: dict[str, 
 
         exec(code, {"pipe": pipe, "torch": torch, "apply_group_offloading": apply_group_offloading})
 
-    return Step("offload", f"partial offload of {name}: {count} blocks resident, the rest group-offloaded", code, run, imports)
+    description = f"partial offload of {name}: its {count} largest blocks stay on {device}, diffusers group-offloads the rest"
+    return Step("offload", description, code, run, imports)
 
 
 def _compile_steps(config: OptimizationConfig, components: Components) -> list[Step]:
