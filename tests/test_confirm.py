@@ -39,9 +39,14 @@ def test_finalists_are_the_feasible_configurations_near_the_fastest_first_trial_
     repeat = record(3, 1.00, source="repeat")  # the same configuration as trial 0, answered again
     over = record(4, 0.50, config=TILED, feasible=False)  # faster, but over the budget
     assert [r.number for r in finalists([far, over, near, repeat, fastest])] == [0, 1]
-    many = [record(i, 1.0 + i / 100, config={"vae": {"slicing": True}, "steps": i}) for i in range(5)]
+    kinds = [{}, INT8, FP8, TILED, {"vae": {"slicing": True}}]
+    many = [record(i, 1.0 + i / 100, spread=0.001, config=kinds[i]) for i in range(5)]
     assert [r.number for r in finalists(many, limit=3)] == [0, 1, 2]
     assert finalists([over]) == []
+    # A tie within the spread goes to the lossless configuration (choose_best): a finalist however slow.
+    lossy_fastest = record(0, 1.00, spread=0.30, config=INT8)
+    lossless_slower = record(1, 1.29, spread=0.05)  # beyond the 25% margin, inside the int8 trial's spread
+    assert [r.number for r in finalists([lossy_fastest, lossless_slower])] == [1, 0]
 
 
 def test_a_confirmed_latency_is_the_median_across_processes_and_its_spread_their_half_range():

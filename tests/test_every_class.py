@@ -115,6 +115,11 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
         notes.append(f"offload {offload.strategy} -> none (it moves weights to a CUDA GPU)")
     elif offload.strategy == "group":
         changes: dict = {"use_stream": False, "record_stream": False}
+        if offload.resident_blocks:
+            # Counts fitted to the full model's blocks; a tiny pipeline has a handful (partial offload
+            # itself is applied for real in tests/test_partial_offload.py).
+            changes["resident_blocks"] = None
+            notes.append("partial offload -> group offload of every block (the tiny pipeline has other block counts)")
         quantized = update.get("quantization", q)
         if offload.offload_to_disk_path:
             changes["offload_to_disk_path"] = disk
@@ -125,6 +130,7 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
         compiled = config.compile.components if config.compile else []
         if (
             offload.offload_type == "block_level"
+            and not offload.resident_blocks
             and quantized is not None
             and quantized.backend == "torchao"
             and any(name in compiled and (offload.components is None or name in offload.components) for name in quantized.components)

@@ -209,7 +209,9 @@ def test_short_ram_moves_from_pinned_streams_to_low_ram_pinning_to_disk():
 
     plenty, short, scarce = offload(256), offload(24), offload(12)
     assert plenty.use_stream  # transfers hide behind compute; with equal speed the smaller RAM need wins the tie
-    assert short.low_cpu_mem_usage or short.offload_to_disk_path
+    # Short of RAM for pinned copies of everything: pin on the fly, go to disk, or keep part of the
+    # transformer on the GPU (partial offload pins copies of the streamed blocks only).
+    assert short.low_cpu_mem_usage or short.offload_to_disk_path or short.resident_blocks
     assert scarce.offload_to_disk_path
 
 

@@ -168,7 +168,8 @@ def block_split(component: ComponentProfile, config: OptimizationConfig) -> tupl
     block; partial offload (``offload.resident_blocks``) keeps its largest N, as `advisor.run.steps`
     applies it. The modules outside the block lists are neither: diffusers onloads them as one
     group of their own whenever the component runs."""
-    sizes = sorted((b.parameters_per_block for b in component.blocks for _ in range(b.count)), reverse=True)
+    # A group whose blocks differ (UNets) counts each at the group's mean: their own sizes aren't recorded.
+    sizes = sorted((b.total // b.count for b in component.blocks for _ in range(b.count)), reverse=True)
     count = (config.offload.resident_blocks or {}).get(component.name, 0)
     return sum(sizes[:count]), sizes[count:]
 

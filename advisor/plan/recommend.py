@@ -310,15 +310,20 @@ def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) 
         if mine < theirs:
             lines.append(f"{prefer.reason} ({prefer.source})")
         elif mine > theirs:
-            others = [s for s in feasible if s.config.offload.strategy == other]
-            if others:
-                runner = min(others, key=lambda s: s.score_s)
-                gain = 1 - best.score_s / runner.score_s
-                lines.append(
-                    f"{strategy} offloading is predicted {gain:.0%} faster than the best {other}-offload candidate "
-                    f"({runner.score_s:.1f}s), more than the {TIE:.0%} within which the guidance decides: {prefer.reason} "
-                    f"({prefer.source})"
-                )
+            # Against candidates as lossy as the pick: the quality policy, not the offloading, decided between those.
+            kind = "lossy" if is_lossy(best.config) else "lossless"
+            others = [s for s in feasible if s.config.offload.strategy == other and is_lossy(s.config) == is_lossy(best.config)]
+            if not others:
+                lines.append(f"no {kind} {other}-offload candidate fits the budget, so the guidance's preference can't apply: "
+                             f"{prefer.reason} ({prefer.source})")
+                continue
+            runner = min(others, key=lambda s: s.score_s)
+            gain = 1 - best.score_s / runner.score_s
+            lines.append(
+                f"{strategy} offloading is predicted {gain:.0%} faster than the best {kind} {other}-offload candidate "
+                f"({runner.score_s:.1f}s), more than the {TIE:.0%} within which the guidance decides: {prefer.reason} "
+                f"({prefer.source})"
+            )
     return lines
 
 

@@ -62,11 +62,12 @@ PARTIAL_STEP = 0.10
 
 
 def partial_choices(profile: ModelProfile) -> dict[str, Offload]:
-    """Partial offload of the denoiser, where there is one denoiser with repeated blocks (Wan2.2's
-    two experts would each keep their blocks resident: not offered). The count 1 stands in until
-    `SearchSpace.candidate` fits it to the scenario."""
+    """Partial offload of the denoiser, where there is one denoiser with repeated blocks of one size
+    per list, as transformers have (Wan2.2's two experts would each keep their blocks resident, and
+    the sizes of a UNet's down and up blocks aren't recorded: neither is offered). The count 1
+    stands in until `SearchSpace.candidate` fits it to the scenario."""
     denoisers = profile.by_role("denoiser")
-    if len(denoisers) != 1 or sum(b.count for b in denoisers[0].blocks) < 2:
+    if len(denoisers) != 1 or sum(b.count for b in denoisers[0].blocks) < 2 or not all(b.uniform for b in denoisers[0].blocks):
         return {}
     return {name: Offload(strategy="group", use_stream=True, record_stream=True, resident_blocks={denoisers[0].name: 1})
             for name in PARTIAL_OFFSETS}

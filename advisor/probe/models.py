@@ -77,7 +77,7 @@ class ComponentProfile:
 
     @property
     def block_parameters(self) -> int:
-        return sum(group.count * group.parameters_per_block for group in self.blocks)
+        return sum(group.total for group in self.blocks)
 
 
 @dataclass
@@ -355,6 +355,7 @@ def profile_from_entry(entry: dict[str, Any], *, workload: str | None = None) ->
                         count=b["count"],
                         parameters_per_block=b["parameters_per_block"],
                         class_name=b.get("class_name"),
+                        parameters_total=b.get("parameters_total"),
                     )
                     for b in item.get("blocks", [])
                 ],

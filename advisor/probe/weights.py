@@ -43,8 +43,17 @@ class BlockGroup:
 
     name: str
     count: int
-    parameters_per_block: int
+    parameters_per_block: int  # the largest block's
     class_name: str | None = None
+    parameters_total: int | None = None  # all of them (UNets' down/up blocks differ); None: count x per block
+
+    @property
+    def total(self) -> int:
+        return self.parameters_total if self.parameters_total is not None else self.count * self.parameters_per_block
+
+    @property
+    def uniform(self) -> bool:
+        return self.total == self.count * self.parameters_per_block
 
 
 def _module_of(tensor_name: str) -> str:
@@ -120,7 +129,7 @@ def summarize_tensors(
         if index:
             per_block[".".join(parts[:index])][int(parts[index])] += tensor.numel
     blocks = [
-        BlockGroup(name=name, count=len(sizes), parameters_per_block=max(sizes.values()))
+        BlockGroup(name=name, count=len(sizes), parameters_per_block=max(sizes.values()), parameters_total=sum(sizes.values()))
         for name, sizes in sorted(per_block.items())
     ]
     return {

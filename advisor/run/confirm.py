@@ -21,7 +21,7 @@ import statistics
 from dataclasses import replace
 from typing import Any, Callable
 
-from advisor.run.trials import TrialRecord
+from advisor.run.trials import TrialRecord, choose_best
 from advisor.units import format_size
 
 FINALISTS = 3  # configurations measured again, the fastest first
@@ -38,8 +38,9 @@ def confirmation_key(config: dict[str, Any]) -> str:
 
 
 def finalists(records: list[TrialRecord], limit: int = FINALISTS) -> list[TrialRecord]:
-    """The first measured trial of each feasible configuration within FINALIST_MARGIN of the fastest,
-    fastest first, at most `limit`."""
+    """The first measured trial of each feasible configuration that could be the pick: the one
+    `choose_best` picks now (a tie can go to a slower, lossless one), then the others within
+    FINALIST_MARGIN of the fastest, fastest first; at most `limit`."""
     firsts: dict[str, TrialRecord] = {}
     for r in sorted(records, key=lambda r: r.number):
         if r.feasible and r.source == "measured" and r.latency_s is not None:
@@ -47,8 +48,9 @@ def finalists(records: list[TrialRecord], limit: int = FINALISTS) -> list[TrialR
     ranked = sorted(firsts.values(), key=lambda r: (r.latency_s, r.number))
     if not ranked:
         return []
+    best, _ = choose_best(ranked)
     ceiling = ranked[0].latency_s * (1 + FINALIST_MARGIN)
-    return [r for r in ranked if r.latency_s <= ceiling][:limit]
+    return ([best] + [r for r in ranked if r is not best and r.latency_s <= ceiling])[:limit]
 
 
 def with_confirmations(records: list[TrialRecord], stored: dict[str, Any], device: str, budget: int) -> list[TrialRecord]:
@@ -110,3 +112,31 @@ def confirm(
                 continue
             measured = measure_one(r, len(done) + 2, runs + 1)
             study.set_user_attr(key, done + [{name: measured.get(name) for name in KEPT}])
+
+
+def confirm_finalists(
+    study,
+    runs: int,
+    result: Callable[[], Any],
+    measure: Callable[[TrialRecord, Callable[[str], None] | None], Any],
+    on_trial: Callable[[Any], None] | None = None,
+    on_phase: Callable[[int, str, str], None] | None = None,
+) -> None:
+    """Measure the finalists of `result()` (the study's `TuneResult`, with the runs so far) in
+    turns until each has `runs` confirmation runs; then again for any configuration that became a
+    finalist. ``measure(record, on_phase)`` measures a trial's configuration in a fresh process."""
+    if runs < 1:
+        return
+
+    def measure_one(record: TrialRecord, run: int, of: int) -> dict[str, Any]:
+        shown = (lambda phase: on_phase(record.number, record.summary, f"run {run} of {of}, {phase}")) if on_phase else None
+        measured = measure(record, shown)
+        if on_trial is not None:
+            on_trial(result())
+        return measured.to_dict()
+
+    for _ in range(MAX_PASSES):  # a finalist confirmed slower can let in one that was not confirmed yet
+        chosen = missing_runs(study, finalists(result().trials), runs)
+        if not chosen:
+            return
+        confirm(study, chosen, runs, measure_one)

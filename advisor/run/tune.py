@@ -16,16 +16,13 @@ Ctrl-C or SIGTERM raises `TuneInterrupted` carrying the finished trials.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import re
-import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from advisor.config import OptimizationConfig
 from advisor.errors import UsageError
@@ -33,8 +30,9 @@ from advisor.plan.estimate import estimate_for
 from advisor.plan.recommend import recommend
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
-from advisor.run.confirm import MAX_PASSES, confirm, finalists, missing_runs, with_confirmations
+from advisor.run.confirm import confirm_finalists, with_confirmations
 from advisor.run.measure import Measurement, measure, remove_orphaned_scratch
+from advisor.run.stopping import Terminated, quiet_interrupts, terminate_as_interrupt
 from advisor.run.storage import default_storage, fail_orphaned_trials, open_storage, shown_storage, sole_tuner, this_runner
 from advisor.run.timing import CONFIRM_RUNS, MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE, TRIAL_TIMEOUT_S
 from advisor.run.trials import RUNNER_ATTR, TrialRecord, choose_best
@@ -118,28 +116,6 @@ class TuneInterrupted(KeyboardInterrupt):
     def __init__(self, result: TuneResult, exit_code: int = 130):
         super().__init__("interrupted")
         self.result, self.exit_code = result, exit_code
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread where it arrives (`terminate_as_interrupt`)."""
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM stops the work as Ctrl-C does (so the trial is failed and its process killed,
-    the finished trials reported) instead of killing this process where it stands."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_terminated(_signum, _frame) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -287,6 +263,15 @@ def _measure(model: str, config: OptimizationConfig, scenario: Scenario, setting
     )
 
 
+def confirm_study(study, model: str, scenario: Scenario, settings: TuneSettings, result: Callable[[], TuneResult],
+                  on_trial: Callable[[TuneResult], None] | None = None, on_phase: Callable[[int, str, str], None] | None = None) -> None:
+    """The finalists measured ``settings.confirm_runs`` more times each (`advisor.run.confirm`)."""
+    def measure_again(record: TrialRecord, shown: Callable[[str], None] | None) -> Measurement:
+        return _measure(model, OptimizationConfig.model_validate(record.config), scenario, settings, shown)
+
+    confirm_finalists(study, settings.confirm_runs, result, measure_again, on_trial, on_phase)
+
+
 def _judge(m: Measurement, scenario: Scenario) -> tuple[str, float, str | None]:
     """(status, constraint value, reason) for a measurement against the budget."""
     if not m.ok:
@@ -312,22 +297,6 @@ def _answered_before(study, key: str, number: int, stale: set[int]):
 
 
 # --- the study ----------------------------------------------------------------------------------
-
-
-def _quiet_interrupts() -> None:
-    """optuna logs a trial that raised, traceback included, then "Trial N failed with value None.";
-    Ctrl-C is worth neither (a real error keeps its traceback)."""
-    import logging
-
-    class DropInterrupts(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
-                return False
-            return not re.fullmatch(r"Trial \d+ failed with value None\.", record.getMessage())
-
-    for handler in logging.getLogger("optuna").handlers:
-        if not any(type(f).__name__ == "DropInterrupts" for f in handler.filters):
-            handler.addFilter(DropInterrupts())
 
 
 def run_study(
@@ -357,7 +326,7 @@ def run_study(
     storage_url = storage or default_storage()
     name = study or study_name(scenario, settings.timeout_s)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _quiet_interrupts()
+    quiet_interrupts()
     remove_orphaned_scratch()  # what tuners killed with -9 left in the temp folder
     with sole_tuner(storage_url, name), terminate_as_interrupt():
         backend = open_storage(storage_url)
@@ -399,38 +368,10 @@ def run_study(
                     if untried and not _waiting(the_study):
                         fastest = min(untried, key=lambda p: _predicted_latency(space, p, scenario))
                         the_study.enqueue_trial(fastest, user_attrs={"seeded_by": "untried"})
-            confirm_finalists(the_study, model, scenario, settings, result, on_trial, on_phase)
+            confirm_study(the_study, model, scenario, settings, result, on_trial, on_phase)
         except KeyboardInterrupt as stop:  # optuna has marked the running trial failed; the finished ones stand
             raise TuneInterrupted(result(), 143 if isinstance(stop, Terminated) else 130) from None
         return result()
-
-
-def confirm_finalists(
-    study,
-    model: str,
-    scenario: Scenario,
-    settings: TuneSettings,
-    result: Callable[[], TuneResult],
-    on_trial: Callable[[TuneResult], None] | None = None,
-    on_phase: Callable[[int, str, str], None] | None = None,
-) -> None:
-    """Measure the finalists again in fresh processes, in turns, until each has
-    ``settings.confirm_runs`` more runs (see `advisor.run.confirm`)."""
-    if settings.confirm_runs < 1:
-        return
-
-    def measure_one(record: TrialRecord, run: int, of: int) -> dict[str, Any]:
-        shown = (lambda phase: on_phase(record.number, record.summary, f"run {run} of {of}, {phase}")) if on_phase else None
-        measured = _measure(model, OptimizationConfig.model_validate(record.config), scenario, settings, shown)
-        if on_trial is not None:
-            on_trial(result())
-        return measured.to_dict()
-
-    for _ in range(MAX_PASSES):  # a finalist confirmed slower can let in one that was not confirmed yet
-        chosen = missing_runs(study, finalists(result().trials), settings.confirm_runs)
-        if not chosen:
-            return
-        confirm(study, chosen, settings.confirm_runs, measure_one)
 
 
 def _waiting(study) -> list:

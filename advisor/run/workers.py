@@ -17,19 +17,18 @@ from advisor.errors import TuneError, UsageError
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
 from advisor.run.measure import die_with_parent
+from advisor.run.stopping import Terminated, terminate_as_interrupt
 from advisor.run.storage import open_storage, shown_storage
 from advisor.run.tune import (
     Progress,
-    Terminated,
     TuneInterrupted,
     TuneResult,
     TuneSettings,
     collect,
-    confirm_finalists,
+    confirm_study,
     exhausted_note,
     stale_trials,
     study_name,
-    terminate_as_interrupt,
 )
 
 
@@ -88,7 +87,7 @@ def run_workers(
             codes = [p.wait() for p in processes]
             if any(code in (0, 3) for code in codes):
                 the_study = optuna.load_study(study_name=name, storage=open_storage(storage))
-                confirm_finalists(the_study, model, scenario, settings, result)
+                confirm_study(the_study, model, scenario, settings, result)
         except KeyboardInterrupt as stop:  # Ctrl-C reached the workers too (one process group): let them finish quietly
             terminated = isinstance(stop, Terminated)
             for process in processes:
