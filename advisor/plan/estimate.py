@@ -168,10 +168,16 @@ def block_split(component: ComponentProfile, config: OptimizationConfig) -> tupl
     block; partial offload (``offload.resident_blocks``) keeps its largest N, as `advisor.run.steps`
     applies it. The modules outside the block lists are neither: diffusers onloads them as one
     group of their own whenever the component runs."""
-    # A group whose blocks differ (UNets) counts each at the group's mean: their own sizes aren't recorded.
-    sizes = sorted((b.total // b.count for b in component.blocks for _ in range(b.count)), reverse=True)
+    sizes = _block_sizes(tuple((b.total, b.count) for b in component.blocks))
     count = (config.offload.resident_blocks or {}).get(component.name, 0)
-    return sum(sizes[:count]), sizes[count:]
+    return sum(sizes[:count]), list(sizes[count:])
+
+
+@lru_cache(maxsize=64)
+def _block_sizes(groups: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
+    """Parameters of every block, largest first, from (total, count) per block list. A list whose
+    blocks differ (UNets) counts each at the list's mean: their own sizes aren't recorded."""
+    return tuple(sorted((total // count for total, count in groups for _ in range(count)), reverse=True))
 
 
 def resident_bytes(component: ComponentProfile, weights: int, config: OptimizationConfig, active: bool) -> int:
@@ -180,7 +186,8 @@ def resident_bytes(component: ComponentProfile, weights: int, config: Optimizati
     if offload.strategy == "none" or (offload.strategy == "group" and not _group_offloaded(component, config)):
         return weights
     per_param = _bytes_per_parameter(component, weights)
-    kept, streamed = block_split(component, config) if offload.strategy == "group" else (0, [])
+    partial = offload.strategy == "group" and component.name in (offload.resident_blocks or {})
+    kept, streamed = block_split(component, config) if partial else (0, [])
     if not active:
         return math.ceil(kept * per_param)
     if offload.strategy == "model":
@@ -190,7 +197,10 @@ def resident_bytes(component: ComponentProfile, weights: int, config: Optimizati
         return math.ceil(in_flight * largest_layer_parameters(component) * per_param)
     # block_level: groups of k blocks, plus the modules outside any block list (embedders,
     # final norms), which diffusers onloads as one group of their own; partial offload's kept blocks.
-    largest_block = streamed[0] if streamed else (0 if kept else component.parameters)
+    if partial:
+        largest_block = streamed[0] if streamed else 0
+    else:
+        largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
     outside = max(component.parameters - component.block_parameters, 0)
     group = (1 if offload.use_stream else offload.num_blocks_per_group) * largest_block  # diffusers: streams move one block at a time
     return math.ceil((in_flight * group + outside + kept) * per_param)
@@ -218,6 +228,21 @@ def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationCo
     vae = profile.vae
     decode = vae_decode_work(vae, workload, config.dtype, tiling=config.vae.tiling, slicing=config.vae.slicing, k=k) if vae else NO_WORK
     return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
+
+
+_WORKS: dict[tuple, tuple[ModelProfile, dict[str, Work]]] = {}
+
+
+def _phase_work_of(profile: ModelProfile, workload: Workload, config: OptimizationConfig) -> dict[str, Work]:
+    """`phase_work`, computed once per profile, workload, dtype and VAE setting: the hundreds of
+    candidates the rule engine estimates differ in what they do with the work, not in the work."""
+    key = (id(profile), json.dumps(workload.to_dict(), sort_keys=True), config.dtype, config.vae.tiling, config.vae.slicing)
+    cached = _WORKS.get(key)
+    if cached is None or cached[0] is not profile:  # an id is reused once its profile is gone
+        if len(_WORKS) > 256:
+            _WORKS.clear()
+        cached = _WORKS[key] = (profile, phase_work(profile, workload, config))
+    return cached[1]
 
 
 def _device_activation(profile: ModelProfile, config: OptimizationConfig, phase: str, work: Work, on_cpu: bool) -> tuple[int, int]:
@@ -298,7 +323,7 @@ def estimate(
     weights = {c.name: weight_bytes(c, config) for c in profile.components}
     on_cpu = target.device == "cpu" or config.device == "cpu"
 
-    works = phase_work(profile, workload, config)
+    works = _phase_work_of(profile, workload, config)
     phases = []
     for phase in PHASES:
         role = ROLE_OF_PHASE[phase]
