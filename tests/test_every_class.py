@@ -130,7 +130,6 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
         compiled = config.compile.components if config.compile else []
         if (
             offload.offload_type == "block_level"
-            and not offload.resident_blocks
             and quantized is not None
             and quantized.backend == "torchao"
             and any(name in compiled and (offload.components is None or name in offload.components) for name in quantized.components)

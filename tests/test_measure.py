@@ -415,7 +415,8 @@ def test_one_burst_of_load_among_steady_rounds_does_not_make_the_spread():
 @pytest.mark.slow
 def test_a_trial_reports_what_it_is_doing_as_it_goes(tiny_flux_dir):
     phases = []
-    m = measure(tiny_flux_dir, OptimizationConfig(device="cpu"), WORKLOAD, timeout_s=300, on_phase=phases.append)
+    # A wide tolerance: this checks the phase lines, not the timing (a loaded runner would time 12 rounds).
+    m = measure(tiny_flux_dir, OptimizationConfig(device="cpu"), WORKLOAD, timeout_s=300, tolerance=0.5, on_phase=phases.append)
     assert m.status == "ok", m.reason
     assert phases[:3] == ["starting", "loading", "warm-up"]
     timing = phases[3:]

@@ -230,21 +230,6 @@ def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationCo
     return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
 
 
-_WORKS: dict[tuple, tuple[ModelProfile, dict[str, Work]]] = {}
-
-
-def _phase_work_of(profile: ModelProfile, workload: Workload, config: OptimizationConfig) -> dict[str, Work]:
-    """`phase_work`, computed once per profile, workload, dtype and VAE setting: the hundreds of
-    candidates the rule engine estimates differ in what they do with the work, not in the work."""
-    key = (id(profile), json.dumps(workload.to_dict(), sort_keys=True), config.dtype, config.vae.tiling, config.vae.slicing)
-    cached = _WORKS.get(key)
-    if cached is None or cached[0] is not profile:  # an id is reused once its profile is gone
-        if len(_WORKS) > 256:
-            _WORKS.clear()
-        cached = _WORKS[key] = (profile, phase_work(profile, workload, config))
-    return cached[1]
-
-
 def _device_activation(profile: ModelProfile, config: OptimizationConfig, phase: str, work: Work, on_cpu: bool) -> tuple[int, int]:
     """(allocated activation bytes incl. kernel workspaces, allocator reserve) of one phase."""
     if on_cpu:
@@ -323,7 +308,7 @@ def estimate(
     weights = {c.name: weight_bytes(c, config) for c in profile.components}
     on_cpu = target.device == "cpu" or config.device == "cpu"
 
-    works = _phase_work_of(profile, workload, config)
+    works = phase_work(profile, workload, config)
     phases = []
     for phase in PHASES:
         role = ROLE_OF_PHASE[phase]
