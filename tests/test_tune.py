@@ -163,7 +163,7 @@ def test_confirming_measures_each_finalist_again_in_a_fresh_process(tuned, tiny_
     result = json.loads(first.stdout)
     runs = {key: value for key, value in load_study(storage).user_attrs.items() if key.startswith("confirm:")}
     confirmed = [t for t in result["trials"] if t["source"] == "measured" and t["processes"] > 1]
-    # The finalists (at most 3, within 25% of the fastest) got one run each, and no trial was added.
+    # The finalists (at most 3: within 35% of the fastest, or a tie's pick) got one run each, and no trial was added.
     assert 1 <= len(runs) <= 3 and len(confirmed) == len(runs)
     assert all(len(value) == 1 and value[0]["status"] == "ok" for value in runs.values())
     assert snapshot(load_study(storage).get_trials()) == snapshot(load_study(tuned.storage).get_trials())
