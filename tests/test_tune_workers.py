@@ -108,17 +108,20 @@ def _trials_or_none(storage: str, name: str) -> list:
         return []
 
 
-def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path):
-    go, url = tmp_path / "go", f"sqlite:///{tmp_path / 'new.db'}"
+def open_at_once(url: str, go: Path, count: int) -> list[str]:
+    """What `count` processes print that open storage `url` together, once all are imported and waiting."""
     processes = [
         subprocess.Popen([sys.executable, "-W", "ignore", "-c", _OPEN_AT_ONCE, url, str(go)], stdout=subprocess.PIPE, text=True)
-        for _ in range(6)
+        for _ in range(count)
     ]
     for process in processes:  # every one imported and waiting
         assert process.stdout.readline().strip() == "ready"
     go.touch()
-    outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
-    assert outputs == ["ok"] * 6
+    return [process.communicate(timeout=120)[0].strip() for process in processes]
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path):
+    assert open_at_once(f"sqlite:///{tmp_path / 'new.db'}", tmp_path / "go", 6) == ["ok"] * 6
 
 
 @pytest.fixture
@@ -173,16 +176,7 @@ except Exception as error:
 
 @needs_postgres
 def test_processes_opening_an_empty_postgres_database_at_once_all_succeed(postgres_url, tmp_path):
-    go = tmp_path / "go"
-    processes = [
-        subprocess.Popen([sys.executable, "-W", "ignore", "-c", _OPEN_AT_ONCE, postgres_url, str(go)], stdout=subprocess.PIPE, text=True)
-        for _ in range(4)
-    ]
-    for process in processes:  # every one imported and waiting
-        assert process.stdout.readline().strip() == "ready"
-    go.touch()
-    outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
-    assert outputs == ["ok"] * 4
+    assert open_at_once(postgres_url, tmp_path / "go", 4) == ["ok"] * 4
 
 
 def test_several_workers_need_a_shared_storage(tiny_flux_dir, env, tmp_path):
