@@ -83,24 +83,26 @@ def counted(folder_root: Path) -> None:
     onloads: list[ModuleGroup] = []
     original = ModuleGroup.onload_
     ModuleGroup.onload_ = lambda self: onloads.append(self) or original(self)  # count diffusers' own calls
-    print("| resident blocks | resident bytes: counted | estimated | groups loaded per call: counted | estimated | same image |")
-    print("|---|---|---|---|---|---|")
-    for count in (1, total // 3, 2 * total // 3, total - 1):
-        config = plain.model_copy(update={"offload": Offload(strategy="group", components=["transformer"],
-                                                             resident_blocks={"transformer": count})})
-        pipe = load_pipeline(folder, config)
-        calls: list[int] = []
-        pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
-        onloads.clear()
-        image = np.asarray(pipe(**tiny_call_kwargs("image", seed=0)).images)
-        groups = {id(g): g for g in onloads}.values()
-        offloaded = {id(p) for g in groups for p in [*g.parameters, *(q for m in g.modules for q in m.parameters())]}
-        resident = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters() if id(p) not in offloaded)
-        _, sizes = block_split(component, config)
-        expected = resident_bytes(component, weight_bytes(component, config), config, active=False)
-        print(f"| {count} of {total} | {format_size(resident)} | {format_size(expected)} | {len(onloads) / len(calls):g} | "
-              f"{len(sizes) + 1} | {'yes' if np.array_equal(image, reference) else 'NO'} |", flush=True)
-    ModuleGroup.onload_ = original
+    try:
+        print("| resident blocks | resident bytes: counted | estimated | groups loaded per call: counted | estimated | same image |")
+        print("|---|---|---|---|---|---|")
+        for count in (1, total // 3, 2 * total // 3, total - 1):
+            config = plain.model_copy(update={"offload": Offload(strategy="group", components=["transformer"],
+                                                                 resident_blocks={"transformer": count})})
+            pipe = load_pipeline(folder, config)
+            calls: list[int] = []
+            pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+            onloads.clear()
+            image = np.asarray(pipe(**tiny_call_kwargs("image", seed=0)).images)
+            groups = {id(g): g for g in onloads}.values()
+            offloaded = {id(p) for g in groups for p in [*g.parameters, *(q for m in g.modules for q in m.parameters())]}
+            resident = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters() if id(p) not in offloaded)
+            _, sizes = block_split(component, config)
+            expected = resident_bytes(component, weight_bytes(component, config), config, active=False)
+            print(f"| {count} of {total} | {format_size(resident)} | {format_size(expected)} | {len(onloads) / len(calls):g} | "
+                  f"{len(sizes) + 1} | {'yes' if np.array_equal(image, reference) else 'NO'} |", flush=True)
+    finally:
+        ModuleGroup.onload_ = original
 
 
 def main() -> None:

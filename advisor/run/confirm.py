@@ -16,12 +16,12 @@ them and only measures what is missing.
 from __future__ import annotations
 
 import hashlib
-import json
 import statistics
 from dataclasses import replace
 from typing import Any, Callable
 
-from advisor.run.trials import TrialRecord, choose_best
+from advisor.plan.scenario import limited_peak
+from advisor.run.trials import TrialRecord, choose_best, config_key
 from advisor.units import format_size
 
 FINALISTS = 3  # configurations measured again, the fastest first
@@ -34,7 +34,7 @@ KEPT = ("status", "reason", "latency_s", "latency_spread_s", "peak_vram_bytes", 
 
 def confirmation_key(config: dict[str, Any]) -> str:
     """The study user attribute holding a configuration's confirmation runs."""
-    return "confirm:" + hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return "confirm:" + hashlib.sha1(config_key(config).encode()).hexdigest()[:16]
 
 
 def finalists(records: list[TrialRecord], limit: int = FINALISTS) -> list[TrialRecord]:
@@ -44,7 +44,7 @@ def finalists(records: list[TrialRecord], limit: int = FINALISTS) -> list[TrialR
     firsts: dict[str, TrialRecord] = {}
     for r in sorted(records, key=lambda r: r.number):
         if r.feasible and r.source == "measured" and r.latency_s is not None:
-            firsts.setdefault(json.dumps(r.config, sort_keys=True), r)
+            firsts.setdefault(config_key(r.config), r)
     ranked = sorted(firsts.values(), key=lambda r: (r.latency_s, r.number))
     if not ranked:
         return []
@@ -65,8 +65,6 @@ def with_confirmations(records: list[TrialRecord], stored: dict[str, Any], devic
 
 
 def _combined(r: TrialRecord, runs: list[dict[str, Any]], device: str, budget: int) -> TrialRecord:
-    from advisor.plan.scenario import limited_peak
-
     processes = [r.measurement] + runs
     failed = next((i for i, run in enumerate(runs, start=2) if run.get("status") != "ok"), None)
     if failed is not None:

@@ -92,6 +92,11 @@ class TrialRecord:
         )
 
 
+def config_key(config: Any) -> str:
+    """A configuration's identity across trials (its stored JSON, keys sorted): a repeat shares it."""
+    return json.dumps(config, sort_keys=True)
+
+
 def choose_best(feasible: list[TrialRecord]) -> tuple[TrialRecord | None, list[str]]:
     """The fastest feasible trial, and a note when others are as fast within the measured spread.
 
@@ -105,7 +110,7 @@ def choose_best(feasible: list[TrialRecord]) -> tuple[TrialRecord | None, list[s
     tied: dict[str, TrialRecord] = {}  # configuration -> its first trial (a repeat shares the measurement)
     for r in sorted(feasible, key=lambda r: r.number):
         if r.latency_range[0] <= ceiling:
-            tied.setdefault(json.dumps(r.config, sort_keys=True), r)
+            tied.setdefault(config_key(r.config), r)
     if len(tied) < 2:
         return fastest, []
 

@@ -35,7 +35,7 @@ from advisor.run.measure import Measurement, measure, remove_orphaned_scratch
 from advisor.run.stopping import Terminated, quiet_interrupts, terminate_as_interrupt
 from advisor.run.storage import default_storage, fail_orphaned_trials, open_storage, shown_storage, sole_tuner, this_runner
 from advisor.run.timing import CONFIRM_RUNS, MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE, TRIAL_TIMEOUT_S
-from advisor.run.trials import RUNNER_ATTR, TrialRecord, choose_best
+from advisor.run.trials import RUNNER_ATTR, TrialRecord, choose_best, config_key
 from advisor.units import format_size
 
 # Candidates predicted beyond budget x this are skipped without measuring (unless prune=False).
@@ -171,16 +171,12 @@ class Progress:
                 continue
             points.add(_point(t.params))
             if attrs.get("source") == "measured":
-                measured.add(_config_key(attrs.get("config")))
+                measured.add(config_key(attrs.get("config")))
         return cls(points, measured)
 
 
 def _point(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
-
-
-def _config_key(config: Any) -> str:
-    return json.dumps(config, sort_keys=True)
 
 
 def exhausted_note(space: SearchSpace, progress: Progress, wanted: int) -> str | None:
@@ -284,10 +280,10 @@ def _judge(m: Measurement, scenario: Scenario) -> tuple[str, float, str | None]:
 
 def _answered_before(study, key: str, number: int, stale: set[int]):
     """A finished trial, not stale, that measured `key` (or else decided it by the estimate)."""
-    wanted, by_estimate = _config_key(json.loads(key)), None
+    wanted, by_estimate = config_key(json.loads(key)), None
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        if trial.number == number or trial.number in stale or _config_key(attrs.get("config")) != wanted:
+        if trial.number == number or trial.number in stale or config_key(attrs.get("config")) != wanted:
             continue
         if attrs.get("source") == "measured" and attrs.get("measurement"):
             return trial
