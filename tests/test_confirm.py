@@ -49,13 +49,14 @@ def test_finalists_are_the_feasible_configurations_near_the_fastest_first_trial_
     assert [r.number for r in finalists([lossy_fastest, lossless_slower])] == [1, 0]
 
 
-def test_a_confirmed_latency_is_the_median_across_processes_and_its_spread_their_half_range():
+def test_a_confirmed_latency_is_the_median_across_processes_and_its_spread_a_t_interval():
     trial = record(0, 0.60, spread=0.02, peak_mb=500)
     stored = {confirmation_key(trial.config): [run(0.80, peak_mb=520), run(0.70, peak_mb=510)]}
     [combined] = with_confirmations([trial], stored, "cpu", BUDGET)
     assert combined.processes == 3 and combined.process_latencies_s == [0.60, 0.80, 0.70]
     assert combined.latency_s == pytest.approx(0.70)
-    assert combined.latency_spread_s == pytest.approx(0.10)  # (0.80 - 0.60) / 2, more than any process's own
+    # Student's t for 2 degrees of freedom at 95% is 4.303 (any t table); s = 0.10 over 3 processes.
+    assert combined.latency_spread_s == pytest.approx(4.303 * 0.10 / 3 ** 0.5, rel=1e-3)
     assert combined.peak_bytes == 520 * MB  # the largest any process measured
     assert combined.feasible
     # Processes that agree better than each one's rounds: the spread stays one process's own.

@@ -6,8 +6,8 @@ noise"): noise that one process cannot see from inside (other tenants, clocks, m
 after the search, the configurations within `FINALIST_MARGIN` of the fastest (at most `FINALISTS`)
 are measured `CONFIRM_RUNS` (`advisor.run.timing`) more times each in new processes, in turns (A B C, B C A, ...) so that a
 machine that slows down slows them all. A finalist's latency becomes the median over its processes,
-its spread the half range across them (never less than one process's own), and its peak the
-largest any process measured; the pick is made on those.
+its spread the 95% confidence half-width across them (`process_spread`; never less than one
+process's own), and its peak the largest any process measured; the pick is made on those.
 
 The runs are stored in the study's user attributes (`confirmation_key`), so a resumed study keeps
 them and only measures what is missing.
@@ -29,6 +29,9 @@ FINALIST_MARGIN = 0.35  # within this of the fastest latency: twice the ±17% se
 MAX_PASSES = 3  # a confirmed finalist can fall behind one that was not: confirm the new ones, this often
 
 # What one confirmation run keeps of its measurement.
+# Student's t at 95% (two-sided) for 1-10 degrees of freedom; beyond, the normal 1.96 is within 12%.
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
 KEPT = ("status", "reason", "latency_s", "latency_spread_s", "peak_vram_bytes", "peak_rss_bytes", "noisy")
 
 
@@ -76,7 +79,7 @@ def _combined(r: TrialRecord, runs: list[dict[str, Any]], device: str, budget: i
     peaks = [limited_peak(device, vram_bytes=p.get("peak_vram_bytes"), ram_bytes=p.get("peak_rss_bytes")) for p in processes]
     peak = max((p for p in peaks if p is not None), default=None)
     combined = replace(
-        r, latency_s=statistics.median(latencies), latency_spread_s=max((max(latencies) - min(latencies)) / 2, within),
+        r, latency_s=statistics.median(latencies), latency_spread_s=max(process_spread(latencies), within),
         processes=len(processes), process_latencies_s=latencies, peak_bytes=peak,
         noisy=next((p["noisy"] for p in processes if p.get("noisy")), None),
     )
@@ -84,6 +87,20 @@ def _combined(r: TrialRecord, runs: list[dict[str, Any]], device: str, budget: i
         return replace(combined, status="over-budget", feasible=False,
                        reason=f"a run in a fresh process measured peak {format_size(peak)} > budget {format_size(budget)}")
     return combined
+
+
+def process_spread(latencies: list[float]) -> float:
+    """The 95% confidence half-width of the latency across processes: t x s / sqrt(n).
+
+    Half the range of 3 processes taken a minute apart understated how far another study's latency
+    fell (across 5 studies: 8.8% against 4.9% stated, docs/benchmarks.md): with so few samples the
+    range is as often too small as not, and the processes share the minute's load. Student's t
+    widens the interval for the few samples there are (x2.5 of s for 3 processes)."""
+    n = len(latencies)
+    if n < 2:
+        return 0.0
+    t = T95[n - 2] if n - 2 < len(T95) else 1.96
+    return t * statistics.stdev(latencies) / n ** 0.5
 
 
 def missing_runs(study, chosen: list[TrialRecord], runs: int) -> list[TrialRecord]:

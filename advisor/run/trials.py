@@ -42,7 +42,7 @@ class TrialRecord:
     latency_spread_s: float | None = None  # measured: the latency is latency_s ± this (see `advisor.run.measure.Timing`)
     noisy: str | None = None  # measured: why the latency did not settle within the tolerance
     # Fresh processes the latency was measured in: 1, or more for a finalist (`advisor.run.confirm`),
-    # whose latency is then the median of `process_latencies_s` and its spread the half range across them.
+    # whose latency is then the median of `process_latencies_s` and its spread their 95% t-interval.
     processes: int = 1
     process_latencies_s: list[float] | None = None
 

@@ -452,7 +452,7 @@ def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenar
     if confirmed:
         numbers = ", ".join(str(r.number) for r in confirmed)
         notes.append(f"trial{'s' if len(confirmed) > 1 else ''} {numbers} (×N) measured in N fresh processes, taking turns: "
-                     "the latency is the median across them, ± half their range (or one process's spread, if larger)")
+                     "the latency is the median across them, ± its 95% confidence interval (Student's t; at least one process's spread)")
     noisy = [r.number for r in records if r.source == "measured" and r.noisy]
     if noisy:
         notes.append(f"trial{'s' if len(noisy) > 1 else ''} {', '.join(map(str, noisy))} did not settle within the timing "
