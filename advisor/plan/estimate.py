@@ -429,8 +429,7 @@ def _speed_factor(config: OptimizationConfig, component: str, generation: str) -
 
 
 def attention_speedup(config: OptimizationConfig, target: TargetHardware) -> float:
-    """How much faster than native SDPA the config's attention kernel runs on `target`'s GPU
-    (`advisor.attention`: the published figure at its compute capability); 1 on a CPU."""
+    """The published speed of the config's attention kernel against native SDPA on `target` (1 on a CPU)."""
     backend = BACKENDS.get((config.attention_backend or "native").lower())
     if target.device != "cuda" or backend is None:
         return 1.0
