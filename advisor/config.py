@@ -234,6 +234,8 @@ class OptimizationConfig(_Strict):
             parts.append("compiled (regional)" if self.compile.regional else "compiled")
         parts.append(self.offload.label())
         parts += [name for name, on in (("VAE tiling", self.vae.tiling), ("VAE slicing", self.vae.slicing)) if on]
+        if self.attention_backend is not None:
+            parts.append(f"{self.attention_backend} attention")
         return ", ".join(parts)
 
     def named_components(self) -> list[tuple[str, str]]:

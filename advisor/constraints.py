@@ -21,9 +21,11 @@ that the probe, the planner and the runner can all import it. Pure Python: no to
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
+from advisor.attention import BACKENDS, DISPATCH_SOURCE, HUB_PACKAGE, PACKAGES, is_hub
 from advisor.config import OptimizationConfig, Quantization
 from advisor.units import parse_capability
 
@@ -43,6 +45,7 @@ class Platform:
     packages: Mapping[str, str | None] | None
     cuda_devices: int = 1
     no_cuda: str = "the target has no CUDA GPU"  # how messages say there is none
+    offline: bool = False  # HF_HUB_OFFLINE: nothing can be downloaded (the attention hub kernels)
 
     @property
     def capability(self) -> float:
@@ -67,13 +70,23 @@ class Platform:
         """This machine as torch sees it, for the GPU `device` names (imports torch)."""
         import torch
 
-        packages = {name: installed_version(name) for name in ("bitsandbytes", "torchao", "diffusers")}
+        packages = {name: installed_version(name) for name in CHECKED_HERE}
+        offline = hub_offline()
         if not torch.cuda.is_available():
-            return cls(None, None, packages, 0, f"this machine has no CUDA GPU (torch {torch.__version__})")
+            return cls(None, None, packages, 0, f"this machine has no CUDA GPU (torch {torch.__version__})", offline)
         index = _device_index(device)
         count = torch.cuda.device_count()
         major, minor = torch.cuda.get_device_capability(index if index < count else 0)
-        return cls("cuda", f"{major}.{minor}", packages, count)
+        return cls("cuda", f"{major}.{minor}", packages, count, offline=offline)
+
+
+# The packages a constraint asks about: the quantizers', diffusers and the attention kernels'.
+CHECKED_HERE = ("bitsandbytes", "torchao", "diffusers", *PACKAGES)
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids downloads here (huggingface_hub's truthy spellings)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def installed_version(distribution: str) -> str | None:
@@ -371,6 +384,79 @@ def fullgraph_breaks_on_offload_hooks(config: OptimizationConfig, platform: Plat
             f"`compile.fullgraph: true` fails on `{name}`, which {why}: diffusers' hooks run outside "
             "torch.compile and break the graph; set `compile.fullgraph: false`"
         )
+    return None
+
+
+# --- attention ----------------------------------------------------------------------------------
+# diffusers checks only a backend's package when it is set; device, dtype and capability are
+# checked per call only with DIFFUSERS_ATTN_CHECKS=1, and nothing falls back. So these refuse a
+# kernel that would fail in the first denoising step (`advisor.attention` holds the facts).
+
+_ATTENTION_SOURCE = f"{DOCS}/attention_backends"
+
+
+@constraint(
+    "attention-backend-runs-on-the-device",
+    "attention_backend",
+    "CUDA-only attention kernels (cuDNN, memory-efficient, flash-attn, FlashAttention-3, SageAttention, xformers) "
+    "need a CUDA GPU of the compute capability they have kernels for",
+    _ATTENTION_SOURCE,
+)
+def attention_backend_runs_on_the_device(config: OptimizationConfig, platform: Platform) -> str | None:
+    backend = BACKENDS.get((config.attention_backend or "").lower())
+    if backend is None:
+        return None
+    if not _on_cuda(config, platform):
+        if not backend.cuda_only:
+            return None
+        where = platform.no_cuda if platform.accelerator != "cuda" else f"`device` is {config.device}"
+        return f"`attention_backend: {backend.name}` needs a CUDA GPU and {where}; use `attention_backend: native`"
+    capability = platform.capability
+    if backend.min_capability is not None and capability < backend.min_capability:
+        return (f"`attention_backend: {backend.name}` needs compute capability >= {backend.min_capability}, this GPU has "
+                f"{platform.compute_capability}; use `attention_backend: native`")
+    if backend.max_capability is not None and capability > backend.max_capability:
+        return (f"`attention_backend: {backend.name}` has kernels for compute capability {backend.max_capability} only, "
+                f"this GPU has {platform.compute_capability}; use `attention_backend: native`")
+    return None
+
+
+@constraint(
+    "attention-backend-needs-half-precision",
+    "attention_backend",
+    "flash, FlashAttention-3, cuDNN and SageAttention kernels take bf16 or fp16 q/k/v only",
+    DISPATCH_SOURCE,
+)
+def attention_backend_needs_half_precision(config: OptimizationConfig, platform: Platform) -> str | None:
+    backend = BACKENDS.get((config.attention_backend or "").lower())
+    if backend is not None and backend.half_only and config.dtype == "float32":
+        return f"`attention_backend: {backend.name}` takes bf16 or fp16 only and `dtype` is float32; use `dtype: bfloat16` or `attention_backend: native`"
+    return None
+
+
+@constraint(
+    "attention-backend-installed",
+    "attention_backend",
+    "flash, FlashAttention-3, SageAttention and xformers need their packages (at the versions diffusers requires); "
+    "the *_hub kernels need `kernels` and a download from the Hub",
+    DISPATCH_SOURCE,
+)
+def attention_backend_installed(config: OptimizationConfig, platform: Platform) -> str | None:
+    name = (config.attention_backend or "").lower()
+    if is_hub(name):
+        if platform.offline:
+            return f"`attention_backend: {name}` downloads its kernel from the Hub and HF_HUB_OFFLINE is set; use `attention_backend: native`"
+        if platform.missing(HUB_PACKAGE):
+            return f"`attention_backend: {name}` needs `pip install {HUB_PACKAGE}` (and a download from the Hub); use `attention_backend: native`"
+        return None
+    backend = BACKENDS.get(name)
+    if backend is None or backend.package is None or platform.packages is None:
+        return None
+    installed = platform.packages.get(backend.package)
+    if not installed:
+        return f"`attention_backend: {name}` needs `pip install {backend.package}`, which is not installed here; use `attention_backend: native`"
+    if backend.min_version and _version(installed) < _version(backend.min_version):
+        return f"`attention_backend: {name}` needs {backend.package} >= {backend.min_version}, {installed} is installed; upgrade it or use `attention_backend: native`"
     return None
 
 

@@ -265,6 +265,14 @@ def render_probe(profile) -> None:
         table.add_row(name, "yes" if status.usable else "no", status.reason)
     console.print(table)
 
+    table = Table(title="Attention backends (set_attention_backend)", title_justify="left")
+    table.add_column("backend")
+    table.add_column("usable")
+    table.add_column("why")
+    for name, status in profile.software.attention_backends.items():
+        table.add_row(name, "yes" if status.usable else "no", status.reason)
+    console.print(table)
+
 
 def render_inspect(profile) -> None:
     """`advisor inspect`: what a pipeline weighs, per component."""

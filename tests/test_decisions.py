@@ -32,6 +32,11 @@ class Decision:
     budget: int | None = None
     quality: str = "balanced"
     job: dict | None = None
+    packages: dict | None = None  # installed versions, as when planning this machine; None: another machine
+
+
+def attention(r: Recommendation) -> str:
+    return r.config.attention_backend or "native"
 
 
 def q(r: Recommendation):
@@ -159,6 +164,24 @@ DECISIONS = [
     Decision("flux-budget-below-card", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
              "a --budget under what the card holds: advise raising it, not a bigger GPU",
              nothing_fits("raise --budget"), budget=3 * GIB),
+    Decision("flux-h100-cudnn-attention", "flux-dev", {"gpu": "H100", "ram": 256 * GIB},
+             "Hopper: torch's cuDNN attention, bundled with torch (nothing to install), is faster than its "
+             "FlashAttention-2 kernel ('up to 75%', PyTorch 2.5 release); the reason names it and its source",
+             _check(lambda r: attention(r) == "_native_cudnn", lambda r: any("pytorch2-5" in x for x in r.reasons))),
+    Decision("flux-4090-native-attention", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
+             "another machine's packages are unknown: no kernel that needs an install is assumed (cuDNN attention's "
+             "gain is published for Hopper only), and the faster SageAttention is named as an install away",
+             _check(lambda r: attention(r) == "native",
+                    lambda r: any("sage" in x and "pip install sageattention" in x for x in r.reasons))),
+    Decision("wan-4090-sage-installed-balanced", "wan2.1-t2v-14b", {"gpu": "RTX 4090", "ram": 128 * GIB},
+             "720p video is attention-bound (75k tokens: attention FLOPs 4N^2d against 24Nd^2 matmul, N/6d = 2.4x the "
+             "matmuls); SageAttention2 runs attention ~3x FlashAttention-2 on a 4090, far over balanced's 20% bar",
+             _check(lambda r: attention(r) == "sage"), job={"height": 720, "width": 1280, "frames": 81},
+             packages={"torch": "2.13.0", "diffusers": "0.42.1", "sageattention": "2.2.0"}),
+    Decision("flux-4090-sage-installed-exact", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
+             "SageAttention quantizes q and k to int8: --quality exact never takes it, and says so",
+             _check(lossless, lambda r: attention(r) == "native", lambda r: any("lossy, and --quality exact" in x for x in r.reasons)),
+             quality="exact", packages={"torch": "2.13.0", "diffusers": "0.42.1", "sageattention": "2.2.0"}),
     Decision("flux-budget-above-card", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
              "a --budget above the card is capped at the card, with a note",
              _check(lambda r: r.scenario.budget_bytes <= r.scenario.target.vram_total_bytes,
@@ -170,7 +193,7 @@ def decide(d: Decision) -> Recommendation:
     profile = load_profile(d.model)
     target = planned_target(machine=None, **d.card)
     workload = make_workload(profile, **(d.job or {}))
-    return recommend(make_scenario(profile, workload, target, budget_bytes=d.budget, quality=d.quality))
+    return recommend(make_scenario(profile, workload, target, packages=d.packages, budget_bytes=d.budget, quality=d.quality))
 
 
 def test_the_suite_covers_what_it_should():

@@ -341,6 +341,8 @@ PLANNED = [
     "offload/partial-1of3",
     "offload/partial-2of3",
     "offload/sequential",
+    "attention/native",
+    "attention/_native_math",
 ]
 
 
@@ -389,6 +391,8 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
     assert results["environment"]["executable"] == str(tmp_path / "work" / "venv" / "bin" / "python")
     assert results["environment"]["torch"] and results["model"]["parameters"]["transformer"] > 0
     assert set(results["offload_calibration"]) >= {"baseline_per_step_s", "offload/group-block"}
+    assert by_id["attention/_native_math"]["config"]["attention_backend"] == "_native_math"
+    assert results["attention_speedups"]["attention/native"] == 1.0 and results["attention_speedups"]["attention/_native_math"] > 0
     report = (out / "gpu_kit.md").read_text()
     assert report.count("| seed/") == 3
     assert "Per-phase peaks" in report and "no allocator peak on CPU" in report

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from advisor.attention import BACKENDS
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
 from advisor.paths import DATA_DIR
@@ -34,6 +35,7 @@ from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
 from advisor.probe.workload import Workload, pipeline_behaviour
+from advisor.units import parse_capability
 
 PHASES = ("text_encoding", "denoising", "vae_decode")
 ROLE_OF_PHASE = {"text_encoding": "text_encoder", "denoising": "denoiser", "vae_decode": "vae"}
@@ -426,12 +428,21 @@ def _speed_factor(config: OptimizationConfig, component: str, generation: str) -
     return factor
 
 
-def _seconds(work: Work, target: TargetHardware, factor: float) -> float:
-    """Roofline time of `work`: tensor-core FLOPs at the generation's efficiency, plus the bytes
-    memory-bound ops write (and read) at the memory's streaming rate; `factor` speeds up both."""
+def attention_speedup(config: OptimizationConfig, target: TargetHardware) -> float:
+    """The published speed of the config's attention kernel against native SDPA on `target` (1 on a CPU)."""
+    backend = BACKENDS.get((config.attention_backend or "native").lower())
+    if target.device != "cuda" or backend is None:
+        return 1.0
+    return backend.speedup_at(parse_capability(target.compute_capability))
+
+
+def _seconds(work: Work, target: TargetHardware, factor: float, attention: float = 1.0) -> float:
+    """Roofline time of `work`: tensor-core FLOPs at the generation's efficiency (the attention
+    FLOPs `attention` times faster, for its kernel), plus the bytes memory-bound ops write (and
+    read) at the memory's streaming rate; `factor` speeds up both."""
     k = constants()
     efficiency = k["tensor_efficiency"].get(target.generation, k["tensor_efficiency"]["default"])
-    tensor = (work.matmul_flops + work.attention_flops) / (target.matmul_flops * efficiency)
+    tensor = (work.matmul_flops + work.attention_flops / attention) / (target.matmul_flops * efficiency)
     memory = work.written_bytes * k["memory_traffic_per_written_byte"] / (target.memory_bytes_per_s * k["memory_bandwidth_efficiency"])
     return (tensor + memory) / factor
 
@@ -445,7 +456,8 @@ def _latency(profile, workload, config, target, weights, works, on_cpu) -> tuple
     step_compute = step_transfer = 0.0
     offload = config.offload
     for denoiser in denoisers[:1]:  # Wan2.2's experts run one at a time: one per step
-        step_compute += _seconds(works["denoising"], target, _speed_factor(config, denoiser.name, generation))
+        step_compute += _seconds(works["denoising"], target, _speed_factor(config, denoiser.name, generation),
+                                 attention_speedup(config, target))
         if not on_cpu and (offload.strategy == "sequential" or _group_offloaded(denoiser, config)):
             bandwidth = target.h2d_bytes_per_s * k["group_offload_bandwidth_factor"]
             if offload.strategy == "sequential":

@@ -7,6 +7,7 @@ takes the fastest whatever it costs.
 
 from __future__ import annotations
 
+from advisor.attention import BACKENDS
 from advisor.config import OptimizationConfig
 
 # A lossy pick must be predicted at least this much faster than the best lossless one (balanced).
@@ -24,12 +25,19 @@ QUALITY_COSTS = {
     "float8_dynamic": ("fp8 weights and activations: close to bf16, small detail changes", "https://github.com/pytorch/ao/tree/main/torchao/float8"),
     "int4_weight_only": ("int4 weights: visible detail changes on some prompts", _QUANT_BLOG),
     "fp8-storage": ("weights stored in fp8, computed in bf16: near-identical images", "https://huggingface.co/docs/diffusers/main/en/optimization/memory#layerwise-casting"),
+    "sage": ("SageAttention quantizes q and k to int8: near-identical outputs reported for image and video models",
+             BACKENDS["sage"].source),
 }
 
 
+def _lossy_attention(config: OptimizationConfig) -> bool:
+    backend = BACKENDS.get((config.attention_backend or "").lower())
+    return backend is not None and backend.lossy
+
+
 def is_lossy(config: OptimizationConfig) -> bool:
-    """Whether the config changes the model's numbers (quantized or fp8-stored weights)."""
-    return config.quantization is not None or config.layerwise_casting is not None
+    """Whether the config changes the model's numbers (quantized or fp8-stored weights, quantized attention)."""
+    return config.quantization is not None or config.layerwise_casting is not None or _lossy_attention(config)
 
 
 def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
@@ -38,6 +46,8 @@ def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
         return QUALITY_COSTS[config.quantization.kind]
     if config.layerwise_casting is not None:
         return QUALITY_COSTS["fp8-storage"]
+    if _lossy_attention(config):
+        return QUALITY_COSTS[config.attention_backend.lower()]
     return None
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from advisor.attention import BACKENDS, PROPOSED
 from advisor.config import Offload, OptimizationConfig
 from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
 from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy, quality_cost
 from advisor.plan.rules import TIE, rules_of
 from advisor.plan.scenario import Scenario
-from advisor.plan.space import SearchSpace
+from advisor.plan.space import SearchSpace, attention_choices
 from advisor.units import GIB, format_size
 
 # A plan may take this share of the available host RAM; the rest is the OS's and other programs'.
@@ -255,7 +256,7 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
         )
     if config.offload.resident_blocks:
         reasons.append(_partial_against_whole(best, scenario))
-    elif target.device == "cuda":
+    elif target.device == "cuda" and config.offload.strategy == "none":
         reasons.append("no offloading: everything stays on the GPU, so no time goes to transfers")
     if config.compile:
         classes = ", ".join(c.class_name for c in scenario.profile.by_role("denoiser"))
@@ -265,6 +266,8 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
             else f" (whole model: {classes} lists no repeated blocks, so compile_repeated_blocks can't be used)"
         )
         reasons.append(f"torch.compile on the denoiser{how}; expect a one-off compile on the first call")
+    if target.device == "cuda":
+        reasons.append(_attention_reason(best, scenario))
     reasons += [f"{r.reason} ({r.source})" for r in rules_of("adjust") if r.name in best.adjusted_by]
     if config.offload.strategy in {"model", "group"}:
         reasons += _offload_guidance(best, feasible, scenario)
@@ -297,6 +300,38 @@ def _partial_against_whole(best: Scored, scenario: Scenario) -> str:
         rivals.append(f"{label} {rival.latency_s:.1f}s (peak {format_size(peak)}, {fits})")
     return (f"partial offload keeps {kept} on the GPU ({why}) and streams the rest: predicted {best.estimate.latency_s:.1f}s, "
             f"against {' and '.join(rivals)}")
+
+
+def _attention_reason(best: Scored, scenario: Scenario) -> str:
+    """The attention kernel: the pick's published speed-up and predicted gain over native, and the
+    faster kernels left out here (not installed, not known to be, or lossy under the policy)."""
+    platform = scenario.platform
+    capability = platform.capability
+    chosen = best.config.attention_backend or "native"
+    if chosen == "native":
+        kernel = "FlashAttention-2" if capability >= 8.0 else "its memory-efficient kernel (FlashAttention-2 needs compute capability 8.0)"
+        said = f"attention: native (torch SDPA, diffusers' default: {kernel} on this GPU in bf16/fp16)"
+    else:
+        native = estimate_for(scenario, best.config.model_copy(update={"attention_backend": None}))
+        backend = BACKENDS[chosen]
+        said = (f"attention: {chosen} ({backend.kernel}), modelled at {backend.speedup_at(capability):.2f}x native's attention "
+                f"at compute capability {platform.compute_capability} ({backend.published}, {backend.source}): predicted "
+                f"{best.estimate.latency_s:.1f}s against {native.latency_s:.1f}s with native; tune measures it")
+    offered = attention_choices(platform, best.config.dtype)
+    missed = []
+    for name in PROPOSED:
+        backend = BACKENDS[name]
+        if name == chosen or backend.speedup_at(capability) <= BACKENDS[chosen].speedup_at(capability):
+            continue
+        if name in offered:
+            why = (f"lossy, and --quality {scenario.quality} prefers lossless" if backend.lossy and scenario.quality != "fast"
+                   else "not faster with the rest of this plan")
+        elif backend.package and platform.packages is None:
+            why = f"needs `pip install {backend.package}`, not assumed on a machine the advisor can't see"
+        else:
+            continue  # can't run on this GPU or dtype (its constraint says why)
+        missed.append(f"{name} ({backend.speedup_at(capability):.1f}x, {why})")
+    return said + ("; faster kernels not taken: " + ", ".join(missed) if missed else "")
 
 
 def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[str]:

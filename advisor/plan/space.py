@@ -1,7 +1,8 @@
-"""The candidate configurations: quantization x offload x compile, one object for recommend, tune and the GPU kit.
+"""The candidate configurations: quantization x offload x compile (x attention), one object for recommend, tune and the GPU kit.
 
-A point of the space is three names, one per dimension (``{"quantization": "nf4[transformer]",
-"offload": "model", "compile": True}``): optuna suggests them, the rule engine walks them all.
+A point of the space is a name per dimension (``{"quantization": "nf4[transformer]", "offload":
+"model", "compile": True}``, plus ``"attention"`` where more than one kernel is worth trying):
+optuna suggests them, the rule engine walks them all.
 `SearchSpace.candidate` turns a point into the finished config (`finish`: the adjust rules complete
 it) and says which constraint or filter rule rejects it (`rejection`: "the first rule that fires"
 lives here, and only here).
@@ -15,11 +16,12 @@ lives here, and only here).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
+from advisor.attention import BACKENDS, PROPOSED
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
-from advisor.constraints import first_violation
+from advisor.constraints import Platform, first_violation
 from advisor.plan.estimate import resident_blocks_that_fit
 from advisor.plan.rules import rules_of
 from advisor.probe.layout import has_repeated_blocks
@@ -88,6 +90,29 @@ def offload_choices(device: str) -> list[Offload]:
     ]
 
 
+def attention_choices(platform: Platform, dtype: str) -> list[str]:
+    """The attention kernels worth searching: ``native`` (diffusers' default, torch SDPA) and each
+    proposed kernel (`advisor.attention.PROPOSED`) that runs on `platform` in `dtype` and is
+    published faster than native at its compute capability. When the packages are unknown
+    (planning another machine) only torch's own kernels count: a pick never assumes an install."""
+    choices = ["native"]
+    if platform.accelerator != "cuda":
+        return choices
+    for name in PROPOSED[1:]:
+        backend = BACKENDS[name]
+        if backend.package and platform.packages is None:
+            continue
+        probe = OptimizationConfig(device="cuda", dtype=dtype, attention_backend=name)
+        if backend.speedup_at(platform.capability) > 1 and first_violation(probe, platform) is None:
+            choices.append(name)
+    return choices
+
+
+def attention_backend(choice: str) -> str | None:
+    """The config's `attention_backend` for a choice: None for native (diffusers' default)."""
+    return None if choice == "native" else choice
+
+
 def preferred_dtype(device: str, supports_bf16: bool) -> str:
     """bf16 where the hardware computes it natively; else fp16 on older GPUs and fp32 on CPUs."""
     if supports_bf16:
@@ -150,6 +175,8 @@ class SearchSpace:
     quantization: dict[str, StorageChoice]
     offload: dict[str, Offload]
     compile: list[bool]
+    # Attention kernels (`attention_choices`); a point names one only where there are two or more.
+    attention: list[str] = field(default_factory=lambda: ["native"])
 
     @classmethod
     def for_profile(
@@ -164,7 +191,9 @@ class SearchSpace:
     @classmethod
     def for_scenario(cls, scenario: Scenario, *, compile_choices: tuple[bool, ...] = (True, False)) -> SearchSpace:
         target = scenario.target
-        return cls.for_profile(scenario.profile, device=target.device, supports_bf16=target.supports_bf16, compile_choices=compile_choices)
+        space = cls.for_profile(scenario.profile, device=target.device, supports_bf16=target.supports_bf16, compile_choices=compile_choices)
+        space.attention = attention_choices(scenario.platform, space.dtype)
+        return space
 
     def usable(self, scenario: Scenario) -> SearchSpace:
         """The space without choices that no candidate can use on this target (what tune searches)."""
@@ -177,7 +206,7 @@ class SearchSpace:
             if usable_alone(OptimizationConfig(device=self.device, quantization=q, layerwise_casting=c, compile=Compile()))
         }
         offload = {name: o for name, o in self.offload.items() if usable_alone(OptimizationConfig(device=self.device, offload=o))}
-        return SearchSpace(self.profile, self.device, self.dtype, quantization, offload, list(self.compile))
+        return SearchSpace(self.profile, self.device, self.dtype, quantization, offload, list(self.compile), list(self.attention))
 
     def config(self, params: dict[str, Any]) -> OptimizationConfig:
         """The point's config before the adjust rules complete it.
@@ -198,6 +227,7 @@ class SearchSpace:
             layerwise_casting=casting,
             offload=self.offload[params["offload"]],
             compile=compiled,
+            attention_backend=attention_backend(params.get("attention", "native")),
         )
 
     def candidate(self, params: dict[str, Any], scenario: Scenario) -> Candidate:
@@ -231,13 +261,17 @@ class SearchSpace:
         if offload is None and config.offload.resident_blocks:  # the count is fitted when the point is finished
             offload = "partial"
         compiled = config.compile is not None
-        if quantization is None or offload is None or compiled not in self.compile:
+        attention = config.attention_backend or "native"
+        if quantization is None or offload is None or compiled not in self.compile or attention not in self.attention:
             return None
-        return {"quantization": quantization, "offload": offload, "compile": compiled}
+        return {"quantization": quantization, "offload": offload, "compile": compiled, **self._attention_param(attention)}
+
+    def _attention_param(self, choice: str) -> dict[str, str]:
+        return {"attention": choice} if len(self.attention) > 1 else {}
 
     def size(self) -> int:
-        return len(self.quantization) * len(self.offload) * len(self.compile)
+        return len(self.quantization) * len(self.offload) * len(self.compile) * len(self.attention)
 
     def points(self) -> Iterator[dict[str, Any]]:
-        for q, o, c in itertools.product(self.quantization, self.offload, self.compile):
-            yield {"quantization": q, "offload": o, "compile": c}
+        for q, o, c, a in itertools.product(self.quantization, self.offload, self.compile, self.attention):
+            yield {"quantization": q, "offload": o, "compile": c, **self._attention_param(a)}

@@ -17,7 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation, installed_version
+from advisor.attention import BACKENDS
+from advisor.attention import PACKAGES as ATTENTION_PACKAGES
+from advisor.config import OptimizationConfig
+from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation, hub_offline, installed_version
 from advisor.probe.hub_cache import hub_cache_dir
 from advisor.units import parse_capability
 
@@ -45,6 +48,7 @@ TRACKED_PACKAGES = (
     "optuna",
     "nvidia-ml-py",
     "psutil",
+    *ATTENTION_PACKAGES,
 )
 
 
@@ -86,7 +90,7 @@ class HostInfo:
 
 @dataclass
 class BackendStatus:
-    """Whether one quantization backend can be used on this machine, and why (not)."""
+    """Whether one quantization backend or attention kernel can be used on this machine, and why (not)."""
 
     usable: bool
     reason: str
@@ -94,10 +98,11 @@ class BackendStatus:
 
 @dataclass
 class SoftwareInfo:
-    """Installed package versions (None when absent) and the usable quantization backends."""
+    """Installed package versions (None when absent), the usable quantization backends and attention kernels."""
 
     packages: dict[str, str | None]
     quantization_backends: dict[str, BackendStatus]
+    attention_backends: dict[str, BackendStatus] = field(default_factory=dict)
 
 
 @dataclass
@@ -336,20 +341,42 @@ def probe_host() -> HostInfo:
 # --- software --------------------------------------------------------------------------------
 
 
+def _platform(packages: dict[str, str | None], gpus: list[GpuInfo]) -> Platform:
+    """This machine as the constraints see it: its most capable GPU, its packages."""
+    best = max(gpus, key=lambda g: parse_capability(g.compute_capability), default=None)
+    return Platform(
+        accelerator="cuda" if gpus else None,
+        compute_capability=best.compute_capability if best else None,
+        packages=packages,
+        cuda_devices=len(gpus),
+        no_cuda="this machine has no CUDA GPU",
+        offline=hub_offline(),
+    )
+
+
+def attention_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) -> dict[str, BackendStatus]:
+    """Which of diffusers' attention kernels run here (`advisor.attention`), judged by the
+    constraints on a bf16 config with that backend, as the planner judges it."""
+    platform = _platform(packages, gpus)
+    device = "cuda" if gpus else "cpu"
+    table = {}
+    for name, backend in BACKENDS.items():
+        violation = first_violation(OptimizationConfig(device=device, attention_backend=name), platform)
+        if violation is not None:
+            table[name] = BackendStatus(False, violation.message)
+        else:
+            version = f", {backend.package} {packages.get(backend.package)}" if backend.package else ""
+            table[name] = BackendStatus(True, f"{backend.kernel}{version}" + (" (lossy: int8 q/k)" if backend.lossy else ""))
+    return table
+
+
 def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) -> dict[str, BackendStatus]:
     """Which quantization backends diffusers can use here, from versions and GPUs alone.
 
     The quantizers the config schema knows are judged by `advisor.constraints` (one example config
     each, on this machine's most capable GPU), so the table and the planner never disagree.
     """
-    best = max(gpus, key=lambda g: parse_capability(g.compute_capability), default=None)
-    platform = Platform(
-        accelerator="cuda" if gpus else None,
-        compute_capability=best.compute_capability if best else None,
-        packages=packages,
-        cuda_devices=len(gpus),
-        no_cuda="this machine has no CUDA GPU",
-    )
+    platform = _platform(packages, gpus)
     usable_because = {
         "bitsandbytes": f"bitsandbytes {packages.get('bitsandbytes')} with a CUDA GPU",
         "torchao": f"torchao {packages.get('torchao')}: int8 weight-only runs on CPU and GPU",
@@ -377,9 +404,9 @@ def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) 
 
 
 def probe_software(gpus: list[GpuInfo]) -> SoftwareInfo:
-    """Installed versions (metadata only, nothing imported) and usable quantization backends."""
+    """Installed versions (metadata only, nothing imported), usable quantization backends and attention kernels."""
     packages = {name: installed_version(name) for name in TRACKED_PACKAGES}
-    return SoftwareInfo(packages=packages, quantization_backends=quantization_backends(packages, gpus))
+    return SoftwareInfo(packages, quantization_backends(packages, gpus), attention_backends(packages, gpus))
 
 
 def probe_machine() -> MachineProfile:

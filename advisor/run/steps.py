@@ -228,7 +228,7 @@ def _compile_steps(config: OptimizationConfig, components: Components) -> list[S
 
 def summary(config: OptimizationConfig) -> str:
     """One line naming everything the config does: ``config.summary()`` plus the steps it leaves out
-    (``channels_last``, the attention backend, the dynamo flags set before compiling).
+    (``channels_last``, the dynamo flags set before compiling).
 
     >>> summary(config)  # doctest: +SKIP
     'bf16, float8_dynamic(unet), compiled (regional), no offload, channels_last'
@@ -236,8 +236,6 @@ def summary(config: OptimizationConfig) -> str:
     parts = [config.summary()]
     if config.channels_last:
         parts.append("channels_last")
-    if config.attention_backend is not None:
-        parts.append(f"{config.attention_backend} attention")
     if config.compile is not None and config.compile.dynamo_config:
         parts.append("dynamo(" + ", ".join(f"{k}={v!r}" for k, v in config.compile.dynamo_config.items()) + ")")
     return ", ".join(parts)

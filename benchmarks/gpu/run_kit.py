@@ -2,7 +2,7 @@
 
 One command does everything (docs/gpu-kit.md has the exact `run` call)::
 
-    bash benchmarks/gpu/run.sh [--budget-s 480] [--depth 0.25] [--parts seed,recommend,tune,offload]
+    bash benchmarks/gpu/run.sh [--budget-s 480] [--depth 0.25] [--parts seed,recommend,tune,offload,attention]
     bash benchmarks/gpu/run.sh --dry-run      # the same code path on this CPU, tiny pipeline, ~1-2 min
 
 1. **Install** (`kit.bootstrap`): a virtual environment over this Python's packages

@@ -81,6 +81,26 @@ def offload_configs(device: str, dtype: str, blocks: int = 0) -> list[tuple[str,
     ]
 
 
+def attention_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
+    """bf16 with native attention, then each kernel that runs on this machine and is published at
+    least as fast (`advisor.attention`); on a CPU (the dry run) the unfused math kernel stands in."""
+    from advisor.attention import BACKENDS
+    from advisor.config import OptimizationConfig
+    from advisor.constraints import Platform, first_violation
+
+    platform = Platform.here(device)
+    base = OptimizationConfig(dtype=dtype, device=device)
+    names = [name for name, backend in BACKENDS.items()
+             if name != "native" and backend.speedup_at(platform.capability) >= 1.0
+             and first_violation(base.model_copy(update={"attention_backend": name}), platform) is None]
+    if device == "cpu":
+        names = ["_native_math"]
+    return [("native", "bf16, native attention (torch SDPA)", base)] + [
+        (name, f"bf16, {name} attention ({BACKENDS[name].kernel})", base.model_copy(update={"attention_backend": name}))
+        for name in names
+    ]
+
+
 def cpu_equivalent(config: Any, *, torchao: bool) -> tuple[Any, list[str]]:
     """A CPU-valid stand-in for a GPU config, and a note per change (for --dry-run)."""
     from advisor.config import Offload, Quantization

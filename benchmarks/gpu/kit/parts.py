@@ -4,6 +4,7 @@
 - ``recommend``: the rule engine's pick for 16 GB and 13 GB, measured: does it fit?
 - ``tune``: ``advisor tune --budget 15GB`` with a small trial cap;
 - ``offload``: group offload in four forms and sequential offload against bf16 without offload.
+- ``attention``: native attention against each faster kernel installed here (`advisor.attention`).
 
 Budgets are for full-size FLUX.1-dev; `Kit.scaled_budget` scales them to the model built.
 """
@@ -18,7 +19,7 @@ from typing import Any
 from kit import GIB, advisor_api
 from kit.plan import Item, Kit, errors, phase_peaks
 
-PARTS = ("seed", "recommend", "tune", "offload")
+PARTS = ("seed", "recommend", "tune", "offload", "attention")
 RECOMMEND_BUDGETS_GB = (16, 13)
 TUNE_BUDGET_GB = 15
 # The seed page's table, RTX 4090 (latency s, memory GB).
@@ -206,4 +207,16 @@ def offload_calibration(kit: Kit) -> dict[str, Any]:
     return out
 
 
-RUNNERS = {"seed": part_seed, "recommend": part_recommend, "tune": part_tune, "offload": part_offload}
+def part_attention(kit: Kit) -> None:
+    device = "cpu" if kit.args.dry_run else kit.device
+    for name, label, config in advisor_api.attention_configs(device, kit.dtype):
+        item = Item(id=f"attention/{name}", part="attention", label=label)
+        kit.run_item(item, lambda item, config=config: measure_finished(kit, item, config))
+    native = kit.result_of("attention/native", "latency_s")
+    kit.data["attention_speedups"] = {
+        item.id: _ratio(native, kit.result_of(item.id, "latency_s"))
+        for item in kit.items if item.part == "attention" and item.status in ("ok", "reused")
+    }
+
+
+RUNNERS = {"seed": part_seed, "recommend": part_recommend, "tune": part_tune, "offload": part_offload, "attention": part_attention}

@@ -107,7 +107,7 @@ def phase_table(kit: Kit) -> str:
 
 
 def findings_block(kit: Kit) -> str:
-    """A few lines on what the seed, tune and offload parts found, against the seed page."""
+    """A few lines on what the seed, tune, offload and attention parts found, against the seed page."""
     lines = ["Findings:"]
     ratios = kit.data.get("seed_ratios") or {}
     if ratios.get("compile_speedup"):
@@ -125,6 +125,9 @@ def findings_block(kit: Kit) -> str:
         if isinstance(row, dict) and row.get("implied_bytes_per_s"):
             lines.append(f"- {item_id}: +{row['measured_extra_per_step_s']:.3f} s/step over no offload "
                          f"(estimate {row['estimated_step_transfer_s'] or 0:.3f} s), {row['implied_bytes_per_s'] / 1e9:.1f} GB/s moved")
+    for item_id, speedup in (kit.data.get("attention_speedups") or {}).items():
+        if speedup is not None and item_id != "attention/native":
+            lines.append(f"- {item_id}: {speedup:.2f}x the speed of native attention, whole generation")
     peak_errors = [i.result["errors"]["peak"] for i in kit.items if (i.result.get("errors") or {}).get("peak") is not None and i.status == "ok"]
     if peak_errors:
         lines.append(f"- estimate peak error over {len(peak_errors)} measured configs: median {statistics.median(peak_errors):+.0%}, "

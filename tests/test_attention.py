@@ -1,0 +1,195 @@
+"""Attention backends: the facts against diffusers' own, the constraints that refuse what can't run,
+the estimate's speed-up, the space tune searches, and each CPU-runnable kernel applied for real."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from advisor.attention import BACKENDS, PROPOSED
+from advisor.config import OptimizationConfig
+from advisor.constraints import Platform, first_violation, violations
+from advisor.errors import ConfigError
+
+CPU = Platform(None, None, {"torch": "2.13.0", "diffusers": "0.42.1"}, cuda_devices=0, no_cuda="this machine has no CUDA GPU")
+SAGE = {"torch": "2.13.0", "diffusers": "0.42.1", "sageattention": "2.2.0"}
+
+
+def gpu(capability: str, packages: dict | None = None, **fields) -> Platform:
+    return Platform("cuda", capability, packages, **fields)
+
+
+def refused(name: str, platform: Platform, dtype: str = "bfloat16", device: str = "cuda") -> str | None:
+    violation = first_violation(OptimizationConfig(device=device, dtype=dtype, attention_backend=name), platform)
+    return violation.message if violation else None
+
+
+# --- the facts, against the installed diffusers ------------------------------------------------------
+
+
+def test_every_backend_is_one_diffusers_knows_with_the_versions_it_requires():
+    from diffusers.models import attention_dispatch as dispatch
+
+    names = {member.value for member in dispatch.AttentionBackendName}
+    assert set(BACKENDS) <= names and set(PROPOSED) <= set(BACKENDS)
+    required = {"flash-attn": dispatch._REQUIRED_FLASH_VERSION, "sageattention": dispatch._REQUIRED_SAGE_VERSION,
+                "xformers": dispatch._REQUIRED_XFORMERS_VERSION}
+    for backend in BACKENDS.values():
+        if backend.package in required:
+            assert backend.min_version == required[backend.package], backend.name
+
+
+def test_half_only_backends_are_those_diffusers_registers_with_a_bf16_or_fp16_check():
+    from diffusers.models import attention_dispatch as dispatch
+
+    registry = dispatch._AttentionBackendRegistry._constraints
+    for backend in BACKENDS.values():
+        checks = {fn.__name__ for fn in registry[dispatch.AttentionBackendName(backend.name)]}
+        assert backend.half_only == bool(checks & {"_check_qkv_dtype_bf16_or_fp16", "_check_qkv_dtype_bf16"}), backend.name
+        if "_check_device_cuda" in checks:  # diffusers itself says CUDA only
+            assert backend.cuda_only, backend.name
+
+
+# --- constraints ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["_native_cudnn", "_native_efficient", "flash", "_flash_3", "sage", "xformers"])
+def test_cuda_only_kernels_are_refused_on_a_cpu_with_the_way_out(name):
+    message = refused(name, CPU, device="cpu")
+    assert message == f"`attention_backend: {name}` needs a CUDA GPU and this machine has no CUDA GPU; use `attention_backend: native`"
+
+
+@pytest.mark.parametrize("name", ["native", "_native_math", "flex"])
+def test_cpu_kernels_pass_on_a_cpu(name):
+    assert refused(name, CPU, dtype="float32", device="cpu") is None
+
+
+def test_capability_dtype_package_and_download_limits():
+    # FlashAttention-3 has Hopper kernels only; cuDNN attention needs Ampere or newer.
+    fa3 = {"flash-attn-3": "3.0.0b1"}
+    assert "compute capability >= 9.0" in refused("_flash_3", gpu("8.9", fa3))
+    assert refused("_flash_3", gpu("9.0", fa3)) is None
+    assert "kernels for compute capability 9.0 only" in refused("_flash_3", gpu("10.0", fa3))
+    assert "compute capability >= 8.0" in refused("_native_cudnn", gpu("7.5"))
+    # bf16/fp16 only: a float32 pipeline can't use them (diffusers would fail in the first step).
+    assert "takes bf16 or fp16 only" in refused("sage", gpu("8.9", SAGE), dtype="float32")
+    # packages: missing, too old, unknown (another machine: not assumed missing)
+    assert "pip install sageattention" in refused("sage", gpu("8.9", {"torch": "2.13.0"}))
+    assert "sageattention >= 2.1.1, 1.0.6 is installed" in refused("sage", gpu("8.9", {"sageattention": "1.0.6"}))
+    assert refused("sage", gpu("8.9", None)) is None
+    # hub kernels download at set time: refused offline, or without the `kernels` package
+    assert "HF_HUB_OFFLINE is set" in refused("flash_hub", gpu("9.0", {"kernels": "0.12.0"}, offline=True))
+    assert "pip install kernels" in refused("flash_hub", gpu("9.0", {"torch": "2.13.0"}))
+    assert refused("flash_hub", gpu("9.0", {"kernels": "0.12.0"})) is None
+
+
+def test_a_config_check_refuses_a_kernel_this_cpu_cannot_run_before_loading():
+    from advisor.run.checks import check_machine
+
+    with pytest.raises(ConfigError, match=r"`attention_backend: _native_cudnn` needs a CUDA GPU"):
+        check_machine(OptimizationConfig(device="cpu", dtype="bfloat16", attention_backend="_native_cudnn"))
+    with pytest.raises(ConfigError, match=r"`attention_backend: _native_flash` takes bf16 or fp16 only"):
+        check_machine(OptimizationConfig(device="cpu", dtype="float32", attention_backend="_native_flash"))
+
+
+def test_the_probe_table_agrees_with_the_constraints():
+    from advisor.probe.hardware import GpuInfo, attention_backends
+
+    on_cpu = attention_backends({"torch": "2.13.0"}, [])
+    assert {name for name, status in on_cpu.items() if status.usable} == {"native", "_native_math", "_native_flash", "flex"}
+    assert "needs a CUDA GPU" in on_cpu["sage"].reason
+    rtx4090 = GpuInfo(0, "NVIDIA GeForce RTX 4090", 24 * 2**30, 24 * 2**30, 0, compute_capability="8.9")
+    on_4090 = attention_backends(SAGE, [rtx4090])
+    assert on_4090["sage"].usable and "lossy" in on_4090["sage"].reason and "2.2.0" in on_4090["sage"].reason
+    assert not on_4090["_flash_3"].usable and not on_4090["flash"].usable
+    for name, status in on_4090.items():
+        config = OptimizationConfig(attention_backend=name)
+        assert status.usable == (not violations(config, gpu("8.9", SAGE))), name
+
+
+# --- the space and the estimate ----------------------------------------------------------------------
+
+
+def test_the_space_offers_only_kernels_that_run_and_are_published_faster():
+    from advisor.plan.space import attention_choices
+
+    assert attention_choices(CPU, "float32") == ["native"]
+    assert attention_choices(gpu("9.0"), "bfloat16") == ["native", "_native_cudnn"]  # torch's own: no install assumed
+    assert attention_choices(gpu("9.0"), "float32") == ["native"]
+    assert attention_choices(gpu("8.9"), "bfloat16") == ["native"]  # cuDNN's gain is published for Hopper
+    assert attention_choices(gpu("8.9", SAGE), "bfloat16") == ["native", "sage"]
+    assert attention_choices(gpu("9.0", {**SAGE, "flash-attn-3": "3.0.0b1"}), "bfloat16") == ["native", "_native_cudnn", "_flash_3", "sage"]
+
+
+def test_a_point_names_the_kernel_only_where_there_is_a_choice():
+    from advisor.plan.scenario import make_scenario
+    from advisor.plan.space import SearchSpace
+    from advisor.probe.models import load_profile
+    from advisor.probe.target import planned_target
+    from advisor.probe.workload import make_workload
+
+    profile = load_profile("flux-dev")
+    h100 = make_scenario(profile, make_workload(profile), planned_target(machine=None, gpu="H100"))
+    space = SearchSpace.for_scenario(h100)
+    plain = SearchSpace.for_profile(profile, device="cuda")
+    assert space.attention == ["native", "_native_cudnn"] and space.size() == 2 * plain.size()
+    points = list(space.points())
+    assert {p["attention"] for p in points} == {"native", "_native_cudnn"}
+    point = next(p for p in points if p["attention"] == "_native_cudnn")
+    config = space.candidate(point, h100).config
+    assert config.attention_backend == "_native_cudnn" and space.params_of(config)["attention"] == "_native_cudnn"
+    assert all("attention" not in p for p in plain.points())
+
+
+def test_the_estimate_speeds_up_the_attention_share_only():
+    """Flux at 1024x1024 attends over 4096 + 512 tokens with a width of 3072: attention FLOPs 4N^2d
+    against roughly 24Nd^2 for the matmuls, N/6d = a quarter of them. A 1.75x kernel saves
+    (1 - 1/1.75) of that fifth of the denoising compute, about 8.6%; never more than the share."""
+    from advisor.plan.estimate import estimate
+    from advisor.probe.models import load_profile
+    from advisor.probe.target import planned_target
+    from advisor.probe.workload import make_workload
+
+    profile = load_profile("flux-dev")
+    workload = make_workload(profile)
+    h100 = planned_target(machine=None, gpu="H100")
+    native = estimate(profile, workload, OptimizationConfig(), h100)
+    cudnn = estimate(profile, workload, OptimizationConfig(attention_backend="_native_cudnn"), h100)
+    saved = 1 - cudnn.latency_breakdown["step_compute_s"] / native.latency_breakdown["step_compute_s"]
+    assert 0.05 < saved < 0.20 * (1 - 1 / 1.75) + 0.05
+    assert cudnn.peak_vram_bytes == native.peak_vram_bytes  # a kernel choice, not a memory one
+    rtx4090 = planned_target(machine=None, gpu="RTX 4090")  # cuDNN's gain is published for Hopper only
+    assert estimate(profile, workload, OptimizationConfig(attention_backend="_native_cudnn"), rtx4090).latency_s == pytest.approx(
+        estimate(profile, workload, OptimizationConfig(), rtx4090).latency_s)
+
+
+def test_sage_is_lossy_with_its_quality_cost():
+    from advisor.plan.quality import is_lossy, quality_cost
+
+    assert is_lossy(OptimizationConfig(attention_backend="sage"))
+    assert not is_lossy(OptimizationConfig(attention_backend="_native_cudnn"))
+    assert "int8" in quality_cost(OptimizationConfig(attention_backend="sage"))[0]
+
+
+# --- applied for real on the CPU --------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("dynamo_isolated")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # the unfused path is the point on a CPU
+@pytest.mark.parametrize("name", ["_native_math", "flex"])
+def test_each_cpu_kernel_is_applied_and_gives_the_default_output_within_tolerance(tiny_flux_dir, name):
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from advisor.run.apply import load_pipeline
+    from advisor.testing import tiny_call_kwargs
+
+    def generate(config: OptimizationConfig) -> tuple[np.ndarray, set]:
+        pipe = load_pipeline(tiny_flux_dir, config)
+        backends = {getattr(m.processor, "_attention_backend", None) for m in pipe.transformer.modules() if hasattr(m, "processor")}
+        return np.asarray(pipe(**tiny_call_kwargs("image", seed=0)).images, dtype=np.float64), backends
+
+    default, _ = generate(OptimizationConfig(device="cpu", dtype="float32"))
+    image, backends = generate(OptimizationConfig(device="cpu", dtype="float32", attention_backend=name))
+    assert backends == {AttentionBackendName(name)}
+    # The same attention computed another way: float32 rounding differs, nothing else (images in [0, 1]).
+    assert np.abs(image - default).max() < 1e-3
