@@ -85,3 +85,9 @@ PACKAGES = (*sorted({b.package for b in BACKENDS.values() if b.package}), HUB_PA
 def is_hub(name: str) -> bool:
     """A backend whose kernel diffusers downloads from the Hub when it is set (``flash_hub``, ...)."""
     return name.lower().endswith("_hub")
+
+
+def speedup_of(name: str | None, device: str, capability: float) -> float:
+    """The published speed of kernel `name` (None: native) against native SDPA on a GPU of `capability`; 1 on a CPU."""
+    backend = BACKENDS.get((name or "native").lower())
+    return backend.speedup_at(capability) if device == "cuda" and backend is not None else 1.0

@@ -167,6 +167,18 @@ class Vae(_Strict):
     slicing: bool = False
 
 
+class Cache(_Strict):
+    """Step caching of the denoiser(s) (``enable_cache``): First Block Cache runs the first block at
+    every step and skips the rest while its output barely changes (``threshold``: the relative
+    change below which a step is skipped). Lossy; see `advisor.caching`."""
+
+    kind: Literal["first_block"] = "first_block"
+    threshold: float = Field(default=0.08, gt=0, le=1)
+
+    def label(self) -> str:
+        return f"first-block cache {self.threshold:g}"
+
+
 class Provenance(_Strict):
     """Where a config came from: what it was made for, by what, and (from tune) what it measured."""
 
@@ -200,6 +212,7 @@ class OptimizationConfig(_Strict):
     compile: Compile | None = None
     vae: Vae = Field(default_factory=Vae)
     attention_backend: str | None = None
+    cache: Cache | None = None
     channels_last: bool = False
     provenance: Provenance = Field(default_factory=Provenance)
 
@@ -236,6 +249,8 @@ class OptimizationConfig(_Strict):
         parts += [name for name, on in (("VAE tiling", self.vae.tiling), ("VAE slicing", self.vae.slicing)) if on]
         if self.attention_backend is not None:
             parts.append(f"{self.attention_backend} attention")
+        if self.cache is not None:
+            parts.append(self.cache.label())
         return ", ".join(parts)
 
     def named_components(self) -> list[tuple[str, str]]:

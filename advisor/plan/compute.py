@@ -198,3 +198,10 @@ def largest_layer_parameters(component: ComponentProfile) -> int:
     holds ~6-10 large linear layers): what leaf-level offload moves and a dequantising matmul expands."""
     largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
     return max(math.ceil(largest_block / 8), 1)
+
+
+def cache_residual_bytes(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int) -> int:
+    """What First Block Cache holds between steps: the first block's output and residual and the
+    other blocks' residual, each one hidden state of the call (``diffusers/hooks/first_block_cache.py``)."""
+    tokens, hidden = denoiser_tokens(profile, denoiser, workload)
+    return 3 * batch * tokens * hidden * dtype_size(dtype)

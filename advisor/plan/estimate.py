@@ -24,11 +24,20 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from advisor.attention import BACKENDS
+from advisor.attention import speedup_of
+from advisor.caching import computed_share
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
 from advisor.paths import DATA_DIR
-from advisor.plan.compute import NO_WORK, Work, denoiser_work, largest_layer_parameters, text_encoder_work, vae_decode_work
+from advisor.plan.compute import (
+    NO_WORK,
+    Work,
+    cache_residual_bytes,
+    denoiser_work,
+    largest_layer_parameters,
+    text_encoder_work,
+    vae_decode_work,
+)
 from advisor.plan.compute import trace_of as _traced
 from advisor.plan.scenario import Scenario, limited_peak
 from advisor.probe.models import ComponentProfile, ModelProfile
@@ -226,7 +235,9 @@ def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationCo
         batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
         call = denoiser_work(profile, denoiser, workload, config.dtype, batch, k)
         calls = 2 if behaviour["cfg"] == "sequential" else 1
-        denoise = Work(call.matmul_flops * calls, call.attention_flops * calls, call.written_bytes * calls, call.activation_bytes, call.traced, call.largest_bytes)
+        held = cache_residual_bytes(profile, denoiser, workload, config.dtype, batch) * calls if config.cache else 0
+        denoise = Work(call.matmul_flops * calls, call.attention_flops * calls, call.written_bytes * calls, call.activation_bytes + held,
+                       call.traced, call.largest_bytes)
     vae = profile.vae
     decode = vae_decode_work(vae, workload, config.dtype, tiling=config.vae.tiling, slicing=config.vae.slicing, k=k) if vae else NO_WORK
     return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
@@ -428,14 +439,6 @@ def _speed_factor(config: OptimizationConfig, component: str, generation: str) -
     return factor
 
 
-def attention_speedup(config: OptimizationConfig, target: TargetHardware) -> float:
-    """The published speed of the config's attention kernel against native SDPA on `target` (1 on a CPU)."""
-    backend = BACKENDS.get((config.attention_backend or "native").lower())
-    if target.device != "cuda" or backend is None:
-        return 1.0
-    return backend.speedup_at(parse_capability(target.compute_capability))
-
-
 def _seconds(work: Work, target: TargetHardware, factor: float, attention: float = 1.0) -> float:
     """Roofline time of `work`: tensor-core FLOPs at the generation's efficiency (the attention
     FLOPs `attention` times faster, for its kernel), plus the bytes memory-bound ops write (and
@@ -456,8 +459,9 @@ def _latency(profile, workload, config, target, weights, works, on_cpu) -> tuple
     step_compute = step_transfer = 0.0
     offload = config.offload
     for denoiser in denoisers[:1]:  # Wan2.2's experts run one at a time: one per step
-        step_compute += _seconds(works["denoising"], target, _speed_factor(config, denoiser.name, generation),
-                                 attention_speedup(config, target))
+        cached = computed_share(config.cache.threshold) if config.cache else 1.0  # First Block Cache skips the rest
+        step_compute += cached * _seconds(works["denoising"], target, _speed_factor(config, denoiser.name, generation),
+                                          speedup_of(config.attention_backend, target.device, parse_capability(target.compute_capability)))
         if not on_cpu and (offload.strategy == "sequential" or _group_offloaded(denoiser, config)):
             bandwidth = target.h2d_bytes_per_s * k["group_offload_bandwidth_factor"]
             if offload.strategy == "sequential":

@@ -8,6 +8,7 @@ takes the fastest whatever it costs.
 from __future__ import annotations
 
 from advisor.attention import BACKENDS
+from advisor.caching import SOURCE as CACHE_SOURCE
 from advisor.config import OptimizationConfig
 
 # A lossy pick must be predicted at least this much faster than the best lossless one (balanced).
@@ -27,6 +28,8 @@ QUALITY_COSTS = {
     "fp8-storage": ("weights stored in fp8, computed in bf16: near-identical images", "https://huggingface.co/docs/diffusers/main/en/optimization/memory#layerwise-casting"),
     "sage": ("SageAttention quantizes q and k to int8: near-identical outputs reported for image and video models",
              BACKENDS["sage"].source),
+    "first_block": ("First Block Cache reuses the other blocks' output on steps whose first block barely changed: "
+                    "fine detail drifts, more at a higher threshold; tune measures it against the lossless output", CACHE_SOURCE),
 }
 
 
@@ -36,8 +39,8 @@ def _lossy_attention(config: OptimizationConfig) -> bool:
 
 
 def is_lossy(config: OptimizationConfig) -> bool:
-    """Whether the config changes the model's numbers (quantized or fp8-stored weights, quantized attention)."""
-    return config.quantization is not None or config.layerwise_casting is not None or _lossy_attention(config)
+    """Whether the config changes the model's output (quantized or fp8-stored weights, quantized attention, a step cache)."""
+    return config.quantization is not None or config.layerwise_casting is not None or _lossy_attention(config) or config.cache is not None
 
 
 def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
@@ -48,6 +51,8 @@ def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
         return QUALITY_COSTS["fp8-storage"]
     if _lossy_attention(config):
         return QUALITY_COSTS[config.attention_backend.lower()]
+    if config.cache is not None:
+        return QUALITY_COSTS[config.cache.kind]
     return None
 
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from advisor.attention import BACKENDS, PROPOSED
+from advisor.caching import PUBLISHED_BASELINE_S, PUBLISHED_S, computed_share
+from advisor.caching import SOURCE as CACHE_SOURCE
 from advisor.config import Offload, OptimizationConfig
 from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
-from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy, quality_cost
+from advisor.plan.quality import CLEAR_WIN, QUALITY_COSTS, fp16_warnings, is_lossy, quality_cost
 from advisor.plan.rules import TIE, rules_of
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace, attention_choices
@@ -268,6 +270,8 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
         reasons.append(f"torch.compile on the denoiser{how}; expect a one-off compile on the first call")
     if target.device == "cuda":
         reasons.append(_attention_reason(best, scenario))
+    if config.cache is not None:
+        reasons.append(_cache_reason(best, scenario))
     reasons += [f"{r.reason} ({r.source})" for r in rules_of("adjust") if r.name in best.adjusted_by]
     if config.offload.strategy in {"model", "group"}:
         reasons += _offload_guidance(best, feasible, scenario)
@@ -332,6 +336,21 @@ def _attention_reason(best: Scored, scenario: Scenario) -> str:
             continue  # can't run on this GPU or dtype (its constraint says why)
         missed.append(f"{name} ({backend.speedup_at(capability):.1f}x, {why})")
     return said + ("; faster kernels not taken: " + ", ".join(missed) if missed else "")
+
+
+def _cache_reason(best: Scored, scenario: Scenario) -> str:
+    """First Block Cache: what it skips, the published measurement it is modelled on, the predicted
+    gain and the quality cost."""
+    cache = best.config.cache
+    uncached = estimate_for(scenario, best.config.model_copy(update={"cache": None}))
+    published = PUBLISHED_S.get(cache.threshold)
+    measured = (f"ParaAttention measured FLUX.1-dev on an L20 at {published:.2f}s against {PUBLISHED_BASELINE_S:.2f}s "
+                f"({PUBLISHED_BASELINE_S / published:.2f}x) at this threshold, " if published else "")
+    cost, source = QUALITY_COSTS[cache.kind]
+    return (f"{cache.label()}: the blocks after the first are skipped on steps where its output changed by less than "
+            f"{cache.threshold:.0%}; {measured}modelled as {computed_share(cache.threshold):.0%} of the denoising compute "
+            f"({CACHE_SOURCE}): predicted {best.estimate.latency_s:.1f}s against {uncached.latency_s:.1f}s without; "
+            f"quality cost: {cost}; offered under --quality fast only")
 
 
 def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[str]:

@@ -85,12 +85,27 @@ def dynamic_quantization_needs_compile(config: OptimizationConfig, scenario: Sce
 @rule(
     "exact-quality-is-lossless",
     "filter",
-    "--quality exact never proposes lossy storage or compute (nf4, int8, fp8 weights or activations)",
+    "--quality exact never proposes lossy storage or compute (nf4, int8, fp8 weights or activations, int8 "
+    "attention, step caching)",
     "https://huggingface.co/docs/diffusers/main/en/quantization/overview",
 )
 def exact_quality_is_lossless(config: OptimizationConfig, scenario: Scenario) -> str | None:
     if scenario.quality == "exact" and is_lossy(config):
         return "lossy, and --quality exact asks for none"
+    return None
+
+
+@rule(
+    "first-block-cache-not-with-offload-hooks",
+    "filter",
+    "First Block Cache returns a skipped block's cached residual without calling the block, and so without "
+    "the group or sequential offload hooks beneath it, which onload and prefetch that block: the planner "
+    "doesn't combine them (untested on a GPU)",
+    "https://github.com/huggingface/diffusers/blob/main/src/diffusers/hooks/first_block_cache.py",
+)
+def first_block_cache_not_with_offload_hooks(config: OptimizationConfig, scenario: Scenario) -> str | None:
+    if config.cache is not None and config.offload.strategy in ("group", "sequential"):
+        return "a step cache skips the blocks' offload hooks"
     return None
 
 

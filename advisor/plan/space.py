@@ -1,7 +1,7 @@
-"""The candidate configurations: quantization x offload x compile (x attention), one object for recommend, tune and the GPU kit.
+"""The candidate configurations: quantization x offload x compile (x attention x cache), one object for recommend, tune and the GPU kit.
 
 A point of the space is a name per dimension (``{"quantization": "nf4[transformer]", "offload":
-"model", "compile": True}``, plus ``"attention"`` where more than one kernel is worth trying):
+"model", "compile": True}``, plus ``"attention"`` and ``"cache"`` where they hold a choice):
 optuna suggests them, the rule engine walks them all.
 `SearchSpace.candidate` turns a point into the finished config (`finish`: the adjust rules complete
 it) and says which constraint or filter rule rejects it (`rejection`: "the first rule that fires"
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 from advisor.attention import BACKENDS, PROPOSED
-from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
+from advisor.caching import THRESHOLDS, cacheable
+from advisor.config import Cache, Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.constraints import Platform, first_violation
 from advisor.plan.estimate import resident_blocks_that_fit
 from advisor.plan.rules import rules_of
@@ -113,6 +114,19 @@ def attention_backend(choice: str) -> str | None:
     return None if choice == "native" else choice
 
 
+CACHES = {"none": None, **{f"first-block-{t:g}": Cache(threshold=t) for t in THRESHOLDS}}
+
+
+def cache_choices(profile: ModelProfile, quality: str) -> list[str]:
+    """First Block Cache at the published thresholds (`advisor.caching`), under ``--quality fast``
+    only (its cost depends on the prompt and is measured only by tune), where every denoiser's
+    blocks are ones diffusers' cache hooks."""
+    denoisers = profile.by_role("denoiser")
+    if quality != "fast" or not denoisers or any(cacheable([(b.name, b.class_name) for b in d.blocks]) for d in denoisers):
+        return ["none"]
+    return list(CACHES)
+
+
 def preferred_dtype(device: str, supports_bf16: bool) -> str:
     """bf16 where the hardware computes it natively; else fp16 on older GPUs and fp32 on CPUs."""
     if supports_bf16:
@@ -175,8 +189,10 @@ class SearchSpace:
     quantization: dict[str, StorageChoice]
     offload: dict[str, Offload]
     compile: list[bool]
-    # Attention kernels (`attention_choices`); a point names one only where there are two or more.
+    # Attention kernels (`attention_choices`) and caches (`cache_choices`): optional dimensions,
+    # which a point names only where they hold two or more values.
     attention: list[str] = field(default_factory=lambda: ["native"])
+    cache: list[str] = field(default_factory=lambda: ["none"])
 
     @classmethod
     def for_profile(
@@ -193,6 +209,7 @@ class SearchSpace:
         target = scenario.target
         space = cls.for_profile(scenario.profile, device=target.device, supports_bf16=target.supports_bf16, compile_choices=compile_choices)
         space.attention = attention_choices(scenario.platform, space.dtype)
+        space.cache = cache_choices(scenario.profile, scenario.quality)
         return space
 
     def usable(self, scenario: Scenario) -> SearchSpace:
@@ -206,7 +223,8 @@ class SearchSpace:
             if usable_alone(OptimizationConfig(device=self.device, quantization=q, layerwise_casting=c, compile=Compile()))
         }
         offload = {name: o for name, o in self.offload.items() if usable_alone(OptimizationConfig(device=self.device, offload=o))}
-        return SearchSpace(self.profile, self.device, self.dtype, quantization, offload, list(self.compile), list(self.attention))
+        return SearchSpace(self.profile, self.device, self.dtype, quantization, offload, list(self.compile), list(self.attention),
+                           list(self.cache))
 
     def config(self, params: dict[str, Any]) -> OptimizationConfig:
         """The point's config before the adjust rules complete it.
@@ -228,6 +246,7 @@ class SearchSpace:
             offload=self.offload[params["offload"]],
             compile=compiled,
             attention_backend=attention_backend(params.get("attention", "native")),
+            cache=CACHES[params.get("cache", "none")],
         )
 
     def candidate(self, params: dict[str, Any], scenario: Scenario) -> Candidate:
@@ -261,17 +280,22 @@ class SearchSpace:
         if offload is None and config.offload.resident_blocks:  # the count is fitted when the point is finished
             offload = "partial"
         compiled = config.compile is not None
-        attention = config.attention_backend or "native"
-        if quantization is None or offload is None or compiled not in self.compile or attention not in self.attention:
+        optional = {"attention": config.attention_backend or "native",
+                    "cache": next((n for n, c in CACHES.items() if c == config.cache), None)}
+        if quantization is None or offload is None or compiled not in self.compile or any(
+                value not in getattr(self, name) for name, value in optional.items()):
             return None
-        return {"quantization": quantization, "offload": offload, "compile": compiled, **self._attention_param(attention)}
+        return {"quantization": quantization, "offload": offload, "compile": compiled,
+                **{name: value for name, value in optional.items() if name in self.optional_dimensions()}}
 
-    def _attention_param(self, choice: str) -> dict[str, str]:
-        return {"attention": choice} if len(self.attention) > 1 else {}
+    def optional_dimensions(self) -> dict[str, list[str]]:
+        """The dimensions a point names only where they hold a choice: attention and cache."""
+        return {name: values for name, values in (("attention", self.attention), ("cache", self.cache)) if len(values) > 1}
 
     def size(self) -> int:
-        return len(self.quantization) * len(self.offload) * len(self.compile) * len(self.attention)
+        return len(self.quantization) * len(self.offload) * len(self.compile) * len(self.attention) * len(self.cache)
 
     def points(self) -> Iterator[dict[str, Any]]:
-        for q, o, c, a in itertools.product(self.quantization, self.offload, self.compile, self.attention):
-            yield {"quantization": q, "offload": o, "compile": c, **self._attention_param(a)}
+        optional = self.optional_dimensions()
+        for q, o, c, *rest in itertools.product(self.quantization, self.offload, self.compile, *optional.values()):
+            yield {"quantization": q, "offload": o, "compile": c, **dict(zip(optional, rest))}

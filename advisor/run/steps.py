@@ -15,7 +15,7 @@ Order of the steps (and why):
    before offloading hooks capture them;
 3. device placement: ``pipe.to(device)``, model / sequential CPU offload or group offload;
 4. VAE tiling / slicing (after group offload: diffusers warns about tiling set before streams);
-5. the attention backend;
+5. the attention backend, then step caching (its hooks wrap the blocks' forward, as offloading's do);
 6. ``torch.compile`` last: compiling captures the module as it is then, hooks included.
 """
 
@@ -292,8 +292,34 @@ def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
                 )
             )  # fmt: skip
 
+    if config.cache is not None:
+        steps += [_cache_step(config.cache, name) for name in components.denoisers()]
+
     steps += _compile_steps(config, components)
     return steps
+
+
+def _cache_step(cache: Any, name: str) -> Step:
+    """First Block Cache on denoiser `name`; refused in one line where diffusers' hooks can't reach
+    its blocks (`advisor.caching.cacheable`), rather than a KeyError inside the first step."""
+    code = call_source(f"pipe.{name}.enable_cache", [Expr(f"FirstBlockCacheConfig(threshold={cache.threshold!r})", None)])
+
+    def run(pipe: Any) -> None:
+        import torch
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        from advisor.caching import cacheable
+        from advisor.errors import ConfigError
+
+        model = getattr(pipe, name)
+        lists = [(key, type(child[0]).__name__ if len(child) else None)
+                 for key, child in model.named_children() if isinstance(child, torch.nn.ModuleList)]
+        why = cacheable(lists)
+        if why is not None:
+            raise ConfigError(f"`cache` can't apply to {name} ({type(model).__name__}): {why}; remove `cache`")
+        model.enable_cache(FirstBlockCacheConfig(threshold=cache.threshold))
+
+    return Step("cache", f"{cache.label()} on {name}", code, run, ("from diffusers.hooks import FirstBlockCacheConfig",))
 
 
 def plan(config: OptimizationConfig, pipe: Any = None, *, model: str | Path | None = None) -> list[Step]:

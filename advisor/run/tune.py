@@ -200,8 +200,8 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
             "offload": trial.suggest_categorical("offload", list(space.offload)),
             "compile": trial.suggest_categorical("compile", space.compile),
         }
-        if len(space.attention) > 1:
-            params["attention"] = trial.suggest_categorical("attention", space.attention)
+        for name, values in space.optional_dimensions().items():
+            params[name] = trial.suggest_categorical(name, values)
         candidate = space.candidate(params, scenario)
         config = candidate.config
         predicted = estimate_for(scenario, config)

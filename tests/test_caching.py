@@ -1,0 +1,131 @@
+"""First Block Cache: the facts against diffusers' own, the schema, what the planner offers and
+predicts, and on the CPU that it really skips blocks and changes the output by a measured amount."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from advisor.caching import BLOCK_LISTS, PUBLISHED_BASELINE_S, PUBLISHED_S, REGISTERED_BLOCKS, cacheable, computed_share
+from advisor.config import Cache, Offload, OptimizationConfig
+from advisor.errors import ConfigError
+
+
+def test_the_block_lists_and_classes_are_the_installed_diffusers_ones():
+    from diffusers.hooks import _helpers
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    _helpers._register_transformer_blocks_metadata()
+    assert BLOCK_LISTS == set(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
+    assert REGISTERED_BLOCKS == {cls.__name__ for cls in _helpers.TransformerBlockRegistry._registry}
+
+
+def test_the_computed_share_is_the_published_latency_ratio():
+    for threshold, seconds in PUBLISHED_S.items():
+        assert computed_share(threshold) == pytest.approx(seconds / PUBLISHED_BASELINE_S)
+    assert computed_share(0.0) == 1.0 and computed_share(0.5) == computed_share(0.12)
+    shares = [computed_share(t / 100) for t in range(0, 20)]
+    assert shares == sorted(shares, reverse=True)  # a higher threshold never computes more
+
+
+def test_the_schema_refuses_thresholds_outside_0_to_1():
+    assert OptimizationConfig(cache=Cache(threshold=0.08)).summary() == "bf16, no offload, first-block cache 0.08"
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValidationError):
+            Cache(threshold=bad)
+
+
+def test_which_denoisers_diffusers_can_cache():
+    assert cacheable([("transformer_blocks", "FluxTransformerBlock"), ("single_transformer_blocks", "FluxSingleTransformerBlock")]) is None
+    assert "not registered" in cacheable([("transformer_blocks", "MyBlock")])
+    # SDXL's UNet keeps its attention in down/up blocks, which the cache hooks don't know.
+    assert "none of its block lists" in cacheable([("down_blocks", "DownBlock2D"), ("up_blocks", "UpBlock2D")])
+
+
+def _scenario(model: str, gpu: str, quality: str):
+    from advisor.plan.scenario import make_scenario
+    from advisor.probe.models import load_profile
+    from advisor.probe.target import planned_target
+    from advisor.probe.workload import make_workload
+
+    profile = load_profile(model)
+    return make_scenario(profile, make_workload(profile), planned_target(machine=None, gpu=gpu, ram=64 * 2**30), quality=quality)
+
+
+def test_caching_is_offered_under_fast_only_and_never_with_offload_hooks():
+    from advisor.plan.recommend import recommend
+    from advisor.plan.space import SearchSpace, rejection
+
+    assert SearchSpace.for_scenario(_scenario("flux-dev", "RTX 4090", "balanced")).cache == ["none"]
+    assert SearchSpace.for_scenario(_scenario("sdxl", "RTX 4090", "fast")).cache == ["none"]  # a UNet
+    fast = _scenario("flux-dev", "RTX 4090", "fast")
+    space = SearchSpace.for_scenario(fast)
+    assert space.cache == ["none", "first-block-0.08", "first-block-0.12"]
+    grouped = OptimizationConfig(cache=Cache(threshold=0.08), offload=Offload(strategy="group", use_stream=True))
+    assert rejection(grouped, fast) == "first-block-cache-not-with-offload-hooks"
+    result = recommend(fast)
+    assert result.config.cache is not None and result.config.offload.strategy not in ("group", "sequential")
+    assert any("ParaAttention measured FLUX.1-dev" in r and "offered under --quality fast only" in r for r in result.reasons)
+
+
+def test_the_estimate_skips_the_computed_share_and_holds_three_hidden_states():
+    """Flux at 1024x1024: 4096 image + 512 text tokens of width 3072; the cache holds the first
+    block's output and residual and the rest's residual, 3 x 4608 x 3072 bf16 values."""
+    from advisor.plan.estimate import estimate
+
+    scenario = _scenario("flux-dev", "H100", "fast")
+    plain = estimate(scenario.profile, scenario.workload, OptimizationConfig(), scenario.target)
+    cached = estimate(scenario.profile, scenario.workload, OptimizationConfig(cache=Cache(threshold=0.12)), scenario.target)
+    compute = cached.latency_breakdown["step_compute_s"] / plain.latency_breakdown["step_compute_s"]
+    assert compute == pytest.approx(computed_share(0.12))
+    denoising = {p.name: p for p in cached.phases}["denoising"].activation_bytes - {p.name: p for p in plain.phases}["denoising"].activation_bytes
+    assert denoising == 3 * 4608 * 3072 * 2
+
+
+# --- for real, on the CPU ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux_8_blocks(tmp_path_factory):
+    from advisor.testing import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("flux-x2"), scale=2)
+
+
+def _generate(path, config: OptimizationConfig) -> tuple[np.ndarray, int]:
+    """The image of 8 steps, and how many times a block's attention ran (8 blocks x 8 steps uncached)."""
+    from advisor.run.apply import load_pipeline
+    from advisor.testing import tiny_call_kwargs
+
+    pipe = load_pipeline(path, config)
+    runs = []
+    for block in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]:
+        block.attn.register_forward_pre_hook(lambda module, args: runs.append(1))
+    image = pipe(**{**tiny_call_kwargs("image", seed=0), "num_inference_steps": 8}).images
+    return np.asarray(image, dtype=np.float64), len(runs)
+
+
+def test_first_block_cache_skips_blocks_and_changes_the_output_by_a_measured_amount(flux_8_blocks):
+    from advisor.run.quality import psnr
+
+    cpu = OptimizationConfig(device="cpu", dtype="float32")
+    reference, computed = _generate(flux_8_blocks, cpu)
+    assert computed == 8 * 8
+    # A threshold no step's change is under: every block runs, the image is the same.
+    same, computed = _generate(flux_8_blocks, cpu.model_copy(update={"cache": Cache(threshold=1e-9)}))
+    assert computed == 64 and np.array_equal(same, reference)
+    # Random tiny weights change a lot between steps: only a high threshold skips here.
+    cached, computed = _generate(flux_8_blocks, cpu.model_copy(update={"cache": Cache(threshold=0.5)}))
+    assert 8 <= computed < 64  # the first block runs at every step; others were skipped
+    assert not np.array_equal(cached, reference)
+    assert 20 < psnr(cached, reference) < 100  # changed, by a measured amount (dB)
+
+
+def test_a_denoiser_the_cache_cannot_hook_is_refused_in_one_line(tmp_path):
+    from advisor.run.apply import load_pipeline
+    from advisor.testing import build_tiny_sdxl
+
+    path = build_tiny_sdxl(tmp_path / "sdxl")
+    with pytest.raises(ConfigError, match=r"`cache` can't apply to unet \(UNet2DConditionModel\): none of its block lists"):
+        load_pipeline(path, OptimizationConfig(device="cpu", dtype="float32", cache=Cache()))
