@@ -14,7 +14,7 @@ import re
 from typing import Callable
 
 from advisor.errors import UsageError
-from advisor.run.timing import CONFIRM_RUNS, TOLERANCE, TRIAL_TIMEOUT_S
+from advisor.run.timing import CONFIRM_RUNS, MIN_PSNR_DB, TOLERANCE, TRIAL_TIMEOUT_S
 
 
 class Exit(Exception):
@@ -130,6 +130,9 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]], default_model
     sub.add_argument("--confirm", type=int, default=CONFIRM_RUNS, metavar="N",
                      help="After the search, measure the finalists N more times each in fresh processes, taking turns, "
                           "and pick on the median across processes (default %(default)d; 0: off).")
+    sub.add_argument("--min-psnr", type=float, default=MIN_PSNR_DB, metavar="DB",
+                     help="A lossy candidate's output must be within this PSNR of the lossless reference, same seed, "
+                          "prompt and steps; under it the candidate is infeasible (default %(default)g; 0: no check).")
     sub.add_argument("--retry-failed", action="store_true",
                      help="Measure again the trials that failed in earlier runs, out-of-memory ones too.")
     sub.add_argument("--no-prune", action="store_true", help="Measure candidates the estimate predicts far over budget too.")

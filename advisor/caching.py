@@ -50,12 +50,12 @@ def computed_share(threshold: float) -> float:
     return points[-1][1]
 
 
-def cacheable(block_lists: list[tuple[str, str | None]]) -> str | None:
-    """Why First Block Cache can't hook a denoiser with these (list name, block class) pairs, or None."""
-    hooked = [(name, cls) for name, cls in block_lists if name in BLOCK_LISTS]
-    if not hooked:
-        return f"none of its block lists ({', '.join(n for n, _ in block_lists) or 'none'}) is one diffusers' cache hooks"
-    unregistered = sorted({cls or "?" for _, cls in hooked if cls not in REGISTERED_BLOCKS})
+def cacheable(block_lists: list[str], block_classes: list[str]) -> str | None:
+    """Why First Block Cache can't hook a denoiser whose top-level block lists are `block_lists`
+    and whose blocks are of `block_classes`, or None."""
+    if not any(name in BLOCK_LISTS for name in block_lists):
+        return f"none of its block lists ({', '.join(block_lists) or 'none'}) is one diffusers' cache hooks"
+    unregistered = sorted(set(block_classes) - REGISTERED_BLOCKS) or ([] if block_classes else ["no block classes known"])
     if unregistered:
         return f"diffusers has not registered its blocks ({', '.join(unregistered)}) for caching"
     return None

@@ -19,7 +19,7 @@ from typing import Any
 from advisor.arguments import Exit, build_parser, values_may_start_with_a_dash
 from advisor.errors import AdvisorError, AdvisorWarning, ModelError, UsageError
 from advisor.files import check_output_file, check_output_folder, os_error_reason
-from advisor.run.timing import CONFIRM_RUNS, TOLERANCE, TRIAL_TIMEOUT_S
+from advisor.run.timing import CONFIRM_RUNS, MIN_PSNR_DB, TOLERANCE, TRIAL_TIMEOUT_S
 from advisor.units import parse_size
 
 _state: dict[str, Any] = {"debug": False}
@@ -220,6 +220,7 @@ def tune(
     trial_timeout: float = TRIAL_TIMEOUT_S,
     tolerance: float = TOLERANCE,
     confirm: int = CONFIRM_RUNS,
+    min_psnr: float = MIN_PSNR_DB,
     retry_failed: bool = False,
     no_prune: bool = False,
     no_compile: bool = False,
@@ -245,10 +246,10 @@ def tune(
     if workers < 1:
         raise UsageError(f"--workers: {workers} is not valid; give a whole number of at least 1")
     settings = TuneSettings(
-        trials=trials, timeout_s=trial_timeout, tolerance=tolerance, confirm_runs=confirm, prune=not no_prune,
+        trials=trials, timeout_s=trial_timeout, tolerance=tolerance, confirm_runs=confirm, min_psnr_db=min_psnr, prune=not no_prune,
         compile_choices=(False,) if no_compile else (True, False), retry_failed=retry_failed,
     )
-    check_settings(settings)  # --trials, --trial-timeout, --tolerance, --confirm
+    check_settings(settings)  # --trials, --trial-timeout, --tolerance, --confirm, --min-psnr
     for name, value in (("height", height), ("width", width), ("frames", frames), ("steps", steps), ("batch", batch)):
         if value is not None:  # before any model is read (the workload checks the rest)
             check_workload_value(name, value)

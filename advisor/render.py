@@ -10,6 +10,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from advisor.config import OptimizationConfig
+from advisor.plan.quality import is_lossy
 from advisor.run.steps import summary
 from advisor.units import format_size
 
@@ -31,10 +33,11 @@ def render_tune(result, output: str | None, report=None) -> None:
     console.print(f"Trials of study {result.study}", markup=False)
     if console.width >= WIDE:
         table = Table()
-        for column in ("#", "configuration", "status", "latency", "peak", "predicted", "reason"):
+        columns = ("#", "configuration", "status", "latency", "peak", "predicted", "quality", "reason")
+        for column in columns:
             table.add_column(column, justify="right" if column in {"#", "latency", "peak", "predicted"} else "left", overflow="fold")
         for row in rows:
-            table.add_row(row["#"], row["configuration"], row["status"], row["latency"], row["peak"], row["predicted"], row["reason"])
+            table.add_row(*(row[column] for column in columns))
         console.print(table)
     else:
         _print_stacked(console, rows)
@@ -64,13 +67,14 @@ def _trial_row(t, best) -> dict[str, str]:
         "latency": format_latency(t),
         "peak": format_size(t.peak_bytes),
         "predicted": format_size(t.predicted_peak_bytes),
+        "quality": format_quality(t),
         "reason": "; ".join(part for part in (t.reason, t.noisy) if part),
     }
 
 
 def _print_stacked(console: Console, rows: list[dict[str, str]]) -> None:
     """Narrow terminals: a line of numbers per trial, its configuration and reason wrapped under it."""
-    columns = ("#", "status", "latency", "peak", "predicted")
+    columns = ("#", "status", "latency", "peak", "predicted", "quality")
     widths = {c: max([len(c)] + [len(row[c]) for row in rows]) for c in columns}
 
     def line(cells: dict[str, str]) -> str:
@@ -204,6 +208,17 @@ def format_latency(trial) -> str:
     if trial.latency_spread_s is None or not trial.latency_s:
         return f"{trial.latency_s:.3f}s{times}"
     return f"{trial.latency_s:.3f}s ±{trial.latency_spread_s / trial.latency_s:.0%}{times}"
+
+
+def format_quality(trial) -> str:
+    """A measured output against the lossless reference: ``31.2dB`` PSNR, ``identical``, or
+    ``lossless`` for a configuration that computes the same numbers; ``-`` when not compared."""
+    if trial.quality is not None:
+        value = trial.quality.get("psnr_db")
+        return "identical" if value is None else f"{value:.1f}dB"
+    if trial.latency_s is not None and not is_lossy(OptimizationConfig.model_validate(trial.config)):
+        return "lossless"
+    return "-"
 
 
 def format_count(count: int) -> str:

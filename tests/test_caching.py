@@ -3,6 +3,8 @@ predicts, and on the CPU that it really skips blocks and changes the output by a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -37,10 +39,10 @@ def test_the_schema_refuses_thresholds_outside_0_to_1():
 
 
 def test_which_denoisers_diffusers_can_cache():
-    assert cacheable([("transformer_blocks", "FluxTransformerBlock"), ("single_transformer_blocks", "FluxSingleTransformerBlock")]) is None
-    assert "not registered" in cacheable([("transformer_blocks", "MyBlock")])
+    assert cacheable(["transformer_blocks", "single_transformer_blocks"], ["FluxTransformerBlock", "FluxSingleTransformerBlock"]) is None
+    assert "not registered" in cacheable(["transformer_blocks"], ["MyBlock"])
     # SDXL's UNet keeps its attention in down/up blocks, which the cache hooks don't know.
-    assert "none of its block lists" in cacheable([("down_blocks", "DownBlock2D"), ("up_blocks", "UpBlock2D")])
+    assert "none of its block lists" in cacheable(["down_blocks", "up_blocks"], ["DownBlock2D", "UpBlock2D"])
 
 
 def _scenario(model: str, gpu: str, quality: str):
@@ -120,6 +122,13 @@ def test_first_block_cache_skips_blocks_and_changes_the_output_by_a_measured_amo
     assert 8 <= computed < 64  # the first block runs at every step; others were skipped
     assert not np.array_equal(cached, reference)
     assert 20 < psnr(cached, reference) < 100  # changed, by a measured amount (dB)
+    # The quality guard: this aggressive cache is under a floor it can't reach; the identical output passes.
+    from advisor.run.guard import QualityGuard
+    from advisor.run.quality import compare
+
+    guard = QualityGuard(Path("unused"), min_psnr_db=100.0)
+    assert guard.verdict(compare(cached, reference)).startswith("PSNR ")
+    assert guard.verdict(compare(same, reference)) is None
 
 
 def test_a_denoiser_the_cache_cannot_hook_is_refused_in_one_line(tmp_path):

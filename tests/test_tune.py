@@ -249,7 +249,7 @@ def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, o
     storage = f"sqlite:///{tmp_path / 's.db'}"
     result = run_study(
         str(flux_270mb), scenario, storage=storage, study="oom",
-        settings=TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300, confirm_runs=0),
+        settings=TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300, confirm_runs=0, min_psnr_db=0),
         on_trial=progress.append,
     )
     assert len(result.trials) == 2 and len(progress) == 2
@@ -266,7 +266,7 @@ def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, o
         assert trial.constraints == {"peak_over_budget": 1.0}
 
     # Out of memory at the same budget is an answer: a later run of the study does not retry it...
-    settings = TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300, confirm_runs=0)
+    settings = TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300, confirm_runs=0, min_psnr_db=0)
     again = run_study(str(flux_270mb), scenario, storage=storage, study="oom", settings=settings)
     assert [t.number for t in again.trials] == [t.number for t in result.trials]
     # ... unless --retry-failed asks for it: then each one is measured again.
@@ -285,7 +285,7 @@ def test_timed_out_trials_are_infeasible_and_the_study_goes_on(tiny_flux_dir, tm
     storage = f"sqlite:///{tmp_path / 's.db'}"
     result = run_study(
         str(tiny_flux_dir), scenario, storage=storage, study="slow",
-        settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=1),
+        settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=1, min_psnr_db=0),
     )
     assert len(result.trials) == 2
     assert result.best is None and result.config is None
@@ -299,7 +299,7 @@ def test_timed_out_trials_are_infeasible_and_the_study_goes_on(tiny_flux_dir, tm
     # A later run of the same study (with a timeout that suffices) measures the timed-out ones again.
     again = run_study(
         str(tiny_flux_dir), scenario, storage=storage, study="slow",
-        settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=300, tolerance=0.5, confirm_runs=0),
+        settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=300, tolerance=0.5, confirm_runs=0, min_psnr_db=0),
     )
     new = [t for t in again.trials if t.number not in {r.number for r in result.trials}]
     assert configs(new) == configs(result.trials) and len(new) == len(configs(new))

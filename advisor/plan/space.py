@@ -25,7 +25,7 @@ from advisor.config import Cache, Compile, LayerwiseCasting, Offload, Optimizati
 from advisor.constraints import Platform, first_violation
 from advisor.plan.estimate import resident_blocks_that_fit
 from advisor.plan.rules import rules_of
-from advisor.probe.layout import has_repeated_blocks
+from advisor.probe.layout import has_repeated_blocks, repeated_block_classes
 from advisor.probe.models import ModelProfile
 
 if TYPE_CHECKING:
@@ -122,7 +122,12 @@ def cache_choices(profile: ModelProfile, quality: str) -> list[str]:
     only (its cost depends on the prompt and is measured only by tune), where every denoiser's
     blocks are ones diffusers' cache hooks."""
     denoisers = profile.by_role("denoiser")
-    if quality != "fast" or not denoisers or any(cacheable([(b.name, b.class_name) for b in d.blocks]) for d in denoisers):
+
+    def blocked(denoiser) -> str | None:  # a folder's profile knows the list names; the class table, the block classes
+        classes = [b.class_name for b in denoiser.blocks if b.class_name] or repeated_block_classes(denoiser.class_name)
+        return cacheable([b.name for b in denoiser.blocks], classes)
+
+    if quality != "fast" or not denoisers or any(blocked(d) for d in denoisers):
         return ["none"]
     return list(CACHES)
 

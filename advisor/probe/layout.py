@@ -132,9 +132,14 @@ def pipeline_facts(pipeline_class: str) -> dict[str, Any] | None:
     return diffusers_tables()["pipelines"].get(pipeline_class)
 
 
+def repeated_block_classes(class_name: str) -> list[str]:
+    """The block classes a diffusers model class lists in ``_repeated_blocks``."""
+    return list(diffusers_tables()["models"].get(class_name, {}).get("repeated_blocks") or [])
+
+
 def has_repeated_blocks(class_name: str) -> bool:
     """Whether a diffusers model class lists ``_repeated_blocks`` (what ``compile_repeated_blocks`` compiles)."""
-    return bool(diffusers_tables()["models"].get(class_name, {}).get("repeated_blocks"))
+    return bool(repeated_block_classes(class_name))
 
 
 # --- catalog ------------------------------------------------------------------------------------

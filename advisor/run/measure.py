@@ -68,6 +68,8 @@ class Measurement:
     rounds: int | None = None  # timed rounds kept
     discarded_rounds: int = 0  # rounds whose times did not grow with the steps, timed again
     noisy: str | None = None  # why the latency did not settle within the tolerance; None when it did
+    # A lossy trial's output against the study's lossless reference (`advisor.run.quality.compare`).
+    quality: dict[str, Any] | None = None
     device: str | None = None
     wall_s: float | None = None
 
@@ -104,6 +106,7 @@ def measure(
     memory_limit_bytes: int | None = None,
     seed: int = 0,
     on_phase: Callable[[str], None] | None = None,
+    output_path: str | Path | None = None,
 ) -> Measurement:
     """Run one candidate in a fresh process and return what it measured (never raises for OOM/crash).
 
@@ -111,7 +114,9 @@ def measure(
     until it settles within `tolerance` (see `time_rounds`). `memory_limit_bytes` caps the child's
     address space (RLIMIT_AS): a way to provoke, and test, a real out-of-memory on a CPU machine.
     `on_phase` is called (from another thread) with what the child is doing as it starts doing it:
-    "starting", "loading", "warm-up" (", compiling" with compile), "timing, call N (S steps)".
+    "starting", "loading", "warm-up" (", compiling" with compile), "timing, call N (S steps)". With `output_path`, the child then generates once
+    more at the workload's steps with the fixed seed and saves the output there (NumPy ``.npy``,
+    values in [0, 1]): what the quality guard compares (`advisor.run.quality`).
 
     The child runs in its own process group, killed as a whole on a timeout or when this call is
     interrupted (Ctrl-C, SIGTERM), and on Linux it dies with this process even on SIGKILL
@@ -132,6 +137,7 @@ def measure(
             "memory_limit_bytes": memory_limit_bytes,
             "seed": seed,
             "result_path": str(result_path),
+            "output_path": str(output_path) if output_path else None,
         }
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
         (scratch / "spec.json").write_text(json.dumps(spec))
@@ -342,6 +348,13 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         result["peak_vram_bytes"] = max(held["allocated"], torch.cuda.max_memory_allocated())
         result["peak_vram_reserved_bytes"] = max(held["reserved"], torch.cuda.max_memory_reserved())
+    if spec.get("output_path"):  # after the peaks: the quality check's generation is not a timed one
+        import numpy as np
+
+        _report_phase(f"output for the quality check ({workload.steps} steps)")
+        with torch.inference_mode():
+            out = pipe(**_call_kwargs(workload, workload.steps, spec["seed"]))
+        np.save(spec["output_path"], np.asarray(out.images if hasattr(out, "images") else out.frames, dtype=np.float32))
     return result
 
 

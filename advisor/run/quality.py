@@ -3,7 +3,7 @@
 Every lossy choice (nf4, int8, fp8, int8 attention, step caching) changes what a pipeline draws.
 `advisor tune` generates the study's reference once (a lossless configuration, fixed seed and
 prompt, the workload's steps) and compares each lossy candidate's output with it; a candidate under
-``--min-psnr`` is infeasible, with the measured value as its reason.
+``--min-psnr`` (`advisor.run.timing.MIN_PSNR_DB`) is infeasible, with the measured value as its reason.
 
 PSNR is the formula (10 log10(1 / MSE) for values in [0, 1]); SSIM comes from `pytorch-msssim`
 (Wang et al.'s Gaussian-window SSIM in a few hundred lines of torch, no weights to download, as
@@ -17,10 +17,6 @@ import math
 from typing import Any
 
 import numpy as np
-
-# The default floor of --min-psnr: what the caching and quantization tools people use report as
-# near-identical to the eye (cache-dit and flux-fast publish PSNR around and above 30 dB).
-MIN_PSNR_DB = 30.0
 
 
 def psnr(output: np.ndarray, reference: np.ndarray) -> float:

@@ -170,7 +170,7 @@ def figure(result: TuneResult):
     return fig
 
 
-def markdown(result: TuneResult, image: str | None = None) -> str:
+def markdown(result: TuneResult, image: str | None = None, quality_image: str | None = None) -> str:
     """A summary a person can read: the pick, then every trial."""
     lines = [f"# advisor tune: {result.study}", "", f"Budget: {format_size(result.budget_bytes)}; storage: `{result.storage}`; search space: {result.space_size} configurations.", ""]
     if result.best is not None:
@@ -185,16 +185,57 @@ def markdown(result: TuneResult, image: str | None = None) -> str:
     lines += [f"Note: {note}." for note in result.notes] + ([""] if result.notes else [])
     if image:
         lines += [f"![latency against peak memory]({image})", ""]
-    lines += ["| trial | configuration | status | latency (s) | peak | predicted peak | source | reason |", "|---|---|---|---|---|---|---|---|"]
+    if quality_image:
+        lines += ["The lossless reference beside a compared output (same seed, prompt and steps):", "",
+                  f"![reference and chosen output]({quality_image})", ""]
+    lines += ["| trial | configuration | status | latency (s) | peak | predicted peak | quality | source | reason |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for t in result.trials:
         latency = "-" if t.latency_s is None else _latency(t)
         if t.noisy:
             latency += " (noisy)"
         lines.append(
             f"| {t.number} | {t.summary} | {t.status} | {latency} | {format_size(t.peak_bytes)} | "
-            f"{format_size(t.predicted_peak_bytes)} | {t.source} | {t.reason or ''} |"
+            f"{format_size(t.predicted_peak_bytes)} | {_quality(t)} | {t.source} | {t.reason or ''} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _quality(t: TrialRecord) -> str:
+    """PSNR and SSIM against the lossless reference, where the trial's output was compared."""
+    if t.quality is None:
+        return "-"
+    psnr = "identical" if t.quality.get("psnr_db") is None else f"{t.quality['psnr_db']:.1f} dB"
+    return f"{psnr}, SSIM {t.quality['ssim']:.4f}" + (f", worst frame {t.quality['worst_frame_psnr_db']:.1f} dB"
+                                                     if t.quality.get("frames", 1) > 1 and t.quality.get("worst_frame_psnr_db") else "")
+
+
+def comparison(result: TuneResult, path: Path) -> Path | None:
+    """The lossless reference beside the chosen trial's output (first image or frame) as a PNG, or,
+    where the chosen configuration is lossless (its output is the reference's), beside the fastest
+    lossy trial that was compared; None without a reference or a compared trial."""
+    folder = Path(result.images) if result.images else None
+    if folder is None:
+        return None
+    compared = sorted((t for t in result.trials if t.quality is not None and t.source == "measured" and t.latency_s is not None
+                       and (folder / f"trial-{t.number}.png").exists()), key=lambda t: t.latency_s)
+    shown = result.best if result.best is not None and result.best in compared else (compared[0] if compared else None)
+    if shown is None:
+        return None
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    role = "chosen" if shown is result.best else "fastest lossy (not chosen)"
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    for ax, name, title in ((axes[0], "reference.png", f"lossless reference\n{result.reference or ''}"),
+                            (axes[1], f"trial-{shown.number}.png", f"{role}: trial {shown.number}, {shown.status}\n{_quality(shown)}")):
+        ax.imshow(Image.open(folder / name), interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(shown.summary, fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _latency(t) -> str:
@@ -204,9 +245,10 @@ def _latency(t) -> str:
 
 
 def write_report(result: TuneResult, directory: str | Path) -> Path:
-    """`tune.png` and `summary.md` in `directory`; returns the summary's path."""
+    """`tune.png`, `quality.png` (where the chosen configuration is lossy) and `summary.md` in `directory`; returns the summary's path."""
     directory = Path(directory)
     image = plot(result, directory / "tune.png")
+    side_by_side = comparison(result, directory / "quality.png")
     summary = directory / "summary.md"
-    summary.write_text(markdown(result, image.name))
+    summary.write_text(markdown(result, image.name, side_by_side.name if side_by_side else None))
     return summary

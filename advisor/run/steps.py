@@ -312,9 +312,8 @@ def _cache_step(cache: Any, name: str) -> Step:
         from advisor.errors import ConfigError
 
         model = getattr(pipe, name)
-        lists = [(key, type(child[0]).__name__ if len(child) else None)
-                 for key, child in model.named_children() if isinstance(child, torch.nn.ModuleList)]
-        why = cacheable(lists)
+        lists = {key: child for key, child in model.named_children() if isinstance(child, torch.nn.ModuleList)}
+        why = cacheable(list(lists), sorted({type(block).__name__ for child in lists.values() for block in child}))
         if why is not None:
             raise ConfigError(f"`cache` can't apply to {name} ({type(model).__name__}): {why}; remove `cache`")
         model.enable_cache(FirstBlockCacheConfig(threshold=cache.threshold))

@@ -49,6 +49,9 @@ TIMING_CAP_S = 120.0
 TRIAL_TIMEOUT_S = 900.0  # a whole trial (loading, warm-up, timing) before it counts as a timeout
 # After the search, each finalist is measured this many more times in fresh processes (`advisor.run.confirm`).
 CONFIRM_RUNS = 2
+# A lossy candidate's output must be at least this close to the lossless reference (`advisor.run.guard`):
+# the tools people use to judge caching and quantization (cache-dit, flux-fast) report PSNR from about 30 dB up.
+MIN_PSNR_DB = 30.0
 
 
 @dataclass

@@ -19,7 +19,7 @@ from advisor.plan.scenario import limited_peak
 # run can tell a trial whose tuner was killed (`advisor.run.storage.fail_orphaned_trials`) from a live one.
 RUNNER_ATTR = "runner"
 
-TrialStatus = Literal["ok", "over-budget", "oom", "crash", "timeout", "skipped", "invalid"]
+TrialStatus = Literal["ok", "over-budget", "low-quality", "oom", "crash", "timeout", "skipped", "invalid"]
 TrialSource = Literal["measured", "estimate", "repeat"]  # how the answer was obtained
 
 
@@ -45,9 +45,11 @@ class TrialRecord:
     # whose latency is then the median of `process_latencies_s` and its spread their 95% t-interval.
     processes: int = 1
     process_latencies_s: list[float] | None = None
+    quality: dict[str, Any] | None = None  # measured: a lossy output against the lossless reference (`advisor.run.guard`)
 
     # Derived from the others (or from optuna and the confirmation runs) rather than stored.
-    _DERIVED = ("number", "feasible", "latency_s", "peak_bytes", "latency_spread_s", "noisy", "processes", "process_latencies_s")
+    _DERIVED = ("number", "feasible", "latency_s", "peak_bytes", "latency_spread_s", "noisy", "processes", "process_latencies_s",
+                "quality")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +89,7 @@ class TrialRecord:
             latency_s=measurement.get("latency_s"),
             latency_spread_s=measurement.get("latency_spread_s"),
             noisy=measurement.get("noisy"),
+            quality=measurement.get("quality"),
             peak_bytes=limited_peak(device, vram_bytes=measurement.get("peak_vram_bytes"), ram_bytes=measurement.get("peak_rss_bytes")),
             **stored,
         )

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,10 +31,20 @@ from advisor.plan.recommend import recommend
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
 from advisor.run.confirm import confirm_finalists, with_confirmations
+from advisor.run.guard import QualityGuard, quality_dir
 from advisor.run.measure import Measurement, measure, remove_orphaned_scratch
 from advisor.run.stopping import Terminated, quiet_interrupts, terminate_as_interrupt
 from advisor.run.storage import default_storage, fail_orphaned_trials, open_storage, shown_storage, sole_tuner, this_runner
-from advisor.run.timing import CONFIRM_RUNS, MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE, TRIAL_TIMEOUT_S
+from advisor.run.timing import (
+    CONFIRM_RUNS,
+    MAX_ROUNDS,
+    MIN_PSNR_DB,
+    MIN_ROUNDS,
+    STEP_POINTS,
+    TIMING_CAP_S,
+    TOLERANCE,
+    TRIAL_TIMEOUT_S,
+)
 from advisor.run.trials import RUNNER_ATTR, TrialRecord, choose_best, config_key
 from advisor.units import format_size
 
@@ -71,6 +81,9 @@ def check_settings(settings: TuneSettings) -> None:
     runs = settings.confirm_runs
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
         raise UsageError(f"--confirm: {runs} is not valid; give a whole number of runs, 0 or more (0: no confirmation)")
+    floor = settings.min_psnr_db
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not math.isfinite(floor) or floor < 0:
+        raise UsageError(f"--min-psnr: {floor:g} is not valid; give a finite PSNR in dB, 0 or more (0: no quality check), e.g. 30")
 
 
 def _positive_number(value: Any) -> bool:
@@ -92,6 +105,8 @@ class TuneResult:
     advice: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # one line each: why the study stopped early
     interrupted: bool = False
+    images: str | None = None  # the quality guard's folder: the reference and lossy trials' outputs (`advisor.run.guard`)
+    reference: str | None = None  # the configuration whose output is the reference
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +121,8 @@ class TuneResult:
             "advice": self.advice,
             "notes": self.notes,
             "interrupted": self.interrupted,
+            "images": self.images,
+            "reference": self.reference,
         }
 
 
@@ -133,6 +150,7 @@ class TuneSettings:
     compile_choices: tuple[bool, ...] = (True, False)
     retry_failed: bool = False  # re-measure earlier runs' out-of-memory trials too (crash and timeout always are)
     confirm_runs: int = CONFIRM_RUNS  # more fresh processes per finalist after the search (`advisor.run.confirm`)
+    min_psnr_db: float = MIN_PSNR_DB  # a lossy output's floor against the lossless reference (`advisor.run.guard`); 0: no guard
 
 
 # Failed trials of an earlier run that a new run measures again (a crash or timeout may have been
@@ -189,7 +207,7 @@ def exhausted_note(space: SearchSpace, progress: Progress, wanted: int) -> str |
             f"({len(progress.measured)} measured)")
 
 
-def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: TuneSettings, stale: set[int],
+def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: TuneSettings, stale: set[int], guard: QualityGuard,
                on_phase: Callable[[int, str, str], None] | None = None) -> Callable:
     device, budget = scenario.target.device, scenario.budget_bytes
 
@@ -229,22 +247,26 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
                 violation = earlier.constraints.get("peak_over_budget", 1.0)
                 return finish(attrs["status"], "repeat", violation, predicted.latency_s, f"{same}; {attrs.get('reason')}")
             m = Measurement(**attrs["measurement"])
-            status, violation, reason = _judge(m, scenario)
+            status, violation, reason = _judge(m, scenario, guard)
             return finish(status, "repeat", violation, m.latency_s or predicted.latency_s * 10, same + (f"; {reason}" if reason else ""), m)
         if settings.prune and predicted_peak > budget * PRUNE_MARGIN:
             reason = f"predicted peak {format_size(predicted_peak)} is far over the {format_size(budget)} budget"
             return finish("skipped", "estimate", float(predicted_peak - budget), predicted.latency_s, reason)
+        output = guard.output_path(trial.number) if guard.checks(config) else None
         m = _measure(model, config, scenario, settings,
-                     (lambda phase: on_phase(trial.number, config.summary(), phase)) if on_phase else None)
-        status, violation, reason = _judge(m, scenario)
+                     (lambda phase: on_phase(trial.number, config.summary(), phase)) if on_phase else None, output)
+        if output is not None:
+            m.quality = guard.compare(trial.number)
+        status, violation, reason = _judge(m, scenario, guard)
         return finish(status, "measured", violation, m.latency_s if m.latency_s is not None else predicted.latency_s * 10, reason, m)
 
     return objective
 
 
 def _measure(model: str, config: OptimizationConfig, scenario: Scenario, settings: TuneSettings,
-             on_phase: Callable[[str], None] | None) -> Measurement:
-    """One measurement of `config` in a fresh process, as the settings say to time it."""
+             on_phase: Callable[[str], None] | None, output_path: Path | None = None) -> Measurement:
+    """One measurement of `config` in a fresh process, as the settings say to time it (saving its
+    output at `output_path` for the quality guard)."""
     return measure(
         model,
         config,
@@ -258,6 +280,7 @@ def _measure(model: str, config: OptimizationConfig, scenario: Scenario, setting
         memory_limit_bytes=settings.memory_limit_bytes,
         seed=settings.seed,
         on_phase=on_phase,
+        output_path=output_path,
     )
 
 
@@ -270,13 +293,16 @@ def confirm_study(study, model: str, scenario: Scenario, settings: TuneSettings,
     confirm_finalists(study, settings.confirm_runs, result, measure_again, on_trial, on_phase)
 
 
-def _judge(m: Measurement, scenario: Scenario) -> tuple[str, float, str | None]:
-    """(status, constraint value, reason) for a measurement against the budget."""
+def _judge(m: Measurement, scenario: Scenario, guard: QualityGuard) -> tuple[str, float, str | None]:
+    """(status, constraint value, reason) for a measurement against the budget and the quality floor."""
     if not m.ok:
         return m.status, 1.0, m.reason
     peak, budget = m.limited_peak(scenario.target.device), scenario.budget_bytes
     if peak is not None and peak > budget:
         return "over-budget", float(peak - budget), f"measured peak {format_size(peak)} > budget {format_size(budget)}"
+    too_far = guard.verdict(m.quality)
+    if too_far:
+        return "low-quality", 1.0, too_far
     return "ok", float((peak or 0) - budget), None
 
 
@@ -339,20 +365,30 @@ def run_study(
         _seed_with_rules(the_study, space, scenario)
         stale = stale_trials(the_study, settings)
         _enqueue_retries(the_study, stale)
+        guard = QualityGuard(quality_dir(storage_url, name), settings.min_psnr_db)
 
         def result() -> TuneResult:
-            done = collect(the_study, name, shown_storage(storage_url), space, scenario)
-            note = exhausted_note(space, Progress.of(the_study, stale), settings.trials)
-            done.notes = done.notes + ([note] if note else [])
+            done = collect(the_study, name, shown_storage(storage_url), space, scenario, guard)
+            notes = [exhausted_note(space, Progress.of(the_study, stale), settings.trials), guard.note(the_study)]
+            done.notes = done.notes + [note for note in notes if note]
+            done.images, done.reference = (str(guard.folder), guard.reference_summary(the_study)) if guard.reference.exists() else (None, None)
             return done
+
+        reference = replace(settings, repeats=1, max_rounds=1, timing_cap_s=0.0)  # one timed round: the output is what counts
+
+        def measure_reference(config: OptimizationConfig, path: Path) -> Measurement:
+            shown = (lambda phase: on_phase(-1, f"lossless reference: {config.summary()}", phase)) if on_phase else None
+            return _measure(model, config, scenario, reference, shown, path)
 
         def finished(progress: Progress) -> bool:
             return len(progress.measured) >= settings.trials or all(_point(p) in progress.points for p in space.points())
 
-        objective = _objective(space, scenario, model, settings, stale, on_phase)
+        objective = _objective(space, scenario, model, settings, stale, guard, on_phase)
         # Each trial answers a new point or repeats one (then the untried point predicted fastest is
         # queued): this bound is never reached unless other workers keep taking the queued points.
         try:
+            if settings.min_psnr_db > 0:
+                guard.ensure_reference(the_study, space, scenario, measure_reference)
             for _ in range(2 * (space.size() + settings.trials) + 2):
                 if finished(Progress.of(the_study, stale)):
                     break
@@ -424,11 +460,15 @@ def _seed_with_rules(study, space: SearchSpace, scenario: Scenario) -> None:
     study.set_user_attr("seeded", True)
 
 
-def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenario) -> TuneResult:
-    """The results so far: every finished trial, and the fastest measured one that fits."""
+def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenario, guard: QualityGuard | None = None) -> TuneResult:
+    """The results so far: every finished trial, and the fastest measured one that fits (the
+    measured quality judged against this run's --min-psnr: a resumed study with another floor
+    re-judges what it stored)."""
     device, budget = scenario.target.device, scenario.budget_bytes
     records = [r for r in (TrialRecord.from_trial(t, device) for t in study.get_trials(deepcopy=False)) if r is not None]
     records = with_confirmations(records, study.user_attrs, device, budget)
+    if guard is not None:
+        records = [guard.judged(r, budget) for r in records]
     feasible = [r for r in records if r.feasible and r.latency_s is not None]
     best, notes = choose_best(feasible)
     config = None

@@ -332,7 +332,7 @@ def tune(folder: Path, profile: Any, workload: Any, target: Any, *, budget_bytes
 
     # No confirmation runs of the finalists: the kit's minutes go to more configurations.
     settings = TuneSettings(trials=trials, timeout_s=timeout_s, step_points=step_points, repeats=repeats, max_rounds=repeats + 2,
-                            compile_choices=compile_choices, confirm_runs=0)
+                            compile_choices=compile_choices, confirm_runs=0, min_psnr_db=0)  # minutes for configurations, not repeats
     record = lambda trial: {k: getattr(trial, k) for k in TRIAL_FIELDS}  # noqa: E731
     scenario = make_scenario(profile, workload, target, packages=packages, budget_bytes=budget_bytes)
     result = run_study(str(folder), scenario, storage=storage, study=study, settings=settings, on_trial=lambda r: on_trial(record(r.trials[-1])) if r.trials else None)
