@@ -139,7 +139,8 @@ class TuneProgress:
         bottom = Table.grid(padding=(0, 1))
         bottom.add_column(no_wrap=True)
         bottom.add_column(ratio=1)
-        bottom.add_row(f"  trial {number}: {phase} {_clock(now - since)} ·", configuration)
+        who = f"trial {number}" if number >= 0 else "lossless reference"  # the quality guard's, before the trials
+        bottom.add_row(f"  {who}: {phase} {_clock(now - since)} ·", configuration)
         return Group(top, bottom)
 
 

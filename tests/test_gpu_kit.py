@@ -52,7 +52,7 @@ def test_the_pinned_list_is_deliberate():
     # What the GPU image lacks and `import advisor.cli, advisor.run.apply, advisor.run.tune, diffusers` needs.
     assert required == {
         "diffusers", "bitsandbytes", "optuna", "alembic", "sqlalchemy", "mako", "colorlog", "pydantic",
-        "pydantic-core", "annotated-types", "typing-inspection", "importlib-metadata", "lazy-importer",
+        "pydantic-core", "annotated-types", "typing-inspection", "importlib-metadata", "lazy-importer", "pytorch-msssim",
     }
     # Every runtime dependency of the project is carried, except what the image provides by design:
     # pip --no-index must find each of them installed there or among the wheels.
@@ -343,6 +343,8 @@ PLANNED = [
     "offload/sequential",
     "attention/native",
     "attention/_native_math",
+    "cache/first-block-0.08",
+    "cache/first-block-0.12",
 ]
 
 
@@ -393,6 +395,8 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
     assert set(results["offload_calibration"]) >= {"baseline_per_step_s", "offload/group-block"}
     assert by_id["attention/_native_math"]["config"]["attention_backend"] == "_native_math"
     assert results["attention_speedups"]["attention/native"] == 1.0 and results["attention_speedups"]["attention/_native_math"] > 0
+    for item_id in ("attention/_native_math", "cache/first-block-0.08"):  # compared with native's output, same seed and steps
+        assert 0 < by_id[item_id]["quality"]["ssim"] <= 1, by_id[item_id]
     report = (out / "gpu_kit.md").read_text()
     assert report.count("| seed/") == 3
     assert "Per-phase peaks" in report and "no allocator peak on CPU" in report

@@ -70,6 +70,9 @@ class Measurement:
     noisy: str | None = None  # why the latency did not settle within the tolerance; None when it did
     # A lossy trial's output against the study's lossless reference (`advisor.run.quality.compare`).
     quality: dict[str, Any] | None = None
+    # With compile: what dynamo did over the whole trial (frames compiled, recompiles included; unique
+    # graphs; graph breaks), where offload hooks and caches make it recompile.
+    dynamo: dict[str, int] | None = None
     device: str | None = None
     wall_s: float | None = None
 
@@ -348,6 +351,11 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         result["peak_vram_bytes"] = max(held["allocated"], torch.cuda.max_memory_allocated())
         result["peak_vram_reserved_bytes"] = max(held["reserved"], torch.cuda.max_memory_reserved())
+    if config.compile is not None:
+        from torch._dynamo.utils import counters
+
+        result["dynamo"] = {"frames_compiled": int(counters["frames"].get("ok", 0)), "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+                            "graph_breaks": int(sum(counters["graph_break"].values()))}
     if spec.get("output_path"):  # after the peaks: the quality check's generation is not a timed one
         import numpy as np
 

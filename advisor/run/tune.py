@@ -377,8 +377,7 @@ def run_study(
         reference = replace(settings, repeats=1, max_rounds=1, timing_cap_s=0.0)  # one timed round: the output is what counts
 
         def measure_reference(config: OptimizationConfig, path: Path) -> Measurement:
-            shown = (lambda phase: on_phase(-1, f"lossless reference: {config.summary()}", phase)) if on_phase else None
-            return _measure(model, config, scenario, reference, shown, path)
+            return _measure(model, config, scenario, reference, on_phase and (lambda phase: on_phase(-1, config.summary(), phase)), path)
 
         def finished(progress: Progress) -> bool:
             return len(progress.measured) >= settings.trials or all(_point(p) in progress.points for p in space.points())
@@ -461,9 +460,7 @@ def _seed_with_rules(study, space: SearchSpace, scenario: Scenario) -> None:
 
 
 def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenario, guard: QualityGuard | None = None) -> TuneResult:
-    """The results so far: every finished trial, and the fastest measured one that fits (the
-    measured quality judged against this run's --min-psnr: a resumed study with another floor
-    re-judges what it stored)."""
+    """The results so far: every finished trial (its quality judged by this run's floor), and the fastest that fits."""
     device, budget = scenario.target.device, scenario.budget_bytes
     records = [r for r in (TrialRecord.from_trial(t, device) for t in study.get_trials(deepcopy=False)) if r is not None]
     records = with_confirmations(records, study.user_attrs, device, budget)

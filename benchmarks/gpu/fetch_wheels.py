@@ -103,6 +103,7 @@ PINNED: tuple[Pin, ...] = (
     Pin("typing-inspection", "0.4.5", "required", "pydantic"),
     Pin("importlib_metadata", "10.2.0", "required", "diffusers declares it"),
     Pin("lazy-importer", "0.1.0", "required", "importlib_metadata 10 on Python < 3.15"),
+    Pin("pytorch-msssim", "1.0.0", "required", "the quality guard's SSIM (advisor/run/quality.py); pure Python, needs torch only"),
     # --- fallback: the image has these; installed only where its copy falls short ----------------
     Pin("typing_extensions", "4.16.0", "fallback", "pydantic 2.14 needs >=4.16.0"),
     Pin("typer", "0.29.2", "fallback", "transformers (its CLI); the advisor itself no longer uses it"),

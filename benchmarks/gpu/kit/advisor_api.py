@@ -293,13 +293,33 @@ def estimate_record(profile: Any, workload: Any, config: Any, target: Any) -> di
 
 
 def measure(folder: Path, config: Any, workload: Any, target: Any, *, timeout_s: float,
-            step_points: tuple[int, ...], repeats: int) -> tuple[dict[str, Any], int | None]:
-    """Measure `config` in its own process: the measurement as a dict, and the peak a budget limits."""
+            step_points: tuple[int, ...], repeats: int, output_path: Path | None = None) -> tuple[dict[str, Any], int | None]:
+    """Measure `config` in its own process: the measurement as a dict, and the peak a budget limits
+    (with `output_path`, its output at the workload's steps is saved there for `compare_outputs`)."""
     from advisor.run.measure import measure as run
 
     # At most two rounds beyond `repeats` while the spread settles: the kit has minutes, not hours.
-    m = run(folder, config, workload, timeout_s=timeout_s, step_points=step_points, repeats=repeats, max_rounds=repeats + 2)
+    m = run(folder, config, workload, timeout_s=timeout_s, step_points=step_points, repeats=repeats, max_rounds=repeats + 2,
+            output_path=output_path)
     return m.to_dict(), m.limited_peak(target.device)
+
+
+def compare_outputs(output: Path, reference: Path) -> dict[str, Any] | None:
+    """PSNR and SSIM of a saved output against the reference's (`advisor.run.quality`), if both exist."""
+    import numpy as np
+
+    from advisor.run.quality import compare
+
+    return compare(np.load(output), np.load(reference)) if output.exists() and reference.exists() else None
+
+
+def cache_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
+    """First Block Cache at the thresholds the space offers (`advisor.caching`), on bf16 without offload."""
+    from advisor.caching import PUBLISHED_BASELINE_S, PUBLISHED_S, THRESHOLDS
+    from advisor.config import Cache, OptimizationConfig
+
+    return [(f"first-block-{t:g}", f"bf16, First Block Cache {t:g} (ParaAttention, L20: {PUBLISHED_BASELINE_S / PUBLISHED_S[t]:.2f}x)",
+             OptimizationConfig(dtype=dtype, device=device, cache=Cache(threshold=t))) for t in THRESHOLDS]
 
 
 def recommend(profile: Any, workload: Any, target: Any, *, machine: Any, budget_bytes: int) -> dict[str, Any]:

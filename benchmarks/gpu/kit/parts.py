@@ -4,7 +4,8 @@
 - ``recommend``: the rule engine's pick for 16 GB and 13 GB, measured: does it fit?
 - ``tune``: ``advisor tune --budget 15GB`` with a small trial cap;
 - ``offload``: group offload in four forms and sequential offload against bf16 without offload.
-- ``attention``: native attention against each faster kernel installed here (`advisor.attention`).
+- ``attention``: native attention against each faster kernel installed here (`advisor.attention`), and
+  First Block Cache at two thresholds: latency and PSNR against native's output.
 
 Budgets are for full-size FLUX.1-dev; `Kit.scaled_budget` scales them to the model built.
 """
@@ -34,7 +35,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 4) if a and b else None
 
 
-def measure_finished(kit: Kit, item: Item, config: Any) -> None:
+def measure_finished(kit: Kit, item: Item, config: Any, save_output: bool = False) -> None:
     """Finish `config` with the rules (after the CPU mapping in a dry run) and measure it."""
     if not kit.args.dry_run and advisor_api.bitsandbytes_needs_cuda(config) and not kit.bnb_ok:
         item.status = "skipped"
@@ -52,7 +53,7 @@ def measure_finished(kit: Kit, item: Item, config: Any) -> None:
         item.status = "skipped"
         item.notes.append(f"skipped: rejected by rule {rejected}")
         return
-    kit.measure_item(item)
+    kit.measure_item(item, save_output)
 
 
 def part_seed(kit: Kit) -> None:
@@ -208,15 +209,21 @@ def offload_calibration(kit: Kit) -> dict[str, Any]:
 
 
 def part_attention(kit: Kit) -> None:
+    """Native attention, each faster kernel installed here, and First Block Cache at two thresholds:
+    latency against native, and PSNR/SSIM of each output against native's (same seed and steps)."""
     device = "cpu" if kit.args.dry_run else kit.device
-    for name, label, config in advisor_api.attention_configs(device, kit.dtype):
-        item = Item(id=f"attention/{name}", part="attention", label=label)
-        kit.run_item(item, lambda item, config=config: measure_finished(kit, item, config))
+    items = [(f"attention/{name}", label, config) for name, label, config in advisor_api.attention_configs(device, kit.dtype)]
+    items += [(f"cache/{name}", label, config) for name, label, config in advisor_api.cache_configs(device, kit.dtype)]
+    for item_id, label, config in items:
+        item = Item(id=item_id, part="attention", label=label)
+        kit.run_item(item, lambda item, config=config: measure_finished(kit, item, config, save_output=True))
     native = kit.result_of("attention/native", "latency_s")
-    kit.data["attention_speedups"] = {
-        item.id: _ratio(native, kit.result_of(item.id, "latency_s"))
-        for item in kit.items if item.part == "attention" and item.status in ("ok", "reused")
-    }
+    reference = kit.output_of("attention/native")
+    kit.data["attention_speedups"] = {}
+    for item in kit.items:
+        if item.part == "attention" and item.status in ("ok", "reused"):
+            kit.data["attention_speedups"][item.id] = _ratio(native, kit.result_of(item.id, "latency_s"))
+            item.result["quality"] = advisor_api.compare_outputs(kit.output_of(item.id), reference) if item.id != "attention/native" else None
 
 
 RUNNERS = {"seed": part_seed, "recommend": part_recommend, "tune": part_tune, "offload": part_offload, "attention": part_attention}

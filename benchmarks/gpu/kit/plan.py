@@ -136,7 +136,11 @@ class Kit:
         write_json(self.data, self.json_path)
 
     # measuring ----------------------------------------------------------------------------------
-    def measure_item(self, item: Item) -> None:
+    def output_of(self, item_id: str) -> Path:
+        """Where an item's output is saved, for the quality comparisons of the attention part."""
+        return self.args.work / "outputs" / (item_id.replace("/", "_") + ".npy")
+
+    def measure_item(self, item: Item, save_output: bool = False) -> None:
         """Estimate and measure `item.config` (or reuse an earlier item's measurement of it)."""
         config = item.config
         est = advisor_api.estimate_record(self.profile, self.workload, config, self.target)
@@ -158,8 +162,11 @@ class Kit:
             return
         timeout = min(left, max(3 * expected, 120.0))
         self.log(f"{item.id}: measuring {item.summary} (expected {expected:.0f} s, timeout {timeout:.0f} s)")
+        output = self.output_of(item.id) if save_output else None
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
         m, measured = advisor_api.measure(self.folder, config, self.workload, self.target, timeout_s=timeout,
-                                          step_points=self.step_points, repeats=self.repeats)
+                                          step_points=self.step_points, repeats=self.repeats, output_path=output)
         item.status = m["status"]
         item.result["measurement"] = m
         if m["reason"]:

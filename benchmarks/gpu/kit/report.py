@@ -127,7 +127,9 @@ def findings_block(kit: Kit) -> str:
                          f"(estimate {row['estimated_step_transfer_s'] or 0:.3f} s), {row['implied_bytes_per_s'] / 1e9:.1f} GB/s moved")
     for item_id, speedup in (kit.data.get("attention_speedups") or {}).items():
         if speedup is not None and item_id != "attention/native":
-            lines.append(f"- {item_id}: {speedup:.2f}x the speed of native attention, whole generation")
+            quality = next((i.result.get("quality") for i in kit.items if i.id == item_id), None) or {}
+            psnr = ("identical" if quality.get("psnr_db") is None else f"PSNR {quality['psnr_db']:.1f} dB") if quality else "not compared"
+            lines.append(f"- {item_id}: {speedup:.2f}x the speed of native attention, whole generation; {psnr} against native's output")
     peak_errors = [i.result["errors"]["peak"] for i in kit.items if (i.result.get("errors") or {}).get("peak") is not None and i.status == "ok"]
     if peak_errors:
         lines.append(f"- estimate peak error over {len(peak_errors)} measured configs: median {statistics.median(peak_errors):+.0%}, "
