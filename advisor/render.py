@@ -273,21 +273,15 @@ def render_probe(profile) -> None:
         table.add_row(name, version or "not installed")
     console.print(table)
 
-    table = Table(title="Quantization backends", title_justify="left")
-    table.add_column("backend")
-    table.add_column("usable")
-    table.add_column("why")
-    for name, status in profile.software.quantization_backends.items():
-        table.add_row(name, "yes" if status.usable else "no", status.reason)
-    console.print(table)
-
-    table = Table(title="Attention backends (set_attention_backend)", title_justify="left")
-    table.add_column("backend")
-    table.add_column("usable")
-    table.add_column("why")
-    for name, status in profile.software.attention_backends.items():
-        table.add_row(name, "yes" if status.usable else "no", status.reason)
-    console.print(table)
+    for title, backends in (("Quantization backends", profile.software.quantization_backends),
+                            ("Attention backends (set_attention_backend)", profile.software.attention_backends)):
+        table = Table(title=title, title_justify="left")
+        table.add_column("backend")
+        table.add_column("usable")
+        table.add_column("why")
+        for name, status in backends.items():
+            table.add_row(name, "yes" if status.usable else "no", status.reason)
+        console.print(table)
 
 
 def render_inspect(profile) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -146,7 +147,11 @@ class Kit:
         est = advisor_api.estimate_record(self.profile, self.workload, config, self.target)
         item.result["estimate"] = est
         earlier = self.measured.get(advisor_api.config_key(config))
+        if earlier is not None and save_output and not self.output_of(earlier.id).exists():
+            earlier = None  # measured without saving its output: measure again, this time saving it
         if earlier is not None:
+            if save_output:
+                shutil.copyfile(self.output_of(earlier.id), self.output_of(item.id))
             item.status = "reused" if earlier.status == "ok" else earlier.status
             item.notes.append(f"same config as {earlier.id}: its measurement is reused")
             for key in ("measurement", "errors", "measured_peak_bytes", "phase_peaks"):
