@@ -362,7 +362,10 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
         _report_phase(f"output for the quality check ({workload.steps} steps)")
         with torch.inference_mode():
             out = pipe(**_call_kwargs(workload, workload.steps, spec["seed"]))
-        np.save(spec["output_path"], np.asarray(out.images if hasattr(out, "images") else out.frames, dtype=np.float32))
+        partial = f"{spec['output_path']}.{os.getpid()}.part"  # renamed when whole: two workers may write one reference
+        with open(partial, "wb") as file:
+            np.save(file, np.asarray(out.images if hasattr(out, "images") else out.frames, dtype=np.float32))
+        os.replace(partial, spec["output_path"])
     return result
 
 
