@@ -68,23 +68,22 @@ class QualityGuard:
         self.reference = folder / "reference.npy"
 
     def ensure_reference(self, study, space: SearchSpace, scenario: Scenario,
-                         measure: Callable[[OptimizationConfig, Path], Measurement]) -> str | None:
-        """Generate the reference unless the study has it; a note when there is none."""
+                         measure: Callable[[OptimizationConfig, Path], Measurement]) -> None:
+        """Generate the reference unless the study has it (or failed to make it: `note` says why)."""
         stored = study.user_attrs.get(REFERENCE_ATTR)
         if stored and (stored.get("status") != "ok" or self.reference.exists()):
-            return None if stored.get("status") == "ok" else stored.get("note")
+            return
         config = reference_config(space, scenario)
         if config is None:
-            return None
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         m = measure(config, self.reference)
         if m.ok and self.reference.exists():
             self._save_png(self.reference, self.folder / "reference.png")
             study.set_user_attr(REFERENCE_ATTR, {"status": "ok", "summary": config.summary(), "config": json.loads(config.model_dump_json())})
-            return None
+            return
         note = f"no lossless reference output ({config.summary()}: {m.status}, {m.reason}): lossy candidates' quality is not checked"
         study.set_user_attr(REFERENCE_ATTR, {"status": m.status, "summary": config.summary(), "note": note})
-        return note
 
     def note(self, study) -> str | None:
         """What the study's notes say about the guard."""
@@ -93,6 +92,8 @@ class QualityGuard:
             return None
         if stored.get("status") != "ok":
             return stored.get("note")
+        if self.min_psnr_db <= 0:
+            return "the quality check is off (--min-psnr 0): the outputs compared earlier keep their PSNR, none is held to a floor"
         return (f"lossy outputs are compared with the lossless reference ({stored['summary']}), same seed, prompt and steps: "
                 f"under --min-psnr {self.min_psnr_db:g} dB a candidate is infeasible (images in {self.folder})")
 
@@ -101,7 +102,7 @@ class QualityGuard:
 
     def checks(self, config: OptimizationConfig) -> bool:
         """Whether a trial of `config` saves its output for the comparison."""
-        return is_lossy(config) and self.reference.exists()
+        return self.min_psnr_db > 0 and is_lossy(config) and self.reference.exists()
 
     def output_path(self, number: int) -> Path:
         return self.folder / f"trial-{number}.npy"
