@@ -28,7 +28,7 @@ def _cuda_available() -> bool:
 # (`-n auto --dist loadfile`, pyproject.toml) hands whole files to its workers in collection order:
 # starting with these lets the short files fill in around them, so the workers finish together.
 LONGEST_FIRST = ("test_tune.py", "test_gpu_kit.py", "test_tune_stop.py", "test_trace.py", "test_tune_workers.py",
-                 "test_measure.py", "test_apply.py", "test_every_class.py")
+                 "test_measure.py", "test_apply.py", "test_every_class.py", "test_guard.py", "test_caching.py")
 
 
 def pytest_collection_modifyitems(config, items):

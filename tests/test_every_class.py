@@ -19,6 +19,7 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from advisor.attention import BACKENDS  # noqa: E402
 from advisor.config import Offload, OptimizationConfig, Quantization  # noqa: E402
 from advisor.probe.layout import catalog_entry, catalog_names  # noqa: E402
 
@@ -141,6 +142,11 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
         update["offload"] = offload.model_copy(update=changes)
         if offload.use_stream:
             notes.append("group offload use_stream -> false (no CUDA streams)")
+    if config.attention_backend is not None and BACKENDS[config.attention_backend].cuda_only:
+        # cuDNN, FlashAttention-3, SageAttention: CUDA kernels (constraint attention-backend-runs-on-the-device);
+        # the CPU kernels are applied for real in tests/test_attention.py.
+        update["attention_backend"] = None
+        notes.append(f"attention {config.attention_backend} -> native (a CUDA kernel)")
     if config.compile is not None and config.compile.backend != "eager":
         # inductor takes ~45 s per graph on a 2-core CPU; eager still goes through dynamo.
         update["compile"] = config.compile.model_copy(update={"backend": "eager"})

@@ -29,15 +29,8 @@ from advisor.caching import computed_share
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
 from advisor.paths import DATA_DIR
-from advisor.plan.compute import (
-    NO_WORK,
-    Work,
-    cache_residual_bytes,
-    denoiser_work,
-    largest_layer_parameters,
-    text_encoder_work,
-    vae_decode_work,
-)
+from advisor.plan import compute
+from advisor.plan.compute import NO_WORK, Work, denoiser_work, largest_layer_parameters, text_encoder_work, vae_decode_work
 from advisor.plan.compute import trace_of as _traced
 from advisor.plan.scenario import Scenario, limited_peak
 from advisor.probe.models import ComponentProfile, ModelProfile
@@ -235,7 +228,7 @@ def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationCo
         batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
         call = denoiser_work(profile, denoiser, workload, config.dtype, batch, k)
         calls = 2 if behaviour["cfg"] == "sequential" else 1
-        held = cache_residual_bytes(profile, denoiser, workload, config.dtype, batch) * calls if config.cache else 0
+        held = compute.cache_residual_bytes(profile, denoiser, workload, config.dtype, batch) * calls if config.cache else 0
         denoise = Work(call.matmul_flops * calls, call.attention_flops * calls, call.written_bytes * calls, call.activation_bytes + held,
                        call.traced, call.largest_bytes)
     vae = profile.vae
