@@ -174,22 +174,29 @@ def test_sage_is_lossy_with_its_quality_cost():
 # --- applied for real on the CPU --------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("dynamo_isolated")
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # the unfused path is the point on a CPU
-@pytest.mark.parametrize("name", ["_native_math", "flex"])
-def test_each_cpu_kernel_is_applied_and_gives_the_default_output_within_tolerance(tiny_flux_dir, name):
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
+def _generate(path, config: OptimizationConfig) -> tuple[np.ndarray, set]:
+    """The tiny pipeline's image under `config`, and the attention backends its processors hold."""
     from advisor.run.apply import load_pipeline
     from advisor.testing import tiny_call_kwargs
 
-    def generate(config: OptimizationConfig) -> tuple[np.ndarray, set]:
-        pipe = load_pipeline(tiny_flux_dir, config)
-        backends = {getattr(m.processor, "_attention_backend", None) for m in pipe.transformer.modules() if hasattr(m, "processor")}
-        return np.asarray(pipe(**tiny_call_kwargs("image", seed=0)).images, dtype=np.float64), backends
+    pipe = load_pipeline(path, config)
+    backends = {getattr(m.processor, "_attention_backend", None) for m in pipe.transformer.modules() if hasattr(m, "processor")}
+    return np.asarray(pipe(**tiny_call_kwargs("image", seed=0)).images, dtype=np.float64), backends
 
-    default, _ = generate(OptimizationConfig(device="cpu", dtype="float32"))
-    image, backends = generate(OptimizationConfig(device="cpu", dtype="float32", attention_backend=name))
+
+@pytest.fixture(scope="module")
+def default_image(tiny_flux_dir):
+    return _generate(tiny_flux_dir, OptimizationConfig(device="cpu", dtype="float32"))[0]
+
+
+@pytest.mark.usefixtures("dynamo_isolated")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # the unfused path is the point on a CPU
+@pytest.mark.parametrize("name", ["_native_math", "flex"])
+def test_each_cpu_kernel_is_applied_and_gives_the_default_output_within_tolerance(tiny_flux_dir, default_image, name):
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    default = default_image
+    image, backends = _generate(tiny_flux_dir, OptimizationConfig(device="cpu", dtype="float32", attention_backend=name))
     assert backends == {AttentionBackendName(name)}
     # The same attention computed another way: float32 rounding differs, nothing else (images in [0, 1]).
     assert np.abs(image - default).max() < 1e-3

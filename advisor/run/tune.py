@@ -349,7 +349,7 @@ def run_study(
     space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
     storage_url = storage or default_storage()
     name = study or study_name(scenario, settings.timeout_s)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its "trial failed" warnings repeat the table, traceback and all
     quiet_interrupts()
     remove_orphaned_scratch()  # what tuners killed with -9 left in the temp folder
     with sole_tuner(storage_url, name), terminate_as_interrupt():

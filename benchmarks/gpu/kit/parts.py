@@ -176,7 +176,8 @@ def part_offload(kit: Kit) -> None:
     transformer = next(c for c in kit.profile.components if c.name == "transformer")
     for name, label, config in advisor_api.offload_configs(kit.device, kit.dtype, sum(b.count for b in transformer.blocks)):
         item = Item(id=f"offload/{name}", part="offload", label=label)
-        kit.run_item(item, lambda item, config=config: measure_finished(kit, item, config))
+        # The baseline's output is saved: the attention part's native item is the same config and reuses it.
+        kit.run_item(item, lambda item, config=config, name=name: measure_finished(kit, item, config, save_output=name == "none"))
     kit.data["offload_calibration"] = offload_calibration(kit)
 
 
@@ -213,7 +214,8 @@ def part_attention(kit: Kit) -> None:
     latency against native, and PSNR/SSIM of each output against native's (same seed and steps)."""
     device = "cpu" if kit.args.dry_run else kit.device
     items = [(f"attention/{name}", label, config) for name, label, config in advisor_api.attention_configs(device, kit.dtype)]
-    items += [(f"cache/{name}", label, config) for name, label, config in advisor_api.cache_configs(device, kit.dtype)]
+    caches = advisor_api.cache_configs(device, kit.dtype)
+    items += [(f"cache/{name}", label, config) for name, label, config in (caches[:1] if kit.args.dry_run else caches)]
     for item_id, label, config in items:
         item = Item(id=item_id, part="attention", label=label)
         kit.run_item(item, lambda item, config=config: measure_finished(kit, item, config, save_output=True))
