@@ -87,7 +87,13 @@ def is_hub(name: str) -> bool:
     return name.lower().endswith("_hub")
 
 
+def backend_of(name: str | None) -> AttentionBackend | None:
+    """The facts of a config's `attention_backend` (diffusers reads the name case-insensitively);
+    None for one the advisor doesn't plan with (diffusers' own checks apply to it)."""
+    return BACKENDS.get((name or "").lower())
+
+
 def speedup_of(name: str | None, device: str, capability: float) -> float:
     """The published speed of kernel `name` (None: native) against native SDPA on a GPU of `capability`; 1 on a CPU."""
-    backend = BACKENDS.get((name or "native").lower())
+    backend = backend_of(name or "native")
     return backend.speedup_at(capability) if device == "cuda" and backend is not None else 1.0

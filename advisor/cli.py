@@ -234,9 +234,10 @@ def tune(
     quiet: bool = False,
 ) -> None:
     """Measure real candidates with optuna and emit the fastest configuration that truly fits the budget."""
+    from advisor.paths import hub_offline
     from advisor.plan.scenario import scenario_for
     from advisor.probe.hardware import probe_machine
-    from advisor.probe.models import hub_offline, hub_reachable
+    from advisor.probe.models import hub_reachable
     from advisor.probe.target import target_from_probe
     from advisor.probe.workload import check_workload_value
     from advisor.run.tune import TuneInterrupted, TuneSettings, check_settings, run_study

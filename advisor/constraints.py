@@ -21,12 +21,12 @@ that the probe, the planner and the runner can all import it. Pure Python: no to
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
-from advisor.attention import BACKENDS, DISPATCH_SOURCE, HUB_PACKAGE, PACKAGES, is_hub
+from advisor.attention import DISPATCH_SOURCE, HUB_PACKAGE, PACKAGES, backend_of, is_hub
 from advisor.config import OptimizationConfig, Quantization
+from advisor.paths import hub_offline
 from advisor.units import parse_capability
 
 DOCS = "https://huggingface.co/docs/diffusers/main/en/optimization"
@@ -82,11 +82,6 @@ class Platform:
 
 # The packages a constraint asks about: the quantizers', diffusers and the attention kernels'.
 CHECKED_HERE = ("bitsandbytes", "torchao", "diffusers", *PACKAGES)
-
-
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE forbids downloads here (huggingface_hub's truthy spellings)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def installed_version(distribution: str) -> str | None:
@@ -403,7 +398,7 @@ _ATTENTION_SOURCE = f"{DOCS}/attention_backends"
     _ATTENTION_SOURCE,
 )
 def attention_backend_runs_on_the_device(config: OptimizationConfig, platform: Platform) -> str | None:
-    backend = BACKENDS.get((config.attention_backend or "").lower())
+    backend = backend_of(config.attention_backend)
     if backend is None:
         return None
     if not _on_cuda(config, platform):
@@ -428,7 +423,7 @@ def attention_backend_runs_on_the_device(config: OptimizationConfig, platform: P
     DISPATCH_SOURCE,
 )
 def attention_backend_needs_half_precision(config: OptimizationConfig, platform: Platform) -> str | None:
-    backend = BACKENDS.get((config.attention_backend or "").lower())
+    backend = backend_of(config.attention_backend)
     if backend is not None and backend.half_only and config.dtype == "float32":
         return f"`attention_backend: {backend.name}` takes bf16 or fp16 only and `dtype` is float32; use `dtype: bfloat16` or `attention_backend: native`"
     return None
@@ -449,7 +444,7 @@ def attention_backend_installed(config: OptimizationConfig, platform: Platform) 
         if platform.missing(HUB_PACKAGE):
             return f"`attention_backend: {name}` needs `pip install {HUB_PACKAGE}` (and a download from the Hub); use `attention_backend: native`"
         return None
-    backend = BACKENDS.get(name)
+    backend = backend_of(name)
     if backend is None or backend.package is None or platform.packages is None:
         return None
     installed = platform.packages.get(backend.package)

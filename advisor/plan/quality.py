@@ -7,7 +7,7 @@ takes the fastest whatever it costs.
 
 from __future__ import annotations
 
-from advisor.attention import BACKENDS
+from advisor.attention import BACKENDS, backend_of
 from advisor.caching import SOURCE as CACHE_SOURCE
 from advisor.config import OptimizationConfig
 
@@ -34,7 +34,7 @@ QUALITY_COSTS = {
 
 
 def _lossy_attention(config: OptimizationConfig) -> bool:
-    backend = BACKENDS.get((config.attention_backend or "").lower())
+    backend = backend_of(config.attention_backend)
     return backend is not None and backend.lossy
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from advisor.errors import ModelError
 from advisor.files import json_type, os_error_reason, read_json
+from advisor.paths import hub_offline
 from advisor.probe.config_fields import check_component_config
 from advisor.probe.layout import (
     catalog_entry,
@@ -391,11 +392,6 @@ def cached_snapshot(repo_id: str) -> Path | None:
 
     found = cached_file(repo_id, "model_index.json")
     return Path(found).parent if found else None
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE is set: nothing may be fetched from the hub."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:

@@ -245,7 +245,7 @@ def _latency(t) -> str:
 
 
 def write_report(result: TuneResult, directory: str | Path) -> Path:
-    """`tune.png`, `quality.png` (where the chosen configuration is lossy) and `summary.md` in `directory`; returns the summary's path."""
+    """`tune.png`, `quality.png` (where an output was compared, `comparison`) and `summary.md` in `directory`; returns the summary's path."""
     directory = Path(directory)
     image = plot(result, directory / "tune.png")
     side_by_side = comparison(result, directory / "quality.png")
