@@ -139,7 +139,7 @@ def estimate(
                 "model": profile.model_id,
                 "workload": job.to_dict(),
                 "hardware": target.to_dict(),
-                "config": config.model_dump(mode="json"),
+                "config": config.to_dict(exclude_none=False),
                 "estimate": result.to_dict(),
             }
         )

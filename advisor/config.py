@@ -1,9 +1,13 @@
 """OptimizationConfig: the one schema that `recommend` and `tune` emit and code applies.
 
-A config is plain data (pydantic, strict: unknown keys and wrong types are refused with the key's
-path) plus provenance. Impossible combinations are refused at load time, not when a pipeline is
-half set up. This module is pure data: no torch, nothing of the run tier. Applying a config is
-`advisor.apply_config(pipe, config)` or `advisor.load_pipeline(model, config)` (`advisor.run.apply`).
+A config is plain data: frozen dataclasses plus provenance. A config file is checked against the
+schema when it is loaded (pydantic, strict: unknown keys and wrong types are refused with the key's
+path); a config built in Python has its choices and combinations checked when it is built. Either
+way impossible combinations are refused before a pipeline is half set up. pydantic is imported only
+to load a file: building, comparing and writing configs (all that `probe` and `recommend` do) stays
+at stdlib cost, which is what keeps those commands instant. This module is pure data: no torch,
+nothing of the run tier. Applying a config is `advisor.apply_config(pipe, config)` or
+`advisor.load_pipeline(model, config)` (`advisor.run.apply`).
 
 >>> config = OptimizationConfig(quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"]))
 >>> config.summary()
@@ -12,12 +16,15 @@ half set up. This module is pure data: no torch, nothing of the run tier. Applyi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
+import typing
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from advisor.errors import ConfigError
 from advisor.files import json_type, read_json, write_text_atomic
@@ -34,33 +41,96 @@ _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # The devices a config can name: what the planner and `apply` know how to place a pipeline on.
 _DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 VALID_DEVICES = "cpu, cuda or cuda:N (N the CUDA device index, e.g. cuda:1)"
+# How pydantic checks a section of a loaded file; Provenance relaxes `strict` (it is a record).
+_STRICT = {"extra": "forbid", "strict": True}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+_S = typing.TypeVar("_S", bound="_Section")
 
 
-class Quantization(_Strict):
+class _Section:
+    """What every part of a config shares: choices checked when built, `replace`, plain data.
+
+    A subclass names its key in a config file (``_key``) and adds its own checks in ``_check``.
+    """
+
+    _key = ""
+    __pydantic_config__ = _STRICT
+
+    def __post_init__(self) -> None:
+        for name, choices in _choices(type(self)).items():
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                valid = ", ".join(repr(c) for c in choices)
+                raise ValueError(f"`{self._key}{name}: {value!r}` is not valid; use one of {valid}")
+        self._check()
+
+    def _check(self) -> None:
+        """Checks across fields (raise ValueError naming the keys in backticks)."""
+
+    def replace(self: _S, **changes: Any) -> _S:
+        """A copy with `changes` (checked like a new one)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self, *, exclude_none: bool = True) -> dict[str, Any]:
+        """JSON-ready plain data, as a config file holds it (None fields left out by default)."""
+        return {
+            f.name: _plain(value, exclude_none)
+            for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) is not None or not exclude_none
+        }
+
+
+def _plain(value: Any, exclude_none: bool) -> Any:
+    if isinstance(value, _Section):
+        return value.to_dict(exclude_none=exclude_none)
+    if isinstance(value, dict):
+        return {k: _plain(v, exclude_none) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, exclude_none) for v in value]
+    return value
+
+
+@functools.cache
+def _choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """The allowed values of each field of `cls` typed as a Literal (or an optional one)."""
+    choices = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        literals = [arg for arg in options if typing.get_origin(arg) is Literal]
+        if literals:
+            choices[name] = tuple(value for arg in literals for value in typing.get_args(arg))
+    return choices
+
+
+def _at_least_one(key: str, components: list[str] | None) -> None:
+    if components is not None and len(components) < 1:
+        raise ValueError(f"`{key}` must name at least one component")
+
+
+@dataclass(frozen=True)
+class Quantization(_Section):
     """Weight quantization at load time (diffusers' ``PipelineQuantizationConfig``).
 
     ``bitsandbytes_4bit`` uses nf4 (or fp4) with ``compute_dtype``; ``torchao`` uses ``scheme``.
     """
 
+    _key = "quantization."
+
     backend: QuantBackend
-    components: list[str] = Field(min_length=1)
+    components: list[str]
     quant_type: Literal["nf4", "fp4"] | None = None  # bitsandbytes_4bit only; default nf4
     double_quant: bool = False  # bitsandbytes_4bit only: quantize the block scales too
     scheme: TorchaoScheme | None = None  # torchao only; default int8_weight_only
 
-    @model_validator(mode="after")
-    def _check(self) -> Quantization:
+    def _check(self) -> None:
+        _at_least_one("quantization.components", self.components)
         if self.quant_type is not None and self.backend != "bitsandbytes_4bit":
             raise ValueError(f"`quantization.quant_type` is for bitsandbytes_4bit, not {self.backend}")
         if self.double_quant and self.backend != "bitsandbytes_4bit":
             raise ValueError(f"`quantization.double_quant` is for bitsandbytes_4bit, not {self.backend}")
         if self.scheme is not None and self.backend != "torchao":
             raise ValueError(f"`quantization.scheme` is for torchao, not {self.backend}")
-        return self
 
     @property
     def kind(self) -> str:
@@ -75,14 +145,21 @@ class Quantization(_Strict):
         return f"{self.kind}({', '.join(self.components)})"
 
 
-class LayerwiseCasting(_Strict):
+@dataclass(frozen=True)
+class LayerwiseCasting(_Section):
     """Store weights in fp8 and upcast per layer at compute time (``enable_layerwise_casting``)."""
 
-    components: list[str] = Field(min_length=1)
+    _key = "layerwise_casting."
+
+    components: list[str]
     storage_dtype: Literal["float8_e4m3fn", "float8_e5m2"] = "float8_e4m3fn"
 
+    def _check(self) -> None:
+        _at_least_one("layerwise_casting.components", self.components)
 
-class Offload(_Strict):
+
+@dataclass(frozen=True)
+class Offload(_Section):
     """Where weights live between uses.
 
     - ``model``: whole components move to the GPU one at a time (``enable_model_cpu_offload``).
@@ -95,9 +172,11 @@ class Offload(_Strict):
     small modules outside the block lists) are group-offloaded, so only they cross PCIe.
     """
 
+    _key = "offload."
+
     strategy: OffloadStrategy = "none"
     offload_type: Literal["block_level", "leaf_level"] = "block_level"
-    num_blocks_per_group: int = Field(default=1, ge=1)
+    num_blocks_per_group: int = 1
     use_stream: bool = False
     record_stream: bool = False
     non_blocking: bool = False
@@ -106,8 +185,9 @@ class Offload(_Strict):
     components: list[str] | None = None  # group offload: which components (None = every one)
     resident_blocks: dict[str, int] | None = None  # group offload: component -> blocks kept on the device
 
-    @model_validator(mode="after")
-    def _check(self) -> Offload:
+    def _check(self) -> None:
+        if self.num_blocks_per_group < 1:
+            raise ValueError(f"`offload.num_blocks_per_group: {self.num_blocks_per_group}` must be at least 1")
         if self.record_stream and not self.use_stream:
             raise ValueError("`offload.record_stream` needs `offload.use_stream: true`")
         group_only = {
@@ -123,7 +203,6 @@ class Offload(_Strict):
                     raise ValueError(f"`offload.{key}` applies to `strategy: group` only, not {self.strategy!r}")
         if self.resident_blocks:
             self._check_resident_blocks(self.resident_blocks)
-        return self
 
     def _check_resident_blocks(self, resident: dict[str, int]) -> None:
         if self.offload_type != "block_level":
@@ -133,6 +212,7 @@ class Offload(_Strict):
                 raise ValueError(f"`offload.resident_blocks.{name}: {count}` must be a whole number of blocks >= 1")
             if self.components is not None and name not in self.components:
                 raise ValueError(f"`offload.resident_blocks` names {name!r}, which `offload.components` does not offload")
+
 
     def label(self) -> str:
         if self.strategy == "none":
@@ -148,10 +228,13 @@ class Offload(_Strict):
         return f"group offload ({', '.join([level, *extras])})"
 
 
-class Compile(_Strict):
+@dataclass(frozen=True)
+class Compile(_Section):
     """``torch.compile`` on components, with the dynamo flags the combination needs."""
 
-    components: list[str] = Field(default_factory=lambda: ["transformer"], min_length=1)
+    _key = "compile."
+
+    components: list[str] = field(default_factory=lambda: ["transformer"])
     regional: bool = True  # compile_repeated_blocks: much shorter compile, similar speed-up
     mode: CompileMode | None = None
     fullgraph: bool = True
@@ -159,30 +242,45 @@ class Compile(_Strict):
     backend: str = "inductor"
     # torch._dynamo.config values; e.g. capture_dynamic_output_shape_ops for bitsandbytes,
     # cache_size_limit=1000 with offloading.
-    dynamo_config: dict[str, int | bool] = Field(default_factory=dict)
+    dynamo_config: dict[str, int | bool] = field(default_factory=dict)
+
+    def _check(self) -> None:
+        _at_least_one("compile.components", self.components)
 
 
-class Vae(_Strict):
+@dataclass(frozen=True)
+class Vae(_Section):
+    _key = "vae."
+
     tiling: bool = False
     slicing: bool = False
 
 
-class Cache(_Strict):
+@dataclass(frozen=True)
+class Cache(_Section):
     """Step caching of the denoiser(s) (``enable_cache``): First Block Cache runs the first block at
     every step and skips the rest while its output barely changes (``threshold``: the relative
     change below which a step is skipped). Lossy; see `advisor.caching`."""
 
+    _key = "cache."
+
     kind: Literal["first_block"] = "first_block"
-    threshold: float = Field(default=0.08, gt=0, le=1)
+    threshold: float = 0.08
+
+    def _check(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"`cache.threshold: {self.threshold}` must be above 0 and at most 1")
 
     def label(self) -> str:
         return f"first-block cache {self.threshold:g}"
 
 
-class Provenance(_Strict):
+@dataclass(frozen=True)
+class Provenance(_Section):
     """Where a config came from: what it was made for, by what, and (from tune) what it measured."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    _key = "provenance."
+    __pydantic_config__ = {**_STRICT, "strict": False}
 
     made_by: Literal["recommend", "tune", "user"] = "user"
     model: str | None = None
@@ -200,7 +298,8 @@ class Provenance(_Strict):
     quality: Literal["exact", "balanced", "fast"] | None = None  # the quality policy it was chosen under
 
 
-class OptimizationConfig(_Strict):
+@dataclass(frozen=True)
+class OptimizationConfig(_Section):
     """Everything that decides how a pipeline is loaded and run. See docs/config.md."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -208,23 +307,17 @@ class OptimizationConfig(_Strict):
     device: str = "cuda"
     quantization: Quantization | None = None
     layerwise_casting: LayerwiseCasting | None = None
-    offload: Offload = Field(default_factory=Offload)
+    offload: Offload = field(default_factory=Offload)
     compile: Compile | None = None
-    vae: Vae = Field(default_factory=Vae)
+    vae: Vae = field(default_factory=Vae)
     attention_backend: str | None = None
     cache: Cache | None = None
     channels_last: bool = False
-    provenance: Provenance = Field(default_factory=Provenance)
+    provenance: Provenance = field(default_factory=Provenance)
 
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, device: str) -> str:
-        if not _DEVICE.match(device):
-            raise ValueError(f"`device: {device!r}` is not a device the advisor places pipelines on; use {VALID_DEVICES}")
-        return device
-
-    @model_validator(mode="after")
-    def _check(self) -> OptimizationConfig:
+    def _check(self) -> None:
+        if not _DEVICE.match(self.device):
+            raise ValueError(f"`device: {self.device!r}` is not a device the advisor places pipelines on; use {VALID_DEVICES}")
         if self.quantization and self.layerwise_casting:
             both = set(self.quantization.components) & set(self.layerwise_casting.components)
             if both:
@@ -234,7 +327,18 @@ class OptimizationConfig(_Strict):
                 )
         if self.device == "cpu" and self.offload.strategy in {"model", "sequential"}:
             raise ValueError(f"`offload.strategy: {self.offload.strategy}` moves weights to a GPU; it needs `device: cuda`")
-        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OptimizationConfig:
+        """A config from plain data (what `to_dict` wrote), checked against the schema; raises
+        pydantic's ValidationError (a ValueError). For a file, `load_config` says what is wrong."""
+        # Checked as the JSON it is (strict JSON mode takes objects for sections, integers for floats).
+        return _schema().validate_json(json.dumps(data))
+
+    @cached_property
+    def key(self) -> str:
+        """What tells two configs apart (provenance included), for caches and de-duplication."""
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     def summary(self) -> str:
         """One line for tables: 'bf16, nf4(transformer, text_encoder_2), compiled, model offload'."""
@@ -267,7 +371,7 @@ class OptimizationConfig(_Strict):
         return named
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2, exclude_none=True) + "\n"
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def save(self, path: str | Path) -> Path:
         """Write the config atomically (a crash never leaves half a file), as a plain file write
@@ -294,19 +398,29 @@ def config_from_dict(data: Any, *, source: str = "config") -> OptimizationConfig
             f"{source}: schema_version {version!r} is "
             + ("newer than this advisor understands; upgrade advisor" if newer else f"not supported (expected {SCHEMA_VERSION})")
         )
+    from pydantic import ValidationError
+
     try:
-        return OptimizationConfig.model_validate(data)
+        return OptimizationConfig.from_dict(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_first_problem(exc)}") from None
 
 
-def _first_problem(exc: ValidationError) -> str:
+@functools.cache
+def _schema() -> Any:
+    """pydantic's validator of the whole config, built at the first file loaded."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(OptimizationConfig)
+
+
+def _first_problem(exc: Any) -> str:
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
-    if "`" in message:  # our own validators already name the keys
+    if "`" in message:  # our own checks already name the keys
         return message
-    if error["type"] == "extra_forbidden":
+    if error["type"] in {"extra_forbidden", "unexpected_keyword_argument"}:
         return f"unknown key {where!r}"
     if error["type"] == "literal_error":
         return f"{where}: {message}"

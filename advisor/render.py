@@ -217,7 +217,7 @@ def format_quality(trial) -> str:
     if trial.quality is not None:
         value = trial.quality.get("psnr_db")
         return "identical" if value is None else f"{value:.1f}dB"
-    if trial.latency_s is not None and not is_lossy(OptimizationConfig.model_validate(trial.config)):
+    if trial.latency_s is not None and not is_lossy(OptimizationConfig.from_dict(trial.config)):
         return "lossless"
     return "-"
 

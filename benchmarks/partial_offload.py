@@ -50,7 +50,7 @@ def predicted() -> None:
             base = OptimizationConfig()
 
             def row(label: str, offload: Offload, blocks: str, mark: str = "") -> None:
-                e = estimate(profile, workload, base.model_copy(update={"offload": offload}), target)
+                e = estimate(profile, workload, base.replace(offload=offload), target)
                 fits = "yes" if e.peak_vram_bytes <= budget else "no"
                 print(f"| {profile.model_id.split('/')[-1]} | {card} ({format_size(budget)}) | {label} | {blocks}{mark} | "
                       f"{format_size(e.peak_vram_bytes)} | {fits} | {e.latency_s:.1f} s |")
@@ -59,7 +59,7 @@ def predicted() -> None:
             row("group, block, stream", Offload(strategy="group", use_stream=True, record_stream=True), "0")
             row("group, block", Offload(strategy="group"), "0")
             stream = {"strategy": "group", "use_stream": True, "record_stream": True}
-            probe = base.model_copy(update={"offload": Offload(**stream, resident_blocks={"transformer": 1})})
+            probe = base.replace(offload=Offload(**stream, resident_blocks={"transformer": 1}))
             fit = resident_blocks_that_fit(scenario, probe, "transformer")
             for count in sorted({max(1, total * k // 4) for k in (1, 2, 3)} | {fit, min(fit + 2, total - 1)}):
                 row("partial, stream", Offload(**stream, resident_blocks={"transformer": count}), f"{count} of {total}",
@@ -87,8 +87,8 @@ def counted(folder_root: Path) -> None:
         print("| resident blocks | resident bytes: counted | estimated | groups loaded per call: counted | estimated | same image |")
         print("|---|---|---|---|---|---|")
         for count in (1, total // 3, 2 * total // 3, total - 1):
-            config = plain.model_copy(update={"offload": Offload(strategy="group", components=["transformer"],
-                                                                 resident_blocks={"transformer": count})})
+            config = plain.replace(offload=Offload(strategy="group", components=["transformer"],
+                                                                 resident_blocks={"transformer": count}))
             pipe = load_pipeline(folder, config)
             calls: list[int] = []
             pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))

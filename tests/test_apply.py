@@ -566,7 +566,7 @@ def test_emitted_script_for_video_and_for_unknown_models(tiny_wan_dir):
     assert 'pipe.text_encoder.to("cpu")' in script and 'pipe.vae.to("cpu")' in script
     compile(script, "generated.py", "exec")
     # a model the advisor cannot read: the other components are moved by a loop over pipe.components
-    script = emit.emit_python("someone/not-a-cached-model", config.model_copy(update={"provenance": Provenance(workload={"kind": "video"})}))
+    script = emit.emit_python("someone/not-a-cached-model", config.replace(provenance=Provenance(workload={"kind": "video"})))
     assert script.endswith('video = pipe(prompt=prompt).frames[0]\nexport_to_video(video, "video.mp4")\n')
     assert 'if name not in ["transformer"] and isinstance(component, torch.nn.Module):' in script
     compile(script, "generated.py", "exec")

@@ -149,7 +149,7 @@ def test_the_emit_path_imports_neither_torch_nor_diffusers_nor_torchao():
             for backend in ("torchao", "bitsandbytes_4bit"):
                 config = _everything(Components.of_model(model), backend)
                 if backend != "torchao":
-                    config = config.model_copy(update={"layerwise_casting": None})
+                    config = config.replace(layerwise_casting=None)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # SD3's regional compile falls back to the whole model, and says so
                     print(emit.emit_python(model, config))
@@ -209,7 +209,7 @@ def test_the_script_has_the_steps_apply_config_runs_on_the_loaded_pipeline(tiny_
     folder = {"image": tiny_flux_dir, "video": tiny_wan_dir}[kind]
     pipe = DiffusionPipeline.from_pretrained(folder)
     static, loaded = Components.of_model(folder), Components.of_pipe(pipe)
-    config = _everything(static).model_copy(update={"device": "cpu"})
+    config = _everything(static).replace(device="cpu")
     steps = run_steps.steps_for(config, static)
     assert [s.code for s in steps] == [s.code for s in run_steps.steps_for(config, loaded)]
     assert quantize.load_quantization(config, static).code == quantize.load_quantization(config, loaded).code
@@ -260,7 +260,7 @@ def _named(step: run_steps.Step, config: OptimizationConfig) -> str:
 def test_the_summary_names_every_step_the_script_applies():
     model = "stabilityai/stable-diffusion-xl-base-1.0"
     components = Components.of_model(model)
-    config = _everything(components).model_copy(update={"attention_backend": "native"})
+    config = _everything(components).replace(attention_backend="native")
     line = run_steps.summary(config)
     assert line.startswith(config.summary())
     for step in run_steps.steps_for(config, components):

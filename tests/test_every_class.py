@@ -20,7 +20,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from advisor.attention import BACKENDS  # noqa: E402
-from advisor.config import Offload, OptimizationConfig, Quantization  # noqa: E402
+from advisor.config import Offload, OptimizationConfig, Provenance, Quantization, config_from_dict  # noqa: E402
 from advisor.probe.layout import catalog_entry, catalog_names  # noqa: E402
 
 GIB = 2**30
@@ -93,9 +93,9 @@ def emitted_configs(model: str) -> tuple[OptimizationConfig, ...]:
             result = recommend(scenario)
             for scored in (result.best, *result.alternatives):
                 if scored is not None:
-                    found.setdefault(scored.config.model_dump_json(exclude={"provenance"}), scored.config)
+                    found.setdefault(scored.config.replace(provenance=Provenance()).key, scored.config)
     for config in decision_suite_configs(profile.model_id):
-        found.setdefault(config.model_dump_json(exclude={"provenance"}), config)
+        found.setdefault(config.replace(provenance=Provenance()).key, config)
     assert found, f"recommend emitted no config for {model} on any target"
     return tuple(found.values())
 
@@ -139,7 +139,7 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
             # (constraint compiled-torchao-needs-leaf-or-stream-offload); bitsandbytes had no such limit.
             changes["offload_type"] = "leaf_level"
             notes.append("group offload block_level -> leaf_level (compiled torchao without streams)")
-        update["offload"] = offload.model_copy(update=changes)
+        update["offload"] = offload.replace(**changes)
         if offload.use_stream:
             notes.append("group offload use_stream -> false (no CUDA streams)")
     if config.attention_backend is not None and BACKENDS[config.attention_backend].cuda_only:
@@ -149,10 +149,10 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
         notes.append(f"attention {config.attention_backend} -> native (a CUDA kernel)")
     if config.compile is not None and config.compile.backend != "eager":
         # inductor takes ~45 s per graph on a 2-core CPU; eager still goes through dynamo.
-        update["compile"] = config.compile.model_copy(update={"backend": "eager"})
+        update["compile"] = config.compile.replace(backend="eager")
         notes.append(f"compile backend {config.compile.backend} -> eager")
-    cpu = config.model_copy(update=update)
-    return OptimizationConfig.model_validate(cpu.model_dump()), notes  # re-validated, as a config file would be
+    cpu = config.replace(**update)
+    return config_from_dict(cpu.to_dict()), notes  # re-validated, as a config file would be
 
 
 @pytest.fixture(scope="session")
@@ -345,7 +345,7 @@ def distinct_on_cpu(group: str, disk: str) -> list[tuple[OptimizationConfig, lis
     for model in GROUPS[group]:
         for config in emitted_configs(model):
             cpu, notes = cpu_equivalent(config, disk)
-            entry = found.setdefault(cpu.model_dump_json(exclude={"provenance"}), (cpu, notes, []))
+            entry = found.setdefault(cpu.replace(provenance=Provenance()).key, (cpu, notes, []))
             entry[2].append(f"{_model_id(model)}: {config.summary()}")
     return list(found.values())
 
@@ -354,7 +354,7 @@ def _run_key(config: OptimizationConfig) -> str:
     """What decides which code an eager call goes through. Left out, to call fewer times: the dtype, and
     compile (under force_eager a compiled module runs its own forward; the wrappers are checked in
     `_assert_applied`, the tracing in `test_compiled_config_traces_and_runs`)."""
-    return config.model_dump_json(include={"quantization", "layerwise_casting", "offload", "vae", "channels_last"})
+    return json.dumps({k: v for k, v in config.to_dict().items() if k in {"quantization", "layerwise_casting", "offload", "vae", "channels_last"}}, sort_keys=True)
 
 
 @pytest.mark.slow
@@ -416,7 +416,7 @@ def test_a_hand_written_regional_compile_falls_back_to_the_whole_model(tiny_fold
     from advisor.run.steps import ConfigWarning
 
     config, _ = cpu_equivalent(next(c for c in emitted_configs(model) if c.compile is not None), str(tmp_path))
-    config = config.model_copy(update={"compile": config.compile.model_copy(update={"regional": True})})
+    config = config.replace(compile=config.compile.replace(regional=True))
     pipe = _load(tiny_folder(model), **advisor.pipeline_kwargs(config, tiny_folder(model)))
     with pytest.warns(ConfigWarning, match="has no `_repeated_blocks`; compiling the whole model instead"):
         advisor.apply_config(pipe, config)

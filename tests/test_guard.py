@@ -28,7 +28,7 @@ def test_lossy_outputs_under_the_floor_are_infeasible_and_the_lossless_one_is_ke
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     measured = [t for t in result["trials"] if t["source"] == "measured"]
-    lossy = [t for t in measured if is_lossy(OptimizationConfig.model_validate(t["config"]))]
+    lossy = [t for t in measured if is_lossy(OptimizationConfig.from_dict(t["config"]))]
     lossless = [t for t in measured if t not in lossy]
     assert lossy and lossless
     for t in lossy:
@@ -36,7 +36,7 @@ def test_lossy_outputs_under_the_floor_are_infeasible_and_the_lossless_one_is_ke
         assert t["status"] == "low-quality" and not t["feasible"]
         assert t["reason"].startswith(f"PSNR {t['quality']['psnr_db']:.1f} dB < --min-psnr 1000 dB against the lossless reference")
     assert all(t["quality"] is None and t["status"] == "ok" for t in lossless)
-    assert not is_lossy(OptimizationConfig.model_validate(result["best"]["config"]))
+    assert not is_lossy(OptimizationConfig.from_dict(result["best"]["config"]))
     assert any("compared with the lossless reference (fp32, no offload)" in note for note in result["notes"])
     images = Path(result["images"])
     assert (images / "reference.npy").exists() and (images / "reference.png").exists()

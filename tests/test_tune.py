@@ -66,7 +66,7 @@ def tuned(tiny_flux_dir, env, tmp_path_factory):
 def test_tune_runs_to_the_end_and_its_config_loads_applies_and_runs(tuned, tiny_flux_dir):
     import numpy as np
 
-    from advisor.config import OptimizationConfig, load_config
+    from advisor.config import OptimizationConfig, Provenance, load_config
     from advisor.run.apply import load_pipeline
     from advisor.testing import tiny_call_kwargs
 
@@ -92,8 +92,8 @@ def test_tune_runs_to_the_end_and_its_config_loads_applies_and_runs(tuned, tiny_
     spread = {t.number: (t.user_attrs["measurement"] or {}).get("latency_spread_s") or 0.0 for t in finished}
     low = measured["latency_s"] - spread[best.number]
     assert all(t.values[0] + spread[t.number] >= low for t in finished if t.user_attrs["status"] == "ok")
-    trial_config = OptimizationConfig.model_validate(best.user_attrs["config"])
-    assert config.model_dump(exclude={"provenance"}) == trial_config.model_dump(exclude={"provenance"})
+    trial_config = OptimizationConfig.from_dict(best.user_attrs["config"])
+    assert config.replace(provenance=Provenance()) == trial_config.replace(provenance=Provenance())
 
     pipe = load_pipeline(tiny_flux_dir, config)
     images = pipe(**tiny_call_kwargs("image", seed=0)).images

@@ -261,7 +261,7 @@ def _device_activation(profile: ModelProfile, config: OptimizationConfig, phase:
 def estimate_for(scenario: Scenario, config: OptimizationConfig) -> Estimate:
     """`estimate` of `config` for `scenario`, computed once per config and scenario: the rule engine
     asks for the same candidate from several rules and from its scoring."""
-    key = config.model_dump_json()
+    key = config.key
     if key not in scenario.estimates:
         scenario.estimates[key] = estimate(scenario.profile, scenario.workload, config, scenario.target)
     return scenario.estimates[key]
@@ -279,8 +279,8 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
     budget = scenario.budget_bytes
 
     def peak(count: int) -> int:
-        offload = config.offload.model_copy(update={"resident_blocks": {**config.offload.resident_blocks, name: count}})
-        kept = config.model_copy(update={"offload": offload})
+        offload = config.offload.replace(resident_blocks={**config.offload.resident_blocks, name: count})
+        kept = config.replace(offload=offload)
         return max(
             p.reserved_bytes - p.weights_bytes.get(name, 0)
             + resident_bytes(component, weights, kept, active=ROLE_OF_PHASE[p.name] == component.role)

@@ -40,7 +40,7 @@ class Scored:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "config": self.config.model_dump(mode="json", exclude_none=True),
+            "config": self.config.to_dict(),
             "summary": self.config.summary(),
             "estimate": self.estimate.summary(),
             "fits": self.fits,
@@ -67,7 +67,7 @@ class Recommendation:
         if self.best is None:
             return None
         provenance = self.scenario.provenance("recommend", estimate=self.best.estimate.summary())
-        return self.best.config.model_copy(update={"provenance": provenance})
+        return self.best.config.replace(provenance=provenance)
 
     def to_dict(self) -> dict[str, Any]:
         """The documented `advisor recommend --json` object (docs/cli.md)."""
@@ -79,7 +79,7 @@ class Recommendation:
             "hardware": s.target.to_dict(),
             "budget_bytes": s.budget_bytes,
             "fits": config is not None,
-            "config": config.model_dump(mode="json", exclude_none=True) if config else None,
+            "config": config.to_dict() if config else None,
             "summary": config.summary() if config else None,
             "estimate": self.best.estimate.summary() if self.best else None,
             "reasons": self.reasons,
@@ -170,7 +170,7 @@ def recommend(scenario: Scenario, *, alternatives: int = 3, compile_choices: tup
         if candidate.rejected_by:
             rejected[candidate.rejected_by] = rejected.get(candidate.rejected_by, 0) + 1
             continue
-        key = candidate.config.model_dump_json()
+        key = candidate.config.key
         if key not in seen:
             seen.add(key)
             scored.append(score(candidate.config, scenario, candidate.adjusted_by))
@@ -242,7 +242,7 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
             f"{format_size(target.ram_total_bytes)}; close other programs or pass a larger --ram if you have it"
         )
     if config.quantization or config.layerwise_casting:
-        unquantized = config.model_copy(update={"quantization": None, "layerwise_casting": None})
+        unquantized = config.replace(quantization=None, layerwise_casting=None)
         plain = estimate_for(scenario, unquantized)
         what = config.quantization.label() if config.quantization else f"fp8 storage({', '.join(config.layerwise_casting.components)})"
         cost, source = quality_cost(config)
@@ -252,7 +252,7 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
             "the VAE is never quantized"
         )
     if config.offload.strategy != "none":
-        no_offload = estimate_for(scenario, config.model_copy(update={"offload": Offload()}))
+        no_offload = estimate_for(scenario, config.replace(offload=Offload()))
         reasons.append(
             f"{config.offload.label()}: without it the peak would be {format_size(no_offload.peak_vram_bytes)}"
         )
@@ -298,7 +298,7 @@ def _partial_against_whole(best: Scored, scenario: Scenario) -> str:
     rivals = []
     for label, offload in (("every block group-offloaded on a stream", Offload(strategy="group", use_stream=True, record_stream=True)),
                            ("model offload", Offload(strategy="model"))):
-        rival = estimate_for(scenario, best.config.model_copy(update={"offload": offload}))
+        rival = estimate_for(scenario, best.config.replace(offload=offload))
         peak = rival.limited_peak(scenario.target.device)
         fits = "fits" if peak <= scenario.budget_bytes else "over the budget"
         rivals.append(f"{label} {rival.latency_s:.1f}s (peak {format_size(peak)}, {fits})")
@@ -316,7 +316,7 @@ def _attention_reason(best: Scored, scenario: Scenario) -> str:
         kernel = "FlashAttention-2" if capability >= 8.0 else "its memory-efficient kernel (FlashAttention-2 needs compute capability 8.0)"
         said = f"attention: native (torch SDPA, diffusers' default: {kernel} on this GPU in bf16/fp16)"
     else:
-        native = estimate_for(scenario, best.config.model_copy(update={"attention_backend": None}))
+        native = estimate_for(scenario, best.config.replace(attention_backend=None))
         backend = BACKENDS[chosen]
         said = (f"attention: {chosen} ({backend.kernel}), modelled at {backend.speedup_at(capability):.2f}x native's attention "
                 f"at compute capability {platform.compute_capability} ({backend.published}, {backend.source}): predicted "
@@ -342,7 +342,7 @@ def _cache_reason(best: Scored, scenario: Scenario) -> str:
     """First Block Cache: what it skips, the published measurement it is modelled on, the predicted
     gain and the quality cost."""
     cache = best.config.cache
-    uncached = estimate_for(scenario, best.config.model_copy(update={"cache": None}))
+    uncached = estimate_for(scenario, best.config.replace(cache=None))
     published = PUBLISHED_S.get(cache.threshold)
     measured = (f"ParaAttention measured FLUX.1-dev on an L20 at {published:.2f}s against {PUBLISHED_BASELINE_S:.2f}s "
                 f"({PUBLISHED_BASELINE_S / published:.2f}x) at this threshold, " if published else "")
@@ -357,7 +357,7 @@ def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) 
     """The guidance on which offloading suits this workload: followed, or overruled by a clear win."""
     strategy = best.config.offload.strategy
     other = "group" if strategy == "model" else "model"
-    rival = best.config.model_copy(update={"offload": Offload(strategy=other)})
+    rival = best.config.replace(offload=Offload(strategy=other))
     lines = []
     for prefer in rules_of("prefer"):
         mine, theirs = prefer.evaluate(best.config, scenario), prefer.evaluate(rival, scenario)

@@ -139,7 +139,7 @@ def dynamo_capture_for_bitsandbytes(config: OptimizationConfig, scenario: Scenar
 
 def _with_compile(config: OptimizationConfig, **changes: Any) -> OptimizationConfig:
     """`config` with some of its compile settings changed."""
-    return config.model_copy(update={"compile": config.compile.model_copy(update=changes)})
+    return config.replace(compile=config.compile.replace(**changes))
 
 
 @rule(
@@ -180,7 +180,7 @@ def vae_tiling_when_decode_dominates(config: OptimizationConfig, scenario: Scena
     plain = estimate_for(scenario, config)
     if plain.peak_phase != "vae_decode":
         return config
-    tiled = config.model_copy(update={"vae": config.vae.model_copy(update={"tiling": True})})
+    tiled = config.replace(vae=config.vae.replace(tiling=True))
     # Tiles are the VAE's sample size (1024 px for Flux/SDXL): smaller images gain nothing.
     smaller = estimate_for(scenario, tiled)
     return tiled if smaller.limited_peak(scenario.target.device) < plain.limited_peak(scenario.target.device) else config
@@ -195,7 +195,7 @@ def vae_tiling_when_decode_dominates(config: OptimizationConfig, scenario: Scena
 def vae_slicing_for_batches(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
     vae = scenario.profile.vae
     if scenario.workload.batch > 1 and vae is not None and vae.facts.get("supports_slicing") and not config.vae.slicing:
-        return config.model_copy(update={"vae": config.vae.model_copy(update={"slicing": True})})
+        return config.replace(vae=config.vae.replace(slicing=True))
     return config
 
 
@@ -208,7 +208,7 @@ def vae_slicing_for_batches(config: OptimizationConfig, scenario: Scenario) -> O
 def channels_last_for_unets(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
     unet = any(c.class_name.startswith("UNet") for c in scenario.profile.by_role("denoiser"))
     if config.compile and unet and not config.channels_last:
-        return config.model_copy(update={"channels_last": True})
+        return config.replace(channels_last=True)
     return config
 
 

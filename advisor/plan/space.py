@@ -274,7 +274,7 @@ class SearchSpace:
             total = sum(b.count for b in next(c for c in self.profile.components if c.name == name).blocks)
             fit = resident_blocks_that_fit(scenario, config, name)
             counts[name] = min(max(fit + offset * max(1, round(PARTIAL_STEP * total)), 1), total - 1)
-        return config.model_copy(update={"offload": config.offload.model_copy(update={"resident_blocks": counts})})
+        return config.replace(offload=config.offload.replace(resident_blocks=counts))
 
     def params_of(self, config: OptimizationConfig) -> dict[str, Any] | None:
         """The point that produces `config` (to enqueue the rule engine's picks in a study)."""

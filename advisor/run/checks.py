@@ -28,7 +28,7 @@ def check_config(config: OptimizationConfig) -> None:
 
     # On a machine that has everything, with the GPU the script may yet run on: only combinations
     # that no machine can run are refused here.
-    violation = first_violation(config.model_copy(update={"device": "cuda"}), Platform.anywhere())
+    violation = first_violation(config.replace(device="cuda"), Platform.anywhere())
     if violation is not None:
         raise ConfigError(violation.message)
     if config.compile is not None:

@@ -41,7 +41,7 @@ def _check(config: OptimizationConfig) -> None:
     if needs_libraries:
         check_config(config)
         return
-    violation = first_violation(config.model_copy(update={"device": "cuda"}), Platform.anywhere())
+    violation = first_violation(config.replace(device="cuda"), Platform.anywhere())
     if violation is not None:
         raise ConfigError(violation.message)
 

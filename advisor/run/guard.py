@@ -17,7 +17,6 @@ says which configuration made it, or why there is none.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -54,10 +53,10 @@ def reference_config(space: SearchSpace, scenario: Scenario) -> OptimizationConf
     if not lossless or not lossy:
         return None
     device, budget = scenario.target.device, scenario.budget_bytes
-    fitting = [(e.latency_s, c.model_dump_json(), c) for e, c in lossless if e.limited_peak(device) <= budget]
+    fitting = [(e.latency_s, c.key, c) for e, c in lossless if e.limited_peak(device) <= budget]
     if fitting:
         return min(fitting)[2]
-    return min((e.limited_peak(device), c.model_dump_json(), c) for e, c in lossless)[2]
+    return min((e.limited_peak(device), c.key, c) for e, c in lossless)[2]
 
 
 class QualityGuard:
@@ -80,7 +79,7 @@ class QualityGuard:
         m = measure(config, self.reference)
         if m.ok and self.reference.exists():
             self._save_png(self.reference, self.folder / "reference.png")
-            study.set_user_attr(REFERENCE_ATTR, {"status": "ok", "summary": config.summary(), "config": json.loads(config.model_dump_json())})
+            study.set_user_attr(REFERENCE_ATTR, {"status": "ok", "summary": config.summary(), "config": config.to_dict()})
             return
         note = f"no lossless reference output ({config.summary()}: {m.status}, {m.reason}): lossy candidates' quality is not checked"
         study.set_user_attr(REFERENCE_ATTR, {"status": m.status, "summary": config.summary(), "note": note})

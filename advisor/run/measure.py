@@ -132,7 +132,7 @@ def measure(
         result_path = scratch / "result.json"
         spec = {
             "model": str(model),
-            "config": config.model_dump(mode="json"),
+            "config": config.to_dict(exclude_none=False),
             "workload": workload.to_dict(),
             "step_points": list(step_points),
             "timing": {"min_rounds": repeats, "max_rounds": max_rounds, "tolerance": tolerance, "cap_s": timing_cap_s},

@@ -123,7 +123,7 @@ def _placement_steps(config: OptimizationConfig, components: Components) -> list
     if offload.offload_to_disk_path:
         kwargs["offload_to_disk_path"] = offload.offload_to_disk_path
     partial = offload.resident_blocks or {}
-    what = offload.model_copy(update={"resident_blocks": None}).label()  # of the components offloaded whole
+    what = offload.replace(resident_blocks=None).label()  # of the components offloaded whole
     if offload.components is None:
         whole = {**kwargs, "exclude_modules": list(partial)} if partial else kwargs
         others = " but " + ", ".join(partial) if partial else ""

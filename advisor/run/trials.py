@@ -118,7 +118,7 @@ def choose_best(feasible: list[TrialRecord]) -> tuple[TrialRecord | None, list[s
         return fastest, []
 
     def lossy(r: TrialRecord) -> bool:
-        return is_lossy(OptimizationConfig.model_validate(r.config))
+        return is_lossy(OptimizationConfig.from_dict(r.config))
 
     best = min(tied.values(), key=lambda r: (lossy(r), r.peak_bytes or 0, r.latency_s, r.number))
     others = ", ".join(f"{r.number} ({_with_spread(r)})" for r in tied.values() if r is not best)

@@ -116,7 +116,7 @@ class TuneResult:
             "space_size": self.space_size,
             "fits": self.best is not None,
             "best": self.best.to_dict() if self.best else None,
-            "config": self.config.model_dump(mode="json", exclude_none=True) if self.config else None,
+            "config": self.config.to_dict() if self.config else None,
             "trials": [t.to_dict() for t in self.trials],
             "advice": self.advice,
             "notes": self.notes,
@@ -224,7 +224,7 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
         config = candidate.config
         predicted = estimate_for(scenario, config)
         predicted_peak = predicted.limited_peak(device)
-        key = config.model_dump_json()
+        key = config.key
 
         def finish(status: str, source: str, violation: float, latency: float, reason: str | None, m: Measurement | None = None) -> float:
             attrs = TrialRecord.attrs(
@@ -288,7 +288,7 @@ def confirm_study(study, model: str, scenario: Scenario, settings: TuneSettings,
                   on_trial: Callable[[TuneResult], None] | None = None, on_phase: Callable[[int, str, str], None] | None = None) -> None:
     """The finalists measured ``settings.confirm_runs`` more times each (`advisor.run.confirm`)."""
     def measure_again(record: TrialRecord, shown: Callable[[str], None] | None) -> Measurement:
-        return _measure(model, OptimizationConfig.model_validate(record.config), scenario, settings, shown)
+        return _measure(model, OptimizationConfig.from_dict(record.config), scenario, settings, shown)
 
     confirm_finalists(study, settings.confirm_runs, result, measure_again, on_trial, on_phase)
 
@@ -475,9 +475,7 @@ def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenar
                     "processes": best.processes, "process_latencies_s": best.process_latencies_s,
                     "peak_bytes": best.peak_bytes, "trial": best.number, "study": name}
         measured.update({key: (best.measurement or {}).get(key) for key in MEASURED_IN_PROVENANCE})
-        config = OptimizationConfig.model_validate(best.config).model_copy(
-            update={"provenance": scenario.provenance("tune", measured=measured)}
-        )
+        config = OptimizationConfig.from_dict(best.config).replace(provenance=scenario.provenance("tune", measured=measured))
     elif records:
         measured_peaks = [r for r in records if r.peak_bytes and r.status == "over-budget"]  # not a crash's partial peak
         if measured_peaks:

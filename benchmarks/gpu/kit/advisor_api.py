@@ -20,7 +20,7 @@ def _refused_on_a_cpu(config: Any, constraint: str) -> bool:
     from advisor.constraints import Platform, named
 
     cpu_only = Platform(accelerator=None, compute_capability=None, packages=None, cuda_devices=0, no_cuda="a CPU")
-    return named(constraint).check(config.model_copy(update={"device": "cpu"}), cpu_only) is not None
+    return named(constraint).check(config.replace(device="cpu"), cpu_only) is not None
 
 
 def bitsandbytes_needs_cuda(config: Any) -> bool:
@@ -48,8 +48,8 @@ def seed_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
 
     nf4 = Quantization(backend="bitsandbytes_4bit", components=["transformer", "text_encoder_2"])
     base = OptimizationConfig(dtype=dtype, device=device, quantization=nf4)
-    compiled = base.model_copy(update={"compile": Compile(components=["transformer"])})
-    offloaded = compiled.model_copy(update={"offload": Offload(strategy="model")})
+    compiled = base.replace(compile=Compile(components=["transformer"]))
+    offloaded = compiled.replace(offload=Offload(strategy="model"))
     return [
         ("quantization", "nf4 (transformer, T5)", base),
         ("quantization+compile", "nf4 + torch.compile (regional)", compiled),
@@ -67,17 +67,17 @@ def offload_configs(device: str, dtype: str, blocks: int = 0) -> list[tuple[str,
     stream = dict(use_stream=True, record_stream=True)
     return [
         ("none", "bf16, no offload (baseline)", base),
-        ("group-block", "group offload, block level", base.model_copy(update={"offload": Offload(**group)})),
-        ("group-block-stream", "group offload, block level, stream", base.model_copy(update={"offload": Offload(**group, **stream)})),
-        ("group-leaf", "group offload, leaf level", base.model_copy(update={"offload": Offload(**group, offload_type="leaf_level")})),
+        ("group-block", "group offload, block level", base.replace(offload=Offload(**group))),
+        ("group-block-stream", "group offload, block level, stream", base.replace(offload=Offload(**group, **stream))),
+        ("group-leaf", "group offload, leaf level", base.replace(offload=Offload(**group, offload_type="leaf_level"))),
         ("group-leaf-stream", "group offload, leaf level, stream",
-         base.model_copy(update={"offload": Offload(**group, offload_type="leaf_level", **stream)})),
+         base.replace(offload=Offload(**group, offload_type="leaf_level", **stream))),
     ] + [
         (f"partial-{k}of3", f"partial offload, {max(1, blocks * k // 3)} of {blocks} blocks resident",
-         base.model_copy(update={"offload": Offload(**group, resident_blocks={"transformer": max(1, blocks * k // 3)})}))
+         base.replace(offload=Offload(**group, resident_blocks={"transformer": max(1, blocks * k // 3)})))
         for k in (1, 2) if blocks >= 3
     ] + [
-        ("sequential", "sequential CPU offload (every component)", base.model_copy(update={"offload": Offload(strategy="sequential")})),
+        ("sequential", "sequential CPU offload (every component)", base.replace(offload=Offload(strategy="sequential"))),
     ]
 
 
@@ -92,11 +92,11 @@ def attention_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
     base = OptimizationConfig(dtype=dtype, device=device)
     names = [name for name, backend in BACKENDS.items()
              if name != "native" and backend.speedup_at(platform.capability) >= 1.0
-             and first_violation(base.model_copy(update={"attention_backend": name}), platform) is None]
+             and first_violation(base.replace(attention_backend=name), platform) is None]
     if device == "cpu":
         names = ["_native_math"]
     return [("native", "bf16, native attention (torch SDPA)", base)] + [
-        (name, f"bf16, {name} attention ({BACKENDS[name].kernel})", base.model_copy(update={"attention_backend": name}))
+        (name, f"bf16, {name} attention ({BACKENDS[name].kernel})", base.replace(attention_backend=name))
         for name in names
     ]
 
@@ -135,25 +135,29 @@ def cpu_equivalent(config: Any, *, torchao: bool) -> tuple[Any, list[str]]:
         if cpu_form != offload:
             update["offload"] = cpu_form
     if config.compile is not None and config.compile.backend == "inductor":
-        update["compile"] = config.compile.model_copy(update={"backend": "eager"})
+        update["compile"] = config.compile.replace(backend="eager")
         notes.append("compile backend inductor -> eager (inductor needs ~45 s per model on 2 CPU cores)")
-    return config.model_copy(update=update), notes
+    return config.replace(**update), notes
 
 
 def config_from_dict(data: dict[str, Any]) -> Any:
     from advisor.config import OptimizationConfig
 
-    return OptimizationConfig.model_validate(data)
+    return OptimizationConfig.from_dict(data)
 
 
 def config_key(config: Any) -> str:
     """Identity of a config for reuse: everything but provenance."""
-    return config.model_dump_json(exclude={"provenance"})
+    return json.dumps(_without_provenance(config), sort_keys=True)
 
 
 def config_record(config: Any) -> tuple[str, dict[str, Any]]:
     """The one-line summary of `config` and its JSON form (without provenance), for the results."""
-    return config.summary(), config.model_dump(mode="json", exclude_none=True, exclude={"provenance"})
+    return config.summary(), _without_provenance(config)
+
+
+def _without_provenance(config: Any) -> dict[str, Any]:
+    return {key: value for key, value in config.to_dict().items() if key != "provenance"}
 
 
 # --- the machine, the model, the workload -----------------------------------------------------------
