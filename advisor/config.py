@@ -337,8 +337,9 @@ class OptimizationConfig(_Section):
 
     @cached_property
     def key(self) -> str:
-        """What tells two configs apart (provenance included), for caches and de-duplication."""
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """What tells two configs apart (provenance included), for caches and de-duplication: the
+        dataclass repr names every field, recursively, in a fixed order."""
+        return repr(self)
 
     def summary(self) -> str:
         """One line for tables: 'bf16, nf4(transformer, text_encoder_2), compiled, model offload'."""

@@ -22,7 +22,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 from advisor.attention import speedup_of
 from advisor.caching import computed_share
@@ -166,14 +166,15 @@ def _group_offloaded(component: ComponentProfile, config: OptimizationConfig) ->
     return offload.strategy == "group" and (offload.components is None or component.name in offload.components)
 
 
-def block_split(component: ComponentProfile, config: OptimizationConfig) -> tuple[int, list[int]]:
+def block_split(component: ComponentProfile, config: OptimizationConfig, count: int | None = None) -> tuple[int, list[int]]:
     """(parameters of the blocks that never leave the device, parameters of each block that is
     streamed, largest first) of a group-offloaded component. Plain group offload streams every
     block; partial offload (``offload.resident_blocks``) keeps its largest N, as `advisor.run.steps`
-    applies it. The modules outside the block lists are neither: diffusers onloads them as one
-    group of their own whenever the component runs."""
+    applies it (`count`, when given, instead of the config's). The modules outside the block lists
+    are neither: diffusers onloads them as one group of their own whenever the component runs."""
     sizes = _block_sizes(tuple((b.total, b.count) for b in component.blocks))
-    count = (config.offload.resident_blocks or {}).get(component.name, 0)
+    if count is None:
+        count = (config.offload.resident_blocks or {}).get(component.name, 0)
     return sum(sizes[:count]), list(sizes[count:])
 
 
@@ -184,14 +185,15 @@ def _block_sizes(groups: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
     return tuple(sorted((total // count for total, count in groups for _ in range(count)), reverse=True))
 
 
-def resident_bytes(component: ComponentProfile, weights: int, config: OptimizationConfig, active: bool) -> int:
-    """Device bytes of a component's weights during a phase where it is `active` (or not)."""
+def resident_bytes(component: ComponentProfile, weights: int, config: OptimizationConfig, active: bool, count: int | None = None) -> int:
+    """Device bytes of a component's weights during a phase where it is `active` (or not); `count`
+    resident blocks of a partially offloaded component instead of the config's."""
     offload = config.offload
     if offload.strategy == "none" or (offload.strategy == "group" and not _group_offloaded(component, config)):
         return weights
     per_param = _bytes_per_parameter(component, weights)
     partial = offload.strategy == "group" and component.name in (offload.resident_blocks or {})
-    kept, streamed = block_split(component, config) if partial else (0, [])
+    kept, streamed = block_split(component, config, count) if partial else (0, [])
     if not active:
         return math.ceil(kept * per_param)
     if offload.strategy == "model":
@@ -213,27 +215,44 @@ def resident_bytes(component: ComponentProfile, weights: int, config: Optimizati
 # --- work and activations -----------------------------------------------------------------------
 
 
-def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationConfig) -> dict[str, Work]:
+def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationConfig, memo: dict | None = None) -> dict[str, Work]:
     """What each phase computes and holds (`advisor.plan.compute`), summed over its components.
 
     Denoising is one step: every denoiser call of it (guidance run as a second call or batched).
+    Each piece depends on the dtype and a few flags only; `memo` (one profile and workload's)
+    keeps the pieces already computed.
     """
     k = constants()
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
     text = NO_WORK
     for encoder in profile.by_role("text_encoder"):
-        text = text + text_encoder_work(encoder, workload, config.dtype, k)
+        text = text + _text_work(encoder, workload, config.dtype, memo)
     denoise = NO_WORK
     for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
         batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
-        call = denoiser_work(profile, denoiser, workload, config.dtype, batch, k)
+        call = _memo(memo, ("denoise", config.dtype), lambda: denoiser_work(profile, denoiser, workload, config.dtype, batch, k))
         calls = 2 if behaviour["cfg"] == "sequential" else 1
         held = compute.cache_residual_bytes(profile, denoiser, workload, config.dtype, batch) * calls if config.cache else 0
         denoise = Work(call.matmul_flops * calls, call.attention_flops * calls, call.written_bytes * calls, call.activation_bytes + held,
                        call.traced, call.largest_bytes)
-    vae = profile.vae
-    decode = vae_decode_work(vae, workload, config.dtype, tiling=config.vae.tiling, slicing=config.vae.slicing, k=k) if vae else NO_WORK
+    vae, tiling, slicing = profile.vae, config.vae.tiling, config.vae.slicing
+    decode = NO_WORK
+    if vae:
+        decode = _memo(memo, ("vae", config.dtype, tiling, slicing),
+                       lambda: vae_decode_work(vae, workload, config.dtype, tiling=tiling, slicing=slicing, k=k))
     return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
+
+
+def _text_work(encoder: ComponentProfile, workload: Workload, dtype: str, memo: dict | None) -> Work:
+    return _memo(memo, ("text", encoder.name, dtype), lambda: text_encoder_work(encoder, workload, dtype, constants()))
+
+
+def _memo(memo: dict | None, key: tuple, compute: Callable[[], Work]) -> Work:
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
 
 
 def _device_activation(profile: ModelProfile, config: OptimizationConfig, phase: str, work: Work, on_cpu: bool) -> tuple[int, int]:
@@ -263,7 +282,7 @@ def estimate_for(scenario: Scenario, config: OptimizationConfig) -> Estimate:
     asks for the same candidate from several rules and from its scoring."""
     key = config.key
     if key not in scenario.estimates:
-        scenario.estimates[key] = estimate(scenario.profile, scenario.workload, config, scenario.target)
+        scenario.estimates[key] = estimate(scenario.profile, scenario.workload, config, scenario.target, memo=scenario.work)
     return scenario.estimates[key]
 
 
@@ -273,26 +292,32 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
     does (the candidate then fails the budget like any other). Kept blocks stay resident in every
     phase, so one estimate's phases give each count's peak: the phase's bytes with this
     component's weights replaced by what that count keeps (`resident_bytes`)."""
+    key = ("fit", config.key, name)
+    if key in scenario.work:
+        return scenario.work[key]
     component = next(c for c in scenario.profile.components if c.name == name)
     weights = weight_bytes(component, config)
     phases = estimate_for(scenario, config).phases
     budget = scenario.budget_bytes
 
     def peak(count: int) -> int:
-        offload = config.offload.replace(resident_blocks={**config.offload.resident_blocks, name: count})
-        kept = config.replace(offload=offload)
         return max(
             p.reserved_bytes - p.weights_bytes.get(name, 0)
-            + resident_bytes(component, weights, kept, active=ROLE_OF_PHASE[p.name] == component.role)
+            + resident_bytes(component, weights, config, ROLE_OF_PHASE[p.name] == component.role, count)
             for p in phases
         )
 
-    total = sum(b.count for b in component.blocks)
-    return next((count for count in range(total - 1, 0, -1) if peak(count) <= budget), 1)
+    # The peak grows with the count: bisect for the largest count within the budget.
+    low, high = 1, sum(b.count for b in component.blocks) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if peak(middle) <= budget else (low, middle - 1)
+    scenario.work[key] = low
+    return low
 
 
 def estimate(
-    profile: ModelProfile, workload: Workload, config: OptimizationConfig, target: TargetHardware
+    profile: ModelProfile, workload: Workload, config: OptimizationConfig, target: TargetHardware, *, memo: dict | None = None
 ) -> Estimate:
     """Predict peak device memory, peak host RAM and latency of running `workload` with `config`.
 
@@ -314,7 +339,9 @@ def estimate(
     weights = {c.name: weight_bytes(c, config) for c in profile.components}
     on_cpu = target.device == "cpu" or config.device == "cpu"
 
-    works = phase_work(profile, workload, config)
+    works = phase_work(profile, workload, config, memo)
+    active_bytes = {c.name: resident_bytes(c, weights[c.name], config, True) for c in profile.components}
+    idle_bytes = {c.name: resident_bytes(c, weights[c.name], config, False) for c in profile.components}
     phases = []
     for phase in PHASES:
         role = ROLE_OF_PHASE[phase]
@@ -322,7 +349,7 @@ def estimate(
         if phase == "denoising" and config.offload.strategy == "model" and len(active) > 1:
             active = [max(active, key=lambda c: weights[c.name])]  # Wan2.2's experts take turns
         resident = {
-            c.name: resident_bytes(c, weights[c.name], config, c in active)
+            c.name: (active_bytes if c in active else idle_bytes)[c.name]
             for c in profile.components
             if c.role != "other" or config.offload.strategy == "none"
         }
@@ -336,7 +363,7 @@ def estimate(
     peak = max(phases, key=lambda p: p.reserved_bytes)
 
     ram, disk, kept = _host_memory(profile, config, weights, on_cpu, peak)
-    latency, step, breakdown = _latency(profile, workload, config, target, weights, works, on_cpu)
+    latency, step, breakdown = _latency(profile, workload, config, target, weights, works, on_cpu, memo)
     notes = [
         f"{c.name}: no traced FLOP and activation curves; estimated with the parameter formula"
         for c in profile.components
@@ -443,7 +470,7 @@ def _seconds(work: Work, target: TargetHardware, factor: float, attention: float
     return (tensor + memory) / factor
 
 
-def _latency(profile, workload, config, target, weights, works, on_cpu) -> tuple[float, float, dict[str, float]]:
+def _latency(profile, workload, config, target, weights, works, on_cpu, memo) -> tuple[float, float, dict[str, float]]:
     k = constants()
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
     generation = target.generation
@@ -479,7 +506,7 @@ def _latency(profile, workload, config, target, weights, works, on_cpu) -> tuple
         step = step_compute + step_transfer
 
     text = sum(
-        _seconds(text_encoder_work(t, workload, config.dtype, k), target, _speed_factor(config, t.name, generation))
+        _seconds(_text_work(t, workload, config.dtype, memo), target, _speed_factor(config, t.name, generation))
         for t in profile.by_role("text_encoder")
     )
     decode = _seconds(works["vae_decode"], target, 1.0)

@@ -67,8 +67,10 @@ class Scenario:
     notes: tuple[str, ...] = ()
     quality: Quality = "balanced"
 
-    # config JSON -> its estimate for this scenario (`advisor.plan.estimate.estimate_for`)
+    # config key -> its estimate, and each phase's work by what it depends on: computed once for
+    # this scenario (`advisor.plan.estimate.estimate_for`)
     estimates: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    work: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def assumptions(self) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from typing import Any
 from advisor.attention import BACKENDS
 from advisor.attention import PACKAGES as ATTENTION_PACKAGES
 from advisor.config import OptimizationConfig
-from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation, installed_version
+from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation, installed_version, installed_versions
 from advisor.paths import hub_offline
 from advisor.probe.hub_cache import hub_cache_dir
 from advisor.units import parse_capability
@@ -406,7 +406,7 @@ def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) 
 
 def probe_software(gpus: list[GpuInfo]) -> SoftwareInfo:
     """Installed versions (metadata only, nothing imported), usable quantization backends and attention kernels."""
-    packages = {name: installed_version(name) for name in TRACKED_PACKAGES}
+    packages = installed_versions(TRACKED_PACKAGES)
     return SoftwareInfo(packages, quantization_backends(packages, gpus), attention_backends(packages, gpus))
 
 

@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,7 @@ class TargetHardware:
     assumptions: tuple[str, ...] = ()  # every value assumed rather than read or given (printed, recorded)
     memory_bytes_per_s: float = DEFAULT_CPU_MEMORY_GBS * 1e9  # device memory bandwidth (datasheet)
 
-    @property
+    @cached_property
     def generation(self) -> str:
         """'Ada', 'Hopper', ... from the compute capability; 'cpu' for a CPU plan."""
         if self.device == "cpu":

@@ -12,12 +12,12 @@ torch included. A class is imported only when neither knows it.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from advisor.constraints import installed_version
 from advisor.probe.layout import NOT_MODELS, ComponentEntry, PipelineLayout, diffusers_tables, layout_of_components, read_layout
 
 
@@ -47,11 +47,8 @@ class ClassFacts:
 @lru_cache(maxsize=1)
 def tables_describe_installed_diffusers() -> bool:
     """Whether the class table was generated from the installed diffusers (or none is installed)."""
-    try:
-        installed = importlib.metadata.version("diffusers")
-    except importlib.metadata.PackageNotFoundError:
-        return True
-    return installed == diffusers_tables()["diffusers_version"]
+    installed = installed_version("diffusers")
+    return installed is None or installed == diffusers_tables()["diffusers_version"]
 
 
 def table_facts(entry: ComponentEntry | None) -> ClassFacts | None:
