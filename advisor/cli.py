@@ -119,14 +119,13 @@ def estimate(
     """Predict peak GPU memory, peak RAM and latency of one configuration, per phase and component."""
     from advisor.config import OptimizationConfig, load_config
     from advisor.plan.estimate import estimate as run_estimate
-    from advisor.probe.hardware import probe_machine
     from advisor.probe.target import resolve_target
     from advisor.probe.workload import make_workload
 
     loaded = load_config(config_file, flag="--config") if config_file else None  # before a local model is traced
     profile = planning_profile(model, workload)
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
-    target = resolve_target(probe_machine(), vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu)
+    target = resolve_target(None, vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu)  # probes only to plan here
     config = loaded if loaded is not None else OptimizationConfig(device=target.device)
     made_for = config.provenance.pipeline_class if config.provenance else None
     if made_for and made_for != profile.pipeline_class:
@@ -174,7 +173,6 @@ def recommend_command(
     """Recommend the fastest configuration predicted to fit, and explain why (instant, no weights loaded)."""
     from advisor.plan.recommend import recommend
     from advisor.plan.scenario import scenario_for
-    from advisor.probe.hardware import probe_machine
 
     if emit not in (None, "python"):
         raise UsageError(f"--emit: {emit!r} is not supported; use --emit python")
@@ -182,7 +180,7 @@ def recommend_command(
         check_output_file(output, flag="-o")
     budget_bytes = _size(budget, "--budget")
     scenario = scenario_for(
-        probe_machine(), model, workload=workload, height=height, width=width, frames=frames, steps=steps, batch=batch,
+        None, model, workload=workload, height=height, width=width, frames=frames, steps=steps, batch=batch,
         vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu, budget_bytes=budget_bytes, quality=quality,
         profile=planning_profile(model, workload),
     )

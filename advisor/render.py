@@ -96,8 +96,7 @@ def _print_wrapped(console: Console, text: str, first: str = "", rest: str = "")
     # A word longer than the line (a URL) stays whole: the terminal wraps it, and it stays clickable.
     lines = textwrap.wrap(text, width=width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
                           break_long_words=False) or [first]
-    for line in lines:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
 class TuneProgress:

@@ -219,27 +219,30 @@ def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationCo
     """What each phase computes and holds (`advisor.plan.compute`), summed over its components.
 
     Denoising is one step: every denoiser call of it (guidance run as a second call or batched).
-    Each piece depends on the dtype and a few flags only; `memo` (one profile and workload's)
-    keeps the pieces already computed.
+    The work depends on the dtype and a few flags only; `memo` (one profile and workload's) keeps
+    what was computed.
     """
+    flags = (config.dtype, config.vae.tiling, config.vae.slicing, config.cache is not None)
+    return _memo(memo, ("phases", *flags), lambda: _phase_work(profile, workload, *flags, memo))
+
+
+def _phase_work(profile: ModelProfile, workload: Workload, dtype: str, tiling: bool, slicing: bool, cached: bool,
+                memo: dict | None) -> dict[str, Work]:
     k = constants()
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
     text = NO_WORK
     for encoder in profile.by_role("text_encoder"):
-        text = text + _text_work(encoder, workload, config.dtype, memo)
+        text = text + _text_work(encoder, workload, dtype, memo)
     denoise = NO_WORK
     for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
         batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
-        call = _memo(memo, ("denoise", config.dtype), lambda: denoiser_work(profile, denoiser, workload, config.dtype, batch, k))
+        call = _memo(memo, ("denoise", dtype), lambda: denoiser_work(profile, denoiser, workload, dtype, batch, k))
         calls = 2 if behaviour["cfg"] == "sequential" else 1
-        held = compute.cache_residual_bytes(profile, denoiser, workload, config.dtype, batch) * calls if config.cache else 0
+        held = compute.cache_residual_bytes(profile, denoiser, workload, dtype, batch) * calls if cached else 0
         denoise = Work(call.matmul_flops * calls, call.attention_flops * calls, call.written_bytes * calls, call.activation_bytes + held,
                        call.traced, call.largest_bytes)
-    vae, tiling, slicing = profile.vae, config.vae.tiling, config.vae.slicing
-    decode = NO_WORK
-    if vae:
-        decode = _memo(memo, ("vae", config.dtype, tiling, slicing),
-                       lambda: vae_decode_work(vae, workload, config.dtype, tiling=tiling, slicing=slicing, k=k))
+    vae = profile.vae
+    decode = vae_decode_work(vae, workload, dtype, tiling=tiling, slicing=slicing, k=k) if vae else NO_WORK
     return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
 
 
@@ -247,7 +250,7 @@ def _text_work(encoder: ComponentProfile, workload: Workload, dtype: str, memo: 
     return _memo(memo, ("text", encoder.name, dtype), lambda: text_encoder_work(encoder, workload, dtype, constants()))
 
 
-def _memo(memo: dict | None, key: tuple, compute: Callable[[], Work]) -> Work:
+def _memo(memo: dict | None, key: tuple, compute: Callable[[], Any]) -> Any:
     if memo is None:
         return compute()
     if key not in memo:
@@ -284,6 +287,14 @@ def estimate_for(scenario: Scenario, config: OptimizationConfig) -> Estimate:
     if key not in scenario.estimates:
         scenario.estimates[key] = estimate(scenario.profile, scenario.workload, config, scenario.target, memo=scenario.work)
     return scenario.estimates[key]
+
+
+def decode_changes(scenario: Scenario, config: OptimizationConfig, other: OptimizationConfig) -> bool:
+    """Whether the VAE decode of `other` differs from that of `config` (for the same scenario)."""
+    def decode(c: OptimizationConfig) -> Work:
+        return phase_work(scenario.profile, scenario.workload, c, scenario.work)["vae_decode"]
+
+    return decode(config) != decode(other)
 
 
 def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, name: str) -> int:

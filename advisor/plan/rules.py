@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from advisor.config import OptimizationConfig
 from advisor.constraints import DOCS, fullgraph_breaks_on_offload_hooks, named
-from advisor.plan.estimate import estimate_for
+from advisor.plan.estimate import decode_changes, estimate_for
 from advisor.plan.quality import is_lossy
 
 if TYPE_CHECKING:
@@ -181,7 +181,9 @@ def vae_tiling_when_decode_dominates(config: OptimizationConfig, scenario: Scena
     if plain.peak_phase != "vae_decode":
         return config
     tiled = config.replace(vae=config.vae.replace(tiling=True))
-    # Tiles are the VAE's sample size (1024 px for Flux/SDXL): smaller images gain nothing.
+    # Tiles are the VAE's sample size (1024 px for Flux/SDXL): smaller images decode the same.
+    if not decode_changes(scenario, config, tiled):
+        return config
     smaller = estimate_for(scenario, tiled)
     return tiled if smaller.limited_peak(scenario.target.device) < plain.limited_peak(scenario.target.device) else config
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from advisor.config import Provenance
 from advisor.constraints import Platform
 from advisor.errors import UsageError
+from advisor.probe import hardware
 from advisor.probe.hardware import MachineProfile
 from advisor.probe.models import ModelProfile, load_profile
 from advisor.probe.target import TargetHardware, resolve_target
@@ -138,7 +139,7 @@ def make_scenario(
 
 
 def scenario_for(
-    machine: MachineProfile,
+    machine: MachineProfile | None,
     model: str,
     *,
     workload: str | None = None,
@@ -157,9 +158,12 @@ def scenario_for(
     """The scenario the command-line flags describe (sizes already in bytes); `profile` when the
     caller has loaded the model already (with its traces).
 
-    The plan is for this machine (its packages count) unless --vram or --gpu describe another.
+    The plan is for this machine (its packages count; `machine`, probed here when None) unless
+    --vram or --gpu describe another, which needs no probe.
     """
     planning_here = vram is None and gpu is None
+    if planning_here and machine is None:
+        machine = hardware.probe_machine()  # looked up at call time: tests stand in for it
     target = resolve_target(machine, vram=vram, ram=ram, gpu=gpu)
     profile = profile or load_profile(model, workload=workload)
     if profile.workload not in ("image", "video"):

@@ -168,7 +168,7 @@ def finish(config: OptimizationConfig, scenario: Scenario) -> tuple[Optimization
     fired = []
     for adjust in rules_of("adjust"):
         adjusted = adjust.evaluate(config, scenario)
-        if adjusted != config:
+        if adjusted is not config and adjusted != config:  # a rule that does nothing returns its config
             fired.append(adjust.name)
         config = adjusted
     return config, fired

@@ -20,6 +20,7 @@ from typing import Any
 from advisor.errors import AdvisorWarning, HardwareError, UsageError
 from advisor.files import json_type, read_json
 from advisor.paths import DATA_DIR, advisor_cache_dir
+from advisor.probe import hardware
 from advisor.probe.hardware import MachineProfile, pcie_bandwidth
 from advisor.units import GIB, format_size, parse_capability
 
@@ -300,17 +301,18 @@ def planned_target(
 
 
 def resolve_target(
-    machine: MachineProfile, *, vram: int | None = None, ram: int | None = None, gpu: str | None = None
+    machine: MachineProfile | None, *, vram: int | None = None, ram: int | None = None, gpu: str | None = None
 ) -> TargetHardware:
-    """This machine, or the one that --vram/--ram/--gpu describe (sizes in bytes).
+    """This machine (`machine`, probed here when None), or the one that --vram/--ram/--gpu
+    describe (sizes in bytes).
 
-    Only --vram and --gpu make the plan one for another machine; --ram alone overrides this
-    machine's RAM.
+    Only --vram and --gpu make the plan one for another machine, which needs nothing of this one;
+    --ram alone overrides this machine's RAM.
     """
     if ram is not None and ram <= 0:
         raise UsageError(f"--ram: {ram} bytes must be larger than 0; give the host's RAM, e.g. --ram 64GB")
     if vram is None and gpu is None:
-        target = target_from_probe(machine)
+        target = target_from_probe(machine or hardware.probe_machine())
         if ram is not None:
             target = replace(target, ram_total_bytes=ram, ram_available_bytes=ram, source=target.source + ", --ram")
         return target
