@@ -28,8 +28,8 @@ from advisor.paths import hub_offline
 from advisor.probe.config_fields import check_component_config
 from advisor.probe.layout import (
     catalog_entry,
-    catalog_index,
     catalog_names,
+    catalog_path,
     check_model_index,
     check_vae,
     diffusers_tables,
@@ -469,18 +469,18 @@ def load_profile(model: str, *, workload: str | None = None) -> ModelProfile:
             try:
                 return profile_from_folder(snapshot, model_id=model, source="cache", workload=workload)
             except ModelError:
-                if model.lower() not in catalog_index():
+                if catalog_path(model) is None:
                     raise  # configs cached without weights, and nothing to fall back on
         # The catalog answers instantly and needs no token for gated repos (FLUX.1-dev), so for the
         # models it knows it is preferred to the hub; a cached download still wins (it is the truth).
-        if not hub_offline() and model.lower() not in catalog_index() and hub_reachable():
+        if not hub_offline() and catalog_path(model) is None and hub_reachable():
             try:
                 return profile_from_hub(model, workload=workload)
             except ModelError:
                 raise
             except Exception as exc:  # network, auth (gated repos), missing repo
                 raise ModelError(f"{model}: could not read it from the hub ({type(exc).__name__}: {exc})") from None
-    if model.lower() in catalog_index():
+    if catalog_path(model) is not None:
         return profile_from_catalog(model, workload=workload)
     raise ModelError(
         f"{model!r} is not a local folder, not in the Hugging Face cache, and not in the catalog "

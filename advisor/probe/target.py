@@ -6,7 +6,6 @@ host->device bandwidth, each with where it came from (probe, calibration, datash
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -79,6 +78,8 @@ def lookup_gpu(name: str) -> tuple[str, dict[str, Any]] | None:
 def near_gpu_names(name: str) -> list[str]:
     """Known GPU names that look like `name`, for an error message."""
     normal = {_normal(key): key for key in gpu_table()}
+    import difflib  # only for a name it does not know: not on the fast path
+
     close = difflib.get_close_matches(_normal(name), list(normal), n=4, cutoff=0.5)
     contained = [key for norm, key in normal.items() if _normal(name) and (_normal(name) in norm or norm in _normal(name))]
     return list(dict.fromkeys([*contained, *(normal[c] for c in close)]))
