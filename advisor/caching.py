@@ -1,4 +1,31 @@
-"""Step caching of the denoiser: diffusers' First Block Cache, what it needs and what it saves.
+"""Step caching of the denoiser: diffusers' step caches, what each needs and what it saves.
+
+Three caches skip whole blocks, so their saving is a share of the denoiser's work:
+
+- First Block Cache (below): the share depends on the prompt; modelled on ParaAttention's
+  published measurements.
+- MagCache (``MagCacheConfig``, ``diffusers/hooks/mag_cache.py``): after the first
+  ``retention_ratio`` of the steps, a step is skipped (every block returns its input plus the last
+  residual) while the product of the model's calibrated magnitude ratios has drifted by less than
+  ``threshold`` in total, at most ``max_skip_steps`` in a row. The ratios decide, not the data, so
+  the computed steps follow from the ratios exactly (`mag_computed_steps`). diffusers ships ratios
+  for Flux only (``FLUX_MAG_RATIOS``, from MagCache's authors); another model needs a calibration
+  run first, so the advisor offers it for Flux only.
+- TaylorSeer, lite mode (``TaylorSeerCacheConfig(use_lite_mode=True)``,
+  ``diffusers/hooks/taylorseer_cache.py``): after ``warmup_steps`` it computes every
+  ``interval``-th step and predicts the denoiser's output on the others by a Taylor expansion of
+  the computed ones; the blocks are skipped on predicted steps. Its schedule is fixed too
+  (`taylorseer_computed_steps`). (The default mode predicts only attention outputs, needs ~3 GB
+  of Flux 1024x1024 state, and hooks nothing on Wan, whose attention is named attn1/attn2.)
+
+Not offered: Pyramid Attention Broadcast and FasterCache (``diffusers/hooks/pyramid_attention_broadcast.py``,
+``faster_cache.py``). They reuse attention outputs only (the MLPs run every step), keep one step
+counter for the conditional and unconditional calls (with classifier-free guidance run as two
+calls, as Wan and HunyuanVideo do, the unconditional call gets the conditional attention),
+recompile the denoiser at every step under torch.compile (a guard on the step counter, up to
+dynamo's recompile limit), and FasterCache fails on its first step on pipelines that run guidance
+as a second call unless told the model is guidance-distilled. Their published numbers (diffusers
+PR 9562) are for Latte and CogVideoX only.
 
 First Block Cache (``transformer.enable_cache(FirstBlockCacheConfig(threshold))``, from
 ParaAttention; ``diffusers/hooks/first_block_cache.py``) runs the first transformer block at every
@@ -50,12 +77,91 @@ def computed_share(threshold: float) -> float:
     return points[-1][1]
 
 
-def cacheable(block_lists: list[str], block_classes: list[str]) -> str | None:
-    """Why First Block Cache can't hook a denoiser whose top-level block lists are `block_lists`
-    and whose blocks are of `block_classes`, or None."""
+def cacheable(block_lists: list[str], block_classes: list[str], model_class: str | None = None) -> str | None:
+    """Why diffusers' caches can't hook a denoiser of class `model_class` whose top-level block
+    lists are `block_lists` and whose blocks are of `block_classes`, or None."""
+    if model_class is not None and model_class not in CACHE_MODELS:
+        return f"{model_class} has no enable_cache (it does not inherit diffusers' CacheMixin)"
     if not any(name in BLOCK_LISTS for name in block_lists):
         return f"none of its block lists ({', '.join(block_lists) or 'none'}) is one diffusers' cache hooks"
     unregistered = sorted(set(block_classes) - REGISTERED_BLOCKS) or ([] if block_classes else ["no block classes known"])
     if unregistered:
         return f"diffusers has not registered its blocks ({', '.join(unregistered)}) for caching"
     return None
+
+
+# The denoiser classes with ``enable_cache`` (diffusers' ``CacheMixin``) in diffusers 0.42.1; SD3's
+# SD3Transformer2DModel is not one of them.
+CACHE_MODELS = frozenset({
+    "AceStepTransformer1DModel", "AllegroTransformer3DModel", "BriaTransformer2DModel", "ChromaTransformer2DModel",
+    "ChronoEditTransformer3DModel", "CogVideoXTransformer3DModel", "CogView4Transformer2DModel", "Cosmos3OmniTransformer",
+    "Flux2Transformer2DModel", "FluxTransformer2DModel", "GlmImageTransformer2DModel", "HeliosTransformer3DModel",
+    "HunyuanImageTransformer2DModel", "HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
+    "HunyuanVideoTransformer3DModel", "Kandinsky5Transformer3DModel", "Kandinsky6Transformer3DModel",
+    "LTX2VideoTransformer3DModel", "LTXVideoTransformer3DModel", "LatteTransformer3DModel", "LongCatImageTransformer2DModel",
+    "MiniMaxH3Transformer3DModel", "MochiTransformer3DModel", "MotifVideoTransformer3DModel", "NucleusMoEImageTransformer2DModel",
+    "OvisImageTransformer2DModel", "QwenImage21Transformer2DModel", "QwenImageControlNetModel", "QwenImageMultiControlNetModel",
+    "QwenImageTransformer2DModel", "SanaWMLTX2RefinerTransformer3DModel", "SkyReelsV2Transformer3DModel",
+    "WanAnimateTransformer3DModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
+})
+
+# --- MagCache --------------------------------------------------------------------------------------
+
+MAG_SOURCE = "https://github.com/Zehong-Ma/MagCache"
+# diffusers.hooks.mag_cache.FLUX_MAG_RATIOS (Flux dev and schnell, 28 steps), by denoiser class.
+MAG_RATIOS = {
+    "FluxTransformer2DModel": (
+        1.0, 1.21094, 1.11719, 1.07812, 1.0625, 1.03906, 1.03125, 1.03906, 1.02344, 1.03125, 1.02344, 0.98047, 1.01562,
+        1.00781, 1.0, 1.00781, 1.0, 1.00781, 1.0, 1.0, 0.99609, 0.99609, 0.98047, 0.98828, 0.96484, 0.95703, 0.93359, 0.89062,
+    ),
+}
+MAG_DEFAULTS = {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2}  # MagCacheConfig's
+
+
+def mag_computed_steps(ratios: tuple[float, ...], steps: int, threshold: float, max_skip_steps: int, retention_ratio: float) -> list[bool]:
+    """Which of `steps` steps MagCache computes (True) or skips, as diffusers' MagCache decides:
+    the ratios stretched to `steps` by nearest index, then the accumulated drift rule."""
+    if len(ratios) != steps:  # diffusers' nearest_interp (round half to even, as torch.round)
+        scale = (len(ratios) - 1) / (steps - 1) if steps > 1 else 0
+        ratios = tuple(ratios[round(i * scale)] for i in range(steps)) if steps > 1 else ratios[-1:]
+    retention = int(retention_ratio * steps + 0.5)
+    computed, ratio, count, error = [], 1.0, 0, 0.0
+    for step in range(steps):
+        compute = True
+        if step >= retention:
+            ratio *= ratios[step] if step < len(ratios) else 1.0
+            count += 1
+            error += abs(1.0 - ratio)
+            if step > 0 and error <= threshold and count <= max_skip_steps:  # a residual exists after step 0
+                compute = False
+            else:
+                ratio, count, error = 1.0, 0, 0.0
+        computed.append(compute)
+    return computed
+
+
+# --- TaylorSeer (lite) -----------------------------------------------------------------------------
+
+TAYLORSEER_SOURCE = "https://huggingface.co/docs/diffusers/main/en/optimization/cache#taylorseer-cache"
+TAYLORSEER_DEFAULTS = {"interval": 5, "warmup_steps": 10}  # the diffusers cache guide's example
+
+
+def taylorseer_computed_steps(steps: int, interval: int, warmup_steps: int) -> list[bool]:
+    """Which of `steps` steps TaylorSeer computes (True) or predicts, as diffusers decides."""
+    return [step < warmup_steps or (step - warmup_steps - 1) % interval == 0 for step in range(steps)]
+
+
+def cache_share(cache, steps: int, model_class: str | None) -> float:
+    """The share of the denoiser's block work that still runs with `cache` over `steps` steps."""
+    if cache.kind == "first_block":
+        return computed_share(cache.threshold)
+    if cache.kind == "mag":
+        ratios = MAG_RATIOS.get(model_class or "")
+        if ratios is None:
+            return 1.0  # refused where it runs: no ratios to decide with
+        run = mag_computed_steps(ratios, steps, cache.threshold, cache.max_skip_steps or MAG_DEFAULTS["max_skip_steps"],
+                                 cache.retention_ratio if cache.retention_ratio is not None else MAG_DEFAULTS["retention_ratio"])
+    else:
+        run = taylorseer_computed_steps(steps, cache.interval or TAYLORSEER_DEFAULTS["interval"],
+                                        cache.warmup_steps if cache.warmup_steps is not None else TAYLORSEER_DEFAULTS["warmup_steps"])
+    return sum(run) / len(run)

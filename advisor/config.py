@@ -26,6 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from advisor.caching import TAYLORSEER_DEFAULTS
 from advisor.errors import ConfigError
 from advisor.files import json_type, read_json, write_text_atomic
 
@@ -258,20 +259,52 @@ class Vae(_Section):
 
 @dataclass(frozen=True)
 class Cache(_Section):
-    """Step caching of the denoiser(s) (``enable_cache``): First Block Cache runs the first block at
-    every step and skips the rest while its output barely changes (``threshold``: the relative
-    change below which a step is skipped). Lossy; see `advisor.caching`."""
+    """Step caching of the denoiser(s) (``enable_cache``); lossy; see `advisor.caching`.
+
+    - ``first_block``: First Block Cache runs the first block at every step and skips the rest while
+      its output changed by less than ``threshold`` (relative) since the last full step.
+    - ``mag``: MagCache skips whole steps while the model's calibrated magnitude ratios have drifted
+      by less than ``threshold`` in total (at most ``max_skip_steps`` in a row, none in the first
+      ``retention_ratio`` of the steps); ``steps``: the denoising steps the pipeline runs, which the
+      ratios are laid over (required).
+    - ``taylorseer``: TaylorSeer (lite mode) computes the first ``warmup_steps`` steps, then every
+      ``interval``-th, and predicts the denoiser's output on the others.
+    """
 
     _key = "cache."
 
-    kind: Literal["first_block"] = "first_block"
-    threshold: float = 0.08
+    kind: Literal["first_block", "mag", "taylorseer"] = "first_block"
+    threshold: float = 0.08  # first_block and mag (MagCache's own default is 0.06)
+    steps: int | None = None  # mag
+    max_skip_steps: int | None = None  # mag; default 3
+    retention_ratio: float | None = None  # mag; default 0.2
+    interval: int | None = None  # taylorseer; default 5
+    warmup_steps: int | None = None  # taylorseer; default 10
 
     def _check(self) -> None:
         if not 0 < self.threshold <= 1:
             raise ValueError(f"`cache.threshold: {self.threshold}` must be above 0 and at most 1")
+        owners = {"steps": "mag", "max_skip_steps": "mag", "retention_ratio": "mag", "interval": "taylorseer", "warmup_steps": "taylorseer"}
+        for key, kind in owners.items():
+            if getattr(self, key) is not None and self.kind != kind:
+                raise ValueError(f"`cache.{key}` is for kind {kind}, not {self.kind}")
+        if self.kind == "mag" and (self.steps is None or self.steps < 1):
+            raise ValueError("`cache.steps` is required for kind mag: the denoising steps the pipeline runs (its ratios are laid over them)")
+        for key in ("steps", "max_skip_steps", "interval"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"`cache.{key}: {getattr(self, key)}` must be at least 1")
+        if self.warmup_steps is not None and self.warmup_steps < 1:  # TaylorSeer predicts from a computed step
+            raise ValueError(f"`cache.warmup_steps: {self.warmup_steps}` must be at least 1")
+        if self.retention_ratio is not None and not 0 <= self.retention_ratio <= 1:
+            raise ValueError(f"`cache.retention_ratio: {self.retention_ratio}` must be between 0 and 1")
 
     def label(self) -> str:
+        if self.kind == "mag":
+            return f"MagCache {self.threshold:g}"
+        if self.kind == "taylorseer":
+            interval = self.interval or TAYLORSEER_DEFAULTS["interval"]
+            warmup = self.warmup_steps or TAYLORSEER_DEFAULTS["warmup_steps"]
+            return f"TaylorSeer lite (every {interval} after {warmup})"
         return f"first-block cache {self.threshold:g}"
 
 

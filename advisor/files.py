@@ -16,6 +16,7 @@ import json
 import os
 import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +282,6 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     mode = stat.S_IMODE(existing.st_mode) if existing is not None else 0o666 & ~current_umask()
     # mkstemp makes the file 0600; the short prefix keeps the temporary name within NAME_MAX
     # even when the target's own name is near it.
-    import tempfile  # only to write: not on the fast paths' start-up
-
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:32]}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:

@@ -1,5 +1,6 @@
-"""First Block Cache: the facts against diffusers' own, the schema, what the planner offers and
-predicts, and on the CPU that it really skips blocks and changes the output by a measured amount."""
+"""Step caches (First Block Cache, MagCache, TaylorSeer lite): the facts against diffusers' own, the
+schema, what the planner offers and predicts, and on the CPU that each really skips blocks (as many
+as predicted where the schedule is fixed) and changes the output by a measured amount."""
 
 from __future__ import annotations
 
@@ -8,7 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from advisor.caching import BLOCK_LISTS, PUBLISHED_BASELINE_S, PUBLISHED_S, REGISTERED_BLOCKS, cacheable, computed_share
+from advisor.caching import (
+    BLOCK_LISTS,
+    CACHE_MODELS,
+    MAG_RATIOS,
+    PUBLISHED_BASELINE_S,
+    PUBLISHED_S,
+    REGISTERED_BLOCKS,
+    cache_share,
+    cacheable,
+    computed_share,
+    mag_computed_steps,
+    taylorseer_computed_steps,
+)
 from advisor.config import Cache, Offload, OptimizationConfig
 from advisor.errors import ConfigError
 
@@ -22,6 +35,28 @@ def test_the_block_lists_and_classes_are_the_installed_diffusers_ones():
     assert REGISTERED_BLOCKS == {cls.__name__ for cls in _helpers.TransformerBlockRegistry._registry}
 
 
+def test_the_cache_models_and_flux_ratios_are_the_installed_diffusers_ones():
+    import diffusers
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+    from diffusers.models.cache_utils import CacheMixin
+
+    classes = {name for name in dir(diffusers) if isinstance(getattr(diffusers, name, None), type)}
+    assert CACHE_MODELS == {name for name in classes if issubclass(getattr(diffusers, name), CacheMixin) and name != "CacheMixin"}
+    assert "SD3Transformer2DModel" in classes and "SD3Transformer2DModel" not in CACHE_MODELS
+    assert MAG_RATIOS["FluxTransformer2DModel"] == pytest.approx(FLUX_MAG_RATIOS.tolist())
+
+
+def test_the_fixed_schedules():
+    """MagCache at its defaults on Flux's 28 ratios: the first int(0.2 x 28 + 0.5) = 6 steps always
+    run, then drift accumulates; TaylorSeer computes steps < warmup and every interval-th after."""
+    run = mag_computed_steps(MAG_RATIOS["FluxTransformer2DModel"], 28, 0.06, 3, 0.2)
+    assert all(run[:6]) and sum(run) == 14
+    assert sum(mag_computed_steps(MAG_RATIOS["FluxTransformer2DModel"], 28, 0.12, 3, 0.2)) < 14  # a higher threshold skips more
+    assert taylorseer_computed_steps(28, 5, 10) == [s < 10 or (s - 11) % 5 == 0 for s in range(28)]
+    assert sum(taylorseer_computed_steps(28, 5, 10)) == 14
+    assert cache_share(Cache(kind="mag", threshold=0.06, steps=28), 28, "FluxTransformer2DModel") == 0.5
+
+
 def test_the_computed_share_is_the_published_latency_ratio():
     for threshold, seconds in PUBLISHED_S.items():
         assert computed_share(threshold) == pytest.approx(seconds / PUBLISHED_BASELINE_S)
@@ -30,16 +65,21 @@ def test_the_computed_share_is_the_published_latency_ratio():
     assert shares == sorted(shares, reverse=True)  # a higher threshold never computes more
 
 
-def test_the_schema_refuses_thresholds_outside_0_to_1():
+def test_the_schema_refuses_thresholds_outside_0_to_1_and_settings_of_another_kind():
     assert OptimizationConfig(cache=Cache(threshold=0.08)).summary() == "bf16, no offload, first-block cache 0.08"
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ValueError):
             Cache(threshold=bad)
+    with pytest.raises(ValueError, match="`cache.steps` is required for kind mag"):
+        Cache(kind="mag")
+    with pytest.raises(ValueError, match="`cache.interval` is for kind taylorseer, not first_block"):
+        Cache(interval=3)
 
 
 def test_which_denoisers_diffusers_can_cache():
     assert cacheable(["transformer_blocks", "single_transformer_blocks"], ["FluxTransformerBlock", "FluxSingleTransformerBlock"]) is None
     assert "not registered" in cacheable(["transformer_blocks"], ["MyBlock"])
+    assert "no enable_cache" in cacheable(["transformer_blocks"], ["JointTransformerBlock"], "SD3Transformer2DModel")
     # SDXL's UNet keeps its attention in down/up blocks, which the cache hooks don't know.
     assert "none of its block lists" in cacheable(["down_blocks", "up_blocks"], ["DownBlock2D", "UpBlock2D"])
 
@@ -62,12 +102,15 @@ def test_caching_is_offered_under_fast_only_and_never_with_offload_hooks():
     assert SearchSpace.for_scenario(_scenario("sdxl", "RTX 4090", "fast")).cache == ["none"]  # a UNet
     fast = _scenario("flux-dev", "RTX 4090", "fast")
     space = SearchSpace.for_scenario(fast)
-    assert space.cache == ["none", "first-block-0.08", "first-block-0.12"]
+    assert space.cache == ["none", "first-block-0.08", "first-block-0.12", "mag", "taylorseer"]
+    # MagCache needs the model's ratios (diffusers ships Flux's); SD3's transformer has no enable_cache.
+    assert SearchSpace.for_scenario(_scenario("wan2.1-t2v-14b", "H100", "fast")).cache == ["none", "first-block-0.08", "first-block-0.12", "taylorseer"]
+    assert SearchSpace.for_scenario(_scenario("stabilityai/stable-diffusion-3.5-large", "H100", "fast")).cache == ["none"]
     grouped = OptimizationConfig(cache=Cache(threshold=0.08), offload=Offload(strategy="group", use_stream=True))
     assert rejection(grouped, fast) == "first-block-cache-not-with-offload-hooks"
     result = recommend(fast)
     assert result.config.cache is not None and result.config.offload.strategy not in ("group", "sequential")
-    assert any("ParaAttention measured FLUX.1-dev" in r and "offered under --quality fast only" in r for r in result.reasons)
+    assert any("quality cost" in r and "offered under --quality fast only" in r for r in result.reasons)
 
 
 def test_the_estimate_skips_the_computed_share_and_holds_three_hidden_states():
@@ -82,6 +125,11 @@ def test_the_estimate_skips_the_computed_share_and_holds_three_hidden_states():
     assert compute == pytest.approx(computed_share(0.12))
     denoising = {p.name: p for p in cached.phases}["denoising"].activation_bytes - {p.name: p for p in plain.phases}["denoising"].activation_bytes
     assert denoising == 3 * 4608 * 3072 * 2
+    # MagCache: half the steps run (the schedule above); it holds the last residual and the head block's input.
+    mag = estimate(scenario.profile, scenario.workload, OptimizationConfig(cache=Cache(kind="mag", threshold=0.06, steps=28)), scenario.target)
+    assert mag.latency_breakdown["step_compute_s"] / plain.latency_breakdown["step_compute_s"] == pytest.approx(0.5)
+    held = {p.name: p for p in mag.phases}["denoising"].activation_bytes - {p.name: p for p in plain.phases}["denoising"].activation_bytes
+    assert held == 2 * 4608 * 3072 * 2
 
 
 # --- for real, on the CPU ------------------------------------------------------------------------
@@ -130,10 +178,35 @@ def test_first_block_cache_skips_blocks_and_changes_the_output_by_a_measured_amo
     assert guard.verdict(compare(same, reference)) is None
 
 
+@pytest.mark.parametrize("kind", ["mag", "taylorseer"])
+def test_mag_and_taylorseer_skip_exactly_the_predicted_steps_and_change_the_output(flux_8_blocks, kind):
+    """Their schedules don't depend on the data: every block runs on exactly the steps predicted."""
+    from advisor.run.quality import psnr
+
+    cpu = OptimizationConfig(device="cpu", dtype="float32")
+    reference, _ = _generate(flux_8_blocks, cpu)
+    if kind == "mag":  # Flux's 28 ratios laid over 8 steps; a threshold that lets steps be skipped
+        cache = Cache(kind="mag", threshold=0.2, steps=8, retention_ratio=0.25)
+        predicted = mag_computed_steps(MAG_RATIOS["FluxTransformer2DModel"], 8, 0.2, 3, 0.25)
+    else:
+        cache = Cache(kind="taylorseer", interval=2, warmup_steps=2)
+        predicted = taylorseer_computed_steps(8, 2, 2)
+    assert 0 < sum(predicted) < 8
+    cached, computed = _generate(flux_8_blocks, cpu.replace(cache=cache))
+    assert computed == 8 * sum(predicted)  # 8 blocks on each computed step, none on the others
+    assert 10 < psnr(cached, reference) < 100  # changed, by a measured amount (dB)
+
+
 def test_a_denoiser_the_cache_cannot_hook_is_refused_in_one_line(tmp_path):
     from advisor.run.apply import load_pipeline
-    from advisor.testing import build_tiny_sdxl
+    from advisor.testing import build_tiny_sd3, build_tiny_sdxl, build_tiny_wan
 
     path = build_tiny_sdxl(tmp_path / "sdxl")
-    with pytest.raises(ConfigError, match=r"`cache` can't apply to unet \(UNet2DConditionModel\): none of its block lists"):
+    with pytest.raises(ConfigError, match=r"`cache` can't apply to unet \(UNet2DConditionModel\): UNet2DConditionModel has no enable_cache"):
         load_pipeline(path, OptimizationConfig(device="cpu", dtype="float32", cache=Cache()))
+    path = build_tiny_sd3(tmp_path / "sd3")
+    with pytest.raises(ConfigError, match=r"can't apply to transformer \(SD3Transformer2DModel\): SD3Transformer2DModel has no enable_cache"):
+        load_pipeline(path, OptimizationConfig(device="cpu", dtype="float32", cache=Cache()))
+    path = build_tiny_wan(tmp_path / "wan")
+    with pytest.raises(ConfigError, match=r"diffusers ships MagCache ratios for FluxTransformer2DModel only; calibrate them first"):
+        load_pipeline(path, OptimizationConfig(device="cpu", dtype="float32", cache=Cache(kind="mag", threshold=0.06, steps=8)))

@@ -200,8 +200,13 @@ def largest_layer_parameters(component: ComponentProfile) -> int:
     return max(math.ceil(largest_block / 8), 1)
 
 
-def cache_residual_bytes(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int) -> int:
-    """What First Block Cache holds between steps: the first block's output and residual and the
-    other blocks' residual, each one hidden state of the call (``diffusers/hooks/first_block_cache.py``)."""
+def cache_residual_bytes(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int, kind: str) -> int:
+    """What a step cache holds between steps (``diffusers/hooks/``): First Block Cache the first
+    block's output and residual and the other blocks' residual, MagCache the last residual and the
+    head block's input (hidden states of the call); TaylorSeer lite two Taylor factors of the
+    denoiser's output (its output channels, not the hidden width)."""
     tokens, hidden = denoiser_tokens(profile, denoiser, workload)
-    return 3 * batch * tokens * hidden * dtype_size(dtype)
+    if kind == "taylorseer":
+        channels = denoiser.facts.get("out_channels") or denoiser.facts.get("in_channels") or 64
+        return 2 * batch * tokens * int(channels) * dtype_size(dtype)
+    return {"first_block": 3, "mag": 2}[kind] * batch * tokens * hidden * dtype_size(dtype)

@@ -25,7 +25,7 @@ from functools import lru_cache
 from typing import Any, Callable
 
 from advisor.attention import speedup_of
-from advisor.caching import computed_share
+from advisor.caching import cache_share
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
 from advisor.paths import DATA_DIR
@@ -222,11 +222,11 @@ def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationCo
     The work depends on the dtype and a few flags only; `memo` (one profile and workload's) keeps
     what was computed.
     """
-    flags = (config.dtype, config.vae.tiling, config.vae.slicing, config.cache is not None)
+    flags = (config.dtype, config.vae.tiling, config.vae.slicing, config.cache.kind if config.cache else None)
     return _memo(memo, ("phases", *flags), lambda: _phase_work(profile, workload, *flags, memo))
 
 
-def _phase_work(profile: ModelProfile, workload: Workload, dtype: str, tiling: bool, slicing: bool, cached: bool,
+def _phase_work(profile: ModelProfile, workload: Workload, dtype: str, tiling: bool, slicing: bool, cache: str | None,
                 memo: dict | None) -> dict[str, Work]:
     k = constants()
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
@@ -238,7 +238,7 @@ def _phase_work(profile: ModelProfile, workload: Workload, dtype: str, tiling: b
         batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
         call = _memo(memo, ("denoise", dtype), lambda: denoiser_work(profile, denoiser, workload, dtype, batch, k))
         calls = 2 if behaviour["cfg"] == "sequential" else 1
-        held = compute.cache_residual_bytes(profile, denoiser, workload, dtype, batch) * calls if cached else 0
+        held = compute.cache_residual_bytes(profile, denoiser, workload, dtype, batch, cache) * calls if cache else 0
         denoise = Work(call.matmul_flops * calls, call.attention_flops * calls, call.written_bytes * calls, call.activation_bytes + held,
                        call.traced, call.largest_bytes)
     vae = profile.vae
@@ -490,7 +490,7 @@ def _latency(profile, workload, config, target, weights, works, on_cpu, memo) ->
     step_compute = step_transfer = 0.0
     offload = config.offload
     for denoiser in denoisers[:1]:  # Wan2.2's experts run one at a time: one per step
-        cached = computed_share(config.cache.threshold) if config.cache else 1.0  # First Block Cache skips the rest
+        cached = cache_share(config.cache, workload.steps, denoiser.class_name) if config.cache else 1.0  # the blocks a cache skips
         step_compute += cached * _seconds(works["denoising"], target, _speed_factor(config, denoiser.name, generation),
                                           speedup_of(config.attention_backend, target.device, parse_capability(target.compute_capability)))
         if not on_cpu and (offload.strategy == "sequential" or _group_offloaded(denoiser, config)):

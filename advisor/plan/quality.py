@@ -8,6 +8,7 @@ takes the fastest whatever it costs.
 from __future__ import annotations
 
 from advisor.attention import BACKENDS, backend_of
+from advisor.caching import MAG_SOURCE, TAYLORSEER_SOURCE
 from advisor.caching import SOURCE as CACHE_SOURCE
 from advisor.config import OptimizationConfig
 
@@ -30,6 +31,10 @@ QUALITY_COSTS = {
              BACKENDS["sage"].source),
     "first_block": ("First Block Cache reuses the other blocks' output on steps whose first block barely changed: "
                     "fine detail drifts, more at a higher threshold; tune measures it against the lossless output", CACHE_SOURCE),
+    "mag": ("MagCache reuses the last computed step's residual on the steps its ratios mark as near-identical: small "
+            "drift, more at a higher threshold; tune measures it against the lossless output", MAG_SOURCE),
+    "taylorseer": ("TaylorSeer predicts the skipped steps' output by extrapolating the computed ones: soft detail "
+                   "where the output changes fast; tune measures it against the lossless output", TAYLORSEER_SOURCE),
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from advisor.attention import BACKENDS, PROPOSED
-from advisor.caching import PUBLISHED_BASELINE_S, PUBLISHED_S, computed_share
+from advisor.caching import MAG_SOURCE, PUBLISHED_BASELINE_S, PUBLISHED_S, TAYLORSEER_SOURCE, cache_share
 from advisor.caching import SOURCE as CACHE_SOURCE
 from advisor.config import Offload, OptimizationConfig
 from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
@@ -339,17 +339,27 @@ def _attention_reason(best: Scored, scenario: Scenario) -> str:
 
 
 def _cache_reason(best: Scored, scenario: Scenario) -> str:
-    """First Block Cache: what it skips, the published measurement it is modelled on, the predicted
-    gain and the quality cost."""
+    """The step cache: what it skips, what its saving is modelled on, the predicted gain and the
+    quality cost."""
     cache = best.config.cache
     uncached = estimate_for(scenario, best.config.replace(cache=None))
-    published = PUBLISHED_S.get(cache.threshold)
-    measured = (f"ParaAttention measured FLUX.1-dev on an L20 at {published:.2f}s against {PUBLISHED_BASELINE_S:.2f}s "
-                f"({PUBLISHED_BASELINE_S / published:.2f}x) at this threshold, " if published else "")
+    denoiser = scenario.profile.by_role("denoiser")[0]
+    share = cache_share(cache, scenario.workload.steps, denoiser.class_name)
+    if cache.kind == "first_block":
+        published = PUBLISHED_S.get(cache.threshold)
+        measured = (f"ParaAttention measured FLUX.1-dev on an L20 at {published:.2f}s against {PUBLISHED_BASELINE_S:.2f}s "
+                    f"({PUBLISHED_BASELINE_S / published:.2f}x) at this threshold, " if published else "")
+        what = (f"the blocks after the first are skipped on steps where its output changed by less than {cache.threshold:.0%}; "
+                f"{measured}modelled as {share:.0%} of the denoising compute ({CACHE_SOURCE})")
+    else:
+        skipped = round((1 - share) * scenario.workload.steps)
+        rule = ("the model's calibrated magnitude ratios decide" if cache.kind == "mag"
+                else "the others' output is predicted by a Taylor expansion of the computed steps")
+        what = (f"every block is skipped on {skipped} of {scenario.workload.steps} steps ({rule}: the same steps whatever the "
+                f"prompt), so {share:.0%} of the denoising compute runs "
+                f"({MAG_SOURCE if cache.kind == 'mag' else TAYLORSEER_SOURCE})")
     cost, source = QUALITY_COSTS[cache.kind]
-    return (f"{cache.label()}: the blocks after the first are skipped on steps where its output changed by less than "
-            f"{cache.threshold:.0%}; {measured}modelled as {computed_share(cache.threshold):.0%} of the denoising compute "
-            f"({CACHE_SOURCE}): predicted {best.estimate.latency_s:.1f}s against {uncached.latency_s:.1f}s without; "
+    return (f"{cache.label()}: {what}: predicted {best.estimate.latency_s:.1f}s against {uncached.latency_s:.1f}s without; "
             f"quality cost: {cost}; offered under --quality fast only")
 
 

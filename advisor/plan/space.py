@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 from advisor.attention import BACKENDS, PROPOSED
-from advisor.caching import THRESHOLDS, cacheable
+from advisor.caching import MAG_DEFAULTS, MAG_RATIOS, THRESHOLDS, cacheable
 from advisor.config import Cache, Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.constraints import Platform, first_violation
 from advisor.plan.estimate import resident_blocks_that_fit
@@ -114,22 +114,35 @@ def attention_backend(choice: str) -> str | None:
     return None if choice == "native" else choice
 
 
-CACHES = {"none": None, **{f"first-block-{t:g}": Cache(threshold=t) for t in THRESHOLDS}}
+CACHES = ("none", *(f"first-block-{t:g}" for t in THRESHOLDS), "mag", "taylorseer")
+
+
+def cache_config(choice: str, steps: int) -> Cache | None:
+    """The config's `cache` for a choice: First Block Cache at a published threshold, MagCache at
+    its defaults over the workload's `steps`, TaylorSeer lite at the diffusers guide's settings."""
+    if choice == "none":
+        return None
+    if choice == "mag":
+        return Cache(kind="mag", threshold=MAG_DEFAULTS["threshold"], steps=steps)
+    if choice == "taylorseer":
+        return Cache(kind="taylorseer")
+    return Cache(threshold=float(choice.removeprefix("first-block-")))
 
 
 def cache_choices(profile: ModelProfile, quality: str) -> list[str]:
-    """First Block Cache at the published thresholds (`advisor.caching`), under ``--quality fast``
-    only (its cost depends on the prompt and is measured only by tune), where every denoiser's
-    blocks are ones diffusers' cache hooks."""
+    """The step caches (`advisor.caching`), under ``--quality fast`` only (their cost depends on
+    the prompt and is measured only by tune), where every denoiser has diffusers' cache hooks and
+    its blocks are ones they know; MagCache only where diffusers ships the denoiser's ratios."""
     denoisers = profile.by_role("denoiser")
 
     def blocked(denoiser) -> str | None:  # a folder's profile knows the list names; the class table, the block classes
         classes = [b.class_name for b in denoiser.blocks if b.class_name] or repeated_block_classes(denoiser.class_name)
-        return cacheable([b.name for b in denoiser.blocks], classes)
+        return cacheable([b.name for b in denoiser.blocks], classes, denoiser.class_name)
 
     if quality != "fast" or not denoisers or any(blocked(d) for d in denoisers):
         return ["none"]
-    return list(CACHES)
+    with_ratios = all(d.class_name in MAG_RATIOS for d in denoisers)
+    return [choice for choice in CACHES if choice != "mag" or with_ratios]
 
 
 def preferred_dtype(device: str, supports_bf16: bool) -> str:
@@ -198,6 +211,7 @@ class SearchSpace:
     # which a point names only where they hold two or more values.
     attention: list[str] = field(default_factory=lambda: ["native"])
     cache: list[str] = field(default_factory=lambda: ["none"])
+    steps: int = 28  # the workload's denoising steps (MagCache lays its ratios over them)
 
     @classmethod
     def for_profile(
@@ -215,6 +229,7 @@ class SearchSpace:
         space = cls.for_profile(scenario.profile, device=target.device, supports_bf16=target.supports_bf16, compile_choices=compile_choices)
         space.attention = attention_choices(scenario.platform, space.dtype)
         space.cache = cache_choices(scenario.profile, scenario.quality)
+        space.steps = scenario.workload.steps
         return space
 
     def usable(self, scenario: Scenario) -> SearchSpace:
@@ -229,7 +244,7 @@ class SearchSpace:
         }
         offload = {name: o for name, o in self.offload.items() if usable_alone(OptimizationConfig(device=self.device, offload=o))}
         return SearchSpace(self.profile, self.device, self.dtype, quantization, offload, list(self.compile), list(self.attention),
-                           list(self.cache))
+                           list(self.cache), self.steps)
 
     def config(self, params: dict[str, Any]) -> OptimizationConfig:
         """The point's config before the adjust rules complete it.
@@ -251,7 +266,7 @@ class SearchSpace:
             offload=self.offload[params["offload"]],
             compile=compiled,
             attention_backend=attention_backend(params.get("attention", "native")),
-            cache=CACHES[params.get("cache", "none")],
+            cache=cache_config(params.get("cache", "none"), self.steps),
         )
 
     def candidate(self, params: dict[str, Any], scenario: Scenario) -> Candidate:
@@ -286,7 +301,7 @@ class SearchSpace:
             offload = "partial"
         compiled = config.compile is not None
         optional = {"attention": config.attention_backend or "native",
-                    "cache": next((n for n, c in CACHES.items() if c == config.cache), None)}
+                    "cache": next((n for n in CACHES if cache_config(n, self.steps) == config.cache), None)}
         if quantization is None or offload is None or compiled not in self.compile or any(
                 value not in getattr(self, name) for name, value in optional.items()):
             return None

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from advisor.caching import MAG_DEFAULTS, TAYLORSEER_DEFAULTS
 from advisor.probe.weights import DEFAULT_CASTING_SKIP_PATTERNS, ENCODER_CASTING_SKIP_PATTERNS
 from advisor.run.classes import Components
 from advisor.run.source import Expr, call_source, dtype_expr, runtime_value, source, torch_expr
@@ -300,25 +301,41 @@ def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
 
 
 def _cache_step(cache: Any, name: str) -> Step:
-    """First Block Cache on denoiser `name`; refused in one line where diffusers' hooks can't reach
-    its blocks (`advisor.caching.cacheable`), rather than a KeyError inside the first step."""
-    code = call_source(f"pipe.{name}.enable_cache", [Expr(f"FirstBlockCacheConfig(threshold={cache.threshold!r})", None)])
+    """The step cache on denoiser `name`; refused in one line where diffusers' hooks can't reach its
+    blocks or MagCache has no ratios for it (`advisor.caching`), rather than inside the first step."""
+    if cache.kind == "mag":
+        arguments = (f"threshold={cache.threshold!r}, max_skip_steps={cache.max_skip_steps or MAG_DEFAULTS['max_skip_steps']!r}, "
+                     f"retention_ratio={MAG_DEFAULTS['retention_ratio'] if cache.retention_ratio is None else cache.retention_ratio!r}, "
+                     f"num_inference_steps={cache.steps!r}, mag_ratios=FLUX_MAG_RATIOS")
+        expression, imports = f"MagCacheConfig({arguments})", ("from diffusers.hooks import MagCacheConfig",
+                                                                "from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS")
+    elif cache.kind == "taylorseer":
+        arguments = (f"cache_interval={cache.interval or TAYLORSEER_DEFAULTS['interval']!r}, "
+                     f"disable_cache_before_step={cache.warmup_steps or TAYLORSEER_DEFAULTS['warmup_steps']!r}, use_lite_mode=True")
+        expression, imports = f"TaylorSeerCacheConfig({arguments})", ("from diffusers.hooks import TaylorSeerCacheConfig",)
+    else:
+        expression, imports = f"FirstBlockCacheConfig(threshold={cache.threshold!r})", ("from diffusers.hooks import FirstBlockCacheConfig",)
+    code = call_source(f"pipe.{name}.enable_cache", [Expr(expression, None)])
 
     def run(pipe: Any) -> None:
+        import diffusers.hooks
         import torch
-        from diffusers.hooks import FirstBlockCacheConfig
+        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
-        from advisor.caching import cacheable
+        from advisor.caching import MAG_RATIOS, cacheable
         from advisor.errors import ConfigError
 
         model = getattr(pipe, name)
         lists = {key: child for key, child in model.named_children() if isinstance(child, torch.nn.ModuleList)}
-        why = cacheable(list(lists), sorted({type(block).__name__ for child in lists.values() for block in child}))
+        why = cacheable(list(lists), sorted({type(block).__name__ for child in lists.values() for block in child}), type(model).__name__)
+        if why is None and cache.kind == "mag" and type(model).__name__ not in MAG_RATIOS:
+            why = (f"diffusers ships MagCache ratios for {', '.join(MAG_RATIOS)} only; calibrate them first "
+                   "(MagCacheConfig(calibrate=True)) and apply MagCache yourself")
         if why is not None:
             raise ConfigError(f"`cache` can't apply to {name} ({type(model).__name__}): {why}; remove `cache`")
-        model.enable_cache(FirstBlockCacheConfig(threshold=cache.threshold))
+        model.enable_cache(eval(expression, {**vars(diffusers.hooks), "FLUX_MAG_RATIOS": FLUX_MAG_RATIOS}))  # the code shown
 
-    return Step("cache", f"{cache.label()} on {name}", code, run, ("from diffusers.hooks import FirstBlockCacheConfig",))
+    return Step("cache", f"{cache.label()} on {name}", code, run, imports)
 
 
 def plan(config: OptimizationConfig, pipe: Any = None, *, model: str | Path | None = None) -> list[Step]:
