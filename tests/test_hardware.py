@@ -174,3 +174,17 @@ def test_probe_imports_neither_torch_nor_diffusers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == []
+
+
+def test_installed_versions_agree_with_importlib_metadata_for_every_installed_distribution():
+    """The versions read from the metadata folders' names are the ones importlib.metadata parses
+    from each METADATA file; a distribution that isn't installed is None."""
+    from importlib import metadata
+
+    from advisor.constraints import installed_versions
+
+    names = sorted({d.metadata["Name"] for d in metadata.distributions()})
+    assert len(names) > 20
+    found = installed_versions([*names, "surely-not-installed-anywhere"])
+    assert {name: found[name] for name in names} == {name: metadata.version(name) for name in names}
+    assert found["surely-not-installed-anywhere"] is None

@@ -317,13 +317,20 @@ def compare_outputs(output: Path, reference: Path) -> dict[str, Any] | None:
     return compare(np.load(output), np.load(reference)) if output.exists() and reference.exists() else None
 
 
-def cache_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
-    """First Block Cache at the thresholds the space offers (`advisor.caching`), on bf16 without offload."""
-    from advisor.caching import PUBLISHED_BASELINE_S, PUBLISHED_S, THRESHOLDS
-    from advisor.config import Cache, OptimizationConfig
+def cache_configs(device: str, dtype: str, steps: int) -> list[tuple[str, str, Any]]:
+    """The step caches the space offers for Flux (`advisor.plan.space.cache_config`), on bf16 without
+    offload: First Block Cache at its two thresholds, MagCache over the workload's `steps`, TaylorSeer lite."""
+    from advisor.caching import PUBLISHED_BASELINE_S, PUBLISHED_S
+    from advisor.config import OptimizationConfig
+    from advisor.plan.space import CACHES, cache_config
 
-    return [(f"first-block-{t:g}", f"bf16, First Block Cache {t:g} (ParaAttention, L20: {PUBLISHED_BASELINE_S / PUBLISHED_S[t]:.2f}x)",
-             OptimizationConfig(dtype=dtype, device=device, cache=Cache(threshold=t))) for t in THRESHOLDS]
+    def label(choice: str, cache: Any) -> str:
+        if cache.kind == "first_block":
+            return f"bf16, First Block Cache {cache.threshold:g} (ParaAttention, L20: {PUBLISHED_BASELINE_S / PUBLISHED_S[cache.threshold]:.2f}x)"
+        return f"bf16, {cache.label()}"
+
+    caches = [(choice, cache_config(choice, steps)) for choice in CACHES if choice != "none"]
+    return [(choice, label(choice, cache), OptimizationConfig(dtype=dtype, device=device, cache=cache)) for choice, cache in caches]
 
 
 def recommend(profile: Any, workload: Any, target: Any, *, machine: Any, budget_bytes: int) -> dict[str, Any]:

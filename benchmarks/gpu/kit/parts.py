@@ -5,7 +5,7 @@
 - ``tune``: ``advisor tune --budget 15GB`` with a small trial cap;
 - ``offload``: group offload in four forms and sequential offload against bf16 without offload.
 - ``attention``: native attention against each faster kernel installed here (`advisor.attention`), and
-  First Block Cache at two thresholds: latency and PSNR against native's output.
+  the step caches (First Block Cache at two thresholds, MagCache, TaylorSeer lite): latency and PSNR against native's output.
 
 Budgets are for full-size FLUX.1-dev; `Kit.scaled_budget` scales them to the model built.
 """
@@ -210,11 +210,12 @@ def offload_calibration(kit: Kit) -> dict[str, Any]:
 
 
 def part_attention(kit: Kit) -> None:
-    """Native attention, each faster kernel installed here, and First Block Cache at two thresholds:
-    latency against native, and PSNR/SSIM of each output against native's (same seed and steps)."""
+    """Native attention, each faster kernel installed here, and the step caches (First Block Cache
+    at two thresholds, MagCache, TaylorSeer lite): latency against native, and PSNR/SSIM of each
+    output against native's (same seed and steps)."""
     device = "cpu" if kit.args.dry_run else kit.device
     items = [(f"attention/{name}", label, config) for name, label, config in advisor_api.attention_configs(device, kit.dtype)]
-    caches = advisor_api.cache_configs(device, kit.dtype)
+    caches = advisor_api.cache_configs(device, kit.dtype, kit.workload.steps)
     items += [(f"cache/{name}", label, config) for name, label, config in (caches[:1] if kit.args.dry_run else caches)]
     for item_id, label, config in items:
         item = Item(id=item_id, part="attention", label=label)
