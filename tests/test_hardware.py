@@ -181,7 +181,7 @@ def test_installed_versions_agree_with_importlib_metadata_for_every_installed_di
     from each METADATA file; a distribution that isn't installed is None."""
     from importlib import metadata
 
-    from advisor.constraints import installed_versions
+    from advisor.packages import installed_versions
 
     names = sorted({d.metadata["Name"] for d in metadata.distributions()})
     assert len(names) > 20

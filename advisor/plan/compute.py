@@ -9,15 +9,27 @@ Traces are in bfloat16; other dtypes scale the bytes by their element size.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
 
+from advisor.config import OptimizationConfig
+from advisor.paths import DATA_DIR
 from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.workload import Workload, pipeline_behaviour
 
 TRACE_VERSION = 1  # the record layout advisor.trace writes; an older record counts as no trace
 TRACE_DTYPE_BYTES = 2
+
+
+@lru_cache(maxsize=1)
+def constants() -> dict[str, Any]:
+    """The estimate's constants (value only; sources stay in the data file)."""
+    raw = json.loads((DATA_DIR / "estimate_constants.json").read_text())
+    return {key: entry["value"] for key, entry in raw.items() if not key.startswith("_")}
 
 
 def evaluate(basis: list[str], coefficients: list[float], variables: dict[str, float]) -> float:
@@ -210,3 +222,49 @@ def cache_residual_bytes(profile: ModelProfile, denoiser: ComponentProfile, work
         channels = denoiser.facts.get("out_channels") or denoiser.facts.get("in_channels") or 64
         return 2 * batch * tokens * int(channels) * dtype_size(dtype)
     return {"first_block": 3, "mag": 2}[kind] * batch * tokens * hidden * dtype_size(dtype)
+
+
+# --- a phase's work, summed over its components ---------------------------------------------------
+
+
+def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationConfig, memo: dict | None = None) -> dict[str, Work]:
+    """What each phase computes and holds, summed over its components.
+
+    Denoising is one step: every denoiser call of it (guidance run as a second call or batched).
+    The work depends on the dtype and a few flags only; `memo` (one profile and workload's) keeps
+    what was computed.
+    """
+    flags = (config.dtype, config.vae.tiling, config.vae.slicing, config.cache.kind if config.cache else None)
+    return _memo(memo, ("phases", *flags), lambda: _phase_work(profile, workload, *flags, memo))
+
+
+def _phase_work(profile: ModelProfile, workload: Workload, dtype: str, tiling: bool, slicing: bool, cache: str | None,
+                memo: dict | None) -> dict[str, Work]:
+    k = constants()
+    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
+    text = NO_WORK
+    for encoder in profile.by_role("text_encoder"):
+        text = text + text_work(encoder, workload, dtype, memo)
+    denoise = NO_WORK
+    for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
+        batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
+        call = _memo(memo, ("denoise", dtype), lambda: denoiser_work(profile, denoiser, workload, dtype, batch, k))
+        calls = 2 if behaviour["cfg"] == "sequential" else 1
+        held = cache_residual_bytes(profile, denoiser, workload, dtype, batch, cache) * calls if cache else 0
+        denoise = Work(call.matmul_flops * calls, call.attention_flops * calls, call.written_bytes * calls, call.activation_bytes + held,
+                       call.traced, call.largest_bytes)
+    vae = profile.vae
+    decode = vae_decode_work(vae, workload, dtype, tiling=tiling, slicing=slicing, k=k) if vae else NO_WORK
+    return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
+
+
+def text_work(encoder: ComponentProfile, workload: Workload, dtype: str, memo: dict | None) -> Work:
+    return _memo(memo, ("text", encoder.name, dtype), lambda: text_encoder_work(encoder, workload, dtype, constants()))
+
+
+def _memo(memo: dict | None, key: tuple, compute: Callable[[], Any]) -> Any:
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]

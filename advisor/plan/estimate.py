@@ -18,19 +18,16 @@ estimate only has to rank candidates; `advisor tune` measures the truth.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 from advisor.attention import speedup_of
 from advisor.caching import cache_share
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
-from advisor.paths import DATA_DIR
-from advisor.plan import compute
-from advisor.plan.compute import NO_WORK, Work, denoiser_work, largest_layer_parameters, text_encoder_work, vae_decode_work
+from advisor.plan.compute import Work, constants, largest_layer_parameters, phase_work, text_work
 from advisor.plan.compute import trace_of as _traced
 from advisor.plan.scenario import Scenario, limited_peak
 from advisor.probe.models import ComponentProfile, ModelProfile
@@ -41,13 +38,6 @@ from advisor.units import parse_capability
 
 PHASES = ("text_encoding", "denoising", "vae_decode")
 ROLE_OF_PHASE = {"text_encoding": "text_encoder", "denoising": "denoiser", "vae_decode": "vae"}
-
-
-@lru_cache(maxsize=1)
-def constants() -> dict[str, Any]:
-    """The estimate's constants (value only; sources stay in the data file)."""
-    raw = json.loads((DATA_DIR / "estimate_constants.json").read_text())
-    return {key: entry["value"] for key, entry in raw.items() if not key.startswith("_")}
 
 
 @dataclass
@@ -213,49 +203,6 @@ def resident_bytes(component: ComponentProfile, weights: int, config: Optimizati
 
 
 # --- work and activations -----------------------------------------------------------------------
-
-
-def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationConfig, memo: dict | None = None) -> dict[str, Work]:
-    """What each phase computes and holds (`advisor.plan.compute`), summed over its components.
-
-    Denoising is one step: every denoiser call of it (guidance run as a second call or batched).
-    The work depends on the dtype and a few flags only; `memo` (one profile and workload's) keeps
-    what was computed.
-    """
-    flags = (config.dtype, config.vae.tiling, config.vae.slicing, config.cache.kind if config.cache else None)
-    return _memo(memo, ("phases", *flags), lambda: _phase_work(profile, workload, *flags, memo))
-
-
-def _phase_work(profile: ModelProfile, workload: Workload, dtype: str, tiling: bool, slicing: bool, cache: str | None,
-                memo: dict | None) -> dict[str, Work]:
-    k = constants()
-    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
-    text = NO_WORK
-    for encoder in profile.by_role("text_encoder"):
-        text = text + _text_work(encoder, workload, dtype, memo)
-    denoise = NO_WORK
-    for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
-        batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
-        call = _memo(memo, ("denoise", dtype), lambda: denoiser_work(profile, denoiser, workload, dtype, batch, k))
-        calls = 2 if behaviour["cfg"] == "sequential" else 1
-        held = compute.cache_residual_bytes(profile, denoiser, workload, dtype, batch, cache) * calls if cache else 0
-        denoise = Work(call.matmul_flops * calls, call.attention_flops * calls, call.written_bytes * calls, call.activation_bytes + held,
-                       call.traced, call.largest_bytes)
-    vae = profile.vae
-    decode = vae_decode_work(vae, workload, dtype, tiling=tiling, slicing=slicing, k=k) if vae else NO_WORK
-    return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
-
-
-def _text_work(encoder: ComponentProfile, workload: Workload, dtype: str, memo: dict | None) -> Work:
-    return _memo(memo, ("text", encoder.name, dtype), lambda: text_encoder_work(encoder, workload, dtype, constants()))
-
-
-def _memo(memo: dict | None, key: tuple, compute: Callable[[], Any]) -> Any:
-    if memo is None:
-        return compute()
-    if key not in memo:
-        memo[key] = compute()
-    return memo[key]
 
 
 def _device_activation(profile: ModelProfile, config: OptimizationConfig, phase: str, work: Work, on_cpu: bool) -> tuple[int, int]:
@@ -517,7 +464,7 @@ def _latency(profile, workload, config, target, weights, works, on_cpu, memo) ->
         step = step_compute + step_transfer
 
     text = sum(
-        _seconds(_text_work(t, workload, config.dtype, memo), target, _speed_factor(config, t.name, generation))
+        _seconds(text_work(t, workload, config.dtype, memo), target, _speed_factor(config, t.name, generation))
         for t in profile.by_role("text_encoder")
     )
     decode = _seconds(works["vae_decode"], target, 1.0)

@@ -20,7 +20,8 @@ from typing import Any
 from advisor.attention import BACKENDS
 from advisor.attention import PACKAGES as ATTENTION_PACKAGES
 from advisor.config import OptimizationConfig
-from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation, installed_version, installed_versions
+from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation
+from advisor.packages import installed_version, installed_versions
 from advisor.paths import hub_offline
 from advisor.probe.hub_cache import hub_cache_dir
 from advisor.units import parse_capability

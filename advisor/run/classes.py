@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from advisor.constraints import installed_version
+from advisor.packages import installed_version
 from advisor.probe.layout import NOT_MODELS, ComponentEntry, PipelineLayout, diffusers_tables, layout_of_components, read_layout
 
 
