@@ -224,12 +224,12 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
         config = candidate.config
         predicted = estimate_for(scenario, config)
         predicted_peak = predicted.limited_peak(device)
-        key = config.key
+        stored = config.to_dict(exclude_none=False)  # as studies have always stored it
 
         def finish(status: str, source: str, violation: float, latency: float, reason: str | None, m: Measurement | None = None) -> float:
             attrs = TrialRecord.attrs(
                 summary=config.summary(), status=status, source=source, predicted_peak_bytes=predicted_peak,
-                reason=reason, config=json.loads(key), measurement=m.to_dict() if m is not None else None,
+                reason=reason, config=stored, measurement=m.to_dict() if m is not None else None,
                 predicted_latency_s=predicted.latency_s,
             )
             for name, value in attrs.items():
@@ -239,7 +239,7 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
 
         if candidate.rejected_by:
             return finish("invalid", "estimate", 1.0, predicted.latency_s, f"rejected by rule {candidate.rejected_by}")
-        earlier = _answered_before(trial.study, key, trial.number, stale)
+        earlier = _answered_before(trial.study, stored, trial.number, stale)
         if earlier is not None:  # the sampler proposed a configuration already answered: reuse the answer
             attrs = earlier.user_attrs
             same = f"same as trial {earlier.number}"
@@ -306,9 +306,9 @@ def _judge(m: Measurement, scenario: Scenario, guard: QualityGuard) -> tuple[str
     return "ok", float((peak or 0) - budget), None
 
 
-def _answered_before(study, key: str, number: int, stale: set[int]):
-    """A finished trial, not stale, that measured `key` (or else decided it by the estimate)."""
-    wanted, by_estimate = config_key(json.loads(key)), None
+def _answered_before(study, config: dict[str, Any], number: int, stale: set[int]):
+    """A finished trial, not stale, that measured `config` (or else decided it by the estimate)."""
+    wanted, by_estimate = config_key(config), None
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
         if trial.number == number or trial.number in stale or config_key(attrs.get("config")) != wanted:
