@@ -116,6 +116,9 @@ MAG_RATIOS = {
     ),
 }
 MAG_DEFAULTS = {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2}  # MagCacheConfig's
+# The threshold a config's cache takes when it gives none: 0.08 for First Block Cache (the milder
+# published setting), MagCache's own default for MagCache.
+CACHE_THRESHOLDS = {"first_block": 0.08, "mag": MAG_DEFAULTS["threshold"]}
 
 
 def mag_computed_steps(ratios: tuple[float, ...], steps: int, threshold: float, max_skip_steps: int, retention_ratio: float) -> list[bool]:

@@ -26,7 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from advisor.caching import TAYLORSEER_DEFAULTS
+from advisor.caching import CACHE_THRESHOLDS, TAYLORSEER_DEFAULTS
 from advisor.errors import ConfigError
 from advisor.files import json_type, read_json, write_text_atomic
 
@@ -274,7 +274,7 @@ class Cache(_Section):
     _key = "cache."
 
     kind: Literal["first_block", "mag", "taylorseer"] = "first_block"
-    threshold: float = 0.08  # first_block and mag (MagCache's own default is 0.06)
+    threshold: float | None = None  # first_block (default 0.08) and mag (default 0.06, MagCache's)
     steps: int | None = None  # mag
     max_skip_steps: int | None = None  # mag; default 3
     retention_ratio: float | None = None  # mag; default 0.2
@@ -282,7 +282,12 @@ class Cache(_Section):
     warmup_steps: int | None = None  # taylorseer; default 10
 
     def _check(self) -> None:
-        if not 0 < self.threshold <= 1:
+        if self.kind == "taylorseer":
+            if self.threshold is not None:
+                raise ValueError("`cache.threshold` is for kinds first_block and mag, not taylorseer")
+        elif self.threshold is None:
+            object.__setattr__(self, "threshold", CACHE_THRESHOLDS[self.kind])  # the default, written out
+        elif not 0 < self.threshold <= 1:
             raise ValueError(f"`cache.threshold: {self.threshold}` must be above 0 and at most 1")
         owners = {"steps": "mag", "max_skip_steps": "mag", "retention_ratio": "mag", "interval": "taylorseer", "warmup_steps": "taylorseer"}
         for key, kind in owners.items():

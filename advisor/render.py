@@ -1,24 +1,48 @@
-"""What the CLI prints for people: tables and lines at the terminal's width (data comes from the modules)."""
+"""What the CLI prints for people: tables and lines at the terminal's width (data comes from the modules).
+
+`recommend` prints plain lines (`text_console`); the views with tables use rich, imported where they
+are drawn: its import (~22 ms) is a fifth of the start-up `recommend` may take (benchmarks/cli_latency.py).
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import textwrap
 import time
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, TextIO
 
 from advisor.config import OptimizationConfig
 from advisor.plan.quality import is_lossy
 from advisor.run.steps import summary
 from advisor.units import format_size
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+PIPED_WIDTH = 120  # wide enough that tables don't wrap when piped (CI logs, files)
+
 
 def stdout_console() -> Console:
-    # Wide enough that tables don't wrap when piped (CI logs, files).
-    return Console(width=None if sys.stdout.isatty() else 120, highlight=False)
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else PIPED_WIDTH, highlight=False)
+
+
+class PlainConsole:
+    """Plain lines at a width: the part of rich's Console that `recommend` uses (``width``, ``print``)."""
+
+    def __init__(self, file: TextIO | None = None, width: int | None = None) -> None:
+        self.file = file or sys.stdout
+        self.width = width or (shutil.get_terminal_size((80, 24)).columns if self.file.isatty() else PIPED_WIDTH)
+
+    def print(self, text: str = "", **_rich_options: Any) -> None:
+        self.file.write(f"{text}\n")
+
+
+def text_console() -> PlainConsole:
+    return PlainConsole()
 
 
 # Below this width the tune table stacks each trial (numbers on one line, configuration and reason
@@ -28,6 +52,8 @@ WIDE = 110
 
 def render_tune(result, output: str | None, report=None) -> None:
     """`advisor tune`'s result: every trial, the notes, the pick, where the config and report went."""
+    from rich.table import Table
+
     console = stdout_console()
     rows = [_trial_row(t, result.best) for t in result.trials]
     console.print(f"Trials of study {result.study}", markup=False)
@@ -72,7 +98,7 @@ def _trial_row(t, best) -> dict[str, str]:
     }
 
 
-def _print_stacked(console: Console, rows: list[dict[str, str]]) -> None:
+def _print_stacked(console, rows: list[dict[str, str]]) -> None:
     """Narrow terminals: a line of numbers per trial, its configuration and reason wrapped under it."""
     columns = ("#", "status", "latency", "peak", "predicted", "quality")
     widths = {c: max([len(c)] + [len(row[c]) for row in rows]) for c in columns}
@@ -89,7 +115,7 @@ def _print_stacked(console: Console, rows: list[dict[str, str]]) -> None:
             _print_wrapped(console, row["reason"], indent, indent)
 
 
-def _print_wrapped(console: Console, text: str, first: str = "", rest: str = "") -> None:
+def _print_wrapped(console, text: str, first: str = "", rest: str = "") -> None:
     """`text` wrapped at the console's width, `first` before its first line and `rest` before the
     others (a hanging indent, which rich's own wrapping does not do); never read as markup."""
     width = max(console.width, 40)
@@ -123,6 +149,7 @@ class TuneProgress:
     def __rich__(self):
         from rich.console import Group
         from rich.progress_bar import ProgressBar
+        from rich.table import Table
 
         now = time.monotonic()
         top = Table.grid(padding=(0, 1))
@@ -151,7 +178,8 @@ def _clock(seconds: float) -> str:
 
 
 def render_recommendation(result, config, output: str | None) -> None:
-    console = stdout_console()
+    """`advisor recommend`'s text: the pick, its numbers, why, the alternatives, where the config went."""
+    console = text_console()
     scenario = result.scenario
     target = scenario.target
     for note in scenario.notes:
@@ -176,27 +204,30 @@ def render_recommendation(result, config, output: str | None) -> None:
     for reason in result.reasons:
         _print_wrapped(console, reason, "  - ", "    ")
     if result.alternatives:
-        table = Table(title="Alternatives", title_justify="left")
-        table.add_column("configuration", overflow="fold")
-        table.add_column(peak_label, justify="right", no_wrap=True)
-        if not cpu:
-            table.add_column("host RAM", justify="right", no_wrap=True)
-        table.add_column("latency", justify="right", no_wrap=True)
-        for alternative in result.alternatives:
-            estimate = alternative.estimate
-            host_column = [] if cpu else [format_size(estimate.peak_ram_bytes)]
-            table.add_row(
-                summary(alternative.config),
-                format_size(estimate.limited_peak(target.device)),
-                *host_column,
-                f"{estimate.latency_s:.1f}s",
-            )
-        console.print(table)
+        _print_alternatives(console, result.alternatives, target.device, peak_label)
     if output:
         _print_wrapped(console, f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))",
                        "", "  ")
     else:
         console.print("Save it with -o advisor.json, or print the code with --emit python.")
+
+
+def _print_alternatives(console, alternatives, device: str, peak_label: str) -> None:
+    """The runners-up as columns that never cut a cell: the numbers first, right-aligned, then the
+    configuration, wrapped under itself in the width that is left."""
+    columns = [peak_label] + ([] if device == "cpu" else ["host RAM"]) + ["latency"]
+    rows = []
+    for alternative in alternatives:
+        estimate = alternative.estimate
+        numbers = [format_size(estimate.limited_peak(device))] + ([] if device == "cpu" else [format_size(estimate.peak_ram_bytes)])
+        rows.append((numbers + [f"{estimate.latency_s:.1f}s"], summary(alternative.config)))
+    widths = [max(len(c), *(len(numbers[i]) for numbers, _ in rows)) for i, c in enumerate(columns)]
+    left = "  " + "  ".join(f"{{:>{w}}}" for w in widths) + "  "
+    console.print("Alternatives:")
+    console.print(left.format(*columns) + "configuration")
+    for numbers, configuration in rows:
+        line = left.format(*numbers)
+        _print_wrapped(console, configuration, line, " " * len(line))
 
 
 def format_latency(trial) -> str:
@@ -230,6 +261,8 @@ def format_count(count: int) -> str:
 
 
 def render_probe(profile) -> None:
+    from rich.table import Table
+
     console = stdout_console()
     if profile.gpus:
         table = Table(title=f"GPUs (via {profile.gpu_source})", title_justify="left")
@@ -285,6 +318,8 @@ def render_probe(profile) -> None:
 
 def render_inspect(profile) -> None:
     """`advisor inspect`: what a pipeline weighs, per component."""
+    from rich.table import Table
+
     console = stdout_console()
     console.print(f"{profile.model_id}  ({profile.pipeline_class}, from the {profile.source})")
     console.print(f"workload: {profile.workload} ({profile.workload_reason})")
@@ -310,6 +345,8 @@ def render_inspect(profile) -> None:
 
 def render_estimate(profile, job, target, config, result) -> None:
     """`advisor estimate`: memory per phase, peaks and latency of one configuration."""
+    from rich.table import Table
+
     console = stdout_console()
     console.print(f"{profile.model_id}: {job.label()} on {target.name} ({target.source})")
     console.print(f"config: {config.summary()}")

@@ -34,7 +34,7 @@ def check_80(text: str) -> None:
         assert len(line) <= 80 or re.search(r"https?://\S{40,}", line), f"{len(line)} columns: {line!r}"
 
 
-def test_recommend_output_reads_at_80_columns(console80):
+def test_recommend_output_reads_at_80_columns(monkeypatch):
     from advisor.plan.recommend import recommend
     from advisor.plan.scenario import scenario_for
     from advisor.probe.hardware import probe_machine
@@ -42,9 +42,13 @@ def test_recommend_output_reads_at_80_columns(console80):
 
     scenario = scenario_for(probe_machine(), "black-forest-labs/FLUX.1-dev", gpu="RTX 4090", ram=64 * 2**30)
     result = recommend(scenario)
+    out = io.StringIO()
+    monkeypatch.setattr(render, "text_console", lambda: render.PlainConsole(out, width=80))
     render.render_recommendation(result, result.config, None)
-    text = console80.export_text()
+    text = out.getvalue()
     check_80(text)
+    for alternative in result.alternatives:  # each runner-up's configuration whole, under its numbers
+        assert words(summary(alternative.config)) in words(text.split("Alternatives:", 1)[1])
     assert words(f"Recommended: {summary(result.config)}") in words(text)
     for reason in result.reasons:  # every reason whole, its wrapped lines indented under its dash
         assert words(reason) in words(text)

@@ -320,7 +320,6 @@ def _cache_step(cache: Any, name: str) -> Step:
     def run(pipe: Any) -> None:
         import diffusers.hooks
         import torch
-        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
         from advisor.caching import MAG_RATIOS, cacheable
         from advisor.errors import ConfigError
@@ -333,7 +332,10 @@ def _cache_step(cache: Any, name: str) -> Step:
                    "(MagCacheConfig(calibrate=True)) and apply MagCache yourself")
         if why is not None:
             raise ConfigError(f"`cache` can't apply to {name} ({type(model).__name__}): {why}; remove `cache`")
-        model.enable_cache(eval(expression, {**vars(diffusers.hooks), "FLUX_MAG_RATIOS": FLUX_MAG_RATIOS}))  # the code shown
+        # The code shown, with diffusers' FLUX_MAG_RATIOS as the values `advisor.caching` holds (tests check
+        # they are equal): the module's tensor is made at import, on the meta device if that is when it was.
+        ratios = list(MAG_RATIOS.get(type(model).__name__, ()))
+        model.enable_cache(eval(expression, {**vars(diffusers.hooks), "FLUX_MAG_RATIOS": ratios}))
 
     return Step("cache", f"{cache.label()} on {name}", code, run, imports)
 

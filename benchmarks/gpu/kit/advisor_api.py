@@ -20,7 +20,7 @@ def _refused_on_a_cpu(config: Any, constraint: str) -> bool:
     from advisor.constraints import Platform, named
 
     cpu_only = Platform(accelerator=None, compute_capability=None, packages=None, cuda_devices=0, no_cuda="a CPU")
-    return named(constraint).check(config.replace(device="cpu"), cpu_only) is not None
+    return named(constraint).check(config, cpu_only) is not None
 
 
 def bitsandbytes_needs_cuda(config: Any) -> bool:
@@ -42,12 +42,18 @@ CPU_OFFLOAD_RULE = "offload-needs-an-accelerator"
 # --- configs -----------------------------------------------------------------------------------------
 
 
+def on_a_gpu(device: str) -> str:
+    """The device of the GPU configs the kit measures: the dry run's are mapped to the CPU by
+    `cpu_equivalent` (a config with model offload on the CPU is not a valid config)."""
+    return device if device.startswith("cuda") else "cuda"
+
+
 def seed_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
     """The seed page's three combinations: nf4 transformer + T5; + compile; + compile + model offload."""
     from advisor.config import Compile, Offload, OptimizationConfig, Quantization
 
     nf4 = Quantization(backend="bitsandbytes_4bit", components=["transformer", "text_encoder_2"])
-    base = OptimizationConfig(dtype=dtype, device=device, quantization=nf4)
+    base = OptimizationConfig(dtype=dtype, device=on_a_gpu(device), quantization=nf4)
     compiled = base.replace(compile=Compile(components=["transformer"]))
     offloaded = compiled.replace(offload=Offload(strategy="model"))
     return [
@@ -62,7 +68,7 @@ def offload_configs(device: str, dtype: str, blocks: int = 0) -> list[tuple[str,
     partial offload keeping a third and two thirds of its `blocks` resident, sequential."""
     from advisor.config import Offload, OptimizationConfig
 
-    base = OptimizationConfig(dtype=dtype, device=device)
+    base = OptimizationConfig(dtype=dtype, device=on_a_gpu(device))
     group = dict(strategy="group", components=["transformer"])
     stream = dict(use_stream=True, record_stream=True)
     return [
