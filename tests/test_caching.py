@@ -217,3 +217,16 @@ def test_a_denoiser_the_cache_cannot_hook_is_refused_in_one_line(tmp_path):
     path = build_tiny_wan(tmp_path / "wan")
     with pytest.raises(ConfigError, match=r"diffusers ships MagCache ratios for FluxTransformer2DModel only; calibrate them first"):
         load_pipeline(path, OptimizationConfig(device="cpu", dtype="float32", cache=Cache(kind="mag", threshold=0.06, steps=8)))
+
+
+def test_a_cached_candidate_is_timed_over_the_whole_run():
+    """Extrapolating 2- and 8-step runs to 28 steps would miss what a cache skips (MagCache runs
+    every one of its first 6 steps; First Block Cache skips by how much the output changes)."""
+    from advisor.probe.workload import Workload
+    from advisor.run.measure import timed_step_points
+    from advisor.run.timing import STEP_POINTS
+
+    workload = Workload("image", height=1024, width=1024, steps=28)
+    assert timed_step_points(OptimizationConfig(), workload, STEP_POINTS) == STEP_POINTS
+    for cache in (Cache(), Cache(kind="mag", steps=28), Cache(kind="taylorseer")):
+        assert timed_step_points(OptimizationConfig(cache=cache), workload, STEP_POINTS) == (28,)

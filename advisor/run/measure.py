@@ -95,6 +95,14 @@ class Measurement:
         return limited_peak(device, vram_bytes=self.peak_vram_bytes, ram_bytes=self.peak_rss_bytes)
 
 
+def timed_step_points(config: OptimizationConfig, workload: Workload, step_points: tuple[int, ...]) -> tuple[int, ...]:
+    """The step counts a trial times: `step_points` extrapolated to the workload's steps, except
+    with a step cache, whose skips depend on the step index and on how much the output changes
+    from step to step: a short run neither skips nor costs per step what the full run does, so the
+    whole run is timed (`advisor.run.timing.time_rounds` times a single point at the full steps)."""
+    return (workload.steps,) if config.cache is not None else step_points
+
+
 def measure(
     model: str | Path,
     config: OptimizationConfig,
@@ -134,7 +142,7 @@ def measure(
             "model": str(model),
             "config": config.to_dict(exclude_none=False),
             "workload": workload.to_dict(),
-            "step_points": list(step_points),
+            "step_points": list(timed_step_points(config, workload, step_points)),
             "timing": {"min_rounds": repeats, "max_rounds": max_rounds, "tolerance": tolerance, "cap_s": timing_cap_s},
             "timeout_s": timeout_s,
             "memory_limit_bytes": memory_limit_bytes,
