@@ -230,3 +230,34 @@ def test_a_cached_candidate_is_timed_over_the_whole_run():
     assert timed_step_points(OptimizationConfig(), workload, STEP_POINTS) == STEP_POINTS
     for cache in (Cache(), Cache(kind="mag", steps=28), Cache(kind="taylorseer")):
         assert timed_step_points(OptimizationConfig(cache=cache), workload, STEP_POINTS) == (28,)
+
+
+def test_why_pyramid_attention_broadcast_and_fastercache_are_not_offered(tmp_path):
+    """The reasons docs/rules.md gives, on a pipeline that runs guidance as a second call (Wan): PAB
+    keeps one step counter for both calls, so at every step the second call reuses the first's
+    attention instead of computing its own; FasterCache fails on the first step. If diffusers
+    changes either, this fails: time to reconsider offering them."""
+    import torch
+    from diffusers import DiffusionPipeline, FasterCacheConfig, PyramidAttentionBroadcastConfig
+
+    from advisor.testing import build_tiny_wan, tiny_call_kwargs
+
+    pipe = DiffusionPipeline.from_pretrained(build_tiny_wan(tmp_path / "wan"), dtype=torch.float32)
+    computed = []  # the timestep of every attention computed (its query projection runs)
+    for block in pipe.transformer.blocks:
+        block.attn1.to_q.register_forward_pre_hook(lambda module, args: computed.append(float(pipe.current_timestep)))
+    call = {**tiny_call_kwargs("video", seed=0), "num_inference_steps": 8}
+    everywhere = dict(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+                      current_timestep_callback=lambda: pipe.current_timestep)
+    pipe(**call)
+    assert len(computed) == 2 * 8 * 2  # blocks x steps x (conditional, unconditional)
+    computed.clear()
+    pipe.transformer.enable_cache(PyramidAttentionBroadcastConfig(**everywhere))
+    pipe(**call)
+    # Each call of its own would compute every other step, both calls at the same 4 timesteps; the
+    # shared counter computes at all 8 steps, once per block: the conditional call's, reused by the other.
+    assert len(computed) == 2 * 8 and len(set(computed)) == 8
+    pipe.transformer.disable_cache()
+    pipe.transformer.enable_cache(FasterCacheConfig(**everywhere))
+    with pytest.raises(IndexError):
+        pipe(**call)
