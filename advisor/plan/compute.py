@@ -4,7 +4,9 @@ memory-bound ops, and the activation peak.
 The numbers come from the component's trace (curves fitted on the meta device by `advisor.trace`,
 stored in the catalog entry or the user's cache) evaluated at the workload's size: pure arithmetic,
 no torch. A component without a trace falls back to the formula below, and the estimate says so.
-Traces are in bfloat16; other dtypes scale the bytes by their element size.
+Traces are in bfloat16; other dtypes scale the bytes by their element size. `phase_work` sums the
+components of each phase, and `constants` holds the estimate's constants (values only; their
+sources stay in ``advisor/data/estimate_constants.json``).
 """
 
 from __future__ import annotations
