@@ -115,10 +115,6 @@ MAG_RATIOS = {
         1.00781, 1.0, 1.00781, 1.0, 1.00781, 1.0, 1.0, 0.99609, 0.99609, 0.98047, 0.98828, 0.96484, 0.95703, 0.93359, 0.89062,
     ),
 }
-MAG_DEFAULTS = {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2}  # MagCacheConfig's
-# The threshold a config's cache takes when it gives none: 0.08 for First Block Cache (the milder
-# published setting), MagCache's own default for MagCache.
-CACHE_THRESHOLDS = {"first_block": 0.08, "mag": MAG_DEFAULTS["threshold"]}
 
 
 def mag_computed_steps(ratios: tuple[float, ...], steps: int, threshold: float, max_skip_steps: int, retention_ratio: float) -> list[bool]:
@@ -146,12 +142,23 @@ def mag_computed_steps(ratios: tuple[float, ...], steps: int, threshold: float, 
 # --- TaylorSeer (lite) -----------------------------------------------------------------------------
 
 TAYLORSEER_SOURCE = "https://huggingface.co/docs/diffusers/main/en/optimization/cache#taylorseer-cache"
-TAYLORSEER_DEFAULTS = {"interval": 5, "warmup_steps": 10}  # the diffusers cache guide's example
 
 
 def taylorseer_computed_steps(steps: int, interval: int, warmup_steps: int) -> list[bool]:
     """Which of `steps` steps TaylorSeer computes (True) or predicts, as diffusers decides."""
     return [step < warmup_steps or (step - warmup_steps - 1) % interval == 0 for step in range(steps)]
+
+
+# --- the settings of each kind ---------------------------------------------------------------------
+
+# What a config's `cache` takes for each kind, with the default it gets when it gives none (None:
+# required). First Block Cache: 0.08, the milder published threshold; MagCache: MagCacheConfig's
+# defaults, over the steps the pipeline runs; TaylorSeer: the diffusers cache guide's example.
+SETTINGS = {
+    "first_block": {"threshold": 0.08},
+    "mag": {"threshold": 0.06, "steps": None, "max_skip_steps": 3, "retention_ratio": 0.2},
+    "taylorseer": {"interval": 5, "warmup_steps": 10},
+}
 
 
 def cache_share(cache, steps: int, model_class: str | None) -> float:
@@ -162,9 +169,7 @@ def cache_share(cache, steps: int, model_class: str | None) -> float:
         ratios = MAG_RATIOS.get(model_class or "")
         if ratios is None:
             return 1.0  # refused where it runs: no ratios to decide with
-        run = mag_computed_steps(ratios, steps, cache.threshold, cache.max_skip_steps or MAG_DEFAULTS["max_skip_steps"],
-                                 cache.retention_ratio if cache.retention_ratio is not None else MAG_DEFAULTS["retention_ratio"])
+        run = mag_computed_steps(ratios, steps, cache.threshold, cache.max_skip_steps, cache.retention_ratio)
     else:
-        run = taylorseer_computed_steps(steps, cache.interval or TAYLORSEER_DEFAULTS["interval"],
-                                        cache.warmup_steps if cache.warmup_steps is not None else TAYLORSEER_DEFAULTS["warmup_steps"])
+        run = taylorseer_computed_steps(steps, cache.interval, cache.warmup_steps)
     return sum(run) / len(run)

@@ -26,7 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from advisor.caching import CACHE_THRESHOLDS, TAYLORSEER_DEFAULTS
+from advisor.caching import SETTINGS as CACHE_SETTINGS
 from advisor.errors import ConfigError
 from advisor.files import json_type, read_json, write_text_atomic
 
@@ -275,31 +275,32 @@ class Cache(_Section):
 
     kind: Literal["first_block", "mag", "taylorseer"] = "first_block"
     threshold: float | None = None  # first_block (default 0.08) and mag (default 0.06, MagCache's)
-    steps: int | None = None  # mag
+    steps: int | None = None  # mag, required
     max_skip_steps: int | None = None  # mag; default 3
     retention_ratio: float | None = None  # mag; default 0.2
     interval: int | None = None  # taylorseer; default 5
     warmup_steps: int | None = None  # taylorseer; default 10
 
     def _check(self) -> None:
-        if self.kind == "taylorseer":
-            if self.threshold is not None:
-                raise ValueError("`cache.threshold` is for kinds first_block and mag, not taylorseer")
-        elif self.threshold is None:
-            object.__setattr__(self, "threshold", CACHE_THRESHOLDS[self.kind])  # the default, written out
-        elif not 0 < self.threshold <= 1:
+        """Each setting belongs to some kinds (`advisor.caching.SETTINGS`); a kind's own settings
+        left out take their defaults, written out, so the config says what runs."""
+        own = CACHE_SETTINGS[self.kind]
+        for key in ("threshold", "steps", "max_skip_steps", "retention_ratio", "interval", "warmup_steps"):
+            value = getattr(self, key)
+            if key not in own:
+                if value is not None:
+                    kinds = [kind for kind, settings in CACHE_SETTINGS.items() if key in settings]
+                    raise ValueError(f"`cache.{key}` is for kind{'s' * (len(kinds) > 1)} {' and '.join(kinds)}, not {self.kind}")
+            elif value is None:
+                if own[key] is None:  # only MagCache's steps
+                    raise ValueError(f"`cache.{key}` is required for kind {self.kind}: the denoising steps the pipeline "
+                                     "runs (its ratios are laid over them)")
+                object.__setattr__(self, key, own[key])
+        if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ValueError(f"`cache.threshold: {self.threshold}` must be above 0 and at most 1")
-        owners = {"steps": "mag", "max_skip_steps": "mag", "retention_ratio": "mag", "interval": "taylorseer", "warmup_steps": "taylorseer"}
-        for key, kind in owners.items():
-            if getattr(self, key) is not None and self.kind != kind:
-                raise ValueError(f"`cache.{key}` is for kind {kind}, not {self.kind}")
-        if self.kind == "mag" and (self.steps is None or self.steps < 1):
-            raise ValueError("`cache.steps` is required for kind mag: the denoising steps the pipeline runs (its ratios are laid over them)")
-        for key in ("steps", "max_skip_steps", "interval"):
+        for key in ("steps", "max_skip_steps", "interval", "warmup_steps"):  # warmup: TaylorSeer predicts from computed steps
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"`cache.{key}: {getattr(self, key)}` must be at least 1")
-        if self.warmup_steps is not None and self.warmup_steps < 1:  # TaylorSeer predicts from a computed step
-            raise ValueError(f"`cache.warmup_steps: {self.warmup_steps}` must be at least 1")
         if self.retention_ratio is not None and not 0 <= self.retention_ratio <= 1:
             raise ValueError(f"`cache.retention_ratio: {self.retention_ratio}` must be between 0 and 1")
 
@@ -307,9 +308,7 @@ class Cache(_Section):
         if self.kind == "mag":
             return f"MagCache {self.threshold:g}"
         if self.kind == "taylorseer":
-            interval = self.interval or TAYLORSEER_DEFAULTS["interval"]
-            warmup = self.warmup_steps or TAYLORSEER_DEFAULTS["warmup_steps"]
-            return f"TaylorSeer lite (every {interval} after {warmup})"
+            return f"TaylorSeer lite (every {self.interval} after {self.warmup_steps})"
         return f"first-block cache {self.threshold:g}"
 
 
@@ -459,7 +458,7 @@ def _first_problem(exc: Any) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if "`" in message:  # our own checks already name the keys
         return message
-    if error["type"] in {"extra_forbidden", "unexpected_keyword_argument"}:
+    if error["type"] == "unexpected_keyword_argument":  # a dataclass's unknown key
         return f"unknown key {where!r}"
     if error["type"] == "literal_error":
         return f"{where}: {message}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from functools import lru_cache
 from typing import Iterable
 
 
@@ -25,8 +26,16 @@ def installed_versions(distributions: Iterable[str]) -> dict[str, str | None]:
     too, before it parses every METADATA file, ~1 ms each); the first on ``sys.path`` wins, as
     at import. An ``.egg-info`` folder without a version is asked of importlib.metadata.
     """
-    wanted = {_normalized(name): name for name in distributions}
-    found: dict[str, str | None] = {}
+    folders = _metadata_folders()
+    found = {name: folders.get(_normalized(name)) for name in distributions}
+    return {name: version if version != "" else _version_from_metadata(name) for name, version in found.items()}
+
+
+@lru_cache(maxsize=1)
+def _metadata_folders() -> dict[str, str]:
+    """Normalized distribution name -> the version its metadata folder names ("" for none), read once
+    per process: what is installed doesn't change under a running command."""
+    versions: dict[str, str] = {}
     for entry in sys.path:
         try:
             folders = os.listdir(entry or ".")
@@ -34,13 +43,10 @@ def installed_versions(distributions: Iterable[str]) -> dict[str, str | None]:
             continue
         for folder in folders:
             stem, _, suffix = folder.rpartition(".")
-            if suffix not in ("dist-info", "egg-info"):
-                continue
-            project, _, version = stem.partition("-")
-            name = wanted.get(_normalized(project))
-            if name is not None and name not in found:
-                found[name] = version.split("-")[0] or _version_from_metadata(name)  # egg-info: name-1.0-py3.11
-    return {name: found.get(name) for name in wanted.values()}
+            if suffix in ("dist-info", "egg-info"):
+                project, _, version = stem.partition("-")
+                versions.setdefault(_normalized(project), version.split("-")[0])  # egg-info: name-1.0-py3.11
+    return versions
 
 
 def _normalized(name: str) -> str:

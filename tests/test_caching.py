@@ -57,10 +57,12 @@ def test_the_fixed_schedules():
     """MagCache at its defaults on Flux's 28 ratios: the first int(0.2 x 28 + 0.5) = 6 steps always
     run, then drift accumulates; TaylorSeer computes steps < warmup and every interval-th after."""
     run = mag_computed_steps(MAG_RATIOS["FluxTransformer2DModel"], 28, 0.06, 3, 0.2)
-    assert all(run[:6]) and sum(run) == 14
+    # The steps diffusers' MagCache hooks skipped on a tiny Flux over these 28 ratios (run once by hand).
+    assert [step for step, computed in enumerate(run) if not computed] == [6, 8, 10, 11, 12, 14, 15, 16, 18, 19, 20, 22, 23, 25]
     assert sum(mag_computed_steps(MAG_RATIOS["FluxTransformer2DModel"], 28, 0.12, 3, 0.2)) < 14  # a higher threshold skips more
-    assert taylorseer_computed_steps(28, 5, 10) == [s < 10 or (s - 11) % 5 == 0 for s in range(28)]
-    assert sum(taylorseer_computed_steps(28, 5, 10)) == 14
+    # TaylorSeer computes steps 0-9, then 11 (the first after the warm-up that is not predicted) and every 5th.
+    run = taylorseer_computed_steps(28, 5, 10)
+    assert [step for step, computed in enumerate(run) if computed] == [*range(10), 11, 16, 21, 26]
     assert cache_share(Cache(kind="mag", threshold=0.06, steps=28), 28, "FluxTransformer2DModel") == 0.5
 
 

@@ -232,14 +232,14 @@ def estimate_for(scenario: Scenario, config: OptimizationConfig) -> Estimate:
     asks for the same candidate from several rules and from its scoring."""
     key = config.key
     if key not in scenario.estimates:
-        scenario.estimates[key] = estimate(scenario.profile, scenario.workload, config, scenario.target, memo=scenario.work)
+        scenario.estimates[key] = estimate(scenario.profile, scenario.workload, config, scenario.target, memo=scenario.memo)
     return scenario.estimates[key]
 
 
 def decode_changes(scenario: Scenario, config: OptimizationConfig, other: OptimizationConfig) -> bool:
     """Whether the VAE decode of `other` differs from that of `config` (for the same scenario)."""
     def decode(c: OptimizationConfig) -> Work:
-        return phase_work(scenario.profile, scenario.workload, c, scenario.work)["vae_decode"]
+        return phase_work(scenario.profile, scenario.workload, c, scenario.memo)["vae_decode"]
 
     return decode(config) != decode(other)
 
@@ -251,8 +251,8 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
     phase, so one estimate's phases give each count's peak: the phase's bytes with this
     component's weights replaced by what that count keeps (`resident_bytes`)."""
     key = ("fit", config.key, name)
-    if key in scenario.work:
-        return scenario.work[key]
+    if key in scenario.memo:
+        return scenario.memo[key]
     component = next(c for c in scenario.profile.components if c.name == name)
     weights = weight_bytes(component, config)
     phases = estimate_for(scenario, config).phases
@@ -270,7 +270,7 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
     while low < high:
         middle = (low + high + 1) // 2
         low, high = (middle, high) if peak(middle) <= budget else (low, middle - 1)
-    scenario.work[key] = low
+    scenario.memo[key] = low
     return low
 
 

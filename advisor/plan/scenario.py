@@ -68,10 +68,10 @@ class Scenario:
     notes: tuple[str, ...] = ()
     quality: Quality = "balanced"
 
-    # config key -> its estimate, and each phase's work by what it depends on: computed once for
-    # this scenario (`advisor.plan.estimate.estimate_for`)
+    # Computed once for this scenario (`advisor.plan.estimate`): config key -> its estimate; and in
+    # `memo`, each phase's work by what it depends on and partial offload's fit per config.
     estimates: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    work: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def assumptions(self) -> tuple[str, ...]:

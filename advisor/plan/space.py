@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 from advisor.attention import BACKENDS, PROPOSED
-from advisor.caching import MAG_DEFAULTS, MAG_RATIOS, THRESHOLDS, cacheable
+from advisor.caching import MAG_RATIOS, THRESHOLDS, cacheable
 from advisor.config import Cache, Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.constraints import Platform, first_violation
 from advisor.plan.estimate import resident_blocks_that_fit
@@ -123,7 +123,7 @@ def cache_config(choice: str, steps: int) -> Cache | None:
     if choice == "none":
         return None
     if choice == "mag":
-        return Cache(kind="mag", threshold=MAG_DEFAULTS["threshold"], steps=steps)
+        return Cache(kind="mag", steps=steps)
     if choice == "taylorseer":
         return Cache(kind="taylorseer")
     return Cache(threshold=float(choice.removeprefix("first-block-")))

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from advisor.caching import MAG_DEFAULTS, TAYLORSEER_DEFAULTS
 from advisor.probe.weights import DEFAULT_CASTING_SKIP_PATTERNS, ENCODER_CASTING_SKIP_PATTERNS
 from advisor.run.classes import Components
 from advisor.run.source import Expr, call_source, dtype_expr, runtime_value, source, torch_expr
@@ -304,14 +303,12 @@ def _cache_step(cache: Any, name: str) -> Step:
     """The step cache on denoiser `name`; refused in one line where diffusers' hooks can't reach its
     blocks or MagCache has no ratios for it (`advisor.caching`), rather than inside the first step."""
     if cache.kind == "mag":
-        arguments = (f"threshold={cache.threshold!r}, max_skip_steps={cache.max_skip_steps or MAG_DEFAULTS['max_skip_steps']!r}, "
-                     f"retention_ratio={MAG_DEFAULTS['retention_ratio'] if cache.retention_ratio is None else cache.retention_ratio!r}, "
+        arguments = (f"threshold={cache.threshold!r}, max_skip_steps={cache.max_skip_steps!r}, retention_ratio={cache.retention_ratio!r}, "
                      f"num_inference_steps={cache.steps!r}, mag_ratios=FLUX_MAG_RATIOS")
         expression, imports = f"MagCacheConfig({arguments})", ("from diffusers.hooks import MagCacheConfig",
                                                                 "from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS")
     elif cache.kind == "taylorseer":
-        arguments = (f"cache_interval={cache.interval or TAYLORSEER_DEFAULTS['interval']!r}, "
-                     f"disable_cache_before_step={cache.warmup_steps or TAYLORSEER_DEFAULTS['warmup_steps']!r}, use_lite_mode=True")
+        arguments = f"cache_interval={cache.interval!r}, disable_cache_before_step={cache.warmup_steps!r}, use_lite_mode=True"
         expression, imports = f"TaylorSeerCacheConfig({arguments})", ("from diffusers.hooks import TaylorSeerCacheConfig",)
     else:
         expression, imports = f"FirstBlockCacheConfig(threshold={cache.threshold!r})", ("from diffusers.hooks import FirstBlockCacheConfig",)
