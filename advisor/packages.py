@@ -26,17 +26,18 @@ def installed_versions(distributions: Iterable[str]) -> dict[str, str | None]:
     too, before it parses every METADATA file, ~1 ms each); the first on ``sys.path`` wins, as
     at import. An ``.egg-info`` folder without a version is asked of importlib.metadata.
     """
-    folders = _metadata_folders()
+    folders = _metadata_folders(tuple(sys.path))
     found = {name: folders.get(_normalized(name)) for name in distributions}
     return {name: version if version != "" else _version_from_metadata(name) for name, version in found.items()}
 
 
-@lru_cache(maxsize=1)
-def _metadata_folders() -> dict[str, str]:
+@lru_cache(maxsize=4)
+def _metadata_folders(path: tuple[str, ...]) -> dict[str, str]:
     """Normalized distribution name -> the version its metadata folder names ("" for none), read once
-    per process: what is installed doesn't change under a running command."""
+    per ``sys.path``: what is installed doesn't change under a running command, but the path can
+    (importing setuptools appends its ``_vendor`` folder, whose distributions are then installed)."""
     versions: dict[str, str] = {}
-    for entry in sys.path:
+    for entry in path:
         try:
             folders = os.listdir(entry or ".")
         except OSError:

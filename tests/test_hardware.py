@@ -188,3 +188,20 @@ def test_installed_versions_agree_with_importlib_metadata_for_every_installed_di
     found = installed_versions([*names, "surely-not-installed-anywhere"])
     assert {name: found[name] for name in names} == {name: metadata.version(name) for name in names}
     assert found["surely-not-installed-anywhere"] is None
+
+
+def test_installed_versions_see_a_folder_added_to_sys_path_after_the_first_call(tmp_path, monkeypatch):
+    """Importing setuptools appends its _vendor folder to sys.path; the distributions there are
+    installed from then on, as importlib.metadata says, although the folders were read before."""
+    from importlib import metadata
+
+    from advisor.packages import installed_versions
+
+    assert installed_versions(["advisor-late-arrival"])["advisor-late-arrival"] is None
+    (tmp_path / "advisor_late_arrival-1.2.3.dist-info").mkdir()
+    (tmp_path / "advisor_late_arrival-1.2.3.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: advisor-late-arrival\nVersion: 1.2.3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert installed_versions(["advisor-late-arrival"])["advisor-late-arrival"] == "1.2.3"
+    assert metadata.version("advisor-late-arrival") == "1.2.3"
