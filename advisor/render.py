@@ -6,7 +6,6 @@ are drawn: its import (~22 ms) is a fifth of the start-up `recommend` may take (
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import textwrap
@@ -140,7 +139,9 @@ class TuneProgress:
         self.current: tuple[int, str, str, float] | None = None  # trial number, configuration, phase, since
 
     def trial_done(self, partial) -> None:
-        measured = {json.dumps(t.config, sort_keys=True) for t in partial.trials if t.source == "measured"}
+        from advisor.run.trials import config_key  # tune's alone: probe and recommend don't load the trials
+
+        measured = {config_key(t.config) for t in partial.trials if t.source == "measured"}
         self.done, self.best, self.current = min(len(measured), self.total), partial.best, None
 
     def phase(self, number: int, configuration: str, phase: str) -> None:

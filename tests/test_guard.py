@@ -5,9 +5,11 @@ again when a resumed study is given another floor."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tuning import advisor, load_study
+import pytest
+from tuning import advisor, context, load_study
 
 from advisor.config import OptimizationConfig
 from advisor.plan.quality import is_lossy
@@ -60,3 +62,31 @@ def test_bad_floors_are_one_line_errors(tiny_flux_dir, tmp_path, env):
         done = advisor(["tune", "--model", str(tiny_flux_dir), *ARGS, "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--min-psnr", bad], env)
         assert done.returncode == 2 and done.stderr.strip().startswith("advisor: error: --min-psnr:"), done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_workers_starting_together_generate_the_reference_once(tiny_flux_dir, tmp_path):
+    """Two workers of one study on one machine (threads here, each with its own lock handle, as two
+    processes would have) both find no reference; the first generates it in a real trial process,
+    the second waits for it and uses that one."""
+    import optuna
+
+    from advisor.plan.space import SearchSpace
+    from advisor.run.guard import QualityGuard
+    from advisor.run.measure import measure
+
+    scenario = context(tiny_flux_dir, 2 * 2**30)
+    space = SearchSpace.for_scenario(scenario, compile_choices=(False,)).usable(scenario)
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    generated: list[str] = []
+
+    def generate(config: OptimizationConfig, path: Path):
+        generated.append(config.summary())
+        return measure(str(tiny_flux_dir), config, scenario.workload, timeout_s=300, step_points=(1,), repeats=1, max_rounds=1,
+                       timing_cap_s=0.0, output_path=path)
+
+    guard = QualityGuard(tmp_path / "quality", min_psnr_db=30.0)
+    with ThreadPoolExecutor(2) as workers:
+        list(workers.map(lambda _: guard.ensure_reference(study, space, scenario, generate), range(2)))
+    assert len(generated) == 1, generated
+    assert study.user_attrs["quality_reference"]["status"] == "ok" and guard.reference.exists()

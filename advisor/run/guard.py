@@ -16,10 +16,11 @@ says which configuration made it, or why there is none.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from advisor.config import OptimizationConfig
 from advisor.paths import advisor_cache_dir
@@ -33,6 +34,16 @@ if TYPE_CHECKING:
     from advisor.run.measure import Measurement
 
 REFERENCE_ATTR = "quality_reference"
+
+
+@contextlib.contextmanager
+def _held(lock: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on `lock` while inside, waiting for it; the kernel frees it when the holder dies."""
+    import fcntl
+
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def quality_dir(storage: str, study: str) -> Path:
@@ -68,14 +79,27 @@ class QualityGuard:
 
     def ensure_reference(self, study, space: SearchSpace, scenario: Scenario,
                          measure: Callable[[OptimizationConfig, Path], Measurement]) -> None:
-        """Generate the reference unless the study has it (or failed to make it: `note` says why)."""
-        stored = study.user_attrs.get(REFERENCE_ATTR)
-        if stored and (stored.get("status") != "ok" or self.reference.exists()):
+        """Generate the reference unless the study has it (or failed to make it: `note` says why).
+
+        Workers of one study on one machine share the folder: the first to take its lock generates
+        the reference, the others wait for it and find it made (a worker on another machine makes
+        its own copy, the same configuration's output)."""
+        if self._has_reference(study):
             return
         config = reference_config(space, scenario)
         if config is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
+        with _held(self.folder / "reference.lock"):
+            if self._has_reference(study):
+                return
+            self._generate(study, config, measure)
+
+    def _has_reference(self, study) -> bool:
+        stored = study.user_attrs.get(REFERENCE_ATTR)
+        return bool(stored) and (stored.get("status") != "ok" or self.reference.exists())
+
+    def _generate(self, study, config: OptimizationConfig, measure: Callable[[OptimizationConfig, Path], Measurement]) -> None:
         m = measure(config, self.reference)
         if m.ok and self.reference.exists():
             self._save_png(self.reference, self.folder / "reference.png")
