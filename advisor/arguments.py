@@ -39,6 +39,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def take_model(namespace: dict) -> None:
+    """One ``model`` from MODEL or --model (a command without either gets None and says what it needs)."""
+    if "model_argument" not in namespace:
+        return
+    first, flag = namespace.pop("model_argument"), namespace.get("model")
+    if first and flag and first != flag:
+        raise UsageError(f"--model: the model is given twice, as {first!r} and as --model {flag!r}; give it once")
+    namespace["model"] = first or flag
+
+
 def values_may_start_with_a_dash(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
     """``--vram -3GB`` as ``--vram=-3GB``: argparse takes a value starting with "-" for an option,
     and then says "expected one argument" instead of what is wrong with the value."""
@@ -61,7 +71,10 @@ def values_may_start_with_a_dash(parser: argparse.ArgumentParser, args: list[str
     return out
 
 
-def build_parser(commands_by_name: dict[str, Callable[..., None]], default_model: str) -> argparse.ArgumentParser:
+MODEL_HELP = "Hub id, catalog alias, or a local pipeline folder."
+
+
+def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.ArgumentParser:
     """The command line: a subcommand per entry of `commands_by_name` (its function runs it, its
     docstring's first line is the help), each option stored under the function's parameter name."""
     parser = _Parser(prog="advisor", description="Find the fastest way to run a diffusers pipeline within your GPU memory.",
@@ -73,8 +86,10 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]], default_model
     # (SUPPRESS: where it is not given, it leaves the value before the command alone).
     debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show full tracebacks instead of one-line errors.")
+    # Every command that reads a pipeline takes it first (`advisor estimate flux-dev`) or as --model.
     model = _Parser(add_help=False)
-    model.add_argument("--model", "-m", default=default_model, help="Hub id, catalog alias, or a local pipeline folder.")
+    model.add_argument("model_argument", nargs="?", metavar="MODEL", help=f"{MODEL_HELP} Or give it as --model.")
+    model.add_argument("--model", "-m", metavar="MODEL", help=MODEL_HELP)
     job = _Parser(add_help=False)
     job.add_argument("--workload", help="Override the workload kind: image or video.")
     for flag, what in (("--height", "Height in pixels"), ("--width", "Width in pixels"), ("--frames", "Video frames"),
@@ -99,13 +114,11 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]], default_model
     sub.add_argument("--calibrate", action="store_true",
                      help="Also measure matmul throughput and host->GPU bandwidth (a few seconds; imports torch).")
 
-    sub = subcommand("inspect", as_json)
-    sub.add_argument("model", help="Hub id, catalog alias, or a local pipeline folder.")
+    sub = subcommand("inspect", model, as_json)
     sub.add_argument("--workload", help="Override the workload kind: image, video or audio.")
     sub.add_argument("--config", dest="include_config", action="store_true", help="With --json: include each component's config.")
 
-    sub = subcommand("estimate", job, machine, as_json)
-    sub.add_argument("model", help="Hub id, catalog alias, or a local pipeline folder.")
+    sub = subcommand("estimate", model, job, machine, as_json)
     sub.add_argument("--config", dest="config_file", metavar="FILE", help="An advisor config file (default: plain bf16, no offload).")
 
     sub = subcommand("recommend", model, job, machine, as_json)

@@ -16,7 +16,7 @@ import sys
 import warnings
 from typing import Any
 
-from advisor.arguments import Exit, build_parser, values_may_start_with_a_dash
+from advisor.arguments import Exit, build_parser, take_model, values_may_start_with_a_dash
 from advisor.errors import AdvisorError, AdvisorWarning, ModelError, UsageError
 from advisor.files import check_output_file, check_output_folder, os_error_reason
 from advisor.run.timing import CONFIRM_RUNS, MIN_PSNR_DB, TOLERANCE, TRIAL_TIMEOUT_S
@@ -89,13 +89,20 @@ def inspect(
     """Show what a pipeline weighs, per component, without loading its weights."""
     from advisor.probe.models import load_profile
 
-    profile = load_profile(model, workload=workload)
+    profile = load_profile(_required(model, "inspect"), workload=workload)
     if as_json:
         print_json(profile.to_dict(include_config=include_config))
         return
     from advisor.render import render_inspect
 
     render_inspect(profile)
+
+
+def _required(model: str | None, command: str) -> str:
+    if not model:
+        raise UsageError(f"MODEL: none given; name the pipeline first (advisor {command} flux-dev ...) or as --model: "
+                         "a hub id, a catalog alias or a local folder")
+    return model
 
 
 def _size(text: str | None, flag: str) -> int | None:
@@ -122,6 +129,7 @@ def estimate(
     from advisor.probe.target import resolve_target
     from advisor.probe.workload import make_workload
 
+    model = _required(model, "estimate")
     loaded = load_config(config_file, flag="--config") if config_file else None  # before a local model is traced
     profile = planning_profile(model, workload)
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
@@ -148,12 +156,12 @@ def estimate(
     render_estimate(profile, job, target, config, result)
 
 
-DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"  # recommend's, said as an assumption
 NOTHING_FITS_EXIT = 3
 
 
 def recommend_command(
-    model: str = DEFAULT_MODEL,
+    model: str | None = None,
     workload: str | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -179,10 +187,12 @@ def recommend_command(
     if output is not None:
         check_output_file(output, flag="-o")
     budget_bytes = _size(budget, "--budget")
+    assumed = () if model else (f"model: {DEFAULT_MODEL} (none given; pass MODEL or --model)",)
+    model = model or DEFAULT_MODEL
     scenario = scenario_for(
         None, model, workload=workload, height=height, width=width, frames=frames, steps=steps, batch=batch,
         vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu, budget_bytes=budget_bytes, quality=quality,
-        profile=planning_profile(model, workload),
+        profile=planning_profile(model, workload), assumed=assumed,
     )
     if as_json and emit:
         raise UsageError("--emit: prints a script, --json an object; choose one")
@@ -207,7 +217,7 @@ def recommend_command(
 
 def tune(
     budget: str | None = None,
-    model: str = DEFAULT_MODEL,
+    model: str | None = None,
     workload: str | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -241,6 +251,7 @@ def tune(
     from advisor.run.tune import TuneInterrupted, TuneSettings, check_settings, run_study
     from advisor.run.workers import check_devices, run_workers
 
+    model = _required(model, "tune")  # measuring a model nobody named would start a download of tens of GB
     budget_bytes = _size(budget, "--budget")
     if workers < 1:
         raise UsageError(f"--workers: {workers} is not valid; give a whole number of at least 1")
@@ -396,15 +407,17 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: list[str]) -> int:
     debug = "--debug" in args
     try:
-        parser = build_parser(COMMANDS, DEFAULT_MODEL)
+        parser = build_parser(COMMANDS)
         if not args:
             parser.print_help()
             return 0
         parsed, unknown = parser.parse_known_args(values_may_start_with_a_dash(parser, args))
         if unknown:  # said by the subcommand, whose help lists what it takes
             where = f"advisor {parsed.command}" if parsed.command else "advisor"
-            raise UsageError(f"no such option: {unknown[0]} (see '{where} --help')")
+            what = "option" if unknown[0].startswith("-") else "argument"
+            raise UsageError(f"no such {what}: {unknown[0]} (see '{where} --help')")
         namespace = vars(parsed)
+        take_model(namespace)
         _state["debug"] = namespace.pop("debug")
         run = namespace.pop("run", None)
         if run is None:  # `advisor --debug` alone

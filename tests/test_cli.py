@@ -201,11 +201,40 @@ def test_recommend_imports_neither_torch_nor_diffusers(output):
 
 
 def test_tune_refuses_a_model_it_cannot_run_with_one_line(tmp_path):
-    # The default model, FLUX.1-dev, known to the catalog but not downloaded (an empty HF cache).
-    result = run("tune", "--budget", "12GB", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
+    # FLUX.1-dev, known to the catalog but not downloaded (an empty HF cache).
+    result = run("tune", "flux-dev", "--budget", "12GB", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not downloaded and the hub can't be reached" in lines[0] and "--model" in lines[0]
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["estimate", "--gpu", "H100"], ["recommend", "--gpu", "H100"]])
+def test_the_model_comes_first_or_as_the_model_option(command, capsys):
+    """`advisor estimate flux-dev` and `advisor estimate --model flux-dev` are the same command, in
+    every command that reads a pipeline; given twice differently, or not at all where it is needed, one line."""
+    name, *rest = command
+    outputs = []
+    for model in (["sdxl"], ["--model", "sdxl"], ["-m", "sdxl"], ["sdxl", "--model", "sdxl"]):
+        assert main([name, *model, *rest, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        out.get("config", {}).get("provenance", {}).pop("created", None)  # recommend's config says when it was made
+        outputs.append(out)
+    assert all(out == outputs[0] for out in outputs[1:])
+    assert all((out.get("model") or out.get("model_id")) == "stabilityai/stable-diffusion-xl-base-1.0" for out in outputs)
+
+    assert main([name, "sdxl", "--model", "flux-dev", *rest]) == 2
+    assert capsys.readouterr().err.strip() == ("advisor: error: --model: the model is given twice, as 'sdxl' and as --model "
+                                               "'flux-dev'; give it once")
+    assert main([name, "sdxl", "extra", *rest]) == 2
+    assert capsys.readouterr().err.strip() == f"advisor: error: no such argument: extra (see 'advisor {name} --help')"
+    if name != "recommend":  # recommend alone has a default, said as an assumption (above)
+        assert main([name, *rest]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"advisor: error: MODEL: none given; name the pipeline first (advisor {name} ")
+
+
+def test_tune_needs_a_model_before_anything_else(capsys):
+    assert main(["tune", "--budget", "12GB"]) == 2
+    assert capsys.readouterr().err.strip().startswith("advisor: error: MODEL: none given")
 
 
 def test_recommend_json_is_strict_json_even_for_a_cpu_plan():
@@ -224,8 +253,11 @@ def test_planning_for_another_gpu_says_what_it_assumed_and_records_it(tmp_path):
     result = run("recommend", "--gpu", "H100", "-o", str(tmp_path / "a.json"), env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert "assumed host RAM" in result.stdout and "pass --ram" in result.stdout
+    # No model given: recommend plans FLUX.1-dev, and says so like every other assumed value.
+    assert "assumed model: black-forest-labs/FLUX.1-dev (none given; pass MODEL or --model)" in result.stdout
     saved = json.loads((tmp_path / "a.json").read_text())
     assert any("host RAM" in line for line in saved["provenance"]["assumptions"])
+    assert any(line.startswith("model: black-forest-labs/FLUX.1-dev") for line in saved["provenance"]["assumptions"])
     assert saved["provenance"]["quality"] == "balanced"
 
 

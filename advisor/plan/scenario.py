@@ -67,6 +67,7 @@ class Scenario:
     budget_source: str = "--budget"
     notes: tuple[str, ...] = ()
     quality: Quality = "balanced"
+    assumed: tuple[str, ...] = ()  # assumed beyond the machine and the workload: the model, when none was given
 
     # Computed once for this scenario (`advisor.plan.estimate`): config key -> its estimate; and in
     # `memo`, each phase's work by what it depends on and partial offload's fit per config.
@@ -76,7 +77,7 @@ class Scenario:
     @property
     def assumptions(self) -> tuple[str, ...]:
         """Every value assumed about the machine or the job rather than read or given."""
-        return self.target.assumptions + self.workload.assumptions
+        return self.assumed + self.target.assumptions + self.workload.assumptions
 
     @property
     def platform(self) -> Platform:
@@ -114,6 +115,7 @@ def make_scenario(
     budget_bytes: int | None = None,
     notes: tuple[str, ...] = (),
     quality: Quality = "balanced",
+    assumed: tuple[str, ...] = (),
 ) -> Scenario:
     """The scenario, with the default budget when none is given; a budget of nothing is an error here."""
     if budget_bytes is None:
@@ -135,7 +137,7 @@ def make_scenario(
     if target.device == "cuda" and budget > target.vram_total_bytes:
         notes = (*notes, f"--budget {format_size(budget)} is more than the card's {format_size(target.vram_total_bytes)}; planning within the card")
         budget = target.vram_total_bytes
-    return Scenario(profile, workload, target, packages, budget, source, tuple(notes), quality)
+    return Scenario(profile, workload, target, packages, budget, source, tuple(notes), quality, assumed)
 
 
 def scenario_for(
@@ -154,6 +156,7 @@ def scenario_for(
     budget_bytes: int | None = None,
     quality: Quality = "balanced",
     profile: ModelProfile | None = None,
+    assumed: tuple[str, ...] = (),
 ) -> Scenario:
     """The scenario the command-line flags describe (sizes already in bytes); `profile` when the
     caller has loaded the model already (with its traces).
@@ -176,4 +179,5 @@ def scenario_for(
             "--vram 24GB or --gpu 'RTX 4090'"
         )
     packages = machine.software.packages if planning_here else None
-    return make_scenario(profile, job, target, packages=packages, budget_bytes=budget_bytes, notes=tuple(notes), quality=quality)
+    return make_scenario(profile, job, target, packages=packages, budget_bytes=budget_bytes, notes=tuple(notes), quality=quality,
+                         assumed=assumed)
