@@ -69,7 +69,7 @@ def probe(
     if as_json:
         print_json(profile.to_dict())
         return
-    from advisor.render import render_probe, stdout_console
+    from advisor.render import render_probe, text_console
 
     render_probe(profile)
     if calibrate:
@@ -77,7 +77,7 @@ def probe(
         line = f"calibrated {result['name']}: {result['matmul_flops'] / 1e12:.2f} TFLOP/s {result['matmul_dtype']} matmul"
         if "h2d_bytes_per_s" in result:
             line += f", {result['h2d_bytes_per_s'] / 1e9:.1f} GB/s host->GPU (pinned)"
-        stdout_console().print(f"{line}; saved to {result['path']}")
+        text_console().print(f"{line}; saved to {result['path']}")
 
 
 def inspect(

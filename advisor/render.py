@@ -1,7 +1,8 @@
 """What the CLI prints for people: tables and lines at the terminal's width (data comes from the modules).
 
-`recommend` prints plain lines (`text_console`); the views with tables use rich, imported where they
-are drawn: its import (~22 ms) is a fifth of the start-up `recommend` may take (benchmarks/cli_latency.py).
+`probe` and `recommend` print plain lines and aligned columns (`text_console`, `_print_columns`); the
+other views use rich, imported where they are drawn: its import and tables took a third of `probe`'s
+start-up (benchmarks/cli_latency.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import shutil
 import sys
 import textwrap
 import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Container, TextIO
 
 from advisor.config import OptimizationConfig
 from advisor.plan.quality import is_lossy
@@ -30,7 +31,7 @@ def stdout_console() -> Console:
 
 
 class PlainConsole:
-    """Plain lines at a width: the part of rich's Console that `recommend` uses (``width``, ``print``)."""
+    """Plain lines at a width: the part of rich's Console that `probe` and `recommend` use (``width``, ``print``)."""
 
     def __init__(self, file: TextIO | None = None, width: int | None = None) -> None:
         self.file = file or sys.stdout
@@ -214,21 +215,15 @@ def render_recommendation(result, config, output: str | None) -> None:
 
 
 def _print_alternatives(console, alternatives, device: str, peak_label: str) -> None:
-    """The runners-up as columns that never cut a cell: the numbers first, right-aligned, then the
-    configuration, wrapped under itself in the width that is left."""
-    columns = [peak_label] + ([] if device == "cpu" else ["host RAM"]) + ["latency"]
+    """The runners-up: the numbers first, then the configuration, wrapped under itself."""
+    header = [peak_label] + ([] if device == "cpu" else ["host RAM"]) + ["latency", "configuration"]
     rows = []
     for alternative in alternatives:
         estimate = alternative.estimate
         numbers = [format_size(estimate.limited_peak(device))] + ([] if device == "cpu" else [format_size(estimate.peak_ram_bytes)])
-        rows.append((numbers + [f"{estimate.latency_s:.1f}s"], summary(alternative.config)))
-    widths = [max(len(c), *(len(numbers[i]) for numbers, _ in rows)) for i, c in enumerate(columns)]
-    left = "  " + "  ".join(f"{{:>{w}}}" for w in widths) + "  "
+        rows.append([*numbers, f"{estimate.latency_s:.1f}s", summary(alternative.config)])
     console.print("Alternatives:")
-    console.print(left.format(*columns) + "configuration")
-    for numbers, configuration in rows:
-        line = left.format(*numbers)
-        _print_wrapped(console, configuration, line, " " * len(line))
+    _print_columns(console, header, rows, right=set(range(len(header) - 1)))
 
 
 def format_latency(trial) -> str:
@@ -262,59 +257,56 @@ def format_count(count: int) -> str:
 
 
 def render_probe(profile) -> None:
-    from rich.table import Table
-
-    console = stdout_console()
+    """`advisor probe`'s text: plain aligned columns (rich's tables cost a third of its start-up)."""
+    console = text_console()
     if profile.gpus:
-        table = Table(title=f"GPUs (via {profile.gpu_source})", title_justify="left")
-        for column in ("#", "name", "total", "free", "compute cap.", "PCIe", "host<->GPU"):
-            table.add_column(column, justify="right" if column in {"total", "free"} else "left")
-        for gpu in profile.gpus:
-            link = f"gen{gpu.pcie_generation} x{gpu.pcie_width}" if gpu.pcie_generation else "-"
-            bandwidth = f"{gpu.pcie_bandwidth_bytes_per_s / 1e9:.1f} GB/s" if gpu.pcie_bandwidth_bytes_per_s else "-"
-            table.add_row(
-                str(gpu.index),
-                gpu.name,
-                format_size(gpu.memory_total_bytes),
-                format_size(gpu.memory_free_bytes),
-                gpu.compute_capability or "-",
-                link,
-                bandwidth,
-            )
-        console.print(table)
+        console.print(f"GPUs (via {profile.gpu_source}):")
+        for gpu in profile.gpus:  # a line for the name, one (wrapped under it) for what the plan reads
+            link = f"PCIe gen{gpu.pcie_generation} x{gpu.pcie_width}" if gpu.pcie_generation else "PCIe link unknown"
+            if gpu.pcie_bandwidth_bytes_per_s:
+                link += f" ({gpu.pcie_bandwidth_bytes_per_s / 1e9:.1f} GB/s host<->GPU)"
+            console.print(f"  {gpu.index}  {gpu.name}")
+            indent = " " * (4 + len(str(gpu.index)))
+            _print_wrapped(console, f"{format_size(gpu.memory_total_bytes)} total, {format_size(gpu.memory_free_bytes)} free, "
+                                    f"compute capability {gpu.compute_capability or 'unknown'}, {link}", indent, indent)
         if profile.driver_version:
-            console.print(f"driver {profile.driver_version}, CUDA driver {profile.cuda_driver_version or '-'}")
+            console.print(f"  driver {profile.driver_version}, CUDA driver {profile.cuda_driver_version or '-'}")
     else:
-        console.print(f"No GPU: {profile.gpu_note}.")
+        _print_wrapped(console, f"No GPU: {profile.gpu_note}.", "", "  ")
 
     host = profile.host
-    table = Table(title="Host", title_justify="left", show_header=False)
-    table.add_column("what")
-    table.add_column("value")
-    table.add_row("RAM", f"{format_size(host.ram_available_bytes)} available of {format_size(host.ram_total_bytes)}")
-    table.add_row("swap", f"{format_size(host.swap_free_bytes)} free of {format_size(host.swap_total_bytes)}")
     cores = f"{host.cpu_cores_physical} physical / {host.cpu_cores_logical} logical cores"
-    table.add_row("CPU", f"{host.cpu_model}, {cores}")
-    table.add_row("HF cache", f"{host.hf_cache_dir} ({format_size(host.hf_cache_free_bytes)} free)")
-    table.add_row("system", f"{host.os}, Python {host.python}")
-    console.print(table)
-
-    table = Table(title="Software", title_justify="left")
-    table.add_column("package")
-    table.add_column("version")
-    for name, version in profile.software.packages.items():
-        table.add_row(name, version or "not installed")
-    console.print(table)
-
+    console.print("Host:")
+    _print_columns(console, None, [
+        ["RAM", f"{format_size(host.ram_available_bytes)} available of {format_size(host.ram_total_bytes)}"],
+        ["swap", f"{format_size(host.swap_free_bytes)} free of {format_size(host.swap_total_bytes)}"],
+        ["CPU", f"{host.cpu_model}, {cores}"],
+        ["HF cache", f"{host.hf_cache_dir} ({format_size(host.hf_cache_free_bytes)} free)"],
+        ["system", f"{host.os}, Python {host.python}"],
+    ])
+    console.print("Software:")
+    _print_columns(console, ["package", "version"],
+                   [[name, version or "not installed"] for name, version in profile.software.packages.items()])
     for title, backends in (("Quantization backends", profile.software.quantization_backends),
                             ("Attention backends (set_attention_backend)", profile.software.attention_backends)):
-        table = Table(title=title, title_justify="left")
-        table.add_column("backend")
-        table.add_column("usable")
-        table.add_column("why")
-        for name, status in backends.items():
-            table.add_row(name, "yes" if status.usable else "no", status.reason)
-        console.print(table)
+        console.print(f"{title}:")
+        _print_columns(console, ["backend", "usable", "why"],
+                       [[name, "yes" if status.usable else "no", status.reason] for name, status in backends.items()])
+
+
+def _print_columns(console, header: list[str] | None, rows: list[list[str]], right: Container[int] = ()) -> None:
+    """Rows as aligned columns that never cut a cell: each column but the last as wide as its widest
+    cell (right-aligned where `right` says), the last wrapped under itself in the width left."""
+    widths = [max(len(cell) for cell in column) for column in zip(*([header] if header else []), *rows)][:-1]
+
+    def lead(cells: list[str]) -> str:
+        return "  " + "".join((c.rjust(w) if i in right else c.ljust(w)) + "  " for i, (c, w) in enumerate(zip(cells, widths)))
+
+    if header:
+        console.print(lead(header) + header[-1])
+    for row in rows:
+        line = lead(row)
+        _print_wrapped(console, row[-1], line, " " * len(line))
 
 
 def render_inspect(profile) -> None:

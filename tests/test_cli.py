@@ -184,16 +184,20 @@ def test_recommend_bad_input_is_one_line_naming_the_flag(args, message):
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("output", [[], ["--json"]])
-def test_recommend_imports_neither_torch_nor_diffusers(output):
-    """Nor, on the instant paths, what would take its start-up over 0.05 of importing diffusers
-    (benchmarks/cli_latency.py): pydantic (config files only), rich (tables of the other views),
-    importlib.metadata (versions come from folder names)."""
+@pytest.mark.parametrize("command", [["recommend", "--model", "black-forest-labs/FLUX.1-dev", "--vram", "24GB"],
+                                     ["recommend", "--model", "black-forest-labs/FLUX.1-dev", "--vram", "24GB", "--json"],
+                                     ["probe"], ["probe", "--json"]])
+def test_probe_and_recommend_import_neither_torch_nor_diffusers(command):
+    """Nor, on the instant paths, what would take their start-up over 0.05 of importing diffusers
+    (benchmarks/cli_latency.py): optuna, pydantic (config files only), rich (tables of the other
+    views), importlib.metadata (versions come from folder names)."""
+    if command[0] == "probe" and _has_gpu():
+        pytest.skip("on a GPU machine the probe may ask torch when NVML can't answer")
     heavy = ("torch", "diffusers", "optuna", "pydantic", "rich", "importlib.metadata")
     code = (
         "import sys, io, contextlib; from advisor.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
-        f"    main(['recommend', '--model', 'black-forest-labs/FLUX.1-dev', '--vram', '24GB', *{output!r}])\n"
+        f"    main({command!r})\n"
         f"sys.stderr.write(str(sorted(m for m in {heavy!r} if m in sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -5,6 +5,7 @@ width (a URL longer than a line excepted: it stays whole, so it stays clickable)
 from __future__ import annotations
 
 import io
+import itertools
 import re
 
 import pytest
@@ -99,3 +100,40 @@ def test_the_progress_display_reads_at_80_columns():
     assert "2/8" in first and "1:23" in first  # the count and the clock whole
     assert "trial 3: timing, call 4 (8 steps) 0:12" in second  # the phase and its clock whole
     assert words(LONG) in words(text) and words("best 12.345s ±2%: bf16, no offload") in words(text)
+
+
+def test_the_probe_reads_at_80_columns_with_gpus(monkeypatch):
+    """Two H100s (their NVML readings) on this host: every table's cells whole, the reasons wrapped
+    under their column, each GPU's name, memory and link on its line."""
+    from dataclasses import replace
+
+    from test_hardware import H100_READINGS
+
+    from advisor.probe.hardware import gpu_from_nvml_readings, probe_machine, probe_software
+    from advisor.units import format_size
+
+    gpus = [gpu_from_nvml_readings(i, H100_READINGS) for i in range(2)]
+    profile = replace(probe_machine(), gpus=gpus, gpu_source="nvml", driver_version="580.65.06", cuda_driver_version="13.0",
+                      software=probe_software(gpus))
+    out = io.StringIO()
+    monkeypatch.setattr(render, "text_console", lambda: render.PlainConsole(out, width=80))
+    render.render_probe(profile)
+    text = out.getvalue()
+    check_80(text)
+    lines = text.splitlines()
+    for index in (0, 1):  # each GPU's name on its line, what the plan reads of it under the name
+        at = lines.index(f"  {index}  NVIDIA H100 80GB HBM3")
+        details = (f"{format_size(gpus[0].memory_total_bytes)} total, {format_size(gpus[0].memory_free_bytes)} free, "
+                   "compute capability 9.0, PCIe gen5 x16 (63.0 GB/s host<->GPU)")
+        assert words(" ".join(lines[at + 1:at + 3])) == details and all(line.startswith("     ") for line in lines[at + 1:at + 3])
+    for title, backends in (("Quantization backends:", profile.software.quantization_backends),
+                            ("Attention backends (set_attention_backend):", profile.software.attention_backends)):
+        for name, status in backends.items():
+            assert words(f"{name} {'yes' if status.usable else 'no'} {status.reason}") in words(text)
+        # Each line of the table is a backend's row or its reason continued under the "why" column.
+        start = lines.index(title) + 1
+        why = lines[start].index("why")
+        rows = list(itertools.takewhile(lambda line: line.startswith(" "), lines[start + 1:]))
+        assert len(rows) >= len(backends) + ("Attention" in title)  # some attention kernels' reasons wrap at 80 columns
+        assert all(line.startswith(tuple(f"  {name} " for name in backends)) or line.startswith(" " * why) and line[why] != " "
+                   for line in rows), rows
