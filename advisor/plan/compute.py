@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -88,15 +88,17 @@ def denoiser_tokens(profile: ModelProfile, denoiser: ComponentProfile, workload:
 
 @dataclass(frozen=True)
 class Work:
-    """One phase's work for one component: FLOPs on tensor cores, bytes written by the rest, and
-    the activation peak (bytes, at the run's dtype). ``traced`` is False for the formula."""
+    """One phase's work for one component: FLOPs on tensor cores (the linear layers' apart from the
+    convolutions', since quantization replaces only nn.Linear), bytes written by the rest, and the
+    activation peak (bytes, at the run's dtype). ``traced`` is False for the formula."""
 
-    matmul_flops: float
+    matmul_flops: float  # linear layers (and bare matmuls)
     attention_flops: float
     written_bytes: float
     activation_bytes: float
     traced: bool
     largest_bytes: float = 0.0  # the largest single activation tensor
+    conv_flops: float = 0.0
 
     def __add__(self, other: Work) -> Work:
         return Work(
@@ -106,7 +108,13 @@ class Work:
             max(self.activation_bytes, other.activation_bytes),  # components run one after another
             self.traced and other.traced,
             max(self.largest_bytes, other.largest_bytes),
+            self.conv_flops + other.conv_flops,
         )
+
+    def times(self, calls: int) -> Work:
+        """`calls` calls one after another: the work adds up, the activations don't."""
+        return Work(self.matmul_flops * calls, self.attention_flops * calls, self.written_bytes * calls, self.activation_bytes,
+                    self.traced, self.largest_bytes, self.conv_flops * calls)
 
 
 NO_WORK = Work(0.0, 0.0, 0.0, 0.0, True)
@@ -128,7 +136,8 @@ def _bytes_ratio(trace: dict, dtype: str) -> dict[str, float]:
 
 def _scaled(values: dict[str, float], scale: float, ratio: dict[str, float]) -> Work:
     return Work(
-        matmul_flops=scale * (values["matmul_flops"] + values.get("conv_flops", 0.0)),
+        matmul_flops=scale * values["matmul_flops"],
+        conv_flops=scale * values.get("conv_flops", 0.0),
         attention_flops=scale * values["attention_flops"],
         written_bytes=scale * ratio["written_bytes"] * values["written_bytes"],
         activation_bytes=max(scale * ratio["activation_peak_bytes"] * values["activation_peak_bytes"], 0.0),
@@ -185,7 +194,7 @@ def vae_decode_work(vae: ComponentProfile, workload: Workload, dtype: str, *, ti
         values = {q: evaluate(trace["basis"], c, {"p": workload.height * workload.width, "f": frames}) for q, c in trace[mode]["fit"].items()}
         work = _scaled(values, workload.batch, _bytes_ratio(trace, dtype))
         per_sample = at_once / workload.batch
-        return Work(work.matmul_flops, work.attention_flops, work.written_bytes, work.activation_bytes * per_sample, True, work.largest_bytes * per_sample)
+        return replace(work, activation_bytes=work.activation_bytes * per_sample, largest_bytes=work.largest_bytes * per_sample)
     height, width = workload.height, workload.width
     if tiling and vae.facts.get("supports_tiling"):
         tile = vae.config.get("sample_size") if workload.kind == "image" else 256
@@ -196,7 +205,7 @@ def vae_decode_work(vae: ComponentProfile, workload: Workload, dtype: str, *, ti
     live = k["vae_decode_live_tensors"] * height * width * live_frames * channels * TRACE_DTYPE_BYTES * ratio
     # A conv decoder applies its weights at roughly 1/16 of the output pixels on average.
     flops = 2 * vae.parameters * workload.height * workload.width * frames * workload.batch / 16
-    return Work(flops, 0.0, live * workload.batch, live * at_once, False)
+    return Work(0.0, 0.0, live * workload.batch, live * at_once, False, conv_flops=flops)
 
 
 def decoded_frames(vae: ComponentProfile, workload: Workload) -> int:
@@ -253,8 +262,7 @@ def _phase_work(profile: ModelProfile, workload: Workload, dtype: str, tiling: b
         call = _memo(memo, ("denoise", dtype), lambda: denoiser_work(profile, denoiser, workload, dtype, batch, k))
         calls = 2 if behaviour["cfg"] == "sequential" else 1
         held = cache_residual_bytes(profile, denoiser, workload, dtype, batch, cache) * calls if cache else 0
-        denoise = Work(call.matmul_flops * calls, call.attention_flops * calls, call.written_bytes * calls, call.activation_bytes + held,
-                       call.traced, call.largest_bytes)
+        denoise = replace(call.times(calls), activation_bytes=call.activation_bytes + held)
     vae = profile.vae
     decode = vae_decode_work(vae, workload, dtype, tiling=tiling, slicing=slicing, k=k) if vae else NO_WORK
     return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}

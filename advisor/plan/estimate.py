@@ -399,33 +399,39 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
     return ram, disk, kept
 
 
-def _speed_factor(config: OptimizationConfig, component: str, generation: str) -> float:
-    """How much faster (>1) or slower (<1) than eager bf16 this component runs.
+def _speed_factors(config: OptimizationConfig, component: str, generation: str) -> tuple[float, float]:
+    """How much faster (>1) or slower (<1) than eager bf16 this component runs: all of it (compile,
+    layerwise casting), and its linear layers on top (quantization replaces nn.Linear alone: not
+    the attention, not the convolutions, not the memory-bound ops).
 
     Compile's speed-up is per GPU generation; a quantization's factor is against bf16 in the same
     mode (eager against eager bf16, compiled against compiled bf16), so the two multiply.
     """
     k = constants()
     compiled = bool(config.compile and component in config.compile.components)
-    factor = k["compile_speedup"].get(generation, k["compile_speedup"]["default"]) if compiled else 1.0
+    whole = k["compile_speedup"].get(generation, k["compile_speedup"]["default"]) if compiled else 1.0
+    linear = 1.0
     quantization = config.quantization
     if quantization and component in quantization.components:
         key = quantization.backend if quantization.backend.startswith("bitsandbytes") else f"torchao:{quantization.kind}"
-        factor *= k["quantization_speed"][key]["compiled" if compiled else "eager"]
+        linear = k["quantization_speed"][key]["compiled" if compiled else "eager"]
     if config.layerwise_casting and component in config.layerwise_casting.components:
-        factor *= k["layerwise_casting_speed"]
-    return factor
+        whole *= k["layerwise_casting_speed"]
+    return whole, linear
 
 
-def _seconds(work: Work, target: TargetHardware, factor: float, attention: float = 1.0) -> float:
-    """Roofline time of `work`: tensor-core FLOPs at the generation's efficiency (the attention
-    FLOPs `attention` times faster, for its kernel), plus the bytes memory-bound ops write (and
-    read) at the memory's streaming rate; `factor` speeds up both."""
+def _seconds(work: Work, target: TargetHardware, speed: tuple[float, float] = (1.0, 1.0), attention: float = 1.0) -> float:
+    """Roofline time of `work`: tensor-core FLOPs at the generation's efficiency (the linear layers'
+    at `speed`'s second factor, for their quantization; the attention's `attention` times faster,
+    for its kernel), plus the bytes memory-bound ops write (and read) at the memory's streaming
+    rate; `speed`'s first factor speeds up all of it."""
     k = constants()
+    whole, linear = speed
     efficiency = k["tensor_efficiency"].get(target.generation, k["tensor_efficiency"]["default"])
-    tensor = (work.matmul_flops + work.attention_flops / attention) / (target.matmul_flops * efficiency)
+    flops = work.matmul_flops / linear + work.conv_flops + work.attention_flops / attention
+    tensor = flops / (target.matmul_flops * efficiency)
     memory = work.written_bytes * k["memory_traffic_per_written_byte"] / (target.memory_bytes_per_s * k["memory_bandwidth_efficiency"])
-    return (tensor + memory) / factor
+    return (tensor + memory) / whole
 
 
 def _latency(profile, workload, config, target, weights, works, on_cpu, memo) -> tuple[float, float, dict[str, float]]:
@@ -438,7 +444,7 @@ def _latency(profile, workload, config, target, weights, works, on_cpu, memo) ->
     offload = config.offload
     for denoiser in denoisers[:1]:  # Wan2.2's experts run one at a time: one per step
         cached = cache_share(config.cache, workload.steps, denoiser.class_name) if config.cache else 1.0  # the blocks a cache skips
-        step_compute += cached * _seconds(works["denoising"], target, _speed_factor(config, denoiser.name, generation),
+        step_compute += cached * _seconds(works["denoising"], target, _speed_factors(config, denoiser.name, generation),
                                           speedup_of(config.attention_backend, target.device, parse_capability(target.compute_capability)))
         if not on_cpu and (offload.strategy == "sequential" or _group_offloaded(denoiser, config)):
             bandwidth = target.h2d_bytes_per_s * k["group_offload_bandwidth_factor"]
@@ -464,10 +470,10 @@ def _latency(profile, workload, config, target, weights, works, on_cpu, memo) ->
         step = step_compute + step_transfer
 
     text = sum(
-        _seconds(text_work(t, workload, config.dtype, memo), target, _speed_factor(config, t.name, generation))
+        _seconds(text_work(t, workload, config.dtype, memo), target, _speed_factors(config, t.name, generation))
         for t in profile.by_role("text_encoder")
     )
-    decode = _seconds(works["vae_decode"], target, 1.0)
+    decode = _seconds(works["vae_decode"], target)
     swaps = 0.0
     if offload.strategy == "model" and not on_cpu:
         swaps = sum(weights[c.name] for c in profile.components if c.role != "other") / target.h2d_bytes_per_s
