@@ -200,6 +200,21 @@ def test_quantization_speeds_up_the_linear_layers_alone(flux_dev):
     assert 1.0 < hunyuan_gain < 1 / (1 - linear_share) < flux_gain
 
 
+@pytest.mark.parametrize("offload", [Offload(strategy="group", offload_type="leaf_level", use_stream=True), Offload(strategy="sequential")])
+def test_offloaded_text_encoders_and_vae_pay_for_moving_their_weights_in(flux_dev, offload):
+    """Group and sequential offload stream every offloaded model's weights over PCIe each time it
+    runs, the text encoders and the VAE too: their phases can't take less than those bytes over
+    the card's host->device rate (9.5 GB of T5 on PCIe 4.0 x16: over a third of a second), and
+    the VAE's decode takes longer than with its weights resident."""
+    job = make_workload(flux_dev)
+    plain = estimate(flux_dev, job, OptimizationConfig(), RTX_4090)
+    offloaded = estimate(flux_dev, job, OptimizationConfig(offload=offload), RTX_4090)
+    weights = {c.name: weight_bytes(c, OptimizationConfig()) for c in flux_dev.components}
+    encoders = weights["text_encoder"] + weights["text_encoder_2"]
+    assert offloaded.latency_breakdown["text_encoding_s"] >= encoders / RTX_4090.h2d_bytes_per_s > 0.3
+    assert offloaded.latency_breakdown["vae_decode_s"] > plain.latency_breakdown["vae_decode_s"]  # a stream hides some, not all
+
+
 def test_cpu_target_puts_everything_in_ram(tiny_flux_dir):
     from advisor.probe.hardware import probe_machine
     from advisor.probe.target import target_from_probe

@@ -434,48 +434,60 @@ def _seconds(work: Work, target: TargetHardware, speed: tuple[float, float] = (1
     return (tensor + memory) / whole
 
 
-def _latency(profile, workload, config, target, weights, works, on_cpu, memo) -> tuple[float, float, dict[str, float]]:
+def _streaming_seconds(component: ComponentProfile, config: OptimizationConfig, target: TargetHardware, weight: int, calls: int,
+                       on_cpu: bool) -> float:
+    """Seconds `calls` runs of a group- or sequentially-offloaded `component` spend moving its weights
+    in (and in the hooks that move them); 0 where it stays put."""
     k = constants()
+    offload = config.offload
+    if on_cpu or not (offload.strategy == "sequential" or _group_offloaded(component, config)):
+        return 0.0
+    bandwidth = target.h2d_bytes_per_s * k["group_offload_bandwidth_factor"]
+    if offload.strategy == "sequential":
+        bandwidth = target.h2d_bytes_per_s * k["unpinned_bandwidth_factor"]
+    if offload.low_cpu_mem_usage:
+        bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"][offload.offload_type]
+    moved = weight * calls
+    layers = sum(b.count for b in component.blocks) or 1
+    if offload.strategy == "group" and component.name in (offload.resident_blocks or {}):  # partial offload: the kept blocks stay
+        kept, streamed = block_split(component, config)
+        moved = (component.parameters - kept) * _bytes_per_parameter(component, weight) * calls
+        layers = len(streamed)
+    seconds = moved / bandwidth + (moved / k["disk_bytes_per_s"] if offload.offload_to_disk_path else 0.0)
+    level = "sequential" if offload.strategy == "sequential" else offload.offload_type
+    units = layers * 8 if level != "block_level" else layers / offload.num_blocks_per_group
+    return seconds + units * calls * k["offload_hook_overhead_s"][level]
+
+
+def _overlapped(compute: float, transfer: float, config: OptimizationConfig) -> float:
+    """Compute and transfers together: group offload's stream hides most, not all, of the shorter one."""
+    if config.offload.strategy == "group" and config.offload.use_stream:
+        return max(compute, transfer) + (1 - constants()["stream_overlap"]) * min(compute, transfer)
+    return compute + transfer
+
+
+def _latency(profile, workload, config, target, weights, works, on_cpu, memo) -> tuple[float, float, dict[str, float]]:
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
     generation = target.generation
     calls_per_step = 2 if behaviour["cfg"] == "sequential" else 1
-    denoisers = profile.by_role("denoiser")
     step_compute = step_transfer = 0.0
-    offload = config.offload
-    for denoiser in denoisers[:1]:  # Wan2.2's experts run one at a time: one per step
+    for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
         cached = cache_share(config.cache, workload.steps, denoiser.class_name) if config.cache else 1.0  # the blocks a cache skips
         step_compute += cached * _seconds(works["denoising"], target, _speed_factors(config, denoiser.name, generation),
                                           speedup_of(config.attention_backend, target.device, parse_capability(target.compute_capability)))
-        if not on_cpu and (offload.strategy == "sequential" or _group_offloaded(denoiser, config)):
-            bandwidth = target.h2d_bytes_per_s * k["group_offload_bandwidth_factor"]
-            if offload.strategy == "sequential":
-                bandwidth = target.h2d_bytes_per_s * k["unpinned_bandwidth_factor"]
-            if offload.low_cpu_mem_usage:
-                bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"][offload.offload_type]
-            moved = weights[denoiser.name] * calls_per_step
-            layers = sum(b.count for b in denoiser.blocks) or 1
-            if offload.strategy == "group" and offload.resident_blocks:  # partial offload: the kept blocks stay
-                kept, streamed = block_split(denoiser, config)
-                moved = (denoiser.parameters - kept) * _bytes_per_parameter(denoiser, weights[denoiser.name]) * calls_per_step
-                layers = len(streamed)
-            step_transfer += moved / bandwidth
-            if offload.offload_to_disk_path:
-                step_transfer += moved / k["disk_bytes_per_s"]
-            level = "sequential" if offload.strategy == "sequential" else offload.offload_type
-            units = layers * 8 if level != "block_level" else layers / offload.num_blocks_per_group
-            step_transfer += units * calls_per_step * k["offload_hook_overhead_s"][level]
-    if offload.strategy == "group" and offload.use_stream:  # the stream hides most, not all, of the shorter one
-        step = max(step_compute, step_transfer) + (1 - k["stream_overlap"]) * min(step_compute, step_transfer)
-    else:
-        step = step_compute + step_transfer
-
+        step_transfer += _streaming_seconds(denoiser, config, target, weights[denoiser.name], calls_per_step, on_cpu)
+    step = _overlapped(step_compute, step_transfer, config)
+    # The text encoders and the VAE run once: a group-offloaded one streams its weights in that once.
     text = sum(
-        _seconds(text_work(t, workload, config.dtype, memo), target, _speed_factors(config, t.name, generation))
+        _overlapped(_seconds(text_work(t, workload, config.dtype, memo), target, _speed_factors(config, t.name, generation)),
+                    _streaming_seconds(t, config, target, weights[t.name], 1, on_cpu), config)
         for t in profile.by_role("text_encoder")
     )
-    decode = _seconds(works["vae_decode"], target)
+    vae = profile.vae
+    decode = _overlapped(_seconds(works["vae_decode"], target), _streaming_seconds(vae, config, target, weights[vae.name], 1, on_cpu)
+                         if vae else 0.0, config)
     swaps = 0.0
-    if offload.strategy == "model" and not on_cpu:
+    if config.offload.strategy == "model" and not on_cpu:
         swaps = sum(weights[c.name] for c in profile.components if c.role != "other") / target.h2d_bytes_per_s
     breakdown = {
         "text_encoding_s": text,
