@@ -277,3 +277,17 @@ def test_every_recommended_config_is_accepted_by_apply(model, gpu, budget, job):
     for scored in configs:
         check_config(scored.config)
         assert scored.estimate.peak_vram_bytes <= result.scenario.budget_bytes
+
+
+def test_a_ram_warning_says_whose_ram_it_is():
+    """A plan near the host RAM warns; when that RAM was assumed (another machine, no --ram), the
+    warning says it is the assumed figure and asks for --ram, not to close programs on a machine
+    the advisor never saw."""
+    def ram_warning(**machine):
+        scenario = context(target=planned_target(machine=None, gpu="RTX 4090", **machine), budget=16 * GIB)
+        return [r for r in recommend(scenario).reasons if r.startswith("warning: host RAM")]
+
+    assumed = ram_warning()
+    assert len(assumed) == 1 and "of the assumed" in assumed[0] and "pass --ram" in assumed[0]
+    given = ram_warning(ram=47 * GIB)
+    assert len(given) == 1 and "of the machine's" in given[0] and "close other programs" in given[0]

@@ -237,10 +237,12 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
         f"guidance): {result.latency_s:.1f}s per {_unit(scenario)} ({result.step_latency_s:.3f}s per step)",
     ]
     if target.device == "cuda" and result.peak_ram_bytes > target.ram_total_bytes * RAM_WARN:
-        reasons.append(
-            f"warning: host RAM {format_size(result.peak_ram_bytes)} is over {RAM_WARN:.0%} of the machine's "
-            f"{format_size(target.ram_total_bytes)}; close other programs or pass a larger --ram if you have it"
-        )
+        if any(a.startswith("host RAM") for a in target.assumptions):  # not the user's machine: say what to pass
+            whose, advice = "the assumed", "pass --ram with your machine's RAM: a plan for less may differ"
+        else:
+            whose, advice = "the machine's", "close other programs or pass a larger --ram if you have it"
+        reasons.append(f"warning: host RAM {format_size(result.peak_ram_bytes)} is over {RAM_WARN:.0%} of {whose} "
+                       f"{format_size(target.ram_total_bytes)}; {advice}")
     if config.quantization or config.layerwise_casting:
         unquantized = config.replace(quantization=None, layerwise_casting=None)
         plain = estimate_for(scenario, unquantized)
