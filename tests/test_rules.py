@@ -291,3 +291,16 @@ def test_a_ram_warning_says_whose_ram_it_is():
     assert len(assumed) == 1 and "of the assumed" in assumed[0] and "pass --ram" in assumed[0]
     given = ram_warning(ram=47 * GIB)
     assert len(given) == 1 and "of the machine's" in given[0] and "close other programs" in given[0]
+
+
+def test_fp16_warnings_on_a_card_without_bf16_give_advice_it_can_follow():
+    """A T4 has no bf16 (compute capability 7.5): telling its user to run Flux in bf16 is no help.
+    diffusers clips Flux's fp16 activations and its Flux docs run the text encoders in fp32 for
+    fp16 inference; T5 overflows in fp16 (transformers keeps its `wo` layers in fp32)."""
+    result = recommend(context(target=planned_target(machine=None, gpu="T4", ram=64 * GIB), budget=14 * GIB))
+    assert result.config.dtype == "float16"
+    warnings = [r for r in result.reasons if r.startswith("warning: fp16")]
+    flux = next(w for w in warnings if "FluxTransformer2DModel" in w)
+    assert "bf16" not in flux.split("): ", 1)[1].replace("from bf16's", "")  # no advice to switch to what the card lacks
+    assert "text encoders in fp32" in flux and "diffusers/main/en/api/pipelines/flux#running-fp16-inference" in flux
+    assert any("T5EncoderModel" in w and "_keep_in_fp32_modules" in w for w in warnings)

@@ -61,21 +61,27 @@ def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
     return None
 
 
-# Classes known to overflow in float16, for GPUs without bf16 (compute capability < 8.0).
-FP16_OVERFLOW = {
-    "FluxTransformer2DModel": "Flux's activations exceed the fp16 range (black or NaN images are reported); run it in bf16",
-    "T5EncoderModel": "T5 overflows in fp16, which is why transformers keeps its `wo` layers in fp32 (`_keep_in_fp32_modules`)",
-    "UMT5EncoderModel": "UMT5 (T5 family) overflows in fp16; transformers keeps its `wo` layers in fp32",
+# What float16 does to classes trained in bf16, for GPUs without bf16 (compute capability < 8.0):
+# class -> (what happens, its source).
+_T5_SOURCE = "https://github.com/huggingface/transformers/blob/main/src/transformers/models/t5/modeling_t5.py"
+FP16_RISKS = {
+    "FluxTransformer2DModel": (
+        "it runs (diffusers clips its activations to the fp16 range) but its images differ from bf16's; diffusers' Flux "
+        "docs run the text encoders in fp32 for fp16 inference, which a config can't set per component yet",
+        "https://huggingface.co/docs/diffusers/main/en/api/pipelines/flux#running-fp16-inference",
+    ),
+    "T5EncoderModel": ("T5 overflows in fp16, which is why transformers keeps its `wo` layers in fp32 (`_keep_in_fp32_modules`)",
+                       _T5_SOURCE),
+    "UMT5EncoderModel": ("UMT5 (T5 family) overflows in fp16; transformers keeps its `wo` layers in fp32", _T5_SOURCE),
 }
-FP16_SOURCE = "https://github.com/huggingface/transformers/blob/main/src/transformers/models/t5/modeling_t5.py"
 
 
 def fp16_warnings(config: OptimizationConfig, class_names: dict[str, str]) -> list[str]:
-    """Warnings for components known to overflow when the config computes in float16."""
+    """Warnings for components float16 is known to change or overflow, when the config computes in it."""
     if config.dtype != "float16":
         return []
     return [
-        f"warning: fp16 (this GPU has no bf16) on {name} ({cls}): {FP16_OVERFLOW[cls]} ({FP16_SOURCE})"
+        f"warning: fp16 (this GPU has no bf16) on {name} ({cls}): {FP16_RISKS[cls][0]} ({FP16_RISKS[cls][1]})"
         for name, cls in class_names.items()
-        if cls in FP16_OVERFLOW
+        if cls in FP16_RISKS
     ]
