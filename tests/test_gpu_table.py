@@ -3,16 +3,22 @@
 Nothing here copies a figure from the table: the checks are the relations every NVIDIA part of a
 generation shares (which compute capability each architecture has, fp8 tensor cores from 8.9 on,
 fp16 and bf16 tensor math at one rate from Ampere on, fp8 at twice it), sanity ranges that catch
-unit slips (TB/s for GB/s, sparse for dense), and that the name NVML reports for each card finds
-its own entry through `lookup_gpu`'s loose matching.
+unit slips (TB/s for GB/s, sparse for dense), that the name NVML reports for each card finds its
+own entry through `lookup_gpu`'s matching by words, and that a name stating a memory size or naming
+another product (a laptop part, a 'D' edition) plans for that card or is refused, never for the
+desktop card or another memory size.
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
+from advisor.errors import UsageError
 from advisor.paths import DATA_DIR
-from advisor.probe.target import _normal, gpu_table, lookup_gpu
+from advisor.probe.hardware import GpuInfo
+from advisor.probe.target import _normal, _tokens, gpu_table, lookup_gpu, memory_fits, planned_target, target_from_probe
+from advisor.units import GIB, parse_size
 
 RAW = json.loads((DATA_DIR / "gpus.json").read_text())
 TABLE = gpu_table()
@@ -218,8 +224,195 @@ def test_every_key_finds_itself(key):
     assert lookup_gpu(key.upper())[0] == key
 
 
+# Memory variants NVML names alike: (name, memory NVML reports in GiB) -> entry.
+NVML_MEMORY_VARIANTS = {
+    ("NVIDIA GeForce RTX 3060", 12.0): "RTX 3060",
+    ("NVIDIA GeForce RTX 3060", 8.0): "RTX 3060 8GB",
+    ("NVIDIA GeForce RTX 4060 Ti", 16.0): "RTX 4060 Ti",
+    ("NVIDIA GeForce RTX 4060 Ti", 8.0): "RTX 4060 Ti 8GB",
+    ("NVIDIA GeForce RTX 3080", 10.0): "RTX 3080",
+    ("NVIDIA GeForce RTX 3080", 12.0): "RTX 3080 12GB",
+    ("NVIDIA A100-SXM4-40GB", 39.6): "A100",
+    ("NVIDIA A100-SXM4-80GB", 80.0): "A100 80GB",
+}
+# The memory each card is sold with (GB), from its datasheet or spec page.
+SOLD_WITH = {
+    "B200": 180, "H200 NVL": 141, "H200": 141, "H100 NVL": 94, "H100 PCIe": 80, "H100": 80, "A100 80GB PCIe": 80,
+    "A100 80GB": 80, "A100": 40, "L40S": 48, "L40": 48, "L20": 48, "L4": 24, "A40": 48, "A10G": 24, "A10": 24,
+    "RTX 6000 Ada": 48, "RTX A6000": 48, "RTX A4000": 16, "RTX 5090 Laptop": 24, "RTX 5090": 32, "RTX 5080 Laptop": 16,
+    "RTX 5080": 16, "RTX 5070 Ti Laptop": 12, "RTX 5070 Ti": 16, "RTX 5070 Laptop": 8, "RTX 5070": 12, "RTX 5060 Ti": 16,
+    "RTX 5060": 8, "RTX 4090 Laptop": 16, "RTX 4090": 24, "RTX 4080 Super": 16, "RTX 4080 Laptop": 12, "RTX 4080": 16,
+    "RTX 4070 Ti Super": 16, "RTX 4070 Ti": 12, "RTX 4070 Super": 12, "RTX 4070 Laptop": 8, "RTX 4070": 12,
+    "RTX 4060 Ti": 16, "RTX 4060 Ti 8GB": 8, "RTX 4060 Laptop": 8, "RTX 4060": 8, "RTX 4050 Laptop": 6, "RTX 3090 Ti": 24,
+    "RTX 3090": 24, "RTX 3080 Ti": 12, "RTX 3080": 10, "RTX 3080 12GB": 12, "RTX 3070 Ti": 8, "RTX 3070": 8,
+    "RTX 3060 Ti": 8, "RTX 3060": 12, "RTX 3060 8GB": 8, "T4": 16, "V100": 32,
+}
+# Memory bus (bits) and data rate (Gbps per pin) of the GeForce memory variants: bandwidth = bits x rate / 8.
+MEMORY_BUS = {
+    "RTX 3060": (192, 15), "RTX 3060 8GB": (128, 15), "RTX 4060 Ti": (128, 18), "RTX 4060 Ti 8GB": (128, 18),
+    "RTX 3080": (320, 19), "RTX 3080 12GB": (384, 19),
+}
+
+
 def test_every_entry_has_an_nvml_name_here():
-    assert set(NVML_NAMES.values()) == set(TABLE)
+    assert set(NVML_NAMES.values()) | set(NVML_MEMORY_VARIANTS.values()) == set(TABLE)
+
+
+@pytest.mark.parametrize(("name_memory", "key"), list(NVML_MEMORY_VARIANTS.items()))
+def test_nvml_memory_picks_the_memory_variant(name_memory, key):
+    name, memory = name_memory
+    assert lookup_gpu(name, memory_gib=memory)[0] == key
+
+
+def test_every_entry_has_the_memory_it_is_sold_with():
+    assert set(SOLD_WITH) == set(TABLE)
+    for key, sold in SOLD_WITH.items():
+        assert memory_fits(TABLE[key]["memory_gib"], sold), key  # a card reports up to 10% less than it is sold with
+        stated = _tokens(key)[1]
+        assert stated is None or stated == sold, key
+
+
+@pytest.mark.parametrize("key", list(MEMORY_BUS))
+def test_memory_variant_bandwidth_is_bus_width_times_data_rate(key):
+    bits, gbps = MEMORY_BUS[key]
+    assert TABLE[key]["memory_bandwidth_gbs"] == pytest.approx(bits * gbps / 8, rel=0.01)
+
+
+def test_memory_variants_of_one_model_differ_in_memory_only_by_architecture():
+    by_words = {}
+    for key in TABLE:
+        by_words.setdefault(_tokens(key)[0], []).append(key)
+    variants = [keys for keys in by_words.values() if len(keys) > 1]
+    assert {"RTX 3060", "RTX 3060 8GB"} in [set(k) for k in variants]
+    for keys in variants:
+        assert len({TABLE[k]["compute_capability"] for k in keys}) == 1, keys
+        for a in keys:  # no card could be both: a stated memory picks one
+            assert [b for b in keys if memory_fits(TABLE[b]["memory_gib"], SOLD_WITH[a])] == [a], (a, keys)
+
+
+@pytest.mark.parametrize("key", list(TABLE))
+def test_the_name_with_its_memory_plans_that_card(key):
+    """'RTX 3060 12GB' and 'RTX 3060 8GB' are different cards; each, typed with its memory, is planned as itself."""
+    typed = key if _tokens(key)[1] is not None else f"{key} {SOLD_WITH[key]}GB"
+    target = planned_target(machine=None, gpu=typed, ram=64 * GIB)
+    assert target.vram_total_bytes == int(TABLE[key]["memory_gib"] * GIB), typed
+    assert target.matmul_flops == TABLE[key]["bf16_tflops"] * 1e12
+    assert target.name == (key if typed == key else typed) and target.source == f"--gpu {key} (datasheet), --ram"
+    assert target.assumptions == ()
+
+
+# What people type with a memory size, the entry it is, and the memory planned (GB).
+TYPED_WITH_MEMORY = {
+    "RTX 4060 Ti 8GB": ("RTX 4060 Ti 8GB", 8),
+    "rtx 4060 ti 8 gb": ("RTX 4060 Ti 8GB", 8),
+    "4060 Ti 16G": ("RTX 4060 Ti", 16),
+    "RTX 3060 8GB": ("RTX 3060 8GB", 8),
+    "RTX 3060 12 GiB": ("RTX 3060", 12),
+    "A100 40GB": ("A100", 40),
+    "A100 PCIe": ("A100", 40),  # PCIe alone does not make it the 80 GB PCIe card
+    "A100-PCIE-40GB": ("A100", 40),
+    "A100 80GB PCIe": ("A100 80GB PCIe", 80),
+    "RTX 4090 Mobile": ("RTX 4090 Laptop", 16),  # NVIDIA's 'Laptop GPU'
+}
+
+
+@pytest.mark.parametrize(("typed", "expected"), list(TYPED_WITH_MEMORY.items()))
+def test_a_stated_memory_picks_the_variant_with_it(typed, expected):
+    key, sold = expected
+    target = planned_target(machine=None, gpu=typed, ram=64 * GIB)
+    assert lookup_gpu(typed)[0] == key
+    assert memory_fits(target.vram_total_bytes / GIB, sold) and target.source.startswith(f"--gpu {key} ")
+    assert target.name.startswith(key)  # the header and provenance.gpu_name say which card was planned
+
+
+def test_a_stated_memory_no_entry_has_keeps_the_figures_and_says_so():
+    target = planned_target(machine=None, gpu="RTX 4090 48GB", ram=64 * GIB)
+    assert target.vram_total_bytes == 48 * GIB and target.matmul_flops == TABLE["RTX 4090"]["bf16_tflops"] * 1e12
+    assert target.name == "RTX 4090 with 48 GB"
+    (said,) = target.assumptions
+    assert "48 GB" in said and "RTX 4090" in said and "23.6 GB" in said
+
+
+# Names of other products than the entry whose words they contain: (typed, the entry they are not).
+OTHER_PRODUCTS = {
+    "RTX 3060 Laptop": "RTX 3060",  # a 6 GB laptop part, not the 12 GB desktop card
+    "NVIDIA GeForce RTX 3060 Laptop GPU": "RTX 3060",
+    "RTX 3060 Mobile": "RTX 3060",
+    "RTX 4090D": "RTX 4090",  # China's cut-down 4090 (fewer SMs)
+    "RTX 4090 D": "RTX 4090",
+    "RTX 3070 Max-Q": "RTX 3070",
+    "GH200": "H200",  # Grace Hopper: another memory and host link
+    "4060 super": "RTX 4060",
+}
+
+
+@pytest.mark.parametrize(("typed", "not_key"), list(OTHER_PRODUCTS.items()))
+def test_another_product_is_refused_not_planned_as_its_namesake(typed, not_key):
+    assert lookup_gpu(typed) is None
+    with pytest.raises(UsageError) as refused:
+        planned_target(machine=None, gpu=typed, ram=64 * GIB)
+    message = str(refused.value)
+    assert message.startswith(f"--gpu: {typed!r} is not a known GPU") and "\n" not in message
+    assert f"{not_key!r}" in message  # the near names
+
+
+def test_the_refusal_says_which_word_makes_it_another_card():
+    with pytest.raises(UsageError, match=r"\('Laptop' makes it another card than the RTX 3060\)"):
+        planned_target(machine=None, gpu="RTX 3060 Laptop")
+    with pytest.raises(UsageError, match=r"\('Max-Q' makes it another card than the RTX 3070\)"):
+        planned_target(machine=None, gpu="RTX 3070 Max-Q")
+
+
+@pytest.mark.parametrize("size", ["1.5GB", "0.5GB", "24GB", "12GB", "1.25GB", "750MB", "2.2GB"])
+def test_vram_name_reads_back_as_the_size_given(size):
+    """`--vram 1.5GB` is 'GPU with 1.5 GB', never a size rounded to another ('2 GB', '0 GB')."""
+    target = planned_target(machine=None, vram=parse_size(size), ram=64 * GIB)
+    shown = target.name.removeprefix("GPU with ")
+    assert shown != target.name and parse_size(shown) == pytest.approx(parse_size(size), rel=1e-3)
+    assert "." not in shown or not shown.split(" ")[0].endswith("0")  # no trailing zeros
+
+
+def test_vram_that_is_not_the_cards_memory_is_allowed_and_said():
+    """--gpu H100 --vram 24GB: a MIG slice or a capped card; the H100's compute, 24 GB, and a line saying so."""
+    target = planned_target(machine=None, gpu="H100", vram=24 * GIB, ram=64 * GIB)
+    assert target.vram_total_bytes == 24 * GIB and target.matmul_flops == TABLE["H100"]["bf16_tflops"] * 1e12
+    assert target.name == "H100 with 24 GB"
+    (said,) = target.assumptions
+    assert "--vram 24 GB" in said and "H100" in said and "79.6 GB" in said
+    assert planned_target(machine=None, gpu="H100", vram=80 * GIB, ram=64 * GIB).assumptions == ()  # the H100's own
+
+
+def test_recommend_header_and_provenance_name_the_card_planned(capsys, monkeypatch):
+    from advisor.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["recommend", "-m", "flux-dev", "--gpu", "rtx 4060 ti 8gb", "--ram", "32GB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["hardware"]["name"] == data["config"]["provenance"]["gpu_name"] == "RTX 4060 Ti 8GB"
+    assert memory_fits(data["hardware"]["vram_total_bytes"] / GIB, 8)
+    assert main(["recommend", "-m", "flux-dev", "--gpu", "rtx 4060 ti 8gb", "--ram", "32GB"]) == 0
+    assert "| RTX 4060 Ti 8GB |" in capsys.readouterr().out.splitlines()[0]
+
+
+def _probed(name: str, memory_gib: float) -> SimpleNamespace:
+    memory = int(memory_gib * GIB)
+    gpu = GpuInfo(index=0, name=name, memory_total_bytes=memory, memory_free_bytes=memory, memory_used_bytes=0, compute_capability="8.6")
+    return SimpleNamespace(gpus=[gpu], host=SimpleNamespace(ram_total_bytes=64 * GIB, ram_available_bytes=64 * GIB))
+
+
+def test_probed_card_without_an_entry_uses_the_nearest_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no calibration
+    target = target_from_probe(_probed("NVIDIA GeForce RTX 3060 Laptop GPU", 6.0))
+    assert target.matmul_flops == TABLE["RTX 3060"]["bf16_tflops"] * 1e12  # not the default RTX 4090's
+    assert "datasheet RTX 3060 (the nearest entry" in target.source and target.vram_total_bytes == 6 * GIB
+
+
+def test_probed_memory_picks_the_variants_bandwidth(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    small = target_from_probe(_probed("NVIDIA GeForce RTX 3060", 8.0))
+    large = target_from_probe(_probed("NVIDIA GeForce RTX 3060", 12.0))
+    assert small.memory_bytes_per_s / large.memory_bytes_per_s == pytest.approx(128 / 192, rel=0.01)  # bus widths
+    assert "datasheet RTX 3060 8GB" in small.source
 
 
 @pytest.mark.parametrize(("name", "key"), list(NVML_NAMES.items()))

@@ -21,7 +21,7 @@ from advisor.files import json_type, read_json
 from advisor.paths import DATA_DIR, advisor_cache_dir
 from advisor.probe import hardware
 from advisor.probe.hardware import MachineProfile, pcie_bandwidth
-from advisor.units import GIB, format_size, parse_capability
+from advisor.units import GIB, format_size, parse_capability, parse_size
 
 # Planning defaults when neither the card nor a calibration is known: an RTX 4090-class GPU.
 DEFAULT_GPU = "RTX 4090"
@@ -58,21 +58,78 @@ def _normal(name: str) -> str:
     return text
 
 
-def lookup_gpu(name: str) -> tuple[str, dict[str, Any]] | None:
-    """The datasheet entry for `name`, matched loosely ('rtx3060', 'NVIDIA GeForce RTX 3060', '3060').
+# How a GPU name is read (`_tokens`): the memory it states ("8GB", "16 GB", "24G") apart, then words
+# split where letters meet digits ('RTX4090D' -> 4090, d). Brand words mean nothing; the socket and
+# memory-type words (SXM4, HBM3) and 'PCIe' only pick a variant where an entry has them ('H100 PCIe').
+_MEMORY_WORD = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*(?:gib|gb|g)(?![a-z0-9])")
+_BRAND_WORDS = frozenset({"nvidia", "geforce", "tesla", "rtx", "gpu", "generation"})
+_OPTIONAL_WORDS = frozenset({"pcie"})
+_SYNONYMS = {"mobile": "laptop"}  # NVIDIA says 'Laptop GPU' for what shops call 'Mobile'
 
-    A key contained in the name wins (longest first, so 'H100 PCIe' beats 'H100'); else the one key
-    that ends with the name ('3060' is the RTX 3060, but '4060' is not the RTX 4060 Ti).
+
+@lru_cache(maxsize=256)
+def _tokens(name: str) -> tuple[tuple[str, ...], float | None]:
+    """The words of a GPU name, and the memory (GB) it states: 'NVIDIA A100-SXM4-80GB' -> (a, 100), 80."""
+    text = name.lower()
+    stated = _MEMORY_WORD.search(text)
+    if stated:
+        text = f"{text[:stated.start()]} {text[stated.end():]}"
+    text = re.sub(r"(?<![a-z])(?:sxm|hbm)\d*e?(?![a-z])", " ", text)
+    words = re.findall(r"[a-z]+|\d+", text)
+    return tuple(_SYNONYMS.get(w, w) for w in words if w not in _BRAND_WORDS), (float(stated[1]) if stated else None)
+
+
+def memory_fits(memory_gib: float, stated_gib: float) -> bool:
+    """Whether a card that reports `memory_gib` is the one sold as `stated_gib` GB: cards report up to
+    10% less than they are sold with (ECC, reserved memory: a 24 GB L4 reports 22 GiB), never more."""
+    return 0.9 * stated_gib <= memory_gib <= stated_gib + 0.5
+
+
+def stated_memory_gib(name: str) -> float | None:
+    """The memory a GPU name states ('RTX 4060 Ti 8GB' -> 8.0), or None."""
+    return _tokens(name)[1]
+
+
+def _candidates(name: str, memory_gib: float | None) -> list[tuple[tuple, str, tuple[str, ...]]]:
+    """(rank, key, words of `name` the key lacks) for each entry whose words `name` has, best first."""
+    wanted, stated = _tokens(name)
+    memory = stated if stated is not None else memory_gib
+    found = []
+    for key, sheet in gpu_table().items():
+        need, key_memory = _tokens(key)
+        if not need or not set(need) <= set(wanted):
+            continue
+        extra = tuple(w for w in wanted if w not in need and w not in _OPTIONAL_WORDS)
+        fits = memory is not None and memory_fits(sheet["memory_gib"], memory)
+        # Fewest unexplained words, then the memory asked for, then an entry without memory in its name
+        # ('A100 PCIe' is the 40 GB 'A100', not 'A100 80GB PCIe'), then the most specific ('H100 PCIe').
+        found.append(((-len(extra), fits, key_memory is None, len(need)), key, extra))
+    return sorted(found, key=lambda c: c[0], reverse=True)
+
+
+def lookup_gpu(name: str, *, memory_gib: float | None = None, strict: bool = True) -> tuple[str, dict[str, Any]] | None:
+    """The datasheet entry for `name`, matched by words ('rtx3060', 'NVIDIA GeForce RTX 3060', '3060').
+
+    Every word of the entry must be in the name ('4060' is not the RTX 4060 Ti), and, when `strict`,
+    every word of the name in the entry: 'RTX 3060 Laptop', 'RTX 4090D' and 'GH200' are other cards
+    than the RTX 3060, RTX 4090 and H200. Of memory variants, the one with the memory the name states
+    ('RTX 4060 Ti 8GB'), else `memory_gib` (what NVML reports), else the entry without memory in its
+    name; a stated memory no entry has still returns the model's entry (see `stated_memory_gib`).
+    `strict=False` returns the nearest entry despite extra words (for a probed card with none of its own).
     """
-    wanted = _normal(name)
-    if not wanted:
-        return None
-    keys = sorted(gpu_table(), key=len, reverse=True)
-    for key in keys:
-        if _normal(key) in wanted:
-            return key, gpu_table()[key]
-    containing = [key for key in keys if _normal(key).endswith(wanted)] if re.search(r"\d", wanted) else []
-    return (containing[0], gpu_table()[containing[0]]) if len(containing) == 1 else None
+    found = [c for c in _candidates(name, memory_gib) if not (strict and c[2])]
+    return (found[0][1], gpu_table()[found[0][1]]) if found else None
+
+
+def _not_this_card(name: str) -> str:
+    """Why `name` has no entry when an entry's words are all in it: ' ('Laptop' makes it another card than the RTX 3060)'."""
+    found = _candidates(name, None)
+    if not found:
+        return ""
+    _, key, extra = found[0]
+    spelled = ["|".join([w, *(k for k, v in _SYNONYMS.items() if v == w)]) for w in extra]
+    said = re.search(r"(?<![a-z])(?:" + ")[^a-z0-9]*(?:".join(spelled) + r")(?![a-z])", name, re.IGNORECASE)  # 'Max-Q' as written
+    return f" ({said[0] if said else ' '.join(extra)!r} makes it another card than the {key})"
 
 
 def near_gpu_names(name: str) -> list[str]:
@@ -198,9 +255,13 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
         raise UsageError(f"--gpu-index: {gpu_index} is out of range; this machine has {len(machine.gpus)} GPU(s)")
     gpu = machine.gpus[gpu_index]
     calibration = load_calibration(gpu.name)
-    datasheet = lookup_gpu(gpu.name)
-    flops, bandwidth, sources = _throughput(gpu.name, calibration, datasheet)
-    sheet = datasheet[1] if datasheet else gpu_table()[DEFAULT_GPU]
+    memory = gpu.memory_total_bytes / GIB or None
+    datasheet = lookup_gpu(gpu.name, memory_gib=memory)
+    nearest = None if datasheet else lookup_gpu(gpu.name, memory_gib=memory, strict=False)
+    flops, bandwidth, sources = _throughput(gpu.name, calibration, datasheet or nearest)
+    if nearest and not calibration:
+        sources[0] += f" (the nearest entry: {gpu.name!r} has none of its own)"
+    sheet = (datasheet or nearest or (DEFAULT_GPU, gpu_table()[DEFAULT_GPU]))[1]
     if gpu.pcie_bandwidth_bytes_per_s and not (calibration and "h2d_bytes_per_s" in calibration):
         bandwidth = gpu.pcie_bandwidth_bytes_per_s * PCIE_EFFICIENCY
         sources.append("PCIe link from NVML")
@@ -237,6 +298,16 @@ def _throughput(name, calibration, datasheet) -> tuple[float, float, list[str]]:
     return flops, bandwidth, sources
 
 
+def size_text(num_bytes: float) -> str:
+    """`format_size` with the fewest decimals that still read back as this size: '24 GB', '1.5 GB', '512 MB'
+    (never '2 GB' for 1.5 GB, or '0 GB' for 512 MB)."""
+    for precision in (0, 1, 2):
+        text = format_size(num_bytes, precision=precision)
+        if abs(parse_size(text) - num_bytes) <= num_bytes * 1e-3:
+            return text
+    return format_size(num_bytes)
+
+
 def assumed_ram(vram_bytes: int) -> int:
     """Host RAM assumed for a machine with a card of `vram_bytes` (see ASSUMED_RAM_PER_VRAM)."""
     return max(ASSUMED_RAM_MIN, ASSUMED_RAM_PER_VRAM * vram_bytes)
@@ -251,8 +322,10 @@ def planned_target(
 ) -> TargetHardware:
     """A machine described by flags (`--vram`, `--ram`, `--gpu`), not this one.
 
-    `--gpu NAME` picks the datasheet entry (memory, throughput, PCIe, capability) unless `--vram`
-    overrides the memory; `--vram` alone plans for a generic card of that size (`GENERIC_GPU`).
+    `--gpu NAME` picks the datasheet entry (memory, throughput, PCIe, capability; `lookup_gpu`) and
+    names the plan after it; a memory NAME states that no entry has ('RTX 4090 48GB'), or `--vram`,
+    overrides the entry's memory, said in ``assumptions``. `--vram` alone plans for a generic card of
+    that size (`GENERIC_GPU`).
     Host RAM is `--ram`, else assumed (`assumed_ram`): never this machine's, which plans for another
     machine have no reason to share. Every assumed value is listed in ``assumptions``.
     """
@@ -262,19 +335,33 @@ def planned_target(
         if found is None:
             near = near_gpu_names(gpu)
             hint = f"did you mean {', '.join(repr(n) for n in near)}?" if near else f"known: {', '.join(gpu_table())}"
-            raise UsageError(f"--gpu: {gpu!r} is not a known GPU; {hint} (or give --vram for a card of that size)")
+            raise UsageError(f"--gpu: {gpu!r} is not a known GPU{_not_this_card(gpu)}; {hint} (or give --vram for a card of that size)")
         key, sheet = found
         source = f"--gpu {key} (datasheet)"
-        name = gpu if vram is None else f"{key} with {vram / GIB:.0f} GB"
+        entry_bytes, stated = int(sheet["memory_gib"] * GIB), stated_memory_gib(gpu)
+        if vram is not None:
+            name = f"{key} with {size_text(vram)}"
+            if not memory_fits(sheet["memory_gib"], vram / GIB):  # a MIG slice, a capped card: allowed, and said
+                assumptions.append(f"memory: --vram {size_text(vram)} overrides the {key}'s {size_text(entry_bytes)} (its other figures are kept)")
+        elif stated is not None and not memory_fits(sheet["memory_gib"], stated):
+            vram = int(stated * GIB)
+            name = f"{key} with {size_text(vram)}"
+            assumptions.append(
+                f"memory: {size_text(vram)} as {gpu!r} says, with the {key}'s compute and bandwidth figures "
+                f"(its datasheet entry has {size_text(entry_bytes)}); pass --vram for the exact size"
+            )
+        else:  # the entry's name, with the memory the name states when the entry's name has none ('RTX 3060 12GB')
+            name = key if stated is None or _tokens(key)[1] is not None else f"{key} {stated:g}GB"
     else:
         key, sheet = "generic", GENERIC_GPU
         source = "--vram (a generic card of that size)"
-        name = f"GPU with {(vram or 0) / GIB:.0f} GB"
+        name = f"GPU with {size_text(vram or 0)}"
+        entry_bytes = 0
         assumptions.append(
             f"card: a generic GPU (compute capability {sheet['compute_capability']}: bf16 but no fp8 matmuls; "
             f"{sheet['bf16_tflops']} TFLOP/s; PCIe {sheet['pcie_generation']} x{sheet['pcie_width']}); pass --gpu NAME for yours"
         )
-    vram_bytes = vram if vram is not None else int(sheet["memory_gib"] * GIB)
+    vram_bytes = vram if vram is not None else entry_bytes
     if vram_bytes <= 0:
         raise UsageError("--vram: must be larger than 0")
     if ram is not None:
