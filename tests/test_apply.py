@@ -638,6 +638,12 @@ def test_gpu_provenance_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         checks.gpu_warnings(config, "NVIDIA H100 80GB HBM3", 80 * 2**30)
+        # Planned with `--gpu "RTX 4090"` (the datasheet's name), applied on that card as NVML names it.
+        planned = OptimizationConfig(provenance=Provenance(gpu_name="RTX 4090", budget_bytes=20 * 2**30))
+        checks.gpu_warnings(planned, "NVIDIA GeForce RTX 4090", 23.99 * 2**30)
+    # The 8 GB RTX 4060 Ti is not the 16 GB card a config was planned for.
+    with pytest.warns(run_steps.ConfigWarning, match=r"`provenance.gpu_name` is 'RTX 4060 Ti'"):
+        checks.gpu_warnings(OptimizationConfig(provenance=Provenance(gpu_name="RTX 4060 Ti")), "NVIDIA GeForce RTX 4060 Ti", 8 * 2**30)
 
 
 @pytest.mark.parametrize(

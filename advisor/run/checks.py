@@ -99,6 +99,17 @@ def check_components(config: OptimizationConfig, components: Components, what: s
             )
 
 
+def _same_card(planned: str, actual: str, total_memory: int) -> bool:
+    """Whether the card a config was planned for (its datasheet name, `--gpu RTX 4090`) is this one
+    (NVML's name, 'NVIDIA GeForce RTX 4090', and its memory for the variant)."""
+    if planned == actual:
+        return True
+    from advisor.probe.target import lookup_gpu
+
+    here, there = lookup_gpu(actual, memory_gib=total_memory / 2**30), lookup_gpu(planned)
+    return here is not None and there is not None and here[0] == there[0]
+
+
 def gpu_warnings(config: OptimizationConfig, gpu_name: str, total_memory: int) -> None:
     p = config.provenance
     if p.budget_bytes is not None and p.budget_bytes > total_memory:
@@ -108,7 +119,7 @@ def gpu_warnings(config: OptimizationConfig, gpu_name: str, total_memory: int) -
             ConfigWarning,
             stacklevel=3,
         )
-    if p.gpu_name is not None and p.gpu_name != gpu_name:
+    if p.gpu_name is not None and not _same_card(p.gpu_name, gpu_name, total_memory):
         warnings.warn(
             f"`provenance.gpu_name` is {p.gpu_name!r} but this GPU is {gpu_name!r}; re-run `advisor tune` for this GPU",
             ConfigWarning,
