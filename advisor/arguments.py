@@ -31,12 +31,56 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         wrong = re.search(r"invalid choice: '([^']*)'", message)
-        if wrong and self._subparsers is not None:  # a mistyped command: say the near one
+        if wrong and self._subparsers is not None:  # a mistyped command: say the near one, or all of them
             names = [name for action in self._subparsers._group_actions for name in getattr(action, "choices", None) or ()]
             near = difflib.get_close_matches(wrong.group(1), names, n=1)
-            if near:
-                message = f"no such command: {wrong.group(1)!r}. Did you mean {near[0]!r}?"
+            if not near:
+                raise UsageError(f"no such command: {wrong.group(1)!r}; the commands are {', '.join(names)}")
+            message = f"no such command: {wrong.group(1)!r}. Did you mean {near[0]!r}?"
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def whole_number(flag: str, example: int) -> Callable[[str], int]:
+    """An option's `type`: a whole number, or one `UsageError` line naming the flag (not argparse's
+    "argument --steps: invalid int value"); the range is checked where the value is used."""
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise UsageError(f"{flag}: {text!r} is not a whole number; give e.g. {example}") from None
+
+    return parse
+
+
+def number(flag: str, example: float) -> Callable[[str], float]:
+    """An option's `type`: a number, or one `UsageError` line naming the flag."""
+
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise UsageError(f"{flag}: {text!r} is not a number; give e.g. {example:g}") from None
+
+    return parse
+
+
+PLANNED = ("image", "video")  # what estimate, recommend and tune plan
+KINDS = ("image", "video", "audio")  # what inspect can be told a pipeline is (advisor.probe.models.WORKLOADS)
+
+
+def workload_kind(kinds: tuple[str, ...]) -> Callable[[str], str]:
+    """The `type` of --workload: one of `kinds`, in any case (``Video`` is video)."""
+
+    def parse(text: str) -> str:
+        kind = text.strip().lower()
+        if kind in kinds:
+            return kind
+        if kind in KINDS:
+            raise UsageError(f"--workload: {kind} pipelines are not planned (yet); use one of {', '.join(kinds)}")
+        raise UsageError(f"--workload: {text!r} is not a workload; use one of {', '.join(kinds)}")
+
+    return parse
 
 
 def take_model(namespace: dict) -> None:
@@ -44,6 +88,10 @@ def take_model(namespace: dict) -> None:
     if "model_argument" not in namespace:
         return
     first, flag = namespace.pop("model_argument"), namespace.get("model")
+    for given, name in ((first, "MODEL"), (flag, "--model")):
+        if given is not None and not given.strip():  # `-m ""`: a slip, not a request for recommend's default
+            raise UsageError(f"{name}: the model is empty ({given!r}); give a hub id, a catalog alias (flux-dev) or a local folder "
+                             "as MODEL or --model")
     if first and flag and first != flag:
         raise UsageError(f"--model: the model is given twice, as {first!r} and as --model {flag!r}; give it once")
     namespace["model"] = first or flag
@@ -91,11 +139,12 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
     model.add_argument("model_argument", nargs="?", metavar="MODEL", help=f"{MODEL_HELP} Or give it as --model.")
     model.add_argument("--model", "-m", metavar="MODEL", help=MODEL_HELP)
     job = _Parser(add_help=False)
-    job.add_argument("--workload", help="Override the workload kind: image or video.")
-    for flag, what in (("--height", "Height in pixels"), ("--width", "Width in pixels"), ("--frames", "Video frames"),
-                       ("--steps", "Denoising steps the latency is for")):
-        job.add_argument(flag, type=int, metavar="N", help=f"{what} (default: the pipeline's).")
-    job.add_argument("--batch", type=int, metavar="N", help="Images or videos per prompt (default 1).")
+    job.add_argument("--workload", type=workload_kind(PLANNED),
+                     help="The workload kind of a pipeline the advisor does not know: image or video.")
+    for flag, what, example in (("--height", "Height in pixels", 1024), ("--width", "Width in pixels", 1024),
+                                ("--frames", "Video frames", 81), ("--steps", "Denoising steps the latency is for", 28)):
+        job.add_argument(flag, type=whole_number(flag, example), metavar="N", help=f"{what} (default: the pipeline's).")
+    job.add_argument("--batch", type=whole_number("--batch", 2), metavar="N", help="Images or videos per prompt (default 1).")
     machine = _Parser(add_help=False)
     machine.add_argument("--vram", metavar="SIZE", help="Plan for a GPU with this much memory, e.g. 24GB.")
     machine.add_argument("--ram", metavar="SIZE", help="Plan for this much host RAM, e.g. 64GB.")
@@ -115,7 +164,8 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
                      help="Also measure matmul throughput and host->GPU bandwidth (a few seconds; imports torch).")
 
     sub = subcommand("inspect", model, as_json)
-    sub.add_argument("--workload", help="Override the workload kind: image, video or audio.")
+    sub.add_argument("--workload", type=workload_kind(KINDS),
+                     help="The workload kind of a pipeline the advisor does not know: image, video or audio.")
     sub.add_argument("--config", dest="include_config", action="store_true", help="With --json: include each component's config.")
 
     sub = subcommand("estimate", model, job, machine, as_json)
@@ -133,17 +183,17 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
     sub = subcommand("tune", model, job, as_json)
     sub.add_argument("--budget", required=True, metavar="SIZE",
                      help="Memory the run may use, e.g. 12GB (GPU memory; RAM on a CPU-only machine).")
-    sub.add_argument("--trials", type=int, default=8, metavar="N",
+    sub.add_argument("--trials", type=whole_number("--trials", 8), default=8, metavar="N",
                      help="Distinct configurations the study should measure (a rerun resumes up to this).")
-    sub.add_argument("--trial-timeout", type=float, default=TRIAL_TIMEOUT_S, metavar="SECONDS",
+    sub.add_argument("--trial-timeout", type=number("--trial-timeout", TRIAL_TIMEOUT_S), default=TRIAL_TIMEOUT_S, metavar="SECONDS",
                      help="Seconds one trial may take before it counts as a timeout (default %(default)g).")
-    sub.add_argument("--tolerance", type=float, default=TOLERANCE, metavar="FRACTION",
+    sub.add_argument("--tolerance", type=number("--tolerance", TOLERANCE), default=TOLERANCE, metavar="FRACTION",
                      help="Time rounds until the latency's spread is within this fraction of it (default 0.05: ±5%%), "
                           "else mark the trial noisy.")
-    sub.add_argument("--confirm", type=int, default=CONFIRM_RUNS, metavar="N",
+    sub.add_argument("--confirm", type=whole_number("--confirm", CONFIRM_RUNS), default=CONFIRM_RUNS, metavar="N",
                      help="After the search, measure the finalists N more times each in fresh processes, taking turns, "
                           "and pick on the median across processes (default %(default)d; 0: off).")
-    sub.add_argument("--min-psnr", type=float, default=MIN_PSNR_DB, metavar="DB",
+    sub.add_argument("--min-psnr", type=number("--min-psnr", MIN_PSNR_DB), default=MIN_PSNR_DB, metavar="DB",
                      help="A lossy candidate's output must be within this PSNR of the lossless reference, same seed, "
                           "prompt and steps; under it the candidate is infeasible (default %(default)g; 0: no check).")
     sub.add_argument("--retry-failed", action="store_true",
@@ -154,7 +204,7 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
     sub.add_argument("--storage", metavar="URL",
                      help="Optuna storage: sqlite:///PATH (default ~/.cache/advisor/studies.db), journal:PATH, postgresql://...")
     sub.add_argument("--study", metavar="NAME", help="Study name (default: derived from model, workload, machine and budget).")
-    sub.add_argument("--workers", type=int, default=1, metavar="N",
+    sub.add_argument("--workers", type=whole_number("--workers", 2), default=1, metavar="N",
                      help="Worker processes sharing the study, one per GPU (needs a journal or PostgreSQL storage).")
     sub.add_argument("--output", "-o", metavar="FILE", help="Write the fastest feasible config to this file.")
     sub.add_argument("--report", metavar="DIR", help="Write tune.png (latency against peak memory) and summary.md to this folder.")

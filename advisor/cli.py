@@ -46,7 +46,9 @@ def planning_profile(model: str, workload: str | None):
     local folder or hub model is traced on first use (this imports torch) and cached."""
     from advisor.probe.models import load_profile
 
-    profile = load_profile(model, workload=workload)
+    profile = _checked_kind(load_profile(model, workload=workload), workload)
+    if profile.workload not in ("image", "video"):  # before a local model is traced
+        raise UsageError(f"--workload: {profile.workload} pipelines are not planned (yet); the advisor plans image and video")
     if profile.source == "catalog":
         return profile
     from advisor.trace.cache import with_traces
@@ -54,10 +56,20 @@ def planning_profile(model: str, workload: str | None):
     return with_traces(profile, log=lambda line: print(f"advisor: {line}", file=sys.stderr, flush=True))
 
 
-def probe(
-    as_json: bool = False,
-    calibrate: bool = False,
-) -> None:
+def _checked_kind(profile, workload: str | None):
+    """`profile`, unless --workload contradicts what the advisor knows its pipeline class to be:
+    --workload is for pipelines it does not know (a Flux pipeline makes no video)."""
+    from advisor.probe.models import known_workload
+
+    known = known_workload(profile.pipeline_class)
+    if workload is not None and known is not None and workload != known:
+        article = "an" if known[0] in "aeiou" else "a"
+        raise UsageError(f"--workload: {profile.model_id} is a {profile.pipeline_class}, {article} {known} pipeline, so it makes no "
+                         f"{workload}; leave --workload out (it is for pipelines the advisor does not know)")
+    return profile
+
+
+def probe(as_json: bool = False, calibrate: bool = False) -> None:
     """Show this machine's GPUs, host memory, disk and inference libraries (no weights loaded)."""
     from advisor.probe.hardware import probe_machine
 
@@ -80,16 +92,11 @@ def probe(
         text_console().print(f"{line}; saved to {result['path']}")
 
 
-def inspect(
-    model: str | None = None,
-    workload: str | None = None,
-    as_json: bool = False,
-    include_config: bool = False,
-) -> None:
+def inspect(model: str | None = None, workload: str | None = None, as_json: bool = False, include_config: bool = False) -> None:
     """Show what a pipeline weighs, per component, without loading its weights."""
     from advisor.probe.models import load_profile
 
-    profile = load_profile(_required(model, "inspect"), workload=workload)
+    profile = _checked_kind(load_profile(_required(model, "inspect"), workload=workload), workload)
     if as_json:
         print_json(profile.to_dict(include_config=include_config))
         return
@@ -125,35 +132,58 @@ def estimate(
 ) -> None:
     """Predict peak GPU memory, peak RAM and latency of one configuration, per phase and component."""
     from advisor.config import OptimizationConfig, load_config
+    from advisor.constraints import Platform, violations
+    from advisor.errors import ConfigError
     from advisor.plan.estimate import estimate as run_estimate
+    from advisor.probe import hardware
     from advisor.probe.target import resolve_target
-    from advisor.probe.workload import make_workload
+    from advisor.probe.workload import make_workload, recorded_workload
 
     model = _required(model, "estimate")
     loaded = load_config(config_file, flag="--config") if config_file else None  # before a local model is traced
     profile = planning_profile(model, workload)
-    job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
-    target = resolve_target(None, vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu)  # probes only to plan here
+    flags = {"height": height, "width": width, "frames": frames, "steps": steps, "batch": batch}
+    job = make_workload(profile, **flags)  # the flags alone first: their errors name them
+    # What the config was made for, where no flag says otherwise (flags win one by one).
+    recorded = {name: value for name, value in recorded_workload(loaded and loaded.provenance, profile).items() if flags[name] is None}
+    if recorded:
+        try:
+            job = make_workload(profile, **{**flags, **recorded})
+        except UsageError as exc:
+            raise ConfigError(f"--config {config_file}: its workload (provenance.workload) does not suit {profile.model_id}: {exc}") from None
+    machine = hardware.probe_machine() if vram is None and gpu is None else None  # planning for this machine
+    target = resolve_target(machine, vram=_size(vram, "--vram"), ram=_size(ram, "--ram"), gpu=gpu)
     config = loaded if loaded is not None else OptimizationConfig(device=target.device)
     made_for = config.provenance.pipeline_class if config.provenance else None
     if made_for and made_for != profile.pipeline_class:
         warnings.warn(AdvisorWarning(f"--config {config_file}: made for a {made_for} ({config.provenance.model}), estimated here "
                                      f"for {profile.model_id}, a {profile.pipeline_class}: the numbers are for a config it was not chosen for"))
+    if loaded is not None:  # what recommend would never have proposed for this target (advisor.constraints)
+        platform = Platform.of_target(target.device, target.compute_capability, machine.software.packages if machine else None)
+        for violation in violations(config, platform):
+            warnings.warn(AdvisorWarning(f"--config {config_file}: {target.name} can't run it as written: {violation.message}"))
     result = run_estimate(profile, job, config, target)
+    fit = fit_verdict(result, target)
     if as_json:
-        print_json(
-            {
-                "model": profile.model_id,
-                "workload": job.to_dict(),
-                "hardware": target.to_dict(),
-                "config": config.to_dict(exclude_none=False),
-                "estimate": result.to_dict(),
-            }
-        )
+        print_json({"model": profile.model_id, "workload": job.to_dict(), "hardware": target.to_dict(), **fit,
+                    "config": config.to_dict(exclude_none=False), "estimate": result.to_dict()})
         return
     from advisor.render import render_estimate
 
-    render_estimate(profile, job, target, config, result)
+    given = [f"--{name}" for name, value in flags.items() if value is not None]
+    source = f"workload from --config {config_file}: {job.label()}" + (f" ({' and '.join(given)} as given on the command line)" if given else "")
+    render_estimate(profile, job, target, config, result, fit, notes=(source,) if recorded else ())
+
+
+def fit_verdict(result, target) -> dict[str, Any]:
+    """Whether an estimate fits `target` as recommend judges a candidate (`why_it_does_not_fit`),
+    within recommend's default budget (free memory less a reserve: `default_budget`)."""
+    from advisor.plan.recommend import why_it_does_not_fit
+    from advisor.plan.scenario import default_budget
+
+    budget = default_budget(target)
+    why_not = why_it_does_not_fit(result, target, budget)
+    return {"budget_bytes": budget, "fits": why_not is None, "why_not": why_not}
 
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"  # recommend's, said as an assumption

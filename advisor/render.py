@@ -1,12 +1,14 @@
 """What the CLI prints for people: tables and lines at the terminal's width (data comes from the modules).
 
-`probe` and `recommend` print plain lines and aligned columns (`text_console`, `_print_columns`); the
-other views use rich, imported where they are drawn: its import and tables took a third of `probe`'s
-start-up (benchmarks/cli_latency.py).
+`probe`, `recommend` and `inspect` print plain lines and aligned columns (`text_console`,
+`_print_columns`); the other views use rich, imported where they are drawn: its import and tables
+took a third of `probe`'s start-up (benchmarks/cli_latency.py). Both print at `output_width`:
+``COLUMNS`` when set, else the terminal's width, else `PIPED_WIDTH`.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import textwrap
@@ -24,10 +26,19 @@ if TYPE_CHECKING:
 PIPED_WIDTH = 120  # wide enough that tables don't wrap when piped (CI logs, files)
 
 
+def output_width(file: TextIO) -> int:
+    """The width to print at: ``COLUMNS`` when it is set (a script's or a pager's wish, piped or not),
+    else the terminal's, else `PIPED_WIDTH` when `file` is not a terminal."""
+    columns = os.environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return shutil.get_terminal_size((80, 24)).columns if file.isatty() else PIPED_WIDTH
+
+
 def stdout_console() -> Console:
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else PIPED_WIDTH, highlight=False)
+    return Console(width=output_width(sys.stdout), highlight=False)
 
 
 class PlainConsole:
@@ -35,7 +46,7 @@ class PlainConsole:
 
     def __init__(self, file: TextIO | None = None, width: int | None = None) -> None:
         self.file = file or sys.stdout
-        self.width = width or (shutil.get_terminal_size((80, 24)).columns if self.file.isatty() else PIPED_WIDTH)
+        self.width = width or output_width(self.file)
 
     def print(self, text: str = "", **_rich_options: Any) -> None:
         self.file.write(f"{text}\n")
@@ -80,8 +91,14 @@ def render_tune(result, output: str | None, report=None) -> None:
     _print_wrapped(console, f"{best.summary}: {format_latency(best)}, peak {format_size(best.peak_bytes)} of "
                             f"{format_size(result.budget_bytes)} (trial {best.number})", "Fastest that fits: ", "  ")
     if output:
-        _print_wrapped(console, f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))",
-                       "", "  ")
+        _print_written(console, output)
+
+
+def _print_written(console, output: str) -> None:
+    """Where the config went, and the line of code that applies it: whole on its own line (code
+    is copied, so it is never wrapped; a long path runs past the width, as a URL does)."""
+    _print_wrapped(console, f"Config written to {output}; apply it in code with:")
+    console.print(f"  advisor.load_pipeline(model, advisor.load_config({output!r}))", markup=False, highlight=False, soft_wrap=True)
 
 
 def _trial_row(t, best) -> dict[str, str]:
@@ -208,8 +225,7 @@ def render_recommendation(result, config, output: str | None) -> None:
     if result.alternatives:
         _print_alternatives(console, result.alternatives, target.device, peak_label)
     if output:
-        _print_wrapped(console, f"Config written to {output}; in code: advisor.load_pipeline(model, advisor.load_config({output!r}))",
-                       "", "  ")
+        _print_written(console, output)
     else:
         console.print("Save it with -o advisor.json, or print the code with --emit python.")
 
@@ -310,39 +326,44 @@ def _print_columns(console, header: list[str] | None, rows: list[list[str]], rig
 
 
 def render_inspect(profile) -> None:
-    """`advisor inspect`: what a pipeline weighs, per component."""
+    """`advisor inspect`: what a pipeline weighs, per component, in plain columns that never cut a
+    cell; where a class name leaves no room at this width, it goes on its own line under its row."""
+    console = text_console()
+    for line in (f"{profile.model_id}  ({profile.pipeline_class}, from the {profile.source})",
+                 f"workload: {profile.workload} ({profile.workload_reason})",
+                 f"model CPU offload order: {' -> '.join(profile.offload_sequence)}"):
+        _print_wrapped(console, line, "", "  ")
+    header = ["component", "class", "role", "params", "dtype", "size"]
+    rows = [[c.name, c.class_name, c.role, format_count(c.parameters), c.dtype, format_size(c.bytes)] for c in profile.components]
+    total = ["total", "", "", format_count(profile.parameters), "", format_size(profile.bytes)]
+    right = {3, 5}
+    widths = [max(len(row[i]) for row in (header, *rows, total)) for i in range(len(header))]
+    below = 2 + sum(widths) + 2 * (len(widths) - 1) > console.width  # the class under its row, not beside it
+    shown = [i for i in range(len(header)) if not (below and i == 1)]
+
+    def line(cells: list[str]) -> str:
+        return "  " + "  ".join(cells[i].rjust(widths[i]) if i in right else cells[i].ljust(widths[i]) for i in shown).rstrip()
+
+    console.print(line(header) + ("  (class below)" if below else ""))
+    for row in rows:
+        console.print(line(row))
+        if below:
+            console.print(f"    {row[1]}")
+    console.print(line(total))
+
+
+def render_estimate(profile, job, target, config, result, fit: dict | None = None, notes: tuple[str, ...] = ()) -> None:
+    """`advisor estimate`: where the workload came from, what was assumed, memory per phase, the
+    peaks, whether they fit the target (`fit`: `advisor.cli.fit_verdict`), the latency."""
     from rich.table import Table
 
     console = stdout_console()
-    console.print(f"{profile.model_id}  ({profile.pipeline_class}, from the {profile.source})")
-    console.print(f"workload: {profile.workload} ({profile.workload_reason})")
-    console.print(f"model CPU offload order: {' -> '.join(profile.offload_sequence)}")
-    table = Table(show_footer=True)
-    table.add_column("component", footer="total")
-    table.add_column("class")
-    table.add_column("role")
-    table.add_column("params", justify="right", footer=format_count(profile.parameters))
-    table.add_column("dtype")
-    table.add_column("size", justify="right", footer=format_size(profile.bytes))
-    for component in profile.components:
-        table.add_row(
-            component.name,
-            component.class_name,
-            component.role,
-            format_count(component.parameters),
-            component.dtype,
-            format_size(component.bytes),
-        )
-    console.print(table)
-
-
-def render_estimate(profile, job, target, config, result) -> None:
-    """`advisor estimate`: memory per phase, peaks and latency of one configuration."""
-    from rich.table import Table
-
-    console = stdout_console()
-    console.print(f"{profile.model_id}: {job.label()} on {target.name} ({target.source})")
-    console.print(f"config: {config.summary()}")
+    _print_wrapped(console, f"{profile.model_id}: {job.label()} on {target.name} ({target.source})", "", "  ")
+    for note in notes:
+        _print_wrapped(console, note, "", "  ")
+    for assumption in (*target.assumptions, *job.assumptions):
+        _print_wrapped(console, assumption, "assumed ", "  ")
+    _print_wrapped(console, config.summary(), "config: ", "  ")
     title = "Memory per phase (CPU inference: all of it is RAM)" if target.device == "cpu" else "GPU memory per phase"
     table = Table(title=title, title_justify="left")
     table.add_column("phase")
@@ -363,16 +384,35 @@ def render_estimate(profile, job, target, config, result) -> None:
     console.print(table)
     ram_parts = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in result.ram_breakdown.items())
     if target.device != "cpu":
-        console.print(
-            f"peak VRAM: {format_size(result.peak_vram_bytes)} reserved by the caching allocator "
-            f"({format_size(result.peak_vram_allocated_bytes)} allocated, the table's totals; without the CUDA context)"
-        )
-    console.print(f"peak host RAM: {format_size(result.peak_ram_bytes)} ({ram_parts})")
+        _print_wrapped(console, f"peak VRAM: {format_size(result.peak_vram_bytes)} reserved by the caching allocator "
+                                f"({format_size(result.peak_vram_allocated_bytes)} allocated, the table's totals; without the CUDA context)",
+                       "", "  ")
+    _print_wrapped(console, f"peak host RAM: {format_size(result.peak_ram_bytes)} ({ram_parts})", "", "  ")
     if result.disk_bytes:
         console.print(f"disk: {format_size(result.disk_bytes)} of offloaded weights")
+    if fit is not None:
+        _print_wrapped(console, _fit_line(fit, target, result), "", "  ")
     parts = ", ".join(
         f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}s" for k, v in result.latency_breakdown.items() if v and not k.startswith("step")
     )
-    console.print(f"predicted latency: {result.latency_s:.1f}s ({parts}; {result.step_latency_s:.3f}s per step)")
+    _print_wrapped(console, f"predicted latency: {result.latency_s:.1f}s ({parts}; {result.step_latency_s:.3f}s per step)", "", "  ")
     for note in result.notes:
-        console.print(f"note: {note}")
+        _print_wrapped(console, note, "note: ", "      ")
+
+
+def _fit_line(fit: dict, target, result) -> str:
+    """Whether the estimate fits the target, said plainly, with the budget's origin."""
+    from advisor.plan.recommend import RAM_USABLE
+
+    if target.device == "cpu":
+        origin = f"90% of the {format_size(target.ram_available_bytes)} RAM available"
+    else:
+        origin = f"{format_size(target.vram_free_bytes)} free less 1 GiB + 5% of the card"
+    budget = f"the {format_size(fit['budget_bytes'])} budget ({origin}: recommend's default)"
+    if fit["fits"]:
+        peak = format_size(result.limited_peak(target.device))
+        host = "" if target.device == "cpu" else (f", host RAM {format_size(result.peak_ram_bytes)} within {RAM_USABLE:.0%} of the "
+                                                  f"{format_size(target.ram_available_bytes)} available")
+        return f"fits {target.name}: yes, peak {'RAM' if target.device == 'cpu' else 'VRAM'} {peak} within {budget}{host}"
+    why = fit["why_not"] + (f" ({origin}: recommend's default)" if fit["why_not"].startswith("peak") else "")
+    return f"fits {target.name}: NO, {why}; advisor recommend finds a config that fits"

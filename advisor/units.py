@@ -15,6 +15,7 @@ import re
 from advisor.errors import UsageError
 
 GIB = 2**30  # the "GB" of this project (see above)
+MAX_SIZE = 2**60  # the largest size read (1024 PB): far past any machine, and every estimate stays a finite number
 
 _UNIT_EXPONENTS = {"": 0, "b": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 _SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
@@ -46,8 +47,8 @@ def parse_size(text: str | int, *, name: str = "size") -> int:
         raise UsageError(f"{name}: {what}; give {_VALID_FORMS}")
     number, prefix, suffix = match.groups()
     value = float(number) * 1024 ** _UNIT_EXPONENTS[prefix.lower()]
-    if not math.isfinite(value) or value > 2**60:
-        raise UsageError(f"{name}: {text!r} is too large; give {_VALID_FORMS}")
+    if not math.isfinite(value) or value > MAX_SIZE:
+        raise UsageError(f"{name}: {text!r} is too large: the limit is 2^60 bytes (1024PB); give e.g. 12GB or 1.5TB")
     if not prefix and not suffix and 0 < value < 2**20:
         # A bare "12" is 12 bytes, which no GPU or budget means: the unit was forgotten.
         raise UsageError(f"{name}: {text!r} has no unit and is read as bytes; did you mean {number.strip()}GB?")

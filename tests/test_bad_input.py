@@ -154,6 +154,7 @@ def test_bad_dimensions_are_refused_naming_the_flag(bad, command):
     base = ["recommend", "-m", model, "--gpu", "H100"] if command.startswith("recommend") else ["estimate", model, "--gpu", "H100"]
     line = assert_refused([*base, flag, value])
     assert flag in line, line
+    assert not line.startswith("advisor: error: argument "), line  # the house style, not argparse's "invalid int value"
 
 
 @FUZZ

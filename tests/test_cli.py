@@ -550,3 +550,194 @@ def test_os_errors_no_check_caught_name_the_file(monkeypatch, capsys):
     monkeypatch.setattr(hardware, "probe_machine", missing)
     assert main(["probe"]) == 1
     assert _one_error_line(capsys.readouterr().err) == "/sys/gone: no such file or folder"
+
+
+# --- estimate: fit, constraints, the config's workload, assumptions ----------------------------------
+
+
+def _config_file(tmp_path, name: str = "config.json", **sections) -> str:
+    from advisor.config import OptimizationConfig
+
+    path = tmp_path / name
+    OptimizationConfig(**sections).save(path)
+    return str(path)
+
+
+def test_estimate_says_whether_the_peak_fits_the_card(tmp_path, capsys):
+    """FLUX.1-dev in plain bf16 is 31 GB of weights: it can't fit a 24 GB card, and estimate must
+    say so; the config recommend picks for that card must be judged to fit it, against the same budget."""
+    assert main(["estimate", "flux-dev", "--gpu", "RTX 4090", "--ram", "64GB", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    card = plain["hardware"]["vram_total_bytes"]
+    assert plain["fits"] is False and plain["estimate"]["peak_vram_bytes"] > card
+    # recommend's default budget: the free memory less 1 GiB + 5% of the card (advisor.plan.scenario.default_budget)
+    assert plain["budget_bytes"] == int(card - 2**30 - 0.05 * card)
+    assert "VRAM" in plain["why_not"]
+
+    assert main(["estimate", "flux-dev", "--gpu", "RTX 4090", "--ram", "64GB"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "fits RTX 4090: NO, peak VRAM" in text and "budget" in text
+
+    picked = tmp_path / "picked.json"
+    assert main(["recommend", "-m", "flux-dev", "--gpu", "RTX 4090", "--ram", "64GB", "--json", "-o", str(picked)]) == 0
+    recommended = json.loads(capsys.readouterr().out)
+    assert main(["estimate", "flux-dev", "--gpu", "RTX 4090", "--ram", "64GB", "--config", str(picked), "--json"]) == 0
+    judged = json.loads(capsys.readouterr().out)
+    assert judged["fits"] is True and judged["why_not"] is None
+    assert judged["budget_bytes"] == recommended["budget_bytes"]
+    assert main(["estimate", "flux-dev", "--gpu", "RTX 4090", "--ram", "64GB", "--config", str(picked)]) == 0
+    assert "fits RTX 4090: yes" in capsys.readouterr().out
+
+
+def test_estimate_says_when_the_host_ram_is_what_does_not_fit(capsys):
+    # Loading 31 GB of bf16 weights goes through host RAM: 8 GB of it can't hold them, whatever the card.
+    assert main(["estimate", "flux-dev", "--gpu", "H100", "--ram", "8GB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is False and "host RAM" in data["why_not"]
+
+
+@pytest.mark.parametrize(("gpu", "capability"), [("RTX 3060", "8.6"), ("T4", "7.5")])
+def test_estimate_warns_about_what_the_target_cannot_run(gpu, capability, tmp_path, capsys):
+    """fp8 matmuls need compute capability 8.9 and FlashAttention-3 a Hopper: a config asking for
+    either on a card without it gets one warning line per problem, naming the key and why."""
+    from advisor.config import Quantization
+
+    fp8 = Quantization(backend="torchao", scheme="float8_dynamic", components=["transformer"])
+    path = _config_file(tmp_path, quantization=fp8, attention_backend="_flash_3")
+    assert main(["estimate", "flux-dev", "--gpu", gpu, "--config", path]) == 0
+    captured = capsys.readouterr()
+    warned = captured.err.strip().splitlines()
+    assert len(warned) == 2 and all(line.startswith(f"advisor: warning: --config {path}: ") for line in warned), warned
+    fp8_line = next(line for line in warned if "quantization.scheme" in line)
+    assert "float8_dynamic" in fp8_line and "8.9" in fp8_line and capability in fp8_line
+    assert any("attention_backend" in line and "9.0" in line for line in warned)
+    assert "predicted latency" in captured.out  # still estimated: a warning, not a refusal
+
+    assert main(["estimate", "flux-dev", "--gpu", "H100", "--config", _config_file(tmp_path, "fp8.json", quantization=fp8)]) == 0
+    assert capsys.readouterr().err == ""  # a Hopper runs fp8 matmuls
+
+
+def test_estimate_uses_the_workload_the_config_records(tmp_path, capsys):
+    """A config recommend made for 1280x720 is estimated at 1280x720 (not the model's 832x480), said
+    in one line; a flag still wins for its own value; a config for another pipeline records nothing usable."""
+    made = tmp_path / "wan.json"
+    assert main(["recommend", "-m", "wan2.1-t2v-1.3b", "--gpu", "RTX 4090", "--ram", "64GB", "--no-compile",
+                 "--width", "1280", "--height", "720", "--frames", "33", "--steps", "20", "-o", str(made)]) == 0
+    capsys.readouterr()
+    estimate = ["estimate", "wan2.1-t2v-1.3b", "--gpu", "RTX 4090", "--ram", "64GB", "--config", str(made)]
+    assert main([*estimate, "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)["workload"]
+    assert (job["width"], job["height"], job["frames"], job["steps"]) == (1280, 720, 33, 20)
+
+    assert main(estimate) == 0
+    out = capsys.readouterr().out
+    assert out.count("workload from --config") == 1  # one line (wrapped where the path is long)
+    assert f"workload from --config {made}: video 1280x720, 33 frames, 20 steps" in " ".join(out.split())
+    assert "assumed steps" not in out and "assumed size" not in out  # they came from the config
+
+    assert main([*estimate, "--steps", "8", "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)["workload"]
+    assert (job["width"], job["height"], job["frames"], job["steps"]) == (1280, 720, 33, 8)
+
+    assert main(["estimate", "flux-dev", "--gpu", "RTX 4090", "--config", str(made), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["workload"]["height"] == 1024  # FLUX.1-dev's own default, after the other-pipeline warning
+    assert "made for a WanPipeline" in captured.err
+
+
+def test_a_recorded_workload_that_does_not_suit_the_model_names_the_config(tmp_path, capsys):
+    from advisor.config import Provenance
+
+    path = _config_file(tmp_path, provenance=Provenance(pipeline_class="FluxPipeline", workload={"kind": "image", "height": 1001}))
+    assert main(["estimate", "flux-dev", "--gpu", "H100", "--config", path]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"advisor: error: --config {path}: ") and "1001" in err[0], err
+    assert main(["estimate", "flux-dev", "--gpu", "H100", "--config", path, "--height", "1024", "--json"]) == 0  # the flag wins
+
+
+def test_estimate_prints_what_it_assumed(capsys):
+    assert main(["estimate", "flux-dev", "--gpu", "H100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assumed = [line for line in lines if line.startswith("assumed ")]
+    assert any(line.startswith("assumed host RAM: ") and "pass --ram" in line for line in assumed), lines
+    assert any(line.startswith("assumed steps: 28") for line in assumed) and any(line.startswith("assumed size: 1024x1024") for line in assumed)
+    assert main(["estimate", "flux-dev", "--gpu", "H100", "--ram", "64GB", "--steps", "28", "--width", "1024", "--height", "1024"]) == 0
+    assert "assumed" not in capsys.readouterr().out  # everything given: nothing assumed
+
+
+# --- usage errors: the model, --workload, numbers, commands ---------------------------------------
+
+
+@pytest.mark.parametrize("args", [["recommend", "-m", ""], ["recommend", "--model", " "], ["recommend", ""], ["estimate", "", "--gpu", "H100"],
+                                  ["inspect", "--model", ""]])
+def test_an_empty_model_is_a_usage_error(args, capsys):
+    """`-m ""` is a slip (an unset shell variable), not a request for recommend's default model."""
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("advisor: error: ") and "--model" in err[0] and "empty" in err[0], err
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(("args", "kind"), [
+    (["recommend", "-m", "flux-dev", "--gpu", "H100", "--workload", "video"], "image"),
+    (["estimate", "flux-dev", "--gpu", "H100", "--workload", "video"], "image"),
+    (["inspect", "flux-dev", "--workload", "video"], "image"),
+    (["inspect", "flux-dev", "--workload", "audio"], "image"),
+    (["recommend", "-m", "wan2.1-t2v-1.3b", "--gpu", "H100", "--workload", "image"], "video"),
+])
+def test_a_workload_that_contradicts_a_known_pipeline_is_refused(args, kind, capsys):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("advisor: error: --workload: ") and f"{kind} pipeline" in err[0], err
+    assert captured.out == ""
+
+
+def test_workload_still_sets_the_kind_of_a_pipeline_the_advisor_does_not_know(tiny_flux_dir, tmp_path, capsys):
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_flux_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "MyCustomPipeline"}))
+    assert main(["inspect", str(folder), "--workload", "Video", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["workload"] == "video"
+
+
+def test_workload_is_read_in_any_case_and_planning_commands_list_what_they_plan(capsys):
+    assert main(["recommend", "-m", "wan2.1-t2v-1.3b", "--gpu", "H100", "--workload", "Video", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["workload"]["kind"] == "video"
+    for command in (["recommend", "--gpu", "H100"], ["estimate", "flux-dev", "--gpu", "H100"]):
+        assert main([*command, "--workload", "movie"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "advisor: error: --workload: 'movie' is not a workload; use one of image, video"  # audio is not planned
+    assert main(["inspect", "flux-dev", "--workload", "movie"]) == 2
+    assert capsys.readouterr().err.strip().endswith("use one of image, video, audio")  # inspect can be told audio
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["recommend", "--gpu", "H100", "--steps", "2.5"], "--steps: '2.5' is not a whole number; give e.g. 28"),
+    (["recommend", "--gpu", "H100", "--height", "1024.0"], "--height: '1024.0' is not a whole number; give e.g. 1024"),
+    (["estimate", "flux-dev", "--batch", "two"], "--batch: 'two' is not a whole number"),
+    (["tune", "-m", "flux-dev", "--budget", "12GB", "--trials", "2.5"], "--trials: '2.5' is not a whole number"),
+    (["tune", "-m", "flux-dev", "--budget", "12GB", "--tolerance", "tight"], "--tolerance: 'tight' is not a number"),
+])
+def test_numbers_that_do_not_parse_are_one_line_naming_the_flag(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"advisor: error: {message}"), err
+
+
+def test_an_unknown_command_with_no_near_one_lists_the_commands(capsys):
+    assert main(["bogus"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "advisor: error: no such command: 'bogus'; the commands are probe, inspect, estimate, recommend, tune")
+
+
+def test_an_unknown_model_lists_the_aliases_people_type(capsys):
+    assert main(["inspect", "nobody/nothing"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    for alias in ("flux-dev", "sd3", "wan2.1-t2v-14b", "sdxl", "qwen-image"):
+        assert f" {alias} (" in err[0], err[0]  # the alias, then the hub id it stands for
+    assert main(["recommend", "-m", "flux-deev"]) == 1
+    assert "did you mean 'flux-dev'?" in capsys.readouterr().err

@@ -137,3 +137,72 @@ def test_the_probe_reads_at_80_columns_with_gpus(monkeypatch):
         assert len(rows) >= len(backends) + ("Attention" in title)  # some attention kernels' reasons wrap at 80 columns
         assert all(line.startswith(tuple(f"  {name} " for name in backends)) or line.startswith(" " * why) and line[why] != " "
                    for line in rows), rows
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_inspect_never_cuts_a_cell_for_any_catalog_model(width, monkeypatch):
+    """Every class name whole (UMT5EncoderModel, Qwen2_5_VLForConditionalGeneration), every row's
+    numbers on its line; where a class leaves no room it goes under its row, never cut."""
+    from advisor.probe.layout import catalog_names
+    from advisor.probe.models import load_profile
+    from advisor.units import format_size
+
+    for model in catalog_names():
+        profile = load_profile(model)
+        out = io.StringIO()
+        monkeypatch.setattr(render, "text_console", lambda: render.PlainConsole(out, width=width))
+        render.render_inspect(profile)
+        text = out.getvalue()
+        assert "…" not in text and all(len(line) <= width for line in text.splitlines()), text
+        tokens, lines = text.split(), text.splitlines()
+        table = lines[next(i for i, line in enumerate(lines) if line.startswith("  component ")):]
+        for c in profile.components:
+            assert c.class_name in tokens, (model, c.class_name, text)
+            row = next(line for line in table if line.split()[:1] == [c.name])
+            assert words(f"{render.format_count(c.parameters)} {c.dtype} {format_size(c.bytes)}") in words(row), row
+        assert words(f"total {render.format_count(profile.parameters)} {format_size(profile.bytes)}") in words(text)
+
+
+@pytest.mark.parametrize("width", [78, 80])
+def test_the_saved_config_line_reads_at_the_width(width, monkeypatch):
+    """Where the config went, then the code that loads it, whole on its own line: code is copied, not read in pieces."""
+    from advisor.plan.recommend import recommend
+    from advisor.plan.scenario import scenario_for
+    from advisor.probe.hardware import probe_machine
+
+    result = recommend(scenario_for(probe_machine(), "flux-dev", gpu="RTX 4090", ram=64 * 2**30))
+    out = io.StringIO()
+    monkeypatch.setattr(render, "text_console", lambda: render.PlainConsole(out, width=width))
+    render.render_recommendation(result, result.config, "advisor.json")
+    lines = out.getvalue().splitlines()
+    check_80("\n".join(lines))
+    assert lines[-2:] == ["Config written to advisor.json; apply it in code with:",
+                          "  advisor.load_pipeline(model, advisor.load_config('advisor.json'))"]
+
+
+def _run_piped(args: list[str], columns: str | None) -> str:
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    advisor_cli = shutil.which("advisor") or str(Path(sys.executable).with_name("advisor"))
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    if columns is not None:
+        env["COLUMNS"] = columns
+    result = subprocess.run([advisor_cli, *args], capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("command", [["recommend", "flux-dev", "--gpu", "RTX 4090"], ["estimate", "flux-dev", "--gpu", "RTX 4090"],
+                                     ["inspect", "qwen-image"]])
+def test_an_explicit_columns_is_honoured_when_piped(command):
+    """`COLUMNS=80 advisor ... | less`: the plain views and rich's tables keep to 80; without
+    COLUMNS a pipe gets the wide PIPED_WIDTH."""
+    narrow = _run_piped(command, "80")
+    check_80(narrow)
+    wide = _run_piped(command, None)
+    assert max(len(line) for line in wide.splitlines()) > 80
+    assert all(len(line) <= render.PIPED_WIDTH or re.search(r"https?://\S{40,}", line) for line in wide.splitlines())

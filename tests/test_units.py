@@ -80,3 +80,12 @@ def test_format_then_parse_round_trips_within_rounding():
 def test_a_bare_small_number_is_a_forgotten_unit(text):
     with pytest.raises(UsageError, match=f"--vram: '{text}' has no unit and is read as bytes; did you mean {text}GB\\?"):
         parse_size(text, name="--vram")
+
+
+@pytest.mark.parametrize("text", ["2000PB", "1e400G", str(2**60 + 2**40)])
+def test_a_size_over_the_limit_says_the_limit(text):
+    """The limit is documented (docs/cli.md: at most 2^60 bytes); the refusal must say it, not only "too large"."""
+    with pytest.raises(UsageError) as excinfo:
+        parse_size(text, name="--vram")
+    assert str(excinfo.value).startswith(f"--vram: {text!r} is too large") and "2^60 bytes" in str(excinfo.value)
+    assert parse_size("1024PB") == 2**60  # the limit itself is a size

@@ -10,7 +10,7 @@ is data (`Recommendation`); the CLI only renders it. Pure Python: no torch, a fe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from advisor.attention import BACKENDS, PROPOSED
 from advisor.caching import MAG_SOURCE, PUBLISHED_BASELINE_S, PUBLISHED_S, TAYLORSEER_SOURCE, cache_share
@@ -22,6 +22,9 @@ from advisor.plan.rules import TIE, rules_of
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace, attention_choices
 from advisor.units import GIB, format_size
+
+if TYPE_CHECKING:
+    from advisor.probe.target import TargetHardware
 
 # A plan may take this share of the available host RAM; the rest is the OS's and other programs'.
 RAM_USABLE = 0.9
@@ -99,13 +102,13 @@ def usable_ram(scenario: Scenario) -> int:
     return int(scenario.target.ram_available_bytes * RAM_USABLE)
 
 
-def _fit(result: Estimate, scenario: Scenario) -> str | None:
-    """Why a candidate does not fit the budget or the RAM; None when it fits."""
-    target = scenario.target
+def why_it_does_not_fit(result: Estimate, target: TargetHardware, budget_bytes: int) -> str | None:
+    """Why an estimate does not fit the budget or the host RAM a plan may take; None when it fits
+    (the rule recommend picks by, and `advisor estimate` reports)."""
     peak = result.limited_peak(target.device)
-    if peak > scenario.budget_bytes:
-        return f"peak {format_size(peak)} > budget {format_size(scenario.budget_bytes)}"
-    if target.device == "cuda" and result.peak_ram_bytes > usable_ram(scenario):
+    if peak > budget_bytes:
+        return f"peak {'RAM' if target.device == 'cpu' else 'VRAM'} {format_size(peak)} > budget {format_size(budget_bytes)}"
+    if target.device == "cuda" and result.peak_ram_bytes > int(target.ram_available_bytes * RAM_USABLE):
         return (
             f"host RAM {format_size(result.peak_ram_bytes)} > {RAM_USABLE:.0%} of the available "
             f"{format_size(target.ram_available_bytes)}"
@@ -116,7 +119,7 @@ def _fit(result: Estimate, scenario: Scenario) -> str | None:
 def score(config: OptimizationConfig, scenario: Scenario, adjusted_by: list[str] | None = None) -> Scored:
     """Estimate one finished candidate and check it against the budget."""
     result = estimate_for(scenario, config)
-    why_not = _fit(result, scenario)
+    why_not = why_it_does_not_fit(result, scenario.target, scenario.budget_bytes)
     return Scored(config, result, why_not is None, why_not, result.latency_s, adjusted_by or [])
 
 

@@ -15,6 +15,7 @@ come from ``advisor/data/diffusers.json`` so that none of this imports torch or 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from advisor.paths import hub_offline
 from advisor.probe.config_fields import check_component_config
 from advisor.probe.layout import (
     catalog_entry,
+    catalog_index,
     catalog_names,
     catalog_path,
     check_model_index,
@@ -38,12 +40,7 @@ from advisor.probe.layout import (
     role_of,
 )
 from advisor.probe.safetensors_header import DTYPES, TensorInfo, checked_shape
-from advisor.probe.weights import (
-    BlockGroup,
-    choose_weight_files,
-    header_tensors,
-    summarize_tensors,
-)
+from advisor.probe.weights import BlockGroup, choose_weight_files, header_tensors, summarize_tensors
 
 WORKLOADS = ("image", "video", "audio")
 
@@ -141,15 +138,20 @@ def classify_workload(pipeline_class: str, override: str | None = None) -> tuple
     otherwise image. ``override`` wins.
     """
     if override is not None:
-        if override not in WORKLOADS:
+        if str(override).lower() not in WORKLOADS:
             raise ModelError(f"--workload: {override!r} is not a workload; use one of {', '.join(WORKLOADS)}")
-        return override, "set by the user"
+        return str(override).lower(), "set by the user"
     facts = pipeline_facts(pipeline_class)
     if facts is not None:
         return facts["workload"], f"{pipeline_class} is a known {facts['workload']} pipeline"
     if re.search(r"Video|T2V|I2V|V2V|Wan|Animate", pipeline_class):
         return "video", f"{pipeline_class} is not in the table; its name says video"
     return "image", f"{pipeline_class} is not in the table; assumed image (override with --workload)"
+
+
+def known_workload(pipeline_class: str) -> str | None:
+    """The workload kind the class table says `pipeline_class` is; None for a class it does not know."""
+    return (pipeline_facts(pipeline_class) or {}).get("workload")
 
 
 def _first(config: dict[str, Any], *keys: str) -> Any:
@@ -324,7 +326,7 @@ def profile_from_catalog(name: str, *, workload: str | None = None) -> ModelProf
     """The profile of a catalog model, by hub id or alias (case-insensitive)."""
     entry = catalog_entry(name)
     if entry is None:
-        raise ModelError(f"{name!r} is not in the catalog; it has {', '.join(catalog_names())}")
+        raise ModelError(f"{name!r} is not in the catalog{_catalog_hint(name)}")
     return profile_from_entry(entry, workload=workload)
 
 
@@ -483,7 +485,14 @@ def load_profile(model: str, *, workload: str | None = None) -> ModelProfile:
     if catalog_path(model) is not None:
         return profile_from_catalog(model, workload=workload)
     raise ModelError(
-        f"{model!r} is not a local folder, not in the Hugging Face cache, and not in the catalog "
-        f"(catalog: {', '.join(catalog_names())}); for your own pipeline, pass the folder that "
-        "save_pretrained wrote, e.g. --model ./my-pipeline"
+        f"{model!r} is not a local folder, not in the Hugging Face cache, and not in the catalog{_catalog_hint(model)}; "
+        "for your own pipeline, pass the folder that save_pretrained wrote, e.g. --model ./my-pipeline"
     )
+
+
+def _catalog_hint(name: str) -> str:
+    """The nearest catalog name to `name`, and the catalog as people type it: alias (hub id)."""
+    entries = sorted((catalog_entry(model_id) for model_id in catalog_names()), key=lambda e: (e.get("aliases") or [e["model_id"]])[0])
+    listed = ", ".join(f"{(e.get('aliases') or [e['model_id']])[0]} ({e['model_id']})" for e in entries)
+    near = difflib.get_close_matches(name.lower(), list(catalog_index()), n=1, cutoff=0.75)
+    return (f" (did you mean {near[0]!r}?)" if near else "") + f"; the catalog has {listed}"

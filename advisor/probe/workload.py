@@ -150,3 +150,16 @@ def make_workload(
     if height is None and width is None:
         assumed.append(f"size: {values['width']}x{values['height']} ({name}'s default; pass --width/--height)")
     return Workload(kind=profile.workload, **values, assumptions=tuple(assumed))
+
+
+def recorded_workload(provenance, profile: ModelProfile) -> dict[str, int]:
+    """The workload a config records (`provenance.workload`: what `recommend` or `tune` made it
+    for) when it was made for `profile`'s pipeline class and kind: flag name -> value; else empty.
+    Values that are not whole numbers are left out (the model's defaults stand in for them)."""
+    recorded = getattr(provenance, "workload", None)
+    if not isinstance(recorded, dict) or provenance.pipeline_class != profile.pipeline_class:
+        return {}
+    if recorded.get("kind", profile.workload) != profile.workload:
+        return {}
+    return {name: value for name, value in recorded.items()
+            if name in WORKLOAD_LIMITS and isinstance(value, int) and not isinstance(value, bool)}
