@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
-from typing import Callable
+from typing import Any, Callable
 
 from advisor.errors import UsageError
 from advisor.run.timing import CONFIRM_RUNS, MIN_PSNR_DB, TOLERANCE, TRIAL_TIMEOUT_S
@@ -43,24 +43,20 @@ class _Parser(argparse.ArgumentParser):
 def whole_number(flag: str, example: int) -> Callable[[str], int]:
     """An option's `type`: a whole number, or one `UsageError` line naming the flag (not argparse's
     "argument --steps: invalid int value"); the range is checked where the value is used."""
-
-    def parse(text: str) -> int:
-        try:
-            return int(text)
-        except ValueError:
-            raise UsageError(f"{flag}: {text!r} is not a whole number; give e.g. {example}") from None
-
-    return parse
+    return _number_type(flag, int, f"is not a whole number; give e.g. {example}")
 
 
 def number(flag: str, example: float) -> Callable[[str], float]:
     """An option's `type`: a number, or one `UsageError` line naming the flag."""
+    return _number_type(flag, float, f"is not a number; give e.g. {example:g}")
 
-    def parse(text: str) -> float:
+
+def _number_type(flag: str, convert: Callable[[str], Any], problem: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         try:
-            return float(text)
+            return convert(text)
         except ValueError:
-            raise UsageError(f"{flag}: {text!r} is not a number; give e.g. {example:g}") from None
+            raise UsageError(f"{flag}: {text!r} {problem}") from None
 
     return parse
 
