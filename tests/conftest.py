@@ -13,6 +13,12 @@ import pytest
 # Tests never touch the network; set before anything imports huggingface_hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist's workers run with COLUMNS=80 and LINES=24 set; the advisor honours COLUMNS (piped
+# too), so every command a test starts would print at 80 columns under xdist and at the piped
+# width without it. Tests that care about the width set it themselves.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 
 def _cuda_available() -> bool:
