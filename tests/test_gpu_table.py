@@ -424,3 +424,17 @@ def test_nvml_name_finds_its_entry(name, key):
 @pytest.mark.parametrize(("name", "key"), list(TYPED_NAMES.items()))
 def test_typed_names_find_their_entry(name, key):
     assert lookup_gpu(name)[0] == key
+
+
+@pytest.mark.parametrize(("gpu", "planned_gb", "other", "other_gb"), [("RTX 4060 Ti", 16, "RTX 4060 Ti 8GB", 8),
+                                                                     ("RTX 3060", 12, "RTX 3060 8GB", 8), ("A100", 40, "A100 80GB", 80)])
+def test_a_card_sold_with_more_than_one_memory_says_which_it_planned(gpu, planned_gb, other, other_gb):
+    """'RTX 4060 Ti' is sold with 16 GB and with 8 GB: a plan for the bare name takes the entry
+    without memory in its name, and says so, naming the flag for the other one; a name that states
+    its memory, or a card sold with one memory only, assumes nothing about it."""
+    target = planned_target(machine=None, gpu=gpu)
+    said = [a for a in target.assumptions if a.startswith("memory:")]
+    assert said == [f"memory: the {planned_gb} GB {gpu} (it is also sold with {other_gb} GB: --gpu {other!r} plans that one)"]
+    assert memory_fits(target.vram_total_bytes / GIB, planned_gb)
+    assert not [a for a in planned_target(machine=None, gpu=other).assumptions if a.startswith("memory:")]
+    assert not [a for a in planned_target(machine=None, gpu="RTX 4090").assumptions if a.startswith("memory:")]

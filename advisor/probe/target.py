@@ -121,6 +121,14 @@ def lookup_gpu(name: str, *, memory_gib: float | None = None, strict: bool = Tru
     return (found[0][1], gpu_table()[found[0][1]]) if found else None
 
 
+def _memory_variants(key: str) -> list[tuple[float, str]]:
+    """(the memory its name states, entry) of the table's other entries for the same card with
+    other memory ('RTX 4060 Ti' -> (8, 'RTX 4060 Ti 8GB')), smallest first."""
+    words = _tokens(key)[0]
+    return sorted((_tokens(other)[1], other) for other in gpu_table()
+                  if other != key and _tokens(other)[0] == words and _tokens(other)[1] is not None)
+
+
 def _not_this_card(name: str) -> str:
     """Why `name` has no entry when an entry's words are all in it: ' ('Laptop' makes it another card than the RTX 3060)'."""
     found = _candidates(name, None)
@@ -352,6 +360,10 @@ def planned_target(
             )
         else:  # the entry's name, with the memory the name states when the entry's name has none ('RTX 3060 12GB')
             name = key if stated is None or _tokens(key)[1] is not None else f"{key} {stated:g}GB"
+            variants = _memory_variants(key) if stated is None else []
+            if variants:  # 'RTX 4060 Ti' alone: the 16 GB card is a guess the user should see
+                assumptions.append(f"memory: the {math.ceil(sheet['memory_gib'])} GB {key} (it is also sold with "
+                                   f"{', '.join(f'{gib:g} GB' for gib, _ in variants)}: --gpu {variants[0][1]!r} plans that one)")
     else:
         key, sheet = "generic", GENERIC_GPU
         source = "--vram (a generic card of that size)"
