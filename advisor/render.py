@@ -403,11 +403,10 @@ def render_estimate(profile, job, target, config, result, fit: dict | None = Non
 def _fit_line(fit: dict, target, result) -> str:
     """Whether the estimate fits the target, said plainly, with the budget's origin."""
     from advisor.plan.recommend import RAM_USABLE
+    from advisor.plan.scenario import default_budget_rule
 
-    if target.device == "cpu":
-        origin = f"90% of the {format_size(target.ram_available_bytes)} RAM available"
-    else:
-        origin = f"{format_size(target.vram_free_bytes)} free less 1 GiB + 5% of the card"
+    memory = format_size(target.ram_available_bytes if target.device == "cpu" else target.vram_free_bytes)
+    origin = f"{default_budget_rule(target)}, of {memory}"
     budget = f"the {format_size(fit['budget_bytes'])} budget ({origin}: recommend's default)"
     if fit["fits"]:
         peak = format_size(result.limited_peak(target.device))

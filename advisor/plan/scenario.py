@@ -47,6 +47,11 @@ def default_budget(target: TargetHardware) -> int:
     return max(int(target.vram_free_bytes - GIB - 0.05 * target.vram_total_bytes), 0)
 
 
+def default_budget_rule(target: TargetHardware) -> str:
+    """`default_budget`'s rule in words, for messages: '90% of the available RAM' on a CPU."""
+    return "90% of the available RAM" if target.device == "cpu" else "free GPU memory minus 1 GiB + 5% of the card"
+
+
 def limited_peak(device: str, *, vram_bytes: int | None, ram_bytes: int | None) -> int | None:
     """The peak that the budget limits: GPU memory, or RAM for CPU inference.
 
@@ -121,13 +126,10 @@ def make_scenario(
     if budget_bytes is None:
         budget, source = default_budget(target), "default: free memory minus a reserve"
         if budget <= 0:  # the user gave no --budget: say which memory left nothing
-            if target.device == "cpu":
-                default = f"90% of the available RAM) leaves nothing of {format_size(target.ram_available_bytes)}"
-                larger = "--ram"
-            else:
-                default = f"free GPU memory minus 1 GiB + 5% of the card) leaves nothing of {format_size(target.vram_free_bytes)}"
-                larger = "--vram"
-            raise UsageError(f"--budget: not given, and the default ({default} on {target.name}; give --budget SIZE or a larger {larger}")
+            cpu = target.device == "cpu"
+            memory = format_size(target.ram_available_bytes if cpu else target.vram_free_bytes)
+            raise UsageError(f"--budget: not given, and the default ({default_budget_rule(target)}) leaves nothing of {memory} on "
+                             f"{target.name}; give --budget SIZE or a larger {'--ram' if cpu else '--vram'}")
     else:
         budget, source = budget_bytes, "--budget"
     if budget <= 0:
