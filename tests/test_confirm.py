@@ -99,3 +99,20 @@ def test_finalists_take_turns_and_a_resumed_confirmation_measures_only_what_is_m
     order.clear()
     confirm(study, [a, b, c], 2, lambda r, number, of: order.append(r.number) or run(r.latency_s))
     assert order == []
+
+
+@pytest.mark.xfail(strict=True, reason="issue 25: confirmation runs were combined with a crashed trial's measurement")
+def test_a_crashed_trial_of_a_confirmed_configuration_stays_a_crash():
+    """A configuration that crashed once and was measured again later (a re-run retries crashes):
+    its confirmation runs belong to the measurement that succeeded, not to the crash, whose
+    latency is None (combining them raised TypeError, and every later run of the study with it)."""
+    crash = {"status": "crash", "reason": "exit code -11", "latency_s": None, "latency_spread_s": None,
+             "peak_vram_bytes": None, "peak_rss_bytes": 300 * MB, "noisy": None}
+    crashed = TrialRecord(number=0, summary="{}", status="crash", source="measured", feasible=False, latency_s=None,
+                          peak_bytes=None, predicted_peak_bytes=None, reason="exit code -11", config={"device": "cpu"},
+                          measurement=crash)
+    again = record(1, 0.60)
+    stored = {confirmation_key(again.config): [run(0.62), run(0.58)]}
+    first, second = with_confirmations([crashed, again], stored, "cpu", BUDGET)
+    assert first == crashed
+    assert second.processes == 3 and second.latency_s == pytest.approx(0.60) and second.feasible

@@ -351,12 +351,28 @@ def _strict(constant):
     raise ValueError(f"not strict JSON: {constant}")
 
 
+@pytest.mark.xfail(strict=True, reason="issue 25: the dry run skipped items on a busy machine (its time budget)")
+def test_the_dry_run_has_no_time_budget_unless_given():
+    """The GPU kit's budget is the lent machine's minutes; a dry run checks plumbing, and a busy CI
+    machine must not make it skip an item."""
+    import run_kit
+    from kit.plan import Kit
+    from kit.report import Log
+
+    assert run_kit.parse_args([]).budget_s == 480
+    assert run_kit.parse_args(["--dry-run", "--budget-s", "60"]).budget_s == 60
+    args = run_kit.parse_args(["--dry-run"])
+    assert args.budget_s is None
+    kit = Kit(args, Log(0.0))  # started at the epoch: any deadline would have passed long ago
+    assert kit.left() == float("inf")
+
+
 @pytest.mark.slow
 def test_the_dry_run_measures_every_item_and_reports(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
     done = subprocess.run(
-        ["bash", str(KIT / "run.sh"), "--dry-run", "--work", str(tmp_path / "work"), "--budget-s", "500"],
+        ["bash", str(KIT / "run.sh"), "--dry-run", "--work", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -399,6 +399,17 @@ def test_a_child_that_dies_without_a_result_is_classified(tmp_path):
     assert oom.status == "oom" and "memory" in oom.reason
 
 
+@pytest.mark.xfail(strict=True, reason="issue 25: an OOM trial was recorded as crash")
+def test_running_out_of_address_space_while_loading_a_library_is_out_of_memory():
+    # What `import torch` prints under an RLIMIT_AS too small for its shared libraries (seen on the
+    # dev machine at 200 MiB): the dynamic loader's ENOMEM, raised as an ImportError.
+    from advisor.run.measure import _classify_death
+
+    printed = "ImportError: libtorch_cpu.so: failed to map segment from shared object"
+    assert _classify_death(1, f"Traceback (most recent call last):\n{printed}").status == "oom"
+    assert is_oom(ImportError("libtorch_cpu.so: failed to map segment from shared object"))
+
+
 def test_one_burst_of_load_among_steady_rounds_does_not_make_the_spread():
     # Direct timing (4 steps): five rounds, one of them 6x slower (another process took the cores).
     timer = Scripted([1.0, 1.01, 0.99, 6.0, 1.0])

@@ -135,28 +135,39 @@ def test_the_point_of_a_killed_trial_is_measured_when_the_study_resumes(killed_a
     assert ran_to_its_end(study, 8, space(tiny_flux_dir))
 
 
+@pytest.mark.xfail(strict=True, reason="issue 25: a crashed reference was kept; confirmations combined with the crash")
 @pytest.mark.slow
-def test_a_rerun_after_a_crash_measures_instead_of_reporting_nothing_feasible(tiny_flux_dir, env, tmp_path):
+def test_a_rerun_after_a_crash_measures_again_and_so_does_every_later_run(tiny_flux_dir, env, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_flux_dir, model)
     tokenizer = model / "tokenizer" / "tokenizer.json"
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    args = tune_args(model, storage, "--json", trials=1)
-    # The first run crashes: the pipeline can't be loaded without its tokenizer file.
+    # One confirmation run and the quality guard (the defaults are 2 and 30 dB): each a process more.
+    args = [a for a in tune_args(model, storage, "--json", trials=1) if a not in ("--min-psnr", "0")]
+    args[args.index("--confirm") + 1] = "1"
+    # The first run crashes: the pipeline can't be loaded without its tokenizer file, the reference neither.
     tokenizer.rename(tokenizer.with_suffix(".away"))
     crashed = advisor(args, env)
     assert crashed.returncode == 3, crashed.stderr[-3000:]
-    (first,) = json.loads(crashed.stdout)["trials"]
+    data = json.loads(crashed.stdout)
+    (first,) = data["trials"]
     assert first["status"] == "crash" and first["source"] == "measured"
-    # Fixed, the same command measures the crashed configuration again instead of reusing the crash.
+    assert any(note.startswith("no lossless reference output") for note in data["notes"]), data["notes"]
+    # Fixed, the same command measures the crashed configuration again instead of reusing the crash,
+    # makes the reference it could not make, and confirms the pick in a fresh process.
     tokenizer.with_suffix(".away").rename(tokenizer)
     rerun = advisor(args, env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     data = json.loads(rerun.stdout)
-    assert data["fits"] is True
+    assert data["fits"] is True and data["reference"] is not None
     later = [t for t in data["trials"] if t["number"] != first["number"]]
     assert [t["source"] for t in later] == ["measured"] and later[0]["config"] == first["config"]
-    assert data["best"]["number"] == later[0]["number"]
+    assert data["best"]["number"] == later[0]["number"] and data["best"]["processes"] == 2
+    assert load_study(storage).user_attrs["quality_reference"]["status"] == "ok"
+    # Every later run of the study reads the crash, the measurement and its confirmation together.
+    again = advisor(args, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["best"] == data["best"]
 
 
 @pytest.mark.slow

@@ -43,15 +43,13 @@ def check_shared_study(study, trials: int, points: frozenset[str]) -> None:
     finished = complete(study)
     assert all("status" in t.user_attrs and "source" in t.user_attrs for t in finished), "a finished trial lost its result"
     assert ran_to_its_end(study, trials, points)
-    # A configuration is measured twice only by trials that ran at the same time (a worker reuses
-    # the measurement of a finished one): nothing was run twice in sequence.
-    measured = [t for t in finished if t.user_attrs["source"] == "measured"]
-    for a in measured:
-        for b in measured:
-            if a.number < b.number and a.params == b.params:
-                assert b.datetime_start < a.datetime_complete, f"trials {a.number} and {b.number} measured the same config in turn"
+    # No configuration is measured twice: a worker reuses the measurement of a finished trial, and
+    # leaves a configuration another worker is measuring to it.
+    measured = [json.dumps(t.user_attrs["config"], sort_keys=True) for t in finished if t.user_attrs["source"] == "measured"]
+    assert len(measured) == len(set(measured)), [(t.number, t.params) for t in finished if t.user_attrs["source"] == "measured"]
 
 
+@pytest.mark.xfail(strict=True, reason="issue 25: two workers measured one configuration twice")
 @pytest.mark.slow
 def test_two_workers_share_a_journal_file(tiny_flux_dir, shared_device_env, tmp_path):
     storage = f"journal:{tmp_path / 'journal.log'}"
@@ -145,6 +143,7 @@ def postgres_url():
 
 @needs_postgres
 @pytest.mark.slow
+@pytest.mark.xfail(reason="issue 25: processes sharing a study measured one configuration twice")
 def test_two_processes_share_a_postgres_study(tiny_flux_dir, env, postgres_url):
     # Create optuna's tables first: two processes that both find an empty database race to create
     # them; open_storage retries (see the test below).
