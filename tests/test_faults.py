@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_bad_input import assert_refused, run_cli
-from tuning import ADVISOR, tune_args
+from tuning import ADVISOR, tune_args, with_option
 
 from advisor.config import OptimizationConfig, Quantization
 from advisor.errors import AdvisorError, ConfigError, UsageError
@@ -70,7 +70,7 @@ def test_a_storage_that_keeps_the_study_nowhere_is_refused_before_measuring(url,
 @pytest.mark.slow
 def test_no_reference_is_measured_when_the_estimate_rules_out_every_candidate(tiny_flux_dir, tmp_path, private_cache_env):
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    args = [a for a in tune_args(tiny_flux_dir, storage, "--json", budget="1MB", trials=2) if a not in ("--min-psnr", "0")]
+    args = with_option(tune_args(tiny_flux_dir, storage, "--json", budget="1MB", trials=2), "--min-psnr", None)  # the guard on
     done = started(args, private_cache_env)
     assert done.returncode == 3, done.stderr[-3000:]  # nothing fits: exit 3, as documented
     data = json.loads(done.stdout)

@@ -27,6 +27,7 @@ from tuning import (
     snapshot,
     space,
     trial_processes,
+    with_option,
     tune_args,
     wait_for_the_second_trial,
 )
@@ -143,8 +144,7 @@ def test_a_rerun_after_a_crash_measures_again_and_so_does_every_later_run(tiny_f
     tokenizer = model / "tokenizer" / "tokenizer.json"
     storage = f"sqlite:///{tmp_path / 's.db'}"
     # One confirmation run and the quality guard (the defaults are 2 and 30 dB): each a process more.
-    args = [a for a in tune_args(model, storage, "--json", trials=1) if a not in ("--min-psnr", "0")]
-    args[args.index("--confirm") + 1] = "1"
+    args = with_option(with_option(tune_args(model, storage, "--json", trials=1), "--min-psnr", None), "--confirm", "1")
     # The first run crashes: the pipeline can't be loaded without its tokenizer file, the reference neither.
     tokenizer.rename(tokenizer.with_suffix(".away"))
     crashed = advisor(args, env)

@@ -38,6 +38,12 @@ def tune_args(model, storage: str, *extra: str, budget: str = "2GB", trials: int
     return ["tune", "--model", str(model), "--budget", budget, "--trials", str(trials), *SMALL, "--storage", storage, *extra]
 
 
+def with_option(args: list[str], flag: str, value: str | None) -> list[str]:
+    """`args` with `flag` given `value` instead (None: `flag` and its value left out)."""
+    at = args.index(flag)
+    return args[:at] + args[at + 2:] if value is None else args[:at + 1] + [value] + args[at + 2:]
+
+
 def advisor(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     """The console script, as a user runs it."""
     return subprocess.run([ADVISOR, *args], capture_output=True, text=True, env=env, timeout=timeout)
