@@ -391,3 +391,13 @@ def test_trials_as_fast_within_their_spread_go_to_the_lossless_then_the_smaller_
     assert best is small and "smaller in peak memory" in notes[0]
     # No spread measured (older trials): the plain minimum.
     assert choose_best([_record(4, 1.0, None, 500, {}), _record(5, 0.99, None, 900, {"vae": {"tiling": True}})])[0].number == 5
+
+
+@pytest.mark.xfail(strict=True, reason="issue 25: the OOM advice never mentioned --retry-failed")
+def test_the_advice_for_trials_out_of_memory_names_retry_failed():
+    from advisor.run.tune import failure_advice
+
+    (line,) = failure_advice({"oom", "crash"})
+    assert "crash, oom" in line and "--retry-failed" in line  # a later run retries crashes by itself, OOM only when asked
+    assert "--retry-failed" not in " ".join(failure_advice({"crash", "timeout"}))
+    assert failure_advice(set()) == []
