@@ -303,13 +303,12 @@ def estimate_record(profile: Any, workload: Any, config: Any, target: Any) -> di
 
 
 def measure(folder: Path, config: Any, workload: Any, target: Any, *, timeout_s: float,
-            step_points: tuple[int, ...], repeats: int, output_path: Path | None = None) -> tuple[dict[str, Any], int | None]:
+            step_points: tuple[int, ...], repeats: int, max_rounds: int, output_path: Path | None = None) -> tuple[dict[str, Any], int | None]:
     """Measure `config` in its own process: the measurement as a dict, and the peak a budget limits
     (with `output_path`, its output at the workload's steps is saved there for `compare_outputs`)."""
     from advisor.run.measure import measure as run
 
-    # At most two rounds beyond `repeats` while the spread settles: the kit has minutes, not hours.
-    m = run(folder, config, workload, timeout_s=timeout_s, step_points=step_points, repeats=repeats, max_rounds=repeats + 2,
+    m = run(folder, config, workload, timeout_s=timeout_s, step_points=step_points, repeats=repeats, max_rounds=max_rounds,
             output_path=output_path)
     return m.to_dict(), m.limited_peak(target.device)
 
@@ -361,14 +360,14 @@ TRIAL_FIELDS = ("number", "summary", "status", "source", "feasible", "latency_s"
 
 
 def tune(folder: Path, profile: Any, workload: Any, target: Any, *, budget_bytes: int, packages: dict[str, str | None],
-         storage: str, study: str, trials: int, timeout_s: float, step_points: tuple[int, ...], repeats: int,
+         storage: str, study: str, trials: int, timeout_s: float, step_points: tuple[int, ...], repeats: int, max_rounds: int,
          compile_choices: tuple[bool, ...], on_trial: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """`advisor tune`: run the study; its trials as dicts (each with ``config``) and the best one."""
     from advisor.plan.scenario import make_scenario
     from advisor.run.tune import TuneSettings, run_study
 
     # No confirmation runs of the finalists: the kit's minutes go to more configurations.
-    settings = TuneSettings(trials=trials, timeout_s=timeout_s, step_points=step_points, repeats=repeats, max_rounds=repeats + 2,
+    settings = TuneSettings(trials=trials, timeout_s=timeout_s, step_points=step_points, repeats=repeats, max_rounds=max_rounds,
                             compile_choices=compile_choices, confirm_runs=0, min_psnr_db=0)  # minutes for configurations, not repeats
     record = lambda trial: {k: getattr(trial, k) for k in TRIAL_FIELDS}  # noqa: E731
     scenario = make_scenario(profile, workload, target, packages=packages, budget_bytes=budget_bytes)

@@ -12,6 +12,7 @@ Budgets are for full-size FLUX.1-dev; `Kit.scaled_budget` scales them to the mod
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -111,6 +112,8 @@ def tune_trials(kit: Kit) -> tuple[int, float, float]:
         reserve = sum(kit.expected_s(advisor_api.finish(c, kit.ctx)[0]) for _, _, c in baseline_and_two)
     available = kit.left() - reserve
     typical = statistics.median([kit.expected_s(i.config) for i in kit.items if i.config is not None and i.part != "tune"] or [60.0])
+    if math.isinf(available):  # no time budget (a dry run)
+        return kit.args.tune_trials, available, typical
     trials = min(kit.args.tune_trials, int(available // typical)) if typical > 0 else 0
     return trials, available, typical
 
@@ -131,13 +134,13 @@ def part_tune(kit: Kit) -> None:
             return
         if kit.args.dry_run:
             item.notes.append("tune searched without compile (inductor is too slow on 2 CPU cores)")
-        timeout_s = max(available / trials, 30.0)
+        timeout_s = max(available / trials, 30.0) if math.isfinite(available) else max(3 * typical, 120.0)
         study = f"gpu-kit-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         kit.log(f"{item.id}: optuna study {study}, {trials} trials, {timeout_s:.0f} s each at most")
         result = advisor_api.tune(
             kit.folder, kit.profile, kit.workload, kit.target, budget_bytes=budget, packages=kit.packages,
             storage=f"journal:{kit.args.work / 'tune-journal.log'}", study=study, trials=trials, timeout_s=timeout_s,
-            step_points=kit.step_points, repeats=kit.repeats, compile_choices=(False,) if kit.args.dry_run else (True, False),
+            step_points=kit.step_points, repeats=kit.repeats, max_rounds=kit.max_rounds, compile_choices=(False,) if kit.args.dry_run else (True, False),
             on_trial=lambda t: kit.log(f"{item.id}: trial {t['number']} {t['status']}: {t['summary']}"),
         )
         ref_latency = kit.result_of("seed/quantization+compile", "latency_s")

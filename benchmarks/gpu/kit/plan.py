@@ -10,6 +10,7 @@ timeout is cut to what is left.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -67,7 +68,7 @@ class Kit:
         self.args = args
         self.log = log
         self.t0 = log.t0
-        self.deadline = self.t0 + args.budget_s
+        self.deadline = self.t0 + args.budget_s if args.budget_s is not None else math.inf  # none: a dry run
         self.items: list[Item] = []
         self.measured: dict[str, Item] = {}  # config key -> the item that measured it
         # Set up by run_kit.setup(): the machine, the target, the model and the workload (advisor objects).
@@ -82,6 +83,7 @@ class Kit:
         self.device, self.dtype = "cuda", "bfloat16"
         self.step_points: tuple[int, ...] = (2, 4)
         self.repeats = 2
+        self.max_rounds = 4  # two rounds beyond `repeats` while the spread settles: the kit has minutes, not hours
         self.bnb_ok, self.bnb_note, self.torchao = False, "", False
         self.budget_scaling_note = ""
         self.scaled_budget: Callable[[int], int] = lambda gb: gb * GIB
@@ -171,7 +173,8 @@ class Kit:
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
         m, measured = advisor_api.measure(self.folder, config, self.workload, self.target, timeout_s=timeout,
-                                          step_points=self.step_points, repeats=self.repeats, output_path=output)
+                                          step_points=self.step_points, repeats=self.repeats, max_rounds=self.max_rounds,
+                                          output_path=output)
         item.status = m["status"]
         item.result["measurement"] = m
         if m["reason"]:

@@ -153,8 +153,9 @@ def notes_block(kit: Kit) -> str:
 def final_report(kit: Kit, environment: dict[str, Any]) -> str:
     """Notes, findings, the per-phase peaks, a header line and the table: written to the .md file and printed last."""
     gpu = not kit.args.dry_run
+    budget = f"{kit.args.budget_s:.0f} s" if kit.args.budget_s is not None else "no time budget"
     header = (f"GPU kit ({kit.data['mode']}), {environment.get('gpu') or 'CPU'}, torch {environment.get('torch')}, "
-              f"model {kit.data['model']['model_id']}, workload {kit.data['workload_label']}, {time.time() - kit.t0:.0f} s of {kit.args.budget_s:.0f} s")
+              f"model {kit.data['model']['model_id']}, workload {kit.data['workload_label']}, {time.time() - kit.t0:.0f} s of {budget}")
     legend = ("latency: extrapolated to the workload's steps (estimate in brackets); peak: "
               + ("torch.cuda.max_memory_allocated" if gpu else "the trial process's peak RSS") + " (estimate, its error)")
     return f"Notes:\n{notes_block(kit)}\n\n{findings_block(kit)}\n\n{phase_table(kit)}\n\n{header}\n{legend}\n\n{table(kit)}\n"
