@@ -17,9 +17,10 @@ import warnings
 from typing import Any
 
 from advisor.arguments import Exit, build_parser, take_model, values_may_start_with_a_dash
-from advisor.errors import AdvisorError, AdvisorWarning, ModelError, UsageError
-from advisor.files import check_output_file, check_output_folder, os_error_reason
+from advisor.errors import AdvisorError, AdvisorWarning, ModelError, UsageError, is_oom
+from advisor.files import check_cache_folder, check_output_file, check_output_folder, os_error_reason
 from advisor.run.timing import CONFIRM_RUNS, MIN_PSNR_DB, TOLERANCE, TRIAL_TIMEOUT_S
+from advisor.terminal import escape_what_the_terminal_cannot_show
 from advisor.units import parse_size
 
 _state: dict[str, Any] = {"debug": False}
@@ -278,6 +279,7 @@ def tune(
     from advisor.probe.models import hub_reachable
     from advisor.probe.target import target_from_probe
     from advisor.probe.workload import check_workload_value
+    from advisor.run.storage import check_storage
     from advisor.run.tune import TuneInterrupted, TuneSettings, check_settings, run_study
     from advisor.run.workers import check_devices, run_workers
 
@@ -298,6 +300,10 @@ def tune(
         check_output_file(output, flag="-o")
     if report is not None:
         check_output_folder(report, flag="--report")
+    if storage is not None:
+        check_storage(storage)
+    if storage is None or settings.min_psnr_db > 0:  # the default study database, the quality guard's images
+        check_cache_folder("advisor tune keeps its studies and the quality guard's images there")
     if workers > 1 and (storage is None or storage.startswith("sqlite")):
         raise UsageError("--workers: several workers need a shared storage: --storage journal:PATH or postgresql://...")
     machine = probe_machine()
@@ -428,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     # pydantic looks for plugins in every installed distribution's entry points when the config
     # schema is built: ~80 ms of each command in a full environment, for plugins the advisor has no use for.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    escape_what_the_terminal_cannot_show()
     with warnings.catch_warnings():
         warnings.simplefilter("default", AdvisorWarning)  # each distinct warning once per command
         warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
@@ -472,6 +479,10 @@ def _run(args: list[str]) -> int:
             raise
         if isinstance(exc, AdvisorError):
             message, code = _one_line(exc), exc.exit_code
+        elif is_oom(exc):  # the advisor's own process (a trial's is a result): not a bug, a machine too full
+            what = _one_line(exc) or "MemoryError"
+            message = f"out of memory in the advisor's own process ({type(exc).__name__}: {what[:200]}); free some memory, or raise the process's limit, and run again"
+            code = 1
         elif isinstance(exc, OSError):  # a file no check named a flag for: name the file
             message, code = (f"{exc.filename}: " if exc.filename else "") + os_error_reason(exc), 1
         else:  # a bug: still one line, and the way to see more

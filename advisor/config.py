@@ -29,6 +29,7 @@ from typing import Any, Literal
 from advisor.caching import SETTINGS as CACHE_SETTINGS
 from advisor.errors import ConfigError
 from advisor.files import json_type, read_json, write_text_atomic
+from advisor.paths import diffusers_tables
 
 SCHEMA_VERSION = 1
 
@@ -364,6 +365,10 @@ class OptimizationConfig(_Section):
                 )
         if self.device == "cpu" and self.offload.strategy in {"model", "sequential"}:
             raise ValueError(f"`offload.strategy: {self.offload.strategy}` moves weights to a GPU; it needs `device: cuda`")
+        names = diffusers_tables()["attention_backends"]  # diffusers' AttentionBackendName, read case-insensitively
+        if self.attention_backend is not None and self.attention_backend.lower() not in names:
+            raise ValueError(f"`attention_backend: {self.attention_backend!r}` is not one of diffusers' attention backends "
+                             f"(diffusers {diffusers_tables()['diffusers_version']}); use native, or one of {', '.join(names)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OptimizationConfig:

@@ -42,6 +42,33 @@ class TuneError(AdvisorError):
     """The tuner could not run or found nothing feasible."""
 
 
+# What out-of-memory errors say, in Python, torch, C++ and the dynamic loader (``import torch``
+# under an address-space limit: "failed to map segment from shared object").
+OOM_MARKERS = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "memory allocation",
+    "memoryerror",
+    "std::bad_alloc",
+    "failed to map segment",
+)
+
+
+def is_oom(error: BaseException) -> bool:
+    """torch's CUDA/CPU out-of-memory errors and Python's MemoryError, also as the cause of another."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError) or type(current).__name__ == "OutOfMemoryError":
+            return True
+        if any(marker in str(current).lower() for marker in OOM_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 class AdvisorWarning(UserWarning):
     """Something was ignored and the advisor carried on, e.g. an unreadable calibration cache.
 

@@ -12,6 +12,7 @@ UsageError: -o /tmp: is a folder; give a file name inside it, e.g. /tmp/advisor.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import stat
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from advisor.errors import AdvisorError, UsageError
+from advisor.paths import advisor_cache_dir
 
 # No config the advisor, diffusers or transformers writes nests deeper than a few levels; a limit
 # far below Python's recursion limit keeps whatever reads the data later (validation, JSON output)
@@ -177,8 +179,20 @@ def _cannot_create(path: Path, found: tuple[Path, os.stat_result | None, list[st
             return f"the name {shown!r} is {size} bytes long; this file system allows at most {name_max}"
     if len(os.fsencode(str(path))) >= path_max:
         return f"the path is longer than this file system allows ({path_max} bytes)"
-    if not os.access(base, os.W_OK | os.X_OK):
-        return _not_writable(base)
+    return _creation_refused(base)
+
+
+def _creation_refused(folder: Path) -> str | None:
+    """Why nothing can be created in `folder`, or None; found by creating (and removing) a file there,
+    since ``os.access`` answers yes to root for /proc, which then refuses every new file."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return _not_writable(folder)
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".advisor-probe-")
+    except OSError as exc:
+        return f"can't create files in {folder} ({os_error_reason(exc)})"
+    os.close(handle)
+    os.unlink(probe)
     return None
 
 
@@ -213,8 +227,9 @@ def check_output_file(path: str | Path, *, flag: str) -> Path:
                 raise UsageError(f"{flag} {text}: permission denied")
             return path
         folder = Path(os.path.realpath(path)).parent  # the file is replaced by a rename in its folder
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise UsageError(f"{flag} {text}: {_not_writable(folder)}")
+        problem = _creation_refused(folder)
+        if problem:
+            raise UsageError(f"{flag} {text}: {problem}")
         return path
     target = Path(os.path.realpath(path))
     problem = _cannot_create(target, _nearest_existing(target))
@@ -234,13 +249,32 @@ def check_output_folder(path: str | Path, *, flag: str) -> Path:
     if not problem and not missing and base_stat is not None:
         if not stat.S_ISDIR(base_stat.st_mode):
             raise UsageError(f"{flag} {text}: is a file, not a folder; give a folder (it is created if missing)")
-        if not os.access(target, os.W_OK | os.X_OK):
-            raise UsageError(f"{flag} {text}: {_not_writable(target)}")
+        problem = _creation_refused(target)
+        if problem:
+            raise UsageError(f"{flag} {text}: {problem}")
         return path
     problem = _cannot_create(target, found)
     if problem:
         raise UsageError(f"{flag} {text}: {problem}")
     return path
+
+
+def cache_folder_problem() -> str | None:
+    """Why the advisor's cache folder (``~/.cache/advisor``, under XDG_CACHE_HOME) can't be created
+    or written, as one phrase that ends in the way out; None when it can."""
+    folder = Path(os.path.realpath(advisor_cache_dir()))
+    found = _nearest_existing(folder)
+    problem = _cannot_create(folder, found) if found[2] or found[1] is None else _creation_refused(folder)
+    if problem is None:
+        return None
+    return f"the advisor's cache folder {advisor_cache_dir()}: {problem}; set XDG_CACHE_HOME to a writable folder"
+
+
+def check_cache_folder(why: str) -> None:
+    """A `UsageError` when the cache folder can't be written (`cache_folder_problem`), saying `why` it is needed."""
+    problem = cache_folder_problem()
+    if problem:
+        raise UsageError(f"{problem} ({why})")
 
 
 def current_umask() -> int:
@@ -281,8 +315,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     mode = stat.S_IMODE(existing.st_mode) if existing is not None else 0o666 & ~current_umask()
     # mkstemp makes the file 0600; the short prefix keeps the temporary name within NAME_MAX
-    # even when the target's own name is near it.
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:32]}.", suffix=".tmp")
+    # even when the target's own name is near it. It names this process, so that the next save
+    # removes what a save killed half way (kill -9, power cut) left behind.
+    prefix = f".{target.name[:32]}."
+    _remove_orphaned_temporaries(target.parent, prefix)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f"{prefix}{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
@@ -295,6 +332,25 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         raise
     _fsync_folder(target.parent)
     return path
+
+
+def _remove_orphaned_temporaries(folder: Path, prefix: str) -> None:
+    """Remove the temporary files of saves to the same file whose process is gone."""
+    for leftover in folder.glob(f"{glob.escape(prefix)}*.tmp"):
+        owner = leftover.name[len(prefix):].split(".")[0]
+        if owner.isdigit() and not pid_alive(int(owner)):
+            leftover.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _fsync_folder(folder: Path) -> None:

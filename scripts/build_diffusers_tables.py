@@ -7,6 +7,7 @@ takes seconds), so the facts it needs are read here, once, from the installed di
   ``max_sequence_length`` of its text encoders;
 - per model class: ``_skip_layerwise_casting_patterns``, ``_keep_in_fp32_modules``,
   ``_repeated_blocks``, and whether it has ``enable_tiling`` / ``enable_slicing``;
+- the names ``set_attention_backend`` takes (``AttentionBackendName``);
 - per transformers text-encoder class: the modules its quantizers leave unconverted
   (``_keep_in_fp32_modules`` plus ``get_keys_to_not_convert`` of a meta-device instance).
 
@@ -63,8 +64,11 @@ def build_tables() -> dict:
                 "tiling": hasattr(obj, "enable_tiling"),
                 "slicing": hasattr(obj, "enable_slicing"),
             }
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
     return {
         "diffusers_version": diffusers.__version__,
+        "attention_backends": sorted(backend.value for backend in AttentionBackendName),
         "pipelines": pipelines,
         "models": models,
         "transformers_models": transformers_tables(),
@@ -111,7 +115,7 @@ def stale_entries(generated: dict, committed: dict) -> list[str]:
     Classes whose optional backends are not installed here (Kolors needs sentencepiece, ...) can't be
     generated, so extra committed entries are fine; what can be generated must match.
     """
-    stale = [] if generated.get("diffusers_version") == committed.get("diffusers_version") else ["diffusers_version"]
+    stale = [key for key in ("diffusers_version", "attention_backends") if generated.get(key) != committed.get(key)]
     for section in ("pipelines", "models", "transformers_models"):
         have = committed.get(section, {})
         stale += [f"{section}.{name}" for name, entry in generated[section].items() if have.get(name) != entry]

@@ -651,7 +651,6 @@ def test_gpu_provenance_warnings():
     [
         ({"compile": Compile(dynamo_config={"no_such_flag": True})}, r"`compile.dynamo_config.no_such_flag`"),
         ({"compile": Compile(backend="nope")}, r"`compile.backend: nope` is not a torch.compile backend.*aot_eager.*inductor"),
-        ({"attention_backend": "warp"}, r"`attention_backend: warp` is unknown; use one of .*native"),
     ],
 )
 def test_config_problems_are_refused_with_the_key(fields, message):

@@ -428,7 +428,7 @@ def test_a_config_that_fails_to_write_is_one_line_naming_the_flag(tmp_path, monk
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(advisor.files.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(advisor.files.os, "replace", denied)  # past the up-front check, which creates a file there
     path = tmp_path / "advisor.json"
     assert main(["recommend", "-m", "flux-dev", "--gpu", "H100", "-o", str(path)]) == 1
     assert _one_error_line(capsys.readouterr().err) == f"-o {path}: could not write the config (permission denied)"

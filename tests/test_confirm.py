@@ -101,7 +101,6 @@ def test_finalists_take_turns_and_a_resumed_confirmation_measures_only_what_is_m
     assert order == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 25: confirmation runs were combined with a crashed trial's measurement")
 def test_a_crashed_trial_of_a_confirmed_configuration_stays_a_crash():
     """A configuration that crashed once and was measured again later (a re-run retries crashes):
     its confirmation runs belong to the measurement that succeeded, not to the crash, whose

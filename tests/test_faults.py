@@ -20,9 +20,6 @@ from tuning import ADVISOR, tune_args, with_option
 from advisor.config import OptimizationConfig, Quantization
 from advisor.errors import AdvisorError, ConfigError, UsageError
 
-XFAIL = pytest.mark.xfail(strict=True, reason="issue 25: found by fault injection, not fixed yet")
-
-
 def started(args: list[str], env: dict | None = None, **overrides: str) -> subprocess.CompletedProcess:
     """The console script in a process of its own, with `overrides` in its environment."""
     return subprocess.run([ADVISOR, *args], capture_output=True, text=True, timeout=600,
@@ -53,7 +50,6 @@ def private_cache_env(tmp_path) -> dict:
 # --- studies ----------------------------------------------------------------------------------------
 
 
-@XFAIL
 @pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite:///", "sqlite://"])
 def test_a_storage_that_keeps_the_study_nowhere_is_refused_before_measuring(url, tiny_flux_dir, monkeypatch):
     import advisor.run.tune
@@ -66,7 +62,6 @@ def test_a_storage_that_keeps_the_study_nowhere_is_refused_before_measuring(url,
         open_storage(url)
 
 
-@XFAIL
 @pytest.mark.slow
 def test_no_reference_is_measured_when_the_estimate_rules_out_every_candidate(tiny_flux_dir, tmp_path, private_cache_env):
     storage = f"sqlite:///{tmp_path / 's.db'}"
@@ -82,7 +77,6 @@ def test_no_reference_is_measured_when_the_estimate_rules_out_every_candidate(ti
 # --- outputs and the cache folder --------------------------------------------------------------------
 
 
-@XFAIL
 def test_outputs_in_a_folder_where_nothing_can_be_created_are_refused_up_front(tiny_flux_dir, monkeypatch):
     """/proc lets root past every permission bit (``os.access`` says yes) and then refuses to create anything."""
     import advisor.run.tune
@@ -98,7 +92,6 @@ def test_outputs_in_a_folder_where_nothing_can_be_created_are_refused_up_front(t
         check_output_folder("/proc/x", flag="--report")
 
 
-@XFAIL
 @pytest.mark.slow
 def test_a_cache_folder_that_cannot_be_written_is_said_and_the_plan_goes_on(model_copy, tmp_path):
     """A read-only home, here a cache path under a regular file (root writes through permission bits):
@@ -118,7 +111,6 @@ def test_a_cache_folder_that_cannot_be_written_is_said_and_the_plan_goes_on(mode
         assert "XDG_CACHE_HOME" in line, line
 
 
-@XFAIL
 def test_an_ascii_terminal_gets_everything_with_what_it_cannot_show_escaped(tmp_path):
     output = tmp_path / "plän.json"
     done = started(["recommend", "-m", "flux-dev", "--gpu", "RTX 4090", "--ram", "64GB", "-o", str(output)],
@@ -129,7 +121,6 @@ def test_an_ascii_terminal_gets_everything_with_what_it_cannot_show_escaped(tmp_
     assert "pl\\xe4n.json" in done.stdout + done.stderr  # the path, escaped where it is shown
 
 
-@XFAIL
 @pytest.mark.slow
 def test_running_out_of_memory_in_the_advisors_own_process_is_one_line(model_copy, tmp_path):
     """Tracing a local model under an address-space limit 100 MiB below what importing torch and
@@ -151,7 +142,6 @@ def test_running_out_of_memory_in_the_advisors_own_process_is_one_line(model_cop
 # --- configs and model folders that lie --------------------------------------------------------------
 
 
-@XFAIL
 def test_a_config_naming_an_attention_kernel_diffusers_lacks_is_refused(tmp_path):
     path = tmp_path / "advisor.json"
     path.write_text(json.dumps({**OptimizationConfig(device="cuda").to_dict(), "attention_backend": "banana"}))
@@ -163,7 +153,6 @@ def test_a_config_naming_an_attention_kernel_diffusers_lacks_is_refused(tmp_path
         advisor.load_config(path)
 
 
-@XFAIL
 @pytest.mark.parametrize("name", ["../../etc", "sub/vae", "..", "."])
 def test_a_model_index_entry_that_is_not_a_folder_of_the_model_is_refused(name, model_copy):
     index = model_copy / "model_index.json"
@@ -175,7 +164,6 @@ def test_a_model_index_entry_that_is_not_a_folder_of_the_model_is_refused(name, 
 # --- the Python API ------------------------------------------------------------------------------------
 
 
-@XFAIL
 def test_load_pipeline_of_a_model_folder_that_is_gone_raises_the_advisors_error(model_copy):
     import advisor
 
@@ -184,7 +172,6 @@ def test_load_pipeline_of_a_model_folder_that_is_gone_raises_the_advisors_error(
         advisor.load_pipeline(model_copy, OptimizationConfig(device="cpu"))
 
 
-@XFAIL
 def test_pipeline_kwargs_for_torchao_without_torchao_names_the_package(monkeypatch):
     import advisor
 
@@ -208,7 +195,6 @@ files.write_text_atomic(sys.argv[1], "{}")
 """
 
 
-@XFAIL
 def test_a_save_killed_half_way_leaves_nothing_behind_after_the_next_save(tmp_path):
     from advisor.files import write_text_atomic
 

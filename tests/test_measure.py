@@ -399,7 +399,6 @@ def test_a_child_that_dies_without_a_result_is_classified(tmp_path):
     assert oom.status == "oom" and "memory" in oom.reason
 
 
-@pytest.mark.xfail(strict=True, reason="issue 25: an OOM trial was recorded as crash")
 def test_running_out_of_address_space_while_loading_a_library_is_out_of_memory():
     # What `import torch` prints under an RLIMIT_AS too small for its shared libraries (seen on the
     # dev machine at 200 MiB): the dynamic loader's ENOMEM, raised as an ImportError.

@@ -393,7 +393,6 @@ def test_trials_as_fast_within_their_spread_go_to_the_lossless_then_the_smaller_
     assert choose_best([_record(4, 1.0, None, 500, {}), _record(5, 0.99, None, 900, {"vae": {"tiling": True}})])[0].number == 5
 
 
-@pytest.mark.xfail(strict=True, reason="issue 25: the OOM advice never mentioned --retry-failed")
 def test_the_advice_for_trials_out_of_memory_names_retry_failed():
     from advisor.run.tune import failure_advice
 

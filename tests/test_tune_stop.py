@@ -136,7 +136,6 @@ def test_the_point_of_a_killed_trial_is_measured_when_the_study_resumes(killed_a
     assert ran_to_its_end(study, 8, space(tiny_flux_dir))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 25: a crashed reference was kept; confirmations combined with the crash")
 @pytest.mark.slow
 def test_a_rerun_after_a_crash_measures_again_and_so_does_every_later_run(tiny_flux_dir, env, tmp_path):
     model = tmp_path / "model"

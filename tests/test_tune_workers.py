@@ -49,7 +49,6 @@ def check_shared_study(study, trials: int, points: frozenset[str]) -> None:
     assert len(measured) == len(set(measured)), [(t.number, t.params) for t in finished if t.user_attrs["source"] == "measured"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 25: two workers measured one configuration twice")
 @pytest.mark.slow
 def test_two_workers_share_a_journal_file(tiny_flux_dir, shared_device_env, tmp_path):
     storage = f"journal:{tmp_path / 'journal.log'}"
@@ -143,7 +142,6 @@ def postgres_url():
 
 @needs_postgres
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 25: processes sharing a study measured one configuration twice")
 def test_two_processes_share_a_postgres_study(tiny_flux_dir, env, postgres_url):
     # Create optuna's tables first: two processes that both find an empty database race to create
     # them; open_storage retries (see the test below).

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from advisor.errors import ModelError
-from advisor.probe.layout import diffusers_tables
+from advisor.paths import diffusers_tables
 from advisor.probe.safetensors_header import TensorInfo, read_header
 
 DEFAULT_CASTING_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")

@@ -59,10 +59,12 @@ def finalists(records: list[TrialRecord], limit: int = FINALISTS) -> list[TrialR
 def with_confirmations(records: list[TrialRecord], stored: dict[str, Any], device: str, budget: int) -> list[TrialRecord]:
     """`records` with each confirmed configuration's latency, spread and peak taken over all its
     processes; a confirmation run that failed or went over the budget makes the configuration
-    infeasible, with that run's reason."""
+    infeasible, with that run's reason. A trial of the configuration that crashed (or ran out of
+    memory) before a later one measured it stays as it ended: the runs confirm a latency it has not."""
     out = []
     for r in records:
-        runs = stored.get(confirmation_key(r.config)) if r.source != "estimate" and r.measurement else None
+        measured = r.source != "estimate" and r.measurement and r.measurement.get("latency_s") is not None
+        runs = stored.get(confirmation_key(r.config)) if measured else None
         out.append(_combined(r, runs, device, budget) if runs else r)
     return out
 

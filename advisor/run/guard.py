@@ -26,7 +26,7 @@ from advisor.config import OptimizationConfig
 from advisor.paths import advisor_cache_dir
 from advisor.plan.estimate import estimate_for
 from advisor.plan.quality import is_lossy
-from advisor.run.trials import TrialRecord
+from advisor.run.trials import TrialRecord, measured_again
 
 if TYPE_CHECKING:
     from advisor.plan.scenario import Scenario
@@ -50,15 +50,17 @@ def quality_dir(storage: str, study: str) -> Path:
     return advisor_cache_dir() / "quality" / hashlib.sha1(f"{storage}\n{study}".encode()).hexdigest()[:16]
 
 
-def reference_config(space: SearchSpace, scenario: Scenario) -> OptimizationConfig | None:
+def reference_config(space: SearchSpace, scenario: Scenario,
+                     measured: Callable[[OptimizationConfig], bool] = lambda _config: True) -> OptimizationConfig | None:
     """The lossless candidate predicted fastest within the budget, else the one predicted smallest;
-    None when the space has nothing lossless, or nothing lossy to hold to it."""
+    None when the space has nothing lossless, or no lossy candidate the study will have `measured`
+    (the estimate skips those predicted far over the budget) to hold to it."""
     lossless, lossy = [], False
     for point in space.points():
         candidate = space.candidate(point, scenario)
         if candidate.rejected_by is None:
             if is_lossy(candidate.config):
-                lossy = True
+                lossy = lossy or measured(candidate.config)
             else:
                 lossless.append((estimate_for(scenario, candidate.config), candidate.config))
     if not lossless or not lossy:
@@ -78,26 +80,35 @@ class QualityGuard:
         self.reference = folder / "reference.npy"
 
     def ensure_reference(self, study, space: SearchSpace, scenario: Scenario,
-                         measure: Callable[[OptimizationConfig, Path], Measurement]) -> None:
-        """Generate the reference unless the study has it (or failed to make it: `note` says why).
+                         measure: Callable[[OptimizationConfig, Path], Measurement], retry_failed: bool = False,
+                         measured: Callable[[OptimizationConfig], bool] = lambda _config: True) -> None:
+        """Generate the reference unless the study has it, or failed to make it in a way that a new
+        run does not retry (`note` says why): a crashed or timed-out reference is made again, one
+        that ran out of memory with `retry_failed`, as trials are (`advisor.run.trials.measured_again`).
+        Nothing is generated when no lossy candidate will be `measured`.
 
         Workers of one study on one machine share the folder: the first to take its lock generates
         the reference, the others wait for it and find it made (a worker on another machine makes
         its own copy, the same configuration's output)."""
-        if self._has_reference(study):
+        if self._settled(study, retry_failed):
             return
-        config = reference_config(space, scenario)
+        config = reference_config(space, scenario, measured)
         if config is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         with _held(self.folder / "reference.lock"):
-            if self._has_reference(study):
+            if self._settled(study, retry_failed):
                 return
             self._generate(study, config, measure)
 
-    def _has_reference(self, study) -> bool:
+    def _settled(self, study, retry_failed: bool) -> bool:
+        """Whether the study has its reference, or an answer about it that this run keeps."""
         stored = study.user_attrs.get(REFERENCE_ATTR)
-        return bool(stored) and (stored.get("status") != "ok" or self.reference.exists())
+        if not stored:
+            return False
+        if stored.get("status") == "ok":
+            return self.reference.exists()
+        return not measured_again(stored.get("status"), retry_failed)
 
     def _generate(self, study, config: OptimizationConfig, measure: Callable[[OptimizationConfig, Path], Measurement]) -> None:
         m = measure(config, self.reference)

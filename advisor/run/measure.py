@@ -30,19 +30,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from advisor.config import OptimizationConfig
+from advisor.errors import OOM_MARKERS, is_oom
+from advisor.files import pid_alive
 from advisor.plan.scenario import limited_peak
 from advisor.probe.workload import Workload
 from advisor.run.phases import PhasePeaks, watching_phases
 from advisor.run.timing import MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE, time_rounds
 
-OOM_MARKERS = (
-    "out of memory",
-    "can't allocate memory",
-    "cannot allocate memory",
-    "memory allocation",
-    "memoryerror",
-    "std::bad_alloc",
-)
 
 
 @dataclass
@@ -225,16 +219,6 @@ def kill_group(child: subprocess.Popen) -> None:
         child.wait(timeout=10)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def remove_orphaned_scratch(folder: str | Path | None = None) -> list[Path]:
     """Remove the trial scratch folders of tuners that are no longer running (killed with -9);
     returns what was removed."""
@@ -252,20 +236,6 @@ def _classify_death(returncode: int, stderr: str) -> Measurement:
     if returncode in (-9, 137) or any(marker in stderr.lower() for marker in OOM_MARKERS):
         return Measurement(status="oom", reason=f"the trial process died out of memory (exit {returncode}): {tail}")
     return Measurement(status="crash", reason=f"the trial process exited with {returncode}: {tail}")
-
-
-def is_oom(error: BaseException) -> bool:
-    """torch's CUDA/CPU out-of-memory errors and Python's MemoryError, also as the cause of another."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, MemoryError) or type(current).__name__ == "OutOfMemoryError":
-            return True
-        if any(marker in str(current).lower() for marker in OOM_MARKERS):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 def describe(error: BaseException) -> str:

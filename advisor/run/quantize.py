@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from advisor.errors import ConfigError
 from advisor.run.classes import Components
 from advisor.run.source import call_source, dtype_expr, runtime_value, source
 
@@ -80,8 +81,13 @@ def load_quantization(config: OptimizationConfig, components: Components) -> Loa
 
     def build_torchao() -> Any:
         import diffusers
-        import torchao.quantization
         import transformers
+
+        try:
+            import torchao.quantization
+        except ImportError:
+            raise ConfigError("`quantization.backend: torchao` needs the torchao package, which is not installed here: "
+                              "pip install torchao (or the advisor's extra: pip install 'diffusers-advisor[torchao]')") from None
         from diffusers.quantizers import PipelineQuantizationConfig
 
         scheme = getattr(torchao.quantization, scheme_class)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 from advisor.errors import TuneError, UsageError
+from advisor.files import pid_alive
 from advisor.paths import advisor_cache_dir
-from advisor.run.measure import pid_alive
 from advisor.run.trials import RUNNER_ATTR
 
 
@@ -32,12 +32,24 @@ def default_storage() -> str:
     return f"sqlite:///{base / 'studies.db'}"
 
 
+def check_storage(url: str) -> str:
+    """`url`, or a UsageError naming --storage for an SQLite database that lives in memory
+    (``sqlite:///:memory:``, ``sqlite://``): the study would be lost when the tuner ends, and
+    optuna's heartbeat thread, which opens its own connection, finds no tables there."""
+    if url.startswith("sqlite:") and url.removeprefix("sqlite:").strip("/") in ("", ":memory:"):
+        raise UsageError(f"--storage {url}: an SQLite database in memory keeps the study nowhere; "
+                         "give a file, e.g. sqlite:///studies.db, or leave --storage out for the default")
+    return url
+
+
 def open_storage(url: str):
     """An optuna storage from a URL: ``sqlite:///...``, ``postgresql://...``, ``mysql://...``, or
     ``journal:PATH`` for a journal file that several processes may share."""
     import warnings
 
     import optuna
+
+    check_storage(url)
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
     if url.startswith("journal:"):
@@ -81,6 +93,13 @@ def this_runner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def runner_alive(runner: str | None) -> bool:
+    """Whether the tuner a trial names (`RUNNER_ATTR`, ``host:pid``) may still run it: on this machine,
+    its process is alive; on another, nothing here can say otherwise."""
+    host, _, pid = str(runner or "").rpartition(":")
+    return host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid))
+
+
 def fail_orphaned_trials(storage, study: str) -> list[int]:
     """Mark failed the RUNNING trials whose tuner ran on this machine and is gone (killed with -9,
     or the machine rebooted); returns their numbers. A later step re-measures their points.
@@ -89,11 +108,10 @@ def fail_orphaned_trials(storage, study: str) -> list[int]:
     once its heartbeat is stale), since no process table here can say whether it lives."""
     import optuna
 
-    host, failed = socket.gethostname(), []
+    failed = []
     study_id = storage.get_study_id_from_name(study)
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        runner_host, _, pid = str(trial.user_attrs.get(RUNNER_ATTR, "")).rpartition(":")
-        if runner_host == host and pid.isdigit() and not pid_alive(int(pid)):
+        if not runner_alive(trial.user_attrs.get(RUNNER_ATTR)):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             if storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
                 failed.append(trial.number)

@@ -20,6 +20,17 @@ from advisor.plan.scenario import limited_peak
 RUNNER_ATTR = "runner"
 
 TrialStatus = Literal["ok", "over-budget", "low-quality", "oom", "crash", "timeout", "skipped", "invalid"]
+
+# Failed measurements of an earlier run that a new run makes again (a trial, or the quality guard's
+# reference): a crash or timeout may have been transient, or the timeout too short; out of memory at
+# the same budget only when asked (``--retry-failed``).
+RETRIED = frozenset({"crash", "timeout"})
+RETRIED_ON_REQUEST = frozenset({"oom"})
+
+
+def measured_again(status: str | None, retry_failed: bool) -> bool:
+    """Whether a new run measures again what an earlier one ended with `status`."""
+    return status in RETRIED or (retry_failed and status in RETRIED_ON_REQUEST)
 TrialSource = Literal["measured", "estimate", "repeat"]  # how the answer was obtained
 
 

@@ -27,9 +27,10 @@ from typing import Any, Callable
 from advisor.config import OptimizationConfig
 from advisor.errors import UsageError
 from advisor.plan.estimate import estimate_for
-from advisor.plan.recommend import recommend
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
+from advisor.run.claims import busy_keys, claim
+from advisor.run.queue import enqueue_fastest_untried, enqueue_retries, point, seed_with_rules, within_prune_margin
 from advisor.run.confirm import confirm_finalists, with_confirmations
 from advisor.run.guard import QualityGuard, quality_dir
 from advisor.run.measure import Measurement, measure, remove_orphaned_scratch
@@ -45,11 +46,9 @@ from advisor.run.timing import (
     TOLERANCE,
     TRIAL_TIMEOUT_S,
 )
-from advisor.run.trials import RUNNER_ATTR, TrialRecord, choose_best, config_key
+from advisor.run.trials import RETRIED, RETRIED_ON_REQUEST, RUNNER_ATTR, TrialRecord, choose_best, config_key, measured_again
 from advisor.units import format_size
 
-# Candidates predicted beyond budget x this are skipped without measuring (unless prune=False).
-PRUNE_MARGIN = 1.25
 # What `provenance.measured` of a tuned config carries from the best trial's measurement.
 MEASURED_IN_PROVENANCE = (
     "rounds", "peak_vram_bytes", "peak_vram_reserved_bytes", "peak_rss_bytes",
@@ -153,20 +152,13 @@ class TuneSettings:
     min_psnr_db: float = MIN_PSNR_DB  # a lossy output's floor against the lossless reference (`advisor.run.guard`); 0: no guard
 
 
-# Failed trials of an earlier run that a new run measures again (a crash or timeout may have been
-# transient, or the timeout too short); out of memory at the same budget only with retry_failed.
-RETRIED = frozenset({"crash", "timeout"})
-RETRIED_ON_REQUEST = frozenset({"oom"})
-
-
 def stale_trials(study, settings: TuneSettings) -> set[int]:
-    """The trials, at the start of a run, whose answer that run does not trust: failed ones it retries,
-    and estimates when the run measures everything (``prune=False``)."""
-    retried = RETRIED | (RETRIED_ON_REQUEST if settings.retry_failed else frozenset())
+    """The trials, at the start of a run, whose answer that run does not trust: failed ones it retries
+    (`advisor.run.trials.measured_again`), and estimates when the run measures everything (``prune=False``)."""
     stale = set()
     for t in study.get_trials(deepcopy=False):
         status = t.user_attrs.get("status")
-        if status in retried or (not settings.prune and status == "skipped"):
+        if measured_again(status, settings.retry_failed) or (not settings.prune and status == "skipped"):
             stale.add(t.number)
     return stale
 
@@ -187,19 +179,15 @@ class Progress:
             attrs = t.user_attrs
             if t.number in stale or "status" not in attrs or not t.params:
                 continue
-            points.add(_point(t.params))
+            points.add(point(t.params))
             if attrs.get("source") == "measured":
                 measured.add(config_key(attrs.get("config")))
         return cls(points, measured)
 
 
-def _point(params: dict[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True)
-
-
 def exhausted_note(space: SearchSpace, progress: Progress, wanted: int) -> str | None:
     """The line saying the space ran out before `wanted` distinct configurations were measured."""
-    if len(progress.measured) >= wanted or not all(_point(p) in progress.points for p in space.points()):
+    if len(progress.measured) >= wanted or not all(point(p) in progress.points for p in space.points()):
         return None
     if len(progress.measured) >= space.size():
         return f"the search space has only {space.size()} configurations; all measured"
@@ -209,6 +197,8 @@ def exhausted_note(space: SearchSpace, progress: Progress, wanted: int) -> str |
 
 def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: TuneSettings, stale: set[int], guard: QualityGuard,
                on_phase: Callable[[int, str, str], None] | None = None) -> Callable:
+    import optuna
+
     device, budget = scenario.target.device, scenario.budget_bytes
 
     def objective(trial) -> float:
@@ -239,7 +229,9 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
 
         if candidate.rejected_by:
             return finish("invalid", "estimate", 1.0, predicted.latency_s, f"rejected by rule {candidate.rejected_by}")
-        earlier = _answered_before(trial.study, stored, trial.number, stale)
+        if not claim(trial, config_key(stored)):  # another worker is measuring it: the tuner moves on
+            raise optuna.TrialPruned(f"another worker is measuring {config.summary()}")
+        earlier = _answered_before(trial.study, stored, trial.number, stale)  # after the claim: no answer slips between
         if earlier is not None:  # the sampler proposed a configuration already answered: reuse the answer
             attrs = earlier.user_attrs
             same = f"same as trial {earlier.number}"
@@ -249,7 +241,7 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
             m = Measurement(**attrs["measurement"])
             status, violation, reason = _judge(m, scenario, guard)
             return finish(status, "repeat", violation, m.latency_s or predicted.latency_s * 10, same + (f"; {reason}" if reason else ""), m)
-        if settings.prune and predicted_peak > budget * PRUNE_MARGIN:
+        if settings.prune and not within_prune_margin(predicted_peak, scenario):
             reason = f"predicted peak {format_size(predicted_peak)} is far over the {format_size(budget)} budget"
             return finish("skipped", "estimate", float(predicted_peak - budget), predicted.latency_s, reason)
         output = guard.output_path(trial.number) if guard.checks(config) else None
@@ -362,9 +354,9 @@ def run_study(
             load_if_exists=True,
         )
         fail_orphaned_trials(backend, name)
-        _seed_with_rules(the_study, space, scenario)
+        seed_with_rules(the_study, space, scenario)
         stale = stale_trials(the_study, settings)
-        _enqueue_retries(the_study, stale)
+        enqueue_retries(the_study, stale, Progress.of(the_study, stale).points)
         guard = QualityGuard(quality_dir(storage_url, name), settings.min_psnr_db)
 
         def result() -> TuneResult:
@@ -380,14 +372,15 @@ def run_study(
             return _measure(model, config, scenario, reference, on_phase and (lambda phase: on_phase(-1, config.summary(), phase)), path)
 
         def finished(progress: Progress) -> bool:
-            return len(progress.measured) >= settings.trials or all(_point(p) in progress.points for p in space.points())
+            return len(progress.measured) >= settings.trials or all(point(p) in progress.points for p in space.points())
 
         objective = _objective(space, scenario, model, settings, stale, guard, on_phase)
         # Each trial answers a new point or repeats one (then the untried point predicted fastest is
         # queued): this bound is never reached unless other workers keep taking the queued points.
         try:
             if settings.min_psnr_db > 0:
-                guard.ensure_reference(the_study, space, scenario, measure_reference)
+                guard.ensure_reference(the_study, space, scenario, measure_reference, settings.retry_failed,
+                                       measured=lambda config: not settings.prune or within_prune_margin(config, scenario))
             for _ in range(2 * (space.size() + settings.trials) + 2):
                 if finished(Progress.of(the_study, stale)):
                     break
@@ -396,67 +389,24 @@ def run_study(
                 if on_trial is not None:
                     on_trial(result())
                 progress = Progress.of(the_study, stale)
-                if ran and ran[-1].user_attrs.get("source") == "repeat" and not finished(progress):
-                    untried = [p for p in space.points() if _point(p) not in progress.points]
-                    if untried and not _waiting(the_study):
-                        fastest = min(untried, key=lambda p: _predicted_latency(space, p, scenario))
-                        the_study.enqueue_trial(fastest, user_attrs={"seeded_by": "untried"})
+                moved_on = ran and (ran[-1].user_attrs.get("source") == "repeat" or ran[-1].state == optuna.trial.TrialState.PRUNED)
+                if moved_on and not finished(progress):
+                    enqueue_fastest_untried(the_study, space, scenario, progress.points, busy_keys(the_study, ran[-1].number))
             confirm_study(the_study, model, scenario, settings, result, on_trial, on_phase)
         except KeyboardInterrupt as stop:  # optuna has marked the running trial failed; the finished ones stand
             raise TuneInterrupted(result(), 143 if isinstance(stop, Terminated) else 130) from None
         return result()
 
 
-def _waiting(study) -> list:
-    import optuna
-
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-
-
-def _queued_params(trial) -> dict[str, Any]:
-    return trial.system_attrs.get("fixed_params") or trial.params
-
-
-def _enqueue_retries(study, stale: set[int]) -> None:
-    """Queue each point whose only answers are stale (failed in an earlier run) or whose trial never
-    finished (killed or interrupted: optuna's FAIL), unless it is queued."""
-    import optuna
-
-    progress = Progress.of(study, stale)
-    queued = {_point(_queued_params(t)) for t in _waiting(study)}
-    retry = []
-    for t in study.get_trials(deepcopy=False):
-        point = _point(t.params) if t.params else None
-        unanswered = t.number in stale or t.state == optuna.trial.TrialState.FAIL
-        if unanswered and point and point not in progress.points and point not in queued:
-            queued.add(point)
-            retry.append(t.params)
-    for params in retry:
-        study.enqueue_trial(params, user_attrs={"seeded_by": "retry"})
-
-
-def _predicted_latency(space: SearchSpace, params: dict[str, Any], scenario: Scenario) -> float:
-    candidate = space.candidate(params, scenario)
-    if candidate.rejected_by:
-        return float("inf")
-    result = estimate_for(scenario, candidate.config)
-    fits = result.limited_peak(scenario.target.device) <= scenario.budget_bytes * PRUNE_MARGIN
-    return result.latency_s if fits else float("inf")
-
-
-def _seed_with_rules(study, space: SearchSpace, scenario: Scenario) -> None:
-    """Enqueue the rule engine's pick and alternatives (once per study)."""
-    if study.user_attrs.get("seeded"):
-        return
-    picks = recommend(scenario)
-    candidates = ([picks.best] if picks.best else []) + picks.alternatives
-    if not candidates and picks.smallest:
-        candidates = [picks.smallest]
-    for scored in candidates:
-        params = space.params_of(scored.config)
-        if params:
-            study.enqueue_trial(params, user_attrs={"seeded_by": "rules"}, skip_if_exists=True)
-    study.set_user_attr("seeded", True)
+def failure_advice(statuses: set[str]) -> list[str]:
+    """What to say about trials that failed: where to read why, and how to measure out-of-memory ones again."""
+    failed = statuses & (RETRIED | RETRIED_ON_REQUEST)
+    if not failed:
+        return []
+    line = f"some trials ended as {', '.join(sorted(failed))}: see the reasons in the table"
+    if failed & RETRIED_ON_REQUEST:
+        line += "; the same command measures crashed and timed-out ones again, out-of-memory ones with --retry-failed"
+    return [line]
 
 
 def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenario, guard: QualityGuard | None = None) -> TuneResult:
@@ -481,9 +431,7 @@ def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenar
         if measured_peaks:
             smallest = min(measured_peaks, key=lambda r: r.peak_bytes)
             advice.append(f"the smallest measured peak was {format_size(smallest.peak_bytes)} ({smallest.summary}), over the {format_size(budget)} budget")
-        failed = {r.status for r in records if r.status in {"oom", "crash", "timeout"}}
-        if failed:
-            advice.append(f"some trials ended as {', '.join(sorted(failed))}: see the reasons in the table")
+        advice += failure_advice({r.status for r in records})
         advice.append("try a larger --budget, a lower --height/--width/--frames, more --trials, or --no-prune")
     confirmed = [r for r in records if r.source == "measured" and r.processes > 1]
     if confirmed:

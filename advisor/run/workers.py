@@ -17,6 +17,7 @@ from advisor.errors import TuneError, UsageError
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
 from advisor.run.measure import die_with_parent
+from advisor.run.queue import seed_with_rules
 from advisor.run.stopping import Terminated, terminate_as_interrupt
 from advisor.run.storage import open_storage, shown_storage
 from advisor.run.tune import (
@@ -59,6 +60,8 @@ def run_workers(
     # Create the study (and the database tables) once, before the workers race to do it.
     created = optuna.create_study(study_name=name, storage=open_storage(storage), direction="minimize", load_if_exists=True)
     stale = stale_trials(created, settings)  # what the workers retry: the result judges without them
+    space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
+    seed_with_rules(created, space, scenario)  # once, here: workers seeding together would queue each pick twice
     base = [a for a in argv if a not in {"--json", "--quiet"}]
     for option in ("--workers", "--study", "--output", "--report", "-o", "--confirm"):
         base = _drop_option(base, option)
@@ -71,7 +74,6 @@ def run_workers(
         # Same process group (Ctrl-C in the terminal reaches every worker); dead with this process.
         processes.append(subprocess.Popen([sys.executable, "-m", "advisor", *base, "--study", name, "--quiet"], env=env,
                                           preexec_fn=die_with_parent()))
-    space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
 
     def result() -> TuneResult:
         the_study = optuna.load_study(study_name=name, storage=open_storage(storage))

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
-from advisor.errors import AdvisorError
-from advisor.files import read_json
+from advisor.errors import AdvisorError, AdvisorWarning, is_oom
+from advisor.files import cache_folder_problem, os_error_reason, read_json, write_text_atomic
 from advisor.paths import advisor_cache_dir
 from advisor.plan.compute import TRACE_VERSION
 from advisor.probe.models import ModelProfile
@@ -67,11 +68,20 @@ def with_traces(profile: ModelProfile, log: Callable[[str], None] = lambda _line
             component.trace = trace_component(profile, component)
         except Exception as exc:  # a model the tracer can't run must not stop the plan
             log(f"{component.name}: could not trace ({type(exc).__name__}: {exc}); estimated with the parameter formula")
+            if is_oom(exc):  # this machine's memory, not the model: traced again next time
+                continue
             cached[component.name] = {"failed": f"{type(exc).__name__}: {exc}"}
         else:
             cached[component.name] = component.trace
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached))
-        tmp.replace(path)
+        _write(path, cached)
     return profile
+
+
+def _write(path: Path, cached: dict) -> None:
+    """Keep the traces in `path`; where the cache folder can't be written, say so (once) and go on:
+    the plan has its traces, the next one traces again."""
+    try:
+        write_text_atomic(path, json.dumps(cached))
+    except OSError as exc:
+        problem = cache_folder_problem() or f"{path}: {os_error_reason(exc)}; set XDG_CACHE_HOME to a writable folder"
+        warnings.warn(f"traces are not kept: {problem}", AdvisorWarning, stacklevel=2)

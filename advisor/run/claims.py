@@ -1,0 +1,53 @@
+"""Workers of one study never measure one configuration twice: a trial claims its configuration first.
+
+Two workers can be handed the same configuration at once: both took a queued seed, or the sampler
+proposed, to each, the configuration the other is measuring. Optuna's storages have no
+compare-and-set, so a trial claims the configuration in its user attributes (`CLAIM_ATTR`), then
+looks at the live running trials of the study that claim it too:
+
+- a lower-numbered claim wins, unless that trial has given the configuration up;
+- a higher-numbered one has either measured already (it won: it looked before this claim was there)
+  or will see this claim and give up; this trial waits the moment it takes that one to say which.
+
+The one that wins marks its claim ``measuring``; the others mark theirs ``yielded`` and the tuner
+moves on to another configuration. No trial waits on a lower-numbered one, so the waiting ends.
+"""
+
+from __future__ import annotations
+
+import time
+
+from advisor.run.storage import runner_alive
+from advisor.run.trials import RUNNER_ATTR
+
+CLAIM_ATTR = "claim"  # the configuration's key (`advisor.run.trials.config_key`)
+CLAIM_STATE_ATTR = "claim_state"  # "claimed", then "measuring" or "yielded"
+WAIT_S = 30.0  # for a higher-numbered claim to resolve; it takes one storage read
+
+
+def claim(trial, key: str, poll_s: float = 0.1) -> bool:
+    """Claim configuration `key` for `trial`; False when another live trial has it (this one yields)."""
+    import optuna
+
+    trial.set_user_attr(CLAIM_ATTR, key)
+    trial.set_user_attr(CLAIM_STATE_ATTR, "claimed")
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        rivals = [t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                  if t.number != trial.number and t.user_attrs.get(CLAIM_ATTR) == key
+                  and t.user_attrs.get(CLAIM_STATE_ATTR) != "yielded" and runner_alive(t.user_attrs.get(RUNNER_ATTR))]
+        won = not any(t.number < trial.number or t.user_attrs.get(CLAIM_STATE_ATTR) == "measuring" for t in rivals)
+        undecided = any(t.number > trial.number and t.user_attrs.get(CLAIM_STATE_ATTR) == "claimed" for t in rivals)
+        if not won or not undecided or time.monotonic() > deadline:
+            won = won and not undecided  # past the wait, a rival that never decided keeps the configuration
+            trial.set_user_attr(CLAIM_STATE_ATTR, "measuring" if won else "yielded")
+            return won
+        time.sleep(poll_s)
+
+
+def busy_keys(study, number: int) -> set[str]:
+    """The configurations that live trials other than `number` are measuring now."""
+    import optuna
+
+    return {t.user_attrs[CLAIM_ATTR] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if t.number != number and t.user_attrs.get(CLAIM_STATE_ATTR) == "measuring" and runner_alive(t.user_attrs.get(RUNNER_ATTR))}
