@@ -480,9 +480,8 @@ def _run(args: list[str]) -> int:
         if isinstance(exc, AdvisorError):
             message, code = _one_line(exc), exc.exit_code
         elif is_oom(exc):  # the advisor's own process (a trial's is a result): not a bug, a machine too full
-            what = _one_line(exc) or "MemoryError"
-            message = f"out of memory in the advisor's own process ({type(exc).__name__}: {what[:200]}); free some memory, or raise the process's limit, and run again"
-            code = 1
+            said = f"{type(exc).__name__}: {_one_line(exc)[:200]}".rstrip(": ")
+            message, code = f"out of memory in the advisor's own process ({said}); free some memory, or raise its limit, and run again", 1
         elif isinstance(exc, OSError):  # a file no check named a flag for: name the file
             message, code = (f"{exc.filename}: " if exc.filename else "") + os_error_reason(exc), 1
         else:  # a bug: still one line, and the way to see more

@@ -12,7 +12,6 @@ from advisor.plan.recommend import recommend
 from advisor.run.trials import config_key
 
 if TYPE_CHECKING:
-    from advisor.config import OptimizationConfig
     from advisor.plan.scenario import Scenario
     from advisor.plan.space import SearchSpace
 
@@ -25,10 +24,9 @@ def point(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
 
 
-def within_prune_margin(peak_or_config: int | OptimizationConfig, scenario: Scenario) -> bool:
-    """Whether a predicted peak (or a configuration's) is close enough to the budget to be measured."""
-    peak = peak_or_config if isinstance(peak_or_config, int) else estimate_for(scenario, peak_or_config).limited_peak(scenario.target.device)
-    return peak <= scenario.budget_bytes * PRUNE_MARGIN
+def within_prune_margin(predicted_peak: float, scenario: Scenario) -> bool:
+    """Whether a candidate predicted to peak at `predicted_peak` is close enough to the budget to be measured."""
+    return predicted_peak <= scenario.budget_bytes * PRUNE_MARGIN
 
 
 def seed_with_rules(study, space: SearchSpace, scenario: Scenario) -> None:

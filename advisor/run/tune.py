@@ -30,10 +30,10 @@ from advisor.plan.estimate import estimate_for
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
 from advisor.run.claims import busy_keys, claim
-from advisor.run.queue import enqueue_fastest_untried, enqueue_retries, point, seed_with_rules, within_prune_margin
 from advisor.run.confirm import confirm_finalists, with_confirmations
 from advisor.run.guard import QualityGuard, quality_dir
 from advisor.run.measure import Measurement, measure, remove_orphaned_scratch
+from advisor.run.queue import enqueue_fastest_untried, enqueue_retries, point, seed_with_rules, within_prune_margin
 from advisor.run.stopping import Terminated, quiet_interrupts, terminate_as_interrupt
 from advisor.run.storage import default_storage, fail_orphaned_trials, open_storage, shown_storage, sole_tuner, this_runner
 from advisor.run.timing import (
@@ -375,12 +375,14 @@ def run_study(
             return len(progress.measured) >= settings.trials or all(point(p) in progress.points for p in space.points())
 
         objective = _objective(space, scenario, model, settings, stale, guard, on_phase)
-        # Each trial answers a new point or repeats one (then the untried point predicted fastest is
-        # queued): this bound is never reached unless other workers keep taking the queued points.
+        # Each trial answers a new point, or repeats one or leaves it to another worker (then the
+        # untried point predicted fastest is queued): this bound is never reached unless other
+        # workers keep taking the queued points.
         try:
             if settings.min_psnr_db > 0:
                 guard.ensure_reference(the_study, space, scenario, measure_reference, settings.retry_failed,
-                                       measured=lambda config: not settings.prune or within_prune_margin(config, scenario))
+                                       measured=lambda config: not settings.prune or within_prune_margin(
+                                           estimate_for(scenario, config).limited_peak(scenario.target.device), scenario))
             for _ in range(2 * (space.size() + settings.trials) + 2):
                 if finished(Progress.of(the_study, stale)):
                     break
