@@ -1,9 +1,11 @@
-"""Record what `advisor recommend --json` and `advisor estimate --json` print for fixed scenarios.
+"""Record what `advisor recommend` and `advisor estimate` print for fixed scenarios.
 
-The golden file (tests/golden/cli_json.json) pins the planner's behaviour before code moves:
-`tests/test_golden.py` re-runs every scenario and compares. Every scenario names its GPU and RAM,
-so the output does not depend on the machine that runs it. Re-record only for a deliberate change,
-and say in the commit which scenarios changed and why:
+The golden files pin the planner's behaviour before code moves: tests/golden/cli_json.json holds
+the `--json` outputs, tests/golden/cli_text.json what a person reads (the text of recommend and
+estimate at `COLUMNS` columns, and recommend's `--emit python` script). `tests/test_golden.py`
+re-runs every scenario and compares. Every scenario names its GPU and RAM, so the output does not
+depend on the machine that runs it. Re-record only for a deliberate change, and say in the commit
+which scenarios changed and why:
 
     python scripts/record_golden.py
 """
@@ -18,7 +20,9 @@ import sys
 from pathlib import Path
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "cli_json.json"
+GOLDEN_TEXT = GOLDEN.with_name("cli_text.json")
 CONFIGS = GOLDEN.parent / "configs"
+COLUMNS = "100"  # the width the text outputs are recorded at (the advisor honours COLUMNS, piped too)
 
 RECOMMEND = {
     "flux-dev-4090": ["-m", "black-forest-labs/FLUX.1-dev", "--gpu", "RTX 4090", "--ram", "64GB"],
@@ -52,14 +56,14 @@ ESTIMATE = {
 }
 
 
-def run_cli(argv: list[str]) -> tuple[int, object]:
-    """Run the real CLI in this process; return its exit status and the JSON it printed."""
+def run_cli(argv: list[str], *, as_json: bool = True) -> tuple[int, object]:
+    """Run the real CLI in this process; return its exit status and the JSON (or text) it printed."""
     from advisor.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(argv)
-    return code, json.loads(out.getvalue())
+    return code, json.loads(out.getvalue()) if as_json else out.getvalue()
 
 
 def normalise(data: object) -> object:
@@ -72,11 +76,28 @@ def normalise(data: object) -> object:
     return data
 
 
+def normalise_text(text: str) -> str:
+    """Drop the advisor version, which the script's header names."""
+    from advisor import __version__
+
+    return text.replace(f"advisor {__version__}", "advisor <version>")
+
+
 def scenarios() -> dict[str, list[str]]:
     found = {f"recommend/{name}": ["recommend", *argv, "--json"] for name, argv in RECOMMEND.items()}
     for name, argv in ESTIMATE.items():
         argv = [str(CONFIGS / a) if a.endswith(".json") else a for a in argv]
         found[f"estimate/{name}"] = ["estimate", *argv, "--json"]
+    return found
+
+
+def text_scenarios() -> dict[str, list[str]]:
+    """The same scenarios as people read them: recommend's and estimate's text, recommend's script."""
+    found = {}
+    for name, argv in scenarios().items():
+        found[name.replace("/", "-text/", 1)] = argv[:-1]  # without --json
+        if name.startswith("recommend/"):
+            found[name.replace("recommend/", "emit/", 1)] = [*argv[:-1], "--emit", "python"]
     return found
 
 
@@ -88,7 +109,17 @@ def record() -> dict[str, object]:
     return results
 
 
+def record_text() -> dict[str, object]:
+    os.environ["COLUMNS"] = COLUMNS
+    results = {}
+    for name, argv in text_scenarios().items():
+        code, text = run_cli(argv, as_json=False)
+        results[name] = {"exit": code, "output": normalise_text(text)}
+    return results
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     GOLDEN.write_text(json.dumps(record(), indent=1, sort_keys=True) + "\n")
-    print(f"wrote {len(scenarios())} scenarios to {GOLDEN}", file=sys.stderr)
+    GOLDEN_TEXT.write_text(json.dumps(record_text(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(scenarios())} scenarios to {GOLDEN}, {len(text_scenarios())} to {GOLDEN_TEXT}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The planner's `--json` output for fixed scenarios is pinned (tests/golden/cli_json.json).
+"""The planner's output for fixed scenarios is pinned: `--json` (tests/golden/cli_json.json), and the
+text and `--emit python` script people read (tests/golden/cli_text.json).
 
 Recorded by `scripts/record_golden.py` before code moves; a difference here is either a bug of the
 move or a deliberate change, re-recorded and explained in its commit.
@@ -16,6 +17,7 @@ record_golden = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(record_golden)
 
 GOLDEN = json.loads(record_golden.GOLDEN.read_text())
+GOLDEN_TEXT = json.loads(record_golden.GOLDEN_TEXT.read_text())
 
 
 def test_golden_file_covers_the_scenarios():
@@ -31,3 +33,17 @@ def test_cli_json_matches_the_golden_file(name, monkeypatch):
     code, data = record_golden.run_cli(record_golden.scenarios()[name])
     assert code == GOLDEN[name]["exit"]
     assert record_golden.normalise(data) == GOLDEN[name]["output"]
+
+
+def test_golden_text_covers_the_scenarios():
+    assert sorted(GOLDEN_TEXT) == sorted(record_golden.text_scenarios())
+    assert {name.split("/")[0] for name in GOLDEN_TEXT} == {"recommend-text", "estimate-text", "emit"}
+
+
+@pytest.mark.parametrize("name", sorted(record_golden.text_scenarios()))
+def test_cli_text_matches_the_golden_file(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("COLUMNS", record_golden.COLUMNS)
+    code, text = record_golden.run_cli(record_golden.text_scenarios()[name], as_json=False)
+    assert code == GOLDEN_TEXT[name]["exit"]
+    assert record_golden.normalise_text(text) == GOLDEN_TEXT[name]["output"]
