@@ -331,3 +331,37 @@ def test_denoiser_flops_are_exactly_quadratic_in_latent_positions(slug):
             for quantity in ("matmul_flops", "attention_flops", "conv_flops"):
                 predicted = evaluate(trace["basis"], trace["fit"][quantity], {"x": check["x"]})
                 assert predicted == pytest.approx(check[quantity], rel=1e-6, abs=1.0), (component["name"], quantity)
+
+
+# --- advisor/data/pipelines.json against the installed diffusers -----------------------------------------
+
+# The workload defaults each family records, by the `__call__` argument that holds them in diffusers.
+CALL_DEFAULTS = {"steps": "num_inference_steps", "height": "height", "width": "width", "frames": "num_frames"}
+
+
+def _pipeline_families() -> dict:
+    from advisor.paths import DATA_DIR
+
+    return {name: facts for name, facts in json.loads((DATA_DIR / "pipelines.json").read_text()).items() if not name.startswith("_")}
+
+
+@pytest.mark.parametrize("pipeline_class", sorted(_pipeline_families()))
+def test_recorded_defaults_are_the_installed_pipelines_call_defaults(pipeline_class):
+    """Where `__call__` states a default, the recorded one is it. Where it says None (Flux, SD3,
+    SDXL and Qwen-Image's size, CogVideoX's size and frames), diffusers derives the value from the
+    model's config at run time; those are not checked here."""
+    import inspect
+
+    import diffusers
+
+    parameters = inspect.signature(getattr(diffusers, pipeline_class).__call__).parameters
+    facts = _pipeline_families()[pipeline_class]
+    checked = 0
+    for field, argument in CALL_DEFAULTS.items():
+        default = parameters[argument].default if argument in parameters else None
+        if argument not in parameters and field == "frames":
+            assert facts["frames"] == 1, "an image pipeline generates one frame"
+        elif isinstance(default, int):
+            assert facts[field] == default, (pipeline_class, field, default)
+            checked += 1
+    assert checked >= 1  # every pipeline states its step count

@@ -18,10 +18,8 @@ from __future__ import annotations
 import time
 
 from advisor.run.storage import runner_alive
-from advisor.run.trials import RUNNER_ATTR
+from advisor.run.trials import CLAIM_ATTR, CLAIM_STATE_ATTR, RUNNER_ATTR
 
-CLAIM_ATTR = "claim"  # the configuration's key (`advisor.run.trials.config_key`)
-CLAIM_STATE_ATTR = "claim_state"  # "claimed", then "measuring" or "yielded"
 WAIT_S = 30.0  # for a higher-numbered claim to resolve; it takes one storage read
 
 

@@ -18,6 +18,10 @@ from advisor.plan.scenario import limited_peak
 # The user attribute a trial sets when it starts: "host:pid" of the tuner running it, so that a later
 # run can tell a trial whose tuner was killed (`advisor.run.storage.fail_orphaned_trials`) from a live one.
 RUNNER_ATTR = "runner"
+# What a trial claims before measuring, so that workers never measure one configuration twice
+# (`advisor.run.claims`): the configuration's key (`config_key`), and "claimed", then "measuring" or "yielded".
+CLAIM_ATTR = "claim"
+CLAIM_STATE_ATTR = "claim_state"
 
 TrialStatus = Literal["ok", "over-budget", "low-quality", "oom", "crash", "timeout", "skipped", "invalid"]
 
