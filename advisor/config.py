@@ -365,8 +365,8 @@ class OptimizationConfig(_Section):
                 )
         if self.device == "cpu" and self.offload.strategy in {"model", "sequential"}:
             raise ValueError(f"`offload.strategy: {self.offload.strategy}` moves weights to a GPU; it needs `device: cuda`")
-        names = diffusers_tables()["attention_backends"]  # diffusers' AttentionBackendName, read case-insensitively
-        if self.attention_backend is not None and self.attention_backend.lower() not in names:
+        names = diffusers_tables()["attention_backends"] if self.attention_backend is not None else ()
+        if self.attention_backend is not None and self.attention_backend.lower() not in names:  # diffusers reads it case-insensitively
             raise ValueError(f"`attention_backend: {self.attention_backend!r}` is not one of diffusers' attention backends "
                              f"(diffusers {diffusers_tables()['diffusers_version']}); use native, or one of {', '.join(names)}")
 

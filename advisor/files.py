@@ -263,8 +263,7 @@ def cache_folder_problem() -> str | None:
     """Why the advisor's cache folder (``~/.cache/advisor``, under XDG_CACHE_HOME) can't be created
     or written, as one phrase that ends in the way out; None when it can."""
     folder = Path(os.path.realpath(advisor_cache_dir()))
-    found = _nearest_existing(folder)
-    problem = _cannot_create(folder, found) if found[2] or found[1] is None else _creation_refused(folder)
+    problem = _cannot_create(folder, _nearest_existing(folder))  # an existing folder is its own nearest
     if problem is None:
         return None
     return f"the advisor's cache folder {advisor_cache_dir()}: {problem}; set XDG_CACHE_HOME to a writable folder"

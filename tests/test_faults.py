@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_bad_input import assert_refused, run_cli
+from test_bad_input import assert_refused
 from tuning import ADVISOR, tune_args, with_option
 
 from advisor.config import OptimizationConfig, Quantization

@@ -109,6 +109,10 @@ def names_a_folder(model: str | Path) -> bool:
     return isinstance(model, Path) or model.startswith(("/", ".", "~")) or model.count("/") > 1
 
 
+def no_such_folder(model: str | Path) -> ModelError:
+    return ModelError(f"{model}: no such folder; give a pipeline folder, a hub id or a catalog name")
+
+
 def _is_folder_name(name: str) -> bool:
     """A plain folder name: no separator, not the folder itself or its parent."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name

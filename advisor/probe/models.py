@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 from advisor.errors import ModelError
 from advisor.files import json_type, os_error_reason, read_json
-from advisor.probe.config_fields import check_component_config
 from advisor.paths import diffusers_tables, hub_offline
+from advisor.probe.config_fields import check_component_config
 from advisor.probe.layout import (
     catalog_entry,
     catalog_index,
@@ -34,8 +34,9 @@ from advisor.probe.layout import (
     catalog_path,
     check_model_index,
     check_vae,
-    names_a_folder,
     index_entries,
+    names_a_folder,
+    no_such_folder,
     pipeline_facts,
     role_of,
 )
@@ -464,7 +465,7 @@ def load_profile(model: str, *, workload: str | None = None) -> ModelProfile:
             raise ModelError(f"{model}: is a file; give the pipeline folder that holds model_index.json")
         return profile_from_folder(path, workload=workload)
     if names_a_folder(model):
-        raise ModelError(f"{model}: no such folder; give a pipeline folder, a hub id or a catalog name")
+        raise no_such_folder(model)
     if _looks_like_repo_id(model):
         snapshot = cached_snapshot(model)
         if snapshot is not None:

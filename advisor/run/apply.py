@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from advisor.errors import ModelError, UsageError
-from advisor.probe.layout import names_a_folder
+from advisor.errors import UsageError
+from advisor.probe.layout import names_a_folder, no_such_folder
 from advisor.run.checks import check_components, check_machine, check_pipeline
 from advisor.run.classes import Components
 from advisor.run.quantize import pipeline_kwargs
@@ -58,7 +58,7 @@ def load_pipeline(model: str | Path, config: OptimizationConfig | str | Path, **
         if key in from_pretrained_kwargs:
             raise UsageError(f"load_pipeline: `{key}` comes from the config; change the config instead of passing it")
     if names_a_folder(model) and not Path(model).expanduser().is_dir():  # else diffusers' own error, about the hub
-        raise ModelError(f"{model}: no such folder; give a pipeline folder, a hub id or a catalog name")
+        raise no_such_folder(model)
     check_machine(config)
     check_components(config, Components.of_model(model), str(model))
     from diffusers import DiffusionPipeline

@@ -25,15 +25,12 @@ WAIT_S = 30.0  # for a higher-numbered claim to resolve; it takes one storage re
 
 def claim(trial, key: str, poll_s: float = 0.1) -> bool:
     """Claim configuration `key` for `trial`; False when another live trial has it (this one yields)."""
-    import optuna
-
     trial.set_user_attr(CLAIM_ATTR, key)
     trial.set_user_attr(CLAIM_STATE_ATTR, "claimed")
     deadline = time.monotonic() + WAIT_S
     while True:
-        rivals = [t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                  if t.number != trial.number and t.user_attrs.get(CLAIM_ATTR) == key
-                  and t.user_attrs.get(CLAIM_STATE_ATTR) != "yielded" and runner_alive(t.user_attrs.get(RUNNER_ATTR))]
+        rivals = [t for t in _live_claims(trial.study, trial.number)
+                  if t.user_attrs[CLAIM_ATTR] == key and t.user_attrs.get(CLAIM_STATE_ATTR) != "yielded"]
         won = not any(t.number < trial.number or t.user_attrs.get(CLAIM_STATE_ATTR) == "measuring" for t in rivals)
         undecided = any(t.number > trial.number and t.user_attrs.get(CLAIM_STATE_ATTR) == "claimed" for t in rivals)
         if not won or not undecided or time.monotonic() > deadline:
@@ -45,7 +42,12 @@ def claim(trial, key: str, poll_s: float = 0.1) -> bool:
 
 def busy_keys(study, number: int) -> set[str]:
     """The configurations that live trials other than `number` are measuring now."""
+    return {t.user_attrs[CLAIM_ATTR] for t in _live_claims(study, number) if t.user_attrs.get(CLAIM_STATE_ATTR) == "measuring"}
+
+
+def _live_claims(study, number: int) -> list:
+    """The running trials other than `number`, of tuners that may still run them, that claim a configuration."""
     import optuna
 
-    return {t.user_attrs[CLAIM_ATTR] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if t.number != number and t.user_attrs.get(CLAIM_STATE_ATTR) == "measuring" and runner_alive(t.user_attrs.get(RUNNER_ATTR))}
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if t.number != number and CLAIM_ATTR in t.user_attrs and runner_alive(t.user_attrs.get(RUNNER_ATTR))]

@@ -38,7 +38,6 @@ from advisor.run.phases import PhasePeaks, watching_phases
 from advisor.run.timing import MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE, time_rounds
 
 
-
 @dataclass
 class Measurement:
     """What one trial measured. Sizes in bytes, times in seconds; ``status`` is ok/oom/crash/timeout."""

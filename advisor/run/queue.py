@@ -29,6 +29,11 @@ def within_prune_margin(predicted_peak: float, scenario: Scenario) -> bool:
     return predicted_peak <= scenario.budget_bytes * PRUNE_MARGIN
 
 
+def skipped_by_estimate(predicted_peak: float, scenario: Scenario, prune: bool) -> bool:
+    """Whether a study skips the candidate without measuring it (``prune=False`` measures everything)."""
+    return prune and not within_prune_margin(predicted_peak, scenario)
+
+
 def seed_with_rules(study, space: SearchSpace, scenario: Scenario) -> None:
     """Enqueue the rule engine's pick and alternatives (once per study)."""
     if study.user_attrs.get("seeded"):

@@ -33,7 +33,7 @@ from advisor.run.claims import busy_keys, claim
 from advisor.run.confirm import confirm_finalists, with_confirmations
 from advisor.run.guard import QualityGuard, quality_dir
 from advisor.run.measure import Measurement, measure, remove_orphaned_scratch
-from advisor.run.queue import enqueue_fastest_untried, enqueue_retries, point, seed_with_rules, within_prune_margin
+from advisor.run.queue import enqueue_fastest_untried, enqueue_retries, point, seed_with_rules, skipped_by_estimate
 from advisor.run.stopping import Terminated, quiet_interrupts, terminate_as_interrupt
 from advisor.run.storage import default_storage, fail_orphaned_trials, open_storage, shown_storage, sole_tuner, this_runner
 from advisor.run.timing import (
@@ -241,7 +241,7 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
             m = Measurement(**attrs["measurement"])
             status, violation, reason = _judge(m, scenario, guard)
             return finish(status, "repeat", violation, m.latency_s or predicted.latency_s * 10, same + (f"; {reason}" if reason else ""), m)
-        if settings.prune and not within_prune_margin(predicted_peak, scenario):
+        if skipped_by_estimate(predicted_peak, scenario, settings.prune):
             reason = f"predicted peak {format_size(predicted_peak)} is far over the {format_size(budget)} budget"
             return finish("skipped", "estimate", float(predicted_peak - budget), predicted.latency_s, reason)
         output = guard.output_path(trial.number) if guard.checks(config) else None
@@ -381,8 +381,8 @@ def run_study(
         try:
             if settings.min_psnr_db > 0:
                 guard.ensure_reference(the_study, space, scenario, measure_reference, settings.retry_failed,
-                                       measured=lambda config: not settings.prune or within_prune_margin(
-                                           estimate_for(scenario, config).limited_peak(scenario.target.device), scenario))
+                                       measured=lambda config: not skipped_by_estimate(
+                                           estimate_for(scenario, config).limited_peak(scenario.target.device), scenario, settings.prune))
             for _ in range(2 * (space.size() + settings.trials) + 2):
                 if finished(Progress.of(the_study, stale)):
                     break
