@@ -170,3 +170,20 @@ def scratch_folders(env: dict) -> list[Path]:
     from advisor.run.measure import SCRATCH_PREFIX
 
     return sorted(Path(env["TMPDIR"]).glob(f"{SCRATCH_PREFIX}*"))
+
+
+def stored_protocol(study) -> dict:
+    """What a study keeps in optuna storage, without the values that change between runs: for each
+    kind of finished trial (its state, status, source and what queued it), the names of its attributes and of its
+    measurement's and config's fields; the study's attribute names (a confirmation run's by prefix)."""
+    kinds = {}
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        kind = f"{t.state.name}/{attrs.get('status')}/{attrs.get('source')}/{attrs.get('seeded_by', 'sampled')}"
+        kinds[kind] = {
+            "attrs": sorted(attrs),
+            "measurement": sorted(attrs.get("measurement") or {}),
+            "config": sorted(attrs.get("config") or {}),
+        }
+    study_attrs = sorted({key.split(":")[0] + (":" if ":" in key else "") for key in study.user_attrs})
+    return {"trials": kinds, "study": study_attrs}
