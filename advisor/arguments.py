@@ -14,7 +14,8 @@ import re
 from typing import Any, Callable
 
 from advisor.errors import UsageError
-from advisor.run.timing import CONFIRM_RUNS, MIN_PSNR_DB, TOLERANCE, TRIAL_TIMEOUT_S
+from advisor.plan.quality import CLEAR_WIN
+from advisor.run.timing import CONFIRM_RUNS, MIN_PSNR_DB, TOLERANCE, TRIAL_TIMEOUT_S, TRIALS
 
 
 class Exit(Exception):
@@ -171,7 +172,8 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
     sub.add_argument("--budget", metavar="SIZE", help="GPU memory the run may use, e.g. 16GB (default: free VRAM minus a reserve).")
     sub.add_argument("--no-compile", action="store_true", help="Leave torch.compile out (no warm-up compile on the first call).")
     sub.add_argument("--quality", default="balanced",
-                     help="exact: nothing lossy; balanced (default): lossy only when nothing lossless fits or it is >=20%% faster; "
+                     help="exact: nothing lossy; balanced (default): lossy only when nothing lossless fits or it is "
+                          f">={CLEAR_WIN * 100:g}%% faster; "
                           "fast: the fastest.")
     sub.add_argument("--output", "-o", metavar="FILE", help="Write the chosen config to this file (for advisor.load_config).")
     sub.add_argument("--emit", help="Print code instead of the summary: 'python'.")
@@ -179,12 +181,12 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
     sub = subcommand("tune", model, job, as_json)
     sub.add_argument("--budget", required=True, metavar="SIZE",
                      help="Memory the run may use, e.g. 12GB (GPU memory; RAM on a CPU-only machine).")
-    sub.add_argument("--trials", type=whole_number("--trials", 8), default=8, metavar="N",
-                     help="Distinct configurations the study should measure (a rerun resumes up to this).")
+    sub.add_argument("--trials", type=whole_number("--trials", TRIALS), default=TRIALS, metavar="N",
+                     help="Distinct configurations the study should measure (default %(default)d; a rerun resumes up to this).")
     sub.add_argument("--trial-timeout", type=number("--trial-timeout", TRIAL_TIMEOUT_S), default=TRIAL_TIMEOUT_S, metavar="SECONDS",
                      help="Seconds one trial may take before it counts as a timeout (default %(default)g).")
     sub.add_argument("--tolerance", type=number("--tolerance", TOLERANCE), default=TOLERANCE, metavar="FRACTION",
-                     help="Time rounds until the latency's spread is within this fraction of it (default 0.05: ±5%%), "
+                     help=f"Time rounds until the latency's spread is within this fraction of it (default {TOLERANCE:g}: ±{TOLERANCE * 100:g}%%), "
                           "else mark the trial noisy.")
     sub.add_argument("--confirm", type=whole_number("--confirm", CONFIRM_RUNS), default=CONFIRM_RUNS, metavar="N",
                      help="After the search, measure the finalists N more times each in fresh processes, taking turns, "

@@ -14,14 +14,17 @@ import math
 import os
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from advisor.arguments import Exit, build_parser, take_model, values_may_start_with_a_dash
 from advisor.errors import AdvisorError, AdvisorWarning, ModelError, UsageError, is_oom
 from advisor.files import check_cache_folder, check_output_file, check_output_folder, os_error_reason
-from advisor.run.timing import CONFIRM_RUNS, MIN_PSNR_DB, TOLERANCE, TRIAL_TIMEOUT_S
+from advisor.run.timing import CONFIRM_RUNS, MIN_PSNR_DB, TOLERANCE, TRIAL_TIMEOUT_S, TRIALS
 from advisor.terminal import escape_what_the_terminal_cannot_show
 from advisor.units import parse_size
+
+if TYPE_CHECKING:
+    from advisor.plan.recommend import Fit
 
 _state: dict[str, Any] = {"debug": False}
 
@@ -166,7 +169,7 @@ def estimate(
     result = run_estimate(profile, job, config, target)
     fit = fit_verdict(result, target)
     if as_json:
-        print_json({"model": profile.model_id, "workload": job.to_dict(), "hardware": target.to_dict(), **fit,
+        print_json({"model": profile.model_id, "workload": job.to_dict(), "hardware": target.to_dict(), **fit.to_dict(),
                     "config": config.to_dict(exclude_none=False), "estimate": result.to_dict()})
         return
     from advisor.render import render_estimate
@@ -176,15 +179,14 @@ def estimate(
     render_estimate(profile, job, target, config, result, fit, notes=(source,) if recorded else ())
 
 
-def fit_verdict(result, target) -> dict[str, Any]:
+def fit_verdict(result, target) -> Fit:
     """Whether an estimate fits `target` as recommend judges a candidate (`why_it_does_not_fit`),
     within recommend's default budget (free memory less a reserve: `default_budget`)."""
-    from advisor.plan.recommend import why_it_does_not_fit
+    from advisor.plan.recommend import Fit, why_it_does_not_fit
     from advisor.plan.scenario import default_budget
 
     budget = default_budget(target)
-    why_not = why_it_does_not_fit(result, target, budget)
-    return {"budget_bytes": budget, "fits": why_not is None, "why_not": why_not}
+    return Fit(budget, why_it_does_not_fit(result, target, budget))
 
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"  # recommend's, said as an assumption
@@ -255,7 +257,7 @@ def tune(
     frames: int | None = None,
     steps: int | None = None,
     batch: int | None = None,
-    trials: int = 8,
+    trials: int = TRIALS,
     trial_timeout: float = TRIAL_TIMEOUT_S,
     tolerance: float = TOLERANCE,
     confirm: int = CONFIRM_RUNS,

@@ -23,6 +23,8 @@ from advisor.units import format_size
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from advisor.plan.recommend import Fit
+
 PIPED_WIDTH = 120  # wide enough that tables don't wrap when piped (CI logs, files)
 
 
@@ -102,7 +104,9 @@ def _print_written(console, output: str) -> None:
 
 
 def _trial_row(t, best) -> dict[str, str]:
-    status = t.status if t.source == "measured" else f"{t.status} ({t.source})"
+    from advisor.run.trials import Source
+
+    status = str(t.status) if t.source == Source.MEASURED else f"{t.status} ({t.source})"
     return {
         "#": f"{t.number}{' *' if best is not None and t.number == best.number else ''}",
         "configuration": t.summary,
@@ -157,9 +161,9 @@ class TuneProgress:
         self.current: tuple[int, str, str, float] | None = None  # trial number, configuration, phase, since
 
     def trial_done(self, partial) -> None:
-        from advisor.run.trials import config_key  # tune's alone: probe and recommend don't load the trials
+        from advisor.run.trials import Source, config_key  # tune's alone: probe and recommend don't load the trials
 
-        measured = {config_key(t.config) for t in partial.trials if t.source == "measured"}
+        measured = {config_key(t.config) for t in partial.trials if t.source == Source.MEASURED}
         self.done, self.best, self.current = min(len(measured), self.total), partial.best, None
 
     def phase(self, number: int, configuration: str, phase: str) -> None:
@@ -352,7 +356,7 @@ def render_inspect(profile) -> None:
     console.print(line(total))
 
 
-def render_estimate(profile, job, target, config, result, fit: dict | None = None, notes: tuple[str, ...] = ()) -> None:
+def render_estimate(profile, job, target, config, result, fit: Fit | None = None, notes: tuple[str, ...] = ()) -> None:
     """`advisor estimate`: where the workload came from, what was assumed, memory per phase, the
     peaks, whether they fit the target (`fit`: `advisor.cli.fit_verdict`), the latency."""
     from rich.table import Table
@@ -400,18 +404,17 @@ def render_estimate(profile, job, target, config, result, fit: dict | None = Non
         _print_wrapped(console, note, "note: ", "      ")
 
 
-def _fit_line(fit: dict, target, result) -> str:
+def _fit_line(fit: Fit, target, result) -> str:
     """Whether the estimate fits the target, said plainly, with the budget's origin."""
-    from advisor.plan.recommend import RAM_USABLE
-    from advisor.plan.scenario import default_budget_rule
+    from advisor.plan.scenario import RAM_USABLE, default_budget_rule
 
     memory = format_size(target.ram_available_bytes if target.device == "cpu" else target.vram_free_bytes)
     origin = f"{default_budget_rule(target)}, of {memory}"
-    budget = f"the {format_size(fit['budget_bytes'])} budget ({origin}: recommend's default)"
-    if fit["fits"]:
+    budget = f"the {format_size(fit.budget_bytes)} budget ({origin}: recommend's default)"
+    if fit.unfit is None:
         peak = format_size(result.limited_peak(target.device))
         host = "" if target.device == "cpu" else (f", host RAM {format_size(result.peak_ram_bytes)} within {RAM_USABLE:.0%} of the "
                                                   f"{format_size(target.ram_available_bytes)} available")
         return f"fits {target.name}: yes, peak {'RAM' if target.device == 'cpu' else 'VRAM'} {peak} within {budget}{host}"
-    why = fit["why_not"] + (f" ({origin}: recommend's default)" if fit["why_not"].startswith("peak") else "")
+    why = fit.unfit.reason + (f" ({origin}: recommend's default)" if fit.unfit.limit == "budget" else "")
     return f"fits {target.name}: NO, {why}; advisor recommend finds a config that fits"

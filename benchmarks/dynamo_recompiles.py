@@ -47,7 +47,7 @@ def main() -> None:
     print("| configuration | calls | frames compiled | unique graphs | graph breaks | latency (s) |")
     print("|---|---|---|---|---|---|")
     for label, config in configs.items():
-        m = measure(folder, config, workload, repeats=3, max_rounds=3, tolerance=0.5)
+        m = measure(folder, config, workload, min_rounds=3, max_rounds=3, tolerance=0.5)
         calls = 1 + (m.rounds or 0) * 2  # the warm-up, then two step points per round
         d = m.dynamo or {}
         print(f"| {label} | {calls} | {d.get('frames_compiled')} | {d.get('unique_graphs')} | {d.get('graph_breaks')} | "

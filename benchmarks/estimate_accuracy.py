@@ -73,7 +73,7 @@ def main() -> None:
             predicted = estimate(profile, workload, config, target)
             estimate_times.append(time.perf_counter() - t0)
             predicted_peak = predicted.peak_vram_bytes if target.device == "cuda" else predicted.peak_ram_bytes
-            result = measure(folder, config, workload, step_points=(1, 2), repeats=1)
+            result = measure(folder, config, workload, step_points=(1, 2), min_rounds=1)
             measured = result.peak_vram_bytes if target.device == "cuda" else result.peak_rss_bytes
             if not result.ok or not measured:
                 print(f"{label:<14} {name:<40} {format_size(predicted_peak):>11} {result.status:>11}  {result.reason or ''}")

@@ -41,8 +41,8 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()}, {profile.parameters / 1e6:.0f} M-parameter Flux-like pipeline, {workload.label()}")
     print(f"{'configuration':<30} {'from 2+4 steps':>15} {f'full {args.steps} steps':>15} {'error':>8} {'trial time':>11}")
     for name, config in configs.items():
-        short = measure(folder, config, workload, step_points=(2, 4), repeats=2)
-        full = measure(folder, config, workload, step_points=(1, args.steps), repeats=1)
+        short = measure(folder, config, workload, step_points=(2, 4), min_rounds=2)
+        full = measure(folder, config, workload, step_points=(1, args.steps), min_rounds=1)
         if not (short.ok and full.ok):
             print(f"{name:<30} failed: {short.reason or full.reason}")
             continue

@@ -7,8 +7,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from advisor.run.confirm import confirm, confirmation_key, finalists, with_confirmations
-from advisor.run.trials import TrialRecord
+from advisor.run.confirm import confirm, finalists, with_confirmations
+from advisor.run.trials import TrialRecord, confirmation_key, runs_of
 
 MB = 2**20
 BUDGET = 1000 * MB
@@ -92,7 +92,7 @@ def test_finalists_take_turns_and_a_resumed_confirmation_measures_only_what_is_m
     with pytest.raises(KeyboardInterrupt):
         confirm(study, [a, b, c], 2, measure_one)
     assert order == [(0, 2, 3), (1, 2, 3), (2, 2, 3), (1, 3, 3)]
-    assert [len(study.user_attrs[confirmation_key(r.config)]) for r in (a, b, c)] == [1, 1, 1]  # what ran is kept
+    assert [len(runs_of(study, r.config)) for r in (a, b, c)] == [1, 1, 1]  # what ran is kept
     order.clear()
     confirm(study, [a, b, c], 2, lambda r, number, of: order.append((r.number, number, of)) or run(r.latency_s))
     assert sorted(order) == [(0, 3, 3), (1, 3, 3), (2, 3, 3)]  # one more run each, nothing measured twice

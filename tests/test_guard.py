@@ -82,8 +82,8 @@ def test_workers_starting_together_generate_the_reference_once(tiny_flux_dir, tm
 
     def generate(config: OptimizationConfig, path: Path):
         generated.append(config.summary())
-        return measure(str(tiny_flux_dir), config, scenario.workload, timeout_s=300, step_points=(1,), repeats=1, max_rounds=1,
-                       timing_cap_s=0.0, output_path=path)
+        return measure(str(tiny_flux_dir), config, scenario.workload, timeout_s=300, step_points=(1,), min_rounds=1, max_rounds=1,
+                       cap_s=0.0, output_path=path)
 
     guard = QualityGuard(tmp_path / "quality", min_psnr_db=30.0)
     with ThreadPoolExecutor(2) as workers:

@@ -30,8 +30,8 @@ def test_measures_the_tiny_flux_pipeline_for_real(tiny_flux_dir):
     # clear of the noise of a shared 2-core machine.
     workload = Workload(kind="image", height=32, width=32, steps=12)
     # A 20 s timing cap: on a loaded CI runner 12 rounds would take a minute; noisy is an allowed answer.
-    m = measure(tiny_flux_dir, OptimizationConfig(device="cpu"), workload, timeout_s=300, step_points=(2, 8), repeats=3,
-                timing_cap_s=20)
+    m = measure(tiny_flux_dir, OptimizationConfig(device="cpu"), workload, timeout_s=300, step_points=(2, 8), min_rounds=3,
+                cap_s=20)
     assert m.status == "ok", m.reason
     assert m.reason is None
     assert m.device == "cpu"

@@ -18,7 +18,7 @@ from advisor.plan.rules import (
     vae_tiling_when_decode_dominates,
     video_prefers_group_offload,
 )
-from advisor.plan.scenario import Scenario, default_budget, make_scenario
+from advisor.plan.scenario import Scenario, default_budget, make_scenario, smallest_card_for
 from advisor.plan.space import quantization_choices
 from advisor.probe.models import load_profile
 from advisor.probe.target import TargetHardware, planned_target
@@ -121,6 +121,16 @@ def test_default_budget_keeps_a_reserve():
     target = planned_target(machine=None, vram=24 * GIB)
     assert default_budget(target) == int(24 * GIB - GIB - 0.05 * 24 * GIB)
     assert default_budget(cpu_target(24)) == int(0.9 * 24 * GIB)
+
+
+@pytest.mark.parametrize("peak_gib", [4.75, 15.2, 70.0])
+def test_the_smallest_card_named_for_a_peak_holds_it_in_its_default_budget(peak_gib):
+    """When nothing fits, recommend names a card: its default budget (free memory less 1 GiB + 5%
+    of the card) must hold the peak, and 1% less card must not."""
+    peak = int(peak_gib * GIB)
+    card = smallest_card_for(peak)
+    assert default_budget(planned_target(machine=None, vram=card)) >= peak
+    assert default_budget(planned_target(machine=None, vram=int(card * 0.99))) < peak
 
 
 # --- scenarios --------------------------------------------------------------------------------------

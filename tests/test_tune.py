@@ -17,8 +17,8 @@ them), so with --trials 8 a study ends after 3 to 6 trials; the assertions use t
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -198,12 +198,14 @@ def test_confirming_measures_each_finalist_again_in_a_fresh_process(tuned, tiny_
 def _check_stored_protocol(found: dict) -> None:
     """Every kind of trial this study stored has the golden names; a measured trial is among them."""
     if os.environ.get("ADVISOR_RECORD_GOLDEN"):  # kinds from earlier recordings stay (a repeat comes and goes)
-        earlier = json.loads(STORED_GOLDEN.read_text())["trials"] if STORED_GOLDEN.exists() else {}
-        recorded = {**found, "trials": {**earlier, **found["trials"]}}
+        earlier = json.loads(STORED_GOLDEN.read_text()) if STORED_GOLDEN.exists() else {"trials": {}, "seeded_by": []}
+        recorded = {**found, "trials": {**earlier["trials"], **found["trials"]},
+                    "seeded_by": sorted({*earlier["seeded_by"], *found["seeded_by"]})}
         STORED_GOLDEN.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
     golden = json.loads(STORED_GOLDEN.read_text())
     assert found["study"] == golden["study"]
-    assert any(kind.startswith("COMPLETE/ok/measured/") for kind in found["trials"])
+    assert set(found["seeded_by"]) <= set(golden["seeded_by"]) and "rules" in found["seeded_by"]
+    assert "COMPLETE/ok/measured" in found["trials"]
     for kind, names in found["trials"].items():
         assert names == golden["trials"].get(kind), kind
 

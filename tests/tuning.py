@@ -174,16 +174,18 @@ def scratch_folders(env: dict) -> list[Path]:
 
 def stored_protocol(study) -> dict:
     """What a study keeps in optuna storage, without the values that change between runs: for each
-    kind of finished trial (its state, status, source and what queued it), the names of its attributes and of its
-    measurement's and config's fields; the study's attribute names (a confirmation run's by prefix)."""
-    kinds = {}
+    kind of finished trial (its state, status and source), the names of its attributes and of its
+    measurement's and config's fields, the optional ``seeded_by`` aside (what queued it, if anything:
+    "rules", "retry", "untried"); the study's attribute names (a confirmation run's by prefix)."""
+    kinds, seeded_by = {}, set()
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
-        kind = f"{t.state.name}/{attrs.get('status')}/{attrs.get('source')}/{attrs.get('seeded_by', 'sampled')}"
-        kinds[kind] = {
-            "attrs": sorted(attrs),
+        if "seeded_by" in attrs:
+            seeded_by.add(attrs["seeded_by"])
+        kinds[f"{t.state.name}/{attrs.get('status')}/{attrs.get('source')}"] = {
+            "attrs": sorted(set(attrs) - {"seeded_by"}),
             "measurement": sorted(attrs.get("measurement") or {}),
             "config": sorted(attrs.get("config") or {}),
         }
     study_attrs = sorted({key.split(":")[0] + (":" if ":" in key else "") for key in study.user_attrs})
-    return {"trials": kinds, "study": study_attrs}
+    return {"trials": kinds, "seeded_by": sorted(seeded_by), "study": study_attrs}

@@ -10,7 +10,7 @@ is data (`Recommendation`); the CLI only renders it. Pure Python: no torch, a fe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from advisor.attention import BACKENDS, PROPOSED
 from advisor.caching import MAG_SOURCE, PUBLISHED_BASELINE_S, PUBLISHED_S, TAYLORSEER_SOURCE, cache_share
@@ -19,15 +19,13 @@ from advisor.config import Offload, OptimizationConfig
 from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
 from advisor.plan.quality import CLEAR_WIN, QUALITY_COSTS, fp16_warnings, is_lossy, quality_cost
 from advisor.plan.rules import TIE, rules_of
-from advisor.plan.scenario import Scenario
+from advisor.plan.scenario import RAM_USABLE, Scenario, smallest_card_for
 from advisor.plan.space import SearchSpace, attention_choices
-from advisor.units import GIB, format_size
+from advisor.units import format_size
 
 if TYPE_CHECKING:
     from advisor.probe.target import TargetHardware
 
-# A plan may take this share of the available host RAM; the rest is the OS's and other programs'.
-RAM_USABLE = 0.9
 # Above this share of the machine's RAM the reasons carry a warning.
 RAM_WARN = 0.85
 
@@ -37,9 +35,10 @@ class Scored:
     config: OptimizationConfig
     estimate: Estimate
     fits: bool
-    why_not: str | None
+    why_not: str | None  # `Unfit.reason`
     score_s: float  # predicted latency (what ties are judged on)
     adjusted_by: list[str] = field(default_factory=list)  # adjust rules that changed this candidate
+    over: str | None = None  # the limit it does not fit (`Unfit.limit`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,25 +101,43 @@ def usable_ram(scenario: Scenario) -> int:
     return int(scenario.target.ram_available_bytes * RAM_USABLE)
 
 
-def why_it_does_not_fit(result: Estimate, target: TargetHardware, budget_bytes: int) -> str | None:
+@dataclass(frozen=True)
+class Unfit:
+    """Why an estimate does not fit: which limit it is over, and the reason in words."""
+
+    limit: Literal["budget", "host RAM"]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fit:
+    """An estimate judged against a budget, as `advisor estimate` reports it."""
+
+    budget_bytes: int
+    unfit: Unfit | None  # None: it fits
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget_bytes": self.budget_bytes, "fits": self.unfit is None, "why_not": self.unfit.reason if self.unfit else None}
+
+
+def why_it_does_not_fit(result: Estimate, target: TargetHardware, budget_bytes: int) -> Unfit | None:
     """Why an estimate does not fit the budget or the host RAM a plan may take; None when it fits
     (the rule recommend picks by, and `advisor estimate` reports)."""
     peak = result.limited_peak(target.device)
     if peak > budget_bytes:
-        return f"peak {'RAM' if target.device == 'cpu' else 'VRAM'} {format_size(peak)} > budget {format_size(budget_bytes)}"
+        return Unfit("budget", f"peak {'RAM' if target.device == 'cpu' else 'VRAM'} {format_size(peak)} > budget {format_size(budget_bytes)}")
     if target.device == "cuda" and result.peak_ram_bytes > int(target.ram_available_bytes * RAM_USABLE):
-        return (
-            f"host RAM {format_size(result.peak_ram_bytes)} > {RAM_USABLE:.0%} of the available "
-            f"{format_size(target.ram_available_bytes)}"
-        )
+        return Unfit("host RAM", f"host RAM {format_size(result.peak_ram_bytes)} > {RAM_USABLE:.0%} of the available "
+                                 f"{format_size(target.ram_available_bytes)}")
     return None
 
 
 def score(config: OptimizationConfig, scenario: Scenario, adjusted_by: list[str] | None = None) -> Scored:
     """Estimate one finished candidate and check it against the budget."""
     result = estimate_for(scenario, config)
-    why_not = why_it_does_not_fit(result, scenario.target, scenario.budget_bytes)
-    return Scored(config, result, why_not is None, why_not, result.latency_s, adjusted_by or [])
+    unfit = why_it_does_not_fit(result, scenario.target, scenario.budget_bytes)
+    return Scored(config, result, unfit is None, unfit.reason if unfit else None, result.latency_s, adjusted_by or [],
+                  unfit.limit if unfit else None)
 
 
 def _preference(scored: Scored, scenario: Scenario) -> tuple:
@@ -198,7 +215,7 @@ def _more_ram(best: Scored, scored: list[Scored], scenario: Scenario) -> list[st
     """What a larger host RAM would allow: the fastest candidate held back by RAM alone, if faster."""
     held = [
         s for s in scored
-        if not s.fits and s.why_not.startswith("host RAM") and s.score_s < best.score_s * (1 - TIE)
+        if s.over == "host RAM" and s.score_s < best.score_s * (1 - TIE)
     ]  # fmt: skip
     if not held:
         return []
@@ -426,11 +443,11 @@ def _advice(smallest: Scored, scenario: Scenario) -> list[str]:
             advice.append(_smaller_job(smallest, scenario))
         card = target.vram_total_bytes
         if target.device == "cpu":
-            advice.append(f"a machine with at least {format_size(peak / 0.9)} of RAM would fit it, or plan for a GPU with --vram")
-        elif scenario.budget_source == "--budget" and peak + GIB + 0.05 * card <= card:
+            advice.append(f"a machine with at least {format_size(peak / RAM_USABLE)} of RAM would fit it, or plan for a GPU with --vram")
+        elif scenario.budget_source == "--budget" and smallest_card_for(peak) <= card:
             advice.append(f"the card ({format_size(card)}) can hold it: raise --budget to at least {format_size(peak)}")
         else:
-            advice.append(f"a GPU with at least {format_size(peak + GIB + 0.05 * peak)} would fit it")
+            advice.append(f"a GPU with at least {format_size(smallest_card_for(peak))} would fit it")
     if result.peak_ram_bytes > target.ram_available_bytes:
         advice.append(
             f"it needs {format_size(result.peak_ram_bytes)} of host RAM (available: "

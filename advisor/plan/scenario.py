@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,20 +37,33 @@ Quality = Literal["exact", "balanced", "fast"]
 QUALITIES = ("exact", "balanced", "fast")
 
 
-def default_budget(target: TargetHardware) -> int:
-    """Free accelerator memory minus a safety reserve: 1 GiB + 5% of the card.
+# A plan may take this share of the available host RAM (the budget on a CPU, the limit on the host
+# RAM of a GPU plan); the rest is the OS's and other programs'.
+RAM_USABLE = 0.9
+# What a GPU budget keeps back by default: what `max_memory_allocated` does not count (the CUDA
+# context, ~0.5 GiB) and the caching allocator's fragmentation.
+RESERVE_BYTES = GIB
+RESERVE_SHARE = 0.05  # of the card
 
-    The reserve covers what `max_memory_allocated` does not count (the CUDA context, ~0.5 GiB) and
-    the caching allocator's fragmentation; on CPU the budget is the available RAM minus 10%.
-    """
+
+def default_budget(target: TargetHardware) -> int:
+    """Free accelerator memory minus the reserve (1 GiB + 5% of the card); on a CPU, the usable
+    share of the available RAM (`RAM_USABLE`)."""
     if target.device == "cpu":
-        return int(target.ram_available_bytes * 0.9)
-    return max(int(target.vram_free_bytes - GIB - 0.05 * target.vram_total_bytes), 0)
+        return int(target.ram_available_bytes * RAM_USABLE)
+    return max(int(target.vram_free_bytes - RESERVE_BYTES - RESERVE_SHARE * target.vram_total_bytes), 0)
+
+
+def smallest_card_for(peak_bytes: int) -> int:
+    """The smallest card whose default budget (all of it free) holds `peak_bytes`."""
+    return math.ceil((peak_bytes + RESERVE_BYTES) / (1 - RESERVE_SHARE))
 
 
 def default_budget_rule(target: TargetHardware) -> str:
     """`default_budget`'s rule in words, for messages: '90% of the available RAM' on a CPU."""
-    return "90% of the available RAM" if target.device == "cpu" else "free GPU memory minus 1 GiB + 5% of the card"
+    if target.device == "cpu":
+        return f"{RAM_USABLE:.0%} of the available RAM"
+    return f"free GPU memory minus {RESERVE_BYTES / GIB:g} GiB + {RESERVE_SHARE:.0%} of the card"
 
 
 def limited_peak(device: str, *, vram_bytes: int | None, ram_bytes: int | None) -> int | None:

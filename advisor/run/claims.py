@@ -2,7 +2,7 @@
 
 Two workers can be handed the same configuration at once: both took a queued seed, or the sampler
 proposed, to each, the configuration the other is measuring. Optuna's storages have no
-compare-and-set, so a trial claims the configuration in its user attributes (`CLAIM_ATTR`), then
+compare-and-set, so a trial claims the configuration in its user attributes (`set_claim`), then
 looks at the live running trials of the study that claim it too:
 
 - a lower-numbered claim wins, unless that trial has given the configuration up;
@@ -18,31 +18,30 @@ from __future__ import annotations
 import time
 
 from advisor.run.storage import runner_alive
-from advisor.run.trials import CLAIM_ATTR, CLAIM_STATE_ATTR, RUNNER_ATTR
+from advisor.run.trials import ClaimState, claim_of, claim_state, runner_of, set_claim
 
 WAIT_S = 30.0  # for a higher-numbered claim to resolve; it takes one storage read
 
 
 def claim(trial, key: str, poll_s: float = 0.1) -> bool:
     """Claim configuration `key` for `trial`; False when another live trial has it (this one yields)."""
-    trial.set_user_attr(CLAIM_ATTR, key)
-    trial.set_user_attr(CLAIM_STATE_ATTR, "claimed")
+    set_claim(trial, key, ClaimState.CLAIMED)
     deadline = time.monotonic() + WAIT_S
     while True:
         rivals = [t for t in _live_claims(trial.study, trial.number)
-                  if t.user_attrs[CLAIM_ATTR] == key and t.user_attrs.get(CLAIM_STATE_ATTR) != "yielded"]
-        won = not any(t.number < trial.number or t.user_attrs.get(CLAIM_STATE_ATTR) == "measuring" for t in rivals)
-        undecided = any(t.number > trial.number and t.user_attrs.get(CLAIM_STATE_ATTR) == "claimed" for t in rivals)
+                  if claim_of(t) == key and claim_state(t) != ClaimState.YIELDED]
+        won = not any(t.number < trial.number or claim_state(t) == ClaimState.MEASURING for t in rivals)
+        undecided = any(t.number > trial.number and claim_state(t) == ClaimState.CLAIMED for t in rivals)
         if not won or not undecided or time.monotonic() > deadline:
             won = won and not undecided  # past the wait, a rival that never decided keeps the configuration
-            trial.set_user_attr(CLAIM_STATE_ATTR, "measuring" if won else "yielded")
+            set_claim(trial, key, ClaimState.MEASURING if won else ClaimState.YIELDED)
             return won
         time.sleep(poll_s)
 
 
 def busy_keys(study, number: int) -> set[str]:
     """The configurations that live trials other than `number` are measuring now."""
-    return {t.user_attrs[CLAIM_ATTR] for t in _live_claims(study, number) if t.user_attrs.get(CLAIM_STATE_ATTR) == "measuring"}
+    return {claim_of(t) for t in _live_claims(study, number) if claim_state(t) == ClaimState.MEASURING}
 
 
 def _live_claims(study, number: int) -> list:
@@ -50,4 +49,4 @@ def _live_claims(study, number: int) -> list:
     import optuna
 
     return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if t.number != number and CLAIM_ATTR in t.user_attrs and runner_alive(t.user_attrs.get(RUNNER_ATTR))]
+            if t.number != number and claim_of(t) is not None and runner_alive(runner_of(t))]

@@ -15,14 +15,12 @@ them and only measures what is missing.
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 from dataclasses import replace
 from typing import Any, Callable
 
 from advisor.plan.scenario import limited_peak
-from advisor.run.trials import TrialRecord, choose_best, config_key
-from advisor.units import format_size
+from advisor.run.trials import Source, Status, TrialRecord, add_confirmation_run, choose_best, config_key, confirmation_key, judge, runs_of
 
 FINALISTS = 3  # configurations measured again, the fastest first
 FINALIST_MARGIN = 0.35  # within this of the fastest latency: twice the ±17% seen between processes
@@ -35,18 +33,13 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 KEPT = ("status", "reason", "latency_s", "latency_spread_s", "peak_vram_bytes", "peak_rss_bytes", "noisy")
 
 
-def confirmation_key(config: dict[str, Any]) -> str:
-    """The study user attribute holding a configuration's confirmation runs."""
-    return "confirm:" + hashlib.sha1(config_key(config).encode()).hexdigest()[:16]
-
-
 def finalists(records: list[TrialRecord], limit: int = FINALISTS) -> list[TrialRecord]:
     """The first measured trial of each feasible configuration that could be the pick: the one
     `choose_best` picks now (a tie can go to a slower, lossless one), then the others within
     FINALIST_MARGIN of the fastest, fastest first; at most `limit`."""
     firsts: dict[str, TrialRecord] = {}
     for r in sorted(records, key=lambda r: r.number):
-        if r.feasible and r.source == "measured" and r.latency_s is not None:
+        if r.feasible and r.source == Source.MEASURED and r.latency_s is not None:
             firsts.setdefault(config_key(r.config), r)
     ranked = sorted(firsts.values(), key=lambda r: (r.latency_s, r.number))
     if not ranked:
@@ -63,7 +56,7 @@ def with_confirmations(records: list[TrialRecord], stored: dict[str, Any], devic
     memory) before a later one measured it stays as it ended: the runs confirm a latency it has not."""
     out = []
     for r in records:
-        measured = r.source != "estimate" and r.measurement and r.measurement.get("latency_s") is not None
+        measured = r.source != Source.ESTIMATE and r.measurement and r.measurement.get("latency_s") is not None
         runs = stored.get(confirmation_key(r.config)) if measured else None
         out.append(_combined(r, runs, device, budget) if runs else r)
     return out
@@ -71,11 +64,12 @@ def with_confirmations(records: list[TrialRecord], stored: dict[str, Any], devic
 
 def _combined(r: TrialRecord, runs: list[dict[str, Any]], device: str, budget: int) -> TrialRecord:
     processes = [r.measurement] + runs
-    failed = next((i for i, run in enumerate(runs, start=2) if run.get("status") != "ok"), None)
+    failed = next((i for i, run in enumerate(runs, start=2) if run.get("status") != Status.OK), None)
     if failed is not None:
         run = runs[failed - 2]
-        return replace(r, status=run["status"], feasible=False, processes=len(processes),
-                       reason=f"run {failed} of {len(processes)} in a fresh process: {run.get('reason') or run['status']}")
+        verdict = judge(run["status"], run.get("reason"), None, budget)
+        return replace(r, status=verdict.status, feasible=False, processes=len(processes),
+                       reason=f"run {failed} of {len(processes)} in a fresh process: {verdict.reason or verdict.status}")
     latencies = [p["latency_s"] for p in processes]
     within = statistics.median(p.get("latency_spread_s") or 0.0 for p in processes)
     peaks = [limited_peak(device, vram_bytes=p.get("peak_vram_bytes"), ram_bytes=p.get("peak_rss_bytes")) for p in processes]
@@ -85,9 +79,9 @@ def _combined(r: TrialRecord, runs: list[dict[str, Any]], device: str, budget: i
         processes=len(processes), process_latencies_s=latencies, peak_bytes=peak,
         noisy=next((p["noisy"] for p in processes if p.get("noisy")), None),
     )
-    if r.feasible and peak is not None and peak > budget:
-        return replace(combined, status="over-budget", feasible=False,
-                       reason=f"a run in a fresh process measured peak {format_size(peak)} > budget {format_size(budget)}")
+    verdict = judge(Status.OK, None, peak, budget)
+    if r.feasible and verdict.status != Status.OK:
+        return replace(combined, status=verdict.status, feasible=False, reason=f"a run in a fresh process {verdict.reason}")
     return combined
 
 
@@ -107,8 +101,7 @@ def process_spread(latencies: list[float]) -> float:
 
 def missing_runs(study, chosen: list[TrialRecord], runs: int) -> list[TrialRecord]:
     """The finalists still short of `runs` confirmation runs in this study."""
-    attrs = study.user_attrs
-    return [r for r in chosen if len(attrs.get(confirmation_key(r.config), [])) < runs]
+    return [r for r in chosen if len(runs_of(study, r.config)) < runs]
 
 
 def confirm(
@@ -123,12 +116,11 @@ def confirm(
     for turn in range(runs):
         order = chosen[turn % len(chosen):] + chosen[:turn % len(chosen)] if chosen else []
         for r in order:
-            key = confirmation_key(r.config)
-            done = list(study.user_attrs.get(key, []))
+            done = runs_of(study, r.config)
             if len(done) >= runs or len(done) > turn:
                 continue
             measured = measure_one(r, len(done) + 2, runs + 1)
-            study.set_user_attr(key, done + [{name: measured.get(name) for name in KEPT}])
+            add_confirmation_run(study, r.config, {name: measured.get(name) for name in KEPT})
 
 
 def confirm_finalists(

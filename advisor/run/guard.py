@@ -26,15 +26,12 @@ from advisor.config import OptimizationConfig
 from advisor.paths import advisor_cache_dir
 from advisor.plan.estimate import estimate_for
 from advisor.plan.quality import is_lossy
-from advisor.run.trials import TrialRecord, measured_again
+from advisor.run.trials import Reference, Status, TrialRecord, judge, measured_again, reference_of, store_reference
 
 if TYPE_CHECKING:
     from advisor.plan.scenario import Scenario
     from advisor.plan.space import SearchSpace
     from advisor.run.measure import Measurement
-
-REFERENCE_ATTR = "quality_reference"
-
 
 @contextlib.contextmanager
 def _held(lock: Path) -> Iterator[None]:
@@ -103,36 +100,37 @@ class QualityGuard:
 
     def _settled(self, study, retry_failed: bool) -> bool:
         """Whether the study has its reference, or an answer about it that this run keeps."""
-        stored = study.user_attrs.get(REFERENCE_ATTR)
-        if not stored:
+        stored = reference_of(study)
+        if stored is None:
             return False
-        if stored.get("status") == "ok":
+        if stored.status == Status.OK:
             return self.reference.exists()
-        return not measured_again(stored.get("status"), retry_failed)
+        return not measured_again(stored.status, retry_failed)
 
     def _generate(self, study, config: OptimizationConfig, measure: Callable[[OptimizationConfig, Path], Measurement]) -> None:
         m = measure(config, self.reference)
         if m.ok and self.reference.exists():
             self._save_png(self.reference, self.folder / "reference.png")
-            study.set_user_attr(REFERENCE_ATTR, {"status": "ok", "summary": config.summary(), "config": config.to_dict()})
+            store_reference(study, Reference(Status.OK, config.summary(), config=config.to_dict()))
             return
         note = f"no lossless reference output ({config.summary()}: {m.status}, {m.reason}): lossy candidates' quality is not checked"
-        study.set_user_attr(REFERENCE_ATTR, {"status": m.status, "summary": config.summary(), "note": note})
+        store_reference(study, Reference(Status(m.status), config.summary(), note=note))
 
     def note(self, study) -> str | None:
         """What the study's notes say about the guard."""
-        stored = study.user_attrs.get(REFERENCE_ATTR)
-        if not stored:
+        stored = reference_of(study)
+        if stored is None:
             return None
-        if stored.get("status") != "ok":
-            return stored.get("note")
+        if stored.status != Status.OK:
+            return stored.note
         if self.min_psnr_db <= 0:
             return "the quality check is off (--min-psnr 0): the outputs compared earlier keep their PSNR, none is held to a floor"
-        return (f"lossy outputs are compared with the lossless reference ({stored['summary']}), same seed, prompt and steps: "
+        return (f"lossy outputs are compared with the lossless reference ({stored.summary}), same seed, prompt and steps: "
                 f"under --min-psnr {self.min_psnr_db:g} dB a candidate is infeasible (images in {self.folder})")
 
     def reference_summary(self, study) -> str | None:
-        return (study.user_attrs.get(REFERENCE_ATTR) or {}).get("summary")
+        stored = reference_of(study)
+        return stored.summary if stored is not None else None
 
     def checks(self, config: OptimizationConfig) -> bool:
         """Whether a trial of `config` saves its output for the comparison."""
@@ -168,15 +166,13 @@ class QualityGuard:
         """`record` with its status under this floor: a measured ok trial whose quality is under it
         becomes low-quality, and a low-quality one over it (a lower floor this run) ok again (it
         was judged only once within the budget)."""
-        if record.quality is None or record.status not in ("ok", "low-quality"):
+        if record.quality is None or record.status not in (Status.OK, Status.LOW_QUALITY):
             return record
-        too_far = self.verdict(record.quality)
-        if too_far:
-            return replace(record, status="low-quality", feasible=False, reason=too_far)
-        if record.status == "low-quality":
-            fits = record.peak_bytes is not None and record.peak_bytes <= budget
-            return replace(record, status="ok", feasible=fits, reason=None)
-        return record
+        verdict = judge(Status.OK, None, record.peak_bytes, budget, self.verdict(record.quality))
+        if verdict.status == record.status:
+            return record
+        fits = verdict.status == Status.OK and record.peak_bytes is not None
+        return replace(record, status=verdict.status, feasible=fits, reason=verdict.reason)
 
     @staticmethod
     def _save_png(array_path: Path, png: Path) -> None:

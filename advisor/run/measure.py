@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,14 +35,15 @@ from advisor.files import pid_alive
 from advisor.plan.scenario import limited_peak
 from advisor.probe.workload import Workload
 from advisor.run.phases import PhasePeaks, watching_phases
-from advisor.run.timing import MAX_ROUNDS, MIN_ROUNDS, STEP_POINTS, TIMING_CAP_S, TOLERANCE, time_rounds
+from advisor.run.timing import TrialTiming, time_rounds
+from advisor.run.trials import Status
 
 
 @dataclass
 class Measurement:
-    """What one trial measured. Sizes in bytes, times in seconds; ``status`` is ok/oom/crash/timeout."""
+    """What one trial measured. Sizes in bytes, times in seconds."""
 
-    status: str
+    status: Status  # ok, oom, crash or timeout
     reason: str | None = None
     latency_s: float | None = None  # extrapolated to the workload's steps
     fixed_s: float | None = None  # per call, independent of steps (text encoding, VAE decode, ...)
@@ -69,9 +70,12 @@ class Measurement:
     device: str | None = None
     wall_s: float | None = None
 
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)  # read back from JSON, it is the string
+
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == Status.OK
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,26 +100,42 @@ def timed_step_points(config: OptimizationConfig, workload: Workload, step_point
     return (workload.steps,) if config.cache is not None else step_points
 
 
+@dataclass(frozen=True)
+class TrialSpec:
+    """What a trial process runs, and how: written as JSON for the child, read back by it."""
+
+    model: str
+    config: dict[str, Any]  # `OptimizationConfig.to_dict(exclude_none=False)`
+    workload: dict[str, Any]  # `Workload.to_dict()`
+    timing: TrialTiming  # its step points are the ones timed (`timed_step_points`)
+    result_path: str  # where the child writes its `Measurement`
+    output_path: str | None = None  # where the child saves its output for the quality guard
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialSpec:
+        data = json.loads(text)
+        timing = data.pop("timing")
+        return cls(**data, timing=TrialTiming(**{**timing, "step_points": tuple(timing["step_points"])}))
+
+
 def measure(
     model: str | Path,
     config: OptimizationConfig,
     workload: Workload,
+    timing: TrialTiming | None = None,
     *,
-    timeout_s: float = 600.0,
-    step_points: tuple[int, ...] = STEP_POINTS,
-    repeats: int = MIN_ROUNDS,
-    max_rounds: int = MAX_ROUNDS,
-    tolerance: float = TOLERANCE,
-    timing_cap_s: float = TIMING_CAP_S,
-    memory_limit_bytes: int | None = None,
-    seed: int = 0,
     on_phase: Callable[[str], None] | None = None,
     output_path: str | Path | None = None,
+    **changes: Any,
 ) -> Measurement:
     """Run one candidate in a fresh process and return what it measured (never raises for OOM/crash).
 
-    The latency is timed in at least `repeats` rounds, more (up to `max_rounds` or `timing_cap_s`)
-    until it settles within `tolerance` (see `time_rounds`). `memory_limit_bytes` caps the child's
+    It is timed as `timing` says (`TrialTiming`'s defaults, with any of its fields given as keyword
+    `changes`): in at least ``min_rounds`` rounds, more (up to ``max_rounds`` or ``cap_s``) until
+    it settles within ``tolerance`` (see `time_rounds`). ``memory_limit_bytes`` caps the child's
     address space (RLIMIT_AS): a way to provoke, and test, a real out-of-memory on a CPU machine.
     `on_phase` is called (from another thread) with what the child is doing as it starts doing it:
     "starting", "loading", "warm-up" (", compiling" with compile), "timing, call N (S steps)". With `output_path`, the child then generates once
@@ -127,24 +147,22 @@ def measure(
     (``PR_SET_PDEATHSIG``): a trial never outlives its tuner. Its scratch folder is named after this
     process, so that `remove_orphaned_scratch` can clean what a killed tuner left.
     """
+    timing = replace(timing or TrialTiming(), **changes)
+    timeout_s = timing.timeout_s
     started = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     try:
         result_path = scratch / "result.json"
-        spec = {
-            "model": str(model),
-            "config": config.to_dict(exclude_none=False),
-            "workload": workload.to_dict(),
-            "step_points": list(timed_step_points(config, workload, step_points)),
-            "timing": {"min_rounds": repeats, "max_rounds": max_rounds, "tolerance": tolerance, "cap_s": timing_cap_s},
-            "timeout_s": timeout_s,
-            "memory_limit_bytes": memory_limit_bytes,
-            "seed": seed,
-            "result_path": str(result_path),
-            "output_path": str(output_path) if output_path else None,
-        }
+        spec = TrialSpec(
+            model=str(model),
+            config=config.to_dict(exclude_none=False),
+            workload=workload.to_dict(),
+            timing=replace(timing, step_points=tuple(timed_step_points(config, workload, timing.step_points))),
+            result_path=str(result_path),
+            output_path=str(output_path) if output_path else None,
+        )
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-        (scratch / "spec.json").write_text(json.dumps(spec))
+        (scratch / "spec.json").write_text(spec.to_json())
         with open(scratch / "stderr.txt", "w+") as stderr:  # a file: a chatty child never blocks on a full pipe
             child = subprocess.Popen(
                 [sys.executable, "-m", "advisor.run.measure", str(scratch / "spec.json")], stdin=subprocess.DEVNULL,
@@ -156,7 +174,7 @@ def measure(
                 child.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 kill_group(child)
-                return Measurement(status="timeout", reason=f"no result within {timeout_s:.0f}s", wall_s=time.perf_counter() - started)
+                return Measurement(status=Status.TIMEOUT, reason=f"no result within {timeout_s:.0f}s", wall_s=time.perf_counter() - started)
             except BaseException:  # interrupted: the trial goes with this call
                 kill_group(child)
                 raise
@@ -233,8 +251,8 @@ def remove_orphaned_scratch(folder: str | Path | None = None) -> list[Path]:
 def _classify_death(returncode: int, stderr: str) -> Measurement:
     tail = " ".join(stderr.strip().splitlines()[-3:])[-300:]
     if returncode in (-9, 137) or any(marker in stderr.lower() for marker in OOM_MARKERS):
-        return Measurement(status="oom", reason=f"the trial process died out of memory (exit {returncode}): {tail}")
-    return Measurement(status="crash", reason=f"the trial process exited with {returncode}: {tail}")
+        return Measurement(status=Status.OOM, reason=f"the trial process died out of memory (exit {returncode}): {tail}")
+    return Measurement(status=Status.CRASH, reason=f"the trial process exited with {returncode}: {tail}")
 
 
 def describe(error: BaseException) -> str:
@@ -260,11 +278,12 @@ def _call_kwargs(workload: Workload, steps: int, seed: int) -> dict[str, Any]:
     }
 
 
-def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
+def _run_trial(spec: TrialSpec) -> dict[str, Any]:
     child_started = time.perf_counter()
     _report_phase("starting")
-    if spec.get("memory_limit_bytes"):
-        limit = int(spec["memory_limit_bytes"])
+    timing = spec.timing
+    if timing.memory_limit_bytes:
+        limit = int(timing.memory_limit_bytes)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import diffusers  # noqa: F401 - imported before the baseline reading, as any user process does
     import psutil
@@ -276,8 +295,8 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
 
     baseline_rss = psutil.Process().memory_info().rss
 
-    config = config_from_dict(spec["config"], source="trial config")
-    workload = Workload(**spec["workload"])
+    config = config_from_dict(spec.config, source="trial config")
+    workload = Workload(**spec.workload)
     cuda = config.device.startswith("cuda") and torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     held = {"allocated": 0, "reserved": 0}  # the peaks before each reset, so the trial's peak survives them
@@ -289,14 +308,14 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
         held["reserved"] = max(held["reserved"], torch.cuda.max_memory_reserved())
         torch.cuda.reset_peak_memory_stats()
 
-    result: dict[str, Any] = {"status": "ok", "device": "cuda" if cuda else "cpu", "baseline_rss_bytes": baseline_rss}
+    result: dict[str, Any] = {"status": Status.OK, "device": "cuda" if cuda else "cpu", "baseline_rss_bytes": baseline_rss}
 
     def timed_call(pipe, steps: int, phases: PhasePeaks | None = None) -> float:
         with watching_phases(pipe, phases) if phases is not None else contextlib.nullcontext():
             sync()
             start = time.perf_counter()
             with torch.inference_mode():
-                pipe(**_call_kwargs(workload, steps, spec["seed"]))
+                pipe(**_call_kwargs(workload, steps, timing.seed))
             sync()
             elapsed = time.perf_counter() - start
         if phases is not None:
@@ -305,9 +324,9 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
 
     _report_phase("loading")
     start = time.perf_counter()
-    pipe = load_pipeline(spec["model"], config)
+    pipe = load_pipeline(spec.model, config)
     result["load_s"] = time.perf_counter() - start
-    points = sorted(spec["step_points"])
+    points = sorted(timing.step_points)
     _report_phase("warm-up, compiling" if config.compile is not None else "warm-up")
     result["warmup_s"] = timed_call(pipe, points[0])
     # The first timed generation after the warm-up (compiled by then) records the peak of each phase.
@@ -320,11 +339,10 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
         _report_phase(f"timing, call {calls['done']} ({steps} steps)")
         return timed_call(pipe, steps, phases.pop() if phases else None)
 
-    timing = spec["timing"]
     # Time until the cap, or until 80% of the trial's timeout has gone (loading and warm-up included).
-    cap_s = max(0.0, min(timing["cap_s"], 0.8 * spec["timeout_s"] - (time.perf_counter() - child_started)))
-    result.update(time_rounds(call, tuple(points), workload.steps, min_rounds=timing["min_rounds"],
-                              max_rounds=timing["max_rounds"], tolerance=timing["tolerance"], cap_s=cap_s).fields())
+    cap_s = max(0.0, min(timing.cap_s, 0.8 * timing.timeout_s - (time.perf_counter() - child_started)))
+    result.update(time_rounds(call, tuple(points), workload.steps, min_rounds=timing.min_rounds,
+                              max_rounds=timing.max_rounds, tolerance=timing.tolerance, cap_s=cap_s).fields())
     if cuda:
         result["peak_vram_bytes"] = max(held["allocated"], torch.cuda.max_memory_allocated())
         result["peak_vram_reserved_bytes"] = max(held["reserved"], torch.cuda.max_memory_reserved())
@@ -333,16 +351,16 @@ def _run_trial(spec: dict[str, Any]) -> dict[str, Any]:
 
         result["dynamo"] = {"frames_compiled": int(counters["frames"].get("ok", 0)), "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
                             "graph_breaks": int(sum(counters["graph_break"].values()))}
-    if spec.get("output_path"):  # after the peaks: the quality check's generation is not a timed one
+    if spec.output_path:  # after the peaks: the quality check's generation is not a timed one
         import numpy as np
 
         _report_phase(f"output for the quality check ({workload.steps} steps)")
         with torch.inference_mode():
-            out = pipe(**_call_kwargs(workload, workload.steps, spec["seed"]))
-        partial = f"{spec['output_path']}.{os.getpid()}.part"  # renamed when whole: two workers may write one reference
+            out = pipe(**_call_kwargs(workload, workload.steps, timing.seed))
+        partial = f"{spec.output_path}.{os.getpid()}.part"  # renamed when whole: two workers may write one reference
         with open(partial, "wb") as file:
             np.save(file, np.asarray(out.images if hasattr(out, "images") else out.frames, dtype=np.float32))
-        os.replace(partial, spec["output_path"])
+        os.replace(partial, spec.output_path)
     return result
 
 
@@ -363,14 +381,14 @@ def peak_rss_bytes() -> int:
 
 
 def _child_main() -> int:
-    spec = json.loads(Path(sys.argv[1]).read_text())
+    spec = TrialSpec.from_json(Path(sys.argv[1]).read_text())
     try:
         result = _run_trial(spec)
     except BaseException as error:  # the trial's failure is the result, whatever it is
-        status = "oom" if is_oom(error) else "crash"
+        status = Status.OOM if is_oom(error) else Status.CRASH
         result = {"status": status, "reason": describe(error)}
     result["peak_rss_bytes"] = peak_rss_bytes()
-    Path(spec["result_path"]).write_text(json.dumps(result))
+    Path(spec.result_path).write_text(json.dumps(result))
     return 0
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from advisor.plan.estimate import estimate_for
 from advisor.plan.recommend import recommend
-from advisor.run.trials import config_key
+from advisor.run.trials import config_key, enqueue, is_seeded, mark_seeded, queued_params
 
 if TYPE_CHECKING:
     from advisor.plan.scenario import Scenario
@@ -36,7 +36,7 @@ def skipped_by_estimate(predicted_peak: float, scenario: Scenario, prune: bool) 
 
 def seed_with_rules(study, space: SearchSpace, scenario: Scenario) -> None:
     """Enqueue the rule engine's pick and alternatives (once per study)."""
-    if study.user_attrs.get("seeded"):
+    if is_seeded(study):
         return
     picks = recommend(scenario)
     candidates = ([picks.best] if picks.best else []) + picks.alternatives
@@ -45,8 +45,8 @@ def seed_with_rules(study, space: SearchSpace, scenario: Scenario) -> None:
     for scored in candidates:
         params = space.params_of(scored.config)
         if params:
-            study.enqueue_trial(params, user_attrs={"seeded_by": "rules"}, skip_if_exists=True)
-    study.set_user_attr("seeded", True)
+            enqueue(study, params, "rules", skip_if_exists=True)
+    mark_seeded(study)
 
 
 def waiting(study) -> list:
@@ -55,16 +55,12 @@ def waiting(study) -> list:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
 
 
-def _queued_params(trial) -> dict[str, Any]:
-    return trial.system_attrs.get("fixed_params") or trial.params
-
-
 def enqueue_retries(study, stale: set[int], answered: set[str]) -> None:
     """Queue each point not `answered` whose trials are stale (failed in an earlier run) or never
     finished (killed or interrupted: optuna's FAIL), unless it is queued."""
     import optuna
 
-    queued = {point(_queued_params(t)) for t in waiting(study)}
+    queued = {point(queued_params(t)) for t in waiting(study)}
     retry = []
     for t in study.get_trials(deepcopy=False):
         at = point(t.params) if t.params else None
@@ -73,7 +69,7 @@ def enqueue_retries(study, stale: set[int], answered: set[str]) -> None:
             queued.add(at)
             retry.append(t.params)
     for params in retry:
-        study.enqueue_trial(params, user_attrs={"seeded_by": "retry"})
+        enqueue(study, params, "retry")
 
 
 def enqueue_fastest_untried(study, space: SearchSpace, scenario: Scenario, answered: set[str], busy: set[str]) -> None:
@@ -83,7 +79,7 @@ def enqueue_fastest_untried(study, space: SearchSpace, scenario: Scenario, answe
         return
     untried = [p for p in space.points() if point(p) not in answered and _key_of(space, p, scenario) not in busy]
     if untried:
-        study.enqueue_trial(min(untried, key=lambda p: _predicted_latency(space, p, scenario)), user_attrs={"seeded_by": "untried"})
+        enqueue(study, min(untried, key=lambda p: _predicted_latency(space, p, scenario)), "untried")
 
 
 def _key_of(space: SearchSpace, params: dict[str, Any], scenario: Scenario) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from advisor.run.trials import Source, Status
 from advisor.run.tune import TrialRecord, TuneResult
 from advisor.units import GIB, format_size
 
@@ -14,7 +15,7 @@ from advisor.units import GIB, format_size
 def pareto_front(trials: list[TrialRecord]) -> list[TrialRecord]:
     """Measured trials no other measured trial beats on both latency and peak memory."""
     points = sorted(
-        (t for t in trials if t.status in {"ok", "over-budget"} and t.latency_s is not None and t.peak_bytes),
+        (t for t in trials if t.status in {Status.OK, Status.OVER_BUDGET} and t.latency_s is not None and t.peak_bytes),
         key=lambda t: (t.peak_bytes, t.latency_s),
     )
     front, best_latency = [], float("inf")
@@ -25,8 +26,7 @@ def pareto_front(trials: list[TrialRecord]) -> list[TrialRecord]:
     return front
 
 
-MEASURED = {"ok": ("tab:blue", "measured, fits"), "over-budget": ("tab:orange", "measured, over budget")}
-FAILED = ("oom", "crash", "timeout")
+MEASURED = {Status.OK: ("tab:blue", "measured, fits"), Status.OVER_BUDGET: ("tab:orange", "measured, over budget")}
 
 
 def _unit(largest_bytes: float) -> tuple[float, str]:
@@ -217,7 +217,7 @@ def comparison(result: TuneResult, path: Path) -> Path | None:
     folder = Path(result.images) if result.images else None
     if folder is None:
         return None
-    compared = sorted((t for t in result.trials if t.quality is not None and t.source == "measured" and t.latency_s is not None
+    compared = sorted((t for t in result.trials if t.quality is not None and t.source == Source.MEASURED and t.latency_s is not None
                        and (folder / f"trial-{t.number}.png").exists()), key=lambda t: t.latency_s)
     shown = result.best if result.best is not None and result.best in compared else (compared[0] if compared else None)
     if shown is None:

@@ -18,7 +18,7 @@ from typing import Iterator
 from advisor.errors import TuneError, UsageError
 from advisor.files import pid_alive
 from advisor.paths import advisor_cache_dir
-from advisor.run.trials import RUNNER_ATTR
+from advisor.run.trials import runner_of
 
 
 def default_storage() -> str:
@@ -89,12 +89,12 @@ def shown_storage(url: str) -> str:
 
 
 def this_runner() -> str:
-    """``host:pid`` of this tuner, as a trial records it (`RUNNER_ATTR`)."""
+    """``host:pid`` of this tuner, as a trial records it (`advisor.run.trials.set_runner`)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def runner_alive(runner: str | None) -> bool:
-    """Whether the tuner a trial names (`RUNNER_ATTR`, ``host:pid``) may still run it: on this machine,
+    """Whether the tuner a trial names (`advisor.run.trials.runner_of`, ``host:pid``) may still run it: on this machine,
     its process is alive; on another, nothing here can say otherwise."""
     host, _, pid = str(runner or "").rpartition(":")
     return host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid))
@@ -111,7 +111,7 @@ def fail_orphaned_trials(storage, study: str) -> list[int]:
     failed = []
     study_id = storage.get_study_id_from_name(study)
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if not runner_alive(trial.user_attrs.get(RUNNER_ATTR)):
+        if not runner_alive(runner_of(trial)):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             if storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL):
                 failed.append(trial.number)

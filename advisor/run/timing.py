@@ -47,11 +47,28 @@ STEP_POINTS = (2, 8)
 MAX_ROUNDS = 12
 TIMING_CAP_S = 120.0
 TRIAL_TIMEOUT_S = 900.0  # a whole trial (loading, warm-up, timing) before it counts as a timeout
+TRIALS = 8  # distinct configurations a study measures (`advisor tune --trials`)
 # After the search, each finalist is measured this many more times in fresh processes (`advisor.run.confirm`).
 CONFIRM_RUNS = 2
 # A lossy candidate's output must be at least this close to the lossless reference (`advisor.run.guard`):
 # the tools people use to judge caching and quantization (cache-dit, flux-fast) report PSNR from about 30 dB up.
 MIN_PSNR_DB = 30.0
+MEASURE_TIMEOUT_S = 600.0  # one `advisor.run.measure.measure` call on its own (a study gives TRIAL_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class TrialTiming:
+    """How a trial process times its candidate: what `advisor.run.measure.measure` is given, from
+    `advisor tune`'s settings (`TuneSettings.timing`) or a benchmark's."""
+
+    timeout_s: float = MEASURE_TIMEOUT_S  # the whole trial: loading, warm-up, timing
+    step_points: tuple[int, ...] = STEP_POINTS
+    min_rounds: int = MIN_ROUNDS  # timed rounds at least; more until the spread is within `tolerance`
+    max_rounds: int = MAX_ROUNDS
+    tolerance: float = TOLERANCE
+    cap_s: float = TIMING_CAP_S  # timing, after loading and warm-up
+    memory_limit_bytes: int | None = None  # RLIMIT_AS of the trial process (tests provoke OOM)
+    seed: int = 0
 
 
 @dataclass

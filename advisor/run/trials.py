@@ -1,41 +1,98 @@
-"""One tuning trial as a typed record, and its round trip through optuna's storage.
+"""The typed study store: a trial's record, and everything the tuner keeps in optuna's storage.
 
 A trial stores what it decided and measured as optuna user attributes (plain JSON, so that any
-storage and `optuna-dashboard` can read it); `TrialRecord.attrs()` names what is written and
-`TrialRecord.from_trial()` reads them back, so no other module touches attribute names.
+storage and `optuna-dashboard` can read it); the study keeps its own (the rule engine's seeds, the
+quality guard's reference, the confirmation runs). This module is the one adapter between the tuner
+and those attributes: it alone names them (`tests/test_layers.py` checks), statuses are `Status`,
+and `judge` alone decides how a measured trial ends.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from enum import Enum
+from typing import Any
 
 from advisor.config import OptimizationConfig
 from advisor.plan.quality import is_lossy
 from advisor.plan.scenario import limited_peak
+from advisor.units import format_size
 
-# The user attribute a trial sets when it starts: "host:pid" of the tuner running it, so that a later
-# run can tell a trial whose tuner was killed (`advisor.run.storage.fail_orphaned_trials`) from a live one.
-RUNNER_ATTR = "runner"
-# What a trial claims before measuring, so that workers never measure one configuration twice
-# (`advisor.run.claims`): the configuration's key (`config_key`), and "claimed", then "measuring" or "yielded".
-CLAIM_ATTR = "claim"
-CLAIM_STATE_ATTR = "claim_state"
 
-TrialStatus = Literal["ok", "over-budget", "low-quality", "oom", "crash", "timeout", "skipped", "invalid"]
+class _Named(str, Enum):
+    """A stored name: equal to its string (what the storage holds), hashed and printed as it."""
+
+    __hash__ = str.__hash__  # Enum hashes the member's name: "ok" in {Status.OK} would be False
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Status(_Named):
+    """How a trial ended."""
+
+    OK = "ok"  # measured, within the budget and the quality floor
+    OVER_BUDGET = "over-budget"
+    LOW_QUALITY = "low-quality"  # under the quality floor against the lossless reference (`advisor.run.guard`)
+    OOM = "oom"
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    SKIPPED = "skipped"  # predicted far over the budget: not measured
+    INVALID = "invalid"  # a rule rejects the configuration on this target
+
+
+class Source(_Named):
+    """How a trial's answer was obtained."""
+
+    MEASURED = "measured"
+    ESTIMATE = "estimate"
+    REPEAT = "repeat"  # the answer of an earlier trial of the same configuration
+
+
+class ClaimState(_Named):
+    """Where a trial's claim on its configuration stands (`advisor.run.claims`)."""
+
+    CLAIMED = "claimed"
+    MEASURING = "measuring"
+    YIELDED = "yielded"
+
 
 # Failed measurements of an earlier run that a new run makes again (a trial, or the quality guard's
 # reference): a crash or timeout may have been transient, or the timeout too short; out of memory at
 # the same budget only when asked (``--retry-failed``).
-RETRIED = frozenset({"crash", "timeout"})
-RETRIED_ON_REQUEST = frozenset({"oom"})
+RETRIED = frozenset({Status.CRASH, Status.TIMEOUT})
+RETRIED_ON_REQUEST = frozenset({Status.OOM})
 
 
 def measured_again(status: str | None, retry_failed: bool) -> bool:
     """Whether a new run measures again what an earlier one ended with `status`."""
     return status in RETRIED or (retry_failed and status in RETRIED_ON_REQUEST)
-TrialSource = Literal["measured", "estimate", "repeat"]  # how the answer was obtained
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a measured trial ends: its status, the constraint optuna keeps (> 0: infeasible), why."""
+
+    status: Status
+    violation: float
+    reason: str | None = None
+
+
+def judge(status: str, reason: str | None, peak: int | None, budget: int, too_far: str | None = None) -> Verdict:
+    """The one rule for how a measurement ends: as it failed (oom, crash, timeout); over the budget
+    by its measured `peak`; under the quality floor (`too_far`, the guard's reason); else ok."""
+    if status != Status.OK:
+        return Verdict(Status(status), 1.0, reason)
+    if peak is not None and peak > budget:
+        return Verdict(Status.OVER_BUDGET, float(peak - budget), f"measured peak {format_size(peak)} > budget {format_size(budget)}")
+    if too_far:
+        return Verdict(Status.LOW_QUALITY, 1.0, too_far)
+    return Verdict(Status.OK, float((peak or 0) - budget))
 
 
 @dataclass
@@ -44,8 +101,8 @@ class TrialRecord:
 
     number: int
     summary: str
-    status: TrialStatus
-    source: TrialSource
+    status: Status
+    source: Source
     feasible: bool  # measured, ok, and within the budget
     latency_s: float | None  # measured, whether or not it fits
     peak_bytes: int | None  # measured peak the budget limits
@@ -82,25 +139,18 @@ class TrialRecord:
         return [f.name for f in fields(cls) if f.name not in cls._DERIVED]
 
     @classmethod
-    def attrs(cls, **stored: Any) -> dict[str, Any]:
-        """The user attributes a finishing trial stores (`trial.set_user_attr` for each): every stored
-        field, named; the derived ones come from optuna and the measurement when it is read back."""
-        if sorted(stored) != sorted(cls.stored_fields()):
-            raise TypeError(f"a trial stores exactly {cls.stored_fields()}, got {sorted(stored)}")
-        return stored
-
-    @classmethod
     def from_trial(cls, trial: Any, device: str) -> TrialRecord | None:
         """The record of a finished optuna trial; None for one still running or killed mid-run."""
         attrs = trial.user_attrs
-        if "status" not in attrs:
+        if _STATUS not in attrs:
             return None
         stored = {name: attrs.get(name) for name in cls.stored_fields()}
+        stored.update(status=Status(stored["status"]), source=Source(stored["source"]))
         measurement = stored["measurement"] or {}
         within = all(value <= 0 for value in trial.constraints.values())
         return cls(
             number=trial.number,
-            feasible=stored["status"] == "ok" and stored["source"] != "estimate" and within,
+            feasible=stored["status"] == Status.OK and stored["source"] != Source.ESTIMATE and within,
             latency_s=measurement.get("latency_s"),
             latency_spread_s=measurement.get("latency_spread_s"),
             noisy=measurement.get("noisy"),
@@ -108,6 +158,141 @@ class TrialRecord:
             peak_bytes=limited_peak(device, vram_bytes=measurement.get("peak_vram_bytes"), ram_bytes=measurement.get("peak_rss_bytes")),
             **stored,
         )
+
+
+# --- a trial's attributes ----------------------------------------------------------------------------
+# What a finished trial stores is `TrialRecord.stored_fields()`, under their own names; besides those:
+_STATUS, _SOURCE, _CONFIG, _MEASUREMENT = "status", "source", "config", "measurement"
+# "host:pid" of the tuner running the trial, set when it starts, so that a later run can tell a trial
+# whose tuner was killed (`advisor.run.storage.fail_orphaned_trials`) from a live one.
+_RUNNER = "runner"
+# The configuration a trial claims before measuring (`config_key`), and where that claim stands.
+_CLAIM, _CLAIM_STATE = "claim", "claim_state"
+_SEEDED_BY = "seeded_by"  # what queued a trial: "rules", "retry" or "untried" (`advisor.run.queue`)
+_FIXED_PARAMS = "fixed_params"  # optuna's system attribute: the parameters of a queued trial
+
+
+def write_result(trial: Any, violation: float, **stored: Any) -> None:
+    """Store a finishing trial's record (every stored field of `TrialRecord`, named) and its
+    constraint: how far its peak is over the budget (> 0: infeasible)."""
+    if sorted(stored) != sorted(TrialRecord.stored_fields()):
+        raise TypeError(f"a trial stores exactly {TrialRecord.stored_fields()}, got {sorted(stored)}")
+    for name, value in stored.items():
+        trial.set_user_attr(name, value)
+    trial.set_constraint("peak_over_budget", violation)
+
+
+def status_of(trial: Any) -> Status | None:
+    """How a trial ended; None while it runs (or for one killed mid-run)."""
+    status = trial.user_attrs.get(_STATUS)
+    return Status(status) if status is not None else None
+
+
+def source_of(trial: Any) -> Source | None:
+    source = trial.user_attrs.get(_SOURCE)
+    return Source(source) if source is not None else None
+
+
+def reason_of(trial: Any) -> str | None:
+    return trial.user_attrs.get("reason")
+
+
+def config_of(trial: Any) -> dict[str, Any] | None:
+    """The configuration a finished trial stored (`OptimizationConfig.to_dict(exclude_none=False)`)."""
+    return trial.user_attrs.get(_CONFIG)
+
+
+def measurement_of(trial: Any) -> dict[str, Any] | None:
+    return trial.user_attrs.get(_MEASUREMENT)
+
+
+def set_runner(trial: Any, runner: str) -> None:
+    trial.set_user_attr(_RUNNER, runner)
+
+
+def runner_of(trial: Any) -> str | None:
+    return trial.user_attrs.get(_RUNNER)
+
+
+def set_claim(trial: Any, key: str, state: ClaimState) -> None:
+    """Claim configuration `key` for `trial` (once), then say where the claim stands."""
+    if trial.user_attrs.get(_CLAIM) != key:
+        trial.set_user_attr(_CLAIM, key)
+    trial.set_user_attr(_CLAIM_STATE, state)
+
+
+def claim_of(trial: Any) -> str | None:
+    return trial.user_attrs.get(_CLAIM)
+
+
+def claim_state(trial: Any) -> ClaimState | None:
+    state = trial.user_attrs.get(_CLAIM_STATE)
+    return ClaimState(state) if state is not None else None
+
+
+def enqueue(study: Any, params: dict[str, Any], seeded_by: str, skip_if_exists: bool = False) -> None:
+    """Queue a trial of `params`, saying what queued it."""
+    study.enqueue_trial(params, user_attrs={_SEEDED_BY: seeded_by}, skip_if_exists=skip_if_exists)
+
+
+def queued_params(trial: Any) -> dict[str, Any]:
+    """The parameters of a trial: those it was queued with, while it waits."""
+    return trial.system_attrs.get(_FIXED_PARAMS) or trial.params
+
+
+# --- the study's attributes ----------------------------------------------------------------------------
+_SEEDED = "seeded"  # the rule engine's picks are queued (once per study)
+_REFERENCE = "quality_reference"  # the quality guard's lossless reference: its status, configuration, note
+_CONFIRM_PREFIX = "confirm:"  # + a configuration's hash: its confirmation runs (`advisor.run.confirm`)
+
+
+def is_seeded(study: Any) -> bool:
+    return bool(study.user_attrs.get(_SEEDED))
+
+
+def mark_seeded(study: Any) -> None:
+    study.set_user_attr(_SEEDED, True)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the study keeps of the quality guard's lossless reference output (`advisor.run.guard`)."""
+
+    status: Status  # how its generation ended
+    summary: str  # its configuration, in words
+    config: dict[str, Any] | None = None  # generated: its configuration
+    note: str | None = None  # failed: what the study's notes say about it
+
+
+def reference_of(study: Any) -> Reference | None:
+    stored = study.user_attrs.get(_REFERENCE)
+    if not stored:
+        return None
+    return Reference(Status(stored["status"]), stored["summary"], stored.get("config"), stored.get("note"))
+
+
+def store_reference(study: Any, reference: Reference) -> None:
+    stored = {"status": reference.status, "summary": reference.summary}
+    stored.update({"config": reference.config} if reference.status == Status.OK else {"note": reference.note})
+    study.set_user_attr(_REFERENCE, stored)
+
+
+def confirmation_key(config: dict[str, Any]) -> str:
+    """Where the study keeps a configuration's confirmation runs."""
+    return _CONFIRM_PREFIX + hashlib.sha1(config_key(config).encode()).hexdigest()[:16]
+
+
+def confirmation_runs(study: Any) -> dict[str, list[dict[str, Any]]]:
+    """Every configuration's confirmation runs, by `confirmation_key`."""
+    return {key: runs for key, runs in study.user_attrs.items() if key.startswith(_CONFIRM_PREFIX)}
+
+
+def runs_of(study: Any, config: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(study.user_attrs.get(confirmation_key(config), []))
+
+
+def add_confirmation_run(study: Any, config: dict[str, Any], run: dict[str, Any]) -> None:
+    study.set_user_attr(confirmation_key(config), runs_of(study, config) + [run])
 
 
 def config_key(config: Any) -> str:

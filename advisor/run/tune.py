@@ -45,8 +45,29 @@ from advisor.run.timing import (
     TIMING_CAP_S,
     TOLERANCE,
     TRIAL_TIMEOUT_S,
+    TRIALS,
+    TrialTiming,
 )
-from advisor.run.trials import RETRIED, RETRIED_ON_REQUEST, RUNNER_ATTR, TrialRecord, choose_best, config_key, measured_again
+from advisor.run.trials import (
+    RETRIED,
+    RETRIED_ON_REQUEST,
+    Source,
+    Status,
+    TrialRecord,
+    Verdict,
+    choose_best,
+    config_key,
+    config_of,
+    confirmation_runs,
+    judge,
+    measured_again,
+    measurement_of,
+    reason_of,
+    set_runner,
+    source_of,
+    status_of,
+    write_result,
+)
 from advisor.units import format_size
 
 # What `provenance.measured` of a tuned config carries from the best trial's measurement.
@@ -136,7 +157,7 @@ class TuneInterrupted(KeyboardInterrupt):
 
 @dataclass
 class TuneSettings:
-    trials: int = 8  # distinct configurations measured (repeats and estimates don't count)
+    trials: int = TRIALS  # distinct configurations measured (repeats and estimates don't count)
     timeout_s: float = TRIAL_TIMEOUT_S  # per trial
     prune: bool = True
     step_points: tuple[int, ...] = STEP_POINTS
@@ -151,14 +172,19 @@ class TuneSettings:
     confirm_runs: int = CONFIRM_RUNS  # more fresh processes per finalist after the search (`advisor.run.confirm`)
     min_psnr_db: float = MIN_PSNR_DB  # a lossy output's floor against the lossless reference (`advisor.run.guard`); 0: no guard
 
+    def timing(self) -> TrialTiming:
+        """How each trial process times its candidate."""
+        return TrialTiming(timeout_s=self.timeout_s, step_points=self.step_points, min_rounds=self.repeats, max_rounds=self.max_rounds,
+                           tolerance=self.tolerance, cap_s=self.timing_cap_s, memory_limit_bytes=self.memory_limit_bytes, seed=self.seed)
+
 
 def stale_trials(study, settings: TuneSettings) -> set[int]:
     """The trials, at the start of a run, whose answer that run does not trust: failed ones it retries
     (`advisor.run.trials.measured_again`), and estimates when the run measures everything (``prune=False``)."""
     stale = set()
     for t in study.get_trials(deepcopy=False):
-        status = t.user_attrs.get("status")
-        if measured_again(status, settings.retry_failed) or (not settings.prune and status == "skipped"):
+        status = status_of(t)
+        if measured_again(status, settings.retry_failed) or (not settings.prune and status == Status.SKIPPED):
             stale.add(t.number)
     return stale
 
@@ -176,12 +202,11 @@ class Progress:
 
         points, measured = set(), set()
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            attrs = t.user_attrs
-            if t.number in stale or "status" not in attrs or not t.params:
+            if t.number in stale or status_of(t) is None or not t.params:
                 continue
             points.add(point(t.params))
-            if attrs.get("source") == "measured":
-                measured.add(config_key(attrs.get("config")))
+            if source_of(t) == Source.MEASURED:
+                measured.add(config_key(config_of(t)))
         return cls(points, measured)
 
 
@@ -202,7 +227,7 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
     device, budget = scenario.target.device, scenario.budget_bytes
 
     def objective(trial) -> float:
-        trial.set_user_attr(RUNNER_ATTR, this_runner())
+        set_runner(trial, this_runner())
         params = {
             "quantization": trial.suggest_categorical("quantization", list(space.quantization)),
             "offload": trial.suggest_categorical("offload", list(space.offload)),
@@ -216,41 +241,40 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
         predicted_peak = predicted.limited_peak(device)
         stored = config.to_dict(exclude_none=False)  # as studies have always stored it
 
-        def finish(status: str, source: str, violation: float, latency: float, reason: str | None, m: Measurement | None = None) -> float:
-            attrs = TrialRecord.attrs(
-                summary=config.summary(), status=status, source=source, predicted_peak_bytes=predicted_peak,
+        def finish(status: Status, source: Source, violation: float, latency: float, reason: str | None,
+                   m: Measurement | None = None) -> float:
+            write_result(
+                trial, violation, summary=config.summary(), status=status, source=source, predicted_peak_bytes=predicted_peak,
                 reason=reason, config=stored, measurement=m.to_dict() if m is not None else None,
                 predicted_latency_s=predicted.latency_s,
             )
-            for name, value in attrs.items():
-                trial.set_user_attr(name, value)
-            trial.set_constraint("peak_over_budget", violation)
             return latency
 
+        def finish_measured(source: Source, m: Measurement, note: str | None = None) -> float:
+            verdict = _judge(m, scenario, guard)
+            reason = "; ".join(part for part in (note, verdict.reason) if part) or None
+            return finish(verdict.status, source, verdict.violation, m.latency_s or predicted.latency_s * 10, reason, m)
+
         if candidate.rejected_by:
-            return finish("invalid", "estimate", 1.0, predicted.latency_s, f"rejected by rule {candidate.rejected_by}")
+            return finish(Status.INVALID, Source.ESTIMATE, 1.0, predicted.latency_s, f"rejected by rule {candidate.rejected_by}")
         if not claim(trial, config_key(stored)):  # another worker is measuring it: the tuner moves on
             raise optuna.TrialPruned(f"another worker is measuring {config.summary()}")
         earlier = _answered_before(trial.study, stored, trial.number, stale)  # after the claim: no answer slips between
         if earlier is not None:  # the sampler proposed a configuration already answered: reuse the answer
-            attrs = earlier.user_attrs
             same = f"same as trial {earlier.number}"
-            if attrs.get("source") == "estimate":
+            if source_of(earlier) == Source.ESTIMATE:
                 violation = earlier.constraints.get("peak_over_budget", 1.0)
-                return finish(attrs["status"], "repeat", violation, predicted.latency_s, f"{same}; {attrs.get('reason')}")
-            m = Measurement(**attrs["measurement"])
-            status, violation, reason = _judge(m, scenario, guard)
-            return finish(status, "repeat", violation, m.latency_s or predicted.latency_s * 10, same + (f"; {reason}" if reason else ""), m)
+                return finish(status_of(earlier), Source.REPEAT, violation, predicted.latency_s, f"{same}; {reason_of(earlier)}")
+            return finish_measured(Source.REPEAT, Measurement(**measurement_of(earlier)), same)
         if skipped_by_estimate(predicted_peak, scenario, settings.prune):
             reason = f"predicted peak {format_size(predicted_peak)} is far over the {format_size(budget)} budget"
-            return finish("skipped", "estimate", float(predicted_peak - budget), predicted.latency_s, reason)
+            return finish(Status.SKIPPED, Source.ESTIMATE, float(predicted_peak - budget), predicted.latency_s, reason)
         output = guard.output_path(trial.number) if guard.checks(config) else None
         m = _measure(model, config, scenario, settings,
                      (lambda phase: on_phase(trial.number, config.summary(), phase)) if on_phase else None, output)
         if output is not None:
             m.quality = guard.compare(trial.number)
-        status, violation, reason = _judge(m, scenario, guard)
-        return finish(status, "measured", violation, m.latency_s if m.latency_s is not None else predicted.latency_s * 10, reason, m)
+        return finish_measured(Source.MEASURED, m)
 
     return objective
 
@@ -259,21 +283,7 @@ def _measure(model: str, config: OptimizationConfig, scenario: Scenario, setting
              on_phase: Callable[[str], None] | None, output_path: Path | None = None) -> Measurement:
     """One measurement of `config` in a fresh process, as the settings say to time it (saving its
     output at `output_path` for the quality guard)."""
-    return measure(
-        model,
-        config,
-        scenario.workload,
-        timeout_s=settings.timeout_s,
-        step_points=settings.step_points,
-        repeats=settings.repeats,
-        max_rounds=settings.max_rounds,
-        tolerance=settings.tolerance,
-        timing_cap_s=settings.timing_cap_s,
-        memory_limit_bytes=settings.memory_limit_bytes,
-        seed=settings.seed,
-        on_phase=on_phase,
-        output_path=output_path,
-    )
+    return measure(model, config, scenario.workload, settings.timing(), on_phase=on_phase, output_path=output_path)
 
 
 def confirm_study(study, model: str, scenario: Scenario, settings: TuneSettings, result: Callable[[], TuneResult],
@@ -285,29 +295,21 @@ def confirm_study(study, model: str, scenario: Scenario, settings: TuneSettings,
     confirm_finalists(study, settings.confirm_runs, result, measure_again, on_trial, on_phase)
 
 
-def _judge(m: Measurement, scenario: Scenario, guard: QualityGuard) -> tuple[str, float, str | None]:
-    """(status, constraint value, reason) for a measurement against the budget and the quality floor."""
-    if not m.ok:
-        return m.status, 1.0, m.reason
-    peak, budget = m.limited_peak(scenario.target.device), scenario.budget_bytes
-    if peak is not None and peak > budget:
-        return "over-budget", float(peak - budget), f"measured peak {format_size(peak)} > budget {format_size(budget)}"
-    too_far = guard.verdict(m.quality)
-    if too_far:
-        return "low-quality", 1.0, too_far
-    return "ok", float((peak or 0) - budget), None
+def _judge(m: Measurement, scenario: Scenario, guard: QualityGuard) -> Verdict:
+    """How a measurement ends against the budget and the quality floor (`advisor.run.trials.judge`)."""
+    too_far = guard.verdict(m.quality) if m.ok else None
+    return judge(m.status, m.reason, m.limited_peak(scenario.target.device), scenario.budget_bytes, too_far)
 
 
 def _answered_before(study, config: dict[str, Any], number: int, stale: set[int]):
     """A finished trial, not stale, that measured `config` (or else decided it by the estimate)."""
     wanted, by_estimate = config_key(config), None
     for trial in study.get_trials(deepcopy=False):
-        attrs = trial.user_attrs
-        if trial.number == number or trial.number in stale or config_key(attrs.get("config")) != wanted:
+        if trial.number == number or trial.number in stale or config_key(config_of(trial)) != wanted:
             continue
-        if attrs.get("source") == "measured" and attrs.get("measurement"):
+        if source_of(trial) == Source.MEASURED and measurement_of(trial):
             return trial
-        if attrs.get("source") == "estimate" and by_estimate is None:
+        if source_of(trial) == Source.ESTIMATE and by_estimate is None:
             by_estimate = trial
     return by_estimate
 
@@ -391,7 +393,7 @@ def run_study(
                 if on_trial is not None:
                     on_trial(result())
                 progress = Progress.of(the_study, stale)
-                moved_on = ran and (ran[-1].user_attrs.get("source") == "repeat" or ran[-1].state == optuna.trial.TrialState.PRUNED)
+                moved_on = ran and (source_of(ran[-1]) == Source.REPEAT or ran[-1].state == optuna.trial.TrialState.PRUNED)
                 if moved_on and not finished(progress):
                     enqueue_fastest_untried(the_study, space, scenario, progress.points, busy_keys(the_study, ran[-1].number))
             confirm_study(the_study, model, scenario, settings, result, on_trial, on_phase)
@@ -415,7 +417,7 @@ def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenar
     """The results so far: every finished trial (its quality judged by this run's floor), and the fastest that fits."""
     device, budget = scenario.target.device, scenario.budget_bytes
     records = [r for r in (TrialRecord.from_trial(t, device) for t in study.get_trials(deepcopy=False)) if r is not None]
-    records = with_confirmations(records, study.user_attrs, device, budget)
+    records = with_confirmations(records, confirmation_runs(study), device, budget)
     if guard is not None:
         records = [guard.judged(r, budget) for r in records]
     feasible = [r for r in records if r.feasible and r.latency_s is not None]
@@ -429,18 +431,18 @@ def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenar
         measured.update({key: (best.measurement or {}).get(key) for key in MEASURED_IN_PROVENANCE})
         config = OptimizationConfig.from_dict(best.config).replace(provenance=scenario.provenance("tune", measured=measured))
     elif records:
-        measured_peaks = [r for r in records if r.peak_bytes and r.status == "over-budget"]  # not a crash's partial peak
+        measured_peaks = [r for r in records if r.peak_bytes and r.status == Status.OVER_BUDGET]  # not a crash's partial peak
         if measured_peaks:
             smallest = min(measured_peaks, key=lambda r: r.peak_bytes)
             advice.append(f"the smallest measured peak was {format_size(smallest.peak_bytes)} ({smallest.summary}), over the {format_size(budget)} budget")
         advice += failure_advice({r.status for r in records})
         advice.append("try a larger --budget, a lower --height/--width/--frames, more --trials, or --no-prune")
-    confirmed = [r for r in records if r.source == "measured" and r.processes > 1]
+    confirmed = [r for r in records if r.source == Source.MEASURED and r.processes > 1]
     if confirmed:
         numbers = ", ".join(str(r.number) for r in confirmed)
         notes.append(f"trial{'s' if len(confirmed) > 1 else ''} {numbers} (×N) measured in N fresh processes, taking turns: "
                      "the latency is the median across them, ± its 95% confidence interval (Student's t; at least one process's spread)")
-    noisy = [r.number for r in records if r.source == "measured" and r.noisy]
+    noisy = [r.number for r in records if r.source == Source.MEASURED and r.noisy]
     if noisy:
         notes.append(f"trial{'s' if len(noisy) > 1 else ''} {', '.join(map(str, noisy))} did not settle within the timing "
                      "tolerance (marked noisy): compare them by their spread, or re-run on a quieter machine")

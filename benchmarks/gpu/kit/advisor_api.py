@@ -308,7 +308,7 @@ def measure(folder: Path, config: Any, workload: Any, target: Any, *, timeout_s:
     (with `output_path`, its output at the workload's steps is saved there for `compare_outputs`)."""
     from advisor.run.measure import measure as run
 
-    m = run(folder, config, workload, timeout_s=timeout_s, step_points=step_points, repeats=repeats, max_rounds=max_rounds,
+    m = run(folder, config, workload, timeout_s=timeout_s, step_points=step_points, min_rounds=repeats, max_rounds=max_rounds,
             output_path=output_path)
     return m.to_dict(), m.limited_peak(target.device)
 

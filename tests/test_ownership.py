@@ -1,0 +1,71 @@
+"""Each piece of knowledge lives in one module: the test reads the package's source (its AST).
+
+- Optuna's storage is read and written through `advisor.run.trials` alone: no other module names a
+  trial's or study's attribute, or spells a status (source, claim state) as a string.
+"""
+
+import ast
+from pathlib import Path
+
+from advisor.run.trials import ClaimState, Source, Status
+
+PACKAGE = Path(__file__).resolve().parent.parent / "advisor"
+STORE = PACKAGE / "run" / "trials.py"
+OPTUNA_ATTRIBUTES = {"user_attrs", "system_attrs", "set_user_attr", "set_system_attr"}
+STORED_NAMES = {member.value for enum in (Status, Source, ClaimState) for member in enum}
+
+
+def package_sources(but: Path):
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path != but:
+            yield path.relative_to(PACKAGE.parent), ast.parse(path.read_text())
+
+
+def optuna_attributes(tree: ast.AST) -> list[str]:
+    """Where `tree` reads or writes optuna's user or system attributes."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in OPTUNA_ATTRIBUTES:
+            found.append(f"{node.lineno} .{node.attr}")
+        if isinstance(node, ast.keyword) and node.arg == "user_attrs":
+            found.append(f"{node.value.lineno} user_attrs=")
+    return found
+
+
+def spelled_statuses(tree: ast.AST) -> list[str]:
+    """Where `tree` spells a stored status, source or claim state as a string: in a comparison
+    (``status == "ok"``, ``in ("ok", ...)``), a ``status=`` or ``source=`` argument, or such a dict entry."""
+
+    def stored(node) -> bool:
+        return isinstance(node, ast.Constant) and node.value in STORED_NAMES
+
+    spelled = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            spelled += [c for side in (node.left, *node.comparators) for c in ast.walk(side) if stored(c)]
+        elif isinstance(node, ast.keyword) and node.arg in ("status", "source") and stored(node.value):
+            spelled.append(node.value)
+        elif isinstance(node, ast.Dict):
+            spelled += [v for k, v in zip(node.keys, node.values)
+                        if isinstance(k, ast.Constant) and k.value in ("status", "source") and stored(v)]
+    return [f"{c.lineno} {c.value!r}" for c in spelled]
+
+
+def test_only_the_study_store_touches_optuna_attributes():
+    assert [f"{name}:{where}" for name, tree in package_sources(but=STORE) for where in optuna_attributes(tree)] == []
+
+
+def test_statuses_are_spelled_as_the_enum_outside_the_store():
+    assert [f"{name}:{where}" for name, tree in package_sources(but=STORE) for where in spelled_statuses(tree)] == []
+
+
+def test_the_checks_find_what_they_forbid():
+    tree = ast.parse(
+        'trial.set_user_attr("x", 1)\n'
+        'study.enqueue_trial(params, user_attrs={"seeded_by": "rules"})\n'
+        'if t.user_attrs["source"] == "measured" or r.status in {"ok", "oom"}: pass\n'
+        'm = Measurement(status="crash")\n'
+        'result = {"status": "timeout"}\n'
+    )
+    assert optuna_attributes(tree) == ["1 .set_user_attr", "2 user_attrs=", "3 .user_attrs"]
+    assert sorted(spelled_statuses(tree)) == ["3 'measured'", "3 'ok'", "3 'oom'", "4 'crash'", "5 'timeout'"]
