@@ -26,7 +26,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from advisor.caching import SETTINGS as CACHE_SETTINGS
 from advisor.errors import ConfigError
 from advisor.files import json_type, read_json, write_text_atomic
 from advisor.paths import diffusers_tables
@@ -187,6 +186,12 @@ class Offload(_Section):
     components: list[str] | None = None  # group offload: which components (None = every one)
     resident_blocks: dict[str, int] | None = None  # group offload: component -> blocks kept on the device
 
+    @property
+    def hooks_blocks(self) -> bool:
+        """Whether hooks on the blocks themselves move their weights in (group and sequential
+        offload), so that a block that is not called is not onloaded either."""
+        return self.strategy in ("group", "sequential")
+
     def _check(self) -> None:
         if self.num_blocks_per_group < 1:
             raise ValueError(f"`offload.num_blocks_per_group: {self.num_blocks_per_group}` must be at least 1")
@@ -258,9 +263,20 @@ class Vae(_Section):
     slicing: bool = False
 
 
+# What a config's `cache` takes for each kind, with the default it gets when it gives none (None:
+# required). First Block Cache: 0.08, the milder published threshold; MagCache: MagCacheConfig's
+# defaults, over the steps the pipeline runs; TaylorSeer: the diffusers cache guide's example
+# (`advisor.levers.step_cache`).
+CACHE_SETTINGS = {
+    "first_block": {"threshold": 0.08},
+    "mag": {"threshold": 0.06, "steps": None, "max_skip_steps": 3, "retention_ratio": 0.2},
+    "taylorseer": {"interval": 5, "warmup_steps": 10},
+}
+
+
 @dataclass(frozen=True)
 class Cache(_Section):
-    """Step caching of the denoiser(s) (``enable_cache``); lossy; see `advisor.caching`.
+    """Step caching of the denoiser(s) (``enable_cache``); lossy; see `advisor.levers.step_cache`.
 
     - ``first_block``: First Block Cache runs the first block at every step and skips the rest while
       its output changed by less than ``threshold`` (relative) since the last full step.
@@ -283,7 +299,7 @@ class Cache(_Section):
     warmup_steps: int | None = None  # taylorseer; default 10
 
     def _check(self) -> None:
-        """Each setting belongs to some kinds (`advisor.caching.SETTINGS`); a kind's own settings
+        """Each setting belongs to some kinds (`CACHE_SETTINGS`); a kind's own settings
         left out take their defaults, written out, so the config says what runs."""
         own = CACHE_SETTINGS[self.kind]
         for key in ("threshold", "steps", "max_skip_steps", "retention_ratio", "interval", "warmup_steps"):

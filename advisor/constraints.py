@@ -9,9 +9,10 @@ the way out. Everyone who needs to know asks this module:
 - the probe's backend table (`advisor.probe.hardware.quantization_backends`) says what is usable;
 - the GPU kit decides which of its items this GPU can run.
 
-A new lever adds its limits here, once. It sits beside `advisor.config`, below the three tiers, so
-that the probe, the planner and the runner can all import it. Pure Python: no torch;
-`Platform.here()` reads this machine through torch only when a config is about to be applied.
+A lever's limits live in its module (`advisor.levers`) and are checked here with these, once. This
+module sits above the levers and below the three tiers, so that the probe, the planner and the
+runner can all import it. Pure Python: no torch; `platform_here()` reads this machine through torch
+only when a config is about to be applied.
 
 >>> platform = Platform(accelerator=None, compute_capability=None, packages=None)
 >>> config = OptimizationConfig(quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"]))
@@ -21,68 +22,35 @@ that the probe, the planner and the runner can all import it. Pure Python: no to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
-from advisor.attention import DISPATCH_SOURCE, HUB_PACKAGE, PACKAGES, backend_of, is_hub
 from advisor.config import OptimizationConfig, Quantization
+from advisor.levers import LEVERS
+from advisor.levers.attention import PACKAGES as ATTENTION_PACKAGES
 from advisor.packages import installed_versions
 from advisor.paths import hub_offline
-from advisor.units import parse_capability
+from advisor.platform import Constraint, Platform, Violation, on_cuda, version_tuple
+from advisor.platform import constraint as _constraint
 
 DOCS = "https://huggingface.co/docs/diffusers/main/en/optimization"
 
 
-@dataclass(frozen=True)
-class Platform:
-    """The machine a config would run on, as far as the constraints care.
+def platform_here(device: str = "cuda") -> Platform:
+    """This machine as torch sees it, for the GPU `device` names (imports torch)."""
+    import torch
 
-    ``packages`` are installed versions (distribution name -> version or None); ``None`` as a whole
-    means unknown, as when planning for another machine: package checks then pass.
-    """
-
-    accelerator: str | None  # "cuda", or None for a CPU-only machine
-    compute_capability: str | None  # of the GPU the config targets, e.g. "8.9"
-    packages: Mapping[str, str | None] | None
-    cuda_devices: int = 1
-    no_cuda: str = "the target has no CUDA GPU"  # how messages say there is none
-    offline: bool = False  # HF_HUB_OFFLINE: nothing can be downloaded (the attention hub kernels)
-
-    @property
-    def capability(self) -> float:
-        return parse_capability(self.compute_capability)
-
-    def missing(self, package: str) -> bool:
-        """True only when the installed packages are known and `package` is not among them."""
-        return self.packages is not None and not self.packages.get(package)
-
-    @classmethod
-    def of_target(cls, device: str, compute_capability: str | None, packages: Mapping[str, str | None] | None) -> Platform:
-        """The platform of a planning target (`advisor.probe.target.TargetHardware`)."""
-        return cls("cuda" if device == "cuda" else None, compute_capability, packages)
-
-    @classmethod
-    def anywhere(cls) -> Platform:
-        """A machine that has everything: only what no machine can run violates a constraint here."""
-        return cls("cuda", "99.0", None, cuda_devices=2**31)
-
-    @classmethod
-    def here(cls, device: str = "cuda") -> Platform:
-        """This machine as torch sees it, for the GPU `device` names (imports torch)."""
-        import torch
-
-        packages = installed_versions(CHECKED_HERE)
-        offline = hub_offline()
-        if not torch.cuda.is_available():
-            return cls(None, None, packages, 0, f"this machine has no CUDA GPU (torch {torch.__version__})", offline)
-        index = _device_index(device)
-        count = torch.cuda.device_count()
-        major, minor = torch.cuda.get_device_capability(index if index < count else 0)
-        return cls("cuda", f"{major}.{minor}", packages, count, offline=offline)
+    packages = installed_versions(CHECKED_HERE)
+    offline = hub_offline()
+    if not torch.cuda.is_available():
+        return Platform(None, None, packages, 0, f"this machine has no CUDA GPU (torch {torch.__version__})", offline)
+    index = _device_index(device)
+    count = torch.cuda.device_count()
+    major, minor = torch.cuda.get_device_capability(index if index < count else 0)
+    return Platform("cuda", f"{major}.{minor}", packages, count, offline=offline)
 
 
 # The packages a constraint asks about: the quantizers', diffusers and the attention kernels'.
-CHECKED_HERE = ("bitsandbytes", "torchao", "diffusers", *PACKAGES)
+CHECKED_HERE = ("bitsandbytes", "torchao", "diffusers", *ATTENTION_PACKAGES)
 
 
 def _device_index(device: str) -> int:
@@ -90,43 +58,27 @@ def _device_index(device: str) -> int:
     return int(index) if index.isdigit() else 0
 
 
-@dataclass(frozen=True)
-class Constraint:
-    """A limit of the hardware or the libraries: its name, the config key it is about, why, and the source."""
-
-    name: str
-    key: str
-    reason: str
-    source: str
-    check: Callable[[OptimizationConfig, Platform], str | None]
-
-
-@dataclass(frozen=True)
-class Violation:
-    constraint: Constraint
-    message: str  # one line naming the key and the way out
-
-
+# The constraints written here, in the order they are checked; each lever's follow (`every_constraint`).
 CONSTRAINTS: list[Constraint] = []
 
 
 def constraint(name: str, key: str, reason: str, source: str) -> Callable:
     """Register a constraint; the decorated function keeps working on its own (for tests)."""
+    return _constraint(name, key, reason, source, into=CONSTRAINTS)
 
-    def register(fn: Callable[[OptimizationConfig, Platform], str | None]) -> Callable:
-        CONSTRAINTS.append(Constraint(name, key, reason, source, fn))
-        return fn
 
-    return register
+def every_constraint() -> list[Constraint]:
+    """Every constraint, in the order they are checked: those written here, then each lever's."""
+    return [*CONSTRAINTS, *(item for lever in LEVERS for item in lever.constraints)]
 
 
 def named(name: str) -> Constraint:
     """The registered constraint called `name`."""
-    return next(item for item in CONSTRAINTS if item.name == name)
+    return next(item for item in every_constraint() if item.name == name)
 
 
 def _violations(config: OptimizationConfig, platform: Platform) -> Iterator[Violation]:
-    for item in CONSTRAINTS:
+    for item in every_constraint():
         message = item.check(config, platform)
         if message:
             yield Violation(item, message)
@@ -142,21 +94,9 @@ def first_violation(config: OptimizationConfig, platform: Platform) -> Violation
     return next(_violations(config, platform), None)
 
 
-def _on_cuda(config: OptimizationConfig, platform: Platform) -> bool:
-    return platform.accelerator == "cuda" and config.device.startswith("cuda")
-
-
 def _group_offloaded(config: OptimizationConfig, name: str) -> bool:
     offload = config.offload
     return offload.strategy == "group" and (offload.components is None or name in offload.components)
-
-
-def _version(text: str | None) -> tuple[int, ...]:
-    parts = []
-    for piece in (text or "0").split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
 
 
 # --- quantization -------------------------------------------------------------------------------
@@ -208,7 +148,7 @@ def fp8_compute_needs_sm89(config: OptimizationConfig, platform: Platform) -> st
     q = config.quantization
     if q is None or q.kind != "float8_dynamic":
         return None
-    if not _on_cuda(config, platform):
+    if not on_cuda(config, platform):
         return (
             "`quantization.scheme: float8_dynamic` needs a CUDA GPU with compute capability >= 8.9; "
             "on CPU use int8_weight_only, int8_dynamic or float8_weight_only"
@@ -229,7 +169,7 @@ def fp8_compute_needs_sm89(config: OptimizationConfig, platform: Platform) -> st
 )
 def int4_weight_only_needs_cuda(config: OptimizationConfig, platform: Platform) -> str | None:
     q = config.quantization
-    if q is not None and q.kind == "int4_weight_only" and not _on_cuda(config, platform):
+    if q is not None and q.kind == "int4_weight_only" and not on_cuda(config, platform):
         return "`quantization.scheme: int4_weight_only` needs CUDA int4 kernels; on CPU use int8_weight_only, int8_dynamic or float8_weight_only"
     return None
 
@@ -260,7 +200,7 @@ def cpu_offload_needs_cuda(config: OptimizationConfig, platform: Platform) -> st
     f"{DOCS}/memory#cuda-stream",
 )
 def streams_need_cuda(config: OptimizationConfig, platform: Platform) -> str | None:
-    if config.offload.use_stream and not _on_cuda(config, platform):
+    if config.offload.use_stream and not on_cuda(config, platform):
         reason = platform.no_cuda if platform.accelerator != "cuda" else f"`device` is {config.device}"
         return f"`offload.use_stream: true` needs CUDA streams and {reason}; set `offload.use_stream: false`"
     return None
@@ -291,7 +231,7 @@ def device_is_available(config: OptimizationConfig, platform: Platform) -> str |
 )
 def installed_diffusers_supports_it(config: OptimizationConfig, platform: Platform) -> str | None:
     installed = (platform.packages or {}).get("diffusers")
-    if installed is None or _version(installed) >= (0, 33):
+    if installed is None or version_tuple(installed) >= (0, 33):
         return None  # unknown (another machine) or new enough
     if config.compile and config.compile.regional:
         return f"`compile.regional: true` needs diffusers >= 0.33 (compile_repeated_blocks), {installed} is installed; upgrade diffusers"
@@ -373,79 +313,6 @@ def fullgraph_breaks_on_offload_hooks(config: OptimizationConfig, platform: Plat
     return None
 
 
-# --- attention ----------------------------------------------------------------------------------
-# diffusers checks only a backend's package when it is set; device, dtype and capability are
-# checked per call only with DIFFUSERS_ATTN_CHECKS=1, and nothing falls back. So these refuse a
-# kernel that would fail in the first denoising step (`advisor.attention` holds the facts).
-
-_ATTENTION_SOURCE = f"{DOCS}/attention_backends"
-
-
-@constraint(
-    "attention-backend-runs-on-the-device",
-    "attention_backend",
-    "CUDA-only attention kernels (cuDNN, memory-efficient, flash-attn, FlashAttention-3, SageAttention, xformers) "
-    "need a CUDA GPU of the compute capability they have kernels for",
-    _ATTENTION_SOURCE,
-)
-def attention_backend_runs_on_the_device(config: OptimizationConfig, platform: Platform) -> str | None:
-    backend = backend_of(config.attention_backend)
-    if backend is None:
-        return None
-    if not _on_cuda(config, platform):
-        if not backend.cuda_only:
-            return None
-        where = platform.no_cuda if platform.accelerator != "cuda" else f"`device` is {config.device}"
-        return f"`attention_backend: {backend.name}` needs a CUDA GPU and {where}; use `attention_backend: native`"
-    capability = platform.capability
-    if backend.min_capability is not None and capability < backend.min_capability:
-        return (f"`attention_backend: {backend.name}` needs compute capability >= {backend.min_capability}, this GPU has "
-                f"{platform.compute_capability}; use `attention_backend: native`")
-    if backend.max_capability is not None and capability > backend.max_capability:
-        return (f"`attention_backend: {backend.name}` has kernels for compute capability {backend.max_capability} only, "
-                f"this GPU has {platform.compute_capability}; use `attention_backend: native`")
-    return None
-
-
-@constraint(
-    "attention-backend-needs-half-precision",
-    "attention_backend",
-    "flash, FlashAttention-3, cuDNN and SageAttention kernels take bf16 or fp16 q/k/v only",
-    DISPATCH_SOURCE,
-)
-def attention_backend_needs_half_precision(config: OptimizationConfig, platform: Platform) -> str | None:
-    backend = backend_of(config.attention_backend)
-    if backend is not None and backend.half_only and config.dtype == "float32":
-        return f"`attention_backend: {backend.name}` takes bf16 or fp16 only and `dtype` is float32; use `dtype: bfloat16` or `attention_backend: native`"
-    return None
-
-
-@constraint(
-    "attention-backend-installed",
-    "attention_backend",
-    "flash, FlashAttention-3, SageAttention and xformers need their packages (at the versions diffusers requires); "
-    "the *_hub kernels need `kernels` and a download from the Hub",
-    DISPATCH_SOURCE,
-)
-def attention_backend_installed(config: OptimizationConfig, platform: Platform) -> str | None:
-    name = (config.attention_backend or "").lower()
-    if is_hub(name):
-        if platform.offline:
-            return f"`attention_backend: {name}` downloads its kernel from the Hub and HF_HUB_OFFLINE is set; use `attention_backend: native`"
-        if platform.missing(HUB_PACKAGE):
-            return f"`attention_backend: {name}` needs `pip install {HUB_PACKAGE}` (and a download from the Hub); use `attention_backend: native`"
-        return None
-    backend = backend_of(name)
-    if backend is None or backend.package is None or platform.packages is None:
-        return None
-    installed = platform.packages.get(backend.package)
-    if not installed:
-        return f"`attention_backend: {name}` needs `pip install {backend.package}`, which is not installed here; use `attention_backend: native`"
-    if backend.min_version and _version(installed) < _version(backend.min_version):
-        return f"`attention_backend: {name}` needs {backend.package} >= {backend.min_version}, {installed} is installed; upgrade it or use `attention_backend: native`"
-    return None
-
-
 # --- what the probe reports ---------------------------------------------------------------------------
 
 # One representative config per quantization backend the probe's table lists: the backend is
@@ -461,3 +328,5 @@ BACKEND_EXAMPLES: dict[str, Callable[[str], OptimizationConfig]] = {
         device="cuda", quantization=Quantization(backend="torchao", scheme="float8_dynamic", components=["transformer"])
     ),
 }
+
+

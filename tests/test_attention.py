@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from advisor.attention import BACKENDS, PROPOSED
+from advisor.levers.attention import BACKENDS, PROPOSED
 from advisor.config import OptimizationConfig
 from advisor.constraints import Platform, first_violation, violations
 from advisor.errors import ConfigError
@@ -111,7 +111,7 @@ def test_the_probe_table_agrees_with_the_constraints():
 
 
 def test_the_space_offers_only_kernels_that_run_and_are_published_faster():
-    from advisor.plan.space import attention_choices
+    from advisor.levers.attention import attention_choices
 
     assert attention_choices(CPU, "float32") == ["native"]
     assert attention_choices(gpu("9.0"), "bfloat16") == ["native", "_native_cudnn"]  # torch's own: no install assumed
@@ -132,7 +132,7 @@ def test_a_point_names_the_kernel_only_where_there_is_a_choice():
     h100 = make_scenario(profile, make_workload(profile), planned_target(machine=None, gpu="H100"))
     space = SearchSpace.for_scenario(h100)
     plain = SearchSpace.for_profile(profile, device="cuda")
-    assert space.attention == ["native", "_native_cudnn"] and space.size() == 2 * plain.size()
+    assert space.choices("attention") == ["native", "_native_cudnn"] and space.size() == 2 * plain.size()
     points = list(space.points())
     assert {p["attention"] for p in points} == {"native", "_native_cudnn"}
     point = next(p for p in points if p["attention"] == "_native_cudnn")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from advisor.caching import (
+from advisor.levers.step_cache import (
     BLOCK_LISTS,
     CACHE_MODELS,
     MAG_RATIOS,
@@ -107,14 +107,14 @@ def test_caching_is_offered_under_fast_only_and_never_with_offload_hooks():
     from advisor.plan.recommend import recommend
     from advisor.plan.space import SearchSpace, rejection
 
-    assert SearchSpace.for_scenario(_scenario("flux-dev", "RTX 4090", "balanced")).cache == ["none"]
-    assert SearchSpace.for_scenario(_scenario("sdxl", "RTX 4090", "fast")).cache == ["none"]  # a UNet
+    assert SearchSpace.for_scenario(_scenario("flux-dev", "RTX 4090", "balanced")).choices("cache") == ["none"]
+    assert SearchSpace.for_scenario(_scenario("sdxl", "RTX 4090", "fast")).choices("cache") == ["none"]  # a UNet
     fast = _scenario("flux-dev", "RTX 4090", "fast")
     space = SearchSpace.for_scenario(fast)
-    assert space.cache == ["none", "first-block-0.08", "first-block-0.12", "mag", "taylorseer"]
+    assert space.choices("cache") == ["none", "first-block-0.08", "first-block-0.12", "mag", "taylorseer"]
     # MagCache needs the model's ratios (diffusers ships Flux's); SD3's transformer has no enable_cache.
-    assert SearchSpace.for_scenario(_scenario("wan2.1-t2v-14b", "H100", "fast")).cache == ["none", "first-block-0.08", "first-block-0.12", "taylorseer"]
-    assert SearchSpace.for_scenario(_scenario("stabilityai/stable-diffusion-3.5-large", "H100", "fast")).cache == ["none"]
+    assert SearchSpace.for_scenario(_scenario("wan2.1-t2v-14b", "H100", "fast")).choices("cache") == ["none", "first-block-0.08", "first-block-0.12", "taylorseer"]
+    assert SearchSpace.for_scenario(_scenario("stabilityai/stable-diffusion-3.5-large", "H100", "fast")).choices("cache") == ["none"]
     grouped = OptimizationConfig(cache=Cache(threshold=0.08), offload=Offload(strategy="group", use_stream=True))
     assert rejection(grouped, fast) == "first-block-cache-not-with-offload-hooks"
     result = recommend(fast)

@@ -19,7 +19,7 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from advisor.attention import BACKENDS  # noqa: E402
+from advisor.levers.attention import BACKENDS  # noqa: E402
 from advisor.config import Offload, OptimizationConfig, Provenance, Quantization, config_from_dict  # noqa: E402
 from advisor.probe.layout import catalog_entry, catalog_names  # noqa: E402
 

@@ -1,7 +1,8 @@
 """The package's shape: tiers that import one way, no cycles, a torch-free planner, modules of readable size.
 
-Imports run cli -> run -> plan -> probe -> (config, constraints, units, errors, paths). A module-level
-import against that direction, or any cycle, fails here; so does a module over 500 lines.
+Imports run cli -> run -> plan -> probe -> constraints -> levers -> platform -> config -> (units,
+errors, paths, ...). A module-level import against that direction, or any cycle, fails here; so does
+a module over 500 lines.
 """
 
 import ast
@@ -14,7 +15,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "advisor"
 # Lower number = lower layer; a module may import its own layer or lower ones at module level.
-LAYERS = {"errors": 0, "units": 0, "paths": 0, "files": 0, "config": 1, "constraints": 2, "probe": 3, "plan": 4, "run": 5, "trace": 5, "testing": 5, "render": 6, "arguments": 6, "cli": 6}
+LAYERS = {
+    "errors": 0, "units": 0, "paths": 0, "files": 0, "packages": 0, "terminal": 0,
+    "config": 1,
+    "platform": 2,
+    "levers": 3,  # one module per technique: below everyone who plans, checks or applies with them
+    "constraints": 4,
+    "probe": 5,
+    "plan": 6,
+    "run": 7, "trace": 7, "testing": 7,
+    "render": 8, "arguments": 8, "cli": 8,
+}
 
 
 def module_name(path: Path) -> str:

@@ -1,12 +1,19 @@
 """Each piece of knowledge lives in one module: the test reads the package's source (its AST).
 
+- A lever's choices are named only in its own module (`advisor.levers`) and the config schema
+  (`advisor.config`): any other string equal to one of a lever's names fails here, an enum's or a
+  constant's too, so a name hidden behind a new spelling doesn't pass.
 - Optuna's storage is read and written through `advisor.run.trials` alone: no other module names a
   trial's or study's attribute, or spells a status (source, claim state) as a string.
 """
 
 import ast
+import sys
 from pathlib import Path
 
+import pytest
+
+from advisor.levers import LEVERS
 from advisor.run.trials import ClaimState, Source, Status
 
 PACKAGE = Path(__file__).resolve().parent.parent / "advisor"
@@ -15,10 +22,31 @@ OPTUNA_ATTRIBUTES = {"user_attrs", "system_attrs", "set_user_attr", "set_system_
 STORED_NAMES = {member.value for enum in (Status, Source, ClaimState) for member in enum}
 
 
-def package_sources(but: Path):
+SCHEMA = PACKAGE / "config.py"
+
+
+def package_sources(but: Path | tuple[Path, ...]):
+    but = (but,) if isinstance(but, Path) else but
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path != but:
+        if path not in but:
             yield path.relative_to(PACKAGE.parent), ast.parse(path.read_text())
+
+
+def module_of(lever) -> Path:
+    return Path(sys.modules[type(lever).__module__].__file__)
+
+
+def named(tree: ast.AST, names: frozenset[str]) -> list[str]:
+    """Where `tree` has a string constant equal to one of `names`."""
+    return [f"{node.lineno} {node.value!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names]
+
+
+@pytest.mark.parametrize("lever", LEVERS, ids=lambda lever: lever.name)
+def test_a_levers_choices_are_named_only_in_its_module_and_the_config_schema(lever):
+    assert lever.names and "none" not in lever.names
+    assert [f"{name}:{where}" for name, tree in package_sources(but=(module_of(lever), SCHEMA))
+            for where in named(tree, lever.names)] == []
 
 
 def optuna_attributes(tree: ast.AST) -> list[str]:
@@ -60,6 +88,9 @@ def test_statuses_are_spelled_as_the_enum_outside_the_store():
 
 
 def test_the_checks_find_what_they_forbid():
+    # an enum elsewhere that spells a lever's names does not hide them
+    hidden = ast.parse('class CacheKind(Enum):\n    MAG = "mag"\nif config.cache.kind == CacheKind.MAG: pass\n')
+    assert named(hidden, frozenset({"mag"})) == ["2 'mag'"]
     tree = ast.parse(
         'trial.set_user_attr("x", 1)\n'
         'study.enqueue_trial(params, user_attrs={"seeded_by": "rules"})\n'

@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import Any, Callable
 
 from advisor.config import OptimizationConfig
+from advisor.levers import LEVERS, ActivationShape
 from advisor.paths import DATA_DIR
 from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
@@ -223,16 +224,12 @@ def largest_layer_parameters(component: ComponentProfile) -> int:
     return max(math.ceil(largest_block / 8), 1)
 
 
-def cache_residual_bytes(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int, kind: str) -> int:
-    """What a step cache holds between steps (``diffusers/hooks/``): First Block Cache the first
-    block's output and residual and the other blocks' residual, MagCache the last residual and the
-    head block's input (hidden states of the call); TaylorSeer lite two Taylor factors of the
-    denoiser's output (its output channels, not the hidden width)."""
+def activation_shape(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int,
+                     calls: int) -> ActivationShape:
+    """One denoiser call's activations, as a lever's held bytes are made of them (`Lever.held_bytes`)."""
     tokens, hidden = denoiser_tokens(profile, denoiser, workload)
-    if kind == "taylorseer":
-        channels = denoiser.facts.get("out_channels") or denoiser.facts.get("in_channels") or 64
-        return 2 * batch * tokens * int(channels) * dtype_size(dtype)
-    return {"first_block": 3, "mag": 2}[kind] * batch * tokens * hidden * dtype_size(dtype)
+    channels = denoiser.facts.get("out_channels") or denoiser.facts.get("in_channels") or 64
+    return ActivationShape(batch, calls, tokens, hidden, int(channels), dtype_size(dtype))
 
 
 # --- a phase's work, summed over its components ---------------------------------------------------
@@ -245,12 +242,12 @@ def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationCo
     The work depends on the dtype and a few flags only; `memo` (one profile and workload's) keeps
     what was computed.
     """
-    flags = (config.dtype, config.vae.tiling, config.vae.slicing, config.cache.kind if config.cache else None)
-    return _memo(memo, ("phases", *flags), lambda: _phase_work(profile, workload, *flags, memo))
+    flags = (config.dtype, config.vae.tiling, config.vae.slicing, *(lever.work_key(config) for lever in LEVERS))
+    return _memo(memo, ("phases", *flags), lambda: _phase_work(profile, workload, config, memo))
 
 
-def _phase_work(profile: ModelProfile, workload: Workload, dtype: str, tiling: bool, slicing: bool, cache: str | None,
-                memo: dict | None) -> dict[str, Work]:
+def _phase_work(profile: ModelProfile, workload: Workload, config: OptimizationConfig, memo: dict | None) -> dict[str, Work]:
+    dtype = config.dtype
     k = constants()
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
     text = NO_WORK
@@ -261,10 +258,11 @@ def _phase_work(profile: ModelProfile, workload: Workload, dtype: str, tiling: b
         batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
         call = _memo(memo, ("denoise", dtype), lambda: denoiser_work(profile, denoiser, workload, dtype, batch, k))
         calls = 2 if behaviour["cfg"] == "sequential" else 1
-        held = cache_residual_bytes(profile, denoiser, workload, dtype, batch, cache) * calls if cache else 0
+        shape = activation_shape(profile, denoiser, workload, dtype, batch, calls)
+        held = sum(lever.held_bytes(config, shape) for lever in LEVERS)  # what a step cache keeps between steps
         denoise = replace(call.times(calls), activation_bytes=call.activation_bytes + held)
     vae = profile.vae
-    decode = vae_decode_work(vae, workload, dtype, tiling=tiling, slicing=slicing, k=k) if vae else NO_WORK
+    decode = vae_decode_work(vae, workload, dtype, tiling=config.vae.tiling, slicing=config.vae.slicing, k=k) if vae else NO_WORK
     return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
 
 

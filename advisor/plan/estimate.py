@@ -23,10 +23,9 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from advisor.attention import speedup_of
-from advisor.caching import cache_share
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
+from advisor.levers import LEVERS, StepContext
 from advisor.plan.compute import Work, constants, largest_layer_parameters, phase_work, text_work
 from advisor.plan.compute import trace_of as _traced
 from advisor.plan.scenario import Scenario, limited_peak
@@ -472,9 +471,10 @@ def _latency(profile, workload, config, target, weights, works, on_cpu, memo) ->
     calls_per_step = 2 if behaviour["cfg"] == "sequential" else 1
     step_compute = step_transfer = 0.0
     for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
-        cached = cache_share(config.cache, workload.steps, denoiser.class_name) if config.cache else 1.0  # the blocks a cache skips
-        step_compute += cached * _seconds(works["denoising"], target, _speed_factors(config, denoiser.name, generation),
-                                          speedup_of(config.attention_backend, target.device, parse_capability(target.compute_capability)))
+        here = StepContext(target.device, parse_capability(target.compute_capability), workload.steps, denoiser.class_name)
+        share = math.prod(lever.compute_share(config, here) for lever in LEVERS)  # the blocks a step cache skips
+        attention = math.prod(lever.attention_speedup(config, here) for lever in LEVERS)  # a faster kernel
+        step_compute += share * _seconds(works["denoising"], target, _speed_factors(config, denoiser.name, generation), attention)
         step_transfer += _streaming_seconds(denoiser, config, target, weights[denoiser.name], calls_per_step, on_cpu)
     step = _overlapped(step_compute, step_transfer, config)
     # The text encoders and the VAE run once: a group-offloaded one streams its weights in that once.

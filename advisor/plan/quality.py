@@ -7,15 +7,13 @@ takes the fastest whatever it costs.
 
 from __future__ import annotations
 
-from advisor.attention import BACKENDS, backend_of
-from advisor.caching import MAG_SOURCE, TAYLORSEER_SOURCE
-from advisor.caching import SOURCE as CACHE_SOURCE
 from advisor.config import OptimizationConfig
+from advisor.levers import LEVERS
 
 # A lossy pick must be predicted at least this much faster than the best lossless one (balanced).
 CLEAR_WIN = 0.20
 
-# What each lossy storage or compute choice costs in quality, and where that is shown.
+# What each lossy storage choice costs in quality, and where that is shown (a lever's: `Lever.quality_cost`).
 _QUANT_BLOG = "https://huggingface.co/blog/diffusers-quantization"
 QUALITY_COSTS = {
     "nf4": ("4-bit NormalFloat weights: small changes in fine detail, the composition stays", _QUANT_BLOG),
@@ -27,25 +25,13 @@ QUALITY_COSTS = {
     "float8_dynamic": ("fp8 weights and activations: close to bf16, small detail changes", "https://github.com/pytorch/ao/tree/main/torchao/float8"),
     "int4_weight_only": ("int4 weights: visible detail changes on some prompts", _QUANT_BLOG),
     "fp8-storage": ("weights stored in fp8, computed in bf16: near-identical images", "https://huggingface.co/docs/diffusers/main/en/optimization/memory#layerwise-casting"),
-    "sage": ("SageAttention quantizes q and k to int8: near-identical outputs reported for image and video models",
-             BACKENDS["sage"].source),
-    "first_block": ("First Block Cache reuses the other blocks' output on steps whose first block barely changed: "
-                    "fine detail drifts, more at a higher threshold; tune measures it against the lossless output", CACHE_SOURCE),
-    "mag": ("MagCache reuses the last computed step's residual on the steps its ratios mark as near-identical: small "
-            "drift, more at a higher threshold; tune measures it against the lossless output", MAG_SOURCE),
-    "taylorseer": ("TaylorSeer predicts the skipped steps' output by extrapolating the computed ones: soft detail "
-                   "where the output changes fast; tune measures it against the lossless output", TAYLORSEER_SOURCE),
 }
 
 
-def _lossy_attention(config: OptimizationConfig) -> bool:
-    backend = backend_of(config.attention_backend)
-    return backend is not None and backend.lossy
-
-
 def is_lossy(config: OptimizationConfig) -> bool:
-    """Whether the config changes the model's output (quantized or fp8-stored weights, quantized attention, a step cache)."""
-    return config.quantization is not None or config.layerwise_casting is not None or _lossy_attention(config) or config.cache is not None
+    """Whether the config changes the model's output (quantized or fp8-stored weights, or a lossy lever:
+    quantized attention, a step cache)."""
+    return config.quantization is not None or config.layerwise_casting is not None or any(lever.lossy(config) for lever in LEVERS)
 
 
 def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
@@ -54,11 +40,7 @@ def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
         return QUALITY_COSTS[config.quantization.kind]
     if config.layerwise_casting is not None:
         return QUALITY_COSTS["fp8-storage"]
-    if _lossy_attention(config):
-        return QUALITY_COSTS[config.attention_backend.lower()]
-    if config.cache is not None:
-        return QUALITY_COSTS[config.cache.kind]
-    return None
+    return next((cost for lever in LEVERS if (cost := lever.quality_cost(config))), None)
 
 
 # What float16 does to classes trained in bf16, for GPUs without bf16 (compute capability < 8.0):

@@ -12,15 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from advisor.attention import BACKENDS, PROPOSED
-from advisor.caching import MAG_SOURCE, PUBLISHED_BASELINE_S, PUBLISHED_S, TAYLORSEER_SOURCE, cache_share
-from advisor.caching import SOURCE as CACHE_SOURCE
 from advisor.config import Offload, OptimizationConfig
+from advisor.levers import LEVERS
 from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
-from advisor.plan.quality import CLEAR_WIN, QUALITY_COSTS, fp16_warnings, is_lossy, quality_cost
+from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy, quality_cost
 from advisor.plan.rules import TIE, rules_of
 from advisor.plan.scenario import RAM_USABLE, Scenario, smallest_card_for
-from advisor.plan.space import SearchSpace, attention_choices
+from advisor.plan.space import SearchSpace
 from advisor.units import format_size
 
 if TYPE_CHECKING:
@@ -290,10 +288,9 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
             else f" (whole model: {classes} lists no repeated blocks, so compile_repeated_blocks can't be used)"
         )
         reasons.append(f"torch.compile on the denoiser{how}; expect a one-off compile on the first call")
-    if target.device == "cuda":
-        reasons.append(_attention_reason(best, scenario))
-    if config.cache is not None:
-        reasons.append(_cache_reason(best, scenario))
+    for lever in LEVERS:
+        said = lever.reason(config, scenario, result.latency_s, lambda lever=lever: estimate_for(scenario, lever.off(config)).latency_s)
+        reasons += [said] if said else []
     reasons += [f"{r.reason} ({r.source})" for r in rules_of("adjust") if r.name in best.adjusted_by]
     if config.offload.strategy in {"model", "group"}:
         reasons += _offload_guidance(best, feasible, scenario)
@@ -326,63 +323,6 @@ def _partial_against_whole(best: Scored, scenario: Scenario) -> str:
         rivals.append(f"{label} {rival.latency_s:.1f}s (peak {format_size(peak)}, {fits})")
     return (f"partial offload keeps {kept} on the GPU ({why}) and streams the rest: predicted {best.estimate.latency_s:.1f}s, "
             f"against {' and '.join(rivals)}")
-
-
-def _attention_reason(best: Scored, scenario: Scenario) -> str:
-    """The attention kernel: the pick's published speed-up and predicted gain over native, and the
-    faster kernels left out here (not installed, not known to be, or lossy under the policy)."""
-    platform = scenario.platform
-    capability = platform.capability
-    chosen = best.config.attention_backend or "native"
-    if chosen == "native":
-        kernel = "FlashAttention-2" if capability >= 8.0 else "its memory-efficient kernel (FlashAttention-2 needs compute capability 8.0)"
-        said = f"attention: native (torch SDPA, diffusers' default: {kernel} on this GPU in bf16/fp16)"
-    else:
-        native = estimate_for(scenario, best.config.replace(attention_backend=None))
-        backend = BACKENDS[chosen]
-        said = (f"attention: {chosen} ({backend.kernel}), modelled at {backend.speedup_at(capability):.2f}x native's attention "
-                f"at compute capability {platform.compute_capability} ({backend.published}, {backend.source}): predicted "
-                f"{best.estimate.latency_s:.1f}s against {native.latency_s:.1f}s with native; tune measures it")
-    offered = attention_choices(platform, best.config.dtype)
-    missed = []
-    for name in PROPOSED:
-        backend = BACKENDS[name]
-        if name == chosen or backend.speedup_at(capability) <= BACKENDS[chosen].speedup_at(capability):
-            continue
-        if name in offered:
-            why = (f"lossy, and --quality {scenario.quality} prefers lossless" if backend.lossy and scenario.quality != "fast"
-                   else "not faster with the rest of this plan")
-        elif backend.package and platform.packages is None:
-            why = f"needs `pip install {backend.package}`, not assumed on a machine the advisor can't see"
-        else:
-            continue  # can't run on this GPU or dtype (its constraint says why)
-        missed.append(f"{name} ({backend.speedup_at(capability):.1f}x, {why})")
-    return said + ("; faster kernels not taken: " + ", ".join(missed) if missed else "")
-
-
-def _cache_reason(best: Scored, scenario: Scenario) -> str:
-    """The step cache: what it skips, what its saving is modelled on, the predicted gain and the
-    quality cost."""
-    cache = best.config.cache
-    uncached = estimate_for(scenario, best.config.replace(cache=None))
-    denoiser = scenario.profile.by_role("denoiser")[0]
-    share = cache_share(cache, scenario.workload.steps, denoiser.class_name)
-    if cache.kind == "first_block":
-        published = PUBLISHED_S.get(cache.threshold)
-        measured = (f"ParaAttention measured FLUX.1-dev on an L20 at {published:.2f}s against {PUBLISHED_BASELINE_S:.2f}s "
-                    f"({PUBLISHED_BASELINE_S / published:.2f}x) at this threshold, " if published else "")
-        what = (f"the blocks after the first are skipped on steps where its output changed by less than {cache.threshold:.0%}; "
-                f"{measured}modelled as {share:.0%} of the denoising compute ({CACHE_SOURCE})")
-    else:
-        skipped = round((1 - share) * scenario.workload.steps)
-        rule = ("the model's calibrated magnitude ratios decide" if cache.kind == "mag"
-                else "the others' output is predicted by a Taylor expansion of the computed steps")
-        what = (f"every block is skipped on {skipped} of {scenario.workload.steps} steps ({rule}: the same steps whatever the "
-                f"prompt), so {share:.0%} of the denoising compute runs "
-                f"({MAG_SOURCE if cache.kind == 'mag' else TAYLORSEER_SOURCE})")
-    cost, source = QUALITY_COSTS[cache.kind]
-    return (f"{cache.label()}: {what}: predicted {best.estimate.latency_s:.1f}s against {uncached.latency_s:.1f}s without; "
-            f"quality cost: {cost}; offered under --quality fast only")
 
 
 def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[str]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from advisor.config import OptimizationConfig
 from advisor.constraints import DOCS, fullgraph_breaks_on_offload_hooks, named
+from advisor.levers import LEVERS
 from advisor.plan.estimate import decode_changes, estimate_for
 from advisor.plan.quality import is_lossy
 
@@ -57,8 +58,15 @@ def rule(name: str, kind: RuleKind, reason: str, source: str) -> Callable:
     return register
 
 
+def every_rule() -> list[Rule]:
+    """Every rule: those written here, then the levers' filters (what the planner never combines with
+    a lever; `advisor.levers`)."""
+    return [*RULES, *(Rule(f.name, "filter", f.reason, f.source, f.check) for lever in LEVERS for f in lever.filters)]
+
+
 def rules_of(kind: RuleKind) -> list[Rule]:
-    return [r for r in RULES if r.kind == kind]
+    """The rules of `kind`, in the order they are evaluated."""
+    return [r for r in every_rule() if r.kind == kind]
 
 
 # --- filter rules -------------------------------------------------------------------------------
@@ -92,20 +100,6 @@ def dynamic_quantization_needs_compile(config: OptimizationConfig, scenario: Sce
 def exact_quality_is_lossless(config: OptimizationConfig, scenario: Scenario) -> str | None:
     if scenario.quality == "exact" and is_lossy(config):
         return "lossy, and --quality exact asks for none"
-    return None
-
-
-@rule(
-    "first-block-cache-not-with-offload-hooks",
-    "filter",
-    "First Block Cache returns a skipped block's cached residual without calling the block, and so without "
-    "the group or sequential offload hooks beneath it, which onload and prefetch that block: the planner "
-    "doesn't combine them (untested on a GPU)",
-    "https://github.com/huggingface/diffusers/blob/main/src/diffusers/hooks/first_block_cache.py",
-)
-def first_block_cache_not_with_offload_hooks(config: OptimizationConfig, scenario: Scenario) -> str | None:
-    if config.cache is not None and config.offload.strategy in ("group", "sequential"):
-        return "a step cache skips the blocks' offload hooks"
     return None
 
 

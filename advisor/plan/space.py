@@ -1,8 +1,8 @@
-"""The candidate configurations: quantization x offload x compile (x attention x cache), one object for recommend, tune and the GPU kit.
+"""The candidate configurations: quantization x offload x compile (x each lever), one object for recommend, tune and the GPU kit.
 
 A point of the space is a name per dimension (``{"quantization": "nf4[transformer]", "offload":
-"model", "compile": True}``, plus ``"attention"`` and ``"cache"`` where they hold a choice):
-optuna suggests them, the rule engine walks them all.
+"model", "compile": True}``, plus each lever's dimension, ``"attention"`` or ``"cache"``, where it
+holds a choice: `advisor.levers`): optuna suggests them, the rule engine walks them all.
 `SearchSpace.candidate` turns a point into the finished config (`finish`: the adjust rules complete
 it) and says which constraint or filter rule rejects it (`rejection`: "the first rule that fires"
 lives here, and only here).
@@ -16,16 +16,16 @@ lives here, and only here).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
-from advisor.attention import BACKENDS, PROPOSED
-from advisor.caching import MAG_RATIOS, THRESHOLDS, cacheable
-from advisor.config import Cache, Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
-from advisor.constraints import Platform, first_violation
+from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
+from advisor.constraints import first_violation
+from advisor.levers import LEVERS
 from advisor.plan.estimate import resident_blocks_that_fit
 from advisor.plan.rules import rules_of
-from advisor.probe.layout import has_repeated_blocks, repeated_block_classes
+from advisor.probe.layout import has_repeated_blocks
 from advisor.probe.models import ModelProfile
 
 if TYPE_CHECKING:
@@ -91,60 +91,6 @@ def offload_choices(device: str) -> list[Offload]:
     ]
 
 
-def attention_choices(platform: Platform, dtype: str) -> list[str]:
-    """The attention kernels worth searching: ``native`` (diffusers' default, torch SDPA) and each
-    proposed kernel (`advisor.attention.PROPOSED`) that runs on `platform` in `dtype` and is
-    published faster than native at its compute capability. When the packages are unknown
-    (planning another machine) only torch's own kernels count: a pick never assumes an install."""
-    choices = ["native"]
-    if platform.accelerator != "cuda":
-        return choices
-    for name in PROPOSED[1:]:
-        backend = BACKENDS[name]
-        if backend.package and platform.packages is None:
-            continue
-        probe = OptimizationConfig(device="cuda", dtype=dtype, attention_backend=name)
-        if backend.speedup_at(platform.capability) > 1 and first_violation(probe, platform) is None:
-            choices.append(name)
-    return choices
-
-
-def attention_backend(choice: str) -> str | None:
-    """The config's `attention_backend` for a choice: None for native (diffusers' default)."""
-    return None if choice == "native" else choice
-
-
-CACHES = ("none", *(f"first-block-{t:g}" for t in THRESHOLDS), "mag", "taylorseer")
-
-
-def cache_config(choice: str, steps: int) -> Cache | None:
-    """The config's `cache` for a choice: First Block Cache at a published threshold, MagCache at
-    its defaults over the workload's `steps`, TaylorSeer lite at the diffusers guide's settings."""
-    if choice == "none":
-        return None
-    if choice == "mag":
-        return Cache(kind="mag", steps=steps)
-    if choice == "taylorseer":
-        return Cache(kind="taylorseer")
-    return Cache(threshold=float(choice.removeprefix("first-block-")))
-
-
-def cache_choices(profile: ModelProfile, quality: str) -> list[str]:
-    """The step caches (`advisor.caching`), under ``--quality fast`` only (their cost depends on
-    the prompt and is measured only by tune), where every denoiser has diffusers' cache hooks and
-    its blocks are ones they know; MagCache only where diffusers ships the denoiser's ratios."""
-    denoisers = profile.by_role("denoiser")
-
-    def blocked(denoiser) -> str | None:  # a folder's profile knows the list names; the class table, the block classes
-        classes = [b.class_name for b in denoiser.blocks if b.class_name] or repeated_block_classes(denoiser.class_name)
-        return cacheable([b.name for b in denoiser.blocks], classes, denoiser.class_name)
-
-    if quality != "fast" or not denoisers or any(blocked(d) for d in denoisers):
-        return ["none"]
-    with_ratios = all(d.class_name in MAG_RATIOS for d in denoisers)
-    return [choice for choice in CACHES if choice != "mag" or with_ratios]
-
-
 def preferred_dtype(device: str, supports_bf16: bool) -> str:
     """bf16 where the hardware computes it natively; else fp16 on older GPUs and fp32 on CPUs."""
     if supports_bf16:
@@ -207,11 +153,9 @@ class SearchSpace:
     quantization: dict[str, StorageChoice]
     offload: dict[str, Offload]
     compile: list[bool]
-    # Attention kernels (`attention_choices`) and caches (`cache_choices`): optional dimensions,
-    # which a point names only where they hold two or more values.
-    attention: list[str] = field(default_factory=lambda: ["native"])
-    cache: list[str] = field(default_factory=lambda: ["none"])
-    steps: int = 28  # the workload's denoising steps (MagCache lays its ratios over them)
+    # Each lever's dimension (`advisor.levers`): choice name -> the value it sets in the config. A
+    # point names a lever only where it holds two or more choices (`optional_dimensions`).
+    levers: dict[str, dict[str, Any]] = field(default_factory=lambda: {lever.name: {lever.off_choice: None} for lever in LEVERS})
 
     @classmethod
     def for_profile(
@@ -227,9 +171,7 @@ class SearchSpace:
     def for_scenario(cls, scenario: Scenario, *, compile_choices: tuple[bool, ...] = (True, False)) -> SearchSpace:
         target = scenario.target
         space = cls.for_profile(scenario.profile, device=target.device, supports_bf16=target.supports_bf16, compile_choices=compile_choices)
-        space.attention = attention_choices(scenario.platform, space.dtype)
-        space.cache = cache_choices(scenario.profile, scenario.quality)
-        space.steps = scenario.workload.steps
+        space.levers = {lever.name: lever.choices(scenario, space.dtype) for lever in LEVERS}
         return space
 
     def usable(self, scenario: Scenario) -> SearchSpace:
@@ -243,8 +185,8 @@ class SearchSpace:
             if usable_alone(OptimizationConfig(device=self.device, quantization=q, layerwise_casting=c, compile=Compile()))
         }
         offload = {name: o for name, o in self.offload.items() if usable_alone(OptimizationConfig(device=self.device, offload=o))}
-        return SearchSpace(self.profile, self.device, self.dtype, quantization, offload, list(self.compile), list(self.attention),
-                           list(self.cache), self.steps)
+        return SearchSpace(self.profile, self.device, self.dtype, quantization, offload, list(self.compile),
+                           {name: dict(choices) for name, choices in self.levers.items()})
 
     def config(self, params: dict[str, Any]) -> OptimizationConfig:
         """The point's config before the adjust rules complete it.
@@ -265,8 +207,7 @@ class SearchSpace:
             layerwise_casting=casting,
             offload=self.offload[params["offload"]],
             compile=compiled,
-            attention_backend=attention_backend(params.get("attention", "native")),
-            cache=cache_config(params.get("cache", "none"), self.steps),
+            **{lever.key: self.levers[lever.name][params.get(lever.name, lever.off_choice)] for lever in LEVERS},
         )
 
     def candidate(self, params: dict[str, Any], scenario: Scenario) -> Candidate:
@@ -300,20 +241,23 @@ class SearchSpace:
         if offload is None and config.offload.resident_blocks:  # the count is fitted when the point is finished
             offload = "partial"
         compiled = config.compile is not None
-        optional = {"attention": config.attention_backend or "native",
-                    "cache": next((n for n in CACHES if cache_config(n, self.steps) == config.cache), None)}
-        if quantization is None or offload is None or compiled not in self.compile or any(
-                value not in getattr(self, name) for name, value in optional.items()):
+        optional = {lever.name: next((c for c, value in self.levers[lever.name].items() if value == lever.value(config)), None)
+                    for lever in LEVERS}
+        if quantization is None or offload is None or compiled not in self.compile or None in optional.values():
             return None
         return {"quantization": quantization, "offload": offload, "compile": compiled,
                 **{name: value for name, value in optional.items() if name in self.optional_dimensions()}}
 
+    def choices(self, name: str) -> list[str]:
+        """The choices of lever dimension `name`."""
+        return list(self.levers[name])
+
     def optional_dimensions(self) -> dict[str, list[str]]:
-        """The dimensions a point names only where they hold a choice: attention and cache."""
-        return {name: values for name, values in (("attention", self.attention), ("cache", self.cache)) if len(values) > 1}
+        """The lever dimensions a point names only where they hold a choice."""
+        return {name: list(choices) for name, choices in self.levers.items() if len(choices) > 1}
 
     def size(self) -> int:
-        return len(self.quantization) * len(self.offload) * len(self.compile) * len(self.attention) * len(self.cache)
+        return len(self.quantization) * len(self.offload) * len(self.compile) * math.prod(len(c) for c in self.levers.values())
 
     def points(self) -> Iterator[dict[str, Any]]:
         optional = self.optional_dimensions()

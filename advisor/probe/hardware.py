@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advisor.attention import BACKENDS
-from advisor.attention import PACKAGES as ATTENTION_PACKAGES
+from advisor.levers.attention import BACKENDS
+from advisor.levers.attention import PACKAGES as ATTENTION_PACKAGES
 from advisor.config import OptimizationConfig
 from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation
 from advisor.packages import installed_version, installed_versions
@@ -357,7 +357,7 @@ def _platform(packages: dict[str, str | None], gpus: list[GpuInfo]) -> Platform:
 
 
 def attention_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) -> dict[str, BackendStatus]:
-    """Which of diffusers' attention kernels run here (`advisor.attention`), judged by the
+    """Which of diffusers' attention kernels run here (`advisor.levers.attention`), judged by the
     constraints on a bf16 config with that backend, as the planner judges it."""
     platform = _platform(packages, gpus)
     device = "cuda" if gpus else "cpu"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from advisor.constraints import Platform, first_violation
+from advisor.constraints import Platform, first_violation, platform_here
 from advisor.errors import ConfigError
 from advisor.probe.weights import casting_skipped
 from advisor.run.classes import Components
@@ -64,7 +64,7 @@ def check_machine(config: OptimizationConfig) -> None:
 
     check_config(config)
     device = _device(config)
-    violation = first_violation(config, Platform.here(config.device))
+    violation = first_violation(config, platform_here(config.device))
     if violation is not None:
         raise ConfigError(violation.message)
     if device.type not in ("cuda", "cpu"):

@@ -15,7 +15,7 @@ from advisor.errors import ConfigError
 from advisor.run.checks import check_components, check_config
 from advisor.run.classes import Components
 from advisor.run.quantize import dtype_keyword, load_quantization
-from advisor.run.source import Expr, call_source, dtype_expr, source
+from advisor.levers.code import Expr, call_source, dtype_expr, source
 from advisor.run.steps import steps_for, summary
 
 if TYPE_CHECKING:

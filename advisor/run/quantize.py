@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from advisor.errors import ConfigError
 from advisor.run.classes import Components
-from advisor.run.source import call_source, dtype_expr, runtime_value, source
+from advisor.levers.code import call_source, dtype_expr, runtime_value, source
 
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig

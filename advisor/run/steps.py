@@ -15,21 +15,33 @@ Order of the steps (and why):
    before offloading hooks capture them;
 3. device placement: ``pipe.to(device)``, model / sequential CPU offload or group offload;
 4. VAE tiling / slicing (after group offload: diffusers warns about tiling set before streams);
-5. the attention backend, then step caching (its hooks wrap the blocks' forward, as offloading's do);
+5. the levers' steps (`advisor.levers`, in their ``order``): the attention backend, then step
+   caching (its hooks wrap the blocks' forward, as offloading's do);
 6. ``torch.compile`` last: compiling captures the module as it is then, hooks included.
 """
 
 from __future__ import annotations
 
-import importlib
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from advisor.probe.weights import DEFAULT_CASTING_SKIP_PATTERNS, ENCODER_CASTING_SKIP_PATTERNS
+from advisor.levers import LEVERS
+from advisor.levers.code import (
+    Expr,
+    Step,
+    call_source,
+    dtype_expr,
+    function_step,
+    method_step,
+    source,
+    torch_expr,
+)
+from advisor.probe.weights import (
+    DEFAULT_CASTING_SKIP_PATTERNS,
+    ENCODER_CASTING_SKIP_PATTERNS,
+)
 from advisor.run.classes import Components
-from advisor.run.source import Expr, call_source, dtype_expr, runtime_value, source, torch_expr
 
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
@@ -37,49 +49,6 @@ if TYPE_CHECKING:
 
 class ConfigWarning(UserWarning):
     """A config applies, but not quite as written (made for another pipeline or GPU, a skipped option)."""
-
-
-@dataclass(frozen=True)
-class Step:
-    """One post-load action: what it does, the code a user would write, and the function doing it."""
-
-    key: str  # the config key it comes from: compile, layerwise_casting, offload, vae, ...
-    description: str
-    code: str
-    run: Callable[[Any], None] = field(repr=False, compare=False)
-    imports: tuple[str, ...] = ()
-
-    def __call__(self, pipe: Any) -> None:
-        self.run(pipe)
-
-
-def _method_step(
-    key: str,
-    description: str,
-    component: str | None,
-    method: str,
-    args: tuple[Any, ...] = (),
-    kwargs: dict[str, Any] | None = None,
-    imports: tuple[str, ...] = (),
-) -> Step:
-    kwargs = dict(kwargs or {})
-    obj = "pipe" if component is None else f"pipe.{component}"
-
-    def run(pipe: Any) -> None:
-        target = pipe if component is None else getattr(pipe, component)
-        getattr(target, method)(*[runtime_value(a) for a in args], **runtime_value(kwargs))
-
-    return Step(key, description, call_source(f"{obj}.{method}", args, kwargs), run, imports)
-
-
-def _function_step(key: str, description: str, module: str, name: str, component: str, kwargs: dict[str, Any]) -> Step:
-    kwargs = dict(kwargs)
-
-    def run(pipe: Any) -> None:
-        getattr(importlib.import_module(module), name)(getattr(pipe, component), **runtime_value(kwargs))
-
-    code = call_source(name, [Expr(f"pipe.{component}", None)], kwargs)
-    return Step(key, description, code, run, (f"from {module} import {name}",))
 
 
 def _dynamo_step(option: str, value: int | bool) -> Step:
@@ -107,12 +76,12 @@ def _placement_steps(config: OptimizationConfig, components: Components) -> list
     device = config.device
     offload = config.offload
     if offload.strategy == "none":
-        return [_method_step("offload", f"move the pipeline to {device}", None, "to", (device,))]
+        return [method_step("offload", f"move the pipeline to {device}", None, "to", (device,))]
     if offload.strategy in ("model", "sequential"):
         method = "enable_model_cpu_offload" if offload.strategy == "model" else "enable_sequential_cpu_offload"
         kwargs = {} if device == "cuda" else {"device": device}
         what = "whole models" if offload.strategy == "model" else "every layer"
-        return [_method_step("offload", f"{offload.strategy} CPU offload: {what} move to {device} when used", None, method, (), kwargs)]
+        return [method_step("offload", f"{offload.strategy} CPU offload: {what} move to {device} when used", None, method, (), kwargs)]
 
     kwargs: dict[str, Any] = {"onload_device": device, "offload_device": "cpu", "offload_type": offload.offload_type}
     if offload.offload_type == "block_level":
@@ -127,7 +96,7 @@ def _placement_steps(config: OptimizationConfig, components: Components) -> list
     if offload.components is None:
         whole = {**kwargs, "exclude_modules": list(partial)} if partial else kwargs
         others = " but " + ", ".join(partial) if partial else ""
-        steps = [_method_step("offload", f"{what} of every model{others}", None, "enable_group_offload", (), whole)]
+        steps = [method_step("offload", f"{what} of every model{others}", None, "enable_group_offload", (), whole)]
         return steps + [_partial_offload_step(name, count, device, kwargs) for name, count in partial.items()]
 
     steps = []
@@ -136,13 +105,13 @@ def _placement_steps(config: OptimizationConfig, components: Components) -> list
         if name in partial:
             steps.append(_partial_offload_step(name, partial[name], device, kwargs))
         elif components.is_diffusers_model(name):
-            steps.append(_method_step("offload", description, name, "enable_group_offload", (), kwargs))
+            steps.append(method_step("offload", description, name, "enable_group_offload", (), kwargs))
         else:
-            steps.append(_function_step("offload", description, "diffusers.hooks", "apply_group_offloading", name, kwargs))
+            steps.append(function_step("offload", description, "diffusers.hooks", "apply_group_offloading", name, kwargs))
     if components.known:
         for name in sorted(components.modules()):  # by name: a loaded pipe and its model_index.json list them in other orders
             if name not in offload.components:
-                steps.append(_method_step("offload", f"keep {name} on {device}", name, "to", (device,)))
+                steps.append(method_step("offload", f"keep {name} on {device}", name, "to", (device,)))
     else:
         keep = list(offload.components)
 
@@ -219,10 +188,10 @@ def _compile_steps(config: OptimizationConfig, components: Components) -> list[S
             )
         if regional:
             steps.append(
-                _method_step("compile", f"compile the repeated blocks of {name} (regional)", name, "compile_repeated_blocks", (), kwargs)
+                method_step("compile", f"compile the repeated blocks of {name} (regional)", name, "compile_repeated_blocks", (), kwargs)
             )
         else:
-            steps.append(_method_step("compile", f"compile {name}", name, "compile", (), kwargs))
+            steps.append(method_step("compile", f"compile {name}", name, "compile", (), kwargs))
     return steps
 
 
@@ -253,17 +222,17 @@ def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
         for name in config.layerwise_casting.components:
             description = f"store {name} weights in {storage}, compute in {config.dtype}"
             if components.is_diffusers_model(name):
-                steps.append(_method_step("layerwise_casting", description, name, "enable_layerwise_casting", (), kwargs))
+                steps.append(method_step("layerwise_casting", description, name, "enable_layerwise_casting", (), kwargs))
             else:
                 skip = {**kwargs, "skip_modules_pattern": encoder_casting_skips(components.keep_in_fp32(name))}
                 steps.append(
-                    _function_step("layerwise_casting", description, "diffusers.hooks", "apply_layerwise_casting", name, skip)
+                    function_step("layerwise_casting", description, "diffusers.hooks", "apply_layerwise_casting", name, skip)
                 )
 
     if config.channels_last:
         for name in components.denoisers():
             steps.append(
-                _method_step(
+                method_step(
                     "channels_last", f"channels_last memory format for {name}", name, "to", (),
                     {"memory_format": torch_expr("channels_last")},
                 )
@@ -281,60 +250,13 @@ def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
                 f"`vae.{flag}: true` but {components.class_name('vae')} has no {method}(); skipped", ConfigWarning, stacklevel=3
             )
         else:
-            steps.append(_method_step("vae", f"VAE {flag}", "vae", method))
+            steps.append(method_step("vae", f"VAE {flag}", "vae", method))
 
-    if config.attention_backend is not None:
-        for name in components.denoisers():
-            steps.append(
-                _method_step(
-                    "attention_backend", f"{config.attention_backend} attention in {name}", name, "set_attention_backend",
-                    (config.attention_backend,),
-                )
-            )  # fmt: skip
-
-    if config.cache is not None:
-        steps += [_cache_step(config.cache, name) for name in components.denoisers()]
+    for lever in LEVERS:  # in their order: the attention backend, then step caching
+        steps += lever.steps(config, components)
 
     steps += _compile_steps(config, components)
     return steps
-
-
-def _cache_step(cache: Any, name: str) -> Step:
-    """The step cache on denoiser `name`; refused in one line where diffusers' hooks can't reach its
-    blocks or MagCache has no ratios for it (`advisor.caching`), rather than inside the first step."""
-    if cache.kind == "mag":
-        arguments = (f"threshold={cache.threshold!r}, max_skip_steps={cache.max_skip_steps!r}, retention_ratio={cache.retention_ratio!r}, "
-                     f"num_inference_steps={cache.steps!r}, mag_ratios=FLUX_MAG_RATIOS")
-        expression, imports = f"MagCacheConfig({arguments})", ("from diffusers.hooks import MagCacheConfig",
-                                                                "from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS")
-    elif cache.kind == "taylorseer":
-        arguments = f"cache_interval={cache.interval!r}, disable_cache_before_step={cache.warmup_steps!r}, use_lite_mode=True"
-        expression, imports = f"TaylorSeerCacheConfig({arguments})", ("from diffusers.hooks import TaylorSeerCacheConfig",)
-    else:
-        expression, imports = f"FirstBlockCacheConfig(threshold={cache.threshold!r})", ("from diffusers.hooks import FirstBlockCacheConfig",)
-    code = call_source(f"pipe.{name}.enable_cache", [Expr(expression, None)])
-
-    def run(pipe: Any) -> None:
-        import diffusers.hooks
-        import torch
-
-        from advisor.caching import MAG_RATIOS, cacheable
-        from advisor.errors import ConfigError
-
-        model = getattr(pipe, name)
-        lists = {key: child for key, child in model.named_children() if isinstance(child, torch.nn.ModuleList)}
-        why = cacheable(list(lists), sorted({type(block).__name__ for child in lists.values() for block in child}), type(model).__name__)
-        if why is None and cache.kind == "mag" and type(model).__name__ not in MAG_RATIOS:
-            why = (f"diffusers ships MagCache ratios for {', '.join(MAG_RATIOS)} only; calibrate them first "
-                   "(MagCacheConfig(calibrate=True)) and apply MagCache yourself")
-        if why is not None:
-            raise ConfigError(f"`cache` can't apply to {name} ({type(model).__name__}): {why}; remove `cache`")
-        # The code shown, with diffusers' FLUX_MAG_RATIOS as the values `advisor.caching` holds (tests check
-        # they are equal): the module's tensor is made at import, on the meta device if that is when it was.
-        ratios = list(MAG_RATIOS.get(type(model).__name__, ()))
-        model.enable_cache(eval(expression, {**vars(diffusers.hooks), "FLUX_MAG_RATIOS": ratios}))
-
-    return Step("cache", f"{cache.label()} on {name}", code, run, imports)
 
 
 def plan(config: OptimizationConfig, pipe: Any = None, *, model: str | Path | None = None) -> list[Step]:

@@ -89,12 +89,12 @@ def offload_configs(device: str, dtype: str, blocks: int = 0) -> list[tuple[str,
 
 def attention_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
     """bf16 with native attention, then each kernel that runs on this machine and is published at
-    least as fast (`advisor.attention`); on a CPU (the dry run) the unfused math kernel stands in."""
-    from advisor.attention import BACKENDS
+    least as fast (`advisor.levers.attention`); on a CPU (the dry run) the unfused math kernel stands in."""
     from advisor.config import OptimizationConfig
-    from advisor.constraints import Platform, first_violation
+    from advisor.constraints import first_violation, platform_here
+    from advisor.levers.attention import BACKENDS
 
-    platform = Platform.here(device)
+    platform = platform_here(device)
     base = OptimizationConfig(dtype=dtype, device=device)
     names = [name for name, backend in BACKENDS.items()
              if name != "native" and backend.speedup_at(platform.capability) >= 1.0
@@ -323,18 +323,23 @@ def compare_outputs(output: Path, reference: Path) -> dict[str, Any] | None:
 
 
 def cache_configs(device: str, dtype: str, steps: int) -> list[tuple[str, str, Any]]:
-    """The step caches the space offers for Flux (`advisor.plan.space.cache_config`), on bf16 without
-    offload: First Block Cache at its two thresholds, MagCache over the workload's `steps`, TaylorSeer lite."""
-    from advisor.caching import PUBLISHED_BASELINE_S, PUBLISHED_S
+    """The step caches the space offers for Flux under --quality fast (`advisor.levers.step_cache`), on
+    bf16 without offload: First Block Cache at its two thresholds, MagCache over the workload's
+    `steps`, TaylorSeer lite."""
+    from types import SimpleNamespace
+
     from advisor.config import OptimizationConfig
-    from advisor.plan.space import CACHES, cache_config
+    from advisor.levers import lever_named
+    from advisor.levers.step_cache import PUBLISHED_BASELINE_S, PUBLISHED_S
+    from advisor.probe.models import load_profile
 
     def label(choice: str, cache: Any) -> str:
         if cache.kind == "first_block":
             return f"bf16, First Block Cache {cache.threshold:g} (ParaAttention, L20: {PUBLISHED_BASELINE_S / PUBLISHED_S[cache.threshold]:.2f}x)"
         return f"bf16, {cache.label()}"
 
-    caches = [(choice, cache_config(choice, steps)) for choice in CACHES if choice != "none"]
+    flux = SimpleNamespace(profile=load_profile("flux-dev"), quality="fast", workload=SimpleNamespace(steps=steps))
+    caches = [(choice, cache) for choice, cache in lever_named("cache").choices(flux, dtype).items() if cache is not None]
     return [(choice, label(choice, cache), OptimizationConfig(dtype=dtype, device=device, cache=cache)) for choice, cache in caches]
 
 

@@ -4,7 +4,7 @@
 - ``recommend``: the rule engine's pick for 16 GB and 13 GB, measured: does it fit?
 - ``tune``: ``advisor tune --budget 15GB`` with a small trial cap;
 - ``offload``: group offload in four forms and sequential offload against bf16 without offload.
-- ``attention``: native attention against each faster kernel installed here (`advisor.attention`), and
+- ``attention``: native attention against each faster kernel installed here (`advisor.levers.attention`), and
   the step caches (First Block Cache at two thresholds, MagCache, TaylorSeer lite): latency and PSNR against native's output.
 
 Budgets are for full-size FLUX.1-dev; `Kit.scaled_budget` scales them to the model built.

@@ -1,4 +1,4 @@
-"""Step caching of the denoiser: diffusers' step caches, what each needs and what it saves.
+"""The step cache lever: diffusers' step caches, what each needs, saves, holds and costs, and how to apply it.
 
 Three caches skip whole blocks, so their saving is a share of the denoiser's work:
 
@@ -37,10 +37,16 @@ how far its output drifts from the lossless reference.
 It hooks the blocks of the model's top-level block lists whose names diffusers knows
 (``_ALL_TRANSFORMER_BLOCK_IDENTIFIERS``) and whose classes it has registered (their return
 signature, ``TransformerBlockRegistry``): both are copied here from diffusers 0.42.1 and checked
-against the installed package by tests/test_caching.py. Pure data, no torch.
+against the installed package by tests/test_caching.py. Pure Python at import: torch and
+diffusers only inside the apply step.
 """
-
 from __future__ import annotations
+
+from typing import Any, Callable
+
+from advisor.config import CACHE_SETTINGS, Cache, OptimizationConfig
+from advisor.levers.base import ActivationShape, Filter, Lever, StepContext
+from advisor.levers.code import Expr, Step, call_source
 
 SOURCE = "https://huggingface.co/docs/diffusers/main/en/optimization/para_attn"
 
@@ -149,19 +155,7 @@ def taylorseer_computed_steps(steps: int, interval: int, warmup_steps: int) -> l
     return [step < warmup_steps or (step - warmup_steps - 1) % interval == 0 for step in range(steps)]
 
 
-# --- the settings of each kind ---------------------------------------------------------------------
-
-# What a config's `cache` takes for each kind, with the default it gets when it gives none (None:
-# required). First Block Cache: 0.08, the milder published threshold; MagCache: MagCacheConfig's
-# defaults, over the steps the pipeline runs; TaylorSeer: the diffusers cache guide's example.
-SETTINGS = {
-    "first_block": {"threshold": 0.08},
-    "mag": {"threshold": 0.06, "steps": None, "max_skip_steps": 3, "retention_ratio": 0.2},
-    "taylorseer": {"interval": 5, "warmup_steps": 10},
-}
-
-
-def cache_share(cache, steps: int, model_class: str | None) -> float:
+def cache_share(cache: Cache, steps: int, model_class: str | None) -> float:
     """The share of the denoiser's block work that still runs with `cache` over `steps` steps."""
     if cache.kind == "first_block":
         return computed_share(cache.threshold)
@@ -173,3 +167,155 @@ def cache_share(cache, steps: int, model_class: str | None) -> float:
     else:
         run = taylorseer_computed_steps(steps, cache.interval, cache.warmup_steps)
     return sum(run) / len(run)
+
+
+# --- the lever ---------------------------------------------------------------------------------------
+
+# What each kind holds between steps (``diffusers/hooks/``), in tensors of one call's hidden states:
+# First Block Cache the first block's output and residual and the other blocks' residual, MagCache
+# the last residual and the head block's input. TaylorSeer lite holds two Taylor factors of the
+# denoiser's output instead (its output channels, not the hidden width).
+HELD_HIDDEN_STATES = {"first_block": 3, "mag": 2}
+TAYLOR_FACTORS = 2
+
+QUALITY_COSTS = {
+    "first_block": ("First Block Cache reuses the other blocks' output on steps whose first block barely changed: "
+                    "fine detail drifts, more at a higher threshold; tune measures it against the lossless output", SOURCE),
+    "mag": ("MagCache reuses the last computed step's residual on the steps its ratios mark as near-identical: small "
+            "drift, more at a higher threshold; tune measures it against the lossless output", MAG_SOURCE),
+    "taylorseer": ("TaylorSeer predicts the skipped steps' output by extrapolating the computed ones: soft detail "
+                   "where the output changes fast; tune measures it against the lossless output", TAYLORSEER_SOURCE),
+}
+
+
+def _not_with_offload_hooks(config: OptimizationConfig, scenario: Any) -> str | None:
+    if config.cache is not None and config.offload.hooks_blocks:
+        return "a step cache skips the blocks' offload hooks"
+    return None
+
+
+class StepCache(Lever):
+    """First Block Cache, MagCache or TaylorSeer on every denoiser (``enable_cache``)."""
+
+    name = key = "cache"
+    order = 60  # after the attention backend: its hooks wrap the blocks' forward, as offloading's do
+    names = frozenset({*CACHE_SETTINGS, *(f"first-block-{t:g}" for t in THRESHOLDS), "mag", "taylorseer"})
+    filters = (
+        Filter(
+            "first-block-cache-not-with-offload-hooks",
+            "First Block Cache returns a skipped block's cached residual without calling the block, and so without "
+            "the group or sequential offload hooks beneath it, which onload and prefetch that block: the planner "
+            "doesn't combine them (untested on a GPU)",
+            "https://github.com/huggingface/diffusers/blob/main/src/diffusers/hooks/first_block_cache.py",
+            _not_with_offload_hooks,
+        ),
+    )
+
+    def choices(self, scenario: Any, dtype: str) -> dict[str, Cache | None]:
+        """Under ``--quality fast`` only (the cost depends on the prompt and is measured only by
+        tune), where every denoiser has diffusers' cache hooks and its blocks are ones they know:
+        First Block Cache at each published threshold, MagCache at its defaults over the workload's
+        steps (only where diffusers ships the denoiser's ratios), TaylorSeer lite at the diffusers
+        guide's settings."""
+        from advisor.probe.layout import (
+            repeated_block_classes,  # the class table: read where a plan is made
+        )
+
+        denoisers = scenario.profile.by_role("denoiser")
+
+        def blocked(denoiser) -> str | None:  # a folder's profile knows the list names; the class table, the block classes
+            classes = [b.class_name for b in denoiser.blocks if b.class_name] or repeated_block_classes(denoiser.class_name)
+            return cacheable([b.name for b in denoiser.blocks], classes, denoiser.class_name)
+
+        offered: dict[str, Cache | None] = {self.off_choice: None}
+        if scenario.quality != "fast" or not denoisers or any(blocked(d) for d in denoisers):
+            return offered
+        offered |= {f"first-block-{t:g}": Cache(kind="first_block", threshold=t) for t in THRESHOLDS}
+        if all(d.class_name in MAG_RATIOS for d in denoisers):
+            offered["mag"] = Cache(kind="mag", steps=scenario.workload.steps)
+        offered["taylorseer"] = Cache(kind="taylorseer")
+        return offered
+
+    def work_key(self, config: OptimizationConfig) -> str | None:
+        return config.cache.kind if config.cache else None
+
+    def compute_share(self, config: OptimizationConfig, step: StepContext) -> float:
+        return cache_share(config.cache, step.steps, step.denoiser_class) if config.cache else 1.0
+
+    def held_bytes(self, config: OptimizationConfig, shape: ActivationShape) -> int:
+        if config.cache is None:
+            return 0
+        per_call = shape.batch * shape.tokens * shape.dtype_bytes
+        if config.cache.kind == "taylorseer":
+            return TAYLOR_FACTORS * per_call * shape.out_channels * shape.calls
+        return HELD_HIDDEN_STATES[config.cache.kind] * per_call * shape.hidden * shape.calls
+
+    def lossy(self, config: OptimizationConfig) -> bool:
+        return config.cache is not None
+
+    def quality_cost(self, config: OptimizationConfig) -> tuple[str, str] | None:
+        return QUALITY_COSTS[config.cache.kind] if config.cache else None
+
+    def reason(self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]) -> str | None:
+        """What the cache skips, what its saving is modelled on, the predicted gain and the quality cost."""
+        cache = config.cache
+        if cache is None:
+            return None
+        steps = scenario.workload.steps
+        share = cache_share(cache, steps, scenario.profile.by_role("denoiser")[0].class_name)
+        if cache.kind == "first_block":
+            published = PUBLISHED_S.get(cache.threshold)
+            measured = (f"ParaAttention measured FLUX.1-dev on an L20 at {published:.2f}s against {PUBLISHED_BASELINE_S:.2f}s "
+                        f"({PUBLISHED_BASELINE_S / published:.2f}x) at this threshold, " if published else "")
+            what = (f"the blocks after the first are skipped on steps where its output changed by less than {cache.threshold:.0%}; "
+                    f"{measured}modelled as {share:.0%} of the denoising compute ({SOURCE})")
+        else:
+            skipped = round((1 - share) * steps)
+            rule = ("the model's calibrated magnitude ratios decide" if cache.kind == "mag"
+                    else "the others' output is predicted by a Taylor expansion of the computed steps")
+            what = (f"every block is skipped on {skipped} of {steps} steps ({rule}: the same steps whatever the "
+                    f"prompt), so {share:.0%} of the denoising compute runs "
+                    f"({MAG_SOURCE if cache.kind == 'mag' else TAYLORSEER_SOURCE})")
+        cost, _ = QUALITY_COSTS[cache.kind]
+        return (f"{cache.label()}: {what}: predicted {latency_s:.1f}s against {without_s():.1f}s without; "
+                f"quality cost: {cost}; offered under --quality fast only")
+
+    def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
+        return [_cache_step(config.cache, name) for name in components.denoisers()] if config.cache else []
+
+
+def _cache_step(cache: Cache, name: str) -> Step:
+    """The step cache on denoiser `name`; refused in one line where diffusers' hooks can't reach its
+    blocks or MagCache has no ratios for it, rather than inside the first step."""
+    if cache.kind == "mag":
+        arguments = (f"threshold={cache.threshold!r}, max_skip_steps={cache.max_skip_steps!r}, retention_ratio={cache.retention_ratio!r}, "
+                     f"num_inference_steps={cache.steps!r}, mag_ratios=FLUX_MAG_RATIOS")
+        expression, imports = f"MagCacheConfig({arguments})", ("from diffusers.hooks import MagCacheConfig",
+                                                                "from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS")
+    elif cache.kind == "taylorseer":
+        arguments = f"cache_interval={cache.interval!r}, disable_cache_before_step={cache.warmup_steps!r}, use_lite_mode=True"
+        expression, imports = f"TaylorSeerCacheConfig({arguments})", ("from diffusers.hooks import TaylorSeerCacheConfig",)
+    else:
+        expression, imports = f"FirstBlockCacheConfig(threshold={cache.threshold!r})", ("from diffusers.hooks import FirstBlockCacheConfig",)
+    code = call_source(f"pipe.{name}.enable_cache", [Expr(expression, None)])
+
+    def run(pipe: Any) -> None:
+        import diffusers.hooks
+        import torch
+
+        from advisor.errors import ConfigError
+
+        model = getattr(pipe, name)
+        lists = {key: child for key, child in model.named_children() if isinstance(child, torch.nn.ModuleList)}
+        why = cacheable(list(lists), sorted({type(block).__name__ for child in lists.values() for block in child}), type(model).__name__)
+        if why is None and cache.kind == "mag" and type(model).__name__ not in MAG_RATIOS:
+            why = (f"diffusers ships MagCache ratios for {', '.join(MAG_RATIOS)} only; calibrate them first "
+                   "(MagCacheConfig(calibrate=True)) and apply MagCache yourself")
+        if why is not None:
+            raise ConfigError(f"`cache` can't apply to {name} ({type(model).__name__}): {why}; remove `cache`")
+        # The code shown, with diffusers' FLUX_MAG_RATIOS as the values held here (tests check they are
+        # equal): the module's tensor is made at import, on the meta device if that is when it was.
+        ratios = list(MAG_RATIOS.get(type(model).__name__, ()))
+        model.enable_cache(eval(expression, {**vars(diffusers.hooks), "FLUX_MAG_RATIOS": ratios}))
+
+    return Step("cache", f"{cache.label()} on {name}", code, run, imports)

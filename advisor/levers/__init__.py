@@ -1,0 +1,40 @@
+"""The levers: one module per technique, each owning what the advisor knows about it (`Lever`).
+
+`LEVERS` lists them in the order their steps run. The search space, the estimate, the explanation,
+the quality policy, the constraints and the apply steps iterate over it (at call time: a lever
+registered later is seen everywhere) instead of naming a lever's choices; `tests/test_ownership.py`
+fails on any other module that names them.
+
+Moved here so far: the attention kernel (`attention`) and the step cache (`step_cache`). Quantization,
+layerwise casting, offloading, compile and the VAE's tiling and slicing follow (issue 26), and
+until then are planned and applied where they were (`advisor.plan.space`, `advisor.run.steps`).
+
+A new lever is one module with a `Lever` subclass, its config section in `advisor.config`, and an
+entry below (`tests/test_levers.py` adds a made-up one that way and follows it through).
+"""
+
+from __future__ import annotations
+
+from advisor.levers.attention import AttentionKernel
+from advisor.levers.base import ActivationShape, Filter, Lever, StepContext
+from advisor.levers.step_cache import StepCache
+
+LEVERS: list[Lever] = []
+
+__all__ = ["LEVERS", "ActivationShape", "Filter", "Lever", "StepContext", "lever_named", "register"]
+
+
+def register(lever: Lever) -> Lever:
+    """Add `lever` to `LEVERS`, in its order."""
+    LEVERS.append(lever)
+    LEVERS.sort(key=lambda each: each.order)
+    return lever
+
+
+def lever_named(name: str) -> Lever:
+    """The lever of search-space dimension `name`."""
+    return next(lever for lever in LEVERS if lever.name == name)
+
+
+register(AttentionKernel())
+register(StepCache())

@@ -1,0 +1,142 @@
+"""What a lever is: one technique, everything the advisor knows about it, behind one interface.
+
+A lever owns one section of the config (`key`) and one dimension of the search space (`name`). The
+search space, the estimate, the explanation, the quality policy, the constraints and the apply
+steps ask every lever (`advisor.levers.LEVERS`) instead of branching on its choices, the way
+diffusers' hooks are built (``diffusers/hooks/first_block_cache.py``: a config dataclass, a check,
+an apply function, private workers). A method a lever does not override leaves the config as it is.
+
+What each part of the advisor asks, and when:
+
+- `choices`: the search space (`advisor.plan.space`), once per scenario: choice name -> config value;
+- `constraints`: what cannot run where (`advisor.constraints`), `filters`: what the planner never
+  combines (`advisor.plan.rules`; a combination with another lever is judged from the config);
+- `compute_share`, `attention_speedup`: the step's latency (`advisor.plan.estimate`), per device;
+  `held_bytes`: device memory held from step to step (`advisor.plan.compute`), per device;
+- `lossy`, `quality_cost`: the quality policy (`advisor.plan.quality`);
+- `reason`: the line `advisor recommend` explains the pick with (`advisor.plan.recommend`);
+- `load_kwargs`: what loading takes (``from_pretrained``; `advisor.run.quantize.pipeline_kwargs`);
+- `steps`: the post-load steps, run by `advisor.run.apply` and printed by `advisor.run.emit`, at
+  the lever's `order` among the others (`advisor.run.steps`).
+
+Pure Python at import: torch and diffusers only inside a step's ``run``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from advisor.config import OptimizationConfig
+    from advisor.levers.code import Step
+    from advisor.platform import Constraint
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """One denoising step on one device, as the estimate sees it: what a lever's latency terms need.
+    Each device a plan uses gets its own (several GPUs are coming)."""
+
+    device: str  # "cuda" or "cpu"
+    capability: float  # the GPU's compute capability; 0 on a CPU
+    steps: int  # the workload's denoising steps
+    denoiser_class: str  # the denoiser's class name (a lever's facts are often per class)
+
+
+@dataclass(frozen=True)
+class ActivationShape:
+    """One denoiser call's activations on a device: what a lever's held bytes are made of."""
+
+    batch: int  # samples per call (guidance batched in doubles it)
+    calls: int  # calls per step (guidance run as a second call: 2)
+    tokens: int
+    hidden: int  # the denoiser's hidden width
+    out_channels: int  # its output channels (what it returns per token)
+    dtype_bytes: int  # bytes per element at the compute dtype
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A combination the planner never proposes, though it could run (a filter rule of
+    `advisor.plan.rules`): its name, the reason and source a user reads, and the check."""
+
+    name: str
+    reason: str
+    source: str
+    check: Callable[[OptimizationConfig, Any], str | None]  # (config, scenario) -> why, or None
+
+
+class Lever:
+    """One technique. Subclass it in its own module and list it in `advisor.levers.LEVERS`."""
+
+    name: str  # its dimension in a point of the search space (stored in studies: never rename)
+    key: str  # the config field it owns
+    order: int  # where its steps run among the post-load steps (`advisor.run.steps.ORDER`)
+    off_choice: str = "none"  # the choice that leaves the config as it is
+    # Every name of its choices, as the space and the config spell them: no other module but the
+    # config schema's may name one (`tests/test_ownership.py`). "none" is every lever's off choice.
+    names: frozenset[str] = frozenset()
+    constraints: tuple[Constraint, ...] = ()
+    filters: tuple[Filter, ...] = ()
+
+    # --- the config section --------------------------------------------------------------------
+
+    def value(self, config: OptimizationConfig) -> Any:
+        return getattr(config, self.key)
+
+    def is_on(self, config: OptimizationConfig) -> bool:
+        return self.value(config) is not None
+
+    def off(self, config: OptimizationConfig) -> OptimizationConfig:
+        """`config` without this lever (its field at the default)."""
+        return config.replace(**{self.key: None})
+
+    def work_key(self, config: OptimizationConfig) -> Any:
+        """What of this lever changes a phase's work (a memo key): nothing by default."""
+        return None
+
+    # --- the search space ----------------------------------------------------------------------
+
+    def choices(self, scenario: Any, dtype: str) -> dict[str, Any]:
+        """Choice name -> the config value it sets, for `scenario` at compute `dtype`; the first is
+        the off choice. Only the off choice by default."""
+        return {self.off_choice: None}
+
+    # --- cost terms ----------------------------------------------------------------------------
+
+    def compute_share(self, config: OptimizationConfig, step: StepContext) -> float:
+        """The share of the denoiser's work that still runs each step."""
+        return 1.0
+
+    def attention_speedup(self, config: OptimizationConfig, step: StepContext) -> float:
+        """How much faster the attention FLOPs run than with torch's SDPA."""
+        return 1.0
+
+    def held_bytes(self, config: OptimizationConfig, shape: ActivationShape) -> int:
+        """Device bytes held from one step to the next."""
+        return 0
+
+    # --- quality and explanation ---------------------------------------------------------------
+
+    def lossy(self, config: OptimizationConfig) -> bool:
+        return False
+
+    def quality_cost(self, config: OptimizationConfig) -> tuple[str, str] | None:
+        """(what the output loses, source), where the config's choice is lossy."""
+        return None
+
+    def reason(self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]) -> str | None:
+        """The line explaining this lever's part of a pick predicted at `latency_s`; `without_s()`
+        predicts it without the lever (an estimate: call it only when it is said)."""
+        return None
+
+    # --- loading and applying ------------------------------------------------------------------
+
+    def load_kwargs(self, config: OptimizationConfig) -> dict[str, Any]:
+        """What ``from_pretrained`` takes for this lever (a pre-quantized checkpoint, a device map)."""
+        return {}
+
+    def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
+        """Its post-load steps for a pipeline holding `components` (`advisor.run.classes.Components`)."""
+        return []
