@@ -21,6 +21,7 @@ from advisor.errors import (
 )
 from advisor.units import format_size, parse_size
 
+
 __version__ = "0.1.0"
 
 # name -> module it lives in, imported when the name is first used

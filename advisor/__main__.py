@@ -4,4 +4,5 @@ import sys
 
 from advisor.cli import main
 
+
 sys.exit(main())

@@ -33,7 +33,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         wrong = re.search(r"invalid choice: '([^']*)'", message)
         if wrong and self._subparsers is not None:  # a mistyped command: say the near one, or all of them
-            names = [name for action in self._subparsers._group_actions for name in getattr(action, "choices", None) or ()]
+            names = [
+                name for action in self._subparsers._group_actions for name in getattr(action, "choices", None) or ()
+            ]
             near = difflib.get_close_matches(wrong.group(1), names, n=1)
             if not near:
                 raise UsageError(f"no such command: {wrong.group(1)!r}; the commands are {', '.join(names)}")
@@ -63,7 +65,7 @@ def _number_type(flag: str, convert: Callable[[str], Any], problem: str) -> Call
 
 
 PLANNED = ("image", "video")  # what estimate, recommend and tune plan
-KINDS = ("image", "video", "audio")  # what inspect can be told a pipeline is (advisor.probe.models.WORKLOADS)
+KINDS = ("image", "video", "audio")  # what inspect can be told a pipeline is (advisor.probe.facts.WORKLOADS)
 
 
 def workload_kind(kinds: tuple[str, ...]) -> Callable[[str], str]:
@@ -87,8 +89,10 @@ def take_model(namespace: dict) -> None:
     first, flag = namespace.pop("model_argument"), namespace.get("model")
     for given, name in ((first, "MODEL"), (flag, "--model")):
         if given is not None and not given.strip():  # `-m ""`: a slip, not a request for recommend's default
-            raise UsageError(f"{name}: the model is empty ({given!r}); give a hub id, a catalog alias (flux-dev) or a local folder "
-                             "as MODEL or --model")
+            raise UsageError(
+                f"{name}: the model is empty ({given!r}); give a hub id, a catalog alias (flux-dev) or a local folder "
+                "as MODEL or --model"
+            )
     if first and flag and first != flag:
         raise UsageError(f"--model: the model is given twice, as {first!r} and as --model {flag!r}; give it once")
     namespace["model"] = first or flag
@@ -122,89 +126,184 @@ MODEL_HELP = "Hub id, catalog alias, or a local pipeline folder."
 def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.ArgumentParser:
     """The command line: a subcommand per entry of `commands_by_name` (its function runs it, its
     docstring's first line is the help), each option stored under the function's parameter name."""
-    parser = _Parser(prog="advisor", description="Find the fastest way to run a diffusers pipeline within your GPU memory.",
-                     allow_abbrev=False)
+    parser = _Parser(
+        prog="advisor",
+        description="Find the fastest way to run a diffusers pipeline within your GPU memory.",
+        allow_abbrev=False,
+    )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     # Option groups several commands share, each defined once. --debug after the command too
     # (SUPPRESS: where it is not given, it leaves the value before the command alone).
     debug = _Parser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show full tracebacks instead of one-line errors.")
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="Show full tracebacks instead of one-line errors.",
+    )
     # Every command that reads a pipeline takes it first (`advisor estimate flux-dev`) or as --model.
     model = _Parser(add_help=False)
     model.add_argument("model_argument", nargs="?", metavar="MODEL", help=f"{MODEL_HELP} Or give it as --model.")
     model.add_argument("--model", "-m", metavar="MODEL", help=MODEL_HELP)
     job = _Parser(add_help=False)
-    job.add_argument("--workload", type=workload_kind(PLANNED),
-                     help="The workload kind of a pipeline the advisor does not know: image or video.")
-    for flag, what, example in (("--height", "Height in pixels", 1024), ("--width", "Width in pixels", 1024),
-                                ("--frames", "Video frames", 81), ("--steps", "Denoising steps the latency is for", 28)):
-        job.add_argument(flag, type=whole_number(flag, example), metavar="N", help=f"{what} (default: the pipeline's).")
-    job.add_argument("--batch", type=whole_number("--batch", 2), metavar="N", help="Images or videos per prompt (default 1).")
+    job.add_argument(
+        "--workload",
+        type=workload_kind(PLANNED),
+        help="The workload kind of a pipeline the advisor does not know: image or video.",
+    )
+    for flag, what, example in (
+        ("--height", "Height in pixels", 1024),
+        ("--width", "Width in pixels", 1024),
+        ("--frames", "Video frames", 81),
+        ("--steps", "Denoising steps the latency is for", 28),
+    ):
+        job.add_argument(
+            flag, type=whole_number(flag, example), metavar="N", help=f"{what} (default: the pipeline's)."
+        )
+    job.add_argument(
+        "--batch", type=whole_number("--batch", 2), metavar="N", help="Images or videos per prompt (default 1)."
+    )
     machine = _Parser(add_help=False)
     machine.add_argument("--vram", metavar="SIZE", help="Plan for a GPU with this much memory, e.g. 24GB.")
     machine.add_argument("--ram", metavar="SIZE", help="Plan for this much host RAM, e.g. 64GB.")
-    machine.add_argument("--gpu", metavar="NAME", help="Plan for this GPU model, e.g. 'RTX 4090' (see docs/estimate.md).")
+    machine.add_argument(
+        "--gpu", metavar="NAME", help="Plan for this GPU model, e.g. 'RTX 4090' (see docs/estimate.md)."
+    )
     as_json = _Parser(add_help=False)
     as_json.add_argument("--json", dest="as_json", action="store_true", help="Print one JSON object.")
 
     def subcommand(name: str, *groups: argparse.ArgumentParser) -> argparse.ArgumentParser:
         function = commands_by_name[name]
         summary = (function.__doc__ or "").strip().splitlines()[0]
-        sub = commands.add_parser(name, help=summary, description=summary, allow_abbrev=False, parents=[debug, *groups])
+        sub = commands.add_parser(
+            name, help=summary, description=summary, allow_abbrev=False, parents=[debug, *groups]
+        )
         sub.set_defaults(run=function)
         return sub
 
     sub = subcommand("probe", as_json)
-    sub.add_argument("--calibrate", action="store_true",
-                     help="Also measure matmul throughput and host->GPU bandwidth (a few seconds; imports torch).")
+    sub.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="Also measure matmul throughput and host->GPU bandwidth (a few seconds; imports torch).",
+    )
 
     sub = subcommand("inspect", model, as_json)
-    sub.add_argument("--workload", type=workload_kind(KINDS),
-                     help="The workload kind of a pipeline the advisor does not know: image, video or audio.")
-    sub.add_argument("--config", dest="include_config", action="store_true", help="With --json: include each component's config.")
+    sub.add_argument(
+        "--workload",
+        type=workload_kind(KINDS),
+        help="The workload kind of a pipeline the advisor does not know: image, video or audio.",
+    )
+    sub.add_argument(
+        "--config", dest="include_config", action="store_true", help="With --json: include each component's config."
+    )
 
     sub = subcommand("estimate", model, job, machine, as_json)
-    sub.add_argument("--config", dest="config_file", metavar="FILE", help="An advisor config file (default: plain bf16, no offload).")
+    sub.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="FILE",
+        help="An advisor config file (default: plain bf16, no offload).",
+    )
 
     sub = subcommand("recommend", model, job, machine, as_json)
-    sub.add_argument("--budget", metavar="SIZE", help="GPU memory the run may use, e.g. 16GB (default: free VRAM minus a reserve).")
-    sub.add_argument("--no-compile", action="store_true", help="Leave torch.compile out (no warm-up compile on the first call).")
-    sub.add_argument("--quality", default="balanced",
-                     help="exact: nothing lossy; balanced (default): lossy only when nothing lossless fits or it is "
-                          f">={CLEAR_WIN * 100:g}%% faster; "
-                          "fast: the fastest.")
-    sub.add_argument("--output", "-o", metavar="FILE", help="Write the chosen config to this file (for advisor.load_config).")
+    sub.add_argument(
+        "--budget", metavar="SIZE", help="GPU memory the run may use, e.g. 16GB (default: free VRAM minus a reserve)."
+    )
+    sub.add_argument(
+        "--no-compile", action="store_true", help="Leave torch.compile out (no warm-up compile on the first call)."
+    )
+    sub.add_argument(
+        "--quality",
+        default="balanced",
+        help="exact: nothing lossy; balanced (default): lossy only when nothing lossless fits or it is "
+        f">={CLEAR_WIN * 100:g}%% faster; "
+        "fast: the fastest.",
+    )
+    sub.add_argument(
+        "--output", "-o", metavar="FILE", help="Write the chosen config to this file (for advisor.load_config)."
+    )
     sub.add_argument("--emit", help="Print code instead of the summary: 'python'.")
 
     sub = subcommand("tune", model, job, as_json)
-    sub.add_argument("--budget", required=True, metavar="SIZE",
-                     help="Memory the run may use, e.g. 12GB (GPU memory; RAM on a CPU-only machine).")
-    sub.add_argument("--trials", type=whole_number("--trials", TRIALS), default=TRIALS, metavar="N",
-                     help="Distinct configurations the study should measure (default %(default)d; a rerun resumes up to this).")
-    sub.add_argument("--trial-timeout", type=number("--trial-timeout", TRIAL_TIMEOUT_S), default=TRIAL_TIMEOUT_S, metavar="SECONDS",
-                     help="Seconds one trial may take before it counts as a timeout (default %(default)g).")
-    sub.add_argument("--tolerance", type=number("--tolerance", TOLERANCE), default=TOLERANCE, metavar="FRACTION",
-                     help=f"Time rounds until the latency's spread is within this fraction of it (default {TOLERANCE:g}: ±{TOLERANCE * 100:g}%%), "
-                          "else mark the trial noisy.")
-    sub.add_argument("--confirm", type=whole_number("--confirm", CONFIRM_RUNS), default=CONFIRM_RUNS, metavar="N",
-                     help="After the search, measure the finalists N more times each in fresh processes, taking turns, "
-                          "and pick on the median across processes (default %(default)d; 0: off).")
-    sub.add_argument("--min-psnr", type=number("--min-psnr", MIN_PSNR_DB), default=MIN_PSNR_DB, metavar="DB",
-                     help="A lossy candidate's output must be within this PSNR of the lossless reference, same seed, "
-                          "prompt and steps; under it the candidate is infeasible (default %(default)g; 0: no check).")
-    sub.add_argument("--retry-failed", action="store_true",
-                     help="Measure again the trials that failed in earlier runs, out-of-memory ones too.")
-    sub.add_argument("--no-prune", action="store_true", help="Measure candidates the estimate predicts far over budget too.")
-    sub.add_argument("--no-compile", action="store_true", help="Leave torch.compile out of the search (faster trials).")
-    sub.add_argument("--quality", default="balanced", help="exact: search lossless configurations only; balanced or fast: all.")
-    sub.add_argument("--storage", metavar="URL",
-                     help="Optuna storage: sqlite:///PATH (default ~/.cache/advisor/studies.db), journal:PATH, postgresql://...")
-    sub.add_argument("--study", metavar="NAME", help="Study name (default: derived from model, workload, machine and budget).")
-    sub.add_argument("--workers", type=whole_number("--workers", 2), default=1, metavar="N",
-                     help="Worker processes sharing the study, one per GPU (needs a journal or PostgreSQL storage).")
+    sub.add_argument(
+        "--budget",
+        required=True,
+        metavar="SIZE",
+        help="Memory the run may use, e.g. 12GB (GPU memory; RAM on a CPU-only machine).",
+    )
+    sub.add_argument(
+        "--trials",
+        type=whole_number("--trials", TRIALS),
+        default=TRIALS,
+        metavar="N",
+        help="Distinct configurations the study should measure (default %(default)d; a rerun resumes up to this).",
+    )
+    sub.add_argument(
+        "--trial-timeout",
+        type=number("--trial-timeout", TRIAL_TIMEOUT_S),
+        default=TRIAL_TIMEOUT_S,
+        metavar="SECONDS",
+        help="Seconds one trial may take before it counts as a timeout (default %(default)g).",
+    )
+    sub.add_argument(
+        "--tolerance",
+        type=number("--tolerance", TOLERANCE),
+        default=TOLERANCE,
+        metavar="FRACTION",
+        help=f"Time rounds until the latency's spread is within this fraction of it (default {TOLERANCE:g}: ±{TOLERANCE * 100:g}%%), "
+        "else mark the trial noisy.",
+    )
+    sub.add_argument(
+        "--confirm",
+        type=whole_number("--confirm", CONFIRM_RUNS),
+        default=CONFIRM_RUNS,
+        metavar="N",
+        help="After the search, measure the finalists N more times each in fresh processes, taking turns, "
+        "and pick on the median across processes (default %(default)d; 0: off).",
+    )
+    sub.add_argument(
+        "--min-psnr",
+        type=number("--min-psnr", MIN_PSNR_DB),
+        default=MIN_PSNR_DB,
+        metavar="DB",
+        help="A lossy candidate's output must be within this PSNR of the lossless reference, same seed, "
+        "prompt and steps; under it the candidate is infeasible (default %(default)g; 0: no check).",
+    )
+    sub.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="Measure again the trials that failed in earlier runs, out-of-memory ones too.",
+    )
+    sub.add_argument(
+        "--no-prune", action="store_true", help="Measure candidates the estimate predicts far over budget too."
+    )
+    sub.add_argument(
+        "--no-compile", action="store_true", help="Leave torch.compile out of the search (faster trials)."
+    )
+    sub.add_argument(
+        "--quality", default="balanced", help="exact: search lossless configurations only; balanced or fast: all."
+    )
+    sub.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage: sqlite:///PATH (default ~/.cache/advisor/studies.db), journal:PATH, postgresql://...",
+    )
+    sub.add_argument(
+        "--study", metavar="NAME", help="Study name (default: derived from model, workload, machine and budget)."
+    )
+    sub.add_argument(
+        "--workers",
+        type=whole_number("--workers", 2),
+        default=1,
+        metavar="N",
+        help="Worker processes sharing the study, one per GPU (needs a journal or PostgreSQL storage).",
+    )
     sub.add_argument("--output", "-o", metavar="FILE", help="Write the fastest feasible config to this file.")
-    sub.add_argument("--report", metavar="DIR", help="Write tune.png (latency against peak memory) and summary.md to this folder.")
+    sub.add_argument(
+        "--report", metavar="DIR", help="Write tune.png (latency against peak memory) and summary.md to this folder."
+    )
     sub.add_argument("--quiet", action="store_true", help="No progress display or table (used by worker processes).")
     return parser

@@ -16,11 +16,9 @@ nothing of the run tier. Applying a config is `advisor.apply_config(pipe, config
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import re
-import typing
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +27,8 @@ from typing import Any, Literal
 from advisor.errors import ConfigError
 from advisor.files import json_type, read_json, write_text_atomic
 from advisor.paths import diffusers_tables
+from advisor.schema import STRICT, Section, at_least_one
+
 
 SCHEMA_VERSION = 1
 
@@ -42,75 +42,10 @@ _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # The devices a config can name: what the planner and `apply` know how to place a pipeline on.
 _DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 VALID_DEVICES = "cpu, cuda or cuda:N (N the CUDA device index, e.g. cuda:1)"
-# How pydantic checks a section of a loaded file; Provenance relaxes `strict` (it is a record).
-_STRICT = {"extra": "forbid", "strict": True}
-
-
-_S = typing.TypeVar("_S", bound="_Section")
-
-
-class _Section:
-    """What every part of a config shares: choices checked when built, `replace`, plain data.
-
-    A subclass names its key in a config file (``_key``) and adds its own checks in ``_check``.
-    """
-
-    _key = ""
-    __pydantic_config__ = _STRICT
-
-    def __post_init__(self) -> None:
-        for name, choices in _choices(type(self)).items():
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                valid = ", ".join(repr(c) for c in choices)
-                raise ValueError(f"`{self._key}{name}: {value!r}` is not valid; use one of {valid}")
-        self._check()
-
-    def _check(self) -> None:
-        """Checks across fields (raise ValueError naming the keys in backticks)."""
-
-    def replace(self: _S, **changes: Any) -> _S:
-        """A copy with `changes` (checked like a new one)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self, *, exclude_none: bool = True) -> dict[str, Any]:
-        """JSON-ready plain data, as a config file holds it (None fields left out by default)."""
-        return {
-            f.name: _plain(value, exclude_none)
-            for f in dataclasses.fields(self)
-            if (value := getattr(self, f.name)) is not None or not exclude_none
-        }
-
-
-def _plain(value: Any, exclude_none: bool) -> Any:
-    if isinstance(value, _Section):
-        return value.to_dict(exclude_none=exclude_none)
-    if isinstance(value, dict):
-        return {k: _plain(v, exclude_none) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v, exclude_none) for v in value]
-    return value
-
-
-@functools.cache
-def _choices(cls: type) -> dict[str, tuple[Any, ...]]:
-    """The allowed values of each field of `cls` typed as a Literal (or an optional one)."""
-    choices = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
-        literals = [arg for arg in options if typing.get_origin(arg) is Literal]
-        if literals:
-            choices[name] = tuple(value for arg in literals for value in typing.get_args(arg))
-    return choices
-
-
-def _at_least_one(key: str, components: list[str] | None) -> None:
-    if components is not None and len(components) < 1:
-        raise ValueError(f"`{key}` must name at least one component")
 
 
 @dataclass(frozen=True)
-class Quantization(_Section):
+class Quantization(Section):
     """Weight quantization at load time (diffusers' ``PipelineQuantizationConfig``).
 
     ``bitsandbytes_4bit`` uses nf4 (or fp4) with ``compute_dtype``; ``torchao`` uses ``scheme``.
@@ -125,7 +60,7 @@ class Quantization(_Section):
     scheme: TorchaoScheme | None = None  # torchao only; default int8_weight_only
 
     def _check(self) -> None:
-        _at_least_one("quantization.components", self.components)
+        at_least_one("quantization.components", self.components)
         if self.quant_type is not None and self.backend != "bitsandbytes_4bit":
             raise ValueError(f"`quantization.quant_type` is for bitsandbytes_4bit, not {self.backend}")
         if self.double_quant and self.backend != "bitsandbytes_4bit":
@@ -147,7 +82,7 @@ class Quantization(_Section):
 
 
 @dataclass(frozen=True)
-class LayerwiseCasting(_Section):
+class LayerwiseCasting(Section):
     """Store weights in fp8 and upcast per layer at compute time (``enable_layerwise_casting``)."""
 
     _key = "layerwise_casting."
@@ -156,11 +91,11 @@ class LayerwiseCasting(_Section):
     storage_dtype: Literal["float8_e4m3fn", "float8_e5m2"] = "float8_e4m3fn"
 
     def _check(self) -> None:
-        _at_least_one("layerwise_casting.components", self.components)
+        at_least_one("layerwise_casting.components", self.components)
 
 
 @dataclass(frozen=True)
-class Offload(_Section):
+class Offload(Section):
     """Where weights live between uses.
 
     - ``model``: whole components move to the GPU one at a time (``enable_model_cpu_offload``).
@@ -213,13 +148,16 @@ class Offload(_Section):
 
     def _check_resident_blocks(self, resident: dict[str, int]) -> None:
         if self.offload_type != "block_level":
-            raise ValueError("`offload.resident_blocks` keeps whole blocks resident; it needs `offload.offload_type: block_level`")
+            raise ValueError(
+                "`offload.resident_blocks` keeps whole blocks resident; it needs `offload.offload_type: block_level`"
+            )
         for name, count in resident.items():
             if isinstance(count, bool) or count < 1:
                 raise ValueError(f"`offload.resident_blocks.{name}: {count}` must be a whole number of blocks >= 1")
             if self.components is not None and name not in self.components:
-                raise ValueError(f"`offload.resident_blocks` names {name!r}, which `offload.components` does not offload")
-
+                raise ValueError(
+                    f"`offload.resident_blocks` names {name!r}, which `offload.components` does not offload"
+                )
 
     def label(self) -> str:
         if self.strategy == "none":
@@ -236,7 +174,7 @@ class Offload(_Section):
 
 
 @dataclass(frozen=True)
-class Compile(_Section):
+class Compile(Section):
     """``torch.compile`` on components, with the dynamo flags the combination needs."""
 
     _key = "compile."
@@ -252,11 +190,11 @@ class Compile(_Section):
     dynamo_config: dict[str, int | bool] = field(default_factory=dict)
 
     def _check(self) -> None:
-        _at_least_one("compile.components", self.components)
+        at_least_one("compile.components", self.components)
 
 
 @dataclass(frozen=True)
-class Vae(_Section):
+class Vae(Section):
     _key = "vae."
 
     tiling: bool = False
@@ -275,7 +213,7 @@ CACHE_SETTINGS = {
 
 
 @dataclass(frozen=True)
-class Cache(_Section):
+class Cache(Section):
     """Step caching of the denoiser(s) (``enable_cache``); lossy; see `advisor.levers.step_cache`.
 
     - ``first_block``: First Block Cache runs the first block at every step and skips the rest while
@@ -307,15 +245,24 @@ class Cache(_Section):
             if key not in own:
                 if value is not None:
                     kinds = [kind for kind, settings in CACHE_SETTINGS.items() if key in settings]
-                    raise ValueError(f"`cache.{key}` is for kind{'s' * (len(kinds) > 1)} {' and '.join(kinds)}, not {self.kind}")
+                    raise ValueError(
+                        f"`cache.{key}` is for kind{'s' * (len(kinds) > 1)} {' and '.join(kinds)}, not {self.kind}"
+                    )
             elif value is None:
                 if own[key] is None:  # only MagCache's steps
-                    raise ValueError(f"`cache.{key}` is required for kind {self.kind}: the denoising steps the pipeline "
-                                     "runs (its ratios are laid over them)")
+                    raise ValueError(
+                        f"`cache.{key}` is required for kind {self.kind}: the denoising steps the pipeline "
+                        "runs (its ratios are laid over them)"
+                    )
                 object.__setattr__(self, key, own[key])
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ValueError(f"`cache.threshold: {self.threshold}` must be above 0 and at most 1")
-        for key in ("steps", "max_skip_steps", "interval", "warmup_steps"):  # warmup: TaylorSeer predicts from computed steps
+        for key in (
+            "steps",
+            "max_skip_steps",
+            "interval",
+            "warmup_steps",
+        ):  # warmup: TaylorSeer predicts from computed steps
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"`cache.{key}: {getattr(self, key)}` must be at least 1")
         if self.retention_ratio is not None and not 0 <= self.retention_ratio <= 1:
@@ -330,11 +277,11 @@ class Cache(_Section):
 
 
 @dataclass(frozen=True)
-class Provenance(_Section):
+class Provenance(Section):
     """Where a config came from: what it was made for, by what, and (from tune) what it measured."""
 
     _key = "provenance."
-    __pydantic_config__ = {**_STRICT, "strict": False}
+    __pydantic_config__ = {**STRICT, "strict": False}
 
     made_by: Literal["recommend", "tune", "user"] = "user"
     model: str | None = None
@@ -353,7 +300,7 @@ class Provenance(_Section):
 
 
 @dataclass(frozen=True)
-class OptimizationConfig(_Section):
+class OptimizationConfig(Section):
     """Everything that decides how a pipeline is loaded and run. See docs/config.md."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -371,7 +318,9 @@ class OptimizationConfig(_Section):
 
     def _check(self) -> None:
         if not _DEVICE.match(self.device):
-            raise ValueError(f"`device: {self.device!r}` is not a device the advisor places pipelines on; use {VALID_DEVICES}")
+            raise ValueError(
+                f"`device: {self.device!r}` is not a device the advisor places pipelines on; use {VALID_DEVICES}"
+            )
         if self.quantization and self.layerwise_casting:
             both = set(self.quantization.components) & set(self.layerwise_casting.components)
             if both:
@@ -380,11 +329,17 @@ class OptimizationConfig(_Section):
                     "`layerwise_casting.components` must not overlap `quantization.components`"
                 )
         if self.device == "cpu" and self.offload.strategy in {"model", "sequential"}:
-            raise ValueError(f"`offload.strategy: {self.offload.strategy}` moves weights to a GPU; it needs `device: cuda`")
+            raise ValueError(
+                f"`offload.strategy: {self.offload.strategy}` moves weights to a GPU; it needs `device: cuda`"
+            )
         names = diffusers_tables()["attention_backends"] if self.attention_backend is not None else ()
-        if self.attention_backend is not None and self.attention_backend.lower() not in names:  # diffusers reads it case-insensitively
-            raise ValueError(f"`attention_backend: {self.attention_backend!r}` is not one of diffusers' attention backends "
-                             f"(diffusers {diffusers_tables()['diffusers_version']}); use native, or one of {', '.join(names)}")
+        if (
+            self.attention_backend is not None and self.attention_backend.lower() not in names
+        ):  # diffusers reads it case-insensitively
+            raise ValueError(
+                f"`attention_backend: {self.attention_backend!r}` is not one of diffusers' attention backends "
+                f"(diffusers {diffusers_tables()['diffusers_version']}); use native, or one of {', '.join(names)}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OptimizationConfig:
@@ -450,12 +405,18 @@ def config_from_dict(data: Any, *, source: str = "config") -> OptimizationConfig
         raise ConfigError(f"{source}: missing 'schema_version' (this advisor writes {SCHEMA_VERSION})")
     if isinstance(version, bool) or not isinstance(version, int):  # True == 1 in Python, not in a schema
         shown = json.dumps(version)[:40]
-        raise ConfigError(f"{source}: schema_version {shown} is not a version number; this advisor writes {SCHEMA_VERSION}")
+        raise ConfigError(
+            f"{source}: schema_version {shown} is not a version number; this advisor writes {SCHEMA_VERSION}"
+        )
     if version != SCHEMA_VERSION:
         newer = isinstance(version, int) and version > SCHEMA_VERSION
         raise ConfigError(
             f"{source}: schema_version {version!r} is "
-            + ("newer than this advisor understands; upgrade advisor" if newer else f"not supported (expected {SCHEMA_VERSION})")
+            + (
+                "newer than this advisor understands; upgrade advisor"
+                if newer
+                else f"not supported (expected {SCHEMA_VERSION})"
+            )
         )
     from pydantic import ValidationError
 

@@ -32,6 +32,7 @@ from advisor.paths import hub_offline
 from advisor.platform import Constraint, Platform, Violation, on_cuda, version_tuple
 from advisor.platform import constraint as _constraint
 
+
 DOCS = "https://huggingface.co/docs/diffusers/main/en/optimization"
 
 
@@ -325,8 +326,7 @@ BACKEND_EXAMPLES: dict[str, Callable[[str], OptimizationConfig]] = {
         device=device, quantization=Quantization(backend="torchao", components=["transformer"])
     ),
     "fp8_compute": lambda device: OptimizationConfig(
-        device="cuda", quantization=Quantization(backend="torchao", scheme="float8_dynamic", components=["transformer"])
+        device="cuda",
+        quantization=Quantization(backend="torchao", scheme="float8_dynamic", components=["transformer"]),
     ),
 }
-
-

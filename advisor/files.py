@@ -24,6 +24,7 @@ from typing import Any
 from advisor.errors import AdvisorError, UsageError
 from advisor.paths import advisor_cache_dir
 
+
 # No config the advisor, diffusers or transformers writes nests deeper than a few levels; a limit
 # far below Python's recursion limit keeps whatever reads the data later (validation, JSON output)
 # from running out of stack on a file that parses.
@@ -72,7 +73,9 @@ def json_type(value: Any) -> str:
         return "boolean"
     if value is None:
         return "null"
-    return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(type(value), type(value).__name__)
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _file_above(filename: object) -> str | None:
@@ -201,7 +204,11 @@ def _not_writable(folder: Path) -> str:
         read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except (OSError, AttributeError):
         read_only = False
-    return f"{folder} is on a read-only file system" if read_only else f"permission denied: can't create files in {folder}"
+    return (
+        f"{folder} is on a read-only file system"
+        if read_only
+        else f"permission denied: can't create files in {folder}"
+    )
 
 
 def check_output_file(path: str | Path, *, flag: str) -> Path:
@@ -336,7 +343,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def _remove_orphaned_temporaries(folder: Path, prefix: str) -> None:
     """Remove the temporary files of saves to the same file whose process is gone."""
     for leftover in folder.glob(f"{glob.escape(prefix)}*.tmp"):
-        owner = leftover.name[len(prefix):].split(".")[0]
+        owner = leftover.name[len(prefix) :].split(".")[0]
         if owner.isdigit() and not pid_alive(int(owner)):
             leftover.unlink(missing_ok=True)
 

@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 DATA_DIR = PACKAGE_DIR / "data"  # generated tables: GPUs, diffusers classes, pipelines, constants
 CATALOG_DIR = PACKAGE_DIR / "catalog"  # one JSON per known pipeline (scripts/build_catalog.py)

@@ -40,7 +40,9 @@ class Platform:
         return self.packages is not None and not self.packages.get(package)
 
     @classmethod
-    def of_target(cls, device: str, compute_capability: str | None, packages: Mapping[str, str | None] | None) -> Platform:
+    def of_target(
+        cls, device: str, compute_capability: str | None, packages: Mapping[str, str | None] | None
+    ) -> Platform:
         """The platform of a planning target (`advisor.probe.target.TargetHardware`)."""
         return cls("cuda" if device == "cuda" else None, compute_capability, packages)
 

@@ -20,6 +20,7 @@ from advisor.plan.quality import is_lossy
 from advisor.run.steps import summary
 from advisor.units import format_size
 
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -74,7 +75,9 @@ def render_tune(result, output: str | None, report=None) -> None:
         table = Table()
         columns = ("#", "configuration", "status", "latency", "peak", "predicted", "quality", "reason")
         for column in columns:
-            table.add_column(column, justify="right" if column in {"#", "latency", "peak", "predicted"} else "left", overflow="fold")
+            table.add_column(
+                column, justify="right" if column in {"#", "latency", "peak", "predicted"} else "left", overflow="fold"
+            )
         for row in rows:
             table.add_row(*(row[column] for column in columns))
         console.print(table)
@@ -90,8 +93,13 @@ def render_tune(result, output: str | None, report=None) -> None:
             _print_wrapped(console, line, "  - ", "    ")
         return
     best = result.best
-    _print_wrapped(console, f"{best.summary}: {format_latency(best)}, peak {format_size(best.peak_bytes)} of "
-                            f"{format_size(result.budget_bytes)} (trial {best.number})", "Fastest that fits: ", "  ")
+    _print_wrapped(
+        console,
+        f"{best.summary}: {format_latency(best)}, peak {format_size(best.peak_bytes)} of "
+        f"{format_size(result.budget_bytes)} (trial {best.number})",
+        "Fastest that fits: ",
+        "  ",
+    )
     if output:
         _print_written(console, output)
 
@@ -100,7 +108,12 @@ def _print_written(console, output: str) -> None:
     """Where the config went, and the line of code that applies it: whole on its own line (code
     is copied, so it is never wrapped; a long path runs past the width, as a URL does)."""
     _print_wrapped(console, f"Config written to {output}; apply it in code with:")
-    console.print(f"  advisor.load_pipeline(model, advisor.load_config({output!r}))", markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"  advisor.load_pipeline(model, advisor.load_config({output!r}))",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _trial_row(t, best) -> dict[str, str]:
@@ -141,8 +154,9 @@ def _print_wrapped(console, text: str, first: str = "", rest: str = "") -> None:
     others (a hanging indent, which rich's own wrapping does not do); never read as markup."""
     width = max(console.width, 40)
     # A word longer than the line (a URL) stays whole: the terminal wraps it, and it stays clickable.
-    lines = textwrap.wrap(text, width=width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
-                          break_long_words=False) or [first]
+    lines = textwrap.wrap(
+        text, width=width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False, break_long_words=False
+    ) or [first]
     console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
@@ -180,8 +194,13 @@ class TuneProgress:
             top.add_column(no_wrap=True)
         top.add_column(ratio=1)
         best = f"best {format_latency(self.best)}: {self.best.summary}" if self.best else "no feasible trial yet"
-        top.add_row("tuning", ProgressBar(total=self.total, completed=self.done, width=16), f"{self.done}/{self.total}",
-                    _clock(now - self.started), best)
+        top.add_row(
+            "tuning",
+            ProgressBar(total=self.total, completed=self.done, width=16),
+            f"{self.done}/{self.total}",
+            _clock(now - self.started),
+            best,
+        )
         if self.current is None:
             return top
         number, configuration, phase, since = self.current
@@ -207,7 +226,10 @@ def render_recommendation(result, config, output: str | None) -> None:
     target = scenario.target
     for note in scenario.notes:
         _print_wrapped(console, note, "note: ", "      ")
-    _print_wrapped(console, f"{scenario.profile.model_id} | {scenario.workload.label()} | {target.name} | quality: {scenario.quality}")
+    _print_wrapped(
+        console,
+        f"{scenario.profile.model_id} | {scenario.workload.label()} | {target.name} | quality: {scenario.quality}",
+    )
     for assumption in scenario.assumptions:
         _print_wrapped(console, assumption, "assumed ", "  ")
     if config is None:
@@ -221,8 +243,13 @@ def render_recommendation(result, config, output: str | None) -> None:
     # On a CPU the budget limits RAM: the peak is the host RAM, shown once.
     peak_label = "peak RAM" if cpu else "peak VRAM"
     host = "" if cpu else f", host RAM {format_size(best.estimate.peak_ram_bytes)}"
-    _print_wrapped(console, f"{peak_label} {format_size(best.estimate.limited_peak(target.device))} of "
-                            f"{format_size(scenario.budget_bytes)} budget{host}, predicted {best.estimate.latency_s:.1f}s", "  ", "  ")
+    _print_wrapped(
+        console,
+        f"{peak_label} {format_size(best.estimate.limited_peak(target.device))} of "
+        f"{format_size(scenario.budget_bytes)} budget{host}, predicted {best.estimate.latency_s:.1f}s",
+        "  ",
+        "  ",
+    )
     console.print("Why:")
     for reason in result.reasons:
         _print_wrapped(console, reason, "  - ", "    ")
@@ -240,7 +267,9 @@ def _print_alternatives(console, alternatives, device: str, peak_label: str) -> 
     rows = []
     for alternative in alternatives:
         estimate = alternative.estimate
-        numbers = [format_size(estimate.limited_peak(device))] + ([] if device == "cpu" else [format_size(estimate.peak_ram_bytes)])
+        numbers = [format_size(estimate.limited_peak(device))] + (
+            [] if device == "cpu" else [format_size(estimate.peak_ram_bytes)]
+        )
         rows.append([*numbers, f"{estimate.latency_s:.1f}s", summary(alternative.config)])
     console.print("Alternatives:")
     _print_columns(console, header, rows, right=set(range(len(header) - 1)))
@@ -287,8 +316,13 @@ def render_probe(profile) -> None:
                 link += f" ({gpu.pcie_bandwidth_bytes_per_s / 1e9:.1f} GB/s host<->GPU)"
             console.print(f"  {gpu.index}  {gpu.name}")
             indent = " " * (4 + len(str(gpu.index)))
-            _print_wrapped(console, f"{format_size(gpu.memory_total_bytes)} total, {format_size(gpu.memory_free_bytes)} free, "
-                                    f"compute capability {gpu.compute_capability or 'unknown'}, {link}", indent, indent)
+            _print_wrapped(
+                console,
+                f"{format_size(gpu.memory_total_bytes)} total, {format_size(gpu.memory_free_bytes)} free, "
+                f"compute capability {gpu.compute_capability or 'unknown'}, {link}",
+                indent,
+                indent,
+            )
         if profile.driver_version:
             console.print(f"  driver {profile.driver_version}, CUDA driver {profile.cuda_driver_version or '-'}")
     else:
@@ -297,21 +331,33 @@ def render_probe(profile) -> None:
     host = profile.host
     cores = f"{host.cpu_cores_physical} physical / {host.cpu_cores_logical} logical cores"
     console.print("Host:")
-    _print_columns(console, None, [
-        ["RAM", f"{format_size(host.ram_available_bytes)} available of {format_size(host.ram_total_bytes)}"],
-        ["swap", f"{format_size(host.swap_free_bytes)} free of {format_size(host.swap_total_bytes)}"],
-        ["CPU", f"{host.cpu_model}, {cores}"],
-        ["HF cache", f"{host.hf_cache_dir} ({format_size(host.hf_cache_free_bytes)} free)"],
-        ["system", f"{host.os}, Python {host.python}"],
-    ])
+    _print_columns(
+        console,
+        None,
+        [
+            ["RAM", f"{format_size(host.ram_available_bytes)} available of {format_size(host.ram_total_bytes)}"],
+            ["swap", f"{format_size(host.swap_free_bytes)} free of {format_size(host.swap_total_bytes)}"],
+            ["CPU", f"{host.cpu_model}, {cores}"],
+            ["HF cache", f"{host.hf_cache_dir} ({format_size(host.hf_cache_free_bytes)} free)"],
+            ["system", f"{host.os}, Python {host.python}"],
+        ],
+    )
     console.print("Software:")
-    _print_columns(console, ["package", "version"],
-                   [[name, version or "not installed"] for name, version in profile.software.packages.items()])
-    for title, backends in (("Quantization backends", profile.software.quantization_backends),
-                            ("Attention backends (set_attention_backend)", profile.software.attention_backends)):
+    _print_columns(
+        console,
+        ["package", "version"],
+        [[name, version or "not installed"] for name, version in profile.software.packages.items()],
+    )
+    for title, backends in (
+        ("Quantization backends", profile.software.quantization_backends),
+        ("Attention backends (set_attention_backend)", profile.software.attention_backends),
+    ):
         console.print(f"{title}:")
-        _print_columns(console, ["backend", "usable", "why"],
-                       [[name, "yes" if status.usable else "no", status.reason] for name, status in backends.items()])
+        _print_columns(
+            console,
+            ["backend", "usable", "why"],
+            [[name, "yes" if status.usable else "no", status.reason] for name, status in backends.items()],
+        )
 
 
 def _print_columns(console, header: list[str] | None, rows: list[list[str]], right: Container[int] = ()) -> None:
@@ -320,7 +366,9 @@ def _print_columns(console, header: list[str] | None, rows: list[list[str]], rig
     widths = [max(len(cell) for cell in column) for column in zip(*([header] if header else []), *rows)][:-1]
 
     def lead(cells: list[str]) -> str:
-        return "  " + "".join((c.rjust(w) if i in right else c.ljust(w)) + "  " for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  " + "".join(
+            (c.rjust(w) if i in right else c.ljust(w)) + "  " for i, (c, w) in enumerate(zip(cells, widths))
+        )
 
     if header:
         console.print(lead(header) + header[-1])
@@ -333,12 +381,17 @@ def render_inspect(profile) -> None:
     """`advisor inspect`: what a pipeline weighs, per component, in plain columns that never cut a
     cell; where a class name leaves no room at this width, it goes on its own line under its row."""
     console = text_console()
-    for line in (f"{profile.model_id}  ({profile.pipeline_class}, from the {profile.source})",
-                 f"workload: {profile.workload} ({profile.workload_reason})",
-                 f"model CPU offload order: {' -> '.join(profile.offload_sequence)}"):
+    for line in (
+        f"{profile.model_id}  ({profile.pipeline_class}, from the {profile.source})",
+        f"workload: {profile.workload} ({profile.workload_reason})",
+        f"model CPU offload order: {' -> '.join(profile.offload_sequence)}",
+    ):
         _print_wrapped(console, line, "", "  ")
     header = ["component", "class", "role", "params", "dtype", "size"]
-    rows = [[c.name, c.class_name, c.role, format_count(c.parameters), c.dtype, format_size(c.bytes)] for c in profile.components]
+    rows = [
+        [c.name, c.class_name, c.role, format_count(c.parameters), c.dtype, format_size(c.bytes)]
+        for c in profile.components
+    ]
     total = ["total", "", "", format_count(profile.parameters), "", format_size(profile.bytes)]
     right = {3, 5}
     widths = [max(len(row[i]) for row in (header, *rows, total)) for i in range(len(header))]
@@ -346,7 +399,10 @@ def render_inspect(profile) -> None:
     shown = [i for i in range(len(header)) if not (below and i == 1)]
 
     def line(cells: list[str]) -> str:
-        return "  " + "  ".join(cells[i].rjust(widths[i]) if i in right else cells[i].ljust(widths[i]) for i in shown).rstrip()
+        return (
+            "  "
+            + "  ".join(cells[i].rjust(widths[i]) if i in right else cells[i].ljust(widths[i]) for i in shown).rstrip()
+        )
 
     console.print(line(header) + ("  (class below)" if below else ""))
     for row in rows:
@@ -358,7 +414,7 @@ def render_inspect(profile) -> None:
 
 def render_estimate(profile, job, target, config, result, fit: Fit | None = None, notes: tuple[str, ...] = ()) -> None:
     """`advisor estimate`: where the workload came from, what was assumed, memory per phase, the
-    peaks, whether they fit the target (`fit`: `advisor.cli.fit_verdict`), the latency."""
+    peaks, whether they fit the target (`fit`: `advisor.cli.commands.fit_verdict`), the latency."""
     from rich.table import Table
 
     console = stdout_console()
@@ -388,18 +444,29 @@ def render_estimate(profile, job, target, config, result, fit: Fit | None = None
     console.print(table)
     ram_parts = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in result.ram_breakdown.items())
     if target.device != "cpu":
-        _print_wrapped(console, f"peak VRAM: {format_size(result.peak_vram_bytes)} reserved by the caching allocator "
-                                f"({format_size(result.peak_vram_allocated_bytes)} allocated, the table's totals; without the CUDA context)",
-                       "", "  ")
+        _print_wrapped(
+            console,
+            f"peak VRAM: {format_size(result.peak_vram_bytes)} reserved by the caching allocator "
+            f"({format_size(result.peak_vram_allocated_bytes)} allocated, the table's totals; without the CUDA context)",
+            "",
+            "  ",
+        )
     _print_wrapped(console, f"peak host RAM: {format_size(result.peak_ram_bytes)} ({ram_parts})", "", "  ")
     if result.disk_bytes:
         console.print(f"disk: {format_size(result.disk_bytes)} of offloaded weights")
     if fit is not None:
         _print_wrapped(console, _fit_line(fit, target, result), "", "  ")
     parts = ", ".join(
-        f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}s" for k, v in result.latency_breakdown.items() if v and not k.startswith("step")
+        f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}s"
+        for k, v in result.latency_breakdown.items()
+        if v and not k.startswith("step")
     )
-    _print_wrapped(console, f"predicted latency: {result.latency_s:.1f}s ({parts}; {result.step_latency_s:.3f}s per step)", "", "  ")
+    _print_wrapped(
+        console,
+        f"predicted latency: {result.latency_s:.1f}s ({parts}; {result.step_latency_s:.3f}s per step)",
+        "",
+        "  ",
+    )
     for note in result.notes:
         _print_wrapped(console, note, "note: ", "      ")
 
@@ -413,8 +480,16 @@ def _fit_line(fit: Fit, target, result) -> str:
     budget = f"the {format_size(fit.budget_bytes)} budget ({origin}: recommend's default)"
     if fit.unfit is None:
         peak = format_size(result.limited_peak(target.device))
-        host = "" if target.device == "cpu" else (f", host RAM {format_size(result.peak_ram_bytes)} within {RAM_USABLE:.0%} of the "
-                                                  f"{format_size(target.ram_available_bytes)} available")
-        return f"fits {target.name}: yes, peak {'RAM' if target.device == 'cpu' else 'VRAM'} {peak} within {budget}{host}"
+        host = (
+            ""
+            if target.device == "cpu"
+            else (
+                f", host RAM {format_size(result.peak_ram_bytes)} within {RAM_USABLE:.0%} of the "
+                f"{format_size(target.ram_available_bytes)} available"
+            )
+        )
+        return (
+            f"fits {target.name}: yes, peak {'RAM' if target.device == 'cpu' else 'VRAM'} {peak} within {budget}{host}"
+        )
     why = fit.unfit.reason + (f" ({origin}: recommend's default)" if fit.unfit.limit == "budget" else "")
     return f"fits {target.name}: NO, {why}; advisor recommend finds a config that fits"

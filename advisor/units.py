@@ -14,6 +14,7 @@ import re
 
 from advisor.errors import UsageError
 
+
 GIB = 2**30  # the "GB" of this project (see above)
 MAX_SIZE = 2**60  # the largest size read (1024 PB): far past any machine, and every estimate stays a finite number
 

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+
 ADVISOR = shutil.which("advisor") or str(Path(sys.executable).with_name("advisor"))
 
 REFERENCE = "python -c 'import diffusers'"
@@ -69,14 +70,18 @@ def main() -> None:
         for label, argv, _ in COMMANDS:
             times[label].append(time_once(argv))
     reference = statistics.median(times[REFERENCE])
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.node()} {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    )
     print(f"{'command':<48} {'median':>9} {'max':>9} {'/ diffusers':>12} {'goal':>7}  ok")
     for label, _, goal in COMMANDS:
         median = statistics.median(times[label])
         ratio = median / reference
         verdict = ("yes" if ratio <= GOAL else "NO") if goal else "-"
-        print(f"{label:<48} {median * 1000:>7.0f}ms {max(times[label]) * 1000:>7.0f}ms {ratio:>12.3f} "
-              f"{f'<={GOAL}' if goal else '-':>7}  {verdict}")
+        print(
+            f"{label:<48} {median * 1000:>7.0f}ms {max(times[label]) * 1000:>7.0f}ms {ratio:>12.3f} "
+            f"{f'<={GOAL}' if goal else '-':>7}  {verdict}"
+        )
 
 
 if __name__ == "__main__":

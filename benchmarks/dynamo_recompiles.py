@@ -33,16 +33,30 @@ def main() -> None:
     profile = profile_from_folder(folder)
     blocks = sum(b.count for b in profile.by_role("denoiser")[0].blocks)
     workload = make_workload(profile, height=32, width=32, steps=8)
-    compiled = Compile(components=["transformer"], regional=True, fullgraph=False, backend="eager", dynamo_config={"cache_size_limit": 1000})
+    compiled = Compile(
+        components=["transformer"],
+        regional=True,
+        fullgraph=False,
+        backend="eager",
+        dynamo_config={"cache_size_limit": 1000},
+    )
     group = dict(strategy="group", components=["transformer"])
     configs = {
         "regional compile, no offload": OptimizationConfig(device="cpu", dtype="float32", compile=compiled),
-        "+ group offload (every block)": OptimizationConfig(device="cpu", dtype="float32", compile=compiled, offload=Offload(**group)),
+        "+ group offload (every block)": OptimizationConfig(
+            device="cpu", dtype="float32", compile=compiled, offload=Offload(**group)
+        ),
         f"+ partial offload ({blocks // 3} of {blocks} resident)": OptimizationConfig(
-            device="cpu", dtype="float32", compile=compiled, offload=Offload(**group, resident_blocks={"transformer": blocks // 3})),
+            device="cpu",
+            dtype="float32",
+            compile=compiled,
+            offload=Offload(**group, resident_blocks={"transformer": blocks // 3}),
+        ),
     }
-    print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}; tiny Flux x{args.scale} "
-          f"({blocks} transformer blocks of 2 classes), {workload.label()}, compile backend eager")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}; tiny Flux x{args.scale} "
+        f"({blocks} transformer blocks of 2 classes), {workload.label()}, compile backend eager"
+    )
     print()
     print("| configuration | calls | frames compiled | unique graphs | graph breaks | latency (s) |")
     print("|---|---|---|---|---|---|")
@@ -50,8 +64,13 @@ def main() -> None:
         m = measure(folder, config, workload, min_rounds=3, max_rounds=3, tolerance=0.5)
         calls = 1 + (m.rounds or 0) * 2  # the warm-up, then two step points per round
         d = m.dynamo or {}
-        print(f"| {label} | {calls} | {d.get('frames_compiled')} | {d.get('unique_graphs')} | {d.get('graph_breaks')} | "
-              f"{m.latency_s:.3f} |" if m.ok else f"| {label} | - | - | - | - | {m.status}: {m.reason} |", flush=True)
+        print(
+            f"| {label} | {calls} | {d.get('frames_compiled')} | {d.get('unique_graphs')} | {d.get('graph_breaks')} | "
+            f"{m.latency_s:.3f} |"
+            if m.ok
+            else f"| {label} | - | - | - | - | {m.status}: {m.reason} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -31,15 +31,23 @@ def configurations(device: str, encoders: list[str]) -> dict[str, OptimizationCo
     configs = {
         "fp32": OptimizationConfig(device=device, dtype="float32"),
         "bf16": OptimizationConfig(device=device),
-        "torchao int8 (transformer + encoders)": OptimizationConfig(device=device, quantization=Quantization(backend="torchao", components=both)),
-        "layerwise fp8 (transformer + encoders)": OptimizationConfig(device=device, layerwise_casting=LayerwiseCasting(components=both)),
+        "torchao int8 (transformer + encoders)": OptimizationConfig(
+            device=device, quantization=Quantization(backend="torchao", components=both)
+        ),
+        "layerwise fp8 (transformer + encoders)": OptimizationConfig(
+            device=device, layerwise_casting=LayerwiseCasting(components=both)
+        ),
         "group offload, block level": OptimizationConfig(device=device, offload=Offload(strategy="group")),
     }
     if device == "cuda":
         configs |= {
-            "nf4 (transformer + encoders)": OptimizationConfig(quantization=Quantization(backend="bitsandbytes_4bit", components=both)),
+            "nf4 (transformer + encoders)": OptimizationConfig(
+                quantization=Quantization(backend="bitsandbytes_4bit", components=both)
+            ),
             "model offload": OptimizationConfig(offload=Offload(strategy="model")),
-            "group offload, leaf + stream": OptimizationConfig(offload=Offload(strategy="group", offload_type="leaf_level", use_stream=True)),
+            "group offload, leaf + stream": OptimizationConfig(
+                offload=Offload(strategy="group", offload_type="leaf_level", use_stream=True)
+            ),
             "sequential offload": OptimizationConfig(offload=Offload(strategy="sequential")),
         }
     return configs
@@ -55,9 +63,14 @@ def main() -> None:
 
     machine = probe_machine()
     target = target_from_probe(machine)
-    print(f"machine: {target.name} ({target.device}), {format_size(machine.host.ram_total_bytes)} RAM, Python {platform.python_version()}")
+    print(
+        f"machine: {target.name} ({target.device}), {format_size(machine.host.ram_total_bytes)} RAM, Python {platform.python_version()}"
+    )
     pipelines = {
-        f"flux-like x{args.scale}": (build_tiny_flux(args.dir / f"flux-x{args.scale}", scale=args.scale), {"height": args.size, "width": args.size}),
+        f"flux-like x{args.scale}": (
+            build_tiny_flux(args.dir / f"flux-x{args.scale}", scale=args.scale),
+            {"height": args.size, "width": args.size},
+        ),
         "wan-like": (build_tiny_wan(args.dir / "wan"), {"height": 32, "width": 32, "frames": 5}),
     }
     what = "max_memory_allocated" if target.device == "cuda" else "peak RSS"
@@ -76,12 +89,18 @@ def main() -> None:
             result = measure(folder, config, workload, step_points=(1, 2), min_rounds=1)
             measured = result.peak_vram_bytes if target.device == "cuda" else result.peak_rss_bytes
             if not result.ok or not measured:
-                print(f"{label:<14} {name:<40} {format_size(predicted_peak):>11} {result.status:>11}  {result.reason or ''}")
+                print(
+                    f"{label:<14} {name:<40} {format_size(predicted_peak):>11} {result.status:>11}  {result.reason or ''}"
+                )
                 continue
             error = (predicted_peak - measured) / measured
-            print(f"{label:<14} {name:<40} {format_size(predicted_peak):>11} {format_size(measured):>11} {error:>+7.1%}")
+            print(
+                f"{label:<14} {name:<40} {format_size(predicted_peak):>11} {format_size(measured):>11} {error:>+7.1%}"
+            )
     median_ms = sorted(estimate_times)[len(estimate_times) // 2] * 1000
-    print(f"estimate cost: median {median_ms:.3f} ms per candidate; benchmark wall time {time.perf_counter() - started:.0f} s")
+    print(
+        f"estimate cost: median {median_ms:.3f} ms per candidate; benchmark wall time {time.perf_counter() - started:.0f} s"
+    )
 
 
 if __name__ == "__main__":

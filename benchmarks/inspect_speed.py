@@ -21,6 +21,7 @@ from pathlib import Path
 
 from advisor.probe.models import profile_from_folder
 
+
 TENSORS = 64  # bf16 matrices of COLS columns, like the Linear weights of a transformer
 COLS = 4096
 SHARDS_ABOVE = 2 * 2**30
@@ -30,7 +31,11 @@ def write_shard(path: Path, first: int, count: int, rows: int) -> None:
     size = rows * COLS * 2
     header, offset = {}, 0
     for i in range(first, first + count):
-        header[f"blocks.{i}.linear.weight"] = {"dtype": "BF16", "shape": [rows, COLS], "data_offsets": [offset, offset + size]}
+        header[f"blocks.{i}.linear.weight"] = {
+            "dtype": "BF16",
+            "shape": [rows, COLS],
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
@@ -45,8 +50,12 @@ def make_pipeline(folder: Path, size_gib: float) -> list[Path]:
     """A one-component pipeline folder with `size_gib` of transformer weights; returns its shards."""
     component = folder / "transformer"
     component.mkdir(parents=True, exist_ok=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
-    (component / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", "num_attention_heads": 24, "attention_head_dim": 128}))
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})
+    )
+    (component / "config.json").write_text(
+        json.dumps({"_class_name": "FluxTransformer2DModel", "num_attention_heads": 24, "attention_head_dim": 128})
+    )
     rows = max(1, round(size_gib * 2**30 / (TENSORS * COLS * 2)))
     total = TENSORS * rows * COLS * 2
     shard_count = max(1, -(-total // SHARDS_ABOVE))
@@ -54,7 +63,11 @@ def make_pipeline(folder: Path, size_gib: float) -> list[Path]:
     paths = []
     for number, first in enumerate(range(0, TENSORS, per_shard), start=1):
         count = min(per_shard, TENSORS - first)
-        name = "diffusion_pytorch_model.safetensors" if shard_count == 1 else f"diffusion_pytorch_model-{number:05d}-of-{shard_count:05d}.safetensors"
+        name = (
+            "diffusion_pytorch_model.safetensors"
+            if shard_count == 1
+            else f"diffusion_pytorch_model-{number:05d}-of-{shard_count:05d}.safetensors"
+        )
         path = component / name
         if not path.exists() or path.stat().st_size < count * rows * COLS * 2:
             write_shard(path, first, count, rows)

@@ -24,12 +24,14 @@ import tempfile
 from pathlib import Path
 
 from advisor.config import Offload, OptimizationConfig
-from advisor.plan.estimate import block_split, estimate, resident_blocks_that_fit, resident_bytes, weight_bytes
+from advisor.plan.estimate import estimate, resident_blocks_that_fit
 from advisor.plan.scenario import make_scenario
+from advisor.plan.weights import block_split, resident_bytes, weight_bytes
 from advisor.probe.models import load_profile
 from advisor.probe.target import planned_target
 from advisor.probe.workload import make_workload
 from advisor.units import format_size, parse_size
+
 
 CARDS = ("RTX 4090", "RTX 4080")
 MODELS = ("black-forest-labs/FLUX.1-dev", "Wan-AI/Wan2.1-T2V-14B-Diffusers")
@@ -52,8 +54,10 @@ def predicted() -> None:
             def row(label: str, offload: Offload, blocks: str, mark: str = "") -> None:
                 e = estimate(profile, workload, base.replace(offload=offload), target)
                 fits = "yes" if e.peak_vram_bytes <= budget else "no"
-                print(f"| {profile.model_id.split('/')[-1]} | {card} ({format_size(budget)}) | {label} | {blocks}{mark} | "
-                      f"{format_size(e.peak_vram_bytes)} | {fits} | {e.latency_s:.1f} s |")
+                print(
+                    f"| {profile.model_id.split('/')[-1]} | {card} ({format_size(budget)}) | {label} | {blocks}{mark} | "
+                    f"{format_size(e.peak_vram_bytes)} | {fits} | {e.latency_s:.1f} s |"
+                )
 
             row("model offload", Offload(strategy="model"), "all, one model at a time")
             row("group, block, stream", Offload(strategy="group", use_stream=True, record_stream=True), "0")
@@ -62,8 +66,12 @@ def predicted() -> None:
             probe = base.replace(offload=Offload(**stream, resident_blocks={"transformer": 1}))
             fit = resident_blocks_that_fit(scenario, probe, "transformer")
             for count in sorted({max(1, total * k // 4) for k in (1, 2, 3)} | {fit, min(fit + 2, total - 1)}):
-                row("partial, stream", Offload(**stream, resident_blocks={"transformer": count}), f"{count} of {total}",
-                    " <- fit" if count == fit else "")
+                row(
+                    "partial, stream",
+                    Offload(**stream, resident_blocks={"transformer": count}),
+                    f"{count} of {total}",
+                    " <- fit" if count == fit else "",
+                )
 
 
 def counted(folder_root: Path) -> None:
@@ -84,23 +92,33 @@ def counted(folder_root: Path) -> None:
     original = ModuleGroup.onload_
     ModuleGroup.onload_ = lambda self: onloads.append(self) or original(self)  # count diffusers' own calls
     try:
-        print("| resident blocks | resident bytes: counted | estimated | groups loaded per call: counted | estimated | same image |")
+        print(
+            "| resident blocks | resident bytes: counted | estimated | groups loaded per call: counted | estimated | same image |"
+        )
         print("|---|---|---|---|---|---|")
         for count in (1, total // 3, 2 * total // 3, total - 1):
-            config = plain.replace(offload=Offload(strategy="group", components=["transformer"],
-                                                                 resident_blocks={"transformer": count}))
+            config = plain.replace(
+                offload=Offload(strategy="group", components=["transformer"], resident_blocks={"transformer": count})
+            )
             pipe = load_pipeline(folder, config)
             calls: list[int] = []
             pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
             onloads.clear()
             image = np.asarray(pipe(**tiny_call_kwargs("image", seed=0)).images)
             groups = {id(g): g for g in onloads}.values()
-            offloaded = {id(p) for g in groups for p in [*g.parameters, *(q for m in g.modules for q in m.parameters())]}
-            resident = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters() if id(p) not in offloaded)
+            offloaded = {
+                id(p) for g in groups for p in [*g.parameters, *(q for m in g.modules for q in m.parameters())]
+            }
+            resident = sum(
+                p.numel() * p.element_size() for p in pipe.transformer.parameters() if id(p) not in offloaded
+            )
             _, sizes = block_split(component, config)
             expected = resident_bytes(component, weight_bytes(component, config), config, active=False)
-            print(f"| {count} of {total} | {format_size(resident)} | {format_size(expected)} | {len(onloads) / len(calls):g} | "
-                  f"{len(sizes) + 1} | {'yes' if np.array_equal(image, reference) else 'NO'} |", flush=True)
+            print(
+                f"| {count} of {total} | {format_size(resident)} | {format_size(expected)} | {len(onloads) / len(calls):g} | "
+                f"{len(sizes) + 1} | {'yes' if np.array_equal(image, reference) else 'NO'} |",
+                flush=True,
+            )
     finally:
         ModuleGroup.onload_ = original
 
@@ -109,7 +127,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "advisor-bench")
     args = parser.parse_args()
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.node()} {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    )
     print()
     predicted()
     print()

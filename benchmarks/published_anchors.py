@@ -29,6 +29,7 @@ from advisor.probe.models import load_profile
 from advisor.probe.target import planned_target
 from advisor.probe.workload import make_workload
 
+
 GIB = 2**30
 BOTH = ["transformer", "text_encoder_2"]
 PEAK_GOAL, LATENCY_GOAL = 0.10, 0.25
@@ -51,14 +52,21 @@ class Row:
     library_difference_gib: float = 0.0
 
 
-PR11106_NOTE = ("the PR states neither GPU nor resolution nor group size: planned on a PCIe 4.0 x16 card (A100 80GB), "
-                "1024x1024, one block per group")
+PR11106_NOTE = (
+    "the PR states neither GPU nor resolution nor group size: planned on a PCIe 4.0 x16 card (A100 80GB), "
+    "1024x1024, one block per group"
+)
 # Libraries changed since these measurements: transformers 4.x kept T5's `_keep_in_fp32_modules`
 # (`wo`, 1.0B parameters) in float32 under bitsandbytes, transformers 5 keeps them at bf16; the
 # estimate models the installed transformers 5, so the blog's and seed page's bitsandbytes rows
 # carry 1.875 GiB more T5 weights than it predicts.
-T5_FP32_WO_GIB = round(load_profile("black-forest-labs/FLUX.1-dev").component("text_encoder_2").keep_in_fp32_parameters * 2 / 2**30, 3)
-BNB = {"note": f"transformers 4.x: +{T5_FP32_WO_GIB} GiB of float32 T5 `wo` the installed 5.x keeps at bf16", "library_difference_gib": T5_FP32_WO_GIB}
+T5_FP32_WO_GIB = round(
+    load_profile("black-forest-labs/FLUX.1-dev").component("text_encoder_2").keep_in_fp32_parameters * 2 / 2**30, 3
+)
+BNB = {
+    "note": f"transformers 4.x: +{T5_FP32_WO_GIB} GiB of float32 T5 `wo` the installed 5.x keeps at bf16",
+    "library_difference_gib": T5_FP32_WO_GIB,
+}
 
 
 def rows() -> list[Row]:
@@ -72,38 +80,134 @@ def rows() -> list[Row]:
         ("torchao fp8 weight-only", quant("torchao", "float8_weight_only"), 17.016, 21.488, 15),
     ]
     out = [
-        Row("blog", label, "H100", 50, OptimizationConfig(quantization=q), {"load_gib": load, "peak_reserved_gib": peak, "latency_s": s},
-            **(BNB if q and q.backend.startswith("bitsandbytes") else {}))
+        Row(
+            "blog",
+            label,
+            "H100",
+            50,
+            OptimizationConfig(quantization=q),
+            {"load_gib": load, "peak_reserved_gib": peak, "latency_s": s},
+            **(BNB if q and q.backend.startswith("bitsandbytes") else {}),
+        )
         for label, q, load, peak, s in blog
     ]
-    out.append(Row("blog", "layerwise fp8 (transformer)", "H100", 50, OptimizationConfig(layerwise_casting=LayerwiseCasting(components=["transformer"])),
-                   {"load_gib": 23.682, "peak_reserved_gib": 28.451, "latency_s": 13}))
+    out.append(
+        Row(
+            "blog",
+            "layerwise fp8 (transformer)",
+            "H100",
+            50,
+            OptimizationConfig(layerwise_casting=LayerwiseCasting(components=["transformer"])),
+            {"load_gib": 23.682, "peak_reserved_gib": 28.451, "latency_s": 13},
+        )
+    )
     nf4 = quant("bitsandbytes_4bit")
     out += [
-        Row("seed", "nf4", "RTX 4090", 28, OptimizationConfig(quantization=nf4), {"peak_allocated_gib": 14.9453, "latency_s": 32.602}, **BNB),
-        Row("seed", "nf4 + compile", "RTX 4090", 28, OptimizationConfig(quantization=nf4, compile=compiled), {"peak_allocated_gib": 14.9448, "latency_s": 25.847}, **BNB),
-        Row("seed", "nf4 + compile + model offload", "RTX 4090", 28,
-            OptimizationConfig(quantization=nf4, compile=compiled, offload=Offload(strategy="model")), {"peak_allocated_gib": 12.2369, "latency_s": 32.312}, **BNB),
+        Row(
+            "seed",
+            "nf4",
+            "RTX 4090",
+            28,
+            OptimizationConfig(quantization=nf4),
+            {"peak_allocated_gib": 14.9453, "latency_s": 32.602},
+            **BNB,
+        ),
+        Row(
+            "seed",
+            "nf4 + compile",
+            "RTX 4090",
+            28,
+            OptimizationConfig(quantization=nf4, compile=compiled),
+            {"peak_allocated_gib": 14.9448, "latency_s": 25.847},
+            **BNB,
+        ),
+        Row(
+            "seed",
+            "nf4 + compile + model offload",
+            "RTX 4090",
+            28,
+            OptimizationConfig(quantization=nf4, compile=compiled, offload=Offload(strategy="model")),
+            {"peak_allocated_gib": 12.2369, "latency_s": 32.312},
+            **BNB,
+        ),
         Row("torchao", "bf16", "H100", 28, OptimizationConfig(), {"latency_s": 6.57}),
         Row("torchao", "bf16 + compile", "H100", 28, OptimizationConfig(compile=compiled), {"latency_s": 4.21}),
-        Row("torchao", "fp8 dynamic + compile", "H100", 28, OptimizationConfig(quantization=quant("torchao", "float8_dynamic", ["transformer"]), compile=compiled), {"latency_s": 2.97}),
-        Row("torchao", "int8 dynamic + compile", "H100", 28, OptimizationConfig(quantization=quant("torchao", "int8_dynamic", ["transformer"]), compile=compiled), {"latency_s": 3.4}),
-        Row("torchao", "int8 dynamic, eager", "H100", 28, OptimizationConfig(quantization=quant("torchao", "int8_dynamic", ["transformer"])), {"latency_s": 130}),
+        Row(
+            "torchao",
+            "fp8 dynamic + compile",
+            "H100",
+            28,
+            OptimizationConfig(quantization=quant("torchao", "float8_dynamic", ["transformer"]), compile=compiled),
+            {"latency_s": 2.97},
+        ),
+        Row(
+            "torchao",
+            "int8 dynamic + compile",
+            "H100",
+            28,
+            OptimizationConfig(quantization=quant("torchao", "int8_dynamic", ["transformer"]), compile=compiled),
+            {"latency_s": 3.4},
+        ),
+        Row(
+            "torchao",
+            "int8 dynamic, eager",
+            "H100",
+            28,
+            OptimizationConfig(quantization=quant("torchao", "int8_dynamic", ["transformer"])),
+            {"latency_s": 130},
+        ),
         Row("para", "bf16", "L20", 28, OptimizationConfig(), {"latency_s": 26.36}),
-        Row("para", "fp8 dynamic + compile", "L20", 28, OptimizationConfig(quantization=quant("torchao", "float8_dynamic", ["transformer"]), compile=compiled), {"latency_s": 13.40}),
+        Row(
+            "para",
+            "fp8 dynamic + compile",
+            "L20",
+            28,
+            OptimizationConfig(quantization=quant("torchao", "float8_dynamic", ["transformer"]), compile=compiled),
+            {"latency_s": 13.40},
+        ),
     ]
     # PR 11106: the transformer alone, 5 forwards; compared with the denoising phase (transformer
     # resident bytes + activations), 5 step times, and the host RAM of the pinned transformer copy.
     for label, offload, published in [
-        ("block level, streams", Offload(strategy="group", use_stream=True, components=["transformer"]), (9.75, 10.59, 35.30)),
-        ("leaf level, streams", Offload(strategy="group", offload_type="leaf_level", use_stream=True, components=["transformer"]), (9.48, 0.53, 35.11)),
-        ("block level, streams, low_cpu_mem_usage", Offload(strategy="group", use_stream=True, low_cpu_mem_usage=True, components=["transformer"]), (38.07, 10.59, 31.40)),
-        ("leaf level, streams, low_cpu_mem_usage", Offload(strategy="group", offload_type="leaf_level", use_stream=True, low_cpu_mem_usage=True, components=["transformer"]), (13.72, 0.53, 22.80)),
+        (
+            "block level, streams",
+            Offload(strategy="group", use_stream=True, components=["transformer"]),
+            (9.75, 10.59, 35.30),
+        ),
+        (
+            "leaf level, streams",
+            Offload(strategy="group", offload_type="leaf_level", use_stream=True, components=["transformer"]),
+            (9.48, 0.53, 35.11),
+        ),
+        (
+            "block level, streams, low_cpu_mem_usage",
+            Offload(strategy="group", use_stream=True, low_cpu_mem_usage=True, components=["transformer"]),
+            (38.07, 10.59, 31.40),
+        ),
+        (
+            "leaf level, streams, low_cpu_mem_usage",
+            Offload(
+                strategy="group",
+                offload_type="leaf_level",
+                use_stream=True,
+                low_cpu_mem_usage=True,
+                components=["transformer"],
+            ),
+            (13.72, 0.53, 22.80),
+        ),
     ]:
         seconds, vram, ram = published
-        out.append(Row("pr11106", label, "A100 80GB", 5, OptimizationConfig(offload=offload),
-                       {"transformer_forwards_s": seconds, "transformer_vram_gib": vram, "transformer_ram_gib": ram},
-                       note=PR11106_NOTE))
+        out.append(
+            Row(
+                "pr11106",
+                label,
+                "A100 80GB",
+                5,
+                OptimizationConfig(offload=offload),
+                {"transformer_forwards_s": seconds, "transformer_vram_gib": vram, "transformer_ram_gib": ram},
+                note=PR11106_NOTE,
+            )
+        )
     return out
 
 
@@ -120,7 +224,10 @@ def predict(row: Row, profile) -> dict[str, float]:
         "latency_s": e.latency_s,
         "transformer_forwards_s": 5 * e.step_latency_s,
         "transformer_vram_gib": (denoising.weights_bytes.get("transformer", 0) + denoising.activation_bytes) / GIB,
-        "transformer_ram_gib": (e.ram_breakdown["process"] + e.ram_breakdown.get("cuda_runtime", 0) + e.steady_ram_weight_bytes) / GIB,
+        "transformer_ram_gib": (
+            e.ram_breakdown["process"] + e.ram_breakdown.get("cuda_runtime", 0) + e.steady_ram_weight_bytes
+        )
+        / GIB,
     }
 
 
@@ -139,20 +246,41 @@ def main(argv: list[str] | None = None) -> int:
         for quantity, published in row.published.items():
             error = predicted[quantity] / published - 1
             # The same prediction with the source's library difference added (memory rows only).
-            adjusted = None if quantity.endswith("_s") or not row.library_difference_gib else (predicted[quantity] + row.library_difference_gib) / published - 1
-            results.append({"source": row.source, "row": row.label, "gpu": row.gpu, "quantity": quantity, "published": published,
-                            "predicted": round(predicted[quantity], 3), "error": round(error, 4), "within_goal": abs(error) <= goal(quantity),
-                            "error_with_library_difference": None if adjusted is None else round(adjusted, 4), "note": row.note})
+            adjusted = (
+                None
+                if quantity.endswith("_s") or not row.library_difference_gib
+                else (predicted[quantity] + row.library_difference_gib) / published - 1
+            )
+            results.append(
+                {
+                    "source": row.source,
+                    "row": row.label,
+                    "gpu": row.gpu,
+                    "quantity": quantity,
+                    "published": published,
+                    "predicted": round(predicted[quantity], 3),
+                    "error": round(error, 4),
+                    "within_goal": abs(error) <= goal(quantity),
+                    "error_with_library_difference": None if adjusted is None else round(adjusted, 4),
+                    "note": row.note,
+                }
+            )
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
-    print(f"{'source':8} {'row':40} {'gpu':9} {'quantity':22} {'published':>9} {'predicted':>9} {'error':>7} {'(libs)':>7}")
+    print(
+        f"{'source':8} {'row':40} {'gpu':9} {'quantity':22} {'published':>9} {'predicted':>9} {'error':>7} {'(libs)':>7}"
+    )
     for r in results:
         mark = "" if r["within_goal"] else "  MISS"
         libs = "" if r["error_with_library_difference"] is None else f"{r['error_with_library_difference']:+7.1%}"
-        print(f"{r['source']:8} {r['row']:40} {r['gpu']:9} {r['quantity']:22} {r['published']:9.3f} {r['predicted']:9.3f} {r['error']:+7.1%} {libs:>7}{mark}")
+        print(
+            f"{r['source']:8} {r['row']:40} {r['gpu']:9} {r['quantity']:22} {r['published']:9.3f} {r['predicted']:9.3f} {r['error']:+7.1%} {libs:>7}{mark}"
+        )
     within = sum(r["within_goal"] for r in results)
-    print(f"\n{within} of {len(results)} within goal (peaks and memory 10%, latency 25%); '(libs)': the error with the source's")
+    print(
+        f"\n{within} of {len(results)} within goal (peaks and memory 10%, latency 25%); '(libs)': the error with the source's"
+    )
     print("library difference added. Notes:")
     for note in dict.fromkeys(r["note"] for r in results if r["note"]):
         print(f"  - {note}")

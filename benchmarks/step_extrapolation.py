@@ -35,11 +35,19 @@ def main() -> None:
     configs = {
         "fp32": OptimizationConfig(device="cpu", dtype="float32"),
         "bf16": OptimizationConfig(device="cpu"),
-        "torchao int8 (transformer)": OptimizationConfig(device="cpu", quantization=Quantization(backend="torchao", components=["transformer"])),
-        "layerwise fp8 (transformer)": OptimizationConfig(device="cpu", layerwise_casting=LayerwiseCasting(components=["transformer"])),
+        "torchao int8 (transformer)": OptimizationConfig(
+            device="cpu", quantization=Quantization(backend="torchao", components=["transformer"])
+        ),
+        "layerwise fp8 (transformer)": OptimizationConfig(
+            device="cpu", layerwise_casting=LayerwiseCasting(components=["transformer"])
+        ),
     }
-    print(f"machine: {platform.node()} {platform.machine()}, {profile.parameters / 1e6:.0f} M-parameter Flux-like pipeline, {workload.label()}")
-    print(f"{'configuration':<30} {'from 2+4 steps':>15} {f'full {args.steps} steps':>15} {'error':>8} {'trial time':>11}")
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {profile.parameters / 1e6:.0f} M-parameter Flux-like pipeline, {workload.label()}"
+    )
+    print(
+        f"{'configuration':<30} {'from 2+4 steps':>15} {f'full {args.steps} steps':>15} {'error':>8} {'trial time':>11}"
+    )
     for name, config in configs.items():
         short = measure(folder, config, workload, step_points=(2, 4), min_rounds=2)
         full = measure(folder, config, workload, step_points=(1, args.steps), min_rounds=1)
@@ -48,7 +56,9 @@ def main() -> None:
             continue
         actual = full.step_times[str(args.steps)]
         error = (short.latency_s - actual) / actual
-        print(f"{name:<30} {short.latency_s:>14.2f}s {actual:>14.2f}s {error:>+8.1%} {short.wall_s:>6.0f}s/{full.wall_s:.0f}s")
+        print(
+            f"{name:<30} {short.latency_s:>14.2f}s {actual:>14.2f}s {error:>+8.1%} {short.wall_s:>6.0f}s/{full.wall_s:.0f}s"
+        )
 
 
 if __name__ == "__main__":

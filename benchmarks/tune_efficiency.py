@@ -49,7 +49,9 @@ def main() -> None:
     space = SearchSpace.for_scenario(scenario).usable(scenario)
     print(f"machine: {target.name} ({target.device}), Python {platform.python_version()}")
     print(f"pipeline: {profile.parameters / 1e6:.0f} M parameters, {workload.label()}, budget {format_size(budget)}")
-    print(f"space: {space.size()} configurations ({len(space.quantization)} quantization x {len(space.offload)} offload x {len(space.compile)} compile)")
+    print(
+        f"space: {space.size()} configurations ({len(space.quantization)} quantization x {len(space.offload)} offload x {len(space.compile)} compile)"
+    )
 
     started = time.perf_counter()
     grid = []
@@ -62,7 +64,9 @@ def main() -> None:
         peak = result.limited_peak(target.device)
         feasible = result.ok and peak is not None and peak <= budget
         grid.append((config.summary(), result.latency_s if feasible else None, result.wall_s))
-        print(f"  grid: {config.summary():<55} {result.status:<8} {result.latency_s or 0:8.3f}s  (trial {result.wall_s:.0f}s)")
+        print(
+            f"  grid: {config.summary():<55} {result.status:<8} {result.latency_s or 0:8.3f}s  (trial {result.wall_s:.0f}s)"
+        )
     grid_time = time.perf_counter() - started
     feasible = [g for g in grid if g[1] is not None]
     grid_best = min(feasible, key=lambda g: g[1]) if feasible else None
@@ -70,21 +74,33 @@ def main() -> None:
     trials = max(1, math.ceil(len(grid) / 3))
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        tuned = run_study(str(folder), scenario, storage=f"sqlite:///{scratch}/bench.db", settings=TuneSettings(trials=trials))
+        tuned = run_study(
+            str(folder), scenario, storage=f"sqlite:///{scratch}/bench.db", settings=TuneSettings(trials=trials)
+        )
         tune_time = time.perf_counter() - started
     tune_best = tuned.best.summary if tuned.best else None
     print()
     print(f"{'':<6} {'trials':>6} {'wall time':>10}  best configuration (latency)")
-    print(f"{'grid':<6} {len(grid):>6} {grid_time:>9.0f}s  {grid_best[0] if grid_best else '-'} ({grid_best[1]:.3f}s)" if grid_best else "grid: nothing feasible")
+    print(
+        f"{'grid':<6} {len(grid):>6} {grid_time:>9.0f}s  {grid_best[0] if grid_best else '-'} ({grid_best[1]:.3f}s)"
+        if grid_best
+        else "grid: nothing feasible"
+    )
     measured = sum(1 for t in tuned.trials if t.source == "measured")
-    print(f"{'tune':<6} {len(tuned.trials):>6} {tune_time:>9.0f}s  {tune_best or '-'} ({tuned.best.latency_s:.3f}s); {measured} measured" if tuned.best else "tune: nothing feasible")
+    print(
+        f"{'tune':<6} {len(tuned.trials):>6} {tune_time:>9.0f}s  {tune_best or '-'} ({tuned.best.latency_s:.3f}s); {measured} measured"
+        if tuned.best
+        else "tune: nothing feasible"
+    )
     same = grid_best is not None and tune_best == grid_best[0]
     within = None
     if grid_best and tuned.best:
         within = (tuned.best.latency_s - grid_best[1]) / grid_best[1]
-    print(f"tune found the grid's best: {'yes' if same else 'no'}"
-          + (f" (its pick is {within:+.1%} from the grid's best latency)" if within is not None and not same else "")
-          + f"; time ratio tune/grid: {tune_time / grid_time:.2f} (goal <= 0.33)")
+    print(
+        f"tune found the grid's best: {'yes' if same else 'no'}"
+        + (f" (its pick is {within:+.1%} from the grid's best latency)" if within is not None and not same else "")
+        + f"; time ratio tune/grid: {tune_time / grid_time:.2f} (goal <= 0.33)"
+    )
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+
 # Never touch the network: every config comes from the source files.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,6 +1,6 @@
 """Render the decision suite (tests/test_decisions.py) as docs/decisions.md: scenario, pick, peak, latency, why.
 
-    python scripts/build_decisions_doc.py
+python scripts/build_decisions_doc.py
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "decisions.md"
@@ -45,14 +46,23 @@ def main() -> None:
     for d in suite.DECISIONS:
         r = suite.decide(d)
         card = ", ".join(
-            [d.card.get("gpu") or f"{d.card['vram'] / 2**30:.0f} GB card", f"{d.card['ram'] / 2**30:.0f} GB RAM" if "ram" in d.card else "RAM assumed"]
-            + ([f"budget {format_size(d.budget)}"] if d.budget else []) + [d.quality]
+            [
+                d.card.get("gpu") or f"{d.card['vram'] / 2**30:.0f} GB card",
+                f"{d.card['ram'] / 2**30:.0f} GB RAM" if "ram" in d.card else "RAM assumed",
+            ]
+            + ([f"budget {format_size(d.budget)}"] if d.budget else [])
+            + [d.quality]
         )
         if r.best is None:
             pick, peak, ram, latency = "nothing fits: " + "; ".join(r.advice[:1]), "-", "-", "-"
         else:
             e = r.best.estimate
-            pick, peak, ram, latency = r.config.summary(), format_size(e.peak_vram_bytes), format_size(e.peak_ram_bytes), f"{e.latency_s:.1f}s"
+            pick, peak, ram, latency = (
+                r.config.summary(),
+                format_size(e.peak_vram_bytes),
+                format_size(e.peak_ram_bytes),
+                f"{e.latency_s:.1f}s",
+            )
         rows.append(f"| `{d.name}` ({d.model}) | {card} | {d.expect} | {pick} | {peak} | {ram} | {latency} |")
     PAGE.write_text(INTRO + "\n".join(rows) + "\n")
     print(f"wrote {len(rows)} decisions to {PAGE}")

@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+
 OUTPUT = Path(__file__).resolve().parent.parent / "advisor" / "data" / "diffusers.json"
 
 
@@ -134,7 +135,10 @@ def main() -> int:
     if args.check:
         stale = stale_entries(tables, json.loads(OUTPUT.read_text()) if OUTPUT.exists() else {})
         if stale:
-            print(f"{OUTPUT} is out of date ({', '.join(stale[:5])}): run python scripts/build_diffusers_tables.py", file=sys.stderr)
+            print(
+                f"{OUTPUT} is out of date ({', '.join(stale[:5])}): run python scripts/build_diffusers_tables.py",
+                file=sys.stderr,
+            )
             return 1
         print(f"{OUTPUT} is up to date")
         return 0

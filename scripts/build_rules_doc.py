@@ -1,12 +1,13 @@
 """Regenerate the table of docs/rules.md from advisor.constraints and advisor.plan.rules (the text around it stays).
 
-    python scripts/build_rules_doc.py
+python scripts/build_rules_doc.py
 """
 
 from pathlib import Path
 
 from advisor.constraints import every_constraint
 from advisor.plan.rules import every_rule
+
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "rules.md"
 HEADER = "| rule | kind | what it does and why | source |"

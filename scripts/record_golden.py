@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "cli_json.json"
 GOLDEN_TEXT = GOLDEN.with_name("cli_text.json")
 CONFIGS = GOLDEN.parent / "configs"
@@ -29,7 +30,20 @@ RECOMMEND = {
     "flux-dev-24gb-budget16": ["-m", "flux-dev", "--vram", "24GB", "--budget", "16GB", "--ram", "64GB"],
     "flux-dev-24gb-budget13": ["-m", "flux-dev", "--vram", "24GB", "--budget", "13GB", "--ram", "64GB"],
     "flux-dev-24gb-no-compile": ["-m", "flux-dev", "--vram", "24GB", "--ram", "64GB", "--no-compile"],
-    "flux-dev-768-batch2": ["-m", "flux-dev", "--vram", "24GB", "--ram", "64GB", "--height", "768", "--width", "768", "--batch", "2"],
+    "flux-dev-768-batch2": [
+        "-m",
+        "flux-dev",
+        "--vram",
+        "24GB",
+        "--ram",
+        "64GB",
+        "--height",
+        "768",
+        "--width",
+        "768",
+        "--batch",
+        "2",
+    ],
     "flux-dev-4gb-nothing-fits": ["-m", "flux-dev", "--vram", "4GB", "--ram", "8GB"],
     "flux-schnell-3060": ["-m", "black-forest-labs/FLUX.1-schnell", "--gpu", "RTX 3060", "--ram", "32GB"],
     "flux-dev-h100": ["-m", "flux-dev", "--gpu", "H100", "--ram", "256GB"],
@@ -39,7 +53,20 @@ RECOMMEND = {
     "wan14b-24gb": ["-m", "wan2.1-t2v-14b", "--vram", "24GB", "--ram", "64GB"],
     "wan1.3b-4060ti": ["-m", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--gpu", "RTX 4060 Ti", "--ram", "32GB"],
     "wan22-a100": ["-m", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "--gpu", "A100 80GB", "--ram", "128GB"],
-    "hunyuan-h100-121f": ["-m", "hunyuanvideo-community/HunyuanVideo", "--gpu", "H100", "--ram", "128GB", "--height", "512", "--width", "768", "--frames", "121"],
+    "hunyuan-h100-121f": [
+        "-m",
+        "hunyuanvideo-community/HunyuanVideo",
+        "--gpu",
+        "H100",
+        "--ram",
+        "128GB",
+        "--height",
+        "512",
+        "--width",
+        "768",
+        "--frames",
+        "121",
+    ],
     "cogvideox-12gb": ["-m", "THUDM/CogVideoX-5b", "--vram", "12GB", "--ram", "32GB"],
     "ltx-l4": ["-m", "Lightricks/LTX-Video", "--gpu", "L4", "--ram", "32GB"],
     "wan14b-t4-low-ram": ["-m", "wan2.1-t2v-14b", "--gpu", "T4", "--ram", "24GB"],
@@ -47,10 +74,38 @@ RECOMMEND = {
 
 ESTIMATE = {
     "flux-dev-4090-bf16": ["flux-dev", "--gpu", "RTX 4090", "--ram", "64GB"],
-    "flux-dev-nf4-model-offload": ["flux-dev", "--vram", "24GB", "--ram", "64GB", "--config", "flux-nf4-model-offload.json"],
+    "flux-dev-nf4-model-offload": [
+        "flux-dev",
+        "--vram",
+        "24GB",
+        "--ram",
+        "64GB",
+        "--config",
+        "flux-nf4-model-offload.json",
+    ],
     "flux-dev-leaf-offload": ["flux-dev", "--gpu", "RTX 4090", "--ram", "64GB", "--config", "group-leaf-stream.json"],
-    "wan14b-group-offload": ["wan2.1-t2v-14b", "--vram", "24GB", "--ram", "64GB", "--config", "group-leaf-stream.json"],
-    "hunyuan-121f-h100": ["hunyuanvideo", "--gpu", "H100", "--ram", "128GB", "--height", "512", "--width", "768", "--frames", "121"],
+    "wan14b-group-offload": [
+        "wan2.1-t2v-14b",
+        "--vram",
+        "24GB",
+        "--ram",
+        "64GB",
+        "--config",
+        "group-leaf-stream.json",
+    ],
+    "hunyuan-121f-h100": [
+        "hunyuanvideo",
+        "--gpu",
+        "H100",
+        "--ram",
+        "128GB",
+        "--height",
+        "512",
+        "--width",
+        "768",
+        "--frames",
+        "121",
+    ],
     "sdxl-8gb-fp16": ["sdxl", "--vram", "8GB", "--ram", "16GB"],
     "ltx-4090-sequential": ["ltx-video", "--gpu", "RTX 4090", "--ram", "32GB", "--config", "sequential.json"],
 }

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+
 # Tests never touch the network; set before anything imports huggingface_hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,8 +34,18 @@ def _cuda_available() -> bool:
 # The files that take longest (minutes each on a 2-core machine), longest first. pytest-xdist
 # (`-n auto --dist loadfile`, pyproject.toml) hands whole files to its workers in collection order:
 # starting with these lets the short files fill in around them, so the workers finish together.
-LONGEST_FIRST = ("test_tune.py", "test_gpu_kit.py", "test_tune_stop.py", "test_trace.py", "test_tune_workers.py",
-                 "test_measure.py", "test_apply.py", "test_every_class.py", "test_guard.py", "test_caching.py")
+LONGEST_FIRST = (
+    "test_tune.py",
+    "test_gpu_kit.py",
+    "test_tune_stop.py",
+    "test_trace.py",
+    "test_tune_workers.py",
+    "test_measure.py",
+    "test_apply.py",
+    "test_every_class.py",
+    "test_guard.py",
+    "test_caching.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -85,7 +96,9 @@ OOM_HEADROOM = 256 * 2**20
 def address_space_after_imports(omp_threads: str = "1") -> int:
     """Bytes of address space (VmPeak) a fresh interpreter needs for the trial process's imports."""
     env = {**os.environ, "OMP_NUM_THREADS": omp_threads}
-    out = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True, check=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORTS], capture_output=True, text=True, check=True, timeout=120, env=env
+    )
     return int(out.stdout.split()[-1])
 
 

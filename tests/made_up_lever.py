@@ -27,7 +27,9 @@ class MadeUp(Lever):
     def compute_share(self, config: OptimizationConfig, step: StepContext) -> float:
         return config.made_up or 1.0
 
-    def reason(self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]) -> str | None:
+    def reason(
+        self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]
+    ) -> str | None:
         if config.made_up is None:
             return None
         return f"made-up lever: predicted {latency_s:.1f}s against {without_s():.1f}s without"
@@ -35,4 +37,8 @@ class MadeUp(Lever):
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         if config.made_up is None:
             return []
-        return [method_step("made_up", "made-up lever: no progress bars", None, "set_progress_bar_config", (), {"disable": True})]
+        return [
+            method_step(
+                "made_up", "made-up lever: no progress bars", None, "set_progress_bar_config", (), {"disable": True}
+            )
+        ]

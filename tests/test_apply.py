@@ -30,6 +30,7 @@ from advisor.errors import ConfigError, UsageError
 from advisor.run import apply, checks, emit, quantize
 from advisor.run import steps as run_steps
 
+
 CUDA = torch.cuda.is_available()
 KINDS = ["image", "video"]
 
@@ -60,7 +61,9 @@ def load(path, config, **kwargs):
 
 def a_linear(pipe, kind: str):
     """An nn.Linear inside the first transformer block."""
-    return pipe.transformer.transformer_blocks[0].attn.to_q if kind == "image" else pipe.transformer.blocks[0].ffn.net[2]
+    return (
+        pipe.transformer.transformer_blocks[0].attn.to_q if kind == "image" else pipe.transformer.blocks[0].ffn.net[2]
+    )
 
 
 def group_hooked(module) -> list[str]:
@@ -124,7 +127,9 @@ def test_torchao_config_per_component_library(tiny_flux_dir, scheme, cls):
     import torchao.quantization
     import transformers
 
-    config = cpu(quantization=Quantization(backend="torchao", scheme=scheme, components=["transformer", "text_encoder_2"]))
+    config = cpu(
+        quantization=Quantization(backend="torchao", scheme=scheme, components=["transformer", "text_encoder_2"])
+    )
     for model in (tiny_flux_dir, None):  # from model_index.json, and by component name
         q = quantize.pipeline_kwargs(config, model)["quantization_config"]
         assert q.quant_backend is None and q.is_granular
@@ -165,8 +170,10 @@ def test_layerwise_fp8_casting_stores_float8_and_runs(tiny, baseline, kind):
     ]
     pipe = load(tiny[kind], config)
     blocks = pipe.transformer.transformer_blocks if kind == "image" else pipe.transformer.blocks
-    assert all(block.attn1.to_q.weight.dtype == torch.float8_e4m3fn for block in blocks) if kind == "video" else all(
-        block.attn.to_q.weight.dtype == torch.float8_e4m3fn for block in blocks
+    assert (
+        all(block.attn1.to_q.weight.dtype == torch.float8_e4m3fn for block in blocks)
+        if kind == "video"
+        else all(block.attn.to_q.weight.dtype == torch.float8_e4m3fn for block in blocks)
     )
     attention = [m for n, m in pipe.text_encoder.named_modules() if n.endswith(("q_proj", ".q"))]
     assert attention and all(m.weight.dtype == torch.float8_e4m3fn for m in attention)
@@ -187,7 +194,10 @@ def test_layerwise_casting_of_an_encoder_whose_dtype_would_read_fp8_is_refused()
         components = {"text_encoder": torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))}
 
     config = cpu(layerwise_casting=LayerwiseCasting(components=["text_encoder"]))
-    with pytest.raises(ConfigError, match=r"`layerwise_casting.components` cannot include 'text_encoder' \(Sequential\): its first weight '0.weight'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`layerwise_casting.components` cannot include 'text_encoder' \(Sequential\): its first weight '0.weight'",
+    ):
         checks.check_pipeline(FakePipeline(), config)
 
 
@@ -281,7 +291,9 @@ def test_attention_backend_and_channels_last(tiny, baseline, kind):
 
 
 def test_channels_last_refused_for_a_3d_denoiser(tiny_wan_dir):
-    with pytest.raises(ConfigError, match=r"`channels_last: true` cannot apply to transformer \(WanTransformer3DModel\).*5-D"):
+    with pytest.raises(
+        ConfigError, match=r"`channels_last: true` cannot apply to transformer \(WanTransformer3DModel\).*5-D"
+    ):
         load(tiny_wan_dir, cpu(channels_last=True))
 
 
@@ -289,7 +301,8 @@ def test_channels_last_refused_for_a_3d_denoiser(tiny_wan_dir):
 
 
 @pytest.mark.parametrize(
-    "kind, blocks", [("image", {"FluxTransformerBlock", "FluxSingleTransformerBlock"}), ("video", {"WanTransformerBlock"})]
+    "kind, blocks",
+    [("image", {"FluxTransformerBlock", "FluxSingleTransformerBlock"}), ("video", {"WanTransformerBlock"})],
 )
 def test_regional_compile_compiles_only_the_repeated_blocks(tiny, baseline, kind, blocks):
     config = cpu(compile=Compile(backend="eager", dynamo_config={"cache_size_limit": 64}))
@@ -301,7 +314,9 @@ def test_regional_compile_compiles_only_the_repeated_blocks(tiny, baseline, kind
     ]
     pipe = load(tiny[kind], config)
     assert torch._dynamo.config.cache_size_limit == 64
-    compiled = [type(m).__name__ for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    compiled = [
+        type(m).__name__ for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None
+    ]
     assert set(compiled) == blocks
     assert pipe.transformer._compiled_call_impl is None
     np.testing.assert_allclose(run(pipe, kind), baseline(kind), atol=1e-6)
@@ -325,7 +340,9 @@ def test_full_compile_of_the_transformer(tiny, baseline, kind):
     ],
 )
 def test_fullgraph_with_diffusers_hooks_is_refused_and_works_without_it(tiny_wan_dir, baseline, fields, why):
-    with pytest.raises(ConfigError, match=f"`compile.fullgraph: true` fails on `transformer`, which {why}.*`compile.fullgraph: false`"):
+    with pytest.raises(
+        ConfigError, match=f"`compile.fullgraph: true` fails on `transformer`, which {why}.*`compile.fullgraph: false`"
+    ):
         load(tiny_wan_dir, cpu(compile=Compile(backend="eager"), **fields))
     config = cpu(compile=Compile(backend="eager", fullgraph=False, dynamo_config={"cache_size_limit": 1000}), **fields)
     pipe = load(tiny_wan_dir, config)
@@ -339,13 +356,18 @@ def test_torchao_with_compile_and_group_offload(tiny_flux_dir, monkeypatch):
     quantized = Quantization(backend="torchao", components=["transformer"])
     compiled = Compile(backend="eager", fullgraph=False)
     # leaf-level works: compiled, quantized and offloaded gives what quantized alone gives
-    config = cpu(quantization=quantized, compile=compiled, offload=Offload(strategy="group", offload_type="leaf_level"))
+    config = cpu(
+        quantization=quantized, compile=compiled, offload=Offload(strategy="group", offload_type="leaf_level")
+    )
     out = run(load(tiny_flux_dir, config), "image")
     np.testing.assert_allclose(out, run(load(tiny_flux_dir, cpu(quantization=quantized)), "image"), atol=1e-6)
     # block-level moves blocks with Module.to, which cannot swap torchao weights that compile holds
     _forbid_loading(monkeypatch)
     block = cpu(quantization=quantized, compile=compiled, offload=Offload(strategy="group"))
-    with pytest.raises(ConfigError, match="compiled `transformer` cannot be group-offloaded with `offload.offload_type: block_level`.*leaf_level"):
+    with pytest.raises(
+        ConfigError,
+        match="compiled `transformer` cannot be group-offloaded with `offload.offload_type: block_level`.*leaf_level",
+    ):
         load(tiny_flux_dir, block)
     disk = cpu(quantization=quantized, offload=Offload(strategy="group", offload_to_disk_path="/tmp/x"))
     with pytest.raises(ConfigError, match="`offload.offload_to_disk_path` cannot hold `transformer`"):
@@ -372,19 +394,25 @@ def test_regional_inductor_compile_runs_and_matches_eager(tiny_flux_dir, baselin
 
 # --- GPU-only options: the objects and code they build, and the refusal on CPU ---------------------
 
-SEED_PAGE_QUANT = '''pipeline_quant_config = PipelineQuantizationConfig(
+SEED_PAGE_QUANT = """pipeline_quant_config = PipelineQuantizationConfig(
     quant_backend="bitsandbytes_4bit",
     quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16},
     components_to_quantize=["transformer", "text_encoder_2"],
-)'''
+)"""
 
 
 def test_bitsandbytes_4bit_builds_the_seed_page_config():
-    config = OptimizationConfig(quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer", "text_encoder_2"]))
+    config = OptimizationConfig(
+        quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer", "text_encoder_2"])
+    )
     kwargs = quantize.pipeline_kwargs(config)
     q = kwargs["quantization_config"]
     assert q.quant_backend == "bitsandbytes_4bit"
-    assert q.quant_kwargs == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
+    assert q.quant_kwargs == {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_compute_dtype": torch.bfloat16,
+    }
     assert q.components_to_quantize == ["transformer", "text_encoder_2"]
     assert kwargs[quantize.dtype_keyword()] is torch.bfloat16
     assert quantize.quantization_code(config) == SEED_PAGE_QUANT
@@ -400,7 +428,9 @@ def test_bitsandbytes_4bit_builds_the_seed_page_config():
 def test_bitsandbytes_variants():
     fp4 = OptimizationConfig(
         dtype="float16",
-        quantization=Quantization(backend="bitsandbytes_4bit", quant_type="fp4", double_quant=True, components=["transformer"]),
+        quantization=Quantization(
+            backend="bitsandbytes_4bit", quant_type="fp4", double_quant=True, components=["transformer"]
+        ),
     )
     q = quantize.pipeline_kwargs(fp4)["quantization_config"]
     assert q.quant_kwargs == {
@@ -411,7 +441,11 @@ def test_bitsandbytes_variants():
     }
     int8 = OptimizationConfig(quantization=Quantization(backend="bitsandbytes_8bit", components=["transformer"]))
     q = quantize.pipeline_kwargs(int8)["quantization_config"]
-    assert (q.quant_backend, q.quant_kwargs, q.components_to_quantize) == ("bitsandbytes_8bit", {"load_in_8bit": True}, ["transformer"])
+    assert (q.quant_backend, q.quant_kwargs, q.components_to_quantize) == (
+        "bitsandbytes_8bit",
+        {"load_in_8bit": True},
+        ["transformer"],
+    )
 
 
 @pytest.mark.parametrize(
@@ -456,8 +490,14 @@ GPU_ONLY = {
         dict(quantization=Quantization(backend="bitsandbytes_8bit", components=["transformer"])),
         r"`quantization.backend: bitsandbytes_8bit` needs CUDA",
     ),
-    "model": (dict(offload=Offload(strategy="model")), r"`offload.strategy: model` moves weights to a CUDA GPU.*`device: cpu`"),
-    "sequential": (dict(offload=Offload(strategy="sequential")), r"`offload.strategy: sequential`.*`offload.strategy: group`"),
+    "model": (
+        dict(offload=Offload(strategy="model")),
+        r"`offload.strategy: model` moves weights to a CUDA GPU.*`device: cpu`",
+    ),
+    "sequential": (
+        dict(offload=Offload(strategy="sequential")),
+        r"`offload.strategy: sequential`.*`offload.strategy: group`",
+    ),
     "stream": (
         dict(device="cpu", offload=Offload(strategy="group", use_stream=True)),
         r"`offload.use_stream: true` needs CUDA streams.*set `offload.use_stream: false`",
@@ -530,10 +570,12 @@ def test_emitted_script_runs_and_gives_the_same_image(tiny_flux_dir, tmp_path):
     for step in run_steps.plan(config, model=tiny_flux_dir):  # the script is made of the steps' code
         assert step.code in script
     assert script.index("torch._dynamo.config.cache_size_limit = 1000") < script.index("from_pretrained(")
-    prompt, call = 'prompt = "a photo of a cat"\n', 'image = pipe(prompt=prompt).images[0]\n'
+    prompt, call = 'prompt = "a photo of a cat"\n', "image = pipe(prompt=prompt).images[0]\n"
     assert prompt in script and script.endswith(call + 'image.save("image.png")\n')
     # the tiny pipeline's prompt and call arguments; the script's own line saves the image
-    script = script.replace(prompt, 'from advisor.testing import tiny_call_kwargs\nprompt = tiny_call_kwargs("image")["prompt"]\n')
+    script = script.replace(
+        prompt, 'from advisor.testing import tiny_call_kwargs\nprompt = tiny_call_kwargs("image")["prompt"]\n'
+    )
     script = script.replace(
         call,
         textwrap.dedent(f"""\
@@ -546,7 +588,12 @@ def test_emitted_script_runs_and_gives_the_same_image(tiny_flux_dir, tmp_path):
     (tmp_path / "generated.py").write_text(script)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, str(tmp_path / "generated.py")], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+        [sys.executable, str(tmp_path / "generated.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "image.png").stat().st_size > 0
@@ -556,23 +603,35 @@ def test_emitted_script_runs_and_gives_the_same_image(tiny_flux_dir, tmp_path):
 
 
 def test_emitted_script_for_video_and_for_unknown_models(tiny_wan_dir):
-    workload = {"kind": "video", "height": 480, "width": 832, "frames": 81, "steps": 50, "batch": 1}  # Workload.to_dict()
-    config = cpu(offload=Offload(strategy="group", components=["transformer"]), provenance=Provenance(workload=workload))
+    workload = {
+        "kind": "video",
+        "height": 480,
+        "width": 832,
+        "frames": 81,
+        "steps": 50,
+        "batch": 1,
+    }  # Workload.to_dict()
+    config = cpu(
+        offload=Offload(strategy="group", components=["transformer"]), provenance=Provenance(workload=workload)
+    )
     script = emit.emit_python(str(tiny_wan_dir), config)
     assert script.endswith(
-        'video = pipe(prompt=prompt, height=480, width=832, num_inference_steps=50, num_frames=81).frames[0]\n'
+        "video = pipe(prompt=prompt, height=480, width=832, num_inference_steps=50, num_frames=81).frames[0]\n"
         'export_to_video(video, "video.mp4", fps=16)\n'
     )
     assert 'pipe.text_encoder.to("cpu")' in script and 'pipe.vae.to("cpu")' in script
     compile(script, "generated.py", "exec")
     # a model the advisor cannot read: the other components are moved by a loop over pipe.components
-    script = emit.emit_python("someone/not-a-cached-model", config.replace(provenance=Provenance(workload={"kind": "video"})))
+    script = emit.emit_python(
+        "someone/not-a-cached-model", config.replace(provenance=Provenance(workload={"kind": "video"}))
+    )
     assert script.endswith('video = pipe(prompt=prompt).frames[0]\nexport_to_video(video, "video.mp4")\n')
     assert 'if name not in ["transformer"] and isinstance(component, torch.nn.Module):' in script
     compile(script, "generated.py", "exec")
     # the catalog knows FLUX.1-dev offline: its text encoders are transformers models
     script = emit.emit_python(
-        "black-forest-labs/FLUX.1-dev", OptimizationConfig(quantization=Quantization(backend="torchao", components=["transformer", "text_encoder_2"]))
+        "black-forest-labs/FLUX.1-dev",
+        OptimizationConfig(quantization=Quantization(backend="torchao", components=["transformer", "text_encoder_2"])),
     )
     assert '"text_encoder_2": TransformersTorchAoConfig(Int8WeightOnlyConfig()),' in script
     assert script.endswith('image = pipe(prompt=prompt).images[0]\nimage.save("image.png")\n')
@@ -615,7 +674,9 @@ def test_other_missing_or_non_model_components(tiny_flux_dir, fields, key):
 
 def test_config_made_for_another_pipeline_warns(tiny_flux_dir):
     config = cpu(provenance=Provenance(pipeline_class="WanPipeline"))
-    with pytest.warns(run_steps.ConfigWarning, match="`provenance.pipeline_class` is WanPipeline but the pipeline is a FluxPipeline"):
+    with pytest.warns(
+        run_steps.ConfigWarning, match="`provenance.pipeline_class` is WanPipeline but the pipeline is a FluxPipeline"
+    ):
         pipe = load(tiny_flux_dir, config)
     assert np.isfinite(run(pipe, "image")).all()
 
@@ -643,14 +704,19 @@ def test_gpu_provenance_warnings():
         checks.gpu_warnings(planned, "NVIDIA GeForce RTX 4090", 23.99 * 2**30)
     # The 8 GB RTX 4060 Ti is not the 16 GB card a config was planned for.
     with pytest.warns(run_steps.ConfigWarning, match=r"`provenance.gpu_name` is 'RTX 4060 Ti'"):
-        checks.gpu_warnings(OptimizationConfig(provenance=Provenance(gpu_name="RTX 4060 Ti")), "NVIDIA GeForce RTX 4060 Ti", 8 * 2**30)
+        checks.gpu_warnings(
+            OptimizationConfig(provenance=Provenance(gpu_name="RTX 4060 Ti")), "NVIDIA GeForce RTX 4060 Ti", 8 * 2**30
+        )
 
 
 @pytest.mark.parametrize(
     "fields, message",
     [
         ({"compile": Compile(dynamo_config={"no_such_flag": True})}, r"`compile.dynamo_config.no_such_flag`"),
-        ({"compile": Compile(backend="nope")}, r"`compile.backend: nope` is not a torch.compile backend.*aot_eager.*inductor"),
+        (
+            {"compile": Compile(backend="nope")},
+            r"`compile.backend: nope` is not a torch.compile backend.*aot_eager.*inductor",
+        ),
     ],
 )
 def test_config_problems_are_refused_with_the_key(fields, message):

@@ -6,12 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from advisor.levers.attention import BACKENDS, PROPOSED
 from advisor.config import OptimizationConfig
 from advisor.constraints import Platform, first_violation, violations
 from advisor.errors import ConfigError
+from advisor.levers.attention import BACKENDS, PROPOSED
 
-CPU = Platform(None, None, {"torch": "2.13.0", "diffusers": "0.42.1"}, cuda_devices=0, no_cuda="this machine has no CUDA GPU")
+
+CPU = Platform(
+    None, None, {"torch": "2.13.0", "diffusers": "0.42.1"}, cuda_devices=0, no_cuda="this machine has no CUDA GPU"
+)
 SAGE = {"torch": "2.13.0", "diffusers": "0.42.1", "sageattention": "2.2.0"}
 
 
@@ -32,8 +35,11 @@ def test_every_backend_is_one_diffusers_knows_with_the_versions_it_requires():
 
     names = {member.value for member in dispatch.AttentionBackendName}
     assert set(BACKENDS) <= names and set(PROPOSED) <= set(BACKENDS)
-    required = {"flash-attn": dispatch._REQUIRED_FLASH_VERSION, "sageattention": dispatch._REQUIRED_SAGE_VERSION,
-                "xformers": dispatch._REQUIRED_XFORMERS_VERSION}
+    required = {
+        "flash-attn": dispatch._REQUIRED_FLASH_VERSION,
+        "sageattention": dispatch._REQUIRED_SAGE_VERSION,
+        "xformers": dispatch._REQUIRED_XFORMERS_VERSION,
+    }
     for backend in BACKENDS.values():
         if backend.package in required:
             assert backend.min_version == required[backend.package], backend.name
@@ -45,7 +51,9 @@ def test_half_only_backends_are_those_diffusers_registers_with_a_bf16_or_fp16_ch
     registry = dispatch._AttentionBackendRegistry._constraints
     for backend in BACKENDS.values():
         checks = {fn.__name__ for fn in registry[dispatch.AttentionBackendName(backend.name)]}
-        assert backend.half_only == bool(checks & {"_check_qkv_dtype_bf16_or_fp16", "_check_qkv_dtype_bf16"}), backend.name
+        assert backend.half_only == bool(checks & {"_check_qkv_dtype_bf16_or_fp16", "_check_qkv_dtype_bf16"}), (
+            backend.name
+        )
         if "_check_device_cuda" in checks:  # diffusers itself says CUDA only
             assert backend.cuda_only, backend.name
 
@@ -56,7 +64,10 @@ def test_half_only_backends_are_those_diffusers_registers_with_a_bf16_or_fp16_ch
 @pytest.mark.parametrize("name", ["_native_cudnn", "_native_efficient", "flash", "_flash_3", "sage", "xformers"])
 def test_cuda_only_kernels_are_refused_on_a_cpu_with_the_way_out(name):
     message = refused(name, CPU, device="cpu")
-    assert message == f"`attention_backend: {name}` needs a CUDA GPU and this machine has no CUDA GPU; use `attention_backend: native`"
+    assert (
+        message
+        == f"`attention_backend: {name}` needs a CUDA GPU and this machine has no CUDA GPU; use `attention_backend: native`"
+    )
 
 
 @pytest.mark.parametrize("name", ["native", "_native_math", "flex"])
@@ -96,7 +107,12 @@ def test_the_probe_table_agrees_with_the_constraints():
     from advisor.probe.hardware import GpuInfo, attention_backends
 
     on_cpu = attention_backends({"torch": "2.13.0"}, [])
-    assert {name for name, status in on_cpu.items() if status.usable} == {"native", "_native_math", "_native_flash", "flex"}
+    assert {name for name, status in on_cpu.items() if status.usable} == {
+        "native",
+        "_native_math",
+        "_native_flash",
+        "flex",
+    }
     assert "needs a CUDA GPU" in on_cpu["sage"].reason
     rtx4090 = GpuInfo(0, "NVIDIA GeForce RTX 4090", 24 * 2**30, 24 * 2**30, 0, compute_capability="8.9")
     on_4090 = attention_backends(SAGE, [rtx4090])
@@ -118,7 +134,12 @@ def test_the_space_offers_only_kernels_that_run_and_are_published_faster():
     assert attention_choices(gpu("9.0"), "float32") == ["native"]
     assert attention_choices(gpu("8.9"), "bfloat16") == ["native"]  # cuDNN's gain is published for Hopper
     assert attention_choices(gpu("8.9", SAGE), "bfloat16") == ["native", "sage"]
-    assert attention_choices(gpu("9.0", {**SAGE, "flash-attn-3": "3.0.0b1"}), "bfloat16") == ["native", "_native_cudnn", "_flash_3", "sage"]
+    assert attention_choices(gpu("9.0", {**SAGE, "flash-attn-3": "3.0.0b1"}), "bfloat16") == [
+        "native",
+        "_native_cudnn",
+        "_flash_3",
+        "sage",
+    ]
 
 
 def test_a_point_names_the_kernel_only_where_there_is_a_choice():
@@ -159,8 +180,9 @@ def test_the_estimate_speeds_up_the_attention_share_only():
     assert 0.05 < saved < 0.20 * (1 - 1 / 1.75) + 0.05
     assert cudnn.peak_vram_bytes == native.peak_vram_bytes  # a kernel choice, not a memory one
     rtx4090 = planned_target(machine=None, gpu="RTX 4090")  # cuDNN's gain is published for Hopper only
-    assert estimate(profile, workload, OptimizationConfig(attention_backend="_native_cudnn"), rtx4090).latency_s == pytest.approx(
-        estimate(profile, workload, OptimizationConfig(), rtx4090).latency_s)
+    assert estimate(
+        profile, workload, OptimizationConfig(attention_backend="_native_cudnn"), rtx4090
+    ).latency_s == pytest.approx(estimate(profile, workload, OptimizationConfig(), rtx4090).latency_s)
 
 
 def test_sage_is_lossy_with_its_quality_cost():
@@ -180,7 +202,9 @@ def _generate(path, config: OptimizationConfig) -> tuple[np.ndarray, set]:
     from advisor.testing import tiny_call_kwargs
 
     pipe = load_pipeline(path, config)
-    backends = {getattr(m.processor, "_attention_backend", None) for m in pipe.transformer.modules() if hasattr(m, "processor")}
+    backends = {
+        getattr(m.processor, "_attention_backend", None) for m in pipe.transformer.modules() if hasattr(m, "processor")
+    }
     return np.asarray(pipe(**tiny_call_kwargs("image", seed=0)).images, dtype=np.float64), backends
 
 
@@ -190,13 +214,17 @@ def default_image(tiny_flux_dir):
 
 
 @pytest.mark.usefixtures("dynamo_isolated")
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # the unfused path is the point on a CPU
+@pytest.mark.filterwarnings(
+    "ignore:flex_attention called without torch.compile"
+)  # the unfused path is the point on a CPU
 @pytest.mark.parametrize("name", ["_native_math", "flex"])
 def test_each_cpu_kernel_is_applied_and_gives_the_default_output_within_tolerance(tiny_flux_dir, default_image, name):
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     default = default_image
-    image, backends = _generate(tiny_flux_dir, OptimizationConfig(device="cpu", dtype="float32", attention_backend=name))
+    image, backends = _generate(
+        tiny_flux_dir, OptimizationConfig(device="cpu", dtype="float32", attention_backend=name)
+    )
     assert backends == {AttentionBackendName(name)}
     # The same attention computed another way: float32 rounding differs, nothing else (images in [0, 1]).
     assert np.abs(image - default).max() < 1e-3

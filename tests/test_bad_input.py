@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+
 # Hypothesis keeps a cache of constants (and, unless told not to, examples) in ./.hypothesis; the
 # work tree is no place for it. Read when first needed, so setting it before the tests run is enough.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "advisor-hypothesis"))
@@ -28,6 +29,7 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from advisor.cli import main  # noqa: E402
+
 
 # Fixtures are built once per module; each example only rewrites a file and restores it.
 FUZZ = settings(
@@ -64,11 +66,15 @@ def assert_refused(argv: list[str]) -> str:
 _JUNK = "€✓ßxyzØ!?#&%§ñ中"
 _SAFE_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
 _UNITS = st.sampled_from(["", "B", "KB", "MB", "GB", "GiB", "T", "p"])
-_NUMBER = st.one_of(st.integers(min_value=0, max_value=10**6).map(str), st.floats(min_value=0, max_value=1e6).map(repr))
+_NUMBER = st.one_of(
+    st.integers(min_value=0, max_value=10**6).map(str), st.floats(min_value=0, max_value=1e6).map(repr)
+)
 
 bad_sizes = st.one_of(
     st.builds(lambda n, u: f"-{n}{u}", _NUMBER, _UNITS),  # negative
-    st.sampled_from(["nan", "inf", "-inf", "NaN GB", "infGB", "Infinity", "1e999", "1e999GB", "", " ", "GB", "0", "0GB", "0.0 MiB"]),
+    st.sampled_from(
+        ["nan", "inf", "-inf", "NaN GB", "infGB", "Infinity", "1e999", "1e999GB", "", " ", "GB", "0", "0GB", "0.0 MiB"]
+    ),
     st.integers(min_value=1, max_value=2**20 - 1).map(str),  # a bare number: bytes, no GPU holds so few
     st.builds(lambda n, u: f"{n}{u}", st.integers(min_value=2**61, max_value=10**40), _UNITS),  # more than any machine
     st.builds(lambda a, j, b: a + j + b, _SAFE_TEXT, st.sampled_from(list(_JUNK)), _SAFE_TEXT),  # unicode junk
@@ -92,10 +98,14 @@ def bad_dimensions(draw) -> tuple[str, str]:
     return flag, str(value)
 
 
-bad_timeouts = st.one_of(
-    st.sampled_from([0.0, -0.0, -1.0, math.nan, math.inf, -math.inf]),
-    st.floats(max_value=0.0, allow_nan=False),
-).map(repr).map(lambda text: {"inf": "inf", "-inf": "-inf", "nan": "nan"}.get(text, text))
+bad_timeouts = (
+    st.one_of(
+        st.sampled_from([0.0, -0.0, -1.0, math.nan, math.inf, -math.inf]),
+        st.floats(max_value=0.0, allow_nan=False),
+    )
+    .map(repr)
+    .map(lambda text: {"inf": "inf", "-inf": "-inf", "nan": "nan"}.get(text, text))
+)
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -132,7 +142,11 @@ def replaced(path: Path, text: str):
 
 
 @FUZZ
-@given(flag=st.sampled_from(["--budget", "--vram", "--ram"]), value=bad_sizes, command=st.sampled_from(["recommend", "estimate"]))
+@given(
+    flag=st.sampled_from(["--budget", "--vram", "--ram"]),
+    value=bad_sizes,
+    command=st.sampled_from(["recommend", "estimate"]),
+)
 @example(flag="--ram", value="0", command="recommend")  # once blamed --budget
 @example(flag="--budget", value="1e999", command="recommend")
 def test_bad_sizes_are_refused_naming_the_flag(flag, value, command):
@@ -151,10 +165,16 @@ def test_bad_sizes_are_refused_naming_the_flag(flag, value, command):
 def test_bad_dimensions_are_refused_naming_the_flag(bad, command):
     flag, value = bad
     model = "wan2.1-t2v-1.3b" if command.endswith("video") else "flux-dev"
-    base = ["recommend", "-m", model, "--gpu", "H100"] if command.startswith("recommend") else ["estimate", model, "--gpu", "H100"]
+    base = (
+        ["recommend", "-m", model, "--gpu", "H100"]
+        if command.startswith("recommend")
+        else ["estimate", model, "--gpu", "H100"]
+    )
     line = assert_refused([*base, flag, value])
     assert flag in line, line
-    assert not line.startswith("advisor: error: argument "), line  # the house style, not argparse's "invalid int value"
+    assert not line.startswith("advisor: error: argument "), (
+        line
+    )  # the house style, not argparse's "invalid int value"
 
 
 @FUZZ
@@ -179,7 +199,9 @@ def test_tune_refuses_bad_timeouts_and_dimensions_before_measuring(timeout, bad,
 @st.composite
 def bad_output_paths(draw, root: Path) -> str:
     """Paths no output can be written to (a missing folder is fine for an output: it is created)."""
-    name = draw(st.text(st.sampled_from("abcxyz_-.0123456789é"), min_size=1, max_size=8).filter(lambda n: n not in {".", ".."}))
+    name = draw(
+        st.text(st.sampled_from("abcxyz_-.0123456789é"), min_size=1, max_size=8).filter(lambda n: n not in {".", ".."})
+    )
     kind = draw(st.sampled_from(["folder", "under a file", "deep under a file", "too long", "too long folder"]))
     return {
         "folder": str(root / "a_folder"),
@@ -195,7 +217,9 @@ def bad_output_paths(draw, root: Path) -> str:
 def test_unwritable_outputs_are_refused_up_front(data, playground, tiny_flux_dir, monkeypatch):
     import advisor.run.tune
 
-    monkeypatch.setattr(advisor.run.tune, "run_study", lambda *a, **k: pytest.fail("measured before refusing the output"))
+    monkeypatch.setattr(
+        advisor.run.tune, "run_study", lambda *a, **k: pytest.fail("measured before refusing the output")
+    )
     path = data.draw(bad_output_paths(playground))
     command = data.draw(st.sampled_from(["recommend -o", "tune -o", "tune --report"]))
     if command == "recommend -o":
@@ -231,9 +255,27 @@ def test_config_paths_that_are_not_config_files_are_refused(data, playground):
 
 # --- config files of the wrong shape --------------------------------------------------------------
 
-_JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), _SAFE_TEXT)
-_JSON = st.recursive(_JSON_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_SAFE_TEXT, inner, max_size=3), max_leaves=8)
-_KNOWN_KEYS = ("schema_version", "dtype", "device", "quantization", "layerwise_casting", "offload", "compile", "vae", "attention_backend", "channels_last", "provenance")
+_JSON_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), _SAFE_TEXT
+)
+_JSON = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_SAFE_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+_KNOWN_KEYS = (
+    "schema_version",
+    "dtype",
+    "device",
+    "quantization",
+    "layerwise_casting",
+    "offload",
+    "compile",
+    "vae",
+    "attention_backend",
+    "channels_last",
+    "provenance",
+)
 
 
 def _deep(depth: int, kind: str) -> str:
@@ -245,18 +287,29 @@ bad_config_texts = st.one_of(
     st.dictionaries(_SAFE_TEXT.filter(lambda k: k not in _KNOWN_KEYS), _JSON, min_size=1, max_size=3).map(
         lambda d: json.dumps({"schema_version": 1, **d})
     ),  # unknown keys
-    _JSON.filter(lambda v: v != 1 or isinstance(v, bool)).map(lambda v: json.dumps({"schema_version": v})),  # not version 1
+    _JSON.filter(lambda v: v != 1 or isinstance(v, bool)).map(
+        lambda v: json.dumps({"schema_version": v})
+    ),  # not version 1
     st.builds(
         lambda key, value: json.dumps({"schema_version": 1, key: value}),
         st.sampled_from(["dtype", "offload", "quantization", "vae", "compile", "channels_last"]),
-        st.one_of(st.integers(), st.lists(st.integers(), max_size=2), _SAFE_TEXT.filter(lambda t: t not in {"bfloat16", "float16", "float32"})),
+        st.one_of(
+            st.integers(),
+            st.lists(st.integers(), max_size=2),
+            _SAFE_TEXT.filter(lambda t: t not in {"bfloat16", "float16", "float32"}),
+        ),
     ),  # a known key holding the wrong type
     _SAFE_TEXT.filter(lambda t: t not in {"cpu", "cuda"} and not t.startswith("cuda:")).map(
         lambda device: json.dumps({"schema_version": 1, "device": device})
     ),
     st.builds(_deep, st.integers(min_value=65, max_value=20_000), st.sampled_from(["array", "object"])),
-    st.integers(min_value=4301, max_value=6000).map(lambda n: '{"schema_version": 1, "offload": {"num_blocks_per_group": ' + "7" * n + "}}"),
-    st.binary(max_size=20).map(lambda b: b.decode("latin-1")).filter(lambda t: t.strip() not in {"", "{}"}).map(lambda t: "\x00" + t),
+    st.integers(min_value=4301, max_value=6000).map(
+        lambda n: '{"schema_version": 1, "offload": {"num_blocks_per_group": ' + "7" * n + "}}"
+    ),
+    st.binary(max_size=20)
+    .map(lambda b: b.decode("latin-1"))
+    .filter(lambda t: t.strip() not in {"", "{}"})
+    .map(lambda t: "\x00" + t),
 )
 
 
@@ -288,26 +341,65 @@ _NOT_A_PAIR = st.one_of(
 # The tiny Flux transformer's fields the advisor reads, each with values of a kind it can't be.
 _WRONG_FIELD = st.one_of(
     st.tuples(
-        st.sampled_from(["num_layers", "num_single_layers", "in_channels", "joint_attention_dim", "pooled_projection_dim", "num_attention_heads", "attention_head_dim", "patch_size"]),
-        st.one_of(_SAFE_TEXT, st.booleans(), st.floats(allow_nan=False).filter(lambda f: not f.is_integer()), st.integers(max_value=-1), st.lists(_SAFE_TEXT, min_size=1, max_size=2), st.dictionaries(_SAFE_TEXT, st.integers(), min_size=1, max_size=2)),
+        st.sampled_from(
+            [
+                "num_layers",
+                "num_single_layers",
+                "in_channels",
+                "joint_attention_dim",
+                "pooled_projection_dim",
+                "num_attention_heads",
+                "attention_head_dim",
+                "patch_size",
+            ]
+        ),
+        st.one_of(
+            _SAFE_TEXT,
+            st.booleans(),
+            st.floats(allow_nan=False).filter(lambda f: not f.is_integer()),
+            st.integers(max_value=-1),
+            st.lists(_SAFE_TEXT, min_size=1, max_size=2),
+            st.dictionaries(_SAFE_TEXT, st.integers(), min_size=1, max_size=2),
+        ),
     ),
-    st.tuples(st.just("guidance_embeds"), st.one_of(_SAFE_TEXT, st.integers(), st.lists(st.booleans(), min_size=1, max_size=2))),
+    st.tuples(
+        st.just("guidance_embeds"),
+        st.one_of(_SAFE_TEXT, st.integers(), st.lists(st.booleans(), min_size=1, max_size=2)),
+    ),
 )
 
 
 @FUZZ
 @given(data=st.data())
 def test_corrupt_model_folders_are_one_model_error_naming_the_file(data, model_copy):
-    what = data.draw(st.sampled_from(["index not an object", "index entry", "class name", "config field", "config not an object", "deep", "huge int"]))
+    what = data.draw(
+        st.sampled_from(
+            [
+                "index not an object",
+                "index entry",
+                "class name",
+                "config field",
+                "config not an object",
+                "deep",
+                "huge int",
+            ]
+        )
+    )
     index, config = model_copy / "model_index.json", model_copy / "transformer" / "config.json"
     original_index, original_config = json.loads(index.read_text()), json.loads(config.read_text())
     if what == "index not an object":
         target, text = index, json.dumps(data.draw(_JSON.filter(lambda v: not isinstance(v, dict))))
     elif what == "index entry":
-        name = data.draw(st.sampled_from(["transformer", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer"]))
+        name = data.draw(
+            st.sampled_from(["transformer", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer"])
+        )
         target, text = index, json.dumps({**original_index, name: data.draw(_NOT_A_PAIR)})
     elif what == "class name":
-        value = data.draw(st.one_of(st.integers(), st.lists(st.integers(), max_size=2), _SAFE_TEXT.filter(lambda t: not t.isidentifier())))
+        value = data.draw(
+            st.one_of(
+                st.integers(), st.lists(st.integers(), max_size=2), _SAFE_TEXT.filter(lambda t: not t.isidentifier())
+            )
+        )
         target, text = index, json.dumps({**original_index, "_class_name": value})
     elif what == "config field":
         key, value = data.draw(_WRONG_FIELD)
@@ -315,10 +407,18 @@ def test_corrupt_model_folders_are_one_model_error_naming_the_file(data, model_c
     elif what == "config not an object":
         target, text = config, json.dumps(data.draw(_JSON.filter(lambda v: not isinstance(v, dict))))
     elif what == "deep":
-        target, text = data.draw(st.sampled_from([index, config])), _deep(data.draw(st.integers(65, 20_000)), data.draw(st.sampled_from(["array", "object"])))
+        target, text = (
+            data.draw(st.sampled_from([index, config])),
+            _deep(data.draw(st.integers(65, 20_000)), data.draw(st.sampled_from(["array", "object"]))),
+        )
     else:
-        target, text = data.draw(st.sampled_from([index, config])), '{"num_layers": ' + "9" * data.draw(st.integers(4301, 6000)) + "}"
-    command = data.draw(st.sampled_from([["inspect", str(model_copy)], ["recommend", "-m", str(model_copy), "--gpu", "H100"]]))
+        target, text = (
+            data.draw(st.sampled_from([index, config])),
+            '{"num_layers": ' + "9" * data.draw(st.integers(4301, 6000)) + "}",
+        )
+    command = data.draw(
+        st.sampled_from([["inspect", str(model_copy)], ["recommend", "-m", str(model_copy), "--gpu", "H100"]])
+    )
     with replaced(target, text):
         line = assert_refused(command)
     assert line.startswith(f"advisor: error: {target}: "), line

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from advisor.config import Cache, Offload, OptimizationConfig
+from advisor.errors import ConfigError
 from advisor.levers.step_cache import (
     BLOCK_LISTS,
     CACHE_MODELS,
@@ -22,8 +24,6 @@ from advisor.levers.step_cache import (
     mag_computed_steps,
     taylorseer_computed_steps,
 )
-from advisor.config import Cache, Offload, OptimizationConfig
-from advisor.errors import ConfigError
 
 
 def test_the_block_lists_and_classes_are_the_installed_diffusers_ones():
@@ -44,11 +44,17 @@ def test_the_cache_models_and_flux_ratios_are_the_installed_diffusers_ones():
 
     # FLUX_MAG_RATIOS is a tensor made at import, on the meta device when a trace imported it: read its source.
     tree = ast.parse(Path(diffusers.hooks.mag_cache.__file__).read_text())
-    value = next(node.value for node in tree.body if isinstance(node, ast.Assign) and node.targets[0].id == "FLUX_MAG_RATIOS")
-    flux_ratios = eval(compile(ast.Expression(value.args[0]), "FLUX_MAG_RATIOS", "eval"), {})  # a list expression of literals
+    value = next(
+        node.value for node in tree.body if isinstance(node, ast.Assign) and node.targets[0].id == "FLUX_MAG_RATIOS"
+    )
+    flux_ratios = eval(
+        compile(ast.Expression(value.args[0]), "FLUX_MAG_RATIOS", "eval"), {}
+    )  # a list expression of literals
 
     classes = {name for name in dir(diffusers) if isinstance(getattr(diffusers, name, None), type)}
-    assert CACHE_MODELS == {name for name in classes if issubclass(getattr(diffusers, name), CacheMixin) and name != "CacheMixin"}
+    assert CACHE_MODELS == {
+        name for name in classes if issubclass(getattr(diffusers, name), CacheMixin) and name != "CacheMixin"
+    }
     assert "SD3Transformer2DModel" in classes and "SD3Transformer2DModel" not in CACHE_MODELS
     assert MAG_RATIOS["FluxTransformer2DModel"] == pytest.approx(flux_ratios)
 
@@ -58,8 +64,25 @@ def test_the_fixed_schedules():
     run, then drift accumulates; TaylorSeer computes steps < warmup and every interval-th after."""
     run = mag_computed_steps(MAG_RATIOS["FluxTransformer2DModel"], 28, 0.06, 3, 0.2)
     # The steps diffusers' MagCache hooks skipped on a tiny Flux over these 28 ratios (run once by hand).
-    assert [step for step, computed in enumerate(run) if not computed] == [6, 8, 10, 11, 12, 14, 15, 16, 18, 19, 20, 22, 23, 25]
-    assert sum(mag_computed_steps(MAG_RATIOS["FluxTransformer2DModel"], 28, 0.12, 3, 0.2)) < 14  # a higher threshold skips more
+    assert [step for step, computed in enumerate(run) if not computed] == [
+        6,
+        8,
+        10,
+        11,
+        12,
+        14,
+        15,
+        16,
+        18,
+        19,
+        20,
+        22,
+        23,
+        25,
+    ]
+    assert (
+        sum(mag_computed_steps(MAG_RATIOS["FluxTransformer2DModel"], 28, 0.12, 3, 0.2)) < 14
+    )  # a higher threshold skips more
     # TaylorSeer computes steps 0-9, then 11 (the first after the warm-up that is not predicted) and every 5th.
     run = taylorseer_computed_steps(28, 5, 10)
     assert [step for step, computed in enumerate(run) if computed] == [*range(10), 11, 16, 21, 26]
@@ -86,7 +109,12 @@ def test_the_schema_refuses_thresholds_outside_0_to_1_and_settings_of_another_ki
 
 
 def test_which_denoisers_diffusers_can_cache():
-    assert cacheable(["transformer_blocks", "single_transformer_blocks"], ["FluxTransformerBlock", "FluxSingleTransformerBlock"]) is None
+    assert (
+        cacheable(
+            ["transformer_blocks", "single_transformer_blocks"], ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
+        )
+        is None
+    )
     assert "not registered" in cacheable(["transformer_blocks"], ["MyBlock"])
     assert "no enable_cache" in cacheable(["transformer_blocks"], ["JointTransformerBlock"], "SD3Transformer2DModel")
     # SDXL's UNet keeps its attention in down/up blocks, which the cache hooks don't know.
@@ -100,7 +128,9 @@ def _scenario(model: str, gpu: str, quality: str):
     from advisor.probe.workload import make_workload
 
     profile = load_profile(model)
-    return make_scenario(profile, make_workload(profile), planned_target(machine=None, gpu=gpu, ram=64 * 2**30), quality=quality)
+    return make_scenario(
+        profile, make_workload(profile), planned_target(machine=None, gpu=gpu, ram=64 * 2**30), quality=quality
+    )
 
 
 def test_caching_is_offered_under_fast_only_and_never_with_offload_hooks():
@@ -113,8 +143,15 @@ def test_caching_is_offered_under_fast_only_and_never_with_offload_hooks():
     space = SearchSpace.for_scenario(fast)
     assert space.choices("cache") == ["none", "first-block-0.08", "first-block-0.12", "mag", "taylorseer"]
     # MagCache needs the model's ratios (diffusers ships Flux's); SD3's transformer has no enable_cache.
-    assert SearchSpace.for_scenario(_scenario("wan2.1-t2v-14b", "H100", "fast")).choices("cache") == ["none", "first-block-0.08", "first-block-0.12", "taylorseer"]
-    assert SearchSpace.for_scenario(_scenario("stabilityai/stable-diffusion-3.5-large", "H100", "fast")).choices("cache") == ["none"]
+    assert SearchSpace.for_scenario(_scenario("wan2.1-t2v-14b", "H100", "fast")).choices("cache") == [
+        "none",
+        "first-block-0.08",
+        "first-block-0.12",
+        "taylorseer",
+    ]
+    assert SearchSpace.for_scenario(_scenario("stabilityai/stable-diffusion-3.5-large", "H100", "fast")).choices(
+        "cache"
+    ) == ["none"]
     grouped = OptimizationConfig(cache=Cache(threshold=0.08), offload=Offload(strategy="group", use_stream=True))
     assert rejection(grouped, fast) == "first-block-cache-not-with-offload-hooks"
     result = recommend(fast)
@@ -129,15 +166,26 @@ def test_the_estimate_skips_the_computed_share_and_holds_three_hidden_states():
 
     scenario = _scenario("flux-dev", "H100", "fast")
     plain = estimate(scenario.profile, scenario.workload, OptimizationConfig(), scenario.target)
-    cached = estimate(scenario.profile, scenario.workload, OptimizationConfig(cache=Cache(threshold=0.12)), scenario.target)
+    cached = estimate(
+        scenario.profile, scenario.workload, OptimizationConfig(cache=Cache(threshold=0.12)), scenario.target
+    )
     compute = cached.latency_breakdown["step_compute_s"] / plain.latency_breakdown["step_compute_s"]
     assert compute == pytest.approx(computed_share(0.12))
-    denoising = {p.name: p for p in cached.phases}["denoising"].activation_bytes - {p.name: p for p in plain.phases}["denoising"].activation_bytes
+    denoising = {p.name: p for p in cached.phases}["denoising"].activation_bytes - {p.name: p for p in plain.phases}[
+        "denoising"
+    ].activation_bytes
     assert denoising == 3 * 4608 * 3072 * 2
     # MagCache: half the steps run (the schedule above); it holds the last residual and the head block's input.
-    mag = estimate(scenario.profile, scenario.workload, OptimizationConfig(cache=Cache(kind="mag", threshold=0.06, steps=28)), scenario.target)
+    mag = estimate(
+        scenario.profile,
+        scenario.workload,
+        OptimizationConfig(cache=Cache(kind="mag", threshold=0.06, steps=28)),
+        scenario.target,
+    )
     assert mag.latency_breakdown["step_compute_s"] / plain.latency_breakdown["step_compute_s"] == pytest.approx(0.5)
-    held = {p.name: p for p in mag.phases}["denoising"].activation_bytes - {p.name: p for p in plain.phases}["denoising"].activation_bytes
+    held = {p.name: p for p in mag.phases}["denoising"].activation_bytes - {p.name: p for p in plain.phases}[
+        "denoising"
+    ].activation_bytes
     assert held == 2 * 4608 * 3072 * 2
 
 
@@ -211,14 +259,24 @@ def test_a_denoiser_the_cache_cannot_hook_is_refused_in_one_line(tmp_path):
     from advisor.testing import build_tiny_sd3, build_tiny_sdxl, build_tiny_wan
 
     path = build_tiny_sdxl(tmp_path / "sdxl")
-    with pytest.raises(ConfigError, match=r"`cache` can't apply to unet \(UNet2DConditionModel\): UNet2DConditionModel has no enable_cache"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`cache` can't apply to unet \(UNet2DConditionModel\): UNet2DConditionModel has no enable_cache",
+    ):
         load_pipeline(path, OptimizationConfig(device="cpu", dtype="float32", cache=Cache()))
     path = build_tiny_sd3(tmp_path / "sd3")
-    with pytest.raises(ConfigError, match=r"can't apply to transformer \(SD3Transformer2DModel\): SD3Transformer2DModel has no enable_cache"):
+    with pytest.raises(
+        ConfigError,
+        match=r"can't apply to transformer \(SD3Transformer2DModel\): SD3Transformer2DModel has no enable_cache",
+    ):
         load_pipeline(path, OptimizationConfig(device="cpu", dtype="float32", cache=Cache()))
     path = build_tiny_wan(tmp_path / "wan")
-    with pytest.raises(ConfigError, match=r"diffusers ships MagCache ratios for FluxTransformer2DModel only; calibrate them first"):
-        load_pipeline(path, OptimizationConfig(device="cpu", dtype="float32", cache=Cache(kind="mag", threshold=0.06, steps=8)))
+    with pytest.raises(
+        ConfigError, match=r"diffusers ships MagCache ratios for FluxTransformer2DModel only; calibrate them first"
+    ):
+        load_pipeline(
+            path, OptimizationConfig(device="cpu", dtype="float32", cache=Cache(kind="mag", threshold=0.06, steps=8))
+        )
 
 
 def test_a_cached_candidate_is_timed_over_the_whole_run():
@@ -249,8 +307,11 @@ def test_why_pyramid_attention_broadcast_and_fastercache_are_not_offered(tmp_pat
     for block in pipe.transformer.blocks:
         block.attn1.to_q.register_forward_pre_hook(lambda module, args: computed.append(float(pipe.current_timestep)))
     call = {**tiny_call_kwargs("video", seed=0), "num_inference_steps": 8}
-    everywhere = dict(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
-                      current_timestep_callback=lambda: pipe.current_timestep)
+    everywhere = dict(
+        spatial_attention_block_skip_range=2,
+        spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: pipe.current_timestep,
+    )
     pipe(**call)
     assert len(computed) == 2 * 8 * 2  # blocks x steps x (conditional, unconditional)
     computed.clear()

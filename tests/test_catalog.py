@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +274,11 @@ def test_catalog_matches_its_source_file(slug):
     assert {c["name"] for c in entry["components"]} == set(weighted)
     for comp in entry["components"]:
         src = weighted[comp["name"]]
-        assert (comp["library"], comp["class_name"], comp["dtype"]) == (src["library"], src["class_name"], src["dtype"])
+        assert (comp["library"], comp["class_name"], comp["dtype"]) == (
+            src["library"],
+            src["class_name"],
+            src["dtype"],
+        )
         assert comp["config"] == src["config"], f"{slug}/{comp['name']}: config differs from the source; regenerate"
     others = {n: c["class_name"] for n, c in source["components"].items() if "config" not in c}
     assert entry["other_components"] == others
@@ -295,7 +300,9 @@ def test_catalog_regenerates_in_process():
     spec.loader.exec_module(build_catalog)
     source = build_catalog.load_source(slug)
     rebuilt = json.loads(json.dumps(build_catalog.describe_component(name, source["components"][name])))
-    stored = {key: value for key, value in _component(CATALOG[slug], name).items() if key != "trace"}  # traces: tests/test_trace.py
+    stored = {
+        key: value for key, value in _component(CATALOG[slug], name).items() if key != "trace"
+    }  # traces: tests/test_trace.py
     assert rebuilt == stored, "stale catalog: run python scripts/build_catalog.py"
     assert CATALOG[slug]["offload_sequence"] == build_catalog.offload_sequence(
         source["pipeline_class"], [n for n, c in source["components"].items() if "config" in c]
@@ -314,7 +321,9 @@ def test_every_component_the_estimate_reads_carries_a_trace(slug):
 
     for component in CATALOG[slug]["components"]:
         if role_of(component["name"], component["class_name"]) in TRACED_ROLES:
-            assert component.get("trace", {}).get("version") == TRACE_VERSION, f"{slug}/{component['name']}: run python scripts/build_catalog.py"
+            assert component.get("trace", {}).get("version") == TRACE_VERSION, (
+                f"{slug}/{component['name']}: run python scripts/build_catalog.py"
+            )
 
 
 @pytest.mark.parametrize("slug", sorted(CATALOG))
@@ -342,7 +351,11 @@ CALL_DEFAULTS = {"steps": "num_inference_steps", "height": "height", "width": "w
 def _pipeline_families() -> dict:
     from advisor.paths import DATA_DIR
 
-    return {name: facts for name, facts in json.loads((DATA_DIR / "pipelines.json").read_text()).items() if not name.startswith("_")}
+    return {
+        name: facts
+        for name, facts in json.loads((DATA_DIR / "pipelines.json").read_text()).items()
+        if not name.startswith("_")
+    }
 
 
 @pytest.mark.parametrize("pipeline_class", sorted(_pipeline_families()))

@@ -11,6 +11,7 @@ import pytest
 
 from advisor.cli import main
 
+
 ADVISOR = shutil.which("advisor") or str(Path(sys.executable).with_name("advisor"))
 
 
@@ -73,7 +74,10 @@ def test_advisor_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch, 
 
     monkeypatch.setattr(hardware, "probe_machine", broken)
     assert main(["probe"]) == 1
-    assert capsys.readouterr().err == "advisor: error: --calibrate: no CUDA device to calibrate; run it on the GPU machine\n"
+    assert (
+        capsys.readouterr().err
+        == "advisor: error: --calibrate: no CUDA device to calibrate; run it on the GPU machine\n"
+    )
     with pytest.raises(HardwareError):
         main(["--debug", "probe"])
 
@@ -115,10 +119,27 @@ def test_estimate_warns_when_the_config_was_made_for_another_pipeline(capsys, tm
 
 def test_recommend_json_has_the_documented_keys(capsys):
     # The seed page's pick is the fastest (--quality fast); balanced takes a lossless partial offload within 20% of it.
-    assert main(["recommend", "--model", "black-forest-labs/FLUX.1-dev", "--vram", "24GB", "--budget", "16GB", "--quality", "fast",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "recommend",
+                "--model",
+                "black-forest-labs/FLUX.1-dev",
+                "--vram",
+                "24GB",
+                "--budget",
+                "16GB",
+                "--quality",
+                "fast",
+                "--json",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
-    assert {"model", "workload", "hardware", "budget_bytes", "config", "estimate", "reasons", "alternatives"} <= set(data)
+    assert {"model", "workload", "hardware", "budget_bytes", "config", "estimate", "reasons", "alternatives"} <= set(
+        data
+    )
     assert data["budget_bytes"] == 16 * 2**30
     assert data["estimate"]["peak_vram_bytes"] <= data["budget_bytes"]
     assert data["estimate"]["peak_ram_bytes"] > 0
@@ -131,7 +152,12 @@ def test_recommend_writes_a_config_that_loads(tmp_path, capsys):
 
     path = tmp_path / "advisor.json"
     # The seed page's 13 GB pick (quantization + model offload) is the fastest: --quality fast.
-    assert main(["recommend", "-m", "flux-dev", "--vram", "24GB", "--budget", "13GB", "--quality", "fast", "-o", str(path)]) == 0
+    assert (
+        main(
+            ["recommend", "-m", "flux-dev", "--vram", "24GB", "--budget", "13GB", "--quality", "fast", "-o", str(path)]
+        )
+        == 0
+    )
     config = load_config(path)
     assert config.offload.strategy == "model"
     assert config.provenance.made_by == "recommend" and config.provenance.budget_bytes == 13 * 2**30
@@ -166,12 +192,18 @@ def test_recommend_without_gpu_says_so_and_plans_cpu(tiny_flux_dir, capsys):
         (["--ram", "12XB"], "--ram: '12XB' is not a size"),
         (["--gpu", "Voodoo 5"], "--gpu: 'Voodoo 5' is not a known GPU"),
         (["--emit", "rust"], "--emit: 'rust' is not supported"),
-        (["--height", "1001"], "--height: 1001 is not a multiple of 16 (FluxPipeline needs it)"),  # pipeline_flux.py check_inputs
+        (
+            ["--height", "1001"],
+            "--height: 1001 is not a multiple of 16 (FluxPipeline needs it)",
+        ),  # pipeline_flux.py check_inputs
         (["--workload", "movie"], "--workload: 'movie' is not a workload"),
         (["--model", "./missing-folder"], "no such folder"),
         (["--vram", "24GB", "--budget", "0"], "--budget: must be larger than 0"),
         (["--gpu", "4060 super"], "'RTX 4060'"),
-        (["--gpu", "H100", "--quality", "perfect"], "--quality: 'perfect' is not a quality policy; use one of exact, balanced, fast"),
+        (
+            ["--gpu", "H100", "--quality", "perfect"],
+            "--quality: 'perfect' is not a quality policy; use one of exact, balanced, fast",
+        ),
         (["--gpu", "H100", "--json", "--emit", "python"], "--emit: prints a script, --json an object; choose one"),
         (["--gpu", "H100", "--height", "99999999"], "--height: 99999999 is larger than any pipeline generates"),
     ],
@@ -184,9 +216,15 @@ def test_recommend_bad_input_is_one_line_naming_the_flag(args, message):
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("command", [["recommend", "--model", "black-forest-labs/FLUX.1-dev", "--vram", "24GB"],
-                                     ["recommend", "--model", "black-forest-labs/FLUX.1-dev", "--vram", "24GB", "--json"],
-                                     ["probe"], ["probe", "--json"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["recommend", "--model", "black-forest-labs/FLUX.1-dev", "--vram", "24GB"],
+        ["recommend", "--model", "black-forest-labs/FLUX.1-dev", "--vram", "24GB", "--json"],
+        ["probe"],
+        ["probe", "--json"],
+    ],
+)
 def test_probe_and_recommend_import_neither_torch_nor_diffusers(command):
     """Nor, on the instant paths, what would take their start-up over 0.05 of importing diffusers
     (benchmarks/cli_latency.py): optuna, pydantic (config files only), rich (tables of the other
@@ -200,7 +238,9 @@ def test_probe_and_recommend_import_neither_torch_nor_diffusers(command):
         f"    main({command!r})\n"
         f"sys.stderr.write(str(sorted(m for m in {heavy!r} if m in sys.modules)))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert result.stderr.strip().endswith("[]"), result.stderr[-300:]
 
 
@@ -224,16 +264,23 @@ def test_the_model_comes_first_or_as_the_model_option(command, capsys):
         out.get("config", {}).get("provenance", {}).pop("created", None)  # recommend's config says when it was made
         outputs.append(out)
     assert all(out == outputs[0] for out in outputs[1:])
-    assert all((out.get("model") or out.get("model_id")) == "stabilityai/stable-diffusion-xl-base-1.0" for out in outputs)
+    assert all(
+        (out.get("model") or out.get("model_id")) == "stabilityai/stable-diffusion-xl-base-1.0" for out in outputs
+    )
 
     assert main([name, "sdxl", "--model", "flux-dev", *rest]) == 2
-    assert capsys.readouterr().err.strip() == ("advisor: error: --model: the model is given twice, as 'sdxl' and as --model "
-                                               "'flux-dev'; give it once")
+    assert capsys.readouterr().err.strip() == (
+        "advisor: error: --model: the model is given twice, as 'sdxl' and as --model 'flux-dev'; give it once"
+    )
     assert main([name, "sdxl", "extra", *rest]) == 2
     assert capsys.readouterr().err.strip() == f"advisor: error: no such argument: extra (see 'advisor {name} --help')"
     if name != "recommend":  # recommend alone has a default, said as an assumption (above)
         assert main([name, *rest]) == 2
-        assert capsys.readouterr().err.strip().startswith(f"advisor: error: MODEL: none given; name the pipeline first (advisor {name} ")
+        assert (
+            capsys.readouterr()
+            .err.strip()
+            .startswith(f"advisor: error: MODEL: none given; name the pipeline first (advisor {name} ")
+        )
 
 
 def test_tune_needs_a_model_before_anything_else(capsys):
@@ -272,7 +319,11 @@ def test_a_closed_pipe_ends_quietly(command):
     # pipe every time: with `head -1` a small output could be written whole before head went away.
     result = subprocess.run(
         f"'{advisor_cli}' {command} | true; exit ${{PIPESTATUS[0]}}",
-        shell=True, executable="/bin/bash", capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
@@ -377,9 +428,15 @@ def plain_file(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["recommend", "tune"])
-def test_output_paths_that_cannot_be_files_are_refused_before_any_work(command, tmp_path, plain_file, tiny_flux_dir, monkeypatch, capsys):
+def test_output_paths_that_cannot_be_files_are_refused_before_any_work(
+    command, tmp_path, plain_file, tiny_flux_dir, monkeypatch, capsys
+):
     _no_trials(monkeypatch)
-    base = ["recommend", "-m", "flux-dev", "--gpu", "H100"] if command == "recommend" else ["tune", "--budget", "4GB", "-m", str(tiny_flux_dir)]
+    base = (
+        ["recommend", "-m", "flux-dev", "--gpu", "H100"]
+        if command == "recommend"
+        else ["tune", "--budget", "4GB", "-m", str(tiny_flux_dir)]
+    )
     long_name = "a" * 300 + ".json"
     cases = [
         (str(tmp_path), f"-o {tmp_path}: is a folder; give a file name inside it"),
@@ -395,7 +452,9 @@ def test_output_paths_that_cannot_be_files_are_refused_before_any_work(command, 
         assert out == ""
 
 
-def test_tune_report_must_be_a_folder_it_can_write_before_any_trial(tmp_path, plain_file, tiny_flux_dir, monkeypatch, capsys):
+def test_tune_report_must_be_a_folder_it_can_write_before_any_trial(
+    tmp_path, plain_file, tiny_flux_dir, monkeypatch, capsys
+):
     _no_trials(monkeypatch)
     base = ["tune", "--budget", "4GB", "-m", str(tiny_flux_dir)]
     for report, message in [
@@ -419,7 +478,10 @@ def test_an_output_folder_that_is_read_only_is_refused_up_front(tmp_path, monkey
     assert line == f"-o {tmp_path / 'advisor.json'}: {tmp_path} is on a read-only file system"
     monkeypatch.setattr(advisor.files.os, "statvfs", lambda path: type("vfs", (), {"f_flag": 0})())
     assert main(["recommend", "-m", "flux-dev", "--gpu", "H100", "-o", str(tmp_path / "advisor.json")]) == 2
-    assert _one_error_line(capsys.readouterr().err) == f"-o {tmp_path / 'advisor.json'}: permission denied: can't create files in {tmp_path}"
+    assert (
+        _one_error_line(capsys.readouterr().err)
+        == f"-o {tmp_path / 'advisor.json'}: permission denied: can't create files in {tmp_path}"
+    )
 
 
 def test_a_config_that_fails_to_write_is_one_line_naming_the_flag(tmp_path, monkeypatch, capsys):
@@ -454,7 +516,10 @@ def test_an_unreadable_config_file_names_the_flag_and_file(tmp_path, monkeypatch
     [
         ("[" * 100_000 + "]" * 100_000, "nested more than 64 levels deep"),
         ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested more than 64 levels deep"),
-        ('{"schema_version": 1, "offload": {"num_blocks_per_group": ' + "9" * 5000 + "}}", "an integer of more than 4300 digits"),
+        (
+            '{"schema_version": 1, "offload": {"num_blocks_per_group": ' + "9" * 5000 + "}}",
+            "an integer of more than 4300 digits",
+        ),
         ('{"schema_version": 1, "device": "banana"}', "'banana'"),
         ('{"schema_version": true}', "schema_version true is not a version number"),
         (None, "is a folder, not a file"),
@@ -498,14 +563,32 @@ def test_tune_refuses_huge_workload_values_before_measuring(flag, tiny_wan_dir, 
 
 
 def test_the_largest_allowed_workload_still_has_a_finite_estimate(capsys):
-    args = ["--height", "32768", "--width", "32768", "--frames", "1025", "--steps", "10000", "--batch", "256", "--gpu", "H100", "--json"]
+    args = [
+        "--height",
+        "32768",
+        "--width",
+        "32768",
+        "--frames",
+        "1025",
+        "--steps",
+        "10000",
+        "--batch",
+        "256",
+        "--gpu",
+        "H100",
+        "--json",
+    ]
     assert main(["estimate", "hunyuanvideo", *args]) == 0
     estimate = json.loads(capsys.readouterr().out)["estimate"]
     assert 0 < estimate["latency_s"] < float("inf") and estimate["peak_vram_bytes"] > 0
 
 
 def test_ram_of_nothing_blames_ram_not_budget(capsys):
-    for args in (["recommend", "--ram", "0"], ["estimate", "flux-dev", "--ram", "0"], ["recommend", "--gpu", "H100", "--ram", "0"]):
+    for args in (
+        ["recommend", "--ram", "0"],
+        ["estimate", "flux-dev", "--ram", "0"],
+        ["recommend", "--gpu", "H100", "--ram", "0"],
+    ):
         assert main(args) == 2
         line = _one_error_line(capsys.readouterr().err)
         assert line.startswith("--ram: ") and "--budget" not in line, line
@@ -579,7 +662,9 @@ def test_estimate_says_whether_the_peak_fits_the_card(tmp_path, capsys):
     assert "fits RTX 4090: NO, peak VRAM" in text and "budget" in text
 
     picked = tmp_path / "picked.json"
-    assert main(["recommend", "-m", "flux-dev", "--gpu", "RTX 4090", "--ram", "64GB", "--json", "-o", str(picked)]) == 0
+    assert (
+        main(["recommend", "-m", "flux-dev", "--gpu", "RTX 4090", "--ram", "64GB", "--json", "-o", str(picked)]) == 0
+    )
     recommended = json.loads(capsys.readouterr().out)
     assert main(["estimate", "flux-dev", "--gpu", "RTX 4090", "--ram", "64GB", "--config", str(picked), "--json"]) == 0
     judged = json.loads(capsys.readouterr().out)
@@ -613,7 +698,12 @@ def test_estimate_warns_about_what_the_target_cannot_run(gpu, capability, tmp_pa
     assert any("attention_backend" in line and "9.0" in line for line in warned)
     assert "predicted latency" in captured.out  # still estimated: a warning, not a refusal
 
-    assert main(["estimate", "flux-dev", "--gpu", "H100", "--config", _config_file(tmp_path, "fp8.json", quantization=fp8)]) == 0
+    assert (
+        main(
+            ["estimate", "flux-dev", "--gpu", "H100", "--config", _config_file(tmp_path, "fp8.json", quantization=fp8)]
+        )
+        == 0
+    )
     assert capsys.readouterr().err == ""  # a Hopper runs fp8 matmuls
 
 
@@ -621,8 +711,31 @@ def test_estimate_uses_the_workload_the_config_records(tmp_path, capsys):
     """A config recommend made for 1280x720 is estimated at 1280x720 (not the model's 832x480), said
     in one line; a flag still wins for its own value; a config for another pipeline records nothing usable."""
     made = tmp_path / "wan.json"
-    assert main(["recommend", "-m", "wan2.1-t2v-1.3b", "--gpu", "RTX 4090", "--ram", "64GB", "--no-compile",
-                 "--width", "1280", "--height", "720", "--frames", "33", "--steps", "20", "-o", str(made)]) == 0
+    assert (
+        main(
+            [
+                "recommend",
+                "-m",
+                "wan2.1-t2v-1.3b",
+                "--gpu",
+                "RTX 4090",
+                "--ram",
+                "64GB",
+                "--no-compile",
+                "--width",
+                "1280",
+                "--height",
+                "720",
+                "--frames",
+                "33",
+                "--steps",
+                "20",
+                "-o",
+                str(made),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     estimate = ["estimate", "wan2.1-t2v-1.3b", "--gpu", "RTX 4090", "--ram", "64GB", "--config", str(made)]
     assert main([*estimate, "--json"]) == 0
@@ -641,18 +754,24 @@ def test_estimate_uses_the_workload_the_config_records(tmp_path, capsys):
 
     assert main(["estimate", "flux-dev", "--gpu", "RTX 4090", "--config", str(made), "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["workload"]["height"] == 1024  # FLUX.1-dev's own default, after the other-pipeline warning
+    assert (
+        json.loads(captured.out)["workload"]["height"] == 1024
+    )  # FLUX.1-dev's own default, after the other-pipeline warning
     assert "made for a WanPipeline" in captured.err
 
 
 def test_a_recorded_workload_that_does_not_suit_the_model_names_the_config(tmp_path, capsys):
     from advisor.config import Provenance
 
-    path = _config_file(tmp_path, provenance=Provenance(pipeline_class="FluxPipeline", workload={"kind": "image", "height": 1001}))
+    path = _config_file(
+        tmp_path, provenance=Provenance(pipeline_class="FluxPipeline", workload={"kind": "image", "height": 1001})
+    )
     assert main(["estimate", "flux-dev", "--gpu", "H100", "--config", path]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"advisor: error: --config {path}: ") and "1001" in err[0], err
-    assert main(["estimate", "flux-dev", "--gpu", "H100", "--config", path, "--height", "1024", "--json"]) == 0  # the flag wins
+    assert (
+        main(["estimate", "flux-dev", "--gpu", "H100", "--config", path, "--height", "1024", "--json"]) == 0
+    )  # the flag wins
 
 
 def test_estimate_prints_what_it_assumed(capsys):
@@ -660,16 +779,44 @@ def test_estimate_prints_what_it_assumed(capsys):
     lines = capsys.readouterr().out.splitlines()
     assumed = [line for line in lines if line.startswith("assumed ")]
     assert any(line.startswith("assumed host RAM: ") and "pass --ram" in line for line in assumed), lines
-    assert any(line.startswith("assumed steps: 28") for line in assumed) and any(line.startswith("assumed size: 1024x1024") for line in assumed)
-    assert main(["estimate", "flux-dev", "--gpu", "H100", "--ram", "64GB", "--steps", "28", "--width", "1024", "--height", "1024"]) == 0
+    assert any(line.startswith("assumed steps: 28") for line in assumed) and any(
+        line.startswith("assumed size: 1024x1024") for line in assumed
+    )
+    assert (
+        main(
+            [
+                "estimate",
+                "flux-dev",
+                "--gpu",
+                "H100",
+                "--ram",
+                "64GB",
+                "--steps",
+                "28",
+                "--width",
+                "1024",
+                "--height",
+                "1024",
+            ]
+        )
+        == 0
+    )
     assert "assumed" not in capsys.readouterr().out  # everything given: nothing assumed
 
 
 # --- usage errors: the model, --workload, numbers, commands ---------------------------------------
 
 
-@pytest.mark.parametrize("args", [["recommend", "-m", ""], ["recommend", "--model", " "], ["recommend", ""], ["estimate", "", "--gpu", "H100"],
-                                  ["inspect", "--model", ""]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["recommend", "-m", ""],
+        ["recommend", "--model", " "],
+        ["recommend", ""],
+        ["estimate", "", "--gpu", "H100"],
+        ["inspect", "--model", ""],
+    ],
+)
 def test_an_empty_model_is_a_usage_error(args, capsys):
     """`-m ""` is a slip (an unset shell variable), not a request for recommend's default model."""
     assert main(args) == 2
@@ -679,13 +826,16 @@ def test_an_empty_model_is_a_usage_error(args, capsys):
     assert captured.out == ""
 
 
-@pytest.mark.parametrize(("args", "kind"), [
-    (["recommend", "-m", "flux-dev", "--gpu", "H100", "--workload", "video"], "image"),
-    (["estimate", "flux-dev", "--gpu", "H100", "--workload", "video"], "image"),
-    (["inspect", "flux-dev", "--workload", "video"], "image"),
-    (["inspect", "flux-dev", "--workload", "audio"], "image"),
-    (["recommend", "-m", "wan2.1-t2v-1.3b", "--gpu", "H100", "--workload", "image"], "video"),
-])
+@pytest.mark.parametrize(
+    ("args", "kind"),
+    [
+        (["recommend", "-m", "flux-dev", "--gpu", "H100", "--workload", "video"], "image"),
+        (["estimate", "flux-dev", "--gpu", "H100", "--workload", "video"], "image"),
+        (["inspect", "flux-dev", "--workload", "video"], "image"),
+        (["inspect", "flux-dev", "--workload", "audio"], "image"),
+        (["recommend", "-m", "wan2.1-t2v-1.3b", "--gpu", "H100", "--workload", "image"], "video"),
+    ],
+)
 def test_a_workload_that_contradicts_a_known_pipeline_is_refused(args, kind, capsys):
     assert main(args) == 2
     captured = capsys.readouterr()
@@ -709,18 +859,29 @@ def test_workload_is_read_in_any_case_and_planning_commands_list_what_they_plan(
     for command in (["recommend", "--gpu", "H100"], ["estimate", "flux-dev", "--gpu", "H100"]):
         assert main([*command, "--workload", "movie"]) == 2
         err = capsys.readouterr().err.strip()
-        assert err == "advisor: error: --workload: 'movie' is not a workload; use one of image, video"  # audio is not planned
+        assert (
+            err == "advisor: error: --workload: 'movie' is not a workload; use one of image, video"
+        )  # audio is not planned
     assert main(["inspect", "flux-dev", "--workload", "movie"]) == 2
     assert capsys.readouterr().err.strip().endswith("use one of image, video, audio")  # inspect can be told audio
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["recommend", "--gpu", "H100", "--steps", "2.5"], "--steps: '2.5' is not a whole number; give e.g. 28"),
-    (["recommend", "--gpu", "H100", "--height", "1024.0"], "--height: '1024.0' is not a whole number; give e.g. 1024"),
-    (["estimate", "flux-dev", "--batch", "two"], "--batch: 'two' is not a whole number"),
-    (["tune", "-m", "flux-dev", "--budget", "12GB", "--trials", "2.5"], "--trials: '2.5' is not a whole number"),
-    (["tune", "-m", "flux-dev", "--budget", "12GB", "--tolerance", "tight"], "--tolerance: 'tight' is not a number"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["recommend", "--gpu", "H100", "--steps", "2.5"], "--steps: '2.5' is not a whole number; give e.g. 28"),
+        (
+            ["recommend", "--gpu", "H100", "--height", "1024.0"],
+            "--height: '1024.0' is not a whole number; give e.g. 1024",
+        ),
+        (["estimate", "flux-dev", "--batch", "two"], "--batch: 'two' is not a whole number"),
+        (["tune", "-m", "flux-dev", "--budget", "12GB", "--trials", "2.5"], "--trials: '2.5' is not a whole number"),
+        (
+            ["tune", "-m", "flux-dev", "--budget", "12GB", "--tolerance", "tight"],
+            "--tolerance: 'tight' is not a number",
+        ),
+    ],
+)
 def test_numbers_that_do_not_parse_are_one_line_naming_the_flag(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -730,7 +891,8 @@ def test_numbers_that_do_not_parse_are_one_line_naming_the_flag(args, message, c
 def test_an_unknown_command_with_no_near_one_lists_the_commands(capsys):
     assert main(["bogus"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "advisor: error: no such command: 'bogus'; the commands are probe, inspect, estimate, recommend, tune")
+        "advisor: error: no such command: 'bogus'; the commands are probe, inspect, estimate, recommend, tune"
+    )
 
 
 def test_an_unknown_model_lists_the_aliases_people_type(capsys):

@@ -36,18 +36,40 @@ def test_round_trip(tmp_path):
         ({"schema_version": 1, "dtype": "bf16"}, "dtype: Input should be 'bfloat16', 'float16' or 'float32'"),
         ({"schema_version": 1, "turbo": True}, "unknown key 'turbo'"),
         ({"schema_version": 1, "offload": {"use_streams": True}}, "unknown key 'offload.use_streams'"),
-        ({"schema_version": 1, "offload": {"strategy": "group", "record_stream": True}}, "`offload.record_stream` needs `offload.use_stream: true`"),
-        ({"schema_version": 1, "offload": {"strategy": "model", "use_stream": True}}, "applies to `strategy: group` only"),
-        ({"schema_version": 1, "offload": {"strategy": "none", "components": ["vae"]}}, "`offload.components` applies to `strategy: group` only"),
+        (
+            {"schema_version": 1, "offload": {"strategy": "group", "record_stream": True}},
+            "`offload.record_stream` needs `offload.use_stream: true`",
+        ),
+        (
+            {"schema_version": 1, "offload": {"strategy": "model", "use_stream": True}},
+            "applies to `strategy: group` only",
+        ),
+        (
+            {"schema_version": 1, "offload": {"strategy": "none", "components": ["vae"]}},
+            "`offload.components` applies to `strategy: group` only",
+        ),
         ({"schema_version": 1, "offload": {"num_blocks_per_group": 0}}, "num_blocks_per_group"),
         ({"schema_version": 1, "offload": {"num_blocks_per_group": "2"}}, "valid integer"),
         ({"schema_version": 1, "device": "cpu", "offload": {"strategy": "model"}}, "needs `device: cuda`"),
-        ({"schema_version": 1, "quantization": {"backend": "torchao", "components": ["t"], "quant_type": "nf4"}}, "is for bitsandbytes_4bit"),
-        ({"schema_version": 1, "quantization": {"backend": "bitsandbytes_4bit", "components": ["t"], "scheme": "int8_weight_only"}}, "is for torchao"),
+        (
+            {"schema_version": 1, "quantization": {"backend": "torchao", "components": ["t"], "quant_type": "nf4"}},
+            "is for bitsandbytes_4bit",
+        ),
+        (
+            {
+                "schema_version": 1,
+                "quantization": {"backend": "bitsandbytes_4bit", "components": ["t"], "scheme": "int8_weight_only"},
+            },
+            "is for torchao",
+        ),
         ({"schema_version": 1, "quantization": {"backend": "gguf", "components": ["t"]}}, "quantization.backend"),
         ({"schema_version": 1, "quantization": {"backend": "torchao", "components": []}}, "quantization.components"),
         (
-            {"schema_version": 1, "quantization": {"backend": "torchao", "components": ["transformer"]}, "layerwise_casting": {"components": ["transformer"]}},
+            {
+                "schema_version": 1,
+                "quantization": {"backend": "torchao", "components": ["transformer"]},
+                "layerwise_casting": {"components": ["transformer"]},
+            },
             "both quantized and layerwise-cast",
         ),
         ({"dtype": "bfloat16"}, "missing 'schema_version'"),
@@ -97,7 +119,9 @@ def test_device_and_schema_version_are_checked_for_what_they_are():
     for device in ("cpu", "cuda", "cuda:0", "cuda:3"):
         assert config_from_dict({"schema_version": 1, "device": device}).device == device
     # JSON true is not the version number 1, though Python's True == 1
-    with pytest.raises(ConfigError, match=r"advisor.json: schema_version true is not a version number; this advisor writes 1"):
+    with pytest.raises(
+        ConfigError, match=r"advisor.json: schema_version true is not a version number; this advisor writes 1"
+    ):
         config_from_dict({"schema_version": True}, source="advisor.json")
 
 
@@ -106,7 +130,10 @@ def test_device_and_schema_version_are_checked_for_what_they_are():
     [
         ("[" * 100_000 + "]" * 100_000, "nested more than 64 levels deep"),  # RecursionError in json before
         ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested more than 64 levels deep"),
-        ('{"schema_version": 1, "offload": {"num_blocks_per_group": ' + "9" * 5000 + "}}", "an integer of more than 4300 digits"),
+        (
+            '{"schema_version": 1, "offload": {"num_blocks_per_group": ' + "9" * 5000 + "}}",
+            "an integer of more than 4300 digits",
+        ),
         ("[" * 100 + "]" * 100, "nested more than 64 levels deep"),  # parses, but nothing would survive printing it
         (b"\xff\xfe{}".decode("latin-1"), "not UTF-8"),
     ],

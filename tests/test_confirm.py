@@ -10,6 +10,7 @@ import pytest
 from advisor.run.confirm import confirm, finalists, with_confirmations
 from advisor.run.trials import TrialRecord, confirmation_key, runs_of
 
+
 MB = 2**20
 BUDGET = 1000 * MB
 INT8 = {"quantization": {"backend": "torchao", "scheme": "int8_weight_only", "components": ["transformer"]}}
@@ -17,19 +18,44 @@ FP8 = {"quantization": {"backend": "layerwise", "scheme": "float8_e4m3fn", "comp
 TILED = {"vae": {"tiling": True}}
 
 
-def record(number: int, latency: float, spread: float = 0.01, peak_mb: int = 500, config: dict | None = None,
-           source: str = "measured", feasible: bool = True) -> TrialRecord:
+def record(
+    number: int,
+    latency: float,
+    spread: float = 0.01,
+    peak_mb: int = 500,
+    config: dict | None = None,
+    source: str = "measured",
+    feasible: bool = True,
+) -> TrialRecord:
     measurement = {"status": "ok", "latency_s": latency, "latency_spread_s": spread, "peak_rss_bytes": peak_mb * MB}
     return TrialRecord(
-        number=number, summary=str(config), status="ok" if feasible else "over-budget", source=source, feasible=feasible,
-        latency_s=latency, peak_bytes=peak_mb * MB, predicted_peak_bytes=None, reason=None,
-        config={"device": "cpu", **(config or {})}, measurement=measurement, latency_spread_s=spread,
+        number=number,
+        summary=str(config),
+        status="ok" if feasible else "over-budget",
+        source=source,
+        feasible=feasible,
+        latency_s=latency,
+        peak_bytes=peak_mb * MB,
+        predicted_peak_bytes=None,
+        reason=None,
+        config={"device": "cpu", **(config or {})},
+        measurement=measurement,
+        latency_spread_s=spread,
     )
 
 
-def run(latency: float, spread: float = 0.01, peak_mb: int = 500, status: str = "ok", reason: str | None = None) -> dict:
-    return {"status": status, "reason": reason, "latency_s": latency, "latency_spread_s": spread,
-            "peak_vram_bytes": None, "peak_rss_bytes": peak_mb * MB, "noisy": None}
+def run(
+    latency: float, spread: float = 0.01, peak_mb: int = 500, status: str = "ok", reason: str | None = None
+) -> dict:
+    return {
+        "status": status,
+        "reason": reason,
+        "latency_s": latency,
+        "latency_spread_s": spread,
+        "peak_vram_bytes": None,
+        "peak_rss_bytes": peak_mb * MB,
+        "noisy": None,
+    }
 
 
 def test_finalists_are_the_feasible_configurations_near_the_fastest_first_trial_each():
@@ -56,7 +82,7 @@ def test_a_confirmed_latency_is_the_median_across_processes_and_its_spread_a_t_i
     assert combined.processes == 3 and combined.process_latencies_s == [0.60, 0.80, 0.70]
     assert combined.latency_s == pytest.approx(0.70)
     # Student's t for 2 degrees of freedom at 95% is 4.303 (any t table); s = 0.10 over 3 processes.
-    assert combined.latency_spread_s == pytest.approx(4.303 * 0.10 / 3 ** 0.5, rel=1e-3)
+    assert combined.latency_spread_s == pytest.approx(4.303 * 0.10 / 3**0.5, rel=1e-3)
     assert combined.peak_bytes == 520 * MB  # the largest any process measured
     assert combined.feasible
     # Processes that agree better than each one's rounds: the spread stays one process's own.
@@ -72,8 +98,12 @@ def test_a_confirmation_run_over_the_budget_or_failed_makes_the_configuration_in
     over = with_confirmations([trial], {confirmation_key(trial.config): [run(0.6, peak_mb=1010)]}, "cpu", BUDGET)[0]
     assert not over.feasible and over.status == "over-budget"
     assert "fresh process" in over.reason and "> budget" in over.reason
-    crashed = with_confirmations([trial], {confirmation_key(trial.config): [run(0.6), run(0, status="crash", reason="exit code -11")]},
-                                 "cpu", BUDGET)[0]
+    crashed = with_confirmations(
+        [trial],
+        {confirmation_key(trial.config): [run(0.6), run(0, status="crash", reason="exit code -11")]},
+        "cpu",
+        BUDGET,
+    )[0]
     assert not crashed.feasible and crashed.status == "crash"
     assert crashed.reason == "run 3 of 3 in a fresh process: exit code -11"
 
@@ -105,11 +135,28 @@ def test_a_crashed_trial_of_a_confirmed_configuration_stays_a_crash():
     """A configuration that crashed once and was measured again later (a re-run retries crashes):
     its confirmation runs belong to the measurement that succeeded, not to the crash, whose
     latency is None (combining them raised TypeError, and every later run of the study with it)."""
-    crash = {"status": "crash", "reason": "exit code -11", "latency_s": None, "latency_spread_s": None,
-             "peak_vram_bytes": None, "peak_rss_bytes": 300 * MB, "noisy": None}
-    crashed = TrialRecord(number=0, summary="{}", status="crash", source="measured", feasible=False, latency_s=None,
-                          peak_bytes=None, predicted_peak_bytes=None, reason="exit code -11", config={"device": "cpu"},
-                          measurement=crash)
+    crash = {
+        "status": "crash",
+        "reason": "exit code -11",
+        "latency_s": None,
+        "latency_spread_s": None,
+        "peak_vram_bytes": None,
+        "peak_rss_bytes": 300 * MB,
+        "noisy": None,
+    }
+    crashed = TrialRecord(
+        number=0,
+        summary="{}",
+        status="crash",
+        source="measured",
+        feasible=False,
+        latency_s=None,
+        peak_bytes=None,
+        predicted_peak_bytes=None,
+        reason="exit code -11",
+        config={"device": "cpu"},
+        measurement=crash,
+    )
     again = record(1, 0.60)
     stored = {confirmation_key(again.config): [run(0.62), run(0.58)]}
     first, second = with_confirmations([crashed, again], stored, "cpu", BUDGET)

@@ -7,12 +7,12 @@ import pytest
 from advisor import constraints
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.constraints import (
-    every_constraint,
     Platform,
     bitsandbytes_needs_cuda,
     compiled_torchao_needs_leaf_or_stream_offload,
     cpu_offload_needs_cuda,
     device_is_available,
+    every_constraint,
     fp8_compute_needs_sm89,
     fullgraph_breaks_on_offload_hooks,
     installed_diffusers_supports_it,
@@ -23,12 +23,15 @@ from advisor.constraints import (
 )
 from advisor.errors import ConfigError
 
+
 NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])
 INT8 = Quantization(backend="torchao", components=["transformer"])
 FP8 = Quantization(backend="torchao", components=["transformer"], scheme="float8_dynamic")
 ADA = Platform("cuda", "8.9", None)  # an RTX 4090, planned for from elsewhere
 AMPERE = Platform("cuda", "8.0", None)
-CPU_ONLY = Platform(None, None, {"torch": "2.13.0", "torchao": "0.18.0", "bitsandbytes": "0.49.0", "diffusers": "0.42.1"})
+CPU_ONLY = Platform(
+    None, None, {"torch": "2.13.0", "torchao": "0.18.0", "bitsandbytes": "0.49.0", "diffusers": "0.42.1"}
+)
 
 
 def test_every_constraint_names_a_config_key_a_reason_and_a_source():
@@ -63,7 +66,10 @@ def test_fp8_compute_needs_sm89():
 
 
 def test_int4_weight_only_needs_cuda_kernels():
-    int4 = OptimizationConfig(device="cpu", quantization=Quantization(backend="torchao", components=["transformer"], scheme="int4_weight_only"))
+    int4 = OptimizationConfig(
+        device="cpu",
+        quantization=Quantization(backend="torchao", components=["transformer"], scheme="int4_weight_only"),
+    )
     assert "CUDA int4 kernels" in int4_weight_only_needs_cuda(int4, CPU_ONLY)
     assert int4_weight_only_needs_cuda(int4.replace(device="cuda"), ADA) is None
 
@@ -74,7 +80,9 @@ def test_placement_needs_what_it_moves_weights_to():
     assert device_is_available(OptimizationConfig(device="cpu"), CPU_ONLY) is None
     model = OptimizationConfig(device="cpu", offload=Offload(strategy="group"))
     assert cpu_offload_needs_cuda(model, CPU_ONLY) is None  # group offload onto the CPU is valid (tests use it)
-    assert "`offload.strategy: model`" in cpu_offload_needs_cuda(OptimizationConfig(offload=Offload(strategy="model")), CPU_ONLY)
+    assert "`offload.strategy: model`" in cpu_offload_needs_cuda(
+        OptimizationConfig(offload=Offload(strategy="model")), CPU_ONLY
+    )
     streamed = OptimizationConfig(device="cpu", offload=Offload(strategy="group", use_stream=True))
     assert "`offload.use_stream: true` needs CUDA streams" in streams_need_cuda(streamed, CPU_ONLY)
 
@@ -101,23 +109,34 @@ def test_torchao_and_group_offload_restrictions():
 
 
 def test_fullgraph_breaks_where_hooks_wrap_the_compiled_layers():
-    assert "is group-offloaded" in fullgraph_breaks_on_offload_hooks(OptimizationConfig(compile=Compile(), offload=Offload(strategy="group")), ADA)
+    assert "is group-offloaded" in fullgraph_breaks_on_offload_hooks(
+        OptimizationConfig(compile=Compile(), offload=Offload(strategy="group")), ADA
+    )
     cast = OptimizationConfig(compile=Compile(), layerwise_casting=LayerwiseCasting(components=["transformer"]))
     assert "is layerwise-cast" in fullgraph_breaks_on_offload_hooks(cast, ADA)
-    assert fullgraph_breaks_on_offload_hooks(OptimizationConfig(compile=Compile(), offload=Offload(strategy="model")), ADA) is None
+    assert (
+        fullgraph_breaks_on_offload_hooks(
+            OptimizationConfig(compile=Compile(), offload=Offload(strategy="model")), ADA
+        )
+        is None
+    )
 
 
 def test_anywhere_refuses_only_what_no_machine_can_run():
     assert constraints.violations(OptimizationConfig(quantization=FP8, compile=Compile()), Platform.anywhere()) == []
     broken = OptimizationConfig(compile=Compile(), offload=Offload(strategy="group"))
-    assert [v.constraint.name for v in constraints.violations(broken, Platform.anywhere())] == ["fullgraph-breaks-on-offload-hooks"]
+    assert [v.constraint.name for v in constraints.violations(broken, Platform.anywhere())] == [
+        "fullgraph-breaks-on-offload-hooks"
+    ]
 
 
 @pytest.fixture
 def made_up_constraint():
     """A constraint that exists only in this test: torchao is refused everywhere."""
 
-    @constraints.constraint("no-torchao-in-this-test", "quantization.backend", "a made-up limit, for the test only", "https://example.org")
+    @constraints.constraint(
+        "no-torchao-in-this-test", "quantization.backend", "a made-up limit, for the test only", "https://example.org"
+    )
     def no_torchao(config, platform):
         if config.quantization and config.quantization.backend == "torchao":
             return "`quantization.backend: torchao` is refused by a made-up constraint"

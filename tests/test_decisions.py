@@ -18,6 +18,7 @@ from advisor.probe.models import load_profile
 from advisor.probe.target import TargetHardware, planned_target
 from advisor.probe.workload import make_workload
 
+
 GIB = 2**30
 SEED = "seed page (speed-memory-optims)"
 
@@ -48,7 +49,10 @@ def lossless(r: Recommendation) -> bool:
 
 
 def no_fp8_compute(r: Recommendation) -> bool:
-    return all(s.config.quantization is None or s.config.quantization.kind != "float8_dynamic" for s in [r.best, *r.alternatives])
+    return all(
+        s.config.quantization is None or s.config.quantization.kind != "float8_dynamic"
+        for s in [r.best, *r.alternatives]
+    )
 
 
 def ram_within_headroom(r: Recommendation) -> bool:
@@ -59,7 +63,11 @@ def _check(*conditions: Callable[[Recommendation], bool]) -> Callable[[Recommend
     def run(r: Recommendation) -> None:
         assert r.config is not None, r.advice
         for condition in conditions:
-            assert condition(r), (condition.__name__ if hasattr(condition, "__name__") else condition, r.config.summary(), r.reasons)
+            assert condition(r), (
+                condition.__name__ if hasattr(condition, "__name__") else condition,
+                r.config.summary(),
+                r.reasons,
+            )
 
     return run
 
@@ -75,117 +83,293 @@ def nothing_fits(*phrases: str) -> Callable[[Recommendation], None]:
 
 
 DECISIONS = [
-    Decision("flux-4090-16gb", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             f"a quantized, compiled transformer at least as fast as {SEED}'s nf4 + compile (25.8 s): Ada has fp8 "
-             "matmuls, and torchao's fp8 dynamic + compile runs 1.42x compiled bf16 (diffusers-torchao)",
-             _check(lambda r: q(r) is not None and "transformer" in q(r).components, lambda r: r.config.compile is not None,
-                    lambda r: r.best.estimate.latency_s <= 25.847), budget=16 * GIB),
-    Decision("flux-4090-13gb", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             f"quantization + compile + model CPU offload ({SEED}: 12.24 GB), dynamo's cache limit raised",
-             _check(lambda r: q(r) is not None, lambda r: r.config.offload.strategy == "model",
-                    lambda r: r.config.compile.dynamo_config.get("cache_size_limit") == 1000), budget=13 * GIB),
-    Decision("flux-h100-balanced", "flux-dev", {"gpu": "H100", "ram": 256 * GIB},
-             "bf16 fits an 80 GB card whole: no quantization unless clearly faster, no offload (quality policy)",
-             _check(lambda r: r.config.offload.strategy == "none", lambda r: r.config.compile is not None,
-                    lambda r: lossless(r) or any("faster than the best lossless" in x for x in r.reasons))),
-    Decision("flux-h100-fast", "flux-dev", {"gpu": "H100", "ram": 256 * GIB},
-             "fastest: fp8 dynamic + compile on Hopper (torchao: fp8 matmuls on compute capability >= 8.9)",
-             _check(lambda r: q(r) is not None and q(r).kind == "float8_dynamic", lambda r: r.config.compile is not None),
-             quality="fast"),
-    Decision("flux-h100-exact", "flux-dev", {"gpu": "H100", "ram": 256 * GIB},
-             "exact: nothing lossy, bf16 whole on the card", _check(lossless, lambda r: r.config.offload.strategy == "none"),
-             quality="exact"),
-    Decision("flux-4090-exact", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             "exact on 24 GB: bf16 (31 GB of weights) only fits with offloading", _check(lossless, lambda r: r.config.offload.strategy != "none"),
-             quality="exact"),
-    Decision("flux-4090-exact-partial", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             "exact on 24 GB: the bf16 transformer (23.8 GB) can't be resident whole with activations, so model offload "
-             "(the whole transformer on the card at once) doesn't fit, and group-offloading every block moves 23.8 GB "
-             "per step over PCIe; keeping what fits resident and streaming the rest moves least (ComfyUI's lowvram "
-             "partial loading, llama.cpp -ngl): partial offload, its predicted time shown against both",
-             _check(lossless, lambda r: 0 < (r.config.offload.resident_blocks or {}).get("transformer", 0) < 57,
-                    lambda r: any("against every block group-offloaded" in x and "model offload" in x for x in r.reasons)),
-             quality="exact"),
-    Decision("flux-a100-fast", "flux-dev", {"gpu": "A100", "ram": 256 * GIB},
-             "Ampere (8.0) has no fp8 matmuls: never float8 dynamic (torchao float8 README)", _check(no_fp8_compute), quality="fast"),
-    Decision("flux-generic-8gb", "flux-dev", {"vram": 8 * GIB, "ram": 32 * GIB},
-             "a bare size is a generic card: no fp8 compute assumed; quantization + offload to fit 8 GB",
-             _check(no_fp8_compute, lambda r: not lossless(r) or r.config.offload.strategy != "none",
-                    lambda r: any("generic GPU" in a for a in r.scenario.assumptions))),
-    Decision("flux-3060-loose-name", "flux-dev", {"gpu": "rtx3060", "ram": 32 * GIB},
-             "'rtx3060' is the RTX 3060 (12 GB, Ampere 8.6): no fp8 compute, something to fit 12 GB",
-             _check(no_fp8_compute, lambda r: r.scenario.target.vram_total_bytes < 13 * GIB)),
-    Decision("flux-h100-assumed-ram", "flux-dev", {"gpu": "H100"},
-             "another machine without --ram: RAM is assumed, said, and recorded in provenance",
-             _check(lambda r: any("host RAM" in a for a in r.config.provenance.assumptions))),
-    Decision("schnell-4-steps", "flux-schnell", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             "FLUX.1-schnell is a 4-step model (model card; guidance_embeds: false)",
-             _check(lambda r: r.scenario.workload.steps == 4)),
-    Decision("flux-batch-2-label", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             "a batch's latency is per batch, not per image", _check(lambda r: any("per batch of 2 images" in x for x in r.reasons)),
-             job={"batch": 2}),
-    Decision("wan14b-4090", "wan2.1-t2v-14b", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             f"video: quantization + group offloading ({SEED})",
-             _check(lambda r: r.config.offload.strategy == "group", lambda r: not lossless(r))),
-    Decision("wan14b-3090", "wan2.1-t2v-14b", {"gpu": "RTX 3090", "ram": 64 * GIB},
-             "Ampere: no fp8 compute; video still group-offloads", _check(no_fp8_compute, lambda r: r.config.offload.strategy == "group")),
-    Decision("wan14b-24gb-low-ram", "wan2.1-t2v-14b", {"vram": 24 * GIB, "ram": 24 * GIB},
-             "24 GB of RAM can't hold pinned copies of 14 B weights: low-RAM pinning or disk, within 90% of RAM",
-             _check(ram_within_headroom, lambda r: r.config.offload.low_cpu_mem_usage or bool(r.config.offload.offload_to_disk_path)
-                    or r.config.offload.strategy != "group")),
-    Decision("wan1.3b-h100", "wan2.1-t2v-1.3b", {"gpu": "H100", "ram": 256 * GIB},
-             "a 1.3 B model on 80 GB: no offload", _check(lambda r: r.config.offload.strategy == "none")),
-    Decision("wan2.2-24gb", "wan2.2-t2v-a14b", {"vram": 24 * GIB, "ram": 64 * GIB},
-             "two 14 B experts on 24 GB: both denoisers made smaller, video group offload",
-             _check(lambda r: r.config.offload.strategy == "group",
-                    lambda r: {"transformer", "transformer_2"} <= set((q(r) or r.config.layerwise_casting).components))),
-    Decision("sdxl-8gb-batch4", "sdxl", {"vram": 8 * GIB, "ram": 32 * GIB},
-             "batches get VAE slicing; compiled UNets get channels_last (diffusers fp16/memory docs)",
-             _check(lambda r: r.config.vae.slicing, lambda r: r.config.compile is None or r.config.channels_last), job={"batch": 4}),
-    Decision("sd35-4080", "sd3.5-large", {"gpu": "RTX 4080", "ram": 64 * GIB},
-             "SD3 lists no repeated blocks in diffusers 0.42: whole-model compile, and the reason says so",
-             _check(lambda r: r.config.compile is None or r.config.compile.regional is False,
-                    lambda r: r.config.compile is None or any("lists no repeated blocks" in x for x in r.reasons))),
-    Decision("cogvideox-t4", "cogvideox-5b", {"gpu": "T4", "ram": 32 * GIB},
-             "T4 (7.5) has no bf16: fp16, with a warning for its T5 encoder; CogVideoX compiles whole",
-             _check(lambda r: r.config.dtype == "float16", lambda r: any("T5EncoderModel" in x and "fp16" in x for x in r.reasons),
-                    lambda r: r.config.compile is None or not r.config.compile.regional)),
-    Decision("hunyuan-h100-720p", "hunyuanvideo", {"gpu": "H100", "ram": 256 * GIB},
-             "a 720p video decode dominates: VAE tiling (diffusers memory docs)", _check(lambda r: r.config.vae.tiling),
-             job={"height": 720, "width": 1280, "frames": 61}),
-    Decision("qwen-image-4090", "qwen-image", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             f"image: quantization + model offload, not a RAM-hungry leaf offload ({SEED}); RAM within headroom",
-             _check(ram_within_headroom, lambda r: r.config.offload.strategy in ("none", "model"))),
-    Decision("ltx-l4", "ltx-video", {"gpu": "L4", "ram": 32 * GIB},
-             "a 2 B video model on a 24 GB L4: no offload needed", _check(lambda r: r.config.offload.strategy == "none")),
-    Decision("flux-4gb-nothing-fits", "flux-dev", {"vram": 4 * GIB, "ram": 8 * GIB},
-             "nothing fits 4 GB: say the true smallest peak and what GPU would hold it",
-             nothing_fits("smallest predicted peak", "a GPU with at least")),
-    Decision("flux-budget-below-card", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             "a --budget under what the card holds: advise raising it, not a bigger GPU",
-             nothing_fits("raise --budget"), budget=3 * GIB),
-    Decision("flux-h100-cudnn-attention", "flux-dev", {"gpu": "H100", "ram": 256 * GIB},
-             "Hopper: torch's cuDNN attention, bundled with torch (nothing to install), is faster than its "
-             "FlashAttention-2 kernel ('up to 75%', PyTorch 2.5 release); the reason names it and its source",
-             _check(lambda r: attention(r) == "_native_cudnn", lambda r: any("pytorch2-5" in x for x in r.reasons))),
-    Decision("flux-4090-native-attention", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             "another machine's packages are unknown: no kernel that needs an install is assumed (cuDNN attention's "
-             "gain is published for Hopper only), and the faster SageAttention is named as an install away",
-             _check(lambda r: attention(r) == "native",
-                    lambda r: any("sage" in x and "pip install sageattention" in x for x in r.reasons))),
-    Decision("wan-4090-sage-installed-balanced", "wan2.1-t2v-14b", {"gpu": "RTX 4090", "ram": 128 * GIB},
-             "720p video is attention-bound (75k tokens: attention FLOPs 4N^2d against 24Nd^2 matmul, N/6d = 2.4x the "
-             "matmuls); SageAttention2 runs attention ~3x FlashAttention-2 on a 4090, far over balanced's 20% bar",
-             _check(lambda r: attention(r) == "sage"), job={"height": 720, "width": 1280, "frames": 81},
-             packages={"torch": "2.13.0", "diffusers": "0.42.1", "sageattention": "2.2.0"}),
-    Decision("flux-4090-sage-installed-exact", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             "SageAttention quantizes q and k to int8: --quality exact never takes it, and says so",
-             _check(lossless, lambda r: attention(r) == "native", lambda r: any("lossy, and --quality exact" in x for x in r.reasons)),
-             quality="exact", packages={"torch": "2.13.0", "diffusers": "0.42.1", "sageattention": "2.2.0"}),
-    Decision("flux-budget-above-card", "flux-dev", {"gpu": "RTX 4090", "ram": 64 * GIB},
-             "a --budget above the card is capped at the card, with a note",
-             _check(lambda r: r.scenario.budget_bytes <= r.scenario.target.vram_total_bytes,
-                    lambda r: any("more than the card" in n for n in r.scenario.notes)), budget=30 * GIB),
+    Decision(
+        "flux-4090-16gb",
+        "flux-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        f"a quantized, compiled transformer at least as fast as {SEED}'s nf4 + compile (25.8 s): Ada has fp8 "
+        "matmuls, and torchao's fp8 dynamic + compile runs 1.42x compiled bf16 (diffusers-torchao)",
+        _check(
+            lambda r: q(r) is not None and "transformer" in q(r).components,
+            lambda r: r.config.compile is not None,
+            lambda r: r.best.estimate.latency_s <= 25.847,
+        ),
+        budget=16 * GIB,
+    ),
+    Decision(
+        "flux-4090-13gb",
+        "flux-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        f"quantization + compile + model CPU offload ({SEED}: 12.24 GB), dynamo's cache limit raised",
+        _check(
+            lambda r: q(r) is not None,
+            lambda r: r.config.offload.strategy == "model",
+            lambda r: r.config.compile.dynamo_config.get("cache_size_limit") == 1000,
+        ),
+        budget=13 * GIB,
+    ),
+    Decision(
+        "flux-h100-balanced",
+        "flux-dev",
+        {"gpu": "H100", "ram": 256 * GIB},
+        "bf16 fits an 80 GB card whole: no quantization unless clearly faster, no offload (quality policy)",
+        _check(
+            lambda r: r.config.offload.strategy == "none",
+            lambda r: r.config.compile is not None,
+            lambda r: lossless(r) or any("faster than the best lossless" in x for x in r.reasons),
+        ),
+    ),
+    Decision(
+        "flux-h100-fast",
+        "flux-dev",
+        {"gpu": "H100", "ram": 256 * GIB},
+        "fastest: fp8 dynamic + compile on Hopper (torchao: fp8 matmuls on compute capability >= 8.9)",
+        _check(lambda r: q(r) is not None and q(r).kind == "float8_dynamic", lambda r: r.config.compile is not None),
+        quality="fast",
+    ),
+    Decision(
+        "flux-h100-exact",
+        "flux-dev",
+        {"gpu": "H100", "ram": 256 * GIB},
+        "exact: nothing lossy, bf16 whole on the card",
+        _check(lossless, lambda r: r.config.offload.strategy == "none"),
+        quality="exact",
+    ),
+    Decision(
+        "flux-4090-exact",
+        "flux-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "exact on 24 GB: bf16 (31 GB of weights) only fits with offloading",
+        _check(lossless, lambda r: r.config.offload.strategy != "none"),
+        quality="exact",
+    ),
+    Decision(
+        "flux-4090-exact-partial",
+        "flux-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "exact on 24 GB: the bf16 transformer (23.8 GB) can't be resident whole with activations, so model offload "
+        "(the whole transformer on the card at once) doesn't fit, and group-offloading every block moves 23.8 GB "
+        "per step over PCIe; keeping what fits resident and streaming the rest moves least (ComfyUI's lowvram "
+        "partial loading, llama.cpp -ngl): partial offload, its predicted time shown against both",
+        _check(
+            lossless,
+            lambda r: 0 < (r.config.offload.resident_blocks or {}).get("transformer", 0) < 57,
+            lambda r: any("against every block group-offloaded" in x and "model offload" in x for x in r.reasons),
+        ),
+        quality="exact",
+    ),
+    Decision(
+        "flux-a100-fast",
+        "flux-dev",
+        {"gpu": "A100", "ram": 256 * GIB},
+        "Ampere (8.0) has no fp8 matmuls: never float8 dynamic (torchao float8 README)",
+        _check(no_fp8_compute),
+        quality="fast",
+    ),
+    Decision(
+        "flux-generic-8gb",
+        "flux-dev",
+        {"vram": 8 * GIB, "ram": 32 * GIB},
+        "a bare size is a generic card: no fp8 compute assumed; quantization + offload to fit 8 GB",
+        _check(
+            no_fp8_compute,
+            lambda r: not lossless(r) or r.config.offload.strategy != "none",
+            lambda r: any("generic GPU" in a for a in r.scenario.assumptions),
+        ),
+    ),
+    Decision(
+        "flux-3060-loose-name",
+        "flux-dev",
+        {"gpu": "rtx3060", "ram": 32 * GIB},
+        "'rtx3060' is the RTX 3060 (12 GB, Ampere 8.6): no fp8 compute, something to fit 12 GB",
+        _check(no_fp8_compute, lambda r: r.scenario.target.vram_total_bytes < 13 * GIB),
+    ),
+    Decision(
+        "flux-h100-assumed-ram",
+        "flux-dev",
+        {"gpu": "H100"},
+        "another machine without --ram: RAM is assumed, said, and recorded in provenance",
+        _check(lambda r: any("host RAM" in a for a in r.config.provenance.assumptions)),
+    ),
+    Decision(
+        "schnell-4-steps",
+        "flux-schnell",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "FLUX.1-schnell is a 4-step model (model card; guidance_embeds: false)",
+        _check(lambda r: r.scenario.workload.steps == 4),
+    ),
+    Decision(
+        "flux-batch-2-label",
+        "flux-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "a batch's latency is per batch, not per image",
+        _check(lambda r: any("per batch of 2 images" in x for x in r.reasons)),
+        job={"batch": 2},
+    ),
+    Decision(
+        "wan14b-4090",
+        "wan2.1-t2v-14b",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        f"video: quantization + group offloading ({SEED})",
+        _check(lambda r: r.config.offload.strategy == "group", lambda r: not lossless(r)),
+    ),
+    Decision(
+        "wan14b-3090",
+        "wan2.1-t2v-14b",
+        {"gpu": "RTX 3090", "ram": 64 * GIB},
+        "Ampere: no fp8 compute; video still group-offloads",
+        _check(no_fp8_compute, lambda r: r.config.offload.strategy == "group"),
+    ),
+    Decision(
+        "wan14b-24gb-low-ram",
+        "wan2.1-t2v-14b",
+        {"vram": 24 * GIB, "ram": 24 * GIB},
+        "24 GB of RAM can't hold pinned copies of 14 B weights: low-RAM pinning or disk, within 90% of RAM",
+        _check(
+            ram_within_headroom,
+            lambda r: (
+                r.config.offload.low_cpu_mem_usage
+                or bool(r.config.offload.offload_to_disk_path)
+                or r.config.offload.strategy != "group"
+            ),
+        ),
+    ),
+    Decision(
+        "wan1.3b-h100",
+        "wan2.1-t2v-1.3b",
+        {"gpu": "H100", "ram": 256 * GIB},
+        "a 1.3 B model on 80 GB: no offload",
+        _check(lambda r: r.config.offload.strategy == "none"),
+    ),
+    Decision(
+        "wan2.2-24gb",
+        "wan2.2-t2v-a14b",
+        {"vram": 24 * GIB, "ram": 64 * GIB},
+        "two 14 B experts on 24 GB: both denoisers made smaller, video group offload",
+        _check(
+            lambda r: r.config.offload.strategy == "group",
+            lambda r: {"transformer", "transformer_2"} <= set((q(r) or r.config.layerwise_casting).components),
+        ),
+    ),
+    Decision(
+        "sdxl-8gb-batch4",
+        "sdxl",
+        {"vram": 8 * GIB, "ram": 32 * GIB},
+        "batches get VAE slicing; compiled UNets get channels_last (diffusers fp16/memory docs)",
+        _check(lambda r: r.config.vae.slicing, lambda r: r.config.compile is None or r.config.channels_last),
+        job={"batch": 4},
+    ),
+    Decision(
+        "sd35-4080",
+        "sd3.5-large",
+        {"gpu": "RTX 4080", "ram": 64 * GIB},
+        "SD3 lists no repeated blocks in diffusers 0.42: whole-model compile, and the reason says so",
+        _check(
+            lambda r: r.config.compile is None or r.config.compile.regional is False,
+            lambda r: r.config.compile is None or any("lists no repeated blocks" in x for x in r.reasons),
+        ),
+    ),
+    Decision(
+        "cogvideox-t4",
+        "cogvideox-5b",
+        {"gpu": "T4", "ram": 32 * GIB},
+        "T4 (7.5) has no bf16: fp16, with a warning for its T5 encoder; CogVideoX compiles whole",
+        _check(
+            lambda r: r.config.dtype == "float16",
+            lambda r: any("T5EncoderModel" in x and "fp16" in x for x in r.reasons),
+            lambda r: r.config.compile is None or not r.config.compile.regional,
+        ),
+    ),
+    Decision(
+        "hunyuan-h100-720p",
+        "hunyuanvideo",
+        {"gpu": "H100", "ram": 256 * GIB},
+        "a 720p video decode dominates: VAE tiling (diffusers memory docs)",
+        _check(lambda r: r.config.vae.tiling),
+        job={"height": 720, "width": 1280, "frames": 61},
+    ),
+    Decision(
+        "qwen-image-4090",
+        "qwen-image",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        f"image: quantization + model offload, not a RAM-hungry leaf offload ({SEED}); RAM within headroom",
+        _check(ram_within_headroom, lambda r: r.config.offload.strategy in ("none", "model")),
+    ),
+    Decision(
+        "ltx-l4",
+        "ltx-video",
+        {"gpu": "L4", "ram": 32 * GIB},
+        "a 2 B video model on a 24 GB L4: no offload needed",
+        _check(lambda r: r.config.offload.strategy == "none"),
+    ),
+    Decision(
+        "flux-4gb-nothing-fits",
+        "flux-dev",
+        {"vram": 4 * GIB, "ram": 8 * GIB},
+        "nothing fits 4 GB: say the true smallest peak and what GPU would hold it",
+        nothing_fits("smallest predicted peak", "a GPU with at least"),
+    ),
+    Decision(
+        "flux-budget-below-card",
+        "flux-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "a --budget under what the card holds: advise raising it, not a bigger GPU",
+        nothing_fits("raise --budget"),
+        budget=3 * GIB,
+    ),
+    Decision(
+        "flux-h100-cudnn-attention",
+        "flux-dev",
+        {"gpu": "H100", "ram": 256 * GIB},
+        "Hopper: torch's cuDNN attention, bundled with torch (nothing to install), is faster than its "
+        "FlashAttention-2 kernel ('up to 75%', PyTorch 2.5 release); the reason names it and its source",
+        _check(lambda r: attention(r) == "_native_cudnn", lambda r: any("pytorch2-5" in x for x in r.reasons)),
+    ),
+    Decision(
+        "flux-4090-native-attention",
+        "flux-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "another machine's packages are unknown: no kernel that needs an install is assumed (cuDNN attention's "
+        "gain is published for Hopper only), and the faster SageAttention is named as an install away",
+        _check(
+            lambda r: attention(r) == "native",
+            lambda r: any("sage" in x and "pip install sageattention" in x for x in r.reasons),
+        ),
+    ),
+    Decision(
+        "wan-4090-sage-installed-balanced",
+        "wan2.1-t2v-14b",
+        {"gpu": "RTX 4090", "ram": 128 * GIB},
+        "720p video is attention-bound (75k tokens: attention FLOPs 4N^2d against 24Nd^2 matmul, N/6d = 2.4x the "
+        "matmuls); SageAttention2 runs attention ~3x FlashAttention-2 on a 4090, far over balanced's 20% bar",
+        _check(lambda r: attention(r) == "sage"),
+        job={"height": 720, "width": 1280, "frames": 81},
+        packages={"torch": "2.13.0", "diffusers": "0.42.1", "sageattention": "2.2.0"},
+    ),
+    Decision(
+        "flux-4090-sage-installed-exact",
+        "flux-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "SageAttention quantizes q and k to int8: --quality exact never takes it, and says so",
+        _check(
+            lossless,
+            lambda r: attention(r) == "native",
+            lambda r: any("lossy, and --quality exact" in x for x in r.reasons),
+        ),
+        quality="exact",
+        packages={"torch": "2.13.0", "diffusers": "0.42.1", "sageattention": "2.2.0"},
+    ),
+    Decision(
+        "flux-budget-above-card",
+        "flux-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "a --budget above the card is capped at the card, with a note",
+        _check(
+            lambda r: r.scenario.budget_bytes <= r.scenario.target.vram_total_bytes,
+            lambda r: any("more than the card" in n for n in r.scenario.notes),
+        ),
+        budget=30 * GIB,
+    ),
 ]
 
 
@@ -193,7 +377,9 @@ def decide(d: Decision) -> Recommendation:
     profile = load_profile(d.model)
     target = planned_target(machine=None, **d.card)
     workload = make_workload(profile, **(d.job or {}))
-    return recommend(make_scenario(profile, workload, target, packages=d.packages, budget_bytes=d.budget, quality=d.quality))
+    return recommend(
+        make_scenario(profile, workload, target, packages=d.packages, budget_bytes=d.budget, quality=d.quality)
+    )
 
 
 def test_the_suite_covers_what_it_should():
@@ -214,7 +400,11 @@ def test_cpu_only_plans_cpu_inference_without_gpu_levers():
     ram = 64 * GIB
     cpu = TargetHardware("cpu", "test CPU", 0, 0, ram, ram, None, True, 2e11, float("inf"), "test")
     profile = load_profile("flux-dev")
-    r = recommend(make_scenario(profile, make_workload(profile), cpu, packages={"torch": "2.13", "torchao": "0.18", "diffusers": "0.42.1"}))
+    r = recommend(
+        make_scenario(
+            profile, make_workload(profile), cpu, packages={"torch": "2.13", "torchao": "0.18", "diffusers": "0.42.1"}
+        )
+    )
     assert r.config.device == "cpu" and r.config.offload.strategy == "none"
     assert r.config.quantization is None or r.config.quantization.backend == "torchao"
     assert r.rejected.get("bitsandbytes-needs-cuda", 0) > 0

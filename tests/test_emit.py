@@ -25,6 +25,7 @@ from advisor.run import emit, quantize
 from advisor.run import steps as run_steps
 from advisor.run.classes import Components, _resolve_class
 
+
 HEAVY = ("torch", "diffusers", "transformers", "torchao", "bitsandbytes", "accelerate")
 IMAGE_WORKLOAD = {"kind": "image", "height": 1024, "width": 1024, "frames": 1, "steps": 28, "batch": 1}
 VIDEO_WORKLOAD = {"kind": "video", "height": 480, "width": 832, "frames": 81, "steps": 50, "batch": 1}
@@ -36,11 +37,17 @@ def _everything(components: Components, backend: str = "torchao") -> Optimizatio
     encoders = [n for n in components.modules() if components.layout.role(n) == "text_encoder"]
     return OptimizationConfig(
         quantization=Quantization(backend=backend, components=denoisers[:1] + encoders[1:]),
-        layerwise_casting=LayerwiseCasting(components=denoisers[1:] + encoders[:1]) if len(denoisers) > 1 or encoders else None,
+        layerwise_casting=LayerwiseCasting(components=denoisers[1:] + encoders[:1])
+        if len(denoisers) > 1 or encoders
+        else None,
         channels_last=True,
         offload=Offload(strategy="group", offload_type="leaf_level", components=denoisers),
         vae=Vae(tiling=True, slicing=True),
-        compile=Compile(components=denoisers, fullgraph=False, dynamo_config={"cache_size_limit": 1000, "capture_dynamic_output_shape_ops": True}),
+        compile=Compile(
+            components=denoisers,
+            fullgraph=False,
+            dynamo_config={"cache_size_limit": 1000, "capture_dynamic_output_shape_ops": True},
+        ),
     )
 
 
@@ -50,7 +57,11 @@ def _everything(components: Components, backend: str = "torchao") -> Optimizatio
 @pytest.mark.parametrize(
     "model, workload, output",
     [
-        ("black-forest-labs/FLUX.1-dev", IMAGE_WORKLOAD, ["image = pipe(prompt=prompt, ", ").images[0]", 'image.save("image.png")']),
+        (
+            "black-forest-labs/FLUX.1-dev",
+            IMAGE_WORKLOAD,
+            ["image = pipe(prompt=prompt, ", ").images[0]", 'image.save("image.png")'],
+        ),
         ("stabilityai/stable-diffusion-xl-base-1.0", IMAGE_WORKLOAD, ['image.save("image.png")']),
         (
             "Wan-AI/Wan2.1-T2V-14B-Diffusers",
@@ -82,10 +93,16 @@ def test_the_script_takes_the_prompt_as_a_variable_and_saves_the_result(model, w
 
 
 def test_a_batch_saves_every_image_and_every_video():
-    image = emit.emit_python("black-forest-labs/FLUX.1-dev", OptimizationConfig(provenance=Provenance(workload={**IMAGE_WORKLOAD, "batch": 2})))
+    image = emit.emit_python(
+        "black-forest-labs/FLUX.1-dev",
+        OptimizationConfig(provenance=Provenance(workload={**IMAGE_WORKLOAD, "batch": 2})),
+    )
     assert "num_images_per_prompt=2).images\n" in image
     assert image.endswith('for i, image in enumerate(images):\n    image.save(f"image_{i}.png")\n')
-    video = emit.emit_python("Wan-AI/Wan2.1-T2V-14B-Diffusers", OptimizationConfig(provenance=Provenance(workload={**VIDEO_WORKLOAD, "batch": 3})))
+    video = emit.emit_python(
+        "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+        OptimizationConfig(provenance=Provenance(workload={**VIDEO_WORKLOAD, "batch": 3})),
+    )
     assert "num_videos_per_prompt=3).frames\n" in video
     assert video.endswith('for i, video in enumerate(videos):\n    export_to_video(video, f"video_{i}.mp4", fps=16)\n')
     for script in (image, video):
@@ -97,7 +114,7 @@ def test_the_video_script_runs_and_hands_its_frames_to_export_to_video(tiny_wan_
     arguments to the real signature (imageio may not be installed) and keeps the frames."""
     config = OptimizationConfig(device="cpu", provenance=Provenance(workload=VIDEO_WORKLOAD))
     script = emit.emit_python(str(tiny_wan_dir), config)
-    call = 'video = pipe(prompt=prompt, height=480, width=832, num_inference_steps=50, num_frames=81).frames[0]\n'
+    call = "video = pipe(prompt=prompt, height=480, width=832, num_inference_steps=50, num_frames=81).frames[0]\n"
     assert call in script and script.endswith('export_to_video(video, "video.mp4", fps=16)\n')
     stand_in = textwrap.dedent("""\
         import inspect, numpy as np, diffusers.utils
@@ -116,7 +133,12 @@ def test_the_video_script_runs_and_hands_its_frames_to_export_to_video(tiny_wan_
     )
     (tmp_path / "generated.py").write_text(script)
     result = subprocess.run(
-        [sys.executable, "generated.py"], capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        [sys.executable, "generated.py"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     import numpy as np
@@ -136,7 +158,8 @@ def test_export_to_video_takes_the_frames_a_path_and_fps():
 def test_the_emit_path_imports_neither_torch_nor_diffusers_nor_torchao():
     """`recommend --emit python` (bitsandbytes and torchao plans, image and video) and scripts with
     every step import none of the heavy libraries, and print nothing on stderr."""
-    code = textwrap.dedent("""\
+    code = textwrap.dedent(
+        """\
         import sys, warnings
         from advisor.cli import main
         from advisor.config import OptimizationConfig, Quantization
@@ -155,13 +178,21 @@ def test_the_emit_path_imports_neither_torch_nor_diffusers_nor_torchao():
                     print(emit.emit_python(model, config))
         heavy = sorted({m.split(".")[0] for m in sys.modules} & set(%r))
         print("HEAVY", heavy)
-    """ % (HEAVY,))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    """
+        % (HEAVY,)
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
     assert result.stdout.count("pipe = DiffusionPipeline.from_pretrained(") == 10
-    assert "from torchao.quantization import" in result.stdout  # the torchao scripts name it; writing them doesn't import it
+    assert (
+        "from torchao.quantization import" in result.stdout
+    )  # the torchao scripts name it; writing them doesn't import it
     assert result.stderr == ""
 
 
@@ -198,7 +229,9 @@ def test_the_table_answers_like_the_classes_for_every_catalog_model(model):
     assert static.modules() == resolved.modules() and static.denoisers() == resolved.denoisers()
     for backend in ("torchao", "bitsandbytes_4bit"):
         config = _everything(static, backend)
-        assert [s.code for s in run_steps.steps_for(config, static)] == [s.code for s in run_steps.steps_for(config, resolved)]
+        assert [s.code for s in run_steps.steps_for(config, static)] == [
+            s.code for s in run_steps.steps_for(config, resolved)
+        ]
         assert quantize.load_quantization(config, static).code == quantize.load_quantization(config, resolved).code
 
 
@@ -213,7 +246,14 @@ def test_the_script_has_the_steps_apply_config_runs_on_the_loaded_pipeline(tiny_
     steps = run_steps.steps_for(config, static)
     assert [s.code for s in steps] == [s.code for s in run_steps.steps_for(config, loaded)]
     assert quantize.load_quantization(config, static).code == quantize.load_quantization(config, loaded).code
-    assert {s.key for s in steps} >= {"layerwise_casting", "channels_last", "offload", "vae", "compile", "compile.dynamo_config"}
+    assert {s.key for s in steps} >= {
+        "layerwise_casting",
+        "channels_last",
+        "offload",
+        "vae",
+        "compile",
+        "compile.dynamo_config",
+    }
 
 
 def test_the_facts_taken_for_known_are_true_of_the_installed_libraries():
@@ -287,7 +327,11 @@ def test_a_cpu_plan_shows_its_peak_ram_once(tiny_flux_dir, capsys, monkeypatch):
     import advisor.probe.hardware as hardware
 
     real = hardware.probe_machine
-    monkeypatch.setattr(hardware, "probe_machine", lambda *a, **k: dataclasses.replace(real(*a, **k), gpus=[], gpu_source="none", gpu_note="test"))
+    monkeypatch.setattr(
+        hardware,
+        "probe_machine",
+        lambda *a, **k: dataclasses.replace(real(*a, **k), gpus=[], gpu_source="none", gpu_note="test"),
+    )
     from advisor.cli import main
 
     assert main(["recommend", "-m", str(tiny_flux_dir), "--height", "64", "--width", "64"]) == 0

@@ -7,10 +7,12 @@ import pytest
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization, Vae
 from advisor.errors import EstimateError, UsageError
-from advisor.plan.estimate import estimate, weight_bytes
+from advisor.plan.estimate import estimate
+from advisor.plan.weights import weight_bytes
 from advisor.probe.models import load_profile, profile_from_folder
 from advisor.probe.target import planned_target
 from advisor.probe.workload import make_workload
+
 
 GIB = 2**30
 RTX_4090 = planned_target(machine=None, gpu="RTX 4090")
@@ -28,12 +30,18 @@ CPU_CONFIGS = {
     "fp32": OptimizationConfig(device="cpu", dtype="float32"),
     "bf16": OptimizationConfig(device="cpu", dtype="bfloat16"),
     "torchao int8": OptimizationConfig(
-        device="cpu", quantization=Quantization(backend="torchao", components=["transformer"], scheme="int8_weight_only")
+        device="cpu",
+        quantization=Quantization(backend="torchao", components=["transformer"], scheme="int8_weight_only"),
     ),
     "torchao fp8": OptimizationConfig(
-        device="cpu", quantization=Quantization(backend="torchao", components=["transformer", "text_encoder"], scheme="float8_weight_only")
+        device="cpu",
+        quantization=Quantization(
+            backend="torchao", components=["transformer", "text_encoder"], scheme="float8_weight_only"
+        ),
     ),
-    "layerwise fp8": OptimizationConfig(device="cpu", layerwise_casting=LayerwiseCasting(components=["transformer", "text_encoder"])),
+    "layerwise fp8": OptimizationConfig(
+        device="cpu", layerwise_casting=LayerwiseCasting(components=["transformer", "text_encoder"])
+    ),
     "group offload (cpu)": OptimizationConfig(device="cpu", offload=Offload(strategy="group", num_blocks_per_group=1)),
 }
 
@@ -82,7 +90,9 @@ def test_seed_page_latency_ranking(flux_dev):
     job = make_workload(flux_dev, height=1024, width=1024)
     plain = estimate(flux_dev, job, _seed_config(), RTX_4090).latency_s
     compiled = estimate(flux_dev, job, _seed_config(compile=Compile()), RTX_4090).latency_s
-    offloaded = estimate(flux_dev, job, _seed_config(compile=Compile(), offload=Offload(strategy="model")), RTX_4090).latency_s
+    offloaded = estimate(
+        flux_dev, job, _seed_config(compile=Compile(), offload=Offload(strategy="model")), RTX_4090
+    ).latency_s
     assert compiled < offloaded < plain * 1.05  # the page: 25.8 s < 32.3 s ~ 32.6 s
     assert plain == pytest.approx(32.602, rel=0.25)
 
@@ -94,12 +104,22 @@ def test_weights_by_storage_format(flux_dev):
     assert weight_bytes(transformer, OptimizationConfig(dtype="float32")) == 2 * bf16
     nf4 = weight_bytes(transformer, _seed_config())
     assert nf4 / bf16 == pytest.approx(0.5625 / 2, rel=0.01)  # almost every Flux weight is in a Linear
-    double = weight_bytes(transformer, OptimizationConfig(quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"], double_quant=True)))
-    int8 = weight_bytes(transformer, OptimizationConfig(quantization=Quantization(backend="bitsandbytes_8bit", components=["transformer"])))
+    double = weight_bytes(
+        transformer,
+        OptimizationConfig(
+            quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"], double_quant=True)
+        ),
+    )
+    int8 = weight_bytes(
+        transformer,
+        OptimizationConfig(quantization=Quantization(backend="bitsandbytes_8bit", components=["transformer"])),
+    )
     fp8 = weight_bytes(transformer, OptimizationConfig(layerwise_casting=LayerwiseCasting(components=["transformer"])))
     assert double < nf4 < int8 < fp8 < bf16
     # Layerwise casting keeps the adaptive norms (3.2 B parameters of Flux) at bf16.
-    assert fp8 == transformer.casting_skipped_parameters * 2 + (transformer.parameters - transformer.casting_skipped_parameters)
+    assert fp8 == transformer.casting_skipped_parameters * 2 + (
+        transformer.parameters - transformer.casting_skipped_parameters
+    )
 
 
 def test_t5_output_layers_stay_unquantized(flux_dev):
@@ -133,7 +153,9 @@ def test_offload_strategies_order_peak_vram_and_ram(flux_dev):
 def test_disk_offload_moves_weights_from_ram_to_disk(flux_dev):
     job = make_workload(flux_dev)
     in_ram = estimate(flux_dev, job, OptimizationConfig(offload=Offload(strategy="group")), RTX_4090)
-    on_disk = estimate(flux_dev, job, OptimizationConfig(offload=Offload(strategy="group", offload_to_disk_path="/tmp/x")), RTX_4090)
+    on_disk = estimate(
+        flux_dev, job, OptimizationConfig(offload=Offload(strategy="group", offload_to_disk_path="/tmp/x")), RTX_4090
+    )
     assert on_disk.disk_bytes == sum(in_ram.weight_bytes.values())
     assert on_disk.steady_ram_weight_bytes == 0 < in_ram.steady_ram_weight_bytes
     # Loading still passes every weight through RAM, so the peak is the load, not the steady state.
@@ -170,7 +192,9 @@ def test_quantization_and_compile_change_latency_as_published(flux_dev):
     h100 = planned_target(machine=None, gpu="H100")
     base = estimate(flux_dev, job, OptimizationConfig(), h100).latency_s
     compiled = estimate(flux_dev, job, OptimizationConfig(compile=Compile()), h100).latency_s
-    int8_eager = OptimizationConfig(quantization=Quantization(backend="torchao", components=["transformer"], scheme="int8_dynamic"))
+    int8_eager = OptimizationConfig(
+        quantization=Quantization(backend="torchao", components=["transformer"], scheme="int8_dynamic")
+    )
     slow = estimate(flux_dev, job, int8_eager, h100)
     assert compiled < base < slow.latency_s / 10  # diffusers-torchao: 130 s uncompiled vs 3.4 s
     assert any("without torch.compile" in note for note in slow.notes)
@@ -189,7 +213,9 @@ def test_quantization_speeds_up_the_linear_layers_alone(flux_dev):
     def denoising_gain(profile):
         job = make_workload(profile)
         bf16 = estimate(profile, job, OptimizationConfig(compile=Compile()), h100).latency_breakdown["denoising_s"]
-        quantized = estimate(profile, job, OptimizationConfig(compile=Compile(), quantization=fp8), h100).latency_breakdown["denoising_s"]
+        quantized = estimate(
+            profile, job, OptimizationConfig(compile=Compile(), quantization=fp8), h100
+        ).latency_breakdown["denoising_s"]
         return bf16 / quantized, phase_work(profile, job, OptimizationConfig())["denoising"]
 
     flux_gain, _ = denoising_gain(flux_dev)
@@ -200,7 +226,9 @@ def test_quantization_speeds_up_the_linear_layers_alone(flux_dev):
     assert 1.0 < hunyuan_gain < 1 / (1 - linear_share) < flux_gain
 
 
-@pytest.mark.parametrize("offload", [Offload(strategy="group", offload_type="leaf_level", use_stream=True), Offload(strategy="sequential")])
+@pytest.mark.parametrize(
+    "offload", [Offload(strategy="group", offload_type="leaf_level", use_stream=True), Offload(strategy="sequential")]
+)
 def test_offloaded_text_encoders_and_vae_pay_for_moving_their_weights_in(flux_dev, offload):
     """Group and sequential offload stream every offloaded model's weights over PCIe each time it
     runs, the text encoders and the VAE too: their phases can't take less than those bytes over
@@ -212,7 +240,9 @@ def test_offloaded_text_encoders_and_vae_pay_for_moving_their_weights_in(flux_de
     weights = {c.name: weight_bytes(c, OptimizationConfig()) for c in flux_dev.components}
     encoders = weights["text_encoder"] + weights["text_encoder_2"]
     assert offloaded.latency_breakdown["text_encoding_s"] >= encoders / RTX_4090.h2d_bytes_per_s > 0.3
-    assert offloaded.latency_breakdown["vae_decode_s"] > plain.latency_breakdown["vae_decode_s"]  # a stream hides some, not all
+    assert (
+        offloaded.latency_breakdown["vae_decode_s"] > plain.latency_breakdown["vae_decode_s"]
+    )  # a stream hides some, not all
 
 
 def test_cpu_target_puts_everything_in_ram(tiny_flux_dir):
@@ -223,7 +253,12 @@ def test_cpu_target_puts_everything_in_ram(tiny_flux_dir):
     if machine.gpus:
         pytest.skip("this machine has a GPU")
     profile = profile_from_folder(tiny_flux_dir)
-    result = estimate(profile, make_workload(profile, height=64, width=64), OptimizationConfig(device="cpu"), target_from_probe(machine))
+    result = estimate(
+        profile,
+        make_workload(profile, height=64, width=64),
+        OptimizationConfig(device="cpu"),
+        target_from_probe(machine),
+    )
     assert result.peak_vram_bytes == 0
     assert result.ram_breakdown["weights"] == result.steady_ram_weight_bytes == sum(result.weight_bytes.values())
     assert result.peak_ram_bytes == sum(result.ram_breakdown.values())
@@ -237,7 +272,11 @@ def test_config_naming_a_missing_component_is_refused(flux_dev):
 
 @pytest.mark.parametrize(
     ("job", "message"),
-    [({"height": 1020}, "--height: 1020 is not a multiple of 16"), ({"steps": 0}, "--steps: 0 must be"), ({"frames": 9}, "--frames: 9 given for an image")],
+    [
+        ({"height": 1020}, "--height: 1020 is not a multiple of 16"),
+        ({"steps": 0}, "--steps: 0 must be"),
+        ({"frames": 9}, "--frames: 9 given for an image"),
+    ],
 )
 def test_bad_workloads_name_the_flag(flux_dev, job, message):
     with pytest.raises(UsageError, match=message):
@@ -258,4 +297,7 @@ def test_estimate_imports_no_torch():
         "estimate(p, make_workload(p), OptimizationConfig(), planned_target(machine=None, vram=24 * 2**30)); "
         "print('torch' in sys.modules)"
     )
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

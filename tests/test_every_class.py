@@ -17,16 +17,25 @@ import warnings
 import numpy as np
 import pytest
 
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from advisor.levers.attention import BACKENDS  # noqa: E402
 from advisor.config import Offload, OptimizationConfig, Provenance, Quantization, config_from_dict  # noqa: E402
+from advisor.levers.attention import BACKENDS  # noqa: E402
 from advisor.probe.layout import catalog_entry, catalog_names  # noqa: E402
+
 
 GIB = 2**30
 MODELS = catalog_names()
 # --gpu NAME or --vram SIZE, each planned with the default budget and with --budget 6GB.
-TARGETS = [{"gpu": "RTX 4090"}, {"gpu": "RTX 3060"}, {"gpu": "H100"}, {"gpu": "T4"}, {"vram": 8 * GIB}, {"vram": 24 * GIB}]
+TARGETS = [
+    {"gpu": "RTX 4090"},
+    {"gpu": "RTX 3060"},
+    {"gpu": "H100"},
+    {"gpu": "T4"},
+    {"vram": 8 * GIB},
+    {"vram": 24 * GIB},
+]
 BUDGETS = [None, 6 * GIB]
 
 # diffusers 0.42 gives SD3Transformer2DModel and CogVideoXTransformer3DModel `_repeated_blocks = []`,
@@ -45,7 +54,10 @@ def _builder_id(model: str) -> str:
 
     entry = catalog_entry(model)
     names = {item["name"] for item in entry["components"]}
-    key = next((k for k in TINY_BUILDERS if k[0] == entry["pipeline_class"] and k[1] in names), (entry["pipeline_class"], None))
+    key = next(
+        (k for k in TINY_BUILDERS if k[0] == entry["pipeline_class"] and k[1] in names),
+        (entry["pipeline_class"], None),
+    )
     return "-".join(filter(None, key))
 
 
@@ -88,7 +100,10 @@ def emitted_configs(model: str) -> tuple[OptimizationConfig, ...]:
     for target in TARGETS:
         for budget in BUDGETS:
             scenario = make_scenario(
-                profile, make_workload(profile), planned_target(machine=None, ram=64 * GIB, **target), budget_bytes=budget
+                profile,
+                make_workload(profile),
+                planned_target(machine=None, ram=64 * GIB, **target),
+                budget_bytes=budget,
             )
             result = recommend(scenario)
             for scored in (result.best, *result.alternatives):
@@ -124,7 +139,9 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
         quantized = update.get("quantization", q)
         if offload.offload_to_disk_path:
             changes["offload_to_disk_path"] = disk
-            if quantized is not q and any(offload.components is None or name in offload.components for name in quantized.components):
+            if quantized is not q and any(
+                offload.components is None or name in offload.components for name in quantized.components
+            ):
                 # bitsandbytes went to disk; its torchao stand-in can't (constraint torchao-cannot-offload-to-disk).
                 changes["offload_to_disk_path"] = None
                 notes.append("group offload to disk -> in RAM (the torchao stand-in can't be stored as safetensors)")
@@ -133,7 +150,10 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
             offload.offload_type == "block_level"
             and quantized is not None
             and quantized.backend == "torchao"
-            and any(name in compiled and (offload.components is None or name in offload.components) for name in quantized.components)
+            and any(
+                name in compiled and (offload.components is None or name in offload.components)
+                for name in quantized.components
+            )
         ):
             # Without streams (none on a CPU) a compiled torchao model must be offloaded leaf by leaf
             # (constraint compiled-torchao-needs-leaf-or-stream-offload); bitsandbytes had no such limit.
@@ -198,7 +218,11 @@ def _call(pipe, *, one_step: bool = False) -> np.ndarray:
     out = pipe(**kwargs)
     array = np.asarray(out.images if hasattr(out, "images") else out.frames)
     frames = kwargs.get("num_frames")
-    expected = (1, kwargs["height"], kwargs["width"], 3) if frames is None else (1, frames, kwargs["height"], kwargs["width"], 3)
+    expected = (
+        (1, kwargs["height"], kwargs["width"], 3)
+        if frames is None
+        else (1, frames, kwargs["height"], kwargs["width"], 3)
+    )
     assert array.shape == expected
     assert np.isfinite(array).all()
     return array
@@ -214,7 +238,9 @@ def test_tiny_folder_has_the_catalog_pipeline_class_component_names_and_classes(
     assert index["_class_name"] == entry["pipeline_class"]
     for item in entry["components"]:
         assert index.get(item["name"]) == [item["library"], item["class_name"]], item["name"]
-    models = {name for name, value in index.items() if isinstance(value, list) and value[0] in ("diffusers", "transformers")}
+    models = {
+        name for name, value in index.items() if isinstance(value, list) and value[0] in ("diffusers", "transformers")
+    }
     tokenizers_and_schedulers = {n for n in models if n.startswith(("tokenizer", "scheduler"))}
     assert models - tokenizers_and_schedulers == {item["name"] for item in entry["components"]}
     if "transformer_2" in models:  # Wan 2.2 A14B: two experts switching at the boundary
@@ -228,7 +254,9 @@ def test_tiny_pipeline_loads_as_the_real_class_and_runs_on_cpu(tiny_folder, grou
 
     pipe = _load(tiny_folder(GROUPS[group][0]))
     assert type(pipe).__name__ == catalog_entry(GROUPS[group][0])["pipeline_class"]
-    parameters = sum(p.numel() for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters())
+    parameters = sum(
+        p.numel() for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()
+    )
     assert parameters < 1_000_000  # tiny: seconds on CPU
     assert _call(pipe).std() > 0  # not a constant picture
 
@@ -248,7 +276,9 @@ def test_same_seed_gives_identical_files_and_another_seed_other_weights(tmp_path
     from advisor.testing import build_tiny_for
 
     model = GROUPS[group][0]
-    first, second, other = (build_tiny_for(model, tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    first, second, other = (
+        build_tiny_for(model, tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    )
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert files and files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
     for name in files:
@@ -312,7 +342,9 @@ def _assert_applied(pipe, config: OptimizationConfig) -> None:
             assert any(type(w).__module__.startswith("torchao") for w in weights), f"{name} is not quantized"
     if config.layerwise_casting is not None:
         for name in config.layerwise_casting.components:
-            assert any(p.dtype == torch.float8_e4m3fn for p in parts[name].parameters()), f"{name} is not stored in fp8"
+            assert any(p.dtype == torch.float8_e4m3fn for p in parts[name].parameters()), (
+                f"{name} is not stored in fp8"
+            )
     if config.offload.strategy == "group":
         names = config.offload.components or [n for n, c in parts.items() if isinstance(c, torch.nn.Module)]
         for name in names:
@@ -354,7 +386,14 @@ def _run_key(config: OptimizationConfig) -> str:
     """What decides which code an eager call goes through. Left out, to call fewer times: the dtype, and
     compile (under force_eager a compiled module runs its own forward; the wrappers are checked in
     `_assert_applied`, the tracing in `test_compiled_config_traces_and_runs`)."""
-    return json.dumps({k: v for k, v in config.to_dict().items() if k in {"quantization", "layerwise_casting", "offload", "vae", "channels_last"}}, sort_keys=True)
+    return json.dumps(
+        {
+            k: v
+            for k, v in config.to_dict().items()
+            if k in {"quantization", "layerwise_casting", "offload", "vae", "channels_last"}
+        },
+        sort_keys=True,
+    )
 
 
 @pytest.mark.slow

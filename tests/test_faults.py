@@ -20,10 +20,16 @@ from tuning import ADVISOR, tune_args, with_option
 from advisor.config import OptimizationConfig, Quantization
 from advisor.errors import AdvisorError, ConfigError, UsageError
 
+
 def started(args: list[str], env: dict | None = None, **overrides: str) -> subprocess.CompletedProcess:
     """The console script in a process of its own, with `overrides` in its environment."""
-    return subprocess.run([ADVISOR, *args], capture_output=True, text=True, timeout=600,
-                          env={**(env or os.environ), "HF_HUB_OFFLINE": "1", **overrides})
+    return subprocess.run(
+        [ADVISOR, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**(env or os.environ), "HF_HUB_OFFLINE": "1", **overrides},
+    )
 
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:
@@ -55,7 +61,9 @@ def test_a_storage_that_keeps_the_study_nowhere_is_refused_before_measuring(url,
     import advisor.run.tune
     from advisor.run.storage import open_storage
 
-    monkeypatch.setattr(advisor.run.tune, "run_study", lambda *a, **k: pytest.fail("measured before refusing the storage"))
+    monkeypatch.setattr(
+        advisor.run.tune, "run_study", lambda *a, **k: pytest.fail("measured before refusing the storage")
+    )
     line = assert_refused(["tune", "-m", str(tiny_flux_dir), "--budget", "2GB", "--storage", url])
     assert line.startswith(f"advisor: error: --storage {url}: ") and "sqlite:///" in line, line
     with pytest.raises(UsageError, match="--storage"):
@@ -63,9 +71,13 @@ def test_a_storage_that_keeps_the_study_nowhere_is_refused_before_measuring(url,
 
 
 @pytest.mark.slow
-def test_no_reference_is_measured_when_the_estimate_rules_out_every_candidate(tiny_flux_dir, tmp_path, private_cache_env):
+def test_no_reference_is_measured_when_the_estimate_rules_out_every_candidate(
+    tiny_flux_dir, tmp_path, private_cache_env
+):
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    args = with_option(tune_args(tiny_flux_dir, storage, "--json", budget="1MB", trials=2), "--min-psnr", None)  # the guard on
+    args = with_option(
+        tune_args(tiny_flux_dir, storage, "--json", budget="1MB", trials=2), "--min-psnr", None
+    )  # the guard on
     done = started(args, private_cache_env)
     assert done.returncode == 3, done.stderr[-3000:]  # nothing fits: exit 3, as documented
     data = json.loads(done.stdout)
@@ -82,7 +94,9 @@ def test_outputs_in_a_folder_where_nothing_can_be_created_are_refused_up_front(t
     import advisor.run.tune
     from advisor.files import check_output_file, check_output_folder
 
-    monkeypatch.setattr(advisor.run.tune, "run_study", lambda *a, **k: pytest.fail("measured before refusing the output"))
+    monkeypatch.setattr(
+        advisor.run.tune, "run_study", lambda *a, **k: pytest.fail("measured before refusing the output")
+    )
     for flag, path in (("-o", "/proc/x.json"), ("--report", "/proc/x")):
         line = assert_refused(["tune", "-m", str(tiny_flux_dir), "--budget", "2GB", flag, path])
         assert line.startswith(f"advisor: error: {flag} {path}: "), line
@@ -113,8 +127,10 @@ def test_a_cache_folder_that_cannot_be_written_is_said_and_the_plan_goes_on(mode
 
 def test_an_ascii_terminal_gets_everything_with_what_it_cannot_show_escaped(tmp_path):
     output = tmp_path / "plän.json"
-    done = started(["recommend", "-m", "flux-dev", "--gpu", "RTX 4090", "--ram", "64GB", "-o", str(output)],
-                   PYTHONIOENCODING="ascii")
+    done = started(
+        ["recommend", "-m", "flux-dev", "--gpu", "RTX 4090", "--ram", "64GB", "-o", str(output)],
+        PYTHONIOENCODING="ascii",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "a bug in the advisor" not in done.stderr
     assert json.loads(output.read_text())["provenance"]["model"]
@@ -129,8 +145,13 @@ def test_running_out_of_memory_in_the_advisors_own_process_is_one_line(model_cop
 
     limit = address_space_after_imports("1") - 100 * 2**20
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    done = subprocess.run(["prlimit", f"--as={limit}", ADVISOR, "estimate", str(model_copy)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        ["prlimit", f"--as={limit}", ADVISOR, "estimate", str(model_copy)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     line = one_error_line(done)
     assert "out of memory" in line, line
     # What failed for want of memory is traced again with enough of it, not remembered as untraceable.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("record_golden", ROOT / "scripts" / "record_golden.py")
 record_golden = importlib.util.module_from_spec(spec)

@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 import tomllib
 
+
 REPO = Path(__file__).resolve().parent.parent
 KIT = REPO / "benchmarks" / "gpu"
 sys.path.insert(0, str(KIT))  # the kit's modules are imported as run_kit.py imports them
 
 import fetch_wheels  # noqa: E402
 from kit import advisor_api, bootstrap, flux_shaped, machine  # noqa: E402
+
 
 # --- the wheel list ---------------------------------------------------------------------------------
 
@@ -32,7 +34,7 @@ def test_the_download_command_asks_for_exactly_the_pinned_wheels(tmp_path):
     assert fetch_wheels.pinned_requirements() == pins
     command = fetch_wheels.download_command(fetch_wheels.pinned_requirements(), tmp_path, python="python3")
     assert command[:4] == ["python3", "-m", "pip", "download"]
-    assert command[-len(pins):] == pins
+    assert command[-len(pins) :] == pins
     options = command[4 : -len(pins)]
     for flag in ("--only-binary=:all:", "--no-deps"):
         assert flag in options
@@ -51,8 +53,20 @@ def test_the_pinned_list_is_deliberate():
     required = {fetch_wheels.normalize(p.name) for p in fetch_wheels.PINNED if p.role == "required"}
     # What the GPU image lacks and `import advisor.cli, advisor.run.apply, advisor.run.tune, diffusers` needs.
     assert required == {
-        "diffusers", "bitsandbytes", "optuna", "alembic", "sqlalchemy", "mako", "colorlog", "pydantic",
-        "pydantic-core", "annotated-types", "typing-inspection", "importlib-metadata", "lazy-importer", "pytorch-msssim",
+        "diffusers",
+        "bitsandbytes",
+        "optuna",
+        "alembic",
+        "sqlalchemy",
+        "mako",
+        "colorlog",
+        "pydantic",
+        "pydantic-core",
+        "annotated-types",
+        "typing-inspection",
+        "importlib-metadata",
+        "lazy-importer",
+        "pytorch-msssim",
     }
     # Every runtime dependency of the project is carried, except what the image provides by design:
     # pip --no-index must find each of them installed there or among the wheels.
@@ -84,7 +98,10 @@ def test_slimming_bitsandbytes_keeps_only_the_chosen_cuda_libraries(tmp_path):
         "bitsandbytes/libbitsandbytes_cuda130.so": b"y",
         "bitsandbytes/libbitsandbytes_rocm72.so": b"z" * 100,
     }
-    record = "".join(f"{name},sha256=abc,{len(data)}\n" for name, data in files.items()) + "bitsandbytes-0.50.2.dist-info/RECORD,,\n"
+    record = (
+        "".join(f"{name},sha256=abc,{len(data)}\n" for name, data in files.items())
+        + "bitsandbytes-0.50.2.dist-info/RECORD,,\n"
+    )
     with zipfile.ZipFile(wheel, "w") as out:
         for name, data in files.items():
             out.writestr(name, data)
@@ -95,7 +112,9 @@ def test_slimming_bitsandbytes_keeps_only_the_chosen_cuda_libraries(tmp_path):
     with zipfile.ZipFile(wheel) as slim:
         names = set(slim.namelist())
         record_after = slim.read("bitsandbytes-0.50.2.dist-info/RECORD").decode()
-    assert "bitsandbytes/libbitsandbytes_cuda118.so" not in names and "bitsandbytes/libbitsandbytes_cuda130.so" in names
+    assert (
+        "bitsandbytes/libbitsandbytes_cuda118.so" not in names and "bitsandbytes/libbitsandbytes_cuda130.so" in names
+    )
     assert "cuda118" not in record_after and "rocm72" not in record_after and "cuda130" in record_after
 
 
@@ -105,7 +124,14 @@ def test_slimming_bitsandbytes_keeps_only_the_chosen_cuda_libraries(tmp_path):
 def test_the_environment_is_made_over_the_machines_packages(tmp_path):
     venv = tmp_path / "venv"
     assert bootstrap.venv_command(venv, python="python3") == [
-        "python3", "-m", "venv", "--system-site-packages", "--clear", "--without-pip", str(venv)]
+        "python3",
+        "-m",
+        "venv",
+        "--system-site-packages",
+        "--clear",
+        "--without-pip",
+        str(venv),
+    ]
     # Only where the running Python has no pip does the environment get its own (ensurepip).
     assert "--without-pip" not in bootstrap.venv_command(venv, python="python3", with_pip=True)
 
@@ -114,9 +140,24 @@ def test_the_pip_command_installs_the_project_from_the_carried_wheels_only(tmp_p
     venv, wheels = tmp_path / "venv", tmp_path / "wheels"
     command = bootstrap.pip_install_command(venv, wheels, constraints=tmp_path / "c.txt", report=tmp_path / "r.json")
     assert command == [
-        str(venv / "bin" / "python"), "-m", "pip", "--isolated", "install", "--no-index", "--find-links", str(wheels),
-        "--no-build-isolation", "--check-build-dependencies", "--constraint", str(tmp_path / "c.txt"),
-        "--report", str(tmp_path / "r.json"), "--progress-bar", "off", "-e", ".",
+        str(venv / "bin" / "python"),
+        "-m",
+        "pip",
+        "--isolated",
+        "install",
+        "--no-index",
+        "--find-links",
+        str(wheels),
+        "--no-build-isolation",
+        "--check-build-dependencies",
+        "--constraint",
+        str(tmp_path / "c.txt"),
+        "--report",
+        str(tmp_path / "r.json"),
+        "--progress-bar",
+        "off",
+        "-e",
+        ".",
     ]
     # pip checks every dependency (no --no-deps), upgrades nothing it need not, and is never asked for torch.
     assert not {"--no-deps", "--upgrade", "-U", "--force-reinstall", "--target"} & set(command)
@@ -154,12 +195,17 @@ def _wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()
     info = f"{module}-{version}.dist-info"
     files = {
         f"{module}/__init__.py": f"VERSION = {version!r}\n".encode(),
-        f"{info}/METADATA": ("Metadata-Version: 2.1\n" f"Name: {name}\n" f"Version: {version}\n"
-                             + "".join(f"Requires-Dist: {r}\n" for r in requires)).encode(),
+        f"{info}/METADATA": (
+            "Metadata-Version: 2.1\n"
+            f"Name: {name}\n"
+            f"Version: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+        ).encode(),
         f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test_gpu_kit\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     digest = lambda data: base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()  # noqa: E731
-    record = "".join(f"{path},sha256={digest(data)},{len(data)}\n" for path, data in files.items()) + f"{info}/RECORD,,\n"
+    record = (
+        "".join(f"{path},sha256={digest(data)},{len(data)}\n" for path, data in files.items()) + f"{info}/RECORD,,\n"
+    )
     path = folder / f"{module}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as wheel:
         for name_in_zip, data in files.items():
@@ -173,7 +219,8 @@ def _project(folder: Path, dependencies: list[str]) -> Path:
     (folder / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
         f'[project]\nname = "kit-probe-project"\nversion = "0.1"\ndependencies = {json.dumps(dependencies)}\n\n'
-        '[tool.setuptools]\npy-modules = ["kit_probe_project"]\n')
+        '[tool.setuptools]\npy-modules = ["kit_probe_project"]\n'
+    )
     (folder / "kit_probe_project.py").write_text("")
     return folder
 
@@ -188,12 +235,16 @@ def test_pip_installs_what_is_missing_from_the_wheels_and_never_replaces_torch(t
     venv = tmp_path / "venv"
     record = bootstrap.make_environment(venv, wheels, project=project, log=lambda line: None)
     assert {(r["name"], r["source"]) for r in record.installed} == {
-        ("kit-probe-dependency", "kit_probe_dependency-1.0-py3-none-any.whl"), ("kit-probe-project", "project (editable)")}
+        ("kit-probe-dependency", "kit_probe_dependency-1.0-py3-none-any.whl"),
+        ("kit-probe-project", "project (editable)"),
+    }
     assert record.commands[0][-2:] == ["--without-pip", str(venv)] and "--find-links" in record.commands[1]
     # The environment's Python sees the installed dependency, the project, and this Python's torch.
     import torch
 
-    probe = "import kit_probe_dependency, kit_probe_project, torch; print(kit_probe_dependency.VERSION, torch.__version__)"
+    probe = (
+        "import kit_probe_dependency, kit_probe_project, torch; print(kit_probe_dependency.VERSION, torch.__version__)"
+    )
     done = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1.0", torch.__version__]
@@ -211,7 +262,9 @@ def test_pip_installs_what_is_missing_from_the_wheels_and_never_replaces_torch(t
 def test_a_requirement_nothing_provides_is_a_clear_error(tmp_path):
     project = _project(tmp_path / "project", ["kit-probe-not-carried>=1.2"])
     with pytest.raises(bootstrap.BootstrapError) as caught:
-        bootstrap.make_environment(tmp_path / "venv", tmp_path / "absent-wheels", project=project, log=lambda line: None)
+        bootstrap.make_environment(
+            tmp_path / "venv", tmp_path / "absent-wheels", project=project, log=lambda line: None
+        )
     message = str(caught.value)
     assert "needs kit-probe-not-carried>=1.2" in message
     assert "a wheels folder" in message  # the folder is absent: pip ran without --find-links
@@ -262,9 +315,14 @@ def test_depth_scales_the_transformer_and_t5_only():
     assert configs["text_encoder"]["config"]["num_hidden_layers"] == full["text_encoder"]["num_hidden_layers"]
     assert configs["vae"]["config"]["block_out_channels"] == full["vae"]["block_out_channels"]
     assert configs["transformer"]["config"]["num_attention_heads"] == 24  # full width
-    assert not any(k.startswith("_") or k in ("architectures", "torch_dtype") for c in configs.values() for k in c["config"])
+    assert not any(
+        k.startswith("_") or k in ("architectures", "torch_dtype") for c in configs.values() for k in c["config"]
+    )
     configs, _ = flux_shaped.scaled_flux_configs(entry, 1)
-    assert configs["transformer"]["config"]["num_layers"] == 19 and configs["text_encoder_2"]["config"]["num_layers"] == 24
+    assert (
+        configs["transformer"]["config"]["num_layers"] == 19
+        and configs["text_encoder_2"]["config"]["num_layers"] == 24
+    )
     assert flux_shaped.scaled_flux_configs(entry, 0.01)[0]["transformer"]["config"]["num_layers"] == 1
     for bad in (0, 1.5):
         with pytest.raises(ValueError):
@@ -277,18 +335,29 @@ def test_the_dry_run_maps_gpu_only_options_to_cpu_ones():
     seed = {name: config for name, _, config in advisor_api.seed_configs("cuda", "bfloat16")}
     mapped, notes = advisor_api.cpu_equivalent(seed["quantization+compile+model-offload"], torchao=True)
     assert mapped.device == "cpu" and mapped.dtype == "float32"
-    assert mapped.quantization.backend == "torchao" and mapped.quantization.components == ["transformer", "text_encoder_2"]
+    assert mapped.quantization.backend == "torchao" and mapped.quantization.components == [
+        "transformer",
+        "text_encoder_2",
+    ]
     assert mapped.offload.strategy == "group" and mapped.offload.offload_type == "leaf_level"
     assert mapped.compile.backend == "eager"
     assert len(notes) == 4
     mapped, _ = advisor_api.cpu_equivalent(seed["quantization"], torchao=False)
     assert mapped.quantization is None
-    streamed = OptimizationConfig(offload=Offload(strategy="group", use_stream=True, record_stream=True), compile=Compile(backend="eager"))
+    streamed = OptimizationConfig(
+        offload=Offload(strategy="group", use_stream=True, record_stream=True), compile=Compile(backend="eager")
+    )
     mapped, notes = advisor_api.cpu_equivalent(streamed, torchao=True)
     assert not mapped.offload.use_stream and not mapped.offload.record_stream and mapped.compile.backend == "eager"
-    sequential, _ = advisor_api.cpu_equivalent(OptimizationConfig(offload=Offload(strategy="sequential")), torchao=True)
+    sequential, _ = advisor_api.cpu_equivalent(
+        OptimizationConfig(offload=Offload(strategy="sequential")), torchao=True
+    )
     assert sequential.offload.strategy == "group" and sequential.offload.offload_type == "block_level"
-    leaf = OptimizationConfig(device="cpu", dtype="float32", offload=Offload(strategy="group", offload_type="leaf_level", components=["transformer"]))
+    leaf = OptimizationConfig(
+        device="cpu",
+        dtype="float32",
+        offload=Offload(strategy="group", offload_type="leaf_level", components=["transformer"]),
+    )
     mapped, notes = advisor_api.cpu_equivalent(leaf, torchao=True)
     assert mapped.offload.offload_type == "block_level" and notes
 
@@ -309,10 +378,15 @@ def test_per_phase_peaks_sit_next_to_the_estimates_device_bytes_of_each_phase():
     on_cpu = phase_peaks(est, {"phase_peak_vram_bytes": None})
     assert all(r["measured_bytes"] is None and r["error"] is None and r["predicted_bytes"] for r in on_cpu.values())
 
-    kit = SimpleNamespace(items=[Item("seed/x", "seed", "x", status="ok", result={"phase_peaks": rows}),
-                                 Item("seed/y", "seed", "y", status="reused", result={"phase_peaks": rows}),
-                                 Item("seed/z", "seed", "z", status="oom", result={})],
-                          args=SimpleNamespace(dry_run=False), data={})
+    kit = SimpleNamespace(
+        items=[
+            Item("seed/x", "seed", "x", status="ok", result={"phase_peaks": rows}),
+            Item("seed/y", "seed", "y", status="reused", result={"phase_peaks": rows}),
+            Item("seed/z", "seed", "z", status="oom", result={}),
+        ],
+        args=SimpleNamespace(dry_run=False),
+        data={},
+    )
     text = phase_table(kit)
     assert "| item   | phase         | predicted GiB | measured GiB | error |" in text
     assert "| seed/x | denoising     | 6.00          | 8.00         | -25%  |" in text
@@ -372,7 +446,11 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
     done = subprocess.run(
         ["bash", str(KIT / "run.sh"), "--dry-run", "--work", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table_start = done.stdout.rindex("GPU kit (dry-run)")
@@ -392,7 +470,10 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
         assert item["measurement"]["phase_peak_vram_bytes"] is None  # no allocator peak on a CPU
         phases = item["phase_peaks"]
         assert list(phases) == ["text_encoding", "denoising", "vae_decode"], item["id"]
-        assert all(row["predicted_bytes"] > 0 and row["measured_bytes"] is None and row["error"] is None for row in phases.values())
+        assert all(
+            row["predicted_bytes"] > 0 and row["measured_bytes"] is None and row["error"] is None
+            for row in phases.values()
+        )
     by_id = {item["id"]: item for item in results["items"]}
     assert any("bitsandbytes needs CUDA" in note for note in by_id["seed/quantization"]["notes"])
     assert by_id["recommend/13GB"]["status"] == "reused"  # same pick as 16GB on a CPU: measured once
@@ -408,8 +489,14 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
     assert results["environment"]["torch"] and results["model"]["parameters"]["transformer"] > 0
     assert set(results["offload_calibration"]) >= {"baseline_per_step_s", "offload/group-block"}
     assert by_id["attention/_native_math"]["config"]["attention_backend"] == "_native_math"
-    assert results["attention_speedups"]["attention/native"] == 1.0 and results["attention_speedups"]["attention/_native_math"] > 0
-    for item_id in ("attention/_native_math", "cache/first-block-0.08"):  # compared with native's output, same seed and steps
+    assert (
+        results["attention_speedups"]["attention/native"] == 1.0
+        and results["attention_speedups"]["attention/_native_math"] > 0
+    )
+    for item_id in (
+        "attention/_native_math",
+        "cache/first-block-0.08",
+    ):  # compared with native's output, same seed and steps
         assert 0 < by_id[item_id]["quality"]["ssim"] <= 1, by_id[item_id]
     report = (out / "gpu_kit.md").read_text()
     assert report.count("| seed/") == 3

@@ -17,8 +17,17 @@ import pytest
 from advisor.errors import UsageError
 from advisor.paths import DATA_DIR
 from advisor.probe.hardware import GpuInfo
-from advisor.probe.target import _normal, _tokens, gpu_table, lookup_gpu, memory_fits, planned_target, target_from_probe
+from advisor.probe.target import (
+    _normal,
+    _tokens,
+    gpu_table,
+    lookup_gpu,
+    memory_fits,
+    planned_target,
+    target_from_probe,
+)
 from advisor.units import GIB, parse_size
+
 
 RAW = json.loads((DATA_DIR / "gpus.json").read_text())
 TABLE = gpu_table()
@@ -201,8 +210,17 @@ def test_laptop_parts_are_slower_than_their_desktop_namesakes():
     "lineup",
     [
         ["RTX 3060", "RTX 3060 Ti", "RTX 3070", "RTX 3070 Ti", "RTX 3080", "RTX 3080 Ti", "RTX 3090", "RTX 3090 Ti"],
-        ["RTX 4060", "RTX 4060 Ti", "RTX 4070", "RTX 4070 Super", "RTX 4070 Ti", "RTX 4070 Ti Super", "RTX 4080",
-         "RTX 4080 Super", "RTX 4090"],
+        [
+            "RTX 4060",
+            "RTX 4060 Ti",
+            "RTX 4070",
+            "RTX 4070 Super",
+            "RTX 4070 Ti",
+            "RTX 4070 Ti Super",
+            "RTX 4080",
+            "RTX 4080 Super",
+            "RTX 4090",
+        ],
         ["RTX 4050 Laptop", "RTX 4060 Laptop", "RTX 4070 Laptop", "RTX 4080 Laptop", "RTX 4090 Laptop"],
         ["RTX 5060", "RTX 5060 Ti", "RTX 5070", "RTX 5070 Ti", "RTX 5080", "RTX 5090"],
         ["T4", "V100", "A100", "H100 PCIe", "H100", "B200"],
@@ -237,20 +255,71 @@ NVML_MEMORY_VARIANTS = {
 }
 # The memory each card is sold with (GB), from its datasheet or spec page.
 SOLD_WITH = {
-    "B200": 180, "H200 NVL": 141, "H200": 141, "H100 NVL": 94, "H100 PCIe": 80, "H100": 80, "A100 80GB PCIe": 80,
-    "A100 80GB": 80, "A100": 40, "L40S": 48, "L40": 48, "L20": 48, "L4": 24, "A40": 48, "A10G": 24, "A10": 24,
-    "RTX 6000 Ada": 48, "RTX A6000": 48, "RTX A4000": 16, "RTX 5090 Laptop": 24, "RTX 5090": 32, "RTX 5080 Laptop": 16,
-    "RTX 5080": 16, "RTX 5070 Ti Laptop": 12, "RTX 5070 Ti": 16, "RTX 5070 Laptop": 8, "RTX 5070": 12, "RTX 5060 Ti": 16,
-    "RTX 5060": 8, "RTX 4090 Laptop": 16, "RTX 4090": 24, "RTX 4080 Super": 16, "RTX 4080 Laptop": 12, "RTX 4080": 16,
-    "RTX 4070 Ti Super": 16, "RTX 4070 Ti": 12, "RTX 4070 Super": 12, "RTX 4070 Laptop": 8, "RTX 4070": 12,
-    "RTX 4060 Ti": 16, "RTX 4060 Ti 8GB": 8, "RTX 4060 Laptop": 8, "RTX 4060": 8, "RTX 4050 Laptop": 6, "RTX 3090 Ti": 24,
-    "RTX 3090": 24, "RTX 3080 Ti": 12, "RTX 3080": 10, "RTX 3080 12GB": 12, "RTX 3070 Ti": 8, "RTX 3070": 8,
-    "RTX 3060 Ti": 8, "RTX 3060": 12, "RTX 3060 8GB": 8, "T4": 16, "V100": 32,
+    "B200": 180,
+    "H200 NVL": 141,
+    "H200": 141,
+    "H100 NVL": 94,
+    "H100 PCIe": 80,
+    "H100": 80,
+    "A100 80GB PCIe": 80,
+    "A100 80GB": 80,
+    "A100": 40,
+    "L40S": 48,
+    "L40": 48,
+    "L20": 48,
+    "L4": 24,
+    "A40": 48,
+    "A10G": 24,
+    "A10": 24,
+    "RTX 6000 Ada": 48,
+    "RTX A6000": 48,
+    "RTX A4000": 16,
+    "RTX 5090 Laptop": 24,
+    "RTX 5090": 32,
+    "RTX 5080 Laptop": 16,
+    "RTX 5080": 16,
+    "RTX 5070 Ti Laptop": 12,
+    "RTX 5070 Ti": 16,
+    "RTX 5070 Laptop": 8,
+    "RTX 5070": 12,
+    "RTX 5060 Ti": 16,
+    "RTX 5060": 8,
+    "RTX 4090 Laptop": 16,
+    "RTX 4090": 24,
+    "RTX 4080 Super": 16,
+    "RTX 4080 Laptop": 12,
+    "RTX 4080": 16,
+    "RTX 4070 Ti Super": 16,
+    "RTX 4070 Ti": 12,
+    "RTX 4070 Super": 12,
+    "RTX 4070 Laptop": 8,
+    "RTX 4070": 12,
+    "RTX 4060 Ti": 16,
+    "RTX 4060 Ti 8GB": 8,
+    "RTX 4060 Laptop": 8,
+    "RTX 4060": 8,
+    "RTX 4050 Laptop": 6,
+    "RTX 3090 Ti": 24,
+    "RTX 3090": 24,
+    "RTX 3080 Ti": 12,
+    "RTX 3080": 10,
+    "RTX 3080 12GB": 12,
+    "RTX 3070 Ti": 8,
+    "RTX 3070": 8,
+    "RTX 3060 Ti": 8,
+    "RTX 3060": 12,
+    "RTX 3060 8GB": 8,
+    "T4": 16,
+    "V100": 32,
 }
 # Memory bus (bits) and data rate (Gbps per pin) of the GeForce memory variants: bandwidth = bits x rate / 8.
 MEMORY_BUS = {
-    "RTX 3060": (192, 15), "RTX 3060 8GB": (128, 15), "RTX 4060 Ti": (128, 18), "RTX 4060 Ti 8GB": (128, 18),
-    "RTX 3080": (320, 19), "RTX 3080 12GB": (384, 19),
+    "RTX 3060": (192, 15),
+    "RTX 3060 8GB": (128, 15),
+    "RTX 4060 Ti": (128, 18),
+    "RTX 4060 Ti 8GB": (128, 18),
+    "RTX 3080": (320, 19),
+    "RTX 3080 12GB": (384, 19),
 }
 
 
@@ -396,7 +465,14 @@ def test_recommend_header_and_provenance_name_the_card_planned(capsys, monkeypat
 
 def _probed(name: str, memory_gib: float) -> SimpleNamespace:
     memory = int(memory_gib * GIB)
-    gpu = GpuInfo(index=0, name=name, memory_total_bytes=memory, memory_free_bytes=memory, memory_used_bytes=0, compute_capability="8.6")
+    gpu = GpuInfo(
+        index=0,
+        name=name,
+        memory_total_bytes=memory,
+        memory_free_bytes=memory,
+        memory_used_bytes=0,
+        compute_capability="8.6",
+    )
     return SimpleNamespace(gpus=[gpu], host=SimpleNamespace(ram_total_bytes=64 * GIB, ram_available_bytes=64 * GIB))
 
 
@@ -426,15 +502,19 @@ def test_typed_names_find_their_entry(name, key):
     assert lookup_gpu(name)[0] == key
 
 
-@pytest.mark.parametrize(("gpu", "planned_gb", "other", "other_gb"), [("RTX 4060 Ti", 16, "RTX 4060 Ti 8GB", 8),
-                                                                     ("RTX 3060", 12, "RTX 3060 8GB", 8), ("A100", 40, "A100 80GB", 80)])
+@pytest.mark.parametrize(
+    ("gpu", "planned_gb", "other", "other_gb"),
+    [("RTX 4060 Ti", 16, "RTX 4060 Ti 8GB", 8), ("RTX 3060", 12, "RTX 3060 8GB", 8), ("A100", 40, "A100 80GB", 80)],
+)
 def test_a_card_sold_with_more_than_one_memory_says_which_it_planned(gpu, planned_gb, other, other_gb):
     """'RTX 4060 Ti' is sold with 16 GB and with 8 GB: a plan for the bare name takes the entry
     without memory in its name, and says so, naming the flag for the other one; a name that states
     its memory, or a card sold with one memory only, assumes nothing about it."""
     target = planned_target(machine=None, gpu=gpu)
     said = [a for a in target.assumptions if a.startswith("memory:")]
-    assert said == [f"memory: the {planned_gb} GB {gpu} (it is also sold with {other_gb} GB: --gpu {other!r} plans that one)"]
+    assert said == [
+        f"memory: the {planned_gb} GB {gpu} (it is also sold with {other_gb} GB: --gpu {other!r} plans that one)"
+    ]
     assert memory_fits(target.vram_total_bytes / GIB, planned_gb)
     assert not [a for a in planned_target(machine=None, gpu=other).assumptions if a.startswith("memory:")]
     assert not [a for a in planned_target(machine=None, gpu="RTX 4090").assumptions if a.startswith("memory:")]

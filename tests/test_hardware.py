@@ -15,6 +15,7 @@ from advisor.probe.hardware import (
     quantization_backends,
 )
 
+
 # What NVML returns on an H100 SXM 80GB (nvidia-smi shows 81559MiB total), as nvidia-ml-py hands it over.
 H100_READINGS = {
     "name": "NVIDIA H100 80GB HBM3",

@@ -13,18 +13,29 @@ from pathlib import Path
 
 import pytest
 
+
 PACKAGE = Path(__file__).resolve().parent.parent / "advisor"
 # Lower number = lower layer; a module may import its own layer or lower ones at module level.
 LAYERS = {
-    "errors": 0, "units": 0, "paths": 0, "files": 0, "packages": 0, "terminal": 0,
+    "errors": 0,
+    "units": 0,
+    "paths": 0,
+    "files": 0,
+    "packages": 0,
+    "terminal": 0,
     "config": 1,
+    "schema": 1,
     "platform": 2,
     "levers": 3,  # one module per technique: below everyone who plans, checks or applies with them
     "constraints": 4,
     "probe": 5,
     "plan": 6,
-    "run": 7, "trace": 7, "testing": 7,
-    "render": 8, "arguments": 8, "cli": 8,
+    "run": 7,
+    "trace": 7,
+    "testing": 7,
+    "render": 8,
+    "arguments": 8,
+    "cli": 8,
 }
 
 
@@ -45,7 +56,12 @@ def top_level_imports(path: Path) -> set[str]:
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             continue
         for item in ast.walk(node) if isinstance(node, (ast.Import, ast.ImportFrom, ast.If, ast.Try)) else ():
-            if isinstance(item, ast.ImportFrom) and item.module and item.module.startswith("advisor") and item.level == 0:
+            if (
+                isinstance(item, ast.ImportFrom)
+                and item.module
+                and item.module.startswith("advisor")
+                and item.level == 0
+            ):
                 found.add(item.module)
             elif isinstance(item, ast.Import):
                 found.update(alias.name for alias in item.names if alias.name.startswith("advisor"))
@@ -99,7 +115,9 @@ def test_modules_stay_readable():
     assert long == {}
 
 
-@pytest.mark.parametrize("module", ["advisor.plan.recommend", "advisor.plan.space", "advisor.probe.hardware", "advisor.constraints"])
+@pytest.mark.parametrize(
+    "module", ["advisor.plan.recommend", "advisor.plan.space", "advisor.probe.hardware", "advisor.constraints"]
+)
 def test_the_probe_and_plan_tiers_import_no_torch(module):
     code = f"import sys, json, {module}; print(json.dumps(sorted(m for m in ('torch', 'diffusers', 'optuna', 'transformers') if m in sys.modules)))"
     heavy = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parent.parent
 FLUX_4090 = ["--gpu", "RTX 4090", "--ram", "64GB"]
 
@@ -36,14 +37,19 @@ def with_made_up_lever(tmp_path_factory):
     shutil.copytree(ROOT / "advisor", package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "tests" / "made_up_lever.py", package / "levers" / "made_up.py")
     _edit(package / "config.py", "    cache: Cache | None = None\n", "    made_up: float | None = None\n")
-    _edit(package / "levers" / "__init__.py", "register(StepCache())\n",
-          "from advisor.levers.made_up import MadeUp  # noqa: E402\n\nregister(MadeUp())\n")
+    _edit(
+        package / "levers" / "__init__.py",
+        "register(StepCache())\n",
+        "from advisor.levers.made_up import MadeUp  # noqa: E402\n\nregister(MadeUp())\n",
+    )
     # Run from the copy's folder: `python -m` puts the working directory first on sys.path.
     return {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PWD": str(root)}
 
 
 def advisor(env: dict, *args: str) -> subprocess.CompletedProcess:
-    run = subprocess.run([sys.executable, "-m", "advisor", *args], capture_output=True, text=True, env=env, cwd=env["PWD"], timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "advisor", *args], capture_output=True, text=True, env=env, cwd=env["PWD"], timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     return run
 
@@ -59,8 +65,12 @@ def test_the_estimate_counts_its_term(with_made_up_lever, tmp_path):
     plain.write_text(json.dumps({"schema_version": 1, "device": "cuda"}))
     halved = tmp_path / "halved.json"
     halved.write_text(json.dumps({"schema_version": 1, "device": "cuda", "made_up": 0.5}))
-    estimates = [json.loads(advisor(with_made_up_lever, "estimate", "flux-dev", *FLUX_4090, "--config", str(f), "--json").stdout)
-                 for f in (plain, halved)]
+    estimates = [
+        json.loads(
+            advisor(with_made_up_lever, "estimate", "flux-dev", *FLUX_4090, "--config", str(f), "--json").stdout
+        )
+        for f in (plain, halved)
+    ]
     before, after = (e["estimate"]["latency_breakdown"] for e in estimates)
     assert after["step_compute_s"] == pytest.approx(before["step_compute_s"] / 2)  # the denoiser's compute, halved
     assert after["text_encoding_s"] == before["text_encoding_s"] and after["vae_decode_s"] == before["vae_decode_s"]
@@ -80,7 +90,13 @@ def test_the_script_and_apply_config_run_its_step(with_made_up_lever, tiny_flux_
         "advisor.apply_config(pipe, config)\n"
         "print(json.dumps(pipe._progress_bar_config))\n"
     )
-    run = subprocess.run([sys.executable, "-c", applied], capture_output=True, text=True, env=with_made_up_lever,
-                         cwd=with_made_up_lever["PWD"], timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", applied],
+        capture_output=True,
+        text=True,
+        env=with_made_up_lever,
+        cwd=with_made_up_lever["PWD"],
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"disable": True}

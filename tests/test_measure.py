@@ -19,6 +19,7 @@ from advisor.run.measure import Measurement, is_oom, measure
 from advisor.run.phases import PhasePeaks, watching_phases
 from advisor.run.timing import fit_steps, time_rounds
 
+
 WORKLOAD = Workload(kind="image", height=32, width=32, steps=4)
 
 # --- a real measurement -----------------------------------------------------------------------------
@@ -30,8 +31,15 @@ def test_measures_the_tiny_flux_pipeline_for_real(tiny_flux_dir):
     # clear of the noise of a shared 2-core machine.
     workload = Workload(kind="image", height=32, width=32, steps=12)
     # A 20 s timing cap: on a loaded CI runner 12 rounds would take a minute; noisy is an allowed answer.
-    m = measure(tiny_flux_dir, OptimizationConfig(device="cpu"), workload, timeout_s=300, step_points=(2, 8), min_rounds=3,
-                cap_s=20)
+    m = measure(
+        tiny_flux_dir,
+        OptimizationConfig(device="cpu"),
+        workload,
+        timeout_s=300,
+        step_points=(2, 8),
+        min_rounds=3,
+        cap_s=20,
+    )
     assert m.status == "ok", m.reason
     assert m.reason is None
     assert m.device == "cpu"
@@ -193,7 +201,12 @@ def _hooks_gone(pipe):
 def test_the_phases_of_a_real_pipeline_come_from_its_components_roles(tiny_flux_dir):
     pipe = _load(tiny_flux_dir, OptimizationConfig(device="cpu", dtype="float32"))
     watched, phases, peaks = _watched_run(pipe, "image")
-    assert watched == {"text_encoder": "text_encoding", "text_encoder_2": "text_encoding", "transformer": "denoising", "vae": "vae_decode"}
+    assert watched == {
+        "text_encoder": "text_encoding",
+        "text_encoder_2": "text_encoding",
+        "transformer": "denoising",
+        "vae": "vae_decode",
+    }
     assert phases.order == ["text_encoding", "denoising", "vae_decode"]  # CLIP then T5: one phase
     # readings: 1 before the text encoders (nobody's), 2 at the denoiser's start, 3 at the decode's, 4 at the end
     assert peaks == {"text_encoding": 2, "denoising": 3, "vae_decode": 4}
@@ -363,7 +376,9 @@ def test_is_oom_follows_the_exception_chain():
         try:
             raise MemoryError()
         except MemoryError as cause:
-            raise RuntimeError("Failed to import diffusers.pipelines.pipeline_utils because of the following error") from cause
+            raise RuntimeError(
+                "Failed to import diffusers.pipelines.pipeline_utils because of the following error"
+            ) from cause
     except RuntimeError as error:
         assert is_oom(error)
 
@@ -419,14 +434,18 @@ def test_one_burst_of_load_among_steady_rounds_does_not_make_the_spread():
     t = time_rounds(timer.call, (2, 8), 4, min_rounds=3, tolerance=0.05, clock=timer.clock)
     # ... and with the burst among the first rounds, the spread of the rest is what is reported.
     assert t.rounds == 5 and t.noisy is None
-    assert t.latency_s == pytest.approx(0.9) and t.spread_s == pytest.approx((0.909 - 0.9) / 2)  # 6x and 0.99x left out
+    assert t.latency_s == pytest.approx(0.9) and t.spread_s == pytest.approx(
+        (0.909 - 0.9) / 2
+    )  # 6x and 0.99x left out
 
 
 @pytest.mark.slow
 def test_a_trial_reports_what_it_is_doing_as_it_goes(tiny_flux_dir):
     phases = []
     # A wide tolerance: this checks the phase lines, not the timing (a loaded runner would time 12 rounds).
-    m = measure(tiny_flux_dir, OptimizationConfig(device="cpu"), WORKLOAD, timeout_s=300, tolerance=0.5, on_phase=phases.append)
+    m = measure(
+        tiny_flux_dir, OptimizationConfig(device="cpu"), WORKLOAD, timeout_s=300, tolerance=0.5, on_phase=phases.append
+    )
     assert m.status == "ok", m.reason
     assert phases[:3] == ["starting", "loading", "warm-up"]
     timing = phases[3:]

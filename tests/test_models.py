@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from advisor.errors import ModelError
-from advisor.probe.models import classify_workload, load_profile, profile_from_folder, vae_compression
+from advisor.probe.facts import classify_workload, vae_compression
+from advisor.probe.models import load_profile, profile_from_folder
 from advisor.probe.safetensors_header import read_header
 from advisor.probe.weights import weight_files
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +86,9 @@ def test_casting_skips_match_what_diffusers_leaves_uncast(fixture_and_profile):
 
             from advisor.probe.weights import ENCODER_CASTING_SKIP_PATTERNS
 
-            patterns = DEFAULT_SKIP_MODULES_PATTERN + ENCODER_CASTING_SKIP_PATTERNS + tuple(model._keep_in_fp32_modules or ())
+            patterns = (
+                DEFAULT_SKIP_MODULES_PATTERN + ENCODER_CASTING_SKIP_PATTERNS + tuple(model._keep_in_fp32_modules or ())
+            )
             apply_layerwise_casting(model, torch.float8_e4m3fn, torch.float32, skip_modules_pattern=patterns)
         uncast = sum(p.numel() for p in model.parameters() if p.dtype != torch.float8_e4m3fn)
         assert component.casting_skipped_parameters == uncast, component.name
@@ -115,7 +119,10 @@ def test_workload_and_roles(tiny_flux_dir, tiny_wan_dir):
 def test_workload_table_and_fallbacks():
     assert classify_workload("HunyuanVideoPipeline")[0] == "video"
     assert classify_workload("StableDiffusionXLPipeline")[0] == "image"
-    assert classify_workload("MyCoolT2VPipeline") == ("video", "MyCoolT2VPipeline is not in the table; its name says video")
+    assert classify_workload("MyCoolT2VPipeline") == (
+        "video",
+        "MyCoolT2VPipeline is not in the table; its name says video",
+    )
     kind, reason = classify_workload("MyCustomPipeline")
     assert kind == "image" and "--workload" in reason
     with pytest.raises(ModelError, match="--workload: 'movie' is not a workload; use one of image, video, audio"):
@@ -128,8 +135,16 @@ def test_workload_table_and_fallbacks():
         ("AutoencoderKL", {"block_out_channels": [128, 256, 512, 512]}, (8, 1)),
         ("AutoencoderKLWan", {"temperal_downsample": [False, True, True]}, (8, 4)),
         ("AutoencoderKLHunyuanVideo", {"spatial_compression_ratio": 8, "temporal_compression_ratio": 4}, (8, 4)),
-        ("AutoencoderKLLTXVideo", {"patch_size": 4, "patch_size_t": 1, "spatio_temporal_scaling": [True, True, True, False]}, (32, 8)),
-        ("AutoencoderKLCogVideoX", {"block_out_channels": [128, 256, 256, 512], "temporal_compression_ratio": 4}, (8, 4)),
+        (
+            "AutoencoderKLLTXVideo",
+            {"patch_size": 4, "patch_size_t": 1, "spatio_temporal_scaling": [True, True, True, False]},
+            (32, 8),
+        ),
+        (
+            "AutoencoderKLCogVideoX",
+            {"block_out_channels": [128, 256, 256, 512], "temporal_compression_ratio": 4},
+            (8, 4),
+        ),
     ],
 )
 def test_vae_compression(class_name, config, expected):
@@ -231,7 +246,9 @@ def test_inspect_imports_no_torch_for_a_folder(tiny_flux_dir):
 
 def test_diffusers_tables_are_up_to_date():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_diffusers_tables.py"), "--check"], capture_output=True, text=True
+        [sys.executable, str(ROOT / "scripts" / "build_diffusers_tables.py"), "--check"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-500:]
 
@@ -259,9 +276,15 @@ def test_hub_path_profiles_from_header_metadata_like_the_folder_path(tiny_flux_d
             raw = (tiny_flux_dir / component / name).read_bytes()
             header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
             header.pop("__metadata__", None)
-            shards.append(SafetensorsFileMetadata(metadata={}, tensors={
-                k: TensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"])) for k, v in header.items()
-            }))
+            shards.append(
+                SafetensorsFileMetadata(
+                    metadata={},
+                    tensors={
+                        k: TensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"]))
+                        for k, v in header.items()
+                    },
+                )
+            )
         return tensors_from_hub_metadata(shards)
 
     hub = profile_from_folder(snapshot, model_id="acme/tiny", source="hub", tensors_of=tensors_of)
@@ -270,15 +293,28 @@ def test_hub_path_profiles_from_header_metadata_like_the_folder_path(tiny_flux_d
     assert [c.name for c in hub.components] == [c.name for c in folder.components]
     for mine, theirs in zip(hub.components, folder.components):
         assert (mine.parameters, mine.bytes, mine.largest_file_bytes, mine.linear_parameters, mine.blocks) == (
-            theirs.parameters, theirs.bytes, theirs.largest_file_bytes, theirs.linear_parameters, theirs.blocks
+            theirs.parameters,
+            theirs.bytes,
+            theirs.largest_file_bytes,
+            theirs.linear_parameters,
+            theirs.blocks,
         )
 
 
 def test_weight_file_choice_on_hub_style_names():
     from advisor.probe.weights import choose_weight_files
 
-    names = ["config.json", "model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors", "model.fp16.safetensors", "model.safetensors.index.json"]
-    assert choose_weight_files(names) == (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"], None)
+    names = [
+        "config.json",
+        "model-00002-of-00002.safetensors",
+        "model-00001-of-00002.safetensors",
+        "model.fp16.safetensors",
+        "model.safetensors.index.json",
+    ]
+    assert choose_weight_files(names) == (
+        ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
+        None,
+    )
 
 
 # --- corrupt but readable inputs: one ModelError naming the file and the field -------------------
@@ -310,7 +346,9 @@ def _set(key, value):
         ("text_encoder_2", "d_model", 32.5, "a whole number >= 1"),
     ],
 )
-def test_config_fields_of_the_wrong_type_name_the_file_and_field(tiny_flux_dir, tmp_path, component, key, value, expected):
+def test_config_fields_of_the_wrong_type_name_the_file_and_field(
+    tiny_flux_dir, tmp_path, component, key, value, expected
+):
     folder = _copy(tiny_flux_dir, tmp_path)
     config = folder / component / "config.json"
     _edit_json(config, _set(key, value))
@@ -335,11 +373,23 @@ def test_every_catalog_config_passes_the_field_check():
     [
         (lambda index: [], "expected a JSON object (the pipeline's index), got a JSON array"),
         (_set("vae", "AutoencoderKL"), "'vae' is \"AutoencoderKL\"; a component entry is a [library, class] pair"),
-        (_set("vae", ["diffusers", "AutoencoderKL", "extra"]), "'vae' is [\"diffusers\", \"AutoencoderKL\", \"extra\"]; a component entry is a [library, class] pair"),
-        (_set("transformer", [None, "FluxTransformer2DModel"]), "'transformer' is [null, \"FluxTransformer2DModel\"]; a component with weights names its library"),
+        (
+            _set("vae", ["diffusers", "AutoencoderKL", "extra"]),
+            '\'vae\' is ["diffusers", "AutoencoderKL", "extra"]; a component entry is a [library, class] pair',
+        ),
+        (
+            _set("transformer", [None, "FluxTransformer2DModel"]),
+            "'transformer' is [null, \"FluxTransformer2DModel\"]; a component with weights names its library",
+        ),
         (_set("_class_name", 5), "'_class_name' is 5; it must name the pipeline class"),
-        (lambda index: {k: v for k, v in index.items() if k != "vae"}, "has no 'vae' entry, but FluxPipeline decodes its latents with a VAE"),
-        (_set("vae", [None, None]), "'vae' is [null, null] (saved without a VAE), but FluxPipeline decodes its latents with a VAE"),
+        (
+            lambda index: {k: v for k, v in index.items() if k != "vae"},
+            "has no 'vae' entry, but FluxPipeline decodes its latents with a VAE",
+        ),
+        (
+            _set("vae", [None, None]),
+            "'vae' is [null, null] (saved without a VAE), but FluxPipeline decodes its latents with a VAE",
+        ),
     ],
 )
 def test_corrupt_model_index_entries_name_the_file_and_entry(tiny_flux_dir, tmp_path, change, expected):
@@ -353,14 +403,19 @@ def test_corrupt_model_index_entries_name_the_file_and_entry(tiny_flux_dir, tmp_
 def test_pipeline_settings_in_model_index_are_not_components(tiny_flux_dir, tmp_path):
     # SDXL's model_index.json carries "force_zeros_for_empty_prompt": true, Wan 2.2's "boundary_ratio".
     folder = _copy(tiny_flux_dir, tmp_path)
-    _edit_json(folder / "model_index.json", lambda index: {**index, "force_zeros_for_empty_prompt": True, "boundary_ratio": 0.875})
+    _edit_json(
+        folder / "model_index.json",
+        lambda index: {**index, "force_zeros_for_empty_prompt": True, "boundary_ratio": 0.875},
+    )
     assert load_profile(str(folder)).pipeline_class == "FluxPipeline"
 
 
 def test_a_vae_without_weights_is_refused_for_a_pipeline_that_decodes_with_one(tiny_flux_dir, tmp_path):
     folder = _copy(tiny_flux_dir, tmp_path)
     shutil.rmtree(folder / "vae")
-    with pytest.raises(ModelError, match=r"/vae: no safetensors weights, but FluxPipeline decodes its latents with a VAE"):
+    with pytest.raises(
+        ModelError, match=r"/vae: no safetensors weights, but FluxPipeline decodes its latents with a VAE"
+    ):
         load_profile(str(folder))
 
 
@@ -376,7 +431,9 @@ def test_absurd_model_json_is_one_error_naming_the_file(tiny_flux_dir, tmp_path,
         path.write_text(text)
         with pytest.raises(ModelError) as excinfo:
             load_profile(str(folder))
-        assert str(excinfo.value).startswith(f"{path}: ") and ("nested more than" in str(excinfo.value) or "digits" in str(excinfo.value))
+        assert str(excinfo.value).startswith(f"{path}: ") and (
+            "nested more than" in str(excinfo.value) or "digits" in str(excinfo.value)
+        )
         path.write_text(original)
 
 
@@ -398,26 +455,46 @@ def _write_safetensors(path: Path, header: dict, data_bytes: int) -> Path:
 @pytest.mark.parametrize(
     ("header", "data_bytes", "expected"),
     [
-        ({"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, 16, "tensor 'w' has shape [-4]; a shape is a list of whole numbers >= 0"),
+        (
+            {"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}},
+            16,
+            "tensor 'w' has shape [-4]; a shape is a list of whole numbers >= 0",
+        ),
         ({"w": {"dtype": "F32", "shape": [4.5], "data_offsets": [0, 16]}}, 16, "tensor 'w' has shape [4.5]"),
         ({"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, 4, "tensor 'w' has shape [true]"),
-        ({"w": {"dtype": "F32", "shape": [400], "data_offsets": [0, 16]}}, 16, "tensor 'w' is [400] float32 (1600 bytes) but its data_offsets [0, 16] hold 16 bytes"),
-        ({"w": {"dtype": "F32", "shape": [10**30], "data_offsets": [0, 16]}}, 16, "but its data_offsets [0, 16] hold 16 bytes"),
+        (
+            {"w": {"dtype": "F32", "shape": [400], "data_offsets": [0, 16]}},
+            16,
+            "tensor 'w' is [400] float32 (1600 bytes) but its data_offsets [0, 16] hold 16 bytes",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [10**30], "data_offsets": [0, 16]}},
+            16,
+            "but its data_offsets [0, 16] hold 16 bytes",
+        ),
         ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, 16, "tensor 'w' has data_offsets [16, 0]"),
         (
-            {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+            {
+                "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            },
             16,
             "overlaps the tensor before it; safetensors refuses such a file",
         ),
         (
-            {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}},
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+            },
             12,
             "tensor 'b' leaves bytes 4-8 unused",
         ),
         ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 20, "4 bytes after the last tensor"),
     ],
 )
-def test_safetensors_headers_that_contradict_themselves_name_the_file_and_tensor(tmp_path, header, data_bytes, expected):
+def test_safetensors_headers_that_contradict_themselves_name_the_file_and_tensor(
+    tmp_path, header, data_bytes, expected
+):
     # What safetensors itself refuses to load (its Metadata::validate), found from the header alone.
     path = _write_safetensors(tmp_path / "model.safetensors", header, data_bytes)
     with pytest.raises(ModelError) as excinfo:
@@ -433,7 +510,11 @@ def test_a_valid_header_with_scalars_and_empty_tensors_still_reads(tmp_path):
         "w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [4, 16]},
     }
     tensors = read_header(_write_safetensors(tmp_path / "model.safetensors", header, 16))
-    assert [(t.name, t.shape, t.nbytes) for t in tensors] == [("scalar", (), 4), ("empty", (0, 8), 0), ("w", (2, 3), 12)]
+    assert [(t.name, t.shape, t.nbytes) for t in tensors] == [
+        ("scalar", (), 4),
+        ("empty", (0, 8), 0),
+        ("w", (2, 3), 12),
+    ]
 
 
 def test_hub_metadata_with_a_negative_shape_is_refused():
@@ -476,7 +557,11 @@ def test_the_light_hub_cache_lookup_agrees_with_huggingface_hub(tmp_path, monkey
         ("org/other", "model_index.json", "main"),  # a repo not cached
     ]:
         theirs = try_to_load_from_cache(repo_id, filename, cache_dir=cache, revision=revision)
-        assert cached_file(repo_id, filename, revision) == (theirs if isinstance(theirs, str) else None), (repo_id, filename, revision)
+        assert cached_file(repo_id, filename, revision) == (theirs if isinstance(theirs, str) else None), (
+            repo_id,
+            filename,
+            revision,
+        )
 
 
 def test_the_hub_cache_folder_follows_huggingface_hubs_variables(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 from advisor.levers import LEVERS
 from advisor.run.trials import ClaimState, Source, Status
 
+
 PACKAGE = Path(__file__).resolve().parent.parent / "advisor"
 STORE = PACKAGE / "run" / "trials.py"
 OPTUNA_ATTRIBUTES = {"user_attrs", "system_attrs", "set_user_attr", "set_system_attr"}
@@ -38,15 +39,21 @@ def module_of(lever) -> Path:
 
 def named(tree: ast.AST, names: frozenset[str]) -> list[str]:
     """Where `tree` has a string constant equal to one of `names`."""
-    return [f"{node.lineno} {node.value!r}" for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names]
+    return [
+        f"{node.lineno} {node.value!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+    ]
 
 
 @pytest.mark.parametrize("lever", LEVERS, ids=lambda lever: lever.name)
 def test_a_levers_choices_are_named_only_in_its_module_and_the_config_schema(lever):
     assert lever.names and "none" not in lever.names
-    assert [f"{name}:{where}" for name, tree in package_sources(but=(module_of(lever), SCHEMA))
-            for where in named(tree, lever.names)] == []
+    assert [
+        f"{name}:{where}"
+        for name, tree in package_sources(but=(module_of(lever), SCHEMA))
+        for where in named(tree, lever.names)
+    ] == []
 
 
 def optuna_attributes(tree: ast.AST) -> list[str]:
@@ -74,8 +81,11 @@ def spelled_statuses(tree: ast.AST) -> list[str]:
         elif isinstance(node, ast.keyword) and node.arg in ("status", "source") and stored(node.value):
             spelled.append(node.value)
         elif isinstance(node, ast.Dict):
-            spelled += [v for k, v in zip(node.keys, node.values)
-                        if isinstance(k, ast.Constant) and k.value in ("status", "source") and stored(v)]
+            spelled += [
+                v
+                for k, v in zip(node.keys, node.values)
+                if isinstance(k, ast.Constant) and k.value in ("status", "source") and stored(v)
+            ]
     return [f"{c.lineno} {c.value!r}" for c in spelled]
 
 

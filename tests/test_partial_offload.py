@@ -17,7 +17,7 @@ import torch
 
 from advisor.config import Offload, OptimizationConfig
 from advisor.errors import ConfigError
-from advisor.plan.estimate import block_split, resident_bytes, weight_bytes
+from advisor.plan.weights import block_split, resident_bytes, weight_bytes
 from advisor.probe.models import profile_from_folder
 from advisor.run.apply import load_pipeline
 from advisor.run.steps import plan
@@ -36,8 +36,11 @@ def reference(flux_x2):
 
 
 def partial(count: int) -> OptimizationConfig:
-    return OptimizationConfig(device="cpu", dtype="float32",
-                              offload=Offload(strategy="group", components=["transformer"], resident_blocks={"transformer": count}))
+    return OptimizationConfig(
+        device="cpu",
+        dtype="float32",
+        offload=Offload(strategy="group", components=["transformer"], resident_blocks={"transformer": count}),
+    )
 
 
 def offload_groups(module: torch.nn.Module) -> list:
@@ -52,11 +55,15 @@ def offload_groups(module: torch.nn.Module) -> list:
 
 
 def offloaded_parameters(module: torch.nn.Module) -> set[int]:
-    return {id(p) for g in offload_groups(module) for p in [*g.parameters, *(q for m in g.modules for q in m.parameters())]}
+    return {
+        id(p) for g in offload_groups(module) for p in [*g.parameters, *(q for m in g.modules for q in m.parameters())]
+    }
 
 
 @pytest.mark.parametrize("count", [1, 3, 6])
-def test_a_partly_offloaded_transformer_gives_the_same_image_and_keeps_what_the_estimate_says(flux_x2, reference, count):
+def test_a_partly_offloaded_transformer_gives_the_same_image_and_keeps_what_the_estimate_says(
+    flux_x2, reference, count
+):
     config = partial(count)
     pipe = load_pipeline(flux_x2, config)
     image = np.asarray(pipe(**tiny_call_kwargs("image", seed=0)).images)
@@ -105,16 +112,27 @@ def test_the_steps_are_the_code_a_script_runs(flux_x2):
 
 
 def test_more_resident_blocks_than_the_transformer_has_is_one_line_naming_the_key(flux_x2):
-    with pytest.raises(ConfigError, match=r"^`offload.resident_blocks.transformer: 8`: transformer \(FluxTransformer2DModel\) has 8 "):
+    with pytest.raises(
+        ConfigError, match=r"^`offload.resident_blocks.transformer: 8`: transformer \(FluxTransformer2DModel\) has 8 "
+    ):
         load_pipeline(flux_x2, partial(8))
 
 
-@pytest.mark.parametrize(("offload", "message"), [
-    ({"strategy": "model", "resident_blocks": {"transformer": 2}}, "applies to `strategy: group` only"),
-    ({"strategy": "group", "resident_blocks": {"transformer": 0}}, "must be a whole number of blocks >= 1"),
-    ({"strategy": "group", "offload_type": "leaf_level", "resident_blocks": {"transformer": 2}}, "needs `offload.offload_type: block_level`"),
-    ({"strategy": "group", "components": ["vae"], "resident_blocks": {"transformer": 2}}, "which `offload.components` does not offload"),
-])
+@pytest.mark.parametrize(
+    ("offload", "message"),
+    [
+        ({"strategy": "model", "resident_blocks": {"transformer": 2}}, "applies to `strategy: group` only"),
+        ({"strategy": "group", "resident_blocks": {"transformer": 0}}, "must be a whole number of blocks >= 1"),
+        (
+            {"strategy": "group", "offload_type": "leaf_level", "resident_blocks": {"transformer": 2}},
+            "needs `offload.offload_type: block_level`",
+        ),
+        (
+            {"strategy": "group", "components": ["vae"], "resident_blocks": {"transformer": 2}},
+            "which `offload.components` does not offload",
+        ),
+    ],
+)
 def test_invalid_partial_offload_is_refused_naming_the_key(offload, message):
     from advisor.config import config_from_dict
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
@@ -15,12 +16,21 @@ def test_use_it_in_code_snippet_runs_verbatim(tiny_flux_dir, tmp_path):
     made = subprocess.run(
         # Planned for this machine: its GPU, or CPU inference where it has none.
         [str(advisor_cli), "recommend", "-m", str(tiny_flux_dir), "--no-compile", "-o", "advisor.json"],
-        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert made.returncode == 0, made.stderr[-500:]
     script = snippet + "\nprint(type(image).__name__, image.size)\n"
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1].startswith("Image (")
 

@@ -12,8 +12,9 @@ import pytest
 from rich.console import Console
 
 from advisor import render
+from advisor.run.results import TuneResult
 from advisor.run.trials import TrialRecord
-from advisor.run.tune import TuneResult
+
 
 LONG = "bf16, int8_weight_only(transformer, text_encoder_2), compiled (regional), group offload (block, 2 per group, stream)"
 
@@ -58,15 +59,43 @@ def test_recommend_output_reads_at_80_columns(monkeypatch):
 
 
 def record(number: int, summary: str, status: str = "ok", reason: str | None = None) -> TrialRecord:
-    return TrialRecord(number, summary, status, "measured", status == "ok", 12.345, 15 * 2**30, 14 * 2**30, reason, {},
-                       latency_spread_s=0.2, noisy="the spread ±9% did not settle within ±5% after 12 rounds" if number == 1 else None)
+    return TrialRecord(
+        number,
+        summary,
+        status,
+        "measured",
+        status == "ok",
+        12.345,
+        15 * 2**30,
+        14 * 2**30,
+        reason,
+        {},
+        latency_spread_s=0.2,
+        noisy="the spread ±9% did not settle within ±5% after 12 rounds" if number == 1 else None,
+    )
 
 
 def test_the_tune_table_reads_at_80_columns(console80):
-    trials = [record(0, "bf16, no offload"), record(1, LONG),
-              record(2, LONG, "oom", "the trial process died out of memory (exit -9): CUDA out of memory. Tried to allocate 2.00 GiB")]
-    result = TuneResult("flux-1-dev-image-15.00GB-t900s-1a2b3c4d", "sqlite:///x.db", 16 * 2**30, trials, trials[0], None, 6,
-                        notes=["trial 0 (12.345s ± 0.200) is as fast as 1 (12.345s ± 0.200) within the measured spread"])
+    trials = [
+        record(0, "bf16, no offload"),
+        record(1, LONG),
+        record(
+            2,
+            LONG,
+            "oom",
+            "the trial process died out of memory (exit -9): CUDA out of memory. Tried to allocate 2.00 GiB",
+        ),
+    ]
+    result = TuneResult(
+        "flux-1-dev-image-15.00GB-t900s-1a2b3c4d",
+        "sqlite:///x.db",
+        16 * 2**30,
+        trials,
+        trials[0],
+        None,
+        6,
+        notes=["trial 0 (12.345s ± 0.200) is as fast as 1 (12.345s ± 0.200) within the measured spread"],
+    )
     render.render_tune(result, "advisor.json")
     text = console80.export_text()
     check_80(text)
@@ -113,8 +142,14 @@ def test_the_probe_reads_at_80_columns_with_gpus(monkeypatch):
     from advisor.units import format_size
 
     gpus = [gpu_from_nvml_readings(i, H100_READINGS) for i in range(2)]
-    profile = replace(probe_machine(), gpus=gpus, gpu_source="nvml", driver_version="580.65.06", cuda_driver_version="13.0",
-                      software=probe_software(gpus))
+    profile = replace(
+        probe_machine(),
+        gpus=gpus,
+        gpu_source="nvml",
+        driver_version="580.65.06",
+        cuda_driver_version="13.0",
+        software=probe_software(gpus),
+    )
     out = io.StringIO()
     monkeypatch.setattr(render, "text_console", lambda: render.PlainConsole(out, width=80))
     render.render_probe(profile)
@@ -123,20 +158,32 @@ def test_the_probe_reads_at_80_columns_with_gpus(monkeypatch):
     lines = text.splitlines()
     for index in (0, 1):  # each GPU's name on its line, what the plan reads of it under the name
         at = lines.index(f"  {index}  NVIDIA H100 80GB HBM3")
-        details = (f"{format_size(gpus[0].memory_total_bytes)} total, {format_size(gpus[0].memory_free_bytes)} free, "
-                   "compute capability 9.0, PCIe gen5 x16 (63.0 GB/s host<->GPU)")
-        assert words(" ".join(lines[at + 1:at + 3])) == details and all(line.startswith("     ") for line in lines[at + 1:at + 3])
-    for title, backends in (("Quantization backends:", profile.software.quantization_backends),
-                            ("Attention backends (set_attention_backend):", profile.software.attention_backends)):
+        details = (
+            f"{format_size(gpus[0].memory_total_bytes)} total, {format_size(gpus[0].memory_free_bytes)} free, "
+            "compute capability 9.0, PCIe gen5 x16 (63.0 GB/s host<->GPU)"
+        )
+        assert words(" ".join(lines[at + 1 : at + 3])) == details and all(
+            line.startswith("     ") for line in lines[at + 1 : at + 3]
+        )
+    for title, backends in (
+        ("Quantization backends:", profile.software.quantization_backends),
+        ("Attention backends (set_attention_backend):", profile.software.attention_backends),
+    ):
         for name, status in backends.items():
             assert words(f"{name} {'yes' if status.usable else 'no'} {status.reason}") in words(text)
         # Each line of the table is a backend's row or its reason continued under the "why" column.
         start = lines.index(title) + 1
         why = lines[start].index("why")
-        rows = list(itertools.takewhile(lambda line: line.startswith(" "), lines[start + 1:]))
-        assert len(rows) >= len(backends) + ("Attention" in title)  # some attention kernels' reasons wrap at 80 columns
-        assert all(line.startswith(tuple(f"  {name} " for name in backends)) or line.startswith(" " * why) and line[why] != " "
-                   for line in rows), rows
+        rows = list(itertools.takewhile(lambda line: line.startswith(" "), lines[start + 1 :]))
+        assert len(rows) >= len(backends) + (
+            "Attention" in title
+        )  # some attention kernels' reasons wrap at 80 columns
+        assert all(
+            line.startswith(tuple(f"  {name} " for name in backends))
+            or line.startswith(" " * why)
+            and line[why] != " "
+            for line in rows
+        ), rows
 
 
 @pytest.mark.parametrize("width", [80, 120])
@@ -155,7 +202,7 @@ def test_inspect_never_cuts_a_cell_for_any_catalog_model(width, monkeypatch):
         text = out.getvalue()
         assert "…" not in text and all(len(line) <= width for line in text.splitlines()), text
         tokens, lines = text.split(), text.splitlines()
-        table = lines[next(i for i, line in enumerate(lines) if line.startswith("  component ")):]
+        table = lines[next(i for i, line in enumerate(lines) if line.startswith("  component ")) :]
         for c in profile.components:
             assert c.class_name in tokens, (model, c.class_name, text)
             row = next(line for line in table if line.split()[:1] == [c.name])
@@ -176,8 +223,10 @@ def test_the_saved_config_line_reads_at_the_width(width, monkeypatch):
     render.render_recommendation(result, result.config, "advisor.json")
     lines = out.getvalue().splitlines()
     check_80("\n".join(lines))
-    assert lines[-2:] == ["Config written to advisor.json; apply it in code with:",
-                          "  advisor.load_pipeline(model, advisor.load_config('advisor.json'))"]
+    assert lines[-2:] == [
+        "Config written to advisor.json; apply it in code with:",
+        "  advisor.load_pipeline(model, advisor.load_config('advisor.json'))",
+    ]
 
 
 def _run_piped(args: list[str], columns: str | None) -> str:
@@ -191,13 +240,21 @@ def _run_piped(args: list[str], columns: str | None) -> str:
     env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
     if columns is not None:
         env["COLUMNS"] = columns
-    result = subprocess.run([advisor_cli, *args], capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    result = subprocess.run(
+        [advisor_cli, *args], capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-@pytest.mark.parametrize("command", [["recommend", "flux-dev", "--gpu", "RTX 4090"], ["estimate", "flux-dev", "--gpu", "RTX 4090"],
-                                     ["inspect", "qwen-image"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["recommend", "flux-dev", "--gpu", "RTX 4090"],
+        ["estimate", "flux-dev", "--gpu", "RTX 4090"],
+        ["inspect", "qwen-image"],
+    ],
+)
 def test_an_explicit_columns_is_honoured_when_piped(command):
     """`COLUMNS=80 advisor ... | less`: the plain views and rich's tables keep to 80; without
     COLUMNS a pipe gets the wide PIPED_WIDTH."""

@@ -1,8 +1,9 @@
 """The tuning report: Pareto front, plot and Markdown summary from trial records."""
 
 from advisor.run.report import markdown, pareto_front, write_report
+from advisor.run.results import TuneResult
 from advisor.run.trials import TrialRecord
-from advisor.run.tune import TuneResult
+
 
 MB = 2**20
 
@@ -16,8 +17,14 @@ def result(trials, best=None):
 
 
 def test_pareto_front_keeps_only_undominated_measured_trials():
-    trials = [trial(0, 3.0, 500 * MB), trial(1, 2.0, 600 * MB), trial(2, 2.5, 650 * MB), trial(3, 1.0, 900 * MB, "over-budget"),
-              trial(4, None, None, "oom"), trial(5, 0.5, 400 * MB, "skipped", "estimate")]
+    trials = [
+        trial(0, 3.0, 500 * MB),
+        trial(1, 2.0, 600 * MB),
+        trial(2, 2.5, 650 * MB),
+        trial(3, 1.0, 900 * MB, "over-budget"),
+        trial(4, None, None, "oom"),
+        trial(5, 0.5, 400 * MB, "skipped", "estimate"),
+    ]
     trials[5].latency_s = None  # skipped trials have no measured latency
     assert [t.number for t in pareto_front(trials)] == [0, 1, 3]
 
@@ -51,7 +58,11 @@ def test_summary_says_why_the_study_stopped_and_whether_it_was_interrupted():
 
 def spread_trial(number, latency, spread, peak, predicted_peak, predicted_latency, status="ok", source="measured"):
     record = trial(number, latency, peak, status, source)
-    record.latency_spread_s, record.predicted_peak_bytes, record.predicted_latency_s = spread, predicted_peak, predicted_latency
+    record.latency_spread_s, record.predicted_peak_bytes, record.predicted_latency_s = (
+        spread,
+        predicted_peak,
+        predicted_latency,
+    )
     return record
 
 
@@ -87,7 +98,9 @@ def test_a_study_where_nothing_fits_still_plots_the_predicted_candidates():
 
     from advisor.run.report import figure
 
-    skipped = [spread_trial(n, None, None, None, (500 + n) * MB, 0.01, status="skipped", source="estimate") for n in range(3)]
+    skipped = [
+        spread_trial(n, None, None, None, (500 + n) * MB, 0.01, status="skipped", source="estimate") for n in range(3)
+    ]
     for record in skipped:
         record.feasible = False
     fig = figure(TuneResult("study", "sqlite:///x.db", 300 * MB, skipped, None, None, 3))

@@ -6,11 +6,11 @@ from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfi
 from advisor.errors import UsageError
 from advisor.plan.recommend import recommend
 from advisor.plan.rules import (
-    every_rule,
     channels_last_for_unets,
     dynamic_quantization_needs_compile,
     dynamo_cache_limit_with_offload,
     dynamo_capture_for_bitsandbytes,
+    every_rule,
     images_prefer_model_offload,
     no_fullgraph_with_offload_hooks,
     offload_needs_an_accelerator,
@@ -24,12 +24,15 @@ from advisor.probe.models import load_profile
 from advisor.probe.target import TargetHardware, planned_target
 from advisor.probe.workload import make_workload
 
+
 GIB = 2**30
 NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])
 
 
 def cpu_target(ram_gib: float = 24) -> TargetHardware:
-    return TargetHardware("cpu", "test CPU", 0, 0, int(ram_gib * GIB), int(ram_gib * GIB), None, True, 2e11, float("inf"), "test")
+    return TargetHardware(
+        "cpu", "test CPU", 0, 0, int(ram_gib * GIB), int(ram_gib * GIB), None, True, 2e11, float("inf"), "test"
+    )
 
 
 def context(model="flux-dev", target=None, packages=None, budget=16 * GIB, **job) -> Scenario:
@@ -52,13 +55,17 @@ def test_every_rule_has_a_reason_and_a_source():
 def test_dynamic_quantization_is_never_offered_uncompiled():
     int8 = Quantization(backend="torchao", components=["transformer"], scheme="int8_dynamic")
     assert "never worth it" in dynamic_quantization_needs_compile(OptimizationConfig(quantization=int8), context())
-    assert dynamic_quantization_needs_compile(OptimizationConfig(quantization=int8, compile=Compile()), context()) is None
+    assert (
+        dynamic_quantization_needs_compile(OptimizationConfig(quantization=int8, compile=Compile()), context()) is None
+    )
     weight_only = Quantization(backend="torchao", components=["transformer"], scheme="int8_weight_only")
     assert dynamic_quantization_needs_compile(OptimizationConfig(quantization=weight_only), context()) is None
 
 
 def test_offload_needs_an_accelerator():
-    assert offload_needs_an_accelerator(OptimizationConfig(offload=Offload(strategy="model")), context(target=cpu_target()))
+    assert offload_needs_an_accelerator(
+        OptimizationConfig(offload=Offload(strategy="model")), context(target=cpu_target())
+    )
     assert offload_needs_an_accelerator(OptimizationConfig(offload=Offload(strategy="model")), context()) is None
 
 
@@ -94,13 +101,16 @@ def test_vae_slicing_for_batches():
 
 
 def test_channels_last_only_for_compiled_unets():
-    assert channels_last_for_unets(OptimizationConfig(compile=Compile(components=["unet"])), context("sdxl")).channels_last
+    assert channels_last_for_unets(
+        OptimizationConfig(compile=Compile(components=["unet"])), context("sdxl")
+    ).channels_last
     assert not channels_last_for_unets(OptimizationConfig(compile=Compile()), context()).channels_last
     assert not channels_last_for_unets(OptimizationConfig(), context("sdxl")).channels_last
 
 
 def test_offload_preferences_follow_the_workload():
     """Ranks, 0 first: images model over group offload, video the reverse (seed page); sequential always last."""
+
     def offload(strategy):
         return OptimizationConfig(offload=Offload(strategy=strategy))
 
@@ -109,7 +119,11 @@ def test_offload_preferences_follow_the_workload():
     video_order = [video_prefers_group_offload(offload(s), video) for s in ("none", "group", "model", "sequential")]
     assert image_order == sorted(image_order) and len(set(image_order)) == 4
     assert video_order == sorted(video_order) and len(set(video_order)) == 4
-    assert images_prefer_model_offload(offload("group"), video) == 0 == video_prefers_group_offload(offload("model"), image)
+    assert (
+        images_prefer_model_offload(offload("group"), video)
+        == 0
+        == video_prefers_group_offload(offload("model"), image)
+    )
 
 
 def test_quantization_choices_never_touch_the_vae_and_skip_small_encoders():
@@ -140,7 +154,9 @@ def test_the_smallest_card_named_for_a_peak_holds_it_in_its_default_budget(peak_
 def pick(model, *, budget=None, packages=None, target=None, **job):
     profile = load_profile(model)
     target = target or planned_target(machine=None, gpu="RTX 4090")
-    return recommend(make_scenario(profile, make_workload(profile, **job), target, packages=packages, budget_bytes=budget))
+    return recommend(
+        make_scenario(profile, make_workload(profile, **job), target, packages=packages, budget_bytes=budget)
+    )
 
 
 # The seed page's combinations come from bitsandbytes alone: with torchao installed, its fp8/int8
@@ -173,7 +189,9 @@ def test_wan_14b_on_a_24gb_card_quantizes_and_never_model_offloads():
     assert best.quantization is not None or best.layerwise_casting is not None
     assert best.offload.strategy in ("none", "group")
     if best.offload.strategy == "group":
-        assert best.offload.use_stream and any("video" in reason and "group offloading" in reason for reason in result.reasons)
+        assert best.offload.use_stream and any(
+            "video" in reason and "group offloading" in reason for reason in result.reasons
+        )
 
 
 def test_wan_14b_on_a_3060_cannot_use_fp8_compute():
@@ -202,7 +220,9 @@ def test_sdxl_on_an_8gb_card_offloads_and_uses_channels_last():
 
 
 def test_hunyuan_video_gets_vae_tiling():
-    best = pick("hunyuanvideo", target=planned_target(machine=None, gpu="H100"), height=720, width=1280, frames=61).best.config
+    best = pick(
+        "hunyuanvideo", target=planned_target(machine=None, gpu="H100"), height=720, width=1280, frames=61
+    ).best.config
     assert best.vae.tiling is True
 
 
@@ -234,7 +254,13 @@ def test_impossible_budget_says_what_would_fit():
 
 
 def test_cpu_machine_plans_cpu_inference_without_bitsandbytes_or_offload(tiny_flux_dir):
-    result = pick(str(tiny_flux_dir), target=cpu_target(), packages={"torch": "2.13", "torchao": "0.18", "diffusers": "0.42.1"}, height=64, width=64)
+    result = pick(
+        str(tiny_flux_dir),
+        target=cpu_target(),
+        packages={"torch": "2.13", "torchao": "0.18", "diffusers": "0.42.1"},
+        height=64,
+        width=64,
+    )
     best = result.best.config
     assert best.device == "cpu" and best.offload.strategy == "none"
     assert best.quantization is None or best.quantization.backend == "torchao"
@@ -294,6 +320,7 @@ def test_a_ram_warning_says_whose_ram_it_is():
     """A plan near the host RAM warns; when that RAM was assumed (another machine, no --ram), the
     warning says it is the assumed figure and asks for --ram, not to close programs on a machine
     the advisor never saw."""
+
     def ram_warning(**machine):
         scenario = context(target=planned_target(machine=None, gpu="RTX 4090", **machine), budget=16 * GIB)
         return [r for r in recommend(scenario).reasons if r.startswith("warning: host RAM")]
@@ -312,6 +339,8 @@ def test_fp16_warnings_on_a_card_without_bf16_give_advice_it_can_follow():
     assert result.config.dtype == "float16"
     warnings = [r for r in result.reasons if r.startswith("warning: fp16")]
     flux = next(w for w in warnings if "FluxTransformer2DModel" in w)
-    assert "bf16" not in flux.split("): ", 1)[1].replace("from bf16's", "")  # no advice to switch to what the card lacks
+    assert "bf16" not in flux.split("): ", 1)[1].replace(
+        "from bf16's", ""
+    )  # no advice to switch to what the card lacks
     assert "text encoders in fp32" in flux and "diffusers/main/en/api/pipelines/flux#running-fp16-inference" in flux
     assert any("T5EncoderModel" in w and "_keep_in_fp32_modules" in w for w in warnings)

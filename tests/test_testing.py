@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from advisor.testing import build_tiny_flux, build_tiny_wan, tiny_call_kwargs  # noqa: E402

@@ -14,6 +14,7 @@ import os
 
 import pytest
 
+
 torch = pytest.importorskip("torch")
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -32,6 +33,7 @@ from advisor.probe.workload import Workload  # noqa: E402
 from advisor.testing import build_tiny_for, tiny_call_kwargs  # noqa: E402
 from advisor.trace.inputs import Geometry, Maker, denoiser_inputs, text_encoder_inputs, vae_latents  # noqa: E402
 from advisor.trace.tracer import TraceSizes, trace_component  # noqa: E402
+
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -95,11 +97,19 @@ def test_denoiser_inputs_match_what_the_pipeline_passes(pipeline_class, tiny):
     if args:  # the UNet takes its sample and timestep positionally
         seen["sample"], seen["timestep"] = args[0], args[1]
     latent = seen.get("hidden_states", seen.get("sample"))
-    workload = Workload(profile.workload, height=call["height"], width=call["width"], frames=call.get("num_frames", 1), steps=1)
+    workload = Workload(
+        profile.workload, height=call["height"], width=call["width"], frames=call.get("num_frames", 1), steps=1
+    )
     frames, height, width = latent_geometry(profile, workload)
     geometry = Geometry(latent.shape[0], frames, height, width, text_tokens=seen["encoder_hidden_states"].shape[1])
     built = denoiser_inputs(denoiser, geometry, Maker("meta", torch.float32))
-    ignored = {"attention_kwargs", "joint_attention_kwargs", "cross_attention_kwargs", "return_dict", "rope_interpolation_scale"}
+    ignored = {
+        "attention_kwargs",
+        "joint_attention_kwargs",
+        "cross_attention_kwargs",
+        "return_dict",
+        "rope_interpolation_scale",
+    }
     passed = {k: v for k, v in seen.items() if v is not None and k not in ignored}
     assert set(passed) == {k for k, v in built.items() if v is not None and k not in ignored}
     for key, value in passed.items():  # tensors, tuples of tensors, dicts of them, ints and shape lists
@@ -140,9 +150,18 @@ def _loaded(folder, component):
 # The tiny Flux and SDXL VAEs do not downsample (latents at full size); the tiny Wan VAE does 8x.
 # Each is traced at three sizes around the size it is checked at (the catalog's sizes would be far
 # too large for a real CPU forward of a model whose latents are not downsampled).
-IMAGE_SIZES = TraceSizes(denoiser={"image": [(64, 64, 1), (128, 128, 1), (224, 224, 1)]}, vae=[(128, 128), (256, 256), (384, 384)], vae_check=(512, 512, 1))
+IMAGE_SIZES = TraceSizes(
+    denoiser={"image": [(64, 64, 1), (128, 128, 1), (224, 224, 1)]},
+    vae=[(128, 128), (256, 256), (384, 384)],
+    vae_check=(512, 512, 1),
+)
 # The tiny Wan's rope table covers 32 patches a side: 512 pixels at most.
-VIDEO_SIZES = TraceSizes(denoiser={"video": [(256, 384, 17), (384, 448, 25), (512, 512, 41)]}, vae=[(128, 128), (192, 192), (256, 256)], vae_frames=[5, 9], vae_check=(320, 320, 9))
+VIDEO_SIZES = TraceSizes(
+    denoiser={"video": [(256, 384, 17), (384, 448, 25), (512, 512, 41)]},
+    vae=[(128, 128), (192, 192), (256, 256)],
+    vae_frames=[5, 9],
+    vae_check=(320, 320, 9),
+)
 TRACE_SIZES = {"image": IMAGE_SIZES, "video": VIDEO_SIZES}
 REAL_SIZES = [("FluxPipeline", 192, 160, 1), ("WanPipeline", 448, 512, 33), ("StableDiffusionXLPipeline", 64, 80, 1)]
 
@@ -163,7 +182,9 @@ def test_traced_denoiser_matches_the_real_module(pipeline_class, height, width, 
         with torch.no_grad():
             module(**kwargs)
 
-    assert predicted.matmul_flops + predicted.conv_flops + predicted.attention_flops == pytest.approx(_flops(forward), rel=1e-6)
+    assert predicted.matmul_flops + predicted.conv_flops + predicted.attention_flops == pytest.approx(
+        _flops(forward), rel=1e-6
+    )
     # The CPU's convolution kernels (oneDNN) hold workspaces the trace doesn't count, and how much
     # depends on the CPU: the tiny SDXL UNet's peak is within 10% on AMD EPYC, 17% above on Intel Xeon.
     tolerance = 0.20 if pipeline_class == "StableDiffusionXLPipeline" else 0.10
@@ -177,7 +198,9 @@ def test_traced_vae_decode_matches_the_real_module(pipeline_class, tiny, request
         # A known gap, kept visible: CPU's conv3d (slow_conv3d) builds im2col columns inside the
         # kernel, which no dispatch-level trace sees (measured 3.9x the traced peak here). On CUDA,
         # cuDNN's convolution workspace is what `vae_decode_workspace_factor` adds to the trace.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="CPU conv3d's in-kernel im2col buffers are invisible to the trace"))
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="CPU conv3d's in-kernel im2col buffers are invisible to the trace")
+        )
     folder, profile = tiny(pipeline_class)
     component = profile.vae
     component.trace = trace_component(profile, component, TRACE_SIZES[profile.workload])
@@ -198,8 +221,12 @@ def test_traced_vae_decode_matches_the_real_module(pipeline_class, tiny, request
     # FLOPs at a small size: the math path that FlopCounterMode counts materialises the mid-block's
     # attention scores over every latent position (the tiny Flux VAE does not downsample).
     predicted, decode = predicted_and_decode(64, 96) if profile.workload == "image" else predicted_and_decode(96, 128)
-    assert predicted.matmul_flops + predicted.conv_flops + predicted.attention_flops == pytest.approx(_flops(decode), rel=0.01)
-    predicted, decode = predicted_and_decode(320, 256) if profile.workload == "image" else predicted_and_decode(192, 192)
+    assert predicted.matmul_flops + predicted.conv_flops + predicted.attention_flops == pytest.approx(
+        _flops(decode), rel=0.01
+    )
+    predicted, decode = (
+        predicted_and_decode(320, 256) if profile.workload == "image" else predicted_and_decode(192, 192)
+    )
     assert predicted.activation_bytes == pytest.approx(_allocator_peak(decode), rel=0.10)
 
 
@@ -209,14 +236,18 @@ def test_traced_text_encoder_matches_the_real_module(tiny):
     component = next(c for c in profile.by_role("text_encoder") if c.class_name.startswith("T5"))
     component.trace = trace_component(profile, component)
     module = _loaded(folder, component)
-    kwargs = text_encoder_inputs(component.trace["tokens"], 1, Maker("cpu", torch.float32)) | {"output_hidden_states": False}
+    kwargs = text_encoder_inputs(component.trace["tokens"], 1, Maker("cpu", torch.float32)) | {
+        "output_hidden_states": False
+    }
     predicted = text_encoder_work(component, Workload("image", height=64, width=64, steps=1), "float32", constants())
 
     def encode():
         with torch.no_grad():
             module(**kwargs)
 
-    assert predicted.matmul_flops + predicted.conv_flops + predicted.attention_flops == pytest.approx(_flops(encode), rel=1e-6)
+    assert predicted.matmul_flops + predicted.conv_flops + predicted.attention_flops == pytest.approx(
+        _flops(encode), rel=1e-6
+    )
     assert predicted.activation_bytes == pytest.approx(_allocator_peak(encode), rel=0.10)
 
 
@@ -272,5 +303,7 @@ def test_a_component_the_tracer_cannot_run_falls_back_to_the_formula_and_says_so
     lines = []
     with_traces(profile, log=lines.append)
     assert denoiser.trace is None and any("not traced" in line and "parameter formula" in line for line in lines)
-    result = estimate(profile, make_workload(profile), OptimizationConfig(), planned_target(machine=None, gpu="RTX 4090"))
+    result = estimate(
+        profile, make_workload(profile), OptimizationConfig(), planned_target(machine=None, gpu="RTX 4090")
+    )
     assert any(denoiser.name in note and "formula" in note for note in result.notes)

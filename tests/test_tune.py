@@ -42,6 +42,7 @@ from tuning import (
 
 from advisor.run.tune import TuneSettings, run_study
 
+
 # What a small tune keeps in optuna storage (`stored_protocol`), recorded before the study store
 # moved (issue 26) so that a move that renames or drops an attribute shows. Re-record deliberately:
 # ADVISOR_RECORD_GOLDEN=1 pytest tests/test_tune.py -k confirming
@@ -66,7 +67,12 @@ def tuned(tiny_flux_dir, env, tmp_path_factory):
     started = time.perf_counter()
     result = advisor(args, env)
     return SimpleNamespace(
-        args=args, storage=storage, output=output, result=result, elapsed=time.perf_counter() - started, after_short=after_short
+        args=args,
+        storage=storage,
+        output=output,
+        result=result,
+        elapsed=time.perf_counter() - started,
+        after_short=after_short,
     )
 
 
@@ -199,8 +205,11 @@ def _check_stored_protocol(found: dict) -> None:
     """Every kind of trial this study stored has the golden names; a measured trial is among them."""
     if os.environ.get("ADVISOR_RECORD_GOLDEN"):  # kinds from earlier recordings stay (a repeat comes and goes)
         earlier = json.loads(STORED_GOLDEN.read_text()) if STORED_GOLDEN.exists() else {"trials": {}, "seeded_by": []}
-        recorded = {**found, "trials": {**earlier["trials"], **found["trials"]},
-                    "seeded_by": sorted({*earlier["seeded_by"], *found["seeded_by"]})}
+        recorded = {
+            **found,
+            "trials": {**earlier["trials"], **found["trials"]},
+            "seeded_by": sorted({*earlier["seeded_by"], *found["seeded_by"]}),
+        }
         STORED_GOLDEN.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
     golden = json.loads(STORED_GOLDEN.read_text())
     assert found["study"] == golden["study"]
@@ -220,7 +229,16 @@ def test_over_budget_is_infeasible_with_exit_3_not_an_error(tiny_flux_dir, env, 
 
     output = tmp_path / "advisor.json"
     # --no-prune: measure them although the estimate already says they can't fit in 100 MB.
-    args = tune_args(tiny_flux_dir, f"sqlite:///{tmp_path / 's.db'}", "--no-prune", "--json", "-o", str(output), budget="100MB", trials=1)
+    args = tune_args(
+        tiny_flux_dir,
+        f"sqlite:///{tmp_path / 's.db'}",
+        "--no-prune",
+        "--json",
+        "-o",
+        str(output),
+        budget="100MB",
+        trials=1,
+    )
     result = advisor(args, env)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "advisor: error" not in result.stderr
@@ -242,7 +260,9 @@ def test_over_budget_is_infeasible_with_exit_3_not_an_error(tiny_flux_dir, env, 
 def test_over_budget_by_the_estimate_is_skipped_without_measuring(tiny_flux_dir, env, tmp_path):
     skip_unless_cpu_target()
     started = time.perf_counter()
-    result = advisor(tune_args(tiny_flux_dir, f"sqlite:///{tmp_path / 's.db'}", "--json", budget="100MB", trials=2), env)
+    result = advisor(
+        tune_args(tiny_flux_dir, f"sqlite:///{tmp_path / 's.db'}", "--json", budget="100MB", trials=2), env
+    )
     assert result.returncode == 3, result.stderr[-3000:]
     data = json.loads(result.stdout)
     assert data["fits"] is False and data["trials"]
@@ -259,7 +279,9 @@ def test_over_budget_by_the_estimate_is_skipped_without_measuring(tiny_flux_dir,
         if trial["source"] == "repeat":
             assert trial["reason"].startswith("same as trial ")
     assert len(configs) == len(set(configs)) == len(space(tiny_flux_dir, 100 * 2**20))
-    assert data["notes"] == [f"the search space has only {len(configs)} configurations; all measured or ruled out by the estimate (0 measured)"]
+    assert data["notes"] == [
+        f"the search space has only {len(configs)} configurations; all measured or ruled out by the estimate (0 measured)"
+    ]
 
 
 @pytest.mark.slow
@@ -272,8 +294,13 @@ def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, o
     progress = []
     storage = f"sqlite:///{tmp_path / 's.db'}"
     result = run_study(
-        str(flux_270mb), scenario, storage=storage, study="oom",
-        settings=TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300, confirm_runs=0, min_psnr_db=0),
+        str(flux_270mb),
+        scenario,
+        storage=storage,
+        study="oom",
+        settings=TuneSettings(
+            trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300, confirm_runs=0, min_psnr_db=0
+        ),
         on_trial=progress.append,
     )
     assert len(result.trials) == 2 and len(progress) == 2
@@ -290,7 +317,9 @@ def test_out_of_memory_trials_are_infeasible_and_the_study_goes_on(flux_270mb, o
         assert trial.constraints == {"peak_over_budget": 1.0}
 
     # Out of memory at the same budget is an answer: a later run of the study does not retry it...
-    settings = TuneSettings(trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300, confirm_runs=0, min_psnr_db=0)
+    settings = TuneSettings(
+        trials=2, compile_choices=(False,), memory_limit_bytes=limit, timeout_s=300, confirm_runs=0, min_psnr_db=0
+    )
     again = run_study(str(flux_270mb), scenario, storage=storage, study="oom", settings=settings)
     assert [t.number for t in again.trials] == [t.number for t in result.trials]
     # ... unless --retry-failed asks for it: then each one is measured again.
@@ -308,7 +337,10 @@ def test_timed_out_trials_are_infeasible_and_the_study_goes_on(tiny_flux_dir, tm
     scenario = context(tiny_flux_dir, 2 * 2**30)
     storage = f"sqlite:///{tmp_path / 's.db'}"
     result = run_study(
-        str(tiny_flux_dir), scenario, storage=storage, study="slow",
+        str(tiny_flux_dir),
+        scenario,
+        storage=storage,
+        study="slow",
         settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=1, min_psnr_db=0),
     )
     assert len(result.trials) == 2
@@ -322,8 +354,13 @@ def test_timed_out_trials_are_infeasible_and_the_study_goes_on(tiny_flux_dir, tm
 
     # A later run of the same study (with a timeout that suffices) measures the timed-out ones again.
     again = run_study(
-        str(tiny_flux_dir), scenario, storage=storage, study="slow",
-        settings=TuneSettings(trials=2, compile_choices=(False,), timeout_s=300, tolerance=0.5, confirm_runs=0, min_psnr_db=0),
+        str(tiny_flux_dir),
+        scenario,
+        storage=storage,
+        study="slow",
+        settings=TuneSettings(
+            trials=2, compile_choices=(False,), timeout_s=300, tolerance=0.5, confirm_runs=0, min_psnr_db=0
+        ),
     )
     new = [t for t in again.trials if t.number not in {r.number for r in result.trials}]
     assert configs(new) == configs(result.trials) and len(new) == len(configs(new))
@@ -352,7 +389,16 @@ def test_timed_out_trials_are_infeasible_and_the_study_goes_on(tiny_flux_dir, tm
 )
 def test_bad_numbers_are_refused_in_one_line_naming_the_flag(tiny_flux_dir, env, tmp_path, flag, value, valid):
     storage = tmp_path / "s.db"
-    args = ["tune", "--model", str(tiny_flux_dir), "--budget", "2GB", "--storage", f"sqlite:///{storage}", f"{flag}={value}"]
+    args = [
+        "tune",
+        "--model",
+        str(tiny_flux_dir),
+        "--budget",
+        "2GB",
+        "--storage",
+        f"sqlite:///{storage}",
+        f"{flag}={value}",
+    ]
     result = advisor(args, env, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stdout == ""
@@ -365,7 +411,10 @@ def test_run_study_refuses_bad_settings_too(tiny_flux_dir, tmp_path):
     from advisor.errors import UsageError
 
     scenario = context(tiny_flux_dir, 2 * 2**30)
-    for settings, flag in ((TuneSettings(timeout_s=float("nan")), "--trial-timeout"), (TuneSettings(trials=0), "--trials")):
+    for settings, flag in (
+        (TuneSettings(timeout_s=float("nan")), "--trial-timeout"),
+        (TuneSettings(trials=0), "--trials"),
+    ):
         with pytest.raises(UsageError, match=f"^{flag}: "):
             run_study(str(tiny_flux_dir), scenario, storage=f"sqlite:///{tmp_path / 's.db'}", settings=settings)
 
@@ -391,8 +440,16 @@ def _record(number: int, latency: float, spread: float | None, peak_mb: int, con
     from advisor.run.trials import TrialRecord
 
     return TrialRecord(
-        number=number, summary=str(config), status="ok", source="measured", feasible=True, latency_s=latency,
-        peak_bytes=peak_mb * 2**20, predicted_peak_bytes=None, reason=None, config={"device": "cpu", **config},
+        number=number,
+        summary=str(config),
+        status="ok",
+        source="measured",
+        feasible=True,
+        latency_s=latency,
+        peak_bytes=peak_mb * 2**20,
+        predicted_peak_bytes=None,
+        reason=None,
+        config={"device": "cpu", **config},
         latency_spread_s=spread,
     )
 
@@ -414,13 +471,18 @@ def test_trials_as_fast_within_their_spread_go_to_the_lossless_then_the_smaller_
     best, notes = choose_best([lossless, small])
     assert best is small and "smaller in peak memory" in notes[0]
     # No spread measured (older trials): the plain minimum.
-    assert choose_best([_record(4, 1.0, None, 500, {}), _record(5, 0.99, None, 900, {"vae": {"tiling": True}})])[0].number == 5
+    assert (
+        choose_best([_record(4, 1.0, None, 500, {}), _record(5, 0.99, None, 900, {"vae": {"tiling": True}})])[0].number
+        == 5
+    )
 
 
 def test_the_advice_for_trials_out_of_memory_names_retry_failed():
-    from advisor.run.tune import failure_advice
+    from advisor.run.results import failure_advice
 
     (line,) = failure_advice({"oom", "crash"})
-    assert "crash, oom" in line and "--retry-failed" in line  # a later run retries crashes by itself, OOM only when asked
+    assert (
+        "crash, oom" in line and "--retry-failed" in line
+    )  # a later run retries crashes by itself, OOM only when asked
     assert "--retry-failed" not in " ".join(failure_advice({"crash", "timeout"}))
     assert failure_advice(set()) == []

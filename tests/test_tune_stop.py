@@ -27,10 +27,11 @@ from tuning import (
     snapshot,
     space,
     trial_processes,
-    with_option,
     tune_args,
     wait_for_the_second_trial,
+    with_option,
 )
+
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -65,8 +66,17 @@ def stopped_mid_trial(how: signal.Signals, model, env: dict, base: Path) -> Simp
     rerun = advisor([*args, "--json"], env)
     after = optuna.load_study(study_name="stopped", storage=storage).get_trials()
     return SimpleNamespace(
-        storage=storage, code=code, before=before, after=after, rerun=rerun, trials=trials, trials_gone=trials_gone,
-        scratch=scratch, left_scratch=left_scratch, stdout=(base / "stdout.txt").read_text(), stderr=(base / "stderr.txt").read_text(),
+        storage=storage,
+        code=code,
+        before=before,
+        after=after,
+        rerun=rerun,
+        trials=trials,
+        trials_gone=trials_gone,
+        scratch=scratch,
+        left_scratch=left_scratch,
+        stdout=(base / "stdout.txt").read_text(),
+        stderr=(base / "stderr.txt").read_text(),
     )
 
 
@@ -143,7 +153,9 @@ def test_a_rerun_after_a_crash_measures_again_and_so_does_every_later_run(tiny_f
     tokenizer = model / "tokenizer" / "tokenizer.json"
     storage = f"sqlite:///{tmp_path / 's.db'}"
     # One confirmation run and the quality guard (the defaults are 2 and 30 dB): each a process more.
-    args = with_option(with_option(tune_args(model, storage, "--json", trials=1), "--min-psnr", None), "--confirm", "1")
+    args = with_option(
+        with_option(tune_args(model, storage, "--json", trials=1), "--min-psnr", None), "--confirm", "1"
+    )
     # The first run crashes: the pipeline can't be loaded without its tokenizer file, the reference neither.
     tokenizer.rename(tokenizer.with_suffix(".away"))
     crashed = advisor(args, env)
@@ -192,7 +204,9 @@ def test_ctrl_c_prints_the_finished_trials_and_how_to_resume_and_exits_130(tiny_
     assert finished
     assert out.startswith("Trials of study stopped")
     for t in finished:  # the table holds every finished trial
-        assert any(line.startswith(f"│ {t.number} ") or line.startswith(f"│ {t.number} *") for line in out.splitlines()), out
+        assert any(
+            line.startswith(f"│ {t.number} ") or line.startswith(f"│ {t.number} *") for line in out.splitlines()
+        ), out
     hint = [line for line in err.splitlines() if "to resume, run the same command again" in line]
     assert len(hint) == 1 and hint[0].endswith(" ".join(args)), err[-3000:]
     assert "*Interrupted:" in (tmp_path / "report" / "summary.md").read_text()  # the report of what finished
@@ -210,8 +224,14 @@ def test_ctrl_c_stops_every_worker_and_exits_130(tiny_flux_dir, shared_device_en
     args = tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2")
     with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
         # Its own process group, which Ctrl-C in a terminal signals as a whole: the command and its workers.
-        process = subprocess.Popen([ADVISOR, *args], env=shared_device_env, stdout=stdout, stderr=stderr, start_new_session=True,
-                                   preexec_fn=default_sigint)
+        process = subprocess.Popen(
+            [ADVISOR, *args],
+            env=shared_device_env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            preexec_fn=default_sigint,
+        )
     try:
         wait_for_the_second_trial(process, "shared", storage)
         os.killpg(process.pid, signal.SIGINT)

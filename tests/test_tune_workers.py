@@ -28,6 +28,7 @@ from tuning import (
 
 from advisor.run.storage import open_storage
 
+
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
@@ -41,19 +42,27 @@ def check_shared_study(study, trials: int, points: frozenset[str]) -> None:
     assert sorted(numbers) == list(range(len(numbers))), f"trial numbers {numbers}"
     assert not [t.number for t in everything if t.state.name == "RUNNING"]  # every worker finished its trial
     finished = complete(study)
-    assert all("status" in t.user_attrs and "source" in t.user_attrs for t in finished), "a finished trial lost its result"
+    assert all("status" in t.user_attrs and "source" in t.user_attrs for t in finished), (
+        "a finished trial lost its result"
+    )
     assert ran_to_its_end(study, trials, points)
     # No configuration is measured twice: a worker reuses the measurement of a finished trial, and
     # leaves a configuration another worker is measuring to it.
-    measured = [json.dumps(t.user_attrs["config"], sort_keys=True) for t in finished if t.user_attrs["source"] == "measured"]
-    assert len(measured) == len(set(measured)), [(t.number, t.params) for t in finished if t.user_attrs["source"] == "measured"]
+    measured = [
+        json.dumps(t.user_attrs["config"], sort_keys=True) for t in finished if t.user_attrs["source"] == "measured"
+    ]
+    assert len(measured) == len(set(measured)), [
+        (t.number, t.params) for t in finished if t.user_attrs["source"] == "measured"
+    ]
 
 
 @pytest.mark.slow
 def test_two_workers_share_a_journal_file(tiny_flux_dir, shared_device_env, tmp_path):
     storage = f"journal:{tmp_path / 'journal.log'}"
     # --workers 2: two `advisor tune` processes started at once on the shared study.
-    result = advisor(tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2", "--json", trials=2), shared_device_env)
+    result = advisor(
+        tune_args(tiny_flux_dir, storage, "--study", "shared", "--workers", "2", "--json", trials=2), shared_device_env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "advisor: error" not in result.stderr  # no worker failed
     study = load_study(storage, "shared")
@@ -70,8 +79,12 @@ def test_workers_that_would_share_one_device_are_refused(tiny_flux_dir, env, tmp
     storage = tmp_path / "journal.log"
     result = advisor(tune_args(tiny_flux_dir, f"journal:{storage}", "--workers", "2"), env, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("advisor: tracing")]  # first use of the model
-    assert len(lines) == 1 and lines[0].startswith("advisor: error: --workers: 2 workers would share this machine's CPU"), result.stderr
+    lines = [
+        line for line in result.stderr.strip().splitlines() if not line.startswith("advisor: tracing")
+    ]  # first use of the model
+    assert len(lines) == 1 and lines[0].startswith(
+        "advisor: error: --workers: 2 workers would share this machine's CPU"
+    ), result.stderr
     assert "--workers 1" in lines[0]
     assert not storage.exists()  # refused before any study was opened
 
@@ -88,8 +101,10 @@ def test_a_second_tuner_of_one_sqlite_study_is_refused_while_the_first_runs(tiny
         second = advisor(args, env, timeout=120)
         assert second.returncode == 1, second.stderr[-3000:]
         lines = second.stderr.strip().splitlines()
-        assert lines == [f"advisor: error: --study: another advisor tune (pid {first.pid}) is working study one in "
-                         f"{tmp_path / 's.db'}; wait for it to finish, or give this one another --study or --storage"], second.stderr
+        assert lines == [
+            f"advisor: error: --study: another advisor tune (pid {first.pid}) is working study one in "
+            f"{tmp_path / 's.db'}; wait for it to finish, or give this one another --study or --storage"
+        ], second.stderr
         assert first.poll() is None  # the first one goes on
     finally:
         first.kill()
@@ -108,7 +123,9 @@ def _trials_or_none(storage: str, name: str) -> list:
 def open_at_once(url: str, go: Path, count: int) -> list[str]:
     """What `count` processes print that open storage `url` together, once all are imported and waiting."""
     processes = [
-        subprocess.Popen([sys.executable, "-W", "ignore", "-c", _OPEN_AT_ONCE, url, str(go)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-W", "ignore", "-c", _OPEN_AT_ONCE, url, str(go)], stdout=subprocess.PIPE, text=True
+        )
         for _ in range(count)
     ]
     for process in processes:  # every one imported and waiting
@@ -148,7 +165,8 @@ def test_two_processes_share_a_postgres_study(tiny_flux_dir, env, postgres_url):
     open_storage(postgres_url).engine.dispose()
     args = tune_args(tiny_flux_dir, postgres_url, "--study", "shared", "--quiet", trials=3)
     processes = [
-        subprocess.Popen([ADVISOR, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+        subprocess.Popen([ADVISOR, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
     ]
     for process in processes:
         _, stderr = process.communicate(timeout=600)
@@ -178,7 +196,9 @@ def test_processes_opening_an_empty_postgres_database_at_once_all_succeed(postgr
 
 def test_several_workers_need_a_shared_storage(tiny_flux_dir, env, tmp_path):
     for storage in ([], ["--storage", f"sqlite:///{tmp_path / 's.db'}"]):
-        result = advisor(["tune", "--model", str(tiny_flux_dir), "--budget", "2GB", "--workers", "2", *storage], env, timeout=120)
+        result = advisor(
+            ["tune", "--model", str(tiny_flux_dir), "--budget", "2GB", "--workers", "2", *storage], env, timeout=120
+        )
         assert result.returncode == 2
         assert result.stdout == ""
         lines = result.stderr.strip().splitlines()

@@ -3,6 +3,7 @@ import pytest
 from advisor.errors import UsageError
 from advisor.units import format_size, parse_size
 
+
 GIB = 2**30
 
 
@@ -78,7 +79,9 @@ def test_format_then_parse_round_trips_within_rounding():
 
 @pytest.mark.parametrize("text", ["12", "24", "512", "0.5"])
 def test_a_bare_small_number_is_a_forgotten_unit(text):
-    with pytest.raises(UsageError, match=f"--vram: '{text}' has no unit and is read as bytes; did you mean {text}GB\\?"):
+    with pytest.raises(
+        UsageError, match=f"--vram: '{text}' has no unit and is read as bytes; did you mean {text}GB\\?"
+    ):
         parse_size(text, name="--vram")
 
 

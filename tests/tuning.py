@@ -22,26 +22,54 @@ import pytest
 
 from advisor.run.storage import open_storage
 
+
 ADVISOR = shutil.which("advisor") or str(Path(sys.executable).with_name("advisor"))
 POSTGRES_URL = os.environ.get("ADVISOR_TEST_POSTGRES_URL")
 needs_postgres = pytest.mark.skipif(
-    not POSTGRES_URL, reason="ADVISOR_TEST_POSTGRES_URL is not set (scripts/ci_postgres.sh starts a server and sets it)"
+    not POSTGRES_URL,
+    reason="ADVISOR_TEST_POSTGRES_URL is not set (scripts/ci_postgres.sh starts a server and sets it)",
 )
 # A wide timing tolerance: these tests check the study, not the timings (tests/test_measure.py
 # checks those), and a 0.1 s generation on a shared CI runner would time 12 rounds to settle at ±5%.
 # No confirmation runs of the finalists (each a trial process more) and no quality reference (one
 # more) but where a test is about them.
-SMALL = ["--no-compile", "--height", "32", "--width", "32", "--steps", "4", "--tolerance", "0.5", "--confirm", "0", "--min-psnr", "0"]
+SMALL = [
+    "--no-compile",
+    "--height",
+    "32",
+    "--width",
+    "32",
+    "--steps",
+    "4",
+    "--tolerance",
+    "0.5",
+    "--confirm",
+    "0",
+    "--min-psnr",
+    "0",
+]
 
 
 def tune_args(model, storage: str, *extra: str, budget: str = "2GB", trials: int = 8) -> list[str]:
-    return ["tune", "--model", str(model), "--budget", budget, "--trials", str(trials), *SMALL, "--storage", storage, *extra]
+    return [
+        "tune",
+        "--model",
+        str(model),
+        "--budget",
+        budget,
+        "--trials",
+        str(trials),
+        *SMALL,
+        "--storage",
+        storage,
+        *extra,
+    ]
 
 
 def with_option(args: list[str], flag: str, value: str | None) -> list[str]:
     """`args` with `flag` given `value` instead (None: `flag` and its value left out)."""
     at = args.index(flag)
-    return args[:at] + args[at + 2:] if value is None else args[:at + 1] + [value] + args[at + 2:]
+    return args[:at] + args[at + 2 :] if value is None else args[: at + 1] + [value] + args[at + 2 :]
 
 
 def advisor(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -64,7 +92,10 @@ def complete(study) -> list:
 
 def snapshot(trials) -> dict[int, tuple]:
     """What must never change about a finished trial."""
-    return {t.number: (t.state.name, t.values, t.params, t.user_attrs.get("status"), t.user_attrs.get("measurement")) for t in trials}
+    return {
+        t.number: (t.state.name, t.values, t.params, t.user_attrs.get("status"), t.user_attrs.get("measurement"))
+        for t in trials
+    }
 
 
 def point(params: dict) -> str:
@@ -81,7 +112,9 @@ def _space(model: str, budget_bytes: int) -> frozenset[str]:
     from advisor.plan.space import SearchSpace
 
     scenario = context(model, budget_bytes)
-    return frozenset(point(p) for p in SearchSpace.for_scenario(scenario, compile_choices=(False,)).usable(scenario).points())
+    return frozenset(
+        point(p) for p in SearchSpace.for_scenario(scenario, compile_choices=(False,)).usable(scenario).points()
+    )
 
 
 def space(model, budget_bytes: int = 2 * 2**30) -> frozenset[str]:
@@ -119,7 +152,6 @@ def cpu_target() -> bool:
 def skip_unless_cpu_target() -> None:
     if not cpu_target():
         pytest.skip("the budget is peak RSS only where the target is the CPU; this machine tunes for its GPU")
-
 
 
 def default_sigint() -> None:

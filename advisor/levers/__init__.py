@@ -19,6 +19,7 @@ from advisor.levers.attention import AttentionKernel
 from advisor.levers.base import ActivationShape, Filter, Lever, StepContext
 from advisor.levers.step_cache import StepCache
 
+
 LEVERS: list[Lever] = []
 
 __all__ = ["LEVERS", "ActivationShape", "Filter", "Lever", "StepContext", "lever_named", "register"]

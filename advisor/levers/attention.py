@@ -23,6 +23,7 @@ from advisor.levers.base import Lever, StepContext
 from advisor.levers.code import Step, method_step
 from advisor.platform import Constraint, Platform, constraint, on_cuda, version_tuple
 
+
 DISPATCH_SOURCE = "https://github.com/huggingface/diffusers/blob/main/src/diffusers/models/attention_dispatch.py"
 _PYTORCH_25 = "https://pytorch.org/blog/pytorch2-5/"  # cuDNN SDPA: "up to 75% speed-up over FlashAttentionV2" on H100
 _FA3 = "https://arxiv.org/abs/2407.08608"  # FlashAttention-3: 1.5-2.0x FlashAttention-2 in FP16 on H100
@@ -54,29 +55,88 @@ class AttentionBackend:
         return max(((cap, x) for cap, x in self.speedup.items() if cap <= capability), default=(0.0, 1.0))[1]
 
 
-BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
-    AttentionBackend("native", "torch scaled_dot_product_attention (its own choice of kernel)", cuda_only=False),
-    AttentionBackend("_native_math", "torch SDPA's unfused math kernel (the attention matrix in memory)", cuda_only=False,
-                     speedup={0.0: 76.5 / 229.5}, source=_ORT_SDPA, published="76.5 against 229.5 TFLOPs for torch's flash kernel, H100 fp16"),
-    AttentionBackend("_native_flash", "torch SDPA's bundled FlashAttention-2 kernel", cuda_only=False, half_only=True),
-    AttentionBackend("_native_efficient", "torch SDPA's memory-efficient kernel", speedup={0.0: 144.8 / 229.5}, source=_ORT_SDPA,
-                     published="144.8 against 229.5 TFLOPs for torch's flash kernel, H100 fp16"),
-    AttentionBackend("_native_cudnn", "torch SDPA's cuDNN attention", min_capability=8.0, half_only=True,
-                     speedup={0.0: 1.0, 9.0: 1.75}, source=_PYTORCH_25,
-                     published="'up to 75% speed-up over FlashAttentionV2' on H100: the upper figure"),
-    AttentionBackend("flex", "torch flex_attention (fast only under torch.compile)", cuda_only=False, speedup={0.0: 0.9},
-                     source="https://pytorch.org/blog/flexattention/", published="about 90% of FlashAttention-2's forward, compiled"),
-    AttentionBackend("flash", "FlashAttention-2 (flash-attn)", package="flash-attn", min_version="2.6.3",
-                     min_capability=8.0, half_only=True, published="the algorithm native's flash kernel runs"),
-    AttentionBackend("_flash_3", "FlashAttention-3 (Hopper, built from source)", package="flash-attn-3",
-                     min_capability=9.0, max_capability=9.0, half_only=True, speedup={9.0: 1.5}, source=_FA3,
-                     published="1.5-2.0x FlashAttention-2 in FP16 on H100: the lower figure"),
-    AttentionBackend("sage", "SageAttention (int8 q/k, picks its kernel by GPU)", package="sageattention", min_version="2.1.1",
-                     min_capability=8.0, half_only=True, lossy=True, speedup={8.0: 2.1, 8.9: 3.0, 9.0: 2.1}, source=_SAGE2,
-                     published="about 3x FlashAttention-2 on an RTX 4090 (SageAttention2); elsewhere SageAttention's 2.1x as a floor"),
-    AttentionBackend("xformers", "xformers memory-efficient attention", package="xformers", min_version="0.0.29",
-                     speedup={0.0: 2.1 / 2.7}, source=_SAGE1, published="SageAttention is 2.1x FlashAttention-2 and 2.7x xformers"),
-)}
+BACKENDS: dict[str, AttentionBackend] = {
+    b.name: b
+    for b in (
+        AttentionBackend("native", "torch scaled_dot_product_attention (its own choice of kernel)", cuda_only=False),
+        AttentionBackend(
+            "_native_math",
+            "torch SDPA's unfused math kernel (the attention matrix in memory)",
+            cuda_only=False,
+            speedup={0.0: 76.5 / 229.5},
+            source=_ORT_SDPA,
+            published="76.5 against 229.5 TFLOPs for torch's flash kernel, H100 fp16",
+        ),
+        AttentionBackend(
+            "_native_flash", "torch SDPA's bundled FlashAttention-2 kernel", cuda_only=False, half_only=True
+        ),
+        AttentionBackend(
+            "_native_efficient",
+            "torch SDPA's memory-efficient kernel",
+            speedup={0.0: 144.8 / 229.5},
+            source=_ORT_SDPA,
+            published="144.8 against 229.5 TFLOPs for torch's flash kernel, H100 fp16",
+        ),
+        AttentionBackend(
+            "_native_cudnn",
+            "torch SDPA's cuDNN attention",
+            min_capability=8.0,
+            half_only=True,
+            speedup={0.0: 1.0, 9.0: 1.75},
+            source=_PYTORCH_25,
+            published="'up to 75% speed-up over FlashAttentionV2' on H100: the upper figure",
+        ),
+        AttentionBackend(
+            "flex",
+            "torch flex_attention (fast only under torch.compile)",
+            cuda_only=False,
+            speedup={0.0: 0.9},
+            source="https://pytorch.org/blog/flexattention/",
+            published="about 90% of FlashAttention-2's forward, compiled",
+        ),
+        AttentionBackend(
+            "flash",
+            "FlashAttention-2 (flash-attn)",
+            package="flash-attn",
+            min_version="2.6.3",
+            min_capability=8.0,
+            half_only=True,
+            published="the algorithm native's flash kernel runs",
+        ),
+        AttentionBackend(
+            "_flash_3",
+            "FlashAttention-3 (Hopper, built from source)",
+            package="flash-attn-3",
+            min_capability=9.0,
+            max_capability=9.0,
+            half_only=True,
+            speedup={9.0: 1.5},
+            source=_FA3,
+            published="1.5-2.0x FlashAttention-2 in FP16 on H100: the lower figure",
+        ),
+        AttentionBackend(
+            "sage",
+            "SageAttention (int8 q/k, picks its kernel by GPU)",
+            package="sageattention",
+            min_version="2.1.1",
+            min_capability=8.0,
+            half_only=True,
+            lossy=True,
+            speedup={8.0: 2.1, 8.9: 3.0, 9.0: 2.1},
+            source=_SAGE2,
+            published="about 3x FlashAttention-2 on an RTX 4090 (SageAttention2); elsewhere SageAttention's 2.1x as a floor",
+        ),
+        AttentionBackend(
+            "xformers",
+            "xformers memory-efficient attention",
+            package="xformers",
+            min_version="0.0.29",
+            speedup={0.0: 2.1 / 2.7},
+            source=_SAGE1,
+            published="SageAttention is 2.1x FlashAttention-2 and 2.7x xformers",
+        ),
+    )
+}
 
 # The backends the advisor proposes: the default and those that can beat it. math, efficient and
 # xformers are slower than native by their sources; flex only pays with masks; flash-attn 2 is the
@@ -133,11 +193,15 @@ def attention_backend_runs_on_the_device(config: OptimizationConfig, platform: P
         return f"`attention_backend: {backend.name}` needs a CUDA GPU and {where}; use `attention_backend: native`"
     capability = platform.capability
     if backend.min_capability is not None and capability < backend.min_capability:
-        return (f"`attention_backend: {backend.name}` needs compute capability >= {backend.min_capability}, this GPU has "
-                f"{platform.compute_capability}; use `attention_backend: native`")
+        return (
+            f"`attention_backend: {backend.name}` needs compute capability >= {backend.min_capability}, this GPU has "
+            f"{platform.compute_capability}; use `attention_backend: native`"
+        )
     if backend.max_capability is not None and capability > backend.max_capability:
-        return (f"`attention_backend: {backend.name}` has kernels for compute capability {backend.max_capability} only, "
-                f"this GPU has {platform.compute_capability}; use `attention_backend: native`")
+        return (
+            f"`attention_backend: {backend.name}` has kernels for compute capability {backend.max_capability} only, "
+            f"this GPU has {platform.compute_capability}; use `attention_backend: native`"
+        )
     return None
 
 
@@ -189,8 +253,10 @@ def refusal(config: OptimizationConfig, platform: Platform) -> str | None:
 
 # --- the lever -----------------------------------------------------------------------------------
 
-QUALITY_COST = ("SageAttention quantizes q and k to int8: near-identical outputs reported for image and video models",
-                BACKENDS["sage"].source)
+QUALITY_COST = (
+    "SageAttention quantizes q and k to int8: near-identical outputs reported for image and video models",
+    BACKENDS["sage"].source,
+)
 
 
 def attention_choices(platform: Platform, dtype: str) -> list[str]:
@@ -221,7 +287,9 @@ class AttentionKernel(Lever):
     constraints = tuple(CONSTRAINTS)
 
     def choices(self, scenario: Any, dtype: str) -> dict[str, str | None]:
-        return {name: None if name == self.off_choice else name for name in attention_choices(scenario.platform, dtype)}
+        return {
+            name: None if name == self.off_choice else name for name in attention_choices(scenario.platform, dtype)
+        }
 
     def attention_speedup(self, config: OptimizationConfig, step: StepContext) -> float:
         return speedup_of(config.attention_backend, step.device, step.capability)
@@ -233,7 +301,9 @@ class AttentionKernel(Lever):
     def quality_cost(self, config: OptimizationConfig) -> tuple[str, str] | None:
         return QUALITY_COST if self.lossy(config) else None
 
-    def reason(self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]) -> str | None:
+    def reason(
+        self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]
+    ) -> str | None:
         """On a GPU: the pick's published speed-up and predicted gain over native, and the faster
         kernels left out here (not installed, not known to be, or lossy under the policy)."""
         if scenario.target.device != "cuda":
@@ -242,13 +312,19 @@ class AttentionKernel(Lever):
         capability = platform.capability
         chosen = config.attention_backend or self.off_choice
         if chosen == self.off_choice:
-            kernel = "FlashAttention-2" if capability >= 8.0 else "its memory-efficient kernel (FlashAttention-2 needs compute capability 8.0)"
+            kernel = (
+                "FlashAttention-2"
+                if capability >= 8.0
+                else "its memory-efficient kernel (FlashAttention-2 needs compute capability 8.0)"
+            )
             said = f"attention: native (torch SDPA, diffusers' default: {kernel} on this GPU in bf16/fp16)"
         else:
             backend = BACKENDS[chosen]
-            said = (f"attention: {chosen} ({backend.kernel}), modelled at {backend.speedup_at(capability):.2f}x native's attention "
-                    f"at compute capability {platform.compute_capability} ({backend.published}, {backend.source}): predicted "
-                    f"{latency_s:.1f}s against {without_s():.1f}s with native; tune measures it")
+            said = (
+                f"attention: {chosen} ({backend.kernel}), modelled at {backend.speedup_at(capability):.2f}x native's attention "
+                f"at compute capability {platform.compute_capability} ({backend.published}, {backend.source}): predicted "
+                f"{latency_s:.1f}s against {without_s():.1f}s with native; tune measures it"
+            )
         offered = attention_choices(platform, config.dtype)
         missed = []
         for name in PROPOSED:
@@ -256,8 +332,11 @@ class AttentionKernel(Lever):
             if name == chosen or backend.speedup_at(capability) <= BACKENDS[chosen].speedup_at(capability):
                 continue
             if name in offered:
-                why = (f"lossy, and --quality {scenario.quality} prefers lossless" if backend.lossy and scenario.quality != "fast"
-                       else "not faster with the rest of this plan")
+                why = (
+                    f"lossy, and --quality {scenario.quality} prefers lossless"
+                    if backend.lossy and scenario.quality != "fast"
+                    else "not faster with the rest of this plan"
+                )
             elif backend.package and platform.packages is None:
                 why = f"needs `pip install {backend.package}`, not assumed on a machine the advisor can't see"
             else:
@@ -268,6 +347,13 @@ class AttentionKernel(Lever):
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         if config.attention_backend is None:
             return []
-        return [method_step("attention_backend", f"{config.attention_backend} attention in {name}", name, "set_attention_backend",
-                            (config.attention_backend,))
-                for name in components.denoisers()]
+        return [
+            method_step(
+                "attention_backend",
+                f"{config.attention_backend} attention in {name}",
+                name,
+                "set_attention_backend",
+                (config.attention_backend,),
+            )
+            for name in components.denoisers()
+        ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
     from advisor.levers.code import Step
@@ -126,7 +127,9 @@ class Lever:
         """(what the output loses, source), where the config's choice is lossy."""
         return None
 
-    def reason(self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]) -> str | None:
+    def reason(
+        self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]
+    ) -> str | None:
         """The line explaining this lever's part of a pick predicted at `latency_s`; `without_s()`
         predicts it without the lever (an estimate: call it only when it is said)."""
         return None

@@ -40,6 +40,7 @@ signature, ``TransformerBlockRegistry``): both are copied here from diffusers 0.
 against the installed package by tests/test_caching.py. Pure Python at import: torch and
 diffusers only inside the apply step.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -47,6 +48,7 @@ from typing import Any, Callable
 from advisor.config import CACHE_SETTINGS, Cache, OptimizationConfig
 from advisor.levers.base import ActivationShape, Filter, Lever, StepContext
 from advisor.levers.code import Expr, Step, call_source
+
 
 SOURCE = "https://huggingface.co/docs/diffusers/main/en/optimization/para_attn"
 
@@ -57,18 +59,44 @@ PUBLISHED_S = {0.06: 21.83, 0.08: 17.01, 0.10: 16.00, 0.12: 13.78}
 THRESHOLDS = (0.08, 0.12)  # what the space offers: a mild (1.55x) and a strong (1.91x) setting
 
 # The block lists First Block Cache hooks, and the block classes it can hook (diffusers 0.42.1).
-BLOCK_LISTS = frozenset({"blocks", "layers", "single_transformer_blocks", "temporal_transformer_blocks",
-                         "transformer_blocks", "visual_transformer_blocks"})
-REGISTERED_BLOCKS = frozenset({
-    "BasicTransformerBlock", "BriaTransformerBlock", "CogVideoXBlock", "CogView4TransformerBlock",
-    "Cosmos3VLTextMoTDecoderLayer", "Flux2SingleTransformerBlock", "Flux2TransformerBlock", "FluxSingleTransformerBlock",
-    "FluxTransformerBlock", "HunyuanImageSingleTransformerBlock", "HunyuanImageTransformerBlock",
-    "HunyuanVideoSingleTransformerBlock", "HunyuanVideoTokenReplaceSingleTransformerBlock",
-    "HunyuanVideoTokenReplaceTransformerBlock", "HunyuanVideoTransformerBlock", "JointTransformerBlock",
-    "Kandinsky5TransformerDecoderBlock", "LTXVideoTransformerBlock", "MochiTransformerBlock",
-    "MotifVideoSingleTransformerBlock", "MotifVideoTransformerBlock", "QwenImageTransformerBlock",
-    "WanTransformerBlock", "ZImageTransformerBlock",
-})
+BLOCK_LISTS = frozenset(
+    {
+        "blocks",
+        "layers",
+        "single_transformer_blocks",
+        "temporal_transformer_blocks",
+        "transformer_blocks",
+        "visual_transformer_blocks",
+    }
+)
+REGISTERED_BLOCKS = frozenset(
+    {
+        "BasicTransformerBlock",
+        "BriaTransformerBlock",
+        "CogVideoXBlock",
+        "CogView4TransformerBlock",
+        "Cosmos3VLTextMoTDecoderLayer",
+        "Flux2SingleTransformerBlock",
+        "Flux2TransformerBlock",
+        "FluxSingleTransformerBlock",
+        "FluxTransformerBlock",
+        "HunyuanImageSingleTransformerBlock",
+        "HunyuanImageTransformerBlock",
+        "HunyuanVideoSingleTransformerBlock",
+        "HunyuanVideoTokenReplaceSingleTransformerBlock",
+        "HunyuanVideoTokenReplaceTransformerBlock",
+        "HunyuanVideoTransformerBlock",
+        "JointTransformerBlock",
+        "Kandinsky5TransformerDecoderBlock",
+        "LTXVideoTransformerBlock",
+        "MochiTransformerBlock",
+        "MotifVideoSingleTransformerBlock",
+        "MotifVideoTransformerBlock",
+        "QwenImageTransformerBlock",
+        "WanTransformerBlock",
+        "ZImageTransformerBlock",
+    }
+)
 
 
 def computed_share(threshold: float) -> float:
@@ -90,7 +118,9 @@ def cacheable(block_lists: list[str], block_classes: list[str], model_class: str
         return f"{model_class} has no enable_cache (it does not inherit diffusers' CacheMixin)"
     if not any(name in BLOCK_LISTS for name in block_lists):
         return f"none of its block lists ({', '.join(block_lists) or 'none'}) is one diffusers' cache hooks"
-    unregistered = sorted(set(block_classes) - REGISTERED_BLOCKS) or ([] if block_classes else ["no block classes known"])
+    unregistered = sorted(set(block_classes) - REGISTERED_BLOCKS) or (
+        [] if block_classes else ["no block classes known"]
+    )
     if unregistered:
         return f"diffusers has not registered its blocks ({', '.join(unregistered)}) for caching"
     return None
@@ -98,18 +128,46 @@ def cacheable(block_lists: list[str], block_classes: list[str], model_class: str
 
 # The denoiser classes with ``enable_cache`` (diffusers' ``CacheMixin``) in diffusers 0.42.1; SD3's
 # SD3Transformer2DModel is not one of them.
-CACHE_MODELS = frozenset({
-    "AceStepTransformer1DModel", "AllegroTransformer3DModel", "BriaTransformer2DModel", "ChromaTransformer2DModel",
-    "ChronoEditTransformer3DModel", "CogVideoXTransformer3DModel", "CogView4Transformer2DModel", "Cosmos3OmniTransformer",
-    "Flux2Transformer2DModel", "FluxTransformer2DModel", "GlmImageTransformer2DModel", "HeliosTransformer3DModel",
-    "HunyuanImageTransformer2DModel", "HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
-    "HunyuanVideoTransformer3DModel", "Kandinsky5Transformer3DModel", "Kandinsky6Transformer3DModel",
-    "LTX2VideoTransformer3DModel", "LTXVideoTransformer3DModel", "LatteTransformer3DModel", "LongCatImageTransformer2DModel",
-    "MiniMaxH3Transformer3DModel", "MochiTransformer3DModel", "MotifVideoTransformer3DModel", "NucleusMoEImageTransformer2DModel",
-    "OvisImageTransformer2DModel", "QwenImage21Transformer2DModel", "QwenImageControlNetModel", "QwenImageMultiControlNetModel",
-    "QwenImageTransformer2DModel", "SanaWMLTX2RefinerTransformer3DModel", "SkyReelsV2Transformer3DModel",
-    "WanAnimateTransformer3DModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
-})
+CACHE_MODELS = frozenset(
+    {
+        "AceStepTransformer1DModel",
+        "AllegroTransformer3DModel",
+        "BriaTransformer2DModel",
+        "ChromaTransformer2DModel",
+        "ChronoEditTransformer3DModel",
+        "CogVideoXTransformer3DModel",
+        "CogView4Transformer2DModel",
+        "Cosmos3OmniTransformer",
+        "Flux2Transformer2DModel",
+        "FluxTransformer2DModel",
+        "GlmImageTransformer2DModel",
+        "HeliosTransformer3DModel",
+        "HunyuanImageTransformer2DModel",
+        "HunyuanVideo15Transformer3DModel",
+        "HunyuanVideoFramepackTransformer3DModel",
+        "HunyuanVideoTransformer3DModel",
+        "Kandinsky5Transformer3DModel",
+        "Kandinsky6Transformer3DModel",
+        "LTX2VideoTransformer3DModel",
+        "LTXVideoTransformer3DModel",
+        "LatteTransformer3DModel",
+        "LongCatImageTransformer2DModel",
+        "MiniMaxH3Transformer3DModel",
+        "MochiTransformer3DModel",
+        "MotifVideoTransformer3DModel",
+        "NucleusMoEImageTransformer2DModel",
+        "OvisImageTransformer2DModel",
+        "QwenImage21Transformer2DModel",
+        "QwenImageControlNetModel",
+        "QwenImageMultiControlNetModel",
+        "QwenImageTransformer2DModel",
+        "SanaWMLTX2RefinerTransformer3DModel",
+        "SkyReelsV2Transformer3DModel",
+        "WanAnimateTransformer3DModel",
+        "WanTransformer3DModel",
+        "WanVACETransformer3DModel",
+    }
+)
 
 # --- MagCache --------------------------------------------------------------------------------------
 
@@ -117,13 +175,41 @@ MAG_SOURCE = "https://github.com/Zehong-Ma/MagCache"
 # diffusers.hooks.mag_cache.FLUX_MAG_RATIOS (Flux dev and schnell, 28 steps), by denoiser class.
 MAG_RATIOS = {
     "FluxTransformer2DModel": (
-        1.0, 1.21094, 1.11719, 1.07812, 1.0625, 1.03906, 1.03125, 1.03906, 1.02344, 1.03125, 1.02344, 0.98047, 1.01562,
-        1.00781, 1.0, 1.00781, 1.0, 1.00781, 1.0, 1.0, 0.99609, 0.99609, 0.98047, 0.98828, 0.96484, 0.95703, 0.93359, 0.89062,
+        1.0,
+        1.21094,
+        1.11719,
+        1.07812,
+        1.0625,
+        1.03906,
+        1.03125,
+        1.03906,
+        1.02344,
+        1.03125,
+        1.02344,
+        0.98047,
+        1.01562,
+        1.00781,
+        1.0,
+        1.00781,
+        1.0,
+        1.00781,
+        1.0,
+        1.0,
+        0.99609,
+        0.99609,
+        0.98047,
+        0.98828,
+        0.96484,
+        0.95703,
+        0.93359,
+        0.89062,
     ),
 }
 
 
-def mag_computed_steps(ratios: tuple[float, ...], steps: int, threshold: float, max_skip_steps: int, retention_ratio: float) -> list[bool]:
+def mag_computed_steps(
+    ratios: tuple[float, ...], steps: int, threshold: float, max_skip_steps: int, retention_ratio: float
+) -> list[bool]:
     """Which of `steps` steps MagCache computes (True) or skips, as diffusers' MagCache decides:
     the ratios stretched to `steps` by nearest index, then the accumulated drift rule."""
     if len(ratios) != steps:  # diffusers' nearest_interp (round half to even, as torch.round)
@@ -179,12 +265,21 @@ HELD_HIDDEN_STATES = {"first_block": 3, "mag": 2}
 TAYLOR_FACTORS = 2
 
 QUALITY_COSTS = {
-    "first_block": ("First Block Cache reuses the other blocks' output on steps whose first block barely changed: "
-                    "fine detail drifts, more at a higher threshold; tune measures it against the lossless output", SOURCE),
-    "mag": ("MagCache reuses the last computed step's residual on the steps its ratios mark as near-identical: small "
-            "drift, more at a higher threshold; tune measures it against the lossless output", MAG_SOURCE),
-    "taylorseer": ("TaylorSeer predicts the skipped steps' output by extrapolating the computed ones: soft detail "
-                   "where the output changes fast; tune measures it against the lossless output", TAYLORSEER_SOURCE),
+    "first_block": (
+        "First Block Cache reuses the other blocks' output on steps whose first block barely changed: "
+        "fine detail drifts, more at a higher threshold; tune measures it against the lossless output",
+        SOURCE,
+    ),
+    "mag": (
+        "MagCache reuses the last computed step's residual on the steps its ratios mark as near-identical: small "
+        "drift, more at a higher threshold; tune measures it against the lossless output",
+        MAG_SOURCE,
+    ),
+    "taylorseer": (
+        "TaylorSeer predicts the skipped steps' output by extrapolating the computed ones: soft detail "
+        "where the output changes fast; tune measures it against the lossless output",
+        TAYLORSEER_SOURCE,
+    ),
 }
 
 
@@ -223,8 +318,12 @@ class StepCache(Lever):
 
         denoisers = scenario.profile.by_role("denoiser")
 
-        def blocked(denoiser) -> str | None:  # a folder's profile knows the list names; the class table, the block classes
-            classes = [b.class_name for b in denoiser.blocks if b.class_name] or repeated_block_classes(denoiser.class_name)
+        def blocked(
+            denoiser,
+        ) -> str | None:  # a folder's profile knows the list names; the class table, the block classes
+            classes = [b.class_name for b in denoiser.blocks if b.class_name] or repeated_block_classes(
+                denoiser.class_name
+            )
             return cacheable([b.name for b in denoiser.blocks], classes, denoiser.class_name)
 
         offered: dict[str, Cache | None] = {self.off_choice: None}
@@ -256,7 +355,9 @@ class StepCache(Lever):
     def quality_cost(self, config: OptimizationConfig) -> tuple[str, str] | None:
         return QUALITY_COSTS[config.cache.kind] if config.cache else None
 
-    def reason(self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]) -> str | None:
+    def reason(
+        self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]
+    ) -> str | None:
         """What the cache skips, what its saving is modelled on, the predicted gain and the quality cost."""
         cache = config.cache
         if cache is None:
@@ -265,20 +366,33 @@ class StepCache(Lever):
         share = cache_share(cache, steps, scenario.profile.by_role("denoiser")[0].class_name)
         if cache.kind == "first_block":
             published = PUBLISHED_S.get(cache.threshold)
-            measured = (f"ParaAttention measured FLUX.1-dev on an L20 at {published:.2f}s against {PUBLISHED_BASELINE_S:.2f}s "
-                        f"({PUBLISHED_BASELINE_S / published:.2f}x) at this threshold, " if published else "")
-            what = (f"the blocks after the first are skipped on steps where its output changed by less than {cache.threshold:.0%}; "
-                    f"{measured}modelled as {share:.0%} of the denoising compute ({SOURCE})")
+            measured = (
+                f"ParaAttention measured FLUX.1-dev on an L20 at {published:.2f}s against {PUBLISHED_BASELINE_S:.2f}s "
+                f"({PUBLISHED_BASELINE_S / published:.2f}x) at this threshold, "
+                if published
+                else ""
+            )
+            what = (
+                f"the blocks after the first are skipped on steps where its output changed by less than {cache.threshold:.0%}; "
+                f"{measured}modelled as {share:.0%} of the denoising compute ({SOURCE})"
+            )
         else:
             skipped = round((1 - share) * steps)
-            rule = ("the model's calibrated magnitude ratios decide" if cache.kind == "mag"
-                    else "the others' output is predicted by a Taylor expansion of the computed steps")
-            what = (f"every block is skipped on {skipped} of {steps} steps ({rule}: the same steps whatever the "
-                    f"prompt), so {share:.0%} of the denoising compute runs "
-                    f"({MAG_SOURCE if cache.kind == 'mag' else TAYLORSEER_SOURCE})")
+            rule = (
+                "the model's calibrated magnitude ratios decide"
+                if cache.kind == "mag"
+                else "the others' output is predicted by a Taylor expansion of the computed steps"
+            )
+            what = (
+                f"every block is skipped on {skipped} of {steps} steps ({rule}: the same steps whatever the "
+                f"prompt), so {share:.0%} of the denoising compute runs "
+                f"({MAG_SOURCE if cache.kind == 'mag' else TAYLORSEER_SOURCE})"
+            )
         cost, _ = QUALITY_COSTS[cache.kind]
-        return (f"{cache.label()}: {what}: predicted {latency_s:.1f}s against {without_s():.1f}s without; "
-                f"quality cost: {cost}; offered under --quality fast only")
+        return (
+            f"{cache.label()}: {what}: predicted {latency_s:.1f}s against {without_s():.1f}s without; "
+            f"quality cost: {cost}; offered under --quality fast only"
+        )
 
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         return [_cache_step(config.cache, name) for name in components.denoisers()] if config.cache else []
@@ -288,15 +402,27 @@ def _cache_step(cache: Cache, name: str) -> Step:
     """The step cache on denoiser `name`; refused in one line where diffusers' hooks can't reach its
     blocks or MagCache has no ratios for it, rather than inside the first step."""
     if cache.kind == "mag":
-        arguments = (f"threshold={cache.threshold!r}, max_skip_steps={cache.max_skip_steps!r}, retention_ratio={cache.retention_ratio!r}, "
-                     f"num_inference_steps={cache.steps!r}, mag_ratios=FLUX_MAG_RATIOS")
-        expression, imports = f"MagCacheConfig({arguments})", ("from diffusers.hooks import MagCacheConfig",
-                                                                "from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS")
+        arguments = (
+            f"threshold={cache.threshold!r}, max_skip_steps={cache.max_skip_steps!r}, retention_ratio={cache.retention_ratio!r}, "
+            f"num_inference_steps={cache.steps!r}, mag_ratios=FLUX_MAG_RATIOS"
+        )
+        expression, imports = (
+            f"MagCacheConfig({arguments})",
+            ("from diffusers.hooks import MagCacheConfig", "from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS"),
+        )
     elif cache.kind == "taylorseer":
-        arguments = f"cache_interval={cache.interval!r}, disable_cache_before_step={cache.warmup_steps!r}, use_lite_mode=True"
-        expression, imports = f"TaylorSeerCacheConfig({arguments})", ("from diffusers.hooks import TaylorSeerCacheConfig",)
+        arguments = (
+            f"cache_interval={cache.interval!r}, disable_cache_before_step={cache.warmup_steps!r}, use_lite_mode=True"
+        )
+        expression, imports = (
+            f"TaylorSeerCacheConfig({arguments})",
+            ("from diffusers.hooks import TaylorSeerCacheConfig",),
+        )
     else:
-        expression, imports = f"FirstBlockCacheConfig(threshold={cache.threshold!r})", ("from diffusers.hooks import FirstBlockCacheConfig",)
+        expression, imports = (
+            f"FirstBlockCacheConfig(threshold={cache.threshold!r})",
+            ("from diffusers.hooks import FirstBlockCacheConfig",),
+        )
     code = call_source(f"pipe.{name}.enable_cache", [Expr(expression, None)])
 
     def run(pipe: Any) -> None:
@@ -307,10 +433,16 @@ def _cache_step(cache: Cache, name: str) -> Step:
 
         model = getattr(pipe, name)
         lists = {key: child for key, child in model.named_children() if isinstance(child, torch.nn.ModuleList)}
-        why = cacheable(list(lists), sorted({type(block).__name__ for child in lists.values() for block in child}), type(model).__name__)
+        why = cacheable(
+            list(lists),
+            sorted({type(block).__name__ for child in lists.values() for block in child}),
+            type(model).__name__,
+        )
         if why is None and cache.kind == "mag" and type(model).__name__ not in MAG_RATIOS:
-            why = (f"diffusers ships MagCache ratios for {', '.join(MAG_RATIOS)} only; calibrate them first "
-                   "(MagCacheConfig(calibrate=True)) and apply MagCache yourself")
+            why = (
+                f"diffusers ships MagCache ratios for {', '.join(MAG_RATIOS)} only; calibrate them first "
+                "(MagCacheConfig(calibrate=True)) and apply MagCache yourself"
+            )
         if why is not None:
             raise ConfigError(f"`cache` can't apply to {name} ({type(model).__name__}): {why}; remove `cache`")
         # The code shown, with diffusers' FLUX_MAG_RATIOS as the values held here (tests check they are

@@ -24,6 +24,7 @@ from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.workload import Workload, pipeline_behaviour
 
+
 TRACE_VERSION = 1  # the record layout advisor.trace writes; an older record counts as no trace
 TRACE_DTYPE_BYTES = 2
 
@@ -60,7 +61,11 @@ def latent_geometry(profile: ModelProfile, workload: Workload) -> tuple[int, int
 def text_tokens(profile: ModelProfile) -> int:
     """Text tokens the denoiser attends to: the sequence of the wide encoders (T5/LLM, and CLIP-G
     for SD3 and SDXL; not CLIP-L, whose pooled output only conditions), at the pipeline's length."""
-    return sum(t.facts.get("max_sequence_length", 0) for t in profile.by_role("text_encoder") if t.facts.get("hidden_size", 0) > 1024)
+    return sum(
+        t.facts.get("max_sequence_length", 0)
+        for t in profile.by_role("text_encoder")
+        if t.facts.get("hidden_size", 0) > 1024
+    )
 
 
 def denoiser_tokens(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload) -> tuple[int, int]:
@@ -114,8 +119,15 @@ class Work:
 
     def times(self, calls: int) -> Work:
         """`calls` calls one after another: the work adds up, the activations don't."""
-        return Work(self.matmul_flops * calls, self.attention_flops * calls, self.written_bytes * calls, self.activation_bytes,
-                    self.traced, self.largest_bytes, self.conv_flops * calls)
+        return Work(
+            self.matmul_flops * calls,
+            self.attention_flops * calls,
+            self.written_bytes * calls,
+            self.activation_bytes,
+            self.traced,
+            self.largest_bytes,
+            self.conv_flops * calls,
+        )
 
 
 NO_WORK = Work(0.0, 0.0, 0.0, 0.0, True)
@@ -130,7 +142,12 @@ def _bytes_ratio(trace: dict, dtype: str) -> dict[str, float]:
     """Bytes at `dtype` over the traced bfloat16 bytes: float32's is traced (norms and softmax run in
     float32 under bf16 too, so it is less than 2); float16 is bf16's size."""
     if dtype == "float32":
-        return {"activation_peak_bytes": 2.0, "written_bytes": 2.0, "largest_tensor_bytes": 2.0, **trace.get("float32_ratio", {})}
+        return {
+            "activation_peak_bytes": 2.0,
+            "written_bytes": 2.0,
+            "largest_tensor_bytes": 2.0,
+            **trace.get("float32_ratio", {}),
+        }
     ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
     return dict.fromkeys(("activation_peak_bytes", "written_bytes", "largest_tensor_bytes"), ratio)
 
@@ -152,7 +169,9 @@ def latent_positions(profile: ModelProfile, workload: Workload) -> int:
     return frames * height * width
 
 
-def denoiser_work(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int, k: dict) -> Work:
+def denoiser_work(
+    profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int, k: dict
+) -> Work:
     """One denoiser call on `batch` samples."""
     ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
     trace = trace_of(denoiser)
@@ -180,10 +199,18 @@ def text_encoder_work(encoder: ComponentProfile, workload: Workload, dtype: str,
     tokens = encoder.facts.get("max_sequence_length", 77)
     live = k["text_encoder_live_tensors"] * tokens * encoder.facts.get("hidden_size", 768) * TRACE_DTYPE_BYTES
     layers = encoder.facts.get("num_layers", 12)
-    return Work(workload.batch * 2 * encoder.parameters * tokens, 0.0, workload.batch * ratio * live * layers, workload.batch * ratio * live, False)
+    return Work(
+        workload.batch * 2 * encoder.parameters * tokens,
+        0.0,
+        workload.batch * ratio * live * layers,
+        workload.batch * ratio * live,
+        False,
+    )
 
 
-def vae_decode_work(vae: ComponentProfile, workload: Workload, dtype: str, *, tiling: bool, slicing: bool, k: dict) -> Work:
+def vae_decode_work(
+    vae: ComponentProfile, workload: Workload, dtype: str, *, tiling: bool, slicing: bool, k: dict
+) -> Work:
     """Decoding the batch: sliced, one sample at a time (the peak of one); else all at once."""
     ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
     frames = decoded_frames(vae, workload)
@@ -191,11 +218,20 @@ def vae_decode_work(vae: ComponentProfile, workload: Workload, dtype: str, *, ti
     at_once = 1 if slicing else workload.batch
     if trace:
         tile = trace.get("tile_pixels")
-        mode = "tiled" if tiling and tile and max(workload.height, workload.width) > tile and "tiled" in trace else "untiled"
-        values = {q: evaluate(trace["basis"], c, {"p": workload.height * workload.width, "f": frames}) for q, c in trace[mode]["fit"].items()}
+        mode = (
+            "tiled"
+            if tiling and tile and max(workload.height, workload.width) > tile and "tiled" in trace
+            else "untiled"
+        )
+        values = {
+            q: evaluate(trace["basis"], c, {"p": workload.height * workload.width, "f": frames})
+            for q, c in trace[mode]["fit"].items()
+        }
         work = _scaled(values, workload.batch, _bytes_ratio(trace, dtype))
         per_sample = at_once / workload.batch
-        return replace(work, activation_bytes=work.activation_bytes * per_sample, largest_bytes=work.largest_bytes * per_sample)
+        return replace(
+            work, activation_bytes=work.activation_bytes * per_sample, largest_bytes=work.largest_bytes * per_sample
+        )
     height, width = workload.height, workload.width
     if tiling and vae.facts.get("supports_tiling"):
         tile = vae.config.get("sample_size") if workload.kind == "image" else 256
@@ -224,8 +260,9 @@ def largest_layer_parameters(component: ComponentProfile) -> int:
     return max(math.ceil(largest_block / 8), 1)
 
 
-def activation_shape(profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int,
-                     calls: int) -> ActivationShape:
+def activation_shape(
+    profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int, calls: int
+) -> ActivationShape:
     """One denoiser call's activations, as a lever's held bytes are made of them (`Lever.held_bytes`)."""
     tokens, hidden = denoiser_tokens(profile, denoiser, workload)
     channels = denoiser.facts.get("out_channels") or denoiser.facts.get("in_channels") or 64
@@ -235,7 +272,9 @@ def activation_shape(profile: ModelProfile, denoiser: ComponentProfile, workload
 # --- a phase's work, summed over its components ---------------------------------------------------
 
 
-def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationConfig, memo: dict | None = None) -> dict[str, Work]:
+def phase_work(
+    profile: ModelProfile, workload: Workload, config: OptimizationConfig, memo: dict | None = None
+) -> dict[str, Work]:
     """What each phase computes and holds, summed over its components.
 
     Denoising is one step: every denoiser call of it (guidance run as a second call or batched).
@@ -246,7 +285,9 @@ def phase_work(profile: ModelProfile, workload: Workload, config: OptimizationCo
     return _memo(memo, ("phases", *flags), lambda: _phase_work(profile, workload, config, memo))
 
 
-def _phase_work(profile: ModelProfile, workload: Workload, config: OptimizationConfig, memo: dict | None) -> dict[str, Work]:
+def _phase_work(
+    profile: ModelProfile, workload: Workload, config: OptimizationConfig, memo: dict | None
+) -> dict[str, Work]:
     dtype = config.dtype
     k = constants()
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
@@ -262,7 +303,11 @@ def _phase_work(profile: ModelProfile, workload: Workload, config: OptimizationC
         held = sum(lever.held_bytes(config, shape) for lever in LEVERS)  # what a step cache keeps between steps
         denoise = replace(call.times(calls), activation_bytes=call.activation_bytes + held)
     vae = profile.vae
-    decode = vae_decode_work(vae, workload, dtype, tiling=config.vae.tiling, slicing=config.vae.slicing, k=k) if vae else NO_WORK
+    decode = (
+        vae_decode_work(vae, workload, dtype, tiling=config.vae.tiling, slicing=config.vae.slicing, k=k)
+        if vae
+        else NO_WORK
+    )
     return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
 
 

@@ -18,22 +18,26 @@ estimate only has to rank candidates; `advisor tune` measures the truth.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
-from advisor.levers import LEVERS, StepContext
-from advisor.plan.compute import Work, constants, largest_layer_parameters, phase_work, text_work
+from advisor.plan.compute import Work, constants, largest_layer_parameters, phase_work
 from advisor.plan.compute import trace_of as _traced
+from advisor.plan.latency import latency
 from advisor.plan.scenario import Scenario, limited_peak
-from advisor.probe.models import ComponentProfile, ModelProfile
+from advisor.plan.weights import (
+    bnb_quantized,
+    group_offloaded,
+    resident_bytes,
+    weight_bytes,
+)
+from advisor.probe.models import ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
-from advisor.probe.workload import Workload, pipeline_behaviour
-from advisor.units import parse_capability
+from advisor.probe.workload import Workload
+
 
 PHASES = ("text_encoding", "denoising", "vae_decode")
 ROLE_OF_PHASE = {"text_encoding": "text_encoder", "denoising": "denoiser", "vae_decode": "vae"}
@@ -100,118 +104,23 @@ class Estimate:
         return limited_peak(device, vram_bytes=self.peak_vram_bytes, ram_bytes=self.peak_ram_bytes)
 
 
-# --- weights ------------------------------------------------------------------------------------
-
-
-def _kept_in_fp32(component: ComponentProfile, config: OptimizationConfig) -> int:
-    """Parameters loaded as float32 despite a half-precision dtype (`_keep_in_fp32_modules`).
-
-    diffusers applies the list for float16 and bfloat16; transformers 5 only for float16.
-    """
-    if config.dtype == "float32" or (component.library != "diffusers" and config.dtype != "float16"):
-        return 0
-    return component.keep_in_fp32_parameters
-
-
-def weight_bytes(component: ComponentProfile, config: OptimizationConfig) -> int:
-    """Bytes of a component's weights once loaded with `config` (quantized, cast or plain)."""
-    k = constants()
-    compute = dtype_size(config.dtype)
-    upcast = _kept_in_fp32(component, config) * (4 - compute)
-    quantization = config.quantization
-    if quantization and component.name in quantization.components:
-        per_row = 0
-        linear, rows = component.linear_parameters, component.linear_rows
-        if quantization.backend == "torchao":  # torchao also converts a transformers model's fp32 modules
-            linear += component.fp32_linear_parameters
-            rows += component.fp32_linear_rows
-        if quantization.backend == "bitsandbytes_4bit":
-            per_weight = k["bnb_4bit_double_quant_bytes_per_weight" if quantization.double_quant else "bnb_4bit_bytes_per_weight"]
-        elif quantization.backend == "bitsandbytes_8bit":
-            per_weight, per_row = k["bnb_8bit_bytes_per_weight"], k["bnb_8bit_bytes_per_row"]
-        else:
-            per_weight = k["torchao_bytes_per_weight"][quantization.kind]
-            per_row = k["torchao_bytes_per_row"][quantization.kind]
-        rest = component.parameters - linear
-        return math.ceil(linear * per_weight + rows * per_row + rest * compute + upcast)
-    casting = config.layerwise_casting
-    if casting and component.name in casting.components:
-        cast = component.parameters - component.casting_skipped_parameters
-        return math.ceil(cast * k["fp8_storage_bytes_per_weight"] + component.casting_skipped_parameters * compute + upcast)
-    return component.parameters * compute + upcast
-
-
-def _bytes_per_parameter(component: ComponentProfile, weights: int) -> float:
-    return weights / component.parameters if component.parameters else 0.0
-
-
-def _bnb_quantized(config: OptimizationConfig) -> set[str]:
-    quantization = config.quantization
-    return set(quantization.components) if quantization and quantization.backend.startswith("bitsandbytes") else set()
-
-
-def _group_offloaded(component: ComponentProfile, config: OptimizationConfig) -> bool:
-    offload = config.offload
-    return offload.strategy == "group" and (offload.components is None or component.name in offload.components)
-
-
-def block_split(component: ComponentProfile, config: OptimizationConfig, count: int | None = None) -> tuple[int, list[int]]:
-    """(parameters of the blocks that never leave the device, parameters of each block that is
-    streamed, largest first) of a group-offloaded component. Plain group offload streams every
-    block; partial offload (``offload.resident_blocks``) keeps its largest N, as `advisor.run.steps`
-    applies it (`count`, when given, instead of the config's). The modules outside the block lists
-    are neither: diffusers onloads them as one group of their own whenever the component runs."""
-    sizes = _block_sizes(tuple((b.total, b.count) for b in component.blocks))
-    if count is None:
-        count = (config.offload.resident_blocks or {}).get(component.name, 0)
-    return sum(sizes[:count]), list(sizes[count:])
-
-
-@lru_cache(maxsize=64)
-def _block_sizes(groups: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
-    """Parameters of every block, largest first, from (total, count) per block list. A list whose
-    blocks differ (UNets) counts each at the list's mean: their own sizes aren't recorded."""
-    return tuple(sorted((total // count for total, count in groups for _ in range(count)), reverse=True))
-
-
-def resident_bytes(component: ComponentProfile, weights: int, config: OptimizationConfig, active: bool, count: int | None = None) -> int:
-    """Device bytes of a component's weights during a phase where it is `active` (or not); `count`
-    resident blocks of a partially offloaded component instead of the config's."""
-    offload = config.offload
-    if offload.strategy == "none" or (offload.strategy == "group" and not _group_offloaded(component, config)):
-        return weights
-    per_param = _bytes_per_parameter(component, weights)
-    partial = offload.strategy == "group" and component.name in (offload.resident_blocks or {})
-    kept, streamed = block_split(component, config, count) if partial else (0, [])
-    if not active:
-        return math.ceil(kept * per_param)
-    if offload.strategy == "model":
-        return weights
-    in_flight = 2 if offload.use_stream else 1  # the stream prefetches the next group
-    if offload.strategy == "sequential" or offload.offload_type == "leaf_level":
-        return math.ceil(in_flight * largest_layer_parameters(component) * per_param)
-    # block_level: groups of k blocks, plus the modules outside any block list (embedders,
-    # final norms), which diffusers onloads as one group of their own; partial offload's kept blocks.
-    if partial:
-        largest_block = streamed[0] if streamed else 0
-    else:
-        largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
-    outside = max(component.parameters - component.block_parameters, 0)
-    group = (1 if offload.use_stream else offload.num_blocks_per_group) * largest_block  # diffusers: streams move one block at a time
-    return math.ceil((in_flight * group + outside + kept) * per_param)
-
-
 # --- work and activations -----------------------------------------------------------------------
 
 
-def _device_activation(profile: ModelProfile, config: OptimizationConfig, phase: str, work: Work, on_cpu: bool) -> tuple[int, int]:
+def _device_activation(
+    profile: ModelProfile, config: OptimizationConfig, phase: str, work: Work, on_cpu: bool
+) -> tuple[int, int]:
     """(allocated activation bytes incl. kernel workspaces, allocator reserve) of one phase."""
     if on_cpu:
         return int(work.activation_bytes), 0
     k = constants()
     allocated = work.activation_bytes + k["cublas_workspace_bytes"]
     quantization = config.quantization
-    if phase == "denoising" and quantization and (quantization.backend.startswith("bitsandbytes") or not config.compile):
+    if (
+        phase == "denoising"
+        and quantization
+        and (quantization.backend.startswith("bitsandbytes") or not config.compile)
+    ):
         # bitsandbytes (compiled or not) and eager torchao kernels expand a layer's weight to the
         # compute dtype before the matmul, one layer at a time; compiled torchao fuses it.
         denoisers = [d for d in profile.by_role("denoiser") if d.name in quantization.components]
@@ -231,12 +140,15 @@ def estimate_for(scenario: Scenario, config: OptimizationConfig) -> Estimate:
     asks for the same candidate from several rules and from its scoring."""
     key = config.key
     if key not in scenario.estimates:
-        scenario.estimates[key] = estimate(scenario.profile, scenario.workload, config, scenario.target, memo=scenario.memo)
+        scenario.estimates[key] = estimate(
+            scenario.profile, scenario.workload, config, scenario.target, memo=scenario.memo
+        )
     return scenario.estimates[key]
 
 
 def decode_changes(scenario: Scenario, config: OptimizationConfig, other: OptimizationConfig) -> bool:
     """Whether the VAE decode of `other` differs from that of `config` (for the same scenario)."""
+
     def decode(c: OptimizationConfig) -> Work:
         return phase_work(scenario.profile, scenario.workload, c, scenario.memo)["vae_decode"]
 
@@ -259,7 +171,8 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
 
     def peak(count: int) -> int:
         return max(
-            p.reserved_bytes - p.weights_bytes.get(name, 0)
+            p.reserved_bytes
+            - p.weights_bytes.get(name, 0)
             + resident_bytes(component, weights, config, ROLE_OF_PHASE[p.name] == component.role, count)
             for p in phases
         )
@@ -274,7 +187,12 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
 
 
 def estimate(
-    profile: ModelProfile, workload: Workload, config: OptimizationConfig, target: TargetHardware, *, memo: dict | None = None
+    profile: ModelProfile,
+    workload: Workload,
+    config: OptimizationConfig,
+    target: TargetHardware,
+    *,
+    memo: dict | None = None,
 ) -> Estimate:
     """Predict peak device memory, peak host RAM and latency of running `workload` with `config`.
 
@@ -314,19 +232,24 @@ def estimate(
             # bitsandbytes loads its components straight onto the GPU, and model offload moves a
             # module only when the next one's hook fires: until the denoiser's first call, every
             # bitsandbytes-quantized component is resident (diffusers 0.42 enable_model_cpu_offload).
-            resident |= {c.name: weights[c.name] for c in profile.components if c.name in _bnb_quantized(config)}
+            resident |= {c.name: weights[c.name] for c in profile.components if c.name in bnb_quantized(config)}
         activation, reserve = _device_activation(profile, config, phase, works[phase], on_cpu)
         phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, activation, reserve))
     peak = max(phases, key=lambda p: p.reserved_bytes)
 
     ram, disk, kept = _host_memory(profile, config, weights, on_cpu, peak)
-    latency, step, breakdown = _latency(profile, workload, config, target, weights, works, on_cpu, memo)
+    seconds, step, breakdown = latency(profile, workload, config, target, weights, works, on_cpu, memo)
     notes = [
         f"{c.name}: no traced FLOP and activation curves; estimated with the parameter formula"
         for c in profile.components
         if c.role in ("denoiser", "text_encoder", "vae") and not _traced(c)
     ]
-    if config.quantization and config.quantization.backend == "torchao" and config.quantization.kind == "int8_dynamic" and not config.compile:
+    if (
+        config.quantization
+        and config.quantization.backend == "torchao"
+        and config.quantization.kind == "int8_dynamic"
+        and not config.compile
+    ):
         notes.append("int8 dynamic quantization without torch.compile is ~40x slower (diffusers-torchao)")
     return Estimate(
         peak_vram_bytes=0 if on_cpu else peak.reserved_bytes,
@@ -338,7 +261,7 @@ def estimate(
         ram_breakdown=ram,
         steady_ram_weight_bytes=kept,
         disk_bytes=disk,
-        latency_s=latency,
+        latency_s=seconds,
         step_latency_s=step,
         latency_breakdown=breakdown,
         notes=notes,
@@ -355,7 +278,7 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
     # converted keeps its file pages next to the new tensors while it loads, and torchao first
     # materialises it at the compute dtype before quantizing.
     quantization = config.quantization
-    bnb = _bnb_quantized(config)
+    bnb = bnb_quantized(config)
     torchao = set(quantization.components) if quantization and quantization.backend == "torchao" else set()
 
     def transient(c) -> int:
@@ -364,7 +287,9 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
         # Loading converts one shard at a time; catalog entries don't record their shards, and
         # diffusers and transformers write shards of at most 10 GB.
         shard = c.largest_file_bytes or min(c.bytes, k["default_shard_bytes"])
-        materialised = shard / c.bytes * c.parameters * dtype_size(config.dtype) if c.name in torchao and c.bytes else 0
+        materialised = (
+            shard / c.bytes * c.parameters * dtype_size(config.dtype) if c.name in torchao and c.bytes else 0
+        )
         return int(shard + materialised)
 
     in_ram = [c for c in profile.components if c.name not in bnb]
@@ -381,8 +306,11 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
         if offload.strategy in {"model", "sequential"}:
             kept = sum(weights.values())
         elif offload.strategy == "group":  # partial offload keeps some of it on the device, not in RAM
-            offloaded = sum(weights[c.name] - resident_bytes(c, weights[c.name], config, active=False)
-                            for c in profile.components if _group_offloaded(c, config))
+            offloaded = sum(
+                weights[c.name] - resident_bytes(c, weights[c.name], config, active=False)
+                for c in profile.components
+                if group_offloaded(c, config)
+            )
             if offload.offload_to_disk_path:
                 disk, kept = offloaded, 0
             elif offload.use_stream and not offload.low_cpu_mem_usage:
@@ -396,105 +324,3 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
     if loading > running:
         ram["loading"] = loading - running
     return ram, disk, kept
-
-
-def _speed_factors(config: OptimizationConfig, component: str, generation: str) -> tuple[float, float]:
-    """How much faster (>1) or slower (<1) than eager bf16 this component runs: all of it (compile,
-    layerwise casting), and its linear layers on top (quantization replaces nn.Linear alone: not
-    the attention, not the convolutions, not the memory-bound ops).
-
-    Compile's speed-up is per GPU generation; a quantization's factor is against bf16 in the same
-    mode (eager against eager bf16, compiled against compiled bf16), so the two multiply.
-    """
-    k = constants()
-    compiled = bool(config.compile and component in config.compile.components)
-    whole = k["compile_speedup"].get(generation, k["compile_speedup"]["default"]) if compiled else 1.0
-    linear = 1.0
-    quantization = config.quantization
-    if quantization and component in quantization.components:
-        key = quantization.backend if quantization.backend.startswith("bitsandbytes") else f"torchao:{quantization.kind}"
-        linear = k["quantization_speed"][key]["compiled" if compiled else "eager"]
-    if config.layerwise_casting and component in config.layerwise_casting.components:
-        whole *= k["layerwise_casting_speed"]
-    return whole, linear
-
-
-def _seconds(work: Work, target: TargetHardware, speed: tuple[float, float] = (1.0, 1.0), attention: float = 1.0) -> float:
-    """Roofline time of `work`: tensor-core FLOPs at the generation's efficiency (the linear layers'
-    at `speed`'s second factor, for their quantization; the attention's `attention` times faster,
-    for its kernel), plus the bytes memory-bound ops write (and read) at the memory's streaming
-    rate; `speed`'s first factor speeds up all of it."""
-    k = constants()
-    whole, linear = speed
-    efficiency = k["tensor_efficiency"].get(target.generation, k["tensor_efficiency"]["default"])
-    flops = work.matmul_flops / linear + work.conv_flops + work.attention_flops / attention
-    tensor = flops / (target.matmul_flops * efficiency)
-    memory = work.written_bytes * k["memory_traffic_per_written_byte"] / (target.memory_bytes_per_s * k["memory_bandwidth_efficiency"])
-    return (tensor + memory) / whole
-
-
-def _streaming_seconds(component: ComponentProfile, config: OptimizationConfig, target: TargetHardware, weight: int, calls: int,
-                       on_cpu: bool) -> float:
-    """Seconds `calls` runs of a group- or sequentially-offloaded `component` spend moving its weights
-    in (and in the hooks that move them); 0 where it stays put."""
-    k = constants()
-    offload = config.offload
-    if on_cpu or not (offload.strategy == "sequential" or _group_offloaded(component, config)):
-        return 0.0
-    bandwidth = target.h2d_bytes_per_s * k["group_offload_bandwidth_factor"]
-    if offload.strategy == "sequential":
-        bandwidth = target.h2d_bytes_per_s * k["unpinned_bandwidth_factor"]
-    if offload.low_cpu_mem_usage:
-        bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"][offload.offload_type]
-    moved = weight * calls
-    layers = sum(b.count for b in component.blocks) or 1
-    if offload.strategy == "group" and component.name in (offload.resident_blocks or {}):  # partial offload: the kept blocks stay
-        kept, streamed = block_split(component, config)
-        moved = (component.parameters - kept) * _bytes_per_parameter(component, weight) * calls
-        layers = len(streamed)
-    seconds = moved / bandwidth + (moved / k["disk_bytes_per_s"] if offload.offload_to_disk_path else 0.0)
-    level = "sequential" if offload.strategy == "sequential" else offload.offload_type
-    units = layers * 8 if level != "block_level" else layers / offload.num_blocks_per_group
-    return seconds + units * calls * k["offload_hook_overhead_s"][level]
-
-
-def _overlapped(compute: float, transfer: float, config: OptimizationConfig) -> float:
-    """Compute and transfers together: group offload's stream hides most, not all, of the shorter one."""
-    if config.offload.strategy == "group" and config.offload.use_stream:
-        return max(compute, transfer) + (1 - constants()["stream_overlap"]) * min(compute, transfer)
-    return compute + transfer
-
-
-def _latency(profile, workload, config, target, weights, works, on_cpu, memo) -> tuple[float, float, dict[str, float]]:
-    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
-    generation = target.generation
-    calls_per_step = 2 if behaviour["cfg"] == "sequential" else 1
-    step_compute = step_transfer = 0.0
-    for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
-        here = StepContext(target.device, parse_capability(target.compute_capability), workload.steps, denoiser.class_name)
-        share = math.prod(lever.compute_share(config, here) for lever in LEVERS)  # the blocks a step cache skips
-        attention = math.prod(lever.attention_speedup(config, here) for lever in LEVERS)  # a faster kernel
-        step_compute += share * _seconds(works["denoising"], target, _speed_factors(config, denoiser.name, generation), attention)
-        step_transfer += _streaming_seconds(denoiser, config, target, weights[denoiser.name], calls_per_step, on_cpu)
-    step = _overlapped(step_compute, step_transfer, config)
-    # The text encoders and the VAE run once: a group-offloaded one streams its weights in that once.
-    text = sum(
-        _overlapped(_seconds(text_work(t, workload, config.dtype, memo), target, _speed_factors(config, t.name, generation)),
-                    _streaming_seconds(t, config, target, weights[t.name], 1, on_cpu), config)
-        for t in profile.by_role("text_encoder")
-    )
-    vae = profile.vae
-    decode = _overlapped(_seconds(works["vae_decode"], target), _streaming_seconds(vae, config, target, weights[vae.name], 1, on_cpu)
-                         if vae else 0.0, config)
-    swaps = 0.0
-    if config.offload.strategy == "model" and not on_cpu:
-        swaps = sum(weights[c.name] for c in profile.components if c.role != "other") / target.h2d_bytes_per_s
-    breakdown = {
-        "text_encoding_s": text,
-        "denoising_s": step * workload.steps,
-        "vae_decode_s": decode,
-        "model_offload_transfers_s": swaps,
-        "step_compute_s": step_compute,
-        "step_transfer_s": step_transfer,
-    }
-    return text + step * workload.steps + decode + swaps, step, breakdown

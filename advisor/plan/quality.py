@@ -10,6 +10,7 @@ from __future__ import annotations
 from advisor.config import OptimizationConfig
 from advisor.levers import LEVERS
 
+
 # A lossy pick must be predicted at least this much faster than the best lossless one (balanced).
 CLEAR_WIN = 0.20
 
@@ -22,16 +23,26 @@ QUALITY_COSTS = {
     "int8_weight_only": ("int8 weights: near-identical images", _QUANT_BLOG),
     "float8_weight_only": ("fp8 weights: near-identical images", _QUANT_BLOG),
     "int8_dynamic": ("int8 weights and activations: close, slightly more drift than weight-only", _QUANT_BLOG),
-    "float8_dynamic": ("fp8 weights and activations: close to bf16, small detail changes", "https://github.com/pytorch/ao/tree/main/torchao/float8"),
+    "float8_dynamic": (
+        "fp8 weights and activations: close to bf16, small detail changes",
+        "https://github.com/pytorch/ao/tree/main/torchao/float8",
+    ),
     "int4_weight_only": ("int4 weights: visible detail changes on some prompts", _QUANT_BLOG),
-    "fp8-storage": ("weights stored in fp8, computed in bf16: near-identical images", "https://huggingface.co/docs/diffusers/main/en/optimization/memory#layerwise-casting"),
+    "fp8-storage": (
+        "weights stored in fp8, computed in bf16: near-identical images",
+        "https://huggingface.co/docs/diffusers/main/en/optimization/memory#layerwise-casting",
+    ),
 }
 
 
 def is_lossy(config: OptimizationConfig) -> bool:
     """Whether the config changes the model's output (quantized or fp8-stored weights, or a lossy lever:
     quantized attention, a step cache)."""
-    return config.quantization is not None or config.layerwise_casting is not None or any(lever.lossy(config) for lever in LEVERS)
+    return (
+        config.quantization is not None
+        or config.layerwise_casting is not None
+        or any(lever.lossy(config) for lever in LEVERS)
+    )
 
 
 def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
@@ -52,8 +63,10 @@ FP16_RISKS = {
         "docs run the text encoders in fp32 for fp16 inference, which a config can't set per component yet",
         "https://huggingface.co/docs/diffusers/main/en/api/pipelines/flux#running-fp16-inference",
     ),
-    "T5EncoderModel": ("T5 overflows in fp16, which is why transformers keeps its `wo` layers in fp32 (`_keep_in_fp32_modules`)",
-                       _T5_SOURCE),
+    "T5EncoderModel": (
+        "T5 overflows in fp16, which is why transformers keeps its `wo` layers in fp32 (`_keep_in_fp32_modules`)",
+        _T5_SOURCE,
+    ),
     "UMT5EncoderModel": ("UMT5 (T5 family) overflows in fp16; transformers keeps its `wo` layers in fp32", _T5_SOURCE),
 }
 

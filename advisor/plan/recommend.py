@@ -21,6 +21,7 @@ from advisor.plan.scenario import RAM_USABLE, Scenario, smallest_card_for
 from advisor.plan.space import SearchSpace
 from advisor.units import format_size
 
+
 if TYPE_CHECKING:
     from advisor.probe.target import TargetHardware
 
@@ -115,7 +116,11 @@ class Fit:
     unfit: Unfit | None  # None: it fits
 
     def to_dict(self) -> dict[str, Any]:
-        return {"budget_bytes": self.budget_bytes, "fits": self.unfit is None, "why_not": self.unfit.reason if self.unfit else None}
+        return {
+            "budget_bytes": self.budget_bytes,
+            "fits": self.unfit is None,
+            "why_not": self.unfit.reason if self.unfit else None,
+        }
 
 
 def why_it_does_not_fit(result: Estimate, target: TargetHardware, budget_bytes: int) -> Unfit | None:
@@ -123,10 +128,16 @@ def why_it_does_not_fit(result: Estimate, target: TargetHardware, budget_bytes: 
     (the rule recommend picks by, and `advisor estimate` reports)."""
     peak = result.limited_peak(target.device)
     if peak > budget_bytes:
-        return Unfit("budget", f"peak {'RAM' if target.device == 'cpu' else 'VRAM'} {format_size(peak)} > budget {format_size(budget_bytes)}")
+        return Unfit(
+            "budget",
+            f"peak {'RAM' if target.device == 'cpu' else 'VRAM'} {format_size(peak)} > budget {format_size(budget_bytes)}",
+        )
     if target.device == "cuda" and result.peak_ram_bytes > int(target.ram_available_bytes * RAM_USABLE):
-        return Unfit("host RAM", f"host RAM {format_size(result.peak_ram_bytes)} > {RAM_USABLE:.0%} of the available "
-                                 f"{format_size(target.ram_available_bytes)}")
+        return Unfit(
+            "host RAM",
+            f"host RAM {format_size(result.peak_ram_bytes)} > {RAM_USABLE:.0%} of the available "
+            f"{format_size(target.ram_available_bytes)}",
+        )
     return None
 
 
@@ -134,8 +145,15 @@ def score(config: OptimizationConfig, scenario: Scenario, adjusted_by: list[str]
     """Estimate one finished candidate and check it against the budget."""
     result = estimate_for(scenario, config)
     unfit = why_it_does_not_fit(result, scenario.target, scenario.budget_bytes)
-    return Scored(config, result, unfit is None, unfit.reason if unfit else None, result.latency_s, adjusted_by or [],
-                  unfit.limit if unfit else None)
+    return Scored(
+        config,
+        result,
+        unfit is None,
+        unfit.reason if unfit else None,
+        result.latency_s,
+        adjusted_by or [],
+        unfit.limit if unfit else None,
+    )
 
 
 def _preference(scored: Scored, scenario: Scenario) -> tuple:
@@ -174,7 +192,9 @@ def _choose(feasible: list[Scored], scenario: Scenario) -> tuple[Scored, str | N
     )
 
 
-def recommend(scenario: Scenario, *, alternatives: int = 3, compile_choices: tuple[bool, ...] = (True, False)) -> Recommendation:
+def recommend(
+    scenario: Scenario, *, alternatives: int = 3, compile_choices: tuple[bool, ...] = (True, False)
+) -> Recommendation:
     """Pick the fastest configuration predicted to fit, with reasons and runners-up.
 
     ``compile_choices=(False,)`` leaves torch.compile out.
@@ -259,12 +279,18 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
             whose, advice = "the assumed", "pass --ram with your machine's RAM: a plan for less may differ"
         else:
             whose, advice = "the machine's", "close other programs or pass a larger --ram if you have it"
-        reasons.append(f"warning: host RAM {format_size(result.peak_ram_bytes)} is over {RAM_WARN:.0%} of {whose} "
-                       f"{format_size(target.ram_total_bytes)}; {advice}")
+        reasons.append(
+            f"warning: host RAM {format_size(result.peak_ram_bytes)} is over {RAM_WARN:.0%} of {whose} "
+            f"{format_size(target.ram_total_bytes)}; {advice}"
+        )
     if config.quantization or config.layerwise_casting:
         unquantized = config.replace(quantization=None, layerwise_casting=None)
         plain = estimate_for(scenario, unquantized)
-        what = config.quantization.label() if config.quantization else f"fp8 storage({', '.join(config.layerwise_casting.components)})"
+        what = (
+            config.quantization.label()
+            if config.quantization
+            else f"fp8 storage({', '.join(config.layerwise_casting.components)})"
+        )
         cost, source = quality_cost(config)
         reasons.append(
             f"quantized {what}: weights {format_size(sum(result.weight_bytes.values()))} instead of "
@@ -289,7 +315,9 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
         )
         reasons.append(f"torch.compile on the denoiser{how}; expect a one-off compile on the first call")
     for lever in LEVERS:
-        said = lever.reason(config, scenario, result.latency_s, lambda lever=lever: estimate_for(scenario, lever.off(config)).latency_s)
+        said = lever.reason(
+            config, scenario, result.latency_s, lambda lever=lever: estimate_for(scenario, lever.off(config)).latency_s
+        )
         reasons += [said] if said else []
     reasons += [f"{r.reason} ({r.source})" for r in rules_of("adjust") if r.name in best.adjusted_by]
     if config.offload.strategy in {"model", "group"}:
@@ -312,17 +340,23 @@ def _partial_against_whole(best: Scored, scenario: Scenario) -> str:
     if all(resident[name] == fits[name] for name in resident):
         why = "the most that fit the budget with every phase's activations, the largest first"
     else:
-        why = (f"the largest first; {', '.join(str(n) for n in fits.values())} would fit the budget, and these are "
-               f"within {TIE:.0%} as fast with a smaller peak")
+        why = (
+            f"the largest first; {', '.join(str(n) for n in fits.values())} would fit the budget, and these are "
+            f"within {TIE:.0%} as fast with a smaller peak"
+        )
     rivals = []
-    for label, offload in (("every block group-offloaded on a stream", Offload(strategy="group", use_stream=True, record_stream=True)),
-                           ("model offload", Offload(strategy="model"))):
+    for label, offload in (
+        ("every block group-offloaded on a stream", Offload(strategy="group", use_stream=True, record_stream=True)),
+        ("model offload", Offload(strategy="model")),
+    ):
         rival = estimate_for(scenario, best.config.replace(offload=offload))
         peak = rival.limited_peak(scenario.target.device)
         fits = "fits" if peak <= scenario.budget_bytes else "over the budget"
         rivals.append(f"{label} {rival.latency_s:.1f}s (peak {format_size(peak)}, {fits})")
-    return (f"partial offload keeps {kept} on the GPU ({why}) and streams the rest: predicted {best.estimate.latency_s:.1f}s, "
-            f"against {' and '.join(rivals)}")
+    return (
+        f"partial offload keeps {kept} on the GPU ({why}) and streams the rest: predicted {best.estimate.latency_s:.1f}s, "
+        f"against {' and '.join(rivals)}"
+    )
 
 
 def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[str]:
@@ -338,10 +372,16 @@ def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) 
         elif mine > theirs:
             # Against candidates as lossy as the pick: the quality policy, not the offloading, decided between those.
             kind = "lossy" if is_lossy(best.config) else "lossless"
-            others = [s for s in feasible if s.config.offload.strategy == other and is_lossy(s.config) == is_lossy(best.config)]
+            others = [
+                s
+                for s in feasible
+                if s.config.offload.strategy == other and is_lossy(s.config) == is_lossy(best.config)
+            ]
             if not others:
-                lines.append(f"no {kind} {other}-offload candidate fits the budget, so the guidance's preference can't apply: "
-                             f"{prefer.reason} ({prefer.source})")
+                lines.append(
+                    f"no {kind} {other}-offload candidate fits the budget, so the guidance's preference can't apply: "
+                    f"{prefer.reason} ({prefer.source})"
+                )
                 continue
             runner = min(others, key=lambda s: s.score_s)
             gain = 1 - best.score_s / runner.score_s
@@ -377,15 +417,21 @@ def _advice(smallest: Scored, scenario: Scenario) -> list[str]:
     peak = result.limited_peak(target.device)
     if peak > scenario.budget_bytes:
         short = peak - scenario.budget_bytes
-        advice.append(f"the smallest predicted peak is {format_size(peak)} ({smallest.config.summary()}), {format_size(short)} over the budget")
+        advice.append(
+            f"the smallest predicted peak is {format_size(peak)} ({smallest.config.summary()}), {format_size(short)} over the budget"
+        )
         heavy = max(result.phases, key=lambda p: p.device_bytes)
         if heavy.activation_bytes > sum(heavy.weights_bytes.values()):
             advice.append(_smaller_job(smallest, scenario))
         card = target.vram_total_bytes
         if target.device == "cpu":
-            advice.append(f"a machine with at least {format_size(peak / RAM_USABLE)} of RAM would fit it, or plan for a GPU with --vram")
+            advice.append(
+                f"a machine with at least {format_size(peak / RAM_USABLE)} of RAM would fit it, or plan for a GPU with --vram"
+            )
         elif scenario.budget_source == "--budget" and smallest_card_for(peak) <= card:
-            advice.append(f"the card ({format_size(card)}) can hold it: raise --budget to at least {format_size(peak)}")
+            advice.append(
+                f"the card ({format_size(card)}) can hold it: raise --budget to at least {format_size(peak)}"
+            )
         else:
             advice.append(f"a GPU with at least {format_size(smallest_card_for(peak))} would fit it")
     if result.peak_ram_bytes > target.ram_available_bytes:

@@ -26,6 +26,7 @@ from advisor.levers import LEVERS
 from advisor.plan.estimate import decode_changes, estimate_for
 from advisor.plan.quality import is_lossy
 
+
 if TYPE_CHECKING:
     from advisor.plan.scenario import Scenario
 
@@ -127,7 +128,9 @@ def offload_needs_an_accelerator(config: OptimizationConfig, scenario: Scenario)
 )
 def dynamo_capture_for_bitsandbytes(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
     if config.compile and config.quantization and config.quantization.backend.startswith("bitsandbytes"):
-        return _with_compile(config, dynamo_config={**config.compile.dynamo_config, "capture_dynamic_output_shape_ops": True})
+        return _with_compile(
+            config, dynamo_config={**config.compile.dynamo_config, "capture_dynamic_output_shape_ops": True}
+        )
     return config
 
 
@@ -179,7 +182,9 @@ def vae_tiling_when_decode_dominates(config: OptimizationConfig, scenario: Scena
     if not decode_changes(scenario, config, tiled):
         return config
     smaller = estimate_for(scenario, tiled)
-    return tiled if smaller.limited_peak(scenario.target.device) < plain.limited_peak(scenario.target.device) else config
+    return (
+        tiled if smaller.limited_peak(scenario.target.device) < plain.limited_peak(scenario.target.device) else config
+    )
 
 
 @rule(
@@ -190,7 +195,12 @@ def vae_tiling_when_decode_dominates(config: OptimizationConfig, scenario: Scena
 )
 def vae_slicing_for_batches(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
     vae = scenario.profile.vae
-    if scenario.workload.batch > 1 and vae is not None and vae.facts.get("supports_slicing") and not config.vae.slicing:
+    if (
+        scenario.workload.batch > 1
+        and vae is not None
+        and vae.facts.get("supports_slicing")
+        and not config.vae.slicing
+    ):
         return config.replace(vae=config.vae.replace(slicing=True))
     return config
 

@@ -31,6 +31,7 @@ from advisor.probe.target import TargetHardware, resolve_target
 from advisor.probe.workload import Workload, make_workload
 from advisor.units import GIB, format_size
 
+
 # How much lossy storage or compute a plan may use (see `advisor.plan.recommend`):
 # exact: none; balanced: only when nothing lossless fits or it is clearly faster; fast: whatever is fastest.
 Quality = Literal["exact", "balanced", "fast"]
@@ -142,8 +143,10 @@ def make_scenario(
         if budget <= 0:  # the user gave no --budget: say which memory left nothing
             cpu = target.device == "cpu"
             memory = format_size(target.ram_available_bytes if cpu else target.vram_free_bytes)
-            raise UsageError(f"--budget: not given, and the default ({default_budget_rule(target)}) leaves nothing of {memory} on "
-                             f"{target.name}; give --budget SIZE or a larger {'--ram' if cpu else '--vram'}")
+            raise UsageError(
+                f"--budget: not given, and the default ({default_budget_rule(target)}) leaves nothing of {memory} on "
+                f"{target.name}; give --budget SIZE or a larger {'--ram' if cpu else '--vram'}"
+            )
     else:
         budget, source = budget_bytes, "--budget"
     if budget <= 0:
@@ -151,7 +154,10 @@ def make_scenario(
     if quality not in QUALITIES:
         raise UsageError(f"--quality: {quality!r} is not a quality policy; use one of {', '.join(QUALITIES)}")
     if target.device == "cuda" and budget > target.vram_total_bytes:
-        notes = (*notes, f"--budget {format_size(budget)} is more than the card's {format_size(target.vram_total_bytes)}; planning within the card")
+        notes = (
+            *notes,
+            f"--budget {format_size(budget)} is more than the card's {format_size(target.vram_total_bytes)}; planning within the card",
+        )
         budget = target.vram_total_bytes
     return Scenario(profile, workload, target, packages, budget, source, tuple(notes), quality, assumed)
 
@@ -186,7 +192,9 @@ def scenario_for(
     target = resolve_target(machine, vram=vram, ram=ram, gpu=gpu)
     profile = profile or load_profile(model, workload=workload)
     if profile.workload not in ("image", "video"):
-        raise UsageError(f"--workload: {profile.workload} pipelines are not planned (yet); the advisor plans image and video")
+        raise UsageError(
+            f"--workload: {profile.workload} pipelines are not planned (yet); the advisor plans image and video"
+        )
     job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
     notes = []
     if planning_here and not machine.gpus:
@@ -195,5 +203,13 @@ def scenario_for(
             "--vram 24GB or --gpu 'RTX 4090'"
         )
     packages = machine.software.packages if planning_here else None
-    return make_scenario(profile, job, target, packages=packages, budget_bytes=budget_bytes, notes=tuple(notes), quality=quality,
-                         assumed=assumed)
+    return make_scenario(
+        profile,
+        job,
+        target,
+        packages=packages,
+        budget_bytes=budget_bytes,
+        notes=tuple(notes),
+        quality=quality,
+        assumed=assumed,
+    )

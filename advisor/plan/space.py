@@ -28,6 +28,7 @@ from advisor.plan.rules import rules_of
 from advisor.probe.layout import has_repeated_blocks
 from advisor.probe.models import ModelProfile
 
+
 if TYPE_CHECKING:
     from advisor.plan.scenario import Scenario
 
@@ -46,7 +47,7 @@ def quantization_choices(profile: ModelProfile) -> list[StorageChoice]:
     encoders = [c.name for c in profile.by_role("text_encoder") if c.parameters >= LARGE_TEXT_ENCODER]
     both = denoisers + encoders
     choices: list[StorageChoice] = [(None, None)]
-    for components in ([denoisers, both] if encoders else [denoisers]):
+    for components in [denoisers, both] if encoders else [denoisers]:
         choices += [
             (Quantization(backend="bitsandbytes_4bit", components=components), None),
             (Quantization(backend="bitsandbytes_8bit", components=components), None),
@@ -70,10 +71,16 @@ def partial_choices(profile: ModelProfile) -> dict[str, Offload]:
     the sizes of a UNet's down and up blocks aren't recorded: neither is offered). The count 1
     stands in until `SearchSpace.candidate` fits it to the scenario."""
     denoisers = profile.by_role("denoiser")
-    if len(denoisers) != 1 or sum(b.count for b in denoisers[0].blocks) < 2 or not all(b.uniform for b in denoisers[0].blocks):
+    if (
+        len(denoisers) != 1
+        or sum(b.count for b in denoisers[0].blocks) < 2
+        or not all(b.uniform for b in denoisers[0].blocks)
+    ):
         return {}
-    return {name: Offload(strategy="group", use_stream=True, record_stream=True, resident_blocks={denoisers[0].name: 1})
-            for name in PARTIAL_OFFSETS}
+    return {
+        name: Offload(strategy="group", use_stream=True, record_stream=True, resident_blocks={denoisers[0].name: 1})
+        for name in PARTIAL_OFFSETS
+    }
 
 
 def offload_choices(device: str) -> list[Offload]:
@@ -110,7 +117,11 @@ def offload_name(offload: Offload) -> str:
     if offload.strategy != "group":
         return offload.strategy
     parts = ["group", "leaf" if offload.offload_type == "leaf_level" else f"block{offload.num_blocks_per_group}"]
-    flags = (("stream", offload.use_stream), ("lowram", offload.low_cpu_mem_usage), ("disk", bool(offload.offload_to_disk_path)))
+    flags = (
+        ("stream", offload.use_stream),
+        ("lowram", offload.low_cpu_mem_usage),
+        ("disk", bool(offload.offload_to_disk_path)),
+    )
     return "-".join(parts + [name for name, on in flags if on])
 
 
@@ -155,38 +166,63 @@ class SearchSpace:
     compile: list[bool]
     # Each lever's dimension (`advisor.levers`): choice name -> the value it sets in the config. A
     # point names a lever only where it holds two or more choices (`optional_dimensions`).
-    levers: dict[str, dict[str, Any]] = field(default_factory=lambda: {lever.name: {lever.off_choice: None} for lever in LEVERS})
+    levers: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {lever.name: {lever.off_choice: None} for lever in LEVERS}
+    )
 
     @classmethod
     def for_profile(
-        cls, profile: ModelProfile, *, device: str, supports_bf16: bool = True, compile_choices: tuple[bool, ...] = (True, False)
+        cls,
+        profile: ModelProfile,
+        *,
+        device: str,
+        supports_bf16: bool = True,
+        compile_choices: tuple[bool, ...] = (True, False),
     ) -> SearchSpace:
         quantization = {storage_name(q, c): (q, c) for q, c in quantization_choices(profile)}
         offload = {offload_name(o): o for o in offload_choices(device)}
         if device == "cuda":
             offload |= partial_choices(profile)
-        return cls(profile, device, preferred_dtype(device, supports_bf16), quantization, offload, list(compile_choices))
+        return cls(
+            profile, device, preferred_dtype(device, supports_bf16), quantization, offload, list(compile_choices)
+        )
 
     @classmethod
     def for_scenario(cls, scenario: Scenario, *, compile_choices: tuple[bool, ...] = (True, False)) -> SearchSpace:
         target = scenario.target
-        space = cls.for_profile(scenario.profile, device=target.device, supports_bf16=target.supports_bf16, compile_choices=compile_choices)
+        space = cls.for_profile(
+            scenario.profile, device=target.device, supports_bf16=target.supports_bf16, compile_choices=compile_choices
+        )
         space.levers = {lever.name: lever.choices(scenario, space.dtype) for lever in LEVERS}
         return space
 
     def usable(self, scenario: Scenario) -> SearchSpace:
         """The space without choices that no candidate can use on this target (what tune searches)."""
+
         def usable_alone(probe: OptimizationConfig) -> bool:
             return rejection(probe, scenario) in (None, *REPAIRED_BY_ADJUST)
 
         quantization = {
             name: (q, c)
             for name, (q, c) in self.quantization.items()
-            if usable_alone(OptimizationConfig(device=self.device, quantization=q, layerwise_casting=c, compile=Compile()))
+            if usable_alone(
+                OptimizationConfig(device=self.device, quantization=q, layerwise_casting=c, compile=Compile())
+            )
         }
-        offload = {name: o for name, o in self.offload.items() if usable_alone(OptimizationConfig(device=self.device, offload=o))}
-        return SearchSpace(self.profile, self.device, self.dtype, quantization, offload, list(self.compile),
-                           {name: dict(choices) for name, choices in self.levers.items()})
+        offload = {
+            name: o
+            for name, o in self.offload.items()
+            if usable_alone(OptimizationConfig(device=self.device, offload=o))
+        }
+        return SearchSpace(
+            self.profile,
+            self.device,
+            self.dtype,
+            quantization,
+            offload,
+            list(self.compile),
+            {name: dict(choices) for name, choices in self.levers.items()},
+        )
 
     def config(self, params: dict[str, Any]) -> OptimizationConfig:
         """The point's config before the adjust rules complete it.
@@ -235,18 +271,29 @@ class SearchSpace:
     def params_of(self, config: OptimizationConfig) -> dict[str, Any] | None:
         """The point that produces `config` (to enqueue the rule engine's picks in a study)."""
         quantization = next(
-            (n for n, (q, c) in self.quantization.items() if q == config.quantization and c == config.layerwise_casting), None
+            (
+                n
+                for n, (q, c) in self.quantization.items()
+                if q == config.quantization and c == config.layerwise_casting
+            ),
+            None,
         )
         offload = next((n for n, o in self.offload.items() if o == config.offload), None)
         if offload is None and config.offload.resident_blocks:  # the count is fitted when the point is finished
             offload = "partial"
         compiled = config.compile is not None
-        optional = {lever.name: next((c for c, value in self.levers[lever.name].items() if value == lever.value(config)), None)
-                    for lever in LEVERS}
+        optional = {
+            lever.name: next((c for c, value in self.levers[lever.name].items() if value == lever.value(config)), None)
+            for lever in LEVERS
+        }
         if quantization is None or offload is None or compiled not in self.compile or None in optional.values():
             return None
-        return {"quantization": quantization, "offload": offload, "compile": compiled,
-                **{name: value for name, value in optional.items() if name in self.optional_dimensions()}}
+        return {
+            "quantization": quantization,
+            "offload": offload,
+            "compile": compiled,
+            **{name: value for name, value in optional.items() if name in self.optional_dimensions()},
+        }
 
     def choices(self, name: str) -> list[str]:
         """The choices of lever dimension `name`."""
@@ -257,7 +304,12 @@ class SearchSpace:
         return {name: list(choices) for name, choices in self.levers.items() if len(choices) > 1}
 
     def size(self) -> int:
-        return len(self.quantization) * len(self.offload) * len(self.compile) * math.prod(len(c) for c in self.levers.values())
+        return (
+            len(self.quantization)
+            * len(self.offload)
+            * len(self.compile)
+            * math.prod(len(c) for c in self.levers.values())
+        )
 
     def points(self) -> Iterator[dict[str, Any]]:
         optional = self.optional_dimensions()

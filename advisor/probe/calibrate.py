@@ -62,5 +62,9 @@ def calibrate(*, seconds: float = 1.0) -> dict[str, Any]:
     try:
         write_text_atomic(path, json.dumps(stored, indent=2) + "\n")
     except OSError as exc:  # the measurement stands; only the next command won't find it
-        warnings.warn(f"{path}: could not save the calibration ({os_error_reason(exc)}); estimates won't use it", AdvisorWarning, stacklevel=2)
+        warnings.warn(
+            f"{path}: could not save the calibration ({os_error_reason(exc)}); estimates won't use it",
+            AdvisorWarning,
+            stacklevel=2,
+        )
     return {"name": name, "path": str(path), **result}

@@ -15,6 +15,7 @@ from typing import Any
 
 from advisor.errors import ModelError
 
+
 # The fields of a component's config.json that the profile and the estimate read, and what each
 # must hold (diffusers and transformers write them so; null means unset). A field of the wrong type
 # is a corrupt file, said here with its name, not a TypeError deep in the estimate.

@@ -17,14 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advisor.levers.attention import BACKENDS
-from advisor.levers.attention import PACKAGES as ATTENTION_PACKAGES
 from advisor.config import OptimizationConfig
 from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation
+from advisor.levers.attention import BACKENDS
+from advisor.levers.attention import PACKAGES as ATTENTION_PACKAGES
 from advisor.packages import installed_version, installed_versions
 from advisor.paths import hub_offline
 from advisor.probe.hub_cache import hub_cache_dir
 from advisor.units import parse_capability
+
 
 # Per-lane, per-direction payload bandwidth of each PCIe generation in bytes/s, after line coding
 # (8b/10b for gen 1-2, 128b/130b for gen 3-5, FLIT for gen 6).
@@ -236,7 +237,11 @@ def _visible_only(gpus: list[GpuInfo]) -> list[GpuInfo]:
 def nvidia_gpu_signs() -> bool:
     """True when the machine shows an NVIDIA GPU without asking NVML: device nodes, the driver, or
     WSL2's GPU paravirtualization device (/dev/dxg, where NVML works through /usr/lib/wsl/lib)."""
-    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/dxg")
+    return (
+        bool(glob.glob("/dev/nvidia[0-9]*"))
+        or os.path.exists("/proc/driver/nvidia/version")
+        or os.path.exists("/dev/dxg")
+    )
 
 
 def _probe_torch() -> list[GpuInfo]:
@@ -263,7 +268,9 @@ def _probe_torch() -> list[GpuInfo]:
 
 def probe_gpus() -> tuple[list[GpuInfo], str, str, str | None, str | None]:
     """(gpus, source, note, driver version, CUDA driver version); source is nvml, torch or none."""
-    if sys.platform.startswith("linux") and not nvidia_gpu_signs():  # NVML would find nothing (its import costs ~25 ms)
+    if (
+        sys.platform.startswith("linux") and not nvidia_gpu_signs()
+    ):  # NVML would find nothing (its import costs ~25 ms)
         return [], "none", "no CUDA GPU found: no NVIDIA driver or device nodes, so NVML was not asked", None, None
     try:
         gpus, driver, cuda = _probe_nvml()
@@ -368,7 +375,9 @@ def attention_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) -> 
             table[name] = BackendStatus(False, violation.message)
         else:
             version = f", {backend.package} {packages.get(backend.package)}" if backend.package else ""
-            table[name] = BackendStatus(True, f"{backend.kernel}{version}" + (" (lossy: int8 q/k)" if backend.lossy else ""))
+            table[name] = BackendStatus(
+                True, f"{backend.kernel}{version}" + (" (lossy: int8 q/k)" if backend.lossy else "")
+            )
     return table
 
 
@@ -391,7 +400,11 @@ def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) 
         return BackendStatus(False, violation.message) if violation else BackendStatus(True, usable_because[name])
 
     def installed(package: str, usable: str) -> BackendStatus:
-        return BackendStatus(True, usable) if packages.get(package) else BackendStatus(False, f"{package} is not installed")
+        return (
+            BackendStatus(True, usable)
+            if packages.get(package)
+            else BackendStatus(False, f"{package} is not installed")
+        )
 
     return {
         "bitsandbytes": judged("bitsandbytes"),

@@ -20,6 +20,7 @@ from advisor.files import json_type, read_json
 from advisor.paths import CATALOG_DIR, diffusers_tables
 from advisor.probe.hub_cache import cached_file
 
+
 Role = str  # denoiser | text_encoder | vae | other
 # Component names that are never torch modules (tokenizers, schedulers, processors).
 NOT_MODELS = ("tokenizer", "scheduler", "feature_extractor", "processor", "image_processor")
@@ -89,18 +90,20 @@ def check_model_index(index: dict[str, Any], path: Path) -> None:
         if name.startswith("_"):
             continue
         if isinstance(spec, list) and not _is_folder_name(name):  # diffusers loads it from the subfolder of that name
-            raise ModelError(f"{path}: the component {name!r} is not a folder of the model; a component entry is "
-                             "named after its subfolder, e.g. 'vae' or 'text_encoder_2'")
+            raise ModelError(
+                f"{path}: the component {name!r} is not a folder of the model; a component entry is "
+                "named after its subfolder, e.g. 'vae' or 'text_encoder_2'"
+            )
         if isinstance(spec, list):
             if len(spec) != 2 or not all(part is None or isinstance(part, str) for part in spec):
                 raise ModelError(
                     f"{path}: {name!r} is {json.dumps(spec)[:80]}; a component entry is a [library, class] pair "
-                    "of names, e.g. [\"diffusers\", \"AutoencoderKL\"], or [null, null] for none"
+                    'of names, e.g. ["diffusers", "AutoencoderKL"], or [null, null] for none'
                 )
         elif role_of(name, "") != "other" or name.startswith(NOT_MODELS):
             raise ModelError(
                 f"{path}: {name!r} is {json.dumps(spec)[:80]}; a component entry is a [library, class] pair, "
-                "e.g. [\"diffusers\", \"AutoencoderKL\"], or [null, null] for none"
+                'e.g. ["diffusers", "AutoencoderKL"], or [null, null] for none'
             )
 
 
@@ -126,7 +129,9 @@ def check_vae(index: dict[str, Any], index_path: Path, pipeline_class: str, weig
     spec = index.get("vae")
     needs = f"{pipeline_class} decodes its latents with a VAE (diffusers' pipeline takes vae=...)"
     if spec is None:
-        raise ModelError(f"{index_path}: has no 'vae' entry, but {needs}; restore it, e.g. \"vae\": [\"diffusers\", \"AutoencoderKL\"]")
+        raise ModelError(
+            f'{index_path}: has no \'vae\' entry, but {needs}; restore it, e.g. "vae": ["diffusers", "AutoencoderKL"]'
+        )
     if isinstance(spec, list) and spec[1:2] == [None]:
         raise ModelError(f"{index_path}: 'vae' is {json.dumps(spec)} (saved without a VAE), but {needs}")
     raise ModelError(f"{index_path.parent / 'vae'}: no safetensors weights, but {needs} and model_index.json lists it")
@@ -193,7 +198,9 @@ def catalog_entry(name: str) -> dict[str, Any] | None:
 
 
 def layout_from_catalog(entry: dict[str, Any]) -> PipelineLayout:
-    entries = {item["name"]: ComponentEntry(item["library"], item["class_name"]) for item in entry.get("components", [])}
+    entries = {
+        item["name"]: ComponentEntry(item["library"], item["class_name"]) for item in entry.get("components", [])
+    }
     for name, class_name in entry.get("other_components", {}).items():
         entries[name] = ComponentEntry(None, class_name)
     return PipelineLayout(entries, entry.get("pipeline_class"), "catalog")

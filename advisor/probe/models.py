@@ -25,8 +25,9 @@ from typing import Any, Callable
 
 from advisor.errors import ModelError
 from advisor.files import json_type, os_error_reason, read_json
-from advisor.paths import diffusers_tables, hub_offline
+from advisor.paths import hub_offline
 from advisor.probe.config_fields import check_component_config
+from advisor.probe.facts import classify_workload, component_facts
 from advisor.probe.layout import (
     catalog_entry,
     catalog_index,
@@ -42,8 +43,6 @@ from advisor.probe.layout import (
 )
 from advisor.probe.safetensors_header import DTYPES, TensorInfo, checked_shape
 from advisor.probe.weights import BlockGroup, choose_weight_files, header_tensors, summarize_tensors
-
-WORKLOADS = ("image", "video", "audio")
 
 
 @dataclass
@@ -128,102 +127,6 @@ class ModelProfile:
         return data
 
 
-# --- workload kind --------------------------------------------------------------------------------
-
-
-def classify_workload(pipeline_class: str, override: str | None = None) -> tuple[str, str]:
-    """(workload, why) for a pipeline class: image, video or audio.
-
-    Known classes use the table (video when ``__call__`` takes ``num_frames``); unknown ones fall
-    back to the class name (``Video``, ``T2V``, ``I2V``, ``Wan``, ``Animate`` mean video) and
-    otherwise image. ``override`` wins.
-    """
-    if override is not None:
-        if str(override).lower() not in WORKLOADS:
-            raise ModelError(f"--workload: {override!r} is not a workload; use one of {', '.join(WORKLOADS)}")
-        return str(override).lower(), "set by the user"
-    facts = pipeline_facts(pipeline_class)
-    if facts is not None:
-        return facts["workload"], f"{pipeline_class} is a known {facts['workload']} pipeline"
-    if re.search(r"Video|T2V|I2V|V2V|Wan|Animate", pipeline_class):
-        return "video", f"{pipeline_class} is not in the table; its name says video"
-    return "image", f"{pipeline_class} is not in the table; assumed image (override with --workload)"
-
-
-def known_workload(pipeline_class: str) -> str | None:
-    """The workload kind the class table says `pipeline_class` is; None for a class it does not know."""
-    return (pipeline_facts(pipeline_class) or {}).get("workload")
-
-
-def _first(config: dict[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if config.get(key) is not None:
-            return config[key]
-    return None
-
-
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    # Multimodal encoders (Qwen2.5-VL, Llava) keep the language model's shape under text_config.
-    nested = config.get("text_config")
-    return {**config, **nested} if isinstance(nested, dict) else config
-
-
-def component_facts(role: str, class_name: str, config: dict[str, Any], pipeline_class: str) -> dict[str, Any]:
-    """The shape facts later estimates need, derived from a component's config.json."""
-    if role == "denoiser":
-        heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
-        hidden = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else None
-        facts = {
-            "hidden_size": hidden or _first(config, "hidden_size", "inner_dim"),
-            "num_attention_heads": heads,
-            "attention_head_dim": head_dim,
-            "patch_size": config.get("patch_size"),
-            "patch_size_t": config.get("patch_size_t"),
-            "in_channels": config.get("in_channels"),
-            "text_dim": _first(config, "joint_attention_dim", "text_dim", "cross_attention_dim", "text_embed_dim"),
-            "block_out_channels": config.get("block_out_channels"),
-        }
-    elif role == "vae":
-        spatial, temporal = vae_compression(class_name, config)
-        model_facts = diffusers_tables()["models"].get(class_name, {})
-        facts = {
-            "spatial_compression": spatial,
-            "temporal_compression": temporal,
-            "latent_channels": _first(config, "latent_channels", "z_dim"),
-            "block_out_channels": config.get("block_out_channels"),
-            "supports_tiling": model_facts.get("tiling"),
-            "supports_slicing": model_facts.get("slicing"),
-        }
-    elif role == "text_encoder":
-        text = _text_config(config)
-        pipeline = pipeline_facts(pipeline_class) or {}
-        # CLIP-style encoders have a hard position limit; T5/LLM encoders take the pipeline's default.
-        max_length = text.get("max_position_embeddings") if class_name.startswith("CLIP") else None
-        facts = {
-            "hidden_size": _first(text, "d_model", "hidden_size", "projection_dim"),
-            "num_layers": _first(text, "num_hidden_layers", "num_layers"),
-            "max_sequence_length": max_length or pipeline.get("max_sequence_length") or text.get("max_position_embeddings"),
-        }
-    else:
-        facts = {}
-    return {key: value for key, value in facts.items() if value is not None}
-
-
-def vae_compression(class_name: str, config: dict[str, Any]) -> tuple[int, int]:
-    """(spatial, temporal) downsampling factor of a VAE, from its config."""
-    patch = config.get("patch_size") or 1
-    if config.get("spatial_compression_ratio"):
-        return int(config["spatial_compression_ratio"]), int(config.get("temporal_compression_ratio") or 1)
-    if "temperal_downsample" in config:  # Wan / Qwen-Image VAEs (the typo is diffusers' own)
-        steps = config["temperal_downsample"]
-        return patch * 2 ** len(steps), 2 ** sum(bool(s) for s in steps)
-    if "spatio_temporal_scaling" in config:  # LTX-Video
-        scaling = sum(bool(s) for s in config["spatio_temporal_scaling"])
-        return patch * 2**scaling, (config.get("patch_size_t") or 1) * 2**scaling
-    channels = config.get("block_out_channels") or [0]
-    return 2 ** (len(channels) - 1), int(config.get("temporal_compression_ratio") or 1)
-
-
 # --- from safetensors headers -------------------------------------------------------------------
 
 
@@ -277,7 +180,7 @@ def profile_from_folder(
             shown = json.dumps(class_name)
             raise ModelError(
                 f"{index_path}: '{name}' is [null, {shown}]; a component with weights names its library, "
-                f"e.g. [\"diffusers\", {shown}] or [\"transformers\", {shown}]"
+                f'e.g. ["diffusers", {shown}] or ["transformers", {shown}]'
             )
         tensors = [tensor for shard in shards for tensor in shard]
         config_path = folder / name / "config.json"
@@ -442,7 +345,9 @@ def tensors_from_hub_metadata(shards) -> list[list[TensorInfo]]:
     """`TensorInfo`s per shard from huggingface_hub's ``SafetensorsFileMetadata`` of each shard."""
     return [
         [
-            TensorInfo(name, DTYPES[info.dtype][0], checked_shape(info.shape, where=f"hub safetensors tensor {name!r}"))
+            TensorInfo(
+                name, DTYPES[info.dtype][0], checked_shape(info.shape, where=f"hub safetensors tensor {name!r}")
+            )
             for name, info in shard.tensors.items()
         ]
         for shard in shards
@@ -459,7 +364,9 @@ def load_profile(model: str, *, workload: str | None = None) -> ModelProfile:
     try:
         exists = path.exists()
     except OSError as exc:  # a name too long for the file system, a folder we may not enter
-        raise ModelError(f"{model}: {os_error_reason(exc)}; give a pipeline folder, a hub id or a catalog name") from None
+        raise ModelError(
+            f"{model}: {os_error_reason(exc)}; give a pipeline folder, a hub id or a catalog name"
+        ) from None
     if exists:
         if not path.is_dir():
             raise ModelError(f"{model}: is a file; give the pipeline folder that holds model_index.json")
@@ -493,7 +400,10 @@ def load_profile(model: str, *, workload: str | None = None) -> ModelProfile:
 
 def _catalog_hint(name: str) -> str:
     """The nearest catalog name to `name`, and the catalog as people type it: alias (hub id)."""
-    entries = sorted((catalog_entry(model_id) for model_id in catalog_names()), key=lambda e: (e.get("aliases") or [e["model_id"]])[0])
+    entries = sorted(
+        (catalog_entry(model_id) for model_id in catalog_names()),
+        key=lambda e: (e.get("aliases") or [e["model_id"]])[0],
+    )
     listed = ", ".join(f"{(e.get('aliases') or [e['model_id']])[0]} ({e['model_id']})" for e in entries)
     near = difflib.get_close_matches(name.lower(), list(catalog_index()), n=1, cutoff=0.75)
     return (f" (did you mean {near[0]!r}?)" if near else "") + f"; the catalog has {listed}"

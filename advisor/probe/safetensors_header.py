@@ -14,6 +14,7 @@ from pathlib import Path
 
 from advisor.errors import ModelError
 
+
 # safetensors dtype code -> (torch-style name, bytes per element)
 DTYPES = {
     "F64": ("float64", 8),
@@ -92,7 +93,9 @@ def read_header(path: str | Path) -> list[TensorInfo]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: safetensors header is not valid JSON ({exc})") from None
     except (RecursionError, ValueError):  # nested absurdly deep, or an integer of thousands of digits
-        raise ModelError(f"{path}: safetensors header is not a header safetensors writes (nested too deep or a giant number)") from None
+        raise ModelError(
+            f"{path}: safetensors header is not a header safetensors writes (nested too deep or a giant number)"
+        ) from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: safetensors header is not a JSON object")
 
@@ -147,6 +150,10 @@ def _is_byte_range(offsets: object) -> bool:
 
 def checked_shape(shape: object, *, where: str) -> tuple[int, ...]:
     """`shape` as a tuple of whole numbers >= 0, or a `ModelError` starting with `where`."""
-    if not isinstance(shape, (list, tuple)) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
-        raise ModelError(f"{where} has shape {json.dumps(shape, default=str)[:60]}; a shape is a list of whole numbers >= 0")
+    if not isinstance(shape, (list, tuple)) or any(
+        isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape
+    ):
+        raise ModelError(
+            f"{where} has shape {json.dumps(shape, default=str)[:60]}; a shape is a list of whole numbers >= 0"
+        )
     return tuple(shape)

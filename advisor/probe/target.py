@@ -23,12 +23,19 @@ from advisor.probe import hardware
 from advisor.probe.hardware import MachineProfile, pcie_bandwidth
 from advisor.units import GIB, format_size, parse_capability, parse_size
 
+
 # Planning defaults when neither the card nor a calibration is known: an RTX 4090-class GPU.
 DEFAULT_GPU = "RTX 4090"
 # `--vram SIZE` alone: a card of that size whose model we don't know. Its capabilities are the
 # conservative common ground of the cards people own (Ampere, compute capability 8.6: bf16 yes,
 # fp8 matmuls no) and its throughput an RTX 3090's (datasheet: 71 TFLOP/s dense bf16, PCIe 4 x16).
-GENERIC_GPU = {"bf16_tflops": 71, "memory_bandwidth_gbs": 936, "pcie_generation": 4, "pcie_width": 16, "compute_capability": "8.6"}
+GENERIC_GPU = {
+    "bf16_tflops": 71,
+    "memory_bandwidth_gbs": 936,
+    "pcie_generation": 4,
+    "pcie_width": 16,
+    "compute_capability": "8.6",
+}
 # Host RAM assumed for a machine the advisor can't see, when --ram is not given: twice the card's
 # memory (what loading and pinned offload copies need for the models that fill it), at least 32 GB.
 ASSUMED_RAM_PER_VRAM = 2
@@ -73,7 +80,7 @@ def _tokens(name: str) -> tuple[tuple[str, ...], float | None]:
     text = name.lower()
     stated = _MEMORY_WORD.search(text)
     if stated:
-        text = f"{text[:stated.start()]} {text[stated.end():]}"
+        text = f"{text[: stated.start()]} {text[stated.end() :]}"
     text = re.sub(r"(?<![a-z])(?:sxm|hbm)\d*e?(?![a-z])", " ", text)
     words = re.findall(r"[a-z]+|\d+", text)
     return tuple(_SYNONYMS.get(w, w) for w in words if w not in _BRAND_WORDS), (float(stated[1]) if stated else None)
@@ -107,7 +114,9 @@ def _candidates(name: str, memory_gib: float | None) -> list[tuple[tuple, str, t
     return sorted(found, key=lambda c: c[0], reverse=True)
 
 
-def lookup_gpu(name: str, *, memory_gib: float | None = None, strict: bool = True) -> tuple[str, dict[str, Any]] | None:
+def lookup_gpu(
+    name: str, *, memory_gib: float | None = None, strict: bool = True
+) -> tuple[str, dict[str, Any]] | None:
     """The datasheet entry for `name`, matched by words ('rtx3060', 'NVIDIA GeForce RTX 3060', '3060').
 
     Every word of the entry must be in the name ('4060' is not the RTX 4060 Ti), and, when `strict`,
@@ -125,8 +134,11 @@ def _memory_variants(key: str) -> list[tuple[float, str]]:
     """(the memory its name states, entry) of the table's other entries for the same card with
     other memory ('RTX 4060 Ti' -> (8, 'RTX 4060 Ti 8GB')), smallest first."""
     words = _tokens(key)[0]
-    return sorted((_tokens(other)[1], other) for other in gpu_table()
-                  if other != key and _tokens(other)[0] == words and _tokens(other)[1] is not None)
+    return sorted(
+        (_tokens(other)[1], other)
+        for other in gpu_table()
+        if other != key and _tokens(other)[0] == words and _tokens(other)[1] is not None
+    )
 
 
 def _not_this_card(name: str) -> str:
@@ -136,7 +148,9 @@ def _not_this_card(name: str) -> str:
         return ""
     _, key, extra = found[0]
     spelled = ["|".join([w, *(k for k, v in _SYNONYMS.items() if v == w)]) for w in extra]
-    said = re.search(r"(?<![a-z])(?:" + ")[^a-z0-9]*(?:".join(spelled) + r")(?![a-z])", name, re.IGNORECASE)  # 'Max-Q' as written
+    said = re.search(
+        r"(?<![a-z])(?:" + ")[^a-z0-9]*(?:".join(spelled) + r")(?![a-z])", name, re.IGNORECASE
+    )  # 'Max-Q' as written
     return f" ({said[0] if said else ' '.join(extra)!r} makes it another card than the {key})"
 
 
@@ -146,7 +160,9 @@ def near_gpu_names(name: str) -> list[str]:
     import difflib  # only for a name it does not know: not on the fast path
 
     close = difflib.get_close_matches(_normal(name), list(normal), n=4, cutoff=0.5)
-    contained = [key for norm, key in normal.items() if _normal(name) and (_normal(name) in norm or norm in _normal(name))]
+    contained = [
+        key for norm, key in normal.items() if _normal(name) and (_normal(name) in norm or norm in _normal(name))
+    ]
     return list(dict.fromkeys([*contained, *(normal[c] for c in close)]))
 
 
@@ -193,14 +209,19 @@ def read_calibrations() -> dict[str, dict[str, Any]]:
     if not isinstance(data, dict):
         warnings.warn(
             f"{path}: holds a JSON {json_type(data)}, not an object of device name -> calibration; ignored ({_REMEASURE})",
-            AdvisorWarning, stacklevel=2,
+            AdvisorWarning,
+            stacklevel=2,
         )
         return {}
     usable = {}
     for name, entry in data.items():
         problem = _calibration_problem(entry)
         if problem:
-            warnings.warn(f"{path}: the calibration of {name!r} is unusable ({problem}); ignored ({_REMEASURE})", AdvisorWarning, stacklevel=2)
+            warnings.warn(
+                f"{path}: the calibration of {name!r} is unusable ({problem}); ignored ({_REMEASURE})",
+                AdvisorWarning,
+                stacklevel=2,
+            )
         else:
             usable[name] = entry
     return usable
@@ -257,7 +278,8 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
             supports_bf16=host.cpu_bf16,
             matmul_flops=(calibration or {}).get("matmul_flops", DEFAULT_CPU_TFLOPS * 1e12),
             h2d_bytes_per_s=float("inf"),
-            source="probe; CPU " + ("calibrated" if calibration else f"throughput default {DEFAULT_CPU_TFLOPS} TFLOP/s"),
+            source="probe; CPU "
+            + ("calibrated" if calibration else f"throughput default {DEFAULT_CPU_TFLOPS} TFLOP/s"),
         )
     if gpu_index >= len(machine.gpus):
         raise UsageError(f"--gpu-index: {gpu_index} is out of range; this machine has {len(machine.gpus)} GPU(s)")
@@ -343,14 +365,18 @@ def planned_target(
         if found is None:
             near = near_gpu_names(gpu)
             hint = f"did you mean {', '.join(repr(n) for n in near)}?" if near else f"known: {', '.join(gpu_table())}"
-            raise UsageError(f"--gpu: {gpu!r} is not a known GPU{_not_this_card(gpu)}; {hint} (or give --vram for a card of that size)")
+            raise UsageError(
+                f"--gpu: {gpu!r} is not a known GPU{_not_this_card(gpu)}; {hint} (or give --vram for a card of that size)"
+            )
         key, sheet = found
         source = f"--gpu {key} (datasheet)"
         entry_bytes, stated = int(sheet["memory_gib"] * GIB), stated_memory_gib(gpu)
         if vram is not None:
             name = f"{key} with {size_text(vram)}"
             if not memory_fits(sheet["memory_gib"], vram / GIB):  # a MIG slice, a capped card: allowed, and said
-                assumptions.append(f"memory: --vram {size_text(vram)} overrides the {key}'s {size_text(entry_bytes)} (its other figures are kept)")
+                assumptions.append(
+                    f"memory: --vram {size_text(vram)} overrides the {key}'s {size_text(entry_bytes)} (its other figures are kept)"
+                )
         elif stated is not None and not memory_fits(sheet["memory_gib"], stated):
             vram = int(stated * GIB)
             name = f"{key} with {size_text(vram)}"
@@ -362,8 +388,10 @@ def planned_target(
             name = key if stated is None or _tokens(key)[1] is not None else f"{key} {stated:g}GB"
             variants = _memory_variants(key) if stated is None else []
             if variants:  # 'RTX 4060 Ti' alone: the 16 GB card is a guess the user should see
-                assumptions.append(f"memory: the {math.ceil(sheet['memory_gib'])} GB {key} (it is also sold with "
-                                   f"{', '.join(f'{gib:g} GB' for gib, _ in variants)}: --gpu {variants[0][1]!r} plans that one)")
+                assumptions.append(
+                    f"memory: the {math.ceil(sheet['memory_gib'])} GB {key} (it is also sold with "
+                    f"{', '.join(f'{gib:g} GB' for gib, _ in variants)}: --gpu {variants[0][1]!r} plans that one)"
+                )
     else:
         key, sheet = "generic", GENERIC_GPU
         source = "--vram (a generic card of that size)"
@@ -382,7 +410,9 @@ def planned_target(
         host = ram
     else:
         host = assumed_ram(vram_bytes)
-        assumptions.append(f"host RAM: {format_size(host)} (2x the card's memory, at least 32 GB); pass --ram for yours")
+        assumptions.append(
+            f"host RAM: {format_size(host)} (2x the card's memory, at least 32 GB); pass --ram for yours"
+        )
     return TargetHardware(
         device="cuda",
         name=name,

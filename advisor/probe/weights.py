@@ -18,6 +18,7 @@ from advisor.errors import ModelError
 from advisor.paths import diffusers_tables
 from advisor.probe.safetensors_header import TensorInfo, read_header
 
+
 DEFAULT_CASTING_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
 # Text encoders (transformers models) also keep their embeddings at the compute dtype: transformers
 # reports a model's dtype from its first weight (the token embedding), and pipelines cast the prompt
@@ -89,9 +90,7 @@ def _keep_in_fp32(module: str, class_name: str, library: str) -> bool:
     return any(k in module.split(".") for k in keep)  # diffusers' rule: a dotted segment equals a key
 
 
-def summarize_tensors(
-    tensors: list[TensorInfo], *, class_name: str, library: str
-) -> dict[str, Any]:
+def summarize_tensors(tensors: list[TensorInfo], *, class_name: str, library: str) -> dict[str, Any]:
     """Parameter counts, storage and layer facts of one component from its tensors' headers.
 
     Integer tensors are buffers (position ids), not parameters. A module whose ``weight`` has two or
@@ -104,12 +103,16 @@ def summarize_tensors(
     matrices = {m for m in castable if len(weights[m].shape) == 2 and m.rsplit(".", 1)[-1] not in _EMBEDDING_NAMES}
     linear = {m for m in matrices if not _quantization_skips(m, class_name, library)}
     fp32_linear = {
-        m for m in matrices - linear if library != "diffusers" and not _quantization_skips(m, class_name, library, keep_in_fp32=False)
+        m
+        for m in matrices - linear
+        if library != "diffusers" and not _quantization_skips(m, class_name, library, keep_in_fp32=False)
     }
 
     if library == "diffusers":
         model_facts = diffusers_tables()["models"].get(class_name, {})
-        own = tuple(model_facts.get("skip_layerwise_casting_patterns", [])) + tuple(model_facts.get("keep_in_fp32_modules", []))
+        own = tuple(model_facts.get("skip_layerwise_casting_patterns", [])) + tuple(
+            model_facts.get("keep_in_fp32_modules", [])
+        )
     else:
         own = ENCODER_CASTING_SKIP_PATTERNS + tuple(
             diffusers_tables()["transformers_models"].get(class_name, {}).get("keep_in_fp32_modules", [])
@@ -129,7 +132,9 @@ def summarize_tensors(
         if index:
             per_block[".".join(parts[:index])][int(parts[index])] += tensor.numel
     blocks = [
-        BlockGroup(name=name, count=len(sizes), parameters_per_block=max(sizes.values()), parameters_total=sum(sizes.values()))
+        BlockGroup(
+            name=name, count=len(sizes), parameters_per_block=max(sizes.values()), parameters_total=sum(sizes.values())
+        )
         for name, sizes in sorted(per_block.items())
     ]
     return {

@@ -16,6 +16,7 @@ from advisor.errors import UsageError
 from advisor.paths import DATA_DIR
 from advisor.probe.models import ModelProfile
 
+
 # Upper bounds of the workload flags, each past anything a pipeline generates (the catalog's
 # largest defaults: 1328 px, 161 frames, 50 steps; diffusers' VAEs compress time 4x or 8x, and
 # 1025 frames is a valid count for both) and small enough that every estimate is a finite number:
@@ -134,7 +135,9 @@ def make_workload(
                 f"use {lower or multiple} or {upper}"
             )
     if profile.workload != "video" and values["frames"] != 1:
-        raise UsageError(f"--frames: {values['frames']} given for an {profile.workload} pipeline; frames are for video")
+        raise UsageError(
+            f"--frames: {values['frames']} given for an {profile.workload} pipeline; frames are for video"
+        )
     vae = profile.vae
     temporal = vae.facts.get("temporal_compression", 1) if vae else 1
     if profile.workload == "video" and (values["frames"] - 1) % temporal:
@@ -161,5 +164,8 @@ def recorded_workload(provenance, profile: ModelProfile) -> dict[str, int]:
         return {}
     if recorded.get("kind", profile.workload) != profile.workload:
         return {}
-    return {name: value for name, value in recorded.items()
-            if name in WORKLOAD_LIMITS and isinstance(value, int) and not isinstance(value, bool)}
+    return {
+        name: value
+        for name, value in recorded.items()
+        if name in WORKLOAD_LIMITS and isinstance(value, int) and not isinstance(value, bool)
+    }

@@ -24,6 +24,7 @@ from advisor.run.classes import Components
 from advisor.run.quantize import pipeline_kwargs
 from advisor.run.steps import plan
 
+
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
 

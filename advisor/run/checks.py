@@ -17,6 +17,7 @@ from advisor.probe.weights import casting_skipped
 from advisor.run.classes import Components
 from advisor.run.steps import ConfigWarning, casting_skips
 
+
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
 
@@ -46,7 +47,9 @@ def check_config(config: OptimizationConfig) -> None:
 
         names = sorted(member.value for member in AttentionBackendName)
         if config.attention_backend.lower() not in names:
-            raise ConfigError(f"`attention_backend: {config.attention_backend}` is unknown; use one of {', '.join(names)}")
+            raise ConfigError(
+                f"`attention_backend: {config.attention_backend}` is unknown; use one of {', '.join(names)}"
+            )
 
 
 def _device(config: OptimizationConfig) -> Any:
@@ -55,7 +58,9 @@ def _device(config: OptimizationConfig) -> Any:
     try:
         return torch.device(config.device)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"`device: {config.device}` is not a torch device; use e.g. `cuda`, `cuda:1` or `cpu`") from None
+        raise ConfigError(
+            f"`device: {config.device}` is not a torch device; use e.g. `cuda`, `cuda:1` or `cpu`"
+        ) from None
 
 
 def check_machine(config: OptimizationConfig) -> None:
@@ -136,7 +141,9 @@ def _first_weight_cast(module: Any, patterns: tuple[str, ...]) -> str | None:
         if not param.is_floating_point():
             continue
         owner = name.rpartition(".")[0]
-        if (owner and casting_skipped(owner, patterns)) or not isinstance(modules[owner], _GO_LC_SUPPORTED_PYTORCH_LAYERS):
+        if (owner and casting_skipped(owner, patterns)) or not isinstance(
+            modules[owner], _GO_LC_SUPPORTED_PYTORCH_LAYERS
+        ):
             return None
         return name
     return None
@@ -175,14 +182,32 @@ def check_pipeline(pipe: Any, config: OptimizationConfig) -> None:
                     f"cast prompt embeddings to it; remove {name!r}"
                 )
     for name, count in (config.offload.resident_blocks or {}).items():
-        lists = [child for child in pipe.components[name].children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))]
+        lists = [
+            child
+            for child in pipe.components[name].children()
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))
+        ]
         blocks = sum(len(child) for child in lists)
         if count >= blocks:
-            have = f"has {blocks} repeated blocks" if lists else "has no top-level block list (ModuleList) to offload in part"
-            keep = f"give fewer than {blocks}, or `offload.strategy: none` to keep it all" if lists else "use plain group offload"
-            raise ConfigError(f"`offload.resident_blocks.{name}: {count}`: {name} ({components.class_name(name)}) {have}; {keep}")
+            have = (
+                f"has {blocks} repeated blocks"
+                if lists
+                else "has no top-level block list (ModuleList) to offload in part"
+            )
+            keep = (
+                f"give fewer than {blocks}, or `offload.strategy: none` to keep it all"
+                if lists
+                else "use plain group offload"
+            )
+            raise ConfigError(
+                f"`offload.resident_blocks.{name}: {count}`: {name} ({components.class_name(name)}) {have}; {keep}"
+            )
     if config.quantization is not None:
-        plain = [name for name in config.quantization.components if getattr(pipe.components[name], "hf_quantizer", None) is None]
+        plain = [
+            name
+            for name in config.quantization.components
+            if getattr(pipe.components[name], "hf_quantizer", None) is None
+        ]
         if plain:
             warnings.warn(
                 f"`quantization.components` {plain} are not quantized in this pipeline: load it with "

@@ -20,6 +20,7 @@ import time
 from advisor.run.storage import runner_alive
 from advisor.run.trials import ClaimState, claim_of, claim_state, runner_of, set_claim
 
+
 WAIT_S = 30.0  # for a higher-numbered claim to resolve; it takes one storage read
 
 
@@ -28,8 +29,11 @@ def claim(trial, key: str, poll_s: float = 0.1) -> bool:
     set_claim(trial, key, ClaimState.CLAIMED)
     deadline = time.monotonic() + WAIT_S
     while True:
-        rivals = [t for t in _live_claims(trial.study, trial.number)
-                  if claim_of(t) == key and claim_state(t) != ClaimState.YIELDED]
+        rivals = [
+            t
+            for t in _live_claims(trial.study, trial.number)
+            if claim_of(t) == key and claim_state(t) != ClaimState.YIELDED
+        ]
         won = not any(t.number < trial.number or claim_state(t) == ClaimState.MEASURING for t in rivals)
         undecided = any(t.number > trial.number and claim_state(t) == ClaimState.CLAIMED for t in rivals)
         if not won or not undecided or time.monotonic() > deadline:
@@ -48,5 +52,8 @@ def _live_claims(study, number: int) -> list:
     """The running trials other than `number`, of tuners that may still run them, that claim a configuration."""
     import optuna
 
-    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if t.number != number and claim_of(t) is not None and runner_alive(runner_of(t))]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if t.number != number and claim_of(t) is not None and runner_alive(runner_of(t))
+    ]

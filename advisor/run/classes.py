@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from advisor.packages import installed_version
-from advisor.probe.layout import NOT_MODELS, ComponentEntry, PipelineLayout, diffusers_tables, layout_of_components, read_layout
+from advisor.probe.layout import (
+    NOT_MODELS,
+    ComponentEntry,
+    PipelineLayout,
+    diffusers_tables,
+    layout_of_components,
+    read_layout,
+)
 
 
 def _resolve_class(library: str | None, class_name: str | None) -> type | None:
@@ -58,10 +65,16 @@ def table_facts(entry: ComponentEntry | None) -> ClassFacts | None:
     tables = diffusers_tables()
     if entry.library in ("diffusers", None) and entry.class_name in tables["models"]:
         model = tables["models"][entry.class_name]
-        attrs = {"_repeated_blocks": bool(model["repeated_blocks"]), "enable_tiling": model["tiling"], "enable_slicing": model["slicing"]}
+        attrs = {
+            "_repeated_blocks": bool(model["repeated_blocks"]),
+            "enable_tiling": model["tiling"],
+            "enable_slicing": model["slicing"],
+        }
         return ClassFacts(True, True, attrs, tuple(model["keep_in_fp32_modules"]))
     if entry.library in ("transformers", None) and entry.class_name in tables["transformers_models"]:
-        return ClassFacts(True, False, {}, tuple(tables["transformers_models"][entry.class_name]["keep_in_fp32_modules"]))
+        return ClassFacts(
+            True, False, {}, tuple(tables["transformers_models"][entry.class_name]["keep_in_fp32_modules"])
+        )
     return None
 
 
@@ -80,7 +93,9 @@ class Components:
     @classmethod
     def of_pipe(cls, pipe: Any) -> Components:
         objects = {name: obj for name, obj in pipe.components.items() if obj is not None}
-        return cls(layout_of_components(objects, type(pipe).__name__), {name: type(obj) for name, obj in objects.items()})
+        return cls(
+            layout_of_components(objects, type(pipe).__name__), {name: type(obj) for name, obj in objects.items()}
+        )
 
     @classmethod
     def of_model(cls, model: str | Path | None) -> Components:

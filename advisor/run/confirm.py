@@ -20,7 +20,18 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from advisor.plan.scenario import limited_peak
-from advisor.run.trials import Source, Status, TrialRecord, add_confirmation_run, choose_best, config_key, confirmation_key, judge, runs_of
+from advisor.run.trials import (
+    Source,
+    Status,
+    TrialRecord,
+    add_confirmation_run,
+    choose_best,
+    config_key,
+    confirmation_key,
+    judge,
+    runs_of,
+)
+
 
 FINALISTS = 3  # configurations measured again, the fastest first
 FINALIST_MARGIN = 0.35  # within this of the fastest latency: twice the ±17% seen between processes
@@ -49,7 +60,9 @@ def finalists(records: list[TrialRecord], limit: int = FINALISTS) -> list[TrialR
     return ([best] + [r for r in ranked if r is not best and r.latency_s <= ceiling])[:limit]
 
 
-def with_confirmations(records: list[TrialRecord], stored: dict[str, Any], device: str, budget: int) -> list[TrialRecord]:
+def with_confirmations(
+    records: list[TrialRecord], stored: dict[str, Any], device: str, budget: int
+) -> list[TrialRecord]:
     """`records` with each confirmed configuration's latency, spread and peak taken over all its
     processes; a confirmation run that failed or went over the budget makes the configuration
     infeasible, with that run's reason. A trial of the configuration that crashed (or ran out of
@@ -68,20 +81,33 @@ def _combined(r: TrialRecord, runs: list[dict[str, Any]], device: str, budget: i
     if failed is not None:
         run = runs[failed - 2]
         verdict = judge(run["status"], run.get("reason"), None, budget)
-        return replace(r, status=verdict.status, feasible=False, processes=len(processes),
-                       reason=f"run {failed} of {len(processes)} in a fresh process: {verdict.reason or verdict.status}")
+        return replace(
+            r,
+            status=verdict.status,
+            feasible=False,
+            processes=len(processes),
+            reason=f"run {failed} of {len(processes)} in a fresh process: {verdict.reason or verdict.status}",
+        )
     latencies = [p["latency_s"] for p in processes]
     within = statistics.median(p.get("latency_spread_s") or 0.0 for p in processes)
-    peaks = [limited_peak(device, vram_bytes=p.get("peak_vram_bytes"), ram_bytes=p.get("peak_rss_bytes")) for p in processes]
+    peaks = [
+        limited_peak(device, vram_bytes=p.get("peak_vram_bytes"), ram_bytes=p.get("peak_rss_bytes")) for p in processes
+    ]
     peak = max((p for p in peaks if p is not None), default=None)
     combined = replace(
-        r, latency_s=statistics.median(latencies), latency_spread_s=max(process_spread(latencies), within),
-        processes=len(processes), process_latencies_s=latencies, peak_bytes=peak,
+        r,
+        latency_s=statistics.median(latencies),
+        latency_spread_s=max(process_spread(latencies), within),
+        processes=len(processes),
+        process_latencies_s=latencies,
+        peak_bytes=peak,
         noisy=next((p["noisy"] for p in processes if p.get("noisy")), None),
     )
     verdict = judge(Status.OK, None, peak, budget)
     if r.feasible and verdict.status != Status.OK:
-        return replace(combined, status=verdict.status, feasible=False, reason=f"a run in a fresh process {verdict.reason}")
+        return replace(
+            combined, status=verdict.status, feasible=False, reason=f"a run in a fresh process {verdict.reason}"
+        )
     return combined
 
 
@@ -96,7 +122,7 @@ def process_spread(latencies: list[float]) -> float:
     if n < 2:
         return 0.0
     t = T95[n - 2] if n - 2 < len(T95) else 1.96
-    return t * statistics.stdev(latencies) / n ** 0.5
+    return t * statistics.stdev(latencies) / n**0.5
 
 
 def missing_runs(study, chosen: list[TrialRecord], runs: int) -> list[TrialRecord]:
@@ -114,7 +140,7 @@ def confirm(
     as soon as it ends (an interrupted confirmation keeps what it measured). ``measure_one(record,
     run, of)`` measures one in a fresh process and returns the `Measurement` as a dict."""
     for turn in range(runs):
-        order = chosen[turn % len(chosen):] + chosen[:turn % len(chosen)] if chosen else []
+        order = chosen[turn % len(chosen) :] + chosen[: turn % len(chosen)] if chosen else []
         for r in order:
             done = runs_of(study, r.config)
             if len(done) >= runs or len(done) > turn:
@@ -138,7 +164,11 @@ def confirm_finalists(
         return
 
     def measure_one(record: TrialRecord, run: int, of: int) -> dict[str, Any]:
-        shown = (lambda phase: on_phase(record.number, record.summary, f"run {run} of {of}, {phase}")) if on_phase else None
+        shown = (
+            (lambda phase: on_phase(record.number, record.summary, f"run {run} of {of}, {phase}"))
+            if on_phase
+            else None
+        )
         measured = measure(record, shown)
         if on_trial is not None:
             on_trial(result())

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 from advisor.constraints import Platform, first_violation
 from advisor.errors import ConfigError
+from advisor.levers.code import Expr, call_source, dtype_expr, source
 from advisor.run.checks import check_components, check_config
 from advisor.run.classes import Components
 from advisor.run.quantize import dtype_keyword, load_quantization
-from advisor.levers.code import Expr, call_source, dtype_expr, source
 from advisor.run.steps import steps_for, summary
+
 
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
@@ -27,7 +28,11 @@ if TYPE_CHECKING:
 KNOWN_DYNAMO_OPTIONS = frozenset({"cache_size_limit", "capture_dynamic_output_shape_ops"})
 KNOWN_COMPILE_BACKENDS = frozenset({"inductor", "eager", "aot_eager"})
 
-PROMPTS = {"image": "a photo of a cat", "video": "a cat walks on the grass, realistic", "audio": "techno music with a strong beat"}
+PROMPTS = {
+    "image": "a photo of a cat",
+    "video": "a cat walks on the grass, realistic",
+    "audio": "techno music with a strong beat",
+}
 # Frame rates of the examples in each pipeline's diffusers docstring; others get export_to_video's default (10).
 VIDEO_FPS = {"WanPipeline": 16, "CogVideoXPipeline": 8, "HunyuanVideoPipeline": 15, "LTXPipeline": 24}
 
@@ -54,7 +59,7 @@ def _workload_kind(config: OptimizationConfig, components: Components) -> str:
     pipeline_class = components.pipeline_class or config.provenance.pipeline_class
     if pipeline_class:
         try:
-            from advisor.probe.models import classify_workload
+            from advisor.probe.facts import classify_workload
 
             return classify_workload(pipeline_class)[0]
         except Exception:  # an unreadable class table: images are the common case
@@ -77,7 +82,11 @@ def _generate_and_save(kind: str, call: str, batch: bool, fps: int | None) -> li
     if kind == "video":
         export = "export_to_video({}, {}" + (f", fps={fps})" if fps else ")")
         if batch:
-            return [f"videos = {call}.frames", "for i, video in enumerate(videos):", "    " + export.format("video", 'f"video_{i}.mp4"')]
+            return [
+                f"videos = {call}.frames",
+                "for i, video in enumerate(videos):",
+                "    " + export.format("video", 'f"video_{i}.mp4"'),
+            ]
         return [f"video = {call}.frames[0]", export.format("video", '"video.mp4"')]
     if kind == "audio":  # the sampling rate and array layout vary by pipeline: left to the user
         return [f"audio = {call}.audios[0]"]

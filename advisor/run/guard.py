@@ -28,10 +28,12 @@ from advisor.plan.estimate import estimate_for
 from advisor.plan.quality import is_lossy
 from advisor.run.trials import Reference, Status, TrialRecord, judge, measured_again, reference_of, store_reference
 
+
 if TYPE_CHECKING:
     from advisor.plan.scenario import Scenario
     from advisor.plan.space import SearchSpace
     from advisor.run.measure import Measurement
+
 
 @contextlib.contextmanager
 def _held(lock: Path) -> Iterator[None]:
@@ -47,8 +49,9 @@ def quality_dir(storage: str, study: str) -> Path:
     return advisor_cache_dir() / "quality" / hashlib.sha1(f"{storage}\n{study}".encode()).hexdigest()[:16]
 
 
-def reference_config(space: SearchSpace, scenario: Scenario,
-                     measured: Callable[[OptimizationConfig], bool] = lambda _config: True) -> OptimizationConfig | None:
+def reference_config(
+    space: SearchSpace, scenario: Scenario, measured: Callable[[OptimizationConfig], bool] = lambda _config: True
+) -> OptimizationConfig | None:
     """The lossless candidate predicted fastest within the budget, else the one predicted smallest;
     None when the space has nothing lossless, or no lossy candidate the study will have `measured`
     (the estimate skips those predicted far over the budget) to hold to it."""
@@ -76,9 +79,15 @@ class QualityGuard:
         self.folder, self.min_psnr_db = folder, min_psnr_db
         self.reference = folder / "reference.npy"
 
-    def ensure_reference(self, study, space: SearchSpace, scenario: Scenario,
-                         measure: Callable[[OptimizationConfig, Path], Measurement], retry_failed: bool = False,
-                         measured: Callable[[OptimizationConfig], bool] = lambda _config: True) -> None:
+    def ensure_reference(
+        self,
+        study,
+        space: SearchSpace,
+        scenario: Scenario,
+        measure: Callable[[OptimizationConfig, Path], Measurement],
+        retry_failed: bool = False,
+        measured: Callable[[OptimizationConfig], bool] = lambda _config: True,
+    ) -> None:
         """Generate the reference unless the study has it, or failed to make it in a way that a new
         run does not retry (`note` says why): a crashed or timed-out reference is made again, one
         that ran out of memory with `retry_failed`, as trials are (`advisor.run.trials.measured_again`).
@@ -107,7 +116,9 @@ class QualityGuard:
             return self.reference.exists()
         return not measured_again(stored.status, retry_failed)
 
-    def _generate(self, study, config: OptimizationConfig, measure: Callable[[OptimizationConfig, Path], Measurement]) -> None:
+    def _generate(
+        self, study, config: OptimizationConfig, measure: Callable[[OptimizationConfig, Path], Measurement]
+    ) -> None:
         m = measure(config, self.reference)
         if m.ok and self.reference.exists():
             self._save_png(self.reference, self.folder / "reference.png")
@@ -125,8 +136,10 @@ class QualityGuard:
             return stored.note
         if self.min_psnr_db <= 0:
             return "the quality check is off (--min-psnr 0): the outputs compared earlier keep their PSNR, none is held to a floor"
-        return (f"lossy outputs are compared with the lossless reference ({stored.summary}), same seed, prompt and steps: "
-                f"under --min-psnr {self.min_psnr_db:g} dB a candidate is infeasible (images in {self.folder})")
+        return (
+            f"lossy outputs are compared with the lossless reference ({stored.summary}), same seed, prompt and steps: "
+            f"under --min-psnr {self.min_psnr_db:g} dB a candidate is infeasible (images in {self.folder})"
+        )
 
     def reference_summary(self, study) -> str | None:
         stored = reference_of(study)
@@ -159,8 +172,10 @@ class QualityGuard:
         value = (quality or {}).get("psnr_db")
         if value is None or value >= self.min_psnr_db:
             return None
-        return (f"PSNR {value:.1f} dB < --min-psnr {self.min_psnr_db:g} dB against the lossless reference "
-                f"(SSIM {quality.get('ssim'):.3f})")
+        return (
+            f"PSNR {value:.1f} dB < --min-psnr {self.min_psnr_db:g} dB against the lossless reference "
+            f"(SSIM {quality.get('ssim'):.3f})"
+        )
 
     def judged(self, record: TrialRecord, budget: int) -> TrialRecord:
         """`record` with its status under this floor: a measured ok trial whose quality is under it

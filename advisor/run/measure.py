@@ -165,8 +165,14 @@ def measure(
         (scratch / "spec.json").write_text(spec.to_json())
         with open(scratch / "stderr.txt", "w+") as stderr:  # a file: a chatty child never blocks on a full pipe
             child = subprocess.Popen(
-                [sys.executable, "-m", "advisor.run.measure", str(scratch / "spec.json")], stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, start_new_session=True, preexec_fn=die_with_parent(),
+                [sys.executable, "-m", "advisor.run.measure", str(scratch / "spec.json")],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
             reader = threading.Thread(target=_read_phases, args=(child.stdout, on_phase), daemon=True)
             reader.start()
@@ -174,7 +180,11 @@ def measure(
                 child.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 kill_group(child)
-                return Measurement(status=Status.TIMEOUT, reason=f"no result within {timeout_s:.0f}s", wall_s=time.perf_counter() - started)
+                return Measurement(
+                    status=Status.TIMEOUT,
+                    reason=f"no result within {timeout_s:.0f}s",
+                    wall_s=time.perf_counter() - started,
+                )
             except BaseException:  # interrupted: the trial goes with this call
                 kill_group(child)
                 raise
@@ -203,7 +213,7 @@ def _read_phases(stream, on_phase: Callable[[str], None] | None) -> None:
     for line in stream:
         if on_phase is not None and line.startswith(PHASE_MARK):
             with contextlib.suppress(Exception):  # a broken progress display must not lose the trial
-                on_phase(line[len(PHASE_MARK):].strip())
+                on_phase(line[len(PHASE_MARK) :].strip())
 
 
 # --- trials never outlive their tuner ---------------------------------------------------------------
@@ -251,7 +261,9 @@ def remove_orphaned_scratch(folder: str | Path | None = None) -> list[Path]:
 def _classify_death(returncode: int, stderr: str) -> Measurement:
     tail = " ".join(stderr.strip().splitlines()[-3:])[-300:]
     if returncode in (-9, 137) or any(marker in stderr.lower() for marker in OOM_MARKERS):
-        return Measurement(status=Status.OOM, reason=f"the trial process died out of memory (exit {returncode}): {tail}")
+        return Measurement(
+            status=Status.OOM, reason=f"the trial process died out of memory (exit {returncode}): {tail}"
+        )
     return Measurement(status=Status.CRASH, reason=f"the trial process exited with {returncode}: {tail}")
 
 
@@ -308,7 +320,11 @@ def _run_trial(spec: TrialSpec) -> dict[str, Any]:
         held["reserved"] = max(held["reserved"], torch.cuda.max_memory_reserved())
         torch.cuda.reset_peak_memory_stats()
 
-    result: dict[str, Any] = {"status": Status.OK, "device": "cuda" if cuda else "cpu", "baseline_rss_bytes": baseline_rss}
+    result: dict[str, Any] = {
+        "status": Status.OK,
+        "device": "cuda" if cuda else "cpu",
+        "baseline_rss_bytes": baseline_rss,
+    }
 
     def timed_call(pipe, steps: int, phases: PhasePeaks | None = None) -> float:
         with watching_phases(pipe, phases) if phases is not None else contextlib.nullcontext():
@@ -341,16 +357,28 @@ def _run_trial(spec: TrialSpec) -> dict[str, Any]:
 
     # Time until the cap, or until 80% of the trial's timeout has gone (loading and warm-up included).
     cap_s = max(0.0, min(timing.cap_s, 0.8 * timing.timeout_s - (time.perf_counter() - child_started)))
-    result.update(time_rounds(call, tuple(points), workload.steps, min_rounds=timing.min_rounds,
-                              max_rounds=timing.max_rounds, tolerance=timing.tolerance, cap_s=cap_s).fields())
+    result.update(
+        time_rounds(
+            call,
+            tuple(points),
+            workload.steps,
+            min_rounds=timing.min_rounds,
+            max_rounds=timing.max_rounds,
+            tolerance=timing.tolerance,
+            cap_s=cap_s,
+        ).fields()
+    )
     if cuda:
         result["peak_vram_bytes"] = max(held["allocated"], torch.cuda.max_memory_allocated())
         result["peak_vram_reserved_bytes"] = max(held["reserved"], torch.cuda.max_memory_reserved())
     if config.compile is not None:
         from torch._dynamo.utils import counters
 
-        result["dynamo"] = {"frames_compiled": int(counters["frames"].get("ok", 0)), "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
-                            "graph_breaks": int(sum(counters["graph_break"].values()))}
+        result["dynamo"] = {
+            "frames_compiled": int(counters["frames"].get("ok", 0)),
+            "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+        }
     if spec.output_path:  # after the peaks: the quality check's generation is not a timed one
         import numpy as np
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 from advisor.plan.estimate import ROLE_OF_PHASE
 
+
 # The estimate's phases (`advisor.plan.estimate.PHASES`) by the role (`advisor.probe.layout.role_of`)
 # of the components whose calls make them; tests/test_measure.py checks it against the estimate's table.
 PHASE_OF_ROLE = {role: phase for phase, role in ROLE_OF_PHASE.items()}  # the estimate's phases

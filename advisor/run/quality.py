@@ -48,8 +48,12 @@ def compare(output: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     if out.shape != ref.shape:
         raise ValueError(f"the output's shape {out.shape} differs from the reference's {ref.shape}")
     per_frame = [psnr(o, r) for o, r in zip(out, ref)]
-    return {"psnr_db": _finite(psnr(out, ref)), "ssim": round(ssim(out, ref), 6), "frames": len(per_frame),
-            "worst_frame_psnr_db": _finite(min(per_frame))}
+    return {
+        "psnr_db": _finite(psnr(out, ref)),
+        "ssim": round(ssim(out, ref), 6),
+        "frames": len(per_frame),
+        "worst_frame_psnr_db": _finite(min(per_frame)),
+    }
 
 
 def _finite(value: float) -> float | None:

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from advisor.errors import ConfigError
-from advisor.run.classes import Components
 from advisor.levers.code import call_source, dtype_expr, runtime_value, source
+from advisor.run.classes import Components
+
 
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
@@ -54,14 +55,20 @@ def load_quantization(config: OptimizationConfig, components: Components) -> Loa
                 quant_kwargs["bnb_4bit_use_double_quant"] = True
         else:
             quant_kwargs = {"load_in_8bit": True}
-        kwargs = {"quant_backend": q.backend, "quant_kwargs": quant_kwargs, "components_to_quantize": list(q.components)}
+        kwargs = {
+            "quant_backend": q.backend,
+            "quant_kwargs": quant_kwargs,
+            "components_to_quantize": list(q.components),
+        }
 
         def build() -> Any:
             from diffusers.quantizers import PipelineQuantizationConfig
 
             return PipelineQuantizationConfig(**runtime_value(kwargs))
 
-        return LoadQuantization(imports, "pipeline_quant_config = " + call_source("PipelineQuantizationConfig", (), kwargs), build)
+        return LoadQuantization(
+            imports, "pipeline_quant_config = " + call_source("PipelineQuantizationConfig", (), kwargs), build
+        )
 
     # torchao: diffusers' and transformers' TorchAoConfig take different arguments, so diffusers
     # refuses `quant_backend="torchao"` ("signatures ... don't match"): each component gets the
@@ -86,8 +93,10 @@ def load_quantization(config: OptimizationConfig, components: Components) -> Loa
         try:
             import torchao.quantization
         except ImportError:
-            raise ConfigError("`quantization.backend: torchao` needs the torchao package, which is not installed here: "
-                              "pip install torchao (or the advisor's extra: pip install 'diffusers-advisor[torchao]')") from None
+            raise ConfigError(
+                "`quantization.backend: torchao` needs the torchao package, which is not installed here: "
+                "pip install torchao (or the advisor's extra: pip install 'diffusers-advisor[torchao]')"
+            ) from None
         from diffusers.quantizers import PipelineQuantizationConfig
 
         scheme = getattr(torchao.quantization, scheme_class)
@@ -166,5 +175,3 @@ def _components_for_loading(config: OptimizationConfig, model: str | Path | None
     if not components.known and model is None and config.provenance.model:
         components = Components.of_model(config.provenance.model)
     return components
-
-

@@ -11,6 +11,7 @@ from advisor.plan.estimate import estimate_for
 from advisor.plan.recommend import recommend
 from advisor.run.trials import config_key, enqueue, is_seeded, mark_seeded, queued_params
 
+
 if TYPE_CHECKING:
     from advisor.plan.scenario import Scenario
     from advisor.plan.space import SearchSpace
@@ -91,4 +92,8 @@ def _predicted_latency(space: SearchSpace, params: dict[str, Any], scenario: Sce
     if candidate.rejected_by:
         return float("inf")
     result = estimate_for(scenario, candidate.config)
-    return result.latency_s if within_prune_margin(result.limited_peak(scenario.target.device), scenario) else float("inf")
+    return (
+        result.latency_s
+        if within_prune_margin(result.limited_peak(scenario.target.device), scenario)
+        else float("inf")
+    )

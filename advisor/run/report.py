@@ -7,15 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from advisor.run.trials import Source, Status
-from advisor.run.tune import TrialRecord, TuneResult
+from advisor.run.results import TuneResult
+from advisor.run.trials import Source, Status, TrialRecord
 from advisor.units import GIB, format_size
 
 
 def pareto_front(trials: list[TrialRecord]) -> list[TrialRecord]:
     """Measured trials no other measured trial beats on both latency and peak memory."""
     points = sorted(
-        (t for t in trials if t.status in {Status.OK, Status.OVER_BUDGET} and t.latency_s is not None and t.peak_bytes),
+        (
+            t
+            for t in trials
+            if t.status in {Status.OK, Status.OVER_BUDGET} and t.latency_s is not None and t.peak_bytes
+        ),
         key=lambda t: (t.peak_bytes, t.latency_s),
     )
     front, best_latency = [], float("inf")
@@ -84,27 +88,66 @@ def figure(result: TuneResult):
         ax.scatter([x], [y], s=46, facecolors="none", edgecolors="tab:gray", linewidths=1.2, zorder=2)
         mine = next((m for m in measured if m.number == t.number), None)
         if mine is not None:
-            ax.plot([x, mine.peak_bytes / scale], [y, mine.latency_s], color="tab:gray", linewidth=0.6, alpha=0.6, zorder=1)
+            ax.plot(
+                [x, mine.peak_bytes / scale], [y, mine.latency_s], color="tab:gray", linewidth=0.6, alpha=0.6, zorder=1
+            )
         else:
-            ax.annotate(f"{t.number}", (x, y), xytext=_label_offset(t.number), textcoords="offset points", fontsize=8, color="tab:gray")
+            ax.annotate(
+                f"{t.number}",
+                (x, y),
+                xytext=_label_offset(t.number),
+                textcoords="offset points",
+                fontsize=8,
+                color="tab:gray",
+            )
         drawn_handles.add("predicted")
     for status, (color, _label) in MEASURED.items():
         points = [t for t in measured if t.status == status]
         if points:
-            ax.errorbar([t.peak_bytes / scale for t in points], [t.latency_s for t in points],
-                        yerr=[t.latency_spread_s or 0.0 for t in points], fmt="o", color=color, ecolor=color,
-                        elinewidth=1, capsize=3, markersize=7, zorder=3)
+            ax.errorbar(
+                [t.peak_bytes / scale for t in points],
+                [t.latency_s for t in points],
+                yerr=[t.latency_spread_s or 0.0 for t in points],
+                fmt="o",
+                color=color,
+                ecolor=color,
+                elinewidth=1,
+                capsize=3,
+                markersize=7,
+                zorder=3,
+            )
             drawn_handles.add(status)
     for t in measured:
-        ax.annotate(f"{t.number}", (t.peak_bytes / scale, t.latency_s), xytext=_label_offset(t.number), textcoords="offset points",
-                    fontsize=9, fontweight="bold")
+        ax.annotate(
+            f"{t.number}",
+            (t.peak_bytes / scale, t.latency_s),
+            xytext=_label_offset(t.number),
+            textcoords="offset points",
+            fontsize=9,
+            fontweight="bold",
+        )
     front = pareto_front(trials)
     if len(front) > 1:
-        ax.plot([t.peak_bytes / scale for t in front], [t.latency_s for t in front], "--", color="tab:blue", alpha=0.35, zorder=1)
+        ax.plot(
+            [t.peak_bytes / scale for t in front],
+            [t.latency_s for t in front],
+            "--",
+            color="tab:blue",
+            alpha=0.35,
+            zorder=1,
+        )
         drawn_handles.add("front")
     best = result.best
     if best is not None and best.peak_bytes:
-        ax.scatter([best.peak_bytes / scale], [best.latency_s], s=320, facecolors="none", edgecolors="gold", linewidths=2.5, zorder=4)
+        ax.scatter(
+            [best.peak_bytes / scale],
+            [best.latency_s],
+            s=320,
+            facecolors="none",
+            edgecolors="gold",
+            linewidths=2.5,
+            zorder=4,
+        )
         drawn_handles.add("chosen")
 
     # Axes fitted to the data; the budget inside them when it is within half the data's magnitude
@@ -120,15 +163,40 @@ def figure(result: TuneResult):
     budget_label = f"budget {format_size(result.budget_bytes)}"
     if near:
         ax.axvline(budget, color="tab:red", linestyle=":", linewidth=1.5)
-        ax.annotate(budget_label, (budget, 0), xycoords=("data", "axes fraction"), xytext=(4, 6), textcoords="offset points",
-                    ha="left", fontsize=8, color="tab:red", rotation=90)
+        ax.annotate(
+            budget_label,
+            (budget, 0),
+            xycoords=("data", "axes fraction"),
+            xytext=(4, 6),
+            textcoords="offset points",
+            ha="left",
+            fontsize=8,
+            color="tab:red",
+            rotation=90,
+        )
         drawn_handles.add("budget")
     elif budget > high:
-        ax.annotate(f"{budget_label} \u2192", (1, 1), xycoords="axes fraction", xytext=(-4, -12), textcoords="offset points",
-                    ha="right", fontsize=8, color="tab:red")
+        ax.annotate(
+            f"{budget_label} \u2192",
+            (1, 1),
+            xycoords="axes fraction",
+            xytext=(-4, -12),
+            textcoords="offset points",
+            ha="right",
+            fontsize=8,
+            color="tab:red",
+        )
     else:
-        ax.annotate(f"\u2190 {budget_label}", (0, 1), xycoords="axes fraction", xytext=(4, -12), textcoords="offset points",
-                    ha="left", fontsize=8, color="tab:red")
+        ax.annotate(
+            f"\u2190 {budget_label}",
+            (0, 1),
+            xycoords="axes fraction",
+            xytext=(4, -12),
+            textcoords="offset points",
+            ha="left",
+            fontsize=8,
+            color="tab:red",
+        )
     ax.ticklabel_format(axis="x", style="plain", useOffset=False)
     ax.set_xlabel(f"peak memory ({unit}; 1 {unit} = 2^{30 if unit == 'GB' else 20} bytes)")
     ax.set_ylabel("latency per generation (s)")
@@ -140,29 +208,67 @@ def figure(result: TuneResult):
 
     from matplotlib.lines import Line2D
 
-    legend = {status: Line2D([], [], marker="o", linestyle="", color=color, label=f"{label} (bars: spread)")
-              for status, (color, label) in MEASURED.items()}
+    legend = {
+        status: Line2D([], [], marker="o", linestyle="", color=color, label=f"{label} (bars: spread)")
+        for status, (color, label) in MEASURED.items()
+    }
     legend |= {
-        "predicted": Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="tab:gray",
-                            label="predicted by the estimate\n(line: to its measurement)"),
-        "chosen": Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="gold", markeredgewidth=2.5,
-                         markersize=12, label="chosen"),
+        "predicted": Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="",
+            markerfacecolor="none",
+            markeredgecolor="tab:gray",
+            label="predicted by the estimate\n(line: to its measurement)",
+        ),
+        "chosen": Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="",
+            markerfacecolor="none",
+            markeredgecolor="gold",
+            markeredgewidth=2.5,
+            markersize=12,
+            label="chosen",
+        ),
         "budget": Line2D([], [], color="tab:red", linestyle=":", label="budget"),
         "front": Line2D([], [], color="tab:blue", linestyle="--", alpha=0.35, label="Pareto front"),
     }
     chart_top = (table_h + margin * 1.35 + chart_h) / height
-    fig.legend(handles=[h for key, h in legend.items() if key in drawn_handles], loc="upper left", bbox_to_anchor=(0.72, chart_top),
-               fontsize=8, frameon=False, labelspacing=0.9)
+    fig.legend(
+        handles=[h for key, h in legend.items() if key in drawn_handles],
+        loc="upper left",
+        bbox_to_anchor=(0.72, chart_top),
+        fontsize=8,
+        frameon=False,
+        labelspacing=0.9,
+    )
 
     table = [["#", "configuration", "status", "latency", "peak", "predicted"]]
     for t in trials:
         latency = "-" if t.latency_s is None else _latency(t) + " s"
-        table.append([str(t.number) + (" *" if best is not None and t.number == best.number else ""), t.summary,
-                      t.status + (", noisy" if t.noisy else ""), latency, format_size(t.peak_bytes), format_size(t.predicted_peak_bytes)])
+        table.append(
+            [
+                str(t.number) + (" *" if best is not None and t.number == best.number else ""),
+                t.summary,
+                t.status + (", noisy" if t.noisy else ""),
+                latency,
+                format_size(t.peak_bytes),
+                format_size(t.predicted_peak_bytes),
+            ]
+        )
     cells = fig.add_axes([0.02, 0.15 / height, 0.96, table_h / height])
     cells.axis("off")
-    drawn = cells.table(cellText=table[1:], colLabels=table[0], bbox=[0, 0, 1, 1], cellLoc="left", colLoc="left",
-                        colWidths=[0.05, 0.45, 0.14, 0.14, 0.11, 0.11])
+    drawn = cells.table(
+        cellText=table[1:],
+        colLabels=table[0],
+        bbox=[0, 0, 1, 1],
+        cellLoc="left",
+        colLoc="left",
+        colWidths=[0.05, 0.45, 0.14, 0.14, 0.11, 0.11],
+    )
     drawn.auto_set_font_size(False)
     drawn.set_fontsize(7.5)
     for cell in drawn.get_celld().values():
@@ -172,7 +278,12 @@ def figure(result: TuneResult):
 
 def markdown(result: TuneResult, image: str | None = None, quality_image: str | None = None) -> str:
     """A summary a person can read: the pick, then every trial."""
-    lines = [f"# advisor tune: {result.study}", "", f"Budget: {format_size(result.budget_bytes)}; storage: `{result.storage}`; search space: {result.space_size} configurations.", ""]
+    lines = [
+        f"# advisor tune: {result.study}",
+        "",
+        f"Budget: {format_size(result.budget_bytes)}; storage: `{result.storage}`; search space: {result.space_size} configurations.",
+        "",
+    ]
     if result.best is not None:
         lines += [
             f"**Chosen**: {result.best.summary}: {result.best.latency_s:.3f} s, peak {format_size(result.best.peak_bytes)} (trial {result.best.number}).",
@@ -186,10 +297,16 @@ def markdown(result: TuneResult, image: str | None = None, quality_image: str | 
     if image:
         lines += [f"![latency against peak memory]({image})", ""]
     if quality_image:
-        lines += ["The lossless reference beside a compared output (same seed, prompt and steps):", "",
-                  f"![reference and chosen output]({quality_image})", ""]
-    lines += ["| trial | configuration | status | latency (s) | peak | predicted peak | quality | source | reason |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "The lossless reference beside a compared output (same seed, prompt and steps):",
+            "",
+            f"![reference and chosen output]({quality_image})",
+            "",
+        ]
+    lines += [
+        "| trial | configuration | status | latency (s) | peak | predicted peak | quality | source | reason |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for t in result.trials:
         latency = "-" if t.latency_s is None else _latency(t)
         if t.noisy:
@@ -206,8 +323,11 @@ def _quality(t: TrialRecord) -> str:
     if t.quality is None:
         return "-"
     psnr = "identical" if t.quality.get("psnr_db") is None else f"{t.quality['psnr_db']:.1f} dB"
-    return f"{psnr}, SSIM {t.quality['ssim']:.4f}" + (f", worst frame {t.quality['worst_frame_psnr_db']:.1f} dB"
-                                                     if t.quality.get("frames", 1) > 1 and t.quality.get("worst_frame_psnr_db") else "")
+    return f"{psnr}, SSIM {t.quality['ssim']:.4f}" + (
+        f", worst frame {t.quality['worst_frame_psnr_db']:.1f} dB"
+        if t.quality.get("frames", 1) > 1 and t.quality.get("worst_frame_psnr_db")
+        else ""
+    )
 
 
 def comparison(result: TuneResult, path: Path) -> Path | None:
@@ -217,8 +337,17 @@ def comparison(result: TuneResult, path: Path) -> Path | None:
     folder = Path(result.images) if result.images else None
     if folder is None:
         return None
-    compared = sorted((t for t in result.trials if t.quality is not None and t.source == Source.MEASURED and t.latency_s is not None
-                       and (folder / f"trial-{t.number}.png").exists()), key=lambda t: t.latency_s)
+    compared = sorted(
+        (
+            t
+            for t in result.trials
+            if t.quality is not None
+            and t.source == Source.MEASURED
+            and t.latency_s is not None
+            and (folder / f"trial-{t.number}.png").exists()
+        ),
+        key=lambda t: t.latency_s,
+    )
     shown = result.best if result.best is not None and result.best in compared else (compared[0] if compared else None)
     if shown is None:
         return None
@@ -227,8 +356,10 @@ def comparison(result: TuneResult, path: Path) -> Path | None:
 
     role = "chosen" if shown is result.best else "fastest lossy (not chosen)"
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
-    for ax, name, title in ((axes[0], "reference.png", f"lossless reference\n{result.reference or ''}"),
-                            (axes[1], f"trial-{shown.number}.png", f"{role}: trial {shown.number}, {shown.status}\n{_quality(shown)}")):
+    for ax, name, title in (
+        (axes[0], "reference.png", f"lossless reference\n{result.reference or ''}"),
+        (axes[1], f"trial-{shown.number}.png", f"{role}: trial {shown.number}, {shown.status}\n{_quality(shown)}"),
+    ):
         ax.imshow(Image.open(folder / name), interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")

@@ -43,6 +43,7 @@ from advisor.probe.weights import (
 )
 from advisor.run.classes import Components
 
+
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
 
@@ -81,7 +82,16 @@ def _placement_steps(config: OptimizationConfig, components: Components) -> list
         method = "enable_model_cpu_offload" if offload.strategy == "model" else "enable_sequential_cpu_offload"
         kwargs = {} if device == "cuda" else {"device": device}
         what = "whole models" if offload.strategy == "model" else "every layer"
-        return [method_step("offload", f"{offload.strategy} CPU offload: {what} move to {device} when used", None, method, (), kwargs)]
+        return [
+            method_step(
+                "offload",
+                f"{offload.strategy} CPU offload: {what} move to {device} when used",
+                None,
+                method,
+                (),
+                kwargs,
+            )
+        ]
 
     kwargs: dict[str, Any] = {"onload_device": device, "offload_device": "cpu", "offload_type": offload.offload_type}
     if offload.offload_type == "block_level":
@@ -107,9 +117,13 @@ def _placement_steps(config: OptimizationConfig, components: Components) -> list
         elif components.is_diffusers_model(name):
             steps.append(method_step("offload", description, name, "enable_group_offload", (), kwargs))
         else:
-            steps.append(function_step("offload", description, "diffusers.hooks", "apply_group_offloading", name, kwargs))
+            steps.append(
+                function_step("offload", description, "diffusers.hooks", "apply_group_offloading", name, kwargs)
+            )
     if components.known:
-        for name in sorted(components.modules()):  # by name: a loaded pipe and its model_index.json list them in other orders
+        for name in sorted(
+            components.modules()
+        ):  # by name: a loaded pipe and its model_index.json list them in other orders
             if name not in offload.components:
                 steps.append(method_step("offload", f"keep {name} on {device}", name, "to", (device,)))
     else:
@@ -140,18 +154,20 @@ def _partial_offload_step(name: str, count: int, device: str, kwargs: dict[str, 
     first call, over the blocks it offloads. The step runs the very code it shows (`exec`), so a
     script and `advisor.apply_config` cannot differ."""
     component = f"pipe.{name}"
-    code = "\n".join([
-        f"lists = {{key: child for key, child in {component}.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))}}",
-        "blocks = [block for child in lists.values() for block in child]",
-        f"resident = set(sorted(blocks, key=lambda block: -sum(p.numel() for p in block.parameters()))[:{count}])",
-        "for key, child in lists.items():  # the offloading sees only the other blocks...",
-        f"    setattr({component}, key, torch.nn.ModuleList([block for block in child if block not in resident]))",
-        call_source("apply_group_offloading", [Expr(component, None)], kwargs),
-        "for key, child in lists.items():  # ...then every block is back in its place",
-        f"    setattr({component}, key, child)",
-        "for block in resident:",
-        f"    block.to({source(device)})",
-    ])
+    code = "\n".join(
+        [
+            f"lists = {{key: child for key, child in {component}.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))}}",
+            "blocks = [block for child in lists.values() for block in child]",
+            f"resident = set(sorted(blocks, key=lambda block: -sum(p.numel() for p in block.parameters()))[:{count}])",
+            "for key, child in lists.items():  # the offloading sees only the other blocks...",
+            f"    setattr({component}, key, torch.nn.ModuleList([block for block in child if block not in resident]))",
+            call_source("apply_group_offloading", [Expr(component, None)], kwargs),
+            "for key, child in lists.items():  # ...then every block is back in its place",
+            f"    setattr({component}, key, child)",
+            "for block in resident:",
+            f"    block.to({source(device)})",
+        ]
+    )
     imports = ("import torch", "from diffusers.hooks import apply_group_offloading")
 
     def run(pipe: Any) -> None:
@@ -160,7 +176,9 @@ def _partial_offload_step(name: str, count: int, device: str, kwargs: dict[str, 
 
         exec(code, {"pipe": pipe, "torch": torch, "apply_group_offloading": apply_group_offloading})
 
-    description = f"partial offload of {name}: its {count} largest blocks stay on {device}, diffusers group-offloads the rest"
+    description = (
+        f"partial offload of {name}: its {count} largest blocks stay on {device}, diffusers group-offloads the rest"
+    )
     return Step("offload", description, code, run, imports)
 
 
@@ -188,7 +206,14 @@ def _compile_steps(config: OptimizationConfig, components: Components) -> list[S
             )
         if regional:
             steps.append(
-                method_step("compile", f"compile the repeated blocks of {name} (regional)", name, "compile_repeated_blocks", (), kwargs)
+                method_step(
+                    "compile",
+                    f"compile the repeated blocks of {name} (regional)",
+                    name,
+                    "compile_repeated_blocks",
+                    (),
+                    kwargs,
+                )
             )
         else:
             steps.append(method_step("compile", f"compile {name}", name, "compile", (), kwargs))
@@ -222,11 +247,15 @@ def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
         for name in config.layerwise_casting.components:
             description = f"store {name} weights in {storage}, compute in {config.dtype}"
             if components.is_diffusers_model(name):
-                steps.append(method_step("layerwise_casting", description, name, "enable_layerwise_casting", (), kwargs))
+                steps.append(
+                    method_step("layerwise_casting", description, name, "enable_layerwise_casting", (), kwargs)
+                )
             else:
                 skip = {**kwargs, "skip_modules_pattern": encoder_casting_skips(components.keep_in_fp32(name))}
                 steps.append(
-                    function_step("layerwise_casting", description, "diffusers.hooks", "apply_layerwise_casting", name, skip)
+                    function_step(
+                        "layerwise_casting", description, "diffusers.hooks", "apply_layerwise_casting", name, skip
+                    )
                 )
 
     if config.channels_last:
@@ -247,7 +276,9 @@ def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
             warnings.warn(f"`vae.{flag}: true` but the pipeline has no `vae`; skipped", ConfigWarning, stacklevel=3)
         elif not components.has_attr("vae", method):
             warnings.warn(
-                f"`vae.{flag}: true` but {components.class_name('vae')} has no {method}(); skipped", ConfigWarning, stacklevel=3
+                f"`vae.{flag}: true` but {components.class_name('vae')} has no {method}(); skipped",
+                ConfigWarning,
+                stacklevel=3,
             )
         else:
             steps.append(method_step("vae", f"VAE {flag}", "vae", method))

@@ -39,7 +39,11 @@ def quiet_interrupts() -> None:
 
     class DropInterrupts(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
+            if (
+                record.exc_info
+                and record.exc_info[0] is not None
+                and issubclass(record.exc_info[0], KeyboardInterrupt)
+            ):
                 return False
             return not re.fullmatch(r"Trial \d+ failed with value None\.", record.getMessage())
 

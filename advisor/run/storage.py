@@ -27,8 +27,10 @@ def default_storage() -> str:
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise TuneError(f"--storage: the default study storage folder {base} can't be created ({error.strerror}); "
-                        "pass --storage sqlite:///A/WRITABLE/studies.db or set XDG_CACHE_HOME") from None
+        raise TuneError(
+            f"--storage: the default study storage folder {base} can't be created ({error.strerror}); "
+            "pass --storage sqlite:///A/WRITABLE/studies.db or set XDG_CACHE_HOME"
+        ) from None
     return f"sqlite:///{base / 'studies.db'}"
 
 
@@ -37,8 +39,10 @@ def check_storage(url: str) -> str:
     (``sqlite:///:memory:``, ``sqlite://``): the study would be lost when the tuner ends, and
     optuna's heartbeat thread, which opens its own connection, finds no tables there."""
     if url.startswith("sqlite:") and url.removeprefix("sqlite:").strip("/") in ("", ":memory:"):
-        raise UsageError(f"--storage {url}: an SQLite database in memory keeps the study nowhere; "
-                         "give a file, e.g. sqlite:///studies.db, or leave --storage out for the default")
+        raise UsageError(
+            f"--storage {url}: an SQLite database in memory keeps the study nowhere; "
+            "give a file, e.g. sqlite:///studies.db, or leave --storage out for the default"
+        )
     return url
 
 
@@ -59,10 +63,14 @@ def open_storage(url: str):
         try:
             return JournalStorage(JournalFileBackend(path))
         except OSError as error:
-            raise TuneError(f"--storage: cannot open the journal file {path!r} ({error.strerror}); "
-                            "give a file in an existing, writable folder") from None
+            raise TuneError(
+                f"--storage: cannot open the journal file {path!r} ({error.strerror}); "
+                "give a file in an existing, writable folder"
+            ) from None
     if not re.match(r"^[a-z0-9+]+://", url):
-        raise UsageError(f"--storage: {url!r} is not a storage URL; use sqlite:///PATH, journal:PATH or postgresql://...")
+        raise UsageError(
+            f"--storage: {url!r} is not a storage URL; use sqlite:///PATH, journal:PATH or postgresql://..."
+        )
     for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
@@ -73,7 +81,9 @@ def open_storage(url: str):
             if racing and attempt < 4:
                 time.sleep(0.5 * (attempt + 1))
                 continue
-            raise TuneError(f"--storage: cannot open {shown_storage(url)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+            raise TuneError(
+                f"--storage: cannot open {shown_storage(url)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            ) from None
 
 
 def shown_storage(url: str) -> str:

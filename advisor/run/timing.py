@@ -89,9 +89,14 @@ class Timing:
     def fields(self) -> dict[str, Any]:
         """Its values under the names a `Measurement` stores them."""
         return {
-            "latency_s": self.latency_s, "latency_spread_s": self.spread_s, "fixed_s": self.fixed_s,
-            "per_step_s": self.per_step_s, "step_times": {str(k): v for k, v in self.step_times.items()},
-            "rounds": self.rounds, "discarded_rounds": self.discarded, "noisy": self.noisy,
+            "latency_s": self.latency_s,
+            "latency_spread_s": self.spread_s,
+            "fixed_s": self.fixed_s,
+            "per_step_s": self.per_step_s,
+            "step_times": {str(k): v for k, v in self.step_times.items()},
+            "rounds": self.rounds,
+            "discarded_rounds": self.discarded,
+            "noisy": self.noisy,
         }
 
 
@@ -142,7 +147,9 @@ def time_rounds(
 
     def settled() -> bool:
         spread = _half_range(latencies)
-        return len(latencies) >= min_rounds and spread is not None and spread <= tolerance * statistics.median(latencies)
+        return (
+            len(latencies) >= min_rounds and spread is not None and spread <= tolerance * statistics.median(latencies)
+        )
 
     def more(rounds: int) -> bool:
         return not settled() and rounds < max_rounds and clock() - started < cap_s
@@ -156,15 +163,21 @@ def time_rounds(
         else:
             kept.append(times)
             latencies.append(latency)
-    inverted = f"{discarded} of {len(kept) + discarded} rounds timed more steps as faster (re-measured)" if discarded else None
+    inverted = (
+        f"{discarded} of {len(kept) + discarded} rounds timed more steps as faster (re-measured)"
+        if discarded
+        else None
+    )
     if kept:
         step_times = {count: statistics.median(t[count] for t in kept) for count in points}
         fixed, per_step = fit_steps(step_times)
         latency = fixed + per_step * steps
     else:  # timed at the full step count
         if discarded:
-            inverted = (f"in {discarded} rounds, {'/'.join(map(str, points))} steps never took longer with more steps; "
-                        f"timed at the full {steps} steps instead")
+            inverted = (
+                f"in {discarded} rounds, {'/'.join(map(str, points))} steps never took longer with more steps; "
+                f"timed at the full {steps} steps instead"
+            )
         while not latencies or more(len(latencies)):
             latencies.append(call(steps))
         step_times, fixed, per_step = {steps: statistics.median(latencies)}, None, None

@@ -89,7 +89,11 @@ def judge(status: str, reason: str | None, peak: int | None, budget: int, too_fa
     if status != Status.OK:
         return Verdict(Status(status), 1.0, reason)
     if peak is not None and peak > budget:
-        return Verdict(Status.OVER_BUDGET, float(peak - budget), f"measured peak {format_size(peak)} > budget {format_size(budget)}")
+        return Verdict(
+            Status.OVER_BUDGET,
+            float(peak - budget),
+            f"measured peak {format_size(peak)} > budget {format_size(budget)}",
+        )
     if too_far:
         return Verdict(Status.LOW_QUALITY, 1.0, too_far)
     return Verdict(Status.OK, float((peak or 0) - budget))
@@ -111,17 +115,28 @@ class TrialRecord:
     config: dict[str, Any]
     measurement: dict[str, Any] | None = None
     predicted_latency_s: float | None = None
-    latency_spread_s: float | None = None  # measured: the latency is latency_s ± this (see `advisor.run.measure.Timing`)
+    # measured: the latency is latency_s ± this (see `advisor.run.measure.Timing`)
+    latency_spread_s: float | None = None
     noisy: str | None = None  # measured: why the latency did not settle within the tolerance
     # Fresh processes the latency was measured in: 1, or more for a finalist (`advisor.run.confirm`),
     # whose latency is then the median of `process_latencies_s` and its spread their 95% t-interval.
     processes: int = 1
     process_latencies_s: list[float] | None = None
-    quality: dict[str, Any] | None = None  # measured: a lossy output against the lossless reference (`advisor.run.guard`)
+    # measured: a lossy output against the lossless reference (`advisor.run.guard`)
+    quality: dict[str, Any] | None = None
 
     # Derived from the others (or from optuna and the confirmation runs) rather than stored.
-    _DERIVED = ("number", "feasible", "latency_s", "peak_bytes", "latency_spread_s", "noisy", "processes", "process_latencies_s",
-                "quality")
+    _DERIVED = (
+        "number",
+        "feasible",
+        "latency_s",
+        "peak_bytes",
+        "latency_spread_s",
+        "noisy",
+        "processes",
+        "process_latencies_s",
+        "quality",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,7 +170,9 @@ class TrialRecord:
             latency_spread_s=measurement.get("latency_spread_s"),
             noisy=measurement.get("noisy"),
             quality=measurement.get("quality"),
-            peak_bytes=limited_peak(device, vram_bytes=measurement.get("peak_vram_bytes"), ram_bytes=measurement.get("peak_rss_bytes")),
+            peak_bytes=limited_peak(
+                device, vram_bytes=measurement.get("peak_vram_bytes"), ram_bytes=measurement.get("peak_rss_bytes")
+            ),
             **stored,
         )
 
@@ -324,7 +341,9 @@ def choose_best(feasible: list[TrialRecord]) -> tuple[TrialRecord | None, list[s
     others = ", ".join(f"{r.number} ({_with_spread(r)})" for r in tied.values() if r is not best)
     note = f"trial {best.number} ({_with_spread(best)}) is as fast as {others} within the measured spread"
     if best is not fastest:
-        note += f"; chose it for being {'lossless' if lossy(fastest) and not lossy(best) else 'smaller in peak memory'}"
+        note += (
+            f"; chose it for being {'lossless' if lossy(fastest) and not lossy(best) else 'smaller in peak memory'}"
+        )
     return best, [note]
 
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,12 +30,20 @@ from advisor.plan.estimate import estimate_for
 from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
 from advisor.run.claims import busy_keys, claim
-from advisor.run.confirm import confirm_finalists, with_confirmations
+from advisor.run.confirm import confirm_finalists
 from advisor.run.guard import QualityGuard, quality_dir
 from advisor.run.measure import Measurement, measure, remove_orphaned_scratch
 from advisor.run.queue import enqueue_fastest_untried, enqueue_retries, point, seed_with_rules, skipped_by_estimate
+from advisor.run.results import TuneResult, collect
 from advisor.run.stopping import Terminated, quiet_interrupts, terminate_as_interrupt
-from advisor.run.storage import default_storage, fail_orphaned_trials, open_storage, shown_storage, sole_tuner, this_runner
+from advisor.run.storage import (
+    default_storage,
+    fail_orphaned_trials,
+    open_storage,
+    shown_storage,
+    sole_tuner,
+    this_runner,
+)
 from advisor.run.timing import (
     CONFIRM_RUNS,
     MAX_ROUNDS,
@@ -49,16 +57,12 @@ from advisor.run.timing import (
     TrialTiming,
 )
 from advisor.run.trials import (
-    RETRIED,
-    RETRIED_ON_REQUEST,
     Source,
     Status,
     TrialRecord,
     Verdict,
-    choose_best,
     config_key,
     config_of,
-    confirmation_runs,
     judge,
     measured_again,
     measurement_of,
@@ -70,12 +74,6 @@ from advisor.run.trials import (
 )
 from advisor.units import format_size
 
-# What `provenance.measured` of a tuned config carries from the best trial's measurement.
-MEASURED_IN_PROVENANCE = (
-    "rounds", "peak_vram_bytes", "peak_vram_reserved_bytes", "peak_rss_bytes",
-    "per_step_s", "fixed_s", "warmup_s", "load_s",
-)
-
 
 def study_name(scenario: Scenario, timeout_s: float = TRIAL_TIMEOUT_S) -> str:
     """Same model, workload, machine, budget and trial timeout -> same study, so re-running resumes it.
@@ -83,7 +81,9 @@ def study_name(scenario: Scenario, timeout_s: float = TRIAL_TIMEOUT_S) -> str:
     The timeout is part of the name: a study whose trials timed out under a too-short
     ``--trial-timeout`` is not the one a corrected command resumes."""
     profile, workload, target, budget = scenario.profile, scenario.workload, scenario.target, scenario.budget_bytes
-    key = json.dumps([profile.model_id, workload.to_dict(), target.name, target.device, budget, float(timeout_s)], sort_keys=True)
+    key = json.dumps(
+        [profile.model_id, workload.to_dict(), target.name, target.device, budget, float(timeout_s)], sort_keys=True
+    )
     slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(profile.model_id).name).strip("-").lower()
     timeout = f"{timeout_s:g}".replace(".", "p")
     return f"{slug}-{workload.kind}-{format_size(budget).replace(' ', '')}-t{timeout}s-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
@@ -97,13 +97,19 @@ def check_settings(settings: TuneSettings) -> None:
     if not _positive_number(timeout):
         raise UsageError(f"--trial-timeout: {timeout:g} is not valid; give a finite number of seconds greater than 0")
     if not _positive_number(settings.tolerance) or settings.tolerance >= 1:
-        raise UsageError(f"--tolerance: {settings.tolerance:g} is not valid; give a fraction of the latency between 0 and 1, e.g. 0.05")
+        raise UsageError(
+            f"--tolerance: {settings.tolerance:g} is not valid; give a fraction of the latency between 0 and 1, e.g. 0.05"
+        )
     runs = settings.confirm_runs
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
-        raise UsageError(f"--confirm: {runs} is not valid; give a whole number of runs, 0 or more (0: no confirmation)")
+        raise UsageError(
+            f"--confirm: {runs} is not valid; give a whole number of runs, 0 or more (0: no confirmation)"
+        )
     floor = settings.min_psnr_db
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not math.isfinite(floor) or floor < 0:
-        raise UsageError(f"--min-psnr: {floor:g} is not valid; give a finite PSNR in dB, 0 or more (0: no quality check), e.g. 30")
+        raise UsageError(
+            f"--min-psnr: {floor:g} is not valid; give a finite PSNR in dB, 0 or more (0: no quality check), e.g. 30"
+        )
 
 
 def _positive_number(value: Any) -> bool:
@@ -111,39 +117,6 @@ def _positive_number(value: Any) -> bool:
 
 
 # --- trials -------------------------------------------------------------------------------------
-
-
-@dataclass
-class TuneResult:
-    study: str
-    storage: str
-    budget_bytes: int
-    trials: list[TrialRecord]
-    best: TrialRecord | None
-    config: OptimizationConfig | None
-    space_size: int
-    advice: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # one line each: why the study stopped early
-    interrupted: bool = False
-    images: str | None = None  # the quality guard's folder: the reference and lossy trials' outputs (`advisor.run.guard`)
-    reference: str | None = None  # the configuration whose output is the reference
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "study": self.study,
-            "storage": self.storage,
-            "budget_bytes": self.budget_bytes,
-            "space_size": self.space_size,
-            "fits": self.best is not None,
-            "best": self.best.to_dict() if self.best else None,
-            "config": self.config.to_dict() if self.config else None,
-            "trials": [t.to_dict() for t in self.trials],
-            "advice": self.advice,
-            "notes": self.notes,
-            "interrupted": self.interrupted,
-            "images": self.images,
-            "reference": self.reference,
-        }
 
 
 class TuneInterrupted(KeyboardInterrupt):
@@ -170,12 +143,21 @@ class TuneSettings:
     compile_choices: tuple[bool, ...] = (True, False)
     retry_failed: bool = False  # re-measure earlier runs' out-of-memory trials too (crash and timeout always are)
     confirm_runs: int = CONFIRM_RUNS  # more fresh processes per finalist after the search (`advisor.run.confirm`)
-    min_psnr_db: float = MIN_PSNR_DB  # a lossy output's floor against the lossless reference (`advisor.run.guard`); 0: no guard
+    # a lossy output's floor against the lossless reference (`advisor.run.guard`); 0: no guard
+    min_psnr_db: float = MIN_PSNR_DB
 
     def timing(self) -> TrialTiming:
         """How each trial process times its candidate."""
-        return TrialTiming(timeout_s=self.timeout_s, step_points=self.step_points, min_rounds=self.repeats, max_rounds=self.max_rounds,
-                           tolerance=self.tolerance, cap_s=self.timing_cap_s, memory_limit_bytes=self.memory_limit_bytes, seed=self.seed)
+        return TrialTiming(
+            timeout_s=self.timeout_s,
+            step_points=self.step_points,
+            min_rounds=self.repeats,
+            max_rounds=self.max_rounds,
+            tolerance=self.tolerance,
+            cap_s=self.timing_cap_s,
+            memory_limit_bytes=self.memory_limit_bytes,
+            seed=self.seed,
+        )
 
 
 def stale_trials(study, settings: TuneSettings) -> set[int]:
@@ -216,12 +198,21 @@ def exhausted_note(space: SearchSpace, progress: Progress, wanted: int) -> str |
         return None
     if len(progress.measured) >= space.size():
         return f"the search space has only {space.size()} configurations; all measured"
-    return (f"the search space has only {space.size()} configurations; all measured or ruled out by the estimate "
-            f"({len(progress.measured)} measured)")
+    return (
+        f"the search space has only {space.size()} configurations; all measured or ruled out by the estimate "
+        f"({len(progress.measured)} measured)"
+    )
 
 
-def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: TuneSettings, stale: set[int], guard: QualityGuard,
-               on_phase: Callable[[int, str, str], None] | None = None) -> Callable:
+def _objective(
+    space: SearchSpace,
+    scenario: Scenario,
+    model: str,
+    settings: TuneSettings,
+    stale: set[int],
+    guard: QualityGuard,
+    on_phase: Callable[[int, str, str], None] | None = None,
+) -> Callable:
     import optuna
 
     device, budget = scenario.target.device, scenario.budget_bytes
@@ -241,11 +232,24 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
         predicted_peak = predicted.limited_peak(device)
         stored = config.to_dict(exclude_none=False)  # as studies have always stored it
 
-        def finish(status: Status, source: Source, violation: float, latency: float, reason: str | None,
-                   m: Measurement | None = None) -> float:
+        def finish(
+            status: Status,
+            source: Source,
+            violation: float,
+            latency: float,
+            reason: str | None,
+            m: Measurement | None = None,
+        ) -> float:
             write_result(
-                trial, violation, summary=config.summary(), status=status, source=source, predicted_peak_bytes=predicted_peak,
-                reason=reason, config=stored, measurement=m.to_dict() if m is not None else None,
+                trial,
+                violation,
+                summary=config.summary(),
+                status=status,
+                source=source,
+                predicted_peak_bytes=predicted_peak,
+                reason=reason,
+                config=stored,
+                measurement=m.to_dict() if m is not None else None,
                 predicted_latency_s=predicted.latency_s,
             )
             return latency
@@ -253,25 +257,39 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
         def finish_measured(source: Source, m: Measurement, note: str | None = None) -> float:
             verdict = _judge(m, scenario, guard)
             reason = "; ".join(part for part in (note, verdict.reason) if part) or None
-            return finish(verdict.status, source, verdict.violation, m.latency_s or predicted.latency_s * 10, reason, m)
+            return finish(
+                verdict.status, source, verdict.violation, m.latency_s or predicted.latency_s * 10, reason, m
+            )
 
         if candidate.rejected_by:
-            return finish(Status.INVALID, Source.ESTIMATE, 1.0, predicted.latency_s, f"rejected by rule {candidate.rejected_by}")
+            return finish(
+                Status.INVALID, Source.ESTIMATE, 1.0, predicted.latency_s, f"rejected by rule {candidate.rejected_by}"
+            )
         if not claim(trial, config_key(stored)):  # another worker is measuring it: the tuner moves on
             raise optuna.TrialPruned(f"another worker is measuring {config.summary()}")
-        earlier = _answered_before(trial.study, stored, trial.number, stale)  # after the claim: no answer slips between
+        earlier = _answered_before(
+            trial.study, stored, trial.number, stale
+        )  # after the claim: no answer slips between
         if earlier is not None:  # the sampler proposed a configuration already answered: reuse the answer
             same = f"same as trial {earlier.number}"
             if source_of(earlier) == Source.ESTIMATE:
                 violation = earlier.constraints.get("peak_over_budget", 1.0)
-                return finish(status_of(earlier), Source.REPEAT, violation, predicted.latency_s, f"{same}; {reason_of(earlier)}")
+                return finish(
+                    status_of(earlier), Source.REPEAT, violation, predicted.latency_s, f"{same}; {reason_of(earlier)}"
+                )
             return finish_measured(Source.REPEAT, Measurement(**measurement_of(earlier)), same)
         if skipped_by_estimate(predicted_peak, scenario, settings.prune):
             reason = f"predicted peak {format_size(predicted_peak)} is far over the {format_size(budget)} budget"
             return finish(Status.SKIPPED, Source.ESTIMATE, float(predicted_peak - budget), predicted.latency_s, reason)
         output = guard.output_path(trial.number) if guard.checks(config) else None
-        m = _measure(model, config, scenario, settings,
-                     (lambda phase: on_phase(trial.number, config.summary(), phase)) if on_phase else None, output)
+        m = _measure(
+            model,
+            config,
+            scenario,
+            settings,
+            (lambda phase: on_phase(trial.number, config.summary(), phase)) if on_phase else None,
+            output,
+        )
         if output is not None:
             m.quality = guard.compare(trial.number)
         return finish_measured(Source.MEASURED, m)
@@ -279,16 +297,30 @@ def _objective(space: SearchSpace, scenario: Scenario, model: str, settings: Tun
     return objective
 
 
-def _measure(model: str, config: OptimizationConfig, scenario: Scenario, settings: TuneSettings,
-             on_phase: Callable[[str], None] | None, output_path: Path | None = None) -> Measurement:
+def _measure(
+    model: str,
+    config: OptimizationConfig,
+    scenario: Scenario,
+    settings: TuneSettings,
+    on_phase: Callable[[str], None] | None,
+    output_path: Path | None = None,
+) -> Measurement:
     """One measurement of `config` in a fresh process, as the settings say to time it (saving its
     output at `output_path` for the quality guard)."""
     return measure(model, config, scenario.workload, settings.timing(), on_phase=on_phase, output_path=output_path)
 
 
-def confirm_study(study, model: str, scenario: Scenario, settings: TuneSettings, result: Callable[[], TuneResult],
-                  on_trial: Callable[[TuneResult], None] | None = None, on_phase: Callable[[int, str, str], None] | None = None) -> None:
+def confirm_study(
+    study,
+    model: str,
+    scenario: Scenario,
+    settings: TuneSettings,
+    result: Callable[[], TuneResult],
+    on_trial: Callable[[TuneResult], None] | None = None,
+    on_phase: Callable[[int, str, str], None] | None = None,
+) -> None:
     """The finalists measured ``settings.confirm_runs`` more times each (`advisor.run.confirm`)."""
+
     def measure_again(record: TrialRecord, shown: Callable[[str], None] | None) -> Measurement:
         return _measure(model, OptimizationConfig.from_dict(record.config), scenario, settings, shown)
 
@@ -343,7 +375,9 @@ def run_study(
     space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
     storage_url = storage or default_storage()
     name = study or study_name(scenario, settings.timeout_s)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its "trial failed" warnings repeat the table, traceback and all
+    optuna.logging.set_verbosity(
+        optuna.logging.ERROR
+    )  # its "trial failed" warnings repeat the table, traceback and all
     quiet_interrupts()
     remove_orphaned_scratch()  # what tuners killed with -9 left in the temp folder
     with sole_tuner(storage_url, name), terminate_as_interrupt():
@@ -365,16 +399,29 @@ def run_study(
             done = collect(the_study, name, shown_storage(storage_url), space, scenario, guard)
             notes = [exhausted_note(space, Progress.of(the_study, stale), settings.trials), guard.note(the_study)]
             done.notes = done.notes + [note for note in notes if note]
-            done.images, done.reference = (str(guard.folder), guard.reference_summary(the_study)) if guard.reference.exists() else (None, None)
+            done.images, done.reference = (
+                (str(guard.folder), guard.reference_summary(the_study)) if guard.reference.exists() else (None, None)
+            )
             return done
 
-        reference = replace(settings, repeats=1, max_rounds=1, timing_cap_s=0.0)  # one timed round: the output is what counts
+        reference = replace(
+            settings, repeats=1, max_rounds=1, timing_cap_s=0.0
+        )  # one timed round: the output is what counts
 
         def measure_reference(config: OptimizationConfig, path: Path) -> Measurement:
-            return _measure(model, config, scenario, reference, on_phase and (lambda phase: on_phase(-1, config.summary(), phase)), path)
+            return _measure(
+                model,
+                config,
+                scenario,
+                reference,
+                on_phase and (lambda phase: on_phase(-1, config.summary(), phase)),
+                path,
+            )
 
         def finished(progress: Progress) -> bool:
-            return len(progress.measured) >= settings.trials or all(point(p) in progress.points for p in space.points())
+            return len(progress.measured) >= settings.trials or all(
+                point(p) in progress.points for p in space.points()
+            )
 
         objective = _objective(space, scenario, model, settings, stale, guard, on_phase)
         # Each trial answers a new point, or repeats one or leaves it to another worker (then the
@@ -382,68 +429,38 @@ def run_study(
         # workers keep taking the queued points.
         try:
             if settings.min_psnr_db > 0:
-                guard.ensure_reference(the_study, space, scenario, measure_reference, settings.retry_failed,
-                                       measured=lambda config: not skipped_by_estimate(
-                                           estimate_for(scenario, config).limited_peak(scenario.target.device), scenario, settings.prune))
+                guard.ensure_reference(
+                    the_study,
+                    space,
+                    scenario,
+                    measure_reference,
+                    settings.retry_failed,
+                    measured=lambda config: (
+                        not skipped_by_estimate(
+                            estimate_for(scenario, config).limited_peak(scenario.target.device),
+                            scenario,
+                            settings.prune,
+                        )
+                    ),
+                )
             for _ in range(2 * (space.size() + settings.trials) + 2):
                 if finished(Progress.of(the_study, stale)):
                     break
                 ran: list = []
-                the_study.optimize(objective, n_trials=1, gc_after_trial=True, callbacks=[lambda _, trial: ran.append(trial)])
+                the_study.optimize(
+                    objective, n_trials=1, gc_after_trial=True, callbacks=[lambda _, trial: ran.append(trial)]
+                )
                 if on_trial is not None:
                     on_trial(result())
                 progress = Progress.of(the_study, stale)
-                moved_on = ran and (source_of(ran[-1]) == Source.REPEAT or ran[-1].state == optuna.trial.TrialState.PRUNED)
+                moved_on = ran and (
+                    source_of(ran[-1]) == Source.REPEAT or ran[-1].state == optuna.trial.TrialState.PRUNED
+                )
                 if moved_on and not finished(progress):
-                    enqueue_fastest_untried(the_study, space, scenario, progress.points, busy_keys(the_study, ran[-1].number))
+                    enqueue_fastest_untried(
+                        the_study, space, scenario, progress.points, busy_keys(the_study, ran[-1].number)
+                    )
             confirm_study(the_study, model, scenario, settings, result, on_trial, on_phase)
         except KeyboardInterrupt as stop:  # optuna has marked the running trial failed; the finished ones stand
             raise TuneInterrupted(result(), 143 if isinstance(stop, Terminated) else 130) from None
         return result()
-
-
-def failure_advice(statuses: set[str]) -> list[str]:
-    """What to say about trials that failed: where to read why, and how to measure out-of-memory ones again."""
-    failed = statuses & (RETRIED | RETRIED_ON_REQUEST)
-    if not failed:
-        return []
-    line = f"some trials ended as {', '.join(sorted(failed))}: see the reasons in the table"
-    if failed & RETRIED_ON_REQUEST:
-        line += "; the same command measures crashed and timed-out ones again, out-of-memory ones with --retry-failed"
-    return [line]
-
-
-def collect(study, name: str, storage: str, space: SearchSpace, scenario: Scenario, guard: QualityGuard | None = None) -> TuneResult:
-    """The results so far: every finished trial (its quality judged by this run's floor), and the fastest that fits."""
-    device, budget = scenario.target.device, scenario.budget_bytes
-    records = [r for r in (TrialRecord.from_trial(t, device) for t in study.get_trials(deepcopy=False)) if r is not None]
-    records = with_confirmations(records, confirmation_runs(study), device, budget)
-    if guard is not None:
-        records = [guard.judged(r, budget) for r in records]
-    feasible = [r for r in records if r.feasible and r.latency_s is not None]
-    best, notes = choose_best(feasible)
-    config = None
-    advice: list[str] = []
-    if best is not None:
-        measured = {"latency_s": best.latency_s, "latency_spread_s": best.latency_spread_s, "noisy": best.noisy,
-                    "processes": best.processes, "process_latencies_s": best.process_latencies_s,
-                    "peak_bytes": best.peak_bytes, "trial": best.number, "study": name}
-        measured.update({key: (best.measurement or {}).get(key) for key in MEASURED_IN_PROVENANCE})
-        config = OptimizationConfig.from_dict(best.config).replace(provenance=scenario.provenance("tune", measured=measured))
-    elif records:
-        measured_peaks = [r for r in records if r.peak_bytes and r.status == Status.OVER_BUDGET]  # not a crash's partial peak
-        if measured_peaks:
-            smallest = min(measured_peaks, key=lambda r: r.peak_bytes)
-            advice.append(f"the smallest measured peak was {format_size(smallest.peak_bytes)} ({smallest.summary}), over the {format_size(budget)} budget")
-        advice += failure_advice({r.status for r in records})
-        advice.append("try a larger --budget, a lower --height/--width/--frames, more --trials, or --no-prune")
-    confirmed = [r for r in records if r.source == Source.MEASURED and r.processes > 1]
-    if confirmed:
-        numbers = ", ".join(str(r.number) for r in confirmed)
-        notes.append(f"trial{'s' if len(confirmed) > 1 else ''} {numbers} (×N) measured in N fresh processes, taking turns: "
-                     "the latency is the median across them, ± its 95% confidence interval (Student's t; at least one process's spread)")
-    noisy = [r.number for r in records if r.source == Source.MEASURED and r.noisy]
-    if noisy:
-        notes.append(f"trial{'s' if len(noisy) > 1 else ''} {', '.join(map(str, noisy))} did not settle within the timing "
-                     "tolerance (marked noisy): compare them by their spread, or re-run on a quieter machine")
-    return TuneResult(name, storage, budget, records, best, config, space.size(), advice, notes)

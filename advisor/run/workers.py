@@ -18,14 +18,13 @@ from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
 from advisor.run.measure import die_with_parent
 from advisor.run.queue import seed_with_rules
+from advisor.run.results import TuneResult, collect
 from advisor.run.stopping import Terminated, terminate_as_interrupt
 from advisor.run.storage import open_storage, shown_storage
 from advisor.run.tune import (
     Progress,
     TuneInterrupted,
-    TuneResult,
     TuneSettings,
-    collect,
     confirm_study,
     exhausted_note,
     stale_trials,
@@ -58,7 +57,9 @@ def run_workers(
     shared = workers > len(devices)
     name = study or study_name(scenario, settings.timeout_s)
     # Create the study (and the database tables) once, before the workers race to do it.
-    created = optuna.create_study(study_name=name, storage=open_storage(storage), direction="minimize", load_if_exists=True)
+    created = optuna.create_study(
+        study_name=name, storage=open_storage(storage), direction="minimize", load_if_exists=True
+    )
     stale = stale_trials(created, settings)  # what the workers retry: the result judges without them
     space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
     seed_with_rules(created, space, scenario)  # once, here: workers seeding together would queue each pick twice
@@ -72,8 +73,13 @@ def run_workers(
         if scenario.target.device == "cuda":
             env["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
         # Same process group (Ctrl-C in the terminal reaches every worker); dead with this process.
-        processes.append(subprocess.Popen([sys.executable, "-m", "advisor", *base, "--study", name, "--quiet"], env=env,
-                                          preexec_fn=die_with_parent()))
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "advisor", *base, "--study", name, "--quiet"],
+                env=env,
+                preexec_fn=die_with_parent(),
+            )
+        )
 
     def result() -> TuneResult:
         the_study = optuna.load_study(study_name=name, storage=open_storage(storage))
@@ -81,7 +87,9 @@ def run_workers(
         note = exhausted_note(space, Progress.of(the_study, stale), settings.trials)
         done.notes = done.notes + ([note] if note else [])
         if shared:
-            done.notes.append(f"{workers} workers shared one device ({SHARED_DEVICE_ENV}=1): their latencies are not comparable")
+            done.notes.append(
+                f"{workers} workers shared one device ({SHARED_DEVICE_ENV}=1): their latencies are not comparable"
+            )
         return done
 
     with terminate_as_interrupt():
@@ -90,7 +98,9 @@ def run_workers(
             if any(code in (0, 3) for code in codes):
                 the_study = optuna.load_study(study_name=name, storage=open_storage(storage))
                 confirm_study(the_study, model, scenario, settings, result)
-        except KeyboardInterrupt as stop:  # Ctrl-C reached the workers too (one process group): let them finish quietly
+        except (
+            KeyboardInterrupt
+        ) as stop:  # Ctrl-C reached the workers too (one process group): let them finish quietly
             terminated = isinstance(stop, Terminated)
             for process in processes:
                 if terminated:  # SIGTERM reached this process only: pass it on

@@ -62,6 +62,7 @@ from advisor.testing.video import (
     build_tiny_wan22,
 )
 
+
 __all__ = [
     "TINY_BUILDERS",
     "build_tiny_cogvideox",
@@ -96,7 +97,9 @@ TINY_BUILDERS: dict[tuple[str, str | None], Callable[..., pathlib.Path]] = {
 }
 
 
-def build_tiny_for(model: str, path: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+def build_tiny_for(
+    model: str, path: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False
+) -> pathlib.Path:
     """Build the tiny pipeline of a catalog model (hub id or alias) into ``path``: same pipeline class,
     component names and component classes as the catalog entry, random weights.
 
@@ -128,12 +131,24 @@ _CALLS: dict[str, tuple[str, int, int, int, dict[str, Any]]] = {
     "StableDiffusion3Pipeline": ("image", 16, 16, 1, {"guidance_scale": 5.0, "max_sequence_length": 16}),
     "StableDiffusionXLPipeline": ("image", 16, 16, 1, {"guidance_scale": 5.0}),
     # 2x VAE, 2x2 packing: a multiple of 4; true CFG (negative prompt, true_cfg_scale > 1) as Qwen-Image's default.
-    "QwenImagePipeline": ("image", 16, 16, 1, {"negative_prompt": " ", "true_cfg_scale": 4.0, "max_sequence_length": 16}),
+    "QwenImagePipeline": (
+        "image",
+        16,
+        16,
+        1,
+        {"negative_prompt": " ", "true_cfg_scale": 4.0, "max_sequence_length": 16},
+    ),
     # Wan: height/width divisible by 16, (num_frames - 1) % 4 == 0.
     "WanPipeline": ("video", 16, 16, 5, {"negative_prompt": "", "guidance_scale": 5.0, "max_sequence_length": 16}),
     # CogVideoX: the transformer's sample size (2x2 latents = 16x16) and max_text_seq_length (16) fix
     # these; 9 frames, as 5 (2 latent frames) would decode to 8.
-    "CogVideoXPipeline": ("video", 16, 16, 9, {"negative_prompt": "", "guidance_scale": 6.0, "max_sequence_length": 16}),
+    "CogVideoXPipeline": (
+        "video",
+        16,
+        16,
+        9,
+        {"negative_prompt": "", "guidance_scale": 6.0, "max_sequence_length": 16},
+    ),
     "HunyuanVideoPipeline": ("video", 16, 16, 5, {"guidance_scale": 6.0, "max_sequence_length": 16}),
     # LTX: height and width divisible by 32 (the pipeline checks); 4x spatial and temporal VAE here.
     "LTXPipeline": ("video", 32, 32, 5, {"negative_prompt": "", "guidance_scale": 3.0, "max_sequence_length": 16}),

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from typing import Any
 
+
 # Words the default prompts use, so that they tokenize to real ids rather
 # than to the unknown token; everything else maps to "<unk>".
 _WORDS = (
@@ -105,9 +106,7 @@ def save(pipe: Any, folder: pathlib.Path) -> pathlib.Path:
     # Only cast what is not float32 already (e.g. under a non-default
     # torch default dtype): pipe.to() warns about every model otherwise.
     for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module) and any(
-            p.dtype != torch.float32 for p in component.parameters()
-        ):
+        if isinstance(component, torch.nn.Module) and any(p.dtype != torch.float32 for p in component.parameters()):
             component.to(torch.float32)
     # save_pretrained writes model_index.json first, so an interrupted save in
     # place would later pass for a cached pipeline: save next to the target

@@ -202,7 +202,11 @@ def build_tiny_sdxl(path: str | os.PathLike[str], *, seed: int = 0, overwrite: b
         tokenizer_2=tokenizer_2,
         unet=unet,
         scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
         ),
     )
     return save(pipe, folder)
@@ -221,7 +225,12 @@ def build_tiny_qwen_image(path: str | os.PathLike[str], *, seed: int = 0, overwr
     if not needs_build:
         return folder
 
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = offline_tokenizer(1024)
@@ -262,12 +271,22 @@ def build_tiny_qwen_image(path: str | os.PathLike[str], *, seed: int = 0, overwr
                 "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
                 "rope_theta": 1000000.0,
             },
-            vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+            vision_config={
+                "depth": 1,
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_heads": 2,
+                "out_hidden_size": 16,
+            },
             vocab_size=VOCAB_SIZE,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
     pipe = QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
     )
     return save(pipe, folder)

@@ -19,7 +19,9 @@ def _wan_parts(seed: int) -> dict[str, Any]:
 
     tokenizer = offline_tokenizer(model_max_length=512)
     seeded(seed)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
     return {"tokenizer": tokenizer, "text_encoder": t5_text_encoder(seed, tokenizer, umt5=True), "vae": vae}
 
 
@@ -68,7 +70,9 @@ def build_tiny_wan(
 
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-    pipe = WanPipeline(**_wan_parts(seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=_wan_transformer(seed))
+    pipe = WanPipeline(
+        **_wan_parts(seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=_wan_transformer(seed)
+    )
     return save(pipe, folder)
 
 
@@ -106,7 +110,12 @@ def build_tiny_cogvideox(path: str | os.PathLike[str], *, seed: int = 0, overwri
     if not needs_build:
         return folder
 
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
 
     tokenizer = offline_tokenizer(model_max_length=226)
     seeded(seed)
@@ -230,7 +239,12 @@ def build_tiny_ltx(path: str | os.PathLike[str], *, seed: int = 0, overwrite: bo
     if not needs_build:
         return folder
 
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
 
     tokenizer = offline_tokenizer(128)
     seeded(seed)

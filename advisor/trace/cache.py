@@ -20,6 +20,7 @@ from advisor.paths import advisor_cache_dir
 from advisor.plan.compute import TRACE_VERSION
 from advisor.probe.models import ModelProfile
 
+
 TRACED_ROLES = ("denoiser", "text_encoder", "vae")
 
 
@@ -67,7 +68,9 @@ def with_traces(profile: ModelProfile, log: Callable[[str], None] = lambda _line
             log(f"tracing {component.name} ({component.class_name}) on the meta device: first use, cached in {path}")
             component.trace = trace_component(profile, component)
         except Exception as exc:  # a model the tracer can't run must not stop the plan
-            log(f"{component.name}: could not trace ({type(exc).__name__}: {exc}); estimated with the parameter formula")
+            log(
+                f"{component.name}: could not trace ({type(exc).__name__}: {exc}); estimated with the parameter formula"
+            )
             if is_oom(exc):  # this machine's memory, not the model: traced again next time
                 continue
             cached[component.name] = {"failed": f"{type(exc).__name__}: {exc}"}

@@ -26,8 +26,16 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+
 # Ops that allocate without computing anything (their bytes are not memory traffic).
-_FACTORIES = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like, torch.ops.aten.zeros, torch.ops.aten.ones, torch.ops.aten.full}
+_FACTORIES = {
+    torch.ops.aten.empty,
+    torch.ops.aten.empty_strided,
+    torch.ops.aten.empty_like,
+    torch.ops.aten.zeros,
+    torch.ops.aten.ones,
+    torch.ops.aten.full,
+}
 _CONV = {torch.ops.aten.convolution, torch.ops.aten._convolution, torch.ops.aten.conv2d, torch.ops.aten.conv3d}
 
 
@@ -71,7 +79,11 @@ class Counter(TorchDispatchMode):
     def ignore(self, *objects: Any) -> None:
         """Storages of these tensors/modules existed before the call: not activations."""
         for obj in objects:
-            tensors = list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, torch.nn.Module) else tree_flatten(obj)[0]
+            tensors = (
+                list(obj.parameters()) + list(obj.buffers())
+                if isinstance(obj, torch.nn.Module)
+                else tree_flatten(obj)[0]
+            )
             for tensor in tensors:
                 if isinstance(tensor, torch.Tensor):
                     storage = tensor.untyped_storage()
@@ -131,14 +143,25 @@ def counting(*ignored: Any) -> Iterator[Counts]:
     counter.ignore(*ignored)
     original = torch.nn.functional.scaled_dot_product_attention
 
-    def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    def fused_attention(
+        query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+    ):
         counter.attention(query, key, value)
         # What flash / memory-efficient kernels allocate: the output and a float32 log-sum-exp.
         logsumexp = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
         out = torch.empty((*query.shape[:-1], value.shape[-1]), dtype=query.dtype, device=query.device)
         if query.device.type != "meta":  # real tensors (the CPU checks): the real result, uncounted
             with _disable_current_modes():
-                result = original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+                result = original(
+                    query,
+                    key,
+                    value,
+                    attn_mask=attn_mask,
+                    dropout_p=dropout_p,
+                    is_causal=is_causal,
+                    scale=scale,
+                    enable_gqa=enable_gqa,
+                )
             out.copy_(result)
         del logsumexp
         return out

@@ -178,7 +178,10 @@ def denoiser_inputs(module: torch.nn.Module, g: Geometry, make: Maker) -> dict[s
 def text_encoder_inputs(tokens: int, batch: int, make: Maker) -> dict[str, Any]:
     # No attention mask: pipelines pad to full length and a full mask is the same as none (and on
     # the meta device a mask can't be inspected).
-    return {"input_ids": torch.zeros((batch, tokens), dtype=torch.int64, device=make.device), "output_hidden_states": True}
+    return {
+        "input_ids": torch.zeros((batch, tokens), dtype=torch.int64, device=make.device),
+        "output_hidden_states": True,
+    }
 
 
 def vae_latents(vae: torch.nn.Module, g: Geometry, make: Maker) -> torch.Tensor:

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 
 
-def build_on_meta(library: str, class_name: str, config: dict[str, Any], *, attention: str = "sdpa") -> torch.nn.Module:
+def build_on_meta(
+    library: str, class_name: str, config: dict[str, Any], *, attention: str = "sdpa"
+) -> torch.nn.Module:
     """The component `class_name` of `library` built from `config` on the meta device, in eval mode.
 
     `attention` is the transformers attention implementation: "sdpa" (its default, what runs) for

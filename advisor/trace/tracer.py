@@ -28,8 +28,17 @@ from advisor.trace.counter import counting
 from advisor.trace.inputs import DENOISER_INPUTS, Geometry, Maker, denoiser_inputs, text_encoder_inputs, vae_latents
 from advisor.trace.meta import build_on_meta, cast
 
+
 TRACE_DTYPE = torch.bfloat16
-QUANTITIES = ("matmul_flops", "conv_flops", "attention_flops", "activation_peak_bytes", "written_bytes", "largest_tensor_bytes", "score_elements")
+QUANTITIES = (
+    "matmul_flops",
+    "conv_flops",
+    "attention_flops",
+    "activation_peak_bytes",
+    "written_bytes",
+    "largest_tensor_bytes",
+    "score_elements",
+)
 VAE_BASIS = {"image": ["1", "p", "p^2"], "video": ["1", "p", "p*f", "p^2*f"]}
 
 
@@ -39,9 +48,15 @@ class TraceSizes:
     point per workload kind, and the VAE's untiled sizes, frame counts and check point. Multiples
     of 64 pixels and 8k+1 frames suit every catalog pipeline's size rules."""
 
-    denoiser: dict[str, list[tuple[int, int, int]]] = field(default_factory=lambda: {
-        "image": [(512, 512, 1), (768, 768, 1), (1024, 1024, 1)], "video": [(512, 512, 25), (512, 768, 49), (768, 1024, 49)]})
-    denoiser_check: dict[str, tuple[int, int, int]] = field(default_factory=lambda: {"image": (1536, 1536, 1), "video": (512, 512, 97)})
+    denoiser: dict[str, list[tuple[int, int, int]]] = field(
+        default_factory=lambda: {
+            "image": [(512, 512, 1), (768, 768, 1), (1024, 1024, 1)],
+            "video": [(512, 512, 25), (512, 768, 49), (768, 1024, 49)],
+        }
+    )
+    denoiser_check: dict[str, tuple[int, int, int]] = field(
+        default_factory=lambda: {"image": (1536, 1536, 1), "video": (512, 512, 97)}
+    )
     vae: list[tuple[int, int]] = field(default_factory=lambda: [(256, 256), (512, 512), (768, 768)])
     # Frames past every video VAE's chunking threshold (HunyuanVideo and LTX decode in 16-frame
     # tiles once the latents are longer), so the curve is fitted in the regime videos run in.
@@ -52,10 +67,14 @@ class TraceSizes:
 CATALOG_SIZES = TraceSizes()
 
 
-def _least_squares(basis: list[str], points: list[dict[str, Any]], variables: Callable[[dict], dict[str, float]]) -> dict[str, list[float]]:
+def _least_squares(
+    basis: list[str], points: list[dict[str, Any]], variables: Callable[[dict], dict[str, float]]
+) -> dict[str, list[float]]:
     import numpy as np
 
-    design = np.array([[evaluate([term], [1.0], variables(point)) for term in basis] for point in points], dtype=np.float64)
+    design = np.array(
+        [[evaluate([term], [1.0], variables(point)) for term in basis] for point in points], dtype=np.float64
+    )
     scale = np.abs(design).max(axis=0)  # columns span 1 to 1e10: scale them for a stable solve
     fits = {}
     for quantity in QUANTITIES:
@@ -79,7 +98,10 @@ def _float32_ratio(module: torch.nn.Module, bf16: dict[str, Any], fp32: dict[str
     """Bytes in float32 over bytes in bfloat16 at one size: less than 2 where bf16 runs upcast to
     float32 (norms, softmax statistics), so no blanket 2x."""
     cast(module, TRACE_DTYPE)
-    return {q: round(fp32[q] / bf16[q], 4) if bf16[q] else 2.0 for q in ("activation_peak_bytes", "written_bytes", "largest_tensor_bytes")}
+    return {
+        q: round(fp32[q] / bf16[q], 4) if bf16[q] else 2.0
+        for q in ("activation_peak_bytes", "written_bytes", "largest_tensor_bytes")
+    }
 
 
 def _count(module: torch.nn.Module, call: Callable[[], Any], *inputs: Any) -> dict[str, int]:
@@ -93,7 +115,9 @@ def _workload(profile: ModelProfile, height: int, width: int, frames: int) -> Wo
     return Workload(profile.workload, height=height, width=width, frames=frames, steps=1)
 
 
-def trace_denoiser(profile: ModelProfile, component: ComponentProfile, module: torch.nn.Module, sizes: TraceSizes) -> dict[str, Any]:
+def trace_denoiser(
+    profile: ModelProfile, component: ComponentProfile, module: torch.nn.Module, sizes: TraceSizes
+) -> dict[str, Any]:
     tokens = text_tokens(profile) or 77
 
     def point(height: int, width: int, frames: int, dtype: torch.dtype = TRACE_DTYPE) -> dict[str, Any]:
@@ -101,7 +125,13 @@ def trace_denoiser(profile: ModelProfile, component: ComponentProfile, module: t
         g = Geometry(batch=1, frames=latent_frames, height=latent_h, width=latent_w, text_tokens=tokens)
         cast(module, dtype)
         kwargs = denoiser_inputs(module, g, Maker("meta", dtype))
-        return {"height": height, "width": width, "frames": frames, "x": g.positions, **_count(module, lambda: module(**kwargs), kwargs)}
+        return {
+            "height": height,
+            "width": width,
+            "frames": frames,
+            "x": g.positions,
+            **_count(module, lambda: module(**kwargs), kwargs),
+        }
 
     basis = ["1", "x", "x^2"]
     points = [point(*size) for size in sizes.denoiser[profile.workload]]
@@ -112,13 +142,17 @@ def trace_denoiser(profile: ModelProfile, component: ComponentProfile, module: t
         "variables": {"x": "latent positions of one sample (latent frames x height x width)"},
         "text_tokens": tokens,
         "fit": fits,
-        "float32_ratio": _float32_ratio(module, points[1], point(*sizes.denoiser[profile.workload][1], dtype=torch.float32)),
+        "float32_ratio": _float32_ratio(
+            module, points[1], point(*sizes.denoiser[profile.workload][1], dtype=torch.float32)
+        ),
         "points": points,
         "check": {**check, "max_relative_error": _relative_errors(basis, fits, check, lambda p: {"x": p["x"]})},
     }
 
 
-def trace_text_encoder(profile: ModelProfile, component: ComponentProfile, module: torch.nn.Module, sizes: TraceSizes) -> dict[str, Any]:
+def trace_text_encoder(
+    profile: ModelProfile, component: ComponentProfile, module: torch.nn.Module, sizes: TraceSizes
+) -> dict[str, Any]:
     tokens = component.facts.get("max_sequence_length") or 77
     kwargs = text_encoder_inputs(tokens, 1, Maker("meta", TRACE_DTYPE))
     # T5 pipelines read the last hidden state only; CLIP/LLM pipelines ask for every layer's.
@@ -133,7 +167,9 @@ def _tile_pixels(module: torch.nn.Module) -> int | None:
     return int(size) if isinstance(size, (int, float)) and size > 0 else None
 
 
-def trace_vae(profile: ModelProfile, component: ComponentProfile, module: torch.nn.Module, sizes: TraceSizes) -> dict[str, Any]:
+def trace_vae(
+    profile: ModelProfile, component: ComponentProfile, module: torch.nn.Module, sizes: TraceSizes
+) -> dict[str, Any]:
     video = profile.workload == "video"
 
     def point(height: int, width: int, frames: int, dtype: torch.dtype = TRACE_DTYPE) -> dict[str, Any]:
@@ -141,8 +177,14 @@ def trace_vae(profile: ModelProfile, component: ComponentProfile, module: torch.
         cast(module, dtype)
         z = vae_latents(module, Geometry(1, latent_frames, latent_h, latent_w, 0), Maker("meta", dtype))
         out_frames = decoded_frames(component, _workload(profile, height, width, frames))
-        return {"height": height, "width": width, "frames": out_frames, "p": height * width, "f": out_frames,
-                **_count(module, lambda: module.decode(z, return_dict=False), z)}
+        return {
+            "height": height,
+            "width": width,
+            "frames": out_frames,
+            "p": height * width,
+            "f": out_frames,
+            **_count(module, lambda: module.decode(z, return_dict=False), z),
+        }
 
     basis = VAE_BASIS[profile.workload]
     variables = lambda p: {"p": p["p"], "f": p["f"]}  # noqa: E731
@@ -160,14 +202,20 @@ def trace_vae(profile: ModelProfile, component: ComponentProfile, module: torch.
         modes["tiled"] = [(side(1.5), side(1.5)), (side(2), side(2)), (side(2), side(3))]
         record["tile_pixels"] = tile
     h, w = sizes.vae[1]
-    record["float32_ratio"] = _float32_ratio(module, point(h, w, frame_counts[0]), point(h, w, frame_counts[0], dtype=torch.float32))
+    record["float32_ratio"] = _float32_ratio(
+        module, point(h, w, frame_counts[0]), point(h, w, frame_counts[0], dtype=torch.float32)
+    )
     for mode, sizes in modes.items():
         if mode == "tiled":
             module.enable_tiling()
         points = [point(h, w, f) for h, w in sizes for f in frame_counts]
         fits = _least_squares(basis, points, variables)
         check = point(*(check_size if mode == "untiled" else (side(2.5), side(2.5), check_size[2])))
-        record[mode] = {"fit": fits, "points": points, "check": {**check, "max_relative_error": _relative_errors(basis, fits, check, variables)}}
+        record[mode] = {
+            "fit": fits,
+            "points": points,
+            "check": {**check, "max_relative_error": _relative_errors(basis, fits, check, variables)},
+        }
         if mode == "tiled":
             module.disable_tiling()
     return record
@@ -187,7 +235,9 @@ def traceable(component: ComponentProfile) -> str | None:
     return None
 
 
-def trace_component(profile: ModelProfile, component: ComponentProfile, sizes: TraceSizes = CATALOG_SIZES) -> dict[str, Any]:
+def trace_component(
+    profile: ModelProfile, component: ComponentProfile, sizes: TraceSizes = CATALOG_SIZES
+) -> dict[str, Any]:
     """The trace record of one component (raises on a component that can't be traced)."""
     reason = traceable(component)
     if reason:
@@ -200,6 +250,10 @@ def trace_component(profile: ModelProfile, component: ComponentProfile, sizes: T
     return {
         "version": TRACE_VERSION,
         "dtype": "bfloat16",
-        "traced_with": {"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+        "traced_with": {
+            "torch": torch.__version__.split("+")[0],
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        },
         **record,
     }

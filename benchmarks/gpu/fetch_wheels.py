@@ -58,6 +58,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 WHEELS = HERE / "wheels"
@@ -91,7 +92,12 @@ class Pin:
 PINNED: tuple[Pin, ...] = (
     # --- required: the image lacks these ---------------------------------------------------------
     Pin("diffusers", "0.42.1", "required", "the pipelines under test (pyproject: diffusers>=0.42)"),
-    Pin("bitsandbytes", "0.50.2", "required", "nf4 quantization of the seed page's combinations (repacked, see --bnb-cuda)"),
+    Pin(
+        "bitsandbytes",
+        "0.50.2",
+        "required",
+        "nf4 quantization of the seed page's combinations (repacked, see --bnb-cuda)",
+    ),
     Pin("optuna", "5.0.0", "required", "advisor tune"),
     Pin("alembic", "1.20.1", "required", "optuna: RDB storage migrations"),
     Pin("SQLAlchemy", "2.1.9", "required", "optuna: RDB storage (no greenlet needed without asyncio)"),
@@ -103,7 +109,12 @@ PINNED: tuple[Pin, ...] = (
     Pin("typing-inspection", "0.4.5", "required", "pydantic"),
     Pin("importlib_metadata", "10.2.0", "required", "diffusers declares it"),
     Pin("lazy-importer", "0.1.0", "required", "importlib_metadata 10 on Python < 3.15"),
-    Pin("pytorch-msssim", "1.0.0", "required", "the quality guard's SSIM (advisor/run/quality.py); pure Python, needs torch only"),
+    Pin(
+        "pytorch-msssim",
+        "1.0.0",
+        "required",
+        "the quality guard's SSIM (advisor/run/quality.py); pure Python, needs torch only",
+    ),
     # --- fallback: the image has these; installed only where its copy falls short ----------------
     Pin("typing_extensions", "4.16.0", "fallback", "pydantic 2.14 needs >=4.16.0"),
     Pin("typer", "0.29.2", "fallback", "transformers (its CLI); the advisor itself no longer uses it"),
@@ -114,7 +125,9 @@ PINNED: tuple[Pin, ...] = (
     Pin("markdown-it-py", "4.3.0", "fallback", "rich"),
     Pin("mdurl", "0.1.2", "fallback", "markdown-it-py"),
     Pin("Pygments", "2.21.0", "fallback", "rich"),
-    Pin("huggingface_hub", "1.33.0", "fallback", "diffusers needs >=1.32,<3; the image's transformers 5.17 needs <2.0"),
+    Pin(
+        "huggingface_hub", "1.33.0", "fallback", "diffusers needs >=1.32,<3; the image's transformers 5.17 needs <2.0"
+    ),
     Pin("safetensors", "0.8.0", "fallback", "diffusers needs >=0.8.0"),
     Pin("filelock", "4.3.1", "fallback", "diffusers, huggingface_hub"),
     Pin("fsspec", "2026.9.0", "fallback", "huggingface_hub"),
@@ -272,11 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     for entry in sorted(manifest["wheels"], key=lambda e: -e["bytes"]):
         print(f"{entry['file']:60} {entry['bytes'] / 2**20:7.2f}  {entry['role']}")
     total = manifest["total_bytes"]
-    print(f"\nwheels: {len(manifest['wheels'])} files, {total / 2**20:.2f} MiB; working tree {tree / 2**20:.2f} MiB; "
-          f"together {(total + tree) / 2**20:.2f} MiB of the {LIMIT_BYTES / 2**20:.0f} MiB that may travel")
+    print(
+        f"\nwheels: {len(manifest['wheels'])} files, {total / 2**20:.2f} MiB; working tree {tree / 2**20:.2f} MiB; "
+        f"together {(total + tree) / 2**20:.2f} MiB of the {LIMIT_BYTES / 2**20:.0f} MiB that may travel"
+    )
     if total + tree > LIMIT_BYTES:
-        print(f"fetch_wheels: TOO BIG: {(total + tree - LIMIT_BYTES) / 2**20:.2f} MiB over the limit; "
-              "keep fewer bitsandbytes CUDA libraries (--bnb-cuda) or drop fallback wheels", file=sys.stderr)
+        print(
+            f"fetch_wheels: TOO BIG: {(total + tree - LIMIT_BYTES) / 2**20:.2f} MiB over the limit; "
+            "keep fewer bitsandbytes CUDA libraries (--bnb-cuda) or drop fallback wheels",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

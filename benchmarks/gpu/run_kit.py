@@ -42,19 +42,45 @@ from kit.report import Log, final_report
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="The advisor's GPU kit (docs/gpu-kit.md).")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny pipeline, CPU-valid equivalents: checks the plumbing")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall-clock budget in seconds, installation included (default 480; none with --dry-run, "
-                             "which checks plumbing on a machine that may be busy)")
-    parser.add_argument("--depth", type=float, default=0.25,
-                        help="share of FLUX.1-dev's transformer blocks and T5 layers to build (default 0.25; 1 = full size)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, run in this order (default {','.join(PARTS)})")
-    parser.add_argument("--tune-trials", type=int, default=None, help="trial cap for the tune study (default 3; 1 with --dry-run)")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "advisor-gpu-kit",
-                        help="the environment, models, caches, the study (default: %(default)s)")
-    parser.add_argument("--wheels", type=Path, default=WHEELS, help="carried wheels, pip's --find-links (default: %(default)s)")
-    parser.add_argument("--json", type=Path, default=None, help="results file (default: $OUT/gpu_kit.json, else WORK/gpu_kit.json)")
-    parser.add_argument("--no-install", action="store_true", help="use the running Python's packages as they are (no environment, no pip)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU, tiny pipeline, CPU-valid equivalents: checks the plumbing"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-clock budget in seconds, installation included (default 480; none with --dry-run, "
+        "which checks plumbing on a machine that may be busy)",
+    )
+    parser.add_argument(
+        "--depth",
+        type=float,
+        default=0.25,
+        help="share of FLUX.1-dev's transformer blocks and T5 layers to build (default 0.25; 1 = full size)",
+    )
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated, run in this order (default {','.join(PARTS)})"
+    )
+    parser.add_argument(
+        "--tune-trials", type=int, default=None, help="trial cap for the tune study (default 3; 1 with --dry-run)"
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "advisor-gpu-kit",
+        help="the environment, models, caches, the study (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--wheels", type=Path, default=WHEELS, help="carried wheels, pip's --find-links (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="results file (default: $OUT/gpu_kit.json, else WORK/gpu_kit.json)"
+    )
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="use the running Python's packages as they are (no environment, no pip)",
+    )
     parser.add_argument("--internal", nargs=2, metavar=("WHAT", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the re-run inside the environment
@@ -84,7 +110,9 @@ def install(args: argparse.Namespace, kit: Kit) -> bool:
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         return True
     venv = args.work / "venv"
-    kit.log(f"installing into {venv} with pip (wheels: {args.wheels if args.wheels.is_dir() else 'none, folder absent'})")
+    kit.log(
+        f"installing into {venv} with pip (wheels: {args.wheels if args.wheels.is_dir() else 'none, folder absent'})"
+    )
     try:
         record = bootstrap.make_environment(venv, args.wheels, log=kit.log)
     except (bootstrap.BootstrapError, OSError, subprocess.SubprocessError) as exc:
@@ -151,11 +179,21 @@ def run(kit: Kit) -> int:
     else:
         started = time.time()
         kit.folder = advisor_api.build_tiny_flux(args.work / "tiny-flux")
-        model_info = {"folder": str(kit.folder), "fixture": "advisor.testing.build_tiny_flux (scale 1)",
-                      "build_s": round(time.time() - started, 2), "bytes": folder_bytes(kit.folder)}
+        model_info = {
+            "folder": str(kit.folder),
+            "fixture": "advisor.testing.build_tiny_flux (scale 1)",
+            "build_s": round(time.time() - started, 2),
+            "bytes": folder_bytes(kit.folder),
+        }
     kit.model_bytes = model_info["bytes"]
-    kit.profile = advisor_api.profile_from_folder(kit.folder, f"FLUX.1-dev-shaped (depth {args.depth:g})" if gpu else "tiny-flux")
-    kit.workload = advisor_api.make_workload(kit.profile) if gpu else advisor_api.make_workload(kit.profile, height=32, width=32, steps=4)
+    kit.profile = advisor_api.profile_from_folder(
+        kit.folder, f"FLUX.1-dev-shaped (depth {args.depth:g})" if gpu else "tiny-flux"
+    )
+    kit.workload = (
+        advisor_api.make_workload(kit.profile)
+        if gpu
+        else advisor_api.make_workload(kit.profile, height=32, width=32, steps=4)
+    )
     described = advisor_api.describe(kit.profile, kit.workload)
     kit.data["model"] = {**model_info, "model_id": described["model_id"], "parameters": described["parameters"]}
     kit.data["workload"] = described["workload"]
@@ -187,9 +225,18 @@ def check_environment(kit: Kit) -> dict:
     kit.log(f"target: {kit.data['target']['name']} ({kit.data['target']['source']}); bitsandbytes: {kit.bnb_note}")
     spec = {"bnb_smoke": gpu, "calibrate_s": 0.5 if gpu else 0.2}
     child_env = {**os.environ, "XDG_CACHE_HOME": str(kit.args.work / "calibration-cache")}
-    done = subprocess.run([sys.executable, str(RUN_KIT), "--internal", "environment", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=180, env=child_env)
-    environment = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else {"error": done.stderr[-800:]}
+    done = subprocess.run(
+        [sys.executable, str(RUN_KIT), "--internal", "environment", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=child_env,
+    )
+    environment = (
+        json.loads(done.stdout.strip().splitlines()[-1])
+        if done.returncode == 0 and done.stdout.strip()
+        else {"error": done.stderr[-800:]}
+    )
     environment["bitsandbytes_library"] = kit.bnb_note
     kit.data["environment"] = environment
     kit.bnb_ok = bool(gpu and (environment.get("bitsandbytes_smoke") or {}).get("ok"))
@@ -197,10 +244,22 @@ def check_environment(kit: Kit) -> dict:
     if environment.get("torchao_error"):  # installed but broken: plan as if absent
         kit.packages["torchao"] = None
     if gpu and not kit.bnb_ok:
-        kit.bnb_note = (environment.get("bitsandbytes_smoke") or {}).get("error") or environment.get("bitsandbytes_error") or kit.bnb_note
+        kit.bnb_note = (
+            (environment.get("bitsandbytes_smoke") or {}).get("error")
+            or environment.get("bitsandbytes_error")
+            or kit.bnb_note
+        )
         kit.packages["bitsandbytes"] = None  # recommend and tune then leave it out
-        kit.data["notes"].append(f"bitsandbytes unusable: {kit.bnb_note}; seed items skipped, recommend/tune plan without it")
-    kit.log("environment: " + ", ".join(f"{k} {environment.get(k)}" for k in ("python", "torch", "cuda_runtime", "gpu", "diffusers", "bitsandbytes", "optuna")))
+        kit.data["notes"].append(
+            f"bitsandbytes unusable: {kit.bnb_note}; seed items skipped, recommend/tune plan without it"
+        )
+    kit.log(
+        "environment: "
+        + ", ".join(
+            f"{k} {environment.get(k)}"
+            for k in ("python", "torch", "cuda_runtime", "gpu", "diffusers", "bitsandbytes", "optuna")
+        )
+    )
     kit.save()
     return environment
 
@@ -213,7 +272,9 @@ def scale_budgets(kit: Kit) -> None:
         nf4 = advisor_api.finish(advisor_api.seed_configs(kit.device, kit.dtype)[0][2], kit.ctx)[0]
         full = advisor_api.full_size_profile()
         here = advisor_api.estimate_record(kit.profile, kit.workload, nf4, kit.target)["peak_bytes"]
-        scale = here / advisor_api.estimate_record(full, advisor_api.make_workload(full), nf4, kit.target)["peak_bytes"]
+        scale = (
+            here / advisor_api.estimate_record(full, advisor_api.make_workload(full), nf4, kit.target)["peak_bytes"]
+        )
         kit.budget_scaling_note = f"x{scale:.3f}: the estimate's nf4 peak at depth {kit.args.depth:g} over full size"
         kit.scaled_budget = lambda gb: int(gb * GIB * scale)
     elif gpu:
@@ -222,8 +283,10 @@ def scale_budgets(kit: Kit) -> None:
     else:
         kit.budget_scaling_note = "dry run: the CPU's default budget (available RAM - 10%) replaces the GPU budgets"
         kit.scaled_budget = lambda gb: advisor_api.default_budget(kit.target)
-    kit.data["budget_scaling"] = {"note": kit.budget_scaling_note,
-                                  **{f"{gb}GB": kit.scaled_budget(gb) for gb in (*RECOMMEND_BUDGETS_GB, TUNE_BUDGET_GB)}}
+    kit.data["budget_scaling"] = {
+        "note": kit.budget_scaling_note,
+        **{f"{gb}GB": kit.scaled_budget(gb) for gb in (*RECOMMEND_BUDGETS_GB, TUNE_BUDGET_GB)},
+    }
 
 
 if __name__ == "__main__":

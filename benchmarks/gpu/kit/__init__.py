@@ -16,6 +16,7 @@ heavy packages inside its functions, so ``run_kit.py`` can start before anything
 
 from pathlib import Path
 
+
 KIT_DIR = Path(__file__).resolve().parent.parent  # benchmarks/gpu
 REPO = KIT_DIR.parent.parent
 RUN_KIT = KIT_DIR / "run_kit.py"

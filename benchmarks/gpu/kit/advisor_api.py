@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+
 # --- what a CPU can't run (for the dry run's CPU equivalents): asked of advisor.constraints --------
 
 
@@ -71,20 +72,43 @@ def offload_configs(device: str, dtype: str, blocks: int = 0) -> list[tuple[str,
     base = OptimizationConfig(dtype=dtype, device=on_a_gpu(device))
     group = dict(strategy="group", components=["transformer"])
     stream = dict(use_stream=True, record_stream=True)
-    return [
-        ("none", "bf16, no offload (baseline)", base),
-        ("group-block", "group offload, block level", base.replace(offload=Offload(**group))),
-        ("group-block-stream", "group offload, block level, stream", base.replace(offload=Offload(**group, **stream))),
-        ("group-leaf", "group offload, leaf level", base.replace(offload=Offload(**group, offload_type="leaf_level"))),
-        ("group-leaf-stream", "group offload, leaf level, stream",
-         base.replace(offload=Offload(**group, offload_type="leaf_level", **stream))),
-    ] + [
-        (f"partial-{k}of3", f"partial offload, {max(1, blocks * k // 3)} of {blocks} blocks resident",
-         base.replace(offload=Offload(**group, resident_blocks={"transformer": max(1, blocks * k // 3)})))
-        for k in (1, 2) if blocks >= 3
-    ] + [
-        ("sequential", "sequential CPU offload (every component)", base.replace(offload=Offload(strategy="sequential"))),
-    ]
+    return (
+        [
+            ("none", "bf16, no offload (baseline)", base),
+            ("group-block", "group offload, block level", base.replace(offload=Offload(**group))),
+            (
+                "group-block-stream",
+                "group offload, block level, stream",
+                base.replace(offload=Offload(**group, **stream)),
+            ),
+            (
+                "group-leaf",
+                "group offload, leaf level",
+                base.replace(offload=Offload(**group, offload_type="leaf_level")),
+            ),
+            (
+                "group-leaf-stream",
+                "group offload, leaf level, stream",
+                base.replace(offload=Offload(**group, offload_type="leaf_level", **stream)),
+            ),
+        ]
+        + [
+            (
+                f"partial-{k}of3",
+                f"partial offload, {max(1, blocks * k // 3)} of {blocks} blocks resident",
+                base.replace(offload=Offload(**group, resident_blocks={"transformer": max(1, blocks * k // 3)})),
+            )
+            for k in (1, 2)
+            if blocks >= 3
+        ]
+        + [
+            (
+                "sequential",
+                "sequential CPU offload (every component)",
+                base.replace(offload=Offload(strategy="sequential")),
+            ),
+        ]
+    )
 
 
 def attention_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
@@ -96,9 +120,13 @@ def attention_configs(device: str, dtype: str) -> list[tuple[str, str, Any]]:
 
     platform = platform_here(device)
     base = OptimizationConfig(dtype=dtype, device=device)
-    names = [name for name, backend in BACKENDS.items()
-             if name != "native" and backend.speedup_at(platform.capability) >= 1.0
-             and first_violation(base.replace(attention_backend=name), platform) is None]
+    names = [
+        name
+        for name, backend in BACKENDS.items()
+        if name != "native"
+        and backend.speedup_at(platform.capability) >= 1.0
+        and first_violation(base.replace(attention_backend=name), platform) is None
+    ]
     if device == "cpu":
         names = ["_native_math"]
     return [("native", "bf16, native attention (torch SDPA)", base)] + [
@@ -120,7 +148,9 @@ def cpu_equivalent(config: Any, *, torchao: bool) -> tuple[Any, list[str]]:
     q = config.quantization
     if bitsandbytes_needs_cuda(config):
         if torchao:
-            update["quantization"] = Quantization(backend="torchao", components=q.components, scheme="int8_weight_only")
+            update["quantization"] = Quantization(
+                backend="torchao", components=q.components, scheme="int8_weight_only"
+            )
             notes.append(f"{q.label()} -> torchao int8 weight-only (bitsandbytes needs CUDA)")
         else:
             update["quantization"] = None
@@ -130,12 +160,16 @@ def cpu_equivalent(config: Any, *, torchao: bool) -> tuple[Any, list[str]]:
         # On a CPU nothing moves whatever the offload form, so one form stands for all: block level,
         # or leaf level where a compiled torchao model rules block level out (no streams on a CPU).
         quantization = update.get("quantization", config.quantization)
-        torchao_compiled = quantization is not None and quantization.backend == "torchao" and config.compile is not None
+        torchao_compiled = (
+            quantization is not None and quantization.backend == "torchao" and config.compile is not None
+        )
         level = "leaf_level" if torchao_compiled else "block_level"
         cpu_form = Offload(strategy="group", offload_type=level, components=offload.components or ["transformer"])
         if offload_needs_cuda(config):
-            notes.append(f"{offload.strategy} offload -> {level.replace('_', '-')} group offload of the transformer "
-                         f"({offload.strategy} offload needs CUDA)")
+            notes.append(
+                f"{offload.strategy} offload -> {level.replace('_', '-')} group offload of the transformer "
+                f"({offload.strategy} offload needs CUDA)"
+            )
         elif streams_need_cuda(config) or offload.offload_type != level:
             notes.append(f"{offload.label()} -> {cpu_form.label()} (a CPU moves nothing; no CUDA streams)")
         if cpu_form != offload:
@@ -242,8 +276,12 @@ def make_workload(profile: Any, **overrides: Any) -> Any:
 
 def describe(profile: Any, workload: Any) -> dict[str, Any]:
     """The model and workload as the results record them."""
-    return {"model_id": profile.model_id, "parameters": {c.name: c.parameters for c in profile.components},
-            "workload": workload.to_dict(), "workload_label": workload.label()}
+    return {
+        "model_id": profile.model_id,
+        "parameters": {c.name: c.parameters for c in profile.components},
+        "workload": workload.to_dict(),
+        "workload_label": workload.label(),
+    }
 
 
 # --- planning ----------------------------------------------------------------------------------------
@@ -280,7 +318,8 @@ def default_budget(target: Any) -> int:
 def estimate_record(profile: Any, workload: Any, config: Any, target: Any) -> dict[str, Any]:
     """The estimate for `config` as plain data; ``peak_bytes`` is the peak that a budget limits,
     ``phase_device_bytes`` the device bytes of each phase (text_encoding, denoising, vae_decode)."""
-    from advisor.plan.estimate import block_split, estimate, weight_bytes
+    from advisor.plan.estimate import estimate
+    from advisor.plan.weights import block_split, weight_bytes
 
     est = estimate(profile, workload, config, target)
     transformer = next(c for c in profile.components if c.name == "transformer")
@@ -302,14 +341,32 @@ def estimate_record(profile: Any, workload: Any, config: Any, target: Any) -> di
     }
 
 
-def measure(folder: Path, config: Any, workload: Any, target: Any, *, timeout_s: float,
-            step_points: tuple[int, ...], repeats: int, max_rounds: int, output_path: Path | None = None) -> tuple[dict[str, Any], int | None]:
+def measure(
+    folder: Path,
+    config: Any,
+    workload: Any,
+    target: Any,
+    *,
+    timeout_s: float,
+    step_points: tuple[int, ...],
+    repeats: int,
+    max_rounds: int,
+    output_path: Path | None = None,
+) -> tuple[dict[str, Any], int | None]:
     """Measure `config` in its own process: the measurement as a dict, and the peak a budget limits
     (with `output_path`, its output at the workload's steps is saved there for `compare_outputs`)."""
     from advisor.run.measure import measure as run
 
-    m = run(folder, config, workload, timeout_s=timeout_s, step_points=step_points, min_rounds=repeats, max_rounds=max_rounds,
-            output_path=output_path)
+    m = run(
+        folder,
+        config,
+        workload,
+        timeout_s=timeout_s,
+        step_points=step_points,
+        min_rounds=repeats,
+        max_rounds=max_rounds,
+        output_path=output_path,
+    )
     return m.to_dict(), m.limited_peak(target.device)
 
 
@@ -339,8 +396,13 @@ def cache_configs(device: str, dtype: str, steps: int) -> list[tuple[str, str, A
         return f"bf16, {cache.label()}"
 
     flux = SimpleNamespace(profile=load_profile("flux-dev"), quality="fast", workload=SimpleNamespace(steps=steps))
-    caches = [(choice, cache) for choice, cache in lever_named("cache").choices(flux, dtype).items() if cache is not None]
-    return [(choice, label(choice, cache), OptimizationConfig(dtype=dtype, device=device, cache=cache)) for choice, cache in caches]
+    caches = [
+        (choice, cache) for choice, cache in lever_named("cache").choices(flux, dtype).items() if cache is not None
+    ]
+    return [
+        (choice, label(choice, cache), OptimizationConfig(dtype=dtype, device=device, cache=cache))
+        for choice, cache in caches
+    ]
 
 
 def recommend(profile: Any, workload: Any, target: Any, *, machine: Any, budget_bytes: int) -> dict[str, Any]:
@@ -360,25 +422,76 @@ def recommend(profile: Any, workload: Any, target: Any, *, machine: Any, budget_
     }
 
 
-TRIAL_FIELDS = ("number", "summary", "status", "source", "feasible", "latency_s", "latency_spread_s", "noisy", "peak_bytes",
-                "predicted_peak_bytes", "reason", "config")
+TRIAL_FIELDS = (
+    "number",
+    "summary",
+    "status",
+    "source",
+    "feasible",
+    "latency_s",
+    "latency_spread_s",
+    "noisy",
+    "peak_bytes",
+    "predicted_peak_bytes",
+    "reason",
+    "config",
+)
 
 
-def tune(folder: Path, profile: Any, workload: Any, target: Any, *, budget_bytes: int, packages: dict[str, str | None],
-         storage: str, study: str, trials: int, timeout_s: float, step_points: tuple[int, ...], repeats: int, max_rounds: int,
-         compile_choices: tuple[bool, ...], on_trial: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def tune(
+    folder: Path,
+    profile: Any,
+    workload: Any,
+    target: Any,
+    *,
+    budget_bytes: int,
+    packages: dict[str, str | None],
+    storage: str,
+    study: str,
+    trials: int,
+    timeout_s: float,
+    step_points: tuple[int, ...],
+    repeats: int,
+    max_rounds: int,
+    compile_choices: tuple[bool, ...],
+    on_trial: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
     """`advisor tune`: run the study; its trials as dicts (each with ``config``) and the best one."""
     from advisor.plan.scenario import make_scenario
     from advisor.run.tune import TuneSettings, run_study
 
     # No confirmation runs of the finalists: the kit's minutes go to more configurations.
-    settings = TuneSettings(trials=trials, timeout_s=timeout_s, step_points=step_points, repeats=repeats, max_rounds=max_rounds,
-                            compile_choices=compile_choices, confirm_runs=0, min_psnr_db=0)  # minutes for configurations, not repeats
+    settings = TuneSettings(
+        trials=trials,
+        timeout_s=timeout_s,
+        step_points=step_points,
+        repeats=repeats,
+        max_rounds=max_rounds,
+        compile_choices=compile_choices,
+        confirm_runs=0,
+        min_psnr_db=0,
+    )  # minutes for configurations, not repeats
     record = lambda trial: {k: getattr(trial, k) for k in TRIAL_FIELDS}  # noqa: E731
     scenario = make_scenario(profile, workload, target, packages=packages, budget_bytes=budget_bytes)
-    result = run_study(str(folder), scenario, storage=storage, study=study, settings=settings, on_trial=lambda r: on_trial(record(r.trials[-1])) if r.trials else None)
+    result = run_study(
+        str(folder),
+        scenario,
+        storage=storage,
+        study=study,
+        settings=settings,
+        on_trial=lambda r: on_trial(record(r.trials[-1])) if r.trials else None,
+    )
     best = None
     if result.best is not None:
-        best = {**record(result.best), "config": config_from_dict(result.best.config), "measurement": result.best.measurement}
-    return {"study": result.study, "space_size": result.space_size, "trials": [record(t) for t in result.trials],
-            "advice": result.advice, "best": best}
+        best = {
+            **record(result.best),
+            "config": config_from_dict(result.best.config),
+            "measurement": result.best.measurement,
+        }
+    return {
+        "study": result.study,
+        "space_size": result.space_size,
+        "trials": [record(t) for t in result.trials],
+        "advice": result.advice,
+        "best": best,
+    }

@@ -29,6 +29,7 @@ from typing import Any, Callable, NoReturn
 
 from kit import REPO
 
+
 # Set for the re-run inside the environment: its folder, and the start time the budget counts from.
 VENV_VARIABLE = "ADVISOR_GPU_KIT_VENV"
 T0_VARIABLE = "ADVISOR_GPU_KIT_T0"
@@ -87,8 +88,18 @@ def pip_install_command(venv: Path, wheels: Path | None, *, constraints: Path, r
     command = [str(venv_python(venv)), "-m", "pip", "--isolated", "install", "--no-index"]
     if wheels is not None:
         command += ["--find-links", str(wheels)]
-    command += ["--no-build-isolation", "--check-build-dependencies", "--constraint", str(constraints),
-                "--report", str(report), "--progress-bar", "off", "-e", "."]
+    command += [
+        "--no-build-isolation",
+        "--check-build-dependencies",
+        "--constraint",
+        str(constraints),
+        "--report",
+        str(report),
+        "--progress-bar",
+        "off",
+        "-e",
+        ".",
+    ]
     return command
 
 
@@ -127,8 +138,12 @@ def link_parent_site_packages(venv: Path, folders: list[str]) -> Path | None:
     """Make `folders` visible in `venv` after its own site-packages, with their .pth files processed."""
     if not folders:
         return None
-    purelib = subprocess.run([str(venv_python(venv)), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(venv_python(venv)), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     pth = Path(purelib) / "_advisor_gpu_kit_parent.pth"
     # A .pth line that starts with "import" runs; addsitedir also reads the folder's own .pth files
     # (editable installs, namespace packages), which a plain path line would not.
@@ -152,12 +167,19 @@ def installed_from_report(report: dict[str, Any]) -> list[dict[str, str]]:
     for entry in report.get("install", []):
         info = entry.get("download_info") or {}
         editable = (info.get("dir_info") or {}).get("editable", False)
-        rows.append({"name": entry["metadata"]["name"], "version": entry["metadata"]["version"],
-                     "source": "project (editable)" if editable else info.get("url", "?").rsplit("/", 1)[-1]})
+        rows.append(
+            {
+                "name": entry["metadata"]["name"],
+                "version": entry["metadata"]["version"],
+                "source": "project (editable)" if editable else info.get("url", "?").rsplit("/", 1)[-1],
+            }
+        )
     return rows
 
 
-def make_environment(venv: Path, wheels: Path | None, *, project: Path = REPO, log: Callable[[str], None] = print) -> InstallRecord:
+def make_environment(
+    venv: Path, wheels: Path | None, *, project: Path = REPO, log: Callable[[str], None] = print
+) -> InstallRecord:
     """Create `venv` and pip-install `project` into it from `wheels` and the installed packages.
 
     Raises `BootstrapError` with pip's errors (and, first, the requirements nothing satisfies) when
@@ -178,15 +200,23 @@ def make_environment(venv: Path, wheels: Path | None, *, project: Path = REPO, l
     install = pip_install_command(venv, wheels, constraints=constraints, report=report_path)
     record.commands.append(install)
     log("$ " + " ".join(install))
-    done = subprocess.run(install, cwd=project, capture_output=True, text=True, env=pip_environment(), timeout=PIP_TIMEOUT_S)
+    done = subprocess.run(
+        install, cwd=project, capture_output=True, text=True, env=pip_environment(), timeout=PIP_TIMEOUT_S
+    )
     output = done.stdout + done.stderr
     if done.returncode != 0:
         errors, missing, conflicts = pip_errors(output)
-        found = f"needs {', '.join(missing)}, which neither the installed packages nor {wheels or 'a wheels folder'} provide; " if missing else ""
+        found = (
+            f"needs {', '.join(missing)}, which neither the installed packages nor {wheels or 'a wheels folder'} provide; "
+            if missing
+            else ""
+        )
         if conflicts:
             found += "conflict: " + "; ".join(conflicts) + "; "
-        raise BootstrapError(f"pip could not install the project ({done.returncode}): {found}"
-                             + ("; ".join(errors) or output.strip()[-800:]))
+        raise BootstrapError(
+            f"pip could not install the project ({done.returncode}): {found}"
+            + ("; ".join(errors) or output.strip()[-800:])
+        )
     record.installed = installed_from_report(json.loads(report_path.read_text()))
     replaced = [row["name"] for row in record.installed if row["name"].lower() in NEVER_REINSTALLED]
     if replaced:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from kit import GIB, RUN_KIT, advisor_api
 
+
 # FLUX.1-dev's scheduler_config.json (not in the catalog, which holds the weighted components only).
 FLUX_SCHEDULER = {
     "base_image_seq_len": 256,
@@ -104,7 +105,9 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def ensure_flux_dev_shaped(work: Path, depth: float, log: Callable[[str], None], timeout_s: float) -> tuple[Path, dict[str, Any]]:
+def ensure_flux_dev_shaped(
+    work: Path, depth: float, log: Callable[[str], None], timeout_s: float
+) -> tuple[Path, dict[str, Any]]:
     """The FLUX.1-dev-shaped folder for `depth` under `work`, built (in a child process) unless already there."""
     entry = advisor_api.catalog_entry()
     configs, scaling = scaled_flux_configs(entry, depth)
@@ -117,20 +120,30 @@ def ensure_flux_dev_shaped(work: Path, depth: float, log: Callable[[str], None],
     needed = sum(c["parameters"] for c in entry["components"]) * 2 * depth * 1.1
     free = shutil.disk_usage(work).free
     if free < needed:
-        raise RuntimeError(f"{work}: {free / GIB:.1f} GiB free, the depth-{depth:g} pipeline needs about {needed / GIB:.1f} GiB")
+        raise RuntimeError(
+            f"{work}: {free / GIB:.1f} GiB free, the depth-{depth:g} pipeline needs about {needed / GIB:.1f} GiB"
+        )
     staging = work / f".{folder.name}.building"
     shutil.rmtree(staging, ignore_errors=True)
     log(f"building the FLUX.1-dev-shaped pipeline at depth {depth:g} on the GPU ({scaling})")
     started = time.time()
     spec = {"configs": configs, "device": "cuda", "folder": str(staging), "seed": 0}
-    done = subprocess.run([sys.executable, str(RUN_KIT), "--internal", "build", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(
+        [sys.executable, str(RUN_KIT), "--internal", "build", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"building the pipeline failed ({done.returncode}): {done.stderr.strip()[-800:]}")
     info = json.loads(done.stdout.strip().splitlines()[-1])
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
-    info.update(scaling=scaling, bytes=folder_bytes(folder), build_s=round(time.time() - started, 2), folder=str(folder))
+    info.update(
+        scaling=scaling, bytes=folder_bytes(folder), build_s=round(time.time() - started, 2), folder=str(folder)
+    )
     marker.write_text(json.dumps(info, indent=2))
-    log(f"built {folder} in {info['build_s']} s (construct {info['construct_s']} s, save {info['save_s']} s, {info['bytes'] / GIB:.1f} GiB)")
+    log(
+        f"built {folder} in {info['build_s']} s (construct {info['construct_s']} s, save {info['save_s']} s, {info['bytes'] / GIB:.1f} GiB)"
+    )
     return folder, {**info, "reused": False}

@@ -15,7 +15,18 @@ from typing import Any
 
 from kit import advisor_api
 
-VERSIONS_OF = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "optuna", "huggingface_hub", "pydantic", "torchao")
+
+VERSIONS_OF = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "bitsandbytes",
+    "optuna",
+    "huggingface_hub",
+    "pydantic",
+    "torchao",
+)
 
 
 def environment_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +43,9 @@ def environment_child(spec: dict[str, Any]) -> dict[str, Any]:
     info["cuda_runtime"] = torch.version.cuda
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, compute_capability=f"{props.major}.{props.minor}")
+        info.update(
+            gpu=props.name, gpu_memory_bytes=props.total_memory, compute_capability=f"{props.major}.{props.minor}"
+        )
     if spec.get("bnb_smoke") and info.get("bitsandbytes"):
         try:
             import bitsandbytes.functional as F
@@ -71,7 +84,11 @@ def bitsandbytes_library(cuda: str | None) -> tuple[str | None, str]:
         return None, "bitsandbytes is not installed"
     if cuda is None:
         return None, "torch has no CUDA"
-    libs = {m.group(1): p.name for p in Path(spec.origin).parent.glob("libbitsandbytes_cuda*.so") if (m := re.search(r"cuda(\d+)", p.name))}
+    libs = {
+        m.group(1): p.name
+        for p in Path(spec.origin).parent.glob("libbitsandbytes_cuda*.so")
+        if (m := re.search(r"cuda(\d+)", p.name))
+    }
     wanted = cuda.replace(".", "")
     if wanted in libs:
         return None, f"libbitsandbytes_cuda{wanted}.so matches torch's CUDA {cuda}"
@@ -80,4 +97,7 @@ def bitsandbytes_library(cuda: str | None) -> tuple[str | None, str]:
         return None, f"no bitsandbytes library for CUDA {cuda} (carried: {sorted(libs)}); bitsandbytes parts will fail"
     below = [v for v in same_major if int(v) <= int(wanted)]
     chosen = below[-1] if below else same_major[0]
-    return chosen, f"no library for CUDA {cuda}; BNB_CUDA_VERSION={chosen} (same major release; carried {sorted(libs)})"
+    return (
+        chosen,
+        f"no library for CUDA {cuda}; BNB_CUDA_VERSION={chosen} (same major release; carried {sorted(libs)})",
+    )

@@ -21,6 +21,7 @@ from typing import Any
 from kit import GIB, advisor_api
 from kit.plan import Item, Kit, errors, phase_peaks
 
+
 PARTS = ("seed", "recommend", "tune", "offload", "attention")
 RECOMMEND_BUDGETS_GB = (16, 13)
 TUNE_BUDGET_GB = 15
@@ -49,7 +50,9 @@ def measure_finished(kit: Kit, item: Item, config: Any, save_output: bool = Fals
     finished, rejected = advisor_api.finish(config, kit.ctx, measure_cpu_offload=kit.args.dry_run)
     item.config = finished
     if kit.args.dry_run and finished.offload.strategy != "none":
-        item.notes.append("measured although the rule engine offers no offloading on a CPU: the dry run exercises the offload plumbing")
+        item.notes.append(
+            "measured although the rule engine offers no offloading on a CPU: the dry run exercises the offload plumbing"
+        )
     if rejected:
         item.status = "skipped"
         item.notes.append(f"skipped: rejected by rule {rejected}")
@@ -67,27 +70,39 @@ def part_seed(kit: Kit) -> None:
     page = SEED_PAGE
     kit.data["seed_ratios"] = {
         "compile_speedup": _ratio(lat(q), lat(qc)),
-        "seed_page_compile_speedup": _ratio(page["quantization"]["latency_s"], page["quantization+compile"]["latency_s"]),
+        "seed_page_compile_speedup": _ratio(
+            page["quantization"]["latency_s"], page["quantization+compile"]["latency_s"]
+        ),
         "model_offload_peak_ratio": _ratio(peak(qco), peak(qc)),
-        "seed_page_model_offload_peak_ratio": _ratio(page["quantization+compile+model-offload"]["memory_gb"], page["quantization+compile"]["memory_gb"]),
+        "seed_page_model_offload_peak_ratio": _ratio(
+            page["quantization+compile+model-offload"]["memory_gb"], page["quantization+compile"]["memory_gb"]
+        ),
         "model_offload_latency_ratio": _ratio(lat(qco), lat(qc)),
-        "seed_page_model_offload_latency_ratio": _ratio(page["quantization+compile+model-offload"]["latency_s"], page["quantization+compile"]["latency_s"]),
+        "seed_page_model_offload_latency_ratio": _ratio(
+            page["quantization+compile+model-offload"]["latency_s"], page["quantization+compile"]["latency_s"]
+        ),
     }
 
 
 def part_recommend(kit: Kit) -> None:
     for gb in RECOMMEND_BUDGETS_GB:
         budget = kit.scaled_budget(gb)
-        item = Item(id=f"recommend/{gb}GB", part="recommend", label=f"advisor recommend --budget {gb}GB", budget_bytes=budget)
+        item = Item(
+            id=f"recommend/{gb}GB", part="recommend", label=f"advisor recommend --budget {gb}GB", budget_bytes=budget
+        )
 
         def work(item: Item, budget: int = budget, gb: int = gb) -> None:
             if budget != gb * GIB:
                 item.notes.append(f"budget {gb} GB scaled to {budget / GIB:.2f} GiB ({kit.budget_scaling_note})")
-            result = advisor_api.recommend(kit.profile, kit.workload, kit.target, machine=kit.machine, budget_bytes=budget)
+            result = advisor_api.recommend(
+                kit.profile, kit.workload, kit.target, machine=kit.machine, budget_bytes=budget
+            )
             item.result["recommend"] = {k: result[k] for k in ("reasons", "alternatives", "candidates")}
             if result["config"] is None:
                 item.status = "nothing-fits"
-                item.notes.append("nothing predicted to fit" + (f"; smallest: {result['smallest']}" if result["smallest"] else ""))
+                item.notes.append(
+                    "nothing predicted to fit" + (f"; smallest: {result['smallest']}" if result["smallest"] else "")
+                )
                 return
             config = result["config"]
             if kit.args.dry_run:
@@ -111,7 +126,9 @@ def tune_trials(kit: Kit) -> tuple[int, float, float]:
         baseline_and_two = advisor_api.offload_configs(kit.device, kit.dtype)[:3]
         reserve = sum(kit.expected_s(advisor_api.finish(c, kit.ctx)[0]) for _, _, c in baseline_and_two)
     available = kit.left() - reserve
-    typical = statistics.median([kit.expected_s(i.config) for i in kit.items if i.config is not None and i.part != "tune"] or [60.0])
+    typical = statistics.median(
+        [kit.expected_s(i.config) for i in kit.items if i.config is not None and i.part != "tune"] or [60.0]
+    )
     if math.isinf(available):  # no time budget (a dry run)
         return kit.args.tune_trials, available, typical
     trials = min(kit.args.tune_trials, int(available // typical)) if typical > 0 else 0
@@ -120,11 +137,18 @@ def tune_trials(kit: Kit) -> tuple[int, float, float]:
 
 def part_tune(kit: Kit) -> None:
     budget = kit.scaled_budget(TUNE_BUDGET_GB)
-    item = Item(id=f"tune/{TUNE_BUDGET_GB}GB", part="tune", label=f"advisor tune --budget {TUNE_BUDGET_GB}GB", budget_bytes=budget)
+    item = Item(
+        id=f"tune/{TUNE_BUDGET_GB}GB",
+        part="tune",
+        label=f"advisor tune --budget {TUNE_BUDGET_GB}GB",
+        budget_bytes=budget,
+    )
 
     def work(item: Item) -> None:
         if budget != TUNE_BUDGET_GB * GIB:
-            item.notes.append(f"budget {TUNE_BUDGET_GB} GB scaled to {budget / GIB:.2f} GiB ({kit.budget_scaling_note})")
+            item.notes.append(
+                f"budget {TUNE_BUDGET_GB} GB scaled to {budget / GIB:.2f} GiB ({kit.budget_scaling_note})"
+            )
         trials, available, typical = tune_trials(kit)
         item.result["expected_trial_s"] = round(typical, 1)
         if trials < 1:
@@ -138,9 +162,20 @@ def part_tune(kit: Kit) -> None:
         study = f"gpu-kit-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         kit.log(f"{item.id}: optuna study {study}, {trials} trials, {timeout_s:.0f} s each at most")
         result = advisor_api.tune(
-            kit.folder, kit.profile, kit.workload, kit.target, budget_bytes=budget, packages=kit.packages,
-            storage=f"journal:{kit.args.work / 'tune-journal.log'}", study=study, trials=trials, timeout_s=timeout_s,
-            step_points=kit.step_points, repeats=kit.repeats, max_rounds=kit.max_rounds, compile_choices=(False,) if kit.args.dry_run else (True, False),
+            kit.folder,
+            kit.profile,
+            kit.workload,
+            kit.target,
+            budget_bytes=budget,
+            packages=kit.packages,
+            storage=f"journal:{kit.args.work / 'tune-journal.log'}",
+            study=study,
+            trials=trials,
+            timeout_s=timeout_s,
+            step_points=kit.step_points,
+            repeats=kit.repeats,
+            max_rounds=kit.max_rounds,
+            compile_choices=(False,) if kit.args.dry_run else (True, False),
             on_trial=lambda t: kit.log(f"{item.id}: trial {t['number']} {t['status']}: {t['summary']}"),
         )
         ref_latency = kit.result_of("seed/quantization+compile", "latency_s")
@@ -153,7 +188,12 @@ def part_tune(kit: Kit) -> None:
                 record["kit_item"] = earlier.id
                 record["repeat_latency_diff"] = round(trial["latency_s"] / earlier_latency - 1, 4)
             trials_out.append(record)
-        item.result["tune"] = {"study": result["study"], "space_size": result["space_size"], "trials": trials_out, "advice": result["advice"]}
+        item.result["tune"] = {
+            "study": result["study"],
+            "space_size": result["space_size"],
+            "trials": trials_out,
+            "advice": result["advice"],
+        }
         best = result["best"]
         if best is None:
             item.status = "nothing-fits"
@@ -177,10 +217,15 @@ def part_tune(kit: Kit) -> None:
 
 def part_offload(kit: Kit) -> None:
     transformer = next(c for c in kit.profile.components if c.name == "transformer")
-    for name, label, config in advisor_api.offload_configs(kit.device, kit.dtype, sum(b.count for b in transformer.blocks)):
+    for name, label, config in advisor_api.offload_configs(
+        kit.device, kit.dtype, sum(b.count for b in transformer.blocks)
+    ):
         item = Item(id=f"offload/{name}", part="offload", label=label)
         # The baseline's output is saved: the attention part's native item is the same config and reuses it.
-        kit.run_item(item, lambda item, config=config, name=name: measure_finished(kit, item, config, save_output=name == "none"))
+        kit.run_item(
+            item,
+            lambda item, config=config, name=name: measure_finished(kit, item, config, save_output=name == "none"),
+        )
     kit.data["offload_calibration"] = offload_calibration(kit)
 
 
@@ -189,15 +234,24 @@ def offload_calibration(kit: Kit) -> dict[str, Any]:
     transfer term, and the host->device rate that the measurement implies."""
     base_step = kit.result_of("offload/none", "per_step_s")
     h2d = kit.data.get("target", {}).get("h2d_bytes_per_s")
-    out: dict[str, Any] = {"baseline_per_step_s": base_step, "target_h2d_bytes_per_s": h2d,
-                           "calibrated_h2d_bytes_per_s": (kit.data.get("environment", {}).get("calibration") or {}).get("h2d_bytes_per_s")}
+    out: dict[str, Any] = {
+        "baseline_per_step_s": base_step,
+        "target_h2d_bytes_per_s": h2d,
+        "calibrated_h2d_bytes_per_s": (kit.data.get("environment", {}).get("calibration") or {}).get(
+            "h2d_bytes_per_s"
+        ),
+    }
     for item in kit.items:
         if item.part != "offload" or item.id == "offload/none" or item.status not in ("ok", "reused"):
             continue
         m = item.result.get("measurement") or {}
         est = item.result.get("estimate") or {}
         extra = m["per_step_s"] - base_step if m.get("per_step_s") is not None and base_step is not None else None
-        moved = est.get("streamed_block_bytes") if item.id.startswith("offload/partial") else (est.get("weight_bytes") or {}).get("transformer")
+        moved = (
+            est.get("streamed_block_bytes")
+            if item.id.startswith("offload/partial")
+            else (est.get("weight_bytes") or {}).get("transformer")
+        )
         row = {
             "measured_extra_per_step_s": extra,
             "estimated_step_transfer_s": (est.get("latency_breakdown") or {}).get("step_transfer_s"),
@@ -217,7 +271,10 @@ def part_attention(kit: Kit) -> None:
     at two thresholds, MagCache, TaylorSeer lite): latency against native, and PSNR/SSIM of each
     output against native's (same seed and steps)."""
     device = "cpu" if kit.args.dry_run else kit.device
-    items = [(f"attention/{name}", label, config) for name, label, config in advisor_api.attention_configs(device, kit.dtype)]
+    items = [
+        (f"attention/{name}", label, config)
+        for name, label, config in advisor_api.attention_configs(device, kit.dtype)
+    ]
     caches = advisor_api.cache_configs(device, kit.dtype, kit.workload.steps)
     items += [(f"cache/{name}", label, config) for name, label, config in (caches[:1] if kit.args.dry_run else caches)]
     for item_id, label, config in items:
@@ -229,7 +286,17 @@ def part_attention(kit: Kit) -> None:
     for item in kit.items:
         if item.part == "attention" and item.status in ("ok", "reused"):
             kit.data["attention_speedups"][item.id] = _ratio(native, kit.result_of(item.id, "latency_s"))
-            item.result["quality"] = advisor_api.compare_outputs(kit.output_of(item.id), reference) if item.id != "attention/native" else None
+            item.result["quality"] = (
+                advisor_api.compare_outputs(kit.output_of(item.id), reference)
+                if item.id != "attention/native"
+                else None
+            )
 
 
-RUNNERS = {"seed": part_seed, "recommend": part_recommend, "tune": part_tune, "offload": part_offload, "attention": part_attention}
+RUNNERS = {
+    "seed": part_seed,
+    "recommend": part_recommend,
+    "tune": part_tune,
+    "offload": part_offload,
+    "attention": part_attention,
+}

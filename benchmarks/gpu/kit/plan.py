@@ -22,6 +22,7 @@ from typing import Any, Callable
 from kit import GIB, advisor_api
 from kit.report import Log, fmt_gib, write_json
 
+
 KIT_VERSION = 1
 SAFETY_S = 15.0  # kept free at the end for writing results
 
@@ -121,7 +122,9 @@ class Kit:
         compile_s = 0.0
         if config.compile is not None:
             compile_s = 60.0 if config.compile.backend == "inductor" else 1.0
-        return (startup + load + steps * est["step_latency_s"] + calls * est["fixed_s"] + compile_s) * self.correction()
+        return (
+            startup + load + steps * est["step_latency_s"] + calls * est["fixed_s"] + compile_s
+        ) * self.correction()
 
     def result_of(self, item_id: str, key: str) -> Any:
         """A measured value of an item ("latency_s", "per_step_s", ... or "measured_peak_bytes"), if any."""
@@ -172,9 +175,17 @@ class Kit:
         output = self.output_of(item.id) if save_output else None
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
-        m, measured = advisor_api.measure(self.folder, config, self.workload, self.target, timeout_s=timeout,
-                                          step_points=self.step_points, repeats=self.repeats, max_rounds=self.max_rounds,
-                                          output_path=output)
+        m, measured = advisor_api.measure(
+            self.folder,
+            config,
+            self.workload,
+            self.target,
+            timeout_s=timeout,
+            step_points=self.step_points,
+            repeats=self.repeats,
+            max_rounds=self.max_rounds,
+            output_path=output,
+        )
         item.status = m["status"]
         item.result["measurement"] = m
         if m["reason"]:
@@ -186,8 +197,10 @@ class Kit:
         item.result["phase_peaks"] = phase_peaks(est, m)
         self.measured[advisor_api.config_key(config)] = item
         lat = f"{m['latency_s']:.2f} s" if m["latency_s"] is not None else "-"
-        self.log(f"{item.id}: {m['status']} in {m['wall_s'] or 0:.0f} s: latency {lat}, peak {fmt_gib(measured)} "
-                 f"(predicted {fmt_gib(est['peak_bytes'])})")
+        self.log(
+            f"{item.id}: {m['status']} in {m['wall_s'] or 0:.0f} s: latency {lat}, peak {fmt_gib(measured)} "
+            f"(predicted {fmt_gib(est['peak_bytes'])})"
+        )
 
     def run_item(self, item: Item, work: Callable[[Item], None]) -> None:
         """Add `item` and do its `work`; an exception becomes the item's result, and the kit goes on."""
@@ -223,7 +236,10 @@ def phase_peaks(est: dict[str, Any], m: dict[str, Any]) -> dict[str, dict[str, A
     measured = m.get("phase_peak_vram_bytes") or {}
     predicted = est.get("phase_device_bytes") or {}
     return {
-        phase: {"predicted_bytes": predicted.get(phase), "measured_bytes": measured.get(phase),
-                "error": rel(predicted.get(phase), measured.get(phase))}
+        phase: {
+            "predicted_bytes": predicted.get(phase),
+            "measured_bytes": measured.get(phase),
+            "error": rel(predicted.get(phase), measured.get(phase)),
+        }
         for phase in [*predicted, *(p for p in measured if p not in predicted)]
     }

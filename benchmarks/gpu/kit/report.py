@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from kit import GIB
 
+
 if TYPE_CHECKING:
     from kit.plan import Kit
 
@@ -65,7 +66,15 @@ def table(kit: Kit) -> str:
     """One row per item: config, status, latency and peak next to the estimate's, reserved memory, wall time."""
     gpu = not kit.args.dry_run
     peak_name = "alloc GiB" if gpu else "RSS GiB"
-    header = ["item", "config", "status", "latency s ±spread (est)", f"{peak_name} (est, err)", "reserved GiB", "wall s"]
+    header = [
+        "item",
+        "config",
+        "status",
+        "latency s ±spread (est)",
+        f"{peak_name} (est, err)",
+        "reserved GiB",
+        "wall s",
+    ]
     rows = []
     for item in kit.items:
         m = item.result.get("measurement") or {}
@@ -73,15 +82,29 @@ def table(kit: Kit) -> str:
         err = (item.result.get("errors") or {}).get("peak")
         latency = m.get("latency_s")
         spread = m.get("latency_spread_s")
-        lat = (f"{latency:.2f}" if latency is not None else "-") + (f" ±{spread / latency:.0%}" if latency and spread is not None else "")
-        lat += (" noisy" if m.get("noisy") else "") + (f" ({est['latency_s']:.2f})" if est.get("latency_s") is not None else "")
+        lat = (f"{latency:.2f}" if latency is not None else "-") + (
+            f" ±{spread / latency:.0%}" if latency and spread is not None else ""
+        )
+        lat += (" noisy" if m.get("noisy") else "") + (
+            f" ({est['latency_s']:.2f})" if est.get("latency_s") is not None else ""
+        )
         peak = item.result.get("measured_peak_bytes")
         peak_text = f"{peak / GIB:.2f}" if peak else "-"
         if est.get("peak_bytes"):
             peak_text += f" ({est['peak_bytes'] / GIB:.2f}" + (f", {err:+.0%})" if err is not None else ")")
         reserved = m.get("peak_vram_reserved_bytes")
         wall = m.get("wall_s")
-        rows.append([item.id, item.summary, item.status, lat, peak_text, f"{reserved / GIB:.2f}" if reserved else "-", f"{wall:.0f}" if wall else "-"])
+        rows.append(
+            [
+                item.id,
+                item.summary,
+                item.status,
+                lat,
+                peak_text,
+                f"{reserved / GIB:.2f}" if reserved else "-",
+                f"{wall:.0f}" if wall else "-",
+            ]
+        )
     return _markdown(header, rows)
 
 
@@ -101,8 +124,15 @@ def phase_table(kit: Kit) -> str:
     for item in items:
         for phase, row in item.result["phase_peaks"].items():
             predicted, measured, err = row.get("predicted_bytes"), row.get("measured_bytes"), row.get("error")
-            rows.append([item.id, phase, f"{predicted / GIB:.2f}" if predicted is not None else "-",
-                         f"{measured / GIB:.2f}" if measured is not None else "-", f"{err:+.0%}" if err is not None else "-"])
+            rows.append(
+                [
+                    item.id,
+                    phase,
+                    f"{predicted / GIB:.2f}" if predicted is not None else "-",
+                    f"{measured / GIB:.2f}" if measured is not None else "-",
+                    f"{err:+.0%}" if err is not None else "-",
+                ]
+            )
     return f"{title}\n\n" + _markdown(["item", "phase", "predicted GiB", "measured GiB", "error"], rows)
 
 
@@ -111,37 +141,61 @@ def findings_block(kit: Kit) -> str:
     lines = ["Findings:"]
     ratios = kit.data.get("seed_ratios") or {}
     if ratios.get("compile_speedup"):
-        lines.append(f"- compile speed-up (nf4): {ratios['compile_speedup']:.2f}x (seed page, RTX 4090: {ratios['seed_page_compile_speedup']:.2f}x)")
+        lines.append(
+            f"- compile speed-up (nf4): {ratios['compile_speedup']:.2f}x (seed page, RTX 4090: {ratios['seed_page_compile_speedup']:.2f}x)"
+        )
     if ratios.get("model_offload_peak_ratio"):
-        lines.append(f"- model offload peak / no offload (nf4 + compile): {ratios['model_offload_peak_ratio']:.2f} "
-                     f"(seed page: {ratios['seed_page_model_offload_peak_ratio']:.2f}); "
-                     f"latency {ratios.get('model_offload_latency_ratio') or float('nan'):.2f} "
-                     f"(seed page: {ratios['seed_page_model_offload_latency_ratio']:.2f})")
+        lines.append(
+            f"- model offload peak / no offload (nf4 + compile): {ratios['model_offload_peak_ratio']:.2f} "
+            f"(seed page: {ratios['seed_page_model_offload_peak_ratio']:.2f}); "
+            f"latency {ratios.get('model_offload_latency_ratio') or float('nan'):.2f} "
+            f"(seed page: {ratios['seed_page_model_offload_latency_ratio']:.2f})"
+        )
     tune = next((i for i in kit.items if i.part == "tune"), None)
     if tune is not None and tune.result.get("latency_vs_seed_quantization_compile"):
-        lines.append(f"- tune's pick ({tune.summary}) runs at {tune.result['latency_vs_seed_quantization_compile']:.2f}x "
-                     "the latency of the seed's nf4 + compile")
+        lines.append(
+            f"- tune's pick ({tune.summary}) runs at {tune.result['latency_vs_seed_quantization_compile']:.2f}x "
+            "the latency of the seed's nf4 + compile"
+        )
     for item_id, row in (kit.data.get("offload_calibration") or {}).items():
         if isinstance(row, dict) and row.get("implied_bytes_per_s"):
-            lines.append(f"- {item_id}: +{row['measured_extra_per_step_s']:.3f} s/step over no offload "
-                         f"(estimate {row['estimated_step_transfer_s'] or 0:.3f} s), {row['implied_bytes_per_s'] / 1e9:.1f} GB/s moved")
+            lines.append(
+                f"- {item_id}: +{row['measured_extra_per_step_s']:.3f} s/step over no offload "
+                f"(estimate {row['estimated_step_transfer_s'] or 0:.3f} s), {row['implied_bytes_per_s'] / 1e9:.1f} GB/s moved"
+            )
     for item_id, speedup in (kit.data.get("attention_speedups") or {}).items():
         if speedup is not None and item_id != "attention/native":
             quality = next((i.result.get("quality") for i in kit.items if i.id == item_id), None) or {}
-            psnr = ("identical" if quality.get("psnr_db") is None else f"PSNR {quality['psnr_db']:.1f} dB") if quality else "not compared"
-            lines.append(f"- {item_id}: {speedup:.2f}x the speed of native attention, whole generation; {psnr} against native's output")
-    peak_errors = [i.result["errors"]["peak"] for i in kit.items if (i.result.get("errors") or {}).get("peak") is not None and i.status == "ok"]
+            psnr = (
+                ("identical" if quality.get("psnr_db") is None else f"PSNR {quality['psnr_db']:.1f} dB")
+                if quality
+                else "not compared"
+            )
+            lines.append(
+                f"- {item_id}: {speedup:.2f}x the speed of native attention, whole generation; {psnr} against native's output"
+            )
+    peak_errors = [
+        i.result["errors"]["peak"]
+        for i in kit.items
+        if (i.result.get("errors") or {}).get("peak") is not None and i.status == "ok"
+    ]
     if peak_errors:
-        lines.append(f"- estimate peak error over {len(peak_errors)} measured configs: median {statistics.median(peak_errors):+.0%}, "
-                     f"worst {max(peak_errors, key=abs):+.0%}")
+        lines.append(
+            f"- estimate peak error over {len(peak_errors)} measured configs: median {statistics.median(peak_errors):+.0%}, "
+            f"worst {max(peak_errors, key=abs):+.0%}"
+        )
     by_phase: dict[str, list[float]] = {}
     for item in kit.items:
         for phase, row in (item.result.get("phase_peaks") or {}).items() if item.status == "ok" else ():
             if row.get("error") is not None:
                 by_phase.setdefault(phase, []).append(row["error"])
     if by_phase:
-        lines.append("- estimate per-phase peak error, median (worst): "
-                     + ", ".join(f"{phase} {statistics.median(e):+.0%} ({max(e, key=abs):+.0%})" for phase, e in by_phase.items()))
+        lines.append(
+            "- estimate per-phase peak error, median (worst): "
+            + ", ".join(
+                f"{phase} {statistics.median(e):+.0%} ({max(e, key=abs):+.0%})" for phase, e in by_phase.items()
+            )
+        )
     return "\n".join(lines)
 
 
@@ -154,8 +208,13 @@ def final_report(kit: Kit, environment: dict[str, Any]) -> str:
     """Notes, findings, the per-phase peaks, a header line and the table: written to the .md file and printed last."""
     gpu = not kit.args.dry_run
     budget = f"{kit.args.budget_s:.0f} s" if kit.args.budget_s is not None else "no time budget"
-    header = (f"GPU kit ({kit.data['mode']}), {environment.get('gpu') or 'CPU'}, torch {environment.get('torch')}, "
-              f"model {kit.data['model']['model_id']}, workload {kit.data['workload_label']}, {time.time() - kit.t0:.0f} s of {budget}")
-    legend = ("latency: extrapolated to the workload's steps (estimate in brackets); peak: "
-              + ("torch.cuda.max_memory_allocated" if gpu else "the trial process's peak RSS") + " (estimate, its error)")
+    header = (
+        f"GPU kit ({kit.data['mode']}), {environment.get('gpu') or 'CPU'}, torch {environment.get('torch')}, "
+        f"model {kit.data['model']['model_id']}, workload {kit.data['workload_label']}, {time.time() - kit.t0:.0f} s of {budget}"
+    )
+    legend = (
+        "latency: extrapolated to the workload's steps (estimate in brackets); peak: "
+        + ("torch.cuda.max_memory_allocated" if gpu else "the trial process's peak RSS")
+        + " (estimate, its error)"
+    )
     return f"Notes:\n{notes_block(kit)}\n\n{findings_block(kit)}\n\n{phase_table(kit)}\n\n{header}\n{legend}\n\n{table(kit)}\n"

@@ -1,0 +1,224 @@
+"""`advisor probe`, `inspect`, `estimate` and `recommend`: instant, nothing loaded (`advisor tune` is `advisor.cli.tune`)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import TYPE_CHECKING
+
+from advisor.arguments import Exit
+from advisor.cli.common import (
+    DEFAULT_MODEL,
+    NOTHING_FITS_EXIT,
+    checked_kind,
+    flag_size,
+    planning_profile,
+    print_json,
+    required_model,
+    save_config,
+)
+from advisor.errors import AdvisorWarning, ConfigError, UsageError
+from advisor.files import check_output_file
+
+
+if TYPE_CHECKING:
+    from advisor.plan.recommend import Fit
+
+
+def probe(as_json: bool = False, calibrate: bool = False) -> None:
+    """Show this machine's GPUs, host memory, disk and inference libraries (no weights loaded)."""
+    from advisor.probe.hardware import probe_machine
+
+    profile = probe_machine()
+    if calibrate:
+        from advisor.probe.calibrate import calibrate as run_calibration
+
+        profile.extra["calibration"] = run_calibration()
+    if as_json:
+        print_json(profile.to_dict())
+        return
+    from advisor.render import render_probe, text_console
+
+    render_probe(profile)
+    if calibrate:
+        result = profile.extra["calibration"]
+        line = (
+            f"calibrated {result['name']}: {result['matmul_flops'] / 1e12:.2f} TFLOP/s {result['matmul_dtype']} matmul"
+        )
+        if "h2d_bytes_per_s" in result:
+            line += f", {result['h2d_bytes_per_s'] / 1e9:.1f} GB/s host->GPU (pinned)"
+        text_console().print(f"{line}; saved to {result['path']}")
+
+
+def inspect(
+    model: str | None = None, workload: str | None = None, as_json: bool = False, include_config: bool = False
+) -> None:
+    """Show what a pipeline weighs, per component, without loading its weights."""
+    from advisor.probe.models import load_profile
+
+    profile = checked_kind(load_profile(required_model(model, "inspect"), workload=workload), workload)
+    if as_json:
+        print_json(profile.to_dict(include_config=include_config))
+        return
+    from advisor.render import render_inspect
+
+    render_inspect(profile)
+
+
+def estimate(
+    model: str | None = None,
+    config_file: str | None = None,
+    workload: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    vram: str | None = None,
+    ram: str | None = None,
+    gpu: str | None = None,
+    as_json: bool = False,
+) -> None:
+    """Predict peak GPU memory, peak RAM and latency of one configuration, per phase and component."""
+    from advisor.config import OptimizationConfig, load_config
+    from advisor.constraints import Platform, violations
+    from advisor.plan.estimate import estimate as run_estimate
+    from advisor.probe import hardware
+    from advisor.probe.target import resolve_target
+    from advisor.probe.workload import make_workload, recorded_workload
+
+    model = required_model(model, "estimate")
+    loaded = load_config(config_file, flag="--config") if config_file else None  # before a local model is traced
+    profile = planning_profile(model, workload)
+    flags = {"height": height, "width": width, "frames": frames, "steps": steps, "batch": batch}
+    job = make_workload(profile, **flags)  # the flags alone first: their errors name them
+    # What the config was made for, where no flag says otherwise (flags win one by one).
+    recorded = {
+        name: value
+        for name, value in recorded_workload(loaded and loaded.provenance, profile).items()
+        if flags[name] is None
+    }
+    if recorded:
+        try:
+            job = make_workload(profile, **{**flags, **recorded})
+        except UsageError as exc:
+            raise ConfigError(
+                f"--config {config_file}: its workload (provenance.workload) does not suit {profile.model_id}: {exc}"
+            ) from None
+    machine = hardware.probe_machine() if vram is None and gpu is None else None  # planning for this machine
+    target = resolve_target(machine, vram=flag_size(vram, "--vram"), ram=flag_size(ram, "--ram"), gpu=gpu)
+    config = loaded if loaded is not None else OptimizationConfig(device=target.device)
+    made_for = config.provenance.pipeline_class if config.provenance else None
+    if made_for and made_for != profile.pipeline_class:
+        warnings.warn(
+            AdvisorWarning(
+                f"--config {config_file}: made for a {made_for} ({config.provenance.model}), estimated here "
+                f"for {profile.model_id}, a {profile.pipeline_class}: the numbers are for a config it was not chosen for"
+            )
+        )
+    if loaded is not None:  # what recommend would never have proposed for this target (advisor.constraints)
+        platform = Platform.of_target(
+            target.device, target.compute_capability, machine.software.packages if machine else None
+        )
+        for violation in violations(config, platform):
+            warnings.warn(
+                AdvisorWarning(f"--config {config_file}: {target.name} can't run it as written: {violation.message}")
+            )
+    result = run_estimate(profile, job, config, target)
+    fit = fit_verdict(result, target)
+    if as_json:
+        print_json(
+            {
+                "model": profile.model_id,
+                "workload": job.to_dict(),
+                "hardware": target.to_dict(),
+                **fit.to_dict(),
+                "config": config.to_dict(exclude_none=False),
+                "estimate": result.to_dict(),
+            }
+        )
+        return
+    from advisor.render import render_estimate
+
+    given = [f"--{name}" for name, value in flags.items() if value is not None]
+    source = f"workload from --config {config_file}: {job.label()}" + (
+        f" ({' and '.join(given)} as given on the command line)" if given else ""
+    )
+    render_estimate(profile, job, target, config, result, fit, notes=(source,) if recorded else ())
+
+
+def fit_verdict(result, target) -> Fit:
+    """Whether an estimate fits `target` as recommend judges a candidate (`why_it_does_not_fit`),
+    within recommend's default budget (free memory less a reserve: `default_budget`)."""
+    from advisor.plan.recommend import Fit, why_it_does_not_fit
+    from advisor.plan.scenario import default_budget
+
+    budget = default_budget(target)
+    return Fit(budget, why_it_does_not_fit(result, target, budget))
+
+
+def recommend_command(
+    model: str | None = None,
+    workload: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    budget: str | None = None,
+    vram: str | None = None,
+    ram: str | None = None,
+    gpu: str | None = None,
+    no_compile: bool = False,
+    quality: str = "balanced",
+    output: str | None = None,
+    emit: str | None = None,
+    as_json: bool = False,
+) -> None:
+    """Recommend the fastest configuration predicted to fit, and explain why (instant, no weights loaded)."""
+    from advisor.plan.recommend import recommend
+    from advisor.plan.scenario import scenario_for
+
+    if emit not in (None, "python"):
+        raise UsageError(f"--emit: {emit!r} is not supported; use --emit python")
+    if output is not None:
+        check_output_file(output, flag="-o")
+    budget_bytes = flag_size(budget, "--budget")
+    assumed = () if model else (f"model: {DEFAULT_MODEL} (none given; pass MODEL or --model)",)
+    model = model or DEFAULT_MODEL
+    scenario = scenario_for(
+        None,
+        model,
+        workload=workload,
+        height=height,
+        width=width,
+        frames=frames,
+        steps=steps,
+        batch=batch,
+        vram=flag_size(vram, "--vram"),
+        ram=flag_size(ram, "--ram"),
+        gpu=gpu,
+        budget_bytes=budget_bytes,
+        quality=quality,
+        profile=planning_profile(model, workload),
+        assumed=assumed,
+    )
+    if as_json and emit:
+        raise UsageError("--emit: prints a script, --json an object; choose one")
+    result = recommend(scenario, compile_choices=(False,) if no_compile else (True, False))
+    config = result.config
+    if config is not None and output:
+        save_config(config, output)
+    if as_json:
+        print_json(result.to_dict())
+    elif emit == "python" and config is not None:
+        from advisor.run.emit import emit_python
+
+        profile = scenario.profile
+        sys.stdout.write(emit_python(profile.path if profile.source == "folder" else profile.model_id, config))
+    else:
+        from advisor.render import render_recommendation
+
+        render_recommendation(result, config, output)
+    if config is None:
+        raise Exit(NOTHING_FITS_EXIT)

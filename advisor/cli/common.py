@@ -1,0 +1,87 @@
+"""What the commands share: JSON output, the model's profile for planning, flag values, writing a config."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+from advisor.errors import AdvisorError, UsageError
+from advisor.files import os_error_reason
+from advisor.units import parse_size
+
+
+# The command line's state: --debug, and the arguments as given (what `tune --workers` hands on).
+state: dict[str, Any] = {"debug": False}
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"  # recommend's, said as an assumption
+NOTHING_FITS_EXIT = 3
+
+
+def strict(data: Any) -> Any:
+    """`data` with non-finite numbers (a CPU's infinite host->device bandwidth) as null: JSON has no Infinity."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: strict(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict(value) for value in data]
+    return data
+
+
+def print_json(data: Any) -> None:
+    """Machine output: exactly one strict JSON object on stdout."""
+    sys.stdout.write(json.dumps(strict(data), indent=2, allow_nan=False) + "\n")
+
+
+def planning_profile(model: str, workload: str | None):
+    """The model's profile with its traced FLOP and activation curves: the catalog carries them; a
+    local folder or hub model is traced on first use (this imports torch) and cached."""
+    from advisor.probe.models import load_profile
+
+    profile = checked_kind(load_profile(model, workload=workload), workload)
+    if profile.workload not in ("image", "video"):  # before a local model is traced
+        raise UsageError(
+            f"--workload: {profile.workload} pipelines are not planned (yet); the advisor plans image and video"
+        )
+    if profile.source == "catalog":
+        return profile
+    from advisor.trace.cache import with_traces
+
+    return with_traces(profile, log=lambda line: print(f"advisor: {line}", file=sys.stderr, flush=True))
+
+
+def checked_kind(profile, workload: str | None):
+    """`profile`, unless --workload contradicts what the advisor knows its pipeline class to be:
+    --workload is for pipelines it does not know (a Flux pipeline makes no video)."""
+    from advisor.probe.facts import known_workload
+
+    known = known_workload(profile.pipeline_class)
+    if workload is not None and known is not None and workload != known:
+        article = "an" if known[0] in "aeiou" else "a"
+        raise UsageError(
+            f"--workload: {profile.model_id} is a {profile.pipeline_class}, {article} {known} pipeline, so it makes no "
+            f"{workload}; leave --workload out (it is for pipelines the advisor does not know)"
+        )
+    return profile
+
+
+def required_model(model: str | None, command: str) -> str:
+    if not model:
+        raise UsageError(
+            f"MODEL: none given; name the pipeline first (advisor {command} flux-dev ...) or as --model: "
+            "a hub id, a catalog alias or a local folder"
+        )
+    return model
+
+
+def flag_size(text: str | None, flag: str) -> int | None:
+    return parse_size(text, name=flag) if text is not None else None
+
+
+def save_config(config, output: str) -> None:
+    """`config.save(output)`; a failure (the path was checked up front: a full disk, say) names ``-o``."""
+    try:
+        config.save(output)
+    except OSError as exc:
+        raise AdvisorError(f"-o {output}: could not write the config ({os_error_reason(exc)})") from None

@@ -1,0 +1,150 @@
+"""Latency of one generation: each phase's compute at the target's throughput, and the transfers
+offloading adds, overlapped where a stream hides them.
+
+    latency = text encoding + steps x max/sum(step compute, step transfers) + VAE decode
+              + model-offload transfers
+
+The levers' terms (a step cache's share of the work, an attention kernel's speed-up) come from each
+lever (`advisor.levers`), per device.
+"""
+
+from __future__ import annotations
+
+import math
+
+from advisor.config import OptimizationConfig
+from advisor.levers import LEVERS, StepContext
+from advisor.plan.compute import Work, constants, text_work
+from advisor.plan.weights import block_split, bytes_per_parameter, group_offloaded
+from advisor.probe.models import ComponentProfile
+from advisor.probe.target import TargetHardware
+from advisor.probe.workload import pipeline_behaviour
+from advisor.units import parse_capability
+
+
+def _speed_factors(config: OptimizationConfig, component: str, generation: str) -> tuple[float, float]:
+    """How much faster (>1) or slower (<1) than eager bf16 this component runs: all of it (compile,
+    layerwise casting), and its linear layers on top (quantization replaces nn.Linear alone: not
+    the attention, not the convolutions, not the memory-bound ops).
+
+    Compile's speed-up is per GPU generation; a quantization's factor is against bf16 in the same
+    mode (eager against eager bf16, compiled against compiled bf16), so the two multiply.
+    """
+    k = constants()
+    compiled = bool(config.compile and component in config.compile.components)
+    whole = k["compile_speedup"].get(generation, k["compile_speedup"]["default"]) if compiled else 1.0
+    linear = 1.0
+    quantization = config.quantization
+    if quantization and component in quantization.components:
+        key = (
+            quantization.backend if quantization.backend.startswith("bitsandbytes") else f"torchao:{quantization.kind}"
+        )
+        linear = k["quantization_speed"][key]["compiled" if compiled else "eager"]
+    if config.layerwise_casting and component in config.layerwise_casting.components:
+        whole *= k["layerwise_casting_speed"]
+    return whole, linear
+
+
+def _seconds(
+    work: Work, target: TargetHardware, speed: tuple[float, float] = (1.0, 1.0), attention: float = 1.0
+) -> float:
+    """Roofline time of `work`: tensor-core FLOPs at the generation's efficiency (the linear layers'
+    at `speed`'s second factor, for their quantization; the attention's `attention` times faster,
+    for its kernel), plus the bytes memory-bound ops write (and read) at the memory's streaming
+    rate; `speed`'s first factor speeds up all of it."""
+    k = constants()
+    whole, linear = speed
+    efficiency = k["tensor_efficiency"].get(target.generation, k["tensor_efficiency"]["default"])
+    flops = work.matmul_flops / linear + work.conv_flops + work.attention_flops / attention
+    tensor = flops / (target.matmul_flops * efficiency)
+    memory = (
+        work.written_bytes
+        * k["memory_traffic_per_written_byte"]
+        / (target.memory_bytes_per_s * k["memory_bandwidth_efficiency"])
+    )
+    return (tensor + memory) / whole
+
+
+def _streaming_seconds(
+    component: ComponentProfile,
+    config: OptimizationConfig,
+    target: TargetHardware,
+    weight: int,
+    calls: int,
+    on_cpu: bool,
+) -> float:
+    """Seconds `calls` runs of a group- or sequentially-offloaded `component` spend moving its weights
+    in (and in the hooks that move them); 0 where it stays put."""
+    k = constants()
+    offload = config.offload
+    if on_cpu or not (offload.strategy == "sequential" or group_offloaded(component, config)):
+        return 0.0
+    bandwidth = target.h2d_bytes_per_s * k["group_offload_bandwidth_factor"]
+    if offload.strategy == "sequential":
+        bandwidth = target.h2d_bytes_per_s * k["unpinned_bandwidth_factor"]
+    if offload.low_cpu_mem_usage:
+        bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"][offload.offload_type]
+    moved = weight * calls
+    layers = sum(b.count for b in component.blocks) or 1
+    if offload.strategy == "group" and component.name in (
+        offload.resident_blocks or {}
+    ):  # partial offload: the kept blocks stay
+        kept, streamed = block_split(component, config)
+        moved = (component.parameters - kept) * bytes_per_parameter(component, weight) * calls
+        layers = len(streamed)
+    seconds = moved / bandwidth + (moved / k["disk_bytes_per_s"] if offload.offload_to_disk_path else 0.0)
+    level = "sequential" if offload.strategy == "sequential" else offload.offload_type
+    units = layers * 8 if level != "block_level" else layers / offload.num_blocks_per_group
+    return seconds + units * calls * k["offload_hook_overhead_s"][level]
+
+
+def _overlapped(compute: float, transfer: float, config: OptimizationConfig) -> float:
+    """Compute and transfers together: group offload's stream hides most, not all, of the shorter one."""
+    if config.offload.strategy == "group" and config.offload.use_stream:
+        return max(compute, transfer) + (1 - constants()["stream_overlap"]) * min(compute, transfer)
+    return compute + transfer
+
+
+def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> tuple[float, float, dict[str, float]]:
+    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
+    generation = target.generation
+    calls_per_step = 2 if behaviour["cfg"] == "sequential" else 1
+    step_compute = step_transfer = 0.0
+    for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
+        here = StepContext(
+            target.device, parse_capability(target.compute_capability), workload.steps, denoiser.class_name
+        )
+        share = math.prod(lever.compute_share(config, here) for lever in LEVERS)  # the blocks a step cache skips
+        attention = math.prod(lever.attention_speedup(config, here) for lever in LEVERS)  # a faster kernel
+        step_compute += share * _seconds(
+            works["denoising"], target, _speed_factors(config, denoiser.name, generation), attention
+        )
+        step_transfer += _streaming_seconds(denoiser, config, target, weights[denoiser.name], calls_per_step, on_cpu)
+    step = _overlapped(step_compute, step_transfer, config)
+    # The text encoders and the VAE run once: a group-offloaded one streams its weights in that once.
+    text = sum(
+        _overlapped(
+            _seconds(text_work(t, workload, config.dtype, memo), target, _speed_factors(config, t.name, generation)),
+            _streaming_seconds(t, config, target, weights[t.name], 1, on_cpu),
+            config,
+        )
+        for t in profile.by_role("text_encoder")
+    )
+    vae = profile.vae
+    decode = _overlapped(
+        _seconds(works["vae_decode"], target),
+        _streaming_seconds(vae, config, target, weights[vae.name], 1, on_cpu) if vae else 0.0,
+        config,
+    )
+    swaps = 0.0
+    if config.offload.strategy == "model" and not on_cpu:
+        swaps = sum(weights[c.name] for c in profile.components if c.role != "other") / target.h2d_bytes_per_s
+    breakdown = {
+        "text_encoding_s": text,
+        "denoising_s": step * workload.steps,
+        "vae_decode_s": decode,
+        "model_offload_transfers_s": swaps,
+        "step_compute_s": step_compute,
+        "step_transfer_s": step_transfer,
+    }
+    return text + step * workload.steps + decode + swaps, step, breakdown
