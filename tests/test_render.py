@@ -38,11 +38,11 @@ def check_80(text: str) -> None:
 
 def test_recommend_output_reads_at_80_columns(monkeypatch):
     from advisor.plan.recommend import recommend
-    from advisor.plan.scenario import scenario_for
+    from advisor.plan.scenario import Request, scenario_for
     from advisor.probe.hardware import probe_machine
     from advisor.run.steps import summary
 
-    scenario = scenario_for(probe_machine(), "black-forest-labs/FLUX.1-dev", gpu="RTX 4090", ram=64 * 2**30)
+    scenario = scenario_for(Request("black-forest-labs/FLUX.1-dev", gpu="RTX 4090", ram=64 * 2**30), probe_machine())
     result = recommend(scenario)
     out = io.StringIO()
     monkeypatch.setattr(render, "text_console", lambda: render.PlainConsole(out, width=80))
@@ -214,10 +214,10 @@ def test_inspect_never_cuts_a_cell_for_any_catalog_model(width, monkeypatch):
 def test_the_saved_config_line_reads_at_the_width(width, monkeypatch):
     """Where the config went, then the code that loads it, whole on its own line: code is copied, not read in pieces."""
     from advisor.plan.recommend import recommend
-    from advisor.plan.scenario import scenario_for
+    from advisor.plan.scenario import Request, scenario_for
     from advisor.probe.hardware import probe_machine
 
-    result = recommend(scenario_for(probe_machine(), "flux-dev", gpu="RTX 4090", ram=64 * 2**30))
+    result = recommend(scenario_for(Request("flux-dev", gpu="RTX 4090", ram=64 * 2**30), probe_machine()))
     out = io.StringIO()
     monkeypatch.setattr(render, "text_console", lambda: render.PlainConsole(out, width=width))
     render.render_recommendation(result, result.config, "advisor.json")

@@ -135,10 +135,10 @@ def ran_to_its_end(study, trials: int, points: frozenset[str]) -> bool:
 
 def context(model, budget_bytes: int):
     """The scenario `run_study` gets for `model` on this machine, 32x32, 4 steps."""
-    from advisor.plan.scenario import scenario_for
+    from advisor.plan.scenario import Request, scenario_for
     from advisor.probe.hardware import probe_machine
 
-    return scenario_for(probe_machine(), str(model), height=32, width=32, steps=4, budget_bytes=budget_bytes)
+    return scenario_for(Request(str(model), height=32, width=32, steps=4, budget_bytes=budget_bytes), probe_machine())
 
 
 @functools.lru_cache(maxsize=1)

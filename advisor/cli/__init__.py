@@ -15,7 +15,7 @@ import warnings
 
 from advisor.arguments import Exit, build_parser, take_model, values_may_start_with_a_dash
 from advisor.cli.commands import estimate, inspect, probe, recommend_command
-from advisor.cli.common import state
+from advisor.cli.common import PLANNING_COMMANDS, state, take_request
 from advisor.cli.tune import tune
 from advisor.errors import AdvisorError, AdvisorWarning, UsageError, is_oom
 from advisor.files import os_error_reason
@@ -78,7 +78,9 @@ def _run(args: list[str]) -> int:
         if run is None:  # `advisor --debug` alone
             parser.print_help()
             return 0
-        namespace.pop("command")
+        command = namespace.pop("command")
+        if command in PLANNING_COMMANDS:
+            namespace["request"] = take_request(namespace, command)
         run(**namespace)
     except Exit as exc:
         return exc.code

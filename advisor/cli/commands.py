@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from advisor.arguments import Exit
 from advisor.cli.common import (
-    DEFAULT_MODEL,
     NOTHING_FITS_EXIT,
     checked_kind,
-    flag_size,
     planning_profile,
     print_json,
     required_model,
@@ -23,6 +22,7 @@ from advisor.files import check_output_file
 
 if TYPE_CHECKING:
     from advisor.plan.recommend import Fit
+    from advisor.plan.scenario import Request
 
 
 def probe(as_json: bool = False, calibrate: bool = False) -> None:
@@ -65,34 +65,19 @@ def inspect(
     render_inspect(profile)
 
 
-def estimate(
-    model: str | None = None,
-    config_file: str | None = None,
-    workload: str | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    frames: int | None = None,
-    steps: int | None = None,
-    batch: int | None = None,
-    vram: str | None = None,
-    ram: str | None = None,
-    gpu: str | None = None,
-    as_json: bool = False,
-) -> None:
+def estimate(request: Request, config_file: str | None = None, as_json: bool = False) -> None:
     """Predict peak GPU memory, peak RAM and latency of one configuration, per phase and component."""
     from advisor.config import OptimizationConfig, load_config
     from advisor.constraints import Platform, violations
     from advisor.plan.estimate import estimate as run_estimate
     from advisor.probe import hardware
-    from advisor.probe.target import resolve_target
-    from advisor.probe.workload import make_workload, recorded_workload
+    from advisor.probe.workload import recorded_workload
 
-    model = required_model(model, "estimate")
     loaded = load_config(config_file, flag="--config") if config_file else None  # before a local model is traced
-    profile = planning_profile(model, workload)
-    flags = {"height": height, "width": width, "frames": frames, "steps": steps, "batch": batch}
-    job = make_workload(profile, **flags)  # the flags alone first: their errors name them
+    profile = planning_profile(request.model, request.workload)
+    job = request.workload_for(profile)  # the flags alone first: their errors name them
     # What the config was made for, where no flag says otherwise (flags win one by one).
+    flags = request.job()
     recorded = {
         name: value
         for name, value in recorded_workload(loaded and loaded.provenance, profile).items()
@@ -100,13 +85,13 @@ def estimate(
     }
     if recorded:
         try:
-            job = make_workload(profile, **{**flags, **recorded})
+            job = replace(request, **recorded).workload_for(profile)
         except UsageError as exc:
             raise ConfigError(
                 f"--config {config_file}: its workload (provenance.workload) does not suit {profile.model_id}: {exc}"
             ) from None
-    machine = hardware.probe_machine() if vram is None and gpu is None else None  # planning for this machine
-    target = resolve_target(machine, vram=flag_size(vram, "--vram"), ram=flag_size(ram, "--ram"), gpu=gpu)
+    machine = hardware.probe_machine() if request.here else None  # planning for this machine
+    target = request.target(machine)
     config = loaded if loaded is not None else OptimizationConfig(device=target.device)
     made_for = config.provenance.pipeline_class if config.provenance else None
     if made_for and made_for != profile.pipeline_class:
@@ -158,19 +143,8 @@ def fit_verdict(result, target) -> Fit:
 
 
 def recommend_command(
-    model: str | None = None,
-    workload: str | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    frames: int | None = None,
-    steps: int | None = None,
-    batch: int | None = None,
-    budget: str | None = None,
-    vram: str | None = None,
-    ram: str | None = None,
-    gpu: str | None = None,
+    request: Request,
     no_compile: bool = False,
-    quality: str = "balanced",
     output: str | None = None,
     emit: str | None = None,
     as_json: bool = False,
@@ -183,26 +157,7 @@ def recommend_command(
         raise UsageError(f"--emit: {emit!r} is not supported; use --emit python")
     if output is not None:
         check_output_file(output, flag="-o")
-    budget_bytes = flag_size(budget, "--budget")
-    assumed = () if model else (f"model: {DEFAULT_MODEL} (none given; pass MODEL or --model)",)
-    model = model or DEFAULT_MODEL
-    scenario = scenario_for(
-        None,
-        model,
-        workload=workload,
-        height=height,
-        width=width,
-        frames=frames,
-        steps=steps,
-        batch=batch,
-        vram=flag_size(vram, "--vram"),
-        ram=flag_size(ram, "--ram"),
-        gpu=gpu,
-        budget_bytes=budget_bytes,
-        quality=quality,
-        profile=planning_profile(model, workload),
-        assumed=assumed,
-    )
+    scenario = scenario_for(request, profile=planning_profile(request.model, request.workload))
     if as_json and emit:
         raise UsageError("--emit: prints a script, --json an object; choose one")
     result = recommend(scenario, compile_choices=(False,) if no_compile else (True, False))

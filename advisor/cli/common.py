@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from advisor.errors import AdvisorError, UsageError
 from advisor.files import os_error_reason
 from advisor.units import parse_size
+
+
+if TYPE_CHECKING:
+    from advisor.plan.scenario import Request
 
 
 # The command line's state: --debug, and the arguments as given (what `tune --workers` hands on).
@@ -85,3 +89,40 @@ def save_config(config, output: str) -> None:
         config.save(output)
     except OSError as exc:
         raise AdvisorError(f"-o {output}: could not write the config ({os_error_reason(exc)})") from None
+
+
+# The flags that ask a planning question (`advisor.plan.scenario.Request`), as the parser names them.
+REQUEST_FLAGS = (
+    "model",
+    "workload",
+    "height",
+    "width",
+    "frames",
+    "steps",
+    "batch",
+    "vram",
+    "ram",
+    "gpu",
+    "budget",
+    "quality",
+)
+PLANNING_COMMANDS = ("estimate", "recommend", "tune")
+
+
+def take_request(namespace: dict[str, Any], command: str) -> Request:
+    """The planning question `command`'s flags ask, taken out of the parsed `namespace` once: sizes
+    in bytes (an error names its flag). With no model, recommend plans FLUX.1-dev and says so; the
+    others refuse (measuring a model nobody named would start a download of tens of GB)."""
+    from advisor.plan.scenario import Request
+
+    given = {name: namespace.pop(name) for name in REQUEST_FLAGS if name in namespace}
+    model, assumed = given.pop("model", None), ()
+    if not model and command == "recommend":
+        model, assumed = DEFAULT_MODEL, (f"model: {DEFAULT_MODEL} (none given; pass MODEL or --model)",)
+    model = required_model(model, command)
+    for name in ("vram", "ram"):
+        if name in given:
+            given[name] = flag_size(given[name], f"--{name}")
+    if "budget" in given:
+        given["budget_bytes"] = flag_size(given.pop("budget"), "--budget")
+    return Request(model, assumed=assumed, **given)

@@ -4,14 +4,13 @@ an interruption that keeps what was measured, the report."""
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from advisor.arguments import Exit
 from advisor.cli.common import (
     NOTHING_FITS_EXIT,
-    flag_size,
     planning_profile,
     print_json,
-    required_model,
     save_config,
     state,
 )
@@ -20,15 +19,12 @@ from advisor.files import check_cache_folder, check_output_file, check_output_fo
 from advisor.run.timing import CONFIRM_RUNS, MIN_PSNR_DB, TOLERANCE, TRIAL_TIMEOUT_S, TRIALS
 
 
+if TYPE_CHECKING:
+    from advisor.plan.scenario import Request
+
+
 def tune(
-    budget: str | None = None,
-    model: str | None = None,
-    workload: str | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    frames: int | None = None,
-    steps: int | None = None,
-    batch: int | None = None,
+    request: Request,
     trials: int = TRIALS,
     trial_timeout: float = TRIAL_TIMEOUT_S,
     tolerance: float = TOLERANCE,
@@ -37,7 +33,6 @@ def tune(
     retry_failed: bool = False,
     no_prune: bool = False,
     no_compile: bool = False,
-    quality: str = "balanced",
     storage: str | None = None,
     study: str | None = None,
     workers: int = 1,
@@ -57,8 +52,6 @@ def tune(
     from advisor.run.tune import TuneInterrupted, TuneSettings, check_settings, run_study
     from advisor.run.workers import check_devices, run_workers
 
-    model = required_model(model, "tune")  # measuring a model nobody named would start a download of tens of GB
-    budget_bytes = flag_size(budget, "--budget")
     if workers < 1:
         raise UsageError(f"--workers: {workers} is not valid; give a whole number of at least 1")
     settings = TuneSettings(
@@ -72,7 +65,7 @@ def tune(
         retry_failed=retry_failed,
     )
     check_settings(settings)  # --trials, --trial-timeout, --tolerance, --confirm, --min-psnr
-    for name, value in (("height", height), ("width", width), ("frames", frames), ("steps", steps), ("batch", batch)):
+    for name, value in request.job().items():
         if value is not None:  # before any model is read (the workload checks the rest)
             check_workload_value(name, value)
     # Before the first trial: otherwise a bad path is found only after every trial has run.
@@ -91,19 +84,7 @@ def tune(
     machine = probe_machine()
     if workers > 1:  # before a local model is traced
         check_devices(workers, target_from_probe(machine).device)
-    scenario = scenario_for(
-        machine,
-        model,
-        workload=workload,
-        height=height,
-        width=width,
-        frames=frames,
-        steps=steps,
-        batch=batch,
-        budget_bytes=budget_bytes,
-        quality=quality,
-        profile=planning_profile(model, workload),
-    )
+    scenario = scenario_for(request, machine, profile=planning_profile(request.model, request.workload))
     profile = scenario.profile
     if profile.source == "catalog" and (hub_offline() or not hub_reachable()):
         raise ModelError(
@@ -114,7 +95,9 @@ def tune(
     argv = state.get("argv", sys.argv[1:])
     try:
         if workers > 1:
-            result = run_workers(argv, workers, model_ref, scenario, storage=storage, study=study, settings=settings)
+            result = run_workers(
+                request, workers, model_ref, scenario, storage=storage, study=study, settings=settings
+            )
         else:
             result = _run_with_progress(
                 lambda on_trial, on_phase: run_study(

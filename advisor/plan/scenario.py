@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -162,54 +163,85 @@ def make_scenario(
     return Scenario(profile, workload, target, packages, budget, source, tuple(notes), quality, assumed)
 
 
-def scenario_for(
-    machine: MachineProfile | None,
-    model: str,
-    *,
-    workload: str | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    frames: int | None = None,
-    steps: int | None = None,
-    batch: int | None = None,
-    vram: int | None = None,
-    ram: int | None = None,
-    gpu: str | None = None,
-    budget_bytes: int | None = None,
-    quality: Quality = "balanced",
-    profile: ModelProfile | None = None,
-    assumed: tuple[str, ...] = (),
-) -> Scenario:
-    """The scenario the command-line flags describe (sizes already in bytes); `profile` when the
-    caller has loaded the model already (with its traces).
+@dataclass(frozen=True)
+class Request:
+    """One planning question as it was asked: the model, the workload, the machine, the budget and
+    the quality policy, sizes in bytes, what was not given None. Built once at the edge (the command
+    line, or code); `scenario_for` answers it with a `Scenario`, `advisor estimate` reads the same
+    workload and target from it, and `advisor tune --workers` sends it to each worker as data."""
 
-    The plan is for this machine (its packages count; `machine`, probed here when None) unless
-    --vram or --gpu describe another, which needs no probe.
-    """
-    planning_here = vram is None and gpu is None
-    if planning_here and machine is None:
+    model: str
+    workload: str | None = None  # the workload kind of a pipeline the advisor does not know
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    steps: int | None = None
+    batch: int | None = None
+    vram: int | None = None  # a card of this much memory (not this machine's)
+    ram: int | None = None
+    gpu: str | None = None  # a datasheet card (not this machine's)
+    budget_bytes: int | None = None
+    quality: Quality = "balanced"
+    assumed: tuple[str, ...] = ()  # assumed beyond the machine and the workload: the model, when none was given
+
+    JOB = ("height", "width", "frames", "steps", "batch")
+
+    @property
+    def here(self) -> bool:
+        """Whether the plan is for this machine: no flag describes another one."""
+        return self.vram is None and self.gpu is None
+
+    def job(self) -> dict[str, int | None]:
+        """The workload flags as given."""
+        return {name: getattr(self, name) for name in self.JOB}
+
+    def target(self, machine: MachineProfile | None) -> TargetHardware:
+        """The machine the plan is for: this one (probed here when `machine` is None) or the one the
+        flags describe."""
+        if self.here and machine is None:
+            machine = hardware.probe_machine()  # looked up at call time: tests stand in for it
+        return resolve_target(machine, vram=self.vram, ram=self.ram, gpu=self.gpu)
+
+    def workload_for(self, profile: ModelProfile) -> Workload:
+        return make_workload(profile, **self.job())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "assumed": list(self.assumed)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Request:
+        return cls(**{**data, "assumed": tuple(data.get("assumed", ()))})
+
+
+def scenario_for(
+    request: Request, machine: MachineProfile | None = None, *, profile: ModelProfile | None = None
+) -> Scenario:
+    """The scenario that answers `request`; `profile` when the caller has loaded the model already
+    (with its traces). A plan for this machine counts its installed packages (`machine`, probed here
+    when None); one for a machine the flags describe needs no probe."""
+    if request.here and machine is None:
         machine = hardware.probe_machine()  # looked up at call time: tests stand in for it
-    target = resolve_target(machine, vram=vram, ram=ram, gpu=gpu)
-    profile = profile or load_profile(model, workload=workload)
+    target = request.target(machine)
+    profile = profile or load_profile(request.model, workload=request.workload)
     if profile.workload not in ("image", "video"):
         raise UsageError(
             f"--workload: {profile.workload} pipelines are not planned (yet); the advisor plans image and video"
         )
-    job = make_workload(profile, height=height, width=width, frames=frames, steps=steps, batch=batch)
+    job = request.workload_for(profile)
     notes = []
-    if planning_here and not machine.gpus:
+    if request.here and not machine.gpus:
         notes.append(
             "no CUDA GPU found on this machine: planning CPU inference. To plan for a GPU, pass "
             "--vram 24GB or --gpu 'RTX 4090'"
         )
-    packages = machine.software.packages if planning_here else None
+    packages = machine.software.packages if request.here else None
     return make_scenario(
         profile,
         job,
         target,
         packages=packages,
-        budget_bytes=budget_bytes,
+        budget_bytes=request.budget_bytes,
         notes=tuple(notes),
-        quality=quality,
-        assumed=assumed,
+        quality=request.quality,
+        assumed=request.assumed,
     )

@@ -1,7 +1,9 @@
 """`advisor tune --workers N`: several processes working one optuna study through shared storage.
 
-Each worker is this same `advisor tune` command, re-run with ``--study NAME --quiet``; they share the
-study through a journal file or PostgreSQL (`advisor.run.storage.open_storage`). Each worker gets a GPU
+Each worker is a process of its own (``python -m advisor.run.workers SPEC``) that runs the same study
+quietly: the planning question (`advisor.plan.scenario.Request`), the study's settings and name go
+to it as data (`WorkerSpec`), not as an edited command line. The workers share the study through a
+journal file or PostgreSQL (`advisor.run.storage.open_storage`). Each worker gets a GPU
 of its own (``CUDA_VISIBLE_DEVICES``): workers that would share a device are refused, since each
 would time the others' load as well (two workers on a 2-core CPU measured fp32 at 1.90 s against
 0.38 s alone). To test this machinery on one device anyway, set ``ADVISOR_ALLOW_SHARED_DEVICE=1``:
@@ -10,11 +12,18 @@ the result then says its latencies are not comparable.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
 import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 from advisor.errors import TuneError, UsageError
-from advisor.plan.scenario import Scenario
+from advisor.plan.scenario import Request, Scenario
 from advisor.plan.space import SearchSpace
 from advisor.run.measure import die_with_parent
 from advisor.run.queue import seed_with_rules
@@ -32,8 +41,35 @@ from advisor.run.tune import (
 )
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker runs: the planning question, the model to load, the study and its settings."""
+
+    request: Request
+    model: str  # what the trials load: a local folder or a hub id
+    storage: str
+    study: str
+    settings: TuneSettings  # the finalists are confirmed by the command that started the workers
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "request": self.request.to_dict()})
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        data = json.loads(text)
+        settings = data.pop("settings")
+        tuples = {name: tuple(settings[name]) for name in ("step_points", "compile_choices")}
+        return cls(
+            **{
+                **data,
+                "request": Request.from_dict(data["request"]),
+                "settings": TuneSettings(**{**settings, **tuples}),
+            }
+        )
+
+
 def run_workers(
-    argv: list[str],
+    request: Request,
     workers: int,
     model: str,
     scenario: Scenario,
@@ -42,14 +78,14 @@ def run_workers(
     study: str | None,
     settings: TuneSettings,
 ) -> TuneResult:
-    """Run `workers` copies of this `advisor tune` command on one shared study and collect the result.
+    """Run `workers` worker processes of the study `request` asks for (its `scenario`) on one shared
+    storage, then confirm the finalists here and collect the result.
 
     Each worker gets a GPU of its own (CUDA_VISIBLE_DEVICES); more workers than devices are refused
     (UsageError) unless ADVISOR_ALLOW_SHARED_DEVICE=1. SIGTERM is passed on to the workers; Ctrl-C and
     SIGTERM raise `TuneInterrupted` with the finished trials.
     """
     import subprocess
-    import sys
 
     import optuna
 
@@ -63,10 +99,9 @@ def run_workers(
     stale = stale_trials(created, settings)  # what the workers retry: the result judges without them
     space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
     seed_with_rules(created, space, scenario)  # once, here: workers seeding together would queue each pick twice
-    base = [a for a in argv if a not in {"--json", "--quiet"}]
-    for option in ("--workers", "--study", "--output", "--report", "-o", "--confirm"):
-        base = _drop_option(base, option)
-    base += ["--confirm", "0"]  # the finalists are confirmed here, once the workers are done
+    spec = WorkerSpec(request, model, storage, name, dataclasses.replace(settings, confirm_runs=0))
+    folder = Path(tempfile.mkdtemp(prefix="advisor-workers-"))
+    (folder / "spec.json").write_text(spec.to_json())
     processes = []
     for index in range(workers):
         env = dict(os.environ)
@@ -75,7 +110,7 @@ def run_workers(
         # Same process group (Ctrl-C in the terminal reaches every worker); dead with this process.
         processes.append(
             subprocess.Popen(
-                [sys.executable, "-m", "advisor", *base, "--study", name, "--quiet"],
+                [sys.executable, "-m", "advisor.run.workers", str(folder / "spec.json")],
                 env=env,
                 preexec_fn=die_with_parent(),
             )
@@ -95,12 +130,11 @@ def run_workers(
     with terminate_as_interrupt():
         try:
             codes = [p.wait() for p in processes]
-            if any(code in (0, 3) for code in codes):
+            if FINISHED in codes:
                 the_study = optuna.load_study(study_name=name, storage=open_storage(storage))
                 confirm_study(the_study, model, scenario, settings, result)
-        except (
-            KeyboardInterrupt
-        ) as stop:  # Ctrl-C reached the workers too (one process group): let them finish quietly
+        # Ctrl-C reached the workers too (one process group): let them finish quietly.
+        except KeyboardInterrupt as stop:
             terminated = isinstance(stop, Terminated)
             for process in processes:
                 if terminated:  # SIGTERM reached this process only: pass it on
@@ -111,28 +145,14 @@ def run_workers(
                     process.send_signal(signal.SIGINT)
                     process.wait()
             raise TuneInterrupted(result(), 143 if terminated else 130) from None
-    if all(code not in (0, 3) for code in codes):
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    if FINISHED not in codes:
         raise TuneError(f"--workers: every worker failed (exit codes {codes})")
     for index, code in enumerate(codes, start=1):
-        if code not in (0, 3):
+        if code != FINISHED:
             print(f"advisor: warning: worker {index} of {workers} exited with code {code}", file=sys.stderr)
     return result()
-
-
-def _drop_option(argv: list[str], option: str) -> list[str]:
-    """`argv` without `option` and its value (``--x v`` or ``--x=v``)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == option:
-            skip = True
-            continue
-        if arg.startswith(option + "="):
-            continue
-        out.append(arg)
-    return out
 
 
 SHARED_DEVICE_ENV = "ADVISOR_ALLOW_SHARED_DEVICE"
@@ -162,3 +182,42 @@ def _devices(device: str) -> list[str]:
     from advisor.probe.hardware import probe_gpus
 
     return [str(index) for index in range(len(probe_gpus()[0]))]
+
+
+# --- a worker ------------------------------------------------------------------------------------
+
+FINISHED = 0  # a worker's exit status when its share of the study is done, whatever the study found
+
+
+def _worker_main(spec_path: str) -> int:
+    """One worker: the study `spec_path` describes, run quietly until it is done. An error is one
+    line on stderr (the command that started the workers says how many failed)."""
+    from advisor.errors import AdvisorError
+    from advisor.plan.scenario import scenario_for
+    from advisor.probe.models import load_profile
+    from advisor.run.tune import run_study
+    from advisor.trace.cache import with_traces
+
+    spec = WorkerSpec.from_json(Path(spec_path).read_text())
+    request = spec.request
+    try:
+        profile = with_traces(load_profile(request.model, workload=request.workload))  # traced by the command already
+        run_study(
+            spec.model,
+            scenario_for(request, profile=profile),
+            storage=spec.storage,
+            study=spec.study,
+            settings=spec.settings,
+        )
+    except TuneInterrupted as stop:  # the finished trials are in the study; the command reports them
+        return stop.exit_code
+    except KeyboardInterrupt:  # before the study started: nothing to keep
+        return 130
+    except AdvisorError as error:
+        print(f"advisor: error: worker: {' '.join(str(error).split())}", file=sys.stderr)
+        return error.exit_code
+    return FINISHED
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1]))
