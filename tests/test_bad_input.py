@@ -342,16 +342,7 @@ _NOT_A_PAIR = st.one_of(
 _WRONG_FIELD = st.one_of(
     st.tuples(
         st.sampled_from(
-            [
-                "num_layers",
-                "num_single_layers",
-                "in_channels",
-                "joint_attention_dim",
-                "pooled_projection_dim",
-                "num_attention_heads",
-                "attention_head_dim",
-                "patch_size",
-            ]
+            "num_layers num_single_layers in_channels joint_attention_dim pooled_projection_dim num_attention_heads attention_head_dim patch_size".split()
         ),
         st.one_of(
             _SAFE_TEXT,

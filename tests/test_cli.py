@@ -120,20 +120,7 @@ def test_estimate_warns_when_the_config_was_made_for_another_pipeline(capsys, tm
 def test_recommend_json_has_the_documented_keys(capsys):
     # The seed page's pick is the fastest (--quality fast); balanced takes a lossless partial offload within 20% of it.
     assert (
-        main(
-            [
-                "recommend",
-                "--model",
-                "black-forest-labs/FLUX.1-dev",
-                "--vram",
-                "24GB",
-                "--budget",
-                "16GB",
-                "--quality",
-                "fast",
-                "--json",
-            ]
-        )
+        main("recommend --model black-forest-labs/FLUX.1-dev --vram 24GB --budget 16GB --quality fast --json".split())
         == 0
     )
     data = json.loads(capsys.readouterr().out)
@@ -563,21 +550,7 @@ def test_tune_refuses_huge_workload_values_before_measuring(flag, tiny_wan_dir, 
 
 
 def test_the_largest_allowed_workload_still_has_a_finite_estimate(capsys):
-    args = [
-        "--height",
-        "32768",
-        "--width",
-        "32768",
-        "--frames",
-        "1025",
-        "--steps",
-        "10000",
-        "--batch",
-        "256",
-        "--gpu",
-        "H100",
-        "--json",
-    ]
+    args = "--height 32768 --width 32768 --frames 1025 --steps 10000 --batch 256 --gpu H100 --json".split()
     assert main(["estimate", "hunyuanvideo", *args]) == 0
     estimate = json.loads(capsys.readouterr().out)["estimate"]
     assert 0 < estimate["latency_s"] < float("inf") and estimate["peak_vram_bytes"] > 0
@@ -782,25 +755,7 @@ def test_estimate_prints_what_it_assumed(capsys):
     assert any(line.startswith("assumed steps: 28") for line in assumed) and any(
         line.startswith("assumed size: 1024x1024") for line in assumed
     )
-    assert (
-        main(
-            [
-                "estimate",
-                "flux-dev",
-                "--gpu",
-                "H100",
-                "--ram",
-                "64GB",
-                "--steps",
-                "28",
-                "--width",
-                "1024",
-                "--height",
-                "1024",
-            ]
-        )
-        == 0
-    )
+    assert main("estimate flux-dev --gpu H100 --ram 64GB --steps 28 --width 1024 --height 1024".split()) == 0
     assert "assumed" not in capsys.readouterr().out  # everything given: nothing assumed
 
 

@@ -17,23 +17,7 @@ from advisor.plan.quality import is_lossy
 
 # Everything but the floor as in tests/tuning.py (SMALL); 2 of the 3 configurations: the rule engine seeds the
 # lossless one first, then a lossy one (int8 weight-only or fp8 storage).
-ARGS = [
-    "--budget",
-    "2GB",
-    "--trials",
-    "2",
-    "--no-compile",
-    "--height",
-    "32",
-    "--width",
-    "32",
-    "--steps",
-    "4",
-    "--tolerance",
-    "0.5",
-    "--confirm",
-    "0",
-]
+ARGS = "--budget 2GB --trials 2 --no-compile --height 32 --width 32 --steps 4 --tolerance 0.5 --confirm 0".split()
 
 
 def test_lossy_outputs_under_the_floor_are_infeasible_and_the_lossless_one_is_kept(tiny_flux_dir, tmp_path, env):

@@ -33,21 +33,7 @@ needs_postgres = pytest.mark.skipif(
 # checks those), and a 0.1 s generation on a shared CI runner would time 12 rounds to settle at ±5%.
 # No confirmation runs of the finalists (each a trial process more) and no quality reference (one
 # more) but where a test is about them.
-SMALL = [
-    "--no-compile",
-    "--height",
-    "32",
-    "--width",
-    "32",
-    "--steps",
-    "4",
-    "--tolerance",
-    "0.5",
-    "--confirm",
-    "0",
-    "--min-psnr",
-    "0",
-]
+SMALL = "--no-compile --height 32 --width 32 --steps 4 --tolerance 0.5 --confirm 0 --min-psnr 0".split()
 
 
 def tune_args(model, storage: str, *extra: str, budget: str = "2GB", trials: int = 8) -> list[str]:
