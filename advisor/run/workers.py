@@ -216,6 +216,10 @@ def _worker_main(spec_path: str) -> int:
     except AdvisorError as error:
         print(f"advisor: error: worker: {' '.join(str(error).split())}", file=sys.stderr)
         return error.exit_code
+    except Exception as error:  # one line, as the command line says it: a storage write cut short by Ctrl-C, say
+        said = " ".join(str(error).split())[:300]
+        print(f"advisor: error: worker: unexpected {type(error).__name__}: {said}", file=sys.stderr)
+        return 1
     return FINISHED
 
 
