@@ -26,10 +26,12 @@ from typing import Any, Literal
 
 from advisor.errors import ConfigError
 from advisor.files import json_type, read_json, write_text_atomic
+from advisor.migrations import FIRST_VERSION, upgrade
 from advisor.paths import diffusers_tables
 from advisor.schema import STRICT, Section, at_least_one
 
 
+# The config file's format: a change a file can show is a new version and a step in `advisor.migrations`.
 SCHEMA_VERSION = 1
 
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -303,7 +305,7 @@ class Provenance(Section):
 class OptimizationConfig(Section):
     """Everything that decides how a pipeline is loaded and run. See docs/config.md."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[SCHEMA_VERSION] = SCHEMA_VERSION
     dtype: Dtype = "bfloat16"
     device: str = "cuda"
     quantization: Quantization | None = None
@@ -408,20 +410,16 @@ def config_from_dict(data: Any, *, source: str = "config") -> OptimizationConfig
         raise ConfigError(
             f"{source}: schema_version {shown} is not a version number; this advisor writes {SCHEMA_VERSION}"
         )
-    if version != SCHEMA_VERSION:
-        newer = isinstance(version, int) and version > SCHEMA_VERSION
+    if version > SCHEMA_VERSION:
         raise ConfigError(
-            f"{source}: schema_version {version!r} is "
-            + (
-                "newer than this advisor understands; upgrade advisor"
-                if newer
-                else f"not supported (expected {SCHEMA_VERSION})"
-            )
+            f"{source}: schema_version {version} is newer than this advisor understands; upgrade advisor"
         )
+    if version < FIRST_VERSION:
+        raise ConfigError(f"{source}: schema_version {version} is not supported (the first is {FIRST_VERSION})")
     from pydantic import ValidationError
 
     try:
-        return OptimizationConfig.from_dict(data)
+        return OptimizationConfig.from_dict(upgrade(data, to=SCHEMA_VERSION))
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_first_problem(exc)}") from None
 

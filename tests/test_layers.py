@@ -25,6 +25,7 @@ LAYERS = {
     "terminal": 0,
     "config": 1,
     "schema": 1,
+    "migrations": 1,
     "platform": 2,
     "levers": 3,  # one module per technique: below everyone who plans, checks or applies with them
     "constraints": 4,

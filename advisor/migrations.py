@@ -1,0 +1,49 @@
+"""How a config file written by an older advisor becomes one this advisor reads: one step per schema version.
+
+`advisor.config.SCHEMA_VERSION` grows by one whenever the schema changes in a way a file can show (a
+key added, renamed or removed, a value that means something else), and `MIGRATIONS` gains the step
+from the version before: it takes a file's plain data at version N and returns it at N+1. A step
+that only adds keys returns the data as it is (the older file is still valid), but is written out
+all the same, so that each version says what it changed. Loading a file runs the steps from its
+version up to this advisor's (`upgrade`); a file from a newer advisor is refused with "upgrade
+advisor", since it may use keys this one does not know.
+
+``tests/golden/config_schema.json`` holds the schema of every version, and
+``tests/test_migrations.py`` fails when the schema changes without a new version and its step, and
+loads the files today's code wrote (``tests/golden/written/``) through every later version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+FIRST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Migration:
+    """The step from one schema version to the next."""
+
+    changed: str  # what the next version changed, in one line (for the reader of a failed load)
+    upgrade: Callable[[dict[str, Any]], dict[str, Any]]  # version N's data -> version N+1's
+
+
+def unchanged(data: dict[str, Any]) -> dict[str, Any]:
+    """The step of a version that only added keys: an older file is valid as it is."""
+    return data
+
+
+# Version N -> the step to N+1. Version 1 is the first; none has followed it yet.
+MIGRATIONS: dict[int, Migration] = {}
+
+
+def upgrade(data: dict[str, Any], *, to: int) -> dict[str, Any]:
+    """`data` (a config file's content at its ``schema_version``, from FIRST_VERSION to `to`) as
+    version `to` writes it, by every step in between."""
+    version = data["schema_version"]
+    while version < to:
+        data = {**MIGRATIONS[version].upgrade(dict(data)), "schema_version": version + 1}
+        version += 1
+    return data
