@@ -74,3 +74,7 @@ class AdvisorWarning(UserWarning):
 
     The CLI prints each as one ``advisor: warning: ...`` line on stderr.
     """
+
+
+class ConfigWarning(UserWarning):
+    """A config applies, but not quite as written (made for another pipeline or GPU, a skipped option)."""

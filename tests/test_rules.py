@@ -6,7 +6,6 @@ from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfi
 from advisor.errors import UsageError
 from advisor.plan.recommend import recommend
 from advisor.plan.rules import (
-    channels_last_for_unets,
     dynamic_quantization_needs_compile,
     dynamo_cache_limit_with_offload,
     dynamo_capture_for_bitsandbytes,
@@ -14,8 +13,6 @@ from advisor.plan.rules import (
     images_prefer_model_offload,
     no_fullgraph_with_offload_hooks,
     offload_needs_an_accelerator,
-    vae_slicing_for_batches,
-    vae_tiling_when_decode_dominates,
     video_prefers_group_offload,
 )
 from advisor.plan.scenario import Scenario, default_budget, make_scenario, smallest_card_for
@@ -26,6 +23,16 @@ from advisor.probe.workload import make_workload
 
 
 GIB = 2**30
+
+
+def adjust(name: str):
+    """The adjust rule `name` as the engine runs it (a lever's gets the scenario's estimate)."""
+    return next(r.evaluate for r in every_rule() if r.kind == "adjust" and r.name == name)
+
+
+vae_tiling_when_decode_dominates = adjust("vae-tiling-when-decode-dominates")
+vae_slicing_for_batches = adjust("vae-slicing-for-batches")
+channels_last_for_unets = adjust("channels-last-for-unets")
 NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])
 
 

@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.profiler._memory_profiler import Action, MemoryProfileTimeline  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from advisor.levers import DecodeMode  # noqa: E402
 from advisor.plan.compute import (  # noqa: E402
     constants,  # noqa: E402
     denoiser_work,
@@ -216,7 +217,7 @@ def test_traced_vae_decode_matches_the_real_module(pipeline_class, tiny, request
             with torch.no_grad():
                 module.decode(z, return_dict=False)
 
-        return vae_decode_work(component, workload, "float32", tiling=False, slicing=False, k=constants()), decode
+        return vae_decode_work(component, workload, "float32", DecodeMode(), k=constants()), decode
 
     # FLOPs at a small size: the math path that FlopCounterMode counts materialises the mid-block's
     # attention scores over every latent position (the tiny Flux VAE does not downsample).

@@ -5,9 +5,10 @@ the quality policy, the constraints and the apply steps iterate over it (at call
 registered later is seen everywhere) instead of naming a lever's choices; `tests/test_ownership.py`
 fails on any other module that names them.
 
-Moved here so far: the attention kernel (`attention`) and the step cache (`step_cache`). Quantization,
-layerwise casting, offloading, compile and the VAE's tiling and slicing follow (issue 26), and
-until then are planned and applied where they were (`advisor.plan.space`, `advisor.run.steps`).
+Moved here so far: the memory format (`memory_format`), the VAE's tiling and slicing (`vae`), the
+attention kernel (`attention`) and the step cache (`step_cache`). Quantization, layerwise casting,
+offloading and compile follow (issue 26), and until then are planned and applied where they were
+(`advisor.plan.space`, `advisor.plan.rules`, `advisor.run.steps`).
 
 A new lever is one module with a `Lever` subclass, its config section in `advisor.config`, and an
 entry below (`tests/test_levers.py` adds a made-up one that way and follows it through).
@@ -16,13 +17,26 @@ entry below (`tests/test_levers.py` adds a made-up one that way and follows it t
 from __future__ import annotations
 
 from advisor.levers.attention import AttentionKernel
-from advisor.levers.base import ActivationShape, Filter, Lever, StepContext
+from advisor.levers.base import ActivationShape, Adjust, DecodeMode, Filter, Lever, StepContext
+from advisor.levers.memory_format import ChannelsLast
 from advisor.levers.step_cache import StepCache
+from advisor.levers.vae import VaeDecoding
 
 
 LEVERS: list[Lever] = []
 
-__all__ = ["LEVERS", "ActivationShape", "Filter", "Lever", "StepContext", "lever_named", "register"]
+__all__ = [
+    "LEVERS",
+    "ActivationShape",
+    "Adjust",
+    "DecodeMode",
+    "Filter",
+    "Lever",
+    "StepContext",
+    "lever_named",
+    "register",
+    "searched_levers",
+]
 
 
 def register(lever: Lever) -> Lever:
@@ -37,5 +51,12 @@ def lever_named(name: str) -> Lever:
     return next(lever for lever in LEVERS if lever.name == name)
 
 
+def searched_levers() -> list[Lever]:
+    """The levers the search space has a dimension for (the others are decided by their adjust rules)."""
+    return [lever for lever in LEVERS if lever.searched]
+
+
+register(ChannelsLast())
+register(VaeDecoding())
 register(AttentionKernel())
 register(StepCache())

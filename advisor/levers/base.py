@@ -10,14 +10,18 @@ What each part of the advisor asks, and when:
 
 - `choices`: the search space (`advisor.plan.space`), once per scenario: choice name -> config value;
 - `constraints`: what cannot run where (`advisor.constraints`), `filters`: what the planner never
-  combines (`advisor.plan.rules`; a combination with another lever is judged from the config);
+  combines (`advisor.plan.rules`; a combination with another lever is judged from the config),
+  `adjusts`: how the planner completes a candidate with this lever (given the estimate);
 - `compute_share`, `attention_speedup`: the step's latency (`advisor.plan.estimate`), per device;
   `held_bytes`: device memory held from step to step (`advisor.plan.compute`), per device;
+  `decode_mode`: how the VAE decodes (tiled, sliced), which the decode's memory follows;
 - `lossy`, `quality_cost`: the quality policy (`advisor.plan.quality`);
 - `reason`: the line `advisor recommend` explains the pick with (`advisor.plan.recommend`);
+  `summary_note`: what the one-line summary of a config adds for it (`advisor.run.steps.summary`);
 - `load_kwargs`: what loading takes (``from_pretrained``; `advisor.run.quantize.pipeline_kwargs`);
 - `steps`: the post-load steps, run by `advisor.run.apply` and printed by `advisor.run.emit`, at
-  the lever's `order` among the others (`advisor.run.steps`).
+  the lever's `order` among the others (`advisor.run.steps.ORDER`); `pipeline_problem`: what makes
+  a loaded pipeline refuse it (`advisor.run.checks`).
 
 Pure Python at import: torch and diffusers only inside a step's ``run``.
 """
@@ -58,6 +62,14 @@ class ActivationShape:
 
 
 @dataclass(frozen=True)
+class DecodeMode:
+    """How the VAE decodes, which its activations follow (`advisor.plan.compute`)."""
+
+    tiled: bool = False  # in tiles of the VAE's sample size (and of 16 frames for video)
+    sliced: bool = False  # one sample of the batch at a time
+
+
+@dataclass(frozen=True)
 class Filter:
     """A combination the planner never proposes, though it could run (a filter rule of
     `advisor.plan.rules`): its name, the reason and source a user reads, and the check."""
@@ -68,6 +80,19 @@ class Filter:
     check: Callable[[OptimizationConfig, Any], str | None]  # (config, scenario) -> why, or None
 
 
+@dataclass(frozen=True)
+class Adjust:
+    """How the planner completes a candidate with a lever (an adjust rule of `advisor.plan.rules`): its
+    name, the reason and source a user reads, and the change."""
+
+    name: str
+    reason: str
+    source: str
+    # (config, scenario, predict) -> the config, changed or not; predict(config) is the estimate of
+    # another config for the same scenario (`advisor.plan.estimate.Estimate`)
+    apply: Callable[[OptimizationConfig, Any, Callable[[OptimizationConfig], Any]], OptimizationConfig]
+
+
 class Lever:
     """One technique. Subclass it in its own module and list it in `advisor.levers.LEVERS`."""
 
@@ -75,11 +100,13 @@ class Lever:
     key: str  # the config field it owns
     order: int  # where its steps run among the post-load steps (`advisor.run.steps.ORDER`)
     off_choice: str = "none"  # the choice that leaves the config as it is
+    searched: bool = True  # whether the search space has a dimension for it (else its adjusts decide it)
     # Every name of its choices, as the space and the config spell them: no other module but the
     # config schema's may name one (`tests/test_ownership.py`). "none" is every lever's off choice.
     names: frozenset[str] = frozenset()
     constraints: tuple[Constraint, ...] = ()
     filters: tuple[Filter, ...] = ()
+    adjusts: tuple[Adjust, ...] = ()
 
     # --- the config section --------------------------------------------------------------------
 
@@ -118,6 +145,10 @@ class Lever:
         """Device bytes held from one step to the next."""
         return 0
 
+    def decode_mode(self, config: OptimizationConfig, mode: DecodeMode) -> DecodeMode:
+        """How the VAE decodes with this lever, given how the levers before it left `mode`."""
+        return mode
+
     # --- quality and explanation ---------------------------------------------------------------
 
     def lossy(self, config: OptimizationConfig) -> bool:
@@ -134,6 +165,10 @@ class Lever:
         predicts it without the lever (an estimate: call it only when it is said)."""
         return None
 
+    def summary_note(self, config: OptimizationConfig) -> str | None:
+        """What a config's one-line summary adds for this lever where ``config.summary()`` says nothing."""
+        return None
+
     # --- loading and applying ------------------------------------------------------------------
 
     def load_kwargs(self, config: OptimizationConfig) -> dict[str, Any]:
@@ -143,3 +178,7 @@ class Lever:
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         """Its post-load steps for a pipeline holding `components` (`advisor.run.classes.Components`)."""
         return []
+
+    def pipeline_problem(self, config: OptimizationConfig, pipe: Any, components: Any) -> str | None:
+        """Why a loaded `pipe` cannot take this lever as `config` sets it (a `ConfigError` line), or None."""
+        return None

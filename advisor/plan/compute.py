@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, reduce
 from typing import Any, Callable
 
 from advisor.config import OptimizationConfig
-from advisor.levers import LEVERS, ActivationShape
+from advisor.levers import LEVERS, ActivationShape, DecodeMode
 from advisor.paths import DATA_DIR
 from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
@@ -208,10 +208,15 @@ def text_encoder_work(encoder: ComponentProfile, workload: Workload, dtype: str,
     )
 
 
-def vae_decode_work(
-    vae: ComponentProfile, workload: Workload, dtype: str, *, tiling: bool, slicing: bool, k: dict
-) -> Work:
-    """Decoding the batch: sliced, one sample at a time (the peak of one); else all at once."""
+def decode_mode(config: OptimizationConfig) -> DecodeMode:
+    """How `config` has the VAE decode: what the levers make of it, in their order."""
+    return reduce(lambda mode, lever: lever.decode_mode(config, mode), LEVERS, DecodeMode())
+
+
+def vae_decode_work(vae: ComponentProfile, workload: Workload, dtype: str, mode: DecodeMode, *, k: dict) -> Work:
+    """Decoding the batch: sliced, one sample at a time (the peak of one); else all at once; tiled,
+    in tiles of the VAE's sample size (and 16 frames at a time for video)."""
+    tiling, slicing = mode.tiled, mode.sliced
     ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
     frames = decoded_frames(vae, workload)
     trace = trace_of(vae)
@@ -281,7 +286,7 @@ def phase_work(
     The work depends on the dtype and a few flags only; `memo` (one profile and workload's) keeps
     what was computed.
     """
-    flags = (config.dtype, config.vae.tiling, config.vae.slicing, *(lever.work_key(config) for lever in LEVERS))
+    flags = (config.dtype, *(lever.work_key(config) for lever in LEVERS))
     return _memo(memo, ("phases", *flags), lambda: _phase_work(profile, workload, config, memo))
 
 
@@ -303,11 +308,7 @@ def _phase_work(
         held = sum(lever.held_bytes(config, shape) for lever in LEVERS)  # what a step cache keeps between steps
         denoise = replace(call.times(calls), activation_bytes=call.activation_bytes + held)
     vae = profile.vae
-    decode = (
-        vae_decode_work(vae, workload, dtype, tiling=config.vae.tiling, slicing=config.vae.slicing, k=k)
-        if vae
-        else NO_WORK
-    )
+    decode = vae_decode_work(vae, workload, dtype, decode_mode(config), k=k) if vae else NO_WORK
     return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
 
 

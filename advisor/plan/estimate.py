@@ -146,15 +146,6 @@ def estimate_for(scenario: Scenario, config: OptimizationConfig) -> Estimate:
     return scenario.estimates[key]
 
 
-def decode_changes(scenario: Scenario, config: OptimizationConfig, other: OptimizationConfig) -> bool:
-    """Whether the VAE decode of `other` differs from that of `config` (for the same scenario)."""
-
-    def decode(c: OptimizationConfig) -> Work:
-        return phase_work(scenario.profile, scenario.workload, c, scenario.memo)["vae_decode"]
-
-    return decode(config) != decode(other)
-
-
 def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, name: str) -> int:
     """The most blocks of component `name` that partial offload (``offload.resident_blocks``) can
     keep resident with the peak of every phase within the scenario's budget; 1 when not even one

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from advisor.config import OptimizationConfig
 from advisor.constraints import DOCS, fullgraph_breaks_on_offload_hooks, named
 from advisor.levers import LEVERS
-from advisor.plan.estimate import decode_changes, estimate_for
+from advisor.plan.estimate import estimate_for
 from advisor.plan.quality import is_lossy
 
 
@@ -61,8 +61,23 @@ def rule(name: str, kind: RuleKind, reason: str, source: str) -> Callable:
 
 def every_rule() -> list[Rule]:
     """Every rule: those written here, then the levers' filters (what the planner never combines with
-    a lever; `advisor.levers`)."""
-    return [*RULES, *(Rule(f.name, "filter", f.reason, f.source, f.check) for lever in LEVERS for f in lever.filters)]
+    a lever) and adjusts (how it completes a candidate with one; `advisor.levers`), in the levers' order."""
+    return [
+        *RULES,
+        *(Rule(f.name, "filter", f.reason, f.source, f.check) for lever in LEVERS for f in lever.filters),
+        *(
+            Rule(a.name, "adjust", a.reason, a.source, _with_estimate(a.apply))
+            for lever in LEVERS
+            for a in lever.adjusts
+        ),
+    ]
+
+
+def _with_estimate(
+    apply: Callable[..., OptimizationConfig],
+) -> Callable[[OptimizationConfig, Scenario], OptimizationConfig]:
+    """A lever's adjust as a rule ``(config, scenario)``: it gets the scenario's estimate of any config."""
+    return lambda config, scenario: apply(config, scenario, lambda other: estimate_for(scenario, other))
 
 
 def rules_of(kind: RuleKind) -> list[Rule]:
@@ -161,60 +176,6 @@ def dynamo_cache_limit_with_offload(config: OptimizationConfig, scenario: Scenar
 def no_fullgraph_with_offload_hooks(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
     if fullgraph_breaks_on_offload_hooks(config, scenario.platform):
         return _with_compile(config, fullgraph=False)
-    return config
-
-
-@rule(
-    "vae-tiling-when-decode-dominates",
-    "adjust",
-    "VAE tiling decodes in tiles when the decode would set the peak (large images, video), where the VAE supports it",
-    f"{DOCS}/memory#vae-tiling",
-)
-def vae_tiling_when_decode_dominates(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
-    vae = scenario.profile.vae
-    if vae is None or not vae.facts.get("supports_tiling") or config.vae.tiling:
-        return config
-    plain = estimate_for(scenario, config)
-    if plain.peak_phase != "vae_decode":
-        return config
-    tiled = config.replace(vae=config.vae.replace(tiling=True))
-    # Tiles are the VAE's sample size (1024 px for Flux/SDXL): smaller images decode the same.
-    if not decode_changes(scenario, config, tiled):
-        return config
-    smaller = estimate_for(scenario, tiled)
-    return (
-        tiled if smaller.limited_peak(scenario.target.device) < plain.limited_peak(scenario.target.device) else config
-    )
-
-
-@rule(
-    "vae-slicing-for-batches",
-    "adjust",
-    "VAE slicing decodes a batch one sample at a time: the decode peak no longer grows with the batch",
-    f"{DOCS}/memory#vae-slicing",
-)
-def vae_slicing_for_batches(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
-    vae = scenario.profile.vae
-    if (
-        scenario.workload.batch > 1
-        and vae is not None
-        and vae.facts.get("supports_slicing")
-        and not config.vae.slicing
-    ):
-        return config.replace(vae=config.vae.replace(slicing=True))
-    return config
-
-
-@rule(
-    "channels-last-for-unets",
-    "adjust",
-    "channels_last memory format speeds up convolution-heavy UNets under torch.compile; transformers gain nothing",
-    f"{DOCS}/fp16#channels-last",
-)
-def channels_last_for_unets(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
-    unet = any(c.class_name.startswith("UNet") for c in scenario.profile.by_role("denoiser"))
-    if config.compile and unet and not config.channels_last:
-        return config.replace(channels_last=True)
     return config
 
 

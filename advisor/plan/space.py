@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.constraints import first_violation
-from advisor.levers import LEVERS
+from advisor.levers import searched_levers
 from advisor.plan.estimate import resident_blocks_that_fit
 from advisor.plan.rules import rules_of
 from advisor.probe.layout import has_repeated_blocks
@@ -164,10 +164,10 @@ class SearchSpace:
     quantization: dict[str, StorageChoice]
     offload: dict[str, Offload]
     compile: list[bool]
-    # Each lever's dimension (`advisor.levers`): choice name -> the value it sets in the config. A
-    # point names a lever only where it holds two or more choices (`optional_dimensions`).
+    # Each searched lever's dimension (`advisor.levers`): choice name -> the value it sets in the
+    # config. A point names a lever only where it holds two or more choices (`optional_dimensions`).
     levers: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {lever.name: {lever.off_choice: None} for lever in LEVERS}
+        default_factory=lambda: {lever.name: {lever.off_choice: None} for lever in searched_levers()}
     )
 
     @classmethod
@@ -193,7 +193,7 @@ class SearchSpace:
         space = cls.for_profile(
             scenario.profile, device=target.device, supports_bf16=target.supports_bf16, compile_choices=compile_choices
         )
-        space.levers = {lever.name: lever.choices(scenario, space.dtype) for lever in LEVERS}
+        space.levers = {lever.name: lever.choices(scenario, space.dtype) for lever in searched_levers()}
         return space
 
     def usable(self, scenario: Scenario) -> SearchSpace:
@@ -243,7 +243,10 @@ class SearchSpace:
             layerwise_casting=casting,
             offload=self.offload[params["offload"]],
             compile=compiled,
-            **{lever.key: self.levers[lever.name][params.get(lever.name, lever.off_choice)] for lever in LEVERS},
+            **{
+                lever.key: self.levers[lever.name][params.get(lever.name, lever.off_choice)]
+                for lever in searched_levers()
+            },
         )
 
     def candidate(self, params: dict[str, Any], scenario: Scenario) -> Candidate:
@@ -284,7 +287,7 @@ class SearchSpace:
         compiled = config.compile is not None
         optional = {
             lever.name: next((c for c, value in self.levers[lever.name].items() if value == lever.value(config)), None)
-            for lever in LEVERS
+            for lever in searched_levers()
         }
         if quantization is None or offload is None or compiled not in self.compile or None in optional.values():
             return None

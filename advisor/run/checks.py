@@ -12,10 +12,11 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from advisor.constraints import Platform, first_violation, platform_here
-from advisor.errors import ConfigError
+from advisor.errors import ConfigError, ConfigWarning
+from advisor.levers import LEVERS
 from advisor.probe.weights import casting_skipped
 from advisor.run.classes import Components
-from advisor.run.steps import ConfigWarning, casting_skips
+from advisor.run.steps import casting_skips
 
 
 if TYPE_CHECKING:
@@ -163,13 +164,10 @@ def check_pipeline(pipe: Any, config: OptimizationConfig) -> None:
             ConfigWarning,
             stacklevel=3,
         )
-    if config.channels_last:
-        for name in components.denoisers():
-            if any(p.dim() == 5 for p in pipe.components[name].parameters()):
-                raise ConfigError(
-                    f"`channels_last: true` cannot apply to {name} ({components.class_name(name)}): it has 5-D (Conv3d) "
-                    "weights and channels_last is for 4-D ones; set `channels_last: false`"
-                )
+    for lever in LEVERS:
+        problem = lever.pipeline_problem(config, pipe, components)
+        if problem is not None:
+            raise ConfigError(problem)
     if config.layerwise_casting is not None:
         for name in config.layerwise_casting.components:
             if components.is_diffusers_model(name):

@@ -6,17 +6,18 @@ function that performs it. `advisor.run.apply` runs the steps; `advisor.run.emit
 code. Both come from the same objects, so a generated script and ``advisor.load_pipeline`` cannot
 drift apart.
 
-Order of the steps (and why):
+Order of the steps (and why), `ORDER` for those written here, each lever's ``order`` for its own:
 
 1. ``torch._dynamo.config`` flags: dynamo reads them when it first traces, so they go before
    anything is compiled (``capture_dynamic_output_shape_ops`` for bitsandbytes, a larger
    ``cache_size_limit`` with offloading: the seed page sets them first);
-2. layerwise casting (fp8 storage), then ``channels_last``: both rewrite the weights in place,
-   before offloading hooks capture them;
+2. layerwise casting (fp8 storage), then ``channels_last`` (`advisor.levers.memory_format`): both
+   rewrite the weights in place, before offloading hooks capture them;
 3. device placement: ``pipe.to(device)``, model / sequential CPU offload or group offload;
-4. VAE tiling / slicing (after group offload: diffusers warns about tiling set before streams);
-5. the levers' steps (`advisor.levers`, in their ``order``): the attention backend, then step
-   caching (its hooks wrap the blocks' forward, as offloading's do);
+4. VAE tiling / slicing (`advisor.levers.vae`; after group offload: diffusers warns about tiling
+   set before streams);
+5. the attention backend, then step caching (`advisor.levers`; a cache's hooks wrap the blocks'
+   forward, as offloading's do);
 6. ``torch.compile`` last: compiling captures the module as it is then, hooks included.
 """
 
@@ -26,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from advisor.errors import ConfigWarning
 from advisor.levers import LEVERS
 from advisor.levers.code import (
     Expr,
@@ -35,7 +37,6 @@ from advisor.levers.code import (
     function_step,
     method_step,
     source,
-    torch_expr,
 )
 from advisor.probe.weights import (
     DEFAULT_CASTING_SKIP_PATTERNS,
@@ -48,8 +49,8 @@ if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
 
 
-class ConfigWarning(UserWarning):
-    """A config applies, but not quite as written (made for another pipeline or GPU, a skipped option)."""
+# Where the steps written here run among the levers' (`Lever.order`).
+ORDER = {"dynamo": 0, "layerwise_casting": 10, "placement": 30, "compile": 90}
 
 
 def _dynamo_step(option: str, value: int | bool) -> Step:
@@ -59,6 +60,32 @@ def _dynamo_step(option: str, value: int | bool) -> Step:
         setattr(torch._dynamo.config, option, value)
 
     return Step("compile.dynamo_config", f"dynamo flag {option}", f"torch._dynamo.config.{option} = {value!r}", run)
+
+
+def _dynamo_steps(config: OptimizationConfig, components: Components) -> list[Step]:
+    if config.compile is None:
+        return []
+    return [_dynamo_step(option, value) for option, value in config.compile.dynamo_config.items()]
+
+
+def _layerwise_casting_steps(config: OptimizationConfig, components: Components) -> list[Step]:
+    if config.layerwise_casting is None:
+        return []
+    storage = config.layerwise_casting.storage_dtype
+    kwargs = {"storage_dtype": dtype_expr(storage), "compute_dtype": dtype_expr(config.dtype)}
+    steps = []
+    for name in config.layerwise_casting.components:
+        description = f"store {name} weights in {storage}, compute in {config.dtype}"
+        if components.is_diffusers_model(name):
+            steps.append(method_step("layerwise_casting", description, name, "enable_layerwise_casting", (), kwargs))
+        else:
+            skip = {**kwargs, "skip_modules_pattern": encoder_casting_skips(components.keep_in_fp32(name))}
+            steps.append(
+                function_step(
+                    "layerwise_casting", description, "diffusers.hooks", "apply_layerwise_casting", name, skip
+                )
+            )
+    return steps
 
 
 def encoder_casting_skips(keep_in_fp32: tuple[str, ...]) -> tuple[str, ...]:
@@ -227,67 +254,22 @@ def summary(config: OptimizationConfig) -> str:
     >>> summary(config)  # doctest: +SKIP
     'bf16, float8_dynamic(unet), compiled (regional), no offload, channels_last'
     """
-    parts = [config.summary()]
-    if config.channels_last:
-        parts.append("channels_last")
+    parts = [config.summary(), *(note for lever in LEVERS if (note := lever.summary_note(config)))]
     if config.compile is not None and config.compile.dynamo_config:
         parts.append("dynamo(" + ", ".join(f"{k}={v!r}" for k, v in config.compile.dynamo_config.items()) + ")")
     return ", ".join(parts)
 
 
 def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
-    """The post-load steps of `config` for a pipeline holding `components`, in order."""
-    steps: list[Step] = []
-    if config.compile is not None:
-        steps += [_dynamo_step(option, value) for option, value in config.compile.dynamo_config.items()]
-
-    if config.layerwise_casting is not None:
-        storage = config.layerwise_casting.storage_dtype
-        kwargs = {"storage_dtype": dtype_expr(storage), "compute_dtype": dtype_expr(config.dtype)}
-        for name in config.layerwise_casting.components:
-            description = f"store {name} weights in {storage}, compute in {config.dtype}"
-            if components.is_diffusers_model(name):
-                steps.append(
-                    method_step("layerwise_casting", description, name, "enable_layerwise_casting", (), kwargs)
-                )
-            else:
-                skip = {**kwargs, "skip_modules_pattern": encoder_casting_skips(components.keep_in_fp32(name))}
-                steps.append(
-                    function_step(
-                        "layerwise_casting", description, "diffusers.hooks", "apply_layerwise_casting", name, skip
-                    )
-                )
-
-    if config.channels_last:
-        for name in components.denoisers():
-            steps.append(
-                method_step(
-                    "channels_last", f"channels_last memory format for {name}", name, "to", (),
-                    {"memory_format": torch_expr("channels_last")},
-                )
-            )  # fmt: skip
-
-    steps += _placement_steps(config, components)
-
-    for flag, method in (("tiling", "enable_tiling"), ("slicing", "enable_slicing")):
-        if not getattr(config.vae, flag):
-            continue
-        if components.known and "vae" not in components.names():
-            warnings.warn(f"`vae.{flag}: true` but the pipeline has no `vae`; skipped", ConfigWarning, stacklevel=3)
-        elif not components.has_attr("vae", method):
-            warnings.warn(
-                f"`vae.{flag}: true` but {components.class_name('vae')} has no {method}(); skipped",
-                ConfigWarning,
-                stacklevel=3,
-            )
-        else:
-            steps.append(method_step("vae", f"VAE {flag}", "vae", method))
-
-    for lever in LEVERS:  # in their order: the attention backend, then step caching
-        steps += lever.steps(config, components)
-
-    steps += _compile_steps(config, components)
-    return steps
+    """The post-load steps of `config` for a pipeline holding `components`, in order (`ORDER`)."""
+    producers = [
+        (ORDER["dynamo"], _dynamo_steps),
+        (ORDER["layerwise_casting"], _layerwise_casting_steps),
+        (ORDER["placement"], _placement_steps),
+        (ORDER["compile"], _compile_steps),
+        *((lever.order, lever.steps) for lever in LEVERS),
+    ]
+    return [step for _, produce in sorted(producers, key=lambda p: p[0]) for step in produce(config, components)]
 
 
 def plan(config: OptimizationConfig, pipe: Any = None, *, model: str | Path | None = None) -> list[Step]:
