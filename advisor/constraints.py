@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 from advisor.config import OptimizationConfig, Quantization
 from advisor.levers import LEVERS
 from advisor.levers.attention import PACKAGES as ATTENTION_PACKAGES
+from advisor.levers.offload import blocks_move_with_module_to, group_offloaded, uses_group_offload
 from advisor.packages import installed_versions
 from advisor.paths import hub_offline
 from advisor.platform import Constraint, Platform, Violation, on_cuda, version_tuple
@@ -61,6 +62,9 @@ def _device_index(device: str) -> int:
 
 # The constraints written here, in the order they are checked; each lever's follow (`every_constraint`).
 CONSTRAINTS: list[Constraint] = []
+# Checked after every other: whether the device exists. One about an option says more on a machine
+# without a GPU (`offload.strategy: model` names the option and the way out, not only `device`).
+LAST: list[Constraint] = []
 
 
 def constraint(name: str, key: str, reason: str, source: str) -> Callable:
@@ -69,8 +73,9 @@ def constraint(name: str, key: str, reason: str, source: str) -> Callable:
 
 
 def every_constraint() -> list[Constraint]:
-    """Every constraint, in the order they are checked: those written here, then each lever's."""
-    return [*CONSTRAINTS, *(item for lever in LEVERS for item in lever.constraints)]
+    """Every constraint, in the order they are checked: those written here, then each lever's, then
+    whether the device exists (`LAST`)."""
+    return [*CONSTRAINTS, *(item for lever in LEVERS for item in lever.constraints), *LAST]
 
 
 def named(name: str) -> Constraint:
@@ -93,11 +98,6 @@ def violations(config: OptimizationConfig, platform: Platform) -> list[Violation
 def first_violation(config: OptimizationConfig, platform: Platform) -> Violation | None:
     """The first constraint `config` breaks on `platform` (the rest are not evaluated)."""
     return next(_violations(config, platform), None)
-
-
-def _group_offloaded(config: OptimizationConfig, name: str) -> bool:
-    offload = config.offload
-    return offload.strategy == "group" and (offload.components is None or name in offload.components)
 
 
 # --- quantization -------------------------------------------------------------------------------
@@ -178,40 +178,12 @@ def int4_weight_only_needs_cuda(config: OptimizationConfig, platform: Platform) 
 # --- placement ----------------------------------------------------------------------------------
 
 
-@constraint(
-    "cpu-offload-needs-cuda",
-    "offload.strategy",
-    "model and sequential CPU offload move weights to a CUDA GPU when they are used",
-    f"{DOCS}/memory#model-offloading",
-)
-def cpu_offload_needs_cuda(config: OptimizationConfig, platform: Platform) -> str | None:
-    strategy = config.offload.strategy
-    if strategy in ("model", "sequential") and platform.accelerator != "cuda":
-        return (
-            f"`offload.strategy: {strategy}` moves weights to a CUDA GPU and {platform.no_cuda}; "
-            "use `offload.strategy: group` or `none` with `device: cpu`"
-        )
-    return None
-
-
-@constraint(
-    "streams-need-cuda",
-    "offload.use_stream",
-    "group offloading prefetches the next group on a CUDA stream; there are none without a CUDA device",
-    f"{DOCS}/memory#cuda-stream",
-)
-def streams_need_cuda(config: OptimizationConfig, platform: Platform) -> str | None:
-    if config.offload.use_stream and not on_cuda(config, platform):
-        reason = platform.no_cuda if platform.accelerator != "cuda" else f"`device` is {config.device}"
-        return f"`offload.use_stream: true` needs CUDA streams and {reason}; set `offload.use_stream: false`"
-    return None
-
-
-@constraint(
+@_constraint(
     "device-is-available",
     "device",
     "the device a config names must exist on the machine that applies it",
     "https://pytorch.org/docs/stable/tensor_attributes.html#torch-device",
+    into=LAST,
 )
 def device_is_available(config: OptimizationConfig, platform: Platform) -> str | None:
     if not config.device.startswith("cuda"):
@@ -236,7 +208,7 @@ def installed_diffusers_supports_it(config: OptimizationConfig, platform: Platfo
         return None  # unknown (another machine) or new enough
     if config.compile and config.compile.regional:
         return f"`compile.regional: true` needs diffusers >= 0.33 (compile_repeated_blocks), {installed} is installed; upgrade diffusers"
-    if config.offload.strategy == "group":
+    if uses_group_offload(config):
         return f"`offload.strategy: group` needs diffusers >= 0.33 (enable_group_offload), {installed} is installed; upgrade diffusers"
     return None
 
@@ -248,7 +220,7 @@ def _torchao_group_offloaded(config: OptimizationConfig) -> list[str]:
     q = config.quantization
     if q is None or q.backend != "torchao":
         return []
-    return [name for name in q.components if _group_offloaded(config, name)]
+    return [name for name in q.components if group_offloaded(config, name)]
 
 
 @constraint(
@@ -276,8 +248,7 @@ def torchao_cannot_offload_to_disk(config: OptimizationConfig, platform: Platfor
     f"{DOCS}/memory#group-offloading",
 )
 def compiled_torchao_needs_leaf_or_stream_offload(config: OptimizationConfig, platform: Platform) -> str | None:
-    offload = config.offload
-    if config.compile is None or offload.offload_type != "block_level" or offload.use_stream:
+    if config.compile is None or not blocks_move_with_module_to(config):
         return None
     for name in _torchao_group_offloaded(config):
         if name in config.compile.components:
@@ -301,7 +272,7 @@ def fullgraph_breaks_on_offload_hooks(config: OptimizationConfig, platform: Plat
     if compile_ is None or not compile_.fullgraph:
         return None
     for name in compile_.components:
-        if _group_offloaded(config, name):
+        if group_offloaded(config, name):
             why = "is group-offloaded"
         elif config.layerwise_casting and name in config.layerwise_casting.components:
             why = "is layerwise-cast"

@@ -24,9 +24,10 @@ import tempfile
 from pathlib import Path
 
 from advisor.config import Offload, OptimizationConfig
+from advisor.levers.offload import block_split, resident_bytes
 from advisor.plan.estimate import estimate, resident_blocks_that_fit
 from advisor.plan.scenario import make_scenario
-from advisor.plan.weights import block_split, resident_bytes, weight_bytes
+from advisor.plan.weights import weight_bytes
 from advisor.probe.models import load_profile
 from advisor.probe.target import planned_target
 from advisor.probe.workload import make_workload

@@ -10,7 +10,6 @@ from advisor.constraints import (
     Platform,
     bitsandbytes_needs_cuda,
     compiled_torchao_needs_leaf_or_stream_offload,
-    cpu_offload_needs_cuda,
     device_is_available,
     every_constraint,
     fp8_compute_needs_sm89,
@@ -18,10 +17,10 @@ from advisor.constraints import (
     installed_diffusers_supports_it,
     int4_weight_only_needs_cuda,
     quantization_backend_installed,
-    streams_need_cuda,
     torchao_cannot_offload_to_disk,
 )
 from advisor.errors import ConfigError
+from advisor.levers.offload import cpu_offload_needs_cuda, streams_need_cuda
 
 
 NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])

@@ -2,7 +2,9 @@
 
 - A lever's choices are named only in its own module (`advisor.levers`) and the config schema
   (`advisor.config`): any other string equal to one of a lever's names fails here, an enum's or a
-  constant's too, so a name hidden behind a new spelling doesn't pass.
+  constant's too, so a name hidden behind a new spelling doesn't pass. A name that is also an
+  ordinary word of the code base (offload's "model", also the pipeline a command is about) is
+  allowed where it names a key.
 - Optuna's storage is read and written through `advisor.run.trials` alone: no other module names a
   trial's or study's attribute, or spells a status (source, claim state) as a string.
 """
@@ -37,12 +39,36 @@ def module_of(lever) -> Path:
     return Path(sys.modules[type(lever).__module__].__file__)
 
 
+# Choice names that are also ordinary words of the code base, and what else they name there.
+ORDINARY_WORDS = {"model": "the pipeline a command is about: the request's field and flag, the JSON's key"}
+MAPPING_KEYS = {"get", "pop", "setdefault"}
+
+
+def keys_in(tree: ast.AST) -> set[int]:
+    """The nodes of `tree` that name a key: a dict literal's keys, subscripts, a mapping's get/pop key."""
+    keys = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            keys.update(id(key) for key in node.keys if key is not None)
+        elif isinstance(node, ast.Subscript):
+            keys.add(id(node.slice))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MAPPING_KEYS:
+            keys.update(id(arg) for arg in node.args[:1])
+    return keys
+
+
 def named(tree: ast.AST, names: frozenset[str]) -> list[str]:
-    """Where `tree` has a string constant equal to one of `names`."""
+    """Where `tree` has a string constant equal to one of `names`; an ordinary word (`ORDINARY_WORDS`)
+    wherever it decides something (compared, assigned, passed, returned, a collection's member), but
+    not where it names a key."""
+    keys = keys_in(tree)
     return [
         f"{node.lineno} {node.value!r}"
         for node in ast.walk(tree)
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value in names
+        and not (node.value in ORDINARY_WORDS and id(node) in keys)
     ]
 
 
@@ -107,6 +133,14 @@ def test_the_checks_find_what_they_forbid():
     # an enum elsewhere that spells a lever's names does not hide them
     hidden = ast.parse('class CacheKind(Enum):\n    MAG = "mag"\nif config.cache.kind == CacheKind.MAG: pass\n')
     assert named(hidden, frozenset({"mag"})) == ["2 'mag'"]
+    # an ordinary word is a choice where it decides, not where it names a key
+    model = ast.parse(
+        'if config.offload.strategy == "model": pass\n'
+        'ORDER = ("none", "model")\n'
+        'out = {"model": profile.model_id}\n'
+        'given = namespace.pop("model", None) or namespace["model"]\n'
+    )
+    assert named(model, frozenset({"model"})) == ["1 'model'", "2 'model'"]
     tree = ast.parse(
         'trial.set_user_attr("x", 1)\n'
         'study.enqueue_trial(params, user_attrs={"seeded_by": "rules"})\n'

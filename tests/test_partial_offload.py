@@ -17,7 +17,8 @@ import torch
 
 from advisor.config import Offload, OptimizationConfig
 from advisor.errors import ConfigError
-from advisor.plan.weights import block_split, resident_bytes, weight_bytes
+from advisor.levers.offload import block_split, resident_bytes
+from advisor.plan.weights import weight_bytes
 from advisor.probe.models import profile_from_folder
 from advisor.run.apply import load_pipeline
 from advisor.run.steps import plan

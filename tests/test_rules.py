@@ -10,10 +10,7 @@ from advisor.plan.rules import (
     dynamo_cache_limit_with_offload,
     dynamo_capture_for_bitsandbytes,
     every_rule,
-    images_prefer_model_offload,
     no_fullgraph_with_offload_hooks,
-    offload_needs_an_accelerator,
-    video_prefers_group_offload,
 )
 from advisor.plan.scenario import Scenario, default_budget, make_scenario, smallest_card_for
 from advisor.plan.space import quantization_choices
@@ -25,14 +22,17 @@ from advisor.probe.workload import make_workload
 GIB = 2**30
 
 
-def adjust(name: str):
-    """The adjust rule `name` as the engine runs it (a lever's gets the scenario's estimate)."""
-    return next(r.evaluate for r in every_rule() if r.kind == "adjust" and r.name == name)
+def rule(name: str):
+    """The rule `name` as the engine runs it (a lever's adjust gets the scenario's estimate)."""
+    return next(r.evaluate for r in every_rule() if r.name == name)
 
 
-vae_tiling_when_decode_dominates = adjust("vae-tiling-when-decode-dominates")
-vae_slicing_for_batches = adjust("vae-slicing-for-batches")
-channels_last_for_unets = adjust("channels-last-for-unets")
+offload_needs_an_accelerator = rule("offload-needs-an-accelerator")
+vae_tiling_when_decode_dominates = rule("vae-tiling-when-decode-dominates")
+vae_slicing_for_batches = rule("vae-slicing-for-batches")
+channels_last_for_unets = rule("channels-last-for-unets")
+images_prefer_model_offload = rule("images-prefer-model-offload")
+video_prefers_group_offload = rule("video-prefers-group-offload")
 NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])
 
 

@@ -264,7 +264,7 @@ def test_a_local_folder_is_traced_once_then_read_from_the_cache(tiny, tmp_path, 
     lines = []
     first = with_traces(profile_from_folder(folder), log=lines.append)
     traced = {c.name for c in first.components if c.trace}
-    assert traced == {c.name for c in first.components if c.role in ("denoiser", "text_encoder", "vae")}
+    assert traced == {c.name for c in first.components if c.role in ("denoiser", "text_encoder", "vae")}, lines
     assert cache_path(first).exists() and any("first use" in line for line in lines)
 
     def must_not_trace(*args, **kwargs):

@@ -91,9 +91,9 @@ def save_config(config, output: str) -> None:
         raise AdvisorError(f"-o {output}: could not write the config ({os_error_reason(exc)})") from None
 
 
-# The flags that ask a planning question (`advisor.plan.scenario.Request`), as the parser names them.
+# The flags beside the model that ask a planning question (`advisor.plan.scenario.Request`), as the
+# parser names them.
 REQUEST_FLAGS = (
-    "model",
     "workload",
     "height",
     "width",
@@ -116,7 +116,7 @@ def take_request(namespace: dict[str, Any], command: str) -> Request:
     from advisor.plan.scenario import Request
 
     given = {name: namespace.pop(name) for name in REQUEST_FLAGS if name in namespace}
-    model, assumed = given.pop("model", None), ()
+    model, assumed = namespace.pop("model", None), ()
     if not model and command == "recommend":
         model, assumed = DEFAULT_MODEL, (f"model: {DEFAULT_MODEL} (none given; pass MODEL or --model)",)
     model = required_model(model, command)

@@ -5,10 +5,10 @@ the quality policy, the constraints and the apply steps iterate over it (at call
 registered later is seen everywhere) instead of naming a lever's choices; `tests/test_ownership.py`
 fails on any other module that names them.
 
-Moved here so far: the memory format (`memory_format`), the VAE's tiling and slicing (`vae`), the
-attention kernel (`attention`) and the step cache (`step_cache`). Quantization, layerwise casting,
-offloading and compile follow (issue 26), and until then are planned and applied where they were
-(`advisor.plan.space`, `advisor.plan.rules`, `advisor.run.steps`).
+Moved here so far: the memory format (`memory_format`), offloading (`offload`), the VAE's tiling and
+slicing (`vae`), the attention kernel (`attention`) and the step cache (`step_cache`). Quantization,
+layerwise casting and compile follow (issue 26), and until then are planned and applied where they
+were (`advisor.plan.space`, `advisor.plan.rules`, `advisor.run.steps`).
 
 A new lever is one module with a `Lever` subclass, its config section in `advisor.config`, and an
 entry below (`tests/test_levers.py` adds a made-up one that way and follows it through).
@@ -17,8 +17,9 @@ entry below (`tests/test_levers.py` adds a made-up one that way and follows it t
 from __future__ import annotations
 
 from advisor.levers.attention import AttentionKernel
-from advisor.levers.base import ActivationShape, Adjust, DecodeMode, Filter, Lever, StepContext
+from advisor.levers.base import ActivationShape, Adjust, DecodeMode, Filter, Lever, Prefer, StepContext
 from advisor.levers.memory_format import ChannelsLast
+from advisor.levers.offload import OFFLOAD
 from advisor.levers.step_cache import StepCache
 from advisor.levers.vae import VaeDecoding
 
@@ -32,6 +33,7 @@ __all__ = [
     "DecodeMode",
     "Filter",
     "Lever",
+    "Prefer",
     "StepContext",
     "lever_named",
     "register",
@@ -57,6 +59,7 @@ def searched_levers() -> list[Lever]:
 
 
 register(ChannelsLast())
+register(OFFLOAD)
 register(VaeDecoding())
 register(AttentionKernel())
 register(StepCache())

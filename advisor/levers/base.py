@@ -11,7 +11,8 @@ What each part of the advisor asks, and when:
 - `choices`: the search space (`advisor.plan.space`), once per scenario: choice name -> config value;
 - `constraints`: what cannot run where (`advisor.constraints`), `filters`: what the planner never
   combines (`advisor.plan.rules`; a combination with another lever is judged from the config),
-  `adjusts`: how the planner completes a candidate with this lever (given the estimate);
+  `adjusts`: how the planner completes a candidate with this lever (given the estimate), `prefers`:
+  how it breaks near-ties the way the guidance says;
 - `compute_share`, `attention_speedup`: the step's latency (`advisor.plan.estimate`), per device;
   `held_bytes`: device memory held from step to step (`advisor.plan.compute`), per device;
   `decode_mode`: how the VAE decodes (tiled, sliced), which the decode's memory follows;
@@ -93,6 +94,17 @@ class Adjust:
     apply: Callable[[OptimizationConfig, Any, Callable[[OptimizationConfig], Any]], OptimizationConfig]
 
 
+@dataclass(frozen=True)
+class Prefer:
+    """How the planner breaks a near-tie between candidates that differ in this lever (a prefer rule
+    of `advisor.plan.rules`): its name, the reason and source a user reads, and the rank (0 first)."""
+
+    name: str
+    reason: str
+    source: str
+    rank: Callable[[OptimizationConfig, Any], int]  # (config, scenario) -> rank, 0 first
+
+
 class Lever:
     """One technique. Subclass it in its own module and list it in `advisor.levers.LEVERS`."""
 
@@ -107,6 +119,7 @@ class Lever:
     constraints: tuple[Constraint, ...] = ()
     filters: tuple[Filter, ...] = ()
     adjusts: tuple[Adjust, ...] = ()
+    prefers: tuple[Prefer, ...] = ()
 
     # --- the config section --------------------------------------------------------------------
 

@@ -258,13 +258,6 @@ def decoded_frames(vae: ComponentProfile, workload: Workload) -> int:
     return (workload.frames - 1) // temporal * temporal + 1
 
 
-def largest_layer_parameters(component: ComponentProfile) -> int:
-    """Parameters of the largest single layer, as an eighth of the largest block (a transformer block
-    holds ~6-10 large linear layers): what leaf-level offload moves and a dequantising matmul expands."""
-    largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
-    return max(math.ceil(largest_block / 8), 1)
-
-
 def activation_shape(
     profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int, calls: int
 ) -> ActivationShape:
@@ -303,7 +296,7 @@ def _phase_work(
     for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
         batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
         call = _memo(memo, ("denoise", dtype), lambda: denoiser_work(profile, denoiser, workload, dtype, batch, k))
-        calls = 2 if behaviour["cfg"] == "sequential" else 1
+        calls = 2 if behaviour["cfg"] == "separate" else 1
         shape = activation_shape(profile, denoiser, workload, dtype, batch, calls)
         held = sum(lever.held_bytes(config, shape) for lever in LEVERS)  # what a step cache keeps between steps
         denoise = replace(call.times(calls), activation_bytes=call.activation_bytes + held)

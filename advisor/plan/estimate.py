@@ -23,16 +23,12 @@ from typing import Any
 
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
-from advisor.plan.compute import Work, constants, largest_layer_parameters, phase_work
+from advisor.levers import offload
+from advisor.plan.compute import Work, constants, phase_work
 from advisor.plan.compute import trace_of as _traced
 from advisor.plan.latency import latency
 from advisor.plan.scenario import Scenario, limited_peak
-from advisor.plan.weights import (
-    bnb_quantized,
-    group_offloaded,
-    resident_bytes,
-    weight_bytes,
-)
+from advisor.plan.weights import bnb_quantized, weight_bytes
 from advisor.probe.models import ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
@@ -124,7 +120,7 @@ def _device_activation(
         # bitsandbytes (compiled or not) and eager torchao kernels expand a layer's weight to the
         # compute dtype before the matmul, one layer at a time; compiled torchao fuses it.
         denoisers = [d for d in profile.by_role("denoiser") if d.name in quantization.components]
-        allocated += max((largest_layer_parameters(d) * dtype_size(config.dtype) for d in denoisers), default=0)
+        allocated += max((d.largest_layer_parameters * dtype_size(config.dtype) for d in denoisers), default=0)
     # A formula without a trace knows no largest tensor: a tenth of the peak stands in for it.
     largest = work.largest_bytes if work.traced else work.activation_bytes / 10
     if phase == "vae_decode":
@@ -151,7 +147,7 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
     keep resident with the peak of every phase within the scenario's budget; 1 when not even one
     does (the candidate then fails the budget like any other). Kept blocks stay resident in every
     phase, so one estimate's phases give each count's peak: the phase's bytes with this
-    component's weights replaced by what that count keeps (`resident_bytes`)."""
+    component's weights replaced by what that count keeps (`advisor.levers.offload.resident_bytes`)."""
     key = ("fit", config.key, name)
     if key in scenario.memo:
         return scenario.memo[key]
@@ -164,7 +160,7 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
         return max(
             p.reserved_bytes
             - p.weights_bytes.get(name, 0)
-            + resident_bytes(component, weights, config, ROLE_OF_PHASE[p.name] == component.role, count)
+            + offload.resident_bytes(component, weights, config, ROLE_OF_PHASE[p.name] == component.role, count)
             for p in phases
         )
 
@@ -206,23 +202,21 @@ def estimate(
     on_cpu = target.device == "cpu" or config.device == "cpu"
 
     works = phase_work(profile, workload, config, memo)
-    active_bytes = {c.name: resident_bytes(c, weights[c.name], config, True) for c in profile.components}
-    idle_bytes = {c.name: resident_bytes(c, weights[c.name], config, False) for c in profile.components}
+    active_bytes = {c.name: offload.resident_bytes(c, weights[c.name], config, True) for c in profile.components}
+    idle_bytes = {c.name: offload.resident_bytes(c, weights[c.name], config, False) for c in profile.components}
     phases = []
     for phase in PHASES:
         role = ROLE_OF_PHASE[phase]
         active = [c for c in profile.components if c.role == role]
-        if phase == "denoising" and config.offload.strategy == "model" and len(active) > 1:
+        if phase == "denoising" and offload.only_one_denoiser_resident(config) and len(active) > 1:
             active = [max(active, key=lambda c: weights[c.name])]  # Wan2.2's experts take turns
         resident = {
             c.name: (active_bytes if c in active else idle_bytes)[c.name]
             for c in profile.components
-            if c.role != "other" or config.offload.strategy == "none"
+            if c.role != "other" or offload.unused_components_resident(config)
         }
-        if phase == "text_encoding" and config.offload.strategy == "model":
-            # bitsandbytes loads its components straight onto the GPU, and model offload moves a
-            # module only when the next one's hook fires: until the denoiser's first call, every
-            # bitsandbytes-quantized component is resident (diffusers 0.42 enable_model_cpu_offload).
+        if phase == "text_encoding" and offload.loaded_on_device_until_first_denoise(config):
+            # bitsandbytes loads its components straight onto the GPU
             resident |= {c.name: weights[c.name] for c in profile.components if c.name in bnb_quantized(config)}
         activation, reserve = _device_activation(profile, config, phase, works[phase], on_cpu)
         phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, activation, reserve))
@@ -293,23 +287,7 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
         ram["activations"] = peak.activation_bytes
     else:
         ram["cuda_runtime"] = k["host_cuda_context_bytes"]
-        offload = config.offload
-        if offload.strategy in {"model", "sequential"}:
-            kept = sum(weights.values())
-        elif offload.strategy == "group":  # partial offload keeps some of it on the device, not in RAM
-            offloaded = sum(
-                weights[c.name] - resident_bytes(c, weights[c.name], config, active=False)
-                for c in profile.components
-                if group_offloaded(c, config)
-            )
-            if offload.offload_to_disk_path:
-                disk, kept = offloaded, 0
-            elif offload.use_stream and not offload.low_cpu_mem_usage:
-                kept = int(offloaded * k["pinned_copy_factor"])
-            else:
-                kept = offloaded
-        else:
-            kept = 0
+        kept, disk = offload.host_bytes(profile.components, config, weights, k)
         running = kept
         ram["weights"] = kept
     if loading > running:

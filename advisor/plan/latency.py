@@ -4,8 +4,8 @@ offloading adds, overlapped where a stream hides them.
     latency = text encoding + steps x max/sum(step compute, step transfers) + VAE decode
               + model-offload transfers
 
-The levers' terms (a step cache's share of the work, an attention kernel's speed-up) come from each
-lever (`advisor.levers`), per device.
+The levers' terms (a step cache's share of the work, an attention kernel's speed-up, offloading's
+transfers and how a stream overlaps them) come from each lever (`advisor.levers`), per device.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from __future__ import annotations
 import math
 
 from advisor.config import OptimizationConfig
-from advisor.levers import LEVERS, StepContext
+from advisor.levers import LEVERS, StepContext, offload
 from advisor.plan.compute import Work, constants, text_work
-from advisor.plan.weights import block_split, bytes_per_parameter, group_offloaded
-from advisor.probe.models import ComponentProfile
 from advisor.probe.target import TargetHardware
 from advisor.probe.workload import pipeline_behaviour
 from advisor.units import parse_capability
@@ -65,50 +63,21 @@ def _seconds(
     return (tensor + memory) / whole
 
 
-def _streaming_seconds(
-    component: ComponentProfile,
-    config: OptimizationConfig,
-    target: TargetHardware,
-    weight: int,
-    calls: int,
-    on_cpu: bool,
-) -> float:
-    """Seconds `calls` runs of a group- or sequentially-offloaded `component` spend moving its weights
-    in (and in the hooks that move them); 0 where it stays put."""
-    k = constants()
-    offload = config.offload
-    if on_cpu or not (offload.strategy == "sequential" or group_offloaded(component, config)):
+def _streaming_seconds(component, config, target, weight, calls, on_cpu) -> float:
+    """Seconds `calls` runs of `component` spend moving its weights in (`advisor.levers.offload`)."""
+    if on_cpu:
         return 0.0
-    bandwidth = target.h2d_bytes_per_s * k["group_offload_bandwidth_factor"]
-    if offload.strategy == "sequential":
-        bandwidth = target.h2d_bytes_per_s * k["unpinned_bandwidth_factor"]
-    if offload.low_cpu_mem_usage:
-        bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"][offload.offload_type]
-    moved = weight * calls
-    layers = sum(b.count for b in component.blocks) or 1
-    if offload.strategy == "group" and component.name in (
-        offload.resident_blocks or {}
-    ):  # partial offload: the kept blocks stay
-        kept, streamed = block_split(component, config)
-        moved = (component.parameters - kept) * bytes_per_parameter(component, weight) * calls
-        layers = len(streamed)
-    seconds = moved / bandwidth + (moved / k["disk_bytes_per_s"] if offload.offload_to_disk_path else 0.0)
-    level = "sequential" if offload.strategy == "sequential" else offload.offload_type
-    units = layers * 8 if level != "block_level" else layers / offload.num_blocks_per_group
-    return seconds + units * calls * k["offload_hook_overhead_s"][level]
+    return offload.streaming_seconds(component, config, weight, calls, target.h2d_bytes_per_s, constants())
 
 
 def _overlapped(compute: float, transfer: float, config: OptimizationConfig) -> float:
-    """Compute and transfers together: group offload's stream hides most, not all, of the shorter one."""
-    if config.offload.strategy == "group" and config.offload.use_stream:
-        return max(compute, transfer) + (1 - constants()["stream_overlap"]) * min(compute, transfer)
-    return compute + transfer
+    return offload.overlapped(compute, transfer, config, constants())
 
 
 def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> tuple[float, float, dict[str, float]]:
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
     generation = target.generation
-    calls_per_step = 2 if behaviour["cfg"] == "sequential" else 1
+    calls_per_step = 2 if behaviour["cfg"] == "separate" else 1
     step_compute = step_transfer = 0.0
     for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
         here = StepContext(
@@ -136,9 +105,8 @@ def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> 
         _streaming_seconds(vae, config, target, weights[vae.name], 1, on_cpu) if vae else 0.0,
         config,
     )
-    swaps = 0.0
-    if config.offload.strategy == "model" and not on_cpu:
-        swaps = sum(weights[c.name] for c in profile.components if c.role != "other") / target.h2d_bytes_per_s
+    moved = [weights[c.name] for c in profile.components if c.role != "other"]
+    swaps = 0.0 if on_cpu else offload.swap_seconds(config, moved, target.h2d_bytes_per_s)
     breakdown = {
         "text_encoding_s": text,
         "denoising_s": step * workload.steps,

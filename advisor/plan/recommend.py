@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from advisor.config import Offload, OptimizationConfig
-from advisor.levers import LEVERS
+from advisor.levers import LEVERS, offload
+from advisor.levers.offload import OFFLOAD
 from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
 from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy, quality_cost
 from advisor.plan.rules import TIE, rules_of
@@ -297,14 +298,14 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
             f"{format_size(sum(plain.weight_bytes.values()))}; expected quality cost: {cost} ({source}); "
             "the VAE is never quantized"
         )
-    if config.offload.strategy != "none":
-        no_offload = estimate_for(scenario, config.replace(offload=Offload()))
+    if OFFLOAD.is_on(config):
+        no_offload = estimate_for(scenario, OFFLOAD.off(config))
         reasons.append(
             f"{config.offload.label()}: without it the peak would be {format_size(no_offload.peak_vram_bytes)}"
         )
     if config.offload.resident_blocks:
         reasons.append(_partial_against_whole(best, scenario))
-    elif target.device == "cuda" and config.offload.strategy == "none":
+    elif target.device == "cuda" and not OFFLOAD.is_on(config):
         reasons.append("no offloading: everything stays on the GPU, so no time goes to transfers")
     if config.compile:
         classes = ", ".join(c.class_name for c in scenario.profile.by_role("denoiser"))
@@ -320,8 +321,9 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
         )
         reasons += [said] if said else []
     reasons += [f"{r.reason} ({r.source})" for r in rules_of("adjust") if r.name in best.adjusted_by]
-    if config.offload.strategy in {"model", "group"}:
-        reasons += _offload_guidance(best, feasible, scenario)
+    rival = offload.guidance_rival(config)
+    if rival is not None:
+        reasons += _offload_guidance(best, feasible, scenario, rival)
     reasons += fp16_warnings(config, {c.name: c.class_name for c in scenario.profile.components})
     return reasons
 
@@ -345,11 +347,8 @@ def _partial_against_whole(best: Scored, scenario: Scenario) -> str:
             f"within {TIE:.0%} as fast with a smaller peak"
         )
     rivals = []
-    for label, offload in (
-        ("every block group-offloaded on a stream", Offload(strategy="group", use_stream=True, record_stream=True)),
-        ("model offload", Offload(strategy="model")),
-    ):
-        rival = estimate_for(scenario, best.config.replace(offload=offload))
+    for label, whole in offload.WHOLE_RIVALS:
+        rival = estimate_for(scenario, best.config.replace(offload=whole))
         peak = rival.limited_peak(scenario.target.device)
         fits = "fits" if peak <= scenario.budget_bytes else "over the budget"
         rivals.append(f"{label} {rival.latency_s:.1f}s (peak {format_size(peak)}, {fits})")
@@ -359,11 +358,11 @@ def _partial_against_whole(best: Scored, scenario: Scenario) -> str:
     )
 
 
-def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[str]:
-    """The guidance on which offloading suits this workload: followed, or overruled by a clear win."""
+def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario, other: Offload) -> list[str]:
+    """The guidance on which offloading suits this workload, against the `other` strategy it weighs
+    the pick's against: followed, or overruled by a clear win."""
     strategy = best.config.offload.strategy
-    other = "group" if strategy == "model" else "model"
-    rival = best.config.replace(offload=Offload(strategy=other))
+    rival = best.config.replace(offload=other)
     lines = []
     for prefer in rules_of("prefer"):
         mine, theirs = prefer.evaluate(best.config, scenario), prefer.evaluate(rival, scenario)
@@ -375,18 +374,18 @@ def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario) 
             others = [
                 s
                 for s in feasible
-                if s.config.offload.strategy == other and is_lossy(s.config) == is_lossy(best.config)
+                if s.config.offload.strategy == other.strategy and is_lossy(s.config) == is_lossy(best.config)
             ]
             if not others:
                 lines.append(
-                    f"no {kind} {other}-offload candidate fits the budget, so the guidance's preference can't apply: "
+                    f"no {kind} {other.strategy}-offload candidate fits the budget, so the guidance's preference can't apply: "
                     f"{prefer.reason} ({prefer.source})"
                 )
                 continue
             runner = min(others, key=lambda s: s.score_s)
             gain = 1 - best.score_s / runner.score_s
             lines.append(
-                f"{strategy} offloading is predicted {gain:.0%} faster than the best {kind} {other}-offload candidate "
+                f"{strategy} offloading is predicted {gain:.0%} faster than the best {kind} {other.strategy}-offload candidate "
                 f"({runner.score_s:.1f}s), more than the {TIE:.0%} within which the guidance decides: {prefer.reason} "
                 f"({prefer.source})"
             )

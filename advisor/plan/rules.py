@@ -9,7 +9,9 @@ and its source:
 - **adjust** rules complete a candidate the way the guidance says (dynamo flags for compile with
   bitsandbytes or offloading, VAE tiling when the decode dominates, ...); they return a new config;
 - **prefer** rules break near-ties the way the guidance says (images: model offload over group
-  offload; video: the reverse); they return a rank, 0 first.
+  offload; video: the reverse: `advisor.levers.offload`); they return a rank, 0 first.
+
+A rule about one lever lives in the lever's module (`advisor.levers`); `every_rule` gathers them.
 
 The engine that uses them is `advisor.plan.recommend`; docs/rules.md lists them all
 (``python scripts/build_rules_doc.py``).
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from advisor.config import OptimizationConfig
 from advisor.constraints import DOCS, fullgraph_breaks_on_offload_hooks, named
 from advisor.levers import LEVERS
+from advisor.levers.offload import OFFLOAD
 from advisor.plan.estimate import estimate_for
 from advisor.plan.quality import is_lossy
 
@@ -61,7 +64,8 @@ def rule(name: str, kind: RuleKind, reason: str, source: str) -> Callable:
 
 def every_rule() -> list[Rule]:
     """Every rule: those written here, then the levers' filters (what the planner never combines with
-    a lever) and adjusts (how it completes a candidate with one; `advisor.levers`), in the levers' order."""
+    a lever), adjusts (how it completes a candidate with one) and prefers (how it breaks a near-tie
+    between them; `advisor.levers`), in the levers' order."""
     return [
         *RULES,
         *(Rule(f.name, "filter", f.reason, f.source, f.check) for lever in LEVERS for f in lever.filters),
@@ -70,6 +74,7 @@ def every_rule() -> list[Rule]:
             for lever in LEVERS
             for a in lever.adjusts
         ),
+        *(Rule(p.name, "prefer", p.reason, p.source, p.rank) for lever in LEVERS for p in lever.prefers),
     ]
 
 
@@ -119,19 +124,6 @@ def exact_quality_is_lossless(config: OptimizationConfig, scenario: Scenario) ->
     return None
 
 
-@rule(
-    "offload-needs-an-accelerator",
-    "filter",
-    "model, group and sequential offloading move weights between CPU and an accelerator; on a CPU-only "
-    "machine everything already lives in RAM",
-    f"{DOCS}/memory",
-)
-def offload_needs_an_accelerator(config: OptimizationConfig, scenario: Scenario) -> str | None:
-    if scenario.target.device != "cuda" and config.offload.strategy != "none":
-        return "offloading needs an accelerator"
-    return None
-
-
 # --- adjust rules -------------------------------------------------------------------------------
 
 
@@ -162,7 +154,7 @@ def _with_compile(config: OptimizationConfig, **changes: Any) -> OptimizationCon
     SEED_PAGE,
 )
 def dynamo_cache_limit_with_offload(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
-    if config.compile and config.offload.strategy != "none":
+    if config.compile and OFFLOAD.is_on(config):
         return _with_compile(config, dynamo_config={**config.compile.dynamo_config, "cache_size_limit": 1000})
     return config
 
@@ -177,34 +169,3 @@ def no_fullgraph_with_offload_hooks(config: OptimizationConfig, scenario: Scenar
     if fullgraph_breaks_on_offload_hooks(config, scenario.platform):
         return _with_compile(config, fullgraph=False)
     return config
-
-
-# --- prefer rules -------------------------------------------------------------------------------
-# Among candidates within TIE of the fastest, the engine takes the one the prefer rules rank first
-# (0 best). Like is compared with like: every offload strategy has a place in the order, so a
-# tie-break can never lift sequential offload above group offload.
-
-IMAGE_OFFLOAD_ORDER = ("none", "model", "group", "sequential")
-VIDEO_OFFLOAD_ORDER = ("none", "group", "model", "sequential")
-
-
-@rule(
-    "images-prefer-model-offload",
-    "prefer",
-    "for images, quantization + model CPU offload is usually the best trade-off: group offloading can't "
-    "fully overlap transfers when each step's compute finishes quickly",
-    SEED_PAGE,
-)
-def images_prefer_model_offload(config: OptimizationConfig, scenario: Scenario) -> int:
-    return IMAGE_OFFLOAD_ORDER.index(config.offload.strategy) if scenario.workload.kind == "image" else 0
-
-
-@rule(
-    "video-prefers-group-offload",
-    "prefer",
-    "for video, quantization + group offloading tends to be better: video models are compute-bound, so "
-    "transfers hide behind compute, and the activations get the memory model offload would keep for weights",
-    SEED_PAGE,
-)
-def video_prefers_group_offload(config: OptimizationConfig, scenario: Scenario) -> int:
-    return VIDEO_OFFLOAD_ORDER.index(config.offload.strategy) if scenario.workload.kind == "video" else 0

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.constraints import first_violation
 from advisor.levers import searched_levers
+from advisor.levers.offload import OFFLOAD, PARTIAL_STEP, fitted_choice, partial_offset
 from advisor.plan.estimate import resident_blocks_that_fit
 from advisor.plan.rules import rules_of
 from advisor.probe.layout import has_repeated_blocks
@@ -58,46 +59,6 @@ def quantization_choices(profile: ModelProfile) -> list[StorageChoice]:
     return choices
 
 
-# Partial offload (``offload.resident_blocks``): the most resident blocks that the estimate fits to
-# the budget (`advisor.plan.estimate.resident_blocks_that_fit`), and a step of a tenth of the blocks
-# either side of it, which tune measures too: the estimate's error decides which is truly fastest.
-PARTIAL_OFFSETS = {"partial": 0, "partial-fewer": -1, "partial-more": 1}
-PARTIAL_STEP = 0.10
-
-
-def partial_choices(profile: ModelProfile) -> dict[str, Offload]:
-    """Partial offload of the denoiser, where there is one denoiser with repeated blocks of one size
-    per list, as transformers have (Wan2.2's two experts would each keep their blocks resident, and
-    the sizes of a UNet's down and up blocks aren't recorded: neither is offered). The count 1
-    stands in until `SearchSpace.candidate` fits it to the scenario."""
-    denoisers = profile.by_role("denoiser")
-    if (
-        len(denoisers) != 1
-        or sum(b.count for b in denoisers[0].blocks) < 2
-        or not all(b.uniform for b in denoisers[0].blocks)
-    ):
-        return {}
-    return {
-        name: Offload(strategy="group", use_stream=True, record_stream=True, resident_blocks={denoisers[0].name: 1})
-        for name in PARTIAL_OFFSETS
-    }
-
-
-def offload_choices(device: str) -> list[Offload]:
-    if device != "cuda":
-        return [Offload()]
-    return [
-        Offload(),
-        Offload(strategy="model"),
-        Offload(strategy="group", use_stream=True, record_stream=True),
-        Offload(strategy="group", offload_type="leaf_level", use_stream=True, record_stream=True),
-        Offload(strategy="group", num_blocks_per_group=2),
-        Offload(strategy="group", use_stream=True, low_cpu_mem_usage=True),
-        Offload(strategy="group", offload_to_disk_path="advisor-offload"),
-        Offload(strategy="sequential"),
-    ]
-
-
 def preferred_dtype(device: str, supports_bf16: bool) -> str:
     """bf16 where the hardware computes it natively; else fp16 on older GPUs and fp32 on CPUs."""
     if supports_bf16:
@@ -111,18 +72,6 @@ def storage_name(quantization: Quantization | None, casting: LayerwiseCasting | 
     if casting:
         return f"fp8-storage[{'+'.join(casting.components)}]"
     return "none"
-
-
-def offload_name(offload: Offload) -> str:
-    if offload.strategy != "group":
-        return offload.strategy
-    parts = ["group", "leaf" if offload.offload_type == "leaf_level" else f"block{offload.num_blocks_per_group}"]
-    flags = (
-        ("stream", offload.use_stream),
-        ("lowram", offload.low_cpu_mem_usage),
-        ("disk", bool(offload.offload_to_disk_path)),
-    )
-    return "-".join(parts + [name for name, on in flags if on])
 
 
 def rejection(config: OptimizationConfig, scenario: Scenario) -> str | None:
@@ -180,9 +129,7 @@ class SearchSpace:
         compile_choices: tuple[bool, ...] = (True, False),
     ) -> SearchSpace:
         quantization = {storage_name(q, c): (q, c) for q, c in quantization_choices(profile)}
-        offload = {offload_name(o): o for o in offload_choices(device)}
-        if device == "cuda":
-            offload |= partial_choices(profile)
+        offload = OFFLOAD.choices_for(profile, device)
         return cls(
             profile, device, preferred_dtype(device, supports_bf16), quantization, offload, list(compile_choices)
         )
@@ -257,8 +204,9 @@ class SearchSpace:
         if early is not None and early not in REPAIRED_BY_ADJUST:
             return Candidate(params, raw, [], early)
         config, fired = finish(raw, scenario)
-        if params["offload"] in PARTIAL_OFFSETS:
-            config = self._fitted(config, scenario, PARTIAL_OFFSETS[params["offload"]])
+        offset = partial_offset(params["offload"])
+        if offset is not None:
+            config = self._fitted(config, scenario, offset)
         return Candidate(params, config, fired, rejection(config, scenario))
 
     def _fitted(self, config: OptimizationConfig, scenario: Scenario, offset: int) -> OptimizationConfig:
@@ -282,8 +230,8 @@ class SearchSpace:
             None,
         )
         offload = next((n for n, o in self.offload.items() if o == config.offload), None)
-        if offload is None and config.offload.resident_blocks:  # the count is fitted when the point is finished
-            offload = "partial"
+        if offload is None:  # a partial offload's count is fitted when the point is finished
+            offload = fitted_choice(config)
         compiled = config.compile is not None
         optional = {
             lever.name: next((c for c, value in self.levers[lever.name].items() if value == lever.value(config)), None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -76,6 +77,14 @@ class ComponentProfile:
     @property
     def block_parameters(self) -> int:
         return sum(group.total for group in self.blocks)
+
+    @property
+    def largest_layer_parameters(self) -> int:
+        """Parameters of the largest single layer, as an eighth of the largest block (a transformer
+        block holds ~6-10 large linear layers): what leaf-level offload moves and a dequantising
+        matmul expands."""
+        largest_block = max((b.parameters_per_block for b in self.blocks), default=self.parameters)
+        return max(math.ceil(largest_block / 8), 1)
 
 
 @dataclass

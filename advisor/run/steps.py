@@ -13,7 +13,8 @@ Order of the steps (and why), `ORDER` for those written here, each lever's ``ord
    ``cache_size_limit`` with offloading: the seed page sets them first);
 2. layerwise casting (fp8 storage), then ``channels_last`` (`advisor.levers.memory_format`): both
    rewrite the weights in place, before offloading hooks capture them;
-3. device placement: ``pipe.to(device)``, model / sequential CPU offload or group offload;
+3. device placement (`advisor.levers.offload`): ``pipe.to(device)``, model / sequential CPU
+   offload or group offload;
 4. VAE tiling / slicing (`advisor.levers.vae`; after group offload: diffusers warns about tiling
    set before streams);
 5. the attention backend, then step caching (`advisor.levers`; a cache's hooks wrap the blocks'
@@ -30,13 +31,10 @@ from typing import TYPE_CHECKING, Any
 from advisor.errors import ConfigWarning
 from advisor.levers import LEVERS
 from advisor.levers.code import (
-    Expr,
     Step,
-    call_source,
     dtype_expr,
     function_step,
     method_step,
-    source,
 )
 from advisor.probe.weights import (
     DEFAULT_CASTING_SKIP_PATTERNS,
@@ -50,7 +48,7 @@ if TYPE_CHECKING:
 
 
 # Where the steps written here run among the levers' (`Lever.order`).
-ORDER = {"dynamo": 0, "layerwise_casting": 10, "placement": 30, "compile": 90}
+ORDER = {"dynamo": 0, "layerwise_casting": 10, "compile": 90}
 
 
 def _dynamo_step(option: str, value: int | bool) -> Step:
@@ -98,115 +96,6 @@ def encoder_casting_skips(keep_in_fp32: tuple[str, ...]) -> tuple[str, ...]:
 def casting_skips(cls: type | None) -> tuple[str, ...]:
     """`encoder_casting_skips` of a text encoder class (its ``_keep_in_fp32_modules``)."""
     return encoder_casting_skips(tuple(getattr(cls, "_keep_in_fp32_modules", None) or ()) if cls is not None else ())
-
-
-def _placement_steps(config: OptimizationConfig, components: Components) -> list[Step]:
-    device = config.device
-    offload = config.offload
-    if offload.strategy == "none":
-        return [method_step("offload", f"move the pipeline to {device}", None, "to", (device,))]
-    if offload.strategy in ("model", "sequential"):
-        method = "enable_model_cpu_offload" if offload.strategy == "model" else "enable_sequential_cpu_offload"
-        kwargs = {} if device == "cuda" else {"device": device}
-        what = "whole models" if offload.strategy == "model" else "every layer"
-        return [
-            method_step(
-                "offload",
-                f"{offload.strategy} CPU offload: {what} move to {device} when used",
-                None,
-                method,
-                (),
-                kwargs,
-            )
-        ]
-
-    kwargs: dict[str, Any] = {"onload_device": device, "offload_device": "cpu", "offload_type": offload.offload_type}
-    if offload.offload_type == "block_level":
-        kwargs["num_blocks_per_group"] = offload.num_blocks_per_group
-    for flag in ("use_stream", "record_stream", "non_blocking", "low_cpu_mem_usage"):
-        if getattr(offload, flag):
-            kwargs[flag] = True
-    if offload.offload_to_disk_path:
-        kwargs["offload_to_disk_path"] = offload.offload_to_disk_path
-    partial = offload.resident_blocks or {}
-    what = offload.replace(resident_blocks=None).label()  # of the components offloaded whole
-    if offload.components is None:
-        whole = {**kwargs, "exclude_modules": list(partial)} if partial else kwargs
-        others = " but " + ", ".join(partial) if partial else ""
-        steps = [method_step("offload", f"{what} of every model{others}", None, "enable_group_offload", (), whole)]
-        return steps + [_partial_offload_step(name, count, device, kwargs) for name, count in partial.items()]
-
-    steps = []
-    for name in offload.components:
-        description = f"{what} of {name}"
-        if name in partial:
-            steps.append(_partial_offload_step(name, partial[name], device, kwargs))
-        elif components.is_diffusers_model(name):
-            steps.append(method_step("offload", description, name, "enable_group_offload", (), kwargs))
-        else:
-            steps.append(
-                function_step("offload", description, "diffusers.hooks", "apply_group_offloading", name, kwargs)
-            )
-    if components.known:
-        for name in sorted(
-            components.modules()
-        ):  # by name: a loaded pipe and its model_index.json list them in other orders
-            if name not in offload.components:
-                steps.append(method_step("offload", f"keep {name} on {device}", name, "to", (device,)))
-    else:
-        keep = list(offload.components)
-
-        def run(pipe: Any) -> None:
-            import torch
-
-            for name, component in pipe.components.items():
-                if name not in keep and isinstance(component, torch.nn.Module):
-                    component.to(device)
-
-        code = (
-            "for name, component in pipe.components.items():\n"
-            f"    if name not in {source(keep)} and isinstance(component, torch.nn.Module):\n"
-            f"        component.to({source(device)})"
-        )
-        steps.append(Step("offload", f"keep the other models on {device}", code, run))
-    return steps
-
-
-def _partial_offload_step(name: str, count: int, device: str, kwargs: dict[str, Any]) -> Step:
-    """Partial offload of one component: its `count` largest repeated blocks (those of its top-level
-    ModuleLists, as diffusers' block-level offloading finds them; ties in model order) go to
-    `device`, and diffusers' ``apply_group_offloading`` offloads the rest of the component while its
-    block lists hold only the other blocks (the lists are whole again right after: the hooks sit on
-    the blocks). Streams work as for plain group offload: diffusers orders the prefetches at the
-    first call, over the blocks it offloads. The step runs the very code it shows (`exec`), so a
-    script and `advisor.apply_config` cannot differ."""
-    component = f"pipe.{name}"
-    code = "\n".join(
-        [
-            f"lists = {{key: child for key, child in {component}.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))}}",
-            "blocks = [block for child in lists.values() for block in child]",
-            f"resident = set(sorted(blocks, key=lambda block: -sum(p.numel() for p in block.parameters()))[:{count}])",
-            "for key, child in lists.items():  # the offloading sees only the other blocks...",
-            f"    setattr({component}, key, torch.nn.ModuleList([block for block in child if block not in resident]))",
-            call_source("apply_group_offloading", [Expr(component, None)], kwargs),
-            "for key, child in lists.items():  # ...then every block is back in its place",
-            f"    setattr({component}, key, child)",
-            "for block in resident:",
-            f"    block.to({source(device)})",
-        ]
-    )
-    imports = ("import torch", "from diffusers.hooks import apply_group_offloading")
-
-    def run(pipe: Any) -> None:
-        import torch
-        from diffusers.hooks import apply_group_offloading
-
-        exec(code, {"pipe": pipe, "torch": torch, "apply_group_offloading": apply_group_offloading})
-
-    description = (
-        f"partial offload of {name}: its {count} largest blocks stay on {device}, diffusers group-offloads the rest"
-    )
-    return Step("offload", description, code, run, imports)
 
 
 def _compile_steps(config: OptimizationConfig, components: Components) -> list[Step]:
@@ -265,7 +154,6 @@ def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
     producers = [
         (ORDER["dynamo"], _dynamo_steps),
         (ORDER["layerwise_casting"], _layerwise_casting_steps),
-        (ORDER["placement"], _placement_steps),
         (ORDER["compile"], _compile_steps),
         *((lever.order, lever.steps) for lever in LEVERS),
     ]

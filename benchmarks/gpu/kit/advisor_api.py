@@ -318,8 +318,9 @@ def default_budget(target: Any) -> int:
 def estimate_record(profile: Any, workload: Any, config: Any, target: Any) -> dict[str, Any]:
     """The estimate for `config` as plain data; ``peak_bytes`` is the peak that a budget limits,
     ``phase_device_bytes`` the device bytes of each phase (text_encoding, denoising, vae_decode)."""
+    from advisor.levers.offload import block_split
     from advisor.plan.estimate import estimate
-    from advisor.plan.weights import block_split, weight_bytes
+    from advisor.plan.weights import weight_bytes
 
     est = estimate(profile, workload, config, target)
     transformer = next(c for c in profile.components if c.name == "transformer")
