@@ -260,31 +260,6 @@ def compiled_torchao_needs_leaf_or_stream_offload(config: OptimizationConfig, pl
     return None
 
 
-@constraint(
-    "fullgraph-breaks-on-offload-hooks",
-    "compile.fullgraph",
-    "group offloading and layerwise casting run diffusers hooks around every layer, which break a full "
-    "graph: such components compile with fullgraph=False (as the seed page's offloading example does)",
-    f"{DOCS}/speed-memory-optims",
-)
-def fullgraph_breaks_on_offload_hooks(config: OptimizationConfig, platform: Platform) -> str | None:
-    compile_ = config.compile
-    if compile_ is None or not compile_.fullgraph:
-        return None
-    for name in compile_.components:
-        if group_offloaded(config, name):
-            why = "is group-offloaded"
-        elif config.layerwise_casting and name in config.layerwise_casting.components:
-            why = "is layerwise-cast"
-        else:
-            continue
-        return (
-            f"`compile.fullgraph: true` fails on `{name}`, which {why}: diffusers' hooks run outside "
-            "torch.compile and break the graph; set `compile.fullgraph: false`"
-        )
-    return None
-
-
 # --- what the probe reports ---------------------------------------------------------------------------
 
 # One representative config per quantization backend the probe's table lists: the backend is

@@ -26,7 +26,7 @@ from advisor.config import (
     Quantization,
     Vae,
 )
-from advisor.errors import ConfigError, UsageError
+from advisor.errors import ConfigError, ConfigWarning, UsageError
 from advisor.run import apply, checks, emit, quantize
 from advisor.run import steps as run_steps
 
@@ -268,7 +268,7 @@ def test_vae_without_tiling_is_skipped_with_a_warning():
     class FakePipeline:
         components = {"transformer": torch.nn.Linear(2, 2), "vae": torch.nn.Conv2d(1, 1, 1)}
 
-    with pytest.warns(run_steps.ConfigWarning, match=r"`vae.tiling: true` but Conv2d has no enable_tiling\(\)"):
+    with pytest.warns(ConfigWarning, match=r"`vae.tiling: true` but Conv2d has no enable_tiling\(\)"):
         steps = run_steps.plan(cpu(vae=Vae(tiling=True)), FakePipeline())
     assert not [s for s in steps if s.key == "vae"]
 
@@ -376,7 +376,7 @@ def test_torchao_with_compile_and_group_offload(tiny_flux_dir, monkeypatch):
 
 def test_regional_compile_of_a_model_without_repeated_blocks_warns_and_compiles_it_whole(tiny_flux_dir):
     config = cpu(compile=Compile(components=["text_encoder"], backend="eager"))
-    with pytest.warns(run_steps.ConfigWarning, match="text_encoder \\(CLIPTextModel\\) has no `_repeated_blocks`"):
+    with pytest.warns(ConfigWarning, match="text_encoder \\(CLIPTextModel\\) has no `_repeated_blocks`"):
         steps = run_steps.plan(config, model=tiny_flux_dir)
     assert steps[-1].code == 'pipe.text_encoder.compile(fullgraph=True, backend="eager")'
 
@@ -675,7 +675,7 @@ def test_other_missing_or_non_model_components(tiny_flux_dir, fields, key):
 def test_config_made_for_another_pipeline_warns(tiny_flux_dir):
     config = cpu(provenance=Provenance(pipeline_class="WanPipeline"))
     with pytest.warns(
-        run_steps.ConfigWarning, match="`provenance.pipeline_class` is WanPipeline but the pipeline is a FluxPipeline"
+        ConfigWarning, match="`provenance.pipeline_class` is WanPipeline but the pipeline is a FluxPipeline"
     ):
         pipe = load(tiny_flux_dir, config)
     assert np.isfinite(run(pipe, "image")).all()
@@ -685,13 +685,13 @@ def test_quantization_missing_from_an_already_loaded_pipeline_warns(tiny_flux_di
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(tiny_flux_dir)
-    with pytest.warns(run_steps.ConfigWarning, match=r"\['transformer'\] are not quantized"):
+    with pytest.warns(ConfigWarning, match=r"\['transformer'\] are not quantized"):
         apply.apply_config(pipe, cpu(quantization=Quantization(backend="torchao", components=["transformer"])))
 
 
 def test_gpu_provenance_warnings():
     config = OptimizationConfig(provenance=Provenance(gpu_name="NVIDIA H100 80GB HBM3", budget_bytes=80 * 2**30))
-    with pytest.warns(run_steps.ConfigWarning) as caught:
+    with pytest.warns(ConfigWarning) as caught:
         checks.gpu_warnings(config, "NVIDIA GeForce RTX 4090", 24 * 2**30)
     messages = [str(w.message) for w in caught]
     assert any("`provenance.budget_bytes`" in m and "RTX 4090" in m for m in messages)
@@ -703,7 +703,7 @@ def test_gpu_provenance_warnings():
         planned = OptimizationConfig(provenance=Provenance(gpu_name="RTX 4090", budget_bytes=20 * 2**30))
         checks.gpu_warnings(planned, "NVIDIA GeForce RTX 4090", 23.99 * 2**30)
     # The 8 GB RTX 4060 Ti is not the 16 GB card a config was planned for.
-    with pytest.warns(run_steps.ConfigWarning, match=r"`provenance.gpu_name` is 'RTX 4060 Ti'"):
+    with pytest.warns(ConfigWarning, match=r"`provenance.gpu_name` is 'RTX 4060 Ti'"):
         checks.gpu_warnings(
             OptimizationConfig(provenance=Provenance(gpu_name="RTX 4060 Ti")), "NVIDIA GeForce RTX 4060 Ti", 8 * 2**30
         )

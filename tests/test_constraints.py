@@ -13,7 +13,6 @@ from advisor.constraints import (
     device_is_available,
     every_constraint,
     fp8_compute_needs_sm89,
-    fullgraph_breaks_on_offload_hooks,
     installed_diffusers_supports_it,
     int4_weight_only_needs_cuda,
     quantization_backend_installed,
@@ -21,6 +20,7 @@ from advisor.constraints import (
 )
 from advisor.errors import ConfigError
 from advisor.levers.offload import cpu_offload_needs_cuda, streams_need_cuda
+from advisor.levers.torch_compile import fullgraph_breaks_on_offload_hooks
 
 
 NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])

@@ -205,7 +205,7 @@ def _resolved(model: str) -> Components:
     return Components(layout, {name: _resolve_class(e.library, e.class_name) for name, e in layout.entries.items()})
 
 
-@pytest.mark.filterwarnings("ignore::advisor.run.steps.ConfigWarning")  # SD3, CogVideoX: regional compile falls back
+@pytest.mark.filterwarnings("ignore::advisor.errors.ConfigWarning")  # SD3, CogVideoX: regional compile falls back
 @pytest.mark.parametrize("model", catalog_names())
 def test_the_table_answers_like_the_classes_for_every_catalog_model(model):
     static = Components.of_model(model)

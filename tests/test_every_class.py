@@ -452,7 +452,7 @@ def test_the_engine_compiles_whole_models_whose_class_lists_no_repeated_blocks(m
 def test_a_hand_written_regional_compile_falls_back_to_the_whole_model(tiny_folder, model, tmp_path):
     """`compile.regional: true` written by hand for such a class: a ConfigWarning, whole-model compile, and it runs."""
     import advisor
-    from advisor.run.steps import ConfigWarning
+    from advisor.errors import ConfigWarning
 
     config, _ = cpu_equivalent(next(c for c in emitted_configs(model) if c.compile is not None), str(tmp_path))
     config = config.replace(compile=config.compile.replace(regional=True))

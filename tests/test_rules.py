@@ -5,13 +5,7 @@ import pytest
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.errors import UsageError
 from advisor.plan.recommend import recommend
-from advisor.plan.rules import (
-    dynamic_quantization_needs_compile,
-    dynamo_cache_limit_with_offload,
-    dynamo_capture_for_bitsandbytes,
-    every_rule,
-    no_fullgraph_with_offload_hooks,
-)
+from advisor.plan.rules import dynamic_quantization_needs_compile, every_rule
 from advisor.plan.scenario import Scenario, default_budget, make_scenario, smallest_card_for
 from advisor.plan.space import quantization_choices
 from advisor.probe.models import load_profile
@@ -28,6 +22,9 @@ def rule(name: str):
 
 
 offload_needs_an_accelerator = rule("offload-needs-an-accelerator")
+dynamo_capture_for_bitsandbytes = rule("dynamo-capture-for-bitsandbytes")
+dynamo_cache_limit_with_offload = rule("dynamo-cache-limit-with-offload")
+no_fullgraph_with_offload_hooks = rule("no-fullgraph-with-offload-hooks")
 vae_tiling_when_decode_dominates = rule("vae-tiling-when-decode-dominates")
 vae_slicing_for_batches = rule("vae-slicing-for-batches")
 channels_last_for_unets = rule("channels-last-for-unets")

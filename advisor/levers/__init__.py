@@ -5,10 +5,11 @@ the quality policy, the constraints and the apply steps iterate over it (at call
 registered later is seen everywhere) instead of naming a lever's choices; `tests/test_ownership.py`
 fails on any other module that names them.
 
-Moved here so far: the memory format (`memory_format`), offloading (`offload`), the VAE's tiling and
-slicing (`vae`), the attention kernel (`attention`) and the step cache (`step_cache`). Quantization,
-layerwise casting and compile follow (issue 26), and until then are planned and applied where they
-were (`advisor.plan.space`, `advisor.plan.rules`, `advisor.run.steps`).
+Moved here so far: torch.compile and its dynamo flags (`torch_compile`), the memory format
+(`memory_format`), offloading (`offload`), the VAE's tiling and slicing (`vae`), the attention
+kernel (`attention`) and the step cache (`step_cache`). Quantization and layerwise casting follow
+(issue 26), and until then are planned and applied where they were (`advisor.plan.space`,
+`advisor.plan.weights`, `advisor.run.quantize`, `advisor.run.steps`).
 
 A new lever is one module with a `Lever` subclass, its config section in `advisor.config`, and an
 entry below (`tests/test_levers.py` adds a made-up one that way and follows it through).
@@ -21,6 +22,7 @@ from advisor.levers.base import ActivationShape, Adjust, DecodeMode, Filter, Lev
 from advisor.levers.memory_format import ChannelsLast
 from advisor.levers.offload import OFFLOAD
 from advisor.levers.step_cache import StepCache
+from advisor.levers.torch_compile import COMPILE
 from advisor.levers.vae import VaeDecoding
 
 
@@ -58,6 +60,7 @@ def searched_levers() -> list[Lever]:
     return [lever for lever in LEVERS if lever.searched]
 
 
+register(COMPILE)
 register(ChannelsLast())
 register(OFFLOAD)
 register(VaeDecoding())

@@ -21,8 +21,8 @@ What each part of the advisor asks, and when:
   `summary_note`: what the one-line summary of a config adds for it (`advisor.run.steps.summary`);
 - `load_kwargs`: what loading takes (``from_pretrained``; `advisor.run.quantize.pipeline_kwargs`);
 - `steps`: the post-load steps, run by `advisor.run.apply` and printed by `advisor.run.emit`, at
-  the lever's `order` among the others (`advisor.run.steps.ORDER`); `pipeline_problem`: what makes
-  a loaded pipeline refuse it (`advisor.run.checks`).
+  the lever's `order` among the others (`advisor.run.steps.ORDER`), and `final_steps` after them
+  all; `pipeline_problem`: what makes a loaded pipeline refuse it (`advisor.run.checks`).
 
 Pure Python at import: torch and diffusers only inside a step's ``run``.
 """
@@ -92,6 +92,7 @@ class Adjust:
     # (config, scenario, predict) -> the config, changed or not; predict(config) is the estimate of
     # another config for the same scenario (`advisor.plan.estimate.Estimate`)
     apply: Callable[[OptimizationConfig, Any, Callable[[OptimizationConfig], Any]], OptimizationConfig]
+    repairs: str | None = None  # the constraint it repairs: the space judges such a candidate once it is finished
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,10 @@ class Lever:
 
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         """Its post-load steps for a pipeline holding `components` (`advisor.run.classes.Components`)."""
+        return []
+
+    def final_steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
+        """Its steps that run after every lever's (what captures the module as the others left it)."""
         return []
 
     def pipeline_problem(self, config: OptimizationConfig, pipe: Any, components: Any) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from advisor.config import OptimizationConfig
-from advisor.levers import LEVERS, StepContext, offload
+from advisor.levers import LEVERS, StepContext, offload, torch_compile
 from advisor.plan.compute import Work, constants, text_work
 from advisor.probe.target import TargetHardware
 from advisor.probe.workload import pipeline_behaviour
@@ -29,8 +29,8 @@ def _speed_factors(config: OptimizationConfig, component: str, generation: str) 
     mode (eager against eager bf16, compiled against compiled bf16), so the two multiply.
     """
     k = constants()
-    compiled = bool(config.compile and component in config.compile.components)
-    whole = k["compile_speedup"].get(generation, k["compile_speedup"]["default"]) if compiled else 1.0
+    compiled = torch_compile.compiles(config, component)
+    whole = torch_compile.speedup(config, component, generation, k)
     linear = 1.0
     quantization = config.quantization
     if quantization and component in quantization.components:

@@ -307,14 +307,6 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
         reasons.append(_partial_against_whole(best, scenario))
     elif target.device == "cuda" and not OFFLOAD.is_on(config):
         reasons.append("no offloading: everything stays on the GPU, so no time goes to transfers")
-    if config.compile:
-        classes = ", ".join(c.class_name for c in scenario.profile.by_role("denoiser"))
-        how = (
-            " (regional: compile_repeated_blocks compiles one block, much faster to warm up)"
-            if config.compile.regional
-            else f" (whole model: {classes} lists no repeated blocks, so compile_repeated_blocks can't be used)"
-        )
-        reasons.append(f"torch.compile on the denoiser{how}; expect a one-off compile on the first call")
     for lever in LEVERS:
         said = lever.reason(
             config, scenario, result.latency_s, lambda lever=lever: estimate_for(scenario, lever.off(config)).latency_s

@@ -7,11 +7,13 @@ and its source:
   quantization without compile, ...); they return why, or None. What *cannot* run is a constraint
   (`advisor.constraints`), checked before these;
 - **adjust** rules complete a candidate the way the guidance says (dynamo flags for compile with
-  bitsandbytes or offloading, VAE tiling when the decode dominates, ...); they return a new config;
+  bitsandbytes or offloading: `advisor.levers.torch_compile`; VAE tiling when the decode
+  dominates: `advisor.levers.vae`, ...); they return a new config;
 - **prefer** rules break near-ties the way the guidance says (images: model offload over group
   offload; video: the reverse: `advisor.levers.offload`); they return a rank, 0 first.
 
-A rule about one lever lives in the lever's module (`advisor.levers`); `every_rule` gathers them.
+A rule about one lever lives in the lever's module (`advisor.levers`); those written here weigh
+several (quantization's are here until it is a lever); `every_rule` gathers them all.
 
 The engine that uses them is `advisor.plan.recommend`; docs/rules.md lists them all
 (``python scripts/build_rules_doc.py``).
@@ -23,9 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from advisor.config import OptimizationConfig
-from advisor.constraints import DOCS, fullgraph_breaks_on_offload_hooks, named
 from advisor.levers import LEVERS
-from advisor.levers.offload import OFFLOAD
 from advisor.plan.estimate import estimate_for
 from advisor.plan.quality import is_lossy
 
@@ -33,7 +33,6 @@ from advisor.plan.quality import is_lossy
 if TYPE_CHECKING:
     from advisor.plan.scenario import Scenario
 
-SEED_PAGE = f"{DOCS}/speed-memory-optims"
 # Candidates within this share of the fastest count as a tie for the prefer rules.
 TIE = 0.05
 
@@ -122,50 +121,3 @@ def exact_quality_is_lossless(config: OptimizationConfig, scenario: Scenario) ->
     if scenario.quality == "exact" and is_lossy(config):
         return "lossy, and --quality exact asks for none"
     return None
-
-
-# --- adjust rules -------------------------------------------------------------------------------
-
-
-@rule(
-    "dynamo-capture-for-bitsandbytes",
-    "adjust",
-    "compiling a bitsandbytes model needs torch._dynamo.config.capture_dynamic_output_shape_ops = True",
-    SEED_PAGE,
-)
-def dynamo_capture_for_bitsandbytes(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
-    if config.compile and config.quantization and config.quantization.backend.startswith("bitsandbytes"):
-        return _with_compile(
-            config, dynamo_config={**config.compile.dynamo_config, "capture_dynamic_output_shape_ops": True}
-        )
-    return config
-
-
-def _with_compile(config: OptimizationConfig, **changes: Any) -> OptimizationConfig:
-    """`config` with some of its compile settings changed."""
-    return config.replace(compile=config.compile.replace(**changes))
-
-
-@rule(
-    "dynamo-cache-limit-with-offload",
-    "adjust",
-    "compiling with offloading raises torch._dynamo.config.cache_size_limit to 1000 to avoid recompiling "
-    "as weights move",
-    SEED_PAGE,
-)
-def dynamo_cache_limit_with_offload(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
-    if config.compile and OFFLOAD.is_on(config):
-        return _with_compile(config, dynamo_config={**config.compile.dynamo_config, "cache_size_limit": 1000})
-    return config
-
-
-@rule(
-    "no-fullgraph-with-offload-hooks",
-    "adjust",
-    named("fullgraph-breaks-on-offload-hooks").reason,
-    SEED_PAGE,
-)
-def no_fullgraph_with_offload_hooks(config: OptimizationConfig, scenario: Scenario) -> OptimizationConfig:
-    if fullgraph_breaks_on_offload_hooks(config, scenario.platform):
-        return _with_compile(config, fullgraph=False)
-    return config

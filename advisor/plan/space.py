@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.constraints import first_violation
-from advisor.levers import searched_levers
+from advisor.levers import LEVERS, searched_levers
 from advisor.levers.offload import OFFLOAD, PARTIAL_STEP, fitted_choice, partial_offset
 from advisor.plan.estimate import resident_blocks_that_fit
 from advisor.plan.rules import rules_of
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 LARGE_TEXT_ENCODER = 1_000_000_000
 
 # Constraints that an adjust rule repairs (no-fullgraph-with-offload-hooks sets fullgraph=False).
-REPAIRED_BY_ADJUST = {"fullgraph-breaks-on-offload-hooks"}
+REPAIRED_BY_ADJUST = {adjust.repairs for lever in LEVERS for adjust in lever.adjusts if adjust.repairs}
 
 StorageChoice = tuple[Quantization | None, LayerwiseCasting | None]
 

@@ -8,9 +8,9 @@ drift apart.
 
 Order of the steps (and why), `ORDER` for those written here, each lever's ``order`` for its own:
 
-1. ``torch._dynamo.config`` flags: dynamo reads them when it first traces, so they go before
-   anything is compiled (``capture_dynamic_output_shape_ops`` for bitsandbytes, a larger
-   ``cache_size_limit`` with offloading: the seed page sets them first);
+1. ``torch._dynamo.config`` flags (`advisor.levers.torch_compile`): dynamo reads them when it first
+   traces, so they go before anything is compiled (``capture_dynamic_output_shape_ops`` for
+   bitsandbytes, a larger ``cache_size_limit`` with offloading: the seed page sets them first);
 2. layerwise casting (fp8 storage), then ``channels_last`` (`advisor.levers.memory_format`): both
    rewrite the weights in place, before offloading hooks capture them;
 3. device placement (`advisor.levers.offload`): ``pipe.to(device)``, model / sequential CPU
@@ -19,16 +19,16 @@ Order of the steps (and why), `ORDER` for those written here, each lever's ``ord
    set before streams);
 5. the attention backend, then step caching (`advisor.levers`; a cache's hooks wrap the blocks'
    forward, as offloading's do);
-6. ``torch.compile`` last: compiling captures the module as it is then, hooks included.
+6. ``torch.compile`` last (the compile lever's final steps): compiling captures the module as it
+   is then, hooks included.
 """
 
 from __future__ import annotations
 
-import warnings
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from advisor.errors import ConfigWarning
 from advisor.levers import LEVERS
 from advisor.levers.code import (
     Step,
@@ -36,6 +36,7 @@ from advisor.levers.code import (
     function_step,
     method_step,
 )
+from advisor.levers.torch_compile import COMPILE
 from advisor.probe.weights import (
     DEFAULT_CASTING_SKIP_PATTERNS,
     ENCODER_CASTING_SKIP_PATTERNS,
@@ -48,22 +49,7 @@ if TYPE_CHECKING:
 
 
 # Where the steps written here run among the levers' (`Lever.order`).
-ORDER = {"dynamo": 0, "layerwise_casting": 10, "compile": 90}
-
-
-def _dynamo_step(option: str, value: int | bool) -> Step:
-    def run(pipe: Any) -> None:
-        import torch._dynamo
-
-        setattr(torch._dynamo.config, option, value)
-
-    return Step("compile.dynamo_config", f"dynamo flag {option}", f"torch._dynamo.config.{option} = {value!r}", run)
-
-
-def _dynamo_steps(config: OptimizationConfig, components: Components) -> list[Step]:
-    if config.compile is None:
-        return []
-    return [_dynamo_step(option, value) for option, value in config.compile.dynamo_config.items()]
+ORDER = {"layerwise_casting": 10}
 
 
 def _layerwise_casting_steps(config: OptimizationConfig, components: Components) -> list[Step]:
@@ -98,44 +84,6 @@ def casting_skips(cls: type | None) -> tuple[str, ...]:
     return encoder_casting_skips(tuple(getattr(cls, "_keep_in_fp32_modules", None) or ()) if cls is not None else ())
 
 
-def _compile_steps(config: OptimizationConfig, components: Components) -> list[Step]:
-    c = config.compile
-    if c is None:
-        return []
-    kwargs: dict[str, Any] = {}
-    if c.mode is not None:
-        kwargs["mode"] = c.mode
-    kwargs["fullgraph"] = c.fullgraph
-    if c.dynamic is not None:
-        kwargs["dynamic"] = c.dynamic
-    if c.backend != "inductor":
-        kwargs["backend"] = c.backend
-    steps = []
-    for name in c.components:
-        regional = c.regional and components.is_diffusers_model(name) and components.has_attr(name, "_repeated_blocks")
-        if c.regional and not regional:
-            warnings.warn(
-                f"`compile.regional: true` but {name} ({components.class_name(name)}) has no `_repeated_blocks`; "
-                "compiling the whole model instead",
-                ConfigWarning,
-                stacklevel=4,
-            )
-        if regional:
-            steps.append(
-                method_step(
-                    "compile",
-                    f"compile the repeated blocks of {name} (regional)",
-                    name,
-                    "compile_repeated_blocks",
-                    (),
-                    kwargs,
-                )
-            )
-        else:
-            steps.append(method_step("compile", f"compile {name}", name, "compile", (), kwargs))
-    return steps
-
-
 def summary(config: OptimizationConfig) -> str:
     """One line naming everything the config does: ``config.summary()`` plus the steps it leaves out
     (``channels_last``, the dynamo flags set before compiling).
@@ -143,19 +91,17 @@ def summary(config: OptimizationConfig) -> str:
     >>> summary(config)  # doctest: +SKIP
     'bf16, float8_dynamic(unet), compiled (regional), no offload, channels_last'
     """
-    parts = [config.summary(), *(note for lever in LEVERS if (note := lever.summary_note(config)))]
-    if config.compile is not None and config.compile.dynamo_config:
-        parts.append("dynamo(" + ", ".join(f"{k}={v!r}" for k, v in config.compile.dynamo_config.items()) + ")")
-    return ", ".join(parts)
+    notes = [note for lever in LEVERS if (note := lever.summary_note(config))]
+    return ", ".join([config.summary(), *notes, *filter(None, [COMPILE.dynamo_note(config)])])
 
 
 def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
-    """The post-load steps of `config` for a pipeline holding `components`, in order (`ORDER`)."""
+    """The post-load steps of `config` for a pipeline holding `components`, in order (`ORDER`), then
+    the levers' final steps."""
     producers = [
-        (ORDER["dynamo"], _dynamo_steps),
         (ORDER["layerwise_casting"], _layerwise_casting_steps),
-        (ORDER["compile"], _compile_steps),
         *((lever.order, lever.steps) for lever in LEVERS),
+        *((math.inf, lever.final_steps) for lever in LEVERS),
     ]
     return [step for _, produce in sorted(producers, key=lambda p: p[0]) for step in produce(config, components)]
 

@@ -1,0 +1,210 @@
+"""The compile lever: ``torch.compile`` of the denoisers and the ``torch._dynamo`` flags it needs (config section ``compile``).
+
+diffusers' guidance (the seed page, "torch.compile"; docs/seed-speed-memory-optims.md): compile the
+denoiser, regionally where its class lists its repeated blocks (``compile_repeated_blocks``
+compiles one block and reuses it: the same speed, a much shorter warm-up); with a bitsandbytes
+model set ``capture_dynamic_output_shape_ops``, with offloading raise ``cache_size_limit`` so moving
+weights does not recompile, and compile components that diffusers' hooks wrap (group offloading,
+layerwise casting) with ``fullgraph=False``. The planner completes a compiled candidate that way
+(`adjusts`); the space's compile dimension (on or off) is `advisor.plan.space`'s.
+
+Its steps come at two points: the dynamo flags before any other step (`order` 0: dynamo reads them
+when it first traces), the compile after every other lever's (`final_steps`: compiling captures the
+module as it is then, hooks included).
+
+Pure Python at import: torch only inside a step's ``run``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+from advisor.config import OptimizationConfig
+from advisor.errors import ConfigWarning
+from advisor.levers.base import Adjust, Lever
+from advisor.levers.code import Step, method_step
+from advisor.levers.offload import OFFLOAD, group_offloaded
+from advisor.platform import Constraint, Platform, constraint
+
+
+SEED_PAGE = "https://huggingface.co/docs/diffusers/main/en/optimization/speed-memory-optims"
+
+
+def compiles(config: OptimizationConfig, name: str) -> bool:
+    """Whether component `name` is compiled."""
+    return config.compile is not None and name in config.compile.components
+
+
+def speedup(config: OptimizationConfig, name: str, generation: str, k: dict[str, Any]) -> float:
+    """How much faster component `name` runs compiled than eager, on a GPU of `generation` (fitted
+    on published runs: `compile_speedup` in ``advisor/data/estimate_constants.json``)."""
+    if not compiles(config, name):
+        return 1.0
+    return k["compile_speedup"].get(generation, k["compile_speedup"]["default"])
+
+
+# --- constraints and adjusts ---------------------------------------------------------------------
+
+CONSTRAINTS: list[Constraint] = []
+FULLGRAPH = "fullgraph-breaks-on-offload-hooks"
+FULLGRAPH_REASON = (
+    "group offloading and layerwise casting run diffusers hooks around every layer, which break a full "
+    "graph: such components compile with fullgraph=False (as the seed page's offloading example does)"
+)
+
+
+@constraint(FULLGRAPH, "compile.fullgraph", FULLGRAPH_REASON, SEED_PAGE, into=CONSTRAINTS)
+def fullgraph_breaks_on_offload_hooks(config: OptimizationConfig, platform: Platform) -> str | None:
+    compile_ = config.compile
+    if compile_ is None or not compile_.fullgraph:
+        return None
+    for name in compile_.components:
+        if group_offloaded(config, name):
+            why = "is group-offloaded"
+        elif config.layerwise_casting and name in config.layerwise_casting.components:
+            why = "is layerwise-cast"
+        else:
+            continue
+        return (
+            f"`compile.fullgraph: true` fails on `{name}`, which {why}: diffusers' hooks run outside "
+            "torch.compile and break the graph; set `compile.fullgraph: false`"
+        )
+    return None
+
+
+def _with_compile(config: OptimizationConfig, **changes: Any) -> OptimizationConfig:
+    """`config` with some of its compile settings changed."""
+    return config.replace(compile=config.compile.replace(**changes))
+
+
+def _with_dynamo_flag(config: OptimizationConfig, option: str, value: Any) -> OptimizationConfig:
+    return _with_compile(config, dynamo_config={**config.compile.dynamo_config, option: value})
+
+
+def capture_for_bitsandbytes(config: OptimizationConfig, scenario: Any, predict: Callable) -> OptimizationConfig:
+    if config.compile and config.quantization and config.quantization.backend.startswith("bitsandbytes"):
+        return _with_dynamo_flag(config, "capture_dynamic_output_shape_ops", True)
+    return config
+
+
+def cache_limit_with_offload(config: OptimizationConfig, scenario: Any, predict: Callable) -> OptimizationConfig:
+    if config.compile and OFFLOAD.is_on(config):
+        return _with_dynamo_flag(config, "cache_size_limit", 1000)
+    return config
+
+
+def no_fullgraph_with_offload_hooks(
+    config: OptimizationConfig, scenario: Any, predict: Callable
+) -> OptimizationConfig:
+    if fullgraph_breaks_on_offload_hooks(config, scenario.platform):
+        return _with_compile(config, fullgraph=False)
+    return config
+
+
+# --- the steps -----------------------------------------------------------------------------------
+
+
+def _dynamo_step(option: str, value: int | bool) -> Step:
+    def run(pipe: Any) -> None:
+        import torch._dynamo
+
+        setattr(torch._dynamo.config, option, value)
+
+    return Step("compile.dynamo_config", f"dynamo flag {option}", f"torch._dynamo.config.{option} = {value!r}", run)
+
+
+def _compile_steps(config: OptimizationConfig, components: Any) -> list[Step]:
+    c = config.compile
+    kwargs: dict[str, Any] = {}
+    if c.mode is not None:
+        kwargs["mode"] = c.mode
+    kwargs["fullgraph"] = c.fullgraph
+    if c.dynamic is not None:
+        kwargs["dynamic"] = c.dynamic
+    if c.backend != "inductor":
+        kwargs["backend"] = c.backend
+    steps = []
+    for name in c.components:
+        regional = c.regional and components.is_diffusers_model(name) and components.has_attr(name, "_repeated_blocks")
+        if c.regional and not regional:
+            warnings.warn(
+                f"`compile.regional: true` but {name} ({components.class_name(name)}) has no `_repeated_blocks`; "
+                "compiling the whole model instead",
+                ConfigWarning,
+                stacklevel=4,
+            )
+        if regional:
+            description = f"compile the repeated blocks of {name} (regional)"
+            steps.append(method_step("compile", description, name, "compile_repeated_blocks", (), kwargs))
+        else:
+            steps.append(method_step("compile", f"compile {name}", name, "compile", (), kwargs))
+    return steps
+
+
+# --- the lever -----------------------------------------------------------------------------------
+
+
+class TorchCompile(Lever):
+    """``torch.compile`` of the denoisers, with its dynamo flags (config section ``compile``)."""
+
+    name = key = "compile"
+    order = 0  # its dynamo flags go first; the compile itself last (`final_steps`)
+    # Not one of the optional dimensions: every point of the search space says whether it compiles
+    # (`advisor.plan.space`, which builds the section).
+    searched = False
+    constraints = tuple(CONSTRAINTS)
+    adjusts = (
+        Adjust(
+            "dynamo-capture-for-bitsandbytes",
+            "compiling a bitsandbytes model needs torch._dynamo.config.capture_dynamic_output_shape_ops = True",
+            SEED_PAGE,
+            capture_for_bitsandbytes,
+        ),
+        Adjust(
+            "dynamo-cache-limit-with-offload",
+            "compiling with offloading raises torch._dynamo.config.cache_size_limit to 1000 to avoid recompiling "
+            "as weights move",
+            SEED_PAGE,
+            cache_limit_with_offload,
+        ),
+        Adjust(
+            "no-fullgraph-with-offload-hooks",
+            FULLGRAPH_REASON,
+            SEED_PAGE,
+            no_fullgraph_with_offload_hooks,
+            repairs=FULLGRAPH,
+        ),
+    )
+
+    def reason(
+        self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]
+    ) -> str | None:
+        if not config.compile:
+            return None
+        classes = ", ".join(c.class_name for c in scenario.profile.by_role("denoiser"))
+        how = (
+            " (regional: compile_repeated_blocks compiles one block, much faster to warm up)"
+            if config.compile.regional
+            else f" (whole model: {classes} lists no repeated blocks, so compile_repeated_blocks can't be used)"
+        )
+        return f"torch.compile on the denoiser{how}; expect a one-off compile on the first call"
+
+    def dynamo_note(self, config: OptimizationConfig) -> str | None:
+        """The dynamo flags, for a config's one-line summary (`advisor.run.steps.summary`)."""
+        if config.compile is None or not config.compile.dynamo_config:
+            return None
+        return "dynamo(" + ", ".join(f"{k}={v!r}" for k, v in config.compile.dynamo_config.items()) + ")"
+
+    def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
+        """The ``torch._dynamo.config`` flags: dynamo reads them when it first traces."""
+        if config.compile is None:
+            return []
+        return [_dynamo_step(option, value) for option, value in config.compile.dynamo_config.items()]
+
+    def final_steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
+        """``compile_repeated_blocks`` (regional) or ``compile`` of each component."""
+        return [] if config.compile is None else _compile_steps(config, components)
+
+
+COMPILE = TorchCompile()
