@@ -275,6 +275,20 @@ def test_a_local_folder_is_traced_once_then_read_from_the_cache(tiny, tmp_path, 
     assert {c.name: c.trace for c in again.components} == {c.name: c.trace for c in first.components}
 
 
+def test_a_kernel_set_earlier_in_the_process_does_not_change_the_trace(tiny):
+    # set_attention_backend on any pipeline also sets the process's default kernel (diffusers 0.42),
+    # and flex refuses meta tensors: a pipeline applied with it earlier must not break tracing.
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend
+
+    folder, _ = tiny("FluxPipeline")
+    profile = profile_from_folder(folder)
+    transformer = profile.by_role("denoiser")[0]
+    native = trace_component(profile, transformer)
+    with attention_backend("flex"):
+        assert _AttentionBackendRegistry.get_active_backend()[0] == "flex"
+        assert trace_component(profile, transformer) == native
+
+
 @pytest.mark.parametrize("junk", ["[" * 100_000, '{"a": ' + "9" * 5000 + "}", "[]", "{truncated"])
 def test_an_unusable_trace_cache_is_traced_again_not_an_error(tiny, tmp_path, monkeypatch, junk):
     from advisor.trace.cache import cache_path, with_traces
