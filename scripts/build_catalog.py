@@ -241,7 +241,7 @@ def _linear_stats(model, library: str) -> tuple[int, int, int, int, int, list[st
 def _casting_patterns(model, library: str) -> list[str]:
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-    from advisor.probe.weights import ENCODER_CASTING_SKIP_PATTERNS
+    from advisor.levers.layerwise_casting import ENCODER_CASTING_SKIP_PATTERNS
 
     patterns = list(DEFAULT_SKIP_MODULES_PATTERN)
     # ModelMixin.enable_layerwise_casting adds the fp32 modules and the class's own patterns;

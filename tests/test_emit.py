@@ -261,7 +261,7 @@ def test_the_facts_taken_for_known_are_true_of_the_installed_libraries():
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
     from diffusers.utils import deprecation_utils
 
-    from advisor.probe.weights import DEFAULT_CASTING_SKIP_PATTERNS
+    from advisor.levers.layerwise_casting import DEFAULT_CASTING_SKIP_PATTERNS
 
     assert all(hasattr(torch._dynamo.config, option) for option in emit.KNOWN_DYNAMO_OPTIONS)
     assert emit.KNOWN_COMPILE_BACKENDS <= set(torch._dynamo.list_backends(exclude_tags=()))

@@ -84,7 +84,7 @@ def test_casting_skips_match_what_diffusers_leaves_uncast(fixture_and_profile):
         else:  # how advisor.run.apply casts text encoders: embeddings and fp32 modules stay
             from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-            from advisor.probe.weights import ENCODER_CASTING_SKIP_PATTERNS
+            from advisor.levers.layerwise_casting import ENCODER_CASTING_SKIP_PATTERNS
 
             patterns = (
                 DEFAULT_SKIP_MODULES_PATTERN + ENCODER_CASTING_SKIP_PATTERNS + tuple(model._keep_in_fp32_modules or ())

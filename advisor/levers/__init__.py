@@ -5,11 +5,11 @@ the quality policy, the constraints and the apply steps iterate over it (at call
 registered later is seen everywhere) instead of naming a lever's choices; `tests/test_ownership.py`
 fails on any other module that names them.
 
-Moved here so far: torch.compile and its dynamo flags (`torch_compile`), the memory format
-(`memory_format`), offloading (`offload`), the VAE's tiling and slicing (`vae`), the attention
-kernel (`attention`) and the step cache (`step_cache`). Quantization and layerwise casting follow
-(issue 26), and until then are planned and applied where they were (`advisor.plan.space`,
-`advisor.plan.weights`, `advisor.run.quantize`, `advisor.run.steps`).
+Moved here so far: torch.compile and its dynamo flags (`torch_compile`), fp8 storage
+(`layerwise_casting`), the memory format (`memory_format`), offloading (`offload`), the VAE's
+tiling and slicing (`vae`), the attention kernel (`attention`) and the step cache (`step_cache`).
+Quantization follows (issue 26), and until then is planned and applied where it was
+(`advisor.plan.space`, `advisor.plan.weights`, `advisor.run.quantize`).
 
 A new lever is one module with a `Lever` subclass, its config section in `advisor.config`, and an
 entry below (`tests/test_levers.py` adds a made-up one that way and follows it through).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from advisor.levers.attention import AttentionKernel
 from advisor.levers.base import ActivationShape, Adjust, DecodeMode, Filter, Lever, Prefer, StepContext
+from advisor.levers.layerwise_casting import LAYERWISE_CASTING
 from advisor.levers.memory_format import ChannelsLast
 from advisor.levers.offload import OFFLOAD
 from advisor.levers.step_cache import StepCache
@@ -61,6 +62,7 @@ def searched_levers() -> list[Lever]:
 
 
 register(COMPILE)
+register(LAYERWISE_CASTING)
 register(ChannelsLast())
 register(OFFLOAD)
 register(VaeDecoding())

@@ -21,7 +21,7 @@ What each part of the advisor asks, and when:
   `summary_note`: what the one-line summary of a config adds for it (`advisor.run.steps.summary`);
 - `load_kwargs`: what loading takes (``from_pretrained``; `advisor.run.quantize.pipeline_kwargs`);
 - `steps`: the post-load steps, run by `advisor.run.apply` and printed by `advisor.run.emit`, at
-  the lever's `order` among the others (`advisor.run.steps.ORDER`), and `final_steps` after them
+  the lever's `order` among the others (`advisor.run.steps`), and `final_steps` after them
   all; `pipeline_problem`: what makes a loaded pipeline refuse it (`advisor.run.checks`).
 
 Pure Python at import: torch and diffusers only inside a step's ``run``.
@@ -111,7 +111,7 @@ class Lever:
 
     name: str  # its dimension in a point of the search space (stored in studies: never rename)
     key: str  # the config field it owns
-    order: int  # where its steps run among the post-load steps (`advisor.run.steps.ORDER`)
+    order: int  # where its steps run among the levers' (and its rules, reasons and notes are listed)
     off_choice: str = "none"  # the choice that leaves the config as it is
     searched: bool = True  # whether the search space has a dimension for it (else its adjusts decide it)
     # Every name of its choices, as the space and the config spell them: no other module but the

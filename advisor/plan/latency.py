@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from advisor.config import OptimizationConfig
-from advisor.levers import LEVERS, StepContext, offload, torch_compile
+from advisor.levers import LEVERS, StepContext, layerwise_casting, offload, torch_compile
 from advisor.plan.compute import Work, constants, text_work
 from advisor.probe.target import TargetHardware
 from advisor.probe.workload import pipeline_behaviour
@@ -38,8 +38,7 @@ def _speed_factors(config: OptimizationConfig, component: str, generation: str) 
             quantization.backend if quantization.backend.startswith("bitsandbytes") else f"torchao:{quantization.kind}"
         )
         linear = k["quantization_speed"][key]["compiled" if compiled else "eager"]
-    if config.layerwise_casting and component in config.layerwise_casting.components:
-        whole *= k["layerwise_casting_speed"]
+    whole *= layerwise_casting.speedup(config, component, k)
     return whole, linear
 
 

@@ -28,29 +28,19 @@ QUALITY_COSTS = {
         "https://github.com/pytorch/ao/tree/main/torchao/float8",
     ),
     "int4_weight_only": ("int4 weights: visible detail changes on some prompts", _QUANT_BLOG),
-    "fp8-storage": (
-        "weights stored in fp8, computed in bf16: near-identical images",
-        "https://huggingface.co/docs/diffusers/main/en/optimization/memory#layerwise-casting",
-    ),
 }
 
 
 def is_lossy(config: OptimizationConfig) -> bool:
     """Whether the config changes the model's output (quantized or fp8-stored weights, or a lossy lever:
     quantized attention, a step cache)."""
-    return (
-        config.quantization is not None
-        or config.layerwise_casting is not None
-        or any(lever.lossy(config) for lever in LEVERS)
-    )
+    return config.quantization is not None or any(lever.lossy(config) for lever in LEVERS)
 
 
 def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
     """(expected quality cost, source) of the config's lossy choice, or None for a lossless one."""
     if config.quantization is not None:
         return QUALITY_COSTS[config.quantization.kind]
-    if config.layerwise_casting is not None:
-        return QUALITY_COSTS["fp8-storage"]
     return next((cost for lever in LEVERS if (cost := lever.quality_cost(config))), None)
 
 

@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from advisor.errors import ModelError
+from advisor.levers.layerwise_casting import (
+    DEFAULT_CASTING_SKIP_PATTERNS,
+    ENCODER_CASTING_SKIP_PATTERNS,
+    casting_skipped,
+)
 from advisor.paths import diffusers_tables
 from advisor.probe.safetensors_header import TensorInfo, read_header
 
-
-DEFAULT_CASTING_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
-# Text encoders (transformers models) also keep their embeddings at the compute dtype: transformers
-# reports a model's dtype from its first weight (the token embedding), and pipelines cast the prompt
-# embeddings to it, so an fp8 embedding would feed fp8 inputs to the denoiser.
-ENCODER_CASTING_SKIP_PATTERNS = ("embed", "shared")
 
 # 2-D ``weight`` tensors that belong to nn.Embedding, not nn.Linear (quantizers leave them alone).
 _EMBEDDING_NAMES = {
@@ -59,12 +58,6 @@ class BlockGroup:
 
 def _module_of(tensor_name: str) -> str:
     return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else ""
-
-
-def casting_skipped(module: str, patterns: tuple[str, ...]) -> bool:
-    # Like diffusers: a module is skipped when it, or any module above it, matches a pattern.
-    parts = module.split(".")
-    return any(re.search(p, ".".join(parts[:i])) for i in range(1, len(parts) + 1) for p in patterns)
 
 
 def _quantization_skips(module: str, class_name: str, library: str, *, keep_in_fp32: bool = True) -> bool:

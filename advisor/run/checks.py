@@ -14,9 +14,7 @@ from typing import TYPE_CHECKING, Any
 from advisor.constraints import Platform, first_violation, platform_here
 from advisor.errors import ConfigError, ConfigWarning
 from advisor.levers import LEVERS
-from advisor.probe.weights import casting_skipped
 from advisor.run.classes import Components
-from advisor.run.steps import casting_skips
 
 
 if TYPE_CHECKING:
@@ -133,23 +131,6 @@ def gpu_warnings(config: OptimizationConfig, gpu_name: str, total_memory: int) -
         )
 
 
-def _first_weight_cast(module: Any, patterns: tuple[str, ...]) -> str | None:
-    """The name of `module`'s first floating-point weight if layerwise casting with `patterns` would cast it."""
-    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
-
-    modules = dict(module.named_modules())
-    for name, param in module.named_parameters():
-        if not param.is_floating_point():
-            continue
-        owner = name.rpartition(".")[0]
-        if (owner and casting_skipped(owner, patterns)) or not isinstance(
-            modules[owner], _GO_LC_SUPPORTED_PYTORCH_LAYERS
-        ):
-            return None
-        return name
-    return None
-
-
 def check_pipeline(pipe: Any, config: OptimizationConfig) -> None:
     """Checks against a loaded pipeline: ConfigError for missing components, warnings for mismatches."""
     import torch
@@ -168,17 +149,6 @@ def check_pipeline(pipe: Any, config: OptimizationConfig) -> None:
         problem = lever.pipeline_problem(config, pipe, components)
         if problem is not None:
             raise ConfigError(problem)
-    if config.layerwise_casting is not None:
-        for name in config.layerwise_casting.components:
-            if components.is_diffusers_model(name):
-                continue
-            first = _first_weight_cast(pipe.components[name], casting_skips(components.cls(name)))
-            if first is not None:
-                raise ConfigError(
-                    f"`layerwise_casting.components` cannot include {name!r} ({components.class_name(name)}): its first "
-                    f"weight {first!r} would be stored in fp8, so {name}.dtype would read fp8 and the pipeline would "
-                    f"cast prompt embeddings to it; remove {name!r}"
-                )
     for name, count in (config.offload.resident_blocks or {}).items():
         lists = [
             child

@@ -6,13 +6,14 @@ function that performs it. `advisor.run.apply` runs the steps; `advisor.run.emit
 code. Both come from the same objects, so a generated script and ``advisor.load_pipeline`` cannot
 drift apart.
 
-Order of the steps (and why), `ORDER` for those written here, each lever's ``order`` for its own:
+Order of the steps (and why): each lever's at its ``order`` (`advisor.levers`), then its final steps:
 
 1. ``torch._dynamo.config`` flags (`advisor.levers.torch_compile`): dynamo reads them when it first
    traces, so they go before anything is compiled (``capture_dynamic_output_shape_ops`` for
    bitsandbytes, a larger ``cache_size_limit`` with offloading: the seed page sets them first);
-2. layerwise casting (fp8 storage), then ``channels_last`` (`advisor.levers.memory_format`): both
-   rewrite the weights in place, before offloading hooks capture them;
+2. layerwise casting (fp8 storage: `advisor.levers.layerwise_casting`), then ``channels_last``
+   (`advisor.levers.memory_format`): both rewrite the weights in place, before offloading hooks
+   capture them;
 3. device placement (`advisor.levers.offload`): ``pipe.to(device)``, model / sequential CPU
    offload or group offload;
 4. VAE tiling / slicing (`advisor.levers.vae`; after group offload: diffusers warns about tiling
@@ -25,63 +26,17 @@ Order of the steps (and why), `ORDER` for those written here, each lever's ``ord
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from advisor.levers import LEVERS
-from advisor.levers.code import (
-    Step,
-    dtype_expr,
-    function_step,
-    method_step,
-)
+from advisor.levers.code import Step
 from advisor.levers.torch_compile import COMPILE
-from advisor.probe.weights import (
-    DEFAULT_CASTING_SKIP_PATTERNS,
-    ENCODER_CASTING_SKIP_PATTERNS,
-)
 from advisor.run.classes import Components
 
 
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
-
-
-# Where the steps written here run among the levers' (`Lever.order`).
-ORDER = {"layerwise_casting": 10}
-
-
-def _layerwise_casting_steps(config: OptimizationConfig, components: Components) -> list[Step]:
-    if config.layerwise_casting is None:
-        return []
-    storage = config.layerwise_casting.storage_dtype
-    kwargs = {"storage_dtype": dtype_expr(storage), "compute_dtype": dtype_expr(config.dtype)}
-    steps = []
-    for name in config.layerwise_casting.components:
-        description = f"store {name} weights in {storage}, compute in {config.dtype}"
-        if components.is_diffusers_model(name):
-            steps.append(method_step("layerwise_casting", description, name, "enable_layerwise_casting", (), kwargs))
-        else:
-            skip = {**kwargs, "skip_modules_pattern": encoder_casting_skips(components.keep_in_fp32(name))}
-            steps.append(
-                function_step(
-                    "layerwise_casting", description, "diffusers.hooks", "apply_layerwise_casting", name, skip
-                )
-            )
-    return steps
-
-
-def encoder_casting_skips(keep_in_fp32: tuple[str, ...]) -> tuple[str, ...]:
-    """Modules a text encoder keeps at the compute dtype under layerwise casting: diffusers' defaults
-    (``DEFAULT_SKIP_MODULES_PATTERN``, mirrored by `advisor.probe.weights.DEFAULT_CASTING_SKIP_PATTERNS`),
-    the embeddings (`advisor.probe.weights.ENCODER_CASTING_SKIP_PATTERNS`) and its own fp32 modules."""
-    return tuple(dict.fromkeys((*DEFAULT_CASTING_SKIP_PATTERNS, *ENCODER_CASTING_SKIP_PATTERNS, *keep_in_fp32)))
-
-
-def casting_skips(cls: type | None) -> tuple[str, ...]:
-    """`encoder_casting_skips` of a text encoder class (its ``_keep_in_fp32_modules``)."""
-    return encoder_casting_skips(tuple(getattr(cls, "_keep_in_fp32_modules", None) or ()) if cls is not None else ())
 
 
 def summary(config: OptimizationConfig) -> str:
@@ -96,14 +51,10 @@ def summary(config: OptimizationConfig) -> str:
 
 
 def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
-    """The post-load steps of `config` for a pipeline holding `components`, in order (`ORDER`), then
-    the levers' final steps."""
-    producers = [
-        (ORDER["layerwise_casting"], _layerwise_casting_steps),
-        *((lever.order, lever.steps) for lever in LEVERS),
-        *((math.inf, lever.final_steps) for lever in LEVERS),
-    ]
-    return [step for _, produce in sorted(producers, key=lambda p: p[0]) for step in produce(config, components)]
+    """The post-load steps of `config` for a pipeline holding `components`: each lever's in its order,
+    then their final steps."""
+    producers = [*(lever.steps for lever in LEVERS), *(lever.final_steps for lever in LEVERS)]
+    return [step for produce in producers for step in produce(config, components)]
 
 
 def plan(config: OptimizationConfig, pipe: Any = None, *, model: str | Path | None = None) -> list[Step]:

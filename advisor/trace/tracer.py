@@ -244,14 +244,14 @@ def trace_component(
         raise ValueError(f"{component.name}: {reason}")
     import diffusers
     import transformers
-    from diffusers.models.attention_dispatch import attention_backend
+    from diffusers.models.attention_dispatch import AttentionBackendName, attention_backend
 
     module = cast(build_on_meta(component.library, component.class_name, component.config), TRACE_DTYPE)
     # The curves are native attention's (a kernel's speed-up is the attention lever's). A model with
     # no kernel of its own uses the process's default, which `set_attention_backend` on any pipeline
     # applied earlier in this process changed too (diffusers 0.42 ModelMixin.set_attention_backend ->
     # _AttentionBackendRegistry.set_active_backend): flex, for one, refuses meta tensors.
-    with attention_backend("native"):
+    with attention_backend(AttentionBackendName.NATIVE):
         record = TRACERS[component.role](profile, component, module, sizes)
 
     return {
