@@ -65,12 +65,15 @@ def with_made_up_lever(tmp_path_factory):
     return {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PWD": str(root)}
 
 
-def advisor(env: dict, *args: str) -> subprocess.CompletedProcess:
-    run = subprocess.run(
-        [sys.executable, "-m", "advisor", *args], capture_output=True, text=True, env=env, cwd=env["PWD"], timeout=300
-    )
+def python(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """Python with the copy's package, which must succeed."""
+    run = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=env["PWD"], timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     return run
+
+
+def advisor(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return python(env, "-m", "advisor", *args)
 
 
 def test_recommend_proposes_and_explains_the_new_lever(with_made_up_lever):
@@ -111,15 +114,7 @@ def test_the_script_and_apply_config_run_its_step(with_made_up_lever, tiny_flux_
         "advisor.apply_config(pipe, config)\n"
         "print(json.dumps(pipe._progress_bar_config))\n"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", applied],
-        capture_output=True,
-        text=True,
-        env=with_made_up_lever,
-        cwd=with_made_up_lever["PWD"],
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = python(with_made_up_lever, "-c", applied)
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"disable": True}
 
 
@@ -130,15 +125,7 @@ def test_files_written_before_the_lever_still_load_and_its_files_ask_older_advis
         "import advisor, json, sys\n"
         "print(json.dumps([advisor.load_config(path).schema_version for path in sys.argv[1:]]))\n"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", loads, *map(str, WRITTEN)],
-        capture_output=True,
-        text=True,
-        env=with_made_up_lever,
-        cwd=with_made_up_lever["PWD"],
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = python(with_made_up_lever, "-c", loads, *map(str, WRITTEN))
     assert json.loads(run.stdout) == [MADE_UP_VERSION] * len(WRITTEN)
 
     written = tmp_path / "made-up.json"
