@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from advisor.config import OptimizationConfig, Quantization
-from advisor.levers import LEVERS
+from advisor.config import OptimizationConfig
+from advisor.levers import LEVERS, quantization
 from advisor.levers.attention import PACKAGES as ATTENTION_PACKAGES
-from advisor.levers.offload import blocks_move_with_module_to, group_offloaded, uses_group_offload
+from advisor.levers.offload import uses_group_offload
 from advisor.packages import installed_versions
 from advisor.paths import hub_offline
-from advisor.platform import Constraint, Platform, Violation, on_cuda, version_tuple
+from advisor.platform import Constraint, Platform, Violation, version_tuple
 from advisor.platform import constraint as _constraint
 
 
@@ -52,7 +52,7 @@ def platform_here(device: str = "cuda") -> Platform:
 
 
 # The packages a constraint asks about: the quantizers', diffusers and the attention kernels'.
-CHECKED_HERE = ("bitsandbytes", "torchao", "diffusers", *ATTENTION_PACKAGES)
+CHECKED_HERE = (*quantization.packages(), "diffusers", *ATTENTION_PACKAGES)
 
 
 def _device_index(device: str) -> int:
@@ -100,81 +100,6 @@ def first_violation(config: OptimizationConfig, platform: Platform) -> Violation
     return next(_violations(config, platform), None)
 
 
-# --- quantization -------------------------------------------------------------------------------
-
-
-@constraint(
-    "bitsandbytes-needs-cuda",
-    "quantization.backend",
-    "bitsandbytes quantization needs a CUDA GPU; diffusers refuses to load it on CPU",
-    "https://huggingface.co/docs/diffusers/main/en/quantization/bitsandbytes",
-)
-def bitsandbytes_needs_cuda(config: OptimizationConfig, platform: Platform) -> str | None:
-    q = config.quantization
-    if q is None or not q.backend.startswith("bitsandbytes"):
-        return None
-    if platform.accelerator != "cuda":
-        return (
-            f"`quantization.backend: {q.backend}` needs CUDA and {platform.no_cuda}; "
-            "on CPU use `quantization.backend: torchao` or `layerwise_casting`"
-        )
-    if not config.device.startswith("cuda"):
-        return f"`quantization.backend: {q.backend}` needs `device: cuda`, not `device: {config.device}`"
-    return None
-
-
-@constraint(
-    "quantization-backend-installed",
-    "quantization.backend",
-    "a quantization backend needs its package: bitsandbytes, or torchao (pip install 'diffusers-advisor[torchao]')",
-    "https://huggingface.co/docs/diffusers/main/en/quantization/overview",
-)
-def quantization_backend_installed(config: OptimizationConfig, platform: Platform) -> str | None:
-    q = config.quantization
-    if q is None:
-        return None
-    package = "torchao" if q.backend == "torchao" else "bitsandbytes"
-    if platform.missing(package):
-        return f"`quantization.backend: {q.backend}` needs `pip install {package}`, which is not installed here"
-    return None
-
-
-@constraint(
-    "fp8-compute-needs-sm89",
-    "quantization.scheme",
-    "fp8 matmuls (torchao float8 dynamic) need compute capability 8.9 or newer (Ada, Hopper, Blackwell)",
-    "https://github.com/pytorch/ao/tree/main/torchao/float8",
-)
-def fp8_compute_needs_sm89(config: OptimizationConfig, platform: Platform) -> str | None:
-    q = config.quantization
-    if q is None or q.kind != "float8_dynamic":
-        return None
-    if not on_cuda(config, platform):
-        return (
-            "`quantization.scheme: float8_dynamic` needs a CUDA GPU with compute capability >= 8.9; "
-            "on CPU use int8_weight_only, int8_dynamic or float8_weight_only"
-        )
-    if platform.capability < 8.9:
-        return (
-            f"`quantization.scheme: float8_dynamic` needs compute capability >= 8.9, this GPU has "
-            f"{platform.compute_capability or 'none'}; use int8_weight_only or int8_dynamic"
-        )
-    return None
-
-
-@constraint(
-    "int4-weight-only-needs-cuda",
-    "quantization.scheme",
-    "torchao int4 weight-only runs on CUDA int4 kernels only (the CPU path needs the CUDA-only mslk package)",
-    "https://github.com/pytorch/ao/tree/main/torchao/quantization",
-)
-def int4_weight_only_needs_cuda(config: OptimizationConfig, platform: Platform) -> str | None:
-    q = config.quantization
-    if q is not None and q.kind == "int4_weight_only" and not on_cuda(config, platform):
-        return "`quantization.scheme: int4_weight_only` needs CUDA int4 kernels; on CPU use int8_weight_only, int8_dynamic or float8_weight_only"
-    return None
-
-
 # --- placement ----------------------------------------------------------------------------------
 
 
@@ -211,68 +136,3 @@ def installed_diffusers_supports_it(config: OptimizationConfig, platform: Platfo
     if uses_group_offload(config):
         return f"`offload.strategy: group` needs diffusers >= 0.33 (enable_group_offload), {installed} is installed; upgrade diffusers"
     return None
-
-
-# --- combinations that diffusers or torch reject ------------------------------------------------------
-
-
-def _torchao_group_offloaded(config: OptimizationConfig) -> list[str]:
-    q = config.quantization
-    if q is None or q.backend != "torchao":
-        return []
-    return [name for name in q.components if group_offloaded(config, name)]
-
-
-@constraint(
-    "torchao-cannot-offload-to-disk",
-    "offload.offload_to_disk_path",
-    "group offloading to disk stores groups as safetensors files, which cannot hold torchao-quantized tensors",
-    f"{DOCS}/memory#group-offloading",
-)
-def torchao_cannot_offload_to_disk(config: OptimizationConfig, platform: Platform) -> str | None:
-    if not config.offload.offload_to_disk_path:
-        return None
-    for name in _torchao_group_offloaded(config):
-        return (
-            f"`offload.offload_to_disk_path` cannot hold `{name}`: safetensors cannot store torchao-quantized "
-            f"tensors; remove `offload_to_disk_path` or leave `{name}` out of `offload.components`"
-        )
-    return None
-
-
-@constraint(
-    "compiled-torchao-needs-leaf-or-stream-offload",
-    "offload.offload_type",
-    "a compiled torchao model cannot be group-offloaded block by block without streams: diffusers then "
-    "moves blocks with Module.to, which cannot swap torchao weights that the compiled graph references",
-    f"{DOCS}/memory#group-offloading",
-)
-def compiled_torchao_needs_leaf_or_stream_offload(config: OptimizationConfig, platform: Platform) -> str | None:
-    if config.compile is None or not blocks_move_with_module_to(config):
-        return None
-    for name in _torchao_group_offloaded(config):
-        if name in config.compile.components:
-            return (
-                f"torchao-quantized, compiled `{name}` cannot be group-offloaded with `offload.offload_type: block_level` "
-                "(without streams diffusers moves the block with Module.to, which cannot swap torchao weights that "
-                "torch.compile references); use `offload.offload_type: leaf_level`"
-            )
-    return None
-
-
-# --- what the probe reports ---------------------------------------------------------------------------
-
-# One representative config per quantization backend the probe's table lists: the backend is
-# usable where its example violates no constraint.
-BACKEND_EXAMPLES: dict[str, Callable[[str], OptimizationConfig]] = {
-    "bitsandbytes": lambda device: OptimizationConfig(
-        device="cuda", quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"])
-    ),
-    "torchao": lambda device: OptimizationConfig(
-        device=device, quantization=Quantization(backend="torchao", components=["transformer"])
-    ),
-    "fp8_compute": lambda device: OptimizationConfig(
-        device="cuda",
-        quantization=Quantization(backend="torchao", scheme="float8_dynamic", components=["transformer"]),
-    ),
-}

@@ -27,6 +27,7 @@ from advisor.config import (
     Vae,
 )
 from advisor.errors import ConfigError, ConfigWarning, UsageError
+from advisor.levers import torchao
 from advisor.run import apply, checks, emit, quantize
 from advisor.run import steps as run_steps
 
@@ -121,7 +122,7 @@ def test_torchao_int8_weight_only_quantizes_diffusers_and_transformers_component
     assert np.abs(out - baseline(kind)).mean() < 0.05
 
 
-@pytest.mark.parametrize("scheme, cls", list(quantize.TORCHAO_SCHEMES.items()))
+@pytest.mark.parametrize("scheme, cls", list(torchao.SCHEMES.items()))
 def test_torchao_config_per_component_library(tiny_flux_dir, scheme, cls):
     import diffusers
     import torchao.quantization
@@ -137,7 +138,7 @@ def test_torchao_config_per_component_library(tiny_flux_dir, scheme, cls):
         assert type(q.quant_mapping["text_encoder_2"]) is transformers.TorchAoConfig
         for component in q.quant_mapping.values():
             assert type(component.quant_type) is getattr(torchao.quantization, cls)
-    code = quantize.quantization_code(config, tiny_flux_dir)
+    code = quantize.loading_code(config, tiny_flux_dir)
     assert f'"transformer": TorchAoConfig({cls}())' in code
     assert f'"text_encoder_2": TransformersTorchAoConfig({cls}())' in code
 
@@ -415,7 +416,7 @@ def test_bitsandbytes_4bit_builds_the_seed_page_config():
     }
     assert q.components_to_quantize == ["transformer", "text_encoder_2"]
     assert kwargs[quantize.dtype_keyword()] is torch.bfloat16
-    assert quantize.quantization_code(config) == SEED_PAGE_QUANT
+    assert quantize.loading_code(config) == SEED_PAGE_QUANT
     # what diffusers builds from it for each library at load time
     import diffusers
     import transformers

@@ -6,21 +6,18 @@ import pytest
 
 from advisor import constraints
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
-from advisor.constraints import (
-    Platform,
-    bitsandbytes_needs_cuda,
+from advisor.constraints import Platform, device_is_available, every_constraint, installed_diffusers_supports_it
+from advisor.errors import ConfigError
+from advisor.levers.bitsandbytes import bitsandbytes_needs_cuda
+from advisor.levers.offload import cpu_offload_needs_cuda, streams_need_cuda
+from advisor.levers.quantization import quantization_backend_installed
+from advisor.levers.torch_compile import fullgraph_breaks_on_offload_hooks
+from advisor.levers.torchao import (
     compiled_torchao_needs_leaf_or_stream_offload,
-    device_is_available,
-    every_constraint,
     fp8_compute_needs_sm89,
-    installed_diffusers_supports_it,
     int4_weight_only_needs_cuda,
-    quantization_backend_installed,
     torchao_cannot_offload_to_disk,
 )
-from advisor.errors import ConfigError
-from advisor.levers.offload import cpu_offload_needs_cuda, streams_need_cuda
-from advisor.levers.torch_compile import fullgraph_breaks_on_offload_hooks
 
 
 NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from advisor.levers import LEVERS
+from advisor.levers.quantization import BACKENDS as QUANT_BACKENDS
 from advisor.run.trials import ClaimState, Source, Status
 
 
@@ -79,12 +80,16 @@ def test_every_searched_lever_names_its_choices():
     assert [lever.name for lever in LEVERS if "none" in lever.names] == []
 
 
-@pytest.mark.parametrize("lever", [lever for lever in LEVERS if lever.names], ids=lambda lever: lever.name)
-def test_a_levers_choices_are_named_only_in_its_module_and_the_config_schema(lever):
+# Each lever and each quantization backend (a lever of its own module, `advisor.levers.quantization`).
+OWNERS = [*(lever for lever in LEVERS if lever.names), *(backend for backend in QUANT_BACKENDS if backend.names)]
+
+
+@pytest.mark.parametrize("owner", OWNERS, ids=lambda owner: module_of(owner).stem)
+def test_a_levers_choices_are_named_only_in_its_module_and_the_config_schema(owner):
     assert [
         f"{name}:{where}"
-        for name, tree in package_sources(but=(module_of(lever), SCHEMA))
-        for where in named(tree, lever.names)
+        for name, tree in package_sources(but=(module_of(owner), SCHEMA))
+        for where in named(tree, owner.names)
     ] == []
 
 

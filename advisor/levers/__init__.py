@@ -5,11 +5,10 @@ the quality policy, the constraints and the apply steps iterate over it (at call
 registered later is seen everywhere) instead of naming a lever's choices; `tests/test_ownership.py`
 fails on any other module that names them.
 
-Moved here so far: torch.compile and its dynamo flags (`torch_compile`), fp8 storage
+The levers: load-time quantization (`quantization`, one module per backend: `bitsandbytes`,
+`torchao`), torch.compile and its dynamo flags (`torch_compile`), fp8 storage
 (`layerwise_casting`), the memory format (`memory_format`), offloading (`offload`), the VAE's
 tiling and slicing (`vae`), the attention kernel (`attention`) and the step cache (`step_cache`).
-Quantization follows (issue 26), and until then is planned and applied where it was
-(`advisor.plan.space`, `advisor.plan.weights`, `advisor.run.quantize`).
 
 A new lever is one module with a `Lever` subclass, its config section in `advisor.config`, and an
 entry below (`tests/test_levers.py` adds a made-up one that way and follows it through).
@@ -18,12 +17,15 @@ entry below (`tests/test_levers.py` adds a made-up one that way and follows it t
 from __future__ import annotations
 
 from advisor.levers.attention import AttentionKernel
-from advisor.levers.base import ActivationShape, Adjust, DecodeMode, Filter, Lever, Prefer, StepContext
+from advisor.levers.base import ActivationShape, Adjust, DecodeMode, Filter, Lever, Loading, Prefer, StepContext
+from advisor.levers.bitsandbytes import BITSANDBYTES
 from advisor.levers.layerwise_casting import LAYERWISE_CASTING
 from advisor.levers.memory_format import ChannelsLast
 from advisor.levers.offload import OFFLOAD
+from advisor.levers.quantization import QUANTIZATION, add_backend
 from advisor.levers.step_cache import StepCache
 from advisor.levers.torch_compile import COMPILE
+from advisor.levers.torchao import TORCHAO_BACKEND
 from advisor.levers.vae import VaeDecoding
 
 
@@ -36,6 +38,7 @@ __all__ = [
     "DecodeMode",
     "Filter",
     "Lever",
+    "Loading",
     "Prefer",
     "StepContext",
     "lever_named",
@@ -61,6 +64,9 @@ def searched_levers() -> list[Lever]:
     return [lever for lever in LEVERS if lever.searched]
 
 
+add_backend(BITSANDBYTES)
+add_backend(TORCHAO_BACKEND)
+register(QUANTIZATION)
 register(COMPILE)
 register(LAYERWISE_CASTING)
 register(ChannelsLast())

@@ -19,7 +19,8 @@ What each part of the advisor asks, and when:
 - `lossy`, `quality_cost`: the quality policy (`advisor.plan.quality`);
 - `reason`: the line `advisor recommend` explains the pick with (`advisor.plan.recommend`);
   `summary_note`: what the one-line summary of a config adds for it (`advisor.run.steps.summary`);
-- `load_kwargs`: what loading takes (``from_pretrained``; `advisor.run.quantize.pipeline_kwargs`);
+- `loading`: what it adds to ``from_pretrained`` (`advisor.run.quantize`: the object, and the code a
+  script shows);
 - `steps`: the post-load steps, run by `advisor.run.apply` and printed by `advisor.run.emit`, at
   the lever's `order` among the others (`advisor.run.steps`), and `final_steps` after them
   all; `pipeline_problem`: what makes a loaded pipeline refuse it (`advisor.run.checks`).
@@ -68,6 +69,18 @@ class DecodeMode:
 
     tiled: bool = False  # in tiles of the VAE's sample size (and of 16 frames for video)
     sliced: bool = False  # one sample of the batch at a time
+
+
+@dataclass(frozen=True)
+class Loading:
+    """What a lever adds to ``from_pretrained``: a keyword and its value, as the code a script shows
+    (`imports`, then `code` assigning `variable`) and as the object itself (`build`)."""
+
+    keyword: str
+    variable: str
+    imports: tuple[str, ...]
+    code: str
+    build: Callable[[], Any]
 
 
 @dataclass(frozen=True)
@@ -185,9 +198,9 @@ class Lever:
 
     # --- loading and applying ------------------------------------------------------------------
 
-    def load_kwargs(self, config: OptimizationConfig) -> dict[str, Any]:
-        """What ``from_pretrained`` takes for this lever (a pre-quantized checkpoint, a device map)."""
-        return {}
+    def loading(self, config: OptimizationConfig, components: Any) -> Loading | None:
+        """What loading takes for it (`components`: `advisor.run.classes.Components`), or None."""
+        return None
 
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         """Its post-load steps for a pipeline holding `components` (`advisor.run.classes.Components`)."""

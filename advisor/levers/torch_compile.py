@@ -25,6 +25,7 @@ from advisor.errors import ConfigWarning
 from advisor.levers.base import Adjust, Lever
 from advisor.levers.code import Step, method_step
 from advisor.levers.offload import OFFLOAD, group_offloaded
+from advisor.levers.quantization import needs_dynamic_output_shapes
 from advisor.platform import Constraint, Platform, constraint
 
 
@@ -83,7 +84,7 @@ def _with_dynamo_flag(config: OptimizationConfig, option: str, value: Any) -> Op
 
 
 def capture_for_bitsandbytes(config: OptimizationConfig, scenario: Any, predict: Callable) -> OptimizationConfig:
-    if config.compile and config.quantization and config.quantization.backend.startswith("bitsandbytes"):
+    if config.compile and needs_dynamic_output_shapes(config):
         return _with_dynamo_flag(config, "capture_dynamic_output_shape_ops", True)
     return config
 

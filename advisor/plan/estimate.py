@@ -23,12 +23,12 @@ from typing import Any
 
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
-from advisor.levers import offload
+from advisor.levers import offload, quantization
 from advisor.plan.compute import Work, constants, phase_work
 from advisor.plan.compute import trace_of as _traced
 from advisor.plan.latency import latency
 from advisor.plan.scenario import Scenario, limited_peak
-from advisor.plan.weights import bnb_quantized, weight_bytes
+from advisor.plan.weights import weight_bytes
 from advisor.probe.models import ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
@@ -111,15 +111,11 @@ def _device_activation(
         return int(work.activation_bytes), 0
     k = constants()
     allocated = work.activation_bytes + k["cublas_workspace_bytes"]
-    quantization = config.quantization
-    if (
-        phase == "denoising"
-        and quantization
-        and (quantization.backend.startswith("bitsandbytes") or not config.compile)
-    ):
-        # bitsandbytes (compiled or not) and eager torchao kernels expand a layer's weight to the
-        # compute dtype before the matmul, one layer at a time; compiled torchao fuses it.
-        denoisers = [d for d in profile.by_role("denoiser") if d.name in quantization.components]
+    q = config.quantization
+    if phase == "denoising" and q and quantization.backend_of(q).dequantises_per_layer(q, bool(config.compile)):
+        # Kernels that expand a layer's weight to the compute dtype before the matmul hold one
+        # layer's worth at a time (`QuantBackend.dequantises_per_layer`).
+        denoisers = [d for d in profile.by_role("denoiser") if d.name in q.components]
         allocated += max((d.largest_layer_parameters * dtype_size(config.dtype) for d in denoisers), default=0)
     # A formula without a trace knows no largest tensor: a tenth of the peak stands in for it.
     largest = work.largest_bytes if work.traced else work.activation_bytes / 10
@@ -217,7 +213,8 @@ def estimate(
         }
         if phase == "text_encoding" and offload.loaded_on_device_until_first_denoise(config):
             # bitsandbytes loads its components straight onto the GPU
-            resident |= {c.name: weights[c.name] for c in profile.components if c.name in bnb_quantized(config)}
+            onto_device = quantization.loaded_onto_device(config)
+            resident |= {c.name: weights[c.name] for c in profile.components if c.name in onto_device}
         activation, reserve = _device_activation(profile, config, phase, works[phase], on_cpu)
         phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, activation, reserve))
     peak = max(phases, key=lambda p: p.reserved_bytes)
@@ -229,13 +226,9 @@ def estimate(
         for c in profile.components
         if c.role in ("denoiser", "text_encoder", "vae") and not _traced(c)
     ]
-    if (
-        config.quantization
-        and config.quantization.backend == "torchao"
-        and config.quantization.kind == "int8_dynamic"
-        and not config.compile
-    ):
-        notes.append("int8 dynamic quantization without torch.compile is ~40x slower (diffusers-torchao)")
+    q = config.quantization
+    if q is not None and not config.compile and (note := quantization.backend_of(q).eager_note(q)):
+        notes.append(note)
     return Estimate(
         peak_vram_bytes=0 if on_cpu else peak.reserved_bytes,
         peak_vram_allocated_bytes=0 if on_cpu else max(p.device_bytes for p in phases),
@@ -258,13 +251,12 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
     in RAM once loaded. The peak is the larger of loading and running."""
     k = constants()
     ram = {"process": k["host_baseline_bytes"]}
-    # from_pretrained builds every component in RAM (bitsandbytes ones are quantized straight onto
-    # the GPU). A component stored in the dtype it runs in is used from its mmapped file; one that is
-    # converted keeps its file pages next to the new tensors while it loads, and torchao first
-    # materialises it at the compute dtype before quantizing.
-    quantization = config.quantization
-    bnb = bnb_quantized(config)
-    torchao = set(quantization.components) if quantization and quantization.backend == "torchao" else set()
+    # from_pretrained builds every component in RAM (but those quantized straight onto the GPU). A
+    # component stored in the dtype it runs in is used from its mmapped file; one that is converted
+    # keeps its file pages next to the new tensors while it loads, and some backends first
+    # materialise it at the compute dtype before quantizing.
+    onto_device = quantization.loaded_onto_device(config)
+    materialised = quantization.materialised_at_compute_dtype(config)
 
     def transient(c) -> int:
         if c.dtype == config.dtype and weights[c.name] == c.bytes:
@@ -272,12 +264,12 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
         # Loading converts one shard at a time; catalog entries don't record their shards, and
         # diffusers and transformers write shards of at most 10 GB.
         shard = c.largest_file_bytes or min(c.bytes, k["default_shard_bytes"])
-        materialised = (
-            shard / c.bytes * c.parameters * dtype_size(config.dtype) if c.name in torchao and c.bytes else 0
+        at_compute_dtype = (
+            shard / c.bytes * c.parameters * dtype_size(config.dtype) if c.name in materialised and c.bytes else 0
         )
-        return int(shard + materialised)
+        return int(shard + at_compute_dtype)
 
-    in_ram = [c for c in profile.components if c.name not in bnb]
+    in_ram = [c for c in profile.components if c.name not in onto_device]
     loading = sum(weights[c.name] for c in in_ram) + max((transient(c) for c in in_ram), default=0)
     disk = 0
     if on_cpu:

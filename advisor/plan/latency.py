@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from advisor.config import OptimizationConfig
-from advisor.levers import LEVERS, StepContext, layerwise_casting, offload, torch_compile
+from advisor.levers import LEVERS, StepContext, layerwise_casting, offload, quantization, torch_compile
 from advisor.plan.compute import Work, constants, text_work
 from advisor.probe.target import TargetHardware
 from advisor.probe.workload import pipeline_behaviour
@@ -32,12 +32,9 @@ def _speed_factors(config: OptimizationConfig, component: str, generation: str) 
     compiled = torch_compile.compiles(config, component)
     whole = torch_compile.speedup(config, component, generation, k)
     linear = 1.0
-    quantization = config.quantization
-    if quantization and component in quantization.components:
-        key = (
-            quantization.backend if quantization.backend.startswith("bitsandbytes") else f"torchao:{quantization.kind}"
-        )
-        linear = k["quantization_speed"][key]["compiled" if compiled else "eager"]
+    q = quantization.quantized(config, component)
+    if q is not None:
+        linear = k["quantization_speed"][quantization.backend_of(q).speed_key(q)]["compiled" if compiled else "eager"]
     whole *= layerwise_casting.speedup(config, component, k)
     return whole, linear
 

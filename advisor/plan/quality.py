@@ -1,4 +1,5 @@
-"""The quality policy: which choices are lossy, what each costs in quality, and where that is shown.
+"""The quality policy: which choices are lossy and what each costs in quality (each lever says:
+`Lever.lossy`, `Lever.quality_cost`), and when a lossy one may be picked.
 
 `--quality exact` never proposes a lossy choice; `balanced` (the default) only when nothing lossless
 fits or when it is predicted at least `CLEAR_WIN` faster than the best lossless candidate; `fast`
@@ -14,33 +15,15 @@ from advisor.levers import LEVERS
 # A lossy pick must be predicted at least this much faster than the best lossless one (balanced).
 CLEAR_WIN = 0.20
 
-# What each lossy storage choice costs in quality, and where that is shown (a lever's: `Lever.quality_cost`).
-_QUANT_BLOG = "https://huggingface.co/blog/diffusers-quantization"
-QUALITY_COSTS = {
-    "nf4": ("4-bit NormalFloat weights: small changes in fine detail, the composition stays", _QUANT_BLOG),
-    "fp4": ("4-bit float weights: small changes in fine detail", _QUANT_BLOG),
-    "int8": ("8-bit weights (LLM.int8): near-identical images", _QUANT_BLOG),
-    "int8_weight_only": ("int8 weights: near-identical images", _QUANT_BLOG),
-    "float8_weight_only": ("fp8 weights: near-identical images", _QUANT_BLOG),
-    "int8_dynamic": ("int8 weights and activations: close, slightly more drift than weight-only", _QUANT_BLOG),
-    "float8_dynamic": (
-        "fp8 weights and activations: close to bf16, small detail changes",
-        "https://github.com/pytorch/ao/tree/main/torchao/float8",
-    ),
-    "int4_weight_only": ("int4 weights: visible detail changes on some prompts", _QUANT_BLOG),
-}
-
 
 def is_lossy(config: OptimizationConfig) -> bool:
     """Whether the config changes the model's output (quantized or fp8-stored weights, or a lossy lever:
     quantized attention, a step cache)."""
-    return config.quantization is not None or any(lever.lossy(config) for lever in LEVERS)
+    return any(lever.lossy(config) for lever in LEVERS)
 
 
 def quality_cost(config: OptimizationConfig) -> tuple[str, str] | None:
     """(expected quality cost, source) of the config's lossy choice, or None for a lossless one."""
-    if config.quantization is not None:
-        return QUALITY_COSTS[config.quantization.kind]
     return next((cost for lever in LEVERS if (cost := lever.quality_cost(config))), None)
 
 

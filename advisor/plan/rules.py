@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from advisor.config import OptimizationConfig
 from advisor.levers import LEVERS
+from advisor.levers.quantization import backend_of
 from advisor.plan.estimate import estimate_for
 from advisor.plan.quality import is_lossy
 
@@ -101,7 +102,7 @@ def rules_of(kind: RuleKind) -> list[Rule]:
 )
 def dynamic_quantization_needs_compile(config: OptimizationConfig, scenario: Scenario) -> str | None:
     q = config.quantization
-    if q is None or q.kind not in {"int8_dynamic", "float8_dynamic"}:
+    if q is None or not backend_of(q).quantizes_activations(q):
         return None
     compiled = set(config.compile.components) if config.compile else set()
     uncompiled = [name for name in q.components if name not in compiled]  # per component: a text encoder too

@@ -24,6 +24,7 @@ from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfi
 from advisor.constraints import first_violation
 from advisor.levers import LEVERS, searched_levers
 from advisor.levers.offload import OFFLOAD, PARTIAL_STEP, fitted_choice, partial_offset
+from advisor.levers.quantization import QUANTIZATION
 from advisor.plan.estimate import resident_blocks_that_fit
 from advisor.plan.rules import rules_of
 from advisor.probe.layout import has_repeated_blocks
@@ -49,13 +50,8 @@ def quantization_choices(profile: ModelProfile) -> list[StorageChoice]:
     both = denoisers + encoders
     choices: list[StorageChoice] = [(None, None)]
     for components in [denoisers, both] if encoders else [denoisers]:
-        choices += [
-            (Quantization(backend="bitsandbytes_4bit", components=components), None),
-            (Quantization(backend="bitsandbytes_8bit", components=components), None),
-            (Quantization(backend="torchao", components=components, scheme="int8_weight_only"), None),
-            (Quantization(backend="torchao", components=components, scheme="float8_dynamic"), None),
-            (None, LayerwiseCasting(components=components)),
-        ]
+        choices += [(q, None) for q in QUANTIZATION.choices_for(components)]
+        choices += [(None, LayerwiseCasting(components=components))]
     return choices
 
 

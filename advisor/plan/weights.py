@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from advisor.config import OptimizationConfig
+from advisor.levers.quantization import backend_of, quantized
 from advisor.plan.compute import constants
 from advisor.probe.models import ComponentProfile
 from advisor.probe.safetensors_header import dtype_size
@@ -30,22 +31,14 @@ def weight_bytes(component: ComponentProfile, config: OptimizationConfig) -> int
     k = constants()
     compute = dtype_size(config.dtype)
     upcast = _kept_in_fp32(component, config) * (4 - compute)
-    quantization = config.quantization
-    if quantization and component.name in quantization.components:
-        per_row = 0
+    quantization = quantized(config, component.name)
+    if quantization is not None:
+        backend = backend_of(quantization)
         linear, rows = component.linear_parameters, component.linear_rows
-        if quantization.backend == "torchao":  # torchao also converts a transformers model's fp32 modules
+        if backend.converts_fp32_modules:
             linear += component.fp32_linear_parameters
             rows += component.fp32_linear_rows
-        if quantization.backend == "bitsandbytes_4bit":
-            per_weight = k[
-                "bnb_4bit_double_quant_bytes_per_weight" if quantization.double_quant else "bnb_4bit_bytes_per_weight"
-            ]
-        elif quantization.backend == "bitsandbytes_8bit":
-            per_weight, per_row = k["bnb_8bit_bytes_per_weight"], k["bnb_8bit_bytes_per_row"]
-        else:
-            per_weight = k["torchao_bytes_per_weight"][quantization.kind]
-            per_row = k["torchao_bytes_per_row"][quantization.kind]
+        per_weight, per_row = backend.linear_bytes(quantization, k)
         rest = component.parameters - linear
         return math.ceil(linear * per_weight + rows * per_row + rest * compute + upcast)
     casting = config.layerwise_casting
@@ -55,8 +48,3 @@ def weight_bytes(component: ComponentProfile, config: OptimizationConfig) -> int
             cast * k["fp8_storage_bytes_per_weight"] + component.casting_skipped_parameters * compute + upcast
         )
     return component.parameters * compute + upcast
-
-
-def bnb_quantized(config: OptimizationConfig) -> set[str]:
-    quantization = config.quantization
-    return set(quantization.components) if quantization and quantization.backend.startswith("bitsandbytes") else set()

@@ -15,10 +15,11 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from advisor.config import OptimizationConfig
-from advisor.constraints import BACKEND_EXAMPLES, Platform, first_violation
+from advisor.constraints import Platform, first_violation
+from advisor.levers import quantization
 from advisor.levers.attention import BACKENDS
 from advisor.levers.attention import PACKAGES as ATTENTION_PACKAGES
 from advisor.packages import installed_version, installed_versions
@@ -44,8 +45,7 @@ TRACKED_PACKAGES = (
     "diffusers",
     "transformers",
     "accelerate",
-    "bitsandbytes",
-    "torchao",
+    *quantization.packages(),
     "optimum-quanto",
     "gguf",
     "optuna",
@@ -388,16 +388,11 @@ def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) 
     each, on this machine's most capable GPU), so the table and the planner never disagree.
     """
     platform = _platform(packages, gpus)
-    usable_because = {
-        "bitsandbytes": f"bitsandbytes {packages.get('bitsandbytes')} with a CUDA GPU",
-        "torchao": f"torchao {packages.get('torchao')}: int8 weight-only runs on CPU and GPU",
-        "fp8_compute": "fp8 matmuls via torchao",
-    }
     device = "cuda" if gpus else "cpu"
 
-    def judged(name: str) -> BackendStatus:
-        violation = first_violation(BACKEND_EXAMPLES[name](device), platform)
-        return BackendStatus(False, violation.message) if violation else BackendStatus(True, usable_because[name])
+    def judged(example: Callable[[str], OptimizationConfig], usable: str) -> BackendStatus:
+        violation = first_violation(example(device), platform)
+        return BackendStatus(False, violation.message) if violation else BackendStatus(True, usable)
 
     def installed(package: str, usable: str) -> BackendStatus:
         return (
@@ -406,12 +401,11 @@ def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) 
             else BackendStatus(False, f"{package} is not installed")
         )
 
+    rows = {name: row for backend in quantization.BACKENDS for name, row in backend.probe_rows(packages).items()}
     return {
-        "bitsandbytes": judged("bitsandbytes"),
-        "torchao": judged("torchao"),
+        **{name: judged(*row) for name, row in rows.items()},
         # Layerwise casting stores weights in float8 and computes in bf16: any device, torch only.
         "layerwise_fp8": installed("torch", "storage-only fp8 casting, any device"),
-        "fp8_compute": judged("fp8_compute"),
         # Not config levers (yet): reported by whether their package is installed.
         "quanto": installed("optimum-quanto", "optimum-quanto installed"),
         "gguf": installed("gguf", "gguf installed (loads through from_single_file)"),

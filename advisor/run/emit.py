@@ -15,7 +15,7 @@ from advisor.errors import ConfigError
 from advisor.levers.code import Expr, call_source, dtype_expr, source
 from advisor.run.checks import check_components, check_config
 from advisor.run.classes import Components
-from advisor.run.quantize import dtype_keyword, load_quantization
+from advisor.run.quantize import dtype_keyword, loadings
 from advisor.run.steps import steps_for, summary
 
 
@@ -107,21 +107,19 @@ def emit_python(model: str, config: OptimizationConfig) -> str:
     _check(config)
     components = Components.of_model(model)
     check_components(config, components, str(model))
-    quant = load_quantization(config, components)
+    loads = loadings(config, components)
     steps = steps_for(config, components)
     kind = _workload_kind(config, components)
 
     imports = ["import torch", "from diffusers import DiffusionPipeline"]
     if kind == "video":
         imports.append("from diffusers.utils import export_to_video")
-    for line in (quant.imports if quant else ()) + tuple(i for s in steps for i in s.imports):
+    for line in (*(i for load in loads for i in load.imports), *(i for s in steps for i in s.imports)):
         if line not in imports:
             imports.append(line)
     imports = imports[:1] + sorted(imports[1:])
 
-    load_kwargs = {}
-    if quant is not None:
-        load_kwargs["quantization_config"] = Expr("pipeline_quant_config", None)
+    load_kwargs = {load.keyword: Expr(load.variable, None) for load in loads}
     load_kwargs[dtype_keyword()] = dtype_expr(config.dtype)
 
     flags = [step for step in steps if step.key == "compile.dynamo_config"]  # first, as on the seed page
@@ -134,8 +132,7 @@ def emit_python(model: str, config: OptimizationConfig) -> str:
         "",
     ]
     lines += [step.code for step in flags] + ([""] if flags else [])
-    if quant is not None:
-        lines += [quant.code]
+    lines += [load.code for load in loads]
     lines += ["pipe = " + call_source("DiffusionPipeline.from_pretrained", (str(model),), load_kwargs), ""]
     for step in steps:
         if step.key != "compile.dynamo_config":

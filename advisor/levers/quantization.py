@@ -1,0 +1,180 @@
+"""The quantization lever: weights converted while they load (config section ``quantization``), one module per backend.
+
+diffusers quantizes at load time through ``PipelineQuantizationConfig`` (its quantization
+overview): the weights of the named components' linear layers become 4-bit, 8-bit or fp8 as they
+load. What differs per backend lives in the backend's module, behind `QuantBackend`: its names,
+the search space's choices, the bytes per weight, the speed and quality, where loading puts the
+weights, its constraints and the loading code (`advisor.levers.bitsandbytes`,
+`advisor.levers.torchao`). This module is the family: it asks the backend a config names
+(`backend_of`), and answers the rest of the advisor with questions that name none.
+
+A new backend (GGUF, quanto, a pre-quantized checkpoint) is one module with a `QuantBackend`
+subclass, its values in the config schema and a line in `advisor.levers`.
+
+It is one of the storage choices of the search space, beside layerwise casting (`advisor.plan.space`).
+Pure Python at import: torch, diffusers and the backends' packages only inside `load`'s ``build``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from advisor.config import OptimizationConfig, Quantization
+from advisor.levers.base import Lever, Loading
+from advisor.platform import Constraint, Platform, constraint
+
+
+OVERVIEW = "https://huggingface.co/docs/diffusers/main/en/quantization/overview"
+
+
+# The keyword and the script's variable of load-time quantization (diffusers' quantization overview).
+KEYWORD, VARIABLE = "quantization_config", "pipeline_quant_config"
+
+
+class QuantBackend:
+    """One quantization backend: everything the advisor knows about it. Subclass it in its own module."""
+
+    backends: tuple[str, ...]  # the ``quantization.backend`` values it serves
+    package: str  # the pip package it needs
+    # Every name of its choices as the config spells them (backends, schemes, kinds): named only in
+    # its module and the config schema (`tests/test_ownership.py`).
+    names: frozenset[str] = frozenset()
+    constraints: tuple[Constraint, ...] = ()
+    loads_onto_device: bool = False  # quantizes straight onto the GPU while loading (no copy in RAM)
+    materialises_at_compute_dtype: bool = False  # builds a shard at the compute dtype before converting it
+    converts_fp32_modules: bool = False  # also converts a transformers model's `_keep_in_fp32_modules`
+    needs_dynamic_output_shapes: bool = False  # compiles only with capture_dynamic_output_shape_ops
+
+    def choices(self, components: list[str]) -> list[Quantization]:
+        """What the search space offers for `components`."""
+        return []
+
+    def linear_bytes(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
+        """(bytes per converted weight, bytes per output row of scales) of a linear layer."""
+        raise NotImplementedError
+
+    def speed_key(self, quantization: Quantization) -> str:
+        """Its key in the estimate's ``quantization_speed`` table (``advisor/data/estimate_constants.json``)."""
+        raise NotImplementedError
+
+    def dequantises_per_layer(self, quantization: Quantization, compiled: bool) -> bool:
+        """Whether its kernels expand a layer's weight to the compute dtype before the matmul."""
+        return True
+
+    def quantizes_activations(self, quantization: Quantization) -> bool:
+        """Whether activations are quantized too (dynamic schemes: worth it only compiled)."""
+        return False
+
+    def eager_note(self, quantization: Quantization) -> str | None:
+        """What the estimate says about running it without torch.compile, if anything."""
+        return None
+
+    def quality_cost(self, quantization: Quantization) -> tuple[str, str]:
+        """(expected quality cost, source)."""
+        raise NotImplementedError
+
+    def probe_rows(
+        self, packages: dict[str, str | None]
+    ) -> dict[str, tuple[Callable[[str], OptimizationConfig], str]]:
+        """The probe's backend table: row -> (an example config on a device, what makes it usable)."""
+        return {}
+
+    def load(self, config: OptimizationConfig, components: Any) -> Loading:
+        """The ``quantization_config`` loading takes (`components`: `advisor.run.classes.Components`):
+        code that assigns `VARIABLE`, and the object it builds."""
+        raise NotImplementedError
+
+
+BACKENDS: list[QuantBackend] = []
+
+
+def add_backend(backend: QuantBackend) -> QuantBackend:
+    BACKENDS.append(backend)
+    return backend
+
+
+def backend_of(quantization: Quantization) -> QuantBackend:
+    return next(b for b in BACKENDS if quantization.backend in b.backends)
+
+
+def quantized(config: OptimizationConfig, name: str) -> Quantization | None:
+    """The quantization of component `name`, or None."""
+    q = config.quantization
+    return q if q is not None and name in q.components else None
+
+
+def loaded_onto_device(config: OptimizationConfig) -> set[str]:
+    """The components quantized straight onto the GPU while loading."""
+    q = config.quantization
+    return set(q.components) if q is not None and backend_of(q).loads_onto_device else set()
+
+
+def materialised_at_compute_dtype(config: OptimizationConfig) -> set[str]:
+    """The components built at the compute dtype, shard by shard, before they are converted."""
+    q = config.quantization
+    return set(q.components) if q is not None and backend_of(q).materialises_at_compute_dtype else set()
+
+
+def needs_dynamic_output_shapes(config: OptimizationConfig) -> bool:
+    return config.quantization is not None and backend_of(config.quantization).needs_dynamic_output_shapes
+
+
+def packages() -> tuple[str, ...]:
+    """The backends' packages, in their order."""
+    return tuple(dict.fromkeys(b.package for b in BACKENDS))
+
+
+# --- constraints ---------------------------------------------------------------------------------
+
+_INSTALLED: list[Constraint] = []
+
+
+@constraint(
+    "quantization-backend-installed",
+    "quantization.backend",
+    "a quantization backend needs its package: bitsandbytes, or torchao (pip install 'diffusers-advisor[torchao]')",
+    OVERVIEW,
+    into=_INSTALLED,
+)
+def quantization_backend_installed(config: OptimizationConfig, platform: Platform) -> str | None:
+    q = config.quantization
+    if q is None:
+        return None
+    package = backend_of(q).package
+    if platform.missing(package):
+        return f"`quantization.backend: {q.backend}` needs `pip install {package}`, which is not installed here"
+    return None
+
+
+# --- the lever -----------------------------------------------------------------------------------
+
+
+class Quantizing(Lever):
+    """Load-time quantization of the named components, by the backend the config names."""
+
+    name = key = "quantization"
+    order = -10  # at loading, before every post-load step
+    # Not one of the optional dimensions: a storage choice of the space, beside layerwise casting.
+    searched = False
+
+    @property
+    def constraints(self) -> tuple[Constraint, ...]:  # type: ignore[override]
+        # Each backend's own limits first: installing a package fixes none of them.
+        return (*(c for b in BACKENDS for c in b.constraints), *_INSTALLED)
+
+    def choices_for(self, components: list[str]) -> list[Quantization]:
+        return [q for b in BACKENDS for q in b.choices(components)]
+
+    def lossy(self, config: OptimizationConfig) -> bool:
+        return config.quantization is not None
+
+    def quality_cost(self, config: OptimizationConfig) -> tuple[str, str] | None:
+        q = config.quantization
+        return None if q is None else backend_of(q).quality_cost(q)
+
+    def loading(self, config: OptimizationConfig, components: Any) -> Loading | None:
+        q = config.quantization
+        return None if q is None else backend_of(q).load(config, components)
+
+
+QUANTIZATION = Quantizing()
