@@ -10,8 +10,10 @@ The levers: load-time quantization (`quantization`, one module per backend: `bit
 (`layerwise_casting`), the memory format (`memory_format`), offloading (`offload`), the VAE's
 tiling and slicing (`vae`), the attention kernel (`attention`) and the step cache (`step_cache`).
 
-A new lever is one module with a `Lever` subclass, its config section in `advisor.config`, and an
-entry below (`tests/test_levers.py` adds a made-up one that way and follows it through).
+A new lever is one module with a `Lever` subclass, its config section in `advisor.config` (a new
+schema version and its step in `advisor.migrations`), and an entry below (`tests/test_levers.py`
+adds a made-up one that way and follows it through); a new quantization backend is one module with
+a `QuantBackend` subclass and an `add_backend` line.
 """
 
 from __future__ import annotations
