@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -179,6 +180,31 @@ def test_a_rerun_after_a_crash_measures_again_and_so_does_every_later_run(tiny_f
     again = advisor(args, env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["best"] == data["best"]
+
+
+# A Ctrl-C that arrives while a child process starts: the fork runs Python's at-fork handlers, where
+# an interrupt is printed as "Exception ignored" and dropped. Made certain here by sending it from one.
+SWALLOWED = """
+import os, signal, subprocess, sys
+from advisor.run.stopping import interrupts, raise_if_lost, terminate_as_interrupt
+
+os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT))
+with terminate_as_interrupt():
+    before = interrupts()
+    child = subprocess.Popen([sys.executable, "-c", "pass"], preexec_fn=lambda: None)
+    child.wait()
+    print("Popen returned")
+    try:
+        raise_if_lost(before)
+    except KeyboardInterrupt:
+        print("raised again")
+"""
+
+
+def test_an_interrupt_a_child_start_swallowed_is_raised_again():
+    run = subprocess.run([sys.executable, "-c", SWALLOWED], capture_output=True, text=True, timeout=120)
+    assert "Exception ignored" in run.stderr and "KeyboardInterrupt" in run.stderr, run.stderr  # the premise
+    assert run.stdout.split() == ["Popen", "returned", "raised", "again"], (run.stdout, run.stderr)
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from advisor.files import pid_alive
 from advisor.plan.scenario import limited_peak
 from advisor.probe.workload import Workload
 from advisor.run.phases import PhasePeaks, watching_phases
+from advisor.run.stopping import interrupts, raise_if_lost
 from advisor.run.timing import TrialTiming, time_rounds
 from advisor.run.trials import Status
 
@@ -164,6 +165,7 @@ def measure(
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
         (scratch / "spec.json").write_text(spec.to_json())
         with open(scratch / "stderr.txt", "w+") as stderr:  # a file: a chatty child never blocks on a full pipe
+            before = interrupts()
             child = subprocess.Popen(
                 [sys.executable, "-m", "advisor.run.measure", str(scratch / "spec.json")],
                 stdin=subprocess.DEVNULL,
@@ -177,6 +179,7 @@ def measure(
             reader = threading.Thread(target=_read_phases, args=(child.stdout, on_phase), daemon=True)
             reader.start()
             try:
+                raise_if_lost(before)  # a Ctrl-C while the child started
                 child.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 kill_group(child)

@@ -28,7 +28,7 @@ from advisor.plan.space import SearchSpace
 from advisor.run.measure import die_with_parent
 from advisor.run.queue import seed_with_rules
 from advisor.run.results import TuneResult, collect
-from advisor.run.stopping import Terminated, terminate_as_interrupt
+from advisor.run.stopping import Terminated, interrupts, raise_if_lost, terminate_as_interrupt
 from advisor.run.storage import open_storage, shown_storage
 from advisor.run.tune import (
     Progress,
@@ -103,18 +103,22 @@ def run_workers(
     folder = Path(tempfile.mkdtemp(prefix="advisor-workers-"))
     (folder / "spec.json").write_text(spec.to_json())
     processes = []
-    for index in range(workers):
-        env = dict(os.environ)
-        if scenario.target.device == "cuda":
-            env["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
-        # Same process group (Ctrl-C in the terminal reaches every worker); dead with this process.
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "advisor.run.workers", str(folder / "spec.json")],
-                env=env,
-                preexec_fn=die_with_parent(),
+
+    def start_workers() -> None:
+        for index in range(workers):
+            env = dict(os.environ)
+            if scenario.target.device == "cuda":
+                env["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
+            # Same process group (Ctrl-C in the terminal reaches every worker); dead with this process.
+            before = interrupts()
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "advisor.run.workers", str(folder / "spec.json")],
+                    env=env,
+                    preexec_fn=die_with_parent(),
+                )
             )
-        )
+            raise_if_lost(before)  # a Ctrl-C while the worker started
 
     def result() -> TuneResult:
         the_study = optuna.load_study(study_name=name, storage=open_storage(storage))
@@ -129,6 +133,7 @@ def run_workers(
 
     with terminate_as_interrupt():
         try:
+            start_workers()
             codes = [p.wait() for p in processes]
             if FINISHED in codes:
                 the_study = optuna.load_study(study_name=name, storage=open_storage(storage))
