@@ -124,9 +124,11 @@ class Lever:
 
     name: str  # its dimension in a point of the search space (stored in studies: never rename)
     key: str  # the config field it owns
-    order: int  # where its steps run among the levers' (and its rules, reasons and notes are listed)
+    order: int  # where its steps run among the levers' (and where its rules, reasons and notes are listed)
     off_choice: str = "none"  # the choice that leaves the config as it is
-    searched: bool = True  # whether the search space has a dimension for it (else its adjusts decide it)
+    # Whether the search space has an optional dimension for it; the storage (quantization, layerwise
+    # casting), offload and compile dimensions are in every point, and the other levers' adjusts decide them.
+    searched: bool = True
     # Every name of its choices, as the space and the config spell them: no other module but the
     # config schema's may name one (`tests/test_ownership.py`). "none" is every lever's off choice.
     names: frozenset[str] = frozenset()

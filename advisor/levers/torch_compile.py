@@ -133,7 +133,7 @@ def _compile_steps(config: OptimizationConfig, components: Any) -> list[Step]:
                 f"`compile.regional: true` but {name} ({components.class_name(name)}) has no `_repeated_blocks`; "
                 "compiling the whole model instead",
                 ConfigWarning,
-                stacklevel=4,
+                stacklevel=5,  # the caller of `advisor.run.steps.plan`
             )
         if regional:
             description = f"compile the repeated blocks of {name} (regional)"

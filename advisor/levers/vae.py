@@ -91,7 +91,8 @@ class VaeDecoding(Lever):
 
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         """``pipe.vae.enable_tiling()`` / ``enable_slicing()``; skipped with a warning where the
-        pipeline has no ``vae`` or its class lacks the method."""
+        pipeline has no ``vae`` or its class lacks the method (attributed to the caller of
+        `advisor.run.steps.plan`: this, steps_for, plan, the caller)."""
         steps = []
         for flag, method in METHODS.items():
             if not getattr(config.vae, flag):

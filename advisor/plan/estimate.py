@@ -212,7 +212,7 @@ def estimate(
             if c.role != "other" or offload.unused_components_resident(config)
         }
         if phase == "text_encoding" and offload.loaded_on_device_until_first_denoise(config):
-            # bitsandbytes loads its components straight onto the GPU
+            # what loading quantized straight onto the GPU stays there until the denoiser's first call
             onto_device = quantization.loaded_onto_device(config)
             resident |= {c.name: weights[c.name] for c in profile.components if c.name in onto_device}
         activation, reserve = _device_activation(profile, config, phase, works[phase], on_cpu)

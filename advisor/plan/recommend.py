@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from advisor.config import Offload, OptimizationConfig
 from advisor.levers import LEVERS, offload
-from advisor.levers.offload import OFFLOAD
 from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
 from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy, quality_cost
 from advisor.plan.rules import TIE, rules_of
@@ -298,14 +297,14 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
             f"{format_size(sum(plain.weight_bytes.values()))}; expected quality cost: {cost} ({source}); "
             "the VAE is never quantized"
         )
-    if OFFLOAD.is_on(config):
-        no_offload = estimate_for(scenario, OFFLOAD.off(config))
+    if offload.OFFLOAD.is_on(config):
+        no_offload = estimate_for(scenario, offload.OFFLOAD.off(config))
         reasons.append(
             f"{config.offload.label()}: without it the peak would be {format_size(no_offload.peak_vram_bytes)}"
         )
     if config.offload.resident_blocks:
         reasons.append(_partial_against_whole(best, scenario))
-    elif target.device == "cuda" and not OFFLOAD.is_on(config):
+    elif target.device == "cuda" and not offload.OFFLOAD.is_on(config):
         reasons.append("no offloading: everything stays on the GPU, so no time goes to transfers")
     for lever in LEVERS:
         said = lever.reason(

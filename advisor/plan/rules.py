@@ -13,7 +13,8 @@ and its source:
   offload; video: the reverse: `advisor.levers.offload`); they return a rank, 0 first.
 
 A rule about one lever lives in the lever's module (`advisor.levers`); those written here weigh
-several (quantization's are here until it is a lever); `every_rule` gathers them all.
+several (a dynamic quantization scheme and compile; the quality policy and every lever);
+`every_rule` gathers them all.
 
 The engine that uses them is `advisor.plan.recommend`; docs/rules.md lists them all
 (``python scripts/build_rules_doc.py``).

@@ -37,8 +37,12 @@ if TYPE_CHECKING:
 # Text encoders smaller than this are not worth quantizing (CLIP-L is 0.12 B parameters).
 LARGE_TEXT_ENCODER = 1_000_000_000
 
-# Constraints that an adjust rule repairs (no-fullgraph-with-offload-hooks sets fullgraph=False).
-REPAIRED_BY_ADJUST = {adjust.repairs for lever in LEVERS for adjust in lever.adjusts if adjust.repairs}
+
+def repaired_by_adjust() -> set[str]:
+    """The constraints an adjust rule repairs (no-fullgraph-with-offload-hooks sets fullgraph=False):
+    judged on the finished candidate only."""
+    return {adjust.repairs for lever in LEVERS for adjust in lever.adjusts if adjust.repairs}
+
 
 StorageChoice = tuple[Quantization | None, LayerwiseCasting | None]
 
@@ -143,7 +147,7 @@ class SearchSpace:
         """The space without choices that no candidate can use on this target (what tune searches)."""
 
         def usable_alone(probe: OptimizationConfig) -> bool:
-            return rejection(probe, scenario) in (None, *REPAIRED_BY_ADJUST)
+            return rejection(probe, scenario) in (None, *repaired_by_adjust())
 
         quantization = {
             name: (q, c)
@@ -197,7 +201,7 @@ class SearchSpace:
         # Most rejections are known before the adjust rules run (they cost estimates); only what
         # an adjust rule repairs is judged on the finished config.
         early = rejection(raw, scenario)
-        if early is not None and early not in REPAIRED_BY_ADJUST:
+        if early is not None and early not in repaired_by_adjust():
             return Candidate(params, raw, [], early)
         config, fired = finish(raw, scenario)
         offset = partial_offset(params["offload"])

@@ -53,8 +53,11 @@ def summary(config: OptimizationConfig) -> str:
 def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
     """The post-load steps of `config` for a pipeline holding `components`: each lever's in its order,
     then their final steps."""
-    producers = [*(lever.steps for lever in LEVERS), *(lever.final_steps for lever in LEVERS)]
-    return [step for produce in producers for step in produce(config, components)]
+    steps: list[Step] = []
+    # A plain loop, not a comprehension: the levers' warnings count frames up to the caller of `plan`.
+    for produce in [*(lever.steps for lever in LEVERS), *(lever.final_steps for lever in LEVERS)]:
+        steps += produce(config, components)
+    return steps
 
 
 def plan(config: OptimizationConfig, pipe: Any = None, *, model: str | Path | None = None) -> list[Step]:
