@@ -36,8 +36,10 @@ def package_sources(but: Path | tuple[Path, ...]):
             yield path.relative_to(PACKAGE.parent), ast.parse(path.read_text())
 
 
-def module_of(lever) -> Path:
-    return Path(sys.modules[type(lever).__module__].__file__)
+def module_of(lever) -> tuple[Path, ...]:
+    """The files of a lever's module: the module, or every module of its package."""
+    path = Path(sys.modules[type(lever).__module__].__file__)
+    return tuple(sorted(path.parent.glob("*.py"))) if path.name == "__init__.py" else (path,)
 
 
 # Choice names that are also ordinary words of the code base, and what else they name there.
@@ -84,11 +86,11 @@ def test_every_searched_lever_names_its_choices():
 OWNERS = [*(lever for lever in LEVERS if lever.names), *(backend for backend in QUANT_BACKENDS if backend.names)]
 
 
-@pytest.mark.parametrize("owner", OWNERS, ids=lambda owner: module_of(owner).stem)
+@pytest.mark.parametrize("owner", OWNERS, ids=lambda owner: type(owner).__module__.rsplit(".", 1)[-1])
 def test_a_levers_choices_are_named_only_in_its_module_and_the_config_schema(owner):
     assert [
         f"{name}:{where}"
-        for name, tree in package_sources(but=(module_of(owner), SCHEMA))
+        for name, tree in package_sources(but=(*module_of(owner), SCHEMA))
         for where in named(tree, owner.names)
     ] == []
 

@@ -19,7 +19,17 @@ a `QuantBackend` subclass and an `add_backend` line.
 from __future__ import annotations
 
 from advisor.levers.attention import AttentionKernel
-from advisor.levers.base import ActivationShape, Adjust, DecodeMode, Filter, Lever, Loading, Prefer, StepContext
+from advisor.levers.base import (
+    ActivationShape,
+    Adjust,
+    DecodeMode,
+    Filter,
+    Lever,
+    Loading,
+    Pick,
+    Prefer,
+    StepContext,
+)
 from advisor.levers.bitsandbytes import BITSANDBYTES
 from advisor.levers.layerwise_casting import LAYERWISE_CASTING
 from advisor.levers.memory_format import ChannelsLast
@@ -41,6 +51,7 @@ __all__ = [
     "Filter",
     "Lever",
     "Loading",
+    "Pick",
     "Prefer",
     "StepContext",
     "lever_named",

@@ -13,11 +13,14 @@ What each part of the advisor asks, and when:
   combines (`advisor.plan.rules`; a combination with another lever is judged from the config),
   `adjusts`: how the planner completes a candidate with this lever (given the estimate), `prefers`:
   how it breaks near-ties the way the guidance says;
-- `compute_share`, `attention_speedup`: the step's latency (`advisor.plan.estimate`), per device;
+- `stored_bytes`: a component's weight bytes where the lever stores them (`advisor.plan.weights`);
+  `compute_share`, `attention_speedup`: the step's latency (`advisor.plan.estimate`), per device;
   `held_bytes`: device memory held from step to step (`advisor.plan.compute`), per device;
   `decode_mode`: how the VAE decodes (tiled, sliced), which the decode's memory follows;
 - `lossy`, `quality_cost`: the quality policy (`advisor.plan.quality`);
-- `reason`: the line `advisor recommend` explains the pick with (`advisor.plan.recommend`);
+- `memory_reasons`, `reason`, `guidance_reasons`: the lines `advisor recommend` explains the pick
+  with (`advisor.plan.recommend`): what the lever does to its memory, to its speed, and how the
+  guidance weighs it against a rival choice; the planner answers their questions (`Pick`);
   `summary_note`: what the one-line summary of a config adds for it (`advisor.run.steps.summary`);
 - `loading`: what it adds to ``from_pretrained`` (`advisor.run.quantize`: the object, and the code a
   script shows);
@@ -81,6 +84,28 @@ class Loading:
     imports: tuple[str, ...]
     code: str
     build: Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The pick `advisor recommend` explains, and what a lever's explanation may ask the planner
+    about it (the levers import nothing from the planner: `advisor.plan.recommend` builds this)."""
+
+    config: OptimizationConfig
+    scenario: Any  # `advisor.plan.scenario.Scenario`
+    estimate: Any  # its `advisor.plan.estimate.Estimate`
+    lossy: bool
+    tie: float  # the share within which the guidance's preferences decide between candidates
+    predict: Callable[[OptimizationConfig], Any]  # the estimate of another config for the same scenario
+    peak: Callable[[Any], int]  # an estimate's peak on the target device (what the budget limits)
+    resident_blocks_that_fit: Callable[[str], int]  # the most blocks of a component that fit the budget
+    # The predicted seconds of the fastest candidate that fits, is as lossy as the pick and passes the
+    # check; None where there is none.
+    fastest_fitting: Callable[[Callable[[OptimizationConfig], bool]], float | None]
+
+    @property
+    def latency_s(self) -> float:
+        return self.estimate.latency_s
 
 
 @dataclass(frozen=True)
@@ -162,6 +187,12 @@ class Lever:
 
     # --- cost terms ----------------------------------------------------------------------------
 
+    def stored_bytes(self, config: OptimizationConfig, component: Any, compute_bytes: int, k: dict) -> float | None:
+        """Bytes of `component`'s weights (`advisor.probe.models.ComponentProfile`) as this lever stores
+        them, those kept in fp32 aside, with `compute_bytes` per parameter at the compute dtype and the
+        estimate's constants `k`; None where it does not store that component."""
+        return None
+
     def compute_share(self, config: OptimizationConfig, step: StepContext) -> float:
         """The share of the denoiser's work that still runs each step."""
         return 1.0
@@ -187,12 +218,21 @@ class Lever:
         """(what the output loses, source), where the config's choice is lossy."""
         return None
 
+    def memory_reasons(self, pick: Pick) -> list[str]:
+        """The lines explaining what this lever does to the pick's memory (said before any `reason`)."""
+        return []
+
     def reason(
         self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]
     ) -> str | None:
         """The line explaining this lever's part of a pick predicted at `latency_s`; `without_s()`
         predicts it without the lever (an estimate: call it only when it is said)."""
         return None
+
+    def guidance_reasons(self, pick: Pick) -> list[str]:
+        """The lines saying how the guidance weighs the pick's choice for this lever against a rival
+        choice (said after the adjust rules'): followed, or overruled by a clear win."""
+        return []
 
     def summary_note(self, config: OptimizationConfig) -> str | None:
         """What a config's one-line summary adds for this lever where ``config.summary()`` says nothing."""

@@ -20,8 +20,9 @@ import re
 from typing import Any
 
 from advisor.config import OptimizationConfig
-from advisor.levers.base import Lever
+from advisor.levers.base import Lever, Pick
 from advisor.levers.code import Step, dtype_expr, function_step, method_step
+from advisor.levers.quantization import storage_reason
 
 
 DOCS = "https://huggingface.co/docs/diffusers/main/en/optimization/memory#layerwise-casting"
@@ -95,6 +96,16 @@ class LayerwiseCastingLever(Lever):
         if config.layerwise_casting is None:
             return None
         return "weights stored in fp8, computed in bf16: near-identical images", DOCS
+
+    def stored_bytes(self, config: OptimizationConfig, component: Any, compute_bytes: int, k: dict) -> float | None:
+        if not casts(config, component.name):
+            return None
+        skipped = component.casting_skipped_parameters  # kept at the compute dtype (`casting_skips`)
+        return (component.parameters - skipped) * k["fp8_storage_bytes_per_weight"] + skipped * compute_bytes
+
+    def memory_reasons(self, pick: Pick) -> list[str]:
+        casting = pick.config.layerwise_casting
+        return [] if casting is None else [storage_reason(pick, f"fp8 storage({', '.join(casting.components)})", self)]
 
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         if config.layerwise_casting is None:

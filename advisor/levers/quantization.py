@@ -20,8 +20,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from advisor.config import OptimizationConfig, Quantization
-from advisor.levers.base import Lever, Loading
+from advisor.levers.base import Lever, Loading, Pick
 from advisor.platform import Constraint, Platform, constraint
+from advisor.units import format_size
 
 
 OVERVIEW = "https://huggingface.co/docs/diffusers/main/en/quantization/overview"
@@ -172,9 +173,36 @@ class Quantizing(Lever):
         q = config.quantization
         return None if q is None else backend_of(q).quality_cost(q)
 
+    def stored_bytes(self, config: OptimizationConfig, component: Any, compute_bytes: int, k: dict) -> float | None:
+        quantization = quantized(config, component.name)
+        if quantization is None:
+            return None
+        backend = backend_of(quantization)
+        linear, rows = component.linear_parameters, component.linear_rows
+        if backend.converts_fp32_modules:
+            linear += component.fp32_linear_parameters
+            rows += component.fp32_linear_rows
+        per_weight, per_row = backend.linear_bytes(quantization, k)
+        return linear * per_weight + rows * per_row + (component.parameters - linear) * compute_bytes
+
+    def memory_reasons(self, pick: Pick) -> list[str]:
+        q = pick.config.quantization
+        return [] if q is None else [storage_reason(pick, q.label(), self)]
+
     def loading(self, config: OptimizationConfig, components: Any) -> Loading | None:
         q = config.quantization
         return None if q is None else backend_of(q).load(config, components)
+
+
+def storage_reason(pick: Pick, what: str, lever: Lever) -> str:
+    """The line a storage lever (quantization, fp8 storage) explains a pick with: the weights it saves, at what cost."""
+    plain = pick.predict(lever.off(pick.config))
+    cost, source = lever.quality_cost(pick.config)  # a storage lever that is on is lossy
+    return (
+        f"quantized {what}: weights {format_size(sum(pick.estimate.weight_bytes.values()))} instead of "
+        f"{format_size(sum(plain.weight_bytes.values()))}; expected quality cost: {cost} ({source}); "
+        "the VAE is never quantized"
+    )
 
 
 QUANTIZATION = Quantizing()

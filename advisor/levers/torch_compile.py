@@ -6,7 +6,8 @@ compiles one block and reuses it: the same speed, a much shorter warm-up); with 
 model set ``capture_dynamic_output_shape_ops``, with offloading raise ``cache_size_limit`` so moving
 weights does not recompile, and compile components that diffusers' hooks wrap (group offloading,
 layerwise casting) with ``fullgraph=False``. The planner completes a compiled candidate that way
-(`adjusts`); the space's compile dimension (on or off) is `advisor.plan.space`'s.
+(`adjusts`). Every point of the search space says whether it compiles; this lever builds the
+section it means (`choice_for`).
 
 Its steps come at two points: the dynamo flags before any other step (`order` 0: dynamo reads them
 when it first traces), the compile after every other lever's (`final_steps`: compiling captures the
@@ -20,7 +21,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable
 
-from advisor.config import OptimizationConfig
+from advisor.config import Compile, OptimizationConfig
 from advisor.errors import ConfigWarning
 from advisor.levers.base import Adjust, Lever
 from advisor.levers.code import Step, method_step
@@ -152,7 +153,7 @@ class TorchCompile(Lever):
     name = key = "compile"
     order = 0  # its dynamo flags go first; the compile itself last (`final_steps`)
     # Not one of the optional dimensions: every point of the search space says whether it compiles
-    # (`advisor.plan.space`, which builds the section).
+    # (`advisor.plan.space`), and `choice_for` builds the section.
     searched = False
     constraints = tuple(CONSTRAINTS)
     adjusts = (
@@ -177,6 +178,15 @@ class TorchCompile(Lever):
             repairs=FULLGRAPH,
         ),
     )
+
+    def choice_for(self, profile: Any, has_repeated_blocks: Callable[[str], bool]) -> Compile:
+        """The compile of `profile`'s denoisers (`advisor.probe.models.ModelProfile`): regional
+        (``compile_repeated_blocks``) where every denoiser's class lists its repeated blocks
+        (`has_repeated_blocks`, read from the installed diffusers), else whole-model (SD3 and
+        CogVideoX list none in diffusers 0.42)."""
+        denoisers = profile.by_role("denoiser")
+        regional = all(has_repeated_blocks(c.class_name) for c in denoisers)
+        return Compile(components=[c.name for c in denoisers], regional=regional)
 
     def reason(
         self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]

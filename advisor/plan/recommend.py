@@ -10,12 +10,12 @@ is data (`Recommendation`); the CLI only renders it. Pure Python: no torch, a fe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from advisor.config import Offload, OptimizationConfig
-from advisor.levers import LEVERS, offload
+from advisor.config import OptimizationConfig
+from advisor.levers import LEVERS, Pick
 from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
-from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy, quality_cost
+from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy
 from advisor.plan.rules import TIE, rules_of
 from advisor.plan.scenario import RAM_USABLE, Scenario, smallest_card_for
 from advisor.plan.space import SearchSpace
@@ -275,7 +275,7 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
         f"guidance): {result.latency_s:.1f}s per {_unit(scenario)} ({result.step_latency_s:.3f}s per step)",
     ]
     if target.device == "cuda" and result.peak_ram_bytes > target.ram_total_bytes * RAM_WARN:
-        if any(a.startswith("host RAM") for a in target.assumptions):  # not the user's machine: say what to pass
+        if target.ram_assumed:  # not the user's machine: say what to pass
             whose, advice = "the assumed", "pass --ram with your machine's RAM: a plan for less may differ"
         else:
             whose, advice = "the machine's", "close other programs or pass a larger --ram if you have it"
@@ -283,104 +283,45 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
             f"warning: host RAM {format_size(result.peak_ram_bytes)} is over {RAM_WARN:.0%} of {whose} "
             f"{format_size(target.ram_total_bytes)}; {advice}"
         )
-    if config.quantization or config.layerwise_casting:
-        unquantized = config.replace(quantization=None, layerwise_casting=None)
-        plain = estimate_for(scenario, unquantized)
-        what = (
-            config.quantization.label()
-            if config.quantization
-            else f"fp8 storage({', '.join(config.layerwise_casting.components)})"
-        )
-        cost, source = quality_cost(config)
-        reasons.append(
-            f"quantized {what}: weights {format_size(sum(result.weight_bytes.values()))} instead of "
-            f"{format_size(sum(plain.weight_bytes.values()))}; expected quality cost: {cost} ({source}); "
-            "the VAE is never quantized"
-        )
-    if offload.OFFLOAD.is_on(config):
-        no_offload = estimate_for(scenario, offload.OFFLOAD.off(config))
-        reasons.append(
-            f"{config.offload.label()}: without it the peak would be {format_size(no_offload.peak_vram_bytes)}"
-        )
-    if config.offload.resident_blocks:
-        reasons.append(_partial_against_whole(best, scenario))
-    elif target.device == "cuda" and not offload.OFFLOAD.is_on(config):
-        reasons.append("no offloading: everything stays on the GPU, so no time goes to transfers")
+    pick = _pick_for(best, feasible, scenario)
+    for lever in LEVERS:
+        reasons += lever.memory_reasons(pick)
     for lever in LEVERS:
         said = lever.reason(
             config, scenario, result.latency_s, lambda lever=lever: estimate_for(scenario, lever.off(config)).latency_s
         )
         reasons += [said] if said else []
     reasons += [f"{r.reason} ({r.source})" for r in rules_of("adjust") if r.name in best.adjusted_by]
-    rival = offload.guidance_rival(config)
-    if rival is not None:
-        reasons += _offload_guidance(best, feasible, scenario, rival)
+    for lever in LEVERS:
+        reasons += lever.guidance_reasons(pick)
     reasons += fp16_warnings(config, {c.name: c.class_name for c in scenario.profile.components})
     return reasons
+
+
+def _pick_for(best: Scored, feasible: list[Scored], scenario: Scenario) -> Pick:
+    """What the levers' explanations may ask about the pick, answered by the planner."""
+    lossy = is_lossy(best.config)
+
+    def fastest_fitting(check: Callable[[OptimizationConfig], bool]) -> float | None:
+        scores = [s.score_s for s in feasible if check(s.config) and is_lossy(s.config) == lossy]
+        return min(scores, default=None)
+
+    return Pick(
+        best.config,
+        scenario,
+        best.estimate,
+        lossy,
+        TIE,
+        lambda config: estimate_for(scenario, config),
+        lambda result: result.limited_peak(scenario.target.device),
+        lambda name: resident_blocks_that_fit(scenario, best.config, name),
+        fastest_fitting,
+    )
 
 
 def _unit(scenario: Scenario) -> str:
     kind, batch = scenario.workload.kind, scenario.workload.batch
     return f"batch of {batch} {kind}s" if batch > 1 else kind
-
-
-def _partial_against_whole(best: Scored, scenario: Scenario) -> str:
-    """Partial offload against offloading the whole denoiser: every block group-offloaded (on a
-    stream, diffusers' fastest) and whole models moved (model offload), predicted side by side."""
-    resident = best.config.offload.resident_blocks
-    kept = ", ".join(f"{count} of {name}'s blocks" for name, count in resident.items())
-    fits = {name: resident_blocks_that_fit(scenario, best.config, name) for name in resident}
-    if all(resident[name] == fits[name] for name in resident):
-        why = "the most that fit the budget with every phase's activations, the largest first"
-    else:
-        why = (
-            f"the largest first; {', '.join(str(n) for n in fits.values())} would fit the budget, and these are "
-            f"within {TIE:.0%} as fast with a smaller peak"
-        )
-    rivals = []
-    for label, whole in offload.WHOLE_RIVALS:
-        rival = estimate_for(scenario, best.config.replace(offload=whole))
-        peak = rival.limited_peak(scenario.target.device)
-        fits = "fits" if peak <= scenario.budget_bytes else "over the budget"
-        rivals.append(f"{label} {rival.latency_s:.1f}s (peak {format_size(peak)}, {fits})")
-    return (
-        f"partial offload keeps {kept} on the GPU ({why}) and streams the rest: predicted {best.estimate.latency_s:.1f}s, "
-        f"against {' and '.join(rivals)}"
-    )
-
-
-def _offload_guidance(best: Scored, feasible: list[Scored], scenario: Scenario, other: Offload) -> list[str]:
-    """The guidance on which offloading suits this workload, against the `other` strategy it weighs
-    the pick's against: followed, or overruled by a clear win."""
-    strategy = best.config.offload.strategy
-    rival = best.config.replace(offload=other)
-    lines = []
-    for prefer in rules_of("prefer"):
-        mine, theirs = prefer.evaluate(best.config, scenario), prefer.evaluate(rival, scenario)
-        if mine < theirs:
-            lines.append(f"{prefer.reason} ({prefer.source})")
-        elif mine > theirs:
-            # Against candidates as lossy as the pick: the quality policy, not the offloading, decided between those.
-            kind = "lossy" if is_lossy(best.config) else "lossless"
-            others = [
-                s
-                for s in feasible
-                if s.config.offload.strategy == other.strategy and is_lossy(s.config) == is_lossy(best.config)
-            ]
-            if not others:
-                lines.append(
-                    f"no {kind} {other.strategy}-offload candidate fits the budget, so the guidance's preference can't apply: "
-                    f"{prefer.reason} ({prefer.source})"
-                )
-                continue
-            runner = min(others, key=lambda s: s.score_s)
-            gain = 1 - best.score_s / runner.score_s
-            lines.append(
-                f"{strategy} offloading is predicted {gain:.0%} faster than the best {kind} {other.strategy}-offload candidate "
-                f"({runner.score_s:.1f}s), more than the {TIE:.0%} within which the guidance decides: {prefer.reason} "
-                f"({prefer.source})"
-            )
-    return lines
 
 
 def _about_half_the_pixels(side: int) -> int:

@@ -25,6 +25,7 @@ from advisor.constraints import first_violation
 from advisor.levers import LEVERS, searched_levers
 from advisor.levers.offload import OFFLOAD, PARTIAL_STEP, fitted_choice, partial_offset
 from advisor.levers.quantization import QUANTIZATION
+from advisor.levers.torch_compile import COMPILE
 from advisor.plan.estimate import resident_blocks_that_fit
 from advisor.plan.rules import rules_of
 from advisor.probe.layout import has_repeated_blocks
@@ -172,17 +173,9 @@ class SearchSpace:
         )
 
     def config(self, params: dict[str, Any]) -> OptimizationConfig:
-        """The point's config before the adjust rules complete it.
-
-        Compile is regional (``compile_repeated_blocks``) where every denoiser's class lists its
-        repeated blocks, else whole-model (SD3 and CogVideoX list none in diffusers 0.42).
-        """
+        """The point's config before the adjust rules complete it."""
         quantization, casting = self.quantization[params["quantization"]]
-        compiled = None
-        if params["compile"]:
-            denoisers = self.profile.by_role("denoiser")
-            regional = all(has_repeated_blocks(c.class_name) for c in denoisers)
-            compiled = Compile(components=[c.name for c in denoisers], regional=regional)
+        compiled = COMPILE.choice_for(self.profile, has_repeated_blocks) if params["compile"] else None
         return OptimizationConfig(
             dtype=self.dtype,
             device=self.device,

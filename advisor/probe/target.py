@@ -249,6 +249,7 @@ class TargetHardware:
     source: str  # how the figures were obtained
     assumptions: tuple[str, ...] = ()  # every value assumed rather than read or given (printed, recorded)
     memory_bytes_per_s: float = DEFAULT_CPU_MEMORY_GBS * 1e9  # device memory bandwidth (datasheet)
+    ram_assumed: bool = False  # the host RAM is assumed (said in `assumptions`), neither read nor given
 
     @cached_property
     def generation(self) -> str:
@@ -259,7 +260,8 @@ class TargetHardware:
         return next((name for floor, name in GENERATIONS if capability >= floor), "Volta")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "generation": self.generation}
+        described = {k: v for k, v in asdict(self).items() if k != "ram_assumed"}  # `assumptions` says it
+        return {**described, "generation": self.generation}
 
 
 def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetHardware:
@@ -427,6 +429,7 @@ def planned_target(
         source=source + ("" if ram is None else ", --ram"),
         assumptions=tuple(assumptions),
         memory_bytes_per_s=sheet["memory_bandwidth_gbs"] * 1e9,
+        ram_assumed=ram is None,
     )
 
 

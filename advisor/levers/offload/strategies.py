@@ -1,0 +1,238 @@
+"""The offload strategies: their names, which weights they keep where, what they move, and the space's choices.
+
+The cost terms the estimate asks for (device bytes per phase `resident_bytes`, transfer seconds
+`streaming_seconds` and `swap_seconds`, their overlap `overlapped`, host RAM and disk
+`host_bytes`) and the search space's choices (`whole_choices`, `partial_choices`, partial offload's
+fitted counts `partial_offset`). The lever itself is `advisor.levers.offload`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+from advisor.config import Offload, OptimizationConfig
+
+
+# The strategies, as the config spells them (`advisor.config.OffloadStrategy`).
+NONE, MODEL, GROUP, SEQUENTIAL = "none", "model", "group", "sequential"
+BLOCK_LEVEL, LEAF_LEVEL = "block_level", "leaf_level"
+
+# Partial offload (``offload.resident_blocks``): the most resident blocks that the estimate fits to
+# the budget (`advisor.plan.estimate.resident_blocks_that_fit`), and a step of a tenth of the blocks
+# either side of it, which tune measures too: the estimate's error decides which is truly fastest.
+PARTIAL = "partial"
+PARTIAL_OFFSETS = {PARTIAL: 0, "partial-fewer": -1, "partial-more": 1}
+PARTIAL_STEP = 0.10
+
+
+# --- which weights go where ----------------------------------------------------------------------
+
+
+def group_offloaded(config: OptimizationConfig, name: str) -> bool:
+    """Whether component `name` is group-offloaded (in whole or in part)."""
+    offload = config.offload
+    return offload.strategy == GROUP and (offload.components is None or name in offload.components)
+
+
+def uses_group_offload(config: OptimizationConfig) -> bool:
+    return config.offload.strategy == GROUP
+
+
+def blocks_move_with_module_to(config: OptimizationConfig) -> bool:
+    """Whether group offload moves whole blocks with ``Module.to`` (block level without streams;
+    streams copy each tensor's data into place instead)."""
+    return config.offload.offload_type == BLOCK_LEVEL and not config.offload.use_stream
+
+
+def block_split(component: Any, config: OptimizationConfig, count: int | None = None) -> tuple[int, list[int]]:
+    """(parameters of the blocks that never leave the device, parameters of each block that is
+    streamed, largest first) of a group-offloaded `component` (`advisor.probe.models.ComponentProfile`).
+    Plain group offload streams every block; partial offload (``offload.resident_blocks``) keeps its
+    largest N, as the steps apply it (`count`, when given, instead of the config's). The modules
+    outside the block lists are neither: diffusers onloads them as one group of their own whenever
+    the component runs."""
+    sizes = _block_sizes(tuple((b.total, b.count) for b in component.blocks))
+    if count is None:
+        count = (config.offload.resident_blocks or {}).get(component.name, 0)
+    return sum(sizes[:count]), list(sizes[count:])
+
+
+@lru_cache(maxsize=64)
+def _block_sizes(groups: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
+    """Parameters of every block, largest first, from (total, count) per block list. A list whose
+    blocks differ (UNets) counts each at the list's mean: their own sizes aren't recorded."""
+    return tuple(sorted((total // count for total, count in groups for _ in range(count)), reverse=True))
+
+
+def _partly_resident(component: Any, config: OptimizationConfig) -> bool:
+    return config.offload.strategy == GROUP and component.name in (config.offload.resident_blocks or {})
+
+
+def resident_bytes(
+    component: Any, weights: int, config: OptimizationConfig, active: bool, count: int | None = None
+) -> int:
+    """Device bytes of a component's `weights` during a phase where it is `active` (or not); `count`
+    resident blocks of a partially offloaded component instead of the config's."""
+    offload = config.offload
+    if offload.strategy == NONE or (offload.strategy == GROUP and not group_offloaded(config, component.name)):
+        return weights
+    per_parameter = weights / component.parameters if component.parameters else 0.0
+    partial = _partly_resident(component, config)
+    kept, streamed = block_split(component, config, count) if partial else (0, [])
+    if not active:
+        return math.ceil(kept * per_parameter)
+    if offload.strategy == MODEL:
+        return weights
+    in_flight = 2 if offload.use_stream else 1  # the stream prefetches the next group
+    if offload.strategy == SEQUENTIAL or offload.offload_type == LEAF_LEVEL:
+        return math.ceil(in_flight * component.largest_layer_parameters * per_parameter)
+    # block_level: groups of k blocks, plus the modules outside any block list (embedders,
+    # final norms), which diffusers onloads as one group of their own; partial offload's kept blocks.
+    if partial:
+        largest_block = streamed[0] if streamed else 0
+    else:
+        largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
+    outside = max(component.parameters - component.block_parameters, 0)
+    # diffusers: streams move one block at a time
+    group = (1 if offload.use_stream else offload.num_blocks_per_group) * largest_block
+    return math.ceil((in_flight * group + outside + kept) * per_parameter)
+
+
+def only_one_denoiser_resident(config: OptimizationConfig) -> bool:
+    """Whether denoisers that take turns (Wan2.2's experts) are on the device one at a time."""
+    return config.offload.strategy == MODEL
+
+
+def unused_components_resident(config: OptimizationConfig) -> bool:
+    """Whether components that no phase runs stay on the device (only when nothing is offloaded)."""
+    return config.offload.strategy == NONE
+
+
+def loaded_on_device_until_first_denoise(config: OptimizationConfig) -> bool:
+    """Whether components that load straight onto the GPU (bitsandbytes) stay there through text
+    encoding: model offload moves a module only when the next one's hook fires, so until the
+    denoiser's first call every one of them is resident (diffusers 0.42 enable_model_cpu_offload)."""
+    return config.offload.strategy == MODEL
+
+
+def host_bytes(
+    components: list[Any], config: OptimizationConfig, weights: dict[str, int], k: dict[str, Any]
+) -> tuple[int, int]:
+    """(weight bytes kept in host RAM, bytes spilled to disk) on a GPU machine once loaded: every
+    component's under model and sequential offload, the offloaded part of each group-offloaded one
+    (a pinned copy besides with streams), none without offloading."""
+    offload = config.offload
+    if offload.strategy in (MODEL, SEQUENTIAL):
+        return sum(weights.values()), 0
+    if offload.strategy != GROUP:
+        return 0, 0
+    offloaded = sum(  # partial offload keeps some of it on the device, not in RAM
+        weights[c.name] - resident_bytes(c, weights[c.name], config, active=False)
+        for c in components
+        if group_offloaded(config, c.name)
+    )
+    if offload.offload_to_disk_path:
+        return 0, offloaded
+    if offload.use_stream and not offload.low_cpu_mem_usage:
+        return int(offloaded * k["pinned_copy_factor"]), 0
+    return offloaded, 0
+
+
+# --- transfers -----------------------------------------------------------------------------------
+
+
+def streaming_seconds(
+    component: Any, config: OptimizationConfig, weight: int, calls: int, h2d_bytes_per_s: float, k: dict[str, Any]
+) -> float:
+    """Seconds `calls` runs of a group- or sequentially-offloaded `component` spend moving its weights
+    in (and in the hooks that move them); 0 where it stays put."""
+    offload = config.offload
+    if not (offload.strategy == SEQUENTIAL or group_offloaded(config, component.name)):
+        return 0.0
+    bandwidth = h2d_bytes_per_s * k["group_offload_bandwidth_factor"]
+    if offload.strategy == SEQUENTIAL:
+        bandwidth = h2d_bytes_per_s * k["unpinned_bandwidth_factor"]
+    if offload.low_cpu_mem_usage:
+        bandwidth *= k["low_cpu_mem_usage_bandwidth_factor"][offload.offload_type]
+    moved = weight * calls
+    layers = sum(b.count for b in component.blocks) or 1
+    if _partly_resident(component, config):  # partial offload: the kept blocks stay
+        kept, streamed = block_split(component, config)
+        per_parameter = weight / component.parameters if component.parameters else 0.0
+        moved = (component.parameters - kept) * per_parameter * calls
+        layers = len(streamed)
+    seconds = moved / bandwidth + (moved / k["disk_bytes_per_s"] if offload.offload_to_disk_path else 0.0)
+    level = SEQUENTIAL if offload.strategy == SEQUENTIAL else offload.offload_type
+    units = layers * 8 if level != BLOCK_LEVEL else layers / offload.num_blocks_per_group
+    return seconds + units * calls * k["offload_hook_overhead_s"][level]
+
+
+def overlapped(compute: float, transfer: float, config: OptimizationConfig, k: dict[str, Any]) -> float:
+    """Compute and transfers together: group offload's stream hides most, not all, of the shorter one."""
+    if config.offload.strategy == GROUP and config.offload.use_stream:
+        return max(compute, transfer) + (1 - k["stream_overlap"]) * min(compute, transfer)
+    return compute + transfer
+
+
+def swap_seconds(config: OptimizationConfig, weights: list[int], h2d_bytes_per_s: float) -> float:
+    """Model offload's moves: each component's weights come in once per generation."""
+    return sum(weights) / h2d_bytes_per_s if config.offload.strategy == MODEL else 0.0
+
+
+# --- the search space ----------------------------------------------------------------------------
+
+
+def choice_name(offload: Offload) -> str:
+    if offload.strategy != GROUP:
+        return offload.strategy
+    parts = [GROUP, "leaf" if offload.offload_type == LEAF_LEVEL else f"block{offload.num_blocks_per_group}"]
+    flags = (
+        ("stream", offload.use_stream),
+        ("lowram", offload.low_cpu_mem_usage),
+        ("disk", bool(offload.offload_to_disk_path)),
+    )
+    return "-".join(parts + [name for name, on in flags if on])
+
+
+def whole_choices(device: str) -> list[Offload]:
+    if device != "cuda":
+        return [Offload()]
+    return [
+        Offload(),
+        Offload(strategy=MODEL),
+        Offload(strategy=GROUP, use_stream=True, record_stream=True),
+        Offload(strategy=GROUP, offload_type=LEAF_LEVEL, use_stream=True, record_stream=True),
+        Offload(strategy=GROUP, num_blocks_per_group=2),
+        Offload(strategy=GROUP, use_stream=True, low_cpu_mem_usage=True),
+        Offload(strategy=GROUP, offload_to_disk_path="advisor-offload"),
+        Offload(strategy=SEQUENTIAL),
+    ]
+
+
+def partial_choices(profile: Any) -> dict[str, Offload]:
+    """Partial offload of the denoiser, where there is one denoiser with repeated blocks of one size
+    per list, as transformers have (Wan2.2's two experts would each keep their blocks resident, and
+    the sizes of a UNet's down and up blocks aren't recorded: neither is offered). The count 1
+    stands in until `partial_offset` has the space fit it to the scenario."""
+    denoisers = profile.by_role("denoiser")
+    if (
+        len(denoisers) != 1
+        or sum(b.count for b in denoisers[0].blocks) < 2
+        or not all(b.uniform for b in denoisers[0].blocks)
+    ):
+        return {}
+    partial = Offload(strategy=GROUP, use_stream=True, record_stream=True, resident_blocks={denoisers[0].name: 1})
+    return dict.fromkeys(PARTIAL_OFFSETS, partial)
+
+
+def partial_offset(choice: str) -> int | None:
+    """For a partial-offload choice, how many steps of `PARTIAL_STEP` from the count that fits it keeps;
+    None for the others."""
+    return PARTIAL_OFFSETS.get(choice)
+
+
+def fitted_choice(config: OptimizationConfig) -> str | None:
+    """The choice a config with fitted resident blocks comes from (partial offload's own count), or None."""
+    return PARTIAL if config.offload.resident_blocks else None
