@@ -12,6 +12,7 @@ from typing import Callable
 
 import pytest
 
+from advisor.levers import offload
 from advisor.plan.recommend import Recommendation, recommend
 from advisor.plan.scenario import make_scenario
 from advisor.probe.models import load_profile
@@ -53,6 +54,10 @@ def no_fp8_compute(r: Recommendation) -> bool:
         s.config.quantization is None or s.config.quantization.kind != "float8_dynamic"
         for s in [r.best, *r.alternatives]
     )
+
+
+def loads_onto_device(r: Recommendation) -> bool:
+    return offload.loads_onto_device(r.config)
 
 
 def ram_within_headroom(r: Recommendation) -> bool:
@@ -133,6 +138,33 @@ DECISIONS = [
         {"gpu": "H100", "ram": 256 * GIB},
         "exact: nothing lossy, bf16 whole on the card",
         _check(lossless, lambda r: r.config.offload.strategy == "none"),
+        quality="exact",
+    ),
+    Decision(
+        "flux-h100-32gb-ram-exact",
+        "flux-dev",
+        {"gpu": "H100", "ram": 32 * GIB},
+        "exact on an 80 GB card with 32 GB of RAM: bf16 whole on the card, loaded straight onto it "
+        "(from_pretrained(device_map='cuda') moves each mmapped shard tensor by tensor: diffusers "
+        "model_loading_utils), so the 31 GB of weights never need the RAM",
+        _check(lossless, lambda r: r.config.offload.strategy == "none", loads_onto_device, ram_within_headroom),
+        quality="exact",
+    ),
+    Decision(
+        "flux-h100-32gb-ram-balanced",
+        "flux-dev",
+        {"gpu": "H100", "ram": 32 * GIB},
+        "balanced on an 80 GB card with 32 GB of RAM: the RAM does not decide, so never 4-bit (bf16 or fp8 fit the card)",
+        _check(lambda r: q(r) is None or q(r).kind not in ("nf4", "fp4", "int4_weight_only"), loads_onto_device),
+    ),
+    Decision(
+        "flux-4070-32gb-ram-exact",
+        "flux-dev",
+        {"gpu": "RTX 4070", "ram": 32 * GIB},
+        "exact on 12 GB with 32 GB of RAM: bf16 needs offloading, and model offload keeps all 31 GB of weights in "
+        "RAM (over 90% of 32 GB); group offloading to disk (diffusers' offload_to_disk_path) keeps them on disk, "
+        "and loading bf16 weights stored in bf16 costs no RAM (mmapped: tests/test_host_memory.py)",
+        _check(lossless, ram_within_headroom, lambda r: r.config.offload.offload_to_disk_path is not None),
         quality="exact",
     ),
     Decision(

@@ -345,3 +345,32 @@ def test_a_cpu_plan_shows_its_peak_ram_once(tiny_flux_dir, capsys, monkeypatch):
     header = next((line for line in out.splitlines() if "configuration" in line), None)
     if header is not None:  # the alternatives table: one memory column
         assert header.count("RAM") == 1 and "latency" in header
+
+
+def test_a_plan_with_nothing_offloaded_loads_straight_onto_the_gpu(tiny_flux_dir):
+    """Where every weight stays on the card, diffusers loads each component there from its mmapped
+    files (``from_pretrained(device_map="cuda")``), so nothing is staged in host RAM; the estimate
+    assumes it, so the script and `load_pipeline` must do it."""
+    resident = OptimizationConfig(device="cuda")
+    assert quantize.pipeline_kwargs(resident)["device_map"] == "cuda"
+    script = emit.emit_python(str(tiny_flux_dir), resident)
+    assert 'device_map="cuda"' in script
+    assert script.index("device_map") < script.index('pipe.to("cuda")')  # kept for a pipeline loaded otherwise
+
+
+@pytest.mark.parametrize(
+    "staged",
+    [
+        OptimizationConfig(device="cuda", offload=Offload(strategy="model")),  # loading to the card defeats it
+        OptimizationConfig(device="cuda", offload=Offload(strategy="group")),
+        OptimizationConfig(device="cpu"),
+        # cast on the host before it moves: on the card its weights would first be there at bf16
+        OptimizationConfig(device="cuda", layerwise_casting=LayerwiseCasting(components=["transformer"])),
+        # diffusers' SUPPORTED_DEVICE_MAP is "balanced", get_device() ("cuda") and "cpu": not "cuda:1"
+        OptimizationConfig(device="cuda:1"),
+    ],
+    ids=["model-offload", "group-offload", "cpu", "layerwise-casting", "second-gpu"],
+)
+def test_plans_that_stage_weights_on_the_host_load_there(staged, tiny_flux_dir):
+    assert "device_map" not in quantize.pipeline_kwargs(staged)
+    assert "device_map" not in emit.emit_python(str(tiny_flux_dir), staged)

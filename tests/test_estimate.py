@@ -158,8 +158,9 @@ def test_disk_offload_moves_weights_from_ram_to_disk(flux_dev):
     )
     assert on_disk.disk_bytes == sum(in_ram.weight_bytes.values())
     assert on_disk.steady_ram_weight_bytes == 0 < in_ram.steady_ram_weight_bytes
-    # Loading still passes every weight through RAM, so the peak is the load, not the steady state.
-    assert on_disk.peak_ram_bytes == in_ram.peak_ram_bytes
+    # Weights stored in the dtype they run in load from their mmapped files (tests/test_host_memory.py):
+    # loading does not pass them through the process's memory, so the disk keeps RAM down.
+    assert on_disk.peak_ram_bytes < in_ram.peak_ram_bytes - 20 * 2**30
     assert on_disk.latency_s > in_ram.latency_s
 
 

@@ -326,7 +326,7 @@ def test_a_ram_warning_says_whose_ram_it_is():
     the advisor never saw."""
 
     def ram_warning(**machine):
-        scenario = context(target=planned_target(machine=None, gpu="RTX 4090", **machine), budget=16 * GIB)
+        scenario = context(target=planned_target(machine=None, gpu="RTX 3090", **machine), budget=10 * GIB)
         return [r for r in recommend(scenario).reasons if r.startswith("warning: host RAM")]
 
     assumed = ram_warning()

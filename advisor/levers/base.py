@@ -77,7 +77,8 @@ class DecodeMode:
 @dataclass(frozen=True)
 class Loading:
     """What a lever adds to ``from_pretrained``: a keyword and its value, as the code a script shows
-    (`imports`, then `code` assigning `variable`) and as the object itself (`build`)."""
+    (`imports`, then `code` assigning `variable`; a literal is its own `variable`, with no `code`)
+    and as the object itself (`build`)."""
 
     keyword: str
     variable: str

@@ -251,15 +251,24 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
     in RAM once loaded. The peak is the larger of loading and running."""
     k = constants()
     ram = {"process": k["host_baseline_bytes"]}
-    # from_pretrained builds every component in RAM (but those quantized straight onto the GPU). A
-    # component stored in the dtype it runs in is used from its mmapped file; one that is converted
-    # keeps its file pages next to the new tensors while it loads, and some backends first
-    # materialise it at the compute dtype before quantizing.
-    onto_device = quantization.loaded_onto_device(config)
+    # Loading costs host RAM only for what it converts. diffusers reads each shard memory-mapped, and a
+    # component stored in the dtype it runs in keeps the file's pages (the kernel can drop them: they
+    # are not the process's own memory; measured by tests/test_host_memory.py); one that is converted
+    # is built anew, keeping its shard's pages next to the new tensors while it loads, and some
+    # backends first materialise it at the compute dtype before quantizing. Nothing is staged for
+    # what loads straight onto the GPU (`offload.loads_onto_device`, the quantizers that load there).
+    onto_device = (
+        {c.name for c in profile.components}
+        if offload.loads_onto_device(config)
+        else quantization.loaded_onto_device(config)
+    )
     materialised = quantization.materialised_at_compute_dtype(config)
 
+    def converted(c) -> bool:
+        return not (c.dtype == config.dtype and weights[c.name] == c.bytes)
+
     def transient(c) -> int:
-        if c.dtype == config.dtype and weights[c.name] == c.bytes:
+        if not converted(c):
             return 0
         # Loading converts one shard at a time; catalog entries don't record their shards, and
         # diffusers and transformers write shards of at most 10 GB.
@@ -270,7 +279,7 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
         return int(shard + at_compute_dtype)
 
     in_ram = [c for c in profile.components if c.name not in onto_device]
-    loading = sum(weights[c.name] for c in in_ram) + max((transient(c) for c in in_ram), default=0)
+    loading = sum(weights[c.name] for c in in_ram if converted(c)) + max((transient(c) for c in in_ram), default=0)
     disk = 0
     if on_cpu:
         kept = sum(weights.values())

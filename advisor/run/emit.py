@@ -132,7 +132,7 @@ def emit_python(model: str, config: OptimizationConfig) -> str:
         "",
     ]
     lines += [step.code for step in flags] + ([""] if flags else [])
-    lines += [load.code for load in loads]
+    lines += [load.code for load in loads if load.code]
     lines += ["pipe = " + call_source("DiffusionPipeline.from_pretrained", (str(model),), load_kwargs), ""]
     for step in steps:
         if step.key != "compile.dynamo_config":

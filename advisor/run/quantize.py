@@ -83,7 +83,7 @@ def pipeline_kwargs(config: OptimizationConfig, model: str | Path | None = None)
 
 def loading_code(config: OptimizationConfig, model: str | Path | None = None) -> str | None:
     """The source that builds `pipeline_kwargs(config)`'s values beside the dtype, or None."""
-    code = [loading.code for loading in loadings(config, _components_for_loading(config, model))]
+    code = [loading.code for loading in loadings(config, _components_for_loading(config, model)) if loading.code]
     return "\n".join(code) if code else None
 
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from advisor.config import Offload, OptimizationConfig
-from advisor.levers.base import Filter, Lever, Pick, Prefer
-from advisor.levers.code import Step
+from advisor.levers.base import Filter, Lever, Loading, Pick, Prefer
+from advisor.levers.code import Step, source
 from advisor.levers.offload import reasons
 from advisor.levers.offload.steps import placement_steps
 from advisor.levers.offload.strategies import (
@@ -49,6 +49,7 @@ from advisor.levers.offload.strategies import (
     group_offloaded,
     host_bytes,
     loaded_on_device_until_first_denoise,
+    loads_onto_device,
     only_one_denoiser_resident,
     overlapped,
     partial_choices,
@@ -83,6 +84,7 @@ __all__ = [
     "group_offloaded",
     "host_bytes",
     "loaded_on_device_until_first_denoise",
+    "loads_onto_device",
     "only_one_denoiser_resident",
     "overlapped",
     "partial_offset",
@@ -208,6 +210,13 @@ class Offloading(Lever):
 
     def guidance_reasons(self, pick: Pick) -> list[str]:
         return reasons.guidance_reasons(pick, self.prefers)
+
+    def loading(self, config: OptimizationConfig, components: Any) -> Loading | None:
+        """Straight onto the GPU where nothing is offloaded (`loads_onto_device`); the placement step
+        ``pipe.to`` stays, for a pipeline loaded some other way (there it moves nothing)."""
+        if not loads_onto_device(config):
+            return None
+        return Loading("device_map", source(config.device), (), "", lambda: config.device)
 
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         """Device placement: ``pipe.to(device)``, model / sequential CPU offload or group offload."""

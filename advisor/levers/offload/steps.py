@@ -10,14 +10,16 @@ from typing import Any
 
 from advisor.config import OptimizationConfig
 from advisor.levers.code import Expr, Step, call_source, function_step, method_step, source
-from advisor.levers.offload.strategies import BLOCK_LEVEL, MODEL, NONE, SEQUENTIAL
+from advisor.levers.offload.strategies import BLOCK_LEVEL, MODEL, NONE, SEQUENTIAL, loads_onto_device
 
 
 def placement_steps(config: OptimizationConfig, components: Any) -> list[Step]:
     device = config.device
     offload = config.offload
     if offload.strategy == NONE:
-        return [method_step("offload", f"move the pipeline to {device}", None, "to", (device,))]
+        # Kept where it loads there too: `apply_config` may be given a pipeline loaded some other way.
+        moved = " (already there if it loaded with device_map)" if loads_onto_device(config) else ""
+        return [method_step("offload", f"move the pipeline to {device}{moved}", None, "to", (device,))]
     if offload.strategy in (MODEL, SEQUENTIAL):
         method = "enable_model_cpu_offload" if offload.strategy == MODEL else "enable_sequential_cpu_offload"
         kwargs = {} if device == "cuda" else {"device": device}

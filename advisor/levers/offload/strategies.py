@@ -117,6 +117,20 @@ def loaded_on_device_until_first_denoise(config: OptimizationConfig) -> bool:
     return config.offload.strategy == MODEL
 
 
+def loads_onto_device(config: OptimizationConfig) -> bool:
+    """Whether the pipeline loads straight onto the GPU (``from_pretrained(..., device_map="cuda")``):
+    where nothing is offloaded, nothing needs to be staged in host RAM. diffusers reads each shard
+    memory-mapped and moves it tensor by tensor to the map's device (``_load_shard_file`` ->
+    ``load_model_dict_into_meta`` in ``diffusers/models/model_loading_utils.py``), passing the map on
+    to transformers' text encoders; a device-type map (``"cuda"``) still allows ``pipe.to`` and the
+    offload calls (``_is_pipeline_device_mapped`` in ``pipeline_utils.py``). Only ``"cuda"`` itself:
+    diffusers accepts ``"balanced"``, ``get_device()`` and ``"cpu"`` (``SUPPORTED_DEVICE_MAP``), not
+    ``"cuda:1"``. Not with offloading (it would put on the card what it keeps off), nor with layerwise
+    casting, which casts a loaded model: on the card, its weights would first be there at the compute
+    dtype (on the host they are cast before they move)."""
+    return config.offload.strategy == NONE and config.device == "cuda" and config.layerwise_casting is None
+
+
 def host_bytes(
     components: list[Any], config: OptimizationConfig, weights: dict[str, int], k: dict[str, Any]
 ) -> tuple[int, int]:
