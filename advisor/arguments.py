@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from advisor.errors import UsageError
 from advisor.plan.quality import CLEAR_WIN
+from advisor.plan.scenario import DEFAULT_GENERATIONS
 from advisor.run.timing import CONFIRM_RUNS, MIN_PSNR_DB, TOLERANCE, TRIAL_TIMEOUT_S, TRIALS
 
 
@@ -164,6 +165,13 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
         )
     job.add_argument(
         "--batch", type=whole_number("--batch", 2), metavar="N", help="Images or videos per prompt (default 1)."
+    )
+    job.add_argument(
+        "--generations",
+        type=whole_number("--generations", 100),
+        metavar="N",
+        help=f"Generations one process makes: torch.compile's one-off warm-up is spread over them "
+        f"(default: {DEFAULT_GENERATIONS}, said as an assumption; 1 for a script that makes one).",
     )
     machine = _Parser(add_help=False)
     machine.add_argument("--vram", metavar="SIZE", help="Plan for a GPU with this much memory, e.g. 24GB.")

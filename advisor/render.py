@@ -467,6 +467,9 @@ def render_estimate(profile, job, target, config, result, fit: Fit | None = None
         "",
         "  ",
     )
+    if result.warmup_s:
+        warmup = f"about {result.warmup_s:.0f}s once, at the first call (torch.compile, cold caches)"
+        _print_wrapped(console, warmup, "warm-up: ", "  ")
     for note in result.notes:
         _print_wrapped(console, note, "note: ", "      ")
 

@@ -9,10 +9,10 @@ lever can be checked to see it.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from advisor.config import OptimizationConfig
-from advisor.levers.base import Lever, StepContext
+from advisor.levers.base import Lever, Pick, StepContext
 from advisor.levers.code import Step, method_step
 
 
@@ -27,12 +27,10 @@ class MadeUp(Lever):
     def compute_share(self, config: OptimizationConfig, step: StepContext) -> float:
         return config.made_up or 1.0
 
-    def reason(
-        self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]
-    ) -> str | None:
-        if config.made_up is None:
+    def reason(self, pick: Pick) -> str | None:
+        if pick.config.made_up is None:
             return None
-        return f"made-up lever: predicted {latency_s:.1f}s against {without_s():.1f}s without"
+        return f"made-up lever: predicted {pick.latency_s:.1f}s against {pick.without(self):.1f}s without"
 
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         if config.made_up is None:

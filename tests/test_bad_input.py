@@ -413,3 +413,9 @@ def test_corrupt_model_folders_are_one_model_error_naming_the_file(data, model_c
     with replaced(target, text):
         line = assert_refused(command)
     assert line.startswith(f"advisor: error: {target}: "), line
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "abc"])
+def test_bad_generations_are_refused_naming_the_flag(value):
+    line = assert_refused(["recommend", "--gpu", "H100", "--generations", value])
+    assert "--generations" in line and not line.startswith("advisor: error: argument "), line

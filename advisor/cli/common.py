@@ -100,6 +100,7 @@ REQUEST_FLAGS = (
     "frames",
     "steps",
     "batch",
+    "generations",
     "vram",
     "ram",
     "gpu",

@@ -28,6 +28,7 @@ from advisor.levers.base import (
     Loading,
     Pick,
     Prefer,
+    Rival,
     StepContext,
 )
 from advisor.levers.bitsandbytes import BITSANDBYTES
@@ -53,6 +54,7 @@ __all__ = [
     "Loading",
     "Pick",
     "Prefer",
+    "Rival",
     "StepContext",
     "lever_named",
     "register",

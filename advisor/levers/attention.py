@@ -16,10 +16,10 @@ its source; `advisor tune` measures the real one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from advisor.config import OptimizationConfig
-from advisor.levers.base import Lever, StepContext
+from advisor.levers.base import Lever, Pick, StepContext
 from advisor.levers.code import Step, method_step
 from advisor.platform import Constraint, Platform, constraint, on_cuda, version_tuple
 
@@ -301,11 +301,10 @@ class AttentionKernel(Lever):
     def quality_cost(self, config: OptimizationConfig) -> tuple[str, str] | None:
         return QUALITY_COST if self.lossy(config) else None
 
-    def reason(
-        self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]
-    ) -> str | None:
+    def reason(self, pick: Pick) -> str | None:
         """On a GPU: the pick's published speed-up and predicted gain over native, and the faster
         kernels left out here (not installed, not known to be, or lossy under the policy)."""
+        config, scenario, latency_s = pick.config, pick.scenario, pick.latency_s
         if scenario.target.device != "cuda":
             return None
         platform = scenario.platform
@@ -323,7 +322,7 @@ class AttentionKernel(Lever):
             said = (
                 f"attention: {chosen} ({backend.kernel}), modelled at {backend.speedup_at(capability):.2f}x native's attention "
                 f"at compute capability {platform.compute_capability} ({backend.published}, {backend.source}): predicted "
-                f"{latency_s:.1f}s against {without_s():.1f}s with native; tune measures it"
+                f"{latency_s:.1f}s against {pick.without(self):.1f}s with native; tune measures it"
             )
         offered = attention_choices(platform, config.dtype)
         missed = []

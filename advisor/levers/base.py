@@ -14,7 +14,7 @@ What each part of the advisor asks, and when:
   `adjusts`: how the planner completes a candidate with this lever (given the estimate), `prefers`:
   how it breaks near-ties the way the guidance says;
 - `stored_bytes`: a component's weight bytes where the lever stores them (`advisor.plan.weights`);
-  `compute_share`, `attention_speedup`: the step's latency (`advisor.plan.estimate`), per device;
+  `warmup_s`: one-off seconds at the first call; `compute_share`, `attention_speedup`: the step's latency (`advisor.plan.estimate`), per device;
   `held_bytes`: device memory held from step to step (`advisor.plan.compute`), per device;
   `decode_mode`: how the VAE decodes (tiled, sliced), which the decode's memory follows;
 - `lossy`, `quality_cost`: the quality policy (`advisor.plan.quality`);
@@ -88,6 +88,15 @@ class Loading:
 
 
 @dataclass(frozen=True)
+class Rival:
+    """A candidate the pick is explained against: its config, estimate and score (`Pick.score_s`)."""
+
+    config: OptimizationConfig
+    estimate: Any  # `advisor.plan.estimate.Estimate`
+    score_s: float
+
+
+@dataclass(frozen=True)
 class Pick:
     """The pick `advisor recommend` explains, and what a lever's explanation may ask the planner
     about it (the levers import nothing from the planner: `advisor.plan.recommend` builds this)."""
@@ -95,18 +104,23 @@ class Pick:
     config: OptimizationConfig
     scenario: Any  # `advisor.plan.scenario.Scenario`
     estimate: Any  # its `advisor.plan.estimate.Estimate`
+    score_s: float  # what candidates are ranked by: the latency and its share of the one-off warm-up
     lossy: bool
     tie: float  # the share within which the guidance's preferences decide between candidates
     predict: Callable[[OptimizationConfig], Any]  # the estimate of another config for the same scenario
     peak: Callable[[Any], int]  # an estimate's peak on the target device (what the budget limits)
     resident_blocks_that_fit: Callable[[str], int]  # the most blocks of a component that fit the budget
-    # The predicted seconds of the fastest candidate that fits, is as lossy as the pick and passes the
-    # check; None where there is none.
-    fastest_fitting: Callable[[Callable[[OptimizationConfig], bool]], float | None]
+    # The best-scored candidate that fits, is as lossy as the pick and passes the check; None where
+    # there is none.
+    rival: Callable[[Callable[[OptimizationConfig], bool]], Rival | None]
 
     @property
     def latency_s(self) -> float:
         return self.estimate.latency_s
+
+    def without(self, lever: Lever) -> float:
+        """The predicted seconds without `lever` (an estimate: ask only where it is said)."""
+        return self.predict(lever.off(self.config)).latency_s
 
 
 @dataclass(frozen=True)
@@ -194,6 +208,11 @@ class Lever:
         estimate's constants `k`; None where it does not store that component."""
         return None
 
+    def warmup_s(self, config: OptimizationConfig, profile: Any, k: dict) -> float:
+        """One-off seconds at the first call with `config` (cold caches), for `profile`
+        (`advisor.probe.models.ModelProfile`) with the estimate's constants `k`: none by default."""
+        return 0.0
+
     def compute_share(self, config: OptimizationConfig, step: StepContext) -> float:
         """The share of the denoiser's work that still runs each step."""
         return 1.0
@@ -223,11 +242,8 @@ class Lever:
         """The lines explaining what this lever does to the pick's memory (said before any `reason`)."""
         return []
 
-    def reason(
-        self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]
-    ) -> str | None:
-        """The line explaining this lever's part of a pick predicted at `latency_s`; `without_s()`
-        predicts it without the lever (an estimate: call it only when it is said)."""
+    def reason(self, pick: Pick) -> str | None:
+        """The line explaining this lever's part of the pick (`Pick.without` predicts it without the lever)."""
         return None
 
     def guidance_reasons(self, pick: Pick) -> list[str]:

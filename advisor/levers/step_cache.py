@@ -43,10 +43,10 @@ diffusers only inside the apply step.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from advisor.config import CACHE_SETTINGS, Cache, OptimizationConfig
-from advisor.levers.base import ActivationShape, Filter, Lever, StepContext
+from advisor.levers.base import ActivationShape, Filter, Lever, Pick, StepContext
 from advisor.levers.code import Expr, Step, call_source
 
 
@@ -355,10 +355,9 @@ class StepCache(Lever):
     def quality_cost(self, config: OptimizationConfig) -> tuple[str, str] | None:
         return QUALITY_COSTS[config.cache.kind] if config.cache else None
 
-    def reason(
-        self, config: OptimizationConfig, scenario: Any, latency_s: float, without_s: Callable[[], float]
-    ) -> str | None:
+    def reason(self, pick: Pick) -> str | None:
         """What the cache skips, what its saving is modelled on, the predicted gain and the quality cost."""
+        config, scenario, latency_s = pick.config, pick.scenario, pick.latency_s
         cache = config.cache
         if cache is None:
             return None
@@ -390,7 +389,7 @@ class StepCache(Lever):
             )
         cost, _ = QUALITY_COSTS[cache.kind]
         return (
-            f"{cache.label()}: {what}: predicted {latency_s:.1f}s against {without_s():.1f}s without; "
+            f"{cache.label()}: {what}: predicted {latency_s:.1f}s against {pick.without(self):.1f}s without; "
             f"quality cost: {cost}; offered under --quality fast only"
         )
 

@@ -9,6 +9,7 @@ The model, per phase of a generation (text encoding, denoising, VAE decode):
     host bytes   = process baseline + weights kept in RAM (pinned copies count twice) + load peak
     latency      = text encoding + steps x max/sum(step compute, step transfers) + VAE decode
                    + model-offload transfers
+    warm-up      = one-off work at the first call (torch.compile's), beside the latency
 
 Weights are exact from the profile (parameter counts per layer type) and the storage format of the
 config. Activations and throughput use the constants in ``advisor/data/estimate_constants.json``,
@@ -23,7 +24,7 @@ from typing import Any
 
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
-from advisor.levers import offload, quantization
+from advisor.levers import LEVERS, offload, quantization
 from advisor.plan.compute import Work, constants, phase_work
 from advisor.plan.compute import trace_of as _traced
 from advisor.plan.latency import latency
@@ -76,6 +77,7 @@ class Estimate:
     step_latency_s: float
     latency_breakdown: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    warmup_s: float = 0.0  # one-off work at the first call (torch.compile's, cold caches): not in latency_s
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -93,6 +95,7 @@ class Estimate:
             "disk_bytes": self.disk_bytes,
             "latency_s": round(self.latency_s, 3),
             "step_latency_s": round(self.step_latency_s, 4),
+            "warmup_s": round(self.warmup_s, 1),
         }
 
     def limited_peak(self, device: str) -> int:
@@ -243,6 +246,7 @@ def estimate(
         step_latency_s=step,
         latency_breakdown=breakdown,
         notes=notes,
+        warmup_s=sum(lever.warmup_s(config, profile, constants()) for lever in LEVERS),
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from advisor.config import OptimizationConfig
-from advisor.levers import LEVERS, Pick
+from advisor.levers import LEVERS, Pick, Rival
 from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
 from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy
 from advisor.plan.rules import TIE, rules_of
@@ -35,7 +35,7 @@ class Scored:
     estimate: Estimate
     fits: bool
     why_not: str | None  # `Unfit.reason`
-    score_s: float  # predicted latency (what ties are judged on)
+    score_s: float  # predicted latency with its share of the one-off warm-up (what candidates are ranked by)
     adjusted_by: list[str] = field(default_factory=list)  # adjust rules that changed this candidate
     over: str | None = None  # the limit it does not fit (`Unfit.limit`)
 
@@ -150,7 +150,7 @@ def score(config: OptimizationConfig, scenario: Scenario, adjusted_by: list[str]
         result,
         unfit is None,
         unfit.reason if unfit else None,
-        result.latency_s,
+        result.latency_s + result.warmup_s / scenario.generations,
         adjusted_by or [],
         unfit.limit if unfit else None,
     )
@@ -287,9 +287,7 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
     for lever in LEVERS:
         reasons += lever.memory_reasons(pick)
     for lever in LEVERS:
-        said = lever.reason(
-            config, scenario, result.latency_s, lambda lever=lever: estimate_for(scenario, lever.off(config)).latency_s
-        )
+        said = lever.reason(pick)
         reasons += [said] if said else []
     reasons += [f"{r.reason} ({r.source})" for r in rules_of("adjust") if r.name in best.adjusted_by]
     for lever in LEVERS:
@@ -302,20 +300,22 @@ def _pick_for(best: Scored, feasible: list[Scored], scenario: Scenario) -> Pick:
     """What the levers' explanations may ask about the pick, answered by the planner."""
     lossy = is_lossy(best.config)
 
-    def fastest_fitting(check: Callable[[OptimizationConfig], bool]) -> float | None:
-        scores = [s.score_s for s in feasible if check(s.config) and is_lossy(s.config) == lossy]
-        return min(scores, default=None)
+    def rival(check: Callable[[OptimizationConfig], bool]) -> Rival | None:
+        alike = [s for s in feasible if check(s.config) and is_lossy(s.config) == lossy]
+        found = min(alike, key=lambda s: s.score_s, default=None)
+        return None if found is None else Rival(found.config, found.estimate, found.score_s)
 
     return Pick(
         best.config,
         scenario,
         best.estimate,
+        best.score_s,
         lossy,
         TIE,
         lambda config: estimate_for(scenario, config),
         lambda result: result.limited_peak(scenario.target.device),
         lambda name: resident_blocks_that_fit(scenario, best.config, name),
-        fastest_fitting,
+        rival,
     )
 
 

@@ -47,6 +47,11 @@ RAM_USABLE = 0.9
 RESERVE_BYTES = GIB
 RESERVE_SHARE = 0.05  # of the card
 
+# Generations one process makes, where the user does not say: a session's worth (a notebook, a UI
+# server, a batch script), over which a one-off warm-up such as torch.compile's is spread. Said as
+# an assumption; a script that makes one image is `--generations 1`.
+DEFAULT_GENERATIONS = 10
+
 
 def default_budget(target: TargetHardware) -> int:
     """Free accelerator memory minus the reserve (1 GiB + 5% of the card); on a CPU, the usable
@@ -89,6 +94,7 @@ class Scenario:
     notes: tuple[str, ...] = ()
     quality: Quality = "balanced"
     assumed: tuple[str, ...] = ()  # assumed beyond the machine and the workload: the model, when none was given
+    generations: int = DEFAULT_GENERATIONS  # one process makes: what a one-off warm-up is spread over
 
     # Computed once for this scenario (`advisor.plan.estimate`): config key -> its estimate; and in
     # `memo`, each phase's work by what it depends on and partial offload's fit per config.
@@ -137,8 +143,19 @@ def make_scenario(
     notes: tuple[str, ...] = (),
     quality: Quality = "balanced",
     assumed: tuple[str, ...] = (),
+    generations: int | None = None,
 ) -> Scenario:
-    """The scenario, with the default budget when none is given; a budget of nothing is an error here."""
+    """The scenario, with the default budget when none is given (and the default generations, said as
+    an assumption); a budget of nothing is an error here."""
+    if generations is None:
+        generations = DEFAULT_GENERATIONS
+        assumed = (
+            *assumed,
+            f"generations: {DEFAULT_GENERATIONS} per process (torch.compile's warm-up is spread over them); "
+            "pass --generations N",
+        )
+    elif generations < 1:
+        raise UsageError(f"--generations: {generations} is not a count of generations; give 1 or more")
     if budget_bytes is None:
         budget, source = default_budget(target), "default: free memory minus a reserve"
         if budget <= 0:  # the user gave no --budget: say which memory left nothing
@@ -160,7 +177,7 @@ def make_scenario(
             f"--budget {format_size(budget)} is more than the card's {format_size(target.vram_total_bytes)}; planning within the card",
         )
         budget = target.vram_total_bytes
-    return Scenario(profile, workload, target, packages, budget, source, tuple(notes), quality, assumed)
+    return Scenario(profile, workload, target, packages, budget, source, tuple(notes), quality, assumed, generations)
 
 
 @dataclass(frozen=True)
@@ -177,6 +194,7 @@ class Request:
     frames: int | None = None
     steps: int | None = None
     batch: int | None = None
+    generations: int | None = None  # one process makes (`Scenario.generations`)
     vram: int | None = None  # a card of this much memory (not this machine's)
     ram: int | None = None
     gpu: str | None = None  # a datasheet card (not this machine's)
@@ -244,4 +262,5 @@ def scenario_for(
         notes=tuple(notes),
         quality=request.quality,
         assumed=request.assumed,
+        generations=request.generations,
     )

@@ -79,17 +79,17 @@ def guidance_reasons(pick: Pick, prefers: tuple[Prefer, ...]) -> list[str]:
         elif mine > theirs:
             # Against candidates as lossy as the pick: the quality policy, not the offloading, decided between those.
             kind = "lossy" if pick.lossy else "lossless"
-            runner_s = pick.fastest_fitting(lambda config: config.offload.strategy == other.strategy)
-            if runner_s is None:
+            runner = pick.rival(lambda config: config.offload.strategy == other.strategy)
+            if runner is None:
                 lines.append(
                     f"no {kind} {other.strategy}-offload candidate fits the budget, so the guidance's preference can't apply: "
                     f"{prefer.reason} ({prefer.source})"
                 )
                 continue
-            gain = 1 - pick.latency_s / runner_s
+            gain = 1 - pick.score_s / runner.score_s
             lines.append(
                 f"{strategy} offloading is predicted {gain:.0%} faster than the best {kind} {other.strategy}-offload candidate "
-                f"({runner_s:.1f}s), more than the {pick.tie:.0%} within which the guidance decides: {prefer.reason} "
+                f"({runner.score_s:.1f}s), more than the {pick.tie:.0%} within which the guidance decides: {prefer.reason} "
                 f"({prefer.source})"
             )
     return lines
