@@ -166,7 +166,8 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
     job.add_argument(
         "--batch", type=whole_number("--batch", 2), metavar="N", help="Images or videos per prompt (default 1)."
     )
-    job.add_argument(
+    process = _Parser(add_help=False)  # what a plan that chooses compile or not weighs
+    process.add_argument(
         "--generations",
         type=whole_number("--generations", 100),
         metavar="N",
@@ -177,7 +178,13 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
     machine.add_argument("--vram", metavar="SIZE", help="Plan for a GPU with this much memory, e.g. 24GB.")
     machine.add_argument("--ram", metavar="SIZE", help="Plan for this much host RAM, e.g. 64GB.")
     machine.add_argument(
-        "--gpu", metavar="NAME", help="Plan for this GPU model, e.g. 'RTX 4090' (see docs/estimate.md)."
+        "--gpu", metavar="NAME", help="Plan for this GPU model, e.g. 'RTX 4090' (docs/gpus.md lists them)."
+    )
+    machine.add_argument(
+        "--os",
+        metavar="OS",
+        help="The operating system of the machine --gpu or --vram describes: linux (default, said as an "
+        "assumption) or windows.",
     )
     as_json = _Parser(add_help=False)
     as_json.add_argument("--json", dest="as_json", action="store_true", help="Print one JSON object.")
@@ -216,7 +223,7 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
         help="An advisor config file (default: plain bf16, no offload).",
     )
 
-    sub = subcommand("recommend", model, job, machine, as_json)
+    sub = subcommand("recommend", model, job, process, machine, as_json)
     sub.add_argument(
         "--budget", metavar="SIZE", help="GPU memory the run may use, e.g. 16GB (default: free VRAM minus a reserve)."
     )
@@ -235,7 +242,7 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
     )
     sub.add_argument("--emit", help="Print code instead of the summary: 'python'.")
 
-    sub = subcommand("tune", model, job, as_json)
+    sub = subcommand("tune", model, job, process, as_json)
     sub.add_argument(
         "--budget",
         required=True,

@@ -28,9 +28,10 @@ from advisor.config import OptimizationConfig
 from advisor.levers import LEVERS, quantization
 from advisor.levers.attention import PACKAGES as ATTENTION_PACKAGES
 from advisor.levers.offload import uses_group_offload
+from advisor.levers.torch_compile import COMPILER_PACKAGES
 from advisor.packages import installed_versions
 from advisor.paths import hub_offline
-from advisor.platform import Constraint, Platform, Violation, version_tuple
+from advisor.platform import Constraint, Platform, Violation, this_os, version_tuple
 from advisor.platform import constraint as _constraint
 
 
@@ -44,15 +45,16 @@ def platform_here(device: str = "cuda") -> Platform:
     packages = installed_versions(CHECKED_HERE)
     offline = hub_offline()
     if not torch.cuda.is_available():
-        return Platform(None, None, packages, 0, f"this machine has no CUDA GPU (torch {torch.__version__})", offline)
+        no_cuda = f"this machine has no CUDA GPU (torch {torch.__version__})"
+        return Platform(None, None, packages, 0, no_cuda, offline, this_os())
     index = _device_index(device)
     count = torch.cuda.device_count()
     major, minor = torch.cuda.get_device_capability(index if index < count else 0)
-    return Platform("cuda", f"{major}.{minor}", packages, count, offline=offline)
+    return Platform("cuda", f"{major}.{minor}", packages, count, offline=offline, os=this_os())
 
 
 # The packages a constraint asks about: the quantizers', diffusers and the attention kernels'.
-CHECKED_HERE = (*quantization.packages(), "diffusers", *ATTENTION_PACKAGES)
+CHECKED_HERE = (*quantization.packages(), "diffusers", *ATTENTION_PACKAGES, *COMPILER_PACKAGES)
 
 
 def _device_index(device: str) -> int:

@@ -9,11 +9,23 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from advisor.config import OptimizationConfig
 from advisor.units import parse_capability
+
+
+# The operating systems a CUDA plan is made for (macOS has no CUDA: a plan for it is a CPU plan).
+OPERATING_SYSTEMS = ("linux", "windows")
+
+
+def this_os() -> str:
+    """This machine's operating system, as plans name it: "windows", "darwin" or "linux"."""
+    if sys.platform.startswith("win"):
+        return "windows"
+    return "darwin" if sys.platform == "darwin" else "linux"
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,7 @@ class Platform:
     cuda_devices: int = 1
     no_cuda: str = "the target has no CUDA GPU"  # how messages say there is none
     offline: bool = False  # HF_HUB_OFFLINE: nothing can be downloaded (the attention hub kernels)
+    os: str = "linux"  # `OPERATING_SYSTEMS`, or "darwin"
 
     @property
     def capability(self) -> float:
@@ -41,10 +54,14 @@ class Platform:
 
     @classmethod
     def of_target(
-        cls, device: str, compute_capability: str | None, packages: Mapping[str, str | None] | None
+        cls,
+        device: str,
+        compute_capability: str | None,
+        packages: Mapping[str, str | None] | None,
+        os: str = "linux",
     ) -> Platform:
         """The platform of a planning target (`advisor.probe.target.TargetHardware`)."""
-        return cls("cuda" if device == "cuda" else None, compute_capability, packages)
+        return cls("cuda" if device == "cuda" else None, compute_capability, packages, os=os)
 
     @classmethod
     def anywhere(cls) -> Platform:

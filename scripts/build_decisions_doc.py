@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "decisions.md"
 INTRO = """# Decisions of `advisor recommend`
 
-What the rule engine picks for 26 scenarios (model x card x RAM x budget x quality, image and
-video, consumer and datacentre cards; a CPU-only one is in the tests too). Each row's expectation is
+What the rule engine picks for {count} scenarios (model x card x RAM x budget x quality, image and
+video, consumer and datacentre cards, Linux and Windows, one and many generations per process; a
+CPU-only one is in the tests too). Each row's expectation is
 written from diffusers' guidance, published numbers or physics and is checked by
 `tests/test_decisions.py`; the pick, peak and latency columns are what the advisor predicts
 (regenerate with `python scripts/build_decisions_doc.py`). Cards are planned from datasheets
@@ -51,6 +52,8 @@ def main() -> None:
                 f"{d.card['ram'] / 2**30:.0f} GB RAM" if "ram" in d.card else "RAM assumed",
             ]
             + ([f"budget {format_size(d.budget)}"] if d.budget else [])
+            + ([d.card["os"]] if "os" in d.card else [])
+            + ([f"{d.generations} generation(s) per process"] if d.generations else [])
             + [d.quality]
         )
         if r.best is None:
@@ -64,7 +67,7 @@ def main() -> None:
                 f"{e.latency_s:.1f}s",
             )
         rows.append(f"| `{d.name}` ({d.model}) | {card} | {d.expect} | {pick} | {peak} | {ram} | {latency} |")
-    PAGE.write_text(INTRO + "\n".join(rows) + "\n")
+    PAGE.write_text(INTRO.format(count=len(rows)) + "\n".join(rows) + "\n")
     print(f"wrote {len(rows)} decisions to {PAGE}")
 
 

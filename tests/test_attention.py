@@ -228,3 +228,11 @@ def test_each_cpu_kernel_is_applied_and_gives_the_default_output_within_toleranc
     assert backends == {AttentionBackendName(name)}
     # The same attention computed another way: float32 rounding differs, nothing else (images in [0, 1]).
     assert np.abs(image - default).max() < 1e-3
+
+
+def test_a_published_speed_up_applies_only_where_it_was_measured():
+    """PyTorch 2.5's cuDNN attention figure ('up to 75% over FlashAttention-2') was measured on an
+    H100: a Hopper gets it; an RTX 5090 (12.0) or a B200 (10.0) are unmeasured, so 1x, not 1.75x."""
+    cudnn = BACKENDS["_native_cudnn"]
+    assert cudnn.speedup_at(9.0) == 1.75
+    assert cudnn.speedup_at(12.0) == cudnn.speedup_at(10.0) == cudnn.speedup_at(8.9) == 1.0

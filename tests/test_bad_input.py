@@ -419,3 +419,25 @@ def test_corrupt_model_folders_are_one_model_error_naming_the_file(data, model_c
 def test_bad_generations_are_refused_naming_the_flag(value):
     line = assert_refused(["recommend", "--gpu", "H100", "--generations", value])
     assert "--generations" in line and not line.startswith("advisor: error: argument "), line
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--gpu", "H100", "--os", "macos"], "linux, windows"),
+        (["--os", "windows"], "--gpu NAME or --vram SIZE"),  # it describes another machine
+    ],
+)
+def test_bad_operating_systems_are_refused_naming_the_flag(args, says):
+    line = assert_refused(["recommend", *args])
+    assert "--os" in line and says in line, line
+
+
+def test_a_mistyped_option_gets_the_near_one():
+    line = assert_refused(["recommend", "--modle", "flux-dev"])
+    assert "no such option: --modle" in line and "did you mean --model?" in line, line
+
+
+def test_an_unknown_model_lists_the_catalog_briefly():
+    line = assert_refused(["estimate", "not-a-model-anyone-has"])
+    assert "flux-dev" in line and "black-forest-labs" not in line and len(line) < 450, line

@@ -762,7 +762,9 @@ def test_estimate_prints_what_it_assumed(capsys):
     assert any(line.startswith("assumed steps: 28") for line in assumed) and any(
         line.startswith("assumed size: 1024x1024") for line in assumed
     )
-    assert main("estimate flux-dev --gpu H100 --ram 64GB --steps 28 --width 1024 --height 1024".split()) == 0
+    assert (
+        main("estimate flux-dev --gpu H100 --ram 64GB --os linux --steps 28 --width 1024 --height 1024".split()) == 0
+    )
     assert "assumed" not in capsys.readouterr().out  # everything given: nothing assumed
 
 
@@ -862,6 +864,38 @@ def test_an_unknown_model_lists_the_aliases_people_type(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     for alias in ("flux-dev", "sd3", "wan2.1-t2v-14b", "sdxl", "qwen-image"):
-        assert f" {alias} (" in err[0], err[0]  # the alias, then the hub id it stands for
+        assert f" {alias}," in err[0] or f" {alias} (" in err[0], err[0]  # the aliases; hub ids: docs/models.md
+    assert "black-forest-labs" not in err[0] and "docs/models.md" in err[0] and len(err[0]) < 450
     assert main(["recommend", "-m", "flux-deev"]) == 1
     assert "did you mean 'flux-dev'?" in capsys.readouterr().err
+
+
+def test_a_local_folder_is_recorded_absolute(tiny_flux_dir, tmp_path, monkeypatch, capsys):
+    """A config made for ./tiny-flux must load from any folder: `load_pipeline(config.provenance.model,
+    config)` and the emitted script's from_pretrained name the folder absolute, and the output says so."""
+    monkeypatch.chdir(tiny_flux_dir.parent)
+    relative = f"./{tiny_flux_dir.name}"
+    written = tmp_path / "config.json"
+    assert main(["recommend", "-m", relative, "-o", str(written)]) == 0
+    assert f"the local folder {relative}, recorded as {tiny_flux_dir.resolve()}" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    recorded = json.loads(written.read_text())["provenance"]["model"]
+    assert recorded == str(tiny_flux_dir.resolve()) and (Path(recorded) / "model_index.json").is_file()
+
+
+# Where each command's options are documented.
+DOCUMENTED_IN = {"tune": "docs/tune.md", "recommend": "docs/cli.md", "estimate": "docs/cli.md", "probe": "docs/cli.md"}
+
+
+@pytest.mark.parametrize("command", sorted(DOCUMENTED_IN))
+def test_every_option_of_a_command_is_documented(command):
+    """The docs can't drift from the parser: each long option a command takes is in its page (tune's
+    synopsis once missed --quality, --min-psnr and --quiet)."""
+    from advisor.arguments import build_parser
+    from advisor.cli import COMMANDS
+
+    parser = build_parser(COMMANDS)
+    sub = next(a.choices[command] for a in parser._subparsers._group_actions if command in (a.choices or {}))
+    page = (Path(__file__).resolve().parent.parent / DOCUMENTED_IN[command]).read_text()
+    options = {o for o in sub._option_string_actions if o.startswith("--") and o not in ("--help", "--debug")}
+    assert sorted(o for o in options if o not in page) == []

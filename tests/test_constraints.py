@@ -11,7 +11,7 @@ from advisor.errors import ConfigError
 from advisor.levers.bitsandbytes import bitsandbytes_needs_cuda
 from advisor.levers.offload import cpu_offload_needs_cuda, streams_need_cuda
 from advisor.levers.quantization import quantization_backend_installed
-from advisor.levers.torch_compile import fullgraph_breaks_on_offload_hooks
+from advisor.levers.torch_compile import compile_needs_triton_on_windows, fullgraph_breaks_on_offload_hooks
 from advisor.levers.torchao import (
     compiled_torchao_needs_leaf_or_stream_offload,
     fp8_compute_needs_sm89,
@@ -178,3 +178,21 @@ def test_docs_list_every_constraint():
     page = (Path(__file__).resolve().parent.parent / "docs" / "rules.md").read_text()
     for c in every_constraint():
         assert f"`{c.name}` | constraint on `{c.key}`" in page and c.source in page
+
+
+def test_compile_on_windows_needs_a_triton_build():
+    """inductor writes Triton kernels for the GPU, and Triton has no official Windows build (PyTorch's
+    inductor-on-Windows tutorial): compiling there needs the community triton-windows, which a plan
+    for a Windows machine the advisor can't see does not assume."""
+    compiled = OptimizationConfig(compile=Compile())
+    windows_unknown = Platform("cuda", "8.9", None, os="windows")
+    message = compile_needs_triton_on_windows(compiled, windows_unknown)
+    assert message.startswith("`compile`") and "triton-windows" in message and "not assumed" in message
+    without = Platform("cuda", "8.9", {"torch": "2.13.0"}, os="windows")
+    assert "not installed" in compile_needs_triton_on_windows(compiled, without)
+    with_triton = Platform("cuda", "8.9", {"torch": "2.13.0", "triton-windows": "3.4.0"}, os="windows")
+    assert compile_needs_triton_on_windows(compiled, with_triton) is None
+    assert compile_needs_triton_on_windows(compiled, Platform("cuda", "8.9", None)) is None  # Linux ships Triton
+    assert compile_needs_triton_on_windows(OptimizationConfig(), windows_unknown) is None
+    eager = OptimizationConfig(compile=Compile(backend="eager"))  # no kernels generated
+    assert compile_needs_triton_on_windows(eager, windows_unknown) is None

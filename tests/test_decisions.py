@@ -196,6 +196,36 @@ DECISIONS = [
         generations=100,
     ),
     Decision(
+        "flux-4090-windows",
+        "flux-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB, "os": "windows"},
+        "Windows: torch.compile's inductor needs Triton, which has no official Windows build (PyTorch's "
+        "inductor-on-Windows tutorial; the community triton-windows), so no compile, and why; the NVIDIA driver "
+        "spills past the card into shared memory instead of failing (sysmem fallback), so the budget keeps more back",
+        _check(
+            lambda r: r.config.compile is None,
+            lambda r: any(x.startswith("no torch.compile") and "triton-windows" in x for x in r.reasons),
+            lambda r: any("shared system memory" in n for n in r.scenario.notes),
+            # more back than a Linux plan's 1 GiB + 5% of the card
+            lambda r: r.scenario.budget_bytes < r.scenario.target.vram_total_bytes * 0.95 - 1.5 * GIB,
+        ),
+    ),
+    Decision(
+        "flux-4090-windows-with-triton",
+        "flux-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB, "os": "windows"},
+        "Windows with triton-windows installed: compiling can run, and the seed page's nf4 + compile plan is "
+        "open again (a quantized, compiled transformer)",
+        _check(lambda r: r.config.compile is not None),
+        packages={
+            "torch": "2.13.0",
+            "diffusers": "0.42.1",
+            "torchao": "0.18.0",
+            "bitsandbytes": "0.48.0",
+            "triton-windows": "3.4.0",
+        },
+    ),
+    Decision(
         "flux-4090-exact",
         "flux-dev",
         {"gpu": "RTX 4090", "ram": 64 * GIB},

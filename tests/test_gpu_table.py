@@ -10,6 +10,7 @@ desktop card or another memory size.
 """
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +28,9 @@ from advisor.probe.target import (
     target_from_probe,
 )
 from advisor.units import GIB, parse_size
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 RAW = json.loads((DATA_DIR / "gpus.json").read_text())
@@ -363,7 +367,7 @@ def test_memory_variants_of_one_model_differ_in_memory_only_by_architecture():
 def test_the_name_with_its_memory_plans_that_card(key):
     """'RTX 3060 12GB' and 'RTX 3060 8GB' are different cards; each, typed with its memory, is planned as itself."""
     typed = key if _tokens(key)[1] is not None else f"{key} {SOLD_WITH[key]}GB"
-    target = planned_target(machine=None, gpu=typed, ram=64 * GIB)
+    target = planned_target(machine=None, gpu=typed, ram=64 * GIB, os="linux")
     assert target.vram_total_bytes == int(TABLE[key]["memory_gib"] * GIB), typed
     assert target.matmul_flops == TABLE[key]["bf16_tflops"] * 1e12
     assert target.name == (key if typed == key else typed) and target.source == f"--gpu {key} (datasheet), --ram"
@@ -395,7 +399,7 @@ def test_a_stated_memory_picks_the_variant_with_it(typed, expected):
 
 
 def test_a_stated_memory_no_entry_has_keeps_the_figures_and_says_so():
-    target = planned_target(machine=None, gpu="RTX 4090 48GB", ram=64 * GIB)
+    target = planned_target(machine=None, gpu="RTX 4090 48GB", ram=64 * GIB, os="linux")
     assert target.vram_total_bytes == 48 * GIB and target.matmul_flops == TABLE["RTX 4090"]["bf16_tflops"] * 1e12
     assert target.name == "RTX 4090 with 48 GB"
     (said,) = target.assumptions
@@ -443,12 +447,13 @@ def test_vram_name_reads_back_as_the_size_given(size):
 
 def test_vram_that_is_not_the_cards_memory_is_allowed_and_said():
     """--gpu H100 --vram 24GB: a MIG slice or a capped card; the H100's compute, 24 GB, and a line saying so."""
-    target = planned_target(machine=None, gpu="H100", vram=24 * GIB, ram=64 * GIB)
+    target = planned_target(machine=None, gpu="H100", vram=24 * GIB, ram=64 * GIB, os="linux")
     assert target.vram_total_bytes == 24 * GIB and target.matmul_flops == TABLE["H100"]["bf16_tflops"] * 1e12
     assert target.name == "H100 with 24 GB"
     (said,) = target.assumptions
     assert "--vram 24 GB" in said and "H100" in said and "79.6 GB" in said
-    assert planned_target(machine=None, gpu="H100", vram=80 * GIB, ram=64 * GIB).assumptions == ()  # the H100's own
+    own = planned_target(machine=None, gpu="H100", vram=80 * GIB, ram=64 * GIB, os="linux")
+    assert own.assumptions == ()  # the H100's own
 
 
 def test_recommend_header_and_provenance_name_the_card_planned(capsys, monkeypatch):
@@ -518,3 +523,43 @@ def test_a_card_sold_with_more_than_one_memory_says_which_it_planned(gpu, planne
     assert memory_fits(target.vram_total_bytes / GIB, planned_gb)
     assert not [a for a in planned_target(machine=None, gpu=other).assumptions if a.startswith("memory:")]
     assert not [a for a in planned_target(machine=None, gpu="RTX 4090").assumptions if a.startswith("memory:")]
+
+
+def test_the_gpu_page_is_current():
+    """docs/gpus.md lists every card --gpu knows (scripts/build_gpu_doc.py): the error for an unknown
+    name points there instead of listing them all."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_gpu_doc", ROOT / "scripts" / "build_gpu_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = module.PAGE.read_text()
+    for name in gpu_table():
+        assert f"| {name} |" in page, f"run python scripts/build_gpu_doc.py ({name} missing)"
+
+
+@pytest.mark.parametrize(
+    ("name", "maker"),
+    [
+        ("MI300X", "AMD"),
+        ("AMD Instinct MI250", "AMD"),
+        ("Radeon RX 7900 XTX", "AMD"),
+        ("Apple M3 Max", "Apple"),
+        ("M2 Ultra", "Apple"),
+        ("Intel Arc A770", "Intel"),
+    ],
+)
+def test_other_makers_gpus_are_refused_plainly(name, maker):
+    """ROCm, Metal and XPU devices run other kernels, quantizers and offload paths than the CUDA ones
+    every plan names: one short line saying so, not the list of known cards, nor --vram advice."""
+    with pytest.raises(UsageError) as refused:
+        planned_target(machine=None, gpu=name)
+    line = str(refused.value)
+    assert maker in line and "NVIDIA CUDA" in line and "known:" not in line and len(line) < 250, line
+
+
+def test_an_unknown_name_lists_a_few_cards_not_all():
+    with pytest.raises(UsageError) as refused:
+        planned_target(machine=None, gpu="Quadro Z9")
+    line = str(refused.value)
+    assert "docs/gpus.md" in line and len(line) < 250, line

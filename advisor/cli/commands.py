@@ -103,7 +103,7 @@ def estimate(request: Request, config_file: str | None = None, as_json: bool = F
         )
     if loaded is not None:  # what recommend would never have proposed for this target (advisor.constraints)
         platform = Platform.of_target(
-            target.device, target.compute_capability, machine.software.packages if machine else None
+            target.device, target.compute_capability, machine.software.packages if machine else None, target.os
         )
         for violation in violations(config, platform):
             warnings.warn(

@@ -104,6 +104,7 @@ REQUEST_FLAGS = (
     "vram",
     "ram",
     "gpu",
+    "os",
     "budget",
     "quality",
 )

@@ -28,7 +28,7 @@ from advisor.levers.base import Adjust, Lever, Pick
 from advisor.levers.code import Step, method_step
 from advisor.levers.offload import OFFLOAD, group_offloaded
 from advisor.levers.quantization import needs_dynamic_output_shapes
-from advisor.platform import Constraint, Platform, constraint
+from advisor.platform import Constraint, Platform, constraint, on_cuda
 
 
 SEED_PAGE = "https://huggingface.co/docs/diffusers/main/en/optimization/speed-memory-optims"
@@ -50,6 +50,44 @@ def speedup(config: OptimizationConfig, name: str, generation: str, k: dict[str,
 # --- constraints and adjusts ---------------------------------------------------------------------
 
 CONSTRAINTS: list[Constraint] = []
+
+# inductor writes Triton kernels for a CUDA GPU; Triton publishes no Windows build, and the community
+# one installs as the module `triton` (PyTorch's "How to use torch.compile on Windows" tutorial).
+COMPILER_PACKAGES = ("triton", "triton-windows")
+WINDOWS_TRITON = "https://github.com/woct0rdho/triton-windows"
+
+
+@constraint(
+    "compile-needs-triton-on-windows",
+    "compile",
+    "torch.compile's inductor generates Triton kernels for the GPU; Triton has no official Windows build, so "
+    "on Windows compiling needs the community one (pip install triton-windows)",
+    f"https://docs.pytorch.org/tutorials/unstable/inductor_windows.html; {WINDOWS_TRITON}",
+    into=CONSTRAINTS,
+)
+def compile_needs_triton_on_windows(config: OptimizationConfig, platform: Platform) -> str | None:
+    compiled = config.compile
+    if compiled is None or compiled.backend != "inductor" or not on_cuda(config, platform):
+        return None
+    missing = _windows_triton_missing(platform)
+    return (
+        None if missing is None else f"`compile` {missing}; remove `compile`, or install it and plan on that machine"
+    )
+
+
+def _windows_triton_missing(platform: Platform) -> str | None:
+    """On Windows without a Triton build: what compiling needs, and why it is taken to be missing."""
+    if platform.os != "windows":
+        return None
+    if platform.packages is None:
+        why = "it is not assumed on a Windows machine the advisor can't see"
+    elif not any(platform.packages.get(name) for name in COMPILER_PACKAGES):
+        why = "it is not installed"
+    else:
+        return None
+    return f"needs a Triton build for Windows (pip install triton-windows: {WINDOWS_TRITON}) and {why}"
+
+
 FULLGRAPH = "fullgraph-breaks-on-offload-hooks"
 FULLGRAPH_REASON = (
     "group offloading and layerwise casting run diffusers hooks around every layer, which break a full "
@@ -209,7 +247,7 @@ class TorchCompile(Lever):
         it is left out for its warm-up alone, why."""
         config, scenario = pick.config, pick.scenario
         if not config.compile:
-            return _not_worth_its_warmup(pick)
+            return _not_compiled(pick)
         classes = ", ".join(c.class_name for c in scenario.profile.by_role("denoiser"))
         how = (
             " (regional: compile_repeated_blocks compiles each kind of repeated block once)"
@@ -255,9 +293,13 @@ def _warmup_sentence(warmup_s: float, saved_s: float, scenario: Any) -> str:
     )
 
 
-def _not_worth_its_warmup(pick: Pick) -> str | None:
-    """Why the pick leaves compile out where a compiled candidate that fits is faster per generation
-    but not once its warm-up is spread over the process's generations."""
+def _not_compiled(pick: Pick) -> str | None:
+    """Why the pick leaves compile out: it can't run on the target (Windows without Triton), or a
+    compiled candidate that fits is faster per generation but not once its warm-up is spread over
+    the process's generations."""
+    missing = _windows_triton_missing(pick.scenario.platform)
+    if missing is not None and pick.scenario.target.device == "cuda":
+        return f"no torch.compile: it {missing}"
     rival = pick.rival(lambda config: config.compile is not None)
     if rival is None or rival.score_s < pick.score_s:
         return None

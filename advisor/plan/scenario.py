@@ -20,6 +20,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from advisor.config import Provenance
@@ -46,6 +47,12 @@ RAM_USABLE = 0.9
 # context, ~0.5 GiB) and the caching allocator's fragmentation.
 RESERVE_BYTES = GIB
 RESERVE_SHARE = 0.05  # of the card
+# On Windows the desktop and the WDDM driver hold part of the card, and the NVIDIA driver spills
+# memory past the card into shared system memory instead of failing (sysmem fallback, driver 536.40
+# and later): an overshoot runs slowly rather than stopping, so the budget keeps this much more back
+# (assumed: the desktop's share varies with the displays and programs).
+WINDOWS_RESERVE_BYTES = GIB
+SYSMEM_FALLBACK = "https://nvidia.custhelp.com/app/answers/detail/a_id/5490"
 
 # Generations one process makes, where the user does not say: a session's worth (a notebook, a UI
 # server, a batch script), over which a one-off warm-up such as torch.compile's is spread. Said as
@@ -58,7 +65,8 @@ def default_budget(target: TargetHardware) -> int:
     share of the available RAM (`RAM_USABLE`)."""
     if target.device == "cpu":
         return int(target.ram_available_bytes * RAM_USABLE)
-    return max(int(target.vram_free_bytes - RESERVE_BYTES - RESERVE_SHARE * target.vram_total_bytes), 0)
+    reserve = RESERVE_BYTES + (WINDOWS_RESERVE_BYTES if target.os == "windows" else 0)
+    return max(int(target.vram_free_bytes - reserve - RESERVE_SHARE * target.vram_total_bytes), 0)
 
 
 def smallest_card_for(peak_bytes: int) -> int:
@@ -70,7 +78,8 @@ def default_budget_rule(target: TargetHardware) -> str:
     """`default_budget`'s rule in words, for messages: '90% of the available RAM' on a CPU."""
     if target.device == "cpu":
         return f"{RAM_USABLE:.0%} of the available RAM"
-    return f"free GPU memory minus {RESERVE_BYTES / GIB:g} GiB + {RESERVE_SHARE:.0%} of the card"
+    reserve = RESERVE_BYTES + (WINDOWS_RESERVE_BYTES if target.os == "windows" else 0)
+    return f"free GPU memory minus {reserve / GIB:g} GiB + {RESERVE_SHARE:.0%} of the card"
 
 
 def limited_peak(device: str, *, vram_bytes: int | None, ram_bytes: int | None) -> int | None:
@@ -109,7 +118,8 @@ class Scenario:
     @property
     def platform(self) -> Platform:
         """What the constraints check candidates against."""
-        return Platform.of_target(self.target.device, self.target.compute_capability, self.packages)
+        target = self.target
+        return Platform.of_target(target.device, target.compute_capability, self.packages, target.os)
 
     def provenance(self, made_by: str, **extra: Any) -> Provenance:
         """What a config made for this scenario records about it (`estimate=` or `measured=` in `extra`)."""
@@ -171,6 +181,16 @@ def make_scenario(
         raise UsageError("--budget: must be larger than 0 (nothing fits in no memory)")
     if quality not in QUALITIES:
         raise UsageError(f"--quality: {quality!r} is not a quality policy; use one of {', '.join(QUALITIES)}")
+    if target.device == "cuda" and target.os == "windows":
+        kept = (
+            f"the default budget keeps {WINDOWS_RESERVE_BYTES / GIB:g} GiB more back" if budget_bytes is None else ""
+        )
+        notes = (
+            *notes,
+            "Windows: the NVIDIA driver spills memory past the card into shared system memory instead of failing "
+            f"({SYSMEM_FALLBACK}), so a plan over its budget runs slowly rather than stopping"
+            + (f"; {kept}" if kept else "; keep --budget under the card's free memory"),
+        )
     if target.device == "cuda" and budget > target.vram_total_bytes:
         notes = (
             *notes,
@@ -198,6 +218,7 @@ class Request:
     vram: int | None = None  # a card of this much memory (not this machine's)
     ram: int | None = None
     gpu: str | None = None  # a datasheet card (not this machine's)
+    os: str | None = None  # the other machine's operating system
     budget_bytes: int | None = None
     quality: Quality = "balanced"
     assumed: tuple[str, ...] = ()  # assumed beyond the machine and the workload: the model, when none was given
@@ -218,7 +239,7 @@ class Request:
         flags describe."""
         if self.here and machine is None:
             machine = hardware.probe_machine()  # looked up at call time: tests stand in for it
-        return resolve_target(machine, vram=self.vram, ram=self.ram, gpu=self.gpu)
+        return resolve_target(machine, vram=self.vram, ram=self.ram, gpu=self.gpu, os=self.os)
 
     def workload_for(self, profile: ModelProfile) -> Workload:
         return make_workload(profile, **self.job())
@@ -247,6 +268,8 @@ def scenario_for(
         )
     job = request.workload_for(profile)
     notes = []
+    if profile.model_id != request.model and Path(request.model).expanduser().is_dir():
+        notes.append(f"model: the local folder {request.model}, recorded as {profile.model_id}")
     if request.here and not machine.gpus:
         notes.append(
             "no CUDA GPU found on this machine: planning CPU inference. To plan for a GPU, pass "

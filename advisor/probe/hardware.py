@@ -22,8 +22,10 @@ from advisor.constraints import Platform, first_violation
 from advisor.levers import quantization
 from advisor.levers.attention import BACKENDS
 from advisor.levers.attention import PACKAGES as ATTENTION_PACKAGES
+from advisor.levers.torch_compile import COMPILER_PACKAGES
 from advisor.packages import installed_version, installed_versions
 from advisor.paths import hub_offline
+from advisor.platform import this_os
 from advisor.probe.hub_cache import hub_cache_dir
 from advisor.units import parse_capability
 
@@ -52,6 +54,7 @@ TRACKED_PACKAGES = (
     "nvidia-ml-py",
     "psutil",
     *ATTENTION_PACKAGES,
+    *COMPILER_PACKAGES,
 )
 
 
@@ -360,6 +363,7 @@ def _platform(packages: dict[str, str | None], gpus: list[GpuInfo]) -> Platform:
         cuda_devices=len(gpus),
         no_cuda="this machine has no CUDA GPU",
         offline=hub_offline(),
+        os=this_os(),
     )
 
 

@@ -379,7 +379,8 @@ def load_profile(model: str, *, workload: str | None = None) -> ModelProfile:
     if exists:
         if not path.is_dir():
             raise ModelError(f"{model}: is a file; give the pipeline folder that holds model_index.json")
-        return profile_from_folder(path, workload=workload)
+        # Named absolute: a config records it (provenance.model), and is loaded from other folders.
+        return profile_from_folder(path, model_id=str(path.resolve()), workload=workload)
     if names_a_folder(model):
         raise no_such_folder(model)
     if _looks_like_repo_id(model):
@@ -408,11 +409,13 @@ def load_profile(model: str, *, workload: str | None = None) -> ModelProfile:
 
 
 def _catalog_hint(name: str) -> str:
-    """The nearest catalog name to `name`, and the catalog as people type it: alias (hub id)."""
+    """The nearest catalog name to `name`; else the catalog as people type it (its aliases)."""
     entries = sorted(
         (catalog_entry(model_id) for model_id in catalog_names()),
         key=lambda e: (e.get("aliases") or [e["model_id"]])[0],
     )
-    listed = ", ".join(f"{(e.get('aliases') or [e['model_id']])[0]} ({e['model_id']})" for e in entries)
     near = difflib.get_close_matches(name.lower(), list(catalog_index()), n=1, cutoff=0.75)
-    return (f" (did you mean {near[0]!r}?)" if near else "") + f"; the catalog has {listed}"
+    if near:
+        return f" (did you mean {near[0]!r}?)"
+    listed = ", ".join((e.get("aliases") or [e["model_id"]])[0] for e in entries)
+    return f"; the catalog has {listed} (hub ids: docs/models.md)"

@@ -19,6 +19,7 @@ from typing import Any
 from advisor.errors import AdvisorWarning, HardwareError, UsageError
 from advisor.files import json_type, read_json
 from advisor.paths import DATA_DIR, advisor_cache_dir
+from advisor.platform import OPERATING_SYSTEMS, this_os
 from advisor.probe import hardware
 from advisor.probe.hardware import MachineProfile, pcie_bandwidth
 from advisor.units import GIB, format_size, parse_capability, parse_size
@@ -154,6 +155,19 @@ def _not_this_card(name: str) -> str:
     return f" ({said[0] if said else ' '.join(extra)!r} makes it another card than the {key})"
 
 
+# GPUs of other makers, by the words their names use: the advisor plans NVIDIA CUDA GPUs and CPUs.
+OTHER_MAKERS = {
+    "an AMD GPU (ROCm)": r"\b(amd|radeon|instinct|mi\d{2,3}[a-z]?|rx\s?\d{3,4}\w*)\b",
+    "an Apple GPU (Metal)": r"\b(apple|m[1-5](\s?(pro|max|ultra))?)\b",
+    "an Intel GPU (XPU)": r"\b(intel|arc\s?[ab]\d{3}\w*|gaudi\s?\d?|data center gpu max)\b",
+}
+
+
+def other_maker(name: str) -> str | None:
+    """Which other maker's GPU `name` is ("an AMD GPU (ROCm)"), or None."""
+    return next((maker for maker, words in OTHER_MAKERS.items() if re.search(words, name, re.IGNORECASE)), None)
+
+
 def near_gpu_names(name: str) -> list[str]:
     """Known GPU names that look like `name`, for an error message."""
     normal = {_normal(key): key for key in gpu_table()}
@@ -250,6 +264,7 @@ class TargetHardware:
     assumptions: tuple[str, ...] = ()  # every value assumed rather than read or given (printed, recorded)
     memory_bytes_per_s: float = DEFAULT_CPU_MEMORY_GBS * 1e9  # device memory bandwidth (datasheet)
     ram_assumed: bool = False  # the host RAM is assumed (said in `assumptions`), neither read nor given
+    os: str = "linux"  # its operating system (`advisor.platform.OPERATING_SYSTEMS`, or "darwin")
 
     @cached_property
     def generation(self) -> str:
@@ -282,6 +297,7 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
             h2d_bytes_per_s=float("inf"),
             source="probe; CPU "
             + ("calibrated" if calibration else f"throughput default {DEFAULT_CPU_TFLOPS} TFLOP/s"),
+            os=this_os(),
         )
     if gpu_index >= len(machine.gpus):
         raise UsageError(f"--gpu-index: {gpu_index} is out of range; this machine has {len(machine.gpus)} GPU(s)")
@@ -310,6 +326,7 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
         h2d_bytes_per_s=bandwidth,
         source="probe; " + ", ".join(sources),
         memory_bytes_per_s=sheet["memory_bandwidth_gbs"] * 1e9,
+        os=this_os(),
     )
 
 
@@ -351,22 +368,37 @@ def planned_target(
     vram: int | None = None,
     ram: int | None = None,
     gpu: str | None = None,
+    os: str | None = None,
 ) -> TargetHardware:
-    """A machine described by flags (`--vram`, `--ram`, `--gpu`), not this one.
+    """A machine described by flags (`--vram`, `--ram`, `--gpu`, `--os`), not this one.
 
     `--gpu NAME` picks the datasheet entry (memory, throughput, PCIe, capability; `lookup_gpu`) and
     names the plan after it; a memory NAME states that no entry has ('RTX 4090 48GB'), or `--vram`,
     overrides the entry's memory, said in ``assumptions``. `--vram` alone plans for a generic card of
     that size (`GENERIC_GPU`).
     Host RAM is `--ram`, else assumed (`assumed_ram`): never this machine's, which plans for another
-    machine have no reason to share. Every assumed value is listed in ``assumptions``.
+    machine have no reason to share; so is the operating system (`--os`, else Linux). Every assumed
+    value is listed in ``assumptions``.
     """
     assumptions = []
+    if os is not None and os not in OPERATING_SYSTEMS:
+        raise UsageError(f"--os: {os!r} is not planned for; use one of {', '.join(OPERATING_SYSTEMS)}")
     if gpu is not None:
         found = lookup_gpu(gpu)
+        maker = other_maker(gpu) if found is None else None
+        if maker is not None:
+            raise UsageError(
+                f"--gpu: {gpu!r} is {maker}; the advisor plans NVIDIA CUDA GPUs and CPU inference, not its kernels, "
+                "quantizers and offloading (--vram would plan CUDA-only kernels for it)"
+            )
         if found is None:
             near = near_gpu_names(gpu)
-            hint = f"did you mean {', '.join(repr(n) for n in near)}?" if near else f"known: {', '.join(gpu_table())}"
+            known = list(gpu_table())
+            hint = (
+                f"did you mean {', '.join(repr(n) for n in near)}?"
+                if near
+                else f"known: {', '.join(known[:6])} and {len(known) - 6} more (docs/gpus.md)"
+            )
             raise UsageError(
                 f"--gpu: {gpu!r} is not a known GPU{_not_this_card(gpu)}; {hint} (or give --vram for a card of that size)"
             )
@@ -415,6 +447,9 @@ def planned_target(
         assumptions.append(
             f"host RAM: {format_size(host)} (2x the card's memory, at least 32 GB); pass --ram for yours"
         )
+    if os is None:
+        os = "linux"
+        assumptions.append("operating system: Linux; pass --os windows for a Windows machine")
     return TargetHardware(
         device="cuda",
         name=name,
@@ -430,18 +465,28 @@ def planned_target(
         assumptions=tuple(assumptions),
         memory_bytes_per_s=sheet["memory_bandwidth_gbs"] * 1e9,
         ram_assumed=ram is None,
+        os=os,
     )
 
 
 def resolve_target(
-    machine: MachineProfile | None, *, vram: int | None = None, ram: int | None = None, gpu: str | None = None
+    machine: MachineProfile | None,
+    *,
+    vram: int | None = None,
+    ram: int | None = None,
+    gpu: str | None = None,
+    os: str | None = None,
 ) -> TargetHardware:
     """This machine (`machine`, probed here when None), or the one that --vram/--ram/--gpu
     describe (sizes in bytes).
 
     Only --vram and --gpu make the plan one for another machine, which needs nothing of this one;
-    --ram alone overrides this machine's RAM.
+    --ram alone overrides this machine's RAM; --os needs --vram or --gpu.
     """
+    if os is not None and vram is None and gpu is None:
+        raise UsageError(
+            f"--os: describes another machine; give it with --gpu NAME or --vram SIZE (this is {this_os()})"
+        )
     if ram is not None and ram <= 0:
         raise UsageError(f"--ram: {ram} bytes must be larger than 0; give the host's RAM, e.g. --ram 64GB")
     if vram is None and gpu is None:
@@ -449,4 +494,4 @@ def resolve_target(
         if ram is not None:
             target = replace(target, ram_total_bytes=ram, ram_available_bytes=ram, source=target.source + ", --ram")
         return target
-    return planned_target(machine=machine, vram=vram, ram=ram, gpu=gpu)
+    return planned_target(machine=machine, vram=vram, ram=ram, gpu=gpu, os=os)
