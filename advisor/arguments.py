@@ -222,6 +222,12 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
         metavar="FILE",
         help="An advisor config file (default: plain bf16, no offload).",
     )
+    sub.add_argument(
+        "--budget",
+        metavar="SIZE",
+        help="GPU memory to judge the fit against (default: the budget --config was planned for on the same "
+        "card, else free VRAM minus a reserve).",
+    )
 
     sub = subcommand("recommend", model, job, process, machine, as_json)
     sub.add_argument(

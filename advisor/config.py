@@ -32,7 +32,7 @@ from advisor.schema import STRICT, Section, at_least_one
 
 
 # The config file's format: a change a file can show is a new version and a step in `advisor.migrations`.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 QuantBackend = Literal["bitsandbytes_4bit", "bitsandbytes_8bit", "torchao"]
@@ -292,6 +292,9 @@ class Provenance(Section):
     workload: dict[str, Any] | None = None
     gpu_name: str | None = None
     vram_bytes: int | None = None
+    ram_bytes: int | None = None  # the host RAM it was planned for (since schema version 2)
+    os: str | None = None  # the operating system it was planned for (since 2)
+    generations: int | None = None  # per process, that compile's warm-up was weighed over (since 2)
     budget_bytes: int | None = None
     packages: dict[str, str | None] | None = None
     created: str | None = None

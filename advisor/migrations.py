@@ -35,8 +35,13 @@ def unchanged(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-# Version N -> the step to N+1. Version 1 is the first; none has followed it yet.
-MIGRATIONS: dict[int, Migration] = {}
+# Version N -> the step to N+1. Version 1 is the first.
+MIGRATIONS: dict[int, Migration] = {
+    1: Migration(
+        "provenance gained ram_bytes, os and generations: the host, system and process a plan was made for",
+        unchanged,
+    ),
+}
 
 
 def upgrade(data: dict[str, Any], *, to: int) -> dict[str, Any]:

@@ -15,8 +15,6 @@ import textwrap
 import time
 from typing import TYPE_CHECKING, Any, Container, TextIO
 
-from advisor.config import OptimizationConfig
-from advisor.plan.quality import is_lossy
 from advisor.run.steps import summary
 from advisor.units import format_size
 
@@ -74,10 +72,10 @@ def render_tune(result, output: str | None, report=None) -> None:
     if console.width >= WIDE:
         table = Table()
         columns = ("#", "configuration", "status", "latency", "peak", "predicted", "quality", "reason")
-        for column in columns:
-            table.add_column(
-                column, justify="right" if column in {"#", "latency", "peak", "predicted"} else "left", overflow="fold"
-            )
+        for column in columns:  # at least as wide as its longest word: rich would fold a word mid-way
+            longest = max((len(word) for row in rows for word in row[column].split()), default=0)
+            right = column in {"#", "latency", "peak", "predicted"}
+            table.add_column(column, justify="right" if right else "left", overflow="fold", min_width=min(longest, 40))
         for row in rows:
             table.add_row(*(row[column] for column in columns))
         console.print(table)
@@ -292,9 +290,7 @@ def format_quality(trial) -> str:
     if trial.quality is not None:
         value = trial.quality.get("psnr_db")
         return "identical" if value is None else f"{value:.1f}dB"
-    if trial.latency_s is not None and not is_lossy(OptimizationConfig.from_dict(trial.config)):
-        return "lossless"
-    return "-"
+    return "lossless" if trial.lossless else "-"
 
 
 def format_count(count: int) -> str:
@@ -479,8 +475,8 @@ def _fit_line(fit: Fit, target, result) -> str:
     from advisor.plan.scenario import RAM_USABLE, default_budget_rule
 
     memory = format_size(target.ram_available_bytes if target.device == "cpu" else target.vram_free_bytes)
-    origin = f"{default_budget_rule(target)}, of {memory}"
-    budget = f"the {format_size(fit.budget_bytes)} budget ({origin}: recommend's default)"
+    origin = fit.budget_source or f"{default_budget_rule(target)}, of {memory}: recommend's default"
+    budget = f"the {format_size(fit.budget_bytes)} budget ({origin})"
     if fit.unfit is None:
         peak = format_size(result.limited_peak(target.device))
         host = (
@@ -494,5 +490,5 @@ def _fit_line(fit: Fit, target, result) -> str:
         return (
             f"fits {target.name}: yes, peak {'RAM' if target.device == 'cpu' else 'VRAM'} {peak} within {budget}{host}"
         )
-    why = fit.unfit.reason + (f" ({origin}: recommend's default)" if fit.unfit.limit == "budget" else "")
+    why = fit.unfit.reason + (f" ({origin})" if fit.unfit.limit == "budget" else "")
     return f"fits {target.name}: NO, {why}; advisor recommend finds a config that fits"

@@ -745,3 +745,20 @@ def test_the_public_api_loads_and_applies_a_pipeline_you_load_yourself(tiny_flux
     pipe = DiffusionPipeline.from_pretrained(tiny_flux_dir, **advisor.pipeline_kwargs(config))
     assert advisor.apply_config(pipe, config) is pipe
     assert pipe.transformer.dtype == torch.float32
+
+
+def test_load_pipeline_keeps_the_libraries_harmless_noise_off_the_terminal(tiny_flux_dir):
+    """`tune` keeps its trials' output; a load in the user's process must not print torchao's
+    "Failed to load <kernel>.so" for extensions built for other GPUs, nor torch's deprecation about
+    torchao's Enums (`advisor.run.quiet`): they say nothing about the user's pipeline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bare = subprocess.run([sys.executable, "-c", "import torchao"], capture_output=True, text=True, env=env)
+    if "Failed to load" not in bare.stderr:
+        pytest.skip("this torchao build loads every extension: there is no noise to keep off")
+    load = (
+        "import advisor\n"
+        f"advisor.load_pipeline({str(tiny_flux_dir)!r}, advisor.OptimizationConfig(device='cpu', dtype='float32'))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env, timeout=600)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert "Failed to load" not in loaded.stderr and "register_constant" not in loaded.stderr, loaded.stderr[-2000:]

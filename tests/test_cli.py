@@ -899,3 +899,31 @@ def test_every_option_of_a_command_is_documented(command):
     page = (Path(__file__).resolve().parent.parent / DOCUMENTED_IN[command]).read_text()
     options = {o for o in sub._option_string_actions if o.startswith("--") and o not in ("--help", "--debug")}
     assert sorted(o for o in options if o not in page) == []
+
+
+def test_estimate_judges_a_config_against_what_it_was_planned_for(tmp_path, capsys):
+    """A config records the budget, host RAM, system and generations it was planned for (schema 2);
+    `estimate --config` on the same card judges it against that budget and RAM, --budget and --ram win,
+    and another card gets its own default budget."""
+    GB = 2**30  # sizes are binary: 32GB is 32 GiB
+    picked = tmp_path / "planned.json"
+    assert (
+        main(["recommend", "flux-dev", "--gpu", "RTX 4090", "--ram", "32GB", "--budget", "14GB", "-o", str(picked)])
+        == 0
+    )
+    capsys.readouterr()
+    provenance = json.loads(picked.read_text())["provenance"]
+    assert provenance["ram_bytes"] == 32 * GB and provenance["os"] == "linux" and provenance["generations"] == 10
+
+    def judged(*flags):
+        assert main(["estimate", "flux-dev", "--config", str(picked), "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    same = judged("--gpu", "RTX 4090")
+    assert same["budget_bytes"] == 14 * GB and "planned for" in same["budget_source"]
+    assert same["hardware"]["ram_total_bytes"] == 32 * GB
+    given = judged("--gpu", "RTX 4090", "--budget", "12GB", "--ram", "64GB")
+    assert given["budget_bytes"] == 12 * GB and given["budget_source"] == "--budget"
+    assert given["hardware"]["ram_total_bytes"] == 64 * GB
+    other = judged("--gpu", "H100")
+    assert other["budget_source"] == "default" and other["budget_bytes"] > 70 * GB

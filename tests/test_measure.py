@@ -323,8 +323,16 @@ def test_a_spread_that_never_settles_is_marked_noisy_with_why():
     timer = Scripted(factors)
     t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, max_rounds=6, tolerance=0.05, clock=timer.clock)
     assert t.rounds == 6
-    assert t.noisy is not None and "did not settle within ±5%" in t.noisy and "6 rounds" in t.noisy
+    assert t.noisy is not None and "did not settle within ±5%" in t.noisy and "6 timed rounds" in t.noisy
     assert t.spread_s == pytest.approx(3.3 * 0.15, rel=0.01)  # half of the 30% range
+
+
+def test_a_noisy_reason_counts_rounds_as_the_measurement_records_them():
+    """The reason once said "after 12 rounds" where provenance recorded 3: discarded rounds are said
+    apart from the timed ones that `rounds` counts."""
+    timer = Scripted([3.0, 1.0, 1.0, 3.0] + [1.0, 1.0, 1.3, 1.3] * 10)  # two inverted rounds, then noise
+    t = time_rounds(timer.call, (2, 4), 28, min_rounds=3, max_rounds=6, tolerance=0.05, clock=timer.clock)
+    assert t.discarded == 2 and f"after {t.rounds} timed rounds (and 2 discarded)" in t.noisy
 
 
 def test_the_time_cap_stops_timing_and_says_so():

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def test_use_it_in_code_snippet_runs_verbatim(tiny_flux_dir, tmp_path):
@@ -36,6 +37,20 @@ def test_use_it_in_code_snippet_runs_verbatim(tiny_flux_dir, tmp_path):
 
 
 def test_setup_commands_are_the_ones_ci_runs():
-    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     test_command = re.search(r"# the test suite\n(.+)\n", README).group(1).strip()
     assert test_command in ci
+
+
+def test_the_config_example_is_what_recommend_writes():
+    """docs/config.md's example is a fresh run's output (scripts/build_config_example.py), the
+    machine-dependent values aside: it once showed nf4 and model offload long after the advisor
+    stopped writing them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_config_example", ROOT / "scripts" / "build_config_example.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.block(module.written_example()) in module.PAGE.read_text(), (
+        "run python scripts/build_config_example.py"
+    )

@@ -263,3 +263,18 @@ def test_an_explicit_columns_is_honoured_when_piped(command):
     wide = _run_piped(command, None)
     assert max(len(line) for line in wide.splitlines()) > 80
     assert all(len(line) <= render.PIPED_WIDTH or re.search(r"https?://\S{40,}", line) for line in wide.splitlines())
+
+
+def test_the_tune_table_never_splits_a_word_of_a_configuration(monkeypatch):
+    """At 120 columns with long reasons beside it, the configuration column once folded
+    `int8_weight_only(tran|sformer`: a column is at least as wide as its longest word."""
+    import re
+
+    console = Console(width=120, file=io.StringIO(), record=True, highlight=False)
+    monkeypatch.setattr(render, "stdout_console", lambda: console)
+    reason = "the trial process died out of memory (exit -9): CUDA out of memory. Tried to allocate 2.00 GiB " * 2
+    trials = [record(0, LONG), record(1, LONG, "oom", reason), record(2, "bf16, no offload", "crash", reason)]
+    render.render_tune(TuneResult("study", "sqlite:///x.db", 16 * 2**30, trials, trials[0], None, 6), None)
+    table = console.export_text().split("Fastest that fits")[0]  # the pick's line below has it whole
+    cells = set(re.split(r"[\s│┃|]+", table))
+    assert [word for word in LONG.split() if word not in cells] == []

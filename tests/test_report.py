@@ -111,3 +111,34 @@ def test_a_study_where_nothing_fits_still_plots_the_predicted_candidates():
     assert low < 300 < 502 < high  # the budget and the candidates, all visible
     assert "nothing fits" in ax.get_title(loc="left")
     plt.close(fig)
+
+
+def test_summary_says_lossless_where_the_cli_does():
+    """A measured lossless configuration has no PSNR to show: summary.md says "lossless", as the
+    CLI's table does, not "-" (which stays for what was not measured)."""
+    from advisor.render import format_quality
+
+    plain = trial(0, 2.0, 500 * MB)  # {}: the default config, bf16 with nothing lossy
+    quantized = trial(1, 1.5, 400 * MB)
+    quantized.config = {
+        "schema_version": 2,
+        "quantization": {"backend": "bitsandbytes_4bit", "components": ["transformer"]},
+    }
+    unmeasured = trial(2, None, None, "oom")
+    rows = {line.split(" | ")[0]: line for line in markdown(result([plain, quantized, unmeasured])).splitlines()}
+    assert format_quality(plain) == "lossless" and "| lossless |" in rows["| 0"]
+    assert format_quality(quantized) == "-" and "| lossless |" not in rows["| 1"]
+    assert "| lossless |" not in rows["| 2"]
+
+
+def test_nothing_fits_advice_suggests_only_what_could_help():
+    """More --trials helps only where the space has untried configurations, --no-prune only where the
+    estimate skipped some; the smallest measured peak is said either way."""
+    from advisor.run.results import nothing_fits_advice
+
+    over = [trial(0, 1.0, 900 * MB, "over-budget"), trial(1, 1.2, 800 * MB, "over-budget")]
+    exhausted = nothing_fits_advice(over, 700 * MB, space_size=2)
+    assert "800.00 MB (config 1)" in exhausted[0]
+    assert "more --trials" not in exhausted[-1] and "--no-prune" not in exhausted[-1] and "--budget" in exhausted[-1]
+    untried = nothing_fits_advice([*over, trial(2, None, None, "skipped", "estimate")], 700 * MB, space_size=10)
+    assert "more --trials" in untried[-1] and "--no-prune" in untried[-1]

@@ -486,3 +486,32 @@ def test_the_advice_for_trials_out_of_memory_names_retry_failed():
     )  # a later run retries crashes by itself, OOM only when asked
     assert "--retry-failed" not in " ".join(failure_advice({"crash", "timeout"}))
     assert failure_advice(set()) == []
+
+
+def test_the_rules_seed_at_most_the_trials_a_run_measures_and_respect_no_compile():
+    """The rule engine's picks fill the first trials, no more: seeds left waiting would run ahead of
+    what a later run asks for (the failed trials --retry-failed measures again). Under --no-compile
+    the seeds are the picks without compile, not compiled ones the space can't hold."""
+    import optuna
+
+    from advisor.plan.scenario import make_scenario
+    from advisor.plan.space import SearchSpace
+    from advisor.probe.models import load_profile
+    from advisor.probe.target import planned_target
+    from advisor.probe.workload import make_workload
+    from advisor.run.queue import seed_with_rules, waiting
+    from advisor.run.trials import queued_params
+
+    profile = load_profile("flux-dev")
+    target = planned_target(machine=None, gpu="RTX 4090", ram=64 * 2**30, os="linux")
+    scenario = make_scenario(profile, make_workload(profile), target, generations=100)
+    study = optuna.create_study()
+    seed_with_rules(study, SearchSpace.for_scenario(scenario).usable(scenario), scenario, 2)
+    assert len(waiting(study)) == 2
+    seed_with_rules(study, SearchSpace.for_scenario(scenario).usable(scenario), scenario, 8)  # once per study
+    assert len(waiting(study)) == 2
+    no_compile = optuna.create_study()
+    space = SearchSpace.for_scenario(scenario, compile_choices=(False,)).usable(scenario)
+    seed_with_rules(no_compile, space, scenario, 3)
+    seeds = [queued_params(t) for t in waiting(no_compile)]
+    assert len(seeds) == 3 and not any(seed["compile"] for seed in seeds)

@@ -18,6 +18,7 @@ from advisor.cli.common import (
 )
 from advisor.errors import AdvisorWarning, ConfigError, UsageError
 from advisor.files import check_output_file
+from advisor.units import format_size
 
 
 if TYPE_CHECKING:
@@ -91,7 +92,14 @@ def estimate(request: Request, config_file: str | None = None, as_json: bool = F
                 f"--config {config_file}: its workload (provenance.workload) does not suit {profile.model_id}: {exc}"
             ) from None
     machine = hardware.probe_machine() if request.here else None  # planning for this machine
+    planned = loaded.provenance if loaded is not None and loaded.provenance else None
+    notes = []
     target = request.target(machine)
+    if planned and planned.ram_bytes and request.ram is None and not request.here and target.name == planned.gpu_name:
+        # another machine, the one the config was planned for: its host RAM too, unless --ram says otherwise
+        request = replace(request, ram=planned.ram_bytes)
+        target = request.target(machine)
+        notes.append(f"host RAM from --config {config_file}: {format_size(planned.ram_bytes)}, as it was planned for")
     config = loaded if loaded is not None else OptimizationConfig(device=target.device)
     made_for = config.provenance.pipeline_class if config.provenance else None
     if made_for and made_for != profile.pipeline_class:
@@ -110,7 +118,12 @@ def estimate(request: Request, config_file: str | None = None, as_json: bool = F
                 AdvisorWarning(f"--config {config_file}: {target.name} can't run it as written: {violation.message}")
             )
     result = run_estimate(profile, job, config, target)
-    fit = fit_verdict(result, target)
+    if request.budget_bytes is not None:
+        fit = fit_verdict(result, target, request.budget_bytes, "--budget")
+    elif planned and planned.budget_bytes and planned.gpu_name == target.name:
+        fit = fit_verdict(result, target, planned.budget_bytes, f"the budget --config {config_file} was planned for")
+    else:
+        fit = fit_verdict(result, target)
     if as_json:
         print_json(
             {
@@ -129,17 +142,20 @@ def estimate(request: Request, config_file: str | None = None, as_json: bool = F
     source = f"workload from --config {config_file}: {job.label()}" + (
         f" ({' and '.join(given)} as given on the command line)" if given else ""
     )
-    render_estimate(profile, job, target, config, result, fit, notes=(source,) if recorded else ())
+    notes += [source] if recorded else []
+    render_estimate(profile, job, target, config, result, fit, notes=tuple(notes))
 
 
-def fit_verdict(result, target) -> Fit:
+def fit_verdict(result, target, budget: int | None = None, source: str | None = None) -> Fit:
     """Whether an estimate fits `target` as recommend judges a candidate (`why_it_does_not_fit`),
-    within recommend's default budget (free memory less a reserve: `default_budget`)."""
+    within `budget` (from `source`), else recommend's default (free memory less a reserve:
+    `default_budget`)."""
     from advisor.plan.recommend import Fit, why_it_does_not_fit
     from advisor.plan.scenario import default_budget
 
-    budget = default_budget(target)
-    return Fit(budget, why_it_does_not_fit(result, target, budget))
+    if budget is None:
+        budget, source = default_budget(target), None
+    return Fit(budget, why_it_does_not_fit(result, target, budget), source)
 
 
 def recommend_command(

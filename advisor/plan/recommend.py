@@ -114,10 +114,12 @@ class Fit:
 
     budget_bytes: int
     unfit: Unfit | None  # None: it fits
+    budget_source: str | None = None  # where the budget came from; None: recommend's default
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "budget_bytes": self.budget_bytes,
+            "budget_source": self.budget_source or "default",
             "fits": self.unfit is None,
             "why_not": self.unfit.reason if self.unfit else None,
         }

@@ -177,7 +177,8 @@ def near_gpu_names(name: str) -> list[str]:
     contained = [
         key for norm, key in normal.items() if _normal(name) and (_normal(name) in norm or norm in _normal(name))
     ]
-    return list(dict.fromkeys([*contained, *(normal[c] for c in close)]))
+    namesakes = [key for _, key, _ in _candidates(name, None)]  # 'RTX 4060' for '4060 super'
+    return list(dict.fromkeys([*namesakes, *contained, *(normal[c] for c in close)]))
 
 
 def calibration_path() -> Path:

@@ -22,6 +22,7 @@ from advisor.probe.layout import names_a_folder, no_such_folder
 from advisor.run.checks import check_components, check_machine, check_pipeline
 from advisor.run.classes import Components
 from advisor.run.quantize import pipeline_kwargs
+from advisor.run.quiet import quiet_library_noise
 from advisor.run.steps import plan
 
 
@@ -42,6 +43,7 @@ def apply_config(pipe: Any, config: OptimizationConfig) -> Any:
     >>> pipe = advisor.apply_config(DiffusionPipeline.from_pretrained(model, **advisor.pipeline_kwargs(config)), config)  # doctest: +SKIP
     """
     check_machine(config)
+    quiet_library_noise()
     return _run_steps(pipe, config)
 
 
@@ -55,14 +57,15 @@ def load_pipeline(model: str | Path, config: OptimizationConfig | str | Path, **
 
     if not isinstance(config, OptimizationConfig):
         config = load_config(config)
-    for key in ("dtype", "torch_dtype", "quantization_config"):
-        if key in from_pretrained_kwargs:
-            raise UsageError(f"load_pipeline: `{key}` comes from the config; change the config instead of passing it")
     if names_a_folder(model) and not Path(model).expanduser().is_dir():  # else diffusers' own error, about the hub
         raise no_such_folder(model)
     check_machine(config)
     check_components(config, Components.of_model(model), str(model))
+    quiet_library_noise()
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model, **pipeline_kwargs(config, model), **from_pretrained_kwargs)
+    kwargs = pipeline_kwargs(config, model)  # the dtype, and what the levers load with (quantization, device_map)
+    for key in sorted(set(from_pretrained_kwargs) & {"dtype", "torch_dtype", "quantization_config", *kwargs}):
+        raise UsageError(f"load_pipeline: `{key}` comes from the config; change the config instead of passing it")
+    pipe = DiffusionPipeline.from_pretrained(model, **kwargs, **from_pretrained_kwargs)
     return _run_steps(pipe, config)

@@ -127,13 +127,16 @@ class QualityGuard:
         note = f"no lossless reference output ({config.summary()}: {m.status}, {m.reason}): lossy candidates' quality is not checked"
         store_reference(study, Reference(Status(m.status), config.summary(), note=note))
 
-    def note(self, study) -> str | None:
-        """What the study's notes say about the guard."""
+    def note(self, study, *, judged: bool = True) -> str | None:
+        """What the study's notes say about the guard: why there is no reference; else, where any
+        output was `judged` (something fits, or was compared), how lossy outputs are held to it."""
         stored = reference_of(study)
         if stored is None:
             return None
         if stored.status != Status.OK:
             return stored.note
+        if not judged:
+            return None
         if self.min_psnr_db <= 0:
             return "the quality check is off (--min-psnr 0): the outputs compared earlier keep their PSNR, none is held to a floor"
         return (

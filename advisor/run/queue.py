@@ -35,18 +35,19 @@ def skipped_by_estimate(predicted_peak: float, scenario: Scenario, prune: bool) 
     return prune and not within_prune_margin(predicted_peak, scenario)
 
 
-def seed_with_rules(study, space: SearchSpace, scenario: Scenario) -> None:
-    """Enqueue the rule engine's pick and alternatives (once per study)."""
+def seed_with_rules(study, space: SearchSpace, scenario: Scenario, limit: int) -> None:
+    """Enqueue the rule engine's pick and alternatives, at most `limit` (the trials this run measures),
+    once per study: seeds beyond them would wait in the queue ahead of what a later run asks for (the
+    failed trials --retry-failed measures again)."""
     if is_seeded(study):
         return
-    picks = recommend(scenario)
+    picks = recommend(scenario, compile_choices=tuple(space.compile))  # with --no-compile, seeds without it
     candidates = ([picks.best] if picks.best else []) + picks.alternatives
     if not candidates and picks.smallest:
         candidates = [picks.smallest]
-    for scored in candidates:
-        params = space.params_of(scored.config)
-        if params:
-            enqueue(study, params, "rules", skip_if_exists=True)
+    seeds = [params for scored in candidates if (params := space.params_of(scored.config))]
+    for params in seeds[:limit]:
+        enqueue(study, params, "rules", skip_if_exists=True)
     mark_seeded(study)
 
 

@@ -319,9 +319,10 @@ def markdown(result: TuneResult, image: str | None = None, quality_image: str | 
 
 
 def _quality(t: TrialRecord) -> str:
-    """PSNR and SSIM against the lossless reference, where the trial's output was compared."""
+    """PSNR and SSIM against the lossless reference, where the trial's output was compared; ``lossless``
+    for a configuration that computes the reference's numbers (as the CLI's table says)."""
     if t.quality is None:
-        return "-"
+        return "lossless" if t.lossless else "-"
     psnr = "identical" if t.quality.get("psnr_db") is None else f"{t.quality['psnr_db']:.1f} dB"
     return f"{psnr}, SSIM {t.quality['ssim']:.4f}" + (
         f", worst frame {t.quality['worst_frame_psnr_db']:.1f} dB"

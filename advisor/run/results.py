@@ -23,6 +23,7 @@ from advisor.units import format_size
 # What `provenance.measured` of a tuned config carries from the best trial's measurement.
 MEASURED_IN_PROVENANCE = (
     "rounds",
+    "discarded_rounds",
     "peak_vram_bytes",
     "peak_vram_reserved_bytes",
     "peak_rss_bytes",
@@ -78,6 +79,28 @@ def failure_advice(statuses: set[str]) -> list[str]:
     return [line]
 
 
+def nothing_fits_advice(records: list[TrialRecord], budget: int, space_size: int) -> list[str]:
+    """What a study where nothing fits tells the user: the smallest measured peak, the failures, and
+    what to try (more --trials only where the space has untried points, --no-prune only where the
+    estimate skipped some)."""
+    advice = []
+    measured_peaks = [
+        r for r in records if r.peak_bytes and r.status == Status.OVER_BUDGET
+    ]  # not a crash's partial peak
+    if measured_peaks:
+        smallest = min(measured_peaks, key=lambda r: r.peak_bytes)
+        advice.append(
+            f"the smallest measured peak was {format_size(smallest.peak_bytes)} ({smallest.summary}), "
+            f"over the {format_size(budget)} budget"
+        )
+    advice += failure_advice({r.status for r in records})
+    ways = ["a larger --budget", "a lower --height/--width/--frames"]
+    ways += ["more --trials"] if len({r.summary for r in records}) < space_size else []
+    ways += ["--no-prune"] if any(r.status == Status.SKIPPED for r in records) else []
+    advice.append(f"try {', '.join(ways[:-1])} or {ways[-1]}")
+    return advice
+
+
 def collect(
     study, name: str, storage: str, space: SearchSpace, scenario: Scenario, guard: QualityGuard | None = None
 ) -> TuneResult:
@@ -109,16 +132,7 @@ def collect(
             provenance=scenario.provenance("tune", measured=measured)
         )
     elif records:
-        measured_peaks = [
-            r for r in records if r.peak_bytes and r.status == Status.OVER_BUDGET
-        ]  # not a crash's partial peak
-        if measured_peaks:
-            smallest = min(measured_peaks, key=lambda r: r.peak_bytes)
-            advice.append(
-                f"the smallest measured peak was {format_size(smallest.peak_bytes)} ({smallest.summary}), over the {format_size(budget)} budget"
-            )
-        advice += failure_advice({r.status for r in records})
-        advice.append("try a larger --budget, a lower --height/--width/--frames, more --trials, or --no-prune")
+        advice = nothing_fits_advice(records, budget, space.size())
     confirmed = [r for r in records if r.source == Source.MEASURED and r.processes > 1]
     if confirmed:
         numbers = ", ".join(str(r.number) for r in confirmed)

@@ -186,6 +186,7 @@ def time_rounds(
     noisy = None
     if not settled():
         why = f"the spread ±{spread / latency:.0%}" if spread is not None else "a single round"
-        limit = "the time cap" if clock() - started >= cap_s else f"{len(latencies) + discarded} rounds"
+        timed = f"{len(latencies)} timed rounds" + (f" (and {discarded} discarded)" if discarded else "")
+        limit = f"the time cap, {timed}" if clock() - started >= cap_s else timed  # `rounds`, as recorded
         noisy = f"{why} did not settle within ±{tolerance:.0%} after {limit}" + (f"; {inverted}" if inverted else "")
     return Timing(latency, spread, fixed, per_step, step_times, len(latencies), discarded, noisy)

@@ -142,6 +142,11 @@ class TrialRecord:
         return asdict(self)
 
     @property
+    def lossless(self) -> bool:
+        """Measured, and its configuration computes what the reference does (nothing lossy to compare)."""
+        return self.latency_s is not None and not is_lossy(OptimizationConfig.from_dict(self.config))
+
+    @property
     def latency_range(self) -> tuple[float, float] | None:
         """(low, high) of the measured latency; the point itself where no spread was measured."""
         if self.latency_s is None:

@@ -390,14 +390,18 @@ def run_study(
             load_if_exists=True,
         )
         fail_orphaned_trials(backend, name)
-        seed_with_rules(the_study, space, scenario)
+        seed_with_rules(the_study, space, scenario, settings.trials)
         stale = stale_trials(the_study, settings)
         enqueue_retries(the_study, stale, Progress.of(the_study, stale).points)
         guard = QualityGuard(quality_dir(storage_url, name), settings.min_psnr_db)
 
         def result() -> TuneResult:
             done = collect(the_study, name, shown_storage(storage_url), space, scenario, guard)
-            notes = [exhausted_note(space, Progress.of(the_study, stale), settings.trials), guard.note(the_study)]
+            judged = done.best is not None or any(r.quality for r in done.trials)
+            notes = [
+                exhausted_note(space, Progress.of(the_study, stale), settings.trials),
+                guard.note(the_study, judged=judged),
+            ]
             done.notes = done.notes + [note for note in notes if note]
             done.images, done.reference = (
                 (str(guard.folder), guard.reference_summary(the_study)) if guard.reference.exists() else (None, None)

@@ -98,7 +98,8 @@ def run_workers(
     )
     stale = stale_trials(created, settings)  # what the workers retry: the result judges without them
     space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
-    seed_with_rules(created, space, scenario)  # once, here: workers seeding together would queue each pick twice
+    # once, here: workers seeding together would queue each pick twice
+    seed_with_rules(created, space, scenario, settings.trials)
     spec = WorkerSpec(request, model, storage, name, dataclasses.replace(settings, confirm_runs=0))
     folder = Path(tempfile.mkdtemp(prefix="advisor-workers-"))
     (folder / "spec.json").write_text(spec.to_json())
