@@ -21,6 +21,11 @@ from advisor.paths import advisor_cache_dir
 from advisor.run.trials import runner_of
 
 
+# SQLite: how long a writer waits for another's lock (optuna's heartbeat thread, a second tuner) before
+# "database is locked"; Python's default is 5 s (sqlite3.connect's timeout), which a busy machine exceeds.
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
 def default_storage() -> str:
     """SQLite file under the user cache: ``~/.cache/advisor/studies.db`` (honours XDG_CACHE_HOME)."""
     base = advisor_cache_dir()
@@ -71,9 +76,10 @@ def open_storage(url: str):
         raise UsageError(
             f"--storage: {url!r} is not a storage URL; use sqlite:///PATH, journal:PATH or postgresql://..."
         )
+    engine = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if url.startswith("sqlite:") else None
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
         except Exception as exc:  # driver missing, server unreachable, bad URL
             # Tuners opening an empty database together race on CREATE TABLE; the loser retries
             # (PostgreSQL: IntegrityError/ProgrammingError; SQLite: "table studies already exists").
