@@ -44,6 +44,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def long_options(parser: argparse.ArgumentParser, command: str | None = None) -> list[str]:
+    """The long options `command` (or the bare program, with None) takes, as typed."""
+    if command is not None:
+        parser = next(a.choices[command] for a in parser._subparsers._group_actions if command in (a.choices or {}))
+    return [option for option in parser._option_string_actions if option.startswith("--")]
+
+
 def whole_number(flag: str, example: int) -> Callable[[str], int]:
     """An option's `type`: a whole number, or one `UsageError` line naming the flag (not argparse's
     "argument --steps: invalid int value"); the range is checked where the value is used."""

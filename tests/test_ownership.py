@@ -43,10 +43,7 @@ def module_of(lever) -> tuple[Path, ...]:
 
 
 # Choice names that are also ordinary words of the code base, and what else they name there.
-ORDINARY_WORDS = {
-    "model": "the pipeline a command is about: the request's field and flag, the JSON's key",
-    "torchao": "the package: its logger (advisor.run.quiet), its distribution",
-}
+ORDINARY_WORDS = {"model": "the pipeline a command is about: the request's field and flag, the JSON's key"}
 MAPPING_KEYS = {"get", "pop", "setdefault"}
 
 

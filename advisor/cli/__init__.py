@@ -8,14 +8,13 @@ shows the traceback instead. Warnings (`AdvisorWarning`) are one ``advisor: warn
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import functools
 import os
 import sys
 import warnings
 
-from advisor.arguments import Exit, build_parser, take_model, values_may_start_with_a_dash
+from advisor.arguments import Exit, build_parser, long_options, take_model, values_may_start_with_a_dash
 from advisor.cli.commands import estimate, inspect, probe, recommend_command
 from advisor.cli.common import PLANNING_COMMANDS, state, take_request
 from advisor.cli.tune import tune
@@ -61,13 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
-def _options(parser: argparse.ArgumentParser, command: str | None) -> list[str]:
-    """The long options `command` (or the bare program) takes, as typed."""
-    if command is not None:
-        parser = next(a.choices[command] for a in parser._subparsers._group_actions if command in (a.choices or {}))
-    return [option for option in parser._option_string_actions if option.startswith("--")]
-
-
 def _run(args: list[str]) -> int:
     debug = "--debug" in args
     try:
@@ -79,7 +71,7 @@ def _run(args: list[str]) -> int:
         if unknown:  # said by the subcommand, whose help lists what it takes
             where = f"advisor {parsed.command}" if parsed.command else "advisor"
             what = "option" if unknown[0].startswith("-") else "argument"
-            near = difflib.get_close_matches(unknown[0].split("=")[0], _options(parser, parsed.command), n=1)
+            near = difflib.get_close_matches(unknown[0].split("=")[0], long_options(parser, parsed.command), n=1)
             meant = f"; did you mean {near[0]}?" if what == "option" and near else ""
             raise UsageError(f"no such {what}: {unknown[0]}{meant} (see '{where} --help')")
         namespace = vars(parsed)

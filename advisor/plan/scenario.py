@@ -20,7 +20,6 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from advisor.config import Provenance
@@ -60,13 +59,17 @@ SYSMEM_FALLBACK = "https://nvidia.custhelp.com/app/answers/detail/a_id/5490"
 DEFAULT_GENERATIONS = 10
 
 
+def _reserve_bytes(target: TargetHardware) -> int:
+    """What a GPU budget keeps back beside `RESERVE_SHARE` of the card: more on Windows."""
+    return RESERVE_BYTES + (WINDOWS_RESERVE_BYTES if target.os == "windows" else 0)
+
+
 def default_budget(target: TargetHardware) -> int:
     """Free accelerator memory minus the reserve (1 GiB + 5% of the card); on a CPU, the usable
     share of the available RAM (`RAM_USABLE`)."""
     if target.device == "cpu":
         return int(target.ram_available_bytes * RAM_USABLE)
-    reserve = RESERVE_BYTES + (WINDOWS_RESERVE_BYTES if target.os == "windows" else 0)
-    return max(int(target.vram_free_bytes - reserve - RESERVE_SHARE * target.vram_total_bytes), 0)
+    return max(int(target.vram_free_bytes - _reserve_bytes(target) - RESERVE_SHARE * target.vram_total_bytes), 0)
 
 
 def smallest_card_for(peak_bytes: int) -> int:
@@ -78,8 +81,7 @@ def default_budget_rule(target: TargetHardware) -> str:
     """`default_budget`'s rule in words, for messages: '90% of the available RAM' on a CPU."""
     if target.device == "cpu":
         return f"{RAM_USABLE:.0%} of the available RAM"
-    reserve = RESERVE_BYTES + (WINDOWS_RESERVE_BYTES if target.os == "windows" else 0)
-    return f"free GPU memory minus {reserve / GIB:g} GiB + {RESERVE_SHARE:.0%} of the card"
+    return f"free GPU memory minus {_reserve_bytes(target) / GIB:g} GiB + {RESERVE_SHARE:.0%} of the card"
 
 
 def limited_peak(device: str, *, vram_bytes: int | None, ram_bytes: int | None) -> int | None:
@@ -271,7 +273,7 @@ def scenario_for(
         )
     job = request.workload_for(profile)
     notes = []
-    if profile.model_id != request.model and Path(request.model).expanduser().is_dir():
+    if profile.source == "folder" and profile.model_id != request.model:
         notes.append(f"model: the local folder {request.model}, recorded as {profile.model_id}")
     if request.here and not machine.gpus:
         notes.append(

@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from advisor.levers.torchao import TORCHAO_BACKEND
+
 
 # logger name -> whether a message of it is the harmless one
 HARMLESS: dict[str, Callable[[str], bool]] = {
-    "torchao": lambda message: message.startswith("Failed to load ") and ".so" in message,
+    TORCHAO_BACKEND.package: lambda message: message.startswith("Failed to load ") and ".so" in message,
     "torch.utils._pytree": lambda message: "register_constant()" in message and "Enum" in message,
 }
 
