@@ -33,6 +33,7 @@ LAYERS = {
     "plan": 6,
     "run": 7,
     "trace": 7,
+    "rehearse": 7,
     "testing": 7,
     "render": 8,
     "arguments": 8,

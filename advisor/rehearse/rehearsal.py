@@ -1,0 +1,243 @@
+"""Rehearse a config on the virtual CUDA device: the real diffusers code, any size, no data.
+
+`rehearse(pipe, config, ...)` takes a pipeline whose weights are `VirtualTensor`s (`virtual_pipeline`
+builds one at full size from a model profile's configs; `virtualize` turns a loaded one into one),
+runs the config's post-load steps through the same `Step` objects `apply_config` runs, then the
+phases of one generation as the pipeline runs them: each text encoder once, the denoiser(s) for a
+step or two, the VAE decode, and the pipeline's ``maybe_free_model_hooks``. Inputs are created on
+the pipeline's own ``_execution_device`` (the property diffusers computes from its offload hooks).
+
+What comes back (`Rehearsal`): the first op that would fail on the card, in one line naming the
+module, the tensors and what put the odd one there (a config step, the loading, or the hooks while
+running); what could not be rehearsed and why (never reported as passed); and the ledger: every
+allocation and free per pool (``cuda:0``, ``cpu``, ``cpu-pinned``), with each phase's peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from advisor.rehearse.virtual import (
+    CPU,
+    CUDA,
+    DeviceMismatch,
+    Ledger,
+    NotRehearsable,
+    RehearsalError,
+    VirtualTensor,
+    describe,
+    meta_of,
+    virtual_cuda,
+)
+from advisor.run.steps import plan
+from advisor.trace.inputs import Geometry, Maker, denoiser_inputs, text_encoder_inputs, vae_latents
+
+
+PHASES = ("text_encoding", "denoising", "vae_decode")  # the estimate's phase names (`advisor.plan.estimate`)
+LOADING, APPLYING = "loading", "applying the config"
+
+
+@dataclass
+class Rehearsal:
+    """What one rehearsal found. `failure` is the one line of a config that would crash on the card;
+    `not_rehearsed` what the virtual device could not run (then nothing is claimed about the rest)."""
+
+    failure: str | None
+    not_rehearsed: str | None
+    phase_peaks: dict[str, dict[str, int]]  # phase -> pool ("cuda:0", "cpu", "cpu-pinned") -> peak bytes
+    ledger: Ledger = field(repr=False)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None and self.not_rehearsed is None
+
+    def device_peak(self, phase: str) -> int:
+        return self.phase_peaks.get(phase, {}).get("cuda:0", 0)
+
+
+class _Names:
+    """Qualified names of the pipeline's modules and tensors, and the module running now."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.modules: dict[int, str] = {}
+        for name, component in _modules(pipe):
+            for path, module in component.named_modules():
+                self.modules[id(module)] = f"{name}.{path}" if path else name
+        self.stack: list[str] = []
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        def enter(module: torch.nn.Module, _args: Any) -> None:
+            self.stack.append(self.modules.get(id(module), type(module).__name__))
+
+        def leave(*_: Any) -> None:  # returns None: a forward hook's value would replace the output
+            if self.stack:
+                self.stack.pop()
+
+        pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
+        post = torch.nn.modules.module.register_module_forward_hook(leave)
+        try:
+            yield
+        finally:
+            pre.remove()
+            post.remove()
+
+    def where(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def describe(self, tensor: torch.Tensor) -> str:
+        """A weight or buffer by its qualified name (a view of one, such as ``weight.t()``, too),
+        with what put it where it is; anything else as an activation."""
+        block = getattr(tensor, "block", None)
+        for name, component in _modules(self.pipe):
+            for path, weight in [*component.named_parameters(), *component.named_buffers()]:
+                if block is not None and getattr(weight, "block", None) is block:
+                    return f"{name}.{path} {describe(weight)} (put there by {block.origin or LOADING})"
+        return f"an activation {describe(tensor)}"
+
+
+def _modules(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
+    return [(name, c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
+
+
+def virtualize(pipe: Any, device: torch.device | str = CPU) -> Any:
+    """Give every weight and buffer of `pipe`'s modules a virtual twin on `device` (a loaded or a
+    meta-built pipeline): what ``from_pretrained`` leaves, without the data. Call inside `virtual_cuda`."""
+    device = torch.device(device)
+    twins: dict[int, torch.Tensor] = {}  # a tied weight (T5's shared embedding) stays one tensor
+
+    def twin(tensor: torch.Tensor, module: torch.nn.Module, key: str, parameter: bool) -> torch.Tensor:
+        if id(tensor) not in twins:
+            _plain(tensor, module, key)
+            empty = torch.empty_like(meta_of(tensor), device=device)
+            twins[id(tensor)] = torch.nn.Parameter(empty, requires_grad=False) if parameter else empty
+        return twins[id(tensor)]
+
+    for _name, component in _modules(pipe):
+        for module in component.modules():
+            for tensors, parameter in ((module._parameters, True), (module._buffers, False)):
+                for key, tensor in tensors.items():
+                    if tensor is not None and not isinstance(tensor, VirtualTensor):
+                        tensors[key] = twin(tensor, module, key, parameter)
+    return pipe
+
+
+def _plain(tensor: torch.Tensor, module: torch.nn.Module, key: str) -> None:
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        raise NotRehearsable(
+            f"{type(module).__name__}.{key} is a {type(tensor).__module__}.{type(tensor).__name__} "
+            "(a quantized weight): quantized weights are not rehearsed yet"
+        )
+
+
+class _VirtualMaker(Maker):
+    """Call inputs of a shape on a device, with no data."""
+
+    def __call__(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)
+
+
+def rehearse(
+    pipe: Any,
+    config: Any,
+    geometry: Geometry,
+    *,
+    text_tokens: dict[str, int] | None = None,
+    denoiser_calls: int = 2,
+    gpu_name: str = "virtual GPU",
+    vram_bytes: int = 80 * 2**30,
+    capability: tuple[int, int] = (9, 0),
+) -> Rehearsal:
+    """Apply `config` (an `OptimizationConfig`) to `pipe` and run one generation's phases on the
+    virtual device. `geometry` is one denoiser call's latent shape (its batch includes batched CFG);
+    `text_tokens` each text encoder's sequence length (77 where not given); `denoiser_calls` how many
+    denoiser calls to run (denoisers that take turns, Wan 2.2's experts, get one each first).
+    """
+    ledger = Ledger()
+    names: _Names | None = None
+    started = time.perf_counter()
+    failure = not_rehearsed = None
+    dtype = getattr(torch, config.dtype)
+    try:
+        with (
+            virtual_cuda(
+                ledger,
+                name=gpu_name,
+                total_bytes=vram_bytes,
+                capability=capability,
+                describe_tensor=lambda t: names.describe(t) if names else describe(t),
+                where=lambda: names.where() if names else "",
+            ),
+            torch.compiler.set_stance("force_eager"),
+            _detected_afresh(),
+        ):
+            ledger.enter(LOADING)
+            virtualize(pipe, CUDA if _loads_onto_device(config) else CPU)
+            names = _Names(pipe)
+            ledger.enter(APPLYING)
+            for step in plan(config, pipe):
+                ledger.origin = f"{step.key}: {step.description}"
+                step.run(pipe)
+            ledger.origin = ""
+            with names.tracking():
+                _run_phases(pipe, geometry, dtype, ledger, text_tokens or {}, denoiser_calls)
+    except DeviceMismatch as error:
+        failure = str(error)
+    except NotRehearsable as error:
+        not_rehearsed = str(error)
+    except RehearsalError as error:  # pragma: no cover - every subclass is named above
+        failure = str(error)
+    return Rehearsal(failure, not_rehearsed, ledger.phase_peaks, ledger, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _detected_afresh() -> Iterator[None]:
+    """diffusers memoises the accelerator it detects (``TorchDeviceBackend._detect_device_type``,
+    an ``lru_cache``): forget it on entering the virtual device and on leaving it."""
+    from diffusers.utils.torch_utils import TorchDeviceBackend
+
+    TorchDeviceBackend._detect_device_type.cache_clear()
+    try:
+        yield
+    finally:
+        TorchDeviceBackend._detect_device_type.cache_clear()
+
+
+def _loads_onto_device(config: Any) -> bool:
+    from advisor.levers.offload import loads_onto_device
+
+    return loads_onto_device(config)
+
+
+def _run_phases(
+    pipe: Any, g: Geometry, dtype: torch.dtype, ledger: Ledger, tokens: dict[str, int], calls: int
+) -> None:
+    components = pipe.components
+    device = pipe._execution_device
+    make = _VirtualMaker(device, dtype)
+    ledger.enter("text_encoding")
+    for name in sorted(n for n in components if n.startswith("text_encoder") and components[n] is not None):
+        ledger.origin = "text_encoding"
+        outputs = components[name](**text_encoder_inputs(tokens.get(name, 77), max(g.batch, 1), make))
+        del outputs
+    ledger.enter("denoising")
+    ledger.origin = "denoising"
+    denoisers = [components[n] for n in ("transformer", "transformer_2", "unet") if components.get(n) is not None]
+    for call in range(calls):
+        denoiser = denoisers[call % len(denoisers)]
+        out = denoiser(**denoiser_inputs(denoiser, g, make))
+        del out
+    ledger.enter("vae_decode")
+    ledger.origin = "vae_decode"
+    vae = components["vae"]
+    latents = vae_latents(vae, Geometry(g.batch, g.frames, g.height, g.width, 0), _VirtualMaker(device, vae.dtype))
+    image = vae.decode(latents, return_dict=False)[0]
+    del image, latents
+    pipe.maybe_free_model_hooks()

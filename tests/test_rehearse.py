@@ -1,0 +1,171 @@
+"""Issue 28: rehearsing a config on a virtual CUDA device, on this CPU.
+
+Expectations come from physics (bytes = elements x element size; a weight streamed by group
+offloading is on the card only while its group runs) and from what CUDA refuses (an op whose
+tensors sit on two devices), never from recorded output.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+torch = pytest.importorskip("torch")
+
+from advisor.config import Offload, OptimizationConfig  # noqa: E402
+from advisor.levers.code import Step  # noqa: E402
+from advisor.rehearse.virtual import DeviceMismatch, Ledger, NotRehearsable, VirtualTensor, virtual_cuda  # noqa: E402
+from advisor.trace.inputs import Geometry  # noqa: E402
+
+
+# One denoiser call of the tiny Flux (32x32 pixels: 4x4 latents; 16 text tokens).
+TINY = Geometry(batch=1, frames=1, height=4, width=4, text_tokens=16)
+STRATEGIES = {
+    "none": Offload(),
+    "model": Offload(strategy="model"),
+    "group": Offload(strategy="group"),
+    "group-stream": Offload(strategy="group", use_stream=True),
+    "group-leaf-stream": Offload(strategy="group", offload_type="leaf_level", use_stream=True, record_stream=True),
+    "sequential": Offload(strategy="sequential"),
+}
+
+
+# --- the virtual device --------------------------------------------------------------------------
+
+
+def test_an_op_mixing_devices_fails_as_on_a_gpu_and_names_both():
+    with virtual_cuda(Ledger()):
+        on_card = torch.empty(4, 8, device="cuda")
+        in_ram = torch.empty(8, 3)
+        with pytest.raises(DeviceMismatch, match=r"mm mixes cpu and cuda:0"):
+            on_card @ in_ram
+        assert (on_card @ in_ram.to("cuda")).device == torch.device("cuda", 0)
+        # A CPU scalar beside a device tensor is fine on CUDA, and here.
+        assert (on_card * torch.tensor(2.0)).device.type == "cuda"
+
+
+def test_bytes_are_elements_times_element_size_and_move_with_the_tensor():
+    ledger = Ledger()
+    with virtual_cuda(ledger):
+        weight = torch.nn.Parameter(torch.empty(1000, 100, dtype=torch.bfloat16), requires_grad=False)
+        assert ledger.live == {"cpu": 1000 * 100 * 2}
+        weight.data = weight.data.to("cuda")  # what diffusers' group offloading does
+        assert weight.device == torch.device("cuda", 0)
+        gc.collect()
+        assert ledger.live == {"cpu": 0, "cuda:0": 200_000}
+        view = weight[:10]  # a view: no new bytes
+        assert isinstance(view, VirtualTensor) and view.device.type == "cuda"
+        pinned = torch.empty(10, dtype=torch.float32).pin_memory()
+        assert pinned.is_pinned() and ledger.live["cpu-pinned"] == 40
+        del view, weight
+        gc.collect()
+        assert ledger.live["cuda:0"] == 0 and ledger.peak["cuda:0"] == 200_000
+
+
+def test_torch_cuda_answers_as_the_card_and_gives_its_answers_back():
+    ledger = Ledger()
+    available = torch.cuda.is_available()
+    with virtual_cuda(ledger, name="NVIDIA GeForce RTX 4090", total_bytes=24 * 2**30):
+        assert torch.cuda.is_available() and torch.cuda.get_device_name() == "NVIDIA GeForce RTX 4090"
+        torch.empty(2**20, device="cuda")  # freed at once: a temporary
+        kept = torch.empty(2**20, device="cuda")
+        assert torch.cuda.memory_allocated() == 4 * 2**20
+        assert torch.cuda.mem_get_info() == (24 * 2**30 - 4 * 2**20, 24 * 2**30)
+        del kept
+    assert torch.cuda.is_available() is available
+
+
+def test_an_op_that_needs_the_values_is_named_not_rehearsable():
+    with virtual_cuda(Ledger()):
+        x = torch.empty(3, device="cuda")
+        with pytest.raises(NotRehearsable, match="needs the tensor's values"):
+            x.sum().item()
+
+
+# --- rehearsing configs on the tiny Flux ---------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_pipe(tiny_flux_dir):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(tiny_flux_dir, dtype=torch.bfloat16)
+
+
+def _bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_offload_strategy_runs_on_the_virtual_card(tiny_pipe, strategy):
+    from advisor.rehearse.rehearsal import rehearse
+
+    result = rehearse(tiny_pipe, OptimizationConfig(device="cuda", offload=STRATEGIES[strategy]), TINY)
+    assert result.passed, result.failure or result.not_rehearsed
+    assert all(result.device_peak(phase) > 0 for phase in ("text_encoding", "denoising", "vae_decode"))
+
+
+def test_without_offloading_every_weight_is_on_the_card_from_loading(tiny_pipe):
+    from advisor.rehearse.rehearsal import rehearse
+
+    weights = sum(_bytes(c) for c in tiny_pipe.components.values() if isinstance(c, torch.nn.Module))
+    result = rehearse(tiny_pipe, OptimizationConfig(device="cuda"), TINY)
+    assert result.passed
+    # Loaded straight to the card (device_map="cuda"): nothing staged in RAM, every weight byte resident.
+    assert result.phase_peaks["loading"] == {"cuda:0": weights}
+    for phase in ("text_encoding", "denoising", "vae_decode"):
+        assert result.device_peak(phase) > weights  # the weights and the phase's activations
+
+
+def test_group_offloading_keeps_a_streamed_block_on_the_card_only_while_it_runs(tiny_pipe):
+    from advisor.rehearse.rehearsal import rehearse
+
+    transformer = tiny_pipe.transformer
+    blocks = [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(transformer, name)]
+    outside_blocks = _bytes(transformer) - sum(_bytes(b) for b in blocks)
+    largest = max(_bytes(b) for b in blocks)
+    everything = OptimizationConfig(device="cuda")
+    grouped = OptimizationConfig(device="cuda", offload=Offload(strategy="group"))
+    resident = rehearse(tiny_pipe, everything, TINY)
+    weights = resident.phase_peaks["loading"]["cuda:0"]
+    activations = resident.device_peak("denoising") - weights  # the same call, whatever holds the weights
+
+    from diffusers import DiffusionPipeline
+
+    fresh = DiffusionPipeline.from_pretrained(tiny_pipe.config._name_or_path, dtype=torch.bfloat16)
+    streamed = rehearse(fresh, grouped, TINY)
+    assert streamed.passed
+    # One block group at a time (plus the modules outside the block lists) beside the activations.
+    assert largest <= streamed.device_peak("denoising") <= outside_blocks + largest + activations
+    assert streamed.phase_peaks["loading"].get("cuda:0", 0) == 0  # loaded into RAM: offloaded from the start
+
+
+def test_a_misplaced_weight_fails_the_rehearsal_naming_it_and_what_put_it_there(tiny_pipe, monkeypatch):
+    """The positive control: the same config passes without the fault."""
+    import advisor.rehearse.rehearsal as rehearsal
+
+    config = OptimizationConfig(device="cuda")
+    plan = rehearsal.plan
+
+    def misplace(pipe) -> None:
+        weight = pipe.transformer.x_embedder.weight
+        weight.data = weight.data.to("cpu")
+
+    fault = Step("offload", "leave transformer.x_embedder on the cpu", "", misplace)
+    monkeypatch.setattr(rehearsal, "plan", lambda config, pipe: [*plan(config, pipe), fault])
+    result = rehearsal.rehearse(tiny_pipe, config, TINY)
+    assert not result.passed and result.not_rehearsed is None
+    assert "in transformer.x_embedder" in result.failure
+    assert "transformer.x_embedder.weight bfloat16[" in result.failure
+    assert "on cpu (put there by offload: leave transformer.x_embedder on the cpu)" in result.failure
+
+    monkeypatch.setattr(rehearsal, "plan", plan)
+    from diffusers import DiffusionPipeline
+
+    fresh = DiffusionPipeline.from_pretrained(tiny_pipe.config._name_or_path, dtype=torch.bfloat16)
+    assert rehearsal.rehearse(fresh, config, TINY).passed
