@@ -150,15 +150,16 @@ def rehearse(
     geometry: Geometry,
     *,
     text_tokens: dict[str, int] | None = None,
-    denoiser_calls: int = 2,
+    steps: int = 2,
+    calls_per_step: int = 1,
     gpu_name: str = "virtual GPU",
     vram_bytes: int = 80 * 2**30,
     capability: tuple[int, int] = (9, 0),
 ) -> Rehearsal:
     """Apply `config` (an `OptimizationConfig`) to `pipe` and run one generation's phases on the
     virtual device. `geometry` is one denoiser call's latent shape (its batch includes batched CFG);
-    `text_tokens` each text encoder's sequence length (77 where not given); `denoiser_calls` how many
-    denoiser calls to run (denoisers that take turns, Wan 2.2's experts, get one each first).
+    `text_tokens` each text encoder's sequence length (77 where not given); `steps` denoising steps
+    of `calls_per_step` denoiser calls each (2 where guidance runs the denoiser twice a step).
     """
     ledger = Ledger()
     names: _Names | None = None
@@ -187,7 +188,7 @@ def rehearse(
                 step.run(pipe)
             ledger.origin = ""
             with names.tracking():
-                _run_phases(pipe, geometry, dtype, ledger, text_tokens or {}, denoiser_calls)
+                _run_phases(pipe, geometry, dtype, ledger, text_tokens or {}, steps, calls_per_step)
     except DeviceMismatch as error:
         failure = str(error)
     except NotRehearsable as error:
@@ -217,7 +218,7 @@ def _loads_onto_device(config: Any) -> bool:
 
 
 def _run_phases(
-    pipe: Any, g: Geometry, dtype: torch.dtype, ledger: Ledger, tokens: dict[str, int], calls: int
+    pipe: Any, g: Geometry, dtype: torch.dtype, ledger: Ledger, tokens: dict[str, int], steps: int, calls: int
 ) -> None:
     components = pipe.components
     device = pipe._execution_device
@@ -230,10 +231,12 @@ def _run_phases(
     ledger.enter("denoising")
     ledger.origin = "denoising"
     denoisers = [components[n] for n in ("transformer", "transformer_2", "unet") if components.get(n) is not None]
-    for call in range(calls):
-        denoiser = denoisers[call % len(denoisers)]
-        out = denoiser(**denoiser_inputs(denoiser, g, make))
-        del out
+    for step in range(steps):
+        # Experts that take turns (Wan 2.2) run in order, each for its share of the steps, never back.
+        denoiser = denoisers[step * len(denoisers) // steps]
+        for _call in range(calls):
+            out = denoiser(**denoiser_inputs(denoiser, g, make))
+            del out
     ledger.enter("vae_decode")
     ledger.origin = "vae_decode"
     vae = components["vae"]

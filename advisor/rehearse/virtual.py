@@ -269,8 +269,17 @@ class _DeviceNames(TorchFunctionMode):
     block and are labelled back; ``torch.tensor(data, device="cuda")`` is made on the cpu and moved;
     ``x.data = y`` moves the block with the device."""
 
+    def __init__(self, capability: tuple[int, int]) -> None:
+        super().__init__()
+        self.capability = capability
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
         kwargs = kwargs or {}
+        if (
+            func is torch.nn.functional.scaled_dot_product_attention
+            and (args or [kwargs.get("query")])[0].device.type == "cuda"
+        ):
+            return _attention(self.capability, *args, **kwargs)
         if func is torch.device:  # `torch.device("cuda", 0)`: its own index; an index-less one is named where used
             return func(*args, **kwargs)
         args, kwargs = tree_map(_named_device, (args, kwargs))
@@ -288,6 +297,39 @@ class _DeviceNames(TorchFunctionMode):
                 args[0].block = args[1].block  # x now views y's block (C++ already took its device)
             return None
         return func(*args, **kwargs)
+
+
+def _attention(
+    capability: tuple[int, int],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` as CUDA runs it: the first kernel of torch's priority order
+    (``torch._C._get_sdp_priority_order()``: flash, memory-efficient, math) whose checks pass, after
+    ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``: flash needs sm80+, fp16/bf16, no mask
+    and a head size up to 256; memory-efficient takes masks and fp32 from sm50. On the CPU build
+    the op itself would decompose to the math kernel, whose score matrix a GPU run never holds."""
+    four_d = query.dim() == key.dim() == value.dim() == 4 and query.shape[-1] == key.shape[-1] == value.shape[-1]
+    grouped = four_d and query.shape[1] != key.shape[1]
+    if four_d and not grouped:
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        if capability >= (8, 0) and half and attn_mask is None and query.shape[-1] <= 256:
+            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
+        if capability >= (5, 0):
+            if attn_mask is not None and attn_mask.dtype == torch.bool:  # as SDPA turns it into a bias
+                attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
+            return aten._scaled_dot_product_efficient_attention(
+                query, key, value, attn_mask, False, dropout_p, is_causal, scale=scale
+            )[0]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+    )
 
 
 def _relabel(value: Any, device: torch.device) -> Any:
@@ -423,5 +465,5 @@ def virtual_cuda(
     # A CPU build has no CUDA device guard; torch's fake tensors install a no-op one the same way.
     torch._C._ensureCUDADeviceGuardSet()
     mode = VirtualCuda(ledger, describe_tensor, where)
-    with cuda_runtime(ledger, name, total_bytes, capability), torch.no_grad(), mode, _DeviceNames():
+    with cuda_runtime(ledger, name, total_bytes, capability), torch.no_grad(), mode, _DeviceNames(capability):
         yield mode
