@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 
 import pytest
 
@@ -17,9 +18,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 torch = pytest.importorskip("torch")
 
-from advisor.config import Offload, OptimizationConfig  # noqa: E402
+from advisor.config import Offload, OptimizationConfig, Quantization  # noqa: E402
 from advisor.levers.code import Step  # noqa: E402
-from advisor.rehearse.virtual import DeviceMismatch, Ledger, NotRehearsable, VirtualTensor, virtual_cuda  # noqa: E402
+from advisor.rehearse.device import virtual_cuda  # noqa: E402
+from advisor.rehearse.virtual import DeviceMismatch, Ledger, NotRehearsable, VirtualTensor  # noqa: E402
 from advisor.trace.inputs import Geometry  # noqa: E402
 
 
@@ -169,3 +171,86 @@ def test_a_misplaced_weight_fails_the_rehearsal_naming_it_and_what_put_it_there(
 
     fresh = DiffusionPipeline.from_pretrained(tiny_pipe.config._name_or_path, dtype=torch.bfloat16)
     assert rehearsal.rehearse(fresh, config, TINY).passed
+
+
+# --- load-time quantization, rehearsed with the backends' own code --------------------------------
+
+NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])
+
+
+def test_nf4_weights_take_half_a_byte_each_plus_a_float32_scale_per_64(tiny_pipe):
+    import bitsandbytes as bnb
+
+    from advisor.rehearse.rehearsal import rehearse
+
+    result = rehearse(tiny_pipe, OptimizationConfig(device="cuda", quantization=NF4), TINY)
+    assert result.passed, result.failure or result.not_rehearsed
+    layers = [m for m in tiny_pipe.transformer.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers  # bitsandbytes' replace_with_bnb_linear swapped them, as from_pretrained does
+    for layer in layers:
+        weights = layer.in_features * layer.out_features
+        assert layer.weight.device.type == "cuda" and layer.weight.quant_state.absmax.device.type == "cuda"
+        assert layer.weight.block.nbytes == weights // 2  # two 4-bit codes per byte
+        assert layer.weight.quant_state.absmax.block.nbytes == 4 * (-(-weights // 64))  # bnb's default blocksize
+
+
+def test_a_misplaced_quantization_state_fails_the_rehearsal_naming_it(tiny_pipe, monkeypatch):
+    import advisor.rehearse.rehearsal as rehearsal
+
+    # Nothing offloaded: no hook moves the layer back (model offload's `.to()` would carry the state along).
+    config = OptimizationConfig(device="cuda", quantization=NF4)
+    plan = rehearsal.plan
+
+    def misplace(pipe) -> None:
+        state = pipe.transformer.x_embedder.weight.quant_state
+        state.absmax = state.absmax.to("cpu")
+
+    fault = Step("offload", "leave one quantization state on the cpu", "", misplace)
+    monkeypatch.setattr(rehearsal, "plan", lambda config, pipe: [*plan(config, pipe), fault])
+    result = rehearsal.rehearse(tiny_pipe, config, TINY)
+    assert "transformer.x_embedder.weight.quant_state.absmax float32[" in result.failure
+    assert "on cpu (put there by offload: leave one quantization state on the cpu)" in result.failure
+
+    monkeypatch.setattr(rehearsal, "plan", plan)
+    from diffusers import DiffusionPipeline
+
+    fresh = DiffusionPipeline.from_pretrained(tiny_pipe.config._name_or_path, dtype=torch.bfloat16)
+    assert rehearsal.rehearse(fresh, config, TINY).passed
+
+
+@pytest.mark.parametrize("component", ["transformer", "text_encoder_2"])
+@pytest.mark.parametrize("backend", ["bitsandbytes_4bit", "bitsandbytes_8bit"])
+def test_group_offloading_a_bitsandbytes_model_leaves_its_scales_on_the_cpu(tiny_flux_dir, component, backend):
+    """The class of diffusers #10797 (group offloading + a bitsandbytes-4bit text encoder: device
+    mismatch). diffusers moves `param.data`; bitsandbytes keeps the scales beside it (read in
+    hooks/group_offloading.py and bitsandbytes/nn/modules.py). With streams, leaf by leaf, the
+    module is never moved to the CPU and the scales stay on the card. The refusal follows."""
+    from diffusers import DiffusionPipeline
+
+    from advisor.levers.bitsandbytes import bitsandbytes_group_offload_needs_leaf_streams
+    from advisor.platform import Platform
+    from advisor.rehearse.rehearsal import rehearse
+
+    quantization = Quantization(backend=backend, components=[component])
+    by_block = OptimizationConfig(device="cuda", quantization=quantization, offload=Offload(strategy="group"))
+    by_leaf = OptimizationConfig(
+        device="cuda",
+        quantization=quantization,
+        offload=Offload(strategy="group", offload_type="leaf_level", use_stream=True),
+    )
+    gpu = Platform.of_target("cuda", "8.9", {"diffusers": "0.42.1", "bitsandbytes": "0.50.2"})
+    results = {}
+    for name, config in (("block", by_block), ("leaf", by_leaf)):
+        pipe = DiffusionPipeline.from_pretrained(tiny_flux_dir, dtype=torch.bfloat16)
+        results[name] = rehearse(pipe, config, TINY)
+    if backend == "bitsandbytes_8bit" and component == "text_encoder_2":
+        # transformers' 8-bit layers keep their scales in the weight (Int8Params.SCB), which moves with it.
+        assert results["block"].passed
+        return
+    assert results["block"].failure is not None
+    assert "mixes cpu and cuda:0" in results["block"].failure and f"in {component}." in results["block"].failure
+    # The scales are what sits on the CPU: the 4-bit weight's quant_state, the 8-bit layer's state.
+    assert re.search(r"\.(quant_state\.absmax|state\.CB) [^;]* on cpu", results["block"].failure)
+    assert results["leaf"].passed, results["leaf"].failure
+    assert bitsandbytes_group_offload_needs_leaf_streams(by_block, gpu) is not None
+    assert bitsandbytes_group_offload_needs_leaf_streams(by_leaf, gpu) is None

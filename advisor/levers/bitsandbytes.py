@@ -14,8 +14,9 @@ from typing import Any, Callable
 from advisor.config import OptimizationConfig, Quantization
 from advisor.levers.base import Loading
 from advisor.levers.code import call_source, dtype_expr, runtime_value
+from advisor.levers.offload.strategies import LEAF_LEVEL, group_offloaded
 from advisor.levers.quantization import KEYWORD, VARIABLE, QuantBackend
-from advisor.platform import Constraint, Platform, constraint
+from advisor.platform import Constraint, Platform, constraint, version_tuple
 
 
 GUIDE = "https://huggingface.co/docs/diffusers/main/en/quantization/bitsandbytes"
@@ -50,6 +51,44 @@ def bitsandbytes_needs_cuda(config: OptimizationConfig, platform: Platform) -> s
     if not config.device.startswith("cuda"):
         return f"`quantization.backend: {q.backend}` needs `device: cuda`, not `device: {config.device}`"
     return None
+
+
+# Found by rehearsing every offload strategy on each backend (`advisor.rehearse`, tests/test_rehearse.py)
+# with these versions; read in their code: diffusers' group offloading moves a weight by assigning
+# ``param.data`` (``ModuleGroup._transfer_tensor_to_device``, diffusers/hooks/group_offloading.py),
+# while bitsandbytes keeps a 4-bit weight's scales in ``Params4bit.quant_state`` and an 8-bit layer's in
+# ``Linear8bitLt.state``, which only ``.to()`` moves (bitsandbytes/nn/modules.py). Group offloading
+# first moves each module to the CPU with ``.to()`` (scales included), then brings back only
+# ``.data``: the matmul gets its scales from the CPU. Its stream path never moves the module: the
+# scales stay where bitsandbytes quantized them, on the card, and only a leaf-level offload streams
+# every group (a block-level one onloads the modules outside the blocks without its stream). Offloading
+# to disk is not rehearsed (the rehearsal writes no files), so it is not refused here.
+REHEARSED_WITH = {"diffusers": "0.42.1", "bitsandbytes": "0.50.2"}
+
+
+@constraint(
+    "bitsandbytes-group-offload-needs-leaf-streams",
+    "offload.strategy",
+    "group offloading moves a bitsandbytes weight's data but not its scales (quant_state), so its matmul "
+    "mixes devices; only leaf-level offloading with streams leaves the scales on the card (rehearsed)",
+    "https://github.com/huggingface/diffusers/issues/10797",
+    into=CONSTRAINTS,
+)
+def bitsandbytes_group_offload_needs_leaf_streams(config: OptimizationConfig, platform: Platform) -> str | None:
+    q, offload = config.quantization, config.offload
+    if q is None or q.backend not in (FOUR_BIT, EIGHT_BIT) or offload.offload_to_disk_path:
+        return None
+    if offload.offload_type == LEAF_LEVEL and offload.use_stream:
+        return None
+    offloaded = [name for name in q.components if group_offloaded(config, name)]
+    installed = (platform.packages or {}).get("diffusers")
+    if not offloaded or (installed and version_tuple(installed) > version_tuple(REHEARSED_WITH["diffusers"])):
+        return None  # a later diffusers may move the scales too: `advisor check` rehearses it there
+    return (
+        f"group offloading of {', '.join(offloaded)} quantized with {q.backend} leaves its scales on the CPU "
+        f"(rehearsed with diffusers {REHEARSED_WITH['diffusers']}, bitsandbytes {REHEARSED_WITH['bitsandbytes']}); "
+        "use `offload.offload_type: leaf_level` with `offload.use_stream: true`, or model offload"
+    )
 
 
 class Bitsandbytes(QuantBackend):

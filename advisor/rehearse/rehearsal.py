@@ -22,6 +22,8 @@ from typing import Any, Iterator
 
 import torch
 
+from advisor.rehearse.device import virtual_cuda
+from advisor.rehearse.quantize import quantize_in_place
 from advisor.rehearse.virtual import (
     CPU,
     CUDA,
@@ -32,7 +34,6 @@ from advisor.rehearse.virtual import (
     VirtualTensor,
     describe,
     meta_of,
-    virtual_cuda,
 )
 from advisor.run.steps import plan
 from advisor.trace.inputs import Geometry, Maker, denoiser_inputs, text_encoder_inputs, vae_latents
@@ -93,14 +94,37 @@ class _Names:
         return self.stack[-1] if self.stack else ""
 
     def describe(self, tensor: torch.Tensor) -> str:
-        """A weight or buffer by its qualified name (a view of one, such as ``weight.t()``, too),
-        with what put it where it is; anything else as an activation."""
+        """A weight, buffer or quantization state by its qualified name (a view of one, such as
+        ``weight.t()``, too), with what put it where it is; anything else as an activation."""
         block = getattr(tensor, "block", None)
-        for name, component in _modules(self.pipe):
-            for path, weight in [*component.named_parameters(), *component.named_buffers()]:
-                if block is not None and getattr(weight, "block", None) is block:
-                    return f"{name}.{path} {describe(weight)} (put there by {block.origin or LOADING})"
+        if block is not None:
+            for name, owned in self._owned():
+                if getattr(owned, "block", None) is block:
+                    origin = block.origin or LOADING
+                    how = f"moved there while {origin}" if origin in PHASES else f"put there by {origin}"
+                    return f"{name} {describe(tensor)} ({how})"
         return f"an activation {describe(tensor)}"
+
+    def _owned(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor the pipeline holds, by name: weights and buffers, and the quantization state
+        kept beside them, which moves only where its owner moves it (bitsandbytes: a 4-bit weight's
+        ``quant_state.absmax``, an 8-bit layer's ``state.CB`` / ``state.SCB``)."""
+        for name, component in _modules(self.pipe):
+            for path, module in component.named_modules():
+                prefix = f"{name}.{path}" if path else name
+                for key, weight in [*module._parameters.items(), *module._buffers.items()]:
+                    if weight is None:
+                        continue
+                    yield f"{prefix}.{key}", weight
+                    yield from _tensors_of(getattr(weight, "quant_state", None), f"{prefix}.{key}.quant_state")
+                yield from _tensors_of(getattr(module, "state", None), f"{prefix}.state")
+
+
+def _tensors_of(holder: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if holder is not None and hasattr(holder, "__dict__"):
+        for key, value in vars(holder).items():
+            if isinstance(value, torch.Tensor):
+                yield f"{prefix}.{key}", value
 
 
 def _modules(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
@@ -132,8 +156,8 @@ def virtualize(pipe: Any, device: torch.device | str = CPU) -> Any:
 def _plain(tensor: torch.Tensor, module: torch.nn.Module, key: str) -> None:
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         raise NotRehearsable(
-            f"{type(module).__name__}.{key} is a {type(tensor).__module__}.{type(tensor).__name__} "
-            "(a quantized weight): quantized weights are not rehearsed yet"
+            f"{type(module).__name__}.{key} is a {type(tensor).__module__}.{type(tensor).__name__}: a rehearsal "
+            "takes the pipeline unquantized and quantizes it the way the config loads it"
         )
 
 
@@ -181,6 +205,7 @@ def rehearse(
         ):
             ledger.enter(LOADING)
             virtualize(pipe, CUDA if _loads_onto_device(config) else CPU)
+            quantize_in_place(pipe, config)
             names = _Names(pipe)
             ledger.enter(APPLYING)
             for step in plan(config, pipe):

@@ -13,21 +13,19 @@ run (`NotRehearsable`: an op that needs the data, such as ``.item()``). While it
 ``torch.cuda`` answers as a card of the given size would (streams and events that order nothing:
 there is no data to race).
 
-Two gaps of a CPU build are closed at the Python level, in `_DeviceNames`: an index-less ``"cuda"``
-(``x.to("cuda")``, ``x.cuda()``) asks the CUDA runtime for its current device, and Python indexing
-of a cuda tensor takes a CUDA device guard; both are rewritten before they reach C++.
+The device is entered with `advisor.rehearse.device.virtual_cuda`, which also installs what sits
+around it: `advisor.rehearse.bindings` (the Python-level rewrites a CPU build needs for cuda
+tensors) and `advisor.rehearse.runtime` (``torch.cuda`` answering as the card).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -118,11 +116,20 @@ class VirtualTensor(torch.Tensor):
 
     @staticmethod
     def __new__(
-        cls, meta: torch.Tensor, device: torch.device | None = None, block: Block | None = None, **parameter: Any
+        cls,
+        meta: torch.Tensor,
+        device: torch.device | None = None,
+        block: Block | None = None,
+        requires_grad: bool = False,
+        **_attributes: Any,
     ) -> torch.Tensor:
-        if device is None:  # called as a weight's class, as ``type(param)(value, requires_grad=...)`` (accelerate)
-            return torch.nn.Parameter(meta, **parameter)
-        tensor = torch.Tensor._make_wrapper_subclass(
+        if device is None:  # called as a weight's class: ``type(param)(value, **param.__dict__)`` (accelerate)
+            real = next(c for c in cls.__mro__ if not issubclass(c, VirtualTensor))  # Parameter, Params4bit, ...
+            if real is torch.Tensor:
+                real = torch.nn.Parameter
+            attributes = {k: v for k, v in _attributes.items() if k not in ("block", "_is_param")}
+            return real(meta, requires_grad=requires_grad, **attributes)
+        tensor = torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
             cls,
             meta.size(),
             meta.stride(),
@@ -139,7 +146,38 @@ class VirtualTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
-        raise RuntimeError(f"{func} on a virtual tensor outside the virtual device (`VirtualCuda`)")
+        # Reached where torch runs an op with the modes set aside (``Tensor._make_subclass``, which
+        # bitsandbytes' Params4bit uses): the active virtual device still runs it.
+        if not _ACTIVE:
+            raise RuntimeError(f"{func} on a virtual tensor outside the virtual device (`virtual_cuda`)")
+        return _ACTIVE[-1].__torch_dispatch__(func, types, args, kwargs)
+
+
+def _on_meta(func, args, kwargs):  # noqa: ANN001, ANN202
+    """Run `func` on meta tensors. A library op whose output size depends on the data (bitsandbytes'
+    LLM.int8 outlier columns) asks its fake kernel's context for a size, which meta kernels refuse:
+    it runs its fake kernel here with every such size 0 (no outlier columns: a few columns of a
+    matrix at most, so no bytes that matter; the devices are checked all the same)."""
+    if func.namespace == "aten":
+        return func(*args, **kwargs)
+    from torch._library import fake_impl
+    from torch._library.simple_registry import singleton
+
+    kernel = singleton.find(func.name()).fake_impl.kernel
+    if kernel is None:
+        return func(*args, **kwargs)
+    with fake_impl.set_ctx_getter(lambda: _NoDataSizes()):
+        return kernel(*args, **kwargs)
+
+
+class _NoDataSizes:
+    def new_dynamic_size(self, *, min: int = 0, max: int | None = None) -> int:  # noqa: A002
+        return min
+
+
+def _dispatches_itself(tensor: torch.Tensor) -> bool:
+    cls = type(tensor)
+    return not issubclass(cls, VirtualTensor) and cls.__torch_dispatch__ is not torch.Tensor.__torch_dispatch__
 
 
 def meta_of(tensor: torch.Tensor) -> torch.Tensor:
@@ -147,7 +185,7 @@ def meta_of(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="meta")
 
 
-def _device(value: Any) -> torch.device | None:
+def device_of(value: Any) -> torch.device | None:
     if value is None:
         return None
     device = torch.device(value)
@@ -184,11 +222,15 @@ class VirtualCuda(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
         kwargs = kwargs or {}
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if any(_dispatches_itself(t) for t in tensors):
+            # A tensor subclass of a library (torchao's quantized weights) runs the op on its inner
+            # tensors, which are virtual: each of their ops comes back here.
+            return NotImplemented
         if func in _NEEDS_DATA:
             raise NotRehearsable(f"{func.overloadpacket.__name__} needs the tensor's values{self._at()}")
         if func is aten.is_pinned.default:
             return isinstance(args[0], VirtualTensor) and args[0].block.pinned
-        if func is aten._pin_memory.default:  # a page-locked copy
+        if func in (aten._pin_memory.default, aten.pin_memory.default):  # a page-locked copy
             return self.new(meta_of(args[0]), CPU, pinned=True)
         if func not in _CROSS_DEVICE:
             self._check_devices(func, tensors)
@@ -204,7 +246,7 @@ class VirtualCuda(TorchDispatchMode):
         if "device" in meta_kwargs:
             meta_kwargs["device"] = "meta"
         try:
-            out = func(*meta_args, **meta_kwargs)
+            out = _on_meta(func, meta_args, meta_kwargs)
         except NotImplementedError as error:
             raise NotRehearsable(
                 f"{func.overloadpacket.__name__} has no shape-only kernel{self._at()}: {error}"
@@ -212,7 +254,7 @@ class VirtualCuda(TorchDispatchMode):
         return self._wrap(func, args, kwargs, tensors, out)
 
     def _wrap(self, func, args, kwargs, tensors, out):  # noqa: ANN001, ANN202
-        device = _device(kwargs.get("device"))
+        device = device_of(kwargs.get("device"))
         if device is None:
             on_device = [t.device for t in tensors if t.dim() > 0 and t.device.type != "meta"]
             device = on_device[0] if on_device else (tensors[0].device if tensors else CPU)
@@ -230,7 +272,7 @@ class VirtualCuda(TorchDispatchMode):
                 wrapped.append(value)
             elif alias is not None and alias.is_write:  # in place, or out=: the argument itself
                 wrapped.append(self._argument_aliased(func, args, kwargs, alias))
-            elif alias is not None and isinstance(args[0], VirtualTensor):  # a view of its input
+            elif alias is not None and hasattr(args[0], "block"):  # a view of its input
                 wrapped.append(VirtualTensor(value, device, args[0].block))
             else:
                 wrapped.append(self.new(value, device, pinned))
@@ -262,208 +304,4 @@ class VirtualCuda(TorchDispatchMode):
         return f" in {where}" if where else ""
 
 
-class _DeviceNames(TorchFunctionMode):
-    """Rewrites, before C++ sees them, what a CPU build can't run for a cuda tensor: ``"cuda"``
-    without an index becomes ``cuda:0``; ``x.cuda()`` becomes ``x.to("cuda:0")``; the bindings that
-    take a CUDA device guard (indexing, ``contiguous``) run on a cpu-labelled alias of the same
-    block and are labelled back; ``torch.tensor(data, device="cuda")`` is made on the cpu and moved;
-    ``x.data = y`` moves the block with the device."""
-
-    def __init__(self, capability: tuple[int, int]) -> None:
-        super().__init__()
-        self.capability = capability
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
-        kwargs = kwargs or {}
-        if (
-            func is torch.nn.functional.scaled_dot_product_attention
-            and (args or [kwargs.get("query")])[0].device.type == "cuda"
-        ):
-            return _attention(self.capability, *args, **kwargs)
-        if func is torch.device:  # `torch.device("cuda", 0)`: its own index; an index-less one is named where used
-            return func(*args, **kwargs)
-        args, kwargs = tree_map(_named_device, (args, kwargs))
-        if func is torch.Tensor.record_stream:  # our streams are stand-ins; the allocator keeps the block for it
-            return None
-        if func is torch.Tensor.cuda:
-            return args[0].to(CUDA, non_blocking=kwargs.get("non_blocking", False))
-        if func in _GUARDED and isinstance(args[0], VirtualTensor) and args[0].device.type == "cuda":
-            return _relabel(func(*_relabel(args, CPU), **_relabel(kwargs, CPU)), CUDA)
-        if func in (torch.tensor, torch.as_tensor) and _device(kwargs.get("device")) == CUDA:
-            return func(*args, **{**kwargs, "device": CPU}).to(CUDA)
-        if getattr(func, "__self__", None) is _DATA and func.__name__ == "__set__":  # `x.data = y`
-            func(*args)
-            if isinstance(args[1], VirtualTensor):
-                args[0].block = args[1].block  # x now views y's block (C++ already took its device)
-            return None
-        return func(*args, **kwargs)
-
-
-def _attention(
-    capability: tuple[int, int],
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
-    """``scaled_dot_product_attention`` as CUDA runs it: the first kernel of torch's priority order
-    (``torch._C._get_sdp_priority_order()``: flash, memory-efficient, math) whose checks pass, after
-    ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``: flash needs sm80+, fp16/bf16, no mask
-    and a head size up to 256; memory-efficient takes masks and fp32 from sm50. On the CPU build
-    the op itself would decompose to the math kernel, whose score matrix a GPU run never holds."""
-    four_d = query.dim() == key.dim() == value.dim() == 4 and query.shape[-1] == key.shape[-1] == value.shape[-1]
-    grouped = four_d and query.shape[1] != key.shape[1]
-    if four_d and not grouped:
-        half = query.dtype in (torch.float16, torch.bfloat16)
-        if capability >= (8, 0) and half and attn_mask is None and query.shape[-1] <= 256:
-            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
-        if capability >= (5, 0):
-            if attn_mask is not None and attn_mask.dtype == torch.bool:  # as SDPA turns it into a bias
-                attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
-            return aten._scaled_dot_product_efficient_attention(
-                query, key, value, attn_mask, False, dropout_p, is_causal, scale=scale
-            )[0]
-    return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-    )
-
-
-def _relabel(value: Any, device: torch.device) -> Any:
-    """`value` with every virtual tensor of another device replaced by an alias labelled `device`."""
-
-    def one(tensor: Any) -> Any:
-        if isinstance(tensor, VirtualTensor) and tensor.device != device:
-            return VirtualTensor(meta_of(tensor), device, tensor.block)
-        return tensor
-
-    return tree_map(one, value)
-
-
-# Python bindings that take a device guard of their tensor's device before dispatching (a CPU build
-# has none for CUDA: "PyTorch is not linked with support for cuda devices").
-_GUARDED = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.contiguous}
-
-
-_DATA = torch._C.TensorBase.__dict__["data"]
-
-
-def _named_device(value: Any) -> Any:
-    if isinstance(value, str) and value == "cuda":
-        return "cuda:0"
-    if isinstance(value, torch.device) and value.type == "cuda" and value.index is None:
-        return CUDA
-    return value
-
-
-# --- torch.cuda, as a card of `total_bytes` would answer -----------------------------------------
-
-
-class _Stream(torch.Stream):
-    """A CUDA stream that orders nothing: without data there is nothing to race. A `torch.Stream`
-    (a CPU one underneath) so that C++ bindings taking a stream accept it."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Stream:
-        return super().__new__(cls, device="cpu")
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def wait_stream(self, stream: Any) -> None:
-        pass
-
-    def wait_event(self, event: Any) -> None:
-        pass
-
-    def record_event(self, event: Any = None) -> Any:
-        return event or _Event()
-
-    def query(self) -> bool:
-        return True
-
-
-class _Event(_Stream):
-    def record(self, stream: Any = None) -> None:
-        pass
-
-    def elapsed_time(self, other: Any) -> float:
-        return 0.0
-
-
-@dataclass(frozen=True)
-class _Properties:
-    name: str
-    total_memory: int
-    major: int = 9
-    minor: int = 0
-    multi_processor_count: int = 132
-
-
-@contextlib.contextmanager
-def cuda_runtime(ledger: Ledger, name: str, total_bytes: int, capability: tuple[int, int]) -> Iterator[None]:
-    """``torch.cuda`` (and ``torch.accelerator``) answering as one card: available, one device, its
-    name and memory, the ledger's allocated bytes; streams and events that order nothing."""
-    stream = _Stream()
-    allocated = lambda device=None: ledger.live.get("cuda:0", 0)  # noqa: E731
-    replacements: dict[tuple[Any, str], Any] = {
-        (torch.cuda, "is_available"): lambda: True,
-        (torch.cuda, "is_initialized"): lambda: True,
-        (torch.cuda, "_lazy_init"): lambda: None,
-        (torch.cuda, "device_count"): lambda: 1,
-        (torch.cuda, "current_device"): lambda: 0,
-        (torch.cuda, "set_device"): lambda device: None,
-        (torch.cuda, "get_device_name"): lambda device=None: name,
-        (torch.cuda, "get_device_capability"): lambda device=None: capability,
-        (torch.cuda, "get_device_properties"): lambda device=None: _Properties(name, total_bytes, *capability),
-        (torch.cuda, "mem_get_info"): lambda device=None: (total_bytes - allocated(), total_bytes),
-        (torch.cuda, "memory_allocated"): allocated,
-        (torch.cuda, "memory_reserved"): allocated,
-        (torch.cuda, "max_memory_allocated"): lambda device=None: ledger.peak.get("cuda:0", 0),
-        (torch.cuda, "reset_peak_memory_stats"): lambda device=None: None,
-        (torch.cuda, "synchronize"): lambda device=None: None,
-        (torch.cuda, "empty_cache"): lambda: ledger.events.append(Event(-1, "cuda:0", 0, ledger.phase)),
-        (torch.cuda, "Stream"): _Stream,
-        (torch.cuda, "Event"): _Event,
-        (torch.cuda, "current_stream"): lambda device=None: stream,
-        (torch.cuda, "default_stream"): lambda device=None: stream,
-        (torch.cuda, "stream"): lambda s=None: contextlib.nullcontext(s),
-        (torch.accelerator, "is_available"): lambda: True,
-        (torch.accelerator, "current_accelerator"): lambda check_available=False: CUDA,
-        (torch.accelerator, "device_count"): lambda: 1,
-    }
-    saved = {key: getattr(*key) for key in replacements}
-    try:
-        for (module, attribute), value in replacements.items():
-            setattr(module, attribute, value)
-        yield
-    finally:
-        for (module, attribute), value in saved.items():
-            setattr(module, attribute, value)
-
-
-@contextlib.contextmanager
-def virtual_cuda(
-    ledger: Ledger,
-    *,
-    name: str = "virtual GPU",
-    total_bytes: int = 80 * 2**30,
-    capability: tuple[int, int] = (9, 0),
-    describe_tensor: Callable[[torch.Tensor], str] = describe,
-    where: Callable[[], str] = lambda: "",
-) -> Iterator[VirtualCuda]:
-    """Everything that runs inside computes shapes only, on ``cpu`` and a virtual ``cuda:0``.
-
-    >>> with virtual_cuda(Ledger()) as device:  # doctest: +SKIP
-    ...     x = torch.empty(4, 8, device="cuda")
-    """
-    # A CPU build has no CUDA device guard; torch's fake tensors install a no-op one the same way.
-    torch._C._ensureCUDADeviceGuardSet()
-    mode = VirtualCuda(ledger, describe_tensor, where)
-    with cuda_runtime(ledger, name, total_bytes, capability), torch.no_grad(), mode, _DeviceNames(capability):
-        yield mode
+_ACTIVE: list[VirtualCuda] = []  # the virtual devices entered (`advisor.rehearse.device`), innermost last

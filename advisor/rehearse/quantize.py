@@ -1,0 +1,112 @@
+"""Load-time quantization of a virtual pipeline, through the libraries' own loading code.
+
+`from_pretrained` quantizes while it loads; a rehearsal has no checkpoint, so it replays what the
+loaders do with each weight, on the virtual ones (``advisor.run.quantize.pipeline_kwargs`` gives the
+same ``PipelineQuantizationConfig`` a real load gets, and its ``_resolve_quant_config`` each
+component's backend config):
+
+- diffusers models (``load_model_dict_into_meta`` in ``diffusers/models/model_loading_utils.py``):
+  ``hf_quantizer.preprocess_model`` swaps the layers (bitsandbytes' ``replace_with_bnb_linear``),
+  then ``create_quantized_param`` for each weight ``check_if_quantized_param`` claims, the others
+  placed as they are; ``postprocess_model`` last;
+- transformers models (``transformers/core_model_loading.py``): ``preprocess_model``, then the
+  quantizer's ``get_quantize_ops().convert`` for each weight ``param_needs_quantization`` claims.
+
+Where the weights land: the device for a quantizer that loads there (bitsandbytes: its
+``update_device_map`` maps the whole model to the current CUDA device), else the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from advisor.rehearse.virtual import CPU, CUDA, NotRehearsable
+
+
+def quantize_in_place(pipe: Any, config: Any) -> list[str]:
+    """Quantize `pipe`'s (virtual, unquantized) components as loading with `config` would; returns their names."""
+    from advisor.levers.quantization import loaded_onto_device
+    from advisor.run.classes import Components
+    from advisor.run.quantize import loadings
+
+    found = [q for q in loadings(config, Components.of_pipe(pipe)) if q.keyword == "quantization_config"]
+    if not found:
+        return []
+    pipeline_config = found[0].build()
+    onto_device = loaded_onto_device(config)
+    dtype = getattr(torch, config.dtype)
+    quantized = []
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        is_diffusers = type(component).__module__.startswith("diffusers")
+        backend_config = pipeline_config._resolve_quant_config(is_diffusers=is_diffusers, module_name=name)
+        if backend_config is None:
+            continue
+        device = CUDA if name in onto_device else CPU
+        try:
+            if is_diffusers:
+                _diffusers(component, backend_config, device, dtype)
+            else:
+                _transformers(component, backend_config, device, dtype)
+        except NotImplementedError as error:
+            raise NotRehearsable(f"quantizing {name} with {type(backend_config).__name__}: {error}") from None
+        quantized.append(name)
+    return quantized
+
+
+def _diffusers(model: torch.nn.Module, backend_config: Any, device: torch.device, dtype: torch.dtype) -> None:
+    from diffusers.quantizers import DiffusersAutoQuantizer
+
+    weights = dict(model.state_dict(keep_vars=True))
+    quantizer = DiffusersAutoQuantizer.from_config(backend_config, pre_quantized=False)
+    quantizer.validate_environment(torch_dtype=dtype, from_flax=False, device_map=None)
+    quantizer.preprocess_model(
+        model=model, device_map=None, keep_in_fp32_modules=list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    )
+    for name in list(weights):
+        value = weights.pop(name)  # as loading reads one tensor at a time: the source goes once converted
+        if quantizer.check_if_quantized_param(model, value, name, weights):
+            quantizer.create_quantized_param(model, value, name, device, weights, [], dtype=dtype)
+        else:
+            _place(model, name, value, device)
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+
+
+def _transformers(model: torch.nn.Module, backend_config: Any, device: torch.device, dtype: torch.dtype) -> None:
+    from transformers.quantizers import AutoHfQuantizer
+
+    weights = dict(model.state_dict(keep_vars=True))
+    quantizer = AutoHfQuantizer.from_config(backend_config, pre_quantized=False)
+    quantizer.validate_environment(dtype=dtype, device_map=None, weights_only=True)
+    quantizer.preprocess_model(model=model, dtype=dtype, device_map=None, checkpoint_files=None)
+    convert = quantizer.get_quantize_ops()
+    for name in list(weights):
+        value = weights.pop(name)
+        if quantizer.param_needs_quantization(model, name):
+            # The op sets the weight itself where it quantizes in place (torchao), and returns the rest.
+            moved = {name: value.to(device)}
+            for key, converted in convert.convert(
+                moved, model=model, full_layer_name=name, missing_keys=set()
+            ).items():
+                _place(model, key, converted, device)
+        else:
+            _place(model, name, value, device)
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+
+
+def _place(model: torch.nn.Module, name: str, value: torch.Tensor, device: torch.device) -> None:
+    """Set `model`'s tensor `name` to `value` on `device`, as accelerate's ``set_module_tensor_to_device``."""
+    module_name, _, key = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    moved = value if value.device == device else value.to(device)
+    if key in module._parameters:
+        if not isinstance(moved, torch.nn.Parameter):
+            moved = torch.nn.Parameter(moved, requires_grad=False)
+        module._parameters[key] = moved
+    else:
+        module._buffers[key] = moved

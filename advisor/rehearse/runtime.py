@@ -1,0 +1,96 @@
+"""``torch.cuda`` (and ``torch.accelerator``) answering as one card, while a rehearsal runs."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from advisor.rehearse.virtual import CUDA, Event, Ledger
+
+
+class _Stream(torch.Stream):
+    """A CUDA stream that orders nothing: without data there is nothing to race. A `torch.Stream`
+    (a CPU one underneath) so that C++ bindings taking a stream accept it."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stream:
+        return super().__new__(cls, device="cpu")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> Any:
+        return event or _Event()
+
+    def query(self) -> bool:
+        return True
+
+
+class _Event(_Stream):
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class _Properties:
+    name: str
+    total_memory: int
+    major: int = 9
+    minor: int = 0
+    multi_processor_count: int = 132
+
+
+@contextlib.contextmanager
+def cuda_runtime(ledger: Ledger, name: str, total_bytes: int, capability: tuple[int, int]) -> Iterator[None]:
+    """``torch.cuda`` (and ``torch.accelerator``) answering as one card: available, one device, its
+    name and memory, the ledger's allocated bytes; streams and events that order nothing."""
+    stream = _Stream()
+    allocated = lambda device=None: ledger.live.get("cuda:0", 0)  # noqa: E731
+    replacements: dict[tuple[Any, str], Any] = {
+        (torch.cuda, "is_available"): lambda: True,
+        (torch.cuda, "is_initialized"): lambda: True,
+        (torch.cuda, "_lazy_init"): lambda: None,
+        (torch.cuda, "device_count"): lambda: 1,
+        (torch.cuda, "current_device"): lambda: 0,
+        (torch.cuda, "set_device"): lambda device: None,
+        (torch.cuda, "get_device_name"): lambda device=None: name,
+        (torch.cuda, "get_device_capability"): lambda device=None: capability,
+        (torch.cuda, "get_device_properties"): lambda device=None: _Properties(name, total_bytes, *capability),
+        (torch.cuda, "mem_get_info"): lambda device=None: (total_bytes - allocated(), total_bytes),
+        (torch.cuda, "memory_allocated"): allocated,
+        (torch.cuda, "memory_reserved"): allocated,
+        (torch.cuda, "max_memory_allocated"): lambda device=None: ledger.peak.get("cuda:0", 0),
+        (torch.cuda, "reset_peak_memory_stats"): lambda device=None: None,
+        (torch.cuda, "synchronize"): lambda device=None: None,
+        (torch.cuda, "empty_cache"): lambda: ledger.events.append(Event(-1, "cuda:0", 0, ledger.phase)),
+        (torch.cuda, "Stream"): _Stream,
+        (torch.cuda, "Event"): _Event,
+        (torch.cuda, "current_stream"): lambda device=None: stream,
+        (torch.cuda, "default_stream"): lambda device=None: stream,
+        (torch.cuda, "stream"): lambda s=None: contextlib.nullcontext(s),
+        (torch.accelerator, "is_available"): lambda: True,
+        (torch.accelerator, "current_accelerator"): lambda check_available=False: CUDA,
+        (torch.accelerator, "device_count"): lambda: 1,
+    }
+    saved = {key: getattr(*key) for key in replacements}
+    try:
+        for (module, attribute), value in replacements.items():
+            setattr(module, attribute, value)
+        yield
+    finally:
+        for (module, attribute), value in saved.items():
+            setattr(module, attribute, value)
