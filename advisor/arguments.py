@@ -255,6 +255,10 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
     )
     sub.add_argument("--emit", help="Print code instead of the summary: 'python'.")
 
+    sub = subcommand("check", job, machine, as_json)
+    sub.add_argument("config_file", metavar="CONFIG", help="An advisor config file (from recommend -o or tune).")
+    sub.add_argument("--model", "-m", metavar="MODEL", help=f"{MODEL_HELP} (default: the model the config records).")
+
     sub = subcommand("tune", model, job, process, as_json)
     sub.add_argument(
         "--budget",

@@ -855,7 +855,7 @@ def test_numbers_that_do_not_parse_are_one_line_naming_the_flag(args, message, c
 def test_an_unknown_command_with_no_near_one_lists_the_commands(capsys):
     assert main(["bogus"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "advisor: error: no such command: 'bogus'; the commands are probe, inspect, estimate, recommend, tune"
+        "advisor: error: no such command: 'bogus'; the commands are probe, inspect, estimate, recommend, check, tune"
     )
 
 
@@ -884,7 +884,13 @@ def test_a_local_folder_is_recorded_absolute(tiny_flux_dir, tmp_path, monkeypatc
 
 
 # Where each command's options are documented.
-DOCUMENTED_IN = {"tune": "docs/tune.md", "recommend": "docs/cli.md", "estimate": "docs/cli.md", "probe": "docs/cli.md"}
+DOCUMENTED_IN = {
+    "tune": "docs/tune.md",
+    "recommend": "docs/cli.md",
+    "estimate": "docs/cli.md",
+    "probe": "docs/cli.md",
+    "check": "docs/cli.md",
+}
 
 
 @pytest.mark.parametrize("command", sorted(DOCUMENTED_IN))

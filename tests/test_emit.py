@@ -45,7 +45,9 @@ def _everything(components: Components, backend: str = "torchao") -> Optimizatio
         if len(denoisers) > 1 or encoders
         else None,
         channels_last=True,
-        offload=Offload(strategy="group", offload_type="leaf_level", components=denoisers),
+        # Leaf by leaf on a stream: the one group offloading of a bitsandbytes model that keeps its
+        # scales on the card (constraint bitsandbytes-group-offload-needs-leaf-streams).
+        offload=Offload(strategy="group", offload_type="leaf_level", use_stream=True, components=denoisers),
         vae=Vae(tiling=True, slicing=True),
         compile=Compile(
             components=denoisers,

@@ -8,6 +8,7 @@ tensors sit on two devices), never from recorded output.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 
@@ -254,3 +255,72 @@ def test_group_offloading_a_bitsandbytes_model_leaves_its_scales_on_the_cpu(tiny
     assert results["leaf"].passed, results["leaf"].failure
     assert bitsandbytes_group_offload_needs_leaf_streams(by_block, gpu) is not None
     assert bitsandbytes_group_offload_needs_leaf_streams(by_leaf, gpu) is None
+
+
+# --- advisor check ---------------------------------------------------------------------------------
+
+
+def _config_file(tmp_path, config: OptimizationConfig, model: str) -> str:
+    from advisor.config import Provenance
+
+    path = tmp_path / "advisor.json"
+    path.write_text(config.replace(provenance=Provenance(model=model)).to_json())
+    return str(path)
+
+
+def test_check_rehearses_a_config_and_prints_each_phase_beside_the_estimate(tiny_flux_dir, tmp_path, capsys):
+    from advisor.cli import main
+
+    config = OptimizationConfig(device="cuda", quantization=NF4, offload=Offload(strategy="model"))
+    path = _config_file(tmp_path, config, str(tiny_flux_dir))
+    assert main(["check", path, "--vram", "8GB", "--height", "32", "--width", "32"]) == 0
+    out = capsys.readouterr().out
+    for phase in ("loading", "applying the config", "text encoding", "denoising", "vae decode"):
+        assert phase in out
+    assert "rehearsed: no op mixed devices or dtypes" in out
+
+    assert main(["check", path, "--vram", "8GB", "--height", "32", "--width", "32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["failure"] is None and report["not_rehearsed"] is None
+    assert report["phases"]["denoising"]["device_bytes"] > 0
+    assert report["phases"]["denoising"]["estimated_device_bytes"] > 0
+
+
+def test_check_fails_a_config_the_card_would_refuse_in_one_line_with_exit_4(tiny_flux_dir, tmp_path, capsys):
+    from advisor.cli import main
+    from advisor.cli.check import WOULD_FAIL_EXIT
+
+    # Written by hand: recommend never offers it (constraint bitsandbytes-group-offload-needs-leaf-streams).
+    config = OptimizationConfig(device="cuda", quantization=NF4, offload=Offload(strategy="group"))
+    path = _config_file(tmp_path, config, str(tiny_flux_dir))
+    assert main(["check", path, "--vram", "8GB", "--height", "32", "--width", "32"]) == WOULD_FAIL_EXIT
+    verdict = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WOULD FAIL")]
+    assert len(verdict) == 1 and "quant_state.absmax" in verdict[0] and "on cpu" in verdict[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["check"], "CONFIG"),
+        (["check", "missing.json", "--vram", "8GB"], "missing.json"),
+    ],
+)
+def test_check_bad_input_is_one_line(args, message, capsys):
+    from advisor.cli import main
+
+    assert main(args) in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("advisor: error:") and message in err[0]
+
+
+def test_check_refuses_a_cpu_config_and_a_config_without_a_model(tmp_path, capsys):
+    from advisor.cli import main
+
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(OptimizationConfig(device="cpu").to_json())
+    assert main(["check", str(cpu), "-m", "flux-dev", "--vram", "8GB"]) == 2
+    assert "check rehearses GPU configs" in capsys.readouterr().err
+    nameless = tmp_path / "nameless.json"
+    nameless.write_text(OptimizationConfig(device="cuda").to_json())
+    assert main(["check", str(nameless), "--vram", "8GB"]) == 2
+    assert "--model" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from advisor.arguments import Exit, build_parser, long_options, take_model, values_may_start_with_a_dash
+from advisor.cli.check import check
 from advisor.cli.commands import estimate, inspect, probe, recommend_command
 from advisor.cli.common import PLANNING_COMMANDS, state, take_request
 from advisor.cli.tune import tune
@@ -23,7 +24,14 @@ from advisor.files import os_error_reason
 from advisor.terminal import escape_what_the_terminal_cannot_show
 
 
-COMMANDS = {"probe": probe, "inspect": inspect, "estimate": estimate, "recommend": recommend_command, "tune": tune}
+COMMANDS = {
+    "probe": probe,
+    "inspect": inspect,
+    "estimate": estimate,
+    "recommend": recommend_command,
+    "check": check,
+    "tune": tune,
+}
 
 
 def _stdout_gone() -> bool:

@@ -108,7 +108,7 @@ REQUEST_FLAGS = (
     "budget",
     "quality",
 )
-PLANNING_COMMANDS = ("estimate", "recommend", "tune")
+PLANNING_COMMANDS = ("estimate", "recommend", "tune", "check")
 
 
 def take_request(namespace: dict[str, Any], command: str) -> Request:
@@ -121,7 +121,8 @@ def take_request(namespace: dict[str, Any], command: str) -> Request:
     model, assumed = namespace.pop("model", None), ()
     if not model and command == "recommend":
         model, assumed = DEFAULT_MODEL, (f"model: {DEFAULT_MODEL} (none given; pass MODEL or --model)",)
-    model = required_model(model, command)
+    if not (command == "check" and not model):  # check takes the model its config records
+        model = required_model(model, command)
     for name in ("vram", "ram"):
         if name in given:
             given[name] = flag_size(given[name], f"--{name}")

@@ -201,7 +201,7 @@ def rehearse(
                 where=lambda: names.where() if names else "",
             ),
             torch.compiler.set_stance("force_eager"),
-            _detected_afresh(),
+            _as_a_fresh_process(),
         ):
             ledger.enter(LOADING)
             virtualize(pipe, CUDA if _loads_onto_device(config) else CPU)
@@ -220,20 +220,36 @@ def rehearse(
         not_rehearsed = str(error)
     except RehearsalError as error:  # pragma: no cover - every subclass is named above
         failure = str(error)
+    except Exception as error:
+        said = f"{ledger.origin or ledger.phase}: {type(error).__name__}: {' '.join(str(error).split())}"
+        if ledger.phase == APPLYING and isinstance(error, (ValueError, TypeError)):
+            failure = said  # a library refused the combination while applying it: so it would on the card
+        else:  # a package missing here, or something the virtual device can't run: no verdict
+            not_rehearsed = said
     return Rehearsal(failure, not_rehearsed, ledger.phase_peaks, ledger, time.perf_counter() - started)
 
 
 @contextlib.contextmanager
-def _detected_afresh() -> Iterator[None]:
-    """diffusers memoises the accelerator it detects (``TorchDeviceBackend._detect_device_type``,
-    an ``lru_cache``): forget it on entering the virtual device and on leaving it."""
+def _as_a_fresh_process() -> Iterator[None]:
+    """diffusers' process-wide state as a new process has it, and as it was afterwards: the
+    accelerator it memoises (``TorchDeviceBackend._detect_device_type``, an ``lru_cache``) and the
+    active attention backend, which ``set_attention_backend`` sets for the whole process
+    (``_AttentionBackendRegistry``, diffusers/models/attention_dispatch.py)."""
+    from diffusers.models.attention_dispatch import (
+        DIFFUSERS_ATTN_BACKEND,
+        AttentionBackendName,
+        _AttentionBackendRegistry,
+    )
     from diffusers.utils.torch_utils import TorchDeviceBackend
 
+    active = _AttentionBackendRegistry._active_backend
     TorchDeviceBackend._detect_device_type.cache_clear()
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName(DIFFUSERS_ATTN_BACKEND))
     try:
         yield
     finally:
         TorchDeviceBackend._detect_device_type.cache_clear()
+        _AttentionBackendRegistry.set_active_backend(active)
 
 
 def _loads_onto_device(config: Any) -> bool:

@@ -7,7 +7,16 @@ nothing about the user's pipeline are dropped, by a filter on the logger that wr
 - torchao logs "Failed to load <kernel>.so" for each optional C++ extension built for another GPU
   or Python (``torchao/__init__.py``); its Python kernels, which diffusers uses, are unaffected;
 - torch's pytree logs a deprecation of ``register_constant`` on Enum classes that torchao registers
-  (``torch/utils/_pytree.py``), about torchao's code, not the user's.
+  (``torch/utils/_pytree.py``), about torchao's code, not the user's;
+- on a CPU with AVX512-BF16, bitsandbytes' CPU backend asks the hub for an optional CPU 4-bit kernel
+  at import (``bitsandbytes/backends/cpu/ops.py``) and logs "Failed to load CPU gemm_4bit_forward"
+  when it can't have it (offline, say), with the ``kernels`` package's "Skipping publisher trust
+  check" before it; the plain CPU kernel runs instead, and the advisor plans bitsandbytes on CUDA;
+- transformers says an image processor falls back to its PIL version without torchvision
+  (``transformers/utils/import_utils.py``): the pipelines the advisor plans take prompts, not images;
+- diffusers' torchao quantizer warns that it can't import torchao's serialized tensor classes, which
+  only loading a checkpoint saved pre-quantized with torchao needs (``torchao_quantizer.py``); the
+  advisor quantizes while loading.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from advisor.levers.bitsandbytes import BITSANDBYTES
 from advisor.levers.torchao import TORCHAO_BACKEND
 
 
@@ -22,6 +32,14 @@ from advisor.levers.torchao import TORCHAO_BACKEND
 HARMLESS: dict[str, Callable[[str], bool]] = {
     TORCHAO_BACKEND.package: lambda message: message.startswith("Failed to load ") and ".so" in message,
     "torch.utils._pytree": lambda message: "register_constant()" in message and "Enum" in message,
+    f"{BITSANDBYTES.package}.backends.cpu.ops": lambda message: message.startswith(
+        "Failed to load CPU gemm_4bit_forward"
+    ),
+    "kernels._internals.hf_hub": lambda message: message.startswith("Skipping publisher trust check"),
+    "transformers.utils.import_utils": lambda message: "requires torchvision (not installed); falling back" in message,
+    "diffusers.quantizers.torchao.torchao_quantizer": lambda message: message.startswith(
+        "Unable to import `torchao` Tensor objects"
+    ),
 }
 
 

@@ -1,0 +1,157 @@
+"""`advisor check CONFIG`: rehearse a config at full size on a virtual GPU (seconds, torch, no GPU needed)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from advisor.arguments import Exit
+from advisor.cli.common import planning_profile, print_json
+from advisor.errors import ConfigError, UsageError
+from advisor.units import format_size
+
+
+if TYPE_CHECKING:
+    from advisor.plan.scenario import Request
+
+WOULD_FAIL_EXIT = 4  # the rehearsal found an op the card would refuse
+NOT_REHEARSED_EXIT = 5  # part of the config could not be rehearsed: nothing is claimed
+PHASES = ("loading", "applying the config", "text_encoding", "denoising", "vae_decode")
+
+
+def check(request: Request, config_file: str, as_json: bool = False) -> None:
+    """Rehearse a config at full size on a virtual GPU: what would fail on the card, and the memory per phase."""
+    from advisor.config import load_config
+    from advisor.plan.estimate import estimate
+    from advisor.probe import hardware
+    from advisor.probe.workload import recorded_workload
+
+    config = load_config(config_file, flag="CONFIG")
+    planned = config.provenance
+    model = request.model or (planned.model if planned else None)
+    if not model:
+        raise UsageError(f"--model: {config_file} records no model (provenance.model); name it with --model")
+    if not config.device.startswith("cuda"):
+        raise UsageError(f"CONFIG: {config_file} runs on `device: {config.device}`; check rehearses GPU configs")
+    if request.here and planned and planned.gpu_name:
+        request = replace(request, gpu=planned.gpu_name)  # the card it was planned for
+    machine = hardware.probe_machine() if request.here else None
+    target = request.target(machine)
+    if target.device != "cuda":
+        raise UsageError("--gpu: this machine has no GPU and the config names none; pass --gpu NAME or --vram SIZE")
+    profile = planning_profile(model, request.workload)
+    flags = request.job()
+    recorded = {k: v for k, v in recorded_workload(planned, profile).items() if flags[k] is None}
+    try:
+        job = replace(request, **recorded).workload_for(profile)
+    except UsageError as exc:
+        raise ConfigError(
+            f"CONFIG: its workload (provenance.workload) does not suit {profile.model_id}: {exc}"
+        ) from None
+    predicted = estimate(profile, job, config, target)
+    if not as_json:
+        print(f"rehearsing {profile.model_id} ({job.label()}) on a virtual {target.name} ...", file=sys.stderr)
+    rehearsal = _rehearse(profile, job, config, target)
+    if as_json:
+        print_json(_as_dict(profile, job, target, config, rehearsal, predicted))
+    else:
+        _render(profile, job, target, config, rehearsal, predicted)
+    if rehearsal.failure:
+        raise Exit(WOULD_FAIL_EXIT)
+    if rehearsal.not_rehearsed:
+        raise Exit(NOT_REHEARSED_EXIT)
+
+
+def _rehearse(profile: Any, job: Any, config: Any, target: Any) -> Any:
+    from advisor.run.quiet import quiet_library_noise
+
+    quiet_library_noise()  # before torch and diffusers are imported
+    import torch
+
+    from advisor.rehearse.build import rehearsal_geometry, virtual_pipeline
+    from advisor.rehearse.rehearsal import rehearse
+
+    geometry, tokens, calls = rehearsal_geometry(profile, job)
+    pipe = virtual_pipeline(profile, getattr(torch, config.dtype))
+    capability = tuple(int(part) for part in (target.compute_capability or "9.0").split(".")[:2])
+    return rehearse(
+        pipe,
+        config,
+        geometry,
+        text_tokens=tokens,
+        calls_per_step=calls,
+        gpu_name=target.name,
+        vram_bytes=target.vram_total_bytes,
+        capability=capability,
+    )
+
+
+def _verdict(rehearsal: Any) -> str:
+    if rehearsal.failure:
+        return f"WOULD FAIL on the card: {rehearsal.failure}"
+    if rehearsal.not_rehearsed:
+        return f"NOT REHEARSED (nothing is claimed about this config): {rehearsal.not_rehearsed}"
+    return "rehearsed: no op mixed devices or dtypes"
+
+
+def _as_dict(profile, job, target, config, rehearsal, predicted) -> dict[str, Any]:
+    estimated = {p.name: p.device_bytes for p in predicted.phases}
+    return {
+        "model": profile.model_id,
+        "workload": job.to_dict(),
+        "hardware": target.to_dict(),
+        "config": config.to_dict(exclude_none=False),
+        "passed": rehearsal.passed,
+        "failure": rehearsal.failure,
+        "not_rehearsed": rehearsal.not_rehearsed,
+        "rehearsal_seconds": round(rehearsal.seconds, 2),
+        "phases": {
+            phase: {
+                "device_bytes": rehearsal.phase_peaks.get(phase, {}).get("cuda:0", 0),
+                "estimated_device_bytes": estimated.get(phase),
+                "pinned_host_bytes": rehearsal.phase_peaks.get(phase, {}).get("cpu-pinned", 0),
+                "pageable_host_bytes": rehearsal.phase_peaks.get(phase, {}).get("cpu", 0),
+            }
+            for phase in PHASES
+            if phase in rehearsal.phase_peaks
+        },
+    }
+
+
+def _render(profile, job, target, config, rehearsal, predicted) -> None:
+    from rich.table import Table
+
+    from advisor.render import stdout_console
+
+    console = stdout_console()
+    console.print(f"{profile.model_id}: {job.label()} on a virtual {target.name}", highlight=False)
+    for assumption in (*target.assumptions, *job.assumptions):
+        console.print(f"assumed {assumption}", highlight=False)
+    console.print(f"config: {config.summary()}", highlight=False)
+    estimated = {p.name: p.device_bytes for p in predicted.phases}
+    table = Table(
+        title="Memory per phase: rehearsed (the real hooks, every allocation) and estimated", title_justify="left"
+    )
+    for column in ("phase", "GPU, rehearsed", "GPU, estimated", "pinned RAM", "pageable RAM"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase in PHASES:
+        peaks = rehearsal.phase_peaks.get(phase)
+        if peaks is None:
+            continue
+        guess = estimated.get(phase)
+        table.add_row(
+            phase.replace("_", " "),
+            format_size(peaks.get("cuda:0", 0)),
+            format_size(guess) if guess is not None else "-",
+            format_size(peaks.get("cpu-pinned", 0)),
+            format_size(peaks.get("cpu", 0)),
+        )
+    console.print(table)
+    console.print(
+        "GPU columns are allocated bytes (torch.cuda.max_memory_allocated per phase), without the caching "
+        "allocator's reserve; host RAM counts the weights and copies the process holds.",
+        highlight=False,
+    )
+    # One line however long: it names the module and every tensor, and scripts grep it.
+    console.print(f"{_verdict(rehearsal)} ({rehearsal.seconds:.1f}s)", highlight=False, soft_wrap=True)
