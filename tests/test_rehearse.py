@@ -324,3 +324,30 @@ def test_check_refuses_a_cpu_config_and_a_config_without_a_model(tmp_path, capsy
     nameless.write_text(OptimizationConfig(device="cuda").to_json())
     assert main(["check", str(nameless), "--vram", "8GB"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_block_level_group_offloading_strands_a_vae_whose_decode_is_not_its_forward(tmp_path):
+    """diffusers hooks block-level group offloading on a module's forward; `vae.decode` is not the
+    VAE's forward, so only VAE classes listing `_group_offload_block_modules` onload for it. LTX's
+    does not (the class of diffusers #11086): offloading it fails at the first decode convolution,
+    and the advisor's block-level choices keep such a VAE on the device instead."""
+    from diffusers import DiffusionPipeline
+
+    from advisor.levers.offload import OFFLOAD
+    from advisor.probe.models import profile_from_catalog
+    from advisor.rehearse.rehearsal import rehearse
+    from advisor.testing import build_tiny_for
+
+    folder = build_tiny_for("Lightricks/LTX-Video", tmp_path / "ltx")
+    geometry = Geometry(batch=2, frames=2, height=8, width=8, text_tokens=16)
+    everything = OptimizationConfig(device="cuda", offload=Offload(strategy="group", use_stream=True))
+    stranded = rehearse(DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16), everything, geometry)
+    assert stranded.failure is not None and "in vae.decoder" in stranded.failure
+    assert re.search(r"vae\.decoder\.\S+\.weight [^;]* on cpu", stranded.failure)
+
+    choices = OFFLOAD.choices_for(profile_from_catalog("Lightricks/LTX-Video"), "cuda")
+    block_level = [o for o in choices.values() if o.strategy == "group" and o.offload_type == "block_level"]
+    assert block_level and all(o.components is not None and "vae" not in o.components for o in block_level)
+    planned = OptimizationConfig(device="cuda", offload=block_level[0])
+    result = rehearse(DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16), planned, geometry)
+    assert result.passed, result.failure or result.not_rehearsed

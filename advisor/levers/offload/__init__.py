@@ -60,6 +60,7 @@ from advisor.levers.offload.strategies import (
     unused_components_resident,
     uses_group_offload,
     whole_choices,
+    without_stranded_vaes,
 )
 from advisor.platform import Constraint, Platform, constraint, on_cuda
 
@@ -203,7 +204,8 @@ class Offloading(Lever):
         """Choice name -> offload, for `profile` (`advisor.probe.models.ModelProfile`) on `device`:
         no offload first, partial offload's counts still to fit (`partial_offset`)."""
         choices = {choice_name(o): o for o in whole_choices(device)}
-        return choices | partial_choices(profile) if device == "cuda" else choices
+        choices = choices | partial_choices(profile) if device == "cuda" else choices
+        return {name: without_stranded_vaes(offload, profile) for name, offload in choices.items()}
 
     def memory_reasons(self, pick: Pick) -> list[str]:
         return reasons.memory_reasons(pick)

@@ -225,6 +225,30 @@ def whole_choices(device: str) -> list[Offload]:
     ]
 
 
+# Block-level group offloading hooks a module's forward (and its top-level block lists); a VAE's
+# ``decode`` is not its forward, so the VAE's other modules are onloaded only where its class names
+# them in ``_group_offload_block_modules`` (diffusers/hooks/group_offloading.py). In diffusers
+# 0.42.1 these VAE classes do (diffusers/models/autoencoders/); rehearsing the others
+# (AutoencoderKLLTXVideo, AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo, AutoencoderKLQwenImage)
+# fails at the first decode convolution with its weight on the CPU, the class of diffusers #11086
+# (fixed for Wan's VAE by that attribute). Leaf-level offloading hooks every layer and is unaffected.
+DECODE_ONLOADING_VAES = frozenset(
+    {"AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLQwenImage21", "AutoencoderRFD4Proteina"}
+)
+
+
+def without_stranded_vaes(offload: Offload, profile: Any) -> Offload:
+    """`offload` with block-level group offloading kept off the VAEs whose decode it would strand on
+    the CPU (`DECODE_ONLOADING_VAES`): they stay on the device, a few hundred MB at most."""
+    if offload.strategy != GROUP or offload.offload_type != BLOCK_LEVEL:
+        return offload
+    stranded = {c.name for c in profile.by_role("vae") if c.class_name not in DECODE_ONLOADING_VAES}
+    named = offload.components or [c.name for c in profile.components]
+    if not stranded & set(named):
+        return offload
+    return offload.replace(components=[name for name in named if name not in stranded])
+
+
 def partial_choices(profile: Any) -> dict[str, Offload]:
     """Partial offload of the denoiser, where there is one denoiser with repeated blocks of one size
     per list, as transformers have (Wan2.2's two experts would each keep their blocks resident, and

@@ -1,0 +1,109 @@
+"""Full-size rehearsals of every catalog model and offload strategy, beside the estimate.
+
+For each catalog model at its default workload, bf16, and each placement (no offload, model
+offload, group offload on a stream, sequential offload), the pipeline is rehearsed on a virtual
+H100 (`advisor.rehearse`: the real diffusers hooks, every allocation counted) and estimated
+(`advisor.plan.estimate`). The table gives, per phase, the rehearsed GPU bytes (what
+``torch.cuda.max_memory_allocated`` would show after a reset at the phase's start), the estimate's
+allocated bytes (weights + activations, no allocator reserve), their difference, the pinned host
+bytes, and how long each rehearsal took with the process's peak RSS. Rows over 10% apart are
+marked; docs/benchmarks.md says why they differ and what was fixed.
+
+    python benchmarks/rehearse_catalog.py [--models flux-dev,wan2.1-t2v-14b] [--strategies none,model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+import warnings
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+PHASES = ("text_encoding", "denoising", "vae_decode")
+GIB = 2**30
+
+
+def _strategies() -> dict:
+    from advisor.config import Offload
+
+    return {
+        "none": Offload(),
+        "model": Offload(strategy="model"),
+        "group-stream": Offload(strategy="group", use_stream=True),
+        "sequential": Offload(strategy="sequential"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="Comma-separated catalog names (default: every catalog model).")
+    parser.add_argument("--strategies", help=f"Comma-separated, of {', '.join(_strategies())} (default: all).")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    from advisor.run.quiet import quiet_library_noise
+
+    quiet_library_noise()
+    import torch
+
+    from advisor.config import OptimizationConfig
+    from advisor.plan.estimate import estimate
+    from advisor.probe.layout import catalog_names
+    from advisor.probe.models import profile_from_catalog
+    from advisor.probe.target import planned_target
+    from advisor.probe.workload import make_workload
+    from advisor.rehearse.build import rehearsal_geometry, virtual_pipeline
+    from advisor.rehearse.rehearsal import rehearse
+
+    models = args.models.split(",") if args.models else catalog_names()
+    strategies = {k: v for k, v in _strategies().items() if not args.strategies or k in args.strategies.split(",")}
+    target = planned_target(machine=None, gpu="H100", ram=512 * GIB)
+    print(f"torch {torch.__version__}; target: virtual {target.name}; bf16; two denoising steps", flush=True)
+    header = (
+        f"{'model':34} {'placement':13} {'phase':14} {'rehearsed':>10} {'estimated':>10} {'diff':>7} {'pinned':>8}"
+    )
+    print(header + f" {'seconds':>8} {'RSS':>7}")
+    print("-" * (len(header) + 17))
+    for name in models:
+        profile = profile_from_catalog(name)
+        job = make_workload(profile)
+        geometry, tokens, calls = rehearsal_geometry(profile, job)
+        for label, offload in strategies.items():
+            config = OptimizationConfig(device="cuda", offload=offload)
+            predicted = {p.name: p.device_bytes for p in estimate(profile, job, config, target).phases}
+            started = time.perf_counter()
+            pipe = virtual_pipeline(profile, torch.bfloat16)
+            result = rehearse(
+                pipe,
+                config,
+                geometry,
+                text_tokens=tokens,
+                calls_per_step=calls,
+                gpu_name=target.name,
+                vram_bytes=target.vram_total_bytes,
+            )
+            seconds = time.perf_counter() - started
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            del pipe
+            if not result.passed:
+                print(f"{profile.model_id[:34]:34} {label:13} {result.failure or result.not_rehearsed}")
+                continue
+            for phase in PHASES:
+                real = result.device_peak(phase)
+                guess = predicted.get(phase, 0)
+                diff = (guess - real) / real if real else 0.0
+                mark = " *" if abs(diff) > 0.10 else ""
+                pinned = result.phase_peaks.get(phase, {}).get("cpu-pinned", 0)
+                print(
+                    f"{profile.model_id[:34]:34} {label:13} {phase:14} {real / GIB:9.2f}G {guess / GIB:9.2f}G "
+                    f"{diff:+7.0%} {pinned / GIB:7.2f}G {seconds:8.1f} {rss:6.0f}M{mark}",
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
