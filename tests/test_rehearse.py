@@ -351,3 +351,16 @@ def test_block_level_group_offloading_strands_a_vae_whose_decode_is_not_its_forw
     planned = OptimizationConfig(device="cuda", offload=block_level[0])
     result = rehearse(DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16), planned, geometry)
     assert result.passed, result.failure or result.not_rehearsed
+
+
+def test_partial_offload_never_puts_the_whole_denoiser_on_the_card_while_it_is_applied(tiny_pipe):
+    """diffusers' `enable_group_offload(exclude_modules=[...])` moves an excluded module onto the
+    device whole; partial offload must name the others instead, or a bf16 denoiser that only fits
+    in part is on the card in full before its blocks are offloaded (rehearsed: 22.2 GB of FLUX.1-dev)."""
+    from advisor.rehearse.rehearsal import APPLYING, rehearse
+
+    transformer = _bytes(tiny_pipe.transformer)
+    partial = Offload(strategy="group", use_stream=True, record_stream=True, resident_blocks={"transformer": 1})
+    result = rehearse(tiny_pipe, OptimizationConfig(device="cuda", offload=partial), TINY)
+    assert result.passed, result.failure
+    assert result.phase_peaks[APPLYING].get("cuda:0", 0) < transformer

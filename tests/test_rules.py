@@ -331,7 +331,8 @@ def test_a_ram_warning_says_whose_ram_it_is():
     the advisor never saw."""
 
     def ram_warning(**machine):
-        scenario = context(target=planned_target(machine=None, gpu="RTX 3090", **machine), budget=10 * GIB)
+        # 15 GB of a 3090: bf16 with most of the transformer streamed from pinned copies in RAM.
+        scenario = context(target=planned_target(machine=None, gpu="RTX 3090", **machine), budget=15 * GIB)
         return [r for r in recommend(scenario).reasons if r.startswith("warning: host RAM")]
 
     assumed = ram_warning()

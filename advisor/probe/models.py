@@ -81,10 +81,15 @@ class ComponentProfile:
     @property
     def largest_layer_parameters(self) -> int:
         """Parameters of the largest single layer, as an eighth of the largest block (a transformer
-        block holds ~6-10 large linear layers): what leaf-level offload moves and a dequantising
-        matmul expands."""
+        block holds ~6-10 large linear layers): what leaf-level and sequential offload move at once
+        and a dequantising matmul expands. A text encoder's token embedding is larger still, and is
+        most of what lies outside its blocks (rehearsed: UMT5-XXL's 256k x 4096 embedding, 1.96 GB,
+        is on the card alone while it encodes under sequential offload)."""
         largest_block = max((b.parameters_per_block for b in self.blocks), default=self.parameters)
-        return max(math.ceil(largest_block / 8), 1)
+        largest = max(math.ceil(largest_block / 8), 1)
+        if self.role == "text_encoder":
+            largest = max(largest, self.parameters - self.block_parameters)
+        return largest
 
 
 @dataclass

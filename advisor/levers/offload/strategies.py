@@ -53,7 +53,7 @@ def block_split(component: Any, config: OptimizationConfig, count: int | None = 
     largest N, as the steps apply it (`count`, when given, instead of the config's). The modules
     outside the block lists are neither: diffusers onloads them as one group of their own whenever
     the component runs."""
-    sizes = _block_sizes(tuple((b.total, b.count) for b in component.blocks))
+    sizes = _block_sizes(tuple((b.total, b.count) for b in top_level_blocks(component)))
     if count is None:
         count = (config.offload.resident_blocks or {}).get(component.name, 0)
     return sum(sizes[:count]), list(sizes[count:])
@@ -64,6 +64,14 @@ def _block_sizes(groups: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
     """Parameters of every block, largest first, from (total, count) per block list. A list whose
     blocks differ (UNets) counts each at the list's mean: their own sizes aren't recorded."""
     return tuple(sorted((total // count for total, count in groups for _ in range(count)), reverse=True))
+
+
+def top_level_blocks(component: Any) -> list[Any]:
+    """The block lists block-level group offloading splits: a module's own children that are
+    ModuleLists (``_apply_group_offloading_block_level`` walks ``named_children()``). A transformers
+    text encoder's layers sit deeper (T5's ``encoder.block``, CLIP's ``text_model.encoder.layers``),
+    so it is onloaded whole: rehearsed, UMT5-XXL's 10.7 GB are all on the card while it encodes."""
+    return [b for b in component.blocks if "." not in b.name]
 
 
 def _partly_resident(component: Any, config: OptimizationConfig) -> bool:
@@ -88,13 +96,15 @@ def resident_bytes(
     in_flight = 2 if offload.use_stream else 1  # the stream prefetches the next group
     if offload.strategy == SEQUENTIAL or offload.offload_type == LEAF_LEVEL:
         return math.ceil(in_flight * component.largest_layer_parameters * per_parameter)
-    # block_level: groups of k blocks, plus the modules outside any block list (embedders,
-    # final norms), which diffusers onloads as one group of their own; partial offload's kept blocks.
+    # block_level: groups of k blocks, plus the modules outside any top-level block list (embedders,
+    # final norms; a transformers text encoder whole), which diffusers onloads as one group of their
+    # own; partial offload's kept blocks.
+    blocks = top_level_blocks(component)
     if partial:
         largest_block = streamed[0] if streamed else 0
     else:
-        largest_block = max((b.parameters_per_block for b in component.blocks), default=component.parameters)
-    outside = max(component.parameters - component.block_parameters, 0)
+        largest_block = max((b.parameters_per_block for b in blocks), default=0)
+    outside = max(component.parameters - sum(b.total for b in blocks), 0)
     # diffusers: streams move one block at a time
     group = (1 if offload.use_stream else offload.num_blocks_per_group) * largest_block
     return math.ceil((in_flight * group + outside + kept) * per_parameter)
