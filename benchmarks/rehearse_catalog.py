@@ -1,7 +1,8 @@
 """Full-size rehearsals of every catalog model and offload strategy, beside the estimate.
 
 For each catalog model at its default workload, bf16, and each placement (no offload, model
-offload, group offload on a stream, sequential offload), the pipeline is rehearsed on a virtual
+offload, group offload on a stream (a VAE it would strand kept on the card, as the advisor plans
+it), sequential offload), the pipeline is rehearsed on a virtual
 H100 (`advisor.rehearse`: the real diffusers hooks, every allocation counted) and estimated
 (`advisor.plan.estimate`). The table gives, per phase, the rehearsed GPU bytes (what
 ``torch.cuda.max_memory_allocated`` would show after a reset at the phase's start), the estimate's
@@ -50,6 +51,7 @@ def main() -> int:
     import torch
 
     from advisor.config import OptimizationConfig
+    from advisor.levers.offload import without_stranded_vaes
     from advisor.plan.estimate import estimate
     from advisor.probe.layout import catalog_names
     from advisor.probe.models import profile_from_catalog
@@ -72,7 +74,8 @@ def main() -> int:
         job = make_workload(profile)
         geometry, tokens, calls = rehearsal_geometry(profile, job)
         for label, offload in strategies.items():
-            config = OptimizationConfig(device="cuda", offload=offload)
+            # as the advisor plans it: a VAE block-level offloading would strand stays on the card
+            config = OptimizationConfig(device="cuda", offload=without_stranded_vaes(offload, profile))
             predicted = {p.name: p.device_bytes for p in estimate(profile, job, config, target).phases}
             started = time.perf_counter()
             pipe = virtual_pipeline(profile, torch.bfloat16)

@@ -9,6 +9,7 @@ parts are mapped to their nearest CPU equivalents (`cpu_equivalent`, which says 
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -473,3 +474,70 @@ def test_the_classes_with_empty_repeated_blocks_are_the_ones_named_here():
         if item["name"].startswith(("transformer", "unet"))
     }
     assert {cls.__name__ for cls in denoisers if cls._repeated_blocks == []} == EMPTY_REPEATED_BLOCKS_CLASSES
+
+
+# --- every emitted config, as it would run on the card -----------------------------------------------
+
+# What the virtual device can't run, each for a reason outside the config (said by the rehearsal as
+# "not rehearsed", never as passed): group offloading to disk writes safetensors files of the weights
+# (a virtual weight has no bytes to write); the attention kernels of packages not installed here.
+NOT_REHEARSABLE = ("offload_to_disk_path", "sageattention", "flash_attn", "kernels")
+
+
+def _rehearsal_key(config: OptimizationConfig) -> str:
+    """What decides placement and dtype on the card (compile and the dtype's name aside)."""
+    return json.dumps(
+        {
+            k: v
+            for k, v in config.to_dict().items()
+            if k in {"quantization", "layerwise_casting", "offload", "vae", "attention_backend", "step_cache"}
+        },
+        sort_keys=True,
+    )
+
+
+@pytest.mark.slow  # about 4 minutes of CPU for every class's distinct configs
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_every_emitted_config_rehearses_on_a_virtual_gpu(tiny_folder, group):
+    """Issue 28: each distinct emitted config (its GPU form: bitsandbytes, streams, CUDA attention) is
+    rehearsed on the tiny pipeline on a virtual CUDA device: the CPU runs above can't see a weight or a
+    quantization state left on the wrong device, because there the onload and offload devices are
+    the same. None may fail; what can't be rehearsed must name why (`NOT_REHEARSABLE`)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from advisor.probe.models import load_profile
+    from advisor.probe.workload import Workload
+    from advisor.rehearse.build import rehearsal_geometry
+    from advisor.rehearse.rehearsal import rehearse
+    from advisor.testing import tiny_call_kwargs
+
+    folder = tiny_folder(GROUPS[group][0])
+    profile = load_profile(str(folder))
+    call = tiny_call_kwargs(profile.pipeline_class)
+    workload = Workload(profile.workload, call["height"], call["width"], call.get("num_frames") or 1, steps=2)
+    geometry, tokens, calls = rehearsal_geometry(profile, workload)
+    seen: dict[str, str] = {}
+    rehearsed = 0
+    loaded = {}  # one load per dtype; each rehearsal takes a copy (it rewrites the weights)
+    for model in GROUPS[group]:
+        for config in emitted_configs(model):
+            key = _rehearsal_key(config)
+            if key in seen:
+                continue
+            if config.dtype not in loaded:
+                loaded[config.dtype] = DiffusionPipeline.from_pretrained(folder, dtype=getattr(torch, config.dtype))
+            pipe = copy.deepcopy(loaded[config.dtype])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # fp16 on a class that prefers bf16, and the like
+                result = rehearse(pipe, config, geometry, text_tokens=tokens, calls_per_step=calls)
+            what = f"{_model_id(model)}: {config.summary()}"
+            assert result.failure is None, f"{what} would fail on the card: {result.failure}"
+            if result.not_rehearsed:
+                assert any(reason in result.not_rehearsed for reason in NOT_REHEARSABLE), (
+                    f"{what}: not rehearsed: {result.not_rehearsed}"
+                )
+            else:
+                rehearsed += 1
+            seen[key] = what
+    assert rehearsed > 0

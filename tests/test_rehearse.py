@@ -344,6 +344,12 @@ def test_block_level_group_offloading_strands_a_vae_whose_decode_is_not_its_forw
     stranded = rehearse(DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16), everything, geometry)
     assert stranded.failure is not None and "in vae.decoder" in stranded.failure
     assert re.search(r"vae\.decoder\.\S+\.weight [^;]* on cpu", stranded.failure)
+    # Written by hand, it is refused before it runs: the installed VAE class is asked.
+    from advisor.errors import ConfigError
+    from advisor.run.checks import check_pipeline
+
+    with pytest.raises(ConfigError, match="lists no `_group_offload_block_modules`"):
+        check_pipeline(DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16), everything)
 
     choices = OFFLOAD.choices_for(profile_from_catalog("Lightricks/LTX-Video"), "cuda")
     block_level = [o for o in choices.values() if o.strategy == "group" and o.offload_type == "block_level"]
@@ -364,3 +370,43 @@ def test_partial_offload_never_puts_the_whole_denoiser_on_the_card_while_it_is_a
     result = rehearse(tiny_pipe, OptimizationConfig(device="cuda", offload=partial), TINY)
     assert result.passed, result.failure
     assert result.phase_peaks[APPLYING].get("cuda:0", 0) < transformer
+
+
+@pytest.mark.parametrize(
+    "model, config",
+    [
+        # #11086: apply_group_offloading on Wan, "Input type (cuda) and weight type (cpu)" at the VAE.
+        # diffusers since lists `_group_offload_block_modules` on AutoencoderKLWan, so decode onloads.
+        ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", OptimizationConfig(device="cuda", offload=Offload(strategy="group"))),
+        # #13281: torchao + group offloading with use_stream=True, a device mismatch on Qwen-Image. The
+        # installed group offloading moves torchao tensors by swapping their inner tensors and records
+        # their streams (`_swap_torchao_tensor`, `_record_stream_torchao_tensor` in hooks/group_offloading.py).
+        (
+            "Qwen/Qwen-Image",
+            OptimizationConfig(
+                device="cuda",
+                quantization=Quantization(backend="torchao", scheme="int8_weight_only", components=["transformer"]),
+                offload=Offload(strategy="group", use_stream=True, record_stream=True, components=["transformer"]),
+            ),
+        ),
+    ],
+    ids=["wan-group-offload-11086", "qwen-image-torchao-streams-13281"],
+)
+def test_reported_device_mismatches_the_installed_diffusers_fixed_rehearse_clean(tmp_path, model, config):
+    from diffusers import DiffusionPipeline
+
+    from advisor.probe.models import load_profile
+    from advisor.probe.workload import Workload
+    from advisor.rehearse.build import rehearsal_geometry
+    from advisor.rehearse.rehearsal import rehearse
+    from advisor.testing import build_tiny_for, tiny_call_kwargs
+
+    folder = build_tiny_for(model, tmp_path / "tiny")
+    profile = load_profile(str(folder))
+    call = tiny_call_kwargs(profile.pipeline_class)
+    geometry, tokens, calls = rehearsal_geometry(
+        profile, Workload(profile.workload, call["height"], call["width"], call.get("num_frames") or 1, steps=2)
+    )
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    result = rehearse(pipe, config, geometry, text_tokens=tokens, calls_per_step=calls)
+    assert result.passed, result.failure or result.not_rehearsed

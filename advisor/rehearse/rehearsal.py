@@ -41,6 +41,10 @@ from advisor.trace.inputs import Geometry, Maker, denoiser_inputs, text_encoder_
 
 PHASES = ("text_encoding", "denoising", "vae_decode")  # the estimate's phase names (`advisor.plan.estimate`)
 LOADING, APPLYING = "loading", "applying the config"
+DISK_NOT_REHEARSED = (
+    "`offload.offload_to_disk_path`: group offloading to disk writes each weight to a safetensors file, "
+    "and a virtual weight has no bytes to write"
+)
 
 
 @dataclass
@@ -186,6 +190,8 @@ def rehearse(
     of `calls_per_step` denoiser calls each (2 where guidance runs the denoiser twice a step).
     """
     ledger = Ledger()
+    if config.offload.offload_to_disk_path:
+        return Rehearsal(None, DISK_NOT_REHEARSED, {}, ledger)
     names: _Names | None = None
     started = time.perf_counter()
     failure = not_rehearsed = None

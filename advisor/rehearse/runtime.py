@@ -54,6 +54,9 @@ class _Properties:
     multi_processor_count: int = 132
 
 
+VIRTUAL_CUDA_VERSION = "12.8"  # what torch.version.cuda says during a rehearsal (a CPU build says None)
+
+
 @contextlib.contextmanager
 def cuda_runtime(ledger: Ledger, name: str, total_bytes: int, capability: tuple[int, int]) -> Iterator[None]:
     """``torch.cuda`` (and ``torch.accelerator``) answering as one card: available, one device, its
@@ -82,6 +85,8 @@ def cuda_runtime(ledger: Ledger, name: str, total_bytes: int, capability: tuple[
         (torch.cuda, "current_stream"): lambda device=None: stream,
         (torch.cuda, "default_stream"): lambda device=None: stream,
         (torch.cuda, "stream"): lambda s=None: contextlib.nullcontext(s),
+        # A CUDA build's version string: libraries gate CUDA kernels on it (torchao's is_sm_at_least_89).
+        (torch.version, "cuda"): VIRTUAL_CUDA_VERSION,
         (torch.accelerator, "is_available"): lambda: True,
         (torch.accelerator, "current_accelerator"): lambda check_available=False: CUDA,
         (torch.accelerator, "device_count"): lambda: 1,

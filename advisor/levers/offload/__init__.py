@@ -95,6 +95,7 @@ __all__ = [
     "swap_seconds",
     "unused_components_resident",
     "uses_group_offload",
+    "without_stranded_vaes",
 ]
 
 
@@ -219,6 +220,24 @@ class Offloading(Lever):
         if not loads_onto_device(config):
             return None
         return Loading("device_map", source(config.device), (), "", lambda: config.device)
+
+    def pipeline_problem(self, config: OptimizationConfig, pipe: Any, components: Any) -> str | None:
+        """A VAE that block-level group offloading would leave on the CPU for its decode, asked of the
+        installed class itself (`DECODE_ONLOADING_VAES` says why); on a CPU both devices are one."""
+        offload = config.offload
+        if offload.strategy != GROUP or offload.offload_type != BLOCK_LEVEL or not config.device.startswith("cuda"):
+            return None
+        for name in offload.components or components.modules():
+            module = pipe.components.get(name)
+            if components.layout.role(name) == "vae" and not getattr(
+                type(module), "_group_offload_block_modules", None
+            ):
+                return (
+                    f"`offload`: block-level group offloading of {name} ({type(module).__name__}) leaves its "
+                    "decode's weights on the CPU (the class lists no `_group_offload_block_modules`; diffusers "
+                    f"#11086); name the other components in `offload.components` or use `offload_type: {LEAF_LEVEL}`"
+                )
+        return None
 
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         """Device placement: ``pipe.to(device)``, model / sequential CPU offload or group offload."""
