@@ -57,8 +57,7 @@ def main() -> int:
     from advisor.probe.models import profile_from_catalog
     from advisor.probe.target import planned_target
     from advisor.probe.workload import make_workload
-    from advisor.rehearse.build import rehearsal_geometry, virtual_pipeline
-    from advisor.rehearse.rehearsal import rehearse
+    from advisor.rehearse.build import rehearse_planned
 
     models = args.models.split(",") if args.models else catalog_names()
     strategies = {k: v for k, v in _strategies().items() if not args.strategies or k in args.strategies.split(",")}
@@ -72,25 +71,14 @@ def main() -> int:
     for name in models:
         profile = profile_from_catalog(name)
         job = make_workload(profile)
-        geometry, tokens, calls = rehearsal_geometry(profile, job)
         for label, offload in strategies.items():
             # as the advisor plans it: a VAE block-level offloading would strand stays on the card
             config = OptimizationConfig(device="cuda", offload=without_stranded_vaes(offload, profile))
             predicted = {p.name: p.device_bytes for p in estimate(profile, job, config, target).phases}
             started = time.perf_counter()
-            pipe = virtual_pipeline(profile, torch.bfloat16)
-            result = rehearse(
-                pipe,
-                config,
-                geometry,
-                text_tokens=tokens,
-                calls_per_step=calls,
-                gpu_name=target.name,
-                vram_bytes=target.vram_total_bytes,
-            )
+            result = rehearse_planned(profile, job, config, target)
             seconds = time.perf_counter() - started
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            del pipe
             if not result.passed:
                 print(f"{profile.model_id[:34]:34} {label:13} {result.failure or result.not_rehearsed}")
                 continue

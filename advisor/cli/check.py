@@ -7,8 +7,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from advisor.arguments import Exit
-from advisor.cli.common import planning_profile, print_json
-from advisor.errors import ConfigError, UsageError
+from advisor.cli.common import planning_profile, print_json, recorded_job
+from advisor.errors import UsageError
 from advisor.units import format_size
 
 
@@ -25,7 +25,6 @@ def check(request: Request, config_file: str, as_json: bool = False) -> None:
     from advisor.config import load_config
     from advisor.plan.estimate import estimate
     from advisor.probe import hardware
-    from advisor.probe.workload import recorded_workload
 
     config = load_config(config_file, flag="CONFIG")
     planned = config.provenance
@@ -41,14 +40,7 @@ def check(request: Request, config_file: str, as_json: bool = False) -> None:
     if target.device != "cuda":
         raise UsageError("--gpu: this machine has no GPU and the config names none; pass --gpu NAME or --vram SIZE")
     profile = planning_profile(model, request.workload)
-    flags = request.job()
-    recorded = {k: v for k, v in recorded_workload(planned, profile).items() if flags[k] is None}
-    try:
-        job = replace(request, **recorded).workload_for(profile)
-    except UsageError as exc:
-        raise ConfigError(
-            f"CONFIG: its workload (provenance.workload) does not suit {profile.model_id}: {exc}"
-        ) from None
+    job, _recorded = recorded_job(request, profile, planned, "CONFIG")
     predicted = estimate(profile, job, config, target)
     if not as_json:
         print(f"rehearsing {profile.model_id} ({job.label()}) on a virtual {target.name} ...", file=sys.stderr)
@@ -67,24 +59,9 @@ def _rehearse(profile: Any, job: Any, config: Any, target: Any) -> Any:
     from advisor.run.quiet import quiet_library_noise
 
     quiet_library_noise()  # before torch and diffusers are imported
-    import torch
+    from advisor.rehearse.build import rehearse_planned
 
-    from advisor.rehearse.build import rehearsal_geometry, virtual_pipeline
-    from advisor.rehearse.rehearsal import rehearse
-
-    geometry, tokens, calls = rehearsal_geometry(profile, job)
-    pipe = virtual_pipeline(profile, getattr(torch, config.dtype))
-    capability = tuple(int(part) for part in (target.compute_capability or "9.0").split(".")[:2])
-    return rehearse(
-        pipe,
-        config,
-        geometry,
-        text_tokens=tokens,
-        calls_per_step=calls,
-        gpu_name=target.name,
-        vram_bytes=target.vram_total_bytes,
-        capability=capability,
-    )
+    return rehearse_planned(profile, job, config, target)
 
 
 def _verdict(rehearsal: Any) -> str:

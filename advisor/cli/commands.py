@@ -13,10 +13,11 @@ from advisor.cli.common import (
     checked_kind,
     planning_profile,
     print_json,
+    recorded_job,
     required_model,
     save_config,
 )
-from advisor.errors import AdvisorWarning, ConfigError, UsageError
+from advisor.errors import AdvisorWarning, UsageError
 from advisor.files import check_output_file
 from advisor.units import format_size
 
@@ -72,25 +73,12 @@ def estimate(request: Request, config_file: str | None = None, as_json: bool = F
     from advisor.constraints import Platform, violations
     from advisor.plan.estimate import estimate as run_estimate
     from advisor.probe import hardware
-    from advisor.probe.workload import recorded_workload
 
     loaded = load_config(config_file, flag="--config") if config_file else None  # before a local model is traced
     profile = planning_profile(request.model, request.workload)
-    job = request.workload_for(profile)  # the flags alone first: their errors name them
-    # What the config was made for, where no flag says otherwise (flags win one by one).
+    request.workload_for(profile)  # the flags alone first: their errors name them
     flags = request.job()
-    recorded = {
-        name: value
-        for name, value in recorded_workload(loaded and loaded.provenance, profile).items()
-        if flags[name] is None
-    }
-    if recorded:
-        try:
-            job = replace(request, **recorded).workload_for(profile)
-        except UsageError as exc:
-            raise ConfigError(
-                f"--config {config_file}: its workload (provenance.workload) does not suit {profile.model_id}: {exc}"
-            ) from None
+    job, recorded = recorded_job(request, profile, loaded and loaded.provenance, f"--config {config_file}")
     machine = hardware.probe_machine() if request.here else None  # planning for this machine
     planned = loaded.provenance if loaded is not None and loaded.provenance else None
     notes = []

@@ -7,7 +7,7 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
-from advisor.errors import AdvisorError, UsageError
+from advisor.errors import AdvisorError, ConfigError, UsageError
 from advisor.files import os_error_reason
 from advisor.units import parse_size
 
@@ -53,6 +53,23 @@ def planning_profile(model: str, workload: str | None):
     from advisor.trace.cache import with_traces
 
     return with_traces(profile, log=lambda line: print(f"advisor: {line}", file=sys.stderr, flush=True))
+
+
+def recorded_job(request, profile, provenance, source: str):
+    """(the workload, the values taken from `provenance`): what a config was made for fills in what
+    no flag gives (flags win one by one); `source` names the config in the error when it doesn't suit."""
+    from dataclasses import replace
+
+    from advisor.probe.workload import recorded_workload
+
+    flags = request.job()
+    recorded = {k: v for k, v in recorded_workload(provenance, profile).items() if flags[k] is None}
+    try:
+        return replace(request, **recorded).workload_for(profile), recorded
+    except UsageError as exc:
+        raise ConfigError(
+            f"{source}: its workload (provenance.workload) does not suit {profile.model_id}: {exc}"
+        ) from None
 
 
 def checked_kind(profile, workload: str | None):

@@ -36,6 +36,25 @@ def virtual_pipeline(profile: Any, dtype: torch.dtype) -> Any:
     return pipeline_class(**{name: components.get(name) for name in names})
 
 
+def rehearse_planned(profile: Any, workload: Workload, config: Any, target: Any) -> Any:
+    """Rehearse `config` for `profile`'s `workload` at full size on a virtual `target` (a
+    `TargetHardware`: its name, memory and compute capability are what ``torch.cuda`` answers)."""
+    from advisor.rehearse.rehearsal import rehearse
+
+    geometry, tokens, calls = rehearsal_geometry(profile, workload)
+    capability = tuple(int(part) for part in (target.compute_capability or "9.0").split(".")[:2])
+    return rehearse(
+        virtual_pipeline(profile, getattr(torch, config.dtype)),
+        config,
+        geometry,
+        text_tokens=tokens,
+        calls_per_step=calls,
+        gpu_name=target.name,
+        vram_bytes=target.vram_total_bytes,
+        capability=capability,
+    )
+
+
 def rehearsal_geometry(profile: Any, workload: Workload) -> tuple[Geometry, dict[str, int], int]:
     """(one denoiser call's geometry, each text encoder's sequence length, denoiser calls per step)."""
     frames, height, width = latent_geometry(profile, workload)
