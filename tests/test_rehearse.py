@@ -52,6 +52,14 @@ def test_an_op_mixing_devices_fails_as_on_a_gpu_and_names_both():
         assert (on_card * torch.tensor(2.0)).device.type == "cuda"
 
 
+def test_an_op_mixing_dtypes_fails_as_its_kernel_would_and_names_them():
+    with virtual_cuda(Ledger()):
+        activation = torch.empty(4, 8, device="cuda", dtype=torch.bfloat16)
+        weight = torch.empty(3, 8, device="cuda", dtype=torch.float32)
+        with pytest.raises(DeviceMismatch, match=r"mixes bfloat16 and float32: bfloat16\[4, 8\] on cuda:0"):
+            torch.nn.functional.linear(activation, weight)
+
+
 def test_bytes_are_elements_times_element_size_and_move_with_the_tensor():
     ledger = Ledger()
     with virtual_cuda(ledger):

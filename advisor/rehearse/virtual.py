@@ -36,6 +36,8 @@ aten = torch.ops.aten
 
 # Ops that move or relabel data between devices: the only ones that may see two devices at once.
 _CROSS_DEVICE = {aten._to_copy.default, aten.copy_.default, aten._pin_memory.default}
+# Ops whose CUDA kernels take one floating dtype for all their tensors.
+_SAME_DTYPE = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution}
 # Ops whose answer is the data itself: no shape-only run can give it.
 _NEEDS_DATA = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.nonzero.default}
 
@@ -234,6 +236,8 @@ class VirtualCuda(TorchDispatchMode):
             return self.new(meta_of(args[0]), CPU, pinned=True)
         if func not in _CROSS_DEVICE:
             self._check_devices(func, tensors)
+        if func.overloadpacket in _SAME_DTYPE:
+            self._check_dtypes(func, tensors)
 
         def to_meta(t: Any) -> Any:
             return (
@@ -298,6 +302,15 @@ class VirtualCuda(TorchDispatchMode):
             raise DeviceMismatch(
                 f"{func.overloadpacket.__name__} mixes {' and '.join(sorted(map(str, devices)))}{self._at()}: {named}"
             )
+
+    def _check_dtypes(self, func, tensors: list[torch.Tensor]) -> None:  # noqa: ANN001
+        # CUDA's matmul and convolution kernels take one floating dtype ("expected mat1 and mat2 to
+        # have the same dtype"); their meta kernels don't check it.
+        dtypes = {t.dtype for t in tensors if t.is_floating_point() and t.dim() > 0}
+        if len(dtypes) > 1:
+            named = "; ".join(dict.fromkeys(self.describe_tensor(t) for t in tensors if t.dim() > 0))
+            kinds = " and ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+            raise DeviceMismatch(f"{func.overloadpacket.__name__} mixes {kinds}{self._at()}: {named}")
 
     def _at(self) -> str:
         where = self.where()
