@@ -418,3 +418,17 @@ def test_reported_device_mismatches_the_installed_diffusers_fixed_rehearse_clean
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16)
     result = rehearse(pipe, config, geometry, text_tokens=tokens, calls_per_step=calls)
     assert result.passed, result.failure or result.not_rehearsed
+
+
+def test_text_encoders_run_one_prompt_at_a_time_whatever_the_denoiser_batch(tiny_pipe):
+    """Batched guidance doubles the denoiser's batch, not the encoders': pipelines encode the prompt
+    and the negative prompt apart and repeat the embeddings afterwards."""
+    from advisor.rehearse.rehearsal import rehearse
+
+    batches = []
+    tiny_pipe.text_encoder_2.register_forward_pre_hook(
+        lambda _module, _args, kwargs: batches.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    guided = Geometry(batch=2, frames=1, height=4, width=4, text_tokens=16)
+    assert rehearse(tiny_pipe, OptimizationConfig(device="cuda"), guided).passed
+    assert batches == [1]

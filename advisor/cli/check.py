@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 WOULD_FAIL_EXIT = 4  # the rehearsal found an op the card would refuse
 NOT_REHEARSED_EXIT = 5  # part of the config could not be rehearsed: nothing is claimed
+# A rehearsal's phases in order (`advisor.rehearse.rehearsal` LOADING, APPLYING, PHASES: not imported
+# at the top, which would import torch on every command's start).
 PHASES = ("loading", "applying the config", "text_encoding", "denoising", "vae_decode")
 
 

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from advisor.levers.offload import loads_onto_device
 from advisor.rehearse.device import virtual_cuda
 from advisor.rehearse.quantize import quantize_in_place
 from advisor.rehearse.virtual import (
@@ -30,7 +31,6 @@ from advisor.rehearse.virtual import (
     DeviceMismatch,
     Ledger,
     NotRehearsable,
-    RehearsalError,
     VirtualTensor,
     describe,
     meta_of,
@@ -54,9 +54,13 @@ class Rehearsal:
 
     failure: str | None
     not_rehearsed: str | None
-    phase_peaks: dict[str, dict[str, int]]  # phase -> pool ("cuda:0", "cpu", "cpu-pinned") -> peak bytes
     ledger: Ledger = field(repr=False)
     seconds: float = 0.0
+
+    @property
+    def phase_peaks(self) -> dict[str, dict[str, int]]:
+        """Phase -> pool ("cuda:0", "cpu", "cpu-pinned") -> peak bytes."""
+        return self.ledger.phase_peaks
 
     @property
     def passed(self) -> bool:
@@ -191,7 +195,7 @@ def rehearse(
     """
     ledger = Ledger()
     if config.offload.offload_to_disk_path:
-        return Rehearsal(None, DISK_NOT_REHEARSED, {}, ledger)
+        return Rehearsal(None, DISK_NOT_REHEARSED, ledger)
     names: _Names | None = None
     started = time.perf_counter()
     failure = not_rehearsed = None
@@ -210,7 +214,7 @@ def rehearse(
             _as_a_fresh_process(),
         ):
             ledger.enter(LOADING)
-            virtualize(pipe, CUDA if _loads_onto_device(config) else CPU)
+            virtualize(pipe, CUDA if loads_onto_device(config) else CPU)
             quantize_in_place(pipe, config)
             names = _Names(pipe)
             ledger.enter(APPLYING)
@@ -224,15 +228,13 @@ def rehearse(
         failure = str(error)
     except NotRehearsable as error:
         not_rehearsed = str(error)
-    except RehearsalError as error:  # pragma: no cover - every subclass is named above
-        failure = str(error)
     except Exception as error:
         said = f"{ledger.origin or ledger.phase}: {type(error).__name__}: {' '.join(str(error).split())}"
         if ledger.phase == APPLYING and isinstance(error, (ValueError, TypeError)):
             failure = said  # a library refused the combination while applying it: so it would on the card
         else:  # a package missing here, or something the virtual device can't run: no verdict
             not_rehearsed = said
-    return Rehearsal(failure, not_rehearsed, ledger.phase_peaks, ledger, time.perf_counter() - started)
+    return Rehearsal(failure, not_rehearsed, ledger, time.perf_counter() - started)
 
 
 @contextlib.contextmanager
@@ -258,12 +260,6 @@ def _as_a_fresh_process() -> Iterator[None]:
         _AttentionBackendRegistry.set_active_backend(active)
 
 
-def _loads_onto_device(config: Any) -> bool:
-    from advisor.levers.offload import loads_onto_device
-
-    return loads_onto_device(config)
-
-
 def _run_phases(
     pipe: Any, g: Geometry, dtype: torch.dtype, ledger: Ledger, tokens: dict[str, int], steps: int, calls: int
 ) -> None:
@@ -273,7 +269,9 @@ def _run_phases(
     ledger.enter("text_encoding")
     for name in sorted(n for n in components if n.startswith("text_encoder") and components[n] is not None):
         ledger.origin = "text_encoding"
-        outputs = components[name](**text_encoder_inputs(tokens.get(name, 77), max(g.batch, 1), make))
+        # one prompt at a time: pipelines encode the prompt and the negative one apart, and repeat
+        # the embeddings for guidance and for several images per prompt afterwards
+        outputs = components[name](**text_encoder_inputs(tokens.get(name, 77), 1, make))
         del outputs
     ledger.enter("denoising")
     ledger.origin = "denoising"

@@ -286,11 +286,11 @@ class VirtualCuda(TorchDispatchMode):
 
     @staticmethod
     def _argument_aliased(func, args, kwargs, alias) -> Any:  # noqa: ANN001
-        for argument, value in zip(
-            func._schema.arguments, [*args, *[kwargs.get(a.name) for a in func._schema.arguments[len(args) :]]]
-        ):
+        """The argument an in-place or ``out=`` result is (the schema marks both alike: ``Tensor(a!)``)."""
+        given = dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
+        for argument in func._schema.arguments:
             if argument.alias_info is not None and argument.alias_info.before_set == alias.before_set:
-                return value
+                return given.get(argument.name, args[0])
         return args[0]
 
     def _check_devices(self, func, tensors: list[torch.Tensor]) -> None:  # noqa: ANN001
