@@ -479,9 +479,10 @@ def test_the_classes_with_empty_repeated_blocks_are_the_ones_named_here():
 # --- every emitted config, as it would run on the card -----------------------------------------------
 
 # What the virtual device can't run, for a reason outside the config (said by the rehearsal as "not
-# rehearsed", never as passed): group offloading to disk writes safetensors files of the weights, and
-# a virtual weight has no bytes to write. recommend assumes no attention package a machine may lack.
-NOT_REHEARSABLE = ("offload_to_disk_path",)
+# rehearsed", never as passed): group offloading to disk writes safetensors files of the weights (a
+# virtual weight has no bytes to write); an attention kernel whose package is not installed here
+# (the decision suite plans sage attention for a machine that has it: diffusers says "missing package").
+NOT_REHEARSABLE = ("offload_to_disk_path", "because of missing package")
 
 
 def _rehearsal_key(config: OptimizationConfig) -> str:
