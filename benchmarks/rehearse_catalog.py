@@ -6,9 +6,13 @@ it), sequential offload), the pipeline is rehearsed on a virtual
 H100 (`advisor.rehearse`: the real diffusers hooks, every allocation counted) and estimated
 (`advisor.plan.estimate`). The table gives, per phase, the rehearsed GPU bytes (what
 ``torch.cuda.max_memory_allocated`` would show after a reset at the phase's start), the estimate's
-allocated bytes (weights + activations, no allocator reserve), their difference, the pinned host
-bytes, and how long each rehearsal took with the process's peak RSS. Rows over 10% apart are
-marked; docs/benchmarks.md says why they differ and what was fixed.
+allocated bytes (weights + activations, no allocator reserve), their difference; then the reserved
+bytes (``max_memory_reserved``: the rehearsal's allocations replayed through the caching-allocator
+model, `advisor.plan.allocator`, on the H100's default budget) beside the estimate's, their
+difference; the pinned host bytes, and how long each rehearsal took with the process's peak RSS.
+Under each configuration, what the whole run needs (`least_capacity`: the least memory the
+allocator completes it in) beside the estimate's planned peak. Rows over 10% apart are marked;
+docs/benchmarks.md says why they differ and what was fixed.
 
     python benchmarks/rehearse_catalog.py [--models flux-dev,wan2.1-t2v-14b] [--strategies none,model]
 """
@@ -53,6 +57,7 @@ def main() -> int:
     from advisor.config import OptimizationConfig
     from advisor.levers.offload import without_stranded_vaes
     from advisor.plan.estimate import estimate
+    from advisor.plan.scenario import default_budget
     from advisor.probe.layout import catalog_names
     from advisor.probe.models import profile_from_catalog
     from advisor.probe.target import planned_target
@@ -64,7 +69,8 @@ def main() -> int:
     target = planned_target(machine=None, gpu="H100", ram=512 * GIB)
     print(f"torch {torch.__version__}; target: virtual {target.name}; bf16; two denoising steps", flush=True)
     header = (
-        f"{'model':34} {'placement':13} {'phase':14} {'rehearsed':>10} {'estimated':>10} {'diff':>7} {'pinned':>8}"
+        f"{'model':34} {'placement':13} {'phase':14} {'rehearsed':>10} {'estimated':>10} {'diff':>7} "
+        f"{'reserved':>10} {'est.res.':>10} {'diff':>7} {'pinned':>8}"
     )
     print(header + f" {'seconds':>8} {'RSS':>7}")
     print("-" * (len(header) + 17))
@@ -74,25 +80,35 @@ def main() -> int:
         for label, offload in strategies.items():
             # as the advisor plans it: a VAE block-level offloading would strand stays on the card
             config = OptimizationConfig(device="cuda", offload=without_stranded_vaes(offload, profile))
-            predicted = {p.name: p.device_bytes for p in estimate(profile, job, config, target).phases}
+            planned = estimate(profile, job, config, target)
+            predicted = {p.name: p for p in planned.phases}
             started = time.perf_counter()
-            result = rehearse_planned(profile, job, config, target)
+            result = rehearse_planned(profile, job, config, target, default_budget(target))
             seconds = time.perf_counter() - started
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             if not result.passed:
-                print(f"{profile.model_id[:34]:34} {label:13} {result.failure or result.not_rehearsed}")
+                why = result.failure or result.not_rehearsed or result.out_of_memory
+                print(f"{profile.model_id[:34]:34} {label:13} {why}")
                 continue
             for phase in PHASES:
-                real = result.device_peak(phase)
-                guess = predicted.get(phase, 0)
+                real, guess = result.device_peak(phase), predicted[phase].device_bytes
+                reserved, guessed = result.allocator.reserved.get(phase, 0), predicted[phase].reserved_bytes
                 diff = (guess - real) / real if real else 0.0
-                mark = " *" if abs(diff) > 0.10 else ""
+                reserved_diff = (guessed - reserved) / reserved if reserved else 0.0
+                mark = " *" if max(abs(diff), abs(reserved_diff)) > 0.10 else ""
                 pinned = result.phase_peaks.get(phase, {}).get("cpu-pinned", 0)
                 print(
                     f"{profile.model_id[:34]:34} {label:13} {phase:14} {real / GIB:9.2f}G {guess / GIB:9.2f}G "
-                    f"{diff:+7.0%} {pinned / GIB:7.2f}G {seconds:8.1f} {rss:6.0f}M{mark}",
+                    f"{diff:+7.0%} {reserved / GIB:9.2f}G {guessed / GIB:9.2f}G {reserved_diff:+7.0%} "
+                    f"{pinned / GIB:7.2f}G {seconds:8.1f} {rss:6.0f}M{mark}",
                     flush=True,
                 )
+            needs, plans = result.needs_bytes, planned.peak_vram_bytes
+            print(
+                f"{'':34} {label:13} {'whole run':14} needs {needs / GIB:.2f}G; the estimate plans "
+                f"{plans / GIB:.2f}G ({(plans - needs) / needs:+.0%})",
+                flush=True,
+            )
     return 0
 
 

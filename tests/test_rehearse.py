@@ -182,6 +182,62 @@ def test_a_misplaced_weight_fails_the_rehearsal_naming_it_and_what_put_it_there(
     assert rehearsal.rehearse(fresh, config, TINY).passed
 
 
+# --- the caching allocator, replaying the rehearsal's allocations --------------------------------
+
+
+def _fresh(tiny_pipe):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(tiny_pipe.config._name_or_path, dtype=torch.bfloat16)
+
+
+def test_the_allocator_runs_out_where_the_live_bytes_exceed_the_budget_and_not_with_room(tiny_pipe):
+    from advisor.rehearse.rehearsal import rehearse
+
+    config = OptimizationConfig(device="cuda")
+    roomy = rehearse(tiny_pipe, config, TINY)
+    allocated = max(roomy.allocator.allocated.values())
+    assert roomy.passed and roomy.out_of_memory is None
+    assert allocated >= max(p.get("cuda:0", 0) for p in roomy.phase_peaks.values())  # rounded up to 512 B
+    # Reserved covers allocated; what the run needs lies between its allocated peak and that reserve.
+    assert allocated <= roomy.needs_bytes <= max(roomy.allocator.reserved.values())
+    # Half the live bytes can't be held however the cache is emptied: out of memory, and not passed.
+    tight = rehearse(_fresh(tiny_pipe), config, TINY, budget_bytes=allocated // 2)
+    assert tight.failure is None and tight.not_rehearsed is None
+    assert not tight.passed and "out of memory" in tight.out_of_memory
+
+
+def test_model_offload_empties_the_cache_as_it_moves_a_model_off_and_group_offload_never_does(tiny_pipe):
+    # accelerate's CpuOffload.pre_forward calls clear_device_cache() after offloading the previous
+    # model (accelerate/hooks.py); diffusers' group-offloading hooks never call empty_cache.
+    from advisor.plan.allocator import EMPTY_CACHE
+    from advisor.rehearse.rehearsal import rehearse
+
+    def emptied(strategy: str) -> set[str]:
+        result = rehearse(_fresh(tiny_pipe), OptimizationConfig(device="cuda", offload=STRATEGIES[strategy]), TINY)
+        assert result.passed
+        return {e.phase for e in result.ledger.events if e.block == EMPTY_CACHE}
+
+    assert {"denoising", "vae_decode"} <= emptied("model")
+    assert emptied("group-stream") == set()
+
+
+def test_group_offloading_on_a_stream_onloads_the_blocks_from_that_streams_pool(tiny_pipe):
+    # Under `torch.cuda.stream(s)` (diffusers' ModuleGroup.onload_) the allocator serves s's own pool:
+    # each denoiser call onloads every repeated block's bytes on the side stream; the activations
+    # (and the modules outside the block lists, onloaded without prefetching) come from the default one.
+    from advisor.rehearse.rehearsal import rehearse
+
+    transformer = tiny_pipe.transformer
+    blocks = sum(
+        _bytes(b) for n in ("transformer_blocks", "single_transformer_blocks") for b in getattr(transformer, n)
+    )
+    result = rehearse(tiny_pipe, OptimizationConfig(device="cuda", offload=STRATEGIES["group-stream"]), TINY)
+    denoising = [e for e in result.ledger.events if e.pool == "cuda:0" and e.bytes > 0 and e.phase == "denoising"]
+    assert sum(e.bytes for e in denoising if e.stream) == 2 * blocks  # two steps, one call each
+    assert any(e.stream == 0 for e in denoising)
+
+
 # --- load-time quantization, rehearsed with the backends' own code --------------------------------
 
 NF4 = Quantization(backend="bitsandbytes_4bit", components=["transformer"])
@@ -286,12 +342,16 @@ def test_check_rehearses_a_config_and_prints_each_phase_beside_the_estimate(tiny
     for phase in ("loading", "applying the config", "text encoding", "denoising", "vae decode"):
         assert phase in out
     assert "rehearsed: no op mixed devices or dtypes" in out
+    assert "the run needs" in out
 
     assert main(["check", path, "--vram", "8GB", "--height", "32", "--width", "32", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["failure"] is None and report["not_rehearsed"] is None
     assert report["phases"]["denoising"]["device_bytes"] > 0
     assert report["phases"]["denoising"]["estimated_device_bytes"] > 0
+    denoising = report["phases"]["denoising"]
+    assert denoising["reserved_bytes"] >= denoising["device_bytes"]  # segments hold the blocks
+    assert report["needs_bytes"] >= max(p["device_bytes"] for p in report["phases"].values())
 
 
 def test_check_fails_a_config_the_card_would_refuse_in_one_line_with_exit_4(tiny_flux_dir, tmp_path, capsys):

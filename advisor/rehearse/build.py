@@ -36,9 +36,10 @@ def virtual_pipeline(profile: Any, dtype: torch.dtype) -> Any:
     return pipeline_class(**{name: components.get(name) for name in names})
 
 
-def rehearse_planned(profile: Any, workload: Workload, config: Any, target: Any) -> Any:
+def rehearse_planned(profile: Any, workload: Workload, config: Any, target: Any, budget_bytes: int) -> Any:
     """Rehearse `config` for `profile`'s `workload` at full size on a virtual `target` (a
-    `TargetHardware`: its name, memory and compute capability are what ``torch.cuda`` answers)."""
+    `TargetHardware`: its name, memory and compute capability are what ``torch.cuda`` answers),
+    with `budget_bytes` for the caching allocator to reserve."""
     from advisor.rehearse.rehearsal import rehearse
 
     geometry, tokens, calls = rehearsal_geometry(profile, workload)
@@ -52,6 +53,7 @@ def rehearse_planned(profile: Any, workload: Workload, config: Any, target: Any)
         gpu_name=target.name,
         vram_bytes=target.vram_total_bytes,
         capability=capability,
+        budget_bytes=budget_bytes,
     )
 
 

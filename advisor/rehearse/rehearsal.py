@@ -10,12 +10,16 @@ the pipeline's own ``_execution_device`` (the property diffusers computes from i
 What comes back (`Rehearsal`): the first op that would fail on the card, in one line naming the
 module, the tensors and what put the odd one there (a config step, the loading, or the hooks while
 running); what could not be rehearsed and why (never reported as passed); and the ledger: every
-allocation and free per pool (``cuda:0``, ``cpu``, ``cpu-pinned``), with each phase's peak.
+allocation and free per pool (``cuda:0``, ``cpu``, ``cpu-pinned``), with each phase's peak. The
+ledger's ``cuda:0`` allocations replayed through the caching-allocator model
+(`advisor.plan.allocator`) give what each phase reserves, and whether the allocator would run out
+of the budget.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -23,6 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from advisor.levers.offload import loads_onto_device
+from advisor.plan.allocator import NO_LIMIT, AllocatorSettings, Replay, least_capacity, replay
 from advisor.rehearse.device import virtual_cuda
 from advisor.rehearse.quantize import quantize_in_place
 from advisor.rehearse.virtual import (
@@ -56,15 +61,32 @@ class Rehearsal:
     not_rehearsed: str | None
     ledger: Ledger = field(repr=False)
     seconds: float = 0.0
+    budget_bytes: int = NO_LIMIT  # what the caching allocator may reserve (the allocator model's card)
+    allocator_settings: AllocatorSettings = AllocatorSettings()
 
     @property
     def phase_peaks(self) -> dict[str, dict[str, int]]:
         """Phase -> pool ("cuda:0", "cpu", "cpu-pinned") -> peak bytes."""
         return self.ledger.phase_peaks
 
+    @functools.cached_property
+    def allocator(self) -> Replay:
+        """The device's allocations replayed through the caching allocator: each phase's reserved
+        peak, and the phase where it would run out of the budget."""
+        return replay(self.ledger.events, capacity=self.budget_bytes, settings=self.allocator_settings)
+
+    @functools.cached_property
+    def needs_bytes(self) -> int:
+        """The least the card must let the allocator reserve for this run (`least_capacity`)."""
+        return least_capacity(self.ledger.events, settings=self.allocator_settings)
+
+    @property
+    def out_of_memory(self) -> str | None:
+        return self.allocator.out_of_memory if self.failure is None and self.not_rehearsed is None else None
+
     @property
     def passed(self) -> bool:
-        return self.failure is None and self.not_rehearsed is None
+        return self.failure is None and self.not_rehearsed is None and self.out_of_memory is None
 
     def device_peak(self, phase: str) -> int:
         return self.phase_peaks.get(phase, {}).get("cuda:0", 0)
@@ -187,15 +209,17 @@ def rehearse(
     gpu_name: str = "virtual GPU",
     vram_bytes: int = 80 * 2**30,
     capability: tuple[int, int] = (9, 0),
+    budget_bytes: int = NO_LIMIT,
 ) -> Rehearsal:
     """Apply `config` (an `OptimizationConfig`) to `pipe` and run one generation's phases on the
     virtual device. `geometry` is one denoiser call's latent shape (its batch includes batched CFG);
     `text_tokens` each text encoder's sequence length (77 where not given); `steps` denoising steps
-    of `calls_per_step` denoiser calls each (2 where guidance runs the denoiser twice a step).
+    of `calls_per_step` denoiser calls each (2 where guidance runs the denoiser twice a step);
+    `budget_bytes` what the caching allocator may reserve when its replay asks for more.
     """
     ledger = Ledger()
     if config.offload.offload_to_disk_path:
-        return Rehearsal(None, DISK_NOT_REHEARSED, ledger)
+        return Rehearsal(None, DISK_NOT_REHEARSED, ledger, budget_bytes=budget_bytes)
     names: _Names | None = None
     started = time.perf_counter()
     failure = not_rehearsed = None
@@ -234,7 +258,7 @@ def rehearse(
             failure = said  # a library refused the combination while applying it: so it would on the card
         else:  # a package missing here, or something the virtual device can't run: no verdict
             not_rehearsed = said
-    return Rehearsal(failure, not_rehearsed, ledger, time.perf_counter() - started)
+    return Rehearsal(failure, not_rehearsed, ledger, time.perf_counter() - started, budget_bytes)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import torch
 
-from advisor.rehearse.virtual import CUDA, Event, Ledger
+from advisor.rehearse.virtual import CUDA, Ledger
 
 
 class _Stream(torch.Stream):
@@ -61,7 +61,25 @@ VIRTUAL_CUDA_VERSION = "12.8"  # what torch.version.cuda says during a rehearsal
 def cuda_runtime(ledger: Ledger, name: str, total_bytes: int, capability: tuple[int, int]) -> Iterator[None]:
     """``torch.cuda`` (and ``torch.accelerator``) answering as one card: available, one device, its
     name and memory, the ledger's allocated bytes; streams and events that order nothing."""
-    stream = _Stream()
+    default = _Stream()
+    streams = [default]  # every stream made, so that each has a number the ledger can record
+    current = [default]
+
+    @contextlib.contextmanager
+    def on_stream(stream: Any = None) -> Iterator[Any]:
+        """``torch.cuda.stream(s)``: what is allocated inside comes from `s`'s own pool."""
+        if stream is None:
+            yield None
+            return
+        if not any(s is stream for s in streams):
+            streams.append(stream)
+        saved = ledger.stream, current[0]
+        ledger.stream, current[0] = next(i for i, s in enumerate(streams) if s is stream), stream
+        try:
+            yield stream
+        finally:
+            ledger.stream, current[0] = saved
+
     allocated = lambda device=None: ledger.live.get("cuda:0", 0)  # noqa: E731
     replacements: dict[tuple[Any, str], Any] = {
         (torch.cuda, "is_available"): lambda: True,
@@ -79,12 +97,12 @@ def cuda_runtime(ledger: Ledger, name: str, total_bytes: int, capability: tuple[
         (torch.cuda, "max_memory_allocated"): lambda device=None: ledger.peak.get("cuda:0", 0),
         (torch.cuda, "reset_peak_memory_stats"): lambda device=None: None,
         (torch.cuda, "synchronize"): lambda device=None: None,
-        (torch.cuda, "empty_cache"): lambda: ledger.events.append(Event(-1, "cuda:0", 0, ledger.phase)),
+        (torch.cuda, "empty_cache"): ledger.empty_cache,
         (torch.cuda, "Stream"): _Stream,
         (torch.cuda, "Event"): _Event,
-        (torch.cuda, "current_stream"): lambda device=None: stream,
-        (torch.cuda, "default_stream"): lambda device=None: stream,
-        (torch.cuda, "stream"): lambda s=None: contextlib.nullcontext(s),
+        (torch.cuda, "current_stream"): lambda device=None: current[0],
+        (torch.cuda, "default_stream"): lambda device=None: default,
+        (torch.cuda, "stream"): on_stream,
         # A CUDA build's version string: libraries gate CUDA kernels on it (torchao's is_sm_at_least_89).
         (torch.version, "cuda"): VIRTUAL_CUDA_VERSION,
         (torch.accelerator, "is_available"): lambda: True,

@@ -29,6 +29,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from advisor.plan.allocator import EMPTY_CACHE, PHASE_START
+
 
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
@@ -72,12 +74,15 @@ class Block:
 
 @dataclass(frozen=True)
 class Event:
-    """One line of the ledger: an allocation (+bytes) or a free (-bytes) in a pool, during a phase."""
+    """One line of the ledger: an allocation (+bytes) or a free (-bytes) of a block in a pool, during a
+    phase, on a stream (0: the default stream); or, with no block, a phase starting or
+    ``torch.cuda.empty_cache()`` (`PHASE_START`, `EMPTY_CACHE`): what the allocator model replays."""
 
     block: int
     pool: str
     bytes: int
     phase: str
+    stream: int = 0
 
 
 class Ledger:
@@ -90,16 +95,14 @@ class Ledger:
         self.phase_peaks: dict[str, dict[str, int]] = {}
         self.phase = "build"
         self.origin = ""  # what new blocks are created by (see `Block.origin`)
+        self.stream = 0  # the stream new blocks are allocated on (``torch.cuda.stream(...)``)
 
     def allocate(self, block: Block) -> None:
-        weakref.finalize(block, self._free, block.id, block.pool, block.nbytes)
-        self._record(block.id, block.pool, block.nbytes)
+        weakref.finalize(block, self._record, block.id, block.pool, -block.nbytes, self.stream)
+        self._record(block.id, block.pool, block.nbytes, self.stream)
 
-    def _free(self, block: int, pool: str, nbytes: int) -> None:
-        self._record(block, pool, -nbytes)
-
-    def _record(self, block: int, pool: str, nbytes: int) -> None:
-        self.events.append(Event(block, pool, nbytes, self.phase))
+    def _record(self, block: int, pool: str, nbytes: int, stream: int) -> None:
+        self.events.append(Event(block, pool, nbytes, self.phase, stream))
         live = self.live[pool] = self.live.get(pool, 0) + nbytes
         self.peak[pool] = max(self.peak.get(pool, 0), live)
         peaks = self.phase_peaks.setdefault(self.phase, {})
@@ -109,6 +112,11 @@ class Ledger:
         """Start a phase: its peak starts from what is live now."""
         self.phase = phase
         self.phase_peaks[phase] = dict(self.live)
+        self.events.append(Event(PHASE_START, "", 0, phase))
+
+    def empty_cache(self) -> None:
+        """``torch.cuda.empty_cache()`` was called: the allocator gives its whole cached segments back."""
+        self.events.append(Event(EMPTY_CACHE, str(CUDA), 0, self.phase))
 
 
 class VirtualTensor(torch.Tensor):
