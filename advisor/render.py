@@ -442,8 +442,9 @@ def render_estimate(profile, job, target, config, result, fit: Fit | None = None
     if target.device != "cpu":
         _print_wrapped(
             console,
-            f"peak VRAM: {format_size(result.peak_vram_bytes)} reserved by the caching allocator "
-            f"({format_size(result.peak_vram_allocated_bytes)} allocated, the table's totals; without the CUDA context)",
+            f"peak VRAM: {format_size(result.peak_vram_bytes)} must fit, the least the caching allocator runs it in "
+            f"({format_size(result.peak_vram_allocated_bytes)} allocated, the table's totals; on a card with room "
+            f"it keeps {format_size(result.peak_vram_reserved_bytes)} reserved; without the CUDA context)",
             "",
             "  ",
         )

@@ -220,7 +220,7 @@ def predict(row: Row, profile) -> dict[str, float]:
     return {
         "load_gib": loaded / GIB,
         "peak_allocated_gib": e.peak_vram_allocated_bytes / GIB,
-        "peak_reserved_gib": e.peak_vram_bytes / GIB,
+        "peak_reserved_gib": e.peak_vram_reserved_bytes / GIB,
         "latency_s": e.latency_s,
         "transformer_forwards_s": 5 * e.step_latency_s,
         "transformer_vram_gib": (denoising.weights_bytes.get("transformer", 0) + denoising.activation_bytes) / GIB,

@@ -92,7 +92,7 @@ def main() -> int:
                 continue
             for phase in PHASES:
                 real, guess = result.device_peak(phase), predicted[phase].device_bytes
-                reserved, guessed = result.allocator.reserved.get(phase, 0), predicted[phase].reserved_bytes
+                reserved, guessed = result.allocator.reserved.get(phase, 0), predicted[phase].cached_peak_bytes
                 diff = (guess - real) / real if real else 0.0
                 reserved_diff = (guessed - reserved) / reserved if reserved else 0.0
                 mark = " *" if max(abs(diff), abs(reserved_diff)) > 0.10 else ""

@@ -1,4 +1,4 @@
-"""The caching-allocator model against hand-written sequences whose reserved bytes follow from
+"""The caching-allocator model (and its replay, advisor/plan/replay.py) against hand-written sequences whose reserved bytes follow from
 PyTorch's algorithm (c10/cuda/CUDACachingAllocator.cpp), each worked out in its comment."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import random
 import pytest
 
 from advisor.plan.allocator import AllocatorSettings, CachingAllocator, OutOfMemory
+from advisor.plan.replay import allocation_peaks
 
 
 MIB, GIB = 2**20, 2**30
@@ -35,6 +36,20 @@ def test_a_request_larger_than_every_free_block_needs_a_new_segment():
     a.malloc(GIB)
     assert a.reserved == 600 * MIB + 600 * MIB + 1024 * MIB
     assert (a.peak_allocated, a.segments) == (1200 * MIB, 3)
+
+
+def test_what_a_sequence_needs_is_less_than_it_reserves_with_room():
+    # The same sequence as allocations and frees (-k: the allocation k back): with room it reserves
+    # 2224 MiB; on a smaller card the 1 GiB request finds cudaMalloc failing, both whole 600 MiB
+    # segments go back, and it succeeds: the least capacity is the allocated peak, 1200 MiB.
+    peaks = allocation_peaks([600 * MIB, 600 * MIB, -2, -1, GIB])
+    assert (peaks.allocated, peaks.reserved, peaks.needs) == (1200 * MIB, 2224 * MIB, 1200 * MIB)
+    a = CachingAllocator(capacity=1536 * MIB)
+    first, second = a.malloc(600 * MIB), a.malloc(600 * MIB)
+    a.free(first)
+    a.free(second)
+    a.malloc(GIB)
+    assert (a.reserved, a.flushes) == (GIB, 1)
 
 
 def test_with_expandable_segments_the_freed_space_joins_and_serves_the_larger_request():

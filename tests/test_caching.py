@@ -174,7 +174,7 @@ def test_the_estimate_skips_the_computed_share_and_holds_three_hidden_states():
     denoising = {p.name: p for p in cached.phases}["denoising"].activation_bytes - {p.name: p for p in plain.phases}[
         "denoising"
     ].activation_bytes
-    assert denoising == 3 * 4608 * 3072 * 2
+    assert denoising == pytest.approx(3 * 4608 * 3072 * 2, abs=1)  # each phase's bytes are floored apart
     # MagCache: half the steps run (the schedule above); it holds the last residual and the head block's input.
     mag = estimate(
         scenario.profile,
@@ -186,7 +186,7 @@ def test_the_estimate_skips_the_computed_share_and_holds_three_hidden_states():
     held = {p.name: p for p in mag.phases}["denoising"].activation_bytes - {p.name: p for p in plain.phases}[
         "denoising"
     ].activation_bytes
-    assert held == 2 * 4608 * 3072 * 2
+    assert held == pytest.approx(2 * 4608 * 3072 * 2, abs=1)
 
 
 # --- for real, on the CPU ------------------------------------------------------------------------

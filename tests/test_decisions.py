@@ -393,19 +393,21 @@ DECISIONS = [
         _check(lambda r: r.config.offload.strategy == "none"),
     ),
     Decision(
-        "flux-4gb-nothing-fits",
+        "flux-2gb-nothing-fits",
         "flux-dev",
-        {"vram": 4 * GIB, "ram": 8 * GIB},
-        "nothing fits 4 GB: say the true smallest peak and what GPU would hold it",
+        {"vram": 2 * GIB, "ram": 8 * GIB},
+        "nothing fits 2 GB (whose default budget leaves 0.9 GB; the untiled 1024x1024 VAE decode alone "
+        "allocates 1.5 GB): say the true smallest peak and what GPU would hold it",
         nothing_fits("smallest predicted peak", "a GPU with at least"),
     ),
     Decision(
         "flux-budget-below-card",
         "flux-dev",
         {"gpu": "RTX 4090", "ram": 64 * GIB},
-        "a --budget under what the card holds: advise raising it, not a bigger GPU",
+        "a --budget under what the card holds (1 GB: under the 1024x1024 VAE decode's 1.5 GB of "
+        "activations): advise raising it, not a bigger GPU",
         nothing_fits("raise --budget"),
-        budget=3 * GIB,
+        budget=1 * GIB,
     ),
     Decision(
         "flux-h100-cudnn-attention",

@@ -72,9 +72,13 @@ def _seed_config(**changes) -> OptimizationConfig:
 
 
 def test_seed_page_anchor_without_offload(flux_dev):
-    # RTX 4090, transformer + T5 in nf4, 1024x1024: 14.9453 GB (diffusers prints GiB)
+    # RTX 4090, transformer + T5 in nf4, 1024x1024: 14.9453 GB allocated (diffusers prints GiB),
+    # measured with transformers 4.x (see the next test for the float32 T5 `wo` it kept)
     result = estimate(flux_dev, make_workload(flux_dev, height=1024, width=1024), _seed_config(), RTX_4090)
-    assert result.peak_vram_bytes / GIB == pytest.approx(14.9453, rel=0.10)
+    then = flux_dev.component("text_encoder_2").keep_in_fp32_parameters * 2
+    assert (result.peak_vram_allocated_bytes + then) / GIB == pytest.approx(14.9453, rel=0.10)
+    # what must fit: at least what is allocated, and within what the allocator reserves with room
+    assert result.peak_vram_allocated_bytes <= result.peak_vram_bytes <= result.peak_vram_reserved_bytes
 
 
 def test_seed_page_anchor_with_model_offload(flux_dev):

@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from dataclasses import dataclass
 
 
 KIB, MIB = 1024, 1024**2
@@ -48,7 +47,7 @@ LARGE_BUFFER = 20 * MIB  # kLargeBuffer: a segment for a 1-10 MiB request, and a
 MIN_LARGE_ALLOC = 10 * MIB  # kMinLargeAlloc
 ROUND_LARGE = 2 * MIB  # kRoundLarge
 NO_LIMIT = 2**64 - 1  # max_split_size's default (SIZE_MAX): no block is oversize
-PHASE_START, EMPTY_CACHE = -2, -1  # an event's block when it marks no allocation (see `replay`)
+PHASE_START, EMPTY_CACHE = -2, -1  # an event's block when it marks no allocation (`advisor.plan.replay`)
 
 
 class OutOfMemory(Exception):
@@ -382,88 +381,3 @@ class CachingAllocator:
         if not block.is_split:  # the whole segment is unmapped: its address space goes too
             del pool.unmapped[block.address]
             self.segments -= 1
-
-
-# --- replaying a log --------------------------------------------------------------------------
-
-
-class AllocationEvent(Protocol):
-    """One line of an allocation log (`advisor.rehearse.virtual.Event`): a block allocated (+bytes)
-    or freed (-bytes) in a pool on a stream during a phase; or a `PHASE_START` or `EMPTY_CACHE` mark."""
-
-    block: int
-    pool: str
-    bytes: int
-    phase: str
-    stream: int
-
-
-@dataclass
-class Replay:
-    """Per phase, the allocator's peaks (as ``max_memory_allocated``/``max_memory_reserved`` after
-    ``reset_peak_memory_stats`` at the phase's start); where it ran out of memory, if it did."""
-
-    allocated: dict[str, int] = field(default_factory=dict)
-    reserved: dict[str, int] = field(default_factory=dict)
-    out_of_memory: str | None = None  # "<phase>: <what torch would say>"
-    flushes: int = 0  # requests that found the card full and fit only after emptying the cache
-
-
-def replay(
-    events: Iterable[AllocationEvent],
-    *,
-    capacity: int = NO_LIMIT,
-    settings: AllocatorSettings = AllocatorSettings(),
-    pool: str = "cuda:0",
-) -> Replay:
-    """Replay a log's allocations and frees in `pool` through the allocator model."""
-    allocator, live, result = CachingAllocator(capacity, settings), {}, Replay()
-    phase = None
-
-    def close() -> None:
-        if phase is not None:
-            result.allocated[phase] = max(result.allocated.get(phase, 0), allocator.peak_allocated)
-            result.reserved[phase] = max(result.reserved.get(phase, 0), allocator.peak_reserved)
-
-    for event in events:
-        if event.block == PHASE_START:
-            close()
-            phase = event.phase
-            allocator.reset_peaks()
-        elif event.pool != pool:
-            continue
-        elif event.block == EMPTY_CACHE:
-            allocator.empty_cache()
-        elif event.bytes > 0:
-            try:
-                live[event.block] = allocator.malloc(event.bytes, event.stream)
-            except OutOfMemory as error:
-                result.out_of_memory = f"{event.phase}: {error}"
-                phase = event.phase
-                break
-        elif event.block in live:  # a free (zero-byte allocations never reach the allocator)
-            allocator.free(live.pop(event.block))
-    close()
-    result.flushes = allocator.flushes
-    return result
-
-
-def least_capacity(
-    events: list[AllocationEvent], *, settings: AllocatorSettings = AllocatorSettings(), pool: str = "cuda:0"
-) -> int:
-    """The least memory the allocator must be able to reserve for the log to run without running
-    out: what must fit on the card. With room to spare the allocator keeps every freed block cached
-    (``max_memory_reserved`` on a large card); near the limit it gives whole cached segments back and
-    retries, so a run needs only its allocated peak plus what stays stranded in split segments.
-    Found by bisection, to 2 MiB, between the allocated peak (never enough less) and the reserved
-    peak without a limit (always enough)."""
-    free_run = replay(events, settings=settings, pool=pool)
-    low = max(free_run.allocated.values(), default=0) // ROUND_LARGE
-    high = -(-max(free_run.reserved.values(), default=0) // ROUND_LARGE)
-    while low < high:
-        middle = (low + high) // 2
-        if replay(events, capacity=middle * ROUND_LARGE, settings=settings, pool=pool).out_of_memory:
-            low = middle + 1
-        else:
-            high = middle
-    return high * ROUND_LARGE

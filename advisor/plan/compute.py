@@ -20,12 +20,13 @@ from typing import Any, Callable
 from advisor.config import OptimizationConfig
 from advisor.levers import LEVERS, ActivationShape, DecodeMode
 from advisor.paths import DATA_DIR
+from advisor.plan.replay import allocation_peaks, nearest_replay
 from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.workload import Workload, pipeline_behaviour
 
 
-TRACE_VERSION = 1  # the record layout advisor.trace writes; an older record counts as no trace
+TRACE_VERSION = 2  # the record layout advisor.trace writes; an older record counts as no trace
 TRACE_DTYPE_BYTES = 2
 
 
@@ -105,6 +106,12 @@ class Work:
     traced: bool
     largest_bytes: float = 0.0  # the largest single activation tensor
     conv_flops: float = 0.0
+    # The caching allocator over the activations, from the traced allocation pattern replayed at this
+    # size (`advisor.plan.allocator.replay_pattern`): what it keeps stranded in split segments when
+    # the card is full (what must fit beyond the allocated peak), and what it keeps cached when the
+    # card has room (max_memory_reserved beyond max_memory_allocated). 0 without a trace.
+    stranded_bytes: float = 0.0
+    cached_bytes: float = 0.0
 
     def __add__(self, other: Work) -> Work:
         return Work(
@@ -115,18 +122,18 @@ class Work:
             self.traced and other.traced,
             max(self.largest_bytes, other.largest_bytes),
             self.conv_flops + other.conv_flops,
+            max(self.stranded_bytes, other.stranded_bytes),
+            max(self.cached_bytes, other.cached_bytes),
         )
 
     def times(self, calls: int) -> Work:
         """`calls` calls one after another: the work adds up, the activations don't."""
-        return Work(
-            self.matmul_flops * calls,
-            self.attention_flops * calls,
-            self.written_bytes * calls,
-            self.activation_bytes,
-            self.traced,
-            self.largest_bytes,
-            self.conv_flops * calls,
+        return replace(
+            self,
+            matmul_flops=self.matmul_flops * calls,
+            attention_flops=self.attention_flops * calls,
+            written_bytes=self.written_bytes * calls,
+            conv_flops=self.conv_flops * calls,
         )
 
 
@@ -150,6 +157,38 @@ def _bytes_ratio(trace: dict, dtype: str) -> dict[str, float]:
         }
     ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
     return dict.fromkeys(("activation_peak_bytes", "written_bytes", "largest_tensor_bytes"), ratio)
+
+
+def _with_allocator(work: Work, record: dict | None, variables: dict[str, float], scale: float) -> Work:
+    """`work` with the allocator's overheads from a traced allocation record, at this size."""
+    if not record:
+        return work
+    peaks = replay_pattern(record, variables, scale)
+    return replace(
+        work,
+        stranded_bytes=peaks.needs - peaks.allocated,
+        cached_bytes=max(peaks.reserved, peaks.needs) - peaks.allocated,
+    )
+
+
+_REPLAYS: dict[tuple, tuple[dict, Any]] = {}
+
+
+def replay_pattern(record: dict, variables: dict[str, float], scale: float = 1.0) -> Any:
+    """A traced call's allocator peaks (`advisor.plan.replay.PatternPeaks`) at a plan's size: its
+    allocation pattern (`advisor.trace.pattern`) with each allocation's bytes evaluated at
+    `variables` and multiplied by `scale` (the batch, a dtype's size), replayed; or, for a call whose
+    pattern changes with size, the replay at the nearest traced size. Cached per record and size:
+    planning asks for the same few many times."""
+    key = (id(record), tuple(sorted(variables.items())), scale)
+    if key not in _REPLAYS:
+        if "replayed" in record:
+            peaks = nearest_replay(record["replayed"], variables, scale)
+        else:
+            sizes = [max(int(evaluate(record["basis"], c, variables) * scale), 0) for c in record["sizes"]]
+            peaks = allocation_peaks([sizes[e] if e >= 0 else e for e in map(int, record["events"].split())])
+        _REPLAYS[key] = (record, peaks)  # the record kept alive: its id stays its own
+    return _REPLAYS[key][1]
 
 
 def _scaled(values: dict[str, float], scale: float, ratio: dict[str, float]) -> Work:
@@ -178,7 +217,9 @@ def denoiser_work(
     if trace:
         x = latent_positions(profile, workload)
         values = {q: evaluate(trace["basis"], c, {"x": x}) for q, c in trace["fit"].items()}
-        return _scaled(values, batch, _bytes_ratio(trace, dtype))
+        ratio = _bytes_ratio(trace, dtype)
+        work = _scaled(values, batch, ratio)
+        return _with_allocator(work, trace.get("allocations"), {"x": x}, batch * ratio["activation_peak_bytes"])
     tokens, hidden = denoiser_tokens(profile, denoiser, workload)
     layers = sum(b.count for b in denoiser.blocks) or 1
     live = k["denoiser_live_tensors"] * tokens * hidden * TRACE_DTYPE_BYTES
@@ -195,7 +236,9 @@ def text_encoder_work(encoder: ComponentProfile, workload: Workload, dtype: str,
     ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
     trace = trace_of(encoder)
     if trace:
-        return _scaled(trace, workload.batch, _bytes_ratio(trace, dtype))
+        ratio = _bytes_ratio(trace, dtype)
+        work = _scaled(trace, workload.batch, ratio)
+        return _with_allocator(work, trace.get("allocations"), {}, workload.batch * ratio["activation_peak_bytes"])
     tokens = encoder.facts.get("max_sequence_length", 77)
     live = k["text_encoder_live_tensors"] * tokens * encoder.facts.get("hidden_size", 768) * TRACE_DTYPE_BYTES
     layers = encoder.facts.get("num_layers", 12)
@@ -228,14 +271,16 @@ def vae_decode_work(vae: ComponentProfile, workload: Workload, dtype: str, mode:
             if tiling and tile and max(workload.height, workload.width) > tile and "tiled" in trace
             else "untiled"
         )
-        values = {
-            q: evaluate(trace["basis"], c, {"p": workload.height * workload.width, "f": frames})
-            for q, c in trace[mode]["fit"].items()
-        }
-        work = _scaled(values, workload.batch, _bytes_ratio(trace, dtype))
+        variables = {"p": workload.height * workload.width, "f": frames}
+        values = {q: evaluate(trace["basis"], c, variables) for q, c in trace[mode]["fit"].items()}
+        ratio = _bytes_ratio(trace, dtype)
+        work = _scaled(values, workload.batch, ratio)
         per_sample = at_once / workload.batch
-        return replace(
+        work = replace(
             work, activation_bytes=work.activation_bytes * per_sample, largest_bytes=work.largest_bytes * per_sample
+        )
+        return _with_allocator(
+            work, trace[mode].get("allocations"), variables, at_once * ratio["activation_peak_bytes"]
         )
     height, width = workload.height, workload.width
     if tiling and vae.facts.get("supports_tiling"):

@@ -47,7 +47,9 @@ class PhaseEstimate:
     name: str
     weights_bytes: dict[str, int]
     activation_bytes: int  # traced activations plus kernel workspaces (what max_memory_allocated sees)
-    reserve_bytes: int = 0  # what the caching allocator holds beyond that (max_memory_reserved - allocated)
+    # The caching allocator (advisor/plan/allocator.py, replaying the traced allocation pattern):
+    reserve_bytes: int = 0  # what stays stranded in split segments when the card is full
+    cached_bytes: int = 0  # what it keeps cached beyond the allocated peak when the card has room
 
     @property
     def device_bytes(self) -> int:
@@ -56,16 +58,23 @@ class PhaseEstimate:
 
     @property
     def reserved_bytes(self) -> int:
-        """What the phase needs from the card (comparable with torch.cuda.max_memory_reserved)."""
+        """What the phase needs of the card: the least the caching allocator runs it in, giving
+        cached blocks back when the card is full (what a budget must hold)."""
         return self.device_bytes + self.reserve_bytes
+
+    @property
+    def cached_peak_bytes(self) -> int:
+        """What torch.cuda.max_memory_reserved shows for the phase on a card with room to spare."""
+        return self.device_bytes + max(self.cached_bytes, self.reserve_bytes)
 
 
 @dataclass
 class Estimate:
     """Predicted peaks (bytes) and latency (seconds) of one configuration on one target."""
 
-    peak_vram_bytes: int  # what must fit on the card: the allocator's reserved peak
+    peak_vram_bytes: int  # what must fit on the card: the least the caching allocator runs it in
     peak_vram_allocated_bytes: int  # the allocated peak (torch.cuda.max_memory_allocated)
+    peak_vram_reserved_bytes: int  # max_memory_reserved on a card with room (the allocator keeps its cache)
     peak_ram_bytes: int
     peak_phase: str
     phases: list[PhaseEstimate]
@@ -90,6 +99,7 @@ class Estimate:
         return {
             "peak_vram_bytes": self.peak_vram_bytes,
             "peak_vram_allocated_bytes": self.peak_vram_allocated_bytes,
+            "peak_vram_reserved_bytes": self.peak_vram_reserved_bytes,
             "peak_ram_bytes": self.peak_ram_bytes,
             "peak_phase": self.peak_phase,
             "disk_bytes": self.disk_bytes,
@@ -108,10 +118,11 @@ class Estimate:
 
 def _device_activation(
     profile: ModelProfile, config: OptimizationConfig, phase: str, work: Work, on_cpu: bool
-) -> tuple[int, int]:
-    """(allocated activation bytes incl. kernel workspaces, allocator reserve) of one phase."""
+) -> tuple[int, int, int]:
+    """(allocated activation bytes incl. kernel workspaces, what the allocator strands when the card
+    is full, what it keeps cached when it has room) of one phase."""
     if on_cpu:
-        return int(work.activation_bytes), 0
+        return int(work.activation_bytes), 0, 0
     k = constants()
     allocated = work.activation_bytes + k["cublas_workspace_bytes"]
     q = config.quantization
@@ -124,7 +135,7 @@ def _device_activation(
     largest = work.largest_bytes if work.traced else work.activation_bytes / 10
     if phase == "vae_decode":
         allocated += largest * k["vae_decode_workspace_factor"]
-    return int(allocated), int(largest * k["allocator_reserve_factor"])
+    return int(allocated), int(work.stranded_bytes), int(work.cached_bytes)
 
 
 # --- the estimate -------------------------------------------------------------------------------
@@ -218,8 +229,12 @@ def estimate(
             # what loading quantized straight onto the GPU stays there until the denoiser's first call
             onto_device = quantization.loaded_onto_device(config)
             resident |= {c.name: weights[c.name] for c in profile.components if c.name in onto_device}
-        activation, reserve = _device_activation(profile, config, phase, works[phase], on_cpu)
-        phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, activation, reserve))
+        activation, stranded, cached = _device_activation(profile, config, phase, works[phase], on_cpu)
+        if phases and not offload.empties_cache_between_models(config):
+            # Nothing gives the cache back between phases: the earlier phases' cached segments stay
+            # reserved beside this one's (an upper bound: some of its requests may reuse them).
+            cached += phases[-1].cached_bytes
+        phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, activation, stranded, cached))
     peak = max(phases, key=lambda p: p.reserved_bytes)
 
     ram, disk, kept = _host_memory(profile, config, weights, on_cpu, peak)
@@ -235,6 +250,7 @@ def estimate(
     return Estimate(
         peak_vram_bytes=0 if on_cpu else peak.reserved_bytes,
         peak_vram_allocated_bytes=0 if on_cpu else max(p.device_bytes for p in phases),
+        peak_vram_reserved_bytes=0 if on_cpu else max(p.cached_peak_bytes for p in phases),
         peak_ram_bytes=sum(ram.values()),
         peak_phase=peak.name,
         phases=phases,

@@ -11,9 +11,9 @@ What comes back (`Rehearsal`): the first op that would fail on the card, in one 
 module, the tensors and what put the odd one there (a config step, the loading, or the hooks while
 running); what could not be rehearsed and why (never reported as passed); and the ledger: every
 allocation and free per pool (``cuda:0``, ``cpu``, ``cpu-pinned``), with each phase's peak. The
-ledger's ``cuda:0`` allocations replayed through the caching-allocator model
-(`advisor.plan.allocator`) give what each phase reserves, and whether the allocator would run out
-of the budget.
+ledger's ``cuda:0`` allocations replayed through the caching-allocator model (`advisor.plan.replay`)
+give what each phase reserves, what the run needs of the card, and whether the allocator would run
+out of the budget.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any, Iterator
 import torch
 
 from advisor.levers.offload import loads_onto_device
-from advisor.plan.allocator import NO_LIMIT, AllocatorSettings, Replay, least_capacity, replay
+from advisor.plan.allocator import NO_LIMIT, AllocatorSettings
+from advisor.plan.replay import Replay, least_capacity, replay
 from advisor.rehearse.device import virtual_cuda
 from advisor.rehearse.quantize import quantize_in_place
 from advisor.rehearse.virtual import (

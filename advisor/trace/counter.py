@@ -8,6 +8,9 @@ formulas it reuses:
 * live bytes: every tensor storage an op creates is counted until Python frees it (a weakref
   finaliser on the storage); storages that existed before the call (weights, buffers, inputs) are
   not activations and never count. The peak is the largest sum seen after any op.
+* allocations: every storage created and freed, in order (`Counter.events`), with a mark where a
+  repeated block starts: the call's allocation pattern, which the caching-allocator model replays
+  (`advisor.trace.pattern`, `advisor.plan.allocator`).
 * attention: `scaled_dot_product_attention` is replaced, for the call, by a stand-in with the
   memory of the fused kernels CUDA runs (flash / memory-efficient: the output and a float32
   log-sum-exp, never the score matrix) and the FLOPs of the math. The largest score matrix of any
@@ -37,6 +40,7 @@ _FACTORIES = {
     torch.ops.aten.full,
 }
 _CONV = {torch.ops.aten.convolution, torch.ops.aten._convolution, torch.ops.aten.conv2d, torch.ops.aten.conv3d}
+MARK = (0, 0)  # an event that is no allocation: a repeated block starts
 
 
 @dataclass
@@ -69,6 +73,8 @@ class Counter(TorchDispatchMode):
     """Dispatch mode that accumulates `Counts`; see the module docstring."""
 
     counts: Counts = field(default_factory=Counts)
+    # (+bytes, storage) when a storage is created, (-bytes, storage) when freed, MARK where a block starts
+    events: list[tuple[int, int]] = field(default_factory=list)
     _live: int = 0
     _tracked: set[int] = field(default_factory=set)
     _external: dict[int, Any] = field(default_factory=dict)  # storage id -> storage (kept alive)
@@ -89,9 +95,14 @@ class Counter(TorchDispatchMode):
                     storage = tensor.untyped_storage()
                     self._external[id(storage)] = storage
 
+    def mark(self) -> None:
+        """A repeated block starts here (see `advisor.trace.pattern`)."""
+        self.events.append(MARK)
+
     def _release(self, key: int, nbytes: int) -> None:
         self._live -= nbytes
         self._tracked.discard(key)
+        self.events.append((-nbytes, key))
 
     def _track(self, out: Any, memory_bound: bool) -> None:
         for tensor in tree_flatten(out)[0]:
@@ -104,6 +115,7 @@ class Counter(TorchDispatchMode):
             nbytes = storage.nbytes()
             self._tracked.add(key)
             self._live += nbytes
+            self.events.append((nbytes, key))
             self.counts.largest_bytes = max(self.counts.largest_bytes, nbytes)
             if memory_bound:
                 self.counts.written_bytes += nbytes
@@ -137,9 +149,10 @@ class Counter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def counting(*ignored: Any) -> Iterator[Counts]:
-    """Count the calls made inside the block: ``with counting(model, inputs) as counts: model(**inputs)``."""
-    counter = Counter()
+def counting(*ignored: Any, counter: Counter | None = None) -> Iterator[Counts]:
+    """Count the calls made inside the block: ``with counting(model, inputs) as counts: model(**inputs)``
+    (into `counter`, when given, to read its events afterwards)."""
+    counter = counter or Counter()
     counter.ignore(*ignored)
     original = torch.nn.functional.scaled_dot_product_attention
 

@@ -24,9 +24,10 @@ import torch
 from advisor.plan.compute import TRACE_VERSION, decoded_frames, evaluate, latent_geometry, text_tokens
 from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.workload import Workload
-from advisor.trace.counter import counting
+from advisor.trace.counter import Counter, counting
 from advisor.trace.inputs import DENOISER_INPUTS, Geometry, Maker, denoiser_inputs, text_encoder_inputs, vae_latents
 from advisor.trace.meta import build_on_meta, cast
+from advisor.trace.pattern import allocation_record
 
 
 TRACE_DTYPE = torch.bfloat16
@@ -104,11 +105,31 @@ def _float32_ratio(module: torch.nn.Module, bf16: dict[str, Any], fp32: dict[str
     }
 
 
-def _count(module: torch.nn.Module, call: Callable[[], Any], *inputs: Any) -> dict[str, int]:
-    with counting(module, *inputs) as counts:
-        out = call()
-        del out
+def _count(
+    module: torch.nn.Module, call: Callable[[], Any], *inputs: Any, log: list | None = None, marks: tuple = ()
+) -> dict[str, int]:
+    """What one call computes and holds; its allocations appended to `log`, with a mark where each
+    module of `marks` (the repeated blocks) starts."""
+    counter = Counter()
+    hooks = [m.register_forward_pre_hook(lambda *_: counter.mark()) for m in marks]
+    try:
+        with counting(module, *inputs, counter=counter) as counts:
+            out = call()
+            del out
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if log is not None:
+        log.extend(counter.events)
     return counts.as_dict()
+
+
+def _repeated_blocks(component: ComponentProfile, module: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """The modules a call repeats: each block of the component's block lists, and a VAE's decoder
+    (video VAEs call it once per chunk of frames)."""
+    blocks = [b for blocks in component.blocks for b in module.get_submodule(blocks.name)]
+    decoder = getattr(module, "decoder", None)
+    return (*blocks, *([decoder] if isinstance(decoder, torch.nn.Module) else []))
 
 
 def _workload(profile: ModelProfile, height: int, width: int, frames: int) -> Workload:
@@ -119,8 +140,11 @@ def trace_denoiser(
     profile: ModelProfile, component: ComponentProfile, module: torch.nn.Module, sizes: TraceSizes
 ) -> dict[str, Any]:
     tokens = text_tokens(profile) or 77
+    marks = _repeated_blocks(component, module)
 
-    def point(height: int, width: int, frames: int, dtype: torch.dtype = TRACE_DTYPE) -> dict[str, Any]:
+    def point(
+        height: int, width: int, frames: int, dtype: torch.dtype = TRACE_DTYPE, log: list | None = None
+    ) -> dict[str, Any]:
         latent_frames, latent_h, latent_w = latent_geometry(profile, _workload(profile, height, width, frames))
         g = Geometry(batch=1, frames=latent_frames, height=latent_h, width=latent_w, text_tokens=tokens)
         cast(module, dtype)
@@ -130,11 +154,12 @@ def trace_denoiser(
             "width": width,
             "frames": frames,
             "x": g.positions,
-            **_count(module, lambda: module(**kwargs), kwargs),
+            **_count(module, lambda: module(**kwargs), kwargs, log=log, marks=marks),
         }
 
     basis = ["1", "x", "x^2"]
-    points = [point(*size) for size in sizes.denoiser[profile.workload]]
+    logs: list[list] = [[] for _ in sizes.denoiser[profile.workload]]
+    points = [point(*size, log=log) for size, log in zip(sizes.denoiser[profile.workload], logs)]
     fits = _least_squares(basis, points, lambda p: {"x": p["x"]})
     check = point(*sizes.denoiser_check[profile.workload])
     return {
@@ -147,6 +172,7 @@ def trace_denoiser(
         ),
         "points": points,
         "check": {**check, "max_relative_error": _relative_errors(basis, fits, check, lambda p: {"x": p["x"]})},
+        "allocations": allocation_record(logs, [{"x": p["x"]} for p in points], basis),
     }
 
 
@@ -157,9 +183,15 @@ def trace_text_encoder(
     kwargs = text_encoder_inputs(tokens, 1, Maker("meta", TRACE_DTYPE))
     # T5 pipelines read the last hidden state only; CLIP/LLM pipelines ask for every layer's.
     kwargs["output_hidden_states"] = not component.class_name.startswith(("T5", "UMT5"))
-    bf16 = _count(module, lambda: module(**kwargs), kwargs)
+    log: list = []
+    bf16 = _count(module, lambda: module(**kwargs), kwargs, log=log, marks=_repeated_blocks(component, module))
     fp32 = _count(cast(module, torch.float32), lambda: module(**kwargs), kwargs)  # int inputs: any dtype
-    return {"tokens": tokens, **bf16, "float32_ratio": _float32_ratio(module, bf16, fp32)}
+    return {
+        "tokens": tokens,
+        **bf16,
+        "float32_ratio": _float32_ratio(module, bf16, fp32),
+        "allocations": allocation_record([log], [{}], ["1"]),
+    }
 
 
 def _tile_pixels(module: torch.nn.Module) -> int | None:
@@ -171,8 +203,11 @@ def trace_vae(
     profile: ModelProfile, component: ComponentProfile, module: torch.nn.Module, sizes: TraceSizes
 ) -> dict[str, Any]:
     video = profile.workload == "video"
+    marks = _repeated_blocks(component, module)
 
-    def point(height: int, width: int, frames: int, dtype: torch.dtype = TRACE_DTYPE) -> dict[str, Any]:
+    def point(
+        height: int, width: int, frames: int, dtype: torch.dtype = TRACE_DTYPE, log: list | None = None
+    ) -> dict[str, Any]:
         latent_frames, latent_h, latent_w = latent_geometry(profile, _workload(profile, height, width, frames))
         cast(module, dtype)
         z = vae_latents(module, Geometry(1, latent_frames, latent_h, latent_w, 0), Maker("meta", dtype))
@@ -183,7 +218,7 @@ def trace_vae(
             "frames": out_frames,
             "p": height * width,
             "f": out_frames,
-            **_count(module, lambda: module.decode(z, return_dict=False), z),
+            **_count(module, lambda: module.decode(z, return_dict=False), z, log=log, marks=marks),
         }
 
     basis = VAE_BASIS[profile.workload]
@@ -208,13 +243,16 @@ def trace_vae(
     for mode, sizes in modes.items():
         if mode == "tiled":
             module.enable_tiling()
-        points = [point(h, w, f) for h, w in sizes for f in frame_counts]
+        grid = [(h, w, f) for h, w in sizes for f in frame_counts]
+        logs: list[list] = [[] for _ in grid]
+        points = [point(*size, log=log) for size, log in zip(grid, logs)]
         fits = _least_squares(basis, points, variables)
         check = point(*(check_size if mode == "untiled" else (side(2.5), side(2.5), check_size[2])))
         record[mode] = {
             "fit": fits,
             "points": points,
             "check": {**check, "max_relative_error": _relative_errors(basis, fits, check, variables)},
+            "allocations": allocation_record(logs, [variables(p) for p in points], basis),
         }
         if mode == "tiled":
             module.disable_tiling()

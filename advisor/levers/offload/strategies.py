@@ -120,6 +120,14 @@ def unused_components_resident(config: OptimizationConfig) -> bool:
     return config.offload.strategy == NONE
 
 
+def empties_cache_between_models(config: OptimizationConfig) -> bool:
+    """Whether the caching allocator gives its cache back when the pipeline moves on to the next
+    model: accelerate's model-offload hook calls ``clear_device_cache()`` after it offloads the
+    previous model (``CpuOffload.pre_forward``, accelerate/hooks.py); group, sequential and partial
+    offloading's hooks never call ``empty_cache`` (diffusers/hooks/group_offloading.py)."""
+    return config.offload.strategy == MODEL
+
+
 def loaded_on_device_until_first_denoise(config: OptimizationConfig) -> bool:
     """Whether components that load straight onto the GPU (bitsandbytes) stay there through text
     encoding: model offload moves a module only when the next one's hook fires, so until the

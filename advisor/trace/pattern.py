@@ -1,0 +1,171 @@
+"""A traced call's allocation pattern, compact and at any size: what the caching-allocator model
+(`advisor.plan.replay`) replays when planning, with no torch.
+
+The counter (`advisor.trace.counter`) logs every storage a call creates and frees, in order, and
+marks where each repeated block starts. Here the logs of one call traced at several sizes become
+one record:
+
+- the structure (which allocation each free gives back) must be the same at every size: the same
+  ops ran, only sizes differ. Each allocation's bytes are then a curve over the trace's basis,
+  exact at the fit points.
+- consecutive repeated blocks whose events are identical put the allocator through the same states
+  from the second on, so two of each run are kept; checked by replaying both at the largest traced
+  size (the same allocated and reserved peaks), else the run is kept whole.
+
+The record (`allocation_record`): ``{"basis": [...], "sizes": [[coefficients], ...], "events":
+"0 1 -2 ..."}``: an event ``n >= 0`` allocates ``sizes[n]`` evaluated at the plan's size; ``-k``
+frees the allocation made ``k`` allocations before it (one string: a catalog file stays readable). Where the structure changes with size (a video VAE
+decodes a chunk of frames per decoder call, a tiled decode a tile per call, so a larger size makes
+more calls) or the pattern stays longer than `MAX_EVENTS`, the peaks replayed at each traced size
+instead: ``{"replayed": [{"at": {...}, "allocated", "reserved", "needs"}, ...]}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from advisor.plan.compute import evaluate
+from advisor.plan.replay import PatternPeaks, allocation_peaks
+from advisor.trace.counter import MARK
+
+
+Log = list[tuple[int, int]]  # a counter's events: (+bytes, storage), (-bytes, storage), MARK
+# The longest pattern kept for planning: its replay (and the bisection for what it needs) costs
+# about a millisecond per thousand events, once per plan size.
+MAX_EVENTS = 3000
+
+
+def _structure(log: Log) -> tuple[list[tuple[str, int]], list[int]]:
+    """(events with absolute allocation ids: ("a", id), ("f", id), ("m", 0); each allocation's bytes)."""
+    ids: dict[int, int] = {}
+    events, sizes = [], []
+    for nbytes, storage in log:
+        if (nbytes, storage) == MARK:
+            events.append(("m", 0))
+        elif nbytes > 0:
+            ids[storage] = len(sizes)
+            events.append(("a", len(sizes)))
+            sizes.append(nbytes)
+        elif storage in ids:
+            events.append(("f", ids.pop(storage)))
+    return events, sizes
+
+
+def allocation_record(logs: list[Log], points: list[dict[str, float]], basis: list[str]) -> dict[str, Any]:
+    """The record of a call traced at `points` (each the basis' variables), one log each."""
+    import numpy as np
+
+    structures = [_structure(log) for log in logs]
+    if len(logs) >= len(basis) and len({tuple(events) for events, _ in structures}) == 1:
+        design = np.array([[evaluate([t], [1.0], p) for t in basis] for p in points], dtype=np.float64)
+        scale = np.abs(design).max(axis=0)
+        values = np.array([sizes for _, sizes in structures], dtype=np.float64)  # points x allocations
+        solution, *_ = np.linalg.lstsq(design / scale, values, rcond=None)
+        curves = [[_round(c) for c in column] for column in (solution / scale[:, None]).T]
+        pattern = _compact(structures[-1][0], curves, basis, points[-1])
+        if len(pattern["events"]) <= MAX_EVENTS:
+            return {**pattern, "events": " ".join(map(str, pattern["events"]))}
+    replayed = []
+    for (events, sizes), point in zip(structures, points):
+        replayed.append({"at": point, **asdict(allocation_peaks(_ops(events, sizes)))})
+    return {"replayed": replayed}
+
+
+def _ops(events: list[tuple[str, int]], sizes: list[int]) -> list[int]:
+    """Allocations as their bytes, frees as how many allocations back (`allocation_peaks`' input)."""
+    encoded = _encode(events, [[float(s)] for s in sizes], ["1"])
+    curves = encoded["sizes"]
+    return [int(curves[e][0]) if e >= 0 else e for e in encoded["events"]]
+
+
+def _round(coefficient: float) -> float:
+    return float(f"{coefficient:.9g}")
+
+
+def _compact(
+    events: list[tuple[str, int]], curves: list[list[float]], basis: list[str], at: dict[str, float]
+) -> dict[str, Any]:
+    """Runs of identical repeated blocks cut to two (checked by replay at `at`), then encoded."""
+    kept = _cut_runs(events, curves)
+    full, compact = _encode(events, curves, basis), _encode(kept, curves, basis)
+    if compact["events"] != full["events"] and _peaks_at(full, at) != _peaks_at(compact, at):
+        return full
+    return compact
+
+
+def _peaks_at(encoded: dict[str, Any], at: dict[str, float]) -> PatternPeaks:
+    sizes = [max(int(evaluate(encoded["basis"], c, at)), 0) for c in encoded["sizes"]]
+    return allocation_peaks([sizes[e] if e >= 0 else e for e in encoded["events"]])
+
+
+def _segments(events: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+    segments: list[list[tuple[str, int]]] = [[]]
+    for event in events:
+        if event[0] == "m":
+            segments.append([])
+        else:
+            segments[-1].append(event)
+    return segments
+
+
+def _signature(segment: list[tuple[str, int]], curves: list[list[float]]) -> tuple:
+    """A segment as its curves and relative frees: equal for blocks that run the same ops."""
+    first = min((i for kind, i in segment if kind == "a"), default=0)
+    return tuple((kind, tuple(curves[i]) if kind == "a" else i - first) for kind, i in segment)
+
+
+def _cut_runs(events: list[tuple[str, int]], curves: list[list[float]]) -> list[tuple[str, int]]:
+    segments = _segments(events)
+    signatures = [_signature(s, curves) for s in segments]
+    dropped: set[int] = set()
+    rename: dict[int, int] = {}  # an allocation of a run's last block -> its twin in the second kept block
+    start = 0
+    while start < len(segments):
+        end = start
+        while end + 1 < len(segments) and signatures[end + 1] == signatures[start] and segments[start]:
+            end += 1
+        if end - start >= 2:
+            twin = [i for kind, i in segments[start + 1] if kind == "a"]
+            last = [i for kind, i in segments[end] if kind == "a"]
+            rename.update(zip(last, twin))
+            for segment in segments[start + 2 : end + 1]:
+                dropped.update(i for kind, i in segment if kind == "a")
+        start = end + 1
+    out: list[tuple[str, int]] = []
+    alive: set[int] = set()
+    for segment_events in _runs_kept(segments, signatures):
+        for kind, i in segment_events:
+            if kind == "a":
+                alive.add(i)
+                out.append((kind, i))
+            else:
+                target = rename.get(i, i)
+                if target in alive and (i not in dropped or i in rename):
+                    alive.discard(target)
+                    out.append((kind, target))
+    return out
+
+
+def _runs_kept(segments: list[list[tuple[str, int]]], signatures: list[tuple]) -> list[list[tuple[str, int]]]:
+    kept, previous, repeats = [], None, 0
+    for segment, signature in zip(segments, signatures):
+        repeats = repeats + 1 if signature == previous and segment else 0
+        previous = signature
+        if repeats < 2:
+            kept.append(segment)
+    return kept
+
+
+def _encode(events: list[tuple[str, int]], curves: list[list[float]], basis: list[str]) -> dict[str, Any]:
+    """Distinct curves, allocations as their index, frees as how many allocations back."""
+    distinct: dict[tuple[float, ...], int] = {}
+    order: dict[int, int] = {}  # allocation id -> its position among the kept allocations
+    encoded = []
+    for kind, i in events:
+        if kind == "a":
+            order[i] = len(order)
+            encoded.append(distinct.setdefault(tuple(curves[i]), len(distinct)))
+        elif kind == "f" and i in order:
+            encoded.append(-(len(order) - order[i]))
+    return {"basis": basis, "sizes": [list(c) for c in distinct], "events": encoded}

@@ -1,0 +1,99 @@
+"""A traced call's allocation pattern (advisor/trace/pattern.py): fitted over sizes, cut to two of
+each run of identical blocks, and replayed at a plan's size with what the caching-allocator model
+gives for the log itself (advisor/plan/allocator.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from advisor.plan.compute import replay_pattern  # noqa: E402
+from advisor.plan.replay import allocation_peaks  # noqa: E402
+from advisor.trace.counter import MARK  # noqa: E402
+from advisor.trace.pattern import allocation_record  # noqa: E402
+
+
+MIB = 2**20
+
+
+def _log(x: int, blocks: int = 6) -> list[tuple[int, int]]:
+    """A transformer-like call at size `x`: an input projection, `blocks` blocks that each make a new
+    hidden state (freeing the last) and a temporary of x^2/16 bytes (an attention score, say), and
+    an output. Storages are numbered as a counter's ids would be (any distinct keys)."""
+    log, key = [], iter(range(1, 10_000))
+    hidden = next(key)
+    log.append((64 * x, hidden))
+    for _ in range(blocks):
+        log.append(MARK)
+        temp, new = next(key), next(key)
+        log += [(x * x // 16, temp), (64 * x, new), (-(x * x // 16), temp), (-64 * x, hidden)]
+        hidden = new
+    out = next(key)
+    log += [(3 * MIB, out), (-64 * x, hidden)]
+    return log
+
+
+def _ops(log: list[tuple[int, int]]) -> list[int]:
+    """The log as `allocation_peaks` takes it: bytes for an allocation, -k for a free."""
+    order: dict[int, int] = {}
+    ops = []
+    for nbytes, key in log:
+        if (nbytes, key) == MARK:
+            continue
+        if nbytes > 0:
+            order[key] = sum(1 for op in ops if op > 0)
+            ops.append(nbytes)
+        else:
+            ops.append(-(sum(1 for op in ops if op > 0) - order.pop(key)))
+    return ops
+
+
+def test_a_pattern_fitted_at_three_sizes_replays_exactly_at_a_fourth():
+    sizes = [4096, 8192, 16384]
+    record = allocation_record([_log(x) for x in sizes], [{"x": x} for x in sizes], ["1", "x", "x^2"])
+    assert "events" in record
+    # Every size here is a quadratic in x: the curves give the log's own bytes at a size never traced.
+    assert replay_pattern(record, {"x": 24576}) == allocation_peaks(_ops(_log(24576)))
+
+
+def test_runs_of_identical_blocks_are_cut_to_two_and_replay_the_same():
+    sizes = [4096, 8192, 16384]
+    many = allocation_record([_log(x, 40) for x in sizes], [{"x": x} for x in sizes], ["1", "x", "x^2"])
+    few = allocation_record([_log(x, 6) for x in sizes], [{"x": x} for x in sizes], ["1", "x", "x^2"])
+    # From the second block on the allocator repeats its states: 40 blocks and 6 keep the same events.
+    assert many["events"] == few["events"]
+    assert replay_pattern(many, {"x": 20000}) == allocation_peaks(_ops(_log(20000, 40)))
+
+
+def test_a_pattern_that_changes_with_size_keeps_the_replays_and_plans_from_the_nearest():
+    # More frames, more decoder calls: the structure differs, so each traced size's replay is kept.
+    points = [{"f": 9}, {"f": 33}]
+    record = allocation_record([_log(8192, 2), _log(8192, 8)], points, ["1", "f"])
+    assert [p["at"] for p in record["replayed"]] == points
+    assert replay_pattern(record, {"f": 40}) == allocation_peaks(_ops(_log(8192, 8)))
+    doubled = replay_pattern(record, {"f": 8}, scale=2.0)
+    assert doubled.needs == 2 * allocation_peaks(_ops(_log(8192, 2))).needs
+
+
+@pytest.mark.slow
+def test_the_tiny_flux_transformers_stored_pattern_replays_its_traced_peak(tiny_flux_dir):
+    # The counter's activation peak is the same log's live bytes: the replay rounds each storage up
+    # to 512 B and counts a large block's unsplit rest (up to 1 MiB) as allocated, as the allocator
+    # does, so its allocated peak is that or a little more.
+    from advisor.plan.compute import evaluate
+    from advisor.probe.models import profile_from_folder
+    from advisor.trace.tracer import trace_component
+
+    profile = profile_from_folder(tiny_flux_dir)
+    trace = trace_component(profile, profile.by_role("denoiser")[0])
+    for point in trace["points"]:
+        peaks = replay_pattern(trace["allocations"], {"x": point["x"]})
+        assert point["activation_peak_bytes"] <= peaks.allocated <= 1.02 * point["activation_peak_bytes"] + 2 * MIB
+        assert peaks.allocated <= peaks.needs <= peaks.reserved
+    x = trace["check"]["x"]
+    curve = evaluate(trace["basis"], trace["fit"]["activation_peak_bytes"], {"x": x})
+    assert replay_pattern(trace["allocations"], {"x": x}).allocated == pytest.approx(curve, rel=0.05)
