@@ -32,7 +32,7 @@ from advisor.schema import STRICT, Section, at_least_one
 
 
 # The config file's format: a change a file can show is a new version and a step in `advisor.migrations`.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 QuantBackend = Literal["bitsandbytes_4bit", "bitsandbytes_8bit", "torchao"]
@@ -319,6 +319,7 @@ class OptimizationConfig(Section):
     attention_backend: str | None = None
     cache: Cache | None = None
     channels_last: bool = False
+    expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (advisor/levers/allocator.py)
     provenance: Provenance = field(default_factory=Provenance)
 
     def _check(self) -> None:

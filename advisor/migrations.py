@@ -41,6 +41,11 @@ MIGRATIONS: dict[int, Migration] = {
         "provenance gained ram_bytes, os and generations: the host, system and process a plan was made for",
         unchanged,
     ),
+    2: Migration(
+        "expandable_segments (default false): the caching allocator's segments grow in pages "
+        "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)",
+        unchanged,
+    ),
 }
 
 

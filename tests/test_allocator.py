@@ -183,3 +183,10 @@ def test_any_sequence_keeps_the_books_balanced(settings):
         a.free(block)
     a.empty_cache()
     assert (a.allocated, a.reserved, a.segments) == (0, 0, 0)
+
+
+def test_a_card_too_small_for_one_page_is_out_of_memory_with_expandable_segments():
+    a = CachingAllocator(capacity=MIB, settings=EXPANDABLE)
+    with pytest.raises(OutOfMemory):
+        a.malloc(3 * MIB)  # one 20 MiB large page is more than the card
+    assert allocation_peaks([512, 512, -1], EXPANDABLE).needs == 2 * MIB  # one small page

@@ -121,7 +121,7 @@ def test_summary_says_lossless_where_the_cli_does():
     plain = trial(0, 2.0, 500 * MB)  # {}: the default config, bf16 with nothing lossy
     quantized = trial(1, 1.5, 400 * MB)
     quantized.config = {
-        "schema_version": 2,
+        "schema_version": 2,  # stored by an older advisor: read through the schema's migrations
         "quantization": {"backend": "bitsandbytes_4bit", "components": ["transformer"]},
     }
     unmeasured = trial(2, None, None, "oom")

@@ -60,13 +60,18 @@ def test_a_pattern_fitted_at_three_sizes_replays_exactly_at_a_fourth():
     assert replay_pattern(record, {"x": 24576}) == allocation_peaks(_ops(_log(24576)))
 
 
-def test_runs_of_identical_blocks_are_cut_to_two_and_replay_the_same():
+@pytest.mark.parametrize("blocks, like", [(40, 6), (41, 7)])
+def test_runs_of_identical_blocks_are_cut_to_two_or_three_and_replay_the_same(blocks, like):
+    # Each block frees the last one's hidden state: the allocator alternates between two states, so
+    # an even run keeps two blocks and an odd one three; 40 blocks keep what 6 do, 41 what 7 do.
     sizes = [4096, 8192, 16384]
-    many = allocation_record([_log(x, 40) for x in sizes], [{"x": x} for x in sizes], ["1", "x", "x^2"])
-    few = allocation_record([_log(x, 6) for x in sizes], [{"x": x} for x in sizes], ["1", "x", "x^2"])
-    # From the second block on the allocator repeats its states: 40 blocks and 6 keep the same events.
-    assert many["events"] == few["events"]
-    assert replay_pattern(many, {"x": 20000}) == allocation_peaks(_ops(_log(20000, 40)))
+
+    def record(count: int) -> dict:
+        return allocation_record([_log(x, count) for x in sizes], [{"x": x} for x in sizes], ["1", "x", "x^2"])
+
+    many = record(blocks)
+    assert many["events"] == record(like)["events"] != record(blocks + 1)["events"]
+    assert replay_pattern(many, {"x": 20000}) == allocation_peaks(_ops(_log(20000, blocks)))
 
 
 def test_a_pattern_that_changes_with_size_keeps_the_replays_and_plans_from_the_nearest():

@@ -8,7 +8,8 @@ fails on any other module that names them.
 The levers: load-time quantization (`quantization`, one module per backend: `bitsandbytes`,
 `torchao`), torch.compile and its dynamo flags (`torch_compile`), fp8 storage
 (`layerwise_casting`), the memory format (`memory_format`), offloading (`offload`), the VAE's
-tiling and slicing (`vae`), the attention kernel (`attention`) and the step cache (`step_cache`).
+tiling and slicing (`vae`), the attention kernel (`attention`), the step cache (`step_cache`) and
+the caching allocator's settings (`allocator`).
 
 A new lever is one module with a `Lever` subclass, its config section in `advisor.config` (a new
 schema version and its step in `advisor.migrations`), and an entry below (`tests/test_levers.py`
@@ -18,6 +19,7 @@ a `QuantBackend` subclass and an `add_backend` line.
 
 from __future__ import annotations
 
+from advisor.levers.allocator import ExpandableSegments
 from advisor.levers.attention import AttentionKernel
 from advisor.levers.base import (
     ActivationShape,
@@ -89,3 +91,4 @@ register(OFFLOAD)
 register(VaeDecoding())
 register(AttentionKernel())
 register(StepCache())
+register(ExpandableSegments())

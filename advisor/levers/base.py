@@ -24,6 +24,8 @@ What each part of the advisor asks, and when:
   `summary_note`: what the one-line summary of a config adds for it (`advisor.run.steps.summary`);
 - `loading`: what it adds to ``from_pretrained`` (`advisor.run.quantize`: the object, and the code a
   script shows);
+- `process_steps`: what the process sets before torch starts CUDA (first in a script, before
+  loading in `advisor.run.apply`);
 - `steps`: the post-load steps, run by `advisor.run.apply` and printed by `advisor.run.emit`, at
   the lever's `order` among the others (`advisor.run.steps`), and `final_steps` after them
   all; `pipeline_problem`: what makes a loaded pipeline refuse it (`advisor.run.checks`).
@@ -260,6 +262,11 @@ class Lever:
     def loading(self, config: OptimizationConfig, components: Any) -> Loading | None:
         """What loading takes for it (`components`: `advisor.run.classes.Components`), or None."""
         return None
+
+    def process_steps(self, config: OptimizationConfig) -> list[Step]:
+        """What the process must do before torch starts CUDA (the allocator's settings): first in a
+        script, and run by `load_pipeline` before loading (their ``run`` takes no pipeline)."""
+        return []
 
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         """Its post-load steps for a pipeline holding `components` (`advisor.run.classes.Components`)."""

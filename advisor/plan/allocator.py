@@ -318,9 +318,9 @@ class CachingAllocator:
             if room >= size:
                 return start
         page = SMALL_BUFFER if pool.small else LARGE_BUFFER
-        # Address space for 1 1/8 of the card's memory, in whole pages (find_expandable_block).
-        span = min(self.capacity, 2**50)
-        span = -(-(span + span // 8) // page) * page
+        # find_expandable_block reserves address space for 1 1/8 of the card's memory: far more than
+        # any run maps, and never what limits it (mapping pages is what `capacity` bounds).
+        span = -(-(2**49 + 2**49 // 8) // page) * page
         segment = _Segment(span, expandable_page=page)
         self.segments += 1
         block = _Block(segment, segment.base, span, stream, pool.small, mapped=False)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from advisor.config import OptimizationConfig
 from advisor.levers import LEVERS, ActivationShape, DecodeMode
 from advisor.paths import DATA_DIR
+from advisor.plan.allocator import AllocatorSettings
 from advisor.plan.replay import allocation_peaks, nearest_replay
 from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
@@ -159,11 +160,13 @@ def _bytes_ratio(trace: dict, dtype: str) -> dict[str, float]:
     return dict.fromkeys(("activation_peak_bytes", "written_bytes", "largest_tensor_bytes"), ratio)
 
 
-def _with_allocator(work: Work, record: dict | None, variables: dict[str, float], scale: float) -> Work:
+def _with_allocator(
+    work: Work, record: dict | None, variables: dict[str, float], scale: float, expandable: bool
+) -> Work:
     """`work` with the allocator's overheads from a traced allocation record, at this size."""
     if not record:
         return work
-    peaks = replay_pattern(record, variables, scale)
+    peaks = replay_pattern(record, variables, scale, AllocatorSettings(expandable_segments=expandable))
     return replace(
         work,
         stranded_bytes=peaks.needs - peaks.allocated,
@@ -174,19 +177,22 @@ def _with_allocator(work: Work, record: dict | None, variables: dict[str, float]
 _REPLAYS: dict[tuple, tuple[dict, Any]] = {}
 
 
-def replay_pattern(record: dict, variables: dict[str, float], scale: float = 1.0) -> Any:
+def replay_pattern(
+    record: dict, variables: dict[str, float], scale: float = 1.0, settings: AllocatorSettings = AllocatorSettings()
+) -> Any:
     """A traced call's allocator peaks (`advisor.plan.replay.PatternPeaks`) at a plan's size: its
     allocation pattern (`advisor.trace.pattern`) with each allocation's bytes evaluated at
     `variables` and multiplied by `scale` (the batch, a dtype's size), replayed; or, for a call whose
     pattern changes with size, the replay at the nearest traced size. Cached per record and size:
     planning asks for the same few many times."""
-    key = (id(record), tuple(sorted(variables.items())), scale)
+    key = (id(record), tuple(sorted(variables.items())), scale, settings)
     if key not in _REPLAYS:
         if "replayed" in record:
-            peaks = nearest_replay(record["replayed"], variables, scale)
+            peaks = nearest_replay(record["replayed"], variables, scale, settings)
         else:
             sizes = [max(int(evaluate(record["basis"], c, variables) * scale), 0) for c in record["sizes"]]
-            peaks = allocation_peaks([sizes[e] if e >= 0 else e for e in map(int, record["events"].split())])
+            events = map(int, record["events"].split())
+            peaks = allocation_peaks([sizes[e] if e >= 0 else e for e in events], settings)
         _REPLAYS[key] = (record, peaks)  # the record kept alive: its id stays its own
     return _REPLAYS[key][1]
 
@@ -209,9 +215,16 @@ def latent_positions(profile: ModelProfile, workload: Workload) -> int:
 
 
 def denoiser_work(
-    profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int, k: dict
+    profile: ModelProfile,
+    denoiser: ComponentProfile,
+    workload: Workload,
+    dtype: str,
+    batch: int,
+    k: dict,
+    *,
+    expandable: bool = False,
 ) -> Work:
-    """One denoiser call on `batch` samples."""
+    """One denoiser call on `batch` samples (`expandable`: the allocator's segments, for its overheads)."""
     ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
     trace = trace_of(denoiser)
     if trace:
@@ -219,7 +232,8 @@ def denoiser_work(
         values = {q: evaluate(trace["basis"], c, {"x": x}) for q, c in trace["fit"].items()}
         ratio = _bytes_ratio(trace, dtype)
         work = _scaled(values, batch, ratio)
-        return _with_allocator(work, trace.get("allocations"), {"x": x}, batch * ratio["activation_peak_bytes"])
+        scale = batch * ratio["activation_peak_bytes"]
+        return _with_allocator(work, trace.get("allocations"), {"x": x}, scale, expandable)
     tokens, hidden = denoiser_tokens(profile, denoiser, workload)
     layers = sum(b.count for b in denoiser.blocks) or 1
     live = k["denoiser_live_tensors"] * tokens * hidden * TRACE_DTYPE_BYTES
@@ -232,13 +246,16 @@ def denoiser_work(
     )
 
 
-def text_encoder_work(encoder: ComponentProfile, workload: Workload, dtype: str, k: dict) -> Work:
+def text_encoder_work(
+    encoder: ComponentProfile, workload: Workload, dtype: str, k: dict, *, expandable: bool = False
+) -> Work:
     ratio = dtype_size(dtype) / TRACE_DTYPE_BYTES
     trace = trace_of(encoder)
     if trace:
         ratio = _bytes_ratio(trace, dtype)
         work = _scaled(trace, workload.batch, ratio)
-        return _with_allocator(work, trace.get("allocations"), {}, workload.batch * ratio["activation_peak_bytes"])
+        scale = workload.batch * ratio["activation_peak_bytes"]
+        return _with_allocator(work, trace.get("allocations"), {}, scale, expandable)
     tokens = encoder.facts.get("max_sequence_length", 77)
     live = k["text_encoder_live_tensors"] * tokens * encoder.facts.get("hidden_size", 768) * TRACE_DTYPE_BYTES
     layers = encoder.facts.get("num_layers", 12)
@@ -256,7 +273,9 @@ def decode_mode(config: OptimizationConfig) -> DecodeMode:
     return reduce(lambda mode, lever: lever.decode_mode(config, mode), LEVERS, DecodeMode())
 
 
-def vae_decode_work(vae: ComponentProfile, workload: Workload, dtype: str, mode: DecodeMode, *, k: dict) -> Work:
+def vae_decode_work(
+    vae: ComponentProfile, workload: Workload, dtype: str, mode: DecodeMode, *, k: dict, expandable: bool = False
+) -> Work:
     """Decoding the batch: sliced, one sample at a time (the peak of one); else all at once; tiled,
     in tiles of the VAE's sample size (and 16 frames at a time for video)."""
     tiling, slicing = mode.tiled, mode.sliced
@@ -279,9 +298,8 @@ def vae_decode_work(vae: ComponentProfile, workload: Workload, dtype: str, mode:
         work = replace(
             work, activation_bytes=work.activation_bytes * per_sample, largest_bytes=work.largest_bytes * per_sample
         )
-        return _with_allocator(
-            work, trace[mode].get("allocations"), variables, at_once * ratio["activation_peak_bytes"]
-        )
+        scale = at_once * ratio["activation_peak_bytes"]
+        return _with_allocator(work, trace[mode].get("allocations"), variables, scale, expandable)
     height, width = workload.height, workload.width
     if tiling and vae.facts.get("supports_tiling"):
         tile = vae.config.get("sample_size") if workload.kind == "image" else 256
@@ -331,27 +349,37 @@ def phase_work(
 def _phase_work(
     profile: ModelProfile, workload: Workload, config: OptimizationConfig, memo: dict | None
 ) -> dict[str, Work]:
-    dtype = config.dtype
+    dtype, expandable = config.dtype, config.expandable_segments
     k = constants()
     behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
     text = NO_WORK
     for encoder in profile.by_role("text_encoder"):
-        text = text + text_work(encoder, workload, dtype, memo)
+        text = text + text_work(encoder, workload, dtype, memo, expandable=expandable)
     denoise = NO_WORK
     for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
         batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
-        call = _memo(memo, ("denoise", dtype), lambda: denoiser_work(profile, denoiser, workload, dtype, batch, k))
+        call = _memo(
+            memo,
+            ("denoise", dtype, expandable),
+            lambda: denoiser_work(profile, denoiser, workload, dtype, batch, k, expandable=expandable),
+        )
         calls = 2 if behaviour["cfg"] == "separate" else 1
         shape = activation_shape(profile, denoiser, workload, dtype, batch, calls)
         held = sum(lever.held_bytes(config, shape) for lever in LEVERS)  # what a step cache keeps between steps
         denoise = replace(call.times(calls), activation_bytes=call.activation_bytes + held)
     vae = profile.vae
-    decode = vae_decode_work(vae, workload, dtype, decode_mode(config), k=k) if vae else NO_WORK
+    decode = vae_decode_work(vae, workload, dtype, decode_mode(config), k=k, expandable=expandable) if vae else NO_WORK
     return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}
 
 
-def text_work(encoder: ComponentProfile, workload: Workload, dtype: str, memo: dict | None) -> Work:
-    return _memo(memo, ("text", encoder.name, dtype), lambda: text_encoder_work(encoder, workload, dtype, constants()))
+def text_work(
+    encoder: ComponentProfile, workload: Workload, dtype: str, memo: dict | None, *, expandable: bool = False
+) -> Work:
+    return _memo(
+        memo,
+        ("text", encoder.name, dtype, expandable),
+        lambda: text_encoder_work(encoder, workload, dtype, constants(), expandable=expandable),
+    )
 
 
 def _memo(memo: dict | None, key: tuple, compute: Callable[[], Any]) -> Any:

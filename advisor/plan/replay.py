@@ -119,7 +119,9 @@ class PatternPeaks:
     needs: int  # the least the allocator completes it in (`least_capacity`): what must fit
 
 
-def nearest_replay(replayed: list[dict], variables: dict[str, float], scale: float) -> PatternPeaks:
+def nearest_replay(
+    replayed: list[dict], variables: dict[str, float], scale: float, settings: AllocatorSettings = AllocatorSettings()
+) -> PatternPeaks:
     """Of a call's replays at its traced sizes (`advisor.trace.pattern`'s ``replayed``), the one
     nearest `variables` (by the ratio of each variable), scaled by `scale`: what carries over to the
     plan's size is its overheads over the allocated peak."""
@@ -128,7 +130,8 @@ def nearest_replay(replayed: list[dict], variables: dict[str, float], scale: flo
         return sum(abs(math.log(max(variables.get(k, v), 1) / max(v, 1))) for k, v in point["at"].items())
 
     point = min(replayed, key=distance)
-    return PatternPeaks(*(int(point[k] * scale) for k in ("allocated", "reserved", "needs")))
+    peaks = point["expandable_segments"] if settings.expandable_segments else point
+    return PatternPeaks(*(int(peaks[k] * scale) for k in ("allocated", "reserved", "needs")))
 
 
 def allocation_peaks(ops: list[int], settings: AllocatorSettings = AllocatorSettings()) -> PatternPeaks:

@@ -259,7 +259,8 @@ def rehearse(
             failure = said  # a library refused the combination while applying it: so it would on the card
         else:  # a package missing here, or something the virtual device can't run: no verdict
             not_rehearsed = said
-    return Rehearsal(failure, not_rehearsed, ledger, time.perf_counter() - started, budget_bytes)
+    settings = AllocatorSettings(expandable_segments=config.expandable_segments)
+    return Rehearsal(failure, not_rehearsed, ledger, time.perf_counter() - started, budget_bytes, settings)
 
 
 @contextlib.contextmanager

@@ -23,11 +23,16 @@ from advisor.run.checks import check_components, check_machine, check_pipeline
 from advisor.run.classes import Components
 from advisor.run.quantize import pipeline_kwargs
 from advisor.run.quiet import quiet_library_noise
-from advisor.run.steps import plan
+from advisor.run.steps import plan, process_steps
 
 
 if TYPE_CHECKING:
     from advisor.config import OptimizationConfig
+
+
+def _prepare_process(config: OptimizationConfig) -> None:
+    for step in process_steps(config):
+        step.run(None)
 
 
 def _run_steps(pipe: Any, config: OptimizationConfig) -> Any:
@@ -44,6 +49,7 @@ def apply_config(pipe: Any, config: OptimizationConfig) -> Any:
     """
     check_machine(config)
     quiet_library_noise()
+    _prepare_process(config)
     return _run_steps(pipe, config)
 
 
@@ -62,6 +68,7 @@ def load_pipeline(model: str | Path, config: OptimizationConfig | str | Path, **
     check_machine(config)
     check_components(config, Components.of_model(model), str(model))
     quiet_library_noise()
+    _prepare_process(config)
     from diffusers import DiffusionPipeline
 
     kwargs = pipeline_kwargs(config, model)  # the dtype, and what the levers load with (quantization, device_map)

@@ -16,7 +16,16 @@ from advisor.plan.scenario import Scenario
 from advisor.plan.space import SearchSpace
 from advisor.run.confirm import with_confirmations
 from advisor.run.guard import QualityGuard
-from advisor.run.trials import RETRIED, RETRIED_ON_REQUEST, Source, Status, TrialRecord, choose_best, confirmation_runs
+from advisor.run.trials import (
+    RETRIED,
+    RETRIED_ON_REQUEST,
+    Source,
+    Status,
+    TrialRecord,
+    choose_best,
+    confirmation_runs,
+    stored_config,
+)
 from advisor.units import format_size
 
 
@@ -128,9 +137,7 @@ def collect(
             "study": name,
         }
         measured.update({key: (best.measurement or {}).get(key) for key in MEASURED_IN_PROVENANCE})
-        config = OptimizationConfig.from_dict(best.config).replace(
-            provenance=scenario.provenance("tune", measured=measured)
-        )
+        config = stored_config(best.config).replace(provenance=scenario.provenance("tune", measured=measured))
     elif records:
         advice = nothing_fits_advice(records, budget, space.size())
     confirmed = [r for r in records if r.source == Source.MEASURED and r.processes > 1]

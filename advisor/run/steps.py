@@ -60,6 +60,11 @@ def steps_for(config: OptimizationConfig, components: Components) -> list[Step]:
     return steps
 
 
+def process_steps(config: OptimizationConfig) -> list[Step]:
+    """What the process sets before torch starts CUDA, each lever's in its order."""
+    return [step for lever in LEVERS for step in lever.process_steps(config)]
+
+
 def plan(config: OptimizationConfig, pipe: Any = None, *, model: str | Path | None = None) -> list[Step]:
     """The post-load steps for `config`, in the order they must run.
 

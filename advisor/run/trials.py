@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
 
-from advisor.config import OptimizationConfig
+from advisor.config import SCHEMA_VERSION, OptimizationConfig, config_from_dict
 from advisor.plan.quality import is_lossy
 from advisor.plan.scenario import limited_peak
 from advisor.units import format_size
@@ -144,7 +144,7 @@ class TrialRecord:
     @property
     def lossless(self) -> bool:
         """Measured, and its configuration computes what the reference does (nothing lossy to compare)."""
-        return self.latency_s is not None and not is_lossy(OptimizationConfig.from_dict(self.config))
+        return self.latency_s is not None and not is_lossy(stored_config(self.config))
 
     @property
     def latency_range(self) -> tuple[float, float] | None:
@@ -222,6 +222,12 @@ def reason_of(trial: Any) -> str | None:
 def config_of(trial: Any) -> dict[str, Any] | None:
     """The configuration a finished trial stored (`OptimizationConfig.to_dict(exclude_none=False)`)."""
     return trial.user_attrs.get(_CONFIG)
+
+
+def stored_config(data: dict[str, Any]) -> OptimizationConfig:
+    """A stored trial's configuration as today's schema reads it: a study outlives the advisor that
+    began it, so its configs go through the schema's migrations (`advisor.migrations`)."""
+    return config_from_dict({"schema_version": SCHEMA_VERSION, **data}, source="a stored trial's config")
 
 
 def measurement_of(trial: Any) -> dict[str, Any] | None:
@@ -340,7 +346,7 @@ def choose_best(feasible: list[TrialRecord]) -> tuple[TrialRecord | None, list[s
         return fastest, []
 
     def lossy(r: TrialRecord) -> bool:
-        return is_lossy(OptimizationConfig.from_dict(r.config))
+        return is_lossy(stored_config(r.config))
 
     best = min(tied.values(), key=lambda r: (lossy(r), r.peak_bytes or 0, r.latency_s, r.number))
     others = ", ".join(f"{r.number} ({_with_spread(r)})" for r in tied.values() if r is not best)

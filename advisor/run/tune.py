@@ -70,6 +70,7 @@ from advisor.run.trials import (
     set_runner,
     source_of,
     status_of,
+    stored_config,
     write_result,
 )
 from advisor.units import format_size
@@ -322,7 +323,7 @@ def confirm_study(
     """The finalists measured ``settings.confirm_runs`` more times each (`advisor.run.confirm`)."""
 
     def measure_again(record: TrialRecord, shown: Callable[[str], None] | None) -> Measurement:
-        return _measure(model, OptimizationConfig.from_dict(record.config), scenario, settings, shown)
+        return _measure(model, stored_config(record.config), scenario, settings, shown)
 
     confirm_finalists(study, settings.confirm_runs, result, measure_again, on_trial, on_phase)
 

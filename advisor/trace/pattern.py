@@ -9,15 +9,17 @@ one record:
   ops ran, only sizes differ. Each allocation's bytes are then a curve over the trace's basis,
   exact at the fit points.
 - consecutive repeated blocks whose events are identical put the allocator through the same states
-  from the second on, so two of each run are kept; checked by replaying both at the largest traced
-  size (the same allocated and reserved peaks), else the run is kept whole.
+  from the second on (two states by turns, so two of each even run are kept and three of an odd
+  one); checked by replaying both at the largest traced size (the same allocated and reserved
+  peaks and the same least capacity), else the pattern is kept whole.
 
 The record (`allocation_record`): ``{"basis": [...], "sizes": [[coefficients], ...], "events":
 "0 1 -2 ..."}``: an event ``n >= 0`` allocates ``sizes[n]`` evaluated at the plan's size; ``-k``
 frees the allocation made ``k`` allocations before it (one string: a catalog file stays readable). Where the structure changes with size (a video VAE
 decodes a chunk of frames per decoder call, a tiled decode a tile per call, so a larger size makes
 more calls) or the pattern stays longer than `MAX_EVENTS`, the peaks replayed at each traced size
-instead: ``{"replayed": [{"at": {...}, "allocated", "reserved", "needs"}, ...]}``.
+instead: ``{"replayed": [{"at": {...}, "allocated", "reserved", "needs", "expandable_segments": {...}},
+...]}`` (the same three with ``expandable_segments:True``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from advisor.plan.allocator import AllocatorSettings
 from advisor.plan.compute import evaluate
 from advisor.plan.replay import PatternPeaks, allocation_peaks
 from advisor.trace.counter import MARK
@@ -68,7 +71,9 @@ def allocation_record(logs: list[Log], points: list[dict[str, float]], basis: li
             return {**pattern, "events": " ".join(map(str, pattern["events"]))}
     replayed = []
     for (events, sizes), point in zip(structures, points):
-        replayed.append({"at": point, **asdict(allocation_peaks(_ops(events, sizes)))})
+        ops = _ops(events, sizes)
+        expandable = allocation_peaks(ops, AllocatorSettings(expandable_segments=True))
+        replayed.append({"at": point, **asdict(allocation_peaks(ops)), "expandable_segments": asdict(expandable)})
     return {"replayed": replayed}
 
 
@@ -116,26 +121,31 @@ def _signature(segment: list[tuple[str, int]], curves: list[list[float]]) -> tup
 
 
 def _cut_runs(events: list[tuple[str, int]], curves: list[list[float]]) -> list[tuple[str, int]]:
+    """Each run of identical blocks cut to two, or three for an odd run: blocks that pass their
+    output to the next leave the allocator in one of two states by turns (a ping-pong of the
+    hidden states' blocks), so what it strands depends on the run's parity."""
     segments = _segments(events)
     signatures = [_signature(s, curves) for s in segments]
-    dropped: set[int] = set()
-    rename: dict[int, int] = {}  # an allocation of a run's last block -> its twin in the second kept block
+    keep = [True] * len(segments)
+    rename: dict[int, int] = {}  # an allocation of a run's last block -> its twin in the last kept block
     start = 0
     while start < len(segments):
         end = start
         while end + 1 < len(segments) and signatures[end + 1] == signatures[start] and segments[start]:
             end += 1
-        if end - start >= 2:
-            twin = [i for kind, i in segments[start + 1] if kind == "a"]
+        count = end - start + 1
+        kept = 2 + count % 2
+        if count > kept:
+            twin = [i for kind, i in segments[start + kept - 1] if kind == "a"]
             last = [i for kind, i in segments[end] if kind == "a"]
             rename.update(zip(last, twin))
-            for segment in segments[start + 2 : end + 1]:
-                dropped.update(i for kind, i in segment if kind == "a")
+            keep[start + kept : end + 1] = [False] * (count - kept)
         start = end + 1
+    dropped = {i for segment, kept in zip(segments, keep) if not kept for kind, i in segment if kind == "a"}
     out: list[tuple[str, int]] = []
     alive: set[int] = set()
-    for segment_events in _runs_kept(segments, signatures):
-        for kind, i in segment_events:
+    for segment in (s for s, kept in zip(segments, keep) if kept):
+        for kind, i in segment:
             if kind == "a":
                 alive.add(i)
                 out.append((kind, i))
@@ -145,16 +155,6 @@ def _cut_runs(events: list[tuple[str, int]], curves: list[list[float]]) -> list[
                     alive.discard(target)
                     out.append((kind, target))
     return out
-
-
-def _runs_kept(segments: list[list[tuple[str, int]]], signatures: list[tuple]) -> list[list[tuple[str, int]]]:
-    kept, previous, repeats = [], None, 0
-    for segment, signature in zip(segments, signatures):
-        repeats = repeats + 1 if signature == previous and segment else 0
-        previous = signature
-        if repeats < 2:
-            kept.append(segment)
-    return kept
 
 
 def _encode(events: list[tuple[str, int]], curves: list[list[float]], basis: list[str]) -> dict[str, Any]:
