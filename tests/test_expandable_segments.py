@@ -69,13 +69,14 @@ def test_the_planner_sets_it_where_a_video_decode_strands_memory_and_not_where_n
 def test_with_it_the_estimate_strands_less_but_maps_whole_pages():
     # The same allocations on pages that merge: what is stranded can only shrink, but the segment
     # grows a whole page at a time (20 MiB large, 2 MiB small), and what a run needs is bisected to
-    # 2 MiB either way: at most 26 MiB more where nothing was stranded.
+    # 2 MiB or 1/256 of its allocated activations either way (less than 1/256 of the whole peak).
     for model in ("THUDM/CogVideoX-5b", "Lightricks/LTX-Video", "black-forest-labs/FLUX.1-dev"):
         scenario = _scenario(model, "H100")
         predict = _predict(scenario)
         with_it, without = predict(EXPANDABLE), predict(OptimizationConfig())
         assert with_it.peak_vram_allocated_bytes == without.peak_vram_allocated_bytes
-        assert with_it.peak_vram_bytes <= without.peak_vram_bytes + (20 + 2 + 2 * 2) * 2**20
+        bisection = max(2 * 2**20, without.peak_vram_allocated_bytes // 256)
+        assert with_it.peak_vram_bytes <= without.peak_vram_bytes + (20 + 2) * 2**20 + 2 * bisection
 
 
 def test_it_is_set_in_the_environment_keeping_the_processs_own_options(monkeypatch):

@@ -65,8 +65,11 @@ def expandable_where_memory_is_stranded(
 ) -> OptimizationConfig:
     if config.expandable_segments or not config.device.startswith("cuda") or scenario.platform.os != "linux":
         return config
+    plain = predict(config)
+    if plain.peak_vram_bytes - plain.peak_vram_allocated_bytes < WORTHWHILE_BYTES:
+        return config  # it can only take back what is stranded beyond the allocated peak
     expandable = config.replace(expandable_segments=True)
-    gain = predict(config).peak_vram_bytes - predict(expandable).peak_vram_bytes
+    gain = plain.peak_vram_bytes - predict(expandable).peak_vram_bytes
     return expandable if gain >= WORTHWHILE_BYTES else config
 
 

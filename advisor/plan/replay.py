@@ -137,13 +137,19 @@ def nearest_replay(
 def allocation_peaks(ops: list[int], settings: AllocatorSettings = AllocatorSettings()) -> PatternPeaks:
     """Allocated and reserved peaks of allocations (bytes > 0; 0 allocates nothing) and frees (-k:
     the allocation k allocations back) on a fresh allocator, and the least capacity it completes
-    them in (bisected to 2 MiB, as `least_capacity` does)."""
+    them in, bisected to 2 MiB or 1/256 of the allocated peak, whichever is more (planning needs no
+    finer; the allocated peak, rounded up, is tried first: where nothing is stranded, one replay
+    settles it)."""
     allocated, reserved, _ = _run(ops, NO_LIMIT, settings)
     low, high = allocated // ROUND_LARGE, -(-reserved // ROUND_LARGE)
-    while low < high:
+    first = -(-allocated // ROUND_LARGE)
+    if first < high and not _run(ops, first * ROUND_LARGE, settings)[2]:
+        high = first
+    tolerance = max(1, allocated // ROUND_LARGE // 256)
+    while high - low >= tolerance:
         middle = (low + high) // 2
         low, high = (middle + 1, high) if _run(ops, middle * ROUND_LARGE, settings)[2] else (low, middle)
-    return PatternPeaks(allocated, reserved, high * ROUND_LARGE)
+    return PatternPeaks(allocated, reserved, high * ROUND_LARGE)  # `high` always completes
 
 
 def _run(ops: list[int], capacity: int, settings: AllocatorSettings) -> tuple[int, int, bool]:
