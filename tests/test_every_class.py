@@ -126,6 +126,9 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
         # same components at load time, through the same PipelineQuantizationConfig path.
         update["quantization"] = Quantization(backend="torchao", scheme="int8_weight_only", components=q.components)
         notes.append(f"quantization {q.backend}/{q.kind} -> torchao int8_weight_only")
+    if config.expandable_segments:
+        update["expandable_segments"] = False
+        notes.append("expandable segments -> off (a setting of CUDA's caching allocator)")
     offload = config.offload
     if offload.strategy in ("model", "sequential"):
         update["offload"] = Offload()
