@@ -69,9 +69,16 @@ def allocation_record(logs: list[Log], points: list[dict[str, float]], basis: li
         pattern = _compact(structures[-1][0], curves, basis, points[-1])
         if len(pattern["events"]) <= MAX_EVENTS:
             return {**pattern, "events": " ".join(map(str, pattern["events"]))}
+    return replayed_record(logs, points)
+
+
+def replayed_record(logs: list[Log], points: list[dict[str, float]]) -> dict[str, Any]:
+    """The replays of a call at each traced size, for both allocator settings: what a plan takes
+    where the pattern can't be replayed at its size, or needn't be (a text encoder runs at one size,
+    its sequence length, so its replay is stored, not replayed at every plan)."""
     replayed = []
-    for (events, sizes), point in zip(structures, points):
-        ops = _ops(events, sizes)
+    for log, point in zip(logs, points):
+        ops = _ops(*_structure(log))
         expandable = allocation_peaks(ops, AllocatorSettings(expandable_segments=True))
         replayed.append({"at": point, **asdict(allocation_peaks(ops)), "expandable_segments": asdict(expandable)})
     return {"replayed": replayed}

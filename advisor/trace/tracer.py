@@ -27,7 +27,7 @@ from advisor.probe.workload import Workload
 from advisor.trace.counter import Counter, counting
 from advisor.trace.inputs import DENOISER_INPUTS, Geometry, Maker, denoiser_inputs, text_encoder_inputs, vae_latents
 from advisor.trace.meta import build_on_meta, cast
-from advisor.trace.pattern import allocation_record
+from advisor.trace.pattern import allocation_record, replayed_record
 
 
 TRACE_DTYPE = torch.bfloat16
@@ -190,7 +190,7 @@ def trace_text_encoder(
         "tokens": tokens,
         **bf16,
         "float32_ratio": _float32_ratio(module, bf16, fp32),
-        "allocations": allocation_record([log], [{}], ["1"]),
+        "allocations": replayed_record([log], [{}]),  # one size: the replay, not the pattern
     }
 
 
