@@ -177,6 +177,15 @@ def _with_allocator(
 _REPLAYS: dict[tuple, tuple[dict, Any]] = {}
 
 
+def pattern_ops(record: dict, variables: dict[str, float], scale: float = 1.0) -> list[int]:
+    """An allocation pattern (`advisor.trace.pattern`) at a size, as `allocation_peaks` takes it:
+    each allocation's bytes evaluated at `variables` times `scale`, each free as -k (the allocation
+    k back). Its events are a string as stored, a list while the tracer builds it."""
+    sizes = [max(int(evaluate(record["basis"], c, variables) * scale), 0) for c in record["sizes"]]
+    events = record["events"]
+    return [sizes[e] if e >= 0 else e for e in (map(int, events.split()) if isinstance(events, str) else events)]
+
+
 def replay_pattern(
     record: dict, variables: dict[str, float], scale: float = 1.0, settings: AllocatorSettings = AllocatorSettings()
 ) -> Any:
@@ -190,9 +199,7 @@ def replay_pattern(
         if "replayed" in record:
             peaks = nearest_replay(record["replayed"], variables, scale, settings)
         else:
-            sizes = [max(int(evaluate(record["basis"], c, variables) * scale), 0) for c in record["sizes"]]
-            events = map(int, record["events"].split())
-            peaks = allocation_peaks([sizes[e] if e >= 0 else e for e in events], settings)
+            peaks = allocation_peaks(pattern_ops(record, variables, scale), settings)
         _REPLAYS[key] = (record, peaks)  # the record kept alive: its id stays its own
     return _REPLAYS[key][1]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from advisor.plan.allocator import (
     EMPTY_CACHE,
@@ -44,7 +44,6 @@ class Replay:
     allocated: dict[str, int] = field(default_factory=dict)
     reserved: dict[str, int] = field(default_factory=dict)
     out_of_memory: str | None = None  # "<phase>: <what torch would say>"
-    flushes: int = 0  # requests that found the card full and fit only after emptying the cache
 
 
 def replay(
@@ -82,7 +81,6 @@ def replay(
         elif event.block in live:  # a free (zero-byte allocations never reach the allocator)
             allocator.free(live.pop(event.block))
     close()
-    result.flushes = allocator.flushes
     return result
 
 
@@ -96,15 +94,26 @@ def least_capacity(
     Found by bisection, to 2 MiB, between the allocated peak (never enough less) and the reserved
     peak without a limit (always enough)."""
     free_run = replay(events, settings=settings, pool=pool)
-    low = max(free_run.allocated.values(), default=0) // ROUND_LARGE
-    high = -(-max(free_run.reserved.values(), default=0) // ROUND_LARGE)
-    while low < high:
+    return _least(
+        lambda capacity: replay(events, capacity=capacity, settings=settings, pool=pool).out_of_memory is not None,
+        max(free_run.allocated.values(), default=0),
+        max(free_run.reserved.values(), default=0),
+    )
+
+
+def _least(runs_out: Callable[[int], bool], allocated: int, reserved: int, tolerance: int = 1) -> int:
+    """The least capacity, in 2 MiB steps, at which `runs_out` is false: the allocated peak, rounded
+    up, is tried first (where nothing strands, one run settles it), then a bisection down to
+    `tolerance` steps between the allocated peak (never enough less) and the reserved peak with no
+    limit (always enough)."""
+    low, high = allocated // ROUND_LARGE, -(-reserved // ROUND_LARGE)
+    first = -(-allocated // ROUND_LARGE)
+    if first < high and not runs_out(first * ROUND_LARGE):
+        high = first
+    while high - low >= tolerance:
         middle = (low + high) // 2
-        if replay(events, capacity=middle * ROUND_LARGE, settings=settings, pool=pool).out_of_memory:
-            low = middle + 1
-        else:
-            high = middle
-    return high * ROUND_LARGE
+        low, high = (middle + 1, high) if runs_out(middle * ROUND_LARGE) else (low, middle)
+    return high * ROUND_LARGE  # `high` always completes
 
 
 # --- replaying a traced pattern at a plan's size -------------------------------------------------
@@ -141,15 +150,9 @@ def allocation_peaks(ops: list[int], settings: AllocatorSettings = AllocatorSett
     finer; the allocated peak, rounded up, is tried first: where nothing is stranded, one replay
     settles it)."""
     allocated, reserved, _ = _run(ops, NO_LIMIT, settings)
-    low, high = allocated // ROUND_LARGE, -(-reserved // ROUND_LARGE)
-    first = -(-allocated // ROUND_LARGE)
-    if first < high and not _run(ops, first * ROUND_LARGE, settings)[2]:
-        high = first
     tolerance = max(1, allocated // ROUND_LARGE // 256)
-    while high - low >= tolerance:
-        middle = (low + high) // 2
-        low, high = (middle + 1, high) if _run(ops, middle * ROUND_LARGE, settings)[2] else (low, middle)
-    return PatternPeaks(allocated, reserved, high * ROUND_LARGE)  # `high` always completes
+    needs = _least(lambda capacity: _run(ops, capacity, settings)[2], allocated, reserved, tolerance)
+    return PatternPeaks(allocated, reserved, needs)
 
 
 def _run(ops: list[int], capacity: int, settings: AllocatorSettings) -> tuple[int, int, bool]:

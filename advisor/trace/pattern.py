@@ -28,7 +28,7 @@ from dataclasses import asdict
 from typing import Any
 
 from advisor.plan.allocator import AllocatorSettings
-from advisor.plan.compute import evaluate
+from advisor.plan.compute import evaluate, pattern_ops
 from advisor.plan.replay import PatternPeaks, allocation_peaks
 from advisor.trace.counter import MARK
 
@@ -85,10 +85,8 @@ def replayed_record(logs: list[Log], points: list[dict[str, float]]) -> dict[str
 
 
 def _ops(events: list[tuple[str, int]], sizes: list[int]) -> list[int]:
-    """Allocations as their bytes, frees as how many allocations back (`allocation_peaks`' input)."""
-    encoded = _encode(events, [[float(s)] for s in sizes], ["1"])
-    curves = encoded["sizes"]
-    return [int(curves[e][0]) if e >= 0 else e for e in encoded["events"]]
+    """A log at its own sizes, as `allocation_peaks` takes it."""
+    return pattern_ops(_encode(events, [[float(s)] for s in sizes], ["1"]), {})
 
 
 def _round(coefficient: float) -> float:
@@ -107,8 +105,7 @@ def _compact(
 
 
 def _peaks_at(encoded: dict[str, Any], at: dict[str, float]) -> PatternPeaks:
-    sizes = [max(int(evaluate(encoded["basis"], c, at)), 0) for c in encoded["sizes"]]
-    return allocation_peaks([sizes[e] if e >= 0 else e for e in encoded["events"]])
+    return allocation_peaks(pattern_ops(encoded, at))
 
 
 def _segments(events: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
