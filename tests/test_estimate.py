@@ -90,6 +90,36 @@ def test_seed_page_anchor_with_model_offload(flux_dev):
     assert (result.peak_vram_allocated_bytes + then) / GIB == pytest.approx(12.2369, rel=0.10)
 
 
+def _encoding_weights(profile, config) -> set[str]:
+    result = estimate(profile, make_workload(profile), config, RTX_4090)
+    return set(next(p for p in result.phases if p.name == "text_encoding").weights_bytes)
+
+
+def test_model_offload_runs_one_text_encoder_at_a_time(flux_dev):
+    # accelerate's CpuOffload.pre_forward offloads the previous model of model_cpu_offload_seq as
+    # the next one runs: Flux encodes CLIP, then T5, which sends CLIP back to the CPU.
+    model = OptimizationConfig(offload=Offload(strategy="model"))
+    assert _encoding_weights(flux_dev, model) == {"text_encoder_2"}
+    assert _encoding_weights(flux_dev, OptimizationConfig()) >= {"text_encoder", "text_encoder_2"}
+    # bitsandbytes loads T5 and the transformer straight onto the GPU, where they stay until the
+    # transformer's hook first fires, so CLIP runs beside them.
+    assert _encoding_weights(flux_dev, _seed_config(offload=Offload(strategy="model"))) == {
+        "text_encoder",
+        "text_encoder_2",
+        "transformer",
+    }
+
+
+def test_a_negative_prompt_pass_brings_the_first_encoder_back():
+    # SD3 encodes "" for the negative prompt through CLIP-L, CLIP-G and T5 again. CLIP-L's hook has
+    # no predecessor, so it comes back beside T5; CLIP-G's then offloads CLIP-L, not T5.
+    sd3 = load_profile("stabilityai/stable-diffusion-3.5-large")
+    assert _encoding_weights(sd3, OptimizationConfig(offload=Offload(strategy="model"))) == {
+        "text_encoder_2",
+        "text_encoder_3",
+    }
+
+
 def test_seed_page_latency_ranking(flux_dev):
     job = make_workload(flux_dev, height=1024, width=1024)
     plain = estimate(flux_dev, job, _seed_config(), RTX_4090).latency_s

@@ -33,7 +33,7 @@ from advisor.plan.weights import weight_bytes
 from advisor.probe.models import ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
-from advisor.probe.workload import Workload
+from advisor.probe.workload import Workload, pipeline_behaviour
 
 
 PHASES = ("text_encoding", "denoising", "vae_decode")
@@ -220,15 +220,22 @@ def estimate(
         active = [c for c in profile.components if c.role == role]
         if phase == "denoising" and offload.only_one_denoiser_resident(config) and len(active) > 1:
             active = [max(active, key=lambda c: weights[c.name])]  # Wan2.2's experts take turns
+        # what loading quantized straight onto the GPU, under model offload, stays there until the
+        # denoiser's first call
+        loaded = (
+            quantization.loaded_onto_device(config) if offload.loaded_on_device_until_first_denoise(config) else set()
+        )
+        if phase == "text_encoding" and len(active) > 1:
+            order, passes = _encoding_order(profile), _passes(profile)
+            together = offload.encoders_resident_at_once(config, order, weights, passes, loaded)
+            active = [c for c in active if c.name in together]
         resident = {
             c.name: (active_bytes if c in active else idle_bytes)[c.name]
             for c in profile.components
             if c.role != "other" or offload.unused_components_resident(config)
         }
-        if phase == "text_encoding" and offload.loaded_on_device_until_first_denoise(config):
-            # what loading quantized straight onto the GPU stays there until the denoiser's first call
-            onto_device = quantization.loaded_onto_device(config)
-            resident |= {c.name: weights[c.name] for c in profile.components if c.name in onto_device}
+        if phase == "text_encoding":
+            resident |= {c.name: weights[c.name] for c in profile.components if c.name in loaded}
         activation, stranded, cached = _device_activation(profile, config, phase, works[phase], on_cpu)
         if phases and not offload.empties_cache_between_models(config):
             # Nothing gives the cache back between phases: the earlier phases' cached segments stay
@@ -264,6 +271,21 @@ def estimate(
         notes=notes,
         warmup_s=sum(lever.warmup_s(config, profile, constants()) for lever in LEVERS),
     )
+
+
+def _encoding_order(profile: ModelProfile) -> list[str]:
+    """The text encoders in the order the pipeline calls them: its ``model_cpu_offload_seq``."""
+    encoders = [c.name for c in profile.by_role("text_encoder")]
+    return [n for n in profile.offload_sequence if n in encoders] + [
+        n for n in encoders if n not in profile.offload_sequence
+    ]
+
+
+def _passes(profile: ModelProfile) -> int:
+    """How often the text encoders run per generation: twice where a negative prompt is encoded
+    (`pipelines.json`'s ``negative_prompt_encoded``)."""
+    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
+    return 2 if behaviour["negative_prompt_encoded"] else 1
 
 
 def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int], int, int]:

@@ -115,6 +115,31 @@ def only_one_denoiser_resident(config: OptimizationConfig) -> bool:
     return config.offload.strategy == MODEL
 
 
+def encoders_resident_at_once(
+    config: OptimizationConfig, order: list[str], weights: dict[str, int], passes: int, loaded: set[str]
+) -> set[str]:
+    """The text encoders on the device together at the heaviest moment of text encoding, calling
+    the encoders named in `order` (the pipeline's ``model_cpu_offload_seq`` order, the order its
+    ``encode_prompt`` calls them) `passes` times (2 where a negative prompt is encoded too).
+    Without model offload every one is resident. Under it, each model's hook offloads the one
+    before it in the sequence as it runs (``CpuOffload.pre_forward`` calls
+    ``prev_module_hook.offload()``, accelerate/hooks.py), so one encoder runs at a time; the first
+    has no predecessor, so a second pass brings it back beside the last (SD3's negative prompt:
+    CLIP-L beside T5, then CLIP-G beside T5). `loaded` are on the device from the start (what
+    loads straight onto it, `loaded_on_device_until_first_denoise`)."""
+    if config.offload.strategy != MODEL:
+        return set(order)
+    resident = {n for n in order if n in loaded}
+    heaviest = set(resident)
+    for _ in range(passes):
+        for before, name in zip([None, *order], order):
+            resident.discard(before)
+            resident.add(name)
+            if sum(weights[n] for n in resident) > sum(weights[n] for n in heaviest):
+                heaviest = set(resident)
+    return heaviest
+
+
 def unused_components_resident(config: OptimizationConfig) -> bool:
     """Whether components that no phase runs stay on the device (only when nothing is offloaded)."""
     return config.offload.strategy == NONE
