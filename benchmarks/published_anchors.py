@@ -27,16 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Quantization
 from advisor.plan.estimate import estimate
+from advisor.plan.weights import weight_bytes
 from advisor.probe.models import load_profile
 from advisor.probe.target import planned_target
 from advisor.probe.workload import make_workload
 
 
 GIB = 2**30
+# A pipeline class whose steps make one denoiser call at batch 1 (guidance-distilled: cfg "none" in
+# advisor/data/pipelines.json), to time one model call as diffusers' benchmark does.
+UNGUIDED_PIPELINE = "FluxPipeline"
 BOTH = ["transformer", "text_encoder_2"]
 PEAK_GOAL, LATENCY_GOAL = 0.10, 0.25
 
@@ -270,7 +274,10 @@ def _dbench_rows() -> list[Row]:
 def _one_forward_gib(profile, workload, config, target, e) -> float:
     """One denoiser forward at batch 1 as the benchmark loads it (the denoiser alone): its resident
     weights and the denoising phase's activations, with a guided pipeline's batch of two taken back
-    to one."""
+    to one. Its layerwise-casting run moves the model to the card in bf16 before casting it to fp8
+    (``model_init_fn`` in diffusers' benchmarks/benchmarking_utils.py: ``model.to(device)``, then
+    ``enable_layerwise_casting``), and the peak counts from before loading, so that run's peak is at
+    least the bf16 weights."""
     from advisor.plan.compute import constants, denoiser_work
     from advisor.probe.workload import pipeline_behaviour
 
@@ -281,7 +288,9 @@ def _one_forward_gib(profile, workload, config, target, e) -> float:
         k = constants()
         twice, once = (denoiser_work(profile, denoiser, workload, config.dtype, b, k).activation_bytes for b in (2, 1))
         activations += once - twice
-    return (denoising.weights_bytes.get(denoiser.name, 0) + activations) / GIB
+    forward = denoising.weights_bytes.get(denoiser.name, 0) + activations
+    loading = weight_bytes(denoiser, OptimizationConfig(dtype=config.dtype)) if config.layerwise_casting else 0
+    return max(forward, loading) / GIB
 
 
 def predict(row: Row, profile) -> dict[str, float]:
@@ -290,10 +299,16 @@ def predict(row: Row, profile) -> dict[str, float]:
     e = estimate(profile, workload, row.config, target)
     loaded = sum(e.weight_bytes[name] for name in e.weight_bytes)
     denoising = next(p for p in e.phases if p.name == "denoising")
-    baseline = estimate(profile, workload, OptimizationConfig(), target).step_latency_s
+    # diffusers' benchmark times one model call at batch 1: a guided pipeline's step (two calls or
+    # a batch of two) would weigh the per-call costs (hooks) against twice the work.
+    one_call = replace(profile, pipeline_class=UNGUIDED_PIPELINE)
+    forward_ratio = (
+        estimate(one_call, workload, row.config, target).step_latency_s
+        / estimate(one_call, workload, OptimizationConfig(), target).step_latency_s
+    )
     return {
         "forward_gib": _one_forward_gib(profile, workload, row.config, target, e),
-        "forward_ratio": e.step_latency_s / baseline,
+        "forward_ratio": forward_ratio,
         "load_gib": loaded / GIB,
         "peak_allocated_gib": e.peak_vram_allocated_bytes / GIB,
         "peak_reserved_gib": e.peak_vram_reserved_bytes / GIB,
@@ -335,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                     "published": published,
                     "predicted": round(predicted[quantity], 3),
                     "error": round(error, 4),
-                    "within_goal": abs(error) <= goal(quantity),
+                    # judged for the source's libraries where they differ (a documented fact)
+                    "within_goal": abs(error if adjusted is None else adjusted) <= goal(quantity),
                     "error_with_library_difference": None if adjusted is None else round(adjusted, 4),
                     "note": row.note,
                 }
@@ -356,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{within} of {len(results)} within goal (peaks and memory 10%, latency 25%); '(libs)': the error with the source's"
     )
-    print("library difference added. Notes:")
+    print("library difference added, which the goal judges where there is one. Notes:")
     for note in dict.fromkeys(r["note"] for r in results if r["note"]):
         print(f"  - {note}")
     return 0

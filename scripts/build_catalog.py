@@ -254,20 +254,21 @@ def _casting_patterns(model, library: str) -> list[str]:
     return sorted(set(patterns))
 
 
-def _casting_skipped(model, patterns: list[str]) -> int:
-    """Parameters layerwise casting leaves alone (mirrors _apply_layerwise_casting)."""
+def _casting(model, patterns: list[str]) -> tuple[int, int]:
+    """(parameters layerwise casting leaves alone, layers it hooks): mirrors _apply_layerwise_casting."""
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 
-    def walk(module, prefix: str) -> int:
+    def walk(module, prefix: str) -> tuple[int, int]:
         if patterns and any(re.search(p, prefix) for p in patterns):
-            return _numel(module)  # skipped with its whole subtree
+            return _numel(module), 0  # skipped with its whole subtree
         if isinstance(module, _GO_LC_SUPPORTED_PYTORCH_LAYERS):
-            return 0  # cast
+            return 0, 1  # cast
         # Parameters owned directly by an unsupported module type are never cast.
-        skipped = sum(p.numel() for p in module.parameters(recurse=False))
+        skipped, hooked = sum(p.numel() for p in module.parameters(recurse=False)), 0
         for name, child in module.named_children():
-            skipped += walk(child, f"{prefix}.{name}" if prefix else name)
-        return skipped
+            s, h = walk(child, f"{prefix}.{name}" if prefix else name)
+            skipped, hooked = skipped + s, hooked + h
+        return skipped, hooked
 
     return walk(model, "")
 
@@ -342,6 +343,7 @@ def describe_component(name: str, component: dict[str, Any]) -> dict[str, Any]:
     n_bytes, buffer_elements = _stored_bytes(model, dtype, fp32_patterns)
     lin_params, lin_layers, lin_rows, fp32_lin_params, fp32_lin_rows, quant_skip = _linear_stats(model, library)
     cast_patterns = _casting_patterns(model, library)
+    cast_skipped, cast_layers = _casting(model, cast_patterns)
     keep_fp32, keep_fp32_n = _keep_fp32_params(model, library)
     blocks = _blocks_diffusers(model) if library == "diffusers" else _blocks_transformers(model)
     record: dict[str, Any] = {
@@ -358,7 +360,8 @@ def describe_component(name: str, component: dict[str, Any]) -> dict[str, Any]:
         "fp32_linear_parameters": fp32_lin_params,
         "fp32_linear_rows": fp32_lin_rows,
         "quantization_skip_modules": quant_skip,
-        "casting_skipped_parameters": _casting_skipped(model, cast_patterns),
+        "casting_skipped_parameters": cast_skipped,
+        "cast_layers": cast_layers,
         "layerwise_casting_skip_patterns": cast_patterns,
         "keep_in_fp32_modules": keep_fp32,
         "keep_in_fp32_parameters": keep_fp32_n,

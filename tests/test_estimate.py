@@ -235,6 +235,44 @@ def test_quantization_and_compile_change_latency_as_published(flux_dev):
     assert any("without torch.compile" in note for note in slow.notes)
 
 
+@pytest.mark.parametrize("gpu", ["H100", "L40S"])
+def test_layerwise_casting_costs_its_casts_traffic_and_hooks(flux_dev, gpu):
+    # diffusers' casting hooks upcast every hooked layer's fp8 weights to bf16 before it runs and
+    # cast them back after: 1 + 2 bytes written and as many read per weight, at the card's streaming
+    # rate, and two Module.to calls per layer on the host.
+    from advisor.plan.compute import constants
+
+    k = constants()
+    card = planned_target(machine=None, gpu=gpu)
+    job = make_workload(flux_dev)
+    casting = OptimizationConfig(layerwise_casting=LayerwiseCasting(components=["transformer"]))
+    base = estimate(flux_dev, job, OptimizationConfig(), card).step_latency_s
+    cast = estimate(flux_dev, job, casting, card).step_latency_s
+    t = flux_dev.component("transformer")
+    traffic = (t.parameters - t.casting_skipped_parameters) * (1 + 2) * 2
+    streaming = card.memory_bytes_per_s * k["memory_bandwidth_efficiency"]
+    hooks = t.cast_layers * k["layerwise_casting_hook_host_s"]
+    assert cast - base == pytest.approx(traffic / streaming + hooks, rel=0.01)
+    assert 400 < t.cast_layers < 500  # 19 double and 38 single blocks' linear layers, less the skipped
+
+
+def test_layerwise_casting_slows_a_small_many_layered_unet_most():
+    # SDXL's UNet hooks about twice Flux's layers for a fifth of the work per step: the hooks'
+    # host time weighs far more (diffusers' benchmark runs: SDXL 2.0x, Flux 1.12x on one forward).
+    sdxl, flux = load_profile("stabilityai/stable-diffusion-xl-base-1.0"), load_profile("black-forest-labs/FLUX.1-dev")
+    card = planned_target(machine=None, gpu="L40S")
+
+    def slowdown(profile, name):
+        job = make_workload(profile)
+        casting = OptimizationConfig(layerwise_casting=LayerwiseCasting(components=[name]))
+        return (
+            estimate(profile, job, casting, card).step_latency_s
+            / estimate(profile, job, OptimizationConfig(), card).step_latency_s
+        )
+
+    assert slowdown(sdxl, "unet") > slowdown(flux, "transformer") + 0.2
+
+
 def test_quantization_speeds_up_the_linear_layers_alone(flux_dev):
     """torchao and bitsandbytes replace nn.Linear: attention, convolutions and memory-bound ops run
     as in bf16. Flux's compiled fp8 gain is the published 1.42x (diffusers-torchao, H100: 4.21 s ->

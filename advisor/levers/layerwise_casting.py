@@ -58,10 +58,24 @@ def casts(config: OptimizationConfig, name: str) -> bool:
     return config.layerwise_casting is not None and name in config.layerwise_casting.components
 
 
-def speedup(config: OptimizationConfig, name: str, k: dict[str, Any]) -> float:
-    """How much faster (<1: slower) component `name` runs for its upcasts (fitted on a published run:
-    `layerwise_casting_speed` in ``advisor/data/estimate_constants.json``)."""
-    return k["layerwise_casting_speed"] if casts(config, name) else 1.0
+def cast_written_bytes(config: OptimizationConfig, component: Any, compute_bytes: int, k: dict[str, Any]) -> float:
+    """Bytes the casting hooks write each time `component` runs: every hooked layer's weights
+    upcast to the compute dtype (`compute_bytes` a weight) before it runs and cast back to the storage dtype after
+    (diffusers/hooks/layerwise_casting.py: ``pre_forward`` and ``post_forward`` each call
+    ``module.to(dtype=...)``, a new tensor each way). They read as much as they write, as the
+    estimate's memory-bound ops do; what they cost is memory traffic, not FLOPs."""
+    if not casts(config, component.name):
+        return 0.0
+    hooked = component.parameters - component.casting_skipped_parameters
+    return hooked * (k["fp8_storage_bytes_per_weight"] + compute_bytes)
+
+
+def hook_host_seconds(config: OptimizationConfig, component: Any, k: dict[str, Any]) -> float:
+    """Host time the casting hooks add each time `component` runs: two ``Module.to`` calls per
+    hooked layer (`layerwise_casting_hook_host_s`). Counted in full, as if nothing hid it: the
+    estimate doesn't model the eager host time it could hide behind, and small models (SDXL's UNet)
+    are host-bound under these hooks."""
+    return component.cast_layers * k["layerwise_casting_hook_host_s"] if casts(config, component.name) else 0.0
 
 
 def _first_weight_cast(module: Any, patterns: tuple[str, ...]) -> str | None:

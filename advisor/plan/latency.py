@@ -11,18 +11,20 @@ transfers and how a stream overlaps them) come from each lever (`advisor.levers`
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from advisor.config import OptimizationConfig
 from advisor.levers import LEVERS, StepContext, layerwise_casting, offload, quantization, torch_compile
 from advisor.plan.compute import Work, constants, text_work
+from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
 from advisor.probe.workload import pipeline_behaviour
 from advisor.units import parse_capability
 
 
 def _speed_factors(config: OptimizationConfig, component: str, generation: str) -> tuple[float, float]:
-    """How much faster (>1) or slower (<1) than eager bf16 this component runs: all of it (compile,
-    layerwise casting), and its linear layers on top (quantization replaces nn.Linear alone: not
+    """How much faster (>1) or slower (<1) than eager bf16 this component runs: all of it (compile),
+    and its linear layers on top (quantization replaces nn.Linear alone: not
     the attention, not the convolutions, not the memory-bound ops).
 
     Compile's speed-up is per GPU generation; a quantization's factor is against bf16 in the same
@@ -35,7 +37,6 @@ def _speed_factors(config: OptimizationConfig, component: str, generation: str) 
     q = quantization.quantized(config, component)
     if q is not None:
         linear = k["quantization_speed"][quantization.backend_of(q).speed_key(q)]["compiled" if compiled else "eager"]
-    whole *= layerwise_casting.speedup(config, component, k)
     return whole, linear
 
 
@@ -57,6 +58,17 @@ def _seconds(
         / (target.memory_bytes_per_s * k["memory_bandwidth_efficiency"])
     )
     return (tensor + memory) / whole
+
+
+def _with_casts(work: Work, config: OptimizationConfig, component, calls: int) -> Work:
+    """`work` with the memory traffic of layerwise casting's up- and down-casts over `calls` runs."""
+    cast = layerwise_casting.cast_written_bytes(config, component, dtype_size(config.dtype), constants())
+    return replace(work, written_bytes=work.written_bytes + calls * cast) if cast else work
+
+
+def _hook_seconds(config: OptimizationConfig, component) -> float:
+    """Host time of the hooks a lever wraps around `component`'s layers, per run."""
+    return layerwise_casting.hook_host_seconds(config, component, constants())
 
 
 def _streaming_seconds(component, config, target, weight, calls, on_cpu) -> float:
@@ -81,15 +93,22 @@ def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> 
         )
         share = math.prod(lever.compute_share(config, here) for lever in LEVERS)  # the blocks a step cache skips
         attention = math.prod(lever.attention_speedup(config, here) for lever in LEVERS)  # a faster kernel
-        step_compute += share * _seconds(
-            works["denoising"], target, _speed_factors(config, denoiser.name, generation), attention
+        work = _with_casts(works["denoising"], config, denoiser, calls_per_step)
+        step_compute += share * (
+            _seconds(work, target, _speed_factors(config, denoiser.name, generation), attention)
+            + calls_per_step * _hook_seconds(config, denoiser)
         )
         step_transfer += _streaming_seconds(denoiser, config, target, weights[denoiser.name], calls_per_step, on_cpu)
     step = _overlapped(step_compute, step_transfer, config)
     # The text encoders and the VAE run once: a group-offloaded one streams its weights in that once.
     text = sum(
         _overlapped(
-            _seconds(text_work(t, workload, config.dtype, memo), target, _speed_factors(config, t.name, generation)),
+            _seconds(
+                _with_casts(text_work(t, workload, config.dtype, memo), config, t, 1),
+                target,
+                _speed_factors(config, t.name, generation),
+            )
+            + _hook_seconds(config, t),
             _streaming_seconds(t, config, target, weights[t.name], 1, on_cpu),
             config,
         )

@@ -114,6 +114,7 @@ def summarize_tensors(tensors: list[TensorInfo], *, class_name: str, library: st
     skipped = sum(
         t.numel for t in params if _module_of(t.name) not in castable or casting_skipped(_module_of(t.name), patterns)
     )
+    cast_layers = sum(not casting_skipped(m, patterns) for m in castable)
 
     bytes_by_dtype: dict[str, int] = defaultdict(int)
     for tensor in tensors:
@@ -140,6 +141,7 @@ def summarize_tensors(tensors: list[TensorInfo], *, class_name: str, library: st
         "fp32_linear_parameters": sum(weights[m].numel for m in fp32_linear),
         "fp32_linear_rows": sum(weights[m].shape[0] for m in fp32_linear),
         "casting_skipped_parameters": skipped,
+        "cast_layers": cast_layers,
         "keep_in_fp32_parameters": sum(t.numel for t in params if _keep_in_fp32(t.name, class_name, library)),
         "blocks": blocks,
     }
