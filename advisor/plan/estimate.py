@@ -33,7 +33,7 @@ from advisor.plan.weights import weight_bytes
 from advisor.probe.models import ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
-from advisor.probe.workload import Workload, pipeline_behaviour
+from advisor.probe.workload import Workload, encoding_passes
 
 
 PHASES = ("text_encoding", "denoising", "vae_decode")
@@ -226,7 +226,7 @@ def estimate(
             quantization.loaded_onto_device(config) if offload.loaded_on_device_until_first_denoise(config) else set()
         )
         if phase == "text_encoding" and len(active) > 1:
-            order, passes = _encoding_order(profile), _passes(profile)
+            order, passes = _encoding_order(profile), encoding_passes(profile.pipeline_class, profile.workload)
             together = offload.encoders_resident_at_once(config, order, weights, passes, loaded)
             active = [c for c in active if c.name in together]
         resident = {
@@ -279,13 +279,6 @@ def _encoding_order(profile: ModelProfile) -> list[str]:
     return [n for n in profile.offload_sequence if n in encoders] + [
         n for n in encoders if n not in profile.offload_sequence
     ]
-
-
-def _passes(profile: ModelProfile) -> int:
-    """How often the text encoders run per generation: twice where a negative prompt is encoded
-    (`pipelines.json`'s ``negative_prompt_encoded``)."""
-    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
-    return 2 if behaviour["negative_prompt_encoded"] else 1
 
 
 def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int], int, int]:

@@ -51,6 +51,12 @@ def pipeline_behaviour(pipeline_class: str, kind: str) -> dict[str, Any]:
     return {**fallback, **table.get(pipeline_class, {})}
 
 
+def encoding_passes(pipeline_class: str, kind: str) -> int:
+    """How often a pipeline runs its text encoders per generation: twice where it encodes a negative
+    prompt by default (``negative_prompt_encoded``: SD3 encodes ``""``)."""
+    return 2 if pipeline_behaviour(pipeline_class, kind)["negative_prompt_encoded"] else 1
+
+
 @dataclass(frozen=True)
 class Workload:
     """One generation job. ``frames`` is 1 for images; ``batch`` is images/videos per prompt."""

@@ -29,6 +29,7 @@ import torch
 from advisor.levers.offload import loads_onto_device
 from advisor.plan.allocator import NO_LIMIT, AllocatorSettings
 from advisor.plan.replay import Replay, least_capacity, replay
+from advisor.probe.workload import encoding_passes
 from advisor.rehearse.device import virtual_cuda
 from advisor.rehearse.quantize import quantize_in_place
 from advisor.rehearse.virtual import (
@@ -293,12 +294,15 @@ def _run_phases(
     device = pipe._execution_device
     make = _VirtualMaker(device, dtype)
     ledger.enter("text_encoding")
-    for name in sorted(n for n in components if n.startswith("text_encoder") and components[n] is not None):
-        ledger.origin = "text_encoding"
-        # one prompt at a time: pipelines encode the prompt and the negative one apart, and repeat
-        # the embeddings for guidance and for several images per prompt afterwards
-        outputs = components[name](**text_encoder_inputs(tokens.get(name, 77), 1, make))
-        del outputs
+    encoders = sorted(n for n in components if n.startswith("text_encoder") and components[n] is not None)
+    # one prompt at a time, in model_cpu_offload_seq's order: pipelines encode the prompt and then
+    # the negative one through the same encoders, and repeat the embeddings for guidance and for
+    # several images per prompt afterwards
+    for _pass in range(encoding_passes(type(pipe).__name__, "video" if g.frames > 1 else "image")):
+        for name in encoders:
+            ledger.origin = "text_encoding"
+            outputs = components[name](**text_encoder_inputs(tokens.get(name, 77), 1, make))
+            del outputs
     ledger.enter("denoising")
     ledger.origin = "denoising"
     denoisers = [components[n] for n in ("transformer", "transformer_2", "unet") if components.get(n) is not None]
