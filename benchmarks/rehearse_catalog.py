@@ -91,7 +91,8 @@ def main() -> int:
                 print(f"{profile.model_id[:34]:34} {label:13} {why}")
                 continue
             for phase in PHASES:
-                real, guess = result.device_peak(phase), predicted[phase].device_bytes
+                # the rehearsal runs no cuDNN: its tensors beside the estimate's
+                real, guess = result.device_peak(phase), predicted[phase].tensor_bytes
                 reserved, guessed = result.allocator.reserved.get(phase, 0), predicted[phase].cached_peak_bytes
                 diff = (guess - real) / real if real else 0.0
                 reserved_diff = (guessed - reserved) / reserved if reserved else 0.0

@@ -177,8 +177,13 @@ def test_seed_page_flux_16gb_budget_quantizes_compiles_and_does_not_offload():
     assert best.offload.strategy == "none"
 
 
-def test_seed_page_flux_13gb_budget_adds_model_cpu_offload():
-    best = pick("flux-dev", budget=13 * GIB, packages=SEED_PACKAGES, height=1024, width=1024).best.config
+def test_seed_page_flux_11gb_budget_adds_model_cpu_offload():
+    # The seed page measured 14.95 GB allocated without offload and 12.24 GB with model offload,
+    # both with transformers 4.x keeping T5's `wo` in float32 (1.875 GiB more than the installed
+    # transformers 5): 13.07 and 10.36 GB now. Of the first, the VAE decode's cuDNN workspace is
+    # taken only where the card has room (PyTorch falls back to engines with less), so no offload
+    # needs somewhat less than 13.07 GB, model offload 10.36 GB: 11 GB takes model offload.
+    best = pick("flux-dev", budget=11 * GIB, packages=SEED_PACKAGES, height=1024, width=1024).best.config
     assert best.quantization.backend == "bitsandbytes_4bit"
     assert set(best.quantization.components) == {"transformer", "text_encoder_2"}
     assert best.compile is not None and best.compile.dynamo_config["cache_size_limit"] == 1000
@@ -256,7 +261,7 @@ def test_short_ram_moves_from_pinned_streams_to_low_ram_pinning_to_disk():
 
 
 def test_impossible_budget_says_what_would_fit():
-    result = pick("flux-dev", budget=2 * GIB, target=planned_target(machine=None, vram=4 * GIB, ram=8 * GIB))
+    result = pick("flux-dev", budget=1 * GIB, target=planned_target(machine=None, vram=4 * GIB, ram=8 * GIB))
     assert result.best is None and result.smallest is not None
     assert any("smallest predicted peak" in line for line in result.advice)
     assert any("GPU with at least" in line or "RAM" in line for line in result.advice)

@@ -125,7 +125,10 @@ def test_running_the_same_command_again_resumes_with_no_new_trial(tuned, tiny_fl
     elapsed = time.perf_counter() - started
     assert again.returncode == 0, again.stderr[-3000:]
     assert snapshot(load_study(tuned.storage).get_trials()) == before
-    assert elapsed < 20, f"a study with nothing left to do took {elapsed:.1f}s (the first run: {tuned.elapsed:.1f}s)"
+    # it measures nothing: quicker than the run that measured (ratios hold on a busy machine)
+    assert elapsed < tuned.elapsed, (
+        f"a study with nothing left to do took {elapsed:.1f}s (the first run: {tuned.elapsed:.1f}s)"
+    )
     assert "Fastest that fits" in again.stdout
 
     # The first run stopped because every point of the space had an answer: more --trials can only
@@ -259,7 +262,6 @@ def test_over_budget_is_infeasible_with_exit_3_not_an_error(tiny_flux_dir, env, 
 
 def test_over_budget_by_the_estimate_is_skipped_without_measuring(tiny_flux_dir, env, tmp_path):
     skip_unless_cpu_target()
-    started = time.perf_counter()
     result = advisor(
         tune_args(tiny_flux_dir, f"sqlite:///{tmp_path / 's.db'}", "--json", budget="100MB", trials=2), env
     )
@@ -270,8 +272,7 @@ def test_over_budget_by_the_estimate_is_skipped_without_measuring(tiny_flux_dir,
         # When the sampler proposes a configuration already skipped, the trial says so (a repeat).
         assert trial["status"] == "skipped" and trial["source"] in {"estimate", "repeat"}
         assert "far over the 100.00 MB budget" in trial["reason"]
-        assert trial["peak_bytes"] is None
-    assert time.perf_counter() - started < 30  # no trial process was started
+        assert trial["peak_bytes"] is None  # no trial process was started: nothing measured
     # --trials counts measured configurations: none was, so every configuration was considered,
     # each once (none skipped twice while another was never looked at), and the study says why it stopped.
     configs = [json.dumps(t["config"], sort_keys=True) for t in data["trials"] if t["source"] == "estimate"]

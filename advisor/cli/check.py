@@ -104,7 +104,8 @@ def _as_dict(profile, job, target, config, rehearsal, predicted) -> dict[str, An
             phase: {
                 "device_bytes": rehearsal.phase_peaks.get(phase, {}).get("cuda:0", 0),
                 "reserved_bytes": replayed.reserved.get(phase),
-                "estimated_device_bytes": estimated[phase].device_bytes if phase in estimated else None,
+                # the rehearsal runs no cuDNN: the estimate's tensors, without the conv workspace
+                "estimated_device_bytes": estimated[phase].tensor_bytes if phase in estimated else None,
                 "estimated_reserved_bytes": estimated[phase].cached_peak_bytes if phase in estimated else None,
                 "pinned_host_bytes": rehearsal.phase_peaks.get(phase, {}).get("cpu-pinned", 0),
                 "pageable_host_bytes": rehearsal.phase_peaks.get(phase, {}).get("cpu", 0),
@@ -151,7 +152,7 @@ def _render(profile, job, target, config, rehearsal, predicted) -> None:
             phase.replace("_", " "),
             format_size(peaks.get("cuda:0", 0)),
             format_size(reserved) if reserved is not None else "-",
-            format_size(guess.device_bytes) if guess else "-",
+            format_size(guess.tensor_bytes) if guess else "-",
             format_size(guess.cached_peak_bytes) if guess else "-",
             format_size(peaks.get("cpu-pinned", 0)),
             format_size(peaks.get("cpu", 0)),

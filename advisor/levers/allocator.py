@@ -66,7 +66,7 @@ def expandable_where_memory_is_stranded(
     if config.expandable_segments or not config.device.startswith("cuda") or scenario.platform.os != "linux":
         return config
     plain = predict(config)
-    if plain.peak_vram_bytes - plain.peak_vram_allocated_bytes < WORTHWHILE_BYTES:
+    if max((phase.reserve_bytes for phase in plain.phases), default=0) < WORTHWHILE_BYTES:
         return config  # it can only take back what is stranded beyond the allocated peak
     expandable = config.replace(expandable_segments=True)
     gain = plain.peak_vram_bytes - predict(expandable).peak_vram_bytes

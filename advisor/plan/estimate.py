@@ -46,21 +46,30 @@ class PhaseEstimate:
 
     name: str
     weights_bytes: dict[str, int]
-    activation_bytes: int  # traced activations plus kernel workspaces (what max_memory_allocated sees)
+    activation_bytes: int  # traced activations plus the kernel workspaces a run can't do without
     # The caching allocator (advisor/plan/allocator.py, replaying the traced allocation pattern):
     reserve_bytes: int = 0  # what stays stranded in split segments when the card is full
     cached_bytes: int = 0  # what it keeps cached beyond the allocated peak when the card has room
+    # cuDNN's convolution workspace, taken only where the card has room: when allocating it fails,
+    # PyTorch tries the next engine, down to ones with none (`_device_activation`)
+    workspace_bytes: int = 0
 
     @property
     def device_bytes(self) -> int:
         """Allocated bytes at the phase's peak (comparable with torch.cuda.max_memory_allocated)."""
-        return sum(self.weights_bytes.values()) + self.activation_bytes
+        return sum(self.weights_bytes.values()) + self.activation_bytes + self.workspace_bytes
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The allocated peak without cuDNN's workspace: the tensors, what a rehearsal sees."""
+        return self.device_bytes - self.workspace_bytes
 
     @property
     def reserved_bytes(self) -> int:
         """What the phase needs of the card: the least the caching allocator runs it in, giving
-        cached blocks back when the card is full (what a budget must hold)."""
-        return self.device_bytes + self.reserve_bytes
+        cached blocks back and cuDNN settling for less workspace when the card is full (what a
+        budget must hold)."""
+        return self.tensor_bytes + self.reserve_bytes
 
     @property
     def cached_peak_bytes(self) -> int:
@@ -117,25 +126,31 @@ class Estimate:
 
 
 def _device_activation(
-    profile: ModelProfile, config: OptimizationConfig, phase: str, work: Work, on_cpu: bool
-) -> tuple[int, int, int]:
-    """(allocated activation bytes incl. kernel workspaces, what the allocator strands when the card
-    is full, what it keeps cached when it has room) of one phase."""
+    profile: ModelProfile, config: OptimizationConfig, phase: str, work: Work, target: TargetHardware, on_cpu: bool
+) -> tuple[int, int, int, int]:
+    """(allocated activation bytes incl. the workspaces a run needs, what the allocator strands when
+    the card is full, what it keeps cached when it has room, the convolution workspace cuDNN takes
+    where there is room) of one phase."""
     if on_cpu:
-        return int(work.activation_bytes), 0, 0
+        return int(work.activation_bytes), 0, 0, 0
     k = constants()
-    allocated = work.activation_bytes + k["cublas_workspace_bytes"]
+    cublas = k["cublas_workspace_bytes"]
+    allocated = work.activation_bytes + cublas.get(target.generation, cublas["default"])
     q = config.quantization
     if phase == "denoising" and q and quantization.backend_of(q).dequantises_per_layer(q, bool(config.compile)):
         # Kernels that expand a layer's weight to the compute dtype before the matmul hold one
         # layer's worth at a time (`QuantBackend.dequantises_per_layer`).
         denoisers = [d for d in profile.by_role("denoiser") if d.name in q.components]
         allocated += max((d.largest_layer_parameters * dtype_size(config.dtype) for d in denoisers), default=0)
+    # cuDNN's convolution workspace, as a multiple of the decode's largest tensor (a convolution's
+    # workspace grows with its input). PyTorch allocates it through the caching allocator and, when
+    # that fails, tries the next engine the heuristics rank, down to fallback engines (Conv_v8.cpp
+    # `try_configs`: `catch (c10::OutOfMemoryError&)` moves on; Conv_v7.cpp `try_all` likewise),
+    # so it shows in max_memory_allocated where the card has room but a run never needs it.
     # A formula without a trace knows no largest tensor: a tenth of the peak stands in for it.
     largest = work.largest_bytes if work.traced else work.activation_bytes / 10
-    if phase == "vae_decode":
-        allocated += largest * k["vae_decode_workspace_factor"]
-    return int(allocated), int(work.stranded_bytes), int(work.cached_bytes)
+    workspace = largest * k["vae_decode_workspace_factor"] if phase == "vae_decode" else 0
+    return int(allocated), int(work.stranded_bytes), int(work.cached_bytes), int(workspace)
 
 
 # --- the estimate -------------------------------------------------------------------------------
@@ -236,12 +251,17 @@ def estimate(
         }
         if phase == "text_encoding":
             resident |= {c.name: weights[c.name] for c in profile.components if c.name in loaded}
-        activation, stranded, cached = _device_activation(profile, config, phase, works[phase], on_cpu)
+        activation, stranded, cached, workspace = _device_activation(
+            profile, config, phase, works[phase], target, on_cpu
+        )
         if phases and not offload.empties_cache_between_models(config):
             # Nothing gives the cache back between phases: the earlier phases' cached segments stay
             # reserved beside this one's (an upper bound: some of its requests may reuse them).
             cached += phases[-1].cached_bytes
-        phases.append(PhaseEstimate(phase, {n: b for n, b in resident.items() if b}, activation, stranded, cached))
+        weights_here = {n: b for n, b in resident.items() if b}
+        room = target.vram_total_bytes - (sum(weights_here.values()) + activation + stranded)
+        workspace = min(workspace, max(room, 0))  # cuDNN settles for what the card has left
+        phases.append(PhaseEstimate(phase, weights_here, activation, stranded, cached, workspace))
     peak = max(phases, key=lambda p: p.reserved_bytes)
 
     ram, disk, kept = _host_memory(profile, config, weights, on_cpu, peak)
