@@ -121,6 +121,21 @@ def test_every_offload_strategy_runs_on_the_virtual_card(tiny_pipe, strategy):
     assert all(result.device_peak(phase) > 0 for phase in ("text_encoding", "denoising", "vae_decode"))
 
 
+def test_the_vae_decodes_the_guided_batch_combined(tiny_pipe, tiny_flux_dir):
+    # Batched guidance runs the denoiser on cond and uncond latents together, then combines them:
+    # the pipeline decodes one set of latents per image, not two (rehearse_planned passes the
+    # workload's batch as `decode_batch`). A decoder's activations grow with the batch it decodes.
+    from advisor.rehearse.rehearsal import rehearse
+
+    guided = Geometry(batch=2, frames=1, height=4, width=4, text_tokens=16)
+    weights = sum(_bytes(c) for c in tiny_pipe.components.values() if isinstance(c, torch.nn.Module))
+    one = rehearse(tiny_pipe, OptimizationConfig(device="cuda"), guided, decode_batch=1)
+    two = rehearse(_fresh(tiny_pipe), OptimizationConfig(device="cuda"), guided)
+    assert one.passed and two.passed
+    once, twice = (r.device_peak("vae_decode") - weights for r in (one, two))
+    assert 1.5 * once < twice <= 2 * once + 2**20
+
+
 def test_without_offloading_every_weight_is_on_the_card_from_loading(tiny_pipe):
     from advisor.rehearse.rehearsal import rehearse
 

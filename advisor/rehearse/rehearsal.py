@@ -208,6 +208,7 @@ def rehearse(
     text_tokens: dict[str, int] | None = None,
     steps: int = 2,
     calls_per_step: int = 1,
+    decode_batch: int | None = None,
     gpu_name: str = "virtual GPU",
     vram_bytes: int = 80 * 2**30,
     capability: tuple[int, int] = (9, 0),
@@ -217,6 +218,8 @@ def rehearse(
     virtual device. `geometry` is one denoiser call's latent shape (its batch includes batched CFG);
     `text_tokens` each text encoder's sequence length (77 where not given); `steps` denoising steps
     of `calls_per_step` denoiser calls each (2 where guidance runs the denoiser twice a step);
+    `decode_batch` the latents the VAE decodes at once (the workload's batch: guidance's doubled
+    batch is combined before the decode; `geometry`'s batch where not given);
     `budget_bytes` what the caching allocator may reserve when its replay asks for more.
     """
     ledger = Ledger()
@@ -249,7 +252,8 @@ def rehearse(
                 step.run(pipe)
             ledger.origin = ""
             with names.tracking():
-                _run_phases(pipe, geometry, dtype, ledger, text_tokens or {}, steps, calls_per_step)
+                decoded = geometry.batch if decode_batch is None else decode_batch
+                _run_phases(pipe, geometry, dtype, ledger, text_tokens or {}, steps, calls_per_step, decoded)
     except DeviceMismatch as error:
         failure = str(error)
     except NotRehearsable as error:
@@ -288,7 +292,14 @@ def _as_a_fresh_process() -> Iterator[None]:
 
 
 def _run_phases(
-    pipe: Any, g: Geometry, dtype: torch.dtype, ledger: Ledger, tokens: dict[str, int], steps: int, calls: int
+    pipe: Any,
+    g: Geometry,
+    dtype: torch.dtype,
+    ledger: Ledger,
+    tokens: dict[str, int],
+    steps: int,
+    calls: int,
+    decode_batch: int,
 ) -> None:
     components = pipe.components
     device = pipe._execution_device
@@ -315,7 +326,9 @@ def _run_phases(
     ledger.enter("vae_decode")
     ledger.origin = "vae_decode"
     vae = components["vae"]
-    latents = vae_latents(vae, Geometry(g.batch, g.frames, g.height, g.width, 0), _VirtualMaker(device, vae.dtype))
+    latents = vae_latents(
+        vae, Geometry(decode_batch, g.frames, g.height, g.width, 0), _VirtualMaker(device, vae.dtype)
+    )
     image = vae.decode(latents, return_dict=False)[0]
     del image, latents
     pipe.maybe_free_model_hooks()
