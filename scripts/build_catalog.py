@@ -352,6 +352,7 @@ def describe_component(name: str, component: dict[str, Any]) -> dict[str, Any]:
         "class_name": component["class_name"],
         "dtype": dtype,
         "parameters": _numel(model),
+        "parameter_tensors": sum(1 for _ in model.parameters()),
         "bytes": n_bytes,
         "persistent_buffer_elements": buffer_elements,
         "linear_parameters": lin_params,

@@ -62,6 +62,7 @@ class ComponentProfile:
     linear_rows: int  # their output features: per-row scales of int8/fp8 quantization
     casting_skipped_parameters: int  # kept at compute dtype by layerwise casting
     cast_layers: int = 0  # the Linear, Conv and Embedding layers layerwise casting hooks
+    parameter_tensors: int = 0  # weight tensors: sequential offload moves each, one at a time
     keep_in_fp32_parameters: int = 0  # in `_keep_in_fp32_modules`: loaded as float32 in half precision
     largest_file_bytes: int = 0  # the biggest safetensors shard (0: unknown): what loading converts at once
     # Linear weights in a transformers model's `_keep_in_fp32_modules` (T5's `wo`): bitsandbytes
@@ -271,6 +272,7 @@ def profile_from_entry(entry: dict[str, Any], *, workload: str | None = None) ->
                 fp32_linear_rows=item.get("fp32_linear_rows", 0),
                 casting_skipped_parameters=item["casting_skipped_parameters"],
                 cast_layers=item.get("cast_layers", 0),
+                parameter_tensors=item.get("parameter_tensors", 0),
                 keep_in_fp32_parameters=item.get("keep_in_fp32_parameters", 0),
                 blocks=[
                     BlockGroup(

@@ -133,6 +133,7 @@ def summarize_tensors(tensors: list[TensorInfo], *, class_name: str, library: st
     ]
     return {
         "parameters": sum(t.numel for t in params),
+        "parameter_tensors": len(params),
         "dtype": max(bytes_by_dtype, key=bytes_by_dtype.get) if bytes_by_dtype else "float32",
         "bytes": sum(bytes_by_dtype.values()),
         "linear_parameters": sum(weights[m].numel for m in linear),

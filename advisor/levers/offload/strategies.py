@@ -221,9 +221,13 @@ def streaming_seconds(
         moved = (component.parameters - kept) * per_parameter * calls
         layers = len(streamed)
     seconds = moved / bandwidth + (moved / k["disk_bytes_per_s"] if offload.offload_to_disk_path else 0.0)
-    level = SEQUENTIAL if offload.strategy == SEQUENTIAL else offload.offload_type
-    units = layers * 8 if level != BLOCK_LEVEL else layers / offload.num_blocks_per_group
-    return seconds + units * calls * k["offload_hook_overhead_s"][level]
+    if offload.strategy == SEQUENTIAL:
+        # accelerate's hooks move each weight tensor in (`set_module_tensor_to_device`, a new
+        # Parameter each time) and out to meta on every call (`sequential_offload_host_s_per_tensor`)
+        tensors = component.parameter_tensors or layers * 8
+        return seconds + tensors * calls * k["sequential_offload_host_s_per_tensor"]
+    units = layers * 8 if offload.offload_type == LEAF_LEVEL else layers / offload.num_blocks_per_group
+    return seconds + units * calls * k["offload_hook_overhead_s"][offload.offload_type]
 
 
 def overlapped(compute: float, transfer: float, config: OptimizationConfig, k: dict[str, Any]) -> float:
