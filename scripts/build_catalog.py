@@ -413,6 +413,7 @@ def build_entry(source: dict[str, Any], only_component: str | None = None, *, tr
 
 def add_traces(entry: dict[str, Any]) -> None:
     """Trace every component on the meta device (FLOP and activation curves; advisor.trace)."""
+    from advisor.plan.compute import store_default_replays
     from advisor.probe.models import profile_from_entry
     from advisor.trace.tracer import trace_component, traceable
 
@@ -420,6 +421,8 @@ def add_traces(entry: dict[str, Any]) -> None:
     for record, component in zip(entry["components"], profile.components):
         if traceable(component) is None:
             record["trace"] = trace_component(profile, component)
+    # the allocation patterns replayed at the default workload, kept in the trace records
+    store_default_replays(profile_from_entry(entry))
 
 
 def render(entry: dict[str, Any]) -> str:

@@ -102,3 +102,29 @@ def test_the_tiny_flux_transformers_stored_pattern_replays_its_traced_peak(tiny_
     x = trace["check"]["x"]
     curve = evaluate(trace["basis"], trace["fit"]["activation_peak_bytes"], {"x": x})
     assert replay_pattern(trace["allocations"], {"x": x}).allocated == pytest.approx(curve, rel=0.05)
+
+
+@pytest.mark.parametrize("model", ["black-forest-labs/FLUX.1-dev", "hunyuanvideo-community/HunyuanVideo"])
+def test_replays_the_catalog_keeps_at_the_default_size_are_the_replays_themselves(model):
+    # The catalog keeps each pattern's replay at the model's default workload so that a plan at
+    # that size replays nothing: what it keeps must be what the allocator model gives.
+    from advisor.plan.allocator import AllocatorSettings
+    from advisor.plan.compute import pattern_ops, trace_of
+    from advisor.probe.models import load_profile
+
+    profile = load_profile(model)
+    checked = 0
+    for component in profile.components:
+        trace = trace_of(component) or {}
+        records = [trace.get("allocations"), *(trace[m]["allocations"] for m in ("untiled", "tiled") if m in trace)]
+        for record in filter(None, records):
+            for stored in record.get("replays", ()):
+                settings = AllocatorSettings(expandable_segments=stored["expandable_segments"])
+                replayed = allocation_peaks(pattern_ops(record, stored["variables"], stored["scale"]), settings)
+                assert (replayed.allocated, replayed.reserved, replayed.needs) == (
+                    stored["allocated"],
+                    stored["reserved"],
+                    stored["needs"],
+                )
+                checked += 1
+    assert checked >= 2  # the denoiser's at least, with and without expandable segments

@@ -66,8 +66,9 @@ def expandable_where_memory_is_stranded(
     if config.expandable_segments or not config.device.startswith("cuda") or scenario.platform.os != "linux":
         return config
     plain = predict(config)
-    if max((phase.reserve_bytes for phase in plain.phases), default=0) < WORTHWHILE_BYTES:
-        return config  # it can only take back what is stranded beyond the allocated peak
+    peak = next((phase for phase in plain.phases if phase.name == plain.peak_phase), None)
+    if peak is None or peak.reserve_bytes < WORTHWHILE_BYTES:
+        return config  # it can only lower the peak by what the peak phase strands
     expandable = config.replace(expandable_segments=True)
     gain = plain.peak_vram_bytes - predict(expandable).peak_vram_bytes
     return expandable if gain >= WORTHWHILE_BYTES else config

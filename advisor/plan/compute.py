@@ -21,7 +21,7 @@ from advisor.config import OptimizationConfig
 from advisor.levers import LEVERS, ActivationShape, DecodeMode
 from advisor.paths import DATA_DIR
 from advisor.plan.allocator import AllocatorSettings
-from advisor.plan.replay import allocation_peaks, nearest_replay
+from advisor.plan.replay import PatternPeaks, allocation_peaks, nearest_replay
 from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.workload import Workload, pipeline_behaviour
@@ -199,9 +199,64 @@ def replay_pattern(
         if "replayed" in record:
             peaks = nearest_replay(record["replayed"], variables, scale, settings)
         else:
-            peaks = allocation_peaks(pattern_ops(record, variables, scale), settings)
+            peaks = _stored_replay(record, variables, scale, settings) or allocation_peaks(
+                pattern_ops(record, variables, scale), settings
+            )
         _REPLAYS[key] = (record, peaks)  # the record kept alive: its id stays its own
     return _REPLAYS[key][1]
+
+
+def _stored_replay(
+    record: dict, variables: dict[str, float], scale: float, settings: AllocatorSettings
+) -> PatternPeaks | None:
+    """The replay `store_default_replays` kept in the record for this very size, if any."""
+    if settings != AllocatorSettings(expandable_segments=settings.expandable_segments):
+        return None
+    for stored in record.get("replays", ()):
+        if (stored["expandable_segments"], stored["scale"], stored["variables"]) == (
+            settings.expandable_segments,
+            scale,
+            variables,
+        ):
+            return PatternPeaks(stored["allocated"], stored["reserved"], stored["needs"])
+    return None
+
+
+def store_default_replays(profile: ModelProfile) -> None:
+    """Replay each traced allocation pattern of `profile` at its default workload (bf16, VAE tiled
+    and not, both allocator settings) and keep the results in the pattern records (``replays``):
+    a plan at the default size, the usual one, then replays nothing, which keeps `recommend`'s cold
+    start where it was before the allocator model. The catalog builder calls it after tracing."""
+    from advisor.config import Vae
+    from advisor.probe.workload import make_workload
+
+    workload = make_workload(profile)
+    for expandable in (False, True):
+        for vae in (Vae(), Vae(tiling=True)):
+            phase_work(profile, workload, OptimizationConfig(expandable_segments=expandable, vae=vae))
+    records = {id(r): r for c in profile.components for r in _allocation_records(c)}
+    found: dict[int, list[dict]] = {}
+    for (record_id, variables, scale, settings), (_record, peaks) in _REPLAYS.items():
+        if record_id in records and settings == AllocatorSettings(expandable_segments=settings.expandable_segments):
+            found.setdefault(record_id, []).append(
+                {
+                    "variables": dict(variables),
+                    "scale": scale,
+                    "expandable_segments": settings.expandable_segments,
+                    "allocated": peaks.allocated,
+                    "reserved": peaks.reserved,
+                    "needs": peaks.needs,
+                }
+            )
+    for record_id, replays in found.items():
+        records[record_id]["replays"] = sorted(replays, key=lambda r: (r["expandable_segments"], json.dumps(r)))
+
+
+def _allocation_records(component: ComponentProfile) -> list[dict]:
+    """The allocation patterns of a component's trace that planning replays (not stored replays)."""
+    trace = trace_of(component) or {}
+    records = [trace.get("allocations"), *(trace[m].get("allocations") for m in ("untiled", "tiled") if m in trace)]
+    return [r for r in records if r and "replayed" not in r]
 
 
 def _scaled(values: dict[str, float], scale: float, ratio: dict[str, float]) -> Work:
