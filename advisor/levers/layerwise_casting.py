@@ -60,10 +60,10 @@ def casts(config: OptimizationConfig, name: str) -> bool:
 
 def cast_written_bytes(config: OptimizationConfig, component: Any, compute_bytes: int, k: dict[str, Any]) -> float:
     """Bytes the casting hooks write each time `component` runs: every hooked layer's weights
-    upcast to the compute dtype (`compute_bytes` a weight) before it runs and cast back to the storage dtype after
-    (diffusers/hooks/layerwise_casting.py: ``pre_forward`` and ``post_forward`` each call
-    ``module.to(dtype=...)``, a new tensor each way). They read as much as they write, as the
-    estimate's memory-bound ops do; what they cost is memory traffic, not FLOPs."""
+    upcast to the compute dtype (`compute_bytes` a weight) before it runs and cast back to the
+    storage dtype after (diffusers/hooks/layerwise_casting.py: ``pre_forward`` and
+    ``post_forward`` each call ``module.to(dtype=...)``, a new tensor each way). They read as much
+    as they write, as the estimate's memory-bound ops do: memory traffic, not FLOPs."""
     if not casts(config, component.name):
         return 0.0
     hooked = component.parameters - component.casting_skipped_parameters
