@@ -137,6 +137,17 @@ def test_model_offload_runs_one_text_encoder_at_a_time(flux_dev):
     }
 
 
+def test_group_offloading_runs_one_text_encoder_at_a_time(flux_dev):
+    # diffusers onloads a group-offloaded transformers encoder as one group when it is called and
+    # offloads it when its forward returns (GroupOffloadingHook.post_forward): T5 alone at the peak.
+    streamed = OptimizationConfig(offload=Offload(strategy="group", use_stream=True))
+    assert _encoding_weights(flux_dev, streamed) >= {"text_encoder_2"}
+    assert "text_encoder" not in _encoding_weights(flux_dev, streamed)
+    # An encoder left out of the offloaded components stays on the card beside it.
+    partly = OptimizationConfig(offload=Offload(strategy="group", components=["transformer", "text_encoder_2"]))
+    assert _encoding_weights(flux_dev, partly) >= {"text_encoder", "text_encoder_2"}
+
+
 def test_a_negative_prompt_pass_brings_the_first_encoder_back():
     # SD3 encodes "" for the negative prompt through CLIP-L, CLIP-G and T5 again. CLIP-L's hook has
     # no predecessor, so it comes back beside T5; CLIP-G's then offloads CLIP-L, not T5.
