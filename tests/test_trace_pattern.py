@@ -5,6 +5,7 @@ gives for the log itself (advisor/plan/allocator.py)."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -128,3 +129,31 @@ def test_replays_the_catalog_keeps_at_the_default_size_are_the_replays_themselve
                 )
                 checked += 1
     assert checked >= 2  # the denoiser's at least, with and without expandable segments
+
+
+def test_leaf_level_offload_holds_a_layer_or_two_where_the_activations_peak(tiny_flux_dir):
+    # diffusers' leaf-level groups onload each layer before it runs (and, on a stream, the next
+    # one too) and offload it after: at any moment one or two layers' weights are on the card,
+    # never more than two of the largest, and the activation peak falls within some layer's run.
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+
+    from advisor.config import Offload, OptimizationConfig
+    from advisor.levers.offload import leaf_level_bytes
+    from advisor.probe.models import profile_from_folder
+    from advisor.trace.meta import build_on_meta
+    from advisor.trace.tracer import trace_component
+
+    profile = profile_from_folder(tiny_flux_dir)
+    denoiser = profile.by_role("denoiser")[0]
+    frontier = trace_component(profile, denoiser)["layers_in_flight"]
+    module = build_on_meta(denoiser.library, denoiser.class_name, denoiser.config)
+    layers = [m for m in module.modules() if isinstance(m, _GO_LC_SUPPORTED_PYTORCH_LAYERS)]
+    largest = max(sum(p.numel() for p in m.parameters()) for m in layers)
+    for kind, most in (("no_stream", largest), ("stream", 2 * largest)):
+        assert frontier[kind] and all(0 < params <= most for _share, params in frontier[kind]), kind
+        assert max(share for share, _params in frontier[kind]) == 1.0  # the peak is inside a layer's run
+    # The estimate holds what the frontier gives at the plan's activations: at most two of the largest.
+    streamed = OptimizationConfig(offload=Offload(strategy="group", offload_type="leaf_level", use_stream=True))
+    traced = replace(denoiser, trace={"layers_in_flight": frontier})
+    held = leaf_level_bytes(traced, 2 * denoiser.parameters, streamed, activation=10 * 2**20)
+    assert 0 < held <= 2 * largest * 2

@@ -251,6 +251,10 @@ def estimate(
         }
         if phase == "text_encoding":
             resident |= {c.name: weights[c.name] for c in profile.components if c.name in loaded}
+        for c in active:  # leaf-level offload: the weights in flight where activations peak beside them
+            held = offload.leaf_level_bytes(c, weights[c.name], config, works[phase].activation_bytes)
+            if held is not None:
+                resident[c.name] = held
         activation, stranded, cached, workspace = _device_activation(
             profile, config, phase, works[phase], target, on_cpu
         )

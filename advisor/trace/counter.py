@@ -78,6 +78,9 @@ class Counter(TorchDispatchMode):
     _live: int = 0
     _tracked: set[int] = field(default_factory=set)
     _external: dict[int, Any] = field(default_factory=dict)  # storage id -> storage (kept alive)
+    # The most live bytes while each leaf layer ran, one entry per layer call (`enter_leaf`): what
+    # leaf-level offloading holds beside that layer's weights
+    leaf_live: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -98,6 +101,10 @@ class Counter(TorchDispatchMode):
     def mark(self) -> None:
         """A repeated block starts here (see `advisor.trace.pattern`)."""
         self.events.append(MARK)
+
+    def enter_leaf(self) -> None:
+        """A leaf layer (Linear, Conv, ...) is called: the live bytes from here count for it."""
+        self.leaf_live.append(self._live)
 
     def _release(self, key: int, nbytes: int) -> None:
         self._live -= nbytes
@@ -121,6 +128,8 @@ class Counter(TorchDispatchMode):
                 self.counts.written_bytes += nbytes
             weakref.finalize(storage, self._release, key, nbytes)
         self.counts.peak_bytes = max(self.counts.peak_bytes, self._live)
+        if self.leaf_live:
+            self.leaf_live[-1] = max(self.leaf_live[-1], self._live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

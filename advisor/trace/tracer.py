@@ -106,12 +106,28 @@ def _float32_ratio(module: torch.nn.Module, bf16: dict[str, Any], fp32: dict[str
 
 
 def _count(
-    module: torch.nn.Module, call: Callable[[], Any], *inputs: Any, log: list | None = None, marks: tuple = ()
+    module: torch.nn.Module,
+    call: Callable[[], Any],
+    *inputs: Any,
+    log: list | None = None,
+    marks: tuple = (),
+    leaf_log: list | None = None,
 ) -> dict[str, int]:
     """What one call computes and holds; its allocations appended to `log`, with a mark where each
-    module of `marks` (the repeated blocks) starts."""
+    module of `marks` (the repeated blocks) starts; each leaf layer call appended to `leaf_log` as
+    (the most live bytes while it ran, its parameters), in the order they ran."""
     counter = Counter()
     hooks = [m.register_forward_pre_hook(lambda *_: counter.mark()) for m in marks]
+    called: list[int] = []
+    if leaf_log is not None:
+        from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+
+        def enter(layer: torch.nn.Module, _args: Any) -> None:
+            counter.enter_leaf()
+            called.append(sum(p.numel() for p in layer.parameters()))
+
+        leaves = [m for m in module.modules() if isinstance(m, _GO_LC_SUPPORTED_PYTORCH_LAYERS)]
+        hooks += [m.register_forward_pre_hook(enter) for m in leaves]
     try:
         with counting(module, *inputs, counter=counter) as counts:
             out = call()
@@ -121,7 +137,31 @@ def _count(
             hook.remove()
     if log is not None:
         log.extend(counter.events)
+    if leaf_log is not None:
+        leaf_log.extend(zip(counter.leaf_live, called))
     return counts.as_dict()
+
+
+def leaf_level_frontier(leaf_log: list[tuple[int, int]], peak_bytes: int) -> dict[str, list[list[float]]]:
+    """What leaf-level group offloading holds at once, from one call's leaf layers in the order they
+    ran: during each layer, the live activations (as a share of the call's peak, so they scale with
+    a plan's size) beside its weights, and beside the next layer's too where a stream prefetches it
+    (diffusers' leaf-level groups: each layer onloaded before it runs, offloaded after). Only the
+    pairs no other pair beats on both counts are kept: the plan takes the largest sum at its size."""
+
+    def frontier(pairs: list[tuple[float, int]]) -> list[list[float]]:
+        kept: list[list[float]] = []
+        for share, params in sorted(pairs, key=lambda p: (-p[1], -p[0])):
+            if not kept or share > kept[-1][0]:
+                kept.append([share, params])
+        return kept
+
+    shares = [live / peak_bytes if peak_bytes else 0.0 for live, _ in leaf_log]
+    params = [p for _, p in leaf_log]
+    return {
+        "no_stream": frontier([(round(s, 4), p) for s, p in zip(shares, params)]),
+        "stream": frontier([(round(s, 4), p + n) for s, p, n in zip(shares, params, [*params[1:], 0])]),
+    }
 
 
 def _repeated_blocks(component: ComponentProfile, module: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
@@ -143,7 +183,12 @@ def trace_denoiser(
     marks = _repeated_blocks(component, module)
 
     def point(
-        height: int, width: int, frames: int, dtype: torch.dtype = TRACE_DTYPE, log: list | None = None
+        height: int,
+        width: int,
+        frames: int,
+        dtype: torch.dtype = TRACE_DTYPE,
+        log: list | None = None,
+        leaf_log: list | None = None,
     ) -> dict[str, Any]:
         latent_frames, latent_h, latent_w = latent_geometry(profile, _workload(profile, height, width, frames))
         g = Geometry(batch=1, frames=latent_frames, height=latent_h, width=latent_w, text_tokens=tokens)
@@ -154,12 +199,17 @@ def trace_denoiser(
             "width": width,
             "frames": frames,
             "x": g.positions,
-            **_count(module, lambda: module(**kwargs), kwargs, log=log, marks=marks),
+            **_count(module, lambda: module(**kwargs), kwargs, log=log, marks=marks, leaf_log=leaf_log),
         }
 
     basis = ["1", "x", "x^2"]
     logs: list[list] = [[] for _ in sizes.denoiser[profile.workload]]
-    points = [point(*size, log=log) for size, log in zip(sizes.denoiser[profile.workload], logs)]
+    leaf_log: list[tuple[int, int]] = []  # the largest size's, where activations weigh most
+    last = len(logs) - 1
+    points = [
+        point(*size, log=log, leaf_log=leaf_log if i == last else None)
+        for i, (size, log) in enumerate(zip(sizes.denoiser[profile.workload], logs))
+    ]
     fits = _least_squares(basis, points, lambda p: {"x": p["x"]})
     check = point(*sizes.denoiser_check[profile.workload])
     return {
@@ -173,6 +223,7 @@ def trace_denoiser(
         "points": points,
         "check": {**check, "max_relative_error": _relative_errors(basis, fits, check, lambda p: {"x": p["x"]})},
         "allocations": allocation_record(logs, [{"x": p["x"]} for p in points], basis),
+        "layers_in_flight": leaf_level_frontier(leaf_log, points[-1]["activation_peak_bytes"]),
     }
 
 

@@ -110,6 +110,25 @@ def resident_bytes(
     return math.ceil((in_flight * group + outside + kept) * per_parameter)
 
 
+def leaf_level_bytes(component: Any, weights: int, config: OptimizationConfig, activation: float) -> int | None:
+    """The weights leaf-level group offloading holds of `component` at the phase's peak, given its
+    `activation` peak (bytes) at the plan's size: the most, over the traced leaf layers
+    (`advisor.trace.tracer.leaf_level_frontier`), of the activations live while a layer ran plus its
+    weights (and the next layer's, which a stream prefetches), less the activation peak. Two of the
+    largest layer beside the activation peak bound it from above; the rehearsal of FLUX.1-dev's
+    transformer with diffusers' hooks holds about one. None where the trace has no such record."""
+    offload = config.offload
+    if offload.strategy != GROUP or offload.offload_type != LEAF_LEVEL or not group_offloaded(config, component.name):
+        return None
+    trace = component.trace if isinstance(component.trace, dict) else {}
+    frontier = (trace.get("layers_in_flight") or {}).get("stream" if offload.use_stream else "no_stream")
+    if not frontier or not component.parameters:
+        return None
+    per_parameter = weights / component.parameters
+    combined = max(share * activation + params * per_parameter for share, params in frontier)
+    return max(math.ceil(combined - activation), 0)
+
+
 def only_one_denoiser_resident(config: OptimizationConfig) -> bool:
     """Whether denoisers that take turns (Wan2.2's experts) are on the device one at a time."""
     return config.offload.strategy == MODEL
