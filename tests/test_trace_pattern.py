@@ -138,7 +138,7 @@ def test_leaf_level_offload_holds_a_layer_or_two_where_the_activations_peak(tiny
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 
     from advisor.config import Offload, OptimizationConfig
-    from advisor.levers.offload import leaf_level_bytes
+    from advisor.levers.offload import resident_bytes
     from advisor.probe.models import profile_from_folder
     from advisor.trace.meta import build_on_meta
     from advisor.trace.tracer import trace_component
@@ -149,11 +149,11 @@ def test_leaf_level_offload_holds_a_layer_or_two_where_the_activations_peak(tiny
     module = build_on_meta(denoiser.library, denoiser.class_name, denoiser.config)
     layers = [m for m in module.modules() if isinstance(m, _GO_LC_SUPPORTED_PYTORCH_LAYERS)]
     largest = max(sum(p.numel() for p in m.parameters()) for m in layers)
-    for kind, most in (("no_stream", largest), ("stream", 2 * largest)):
+    for kind, most in (("layer", largest), ("with_next", 2 * largest)):
         assert frontier[kind] and all(0 < params <= most for _share, params in frontier[kind]), kind
         assert max(share for share, _params in frontier[kind]) == 1.0  # the peak is inside a layer's run
     # The estimate holds what the frontier gives at the plan's activations: at most two of the largest.
     streamed = OptimizationConfig(offload=Offload(strategy="group", offload_type="leaf_level", use_stream=True))
     traced = replace(denoiser, trace={"layers_in_flight": frontier})
-    held = leaf_level_bytes(traced, 2 * denoiser.parameters, streamed, activation=10 * 2**20)
+    held = resident_bytes(traced, 2 * denoiser.parameters, streamed, True, activation=10 * 2**20)
     assert 0 < held <= 2 * largest * 2

@@ -14,7 +14,8 @@ What each part of the advisor asks, and when:
   `adjusts`: how the planner completes a candidate with this lever (given the estimate), `prefers`:
   how it breaks near-ties the way the guidance says;
 - `stored_bytes`: a component's weight bytes where the lever stores them (`advisor.plan.weights`);
-  `warmup_s`: one-off seconds at the first call; `compute_share`, `attention_speedup`: the step's latency (`advisor.plan.estimate`), per device;
+  `warmup_s`: one-off seconds at the first call; `compute_share`, `attention_speedup`,
+  `per_call_written_bytes`, `per_call_host_seconds`: the latency (`advisor.plan.latency`), per device;
   `held_bytes`: device memory held from step to step (`advisor.plan.compute`), per device;
   `decode_mode`: how the VAE decodes (tiled, sliced), which the decode's memory follows;
 - `lossy`, `quality_cost`: the quality policy (`advisor.plan.quality`);
@@ -222,6 +223,15 @@ class Lever:
     def attention_speedup(self, config: OptimizationConfig, step: StepContext) -> float:
         """How much faster the attention FLOPs run than with torch's SDPA."""
         return 1.0
+
+    def per_call_written_bytes(self, config: OptimizationConfig, component: Any, compute_bytes: int, k: dict) -> float:
+        """Memory-bound bytes the lever's hooks write (and read back) each time `component` runs,
+        with `compute_bytes` per parameter at the compute dtype."""
+        return 0.0
+
+    def per_call_host_seconds(self, config: OptimizationConfig, component: Any, k: dict) -> float:
+        """Host time the lever's hooks add each time `component` runs, counted as not hidden."""
+        return 0.0
 
     def held_bytes(self, config: OptimizationConfig, shape: ActivationShape) -> int:
         """Device bytes held from one step to the next."""

@@ -58,26 +58,6 @@ def casts(config: OptimizationConfig, name: str) -> bool:
     return config.layerwise_casting is not None and name in config.layerwise_casting.components
 
 
-def cast_written_bytes(config: OptimizationConfig, component: Any, compute_bytes: int, k: dict[str, Any]) -> float:
-    """Bytes the casting hooks write each time `component` runs: every hooked layer's weights
-    upcast to the compute dtype (`compute_bytes` a weight) before it runs and cast back to the
-    storage dtype after (diffusers/hooks/layerwise_casting.py: ``pre_forward`` and
-    ``post_forward`` each call ``module.to(dtype=...)``, a new tensor each way). They read as much
-    as they write, as the estimate's memory-bound ops do: memory traffic, not FLOPs."""
-    if not casts(config, component.name):
-        return 0.0
-    hooked = component.parameters - component.casting_skipped_parameters
-    return hooked * (k["fp8_storage_bytes_per_weight"] + compute_bytes)
-
-
-def hook_host_seconds(config: OptimizationConfig, component: Any, k: dict[str, Any]) -> float:
-    """Host time the casting hooks add each time `component` runs: two ``Module.to`` calls per
-    hooked layer (`layerwise_casting_hook_host_s`). Counted in full, as if nothing hid it: the
-    estimate doesn't model the eager host time it could hide behind, and small models (SDXL's UNet)
-    are host-bound under these hooks."""
-    return component.cast_layers * k["layerwise_casting_hook_host_s"] if casts(config, component.name) else 0.0
-
-
 def _first_weight_cast(module: Any, patterns: tuple[str, ...]) -> str | None:
     """The name of `module`'s first floating-point weight if layerwise casting with `patterns` would cast it."""
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
@@ -116,6 +96,22 @@ class LayerwiseCastingLever(Lever):
             return None
         skipped = component.casting_skipped_parameters  # kept at the compute dtype (`casting_skips`)
         return (component.parameters - skipped) * k["fp8_storage_bytes_per_weight"] + skipped * compute_bytes
+
+    def per_call_written_bytes(self, config: OptimizationConfig, component: Any, compute_bytes: int, k: dict) -> float:
+        """Every hooked layer's weights upcast to the compute dtype before it runs and cast back to
+        the storage dtype after (diffusers/hooks/layerwise_casting.py: ``pre_forward`` and
+        ``post_forward`` each call ``module.to(dtype=...)``, a new tensor each way): memory
+        traffic, not FLOPs."""
+        if not casts(config, component.name):
+            return 0.0
+        hooked = component.parameters - component.casting_skipped_parameters
+        return hooked * (k["fp8_storage_bytes_per_weight"] + compute_bytes)
+
+    def per_call_host_seconds(self, config: OptimizationConfig, component: Any, k: dict) -> float:
+        """Two ``Module.to`` calls per hooked layer (`layerwise_casting_hook_host_s`), counted in
+        full: the estimate doesn't model the eager host time they could hide behind, and small
+        models (SDXL's UNet) are host-bound under these hooks."""
+        return component.cast_layers * k["layerwise_casting_hook_host_s"] if casts(config, component.name) else 0.0
 
     def memory_reasons(self, pick: Pick) -> list[str]:
         casting = pick.config.layerwise_casting

@@ -175,6 +175,9 @@ def _with_allocator(
 
 
 _REPLAYS: dict[tuple, tuple[dict, Any]] = {}
+# The allocator settings a plan replays with (a config's `expandable_segments` or not): the ones the
+# catalog keeps replays for.
+STORED_SETTINGS = (AllocatorSettings(), AllocatorSettings(expandable_segments=True))
 
 
 def pattern_ops(record: dict, variables: dict[str, float], scale: float = 1.0) -> list[int]:
@@ -210,7 +213,7 @@ def _stored_replay(
     record: dict, variables: dict[str, float], scale: float, settings: AllocatorSettings
 ) -> PatternPeaks | None:
     """The replay `store_default_replays` kept in the record for this very size, if any."""
-    if settings != AllocatorSettings(expandable_segments=settings.expandable_segments):
+    if settings not in STORED_SETTINGS:
         return None
     for stored in record.get("replays", ()):
         if (stored["expandable_segments"], stored["scale"], stored["variables"]) == (
@@ -237,7 +240,7 @@ def store_default_replays(profile: ModelProfile) -> None:
     records = {id(r): r for c in profile.components for r in _allocation_records(c)}
     found: dict[int, list[dict]] = {}
     for (record_id, variables, scale, settings), (_record, peaks) in _REPLAYS.items():
-        if record_id in records and settings == AllocatorSettings(expandable_segments=settings.expandable_segments):
+        if record_id in records and settings in STORED_SETTINGS:
             found.setdefault(record_id, []).append(
                 {
                     "variables": dict(variables),

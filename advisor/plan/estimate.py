@@ -33,7 +33,7 @@ from advisor.plan.weights import weight_bytes
 from advisor.probe.models import ModelProfile
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
-from advisor.probe.workload import Workload, encoding_passes
+from advisor.probe.workload import Workload, encoding_order, encoding_passes
 
 
 PHASES = ("text_encoding", "denoising", "vae_decode")
@@ -227,8 +227,6 @@ def estimate(
     on_cpu = target.device == "cpu" or config.device == "cpu"
 
     works = phase_work(profile, workload, config, memo)
-    active_bytes = {c.name: offload.resident_bytes(c, weights[c.name], config, True) for c in profile.components}
-    idle_bytes = {c.name: offload.resident_bytes(c, weights[c.name], config, False) for c in profile.components}
     phases = []
     for phase in PHASES:
         role = ROLE_OF_PHASE[phase]
@@ -241,20 +239,19 @@ def estimate(
             quantization.loaded_onto_device(config) if offload.loaded_on_device_until_first_denoise(config) else set()
         )
         if phase == "text_encoding" and len(active) > 1:
-            order, passes = _encoding_order(profile), encoding_passes(profile.pipeline_class, profile.workload)
+            order = encoding_order(profile.offload_sequence, [c.name for c in active])
+            passes = encoding_passes(profile.pipeline_class, profile.workload)
             together = offload.encoders_resident_at_once(config, order, weights, passes, loaded)
             active = [c for c in active if c.name in together]
         resident = {
-            c.name: (active_bytes if c in active else idle_bytes)[c.name]
+            c.name: offload.resident_bytes(
+                c, weights[c.name], config, c in active, activation=works[phase].activation_bytes
+            )
             for c in profile.components
             if c.role != "other" or offload.unused_components_resident(config)
         }
         if phase == "text_encoding":
             resident |= {c.name: weights[c.name] for c in profile.components if c.name in loaded}
-        for c in active:  # leaf-level offload: the weights in flight where activations peak beside them
-            held = offload.leaf_level_bytes(c, weights[c.name], config, works[phase].activation_bytes)
-            if held is not None:
-                resident[c.name] = held
         activation, stranded, cached, workspace = _device_activation(
             profile, config, phase, works[phase], target, on_cpu
         )
@@ -295,14 +292,6 @@ def estimate(
         notes=notes,
         warmup_s=sum(lever.warmup_s(config, profile, constants()) for lever in LEVERS),
     )
-
-
-def _encoding_order(profile: ModelProfile) -> list[str]:
-    """The text encoders in the order the pipeline calls them: its ``model_cpu_offload_seq``."""
-    encoders = [c.name for c in profile.by_role("text_encoder")]
-    return [n for n in profile.offload_sequence if n in encoders] + [
-        n for n in encoders if n not in profile.offload_sequence
-    ]
 
 
 def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int], int, int]:

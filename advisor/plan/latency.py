@@ -14,7 +14,7 @@ import math
 from dataclasses import replace
 
 from advisor.config import OptimizationConfig
-from advisor.levers import LEVERS, StepContext, layerwise_casting, offload, quantization, torch_compile
+from advisor.levers import LEVERS, StepContext, offload, quantization, torch_compile
 from advisor.plan.compute import Work, constants, text_work
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
@@ -60,15 +60,13 @@ def _seconds(
     return (tensor + memory) / whole
 
 
-def _with_casts(work: Work, config: OptimizationConfig, component, calls: int) -> Work:
-    """`work` with the memory traffic of layerwise casting's up- and down-casts over `calls` runs."""
-    cast = layerwise_casting.cast_written_bytes(config, component, dtype_size(config.dtype), constants())
-    return replace(work, written_bytes=work.written_bytes + calls * cast) if cast else work
-
-
-def _hook_seconds(config: OptimizationConfig, component) -> float:
-    """Host time of the hooks a lever wraps around `component`'s layers, per run."""
-    return layerwise_casting.hook_host_seconds(config, component, constants())
+def _per_call(work: Work, config: OptimizationConfig, component, calls: int) -> tuple[Work, float]:
+    """(`work` with the memory traffic the levers' hooks add over `calls` runs of `component`, the
+    host seconds they add): layerwise casting's up- and down-casts, for one."""
+    k = constants()
+    written = sum(lever.per_call_written_bytes(config, component, dtype_size(config.dtype), k) for lever in LEVERS)
+    host = sum(lever.per_call_host_seconds(config, component, k) for lever in LEVERS)
+    return (replace(work, written_bytes=work.written_bytes + calls * written) if written else work), calls * host
 
 
 def _streaming_seconds(component, config, target, weight, calls, on_cpu) -> float:
@@ -93,27 +91,21 @@ def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> 
         )
         share = math.prod(lever.compute_share(config, here) for lever in LEVERS)  # the blocks a step cache skips
         attention = math.prod(lever.attention_speedup(config, here) for lever in LEVERS)  # a faster kernel
-        work = _with_casts(works["denoising"], config, denoiser, calls_per_step)
+        work, host = _per_call(works["denoising"], config, denoiser, calls_per_step)
         step_compute += share * (
-            _seconds(work, target, _speed_factors(config, denoiser.name, generation), attention)
-            + calls_per_step * _hook_seconds(config, denoiser)
+            _seconds(work, target, _speed_factors(config, denoiser.name, generation), attention) + host
         )
         step_transfer += _streaming_seconds(denoiser, config, target, weights[denoiser.name], calls_per_step, on_cpu)
     step = _overlapped(step_compute, step_transfer, config)
     # The text encoders and the VAE run once: a group-offloaded one streams its weights in that once.
-    text = sum(
-        _overlapped(
-            _seconds(
-                _with_casts(text_work(t, workload, config.dtype, memo), config, t, 1),
-                target,
-                _speed_factors(config, t.name, generation),
-            )
-            + _hook_seconds(config, t),
+    text = 0.0
+    for t in profile.by_role("text_encoder"):
+        work, host = _per_call(text_work(t, workload, config.dtype, memo), config, t, 1)
+        text += _overlapped(
+            _seconds(work, target, _speed_factors(config, t.name, generation)) + host,
             _streaming_seconds(t, config, target, weights[t.name], 1, on_cpu),
             config,
         )
-        for t in profile.by_role("text_encoder")
-    )
     vae = profile.vae
     decode = _overlapped(
         _seconds(works["vae_decode"], target),

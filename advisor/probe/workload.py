@@ -51,6 +51,12 @@ def pipeline_behaviour(pipeline_class: str, kind: str) -> dict[str, Any]:
     return {**fallback, **table.get(pipeline_class, {})}
 
 
+def encoding_order(offload_sequence: list[str], encoders: list[str]) -> list[str]:
+    """The text encoders in the order a pipeline's ``encode_prompt`` calls them: its
+    ``model_cpu_offload_seq``, any it leaves out after."""
+    return [n for n in offload_sequence if n in encoders] + sorted(n for n in encoders if n not in offload_sequence)
+
+
 def encoding_passes(pipeline_class: str, kind: str) -> int:
     """How often a pipeline runs its text encoders per generation: twice where it encodes a negative
     prompt by default (``negative_prompt_encoded``: SD3 encodes ``""``)."""

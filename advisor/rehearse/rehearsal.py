@@ -29,7 +29,7 @@ import torch
 from advisor.levers.offload import loads_onto_device
 from advisor.plan.allocator import NO_LIMIT, AllocatorSettings
 from advisor.plan.replay import Replay, least_capacity, replay
-from advisor.probe.workload import encoding_passes
+from advisor.probe.workload import encoding_order, encoding_passes
 from advisor.rehearse.device import virtual_cuda
 from advisor.rehearse.quantize import quantize_in_place
 from advisor.rehearse.virtual import (
@@ -305,10 +305,11 @@ def _run_phases(
     device = pipe._execution_device
     make = _VirtualMaker(device, dtype)
     ledger.enter("text_encoding")
-    encoders = sorted(n for n in components if n.startswith("text_encoder") and components[n] is not None)
-    # one prompt at a time, in model_cpu_offload_seq's order: pipelines encode the prompt and then
-    # the negative one through the same encoders, and repeat the embeddings for guidance and for
-    # several images per prompt afterwards
+    present = [n for n in components if n.startswith("text_encoder") and components[n] is not None]
+    encoders = encoding_order((getattr(pipe, "model_cpu_offload_seq", None) or "").split("->"), present)
+    # one prompt at a time, in model_cpu_offload_seq's order (encode_prompt's): pipelines encode the
+    # prompt and then the negative one through the same encoders, and repeat the embeddings for
+    # guidance and for several images per prompt afterwards
     for _pass in range(encoding_passes(type(pipe).__name__, "video" if g.frames > 1 else "image")):
         for name in encoders:
             ledger.origin = "text_encoding"

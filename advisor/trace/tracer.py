@@ -142,12 +142,12 @@ def _count(
     return counts.as_dict()
 
 
-def leaf_level_frontier(leaf_log: list[tuple[int, int]], peak_bytes: int) -> dict[str, list[list[float]]]:
-    """What leaf-level group offloading holds at once, from one call's leaf layers in the order they
-    ran: during each layer, the live activations (as a share of the call's peak, so they scale with
-    a plan's size) beside its weights, and beside the next layer's too where a stream prefetches it
-    (diffusers' leaf-level groups: each layer onloaded before it runs, offloaded after). Only the
-    pairs no other pair beats on both counts are kept: the plan takes the largest sum at its size."""
+def layers_in_flight(leaf_log: list[tuple[int, int]], peak_bytes: int) -> dict[str, list[list[float]]]:
+    """Over one call's leaf layers in the order they ran, the live activations while each ran (as a
+    share of the call's peak, so they scale with a plan's size) beside its weights (``layer``) and
+    beside its own and the next layer's (``with_next``): what leaf-level offloading holds
+    (`advisor.levers.offload.strategies`). Only the pairs no other pair beats on both counts are
+    kept: the plan takes the largest sum at its size."""
 
     def frontier(pairs: list[tuple[float, int]]) -> list[list[float]]:
         kept: list[list[float]] = []
@@ -156,11 +156,11 @@ def leaf_level_frontier(leaf_log: list[tuple[int, int]], peak_bytes: int) -> dic
                 kept.append([share, params])
         return kept
 
-    shares = [live / peak_bytes if peak_bytes else 0.0 for live, _ in leaf_log]
+    shares = [round(live / peak_bytes, 4) if peak_bytes else 0.0 for live, _ in leaf_log]
     params = [p for _, p in leaf_log]
     return {
-        "no_stream": frontier([(round(s, 4), p) for s, p in zip(shares, params)]),
-        "stream": frontier([(round(s, 4), p + n) for s, p, n in zip(shares, params, [*params[1:], 0])]),
+        "layer": frontier(list(zip(shares, params))),
+        "with_next": frontier([(s, p + n) for s, p, n in zip(shares, params, [*params[1:], 0])]),
     }
 
 
@@ -223,7 +223,7 @@ def trace_denoiser(
         "points": points,
         "check": {**check, "max_relative_error": _relative_errors(basis, fits, check, lambda p: {"x": p["x"]})},
         "allocations": allocation_record(logs, [{"x": p["x"]} for p in points], basis),
-        "layers_in_flight": leaf_level_frontier(leaf_log, points[-1]["activation_peak_bytes"]),
+        "layers_in_flight": layers_in_flight(leaf_log, points[-1]["activation_peak_bytes"]),
     }
 
 

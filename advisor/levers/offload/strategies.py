@@ -79,10 +79,16 @@ def _partly_resident(component: Any, config: OptimizationConfig) -> bool:
 
 
 def resident_bytes(
-    component: Any, weights: int, config: OptimizationConfig, active: bool, count: int | None = None
+    component: Any,
+    weights: int,
+    config: OptimizationConfig,
+    active: bool,
+    count: int | None = None,
+    activation: float = 0.0,
 ) -> int:
-    """Device bytes of a component's `weights` during a phase where it is `active` (or not); `count`
-    resident blocks of a partially offloaded component instead of the config's."""
+    """Device bytes of a component's `weights` during a phase where it is `active` (or not), whose
+    activations peak at `activation` bytes; `count` resident blocks of a partially offloaded
+    component instead of the config's."""
     offload = config.offload
     if offload.strategy == NONE or (offload.strategy == GROUP and not group_offloaded(config, component.name)):
         return weights
@@ -94,6 +100,10 @@ def resident_bytes(
     if offload.strategy == MODEL:
         return weights
     in_flight = 2 if offload.use_stream else 1  # the stream prefetches the next group
+    if offload.offload_type == LEAF_LEVEL and offload.strategy == GROUP:
+        traced = _leaf_layers_in_flight(component, per_parameter, offload.use_stream, activation)
+        if traced is not None:
+            return traced
     if offload.strategy == SEQUENTIAL or offload.offload_type == LEAF_LEVEL:
         return math.ceil(in_flight * component.largest_layer_parameters * per_parameter)
     # block_level: groups of k blocks, plus the modules outside any top-level block list (embedders,
@@ -110,21 +120,19 @@ def resident_bytes(
     return math.ceil((in_flight * group + outside + kept) * per_parameter)
 
 
-def leaf_level_bytes(component: Any, weights: int, config: OptimizationConfig, activation: float) -> int | None:
-    """The weights leaf-level group offloading holds of `component` at the phase's peak, given its
-    `activation` peak (bytes) at the plan's size: the most, over the traced leaf layers
-    (`advisor.trace.tracer.leaf_level_frontier`), of the activations live while a layer ran plus its
-    weights (and the next layer's, which a stream prefetches), less the activation peak. Two of the
-    largest layer beside the activation peak bound it from above; the rehearsal of FLUX.1-dev's
-    transformer with diffusers' hooks holds about one. None where the trace has no such record."""
-    offload = config.offload
-    if offload.strategy != GROUP or offload.offload_type != LEAF_LEVEL or not group_offloaded(config, component.name):
-        return None
+def _leaf_layers_in_flight(component: Any, per_parameter: float, use_stream: bool, activation: float) -> int | None:
+    """The weights leaf-level group offloading holds where its sum with the live activations peaks:
+    diffusers' leaf-level groups onload each layer before it runs (and, on a stream, the next one
+    too) and offload it after. The trace records, over the layers a call runs, the activations live
+    while each ran (as a share of the call's peak) beside its weights and beside its own and the
+    next one's (`advisor.trace.tracer.layers_in_flight`); at the plan's `activation` peak, the
+    largest sum less that peak. Two of the largest layer beside the peak bound it from above (what
+    is held without a trace); FLUX.1-dev's transformer holds about one, as the rehearsal with
+    diffusers' hooks does. None where the trace has no such record."""
     trace = component.trace if isinstance(component.trace, dict) else {}
-    frontier = (trace.get("layers_in_flight") or {}).get("stream" if offload.use_stream else "no_stream")
-    if not frontier or not component.parameters:
+    frontier = (trace.get("layers_in_flight") or {}).get("with_next" if use_stream else "layer")
+    if not frontier:
         return None
-    per_parameter = weights / component.parameters
     combined = max(share * activation + params * per_parameter for share, params in frontier)
     return max(math.ceil(combined - activation), 0)
 
