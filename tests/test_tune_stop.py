@@ -185,7 +185,8 @@ def test_a_rerun_after_a_crash_measures_again_and_so_does_every_later_run(tiny_f
 
 
 # A Ctrl-C that arrives while a child process starts: the fork runs Python's at-fork handlers, where
-# an interrupt is printed as "Exception ignored" and dropped. Made certain here by sending it from one.
+# an interrupt is dropped and printed as "Exception ignored", traceback and all (the CI run of stop 41
+# met one in logging's). Made certain here by sending it from one.
 SWALLOWED = """
 import os, signal, subprocess, sys
 from advisor.run.stopping import interrupts, raise_if_lost, terminate_as_interrupt
@@ -205,8 +206,9 @@ with terminate_as_interrupt():
 
 def test_an_interrupt_a_child_start_swallowed_is_raised_again():
     run = subprocess.run([sys.executable, "-c", SWALLOWED], capture_output=True, text=True, timeout=120)
-    assert "Exception ignored" in run.stderr and "KeyboardInterrupt" in run.stderr, run.stderr  # the premise
+    # Popen returned, so the interrupt was dropped inside it; it is raised again, and nothing printed.
     assert run.stdout.split() == ["Popen", "returned", "raised", "again"], (run.stdout, run.stderr)
+    assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -36,13 +37,21 @@ def terminate_as_interrupt() -> Iterator[None]:
 
         return handler
 
+    def quiet_lost_interrupts(unraisable) -> None:
+        # An interrupt raised inside an at-fork handler is dropped and printed, traceback and all,
+        # as "Exception ignored in ..."; it was counted, and `raise_if_lost` raises it again.
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+
     previous = {
         signal.SIGINT: signal.signal(signal.SIGINT, raising(KeyboardInterrupt)),
         signal.SIGTERM: signal.signal(signal.SIGTERM, raising(Terminated)),
     }
+    previous_hook, sys.unraisablehook = sys.unraisablehook, quiet_lost_interrupts
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
