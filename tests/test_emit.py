@@ -357,7 +357,25 @@ def test_a_plan_with_nothing_offloaded_loads_straight_onto_the_gpu(tiny_flux_dir
     assert quantize.pipeline_kwargs(resident)["device_map"] == "cuda"
     script = emit.emit_python(str(tiny_flux_dir), resident)
     assert 'device_map="cuda"' in script
-    assert script.index("device_map") < script.index('pipe.to("cuda")')  # kept for a pipeline loaded otherwise
+    assert "pipe.to(" not in script  # loaded there: no move after it
+
+
+def test_the_move_to_the_gpu_is_left_to_apply_config_where_the_pipeline_loaded_there(tiny_flux_dir):
+    """`load_pipeline` loads with device_map="cuda", so it skips the move; `apply_config`, given a
+    pipeline loaded some other way, keeps it. On this CPU machine the move itself would fail."""
+    from diffusers import DiffusionPipeline
+
+    from advisor.run import apply
+    from advisor.run.steps import plan
+
+    resident = OptimizationConfig(device="cuda")
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_flux_dir))
+    [move] = plan(resident, pipe)
+    assert move.code == 'pipe.to("cuda")' and move.done_by_loading
+    apply._run_steps(pipe, resident, loaded_as_planned=True)  # nothing to do: it loaded there
+    assert pipe.transformer.device.type == "cpu"
+    with pytest.raises((AssertionError, RuntimeError)):  # the move, tried on a machine without CUDA
+        apply._run_steps(pipe, resident)
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,9 @@ class Step:
     code: str
     run: Callable[[Any], None] = field(repr=False, compare=False)
     imports: tuple[str, ...] = ()
+    # Done already where the pipeline loaded as the plan says (``load_pipeline``, the emitted script):
+    # only ``apply_config``, given a pipeline loaded some other way, runs it.
+    done_by_loading: bool = False
 
     def __call__(self, pipe: Any) -> None:
         self.run(pipe)
@@ -107,6 +110,8 @@ def method_step(
     args: tuple[Any, ...] = (),
     kwargs: dict[str, Any] | None = None,
     imports: tuple[str, ...] = (),
+    *,
+    done_by_loading: bool = False,
 ) -> Step:
     kwargs = dict(kwargs or {})
     obj = "pipe" if component is None else f"pipe.{component}"
@@ -115,7 +120,7 @@ def method_step(
         target = pipe if component is None else getattr(pipe, component)
         getattr(target, method)(*[runtime_value(a) for a in args], **runtime_value(kwargs))
 
-    return Step(key, description, call_source(f"{obj}.{method}", args, kwargs), run, imports)
+    return Step(key, description, call_source(f"{obj}.{method}", args, kwargs), run, imports, done_by_loading)
 
 
 def function_step(key: str, description: str, module: str, name: str, component: str, kwargs: dict[str, Any]) -> Step:

@@ -35,10 +35,11 @@ def _prepare_process(config: OptimizationConfig) -> None:
         step.run(None)
 
 
-def _run_steps(pipe: Any, config: OptimizationConfig) -> Any:
+def _run_steps(pipe: Any, config: OptimizationConfig, *, loaded_as_planned: bool = False) -> Any:
     check_pipeline(pipe, config)
     for step in plan(config, pipe):
-        step.run(pipe)
+        if not (loaded_as_planned and step.done_by_loading):
+            step.run(pipe)
     return pipe
 
 
@@ -75,4 +76,4 @@ def load_pipeline(model: str | Path, config: OptimizationConfig | str | Path, **
     for key in sorted(set(from_pretrained_kwargs) & {"dtype", "torch_dtype", "quantization_config", *kwargs}):
         raise UsageError(f"load_pipeline: `{key}` comes from the config; change the config instead of passing it")
     pipe = DiffusionPipeline.from_pretrained(model, **kwargs, **from_pretrained_kwargs)
-    return _run_steps(pipe, config)
+    return _run_steps(pipe, config, loaded_as_planned=True)

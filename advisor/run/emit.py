@@ -142,7 +142,7 @@ def emit_python(model: str, config: OptimizationConfig) -> str:
     lines += [load.code for load in loads if load.code]
     lines += ["pipe = " + call_source("DiffusionPipeline.from_pretrained", (str(model),), load_kwargs), ""]
     for step in steps:
-        if step.key != "compile.dynamo_config":
+        if step.key != "compile.dynamo_config" and not step.done_by_loading:
             lines += [f"# {step.description}", step.code]
     call_kwargs = _call_kwargs(config, kind)
     call = call_source("pipe", (), {"prompt": Expr("prompt", None), **call_kwargs})

@@ -17,9 +17,17 @@ def placement_steps(config: OptimizationConfig, components: Any) -> list[Step]:
     device = config.device
     offload = config.offload
     if offload.strategy == NONE:
-        # Kept where it loads there too: `apply_config` may be given a pipeline loaded some other way.
-        moved = " (already there if it loaded with device_map)" if loads_onto_device(config) else ""
-        return [method_step("offload", f"move the pipeline to {device}{moved}", None, "to", (device,))]
+        # Where it loads there (device_map), only `apply_config`, given a pipeline loaded some other way, moves it.
+        return [
+            method_step(
+                "offload",
+                f"move the pipeline to {device}",
+                None,
+                "to",
+                (device,),
+                done_by_loading=loads_onto_device(config),
+            )
+        ]
     if offload.strategy in (MODEL, SEQUENTIAL):
         method = "enable_model_cpu_offload" if offload.strategy == MODEL else "enable_sequential_cpu_offload"
         kwargs = {} if device == "cuda" else {"device": device}
