@@ -47,6 +47,8 @@ FIELDS = {
     "generation": str,
     "source": str,
 }
+# Only where a card has them: a host link that is not PCIe, a superchip's own host memory.
+OPTIONAL_FIELDS = {"host_link_gbs": (int, float), "host_memory_gib": (int, float)}
 # CUDA compute capability -> architecture (CUDA C++ Programming Guide, compute capabilities table).
 ARCHITECTURE = {
     (7, 0): "Volta",
@@ -65,6 +67,7 @@ NVML_NAMES = {
     "NVIDIA B200": "B200",
     "NVIDIA H200": "H200",
     "NVIDIA H200 NVL": "H200 NVL",
+    "NVIDIA GH200 480GB": "GH200",  # the superchip's Grace memory in the name, not the GPU's
     "NVIDIA H100 80GB HBM3": "H100",
     "NVIDIA H100 PCIe": "H100 PCIe",
     "NVIDIA H100 NVL": "H100 NVL",
@@ -79,6 +82,8 @@ NVML_NAMES = {
     "NVIDIA A40": "A40",
     "NVIDIA A10G": "A10G",
     "NVIDIA A10": "A10",
+    "NVIDIA RTX PRO 6000 Blackwell Workstation Edition": "RTX PRO 6000",
+    "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition": "RTX PRO 6000 Max-Q",
     "NVIDIA RTX 6000 Ada Generation": "RTX 6000 Ada",
     "NVIDIA RTX A6000": "RTX A6000",
     "NVIDIA RTX A4000": "RTX A4000",
@@ -148,7 +153,7 @@ def capability(entry: dict) -> tuple[int, int]:
 
 def test_about_names_every_field():
     about = RAW["_about"]
-    for field in [*FIELDS, "fp8_tflops"]:
+    for field in [*FIELDS, *OPTIONAL_FIELDS, "fp8_tflops"]:
         if field != "source":
             assert field in about, field
 
@@ -156,7 +161,7 @@ def test_about_names_every_field():
 @pytest.mark.parametrize("key", list(TABLE))
 def test_entry_has_every_field_with_a_sane_type(key):
     entry = TABLE[key]
-    assert set(entry) == {*FIELDS, "fp8_tflops"}, key
+    assert {*FIELDS, "fp8_tflops"} <= set(entry) <= {*FIELDS, *OPTIONAL_FIELDS, "fp8_tflops"}, key
     for field, kind in FIELDS.items():
         assert isinstance(entry[field], kind) and not isinstance(entry[field], bool), (key, field)
     assert entry["fp8_tflops"] is None or (isinstance(entry["fp8_tflops"], (int, float)) and entry["fp8_tflops"] > 0)
@@ -268,6 +273,7 @@ NVML_MEMORY_VARIANTS = {
 SOLD_WITH = {
     "B200": 180,
     "H200 NVL": 141,
+    "GH200": 96,
     "H200": 141,
     "H100 NVL": 94,
     "H100 PCIe": 80,
@@ -282,6 +288,8 @@ SOLD_WITH = {
     "A40": 48,
     "A10G": 24,
     "A10": 24,
+    "RTX PRO 6000": 96,
+    "RTX PRO 6000 Max-Q": 96,
     "RTX 6000 Ada": 48,
     "RTX A6000": 48,
     "RTX A4000": 16,
@@ -428,7 +436,7 @@ OTHER_PRODUCTS = {
     "RTX 4090D": "RTX 4090",  # China's cut-down 4090 (fewer SMs)
     "RTX 4090 D": "RTX 4090",
     "RTX 3070 Max-Q": "RTX 3070",
-    "GH200": "H200",  # Grace Hopper: another memory and host link
+    "NVIDIA RTX PRO 6000 Blackwell Server Edition": "RTX PRO 6000",  # passively cooled, its own power limits
     "4060 super": "RTX 4060",
 }
 
@@ -441,6 +449,18 @@ def test_another_product_is_refused_not_planned_as_its_namesake(typed, not_key):
     message = str(refused.value)
     assert message.startswith(f"--gpu: {typed!r} is not a known GPU") and "\n" not in message
     assert f"{not_key!r}" in message  # the near names
+
+
+def test_a_grace_hopper_plans_its_hbm_its_grace_memory_and_its_nvlink_c2c():
+    """NVML names the GH200 by the superchip's Grace memory ('GH200 480GB'): the GPU has 96 GB of HBM3,
+    the host 480 GB of LPDDR5X behind NVLink-C2C (450 GB/s a direction, datasheet), not PCIe 5 x16's 64."""
+    target = planned_target(machine=None, gpu="NVIDIA GH200 480GB", os="linux")
+    assert target.vram_total_bytes == int(95.5 * GIB)
+    assert target.ram_total_bytes == 480 * GIB and target.ram_assumed
+    assert target.h2d_bytes_per_s == pytest.approx(450e9 * 0.8)  # copies reach ~80% of a link's peak
+    assert any("480" in said and "GH200" in said for said in target.assumptions)
+    pcie = planned_target(machine=None, gpu="H100 PCIe", ram=64 * GIB, os="linux")
+    assert target.h2d_bytes_per_s > 5 * pcie.h2d_bytes_per_s
 
 
 def test_the_refusal_says_which_word_makes_it_another_card():

@@ -71,7 +71,8 @@ def _normal(name: str) -> str:
 # memory-type words (SXM4, HBM3) and 'PCIe' only pick a variant where an entry has them ('H100 PCIe').
 _MEMORY_WORD = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*(?:gib|gb|g)(?![a-z0-9])")
 _BRAND_WORDS = frozenset({"nvidia", "geforce", "tesla", "rtx", "gpu", "generation"})
-_OPTIONAL_WORDS = frozenset({"pcie"})
+# 'NVIDIA RTX PRO 6000 Blackwell Workstation Edition': the architecture and edition words name no other card.
+_OPTIONAL_WORDS = frozenset({"pcie", "blackwell", "workstation", "edition"})
 _SYNONYMS = {"mobile": "laptop"}  # NVIDIA says 'Laptop GPU' for what shops call 'Mobile'
 
 
@@ -331,6 +332,14 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
     )
 
 
+def host_link_bytes_per_s(sheet: dict[str, Any]) -> float:
+    """What pinned host->device copies reach on the card's link: its PCIe link, or the link that
+    replaces it (a GH200's NVLink-C2C), at the efficiency copies reach in practice."""
+    if sheet.get("host_link_gbs"):
+        return sheet["host_link_gbs"] * 1e9 * PCIE_EFFICIENCY
+    return pcie_bandwidth(sheet["pcie_generation"], sheet["pcie_width"]) * PCIE_EFFICIENCY
+
+
 def _bf16_capable(compute_capability: str | None) -> bool:
     """bf16 tensor cores arrived with Ampere (compute capability 8.0)."""
     return parse_capability(compute_capability) >= 8.0
@@ -339,7 +348,7 @@ def _bf16_capable(compute_capability: str | None) -> bool:
 def _throughput(name, calibration, datasheet) -> tuple[float, float, list[str]]:
     key, sheet = datasheet if datasheet else (DEFAULT_GPU, gpu_table()[DEFAULT_GPU])
     flops = sheet["bf16_tflops"] * 1e12
-    bandwidth = pcie_bandwidth(sheet["pcie_generation"], sheet["pcie_width"]) * PCIE_EFFICIENCY
+    bandwidth = host_link_bytes_per_s(sheet)
     sources = [f"datasheet {key}" if datasheet else f"no datasheet for {name!r}; {DEFAULT_GPU} figures"]
     if calibration:
         flops = calibration.get("matmul_flops", flops)
@@ -406,6 +415,8 @@ def planned_target(
         key, sheet = found
         source = f"--gpu {key} (datasheet)"
         entry_bytes, stated = int(sheet["memory_gib"] * GIB), stated_memory_gib(gpu)
+        if stated is not None and stated == sheet.get("host_memory_gib"):  # 'GH200 480GB': Grace's memory
+            stated = None
         if vram is not None:
             name = f"{key} with {size_text(vram)}"
             if not memory_fits(sheet["memory_gib"], vram / GIB):  # a MIG slice, a capped card: allowed, and said
@@ -443,6 +454,9 @@ def planned_target(
         if ram <= 0:
             raise UsageError("--ram: must be larger than 0")
         host = ram
+    elif sheet.get("host_memory_gib"):  # a superchip's own
+        host = int(sheet["host_memory_gib"] * GIB)
+        assumptions.append(f"host RAM: the {key}'s own {size_text(host)}; pass --ram for what it leaves free")
     else:
         host = assumed_ram(vram_bytes)
         assumptions.append(
@@ -461,7 +475,7 @@ def planned_target(
         compute_capability=sheet["compute_capability"],
         supports_bf16=_bf16_capable(sheet["compute_capability"]),
         matmul_flops=sheet["bf16_tflops"] * 1e12,
-        h2d_bytes_per_s=pcie_bandwidth(sheet["pcie_generation"], sheet["pcie_width"]) * PCIE_EFFICIENCY,
+        h2d_bytes_per_s=host_link_bytes_per_s(sheet),
         source=source + ("" if ram is None else ", --ram"),
         assumptions=tuple(assumptions),
         memory_bytes_per_s=sheet["memory_bandwidth_gbs"] * 1e9,
