@@ -17,16 +17,9 @@ import pytest
 
 from advisor.errors import UsageError
 from advisor.paths import DATA_DIR
+from advisor.probe.gpus import _normal, _tokens, gpu_table, lookup_gpu, memory_fits
 from advisor.probe.hardware import GpuInfo
-from advisor.probe.target import (
-    _normal,
-    _tokens,
-    gpu_table,
-    lookup_gpu,
-    memory_fits,
-    planned_target,
-    target_from_probe,
-)
+from advisor.probe.target import planned_target, target_from_probe
 from advisor.units import GIB, parse_size
 
 

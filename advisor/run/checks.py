@@ -108,7 +108,7 @@ def _same_card(planned: str, actual: str, total_memory: int) -> bool:
     (NVML's name, 'NVIDIA GeForce RTX 4090', and its memory for the variant)."""
     if planned == actual:
         return True
-    from advisor.probe.target import lookup_gpu
+    from advisor.probe.gpus import lookup_gpu
 
     here, there = lookup_gpu(actual, memory_gib=total_memory / 2**30), lookup_gpu(planned)
     return here is not None and there is not None and here[0] == there[0]
