@@ -91,10 +91,12 @@ def render_tune(result, output: str | None, report=None) -> None:
             _print_wrapped(console, line, "  - ", "    ")
         return
     best = result.best
+    compiled = best.config.get("compile") and best.one_off_s
+    first_call = f"; compiling adds {best.one_off_s:.1f}s to its first call, once a process" if compiled else ""
     _print_wrapped(
         console,
         f"{best.summary}: {format_latency(best)}, peak {format_size(best.peak_bytes)} of "
-        f"{format_size(result.budget_bytes)} (trial {best.number})",
+        f"{format_size(result.budget_bytes)} (trial {best.number}){first_call}",
         "Fastest that fits: ",
         "  ",
     )

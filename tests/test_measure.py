@@ -17,7 +17,7 @@ from advisor.config import Compile, OptimizationConfig
 from advisor.probe.workload import Workload
 from advisor.run.measure import Measurement, is_oom, measure
 from advisor.run.phases import PhasePeaks, watching_phases
-from advisor.run.timing import fit_steps, time_rounds
+from advisor.run.timing import fit_steps, one_off_s, time_rounds
 
 
 WORKLOAD = Workload(kind="image", height=32, width=32, steps=4)
@@ -56,6 +56,9 @@ def test_measures_the_tiny_flux_pipeline_for_real(tiny_flux_dir):
     assert m.latency_spread_s is not None
     assert (m.noisy is None and m.spread_ratio <= 0.05) or m.noisy
     assert m.load_s > 0 and m.warmup_s > 0
+    assert m.warmup_steps == 2  # the first step count the rounds time, so a warm call of it is known
+    if m.per_step_s is not None:
+        assert one_off_s(m.to_dict()) >= 0
     # The whole trial process (torch, diffusers, the pipeline): far more than 100 MB on any machine.
     assert m.peak_rss_bytes > 100 * 2**20
     assert m.peak_vram_bytes is None  # CPU: no CUDA numbers

@@ -115,6 +115,14 @@ def test_the_tune_table_uses_the_width_when_there_is_more(monkeypatch):
     assert any(LONG in line for line in text.splitlines())  # one row, the configuration on one line
 
 
+def test_a_compiled_pick_says_what_compiling_adds_to_the_first_call(console80):
+    from dataclasses import replace
+
+    compiled = replace(record(0, "bf16, compiled (regional)"), config={"compile": {"regional": True}}, one_off_s=9.6)
+    render.render_tune(TuneResult("study", "sqlite:///x.db", 16 * 2**30, [compiled], compiled, None, 6), None)
+    assert "compiling adds 9.6s to its first call, once a process" in words(console80.export_text())
+
+
 def test_the_progress_display_reads_at_80_columns():
     progress = render.TuneProgress(8)
     progress.done, progress.best = 2, record(0, "bf16, no offload")

@@ -466,6 +466,39 @@ def test_trials_as_fast_within_their_spread_go_to_the_lossless_then_the_smaller_
     )
 
 
+COMPILED = {"compile": {"components": ["transformer"], "regional": True}}
+
+
+def test_a_compiled_trial_is_picked_only_where_its_warm_up_pays_over_the_generations():
+    """Issue 27: the first call of a compiled configuration compiles (Flux.1-dev on an H100: 9.6 s
+    regionally, the PyTorch blog), a one-off a process pays once. A process making one image pays it
+    whole; one making a hundred, a hundredth of it each."""
+    from dataclasses import replace
+
+    from advisor.run.trials import choose_best
+
+    eager = replace(_record(0, 4.3, 0.02, 500, {}), one_off_s=0.4)
+    compiled = replace(_record(1, 3.0, 0.02, 500, COMPILED), one_off_s=9.6)
+    once = [replace(r, generations=1) for r in (eager, compiled)]
+    best, notes = choose_best(once)
+    assert best.number == 0  # 4.3 + 0.4 against 3.0 + 9.6
+    (note,) = notes
+    assert "trial 1 is faster once warm" in note and "9.6s" in note and "1 generations" in note
+    many = [replace(r, generations=100) for r in (eager, compiled)]
+    assert choose_best(many) == (many[1], [])  # 3.0 + 0.096 against 4.3 + 0.004
+
+
+def test_the_one_off_time_is_the_first_call_beyond_a_warm_call_of_its_steps():
+    from advisor.run.timing import one_off_s
+
+    extrapolated = {"warmup_s": 12.0, "warmup_steps": 2, "fixed_s": 0.5, "per_step_s": 0.25}
+    assert one_off_s(extrapolated) == pytest.approx(12.0 - (0.5 + 2 * 0.25))
+    timed_at_full_steps = {"warmup_s": 3.0, "warmup_steps": 4, "step_times": {"4": 1.0}}
+    assert one_off_s(timed_at_full_steps) == pytest.approx(2.0)
+    assert one_off_s({"warmup_s": 0.9, "warmup_steps": 4, "step_times": {"4": 1.0}}) == 0.0  # noise, not negative
+    assert one_off_s({"warmup_s": 12.0, "fixed_s": 0.5, "per_step_s": 0.25}) is None  # steps unknown: an older study
+
+
 def test_the_advice_for_trials_out_of_memory_names_retry_failed():
     from advisor.run.results import failure_advice
 

@@ -47,17 +47,17 @@ KEPT = ("status", "reason", "latency_s", "latency_spread_s", "peak_vram_bytes", 
 def finalists(records: list[TrialRecord], limit: int = FINALISTS) -> list[TrialRecord]:
     """The first measured trial of each feasible configuration that could be the pick: the one
     `choose_best` picks now (a tie can go to a slower, lossless one), then the others within
-    FINALIST_MARGIN of the fastest, fastest first; at most `limit`."""
+    FINALIST_MARGIN of the cheapest per generation (`TrialRecord.cost_s`), cheapest first; at most `limit`."""
     firsts: dict[str, TrialRecord] = {}
     for r in sorted(records, key=lambda r: r.number):
         if r.feasible and r.source == Source.MEASURED and r.latency_s is not None:
             firsts.setdefault(config_key(r.config), r)
-    ranked = sorted(firsts.values(), key=lambda r: (r.latency_s, r.number))
+    ranked = sorted(firsts.values(), key=lambda r: (r.cost_s, r.number))
     if not ranked:
         return []
     best, _ = choose_best(ranked)
-    ceiling = ranked[0].latency_s * (1 + FINALIST_MARGIN)
-    return ([best] + [r for r in ranked if r is not best and r.latency_s <= ceiling])[:limit]
+    ceiling = ranked[0].cost_s * (1 + FINALIST_MARGIN)
+    return ([best] + [r for r in ranked if r is not best and r.cost_s <= ceiling])[:limit]
 
 
 def with_confirmations(

@@ -116,7 +116,9 @@ def collect(
     """The results so far: every finished trial (its quality judged by this run's floor), and the fastest that fits."""
     device, budget = scenario.target.device, scenario.budget_bytes
     records = [
-        r for r in (TrialRecord.from_trial(t, device) for t in study.get_trials(deepcopy=False)) if r is not None
+        r
+        for r in (TrialRecord.from_trial(t, device, scenario.generations) for t in study.get_trials(deepcopy=False))
+        if r is not None
     ]
     records = with_confirmations(records, confirmation_runs(study), device, budget)
     if guard is not None:

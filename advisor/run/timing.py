@@ -100,6 +100,23 @@ class Timing:
         }
 
 
+def one_off_s(timed: dict[str, Any]) -> float | None:
+    """What a trial's first call took beyond a warm call of its steps (torch.compile's tracing and code
+    generation, autotuning, kernels loaded on first use), from a measurement's fields: ``warmup_s``
+    at ``warmup_steps``, and the warm calls' ``fixed_s + per_step_s x steps`` or ``step_times``. None
+    where they can't tell (a measurement from before ``warmup_steps`` was recorded)."""
+    first, steps = timed.get("warmup_s"), timed.get("warmup_steps")
+    if first is None or steps is None:
+        return None
+    if timed.get("fixed_s") is not None and timed.get("per_step_s") is not None:
+        warm = timed["fixed_s"] + timed["per_step_s"] * steps
+    elif str(steps) in (timed.get("step_times") or {}):
+        warm = timed["step_times"][str(steps)]
+    else:
+        return None
+    return max(0.0, first - warm)
+
+
 def round_latency(times: dict[int, float], steps: int) -> float | None:
     """One round's latency extrapolated to `steps`, or None when its times don't grow with the steps
     (noise larger than the steps' cost: such a round says nothing about either)."""

@@ -18,6 +18,7 @@ from typing import Any
 from advisor.config import SCHEMA_VERSION, OptimizationConfig, config_from_dict
 from advisor.plan.quality import is_lossy
 from advisor.plan.scenario import limited_peak
+from advisor.run.timing import one_off_s
 from advisor.units import format_size
 
 
@@ -124,6 +125,10 @@ class TrialRecord:
     process_latencies_s: list[float] | None = None
     # measured: a lossy output against the lossless reference (`advisor.run.guard`)
     quality: dict[str, Any] | None = None
+    # measured: what the first call took beyond a warm one (`advisor.run.timing.one_off_s`: compiling,
+    # autotuning), spread over the generations a process makes (`--generations`) in `cost_s`
+    one_off_s: float | None = None
+    generations: int = 1
 
     # Derived from the others (or from optuna and the confirmation runs) rather than stored.
     _DERIVED = (
@@ -136,6 +141,8 @@ class TrialRecord:
         "processes",
         "process_latencies_s",
         "quality",
+        "one_off_s",
+        "generations",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +154,14 @@ class TrialRecord:
         return self.latency_s is not None and not is_lossy(stored_config(self.config))
 
     @property
+    def cost_s(self) -> float | None:
+        """Seconds per generation in a process that makes `--generations`: the measured latency and
+        its share of the first call's one-off time. What the study minimises and the pick ranks by."""
+        if self.latency_s is None:
+            return None
+        return self.latency_s + (self.one_off_s or 0.0) / self.generations
+
+    @property
     def latency_range(self) -> tuple[float, float] | None:
         """(low, high) of the measured latency; the point itself where no spread was measured."""
         if self.latency_s is None:
@@ -154,13 +169,22 @@ class TrialRecord:
         spread = self.latency_spread_s or 0.0
         return self.latency_s - spread, self.latency_s + spread
 
+    @property
+    def cost_range(self) -> tuple[float, float] | None:
+        """(low, high) of `cost_s`: the latency's range and its share of the one-off time."""
+        if self.latency_range is None:
+            return None
+        share = self.cost_s - self.latency_s
+        return self.latency_range[0] + share, self.latency_range[1] + share
+
     @classmethod
     def stored_fields(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.name not in cls._DERIVED]
 
     @classmethod
-    def from_trial(cls, trial: Any, device: str) -> TrialRecord | None:
-        """The record of a finished optuna trial; None for one still running or killed mid-run."""
+    def from_trial(cls, trial: Any, device: str, generations: int = 1) -> TrialRecord | None:
+        """The record of a finished optuna trial, its one-off time spread over `generations`; None
+        for one still running or killed mid-run."""
         attrs = trial.user_attrs
         if _STATUS not in attrs:
             return None
@@ -175,6 +199,8 @@ class TrialRecord:
             latency_spread_s=measurement.get("latency_spread_s"),
             noisy=measurement.get("noisy"),
             quality=measurement.get("quality"),
+            one_off_s=one_off_s(measurement),
+            generations=generations,
             peak_bytes=limited_peak(
                 device, vram_bytes=measurement.get("peak_vram_bytes"), ram_bytes=measurement.get("peak_rss_bytes")
             ),
@@ -329,34 +355,42 @@ def config_key(config: Any) -> str:
 
 
 def choose_best(feasible: list[TrialRecord]) -> tuple[TrialRecord | None, list[str]]:
-    """The fastest feasible trial, and a note when others are as fast within the measured spread.
+    """The feasible trial that costs least per generation (`TrialRecord.cost_s`), and a note when
+    others cost as little within the measured spread, or when another is faster once warm.
 
-    Trials whose latency ranges overlap the fastest one's are equally fast as far as the
-    measurements can tell; among them the lossless configuration wins, then the smaller peak, so
-    that the pick does not flip with the noise between runs."""
+    Trials whose cost ranges overlap the cheapest one's are equally fast as far as the measurements
+    can tell; among them the lossless configuration wins, then the smaller peak, so that the pick
+    does not flip with the noise between runs."""
     if not feasible:
         return None, []
-    fastest = min(feasible, key=lambda r: (r.latency_s, r.peak_bytes or 0, r.number))
-    ceiling = fastest.latency_range[1]
+    cheapest = min(feasible, key=lambda r: (r.cost_s, r.peak_bytes or 0, r.number))
+    ceiling = cheapest.cost_range[1]
     tied: dict[str, TrialRecord] = {}  # configuration -> its first trial (a repeat shares the measurement)
     for r in sorted(feasible, key=lambda r: r.number):
-        if r.latency_range[0] <= ceiling:
+        if r.cost_range[0] <= ceiling:
             tied.setdefault(config_key(r.config), r)
-    if len(tied) < 2:
-        return fastest, []
 
     def lossy(r: TrialRecord) -> bool:
         return is_lossy(stored_config(r.config))
 
-    best = min(tied.values(), key=lambda r: (lossy(r), r.peak_bytes or 0, r.latency_s, r.number))
-    others = ", ".join(f"{r.number} ({_with_spread(r)})" for r in tied.values() if r is not best)
-    note = f"trial {best.number} ({_with_spread(best)}) is as fast as {others} within the measured spread"
-    if best is not fastest:
-        note += (
-            f"; chose it for being {'lossless' if lossy(fastest) and not lossy(best) else 'smaller in peak memory'}"
+    best = min(tied.values(), key=lambda r: (lossy(r), r.peak_bytes or 0, r.cost_s, r.number))
+    notes = []
+    if len(tied) > 1:
+        others = ", ".join(f"{r.number} ({_with_spread(r)})" for r in tied.values() if r is not best)
+        note = f"trial {best.number} ({_with_spread(best)}) is as fast as {others} within the measured spread"
+        if best is not cheapest:
+            note += f"; chose it for being {'lossless' if lossy(cheapest) and not lossy(best) else 'smaller in peak memory'}"
+        notes.append(note)
+    warm = min(feasible, key=lambda r: (r.latency_s, r.number))
+    if warm.latency_range[1] < best.latency_range[0] and config_key(warm.config) not in tied:
+        notes.append(
+            f"trial {warm.number} is faster once warm ({warm.latency_s:.3f}s against {best.latency_s:.3f}s), but its "
+            f"first call took {warm.one_off_s:.1f}s more than a warm one (compiling): over the {warm.generations} "
+            f"generations a process makes (--generations) it costs {warm.cost_s:.3f}s a generation, trial "
+            f"{best.number} {best.cost_s:.3f}s"
         )
-    return best, [note]
+    return best, notes
 
 
 def _with_spread(record: TrialRecord) -> str:
-    return f"{record.latency_s:.3f}s ± {record.latency_spread_s or 0:.3f}"
+    return f"{record.cost_s:.3f}s ± {record.latency_spread_s or 0:.3f}"

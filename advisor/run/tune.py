@@ -55,6 +55,7 @@ from advisor.run.timing import (
     TRIAL_TIMEOUT_S,
     TRIALS,
     TrialTiming,
+    one_off_s,
 )
 from advisor.run.trials import (
     Source,
@@ -258,9 +259,13 @@ def _objective(
         def finish_measured(source: Source, m: Measurement, note: str | None = None) -> float:
             verdict = _judge(m, scenario, guard)
             reason = "; ".join(part for part in (note, verdict.reason) if part) or None
-            return finish(
-                verdict.status, source, verdict.violation, m.latency_s or predicted.latency_s * 10, reason, m
+            # What the pick ranks by (`TrialRecord.cost_s`): per generation, the one-off time spread over them.
+            cost = (
+                m.latency_s + (one_off_s(m.to_dict()) or 0.0) / scenario.generations
+                if m.latency_s
+                else predicted.latency_s * 10
             )
+            return finish(verdict.status, source, verdict.violation, cost, reason, m)
 
         if candidate.rejected_by:
             return finish(
