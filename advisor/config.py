@@ -32,10 +32,10 @@ from advisor.schema import STRICT, Section, at_least_one
 
 
 # The config file's format: a change a file can show is a new version and a step in `advisor.migrations`.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 Dtype = Literal["bfloat16", "float16", "float32"]
-QuantBackend = Literal["bitsandbytes_4bit", "bitsandbytes_8bit", "torchao"]
+QuantBackend = Literal["bitsandbytes_4bit", "bitsandbytes_8bit", "torchao", "gguf"]
 TorchaoScheme = Literal["int8_weight_only", "int8_dynamic", "float8_weight_only", "float8_dynamic", "int4_weight_only"]
 OffloadStrategy = Literal["none", "model", "group", "sequential"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -48,9 +48,12 @@ VALID_DEVICES = "cpu, cuda or cuda:N (N the CUDA device index, e.g. cuda:1)"
 
 @dataclass(frozen=True)
 class Quantization(Section):
-    """Weight quantization at load time (diffusers' ``PipelineQuantizationConfig``).
+    """Quantized weights: converted at load time (diffusers' ``PipelineQuantizationConfig``), or a
+    pre-quantized checkpoint loaded in place of a component's weights.
 
-    ``bitsandbytes_4bit`` uses nf4 (or fp4) with ``compute_dtype``; ``torchao`` uses ``scheme``.
+    ``bitsandbytes_4bit`` uses nf4 (or fp4) with ``compute_dtype``; ``torchao`` uses ``scheme``;
+    ``gguf`` loads ``file`` (a local path or a Hub file URL; its type, Q8_0 or Q4_K_S, is in its name)
+    as the one component named.
     """
 
     _key = "quantization."
@@ -60,9 +63,14 @@ class Quantization(Section):
     quant_type: Literal["nf4", "fp4"] | None = None  # bitsandbytes_4bit only; default nf4
     double_quant: bool = False  # bitsandbytes_4bit only: quantize the block scales too
     scheme: TorchaoScheme | None = None  # torchao only; default int8_weight_only
+    file: str | None = None  # gguf only: the checkpoint, a local path or a Hub file URL
 
     def _check(self) -> None:
         at_least_one("quantization.components", self.components)
+        if self.backend == "gguf" and (not self.file or len(self.components) != 1):
+            raise ValueError("`quantization.backend: gguf` needs `quantization.file` and exactly one component")
+        if self.file is not None and self.backend != "gguf":
+            raise ValueError(f"`quantization.file` is for gguf, not {self.backend}")
         if self.quant_type is not None and self.backend != "bitsandbytes_4bit":
             raise ValueError(f"`quantization.quant_type` is for bitsandbytes_4bit, not {self.backend}")
         if self.double_quant and self.backend != "bitsandbytes_4bit":
@@ -77,6 +85,10 @@ class Quantization(Section):
             return self.quant_type or "nf4"
         if self.backend == "bitsandbytes_8bit":
             return "int8"
+        if self.backend == "gguf":  # the type its file's name says: flux1-dev-Q4_K_S.gguf
+            words = re.split(r"[-.]", Path(self.file or "").stem)
+            named = [w.upper() for w in words if re.fullmatch(r"(?i)I?Q\d(_[a-z0-9]+)*|BF16|F16|F32", w)]
+            return f"GGUF {named[-1]}" if named else "GGUF"
         return self.scheme or "int8_weight_only"
 
     def label(self) -> str:

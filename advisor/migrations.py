@@ -46,6 +46,10 @@ MIGRATIONS: dict[int, Migration] = {
         "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)",
         unchanged,
     ),
+    3: Migration(
+        "quantization.backend gguf, with quantization.file: a pre-quantized GGUF checkpoint loaded as the component",
+        unchanged,
+    ),
 }
 
 

@@ -116,6 +116,24 @@ def rows() -> list[Row]:
             {"load_gib": 23.682, "peak_reserved_gib": 28.451, "latency_s": 13},
         )
     )
+    # GGUF: city96's FLUX.1-dev files on the transformer alone (the blog's code), T5 at bf16.
+    for kind, load, peak, s in (
+        ("Q8_0", 21.502, 25.973, 15),
+        ("Q4_1", 16.838, 21.326, 23),
+        ("Q2_K", 13.264, 17.752, 26),
+    ):
+        file = f"https://huggingface.co/city96/FLUX.1-dev-gguf/blob/main/flux1-dev-{kind}.gguf"
+        gguf = Quantization(backend="gguf", components=["transformer"], file=file)
+        out.append(
+            Row(
+                "blog",
+                f"GGUF {kind} (transformer)",
+                "H100",
+                50,
+                OptimizationConfig(quantization=gguf),
+                {"load_gib": load, "peak_reserved_gib": peak, "latency_s": s},
+            )
+        )
     nf4 = quant("bitsandbytes_4bit")
     out += [
         Row(

@@ -67,6 +67,7 @@ def test_the_pinned_list_is_deliberate():
         "importlib-metadata",
         "lazy-importer",
         "pytorch-msssim",
+        "gguf",
     }
     # Every runtime dependency of the project is carried, except what the image provides by design:
     # pip --no-index must find each of them installed there or among the wheels.

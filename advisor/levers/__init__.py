@@ -6,7 +6,7 @@ registered later is seen everywhere) instead of naming a lever's choices; `tests
 fails on any other module that names them.
 
 The levers: load-time quantization (`quantization`, one module per backend: `bitsandbytes`,
-`torchao`), torch.compile and its dynamo flags (`torch_compile`), fp8 storage
+`torchao`, `gguf`: a pre-quantized checkpoint), torch.compile and its dynamo flags (`torch_compile`), fp8 storage
 (`layerwise_casting`), the memory format (`memory_format`), offloading (`offload`), the VAE's
 tiling and slicing (`vae`), the attention kernel (`attention`), the step cache (`step_cache`) and
 the caching allocator's settings (`allocator`).
@@ -34,6 +34,7 @@ from advisor.levers.base import (
     StepContext,
 )
 from advisor.levers.bitsandbytes import BITSANDBYTES
+from advisor.levers.gguf import GGUF_BACKEND
 from advisor.levers.layerwise_casting import LAYERWISE_CASTING
 from advisor.levers.memory_format import ChannelsLast
 from advisor.levers.offload import OFFLOAD
@@ -83,6 +84,7 @@ def searched_levers() -> list[Lever]:
 
 add_backend(BITSANDBYTES)
 add_backend(TORCHAO_BACKEND)
+add_backend(GGUF_BACKEND)
 register(QUANTIZATION)
 register(COMPILE)
 register(LAYERWISE_CASTING)

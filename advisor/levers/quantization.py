@@ -5,10 +5,10 @@ overview): the weights of the named components' linear layers become 4-bit, 8-bi
 load. What differs per backend lives in the backend's module, behind `QuantBackend`: its names,
 the search space's choices, the bytes per weight, the speed and quality, where loading puts the
 weights, its constraints and the loading code (`advisor.levers.bitsandbytes`,
-`advisor.levers.torchao`). This module is the family: it asks the backend a config names
+`advisor.levers.torchao`, `advisor.levers.gguf`). This module is the family: it asks the backend a config names
 (`backend_of`), and answers the rest of the advisor with questions that name none.
 
-A new backend (GGUF, quanto, a pre-quantized checkpoint) is one module with a `QuantBackend`
+A new backend (quanto, SDNQ, another pre-quantized format) is one module with a `QuantBackend`
 subclass, its values in the config schema and a line in `advisor.levers`.
 
 It is one of the storage choices of the search space, beside layerwise casting (`advisor.plan.space`).
@@ -45,6 +45,7 @@ class QuantBackend:
     materialises_at_compute_dtype: bool = False  # builds a shard at the compute dtype before converting it
     converts_fp32_modules: bool = False  # also converts a transformers model's `_keep_in_fp32_modules`
     needs_dynamic_output_shapes: bool = False  # compiles only with capture_dynamic_output_shape_ops
+    reads_into_ram: bool = False  # loading copies the whole checkpoint into RAM first, wherever it goes
 
     def choices(self, components: list[str]) -> list[Quantization]:
         """What the search space offers for `components`."""
@@ -53,6 +54,11 @@ class QuantBackend:
     def linear_bytes(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
         """(bytes per converted weight, bytes per output row of scales) of a linear layer."""
         raise NotImplementedError
+
+    def stored_bytes(self, quantization: Quantization, component: Any, compute_bytes: int) -> float | None:
+        """The component's bytes once loaded, where the backend knows them exactly (a checkpoint's
+        header); None: from `linear_bytes`."""
+        return None
 
     def speed_key(self, quantization: Quantization) -> str:
         """Its key in the estimate's ``quantization_speed`` table (``advisor/data/estimate_constants.json``)."""
@@ -110,6 +116,12 @@ def loaded_onto_device(config: OptimizationConfig) -> set[str]:
     return set(q.components) if q is not None and backend_of(q).loads_onto_device else set()
 
 
+def read_into_ram(config: OptimizationConfig) -> set[str]:
+    """The components whose loading copies their whole checkpoint into RAM, wherever they go after."""
+    q = config.quantization
+    return set(q.components) if q is not None and backend_of(q).reads_into_ram else set()
+
+
 def materialised_at_compute_dtype(config: OptimizationConfig) -> set[str]:
     """The components built at the compute dtype, shard by shard, before they are converted."""
     q = config.quantization
@@ -133,7 +145,7 @@ _INSTALLED: list[Constraint] = []
 @constraint(
     "quantization-backend-installed",
     "quantization.backend",
-    "a quantization backend needs its package: bitsandbytes, or torchao (pip install 'diffusers-advisor[torchao]')",
+    "a quantization backend needs its package: bitsandbytes, gguf, or torchao (pip install 'diffusers-advisor[torchao]')",
     OVERVIEW,
     into=_INSTALLED,
 )
@@ -178,6 +190,9 @@ class Quantizing(Lever):
         if quantization is None:
             return None
         backend = backend_of(quantization)
+        exact = backend.stored_bytes(quantization, component, compute_bytes)
+        if exact is not None:
+            return exact
         linear, rows = component.linear_parameters, component.linear_rows
         if backend.converts_fp32_modules:
             linear += component.fp32_linear_parameters

@@ -309,14 +309,14 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
         {c.name for c in profile.components}
         if offload.loads_onto_device(config)
         else quantization.loaded_onto_device(config)
-    )
+    ) - quantization.read_into_ram(config)  # a GGUF file is read whole, wherever it goes after
     materialised = quantization.materialised_at_compute_dtype(config)
 
     def converted(c) -> bool:
         return not (c.dtype == config.dtype and weights[c.name] == c.bytes)
 
     def transient(c) -> int:
-        if not converted(c):
+        if not converted(c) or c.name in quantization.read_into_ram(config):  # none beyond the copy itself
             return 0
         # Loading converts one shard at a time; catalog entries don't record their shards, and
         # diffusers and transformers write shards of at most 10 GB.

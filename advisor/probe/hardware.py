@@ -49,7 +49,6 @@ TRACKED_PACKAGES = (
     "accelerate",
     *quantization.packages(),
     "optimum-quanto",
-    "gguf",
     "optuna",
     "nvidia-ml-py",
     "psutil",
@@ -412,7 +411,6 @@ def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) 
         "layerwise_fp8": installed("torch", "storage-only fp8 casting, any device"),
         # Not config levers (yet): reported by whether their package is installed.
         "quanto": installed("optimum-quanto", "optimum-quanto installed"),
-        "gguf": installed("gguf", "gguf installed (loads through from_single_file)"),
     }
 
 

@@ -89,6 +89,9 @@ class Components:
     layout: PipelineLayout
     classes: dict[str, type | None] = field(default_factory=dict)
     from_tables: bool = False  # a layout (not a loaded pipe): ask the class table before importing a class
+    model: str | None = (
+        None  # where it loads from (a Hub id or a folder): a component loaded apart reads its config there
+    )
 
     @classmethod
     def of_pipe(cls, pipe: Any) -> Components:
@@ -99,7 +102,7 @@ class Components:
 
     @classmethod
     def of_model(cls, model: str | Path | None) -> Components:
-        return cls(read_layout(model), from_tables=True)
+        return cls(read_layout(model), from_tables=True, model=None if model is None else str(model))
 
     @property
     def known(self) -> bool:

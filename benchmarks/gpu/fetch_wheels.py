@@ -115,6 +115,12 @@ PINNED: tuple[Pin, ...] = (
         "required",
         "the quality guard's SSIM (advisor/run/quality.py); pure Python, needs torch only",
     ),
+    Pin(
+        "gguf",
+        "0.19.0",
+        "required",
+        "GGUF checkpoints (advisor.levers.gguf; diffusers loads them with it); pure Python",
+    ),
     # --- fallback: the image has these; installed only where its copy falls short ----------------
     Pin("typing_extensions", "4.16.0", "fallback", "pydantic 2.14 needs >=4.16.0"),
     Pin("typer", "0.29.2", "fallback", "transformers (its CLI); the advisor itself no longer uses it"),

@@ -1,0 +1,145 @@
+"""The GGUF backend: a pre-quantized checkpoint loaded in place of a component (``quantization.backend: gguf``).
+
+diffusers' GGUF guide loads the file with the component's class and hands the model to the pipeline:
+``Model.from_single_file(file, quantization_config=GGUFQuantizationConfig(compute_dtype=...))``. A
+tensor of a packed type stays in its ggml blocks (a ``GGUFParameter``), and each ``GGUFLinear``
+dequantises its weight in torch before its matmul (``forward_native``,
+diffusers/quantizers/gguf/utils.py). Its CUDA kernels run only with ``DIFFUSERS_GGUF_CUDA_KERNELS`` set
+and the ``kernels`` package fetching them from the Hub: remote code the advisor never turns on.
+Loading reads every tensor out of the file into RAM (``tensor.data.copy()`` in
+``load_gguf_checkpoint``, diffusers/models/model_loading_utils.py) before placing it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from advisor.config import OptimizationConfig, Quantization
+from advisor.levers.base import Loading
+from advisor.levers.code import Expr, call_source, dtype_expr, runtime_value
+from advisor.levers.gguf.header import GGML_TYPES, read_gguf_header
+from advisor.levers.offload.strategies import SEQUENTIAL, loads_onto_device
+from advisor.levers.quantization import QuantBackend
+from advisor.platform import Constraint, Platform, constraint
+
+
+GUIDE = "https://huggingface.co/docs/diffusers/main/en/quantization/gguf"
+QUANT_BLOG = "https://huggingface.co/blog/diffusers-quantization"
+GGUF = "gguf"
+
+# Quality by bits per weight; the HF blog 'Exploring Quantization Backends in Diffusers' shows FLUX.1-dev
+# at Q8_0, Q4_1 and Q2_K beside bf16.
+TIERS = (  # (at least this many bits per weight, speed key, expected quality cost)
+    (8.0, "gguf:8-bit", "8-bit blocks: near-identical images"),
+    (4.5, "gguf:4-6-bit", "4- to 6-bit blocks: small changes in fine detail, the composition stays"),
+    (0.0, "gguf:2-3-bit", "2- to 3-bit blocks: visibly softer detail and text"),
+)
+
+CONSTRAINTS: list[Constraint] = []
+
+
+@constraint(
+    "gguf-no-sequential-offload",
+    "offload.strategy",
+    "sequential offload rebuilds each parameter without its GGUF type (accelerate's set_module_tensor_to_device), "
+    "which GGUFParameter can't take: KeyError: None (reproduced with diffusers 0.42.1, tests/test_gguf.py)",
+    "https://github.com/huggingface/diffusers/issues/14691",
+    into=CONSTRAINTS,
+)
+def gguf_no_sequential_offload(config: OptimizationConfig, platform: Platform) -> str | None:
+    q = config.quantization
+    if q is None or q.backend != GGUF or config.offload.strategy != SEQUENTIAL:
+        return None
+    return "sequential offload fails on a GGUF component in diffusers <= 0.42 (issue #14691); use group offload"
+
+
+def file_type(quantization: Quantization) -> str:
+    """The type the file's name says (Q4_K_S), or the type most of a local file's bytes have."""
+    named = quantization.kind.removeprefix("GGUF").strip()
+    if named:
+        return named
+    header = local_header(quantization)
+    return header.main_type if header is not None else "Q8_0"
+
+
+def bits_per_weight(type_name: str) -> float:
+    """Of a file type's main tensor type: Q4_K_S and Q4_K_M store most weights as Q4_K (4.5 bits)."""
+    base = re.sub(r"_[SML]$", "", type_name)
+    _, block, size = next((v for v in GGML_TYPES.values() if v[0] == base), ("", 32, 34))
+    return size * 8 / block
+
+
+def local_header(quantization: Quantization):
+    """The header of the config's file when it is on this machine, else None (a Hub file is not read)."""
+    path = Path(quantization.file or "").expanduser()
+    return read_gguf_header(path) if quantization.file and path.is_file() else None
+
+
+class Gguf(QuantBackend):
+    backends = (GGUF,)
+    package = "gguf"
+    names = frozenset({GGUF})
+    constraints = tuple(CONSTRAINTS)
+    reads_into_ram = True
+
+    def linear_bytes(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
+        return bits_per_weight(file_type(quantization)) / 8, 0
+
+    def stored_bytes(self, quantization: Quantization, component: Any, compute_bytes: int) -> float | None:
+        """Exact from a local file's header: packed tensors at their bytes, the F32/F16 ones at the
+        pipeline's dtype (diffusers casts them as it loads them)."""
+        header = local_header(quantization)
+        if header is None:
+            return None
+        return sum(t.nbytes if t.packed else t.elements * compute_bytes for t in header.tensors)
+
+    def speed_key(self, quantization: Quantization) -> str:
+        bits = bits_per_weight(file_type(quantization))
+        return next(key for floor, key, _ in TIERS if bits >= floor)
+
+    def quality_cost(self, quantization: Quantization) -> tuple[str, str]:
+        bits = bits_per_weight(file_type(quantization))
+        return next(cost for floor, _, cost in TIERS if bits >= floor), QUANT_BLOG
+
+    def probe_rows(
+        self, packages: dict[str, str | None]
+    ) -> dict[str, tuple[Callable[[str], OptimizationConfig], str]]:
+        def example(device: str) -> OptimizationConfig:
+            file = "flux1-dev-Q8_0.gguf"
+            return OptimizationConfig(
+                device=device, quantization=Quantization(backend=GGUF, components=["transformer"], file=file)
+            )
+
+        return {GGUF: (example, f"gguf {packages.get(self.package)}: GGUF checkpoints load through from_single_file")}
+
+    def load(self, config: OptimizationConfig, components: Any) -> Loading:
+        q = config.quantization
+        (name,) = q.components
+        class_name = components.layout.class_name(name)
+        kwargs: dict[str, Any] = {
+            "quantization_config": Expr(
+                f"GGUFQuantizationConfig(compute_dtype={dtype_expr(config.dtype).code})", None
+            ),
+        }
+        if components.model:  # its config from the model it belongs to, not guessed from the file's keys
+            kwargs.update(config=components.model, subfolder=name)
+        kwargs["torch_dtype"] = dtype_expr(config.dtype)
+        if loads_onto_device(config):  # the pipeline loads onto the card; a component handed to it stays where it is
+            kwargs["device"] = config.device
+        file = str(Path(q.file).expanduser()) if Path(q.file).expanduser().is_file() else q.file
+
+        def build() -> Any:
+            from diffusers import GGUFQuantizationConfig
+
+            arguments = runtime_value({k: v for k, v in kwargs.items() if k != "quantization_config"})
+            quantizing = GGUFQuantizationConfig(compute_dtype=dtype_expr(config.dtype).evaluate())
+            return components.cls(name).from_single_file(file, quantization_config=quantizing, **arguments)
+
+        imports = (f"from diffusers import {class_name}", "from diffusers import GGUFQuantizationConfig")
+        code = f"{name} = " + call_source(f"{class_name}.from_single_file", (file,), kwargs)
+        return Loading(name, name, imports, code, build)
+
+
+GGUF_BACKEND = Gguf()

@@ -1,0 +1,172 @@
+"""GGUF checkpoints (issue 30): sized from their header alone, loaded and run through `load_pipeline`.
+
+The files are written here from a tiny pipeline's transformer (`advisor.testing.gguf`), so the header
+reader is checked against the bytes a real writer laid out and against llama.cpp's own reader (the
+`gguf` package, which diffusers loads the files with).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from advisor.config import OptimizationConfig, Quantization
+from advisor.errors import ModelError
+from advisor.levers.gguf.header import GGML_TYPES, read_gguf_header
+from advisor.testing.gguf import write_gguf
+
+
+def test_the_type_table_is_ggmls():
+    """Weights per block and bytes per block of every type, as gguf-py transcribes ggml's type traits."""
+    for type_id, (name, block, size) in GGML_TYPES.items():
+        kind = gguf.GGMLQuantizationType(type_id)
+        assert kind.name == name
+        assert gguf.GGML_QUANT_SIZES[kind] == (block, size), name
+    known = {t for t in gguf.GGMLQuantizationType if t in gguf.GGML_QUANT_SIZES}
+    assert {t.value for t in known} <= set(GGML_TYPES)
+
+
+@pytest.fixture(scope="module")
+def k_quant_file(tmp_path_factory):
+    """K-quant and other tensors of the right byte size: the package can't quantize K-quants, and a
+    header is all the reader reads."""
+    path = tmp_path_factory.mktemp("gguf") / "mixed-Q4_K_S.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    writer.add_string("general.name", "made here")
+    writer.add_array("an.array", [1, 2, 3])
+    writer.add_tensor("a.weight", np.zeros((64, 2 * 144), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    writer.add_tensor("b.weight", np.zeros((32, 210), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    writer.add_tensor("c.weight", np.zeros((8, 84), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q2_K)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    writer.add_tensor("d.weight", gguf.quants.quantize(np.ones((16, 64), np.float32), q8), raw_dtype=q8)
+    writer.add_tensor("e.bias", np.ones(64, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_header_gives_every_tensor_its_shape_type_and_bytes(k_quant_file):
+    header = read_gguf_header(k_quant_file)
+    reader = gguf.GGUFReader(k_quant_file)
+    assert [t.name for t in header.tensors] == [t.name for t in reader.tensors]
+    for mine, theirs in zip(header.tensors, reader.tensors):
+        assert mine.type == theirs.tensor_type.name
+        assert mine.shape == tuple(int(d) for d in reversed(theirs.shape))  # GGUF lists the fastest dimension first
+        assert mine.nbytes == theirs.n_bytes == theirs.data.nbytes  # the bytes the file holds for it
+    assert header.tensors[0].shape == (64, 512) and header.tensors[0].nbytes == 64 * 2 * 144
+    assert header.metadata["general.name"] == "made here" and "an.array" not in header.metadata
+    assert header.main_type == "Q4_K"
+    # The tensors' bytes are the file's data section: what follows the header, up to alignment padding.
+    data_start = min(int(t.data_offset) for t in reader.tensors)
+    assert header.tensor_bytes <= k_quant_file.stat().st_size - data_start < header.tensor_bytes + 5 * 32
+
+
+@pytest.mark.parametrize("damage", ["not gguf", "truncated"])
+def test_a_damaged_file_is_one_clear_error(k_quant_file, tmp_path, damage):
+    bad = tmp_path / "bad.gguf"
+    data = k_quant_file.read_bytes()
+    bad.write_bytes(b"PK\x03\x04" + data[4:] if damage == "not gguf" else data[:60])
+    with pytest.raises(ModelError, match=str(bad).replace("\\", "\\\\") + ": "):
+        read_gguf_header(bad)
+
+
+def test_the_type_is_read_from_the_file_name():
+    def kind(file: str) -> str:
+        return Quantization(backend="gguf", components=["transformer"], file=file).kind
+
+    assert kind("https://huggingface.co/city96/FLUX.1-dev-gguf/blob/main/flux1-dev-Q4_K_S.gguf") == "GGUF Q4_K_S"
+    assert kind("wan2.1-t2v-14b-Q5_K_M.gguf") == "GGUF Q5_K_M"
+    assert kind("/models/flux1-dev-Q8_0.gguf") == "GGUF Q8_0"
+    assert kind("model.gguf") == "GGUF"
+    with pytest.raises(ValueError, match="quantization.file"):
+        Quantization(backend="gguf", components=["transformer"])
+    with pytest.raises(ValueError, match="quantization.file"):
+        Quantization(backend="torchao", components=["transformer"], file="x.gguf")
+
+
+@pytest.fixture(scope="module", params=["Q8_0", "Q4_0"])
+def tiny_gguf(request, tiny_flux_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / f"tiny-flux-{request.param}.gguf"
+    return write_gguf(tiny_flux_dir / "transformer", path, request.param)
+
+
+def gguf_config(file) -> OptimizationConfig:
+    return OptimizationConfig(
+        device="cpu",
+        dtype="float32",
+        quantization=Quantization(backend="gguf", components=["transformer"], file=str(file)),
+    )
+
+
+def test_the_estimate_sizes_the_transformer_from_its_header_exactly(tiny_gguf, tiny_flux_dir):
+    from advisor.plan.estimate import estimate
+    from advisor.probe.models import profile_from_folder
+    from advisor.probe.target import planned_target
+    from advisor.probe.workload import make_workload
+
+    header = read_gguf_header(tiny_gguf)
+    packed = sum(t.nbytes for t in header.tensors if t.packed)
+    plain = sum(t.elements for t in header.tensors if not t.packed) * 4  # float32, the pipeline's dtype
+    profile = profile_from_folder(tiny_flux_dir)
+    target = planned_target(machine=None, gpu="RTX 4090", ram=64 * 2**30, os="linux")
+    config = gguf_config(tiny_gguf).replace(device="cuda")
+    result = estimate(profile, make_workload(profile, height=32, width=32), config, target)
+    assert result.weight_bytes["transformer"] == packed + plain
+    assert packed < sum(t.elements for t in header.tensors if t.packed) * 4 / 3  # 8 or 4.5 bits, not 32
+    # diffusers copies every tensor out of the file while it loads (load_gguf_checkpoint), even onto the card
+    assert result.ram_breakdown.get("loading", 0) >= packed
+
+
+def test_load_pipeline_loads_the_file_as_the_transformer_and_runs(tiny_gguf, tiny_flux_dir):
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+
+    import advisor
+    from advisor.testing import tiny_call_kwargs
+
+    pipe = advisor.load_pipeline(tiny_flux_dir, gguf_config(tiny_gguf))
+    linear = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(linear, GGUFLinear) and isinstance(linear.weight, GGUFParameter)
+    assert linear.weight.quant_type.name == tiny_gguf.stem.rsplit("-", 1)[1]
+    image = pipe(**tiny_call_kwargs("image", seed=0)).images[0]
+    assert np.isfinite(np.asarray(image, dtype=np.float32)).all()
+
+
+def test_the_script_loads_the_file_as_the_component_with_the_models_config(tiny_gguf, tiny_flux_dir):
+    from advisor.run.emit import emit_python
+
+    script = emit_python(str(tiny_flux_dir), gguf_config(tiny_gguf))
+    assert "transformer = FluxTransformer2DModel.from_single_file(" in script
+    assert f'"{tiny_gguf}"' in script and f'config="{tiny_flux_dir}"' in script and 'subfolder="transformer"' in script
+    assert "GGUFQuantizationConfig(compute_dtype=torch.float32)" in script
+    assert "transformer=transformer" in script.split("DiffusionPipeline.from_pretrained(", 1)[1]
+
+
+def test_sequential_offload_of_a_gguf_transformer_fails_as_the_constraint_says(tiny_gguf, tiny_flux_dir):
+    """diffusers issue #14691: accelerate rebuilds each parameter without its quant_type. Reproduced
+    here, so that the refusal keeps its evidence; a diffusers that fixes it fails this test."""
+    import diffusers
+    import torch
+    from diffusers import DiffusionPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
+
+    from advisor.config import Offload
+    from advisor.constraints import Platform, first_violation
+    from advisor.platform import version_tuple
+    from advisor.testing import tiny_call_kwargs
+
+    transformer = FluxTransformer2DModel.from_single_file(
+        str(tiny_gguf),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+        config=str(tiny_flux_dir),
+        subfolder="transformer",
+    )
+    pipe = DiffusionPipeline.from_pretrained(tiny_flux_dir, transformer=transformer)
+    with pytest.raises(KeyError):  # as the hooks move the weights off, or at the first call
+        pipe.enable_sequential_cpu_offload(device="cpu")
+        pipe(**tiny_call_kwargs("image", seed=0))
+    sequential = gguf_config(tiny_gguf).replace(device="cuda", offload=Offload(strategy="sequential"))
+    violation = first_violation(sequential, Platform.anywhere())
+    assert violation is not None and "14691" in violation.message
+    assert version_tuple(diffusers.__version__) <= (0, 42, 1)
