@@ -100,7 +100,7 @@ class Bitsandbytes(QuantBackend):
     loads_onto_device = True
     needs_dynamic_output_shapes = True
 
-    def choices(self, components: list[str]) -> list[Quantization]:
+    def choices(self, components: list[str], model: str | None = None) -> list[Quantization]:
         return [
             Quantization(backend=FOUR_BIT, components=components),
             Quantization(backend=EIGHT_BIT, components=components),

@@ -47,9 +47,14 @@ class QuantBackend:
     needs_dynamic_output_shapes: bool = False  # compiles only with capture_dynamic_output_shape_ops
     reads_into_ram: bool = False  # loading copies the whole checkpoint into RAM first, wherever it goes
 
-    def choices(self, components: list[str]) -> list[Quantization]:
-        """What the search space offers for `components`."""
+    def choices(self, components: list[str], model: str | None = None) -> list[Quantization]:
+        """What the search space offers for `components` of `model` (a Hub id: a pre-quantized
+        checkpoint exists for some models only)."""
         return []
+
+    def download_note(self, quantization: Quantization, weight_bytes: int) -> str | None:
+        """What the user must download for it (a pre-quantized checkpoint), if anything."""
+        return None
 
     def linear_bytes(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
         """(bytes per converted weight, bytes per output row of scales) of a linear layer."""
@@ -175,8 +180,8 @@ class Quantizing(Lever):
         # Each backend's own limits first: installing a package fixes none of them.
         return (*(c for b in BACKENDS for c in b.constraints), *_INSTALLED)
 
-    def choices_for(self, components: list[str]) -> list[Quantization]:
-        return [q for b in BACKENDS for q in b.choices(components)]
+    def choices_for(self, components: list[str], model: str | None = None) -> list[Quantization]:
+        return [q for b in BACKENDS for q in b.choices(components, model)]
 
     def lossy(self, config: OptimizationConfig) -> bool:
         return config.quantization is not None
@@ -202,11 +207,30 @@ class Quantizing(Lever):
 
     def memory_reasons(self, pick: Pick) -> list[str]:
         q = pick.config.quantization
-        return [] if q is None else [storage_reason(pick, q.label(), self)]
+        if q is None:
+            return []
+        download = backend_of(q).download_note(q, sum(pick.estimate.weight_bytes[name] for name in q.components))
+        return [storage_reason(pick, q.label(), self), *([download] if download else []), *_other_backends(pick)]
 
     def loading(self, config: OptimizationConfig, components: Any) -> Loading | None:
         q = config.quantization
         return None if q is None else backend_of(q).load(config, components)
+
+
+def _other_backends(pick: Pick) -> list[str]:
+    """The best candidate of each other backend that fits, against the pick: one line, or none."""
+    mine = backend_of(pick.config.quantization)
+    best = []
+    for backend in BACKENDS:
+        if backend is not mine:
+            rival = pick.rival(lambda c, b=backend: c.quantization is not None and backend_of(c.quantization) is b)
+            if rival is not None:
+                best.append(
+                    f"{rival.config.quantization.label()} with {rival.config.offload.label()} {rival.score_s:.1f}s"
+                )
+    if not best:
+        return []
+    return [f"the other quantization backends' best that fit, against {pick.score_s:.1f}s: " + "; ".join(best)]
 
 
 def storage_reason(pick: Pick, what: str, lever: Lever) -> str:

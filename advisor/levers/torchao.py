@@ -152,7 +152,7 @@ class Torchao(QuantBackend):
     materialises_at_compute_dtype = True
     converts_fp32_modules = True
 
-    def choices(self, components: list[str]) -> list[Quantization]:
+    def choices(self, components: list[str], model: str | None = None) -> list[Quantization]:
         return [
             Quantization(backend=TORCHAO, components=components, scheme=DEFAULT_SCHEME),
             Quantization(backend=TORCHAO, components=components, scheme=FP8_COMPUTE),

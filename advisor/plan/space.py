@@ -55,7 +55,7 @@ def quantization_choices(profile: ModelProfile) -> list[StorageChoice]:
     both = denoisers + encoders
     choices: list[StorageChoice] = [(None, None)]
     for components in [denoisers, both] if encoders else [denoisers]:
-        choices += [(q, None) for q in QUANTIZATION.choices_for(components)]
+        choices += [(q, None) for q in QUANTIZATION.choices_for(components, profile.model_id)]
         choices += [(None, LayerwiseCasting(components=components))]
     return choices
 

@@ -23,6 +23,7 @@ from advisor.levers.gguf.header import GGML_TYPES, read_gguf_header
 from advisor.levers.offload.strategies import SEQUENTIAL, loads_onto_device
 from advisor.levers.quantization import QuantBackend
 from advisor.platform import Constraint, Platform, constraint
+from advisor.units import format_size
 
 
 GUIDE = "https://huggingface.co/docs/diffusers/main/en/quantization/gguf"
@@ -36,6 +37,15 @@ TIERS = (  # (at least this many bits per weight, speed key, expected quality co
     (4.5, "gguf:4-6-bit", "4- to 6-bit blocks: small changes in fine detail, the composition stays"),
     (0.0, "gguf:2-3-bit", "2- to 3-bit blocks: visibly softer detail and text"),
 )
+
+# Published GGUF files of the catalog's models: model -> (Hub repo, file name for a type). city96's
+# conversions are the ones diffusers' GGUF guide and the HF quantization blog load.
+PUBLISHED = {
+    "black-forest-labs/FLUX.1-dev": ("city96/FLUX.1-dev-gguf", "flux1-dev-{}.gguf"),
+    "black-forest-labs/FLUX.1-schnell": ("city96/FLUX.1-schnell-gguf", "flux1-schnell-{}.gguf"),
+}
+# The types the search offers: the largest of each quality tier, and the smaller ones a small card needs.
+OFFERED = ("Q8_0", "Q6_K", "Q4_K_S", "Q3_K_S", "Q2_K")
 
 CONSTRAINTS: list[Constraint] = []
 
@@ -71,6 +81,11 @@ def bits_per_weight(type_name: str) -> float:
     return size * 8 / block
 
 
+def hub_file(repo: str, name: str) -> str:
+    """The URL diffusers' from_single_file takes for a file of a Hub repo."""
+    return f"https://huggingface.co/{repo}/blob/main/{name}"
+
+
 def local_header(quantization: Quantization):
     """The header of the config's file when it is on this machine, else None (a Hub file is not read)."""
     path = Path(quantization.file or "").expanduser()
@@ -83,6 +98,26 @@ class Gguf(QuantBackend):
     names = frozenset({GGUF})
     constraints = tuple(CONSTRAINTS)
     reads_into_ram = True
+
+    def choices(self, components: list[str], model: str | None = None) -> list[Quantization]:
+        """The published files of `model`'s one denoiser, where the advisor knows them."""
+        if model not in PUBLISHED or len(components) != 1:
+            return []
+        repo, name = PUBLISHED[model]
+        return [
+            Quantization(backend=GGUF, components=components, file=hub_file(repo, name.format(kind)))
+            for kind in OFFERED
+        ]
+
+    def download_note(self, quantization: Quantization, weight_bytes: int) -> str | None:
+        if local_header(quantization) is not None:
+            return None
+        kind = file_type(quantization)
+        return (
+            f"download {quantization.file} (about {format_size(weight_bytes)}: {kind} at "
+            f"{bits_per_weight(kind):g} bits per weight, its F32 tensors at the compute dtype; from_single_file "
+            "fetches it at the first load); the pipeline's other components come from the model itself"
+        )
 
     def linear_bytes(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
         return bits_per_weight(file_type(quantization)) / 8, 0
