@@ -204,3 +204,23 @@ def test_a_hub_file_says_what_to_download_and_about_how_big_it_is():
     assert note.startswith(
         "download https://huggingface.co/r/blob/main/m-Q4_K_S.gguf (about 6.70 GB: Q4_K_S at 4.5 bits"
     )
+
+
+def test_inspect_sizes_a_folder_holding_a_gguf_file_from_its_header(tiny_gguf, tmp_path, capsys):
+    import json
+    import shutil
+
+    from advisor.cli import main
+
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    shutil.copy(tiny_gguf, folder)
+    header = read_gguf_header(tiny_gguf)
+    assert main(["inspect", str(folder), "--json"]) == 0
+    (found,) = json.loads(capsys.readouterr().out)
+    assert found["bytes"] == header.tensor_bytes and found["main_type"] == tiny_gguf.stem.rsplit("-", 1)[1]
+    assert sum(t["bytes"] for t in found["types"]) == found["bytes"]
+    assert found["parameters"] == sum(t.elements for t in header.tensors)
+    assert main(["inspect", str(folder / tiny_gguf.name)]) == 0
+    text = capsys.readouterr().out
+    assert f"GGUF v3: {len(header.tensors)} tensors" in text and "F32" in text

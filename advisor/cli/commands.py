@@ -55,9 +55,14 @@ def probe(as_json: bool = False, calibrate: bool = False) -> None:
 def inspect(
     model: str | None = None, workload: str | None = None, as_json: bool = False, include_config: bool = False
 ) -> None:
-    """Show what a pipeline weighs, per component, without loading its weights."""
+    """Show what a pipeline weighs, per component, without loading its weights (or a GGUF file, from its header)."""
+    from advisor.levers.gguf.header import gguf_files
     from advisor.probe.models import load_profile
 
+    files = gguf_files(required_model(model, "inspect"))
+    if files:
+        _inspect_gguf(files, as_json)
+        return
     profile = checked_kind(load_profile(required_model(model, "inspect"), workload=workload), workload)
     if as_json:
         print_json(profile.to_dict(include_config=include_config))
@@ -65,6 +70,46 @@ def inspect(
     from advisor.render import render_inspect
 
     render_inspect(profile)
+
+
+def _inspect_gguf(files: list, as_json: bool) -> None:
+    """What each GGUF file holds, per tensor type: what it weighs loaded as a diffusers component."""
+    from advisor.levers.gguf.header import read_gguf_header
+    from advisor.render import format_count, text_console
+    from advisor.units import format_size
+
+    headers = [read_gguf_header(file) for file in files]
+    if as_json:
+        print_json(
+            [
+                {
+                    "file": str(h.path),
+                    "version": h.version,
+                    "parameters": h.parameters,
+                    "bytes": h.tensor_bytes,
+                    "main_type": h.main_type,
+                    "types": [dict(zip(("type", "tensors", "parameters", "bytes"), row)) for row in h.by_type()],
+                }
+                for h in headers
+            ]
+        )
+        return
+    console = text_console()
+    for h in headers:
+        console.print(
+            f"{h.path}  (GGUF v{h.version}: {len(h.tensors)} tensors, {format_count(h.parameters)} parameters, "
+            f"{format_size(h.tensor_bytes)}; mostly {h.main_type})",
+            markup=False,
+            highlight=False,
+        )
+        rows = [["type", "tensors", "params", "size", "bits/weight"]]
+        rows += [[kind, str(n), format_count(w), format_size(b), f"{b * 8 / w:g}"] for kind, n, w, b in h.by_type()]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        for row in rows:
+            console.print(
+                "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            )
+    console.print("packed types stay packed as loaded; F32/F16 tensors load at the pipeline's dtype")
 
 
 def estimate(request: Request, config_file: str | None = None, as_json: bool = False) -> None:

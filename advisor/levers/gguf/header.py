@@ -102,17 +102,32 @@ class GgufHeader:
     def tensor_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
-    def bytes_by_type(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+    @property
+    def parameters(self) -> int:
+        return sum(t.elements for t in self.tensors)
+
+    def by_type(self) -> list[tuple[str, int, int, int]]:
+        """(type, tensors, weights, bytes) of each type in the file, the most bytes first."""
+        rows: dict[str, list[int]] = {}
         for t in self.tensors:
-            out[t.type] = out.get(t.type, 0) + t.nbytes
-        return out
+            row = rows.setdefault(t.type, [0, 0, 0])
+            row[0], row[1], row[2] = row[0] + 1, row[1] + t.elements, row[2] + t.nbytes
+        return sorted(((kind, *row) for kind, row in rows.items()), key=lambda r: -r[3])
 
     @property
     def main_type(self) -> str:
         """The type holding most of the bytes: what the file is called by (Q4_K for a Q4_K_S file)."""
-        by_type = self.bytes_by_type()
-        return max(by_type, key=by_type.get) if by_type else "F32"
+        return self.by_type()[0][0] if self.tensors else "F32"
+
+
+def gguf_files(where: str | Path) -> list[Path]:
+    """The GGUF files `where` names: itself, or those in a folder that is not a diffusers pipeline."""
+    path = Path(where).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return [path]
+    if path.is_dir() and not (path / "model_index.json").exists():
+        return sorted(path.glob("*.gguf"))
+    return []
 
 
 def read_gguf_header(path: str | Path) -> GgufHeader:
