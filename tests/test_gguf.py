@@ -224,3 +224,28 @@ def test_inspect_sizes_a_folder_holding_a_gguf_file_from_its_header(tiny_gguf, t
     assert main(["inspect", str(folder / tiny_gguf.name)]) == 0
     text = capsys.readouterr().out
     assert f"GGUF v3: {len(header.tensors)} tensors" in text and "F32" in text
+
+
+def test_tune_searches_only_the_gguf_files_already_here(tmp_path, monkeypatch):
+    """A plan names the file to download; a study would download gigabytes per candidate before
+    measuring it, so tune's space keeps a Hub file only once it is in the Hub's cache."""
+    import huggingface_hub.constants
+
+    from advisor.plan.scenario import Request, scenario_for
+    from advisor.plan.space import SearchSpace
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    scenario = scenario_for(Request(model="flux-dev", gpu="RTX 4090", ram=64 * 2**30, quality="fast"))
+    space = SearchSpace.for_scenario(scenario)
+    offered = [name for name in space.quantization if name.startswith("GGUF")]
+    assert len(offered) == 5  # recommend weighs every published type
+    assert not [name for name in space.usable(scenario).quantization if name.startswith("GGUF")]
+    # The Hub's cache layout (huggingface_hub's file_download): refs/main names the snapshot holding the file.
+    repo = tmp_path / "models--city96--FLUX.1-dev-gguf"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "flux1-dev-Q4_K_S.gguf").write_bytes(b"GGUF")
+    assert [name for name in space.usable(scenario).quantization if name.startswith("GGUF")] == [
+        "GGUF Q4_K_S[transformer]"
+    ]

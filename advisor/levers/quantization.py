@@ -56,6 +56,10 @@ class QuantBackend:
         """What the user must download for it (a pre-quantized checkpoint), if anything."""
         return None
 
+    def needs_download(self, quantization: Quantization) -> bool:
+        """Whether loading it would first download a checkpoint that is neither local nor cached."""
+        return False
+
     def linear_bytes(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
         """(bytes per converted weight, bytes per output row of scales) of a linear layer."""
         raise NotImplementedError
@@ -185,6 +189,9 @@ class Quantizing(Lever):
 
     def lossy(self, config: OptimizationConfig) -> bool:
         return config.quantization is not None
+
+    def needs_download(self, quantization: Quantization) -> bool:
+        return backend_of(quantization).needs_download(quantization)
 
     def quality_cost(self, config: OptimizationConfig) -> tuple[str, str] | None:
         q = config.quantization

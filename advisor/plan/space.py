@@ -145,7 +145,9 @@ class SearchSpace:
         return space
 
     def usable(self, scenario: Scenario) -> SearchSpace:
-        """The space without choices that no candidate can use on this target (what tune searches)."""
+        """The space without choices that no candidate can use on this target (what tune searches),
+        nor checkpoints a trial would first have to download (a GGUF file not in the Hub's cache:
+        gigabytes per candidate that a plan only names)."""
 
         def usable_alone(probe: OptimizationConfig) -> bool:
             return rejection(probe, scenario) in (None, *repaired_by_adjust())
@@ -153,7 +155,8 @@ class SearchSpace:
         quantization = {
             name: (q, c)
             for name, (q, c) in self.quantization.items()
-            if usable_alone(
+            if not (q is not None and QUANTIZATION.needs_download(q))
+            and usable_alone(
                 OptimizationConfig(device=self.device, quantization=q, layerwise_casting=c, compile=Compile())
             )
         }

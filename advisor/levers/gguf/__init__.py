@@ -119,6 +119,17 @@ class Gguf(QuantBackend):
             "fetches it at the first load); the pipeline's other components come from the model itself"
         )
 
+    def needs_download(self, quantization: Quantization) -> bool:
+        """A Hub file (``https://huggingface.co/REPO/blob/REVISION/FILE``) not in the Hub's cache."""
+        hub = re.fullmatch(
+            r"https://huggingface\.co/([^/]+/[^/]+)/(?:blob|resolve)/([^/]+)/(.+)", quantization.file or ""
+        )
+        if hub is None:
+            return False
+        from huggingface_hub import try_to_load_from_cache
+
+        return not isinstance(try_to_load_from_cache(hub[1], hub[3], revision=hub[2]), str)
+
     def linear_bytes(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
         return bits_per_weight(file_type(quantization)) / 8, 0
 
