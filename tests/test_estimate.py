@@ -430,3 +430,15 @@ def test_compile_warm_up_follows_what_it_compiles(flux_dev):
     assert warmup(flux_dev, False) == pytest.approx(67.4, abs=0.5)
     sd3 = load_profile("sd3.5-large")  # 38 blocks compiled whole: more than Flux's regional, less than its whole
     assert warmup(flux_dev, True) < warmup(sd3, False) < warmup(flux_dev, False)
+
+
+def test_max_autotune_says_its_autotuning_is_not_in_the_warm_up(flux_dev):
+    """Issue 27: the warm-up figures are the default mode's (the PyTorch blog's Flux compile times);
+    max-autotune also benchmarks kernel choices as it compiles, and no published figure prices that."""
+    workload = make_workload(flux_dev, height=1024, width=1024)
+    plain = estimate(flux_dev, workload, OptimizationConfig(compile=Compile(components=["transformer"])), RTX_4090)
+    tuned = OptimizationConfig(compile=Compile(components=["transformer"], mode="max-autotune"))
+    result = estimate(flux_dev, workload, tuned, RTX_4090)
+    assert result.warmup_s == plain.warmup_s > 0
+    assert not any("autotun" in note for note in plain.notes)
+    assert any("max-autotune" in note and "not costed" in note for note in result.notes)

@@ -216,6 +216,10 @@ class Lever:
         (`advisor.probe.models.ModelProfile`) with the estimate's constants `k`: none by default."""
         return 0.0
 
+    def warmup_note(self, config: OptimizationConfig) -> str | None:
+        """What `warmup_s` leaves out for `config`, said with the estimate; nothing by default."""
+        return None
+
     def compute_share(self, config: OptimizationConfig, step: StepContext) -> float:
         """The share of the denoiser's work that still runs each step."""
         return 1.0

@@ -242,6 +242,17 @@ class TorchCompile(Lever):
         blocks = sum(max(sum(block.count for block in c.blocks), 1) for c in compiled.values())
         return figures["whole_model_per_block"] * blocks
 
+    def warmup_note(self, config: OptimizationConfig) -> str | None:
+        """max-autotune benchmarks candidate kernels for every matmul and convolution as it compiles:
+        warm-up on top of the default mode's, for which no published figure was found."""
+        mode = config.compile.mode if config.compile is not None else None
+        if not mode or not mode.startswith("max-autotune"):
+            return None
+        return (
+            f"compile mode {mode}: inductor benchmarks candidate kernels as it compiles (autotuning), a warm-up on "
+            "top of the default mode's figure used here, not costed: no published Flux figure; tune measures it"
+        )
+
     def reason(self, pick: Pick) -> str | None:
         """How it compiles, its warm-up against what it saves over the process's generations; or, where
         it is left out for its warm-up alone, why."""

@@ -275,6 +275,7 @@ def estimate(
     q = config.quantization
     if q is not None and not config.compile and (note := quantization.backend_of(q).eager_note(q)):
         notes.append(note)
+    notes += [note for lever in LEVERS if (note := lever.warmup_note(config))]
     return Estimate(
         peak_vram_bytes=0 if on_cpu else peak.reserved_bytes,
         peak_vram_allocated_bytes=0 if on_cpu else max(p.device_bytes for p in phases),
