@@ -249,3 +249,19 @@ def test_tune_searches_only_the_gguf_files_already_here(tmp_path, monkeypatch):
     assert [name for name in space.usable(scenario).quantization if name.startswith("GGUF")] == [
         "GGUF Q4_K_S[transformer]"
     ]
+
+
+def test_the_rehearsal_claims_nothing_for_a_gguf_component(tiny_flux_dir):
+    """The virtual GPU does not build GGUF's packed weights yet: rehearsing a bf16 transformer in its
+    place and calling it passed would be a false claim."""
+    from advisor.probe.models import profile_from_folder
+    from advisor.probe.target import planned_target
+    from advisor.probe.workload import make_workload
+    from advisor.rehearse.build import rehearse_planned
+
+    profile = profile_from_folder(tiny_flux_dir)
+    target = planned_target(machine=None, gpu="H100", ram=64 * 2**30, os="linux")
+    config = gguf_config("https://huggingface.co/r/blob/main/m-Q4_K_S.gguf").replace(device="cuda")
+    found = rehearse_planned(profile, make_workload(profile, height=32, width=32), config, target, 2**34)
+    assert found.failure is None
+    assert "transformer loads from a pre-quantized checkpoint" in found.not_rehearsed
