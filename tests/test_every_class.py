@@ -499,7 +499,6 @@ def test_the_classes_with_empty_repeated_blocks_are_the_ones_named_here():
 NOT_REHEARSABLE = (
     "offload_to_disk_path",
     "because of missing package",
-    "loads from a pre-quantized checkpoint",  # a GGUF file: the virtual device doesn't build its packed weights
 )
 
 

@@ -251,17 +251,30 @@ def test_tune_searches_only_the_gguf_files_already_here(tmp_path, monkeypatch):
     ]
 
 
-def test_the_rehearsal_claims_nothing_for_a_gguf_component(tiny_flux_dir):
-    """The virtual GPU does not build GGUF's packed weights yet: rehearsing a bf16 transformer in its
-    place and calling it passed would be a false claim."""
+@pytest.mark.parametrize("placement", ["none", "model", "group-leaf-stream", "group-block"])
+def test_a_gguf_transformer_rehearses_on_the_virtual_gpu_and_is_never_on_it_at_full_size(tiny_flux_dir, placement):
+    """The rehearsal lays the file's packed weights out (a GGUFParameter per Linear weight) and runs the
+    real GGUFLinear and the offload hooks on the virtual card: a weight or its quant_type left on the
+    wrong device fails there. Loading reads what it converts on the host, so the card never holds
+    the bf16 transformer (it used to, in the rehearsal's loading phase)."""
+    from advisor.config import Offload
     from advisor.probe.models import profile_from_folder
     from advisor.probe.target import planned_target
     from advisor.probe.workload import make_workload
     from advisor.rehearse.build import rehearse_planned
 
+    offload = {
+        "none": Offload(),
+        "model": Offload(strategy="model"),
+        "group-leaf-stream": Offload(strategy="group", offload_type="leaf_level", use_stream=True),
+        "group-block": Offload(strategy="group", offload_type="block_level"),
+    }[placement]
     profile = profile_from_folder(tiny_flux_dir)
     target = planned_target(machine=None, gpu="H100", ram=64 * 2**30, os="linux")
-    config = gguf_config("https://huggingface.co/r/blob/main/m-Q4_K_S.gguf").replace(device="cuda")
+    file = "https://huggingface.co/r/blob/main/m-Q4_K_S.gguf"
+    config = gguf_config(file).replace(device="cuda", offload=offload)
     found = rehearse_planned(profile, make_workload(profile, height=32, width=32), config, target, 2**34)
-    assert found.failure is None
-    assert "transformer loads from a pre-quantized checkpoint" in found.not_rehearsed
+    assert found.failure is None and found.not_rehearsed is None, (found.failure, found.not_rehearsed)
+    # Every component loads onto the card unless offloaded, but the transformer only packed: the card
+    # holds less than the whole pipeline at float32 (it held all of it, then converted).
+    assert found.device_peak("loading") < profile.bytes

@@ -45,6 +45,10 @@ def virtual_cuda(
 
 
 _VIRTUAL_CLASSES: dict[type, type] = {}
+# Parameter classes whose own ``__torch_function__`` the virtual one keeps (a wrapper subclass has it
+# disabled): GGUF's carries each weight's ``quant_type`` to every op's result, ``.to()`` included
+# (``GGUFParameter.__torch_function__``, diffusers/quantizers/gguf/utils.py).
+_KEEP_TORCH_FUNCTION = frozenset({"GGUFParameter"})
 
 
 def _make_virtual_subclass(make_subclass: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -59,8 +63,13 @@ def _make_virtual_subclass(make_subclass: Callable[..., torch.Tensor]) -> Callab
         if cls not in _VIRTUAL_CLASSES:
             # The real class's name: libraries test it (accelerate's set_module_tensor_to_device checks
             # ``param_cls.__name__`` for "Params4bit" and "Int8Params").
+            own = (
+                {"__torch_function__": cls.__dict__["__torch_function__"]}
+                if cls.__name__ in _KEEP_TORCH_FUNCTION
+                else {}
+            )
             _VIRTUAL_CLASSES[cls] = type(
-                cls.__name__, (VirtualTensor, cls), {"__qualname__": f"virtual {cls.__name__}"}
+                cls.__name__, (VirtualTensor, cls), {"__qualname__": f"virtual {cls.__name__}", **own}
             )
         return VirtualTensor.__new__(_VIRTUAL_CLASSES[cls], meta_of(data), data.device, data.block)
 

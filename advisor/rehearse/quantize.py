@@ -18,6 +18,7 @@ Where the weights land: the device for a quantizer that loads there (bitsandbyte
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -27,17 +28,16 @@ from advisor.rehearse.virtual import CPU, CUDA, NotRehearsable
 
 def quantize_in_place(pipe: Any, config: Any) -> list[str]:
     """Quantize `pipe`'s (virtual, unquantized) components as loading with `config` would; returns their names."""
+    from advisor.levers.offload import loads_onto_device
     from advisor.levers.quantization import loaded_onto_device
     from advisor.run.classes import Components
     from advisor.run.quantize import loadings
 
     loaded = loadings(config, Components.of_pipe(pipe))
-    apart = [q.keyword for q in loaded if q.keyword in pipe.components]
-    if apart:  # from_single_file of a GGUF file: its packed weights are not built here (yet)
-        raise NotRehearsable(
-            f"{', '.join(apart)} loads from a pre-quantized checkpoint (`quantization.backend: "
-            f"{config.quantization.backend}`), which the rehearsal does not build yet"
-        )
+    for name in (q.keyword for q in loaded if q.keyword in pipe.components):  # from_single_file: a GGUF file
+        device = CUDA if loads_onto_device(config) else CPU
+        _gguf(pipe.components[name], config.quantization, device, getattr(torch, config.dtype))
+        return [name]
     found = [q for q in loaded if q.keyword == "quantization_config"]
     if not found:
         return []
@@ -79,6 +79,42 @@ def _diffusers(model: torch.nn.Module, backend_config: Any, device: torch.device
             quantizer.create_quantized_param(model, value, name, device, weights, [], dtype=dtype)
         else:
             _place(model, name, value, device)
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+
+
+def _gguf(model: torch.nn.Module, quantization: Any, device: torch.device, dtype: torch.dtype) -> None:
+    """A GGUF file loaded as `model` (``from_single_file``): every Linear weight whose rows split into
+    whole blocks packed in the file's main type (a Q4_K_S file holds mostly Q4_K), the rest as they
+    are; then diffusers' GGUF quantizer swaps the layers for ``GGUFLinear`` and places the weights."""
+    import gguf
+    from diffusers import GGUFQuantizationConfig
+    from diffusers.quantizers import DiffusersAutoQuantizer
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    from advisor.levers.gguf import file_type
+
+    try:
+        kind = gguf.GGMLQuantizationType[re.sub(r"_[SML]$", "", file_type(quantization))]
+    except KeyError:
+        raise NotRehearsable(f"GGUF type {file_type(quantization)}: not one the rehearsal can lay out") from None
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    state: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if name.endswith(".weight") and isinstance(owner, torch.nn.Linear) and value.shape[-1] % block == 0:
+            packed = torch.empty((*value.shape[:-1], value.shape[-1] // block * size), dtype=torch.uint8, device=CPU)
+            state[name] = GGUFParameter(packed, quant_type=kind)
+        else:
+            state[name] = value
+    quantizer = DiffusersAutoQuantizer.from_config(GGUFQuantizationConfig(compute_dtype=dtype), pre_quantized=True)
+    quantizer.preprocess_model(model=model, device_map=None, keep_in_fp32_modules=[], state_dict=state)
+    for name in list(state):
+        value = state.pop(name)
+        if quantizer.check_if_quantized_param(model, value, name, state):
+            quantizer.create_quantized_param(model, value, name, device, state, [])
+        else:
+            _place(model, name, value.to(dtype) if value.is_floating_point() else value, device)
     quantizer.postprocess_model(model)
     model.hf_quantizer = quantizer
 

@@ -163,25 +163,27 @@ def _modules(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
     return [(name, c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
 
 
-def virtualize(pipe: Any, device: torch.device | str = CPU) -> Any:
+def virtualize(pipe: Any, device: torch.device | str = CPU, *, staged: frozenset[str] = frozenset()) -> Any:
     """Give every weight and buffer of `pipe`'s modules a virtual twin on `device` (a loaded or a
-    meta-built pipeline): what ``from_pretrained`` leaves, without the data. Call inside `virtual_cuda`."""
-    device = torch.device(device)
+    meta-built pipeline): what ``from_pretrained`` leaves, without the data; the `staged` components'
+    on the CPU, where loading reads what it converts (a quantized component is never on the card at
+    its full size: diffusers converts it a tensor at a time). Call inside `virtual_cuda`."""
     twins: dict[int, torch.Tensor] = {}  # a tied weight (T5's shared embedding) stays one tensor
 
-    def twin(tensor: torch.Tensor, module: torch.nn.Module, key: str, parameter: bool) -> torch.Tensor:
+    def twin(tensor: torch.Tensor, module: torch.nn.Module, key: str, parameter: bool, where: torch.device):
         if id(tensor) not in twins:
             _plain(tensor, module, key)
-            empty = torch.empty_like(meta_of(tensor), device=device)
+            empty = torch.empty_like(meta_of(tensor), device=where)
             twins[id(tensor)] = torch.nn.Parameter(empty, requires_grad=False) if parameter else empty
         return twins[id(tensor)]
 
-    for _name, component in _modules(pipe):
+    for name, component in _modules(pipe):
+        where = CPU if name in staged else torch.device(device)
         for module in component.modules():
             for tensors, parameter in ((module._parameters, True), (module._buffers, False)):
                 for key, tensor in tensors.items():
                     if tensor is not None and not isinstance(tensor, VirtualTensor):
-                        tensors[key] = twin(tensor, module, key, parameter)
+                        tensors[key] = twin(tensor, module, key, parameter, where)
     return pipe
 
 
@@ -243,7 +245,8 @@ def rehearse(
             _as_a_fresh_process(),
         ):
             ledger.enter(LOADING)
-            virtualize(pipe, CUDA if loads_onto_device(config) else CPU)
+            converted = frozenset(config.quantization.components) if config.quantization else frozenset()
+            virtualize(pipe, CUDA if loads_onto_device(config) else CPU, staged=converted)
             quantize_in_place(pipe, config)
             names = _Names(pipe)
             ledger.enter(APPLYING)
