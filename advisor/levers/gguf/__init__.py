@@ -1,6 +1,7 @@
 """The GGUF backend: a pre-quantized checkpoint loaded in place of a component (``quantization.backend: gguf``).
 
-diffusers' GGUF guide loads the file with the component's class and hands the model to the pipeline:
+diffusers' GGUF guide (https://huggingface.co/docs/diffusers/main/en/quantization/gguf) loads the file
+with the component's class and hands the model to the pipeline:
 ``Model.from_single_file(file, quantization_config=GGUFQuantizationConfig(compute_dtype=...))``. A
 tensor of a packed type stays in its ggml blocks (a ``GGUFParameter``), and each ``GGUFLinear``
 dequantises its weight in torch before its matmul (``forward_native``,
@@ -26,7 +27,6 @@ from advisor.platform import Constraint, Platform, constraint
 from advisor.units import format_size
 
 
-GUIDE = "https://huggingface.co/docs/diffusers/main/en/quantization/gguf"
 QUANT_BLOG = "https://huggingface.co/blog/diffusers-quantization"
 GGUF = "gguf"
 
@@ -34,7 +34,7 @@ GGUF = "gguf"
 # at Q8_0, Q4_1 and Q2_K beside bf16.
 TIERS = (  # (at least this many bits per weight, speed key, expected quality cost)
     (8.0, "gguf:8-bit", "8-bit blocks: near-identical images"),
-    (4.5, "gguf:4-6-bit", "4- to 6-bit blocks: small changes in fine detail, the composition stays"),
+    (4.0, "gguf:4-6-bit", "4- to 6-bit blocks: small changes in fine detail, the composition stays"),
     (0.0, "gguf:2-3-bit", "2- to 3-bit blocks: visibly softer detail and text"),
 )
 
@@ -66,7 +66,8 @@ def gguf_no_sequential_offload(config: OptimizationConfig, platform: Platform) -
 
 
 def file_type(quantization: Quantization) -> str:
-    """The type the file's name says (Q4_K_S), or the type most of a local file's bytes have."""
+    """The type the file's name says (Q4_K_S), or the type most of a local file's bytes have; else
+    Q8_0, the largest quantized type (the safe guess for memory)."""
     named = quantization.kind.removeprefix("GGUF").strip()
     if named:
         return named
