@@ -140,10 +140,9 @@ def emit_python(model: str, config: OptimizationConfig) -> str:
     ]
     lines += [step.code for step in flags] + ([""] if flags else [])
     lines += [load.code for load in loads if load.code]
-    lines += ["pipe = " + call_source("DiffusionPipeline.from_pretrained", (str(model),), load_kwargs), ""]
-    for step in steps:
-        if step.key != "compile.dynamo_config" and not step.done_by_loading:
-            lines += [f"# {step.description}", step.code]
+    lines += ["pipe = " + call_source("DiffusionPipeline.from_pretrained", (str(model),), load_kwargs)]
+    shown = [s for s in steps if s.key != "compile.dynamo_config" and not s.done_by_loading]
+    lines += [""] + [line for s in shown for line in (f"# {s.description}", s.code)] if shown else []
     call_kwargs = _call_kwargs(config, kind)
     call = call_source("pipe", (), {"prompt": Expr("prompt", None), **call_kwargs})
     batch = any(key.startswith("num_") and key.endswith("_per_prompt") for key in call_kwargs)
