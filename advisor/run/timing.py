@@ -117,6 +117,12 @@ def one_off_s(timed: dict[str, Any]) -> float | None:
     return max(0.0, first - warm)
 
 
+def cost_per_generation(latency_s: float, one_off: float | None, generations: int) -> float:
+    """Seconds per generation in a process that makes `generations`: the latency and its share of the
+    first call's one-off time. What a study minimises and its pick ranks by."""
+    return latency_s + (one_off or 0.0) / generations
+
+
 def round_latency(times: dict[int, float], steps: int) -> float | None:
     """One round's latency extrapolated to `steps`, or None when its times don't grow with the steps
     (noise larger than the steps' cost: such a round says nothing about either)."""

@@ -18,7 +18,7 @@ from typing import Any
 from advisor.config import SCHEMA_VERSION, OptimizationConfig, config_from_dict
 from advisor.plan.quality import is_lossy
 from advisor.plan.scenario import limited_peak
-from advisor.run.timing import one_off_s
+from advisor.run.timing import cost_per_generation, one_off_s
 from advisor.units import format_size
 
 
@@ -155,11 +155,10 @@ class TrialRecord:
 
     @property
     def cost_s(self) -> float | None:
-        """Seconds per generation in a process that makes `--generations`: the measured latency and
-        its share of the first call's one-off time. What the study minimises and the pick ranks by."""
-        if self.latency_s is None:
-            return None
-        return self.latency_s + (self.one_off_s or 0.0) / self.generations
+        """The measured latency per generation with its share of the one-off time (`cost_per_generation`)."""
+        return (
+            None if self.latency_s is None else cost_per_generation(self.latency_s, self.one_off_s, self.generations)
+        )
 
     @property
     def latency_range(self) -> tuple[float, float] | None:
@@ -385,7 +384,8 @@ def choose_best(feasible: list[TrialRecord]) -> tuple[TrialRecord | None, list[s
     if warm.latency_range[1] < best.latency_range[0] and config_key(warm.config) not in tied:
         notes.append(
             f"trial {warm.number} is faster once warm ({warm.latency_s:.3f}s against {best.latency_s:.3f}s), but its "
-            f"first call took {warm.one_off_s:.1f}s more than a warm one (compiling): over the {warm.generations} "
+            f"first call took {warm.one_off_s:.1f}s more than a warm one{' (compiling)' if warm.config.get('compile') else ''}: "
+            f"over the {warm.generations} "
             f"generations a process makes (--generations) it costs {warm.cost_s:.3f}s a generation, trial "
             f"{best.number} {best.cost_s:.3f}s"
         )

@@ -55,6 +55,7 @@ from advisor.run.timing import (
     TRIAL_TIMEOUT_S,
     TRIALS,
     TrialTiming,
+    cost_per_generation,
     one_off_s,
 )
 from advisor.run.trials import (
@@ -259,9 +260,9 @@ def _objective(
         def finish_measured(source: Source, m: Measurement, note: str | None = None) -> float:
             verdict = _judge(m, scenario, guard)
             reason = "; ".join(part for part in (note, verdict.reason) if part) or None
-            # What the pick ranks by (`TrialRecord.cost_s`): per generation, the one-off time spread over them.
+            # What the pick ranks by (`TrialRecord.cost_s`).
             cost = (
-                m.latency_s + (one_off_s(m.to_dict()) or 0.0) / scenario.generations
+                cost_per_generation(m.latency_s, one_off_s(m.to_dict()), scenario.generations)
                 if m.latency_s
                 else predicted.latency_s * 10
             )
