@@ -28,13 +28,16 @@ from advisor.rehearse.virtual import CPU, CUDA, NotRehearsable
 
 def quantize_in_place(pipe: Any, config: Any) -> list[str]:
     """Quantize `pipe`'s (virtual, unquantized) components as loading with `config` would; returns their names."""
+    from advisor.levers.gguf import GGUF_BACKEND
     from advisor.levers.offload import loads_onto_device
-    from advisor.levers.quantization import loaded_onto_device
+    from advisor.levers.quantization import backend_of, loaded_onto_device
     from advisor.run.classes import Components
     from advisor.run.quantize import loadings
 
     loaded = loadings(config, Components.of_pipe(pipe))
-    for name in (q.keyword for q in loaded if q.keyword in pipe.components):  # from_single_file: a GGUF file
+    for name in (q.keyword for q in loaded if q.keyword in pipe.components):  # a component loaded apart
+        if backend_of(config.quantization) is not GGUF_BACKEND:  # the one format laid out here
+            raise NotRehearsable(f"{name}: a pre-quantized checkpoint of `{config.quantization.backend}`")
         device = CUDA if loads_onto_device(config) else CPU
         _gguf(pipe.components[name], config.quantization, device, getattr(torch, config.dtype))
         return [name]
