@@ -440,7 +440,10 @@ def render_estimate(profile, job, target, config, result, fit: Fit | None = None
             parts or "-",
         )
     console.print(table)
-    ram_parts = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in result.ram_breakdown.items())
+    ram = dict(result.ram_breakdown)
+    loading = ram.pop("loading", 0)  # held while loading beyond what the run keeps
+    kept = "while running: " + ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in ram.items())
+    more = f"loading holds {format_size(loading)} more" if loading else "loading no more"
     if target.device != "cpu":
         _print_wrapped(
             console,
@@ -450,7 +453,7 @@ def render_estimate(profile, job, target, config, result, fit: Fit | None = None
             "",
             "  ",
         )
-    _print_wrapped(console, f"peak host RAM: {format_size(result.peak_ram_bytes)} ({ram_parts})", "", "  ")
+    _print_wrapped(console, f"peak host RAM: {format_size(result.peak_ram_bytes)} ({kept}; {more})", "", "  ")
     if result.disk_bytes:
         console.print(f"disk: {format_size(result.disk_bytes)} of offloaded weights")
     if fit is not None:

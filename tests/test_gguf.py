@@ -278,3 +278,16 @@ def test_a_gguf_transformer_rehearses_on_the_virtual_gpu_and_is_never_on_it_at_f
     # Every component loads onto the card unless offloaded, but the transformer only packed: the card
     # holds less than the whole pipeline at float32 (it held all of it, then converted).
     assert found.device_peak("loading") < profile.bytes
+
+
+def test_estimate_says_host_ram_while_loading_apart_from_while_running(tiny_gguf, tiny_flux_dir, tmp_path, capsys):
+    """Issue 27's host RAM per phase: a GGUF file is read whole into RAM as it loads (diffusers'
+    load_gguf_checkpoint copies every tensor), even for a component that then lives on the card."""
+    from advisor.cli import main
+
+    config = tmp_path / "gguf.json"
+    gguf_config(tiny_gguf).replace(device="cuda").save(str(config))
+    args = ["estimate", str(tiny_flux_dir), "--config", str(config), "--gpu", "RTX 4090", "--ram", "64GB"]
+    assert main([*args, "--height", "32", "--width", "32"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("peak host RAM"))
+    assert "(while running: process" in line and "; loading holds" in line
