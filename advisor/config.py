@@ -35,7 +35,8 @@ from advisor.schema import STRICT, Section, at_least_one
 SCHEMA_VERSION = 4
 
 Dtype = Literal["bfloat16", "float16", "float32"]
-QuantBackend = Literal["bitsandbytes_4bit", "bitsandbytes_8bit", "torchao", "gguf"]
+QuantBackend = Literal["bitsandbytes_4bit", "bitsandbytes_8bit", "torchao", "gguf", "quanto"]
+QuantoWeights = Literal["int8", "int4", "int2", "float8"]
 TorchaoScheme = Literal["int8_weight_only", "int8_dynamic", "float8_weight_only", "float8_dynamic", "int4_weight_only"]
 OffloadStrategy = Literal["none", "model", "group", "sequential"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -53,7 +54,7 @@ class Quantization(Section):
 
     ``bitsandbytes_4bit`` uses nf4 (or fp4) with ``compute_dtype``; ``torchao`` uses ``scheme``;
     ``gguf`` loads ``file`` (a local path or a Hub file URL; its type, Q8_0 or Q4_K_S, is in its name)
-    as the one component named.
+    as the one component named; ``quanto`` (optimum-quanto, deprecated in diffusers) uses ``weights``.
     """
 
     _key = "quantization."
@@ -64,6 +65,7 @@ class Quantization(Section):
     double_quant: bool = False  # bitsandbytes_4bit only: quantize the block scales too
     scheme: TorchaoScheme | None = None  # torchao only; default int8_weight_only
     file: str | None = None  # gguf only: the checkpoint, a local path or a Hub file URL
+    weights: QuantoWeights | None = None  # quanto only; default int8
 
     def _check(self) -> None:
         at_least_one("quantization.components", self.components)
@@ -71,6 +73,8 @@ class Quantization(Section):
             raise ValueError("`quantization.backend: gguf` needs `quantization.file` and exactly one component")
         if self.file is not None and self.backend != "gguf":
             raise ValueError(f"`quantization.file` is for gguf, not {self.backend}")
+        if self.weights is not None and self.backend != "quanto":
+            raise ValueError(f"`quantization.weights` is for quanto, not {self.backend}")
         if self.quant_type is not None and self.backend != "bitsandbytes_4bit":
             raise ValueError(f"`quantization.quant_type` is for bitsandbytes_4bit, not {self.backend}")
         if self.double_quant and self.backend != "bitsandbytes_4bit":
@@ -85,6 +89,8 @@ class Quantization(Section):
             return self.quant_type or "nf4"
         if self.backend == "bitsandbytes_8bit":
             return "int8"
+        if self.backend == "quanto":
+            return f"quanto {self.weights or 'int8'}"
         if self.backend == "gguf":  # the type its file's name says: flux1-dev-Q4_K_S.gguf
             words = re.split(r"[-.]", Path(self.file or "").stem)
             named = [w.upper() for w in words if re.fullmatch(r"(?i)I?Q\d(_[a-z0-9]+)*|BF16|F16|F32", w)]

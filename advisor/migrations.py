@@ -47,7 +47,8 @@ MIGRATIONS: dict[int, Migration] = {
         unchanged,
     ),
     3: Migration(
-        "quantization.backend gguf, with quantization.file: a pre-quantized GGUF checkpoint loaded as the component",
+        "quantization.backend gguf, with quantization.file: a pre-quantized GGUF checkpoint loaded as the component; "
+        "quantization.backend quanto, with quantization.weights",
         unchanged,
     ),
 }

@@ -93,6 +93,9 @@ def rows() -> list[Row]:
         ("torchao int4 weight-only", quant("torchao", "int4_weight_only"), 10.635, 14.654, 109),
         ("torchao int8 weight-only", quant("torchao", "int8_weight_only"), 17.020, 21.482, 15),
         ("torchao fp8 weight-only", quant("torchao", "float8_weight_only"), 17.016, 21.488, 15),
+        ("quanto int4", Quantization(backend="quanto", weights="int4", components=BOTH), 12.254, 16.139, 109),
+        ("quanto int8", Quantization(backend="quanto", weights="int8", components=BOTH), 17.330, 21.814, 15),
+        ("quanto fp8", Quantization(backend="quanto", weights="float8", components=BOTH), 16.395, 20.898, 16),
     ]
     out = [
         Row(

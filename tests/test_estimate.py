@@ -39,6 +39,10 @@ CPU_CONFIGS = {
             backend="torchao", components=["transformer", "text_encoder"], scheme="float8_weight_only"
         ),
     ),
+    "quanto fp8": OptimizationConfig(
+        device="cpu",
+        quantization=Quantization(backend="quanto", weights="float8", components=["transformer", "text_encoder"]),
+    ),
     "layerwise fp8": OptimizationConfig(
         device="cpu", layerwise_casting=LayerwiseCasting(components=["transformer", "text_encoder"])
     ),
@@ -51,6 +55,14 @@ CPU_CONFIGS = {
 def test_predicted_weight_bytes_match_the_loaded_footprint(name, fixture, request):
     from advisor.run.apply import load_pipeline
 
+    if fixture == "tiny_wan_dir" and name.startswith("quanto"):
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="quanto loads less of Wan's _keep_in_fp32_modules in fp32 than the estimate keeps there "
+                "(predicted 59% over the loaded bytes); not understood yet (issue 30)",
+            )
+        )
     folder = request.getfixturevalue(fixture)
     config = CPU_CONFIGS[name]
     profile = profile_from_folder(folder)

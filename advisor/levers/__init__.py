@@ -6,7 +6,7 @@ registered later is seen everywhere) instead of naming a lever's choices; `tests
 fails on any other module that names them.
 
 The levers: load-time quantization (`quantization`, one module per backend: `bitsandbytes`,
-`torchao`, `gguf`: a pre-quantized checkpoint), torch.compile and its dynamo flags (`torch_compile`), fp8 storage
+`torchao`, `gguf`: a pre-quantized checkpoint, `quanto`), torch.compile and its dynamo flags (`torch_compile`), fp8 storage
 (`layerwise_casting`), the memory format (`memory_format`), offloading (`offload`), the VAE's
 tiling and slicing (`vae`), the attention kernel (`attention`), the step cache (`step_cache`) and
 the caching allocator's settings (`allocator`).
@@ -39,6 +39,7 @@ from advisor.levers.layerwise_casting import LAYERWISE_CASTING
 from advisor.levers.memory_format import ChannelsLast
 from advisor.levers.offload import OFFLOAD
 from advisor.levers.quantization import QUANTIZATION, add_backend
+from advisor.levers.quanto import QUANTO_BACKEND
 from advisor.levers.step_cache import StepCache
 from advisor.levers.torch_compile import COMPILE
 from advisor.levers.torchao import TORCHAO_BACKEND
@@ -85,6 +86,7 @@ def searched_levers() -> list[Lever]:
 add_backend(BITSANDBYTES)
 add_backend(TORCHAO_BACKEND)
 add_backend(GGUF_BACKEND)
+add_backend(QUANTO_BACKEND)
 register(QUANTIZATION)
 register(COMPILE)
 register(LAYERWISE_CASTING)

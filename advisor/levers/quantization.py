@@ -154,7 +154,8 @@ _INSTALLED: list[Constraint] = []
 @constraint(
     "quantization-backend-installed",
     "quantization.backend",
-    "a quantization backend needs its package: bitsandbytes, gguf, or torchao (pip install 'diffusers-advisor[torchao]')",
+    "a quantization backend needs its package: bitsandbytes, gguf, optimum-quanto or torchao "
+    "(pip install 'diffusers-advisor[torchao]' or '[quanto]')",
     OVERVIEW,
     into=_INSTALLED,
 )

@@ -48,7 +48,6 @@ TRACKED_PACKAGES = (
     "transformers",
     "accelerate",
     *quantization.packages(),
-    "optimum-quanto",
     "optuna",
     "nvidia-ml-py",
     "psutil",
@@ -409,8 +408,6 @@ def quantization_backends(packages: dict[str, str | None], gpus: list[GpuInfo]) 
         **{name: judged(*row) for name, row in rows.items()},
         # Layerwise casting stores weights in float8 and computes in bf16: any device, torch only.
         "layerwise_fp8": installed("torch", "storage-only fp8 casting, any device"),
-        # Not config levers (yet): reported by whether their package is installed.
-        "quanto": installed("optimum-quanto", "optimum-quanto installed"),
     }
 
 

@@ -1,0 +1,121 @@
+"""The quanto backend (optimum-quanto): int8, int4, int2 or fp8 weights (``quantization.backend: quanto``).
+
+diffusers' quanto guide: each component gets its library's ``QuantoConfig`` (diffusers' takes
+``weights_dtype``, transformers' ``weights``, so ``quant_backend="quanto"`` is refused as for torchao:
+``quant_mapping``). 8-bit weights keep a scale per output row at the compute dtype; int4 and int2 pack
+two or four weights a byte with a scale and a shift per group of 128 (``QModuleMixin``,
+optimum/quanto/nn/qmodule.py). diffusers 0.42 deprecates ``QuantoConfig`` ("will be removed in version
+1.0.0", diffusers/quantizers/quantization_config.py), so the planner never proposes it; a config that
+names it is estimated, loaded and rehearsed like the others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from advisor.config import OptimizationConfig, Quantization
+from advisor.errors import ConfigError
+from advisor.levers.base import Loading
+from advisor.levers.code import source
+from advisor.levers.quantization import KEYWORD, VARIABLE, QuantBackend
+from advisor.platform import Constraint, Platform, constraint
+
+
+QUANTO = "quanto"
+QUANT_BLOG = "https://huggingface.co/blog/diffusers-quantization"
+DEFAULT_WEIGHTS = "int8"
+QUALITY_COSTS = {
+    "int8": "int8 weights: near-identical images",
+    "float8": "fp8 weights: near-identical images",
+    "int4": "int4 weights: visible detail changes on some prompts",
+    "int2": "int2 weights: strongly degraded images",
+}
+
+
+CONSTRAINTS: list[Constraint] = []
+
+
+@constraint(
+    "quanto-int8-bf16-not-on-cpu",
+    "quantization.weights",
+    "optimum-quanto's int8 matmul on the CPU (qbytes_mm_impl_cpu) crashes the process with a segmentation fault on "
+    "bf16 activations; float32 and float16 run (reproduced with optimum-quanto 0.2.7 and torch 2.13 on the tiny FLUX "
+    "pipeline, tests/test_quanto.py)",
+    "https://github.com/huggingface/optimum-quanto/blob/main/optimum/quanto/library/qbytes_mm.py",
+    into=CONSTRAINTS,
+)
+def quanto_int8_bf16_not_on_cpu(config: OptimizationConfig, platform: Platform) -> str | None:
+    q = config.quantization
+    if q is None or q.backend != QUANTO or (q.weights or DEFAULT_WEIGHTS) != "int8":
+        return None
+    if config.device.startswith("cuda") or config.dtype != "bfloat16":
+        return None
+    return "quanto int8 weights with bf16 crash on the CPU (a segfault in its int8 matmul); use dtype float32"
+
+
+class Quanto(QuantBackend):
+    backends = (QUANTO,)
+    package = "optimum-quanto"
+    names = frozenset({QUANTO})
+    constraints = tuple(CONSTRAINTS)
+
+    def probe_rows(self, packages: dict[str, str | None]) -> dict[str, tuple[Any, str]]:
+        def example(device: str) -> OptimizationConfig:
+            return OptimizationConfig(
+                device=device, quantization=Quantization(backend=QUANTO, components=["transformer"])
+            )
+
+        return {QUANTO: (example, f"optimum-quanto {packages.get(self.package)} (deprecated in diffusers 0.42)")}
+
+    def linear_bytes(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
+        weights = quantization.weights or DEFAULT_WEIGHTS
+        return k["quanto_bytes_per_weight"][weights], k["quanto_bytes_per_row"][weights]
+
+    def speed_key(self, quantization: Quantization) -> str:
+        return f"{QUANTO}:{quantization.weights or DEFAULT_WEIGHTS}"
+
+    def quality_cost(self, quantization: Quantization) -> tuple[str, str]:
+        return QUALITY_COSTS[quantization.weights or DEFAULT_WEIGHTS], QUANT_BLOG
+
+    def load(self, config: OptimizationConfig, components: Any) -> Loading:
+        q = config.quantization
+        weights = q.weights or DEFAULT_WEIGHTS
+        mapping = {name: components.is_diffusers_model(name) for name in q.components}
+        imports = ("from diffusers.quantizers import PipelineQuantizationConfig",)
+        if any(mapping.values()):
+            imports += ("from diffusers import QuantoConfig",)
+        if not all(mapping.values()):
+            imports += ("from transformers import QuantoConfig as TransformersQuantoConfig",)
+        lines = [f"{VARIABLE} = PipelineQuantizationConfig(", "    quant_mapping={"]
+        for name, is_diffusers in mapping.items():
+            made = f"QuantoConfig(weights_dtype={source(weights)})" if is_diffusers else None
+            made = made or f"TransformersQuantoConfig(weights={source(weights)})"
+            lines.append(f"        {source(name)}: {made},")
+        lines += ["    }", ")"]
+
+        def build() -> Any:
+            import diffusers
+            import transformers
+
+            try:
+                import optimum.quanto  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "`quantization.backend: quanto` needs the optimum-quanto package, which is not installed here: "
+                    "pip install optimum-quanto"
+                ) from None
+            from diffusers.quantizers import PipelineQuantizationConfig
+
+            return PipelineQuantizationConfig(
+                quant_mapping={
+                    name: diffusers.QuantoConfig(weights_dtype=weights)
+                    if is_diffusers
+                    else transformers.QuantoConfig(weights=weights)
+                    for name, is_diffusers in mapping.items()
+                }
+            )
+
+        return Loading(KEYWORD, VARIABLE, imports, "\n".join(lines), build)
+
+
+QUANTO_BACKEND = Quanto()
