@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from advisor.config import OptimizationConfig, Quantization
 from advisor.levers.base import Lever, Loading, Pick
+from advisor.levers.code import source
 from advisor.platform import Constraint, Platform, constraint
 from advisor.units import format_size
 
@@ -111,6 +112,35 @@ def add_backend(backend: QuantBackend) -> QuantBackend:
 
 def backend_of(quantization: Quantization) -> QuantBackend:
     return next(b for b in BACKENDS if quantization.backend in b.backends)
+
+
+def per_library_loading(
+    components: Any,
+    names: list[str],
+    code: tuple[str, str],
+    imports: tuple[str, str],
+    make: Callable[[bool], Any],
+    extra_imports: tuple[str, ...] = (),
+) -> Loading:
+    """``PipelineQuantizationConfig(quant_mapping=...)`` giving each of `names` its own library's
+    config: diffusers' and transformers' classes of one backend take different arguments, so diffusers
+    refuses ``quant_backend=...`` for them ("signatures ... don't match"). `code` and `imports` are the
+    (diffusers, transformers) source of a config and its import; `make(is_diffusers)` builds one."""
+    mapping = {name: components.is_diffusers_model(name) for name in names}
+    needed = tuple(line for library, line in zip((True, False), imports) if library in mapping.values())
+    lines = [f"{VARIABLE} = PipelineQuantizationConfig(", "    quant_mapping={"]
+    lines += [
+        f"        {source(name)}: {code[0] if is_diffusers else code[1]}," for name, is_diffusers in mapping.items()
+    ]
+    lines += ["    }", ")"]
+
+    def build() -> Any:
+        from diffusers.quantizers import PipelineQuantizationConfig
+
+        return PipelineQuantizationConfig(quant_mapping={name: make(d) for name, d in mapping.items()})
+
+    imported = ("from diffusers.quantizers import PipelineQuantizationConfig", *extra_imports, *needed)
+    return Loading(KEYWORD, VARIABLE, imported, "\n".join(lines), build)
 
 
 def quantized(config: OptimizationConfig, name: str) -> Quantization | None:

@@ -17,7 +17,7 @@ from advisor.config import OptimizationConfig, Quantization
 from advisor.errors import ConfigError
 from advisor.levers.base import Loading
 from advisor.levers.code import source
-from advisor.levers.quantization import KEYWORD, VARIABLE, QuantBackend
+from advisor.levers.quantization import QuantBackend, per_library_loading
 from advisor.platform import Constraint, Platform, constraint
 
 
@@ -78,22 +78,10 @@ class Quanto(QuantBackend):
         return QUALITY_COSTS[quantization.weights or DEFAULT_WEIGHTS], QUANT_BLOG
 
     def load(self, config: OptimizationConfig, components: Any) -> Loading:
-        q = config.quantization
-        weights = q.weights or DEFAULT_WEIGHTS
-        mapping = {name: components.is_diffusers_model(name) for name in q.components}
-        imports = ("from diffusers.quantizers import PipelineQuantizationConfig",)
-        if any(mapping.values()):
-            imports += ("from diffusers import QuantoConfig",)
-        if not all(mapping.values()):
-            imports += ("from transformers import QuantoConfig as TransformersQuantoConfig",)
-        lines = [f"{VARIABLE} = PipelineQuantizationConfig(", "    quant_mapping={"]
-        for name, is_diffusers in mapping.items():
-            made = f"QuantoConfig(weights_dtype={source(weights)})" if is_diffusers else None
-            made = made or f"TransformersQuantoConfig(weights={source(weights)})"
-            lines.append(f"        {source(name)}: {made},")
-        lines += ["    }", ")"]
+        """Each component gets the QuantoConfig of the library it belongs to (`per_library_loading`)."""
+        weights = config.quantization.weights or DEFAULT_WEIGHTS
 
-        def build() -> Any:
+        def make(is_diffusers: bool) -> Any:
             import diffusers
             import transformers
 
@@ -102,20 +90,22 @@ class Quanto(QuantBackend):
             except ImportError:
                 raise ConfigError(
                     "`quantization.backend: quanto` needs the optimum-quanto package, which is not installed here: "
-                    "pip install optimum-quanto"
+                    "pip install optimum-quanto (or the advisor's extra: pip install 'diffusers-advisor[quanto]')"
                 ) from None
-            from diffusers.quantizers import PipelineQuantizationConfig
+            if is_diffusers:
+                return diffusers.QuantoConfig(weights_dtype=weights)
+            return transformers.QuantoConfig(weights=weights)
 
-            return PipelineQuantizationConfig(
-                quant_mapping={
-                    name: diffusers.QuantoConfig(weights_dtype=weights)
-                    if is_diffusers
-                    else transformers.QuantoConfig(weights=weights)
-                    for name, is_diffusers in mapping.items()
-                }
-            )
-
-        return Loading(KEYWORD, VARIABLE, imports, "\n".join(lines), build)
+        return per_library_loading(
+            components,
+            config.quantization.components,
+            (f"QuantoConfig(weights_dtype={source(weights)})", f"TransformersQuantoConfig(weights={source(weights)})"),
+            (
+                "from diffusers import QuantoConfig",
+                "from transformers import QuantoConfig as TransformersQuantoConfig",
+            ),
+            make,
+        )
 
 
 QUANTO_BACKEND = Quanto()

@@ -15,9 +15,8 @@ from typing import Any, Callable
 from advisor.config import OptimizationConfig, Quantization
 from advisor.errors import ConfigError
 from advisor.levers.base import Loading
-from advisor.levers.code import source
 from advisor.levers.offload import blocks_move_with_module_to, group_offloaded
-from advisor.levers.quantization import KEYWORD, VARIABLE, QuantBackend
+from advisor.levers.quantization import QuantBackend, per_library_loading
 from advisor.platform import Constraint, Platform, constraint, on_cuda
 
 
@@ -194,25 +193,10 @@ class Torchao(QuantBackend):
         }
 
     def load(self, config: OptimizationConfig, components: Any) -> Loading:
-        """diffusers' and transformers' TorchAoConfig take different arguments, so diffusers refuses
-        ``quant_backend="torchao"`` ("signatures ... don't match"): each component gets the config
-        class of the library it belongs to, through ``quant_mapping``."""
-        q = config.quantization
-        scheme_class = SCHEMES[q.kind]
-        mapping = {name: components.is_diffusers_model(name) for name in q.components}
-        imports = ("from diffusers.quantizers import PipelineQuantizationConfig",)
-        imports += (f"from torchao.quantization import {scheme_class}",)
-        if any(mapping.values()):
-            imports += ("from diffusers import TorchAoConfig",)
-        if not all(mapping.values()):
-            imports += ("from transformers import TorchAoConfig as TransformersTorchAoConfig",)
-        lines = [f"{VARIABLE} = PipelineQuantizationConfig(", "    quant_mapping={"]
-        for name, is_diffusers in mapping.items():
-            callee = "TorchAoConfig" if is_diffusers else "TransformersTorchAoConfig"
-            lines.append(f"        {source(name)}: {callee}({scheme_class}()),")
-        lines += ["    }", ")"]
+        """Each component gets the TorchAoConfig of the library it belongs to (`per_library_loading`)."""
+        scheme_class = SCHEMES[config.quantization.kind]
 
-        def build() -> Any:
+        def make(is_diffusers: bool) -> Any:
             import diffusers
             import transformers
 
@@ -223,17 +207,20 @@ class Torchao(QuantBackend):
                     "`quantization.backend: torchao` needs the torchao package, which is not installed here: "
                     "pip install torchao (or the advisor's extra: pip install 'diffusers-advisor[torchao]')"
                 ) from None
-            from diffusers.quantizers import PipelineQuantizationConfig
+            library = diffusers if is_diffusers else transformers
+            return library.TorchAoConfig(getattr(torchao.quantization, scheme_class)())
 
-            scheme = getattr(torchao.quantization, scheme_class)
-            return PipelineQuantizationConfig(
-                quant_mapping={
-                    name: (diffusers.TorchAoConfig if is_diffusers else transformers.TorchAoConfig)(scheme())
-                    for name, is_diffusers in mapping.items()
-                }
-            )
-
-        return Loading(KEYWORD, VARIABLE, imports, "\n".join(lines), build)
+        return per_library_loading(
+            components,
+            config.quantization.components,
+            (f"TorchAoConfig({scheme_class}())", f"TransformersTorchAoConfig({scheme_class}())"),
+            (
+                "from diffusers import TorchAoConfig",
+                "from transformers import TorchAoConfig as TransformersTorchAoConfig",
+            ),
+            make,
+            extra_imports=(f"from torchao.quantization import {scheme_class}",),
+        )
 
 
 TORCHAO_BACKEND = Torchao()
