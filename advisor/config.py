@@ -91,11 +91,18 @@ class Quantization(Section):
             return "int8"
         if self.backend == "quanto":
             return f"quanto {self.weights or 'int8'}"
-        if self.backend == "gguf":  # the type its file's name says: flux1-dev-Q4_K_S.gguf
-            words = re.split(r"[-.]", Path(self.file or "").stem)
-            named = [w.upper() for w in words if re.fullmatch(r"(?i)I?Q\d(_[a-z0-9]+)*|BF16|F16|F32", w)]
-            return f"GGUF {named[-1]}" if named else "GGUF"
+        if self.backend == "gguf":
+            named = self.gguf_type_in_name
+            return f"GGUF {named}" if named else "GGUF"
         return self.scheme or "int8_weight_only"
+
+    @property
+    def gguf_type_in_name(self) -> str | None:
+        """The type a GGUF file's name says (``flux1-dev-Q4_K_S.gguf`` -> Q4_K_S), as city96's files
+        and llama.cpp's name them; None where it says none."""
+        words = re.split(r"[-.]", Path(self.file or "").stem)
+        named = [w.upper() for w in words if re.fullmatch(r"(?i)I?Q\d(_[a-z0-9]+)*|BF16|F16|F32", w)]
+        return named[-1] if named else None
 
     def label(self) -> str:
         return f"{self.kind}({', '.join(self.components)})"

@@ -1,7 +1,7 @@
 """What the CLI prints for people: tables and lines at the terminal's width (data comes from the modules).
 
 `probe`, `recommend` and `inspect` print plain lines and aligned columns (`text_console`,
-`_print_columns`); the other views use rich, imported where they are drawn: its import and tables
+`print_columns`); the other views use rich, imported where they are drawn: its import and tables
 took a third of `probe`'s start-up (benchmarks/cli_latency.py). Both print at `output_width`:
 ``COLUMNS`` when set, else the terminal's width, else `PIPED_WIDTH`.
 """
@@ -272,7 +272,7 @@ def _print_alternatives(console, alternatives, device: str, peak_label: str) -> 
         )
         rows.append([*numbers, f"{estimate.latency_s:.1f}s", summary(alternative.config)])
     console.print("Alternatives:")
-    _print_columns(console, header, rows, right=set(range(len(header) - 1)))
+    print_columns(console, header, rows, right=set(range(len(header) - 1)))
 
 
 def format_latency(trial) -> str:
@@ -329,7 +329,7 @@ def render_probe(profile) -> None:
     host = profile.host
     cores = f"{host.cpu_cores_physical} physical / {host.cpu_cores_logical} logical cores"
     console.print("Host:")
-    _print_columns(
+    print_columns(
         console,
         None,
         [
@@ -341,7 +341,7 @@ def render_probe(profile) -> None:
         ],
     )
     console.print("Software:")
-    _print_columns(
+    print_columns(
         console,
         ["package", "version"],
         [[name, version or "not installed"] for name, version in profile.software.packages.items()],
@@ -351,14 +351,14 @@ def render_probe(profile) -> None:
         ("Attention backends (set_attention_backend)", profile.software.attention_backends),
     ):
         console.print(f"{title}:")
-        _print_columns(
+        print_columns(
             console,
             ["backend", "usable", "why"],
             [[name, "yes" if status.usable else "no", status.reason] for name, status in backends.items()],
         )
 
 
-def _print_columns(console, header: list[str] | None, rows: list[list[str]], right: Container[int] = ()) -> None:
+def print_columns(console, header: list[str] | None, rows: list[list[str]], right: Container[int] = ()) -> None:
     """Rows as aligned columns that never cut a cell: each column but the last as wide as its widest
     cell (right-aligned where `right` says), the last wrapped under itself in the width left."""
     widths = [max(len(cell) for cell in column) for column in zip(*([header] if header else []), *rows)][:-1]

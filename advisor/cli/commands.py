@@ -75,40 +75,21 @@ def inspect(
 def _inspect_gguf(files: list, as_json: bool) -> None:
     """What each GGUF file holds, per tensor type: what it weighs loaded as a diffusers component."""
     from advisor.levers.gguf.header import read_gguf_header
-    from advisor.render import format_count, text_console
+    from advisor.render import format_count, print_columns, text_console
     from advisor.units import format_size
 
     headers = [read_gguf_header(file) for file in files]
     if as_json:
-        print_json(
-            [
-                {
-                    "file": str(h.path),
-                    "version": h.version,
-                    "parameters": h.parameters,
-                    "bytes": h.tensor_bytes,
-                    "main_type": h.main_type,
-                    "types": [dict(zip(("type", "tensors", "parameters", "bytes"), row)) for row in h.by_type()],
-                }
-                for h in headers
-            ]
-        )
+        print_json([h.to_dict() for h in headers])
         return
     console = text_console()
     for h in headers:
         console.print(
             f"{h.path}  (GGUF v{h.version}: {len(h.tensors)} tensors, {format_count(h.parameters)} parameters, "
-            f"{format_size(h.tensor_bytes)}; mostly {h.main_type})",
-            markup=False,
-            highlight=False,
+            f"{format_size(h.tensor_bytes)}; mostly {h.main_type})"
         )
-        rows = [["type", "tensors", "params", "size", "bits/weight"]]
-        rows += [[kind, str(n), format_count(w), format_size(b), f"{b * 8 / w:g}"] for kind, n, w, b in h.by_type()]
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        for row in rows:
-            console.print(
-                "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-            )
+        rows = [[kind, str(n), format_count(w), format_size(b), f"{b * 8 / w:g}"] for kind, n, w, b in h.by_type()]
+        print_columns(console, ["type", "tensors", "params", "size", "bits/weight"], rows, right={1, 2, 3})
     console.print("packed types stay packed as loaded; F32/F16 tensors load at the pipeline's dtype")
 
 

@@ -306,18 +306,19 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
     # is built anew, keeping its shard's pages next to the new tensors while it loads, and some
     # backends first materialise it at the compute dtype before quantizing. Nothing is staged for
     # what loads straight onto the GPU (`offload.loads_onto_device`, the quantizers that load there).
+    read_whole = quantization.read_into_ram(config)  # a GGUF file, wherever it goes after
     onto_device = (
         {c.name for c in profile.components}
         if offload.loads_onto_device(config)
         else quantization.loaded_onto_device(config)
-    ) - quantization.read_into_ram(config)  # a GGUF file is read whole, wherever it goes after
+    ) - read_whole
     materialised = quantization.materialised_at_compute_dtype(config)
 
     def converted(c) -> bool:
         return not (c.dtype == config.dtype and weights[c.name] == c.bytes)
 
     def transient(c) -> int:
-        if not converted(c) or c.name in quantization.read_into_ram(config):  # none beyond the copy itself
+        if not converted(c) or c.name in read_whole:  # none beyond the copy itself
             return 0
         # Loading converts one shard at a time; catalog entries don't record their shards, and
         # diffusers and transformers write shards of at most 10 GB.

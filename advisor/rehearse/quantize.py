@@ -18,7 +18,6 @@ Where the weights land: the device for a quantizer that loads there (bitsandbyte
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -35,12 +34,13 @@ def quantize_in_place(pipe: Any, config: Any) -> list[str]:
     from advisor.run.quantize import loadings
 
     loaded = loadings(config, Components.of_pipe(pipe))
-    for name in (q.keyword for q in loaded if q.keyword in pipe.components):  # a component loaded apart
+    apart = next((q.keyword for q in loaded if q.keyword in pipe.components), None)  # loaded from its own file
+    if apart is not None:
         if backend_of(config.quantization) is not GGUF_BACKEND:  # the one format laid out here
-            raise NotRehearsable(f"{name}: a pre-quantized checkpoint of `{config.quantization.backend}`")
+            raise NotRehearsable(f"{apart}: a pre-quantized checkpoint of `{config.quantization.backend}`")
         device = CUDA if loads_onto_device(config) else CPU
-        _gguf(pipe.components[name], config.quantization, device, getattr(torch, config.dtype))
-        return [name]
+        _gguf(pipe.components[apart], config.quantization, device, getattr(torch, config.dtype))
+        return [apart]
     found = [q for q in loaded if q.keyword == "quantization_config"]
     if not found:
         return []
@@ -95,10 +95,10 @@ def _gguf(model: torch.nn.Module, quantization: Any, device: torch.device, dtype
     from diffusers.quantizers import DiffusersAutoQuantizer
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
-    from advisor.levers.gguf import file_type
+    from advisor.levers.gguf import file_type, tensor_type
 
     try:
-        kind = gguf.GGMLQuantizationType[re.sub(r"_[SML]$", "", file_type(quantization))]
+        kind = gguf.GGMLQuantizationType[tensor_type(file_type(quantization))]
     except KeyError:
         raise NotRehearsable(f"GGUF type {file_type(quantization)}: not one the rehearsal can lay out") from None
     block, size = gguf.GGML_QUANT_SIZES[kind]

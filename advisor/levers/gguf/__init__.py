@@ -14,13 +14,14 @@ Loading reads every tensor out of the file into RAM (``tensor.data.copy()`` in
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 from advisor.config import OptimizationConfig, Quantization
 from advisor.levers.base import Loading
 from advisor.levers.code import Expr, call_source, dtype_expr, runtime_value
-from advisor.levers.gguf.header import GGML_TYPES, read_gguf_header
+from advisor.levers.gguf.header import GGML_TYPES, GgufHeader, read_gguf_header
 from advisor.levers.offload.strategies import SEQUENTIAL, loads_onto_device
 from advisor.levers.quantization import QuantBackend
 from advisor.platform import Constraint, Platform, constraint
@@ -68,17 +69,21 @@ def gguf_no_sequential_offload(config: OptimizationConfig, platform: Platform) -
 def file_type(quantization: Quantization) -> str:
     """The type the file's name says (Q4_K_S), or the type most of a local file's bytes have; else
     Q8_0, the largest quantized type (the safe guess for memory)."""
-    named = quantization.kind.removeprefix("GGUF").strip()
-    if named:
-        return named
+    if quantization.gguf_type_in_name:
+        return quantization.gguf_type_in_name
     header = local_header(quantization)
     return header.main_type if header is not None else "Q8_0"
 
 
+def tensor_type(type_name: str) -> str:
+    """The ggml type a file type stores most weights in: Q4_K_S and Q4_K_M mix in some larger blocks
+    but are mostly Q4_K."""
+    return re.sub(r"_[SML]$", "", type_name)
+
+
 def bits_per_weight(type_name: str) -> float:
-    """Of a file type's main tensor type: Q4_K_S and Q4_K_M store most weights as Q4_K (4.5 bits)."""
-    base = re.sub(r"_[SML]$", "", type_name)
-    _, block, size = next((v for v in GGML_TYPES.values() if v[0] == base), ("", 32, 34))
+    """Of a file type's main tensor type (`tensor_type`): Q4_K_S 4.5, Q8_0 8.5."""
+    _, block, size = next((v for v in GGML_TYPES.values() if v[0] == tensor_type(type_name)), ("", 32, 34))
     return size * 8 / block
 
 
@@ -87,10 +92,25 @@ def hub_file(repo: str, name: str) -> str:
     return f"https://huggingface.co/{repo}/blob/main/{name}"
 
 
-def local_header(quantization: Quantization):
-    """The header of the config's file when it is on this machine, else None (a Hub file is not read)."""
+def local_file(quantization: Quantization) -> Path | None:
+    """The config's file when it is on this machine (a Hub file is not)."""
     path = Path(quantization.file or "").expanduser()
-    return read_gguf_header(path) if quantization.file and path.is_file() else None
+    return path if quantization.file and path.is_file() else None
+
+
+def local_header(quantization: Quantization) -> GgufHeader | None:
+    """The header of the config's file when it is on this machine, read once per version of the file
+    (the estimate asks for it per component and candidate)."""
+    path = local_file(quantization)
+    if path is None:
+        return None
+    stat = path.stat()
+    return _header(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _header(path: str, _mtime_ns: int, _size: int) -> GgufHeader:
+    return read_gguf_header(path)
 
 
 class Gguf(QuantBackend):
@@ -175,7 +195,7 @@ class Gguf(QuantBackend):
         kwargs["torch_dtype"] = dtype_expr(config.dtype)
         if loads_onto_device(config):  # the pipeline loads onto the card; a component handed to it stays where it is
             kwargs["device"] = config.device
-        file = str(Path(q.file).expanduser()) if Path(q.file).expanduser().is_file() else q.file
+        file = str(local_file(q) or q.file)
 
         def build() -> Any:
             from diffusers import GGUFQuantizationConfig

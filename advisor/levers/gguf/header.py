@@ -114,6 +114,17 @@ class GgufHeader:
             row[0], row[1], row[2] = row[0] + 1, row[1] + t.elements, row[2] + t.nbytes
         return sorted(((kind, *row) for kind, row in rows.items()), key=lambda r: -r[3])
 
+    def to_dict(self) -> dict[str, object]:
+        rows = [dict(zip(("type", "tensors", "parameters", "bytes"), row)) for row in self.by_type()]
+        return {
+            "file": str(self.path),
+            "version": self.version,
+            "parameters": self.parameters,
+            "bytes": self.tensor_bytes,
+            "main_type": self.main_type,
+            "types": rows,
+        }
+
     @property
     def main_type(self) -> str:
         """The type holding most of the bytes: what the file is called by (Q4_K for a Q4_K_S file)."""
