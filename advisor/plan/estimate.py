@@ -233,15 +233,10 @@ def estimate(
         active = [c for c in profile.components if c.role == role]
         if phase == "denoising" and offload.only_one_denoiser_resident(config) and len(active) > 1:
             active = [max(active, key=lambda c: weights[c.name])]  # Wan2.2's experts take turns
-        # what loading quantized straight onto the GPU, under model offload, stays there until the
-        # denoiser's first call
-        loaded = (
-            quantization.loaded_onto_device(config) if offload.loaded_on_device_until_first_denoise(config) else set()
-        )
         if phase == "text_encoding" and len(active) > 1:
             order = encoding_order(profile.offload_sequence, [c.name for c in active])
             passes = encoding_passes(profile.pipeline_class, profile.workload)
-            together = offload.encoders_resident_at_once(config, order, weights, passes, loaded)
+            together = offload.encoders_resident_at_once(config, order, weights, passes)
             active = [c for c in active if c.name in together]
         resident = {
             c.name: offload.resident_bytes(
@@ -250,8 +245,6 @@ def estimate(
             for c in profile.components
             if c.role != "other" or offload.unused_components_resident(config)
         }
-        if phase == "text_encoding":
-            resident |= {c.name: weights[c.name] for c in profile.components if c.name in loaded}
         activation, stranded, cached, workspace = _device_activation(
             profile, config, phase, works[phase], target, on_cpu
         )
@@ -305,13 +298,9 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
     # are not the process's own memory; measured by tests/test_host_memory.py); one that is converted
     # is built anew, keeping its shard's pages next to the new tensors while it loads, and some
     # backends first materialise it at the compute dtype before quantizing. Nothing is staged for
-    # what loads straight onto the GPU (`offload.loads_onto_device`, the quantizers that load there).
+    # what loads straight onto the GPU (`offload.on_device_after_loading`).
     read_whole = quantization.read_into_ram(config)  # a GGUF file, wherever it goes after
-    onto_device = (
-        {c.name for c in profile.components}
-        if offload.loads_onto_device(config)
-        else quantization.loaded_onto_device(config)
-    ) - read_whole
+    onto_device = offload.on_device_after_loading(config, [c.name for c in profile.components]) - read_whole
     materialised = quantization.materialised_at_compute_dtype(config)
 
     def converted(c) -> bool:

@@ -28,8 +28,8 @@ from advisor.rehearse.virtual import CPU, CUDA, NotRehearsable
 def quantize_in_place(pipe: Any, config: Any) -> list[str]:
     """Quantize `pipe`'s (virtual, unquantized) components as loading with `config` would; returns their names."""
     from advisor.levers.gguf import GGUF_BACKEND
-    from advisor.levers.offload import loads_onto_device
-    from advisor.levers.quantization import backend_of, loaded_onto_device
+    from advisor.levers.offload import loads_onto_device, on_device_after_loading
+    from advisor.levers.quantization import backend_of
     from advisor.run.classes import Components
     from advisor.run.quantize import loadings
 
@@ -45,7 +45,7 @@ def quantize_in_place(pipe: Any, config: Any) -> list[str]:
     if not found:
         return []
     pipeline_config = found[0].build()
-    onto_device = loaded_onto_device(config)
+    onto_device = on_device_after_loading(config, list(pipe.components))
     dtype = getattr(torch, config.dtype)
     quantized = []
     for name, component in pipe.components.items():

@@ -50,8 +50,9 @@ from advisor.levers.offload.strategies import (
     fitted_choice,
     group_offloaded,
     host_bytes,
-    loaded_on_device_until_first_denoise,
+    load_device_map,
     loads_onto_device,
+    on_device_after_loading,
     only_one_denoiser_resident,
     overlapped,
     partial_choices,
@@ -88,8 +89,9 @@ __all__ = [
     "fitted_choice",
     "group_offloaded",
     "host_bytes",
-    "loaded_on_device_until_first_denoise",
+    "load_device_map",
     "loads_onto_device",
+    "on_device_after_loading",
     "only_one_denoiser_resident",
     "overlapped",
     "partial_offset",
@@ -219,11 +221,13 @@ class Offloading(Lever):
         return reasons.guidance_reasons(pick, self.prefers)
 
     def loading(self, config: OptimizationConfig, components: Any) -> Loading | None:
-        """Straight onto the GPU where nothing is offloaded (`loads_onto_device`); the placement step
+        """Straight onto the GPU where nothing is offloaded, onto the host where a quantizer would
+        otherwise fill the GPU before offloading starts (`load_device_map`); the placement step
         ``pipe.to`` stays, for a pipeline loaded some other way (there it moves nothing)."""
-        if not loads_onto_device(config):
+        device_map = load_device_map(config)
+        if device_map is None:
             return None
-        return Loading("device_map", source(config.device), (), "", lambda: config.device)
+        return Loading("device_map", source(device_map), (), "", lambda: device_map)
 
     def pipeline_problem(self, config: OptimizationConfig, pipe: Any, components: Any) -> str | None:
         """A VAE that block-level group offloading would leave on the CPU for its decode, asked of the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from advisor.config import Offload, OptimizationConfig
 from advisor.levers.base import Pick, Prefer
-from advisor.levers.offload.strategies import GROUP, MODEL, NONE
+from advisor.levers.offload.strategies import GROUP, MODEL, NONE, load_device_map
 from advisor.units import format_size
 
 
@@ -31,6 +31,13 @@ def memory_reasons(pick: Pick) -> list[str]:
     if offload.strategy != NONE:
         no_offload = pick.predict(pick.config.replace(offload=Offload()))
         lines.append(f"{offload.label()}: without it the peak would be {format_size(no_offload.peak_vram_bytes)}")
+    if load_device_map(pick.config) == "cpu":
+        quantized = ", ".join(pick.config.quantization.components)
+        lines.append(
+            f'loads with device_map="cpu": bitsandbytes would otherwise quantize {quantized} straight onto the GPU, '
+            "all there at once before offloading starts; on the CPU it quantizes more slowly, once per load "
+            "(as FLUX.2's 24 GB recipe loads: https://huggingface.co/blog/flux-2)"
+        )
     if offload.resident_blocks:
         lines.append(_partial_against_whole(pick))
     elif pick.scenario.target.device == "cuda" and offload.strategy == NONE:

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from advisor.config import Offload, OptimizationConfig
+from advisor.levers.quantization import loaded_onto_device
 
 
 # The strategies, as the config spells them (`advisor.config.OffloadStrategy`).
@@ -143,7 +144,7 @@ def only_one_denoiser_resident(config: OptimizationConfig) -> bool:
 
 
 def encoders_resident_at_once(
-    config: OptimizationConfig, order: list[str], weights: dict[str, int], passes: int, loaded: set[str]
+    config: OptimizationConfig, order: list[str], weights: dict[str, int], passes: int
 ) -> set[str]:
     """The text encoders on the device together at the heaviest moment of text encoding, calling
     the encoders named in `order` (the pipeline's ``model_cpu_offload_seq`` order, the order its
@@ -152,8 +153,8 @@ def encoders_resident_at_once(
     before it in the sequence as it runs (``CpuOffload.pre_forward`` calls
     ``prev_module_hook.offload()``, accelerate/hooks.py), so one encoder runs at a time; the first
     has no predecessor, so a second pass brings it back beside the last (SD3's negative prompt:
-    CLIP-L beside T5, then CLIP-G beside T5). `loaded` are on the device from the start (what
-    loads straight onto it, `loaded_on_device_until_first_denoise`). Group offloading onloads a
+    CLIP-L beside T5, then CLIP-G beside T5); nothing is there from loading (`load_device_map`).
+    Group offloading onloads a
     transformers encoder as one group when it is called and offloads it when its forward returns
     (the group whose leader is the module itself: ``GroupOffloadingHook.post_forward`` calls
     ``offload_()``, diffusers/hooks/group_offloading.py), so its encoders too run one at a time,
@@ -164,8 +165,8 @@ def encoders_resident_at_once(
         return kept | ({max(streamed, key=lambda n: weights[n])} if streamed else set())
     if config.offload.strategy != MODEL:
         return set(order)
-    resident = {n for n in order if n in loaded}
-    heaviest = set(resident)
+    resident: set[str] = set()
+    heaviest: set[str] = set()
     for _ in range(passes):
         for before, name in zip([None, *order], order):
             resident.discard(before)
@@ -188,11 +189,37 @@ def empties_cache_between_models(config: OptimizationConfig) -> bool:
     return config.offload.strategy == MODEL
 
 
-def loaded_on_device_until_first_denoise(config: OptimizationConfig) -> bool:
-    """Whether components that load straight onto the GPU (bitsandbytes) stay there through text
-    encoding: model offload moves a module only when the next one's hook fires, so until the
-    denoiser's first call every one of them is resident (diffusers 0.42 enable_model_cpu_offload)."""
-    return config.offload.strategy == MODEL
+def load_device_map(config: OptimizationConfig) -> str | None:
+    """The ``device_map`` the pipeline loads with, or None.
+
+    ``"cuda"`` where nothing is offloaded (`loads_onto_device`). ``"cpu"`` under model offload
+    where a quantization backend would otherwise quantize straight onto the GPU: with no map,
+    diffusers' and transformers' bitsandbytes quantizers load onto the current CUDA device
+    (``update_device_map``), so every such component would sit on the card at once until the
+    offload hooks first move them (FLUX.2 [dev] nf4: 31 GB on a 24 GB card). diffusers says so
+    beside ``_is_pipeline_device_mapped`` ("users want to pass `device_map="cpu"` ... in limited
+    VRAM environments because quantized models often initialize directly on the accelerator"), and
+    the FLUX.2 release post's 24 GB recipe loads its 4-bit models with ``device_map="cpu"`` before
+    ``enable_model_cpu_offload()`` (https://huggingface.co/blog/flux-2): accelerate's hooks move
+    whole modules with ``.to``, which carries bitsandbytes' quantization state along. Not under
+    group offloading: its hooks move parameter data only, so a model quantized on the CPU would
+    compute with its quantization state left there (rehearsed: ``gemm_4bit mixes cpu and cuda:0``,
+    tests/test_rehearse.py). bitsandbytes then quantizes on the CPU (``Params4bit.to("cpu")``): a
+    slower load (about 10 s per GB of bf16 weights on 2 cores), the same weights."""
+    if loads_onto_device(config):
+        return config.device
+    if config.offload.strategy == MODEL and config.device == "cuda" and loaded_onto_device(config):
+        return "cpu"
+    return None
+
+
+def on_device_after_loading(config: OptimizationConfig, components: list[str]) -> set[str]:
+    """Of `components`, those on the GPU once the pipeline has loaded (`load_device_map`): all of
+    them with ``"cuda"``; with no map, those a quantization backend puts there; none with ``"cpu"``."""
+    device_map = load_device_map(config)
+    if device_map is None:
+        return loaded_onto_device(config) & set(components)
+    return set(components) if device_map == "cuda" else set()
 
 
 def loads_onto_device(config: OptimizationConfig) -> bool:
