@@ -87,6 +87,8 @@ TRANSFORMERS_ENCODERS = (
     "Qwen2_5_VLForConditionalGeneration",
     "Gemma2Model",
     "Qwen3Model",
+    "Qwen3ForCausalLM",
+    "Mistral3ForConditionalGeneration",
 )
 
 

@@ -386,6 +386,35 @@ DECISIONS = [
         _check(ram_within_headroom, lambda r: r.config.offload.strategy in ("none", "model")),
     ),
     Decision(
+        "flux2-4090-published-recipe",
+        "flux2-dev",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "FLUX.2 [dev]'s 24 GB recipe: transformer and text encoder in 4-bit with model CPU offload, ~20 GB of free "
+        "VRAM (https://huggingface.co/blog/flux-2; BFL's flux2_dev_hf.md: 'Those with 24-32GB of VRAM can use the "
+        "model with 4-bit quantization'), its 4-bit models loaded onto the CPU first (device_map='cpu'); bf16's "
+        "112 GB of weights fit neither the card nor 64 GB of RAM",
+        _check(
+            lambda r: q(r) is not None and {"transformer", "text_encoder"} <= set(q(r).components),
+            lambda r: r.config.offload.strategy == "model",
+            lambda r: offload.load_device_map(r.config) == "cpu",
+            ram_within_headroom,
+        ),
+    ),
+    Decision(
+        "flux2-h100-exact-model-offload",
+        "flux2-dev",
+        {"gpu": "H100", "ram": 256 * GIB},
+        "bf16 on an 80 GB card: 'Even an H100 can't hold the text-encoder, transformer and VAE at the same time', "
+        "so model CPU offload (BFL's flux2_dev_hf.md); 'With CPU offloading enabled, this setup takes ~62GB' "
+        "(https://huggingface.co/blog/flux-2): the peak within 10% of 62 GB",
+        _check(
+            lossless,
+            lambda r: r.config.offload.strategy == "model",
+            lambda r: 0.9 * 62e9 <= r.best.estimate.peak_vram_bytes <= 1.1 * 62 * GIB,
+        ),
+        quality="exact",
+    ),
+    Decision(
         "ltx-l4",
         "ltx-video",
         {"gpu": "L4", "ram": 32 * GIB},

@@ -40,6 +40,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 CLASSES = {
     "FluxPipeline": "black-forest-labs/FLUX.1-dev",
+    "Flux2Pipeline": "black-forest-labs/FLUX.2-dev",
     "StableDiffusion3Pipeline": "stabilityai/stable-diffusion-3.5-large",
     "StableDiffusionXLPipeline": "stabilityai/stable-diffusion-xl-base-1.0",
     "QwenImagePipeline": "Qwen/Qwen-Image",

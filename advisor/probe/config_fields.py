@@ -51,8 +51,9 @@ CONFIG_FIELD_KINDS = {
     "guidance_embeds": _FLAG,
     "text_config": _OBJECT,
 }
-# A VAE's patch size multiplies its compression factor: one number.
-_ROLE_FIELD_KINDS = {"vae": {"patch_size": _COUNT}}
+# A VAE's patch size multiplies its compression factor (one number), except FLUX.2's (h, w): that is
+# the pipeline's 2x2 packing of latents into channels, which the transformer's in_channels counts.
+_ROLE_FIELD_KINDS = {"vae": {"patch_size": _COUNT_OR_COUNTS}}
 _EXPECTED = {
     _COUNT: "a whole number >= 1",
     _LAYERS: "a whole number >= 0",

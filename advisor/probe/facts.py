@@ -101,6 +101,8 @@ def component_facts(role: str, class_name: str, config: dict[str, Any], pipeline
 def vae_compression(class_name: str, config: dict[str, Any]) -> tuple[int, int]:
     """(spatial, temporal) downsampling factor of a VAE, from its config."""
     patch = config.get("patch_size") or 1
+    if isinstance(patch, list):  # FLUX.2: the pipeline's latent packing, not the VAE's compression
+        patch = 1
     if config.get("spatial_compression_ratio"):
         return int(config["spatial_compression_ratio"]), int(config.get("temporal_compression_ratio") or 1)
     if "temperal_downsample" in config:  # Wan / Qwen-Image VAEs (the typo is diffusers' own)

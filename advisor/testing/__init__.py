@@ -53,7 +53,13 @@ import pathlib
 from typing import Any, Callable
 
 from advisor.testing._common import offline_tokenizer
-from advisor.testing.image import build_tiny_flux, build_tiny_qwen_image, build_tiny_sd3, build_tiny_sdxl
+from advisor.testing.image import (
+    build_tiny_flux,
+    build_tiny_flux2,
+    build_tiny_qwen_image,
+    build_tiny_sd3,
+    build_tiny_sdxl,
+)
 from advisor.testing.video import (
     build_tiny_cogvideox,
     build_tiny_hunyuan_video,
@@ -67,6 +73,7 @@ __all__ = [
     "TINY_BUILDERS",
     "build_tiny_cogvideox",
     "build_tiny_flux",
+    "build_tiny_flux2",
     "build_tiny_for",
     "build_tiny_hunyuan_video",
     "build_tiny_ltx",
@@ -86,6 +93,7 @@ _VIDEO_PROMPT = "a dog running on the beach at sunset"
 # WanPipeline: 2.2 is the one with a second expert, transformer_2.
 TINY_BUILDERS: dict[tuple[str, str | None], Callable[..., pathlib.Path]] = {
     ("FluxPipeline", None): build_tiny_flux,
+    ("Flux2Pipeline", None): build_tiny_flux2,
     ("StableDiffusion3Pipeline", None): build_tiny_sd3,
     ("StableDiffusionXLPipeline", None): build_tiny_sdxl,
     ("QwenImagePipeline", None): build_tiny_qwen_image,
@@ -127,6 +135,14 @@ def build_tiny_for(
 # call that runs. Sizes follow from each builder's VAE compression and the pipeline's checks.
 _CALLS: dict[str, tuple[str, int, int, int, dict[str, Any]]] = {
     "FluxPipeline": ("image", 32, 32, 1, {"guidance_scale": 3.5, "max_sequence_length": 16}),
+    # 2x VAE, 2x2 packing: a multiple of 4; three hidden states of the 3-layer text encoder.
+    "Flux2Pipeline": (
+        "image",
+        16,
+        16,
+        1,
+        {"guidance_scale": 4.0, "max_sequence_length": 16, "text_encoder_out_layers": (1, 2, 3)},
+    ),
     # VAE without downsampling, patch 2: 16x16 -> 64 tokens.
     "StableDiffusion3Pipeline": ("image", 16, 16, 1, {"guidance_scale": 5.0, "max_sequence_length": 16}),
     "StableDiffusionXLPipeline": ("image", 16, 16, 1, {"guidance_scale": 5.0}),

@@ -290,3 +290,91 @@ def build_tiny_qwen_image(path: str | os.PathLike[str], *, seed: int = 0, overwr
         transformer=transformer,
     )
     return save(pipe, folder)
+
+
+# FLUX.2's chat messages carry their text as [{"type": "text", "text": ...}] (diffusers' format_input);
+# this template joins them, as Mistral's would, without its special tokens.
+_FLUX2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% for part in message['content'] %}{{ part['text'] }} {% endfor %}{% endfor %}"
+)
+
+
+def build_tiny_flux2(path: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+    """A random-weight ``Flux2Pipeline`` (FLUX.2 [dev]): a 3-layer Mistral 3 text encoder (with its
+    1-layer Pixtral vision tower, as the class always has one), a 1+1-block transformer and a
+    2-block FLUX.2 VAE.
+
+    The pipeline stacks three hidden states of the text encoder (``text_encoder_out_layers``, 10, 20
+    and 30 of Mistral Small's 40 by default); the tiny call passes layers 1, 2 and 3, so the
+    transformer's ``joint_attention_dim`` is 3 x the encoder's width. The tokenizer is the offline
+    word-level one with a chat template that joins the messages' text; the system message's words
+    are unknown tokens. Same caching and seeding rules as :func:`build_tiny_flux`.
+    """
+    folder, needs_build = prepare_folder(path, overwrite)
+    if not needs_build:
+        return folder
+
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text_dim = 16
+    tokenizer = offline_tokenizer(1024)
+    tokenizer.chat_template = _FLUX2_CHAT_TEMPLATE
+    seeded(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 2x2 packed latents of the 4-channel VAE
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * text_dim,
+        timestep_guidance_channels=16,
+        mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+    seeded(seed)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(4, 4),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        sample_size=32,
+    )
+    seeded(seed)
+    text_encoder = Mistral3ForConditionalGeneration(
+        Mistral3Config(
+            text_config={
+                "model_type": "mistral",
+                "hidden_size": text_dim,
+                "intermediate_size": 16,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "head_dim": 8,
+                "vocab_size": VOCAB_SIZE,
+            },
+            vision_config={
+                "model_type": "pixtral",
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "head_dim": 8,
+                "image_size": 28,
+                "patch_size": 14,
+            },
+            image_token_index=VOCAB_SIZE - 1,
+            spatial_merge_size=1,
+        )
+    )
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    return save(pipe, folder)

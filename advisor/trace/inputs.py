@@ -77,6 +77,19 @@ def _flux(config, g: Geometry, make: Maker) -> dict[str, Any]:
     return kwargs
 
 
+def _flux2(config, g: Geometry, make: Maker) -> dict[str, Any]:
+    tokens = (g.height // 2) * (g.width // 2)  # 2x2 latent patches packed into channels
+    return {
+        "hidden_states": make(g.batch, tokens, config["in_channels"]),
+        "encoder_hidden_states": make(g.batch, g.text_tokens, _text_dim(config)),
+        "timestep": make.timestep(g.batch) / 1000,
+        "guidance": make.ones(g.batch, dtype=torch.float32),  # passed whether or not the model embeds it
+        # 4-axis positions (time, height, width, layer) per sample, as Flux2Pipeline builds them
+        "img_ids": make.zeros(g.batch, tokens, 4, dtype=torch.int64),
+        "txt_ids": make.zeros(g.batch, g.text_tokens, 4, dtype=torch.int64),
+    }
+
+
 def _qwen_image(config, g: Geometry, make: Maker) -> dict[str, Any]:
     tokens = (g.height // 2) * (g.width // 2)
     return {
@@ -160,6 +173,7 @@ def _cogvideox(config, g: Geometry, make: Maker) -> dict[str, Any]:
 
 DENOISER_INPUTS: dict[str, Callable[[Any, Geometry, Maker], dict[str, Any]]] = {
     "FluxTransformer2DModel": _flux,
+    "Flux2Transformer2DModel": _flux2,
     "QwenImageTransformer2DModel": _qwen_image,
     "SD3Transformer2DModel": _sd3,
     "UNet2DConditionModel": _unet,
