@@ -173,6 +173,13 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
     job.add_argument(
         "--batch", type=whole_number("--batch", 2), metavar="N", help="Images or videos per prompt (default 1)."
     )
+    job.add_argument(
+        "--guidance-scale",
+        type=number("--guidance-scale", 3.5),
+        metavar="X",
+        help="The guidance scale the pipeline is called with: at or below 1 (0 for Z-Image) it runs without "
+        "classifier-free guidance, one denoiser call per step (default: the pipeline's, or the model card's).",
+    )
     process = _Parser(add_help=False)  # what a plan that chooses compile or not weighs
     process.add_argument(
         "--generations",

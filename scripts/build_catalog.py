@@ -102,6 +102,7 @@ PASSTHROUGH_KEYS = (
     "sources",
     "published_parameters",
     "published_weight_bytes",
+    "call_defaults",
     "notes",
 )
 # Optional keys of a source component copied to the catalog component unchanged.

@@ -415,6 +415,20 @@ DECISIONS = [
         quality="exact",
     ),
     Decision(
+        "z-image-turbo-16gb-card",
+        "z-image-turbo",
+        {"gpu": "RTX 4060 Ti 16GB", "ram": 32 * GIB},
+        "Z-Image-Turbo 'fits comfortably within 16G VRAM consumer devices', run as its card says: 9 steps at "
+        "guidance 0, one transformer call a step (https://huggingface.co/Tongyi-MAI/Z-Image-Turbo); bf16, "
+        "nothing lossy needed",
+        _check(
+            lossless,
+            lambda r: (r.scenario.workload.steps, r.scenario.workload.guidance_scale) == (9, 0.0),
+            ram_within_headroom,
+        ),
+        quality="exact",
+    ),
+    Decision(
         "ltx-l4",
         "ltx-video",
         {"gpu": "L4", "ram": 32 * GIB},

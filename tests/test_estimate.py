@@ -462,3 +462,44 @@ def test_max_autotune_says_its_autotuning_is_not_in_the_warm_up(flux_dev):
     assert result.warmup_s == plain.warmup_s > 0
     assert not any("autotun" in note for note in plain.notes)
     assert any("max-autotune" in note and "not costed" in note for note in result.notes)
+
+
+# --- the guidance scale: classifier-free guidance on or off ----------------------------------------
+
+
+def test_a_turbo_model_runs_its_cards_steps_without_guidance():
+    # Z-Image-Turbo's model card: num_inference_steps=9, guidance_scale=0.0 ("Guidance should be 0
+    # for the Turbo models"); ZImagePipeline guides at any scale above 0 (do_classifier_free_guidance
+    # is guidance_scale > 0), batching the prompt and the negative prompt: twice the denoiser's work.
+    turbo = load_profile("z-image-turbo")
+    card = make_workload(turbo)
+    assert (card.steps, card.guidance_scale) == (9, 0.0)
+    assert any("model card" in line and "--guidance-scale" in line for line in card.assumptions)
+    assert card.call_kwargs()["guidance_scale"] == 0.0
+    guided = make_workload(turbo, guidance_scale=5.0)
+    h100 = planned_target(machine=None, gpu="H100", ram=256 * GIB)
+    per_step = {
+        scale: estimate(turbo, job, OptimizationConfig(), h100).step_latency_s
+        for scale, job in (("off", card), ("on", guided))
+    }
+    assert per_step["on"] / per_step["off"] == pytest.approx(2.0, rel=0.15)
+
+
+def test_guidance_at_or_below_one_turns_a_guided_pipeline_off():
+    # SD3, Wan, CogVideoX: do_classifier_free_guidance is guidance_scale > 1; no negative prompt then.
+    from advisor.probe.workload import encoding_passes, run_behaviour
+
+    sd3 = load_profile("stabilityai/stable-diffusion-3.5-large")
+    assert run_behaviour(sd3.pipeline_class, make_workload(sd3))["cfg"] == "batched"
+    assert encoding_passes(sd3.pipeline_class, make_workload(sd3)) == 2
+    off = make_workload(sd3, guidance_scale=1.0)
+    assert run_behaviour(sd3.pipeline_class, off)["cfg"] == "none"
+    assert encoding_passes(sd3.pipeline_class, off) == 1
+    # Guidance-distilled Flux has no CFG to turn on: the scale is an input of its transformer.
+    flux = load_profile("flux-dev")
+    assert run_behaviour(flux.pipeline_class, make_workload(flux, guidance_scale=3.5))["cfg"] == "none"
+
+
+def test_a_guidance_scale_outside_what_pipelines_take_is_a_usage_error():
+    with pytest.raises(UsageError, match="--guidance-scale"):
+        make_workload(load_profile("z-image-turbo"), guidance_scale=-1.0)

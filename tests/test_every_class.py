@@ -534,7 +534,7 @@ def test_every_emitted_config_rehearses_on_a_virtual_gpu(tiny_folder, group):
     profile = load_profile(str(folder))
     call = tiny_call_kwargs(profile.pipeline_class)
     workload = Workload(profile.workload, call["height"], call["width"], call.get("num_frames") or 1, steps=2)
-    geometry, tokens, calls = rehearsal_geometry(profile, workload)
+    geometry, tokens, calls, passes = rehearsal_geometry(profile, workload)
     seen: dict[str, str] = {}
     rehearsed = 0
     loaded = {}  # one load per dtype; each rehearsal takes a copy (it rewrites the weights)
@@ -548,7 +548,9 @@ def test_every_emitted_config_rehearses_on_a_virtual_gpu(tiny_folder, group):
             pipe = copy.deepcopy(loaded[config.dtype])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # fp16 on a class that prefers bf16, and the like
-                result = rehearse(pipe, config, geometry, text_tokens=tokens, calls_per_step=calls)
+                result = rehearse(
+                    pipe, config, geometry, text_tokens=tokens, calls_per_step=calls, prompt_passes=passes
+                )
             what = f"{_model_id(model)}: {config.summary()}"
             assert result.failure is None, f"{what} would fail on the card: {result.failure}"
             if result.not_rehearsed:

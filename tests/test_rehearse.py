@@ -487,11 +487,11 @@ def test_reported_device_mismatches_the_installed_diffusers_fixed_rehearse_clean
     folder = build_tiny_for(model, tmp_path / "tiny")
     profile = load_profile(str(folder))
     call = tiny_call_kwargs(profile.pipeline_class)
-    geometry, tokens, calls = rehearsal_geometry(
+    geometry, tokens, calls, passes = rehearsal_geometry(
         profile, Workload(profile.workload, call["height"], call["width"], call.get("num_frames") or 1, steps=2)
     )
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16)
-    result = rehearse(pipe, config, geometry, text_tokens=tokens, calls_per_step=calls)
+    result = rehearse(pipe, config, geometry, text_tokens=tokens, calls_per_step=calls, prompt_passes=passes)
     assert result.passed, result.failure or result.not_rehearsed
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -44,6 +45,7 @@ CLASSES = {
     "StableDiffusion3Pipeline": "stabilityai/stable-diffusion-3.5-large",
     "StableDiffusionXLPipeline": "stabilityai/stable-diffusion-xl-base-1.0",
     "QwenImagePipeline": "Qwen/Qwen-Image",
+    "ZImagePipeline": "Tongyi-MAI/Z-Image-Turbo",
     "WanPipeline": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     "CogVideoXPipeline": "THUDM/CogVideoX-5b",
     "HunyuanVideoPipeline": "hunyuanvideo-community/HunyuanVideo",
@@ -95,15 +97,20 @@ def test_denoiser_inputs_match_what_the_pipeline_passes(pipeline_class, tiny):
     call = tiny_call_kwargs(pipeline_class, seed=0)
     with pytest.raises(_Stop):
         pipe(**call)
+    # Arguments passed positionally (the UNet's sample and timestep, all of Z-Image's) by their names.
     args = seen.pop("_args")
-    if args:  # the UNet takes its sample and timestep positionally
-        seen["sample"], seen["timestep"] = args[0], args[1]
-    latent = seen.get("hidden_states", seen.get("sample"))
+    seen |= inspect.signature(denoiser.forward).bind_partial(*args).arguments
+    latent = seen.get("hidden_states", seen.get("sample", seen.get("x")))
+    text = seen.get("encoder_hidden_states", seen.get("cap_feats"))
     workload = Workload(
         profile.workload, height=call["height"], width=call["width"], frames=call.get("num_frames", 1), steps=1
     )
     frames, height, width = latent_geometry(profile, workload)
-    geometry = Geometry(latent.shape[0], frames, height, width, text_tokens=seen["encoder_hidden_states"].shape[1])
+    if isinstance(latent, list):  # Z-Image: a tensor per sample, its caption's real tokens
+        batch, tokens = len(latent), text[0].shape[0]
+    else:
+        batch, tokens = latent.shape[0], text.shape[1]
+    geometry = Geometry(batch, frames, height, width, text_tokens=tokens)
     built = denoiser_inputs(denoiser, geometry, Maker("meta", torch.float32))
     ignored = {
         "attention_kwargs",
@@ -115,6 +122,9 @@ def test_denoiser_inputs_match_what_the_pipeline_passes(pipeline_class, tiny):
     passed = {k: v for k, v in seen.items() if v is not None and k not in ignored}
     assert set(passed) == {k for k, v in built.items() if v is not None and k not in ignored}
     for key, value in passed.items():  # tensors, tuples of tensors, dicts of them, ints and shape lists
+        if key == "cap_feats":  # Z-Image's captions keep their real lengths: the builder gives all the prompt's
+            assert len(built[key]) == len(value) and _shapes(built[key][0]) == _shapes(value[0]), key
+            continue
         assert _shapes(built[key]) == _shapes(value), key
 
 

@@ -117,6 +117,7 @@ REQUEST_FLAGS = (
     "frames",
     "steps",
     "batch",
+    "guidance_scale",
     "generations",
     "vram",
     "ram",

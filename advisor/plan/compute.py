@@ -24,7 +24,7 @@ from advisor.plan.allocator import AllocatorSettings
 from advisor.plan.replay import PatternPeaks, allocation_peaks, nearest_replay
 from advisor.probe.models import ComponentProfile, ModelProfile
 from advisor.probe.safetensors_header import dtype_size
-from advisor.probe.workload import Workload, pipeline_behaviour
+from advisor.probe.workload import Workload, pipeline_behaviour, run_behaviour
 
 
 TRACE_VERSION = 2  # the record layout advisor.trace writes; an older record counts as no trace
@@ -416,7 +416,7 @@ def _phase_work(
 ) -> dict[str, Work]:
     dtype, expandable = config.dtype, config.expandable_segments
     k = constants()
-    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
+    behaviour = run_behaviour(profile.pipeline_class, workload)
     text = NO_WORK
     for encoder in profile.by_role("text_encoder"):
         text = text + text_work(encoder, workload, dtype, memo, expandable=expandable)

@@ -18,7 +18,7 @@ from advisor.levers import LEVERS, StepContext, offload, quantization, torch_com
 from advisor.plan.compute import Work, constants, text_work
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
-from advisor.probe.workload import pipeline_behaviour
+from advisor.probe.workload import run_behaviour
 from advisor.units import parse_capability
 
 
@@ -81,7 +81,7 @@ def _overlapped(compute: float, transfer: float, config: OptimizationConfig) -> 
 
 
 def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> tuple[float, float, dict[str, float]]:
-    behaviour = pipeline_behaviour(profile.pipeline_class, profile.workload)
+    behaviour = run_behaviour(profile.pipeline_class, workload)
     generation = target.generation
     calls_per_step = 2 if behaviour["cfg"] == "separate" else 1
     step_compute = step_transfer = 0.0

@@ -219,6 +219,7 @@ class Request:
     frames: int | None = None
     steps: int | None = None
     batch: int | None = None
+    guidance_scale: float | None = None
     generations: int | None = None  # one process makes (`Scenario.generations`)
     vram: int | None = None  # a card of this much memory (not this machine's)
     ram: int | None = None
@@ -228,14 +229,14 @@ class Request:
     quality: Quality = "balanced"
     assumed: tuple[str, ...] = ()  # assumed beyond the machine and the workload: the model, when none was given
 
-    JOB = ("height", "width", "frames", "steps", "batch")
+    JOB = ("height", "width", "frames", "steps", "batch", "guidance_scale")
 
     @property
     def here(self) -> bool:
         """Whether the plan is for this machine: no flag describes another one."""
         return self.vram is None and self.gpu is None
 
-    def job(self) -> dict[str, int | None]:
+    def job(self) -> dict[str, int | float | None]:
         """The workload flags as given."""
         return {name: getattr(self, name) for name in self.JOB}
 

@@ -58,16 +58,22 @@ def _text_config(config: dict[str, Any]) -> dict[str, Any]:
 def component_facts(role: str, class_name: str, config: dict[str, Any], pipeline_class: str) -> dict[str, Any]:
     """The shape facts later estimates need, derived from a component's config.json."""
     if role == "denoiser":
-        heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
+        # Z-Image names its width `dim`, its heads `n_heads` and its patch sizes `all_patch_size`.
+        heads = _first(config, "num_attention_heads", "n_heads")
+        width = _first(config, "hidden_size", "inner_dim", "dim")
+        head_dim = config.get("attention_head_dim") or (width // heads if isinstance(width, int) and heads else None)
         hidden = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else None
+        patches = config.get("all_patch_size")
         facts = {
-            "hidden_size": hidden or _first(config, "hidden_size", "inner_dim"),
+            "hidden_size": hidden or width,
             "num_attention_heads": heads,
             "attention_head_dim": head_dim,
-            "patch_size": config.get("patch_size"),
+            "patch_size": config.get("patch_size") or (patches[0] if isinstance(patches, list) and patches else None),
             "patch_size_t": config.get("patch_size_t"),
             "in_channels": config.get("in_channels"),
-            "text_dim": _first(config, "joint_attention_dim", "text_dim", "cross_attention_dim", "text_embed_dim"),
+            "text_dim": _first(
+                config, "joint_attention_dim", "text_dim", "cross_attention_dim", "text_embed_dim", "cap_feat_dim"
+            ),
             "block_out_channels": config.get("block_out_channels"),
         }
     elif role == "vae":

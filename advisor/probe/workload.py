@@ -14,6 +14,7 @@ from typing import Any
 
 from advisor.errors import UsageError
 from advisor.paths import DATA_DIR
+from advisor.probe.layout import catalog_entry
 from advisor.probe.models import ModelProfile
 
 
@@ -57,10 +58,22 @@ def encoding_order(offload_sequence: list[str], encoders: list[str]) -> list[str
     return [n for n in offload_sequence if n in encoders] + sorted(n for n in encoders if n not in offload_sequence)
 
 
-def encoding_passes(pipeline_class: str, kind: str) -> int:
+def run_behaviour(pipeline_class: str, workload: Workload) -> dict[str, Any]:
+    """How `pipeline_class` runs `workload`: its family's behaviour, with classifier-free guidance
+    off where the workload's guidance scale turns it off. Pipelines guide above a scale of 1
+    (``do_classifier_free_guidance`` is ``guidance_scale > 1`` in SD3, Wan, CogVideoX, ...),
+    ``cfg_above`` where one differs (Z-Image guides at any scale above 0)."""
+    behaviour = pipeline_behaviour(pipeline_class, workload.kind)
+    scale = workload.guidance_scale
+    if scale is not None and behaviour["cfg"] != "none" and scale <= behaviour.get("cfg_above", 1):
+        return {**behaviour, "cfg": "none", "negative_prompt_encoded": False}
+    return behaviour
+
+
+def encoding_passes(pipeline_class: str, workload: Workload) -> int:
     """How often a pipeline runs its text encoders per generation: twice where it encodes a negative
-    prompt by default (``negative_prompt_encoded``: SD3 encodes ``""``)."""
-    return 2 if pipeline_behaviour(pipeline_class, kind)["negative_prompt_encoded"] else 1
+    prompt by default (``negative_prompt_encoded``: SD3 encodes ``""``) and guidance is on."""
+    return 2 if run_behaviour(pipeline_class, workload)["negative_prompt_encoded"] else 1
 
 
 @dataclass(frozen=True)
@@ -73,11 +86,14 @@ class Workload:
     frames: int = 1
     steps: int = 28
     batch: int = 1
+    guidance_scale: float | None = None  # what the call passes; None: the pipeline's own default
     assumptions: tuple[str, ...] = field(default=(), compare=False)  # defaults taken from the model, said aloud
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         del data["assumptions"]
+        if self.guidance_scale is None:
+            del data["guidance_scale"]
         return data
 
     def call_kwargs(self, steps: int | None = None) -> dict[str, Any]:
@@ -91,28 +107,33 @@ class Workload:
             kwargs["num_frames"] = self.frames
         if self.batch != 1:
             kwargs["num_videos_per_prompt" if self.kind == "video" else "num_images_per_prompt"] = self.batch
+        if self.guidance_scale is not None:
+            kwargs["guidance_scale"] = self.guidance_scale
         return kwargs
 
     def label(self) -> str:
         size = f"{self.width}x{self.height}"
         frames = f", {self.frames} frames" if self.kind == "video" else ""
         batch = f", batch {self.batch}" if self.batch > 1 else ""
-        return f"{self.kind} {size}{frames}, {self.steps} steps{batch}"
+        guidance = f", guidance {self.guidance_scale:g}" if self.guidance_scale is not None else ""
+        return f"{self.kind} {size}{frames}, {self.steps} steps{batch}{guidance}"
 
 
 def model_defaults(profile: ModelProfile) -> dict[str, Any]:
-    """Call defaults of this model where they differ from its pipeline class's.
+    """Call defaults of this model where they differ from its pipeline class's, with ``source``
+    saying where they come from.
 
     FLUX.1-schnell is timestep-distilled: its transformer has no guidance embedding
     (``guidance_embeds: false``) and its model card runs 4 steps (FLUX.1-dev, same class: 28).
-    Catalog entries may also carry ``call_defaults``.
+    A catalog entry's ``call_defaults`` are its model card's (Z-Image-Turbo: 9 steps, guidance 0),
+    for the model wherever it is read from (a local folder of it is planned by its id's entry).
     """
-    defaults: dict[str, Any] = {}
     if profile.pipeline_class == "FluxPipeline":
         denoiser = next(iter(profile.by_role("denoiser")), None)
         if denoiser is not None and denoiser.config.get("guidance_embeds") is False:
-            defaults["steps"] = 4
-    return defaults
+            return {"steps": 4, "source": "https://huggingface.co/black-forest-labs/FLUX.1-schnell"}
+    entry = catalog_entry(profile.model_id)
+    return dict(entry.get("call_defaults", {})) if entry else {}
 
 
 def make_workload(
@@ -123,12 +144,14 @@ def make_workload(
     frames: int | None = None,
     steps: int | None = None,
     batch: int | None = None,
+    guidance_scale: float | None = None,
 ) -> Workload:
     """The workload for `profile`, with the pipeline's defaults for anything not given.
 
     Values are checked here so the CLI can show one line naming the flag.
     """
-    defaults = {**pipeline_behaviour(profile.pipeline_class, profile.workload), **model_defaults(profile)}
+    model = model_defaults(profile)
+    defaults = {**pipeline_behaviour(profile.pipeline_class, profile.workload), **model}
     values = {
         "height": height if height is not None else defaults["height"],
         "width": width if width is not None else defaults["width"],
@@ -158,26 +181,37 @@ def make_workload(
             f"--frames: {values['frames']} does not fit the VAE's {temporal}x time compression; "
             f"use {temporal}k+1 frames, e.g. {valid}"
         )
+    if guidance_scale is not None and not (isinstance(guidance_scale, (int, float)) and 0 <= guidance_scale <= 100):
+        raise UsageError(f"--guidance-scale: {guidance_scale!r} must be a number from 0 to 100")
     name = profile.model_id.rsplit("/", 1)[-1]
+    card = f"{name}'s model card: {model['source']}" if "source" in model else f"{name}'s default"
     assumed = []
     if steps is None:
-        assumed.append(f"steps: {values['steps']} ({name}'s default; pass --steps)")
+        where = card if "steps" in model else f"{name}'s default"
+        assumed.append(f"steps: {values['steps']} ({where}; pass --steps)")
     if height is None and width is None:
         assumed.append(f"size: {values['width']}x{values['height']} ({name}'s default; pass --width/--height)")
-    return Workload(kind=profile.workload, **values, assumptions=tuple(assumed))
+    if guidance_scale is None and "guidance_scale" in model:
+        guidance_scale = model["guidance_scale"]
+        assumed.append(f"guidance scale: {guidance_scale:g} ({card}; pass --guidance-scale)")
+    return Workload(kind=profile.workload, **values, guidance_scale=guidance_scale, assumptions=tuple(assumed))
 
 
-def recorded_workload(provenance, profile: ModelProfile) -> dict[str, int]:
+def recorded_workload(provenance, profile: ModelProfile) -> dict[str, int | float]:
     """The workload a config records (`provenance.workload`: what `recommend` or `tune` made it
     for) when it was made for `profile`'s pipeline class and kind: flag name -> value; else empty.
-    Values that are not whole numbers are left out (the model's defaults stand in for them)."""
+    Values of the wrong kind are left out (the model's defaults stand in for them)."""
     recorded = getattr(provenance, "workload", None)
     if not isinstance(recorded, dict) or provenance.pipeline_class != profile.pipeline_class:
         return {}
     if recorded.get("kind", profile.workload) != profile.workload:
         return {}
-    return {
+    kept: dict[str, int | float] = {
         name: value
         for name, value in recorded.items()
         if name in WORKLOAD_LIMITS and isinstance(value, int) and not isinstance(value, bool)
     }
+    scale = recorded.get("guidance_scale")
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        kept["guidance_scale"] = scale
+    return kept

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from advisor.plan.compute import latent_geometry, text_tokens
-from advisor.probe.workload import Workload, pipeline_behaviour
+from advisor.probe.workload import Workload, encoding_passes, run_behaviour
 from advisor.trace.inputs import Geometry
 from advisor.trace.meta import build_on_meta, cast
 
@@ -42,7 +42,7 @@ def rehearse_planned(profile: Any, workload: Workload, config: Any, target: Any,
     with `budget_bytes` for the caching allocator to reserve."""
     from advisor.rehearse.rehearsal import rehearse
 
-    geometry, tokens, calls = rehearsal_geometry(profile, workload)
+    geometry, tokens, calls, passes = rehearsal_geometry(profile, workload)
     capability = tuple(int(part) for part in (target.compute_capability or "9.0").split(".")[:2])
     return rehearse(
         virtual_pipeline(profile, getattr(torch, config.dtype)),
@@ -50,6 +50,7 @@ def rehearse_planned(profile: Any, workload: Workload, config: Any, target: Any,
         geometry,
         text_tokens=tokens,
         calls_per_step=calls,
+        prompt_passes=passes,
         decode_batch=workload.batch,
         gpu_name=target.name,
         vram_bytes=target.vram_total_bytes,
@@ -58,11 +59,13 @@ def rehearse_planned(profile: Any, workload: Workload, config: Any, target: Any,
     )
 
 
-def rehearsal_geometry(profile: Any, workload: Workload) -> tuple[Geometry, dict[str, int], int]:
-    """(one denoiser call's geometry, each text encoder's sequence length, denoiser calls per step)."""
+def rehearsal_geometry(profile: Any, workload: Workload) -> tuple[Geometry, dict[str, int], int, int]:
+    """(one denoiser call's geometry, each text encoder's sequence length, denoiser calls per step,
+    text encoder passes)."""
     frames, height, width = latent_geometry(profile, workload)
-    cfg = pipeline_behaviour(profile.pipeline_class, profile.workload)["cfg"]
+    cfg = run_behaviour(profile.pipeline_class, workload)["cfg"]
     batch = workload.batch * (2 if cfg == "batched" else 1)
     tokens = {c.name: c.facts.get("max_sequence_length") or 77 for c in profile.by_role("text_encoder")}
     calls = 2 if cfg == "separate" else 1
-    return Geometry(batch, frames, height, width, text_tokens(profile) or 77), tokens, calls
+    passes = encoding_passes(profile.pipeline_class, workload)
+    return Geometry(batch, frames, height, width, text_tokens(profile) or 77), tokens, calls, passes

@@ -29,7 +29,7 @@ import torch
 from advisor.levers.offload import loads_onto_device
 from advisor.plan.allocator import NO_LIMIT, AllocatorSettings
 from advisor.plan.replay import Replay, least_capacity, replay
-from advisor.probe.workload import encoding_order, encoding_passes
+from advisor.probe.workload import Workload, encoding_order, encoding_passes
 from advisor.rehearse.device import virtual_cuda
 from advisor.rehearse.quantize import quantize_in_place
 from advisor.rehearse.virtual import (
@@ -210,6 +210,7 @@ def rehearse(
     text_tokens: dict[str, int] | None = None,
     steps: int = 2,
     calls_per_step: int = 1,
+    prompt_passes: int | None = None,
     decode_batch: int | None = None,
     gpu_name: str = "virtual GPU",
     vram_bytes: int = 80 * 2**30,
@@ -220,6 +221,8 @@ def rehearse(
     virtual device. `geometry` is one denoiser call's latent shape (its batch includes batched CFG);
     `text_tokens` each text encoder's sequence length (77 where not given); `steps` denoising steps
     of `calls_per_step` denoiser calls each (2 where guidance runs the denoiser twice a step);
+    `prompt_passes` how often the text encoders run (2 where a negative prompt is encoded; the
+    pipeline class's default where not given);
     `decode_batch` the latents the VAE decodes at once (the workload's batch: guidance's doubled
     batch is combined before the decode; `geometry`'s batch where not given);
     `budget_bytes` what the caching allocator may reserve when its replay asks for more.
@@ -256,7 +259,11 @@ def rehearse(
             ledger.origin = ""
             with names.tracking():
                 decoded = geometry.batch if decode_batch is None else decode_batch
-                _run_phases(pipe, geometry, dtype, ledger, text_tokens or {}, steps, calls_per_step, decoded)
+                if prompt_passes is None:
+                    kind = "video" if geometry.frames > 1 else "image"
+                    prompt_passes = encoding_passes(type(pipe).__name__, Workload(kind, 1, 1))
+                passes = (prompt_passes, steps, calls_per_step)
+                _run_phases(pipe, geometry, dtype, ledger, text_tokens or {}, passes, decoded)
     except DeviceMismatch as error:
         failure = str(error)
     except NotRehearsable as error:
@@ -300,10 +307,10 @@ def _run_phases(
     dtype: torch.dtype,
     ledger: Ledger,
     tokens: dict[str, int],
-    steps: int,
-    calls: int,
+    passes: tuple[int, int, int],
     decode_batch: int,
 ) -> None:
+    prompt_passes, steps, calls = passes  # text encodings, denoising steps, denoiser calls per step
     components = pipe.components
     device = pipe._execution_device
     make = _VirtualMaker(device, dtype)
@@ -313,7 +320,7 @@ def _run_phases(
     # one prompt at a time, in model_cpu_offload_seq's order (encode_prompt's): pipelines encode the
     # prompt and then the negative one through the same encoders, and repeat the embeddings for
     # guidance and for several images per prompt afterwards
-    for _pass in range(encoding_passes(type(pipe).__name__, "video" if g.frames > 1 else "image")):
+    for _pass in range(prompt_passes):
         for name in encoders:
             ledger.origin = "text_encoding"
             outputs = components[name](**text_encoder_inputs(tokens.get(name, 77), 1, make))

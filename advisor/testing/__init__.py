@@ -18,6 +18,8 @@ build_tiny_flux            0.19 M      0.8 MB   32x32               ~0.07 s
 build_tiny_sd3             0.23 M      1.0 MB   16x16               ~0.06 s
 build_tiny_sdxl            0.22 M      0.9 MB   16x16               ~0.08 s
 build_tiny_qwen_image      0.23 M      0.9 MB   16x16               ~0.05 s
+build_tiny_flux2           0.09 M      0.4 MB   16x16               ~0.01 s
+build_tiny_z_image         0.37 M      1.5 MB   16x16               ~0.02 s
 build_tiny_wan             0.09 M      0.4 MB   5 frames of 16x16   ~0.08 s
 build_tiny_wan22           0.12 M      0.5 MB   5 frames of 16x16   ~0.08 s
 build_tiny_cogvideox       0.13 M      0.5 MB   9 frames of 16x16   ~0.06 s
@@ -59,6 +61,7 @@ from advisor.testing.image import (
     build_tiny_qwen_image,
     build_tiny_sd3,
     build_tiny_sdxl,
+    build_tiny_z_image,
 )
 from advisor.testing.video import (
     build_tiny_cogvideox,
@@ -82,6 +85,7 @@ __all__ = [
     "build_tiny_sdxl",
     "build_tiny_wan",
     "build_tiny_wan22",
+    "build_tiny_z_image",
     "offline_tokenizer",
     "tiny_call_kwargs",
 ]
@@ -97,6 +101,7 @@ TINY_BUILDERS: dict[tuple[str, str | None], Callable[..., pathlib.Path]] = {
     ("StableDiffusion3Pipeline", None): build_tiny_sd3,
     ("StableDiffusionXLPipeline", None): build_tiny_sdxl,
     ("QwenImagePipeline", None): build_tiny_qwen_image,
+    ("ZImagePipeline", None): build_tiny_z_image,
     ("WanPipeline", None): build_tiny_wan,
     ("WanPipeline", "transformer_2"): build_tiny_wan22,
     ("CogVideoXPipeline", None): build_tiny_cogvideox,
@@ -154,6 +159,8 @@ _CALLS: dict[str, tuple[str, int, int, int, dict[str, Any]]] = {
         1,
         {"negative_prompt": " ", "true_cfg_scale": 4.0, "max_sequence_length": 16},
     ),
+    # VAE without downsampling, patch 2; CFG on (any guidance_scale > 0), as the pipeline's default.
+    "ZImagePipeline": ("image", 16, 16, 1, {"guidance_scale": 5.0, "max_sequence_length": 16}),
     # Wan: height/width divisible by 16, (num_frames - 1) % 4 == 0.
     "WanPipeline": ("video", 16, 16, 5, {"negative_prompt": "", "guidance_scale": 5.0, "max_sequence_length": 16}),
     # CogVideoX: the transformer's sample size (2x2 latents = 16x16) and max_text_seq_length (16) fix

@@ -1,4 +1,4 @@
-"""Tiny text-to-image pipelines: Flux, Stable Diffusion 3, Stable Diffusion XL, Qwen-Image.
+"""Tiny text-to-image pipelines: Flux, Stable Diffusion 3, Stable Diffusion XL, Qwen-Image, FLUX.2, Z-Image.
 
 Each builder writes the catalog model's component names with the catalog's component classes (so
 ``DiffusionPipeline.from_pretrained`` gives the real pipeline class), with random weights from the
@@ -373,6 +373,60 @@ def build_tiny_flux2(path: str | os.PathLike[str], *, seed: int = 0, overwrite: 
     pipe = Flux2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    return save(pipe, folder)
+
+
+def build_tiny_z_image(path: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+    """A random-weight ``ZImagePipeline`` (Z-Image-Turbo): a 2-layer Qwen3 text encoder (the pipeline
+    takes its second-to-last hidden state), a 1-layer single-stream transformer with 1-layer refiners
+    and Flux's VAE kind without downsampling.
+
+    The tokenizer is the offline word-level one with a chat template that passes the user's text
+    through. Same caching and seeding rules as :func:`build_tiny_flux`.
+    """
+    folder, needs_build = prepare_folder(path, overwrite)
+    if not needs_build:
+        return folder
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    text_dim = 16
+    tokenizer = offline_tokenizer(1024)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+    seeded(seed)
+    transformer = ZImageTransformer2DModel(
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=text_dim,
+        axes_dims=[4, 6, 6],  # sums to the head width, 16
+        axes_lens=[64, 32, 32],
+    )
+    seeded(seed)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=text_dim,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=VOCAB_SIZE,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        # Z-Image decodes with latents / scaling_factor + shift_factor (FLUX.1's VAE values).
+        vae=_tiny_vae(seed, 4, shift_factor=0.1159, scaling_factor=0.3611),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,

@@ -55,7 +55,14 @@ class Maker:
 
 def _text_dim(config: Any) -> int:
     # caption_channels before cross_attention_dim: LTX's cross_attention_dim is its inner width.
-    for key in ("joint_attention_dim", "text_dim", "caption_channels", "text_embed_dim", "cross_attention_dim"):
+    for key in (
+        "joint_attention_dim",
+        "text_dim",
+        "caption_channels",
+        "text_embed_dim",
+        "cross_attention_dim",
+        "cap_feat_dim",
+    ):
         value = config.get(key)
         if isinstance(value, int):
             return value
@@ -87,6 +94,16 @@ def _flux2(config, g: Geometry, make: Maker) -> dict[str, Any]:
         # 4-axis positions (time, height, width, layer) per sample, as Flux2Pipeline builds them
         "img_ids": make.zeros(g.batch, tokens, 4, dtype=torch.int64),
         "txt_ids": make.zeros(g.batch, g.text_tokens, 4, dtype=torch.int64),
+    }
+
+
+def _z_image(config, g: Geometry, make: Maker) -> dict[str, Any]:
+    # Lists with a tensor per sample: latents (channels, frames, height, width), caption features
+    # (its real tokens, width); the pipeline passes them positionally, as `x`, `t` and `cap_feats`.
+    return {
+        "x": [make(config["in_channels"], 1, g.height, g.width) for _ in range(g.batch)],
+        "t": make.timestep(g.batch) / 1000,
+        "cap_feats": [make(g.text_tokens, _text_dim(config)) for _ in range(g.batch)],
     }
 
 
@@ -175,6 +192,7 @@ DENOISER_INPUTS: dict[str, Callable[[Any, Geometry, Maker], dict[str, Any]]] = {
     "FluxTransformer2DModel": _flux,
     "Flux2Transformer2DModel": _flux2,
     "QwenImageTransformer2DModel": _qwen_image,
+    "ZImageTransformer2DModel": _z_image,
     "SD3Transformer2DModel": _sd3,
     "UNet2DConditionModel": _unet,
     "WanTransformer3DModel": _wan,
