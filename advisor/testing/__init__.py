@@ -19,6 +19,7 @@ build_tiny_sd3             0.23 M      1.0 MB   16x16               ~0.06 s
 build_tiny_sdxl            0.22 M      0.9 MB   16x16               ~0.08 s
 build_tiny_qwen_image      0.23 M      0.9 MB   16x16               ~0.05 s
 build_tiny_flux2           0.09 M      0.4 MB   16x16               ~0.01 s
+build_tiny_flux2_klein     0.07 M      0.3 MB   16x16               ~0.01 s
 build_tiny_z_image         0.37 M      1.5 MB   16x16               ~0.02 s
 build_tiny_wan             0.09 M      0.4 MB   5 frames of 16x16   ~0.08 s
 build_tiny_wan22           0.12 M      0.5 MB   5 frames of 16x16   ~0.08 s
@@ -58,6 +59,7 @@ from advisor.testing._common import offline_tokenizer
 from advisor.testing.image import (
     build_tiny_flux,
     build_tiny_flux2,
+    build_tiny_flux2_klein,
     build_tiny_qwen_image,
     build_tiny_sd3,
     build_tiny_sdxl,
@@ -77,6 +79,7 @@ __all__ = [
     "build_tiny_cogvideox",
     "build_tiny_flux",
     "build_tiny_flux2",
+    "build_tiny_flux2_klein",
     "build_tiny_for",
     "build_tiny_hunyuan_video",
     "build_tiny_ltx",
@@ -98,6 +101,7 @@ _VIDEO_PROMPT = "a dog running on the beach at sunset"
 TINY_BUILDERS: dict[tuple[str, str | None], Callable[..., pathlib.Path]] = {
     ("FluxPipeline", None): build_tiny_flux,
     ("Flux2Pipeline", None): build_tiny_flux2,
+    ("Flux2KleinPipeline", None): build_tiny_flux2_klein,
     ("StableDiffusion3Pipeline", None): build_tiny_sd3,
     ("StableDiffusionXLPipeline", None): build_tiny_sdxl,
     ("QwenImagePipeline", None): build_tiny_qwen_image,
@@ -158,6 +162,14 @@ _CALLS: dict[str, tuple[str, int, int, int, dict[str, Any]]] = {
         16,
         1,
         {"negative_prompt": " ", "true_cfg_scale": 4.0, "max_sequence_length": 16},
+    ),
+    # As FLUX.2 [dev]; step-distilled, so no guidance whatever the scale (its card runs 1.0).
+    "Flux2KleinPipeline": (
+        "image",
+        16,
+        16,
+        1,
+        {"guidance_scale": 1.0, "max_sequence_length": 16, "text_encoder_out_layers": (1, 2, 3)},
     ),
     # VAE without downsampling, patch 2; CFG on (any guidance_scale > 0), as the pipeline's default.
     "ZImagePipeline": ("image", 16, 16, 1, {"guidance_scale": 5.0, "max_sequence_length": 16}),

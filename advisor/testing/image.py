@@ -292,6 +292,38 @@ def build_tiny_qwen_image(path: str | os.PathLike[str], *, seed: int = 0, overwr
     return save(pipe, folder)
 
 
+def _tiny_flux2_denoiser_and_vae(seed: int, text_dim: int, *, guidance_embeds: bool) -> tuple[Any, Any]:
+    """FLUX.2's 1+1-block transformer (conditioned on three stacked hidden states of a `text_dim`-wide
+    encoder) and its VAE kind with two blocks and 4 latent channels."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    seeded(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 2x2 packed latents of the 4-channel VAE
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * text_dim,
+        timestep_guidance_channels=16,
+        mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+    seeded(seed)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(4, 4),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        sample_size=32,
+    )
+    return transformer, vae
+
+
 # FLUX.2's chat messages carry their text as [{"type": "text", "text": ...}] (diffusers' format_input);
 # this template joins them, as Mistral's would, without its special tokens.
 _FLUX2_CHAT_TEMPLATE = (
@@ -314,35 +346,13 @@ def build_tiny_flux2(path: str | os.PathLike[str], *, seed: int = 0, overwrite: 
     if not needs_build:
         return folder
 
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     text_dim = 16
     tokenizer = offline_tokenizer(1024)
     tokenizer.chat_template = _FLUX2_CHAT_TEMPLATE
-    seeded(seed)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=16,  # 2x2 packed latents of the 4-channel VAE
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=3 * text_dim,
-        timestep_guidance_channels=16,
-        mlp_ratio=2.0,
-        axes_dims_rope=(4, 4, 4, 4),
-    )
-    seeded(seed)
-    vae = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(4, 4),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=1,
-        sample_size=32,
-    )
+    transformer, vae = _tiny_flux2_denoiser_and_vae(seed, text_dim, guidance_embeds=True)
     seeded(seed)
     text_encoder = Mistral3ForConditionalGeneration(
         Mistral3Config(
@@ -430,5 +440,47 @@ def build_tiny_z_image(path: str | os.PathLike[str], *, seed: int = 0, overwrite
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
+    )
+    return save(pipe, folder)
+
+
+def build_tiny_flux2_klein(path: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+    """A random-weight ``Flux2KleinPipeline`` (FLUX.2 [klein], step-distilled as the 4B repo's
+    ``is_distilled: true``): a 3-layer Qwen3 causal LM as text encoder (three of its hidden states
+    stacked, as in :func:`build_tiny_flux2`), a 1+1-block transformer without a guidance embedding,
+    and FLUX.2's VAE kind. Same caching and seeding rules as :func:`build_tiny_flux`.
+    """
+    folder, needs_build = prepare_folder(path, overwrite)
+    if not needs_build:
+        return folder
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    text_dim = 16
+    tokenizer = offline_tokenizer(1024)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+    transformer, vae = _tiny_flux2_denoiser_and_vae(seed, text_dim, guidance_embeds=False)
+    seeded(seed)
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            hidden_size=text_dim,
+            intermediate_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=VOCAB_SIZE,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+    )
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=True,
     )
     return save(pipe, folder)

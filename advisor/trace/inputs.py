@@ -86,15 +86,17 @@ def _flux(config, g: Geometry, make: Maker) -> dict[str, Any]:
 
 def _flux2(config, g: Geometry, make: Maker) -> dict[str, Any]:
     tokens = (g.height // 2) * (g.width // 2)  # 2x2 latent patches packed into channels
-    return {
+    kwargs = {
         "hidden_states": make(g.batch, tokens, config["in_channels"]),
         "encoder_hidden_states": make(g.batch, g.text_tokens, _text_dim(config)),
         "timestep": make.timestep(g.batch) / 1000,
-        "guidance": make.ones(g.batch, dtype=torch.float32),  # passed whether or not the model embeds it
         # 4-axis positions (time, height, width, layer) per sample, as Flux2Pipeline builds them
         "img_ids": make.zeros(g.batch, tokens, 4, dtype=torch.int64),
         "txt_ids": make.zeros(g.batch, g.text_tokens, 4, dtype=torch.int64),
     }
+    if config.get("guidance_embeds", True):  # FLUX.2 [dev] embeds it; [klein] is called with guidance=None
+        kwargs["guidance"] = make.ones(g.batch, dtype=torch.float32)
+    return kwargs
 
 
 def _z_image(config, g: Geometry, make: Maker) -> dict[str, Any]:
