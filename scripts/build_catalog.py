@@ -103,6 +103,7 @@ PASSTHROUGH_KEYS = (
     "published_parameters",
     "published_weight_bytes",
     "call_defaults",
+    "pipeline_config",
     "notes",
 )
 # Optional keys of a source component copied to the catalog component unchanged.

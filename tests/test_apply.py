@@ -102,7 +102,7 @@ def test_dtype_loads_runs_and_does_not_use_the_deprecated_keyword(tiny, kind, dt
     assert pipe.transformer.dtype == getattr(torch, dtype)
     assert pipe.text_encoder.dtype == getattr(torch, dtype)
     out = run(pipe, kind)
-    assert out.shape == ((1, 32, 32, 3) if kind == "image" else (1, 5, 16, 16, 3))
+    assert out.shape == ((1, 32, 32, 3) if kind == "image" else (1, 5, 32, 32, 3))
     assert np.isfinite(out).all()
 
 

@@ -429,6 +429,22 @@ DECISIONS = [
         quality="exact",
     ),
     Decision(
+        "wan22-ti2v-5b-4090",
+        "wan2.2-ti2v-5b",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "TI2V-5B at its card's 720P (1280x704, 121 frames) on one 24 GB consumer GPU in bf16, offloading rather "
+        "than quantizing: with --offload_model True --convert_model_dtype --t5_cpu 'This command can run on a GPU "
+        "with at least 24GB VRAM (e.g, RTX 4090 GPU)' (https://github.com/Wan-Video/Wan2.2)",
+        _check(
+            lossless,
+            lambda r: (
+                (r.scenario.workload.width, r.scenario.workload.height, r.scenario.workload.frames) == (1280, 704, 121)
+            ),
+            lambda r: r.config.offload.strategy != "none",
+            ram_within_headroom,
+        ),
+    ),
+    Decision(
         "ltx-l4",
         "ltx-video",
         {"gpu": "L4", "ram": 32 * GIB},

@@ -51,10 +51,10 @@ def _model_id(model: str) -> str:
 
 def _builder_id(model: str) -> str:
     """The tiny builder a catalog model gets: its pipeline class, and the component marking a variant."""
-    from advisor.testing import TINY_BUILDERS
+    from advisor.testing import TINY_BUILDERS, variant_settings
 
     entry = catalog_entry(model)
-    names = {item["name"] for item in entry["components"]}
+    names = {item["name"] for item in entry["components"]} | variant_settings(entry)
     key = next(
         (k for k in TINY_BUILDERS if k[0] == entry["pipeline_class"] and k[1] in names),
         (entry["pipeline_class"], None),

@@ -47,6 +47,7 @@ CLASSES = {
     "QwenImagePipeline": "Qwen/Qwen-Image",
     "ZImagePipeline": "Tongyi-MAI/Z-Image-Turbo",
     "WanPipeline": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "WanPipeline-TI2V": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
     "CogVideoXPipeline": "THUDM/CogVideoX-5b",
     "HunyuanVideoPipeline": "hunyuanvideo-community/HunyuanVideo",
     "LTXPipeline": "Lightricks/LTX-Video",
@@ -94,7 +95,7 @@ def test_denoiser_inputs_match_what_the_pipeline_passes(pipeline_class, tiny):
         raise _Stop
 
     denoiser.register_forward_pre_hook(stop, with_kwargs=True)
-    call = tiny_call_kwargs(pipeline_class, seed=0)
+    call = tiny_call_kwargs(profile.pipeline_class, seed=0)
     with pytest.raises(_Stop):
         pipe(**call)
     # Arguments passed positionally (the UNet's sample and timestep, all of Z-Image's) by their names.
@@ -111,7 +112,7 @@ def test_denoiser_inputs_match_what_the_pipeline_passes(pipeline_class, tiny):
     else:
         batch, tokens = latent.shape[0], text.shape[1]
     geometry = Geometry(batch, frames, height, width, text_tokens=tokens)
-    built = denoiser_inputs(denoiser, geometry, Maker("meta", torch.float32))
+    built = denoiser_inputs(denoiser, geometry, Maker("meta", torch.float32), profile.pipeline_config)
     ignored = {
         "attention_kwargs",
         "joint_attention_kwargs",

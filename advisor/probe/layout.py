@@ -82,6 +82,17 @@ def index_entries(index: dict[str, Any]) -> dict[str, ComponentEntry]:
     return entries
 
 
+def pipeline_settings(index: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's own settings a ``model_index.json`` holds beside its components: scalar values
+    its ``__init__`` registers to its config (SDXL's ``force_zeros_for_empty_prompt``, Wan2.2's
+    ``expand_timesteps``, FLUX.2 [klein]'s ``is_distilled``)."""
+    return {
+        name: value
+        for name, value in index.items()
+        if not name.startswith("_") and (value is None or isinstance(value, (bool, int, float, str)))
+    }
+
+
 def check_model_index(index: dict[str, Any], path: Path) -> None:
     """A `ModelError` naming `path` and the entry when a component entry is not a ``[library, class]``
     pair of names (``[null, null]``: saved without that component). Other keys are the pipeline's

@@ -40,6 +40,7 @@ from advisor.probe.layout import (
     names_a_folder,
     no_such_folder,
     pipeline_facts,
+    pipeline_settings,
     role_of,
 )
 from advisor.probe.safetensors_header import DTYPES, TensorInfo, checked_shape
@@ -107,6 +108,9 @@ class ModelProfile:
     components: list[ComponentProfile]
     other_components: dict[str, str] = field(default_factory=dict)
     path: str | None = None
+    # The pipeline's own settings in model_index.json, beside its components (Wan2.2's
+    # expand_timesteps and boundary_ratio, FLUX.2 [klein]'s is_distilled): `pipeline_settings`.
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def parameters(self) -> int:
@@ -230,6 +234,7 @@ def profile_from_folder(
         components=components,
         other_components=others,
         path=str(folder),
+        pipeline_config=pipeline_settings(index),
     )
 
 
@@ -300,6 +305,7 @@ def profile_from_entry(entry: dict[str, Any], *, workload: str | None = None) ->
         components=components,
         other_components=entry.get("other_components", {}),
         path=entry.get("_path"),
+        pipeline_config=dict(entry.get("pipeline_config", {})),
     )
 
 
@@ -412,8 +418,8 @@ def load_profile(model: str, *, workload: str | None = None) -> ModelProfile:
     if catalog_path(model) is not None:
         return profile_from_catalog(model, workload=workload)
     raise ModelError(
-        f"{model!r} is not a local folder, not in the Hugging Face cache, and not in the catalog{_catalog_hint(model)}; "
-        "for your own pipeline, pass the folder that save_pretrained wrote, e.g. --model ./my-pipeline"
+        f"{model!r} is not a local folder, a cached hub repo or in the catalog{_catalog_hint(model)}; "
+        "for your own pipeline, pass the folder save_pretrained wrote (--model ./my-pipeline)"
     )
 
 

@@ -185,12 +185,18 @@ def make_workload(
         raise UsageError(f"--guidance-scale: {guidance_scale!r} must be a number from 0 to 100")
     name = profile.model_id.rsplit("/", 1)[-1]
     card = f"{name}'s model card: {model['source']}" if "source" in model else f"{name}'s default"
+
+    def whose(*keys: str) -> str:
+        return card if any(key in model for key in keys) else f"{name}'s default"
+
     assumed = []
     if steps is None:
-        where = card if "steps" in model else f"{name}'s default"
-        assumed.append(f"steps: {values['steps']} ({where}; pass --steps)")
+        assumed.append(f"steps: {values['steps']} ({whose('steps')}; pass --steps)")
     if height is None and width is None:
-        assumed.append(f"size: {values['width']}x{values['height']} ({name}'s default; pass --width/--height)")
+        size = f"{values['width']}x{values['height']}"
+        assumed.append(f"size: {size} ({whose('height', 'width')}; pass --width/--height)")
+    if frames is None and profile.workload == "video":
+        assumed.append(f"frames: {values['frames']} ({whose('frames')}; pass --frames)")
     if guidance_scale is None and "guidance_scale" in model:
         guidance_scale = model["guidance_scale"]
         assumed.append(f"guidance scale: {guidance_scale:g} ({card}; pass --guidance-scale)")

@@ -32,8 +32,10 @@ def virtual_pipeline(profile: Any, dtype: torch.dtype) -> Any:
         if c.library in ("diffusers", "transformers")
     }
     # Tokenizers, schedulers and image processors stay None: a rehearsal calls the components itself.
+    # The pipeline's own settings (Wan2.2 TI2V's expand_timesteps) are the model's.
     names = [n for n in inspect.signature(pipeline_class.__init__).parameters if n != "self"]
-    return pipeline_class(**{name: components.get(name) for name in names})
+    settings = profile.pipeline_config
+    return pipeline_class(**{name: settings[name] if name in settings else components.get(name) for name in names})
 
 
 def rehearse_planned(profile: Any, workload: Workload, config: Any, target: Any, budget_bytes: int) -> Any:

@@ -332,7 +332,7 @@ def _run_phases(
         # Experts that take turns (Wan 2.2) run in order, each for its share of the steps, never back.
         denoiser = denoisers[step * len(denoisers) // steps]
         for _call in range(calls):
-            out = denoiser(**denoiser_inputs(denoiser, g, make))
+            out = denoiser(**denoiser_inputs(denoiser, g, make, dict(pipe.config)))
             del out
     ledger.enter("vae_decode")
     ledger.origin = "vae_decode"

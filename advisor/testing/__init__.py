@@ -21,8 +21,9 @@ build_tiny_qwen_image      0.23 M      0.9 MB   16x16               ~0.05 s
 build_tiny_flux2           0.09 M      0.4 MB   16x16               ~0.01 s
 build_tiny_flux2_klein     0.07 M      0.3 MB   16x16               ~0.01 s
 build_tiny_z_image         0.37 M      1.5 MB   16x16               ~0.02 s
-build_tiny_wan             0.09 M      0.4 MB   5 frames of 16x16   ~0.08 s
-build_tiny_wan22           0.12 M      0.5 MB   5 frames of 16x16   ~0.08 s
+build_tiny_wan             0.09 M      0.4 MB   5 frames of 32x32   ~0.08 s
+build_tiny_wan22           0.12 M      0.5 MB   5 frames of 32x32   ~0.08 s
+build_tiny_wan22_ti2v      0.10 M      0.4 MB   5 frames of 32x32   ~0.05 s
 build_tiny_cogvideox       0.13 M      0.5 MB   9 frames of 16x16   ~0.06 s
 build_tiny_hunyuan_video   0.15 M      0.7 MB   5 frames of 16x16   ~0.05 s
 build_tiny_ltx             0.15 M      0.6 MB   5 frames of 32x32   ~0.05 s
@@ -71,6 +72,7 @@ from advisor.testing.video import (
     build_tiny_ltx,
     build_tiny_wan,
     build_tiny_wan22,
+    build_tiny_wan22_ti2v,
 )
 
 
@@ -88,6 +90,7 @@ __all__ = [
     "build_tiny_sdxl",
     "build_tiny_wan",
     "build_tiny_wan22",
+    "build_tiny_wan22_ti2v",
     "build_tiny_z_image",
     "offline_tokenizer",
     "tiny_call_kwargs",
@@ -96,8 +99,9 @@ __all__ = [
 _IMAGE_PROMPT = "a photo of a cat sitting on a mat"
 _VIDEO_PROMPT = "a dog running on the beach at sunset"
 
-# (pipeline class, a component only that variant has) -> builder. Wan 2.1 and 2.2 are both a
-# WanPipeline: 2.2 is the one with a second expert, transformer_2.
+# (pipeline class, a component or a pipeline setting only that variant has) -> builder. Wan 2.1 and
+# 2.2 are all a WanPipeline: A14B is the one with a second expert, transformer_2; TI2V-5B the one
+# with expand_timesteps.
 TINY_BUILDERS: dict[tuple[str, str | None], Callable[..., pathlib.Path]] = {
     ("FluxPipeline", None): build_tiny_flux,
     ("Flux2Pipeline", None): build_tiny_flux2,
@@ -108,6 +112,7 @@ TINY_BUILDERS: dict[tuple[str, str | None], Callable[..., pathlib.Path]] = {
     ("ZImagePipeline", None): build_tiny_z_image,
     ("WanPipeline", None): build_tiny_wan,
     ("WanPipeline", "transformer_2"): build_tiny_wan22,
+    ("WanPipeline", "expand_timesteps"): build_tiny_wan22_ti2v,
     ("CogVideoXPipeline", None): build_tiny_cogvideox,
     ("HunyuanVideoPipeline", None): build_tiny_hunyuan_video,
     ("LTXPipeline", None): build_tiny_ltx,
@@ -129,7 +134,7 @@ def build_tiny_for(
     entry = catalog_entry(model)
     if entry is None:
         raise ValueError(f"{model!r} is not in the catalog; it has {', '.join(catalog_names())}")
-    names = {item["name"] for item in entry["components"]}
+    names = {item["name"] for item in entry["components"]} | variant_settings(entry)
     pipeline_class = entry["pipeline_class"]
     for (cls, marker), builder in TINY_BUILDERS.items():
         if cls == pipeline_class and marker in names:
@@ -138,6 +143,11 @@ def build_tiny_for(
     if builder is None:
         raise ValueError(f"no tiny builder for {pipeline_class} ({model}); add one to advisor.testing")
     return builder(path, seed=seed, overwrite=overwrite)
+
+
+def variant_settings(entry: dict[str, Any]) -> set[str]:
+    """The pipeline settings a catalog entry turns on (`TINY_BUILDERS`' markers besides component names)."""
+    return {name for name, value in entry.get("pipeline_config", {}).items() if value is True}
 
 
 # Per pipeline class: kind, height, width, frames and the extra call arguments of the smallest
@@ -173,8 +183,8 @@ _CALLS: dict[str, tuple[str, int, int, int, dict[str, Any]]] = {
     ),
     # VAE without downsampling, patch 2; CFG on (any guidance_scale > 0), as the pipeline's default.
     "ZImagePipeline": ("image", 16, 16, 1, {"guidance_scale": 5.0, "max_sequence_length": 16}),
-    # Wan: height/width divisible by 16, (num_frames - 1) % 4 == 0.
-    "WanPipeline": ("video", 16, 16, 5, {"negative_prompt": "", "guidance_scale": 5.0, "max_sequence_length": 16}),
+    # Wan: height/width divisible by 16, (num_frames - 1) % 4 == 0; 32x32 for the TI2V kind's 16x VAE.
+    "WanPipeline": ("video", 32, 32, 5, {"negative_prompt": "", "guidance_scale": 5.0, "max_sequence_length": 16}),
     # CogVideoX: the transformer's sample size (2x2 latents = 16x16) and max_text_seq_length (16) fix
     # these; 9 frames, as 5 (2 latent frames) would decode to 8.
     "CogVideoXPipeline": (
@@ -196,7 +206,7 @@ def tiny_call_kwargs(kind: str, *, seed: int | None = None) -> dict[str, Any]:
 
     ``kind`` is a pipeline class name (``"StableDiffusion3Pipeline"``, ``"WanPipeline"``, ...; one
     of those the builders make), or ``"image"`` (Flux: one 32x32 image) or ``"video"`` (Wan: 5
-    frames of 16x16; Wan needs height/width divisible by 16 and ``(num_frames - 1) % 4 == 0``).
+    frames of 32x32; Wan needs height/width divisible by 16 and ``(num_frames - 1) % 4 == 0``).
     Output is ``output_type="np"`` so the VAE decode runs too. With ``seed`` a
     ``torch.Generator`` seeded with it is added (a fresh dict each call, so a generator is never
     shared); without it the result depends on the global torch RNG.
@@ -204,7 +214,7 @@ def tiny_call_kwargs(kind: str, *, seed: int | None = None) -> dict[str, Any]:
     Example::
 
         >>> pipe(**tiny_call_kwargs("video", seed=0)).frames.shape
-        (1, 5, 16, 16, 3)
+        (1, 5, 32, 32, 3)
     """
     from advisor.probe.workload import Workload
 

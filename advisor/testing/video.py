@@ -1,4 +1,4 @@
-"""Tiny text-to-video pipelines: Wan 2.1, Wan 2.2 (two experts), CogVideoX, HunyuanVideo, LTX-Video.
+"""Tiny text-to-video pipelines: Wan 2.1, Wan 2.2 (two experts; TI2V-5B), CogVideoX, HunyuanVideo, LTX-Video.
 
 Same rules as `advisor.testing.image`: catalog component names and classes, random weights from
 the smallest config that runs, offline tokenizers, float32 safetensors.
@@ -25,7 +25,7 @@ def _wan_parts(seed: int) -> dict[str, Any]:
     return {"tokenizer": tokenizer, "text_encoder": t5_text_encoder(seed, tokenizer, umt5=True), "vae": vae}
 
 
-def _wan_transformer(seed: int) -> Any:
+def _wan_transformer(seed: int, channels: int = 16) -> Any:
     from diffusers import WanTransformer3DModel
 
     seeded(seed)
@@ -33,8 +33,8 @@ def _wan_transformer(seed: int) -> Any:
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
+        in_channels=channels,
+        out_channels=channels,
         text_dim=32,
         freq_dim=256,
         ffn_dim=32,
@@ -62,7 +62,7 @@ def build_tiny_wan(
 
         >>> folder = build_tiny_wan(tmp_path / "wan")
         >>> pipe = DiffusionPipeline.from_pretrained(folder)
-        >>> frames = pipe(**tiny_call_kwargs("video")).frames[0]  # (5, 16, 16, 3)
+        >>> frames = pipe(**tiny_call_kwargs("video")).frames[0]  # (5, 32, 32, 3)
     """
     folder, needs_build = prepare_folder(path, overwrite)
     if not needs_build:
@@ -95,6 +95,45 @@ def build_tiny_wan22(path: str | os.PathLike[str], *, seed: int = 0, overwrite: 
         transformer=_wan_transformer(seed),
         transformer_2=_wan_transformer(seed + 1),  # a different expert, not a copy
         boundary_ratio=0.875,
+    )
+    return save(pipe, folder)
+
+
+def build_tiny_wan22_ti2v(path: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+    """A random-weight Wan 2.2 TI2V-5B-style ``WanPipeline``: one transformer called with a timestep
+    per latent token (``expand_timesteps=True``) and the Wan 2.2 VAE kind (residual, 2x2 patches:
+    16x spatial, 4x temporal compression), so the smallest frame is 32x32. Same caching and seeding
+    rules as :func:`build_tiny_flux`.
+    """
+    folder, needs_build = prepare_folder(path, overwrite)
+    if not needs_build:
+        return folder
+
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    parts = _wan_parts(seed)
+    seeded(seed)
+    parts["vae"] = AutoencoderKLWan(
+        base_dim=4,
+        decoder_base_dim=4,
+        z_dim=8,
+        in_channels=12,  # 3 colours x 2x2 patch
+        out_channels=12,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        patch_size=2,
+        is_residual=True,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.0] * 8,
+        latents_std=[1.0] * 8,
+    )
+    pipe = WanPipeline(
+        **parts,
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0),
+        transformer=_wan_transformer(seed, channels=8),
+        expand_timesteps=True,
     )
     return save(pipe, folder)
 

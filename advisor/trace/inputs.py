@@ -204,9 +204,19 @@ DENOISER_INPUTS: dict[str, Callable[[Any, Geometry, Maker], dict[str, Any]]] = {
 }
 
 
-def denoiser_inputs(module: torch.nn.Module, g: Geometry, make: Maker) -> dict[str, Any]:
-    """Keyword arguments of one denoiser call at geometry `g` (KeyError: a class without a builder)."""
-    return {**DENOISER_INPUTS[type(module).__name__](module.config, g, make), "return_dict": False}
+def denoiser_inputs(
+    module: torch.nn.Module, g: Geometry, make: Maker, pipeline_config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of one denoiser call at geometry `g` (KeyError: a class without a builder);
+    `pipeline_config` the pipeline's own settings (`ModelProfile.pipeline_config`)."""
+    kwargs = DENOISER_INPUTS[type(module).__name__](module.config, g, make)
+    if (pipeline_config or {}).get("expand_timesteps"):
+        # Wan2.2 TI2V: WanPipeline passes a timestep per latent token, (batch, tokens), which the
+        # transformer embeds per token (pipeline_wan.py: `expand_timesteps`).
+        patch_t, patch_h, patch_w = module.config["patch_size"]
+        tokens = (g.frames // patch_t) * (g.height // patch_h) * (g.width // patch_w)
+        kwargs["timestep"] = make.timestep(g.batch * tokens).reshape(g.batch, tokens)
+    return {**kwargs, "return_dict": False}
 
 
 def text_encoder_inputs(tokens: int, batch: int, make: Maker) -> dict[str, Any]:

@@ -193,7 +193,7 @@ def trace_denoiser(
         latent_frames, latent_h, latent_w = latent_geometry(profile, _workload(profile, height, width, frames))
         g = Geometry(batch=1, frames=latent_frames, height=latent_h, width=latent_w, text_tokens=tokens)
         cast(module, dtype)
-        kwargs = denoiser_inputs(module, g, Maker("meta", dtype))
+        kwargs = denoiser_inputs(module, g, Maker("meta", dtype), profile.pipeline_config)
         return {
             "height": height,
             "width": width,
