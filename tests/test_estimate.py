@@ -503,3 +503,15 @@ def test_guidance_at_or_below_one_turns_a_guided_pipeline_off():
 def test_a_guidance_scale_outside_what_pipelines_take_is_a_usage_error():
     with pytest.raises(UsageError, match="--guidance-scale"):
         make_workload(load_profile("z-image-turbo"), guidance_scale=-1.0)
+
+
+def test_a_step_distilled_klein_never_guides_whatever_the_scale():
+    # Flux2KleinPipeline: do_classifier_free_guidance is `guidance_scale > 1 and not
+    # self.config.is_distilled`; the 4B repo's model_index.json says is_distilled: true.
+    from advisor.probe.workload import run_behaviour
+
+    klein = load_profile("flux2-klein-4b")
+    assert klein.pipeline_config.get("is_distilled") is True
+    guided = make_workload(klein, guidance_scale=4.0)
+    assert run_behaviour(klein.pipeline_class, guided, klein.pipeline_config)["cfg"] == "none"
+    assert run_behaviour(klein.pipeline_class, guided)["cfg"] == "separate"  # a klein base model

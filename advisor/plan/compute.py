@@ -416,7 +416,7 @@ def _phase_work(
 ) -> dict[str, Work]:
     dtype, expandable = config.dtype, config.expandable_segments
     k = constants()
-    behaviour = run_behaviour(profile.pipeline_class, workload)
+    behaviour = run_behaviour(profile.pipeline_class, workload, profile.pipeline_config)
     text = NO_WORK
     for encoder in profile.by_role("text_encoder"):
         text = text + text_work(encoder, workload, dtype, memo, expandable=expandable)

@@ -235,7 +235,7 @@ def estimate(
             active = [max(active, key=lambda c: weights[c.name])]  # Wan2.2's experts take turns
         if phase == "text_encoding" and len(active) > 1:
             order = encoding_order(profile.offload_sequence, [c.name for c in active])
-            passes = encoding_passes(profile.pipeline_class, workload)
+            passes = encoding_passes(profile.pipeline_class, workload, profile.pipeline_config)
             together = offload.encoders_resident_at_once(config, order, weights, passes)
             active = [c for c in active if c.name in together]
         resident = {

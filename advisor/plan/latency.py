@@ -81,7 +81,7 @@ def _overlapped(compute: float, transfer: float, config: OptimizationConfig) -> 
 
 
 def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> tuple[float, float, dict[str, float]]:
-    behaviour = run_behaviour(profile.pipeline_class, workload)
+    behaviour = run_behaviour(profile.pipeline_class, workload, profile.pipeline_config)
     generation = target.generation
     calls_per_step = 2 if behaviour["cfg"] == "separate" else 1
     step_compute = step_transfer = 0.0

@@ -58,22 +58,25 @@ def encoding_order(offload_sequence: list[str], encoders: list[str]) -> list[str
     return [n for n in offload_sequence if n in encoders] + sorted(n for n in encoders if n not in offload_sequence)
 
 
-def run_behaviour(pipeline_class: str, workload: Workload) -> dict[str, Any]:
+def run_behaviour(pipeline_class: str, workload: Workload, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """How `pipeline_class` runs `workload`: its family's behaviour, with classifier-free guidance
     off where the workload's guidance scale turns it off. Pipelines guide above a scale of 1
     (``do_classifier_free_guidance`` is ``guidance_scale > 1`` in SD3, Wan, CogVideoX, ...),
-    ``cfg_above`` where one differs (Z-Image guides at any scale above 0)."""
+    ``cfg_above`` where one differs (Z-Image guides at any scale above 0); never where one of the
+    pipeline's own `settings` named by ``unguided_when`` is on (FLUX.2 [klein]'s ``is_distilled``:
+    ``guidance_scale > 1 and not self.config.is_distilled``)."""
     behaviour = pipeline_behaviour(pipeline_class, workload.kind)
     scale = workload.guidance_scale
-    if scale is not None and behaviour["cfg"] != "none" and scale <= behaviour.get("cfg_above", 1):
+    distilled = bool((settings or {}).get(behaviour.get("unguided_when", ""), False))
+    if behaviour["cfg"] != "none" and (distilled or (scale is not None and scale <= behaviour.get("cfg_above", 1))):
         return {**behaviour, "cfg": "none", "negative_prompt_encoded": False}
     return behaviour
 
 
-def encoding_passes(pipeline_class: str, workload: Workload) -> int:
+def encoding_passes(pipeline_class: str, workload: Workload, settings: dict[str, Any] | None = None) -> int:
     """How often a pipeline runs its text encoders per generation: twice where it encodes a negative
     prompt by default (``negative_prompt_encoded``: SD3 encodes ``""``) and guidance is on."""
-    return 2 if run_behaviour(pipeline_class, workload)["negative_prompt_encoded"] else 1
+    return 2 if run_behaviour(pipeline_class, workload, settings)["negative_prompt_encoded"] else 1
 
 
 @dataclass(frozen=True)

@@ -65,9 +65,9 @@ def rehearsal_geometry(profile: Any, workload: Workload) -> tuple[Geometry, dict
     """(one denoiser call's geometry, each text encoder's sequence length, denoiser calls per step,
     text encoder passes)."""
     frames, height, width = latent_geometry(profile, workload)
-    cfg = run_behaviour(profile.pipeline_class, workload)["cfg"]
+    cfg = run_behaviour(profile.pipeline_class, workload, profile.pipeline_config)["cfg"]
     batch = workload.batch * (2 if cfg == "batched" else 1)
     tokens = {c.name: c.facts.get("max_sequence_length") or 77 for c in profile.by_role("text_encoder")}
     calls = 2 if cfg == "separate" else 1
-    passes = encoding_passes(profile.pipeline_class, workload)
+    passes = encoding_passes(profile.pipeline_class, workload, profile.pipeline_config)
     return Geometry(batch, frames, height, width, text_tokens(profile) or 77), tokens, calls, passes

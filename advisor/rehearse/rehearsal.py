@@ -261,7 +261,7 @@ def rehearse(
                 decoded = geometry.batch if decode_batch is None else decode_batch
                 if prompt_passes is None:
                     kind = "video" if geometry.frames > 1 else "image"
-                    prompt_passes = encoding_passes(type(pipe).__name__, Workload(kind, 1, 1))
+                    prompt_passes = encoding_passes(type(pipe).__name__, Workload(kind, 1, 1), dict(pipe.config))
                 passes = (prompt_passes, steps, calls_per_step)
                 _run_phases(pipe, geometry, dtype, ledger, text_tokens or {}, passes, decoded)
     except DeviceMismatch as error:
