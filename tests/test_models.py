@@ -215,7 +215,7 @@ def test_unknown_model_offline_lists_the_catalog_and_the_folder_hint():
     with pytest.raises(ModelError) as excinfo:
         load_profile("nobody/nothing-here")
     message = str(excinfo.value)
-    assert "not in the catalog" in message and "flux-dev" in message and "docs/models.md" in message
+    assert "or in the catalog" in message and "flux-dev" in message and "docs/models.md" in message
     assert "./my-pipeline" in message and "\n" not in message
 
 
