@@ -32,8 +32,12 @@ DOCS = "https://huggingface.co/docs/diffusers/main/en/optimization/memory#layerw
 DEFAULT_CASTING_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
 # Text encoders (transformers models) also keep their embeddings at the compute dtype: transformers
 # reports a model's dtype from its first weight (the token embedding), and pipelines cast the prompt
-# embeddings to it, so an fp8 embedding would feed fp8 inputs to the denoiser.
-ENCODER_CASTING_SKIP_PATTERNS = ("embed", "shared")
+# embeddings to it, so an fp8 embedding would feed fp8 inputs to the denoiser. And their output head
+# (`lm_head`): a causal LM may tie it to the token embedding (Qwen3-4B, FLUX.2 [klein]'s encoder:
+# tie_word_embeddings), and casting the head would cast the shared weight the embedding reads
+# unhooked (rehearsed and run: "mm mixes bfloat16 and float8_e4m3fn"); the pipelines read hidden
+# states, never its logits.
+ENCODER_CASTING_SKIP_PATTERNS = ("embed", "shared", "lm_head")
 
 
 def casting_skipped(module: str, patterns: tuple[str, ...]) -> bool:

@@ -111,6 +111,9 @@ class ModelProfile:
     # The pipeline's own settings in model_index.json, beside its components (Wan2.2's
     # expand_timesteps and boundary_ratio, FLUX.2 [klein]'s is_distilled): `pipeline_settings`.
     pipeline_config: dict[str, Any] = field(default_factory=dict)
+    # What the model card runs where it differs from the pipeline's call defaults (a catalog
+    # entry's `call_defaults`, with their `source`): `advisor.probe.workload.model_defaults`.
+    call_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def parameters(self) -> int:
@@ -306,6 +309,7 @@ def profile_from_entry(entry: dict[str, Any], *, workload: str | None = None) ->
         other_components=entry.get("other_components", {}),
         path=entry.get("_path"),
         pipeline_config=dict(entry.get("pipeline_config", {})),
+        call_defaults=dict(entry.get("call_defaults", {})),
     )
 
 

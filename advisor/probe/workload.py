@@ -135,7 +135,9 @@ def model_defaults(profile: ModelProfile) -> dict[str, Any]:
         denoiser = next(iter(profile.by_role("denoiser")), None)
         if denoiser is not None and denoiser.config.get("guidance_embeds") is False:
             return {"steps": 4, "source": "https://huggingface.co/black-forest-labs/FLUX.1-schnell"}
-    entry = catalog_entry(profile.model_id)
+    if profile.call_defaults:
+        return dict(profile.call_defaults)
+    entry = catalog_entry(profile.model_id)  # the same model read from a folder or the cache
     return dict(entry.get("call_defaults", {})) if entry else {}
 
 

@@ -100,6 +100,31 @@ def t5_text_encoder(seed: int, tokenizer: Any, *, d_model: int = 32, umt5: bool 
     )
 
 
+# A chat template that passes the user's text through (the pipelines wrap prompts in their LLM's
+# chat format; the offline tokenizer has none of its special tokens).
+USER_TEXT_CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+
+
+def qwen3_text_encoder(seed: int, tokenizer: Any, *, layers: int, causal_lm: bool = False, hidden: int = 16) -> Any:
+    """A `layers`-deep Qwen3 of width `hidden`: the bare ``Qwen3Model`` (Z-Image) or, with `causal_lm`,
+    ``Qwen3ForCausalLM`` with its head tied to the embedding, as Qwen3-4B (FLUX.2 [klein])."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(
+        hidden_size=hidden,
+        intermediate_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=VOCAB_SIZE,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    seeded(seed)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+
+
 def save(pipe: Any, folder: pathlib.Path) -> pathlib.Path:
     import torch
 

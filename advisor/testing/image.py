@@ -12,10 +12,12 @@ import pathlib
 from typing import Any
 
 from advisor.testing._common import (
+    USER_TEXT_CHAT_TEMPLATE,
     VOCAB_SIZE,
     clip_text_encoder,
     offline_tokenizer,
     prepare_folder,
+    qwen3_text_encoder,
     save,
     seeded,
     t5_text_encoder,
@@ -403,11 +405,10 @@ def build_tiny_z_image(path: str | os.PathLike[str], *, seed: int = 0, overwrite
         return folder
 
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
 
     text_dim = 16
     tokenizer = offline_tokenizer(1024)
-    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+    tokenizer.chat_template = USER_TEXT_CHAT_TEMPLATE
     seeded(seed)
     transformer = ZImageTransformer2DModel(
         in_channels=4,
@@ -420,19 +421,7 @@ def build_tiny_z_image(path: str | os.PathLike[str], *, seed: int = 0, overwrite
         axes_dims=[4, 6, 6],  # sums to the head width, 16
         axes_lens=[64, 32, 32],
     )
-    seeded(seed)
-    text_encoder = Qwen3Model(
-        Qwen3Config(
-            hidden_size=text_dim,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=VOCAB_SIZE,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = qwen3_text_encoder(seed, tokenizer, layers=2, hidden=text_dim)
     pipe = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         # Z-Image decodes with latents / scaling_factor + shift_factor (FLUX.1's VAE values).
@@ -455,26 +444,12 @@ def build_tiny_flux2_klein(path: str | os.PathLike[str], *, seed: int = 0, overw
         return folder
 
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
-    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     text_dim = 16
     tokenizer = offline_tokenizer(1024)
-    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+    tokenizer.chat_template = USER_TEXT_CHAT_TEMPLATE
     transformer, vae = _tiny_flux2_denoiser_and_vae(seed, text_dim, guidance_embeds=False)
-    seeded(seed)
-    text_encoder = Qwen3ForCausalLM(
-        Qwen3Config(
-            hidden_size=text_dim,
-            intermediate_size=16,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=VOCAB_SIZE,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
-    )
+    text_encoder = qwen3_text_encoder(seed, tokenizer, layers=3, causal_lm=True, hidden=text_dim)
     pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
