@@ -209,7 +209,12 @@ def test_wan_14b_on_a_24gb_card_quantizes_and_never_model_offloads():
 def test_wan_14b_on_a_3060_cannot_use_fp8_compute():
     result = pick("wan2.1-t2v-14b", target=planned_target(machine=None, gpu="RTX 3060"))  # Ampere, 12 GB
     assert result.rejected.get("fp8-compute-needs-sm89", 0) > 0
-    assert result.best.config.offload.strategy == "group"
+    # 14 B weights never fit 12 GB: the transformer is streamed layer by layer (group or sequential
+    # offload). Loading with no device_map puts bitsandbytes' 4-bit transformer and UMT5 on the card
+    # together (13.3 GB) before offloading starts, so at most the transformer is quantized.
+    best = result.best.config
+    assert best.offload.strategy in ("group", "sequential")
+    assert best.quantization is None or best.quantization.components == ["transformer"]
 
 
 def test_flux_on_an_80gb_h100_needs_no_offload_and_no_quantization():

@@ -37,6 +37,7 @@ from advisor.probe.workload import Workload, encoding_order, encoding_passes
 
 
 PHASES = ("text_encoding", "denoising", "vae_decode")
+LOADING = "loading"  # a phase of its own only where loading leaves more on the card than a run holds
 ROLE_OF_PHASE = {"text_encoding": "text_encoder", "denoising": "denoiser", "vae_decode": "vae"}
 
 
@@ -256,6 +257,12 @@ def estimate(
         room = target.vram_total_bytes - (sum(weights_here.values()) + activation + stranded)
         workspace = min(workspace, max(room, 0))  # cuDNN settles for what the card has left
         phases.append(PhaseEstimate(phase, weights_here, activation, stranded, cached, workspace))
+    # Loading with no device_map under group or sequential offloading: bitsandbytes quantizes every
+    # component it converts straight onto the GPU, all there at once until the offload call moves
+    # them off (`offload.load_device_map` says why that map can't be "cpu" there).
+    loaded = offload.on_device_after_loading(config, [c.name for c in profile.components])
+    if loaded and offload.OFFLOAD.is_on(config) and not on_cpu:
+        phases.insert(0, PhaseEstimate(LOADING, {n: weights[n] for n in sorted(loaded)}, 0))
     peak = max(phases, key=lambda p: p.reserved_bytes)
 
     ram, disk, kept = _host_memory(profile, config, weights, on_cpu, peak)
