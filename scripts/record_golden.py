@@ -43,7 +43,9 @@ RECOMMEND = {
     "hunyuan-h100-121f": "-m hunyuanvideo-community/HunyuanVideo --gpu H100 --ram 128GB --height 512 --width 768 --frames 121".split(),
     "cogvideox-12gb": ["-m", "THUDM/CogVideoX-5b", "--vram", "12GB", "--ram", "32GB"],
     "ltx-l4": ["-m", "Lightricks/LTX-Video", "--gpu", "L4", "--ram", "32GB"],
+    # 24 GB of RAM: nothing loads (bitsandbytes fills the T4 while loading; fp16 weights overflow the RAM)
     "wan14b-t4-low-ram": ["-m", "wan2.1-t2v-14b", "--gpu", "T4", "--ram", "24GB"],
+    "wan14b-t4-32gb": ["-m", "wan2.1-t2v-14b", "--gpu", "T4", "--ram", "32GB"],
 }
 
 ESTIMATE = {

@@ -410,6 +410,7 @@ DECISIONS = [
         _check(
             lossless,
             lambda r: r.config.offload.strategy == "model",
+            # "~62GB" without its unit: within 10% of 62 GB read as either decimal or binary gigabytes
             lambda r: 0.9 * 62e9 <= r.best.estimate.peak_vram_bytes <= 1.1 * 62 * GIB,
         ),
         quality="exact",

@@ -312,3 +312,18 @@ def test_estimate_says_host_ram_while_loading_apart_from_while_running(tiny_gguf
     assert main([*args, "--height", "32", "--width", "32"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("peak host RAM"))
     assert "(while running: process" in line and "; loading holds" in line
+
+
+def test_every_ggml_type_a_file_name_can_say_has_its_own_size():
+    """A name that is a ggml type itself keeps its ending (IQ3_S is not IQ3), K-quant mixes are
+    their main type (Q4_K_S is mostly Q4_K), and a name ggml has no type for is an error, never a
+    guess (ggml's type_traits: IQ3_S 110 bytes per 256 weights, Q4_K 144, F16 2 per weight)."""
+    from advisor.errors import ConfigError
+    from advisor.levers.gguf import bits_per_weight
+
+    assert bits_per_weight("IQ3_S") == 110 * 8 / 256
+    assert bits_per_weight("IQ1_M") == 56 * 8 / 256
+    assert bits_per_weight("Q4_K_S") == bits_per_weight("Q4_K_M") == 144 * 8 / 256
+    assert bits_per_weight("F16") == 16
+    with pytest.raises(ConfigError, match="quantization.file"):
+        bits_per_weight("Q7_X")

@@ -59,11 +59,12 @@ def inspect(
     from advisor.levers.gguf.header import gguf_files
     from advisor.probe.models import load_profile
 
-    files = gguf_files(required_model(model, "inspect"))
+    model = required_model(model, "inspect")
+    files = gguf_files(model)
     if files:
         _inspect_gguf(files, as_json)
         return
-    profile = checked_kind(load_profile(required_model(model, "inspect"), workload=workload), workload)
+    profile = checked_kind(load_profile(model, workload=workload), workload)
     if as_json:
         print_json(profile.to_dict(include_config=include_config))
         return

@@ -17,9 +17,11 @@ Pure Python at import: torch, diffusers and the backends' packages only inside `
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable
 
 from advisor.config import OptimizationConfig, Quantization
+from advisor.errors import ConfigError
 from advisor.levers.base import Lever, Loading, Pick
 from advisor.levers.code import source
 from advisor.platform import Constraint, Platform, constraint
@@ -112,6 +114,19 @@ def add_backend(backend: QuantBackend) -> QuantBackend:
 
 def backend_of(quantization: Quantization) -> QuantBackend:
     return next(b for b in BACKENDS if quantization.backend in b.backends)
+
+
+def import_backend(module: str, backend: str, package: str, extra: str) -> Any:
+    """`module` of a backend's package, imported when a config that names it loads; or a one-line
+    `ConfigError` saying how to install it."""
+    try:
+        importlib.import_module(module.partition(".")[0])  # as `import a.b` does: the package first
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"`quantization.backend: {backend}` needs the {package} package, which is not installed here: "
+            f"pip install {package} (or the advisor's extra: pip install 'diffusers-advisor[{extra}]')"
+        ) from None
 
 
 def per_library_loading(

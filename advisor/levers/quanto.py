@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from advisor.config import OptimizationConfig, Quantization
-from advisor.errors import ConfigError
 from advisor.levers.base import Loading
 from advisor.levers.code import source
-from advisor.levers.quantization import QuantBackend, per_library_loading
+from advisor.levers.quantization import QuantBackend, import_backend, per_library_loading
 from advisor.platform import Constraint, Platform, constraint
 
 
@@ -85,13 +84,7 @@ class Quanto(QuantBackend):
             import diffusers
             import transformers
 
-            try:
-                import optimum.quanto  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    "`quantization.backend: quanto` needs the optimum-quanto package, which is not installed here: "
-                    "pip install optimum-quanto (or the advisor's extra: pip install 'diffusers-advisor[quanto]')"
-                ) from None
+            import_backend("optimum.quanto", "quanto", "optimum-quanto", "quanto")
             if is_diffusers:
                 return diffusers.QuantoConfig(weights_dtype=weights)
             return transformers.QuantoConfig(weights=weights)

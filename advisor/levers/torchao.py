@@ -13,10 +13,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from advisor.config import OptimizationConfig, Quantization
-from advisor.errors import ConfigError
 from advisor.levers.base import Loading
 from advisor.levers.offload import blocks_move_with_module_to, group_offloaded
-from advisor.levers.quantization import QuantBackend, per_library_loading
+from advisor.levers.quantization import QuantBackend, import_backend, per_library_loading
 from advisor.platform import Constraint, Platform, constraint, on_cuda
 
 
@@ -200,15 +199,9 @@ class Torchao(QuantBackend):
             import diffusers
             import transformers
 
-            try:
-                import torchao.quantization
-            except ImportError:
-                raise ConfigError(
-                    "`quantization.backend: torchao` needs the torchao package, which is not installed here: "
-                    "pip install torchao (or the advisor's extra: pip install 'diffusers-advisor[torchao]')"
-                ) from None
+            schemes = import_backend("torchao.quantization", "torchao", "torchao", "torchao")
             library = diffusers if is_diffusers else transformers
-            return library.TorchAoConfig(getattr(torchao.quantization, scheme_class)())
+            return library.TorchAoConfig(getattr(schemes, scheme_class)())
 
         return per_library_loading(
             components,

@@ -135,7 +135,7 @@ def model_defaults(profile: ModelProfile) -> dict[str, Any]:
         denoiser = next(iter(profile.by_role("denoiser")), None)
         if denoiser is not None and denoiser.config.get("guidance_embeds") is False:
             return {"steps": 4, "source": "https://huggingface.co/black-forest-labs/FLUX.1-schnell"}
-    if profile.call_defaults:
+    if profile.source == "catalog":  # the entry's own, read with it
         return dict(profile.call_defaults)
     entry = catalog_entry(profile.model_id)  # the same model read from a folder or the cache
     return dict(entry.get("call_defaults", {})) if entry else {}

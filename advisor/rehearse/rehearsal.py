@@ -262,8 +262,17 @@ def rehearse(
                 if prompt_passes is None:
                     kind = "video" if geometry.frames > 1 else "image"
                     prompt_passes = encoding_passes(type(pipe).__name__, Workload(kind, 1, 1), dict(pipe.config))
-                passes = (prompt_passes, steps, calls_per_step)
-                _run_phases(pipe, geometry, dtype, ledger, text_tokens or {}, passes, decoded)
+                _run_phases(
+                    pipe,
+                    geometry,
+                    dtype,
+                    ledger,
+                    text_tokens or {},
+                    prompt_passes=prompt_passes,
+                    steps=steps,
+                    calls=calls_per_step,
+                    decode_batch=decoded,
+                )
     except DeviceMismatch as error:
         failure = str(error)
     except NotRehearsable as error:
@@ -307,10 +316,12 @@ def _run_phases(
     dtype: torch.dtype,
     ledger: Ledger,
     tokens: dict[str, int],
-    passes: tuple[int, int, int],
+    *,
+    prompt_passes: int,
+    steps: int,
+    calls: int,
     decode_batch: int,
 ) -> None:
-    prompt_passes, steps, calls = passes  # text encodings, denoising steps, denoiser calls per step
     components = pipe.components
     device = pipe._execution_device
     make = _VirtualMaker(device, dtype)
@@ -328,11 +339,12 @@ def _run_phases(
     ledger.enter("denoising")
     ledger.origin = "denoising"
     denoisers = [components[n] for n in ("transformer", "transformer_2", "unet") if components.get(n) is not None]
+    settings = dict(pipe.config)  # the pipeline's own (Wan2.2 TI2V's expand_timesteps)
     for step in range(steps):
         # Experts that take turns (Wan 2.2) run in order, each for its share of the steps, never back.
         denoiser = denoisers[step * len(denoisers) // steps]
         for _call in range(calls):
-            out = denoiser(**denoiser_inputs(denoiser, g, make, dict(pipe.config)))
+            out = denoiser(**denoiser_inputs(denoiser, g, make, settings))
             del out
     ledger.enter("vae_decode")
     ledger.origin = "vae_decode"

@@ -142,7 +142,8 @@ def emit_python(model: str, config: OptimizationConfig) -> str:
     lines += [load.code for load in loads if load.code]
     lines += ["pipe = " + call_source("DiffusionPipeline.from_pretrained", (str(model),), load_kwargs)]
     shown = [s for s in steps if s.key != "compile.dynamo_config" and not s.done_by_loading]
-    lines += [""] + [line for s in shown for line in (f"# {s.description}", s.code)] if shown else []
+    if shown:
+        lines += [""] + [line for s in shown for line in (f"# {s.description}", s.code)]
     call_kwargs = _call_kwargs(config, kind)
     call = call_source("pipe", (), {"prompt": Expr("prompt", None), **call_kwargs})
     batch = any(key.startswith("num_") and key.endswith("_per_prompt") for key in call_kwargs)

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from advisor.config import OptimizationConfig, Quantization
+from advisor.errors import ConfigError
 from advisor.levers.base import Loading
 from advisor.levers.code import Expr, call_source, dtype_expr, runtime_value
-from advisor.levers.gguf.header import GGML_TYPES, GgufHeader, read_gguf_header
+from advisor.levers.gguf.header import GGML_LAYOUT, GgufHeader, read_gguf_header
 from advisor.levers.offload.strategies import SEQUENTIAL, loads_onto_device
 from advisor.levers.quantization import QuantBackend
 from advisor.platform import Constraint, Platform, constraint
@@ -77,13 +78,19 @@ def file_type(quantization: Quantization) -> str:
 
 def tensor_type(type_name: str) -> str:
     """The ggml type a file type stores most weights in: Q4_K_S and Q4_K_M mix in some larger blocks
-    but are mostly Q4_K."""
-    return re.sub(r"_[SML]$", "", type_name)
+    but are mostly Q4_K; a name that is a ggml type itself (IQ3_S, IQ1_M, Q8_0, F16) is that type."""
+    return type_name if type_name in GGML_LAYOUT else re.sub(r"_[SML]$", "", type_name)
 
 
 def bits_per_weight(type_name: str) -> float:
-    """Of a file type's main tensor type (`tensor_type`): Q4_K_S 4.5, Q8_0 8.5."""
-    _, block, size = next((v for v in GGML_TYPES.values() if v[0] == tensor_type(type_name)), ("", 32, 34))
+    """Of a file type's main tensor type (`tensor_type`): Q4_K_S 4.5, Q8_0 8.5, F16 16."""
+    layout = GGML_LAYOUT.get(tensor_type(type_name))
+    if layout is None:
+        raise ConfigError(
+            f"quantization.file: GGUF type {type_name} is not one ggml stores; a file type names one of "
+            f"{', '.join(sorted(GGML_LAYOUT))} (or one with an _S/_M/_L ending, such as Q4_K_S)"
+        )
+    block, size = layout
     return size * 8 / block
 
 

@@ -57,6 +57,8 @@ GGML_TYPES = {
     40: ("NVFP4", 64, 36),
     41: ("Q1_0", 128, 18),
 }
+# ggml type name -> (weights per block, bytes per block)
+GGML_LAYOUT = {name: (block, size) for name, block, size in GGML_TYPES.values()}
 # Types diffusers loads as plain tensors (at the pipeline's dtype); every other one stays packed as a
 # GGUFParameter and is dequantised per layer (diffusers/models/model_loading_utils.py, load_gguf_checkpoint).
 UNPACKED_TYPES = frozenset({"F32", "F16"})
@@ -82,7 +84,7 @@ class GgufTensor:
 
     @property
     def nbytes(self) -> int:
-        _, block, size = next(v for v in GGML_TYPES.values() if v[0] == self.type)
+        block, size = GGML_LAYOUT[self.type]
         return self.elements // block * size
 
     @property
