@@ -1,7 +1,7 @@
 """A new lever is one module, its config field and one entry: everything else sees it.
 
 The made-up lever (`tests/made_up_lever.py`) is installed in a copy of the package the way a real one
-would be added (the module, a field in `advisor/config.py` and the schema version that field makes,
+would be added (the module, a field in `advisor/config/__init__.py` and the schema version that field makes,
 the step from the version before in `advisor/migrations.py`, a line in `advisor/levers/__init__.py`),
 and followed through `advisor recommend` (it is proposed and explained), `advisor estimate` (its
 term changes the prediction), `--emit python` (its line is in the script) and `apply_config` on a
@@ -43,10 +43,10 @@ def with_made_up_lever(tmp_path_factory):
     package = root / "advisor"
     shutil.copytree(ROOT / "advisor", package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "tests" / "made_up_lever.py", package / "levers" / "made_up.py")
-    _edit(package / "config.py", "    cache: Cache | None = None\n", "    made_up: float | None = None\n")
+    _edit(package / "config" / "__init__.py", "    cache: Cache | None = None\n", "    made_up: float | None = None\n")
     # A new key is a new schema version; a file without it is valid as it is.
     _edit(
-        package / "config.py",
+        package / "config" / "__init__.py",
         f"SCHEMA_VERSION = {SCHEMA_VERSION}\n",
         f"SCHEMA_VERSION = {MADE_UP_VERSION}\n",
         replacing=True,
