@@ -180,6 +180,35 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
         help="The guidance scale the pipeline is called with: at or below 1 (0 for Z-Image) it runs without "
         "classifier-free guidance, one denoiser call per step (default: the pipeline's, or the model card's).",
     )
+    job.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="A LoRA the pipeline runs with (repeatable): a .safetensors file (diffusers, kohya, XLabs or "
+        "original layout; read from its header, never loaded) or a Hub file in the local cache (repo/name/file), "
+        "with its scale after a colon (x.safetensors:0.8; a Windows drive's colon stays part of the path).",
+    )
+    job.add_argument(
+        "--lora-rank",
+        type=whole_number("--lora-rank", 16),
+        metavar="N",
+        help="Plan for LoRAs of this rank when the files are not at hand (assumed on every Linear layer "
+        "of the denoiser: the most a LoRA of that rank adds).",
+    )
+    job.add_argument(
+        "--lora-count",
+        type=whole_number("--lora-count", 2),
+        metavar="N",
+        help="How many LoRAs of --lora-rank run together (default 1).",
+    )
+    job.add_argument(
+        "--lora-swap",
+        action="store_true",
+        help="Other LoRAs are loaded between calls (a UI, a server): the plan keeps them swappable (no fusing; "
+        "hotswapping where the model is compiled, so a new LoRA does not recompile it).",
+    )
     process = _Parser(add_help=False)  # what a plan that chooses compile or not weighs
     process.add_argument(
         "--generations",

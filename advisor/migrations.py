@@ -51,6 +51,11 @@ MIGRATIONS: dict[int, Migration] = {
         "quantization.backend quanto, with quantization.weights",
         unchanged,
     ),
+    4: Migration(
+        "lora (default none): the user's LoRAs the plan was made for (their rank, layers and parameters per "
+        "component, read from each file's header) and how they run: fused, unfused, hotswappable",
+        unchanged,
+    ),
 }
 
 

@@ -23,8 +23,8 @@ only: no weights, no download, no network) and records what memory estimates nee
 ``bytes_variants``
     The same for each variant file set (e.g. SDXL's ``variant="fp16"``), when the source
     lists ``variants``.
-``linear_parameters`` / ``linear_layers``
-    ``weight.numel()`` / count of the ``torch.nn.Linear`` modules the bitsandbytes and torchao
+``linear_parameters`` / ``linear_layers`` / ``linear_rows`` / ``linear_columns``
+    ``weight.numel()`` / count / output features / input features of the ``torch.nn.Linear`` modules the bitsandbytes and torchao
     weight quantizers would replace by default.  Excluded (kept unquantized), mirroring the
     quantizers: diffusers models skip modules named in ``_keep_in_fp32_modules`` (matched as
     ``diffusers.quantizers.bitsandbytes`` does: a module's own name, or ``key + "."`` inside /
@@ -205,7 +205,7 @@ def _stored_bytes(model, dtype: str, fp32_patterns: list[str]) -> tuple[int, int
     return total, buffer_elements
 
 
-def _linear_stats(model, library: str) -> tuple[int, int, int, int, int, list[str]]:
+def _linear_stats(model, library: str) -> tuple[int, int, int, int, int, int, list[str]]:
     import torch
 
     keep_fp32 = sorted(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -225,7 +225,7 @@ def _linear_stats(model, library: str) -> tuple[int, int, int, int, int, list[st
             # diffusers.quantizers.bitsandbytes.utils._replace_with_bnb_linear
             return local in skip or any((k + "." in full) or (k == full) for k in skip)
 
-    params = layers = rows = fp32_params = fp32_rows = 0
+    params = layers = rows = columns = fp32_params = fp32_rows = 0
     for full, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
@@ -233,11 +233,12 @@ def _linear_stats(model, library: str) -> tuple[int, int, int, int, int, list[st
             params += module.weight.numel()
             layers += 1
             rows += module.out_features
+            columns += module.in_features
         elif library == "transformers" and should_convert_module(full, sorted(set(skip) - set(keep_fp32))):
             # Kept out by `_keep_in_fp32_modules` alone: bitsandbytes leaves these, torchao converts them.
             fp32_params += module.weight.numel()
             fp32_rows += module.out_features
-    return params, layers, rows, fp32_params, fp32_rows, skip
+    return params, layers, rows, columns, fp32_params, fp32_rows, skip
 
 
 def _casting_patterns(model, library: str) -> list[str]:
@@ -343,7 +344,9 @@ def describe_component(name: str, component: dict[str, Any]) -> dict[str, Any]:
     dtype = component["dtype"]
     fp32_patterns = list(component.get("stored_fp32_patterns", []))
     n_bytes, buffer_elements = _stored_bytes(model, dtype, fp32_patterns)
-    lin_params, lin_layers, lin_rows, fp32_lin_params, fp32_lin_rows, quant_skip = _linear_stats(model, library)
+    lin_params, lin_layers, lin_rows, lin_columns, fp32_lin_params, fp32_lin_rows, quant_skip = _linear_stats(
+        model, library
+    )
     cast_patterns = _casting_patterns(model, library)
     cast_skipped, cast_layers = _casting(model, cast_patterns)
     keep_fp32, keep_fp32_n = _keep_fp32_params(model, library)
@@ -360,6 +363,7 @@ def describe_component(name: str, component: dict[str, Any]) -> dict[str, Any]:
         "linear_parameters": lin_params,
         "linear_layers": lin_layers,
         "linear_rows": lin_rows,
+        "linear_columns": lin_columns,
         "fp32_linear_parameters": fp32_lin_params,
         "fp32_linear_rows": fp32_lin_rows,
         "quantization_skip_modules": quant_skip,

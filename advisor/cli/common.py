@@ -118,6 +118,10 @@ REQUEST_FLAGS = (
     "steps",
     "batch",
     "guidance_scale",
+    "loras",
+    "lora_rank",
+    "lora_count",
+    "lora_swap",
     "generations",
     "vram",
     "ram",
@@ -146,4 +150,5 @@ def take_request(namespace: dict[str, Any], command: str) -> Request:
             given[name] = flag_size(given[name], f"--{name}")
     if "budget" in given:
         given["budget_bytes"] = flag_size(given.pop("budget"), "--budget")
+    given["loras"] = tuple(given.get("loras", ()))
     return Request(model, assumed=assumed, **given)

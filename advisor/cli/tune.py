@@ -47,7 +47,7 @@ def tune(
     from advisor.probe.hardware import probe_machine
     from advisor.probe.models import hub_reachable
     from advisor.probe.target import target_from_probe
-    from advisor.probe.workload import check_workload_value
+    from advisor.probe.workload import WORKLOAD_LIMITS, check_workload_value
     from advisor.run.storage import check_storage
     from advisor.run.tune import TuneInterrupted, TuneSettings, check_settings, run_study
     from advisor.run.workers import check_devices, run_workers
@@ -65,8 +65,10 @@ def tune(
         retry_failed=retry_failed,
     )
     check_settings(settings)  # --trials, --trial-timeout, --tolerance, --confirm, --min-psnr
+    if request.lora_rank is not None:
+        raise UsageError("--lora-rank: tune measures real LoRAs; give the files with --lora")
     for name, value in request.job().items():
-        if value is not None:  # before any model is read (the workload checks the rest)
+        if value is not None and name in WORKLOAD_LIMITS:  # before any model is read (the workload checks the rest)
             check_workload_value(name, value)
     # Before the first trial: otherwise a bad path is found only after every trial has run.
     if output is not None:

@@ -31,6 +31,8 @@ from advisor.config.sections import (
     Compile,
     Dtype,
     LayerwiseCasting,
+    Lora,
+    LoraAdapter,
     Offload,
     Provenance,
     Quantization,
@@ -50,6 +52,8 @@ __all__ = [
     "Cache",
     "Compile",
     "LayerwiseCasting",
+    "Lora",
+    "LoraAdapter",
     "Offload",
     "OptimizationConfig",
     "Provenance",
@@ -60,7 +64,7 @@ __all__ = [
 ]
 
 # The config file's format: a change a file can show is a new version and a step in `advisor.migrations`.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -83,6 +87,7 @@ class OptimizationConfig(Section):
     vae: Vae = field(default_factory=Vae)
     attention_backend: str | None = None
     cache: Cache | None = None
+    lora: Lora | None = None  # the user's LoRAs and how they run (schema version 5)
     channels_last: bool = False
     expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (advisor/levers/allocator.py)
     provenance: Provenance = field(default_factory=Provenance)
@@ -140,6 +145,8 @@ class OptimizationConfig(Section):
             parts.append(f"{self.attention_backend} attention")
         if self.cache is not None:
             parts.append(self.cache.label())
+        if self.lora is not None:
+            parts.append(self.lora.label())
         return ", ".join(parts)
 
     def named_components(self) -> list[tuple[str, str]]:
@@ -153,6 +160,8 @@ class OptimizationConfig(Section):
         ):
             named += [(key, name) for name in (getattr(section, "components", None) or [])]
         named += [("offload.resident_blocks", name) for name in self.offload.resident_blocks or {}]
+        adapters = self.lora.adapters if self.lora else []
+        named += [("lora.adapters.layers", name) for name in dict.fromkeys(n for a in adapters for n in a.layers)]
         return named
 
     def to_json(self) -> str:

@@ -278,6 +278,79 @@ class Cache(Section):
         return f"first-block cache {self.threshold:g}"
 
 
+# How a LoRA file lays out its keys, as `advisor.probe.lora` reads them; "assumed": no file, the
+# rank the user gave (--lora-rank) on every Linear of the denoiser.
+LoraFormat = Literal["diffusers", "kohya", "xlabs", "original", "assumed"]
+
+
+@dataclass(frozen=True)
+class LoraAdapter(Section):
+    """One LoRA the plan was made for, as its file's header describes it (`advisor.probe.lora`):
+    per component (as the pipeline names it), the layers it targets, its parameters and the output
+    features of those layers (what an unfused adapter adds to each call)."""
+
+    _key = "lora.adapters."
+
+    source: str  # a local file, a Hub repo's cached file ("repo/file"), or the rank assumed
+    rank: int  # the largest rank among its layers
+    layers: dict[str, int]
+    parameters: dict[str, int]
+    outputs: dict[str, int]
+    format: LoraFormat = "diffusers"
+    scale: float = 1.0
+    file_bytes: int | None = None
+    digest: str | None = None  # sha256 of the file's header: a file that differs from the planned one is refused
+
+    def _check(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"`lora.adapters.rank: {self.rank}` must be at least 1")
+        if not self.layers or set(self.layers) != set(self.parameters) or set(self.layers) != set(self.outputs):
+            raise ValueError("`lora.adapters` must name the same components in `layers`, `parameters` and `outputs`")
+
+
+@dataclass(frozen=True)
+class Lora(Section):
+    """The user's LoRAs and how they are run (`advisor.levers.lora`).
+
+    ``fuse``: merged into the weights once loaded (``fuse_lora``, then the adapters unloaded): no
+    cost per step, but neither swappable nor re-scalable. ``hotswap_rank``: ``enable_lora_hotswap
+    (target_rank=...)`` before the first load, so that a compiled model takes another LoRA of at
+    most that rank without recompiling. ``swap``: the user loads other LoRAs between calls.
+    """
+
+    _key = "lora."
+
+    adapters: list[LoraAdapter]
+    swap: bool = False
+    fuse: bool = False
+    hotswap_rank: int | None = None
+
+    def _check(self) -> None:
+        at_least_one("lora.adapters", self.adapters)
+        if self.fuse and self.swap:
+            raise ValueError("`lora.fuse` merges the adapters into the weights; it cannot go with `lora.swap`")
+        if self.hotswap_rank is not None:
+            largest = max(adapter.rank for adapter in self.adapters)
+            if self.hotswap_rank < largest:
+                raise ValueError(
+                    f"`lora.hotswap_rank: {self.hotswap_rank}` is below the largest adapter rank ({largest}); "
+                    "hotswapping pads every adapter to it"
+                )
+            if self.fuse:
+                raise ValueError("`lora.hotswap_rank` keeps the adapters swappable; it cannot go with `lora.fuse`")
+
+    @property
+    def rank(self) -> int:
+        return max(adapter.rank for adapter in self.adapters)
+
+    def label(self) -> str:
+        count = len(self.adapters)
+        what = f"{count} LoRA{'s' * (count > 1)} (rank {self.rank})"
+        if self.fuse:
+            return f"{what} fused"
+        return f"{what} hotswappable to rank {self.hotswap_rank}" if self.hotswap_rank else f"{what} unfused"
+
+
 @dataclass(frozen=True)
 class Provenance(Section):
     """Where a config came from: what it was made for, by what, and (from tune) what it measured."""

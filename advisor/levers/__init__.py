@@ -9,7 +9,7 @@ The levers: load-time quantization (`quantization`, one module per backend: `bit
 `torchao`, `gguf`: a pre-quantized checkpoint, `quanto`), torch.compile and its dynamo flags (`torch_compile`), fp8 storage
 (`layerwise_casting`), the memory format (`memory_format`), offloading (`offload`), the VAE's
 tiling and slicing (`vae`), the attention kernel (`attention`), the step cache (`step_cache`) and
-the caching allocator's settings (`allocator`).
+the caching allocator's settings (`allocator`), and the user's LoRAs (`lora`).
 
 A new lever is one module with a `Lever` subclass, its config section in `advisor.config` (a new
 schema version and its step in `advisor.migrations`), and an entry below (`tests/test_levers.py`
@@ -36,6 +36,7 @@ from advisor.levers.base import (
 from advisor.levers.bitsandbytes import BITSANDBYTES
 from advisor.levers.gguf import GGUF_BACKEND
 from advisor.levers.layerwise_casting import LAYERWISE_CASTING
+from advisor.levers.lora import LORA
 from advisor.levers.memory_format import ChannelsLast
 from advisor.levers.offload import OFFLOAD
 from advisor.levers.quantization import QUANTIZATION, add_backend
@@ -89,6 +90,7 @@ add_backend(GGUF_BACKEND)
 add_backend(QUANTO_BACKEND)
 register(QUANTIZATION)
 register(COMPILE)
+register(LORA)
 register(LAYERWISE_CASTING)
 register(ChannelsLast())
 register(OFFLOAD)

@@ -13,7 +13,8 @@ What each part of the advisor asks, and when:
   combines (`advisor.plan.rules`; a combination with another lever is judged from the config),
   `adjusts`: how the planner completes a candidate with this lever (given the estimate), `prefers`:
   how it breaks near-ties the way the guidance says;
-- `stored_bytes`: a component's weight bytes where the lever stores them (`advisor.plan.weights`);
+- `stored_bytes`: a component's weight bytes where the lever stores them, `adapter_bytes` what it adds
+  beside them (`advisor.plan.weights`); `call_work`: what it adds to a denoiser call (`advisor.plan.compute`);
   `warmup_s`: one-off seconds at the first call; `compute_share`, `attention_speedup`,
   `per_call_written_bytes`, `per_call_host_seconds`: the latency (`advisor.plan.latency`), per device;
   `held_bytes`: device memory held from step to step (`advisor.plan.compute`), per device;
@@ -210,6 +211,16 @@ class Lever:
         them, those kept in fp32 aside, with `compute_bytes` per parameter at the compute dtype and the
         estimate's constants `k`; None where it does not store that component."""
         return None
+
+    def adapter_bytes(self, config: OptimizationConfig, component: Any, compute_bytes: int) -> float:
+        """Bytes the lever adds beside `component`'s weights, loaded, placed and moved with them (a
+        LoRA's adapters), with `compute_bytes` per parameter at the compute dtype: none by default."""
+        return 0.0
+
+    def call_work(self, config: OptimizationConfig, component: Any, shape: ActivationShape) -> tuple[float, float]:
+        """(matmul FLOPs, bytes written by memory-bound ops) the lever adds to one call of the denoiser
+        `component` on `shape`'s activations (a LoRA's unfused matmuls): none by default."""
+        return 0.0, 0.0
 
     def warmup_s(self, config: OptimizationConfig, profile: Any, k: dict) -> float:
         """One-off seconds at the first call with `config` (cold caches), for `profile`

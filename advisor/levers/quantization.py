@@ -29,6 +29,8 @@ from advisor.units import format_size
 
 
 OVERVIEW = "https://huggingface.co/docs/diffusers/main/en/quantization/overview"
+# peft's LoRA layers over quantized ones, and their merge (installed peft 0.22: tuners/lora/bnb.py, torchao.py).
+PEFT_QUANTIZED_LORA = "https://huggingface.co/docs/peft/developer_guides/quantization"
 
 
 # The keyword and the script's variable of load-time quantization (diffusers' quantization overview).
@@ -91,6 +93,20 @@ class QuantBackend:
     def quality_cost(self, quantization: Quantization) -> tuple[str, str]:
         """(expected quality cost, source)."""
         raise NotImplementedError
+
+    def lora_problem(self, quantization: Quantization, fuse: bool) -> tuple[str, str] | None:
+        """(why a LoRA can't run on weights it stores, source), or None: its LoRA layers load and run
+        unfused (peft wraps each quantized Linear). Fusing merges the adapter into weights it would
+        have to quantize again: the LoRA's change, small beside the weights, is rounded to their grid
+        (peft warns "may get different generations due to rounding errors" for bitsandbytes,
+        ``peft/tuners/lora/bnb.py``; torchao re-quantizes, ``peft/tuners/lora/torchao.py``)."""
+        if fuse:
+            return (
+                "fusing a LoRA into quantized weights rounds its change to their grid, losing part of it; "
+                "it runs unfused on them",
+                PEFT_QUANTIZED_LORA,
+            )
+        return None
 
     def probe_rows(
         self, packages: dict[str, str | None]

@@ -73,6 +73,18 @@ class Quanto(QuantBackend):
     def speed_key(self, quantization: Quantization) -> str:
         return f"{QUANTO}:{quantization.weights or DEFAULT_WEIGHTS}"
 
+    def lora_problem(self, quantization: Quantization, fuse: bool) -> tuple[str, str] | None:
+        """Flux's ``load_lora_weights`` reads each targeted layer's ``.weight`` from the transformer's
+        state dict to check the LoRA's shapes (``diffusers/loaders/lora_pipeline.py``,
+        ``_maybe_expand_lora_state_dict``), where quanto keeps ``weight._data`` and ``weight._scale``: a
+        KeyError (run here); and fusing into quanto weights reports success and changes nothing (run
+        here: the LoRA's effect is silently lost)."""
+        return (
+            "Flux's load_lora_weights fails on quanto weights (KeyError on '<layer>.weight': quanto stores "
+            "_data and _scale), and fusing into them silently drops the LoRA",
+            "https://github.com/huggingface/diffusers/blob/main/src/diffusers/loaders/lora_pipeline.py",
+        )
+
     def quality_cost(self, quantization: Quantization) -> tuple[str, str]:
         return QUALITY_COSTS[quantization.weights or DEFAULT_WEIGHTS], QUANT_BLOG
 

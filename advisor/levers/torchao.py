@@ -173,6 +173,17 @@ class Torchao(QuantBackend):
             return "int8 dynamic quantization without torch.compile is ~40x slower (diffusers-torchao)"
         return None
 
+    def lora_problem(self, quantization: Quantization, fuse: bool) -> tuple[str, str] | None:
+        """int4 weights take no LoRA at all: peft's torchao LoRA layer checks the weight's type when it
+        is built (``peft/tuners/lora/torchao.py``, ``_check_dtype_supported``: "only supports int8
+        weights for now", raised for an ``Int4Tensor``, what Int4WeightOnlyConfig makes by default)."""
+        if quantization.kind == "int4_weight_only":
+            return (
+                "peft's torchao LoRA layer refuses int4 weights when the LoRA loads ('only supports int8 weights')",
+                "https://github.com/huggingface/peft/blob/main/src/peft/tuners/lora/torchao.py",
+            )
+        return super().lora_problem(quantization, fuse)
+
     def quality_cost(self, quantization: Quantization) -> tuple[str, str]:
         return QUALITY_COSTS[quantization.kind]
 

@@ -431,7 +431,15 @@ def _phase_work(
         calls = 2 if behaviour["cfg"] == "separate" else 1
         shape = activation_shape(profile, denoiser, workload, dtype, batch, calls)
         held = sum(lever.held_bytes(config, shape) for lever in LEVERS)  # what a step cache keeps between steps
-        denoise = replace(call.times(calls), activation_bytes=call.activation_bytes + held)
+        added = [lever.call_work(config, denoiser, shape) for lever in LEVERS]  # a LoRA's unfused matmuls
+        flops, written = sum(f for f, _ in added), sum(w for _, w in added)
+        total = call.times(calls)
+        denoise = replace(
+            total,
+            matmul_flops=total.matmul_flops + calls * flops,
+            written_bytes=total.written_bytes + calls * written,
+            activation_bytes=call.activation_bytes + held,
+        )
     vae = profile.vae
     decode = vae_decode_work(vae, workload, dtype, decode_mode(config), k=k, expandable=expandable) if vae else NO_WORK
     return {"text_encoding": text, "denoising": denoise, "vae_decode": decode}

@@ -220,6 +220,10 @@ class Request:
     steps: int | None = None
     batch: int | None = None
     guidance_scale: float | None = None
+    loras: tuple[str, ...] = ()  # the user's LoRA files, PATH[:SCALE] (`advisor.probe.lora`)
+    lora_rank: int | None = None  # stands in for the files: `lora_count` (default 1) LoRAs of this rank
+    lora_count: int | None = None
+    lora_swap: bool = False  # other LoRAs are loaded between calls
     generations: int | None = None  # one process makes (`Scenario.generations`)
     vram: int | None = None  # a card of this much memory (not this machine's)
     ram: int | None = None
@@ -229,14 +233,25 @@ class Request:
     quality: Quality = "balanced"
     assumed: tuple[str, ...] = ()  # assumed beyond the machine and the workload: the model, when none was given
 
-    JOB = ("height", "width", "frames", "steps", "batch", "guidance_scale")
+    JOB = (
+        "height",
+        "width",
+        "frames",
+        "steps",
+        "batch",
+        "guidance_scale",
+        "loras",
+        "lora_rank",
+        "lora_count",
+        "lora_swap",
+    )
 
     @property
     def here(self) -> bool:
         """Whether the plan is for this machine: no flag describes another one."""
         return self.vram is None and self.gpu is None
 
-    def job(self) -> dict[str, int | float | None]:
+    def job(self) -> dict[str, Any]:
         """The workload flags as given."""
         return {name: getattr(self, name) for name in self.JOB}
 
@@ -251,11 +266,11 @@ class Request:
         return make_workload(profile, **self.job())
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "assumed": list(self.assumed)}
+        return {**dataclasses.asdict(self), "assumed": list(self.assumed), "loras": list(self.loras)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Request:
-        return cls(**{**data, "assumed": tuple(data.get("assumed", ()))})
+        return cls(**{**data, "assumed": tuple(data.get("assumed", ())), "loras": tuple(data.get("loras", ()))})
 
 
 def scenario_for(

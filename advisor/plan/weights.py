@@ -2,7 +2,8 @@
 
 Exact from the profile (parameter counts per layer type) and the config's storage format: the
 dtype, the modules kept in fp32, and the lever that stores the component (load-time quantization,
-layerwise casting: `Lever.stored_bytes`). How many of them are on
+layerwise casting: `Lever.stored_bytes`), with what a lever adds beside them (a LoRA's adapters:
+`Lever.adapter_bytes`). How many of them are on
 the device in each phase is the offload lever's (`advisor.levers.offload.resident_bytes`).
 """
 
@@ -36,4 +37,5 @@ def weight_bytes(component: ComponentProfile, config: OptimizationConfig) -> int
         (b for lever in LEVERS if (b := lever.stored_bytes(config, component, compute, k)) is not None),
         component.parameters * compute,
     )
-    return math.ceil(stored + upcast)
+    added = sum(lever.adapter_bytes(config, component, compute) for lever in LEVERS)  # a LoRA's adapters
+    return math.ceil(stored + upcast + added)

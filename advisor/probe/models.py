@@ -70,6 +70,7 @@ class ComponentProfile:
     # leaves them alone, torchao converts them too.
     fp32_linear_parameters: int = 0
     fp32_linear_rows: int = 0
+    linear_columns: int = 0  # the converted Linear layers' input features (with their rows: a LoRA's size per rank)
     blocks: list[BlockGroup] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -276,6 +277,7 @@ def profile_from_entry(entry: dict[str, Any], *, workload: str | None = None) ->
                 linear_parameters=item["linear_parameters"],
                 linear_layers=item["linear_layers"],
                 linear_rows=item["linear_rows"],
+                linear_columns=item.get("linear_columns", 0),
                 fp32_linear_parameters=item.get("fp32_linear_parameters", 0),
                 fp32_linear_rows=item.get("fp32_linear_rows", 0),
                 casting_skipped_parameters=item["casting_skipped_parameters"],

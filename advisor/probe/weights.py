@@ -139,6 +139,7 @@ def summarize_tensors(tensors: list[TensorInfo], *, class_name: str, library: st
         "linear_parameters": sum(weights[m].numel for m in linear),
         "linear_layers": len(linear),
         "linear_rows": sum(weights[m].shape[0] for m in linear),
+        "linear_columns": sum(weights[m].shape[1] for m in linear),
         "fp32_linear_parameters": sum(weights[m].numel for m in fp32_linear),
         "fp32_linear_rows": sum(weights[m].shape[0] for m in fp32_linear),
         "casting_skipped_parameters": skipped,

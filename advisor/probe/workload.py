@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from advisor.config import LoraAdapter
 from advisor.errors import UsageError
 from advisor.paths import DATA_DIR
 from advisor.probe.layout import catalog_entry
+from advisor.probe.lora import user_loras
 from advisor.probe.models import ModelProfile
 
 
@@ -90,11 +92,14 @@ class Workload:
     steps: int = 28
     batch: int = 1
     guidance_scale: float | None = None  # what the call passes; None: the pipeline's own default
+    loras: tuple[LoraAdapter, ...] = ()  # the user's LoRAs (`advisor.probe.lora`); a config records them
+    lora_swap: bool = False  # other LoRAs are loaded between calls
     assumptions: tuple[str, ...] = field(default=(), compare=False)  # defaults taken from the model, said aloud
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        del data["assumptions"]
+        for name in ("assumptions", "loras", "lora_swap"):  # a config's `lora` section records the LoRAs
+            del data[name]
         if self.guidance_scale is None:
             del data["guidance_scale"]
         return data
@@ -119,7 +124,11 @@ class Workload:
         frames = f", {self.frames} frames" if self.kind == "video" else ""
         batch = f", batch {self.batch}" if self.batch > 1 else ""
         guidance = f", guidance {self.guidance_scale:g}" if self.guidance_scale is not None else ""
-        return f"{self.kind} {size}{frames}, {self.steps} steps{batch}{guidance}"
+        loras = ""
+        if self.loras:
+            count, rank = len(self.loras), max(adapter.rank for adapter in self.loras)
+            loras = f", {count} LoRA{'s' * (count > 1)} (rank {rank}{', swapped' if self.lora_swap else ''})"
+        return f"{self.kind} {size}{frames}, {self.steps} steps{batch}{guidance}{loras}"
 
 
 def model_defaults(profile: ModelProfile) -> dict[str, Any]:
@@ -150,8 +159,14 @@ def make_workload(
     steps: int | None = None,
     batch: int | None = None,
     guidance_scale: float | None = None,
+    loras: tuple[str, ...] = (),
+    lora_rank: int | None = None,
+    lora_count: int | None = None,
+    lora_swap: bool = False,
 ) -> Workload:
-    """The workload for `profile`, with the pipeline's defaults for anything not given.
+    """The workload for `profile`, with the pipeline's defaults for anything not given; `loras`
+    are the user's LoRA files (``PATH[:SCALE]``), or `lora_count` (default 1) of `lora_rank` stand
+    in for them (`advisor.probe.lora`).
 
     Values are checked here so the CLI can show one line naming the flag.
     """
@@ -205,7 +220,18 @@ def make_workload(
     if guidance_scale is None and "guidance_scale" in model:
         guidance_scale = model["guidance_scale"]
         assumed.append(f"guidance scale: {guidance_scale:g} ({card}; pass --guidance-scale)")
-    return Workload(kind=profile.workload, **values, guidance_scale=guidance_scale, assumptions=tuple(assumed))
+    adapters = user_loras(profile, tuple(loras), lora_rank, lora_count)
+    if lora_swap and not adapters:
+        raise UsageError("--lora-swap: says the LoRAs are swapped between calls; give them (--lora or --lora-rank)")
+    assumed += [f"LoRA: {adapter.source}" for adapter in adapters[:1] if adapter.format == "assumed"]
+    return Workload(
+        kind=profile.workload,
+        **values,
+        guidance_scale=guidance_scale,
+        loras=adapters,
+        lora_swap=lora_swap,
+        assumptions=tuple(assumed),
+    )
 
 
 def recorded_workload(provenance, profile: ModelProfile) -> dict[str, int | float]:

@@ -173,6 +173,18 @@ class Gguf(QuantBackend):
         bits = bits_per_weight(file_type(quantization))
         return next(key for floor, key, _ in TIERS if bits >= floor)
 
+    def lora_problem(self, quantization: Quantization, fuse: bool) -> tuple[str, str] | None:
+        """A GGUF layer is a Linear whose weight holds the file's blocks as bytes: peft wraps it in a plain
+        LoRA Linear, which runs unfused, but fusing adds a (out x in) change to a (out x bytes) tensor
+        (run here, Q8_0 and Q4_0: "The size of tensor a (272) must match the size of tensor b (256)")."""
+        if fuse:
+            return (
+                "a GGUF weight is stored as its file's bytes; fusing a LoRA into it fails on the shapes "
+                "(peft adds an out x in change to an out x bytes tensor)",
+                "https://github.com/huggingface/peft/blob/main/src/peft/tuners/lora/layer.py",
+            )
+        return None
+
     def quality_cost(self, quantization: Quantization) -> tuple[str, str]:
         bits = bits_per_weight(file_type(quantization))
         return next(cost for floor, _, cost in TIERS if bits >= floor), QUANT_BLOG
