@@ -46,6 +46,10 @@ RECOMMEND = {
     # 24 GB of RAM: nothing loads (bitsandbytes fills the T4 while loading; fp16 weights overflow the RAM)
     "wan14b-t4-low-ram": ["-m", "wan2.1-t2v-14b", "--gpu", "T4", "--ram", "24GB"],
     "wan14b-t4-32gb": ["-m", "wan2.1-t2v-14b", "--gpu", "T4", "--ram", "32GB"],
+    # LoRAs (issue 32): a fixed one and swapped ones; the lora-fast blog's card
+    "flux-dev-4090-lora32": "-m flux-dev --gpu 4090 --ram 64GB --lora-rank 32".split(),
+    "flux-dev-4090-lora32-swap": "-m flux-dev --gpu 4090 --ram 64GB --lora-rank 32 --lora-swap".split(),
+    "flux-dev-h100-lora-exact": "-m flux-dev --gpu H100 --ram 256GB --lora-rank 16 --quality exact".split(),
 }
 
 ESTIMATE = {

@@ -68,6 +68,7 @@ def test_the_pinned_list_is_deliberate():
         "lazy-importer",
         "pytorch-msssim",
         "gguf",
+        "peft",
     }
     # Every runtime dependency of the project is carried, except what the image provides by design:
     # pip --no-index must find each of them installed there or among the wheels.

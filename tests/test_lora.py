@@ -8,6 +8,7 @@ run here where the CPU runs it, to show it really fails with the installed diffu
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -445,6 +446,19 @@ def test_fusing_into_gguf_weights_fails(tiny_flux_dir, loras, tiny_q8):
         pipe.fuse_lora()
 
 
+def test_fusing_into_torchao_int8_weights_rounds_the_loras_change_away(tiny_flux_dir, loras, profile):
+    """torchao re-quantizes the fused weight (peft/tuners/lora/torchao.py: dequantize, add, quantize_):
+    a LoRA's change, small beside the weights, is rounded to int8's grid."""
+    config = cpu_config(quantization=Quantization(backend="torchao", components=["transformer"]))
+    without = latents(advisor.load_pipeline(tiny_flux_dir, config))
+    pipe = advisor.load_pipeline(tiny_flux_dir, with_lora(config, profile, loras["a"]))
+    unfused = latents(pipe)
+    pipe.fuse_lora()
+    fused = latents(pipe)
+    effect = np.abs(unfused - without).max()
+    assert np.abs(fused - unfused).max() > 0.01 * effect  # more than float noise: part of the change is lost
+
+
 def test_fusing_into_fp8_storage_fails(tiny_flux_dir, loras):
     pipe = advisor.load_pipeline(tiny_flux_dir, cpu_config())
     pipe.load_lora_weights(str(loras["a"].parent), weight_name=loras["a"].name)
@@ -529,3 +543,56 @@ def test_torchao_int4_weights_take_no_lora(tiny_flux_dir, loras):
 def test_a_scale_past_any_lora_strength_is_refused():
     with pytest.raises(UsageError, match="scale 1e999 must be a number from -100 to 100"):
         split_spec("x.safetensors:1e999")
+
+
+def test_recommend_plans_with_the_users_lora_and_load_pipeline_runs_it_at_its_scale(
+    tiny_flux_dir, loras, tmp_path, capsys
+):
+    """This CPU machine: the plan records the file (its absolute path) and its scale, and the config
+    it writes loads the LoRA at that scale, as diffusers' own set_adapters weighs it."""
+    from diffusers import FluxPipeline
+
+    output = tmp_path / "planned.json"
+    spec = f"{loras['a']}:0.5"
+    assert (
+        main(["recommend", str(tiny_flux_dir), "--lora", spec, "--height", "32", "--width", "32", "-o", str(output)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "1 LoRA (rank 4)" in printed
+    planned = advisor.load_config(output)
+    (adapter,) = planned.lora.adapters
+    assert adapter.source == str(loras["a"].resolve()) and adapter.scale == 0.5 and adapter.rank == 4
+    out = latents(advisor.load_pipeline(tiny_flux_dir, planned.replace(dtype="float32")))
+    own = FluxPipeline.from_pretrained(str(tiny_flux_dir), torch_dtype=torch.float32)
+    own.load_lora_weights(str(loras["a"].parent), weight_name=loras["a"].name, adapter_name="mine")
+    own.set_adapters(["mine"], adapter_weights=[0.5])
+    assert np.abs(out - latents(own)).max() < 1e-3
+
+
+def test_the_emitted_script_loads_the_file_before_offloading_and_compiling(tiny_flux_dir, loras, profile):
+    from advisor.run.emit import emit_python
+
+    config = with_lora(
+        OptimizationConfig(compile=Compile(), offload=Offload(strategy="model")),
+        profile,
+        loras["a"],
+        loras["b"],
+        swap=True,
+        hotswap_rank=4,
+    )
+    script = emit_python(str(tiny_flux_dir), config)
+    planned = Path(config.lora.adapters[0].source)  # absolute: the config loads from any folder
+    load = script.index("pipe.load_lora_weights(")
+    call = script[load : script.index(")", load)]  # on one line or one argument per line (a long path)
+    assert (
+        f'"{planned.parent}"' in call and f'weight_name="{planned.name}"' in call and 'adapter_name="lora_0"' in call
+    )
+    order = [
+        script.index("pipe.enable_lora_hotswap(target_rank=4)"),
+        load,
+        script.index("pipe.enable_model_cpu_offload()"),
+        script.index("compile_repeated_blocks"),
+    ]
+    assert order == sorted(order)
+    assert script.count("load_lora_weights") == 1  # swapped LoRAs load one at a time, the others by the caller

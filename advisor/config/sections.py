@@ -338,6 +338,12 @@ class Lora(Section):
                 )
             if self.fuse:
                 raise ValueError("`lora.hotswap_rank` keeps the adapters swappable; it cannot go with `lora.fuse`")
+            scaled = [adapter.source for adapter in self.adapters if adapter.scale != 1]
+            if scaled:
+                raise ValueError(
+                    f"`lora.hotswap_rank` with a scale other than 1 ({scaled[0]}): a hotswap sets each layer's scale "
+                    "from the new LoRA's alpha and rank (peft/utils/hotswap.py), so the scale would not survive it"
+                )
 
     @property
     def rank(self) -> int:

@@ -129,7 +129,11 @@ def as_planned(
     fuse = not swap and all(_stored_plain(config, name) for name in targets)
     compiled = config.compile is not None and bool(targets & set(config.compile.components))
     cast = any(casts(config, name) for name in targets)
-    hotswap = max(adapter.rank for adapter in adapters) if swap and (compiled or cast) else None
+    # A hotswap sets each layer's scale from the new file (peft/utils/hotswap.py): only unscaled LoRAs
+    # take it; scaled ones swap unhotswapped, into a denoiser neither compiled nor fp8-stored (the
+    # filter and the constraint below).
+    unscaled = all(adapter.scale == 1 for adapter in adapters)
+    hotswap = max(adapter.rank for adapter in adapters) if swap and (compiled or cast) and unscaled else None
     return config.replace(lora=Lora(adapters=list(adapters), swap=swap, fuse=fuse, hotswap_rank=hotswap))
 
 
@@ -318,6 +322,11 @@ class LoraLever(Lever):
         why = []
         if lora.swap:
             why.append("they are swapped between calls")
+            if not lora.hotswap_rank and any(adapter.scale != 1 for adapter in lora.adapters):
+                why.append(
+                    "a scale other than 1 does not survive a hotswap (peft sets each layer's scale from the new file), "
+                    "so the denoiser is neither compiled nor stored in fp8"
+                )
         stored = sorted(name for name in _targets(pick.config) if not _stored_plain(pick.config, name))
         if stored:
             why.append(f"{', '.join(stored)} {'is' if len(stored) == 1 else 'are'} not stored at the compute dtype")
@@ -345,22 +354,21 @@ class LoraLever(Lever):
                     {"target_rank": lora.hotswap_rank},
                 )
             )
-        names = []
+        names, scales = [], []
         for index, adapter in load_order(lora):
             names.append(adapter_name(index))
+            scales.append(adapter.scale)
             steps.append(_load_step(adapter, adapter_name(index)))
             if lora.swap:
                 break  # one at a time: the others are swapped in by the caller
-        scales = [lora.adapters[int(n.split("_")[1])].scale for n in names]
-        if len(names) > 1 or any(scale != 1 for scale in scales):
-            if not lora.hotswap_rank:  # set_adapters makes the scales Python floats again (peft): a hotswap recompiles
-                steps.append(
-                    _pipe_step(
-                        f"weigh the LoRAs {', '.join(f'{s:g}' for s in scales)}",
-                        "set_adapters",
-                        {"adapter_names": names, "adapter_weights": scales},
-                    )
+        if len(names) > 1 or any(scale != 1 for scale in scales):  # never with a hotswap (the config refuses it)
+            steps.append(
+                _pipe_step(
+                    f"weigh the LoRAs {', '.join(f'{s:g}' for s in scales)}",
+                    "set_adapters",
+                    {"adapter_names": names, "adapter_weights": scales},
                 )
+            )
         if lora.fuse:
             steps.append(_pipe_step("fuse the LoRAs into the weights", "fuse_lora", {"adapter_names": names}))
             steps.append(

@@ -158,8 +158,9 @@ def read_lora(spec: str, profile: ModelProfile) -> LoraAdapter:
             f"--lora {source}: no LoRA layers in its header (no lora_A/lora_B, lora_down/lora_up or down/up "
             "pairs); is it a LoRA?"
         )
+    local = Path(source).expanduser().is_file()
     return LoraAdapter(
-        source=str(source),
+        source=str(path.resolve()) if local else source,  # absolute: a config loads from anywhere
         rank=rank,
         layers=_named(dict(layers), profile, source),
         parameters=_named(dict(parameters), profile, source),

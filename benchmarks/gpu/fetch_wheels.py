@@ -99,6 +99,7 @@ PINNED: tuple[Pin, ...] = (
         "nf4 quantization of the seed page's combinations (repacked, see --bnb-cuda)",
     ),
     Pin("optuna", "5.0.0", "required", "advisor tune"),
+    Pin("peft", "0.22.0", "required", "LoRAs: diffusers' load_lora_weights needs it (advisor.levers.lora)"),
     Pin("alembic", "1.20.1", "required", "optuna: RDB storage migrations"),
     Pin("SQLAlchemy", "2.1.9", "required", "optuna: RDB storage (no greenlet needed without asyncio)"),
     Pin("Mako", "1.4.3", "required", "alembic"),
