@@ -596,3 +596,62 @@ def test_the_emitted_script_loads_the_file_before_offloading_and_compiling(tiny_
     ]
     assert order == sorted(order)
     assert script.count("load_lora_weights") == 1  # swapped LoRAs load one at a time, the others by the caller
+
+
+# --- rehearsed at full size on a virtual GPU -----------------------------------------------------
+
+
+def full_size_flux_lora(folder) -> Path:
+    """A rank-2 LoRA on two attention projections of FLUX.1-dev's real shapes (3072 wide): a few
+    hundred kB, for rehearsals of the full-size pipeline."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = {}
+    for layer in ("transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.attn.to_k"):
+        state[f"{layer}.lora_A.weight"] = (torch.randn(2, 3072) * 0.01).to(torch.bfloat16)
+        state[f"{layer}.lora_B.weight"] = (torch.randn(3072, 2) * 0.01).to(torch.bfloat16)
+    path = Path(folder) / "flux_lora.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def rehearsed(config: OptimizationConfig, gpu: str, **workload):
+    from advisor.probe.target import planned_target
+    from advisor.probe.workload import make_workload
+    from advisor.rehearse.build import rehearse_planned
+
+    flux = load_profile("flux-dev")
+    target = planned_target(machine=None, gpu=gpu, ram=256 * 2**30, os="linux")
+    return rehearse_planned(flux, make_workload(flux, **workload), config, target, target.vram_total_bytes)
+
+
+@pytest.mark.slow
+def test_a_rehearsal_puts_an_assumed_loras_adapters_on_the_card_as_the_estimate_does():
+    """--lora-rank names no file: the rehearsal loads zeros of its shapes on every Linear layer of the
+    transformer; unfused, bf16, no offload, they are on the card beside the weights."""
+    adapter = assumed_lora(16, load_profile("flux-dev"))
+    plain = OptimizationConfig()
+    with_adapter = plain.replace(lora=Lora(adapters=[adapter]))
+    without, with_it = rehearsed(plain, "H100"), rehearsed(with_adapter, "H100")
+    assert without.passed and with_it.passed, with_it.failure or with_it.not_rehearsed
+    added = with_it.device_peak("denoising") - without.device_peak("denoising")
+    assert added == pytest.approx(adapter.parameters["transformer"] * 2, rel=0.02)  # bf16 adapters
+    estimated = estimate_of(with_adapter).weight_bytes["transformer"] - estimate_of(plain).weight_bytes["transformer"]
+    assert estimated == pytest.approx(added, rel=0.02)
+
+
+@pytest.mark.slow
+def test_a_rehearsal_runs_a_lora_on_nf4_weights_and_fusing_into_them_rounds(tmp_path):
+    """bitsandbytes needs a GPU: on the virtual one, peft wraps the 4-bit layers and the LoRA runs
+    unfused with every op on the card; fusing warns as peft does on a real card."""
+    profile = load_profile("flux-dev")
+    adapter = read_lora(str(full_size_flux_lora(tmp_path)), profile)
+    nf4 = OptimizationConfig(
+        quantization=Quantization(backend="bitsandbytes_4bit", components=["transformer"]),
+        offload=Offload(strategy="model"),
+    )
+    unfused = rehearsed(nf4.replace(lora=Lora(adapters=[adapter])), "RTX 4090")
+    assert unfused.passed, unfused.failure or unfused.not_rehearsed
+    with pytest.warns(UserWarning, match="Merge lora module to 4-bit linear may get different generations"):
+        rehearsed(nf4.replace(lora=Lora(adapters=[adapter], fuse=True)), "RTX 4090")

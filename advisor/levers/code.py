@@ -97,6 +97,9 @@ class Step:
     # Done already where the pipeline loaded as the plan says (``load_pipeline``, the emitted script):
     # only ``apply_config``, given a pipeline loaded some other way, runs it.
     done_by_loading: bool = False
+    # What a rehearsal runs instead, where ``run`` needs what the plan only assumed (a LoRA of a given
+    # rank, no file): a stand-in of the same shapes (`advisor.rehearse`).
+    stand_in: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
 
     def __call__(self, pipe: Any) -> None:
         self.run(pipe)

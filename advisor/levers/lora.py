@@ -395,6 +395,7 @@ def _load_step(adapter: LoraAdapter, name: str) -> Step:
             f"load your LoRA ({adapter.source})",
             f'pipe.load_lora_weights("path/to/your_lora.safetensors", adapter_name="{name}")  # planned for: {adapter.source}',
             _assumed(adapter),
+            stand_in=_stand_in(adapter, name),
         )
     path = Path(adapter.source)
     local = path.is_file()
@@ -426,6 +427,27 @@ def _hub_file(repo: str, file: str, source: str) -> Path:
         raise ConfigError(
             f"`lora.adapters`: {source} is neither a local file nor a Hub file it can fetch ({exc})"
         ) from None
+
+
+def _stand_in(adapter: LoraAdapter, name: str) -> Callable[[Any], None]:
+    """A LoRA of the assumed rank on every Linear layer of the component it names, of zeros: the
+    shapes the plan assumed, loaded as a file's would be."""
+
+    def run(pipe: Any) -> None:
+        import torch
+
+        state = {}
+        for component in adapter.layers:
+            model = getattr(pipe, component)
+            dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+            for module_name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    key = f"{component}.{module_name}"
+                    state[f"{key}.lora_A.weight"] = torch.zeros(adapter.rank, module.in_features, dtype=dtype)
+                    state[f"{key}.lora_B.weight"] = torch.zeros(module.out_features, adapter.rank, dtype=dtype)
+        pipe.load_lora_weights(state, adapter_name=name)
+
+    return run
 
 
 def _assumed(adapter: LoraAdapter) -> Callable[[Any], None]:

@@ -31,6 +31,7 @@ from advisor.plan.allocator import NO_LIMIT, AllocatorSettings
 from advisor.plan.replay import Replay, least_capacity, replay
 from advisor.probe.workload import Workload, encoding_order, encoding_passes
 from advisor.rehearse.device import virtual_cuda
+from advisor.rehearse.files import files_as_headers
 from advisor.rehearse.quantize import quantize_in_place
 from advisor.rehearse.virtual import (
     CPU,
@@ -246,6 +247,7 @@ def rehearse(
             ),
             torch.compiler.set_stance("force_eager"),
             _as_a_fresh_process(),
+            files_as_headers(),
         ):
             ledger.enter(LOADING)
             converted = frozenset(config.quantization.components) if config.quantization else frozenset()
@@ -255,7 +257,7 @@ def rehearse(
             ledger.enter(APPLYING)
             for step in plan(config, pipe):
                 ledger.origin = f"{step.key}: {step.description}"
-                step.run(pipe)
+                (step.stand_in or step.run)(pipe)
             ledger.origin = ""
             with names.tracking():
                 decoded = geometry.batch if decode_batch is None else decode_batch
