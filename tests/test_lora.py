@@ -124,6 +124,14 @@ def test_a_file_that_is_not_a_lora_or_a_folder_is_refused(loras, tiny_flux_dir, 
     assert "is a folder; name the LoRA's .safetensors file" in capsys.readouterr().err
 
 
+def test_a_lora_for_another_models_blocks_is_refused(loras, tiny_wan_dir, capsys):
+    """A Flux LoRA's layers sit in transformer_blocks; Wan's transformer has `blocks`: diffusers would
+    load none of it (a warning only), so the plan refuses it."""
+    assert main(["recommend", str(tiny_wan_dir), "--vram", "8GB", "--lora", str(loras["a"])]) == 2
+    err = capsys.readouterr().err
+    assert "are in none of WanTransformer3DModel's blocks (blocks); is it a LoRA for another model?" in err
+
+
 def test_an_assumed_lora_is_its_rank_on_every_linear_layer():
     """A layer of in x out weights takes rank x (in + out) adapter parameters: for Flux's d x d
     attention projections (d = 3072) that is 2 x rank / d of the layer, for its 3072 x 12288 MLP

@@ -316,12 +316,13 @@ class LoraLever(Lever):
         if lora is None:
             return None
         count = len(lora.adapters)
-        them = "it" if count == 1 else "them"
+        what = f"{count} LoRA{'s' * (count > 1)} (rank {lora.rank})"
         if lora.fuse:
-            return f"{lora.label()}: fused into the weights once loaded, so they cost nothing per step; to change or swap {them}, reload"
+            them = "them" if count > 1 else "it"
+            return f"{what}: fused into the weights once loaded, so no cost per step; to change or swap {them}, reload"
         why = []
         if lora.swap:
-            why.append("they are swapped between calls")
+            why.append("LoRAs are swapped between calls")
             if not lora.hotswap_rank and any(adapter.scale != 1 for adapter in lora.adapters):
                 why.append(
                     "a scale other than 1 does not survive a hotswap (peft sets each layer's scale from the new file), "
@@ -332,7 +333,7 @@ class LoraLever(Lever):
             why.append(f"{', '.join(stored)} {'is' if len(stored) == 1 else 'are'} not stored at the compute dtype")
         fused = pick.predict(pick.config.replace(lora=lora.replace(swap=False, fuse=True, hotswap_rank=None)))
         cost = pick.latency_s - fused.latency_s
-        line = f"{lora.label()}: unfused ({'; '.join(why)}): +{cost:.2g} s per generation against fused"
+        line = f"{what}: unfused ({'; '.join(why)}): +{cost:.2g} s per generation against fused"
         if lora.hotswap_rank:
             line += (
                 f"; hotswap enabled before the first load, so a LoRA of rank <= {lora.hotswap_rank} targeting the same "

@@ -141,6 +141,7 @@ def read_lora(spec: str, profile: ModelProfile) -> LoraAdapter:
     parameters: dict[str, int] = defaultdict(int)
     outputs: dict[str, int] = defaultdict(int)
     rank = 0
+    denoiser_paths = []  # diffusers-layout module paths in the denoiser: checked against its blocks below
     for name, down in tensors.items():
         pair = next((p for p in _PAIRS if name.endswith(p[0])), None)
         if pair is None or len(down.shape) < 2:
@@ -148,7 +149,9 @@ def read_lora(spec: str, profile: ModelProfile) -> LoraAdapter:
         up = tensors.get(name[: -len(pair[0])] + pair[1])
         if up is None or len(up.shape) < 2:
             continue
-        component, _ = _component(name)
+        component, module = _component(name)
+        if name.startswith(("transformer.", "unet.")):
+            denoiser_paths.append(module)
         layers[component] += 1
         parameters[component] += down.numel + up.numel
         outputs[component] += up.shape[0]
@@ -159,6 +162,7 @@ def read_lora(spec: str, profile: ModelProfile) -> LoraAdapter:
             "pairs); is it a LoRA?"
         )
     local = Path(source).expanduser().is_file()
+    _check_blocks(denoiser_paths, profile, source)
     return LoraAdapter(
         source=str(path.resolve()) if local else source,  # absolute: a config loads from anywhere
         rank=rank,
@@ -170,6 +174,20 @@ def read_lora(spec: str, profile: ModelProfile) -> LoraAdapter:
         file_bytes=path.stat().st_size,
         digest=header_digest(path),
     )
+
+
+def _check_blocks(paths: list[str], profile: ModelProfile, source: str) -> None:
+    """A diffusers-layout LoRA names the denoiser's own modules: one whose layers sit in none of its
+    block lists (``down_blocks`` on a Flux transformer) is for another model, and diffusers would load
+    none of it, with a warning only ("No LoRA keys associated to ... found")."""
+    denoisers = profile.by_role("denoiser")
+    blocks = [group.name for group in denoisers[0].blocks] if denoisers else []
+    if paths and blocks and not any(path.startswith(f"{block}.") for path in paths for block in blocks):
+        example = paths[0].split(".lora")[0]
+        raise UsageError(
+            f"--lora {source}: its layers ({example}, ...) are in none of {denoisers[0].class_name}'s blocks "
+            f"({', '.join(blocks)}); is it a LoRA for another model?"
+        )
 
 
 def _named(per_component: dict[str, int], profile: ModelProfile, source: str) -> dict[str, int]:
