@@ -538,19 +538,27 @@ def test_bitsandbytes_weights_take_a_lora_unfused_and_fusing_rounds_it(tiny_flux
         pipe.fuse_lora()
 
 
-@pytest.mark.cuda
-def test_torchao_int4_weights_take_no_lora(tiny_flux_dir, loras):
-    config = OptimizationConfig(
-        quantization=Quantization(backend="torchao", scheme="int4_weight_only", components=["transformer"])
+def test_peft_injects_no_lora_into_torchao_int4_weights():
+    """torchao's default int4 weight-only layout is an Int4Tensor (Int4WeightOnlyConfig, plain packing);
+    quantizing into it needs the CUDA-only mslk, so its tensors are laid out by hand here, and peft's
+    own injection, the path diffusers' load_lora_adapter takes, refuses the layer."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from torchao.quantization import Int4Tensor
+
+    rows, columns, group = 64, 128, 128
+    scales = torch.ones(columns // group, rows, dtype=torch.bfloat16)
+    weight = Int4Tensor(
+        torch.zeros(rows, columns // 2, dtype=torch.uint8),
+        scales,
+        torch.zeros_like(scales),
+        [1, group],
+        (rows, columns),
     )
-    pipe = advisor.load_pipeline(tiny_flux_dir, config)
+    model = torch.nn.Sequential()
+    model.proj = torch.nn.Linear(columns, rows, bias=False, dtype=torch.bfloat16)
+    model.proj.weight = torch.nn.Parameter(weight, requires_grad=False)
     with pytest.raises(TypeError, match="only supports int8 weights"):
-        pipe.load_lora_weights(str(loras["a"].parent), weight_name=loras["a"].name)
-
-
-def test_a_scale_past_any_lora_strength_is_refused():
-    with pytest.raises(UsageError, match="scale 1e999 must be a number from -100 to 100"):
-        split_spec("x.safetensors:1e999")
+        inject_adapter_in_model(LoraConfig(r=4, target_modules=["proj"]), model)
 
 
 def test_recommend_plans_with_the_users_lora_and_load_pipeline_runs_it_at_its_scale(
@@ -663,3 +671,8 @@ def test_a_rehearsal_runs_a_lora_on_nf4_weights_and_fusing_into_them_rounds(tmp_
     assert unfused.passed, unfused.failure or unfused.not_rehearsed
     with pytest.warns(UserWarning, match="Merge lora module to 4-bit linear may get different generations"):
         rehearsed(nf4.replace(lora=Lora(adapters=[adapter], fuse=True)), "RTX 4090")
+
+
+def test_a_scale_past_any_lora_strength_is_refused():
+    with pytest.raises(UsageError, match="scale 1e999 must be a number from -100 to 100"):
+        split_spec("x.safetensors:1e999")
