@@ -163,13 +163,18 @@ def test_swapped_and_fixed_loras_get_different_explained_plans():
     lora-fast blog's recipe)."""
     fixed = recommend_json("--lora-rank", "32")
     swapped = recommend_json("--lora-rank", "32", "--lora-swap")
-    assert fixed["config"]["lora"] != swapped["config"]["lora"]
     assert swapped["config"]["lora"]["swap"] and not swapped["config"]["lora"]["fuse"]
-    if swapped["config"].get("compile"):
-        assert swapped["config"]["lora"]["hotswap_rank"] == 32
+    # hotswap exactly where a swapped LoRA meets a compiled (or fp8-stored) transformer
+    compiled = "transformer" in (swapped["config"].get("compile") or {}).get("components", [])
+    cast = "transformer" in (swapped["config"].get("layerwise_casting") or {}).get("components", [])
+    assert (swapped["config"]["lora"].get("hotswap_rank") == 32) == (compiled or cast)
+    if compiled or cast:
         assert any("hotswap enabled before the first load" in r for r in swapped["reasons"])
-    lora_reasons = [r for r in fixed["reasons"] if "LoRA (rank 32)" in r]
-    assert lora_reasons  # each plan says what its choice means for the LoRA
+    assert not fixed["config"]["lora"]["swap"] and fixed["config"]["lora"].get("hotswap_rank") is None
+    # a fixed LoRA is fused unless the transformer's weights are quantized or cast, and the plan says which
+    stored = fixed["config"].get("quantization") or fixed["config"].get("layerwise_casting")
+    assert fixed["config"]["lora"]["fuse"] == (stored is None or "transformer" not in stored["components"])
+    assert [r for r in fixed["reasons"] if r.startswith("1 LoRA (rank 32): ")]
     exact = recommend_json("--lora-rank", "32", "--quality", "exact")
     assert exact["config"]["lora"]["fuse"]  # bf16 weights, a fixed LoRA: fused
     assert any("fused into the weights" in r for r in exact["reasons"])
@@ -676,3 +681,63 @@ def test_a_rehearsal_runs_a_lora_on_nf4_weights_and_fusing_into_them_rounds(tmp_
 def test_a_scale_past_any_lora_strength_is_refused():
     with pytest.raises(UsageError, match="scale 1e999 must be a number from -100 to 100"):
         split_spec("x.safetensors:1e999")
+
+
+def test_tune_makes_up_loras_of_the_stated_rank_once(tiny_flux_dir, profile, tmp_path, monkeypatch):
+    """`tune --lora-rank` runs its trials with real files of that shape: the rank on every Linear layer
+    of the denoiser, the same values for every candidate (made once, then reused)."""
+    from advisor.run.stand_in import stand_in_loras
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first, second = stand_in_loras(profile, 8, 2)
+    again = stand_in_loras(profile, 8, 2)
+    assert again == [first, second] and first.stat().st_mtime_ns == again[0].stat().st_mtime_ns
+    adapter = read_lora(str(first), profile)
+    transformer = pipe_transformer_linears(tiny_flux_dir)
+    assert adapter.rank == 8 and adapter.layers == {"transformer": len(transformer)}
+    assert adapter.parameters["transformer"] == sum(8 * (i + o) for i, o in transformer)
+    assert read_lora(str(second), profile).digest != adapter.digest  # two LoRAs, not one twice
+
+
+def pipe_transformer_linears(folder) -> list[tuple[int, int]]:
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(str(folder), subfolder="transformer")
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@pytest.mark.slow
+def test_tune_measures_candidates_with_made_up_loras(tiny_flux_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    output = tmp_path / "tuned.json"
+    flags = ["--budget", "8GB", "--lora-rank", "4", "--trials", "1", "--height", "32", "--width", "32"]
+    assert main(["tune", str(tiny_flux_dir), *flags, "--steps", "2", "-o", str(output)]) == 0
+    assert "trials run made-up LoRAs of that rank" in capsys.readouterr().err
+    (adapter,) = advisor.load_config(output).lora.adapters
+    assert adapter.rank == 4 and "rank4" in Path(adapter.source).name and Path(adapter.source).is_file()
+
+
+def test_a_fused_lora_keeps_its_text_encoder_layers(tiny_flux_dir, loras, profile):
+    """fuse_lora fuses the transformer alone by default (Flux's mixin); the plan names every component
+    the LoRA holds layers in, so the unload after it drops no adapter unfused."""
+    spec = loras["with_encoder"]
+    unfused = latents(advisor.load_pipeline(tiny_flux_dir, with_lora(cpu_config(), profile, spec)))
+    fused = latents(advisor.load_pipeline(tiny_flux_dir, with_lora(cpu_config(), profile, spec, fuse=True)))
+    plain = latents(advisor.load_pipeline(tiny_flux_dir, cpu_config()))
+    assert np.abs(unfused - plain).max() > 0.02
+    assert np.abs(fused - unfused).max() < 1e-4
+
+
+def test_a_linked_lora_file_keeps_its_name(tiny_flux_dir, loras, profile, tmp_path):
+    """The Hub's cache holds files as links to extensionless blobs: the plan records the link, whose
+    .safetensors name tells diffusers how to read it."""
+    import shutil
+
+    blob = tmp_path / "blobs" / "9f86d081884c7d65"  # as the cache names a file's content
+    blob.parent.mkdir()
+    shutil.copy(loras["a"], blob)
+    link = tmp_path / "style.safetensors"
+    link.symlink_to(blob)
+    adapter = read_lora(str(link), profile)
+    assert adapter.source == str(link)
+    latents(advisor.load_pipeline(tiny_flux_dir, with_lora(cpu_config(), profile, link)))

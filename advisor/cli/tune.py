@@ -65,8 +65,6 @@ def tune(
         retry_failed=retry_failed,
     )
     check_settings(settings)  # --trials, --trial-timeout, --tolerance, --confirm, --min-psnr
-    if request.lora_rank is not None:
-        raise UsageError("--lora-rank: tune measures real LoRAs; give the files with --lora")
     for name, value in request.job().items():
         if value is not None and name in WORKLOAD_LIMITS:  # before any model is read (the workload checks the rest)
             check_workload_value(name, value)
@@ -86,7 +84,10 @@ def tune(
     machine = probe_machine()
     if workers > 1:  # before a local model is traced
         check_devices(workers, target_from_probe(machine).device)
-    scenario = scenario_for(request, machine, profile=planning_profile(request.model, request.workload))
+    profile = planning_profile(request.model, request.workload)
+    if request.lora_rank is not None:
+        request = _with_stand_in_loras(request, profile, quiet or as_json)
+    scenario = scenario_for(request, machine, profile=profile)
     profile = scenario.profile
     if profile.source == "catalog" and (hub_offline() or not hub_reachable()):
         raise ModelError(
@@ -163,6 +164,27 @@ def _tune_interrupted(stop, argv: list[str], as_json: bool, quiet: bool, report:
             file=sys.stderr,
         )
     raise Exit(stop.exit_code)
+
+
+def _with_stand_in_loras(request, profile, quiet: bool):
+    """`request` with made-up LoRA files of its --lora-rank in place of the rank: trials run real
+    adapters of that shape (`advisor.run.stand_in`)."""
+    from dataclasses import replace
+
+    from advisor.probe.lora import user_loras
+    from advisor.run.stand_in import stand_in_loras
+
+    user_loras(
+        profile, (), request.lora_rank, request.lora_count
+    )  # the rank's and count's checks, before anything is made
+    paths = stand_in_loras(profile, request.lora_rank, request.lora_count or 1)
+    if not quiet:
+        print(
+            f"--lora-rank {request.lora_rank}: trials run made-up LoRAs of that rank on every Linear layer of the "
+            f"denoiser (random values, the same for every candidate): {', '.join(str(p) for p in paths)}",
+            file=sys.stderr,
+        )
+    return replace(request, loras=tuple(str(p) for p in paths), lora_rank=None, lora_count=None)
 
 
 def _run_with_progress(run, total: int, quiet: bool):

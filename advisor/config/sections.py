@@ -291,7 +291,7 @@ class LoraAdapter(Section):
 
     _key = "lora.adapters."
 
-    source: str  # a local file, a Hub repo's cached file ("repo/file"), or the rank assumed
+    source: str  # a local file (its absolute path), a Hub file ("repo/name/file.safetensors"), or the rank assumed
     rank: int  # the largest rank among its layers
     layers: dict[str, int]
     parameters: dict[str, int]
@@ -299,7 +299,8 @@ class LoraAdapter(Section):
     format: LoraFormat = "diffusers"
     scale: float = 1.0
     file_bytes: int | None = None
-    digest: str | None = None  # sha256 of the file's header: a file that differs from the planned one is refused
+    # sha256 of the file's header, first 64 KiB and size: a file that differs from the planned one is refused
+    digest: str | None = None
 
     def _check(self) -> None:
         if self.rank < 1:

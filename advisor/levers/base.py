@@ -68,6 +68,9 @@ class ActivationShape:
     hidden: int  # the denoiser's hidden width
     out_channels: int  # its output channels (what it returns per token)
     dtype_bytes: int  # bytes per element at the compute dtype
+    # The tokens a Linear layer sees, weighted by its weights: the call's traced matmul FLOPs over
+    # 2 x its Linear weights (a UNet's widest layers run at its lowest resolutions); 0: `tokens`.
+    linear_tokens: float = 0.0
 
 
 @dataclass(frozen=True)

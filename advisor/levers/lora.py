@@ -89,7 +89,10 @@ def load_order(lora: Lora) -> list[tuple[int, LoraAdapter]]:
 
 
 def _active(lora: Lora) -> tuple[LoraAdapter, ...]:
-    """The adapters loaded at once: all of them, or the largest where they are swapped one at a time."""
+    """The adapters loaded at once: all of them; where they are swapped one at a time, the one loaded
+    first with hotswapping (the others are written into its padded layers), else the largest."""
+    if lora.hotswap_rank:
+        return (load_order(lora)[0][1],)
     if lora.swap:
         return (max(lora.adapters, key=lambda a: sum(a.parameters.values())),)
     return tuple(lora.adapters)
@@ -294,8 +297,9 @@ class LoraLever(Lever):
     def call_work(self, config: OptimizationConfig, component: Any, shape: ActivationShape) -> tuple[float, float]:
         """(matmul FLOPs, bytes written) unfused adapters add to one call of `component`: per targeted
         layer, x @ A (tokens x rank) and that @ B (tokens x out), scaled and added to the layer's
-        output (peft's ``Linear.forward``: ``result + lora_B(lora_A(x)) * scaling``); every token
-        counted on every layer (joint blocks run some on the text tokens only: an overestimate)."""
+        output (peft's ``Linear.forward``: ``result + lora_B(lora_A(x)) * scaling``), on the tokens a
+        Linear layer sees weighted by its weights (`ActivationShape.linear_tokens`: a UNet's widest
+        layers run at its lowest resolutions), as if the LoRA targeted layers in proportion to them."""
         lora = config.lora
         if lora is None or lora.fuse:
             return 0.0, 0.0
@@ -305,7 +309,7 @@ class LoraLever(Lever):
             flops += 2 * adapter.parameters.get(component.name, 0) * padded
             rank_width = adapter.layers.get(component.name, 0) * adapter.rank * padded
             written += rank_width + 3 * adapter.outputs.get(component.name, 0)
-        tokens = shape.batch * shape.tokens
+        tokens = shape.batch * (shape.linear_tokens or shape.tokens)
         return flops * tokens, written * tokens * shape.dtype_bytes
 
     def summary_note(self, config: OptimizationConfig) -> str | None:
@@ -333,7 +337,7 @@ class LoraLever(Lever):
             why.append(f"{', '.join(stored)} {'is' if len(stored) == 1 else 'are'} not stored at the compute dtype")
         fused = pick.predict(pick.config.replace(lora=lora.replace(swap=False, fuse=True, hotswap_rank=None)))
         cost = pick.latency_s - fused.latency_s
-        line = f"{what}: unfused ({'; '.join(why)}): +{cost:.2g} s per generation against fused"
+        line = f"{what}: unfused ({'; '.join(why)}): +{cost:.1f} s per generation against fused"
         if lora.hotswap_rank:
             line += (
                 f"; hotswap enabled before the first load, so a LoRA of rank <= {lora.hotswap_rank} targeting the same "
@@ -371,7 +375,14 @@ class LoraLever(Lever):
                 )
             )
         if lora.fuse:
-            steps.append(_pipe_step("fuse the LoRAs into the weights", "fuse_lora", {"adapter_names": names}))
+            # every component they hold layers in: Flux's and Wan's fuse_lora fuse the transformer alone by
+            # default, and the unload after it would drop a text encoder's adapters unfused
+            targets = sorted({name for adapter in lora.adapters for name in adapter.layers})
+            steps.append(
+                _pipe_step(
+                    "fuse the LoRAs into the weights", "fuse_lora", {"components": targets, "adapter_names": names}
+                )
+            )
             steps.append(
                 _pipe_step("drop the fused LoRAs' adapters (the fused weights stay)", "unload_lora_weights", {})
             )
@@ -399,7 +410,7 @@ def _load_step(adapter: LoraAdapter, name: str) -> Step:
             stand_in=_stand_in(adapter, name),
         )
     path = Path(adapter.source)
-    local = path.is_file()
+    local = path.is_absolute()  # a local file is recorded by its absolute path; a Hub file as repo/name/file
     if local:
         where, file = str(path.parent), path.name
     else:
@@ -408,6 +419,8 @@ def _load_step(adapter: LoraAdapter, name: str) -> Step:
     kwargs = {"weight_name": file, "adapter_name": name}
 
     def run(pipe: Any) -> None:
+        if local and not path.is_file():
+            raise ConfigError(f"`lora.adapters`: {adapter.source} is not a file here; the plan was made for it")
         found = path if local else _hub_file(where, file, adapter.source)
         if adapter.digest and header_digest(found) != adapter.digest:
             raise ConfigError(

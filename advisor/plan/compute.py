@@ -430,6 +430,8 @@ def _phase_work(
         )
         calls = 2 if behaviour["cfg"] == "separate" else 1
         shape = activation_shape(profile, denoiser, workload, dtype, batch, calls)
+        if denoiser.linear_parameters:
+            shape = replace(shape, linear_tokens=call.matmul_flops / (2 * batch * denoiser.linear_parameters))
         held = sum(lever.held_bytes(config, shape) for lever in LEVERS)  # what a step cache keeps between steps
         added = [lever.call_work(config, denoiser, shape) for lever in LEVERS]  # a LoRA's unfused matmuls
         flops, written = sum(f for f, _ in added), sum(w for _, w in added)

@@ -4,7 +4,7 @@ from a rank (`--lora-rank`) when the files are not at hand.
 A LoRA replaces none of a layer's weights: it adds two small matrices per targeted layer, ``A``
 (rank x in) and ``B`` (out x rank), whose product, scaled, is added to the layer's output. Its
 header says everything a plan needs: which layers of which component it targets, its rank, and
-its parameters. The formats people have, as diffusers reads them
+its parameters (a DoRA's magnitude vectors aside, which diffusers drops for most pipelines). The formats people have, as diffusers reads them
 (``diffusers/loaders/lora_conversion_utils.py`` converts the others on load):
 
 - diffusers/peft: ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` (``unet.``,
@@ -22,15 +22,15 @@ whole name wins.
 
 from __future__ import annotations
 
-import hashlib
 import math
+import os
 import re
-import struct
 from collections import defaultdict
 from pathlib import Path
 
 from advisor.config import LoraAdapter
 from advisor.errors import ModelError, UsageError
+from advisor.levers.lora import header_digest
 from advisor.probe.hub_cache import cached_file
 from advisor.probe.models import ModelProfile
 from advisor.probe.safetensors_header import read_header
@@ -98,19 +98,6 @@ def resolve_file(source: str) -> Path:
     )
 
 
-def header_digest(path: Path) -> str:
-    """sha256 of a safetensors file's header, its first 64 KiB of tensor data and its size: what
-    tells two LoRA files apart without reading all of them (two LoRAs of one layout share a header)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        (length,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (0,)
-        digest.update(prefix + handle.read(length))
-        digest.update(handle.read(1 << 16))  # the first 64 KiB of the tensor data
-    digest.update(str(path.stat().st_size).encode())
-    return digest.hexdigest()
-
-
 def _component(name: str) -> tuple[str, str]:
     """(the component a layer's key loads into, the key without its component prefix)."""
     for prefix, component in _PREFIXES:
@@ -164,7 +151,8 @@ def read_lora(spec: str, profile: ModelProfile) -> LoraAdapter:
     local = Path(source).expanduser().is_file()
     _check_blocks(denoiser_paths, profile, source)
     return LoraAdapter(
-        source=str(path.resolve()) if local else source,  # absolute: a config loads from anywhere
+        # absolute (a config loads from anywhere), not resolved: a link (the Hub's cache) keeps its name
+        source=os.path.abspath(path) if local else source,
         rank=rank,
         layers=_named(dict(layers), profile, source),
         parameters=_named(dict(parameters), profile, source),
