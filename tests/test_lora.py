@@ -208,6 +208,13 @@ def test_unfused_adapters_cost_their_bytes_and_work_and_fused_ones_nothing():
     extra = padded.weight_bytes["transformer"] - plain.weight_bytes["transformer"]
     assert extra == pytest.approx(4 * adapter.parameters["transformer"] * 2, rel=1e-6)
     assert padded.latency_s > unfused.latency_s
+    # LLM.int8 layers have no float dtype for peft to give the adapters: they stay float32
+    int8 = OptimizationConfig(quantization=Quantization(backend="bitsandbytes_8bit", components=["transformer"]))
+    extra = (
+        estimate_of(int8.replace(lora=Lora(adapters=[adapter]))).weight_bytes["transformer"]
+        - estimate_of(int8).weight_bytes["transformer"]
+    )
+    assert extra == adapter.parameters["transformer"] * 4
 
 
 def adapters_on(*components):

@@ -117,6 +117,12 @@ class Bitsandbytes(QuantBackend):
     def speed_key(self, quantization: Quantization) -> str:
         return quantization.backend
 
+    def lora_adapter_bytes(self, quantization: Quantization, compute_bytes: int) -> int:
+        """LLM.int8 layers hold int8 weights and no ``compute_dtype``, so peft leaves their adapters at
+        the float32 it creates them in (``peft/tuners/tuners_utils.py``, read, not run: bitsandbytes
+        needs CUDA); 4-bit layers have a ``compute_dtype``, which the adapters take."""
+        return 4 if quantization.backend == EIGHT_BIT else compute_bytes
+
     def quality_cost(self, quantization: Quantization) -> tuple[str, str]:
         return QUALITY_COSTS[quantization.kind]
 

@@ -287,12 +287,15 @@ class LoraLever(Lever):
 
     def adapter_bytes(self, config: OptimizationConfig, component: Any, compute_bytes: int) -> float:
         """The adapters unfused in `component`, at the compute dtype (peft gives a new adapter its base
-        layer's float dtype: ``peft/tuners/tuners_utils.py``; run here, bf16 and fp16 pipelines);
-        nothing once fused (``unload_lora_weights`` drops them)."""
+        layer's float dtype: ``peft/tuners/tuners_utils.py``; run here, bf16 and fp16 pipelines), or
+        as the backend storing the component says (`QuantBackend.lora_adapter_bytes`); nothing once
+        fused (``unload_lora_weights`` drops them)."""
         lora = config.lora
         if lora is None or lora.fuse:
             return 0.0
-        return adapter_parameters(lora, component.name) * compute_bytes
+        q = quantized(config, component.name)
+        per_parameter = backend_of(q).lora_adapter_bytes(q, compute_bytes) if q else compute_bytes
+        return adapter_parameters(lora, component.name) * per_parameter
 
     def call_work(self, config: OptimizationConfig, component: Any, shape: ActivationShape) -> tuple[float, float]:
         """(matmul FLOPs, bytes written) unfused adapters add to one call of `component`: per targeted

@@ -94,6 +94,12 @@ class QuantBackend:
         """(expected quality cost, source)."""
         raise NotImplementedError
 
+    def lora_adapter_bytes(self, quantization: Quantization, compute_bytes: int) -> int:
+        """Bytes per parameter of a LoRA adapter on layers it stores: peft gives a new adapter its base
+        layer's dtype where that is a float, else the layer's ``compute_dtype`` (``peft/tuners/
+        tuners_utils.py``); both are the compute dtype here by default."""
+        return compute_bytes
+
     def lora_problem(self, quantization: Quantization, fuse: bool) -> tuple[str, str] | None:
         """(why a LoRA can't run on weights it stores, source), or None: its LoRA layers load and run
         unfused (peft wraps each quantized Linear). Fusing merges the adapter into weights it would
