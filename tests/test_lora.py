@@ -7,6 +7,8 @@ run here where the CPU runs it, to show it really fails with the installed diffu
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -36,6 +38,7 @@ def loras(tiny_flux_dir, tmp_path_factory):
         "b": write_tiny_lora(tiny_flux_dir, root / "b", rank=4, seed=2),
         "small": write_tiny_lora(tiny_flux_dir, root / "small", rank=2, seed=3),
         "with_encoder": write_tiny_lora(tiny_flux_dir, root / "te", rank=4, seed=4, text_encoder=True),
+        "mlp": write_tiny_lora(tiny_flux_dir, root / "mlp", rank=4, seed=5, targets=("proj_mlp",)),
     }
     made["kohya"] = write_kohya_flux_lora(made["a"], root / "kohya" / "a_kohya.safetensors")
     return made
@@ -178,6 +181,33 @@ def test_swapped_and_fixed_loras_get_different_explained_plans():
     exact = recommend_json("--lora-rank", "32", "--quality", "exact")
     assert exact["config"]["lora"]["fuse"]  # bf16 weights, a fixed LoRA: fused
     assert any("fused into the weights" in r for r in exact["reasons"])
+
+
+def test_loras_that_target_other_layers_are_never_planned_to_hotswap(loras, profile):
+    """peft hotswaps a LoRA only into the first one's layers or fewer ("unexpected keys found"), and
+    diffusers then deletes the loaded adapter: swapped LoRAs with other targets are swapped by
+    unloading and loading, so their denoiser is not compiled (each load would recompile it)."""
+    from advisor.probe.workload import make_workload
+
+    nested = make_workload(profile, loras=(str(loras["a"]), str(loras["small"])), lora_swap=True)
+    apart = make_workload(profile, loras=(str(loras["a"]), str(loras["mlp"])), lora_swap=True)
+    assert nested.lora_hotswappable and not apart.lora_hotswappable
+
+    # On FLUX.1-dev (these tiny files name its blocks), where compiling pays: nested LoRAs are compiled
+    # and hotswapped, the others neither.
+    def planned(first, second):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            flags = ["--gpu", "RTX 4090", "--ram", "64GB", "--lora-swap", "--generations", "100", "--json"]
+            assert (
+                main(["recommend", "flux-dev", "--lora", str(loras[first]), "--lora", str(loras[second]), *flags]) == 0
+            )
+        return json.loads(out.getvalue())["config"]
+
+    swapped_in_place = planned("a", "small")
+    assert swapped_in_place["lora"]["hotswap_rank"] == 4 and swapped_in_place["compile"]
+    reloaded = planned("a", "mlp")
+    assert reloaded["lora"].get("hotswap_rank") is None and not reloaded.get("compile")
 
 
 def estimate_of(config: OptimizationConfig, adapters=()):
@@ -371,6 +401,10 @@ STORAGES = {
     "fp8 storage": lambda q8: cpu_config(layerwise_casting=LayerwiseCasting(components=["transformer"])),
     "group offload, blocks": lambda q8: cpu_config(offload=Offload(strategy="group")),
     "group offload, leaves": lambda q8: cpu_config(offload=Offload(strategy="group", offload_type="leaf_level")),
+    "partial offload": lambda q8: cpu_config(offload=Offload(strategy="group", resident_blocks={"transformer": 1})),
+    "torchao fp8 weights": lambda q8: cpu_config(
+        quantization=Quantization(backend="torchao", scheme="float8_weight_only", components=["transformer"])
+    ),
 }
 
 

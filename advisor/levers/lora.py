@@ -136,7 +136,8 @@ def as_planned(
     # take it; scaled ones swap unhotswapped, into a denoiser neither compiled nor fp8-stored (the
     # filter and the constraint below).
     unscaled = all(adapter.scale == 1 for adapter in adapters)
-    hotswap = max(adapter.rank for adapter in adapters) if swap and (compiled or cast) and unscaled else None
+    can = unscaled and scenario.workload.lora_hotswappable  # nested targets (`advisor.probe.lora.hotswappable`)
+    hotswap = max(adapter.rank for adapter in adapters) if swap and (compiled or cast) and can else None
     return config.replace(lora=Lora(adapters=list(adapters), swap=swap, fuse=fuse, hotswap_rank=hotswap))
 
 
@@ -334,6 +335,11 @@ class LoraLever(Lever):
                 why.append(
                     "a scale other than 1 does not survive a hotswap (peft sets each layer's scale from the new file), "
                     "so the denoiser is neither compiled nor stored in fp8"
+                )
+            if not lora.hotswap_rank and not pick.scenario.workload.lora_hotswappable:
+                why.append(
+                    "they target different layers, and a hotswap takes the first LoRA's layers or fewer, so the "
+                    "denoiser is neither compiled nor stored in fp8"
                 )
         stored = sorted(name for name in _targets(pick.config) if not _stored_plain(pick.config, name))
         if stored:

@@ -211,6 +211,24 @@ def assumed_lora(rank: int, profile: ModelProfile) -> LoraAdapter:
     )
 
 
+def _targeted_layers(path: Path) -> set[str]:
+    names = [t.name for t in read_header(path)]
+    return {name[: -len(down)] for name in names for down, _ in _PAIRS if name.endswith(down)}
+
+
+def hotswappable(adapters: tuple[LoraAdapter, ...]) -> bool:
+    """Whether swapped LoRAs can be hotswapped: each targets the layers of the one loaded first (the
+    most layers, `advisor.levers.lora.load_order`) or fewer, as peft requires ("Hot swapping the
+    adapter did not succeed, unexpected keys found", ``peft/utils/hotswap.py``; diffusers then
+    deletes the loaded adapter). LoRAs assumed from a rank target the same layers."""
+    files = [adapter for adapter in adapters if adapter.format != "assumed"]
+    if len(files) < 2:
+        return True
+    targets = [_targeted_layers(resolve_file(adapter.source)) for adapter in files]
+    first = max(range(len(files)), key=lambda i: sum(files[i].layers.values()))
+    return all(layers <= targets[first] for layers in targets)
+
+
 def user_loras(
     profile: ModelProfile, specs: tuple[str, ...] = (), rank: int | None = None, count: int | None = None
 ) -> tuple[LoraAdapter, ...]:

@@ -16,7 +16,7 @@ from advisor.config import LoraAdapter
 from advisor.errors import UsageError
 from advisor.paths import DATA_DIR
 from advisor.probe.layout import catalog_entry
-from advisor.probe.lora import user_loras
+from advisor.probe.lora import hotswappable, user_loras
 from advisor.probe.models import ModelProfile
 
 
@@ -94,11 +94,17 @@ class Workload:
     guidance_scale: float | None = None  # what the call passes; None: the pipeline's own default
     loras: tuple[LoraAdapter, ...] = ()  # the user's LoRAs (`advisor.probe.lora`); a config records them
     lora_swap: bool = False  # other LoRAs are loaded between calls
+    lora_hotswappable: bool = True  # each swapped LoRA targets the first one's layers or fewer
     assumptions: tuple[str, ...] = field(default=(), compare=False)  # defaults taken from the model, said aloud
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for name in ("assumptions", "loras", "lora_swap"):  # a config's `lora` section records the LoRAs
+        for name in (
+            "assumptions",
+            "loras",
+            "lora_swap",
+            "lora_hotswappable",
+        ):  # a config's `lora` section records the LoRAs
             del data[name]
         if self.guidance_scale is None:
             del data["guidance_scale"]
@@ -230,6 +236,7 @@ def make_workload(
         guidance_scale=guidance_scale,
         loras=adapters,
         lora_swap=lora_swap,
+        lora_hotswappable=not lora_swap or hotswappable(adapters),
         assumptions=tuple(assumed),
     )
 
