@@ -782,3 +782,11 @@ def test_a_linked_lora_file_keeps_its_name(tiny_flux_dir, loras, profile, tmp_pa
     adapter = read_lora(str(link), profile)
     assert adapter.source == str(link)
     latents(advisor.load_pipeline(tiny_flux_dir, with_lora(cpu_config(), profile, link)))
+
+
+def test_the_estimate_says_a_swap_into_a_compiled_model_recompiles():
+    adapter = assumed_lora(16, load_profile("flux-dev"))
+    config = OptimizationConfig(compile=Compile(), lora=Lora(adapters=[adapter], swap=True))
+    assert any("each swap recompiles it" in note for note in estimate_of(config).notes)
+    hotswapped = config.replace(lora=Lora(adapters=[adapter], swap=True, hotswap_rank=16))
+    assert not any("recompiles" in note for note in estimate_of(hotswapped).notes)

@@ -316,6 +316,15 @@ class LoraLever(Lever):
         tokens = shape.batch * (shape.linear_tokens or shape.tokens)
         return flops * tokens, written * tokens * shape.dtype_bytes
 
+    def warmup_note(self, config: OptimizationConfig) -> str | None:
+        """A swap into a compiled model without hotswapping recompiles it: the compile warm-up again at
+        every swap, which the one-off warm-up leaves out (the planner never proposes it)."""
+        if recompiles_at_every_swap(config, None):
+            return (
+                "lora.swap without lora.hotswap_rank in a compiled model: each swap recompiles it, the warm-up again"
+            )
+        return None
+
     def summary_note(self, config: OptimizationConfig) -> str | None:
         return None  # the config's summary says it (`Lora.label`)
 
