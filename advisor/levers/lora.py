@@ -325,9 +325,6 @@ class LoraLever(Lever):
             )
         return None
 
-    def summary_note(self, config: OptimizationConfig) -> str | None:
-        return None  # the config's summary says it (`Lora.label`)
-
     def reason(self, pick: Pick) -> str | None:
         lora = pick.config.lora
         if lora is None:
