@@ -790,3 +790,25 @@ def test_the_estimate_says_a_swap_into_a_compiled_model_recompiles():
     assert any("each swap recompiles it" in note for note in estimate_of(config).notes)
     hotswapped = config.replace(lora=Lora(adapters=[adapter], swap=True, hotswap_rank=16))
     assert not any("recompiles" in note for note in estimate_of(hotswapped).notes)
+
+
+def test_a_hotswap_does_not_keep_the_scale_set_before_it(tiny_flux_dir, loras):
+    """Why the config refuses `hotswap_rank` with a scale other than 1: after a hotswap each layer's
+    scale is the new file's alpha over rank again, not the 0.5 set with set_adapters before it."""
+    from diffusers import FluxPipeline
+
+    def at(scale, name):
+        pipe = FluxPipeline.from_pretrained(str(tiny_flux_dir), torch_dtype=torch.float32)
+        pipe.load_lora_weights(str(loras[name].parent), weight_name=loras[name].name, adapter_name="x")
+        pipe.set_adapters(["x"], adapter_weights=[scale])
+        return latents(pipe)
+
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux_dir), torch_dtype=torch.float32)
+    pipe.enable_lora_hotswap(target_rank=4)
+    pipe.load_lora_weights(str(loras["a"].parent), weight_name=loras["a"].name, adapter_name="lora_0")
+    pipe.set_adapters(["lora_0"], adapter_weights=[0.5])
+    assert np.abs(latents(pipe) - at(0.5, "a")).max() < 1e-4  # the scale holds until the swap
+    pipe.load_lora_weights(str(loras["b"].parent), weight_name=loras["b"].name, adapter_name="lora_0", hotswap=True)
+    swapped = latents(pipe)
+    assert np.abs(swapped - at(1.0, "b")).max() < 1e-4  # b runs at 1, its own alpha over rank
+    assert np.abs(swapped - at(0.5, "b")).max() > 0.01
