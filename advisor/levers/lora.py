@@ -41,7 +41,7 @@ from typing import Any, Callable
 from advisor.config import Lora, LoraAdapter, OptimizationConfig
 from advisor.errors import ConfigError
 from advisor.levers.base import ActivationShape, Adjust, Filter, Lever, Pick
-from advisor.levers.code import Step
+from advisor.levers.code import Step, call_source, method_step
 from advisor.levers.layerwise_casting import casts
 from advisor.levers.quantization import PEFT_QUANTIZED_LORA, backend_of, quantized
 from advisor.platform import Constraint, Platform, constraint
@@ -405,17 +405,14 @@ class LoraLever(Lever):
 
 
 def _pipe_step(description: str, method: str, kwargs: dict[str, Any]) -> Step:
-    from advisor.levers.code import method_step
-
     return method_step("lora", description, None, method, (), kwargs)
 
 
 def _load_step(adapter: LoraAdapter, name: str) -> Step:
     """``pipe.load_lora_weights(folder_or_repo, weight_name=file, adapter_name=...)``, after checking
-    that the file is the one the plan was made for (its header's digest). A source that is not a
-    local file is a Hub file, ``repo/name/file.safetensors`` (`advisor.probe.lora.resolve_file`)."""
-    from advisor.levers.code import call_source
-
+    that the file is the one the plan was made for (its header's digest). A local file is recorded by
+    its absolute path; any other source is a Hub file, ``repo/name/file.safetensors``
+    (`advisor.probe.lora.resolve_file`)."""
     if adapter.format == "assumed":
         return Step(
             "lora",

@@ -27,13 +27,14 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 from advisor.config import LoraAdapter
 from advisor.errors import ModelError, UsageError
 from advisor.levers.lora import header_digest
 from advisor.probe.hub_cache import cached_file
 from advisor.probe.models import ModelProfile
-from advisor.probe.safetensors_header import read_header
+from advisor.probe.safetensors_header import TensorInfo, read_header
 
 
 # (the down tensor's suffix, the up tensor's): A is rank x in, B out x rank.
@@ -116,6 +117,15 @@ def _format(names: list[str]) -> str:
     return "diffusers"
 
 
+def _pairs(tensors: dict[str, TensorInfo]) -> Iterator[tuple[str, TensorInfo, TensorInfo]]:
+    """(the down tensor's name, A, B) of every LoRA layer in a header's tensors."""
+    for name, down in tensors.items():
+        pair = next((p for p in _PAIRS if name.endswith(p[0])), None)
+        up = tensors.get(name[: -len(pair[0])] + pair[1]) if pair else None
+        if up is not None and len(down.shape) >= 2 and len(up.shape) >= 2:
+            yield name, down, up
+
+
 def read_lora(spec: str, profile: ModelProfile) -> LoraAdapter:
     """The LoRA `spec` names (``PATH[:SCALE]``), read from its header, for `profile`'s pipeline."""
     source, scale = split_spec(spec)
@@ -129,13 +139,7 @@ def read_lora(spec: str, profile: ModelProfile) -> LoraAdapter:
     outputs: dict[str, int] = defaultdict(int)
     rank = 0
     denoiser_paths = []  # diffusers-layout module paths in the denoiser: checked against its blocks below
-    for name, down in tensors.items():
-        pair = next((p for p in _PAIRS if name.endswith(p[0])), None)
-        if pair is None or len(down.shape) < 2:
-            continue
-        up = tensors.get(name[: -len(pair[0])] + pair[1])
-        if up is None or len(up.shape) < 2:
-            continue
+    for name, down, up in _pairs(tensors):
         component, module = _component(name)
         if name.startswith(("transformer.", "unet.")):
             denoiser_paths.append(module)
@@ -212,8 +216,7 @@ def assumed_lora(rank: int, profile: ModelProfile) -> LoraAdapter:
 
 
 def _targeted_layers(path: Path) -> set[str]:
-    names = [t.name for t in read_header(path)]
-    return {name[: -len(down)] for name in names for down, _ in _PAIRS if name.endswith(down)}
+    return {name for name, _, _ in _pairs({t.name: t for t in read_header(path)})}
 
 
 def hotswappable(adapters: tuple[LoraAdapter, ...]) -> bool:
