@@ -11,6 +11,17 @@ import sys
 import pytest
 
 
+# setuptools first, before any test imports anything: its shim makes `distutils` its own copy, and
+# where the standard library's got in first (which test did was not found: it depends on which files
+# share a worker), `import optimum.quanto` (through torch.utils.cpp_extension -> setuptools) failed
+# its check `'_distutils' in core.__file__` in one fresh-clone run of the suite. (torch needs it from
+# Python 3.12 on; a 3.11 venv comes with it.)
+try:
+    import setuptools  # noqa: F401
+except ImportError:
+    pass
+
+
 # Tests never touch the network; set before anything imports huggingface_hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
