@@ -215,13 +215,24 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
         type=whole_number("--generations", 100),
         metavar="N",
         help=f"Generations one process makes: torch.compile's one-off warm-up is spread over them "
-        f"(default: {DEFAULT_GENERATIONS}, said as an assumption; 1 for a script that makes one).",
+        f"(default: {DEFAULT_GENERATIONS}, said as an assumption, or --images; 1 for a script that makes one).",
+    )
+    process.add_argument(
+        "--images",
+        type=whole_number("--images", 100),
+        metavar="N",
+        help="Images (or videos) the job makes in all: with several GPUs, one pipeline per card shares them out "
+        "(default: one at a time, ranked by its latency; docs/multi-gpu.md).",
     )
     machine = _Parser(add_help=False)
     machine.add_argument("--vram", metavar="SIZE", help="Plan for a GPU with this much memory, e.g. 24GB.")
     machine.add_argument("--ram", metavar="SIZE", help="Plan for this much host RAM, e.g. 64GB.")
     machine.add_argument(
-        "--gpu", metavar="NAME", help="Plan for this GPU model, e.g. 'RTX 4090' (docs/gpus.md lists them)."
+        "--gpu",
+        metavar="NAME",
+        action="append",
+        help="Plan for this GPU model, e.g. 'RTX 4090' (docs/gpus.md lists them); several cards of it as "
+        "'2x RTX 4090' or --gpu repeated (docs/multi-gpu.md).",
     )
     machine.add_argument(
         "--os",

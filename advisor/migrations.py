@@ -56,6 +56,11 @@ MIGRATIONS: dict[int, Migration] = {
         "component, read from each file's header) and how they run: fused, unfused, hotswappable",
         unchanged,
     ),
+    5: Migration(
+        "context_parallel and replicas (default none): a plan over several GPUs, one generation split by its "
+        "sequence or one pipeline per GPU; provenance gained gpu_count and images",
+        unchanged,
+    ),
 }
 
 

@@ -228,7 +228,7 @@ def render_recommendation(result, config, output: str | None) -> None:
         _print_wrapped(console, note, "note: ", "      ")
     _print_wrapped(
         console,
-        f"{scenario.profile.model_id} | {scenario.workload.label()} | {target.name} | quality: {scenario.quality}",
+        f"{scenario.profile.model_id} | {scenario.workload.label()} | {target.cards} | quality: {scenario.quality}",
     )
     for assumption in scenario.assumptions:
         _print_wrapped(console, assumption, "assumed ", "  ")
@@ -312,6 +312,11 @@ def render_probe(profile) -> None:
             link = f"PCIe gen{gpu.pcie_generation} x{gpu.pcie_width}" if gpu.pcie_generation else "PCIe link unknown"
             if gpu.pcie_bandwidth_bytes_per_s:
                 link += f" ({gpu.pcie_bandwidth_bytes_per_s / 1e9:.1f} GB/s host<->GPU)"
+            if len(profile.gpus) > 1:  # what several GPUs of a plan send each other over (docs/multi-gpu.md)
+                if gpu.nvlinks_active:
+                    link += f", {gpu.nvlinks_active} NVLinks up"
+                if gpu.peers is not None:
+                    link += f", peer access to {', '.join(map(str, gpu.peers)) or 'none'}"
             console.print(f"  {gpu.index}  {gpu.name}")
             indent = " " * (4 + len(str(gpu.index)))
             _print_wrapped(
@@ -416,7 +421,7 @@ def render_estimate(profile, job, target, config, result, fit: Fit | None = None
     from rich.table import Table
 
     console = stdout_console()
-    _print_wrapped(console, f"{profile.model_id}: {job.label()} on {target.name} ({target.source})", "", "  ")
+    _print_wrapped(console, f"{profile.model_id}: {job.label()} on {target.cards} ({target.source})", "", "  ")
     for note in notes:
         _print_wrapped(console, note, "", "  ")
     for assumption in (*target.assumptions, *job.assumptions):

@@ -6,8 +6,10 @@ takes seconds), so the facts it needs are read here, once, from the installed di
   when it takes ``audio_length_in_s``, else ``image``), ``model_cpu_offload_seq``, and the default
   ``max_sequence_length`` of its text encoders;
 - per model class: ``_skip_layerwise_casting_patterns``, ``_keep_in_fp32_modules``,
-  ``_repeated_blocks``, and whether it has ``enable_tiling`` / ``enable_slicing``;
-- the names ``set_attention_backend`` takes (``AttentionBackendName``);
+  ``_repeated_blocks``, whether it has ``enable_tiling`` / ``enable_slicing``, and whether it
+  defines a ``_cp_plan`` (context parallelism: ``enable_parallelism`` refuses a model without one);
+- the names ``set_attention_backend`` takes (``AttentionBackendName``), and those registered with
+  ``supports_context_parallel=True`` (``_AttentionBackendRegistry._supports_context_parallel``);
 - per transformers text-encoder class: the modules its quantizers leave unconverted
   (``_keep_in_fp32_modules`` plus ``get_keys_to_not_convert`` of a meta-device instance).
 
@@ -64,12 +66,14 @@ def build_tables() -> dict:
                 "repeated_blocks": list(getattr(obj, "_repeated_blocks", None) or []),
                 "tiling": hasattr(obj, "enable_tiling"),
                 "slicing": hasattr(obj, "enable_slicing"),
+                "context_parallel": bool(getattr(obj, "_cp_plan", None)),
             }
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     return {
         "diffusers_version": diffusers.__version__,
         "attention_backends": sorted(backend.value for backend in AttentionBackendName),
+        "context_parallel_backends": sorted(_AttentionBackendRegistry._supports_context_parallel),
         "pipelines": pipelines,
         "models": models,
         "transformers_models": transformers_tables(),
@@ -118,7 +122,11 @@ def stale_entries(generated: dict, committed: dict) -> list[str]:
     Classes whose optional backends are not installed here (Kolors needs sentencepiece, ...) can't be
     generated, so extra committed entries are fine; what can be generated must match.
     """
-    stale = [key for key in ("diffusers_version", "attention_backends") if generated.get(key) != committed.get(key)]
+    stale = [
+        key
+        for key in ("diffusers_version", "attention_backends", "context_parallel_backends")
+        if generated.get(key) != committed.get(key)
+    ]
     for section in ("pipelines", "models", "transformers_models"):
         have = committed.get(section, {})
         stale += [f"{section}.{name}" for name, entry in generated[section].items() if have.get(name) != entry]
@@ -144,6 +152,9 @@ def main() -> int:
             return 1
         print(f"{OUTPUT} is up to date")
         return 0
+    committed = json.loads(OUTPUT.read_text()) if OUTPUT.exists() else {}
+    for section in ("pipelines", "models", "transformers_models"):  # keep what this environment can't generate
+        tables[section] = dict(sorted({**committed.get(section, {}), **tables[section]}.items()))
     text = render(tables)
     OUTPUT.write_text(text)
     tables = json.loads(text)

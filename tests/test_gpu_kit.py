@@ -402,7 +402,7 @@ def test_per_phase_peaks_sit_next_to_the_estimates_device_bytes_of_each_phase():
 
 # --- the dry run ------------------------------------------------------------------------------------
 
-PLANNED = "seed/quantization seed/quantization+compile seed/quantization+compile+model-offload recommend/16GB recommend/13GB tune/15GB offload/none offload/group-block offload/group-block-stream offload/group-leaf offload/group-leaf-stream offload/partial-1of3 offload/partial-2of3 offload/sequential attention/native attention/_native_math cache/first-block-0.08".split()
+PLANNED = "seed/quantization seed/quantization+compile seed/quantization+compile+model-offload recommend/16GB recommend/13GB tune/15GB offload/none offload/group-block offload/group-block-stream offload/group-leaf offload/group-leaf-stream offload/partial-1of3 offload/partial-2of3 offload/sequential attention/native attention/_native_math cache/first-block-0.08 multi_gpu/1 multi_gpu/2".split()
 
 
 def _strict(constant):
@@ -448,6 +448,9 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
     assert [item["id"] for item in results["items"]] == PLANNED
     for item in results["items"]:
         assert item["status"] in ("ok", "reused"), (item["id"], item["status"], item["notes"])
+        if item["part"] == "multi_gpu":  # torchrun launches, timed in the processes (kit/multi_gpu.py)
+            assert item["latency_s"] > 0 and item["predicted_s"] > 0
+            continue
         assert item["measurement"]["status"] == "ok" and item["measurement"]["latency_s"] is not None
         assert item["measured_peak_bytes"] > 0
         assert item["estimate"]["peak_bytes"] > 0 and "peak" in item["errors"]
@@ -459,6 +462,9 @@ def test_the_dry_run_measures_every_item_and_reports(tmp_path):
             for row in phases.values()
         )
     by_id = {item["id"]: item for item in results["items"]}
+    # two gloo processes split the transformer: each block saw half the tokens of one process
+    assert by_id["multi_gpu/2"]["block_tokens"] == [by_id["multi_gpu/1"]["block_tokens"][0] // 2]
+    assert set(results["multi_gpu_speedups"]) == {"multi_gpu/1", "multi_gpu/2"}
     assert any("bitsandbytes needs CUDA" in note for note in by_id["seed/quantization"]["notes"])
     assert by_id["recommend/13GB"]["status"] == "reused"  # same pick as 16GB on a CPU: measured once
     tune = by_id["tune/15GB"]["tune"]

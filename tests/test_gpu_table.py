@@ -18,7 +18,7 @@ import pytest
 from advisor.errors import UsageError
 from advisor.paths import DATA_DIR
 from advisor.probe.gpus import _normal, _tokens, gpu_table, lookup_gpu, memory_fits
-from advisor.probe.hardware import GpuInfo
+from advisor.probe.hardware import GpuInfo, pcie_bandwidth
 from advisor.probe.target import planned_target, target_from_probe
 from advisor.units import GIB, parse_size
 
@@ -41,7 +41,13 @@ FIELDS = {
     "source": str,
 }
 # Only where a card has them: a host link that is not PCIe, a superchip's own host memory.
-OPTIONAL_FIELDS = {"host_link_gbs": (int, float), "host_memory_gib": (int, float)}
+OPTIONAL_FIELDS = {
+    "host_link_gbs": (int, float),
+    "host_memory_gib": (int, float),
+    "nvlink_gbs": (int, float),
+    "nvlink_bridge_gbs": (int, float),
+    "peer_to_peer": bool,
+}
 # CUDA compute capability -> architecture (CUDA C++ Programming Guide, compute capabilities table).
 ARCHITECTURE = {
     (7, 0): "Volta",
@@ -157,6 +163,13 @@ def test_entry_has_every_field_with_a_sane_type(key):
     assert {*FIELDS, "fp8_tflops"} <= set(entry) <= {*FIELDS, *OPTIONAL_FIELDS, "fp8_tflops"}, key
     for field, kind in FIELDS.items():
         assert isinstance(entry[field], kind) and not isinstance(entry[field], bool), (key, field)
+    for field in set(entry) & set(OPTIONAL_FIELDS):
+        kind = OPTIONAL_FIELDS[field]
+        assert isinstance(entry[field], kind) and (kind is bool or not isinstance(entry[field], bool)), (key, field)
+    # NVLink per direction: faster than the card's PCIe link, at most NVLink 5's 900 GB/s (1.8 TB/s both ways)
+    for field in ("nvlink_gbs", "nvlink_bridge_gbs"):
+        if field in entry:
+            assert pcie_bandwidth(entry["pcie_generation"], entry["pcie_width"]) / 1e9 < entry[field] <= 900, key
     assert entry["fp8_tflops"] is None or (isinstance(entry["fp8_tflops"], (int, float)) and entry["fp8_tflops"] > 0)
     assert 4 <= entry["memory_gib"] <= 200
     assert 10 <= entry["bf16_tflops"] <= 5000

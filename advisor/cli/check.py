@@ -37,7 +37,9 @@ def check(request: Request, config_file: str, as_json: bool = False) -> None:
     if not config.device.startswith("cuda"):
         raise UsageError(f"CONFIG: {config_file} runs on `device: {config.device}`; check rehearses GPU configs")
     if request.here and planned and planned.gpu_name:
-        request = replace(request, gpu=planned.gpu_name)  # the card it was planned for
+        cards = planned.gpu_count or 1
+        gpu = planned.gpu_name if cards == 1 else f"{cards}x {planned.gpu_name}"
+        request = replace(request, gpu=gpu)  # the card(s) it was planned for
     machine = hardware.probe_machine() if request.here else None
     target = request.target(machine)
     if target.device != "cuda":

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from advisor.errors import AdvisorError, ConfigError, UsageError
 from advisor.files import os_error_reason
+from advisor.probe.interconnect import joined_gpus
 from advisor.units import parse_size
 
 
@@ -123,6 +124,7 @@ REQUEST_FLAGS = (
     "lora_count",
     "lora_swap",
     "generations",
+    "images",
     "vram",
     "ram",
     "gpu",
@@ -151,4 +153,5 @@ def take_request(namespace: dict[str, Any], command: str) -> Request:
     if "budget" in given:
         given["budget_bytes"] = flag_size(given.pop("budget"), "--budget")
     given["loras"] = tuple(given.get("loras", ()))
+    given["gpu"] = joined_gpus(given.get("gpu"))
     return Request(model, assumed=assumed, **given)

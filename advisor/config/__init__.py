@@ -29,6 +29,7 @@ from advisor.config.sections import (
     CACHE_SETTINGS,
     Cache,
     Compile,
+    ContextParallel,
     Dtype,
     LayerwiseCasting,
     Lora,
@@ -36,6 +37,7 @@ from advisor.config.sections import (
     Offload,
     Provenance,
     Quantization,
+    Replicas,
     Vae,
 )
 from advisor.errors import ConfigError
@@ -51,6 +53,7 @@ __all__ = [
     "VALID_DEVICES",
     "Cache",
     "Compile",
+    "ContextParallel",
     "LayerwiseCasting",
     "Lora",
     "LoraAdapter",
@@ -58,13 +61,14 @@ __all__ = [
     "OptimizationConfig",
     "Provenance",
     "Quantization",
+    "Replicas",
     "Vae",
     "config_from_dict",
     "load_config",
 ]
 
 # The config file's format: a change a file can show is a new version and a step in `advisor.migrations`.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -88,6 +92,8 @@ class OptimizationConfig(Section):
     attention_backend: str | None = None
     cache: Cache | None = None
     lora: Lora | None = None  # the user's LoRAs and how they run (schema version 5)
+    context_parallel: ContextParallel | None = None  # one generation over several GPUs (schema version 6)
+    replicas: Replicas | None = None  # one pipeline per GPU (schema version 6)
     channels_last: bool = False
     expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (advisor/levers/allocator.py)
     provenance: Provenance = field(default_factory=Provenance)

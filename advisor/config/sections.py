@@ -359,6 +359,39 @@ class Lora(Section):
 
 
 @dataclass(frozen=True)
+class ContextParallel(Section):
+    """One generation's denoiser split over `degree` GPUs by its sequence, one process per GPU under
+    ``torchrun`` (diffusers' ``ContextParallelConfig``; `advisor.levers.multi_gpu.context_parallel`).
+
+    ``ulysses``: each attention swaps sequence shards for head shards (all-to-all), so the heads must
+    divide by the degree; ``ring``: each GPU gathers the others' keys and values, which needs an
+    attention backend that returns the log-sum-exp (not ``native``).
+    """
+
+    _key = "context_parallel."
+
+    degree: int
+    kind: Literal["ulysses", "ring"] = "ulysses"
+
+    def _check(self) -> None:
+        if self.degree < 2:
+            raise ValueError(f"`context_parallel.degree: {self.degree}` must be at least 2 (the GPUs it splits over)")
+
+
+@dataclass(frozen=True)
+class Replicas(Section):
+    """One pipeline per GPU, each making its share of the job's images (`advisor.levers.multi_gpu.replicas`)."""
+
+    _key = "replicas."
+
+    count: int
+
+    def _check(self) -> None:
+        if self.count < 2:
+            raise ValueError(f"`replicas.count: {self.count}` must be at least 2 (one pipeline per GPU)")
+
+
+@dataclass(frozen=True)
 class Provenance(Section):
     """Where a config came from: what it was made for, by what, and (from tune) what it measured."""
 
@@ -371,10 +404,12 @@ class Provenance(Section):
     components: list[str] | None = None
     workload: dict[str, Any] | None = None
     gpu_name: str | None = None
+    gpu_count: int | None = None  # cards of gpu_name it was planned for (since schema version 6)
     vram_bytes: int | None = None
     ram_bytes: int | None = None  # the host RAM it was planned for (since schema version 2)
     os: str | None = None  # the operating system it was planned for (since 2)
     generations: int | None = None  # per process, that compile's warm-up was weighed over (since 2)
+    images: int | None = None  # the job it was planned for, shared out over one pipeline per GPU (since 6)
     budget_bytes: int | None = None
     packages: dict[str, str | None] | None = None
     created: str | None = None

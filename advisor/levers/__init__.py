@@ -9,7 +9,8 @@ The levers: load-time quantization (`quantization`, one module per backend: `bit
 `torchao`, `gguf`: a pre-quantized checkpoint, `quanto`), torch.compile and its dynamo flags (`torch_compile`), fp8 storage
 (`layerwise_casting`), the memory format (`memory_format`), offloading (`offload`), the VAE's
 tiling and slicing (`vae`), the attention kernel (`attention`), the step cache (`step_cache`) and
-the caching allocator's settings (`allocator`), and the user's LoRAs (`lora`).
+the caching allocator's settings (`allocator`), the user's LoRAs (`lora`), and the levers of several
+GPUs (`multi_gpu`: context parallelism, one pipeline per GPU).
 
 A new lever is one module with a `Lever` subclass, its config section in `advisor.config` (a new
 schema version and its step in `advisor.migrations`), and an entry below (`tests/test_levers.py`
@@ -38,6 +39,8 @@ from advisor.levers.gguf import GGUF_BACKEND
 from advisor.levers.layerwise_casting import LAYERWISE_CASTING
 from advisor.levers.lora import LORA
 from advisor.levers.memory_format import ChannelsLast
+from advisor.levers.multi_gpu.context_parallel import CONTEXT_PARALLEL
+from advisor.levers.multi_gpu.replicas import REPLICAS
 from advisor.levers.offload import OFFLOAD
 from advisor.levers.quantization import QUANTIZATION, add_backend
 from advisor.levers.quanto import QUANTO_BACKEND
@@ -98,3 +101,5 @@ register(VaeDecoding())
 register(AttentionKernel())
 register(StepCache())
 register(ExpandableSegments())
+register(CONTEXT_PARALLEL)
+register(REPLICAS)

@@ -21,6 +21,7 @@ from typing import Any
 from advisor.config import OptimizationConfig
 from advisor.levers.base import Lever, Pick, StepContext
 from advisor.levers.code import Step, method_step
+from advisor.paths import diffusers_tables
 from advisor.platform import Constraint, Platform, constraint, on_cuda, version_tuple
 
 
@@ -258,6 +259,23 @@ QUALITY_COST = (
     "SageAttention quantizes q and k to int8: near-identical outputs reported for image and video models",
     BACKENDS["sage"].source,
 )
+
+
+# Ring attention merges the GPUs' partial attentions by their log-sum-exp, which these backends
+# refuse to return (attention_dispatch.py: "Native attention does not support return_lse=True").
+NO_LOG_SUM_EXP = frozenset({"native", "_native_npu"})
+
+
+def context_parallel_problem(backend: str | None, *, ring: bool) -> str | None:
+    """Why the attention `backend` (None: native) can't run a context-parallel model, or None:
+    enable_parallelism refuses a backend registered without context-parallel support (read from the
+    installed diffusers), and ring attention needs the log-sum-exp."""
+    name = backend or "native"
+    if name not in diffusers_tables()["context_parallel_backends"]:
+        return f"the {name} attention backend has no context-parallel support"
+    if ring and name in NO_LOG_SUM_EXP:
+        return f"ring attention needs the log-sum-exp, which {name} does not return"
+    return None
 
 
 def attention_choices(platform: Platform, dtype: str) -> list[str]:

@@ -19,6 +19,10 @@ What each part of the advisor asks, and when:
   `per_call_written_bytes`, `per_call_host_seconds`: the latency (`advisor.plan.latency`), per device;
   `held_bytes`: device memory held from step to step (`advisor.plan.compute`), per device;
   `decode_mode`: how the VAE decodes (tiled, sliced), which the decode's memory follows;
+  `activation_share`: the share of a phase's activations each GPU holds, `link_seconds`: what a
+  denoiser call waits on the link between GPUs, `processes`: the processes a run takes (each loads
+  the pipeline into host RAM), `generations_at_once`: how many generations run side by side (one
+  pipeline per GPU), per device (`advisor.levers.multi_gpu`);
 - `lossy`, `quality_cost`: the quality policy (`advisor.plan.quality`);
 - `memory_reasons`, `reason`, `guidance_reasons`: the lines `advisor recommend` explains the pick
   with (`advisor.plan.recommend`): what the lever does to its memory, to its speed, and how the
@@ -49,13 +53,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StepContext:
-    """One denoising step on one device, as the estimate sees it: what a lever's latency terms need.
-    Each device a plan uses gets its own (several GPUs are coming)."""
+    """One denoising step on one device, as the estimate sees it: what a lever's latency terms need."""
 
     device: str  # "cuda" or "cpu"
     capability: float  # the GPU's compute capability; 0 on a CPU
     steps: int  # the workload's denoising steps
     denoiser_class: str  # the denoiser's class name (a lever's facts are often per class)
+    link_bytes_per_s: float = 0.0  # what one GPU sends the others per second (`TargetHardware.link`); 0: one GPU
+    attention_layers: int = 0  # the denoiser's blocks: one sequence-wide attention each
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,22 @@ class Lever:
     def decode_mode(self, config: OptimizationConfig, mode: DecodeMode) -> DecodeMode:
         """How the VAE decodes with this lever, given how the levers before it left `mode`."""
         return mode
+
+    def activation_share(self, config: OptimizationConfig, phase: str) -> float:
+        """The share of `phase`'s activations ("text_encoding", "denoising", "vae_decode") each GPU holds."""
+        return 1.0
+
+    def link_seconds(self, config: OptimizationConfig, step: StepContext, shape: ActivationShape) -> float:
+        """Seconds one denoiser call on `shape` waits on the link between GPUs (not hidden by compute)."""
+        return 0.0
+
+    def processes(self, config: OptimizationConfig) -> int:
+        """Processes a run takes, one per GPU, each loading the pipeline into host RAM."""
+        return 1
+
+    def generations_at_once(self, config: OptimizationConfig) -> int:
+        """Generations that run side by side (a job's images shared out over them)."""
+        return 1
 
     # --- quality and explanation ---------------------------------------------------------------
 

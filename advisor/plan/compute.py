@@ -94,6 +94,19 @@ def denoiser_tokens(profile: ModelProfile, denoiser: ComponentProfile, workload:
     return tokens, int(hidden or 1024)
 
 
+def sequence_tokens(profile: ModelProfile, workload: Workload) -> tuple[int, int]:
+    """(latent tokens, joint text tokens) of one call of the first denoiser: the text tokens are 0
+    where the text is attended to across (cross-attention) rather than joined to the sequence."""
+    denoiser = profile.by_role("denoiser")[0]
+    tokens, _hidden = denoiser_tokens(profile, denoiser, workload)
+    joint = (
+        text_tokens(profile)
+        if pipeline_behaviour(profile.pipeline_class, profile.workload).get("joint_text_tokens")
+        else 0
+    )
+    return tokens - joint, joint
+
+
 @dataclass(frozen=True)
 class Work:
     """One phase's work for one component: FLOPs on tensor cores (the linear layers' apart from the

@@ -19,6 +19,7 @@ estimate only has to rank candidates; `advisor tune` measures the truth.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -249,6 +250,9 @@ def estimate(
         activation, stranded, cached, workspace = _device_activation(
             profile, config, phase, works[phase], target, on_cpu
         )
+        share = math.prod(lever.activation_share(config, phase) for lever in LEVERS)  # split over GPUs
+        if share != 1:
+            activation, stranded, cached = int(activation * share), int(stranded * share), int(cached * share)
         if phases and not offload.empties_cache_between_models(config):
             # Nothing gives the cache back between phases: the earlier phases' cached segments stay
             # reserved beside this one's (an upper bound: some of its requests may reuse them).
@@ -339,4 +343,7 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
         ram["weights"] = kept
     if loading > running:
         ram["loading"] = loading - running
+    processes = math.prod(lever.processes(config) for lever in LEVERS)
+    if processes > 1:  # one per GPU, each loading the pipeline (`advisor.levers.multi_gpu`)
+        ram[f"the other {processes - 1} processes"] = (processes - 1) * sum(ram.values())
     return ram, disk, kept

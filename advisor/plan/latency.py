@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from advisor.config import OptimizationConfig
 from advisor.levers import LEVERS, StepContext, offload, quantization, torch_compile
-from advisor.plan.compute import Work, constants, text_work
+from advisor.plan.compute import Work, activation_shape, constants, text_work
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
 from advisor.probe.workload import run_behaviour
@@ -84,10 +84,16 @@ def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> 
     behaviour = run_behaviour(profile.pipeline_class, workload, profile.pipeline_config)
     generation = target.generation
     calls_per_step = 2 if behaviour["cfg"] == "separate" else 1
-    step_compute = step_transfer = 0.0
+    step_compute = step_transfer = step_link = 0.0
+    batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
     for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
         here = StepContext(
-            target.device, parse_capability(target.compute_capability), workload.steps, denoiser.class_name
+            target.device,
+            parse_capability(target.compute_capability),
+            workload.steps,
+            denoiser.class_name,
+            link_bytes_per_s=target.link.bytes_per_s if target.link else 0.0,
+            attention_layers=sum(block.count for block in denoiser.blocks),
         )
         share = math.prod(lever.compute_share(config, here) for lever in LEVERS)  # the blocks a step cache skips
         attention = math.prod(lever.attention_speedup(config, here) for lever in LEVERS)  # a faster kernel
@@ -96,7 +102,10 @@ def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> 
             _seconds(work, target, _speed_factors(config, denoiser.name, generation), attention) + host
         )
         step_transfer += _streaming_seconds(denoiser, config, target, weights[denoiser.name], calls_per_step, on_cpu)
-    step = _overlapped(step_compute, step_transfer, config)
+        if here.link_bytes_per_s:  # what the GPUs of a split generation send each other
+            shape = activation_shape(profile, denoiser, workload, config.dtype, batch, calls_per_step)
+            step_link += calls_per_step * sum(lever.link_seconds(config, here, shape) for lever in LEVERS)
+    step = _overlapped(step_compute, step_transfer, config) + step_link
     # The text encoders and the VAE run once: a group-offloaded one streams its weights in that once.
     text = 0.0
     for t in profile.by_role("text_encoder"):
@@ -121,5 +130,6 @@ def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> 
         "model_offload_transfers_s": swaps,
         "step_compute_s": step_compute,
         "step_transfer_s": step_transfer,
+        "step_link_s": step_link,
     }
     return text + step * workload.steps + decode + swaps, step, breakdown

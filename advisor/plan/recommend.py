@@ -9,11 +9,13 @@ is data (`Recommendation`); the CLI only renders it. Pure Python: no torch, a fe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from advisor.config import OptimizationConfig
 from advisor.levers import LEVERS, Pick, Rival
+from advisor.levers.multi_gpu import job_seconds
 from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
 from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy
 from advisor.plan.rules import TIE, rules_of
@@ -143,6 +145,15 @@ def why_it_does_not_fit(result: Estimate, target: TargetHardware, budget_bytes: 
     return None
 
 
+def per_generation_s(config: OptimizationConfig, result: Estimate, scenario: Scenario) -> float:
+    """What candidates are ranked by: a generation's seconds with its share of the one-off warm-up,
+    and for a job of several images (``--images``), its share of the job's time, where generations
+    run side by side (one pipeline per GPU)."""
+    images = scenario.images or 1
+    at_once = math.prod(lever.generations_at_once(config) for lever in LEVERS)
+    return job_seconds(result.latency_s, images, at_once) / images + result.warmup_s / scenario.generations
+
+
 def score(config: OptimizationConfig, scenario: Scenario, adjusted_by: list[str] | None = None) -> Scored:
     """Estimate one finished candidate and check it against the budget."""
     result = estimate_for(scenario, config)
@@ -152,7 +163,7 @@ def score(config: OptimizationConfig, scenario: Scenario, adjusted_by: list[str]
         result,
         unfit is None,
         unfit.reason if unfit else None,
-        result.latency_s + result.warmup_s / scenario.generations,
+        per_generation_s(config, result, scenario),
         adjusted_by or [],
         unfit.limit if unfit else None,
     )
@@ -274,7 +285,8 @@ def explain(best: Scored, feasible: list[Scored], scenario: Scenario) -> list[st
         f"fits: predicted peak {where} {format_size(peak)} (during {result.peak_phase.replace('_', ' ')}) "
         f"within the {format_size(scenario.budget_bytes)} budget; host RAM {format_size(result.peak_ram_bytes)}",
         f"fastest of {len(feasible)} candidates predicted to fit (or within {TIE:.0%} of it and preferred by the "
-        f"guidance): {result.latency_s:.1f}s per {_unit(scenario)} ({result.step_latency_s:.3f}s per step)",
+        f"guidance): {result.latency_s:.1f}s per {_unit(scenario)} ({result.step_latency_s:.3f}s per step)"
+        + (f", {best.score_s:.1f}s of the job's time per {_unit(scenario)}" if (scenario.images or 1) > 1 else ""),
     ]
     if target.device == "cuda" and result.peak_ram_bytes > target.ram_total_bytes * RAM_WARN:
         if target.ram_assumed:  # not the user's machine: say what to pass

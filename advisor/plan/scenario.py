@@ -25,6 +25,7 @@ from typing import Any, Literal
 from advisor.config import Provenance
 from advisor.constraints import Platform
 from advisor.errors import UsageError
+from advisor.plan.compute import sequence_tokens
 from advisor.probe import hardware
 from advisor.probe.hardware import MachineProfile
 from advisor.probe.models import ModelProfile, load_profile
@@ -106,6 +107,7 @@ class Scenario:
     quality: Quality = "balanced"
     assumed: tuple[str, ...] = ()  # assumed beyond the machine and the workload: the model, when none was given
     generations: int = DEFAULT_GENERATIONS  # one process makes: what a one-off warm-up is spread over
+    images: int | None = None  # the job makes in all (--images): what one pipeline per card shares out
 
     # Computed once for this scenario (`advisor.plan.estimate`): config key -> its estimate; and in
     # `memo`, each phase's work by what it depends on and partial offload's fit per config.
@@ -116,6 +118,11 @@ class Scenario:
     def assumptions(self) -> tuple[str, ...]:
         """Every value assumed about the machine or the job rather than read or given."""
         return self.assumed + self.target.assumptions + self.workload.assumptions
+
+    @property
+    def sequence(self) -> tuple[int, int]:
+        """(latent tokens, joint text tokens) of one denoiser call: what context parallelism splits."""
+        return sequence_tokens(self.profile, self.workload)
 
     @property
     def platform(self) -> Platform:
@@ -135,10 +142,12 @@ class Scenario:
             components=[c.name for c in self.profile.components],
             workload=self.workload.to_dict(),
             gpu_name=target.name if target.device == "cuda" else None,
+            gpu_count=target.gpu_count if target.device == "cuda" else None,
             vram_bytes=target.vram_total_bytes or None,
             ram_bytes=target.ram_total_bytes or None,
             os=target.os,
             generations=self.generations,
+            images=self.images,
             budget_bytes=self.budget_bytes,
             packages={"advisor": __version__, **(self.packages or {})},
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -159,9 +168,15 @@ def make_scenario(
     quality: Quality = "balanced",
     assumed: tuple[str, ...] = (),
     generations: int | None = None,
+    images: int | None = None,
 ) -> Scenario:
     """The scenario, with the default budget when none is given (and the default generations, said as
-    an assumption); a budget of nothing is an error here."""
+    an assumption, unless the job's `images` say how many a process makes); a budget of nothing is
+    an error here."""
+    if images is not None and images < 1:
+        raise UsageError(f"--images: {images} is not a count of images; give 1 or more")
+    if generations is None and images is not None:
+        generations = images  # each card's process compiles once, at the same time: the job waits once
     if generations is None:
         generations = DEFAULT_GENERATIONS
         assumed = (
@@ -202,7 +217,22 @@ def make_scenario(
             f"--budget {format_size(budget)} is more than the card's {format_size(target.vram_total_bytes)}; planning within the card",
         )
         budget = target.vram_total_bytes
-    return Scenario(profile, workload, target, packages, budget, source, tuple(notes), quality, assumed, generations)
+    return Scenario(
+        profile, workload, target, packages, budget, source, tuple(notes), quality, assumed, generations, images
+    )
+
+
+def on_one_gpu(scenario: Scenario) -> tuple[Scenario, str | None]:
+    """`scenario` planned on one of its GPUs, and the note that says so: what `advisor tune` measures (a
+    trial is one process; the multi-GPU levers' candidates are recommend's, not measured yet)."""
+    target = scenario.target
+    if target.gpu_count == 1:
+        return scenario, None
+    note = (
+        f"tune measures one GPU of the {target.gpu_count}: plans over several (context parallel, one pipeline per "
+        "GPU) are recommend's, not measured yet (docs/multi-gpu.md)"
+    )
+    return dataclasses.replace(scenario, target=dataclasses.replace(target, gpu_count=1, link=None)), note
 
 
 @dataclass(frozen=True)
@@ -225,6 +255,7 @@ class Request:
     lora_count: int | None = None
     lora_swap: bool = False  # other LoRAs are loaded between calls
     generations: int | None = None  # one process makes (`Scenario.generations`)
+    images: int | None = None  # the job makes in all (`Scenario.images`)
     vram: int | None = None  # a card of this much memory (not this machine's)
     ram: int | None = None
     gpu: str | None = None  # a datasheet card (not this machine's)
@@ -307,4 +338,5 @@ def scenario_for(
         quality=request.quality,
         assumed=request.assumed,
         generations=request.generations,
+        images=request.images,
     )

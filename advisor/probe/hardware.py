@@ -72,6 +72,8 @@ class GpuInfo:
     pcie_width_current: int | None = None
     pcie_bandwidth_bytes_per_s: int | None = None
     uuid: str | None = None
+    nvlinks_active: int | None = None  # NVLinks up (0: none; None: NVML can't say)
+    peers: list[int] | None = None  # the indices of the GPUs it has peer-to-peer access to
 
 
 @dataclass
@@ -166,6 +168,8 @@ def gpu_from_nvml_readings(index: int, readings: dict[str, Any]) -> GpuInfo:
         pcie_width_current=readings.get("curr_pcie_link_width"),
         pcie_bandwidth_bytes_per_s=pcie_bandwidth(generation, width),
         uuid=readings.get("uuid"),
+        nvlinks_active=readings.get("nvlinks_active"),
+        peers=readings.get("peers"),
     )
 
 
@@ -197,7 +201,30 @@ def _read_nvml_device(pynvml, handle) -> dict[str, Any]:
         "max_pcie_link_width": _optional_call(pynvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
         "curr_pcie_link_generation": _optional_call(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
         "curr_pcie_link_width": _optional_call(pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
+        "nvlinks_active": _active_nvlinks(pynvml, handle),
     }
+
+
+def _active_nvlinks(pynvml, handle) -> int | None:
+    """How many of the device's NVLinks are up; None where NVML answers for none (no NVLink)."""
+    states = [
+        _optional_call(pynvml.nvmlDeviceGetNvLinkState, handle, link) for link in range(pynvml.NVML_NVLINK_MAX_LINKS)
+    ]
+    known = [state for state in states if state is not None]
+    return sum(state == pynvml.NVML_FEATURE_ENABLED for state in known) if known else None
+
+
+def _peers(pynvml, handles: list) -> list[list[int]]:
+    """For each device, the indices of the others it can read from peer-to-peer. The caps index is
+    given as 0 (NVML_P2P_CAPS_INDEX_READ), which nvidia-ml-py defines as the tuple `(0,)`."""
+    return [
+        [
+            j
+            for j, other in enumerate(handles)
+            if j != i and _optional_call(pynvml.nvmlDeviceGetP2PStatus, handle, other, 0) == pynvml.NVML_P2P_STATUS_OK
+        ]
+        for i, handle in enumerate(handles)
+    ]
 
 
 def _probe_nvml() -> tuple[list[GpuInfo], str | None, str | None]:
@@ -210,9 +237,11 @@ def _probe_nvml() -> tuple[list[GpuInfo], str | None, str | None]:
         if isinstance(driver, bytes):
             driver = driver.decode()
         cuda = format_cuda_driver_version(_optional_call(pynvml.nvmlSystemGetCudaDriverVersion_v2))
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        peers = _peers(pynvml, handles)
         gpus = [
-            gpu_from_nvml_readings(i, _read_nvml_device(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i)))
-            for i in range(pynvml.nvmlDeviceGetCount())
+            gpu_from_nvml_readings(i, {**_read_nvml_device(pynvml, handle), "peers": peers[i]})
+            for i, handle in enumerate(handles)
         ]
         return _visible_only(gpus), driver, cuda
     finally:

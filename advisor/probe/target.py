@@ -31,6 +31,7 @@ from advisor.probe.gpus import (
     why_not_this_card,
 )
 from advisor.probe.hardware import MachineProfile, pcie_bandwidth
+from advisor.probe.interconnect import Link, datasheet_link, probed_link, split_gpu_count
 from advisor.units import GIB, format_size, parse_capability, parse_size
 
 
@@ -146,6 +147,8 @@ class TargetHardware:
     memory_bytes_per_s: float = DEFAULT_CPU_MEMORY_GBS * 1e9  # device memory bandwidth (datasheet)
     ram_assumed: bool = False  # the host RAM is assumed (said in `assumptions`), neither read nor given
     os: str = "linux"  # its operating system (`advisor.platform.OPERATING_SYSTEMS`, or "darwin")
+    gpu_count: int = 1  # cards of this model the plan may use (each with the memory above)
+    link: Link | None = None  # what they send each other over (`advisor.probe.interconnect`); None for one
 
     @cached_property
     def generation(self) -> str:
@@ -154,6 +157,11 @@ class TargetHardware:
             return "cpu"
         capability = parse_capability(self.compute_capability)
         return next((name for floor, name in GENERATIONS if capability >= floor), "Volta")
+
+    @property
+    def cards(self) -> str:
+        """The plan's cards as a user names them: 'RTX 4090', '2x RTX 4090'."""
+        return self.name if self.gpu_count == 1 else f"{self.gpu_count}x {self.name}"
 
     def to_dict(self) -> dict[str, Any]:
         described = {k: v for k, v in asdict(self).items() if k != "ram_assumed"}  # `assumptions` says it
@@ -183,6 +191,7 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
     if gpu_index >= len(machine.gpus):
         raise UsageError(f"--gpu-index: {gpu_index} is out of range; this machine has {len(machine.gpus)} GPU(s)")
     gpu = machine.gpus[gpu_index]
+    alike = [g for g in machine.gpus if g.name == gpu.name and g.memory_total_bytes == gpu.memory_total_bytes]
     calibration = load_calibration(gpu.name)
     memory = gpu.memory_total_bytes / GIB or None
     datasheet = lookup_gpu(gpu.name, memory_gib=memory)
@@ -208,6 +217,8 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
         source="probe; " + ", ".join(sources),
         memory_bytes_per_s=sheet["memory_bandwidth_gbs"] * 1e9,
         os=this_os(),
+        gpu_count=len(alike),
+        link=probed_link(alike, sheet) if len(alike) > 1 else None,
     )
 
 
@@ -272,7 +283,9 @@ def planned_target(
     assumptions = []
     if os is not None and os not in OPERATING_SYSTEMS:
         raise UsageError(f"--os: {os!r} is not planned for; use one of {', '.join(OPERATING_SYSTEMS)}")
+    count = 1
     if gpu is not None:
+        count, gpu = split_gpu_count(gpu)
         found = lookup_gpu(gpu)
         maker = other_maker(gpu) if found is None else None
         if maker is not None:
@@ -337,13 +350,16 @@ def planned_target(
         host = int(sheet["host_memory_gib"] * GIB)
         assumptions.append(f"host RAM: the {key}'s own {size_text(host)}; pass --ram for what it leaves free")
     else:
-        host = assumed_ram(vram_bytes)
-        assumptions.append(
-            f"host RAM: {format_size(host)} (2x the card's memory, at least 32 GB); pass --ram for yours"
-        )
+        host = assumed_ram(vram_bytes * count)
+        cards = "the card's memory" if count == 1 else f"the {count} cards' memory"
+        assumptions.append(f"host RAM: {format_size(host)} (2x {cards}, at least 32 GB); pass --ram for yours")
     if os is None:
         os = "linux"
         assumptions.append("operating system: Linux; pass --os windows for a Windows machine")
+    link = None
+    if count > 1:
+        link, assumed = datasheet_link(key, sheet)
+        assumptions.append(assumed or f"link: {link.describe()}")
     return TargetHardware(
         device="cuda",
         name=name,
@@ -360,6 +376,8 @@ def planned_target(
         memory_bytes_per_s=sheet["memory_bandwidth_gbs"] * 1e9,
         ram_assumed=ram is None,
         os=os,
+        gpu_count=count,
+        link=link,
     )
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from advisor.config import OptimizationConfig
 from advisor.errors import UsageError
 from advisor.plan.estimate import estimate_for
-from advisor.plan.scenario import Scenario
+from advisor.plan.scenario import Scenario, on_one_gpu
 from advisor.plan.space import SearchSpace
 from advisor.run.claims import busy_keys, claim
 from advisor.run.confirm import confirm_finalists
@@ -379,6 +379,7 @@ def run_study(
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     settings = settings or TuneSettings()
     check_settings(settings)
+    scenario, one_gpu = on_one_gpu(scenario)
     space = SearchSpace.for_scenario(scenario, compile_choices=settings.compile_choices).usable(scenario)
     storage_url = storage or default_storage()
     name = study or study_name(scenario, settings.timeout_s)
@@ -406,6 +407,7 @@ def run_study(
             done = collect(the_study, name, shown_storage(storage_url), space, scenario, guard)
             judged = done.best is not None or any(r.quality for r in done.trials)
             notes = [
+                one_gpu,
                 exhausted_note(space, Progress.of(the_study, stale), settings.trials),
                 guard.note(the_study, judged=judged),
             ]

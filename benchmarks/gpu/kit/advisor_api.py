@@ -44,8 +44,7 @@ CPU_OFFLOAD_RULE = "offload-needs-an-accelerator"
 
 
 def on_a_gpu(device: str) -> str:
-    """The device of the GPU configs the kit measures: the dry run's are mapped to the CPU by
-    `cpu_equivalent` (a config with model offload on the CPU is not a valid config)."""
+    """The device of the GPU configs the kit measures (`cpu_equivalent` maps the dry run's to the CPU)."""
     return device if device.startswith("cuda") else "cuda"
 
 
@@ -192,8 +191,10 @@ def config_key(config: Any) -> str:
 
 
 def config_record(config: Any) -> tuple[str, dict[str, Any]]:
-    """The one-line summary of `config` and its JSON form (without provenance), for the results."""
-    return config.summary(), _without_provenance(config)
+    """The one-line summary of `config` (every lever's part) and its JSON form (without provenance)."""
+    from advisor.run.steps import summary
+
+    return summary(config), _without_provenance(config)
 
 
 def _without_provenance(config: Any) -> dict[str, Any]:

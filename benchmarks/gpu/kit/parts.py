@@ -5,7 +5,8 @@
 - ``tune``: ``advisor tune --budget 15GB`` with a small trial cap;
 - ``offload``: group offload in four forms and sequential offload against bf16 without offload.
 - ``attention``: native attention against each faster kernel installed here (`advisor.levers.attention`), and
-  the step caches (First Block Cache at two thresholds, MagCache, TaylorSeer lite): latency and PSNR against native's output.
+  the step caches (First Block Cache at two thresholds, MagCache, TaylorSeer lite): latency and PSNR against native's output;
+- ``multi_gpu``: context parallelism over the machine's GPUs against one (`kit.multi_gpu`); where it has one, not run.
 
 Budgets are for full-size FLUX.1-dev; `Kit.scaled_budget` scales them to the model built.
 """
@@ -19,10 +20,11 @@ import time
 from typing import Any
 
 from kit import GIB, advisor_api
+from kit.multi_gpu import part_multi_gpu
 from kit.plan import Item, Kit, errors, phase_peaks
 
 
-PARTS = ("seed", "recommend", "tune", "offload", "attention")
+PARTS = ("seed", "recommend", "tune", "offload", "attention", "multi_gpu")
 RECOMMEND_BUDGETS_GB = (16, 13)
 TUNE_BUDGET_GB = 15
 # The seed page's table, RTX 4090 (latency s, memory GB).
@@ -299,4 +301,5 @@ RUNNERS = {
     "tune": part_tune,
     "offload": part_offload,
     "attention": part_attention,
+    "multi_gpu": part_multi_gpu,
 }

@@ -163,6 +163,15 @@ def findings_block(kit: Kit) -> str:
                 f"- {item_id}: +{row['measured_extra_per_step_s']:.3f} s/step over no offload "
                 f"(estimate {row['estimated_step_transfer_s'] or 0:.3f} s), {row['implied_bytes_per_s'] / 1e9:.1f} GB/s moved"
             )
+    for item_id, speedup in (kit.data.get("multi_gpu_speedups") or {}).items():
+        if item_id != "multi_gpu/1":
+            lines.append(
+                f"- {item_id}: {speedup['measured']:.2f}x the speed of one GPU, whole generation "
+                f"(predicted {speedup['predicted']:.2f}x)"
+            )
+    for item in kit.items:
+        if item.id == "multi_gpu" and item.status == "skipped":
+            lines.append(f"- multi_gpu: {'; '.join(item.notes)}")
     for item_id, speedup in (kit.data.get("attention_speedups") or {}).items():
         if speedup is not None and item_id != "attention/native":
             quality = next((i.result.get("quality") for i in kit.items if i.id == item_id), None) or {}

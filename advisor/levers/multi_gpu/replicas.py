@@ -1,0 +1,109 @@
+"""One pipeline per GPU: each of several processes loads the whole pipeline on its own GPU and makes
+its share of the job's images.
+
+No generation is faster, and nothing crosses the link between the GPUs, so a job of many images
+(``--images N``) finishes about N/GPUs generations later instead of N: diffusers' distributed-
+inference guide shares prompts over processes this way (accelerate's ``split_between_processes``,
+or ``torchrun`` with a pipeline per rank; a pipeline is no nn.Module, so ``nn.DataParallel`` can't,
+diffusers#10640). What it costs is host RAM: every process loads the pipeline. Offered only for a
+job of more images than one (a single image is as fast on one GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from advisor.config import OptimizationConfig, Replicas
+from advisor.levers.base import Filter, Lever, Pick
+from advisor.levers.code import Step
+from advisor.levers.multi_gpu import job_seconds, start_process_group
+from advisor.units import format_size
+
+
+DOCS = "https://huggingface.co/docs/diffusers/main/en/training/distributed_inference"
+
+
+def gpus_used(config: OptimizationConfig) -> int:
+    """The GPUs a config's run takes: its replicas, each over its context-parallel degree."""
+    replicas = config.replicas.count if config.replicas else 1
+    return replicas * (config.context_parallel.degree if config.context_parallel else 1)
+
+
+def _more_gpus_than_the_machine(config: OptimizationConfig, scenario: Any) -> str | None:
+    used, have = gpus_used(config), scenario.target.gpu_count
+    return f"it takes {used} GPUs, the machine has {have}" if used > have else None
+
+
+def _with_context_parallel(config: OptimizationConfig, scenario: Any) -> str | None:
+    return (
+        "one pipeline per GPU group with context parallelism" if config.replicas and config.context_parallel else None
+    )
+
+
+class ReplicasLever(Lever):
+    """One pipeline per GPU (config section ``replicas``)."""
+
+    name = key = "replicas"
+    names = frozenset({"pipeline-per-gpu"})
+    order = 97  # its process step after the allocator's (95): this process's GPU, before CUDA starts
+    filters = (
+        Filter(
+            "gpus-the-machine-has",
+            "a plan takes no more GPUs than the machine has: its replicas times their context-parallel degree",
+            DOCS,
+            _more_gpus_than_the_machine,
+        ),
+        Filter(
+            "pipeline-per-gpu-not-split",
+            "each pipeline runs on one GPU: splitting each of several pipelines over a group of GPUs needs a device "
+            "mesh per group, which the advisor does not set up (yet)",
+            DOCS,
+            _with_context_parallel,
+        ),
+    )
+
+    def choices(self, scenario: Any, dtype: str) -> dict[str, Replicas | None]:
+        target, found = scenario.target, {self.off_choice: None}
+        if target.device != "cuda" or target.gpu_count < 2 or (scenario.images or 1) < 2:
+            return found
+        # one on every GPU: fewer pipelines make the job no faster (they only save host RAM)
+        found[f"pipeline-per-gpu-{target.gpu_count}"] = Replicas(count=target.gpu_count)
+        return found
+
+    def processes(self, config: OptimizationConfig) -> int:
+        return config.replicas.count if config.replicas else 1
+
+    def generations_at_once(self, config: OptimizationConfig) -> int:
+        return config.replicas.count if config.replicas else 1
+
+    def summary_note(self, config: OptimizationConfig) -> str | None:
+        return f"one pipeline per GPU on {config.replicas.count} GPUs" if config.replicas else None
+
+    def reason(self, pick: Pick) -> str | None:
+        replicas, images = pick.config.replicas, pick.scenario.images or 1
+        if replicas is None:
+            return None
+        alone = job_seconds(pick.latency_s, images, 1)
+        shared = job_seconds(pick.latency_s, images, replicas.count)
+        split = pick.rival(lambda config: config.context_parallel is not None and config.replicas is None)
+        against = (
+            ""
+            if split is None
+            else f"; splitting each image over {split.config.context_parallel.degree} GPUs instead: "
+            f"{job_seconds(split.estimate.latency_s, images, 1) / 60:.1f} min"
+        )
+        return (
+            f"one pipeline per GPU: {replicas.count} processes each make their share of the {images} images "
+            f"({DOCS}); no generation is faster ({pick.latency_s:.1f}s each), the job takes {shared / 60:.1f} min "
+            f"instead of {alone / 60:.1f} min ({3600 * images / shared:.0f} images an hour), with nothing sent "
+            f"between the GPUs; each process loads the pipeline into host RAM ({format_size(pick.estimate.peak_ram_bytes)} "
+            "in all)"
+            f"{against}"
+        )
+
+    def process_steps(self, config: OptimizationConfig) -> list[Step]:
+        replicas = config.replicas
+        return [start_process_group(replicas.count, "replicas.count", collectives=False)] if replicas else []
+
+
+REPLICAS = ReplicasLever()
