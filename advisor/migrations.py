@@ -58,7 +58,8 @@ MIGRATIONS: dict[int, Migration] = {
     ),
     5: Migration(
         "context_parallel and replicas (default none): a plan over several GPUs, one generation split by its "
-        "sequence or one pipeline per GPU; provenance gained gpu_count and images",
+        "sequence or one pipeline per GPU; offload.device_map (balanced: the components spread over the GPUs); "
+        "provenance gained gpu_count and images",
         unchanged,
     ),
 }

@@ -309,14 +309,7 @@ def render_probe(profile) -> None:
     if profile.gpus:
         console.print(f"GPUs (via {profile.gpu_source}):")
         for gpu in profile.gpus:  # a line for the name, one (wrapped under it) for what the plan reads
-            link = f"PCIe gen{gpu.pcie_generation} x{gpu.pcie_width}" if gpu.pcie_generation else "PCIe link unknown"
-            if gpu.pcie_bandwidth_bytes_per_s:
-                link += f" ({gpu.pcie_bandwidth_bytes_per_s / 1e9:.1f} GB/s host<->GPU)"
-            if len(profile.gpus) > 1:  # what several GPUs of a plan send each other over (docs/multi-gpu.md)
-                if gpu.nvlinks_active:
-                    link += f", {gpu.nvlinks_active} NVLinks up"
-                if gpu.peers is not None:
-                    link += f", peer access to {', '.join(map(str, gpu.peers)) or 'none'}"
+            link = gpu.links(several=len(profile.gpus) > 1)
             console.print(f"  {gpu.index}  {gpu.name}")
             indent = " " * (4 + len(str(gpu.index)))
             _print_wrapped(

@@ -36,6 +36,7 @@ class Decision:
     job: dict | None = None
     packages: dict | None = None  # installed versions, as when planning this machine; None: another machine
     generations: int | None = None  # one process makes (None: the default, assumed)
+    images: int | None = None  # the job makes in all (None: one at a time)
 
 
 def attention(r: Recommendation) -> str:
@@ -522,6 +523,61 @@ DECISIONS = [
         ),
         budget=30 * GIB,
     ),
+    # --- several GPUs (docs/multi-gpu.md) ---
+    Decision(
+        "flux-2x4090-split",
+        "flux-dev",
+        {"gpu": "2x RTX 4090", "ram": 128 * GIB},
+        "each image split over both cards by its sequence (Ulysses: Flux's 24 heads divide by 2): FLUX.1-dev runs "
+        "1.68x faster on two PCIe L20s than on one (cache-dit's benchmark), and nothing else makes one image faster",
+        _check(
+            lambda r: r.config.context_parallel is not None and r.config.context_parallel.degree == 2,
+            lambda r: r.config.context_parallel.kind == "ulysses",
+            lambda r: r.config.offload.strategy == "none",
+        ),
+    ),
+    Decision(
+        "flux-2x3060-job-of-100",
+        "flux-dev",
+        {"gpu": "2x RTX 3060", "ram": 128 * GIB},
+        "a job of 100 images on two cards: one pipeline per card, twice the images an hour with nothing sent "
+        "between them; splitting each image gains less than 2x (1.68x published on two L20s)",
+        _check(lambda r: r.config.replicas is not None and r.config.replicas.count == 2),
+        images=100,
+    ),
+    Decision(
+        "flux-2x5090-exact",
+        "flux-dev",
+        {"gpu": "2x RTX 5090", "ram": 128 * GIB},
+        "exact on two 32 GB cards: bf16's 31.4 GiB of weights exceed one card's budget, but each component fits a "
+        "card: the components spread over both (device_map='balanced'), nothing offloaded",
+        _check(
+            lossless,
+            lambda r: r.config.offload.device_map == "balanced",
+            lambda r: r.config.offload.strategy == "none",
+        ),
+        quality="exact",
+    ),
+    Decision(
+        "wan14b-8xh100-720p",
+        "wan2.1-t2v-14b",
+        {"gpu": "8x H100", "ram": 1024 * GIB},
+        "Wan 2.1 14B at 720p on an 8-GPU H100 node: split over all eight (Wan's README: 1838 s on one H100, 288 s "
+        "on eight with Ulysses); 40 heads divide by 8",
+        _check(lambda r: r.config.context_parallel is not None and r.config.context_parallel.degree == 8),
+        job={"height": 720, "width": 1280, "frames": 81},
+    ),
+    Decision(
+        "sd3-2x4090-one-gpu",
+        "stabilityai/stable-diffusion-3-medium-diffusers",
+        {"gpu": "2x RTX 4090", "ram": 128 * GIB},
+        "one image at a time of a model diffusers can't split (SD3's transformer defines no _cp_plan): one GPU, "
+        "and the plan says why the second does not help",
+        _check(
+            lambda r: r.config.context_parallel is None and r.config.replicas is None,
+            lambda r: any(x.startswith("one GPU of the 2") for x in r.reasons),
+        ),
+    ),
 ]
 
 
@@ -538,6 +594,7 @@ def decide(d: Decision) -> Recommendation:
             budget_bytes=d.budget,
             quality=d.quality,
             generations=d.generations,
+            images=d.images,
         )
     )
 

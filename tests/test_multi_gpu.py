@@ -348,3 +348,84 @@ def test_the_probe_shows_each_gpus_nvlinks_and_peers(monkeypatch):
     text = out.getvalue()
     assert "18 NVLinks up, peer access to 1" in text and "18 NVLinks up, peer access to 0" in text
     assert json.loads(json.dumps(profile.to_dict()))["gpus"][0]["peers"] == [1]
+
+
+# --- components over the GPUs ---------------------------------------------------------------------
+
+
+def test_the_balanced_map_is_diffusers_own():
+    # diffusers' _assign_components_to_devices, run on the same sizes, gives the same map
+    from diffusers.pipelines.pipeline_loading_utils import _assign_components_to_devices
+
+    from advisor.levers.offload.balanced import balanced_map
+
+    profile = load_profile(FLUX)
+    for gpus, free in ((2, 32 * GIB), (2, 20 * GIB), (3, 24 * GIB)):
+        ours = balanced_map(profile.components, "bfloat16", gpus, free)
+        sizes = sorted(((c.name, c.parameters * 2) for c in profile.components), key=lambda i: i[1], reverse=True)
+        theirs = _assign_components_to_devices(dict(sizes), dict.fromkeys(range(gpus), free))
+        assert {name: at for at, names in theirs.items() for name in names if at != "cpu"} == {
+            name: at for name, at in ours.items() if at != "cpu"
+        }
+        assert set(theirs.get("cpu", [])) <= {name for name, at in ours.items() if at == "cpu"}
+    # the zig-zag on two GPUs: FLUX.1-dev's VAE lands on the transformer's GPU
+    assert balanced_map(profile.components, "bfloat16", 2, 32 * GIB) == {
+        "transformer": 0,
+        "text_encoder_2": 1,
+        "text_encoder": 1,
+        "vae": 0,
+    }
+
+
+def test_bf16_flux_over_two_32gb_cards_needs_no_offload():
+    # 31.4 GiB of bf16 weights (22.2 transformer + 8.9 T5 + CLIP + VAE) exceed one RTX 5090's budget;
+    # spread over two, each GPU holds its components and the activations of the phases it runs
+    result = recommend(_scenario(FLUX, "2x RTX 5090", quality="exact"))
+    config, estimate_ = result.best.config, result.best.estimate
+    assert config.offload.device_map == "balanced" and config.offload.strategy == "none"
+    weights = estimate_.weight_bytes
+    gpu0, gpu1 = estimate_.gpu_peaks_bytes["0"], estimate_.gpu_peaks_bytes["1"]
+    assert weights["transformer"] + weights["vae"] < gpu0 <= result.scenario.budget_bytes
+    assert weights["text_encoder"] + weights["text_encoder_2"] < gpu1 < gpu0
+    said = "\n".join(result.reasons)
+    assert "GPU 0: transformer, vae" in said and "GPU 1: text_encoder_2, text_encoder" in said
+
+
+def test_components_over_the_gpus_load_with_the_map_and_never_move():
+    from advisor.config import Offload
+    from advisor.levers.offload import OFFLOAD
+    from advisor.run.quantize import pipeline_kwargs
+    from advisor.run.steps import plan
+
+    config = OptimizationConfig(offload=Offload(device_map="balanced"))
+    assert pipeline_kwargs(config, FLUX)["device_map"] == "balanced"
+    # no pipe.to: diffusers refuses it on a mapped pipeline
+    assert [step for step in plan(config, model=FLUX) if step.key == "offload"] == []
+    with pytest.raises(ValueError, match="goes with `strategy: none`"):
+        Offload(strategy="model", device_map="balanced")
+    split = config.replace(context_parallel=ContextParallel(degree=2))
+    refused = {f.name for f in OFFLOAD.filters if f.check(split, _scenario(FLUX, "2x H100"))}
+    assert refused == {"components-over-gpus-one-process"}
+
+
+def test_a_pipeline_not_loaded_with_the_map_is_refused(tiny_flux_dir):
+    from diffusers import DiffusionPipeline
+
+    from advisor.config import Offload
+    from advisor.levers.offload import OFFLOAD
+    from advisor.run.classes import Components
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_flux_dir)
+    config = OptimizationConfig(offload=Offload(device_map="balanced"))
+    problem = OFFLOAD.pipeline_problem(config, pipe, Components.of_pipe(pipe))
+    assert problem.startswith("`offload.device_map: balanced` spreads the components over the GPUs")
+
+
+def test_check_claims_nothing_about_a_plan_its_one_virtual_gpu_cant_run():
+    from advisor.config import Offload
+    from advisor.rehearse.rehearsal import rehearse
+
+    spread = rehearse(None, OptimizationConfig(offload=Offload(device_map="balanced")), None)
+    split = rehearse(None, OptimizationConfig(context_parallel=ContextParallel(degree=2)), None)
+    assert spread.not_rehearsed.startswith("`offload.device_map`") and spread.failure is None
+    assert split.not_rehearsed.startswith("`context_parallel`: a generation split over 2 processes")

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from advisor.config.sections import (
     CACHE_SETTINGS,
+    DTYPE_BYTES,
     Cache,
     Compile,
     ContextParallel,
@@ -49,6 +50,7 @@ from advisor.schema import Section
 
 __all__ = [
     "CACHE_SETTINGS",
+    "DTYPE_BYTES",
     "SCHEMA_VERSION",
     "VALID_DEVICES",
     "Cache",
@@ -153,6 +155,7 @@ class OptimizationConfig(Section):
             parts.append(self.cache.label())
         if self.lora is not None:
             parts.append(self.lora.label())
+        parts += [section.label() for section in (self.context_parallel, self.replicas) if section is not None]
         return ", ".join(parts)
 
     def named_components(self) -> list[tuple[str, str]]:

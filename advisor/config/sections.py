@@ -15,6 +15,7 @@ from advisor.schema import STRICT, Section, at_least_one
 
 
 Dtype = Literal["bfloat16", "float16", "float32"]
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # bytes per parameter at each compute dtype
 QuantBackend = Literal["bitsandbytes_4bit", "bitsandbytes_8bit", "torchao", "gguf", "quanto"]
 QuantoWeights = Literal["int8", "int4", "int2", "float8"]
 TorchaoScheme = Literal["int8_weight_only", "int8_dynamic", "float8_weight_only", "float8_dynamic", "int4_weight_only"]
@@ -108,6 +109,9 @@ class Offload(Section):
     Partial offload is group offload with ``resident_blocks``: of each component named there, that
     many repeated blocks (the largest first) stay on the device; only the other blocks (and the
     small modules outside the block lists) are group-offloaded, so only they cross PCIe.
+
+    ``device_map: balanced`` (no offload only): the components spread over the machine's GPUs, each
+    whole on one (``from_pretrained(device_map="balanced")``; since schema version 6).
     """
 
     _key = "offload."
@@ -122,6 +126,7 @@ class Offload(Section):
     offload_to_disk_path: str | None = None
     components: list[str] | None = None  # group offload: which components (None = every one)
     resident_blocks: dict[str, int] | None = None  # group offload: component -> blocks kept on the device
+    device_map: Literal["balanced"] | None = None  # no offload: components spread over the GPUs
 
     @property
     def hooks_blocks(self) -> bool:
@@ -147,6 +152,12 @@ class Offload(Section):
                     raise ValueError(f"`offload.{key}` applies to `strategy: group` only, not {self.strategy!r}")
         if self.resident_blocks:
             self._check_resident_blocks(self.resident_blocks)
+        if self.device_map and self.strategy != "none":
+            raise ValueError(
+                f"`offload.device_map: {self.device_map}` places whole components on GPUs: it goes with "
+                f"`strategy: none`, not {self.strategy!r} (diffusers refuses model and sequential offload on a "
+                "device-mapped pipeline)"
+            )
 
     def _check_resident_blocks(self, resident: dict[str, int]) -> None:
         if self.offload_type != "block_level":
@@ -163,7 +174,7 @@ class Offload(Section):
 
     def label(self) -> str:
         if self.strategy == "none":
-            return "no offload"
+            return "no offload, components over the GPUs" if self.device_map else "no offload"
         if self.strategy != "group":
             return f"{self.strategy} offload"
         level = f"block x{self.num_blocks_per_group}" if self.offload_type == "block_level" else "leaf"
@@ -377,6 +388,9 @@ class ContextParallel(Section):
         if self.degree < 2:
             raise ValueError(f"`context_parallel.degree: {self.degree}` must be at least 2 (the GPUs it splits over)")
 
+    def label(self) -> str:
+        return f"context parallel ({self.kind}) over {self.degree} GPUs"
+
 
 @dataclass(frozen=True)
 class Replicas(Section):
@@ -389,6 +403,9 @@ class Replicas(Section):
     def _check(self) -> None:
         if self.count < 2:
             raise ValueError(f"`replicas.count: {self.count}` must be at least 2 (one pipeline per GPU)")
+
+    def label(self) -> str:
+        return f"one pipeline per GPU on {self.count} GPUs"
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,9 @@ class Estimate:
     latency_breakdown: dict[str, float]
     notes: list[str] = field(default_factory=list)
     warmup_s: float = 0.0  # one-off work at the first call (torch.compile's, cold caches): not in latency_s
+    # Where the components are spread over several GPUs: each GPU's peak (what must fit it), by index;
+    # `phases` are then the fullest GPU's.
+    gpu_peaks_bytes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -261,6 +264,10 @@ def estimate(
         room = target.vram_total_bytes - (sum(weights_here.values()) + activation + stranded)
         workspace = min(workspace, max(room, 0))  # cuDNN settles for what the card has left
         phases.append(PhaseEstimate(phase, weights_here, activation, stranded, cached, workspace))
+    placed = offload.gpu_placement(config, profile.components, target.gpu_count, target.vram_free_bytes)
+    gpu_peaks: dict[str, int] = {}
+    if placed and not on_cpu:
+        phases, gpu_peaks = _fullest_gpu(phases, placed, profile)
     # Loading with no device_map under group or sequential offloading: bitsandbytes quantizes every
     # component it converts straight onto the GPU, all there at once until the offload call moves
     # them off (`offload.load_device_map` says why that map can't be "cpu" there).
@@ -296,7 +303,36 @@ def estimate(
         latency_breakdown=breakdown,
         notes=notes,
         warmup_s=sum(lever.warmup_s(config, profile, constants()) for lever in LEVERS),
+        gpu_peaks_bytes=gpu_peaks,
     )
+
+
+def _fullest_gpu(
+    phases: list[PhaseEstimate], placed: dict[str, int | str], profile: ModelProfile
+) -> tuple[list[PhaseEstimate], dict[str, int]]:
+    """The phases as the fullest of the GPUs the components are spread over sees them, and each GPU's
+    peak: a GPU holds its components' weights all along, and a phase's activations where the phase's
+    component runs (`advisor.levers.offload.balanced`)."""
+    per_gpu = {}
+    for gpu in sorted({at for at in placed.values() if isinstance(at, int)}):
+        mine = {name for name, at in placed.items() if at == gpu}
+        seen = []
+        for p in phases:
+            here = any(c.name in mine for c in profile.components if c.role == ROLE_OF_PHASE[p.name])
+            seen.append(
+                PhaseEstimate(
+                    p.name,
+                    {name: b for name, b in p.weights_bytes.items() if name in mine},
+                    p.activation_bytes if here else 0,
+                    p.reserve_bytes if here else 0,
+                    p.cached_bytes if here else 0,
+                    p.workspace_bytes if here else 0,
+                )
+            )
+        per_gpu[gpu] = seen
+    peaks = {str(gpu): max(p.reserved_bytes for p in seen) for gpu, seen in per_gpu.items()}
+    fullest = max(per_gpu, key=lambda gpu: peaks[str(gpu)])
+    return per_gpu[fullest], peaks
 
 
 def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int], int, int]:

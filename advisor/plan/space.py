@@ -128,9 +128,10 @@ class SearchSpace:
         device: str,
         supports_bf16: bool = True,
         compile_choices: tuple[bool, ...] = (True, False),
+        gpus: int = 1,
     ) -> SearchSpace:
         quantization = {storage_name(q, c): (q, c) for q, c in quantization_choices(profile)}
-        offload = OFFLOAD.choices_for(profile, device)
+        offload = OFFLOAD.choices_for(profile, device, gpus=gpus)
         return cls(
             profile, device, preferred_dtype(device, supports_bf16), quantization, offload, list(compile_choices)
         )
@@ -139,7 +140,11 @@ class SearchSpace:
     def for_scenario(cls, scenario: Scenario, *, compile_choices: tuple[bool, ...] = (True, False)) -> SearchSpace:
         target = scenario.target
         space = cls.for_profile(
-            scenario.profile, device=target.device, supports_bf16=target.supports_bf16, compile_choices=compile_choices
+            scenario.profile,
+            device=target.device,
+            supports_bf16=target.supports_bf16,
+            compile_choices=compile_choices,
+            gpus=target.gpu_count,
         )
         space.levers = {lever.name: lever.choices(scenario, space.dtype) for lever in searched_levers()}
         return space

@@ -75,6 +75,18 @@ class GpuInfo:
     nvlinks_active: int | None = None  # NVLinks up (0: none; None: NVML can't say)
     peers: list[int] | None = None  # the indices of the GPUs it has peer-to-peer access to
 
+    def links(self, *, several: bool) -> str:
+        """Its links in words: to the host (PCIe), and where the machine has `several` GPUs, to the
+        others (what a plan over them sends its traffic over, docs/multi-gpu.md)."""
+        said = f"PCIe gen{self.pcie_generation} x{self.pcie_width}" if self.pcie_generation else "PCIe link unknown"
+        if self.pcie_bandwidth_bytes_per_s:
+            said += f" ({self.pcie_bandwidth_bytes_per_s / 1e9:.1f} GB/s host<->GPU)"
+        if several and self.nvlinks_active:
+            said += f", {self.nvlinks_active} NVLinks up"
+        if several and self.peers is not None:
+            said += f", peer access to {', '.join(map(str, self.peers)) or 'none'}"
+        return said
+
 
 @dataclass
 class HostInfo:

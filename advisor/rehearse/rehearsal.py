@@ -53,6 +53,9 @@ DISK_NOT_REHEARSED = (
     "`offload.offload_to_disk_path`: group offloading to disk writes each weight to a safetensors file, "
     "and a virtual weight has no bytes to write"
 )
+# A rehearsal is one process on one virtual GPU (docs/multi-gpu.md).
+SPREAD_NOT_REHEARSED = "`offload.device_map`: the components spread over several GPUs; the rehearsal has one"
+SPLIT_NOT_REHEARSED = "`context_parallel`: a generation split over {degree} processes; the rehearsal runs one"
 
 
 @dataclass
@@ -231,6 +234,11 @@ def rehearse(
     ledger = Ledger()
     if config.offload.offload_to_disk_path:
         return Rehearsal(None, DISK_NOT_REHEARSED, ledger, budget_bytes=budget_bytes)
+    if config.offload.device_map:
+        return Rehearsal(None, SPREAD_NOT_REHEARSED, ledger, budget_bytes=budget_bytes)
+    if config.context_parallel:
+        said = SPLIT_NOT_REHEARSED.format(degree=config.context_parallel.degree)
+        return Rehearsal(None, said, ledger, budget_bytes=budget_bytes)
     names: _Names | None = None
     started = time.perf_counter()
     failure = not_rehearsed = None

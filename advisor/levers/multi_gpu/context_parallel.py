@@ -171,10 +171,6 @@ class ContextParallelLever(Lever):
     def processes(self, config: OptimizationConfig) -> int:
         return config.context_parallel.degree if config.context_parallel else 1
 
-    def summary_note(self, config: OptimizationConfig) -> str | None:
-        cp = config.context_parallel
-        return f"context parallel ({cp.kind}) over {cp.degree} GPUs" if cp else None
-
     def reason(self, pick: Pick) -> str | None:
         cp = pick.config.context_parallel
         target = pick.scenario.target

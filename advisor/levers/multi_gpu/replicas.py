@@ -76,9 +76,6 @@ class ReplicasLever(Lever):
     def generations_at_once(self, config: OptimizationConfig) -> int:
         return config.replicas.count if config.replicas else 1
 
-    def summary_note(self, config: OptimizationConfig) -> str | None:
-        return f"one pipeline per GPU on {config.replicas.count} GPUs" if config.replicas else None
-
     def reason(self, pick: Pick) -> str | None:
         replicas, images = pick.config.replicas, pick.scenario.images or 1
         if replicas is None:

@@ -32,6 +32,7 @@ from advisor.config import Offload, OptimizationConfig
 from advisor.levers.base import Filter, Lever, Loading, Pick, Prefer
 from advisor.levers.code import Step, source
 from advisor.levers.offload import reasons
+from advisor.levers.offload.balanced import CPU, balanced_map
 from advisor.levers.offload.steps import placement_steps
 from advisor.levers.offload.strategies import (
     BLOCK_LEVEL,
@@ -87,6 +88,7 @@ __all__ = [
     "empties_cache_between_models",
     "encoders_resident_at_once",
     "fitted_choice",
+    "gpu_placement",
     "group_offloaded",
     "host_bytes",
     "load_device_map",
@@ -141,6 +143,29 @@ def streams_need_cuda(config: OptimizationConfig, platform: Platform) -> str | N
     return None
 
 
+def gpu_placement(config: OptimizationConfig, components: list[Any], gpus: int, free_bytes: int) -> dict | None:
+    """Component name -> its GPU (or "cpu"), where `config` spreads the components over `gpus` cards of
+    `free_bytes` each; None where they share one device."""
+    if not config.offload.device_map or gpus < 2:
+        return None
+    return balanced_map(components, config.dtype, gpus, free_bytes)
+
+
+def _left_on_the_cpu(config: OptimizationConfig, scenario: Any) -> str | None:
+    target = scenario.target
+    placed = gpu_placement(config, scenario.profile.components, target.gpu_count, target.vram_free_bytes)
+    if config.offload.device_map and placed is None:
+        return "components over the GPUs of a one-GPU machine"
+    missed = sorted(name for name, card in (placed or {}).items() if card == CPU)
+    return f"device_map='balanced' would leave {', '.join(missed)} on the CPU" if missed else None
+
+
+def _spread_and_split(config: OptimizationConfig, scenario: Any) -> str | None:
+    if config.offload.device_map and (config.context_parallel or config.replicas):
+        return "components over the GPUs with several processes"
+    return None
+
+
 def _needs_an_accelerator(config: OptimizationConfig, scenario: Any) -> str | None:
     if scenario.target.device != "cuda" and config.offload.strategy != NONE:
         return "offloading needs an accelerator"
@@ -172,10 +197,24 @@ class Offloading(Lever):
     searched = False
     names = frozenset(
         {MODEL, GROUP, SEQUENTIAL, BLOCK_LEVEL, LEAF_LEVEL, *PARTIAL_OFFSETS}
-        | {choice_name(o) for o in whole_choices("cuda")[1:]}  # [0] is no offload: the off choice
+        | {choice_name(o) for o in whole_choices("cuda", gpus=2)[1:]}  # [0] is no offload: the off choice
     )
     constraints = tuple(CONSTRAINTS)
     filters = (
+        Filter(
+            "components-over-gpus-all-on-a-gpu",
+            "device_map='balanced' sizes each component at the load dtype (before quantization) and deals them out "
+            "largest first over the GPUs; one too large for its turn's GPU is left on the CPU",
+            "https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/pipeline_loading_utils.py",
+            _left_on_the_cpu,
+        ),
+        Filter(
+            "components-over-gpus-one-process",
+            "components spread over the GPUs run in one process: not with context parallelism or a pipeline per "
+            "GPU, which take a process per GPU",
+            DOCS,
+            _spread_and_split,
+        ),
         Filter(
             "offload-needs-an-accelerator",
             "model, group and sequential offloading move weights between CPU and an accelerator; on a CPU-only "
@@ -207,10 +246,11 @@ class Offloading(Lever):
     def off(self, config: OptimizationConfig) -> OptimizationConfig:
         return config.replace(offload=Offload())
 
-    def choices_for(self, profile: Any, device: str) -> dict[str, Offload]:
+    def choices_for(self, profile: Any, device: str, *, gpus: int = 1) -> dict[str, Offload]:
         """Choice name -> offload, for `profile` (`advisor.probe.models.ModelProfile`) on `device`:
-        no offload first, partial offload's counts still to fit (`partial_offset`)."""
-        choices = {choice_name(o): o for o in whole_choices(device)}
+        no offload first, partial offload's counts still to fit (`partial_offset`); over several
+        `gpus`, the components spread over them too (`advisor.levers.offload.balanced`)."""
+        choices = {choice_name(o): o for o in whole_choices(device, gpus)}
         choices = choices | partial_choices(profile) if device == "cuda" else choices
         return {name: without_stranded_vaes(offload, profile) for name, offload in choices.items()}
 
@@ -231,8 +271,14 @@ class Offloading(Lever):
 
     def pipeline_problem(self, config: OptimizationConfig, pipe: Any, components: Any) -> str | None:
         """A VAE that block-level group offloading would leave on the CPU for its decode, asked of the
-        installed class itself (`DECODE_ONLOADING_VAES` says why); on a CPU both devices are one."""
+        installed class itself (`DECODE_ONLOADING_VAES` says why); on a CPU both devices are one. A
+        pipeline for components over the GPUs that was not loaded with the map."""
         offload = config.offload
+        if offload.device_map and not getattr(pipe, "hf_device_map", None):
+            return (
+                f"`offload.device_map: {offload.device_map}` spreads the components over the GPUs as they load: load "
+                f'the pipeline with advisor.load_pipeline, or with device_map="{offload.device_map}"'
+            )
         if offload.strategy != GROUP or offload.offload_type != BLOCK_LEVEL or not config.device.startswith("cuda"):
             return None
         for name in offload.components or components.modules():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from advisor.config import Offload, OptimizationConfig
 from advisor.levers.base import Pick, Prefer
+from advisor.levers.offload.balanced import balanced_map
 from advisor.levers.offload.strategies import GROUP, MODEL, NONE, load_device_map
 from advisor.units import format_size
 
@@ -38,11 +39,33 @@ def memory_reasons(pick: Pick) -> list[str]:
             "all there at once before offloading starts; on the CPU it quantizes more slowly, once per load "
             "(as FLUX.2's 24 GB recipe loads: https://huggingface.co/blog/flux-2)"
         )
+    if offload.device_map:
+        lines.append(_over_the_gpus(pick))
     if offload.resident_blocks:
         lines.append(_partial_against_whole(pick))
     elif pick.scenario.target.device == "cuda" and offload.strategy == NONE:
         lines.append("no offloading: everything stays on the GPU, so no time goes to transfers")
     return lines
+
+
+def _over_the_gpus(pick: Pick) -> str:
+    """What lands on which GPU, each GPU's peak, and what one GPU would need instead."""
+    target = pick.scenario.target
+    placed = balanced_map(
+        pick.scenario.profile.components, pick.config.dtype, target.gpu_count, target.vram_free_bytes
+    )
+    peaks = pick.estimate.gpu_peaks_bytes
+    cards = "; ".join(
+        f"GPU {gpu}: {', '.join(name for name, at in placed.items() if at == int(gpu))} (peak {format_size(peak)})"
+        for gpu, peak in sorted(peaks.items())
+    )
+    one = pick.predict(pick.config.replace(offload=Offload()))
+    return (
+        f'components over the {target.gpu_count} GPUs (device_map="balanced"): {cards}; diffusers deals them out '
+        "largest first, sized at the load dtype, over the GPUs in a zig-zag (0, 1, 1, 0 on two), each with the "
+        f"activations of the phase it runs; on one GPU they would need {format_size(one.peak_vram_bytes)} "
+        "(diffusers/pipelines/pipeline_loading_utils.py, _assign_components_to_devices)"
+    )
 
 
 def _partial_against_whole(pick: Pick) -> str:

@@ -16,6 +16,8 @@ from advisor.levers.offload.strategies import BLOCK_LEVEL, MODEL, NONE, SEQUENTI
 def placement_steps(config: OptimizationConfig, components: Any) -> list[Step]:
     device = config.device
     offload = config.offload
+    if offload.device_map:  # loaded onto its GPUs by the map; diffusers refuses `.to` on a mapped pipeline
+        return []
     if offload.strategy == NONE:
         # Where it loads there (device_map), only `apply_config`, given a pipeline loaded some other way, moves it.
         return [

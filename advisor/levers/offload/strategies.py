@@ -19,6 +19,9 @@ from advisor.levers.quantization import loaded_onto_device
 # The strategies, as the config spells them (`advisor.config.OffloadStrategy`).
 NONE, MODEL, GROUP, SEQUENTIAL = "none", "model", "group", "sequential"
 BLOCK_LEVEL, LEAF_LEVEL = "block_level", "leaf_level"
+# No offload with the components spread over several GPUs (`advisor.levers.offload.balanced`): the
+# device map diffusers takes for it, and the choice's name in the search space.
+BALANCED, SPREAD = "balanced", "over-gpus"
 
 # Partial offload (``offload.resident_blocks``): the most resident blocks that the estimate fits to
 # the budget (`advisor.plan.estimate.resident_blocks_that_fit`), and a step of a tenth of the blocks
@@ -206,6 +209,8 @@ def load_device_map(config: OptimizationConfig) -> str | None:
     compute with its quantization state left there (rehearsed: ``gemm_4bit mixes cpu and cuda:0``,
     tests/test_rehearse.py). bitsandbytes then quantizes on the CPU (``Params4bit.to("cpu")``): a
     slower load (about 10 s per GB of bf16 weights on 2 cores), the same weights."""
+    if config.offload.device_map:
+        return config.offload.device_map
     if loads_onto_device(config):
         return config.device
     if config.offload.strategy == MODEL and config.device == "cuda" and loaded_onto_device(config):
@@ -219,7 +224,7 @@ def on_device_after_loading(config: OptimizationConfig, components: list[str]) -
     device_map = load_device_map(config)
     if device_map is None:
         return loaded_onto_device(config) & set(components)
-    return set(components) if device_map == "cuda" else set()
+    return set(components) if device_map in ("cuda", BALANCED) else set()
 
 
 def loads_onto_device(config: OptimizationConfig) -> bool:
@@ -308,6 +313,8 @@ def swap_seconds(config: OptimizationConfig, weights: list[int], h2d_bytes_per_s
 
 
 def choice_name(offload: Offload) -> str:
+    if offload.device_map:
+        return SPREAD
     if offload.strategy != GROUP:
         return offload.strategy
     parts = [GROUP, "leaf" if offload.offload_type == LEAF_LEVEL else f"block{offload.num_blocks_per_group}"]
@@ -319,11 +326,12 @@ def choice_name(offload: Offload) -> str:
     return "-".join(parts + [name for name, on in flags if on])
 
 
-def whole_choices(device: str) -> list[Offload]:
+def whole_choices(device: str, gpus: int = 1) -> list[Offload]:
     if device != "cuda":
         return [Offload()]
     return [
         Offload(),
+        *([Offload(device_map=BALANCED)] if gpus > 1 else []),
         Offload(strategy=MODEL),
         Offload(strategy=GROUP, use_stream=True, record_stream=True),
         Offload(strategy=GROUP, offload_type=LEAF_LEVEL, use_stream=True, record_stream=True),
