@@ -575,6 +575,7 @@ DECISIONS = [
         "and the plan says why the second does not help",
         _check(
             lambda r: r.config.context_parallel is None and r.config.replicas is None,
+            lambda r: r.config.offload.device_map is None,
             lambda r: any(x.startswith("one GPU of the 2") for x in r.reasons),
         ),
     ),

@@ -107,6 +107,14 @@ def test_the_probe_counts_the_cards_like_the_first_and_reads_their_link():
     assert bridged.link.kind == "nvlink"  # an RTX 3090 pair with its bridge: 56.25 GB/s per direction
     assert bridged.link.bytes_per_s == pytest.approx(56.25e9 * 0.8)
     assert target_from_probe(_machine([_gpu(0)])).link is None
+    # torchrun's LOCAL_RANK and device_map="balanced" take the visible GPUs in order: a 3060 between
+    # two 3090s leaves one 3090 at the front
+    mixed = target_from_probe(_machine([_gpu(0, peers=[2]), _gpu(1, "NVIDIA GeForce RTX 3060"), _gpu(2, peers=[0])]))
+    assert (mixed.gpu_count, mixed.link) == (1, None)
+    # NVML without PCIe readings (or peer status): the datasheet's link, through host memory
+    unread = [GpuInfo(i, "NVIDIA GeForce RTX 3090", 24 * GIB, 24 * GIB, 0, "8.6", peers=None) for i in range(2)]
+    link = target_from_probe(_machine(unread)).link
+    assert link.kind == "host" and link.bytes_per_s > 15e9 and "datasheet" in link.source
 
 
 # --- context parallelism --------------------------------------------------------------------------
@@ -324,10 +332,15 @@ def test_emitted_scripts_say_how_to_start_their_processes():
     assert "torchrun --nproc-per-node 2" in split
     assert "pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))" in split
     assert "if torch.distributed.get_rank() == 0:" in split  # every process holds the whole image: one saves it
+    assert "generator=torch.Generator().manual_seed(0)" in split  # every process starts from the same noise
+    assert split.rstrip().endswith("torch.distributed.destroy_process_group()")
     compile(split, "split.py", "exec")
     shared = emit_python(FLUX, OptimizationConfig(replicas=Replicas(count=2)))
     assert 'for n in range(int(os.environ["RANK"]), 2, 2):' in shared
     assert "torch.distributed.init_process_group" not in shared  # nothing crosses between the GPUs
+    # model offload in each process onloads to its own GPU (diffusers' default is cuda:0 whatever the process)
+    offloaded = emit_python(FLUX, OptimizationConfig(replicas=Replicas(count=2), offload=Offload(strategy="model")))
+    assert "pipe.enable_model_cpu_offload(gpu_id=torch.cuda.current_device())" in offloaded
     compile(shared, "shared.py", "exec")
 
 
@@ -403,9 +416,22 @@ def test_components_over_the_gpus_load_with_the_map_and_never_move():
     assert [step for step in plan(config, model=FLUX) if step.key == "offload"] == []
     with pytest.raises(ValueError, match="goes with `strategy: none`"):
         Offload(strategy="model", device_map="balanced")
+    # a GGUF checkpoint is built apart and handed over: the map would not place it
+    from advisor.levers.gguf import GGUF_BACKEND
+
+    gguf = config.replace(quantization=GGUF_BACKEND.choices(["transformer"], FLUX)[0])
+    said = [why for f in OFFLOAD.filters if (why := f.check(gguf, _scenario(FLUX, "2x RTX 5090")))]
+    assert said == ["transformer is built from its own checkpoint, which the map does not place"]
+    # one way of using several GPUs at a time: refused wherever a config is checked (planner, loading, emit)
+    from advisor.constraints import Platform, first_violation
+    from advisor.errors import ConfigError
+    from advisor.run.emit import emit_python
+
     split = config.replace(context_parallel=ContextParallel(degree=2))
-    refused = {f.name for f in OFFLOAD.filters if f.check(split, _scenario(FLUX, "2x H100"))}
-    assert refused == {"components-over-gpus-one-process"}
+    assert first_violation(split, Platform.anywhere()).constraint.name == "one-way-of-using-several-gpus"
+    with pytest.raises(ConfigError, match="two ways of using several GPUs"):
+        emit_python(FLUX, split)
+    assert OFFLOAD.filters  # the spread's own: a component left on the CPU (below)
 
 
 def test_a_pipeline_not_loaded_with_the_map_is_refused(tiny_flux_dir):

@@ -43,7 +43,7 @@ def tune(
 ) -> None:
     """Measure real candidates with optuna and emit the fastest configuration that truly fits the budget."""
     from advisor.paths import hub_offline
-    from advisor.plan.scenario import scenario_for
+    from advisor.plan.scenario import on_one_gpu, scenario_for
     from advisor.probe.hardware import probe_machine
     from advisor.probe.models import hub_reachable
     from advisor.probe.target import target_from_probe
@@ -87,7 +87,10 @@ def tune(
     profile = planning_profile(request.model, request.workload)
     if request.lora_rank is not None:
         request = _with_stand_in_loras(request, profile, quiet or as_json)
-    scenario = scenario_for(request, machine, profile=profile)
+    # a trial is one process on one GPU, and so is each worker's study (`on_one_gpu`)
+    scenario, one_gpu = on_one_gpu(scenario_for(request, machine, profile=profile))
+    if one_gpu and not (quiet or as_json):
+        print(f"note: {one_gpu}", file=sys.stderr)
     profile = scenario.profile
     if profile.source == "catalog" and (hub_offline() or not hub_reachable()):
         raise ModelError(

@@ -20,6 +20,8 @@ a `QuantBackend` subclass and an `add_backend` line.
 
 from __future__ import annotations
 
+import math
+
 from advisor.levers.allocator import ExpandableSegments
 from advisor.levers.attention import AttentionKernel
 from advisor.levers.base import (
@@ -64,7 +66,9 @@ __all__ = [
     "Prefer",
     "Rival",
     "StepContext",
+    "generations_at_once",
     "lever_named",
+    "processes",
     "register",
     "searched_levers",
 ]
@@ -80,6 +84,16 @@ def register(lever: Lever) -> Lever:
 def lever_named(name: str) -> Lever:
     """The lever of search-space dimension `name`."""
     return next(lever for lever in LEVERS if lever.name == name)
+
+
+def processes(config) -> int:
+    """The processes a run of `config` takes, one per GPU, each loading the pipeline (`Lever.processes`)."""
+    return math.prod(lever.processes(config) for lever in LEVERS)
+
+
+def generations_at_once(config) -> int:
+    """The generations a run of `config` makes side by side (`Lever.generations_at_once`)."""
+    return math.prod(lever.generations_at_once(config) for lever in LEVERS)
 
 
 def searched_levers() -> list[Lever]:

@@ -51,6 +51,8 @@ class QuantBackend:
     converts_fp32_modules: bool = False  # also converts a transformers model's `_keep_in_fp32_modules`
     needs_dynamic_output_shapes: bool = False  # compiles only with capture_dynamic_output_shape_ops
     reads_into_ram: bool = False  # loading copies the whole checkpoint into RAM first, wherever it goes
+    # built from its own file and handed to from_pretrained, which places (device_map) only what it loads
+    built_apart: bool = False
 
     def choices(self, components: list[str], model: str | None = None) -> list[Quantization]:
         """What the search space offers for `components` of `model` (a Hub id: a pre-quantized
@@ -196,6 +198,12 @@ def read_into_ram(config: OptimizationConfig) -> set[str]:
     """The components whose loading copies their whole checkpoint into RAM, wherever they go after."""
     q = config.quantization
     return set(q.components) if q is not None and backend_of(q).reads_into_ram else set()
+
+
+def built_apart(config: OptimizationConfig) -> set[str]:
+    """The components built from their own checkpoint and handed to ``from_pretrained`` as objects."""
+    q = config.quantization
+    return set(q.components) if q is not None and backend_of(q).built_apart else set()
 
 
 def materialised_at_compute_dtype(config: OptimizationConfig) -> set[str]:

@@ -23,9 +23,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from advisor import levers
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
 from advisor.levers import LEVERS, offload, quantization
+from advisor.levers.multi_gpu.replicas import gpus_used
 from advisor.plan.compute import Work, constants, phase_work
 from advisor.plan.compute import trace_of as _traced
 from advisor.plan.latency import latency
@@ -287,6 +289,11 @@ def estimate(
     if q is not None and not config.compile and (note := quantization.backend_of(q).eager_note(q)):
         notes.append(note)
     notes += [note for lever in LEVERS if (note := lever.warmup_note(config))]
+    used = gpus_used(config)
+    if used > target.gpu_count and not on_cpu:
+        notes.append(
+            f"the config runs on {used} GPUs and {target.cards} has {target.gpu_count}: figures are per GPU of {used}"
+        )
     return Estimate(
         peak_vram_bytes=0 if on_cpu else peak.reserved_bytes,
         peak_vram_allocated_bytes=0 if on_cpu else max(p.device_bytes for p in phases),
@@ -379,7 +386,7 @@ def _host_memory(profile, config, weights, on_cpu, peak) -> tuple[dict[str, int]
         ram["weights"] = kept
     if loading > running:
         ram["loading"] = loading - running
-    processes = math.prod(lever.processes(config) for lever in LEVERS)
+    processes = levers.processes(config)
     if processes > 1:  # one per GPU, each loading the pipeline (`advisor.levers.multi_gpu`)
         ram[f"the other {processes - 1} processes"] = (processes - 1) * sum(ram.values())
     return ram, disk, kept

@@ -9,12 +9,11 @@ is data (`Recommendation`); the CLI only renders it. Pure Python: no torch, a fe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from advisor.config import OptimizationConfig
-from advisor.levers import LEVERS, Pick, Rival
+from advisor.levers import LEVERS, Pick, Rival, generations_at_once
 from advisor.levers.multi_gpu import job_seconds
 from advisor.plan.estimate import Estimate, estimate, estimate_for, resident_blocks_that_fit
 from advisor.plan.quality import CLEAR_WIN, fp16_warnings, is_lossy
@@ -150,7 +149,7 @@ def per_generation_s(config: OptimizationConfig, result: Estimate, scenario: Sce
     and for a job of several images (``--images``), its share of the job's time, where generations
     run side by side (one pipeline per GPU)."""
     images = scenario.images or 1
-    at_once = math.prod(lever.generations_at_once(config) for lever in LEVERS)
+    at_once = generations_at_once(config)
     return job_seconds(result.latency_s, images, at_once) / images + result.warmup_s / scenario.generations
 
 

@@ -72,7 +72,7 @@ class GpuInfo:
     pcie_width_current: int | None = None
     pcie_bandwidth_bytes_per_s: int | None = None
     uuid: str | None = None
-    nvlinks_active: int | None = None  # NVLinks up (0: none; None: NVML can't say)
+    nvlinks_active: int | None = None  # NVLinks up (0: it has links, none up; None: no NVLink, or NVML can't say)
     peers: list[int] | None = None  # the indices of the GPUs it has peer-to-peer access to
 
     def links(self, *, several: bool) -> str:

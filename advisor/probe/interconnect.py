@@ -3,7 +3,7 @@
 `--gpu "2x RTX 4090"` (or `--gpu` repeated) plans several cards of one model; the probe counts the
 cards of this machine that match the one it plans for. What decides whether a second card helps is
 the link between them (`Link`): NVLink, PCIe with peer-to-peer access, or PCIe through host memory
-where the driver gives the cards no peer access (GeForce RTX 40 and 50 series). The probe reads the
+where the driver gives the cards no peer access (GeForce RTX 40 series). The probe reads the
 link from NVML (active NVLinks, peer-to-peer status); a plan for cards it can't see takes it from
 the datasheet table (`advisor/data/gpus.json`: ``nvlink_gbs`` where the card's form factor is
 built with NVLink, ``peer_to_peer: false`` where the driver refuses it) and says so.
@@ -102,8 +102,15 @@ def probed_link(gpus: list[GpuInfo], sheet: dict[str, Any] | None) -> Link:
         rate = sheet.get("nvlink_gbs") or sheet.get("nvlink_bridge_gbs")
         if rate:
             return Link("nvlink", rate * 1e9 * LINK_EFFICIENCY, "NVML: NVLink active; rate from the datasheet")
-    slowest = min((g.pcie_bandwidth_bytes_per_s or 0) for g in gpus)
+    read = [g.pcie_bandwidth_bytes_per_s for g in gpus]
+    if all(read):
+        slowest, pcie = min(read), "PCIe from NVML"
+    else:  # no reading (the torch fallback probe): the card's datasheet link
+        slowest = pcie_bandwidth(sheet.get("pcie_generation", 4), sheet.get("pcie_width", 16)) or 0
+        pcie = "PCIe from the datasheet (NVML gave none)"
     indices = {g.index for g in gpus}
     if all(g.peers is not None and indices - {g.index} <= set(g.peers) for g in gpus):
-        return Link("pcie-p2p", slowest * LINK_EFFICIENCY, "NVML: PCIe with peer access")
-    return Link("host", slowest * LINK_EFFICIENCY * THROUGH_HOST_SHARE, "NVML: no peer access")
+        return Link("pcie-p2p", slowest * LINK_EFFICIENCY, f"NVML: peer access; {pcie}")
+    unknown = any(g.peers is None for g in gpus)
+    said = "peer access unknown, taken as none" if unknown else "NVML: no peer access"
+    return Link("host", slowest * LINK_EFFICIENCY * THROUGH_HOST_SHARE, f"{said}; {pcie}")

@@ -12,6 +12,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,13 @@ def target_from_probe(machine: MachineProfile, *, gpu_index: int = 0) -> TargetH
     if gpu_index >= len(machine.gpus):
         raise UsageError(f"--gpu-index: {gpu_index} is out of range; this machine has {len(machine.gpus)} GPU(s)")
     gpu = machine.gpus[gpu_index]
-    alike = [g for g in machine.gpus if g.name == gpu.name and g.memory_total_bytes == gpu.memory_total_bytes]
+    # The cards like it from the first on: torchrun's LOCAL_RANK and device_map="balanced" take the
+    # visible GPUs in order (CUDA_VISIBLE_DEVICES picks and orders them); a plan for a later card is one GPU's.
+    alike = [gpu]
+    if gpu_index == 0:
+        alike = list(
+            takewhile(lambda g: (g.name, g.memory_total_bytes) == (gpu.name, gpu.memory_total_bytes), machine.gpus)
+        )
     calibration = load_calibration(gpu.name)
     memory = gpu.memory_total_bytes / GIB or None
     datasheet = lookup_gpu(gpu.name, memory_gib=memory)

@@ -8,12 +8,11 @@ that need the libraries run only for values the advisor does not write itself (`
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
+from advisor import levers
 from advisor.constraints import Platform, first_violation
 from advisor.errors import ConfigError
-from advisor.levers import LEVERS
 from advisor.levers.code import Expr, call_source, dtype_expr, source
 from advisor.run.checks import check_components, check_config
 from advisor.run.classes import Components
@@ -131,7 +130,7 @@ def emit_python(model: str, config: OptimizationConfig) -> str:
         *dict.fromkeys(i for step in first for i in step.imports),
         *(f"{s.code}  # {s.description}" for s in first),
     ]
-    processes = math.prod(lever.processes(config) for lever in LEVERS)
+    processes = levers.processes(config)
     launch = [f"# Run it as {processes} processes, one per GPU: torchrun --nproc-per-node {processes} SCRIPT.py"]
     imports = [line for line in imports if line not in before]
     lines = [
@@ -165,8 +164,7 @@ def _on_several_gpus(config: OptimizationConfig, lines: list[str], call: str) ->
     """The generating lines as each of a multi-GPU plan's processes runs them: with one pipeline per
     GPU, this process's share of the job's images (each seeded by its number); split over the GPUs,
     every process takes part and the first saves what they made together."""
-    processes = math.prod(lever.processes(config) for lever in LEVERS)
-    at_once = math.prod(lever.generations_at_once(config) for lever in LEVERS)
+    processes, at_once = levers.processes(config), levers.generations_at_once(config)
     if processes == 1:
         return lines
     if at_once > 1:
@@ -189,9 +187,11 @@ def _on_several_gpus(config: OptimizationConfig, lines: list[str], call: str) ->
             f'for n in range(int(os.environ["RANK"]), {images}, {at_once}):',
             *(f"    {line}" for line in shared),
         ]
-    generate, save = lines[:1], lines[1:]
+    # every process must start from the same noise: one seed for all
+    generate = [line.replace(call, call[:-1] + ", generator=torch.Generator().manual_seed(0))") for line in lines[:1]]
     return [
         *generate,
         "if torch.distributed.get_rank() == 0:  # every process holds the whole result",
-        *(f"    {line}" for line in save),
+        *(f"    {line}" for line in lines[1:]),
+        "torch.distributed.destroy_process_group()",
     ]

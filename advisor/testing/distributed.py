@@ -8,7 +8,7 @@ step joins the process group, on gloo without CUDA), makes one seeded image and,
 Each rank also writes ``OUT.rankN.json``: the processes it ran among, the tokens the first
 transformer block saw at each call (what context parallelism splits) and the seconds of the
 generation. With HEIGHT WIDTH STEPS (the GPU kit's full-size runs) it generates that image instead
-of the tiny one, after one warm-up generation, and saves no image.
+of the tiny one (decoded, as the estimate counts it), after one warm-up generation, and saves no image.
 
 The CPU build of torch has no accelerator, and diffusers' ``_resolve_parallel_config`` picks each
 rank's device as ``rank % torch.accelerator.device_count()``, a division by zero there; this runner
@@ -43,7 +43,7 @@ def main(model_dir: str, config_path: str, out: str, *size: str) -> int:
     kwargs = tiny_call_kwargs("image", seed=0)
     if size:
         height, width, steps = (int(value) for value in size)
-        kwargs.update(height=height, width=width, num_inference_steps=steps, output_type="latent")
+        kwargs.update(height=height, width=width, num_inference_steps=steps)  # the decode too: as the estimate
         pipe(**kwargs)  # warm-up: kernels chosen, caches filled
         tokens.clear()
     synchronize = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None

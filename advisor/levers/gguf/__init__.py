@@ -126,6 +126,7 @@ class Gguf(QuantBackend):
     names = frozenset({GGUF})
     constraints = tuple(CONSTRAINTS)
     reads_into_ram = True
+    built_apart = True  # from_single_file, passed to the pipeline's from_pretrained
 
     def choices(self, components: list[str], model: str | None = None) -> list[Quantization]:
         """The published files of `model`'s one denoiser, where the advisor knows them."""

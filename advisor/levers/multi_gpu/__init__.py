@@ -7,8 +7,10 @@
   traffic at all, and no generation is faster, but the job is.
 
 What both share is here: the process a GPU runs in (``torchrun`` starts one per GPU and says which
-in ``LOCAL_RANK``). Placing a pipeline's components on different GPUs (``device_map``) is not built
-yet (docs/multi-gpu.md). Pure Python at import: torch only inside a step's ``run``.
+in ``LOCAL_RANK``), and which ways of using several GPUs go together. The third way, the pipeline's
+components spread over the GPUs in one process, is where weights live: the offload lever's
+(``offload.device_map``, `advisor.levers.offload.balanced`). Pure Python at import: torch only inside
+a step's ``run``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,27 @@ def job_seconds(latency_s: float, images: int, at_once: int) -> float:
     """Seconds a job of `images` takes with `at_once` generations side by side (the last round may
     be short of work: 5 images over 2 GPUs take 3 rounds)."""
     return math.ceil(images / at_once) * latency_s
+
+
+def conflict(config: Any) -> str | None:
+    """Why `config`'s ways of using several GPUs can't go together, or None: one process per GPU
+    (context parallelism, a pipeline per GPU) or one process over them all (components over the GPUs),
+    one way at a time; and processes of a pipeline per GPU can't share an offload folder. The
+    planner's filter, and what loading and ``--emit python`` refuse for a config written by hand."""
+    ways = [
+        key
+        for key, on in (
+            ("context_parallel", config.context_parallel),
+            ("replicas", config.replicas),
+            ("offload.device_map", config.offload.device_map),
+        )
+        if on
+    ]
+    if len(ways) > 1:
+        return f"`{ways[0]}` and `{ways[1]}` are two ways of using several GPUs; a config takes one"
+    if config.replicas and config.offload.offload_to_disk_path:
+        return "`replicas` with `offload.offload_to_disk_path`: every process would write its weights to one folder"
+    return None
 
 
 def world_size() -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from advisor.config import ContextParallel, OptimizationConfig
+from advisor.config import ContextParallel, Offload, OptimizationConfig
 from advisor.levers.attention import context_parallel_problem
 from advisor.levers.base import ActivationShape, Filter, Lever, Pick, StepContext
 from advisor.levers.code import Expr, Step, call_source
@@ -175,7 +175,8 @@ class ContextParallelLever(Lever):
         cp = pick.config.context_parallel
         target = pick.scenario.target
         if cp is None:
-            return _why_one_gpu(pick) if target.gpu_count > 1 and pick.config.replicas is None else None
+            several = pick.config.replicas or pick.config.offload.device_map
+            return _why_one_gpu(pick) if target.gpu_count > 1 and not several else None
         one = pick.without(self)
         breakdown = pick.estimate.latency_breakdown
         link = breakdown.get("step_link_s", 0.0)
@@ -194,6 +195,17 @@ class ContextParallelLever(Lever):
                 else ""
             )
         )
+
+    def pipeline_problem(self, config: OptimizationConfig, pipe: Any, components: Any) -> str | None:
+        """A denoiser diffusers can't split, or an attention backend the split can't run with."""
+        cp = config.context_parallel
+        if cp is None:
+            return None
+        for name in components.denoisers():
+            if not getattr(type(getattr(pipe, name, None)), "_cp_plan", None):
+                return f"`context_parallel`: {type(getattr(pipe, name, None)).__name__} defines no _cp_plan: diffusers can't split it"
+        problem = context_parallel_problem(config.attention_backend, ring=cp.kind == "ring")
+        return f"`context_parallel.kind: {cp.kind}`: {problem}" if problem else None
 
     def process_steps(self, config: OptimizationConfig) -> list[Step]:
         cp = config.context_parallel
@@ -216,7 +228,11 @@ def _why_one_gpu(pick: Pick) -> str:
     if not splits(denoiser.class_name):
         why = f"diffusers can't split {denoiser.class_name} over GPUs (it defines no _cp_plan)"
     elif split is None:
-        why = (
+        heads = denoiser.facts.get("num_attention_heads") or 1
+        halves = ContextParallel(degree=2, kind=kind_for(heads, 2))
+        bare = pick.config.replace(offload=Offload(), cache=None, context_parallel=halves)
+        refused = next((said for f in CONTEXT_PARALLEL.filters if (said := f.check(bare, scenario))), None)
+        why = refused or (
             f"a split needs the whole pipeline on every GPU without offloading, and none fits the "
             f"{format_size(scenario.budget_bytes)} budget"
         )

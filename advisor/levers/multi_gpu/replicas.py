@@ -16,7 +16,8 @@ from typing import Any
 from advisor.config import OptimizationConfig, Replicas
 from advisor.levers.base import Filter, Lever, Pick
 from advisor.levers.code import Step
-from advisor.levers.multi_gpu import job_seconds, start_process_group
+from advisor.levers.multi_gpu import conflict, job_seconds, start_process_group
+from advisor.platform import Constraint, Platform, constraint
 from advisor.units import format_size
 
 
@@ -40,11 +41,28 @@ def _with_context_parallel(config: OptimizationConfig, scenario: Any) -> str | N
     )
 
 
+CONSTRAINTS: list[Constraint] = []
+
+
+@constraint(
+    "one-way-of-using-several-gpus",
+    "replicas",
+    "one process per GPU (context parallelism, a pipeline per GPU) or one process over them all (components over "
+    "the GPUs), one way at a time: splitting each of several pipelines over a group of GPUs needs a device mesh per "
+    "group, not set up (yet); and a pipeline per GPU's processes can't share an offload folder",
+    DOCS,
+    into=CONSTRAINTS,
+)
+def one_way_of_using_several_gpus(config: OptimizationConfig, platform: Platform) -> str | None:
+    return conflict(config)
+
+
 class ReplicasLever(Lever):
     """One pipeline per GPU (config section ``replicas``)."""
 
     name = key = "replicas"
     names = frozenset({"pipeline-per-gpu"})
+    constraints = tuple(CONSTRAINTS)
     order = 97  # its process step after the allocator's (95): this process's GPU, before CUDA starts
     filters = (
         Filter(
@@ -52,13 +70,6 @@ class ReplicasLever(Lever):
             "a plan takes no more GPUs than the machine has: its replicas times their context-parallel degree",
             DOCS,
             _more_gpus_than_the_machine,
-        ),
-        Filter(
-            "pipeline-per-gpu-not-split",
-            "each pipeline runs on one GPU: splitting each of several pipelines over a group of GPUs needs a device "
-            "mesh per group, which the advisor does not set up (yet)",
-            DOCS,
-            _with_context_parallel,
         ),
     )
 

@@ -66,6 +66,7 @@ from advisor.levers.offload.strategies import (
     whole_choices,
     without_stranded_vaes,
 )
+from advisor.levers.quantization import built_apart
 from advisor.platform import Constraint, Platform, constraint, on_cuda
 
 
@@ -157,13 +158,10 @@ def _left_on_the_cpu(config: OptimizationConfig, scenario: Any) -> str | None:
     if config.offload.device_map and placed is None:
         return "components over the GPUs of a one-GPU machine"
     missed = sorted(name for name, card in (placed or {}).items() if card == CPU)
-    return f"device_map='balanced' would leave {', '.join(missed)} on the CPU" if missed else None
-
-
-def _spread_and_split(config: OptimizationConfig, scenario: Any) -> str | None:
-    if config.offload.device_map and (config.context_parallel or config.replicas):
-        return "components over the GPUs with several processes"
-    return None
+    if missed:
+        return f"device_map='balanced' would leave {', '.join(missed)} on the CPU"
+    apart = sorted(built_apart(config)) if placed else []
+    return f"{', '.join(apart)} is built from its own checkpoint, which the map does not place" if apart else None
 
 
 def _needs_an_accelerator(config: OptimizationConfig, scenario: Any) -> str | None:
@@ -204,16 +202,10 @@ class Offloading(Lever):
         Filter(
             "components-over-gpus-all-on-a-gpu",
             "device_map='balanced' sizes each component at the load dtype (before quantization) and deals them out "
-            "largest first over the GPUs; one too large for its turn's GPU is left on the CPU",
+            "largest first over the GPUs; one too large for its turn's GPU is left on the CPU, and one built from its "
+            "own checkpoint (a GGUF file) and handed over stays where it was built",
             "https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/pipeline_loading_utils.py",
             _left_on_the_cpu,
-        ),
-        Filter(
-            "components-over-gpus-one-process",
-            "components spread over the GPUs run in one process: not with context parallelism or a pipeline per "
-            "GPU, which take a process per GPU",
-            DOCS,
-            _spread_and_split,
         ),
         Filter(
             "offload-needs-an-accelerator",
@@ -230,6 +222,13 @@ class Offloading(Lever):
             "fully overlap transfers when each step's compute finishes quickly",
             SEED_PAGE,
             _rank_for("image"),
+        ),
+        Prefer(
+            "one-gpu-when-it-is-enough",
+            "components spread over several GPUs are no faster than on one that holds them: where one does, the "
+            "plan keeps to it (one device, nothing crossing between GPUs)",
+            DOCS,
+            lambda config, scenario: int(bool(config.offload.device_map)),
         ),
         Prefer(
             "video-prefers-group-offload",
@@ -274,7 +273,7 @@ class Offloading(Lever):
         installed class itself (`DECODE_ONLOADING_VAES` says why); on a CPU both devices are one. A
         pipeline for components over the GPUs that was not loaded with the map."""
         offload = config.offload
-        if offload.device_map and not getattr(pipe, "hf_device_map", None):
+        if offload.device_map and not isinstance(getattr(pipe, "hf_device_map", None), dict):
             return (
                 f"`offload.device_map: {offload.device_map}` spreads the components over the GPUs as they load: load "
                 f'the pipeline with advisor.load_pipeline, or with device_map="{offload.device_map}"'

@@ -13,6 +13,12 @@ from advisor.levers.code import Expr, Step, call_source, function_step, method_s
 from advisor.levers.offload.strategies import BLOCK_LEVEL, MODEL, NONE, SEQUENTIAL, loads_onto_device
 
 
+def _current_device() -> int:
+    import torch
+
+    return torch.cuda.current_device()
+
+
 def placement_steps(config: OptimizationConfig, components: Any) -> list[Step]:
     device = config.device
     offload = config.offload
@@ -33,6 +39,8 @@ def placement_steps(config: OptimizationConfig, components: Any) -> list[Step]:
     if offload.strategy in (MODEL, SEQUENTIAL):
         method = "enable_model_cpu_offload" if offload.strategy == MODEL else "enable_sequential_cpu_offload"
         kwargs = {} if device == "cuda" else {"device": device}
+        if config.replicas and device == "cuda":  # else diffusers onloads to cuda:0 whatever set_device chose
+            kwargs["gpu_id"] = Expr("torch.cuda.current_device()", _current_device, lazy=True)
         what = f"{offload.strategy} CPU offload: {'whole models' if offload.strategy == MODEL else 'every layer'}"
         return [method_step("offload", f"{what} move to {device} when used", None, method, (), kwargs)]
 

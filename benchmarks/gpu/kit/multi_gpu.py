@@ -29,7 +29,8 @@ def part_multi_gpu(kit: Kit) -> None:
         kit.run_item(item, lambda item: None)
         return
     target = dataclasses.replace(kit.target, gpu_count=gpus)  # the dry run's two CPU processes stand for two GPUs
-    for degree in sorted({1, 2, gpus}):  # Ulysses: the FLUX.1-dev-shaped transformer's 24 heads divide by 2, 4, 8
+    # Ulysses, where the FLUX.1-dev-shaped transformer's 24 heads divide by the degree (2, 3, 4, 6, 8)
+    for degree in sorted({1, 2} | ({gpus} if 24 % gpus == 0 else set())):
         split = {"context_parallel": {"degree": degree}} if degree > 1 else {}
         config = advisor_api.config_from_dict({"dtype": kit.dtype, "device": kit.device, **split})
         label = "one GPU" if degree == 1 else f"context parallel (ulysses) over {degree}"
