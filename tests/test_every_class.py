@@ -129,7 +129,16 @@ def cpu_equivalent(config: OptimizationConfig, disk: str) -> tuple[OptimizationC
     if config.expandable_segments:
         update["expandable_segments"] = False
         notes.append("expandable segments -> off (a setting of CUDA's caching allocator)")
+    for key in ("context_parallel", "replicas"):
+        if getattr(config, key) is not None:
+            # one process per GPU under torchrun: tests/test_multi_gpu.py runs a split over two gloo processes
+            update[key] = None
+            notes.append(f"{key} -> one process (it takes one per GPU)")
     offload = config.offload
+    if offload.device_map:
+        offload = offload.replace(device_map=None)
+        update["offload"] = offload
+        notes.append("components over the GPUs -> one device (the CPU is one)")
     if offload.strategy in ("model", "sequential"):
         update["offload"] = Offload()
         notes.append(f"offload {offload.strategy} -> none (it moves weights to a CUDA GPU)")
@@ -499,6 +508,8 @@ def test_the_classes_with_empty_repeated_blocks_are_the_ones_named_here():
 NOT_REHEARSABLE = (
     "offload_to_disk_path",
     "because of missing package",
+    "the rehearsal runs one",  # a split over several processes
+    "the rehearsal has one",  # components over several GPUs
 )
 
 

@@ -242,10 +242,13 @@ def _why_one_gpu(pick: Pick) -> str:
             f"splitting each generation over {cp.degree} ({cp.kind}) is predicted {split.score_s:.1f}s against "
             f"{pick.score_s:.1f}s: the exchange at every attention costs more than the GPUs save"
         )
-    return (
-        f"one GPU of the {gpus}: a second GPU does not make one generation faster here: {why}; and one generation "
-        "at a time gains nothing from a pipeline per GPU (--images N plans a job of N, shared out over the GPUs)"
+    shared = (
+        "no pipeline per GPU fits alongside (each process loads the pipeline into host RAM)"
+        if (scenario.images or 1) > 1
+        else "one generation at a time gains nothing from a pipeline per GPU (--images N plans a job of N, shared "
+        "out over the GPUs)"
     )
+    return f"one GPU of the {gpus}: a second GPU does not make one generation faster here: {why}; and {shared}"
 
 
 def _split_step(cp: ContextParallel, name: str) -> Step:
