@@ -399,6 +399,11 @@ def decoded_frames(vae: ComponentProfile, workload: Workload) -> int:
     return (workload.frames - 1) // temporal * temporal + 1
 
 
+def call_batch(workload: Workload, behaviour: dict[str, Any]) -> int:
+    """Samples per denoiser call: the workload's batch, doubled where guidance is batched in."""
+    return workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
+
+
 def activation_shape(
     profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int, calls: int
 ) -> ActivationShape:
@@ -435,7 +440,7 @@ def _phase_work(
         text = text + text_work(encoder, workload, dtype, memo, expandable=expandable)
     denoise = NO_WORK
     for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
-        batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
+        batch = call_batch(workload, behaviour)
         call = _memo(
             memo,
             ("denoise", dtype, expandable),

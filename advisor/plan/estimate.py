@@ -27,7 +27,6 @@ from advisor import levers
 from advisor.config import OptimizationConfig
 from advisor.errors import EstimateError
 from advisor.levers import LEVERS, offload, quantization
-from advisor.levers.multi_gpu.replicas import gpus_used
 from advisor.plan.compute import Work, constants, phase_work
 from advisor.plan.compute import trace_of as _traced
 from advisor.plan.latency import latency
@@ -289,7 +288,7 @@ def estimate(
     if q is not None and not config.compile and (note := quantization.backend_of(q).eager_note(q)):
         notes.append(note)
     notes += [note for lever in LEVERS if (note := lever.warmup_note(config))]
-    used = gpus_used(config)
+    used = levers.processes(config)  # one per GPU
     if used > target.gpu_count and not on_cpu:
         notes.append(
             f"the config runs on {used} GPUs and {target.cards} has {target.gpu_count}: figures are per GPU of {used}"

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from advisor.config import OptimizationConfig
 from advisor.levers import LEVERS, StepContext, offload, quantization, torch_compile
-from advisor.plan.compute import Work, activation_shape, constants, text_work
+from advisor.plan.compute import Work, activation_shape, call_batch, constants, text_work
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
 from advisor.probe.workload import run_behaviour
@@ -85,7 +85,7 @@ def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> 
     generation = target.generation
     calls_per_step = 2 if behaviour["cfg"] == "separate" else 1
     step_compute = step_transfer = step_link = 0.0
-    batch = workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
+    batch = call_batch(workload, behaviour)
     for denoiser in profile.by_role("denoiser")[:1]:  # Wan2.2's experts run one at a time: one per step
         here = StepContext(
             target.device,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from advisor.config import OptimizationConfig, Replicas
-from advisor.levers.base import Filter, Lever, Pick
+from advisor.levers.base import Lever, Pick
 from advisor.levers.code import Step
 from advisor.levers.multi_gpu import conflict, job_seconds, start_process_group
 from advisor.platform import Constraint, Platform, constraint
@@ -22,23 +22,6 @@ from advisor.units import format_size
 
 
 DOCS = "https://huggingface.co/docs/diffusers/main/en/training/distributed_inference"
-
-
-def gpus_used(config: OptimizationConfig) -> int:
-    """The GPUs a config's run takes: its replicas, each over its context-parallel degree."""
-    replicas = config.replicas.count if config.replicas else 1
-    return replicas * (config.context_parallel.degree if config.context_parallel else 1)
-
-
-def _more_gpus_than_the_machine(config: OptimizationConfig, scenario: Any) -> str | None:
-    used, have = gpus_used(config), scenario.target.gpu_count
-    return f"it takes {used} GPUs, the machine has {have}" if used > have else None
-
-
-def _with_context_parallel(config: OptimizationConfig, scenario: Any) -> str | None:
-    return (
-        "one pipeline per GPU group with context parallelism" if config.replicas and config.context_parallel else None
-    )
 
 
 CONSTRAINTS: list[Constraint] = []
@@ -64,14 +47,6 @@ class ReplicasLever(Lever):
     names = frozenset({"pipeline-per-gpu"})
     constraints = tuple(CONSTRAINTS)
     order = 97  # its process step after the allocator's (95): this process's GPU, before CUDA starts
-    filters = (
-        Filter(
-            "gpus-the-machine-has",
-            "a plan takes no more GPUs than the machine has: its replicas times their context-parallel degree",
-            DOCS,
-            _more_gpus_than_the_machine,
-        ),
-    )
 
     def choices(self, scenario: Any, dtype: str) -> dict[str, Replicas | None]:
         target, found = scenario.target, {self.off_choice: None}
