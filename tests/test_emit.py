@@ -394,3 +394,22 @@ def test_the_move_to_the_gpu_is_left_to_apply_config_where_the_pipeline_loaded_t
 def test_plans_that_stage_weights_on_the_host_load_there(staged, tiny_flux_dir):
     assert "device_map" not in quantize.pipeline_kwargs(staged)
     assert "device_map" not in emit.emit_python(str(tiny_flux_dir), staged)
+
+
+def test_4bit_models_group_offloaded_load_on_the_host_and_each_moves_to_the_gpu_before_its_offloading(tiny_flux_dir):
+    """Group offloading moves a weight's data, not bitsandbytes' scales: a 4-bit model loaded on the
+    host moves to the GPU whole (its quant_state with it) just before its own offloading, one model
+    at a time. 8-bit scales don't move with ``.to``: those load onto the GPU as before."""
+    leaf = Offload(strategy="group", offload_type="leaf_level", use_stream=True, record_stream=True)
+    both = Quantization(backend="bitsandbytes_4bit", components=["transformer", "text_encoder_2"])
+    script = emit.emit_python(str(tiny_flux_dir), OptimizationConfig(device="cuda", quantization=both, offload=leaf))
+    assert 'device_map="cpu"' in script
+    lines = [line for line in script.splitlines() if line.startswith("pipe.") or line.startswith("apply_group")]
+    for name in both.components:
+        moved = lines.index(f'pipe.{name}.to("cuda")')
+        assert lines[moved + 1] in (f"pipe.{name}.enable_group_offload(", "apply_group_offloading(")
+    assert 'pipe.vae.to("cuda")' not in script  # not quantized: loaded on the host, offloaded from there
+
+    eight = both.replace(backend="bitsandbytes_8bit")
+    script = emit.emit_python(str(tiny_flux_dir), OptimizationConfig(device="cuda", quantization=eight, offload=leaf))
+    assert "device_map" not in script and 'pipe.transformer.to("cuda")' not in script

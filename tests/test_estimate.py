@@ -141,6 +141,28 @@ def test_seed_page_anchor_with_model_offload(flux_dev):
     assert result.peak_vram_allocated_bytes < page_peak
 
 
+def test_group_offloaded_4bit_models_reach_the_card_one_at_a_time_while_loading(flux_dev):
+    """Loaded onto the host, each 4-bit model goes to the card whole right before its group
+    offloading (rehearsed: tests/test_rehearse.py): the loading peak holds the largest of them
+    beside what the others keep resident, never both whole. An 8-bit model can't move later with
+    its scales, so those still load onto the card together."""
+    both = Quantization(backend="bitsandbytes_4bit", components=["transformer", "text_encoder_2"])
+    leaf = Offload(strategy="group", offload_type="leaf_level", use_stream=True, record_stream=True)
+    rtx_3060 = planned_target(machine=None, gpu="RTX 3060")
+
+    def loading(config):
+        result = estimate(flux_dev, make_workload(flux_dev), config, rtx_3060)
+        weights = {name: weight_bytes(flux_dev.component(name), config) for name in both.components}
+        return next(p for p in result.phases if p.name == "loading").weights_bytes, weights
+
+    on_card, weights = loading(OptimizationConfig(device="cuda", quantization=both, offload=leaf))
+    assert on_card["transformer"] == weights["transformer"]  # the larger, whole
+    assert on_card.get("text_encoder_2", 0) < weights["text_encoder_2"] / 10  # what leaf streaming keeps
+    eight = both.replace(backend="bitsandbytes_8bit")
+    on_card, weights = loading(OptimizationConfig(device="cuda", quantization=eight, offload=leaf))
+    assert on_card == weights
+
+
 def _encoding_weights(profile, config) -> set[str]:
     result = estimate(profile, make_workload(profile), config, RTX_4090)
     return set(next(p for p in result.phases if p.name == "text_encoding").weights_bytes)

@@ -336,6 +336,49 @@ def test_group_offloading_a_bitsandbytes_model_leaves_its_scales_on_the_cpu(tiny
     assert bitsandbytes_group_offload_needs_leaf_streams(by_leaf, gpu) is None
 
 
+def test_4bit_models_group_offloaded_load_on_the_host_and_reach_the_card_one_at_a_time(tiny_pipe):
+    """bitsandbytes quantizes straight onto the GPU when loading with no map, so every 4-bit model
+    would be there at once before the offloading starts. Loaded onto the host instead, each is moved
+    to the card whole (``Params4bit.to`` carries its quant_state) right before group offloading
+    moves its weights' data back: the scales stay on the card and the models come one at a time."""
+    import bitsandbytes as bnb
+
+    from advisor.levers.offload import load_device_map
+    from advisor.rehearse.rehearsal import APPLYING, rehearse
+
+    both = Quantization(backend="bitsandbytes_4bit", components=["transformer", "text_encoder_2"])
+    leaf = Offload(strategy="group", offload_type="leaf_level", use_stream=True, record_stream=True)
+    config = OptimizationConfig(device="cuda", quantization=both, offload=leaf)
+    assert load_device_map(config) == "cpu"
+    result = rehearse(tiny_pipe, config, TINY)
+    assert result.passed, result.failure or result.not_rehearsed
+    for name in both.components:  # computed with every scale on the card
+        layers = [m for m in getattr(tiny_pipe, name).modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers and all(layer.weight.quant_state.absmax.device.type == "cuda" for layer in layers)
+    sizes = {name: _bytes(getattr(tiny_pipe, name)) for name in both.components}  # packed 4-bit data
+    assert result.phase_peaks["loading"].get("cuda:0", 0) == 0
+    assert max(sizes.values()) <= result.device_peak(APPLYING) < sum(sizes.values())
+
+
+def test_an_8bit_model_moved_by_to_leaves_its_scales_behind_so_it_loads_on_the_card(tiny_pipe, monkeypatch):
+    """``nn.Module._apply`` swaps an ``Int8Params``' data but keeps the parameter object, whose
+    ``CB``/``SCB`` stay where they were; `Linear8bitLt.to` moves the layer's state only when called on
+    the layer itself. Loaded on the host and moved with model offload's ``.to``, an 8-bit T5 computes
+    with its scales on the CPU: so 8-bit models load with no map, onto the card."""
+    from advisor.levers import bitsandbytes
+    from advisor.levers.offload import load_device_map
+    from advisor.rehearse.rehearsal import rehearse
+
+    eight = Quantization(backend="bitsandbytes_8bit", components=["text_encoder_2"])
+    config = OptimizationConfig(device="cuda", quantization=eight, offload=Offload(strategy="model"))
+    assert load_device_map(config) is None
+    assert rehearse(tiny_pipe, config, TINY).passed
+    monkeypatch.setattr(bitsandbytes.Bitsandbytes, "scales_move_with_module", lambda self, q: True)
+    assert load_device_map(config) == "cpu"
+    failure = rehearse(_fresh(tiny_pipe), config, TINY).failure
+    assert failure is not None and re.search(r"text_encoder_2\.\S*\.state\.(CB|SCB) \S+ on cpu", failure)
+
+
 # --- advisor check ---------------------------------------------------------------------------------
 
 

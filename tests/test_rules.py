@@ -210,11 +210,16 @@ def test_wan_14b_on_a_3060_cannot_use_fp8_compute():
     result = pick("wan2.1-t2v-14b", target=planned_target(machine=None, gpu="RTX 3060"))  # Ampere, 12 GB
     assert result.rejected.get("fp8-compute-needs-sm89", 0) > 0
     # 14 B weights never fit 12 GB: the transformer is streamed layer by layer (group or sequential
-    # offload). Loading with no device_map puts bitsandbytes' 4-bit transformer and UMT5 on the card
-    # together (13.3 GB) before offloading starts, so at most the transformer is quantized.
-    best = result.best.config
-    assert best.offload.strategy in ("group", "sequential")
-    assert best.quantization is None or best.quantization.components == ["transformer"]
+    # offload). bitsandbytes' 4-bit transformer and UMT5 together are 13.3 GB: loaded with no
+    # device_map they would be on the card at once before offloading starts; under group offloading
+    # they load onto the host and go to the card one at a time (the larger, the 4-bit transformer,
+    # about 7.6 GB), so a plan that quantizes both never holds both there.
+    best = result.best
+    assert best.config.offload.strategy in ("group", "sequential")
+    quantized = best.config.quantization.components if best.config.quantization else []
+    if len(quantized) > 1:
+        loading = next(p for p in best.estimate.phases if p.name == "loading")
+        assert loading.device_bytes < 10 * GIB  # one 4-bit model whole, not both (13.3 GB)
 
 
 def test_flux_on_an_80gb_h100_needs_no_offload_and_no_quantization():

@@ -100,6 +100,15 @@ class Bitsandbytes(QuantBackend):
     loads_onto_device = True
     needs_dynamic_output_shapes = True
 
+    def scales_move_with_module(self, quantization: Quantization) -> bool:
+        """4-bit: ``Params4bit.to`` moves its ``quant_state`` in place. 8-bit: ``Int8Params.to`` returns
+        a new parameter with its ``CB``/``SCB``, but ``nn.Module._apply`` keeps the old parameter
+        object and only swaps its data, so the old scales stay where they were, and ``Linear8bitLt.to``
+        moves the layer's ``state`` only when called on the layer itself (bitsandbytes/nn/modules.py,
+        torch/nn/modules/module.py). Rehearsed: a model loaded in 8 bits on the CPU and moved to the
+        card computes with ``state.CB`` on the CPU (tests/test_rehearse.py)."""
+        return quantization.backend == FOUR_BIT
+
     def choices(self, components: list[str], model: str | None = None) -> list[Quantization]:
         return [
             Quantization(backend=FOUR_BIT, components=components),

@@ -59,6 +59,10 @@ class QuantBackend:
         checkpoint exists for some models only)."""
         return []
 
+    def scales_move_with_module(self, quantization: Quantization) -> bool:
+        """Whether a model's ``.to(device)`` carries its quantized layers' scales along with their weights."""
+        return True
+
     def download_note(self, quantization: Quantization, weight_bytes: int) -> str | None:
         """What the user must download for it (a pre-quantized checkpoint), if anything."""
         return None
@@ -192,6 +196,13 @@ def loaded_onto_device(config: OptimizationConfig) -> set[str]:
     """The components quantized straight onto the GPU while loading."""
     q = config.quantization
     return set(q.components) if q is not None and backend_of(q).loads_onto_device else set()
+
+
+def movable_after_loading(config: OptimizationConfig) -> set[str]:
+    """Of the components quantized straight onto the GPU while loading, those that may load onto the
+    host instead and be moved there whole later, their scales with them (`QuantBackend.scales_move_with_module`)."""
+    q = config.quantization
+    return loaded_onto_device(config) if q is not None and backend_of(q).scales_move_with_module(q) else set()
 
 
 def read_into_ram(config: OptimizationConfig) -> set[str]:

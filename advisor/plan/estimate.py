@@ -39,7 +39,9 @@ from advisor.probe.workload import Workload, encoding_order, encoding_passes
 
 
 PHASES = ("text_encoding", "denoising", "vae_decode")
-LOADING = "loading"  # a phase of its own only where loading leaves more on the card than a run holds
+LOADING = (
+    "loading"  # a phase of its own only where loading (placement included) leaves more on the card than a run holds
+)
 ROLE_OF_PHASE = {"text_encoding": "text_encoder", "denoising": "denoiser", "vae_decode": "vae"}
 
 
@@ -269,12 +271,15 @@ def estimate(
     gpu_peaks: dict[str, int] = {}
     if placed and not on_cpu:
         phases, gpu_peaks = _fullest_gpu(phases, placed, profile)
-    # Loading with no device_map under group or sequential offloading: bitsandbytes quantizes every
-    # component it converts straight onto the GPU, all there at once until the offload call moves
-    # them off (`offload.load_device_map` says why that map can't be "cpu" there).
+    # Loading with no device_map under sequential offloading: bitsandbytes quantizes every component
+    # it converts straight onto the GPU, all there at once until the offload call moves them off.
+    # Under group offloading they load onto the host and go to the card one at a time instead
+    # (`offload.load_device_map`).
     loaded = offload.on_device_after_loading(config, [c.name for c in profile.components])
     if loaded and offload.OFFLOAD.is_on(config) and not on_cpu:
         phases.insert(0, PhaseEstimate(LOADING, {n: weights[n] for n in sorted(loaded)}, 0))
+    elif (moved := offload.moved_whole_before_offloading(config)) and not on_cpu:
+        phases.insert(0, _moving_the_largest_whole(profile, config, weights, moved))
     peak = max(phases, key=lambda p: p.reserved_bytes)
 
     ram, disk, kept = _host_memory(profile, config, weights, on_cpu, peak)
@@ -311,6 +316,22 @@ def estimate(
         warmup_s=sum(lever.warmup_s(config, profile, constants()) for lever in LEVERS),
         gpu_peaks_bytes=gpu_peaks,
     )
+
+
+def _moving_the_largest_whole(
+    profile: ModelProfile, config: OptimizationConfig, weights: dict[str, int], moved: set[str]
+) -> PhaseEstimate:
+    """The card while the largest of the models moved there whole before their offloading
+    (`offload.moved_whole_before_offloading`) is there: that model's weights beside what every
+    other model keeps resident once offloaded (an upper bound: those applied after it are not on
+    the card yet)."""
+    largest = max(sorted(moved), key=lambda name: weights[name])
+    on_card = {
+        c.name: offload.resident_bytes(c, weights[c.name], config, active=False)
+        for c in profile.components
+        if c.name != largest and (c.role != "other" or offload.unused_components_resident(config))
+    }
+    return PhaseEstimate(LOADING, {name: b for name, b in {**on_card, largest: weights[largest]}.items() if b}, 0)
 
 
 def _fullest_gpu(

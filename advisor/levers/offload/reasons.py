@@ -6,7 +6,7 @@ from __future__ import annotations
 from advisor.config import Offload, OptimizationConfig
 from advisor.levers.base import Pick, Prefer
 from advisor.levers.offload.balanced import balanced_map
-from advisor.levers.offload.strategies import GROUP, MODEL, NONE, load_device_map
+from advisor.levers.offload.strategies import GROUP, MODEL, NONE, load_device_map, moved_whole_before_offloading
 from advisor.units import format_size
 
 
@@ -34,10 +34,17 @@ def memory_reasons(pick: Pick) -> list[str]:
         lines.append(f"{offload.label()}: without it the peak would be {format_size(no_offload.peak_vram_bytes)}")
     if load_device_map(pick.config) == "cpu":
         quantized = ", ".join(pick.config.quantization.components)
+        moved = sorted(moved_whole_before_offloading(pick.config))
+        then = (
+            f"; {', '.join(moved)} then each move to the GPU whole, scales with them, just before group offloading "
+            "moves their weights back, one model at a time"
+            if moved
+            else ""
+        )
         lines.append(
             f'loads with device_map="cpu": bitsandbytes would otherwise quantize {quantized} straight onto the GPU, '
             "all there at once before offloading starts; on the CPU it quantizes more slowly, once per load "
-            "(as FLUX.2's 24 GB recipe loads: https://huggingface.co/blog/flux-2)"
+            f"(as FLUX.2's 24 GB recipe loads: https://huggingface.co/blog/flux-2){then}"
         )
     if offload.device_map:
         lines.append(_over_the_gpus(pick))

@@ -10,7 +10,14 @@ from typing import Any
 
 from advisor.config import OptimizationConfig
 from advisor.levers.code import Expr, Step, call_source, function_step, method_step, source
-from advisor.levers.offload.strategies import BLOCK_LEVEL, MODEL, NONE, SEQUENTIAL, loads_onto_device
+from advisor.levers.offload.strategies import (
+    BLOCK_LEVEL,
+    MODEL,
+    NONE,
+    SEQUENTIAL,
+    loads_onto_device,
+    moved_whole_before_offloading,
+)
 
 
 def _current_device() -> int:
@@ -54,21 +61,26 @@ def placement_steps(config: OptimizationConfig, components: Any) -> list[Step]:
         kwargs["offload_to_disk_path"] = offload.offload_to_disk_path
     partial = offload.resident_blocks or {}
     what = offload.replace(resident_blocks=None).label()  # of the components offloaded whole
+    moved = moved_whole_before_offloading(config)
     names = offload.components
-    if names is None and partial and components.known:
+    if names is None and (partial or moved) and components.known:
         # Named one by one, not `enable_group_offload(exclude_modules=...)`: diffusers moves an
         # excluded module onto the device whole (pipeline_utils.py), which rehearsing partial offload
-        # of bf16 FLUX.1-dev showed as 22.2 GB on the card before the partial step moved most back.
+        # of bf16 FLUX.1-dev showed as 22.2 GB on the card before the partial step moved most back;
+        # and a model moved onto the device before its offloading goes there just before it.
         names = components.modules()
     if names is None:
         whole = {**kwargs, "exclude_modules": list(partial)} if partial else kwargs
         others = " but " + ", ".join(partial) if partial else ""
-        steps = [method_step("offload", f"{what} of every model{others}", None, "enable_group_offload", (), whole)]
+        steps = [_move_whole_step(name, device) for name in sorted(moved)]  # all at once: the names are unknown
+        steps.append(method_step("offload", f"{what} of every model{others}", None, "enable_group_offload", (), whole))
         return steps + [_partial_offload_step(name, count, device, kwargs) for name, count in partial.items()]
 
     steps = []
     for name in names:
         description = f"{what} of {name}"
+        if name in moved:
+            steps.append(_move_whole_step(name, device))
         if name in partial:
             steps.append(_partial_offload_step(name, partial[name], device, kwargs))
         elif components.is_diffusers_model(name):
@@ -99,6 +111,13 @@ def placement_steps(config: OptimizationConfig, components: Any) -> list[Step]:
         )
         steps.append(Step("offload", f"keep the other models on {device}", code, run))
     return steps
+
+
+def _move_whole_step(name: str, device: str) -> Step:
+    """Move a model quantized on the host onto `device` whole, its quantization state with it, right
+    before its group offloading moves the weights' data back (`moved_whole_before_offloading`)."""
+    description = f"move {name} to {device} with its quantization scales, which group offloading leaves where they are"
+    return method_step("offload", description, name, "to", (device,))
 
 
 def _partial_offload_step(name: str, count: int, device: str, kwargs: dict[str, Any]) -> Step:

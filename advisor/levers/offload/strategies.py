@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from advisor.config import Offload, OptimizationConfig
-from advisor.levers.quantization import loaded_onto_device
+from advisor.levers.quantization import loaded_onto_device, movable_after_loading
 
 
 # The strategies, as the config spells them (`advisor.config.OffloadStrategy`).
@@ -195,8 +195,8 @@ def empties_cache_between_models(config: OptimizationConfig) -> bool:
 def load_device_map(config: OptimizationConfig) -> str | None:
     """The ``device_map`` the pipeline loads with, or None.
 
-    ``"cuda"`` where nothing is offloaded (`loads_onto_device`). ``"cpu"`` under model offload
-    where a quantization backend would otherwise quantize straight onto the GPU: with no map,
+    ``"cuda"`` where nothing is offloaded (`loads_onto_device`). ``"cpu"`` under model or group
+    offload where a quantization backend would otherwise quantize straight onto the GPU: with no map,
     diffusers' and transformers' bitsandbytes quantizers load onto the current CUDA device
     (``update_device_map``), so every such component would sit on the card at once until the
     offload hooks first move them (FLUX.2 [dev] nf4: 31 GB on a 24 GB card). diffusers says so
@@ -204,18 +204,40 @@ def load_device_map(config: OptimizationConfig) -> str | None:
     VRAM environments because quantized models often initialize directly on the accelerator"), and
     the FLUX.2 release post's 24 GB recipe loads its 4-bit models with ``device_map="cpu"`` before
     ``enable_model_cpu_offload()`` (https://huggingface.co/blog/flux-2): accelerate's hooks move
-    whole modules with ``.to``, which carries bitsandbytes' quantization state along. Not under
-    group offloading: its hooks move parameter data only, so a model quantized on the CPU would
-    compute with its quantization state left there (rehearsed: ``gemm_4bit mixes cpu and cuda:0``,
-    tests/test_rehearse.py). bitsandbytes then quantizes on the CPU (``Params4bit.to("cpu")``): a
-    slower load (about 10 s per GB of bf16 weights on 2 cores), the same weights."""
+    whole modules with ``.to``, which carries bitsandbytes' quantization state along. Group
+    offloading's hooks move parameter data only, so a model quantized on the CPU would compute with
+    its quantization state left there (rehearsed: ``gemm_4bit mixes cpu and cuda:0``): each such
+    model is first moved onto the GPU whole (`moved_whole_before_offloading`). Only where a model's
+    ``.to`` carries the scales along (`quantization.movable_after_loading`: 4-bit, not LLM.int8, whose
+    scales ``.to`` leaves behind), else with no map as before. bitsandbytes then quantizes on the CPU
+    (``Params4bit.to("cpu")``): a slower load (about 10 s per GB of bf16 weights on 2 cores), the
+    same weights."""
     if config.offload.device_map:
         return config.offload.device_map
     if loads_onto_device(config):
         return config.device
-    if config.offload.strategy == MODEL and config.device == "cuda" and loaded_onto_device(config):
+    if config.offload.strategy == MODEL and config.device == "cuda" and movable_after_loading(config):
+        return "cpu"
+    if moved_whole_before_offloading(config):
         return "cpu"
     return None
+
+
+def moved_whole_before_offloading(config: OptimizationConfig) -> set[str]:
+    """The group-offloaded components a quantization backend would quantize straight onto the GPU.
+
+    They load onto the host (`load_device_map`), and each moves onto the GPU whole right before its
+    group offloading is applied: ``.to`` carries bitsandbytes' quantization state with the weights
+    (``Params4bit.to`` moves its ``quant_state``, ``Int8Params.to`` its ``SCB``;
+    bitsandbytes/nn/modules.py), and the offloading then moves only the weights' data back to the
+    host, leaving the scales on the card, as where the model had loaded onto it (rehearsed,
+    tests/test_rehearse.py). One such model is whole on the card at a time, not all of them at once,
+    as loading them there with no map would leave them (FLUX.2 [dev] nf4: 31 GB). Not when
+    offloading to disk, the way for a host short of RAM: loading onto the host would stage every
+    converted weight there, so those load onto the GPU as before."""
+    if config.offload.strategy != GROUP or config.device != "cuda" or config.offload.offload_to_disk_path:
+        return set()
+    return {name for name in movable_after_loading(config) if group_offloaded(config, name)}
 
 
 def on_device_after_loading(config: OptimizationConfig, components: list[str]) -> set[str]:
