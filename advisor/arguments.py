@@ -360,6 +360,11 @@ def build_parser(commands_by_name: dict[str, Callable[..., None]]) -> argparse.A
         "--no-prune", action="store_true", help="Measure candidates the estimate predicts far over budget too."
     )
     sub.add_argument(
+        "--no-rehearse",
+        action="store_true",
+        help="Measure GPU candidates without rehearsing them on a virtual GPU first (what `advisor check` does).",
+    )
+    sub.add_argument(
         "--no-compile", action="store_true", help="Leave torch.compile out of the search (faster trials)."
     )
     sub.add_argument(

@@ -537,3 +537,53 @@ def test_the_rules_seed_at_most_the_trials_a_run_measures_and_respect_no_compile
     seed_with_rules(no_compile, space, scenario, 3)
     seeds = [queued_params(t) for t in waiting(no_compile)]
     assert len(seeds) == 3 and not any(seed["compile"] for seed in seeds)
+
+
+# --- rehearsing a GPU candidate before its trial ----------------------------------------------------
+
+
+def test_a_gpu_candidate_its_rehearsal_refuses_is_answered_without_a_trial_process(
+    tiny_flux_dir, tmp_path, monkeypatch
+):
+    """Issue 28: a trial loads the real weights before a device mix crashes it; the rehearsal runs the
+    same hooks on a virtual copy of the card first. A config whose rehearsal fails (here, a fault
+    that hands one layer its input on the CPU) is recorded `invalid (rehearsal)` with the op in the
+    reason and no measurement; with `rehearse=False` the same config goes to a trial process, which
+    on this machine without CUDA crashes: the screening is what kept it from running."""
+    import optuna
+
+    import advisor.rehearse.rehearsal as rehearsal
+    from advisor.levers.code import Step
+    from advisor.plan.scenario import Request, scenario_for
+    from advisor.plan.space import SearchSpace
+    from advisor.run.guard import QualityGuard
+    from advisor.run.trials import TrialRecord
+    from advisor.run.tune import _objective
+
+    scenario = scenario_for(
+        Request(str(tiny_flux_dir), gpu="RTX 4090", ram=64 * 2**30, height=32, width=32, steps=4), None
+    )
+    space = SearchSpace.for_scenario(scenario, compile_choices=(False,)).usable(scenario)
+    params = next(p for p in space.points() if not space.candidate(p, scenario).rejected_by)
+    plan = rehearsal.plan
+
+    def misplace(pipe) -> None:
+        pipe.transformer.x_embedder.register_forward_pre_hook(lambda module, args: tuple(a.to("cpu") for a in args))
+
+    fault = Step("offload", "hand x_embedder its input on the cpu", "", misplace)
+    monkeypatch.setattr(rehearsal, "plan", lambda config, pipe: [*plan(config, pipe), fault])
+
+    def one_trial(settings: TuneSettings) -> TrialRecord:
+        study = optuna.create_study(direction="minimize")
+        study.enqueue_trial(params)
+        guard = QualityGuard(tmp_path / "quality", 0)
+        study.optimize(_objective(space, scenario, str(tiny_flux_dir), settings, set(), guard), n_trials=1)
+        return TrialRecord.from_trial(study.trials[0], "cuda")
+
+    screened = one_trial(TuneSettings(compile_choices=(False,), min_psnr_db=0))
+    assert screened.status == "invalid" and screened.source == "rehearsal"
+    assert "the card would refuse it" in screened.reason and "x_embedder" in screened.reason
+    assert "mixes cpu and cuda:0" in screened.reason and screened.measurement is None
+
+    unscreened = one_trial(TuneSettings(compile_choices=(False,), min_psnr_db=0, rehearse=False, timeout_s=300))
+    assert unscreened.source == "measured" and unscreened.status == "crash"

@@ -32,6 +32,7 @@ def tune(
     min_psnr: float = MIN_PSNR_DB,
     retry_failed: bool = False,
     no_prune: bool = False,
+    no_rehearse: bool = False,
     no_compile: bool = False,
     storage: str | None = None,
     study: str | None = None,
@@ -61,6 +62,7 @@ def tune(
         confirm_runs=confirm,
         min_psnr_db=min_psnr,
         prune=not no_prune,
+        rehearse=not no_rehearse,
         compile_choices=(False,) if no_compile else (True, False),
         retry_failed=retry_failed,
     )

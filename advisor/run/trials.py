@@ -53,6 +53,7 @@ class Source(_Named):
     MEASURED = "measured"
     ESTIMATE = "estimate"
     REPEAT = "repeat"  # the answer of an earlier trial of the same configuration
+    REHEARSAL = "rehearsal"  # refused by its rehearsal on a virtual GPU (`advisor.run.screening`): not measured
 
 
 class ClaimState(_Named):

@@ -35,6 +35,7 @@ from advisor.run.guard import QualityGuard, quality_dir
 from advisor.run.measure import Measurement, measure, remove_orphaned_scratch
 from advisor.run.queue import enqueue_fastest_untried, enqueue_retries, point, seed_with_rules, skipped_by_estimate
 from advisor.run.results import TuneResult, collect
+from advisor.run.screening import Screening, screen
 from advisor.run.stopping import Terminated, quiet_interrupts, terminate_as_interrupt
 from advisor.run.storage import (
     default_storage,
@@ -145,6 +146,7 @@ class TuneSettings:
     seed: int = 0
     compile_choices: tuple[bool, ...] = (True, False)
     retry_failed: bool = False  # re-measure earlier runs' out-of-memory trials too (crash and timeout always are)
+    rehearse: bool = True  # rehearse a GPU config on a virtual GPU before its trial (`advisor.run.screening`)
     confirm_runs: int = CONFIRM_RUNS  # more fresh processes per finalist after the search (`advisor.run.confirm`)
     # a lossy output's floor against the lossless reference (`advisor.run.guard`); 0: no guard
     min_psnr_db: float = MIN_PSNR_DB
@@ -165,11 +167,16 @@ class TuneSettings:
 
 def stale_trials(study, settings: TuneSettings) -> set[int]:
     """The trials, at the start of a run, whose answer that run does not trust: failed ones it retries
-    (`advisor.run.trials.measured_again`), and estimates when the run measures everything (``prune=False``)."""
+    (`advisor.run.trials.measured_again`), estimates when the run measures everything (``prune=False``),
+    and rehearsals' refusals when it rehearses nothing (``rehearse=False``)."""
     stale = set()
     for t in study.get_trials(deepcopy=False):
         status = status_of(t)
-        if measured_again(status, settings.retry_failed) or (not settings.prune and status == Status.SKIPPED):
+        if (
+            measured_again(status, settings.retry_failed)
+            or (not settings.prune and status == Status.SKIPPED)
+            or (not settings.rehearse and source_of(t) == Source.REHEARSAL)
+        ):
             stale.add(t.number)
     return stale
 
@@ -279,7 +286,7 @@ def _objective(
         )  # after the claim: no answer slips between
         if earlier is not None:  # the sampler proposed a configuration already answered: reuse the answer
             same = f"same as trial {earlier.number}"
-            if source_of(earlier) == Source.ESTIMATE:
+            if source_of(earlier) in (Source.ESTIMATE, Source.REHEARSAL):  # answered without a measurement
                 violation = earlier.constraints.get("peak_over_budget", 1.0)
                 return finish(
                     status_of(earlier), Source.REPEAT, violation, predicted.latency_s, f"{same}; {reason_of(earlier)}"
@@ -288,6 +295,13 @@ def _objective(
         if skipped_by_estimate(predicted_peak, scenario, settings.prune):
             reason = f"predicted peak {format_size(predicted_peak)} is far over the {format_size(budget)} budget"
             return finish(Status.SKIPPED, Source.ESTIMATE, float(predicted_peak - budget), predicted.latency_s, reason)
+        screening = Screening()
+        if settings.rehearse:
+            if on_phase:
+                on_phase(trial.number, config.summary(), "rehearsing on a virtual GPU")
+            screening = screen(scenario, config)
+        if screening.refusal:
+            return finish(Status.INVALID, Source.REHEARSAL, 1.0, predicted.latency_s, screening.refusal)
         output = guard.output_path(trial.number) if guard.checks(config) else None
         m = _measure(
             model,
@@ -299,7 +313,7 @@ def _objective(
         )
         if output is not None:
             m.quality = guard.compare(trial.number)
-        return finish_measured(Source.MEASURED, m)
+        return finish_measured(Source.MEASURED, m, screening.note)
 
     return objective
 
