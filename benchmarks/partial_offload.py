@@ -25,6 +25,7 @@ from pathlib import Path
 
 from advisor.config import Offload, OptimizationConfig
 from advisor.levers.offload import block_split, resident_bytes
+from advisor.plan.compute import constants
 from advisor.plan.estimate import estimate, resident_blocks_that_fit
 from advisor.plan.scenario import make_scenario
 from advisor.plan.weights import weight_bytes
@@ -114,7 +115,7 @@ def counted(folder_root: Path) -> None:
                 p.numel() * p.element_size() for p in pipe.transformer.parameters() if id(p) not in offloaded
             )
             _, sizes = block_split(component, config)
-            expected = resident_bytes(component, weight_bytes(component, config), config, active=False)
+            expected = resident_bytes(component, weight_bytes(component, config), config, active=False, k=constants())
             print(
                 f"| {count} of {total} | {format_size(resident)} | {format_size(expected)} | {len(onloads) / len(calls):g} | "
                 f"{len(sizes) + 1} | {'yes' if np.array_equal(image, reference) else 'NO'} |",

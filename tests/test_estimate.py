@@ -163,6 +163,30 @@ def test_group_offloaded_4bit_models_reach_the_card_one_at_a_time_while_loading(
     assert on_card == weights
 
 
+def test_group_offloading_keeps_bitsandbytes_scales_on_the_card_and_8bit_weights_whole(flux_dev):
+    """Group offloading moves parameters' data, not what a bitsandbytes layer keeps beside it
+    (rehearsed: tests/test_rehearse.py): an offloaded nf4 transformer still holds one fp32 absmax
+    per 64 weights on the card while T5 encodes; an 8-bit one holds its int8 weights and row scales,
+    so offloading it frees only the few layers it does not convert."""
+    leaf = Offload(strategy="group", offload_type="leaf_level", use_stream=True, record_stream=True)
+    transformer = flux_dev.component("transformer")
+    rtx_3060 = planned_target(machine=None, gpu="RTX 3060")
+
+    def while_encoding(backend: str) -> tuple[int, int]:
+        config = OptimizationConfig(
+            device="cuda", quantization=Quantization(backend=backend, components=["transformer"]), offload=leaf
+        )
+        result = estimate(flux_dev, make_workload(flux_dev), config, rtx_3060)
+        encoding = next(p for p in result.phases if p.name == "text_encoding")
+        return encoding.weights_bytes.get("transformer", 0), weight_bytes(transformer, config)
+
+    on_card, _ = while_encoding("bitsandbytes_4bit")
+    assert on_card == pytest.approx(transformer.linear_parameters * 4 / 64, rel=0.001)
+    on_card, weights = while_encoding("bitsandbytes_8bit")
+    assert on_card == transformer.linear_parameters + 4 * transformer.linear_rows  # all but the unconverted layers
+    assert on_card > 0.99 * weights
+
+
 def _encoding_weights(profile, config) -> set[str]:
     result = estimate(profile, make_workload(profile), config, RTX_4090)
     return set(next(p for p in result.phases if p.name == "text_encoding").weights_bytes)

@@ -360,6 +360,35 @@ def test_4bit_models_group_offloaded_load_on_the_host_and_reach_the_card_one_at_
     assert max(sizes.values()) <= result.device_peak(APPLYING) < sum(sizes.values())
 
 
+def test_group_offloading_leaves_a_4bit_models_scales_and_an_8bit_models_weights_on_the_card(tiny_flux_dir):
+    """Group offloading swaps each parameter's data. What a bitsandbytes layer keeps beside it stays:
+    a 4-bit layer's quant_state (absmax and code), and an 8-bit layer's int8 data itself, which
+    `Int8Params` also holds as `CB` (with its `SCB`). So while the VAE decodes, long after the
+    transformer ran, the card holds exactly those bytes more than with a bf16 transformer."""
+    import bitsandbytes as bnb
+    from diffusers import DiffusionPipeline
+
+    from advisor.rehearse.rehearsal import rehearse
+
+    leaf = Offload(strategy="group", offload_type="leaf_level", use_stream=True, record_stream=True)
+    left, decode = {}, {}
+    for backend in (None, "bitsandbytes_4bit", "bitsandbytes_8bit"):
+        quantization = Quantization(backend=backend, components=["transformer"]) if backend else None
+        pipe = DiffusionPipeline.from_pretrained(tiny_flux_dir, dtype=torch.bfloat16)
+        result = rehearse(pipe, OptimizationConfig(device="cuda", quantization=quantization, offload=leaf), TINY)
+        assert result.passed, result.failure or result.not_rehearsed
+        decode[backend] = result.device_peak("vae_decode")
+        layers = [m for m in pipe.transformer.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+        if backend == "bitsandbytes_4bit":
+            states = [layer.weight.quant_state for layer in layers]
+            left[backend] = sum(state.absmax.nbytes + state.code.nbytes for state in states)
+        elif backend == "bitsandbytes_8bit":
+            scales = [layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB for layer in layers]
+            left[backend] = sum(layer.weight.numel() for layer in layers) + sum(scale.nbytes for scale in scales)
+    for backend, stays in left.items():
+        assert stays > 0 and decode[backend] - decode[None] == stays, backend
+
+
 def test_an_8bit_model_moved_by_to_leaves_its_scales_behind_so_it_loads_on_the_card(tiny_pipe, monkeypatch):
     """``nn.Module._apply`` swaps an ``Int8Params``' data but keeps the parameter object, whose
     ``CB``/``SCB`` stay where they were; `Linear8bitLt.to` moves the layer's state only when called on

@@ -12,7 +12,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from advisor.plan.compute import replay_pattern  # noqa: E402
+from advisor.plan.compute import constants, replay_pattern  # noqa: E402
 from advisor.plan.replay import allocation_peaks  # noqa: E402
 from advisor.trace.counter import MARK  # noqa: E402
 from advisor.trace.pattern import allocation_record  # noqa: E402
@@ -155,5 +155,5 @@ def test_leaf_level_offload_holds_a_layer_or_two_where_the_activations_peak(tiny
     # The estimate holds what the frontier gives at the plan's activations: at most two of the largest.
     streamed = OptimizationConfig(offload=Offload(strategy="group", offload_type="leaf_level", use_stream=True))
     traced = replace(denoiser, trace={"layers_in_flight": frontier})
-    held = resident_bytes(traced, 2 * denoiser.parameters, streamed, True, activation=10 * 2**20)
+    held = resident_bytes(traced, 2 * denoiser.parameters, streamed, True, activation=10 * 2**20, k=constants())
     assert 0 < held <= 2 * largest * 2

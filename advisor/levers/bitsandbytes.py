@@ -100,6 +100,16 @@ class Bitsandbytes(QuantBackend):
     loads_onto_device = True
     needs_dynamic_output_shapes = True
 
+    def left_on_device_by_group_offload(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
+        """A 4-bit weight's scales live in its ``quant_state``, beside the parameter's data, so they
+        stay on the card: the absmax, all but the 4 bits per weight. An 8-bit weight keeps its int8
+        data referenced as ``CB`` as well (``Int8Params._quantize`` sets ``self.CB = CB`` of the
+        data; bitsandbytes/nn/modules.py), so swapping ``data`` frees none of it. Rehearsed: a
+        group-offloaded nf4 transformer leaves its absmax on the card, an 8-bit one all of it
+        (tests/test_rehearse.py)."""
+        per_weight, per_row = self.linear_bytes(quantization, k)
+        return (per_weight - 0.5, per_row) if quantization.backend == FOUR_BIT else (per_weight, per_row)
+
     def scales_move_with_module(self, quantization: Quantization) -> bool:
         """4-bit: ``Params4bit.to`` moves its ``quant_state`` in place. 8-bit: ``Int8Params.to`` returns
         a new parameter with its ``CB``/``SCB``, but ``nn.Module._apply`` keeps the old parameter

@@ -18,6 +18,7 @@ Pure Python at import: torch, diffusers and the backends' packages only inside `
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Callable
 
 from advisor.config import OptimizationConfig, Quantization
@@ -58,6 +59,12 @@ class QuantBackend:
         """What the search space offers for `components` of `model` (a Hub id: a pre-quantized
         checkpoint exists for some models only)."""
         return []
+
+    def left_on_device_by_group_offload(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
+        """(bytes per converted weight, bytes per output row) that group offloading leaves on the GPU:
+        its hooks swap each parameter's ``data`` (diffusers/hooks/group_offloading.py), not what a
+        quantized layer keeps beside it."""
+        return 0.0, 0.0
 
     def scales_move_with_module(self, quantization: Quantization) -> bool:
         """Whether a model's ``.to(device)`` carries its quantized layers' scales along with their weights."""
@@ -198,6 +205,27 @@ def loaded_onto_device(config: OptimizationConfig) -> set[str]:
     return set(q.components) if q is not None and backend_of(q).loads_onto_device else set()
 
 
+def _converted(backend: QuantBackend, component: Any) -> tuple[int, int]:
+    """(weights, output rows) of `component`'s layers that `backend` converts."""
+    linear, rows = component.linear_parameters, component.linear_rows
+    if backend.converts_fp32_modules:
+        linear += component.fp32_linear_parameters
+        rows += component.fp32_linear_rows
+    return linear, rows
+
+
+def left_on_device_by_group_offload(config: OptimizationConfig, component: Any, k: dict[str, Any]) -> int:
+    """Bytes of a quantized `component` that group offloading never moves off the GPU
+    (`QuantBackend.left_on_device_by_group_offload`)."""
+    quantization = quantized(config, component.name)
+    if quantization is None:
+        return 0
+    backend = backend_of(quantization)
+    linear, rows = _converted(backend, component)
+    per_weight, per_row = backend.left_on_device_by_group_offload(quantization, k)
+    return math.ceil(linear * per_weight + rows * per_row)
+
+
 def movable_after_loading(config: OptimizationConfig) -> set[str]:
     """Of the components quantized straight onto the GPU while loading, those that may load onto the
     host instead and be moved there whole later, their scales with them (`QuantBackend.scales_move_with_module`)."""
@@ -292,10 +320,7 @@ class Quantizing(Lever):
         exact = backend.stored_bytes(quantization, component, compute_bytes)
         if exact is not None:
             return exact
-        linear, rows = component.linear_parameters, component.linear_rows
-        if backend.converts_fp32_modules:
-            linear += component.fp32_linear_parameters
-            rows += component.fp32_linear_rows
+        linear, rows = _converted(backend, component)
         per_weight, per_row = backend.linear_bytes(quantization, k)
         return linear * per_weight + rows * per_row + (component.parameters - linear) * compute_bytes
 

@@ -193,7 +193,9 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
         return max(
             p.reserved_bytes
             - p.weights_bytes.get(name, 0)
-            + offload.resident_bytes(component, weights, config, ROLE_OF_PHASE[p.name] == component.role, count)
+            + offload.resident_bytes(
+                component, weights, config, ROLE_OF_PHASE[p.name] == component.role, count, k=constants()
+            )
             for p in phases
         )
 
@@ -248,7 +250,7 @@ def estimate(
             active = [c for c in active if c.name in together]
         resident = {
             c.name: offload.resident_bytes(
-                c, weights[c.name], config, c in active, activation=works[phase].activation_bytes
+                c, weights[c.name], config, c in active, activation=works[phase].activation_bytes, k=constants()
             )
             for c in profile.components
             if c.role != "other" or offload.unused_components_resident(config)
@@ -327,7 +329,7 @@ def _moving_the_largest_whole(
     the card yet)."""
     largest = max(sorted(moved), key=lambda name: weights[name])
     on_card = {
-        c.name: offload.resident_bytes(c, weights[c.name], config, active=False)
+        c.name: offload.resident_bytes(c, weights[c.name], config, active=False, k=constants())
         for c in profile.components
         if c.name != largest and (c.role != "other" or offload.unused_components_resident(config))
     }

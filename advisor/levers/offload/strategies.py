@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from advisor.config import Offload, OptimizationConfig
-from advisor.levers.quantization import loaded_onto_device, movable_after_loading
+from advisor.levers.quantization import left_on_device_by_group_offload, loaded_onto_device, movable_after_loading
 
 
 # The strategies, as the config spells them (`advisor.config.OffloadStrategy`).
@@ -89,13 +89,28 @@ def resident_bytes(
     active: bool,
     count: int | None = None,
     activation: float = 0.0,
+    *,
+    k: dict[str, Any],
 ) -> int:
     """Device bytes of a component's `weights` during a phase where it is `active` (or not), whose
     activations peak at `activation` bytes; `count` resident blocks of a partially offloaded
-    component instead of the config's."""
+    component instead of the config's. What group offloading can't move (a quantization backend's
+    state beside the weights' data) stays on the device in every phase."""
     offload = config.offload
     if offload.strategy == NONE or (offload.strategy == GROUP and not group_offloaded(config, component.name)):
         return weights
+    if offload.strategy == GROUP:
+        left = left_on_device_by_group_offload(config, component, k)
+        moved = _moved_resident_bytes(component, weights, config, active, count, activation)
+        return min(weights, moved + left)
+    return _moved_resident_bytes(component, weights, config, active, count, activation)
+
+
+def _moved_resident_bytes(
+    component: Any, weights: int, config: OptimizationConfig, active: bool, count: int | None, activation: float
+) -> int:
+    """`resident_bytes` of what the offloading moves."""
+    offload = config.offload
     per_parameter = weights / component.parameters if component.parameters else 0.0
     partial = _partly_resident(component, config)
     kept, streamed = block_split(component, config, count) if partial else (0, [])
@@ -275,7 +290,7 @@ def host_bytes(
     if offload.strategy != GROUP:
         return 0, 0
     offloaded = sum(  # partial offload keeps some of it on the device, not in RAM
-        weights[c.name] - resident_bytes(c, weights[c.name], config, active=False)
+        weights[c.name] - resident_bytes(c, weights[c.name], config, active=False, k=k)
         for c in components
         if group_offloaded(config, c.name)
     )
