@@ -20,6 +20,7 @@ import textwrap
 import pytest
 
 from advisor.config import Compile, LayerwiseCasting, Offload, OptimizationConfig, Provenance, Quantization, Vae
+from advisor.errors import ConfigError
 from advisor.probe.layout import catalog_names, read_layout
 from advisor.run import emit, quantize
 from advisor.run import steps as run_steps
@@ -410,6 +411,38 @@ def test_4bit_models_group_offloaded_load_on_the_host_and_each_moves_to_the_gpu_
         assert lines[moved + 1] in (f"pipe.{name}.enable_group_offload(", "apply_group_offloading(")
     assert 'pipe.vae.to("cuda")' not in script  # not quantized: loaded on the host, offloaded from there
 
-    eight = both.replace(backend="bitsandbytes_8bit")
-    script = emit.emit_python(str(tiny_flux_dir), OptimizationConfig(device="cuda", quantization=eight, offload=leaf))
-    assert "device_map" not in script and 'pipe.transformer.to("cuda")' not in script
+    # 8-bit: loaded onto the GPU (no map), where group offloading can't move it off at all: refused.
+    eight = OptimizationConfig(device="cuda", quantization=both.replace(backend="bitsandbytes_8bit"), offload=leaf)
+    assert "device_map" not in quantize.pipeline_kwargs(eight)
+    with pytest.raises(ConfigError, match="bitsandbytes-8bit-stays-on-the-card|8-bit weights stay there"):
+        emit.emit_python(str(tiny_flux_dir), eight)
+
+
+def test_with_the_models_unknown_each_4bit_model_still_moves_and_offloads_before_the_next(tiny_flux_dir):
+    """Planning without the pipeline at hand (no model_index.json): the 4-bit models are named by the
+    config, so each is moved and offloaded on its own, and a loop offloads whatever else the pipeline
+    holds, never `enable_group_offload(exclude_modules=...)`, which would move the named ones back
+    onto the GPU whole. The loop's code runs as shown."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    from advisor.levers.offload.steps import _offload_the_others_step, placement_steps
+
+    leaf = Offload(strategy="group", offload_type="leaf_level", use_stream=True)
+    both = Quantization(backend="bitsandbytes_4bit", components=["transformer", "text_encoder_2"])
+    steps = placement_steps(
+        OptimizationConfig(device="cuda", quantization=both, offload=leaf), Components.of_model(None)
+    )
+    codes = [step.code for step in steps]
+    for name in both.components:
+        moved = codes.index(f'pipe.{name}.to("cuda")')
+        assert codes[moved + 1].startswith(f"apply_group_offloading(\n    pipe.{name},")
+    assert "enable_group_offload" not in "\n".join(codes)
+    assert codes[-1].startswith("for name, component in pipe.components.items():")
+
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_flux_dir))
+    on_cpu = {"onload_device": "cpu", "offload_device": "cpu", "offload_type": "leaf_level"}
+    _offload_the_others_step("group offload", ["transformer"], on_cpu).run(pipe)
+    modules = {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    assert {name for name, c in modules.items() if _is_group_offload_enabled(c)} == set(modules) - {"transformer"}

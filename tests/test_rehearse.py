@@ -389,6 +389,39 @@ def test_group_offloading_leaves_a_4bit_models_scales_and_an_8bit_models_weights
         assert stays > 0 and decode[backend] - decode[None] == stays, backend
 
 
+def test_model_offload_moves_a_4bit_model_off_the_card_but_no_byte_of_an_8bit_one(tiny_flux_dir):
+    """accelerate's model offload moves a model with ``Module.to``, which swaps each parameter's data.
+    An 8-bit layer's int8 data is also held as ``CB`` (then ``state.CB``), so once the run is over,
+    the transformer back on the CPU, the card still holds every 8-bit byte: why the advisor refuses
+    8-bit with model or group offloading (constraint bitsandbytes-8bit-stays-on-the-card)."""
+    import bitsandbytes as bnb
+    from diffusers import DiffusionPipeline
+
+    from advisor.levers.bitsandbytes import bitsandbytes_8bit_stays_on_the_card
+    from advisor.platform import Platform
+    from advisor.rehearse.rehearsal import rehearse
+
+    gpu = Platform.of_target("cuda", "8.9", {"diffusers": "0.42.1", "bitsandbytes": "0.50.2"})
+    left = {}
+    for backend in ("bitsandbytes_4bit", "bitsandbytes_8bit"):
+        config = OptimizationConfig(
+            device="cuda",
+            quantization=Quantization(backend=backend, components=["transformer"]),
+            offload=Offload(strategy="model"),
+        )
+        pipe = DiffusionPipeline.from_pretrained(tiny_flux_dir, dtype=torch.bfloat16)
+        result = rehearse(pipe, config, TINY)
+        assert result.passed, result.failure or result.not_rehearsed
+        gc.collect()
+        assert pipe.transformer.device.type == "cpu"
+        left[backend] = result.ledger.live.get("cuda:0", 0)
+        refused = bitsandbytes_8bit_stays_on_the_card(config, gpu)
+        assert (refused is not None) == (backend == "bitsandbytes_8bit")
+    layers = [m for m in pipe.transformer.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    int8 = sum(layer.state.CB.nbytes + layer.state.SCB.nbytes for layer in layers)
+    assert left == {"bitsandbytes_4bit": 0, "bitsandbytes_8bit": int8}
+
+
 def test_an_8bit_model_moved_by_to_leaves_its_scales_behind_so_it_loads_on_the_card(tiny_pipe, monkeypatch):
     """``nn.Module._apply`` swaps an ``Int8Params``' data but keeps the parameter object, whose
     ``CB``/``SCB`` stay where they were; `Linear8bitLt.to` moves the layer's state only when called on

@@ -269,7 +269,8 @@ def test_over_budget_by_the_estimate_is_skipped_without_measuring(tiny_flux_dir,
             assert trial["reason"].startswith("same as trial ")
     assert len(configs) == len(set(configs)) == len(space(tiny_flux_dir, 100 * 2**20))
     assert data["notes"] == [
-        f"the search space has only {len(configs)} configurations; all measured or ruled out by the estimate (0 measured)"
+        f"the search space has only {len(configs)} configurations; all measured or ruled out by the estimate, a rule "
+        "or a rehearsal (0 measured)"
     ]
 
 
@@ -542,48 +543,58 @@ def test_the_rules_seed_at_most_the_trials_a_run_measures_and_respect_no_compile
 # --- rehearsing a GPU candidate before its trial ----------------------------------------------------
 
 
-def test_a_gpu_candidate_its_rehearsal_refuses_is_answered_without_a_trial_process(
-    tiny_flux_dir, tmp_path, monkeypatch
-):
+def test_a_gpu_candidate_its_rehearsal_refuses_is_answered_without_a_trial_process(tiny_flux_dir, tmp_path):
     """Issue 28: a trial loads the real weights before a device mix crashes it; the rehearsal runs the
-    same hooks on a virtual copy of the card first. A config whose rehearsal fails (here, a fault
-    that hands one layer its input on the CPU) is recorded `invalid (rehearsal)` with the op in the
-    reason and no measurement; with `rehearse=False` the same config goes to a trial process, which
-    on this machine without CUDA crashes: the screening is what kept it from running."""
+    same hooks on a virtual copy of the card first, in a child process that sees no GPU. nf4 with
+    block-level group offloading leaves the scales on the CPU (diffusers #10797): with diffusers
+    0.42.1 a rule refuses it; for a later diffusers the rule lets the rehearsal decide, which
+    refuses it here: `invalid (rehearsal)`, the op in the reason, no measurement. Proposed again, the
+    answer is reused. With `rehearse=False` the same config goes to a trial process, which on this
+    machine without CUDA crashes: the screening is what kept it from running."""
+    import dataclasses
+
     import optuna
 
-    import advisor.rehearse.rehearsal as rehearsal
-    from advisor.levers.code import Step
     from advisor.plan.scenario import Request, scenario_for
     from advisor.plan.space import SearchSpace
     from advisor.run.guard import QualityGuard
     from advisor.run.trials import TrialRecord
     from advisor.run.tune import _objective
 
-    scenario = scenario_for(
-        Request(str(tiny_flux_dir), gpu="RTX 4090", ram=64 * 2**30, height=32, width=32, steps=4), None
-    )
+    request = Request(str(tiny_flux_dir), gpu="RTX 4090", ram=64 * 2**30, height=32, width=32, steps=4)
+    later = {"torch": "2.13.0", "diffusers": "0.43.0", "transformers": "5.25.0", "bitsandbytes": "0.50.2"}
+    scenario = dataclasses.replace(scenario_for(request, None), packages=later)
     space = SearchSpace.for_scenario(scenario, compile_choices=(False,)).usable(scenario)
-    params = next(p for p in space.points() if not space.candidate(p, scenario).rejected_by)
-    plan = rehearsal.plan
 
-    def misplace(pipe) -> None:
-        pipe.transformer.x_embedder.register_forward_pre_hook(lambda module, args: tuple(a.to("cpu") for a in args))
+    def scales_left_on_the_cpu(params) -> bool:
+        candidate = space.candidate(params, scenario)
+        q, offload = candidate.config.quantization, candidate.config.offload
+        return (
+            not candidate.rejected_by
+            and q is not None
+            and q.backend == "bitsandbytes_4bit"
+            and offload.strategy == "group"
+            and offload.offload_type == "block_level"
+            and not offload.use_stream
+        )
 
-    fault = Step("offload", "hand x_embedder its input on the cpu", "", misplace)
-    monkeypatch.setattr(rehearsal, "plan", lambda config, pipe: [*plan(config, pipe), fault])
+    params = next(p for p in space.points() if scales_left_on_the_cpu(p))
+    guard = QualityGuard(tmp_path / "quality", 0)
 
-    def one_trial(settings: TuneSettings) -> TrialRecord:
+    def trials(settings: TuneSettings, proposals: int) -> list[TrialRecord]:
         study = optuna.create_study(direction="minimize")
-        study.enqueue_trial(params)
-        guard = QualityGuard(tmp_path / "quality", 0)
-        study.optimize(_objective(space, scenario, str(tiny_flux_dir), settings, set(), guard), n_trials=1)
-        return TrialRecord.from_trial(study.trials[0], "cuda")
+        for _ in range(proposals):
+            study.enqueue_trial(params)
+        study.optimize(_objective(space, scenario, str(tiny_flux_dir), settings, set(), guard), n_trials=proposals)
+        return [TrialRecord.from_trial(t, "cuda") for t in study.trials]
 
-    screened = one_trial(TuneSettings(compile_choices=(False,), min_psnr_db=0))
-    assert screened.status == "invalid" and screened.source == "rehearsal"
-    assert "the card would refuse it" in screened.reason and "x_embedder" in screened.reason
-    assert "mixes cpu and cuda:0" in screened.reason and screened.measurement is None
+    screened, again = trials(TuneSettings(compile_choices=(False,), min_psnr_db=0), 2)
+    assert screened.status == "invalid" and screened.source == "rehearsal" and screened.measurement is None
+    assert "the card would refuse it" in screened.reason and "mixes cpu and cuda:0" in screened.reason
+    assert "quant_state.absmax" in screened.reason
+    assert (
+        again.source == "repeat" and again.status == "invalid" and f"same as trial {screened.number}" in again.reason
+    )
 
-    unscreened = one_trial(TuneSettings(compile_choices=(False,), min_psnr_db=0, rehearse=False, timeout_s=300))
+    [unscreened] = trials(TuneSettings(compile_choices=(False,), min_psnr_db=0, rehearse=False, timeout_s=300), 1)
     assert unscreened.source == "measured" and unscreened.status == "crash"

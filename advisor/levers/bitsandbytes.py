@@ -14,7 +14,7 @@ from typing import Any, Callable
 from advisor.config import OptimizationConfig, Quantization
 from advisor.levers.base import Loading
 from advisor.levers.code import call_source, dtype_expr, runtime_value
-from advisor.levers.offload.strategies import LEAF_LEVEL, group_offloaded
+from advisor.levers.offload.strategies import GROUP, LEAF_LEVEL, MODEL, group_offloaded
 from advisor.levers.quantization import KEYWORD, VARIABLE, QuantBackend
 from advisor.platform import Constraint, Platform, constraint, version_tuple
 
@@ -88,6 +88,34 @@ def bitsandbytes_group_offload_needs_leaf_streams(config: OptimizationConfig, pl
         f"group offloading of {', '.join(offloaded)} quantized with {q.backend} leaves its scales on the CPU "
         f"(rehearsed with diffusers {REHEARSED_WITH['diffusers']}, bitsandbytes {REHEARSED_WITH['bitsandbytes']}); "
         "use `offload.offload_type: leaf_level` with `offload.use_stream: true`, or model offload"
+    )
+
+
+@constraint(
+    "bitsandbytes-8bit-stays-on-the-card",
+    "offload.strategy",
+    "an 8-bit bitsandbytes weight keeps its int8 data as CB beside the parameter, which model offload's "
+    "Module.to and group offloading's data swap leave on the card: offloading frees none of it, and each "
+    "onload adds a second copy (rehearsed; sequential offload moves it)",
+    "https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1332",
+    into=CONSTRAINTS,
+)
+def bitsandbytes_8bit_stays_on_the_card(config: OptimizationConfig, platform: Platform) -> str | None:
+    # Int8Params._quantize sets `self.CB = CB` of its data; nn.Module._apply and group offloading swap
+    # only `param.data` (torch/nn/modules/module.py, diffusers/hooks/group_offloading.py), and
+    # Linear8bitLt.forward copies CB into its `state` (bitsandbytes/nn/modules.py). Rehearsed: after a
+    # model-offloaded run every 8-bit byte is still on the card (tests/test_rehearse.py).
+    q, offload = config.quantization, config.offload
+    if q is None or q.backend != EIGHT_BIT or offload.strategy not in (MODEL, GROUP):
+        return None
+    offloaded = [name for name in q.components if offload.strategy == MODEL or group_offloaded(config, name)]
+    installed = (platform.packages or {}).get("bitsandbytes")
+    if not offloaded or (installed and version_tuple(installed) > version_tuple(REHEARSED_WITH["bitsandbytes"])):
+        return None  # a later bitsandbytes may move it: `advisor check` rehearses it there
+    return (
+        f"{offload.strategy} offloading can't move {', '.join(offloaded)} off the GPU: its 8-bit weights stay there "
+        f"as bitsandbytes' CB (rehearsed with bitsandbytes {REHEARSED_WITH['bitsandbytes']}); use 4-bit, "
+        "sequential offload, or keep the 8-bit model on the GPU"
     )
 
 

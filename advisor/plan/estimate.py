@@ -39,9 +39,8 @@ from advisor.probe.workload import Workload, encoding_order, encoding_passes
 
 
 PHASES = ("text_encoding", "denoising", "vae_decode")
-LOADING = (
-    "loading"  # a phase of its own only where loading (placement included) leaves more on the card than a run holds
-)
+# A phase of its own only where loading (placement included) leaves more on the card than a run holds.
+LOADING = "loading"
 ROLE_OF_PHASE = {"text_encoding": "text_encoder", "denoising": "denoiser", "vae_decode": "vae"}
 
 
@@ -192,6 +191,8 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
     def peak(count: int) -> int:
         return max(
             p.reserved_bytes
+            if p.name == LOADING  # what loading holds doesn't depend on the blocks kept
+            else p.reserved_bytes
             - p.weights_bytes.get(name, 0)
             + offload.resident_bytes(
                 component, weights, config, ROLE_OF_PHASE[p.name] == component.role, count, k=constants()
@@ -273,10 +274,10 @@ def estimate(
     gpu_peaks: dict[str, int] = {}
     if placed and not on_cpu:
         phases, gpu_peaks = _fullest_gpu(phases, placed, profile)
-    # Loading with no device_map under sequential offloading: bitsandbytes quantizes every component
-    # it converts straight onto the GPU, all there at once until the offload call moves them off.
-    # Under group offloading they load onto the host and go to the card one at a time instead
-    # (`offload.load_device_map`).
+    # Loading with no device_map (sequential offloading, 8-bit models, offloading to disk):
+    # bitsandbytes quantizes every component it converts straight onto the GPU, all there at once
+    # until the offload call moves them off. Otherwise, under group offloading, 4-bit models load onto
+    # the host and go to the card one at a time (`offload.load_device_map`).
     loaded = offload.on_device_after_loading(config, [c.name for c in profile.components])
     if loaded and offload.OFFLOAD.is_on(config) and not on_cpu:
         phases.insert(0, PhaseEstimate(LOADING, {n: weights[n] for n in sorted(loaded)}, 0))
@@ -325,13 +326,13 @@ def _moving_the_largest_whole(
 ) -> PhaseEstimate:
     """The card while the largest of the models moved there whole before their offloading
     (`offload.moved_whole_before_offloading`) is there: that model's weights beside what every
-    other model keeps resident once offloaded (an upper bound: those applied after it are not on
-    the card yet)."""
+    other group-offloaded model keeps resident (an upper bound: those applied after it are not on
+    the card yet). The models kept on the card whole move there after all the offloading."""
     largest = max(sorted(moved), key=lambda name: weights[name])
     on_card = {
         c.name: offload.resident_bytes(c, weights[c.name], config, active=False, k=constants())
         for c in profile.components
-        if c.name != largest and (c.role != "other" or offload.unused_components_resident(config))
+        if c.name != largest and offload.group_offloaded(config, c.name)
     }
     return PhaseEstimate(LOADING, {name: b for name, b in {**on_card, largest: weights[largest]}.items() if b}, 0)
 

@@ -69,6 +69,7 @@ class Rehearsal:
     seconds: float = 0.0
     budget_bytes: int = NO_LIMIT  # what the caching allocator may reserve (the allocator model's card)
     allocator_settings: AllocatorSettings = AllocatorSettings()
+    mixed_devices: bool = False  # the failure is an op mixing devices or dtypes (not a library refusing)
 
     @property
     def phase_peaks(self) -> dict[str, dict[str, int]]:
@@ -242,6 +243,7 @@ def rehearse(
     names: _Names | None = None
     started = time.perf_counter()
     failure = not_rehearsed = None
+    mixed = False
     dtype = getattr(torch, config.dtype)
     try:
         with (
@@ -284,7 +286,7 @@ def rehearse(
                     decode_batch=decoded,
                 )
     except DeviceMismatch as error:
-        failure = str(error)
+        failure, mixed = str(error), True
     except NotRehearsable as error:
         not_rehearsed = str(error)
     except Exception as error:
@@ -294,7 +296,7 @@ def rehearse(
         else:  # a package missing here, or something the virtual device can't run: no verdict
             not_rehearsed = said
     settings = AllocatorSettings(expandable_segments=config.expandable_segments)
-    return Rehearsal(failure, not_rehearsed, ledger, time.perf_counter() - started, budget_bytes, settings)
+    return Rehearsal(failure, not_rehearsed, ledger, time.perf_counter() - started, budget_bytes, settings, mixed)
 
 
 @contextlib.contextmanager

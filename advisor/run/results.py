@@ -103,6 +103,12 @@ def nothing_fits_advice(records: list[TrialRecord], budget: int, space_size: int
             f"over the {format_size(budget)} budget"
         )
     advice += failure_advice({r.status for r in records})
+    refused = sum(1 for r in records if r.source == Source.REHEARSAL)
+    if refused:
+        advice.append(
+            f"{refused} configuration(s) were refused by their rehearsal on a virtual GPU (the op is in the reason); "
+            "`advisor check` rehearses one alone, --no-rehearse measures them anyway"
+        )
     ways = ["a larger --budget", "a lower --height/--width/--frames"]
     ways += ["more --trials"] if len({r.summary for r in records}) < space_size else []
     ways += ["--no-prune"] if any(r.status == Status.SKIPPED for r in records) else []

@@ -209,7 +209,8 @@ def exhausted_note(space: SearchSpace, progress: Progress, wanted: int) -> str |
     if len(progress.measured) >= space.size():
         return f"the search space has only {space.size()} configurations; all measured"
     return (
-        f"the search space has only {space.size()} configurations; all measured or ruled out by the estimate "
+        f"the search space has only {space.size()} configurations; all measured or ruled out by the estimate, "
+        "a rule or a rehearsal "
         f"({len(progress.measured)} measured)"
     )
 
@@ -355,16 +356,17 @@ def _judge(m: Measurement, scenario: Scenario, guard: QualityGuard) -> Verdict:
 
 
 def _answered_before(study, config: dict[str, Any], number: int, stale: set[int]):
-    """A finished trial, not stale, that measured `config` (or else decided it by the estimate)."""
-    wanted, by_estimate = config_key(config), None
+    """A finished trial, not stale, that measured `config` (or else decided it without a measurement:
+    by the estimate, or by its rehearsal)."""
+    wanted, unmeasured = config_key(config), None
     for trial in study.get_trials(deepcopy=False):
         if trial.number == number or trial.number in stale or config_key(config_of(trial)) != wanted:
             continue
         if source_of(trial) == Source.MEASURED and measurement_of(trial):
             return trial
-        if source_of(trial) == Source.ESTIMATE and by_estimate is None:
-            by_estimate = trial
-    return by_estimate
+        if source_of(trial) in (Source.ESTIMATE, Source.REHEARSAL) and unmeasured is None:
+            unmeasured = trial
+    return unmeasured
 
 
 # --- the study ----------------------------------------------------------------------------------

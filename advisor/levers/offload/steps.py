@@ -69,11 +69,21 @@ def placement_steps(config: OptimizationConfig, components: Any) -> list[Step]:
         # of bf16 FLUX.1-dev showed as 22.2 GB on the card before the partial step moved most back;
         # and a model moved onto the device before its offloading goes there just before it.
         names = components.modules()
+    if names is None and moved:  # the pipeline's other models are not known until it runs
+        steps = []
+        for name in sorted(moved):
+            steps.append(_move_whole_step(name, device))
+            steps.append(
+                function_step(
+                    "offload", f"{what} of {name}", "diffusers.hooks", "apply_group_offloading", name, kwargs
+                )
+            )
+        steps.append(_offload_the_others_step(what, [*sorted(moved), *partial], kwargs))
+        return steps + [_partial_offload_step(name, count, device, kwargs) for name, count in partial.items()]
     if names is None:
         whole = {**kwargs, "exclude_modules": list(partial)} if partial else kwargs
         others = " but " + ", ".join(partial) if partial else ""
-        steps = [_move_whole_step(name, device) for name in sorted(moved)]  # all at once: the names are unknown
-        steps.append(method_step("offload", f"{what} of every model{others}", None, "enable_group_offload", (), whole))
+        steps = [method_step("offload", f"{what} of every model{others}", None, "enable_group_offload", (), whole)]
         return steps + [_partial_offload_step(name, count, device, kwargs) for name, count in partial.items()]
 
     steps = []
@@ -118,6 +128,29 @@ def _move_whole_step(name: str, device: str) -> Step:
     before its group offloading moves the weights' data back (`moved_whole_before_offloading`)."""
     description = f"move {name} to {device} with its quantization scales, which group offloading leaves where they are"
     return method_step("offload", description, name, "to", (device,))
+
+
+def _offload_the_others_step(what: str, done: list[str], kwargs: dict[str, Any]) -> Step:
+    """Group-offload every model of the pipeline but `done`, one by one: not
+    ``enable_group_offload(exclude_modules=...)``, which moves the excluded models onto the device
+    whole afterwards (pipeline_utils.py). Runs the very code it shows (`exec`)."""
+    call = call_source("apply_group_offloading", [Expr("component", None)], kwargs)
+    code = "\n".join(
+        [
+            "for name, component in pipe.components.items():",
+            f"    if name not in {source(done)} and isinstance(component, torch.nn.Module):",
+            *("        " + line for line in call.splitlines()),
+        ]
+    )
+    imports = ("import torch", "from diffusers.hooks import apply_group_offloading")
+
+    def run(pipe: Any) -> None:
+        import torch
+        from diffusers.hooks import apply_group_offloading
+
+        exec(code, {"pipe": pipe, "torch": torch, "apply_group_offloading": apply_group_offloading})
+
+    return Step("offload", f"{what} of the other models", code, run, imports)
 
 
 def _partial_offload_step(name: str, count: int, device: str, kwargs: dict[str, Any]) -> Step:

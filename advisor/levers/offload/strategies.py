@@ -224,7 +224,8 @@ def load_device_map(config: OptimizationConfig) -> str | None:
     its quantization state left there (rehearsed: ``gemm_4bit mixes cpu and cuda:0``): each such
     model is first moved onto the GPU whole (`moved_whole_before_offloading`). Only where a model's
     ``.to`` carries the scales along (`quantization.movable_after_loading`: 4-bit, not LLM.int8, whose
-    scales ``.to`` leaves behind), else with no map as before. bitsandbytes then quantizes on the CPU
+    int8 data and scales ``.to`` leaves behind); 8-bit models load with no map, onto the GPU (where
+    model and group offloading can't move them off: `bitsandbytes-8bit-stays-on-the-card`). bitsandbytes then quantizes on the CPU
     (``Params4bit.to("cpu")``): a slower load (about 10 s per GB of bf16 weights on 2 cores), the
     same weights."""
     if config.offload.device_map:
@@ -243,13 +244,14 @@ def moved_whole_before_offloading(config: OptimizationConfig) -> set[str]:
 
     They load onto the host (`load_device_map`), and each moves onto the GPU whole right before its
     group offloading is applied: ``.to`` carries bitsandbytes' quantization state with the weights
-    (``Params4bit.to`` moves its ``quant_state``, ``Int8Params.to`` its ``SCB``;
-    bitsandbytes/nn/modules.py), and the offloading then moves only the weights' data back to the
+    (``Params4bit.to`` moves its ``quant_state`` in place; bitsandbytes/nn/modules.py), and the
+    offloading, on a stream (the only way bitsandbytes models are group-offloaded:
+    `bitsandbytes-group-offload-needs-leaf-streams`), then moves only the weights' data back to the
     host, leaving the scales on the card, as where the model had loaded onto it (rehearsed,
     tests/test_rehearse.py). One such model is whole on the card at a time, not all of them at once,
     as loading them there with no map would leave them (FLUX.2 [dev] nf4: 31 GB). Not when
     offloading to disk, the way for a host short of RAM: loading onto the host would stage every
-    converted weight there, so those load onto the GPU as before."""
+    converted weight there, so those load onto the GPU with no map."""
     if config.offload.strategy != GROUP or config.device != "cuda" or config.offload.offload_to_disk_path:
         return set()
     return {name for name in movable_after_loading(config) if group_offloaded(config, name)}
