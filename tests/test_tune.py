@@ -596,5 +596,7 @@ def test_a_gpu_candidate_its_rehearsal_refuses_is_answered_without_a_trial_proce
         again.source == "repeat" and again.status == "invalid" and f"same as trial {screened.number}" in again.reason
     )
 
-    [unscreened] = trials(TuneSettings(compile_choices=(False,), min_psnr_db=0, rehearse=False, timeout_s=300), 1)
+    [unscreened] = trials(
+        TuneSettings(compile_choices=(False,), min_psnr_db=0, rehearse=False), 1
+    )  # default timeout: a busy machine still ends in its crash
     assert unscreened.source == "measured" and unscreened.status == "crash"

@@ -187,6 +187,7 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
     weights = weight_bytes(component, config)
     phases = estimate_for(scenario, config).phases
     budget = scenario.budget_bytes
+    k = constants()
 
     def peak(count: int) -> int:
         return max(
@@ -194,9 +195,7 @@ def resident_blocks_that_fit(scenario: Scenario, config: OptimizationConfig, nam
             if p.name == LOADING  # what loading holds doesn't depend on the blocks kept
             else p.reserved_bytes
             - p.weights_bytes.get(name, 0)
-            + offload.resident_bytes(
-                component, weights, config, ROLE_OF_PHASE[p.name] == component.role, count, k=constants()
-            )
+            + offload.resident_bytes(component, weights, config, ROLE_OF_PHASE[p.name] == component.role, count, k=k)
             for p in phases
         )
 
@@ -236,6 +235,7 @@ def estimate(
         )
     weights = {c.name: weight_bytes(c, config) for c in profile.components}
     on_cpu = target.device == "cpu" or config.device == "cpu"
+    k = constants()
 
     works = phase_work(profile, workload, config, memo)
     phases = []
@@ -251,7 +251,7 @@ def estimate(
             active = [c for c in active if c.name in together]
         resident = {
             c.name: offload.resident_bytes(
-                c, weights[c.name], config, c in active, activation=works[phase].activation_bytes, k=constants()
+                c, weights[c.name], config, c in active, activation=works[phase].activation_bytes, k=k
             )
             for c in profile.components
             if c.role != "other" or offload.unused_components_resident(config)
