@@ -6,6 +6,8 @@ Only the CLI turns these into a one-line message and an exit code; library calle
 
 from __future__ import annotations
 
+import re
+
 
 class AdvisorError(Exception):
     """Root of every error the advisor raises on purpose.
@@ -54,6 +56,12 @@ OOM_MARKERS = (
     "failed to map segment",
 )
 
+# Importing a module compiled from source under an address-space limit: CPython's parser passes a
+# node whose allocation failed to its AST constructor, which then raises ValueError("field 'target'
+# is required for AnnAssign") in place of the MemoryError (the generated _PyAST_* constructors in
+# Python/Python-ast.c; the parser never hands them a missing field otherwise).
+_PARSER_OUT_OF_MEMORY = re.compile(r"^field '\w+' is required for \w+$")
+
 
 def is_oom(error: BaseException) -> bool:
     """torch's CUDA/CPU out-of-memory errors and Python's MemoryError, also as the cause of another."""
@@ -64,6 +72,8 @@ def is_oom(error: BaseException) -> bool:
         if isinstance(current, MemoryError) or type(current).__name__ == "OutOfMemoryError":
             return True
         if any(marker in str(current).lower() for marker in OOM_MARKERS):
+            return True
+        if isinstance(current, ValueError) and _PARSER_OUT_OF_MEMORY.match(str(current)):
             return True
         current = current.__cause__ or current.__context__
     return False

@@ -380,6 +380,9 @@ def test_is_oom_knows_torch_and_python_out_of_memory_errors():
     assert is_oom(type("OutOfMemoryError", (RuntimeError,), {})("boom"))
     assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_oom(ValueError("no such backend"))
+    # CPython's parser out of memory while importing a module from source (seen under prlimit --as)
+    assert is_oom(ValueError("field 'target' is required for AnnAssign"))
+    assert not is_oom(ValueError("field 'target' is required for the config"))
 
 
 def test_is_oom_follows_the_exception_chain():
