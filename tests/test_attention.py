@@ -185,6 +185,73 @@ def test_the_estimate_speeds_up_the_attention_share_only():
     ).latency_s == pytest.approx(estimate(profile, workload, OptimizationConfig(), rtx4090).latency_s)
 
 
+def test_masked_attention_runs_the_memory_efficient_kernel_for_its_share_only():
+    """torch's SDPA takes its flash kernel only for calls without a mask (memory-efficient: 144.8
+    against flash's 229.5 TFLOPs on an H100); a kernel's published speed-up was measured without
+    one, so the masked share is timed at the memory-efficient kernel's speed whatever the backend."""
+    from advisor.levers import StepContext
+    from advisor.levers.attention import AttentionKernel
+
+    lever = AttentionKernel()
+    efficient = 144.8 / 229.5
+
+    def speed(backend, share, dtype="bfloat16", capability=9.0):
+        step = StepContext("cuda", capability, 28, "X", masked_attention_share=share)
+        return lever.attention_speedup(OptimizationConfig(dtype=dtype, attention_backend=backend), step)
+
+    assert speed(None, 0.0) == 1.0 and speed(None, 1.0) == pytest.approx(efficient)
+    assert speed(None, 0.02) == pytest.approx(1 / (0.98 + 0.02 / efficient))  # LTX: its cross-attention
+    assert speed("_native_cudnn", 1.0) == pytest.approx(efficient)
+    assert speed("_native_cudnn", 0.5) == pytest.approx(1 / (0.5 / 1.75 + 0.5 / efficient))
+    assert speed(None, 1.0, dtype="float32") == 1.0  # no flash kernel in float32: nothing changes
+    assert speed(None, 1.0, capability=7.5) == 1.0  # nor below compute capability 8.0
+
+
+def test_kernels_without_mask_support_are_never_planned_for_a_model_that_masks():
+    """Chroma masks every call; Z-Image only a batch of captions of unequal length, which guidance
+    batched with a negative prompt makes, and its Turbo card runs unguided (guidance 0)."""
+    from advisor.levers.attention import AttentionKernel
+    from advisor.plan.scenario import make_scenario
+    from advisor.plan.space import SearchSpace
+    from advisor.probe.models import load_profile
+    from advisor.probe.target import planned_target
+    from advisor.probe.workload import make_workload
+
+    def refused(model, **job):
+        profile = load_profile(model)
+        target = planned_target(machine=None, gpu="RTX 4090", ram=64 * 2**30)
+        scenario = make_scenario(profile, make_workload(profile, **job), target, packages=SAGE, quality="fast")
+        sage = OptimizationConfig(dtype="bfloat16", attention_backend="sage")
+        return [f.name for f in AttentionKernel.filters if f.check(sage, scenario)], scenario
+
+    assert refused("chroma")[0] == ["attention-kernel-takes-the-models-mask"]
+    assert refused("flux-dev")[0] == []
+    assert refused("z-image-turbo")[0] == []  # its card: guidance 0, one sample a call
+    guided, scenario = refused("z-image-turbo", guidance_scale=5.0)
+    assert scenario.batched_calls and guided == ["attention-kernel-takes-the-models-mask"]
+    assert "sage" in SearchSpace.for_scenario(scenario).choices("attention")  # offered, then filtered
+
+
+def test_estimating_a_config_whose_kernel_the_model_refuses_warns(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    from tuning import ADVISOR
+
+    path = tmp_path / "sage.json"
+    path.write_text(json.dumps(OptimizationConfig(device="cuda", attention_backend="sage").to_dict()))
+    done = subprocess.run(
+        [ADVISOR, "estimate", "chroma", "--gpu", "RTX 4090", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "can't run it as written: `attention_backend: sage` takes no attention mask" in done.stderr
+
+
 def test_sage_is_lossy_with_its_quality_cost():
     from advisor.plan.quality import is_lossy, quality_cost
 

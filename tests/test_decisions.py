@@ -500,6 +500,36 @@ DECISIONS = [
         packages={"torch": "2.13.0", "diffusers": "0.42.1", "sageattention": "2.2.0"},
     ),
     Decision(
+        "chroma-4090-exact",
+        "chroma",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "Chroma1-HD run as its model card says (40 steps, guidance 3.0, a negative prompt: real CFG, two transformer "
+        "calls a step; https://huggingface.co/lodestones/Chroma1-HD), lossless: its 17.8 GB bf16 transformer and "
+        "9.5 GB T5 (the published files) can't both sit on a 24 GB card, and diffusers' Chroma docs load it in bf16 "
+        "with enable_model_cpu_offload (https://huggingface.co/docs/diffusers/main/en/api/pipelines/chroma)",
+        _check(
+            lossless,
+            lambda r: (r.scenario.workload.steps, r.scenario.workload.guidance_scale) == (40, 3.0),
+            lambda r: r.config.offload.strategy != "none",
+            ram_within_headroom,
+        ),
+        quality="exact",
+    ),
+    Decision(
+        "chroma-4090-sage-installed-fast",
+        "chroma",
+        {"gpu": "RTX 4090", "ram": 64 * GIB},
+        "SageAttention (and flash-attn, FA3, torch's flash kernel) raise on an attention mask, and Chroma's "
+        "transformer gives every attention call its padding mask (diffusers attention_dispatch._sage_attention: "
+        "'`attn_mask` is not supported for sage attention'; transformer_chroma.py): never sage, whatever its speed",
+        _check(
+            lambda r: all(s.config.attention_backend != "sage" for s in [r.best, *r.alternatives]),
+            lambda r: any("can't run with the mask" in x and "sage" in x for x in r.reasons),
+        ),
+        quality="fast",
+        packages={"torch": "2.13.0", "diffusers": "0.42.1", "sageattention": "2.2.0"},
+    ),
+    Decision(
         "flux-4090-sage-installed-exact",
         "flux-dev",
         {"gpu": "RTX 4090", "ram": 64 * GIB},

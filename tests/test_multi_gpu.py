@@ -206,6 +206,29 @@ def test_each_gpu_holds_the_whole_pipeline_and_its_share_of_the_activations():
     assert split.peak_ram_bytes == pytest.approx(4 * one.peak_ram_bytes, rel=0.01)
 
 
+def test_a_ring_split_holds_the_gathered_keys_and_values_beside_its_share():
+    """diffusers' ring attention concatenates each GPU's keys and values and all-gathers them, then merges
+    the partial outputs in float32 (TemplatedRingAttention.forward, convert_to_fp32): while an attention
+    runs, a GPU holds the whole sequence's K and V (bf16) and its own pair, and four float32 tensors of
+    its tokens, beside its share of the activations; Ulysses' all-to-alls hold only shards. Estimated
+    in one scenario, as the search estimates its candidates (one memo), in either order."""
+    from advisor.plan.scenario import Request, scenario_for
+
+    request = Request(model=WAN_14B, gpu="8x H100", height=720, width=1280, frames=81)
+    tokens = 21 * (720 // 16) * (1280 // 16)  # 81 frames -> 21 latent frames; 8x VAE, 2x2 patches
+    hidden, batch, n = 5120, 1, 8  # Wan 14B: 40 heads x 128; guidance runs as a second call
+    held = 2 * batch * tokens * hidden * 2 * (1 + 1 / n) + 4 * batch * tokens / n * hidden * 4
+    for order in (("ulysses", "ring"), ("ring", "ulysses")):
+        scenario = scenario_for(request)
+        peaks = {}
+        for kind in order:
+            split = ContextParallel(degree=n, kind=kind)
+            config = OptimizationConfig(attention_backend="_native_cudnn", context_parallel=split)
+            result = estimate(scenario.profile, scenario.workload, config, scenario.target, memo=scenario.memo)
+            peaks[kind] = {p.name: p for p in result.phases}["denoising"].activation_bytes
+        assert peaks["ring"] - peaks["ulysses"] == pytest.approx(held, rel=0.01), order
+
+
 def test_ulysses_sends_less_than_ring():
     # Ulysses: 4 all-to-alls of a GPU's shard, sending all but 1/N of it; ring gathers N-1 shards of k and v
     shape = SimpleNamespace(batch=1, tokens=4608, hidden=3072, dtype_bytes=2)

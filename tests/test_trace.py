@@ -41,6 +41,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 CLASSES = {
     "FluxPipeline": "black-forest-labs/FLUX.1-dev",
+    "ChromaPipeline": "lodestones/Chroma1-HD",
     "Flux2Pipeline": "black-forest-labs/FLUX.2-dev",
     "StableDiffusion3Pipeline": "stabilityai/stable-diffusion-3.5-large",
     "StableDiffusionXLPipeline": "stabilityai/stable-diffusion-xl-base-1.0",
@@ -262,6 +263,36 @@ def test_traced_text_encoder_matches_the_real_module(tiny):
         _flops(encode), rel=1e-6
     )
     assert predicted.activation_bytes == pytest.approx(_allocator_peak(encode), rel=0.10)
+
+
+@pytest.mark.parametrize(
+    ("pipeline_class", "masked", "masked_when_batched"),
+    [("ChromaPipeline", True, False), ("FluxPipeline", False, False), ("ZImagePipeline", False, True)],
+)
+def test_the_trace_says_whether_the_denoisers_attention_is_given_a_mask(
+    pipeline_class, masked, masked_when_batched, tiny
+):
+    """Chroma's transformer gives every attention call the padding mask its pipeline builds (flash
+    and Sage kernels refuse one); FLUX.1's calls take none; Z-Image masks a batch whose captions
+    differ in length (transformer_z_image.py builds attn_mask only then), as batched guidance's do."""
+    _, profile = tiny(pipeline_class)
+    denoiser = profile.by_role("denoiser")[0]
+    trace = trace_component(profile, denoiser, IMAGE_SIZES if profile.workload == "image" else VIDEO_SIZES)
+    assert (trace["masked_attention"], trace["masked_when_batched"]) == (masked, masked_when_batched)
+    every_call = all(p["masked_attention_flops"] == p["attention_flops"] for p in trace["points"])
+    assert every_call is masked
+
+
+def test_ltx_masks_only_its_cross_attention(tiny):
+    """LTX-Video passes the text mask to its cross-attention alone (attn2; attn1 takes none): the
+    masked share of a call's attention FLOPs is the text's share of the keys, T / (N + T), with N
+    latent tokens attending to N in self-attention and to T text tokens across."""
+    _, profile = tiny("LTXPipeline")
+    denoiser = profile.by_role("denoiser")[0]
+    trace = trace_component(profile, denoiser, VIDEO_SIZES)
+    text = trace["text_tokens"]
+    for p in trace["points"]:
+        assert p["masked_attention_flops"] / p["attention_flops"] == pytest.approx(text / (p["x"] + text), rel=1e-6)
 
 
 # --- local models: traced on first use, cached ------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from advisor.config import OptimizationConfig
-from advisor.levers.base import Lever, Pick, StepContext
+from advisor.levers.base import Filter, Lever, Pick, StepContext
 from advisor.levers.code import Step, method_step
 from advisor.paths import diffusers_tables
 from advisor.platform import Constraint, Platform, constraint, on_cuda, version_tuple
@@ -47,6 +47,7 @@ class AttentionBackend:
     half_only: bool = False  # q, k, v in bf16 or fp16 only (a float32 pipeline can't use it)
     hub: bool = False  # its kernel is downloaded from the Hub when set (needs `kernels` and a network)
     lossy: bool = False  # quantizes q and k (SageAttention's int8): the output changes
+    takes_mask: bool = True  # runs a call given an attention mask (flash-attn, FA3, Sage and torch's flash raise)
     speedup: dict[float, float] = field(default_factory=lambda: {0.0: 1.0})  # from capability -> x native
     source: str = DISPATCH_SOURCE
     published: str = "the kernel native runs"  # what the source says, in its words
@@ -69,7 +70,11 @@ BACKENDS: dict[str, AttentionBackend] = {
             published="76.5 against 229.5 TFLOPs for torch's flash kernel, H100 fp16",
         ),
         AttentionBackend(
-            "_native_flash", "torch SDPA's bundled FlashAttention-2 kernel", cuda_only=False, half_only=True
+            "_native_flash",
+            "torch SDPA's bundled FlashAttention-2 kernel",
+            cuda_only=False,
+            half_only=True,
+            takes_mask=False,
         ),
         AttentionBackend(
             "_native_efficient",
@@ -103,6 +108,7 @@ BACKENDS: dict[str, AttentionBackend] = {
             min_version="2.6.3",
             min_capability=8.0,
             half_only=True,
+            takes_mask=False,
             published="the algorithm native's flash kernel runs",
         ),
         AttentionBackend(
@@ -112,6 +118,7 @@ BACKENDS: dict[str, AttentionBackend] = {
             min_capability=9.0,
             max_capability=9.0,
             half_only=True,
+            takes_mask=False,
             speedup={9.0: 1.5},
             source=_FA3,
             published="1.5-2.0x FlashAttention-2 in FP16 on H100: the lower figure",
@@ -124,6 +131,7 @@ BACKENDS: dict[str, AttentionBackend] = {
             min_capability=8.0,
             half_only=True,
             lossy=True,
+            takes_mask=False,
             speedup={8.0: 2.1, 8.9: 3.0, 9.0: 2.1},
             source=_SAGE2,
             published="about 3x FlashAttention-2 on an RTX 4090 (SageAttention2); elsewhere SageAttention's 2.1x as a floor",
@@ -296,6 +304,37 @@ def attention_choices(platform: Platform, dtype: str) -> list[str]:
     return choices
 
 
+def masked_denoiser(profile: Any, batched: bool = False) -> str | None:
+    """The class of the model's first denoiser whose attention is given a mask (its trace says so:
+    Chroma's padding mask, LTX's text mask on its cross-attention; with `batched` calls, Z-Image's
+    mask over captions of unequal length), or None."""
+    for denoiser in profile.by_role("denoiser"):
+        trace = denoiser.trace if isinstance(denoiser.trace, dict) else {}
+        if trace.get("masked_attention") or (batched and trace.get("masked_when_batched")):
+            return denoiser.class_name
+    return None
+
+
+def mask_problem(config: OptimizationConfig, profile: Any, batched: bool) -> str | None:
+    """Why `config`'s attention kernel can't run `profile`'s denoiser (it takes no mask, and the
+    denoiser gives one), or None; `batched`: the denoiser's calls batch samples (guidance batched)."""
+    backend = backend_of(config.attention_backend)
+    masked = None if backend is None or backend.takes_mask else masked_denoiser(profile, batched)
+    if masked is None:
+        return None
+    return (
+        f"`attention_backend: {backend.name}` takes no attention mask, and {masked} gives its attention one "
+        "(diffusers raises in the first denoising step); use attention_backend: native"
+    )
+
+
+def _takes_the_mask(config: OptimizationConfig, scenario: Any) -> str | None:
+    return mask_problem(config, scenario.profile, scenario.batched_calls)
+
+
+MASK_SOURCE = "https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/attention_dispatch.py (_flash_attention, _flash_attention_3, _sage_attention, _native_flash_attention)"
+
+
 class AttentionKernel(Lever):
     """The attention backend of every denoiser (``set_attention_backend``)."""
 
@@ -304,6 +343,16 @@ class AttentionKernel(Lever):
     off_choice = "native"  # diffusers' default: no call
     names = frozenset(BACKENDS)
     constraints = tuple(CONSTRAINTS)
+    filters = (
+        Filter(
+            "attention-kernel-takes-the-models-mask",
+            "flash-attn 2 and 3, SageAttention and torch's flash kernel raise ValueError when an attention call "
+            "is given a mask, as Chroma's transformer gives every call its padding mask: the planner offers them "
+            "only to models whose traced attention takes none",
+            MASK_SOURCE,
+            _takes_the_mask,
+        ),
+    )
 
     def choices(self, scenario: Any, dtype: str) -> dict[str, str | None]:
         return {
@@ -311,7 +360,14 @@ class AttentionKernel(Lever):
         }
 
     def attention_speedup(self, config: OptimizationConfig, step: StepContext) -> float:
-        return speedup_of(config.attention_backend, step.device, step.capability)
+        speedup = speedup_of(config.attention_backend, step.device, step.capability)
+        share = step.masked_attention_share
+        if not share or step.device != "cuda" or step.capability < 8.0 or config.dtype == "float32":
+            return speedup  # no mask, or native ran the memory-efficient kernel anyway
+        # torch's SDPA picks its flash kernel only for calls without a mask, its memory-efficient one
+        # for the others; no published figure gives another kernel's speed with a mask: no faster.
+        masked = min(speedup, speedup_of("_native_efficient", step.device, step.capability))
+        return 1 / ((1 - share) / speedup + share / masked)
 
     def lossy(self, config: OptimizationConfig) -> bool:
         backend = backend_of(config.attention_backend)
@@ -329,13 +385,18 @@ class AttentionKernel(Lever):
         platform = scenario.platform
         capability = platform.capability
         chosen = config.attention_backend or self.off_choice
+        masked = masked_denoiser(scenario.profile, scenario.batched_calls)
         if chosen == self.off_choice:
-            kernel = (
-                "FlashAttention-2"
-                if capability >= 8.0
-                else "its memory-efficient kernel (FlashAttention-2 needs compute capability 8.0)"
-            )
-            said = f"attention: native (torch SDPA, diffusers' default: {kernel} on this GPU in bf16/fp16)"
+            if masked is not None and capability >= 8.0 and config.dtype != "float32":
+                kernel = (
+                    f"its memory-efficient kernel for the attention calls {masked} gives a mask (flash takes "
+                    "none), FlashAttention-2 for any others"
+                )
+            elif capability >= 8.0:
+                kernel = "FlashAttention-2 on this GPU in bf16/fp16"
+            else:
+                kernel = "its memory-efficient kernel on this GPU (FlashAttention-2 needs compute capability 8.0)"
+            said = f"attention: native (torch SDPA, diffusers' default: {kernel})"
         else:
             backend = BACKENDS[chosen]
             said = (
@@ -344,23 +405,31 @@ class AttentionKernel(Lever):
                 f"{latency_s:.1f}s against {pick.without(self):.1f}s with native; tune measures it"
             )
         offered = attention_choices(platform, config.dtype)
-        missed = []
+        missed, maskless = [], []
         for name in PROPOSED:
             backend = BACKENDS[name]
             if name == chosen or backend.speedup_at(capability) <= BACKENDS[chosen].speedup_at(capability):
                 continue
+            if masked is not None and not backend.takes_mask:
+                maskless.append(f"{name} ({backend.speedup_at(capability):.1f}x)")
+                continue
             if name in offered:
-                why = (
-                    f"lossy, and --quality {scenario.quality} prefers lossless"
-                    if backend.lossy and scenario.quality != "fast"
-                    else "not faster with the rest of this plan"
-                )
+                if backend.lossy and scenario.quality != "fast":
+                    why = f"lossy, and --quality {scenario.quality} prefers lossless"
+                elif masked is not None:
+                    why = "its published speed-up was measured without a mask: no faster on masked calls"
+                else:
+                    why = "not faster with the rest of this plan"
             elif backend.package and platform.packages is None:
                 why = f"needs `pip install {backend.package}`, not assumed on a machine the advisor can't see"
             else:
                 continue  # can't run on this GPU or dtype (its constraint says why)
             missed.append(f"{name} ({backend.speedup_at(capability):.1f}x, {why})")
-        return said + ("; faster kernels not taken: " + ", ".join(missed) if missed else "")
+        if missed:
+            said += "; faster kernels not taken: " + ", ".join(missed)
+        if maskless:
+            said += f"; can't run with the mask {masked} gives: " + ", ".join(maskless)
+        return said
 
     def steps(self, config: OptimizationConfig, components: Any) -> list[Step]:
         if config.attention_backend is None:

@@ -61,6 +61,8 @@ class StepContext:
     denoiser_class: str  # the denoiser's class name (a lever's facts are often per class)
     link_bytes_per_s: float = 0.0  # what one GPU sends the others per second (`TargetHardware.link`); 0: one GPU
     attention_layers: int = 0  # the denoiser's blocks: one sequence-wide attention each
+    # The share of its attention FLOPs in calls given a mask (its trace says): no flash kernel takes one.
+    masked_attention_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,11 @@ class Lever:
     def decode_mode(self, config: OptimizationConfig, mode: DecodeMode) -> DecodeMode:
         """How the VAE decodes with this lever, given how the levers before it left `mode`."""
         return mode
+
+    def gathered_bytes(self, config: OptimizationConfig, shape: ActivationShape) -> int:
+        """Device bytes one GPU of a split denoiser call gathers from the others beside its share of
+        the activations (not divided by `activation_share`)."""
+        return 0
 
     def activation_share(self, config: OptimizationConfig, phase: str) -> float:
         """The share of `phase`'s activations ("text_encoding", "denoising", "vae_decode") each GPU holds."""

@@ -27,7 +27,7 @@ from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.workload import Workload, pipeline_behaviour, run_behaviour
 
 
-TRACE_VERSION = 2  # the record layout advisor.trace writes; an older record counts as no trace
+TRACE_VERSION = 3  # the record layout advisor.trace writes; an older record counts as no trace
 TRACE_DTYPE_BYTES = 2
 
 
@@ -126,6 +126,9 @@ class Work:
     # card has room (max_memory_reserved beyond max_memory_allocated). 0 without a trace.
     stranded_bytes: float = 0.0
     cached_bytes: float = 0.0
+    # What one GPU of a call split over several gathers from the others beside its share of the
+    # activations (ring attention's keys and values): not divided by the split (`Lever.gathered_bytes`).
+    gathered_bytes: float = 0.0
 
     def __add__(self, other: Work) -> Work:
         return Work(
@@ -138,6 +141,7 @@ class Work:
             self.conv_flops + other.conv_flops,
             max(self.stranded_bytes, other.stranded_bytes),
             max(self.cached_bytes, other.cached_bytes),
+            max(self.gathered_bytes, other.gathered_bytes),
         )
 
     def times(self, calls: int) -> Work:
@@ -459,6 +463,7 @@ def _phase_work(
             matmul_flops=total.matmul_flops + calls * flops,
             written_bytes=total.written_bytes + calls * written,
             activation_bytes=call.activation_bytes + held,
+            gathered_bytes=sum(lever.gathered_bytes(config, shape) for lever in LEVERS),
         )
     vae = profile.vae
     decode = vae_decode_work(vae, workload, dtype, decode_mode(config), k=k, expandable=expandable) if vae else NO_WORK

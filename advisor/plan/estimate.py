@@ -262,6 +262,7 @@ def estimate(
         share = math.prod(lever.activation_share(config, phase) for lever in LEVERS)  # split over GPUs
         if share != 1:
             activation, stranded, cached = int(activation * share), int(stranded * share), int(cached * share)
+            activation += int(works[phase].gathered_bytes)
         if phases and not offload.empties_cache_between_models(config):
             # Nothing gives the cache back between phases: the earlier phases' cached segments stay
             # reserved beside this one's (an upper bound: some of its requests may reuse them).

@@ -15,7 +15,16 @@ from dataclasses import replace
 
 from advisor.config import OptimizationConfig
 from advisor.levers import LEVERS, StepContext, offload, quantization, torch_compile
-from advisor.plan.compute import Work, activation_shape, call_batch, constants, text_work
+from advisor.plan.compute import (
+    Work,
+    activation_shape,
+    call_batch,
+    constants,
+    evaluate,
+    latent_positions,
+    text_work,
+    trace_of,
+)
 from advisor.probe.safetensors_header import dtype_size
 from advisor.probe.target import TargetHardware
 from advisor.probe.workload import run_behaviour
@@ -80,6 +89,22 @@ def _overlapped(compute: float, transfer: float, config: OptimizationConfig) -> 
     return offload.overlapped(compute, transfer, config, constants())
 
 
+def masked_attention_share(profile, denoiser, workload, batch: int) -> float:
+    """The share of a denoiser call's attention FLOPs given a mask, at this workload's size (from its
+    trace; 0 without one): all of it for a batch of captions of unequal length that it masks."""
+    trace = trace_of(denoiser)
+    if not trace:
+        return 0.0
+    if batch > 1 and trace.get("masked_when_batched"):
+        return 1.0
+    if not trace.get("masked_attention"):
+        return 0.0
+    x = {"x": latent_positions(profile, workload)}
+    masked = evaluate(trace["basis"], trace["fit"]["masked_attention_flops"], x)
+    attention = evaluate(trace["basis"], trace["fit"]["attention_flops"], x)
+    return min(max(masked / attention, 0.0), 1.0) if attention > 0 else 0.0
+
+
 def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> tuple[float, float, dict[str, float]]:
     behaviour = run_behaviour(profile.pipeline_class, workload, profile.pipeline_config)
     generation = target.generation
@@ -94,6 +119,7 @@ def latency(profile, workload, config, target, weights, works, on_cpu, memo) -> 
             denoiser.class_name,
             link_bytes_per_s=target.link.bytes_per_s if target.link else 0.0,
             attention_layers=sum(block.count for block in denoiser.blocks),
+            masked_attention_share=masked_attention_share(profile, denoiser, workload, batch),
         )
         share = math.prod(lever.compute_share(config, here) for lever in LEVERS)  # the blocks a step cache skips
         attention = math.prod(lever.attention_speedup(config, here) for lever in LEVERS)  # a faster kernel

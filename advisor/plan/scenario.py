@@ -25,12 +25,12 @@ from typing import Any, Literal
 from advisor.config import Provenance
 from advisor.constraints import Platform
 from advisor.errors import UsageError
-from advisor.plan.compute import sequence_tokens
+from advisor.plan.compute import call_batch, sequence_tokens
 from advisor.probe import hardware
 from advisor.probe.hardware import MachineProfile
 from advisor.probe.models import ModelProfile, load_profile
 from advisor.probe.target import TargetHardware, resolve_target
-from advisor.probe.workload import Workload, make_workload
+from advisor.probe.workload import Workload, make_workload, run_behaviour
 from advisor.units import GIB, format_size
 
 
@@ -118,6 +118,12 @@ class Scenario:
     def assumptions(self) -> tuple[str, ...]:
         """Every value assumed about the machine or the job rather than read or given."""
         return self.assumed + self.target.assumptions + self.workload.assumptions
+
+    @property
+    def batched_calls(self) -> bool:
+        """Whether each denoiser call runs several samples (guidance batched in, or several images)."""
+        behaviour = run_behaviour(self.profile.pipeline_class, self.workload, self.profile.pipeline_config)
+        return call_batch(self.workload, behaviour) > 1
 
     @property
     def sequence(self) -> tuple[int, int]:

@@ -58,6 +58,7 @@ from typing import Any, Callable
 
 from advisor.testing._common import offline_tokenizer
 from advisor.testing.image import (
+    build_tiny_chroma,
     build_tiny_flux,
     build_tiny_flux2,
     build_tiny_flux2_klein,
@@ -78,6 +79,7 @@ from advisor.testing.video import (
 
 __all__ = [
     "TINY_BUILDERS",
+    "build_tiny_chroma",
     "build_tiny_cogvideox",
     "build_tiny_flux",
     "build_tiny_flux2",
@@ -104,6 +106,7 @@ _VIDEO_PROMPT = "a dog running on the beach at sunset"
 # with expand_timesteps.
 TINY_BUILDERS: dict[tuple[str, str | None], Callable[..., pathlib.Path]] = {
     ("FluxPipeline", None): build_tiny_flux,
+    ("ChromaPipeline", None): build_tiny_chroma,
     ("Flux2Pipeline", None): build_tiny_flux2,
     ("Flux2KleinPipeline", None): build_tiny_flux2_klein,
     ("StableDiffusion3Pipeline", None): build_tiny_sd3,
@@ -154,6 +157,8 @@ def variant_settings(entry: dict[str, Any]) -> set[str]:
 # call that runs. Sizes follow from each builder's VAE compression and the pipeline's checks.
 _CALLS: dict[str, tuple[str, int, int, int, dict[str, Any]]] = {
     "FluxPipeline": ("image", 32, 32, 1, {"guidance_scale": 3.5, "max_sequence_length": 16}),
+    # Real CFG (a second transformer call with the negative prompt) on, as its default 5.0.
+    "ChromaPipeline": ("image", 32, 32, 1, {"guidance_scale": 5.0, "max_sequence_length": 16}),
     # 2x VAE, 2x2 packing: a multiple of 4; three hidden states of the 3-layer text encoder.
     "Flux2Pipeline": (
         "image",

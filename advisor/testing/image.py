@@ -122,6 +122,42 @@ def build_tiny_flux(
     return save(pipe, folder)
 
 
+def build_tiny_chroma(path: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+    """A random-weight ``ChromaPipeline`` (Chroma: FLUX.1 [schnell] with the per-block modulation
+    moved into one small approximator network, T5 alone as text encoder, real CFG). Same caching and
+    seeding rules as :func:`build_tiny_flux`.
+    """
+    folder, needs_build = prepare_folder(path, overwrite)
+    if not needs_build:
+        return folder
+
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    text_dim = 32
+    tokenizer = offline_tokenizer(model_max_length=512)
+    seeded(seed)
+    transformer = ChromaTransformer2DModel(
+        in_channels=4,  # 2x2 packing of a 1-channel latent, as build_tiny_flux
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=text_dim,
+        axes_dims_rope=[4, 4, 8],
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+    pipe = ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(seed, 1, shift_factor=0.0609, scaling_factor=1.5035),  # FLUX.1's VAE values
+        text_encoder=t5_text_encoder(seed, tokenizer, d_model=text_dim),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    return save(pipe, folder)
+
+
 def build_tiny_sd3(path: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
     """A random-weight ``StableDiffusion3Pipeline`` (two CLIP towers with projection, T5, 1-block MMDiT).
 

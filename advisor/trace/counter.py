@@ -55,6 +55,7 @@ class Counts:
     largest_bytes: int = 0  # the largest single activation: what allocator blocks and workspaces scale with
     score_elements: int = 0  # the largest attention score matrix of one call (batch x heads x Lq x Lk)
     attention_calls: int = 0
+    masked_attention_flops: int = 0  # of calls given an attention mask (which flash kernels refuse)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -65,6 +66,7 @@ class Counts:
             "written_bytes": self.written_bytes,
             "largest_tensor_bytes": self.largest_bytes,
             "score_elements": self.score_elements,
+            "masked_attention_flops": self.masked_attention_flops,
         }
 
 
@@ -145,14 +147,16 @@ class Counter(TorchDispatchMode):
         self._track(out, memory_bound=formula is None and packet not in _FACTORIES)
         return out
 
-    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Account one attention call made through the stand-in."""
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, masked: bool = False) -> None:
+        """Account one attention call made through the stand-in (`masked`: given an attention mask)."""
         *batch, q_len, dim = query.shape
         k_len, v_dim = key.shape[-2], value.shape[-1]
         heads = 1
         for size in batch:
             heads *= size
-        self.counts.attention_flops += 2 * heads * q_len * k_len * (dim + v_dim)
+        flops = 2 * heads * q_len * k_len * (dim + v_dim)
+        self.counts.attention_flops += flops
+        self.counts.masked_attention_flops += flops if masked else 0
         self.counts.score_elements = max(self.counts.score_elements, heads * q_len * k_len)
         self.counts.attention_calls += 1
 
@@ -168,7 +172,7 @@ def counting(*ignored: Any, counter: Counter | None = None) -> Iterator[Counts]:
     def fused_attention(
         query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
     ):
-        counter.attention(query, key, value)
+        counter.attention(query, key, value, masked=attn_mask is not None)
         # What flash / memory-efficient kernels allocate: the output and a float32 log-sum-exp.
         logsumexp = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
         out = torch.empty((*query.shape[:-1], value.shape[-1]), dtype=query.dtype, device=query.device)

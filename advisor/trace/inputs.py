@@ -84,6 +84,21 @@ def _flux(config, g: Geometry, make: Maker) -> dict[str, Any]:
     return kwargs
 
 
+def _chroma(config, g: Geometry, make: Maker) -> dict[str, Any]:
+    # FLUX.1's call without pooled text or guidance, plus the padding mask over text and image tokens
+    # that ChromaPipeline._prepare_attention_mask builds (in the compute dtype; the transformer
+    # squares it into a (batch, 1, tokens, tokens) mask for every block).
+    tokens = (g.height // 2) * (g.width // 2)
+    return {
+        "hidden_states": make(g.batch, tokens, config["in_channels"]),
+        "encoder_hidden_states": make(g.batch, g.text_tokens, _text_dim(config)),
+        "timestep": make.timestep(g.batch) / 1000,
+        "img_ids": make.zeros(tokens, 3),
+        "txt_ids": make.zeros(g.text_tokens, 3),
+        "attention_mask": make.ones(g.batch, g.text_tokens + tokens),
+    }
+
+
 def _flux2(config, g: Geometry, make: Maker) -> dict[str, Any]:
     tokens = (g.height // 2) * (g.width // 2)  # 2x2 latent patches packed into channels
     kwargs = {
@@ -102,10 +117,12 @@ def _flux2(config, g: Geometry, make: Maker) -> dict[str, Any]:
 def _z_image(config, g: Geometry, make: Maker) -> dict[str, Any]:
     # Lists with a tensor per sample: latents (channels, frames, height, width), caption features
     # (its real tokens, width); the pipeline passes them positionally, as `x`, `t` and `cap_feats`.
+    # Batched, the samples after the first stand for the negative prompt, whose caption is shorter.
+    lengths = [g.text_tokens] + [max(1, g.text_tokens // 2)] * (g.batch - 1)
     return {
         "x": [make(config["in_channels"], 1, g.height, g.width) for _ in range(g.batch)],
         "t": make.timestep(g.batch) / 1000,
-        "cap_feats": [make(g.text_tokens, _text_dim(config)) for _ in range(g.batch)],
+        "cap_feats": [make(length, _text_dim(config)) for length in lengths],
     }
 
 
@@ -192,6 +209,7 @@ def _cogvideox(config, g: Geometry, make: Maker) -> dict[str, Any]:
 
 DENOISER_INPUTS: dict[str, Callable[[Any, Geometry, Maker], dict[str, Any]]] = {
     "FluxTransformer2DModel": _flux,
+    "ChromaTransformer2DModel": _chroma,
     "Flux2Transformer2DModel": _flux2,
     "QwenImageTransformer2DModel": _qwen_image,
     "ZImageTransformer2DModel": _z_image,

@@ -39,6 +39,7 @@ QUANTITIES = (
     "written_bytes",
     "largest_tensor_bytes",
     "score_elements",
+    "masked_attention_flops",
 )
 VAE_BASIS = {"image": ["1", "p", "p^2"], "video": ["1", "p", "p*f", "p^2*f"]}
 
@@ -189,18 +190,14 @@ def trace_denoiser(
         dtype: torch.dtype = TRACE_DTYPE,
         log: list | None = None,
         leaf_log: list | None = None,
+        batch: int = 1,
     ) -> dict[str, Any]:
         latent_frames, latent_h, latent_w = latent_geometry(profile, _workload(profile, height, width, frames))
-        g = Geometry(batch=1, frames=latent_frames, height=latent_h, width=latent_w, text_tokens=tokens)
+        g = Geometry(batch=batch, frames=latent_frames, height=latent_h, width=latent_w, text_tokens=tokens)
         cast(module, dtype)
         kwargs = denoiser_inputs(module, g, Maker("meta", dtype), profile.pipeline_config)
-        return {
-            "height": height,
-            "width": width,
-            "frames": frames,
-            "x": g.positions,
-            **_count(module, lambda: module(**kwargs), kwargs, log=log, marks=marks, leaf_log=leaf_log),
-        }
+        counts = _count(module, lambda: module(**kwargs), kwargs, log=log, marks=marks, leaf_log=leaf_log)
+        return {"height": height, "width": width, "frames": frames, "x": g.positions, **counts}
 
     basis = ["1", "x", "x^2"]
     logs: list[list] = [[] for _ in sizes.denoiser[profile.workload]]
@@ -216,6 +213,12 @@ def trace_denoiser(
         "basis": basis,
         "variables": {"x": "latent positions of one sample (latent frames x height x width)"},
         "text_tokens": tokens,
+        # Whether its attention is given a mask (Chroma's padding mask; LTX's text mask on its
+        # cross-attention): flash kernels refuse one. Batched, the samples' captions may differ in
+        # length, which some denoisers mask then only (Z-Image: guidance batched with a shorter negative prompt).
+        "masked_attention": any(p["masked_attention_flops"] for p in points),
+        "masked_when_batched": not points[0]["masked_attention_flops"]
+        and point(*sizes.denoiser[profile.workload][0], batch=2)["masked_attention_flops"] > 0,
         "fit": fits,
         "float32_ratio": _float32_ratio(
             module, points[1], point(*sizes.denoiser[profile.workload][1], dtype=torch.float32)

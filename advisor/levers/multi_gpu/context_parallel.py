@@ -39,6 +39,7 @@ DISPATCH = "https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/
 # Ulysses all-to-alls q, k, v before each attention and its output after it: four tensors of one GPU's
 # tokens, each sending all but its own share. Ring gathers the other GPUs' keys and values.
 ULYSSES_TENSORS, RING_TENSORS = 4, 2
+RING_MERGE_TENSORS, FLOAT32_BYTES = 4, 4  # ring's float32 merge of the partial outputs (out, prev_out, 2 temporaries)
 # What each split attention adds beside its bytes: the collectives' own latency, and the launches
 # they expose (each waits for the exchange, so the host no longer runs ahead of the GPU). Fitted on
 # FLUX.1-dev 1024x1024 on H100s (57 attentions a call): eager, diffusers' guide's Ulysses over 4
@@ -160,6 +161,24 @@ class ContextParallelLever(Lever):
     def activation_share(self, config: OptimizationConfig, phase: str) -> float:
         cp = config.context_parallel
         return 1 / cp.degree if cp and phase == "denoising" else 1.0
+
+    def work_key(self, config: OptimizationConfig) -> Any:
+        cp = config.context_parallel
+        return (cp.kind, cp.degree) if cp else None  # what a GPU gathers depends on both
+
+    def gathered_bytes(self, config: OptimizationConfig, shape: ActivationShape) -> int:
+        """Ring attention concatenates this GPU's keys and values and all-gathers them from every GPU
+        (``TemplatedRingAttention.forward``: ``torch.cat([key, value])``, ``all_gather_tensor``): the
+        whole sequence's keys and values, beside its own pair, live while each attention runs; and it
+        merges the partial outputs in float32 (``convert_to_fp32``, the default): the running output,
+        the new one and two temporaries of the merge, each of this GPU's tokens."""
+        cp = config.context_parallel
+        if cp is None or cp.kind != "ring":
+            return 0
+        one = shape.batch * shape.tokens * shape.hidden  # elements of one activation of the whole sequence
+        key_and_value = RING_TENSORS * one * shape.dtype_bytes * (1 + 1 / cp.degree)
+        merge = RING_MERGE_TENSORS * one / cp.degree * FLOAT32_BYTES
+        return int(key_and_value + merge)
 
     def link_seconds(self, config: OptimizationConfig, step: StepContext, shape: ActivationShape) -> float:
         cp = config.context_parallel
