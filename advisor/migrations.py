@@ -62,6 +62,10 @@ MIGRATIONS: dict[int, Migration] = {
         "provenance gained gpu_count and images",
         unchanged,
     ),
+    6: Migration(
+        "quantization.backend sdnq (SD.Next's quantizer), with quantization.weights from its own list",
+        unchanged,
+    ),
 }
 
 

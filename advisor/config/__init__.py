@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 # The config file's format: a change a file can show is a new version and a step in `advisor.migrations`.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 _DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}

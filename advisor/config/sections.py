@@ -7,6 +7,7 @@ itself, the file format's version and loading a file are `advisor.config`.
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,8 +17,26 @@ from advisor.schema import STRICT, Section, at_least_one
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # bytes per parameter at each compute dtype
-QuantBackend = Literal["bitsandbytes_4bit", "bitsandbytes_8bit", "torchao", "gguf", "quanto"]
+QuantBackend = Literal["bitsandbytes_4bit", "bitsandbytes_8bit", "torchao", "gguf", "quanto", "sdnq"]
 QuantoWeights = Literal["int8", "int4", "int2", "float8"]
+# The weight dtypes sdnq's SDNQConfig recommends (sdnq 0.2.8, sdnq/quantizer.py).
+SdnqWeights = Literal[
+    "int8",
+    "int7",
+    "int6",
+    "uint5",
+    "uint4",
+    "uint3",
+    "uint2",
+    "float8_e4m3fn",
+    "float7_e3m3fn",
+    "float6_e3m2fn",
+    "float5_e2m2fn",
+    "float4_e2m1fn",
+    "float3_e1m1fn",
+    "float2_e1m0fn",
+]
+WEIGHTS_OF = {"quanto": typing.get_args(QuantoWeights), "sdnq": typing.get_args(SdnqWeights)}
 TorchaoScheme = Literal["int8_weight_only", "int8_dynamic", "float8_weight_only", "float8_dynamic", "int4_weight_only"]
 OffloadStrategy = Literal["none", "model", "group", "sequential"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -30,7 +49,8 @@ class Quantization(Section):
 
     ``bitsandbytes_4bit`` uses nf4 (or fp4) with ``compute_dtype``; ``torchao`` uses ``scheme``;
     ``gguf`` loads ``file`` (a local path or a Hub file URL; its type, Q8_0 or Q4_K_S, is in its name)
-    as the one component named; ``quanto`` (optimum-quanto, deprecated in diffusers) uses ``weights``.
+    as the one component named; ``quanto`` (optimum-quanto, deprecated in diffusers) and ``sdnq``
+    (SD.Next's quantizer) use ``weights``, each from its own list.
     """
 
     _key = "quantization."
@@ -41,7 +61,7 @@ class Quantization(Section):
     double_quant: bool = False  # bitsandbytes_4bit only: quantize the block scales too
     scheme: TorchaoScheme | None = None  # torchao only; default int8_weight_only
     file: str | None = None  # gguf only: the checkpoint, a local path or a Hub file URL
-    weights: QuantoWeights | None = None  # quanto only; default int8
+    weights: QuantoWeights | SdnqWeights | None = None  # quanto or sdnq only; default int8
 
     def _check(self) -> None:
         at_least_one("quantization.components", self.components)
@@ -49,8 +69,11 @@ class Quantization(Section):
             raise ValueError("`quantization.backend: gguf` needs `quantization.file` and exactly one component")
         if self.file is not None and self.backend != "gguf":
             raise ValueError(f"`quantization.file` is for gguf, not {self.backend}")
-        if self.weights is not None and self.backend != "quanto":
-            raise ValueError(f"`quantization.weights` is for quanto, not {self.backend}")
+        if self.weights is not None and self.backend not in WEIGHTS_OF:
+            raise ValueError(f"`quantization.weights` is for quanto or sdnq, not {self.backend}")
+        if self.weights is not None and self.weights not in WEIGHTS_OF[self.backend]:
+            valid = ", ".join(WEIGHTS_OF[self.backend])
+            raise ValueError(f"`quantization.weights: {self.weights}` is not one of {self.backend}'s: {valid}")
         if self.quant_type is not None and self.backend != "bitsandbytes_4bit":
             raise ValueError(f"`quantization.quant_type` is for bitsandbytes_4bit, not {self.backend}")
         if self.double_quant and self.backend != "bitsandbytes_4bit":
@@ -65,8 +88,8 @@ class Quantization(Section):
             return self.quant_type or "nf4"
         if self.backend == "bitsandbytes_8bit":
             return "int8"
-        if self.backend == "quanto":
-            return f"quanto {self.weights or 'int8'}"
+        if self.backend in WEIGHTS_OF:
+            return f"{self.backend} {self.weights or 'int8'}"
         if self.backend == "gguf":
             named = self.gguf_type_in_name
             return f"GGUF {named}" if named else "GGUF"

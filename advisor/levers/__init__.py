@@ -6,7 +6,7 @@ registered later is seen everywhere) instead of naming a lever's choices; `tests
 fails on any other module that names them.
 
 The levers: load-time quantization (`quantization`, one module per backend: `bitsandbytes`,
-`torchao`, `gguf`: a pre-quantized checkpoint, `quanto`), torch.compile and its dynamo flags (`torch_compile`), fp8 storage
+`torchao`, `gguf`: a pre-quantized checkpoint, `quanto`, `sdnq`), torch.compile and its dynamo flags (`torch_compile`), fp8 storage
 (`layerwise_casting`), the memory format (`memory_format`), offloading (`offload`), the VAE's
 tiling and slicing (`vae`), the attention kernel (`attention`), the step cache (`step_cache`) and
 the caching allocator's settings (`allocator`), the user's LoRAs (`lora`), and the levers of several
@@ -46,6 +46,7 @@ from advisor.levers.multi_gpu.replicas import REPLICAS
 from advisor.levers.offload import OFFLOAD
 from advisor.levers.quantization import QUANTIZATION, add_backend
 from advisor.levers.quanto import QUANTO_BACKEND
+from advisor.levers.sdnq import SDNQ_BACKEND
 from advisor.levers.step_cache import StepCache
 from advisor.levers.torch_compile import COMPILE
 from advisor.levers.torchao import TORCHAO_BACKEND
@@ -105,6 +106,7 @@ add_backend(BITSANDBYTES)
 add_backend(TORCHAO_BACKEND)
 add_backend(GGUF_BACKEND)
 add_backend(QUANTO_BACKEND)
+add_backend(SDNQ_BACKEND)
 register(QUANTIZATION)
 register(COMPILE)
 register(LORA)

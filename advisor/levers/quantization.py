@@ -268,8 +268,8 @@ _INSTALLED: list[Constraint] = []
 @constraint(
     "quantization-backend-installed",
     "quantization.backend",
-    "a quantization backend needs its package: bitsandbytes, gguf, optimum-quanto or torchao "
-    "(pip install 'diffusers-advisor[torchao]' or '[quanto]')",
+    "a quantization backend needs its package: bitsandbytes, gguf, optimum-quanto, sdnq or torchao "
+    "(pip install 'diffusers-advisor[torchao]', '[quanto]' or '[sdnq]')",
     OVERVIEW,
     into=_INSTALLED,
 )
