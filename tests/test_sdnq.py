@@ -110,13 +110,21 @@ def test_flux_in_sdnq_uint4_is_sized_from_its_layout():
     assert 0.98 * 7.57e9 < held <= 7.57e9
 
 
-def test_a_lora_on_sdnq_weights_is_refused_with_the_reason():
+def test_a_lora_on_sdnq_weights_fails_as_its_refusal_says(flux_256, tmp_path):
+    """The refusal is what diffusers does: Flux's load_lora_weights reads sdnq's packed 4-bit weight
+    (1-D) as the layer's shape and raises; the backend names that reason."""
+    import advisor
     from advisor.levers.sdnq import SDNQ_BACKEND
+    from advisor.testing.lora import write_tiny_lora
 
+    lora = write_tiny_lora(flux_256, tmp_path / "lora")
+    pipe = advisor.load_pipeline(flux_256, _sdnq("uint4", "transformer"))
+    with pytest.raises(ValueError):
+        pipe.load_lora_weights(str(lora))
     problem = SDNQ_BACKEND.lora_problem(
         Quantization(backend="sdnq", weights="uint4", components=["transformer"]), False
     )
-    assert problem is not None and "load_lora_weights" in problem[0]
+    assert "load_lora_weights" in problem[0]
 
 
 def test_the_planner_does_not_propose_it_without_a_published_speed():

@@ -99,10 +99,9 @@ def estimate(request: Request, config_file: str | None = None, as_json: bool = F
     from advisor.config import OptimizationConfig, load_config
     from advisor.constraints import Platform, violations
     from advisor.levers.attention import mask_problem
-    from advisor.plan.compute import call_batch
+    from advisor.plan.compute import batches_samples
     from advisor.plan.estimate import estimate as run_estimate
     from advisor.probe import hardware
-    from advisor.probe.workload import run_behaviour
 
     loaded = load_config(config_file, flag="--config") if config_file else None  # before a local model is traced
     profile = planning_profile(request.model, request.workload)
@@ -135,8 +134,7 @@ def estimate(request: Request, config_file: str | None = None, as_json: bool = F
             warnings.warn(
                 AdvisorWarning(f"--config {config_file}: {target.name} can't run it as written: {violation.message}")
             )
-        behaviour = run_behaviour(profile.pipeline_class, job, profile.pipeline_config)
-        problem = mask_problem(config, profile, batched=call_batch(job, behaviour) > 1)
+        problem = mask_problem(config, profile, batched=batches_samples(profile, job))
         if problem:  # what the model itself refuses (an attention kernel without mask support)
             warnings.warn(
                 AdvisorWarning(f"--config {config_file}: {profile.model_id} can't run it as written: {problem}")

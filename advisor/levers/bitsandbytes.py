@@ -15,7 +15,7 @@ from advisor.config import OptimizationConfig, Quantization
 from advisor.levers.base import Loading
 from advisor.levers.code import call_source, dtype_expr, runtime_value
 from advisor.levers.offload.strategies import GROUP, LEAF_LEVEL, MODEL, group_offloaded
-from advisor.levers.quantization import KEYWORD, VARIABLE, QuantBackend
+from advisor.levers.quantization import KEYWORD, VARIABLE, QuantBackend, transformer_example
 from advisor.platform import Constraint, Platform, constraint, version_tuple
 
 
@@ -176,12 +176,12 @@ class Bitsandbytes(QuantBackend):
     def probe_rows(
         self, packages: dict[str, str | None]
     ) -> dict[str, tuple[Callable[[str], OptimizationConfig], str]]:
-        def example(device: str) -> OptimizationConfig:
-            return OptimizationConfig(
-                device="cuda", quantization=Quantization(backend=FOUR_BIT, components=["transformer"])
+        return {
+            self.package: (
+                transformer_example(FOUR_BIT, device="cuda"),
+                f"bitsandbytes {packages.get(self.package)} with a CUDA GPU",
             )
-
-        return {self.package: (example, f"bitsandbytes {packages.get(self.package)} with a CUDA GPU")}
+        }
 
     def load(self, config: OptimizationConfig, components: Any) -> Loading:
         q = config.quantization

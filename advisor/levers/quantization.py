@@ -193,6 +193,17 @@ def per_library_loading(
     return Loading(KEYWORD, VARIABLE, imported, "\n".join(lines), build)
 
 
+def transformer_example(backend: str, device: str | None = None, **fields: Any) -> Callable[[str], OptimizationConfig]:
+    """The probe table's example of a backend: the transformer quantized, on the device asked for
+    (or always `device`, for a backend that runs on one only)."""
+
+    def example(asked: str) -> OptimizationConfig:
+        q = Quantization(backend=backend, components=["transformer"], **fields)
+        return OptimizationConfig(device=device or asked, quantization=q)
+
+    return example
+
+
 def quantized(config: OptimizationConfig, name: str) -> Quantization | None:
     """The quantization of component `name`, or None."""
     q = config.quantization

@@ -16,7 +16,7 @@ from typing import Any
 from advisor.config import OptimizationConfig, Quantization
 from advisor.levers.base import Loading
 from advisor.levers.code import source
-from advisor.levers.quantization import QuantBackend, import_backend, per_library_loading
+from advisor.levers.quantization import QuantBackend, import_backend, per_library_loading, transformer_example
 from advisor.platform import Constraint, Platform, constraint
 
 
@@ -59,12 +59,12 @@ class Quanto(QuantBackend):
     constraints = tuple(CONSTRAINTS)
 
     def probe_rows(self, packages: dict[str, str | None]) -> dict[str, tuple[Any, str]]:
-        def example(device: str) -> OptimizationConfig:
-            return OptimizationConfig(
-                device=device, quantization=Quantization(backend=QUANTO, components=["transformer"])
+        return {
+            QUANTO: (
+                transformer_example(QUANTO),
+                f"optimum-quanto {packages.get(self.package)} (deprecated in diffusers 0.42)",
             )
-
-        return {QUANTO: (example, f"optimum-quanto {packages.get(self.package)} (deprecated in diffusers 0.42)")}
+        }
 
     def linear_bytes(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
         weights = quantization.weights or DEFAULT_WEIGHTS

@@ -31,7 +31,7 @@ from typing import Any
 from advisor.config import OptimizationConfig, Quantization
 from advisor.levers.base import Loading
 from advisor.levers.code import source
-from advisor.levers.quantization import QuantBackend, import_backend, per_library_loading
+from advisor.levers.quantization import QuantBackend, import_backend, per_library_loading, transformer_example
 
 
 SDNQ = "sdnq"
@@ -85,12 +85,8 @@ class Sdnq(QuantBackend):
     names = frozenset({SDNQ})
 
     def probe_rows(self, packages: dict[str, str | None]) -> dict[str, tuple[Any, str]]:
-        def example(device: str) -> OptimizationConfig:
-            return OptimizationConfig(
-                device=device, quantization=Quantization(backend=SDNQ, components=["transformer"])
-            )
-
-        return {SDNQ: (example, f"sdnq {packages.get(self.package)} (pure torch: CUDA, ROCm, XPU, CPU)")}
+        note = f"sdnq {packages.get(self.package)} (pure torch: CUDA, ROCm, XPU, CPU)"
+        return {SDNQ: (transformer_example(SDNQ), note)}
 
     def linear_bytes(self, quantization: Quantization, k: dict[str, Any]) -> tuple[float, float]:
         # Groups of a wide layer's full size (3072, 4096, 5120, 12288 columns divide by every group

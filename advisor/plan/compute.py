@@ -408,6 +408,11 @@ def call_batch(workload: Workload, behaviour: dict[str, Any]) -> int:
     return workload.batch * (2 if behaviour["cfg"] == "batched" else 1)
 
 
+def batches_samples(profile: ModelProfile, workload: Workload) -> bool:
+    """Whether each denoiser call runs several samples (guidance batched in, or several images)."""
+    return call_batch(workload, run_behaviour(profile.pipeline_class, workload, profile.pipeline_config)) > 1
+
+
 def activation_shape(
     profile: ModelProfile, denoiser: ComponentProfile, workload: Workload, dtype: str, batch: int, calls: int
 ) -> ActivationShape:

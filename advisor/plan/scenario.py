@@ -25,12 +25,12 @@ from typing import Any, Literal
 from advisor.config import Provenance
 from advisor.constraints import Platform
 from advisor.errors import UsageError
-from advisor.plan.compute import call_batch, sequence_tokens
+from advisor.plan.compute import batches_samples, sequence_tokens
 from advisor.probe import hardware
 from advisor.probe.hardware import MachineProfile
 from advisor.probe.models import ModelProfile, load_profile
 from advisor.probe.target import TargetHardware, resolve_target
-from advisor.probe.workload import Workload, make_workload, run_behaviour
+from advisor.probe.workload import Workload, make_workload
 from advisor.units import GIB, format_size
 
 
@@ -122,8 +122,7 @@ class Scenario:
     @property
     def batched_calls(self) -> bool:
         """Whether each denoiser call runs several samples (guidance batched in, or several images)."""
-        behaviour = run_behaviour(self.profile.pipeline_class, self.workload, self.profile.pipeline_config)
-        return call_batch(self.workload, behaviour) > 1
+        return batches_samples(self.profile, self.workload)
 
     @property
     def sequence(self) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from advisor.levers.base import Loading
 from advisor.levers.code import Expr, call_source, dtype_expr, runtime_value
 from advisor.levers.gguf.header import GGML_LAYOUT, GgufHeader, read_gguf_header
 from advisor.levers.offload.strategies import SEQUENTIAL, loads_onto_device
-from advisor.levers.quantization import QuantBackend
+from advisor.levers.quantization import QuantBackend, transformer_example
 from advisor.platform import Constraint, Platform, constraint
 from advisor.units import format_size
 
@@ -193,12 +193,7 @@ class Gguf(QuantBackend):
     def probe_rows(
         self, packages: dict[str, str | None]
     ) -> dict[str, tuple[Callable[[str], OptimizationConfig], str]]:
-        def example(device: str) -> OptimizationConfig:
-            file = "flux1-dev-Q8_0.gguf"
-            return OptimizationConfig(
-                device=device, quantization=Quantization(backend=GGUF, components=["transformer"], file=file)
-            )
-
+        example = transformer_example(GGUF, file="flux1-dev-Q8_0.gguf")
         return {GGUF: (example, f"gguf {packages.get(self.package)}: GGUF checkpoints load through from_single_file")}
 
     def load(self, config: OptimizationConfig, components: Any) -> Loading:
